@@ -1,0 +1,441 @@
+"""FidelityDataset: structures in columnar arrays, with energy/forces/stress labels per fidelity.
+
+Layout (S structures, A atoms in total, K fidelities):
+  numbers    [A]        uint8    atomic numbers
+  positions  [A, 3]     float64  Å
+  offsets    [S+1]      int64    atoms of structure s are offsets[s]:offsets[s+1]
+  cells      [S, 3, 3]  float64  Å, rows are lattice vectors (zeros when not periodic)
+  pbc        [S, 3]     bool
+  keys       [S]        str      identity used to merge sources (e.g. "qm9:17", "matpes:mp-1")
+  energy     [S, K]     float64  eV total energy, NaN where missing
+  forces     [A, K, 3]  float32  eV/Å (None when no fidelity has forces), forces_mask [S, K]
+  stress     [S, K, 3, 3] float64 GPa, ASE sign (positive = tensile), stress_mask [S, K]
+A structure may carry several fidelities; a (structure, fidelity) pair is one training sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from multifi.data.fidelity import FidelityTable
+from multifi.errors import MultifiError
+
+MAX_Z = 118
+
+
+def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start, start+count) for each pair, without a Python loop."""
+    starts = np.asarray(starts, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    seg_start = np.cumsum(counts) - counts
+    return np.repeat(starts - seg_start, counts) + np.arange(total, dtype=np.int64)
+
+
+def geometry_key(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray | None = None) -> str:
+    """A content hash of a structure (positions rounded to 1e-5 Å), used to merge sources."""
+    h = hashlib.sha1(np.asarray(numbers, dtype=np.int64).tobytes())
+    h.update(np.round(np.asarray(positions, dtype=np.float64), 5).tobytes())
+    if cell is not None:
+        h.update(np.round(np.asarray(cell, dtype=np.float64), 5).tobytes())
+    return "sha1:" + h.hexdigest()[:20]
+
+
+@dataclass
+class FidelityDataset:
+    numbers: np.ndarray
+    positions: np.ndarray
+    offsets: np.ndarray
+    cells: np.ndarray
+    pbc: np.ndarray
+    keys: np.ndarray
+    fidelities: FidelityTable
+    energy: np.ndarray
+    forces: np.ndarray | None = None
+    forces_mask: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    stress_mask: np.ndarray | None = None
+    source: str = field(default="", compare=False)
+
+    # ------------------------------------------------------------------ basic views
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        """[S] atoms per structure."""
+        return np.diff(self.offsets)
+
+    @property
+    def energy_mask(self) -> np.ndarray:
+        """[S, K] True where an energy label exists."""
+        return ~np.isnan(self.energy)
+
+    @property
+    def elements(self) -> list[int]:
+        return sorted(int(z) for z in np.unique(self.numbers))
+
+    def has_forces(self) -> np.ndarray:
+        """[S, K] bool."""
+        if self.forces_mask is None:
+            return np.zeros(self.energy.shape, dtype=bool)
+        return self.forces_mask
+
+    def has_stress(self) -> np.ndarray:
+        if self.stress_mask is None:
+            return np.zeros(self.energy.shape, dtype=bool)
+        return self.stress_mask
+
+    def label_counts(self) -> dict[str, dict[str, int]]:
+        """Per fidelity: number of structures with energy, forces and stress labels."""
+        e, f, s = self.energy_mask.sum(0), self.has_forces().sum(0), self.has_stress().sum(0)
+        return {
+            name: {"energy": int(e[k]), "forces": int(f[k]), "stress": int(s[k])}
+            for k, name in enumerate(self.fidelities.names)
+        }
+
+    def atoms_slice(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def to_atoms(self, i: int):
+        """Structure i as an ase.Atoms (labels in .info['labels'] per fidelity)."""
+        from ase import Atoms
+
+        sl = self.atoms_slice(i)
+        periodic = bool(self.pbc[i].any())
+        atoms = Atoms(
+            numbers=self.numbers[sl].astype(int),
+            positions=self.positions[sl],
+            cell=self.cells[i] if periodic else None,
+            pbc=self.pbc[i],
+        )
+        atoms.info["key"] = str(self.keys[i])
+        return atoms
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def empty(cls, fidelities: FidelityTable | None = None) -> "FidelityDataset":
+        k = len(fidelities or ())
+        return cls(
+            numbers=np.zeros(0, np.uint8), positions=np.zeros((0, 3)), offsets=np.zeros(1, np.int64),
+            cells=np.zeros((0, 3, 3)), pbc=np.zeros((0, 3), bool), keys=np.zeros(0, dtype="U1"),
+            fidelities=fidelities or FidelityTable([]), energy=np.zeros((0, k)),
+        )
+
+    @classmethod
+    def from_records(cls, records: list[dict], source: str = "") -> "FidelityDataset":
+        """Build from per-structure dicts (readers' common currency).
+
+        Each record: numbers [n], positions [n,3] Å, optional cell [3,3] Å and pbc [3],
+        optional key, and labels {fidelity: {"energy": eV, "forces": [n,3] eV/Å, "stress": [3,3] GPa}}.
+        """
+        names: list[str] = []
+        for r in records:
+            for name in r.get("labels", {}):
+                if name not in names:
+                    names.append(name)
+        table = FidelityTable(names)
+        S, K = len(records), len(table)
+        counts = np.array([len(r["numbers"]) for r in records], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        A = int(offsets[-1])
+        numbers = np.zeros(A, np.int64)
+        positions = np.zeros((A, 3))
+        cells, pbc = np.zeros((S, 3, 3)), np.zeros((S, 3), bool)
+        energy = np.full((S, K), np.nan)
+        any_f = any("forces" in lab for r in records for lab in r.get("labels", {}).values())
+        any_s = any("stress" in lab for r in records for lab in r.get("labels", {}).values())
+        forces = np.zeros((A, K, 3), np.float32) if any_f else None
+        fmask = np.zeros((S, K), bool) if any_f else None
+        stress = np.zeros((S, K, 3, 3)) if any_s else None
+        smask = np.zeros((S, K), bool) if any_s else None
+        keys = []
+        for i, r in enumerate(records):
+            where = f"{source}: structure {r.get('name', i)}"
+            sl = slice(offsets[i], offsets[i + 1])
+            n = int(counts[i])
+            pos = np.asarray(r["positions"], dtype=np.float64)
+            if pos.shape != (n, 3):
+                raise MultifiError(f"{where}: positions have shape {pos.shape}, expected ({n}, 3)")
+            numbers[sl] = np.asarray(r["numbers"], dtype=np.int64)
+            positions[sl] = pos
+            if r.get("cell") is not None:
+                cell = np.asarray(r["cell"], dtype=np.float64)
+                if cell.shape != (3, 3):
+                    raise MultifiError(f"{where}: cell has shape {cell.shape}, expected (3, 3)")
+                cells[i] = cell
+            pbc[i] = np.broadcast_to(np.asarray(r.get("pbc", False), dtype=bool), (3,))
+            keys.append(r.get("key") or geometry_key(numbers[sl], pos, cells[i] if pbc[i].any() else None))
+            for name, lab in r.get("labels", {}).items():
+                k = table.index(name)
+                if lab.get("energy") is not None:
+                    energy[i, k] = float(lab["energy"])
+                if lab.get("forces") is not None:
+                    f = np.asarray(lab["forces"], dtype=np.float64)
+                    if f.shape != (n, 3):
+                        raise MultifiError(f"{where}: forces have shape {f.shape}, expected ({n}, 3)")
+                    forces[sl, k] = f
+                    fmask[i, k] = True
+                if lab.get("stress") is not None:
+                    stress[i, k] = voigt_or_matrix(lab["stress"], where)
+                    smask[i, k] = True
+        ds = cls(
+            numbers=numbers, positions=positions, offsets=offsets, cells=cells, pbc=pbc,
+            keys=np.array(keys, dtype=str) if keys else np.zeros(0, dtype="U1"), fidelities=table,
+            energy=energy, forces=forces, forces_mask=fmask, stress=stress, stress_mask=smask, source=source,
+        )
+        ds.validate()
+        return ds
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, skip_invalid: bool = False) -> "FidelityDataset":
+        """Check shapes, elements and finiteness of labels; raise a one-line error naming the source.
+
+        With skip_invalid, non-finite labels are dropped (set missing) instead and the count kept in
+        `self.n_dropped`.
+        """
+        src = self.source or "dataset"
+        S, A, K = len(self), len(self.numbers), len(self.fidelities)
+        if self.offsets[-1] != A or self.positions.shape != (A, 3):
+            raise MultifiError(f"{src}: inconsistent array shapes (offsets end {self.offsets[-1]}, "
+                               f"{A} numbers, positions {self.positions.shape})")
+        if self.energy.shape != (S, K) or self.cells.shape != (S, 3, 3) or self.pbc.shape != (S, 3):
+            raise MultifiError(f"{src}: inconsistent array shapes (energy {self.energy.shape}, "
+                               f"cells {self.cells.shape}, pbc {self.pbc.shape} for {S} structures, {K} fidelities)")
+        if A and (self.numbers.min() < 1 or self.numbers.max() > MAX_Z):
+            bad = self.numbers[(self.numbers < 1) | (self.numbers > MAX_Z)][0]
+            s = int(np.searchsorted(self.offsets, np.argmax((self.numbers < 1) | (self.numbers > MAX_Z)), "right") - 1)
+            raise MultifiError(f"{src}: structure {s}: unknown element with atomic number {int(bad)}")
+        self.numbers = self.numbers.astype(np.uint8, copy=False)
+        if not np.isfinite(self.positions).all():
+            s = int(np.searchsorted(self.offsets, np.argwhere(~np.isfinite(self.positions))[0, 0], "right") - 1)
+            raise MultifiError(f"{src}: structure {s}: non-finite positions")
+        self.n_dropped = 0
+        bad_e = np.isinf(self.energy)
+        bad_f = np.zeros((S, K), bool)
+        if self.forces is not None:
+            nonfinite_atoms = ~np.isfinite(self.forces).all(-1)  # [A, K]
+            bad_f = np.zeros((S, K), bool)
+            if nonfinite_atoms.any():
+                per_struct = np.add.reduceat(nonfinite_atoms.astype(np.int64), self.offsets[:-1], axis=0) if A else bad_f
+                per_struct[self.n_atoms == 0] = 0
+                bad_f = (per_struct > 0) & self.forces_mask
+        bad_s = np.zeros((S, K), bool)
+        if self.stress is not None:
+            bad_s = ~np.isfinite(self.stress).all((-1, -2)) & self.stress_mask
+        n_bad = int(bad_e.sum() + bad_f.sum() + bad_s.sum())
+        if n_bad:
+            if not skip_invalid:
+                s, k = np.argwhere(bad_e | bad_f | bad_s)[0]
+                raise MultifiError(
+                    f"{src}: {n_bad} non-finite (NaN/inf) labels, first in structure {s} at fidelity "
+                    f"{self.fidelities.names[k]!r}; fix the data or set data.skip_invalid: true")
+            self.energy[bad_e] = np.nan
+            if self.forces is not None:
+                self.forces_mask &= ~bad_f
+            if self.stress is not None:
+                self.stress_mask &= ~bad_s
+            self.n_dropped = n_bad
+        return self
+
+    # ------------------------------------------------------------------ transformations
+    def subset(self, idx: np.ndarray) -> "FidelityDataset":
+        """The structures `idx` (in that order) as a new dataset."""
+        idx = np.asarray(idx, dtype=np.int64)
+        counts = self.n_atoms[idx]
+        atom_idx = ranges(self.offsets[idx], counts)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        opt = lambda a, sel: None if a is None else a[sel]  # noqa: E731
+        return replace(
+            self, numbers=self.numbers[atom_idx], positions=self.positions[atom_idx], offsets=offsets,
+            cells=self.cells[idx], pbc=self.pbc[idx], keys=self.keys[idx], energy=self.energy[idx],
+            forces=opt(self.forces, atom_idx), forces_mask=opt(self.forces_mask, idx),
+            stress=opt(self.stress, idx), stress_mask=opt(self.stress_mask, idx),
+        )
+
+    def with_fidelities(self, table: FidelityTable) -> "FidelityDataset":
+        """The same data with label columns laid out as `table` (a superset of our fidelities)."""
+        if table == self.fidelities:
+            return self
+        cols = table.indices(self.fidelities.names)
+        S, A, K = len(self), len(self.numbers), len(table)
+        energy = np.full((S, K), np.nan)
+        energy[:, cols] = self.energy
+        out = replace(self, fidelities=table, energy=energy)
+        if self.forces is not None:
+            out.forces = np.zeros((A, K, 3), np.float32)
+            out.forces[:, cols] = self.forces
+            out.forces_mask = np.zeros((S, K), bool)
+            out.forces_mask[:, cols] = self.forces_mask
+        if self.stress is not None:
+            out.stress = np.zeros((S, K, 3, 3))
+            out.stress[:, cols] = self.stress
+            out.stress_mask = np.zeros((S, K), bool)
+            out.stress_mask[:, cols] = self.stress_mask
+        return out
+
+    def drop_fidelities_without_labels(self) -> "FidelityDataset":
+        keep = np.flatnonzero(self.energy_mask.any(0) | self.has_forces().any(0) | self.has_stress().any(0))
+        if len(keep) == len(self.fidelities):
+            return self
+        out = replace(self, fidelities=FidelityTable([self.fidelities.names[k] for k in keep]),
+                      energy=self.energy[:, keep])
+        if self.forces is not None:
+            out.forces, out.forces_mask = self.forces[:, keep], self.forces_mask[:, keep]
+        if self.stress is not None:
+            out.stress, out.stress_mask = self.stress[:, keep], self.stress_mask[:, keep]
+        return out
+
+    @staticmethod
+    def merge(datasets: list["FidelityDataset"]) -> "FidelityDataset":
+        """Concatenate datasets; structures with equal keys become one structure with all labels.
+
+        The same (structure, fidelity) label given twice with different values is an error.
+        """
+        datasets = [d for d in datasets if d is not None]
+        if not datasets:
+            return FidelityDataset.empty()
+        table = datasets[0].fidelities
+        for d in datasets[1:]:
+            table = table.union(d.fidelities)
+        parts = [d.with_fidelities(table) for d in datasets]
+        cat = _concatenate(parts, table)
+        uniq, first, inverse = np.unique(cat.keys, return_index=True, return_inverse=True)
+        if len(uniq) == len(cat):
+            return cat
+        order = np.sort(first)  # keep first-appearance order
+        rank_of_unique = np.empty(len(uniq), np.int64)
+        rank_of_unique[np.argsort(first)] = np.arange(len(uniq))
+        target = rank_of_unique[inverse]  # [S_cat] → merged structure index
+        out = cat.subset(order)
+        if not (out.n_atoms[target] == cat.n_atoms).all():
+            bad = int(np.argmax(out.n_atoms[target] != cat.n_atoms))
+            raise MultifiError(f"{cat.source}: key {cat.keys[bad]!r} names structures with different atom counts")
+        src_atoms = ranges(cat.offsets[:-1], cat.n_atoms)
+        dst_atoms = ranges(out.offsets[target], cat.n_atoms)
+        for k, name in enumerate(table.names):
+            _fold(out.energy[:, k], cat.energy[:, k], target, ~np.isnan(cat.energy[:, k]), name, cat, "energy")
+            if cat.forces is not None:
+                m = cat.forces_mask[:, k]
+                _check_unique(target[m], name, cat, "forces")
+                am = np.repeat(m, cat.n_atoms)
+                out.forces[dst_atoms[am], k] = cat.forces[src_atoms[am], k]
+                out.forces_mask[target[m], k] = True
+            if cat.stress is not None:
+                m = cat.stress_mask[:, k]
+                _check_unique(target[m], name, cat, "stress")
+                out.stress[target[m], k] = cat.stress[m, k]
+                out.stress_mask[target[m], k] = True
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one .npz file atomically (temporary file, then rename)."""
+        path = Path(path)
+        arrays = dict(numbers=self.numbers, positions=self.positions, offsets=self.offsets, cells=self.cells,
+                      pbc=self.pbc, keys=self.keys, energy=self.energy,
+                      fidelities=np.array(self.fidelities.names, dtype=str))
+        for name in ("forces", "forces_mask", "stress", "stress_mask"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FidelityDataset":
+        path = Path(path)
+        if not path.exists():
+            raise MultifiError(f"{path}: no such file")
+        try:
+            z = np.load(path, allow_pickle=False)
+            get = lambda k: z[k] if k in z.files else None  # noqa: E731
+            return cls(numbers=z["numbers"], positions=z["positions"], offsets=z["offsets"], cells=z["cells"],
+                       pbc=z["pbc"], keys=z["keys"], energy=z["energy"],
+                       fidelities=FidelityTable(z["fidelities"].tolist()), forces=get("forces"),
+                       forces_mask=get("forces_mask"), stress=get("stress"), stress_mask=get("stress_mask"),
+                       source=str(path))
+        except (KeyError, ValueError, OSError) as exc:
+            raise MultifiError(f"{path}: not a multifi dataset file ({type(exc).__name__}: {exc})") from None
+
+
+def voigt_or_matrix(stress, where: str = "") -> np.ndarray:
+    """A 3×3 stress from a 3×3 matrix or 6-vector Voigt (xx yy zz yz xz xy, ASE order)."""
+    s = np.asarray(stress, dtype=np.float64)
+    if s.shape == (3, 3):
+        return s
+    if s.shape == (6,):
+        xx, yy, zz, yz, xz, xy = s
+        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    raise MultifiError(f"{where}: stress has shape {s.shape}, expected (3, 3) or (6,)")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(fileobj) on a temporary file next to `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _concatenate(parts: list[FidelityDataset], table: FidelityTable) -> FidelityDataset:
+    counts = np.concatenate([p.n_atoms for p in parts])
+    any_f = any(p.forces is not None for p in parts)
+    any_s = any(p.stress is not None for p in parts)
+    K = len(table)
+
+    def cat_opt(name, shape_fn, dtype):
+        if not (any_f if name.startswith("forces") else any_s):
+            return None
+        return np.concatenate([getattr(p, name) if getattr(p, name) is not None else np.zeros(shape_fn(p), dtype)
+                               for p in parts])
+
+    return FidelityDataset(
+        numbers=np.concatenate([p.numbers for p in parts]).astype(np.uint8),
+        positions=np.concatenate([p.positions for p in parts]),
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        cells=np.concatenate([p.cells for p in parts]), pbc=np.concatenate([p.pbc for p in parts]),
+        keys=np.concatenate([p.keys.astype(str) for p in parts]), fidelities=table,
+        energy=np.concatenate([p.energy for p in parts]),
+        forces=cat_opt("forces", lambda p: (len(p.numbers), K, 3), np.float32),
+        forces_mask=cat_opt("forces_mask", lambda p: (len(p), K), bool),
+        stress=cat_opt("stress", lambda p: (len(p), K, 3, 3), np.float64),
+        stress_mask=cat_opt("stress_mask", lambda p: (len(p), K), bool),
+        source=" + ".join(p.source for p in parts if p.source),
+    )
+
+
+def _check_unique(targets: np.ndarray, name: str, cat: FidelityDataset, what: str) -> None:
+    u, c = np.unique(targets, return_counts=True)
+    if (c > 1).any():
+        raise MultifiError(f"{cat.source}: structure given twice with {what} labels at fidelity {name!r}")
+
+
+def _fold(out_col, col, target, mask, name, cat, what):
+    t = target[mask]
+    u, c = np.unique(t, return_counts=True)
+    if (c > 1).any():  # duplicates: allowed only when the values agree
+        vals = col[mask]
+        order = np.argsort(t, kind="stable")
+        ts, vs = t[order], vals[order]
+        same = ts[1:] == ts[:-1]
+        if (np.abs(vs[1:] - vs[:-1])[same] > 1e-6).any():
+            i = int(np.flatnonzero(same & (np.abs(vs[1:] - vs[:-1]) > 1e-6))[0])
+            raise MultifiError(f"{cat.source}: conflicting {what} labels at fidelity {name!r} for one structure "
+                               f"({vs[i]:.6f} vs {vs[i + 1]:.6f} eV)")
+    out_col[t] = col[mask]

@@ -1,0 +1,45 @@
+"""FidelityTable: the one place where fidelity names become integer indices."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from multifi.errors import unknown_name
+
+
+class FidelityTable:
+    """An ordered, immutable list of fidelity names (levels of theory) ↔ indices 0..K-1."""
+
+    def __init__(self, names: Iterable[str]):
+        self.names: tuple[str, ...] = tuple(str(n) for n in names)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"duplicate fidelity names in {self.names}")
+        self._index = {n: i for i, n in enumerate(self.names)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FidelityTable) and self.names == other.names
+
+    def __repr__(self) -> str:
+        return f"FidelityTable({list(self.names)})"
+
+    def index(self, name: str, where: str = "") -> int:
+        """Index of `name`; an unknown name raises an error listing the known ones."""
+        try:
+            return self._index[name]
+        except KeyError:
+            raise unknown_name("fidelity", name, self.names, where) from None
+
+    def indices(self, names: Sequence[str], where: str = "") -> list[int]:
+        return [self.index(n, where) for n in names]
+
+    def union(self, other: "FidelityTable") -> "FidelityTable":
+        """This table's names followed by the other's new names (existing indices are kept)."""
+        return FidelityTable(list(self.names) + [n for n in other.names if n not in self._index])

@@ -1,0 +1,18 @@
+"""The one exception type users see: a single line naming the file/record and the problem."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MultifiError(ValueError):
+    """Bad input or a bad request; the message is one line and says where and what."""
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str], where: str = "") -> MultifiError:
+    """An error for an unknown name that lists the known ones and suggests the nearest."""
+    known = list(known)
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    prefix = f"{where}: " if where else ""
+    return MultifiError(f"{prefix}unknown {kind} {name!r}{hint} (known: {', '.join(map(str, known))})")
