@@ -1,0 +1,1 @@
+"""Readers: source files (extxyz, ASE databases, MatPES JSON, …) → FidelityDataset."""

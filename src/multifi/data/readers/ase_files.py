@@ -1,0 +1,134 @@
+"""Read any file ASE reads (extxyz, ASE database .db/.json, .traj, …) into a FidelityDataset."""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from multifi.data.dataset import FidelityDataset, voigt_or_matrix
+from multifi.errors import MultifiError
+
+
+def read_ase(path: str | os.PathLike, fidelity: str | None = None, index: str = ":",
+             skip_invalid: bool = False) -> FidelityDataset:
+    """Structures and labels from an ASE-readable file.
+
+    Energy (eV): info['energy'] or the attached calculator's results. Forces (eV/Å): arrays['forces']
+    or the calculator. Stress (eV/Å³, ASE sign, Voigt 6 or 3×3): info['stress'] or the calculator;
+    stored in GPa. Fidelity: `fidelity` for the whole file, else info['fidelity'] (for ASE databases,
+    the row's key-value pairs). Key: info['key'], else a geometry hash. `index` selects frames as in
+    ase.io.read. Non-finite labels raise unless `skip_invalid`, which drops them (count in ds.n_dropped).
+    """
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise MultifiError(f"{src}: no such file")
+    if path.stat().st_size == 0:
+        raise MultifiError(f"{src}: empty file")
+    records, invalid = [], InvalidLabels(src)
+    for i, atoms in enumerate(_frames(path, index)):
+        tag = f"frame {i} (0-based)" if index == ":" else f"frame {i} (0-based, of index {index!r})"
+        rec = _record(atoms, fidelity, f"{src}: {tag}")
+        rec["name"] = i
+        if invalid.keep(rec, tag):
+            records.append(rec)
+    if not records and not invalid.count:
+        raise MultifiError(f"{src}: no structures (index {index!r})")
+    invalid.check(skip_invalid)
+    ds = FidelityDataset.from_records(records, source=src)
+    ds.n_dropped = invalid.count
+    return ds
+
+
+class InvalidLabels:
+    """Counts non-finite labels of one source; drops them from records and reports them in one line."""
+
+    def __init__(self, src: str):
+        self.src, self.count, self.first = src, 0, ""
+
+    def keep(self, rec: dict, tag: str) -> bool:
+        """Remove non-finite labels from rec in place; False when no label is left."""
+        for name, lab in rec["labels"].items():
+            bad = [k for k, v in lab.items() if not np.isfinite(np.asarray(v, dtype=np.float64)).all()]
+            if bad and not self.first:
+                self.first = f"{tag} ({'/'.join(bad)} at fidelity {name!r})"
+            self.count += len(bad)
+            for k in bad:
+                del lab[k]
+        return any(rec["labels"].values())
+
+    def check(self, skip_invalid: bool) -> None:
+        if self.count and not skip_invalid:
+            raise MultifiError(f"{self.src}: {self.count} non-finite (NaN/inf) labels, first in {self.first}; "
+                               "fix the data or pass skip_invalid=True to drop them")
+
+
+def _frames(path: Path, index: str) -> Iterator:
+    """Atoms from the file, turning any reader failure into a one-line MultifiError."""
+    import ase.io
+    from ase.io.formats import filetype
+
+    n = 0  # frames delivered so far = number of the frame that fails
+    try:
+        fmt = filetype(str(path))
+        frames = _db_frames(path, index) if fmt in ("db", "json") else ase.io.iread(str(path), index=index)
+        for atoms in frames:
+            yield atoms
+            n += 1
+    except MultifiError:
+        raise
+    except Exception as exc:  # ASE raises many types (XYZError, ValueError, KeyError, …) on bad files
+        gist = re.sub(r"\s+", " ", f"{type(exc).__name__}: {exc}").strip()[:200]
+        raise MultifiError(f"{path}: unreadable or truncated at frame {n} (0-based) ({gist})") from None
+
+
+def _db_frames(path: Path, index: str) -> Iterator:
+    """Rows of an ASE database as Atoms, with the key-value pairs (fidelity, key) in atoms.info."""
+    import ase.db
+    from ase.io.formats import string2index
+
+    with ase.db.connect(str(path), serial=True) as db:
+        rows = list(db.select())
+    sel = string2index(index)
+    rows = rows[sel] if isinstance(sel, slice) else [rows[sel]]
+    for row in rows:
+        atoms = row.toatoms()
+        atoms.info.update(row.key_value_pairs)
+        yield atoms
+
+
+def _record(atoms, fidelity: str | None, where: str) -> dict:
+    """One from_records record: geometry, key and {fidelity: labels} (eV, eV/Å, GPa)."""
+    from ase.units import GPa
+
+    n = len(atoms)
+    fid = fidelity or atoms.info.get("fidelity")
+    if not fid:
+        raise MultifiError(f"{where}: no fidelity: pass fidelity= or set info['fidelity']")
+    results = getattr(atoms.calc, "results", None) or {}
+    lab = {}
+    energy = atoms.info.get("energy", results.get("energy"))
+    if energy is not None:
+        try:
+            lab["energy"] = float(energy)
+        except (TypeError, ValueError):
+            raise MultifiError(f"{where}: energy {energy!r} is not a number") from None
+    forces = atoms.arrays.get("forces", results.get("forces"))
+    if forces is not None:
+        lab["forces"] = np.asarray(forces, dtype=np.float64)
+        if lab["forces"].shape != (n, 3):
+            raise MultifiError(f"{where}: forces have shape {lab['forces'].shape}, expected ({n}, 3)")
+    stress = atoms.info.get("stress", results.get("stress"))
+    if stress is not None:
+        lab["stress"] = voigt_or_matrix(stress, where) / GPa
+    if not lab:
+        raise MultifiError(f"{where} has no energy/forces/stress label")
+    periodic = bool(atoms.pbc.any())
+    rec = {"numbers": atoms.numbers, "positions": atoms.positions, "pbc": atoms.pbc.copy(),
+           "cell": atoms.cell.array.copy() if periodic else None, "labels": {str(fid): lab}}
+    if atoms.info.get("key") is not None:
+        rec["key"] = str(atoms.info["key"])
+    return rec

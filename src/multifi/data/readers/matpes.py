@@ -1,0 +1,159 @@
+"""Read MatPES records (JSON list or JSON lines, optionally gzipped) into a FidelityDataset.
+
+MatPES units: energy eV (total), forces eV/Å, stress Voigt xx yy zz xy yz zx in kBar with VASP's
+sign; the dataset stores stress as a 3×3 in GPa with ASE's sign: σ_ASE = −0.1 × σ_VASP.
+pymatgen is not needed: the Structure dict is read directly.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from multifi.data.dataset import FidelityDataset
+from multifi.data.readers.ase_files import InvalidLabels
+from multifi.errors import MultifiError
+
+MIN_VOLUME = 1e-6  # Å³
+
+
+def read_matpes(path: str | os.PathLike, fidelity: str | None = None,
+                skip_invalid: bool = False) -> FidelityDataset:
+    """MatPES records → dataset; key "matpes:<matpes_id>" so files of other functionals merge.
+
+    Fidelity: `fidelity` for the whole file, else the record's `functional` (e.g. "PBE", "R2SCAN").
+    Non-finite labels raise unless `skip_invalid`, which drops them (count in ds.n_dropped).
+    """
+    path = Path(path)
+    src = str(path)
+    records, invalid, seen = [], InvalidLabels(src), {}
+    for i, raw in enumerate(load_json_records(path)):
+        mid = raw.get("matpes_id") if isinstance(raw, dict) else None
+        tag = f"record {i}" if mid is None else f"record {i} (matpes_id {mid})"
+        rec = matpes_record(raw, fidelity, f"{src}: {tag}")
+        rec["name"] = i
+        fid = next(iter(rec["labels"]))
+        if mid is not None and (mid, fid) in seen:
+            raise MultifiError(f"{src}: {tag}: duplicate of record {seen[mid, fid]} at fidelity {fid!r}")
+        seen[mid, fid] = i
+        if invalid.keep(rec, tag):
+            records.append(rec)
+    invalid.check(skip_invalid)
+    ds = FidelityDataset.from_records(records, source=src)
+    if len(np.unique(ds.keys)) < len(ds):  # one file holding several functionals of a structure
+        ds = FidelityDataset.merge([ds])
+    ds.n_dropped = invalid.count
+    return ds
+
+
+def load_json_records(path: Path) -> list:
+    """The records of a JSON list or JSON-lines file (gzip detected from the content)."""
+    src = str(path)
+    if not path.is_file():
+        raise MultifiError(f"{src}: no such file")
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise MultifiError(f"{src}: unreadable or truncated gzip ({type(exc).__name__}: {exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MultifiError(f"{src}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise MultifiError(f"{src}: no records (empty file)")
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MultifiError(f"{src}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise MultifiError(f"{src}: line {lineno} (record {len(out)}): invalid JSON "
+                                   f"({exc.msg} at column {exc.colno})") from None
+    return out
+
+
+def matpes_record(raw, fidelity: str | None, where: str) -> dict:
+    """One MatPES record → a from_records record (Å, eV, eV/Å, GPa with ASE sign)."""
+    if not isinstance(raw, dict):
+        raise MultifiError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    for field in ("structure", "energy"):
+        if raw.get(field) is None:
+            raise MultifiError(f"{where}: missing {field!r}")
+    fid = fidelity or raw.get("functional")
+    if not fid:
+        raise MultifiError(f"{where}: no fidelity: pass fidelity= or give the record a 'functional'")
+    numbers, positions, cell, pbc = structure_arrays(raw["structure"], where)
+    n = len(numbers)
+    lab = {"energy": _numbers(raw["energy"], (), "energy", where)}
+    if raw.get("forces") is not None:
+        lab["forces"] = _numbers(raw["forces"], (n, 3), "forces", where)
+    if raw.get("stress") is not None:
+        lab["stress"] = vasp_stress_to_ase(_numbers(raw["stress"], None, "stress", where), where)
+    rec = {"numbers": numbers, "positions": positions, "cell": cell, "pbc": pbc, "labels": {str(fid): lab}}
+    if raw.get("matpes_id") is not None:
+        rec["key"] = f"matpes:{raw['matpes_id']}"
+    return rec
+
+
+def structure_arrays(st, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """numbers [n], positions [n,3] Å, cell [3,3] Å, pbc [3] from a pymatgen Structure dict."""
+    from ase.data import atomic_numbers
+
+    try:
+        lattice, sites = st["lattice"], st["sites"]
+        matrix = lattice["matrix"]
+        pbc = np.broadcast_to(np.asarray(lattice.get("pbc", True), dtype=bool), (3,)).copy()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MultifiError(f"{where}: structure lacks a valid lattice or sites ({type(exc).__name__}: {exc})") from None
+    cell = _numbers(matrix, (3, 3), "lattice.matrix", where)
+    volume = abs(np.linalg.det(cell))
+    if not volume >= MIN_VOLUME:  # also catches NaN
+        raise MultifiError(f"{where}: lattice has (near) zero volume ({volume:.3g} Å³)")
+    if not sites:
+        raise MultifiError(f"{where}: structure has no sites")
+    numbers, positions = np.zeros(len(sites), np.int64), np.zeros((len(sites), 3))
+    for j, site in enumerate(sites):
+        try:
+            species = site["species"]
+            element = species[0]["element"]
+            xyz = site.get("xyz")
+            positions[j] = xyz if xyz is not None else np.asarray(site["abc"], dtype=np.float64) @ cell
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise MultifiError(f"{where}: site {j}: no species/element or xyz/abc ({type(exc).__name__}: {exc})") from None
+        if len(species) != 1:
+            raise MultifiError(f"{where}: site {j}: disordered site ({len(species)} species) is not supported")
+        if element not in atomic_numbers or atomic_numbers[element] == 0:
+            raise MultifiError(f"{where}: site {j}: unknown element {element!r}")
+        numbers[j] = atomic_numbers[element]
+    return numbers, positions, cell, pbc
+
+
+def vasp_stress_to_ase(stress: np.ndarray, where: str = "") -> np.ndarray:
+    """kBar, VASP sign, Voigt xx yy zz xy yz zx (or 3×3) → 3×3 GPa with ASE sign (−0.1 ×)."""
+    if stress.shape == (6,):
+        xx, yy, zz, xy, yz, zx = stress
+        stress = np.array([[xx, xy, zx], [xy, yy, yz], [zx, yz, zz]])
+    elif stress.shape != (3, 3):
+        raise MultifiError(f"{where}: stress has shape {stress.shape}, expected (6,) or (3, 3)")
+    return -0.1 * stress
+
+
+def _numbers(value, shape: tuple | None, what: str, where: str):
+    """value as float64 array (a float for shape ()), checking the shape; a one-line error otherwise."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MultifiError(f"{where}: {what} is not a number array") from None
+    if shape is not None and arr.shape != shape:
+        raise MultifiError(f"{where}: {what} has shape {arr.shape}, expected {shape}")
+    return float(arr) if shape == () else arr

@@ -1,0 +1,1 @@
+"""Models: representations (PaiNN, M3GNet), energy head, potential, registry."""

@@ -1,0 +1,94 @@
+"""Energy head: atomwise readout MLP(s) plus per-fidelity reference energies and scale."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from multifi.nn import MLP
+
+N_ELEMENTS = 119
+
+
+class EnergyHead(nn.Module):
+    """Atom energies E_i = scale[f] · MLP([s_i, c_i]) + ref[Z_i, f]  (eV), float64 on output.
+
+    With `heads`, one MLP per fidelity; otherwise one MLP shared by all fidelities.
+    ref [119, K] eV and scale [K] eV are buffers fitted on the training labels (fit_baseline).
+    """
+
+    def __init__(self, features: int, n_fidelities: int, readout_dim: int = 0, heads: bool = False,
+                 hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or max(features // 2, 1)
+        n_mlps = n_fidelities if heads else 1
+        self.heads = heads
+        self.mlps = nn.ModuleList(MLP([features + readout_dim, hidden, 1]) for _ in range(n_mlps))
+        self.register_buffer("ref", torch.zeros(N_ELEMENTS, n_fidelities, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(n_fidelities, dtype=torch.float64))
+
+    def forward(self, s: torch.Tensor, cond: torch.Tensor | None, numbers: torch.Tensor,
+                fid_atom: torch.Tensor) -> torch.Tensor:
+        """s [N,F], cond [N,d] or None, numbers [N], fid_atom [N] → atom energies [N] float64 eV."""
+        x = s if cond is None else torch.cat([s, cond], dim=-1)
+        if self.heads:
+            y = x.new_zeros(x.shape[0])
+            for k in torch.unique(fid_atom).tolist():
+                m = fid_atom == k
+                y = y.index_put((m,), self.mlps[k](x[m]).squeeze(-1))
+        else:
+            y = self.mlps[0](x).squeeze(-1)
+        return y.double() * self.scale[fid_atom] + self.ref[numbers, fid_atom]
+
+    @torch.no_grad()
+    def set_baseline(self, ref: np.ndarray, scale: np.ndarray) -> None:
+        self.ref.copy_(torch.as_tensor(ref, dtype=torch.float64))
+        self.scale.copy_(torch.as_tensor(scale, dtype=torch.float64))
+
+
+def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+    """Per-fidelity atomic reference energies (least squares on composition) and residual scales.
+
+    dataset: FidelityDataset; pairs [P, 2] (structure, fidelity) training samples.
+    Returns ref [119, K] eV per atom of each element, scale [K] eV: the standard deviation of the
+    per-atom residual energy (fallback: RMS of force labels, then 1 eV).
+    """
+    K = len(dataset.fidelities)
+    ref, scale = np.zeros((N_ELEMENTS, K)), np.ones(K)
+    counts = composition_matrix(dataset)  # [S, 119]
+    for k in range(K):
+        s = pairs[pairs[:, 1] == k, 0]
+        s = s[~np.isnan(dataset.energy[s, k])]
+        if len(s) == 0:
+            scale[k] = _force_rms(dataset, pairs, k)
+            continue
+        X, y = counts[s].astype(np.float64), dataset.energy[s, k]
+        cols = np.flatnonzero(X.any(0))
+        A = X[:, cols]
+        coef = np.linalg.solve(A.T @ A + ridge * len(s) * np.eye(len(cols)), A.T @ y)
+        ref[cols, k] = coef
+        resid = (y - A @ coef) / X.sum(1)
+        scale[k] = float(resid.std()) if len(s) > 1 and resid.std() > 1e-4 else _force_rms(dataset, pairs, k)
+    return ref, scale
+
+
+def composition_matrix(dataset) -> np.ndarray:
+    """[S, 119] element counts per structure."""
+    S = len(dataset)
+    out = np.zeros((S, N_ELEMENTS), np.int32)
+    struct = np.repeat(np.arange(S), dataset.n_atoms)
+    np.add.at(out, (struct, dataset.numbers.astype(np.int64)), 1)
+    return out
+
+
+def _force_rms(dataset, pairs, k) -> float:
+    if dataset.forces is None:
+        return 1.0
+    s = pairs[pairs[:, 1] == k, 0]
+    s = s[dataset.forces_mask[s, k]]
+    if len(s) == 0:
+        return 1.0
+    from multifi.data.dataset import ranges
+
+    f = dataset.forces[ranges(dataset.offsets[s], dataset.n_atoms[s]), k]
+    return float(np.sqrt((f.astype(np.float64) ** 2).mean())) or 1.0

@@ -1,0 +1,71 @@
+"""Build potentials from a model config; save and load them as (spec, weights)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from multifi.data.dataset import atomic_write
+from multifi.data.fidelity import FidelityTable
+from multifi.errors import MultifiError
+from multifi.models.head import EnergyHead
+from multifi.models.potential import Potential
+from multifi.nn.fidelity import FidelityConditioning
+
+
+def _painn(m: dict):
+    from multifi.models.painn import PaiNN
+
+    return PaiNN(features=m["features"], interactions=m["interactions"], cutoff=m["cutoff"], n_rbf=m.get("n_rbf", 20))
+
+
+def _m3gnet(m: dict):
+    from multifi.models.m3gnet import M3GNet
+
+    return M3GNet.from_config(m)
+
+
+BACKBONES = {"painn": _painn, "m3gnet": _m3gnet}
+
+
+def build_potential(model: dict, fidelities: list[str]) -> Potential:
+    """A Potential from a model config dict (see config.ModelConfig) and the fidelity names."""
+    if model["backbone"] not in BACKBONES:
+        raise MultifiError(f"unknown backbone {model['backbone']!r} (known: {', '.join(BACKBONES)})")
+    table = FidelityTable(fidelities)
+    rep = BACKBONES[model["backbone"]](model)
+    emb = model["fidelity_embedding"]
+    cond = FidelityConditioning(len(table), emb["dim"], emb["inject"], rep.features, emb.get("onehot_at", "both"))
+    head = EnergyHead(rep.features, len(table), cond.readout_dim, heads=emb["inject"] == "heads",
+                      hidden=model.get("readout_hidden"))
+    spec = {"model": model, "fidelities": list(table.names)}
+    return Potential(rep, cond, head, table, model["cutoff"], spec)
+
+
+def save_potential(potential: Potential, path: str | Path) -> Path:
+    """One file with the constructor spec and weights, written atomically."""
+    state = {"multifi_potential": 1, "spec": potential.spec, "state_dict": potential.state_dict()}
+    atomic_write(Path(path), lambda f: torch.save(state, f))
+    return Path(path)
+
+
+def load_potential(path: str | Path, map_location="cpu") -> Potential:
+    """Rebuild a Potential from a saved potential (.pt) or a training checkpoint (.ckpt, EMA weights)."""
+    path = Path(path)
+    if not path.exists():
+        raise MultifiError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one user error
+        raise MultifiError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if "multifi_potential" in state:
+        spec, weights = state["spec"], state["state_dict"]
+    elif "hyper_parameters" in state and "model_spec" in state["hyper_parameters"]:
+        spec = state["hyper_parameters"]["model_spec"]
+        prefix = "ema." if any(k.startswith("ema.") for k in state["state_dict"]) else "potential."
+        weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    else:
+        raise MultifiError(f"{path}: not a multifi checkpoint")
+    potential = build_potential(spec["model"], spec["fidelities"])
+    potential.load_state_dict(weights)
+    return potential.eval()

@@ -1,0 +1,5 @@
+"""Building blocks shared by all backbones."""
+from multifi.nn.blocks import MLP, scatter_sum
+from multifi.nn.radial import BesselBasis, CosineCutoff, PolynomialCutoff
+
+__all__ = ["MLP", "scatter_sum", "BesselBasis", "CosineCutoff", "PolynomialCutoff"]
