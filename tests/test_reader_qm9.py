@@ -1,0 +1,246 @@
+"""QM9 reader: CSV parser, cache, label tables, selection, and one-line errors for bad input."""
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from multifi.data.readers import qm9
+from multifi.errors import MultifiError
+
+SHARED = Path(os.environ.get("MULTIFI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+QM9MF = SHARED / "qm9mf"
+needs_shared = pytest.mark.skipif(not QM9MF.is_dir(), reason=f"shared data not found at {QM9MF}")
+METHANE_EV = (-40.47893 - 0.044749) * 27.211386245988
+N_SMALL = 199  # molecules in the small CSV
+
+
+@pytest.fixture(scope="session")
+def small_csv(tmp_path_factory) -> Path:
+    """Header + first 199 molecules of qm9pack's qm9_part1.csv."""
+    try:
+        part1 = qm9.qm9_csv_paths()[0]
+    except MultifiError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path_factory.mktemp("qm9") / "qm9_part1.csv"
+    with open(part1, encoding="utf-8") as f:
+        out.write_text("".join(itertools.islice(f, N_SMALL + 1)), encoding="utf-8")
+    return out
+
+
+@pytest.fixture
+def small_qm9(monkeypatch, small_csv, tmp_path):
+    """QM9 reduced to the small CSV, with a fresh cache directory in tmp_path."""
+    monkeypatch.setattr(qm9, "qm9_csv_paths", lambda: [small_csv])
+    monkeypatch.setattr(qm9, "_MEMO", {})
+    monkeypatch.setenv("MULTIFI_CACHE", str(tmp_path / "cache"))
+    return qm9
+
+
+def write_labels(path: Path, lines: list[str], header: str = "index,energy_eV") -> Path:
+    text = "\n".join([header, *lines]) + "\n"
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
+def one_line_error(exc_info, *needles: str) -> str:
+    msg = str(exc_info.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+# ---------------------------------------------------------------------------------------- parser & cache
+def test_parser_matches_literal_eval(small_csv):
+    from ase.data import atomic_numbers
+
+    geo = qm9.parse_qm9_csv(small_csv)
+    with open(small_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(geo) == len(rows) == N_SMALL
+    for r, row in enumerate(rows):
+        sl = slice(geo.offsets[r], geo.offsets[r + 1])
+        assert geo.index[r] == int(row["Index"])
+        assert geo.numbers[sl].tolist() == [atomic_numbers[s] for s in ast.literal_eval(row["Elements"])]
+        np.testing.assert_array_equal(geo.positions[sl], np.array(ast.literal_eval(row["XYZ_Ang"])))
+    assert geo.numbers.dtype == np.uint8 and geo.offsets.dtype == np.int64
+
+
+def test_parser_rejects_inconsistent_row(small_csv, tmp_path):
+    lines = small_csv.read_text().splitlines()[:4]
+    lines[3] = lines[3].replace("['O','H','H']", "['O','H']")  # molecule 3 (water) loses an element
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(MultifiError) as e:
+        qm9.parse_qm9_csv(bad)
+    one_line_error(e, "bad.csv", "molecule 3")
+
+
+def test_b3lyp_energy_of_methane(small_qm9):
+    ds = qm9.read_qm9(indices=[1])
+    assert ds.fidelities.names == (qm9.QM9_FIDELITY,)
+    assert ds.keys.tolist() == ["qm9:1"]
+    assert ds.numbers.tolist() == [6, 1, 1, 1, 1]
+    assert ds.energy[0, 0] == pytest.approx(METHANE_EV, abs=1e-9)
+    assert not ds.pbc.any() and not ds.cells.any()
+
+
+def test_all_molecules_columnar(small_qm9):
+    ds = qm9.read_qm9()
+    assert len(ds) == N_SMALL and ds.energy.shape == (N_SMALL, 1)
+    assert ds.source == "qm9pack"
+    assert ds.offsets[-1] == len(ds.numbers) == len(ds.positions)
+
+
+def test_cache_written_then_used(small_qm9, monkeypatch):
+    first = qm9.load_qm9_geometries()
+    cached = list((Path(os.environ["MULTIFI_CACHE"])).glob("qm9_geometries_*.npz"))
+    assert len(cached) == 1
+    qm9._MEMO.clear()
+    monkeypatch.setattr(qm9, "parse_qm9_csv", lambda p: pytest.fail("parsed although cached"))
+    second = qm9.load_qm9_geometries()
+    for name in ("index", "numbers", "positions", "offsets", "energy"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+
+
+def test_corrupt_cache_is_rebuilt(small_qm9, tmp_path):
+    qm9.load_qm9_geometries(cache_dir=tmp_path / "c")
+    (cache,) = (tmp_path / "c").glob("*.npz")
+    cache.write_bytes(b"garbage")
+    qm9._MEMO.clear()
+    assert len(qm9.load_qm9_geometries(cache_dir=tmp_path / "c")) == N_SMALL
+    assert cache.stat().st_size > 100
+
+
+def test_missing_qm9pack(monkeypatch):
+    monkeypatch.setattr(qm9.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MultifiError) as e:
+        qm9.qm9_csv_paths()
+    one_line_error(e, "pip install qm9pack")
+
+
+def test_rows_unknown_index(small_qm9):
+    geo = qm9.load_qm9_geometries()
+    assert geo.rows(np.array([3, 1])).tolist() == [2, 0]
+    with pytest.raises(MultifiError) as e:
+        geo.rows(np.array([1, 999999]), where="here")
+    one_line_error(e, "here", "999999")
+
+
+# ---------------------------------------------------------------------------------------- selection
+def test_limit_is_reproducible(small_qm9):
+    a = qm9.read_qm9(limit=20, seed=3)
+    b = qm9.read_qm9(limit=20, seed=3)
+    c = qm9.read_qm9(limit=20, seed=4)
+    assert len(a) == 20 and a.keys.tolist() == b.keys.tolist() != c.keys.tolist()
+    idx = [int(k.split(":")[1]) for k in a.keys]
+    assert idx == sorted(idx)
+    assert len(qm9.read_qm9(limit=10 * N_SMALL)) == N_SMALL
+
+
+def test_indices_restrict(small_qm9):
+    ds = qm9.read_qm9(indices=np.array([5, 2, 5]))
+    assert ds.keys.tolist() == ["qm9:2", "qm9:5"]
+    with pytest.raises(MultifiError) as e:
+        qm9.read_qm9(indices=[2, 999999])
+    one_line_error(e, "999999")
+
+
+def test_other_fidelity_needs_labels(small_qm9):
+    with pytest.raises(MultifiError) as e:
+        qm9.read_qm9(fidelity="GFN2-xTB")
+    one_line_error(e, "GFN2-xTB", "labels")
+
+
+# ---------------------------------------------------------------------------------------- label tables
+@needs_shared
+def test_label_table_subset_of_shared_file(small_qm9, tmp_path):
+    with gzip.open(QM9MF / "GFN2-xTB.csv.gz", "rt") as f:
+        lines = [ln.strip() for ln in itertools.islice(f, 151)][1:]
+    path = write_labels(tmp_path / "GFN2-xTB.csv.gz", lines)
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": [{"file": path.name, "fidelity": "GFN2-xTB"}]}))
+    ds = qm9.read_qm9(path)
+    expected = {f"qm9:{i}": float(e) for i, e in (ln.split(",") for ln in lines)}
+    assert ds.fidelities.names == ("GFN2-xTB",) and len(ds) == len(expected) == 150
+    assert dict(zip(ds.keys.tolist(), ds.energy[:, 0].tolist())) == expected
+    assert ds.source == str(path)
+    assert len(qm9.read_qm9(path, indices=[1, 2, 190], fidelity="other")) == 2  # 190: in QM9, not labelled
+
+
+@needs_shared
+def test_label_table_full_shared_file():
+    manifest = json.loads((QM9MF / "manifest.json").read_text())
+    rows = {e["file"]: e["rows"] for e in manifest["files"]}["GFN2-xTB.csv.gz"]
+    table = qm9.read_label_table(QM9MF / "GFN2-xTB.csv.gz")
+    assert table.fidelity == "GFN2-xTB" and len(table.index) == rows
+    assert (np.diff(table.index) > 0).all() and np.isfinite(table.energy).all()
+
+
+def test_fidelity_unknown_without_manifest(small_qm9, tmp_path):
+    path = write_labels(tmp_path / "x.csv", ["1,-1.0"])
+    with pytest.raises(MultifiError) as e:
+        qm9.read_qm9(path)
+    one_line_error(e, "x.csv", "fidelity")
+    assert qm9.read_qm9(path, fidelity="X").energy[0, 0] == -1.0
+
+
+@pytest.mark.parametrize("lines, header, needles", [
+    (["1,-1.0"], "idx,energy", ["wrong header"]),
+    (["1,-1.0", "2,abc"], "index,energy_eV", ["line 3", "abc"]),
+    (["1,-1.0", "2"], "index,energy_eV", ["line 3"]),
+    (["1,-1.0", "2,-2,3"], "index,energy_eV", ["line 3"]),
+    (["1.5,-1.0"], "index,energy_eV", ["line 2", "integer"]),
+    (["1,-1.0", "2,nan", "3,inf"], "index,energy_eV", ["2 non-finite", "line 3"]),
+    (["1,-1.0", "999999,-2.0"], "index,energy_eV", ["line 3", "999999", "not a QM9 molecule"]),
+    (["1,-1.0", "2,-2.0", "1,-1.0"], "index,energy_eV", ["index 1 appears twice", "lines 2 and 4"]),
+])
+def test_bad_label_table(small_qm9, tmp_path, lines, header, needles):
+    path = write_labels(tmp_path / "bad_labels.csv", lines, header)
+    with pytest.raises(MultifiError) as e:
+        qm9.read_qm9(path, fidelity="X")
+    one_line_error(e, "bad_labels.csv", *needles)
+
+
+def test_missing_label_file(small_qm9, tmp_path):
+    with pytest.raises(MultifiError) as e:
+        qm9.read_qm9(tmp_path / "nope.csv.gz", fidelity="X")
+    one_line_error(e, "nope.csv.gz", "no such file")
+
+
+def test_skip_invalid_drops_nonfinite(small_qm9, tmp_path):
+    path = write_labels(tmp_path / "l.csv.gz", ["1,-1.0", "2,nan", "3,-inf", "4,-4.0"])
+    ds = qm9.read_qm9(path, fidelity="X", skip_invalid=True)
+    assert ds.keys.tolist() == ["qm9:1", "qm9:4"] and ds.n_dropped == 2
+
+
+# ---------------------------------------------------------------------------------------- blocks
+@needs_shared
+def test_read_blocks():
+    raw = json.loads((QM9MF / "blocks.json").read_text())
+    blocks = qm9.read_qm9_blocks(QM9MF / "blocks.json")
+    assert list(blocks) == raw["methods"]
+    assert all(len(v) == raw["block_size"] and v.dtype == np.int64 for v in blocks.values())
+    everything = np.concatenate(list(blocks.values()))
+    assert len(np.unique(everything)) == len(everything)
+
+
+def test_bad_blocks(tmp_path):
+    path = tmp_path / "blocks.json"
+    path.write_text(json.dumps({"blocks": {"A": [1, 2.5]}}))
+    with pytest.raises(MultifiError) as e:
+        qm9.read_qm9_blocks(path)
+    one_line_error(e, "blocks.json", "'A'")
+    with pytest.raises(MultifiError) as e:
+        qm9.read_qm9_blocks(tmp_path / "none.json")
+    one_line_error(e, "none.json")
