@@ -69,20 +69,29 @@ class InvalidLabels:
 def _frames(path: Path, index: str) -> Iterator:
     """Atoms from the file, turning any reader failure into a one-line MultifiError."""
     import ase.io
-    from ase.io.formats import filetype
+    from ase.io.formats import UnknownFileTypeError, filetype
 
-    n = 0  # frames delivered so far = number of the frame that fails
     try:
         fmt = filetype(str(path))
+    except Exception as exc:  # UnknownFileTypeError, or whatever a format sniffer trips over
+        raise MultifiError(f"{path}: not a file format ASE can read ({_gist(exc)})") from None
+    n = 0  # frames delivered so far = number of the frame that fails
+    try:
         frames = _db_frames(path, index) if fmt in ("db", "json") else ase.io.iread(str(path), index=index)
         for atoms in frames:
             yield atoms
             n += 1
     except MultifiError:
         raise
+    except UnknownFileTypeError as exc:
+        raise MultifiError(f"{path}: not a file format ASE can read ({_gist(exc)})") from None
     except Exception as exc:  # ASE raises many types (XYZError, ValueError, KeyError, …) on bad files
-        gist = re.sub(r"\s+", " ", f"{type(exc).__name__}: {exc}").strip()[:200]
-        raise MultifiError(f"{path}: unreadable or truncated at frame {n} (0-based) ({gist})") from None
+        raise MultifiError(f"{path}: unreadable or truncated at frame {n} (0-based) ({_gist(exc)})") from None
+
+
+def _gist(exc: Exception) -> str:
+    """An exception as one short line."""
+    return re.sub(r"\s+", " ", f"{type(exc).__name__}: {exc}").strip()[:200]
 
 
 def _db_frames(path: Path, index: str) -> Iterator:

@@ -1,0 +1,215 @@
+"""read_ase: extxyz / ASE database / traj → FidelityDataset, and its one-line errors."""
+import re
+
+import ase.db
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.units import GPa
+
+from multifi.data.readers.ase_files import read_ase
+from multifi.errors import MultifiError
+
+
+def labelled(atoms: Atoms, energy=-1.5, seed=0, stress=True, **info) -> Atoms:
+    """atoms with a SinglePointCalculator: energy eV, forces eV/Å, Voigt stress eV/Å³."""
+    rng = np.random.default_rng(seed)
+    results = {"energy": energy, "forces": rng.normal(size=(len(atoms), 3))}
+    if stress:
+        results["stress"] = rng.normal(scale=0.01, size=6)
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    atoms.info.update(info)
+    return atoms
+
+
+def si(seed=0, **kw) -> Atoms:
+    atoms = bulk("Si", cubic=True)
+    atoms.rattle(0.05, seed=seed)
+    return labelled(atoms, seed=seed, **kw)
+
+
+def water(energy=-3.0, **kw) -> Atoms:
+    return labelled(molecule("H2O"), energy=energy, stress=False, **kw)
+
+
+def voigt_to_matrix(v):
+    xx, yy, zz, yz, xz, xy = v
+    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+
+
+def raises_one_line(path, match):
+    """pytest.raises for a MultifiError that names the file, matches `match` and is one line."""
+    class Check:
+        def __enter__(self):
+            self.ctx = pytest.raises(MultifiError, match=match)
+            self.info = self.ctx.__enter__()
+            return self.info
+
+        def __exit__(self, *exc):
+            out = self.ctx.__exit__(*exc)
+            msg = str(self.info.value)
+            assert path.name in msg and "\n" not in msg, msg
+            return out
+    return Check()
+
+
+def test_extxyz_roundtrip_stress_in_gpa(tmp_path):
+    frames = [si(0), si(1)]
+    path = tmp_path / "si.extxyz"
+    ase.io.write(path, frames, format="extxyz")
+    ds = read_ase(path, fidelity="PBE")
+    assert len(ds) == 2 and ds.fidelities.names == ("PBE",)
+    for i, atoms in enumerate(frames):
+        res = atoms.calc.results
+        assert ds.energy[i, 0] == pytest.approx(res["energy"])
+        np.testing.assert_allclose(ds.forces[ds.atoms_slice(i), 0], res["forces"], rtol=1e-6)
+        np.testing.assert_allclose(ds.stress[i, 0], voigt_to_matrix(res["stress"]) / GPa, rtol=1e-8)
+        np.testing.assert_allclose(ds.positions[ds.atoms_slice(i)], atoms.positions, atol=1e-7)
+        np.testing.assert_allclose(ds.cells[i], atoms.cell.array)
+    assert ds.pbc.all() and ds.has_stress().all()
+    assert ds.source == str(path) and ds.n_dropped == 0
+    # 0.01 eV/Å³ is 1.6 GPa
+    assert abs(ds.stress).max() > 0.1
+
+
+def test_per_structure_fidelity_two_fidelities_in_one_file(tmp_path):
+    path = tmp_path / "mixed.xyz"
+    ase.io.write(path, [water(-3.0, fidelity="PBE"), water(-2.0, fidelity="B3LYP"), water(-4.0, fidelity="PBE")])
+    ds = read_ase(path)
+    assert set(ds.fidelities.names) == {"PBE", "B3LYP"}
+    # identical geometries share a geometry key; from_records keeps them as separate structures
+    assert ds.label_counts() == {"PBE": {"energy": 2, "forces": 2, "stress": 0},
+                                 "B3LYP": {"energy": 1, "forces": 1, "stress": 0}}
+    k = ds.fidelities.index("B3LYP")
+    assert ds.energy[1, k] == -2.0 and np.isnan(ds.energy[0, k])
+    assert not ds.pbc.any() and not ds.cells.any()
+
+
+def test_source_wide_fidelity_overrides_info_and_key_from_info(tmp_path):
+    path = tmp_path / "w.xyz"
+    ase.io.write(path, [water(fidelity="PBE", key="qm9:17")])
+    ds = read_ase(path, fidelity="GFN2-xTB")
+    assert ds.fidelities.names == ("GFN2-xTB",)
+    assert ds.keys.tolist() == ["qm9:17"]
+
+
+def test_info_labels_without_calculator(tmp_path):
+    atoms = molecule("CH4")
+    atoms.info.update(energy=-8.0, stress=np.full(6, 0.001))
+    atoms.arrays["forces"] = np.ones((5, 3))
+    path = tmp_path / "ch4.xyz"
+    ase.io.write(path, atoms)
+    ds = read_ase(path, fidelity="X")
+    assert ds.energy[0, 0] == -8.0 and ds.forces[:, 0].sum() == 15
+    np.testing.assert_allclose(ds.stress[0, 0], np.full((3, 3), 0.001 / GPa))
+
+
+def test_periodic_extxyz_with_mixed_pbc(tmp_path):
+    slab = bulk("Cu", cubic=True) * (1, 1, 2)
+    slab.pbc = (True, True, False)
+    path = tmp_path / "slab.xyz"
+    ase.io.write(path, [labelled(slab, stress=False), si(3)])
+    ds = read_ase(path, fidelity="PBE")
+    assert ds.pbc.tolist() == [[True, True, False], [True, True, True]]
+    np.testing.assert_allclose(ds.cells[0], slab.cell.array)
+    assert ds.has_stress().tolist() == [[False], [True]]
+    assert ds.keys[0] != ds.keys[1] and ds.keys[0].startswith("sha1:")
+
+
+def test_ase_database(tmp_path):
+    path = tmp_path / "structures.db"
+    with ase.db.connect(path) as db:
+        db.write(si(0), fidelity="PBE", key="si-0")
+        db.write(water(), fidelity="B3LYP")
+    ds = read_ase(path)
+    assert ds.keys[0] == "si-0" and set(ds.fidelities.names) == {"PBE", "B3LYP"}
+    assert ds.label_counts()["PBE"] == {"energy": 1, "forces": 1, "stress": 1}
+    assert len(read_ase(path, index="1:")) == 1
+
+
+def test_traj_and_index(tmp_path):
+    path = tmp_path / "run.traj"
+    ase.io.write(path, [si(i) for i in range(4)])
+    assert len(read_ase(path, fidelity="PBE")) == 4
+    assert len(read_ase(path, fidelity="PBE", index="::2")) == 2
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "absent.xyz"
+    with raises_one_line(path, "no such file"):
+        read_ase(path, fidelity="PBE")
+
+
+def test_unknown_format(tmp_path):
+    path = tmp_path / "notes.weird"
+    path.write_text("hello\nworld\n")
+    with raises_one_line(path, "not a file format ASE can read"):
+        read_ase(path, fidelity="PBE")
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.55, 0.8])
+def test_truncated_extxyz(tmp_path, cut):
+    good = tmp_path / "good.xyz"
+    ase.io.write(good, [si(0), si(1)])
+    text = good.read_text()
+    path = tmp_path / "cut.xyz"
+    path.write_text(text[: int(len(text) * cut)])  # mid-frame, often mid-line
+    with raises_one_line(path, r"unreadable or truncated at frame [01] \(0-based\)"):
+        read_ase(path, fidelity="PBE")
+
+
+def test_corrupt_database(tmp_path):
+    path = tmp_path / "broken.db"
+    path.write_bytes(b"not sqlite" * 100)
+    with raises_one_line(path, "unreadable or truncated"):
+        read_ase(path)
+
+
+def test_missing_fidelity(tmp_path):
+    path = tmp_path / "w.xyz"
+    ase.io.write(path, [water(fidelity="PBE"), water()])
+    with raises_one_line(path, r"frame 1 \(0-based\): no fidelity"):
+        read_ase(path)
+
+
+def test_structure_without_labels(tmp_path):
+    path = tmp_path / "w.xyz"
+    ase.io.write(path, [water(), water(), water(), molecule("H2O")])
+    with raises_one_line(path, r"frame 3 \(0-based\) has no energy/forces/stress label"):
+        read_ase(path, fidelity="PBE")
+
+
+def test_nonfinite_labels_raise_or_drop(tmp_path):
+    bad_e, bad_f = water(energy=np.nan), water()
+    bad_f.calc.results["forces"][0, 0] = np.inf
+    only_nan = molecule("H2O")
+    only_nan.info["energy"] = np.inf
+    path = tmp_path / "nan.xyz"
+    ase.io.write(path, [water(), bad_e, bad_f, only_nan])
+    with raises_one_line(path, r"3 non-finite \(NaN/inf\) labels, first in frame 1 \(0-based\)"):
+        read_ase(path, fidelity="PBE")
+    ds = read_ase(path, fidelity="PBE", skip_invalid=True)
+    assert len(ds) == 3 and ds.n_dropped == 3  # frame 3 had nothing left
+    assert ds.energy_mask[:, 0].tolist() == [True, False, True]
+    assert ds.has_forces()[:, 0].tolist() == [True, True, False]
+
+
+def test_bad_shapes(tmp_path):
+    atoms = molecule("H2O")
+    atoms.info["stress"] = np.zeros(4)
+    atoms.info["energy"] = 1.0
+    path = tmp_path / "shape.traj"  # extxyz itself refuses such a stress
+    ase.io.write(path, atoms)
+    with raises_one_line(path, r"frame 0 \(0-based\): stress has shape \(4,\)"):
+        read_ase(path, fidelity="PBE")
+
+
+def test_error_messages_have_no_newlines_for_multiline_exceptions(tmp_path):
+    path = tmp_path / "x.xyz"
+    path.write_text("2\nLattice=\"1 2 3\" pbc=\"T T T\"\nH 0 0 0\nH 0 0\n")
+    with pytest.raises(MultifiError) as info:
+        read_ase(path, fidelity="PBE")
+    assert re.fullmatch(r"[^\n]+", str(info.value)) and path.name in str(info.value)

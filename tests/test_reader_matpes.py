@@ -1,0 +1,223 @@
+"""read_matpes: MatPES JSON / JSON-lines (gzipped or not) → FidelityDataset, and its one-line errors."""
+import copy
+import gzip
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from multifi.data.dataset import FidelityDataset
+from multifi.data.readers.matpes import read_matpes, vasp_stress_to_ase
+from multifi.errors import MultifiError
+
+SHARED = Path(os.environ.get("MULTIFI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SOLIDS = SHARED / "solids"
+needs_solids = pytest.mark.skipif(not (SOLIDS / "PBE.jsonl.gz").exists(), reason="shared MatPES files absent")
+
+
+def record(mid="mfsolid-0", functional="PBE", xyz=True, **over) -> dict:
+    """A synthetic 2-atom NaCl MatPES record."""
+    cell = [[0.0, 2.8, 2.8], [2.8, 0.0, 2.8], [2.8, 2.8, 0.0]]
+    abc = [[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]]
+    sites = [{"species": [{"element": el, "occu": 1}], "abc": f, "label": el, "properties": {}}
+             for el, f in zip(["Na", "Cl"], abc)]
+    if xyz:
+        for s in sites:
+            s["xyz"] = (np.array(s["abc"]) @ np.array(cell)).tolist()
+    rec = {"matpes_id": mid, "functional": functional, "formula_pretty": "NaCl",
+           "structure": {"@module": "pymatgen.core.structure", "@class": "Structure", "charge": 0,
+                         "lattice": {"matrix": cell, "pbc": [True, True, True]}, "properties": {}, "sites": sites},
+           "energy": -6.5, "forces": [[0.1, -0.2, 0.3], [-0.1, 0.2, -0.3]],
+           "stress": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}
+    rec.update(over)
+    return rec
+
+
+def write_jsonl(path: Path, records) -> Path:
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
+def check_error(path: Path, match: str, **kw):
+    with pytest.raises(MultifiError, match=match) as info:
+        read_matpes(path, **kw)
+    msg = str(info.value)
+    assert path.name in msg and "\n" not in msg, msg
+    return msg
+
+
+def shared_records(name):
+    with gzip.open(SOLIDS / name, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------- the shared files
+@needs_solids
+def test_shared_files_read_fast_and_merge():
+    t0 = time.perf_counter()
+    pbe = read_matpes(SOLIDS / "PBE.jsonl.gz")
+    t1 = time.perf_counter()
+    r2 = read_matpes(SOLIDS / "R2SCAN.jsonl.gz")
+    t2 = time.perf_counter()
+    assert t1 - t0 < 1.0 and t2 - t1 < 1.0
+    n_pbe, n_r2 = len(shared_records("PBE.jsonl.gz")), len(shared_records("R2SCAN.jsonl.gz"))
+    assert (len(pbe), len(r2)) == (n_pbe, n_r2)
+    merged = FidelityDataset.merge([pbe, r2])
+    assert len(merged) == n_pbe and merged.fidelities.names == ("PBE", "R2SCAN")
+    assert int(merged.energy_mask.all(1).sum()) == n_r2
+    assert merged.label_counts()["R2SCAN"] == {"energy": n_r2, "forces": n_r2, "stress": 0}
+    assert merged.pbc.all()
+
+
+@needs_solids
+@pytest.mark.parametrize("name", ["PBE.jsonl.gz", "R2SCAN.jsonl.gz"])
+def test_shared_labels_equal_json(name):
+    raws = shared_records(name)
+    ds = read_matpes(SOLIDS / name)
+    assert ds.keys.tolist() == [f"matpes:{r['matpes_id']}" for r in raws]
+    k = 0
+    for i, r in enumerate(raws):
+        assert ds.energy[i, k] == r["energy"]
+        np.testing.assert_allclose(ds.forces[ds.atoms_slice(i), k], r["forces"], rtol=1e-6, atol=1e-6)  # eV/Å
+        np.testing.assert_allclose(ds.positions[ds.atoms_slice(i)], [s["xyz"] for s in r["structure"]["sites"]])
+        np.testing.assert_allclose(ds.cells[i], r["structure"]["lattice"]["matrix"])
+        if r["stress"] is not None:
+            xx, yy, zz, xy, yz, zx = r["stress"]
+            s = ds.stress[i, k]
+            np.testing.assert_allclose(np.diag(s), [-0.1 * xx, -0.1 * yy, -0.1 * zz])
+            np.testing.assert_allclose([s[0, 1], s[1, 2], s[0, 2]], [-0.1 * xy, -0.1 * yz, -0.1 * zx])
+            np.testing.assert_allclose(s, s.T)
+        else:
+            assert not ds.has_stress()[i, k]
+
+
+# ---------------------------------------------------------------------------- synthetic records
+def test_stress_conversion_synthetic(tmp_path):
+    ds = read_matpes(write_jsonl(tmp_path / "one.jsonl", [record(stress=[10, 20, 30, 40, 50, 60])]))
+    expected = -np.array([[1.0, 4.0, 6.0], [4.0, 2.0, 5.0], [6.0, 5.0, 3.0]])  # GPa, ASE sign
+    np.testing.assert_allclose(ds.stress[0, 0], expected)
+    np.testing.assert_allclose(vasp_stress_to_ase(np.array([10.0, 20, 30, 40, 50, 60])), expected)
+
+
+def test_geometry_units_and_fractional_sites(tmp_path):
+    ds = read_matpes(write_jsonl(tmp_path / "frac.jsonl", [record(xyz=False)]))
+    np.testing.assert_allclose(ds.positions, [[0, 0, 0], [2.8, 2.8, 2.8]])
+    assert ds.numbers.tolist() == [11, 17] and ds.keys.tolist() == ["matpes:mfsolid-0"]
+    np.testing.assert_allclose(ds.forces[:, 0], record()["forces"])
+    assert ds.energy[0, 0] == -6.5
+
+
+def test_formats_json_list_gz_jsonl(tmp_path):
+    recs = [record("a"), record("b", energy=-7.0, stress=None)]
+    (tmp_path / "list.json").write_text(json.dumps(recs, indent=1))
+    (tmp_path / "list.json.gz").write_bytes(gzip.compress(json.dumps(recs).encode()))
+    write_jsonl(tmp_path / "lines.jsonl", recs)
+    write_jsonl(tmp_path / "lines.jsonl.gz", recs)
+    for name in ["list.json", "list.json.gz", "lines.jsonl", "lines.jsonl.gz"]:
+        ds = read_matpes(tmp_path / name)
+        assert ds.keys.tolist() == ["matpes:a", "matpes:b"], name
+        assert ds.energy[:, 0].tolist() == [-6.5, -7.0]
+        assert ds.has_stress()[:, 0].tolist() == [True, False]
+
+
+def test_fidelity_argument_and_merge_across_files(tmp_path):
+    a = read_matpes(write_jsonl(tmp_path / "a.jsonl", [record("x"), record("y")]), fidelity="PBE-custom")
+    b = read_matpes(write_jsonl(tmp_path / "b.jsonl", [record("y", functional="R2SCAN", energy=-9.0)]))
+    assert a.fidelities.names == ("PBE-custom",)
+    merged = FidelityDataset.merge([a, b])
+    assert len(merged) == 2 and merged.energy[1].tolist() == [-6.5, -9.0]
+
+
+def test_one_file_two_functionals_merges(tmp_path):
+    path = write_jsonl(tmp_path / "both.jsonl", [record("x"), record("x", functional="R2SCAN", energy=-1.0)])
+    ds = read_matpes(path)
+    assert len(ds) == 1 and ds.energy[0].tolist() == [-6.5, -1.0]
+
+
+def test_pbc_default_and_partial(tmp_path):
+    r0, r1 = record("a"), record("b")
+    del r0["structure"]["lattice"]["pbc"]
+    r1["structure"]["lattice"]["pbc"] = [True, True, False]
+    ds = read_matpes(write_jsonl(tmp_path / "pbc.jsonl", [r0, r1]))
+    assert ds.pbc.tolist() == [[True] * 3, [True, True, False]]
+
+
+def test_nonfinite_labels_raise_or_drop(tmp_path):
+    r1 = record("b", energy=float("nan"))
+    r2 = record("c", forces=[[float("inf"), 0, 0], [0, 0, 0]], stress=[float("nan")] * 6)
+    path = write_jsonl(tmp_path / "nan.jsonl", [record("a"), r1, r2])
+    check_error(path, r"3 non-finite \(NaN/inf\) labels, first in record 1 \(matpes_id b\)")
+    ds = read_matpes(path, skip_invalid=True)
+    assert ds.n_dropped == 3 and len(ds) == 3
+    assert ds.energy_mask[:, 0].tolist() == [True, False, True]
+    assert ds.has_forces()[:, 0].tolist() == [True, True, False]
+    assert ds.has_stress()[:, 0].tolist() == [True, True, False]
+
+
+# ---------------------------------------------------------------------------- bad records
+def broken(**changes):
+    r = copy.deepcopy(record("mfsolid-3"))
+    for key, value in changes.items():
+        if value is None:
+            r.pop(key)
+        else:
+            r[key] = value
+    return r
+
+
+def _structure(mutate):
+    r = record("mfsolid-3")
+    mutate(r["structure"])
+    return r
+
+
+@pytest.mark.parametrize("bad, match", [
+    (broken(structure=None), r"record 1 \(matpes_id mfsolid-3\): missing 'structure'"),
+    (broken(energy=None), r"record 1 \(matpes_id mfsolid-3\): missing 'energy'"),
+    (broken(functional=None), r"record 1 \(matpes_id mfsolid-3\): no fidelity"),
+    (broken(forces=[[0, 0, 0]]), r"record 1 \(matpes_id mfsolid-3\): forces has shape \(1, 3\), expected \(2, 3\)"),
+    (broken(stress=[1, 2, 3]), r"stress has shape \(3,\)"),
+    (broken(energy="abc"), r"energy is not a number"),
+    (_structure(lambda s: s["lattice"].update(matrix=[[1, 0, 0], [2, 0, 0], [0, 0, 1]])),
+     r"record 1 \(matpes_id mfsolid-3\): lattice has \(near\) zero volume"),
+    (_structure(lambda s: s["lattice"].update(matrix=[[1, 0], [0, 1]])), r"lattice.matrix has shape \(2, 2\)"),
+    (_structure(lambda s: s["sites"][1]["species"][0].update(element="Xx")),
+     r"record 1 \(matpes_id mfsolid-3\): site 1: unknown element 'Xx'"),
+    (_structure(lambda s: s.pop("lattice")), r"structure lacks a valid lattice or sites"),
+    (_structure(lambda s: s["sites"][0].pop("species")), r"site 0: no species/element"),
+])
+def test_bad_record(tmp_path, bad, match):
+    path = write_jsonl(tmp_path / "PBE.jsonl.gz", [record("ok"), bad])
+    check_error(path, match)
+
+
+def test_duplicate_record(tmp_path):
+    path = write_jsonl(tmp_path / "dup.jsonl", [record("a"), record("b"), record("a", energy=-1.0)])
+    check_error(path, r"record 2 \(matpes_id a\): duplicate of record 0 at fidelity 'PBE'")
+
+
+def test_invalid_json_names_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(record("a")) + "\n\n" + '{"matpes_id": "b", "energy": \n')
+    check_error(path, r"line 3 \(record 1\): invalid JSON")
+    listed = tmp_path / "bad.json"
+    listed.write_text('[\n{"matpes_id": "a",\n "energy": }\n]')
+    check_error(listed, r"invalid JSON at line 3")
+
+
+def test_missing_empty_and_corrupt_files(tmp_path):
+    check_error(tmp_path / "absent.jsonl.gz", "no such file")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    check_error(tmp_path / "empty.jsonl", "no records")
+    good = gzip.compress((json.dumps(record()) + "\n").encode() * 5)
+    (tmp_path / "cut.jsonl.gz").write_bytes(good[: len(good) // 2])
+    check_error(tmp_path / "cut.jsonl.gz", "unreadable or truncated gzip")
+    (tmp_path / "scalar.jsonl").write_text("[1, 2]")
+    check_error(tmp_path / "scalar.jsonl", r"record 0: expected a JSON object, got int")
