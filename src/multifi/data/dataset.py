@@ -318,8 +318,9 @@ class FidelityDataset:
         if not (out.n_atoms[target] == cat.n_atoms).all():
             bad = int(np.argmax(out.n_atoms[target] != cat.n_atoms))
             raise MultifiError(f"{cat.source}: key {cat.keys[bad]!r} names structures with different atom counts")
-        src_atoms = ranges(cat.offsets[:-1], cat.n_atoms)
-        dst_atoms = ranges(out.offsets[target], cat.n_atoms)
+        if cat.forces is not None:
+            src_atoms = ranges(cat.offsets[:-1], cat.n_atoms)
+            dst_atoms = ranges(out.offsets[target], cat.n_atoms)
         for k, name in enumerate(table.names):
             _fold(out.energy[:, k], cat.energy[:, k], target, ~np.isnan(cat.energy[:, k]), name, cat, "energy")
             if cat.forces is not None:

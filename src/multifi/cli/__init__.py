@@ -1,0 +1,1 @@
+"""The `multifi` command line: one small module per command."""

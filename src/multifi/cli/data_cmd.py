@@ -1,0 +1,60 @@
+"""multifi data info SOURCE… | multifi data convert SOURCE… --out FILE.npz"""
+from __future__ import annotations
+
+
+def register(sub):
+    p = sub.add_parser("data", help="inspect or convert datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    info = dsub.add_parser("info", help="structures, elements and label counts per fidelity")
+    _sources(info)
+    info.set_defaults(func=run_info)
+    conv = dsub.add_parser("convert", help="read and merge sources into one multifi .npz for reuse")
+    _sources(conv)
+    conv.add_argument("--out", required=True)
+    conv.set_defaults(func=run_convert)
+
+
+def _sources(p):
+    p.add_argument("sources", nargs="+", help="files (extxyz, db, MatPES json/jsonl, .npz) or qm9[:LABELS.csv]")
+    p.add_argument("--fidelity", help="fidelity of sources that do not name one")
+    p.add_argument("--skip-invalid", action="store_true", help="drop NaN/inf labels instead of failing")
+
+
+def _read(args):
+    from multifi.config import Qm9Source, SourceConfig
+    from multifi.data.dataset import FidelityDataset
+    from multifi.data.sources import read_source
+
+    parts = []
+    for s in args.sources:
+        if s == "qm9" or s.startswith("qm9:"):
+            labels = s[4:] or None
+            parts.append(read_source(SourceConfig(qm9=Qm9Source(labels=labels, fidelity=args.fidelity)), args.skip_invalid))
+        else:
+            parts.append(read_source(SourceConfig(path=s, fidelity=args.fidelity), args.skip_invalid))
+    return FidelityDataset.merge(parts) if len(parts) > 1 else parts[0]
+
+
+def run_info(args) -> int:
+    from ase.data import chemical_symbols
+
+    ds = _read(args)
+    n_atoms = ds.n_atoms
+    print(f"structures: {len(ds)}   atoms: {int(n_atoms.sum())} (per structure {n_atoms.min()}–{n_atoms.max()}, "
+          f"mean {n_atoms.mean():.1f})   periodic: {int(ds.pbc.any(1).sum())}")
+    print("elements:", " ".join(chemical_symbols[z] for z in ds.elements))
+    counts = ds.label_counts()
+    width = max(len("fidelity"), *(len(n) for n in counts)) + 2
+    print("fidelity".ljust(width) + "energy".rjust(10) + "forces".rjust(10) + "stress".rjust(10))
+    for name, c in counts.items():
+        print(name.ljust(width) + "".join(str(c[k]).rjust(10) for k in ("energy", "forces", "stress")))
+    multi = int(((ds.energy_mask | ds.has_forces()).sum(1) > 1).sum())
+    print(f"structures labelled at more than one fidelity: {multi}")
+    return 0
+
+
+def run_convert(args) -> int:
+    ds = _read(args)
+    path = ds.save(args.out)
+    print(f"wrote {len(ds)} structures, {len(ds.fidelities)} fidelities to {path}")
+    return 0

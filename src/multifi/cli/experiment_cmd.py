@@ -1,0 +1,20 @@
+"""multifi experiment run SPEC.yaml [--only NAME] [--report-only]"""
+from __future__ import annotations
+
+
+def register(sub):
+    p = sub.add_parser("experiment", help="learning curves and baselines from an experiment spec")
+    esub = p.add_subparsers(dest="experiment_command", required=True)
+    r = esub.add_parser("run", help="run (resumably) all runs of a spec, then write summary, plots and report")
+    r.add_argument("spec", help="experiment spec (YAML)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--only", action="append", default=[], help="run only these parts of the spec")
+    r.add_argument("--report-only", action="store_true", help="only rebuild summary/plots/report from finished runs")
+    r.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from multifi.experiments.runner import run_experiment
+
+    run_experiment(args.spec, overrides=args.overrides, only=args.only, report_only=args.report_only)
+    return 0

@@ -1,0 +1,15 @@
+"""Plain-text tables for the terminal."""
+from __future__ import annotations
+
+
+def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
+    cols = [("n", "n", "{:d}"), ("energy_mae_meV", "E MAE meV", "{:.2f}"), ("energy_rmse_meV", "E RMSE meV", "{:.2f}"),
+            ("energy_mae_meV_per_atom", "E MAE meV/atom", "{:.3f}"), ("forces_mae_meV_per_A", "F MAE meV/Å", "{:.1f}"),
+            ("stress_mae_GPa", "S MAE GPa", "{:.3f}")]
+    width = max([len("fidelity")] + [len(n) for n in fidelities]) + 2
+    lines = [title] if title else []
+    lines.append("fidelity".ljust(width) + "".join(h.rjust(16) for _, h, _ in cols))
+    for name, m in fidelities.items():
+        cells = [("-" if m.get(k) is None else fmt.format(m[k])).rjust(16) for k, _, fmt in cols]
+        lines.append(name.ljust(width) + "".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,22 @@
+"""multifi predict CHECKPOINT STRUCTURES --fidelity NAME --out FILE.extxyz"""
+from __future__ import annotations
+
+
+def register(sub):
+    p = sub.add_parser("predict", help="predict energies, forces (and stress) at one fidelity")
+    p.add_argument("checkpoint")
+    p.add_argument("structures", help="any file ASE reads")
+    p.add_argument("--fidelity", required=True, help="fidelity (level of theory) to predict at, by name")
+    p.add_argument("--out", required=True, help="output extxyz with energy/forces/stress per structure")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from multifi.predict import predict_file
+
+    n = predict_file(args.checkpoint, args.structures, args.fidelity, Path(args.out), args.batch_size)
+    print(f"wrote {n} structures predicted at {args.fidelity} to {args.out}")
+    return 0

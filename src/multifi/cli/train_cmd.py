@@ -1,0 +1,32 @@
+"""multifi train CONFIG.yaml [--set key=value …] | multifi train --resume RUN_DIR"""
+from __future__ import annotations
+
+
+def register(sub):
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", nargs="?", help="run configuration (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--devices", help="devices per node (e.g. 2, or 'auto')")
+    p.add_argument("--num-nodes", type=int, help="number of nodes for distributed training")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from multifi.train.run import train_from_args
+
+    overrides = list(args.overrides)
+    if args.devices is not None:
+        overrides.append(f"train.devices={args.devices}")
+    if args.num_nodes is not None:
+        overrides.append(f"train.num_nodes={args.num_nodes}")
+    run_dir = train_from_args(args.config, overrides, args.resume)
+    metrics = run_dir / "metrics.json"
+    if metrics.exists():
+        import json
+
+        from multifi.cli.format import metrics_table
+
+        print(metrics_table(json.loads(metrics.read_text())["fidelities"], title=f"test metrics ({run_dir})"))
+    return 0

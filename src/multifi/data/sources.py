@@ -1,0 +1,68 @@
+"""Read the configured sources and merge them into one FidelityDataset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from multifi.data.dataset import FidelityDataset
+from multifi.errors import MultifiError
+
+MATPES_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
+
+
+def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
+    """One SourceConfig (or a plain path string) → FidelityDataset."""
+    if isinstance(src, (str, Path)):
+        from multifi.config import SourceConfig
+
+        src = SourceConfig(path=str(src))
+    if src.qm9 is not None:
+        from multifi.data.readers.qm9 import read_qm9
+
+        q = src.qm9
+        indices = _read_indices(q.indices) if q.indices else None
+        return read_qm9(labels=q.labels, fidelity=q.fidelity or src.fidelity, limit=q.limit, indices=indices,
+                        seed=q.seed, skip_invalid=skip_invalid)
+    path = Path(src.path)
+    if not path.exists():
+        raise MultifiError(f"{path}: no such file")
+    fmt = src.format if src.format != "auto" else guess_format(path)
+    if fmt == "npz":
+        ds = FidelityDataset.load(path)
+        if src.fidelity is not None:
+            raise MultifiError(f"{path}: a saved dataset carries its own fidelities; remove 'fidelity' from this source")
+        return ds
+    if fmt == "matpes":
+        from multifi.data.readers.matpes import read_matpes
+
+        return read_matpes(path, fidelity=src.fidelity, skip_invalid=skip_invalid)
+    from multifi.data.readers.ase_files import read_ase
+
+    return read_ase(path, fidelity=src.fidelity, index=src.index, skip_invalid=skip_invalid)
+
+
+def guess_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith(MATPES_SUFFIXES):
+        return "matpes"
+    return "ase"
+
+
+def read_sources(sources, skip_invalid: bool = False) -> FidelityDataset:
+    """All sources merged (structures with equal keys share one entry)."""
+    parts = [read_source(s, skip_invalid) for s in sources]
+    ds = FidelityDataset.merge(parts) if len(parts) > 1 else parts[0]
+    return ds.drop_fidelities_without_labels()
+
+
+def _read_indices(path) -> np.ndarray:
+    p = Path(path)
+    if not p.exists():
+        raise MultifiError(f"{p}: no such index file")
+    try:
+        return np.loadtxt(p, dtype=np.int64, ndmin=1)
+    except ValueError as exc:
+        raise MultifiError(f"{p}: not a list of integer indices ({exc})") from None

@@ -1,0 +1,102 @@
+"""Splits by structure, per-fidelity label limits, and (structure, fidelity) training samples."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from multifi.data.dataset import FidelityDataset, atomic_write
+from multifi.errors import MultifiError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """Structure indices [n] of each split (disjoint)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return getattr(self, name)
+
+    def save(self, path: Path, dataset: FidelityDataset) -> None:
+        """JSON with the structure keys of each split (stable across re-reading the sources)."""
+        data = {name: dataset.keys[self[name]].tolist() for name in SPLITS}
+        atomic_write(Path(path), lambda f: f.write(json.dumps(data).encode()))
+
+
+def random_split(n: int, val: float, test: float, seed: int) -> Split:
+    """Shuffle structures with `seed`; the first `test` fraction is test, the next `val` fraction val."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test, n_val = int(round(test * n)), int(round(val * n))
+    if n - n_test - n_val < 1:
+        raise MultifiError(f"split leaves no training structures ({n} structures, val={val}, test={test})")
+    return Split(train=np.sort(perm[n_test + n_val:]), val=np.sort(perm[n_test:n_test + n_val]),
+                 test=np.sort(perm[:n_test]))
+
+
+def split_from_files(files: dict[str, str], dataset: FidelityDataset) -> Split:
+    """Splits from files listing structure keys (e.g. qm9:17) or integer indices, one per line (or JSON list)."""
+    key_to_index = {k: i for i, k in enumerate(dataset.keys.tolist())}
+    out = {}
+    for name in SPLITS:
+        if name not in files:
+            out[name] = np.zeros(0, np.int64)
+            continue
+        out[name] = _read_split_file(Path(files[name]), key_to_index, len(dataset))
+    split = Split(**out)
+    check_disjoint(split, dataset)
+    return split
+
+
+def _read_split_file(path: Path, key_to_index: dict, n: int) -> np.ndarray:
+    if not path.exists():
+        raise MultifiError(f"{path}: no such split file")
+    text = path.read_text().strip()
+    items = json.loads(text) if text.startswith("[") else text.split()
+    idx = []
+    for it in items:
+        s = str(it)
+        if s in key_to_index:
+            idx.append(key_to_index[s])
+        elif s.lstrip("-").isdigit() and 0 <= int(s) < n:
+            idx.append(int(s))
+        else:
+            raise MultifiError(f"{path}: {s!r} is neither a structure key nor an index below {n}")
+    return np.asarray(sorted(set(idx)), dtype=np.int64)
+
+
+def check_disjoint(split: Split, dataset: FidelityDataset) -> None:
+    """A structure must never be in two splits (also not as a duplicate with another key)."""
+    seen = {}
+    for name in SPLITS:
+        for i in split[name].tolist():
+            if i in seen and seen[i] != name:
+                raise MultifiError(f"structure {dataset.keys[i]} is in both the {seen[i]} and {name} splits")
+            seen[i] = name
+
+
+def labelled_pairs(dataset: FidelityDataset, structures: np.ndarray) -> np.ndarray:
+    """[P, 2] (structure, fidelity) pairs with any label, structures in the given set."""
+    has = dataset.energy_mask | dataset.has_forces() | dataset.has_stress()
+    sub = has[structures]
+    r, k = np.nonzero(sub)
+    return np.stack([structures[r], k], axis=1).astype(np.int64)
+
+
+def limit_pairs(pairs: np.ndarray, limits: dict[str, int], dataset: FidelityDataset, seed: int) -> np.ndarray:
+    """Keep at most limits[fidelity] samples per fidelity (random, seeded; nested for growing limits)."""
+    if not limits:
+        return pairs
+    keep = np.ones(len(pairs), bool)
+    for name, limit in limits.items():
+        k = dataset.fidelities.index(name, where="data.train_limits")
+        rows = np.flatnonzero(pairs[:, 1] == k)
+        order = np.random.default_rng([seed, k]).permutation(len(rows))
+        keep[rows[order[limit:]]] = False
+    return pairs[keep]

@@ -1,0 +1,52 @@
+"""Loss: weighted per-atom energy, forces and stress terms, each only where that label exists."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from multifi.data.batch import Graph
+
+
+def _err(pred, target, kind: str, delta: float):
+    if kind == "huber":
+        return F.huber_loss(pred, target, reduction="none", delta=delta)
+    return (pred - target) ** 2
+
+
+class MultiFidelityLoss:
+    """L = w_E ⟨(ΔE/N)²⟩ + w_F ⟨ΔF²⟩ + w_S ⟨Δσ²⟩, averaged over labelled structures/atoms only.
+
+    Units: eV/atom, eV/Å, GPa. Optional per-fidelity weights multiply each sample's terms.
+    """
+
+    def __init__(self, energy=1.0, forces=1.0, stress=0.01, kind="mse", huber_delta=0.01,
+                 fidelity_weights: torch.Tensor | None = None):
+        self.w = {"energy": energy, "forces": forces, "stress": stress}
+        self.kind, self.delta = kind, huber_delta
+        self.fidelity_weights = fidelity_weights
+
+    def needs(self, graph: Graph) -> tuple[bool, bool]:
+        """Whether forces / stress must be computed for this batch."""
+        return (self.w["forces"] > 0 and bool(graph.forces_mask.any()),
+                self.w["stress"] > 0 and bool(graph.stress_mask.any()))
+
+    def __call__(self, out: dict, graph: Graph) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fw = (self.fidelity_weights.to(graph.energy.device)[graph.fidelity] if self.fidelity_weights is not None
+              else torch.ones(graph.num_graphs, device=graph.energy.device))
+        terms: dict[str, torch.Tensor] = {}
+        m = graph.energy_mask
+        if self.w["energy"] > 0 and m.any():
+            n = graph.n_atoms[m].to(torch.float64)
+            e = _err(out["energy"][m] / n, graph.energy[m] / n, self.kind, self.delta)
+            terms["energy"] = (e * fw[m]).sum().float() / fw[m].sum()
+        if "forces" in out and graph.forces_mask.any():
+            am = graph.forces_mask[graph.batch]
+            e = _err(out["forces"][am], graph.forces[am], self.kind, self.delta).mean(-1)
+            wa = fw[graph.batch][am]
+            terms["forces"] = (e * wa).sum() / wa.sum()
+        if "stress" in out and graph.stress_mask.any():
+            sm = graph.stress_mask
+            e = _err(out["stress"][sm], graph.stress[sm], self.kind, self.delta).mean((-1, -2))
+            terms["stress"] = (e * fw[sm]).sum() / fw[sm].sum()
+        total = sum((self.w[k] * v for k, v in terms.items()), torch.zeros((), device=graph.energy.device))
+        return total, terms

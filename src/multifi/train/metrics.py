@@ -1,0 +1,65 @@
+"""Per-fidelity error accumulators: energy MAE/RMSE (meV, meV/atom), force MAE (meV/Å), stress MAE (GPa)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from multifi.data.batch import Graph
+
+# columns of the accumulator
+N_E, AE, SE, AE_ATOM, N_F, AE_F, N_S, AE_S = range(8)
+
+
+class FidelityMetrics:
+    """Sums of errors per fidelity, reducible across processes; .compute() gives metrics.json entries."""
+
+    def __init__(self, fidelity_names: list[str]):
+        self.names = list(fidelity_names)
+        self.reset()
+
+    def reset(self):
+        self.acc = torch.zeros(len(self.names), 8, dtype=torch.float64)
+
+    def update(self, out: dict, graph: Graph) -> None:
+        acc = torch.zeros_like(self.acc)
+        fid = graph.fidelity.cpu()
+        m = graph.energy_mask.cpu()
+        if m.any():
+            err = (out["energy"].detach().cpu().double() - graph.energy.cpu().double())[m]
+            n = graph.n_atoms.cpu()[m].double()
+            f = fid[m]
+            acc[:, N_E].index_add_(0, f, torch.ones_like(err))
+            acc[:, AE].index_add_(0, f, err.abs())
+            acc[:, SE].index_add_(0, f, err**2)
+            acc[:, AE_ATOM].index_add_(0, f, err.abs() / n)
+        if "forces" in out and graph.forces_mask.any():
+            am = graph.forces_mask[graph.batch].cpu()
+            ferr = (out["forces"].detach().cpu().double() - graph.forces.cpu().double())[am].abs()  # [n,3]
+            fa = fid[graph.batch.cpu()][am]
+            acc[:, N_F].index_add_(0, fa, torch.full((len(fa),), 3.0, dtype=torch.float64))
+            acc[:, AE_F].index_add_(0, fa, ferr.sum(-1))
+        if "stress" in out and graph.stress_mask.any():
+            sm = graph.stress_mask.cpu()
+            serr = (out["stress"].detach().cpu().double() - graph.stress.cpu().double())[sm].abs()
+            acc[:, N_S].index_add_(0, fid[sm], torch.full((int(sm.sum()),), 9.0, dtype=torch.float64))
+            acc[:, AE_S].index_add_(0, fid[sm], serr.sum((-1, -2)))
+        self.acc += acc
+
+    def compute(self) -> dict[str, dict]:
+        """{fidelity: {n, energy_mae_meV, energy_rmse_meV, energy_mae_meV_per_atom, forces_mae_meV_per_A, stress_mae_GPa}}."""
+        out = {}
+        for k, name in enumerate(self.names):
+            a = self.acc[k].tolist()
+            if a[N_E] == 0 and a[N_F] == 0 and a[N_S] == 0:
+                continue
+            ne = a[N_E]
+            out[name] = {
+                "n": int(ne),
+                "energy_mae_meV": 1000 * a[AE] / ne if ne else None,
+                "energy_rmse_meV": 1000 * math.sqrt(a[SE] / ne) if ne else None,
+                "energy_mae_meV_per_atom": 1000 * a[AE_ATOM] / ne if ne else None,
+                "forces_mae_meV_per_A": 1000 * a[AE_F] / a[N_F] if a[N_F] else None,
+                "stress_mae_GPa": a[AE_S] / a[N_S] if a[N_S] else None,
+            }
+        return out

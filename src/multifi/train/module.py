@@ -1,0 +1,117 @@
+"""Lightning module: one Potential, masked multi-fidelity loss, EMA weights, per-fidelity validation metrics."""
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import torch
+
+from multifi.models.registry import build_potential
+from multifi.train.loss import MultiFidelityLoss
+from multifi.train.metrics import FidelityMetrics
+
+METRIC_KEYS = ("energy_mae_meV", "energy_rmse_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A", "stress_mae_GPa")
+
+
+class PotentialModule(L.LightningModule):
+    """Trains `potential`; validates and checkpoints its exponential moving average (`ema`)."""
+
+    def __init__(self, model_spec: dict, loss: dict, train: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.potential = build_potential(model_spec["model"], model_spec["fidelities"])
+        names = model_spec["fidelities"]
+        fw = torch.tensor([loss.get("fidelity_weights", {}).get(n, 1.0) for n in names])
+        self.loss_fn = MultiFidelityLoss(loss["energy"], loss["forces"], loss["stress"], loss["kind"],
+                                         loss["huber_delta"], fw)
+        self.train_cfg = train
+        self.ema = copy.deepcopy(self.potential).requires_grad_(False) if train["ema_decay"] > 0 else None
+        self.val_metrics = FidelityMetrics(names)
+        if train.get("precision") == "64":
+            self.double()
+
+    # -------------------------------------------------------------- weights used for evaluation
+    @property
+    def eval_potential(self):
+        return self.ema if self.ema is not None else self.potential
+
+    def sync_ema(self) -> None:
+        """Copy current weights and buffers (e.g. fitted reference energies) into the EMA."""
+        if self.ema is not None:
+            self.ema.load_state_dict(self.potential.state_dict())
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        t = self.global_step
+        decay = min(self.train_cfg["ema_decay"], (1 + t) / (10 + t))
+        for pe, p in zip(self.ema.parameters(), self.potential.parameters()):
+            pe.lerp_(p.detach(), 1 - decay)
+        for be, b in zip(self.ema.buffers(), self.potential.buffers()):
+            be.copy_(b)
+
+    # -------------------------------------------------------------- steps
+    def training_step(self, graph, batch_idx):
+        forces, stress = self.loss_fn.needs(graph)
+        out = self.potential(graph, forces=forces, stress=stress, create_graph=True)
+        loss, terms = self.loss_fn(out, graph)
+        B = graph.num_graphs
+        self.log("train_loss", loss, prog_bar=True, batch_size=B, on_step=True, on_epoch=True, sync_dist=True)
+        for k, v in terms.items():
+            self.log(f"train_{k}", v, batch_size=B, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None:
+            self._update_ema()
+
+    def validation_step(self, graph, batch_idx):
+        forces, stress = self.loss_fn.needs(graph)
+        with torch.enable_grad():
+            out = self.eval_potential(graph, forces=forces, stress=stress)
+        loss, _ = self.loss_fn(out, graph)
+        self.log("val_loss", loss, prog_bar=True, batch_size=graph.num_graphs, on_epoch=True, sync_dist=True)
+        self.val_metrics.update(out, graph)
+
+    def on_validation_epoch_start(self):
+        self.val_metrics.reset()
+
+    def on_validation_epoch_end(self):
+        acc = self.val_metrics.acc.to(self.device)
+        if self.trainer.world_size > 1:
+            acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
+        self.val_metrics.acc = acc.cpu()
+        for name, m in self.val_metrics.compute().items():
+            for key in METRIC_KEYS:
+                if m.get(key) is not None:
+                    self.log(f"val/{name}/{key}", float(m[key]), sync_dist=False, rank_zero_only=True)
+
+    # -------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        opt = torch.optim.AdamW(self.potential.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        warm = max(int(cfg["warmup_steps"]), 0)
+        if cfg["schedule"] == "cosine":
+            total = max(int(self.trainer.estimated_stepping_batches), 1)
+            floor = cfg["min_lr_ratio"]
+
+            def factor(step):
+                if step < warm:
+                    return (step + 1) / warm
+                t = min((step - warm) / max(total - warm, 1), 1.0)
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if cfg["schedule"] == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, factor=cfg["plateau_factor"], patience=cfg["plateau_patience"], min_lr=cfg["lr"] * cfg["min_lr_ratio"])
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch"}}
+        return opt
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        warm = int(self.train_cfg["warmup_steps"])
+        if self.train_cfg["schedule"] != "cosine" and warm > 0 and self.global_step <= warm:
+            for g in optimizer.param_groups:
+                g["lr"] = self.train_cfg["lr"] * min(1.0, (self.global_step + 1) / warm)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)

@@ -1,0 +1,138 @@
+"""Run driver: config → run directory with resolved config, checkpoints, metrics.csv and metrics.json."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from multifi.config import RunConfig, dump_config, load_config
+from multifi.data.dataset import atomic_write
+from multifi.errors import MultifiError
+from multifi.models.head import fit_baseline
+from multifi.train.datamodule import MultiFidelityData
+from multifi.train.evaluate import evaluate_pairs
+from multifi.train.module import PotentialModule
+from multifi.train.prepare import prepare_data
+
+log = logging.getLogger("multifi")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary file and renamed: never half-written."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+
+
+def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path:
+    """Train a potential as configured; returns the run directory."""
+    run_dir = Path(cfg.output_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume and not last.exists():
+        raise MultifiError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise MultifiError(f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} or another output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _configure_threads(cfg)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+
+    dataset = None
+    cached = run_dir / "dataset.npz"
+    if resume and cached.exists():
+        from multifi.data.dataset import FidelityDataset
+
+        dataset = FidelityDataset.load(cached)
+    prep = prepare_data(cfg, dataset if dataset is not None else None)
+    if not resume:
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+        prep.split.save(run_dir / "splits.json", prep.dataset)
+        if cfg.data.cache:
+            prep.dataset.save(cached)
+    _report_data(prep)
+
+    spec = {"model": cfg.model.model_dump(), "fidelities": list(prep.dataset.fidelities.names)}
+    module = PotentialModule(spec, cfg.loss.model_dump(), cfg.train.model_dump())
+    ref, scale = fit_baseline(prep.dataset, prep.pairs["train"])
+    module.potential.head.set_baseline(ref, scale)
+    module.sync_ema()
+
+    data = MultiFidelityData(prep.dataset, prep.pairs, cfg.model.cutoff, cfg.train.batch_size, cfg.train.num_workers,
+                             cfg.train.fidelity_sampling, cfg.train.seed, progress=cfg.train.progress)
+    trainer = make_trainer(cfg, run_dir, has_val=len(prep.pairs["val"]) > 0)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
+
+    if trainer.global_rank == 0:
+        best = _best_checkpoint(trainer, last)
+        from multifi.models.registry import load_potential, save_potential
+
+        potential = load_potential(best)
+        save_potential(potential, run_dir / "model.pt")
+        metrics = evaluate_pairs(potential, prep.dataset, data.neighbors, prep.pairs["test"], cfg.train.batch_size)
+        payload = {"fidelities": metrics, "checkpoint": str(best), "n_train": _counts(prep, "train")}
+        atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
+    return run_dir
+
+
+def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Trainer:
+    t = cfg.train
+    ckpt_dir = run_dir / "checkpoints"
+    monitor = "val_loss" if has_val else "train_loss_epoch"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_last=True,
+                        save_top_k=1, enable_version_counter=False),
+    ]
+    if t.checkpoint_every_n_steps:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=t.checkpoint_every_n_steps,
+                                         save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False))
+    if t.early_stopping_patience and has_val:
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience, mode="min"))
+    return L.Trainer(
+        default_root_dir=run_dir, max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
+        devices=t.devices, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip, callbacks=callbacks,
+        logger=CSVLogger(save_dir=run_dir, name="", version=""), plugins=[AtomicCheckpointIO()],
+        inference_mode=False, enable_progress_bar=t.progress, enable_model_summary=False,
+        precision="64-true" if t.precision == "64" else "32-true", log_every_n_steps=10,
+        num_sanity_val_steps=0, limit_val_batches=1.0 if has_val else 0,
+    )
+
+
+def _best_checkpoint(trainer, last: Path) -> Path:
+    for cb in trainer.checkpoint_callbacks:
+        if cb.best_model_path and cb.filename == "best" and Path(cb.best_model_path).exists():
+            return Path(cb.best_model_path)
+    return last
+
+
+def _counts(prep, split: str) -> dict[str, int]:
+    names = prep.dataset.fidelities.names
+    c = torch.bincount(torch.as_tensor(prep.pairs[split][:, 1]), minlength=len(names)).tolist()
+    return {n: int(x) for n, x in zip(names, c)}
+
+
+def _report_data(prep) -> None:
+    for split in ("train", "val", "test"):
+        counts = _counts(prep, split)
+        log.info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+def _configure_threads(cfg: RunConfig) -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
+def train_from_args(config: str | None, overrides: list[str], resume_dir: str | None) -> Path:
+    if resume_dir:
+        cfg = load_config(Path(resume_dir) / "config.yaml", overrides)
+        cfg.output_dir = str(resume_dir)
+        return train(cfg, resume=True)
+    if config is None:
+        raise MultifiError("multifi train needs a CONFIG.yaml (or --resume RUN_DIR)")
+    return train(load_config(config, overrides))
