@@ -54,6 +54,7 @@ class SplitConfig(Section):
 class DataConfig(Section):
     sources: list[SourceConfig]
     split: SplitConfig = SplitConfig()
+    fidelities: list[str] | None = Field(None, description="use only the labels of these fidelities")
     train_limits: dict[str, int] = Field(default_factory=dict, description="max labelled train structures per fidelity")
     skip_invalid: bool = False
     cache: bool = True

@@ -281,10 +281,17 @@ class FidelityDataset:
             out.stress_mask[:, cols] = self.stress_mask
         return out
 
+    def select_fidelities(self, names: list[str], where: str = "") -> "FidelityDataset":
+        """Only the label columns of `names` (in that order); unknown names are an error."""
+        return self._take_fidelities(np.asarray(self.fidelities.indices(names, where), dtype=np.int64))
+
     def drop_fidelities_without_labels(self) -> "FidelityDataset":
         keep = np.flatnonzero(self.energy_mask.any(0) | self.has_forces().any(0) | self.has_stress().any(0))
         if len(keep) == len(self.fidelities):
             return self
+        return self._take_fidelities(keep)
+
+    def _take_fidelities(self, keep: np.ndarray) -> "FidelityDataset":
         out = replace(self, fidelities=FidelityTable([self.fidelities.names[k] for k in keep]),
                       energy=self.energy[:, keep])
         if self.forces is not None:

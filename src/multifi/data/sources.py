@@ -54,7 +54,7 @@ def guess_format(path: Path) -> str:
 def read_sources(sources, skip_invalid: bool = False) -> FidelityDataset:
     """All sources merged (structures with equal keys share one entry)."""
     parts = [read_source(s, skip_invalid) for s in sources]
-    ds = FidelityDataset.merge(parts) if len(parts) > 1 else parts[0]
+    ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
     return ds.drop_fidelities_without_labels()
 
 

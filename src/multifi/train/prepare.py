@@ -21,6 +21,8 @@ class PreparedData:
 def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None) -> PreparedData:
     d = cfg.data
     ds = dataset if dataset is not None else read_sources(d.sources, d.skip_invalid)
+    if d.fidelities is not None:
+        ds = ds.select_fidelities(d.fidelities, where="data.fidelities")
     if d.split.files:
         split = split_from_files(d.split.files, ds)
     else:

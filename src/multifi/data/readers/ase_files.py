@@ -77,7 +77,7 @@ def _frames(path: Path, index: str) -> Iterator:
         raise MultifiError(f"{path}: not a file format ASE can read ({_gist(exc)})") from None
     n = 0  # frames delivered so far = number of the frame that fails
     try:
-        frames = _db_frames(path, index) if fmt in ("db", "json") else ase.io.iread(str(path), index=index)
+        frames = _db_frames(path, index) if fmt in ("db", "json") else _text_frames(path, fmt, index)
         for atoms in frames:
             yield atoms
             n += 1
@@ -87,6 +87,24 @@ def _frames(path: Path, index: str) -> Iterator:
         raise MultifiError(f"{path}: not a file format ASE can read ({_gist(exc)})") from None
     except Exception as exc:  # ASE raises many types (XYZError, ValueError, KeyError, …) on bad files
         raise MultifiError(f"{path}: unreadable or truncated at frame {n} (0-based) ({_gist(exc)})") from None
+
+
+def _text_frames(path: Path, fmt: str, index: str) -> Iterator:
+    """ase.io.iread, but a compressed file is decompressed into memory first (ASE's extxyz reader seeks,
+    which on a gzip stream re-decompresses from the start: quadratic time)."""
+    import io
+
+    import ase.io
+
+    opener = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}.get(path.suffix.lower())
+    if opener is None:
+        yield from ase.io.iread(str(path), index=index)
+        return
+    import importlib
+
+    with importlib.import_module(opener).open(path, "rt") as f:
+        text = io.StringIO(f.read())
+    yield from ase.io.iread(text, index=index, format=fmt)
 
 
 def _gist(exc: Exception) -> str:
