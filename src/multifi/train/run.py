@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from multifi.config import RunConfig, dump_config, load_config
@@ -18,6 +17,7 @@ from multifi.errors import MultifiError
 from multifi.models.head import fit_baseline
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
+from multifi.train.logger import RunCSVLogger
 from multifi.train.module import PotentialModule
 from multifi.train.prepare import prepare_data
 
@@ -41,6 +41,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
         raise MultifiError(f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} or another output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     _configure_threads(cfg)
+    _quiet_lightning()
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     dataset = None
@@ -96,7 +97,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
     return L.Trainer(
         default_root_dir=run_dir, max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip, callbacks=callbacks,
-        logger=CSVLogger(save_dir=run_dir, name="", version=""), plugins=[AtomicCheckpointIO()],
+        logger=RunCSVLogger(run_dir), plugins=[AtomicCheckpointIO()],
         inference_mode=False, enable_progress_bar=t.progress, enable_model_summary=False,
         precision="64-true" if t.precision == "64" else "32-true", log_every_n_steps=10,
         num_sanity_val_steps=0, limit_val_batches=1.0 if has_val else 0,
@@ -120,6 +121,19 @@ def _report_data(prep) -> None:
     for split in ("train", "val", "test"):
         counts = _counts(prep, split)
         log.info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+def _quiet_lightning() -> None:
+    """Keep Lightning's tips and deprecation chatter out of the user's terminal."""
+    import warnings
+
+    if not log.isEnabledFor(logging.DEBUG):
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*Experiment logs directory.*")
+    warnings.filterwarnings("ignore", message=r".*limit_val_batches.*")
 
 
 def _configure_threads(cfg: RunConfig) -> None:
