@@ -16,10 +16,11 @@ class PaiNNMessage(nn.Module):
         self.phi = MLP([features, features, 3 * features])
         self.filter = nn.Linear(n_rbf, 3 * features)
 
-    def forward(self, s, v, edge_index, rbf_cut, unit):
-        # s [N,F], v [N,3,F], rbf_cut [E,n_rbf] (already times cutoff), unit [E,3]
+    def forward(self, s, v, edge_index, rbf, fcut, unit):
+        # s [N,F], v [N,3,F], rbf [E,n_rbf], fcut [E] cutoff envelope, unit [E,3]
         i, j = edge_index
-        x = self.phi(s)[j] * self.filter(rbf_cut)  # [E, 3F]
+        # the envelope multiplies the filter *after* its bias: messages vanish smoothly at the cutoff
+        x = self.phi(s)[j] * (self.filter(rbf) * fcut.unsqueeze(-1))  # [E, 3F]
         ds, dvv, dvs = torch.split(x, self.F, dim=-1)
         dv = dvv.unsqueeze(1) * v[j] + dvs.unsqueeze(1) * unit.unsqueeze(-1)  # [E,3,F]
         n = s.shape[0]
@@ -69,8 +70,8 @@ class PaiNN(nn.Module):
         v = s.new_zeros(s.shape[0], 3, self.features)
         r = torch.linalg.norm(edge_vec, dim=-1)
         unit = edge_vec / r.unsqueeze(-1)
-        rbf_cut = self.rbf(r) * self.fcut(r).unsqueeze(-1)
+        rbf, fcut = self.rbf(r), self.fcut(r)
         for message, update in zip(self.messages, self.updates):
-            s, v = message(s, v, edge_index, rbf_cut, unit)
+            s, v = message(s, v, edge_index, rbf, fcut, unit)
             s, v = update(s, v)
         return s
