@@ -302,7 +302,7 @@ def check_loss_decreases(make_potential: MakePotential, atoms_list: Sequence[Ato
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     torch.manual_seed(0)
     pot = make_potential(list(ds.fidelities.names))
-    pot.head.set_baseline(*fit_baseline(ds, pairs))
+    pot.head.set_baseline(*fit_baseline(ds, pairs, pooled=pot.head.shared_baseline))
     pot.train()
     g = collate(ds, pairs, pot.cutoff, torch.float32)
     loss_fn = MultiFidelityLoss(energy=1.0, forces=1.0)
@@ -321,7 +321,7 @@ def check_loss_decreases(make_potential: MakePotential, atoms_list: Sequence[Ato
                     assert torch.isfinite(p.grad).all(), f"non-finite gradient in {name}"
                     assert p.grad.abs().max() > 0, f"parameter {name} gets a zero gradient"
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.5 * losses[0], f"loss did not fall: {losses[0]:.4g} → {losses[-1]:.4g}"
 
@@ -345,7 +345,7 @@ def check_missing_labels(make_potential: MakePotential, atoms_list: Sequence[Ato
     ds = labelled_dataset(atoms_list[:3], ("lo", "hi"))
     torch.manual_seed(0)
     pot = make_potential(list(ds.fidelities.names)).double()
-    pot.head.set_baseline(*fit_baseline(ds, labelled_pairs(ds, np.arange(3))))
+    pot.head.set_baseline(*fit_baseline(ds, labelled_pairs(ds, np.arange(3)), pooled=pot.head.shared_baseline))
     loss_fn = MultiFidelityLoss(energy=1.0, forces=1.0)
     pairs = np.array([[0, 0], [1, 1], [2, 0]])
     full = collate(ds, pairs, pot.cutoff)
@@ -359,18 +359,18 @@ def check_missing_labels(make_potential: MakePotential, atoms_list: Sequence[Ato
     loss_m, terms_m, grads_m = _loss_and_grads(pot, masked, loss_fn)
     loss_w, terms_w, grads_w = _loss_and_grads(pot, without, loss_fn)
     loss_f, _, grads_f = _loss_and_grads(pot, full, loss_fn)
-    assert float(loss_m) == _approx(float(loss_w), 1e-6), "an unlabelled structure changed the loss"
+    assert float(loss_m.detach()) == _approx(float(loss_w.detach()), 1e-6), "an unlabelled structure changed the loss"
     for a, b in zip(grads_m, grads_w):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8, msg="an unlabelled structure changed the gradient")
-    assert float(loss_f) != _approx(float(loss_w), 1e-6), "the labelled structure should matter (non-vacuous check)"
+    assert float(loss_f.detach()) != _approx(float(loss_w.detach()), 1e-6), "the labelled structure should matter (non-vacuous check)"
 
     # energy label missing only: energy term equals the one of the other structures alone
     e_only = collate(ds, pairs, pot.cutoff)
     e_only.energy_mask[1] = False
     e_only.energy[1] = 1e6
     _, terms_e, _ = _loss_and_grads(pot, e_only, loss_fn)
-    assert float(terms_e["energy"]) == _approx(float(terms_w["energy"]), 1e-6)
-    assert float(terms_e["forces"]) == _approx(float(_loss_and_grads(pot, full, loss_fn)[1]["forces"]), 1e-9)
+    assert float(terms_e["energy"].detach()) == _approx(float(terms_w["energy"].detach()), 1e-6)
+    assert float(terms_e["forces"].detach()) == _approx(float(_loss_and_grads(pot, full, loss_fn)[1]["forces"].detach()), 1e-9)
 
     # no forces labels at all: no forces term, no forces gradient (equals energy-only loss)
     no_f = collate(ds, pairs, pot.cutoff)
@@ -382,7 +382,7 @@ def check_missing_labels(make_potential: MakePotential, atoms_list: Sequence[Ato
     assert loss_fn.needs(no_f) == (False, False)
     energy_only = MultiFidelityLoss(energy=1.0, forces=0.0)
     loss_eo, _, grads_eo = _loss_and_grads(pot, full, energy_only)
-    assert float(loss_nf) == _approx(float(loss_eo), 1e-9)
+    assert float(loss_nf.detach()) == _approx(float(loss_eo.detach()), 1e-9)
     for a, b in zip(_param_grads(pot, loss_nf), grads_eo):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
 

@@ -15,14 +15,17 @@ class EnergyHead(nn.Module):
 
     With `heads`, one MLP per fidelity; otherwise one MLP shared by all fidelities.
     ref [119, K] eV and scale [K] eV are buffers fitted on the training labels (fit_baseline).
+    With `shared_baseline` (fidelity-blind models, mode `single`) every fidelity uses column 0 of
+    ref and scale, fitted on all fidelities pooled (fit_baseline(..., pooled=True)).
     """
 
     def __init__(self, features: int, n_fidelities: int, readout_dim: int = 0, heads: bool = False,
-                 hidden: int | None = None):
+                 hidden: int | None = None, shared_baseline: bool = False):
         super().__init__()
         hidden = hidden or max(features // 2, 1)
         n_mlps = n_fidelities if heads else 1
         self.heads = heads
+        self.shared_baseline = shared_baseline
         self.mlps = nn.ModuleList(MLP([features + readout_dim, hidden, 1]) for _ in range(n_mlps))
         self.register_buffer("ref", torch.zeros(N_ELEMENTS, n_fidelities, dtype=torch.float64))
         self.register_buffer("scale", torch.ones(n_fidelities, dtype=torch.float64))
@@ -38,7 +41,8 @@ class EnergyHead(nn.Module):
                 y = y.index_put((m,), self.mlps[k](x[m]).squeeze(-1))
         else:
             y = self.mlps[0](x).squeeze(-1)
-        return y.double() * self.scale[fid_atom] + self.ref[numbers, fid_atom]
+        col = torch.zeros_like(fid_atom) if self.shared_baseline else fid_atom
+        return y.double() * self.scale[col] + self.ref[numbers, col]
 
     @torch.no_grad()
     def set_baseline(self, ref: np.ndarray, scale: np.ndarray) -> None:
@@ -46,29 +50,31 @@ class EnergyHead(nn.Module):
         self.scale.copy_(torch.as_tensor(scale, dtype=torch.float64))
 
 
-def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-fidelity atomic reference energies (least squares on composition) and residual scales.
 
     dataset: FidelityDataset; pairs [P, 2] (structure, fidelity) training samples.
     Returns ref [119, K] eV per atom of each element, scale [K] eV: the standard deviation of the
     per-atom residual energy (fallback: RMS of force labels, then 1 eV).
+    With `pooled`, the labels of all fidelities are fitted together and every column holds that fit.
     """
     K = len(dataset.fidelities)
     ref, scale = np.zeros((N_ELEMENTS, K)), np.ones(K)
     counts = composition_matrix(dataset)  # [S, 119]
-    for k in range(K):
-        s = pairs[pairs[:, 1] == k, 0]
-        s = s[~np.isnan(dataset.energy[s, k])]
+    for ks in ([list(range(K))] if pooled else [[k] for k in range(K)]):
+        sel = pairs[np.isin(pairs[:, 1], ks)]
+        sel = sel[~np.isnan(dataset.energy[sel[:, 0], sel[:, 1]])]
+        s, k = sel[:, 0], sel[:, 1]
         if len(s) == 0:
-            scale[k] = _force_rms(dataset, pairs, k)
+            scale[ks] = _force_rms(dataset, pairs, ks)
             continue
         X, y = counts[s].astype(np.float64), dataset.energy[s, k]
         cols = np.flatnonzero(X.any(0))
         A = X[:, cols]
         coef = np.linalg.solve(A.T @ A + ridge * len(s) * np.eye(len(cols)), A.T @ y)
-        ref[cols, k] = coef
+        ref[np.ix_(cols, ks)] = coef[:, None]
         resid = (y - A @ coef) / X.sum(1)
-        scale[k] = float(resid.std()) if len(s) > 1 and resid.std() > 1e-4 else _force_rms(dataset, pairs, k)
+        scale[ks] = float(resid.std()) if len(s) > 1 and resid.std() > 1e-4 else _force_rms(dataset, pairs, ks)
     return ref, scale
 
 
@@ -81,14 +87,15 @@ def composition_matrix(dataset) -> np.ndarray:
     return out
 
 
-def _force_rms(dataset, pairs, k) -> float:
+def _force_rms(dataset, pairs, ks) -> float:
     if dataset.forces is None:
         return 1.0
-    s = pairs[pairs[:, 1] == k, 0]
-    s = s[dataset.forces_mask[s, k]]
-    if len(s) == 0:
+    sel = pairs[np.isin(pairs[:, 1], ks)]
+    sel = sel[dataset.forces_mask[sel[:, 0], sel[:, 1]]]
+    if len(sel) == 0:
         return 1.0
     from multifi.data.dataset import ranges
 
-    f = dataset.forces[ranges(dataset.offsets[s], dataset.n_atoms[s]), k]
+    n = dataset.n_atoms[sel[:, 0]]
+    f = dataset.forces[ranges(dataset.offsets[sel[:, 0]], n), np.repeat(sel[:, 1], n)]
     return float(np.sqrt((f.astype(np.float64) ** 2).mean())) or 1.0

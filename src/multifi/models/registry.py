@@ -37,7 +37,7 @@ def build_potential(model: dict, fidelities: list[str]) -> Potential:
     emb = model["fidelity_embedding"]
     cond = FidelityConditioning(len(table), emb["dim"], emb["inject"], rep.features, emb.get("onehot_at", "both"))
     head = EnergyHead(rep.features, len(table), cond.readout_dim, heads=emb["inject"] == "heads",
-                      hidden=model.get("readout_hidden"))
+                      hidden=model.get("readout_hidden"), shared_baseline=emb["inject"] == "single")
     spec = {"model": model, "fidelities": list(table.names)}
     return Potential(rep, cond, head, table, model["cutoff"], spec)
 

@@ -1,0 +1,176 @@
+"""Model contracts: fidelity conditioning, training signal, masked labels, batches, save/load."""
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+import physics
+from conftest import TINY_MODEL
+from multifi.data.batch import graph_from_atoms
+from multifi.data.split import labelled_pairs
+from multifi.errors import MultifiError
+from multifi.models.head import fit_baseline
+from multifi.models.registry import build_potential, load_potential, save_potential
+from multifi.nn.fidelity import MODES, FidelityConditioning
+from multifi.predict import predict_atoms
+
+
+def make_painn(fidelities, inject: str = "both", onehot_at: str = "both", **model):
+    cfg = copy.deepcopy(TINY_MODEL)
+    cfg.update(model)
+    cfg["fidelity_embedding"] = {"dim": 4, "inject": inject, "onehot_at": onehot_at}
+    return build_potential(cfg, fidelities)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fidelity_changes_prediction_except_single(mode, molecules, periodic):
+    physics.check_fidelity_dependence(partial(make_painn, inject=mode), molecules + [periodic],
+                                      expect_change=mode != "single")
+
+
+@pytest.mark.parametrize("onehot_at", ["input", "readout"])
+def test_onehot_at_one_place_changes_prediction(onehot_at, molecules):
+    physics.check_fidelity_dependence(partial(make_painn, inject="onehot", onehot_at=onehot_at), molecules, True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_trains(mode, molecules):
+    physics.check_loss_decreases(partial(make_painn, inject=mode), molecules)
+
+
+@pytest.mark.parametrize("mode", ["both", "heads"])
+def test_missing_label_adds_no_loss_and_no_gradient(mode, molecules):
+    physics.check_missing_labels(partial(make_painn, inject=mode), molecules)
+
+
+def test_conditioning_placement():
+    for mode, at_input, at_readout in [("input", True, False), ("readout", False, True), ("both", True, True),
+                                       ("heads", False, False), ("single", False, False)]:
+        c = FidelityConditioning(3, 4, mode, 16)
+        assert (c.at_input, c.at_readout) == (at_input, at_readout), mode
+        fid = torch.tensor([0, 2])
+        assert (c.input_condition(fid) is None) != at_input
+        assert (c.readout_condition(fid) is None) != at_readout
+    oh = FidelityConditioning(3, 4, "onehot", 16, onehot_at="readout")
+    assert oh.readout_condition(torch.tensor([1])).tolist() == [[0.0, 1.0, 0.0]] and oh.input_condition(torch.tensor([1])) is None
+    with pytest.raises(ValueError, match="unknown fidelity conditioning mode"):
+        FidelityConditioning(2, 4, "sideways", 16)
+
+
+def test_heads_mode_has_one_readout_per_fidelity():
+    pot = make_painn(["a", "b", "c"], inject="heads")
+    assert len(pot.head.mlps) == 3
+    assert len(make_painn(["a", "b", "c"], inject="both").head.mlps) == 1
+
+
+def test_unknown_backbone_and_fidelity_names():
+    cfg = copy.deepcopy(TINY_MODEL)
+    cfg["backbone"] = "schnet"
+    with pytest.raises(MultifiError, match="unknown backbone 'schnet'"):
+        build_potential(cfg, ["a"])
+    pot = make_painn(["PBE", "B3LYP"])
+    assert pot.fidelity_index("B3LYP") == 1
+    with pytest.raises(MultifiError, match=r"unknown fidelity 'PBE0'.*did you mean 'PBE'.*known: PBE, B3LYP"):
+        pot.fidelity_index("PBE0")
+
+
+def test_outputs_units_shapes_and_dtypes(molecules, periodic):
+    pot = make_painn(["a", "b"]).eval()
+    g = graph_from_atoms(molecules, pot.cutoff, 0)
+    out = pot(g)
+    assert set(out) == {"energy"} and out["energy"].dtype == torch.float64 and out["energy"].shape == (3,)
+    out = pot(g, forces=True, stress=True)  # molecules only: no stress
+    assert set(out) == {"energy", "forces"} and out["forces"].shape == (g.positions.shape[0], 3)
+    out = pot(graph_from_atoms([periodic], pot.cutoff, 1), forces=True, stress=True)
+    assert set(out) == {"energy", "forces", "stress"} and out["stress"].shape == (1, 3, 3)
+    assert not any(v.requires_grad for v in out.values())
+    # the training path (create_graph) gives the same numbers and stays differentiable
+    g = graph_from_atoms([periodic], pot.cutoff, 1)
+    train_out = pot(g, forces=True, stress=True, create_graph=True)
+    assert train_out["forces"].requires_grad
+    for k in out:
+        torch.testing.assert_close(train_out[k].detach(), out[k])
+
+
+def test_forces_sum_to_zero(molecules, periodic):
+    pot = physics.prepared(make_painn)
+    out = physics.predict(pot, molecules + [periodic])
+    np.testing.assert_allclose(out["forces"].sum(0), 0, atol=1e-10)  # translation invariance, Newton's third law
+
+
+def test_collator_batches_match_atoms_batches(molecules, periodic):
+    """The training path (dataset → neighbour cache → GraphCollator) equals the prediction path (graph_from_atoms)."""
+    atoms_list = molecules + [periodic]
+    records = [{"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array if a.pbc.any() else None,
+                "pbc": a.pbc, "labels": {"lo": {"energy": -1.0}, "hi": {"energy": -2.0}}} for a in atoms_list]
+    from multifi.data.dataset import FidelityDataset
+
+    ds = FidelityDataset.from_records(records)
+    pot = physics.prepared(make_painn, ds.fidelities.names)
+    pairs = np.array([[3, 1], [0, 0], [2, 1], [1, 0]])
+    g = physics.collate(ds, pairs, pot.cutoff)
+    out = pot(g, forces=True, stress=True)
+    ref = physics.predict(pot, [atoms_list[i] for i in pairs[:, 0]], pairs[:, 1].tolist(), stress=True)
+    np.testing.assert_allclose(out["energy"].numpy(), ref["energy"], rtol=1e-6)  # collator positions are float32
+    np.testing.assert_allclose(out["forces"].numpy(), ref["forces"], atol=1e-5)
+    np.testing.assert_allclose(out["stress"].numpy(), ref["stress"], atol=1e-5)
+    assert g.energy.tolist() == [-2.0, -1.0, -2.0, -1.0] and g.energy_mask.all()
+    assert g.structure.tolist() == [3, 0, 2, 1] and g.fidelity.tolist() == [1, 0, 1, 0]
+
+
+def test_graph_to_keeps_float64_energy_labels(molecules):
+    g = graph_from_atoms(molecules, 4.0, 0, dtype=torch.float64)
+    g32 = g.to("cpu", torch.float32)
+    assert g32.positions.dtype == torch.float32 and g32.energy.dtype == torch.float64
+    assert g32.numbers.dtype == torch.long and g32.edge_index.dtype == torch.long
+
+
+def test_baseline_fitted_and_elements(molecules):
+    ds = physics.labelled_dataset(molecules, ("lo", "hi"))
+    pot = make_painn(list(ds.fidelities.names))
+    assert pot.elements == []
+    pot.head.set_baseline(*fit_baseline(ds, labelled_pairs(ds, np.arange(len(ds)))))
+    assert pot.elements == sorted({1, 6, 7, 8})
+
+
+def test_save_load_roundtrip(tmp_path, molecules, periodic):
+    torch.manual_seed(3)
+    pot = make_painn(["lo", "hi"], inject="heads")
+    ds = physics.labelled_dataset(molecules, ("lo", "hi"))
+    pot.head.set_baseline(*fit_baseline(ds, labelled_pairs(ds, np.arange(len(ds)))))
+    path = save_potential(pot, tmp_path / "model.pt")
+    loaded = load_potential(path)
+    assert loaded.spec == pot.spec and loaded.fidelities.names == ("lo", "hi")
+    for name in ("lo", "hi"):
+        e1, f1, _ = predict_atoms(pot.eval(), molecules, name)
+        e2, f2, _ = predict_atoms(loaded, molecules, name)
+        np.testing.assert_array_equal(e1, e2)
+        for a, b in zip(f1, f2):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_load_potential_errors(tmp_path):
+    with pytest.raises(MultifiError, match="no such checkpoint"):
+        load_potential(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(MultifiError, match="bad.pt: not a readable checkpoint"):
+        load_potential(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": 1}, other)
+    with pytest.raises(MultifiError, match="other.pt: not a multifi checkpoint"):
+        load_potential(other)
+
+
+def test_predict_atoms_rejects_unseen_elements(molecules):
+    pot = make_painn(["lo"])
+    ds = physics.labelled_dataset(molecules[:1], ("lo",))  # H2O: H and O only
+    pot.head.set_baseline(*fit_baseline(ds, labelled_pairs(ds, np.arange(1))))
+    with pytest.raises(MultifiError, match=r"structure 1: element C was not seen in training \(model knows H, O\)"):
+        predict_atoms(pot, molecules[:2], "lo")
+    with pytest.raises(MultifiError, match="unknown fidelity 'hi'"):
+        predict_atoms(pot, molecules[:1], "hi")
