@@ -177,6 +177,8 @@ class FidelityDataset:
                 k = table.index(name)
                 if lab.get("energy") is not None:
                     energy[i, k] = float(lab["energy"])
+                    if np.isnan(energy[i, k]):  # NaN marks a missing label in the array; a given NaN is invalid
+                        raise MultifiError(f"{where}: non-finite (NaN/inf) energy label at fidelity {name!r}")
                 if lab.get("forces") is not None:
                     f = np.asarray(lab["forces"], dtype=np.float64)
                     if f.shape != (n, 3):
@@ -324,23 +326,31 @@ class FidelityDataset:
         out = cat.subset(order)
         if not (out.n_atoms[target] == cat.n_atoms).all():
             bad = int(np.argmax(out.n_atoms[target] != cat.n_atoms))
-            raise MultifiError(f"{cat.source}: key {cat.keys[bad]!r} names structures with different atom counts")
-        if cat.forces is not None:
-            src_atoms = ranges(cat.offsets[:-1], cat.n_atoms)
-            dst_atoms = ranges(out.offsets[target], cat.n_atoms)
+            raise MultifiError(f"{cat.source}: key {str(cat.keys[bad])!r} names structures with different atom counts")
+        src_atoms = ranges(cat.offsets[:-1], cat.n_atoms)
+        dst_atoms = ranges(out.offsets[target], cat.n_atoms)
+        differ = out.numbers[dst_atoms] != cat.numbers[src_atoms]
+        if differ.any():
+            bad = int(np.repeat(np.arange(len(cat)), cat.n_atoms)[np.argmax(differ)])
+            raise MultifiError(f"{cat.source}: key {str(cat.keys[bad])!r} names structures with different elements")
         for k, name in enumerate(table.names):
             _fold(out.energy[:, k], cat.energy[:, k], target, ~np.isnan(cat.energy[:, k]), name, cat, "energy")
-            if cat.forces is not None:
+            if cat.forces is not None:  # duplicates allowed when they agree, as for energies
                 m = cat.forces_mask[:, k]
-                _check_unique(target[m], name, cat, "forces")
                 am = np.repeat(m, cat.n_atoms)
-                out.forces[dst_atoms[am], k] = cat.forces[src_atoms[am], k]
+                src, dst = cat.forces[src_atoms[am], k], dst_atoms[am]
+                out.forces[dst, k] = src
                 out.forces_mask[target[m], k] = True
+                bad = np.abs(out.forces[dst, k] - src).max(-1, initial=0) > 1e-5
+                if bad.any():
+                    _conflict(cat, np.repeat(np.flatnonzero(m), cat.n_atoms[m])[np.argmax(bad)], name, "forces")
             if cat.stress is not None:
                 m = cat.stress_mask[:, k]
-                _check_unique(target[m], name, cat, "stress")
                 out.stress[target[m], k] = cat.stress[m, k]
                 out.stress_mask[target[m], k] = True
+                bad = np.abs(out.stress[target[m], k] - cat.stress[m, k]).max((-1, -2), initial=0) > 1e-6
+                if bad.any():
+                    _conflict(cat, np.flatnonzero(m)[np.argmax(bad)], name, "stress")
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -428,10 +438,9 @@ def _concatenate(parts: list[FidelityDataset], table: FidelityTable) -> Fidelity
     )
 
 
-def _check_unique(targets: np.ndarray, name: str, cat: FidelityDataset, what: str) -> None:
-    u, c = np.unique(targets, return_counts=True)
-    if (c > 1).any():
-        raise MultifiError(f"{cat.source}: structure given twice with {what} labels at fidelity {name!r}")
+def _conflict(cat: FidelityDataset, s: int, name: str, what: str):
+    raise MultifiError(f"{cat.source}: conflicting {what} labels at fidelity {name!r} for structure "
+                       f"{str(cat.keys[s])!r} (given twice with different values)")
 
 
 def _fold(out_col, col, target, mask, name, cat, what):

@@ -1,0 +1,419 @@
+"""FidelityDataset (columnar layout, merge, save/load, subset), splits, limits, samples, baselines, neighbours."""
+from __future__ import annotations
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+from ase.build import molecule
+from ase.neighborlist import neighbor_list as ase_neighbor_list
+
+from conftest import emt_labelled, periodic_cell, rattled_molecule
+from multifi.data.dataset import FidelityDataset, geometry_key, ranges
+from multifi.data.neighbors import NeighborCache, neighbor_list
+from multifi.data.sources import read_sources
+from multifi.data.split import (Split, check_disjoint, labelled_pairs, limit_pairs, random_split,
+                                split_from_files)
+from multifi.errors import MultifiError
+from multifi.models.head import N_ELEMENTS, fit_baseline
+
+
+def record(atoms, labels, key=None, **extra):
+    r = {"numbers": atoms.numbers, "positions": atoms.positions, "labels": labels, **extra}
+    if atoms.pbc.any():
+        r.update(cell=atoms.cell.array, pbc=atoms.pbc)
+    if key is not None:
+        r["key"] = key
+    return r
+
+
+def water_methane_si():
+    w, m, si = rattled_molecule("H2O", 0), rattled_molecule("CH4", 1), periodic_cell(0)
+    rng = np.random.default_rng(0)
+    recs = [
+        record(w, {"PBE": {"energy": -14.0, "forces": rng.normal(size=(3, 3))}, "CC": {"energy": -14.5}}, key="w"),
+        record(m, {"CC": {"energy": -24.0}}, key="m"),
+        record(si, {"PBE": {"energy": -10.0, "forces": rng.normal(size=(4, 3)),
+                            "stress": [1.0, 2.0, 3.0, 0.4, 0.5, 0.6]}}, key="si"),
+    ]
+    return recs, (w, m, si)
+
+
+def assert_same_dataset(a: FidelityDataset, b: FidelityDataset) -> None:
+    assert a.fidelities == b.fidelities and len(a) == len(b)
+    for name in ("numbers", "positions", "offsets", "cells", "pbc", "keys", "energy", "forces", "forces_mask",
+                 "stress", "stress_mask"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x is None or y is None:
+            assert x is None and y is None, name
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- from_records
+def test_from_records_columnar_layout():
+    recs, (w, m, si) = water_methane_si()
+    ds = FidelityDataset.from_records(recs, source="mem")
+    assert len(ds) == 3 and ds.fidelities.names == ("PBE", "CC")
+    assert ds.offsets.tolist() == [0, 3, 8, 12] and ds.n_atoms.tolist() == [3, 5, 4]
+    assert ds.numbers.dtype == np.uint8 and ds.numbers.tolist() == [*w.numbers, *m.numbers, *si.numbers]
+    np.testing.assert_array_equal(ds.positions[ds.atoms_slice(1)], m.positions)
+    assert ds.keys.tolist() == ["w", "m", "si"]
+    np.testing.assert_array_equal(ds.energy_mask, [[True, True], [False, True], [True, False]])
+    assert np.isnan(ds.energy[1, 0]) and ds.energy[0, 1] == -14.5
+    np.testing.assert_array_equal(ds.has_forces(), [[True, False], [False, False], [True, False]])
+    np.testing.assert_allclose(ds.forces[ds.atoms_slice(0), 0], recs[0]["labels"]["PBE"]["forces"], rtol=1e-6)
+    assert not ds.forces[ds.atoms_slice(1)].any()
+    np.testing.assert_array_equal(ds.has_stress(), [[False, False], [False, False], [True, False]])
+    # Voigt (xx yy zz yz xz xy) → symmetric 3×3
+    np.testing.assert_array_equal(ds.stress[2, 0], [[1.0, 0.6, 0.5], [0.6, 2.0, 0.4], [0.5, 0.4, 3.0]])
+    assert ds.pbc.tolist() == [[False] * 3, [False] * 3, [True] * 3]
+    np.testing.assert_array_equal(ds.cells[2], si.cell.array)
+    assert not ds.cells[:2].any()
+    assert ds.label_counts() == {"PBE": {"energy": 2, "forces": 2, "stress": 1},
+                                 "CC": {"energy": 2, "forces": 0, "stress": 0}}
+    assert ds.elements == [1, 6, 8, 11, 17]
+    back = ds.to_atoms(2)
+    np.testing.assert_allclose(back.positions, si.positions)
+    assert back.pbc.all() and back.info["key"] == "si"
+
+
+def test_geometry_keys_identify_structures():
+    a = rattled_molecule("H2O", 0)
+    b = a.copy()
+    b.positions += 1e-7  # below the 1e-5 Å rounding
+    c = rattled_molecule("H2O", 1)
+    ka, kb, kc = (geometry_key(x.numbers, x.positions) for x in (a, b, c))
+    assert ka == kb != kc and ka.startswith("sha1:")
+    ds = FidelityDataset.from_records([record(a, {"x": {"energy": 1.0}})])
+    assert ds.keys[0] == ka
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda r: r.update(positions=np.zeros((2, 3))), r"mem: structure 0: positions have shape \(2, 3\), expected \(3, 3\)"),
+    (lambda r: r["labels"]["PBE"].update(forces=np.zeros((3, 2))), r"structure 0: forces have shape \(3, 2\), expected \(3, 3\)"),
+    (lambda r: r.update(cell=np.eye(2), pbc=True), r"structure 0: cell has shape \(2, 2\)"),
+    (lambda r: r["labels"]["PBE"].update(stress=[1.0, 2.0]), r"structure 0: stress has shape \(2,\)"),
+])
+def test_from_records_inconsistent_shapes_are_one_line_errors(bad, match):
+    recs, _ = water_methane_si()
+    bad(recs[0])
+    with pytest.raises(MultifiError, match=match) as info:
+        FidelityDataset.from_records(recs, source="mem")
+    assert "\n" not in str(info.value)
+
+
+def test_validate_inconsistent_columns():
+    recs, _ = water_methane_si()
+    ds = FidelityDataset.from_records(recs, source="mem")
+    ds.positions = ds.positions[:-1]
+    with pytest.raises(MultifiError, match="mem: inconsistent array shapes"):
+        ds.validate()
+
+
+@pytest.mark.parametrize("z", [0, 150])
+def test_unknown_element_in_records(z):
+    recs, _ = water_methane_si()
+    recs[1]["numbers"] = np.array([6, 1, 1, 1, z])
+    with pytest.raises(MultifiError, match=f"mem: structure 1: unknown element with atomic number {z}"):
+        FidelityDataset.from_records(recs, source="mem")
+
+
+@pytest.mark.parametrize("what", ["energy", "forces", "stress"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_labels_are_errors(what, value):
+    recs, _ = water_methane_si()
+    lab = recs[2]["labels"]["PBE"]
+    if what == "energy":
+        lab["energy"] = value
+    else:
+        arr = np.array(lab[what], dtype=float)
+        arr.flat[1] = value
+        lab[what] = arr
+    with pytest.raises(MultifiError, match=r"^mem: .*non-finite \(NaN/inf\)") as info:
+        FidelityDataset.from_records(recs, source="mem")
+    msg = str(info.value)
+    assert "structure 2" in msg and "'PBE'" in msg and "\n" not in msg
+
+
+def test_skip_invalid_drops_non_finite_labels():
+    recs, _ = water_methane_si()
+    ds = FidelityDataset.from_records(recs, source="mem")
+    ds.forces[ds.atoms_slice(0), 0] = np.nan
+    ds.energy[1, 1] = np.inf
+    ds.validate(skip_invalid=True)
+    assert ds.n_dropped == 2 and not ds.forces_mask[0, 0] and np.isnan(ds.energy[1, 1])
+    assert ds.energy_mask[0, 0]  # the energy of that structure is kept
+
+
+# ---------------------------------------------------------------------------------------------- merge
+def two_sources_sharing_structures():
+    mols = [rattled_molecule(n, i) for i, n in enumerate(("H2O", "NH3", "CH4", "CH3OH"))]
+    a = FidelityDataset.from_records(
+        [record(m, {"PBE": {"energy": -float(i), "forces": np.full((len(m), 3), float(i))}}) for i, m in enumerate(mols[:3])],
+        source="a.xyz")
+    b = FidelityDataset.from_records(
+        [record(m, {"CC": {"energy": -10.0 - i}}) for i, m in enumerate(mols[1:], start=1)], source="b.xyz")
+    return mols, a, b
+
+
+def test_merge_combines_labels_of_shared_structures():
+    mols, a, b = two_sources_sharing_structures()
+    ds = FidelityDataset.merge([a, b])
+    assert len(ds) == 4 and ds.fidelities.names == ("PBE", "CC")
+    assert ds.keys.tolist() == [*a.keys, b.keys[-1]]  # first-appearance order
+    np.testing.assert_array_equal(ds.energy_mask, [[True, False], [True, True], [True, True], [False, True]])
+    np.testing.assert_array_equal(ds.energy[1], [-1.0, -11.0])
+    np.testing.assert_array_equal(ds.energy[3, 1], -13.0)
+    np.testing.assert_array_equal(ds.has_forces()[:, 0], [True, True, True, False])
+    np.testing.assert_array_equal(ds.forces[ds.atoms_slice(2), 0], 2.0)
+    np.testing.assert_array_equal(ds.positions[ds.atoms_slice(3)], mols[3].positions)
+    assert ds.source == "a.xyz + b.xyz"
+    # merging is symmetric up to order
+    ba = FidelityDataset.merge([b, a])
+    assert ba.fidelities.names == ("CC", "PBE") and sorted(ba.keys) == sorted(ds.keys)
+
+
+def test_merge_identical_duplicates_are_fine():
+    _, a, b = two_sources_sharing_structures()
+    ds = FidelityDataset.merge([a, b, a])
+    assert len(ds) == 4
+    assert_same_dataset(ds, FidelityDataset.merge([a, b]))
+
+
+def test_merge_conflicting_energy_is_an_error():
+    mols, a, _ = two_sources_sharing_structures()
+    c = FidelityDataset.from_records([record(mols[0], {"PBE": {"energy": -5.0}})], source="c.xyz")
+    with pytest.raises(MultifiError, match=r"a.xyz \+ c.xyz: conflicting energy labels at fidelity 'PBE'"):
+        FidelityDataset.merge([a, c])
+
+
+def test_merge_conflicting_forces_is_an_error():
+    mols, a, _ = two_sources_sharing_structures()
+    c = FidelityDataset.from_records(
+        [record(mols[0], {"PBE": {"energy": -0.0, "forces": np.ones((3, 3))}})], source="c.xyz")
+    with pytest.raises(MultifiError, match="conflicting forces labels at fidelity 'PBE'"):
+        FidelityDataset.merge([a, c])
+
+
+def test_merge_same_key_different_structure_is_an_error():
+    w, nh3 = rattled_molecule("H2O", 0), rattled_molecule("NH3", 0)
+    a = FidelityDataset.from_records([record(w, {"PBE": {"energy": -1.0}}, key="k1")], source="a.xyz")
+    b = FidelityDataset.from_records([record(nh3, {"CC": {"energy": -1.0}}, key="k1")], source="b.xyz")
+    with pytest.raises(MultifiError, match="'k1' names structures with different atom counts"):
+        FidelityDataset.merge([a, b])
+    co = molecule("CO2")  # 3 atoms like water, other elements
+    c = FidelityDataset.from_records([record(co, {"CC": {"energy": -1.0}}, key="k1")], source="c.xyz")
+    with pytest.raises(MultifiError, match="'k1' names structures with different elements"):
+        FidelityDataset.merge([a, c])
+
+
+def test_read_sources_merges_files_and_repeated_structures(tmp_path):
+    mols = [rattled_molecule(n, i) for i, n in enumerate(("H2O", "NH3", "CH4"))]
+    one = tmp_path / "one.extxyz"  # two fidelities in one file: the same geometry twice
+    ase.io.write(one, [emt_labelled(m, "lo") for m in mols] + [emt_labelled(mols[0], "hi", 2.0)])
+    two = tmp_path / "two.extxyz"
+    ase.io.write(two, [emt_labelled(mols[1], "x")])
+    ds = read_sources([str(one), str(two)])
+    assert len(ds) == 3 and ds.fidelities.names == ("lo", "hi", "x")
+    np.testing.assert_array_equal(ds.energy_mask, [[1, 1, 0], [1, 0, 1], [1, 0, 0]])
+    single = read_sources([str(one)])
+    assert len(single) == 3 and single.label_counts()["hi"]["energy"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- persistence, subsets
+def test_save_load_roundtrip(tmp_path):
+    recs, _ = water_methane_si()
+    ds = FidelityDataset.from_records(recs, source="mem")
+    path = ds.save(tmp_path / "sub" / "ds.npz")
+    assert path.exists() and not list(path.parent.glob(".*tmp"))
+    back = FidelityDataset.load(path)
+    assert_same_dataset(ds, back)
+    assert back.source == str(path)
+    # a dataset without forces/stress
+    plain = FidelityDataset.from_records([record(rattled_molecule("H2O", 0), {"a": {"energy": 1.0}})])
+    assert_same_dataset(plain, FidelityDataset.load(plain.save(tmp_path / "plain.npz")))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(MultifiError, match="missing.npz: no such file"):
+        FidelityDataset.load(tmp_path / "missing.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(MultifiError, match="other.npz: not a multifi dataset file"):
+        FidelityDataset.load(tmp_path / "other.npz")
+
+
+def test_subset_keeps_structures_in_the_given_order():
+    recs, _ = water_methane_si()
+    ds = FidelityDataset.from_records(recs)
+    sub = ds.subset(np.array([2, 0]))
+    assert sub.keys.tolist() == ["si", "w"] and sub.offsets.tolist() == [0, 4, 7]
+    np.testing.assert_array_equal(sub.positions[sub.atoms_slice(1)], ds.positions[ds.atoms_slice(0)])
+    np.testing.assert_array_equal(sub.forces[sub.atoms_slice(0)], ds.forces[ds.atoms_slice(2)])
+    np.testing.assert_array_equal(sub.stress_mask, ds.stress_mask[[2, 0]])
+    np.testing.assert_array_equal(sub.energy, ds.energy[[2, 0]])
+    assert sub.cells[0].any() and not sub.cells[1].any()
+    assert len(ds.subset(np.array([], dtype=int))) == 0
+    assert ranges(np.array([5, 0]), np.array([2, 3])).tolist() == [5, 6, 0, 1, 2]
+
+
+def test_with_fidelities_and_drop_unlabelled_fidelities():
+    recs, _ = water_methane_si()
+    ds = FidelityDataset.from_records(recs)
+    wide = ds.with_fidelities(ds.fidelities.union(type(ds.fidelities)(["CC", "NEW"])))
+    assert wide.fidelities.names == ("PBE", "CC", "NEW") and wide.energy.shape == (3, 3)
+    assert np.isnan(wide.energy[:, 2]).all() and not wide.forces_mask[:, 2].any()
+    np.testing.assert_array_equal(wide.energy[:, :2], ds.energy)
+    back = wide.drop_fidelities_without_labels()
+    assert_same_dataset(back, ds)
+
+
+# ---------------------------------------------------------------------------------------------- splits and samples
+def test_random_split_is_disjoint_complete_and_seeded():
+    s = random_split(100, val=0.1, test=0.2, seed=3)
+    parts = [set(s.train.tolist()), set(s.val.tolist()), set(s.test.tolist())]
+    assert [len(p) for p in parts] == [70, 10, 20]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set.union(*parts) == set(range(100))
+    again = random_split(100, val=0.1, test=0.2, seed=3)
+    assert all((s[n] == again[n]).all() for n in ("train", "val", "test"))
+    assert not (random_split(100, 0.1, 0.2, seed=4).test == s.test).all()
+    with pytest.raises(MultifiError, match="no training structures"):
+        random_split(3, val=0.5, test=0.5, seed=0)
+
+
+def test_split_files_by_key_and_overlap_error(tmp_path):
+    recs, _ = water_methane_si()
+    ds = FidelityDataset.from_records(recs)
+    (tmp_path / "train.txt").write_text("w\nsi\n")
+    (tmp_path / "test.json").write_text(json.dumps(["m"]))
+    s = split_from_files({"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.json")}, ds)
+    assert s.train.tolist() == [0, 2] and s.test.tolist() == [1] and s.val.tolist() == []
+    (tmp_path / "val.txt").write_text("2\n")  # an index, also in train
+    with pytest.raises(MultifiError, match="structure si is in both the train and val splits"):
+        split_from_files({"train": str(tmp_path / "train.txt"), "val": str(tmp_path / "val.txt")}, ds)
+    (tmp_path / "bad.txt").write_text("nope\n")
+    with pytest.raises(MultifiError, match=r"bad.txt: 'nope' is neither a structure key nor an index below 3"):
+        split_from_files({"train": str(tmp_path / "bad.txt")}, ds)
+    with pytest.raises(MultifiError, match="missing.txt: no such split file"):
+        split_from_files({"train": str(tmp_path / "missing.txt")}, ds)
+    # saved splits list keys
+    s.save(tmp_path / "splits.json", ds)
+    assert json.loads((tmp_path / "splits.json").read_text()) == {"train": ["w", "si"], "val": [], "test": ["m"]}
+    with pytest.raises(MultifiError):
+        check_disjoint(Split(train=np.array([0, 1]), val=np.array([1]), test=np.array([], int)), ds)
+
+
+def test_labelled_pairs():
+    recs, _ = water_methane_si()
+    recs.append(record(rattled_molecule("NH3", 0), {"CC": {}}))  # a structure without labels gives no sample
+    ds = FidelityDataset.from_records(recs)
+    assert labelled_pairs(ds, np.arange(4)).tolist() == [[0, 0], [0, 1], [1, 1], [2, 0]]
+    assert labelled_pairs(ds, np.array([2, 1])).tolist() == [[2, 0], [1, 1]]
+    assert labelled_pairs(ds, np.array([3])).shape == (0, 2)
+
+
+def test_forces_only_and_stress_only_labels_are_samples():
+    si = periodic_cell(0)
+    ds = FidelityDataset.from_records([record(si, {"F": {"forces": np.ones((4, 3))}, "S": {"stress": np.eye(3)}})])
+    assert labelled_pairs(ds, np.arange(1)).tolist() == [[0, 0], [0, 1]]
+    assert not ds.energy_mask.any()
+
+
+def test_train_limits_are_nested_and_per_fidelity():
+    rng = np.random.default_rng(0)
+    S = 500
+    energy = np.where(rng.random((S, 2)) < 0.8, rng.normal(size=(S, 2)), np.nan)
+    ds = FidelityDataset(numbers=np.ones(S, np.uint8), positions=np.zeros((S, 3)), offsets=np.arange(S + 1),
+                         cells=np.zeros((S, 3, 3)), pbc=np.zeros((S, 3), bool), keys=np.arange(S).astype(str),
+                         fidelities=__import__("multifi").data.FidelityTable(["lo", "hi"]), energy=energy)
+    pairs = labelled_pairs(ds, np.arange(S))
+    n_hi = int((pairs[:, 1] == 1).sum())
+    small = limit_pairs(pairs, {"hi": 100}, ds, seed=0)
+    large = limit_pairs(pairs, {"hi": 200}, ds, seed=0)
+    as_set = lambda p: set(map(tuple, p.tolist()))  # noqa: E731
+    assert (small[:, 1] == 1).sum() == 100 and (large[:, 1] == 1).sum() == 200 and n_hi > 200
+    assert as_set(small) <= as_set(large)
+    assert ((small[:, 1] == 0).sum(), (large[:, 1] == 0).sum()) == ((pairs[:, 1] == 0).sum(),) * 2  # lo untouched
+    both = limit_pairs(pairs, {"hi": 100, "lo": 50}, ds, seed=0)
+    assert as_set(both[both[:, 1] == 1]) == as_set(small[small[:, 1] == 1])
+    assert (both[:, 1] == 0).sum() == 50
+    assert as_set(limit_pairs(pairs, {"hi": 10**6}, ds, seed=0)) == as_set(pairs)
+    assert not as_set(limit_pairs(pairs, {"hi": 100}, ds, seed=1)) == as_set(small)
+    with pytest.raises(MultifiError, match=r"data.train_limits: unknown fidelity 'HI'.*known: lo, hi"):
+        limit_pairs(pairs, {"HI": 5}, ds, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def synthetic_linear_dataset(ref: dict[str, dict[int, float]], n: int = 30, seed: int = 0) -> FidelityDataset:
+    """Random compositions of H, C, N, O; energies exactly Σ_Z n_Z ref[fidelity][Z]; some labels missing."""
+    rng = np.random.default_rng(seed)
+    recs = []
+    for i in range(n):
+        numbers = rng.choice([1, 6, 7, 8], size=rng.integers(2, 9))
+        labels = {name: {"energy": float(sum(r[int(z)] for z in numbers))}
+                  for k, (name, r) in enumerate(ref.items()) if (i + k) % 4}  # each fidelity misses some
+        recs.append({"numbers": numbers, "positions": rng.normal(size=(len(numbers), 3)) * 3, "labels": labels})
+    return FidelityDataset.from_records(recs)
+
+
+def test_fit_baseline_recovers_per_element_references():
+    ref = {"lo": {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0},
+           "hi": {1: -13.1, 6: -1027.5, 7: -1484.0, 8: -2041.5}}
+    ds = synthetic_linear_dataset(ref)
+    fitted, scale = fit_baseline(ds, labelled_pairs(ds, np.arange(len(ds))))
+    assert fitted.shape == (N_ELEMENTS, 2) and scale.shape == (2,)
+    for k, name in enumerate(ds.fidelities.names):
+        for z, value in ref[name].items():
+            assert fitted[z, k] == pytest.approx(value, abs=1e-4), (name, z)
+    assert not np.delete(fitted, [1, 6, 7, 8], axis=0).any()
+    np.testing.assert_allclose(scale, 1.0)  # exact fit, no forces: fallback scale of 1 eV
+
+
+def test_fit_baseline_uses_only_the_given_pairs_and_scales_residuals():
+    ref = {"lo": {1: -1.0, 6: -5.0, 7: -7.0, 8: -9.0}, "hi": {1: -2.0, 6: -6.0, 7: -8.0, 8: -10.0}}
+    ds = synthetic_linear_dataset(ref, n=60)
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    noise = np.random.default_rng(1).normal(scale=0.05, size=len(ds))
+    lo, hi = ds.fidelities.index("lo"), ds.fidelities.index("hi")
+    ds.energy[:, hi] += noise * ds.n_atoms  # per-atom noise on 'hi'
+    fitted, scale = fit_baseline(ds, pairs[pairs[:, 1] == hi])
+    assert not fitted[:, lo].any() and scale[lo] == 1.0  # 'lo' not in the pairs
+    np.testing.assert_allclose(fitted[[1, 6, 7, 8], hi], [-2.0, -6.0, -8.0, -10.0], atol=0.2)
+    assert 0.02 < scale[hi] < 0.1
+
+
+def test_fit_baseline_pooled_fits_all_fidelities_as_one():
+    ref = {"lo": {1: -1.0, 6: -5.0, 7: -7.0, 8: -9.0}, "hi": {1: -2.0, 6: -6.0, 7: -8.0, 8: -10.0}}
+    ds = synthetic_linear_dataset(ref)
+    both = ds.energy_mask.all(1)
+    ds = ds.subset(np.flatnonzero(both))  # every structure at both fidelities: pooled fit = mean offsets
+    fitted, _ = fit_baseline(ds, labelled_pairs(ds, np.arange(len(ds))), pooled=True)
+    np.testing.assert_allclose(fitted[[1, 6, 7, 8], 0], [-1.5, -5.5, -7.5, -9.5], atol=1e-4)
+    np.testing.assert_array_equal(fitted[:, 0], fitted[:, 1])
+
+
+# ---------------------------------------------------------------------------------------------- neighbours
+def test_neighbor_list_matches_ase_for_a_small_periodic_cell():
+    atoms = periodic_cell(0)
+    cutoff = 6.0  # larger than the cell: several images of every atom
+    i, j, s = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
+    ai, aj, aS = ase_neighbor_list("ijS", atoms, cutoff)
+    assert sorted(zip(i, j, map(tuple, s))) == sorted(zip(ai, aj, map(tuple, aS)))
+    d = atoms.positions[j] - atoms.positions[i] + s @ atoms.cell.array
+    assert (np.linalg.norm(d, axis=1) < cutoff).all() and (i != j).any()
+
+
+def test_neighbor_cache_is_csr_of_per_structure_lists():
+    recs, (w, m, si) = water_methane_si()
+    ds = FidelityDataset.from_records(recs)
+    nc = NeighborCache(ds, 3.0)
+    for s, atoms in enumerate((w, m, si)):
+        sl = slice(nc.edge_offsets[s], nc.edge_offsets[s + 1])
+        i, j, sh = neighbor_list(atoms.positions, atoms.cell.array if s == 2 else np.zeros((3, 3)), atoms.pbc, 3.0)
+        assert nc.centers[sl].tolist() == i.tolist() and nc.neighbors[sl].tolist() == j.tolist()
+        np.testing.assert_array_equal(nc.shifts[sl], sh)
+    assert nc.n_edges.tolist() == [6, 20, len(neighbor_list(si.positions, si.cell.array, si.pbc, 3.0)[0])]
+    with pytest.raises(MultifiError, match="zero volume"):
+        neighbor_list(si.positions, np.zeros((3, 3)), [True] * 3, 3.0)
