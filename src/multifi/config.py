@@ -114,6 +114,9 @@ class TrainConfig(Section):
     max_steps: int = -1
     fidelity_sampling: dict[str, float] = Field(default_factory=dict, description="relative sampling weight")
     progress: bool = True
+    init_from: str | None = Field(None, description="start from the weights of this saved potential (.pt/.ckpt)")
+    init_fidelities: dict[str, str] = Field(
+        default_factory=dict, description="fidelity of this run → fidelity of init_from it starts from (default: same name)")
 
 
 class RunConfig(Section):
@@ -220,6 +223,7 @@ def _resolve_paths(cfg: RunConfig, root: Path) -> None:
             src.qm9.indices = fix(src.qm9.indices)
     if cfg.data.split.files:
         cfg.data.split.files = {k: fix(v) for k, v in cfg.data.split.files.items()}
+    cfg.train.init_from = fix(cfg.train.init_from)
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -60,7 +60,11 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
 
     spec = {"model": cfg.model.model_dump(), "fidelities": list(prep.dataset.fidelities.names)}
     module = PotentialModule(spec, cfg.loss.model_dump(), cfg.train.model_dump())
-    ref, scale = fit_baseline(prep.dataset, prep.pairs["train"])
+    if cfg.train.init_from and not resume:  # on resume the weights come from the checkpoint
+        from multifi.train.init import init_from_potential
+
+        init_from_potential(module.potential, cfg.train.init_from, cfg.train.init_fidelities)
+    ref, scale = fit_baseline(prep.dataset, prep.pairs["train"])  # always refitted on this run's data
     module.potential.head.set_baseline(ref, scale)
     module.sync_ema()
 

@@ -1,0 +1,188 @@
+"""The model families compared by experiments, as run plans, and how each one is evaluated.
+
+- single    one fidelity, no conditioning (inject: single)
+- joint     several fidelities in one model, conditioned by `inject` (input, readout, both, onehot, heads)
+- delta     Δ-learning: a single-fidelity model of E_high − E_low; its prediction of E_high adds the
+            low-fidelity label back, so it needs a low-fidelity calculation at prediction time
+- finetune  pre-train a single-fidelity model on the low fidelity, then train it on the high fidelity
+            starting from those weights (train.init_from, fidelity mapped high ← low)
+
+All share the same backbone, budget and data pipeline; only the data and conditioning differ.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from multifi.config import validate_config
+from multifi.experiments.plan import RunPlan, deep_merge, fill
+from multifi.experiments.spec import ConfigPatch
+from multifi.errors import MultifiError
+
+SPLITS = ("train", "val", "test")
+
+
+def delta_fidelity(high: str, low: str) -> str:
+    return f"delta({high} - {low})"
+
+
+# ---------------------------------------------------------------------------------------------- plans
+def make_plan(ctx, run_id: str, part: str, sources: list[dict], splits: dict[str, np.ndarray], inject: str,
+              seed: int, patches: list[ConfigPatch], meta: dict, **extra) -> RunPlan:
+    """A plan training on `sources` ({"method", "indices"} or {"npz": path template}) with the given splits.
+
+    splits: QM9 indices of the train/val/test molecules (written as key files qm9:<index>).
+    """
+    files, data_sources = {}, []
+    for i, src in enumerate(sources):
+        if "npz" in src:
+            data_sources.append({"path": src["npz"], "format": "npz"})
+            continue
+        files[f"source{i}.idx"] = sorted(int(x) for x in src["indices"])
+        data_sources.append(ctx.catalog.source(src["method"], "{inputs}/" + f"source{i}.idx"))
+    for name in SPLITS:
+        files[f"{name}.keys"] = sorted(int(x) for x in splits.get(name, ()))
+    raw: dict = {"model": {}, "loss": {}, "train": {}}
+    for p in [ctx.spec.base, *patches]:
+        raw = deep_merge(raw, p.model_dump())
+    raw["model"] = deep_merge(raw["model"], {"fidelity_embedding": {"inject": inject}})
+    raw["train"].update(seed=seed, threads=ctx.spec.threads, progress=False)
+    raw["data"] = {"sources": data_sources, "cache": False,
+                   "split": {"files": {s: "{inputs}/" + f"{s}.keys" for s in SPLITS}, "seed": seed}}
+    raw["output_dir"] = "{run_dir}"
+    plan = RunPlan(id=run_id, part=part, config=raw, files=files, meta=meta, **extra)
+    check_config(plan)
+    return plan
+
+
+def check_config(plan: RunPlan) -> None:
+    """Validate the plan's RunConfig now, so a typo fails before hours of training."""
+    dummy = {"inputs": "/inputs", "run_dir": "/run", "shared": "/shared", "work": "/work"}
+    cfg = fill(plan.config, dummy)
+    if "init_from" in cfg.get("train", {}):
+        cfg["train"]["init_from"] = "/model.pt"
+    try:
+        validate_config(cfg, where=f"run {plan.id}")
+    except MultifiError as exc:
+        raise MultifiError(f"{exc} (set in the spec's base/config/variant sections)") from None
+
+
+def single(ctx, run_id, part, method, sets, seed, patches, meta) -> RunPlan:
+    """One model of one method on sets {"train", "val", "test"} of QM9 indices."""
+    src = [{"method": method, "indices": np.concatenate([sets[s] for s in SPLITS])}]
+    return make_plan(ctx, run_id, part, src, sets, "single", seed, patches,
+                     {**meta, "kind": "single", "inject": "single", "methods": [method]})
+
+
+def joint(ctx, run_id, part, method_sets: dict[str, dict], inject, seed, patches, meta, evaluate=None) -> RunPlan:
+    """One model on several methods; method_sets: method → {"train", "val", "test"} QM9 indices."""
+    src = [{"method": m, "indices": np.concatenate([s[k] for k in SPLITS])} for m, s in method_sets.items()]
+    splits = {k: np.unique(np.concatenate([s[k] for s in method_sets.values()])) for k in SPLITS}
+    return make_plan(ctx, run_id, part, src, splits, inject, seed, patches,
+                     {**meta, "kind": "joint", "inject": inject, "methods": list(method_sets)},
+                     **({"evaluate": evaluate} if evaluate else {}))
+
+
+def delta(ctx, run_id, part, high, low, sets, seed, patches, meta) -> RunPlan:
+    """Δ-learning: a model of E_high − E_low on the training molecules (both labels needed)."""
+    name = delta_fidelity(high, low)
+    pool = sorted(int(x) for x in np.concatenate([sets[s] for s in SPLITS]))
+    derived = [{"kind": "delta", "path": "{inputs}/delta.npz", "high": high, "low": low, "indices": "pool.idx"}]
+    plan = make_plan(ctx, run_id, part, [{"npz": "{inputs}/delta.npz"}], sets, "single", seed, patches,
+                     {**meta, "kind": "delta", "inject": "single", "methods": [high], "fidelity": name,
+                      "needs_low_at_prediction": low},
+                     evaluate={"kind": "delta", "high": high, "low": low, "fidelity": name}, derived=derived)
+    plan.files["pool.idx"] = pool
+    return plan
+
+
+def pretrain(ctx, run_id, part, low, sets, seed, patches, meta) -> RunPlan:
+    """Stage 1 of finetune: a single-fidelity model of the low fidelity (no test set of its own)."""
+    sets = {"train": sets["train"], "val": sets["val"], "test": np.zeros(0, np.int64)}
+    return single(ctx, run_id, part, low, sets, seed, patches, {**meta, "role": "pretrain"})
+
+
+def finetune(ctx, run_id, part, high, low, sets, seed, patches, meta, base: RunPlan) -> RunPlan:
+    """Stage 2 of finetune: the high fidelity, starting from the weights of `base` (high ← low)."""
+    plan = single(ctx, run_id, part, high, sets, seed, patches, meta)
+    plan.config["train"]["init_from"] = "{model:" + base.id + "}"
+    plan.config["train"]["init_fidelities"] = {high: low}
+    plan.meta.update(kind="finetune", pretrained_on=low)
+    plan.needs = [base.id]
+    plan.upstream = {base.id: base.signature()}
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- data
+def build_derived(spec: dict, inputs: Path, catalog) -> None:
+    """Write a derived dataset (Δ labels: E_high − E_low on the listed molecules) as a multifi .npz."""
+    from multifi.data.dataset import FidelityDataset
+    from multifi.data.fidelity import FidelityTable
+    from multifi.data.readers.qm9 import read_qm9
+
+    if spec["kind"] != "delta":
+        raise MultifiError(f"unknown derived dataset kind {spec['kind']!r}")
+    indices = np.loadtxt(inputs / spec["indices"], dtype=np.int64, ndmin=1)
+    ds = read_qm9(indices=indices)  # geometries (and QM9's own energies, replaced below)
+    qm9_index = np.array([int(k.split(":")[1]) for k in ds.keys])
+    diff = catalog.energies(spec["high"], qm9_index) - catalog.energies(spec["low"], qm9_index)
+    ds.energy = diff.reshape(-1, 1)
+    ds.fidelities = FidelityTable([delta_fidelity(spec["high"], spec["low"])])
+    ds = ds.subset(np.flatnonzero(np.isfinite(diff)))
+    FidelityDataset.save(ds, Path(fill(spec["path"], {"inputs": str(inputs)})))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:
+    """Test errors per method {method: {"n", "mae_meV", "rmse_meV"}} (+ embedding vectors if asked)."""
+    kind = plan.evaluate["kind"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    out: dict = {"n_train": metrics.get("n_train", {})}
+    if kind == "metrics":
+        out["test"] = {m: _errors(v) for m, v in metrics["fidelities"].items() if v.get("energy_mae_meV") is not None}
+    elif kind == "delta":
+        out["test"] = {plan.evaluate["high"]: _delta_errors(plan, run_dir, inputs, catalog)}
+        out["test_delta_labels"] = {k: _errors(v) for k, v in metrics["fidelities"].items()}
+    else:
+        raise MultifiError(f"unknown evaluation kind {kind!r}")
+    if plan.evaluate.get("embedding"):
+        out["embedding"] = embedding_vectors(run_dir / "model.pt")
+    return out
+
+
+def _errors(m: dict) -> dict:
+    return {"n": m["n"], "mae_meV": m["energy_mae_meV"], "rmse_meV": m["energy_rmse_meV"]}
+
+
+def _delta_errors(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:
+    """E_high predicted as (Δ model) + E_low label, against the E_high label, on the test molecules."""
+    from multifi.data.dataset import FidelityDataset
+    from multifi.models.registry import load_potential
+    from multifi.train.evaluate import evaluate_pairs
+
+    ev = plan.evaluate
+    test = set(plan.files["test.keys"])
+    ds = FidelityDataset.load(inputs / "delta.npz")
+    qm9_index = np.array([int(k.split(":")[1]) for k in ds.keys])
+    ds = ds.subset(np.flatnonzero(np.isin(qm9_index, list(test))))
+    qm9_index = np.array([int(k.split(":")[1]) for k in ds.keys])
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], axis=1)
+    potential = load_potential(run_dir / "model.pt")
+    _, pred_delta = evaluate_pairs(potential, ds, None, pairs, batch_size=64, return_predictions=True)
+    low, high = catalog.energies(ev["low"], qm9_index), catalog.energies(ev["high"], qm9_index)
+    err = (pred_delta + low) - high  # eV
+    return {"n": int(len(err)), "mae_meV": float(1000 * np.abs(err).mean()),
+            "rmse_meV": float(1000 * np.sqrt((err**2).mean())), "needs_at_prediction": ev["low"]}
+
+
+def embedding_vectors(model_path: Path) -> dict | None:
+    """{"fidelities": names, "vectors": [K, d]} of a potential's trainable fidelity table (None without one)."""
+    from multifi.models.registry import load_potential
+
+    potential = load_potential(model_path)
+    table = getattr(potential.conditioning, "table", None)
+    if table is None:
+        return None
+    return {"fidelities": list(potential.fidelities.names), "vectors": table.weight.detach().double().tolist()}

@@ -1,0 +1,60 @@
+"""Data-efficiency factor: how many times more data a reference model needs for a given error.
+
+Learning curves are close to power laws, MAE ≈ a·n^(−b), i.e. straight lines in log-log space, so the
+reference curve is interpolated piecewise-linearly in (log n, log MAE). A target error outside the
+range the reference curve covers is reached by extending its first or last segment (a power law
+through the two end points) and flagged as an extrapolation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Efficiency:
+    n: float  # training-set size at which the target error was measured
+    target_mae: float  # error of the model being compared, at n
+    n_reference: float | None  # reference training-set size reaching target_mae (None: never, by the fit)
+    factor: float | None  # n_reference / n
+    extrapolated: bool  # n_reference lies outside the measured reference curve
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def n_for_error(ns, maes, target: float) -> tuple[float | None, bool, str]:
+    """Training-set size at which the reference curve (ns, maes) reaches `target` error.
+
+    Returns (n, extrapolated, note). Between measured points: log-log linear interpolation, taking the
+    smallest n at which the curve first reaches the target. Outside: the end segment extended.
+    """
+    pts = sorted((float(n), float(m)) for n, m in zip(ns, maes) if m is not None and m > 0 and n > 0)
+    if len(pts) < 2:
+        return None, True, "reference curve has fewer than two points"
+    if not target > 0:
+        return None, True, "target error must be positive"
+    x = [math.log(n) for n, _ in pts]
+    y = [math.log(m) for _, m in pts]
+    t = math.log(target)
+    for i in range(len(pts) - 1):
+        lo, hi = sorted((y[i], y[i + 1]))
+        if lo <= t <= hi:
+            if y[i + 1] == y[i]:
+                return math.exp(x[i]), False, ""
+            return math.exp(x[i] + (t - y[i]) * (x[i + 1] - x[i]) / (y[i + 1] - y[i])), False, ""
+    # outside the measured range: below the smallest error → beyond the largest n, else before the smallest n
+    i, where = (len(pts) - 2, "beyond the largest") if t < min(y) else (0, "below the smallest")
+    slope = (y[i + 1] - y[i]) / (x[i + 1] - x[i])
+    if slope >= 0:
+        return None, True, f"target {where} measured n, and the reference curve does not decrease there"
+    return math.exp(x[i] + (t - y[i]) / slope), True, f"extrapolated {where} measured n (power law of the end segment)"
+
+
+def efficiency_factor(ref_ns, ref_maes, n: float, target_mae: float) -> Efficiency:
+    """n_reference(target_mae) / n: how many times more data the reference model needs."""
+    n_ref, extrapolated, note = n_for_error(ref_ns, ref_maes, target_mae)
+    factor = None if n_ref is None else n_ref / n
+    return Efficiency(n=n, target_mae=target_mae, n_reference=n_ref, factor=factor, extrapolated=extrapolated,
+                      note=note)

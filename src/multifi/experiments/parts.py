@@ -1,0 +1,159 @@
+"""Splits and run plans of each part of an experiment spec.
+
+Every split is drawn from numpy generators seeded by (split_seed, part, …) and written to
+<output>/splits/<part>.json as QM9 indices: test and validation molecules are fixed for all seeds and
+variants of a part, and never enter training; validation molecules are used only to pick the
+checkpoint (and stop early). Training subsets are drawn per seed and nested across n.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from multifi.errors import MultifiError
+from multifi.experiments import baselines
+from multifi.experiments.catalog import read_blocks
+from multifi.experiments.plan import RunPlan, slug
+
+SALT = {"transfer": 1, "learning_curve": 2, "ten_methods": 3}
+
+
+@dataclass
+class PartPlan:
+    plans: list[RunPlan]
+    splits: dict  # written to <output>/splits/<part>.json
+    info: dict = field(default_factory=dict)  # facts for the report (e.g. block coverage)
+
+
+def _rng(ctx, part: str, *more: int) -> np.random.Generator:
+    return np.random.default_rng([ctx.spec.split_seed, SALT[part], *more])
+
+
+def _take(perm: np.ndarray, start: int, count: int) -> np.ndarray:
+    return np.sort(perm[start:start + count])
+
+
+def _both_labelled(ctx, methods: list[str], where: str) -> np.ndarray:
+    for m in methods:
+        ctx.catalog.check(m, where)
+    idx = ctx.catalog.labelled(methods[0])
+    for m in methods[1:]:
+        idx = np.intersect1d(idx, ctx.catalog.labelled(m))
+    return idx
+
+
+def _need(available: int, wanted: int, where: str) -> None:
+    if wanted > available:
+        raise MultifiError(f"{where}: needs {wanted} molecules but only {available} are labelled")
+
+
+# ---------------------------------------------------------------------------------------------- transfer
+def plan_transfer(ctx) -> PartPlan:
+    t, part = ctx.spec.transfer, "transfer"
+    a, b = t.methods
+    cand = _both_labelled(ctx, t.methods, "transfer.methods")
+    seeds = ctx.spec.seeds_of(t)
+    _need(len(cand), t.test + 2 * t.val + 2 * max(t.ns), "transfer")
+    perm = _rng(ctx, part).permutation(cand)
+    test, val = _take(perm, 0, t.test), {a: _take(perm, t.test, t.val), b: _take(perm, t.test + t.val, t.val)}
+    pool = perm[t.test + 2 * t.val:]
+    plans, record = [], {"test": test.tolist(), "val": {m: v.tolist() for m, v in val.items()}, "train": {}}
+    for n in t.ns:
+        for seed in seeds.for_n(n):
+            order = _rng(ctx, part, 1, seed).permutation(pool)
+            train = {a: np.sort(order[0::2][:n]), b: np.sort(order[1::2][:n])}  # disjoint molecule sets
+            record["train"][f"n{n}_s{seed}"] = {m: v.tolist() for m, v in train.items()}
+            sets = {m: {"train": train[m], "val": val[m], "test": test} for m in (a, b)}
+            meta = {"n": n, "seed": seed}
+            plans.append(baselines.joint(ctx, f"{part}/n{n}_s{seed}/joint", part, sets, t.inject, seed, [t.config],
+                                         {**meta, "variant": "joint", "role": "joint"}))
+            for m in (a, b):
+                plans.append(baselines.single(ctx, f"{part}/n{n}_s{seed}/separate_{slug(m)}", part, m, sets[m], seed,
+                                              [t.config], {**meta, "variant": "separate", "role": "separate"}))
+    return PartPlan(plans, record)
+
+
+# ---------------------------------------------------------------------------------------------- learning curve
+def plan_learning_curve(ctx) -> PartPlan:
+    lc, part = ctx.spec.learning_curve, "learning_curve"
+    cand = _both_labelled(ctx, [lc.high, lc.low], "learning_curve.high/low")
+    seeds = ctx.spec.seeds_of(lc)
+    _need(len(cand), lc.test + lc.val + lc.n_low, "learning_curve")
+    perm = _rng(ctx, part).permutation(cand)
+    test, val, low_pool = _take(perm, 0, lc.test), _take(perm, lc.test, lc.val), _take(perm, lc.test + lc.val, lc.n_low)
+    all_seeds = sorted({s for n in lc.ns for s in seeds.for_n(n)})
+    orders = {s: _rng(ctx, part, 1, s).permutation(low_pool) for s in all_seeds}
+    record = {"test": test.tolist(), "val": val.tolist(), "low_pool": low_pool.tolist(),
+              "high_train_order": {f"s{s}": orders[s][:max(lc.ns)].tolist() for s in all_seeds},
+              "note": "top-fidelity training set for (n, seed) = first n of high_train_order[seed]"}
+    plans: list[RunPlan] = []
+    for name, variant in lc.variants.items():
+        pretrained: dict[int, RunPlan] = {}
+        for n in variant.ns or lc.ns:
+            if n not in lc.ns:
+                raise MultifiError(f"learning_curve.variants.{name}.ns: {n} is not one of learning_curve.ns")
+            for seed in seeds.for_n(n):
+                high = {"train": np.sort(orders[seed][:n]), "val": val, "test": test}
+                if variant.kind == "finetune" and seed not in pretrained:
+                    low = {"train": low_pool, "val": val}
+                    pretrained[seed] = baselines.pretrain(
+                        ctx, f"{part}/{name}/pretrain_s{seed}", part, lc.low, low, seed, [lc.config, variant.pretrain],
+                        {"variant": name, "seed": seed, "n": lc.n_low})
+                    plans.append(pretrained[seed])
+                plans.append(_variant_plan(ctx, name, variant, lc, high, low_pool, n, seed, pretrained.get(seed)))
+    return PartPlan(plans, record)
+
+
+def _variant_plan(ctx, name, variant, lc, high, low_pool, n, seed, base) -> RunPlan:
+    part, run_id = "learning_curve", f"learning_curve/{name}/n{n}_s{seed}"
+    meta = {"variant": name, "n": n, "seed": seed, "n_low": lc.n_low}
+    patches = [lc.config, variant.config]
+    if variant.kind == "single":
+        return baselines.single(ctx, run_id, part, lc.high, high, seed, patches, meta)
+    if variant.kind == "delta":
+        return baselines.delta(ctx, run_id, part, lc.high, lc.low, high, seed, patches, meta)
+    if variant.kind == "finetune":
+        return baselines.finetune(ctx, run_id, part, lc.high, lc.low, high, seed, patches, meta, base)
+    low = {"train": low_pool, "val": np.zeros(0, np.int64), "test": np.zeros(0, np.int64)}
+    return baselines.joint(ctx, run_id, part, {lc.high: high, lc.low: low}, variant.mode, seed, patches, meta)
+
+
+# ---------------------------------------------------------------------------------------------- ten methods
+def plan_ten_methods(ctx) -> PartPlan:
+    tm, part = ctx.spec.ten_methods, "ten_methods"
+    path = ctx.paths.shared / tm.blocks
+    order, blocks = read_blocks(path)
+    coverage, sets = {}, {}
+    for j, method in enumerate(order):
+        block = np.unique(blocks[method])
+        labelled = np.intersect1d(block, ctx.catalog.labelled(method)) if ctx.catalog.has(method) else block[:0]
+        coverage[method] = {"block": int(len(block)), "labelled": int(len(labelled)), "used": 0}
+        if len(labelled) < tm.min_labelled:
+            continue
+        perm = _rng(ctx, part, j).permutation(labelled)
+        if tm.max_per_block:
+            perm = perm[:tm.max_per_block]
+        n_test = max(1, int(round(tm.test_fraction * len(perm))))
+        n_val = max(1, int(round(tm.val_fraction * len(perm))))
+        sets[method] = {"test": _take(perm, 0, n_test), "val": _take(perm, n_test, n_val),
+                        "train": np.sort(perm[n_test + n_val:])}
+        coverage[method].update(used=int(len(perm)), train=len(sets[method]["train"]), val=n_val, test=n_test)
+    if len(sets) < 2:
+        raise MultifiError(f"{path}: ten_methods needs at least two blocks with ≥ {tm.min_labelled} labelled "
+                           f"molecules; have {', '.join(sets) or 'none'}")
+    seeds = ctx.spec.seeds_of(tm).for_n(min(len(s["train"]) for s in sets.values()))
+    plans = []
+    for seed in seeds:
+        plans.append(baselines.joint(ctx, f"{part}/s{seed}/joint", part, sets, tm.inject, seed, [tm.config],
+                                     {"seed": seed, "variant": "joint", "role": "joint"},
+                                     evaluate={"kind": "metrics", "embedding": True}))
+        for m, s in sets.items():
+            plans.append(baselines.single(ctx, f"{part}/s{seed}/separate_{slug(m)}", part, m, s, seed, [tm.config],
+                                          {"seed": seed, "variant": "separate", "role": "separate"}))
+    record = {m: {k: v.tolist() for k, v in s.items()} for m, s in sets.items()}
+    return PartPlan(plans, record, {"coverage": coverage, "blocks": str(path), "blocks_name": tm.blocks,
+                                           "order": order})
+
+
+PLANNERS = {"transfer": plan_transfer, "learning_curve": plan_learning_curve, "ten_methods": plan_ten_methods}

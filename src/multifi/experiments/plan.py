@@ -1,0 +1,74 @@
+"""RunPlan: one training run of an experiment, as data (picklable, location-independent).
+
+A plan's configuration is a RunConfig template: strings may hold placeholders filled in when the run
+is executed — {inputs} (the run's input folder: index and split files), {run_dir} (its training
+directory), {shared} (shared data), {work} (the experiment's work folder) and {model:<run id>} (the
+saved potential of another run). Its signature hashes everything that determines the result, so a
+finished run is reused only while its plan is unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+VOLATILE_TRAIN_KEYS = ("progress", "threads", "num_workers", "accelerator", "devices", "num_nodes")
+
+
+@dataclass
+class RunPlan:
+    id: str  # e.g. "learning_curve/single/n0100_s0"; also its folder under runs/ and work/
+    part: str
+    config: dict  # RunConfig template
+    files: dict[str, list[int]]  # {inputs}/<name>: QM9 indices (*.idx) or structure keys qm9:<index> (*.keys)
+    meta: dict  # variant, kind, n, seed, methods … (copied into the result)
+    evaluate: dict = field(default_factory=lambda: {"kind": "metrics"})
+    needs: list[str] = field(default_factory=list)  # runs whose model this run starts from
+    derived: list[dict] = field(default_factory=list)  # datasets built before training (e.g. Δ labels)
+    upstream: dict[str, str] = field(default_factory=dict)  # needed run id → its signature
+
+    def signature(self) -> str:
+        cfg = copy.deepcopy(self.config)
+        cfg.pop("output_dir", None)
+        for key in VOLATILE_TRAIN_KEYS:
+            cfg.get("train", {}).pop(key, None)
+        files = {name: hashlib.sha1(np.asarray(v, np.int64).tobytes()).hexdigest() for name, v in self.files.items()}
+        payload = {"config": cfg, "files": files, "meta": self.meta, "evaluate": self.evaluate,
+                   "derived": self.derived, "upstream": self.upstream}
+        return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def deep_merge(base: dict, patch: dict) -> dict:
+    """A copy of `base` with `patch` merged in (nested dicts merged, everything else replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def fill(template, values: dict[str, str]):
+    """Replace {placeholders} in every string of a nested structure."""
+    if isinstance(template, dict):
+        return {k: fill(v, values) for k, v in template.items()}
+    if isinstance(template, list):
+        return [fill(v, values) for v in template]
+    if isinstance(template, str):
+        for k, v in values.items():
+            template = template.replace("{" + k + "}", v)
+    return template
+
+
+def slug(name: str) -> str:
+    """A method name as a path component: B3LYP/6-31G(2df,p) → B3LYP_6-31G(2df,p)."""
+    return name.replace("/", "_").replace(" ", "_")
+
+
+def sorted_indices(*parts) -> list[int]:
+    """Sorted union of index arrays, as a plain list."""
+    return sorted(set(int(i) for p in parts for i in np.asarray(p).ravel()))

@@ -1,0 +1,96 @@
+"""PNG figures of an experiment report (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def learning_curve(path: Path, curves: dict[str, dict], title: str, dashed: set[str] = frozenset()) -> Path:
+    """curves: variant → {n: {"mean", "std", "seeds"}}; log-log MAE vs n with std error bars."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for name, by_n in curves.items():
+        ns = sorted(by_n, key=float)
+        if not ns:
+            continue
+        x = np.array([float(n) for n in ns])
+        y = np.array([by_n[n]["mean"] for n in ns])
+        err = np.array([by_n[n]["std"] or 0.0 for n in ns])
+        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=name, ls="--" if name in dashed else "-")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    all_ns = sorted({float(n) for c in curves.values() for n in c})
+    ax.set_xticks(all_ns, [f"{n:g}" for n in all_ns])
+    ax.minorticks_off()
+    ax.set_xlabel("top-fidelity training molecules n")
+    ax.set_ylabel("test MAE (meV)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def paired_bars(path: Path, groups: list[str], joint: list, separate: list, joint_err: list, separate_err: list,
+                title: str, labels=("joint", "separate")) -> Path:
+    """Grouped bars: one pair (joint, separate) per group, with std error bars; log y axis."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) + 2), 4.2))
+    x = np.arange(len(groups))
+    w = 0.38
+    nan = lambda v: [np.nan if a is None else a for a in v]  # noqa: E731
+    ax.bar(x - w / 2, nan(joint), w, yerr=nan(joint_err), capsize=3, label=labels[0])
+    ax.bar(x + w / 2, nan(separate), w, yerr=nan(separate_err), capsize=3, label=labels[1])
+    ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test MAE (meV)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def similarity_map(path: Path, names: list[str], sim: np.ndarray, title: str) -> Path:
+    plt = _plt()
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.6 + 0.6 * k))
+    im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(sim[i, j]) > 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def pca_map(path: Path, names: list[str], xy: np.ndarray, explained: list[float], title: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    ax.scatter(xy[:, 0], xy[:, 1], s=30)
+    for (x, y), name in zip(xy, names):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"PC1 ({100 * explained[0]:.0f} % of variance)")
+    ax.set_ylabel(f"PC2 ({100 * explained[1]:.0f} % of variance)" if len(explained) > 1 else "PC2")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.margins(0.2)
+    return _save(fig, path)

@@ -1,0 +1,293 @@
+"""From finished runs to summary.json, details.json, PNG figures and a README with tables.
+
+summary.json has exactly the schema of the experiment issue (numbers the README tables come from):
+  {"transfer": {n: {method: {"joint_mae_meV", "separate_mae_meV"}}},
+   "learning_curve": {variant: {n: {"mae_meV_mean", "mae_meV_std", "seeds"}}},
+   "data_efficiency": {"n500", "n1000", "best_variant", "extrapolated"},
+   "ten_methods": {method: {"joint_mae_meV", "separate_mae_meV"}}, "ten_methods_ratio_mean": r}
+Means are over seeds; std is the sample standard deviation (null for one seed). details.json holds
+everything else (per-seed values, kcal/mol, extrapolation notes, block coverage, embeddings).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from multifi.data.dataset import atomic_write
+from multifi.experiments import plots
+from multifi.experiments.efficiency import efficiency_factor
+
+MEV_PER_KCAL_MOL = 43.364104  # 1 kcal/mol in meV
+
+
+def write_report(ctx, parts: dict) -> dict:
+    """Aggregate the finished runs of every part; write summary.json, details.json, figures, README.md."""
+    results, stale, missing = load_results(ctx, parts)
+    details: dict = {}
+    if "transfer" in parts:
+        details["transfer"] = transfer_details(ctx, parts["transfer"].plans, results)
+    if "learning_curve" in parts:
+        details["learning_curve"] = learning_curve_details(ctx, parts["learning_curve"].plans, results)
+        details["data_efficiency"] = efficiency_details(ctx, details["learning_curve"])
+    if "ten_methods" in parts:
+        details["ten_methods"] = ten_methods_details(parts["ten_methods"], results)
+        if ctx.spec.embedding_map is not None:
+            details["embedding_map"] = embedding_details(ctx, parts["ten_methods"].plans, results)
+    summary = make_summary(details)
+    out = ctx.paths.output
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    atomic_write(out / "details.json", lambda f: f.write(json.dumps(details, indent=1, default=float).encode()))
+    figures = make_figures(ctx, details)
+    runs = {"total": sum(len(p.plans) for p in parts.values()), "done": len(results), "stale": stale,
+            "missing": missing, "train_hours": sum(r.get("train_seconds", 0) for r in results.values()) / 3600,
+            "commands": sorted({r.get("command", "") for r in results.values()} - {""})}
+    from multifi.experiments.readme import render
+
+    atomic_write(out / "README.md", lambda f: f.write(render(ctx, parts, details, figures, runs).encode()))
+    return summary
+
+
+def load_results(ctx, parts) -> tuple[dict, list, list]:
+    """Results of the current plans: {run id: result}; ids with a result of another plan; ids without."""
+    from multifi.experiments.runner import result_path
+
+    results, stale, missing = {}, [], []
+    for part in parts.values():
+        for plan in part.plans:
+            path = result_path(ctx, plan.id)
+            if not path.exists():
+                missing.append(plan.id)
+                continue
+            r = json.loads(path.read_text())
+            if r.get("signature") == plan.signature():
+                results[plan.id] = r
+            else:
+                stale.append(plan.id)
+    return results, stale, missing
+
+
+def stats(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None, "seeds": len(v),
+            "values": [float(x) for x in v]}
+
+
+def _mae(result: dict, method: str) -> float | None:
+    m = result.get("test", {}).get(method)
+    return None if m is None else m["mae_meV"]
+
+
+def _collect(plans, results, key, method_of) -> dict:
+    """{key(plan): [MAE of method_of(plan) over seeds]} for finished plans."""
+    out: dict = {}
+    for plan in plans:
+        r = results.get(plan.id)
+        for method in method_of(plan):
+            value = None if r is None else _mae(r, method)
+            if value is not None:
+                out.setdefault(key(plan, method), []).append(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- parts
+def transfer_details(ctx, plans, results) -> dict:
+    t = ctx.spec.transfer
+    values = _collect(plans, results, lambda p, m: (p.meta["n"], m, p.meta["role"]), lambda p: p.meta["methods"])
+    table = {}
+    for n in t.ns:
+        table[str(n)] = {}
+        for m in t.methods:
+            row = {role: stats(values.get((n, m, role), [])) for role in ("joint", "separate")}
+            row["ratio"] = _ratio(row["joint"], row["separate"])
+            row["kcal_mol"] = {role: _kcal(row[role]) for role in ("joint", "separate")}
+            table[str(n)][m] = row
+    return {"methods": t.methods, "inject": t.inject, "test": t.test, "table": table}
+
+
+def learning_curve_details(ctx, plans, results) -> dict:
+    lc = ctx.spec.learning_curve
+    curves = _collect([p for p in plans if p.meta.get("role") != "pretrain"], results,
+                      lambda p, m: (p.meta["variant"], p.meta["n"]), lambda p: [lc.high])
+    variants = {}
+    for name, v in lc.variants.items():
+        curve = {str(n): stats(curves.get((name, n), [])) for n in (v.ns or lc.ns)}
+        variants[name] = {"kind": v.kind, "inject": v.mode, "label": v.label or "",
+                          "needs_at_prediction": lc.low if v.needs_low_at_prediction else None,
+                          "curve": {n: s for n, s in curve.items() if s is not None}}
+    return {"high": lc.high, "low": lc.low, "n_low": lc.n_low, "ns": lc.ns, "test": lc.test, "val": lc.val,
+            "variants": variants}
+
+
+def efficiency_details(ctx, lcd: dict) -> dict:
+    e = ctx.spec.learning_curve.efficiency
+    variants = lcd["variants"]
+    candidates = e.candidates or [n for n, v in variants.items() if v["kind"] == "joint"]
+    ref = variants[e.reference]["curve"]
+    ref_ns = [float(n) for n in ref]
+    ref_maes = [s["mean"] for s in ref.values()]
+    by_variant, score = {}, {}
+    for name in candidates:
+        curve = variants[name]["curve"]
+        by_variant[name] = {f"n{n}": efficiency_factor(ref_ns, ref_maes, n, curve[str(n)]["mean"]).as_dict()
+                            for n in e.at if str(n) in curve}
+        if len(by_variant[name]) == len(e.at):  # best = lowest geometric-mean error over the `at` sizes
+            score[name] = float(np.mean([np.log(curve[str(n)]["mean"]) for n in e.at]))
+    best = min(score, key=score.get) if score else None
+    factors = {f"n{n}": (by_variant[best][f"n{n}"]["factor"] if best else None) for n in e.at}
+    extrapolated = any(by_variant[best][f"n{n}"]["extrapolated"] for n in e.at) if best else None
+    return {"reference": e.reference, "at": e.at, "candidates": candidates, "by_variant": by_variant,
+            "best_variant": best, "summary": {**factors, "best_variant": best, "extrapolated": extrapolated}}
+
+
+def ten_methods_details(part, results) -> dict:
+    values = _collect(part.plans, results, lambda p, m: (m, p.meta["role"]), lambda p: p.meta["methods"])
+    methods = {}
+    trained = [m for p in part.plans if p.meta.get("role") == "joint" for m in p.meta["methods"]]
+    for m in dict.fromkeys(trained):
+        row = {role: stats(values.get((m, role), [])) for role in ("joint", "separate")}
+        row["ratio"] = _ratio(row["joint"], row["separate"])
+        methods[m] = row
+    ratios = [r["ratio"] for r in methods.values() if r["ratio"] is not None]
+    coverage = part.info["coverage"]
+    return {"methods": methods, "ratio_mean": float(np.mean(ratios)) if ratios else None,
+            "coverage": coverage, "blocks": part.info["blocks_name"],
+            "left_out": [m for m, c in coverage.items() if c["used"] == 0]}
+
+
+def embedding_details(ctx, plans, results) -> dict | None:
+    joint = [p for p in plans if p.meta.get("role") == "joint"]
+    seed = ctx.spec.embedding_map.seed
+    chosen = [p for p in joint if seed is None or p.meta["seed"] == seed][:1]
+    if not chosen or chosen[0].id not in results or not results[chosen[0].id].get("embedding"):
+        return None
+    emb = results[chosen[0].id]["embedding"]
+    names, vec = emb["fidelities"], np.asarray(emb["vectors"], dtype=float)
+    unit = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+    cos = unit @ unit.T
+    centred = vec - vec.mean(0)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T if len(vt) >= 2 else np.column_stack([centred @ vt[:1].T, np.zeros(len(vec))])
+    var = sv**2 / max(float((sv**2).sum()), 1e-12)
+    return {"run": chosen[0].id, "fidelities": names, "dim": int(vec.shape[1]), "cosine": cos.tolist(),
+            "pca_xy": xy.tolist(),
+            "pca_explained": var[:2].tolist(), "groups": similarity_groups(names, cos)}
+
+
+def similarity_groups(names: list[str], cos: np.ndarray) -> dict:
+    """Mean cosine similarity of method pairs that share a functional, a basis, both xTB, or nothing."""
+    def parts(name):
+        if "/" in name:
+            f, b = name.split("/", 1)
+            return f, b
+        return ("xTB" if "xTB" in name else name), None
+
+    groups: dict[str, list[float]] = {}
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            (fi, bi), (fj, bj) = parts(names[i]), parts(names[j])
+            if bi is None and bj is None and fi == fj == "xTB":
+                key = "both xTB"
+            elif bi is None or bj is None:
+                key = "xTB vs DFT/HF"
+            elif fi == fj:
+                key = "same functional, other basis"
+            elif bi == bj:
+                key = "same basis, other functional"
+            else:
+                key = "different functional and basis"
+            groups.setdefault(key, []).append(float(cos[i, j]))
+    return {k: {"mean": float(np.mean(v)), "pairs": len(v)} for k, v in groups.items()}
+
+
+def _ratio(joint, separate) -> float | None:
+    if not joint or not separate or not separate["mean"]:
+        return None
+    return joint["mean"] / separate["mean"]
+
+
+def _kcal(s):
+    if s is None:
+        return None
+    return {"mean": s["mean"] / MEV_PER_KCAL_MOL, "std": None if s["std"] is None else s["std"] / MEV_PER_KCAL_MOL}
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def make_summary(details: dict) -> dict:
+    """The summary.json of the issue's schema, from the details."""
+    summary: dict = {"transfer": {}, "learning_curve": {}, "data_efficiency": {}, "ten_methods": {},
+                     "ten_methods_ratio_mean": None}
+    for n, by_method in details.get("transfer", {}).get("table", {}).items():
+        summary["transfer"][n] = {m: {"joint_mae_meV": _mean(r["joint"]), "separate_mae_meV": _mean(r["separate"])}
+                                  for m, r in by_method.items()}
+    for name, v in details.get("learning_curve", {}).get("variants", {}).items():
+        summary["learning_curve"][name] = {n: {"mae_meV_mean": s["mean"], "mae_meV_std": s["std"], "seeds": s["seeds"]}
+                                           for n, s in v["curve"].items()}
+    if "data_efficiency" in details:
+        summary["data_efficiency"] = details["data_efficiency"]["summary"]
+    tm = details.get("ten_methods")
+    if tm:
+        summary["ten_methods"] = {m: {"joint_mae_meV": _mean(r["joint"]), "separate_mae_meV": _mean(r["separate"])}
+                                  for m, r in tm["methods"].items()}
+        summary["ten_methods_ratio_mean"] = tm["ratio_mean"]
+    return summary
+
+
+def _mean(s):
+    return None if s is None else s["mean"]
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def make_figures(ctx, details: dict) -> dict[str, str]:
+    """Draw every figure the details allow; returns {name: file name relative to the output folder}."""
+    out, figs = ctx.paths.output, {}
+    lcd = details.get("learning_curve")
+    if lcd and any(v["curve"] for v in lcd["variants"].values()):
+        curves = {name: {n: {"mean": s["mean"], "std": s["std"]} for n, s in v["curve"].items()}
+                  for name, v in lcd["variants"].items()}
+        dashed = {n for n, v in lcd["variants"].items() if v["needs_at_prediction"]}
+        plots.learning_curve(out / "learning_curve.png", curves,
+                             f"{lcd['high']} test MAE ({lcd['low']} on {lcd['n_low']} molecules; dashed: needs "
+                             f"{lcd['low']} at prediction)", dashed)
+        figs["learning_curve"] = "learning_curve.png"
+    td = details.get("transfer")
+    if td and any(r["joint"] or r["separate"] for rows in td["table"].values() for r in rows.values()):
+        rows = [(f"{m}\nn={n}", r) for n, by_m in td["table"].items() for m, r in by_m.items()]
+        figs["transfer"] = _bars(out / "transfer.png", rows, "Transfer: joint vs separate models (test MAE)").name
+    tm = details.get("ten_methods")
+    if tm and tm["methods"] and any(r["joint"] or r["separate"] for r in tm["methods"].values()):
+        rows = list(tm["methods"].items())
+        figs["ten_methods"] = _bars(out / "ten_methods.png", rows,
+                                    "One model on all blocks vs one model per block (test MAE)").name
+    em = details.get("embedding_map")
+    if em:
+        cos = np.asarray(em["cosine"])
+        plots.similarity_map(out / "embedding_similarity.png", em["fidelities"], cos,
+                             "Cosine similarity of learned fidelity embeddings")
+        plots.pca_map(out / "embedding_pca.png", em["fidelities"], np.asarray(em["pca_xy"]), em["pca_explained"],
+                      "Fidelity embeddings, first two principal components")
+        figs.update(embedding_similarity="embedding_similarity.png", embedding_pca="embedding_pca.png")
+    return figs
+
+
+def _bars(path: Path, rows, title: str) -> Path:
+    get = lambda r, role, k: None if r[role] is None else r[role][k]  # noqa: E731
+    return plots.paired_bars(path, [g for g, _ in rows], [get(r, "joint", "mean") for _, r in rows],
+                             [get(r, "separate", "mean") for _, r in rows], [get(r, "joint", "std") for _, r in rows],
+                             [get(r, "separate", "std") for _, r in rows], title)
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}; report written {time.strftime('%Y-%m-%d %H:%M')}")
+

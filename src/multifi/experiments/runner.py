@@ -1,0 +1,369 @@
+"""Experiment runner: plan every run of a spec, train the unfinished ones (resumably), then report.
+
+    multifi experiment run SPEC.yaml [--set key=value] [--only PART|RUN_ID_PREFIX] [--report-only]
+
+Layout of the output folder (spec `output`):
+  runs/<run id>.json      one result per finished run (atomic write; its signature names its plan)
+  splits/<part>.json      the molecules of every split (QM9 indices)
+  summary.json, details.json, *.png, README.md   the report, rebuilt from runs/ at the end
+  work/<run id>/          inputs/ (index and split files), run/ (the training run directory: checkpoints,
+                          metrics, model.pt), log.txt; not part of the results (git-ignored)
+A run whose result exists with the same signature is skipped. A run killed mid-way resumes from its
+run/checkpoints/last.ckpt, or restarts if it has none. A result or work folder from a different plan
+(the spec changed) is replaced. Runs hold a lock file, so two runners on one spec never train the
+same run twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shlex
+import shutil
+import time
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import multifi.train.run as train_run
+from multifi.config import validate_config
+from multifi.data.dataset import atomic_write
+from multifi.errors import MultifiError
+from multifi.experiments import baselines
+from multifi.experiments.catalog import LabelCatalog
+from multifi.experiments.parts import PLANNERS, PartPlan
+from multifi.experiments.plan import RunPlan, fill
+from multifi.experiments.spec import PARTS, ExperimentSpec, Paths, load_spec
+
+log = logging.getLogger("multifi.experiments")
+
+
+@dataclass
+class Context:
+    spec: ExperimentSpec
+    paths: Paths
+    catalog: LabelCatalog
+    command: str
+
+
+class RunBusy(Exception):
+    """Another process holds this run's lock."""
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), report_only: bool = False) -> Path:
+    """Run (resumably) the runs of a spec selected by `only`, then write summary, plots and README."""
+    from multifi.experiments import report
+
+    ctx = load_context(spec_path, overrides, only, report_only)
+    parts = plan_parts(ctx)
+    plans = [p for pp in parts.values() for p in pp.plans]
+    failed: list[str] = []
+    if not report_only:
+        failed = execute(ctx, select(plans, only))
+    report.write_report(ctx, parts)
+    log.info("report: %s", ctx.paths.output / "README.md")
+    if failed:
+        raise MultifiError(f"{len(failed)} run(s) failed: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}; "
+                           f"see {ctx.paths.work}/<run id>/log.txt")
+    return ctx.paths.output
+
+
+def load_context(spec_path, overrides=(), only=(), report_only=False) -> Context:
+    spec, paths = load_spec(spec_path, list(overrides))
+    try:
+        shown = Path(spec_path).resolve().relative_to(paths.root)
+    except ValueError:
+        shown = Path(spec_path)
+    args = ["multifi", "experiment", "run", str(shown)]
+    for o in overrides:
+        args += ["--set", o]
+    for o in only:
+        args += ["--only", o]
+    if report_only:
+        args.append("--report-only")
+    return Context(spec, paths, LabelCatalog(paths.shared), shlex.join(args))
+
+
+def plan_parts(ctx: Context) -> dict[str, PartPlan]:
+    """Plans of every part in the spec; writes each part's splits to <output>/splits/<part>.json."""
+    if not (ctx.paths.shared / "qm9mf").is_dir():
+        log.warning("shared data not found at %s (set shared_data in the spec or MULTIFI_SHARED_DATA)",
+                    ctx.paths.shared)
+    parts = {}
+    for name, planner in PLANNERS.items():
+        if getattr(ctx.spec, name) is None:
+            continue
+        parts[name] = planner(ctx)
+        _write_if_changed(ctx.paths.output / "splits" / f"{name}.json", json.dumps(parts[name].splits))
+    ids = [p.id for pp in parts.values() for p in pp.plans]
+    if len(set(ids)) != len(ids):
+        raise MultifiError("two runs of the spec have the same id")
+    return parts
+
+
+def select(plans: list[RunPlan], only: list[str]) -> list[RunPlan]:
+    """Plans matching `only` (part names or run-id prefixes), plus the runs they start from."""
+    if not only:
+        return plans
+    by_id = {p.id: p for p in plans}
+    chosen: set[str] = set()
+    for item in only:
+        hits = [p.id for p in plans if p.part == item or p.id.startswith(item)
+                or (item == "embedding_map" and p.part == "ten_methods" and p.meta.get("role") == "joint")]
+        if not hits:
+            raise MultifiError(f"--only {item!r} matches no run (parts: {', '.join(PARTS)}; or a run id prefix "
+                               f"such as {plans[0].id if plans else 'learning_curve/single'})")
+        chosen.update(hits)
+    stack = list(chosen)
+    while stack:
+        for dep in by_id[stack.pop()].needs:
+            if dep not in chosen:
+                chosen.add(dep)
+                stack.append(dep)
+    return [p for p in plans if p.id in chosen]
+
+
+# ---------------------------------------------------------------------------------------------- execution
+def result_path(ctx: Context, run_id: str) -> Path:
+    return ctx.paths.output / "runs" / f"{run_id}.json"
+
+
+def work_dir(ctx: Context, run_id: str) -> Path:
+    return ctx.paths.work / run_id
+
+
+def is_done(ctx: Context, plan: RunPlan) -> bool:
+    path = result_path(ctx, plan.id)
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("signature") == plan.signature()
+    except ValueError:
+        return False
+
+
+def execute(ctx: Context, plans: list[RunPlan]) -> list[str]:
+    """Train and evaluate every plan not yet done; returns the ids of failed runs."""
+    _ignore_work_dir(ctx)
+    by_id = {p.id: p for p in plans}
+    done = {p.id for p in plans if is_done(ctx, p)}
+    needed = {d for p in plans if p.id not in done for d in p.needs}
+    # a finished run must run again when a pending run starts from its model and that file is gone
+    redo = {d for d in needed & done if not (work_dir(ctx, d) / "run" / "model.pt").exists()}
+    todo = [p for p in plans if p.id not in done or p.id in redo]
+    log.info("%s: %d runs, %d finished, %d to do (parallel %d)", ctx.spec.name, len(plans),
+             len(plans) - len(todo), len(todo), ctx.spec.parallel)
+    if ctx.spec.parallel == 1 or len(todo) <= 1:
+        return _execute_serial(ctx, todo, by_id)
+    return _execute_parallel(ctx, todo, by_id)
+
+
+def _execute_serial(ctx, todo, by_id) -> list[str]:
+    failed: list[str] = []
+    clock = _Progress(len(todo), 1)
+    for plan in todo:
+        if any(d in failed for d in plan.needs):
+            log.error("%s: skipped (a run it starts from failed)", plan.id)
+            failed.append(plan.id)
+            continue
+        try:
+            clock.report(plan, run_one(ctx, plan))
+        except RunBusy:
+            log.warning("%s: locked by another runner; skipped", plan.id)
+        except Exception as exc:  # noqa: BLE001 - one failed run must not stop the others
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            log.error("%s: failed (%s: %s)", plan.id, type(exc).__name__, exc)
+            failed.append(plan.id)
+    return failed
+
+
+def _execute_parallel(ctx, todo, by_id) -> list[str]:
+    failed: list[str] = []
+    pending = list(todo)
+    waiting_for = {p.id for p in todo}
+    clock = _Progress(len(todo), ctx.spec.parallel)
+    running: dict = {}
+    with ProcessPoolExecutor(ctx.spec.parallel, mp_context=get_context("spawn")) as pool:
+        while pending or running:
+            for plan in list(pending):
+                if len(running) >= ctx.spec.parallel:
+                    break
+                if any(d in failed for d in plan.needs):
+                    log.error("%s: skipped (a run it starts from failed)", plan.id)
+                    failed.append(plan.id)
+                    pending.remove(plan)
+                elif not any(d in waiting_for for d in plan.needs):
+                    running[pool.submit(run_one, ctx, plan)] = plan
+                    pending.remove(plan)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                plan = running.pop(fut)
+                waiting_for.discard(plan.id)
+                try:
+                    clock.report(plan, fut.result())
+                except RunBusy:
+                    log.warning("%s: locked by another runner; skipped", plan.id)
+                except Exception as exc:  # noqa: BLE001
+                    log.error("%s: failed (%s: %s)", plan.id, type(exc).__name__, exc)
+                    failed.append(plan.id)
+    return failed
+
+
+class _Progress:
+    def __init__(self, total: int, parallel: int):
+        self.total, self.parallel, self.done, self.t0 = total, parallel, 0, time.time()
+
+    def report(self, plan: RunPlan, result: dict) -> None:
+        self.done += 1
+        elapsed = time.time() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        errs = ", ".join(f"{m} {v['mae_meV']:.1f}" for m, v in result.get("test", {}).items())
+        log.info("[%d/%d] %s: %.0f s%s; elapsed %.0f min, left ≈ %.0f min", self.done, self.total, plan.id,
+                 result.get("train_seconds", 0), f"; test MAE meV: {errs}" if errs else "", elapsed / 60, eta / 60)
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def run_one(ctx: Context, plan: RunPlan) -> dict:
+    """Train (or resume, or only evaluate) one planned run and write its result JSON; returns the result."""
+    work = work_dir(ctx, plan.id)
+    with _lock(ctx.paths.work / f"{plan.id}.lock"), _run_logging(work / "log.txt"):
+        signature = plan.signature()
+        _reset_if_other_plan(work, signature)
+        inputs, run_dir = work / "inputs", work / "run"
+        _write_inputs(plan, inputs)
+        atomic_write(work / "signature", lambda f: f.write(signature.encode()))
+        for spec in plan.derived:
+            if not Path(fill(spec["path"], {"inputs": str(inputs)})).exists():
+                baselines.build_derived(spec, inputs, ctx.catalog)
+        cfg = validate_config(fill(plan.config, _placeholders(ctx, plan, inputs, run_dir)), where=f"run {plan.id}")
+        t0, how = time.time(), _train(cfg, run_dir)
+        seconds = time.time() - t0
+        result = {"id": plan.id, "part": plan.part, "signature": signature, "meta": plan.meta,
+                  **baselines.evaluate(plan, run_dir, inputs, ctx.catalog),
+                  "train_seconds": round(seconds, 1), "how": how, **_progress_of(run_dir),
+                  "run_dir": _relative(run_dir, ctx.paths.output), "command": ctx.command,
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write(result_path(ctx, plan.id), lambda f: f.write(json.dumps(result, indent=1).encode()))
+        return result
+
+
+def _train(cfg, run_dir: Path) -> str:
+    """Train, resume or reuse the run directory; returns which."""
+    if (run_dir / "metrics.json").exists() and (run_dir / "model.pt").exists():
+        return "reused"  # trained earlier; only the evaluation was missing
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        if (run_dir / "checkpoints" / "last.ckpt").exists():
+            log.info("resuming %s from checkpoints/last.ckpt", run_dir)
+            train_run.train(cfg, resume=True)
+            return "resumed"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # killed before its first checkpoint: start again
+        train_run.train(cfg)
+        return "trained"
+
+
+def _placeholders(ctx, plan, inputs: Path, run_dir: Path) -> dict[str, str]:
+    values = {"inputs": str(inputs), "run_dir": str(run_dir), "shared": str(ctx.paths.shared),
+              "work": str(ctx.paths.work)}
+    for dep in plan.needs:
+        model = work_dir(ctx, dep) / "run" / "model.pt"
+        if not model.exists():
+            raise MultifiError(f"{plan.id}: starts from run {dep}, whose model {model} does not exist")
+        values[f"model:{dep}"] = str(model)
+    return values
+
+
+def _reset_if_other_plan(work: Path, signature: str) -> None:
+    """Remove a work folder left by a different plan of this run id (the spec changed)."""
+    sig = work / "signature"
+    if sig.exists() and sig.read_text().strip() == signature:
+        return
+    stale = [c for c in work.iterdir() if c.name != "log.txt"] if work.exists() else []
+    if stale:
+        log.info("%s: made by another version of this run's plan; starting afresh", work)
+    for child in stale:
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _write_inputs(plan: RunPlan, inputs: Path) -> None:
+    for name, values in plan.files.items():
+        lines = [f"qm9:{i}" for i in values] if name.endswith(".keys") else [str(i) for i in values]
+        text = "\n".join(lines) + ("\n" if lines else "")
+        _write_if_changed(inputs / name, text)
+
+
+def _progress_of(run_dir: Path) -> dict:
+    """Epochs and optimiser steps done (from the last checkpoint), if there is one."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return {}
+    import torch
+
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    return {"epochs": int(state.get("epoch", -1)) + 1, "steps": int(state.get("global_step", 0))}
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(str(path)) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _run_logging(path: Path):
+    """Log this run (multifi messages) to its own log file; keep Lightning quiet."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("multifi")
+    old_level, old_propagate = root.level, root.propagate
+    root.setLevel(logging.INFO)
+    root.propagate = False  # the training's own messages go to the run's log only
+    root.addHandler(handler)
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        root.propagate = old_propagate
+        handler.close()
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if path.exists() and path.read_text() == text:
+        return
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _ignore_work_dir(ctx: Context) -> None:
+    """Run directories are scratch, not results: keep them out of git."""
+    ignore = ctx.paths.work / ".gitignore"
+    if not ignore.exists():
+        _write_if_changed(ignore, "*\n")
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)

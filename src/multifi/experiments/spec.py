@@ -1,0 +1,272 @@
+"""Experiment specs: which runs to make (parts, variants, sizes, seeds) and where; unknown keys are errors.
+
+A spec names parts — `transfer`, `learning_curve`, `ten_methods`, `embedding_map` — each optional.
+Every run's configuration is `base` ← part `config` ← variant `config` (RunConfig sections model,
+loss, train; deep-merged); the runner owns the `data` section (sources, split files, seeds).
+
+Paths: relative paths in a spec resolve against the project root, i.e. the nearest folder above the
+spec file holding `pyproject.toml` or `.git` (else the spec's own folder). Shared data: the
+environment variable MULTIFI_SHARED_DATA, else `shared_data`, else `<project root>/../shared/data`.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from multifi.config import apply_override
+from multifi.data.readers.qm9 import QM9_FIDELITY
+from multifi.errors import MultifiError
+
+PARTS = ("transfer", "learning_curve", "ten_methods", "embedding_map")
+Inject = Literal["input", "readout", "both", "onehot", "heads", "single"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ConfigPatch(Section):
+    """RunConfig sections merged into a run's configuration (see multifi.config; validated per run)."""
+
+    model: dict[str, Any] = Field(default_factory=dict)
+    loss: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class Seeds(Section):
+    """Seeds per training-set size n: `count` seeds, but only `count_above` for n > `above_n`.
+
+    Seed s fixes the model initialisation and batch order and draws the training subset (nested
+    across n); test and validation molecules are the same for every seed (fixed by split_seed).
+    """
+
+    count: int = Field(3, ge=1)
+    above_n: int | None = Field(500, ge=0)
+    count_above: int = Field(1, ge=1)
+    first: int = Field(0, ge=0)
+
+    def for_n(self, n: int) -> list[int]:
+        k = self.count_above if self.above_n is not None and n > self.above_n else self.count
+        return list(range(self.first, self.first + k))
+
+
+class Variant(Section):
+    """One model family of the learning curve.
+
+    kind: single    top fidelity only (inject: single)
+          joint     top + low fidelity in one model, conditioned as `inject` says
+          delta     a model of (top − low) energies; prediction adds the low-fidelity label back,
+                    so it needs a low-fidelity calculation for every molecule it predicts
+          finetune  pre-train on the low fidelity (`pretrain` patch), then train on the top fidelity
+                    from those weights
+    """
+
+    kind: Literal["single", "joint", "delta", "finetune"]
+    inject: Inject | None = None
+    label: str | None = None
+    config: ConfigPatch = Field(default_factory=ConfigPatch)
+    pretrain: ConfigPatch = Field(default_factory=ConfigPatch)
+    ns: list[int] | None = Field(None, description="only these training-set sizes (e.g. for ablations)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "joint" and self.inject in (None, "single"):
+            raise ValueError("a joint variant needs inject: input, readout, both, onehot or heads")
+        if self.kind != "joint" and self.inject not in (None, "single"):
+            raise ValueError(f"a {self.kind} variant has one fidelity; inject must be single (or omitted)")
+        if self.kind != "finetune" and self.pretrain != ConfigPatch():
+            raise ValueError("'pretrain' applies to finetune variants only")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return self.inject or "single"
+
+    @property
+    def needs_low_at_prediction(self) -> bool:
+        return self.kind == "delta"
+
+
+class Efficiency(Section):
+    """Data-efficiency factor: n_reference(error of the best candidate at n) / n, at each n in `at`."""
+
+    at: list[int] = Field(default_factory=lambda: [500, 1000])
+    reference: str = "single"
+    candidates: list[str] | None = Field(None, description="default: all joint variants")
+
+
+class TransferPart(Section):
+    """Claim (a): two methods on disjoint molecule sets of n each; one joint model vs one model per method."""
+
+    methods: list[str] = Field(default_factory=lambda: [QM9_FIDELITY, "GFN2-xTB"], min_length=2, max_length=2)
+    ns: list[int] = Field(default_factory=lambda: [1000, 2000], min_length=1)
+    test: int = Field(1000, ge=1, description="held-out molecules, labelled at both methods")
+    val: int = Field(100, ge=1, description="validation molecules per method (model selection only)")
+    inject: Inject = "both"
+    config: ConfigPatch = Field(default_factory=ConfigPatch)
+    seeds: Seeds | None = None
+
+
+class LearningCurvePart(Section):
+    """Claim (b): top-fidelity test error vs n, with the low fidelity on n_low molecules."""
+
+    high: str = QM9_FIDELITY
+    low: str = "GFN2-xTB"
+    n_low: int = Field(20000, ge=1)
+    ns: list[int] = Field(default_factory=lambda: [100, 250, 500, 1000, 2000, 4000], min_length=1)
+    test: int = Field(2000, ge=1)
+    val: int = Field(200, ge=1, description="validation molecules at the top fidelity (model selection only)")
+    variants: dict[str, Variant]
+    config: ConfigPatch = Field(default_factory=ConfigPatch)
+    seeds: Seeds | None = None
+    efficiency: Efficiency = Field(default_factory=Efficiency)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if max(self.ns) > self.n_low:
+            raise ValueError(f"the top fidelity labels a subset of the n_low={self.n_low} low-fidelity molecules; "
+                             f"n={max(self.ns)} is larger")
+        names = set(self.variants)
+        for name in [self.efficiency.reference, *(self.efficiency.candidates or [])]:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"efficiency refers to unknown variant {name!r}{hint} (variants: {', '.join(names)})")
+        return self
+
+
+class TenMethodsPart(Section):
+    """Claim (c): one model on disjoint blocks each labelled by one method vs one model per block."""
+
+    blocks: str = "qm9mf/blocks.json"
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    max_per_block: int | None = Field(None, ge=3, description="use at most this many labelled molecules per block")
+    min_labelled: int = Field(20, ge=3, description="blocks with fewer labelled molecules are left out")
+    inject: Inject = "both"
+    config: ConfigPatch = Field(default_factory=ConfigPatch)
+    seeds: Seeds | None = None
+
+
+class EmbeddingMapPart(Section):
+    """Cosine similarities and 2-D PCA of the fidelity vectors of the ten-method joint model."""
+
+    seed: int | None = Field(None, description="which seed's model (default: the first)")
+
+
+class ExperimentSpec(Section):
+    name: str
+    description: str = ""
+    notes: str = Field("", description="shown in the report (e.g. the budget arithmetic)")
+    output: str = "results/experiment"
+    work_dir: str | None = Field(None, description="run directories (checkpoints); default <output>/work")
+    shared_data: str | None = None
+    split_seed: int = 2025
+    parallel: int = Field(1, ge=1, description="runs trained at the same time (one process each)")
+    threads: int | None = Field(1, ge=1, description="torch threads per run")
+    seeds: Seeds = Field(default_factory=Seeds)
+    base: ConfigPatch = Field(default_factory=ConfigPatch)
+    transfer: TransferPart | None = None
+    learning_curve: LearningCurvePart | None = None
+    ten_methods: TenMethodsPart | None = None
+    embedding_map: EmbeddingMapPart | None = None
+
+    def seeds_of(self, part) -> Seeds:
+        return part.seeds or self.seeds
+
+
+@dataclass
+class Paths:
+    spec: Path  # the spec file
+    root: Path  # project root: relative paths in the spec resolve against it
+    output: Path
+    work: Path
+    shared: Path
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentSpec, Paths]:
+    """Read, override (`a.b=value`), validate and resolve the paths of an experiment spec."""
+    path = Path(path)
+    if not path.is_file():
+        raise MultifiError(f"{path}: no such experiment spec")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MultifiError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise MultifiError(f"{path}: an experiment spec is a mapping (name, output, base, parts …)")
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        apply_override(raw, item, str(path))
+    spec = validate_spec(raw, str(path))
+    return spec, resolve_paths(spec, path)
+
+
+def validate_spec(raw: dict, where: str = "spec") -> ExperimentSpec:
+    try:
+        return ExperimentSpec.model_validate(raw)
+    except ValidationError as exc:
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise MultifiError(f"{where}: {_describe(errors[0])}") from None
+
+
+def resolve_paths(spec: ExperimentSpec, spec_path: Path) -> Paths:
+    spec_path = spec_path.resolve()
+    root = project_root(spec_path)
+    at_root = lambda p: Path(p).expanduser() if Path(p).expanduser().is_absolute() else root / p  # noqa: E731
+    output = at_root(spec.output)
+    env = os.environ.get("MULTIFI_SHARED_DATA")
+    shared = Path(env).expanduser() if env else at_root(spec.shared_data or "../shared/data")
+    work = at_root(spec.work_dir) if spec.work_dir else output / "work"
+    return Paths(spec=spec_path, root=root, output=output.resolve(), work=work.resolve(), shared=shared.resolve())
+
+
+def project_root(spec_path: Path) -> Path:
+    for folder in spec_path.parents:
+        if (folder / "pyproject.toml").exists() or (folder / ".git").exists():
+            return folder
+    return spec_path.parent
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(err["loc"][:-1])
+        valid = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(valid)})"
+        return f"unknown key {loc!r}{hint}"
+    if err["type"] == "missing":
+        return f"missing required key {loc!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if err["type"] == "value_error" else f"{loc}: {msg} (got {err.get('input')!r})"
+
+
+def _model_at(loc) -> type[BaseModel] | None:
+    model: Any = ExperimentSpec
+    for p in loc:
+        if isinstance(p, int) or model is None:
+            continue
+        field = model.model_fields.get(p)
+        if field is None:  # a dict key (e.g. a variant name): the value type is the model
+            continue
+        model = _first_model(field.annotation)
+    return model
+
+
+def _first_model(ann):
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in getattr(ann, "__args__", ()):
+        m = _first_model(a)
+        if m is not None:
+            return m
+    return None
