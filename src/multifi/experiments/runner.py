@@ -307,8 +307,11 @@ def _progress_of(run_dir: Path) -> dict:
         return {}
     import torch
 
-    state = torch.load(last, map_location="cpu", weights_only=False)
-    return {"epochs": int(state.get("epoch", -1)) + 1, "steps": int(state.get("global_step", 0))}
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        return {"epochs": int(state.get("epoch", -1)) + 1, "steps": int(state.get("global_step", 0))}
+    except Exception:  # noqa: BLE001 - progress is informative only
+        return {}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,305 @@
+"""Experiment runner on experiments/tiny.yaml with a synthetic shared-data folder (199 QM9 molecules):
+artefacts, resume without redoing finished runs, kill → resume, split hygiene, report-only, spec errors,
+and the data-efficiency interpolation on synthetic power-law learning curves."""
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import multifi.train.run as train_run
+from multifi.data.readers import qm9
+from multifi.errors import MultifiError
+from multifi.experiments import catalog as catalog_mod
+from multifi.experiments.efficiency import efficiency_factor, n_for_error
+from multifi.experiments.runner import load_context, plan_parts, run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "experiments" / "tiny.yaml"
+N_SMALL = 199
+SUMMARY_KEYS = {"transfer", "learning_curve", "data_efficiency", "ten_methods", "ten_methods_ratio_mean"}
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def small_csv(tmp_path_factory) -> Path:
+    try:
+        part1 = qm9.qm9_csv_paths()[0]
+    except MultifiError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path_factory.mktemp("qm9") / "qm9_part1.csv"
+    with open(part1, encoding="utf-8") as f:
+        out.write_text("".join(itertools.islice(f, N_SMALL + 1)), encoding="utf-8")
+    return out
+
+
+def _labels(path: Path, index: np.ndarray, energy: np.ndarray) -> str:
+    text = "index,energy_eV\n" + "".join(f"{i},{e:.6f}\n" for i, e in zip(index, energy))
+    path.write_bytes(gzip.compress(text.encode()))
+    return path.name
+
+
+@pytest.fixture
+def shared(monkeypatch, small_csv, tmp_path) -> Path:
+    """QM9 reduced to 199 molecules and a shared-data folder with synthetic labels and five 30-molecule blocks."""
+    monkeypatch.setattr(qm9, "qm9_csv_paths", lambda: [small_csv])
+    monkeypatch.setattr(qm9, "_MEMO", {})
+    monkeypatch.setenv("MULTIFI_CACHE", str(tmp_path / "cache"))
+    catalog_mod._read_table.cache_clear()
+    geo = qm9.load_qm9_geometries()
+    n_atoms = np.diff(geo.offsets)
+    folder = tmp_path / "shared" / "qm9mf"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    methods = ["B3LYP/6-31G(2df,p)", "GFN2-xTB", "GFN1-xTB", "HF/STO-3G", "PBE/3-21G"]
+    perm = rng.permutation(geo.index)
+    blocks = {m: sorted(int(i) for i in perm[30 * j:30 * (j + 1)]) for j, m in enumerate(methods)}
+    files = [
+        {"file": _labels(folder / "GFN2-xTB.csv.gz", geo.index, 0.9 * geo.energy + 0.3 * n_atoms
+                         + rng.normal(0, 0.05, len(geo))), "fidelity": "GFN2-xTB"},
+        {"file": _labels(folder / "GFN1-xTB.csv.gz", geo.index, 0.8 * geo.energy - 0.2 * n_atoms), "fidelity": "GFN1-xTB"},
+        {"file": _labels(folder / "HF_STO-3G.csv.gz", np.array(blocks["HF/STO-3G"][:15]),  # half its block
+                         np.zeros(15) - 100.0), "fidelity": "HF/STO-3G"},
+        {"file": "PBE_3-21G.csv.gz", "fidelity": "PBE/3-21G"},  # listed, not computed yet
+    ]
+    (folder / "manifest.json").write_text(json.dumps({"files": files}))
+    (folder / "blocks.json").write_text(json.dumps({"seed": 0, "block_size": 30, "methods": methods, "blocks": blocks}))
+    monkeypatch.setenv("MULTIFI_SHARED_DATA", str(tmp_path / "shared"))
+    yield tmp_path / "shared"
+    catalog_mod._read_table.cache_clear()
+
+
+def fake_train(calls: list):
+    """A stand-in for multifi.train.run.train without Lightning: builds the data, an untrained model
+    (initialised from init_from when asked) with fitted baselines, model.pt and metrics.json."""
+    from multifi.models.head import fit_baseline
+    from multifi.models.registry import build_potential, save_potential
+    from multifi.train.evaluate import evaluate_pairs
+    from multifi.train.init import init_from_potential
+    from multifi.train.prepare import prepare_data
+
+    def train(cfg, resume=False, config_source=""):
+        calls.append((Path(cfg.output_dir), resume))
+        run_dir = Path(cfg.output_dir)
+        assert resume or not run_dir.exists() or not any(run_dir.iterdir())
+        run_dir.mkdir(parents=True, exist_ok=True)
+        prep = prepare_data(cfg)
+        potential = build_potential(cfg.model.model_dump(), list(prep.dataset.fidelities.names))
+        if cfg.train.init_from:
+            init_from_potential(potential, cfg.train.init_from, cfg.train.init_fidelities)
+        potential.head.set_baseline(*fit_baseline(prep.dataset, prep.pairs["train"]))
+        save_potential(potential, run_dir / "model.pt")
+        metrics = evaluate_pairs(potential, prep.dataset, None, prep.pairs["test"])
+        (run_dir / "metrics.json").write_text(json.dumps({"fidelities": metrics, "n_train": {}}))
+        return run_dir
+
+    return train
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(train_run, "train", fake_train(calls))
+    return calls
+
+
+def tiny(out: Path, *more: str) -> list[str]:
+    return [f"output={out}", *more]
+
+
+def result_files(out: Path) -> dict[str, float]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+
+
+# ---------------------------------------------------------------------------------------------- runner
+def test_tiny_spec_artefacts_and_resume(shared, fake, tmp_path):
+    out = tmp_path / "out"
+    run_experiment(TINY, overrides=tiny(out))
+    n_runs = len(fake)
+    ctx = load_context(TINY, tiny(out))
+    plans = [p for pp in plan_parts(ctx).values() for p in pp.plans]
+    assert n_runs == len(plans) == len(result_files(out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS
+    assert set(summary["transfer"]) == {"8", "16"}
+    assert set(summary["transfer"]["8"]["GFN2-xTB"]) == {"joint_mae_meV", "separate_mae_meV"}
+    lc = summary["learning_curve"]
+    assert set(lc) == {"single", "joint_input", "joint_readout", "joint_both", "onehot", "heads", "delta", "finetune"}
+    assert lc["single"]["10"]["seeds"] == 2 and lc["single"]["20"]["seeds"] == 1
+    assert lc["single"]["20"]["mae_meV_std"] is None and lc["single"]["10"]["mae_meV_std"] >= 0
+    assert set(summary["data_efficiency"]) == {"n10", "n20", "best_variant", "extrapolated"}
+    assert summary["data_efficiency"]["best_variant"] in lc
+    # ten methods: every labelled block (HF/STO-3G half labelled), not the one without labels
+    assert set(summary["ten_methods"]) == {"B3LYP/6-31G(2df,p)", "GFN2-xTB", "GFN1-xTB", "HF/STO-3G"}
+    assert summary["ten_methods_ratio_mean"] > 0
+    for png in ("learning_curve", "transfer", "ten_methods", "embedding_similarity", "embedding_pca"):
+        assert (out / f"{png}.png").stat().st_size > 1000
+    readme = (out / "README.md").read_text()
+    assert f"`multifi experiment run experiments/tiny.yaml --set output={out}`" in readme
+    assert "needs GFN2-xTB" in readme and "kcal/mol" in readme and "15 of 30" in readme and "PBE/3-21G" in readme
+    details = json.loads((out / "details.json").read_text())
+    assert details["ten_methods"]["coverage"]["HF/STO-3G"] == {"block": 30, "labelled": 15, "used": 12, "train": 10,
+                                                                "val": 1, "test": 1}
+    delta = json.loads((out / "runs/learning_curve/delta/n10_s0.json").read_text())
+    assert delta["test"]["B3LYP/6-31G(2df,p)"]["needs_at_prediction"] == "GFN2-xTB"
+    # Δ evaluation adds the GFN2-xTB label back: the same error as on the Δ labels themselves
+    (d,) = delta["test_delta_labels"].values()
+    assert delta["test"]["B3LYP/6-31G(2df,p)"]["mae_meV"] == pytest.approx(d["mae_meV"], rel=1e-5)
+
+    # a second invocation trains nothing and rewrites no result
+    before = result_files(out)
+    run_experiment(TINY, overrides=tiny(out))
+    assert len(fake) == n_runs and result_files(out) == before
+
+    # a lost result is re-evaluated from its run directory; lost with its run directory, retrained alone
+    (out / "runs/transfer/n8_s1/joint.json").unlink()
+    run_experiment(TINY, overrides=tiny(out))
+    assert len(fake) == n_runs and (out / "runs/transfer/n8_s1/joint.json").exists()
+    (out / "runs/transfer/n8_s1/joint.json").unlink()
+    shutil.rmtree(out / "work/transfer/n8_s1/joint")
+    run_experiment(TINY, overrides=tiny(out))
+    assert [str(c[0].relative_to(out / "work")) for c in fake[n_runs:]] == ["transfer/n8_s1/joint/run"]
+    # a changed variant redoes that variant only
+    n_single = sum(p.meta.get("variant") == "single" and p.part == "learning_curve" for p in plans)
+    fake.clear()
+    run_experiment(TINY, overrides=tiny(out, "learning_curve.variants.single.config.train.lr=0.001"))
+    assert len(fake) == n_single and all("/single/" in str(c[0]) for c in fake)
+
+
+def test_killed_run_resumes_or_restarts(shared, fake, tmp_path):
+    out = tmp_path / "out"
+    only = ["learning_curve/single"]
+    run_experiment(TINY, overrides=tiny(out), only=only)
+    work = out / "work/learning_curve/single"
+    # killed after a checkpoint: resumed; killed before one: started afresh
+    for name, with_ckpt in (("n10_s0", True), ("n10_s1", False)):
+        (out / f"runs/learning_curve/single/{name}.json").unlink()
+        for f in ("metrics.json", "model.pt"):
+            (work / name / "run" / f).unlink()
+        if with_ckpt:
+            (work / name / "run/checkpoints").mkdir()
+            torch.save({"epoch": 0, "global_step": 3}, work / name / "run/checkpoints/last.ckpt")
+    fake.clear()
+    run_experiment(TINY, overrides=tiny(out), only=only)
+    assert sorted((c[0].parent.name, c[1]) for c in fake) == [("n10_s0", True), ("n10_s1", False)]
+    # trained but not yet evaluated: only evaluated
+    (out / "runs/learning_curve/single/n20_s0.json").unlink()
+    fake.clear()
+    run_experiment(TINY, overrides=tiny(out), only=only)
+    assert fake == [] and (out / "runs/learning_curve/single/n20_s0.json").exists()
+
+
+def test_only_pulls_in_pretraining_and_report_only_trains_nothing(shared, fake, tmp_path):
+    out = tmp_path / "out"
+    run_experiment(TINY, overrides=tiny(out), only=["learning_curve/finetune/n20"])
+    assert sorted(c[0].parent.name for c in fake) == ["n20_s0", "pretrain_s0"]
+    fine = json.loads((out / "runs/learning_curve/finetune/n20_s0.json").read_text())
+    assert fine["meta"]["pretrained_on"] == "GFN2-xTB"
+    (out / "README.md").unlink()
+    fake.clear()
+    run_experiment(TINY, overrides=tiny(out), report_only=True)
+    assert fake == [] and "not run yet" in (out / "README.md").read_text()
+    with pytest.raises(MultifiError, match="matches no run"):
+        run_experiment(TINY, overrides=tiny(out), only=["learning_curves"])
+
+
+def test_splits_keep_test_molecules_out_of_training_and_selection(shared, tmp_path):
+    ctx = load_context(TINY, tiny(tmp_path / "out"))
+    parts = plan_parts(ctx)
+    for plan in (p for pp in parts.values() for p in pp.plans):
+        train, val, test = (set(plan.files[f"{s}.keys"]) for s in ("train", "val", "test"))
+        assert not (test & train) and not (test & val) and not (train & val), plan.id
+        if plan.meta.get("role") == "pretrain":
+            assert not (set(plan.files["source0.idx"]) & set(parts["learning_curve"].splits["test"]))
+    lc = json.loads((tmp_path / "out/splits/learning_curve.json").read_text())
+    order = lc["high_train_order"]["s0"]
+    assert set(order) <= set(lc["low_pool"]) and not set(lc["test"]) & set(lc["low_pool"])
+    tr = json.loads((tmp_path / "out/splits/transfer.json").read_text())["train"]["n16_s0"]
+    a, b = tr.values()
+    assert len(a) == len(b) == 16 and not set(a) & set(b)
+    assert set(json.loads((tmp_path / "out/splits/transfer.json").read_text())["train"]["n8_s0"]["GFN2-xTB"]) \
+        <= set(b)  # nested across n
+
+
+@pytest.mark.slow
+def test_real_training_finetune_and_delta(shared, tmp_path):
+    """The real trainer through the runner: pre-training → fine-tuning via train.init_from, and Δ-learning."""
+    out = tmp_path / "out"
+    run_experiment(TINY, overrides=tiny(out), only=["learning_curve/finetune/n10_s0", "learning_curve/delta/n10_s0"])
+    for rid in ("finetune/pretrain_s0", "finetune/n10_s0", "delta/n10_s0"):
+        r = json.loads((out / f"runs/learning_curve/{rid}.json").read_text())
+        assert r["how"] == "trained" and r["steps"] > 0
+    log = (out / "work/learning_curve/finetune/n10_s0/log.txt").read_text()
+    assert "initialised" in log and "B3LYP/6-31G(2df,p) ← GFN2-xTB" in log
+
+
+# ---------------------------------------------------------------------------------------------- spec errors
+@pytest.mark.parametrize("override, needle", [
+    ("learning_curve.variants.single.kindd=single", "unknown key 'learning_curve.variants.single.kindd'; did you mean 'kind'"),
+    ("transfer.nss=[1]", "did you mean 'ns'"),
+    ("learning_curve.efficiency.reference=singel", "did you mean 'single'"),
+    ("learning_curve.variants.bad={kind: joint}", "joint variant needs inject"),
+    ("base.model.featurs=8", "unknown key 'model.featurs'; did you mean 'features'"),
+    ("learning_curve.ns=[10, 50]", "n=50 is larger"),
+])
+def test_spec_errors_are_one_line(shared, tmp_path, override, needle):
+    with pytest.raises(MultifiError) as exc:
+        ctx = load_context(TINY, tiny(tmp_path / "out", override))
+        plan_parts(ctx)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_shared_data_path_env_overrides_spec(tmp_path, monkeypatch):
+    monkeypatch.delenv("MULTIFI_SHARED_DATA", raising=False)
+    ctx = load_context(TINY, ["shared_data=/somewhere/else"])
+    assert ctx.paths.shared == Path("/somewhere/else")
+    assert load_context(TINY).paths.shared == (ROOT.parent / "shared" / "data").resolve()
+    monkeypatch.setenv("MULTIFI_SHARED_DATA", str(tmp_path))
+    assert load_context(TINY, ["shared_data=/somewhere/else"]).paths.shared == tmp_path
+
+
+# ---------------------------------------------------------------------------------------------- data efficiency
+NS = [100, 250, 500, 1000, 2000, 4000]
+
+
+def power_law(n, a=3000.0, b=0.45):
+    return a * np.asarray(n, dtype=float) ** -b
+
+
+@pytest.mark.parametrize("k", [1.0, 2.5, 4.0, 7.3])
+def test_efficiency_recovers_factor_of_power_law_inside_range(k):
+    ref = power_law(NS)
+    for n in (500, 1000):
+        e = efficiency_factor(NS, ref, n, float(power_law(k * n)))  # the joint curve is the reference at k·n
+        if k * n <= max(NS):
+            assert e.factor == pytest.approx(k, rel=1e-9) and not e.extrapolated
+
+
+def test_efficiency_flags_extrapolation_and_stays_exact_on_power_law():
+    ref = power_law(NS)
+    e = efficiency_factor(NS, ref, 1000, float(power_law(10 * 1000)))  # needs 10 000 > 4 000 measured
+    assert e.extrapolated and e.factor == pytest.approx(10.0, rel=1e-9) and "beyond the largest" in e.note
+    e = efficiency_factor(NS, ref, 500, float(power_law(0.1 * 500)))  # worse than the smallest n measured
+    assert e.extrapolated and e.factor == pytest.approx(0.1, rel=1e-9) and "below the smallest" in e.note
+
+
+def test_efficiency_interpolates_between_points_of_a_kinked_curve():
+    ns, maes = [100, 1000, 10000], [100.0, 10.0, 5.0]  # slope −1 then −0.301 in log-log
+    n, extrapolated, _ = n_for_error(ns, maes, 20.0)
+    assert not extrapolated and n == pytest.approx(500.0)
+    n, extrapolated, _ = n_for_error(ns, maes, 10.0 * 2 ** -0.5)  # halfway (log) along the second segment
+    assert n == pytest.approx(10 ** 3.5) and not extrapolated
+
+
+def test_efficiency_without_a_decreasing_end_is_undefined_but_flagged():
+    e = efficiency_factor([100, 1000], [10.0, 12.0], 500, 5.0)
+    assert e.factor is None and e.extrapolated and "does not decrease" in e.note
+    assert efficiency_factor([100], [10.0], 100, 5.0).factor is None
+    assert math.isclose(efficiency_factor([100, 1000], [10.0, 10.0], 100, 10.0).factor, 1.0)
