@@ -18,11 +18,13 @@ class PreparedData:
     pairs: dict[str, np.ndarray]  # split name → [P, 2] (structure, fidelity)
 
 
-def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None) -> PreparedData:
+def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_source: str = "") -> PreparedData:
+    """`config_source` (the config file) prefixes errors about the config's fidelity names."""
     d = cfg.data
     ds = dataset if dataset is not None else read_sources(d.sources, d.skip_invalid)
     if d.fidelities is not None:
         ds = ds.select_fidelities(d.fidelities, where="data.fidelities")
+    check_config_fidelities(cfg, ds, config_source)
     if d.split.files:
         split = split_from_files(d.split.files, ds)
     else:
@@ -32,6 +34,18 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None) -> Prep
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
     pairs["train"] = limit_pairs(pairs["train"], d.train_limits, ds, d.split.seed)
     return PreparedData(ds, split, pairs)
+
+
+#: config settings keyed by fidelity name
+FIDELITY_KEYED = (("data", "train_limits"), ("train", "fidelity_sampling"), ("loss", "fidelity_weights"))
+
+
+def check_config_fidelities(cfg: RunConfig, ds: FidelityDataset, config_source: str = "") -> None:
+    """Every fidelity the config names must be one of the data's (checked before a run writes anything)."""
+    prefix = f"{config_source}: " if config_source else ""
+    for section, key in FIDELITY_KEYED:
+        for name in getattr(getattr(cfg, section), key):
+            ds.fidelities.index(name, where=f"{prefix}{section}.{key}")
 
 
 def _compact(ds: FidelityDataset, split: Split, used: np.ndarray):

@@ -50,7 +50,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
         from multifi.data.dataset import FidelityDataset
 
         dataset = FidelityDataset.load(cached)
-    prep = prepare_data(cfg, dataset if dataset is not None else None)
+    prep = prepare_data(cfg, dataset if dataset is not None else None, config_source)
     if not resume:
         atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
         prep.split.save(run_dir / "splits.json", prep.dataset)
@@ -64,7 +64,8 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
         from multifi.train.init import init_from_potential
 
         init_from_potential(module.potential, cfg.train.init_from, cfg.train.init_fidelities)
-    ref, scale = fit_baseline(prep.dataset, prep.pairs["train"])  # always refitted on this run's data
+    # always refitted on this run's data; one pooled fit for a fidelity-blind model (inject: single)
+    ref, scale = fit_baseline(prep.dataset, prep.pairs["train"], pooled=module.potential.head.shared_baseline)
     module.potential.head.set_baseline(ref, scale)
     module.sync_ema()
 
@@ -97,7 +98,9 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=t.checkpoint_every_n_steps,
                                          save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False))
     if t.early_stopping_patience and has_val:
-        callbacks.append(EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience, mode="min"))
+        # checked after each validation (not at epoch end: a run may stop mid-epoch at max_steps, unvalidated)
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience, mode="min",
+                                       check_on_train_epoch_end=False))
     return L.Trainer(
         default_root_dir=run_dir, max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip, callbacks=callbacks,
@@ -148,9 +151,10 @@ def _configure_threads(cfg: RunConfig) -> None:
 
 def train_from_args(config: str | None, overrides: list[str], resume_dir: str | None) -> Path:
     if resume_dir:
-        cfg = load_config(Path(resume_dir) / "config.yaml", overrides)
+        source = Path(resume_dir) / "config.yaml"
+        cfg = load_config(source, overrides)
         cfg.output_dir = str(resume_dir)
-        return train(cfg, resume=True)
+        return train(cfg, resume=True, config_source=str(source))
     if config is None:
         raise MultifiError("multifi train needs a CONFIG.yaml (or --resume RUN_DIR)")
-    return train(load_config(config, overrides))
+    return train(load_config(config, overrides), config_source=str(config))

@@ -1,0 +1,181 @@
+"""Run configuration: the issue's example, unknown keys with suggestions, overrides, paths, one-line errors."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from multifi.config import RunConfig, apply_override, dump_config, load_config, validate_config
+from multifi.errors import MultifiError
+
+#: the example configuration of the issue, verbatim
+ISSUE_EXAMPLE = """
+data:
+  sources:
+    - path: data/qm9_gfn2.extxyz
+    - path: data/qm9_b3lyp.extxyz
+      fidelity: B3LYP
+  split: {val: 0.1, test: 0.1, seed: 0}
+model:
+  backbone: painn
+  features: 128
+  interactions: 3
+  cutoff: 5.0
+  fidelity_embedding: {dim: 16, inject: both}
+train:
+  epochs: 100
+  batch_size: 32
+output_dir: runs/example
+"""
+
+#: the Quick start configuration of the README, verbatim
+README_EXAMPLE = """
+data:
+  sources:
+    - path: train.extxyz           # fidelity per structure from info['fidelity']
+    - path: pbe_forces.extxyz
+      fidelity: PBE                # or one fidelity for a whole source
+    - qm9: {labels: ../shared/data/qm9mf/GFN2-xTB.csv.gz, fidelity: GFN2-xTB}
+    - qm9: {fidelity: "B3LYP/6-31G(2df,p)", limit: 500}
+  split: {val: 0.1, test: 0.1, seed: 0}
+model:
+  backbone: painn
+  features: 128
+  interactions: 3
+  cutoff: 5.0
+  fidelity_embedding: {dim: 16, inject: both}   # input | readout | both | onehot | heads | single
+train:
+  epochs: 100
+  batch_size: 32
+output_dir: runs/example
+"""
+
+
+def minimal(**extra) -> dict:
+    return {"data": {"sources": [{"path": "a.extxyz"}]}, **extra}
+
+
+def one_line_error(raw, match, where="config"):
+    with pytest.raises(MultifiError, match=match) as info:
+        validate_config(raw, where)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_issue_example_validates_exactly_as_written():
+    cfg = validate_config(yaml.safe_load(ISSUE_EXAMPLE))
+    assert isinstance(cfg, RunConfig)
+    assert [s.path for s in cfg.data.sources] == ["data/qm9_gfn2.extxyz", "data/qm9_b3lyp.extxyz"]
+    assert [s.fidelity for s in cfg.data.sources] == [None, "B3LYP"]
+    assert (cfg.data.split.val, cfg.data.split.test, cfg.data.split.seed) == (0.1, 0.1, 0)
+    m = cfg.model
+    assert (m.backbone, m.features, m.interactions, m.cutoff) == ("painn", 128, 3, 5.0)
+    assert (m.fidelity_embedding.dim, m.fidelity_embedding.inject) == (16, "both")
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.output_dir) == (100, 32, "runs/example")
+
+
+def test_readme_example_validates():
+    cfg = validate_config(yaml.safe_load(README_EXAMPLE))
+    assert cfg.data.sources[2].qm9.fidelity == "GFN2-xTB" and cfg.data.sources[3].qm9.limit == 500
+
+
+def test_defaults():
+    cfg = validate_config(minimal())
+    assert cfg.model.backbone == "painn" and cfg.model.fidelity_embedding.inject == "both"
+    assert cfg.train.epochs >= 1 and cfg.loss.energy > 0 and cfg.data.train_limits == {}
+
+
+@pytest.mark.parametrize("raw, match", [
+    (minimal(model={"featuers": 64}), r"unknown key 'model.featuers'; did you mean 'features'\?"),
+    (minimal(trian={"epochs": 1}), r"unknown key 'trian'; did you mean 'train'\?"),
+    (minimal(train={"epoch": 1}), r"unknown key 'train.epoch'; did you mean 'epochs'\?"),
+    (minimal(model={"fidelity_embedding": {"injct": "both"}}),
+     r"unknown key 'model.fidelity_embedding.injct'; did you mean 'inject'\?"),
+    ({"data": {"sources": [{"pth": "a.xyz"}]}}, r"unknown key 'data.sources.0.pth'; did you mean 'path'\?"),
+    (minimal(data={"sources": [{"path": "a"}], "splt": {}}), r"unknown key 'data.splt'; did you mean 'split'\?"),
+])
+def test_unknown_keys_suggest_the_nearest(raw, match):
+    one_line_error(raw, match)
+
+
+def test_unknown_key_without_a_near_match_lists_valid_keys():
+    msg = one_line_error(minimal(zzz=1), r"unknown key 'zzz' \(valid: data, model, loss, train, output_dir\)")
+    assert "did you mean" not in msg
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({}, r"missing required key 'data'"),
+    ({"data": {}}, r"missing required key 'data.sources'"),
+    (minimal(model={"fidelity_embedding": {"inject": "sideways"}}), r"model.fidelity_embedding.inject: .*'sideways'"),
+    (minimal(model={"features": 0}), r"model.features: .*greater than or equal to 1"),
+    (minimal(train={"epochs": "many"}), r"train.epochs: .*'many'"),
+    ({"data": {"sources": [{"fidelity": "x"}]}}, r"data.sources.0: .*exactly one of 'path' or 'qm9'"),
+    (minimal(model={"backbone": "schnet"}), r"model.backbone: .*'schnet'"),
+])
+def test_invalid_values_are_one_line_errors(raw, match):
+    one_line_error(raw, match, where="run.yaml")
+    with pytest.raises(MultifiError, match=r"^run.yaml: "):
+        validate_config(raw, "run.yaml")
+
+
+def test_load_config_file_errors(tmp_path):
+    with pytest.raises(MultifiError, match=r"nope.yaml: no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(MultifiError, match=r"bad.yaml: not valid YAML") as info:
+        load_config(bad)
+    assert "\n" not in str(info.value)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(MultifiError, match=r"list.yaml: the config must be a mapping"):
+        load_config(listy)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump(minimal(model={"featuers": 8})))
+    with pytest.raises(MultifiError, match=r"^.*typo.yaml: unknown key 'model.featuers'; did you mean 'features'\?"):
+        load_config(typo)
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(ISSUE_EXAMPLE)
+    cfg = load_config(path, ["output_dir=/tmp/x", "train.epochs=1", "model.fidelity_embedding.inject=heads",
+                             "train.lr=1e-3", "data.sources.1.fidelity=CCSD", "data.train_limits={B3LYP: 100}",
+                             "train.fidelity_sampling.B3LYP=2"])
+    assert cfg.output_dir == "/tmp/x" and cfg.train.epochs == 1 and cfg.train.lr == 1e-3
+    assert cfg.model.fidelity_embedding.inject == "heads" and cfg.data.sources[1].fidelity == "CCSD"
+    assert cfg.data.train_limits == {"B3LYP": 100} and cfg.train.fidelity_sampling == {"B3LYP": 2.0}
+    assert cfg.model.features == 128  # untouched keys keep their file values
+    with pytest.raises(MultifiError, match=r"c.yaml: unknown key 'train.epohcs'; did you mean 'epochs'\?"):
+        load_config(path, ["train.epohcs=3"])
+    with pytest.raises(MultifiError, match=r"override 'train.epochs' is not of the form key=value"):
+        load_config(path, ["train.epochs"])
+    with pytest.raises(MultifiError, match=r"train.epochs: "):
+        load_config(path, ["train.epochs=0"])
+
+
+def test_overrides_without_a_file():
+    raw = {}
+    apply_override(raw, "data.sources=[{path: x.xyz}]")
+    apply_override(raw, "model.features=8")
+    cfg = validate_config(raw)
+    assert cfg.data.sources[0].path == "x.xyz" and cfg.model.features == 8
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    sub = tmp_path / "cfgs"
+    sub.mkdir()
+    (sub / "c.yaml").write_text(ISSUE_EXAMPLE + "\n")
+    cfg = load_config(sub / "c.yaml")
+    assert cfg.data.sources[0].path == str(sub.resolve() / "data/qm9_gfn2.extxyz")
+    cfg = load_config(sub / "c.yaml", ["data.sources.0.path=/abs/file.xyz"])
+    assert cfg.data.sources[0].path == "/abs/file.xyz"
+
+
+def test_dump_and_reload_roundtrip(tmp_path):
+    src = tmp_path / "c.yaml"
+    src.write_text(README_EXAMPLE)
+    cfg = load_config(src, ["train.epochs=3"])  # paths resolved, override applied
+    path = tmp_path / "elsewhere" / "resolved.yaml"
+    path.parent.mkdir()
+    path.write_text(dump_config(cfg))
+    assert load_config(path).model_dump() == cfg.model_dump()

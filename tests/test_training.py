@@ -1,0 +1,220 @@
+"""End-to-end training through the Python API: run directory contents, refusal, kill → resume."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_FIDELITIES, rattled_molecule
+from multifi.config import load_config
+from multifi.errors import MultifiError
+from multifi.models.registry import load_potential
+from multifi.predict import predict_atoms
+from multifi.train.prepare import prepare_data
+from multifi.train.run import train
+
+METRIC_KEYS = {"n", "energy_mae_meV", "energy_rmse_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A",
+               "stress_mae_GPa"}
+
+
+def steps_per_epoch(cfg) -> int:
+    return math.ceil(len(prepare_data(cfg).pairs["train"]) / cfg.train.batch_size)
+
+
+def ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def check_metrics_json(path: Path, expected_n: dict[str, int]) -> dict:
+    payload = json.loads(path.read_text())
+    fids = payload["fidelities"]
+    assert set(fids) == set(expected_n)
+    for name, m in fids.items():
+        assert set(m) == METRIC_KEYS, name
+        assert m["n"] == expected_n[name] and isinstance(m["n"], int)
+        for key in METRIC_KEYS - {"n", "stress_mae_GPa"}:
+            assert isinstance(m[key], float) and np.isfinite(m[key]) and m[key] > 0, (name, key)
+        assert m["stress_mae_GPa"] is None  # molecules: no stress labels
+        assert m["energy_rmse_meV"] >= m["energy_mae_meV"] >= m["energy_mae_meV_per_atom"]
+    return payload
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_extxyz):
+    """One tiny 2-epoch run shared by the tests of this module (and re-used by nothing else)."""
+    root = tmp_path_factory.mktemp("train")
+    raw = {
+        "data": {"sources": [{"path": str(tiny_extxyz)}], "split": {"val": 0.2, "test": 0.2, "seed": 0}},
+        "model": {"features": 16, "interactions": 1, "cutoff": 4.0, "n_rbf": 8,
+                  "fidelity_embedding": {"dim": 4, "inject": "both"}},
+        "train": {"epochs": 2, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0},
+        "output_dir": str(root / "run"),
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path, [])
+    run_dir = train(cfg)
+    return cfg, Path(run_dir)
+
+
+def test_train_writes_the_run_directory(trained_run):
+    cfg, run_dir = trained_run
+    assert run_dir == Path(cfg.output_dir)
+    for name in ("config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.csv", "metrics.json",
+                 "model.pt", "splits.json"):
+        assert (run_dir / name).is_file(), name
+    # the resolved config reloads to the same configuration
+    assert load_config(run_dir / "config.yaml", []).model_dump() == cfg.model_dump()
+    last = ckpt(run_dir / "checkpoints/last.ckpt")
+    assert last["global_step"] == cfg.train.epochs * steps_per_epoch(cfg)
+
+
+def test_metrics_csv_has_per_fidelity_validation_columns(trained_run):
+    _, run_dir = trained_run
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    for name in TINY_FIDELITIES:
+        for key in ("energy_mae_meV", "energy_rmse_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A"):
+            assert f"val/{name}/{key}" in columns, (name, key)
+    assert "val_loss" in columns
+    epochs_with_val = {r["epoch"] for r in rows if r.get("val/hi/energy_mae_meV")}
+    assert epochs_with_val == {"0", "1"}
+
+
+def test_metrics_json_schema_and_test_counts(trained_run):
+    cfg, run_dir = trained_run
+    splits = json.loads((run_dir / "splits.json").read_text())
+    prep = prepare_data(cfg)
+    test_keys = set(splits["test"])
+    assert test_keys == set(prep.dataset.keys[prep.split.test].tolist())
+    assert not (test_keys & set(splits["train"])) and not (test_keys & set(splits["val"]))
+    expected = {name: int(prep.dataset.energy_mask[prep.split.test, k].sum())
+                for k, name in enumerate(prep.dataset.fidelities.names)}
+    assert all(expected.values())
+    check_metrics_json(run_dir / "metrics.json", expected)
+
+
+def test_trained_model_predicts_at_each_fidelity(trained_run):
+    _, run_dir = trained_run
+    pot = load_potential(run_dir / "model.pt")
+    from_ckpt = load_potential(run_dir / "checkpoints/best.ckpt")
+    assert pot.fidelities.names == TINY_FIDELITIES and pot.elements == [1, 6, 7, 8]
+    mols = [rattled_molecule("CH4", 99), rattled_molecule("H2O", 98)]
+    e_lo, f_lo, _ = predict_atoms(pot, mols, "lo")
+    e_hi, _, _ = predict_atoms(pot, mols, "hi")
+    np.testing.assert_allclose(predict_atoms(from_ckpt, mols, "lo")[0], e_lo, rtol=1e-6)  # model.pt = best EMA
+    assert np.all(np.abs(e_hi - e_lo) > 1e-3)
+    # 'hi' labels are 1.1·E + 0.3 eV/atom: the fitted reference energies carry most of that difference
+    assert np.all(e_hi > e_lo) and [f.shape for f in f_lo] == [(5, 3), (3, 3)]
+
+
+def test_existing_non_empty_run_dir_is_refused(trained_run):
+    cfg, run_dir = trained_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(MultifiError, match=f"{run_dir}: run directory exists and is not empty; use --resume"):
+        train(cfg)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_resume_without_checkpoint_is_an_error(write_config, tmp_path):
+    from multifi.train.run import train_from_args
+
+    run_dir = tmp_path / "half"
+    run_dir.mkdir()
+    with pytest.raises(MultifiError, match="half/config.yaml: no such config file"):
+        train_from_args(None, [], str(run_dir))
+    (run_dir / "config.yaml").write_text(write_config().read_text())
+    with pytest.raises(MultifiError, match="half: nothing to resume"):
+        train_from_args(None, [], str(run_dir))
+
+
+def test_config_error_leaves_run_dir_reusable(write_config, tmp_path):
+    """A run that fails on a config/data mismatch must not block the corrected run."""
+    path = write_config(train={"fidelity_sampling": {"nope": 1.0}})
+    with pytest.raises(MultifiError, match="unknown fidelity 'nope'"):
+        train(load_config(path, []))
+    path = write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0,
+                               "fidelity_sampling": {"hi": 2.0}})
+    run_dir = train(load_config(path, []))
+    assert (run_dir / "metrics.json").exists()
+
+
+def test_max_steps_shorter_than_an_epoch(write_config):
+    """Training may stop mid-epoch (train.max_steps) before any validation has run."""
+    cfg = load_config(write_config(), ["train.max_steps=2", "train.epochs=5"])
+    run_dir = train(cfg)
+    assert ckpt(run_dir / "checkpoints/last.ckpt")["global_step"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text())["fidelities"].keys() == set(TINY_FIDELITIES)
+
+
+def test_train_limits_reach_the_training_samples(write_config):
+    cfg = load_config(write_config(), ["data.train_limits.hi=3"])
+    prep = prepare_data(cfg)
+    k = prep.dataset.fidelities.index("hi")
+    assert (prep.pairs["train"][:, 1] == k).sum() == 3
+    assert (prep.pairs["train"][:, 1] != k).sum() == (prepare_data(load_config(write_config(), [])).pairs["train"][:, 1] != k).sum()
+
+
+def test_train_kill_resume(write_config, tmp_path, monkeypatch):
+    """SIGKILL a training subprocess after its first checkpoint; --resume continues from the saved step."""
+    path = write_config(train={"epochs": 6, "batch_size": 2, "progress": False, "threads": 1, "warmup_steps": 0})
+    cfg = load_config(path, [])
+    run_dir = Path(cfg.output_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    total = cfg.train.epochs * steps_per_epoch(cfg)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "train.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "multifi.cli.main", "train", str(path),
+                             "--set", "train.checkpoint_every_n_steps=3"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 150
+        while not last.exists():
+            assert proc.poll() is None, f"training exited early: {(tmp_path / 'train.log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "metrics.json").exists(), "the run finished before it was killed"
+    saved = ckpt(last)["global_step"]
+    assert 0 < saved < total
+
+    from multifi.cli.main import main
+    from multifi.train.module import PotentialModule
+
+    seen: list[int] = []
+    original = PotentialModule.training_step
+
+    def spy(self, graph, batch_idx):
+        seen.append(int(self.global_step))
+        return original(self, graph, batch_idx)
+
+    monkeypatch.setattr(PotentialModule, "training_step", spy)
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert seen[0] == saved, f"resumed at step {seen[0]}, checkpoint was at {saved}"
+    assert len(seen) == total - saved and seen == list(range(saved, total))
+    final = ckpt(last)
+    assert final["global_step"] == total and final["epoch"] == cfg.train.epochs - 1
+    assert final["hyper_parameters"]["train"]["checkpoint_every_n_steps"] == 3  # the run's own config is reused
+    assert (run_dir / "checkpoints" / "best.ckpt").exists()
+    prep = prepare_data(cfg)
+    check_metrics_json(run_dir / "metrics.json",
+                       {n: int(prep.dataset.energy_mask[prep.split.test, k].sum())
+                        for k, n in enumerate(prep.dataset.fidelities.names)})
