@@ -111,6 +111,8 @@ class TrainConfig(Section):
     devices: int | str = 1
     num_nodes: int = 1
     checkpoint_every_n_steps: int | None = None
+    val_every_n_steps: int | None = Field(None, ge=1, description="validate every N steps instead of every "
+                                          "epoch (also across epoch ends)")
     max_steps: int = -1
     fidelity_sampling: dict[str, float] = Field(default_factory=dict, description="relative sampling weight")
     progress: bool = True

@@ -101,8 +101,11 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         # checked after each validation (not at epoch end: a run may stop mid-epoch at max_steps, unvalidated)
         callbacks.append(EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience, mode="min",
                                        check_on_train_epoch_end=False))
+    # validate (and checkpoint the best model) every N steps across epochs, e.g. for step budgets
+    every = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} \
+        if t.val_every_n_steps and has_val else {}
     return L.Trainer(
-        default_root_dir=run_dir, max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
+        **every, default_root_dir=run_dir, max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip, callbacks=callbacks,
         logger=RunCSVLogger(run_dir), plugins=[AtomicCheckpointIO()],
         inference_mode=False, enable_progress_bar=t.progress, enable_model_summary=False,
