@@ -12,7 +12,8 @@ class MultifiError(ValueError):
 def unknown_name(kind: str, name: str, known: Iterable[str], where: str = "") -> MultifiError:
     """An error for an unknown name that lists the known ones and suggests the nearest."""
     known = list(known)
-    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    by_lower = {str(k).lower(): str(k) for k in known}  # suggestions ignore case (b3lyp → B3LYP)
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.5)
+    hint = f"; did you mean {by_lower[close[0]]!r}?" if close else ""
     prefix = f"{where}: " if where else ""
     return MultifiError(f"{prefix}unknown {kind} {name!r}{hint} (known: {', '.join(map(str, known))})")

@@ -57,7 +57,7 @@ def predict_file(checkpoint, structures, fidelity: str, out: Path, batch_size: i
     from multifi.models.registry import load_potential
 
     potential = load_potential(checkpoint)
-    potential.fidelity_index(fidelity)
+    potential.fidelities.index(fidelity, where=str(checkpoint))
     path = Path(structures)
     if not path.exists():
         raise MultifiError(f"{path}: no such file")

@@ -32,7 +32,7 @@ def _read(args):
             parts.append(read_source(SourceConfig(qm9=Qm9Source(labels=labels, fidelity=args.fidelity)), args.skip_invalid))
         else:
             parts.append(read_source(SourceConfig(path=s, fidelity=args.fidelity), args.skip_invalid))
-    return FidelityDataset.merge(parts) if len(parts) > 1 else parts[0]
+    return FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
 
 
 def run_info(args) -> int:

@@ -20,29 +20,40 @@ def run(args) -> int:
     import numpy as np
 
     from multifi.cli.format import metrics_table
-    from multifi.config import SourceConfig
     from multifi.data.dataset import FidelityDataset, atomic_write
-    from multifi.data.sources import guess_format, read_source
     from multifi.data.split import labelled_pairs
     from multifi.models.registry import load_potential
     from multifi.train.evaluate import evaluate_pairs
 
     potential = load_potential(args.checkpoint)
-    parts = []
-    for path in args.data:
-        fid = args.fidelity if guess_format(Path(path)) != "npz" else None
-        parts.append(read_source(SourceConfig(path=path, fidelity=fid)))
-    ds = FidelityDataset.merge(parts) if len(parts) > 1 else parts[0]
+    parts = [read_labelled(path, args.fidelity) for path in args.data]
+    ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
     check_elements(potential, ds)
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     if args.fidelity:
-        pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity, where=args.data[0])]
-        potential.fidelity_index(args.fidelity)
+        pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity, where=", ".join(args.data))]
+        potential.fidelities.index(args.fidelity, where=args.checkpoint)
     metrics = evaluate_pairs(potential, ds, None, pairs, args.batch_size)
     print(metrics_table(metrics, title=f"{args.checkpoint} on {', '.join(args.data)}"))
     if args.out:
         atomic_write(Path(args.out), lambda f: f.write(json.dumps({"fidelities": metrics}, indent=2).encode()))
     return 0
+
+
+def read_labelled(path: str, fidelity: str | None):
+    """A labelled data file with the fidelities it names per structure; `fidelity` only for files naming none."""
+    from pathlib import Path
+
+    from multifi.config import SourceConfig
+    from multifi.data.sources import guess_format, read_source
+    from multifi.errors import MultifiError
+
+    try:
+        return read_source(SourceConfig(path=path))
+    except MultifiError:
+        if fidelity is None or guess_format(Path(path)) == "npz":
+            raise
+        return read_source(SourceConfig(path=path, fidelity=fidelity))  # fails again unless the fidelity was missing
 
 
 def check_elements(potential, dataset) -> None:

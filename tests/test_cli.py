@@ -1,0 +1,283 @@
+"""The `multifi` command line end to end: train, evaluate, predict, data; bad input as one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from conftest import TINY_MODEL, periodic_cell, rattled_molecule
+from multifi.cli.main import main
+from multifi.models.registry import build_potential, load_potential, save_potential
+from multifi.predict import predict_atoms
+
+METRIC_KEYS = {"n", "energy_mae_meV", "energy_rmse_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A",
+               "stress_mae_GPa"}
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fails(argv, capsys, *fragments) -> str:
+    """Exit code 2 and exactly one stderr line `multifi: error: …` containing every fragment."""
+    code, out, err = run(argv, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, out, err)
+    assert len(lines) == 1 and lines[0].startswith("multifi: error: "), err
+    for f in fragments:
+        assert str(f) in lines[0], (f, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_extxyz):
+    """`multifi train CONFIG --set output_dir=… --set train.epochs=1` on the tiny extxyz."""
+    root = tmp_path_factory.mktemp("cli")
+    cfg = {
+        "data": {"sources": [{"path": str(tiny_extxyz)}], "split": {"val": 0.2, "test": 0.2, "seed": 0}},
+        "model": TINY_MODEL,
+        "train": {"epochs": 50, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0},
+        "output_dir": str(root / "not_used"),
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_dir = root / "run"
+    code = main(["train", str(path), "--set", f"output_dir={run_dir}", "--set", "train.epochs=1"])
+    assert code == 0
+    return path, run_dir
+
+
+# ---------------------------------------------------------------------------------------------- train
+def test_train_with_set_overrides(cli_run):
+    path, run_dir = cli_run
+    assert not (path.parent / "not_used").exists()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["output_dir"] == str(run_dir) and saved["train"]["epochs"] == 1
+    last = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 0
+    assert set(json.loads((run_dir / "metrics.json").read_text())["fidelities"]) == {"lo", "hi"}
+
+
+def test_train_refuses_existing_run_dir(cli_run, capsys):
+    path, run_dir = cli_run
+    fails(["train", path, "--set", f"output_dir={run_dir}"], capsys, str(run_dir), "exists and is not empty")
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def test_evaluate_writes_per_fidelity_json(cli_run, tiny_extxyz, tmp_path, capsys):
+    _, run_dir = cli_run
+    out = tmp_path / "eval.json"
+    code, stdout, _ = run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--out", out], capsys)
+    assert code == 0 and "lo" in stdout and "hi" in stdout
+    payload = json.loads(out.read_text())
+    assert set(payload) == {"fidelities"} and set(payload["fidelities"]) == {"lo", "hi"}
+    for name, n in (("lo", 40), ("hi", 20)):
+        m = payload["fidelities"][name]
+        assert set(m) == METRIC_KEYS and m["n"] == n and m["energy_mae_meV"] > 0 and m["stress_mae_GPa"] is None
+
+
+def test_evaluate_one_fidelity_of_a_file_naming_fidelities(cli_run, tiny_extxyz, tmp_path, capsys):
+    """--fidelity selects the labels of that fidelity; it does not relabel structures that name their own."""
+    _, run_dir = cli_run
+    out = tmp_path / "hi.json"
+    code, _, _ = run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--fidelity", "hi", "--out", out], capsys)
+    assert code == 0
+    both = tmp_path / "both.json"
+    run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--out", both], capsys)
+    hi = json.loads(out.read_text())["fidelities"]
+    assert set(hi) == {"hi"} and hi["hi"] == json.loads(both.read_text())["fidelities"]["hi"]
+
+
+def test_evaluate_file_without_fidelities_at_a_named_fidelity(cli_run, tmp_path, capsys):
+    _, run_dir = cli_run
+    mols = [rattled_molecule("CH4", 7), rattled_molecule("NH3", 8)]
+    for i, a in enumerate(mols):
+        a.calc = SinglePointCalculator(a, energy=-10.0 - i, forces=np.zeros((len(a), 3)))
+    path = tmp_path / "plain.extxyz"
+    ase.io.write(path, mols)
+    out = tmp_path / "plain.json"
+    assert run(["evaluate", run_dir / "model.pt", path, "--fidelity", "lo", "--out", out], capsys)[0] == 0
+    assert json.loads(out.read_text())["fidelities"]["lo"]["n"] == 2
+    fails(["evaluate", run_dir / "model.pt", path], capsys, str(path), "no fidelity")
+    fails(["evaluate", run_dir / "model.pt", path, "--fidelity", "CCSD"], capsys, "unknown fidelity 'CCSD'", "lo, hi")
+
+
+# ---------------------------------------------------------------------------------------------- predict
+def test_predict_writes_extxyz_with_energies(cli_run, tmp_path, capsys):
+    _, run_dir = cli_run
+    mols = [rattled_molecule("CH3OH", 5), rattled_molecule("H2O", 6)]
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, mols)
+    out = tmp_path / "pred.extxyz"
+    code, stdout, _ = run(["predict", run_dir / "model.pt", src, "--fidelity", "hi", "--out", out], capsys)
+    assert code == 0 and "wrote 2 structures" in stdout
+    frames = ase.io.read(out, ":")
+    pot = load_potential(run_dir / "model.pt")
+    e, f, _ = predict_atoms(pot, mols, "hi")
+    e_lo, _, _ = predict_atoms(pot, mols, "lo")
+    assert len(frames) == 2
+    for a, ei, fi, m in zip(frames, e, f, mols):
+        assert a.get_potential_energy() == pytest.approx(ei, rel=1e-6)
+        np.testing.assert_allclose(a.get_forces(), fi, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.positions, m.positions, atol=1e-6)
+        assert a.info["fidelity"] == "hi"
+    assert not np.allclose(e, e_lo)
+
+
+def test_predict_periodic_stress_in_ase_units(tmp_path, capsys):
+    atoms = periodic_cell(1)
+    torch.manual_seed(0)
+    pot = build_potential(TINY_MODEL, ["PBE", "R2SCAN"])
+    ref = np.zeros((119, 2))
+    ref[[11, 17], :] = [[-1.0, -1.2], [-2.0, -2.5]]
+    pot.head.set_baseline(ref, np.ones(2))
+    model = save_potential(pot, tmp_path / "model.pt")
+    src = tmp_path / "cell.extxyz"
+    ase.io.write(src, [atoms])
+    out = tmp_path / "pred.extxyz"
+    assert run(["predict", model, src, "--fidelity", "R2SCAN", "--out", out], capsys)[0] == 0
+    got = ase.io.read(out)
+    _, _, stress = predict_atoms(load_potential(model), [atoms], "R2SCAN")
+    assert np.abs(stress[0]).max() > 1e-3
+    voigt = got.get_stress()  # eV/Å³, ASE order xx yy zz yz xz xy
+    s = stress[0] * units.GPa
+    np.testing.assert_allclose(voigt, [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], rtol=1e-5, atol=1e-9)
+
+
+def test_predict_unknown_fidelity_lists_known_ones(cli_run, tmp_path, capsys):
+    _, run_dir = cli_run
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0)])
+    fails(["predict", run_dir / "model.pt", src, "--fidelity", "HI", "--out", tmp_path / "o.xyz"], capsys,
+          str(run_dir / "model.pt"), "unknown fidelity 'HI'", "did you mean 'hi'", "known: lo, hi")
+    assert not (tmp_path / "o.xyz").exists()
+
+
+def test_predict_unknown_element(cli_run, tmp_path, capsys):
+    _, run_dir = cli_run
+    src = tmp_path / "sulfur.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0), Atoms("SH2", positions=[[0, 0, 0], [1.3, 0, 0], [0, 1.3, 0]])])
+    fails(["predict", run_dir / "model.pt", src, "--fidelity", "lo", "--out", tmp_path / "o.xyz"], capsys,
+          str(src), "structure 1", "element S was not seen in training", "H, C, N, O")
+
+
+def test_evaluate_unknown_element(cli_run, tmp_path, capsys):
+    _, run_dir = cli_run
+    si = periodic_cell(0)
+    si.calc = SinglePointCalculator(si, energy=-3.0, forces=np.zeros((len(si), 3)))
+    src = tmp_path / "nacl.extxyz"
+    ase.io.write(src, [si])
+    fails(["evaluate", run_dir / "model.pt", src, "--fidelity", "lo"], capsys, str(src), "Na", "not seen in training")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_data_info_lists_per_fidelity_counts(tiny_extxyz, capsys):
+    code, out, _ = run(["data", "info", tiny_extxyz], capsys)
+    assert code == 0
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()}
+    assert rows["lo"] == ["40", "40", "0"] and rows["hi"] == ["20", "20", "0"]
+    assert "structures: 40" in out and "elements: H C N O" in out
+    assert "structures labelled at more than one fidelity: 20" in out
+
+
+def test_data_convert_then_info(tiny_extxyz, tmp_path, capsys):
+    npz = tmp_path / "tiny.npz"
+    code, out, _ = run(["data", "convert", tiny_extxyz, "--out", npz], capsys)
+    assert code == 0 and npz.exists() and "wrote 40 structures, 2 fidelities" in out
+    code, out, _ = run(["data", "info", npz], capsys)
+    assert code == 0 and "structures: 40" in out
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_missing_files(tmp_path, capsys, cli_run):
+    missing = tmp_path / "nope.extxyz"
+    fails(["data", "info", missing], capsys, str(missing), "no such file")
+    fails(["train", tmp_path / "nope.yaml"], capsys, "nope.yaml", "no such config file")
+    fails(["evaluate", tmp_path / "nope.pt", missing], capsys, "nope.pt", "no such checkpoint")
+    _, run_dir = cli_run
+    fails(["predict", run_dir / "model.pt", missing, "--fidelity", "lo", "--out", tmp_path / "o.xyz"], capsys,
+          str(missing), "no such file")
+
+
+def test_missing_data_file_named_in_config(write_config, tmp_path, capsys):
+    path = write_config(data={"sources": [{"path": str(tmp_path / "gone.extxyz")}]})
+    fails(["train", path], capsys, "gone.extxyz", "no such file")
+
+
+def test_unreadable_formats(tmp_path, capsys):
+    junk = tmp_path / "junk.extxyz"
+    junk.write_text("hello\nworld\n")
+    fails(["data", "info", junk], capsys, str(junk), "unreadable")
+    binary = tmp_path / "junk.foo"
+    binary.write_bytes(bytes(range(256)) * 2)
+    fails(["data", "info", binary], capsys, str(binary), "not a file format ASE can read")
+    bad_ckpt = tmp_path / "model.pt"
+    bad_ckpt.write_text("weights")
+    fails(["predict", bad_ckpt, junk, "--fidelity", "x", "--out", tmp_path / "o.xyz"], capsys, str(bad_ckpt),
+          "not a readable checkpoint")
+
+
+def test_structure_without_any_label(tmp_path, capsys):
+    a, b = rattled_molecule("H2O", 0), rattled_molecule("NH3", 1)
+    a.calc = SinglePointCalculator(a, energy=-1.0)
+    b.info["fidelity"] = "lo"
+    a.info["fidelity"] = "lo"
+    path = tmp_path / "nolabel.extxyz"
+    ase.io.write(path, [a, b])
+    fails(["data", "info", path], capsys, str(path), "frame 1", "no energy/forces/stress label")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_labels(tmp_path, capsys, value):
+    a, b = rattled_molecule("H2O", 0), rattled_molecule("NH3", 1)
+    a.calc = SinglePointCalculator(a, energy=-1.0)
+    b.calc = SinglePointCalculator(b, energy=float(value))
+    path = tmp_path / "nan.extxyz"
+    ase.io.write(path, [a, b], format="extxyz")
+    fails(["data", "info", path, "--fidelity", "lo"], capsys, str(path), "non-finite (NaN/inf)", "frame 1")
+    code, out, _ = run(["data", "info", path, "--fidelity", "lo", "--skip-invalid"], capsys)
+    assert code == 0 and "structures: 1" in out
+
+
+@pytest.mark.parametrize("section, key", [("data", "train_limits"), ("train", "fidelity_sampling"),
+                                          ("loss", "fidelity_weights")])
+def test_config_fidelity_absent_from_data(write_config, tmp_path, capsys, section, key):
+    path = write_config()
+    raw = yaml.safe_load(path.read_text())
+    raw.setdefault(section, {})[key] = {"B3LYP": 10}
+    path.write_text(yaml.safe_dump(raw))
+    fails(["train", path], capsys, str(path), f"{section}.{key}", "unknown fidelity 'B3LYP'", "known: lo, hi")
+    run_dir = Path(raw["output_dir"])
+    assert not run_dir.exists() or not any(run_dir.iterdir()), "a failed run left files behind"
+
+
+def test_unknown_config_key_suggests_nearest(write_config, capsys):
+    path = write_config(model={**TINY_MODEL, "featuers": 16})
+    fails(["train", path], capsys, str(path), "unknown key 'model.featuers'", "did you mean 'features'?")
+    fails(["train", write_config("ok.yaml"), "--set", "train.epcohs=1"], capsys, "unknown key 'train.epcohs'",
+          "did you mean 'epochs'?")
+    fails(["train"], capsys, "needs a CONFIG.yaml")
+
+
+def test_console_script_exit_code_and_single_line(tmp_path):
+    """The installed entry point, as a user runs it."""
+    exe = Path(sys.executable).parent / "multifi"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "multifi.cli.main"]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run(cmd + ["data", "info", str(tmp_path / "missing.xyz")], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"multifi: error: {tmp_path / 'missing.xyz'}: no such file"
