@@ -4,11 +4,12 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from multifi.data.batch import GraphCollator
 from multifi.data.dataset import FidelityDataset
 from multifi.data.neighbors import NeighborCache
+from multifi.train.sampler import FidelitySampler
 
 
 class PairDataset(Dataset):
@@ -34,26 +35,46 @@ class MultiFidelityData(L.LightningDataModule):
         self.sampling = sampling or {}
         self.neighbors = NeighborCache(dataset, cutoff, progress=progress)
         self.collate = GraphCollator(dataset, self.neighbors)
+        self._resume_state: dict | None = None
+        self.train_sampler: FidelitySampler | None = None
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        ds = PairDataset(self.pairs[name])
-        kw = dict(batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers,
-                  persistent_workers=self.num_workers > 0)
-        if shuffle and self.sampling:
-            w = self._sample_weights(self.pairs[name])
-            g = torch.Generator().manual_seed(self.seed)
-            return DataLoader(ds, sampler=WeightedRandomSampler(w, len(ds), replacement=True, generator=g), **kw)
-        return DataLoader(ds, shuffle=shuffle, **kw)
+        pairs = self.pairs[name]
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        shares = self._shares(pairs) if shuffle else None
+        sampler = FidelitySampler(pairs[:, 1], seed=self.seed, shuffle=shuffle, shares=shares, rank=rank,
+                                  world_size=world)
+        if name == "train":
+            self.train_sampler = sampler
+            if self._resume_state is not None:
+                # every loader built after a restore skips what the killed run had already trained on
+                sampler.resume(self._resume_state["epoch"], self._resume_state["batches_done"] * self.batch_size)
+        return DataLoader(PairDataset(pairs), sampler=sampler, batch_size=self.batch_size, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
-    def _sample_weights(self, pairs: np.ndarray) -> torch.Tensor:
-        """Each fidelity gets total sampling mass ∝ its configured weight (default 1 = natural share)."""
+    def _shares(self, pairs: np.ndarray) -> dict[int, float] | None:
+        """Fraction of each epoch per fidelity: configured weights, others keep their natural share."""
+        if not self.sampling:
+            return None
         names = self.dataset.fidelities.names
-        counts = np.bincount(pairs[:, 1], minlength=len(names)).astype(float)
-        share = np.array([self.sampling.get(n, counts[k] / counts.sum() if counts.sum() else 0) for k, n in enumerate(names)])
         for n in self.sampling:
             self.dataset.fidelities.index(n, where="train.fidelity_sampling")
-        per_sample = share / np.maximum(counts, 1)
-        return torch.as_tensor(per_sample[pairs[:, 1]], dtype=torch.double)
+        counts = np.bincount(pairs[:, 1], minlength=len(names)).astype(float)
+        natural = counts / max(counts.sum(), 1)
+        w = np.array([self.sampling.get(n, natural[k]) for k, n in enumerate(names)])
+        w[counts == 0] = 0
+        w = w / w.sum()
+        return {k: float(w[k]) for k in range(len(names)) if w[k] > 0}
+
+    # Saved in every checkpoint: where the training epoch stood, so a killed run resumes mid-epoch.
+    def state_dict(self):
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": int(self.trainer.current_epoch), "batches_done": int(progress.processed)}
+
+    def load_state_dict(self, state):
+        self._resume_state = state or None
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)

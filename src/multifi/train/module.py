@@ -61,10 +61,6 @@ class PotentialModule(L.LightningModule):
             self.log(f"train_{k}", v, batch_size=B, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema is not None:
-            self._update_ema()
-
     def validation_step(self, graph, batch_idx):
         forces, stress = self.loss_fn.needs(graph)
         with torch.enable_grad():
@@ -115,3 +111,5 @@ class PotentialModule(L.LightningModule):
             for g in optimizer.param_groups:
                 g["lr"] = self.train_cfg["lr"] * min(1.0, (self.global_step + 1) / warm)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.ema is not None:  # here, not in on_train_batch_end: checkpoint callbacks run before that hook
+            self._update_ema()

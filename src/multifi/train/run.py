@@ -110,7 +110,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         logger=RunCSVLogger(run_dir), plugins=[AtomicCheckpointIO()],
         inference_mode=False, enable_progress_bar=t.progress, enable_model_summary=False,
         precision="64-true" if t.precision == "64" else "32-true", log_every_n_steps=10,
-        num_sanity_val_steps=0, limit_val_batches=1.0 if has_val else 0,
+        num_sanity_val_steps=0, use_distributed_sampler=False, limit_val_batches=1.0 if has_val else 0,
     )
 
 

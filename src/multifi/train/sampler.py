@@ -1,0 +1,69 @@
+"""Order of training samples: seeded per epoch, per-fidelity mixing ratios, split across ranks, resumable."""
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class FidelitySampler(Sampler[int]):
+    """Indices into a [P, 2] array of (structure, fidelity) samples, one epoch at a time.
+
+    The global order of an epoch depends only on (seed, epoch), never on the number of processes:
+    rank r of W takes order[r::W] (padded by wrapping so every rank has the same length), so W
+    processes with batch B see exactly the global batches of one process with batch W·B.
+    `shares` {fidelity index: fraction of the epoch}: with it, each epoch draws round(P·share) samples
+    of each fidelity (without replacement while possible), keeping the mixing ratio fixed.
+    `resume(epoch, n)` skips the first n indices of that epoch (mid-epoch restart after a kill).
+    """
+
+    def __init__(self, fidelity_of_sample: np.ndarray, seed: int = 0, shuffle: bool = True,
+                 shares: dict[int, float] | None = None, rank: int = 0, world_size: int = 1):
+        self.fid = np.asarray(fidelity_of_sample, dtype=np.int64)
+        self.seed, self.shuffle, self.shares = seed, shuffle, shares or {}
+        self.rank, self.world = rank, world_size
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume(self, epoch: int, n_done: int) -> None:
+        self._resume = (int(epoch), int(n_done))
+
+    def global_order(self, epoch: int) -> np.ndarray:
+        P = len(self.fid)
+        if not self.shuffle:
+            return np.arange(P)
+        rng = np.random.default_rng([self.seed, epoch])
+        if not self.shares:
+            return rng.permutation(P)
+        parts = []
+        for k, share in sorted(self.shares.items()):
+            pool = np.flatnonzero(self.fid == k)
+            n = int(round(P * share))
+            if len(pool) == 0 or n == 0:
+                continue
+            reps = -(-n // len(pool))
+            draws = np.concatenate([rng.permutation(pool) for _ in range(reps)])[:n]
+            parts.append(draws)
+        return rng.permutation(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+    def _rank_order(self, epoch: int) -> np.ndarray:
+        order = self.global_order(epoch)
+        if self.world > 1 and len(order):
+            pad = (-len(order)) % self.world
+            order = np.concatenate([order, order[:pad]])
+            order = order[self.rank::self.world]
+        return order
+
+    def __iter__(self):
+        order = self._rank_order(self.epoch)
+        if self._resume is not None:
+            epoch, n_done = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                order = order[n_done:]
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return len(self._rank_order(self.epoch))
