@@ -140,7 +140,8 @@ def test_overrides(tmp_path):
     path.write_text(ISSUE_EXAMPLE)
     cfg = load_config(path, ["output_dir=/tmp/x", "train.epochs=1", "model.fidelity_embedding.inject=heads",
                              "train.lr=1e-3", "data.sources.1.fidelity=CCSD", "data.train_limits={B3LYP: 100}",
-                             "train.fidelity_sampling.B3LYP=2"])
+                             "train.fidelity_sampling.B3LYP=2", "train.precision=64"])
+    assert cfg.train.precision == "64"
     assert cfg.output_dir == "/tmp/x" and cfg.train.epochs == 1 and cfg.train.lr == 1e-3
     assert cfg.model.fidelity_embedding.inject == "heads" and cfg.data.sources[1].fidelity == "CCSD"
     assert cfg.data.train_limits == {"B3LYP": 100} and cfg.train.fidelity_sampling == {"B3LYP": 2.0}

@@ -218,3 +218,21 @@ def test_train_kill_resume(write_config, tmp_path, monkeypatch):
     check_metrics_json(run_dir / "metrics.json",
                        {n: int(prep.dataset.energy_mask[prep.split.test, k].sum())
                         for k, n in enumerate(prep.dataset.fidelities.names)})
+
+
+@pytest.mark.parametrize("inject, precision", [("single", "32"), ("heads", "64"), ("onehot", "32")])
+def test_train_other_modes_and_float64(write_config, inject, precision):
+    model = {"features": 16, "interactions": 1, "cutoff": 4.0, "n_rbf": 8,
+             "fidelity_embedding": {"dim": 4, "inject": inject}}
+    cfg = load_config(write_config(model=model), [f"train.precision={precision}", "train.epochs=1"])
+    run_dir = train(cfg)
+    pot = load_potential(run_dir / "model.pt")
+    assert next(pot.parameters()).dtype == (torch.float64 if precision == "64" else torch.float32)
+    mols = [rattled_molecule("CH4", 1)]
+    lo, hi = predict_atoms(pot, mols, "lo")[0], predict_atoms(pot, mols, "hi")[0]
+    if inject == "single":  # one pooled baseline: a fidelity-blind model predicts the same at both
+        assert lo == pytest.approx(hi, abs=1e-9)
+        np.testing.assert_array_equal(pot.head.ref[:, 0], pot.head.ref[:, 1])
+    else:
+        assert abs(lo - hi).max() > 1e-3
+    check_metrics_json(run_dir / "metrics.json", {"lo": 8, "hi": 4})

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from multifi.errors import MultifiError
 
@@ -119,6 +119,12 @@ class TrainConfig(Section):
     init_from: str | None = Field(None, description="start from the weights of this saved potential (.pt/.ckpt)")
     init_fidelities: dict[str, str] = Field(
         default_factory=dict, description="fidelity of this run → fidelity of init_from it starts from (default: same name)")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, v):
+        """YAML and --set train.precision=64 give an integer; accept it for the string choice."""
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class RunConfig(Section):

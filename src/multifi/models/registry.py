@@ -67,5 +67,8 @@ def load_potential(path: str | Path, map_location="cpu") -> Potential:
     else:
         raise MultifiError(f"{path}: not a multifi checkpoint")
     potential = build_potential(spec["model"], spec["fidelities"])
+    name, _ = next(iter(potential.named_parameters()))
+    if weights[name].dtype == torch.float64:  # trained in float64 (train.precision: 64): keep it
+        potential.double()
     potential.load_state_dict(weights)
     return potential.eval()
