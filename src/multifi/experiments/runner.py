@@ -163,26 +163,38 @@ def execute(ctx: Context, plans: list[RunPlan]) -> list[str]:
 
 def _execute_serial(ctx, todo, by_id) -> list[str]:
     failed: list[str] = []
+    busy: set[str] = set()
     clock = _Progress(len(todo), 1)
     for plan in todo:
-        if any(d in failed for d in plan.needs):
-            log.error("%s: skipped (a run it starts from failed)", plan.id)
-            failed.append(plan.id)
+        if _blocked(plan, failed, busy):
             continue
         try:
             clock.report(plan, run_one(ctx, plan))
         except RunBusy:
-            log.warning("%s: locked by another runner; skipped", plan.id)
+            log.warning("%s: being trained by another runner; skipped", plan.id)
+            busy.add(plan.id)
         except Exception as exc:  # noqa: BLE001 - one failed run must not stop the others
-            if isinstance(exc, KeyboardInterrupt):
-                raise
             log.error("%s: failed (%s: %s)", plan.id, type(exc).__name__, exc)
             failed.append(plan.id)
     return failed
 
 
+def _blocked(plan: RunPlan, failed: list[str], busy: set[str]) -> bool:
+    """Whether a run cannot start because a run it starts from failed (→ failed too) or is held elsewhere."""
+    if any(d in failed for d in plan.needs):
+        log.error("%s: skipped (a run it starts from failed)", plan.id)
+        failed.append(plan.id)
+        return True
+    if any(d in busy for d in plan.needs):
+        log.warning("%s: skipped (a run it starts from is being trained by another runner)", plan.id)
+        busy.add(plan.id)
+        return True
+    return False
+
+
 def _execute_parallel(ctx, todo, by_id) -> list[str]:
     failed: list[str] = []
+    busy: set[str] = set()
     pending = list(todo)
     waiting_for = {p.id for p in todo}
     clock = _Progress(len(todo), ctx.spec.parallel)
@@ -192,9 +204,7 @@ def _execute_parallel(ctx, todo, by_id) -> list[str]:
             for plan in list(pending):
                 if len(running) >= ctx.spec.parallel:
                     break
-                if any(d in failed for d in plan.needs):
-                    log.error("%s: skipped (a run it starts from failed)", plan.id)
-                    failed.append(plan.id)
+                if _blocked(plan, failed, busy):
                     pending.remove(plan)
                 elif not any(d in waiting_for for d in plan.needs):
                     running[pool.submit(run_one, ctx, plan)] = plan
@@ -208,7 +218,8 @@ def _execute_parallel(ctx, todo, by_id) -> list[str]:
                 try:
                     clock.report(plan, fut.result())
                 except RunBusy:
-                    log.warning("%s: locked by another runner; skipped", plan.id)
+                    log.warning("%s: being trained by another runner; skipped", plan.id)
+                    busy.add(plan.id)
                 except Exception as exc:  # noqa: BLE001
                     log.error("%s: failed (%s: %s)", plan.id, type(exc).__name__, exc)
                     failed.append(plan.id)
