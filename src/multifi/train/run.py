@@ -35,9 +35,10 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
     """Train a potential as configured; returns the run directory."""
     run_dir = Path(cfg.output_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
+    leader = _is_leader_process()
     if resume and not last.exists():
         raise MultifiError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    if leader and not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise MultifiError(f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} or another output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     _configure_threads(cfg)
@@ -51,7 +52,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
 
         dataset = FidelityDataset.load(cached)
     prep = prepare_data(cfg, dataset if dataset is not None else None, config_source)
-    if not resume:
+    if leader and not resume:
         atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
         prep.split.save(run_dir / "splits.json", prep.dataset)
         if cfg.data.cache:
@@ -133,6 +134,15 @@ def _report_data(prep) -> None:
         log.info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
+def _is_leader_process() -> bool:
+    """True in the process that owns the run directory: global rank 0 under torchrun/SLURM, or the
+    process that Lightning's launcher starts the other ranks from (it sets LOCAL_RANK only in those)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ and "WORLD_SIZE" in os.environ | ({"WORLD_SIZE": 1} if var == "SLURM_PROCID" else {}):
+            return int(os.environ[var]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
 def _quiet_lightning() -> None:
     """Keep Lightning's tips and deprecation chatter out of the user's terminal."""
     import warnings
@@ -144,6 +154,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*Experiment logs directory.*")
     warnings.filterwarnings("ignore", message=r".*limit_val_batches.*")
+    warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")  # per-fidelity metrics are reduced by hand  # the datamodule resumes it
 
 
 def _configure_threads(cfg: RunConfig) -> None:
