@@ -138,23 +138,26 @@ def test_predict_writes_extxyz_with_energies(cli_run, tmp_path, capsys):
 
 
 def test_predict_periodic_stress_in_ase_units(tmp_path, capsys):
-    atoms = periodic_cell(1)
+    """Crystals get a stress (eV/Å³, Voigt, ASE sign) in the output; molecules in the same file get none."""
+    atoms, mol = periodic_cell(1), rattled_molecule("H2O", 3)
     torch.manual_seed(0)
     pot = build_potential(TINY_MODEL, ["PBE", "R2SCAN"])
     ref = np.zeros((119, 2))
-    ref[[11, 17], :] = [[-1.0, -1.2], [-2.0, -2.5]]
+    ref[[1, 8, 11, 17], :] = [[-0.5, -0.6], [-3.0, -3.1], [-1.0, -1.2], [-2.0, -2.5]]
     pot.head.set_baseline(ref, np.ones(2))
     model = save_potential(pot, tmp_path / "model.pt")
     src = tmp_path / "cell.extxyz"
-    ase.io.write(src, [atoms])
+    ase.io.write(src, [atoms, mol])
     out = tmp_path / "pred.extxyz"
     assert run(["predict", model, src, "--fidelity", "R2SCAN", "--out", out], capsys)[0] == 0
-    got = ase.io.read(out)
+    got = ase.io.read(out, ":")
     _, _, stress = predict_atoms(load_potential(model), [atoms], "R2SCAN")
     assert np.abs(stress[0]).max() > 1e-3
-    voigt = got.get_stress()  # eV/Å³, ASE order xx yy zz yz xz xy
+    voigt = got[0].get_stress()  # eV/Å³, ASE order xx yy zz yz xz xy
     s = stress[0] * units.GPa
     np.testing.assert_allclose(voigt, [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], rtol=1e-5, atol=1e-9)
+    assert "stress" not in got[1].calc.results and not got[1].pbc.any()
+    assert got[1].get_potential_energy() == pytest.approx(predict_atoms(load_potential(model), [mol], "R2SCAN")[0][0])
 
 
 def test_predict_unknown_fidelity_lists_known_ones(cli_run, tmp_path, capsys):

@@ -28,8 +28,8 @@ def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, fo
             f = out["forces"].detach().numpy()
             splits = np.cumsum(g.n_atoms.numpy())[:-1]
             forces_out.extend(np.split(f, splits))
-        st = out.get("stress")
-        stresses.extend(list(st.detach().numpy()) if st is not None else [None] * len(chunk))
+        st = out.get("stress")  # molecules batched with crystals get no stress (not a zero one)
+        stresses.extend(st[i].detach().numpy() if st is not None and a.pbc.any() else None for i, a in enumerate(chunk))
     return np.concatenate(energies) if energies else np.zeros(0), forces_out, stresses
 
 
