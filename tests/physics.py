@@ -246,6 +246,17 @@ def check_cutoff_smoothness(make_potential: MakePotential, element: str = "C", h
     assert_nontrivial_forces(predict(pot, [dimer(0.7 * rc)])["forces"], "cutoff smoothness")
 
 
+def check_isolated_atoms(make_potential: MakePotential) -> None:
+    """Structures without edges (one atom; atoms beyond the cutoff) work: zero forces, additive energies."""
+    pot = prepared(make_potential)
+    far = 2 * pot.cutoff
+    single_h, single_o = Atoms("H", positions=[[0, 0, 0]]), Atoms("O", positions=[[1, 2, 3]])
+    apart = Atoms("HO", positions=[[0, 0, 0], [far, 0, 0]])
+    out = predict(pot, [single_h, single_o, apart])
+    assert np.isfinite(out["energy"]).all() and not out["forces"].any()
+    assert out["energy"][2] == _approx(out["energy"][0] + out["energy"][1])
+
+
 # ---------------------------------------------------------------------------------------------- batches, fidelities
 def check_batch_independence(make_potential: MakePotential, atoms_list: Sequence[Atoms]) -> None:
     """A structure's energy, forces and stress do not depend on the other structures in its batch

@@ -174,3 +174,46 @@ def test_predict_atoms_rejects_unseen_elements(molecules):
         predict_atoms(pot, molecules[:2], "lo")
     with pytest.raises(MultifiError, match="unknown fidelity 'hi'"):
         predict_atoms(pot, molecules[:1], "hi")
+
+
+def test_metrics_per_fidelity_exact_values(molecules):
+    from multifi.train.metrics import FidelityMetrics
+
+    g = graph_from_atoms(molecules, 4.0, [0, 1, 0], dtype=torch.float64)  # 3, 6 and 4 atoms
+    g.energy = torch.tensor([-10.0, -20.0, -30.0], dtype=torch.float64)
+    g.energy_mask = torch.tensor([True, True, False])
+    g.forces = torch.zeros_like(g.positions)
+    g.forces_mask = torch.tensor([True, False, True])
+    out = {"energy": torch.tensor([-10.3, -19.0, 999.0], dtype=torch.float64),
+           "forces": torch.full_like(g.positions, 0.002)}
+    m = FidelityMetrics(["a", "b", "unused"])
+    m.update(out, g)
+    m.update(out, g)  # accumulates: same averages, double counts
+    res = m.compute()
+    assert set(res) == {"a", "b"}  # fidelities without labels are left out
+    a, b = res["a"], res["b"]
+    assert a["n"] == 2 and b["n"] == 2
+    assert a["energy_mae_meV"] == pytest.approx(300.0) and a["energy_rmse_meV"] == pytest.approx(300.0)
+    assert a["energy_mae_meV_per_atom"] == pytest.approx(100.0)
+    assert a["forces_mae_meV_per_A"] == pytest.approx(2.0) and b["forces_mae_meV_per_A"] is None
+    assert b["energy_mae_meV"] == pytest.approx(1000.0) and b["energy_mae_meV_per_atom"] == pytest.approx(1000.0 / 6)
+    assert a["stress_mae_GPa"] is None
+
+
+def test_loss_fidelity_weights(molecules):
+    """A fidelity weight of 0 removes its samples; weights are relative (scaling all changes nothing)."""
+    from multifi.train.loss import MultiFidelityLoss
+
+    ds = physics.labelled_dataset(molecules, ("lo", "hi"))
+    pot = physics.prepared(make_painn, ds.fidelities.names)
+    pairs = np.array([[0, 0], [1, 1], [2, 0], [0, 1]])
+    g = physics.collate(ds, pairs, pot.cutoff)
+    out = pot(g, forces=True)
+    only_lo = physics.collate(ds, pairs[pairs[:, 1] == 0], pot.cutoff)
+    out_lo = pot(only_lo, forces=True)
+    loss0, _ = MultiFidelityLoss(fidelity_weights=torch.tensor([1.0, 0.0], dtype=torch.float64))(out, g)
+    ref, _ = MultiFidelityLoss()(out_lo, only_lo)
+    assert float(loss0) == pytest.approx(float(ref), rel=1e-6)
+    l1, _ = MultiFidelityLoss(fidelity_weights=torch.tensor([1.0, 3.0], dtype=torch.float64))(out, g)
+    l2, _ = MultiFidelityLoss(fidelity_weights=torch.tensor([2.0, 6.0], dtype=torch.float64))(out, g)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6) and float(l1) != pytest.approx(float(loss0), rel=1e-3)

@@ -62,3 +62,7 @@ def test_energy_continuous_at_cutoff():
 
 def test_prediction_independent_of_batch(make_potential, molecules, periodic):
     physics.check_batch_independence(make_potential, [molecules[0], periodic, molecules[1], molecules[2]])
+
+
+def test_structures_without_edges():
+    physics.check_isolated_atoms(make_painn)
