@@ -253,11 +253,12 @@ def run_one(ctx: Context, plan: RunPlan) -> dict:
             if not Path(fill(spec["path"], {"inputs": str(inputs)})).exists():
                 baselines.build_derived(spec, inputs, ctx.catalog)
         cfg = validate_config(fill(plan.config, _placeholders(ctx, plan, inputs, run_dir)), where=f"run {plan.id}")
-        t0, how = time.time(), _train(cfg, run_dir)
-        seconds = time.time() - t0
+        t0, cpu0 = time.time(), time.process_time()
+        how = _train(cfg, run_dir)
+        seconds, cpu = time.time() - t0, time.process_time() - cpu0
         result = {"id": plan.id, "part": plan.part, "signature": signature, "meta": plan.meta,
                   **baselines.evaluate(plan, run_dir, inputs, ctx.catalog),
-                  "train_seconds": round(seconds, 1), "how": how, **_progress_of(run_dir),
+                  "train_seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "how": how, **_progress_of(run_dir),
                   "run_dir": _relative(run_dir, ctx.paths.output), "command": ctx.command,
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write(result_path(ctx, plan.id), lambda f: f.write(json.dumps(result, indent=1).encode()))
