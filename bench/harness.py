@@ -1,0 +1,223 @@
+"""Side-by-side A/B benchmark of multifi against its peers (issue 5), alternating runs in one invocation.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/harness.py [--peers schnetpack] [--threads 1,2] [--pairs 3]
+        [--n 2000] [--steps 50] [--md-steps 300] [--out bench/results.json] [--setup-only]
+
+What it does
+  1. Creates each peer's virtual environment when missing (bench/.venv-peers-<peer>, gitignored):
+     `python3 -m venv`, then `pip install -c bench/peers/constraints.txt torch==2.13.0 <peer>==<pin> ase`
+     (torch pinned exactly to the CPU wheel on local disk). The peers are never runtime dependencies.
+  2. Exports the same data for everybody: N QM9 molecules with GFN2-xTB energies
+     (/work/shared/data/qm9mf/GFN2-xTB.csv.gz, geometries via multifi.data.readers.qm9.read_qm9,
+     limit=N, seed=0) to bench/.scratch/qm9_gfn2_n<N>.extxyz, and the first 18-atom one of them to
+     bench/.scratch/md_molecule.xyz. multifi reads the same molecules through read_qm9 (same call).
+  3. For each thread count, `pairs` times: ours-train, peer-train, ours-md, peer-md — each a fresh
+     process (bench/peers/<framework>_painn.py) with OMP_NUM_THREADS=MKL_NUM_THREADS=T,
+     OMP_WAIT_POLICY=PASSIVE and torch.set_num_threads(T); DataLoader workers 0 on both sides.
+  4. Reports medians over the pairs and ratios ours/peer; writes bench/results.json and prints a table.
+
+Same model on both sides: PaiNN 128 features, 3 interactions, 5 Å cosine cutoff, 20 radial functions
+(ours Bessel, schnetpack's default Gaussian), atomwise MLP 128→64→1, batch 32, float32, lr 5e-4 AdamW.
+What each side times is described in bench/peers/multifi_painn.py and bench/peers/schnetpack_painn.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+SCRATCH = BENCH / ".scratch"
+LABELS = Path("/work/shared/data/qm9mf/GFN2-xTB.csv.gz")
+PEER_PINS = {"schnetpack": "schnetpack==2.0.4", "matgl": "matgl==4.1.2"}
+OURS_PYTHON = sys.executable
+
+
+# ------------------------------------------------------------------------------------------ environments
+def peer_python(peer: str) -> Path:
+    return BENCH / f".venv-peers-{peer}" / "bin" / "python"
+
+
+def ensure_peer_venv(peer: str) -> Path:
+    """Create bench/.venv-peers-<peer> and install the pinned peer into it, unless already done."""
+    venv = BENCH / f".venv-peers-{peer}"
+    stamp = venv / ".installed"
+    if stamp.exists():
+        return peer_python(peer)
+    print(f"[harness] creating {venv} (pip install {PEER_PINS[peer]}; a few minutes)", file=sys.stderr, flush=True)
+    subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
+    cmd = [str(venv / "bin" / "pip"), "install", "-q", "-c", str(BENCH / "peers" / "constraints.txt"),
+           "torch==2.13.0", PEER_PINS[peer], "ase"]
+    if peer == "schnetpack":
+        cmd.append("matscipy")  # its QM9 experiment config's neighbour list
+    env = dict(os.environ, HOME=str(SCRATCH / "home"))  # matgl writes ~/.cache/matgl on import
+    subprocess.run(cmd, check=True, env=env)
+    stamp.write_text(" ".join(cmd) + "\n")
+    return peer_python(peer)
+
+
+# ------------------------------------------------------------------------------------------ data
+def export_qm9(n: int) -> tuple[Path, Path]:
+    """The N benchmark molecules as extxyz (info energy_eV, key) and one 18-atom molecule for MD."""
+    xyz, md = SCRATCH / f"qm9_gfn2_n{n}.extxyz", SCRATCH / "md_molecule.xyz"
+    if xyz.exists() and md.exists():
+        return xyz, md
+    import ase
+    import ase.io
+
+    from multifi.data.readers.qm9 import read_qm9
+
+    SCRATCH.mkdir(exist_ok=True)
+    ds = read_qm9(labels=LABELS, limit=n, seed=0)
+    frames = []
+    for s in range(len(ds)):
+        sl = ds.atoms_slice(s)
+        a = ase.Atoms(ds.numbers[sl], ds.positions[sl])
+        a.info["energy_eV"], a.info["key"] = float(ds.energy[s, 0]), str(ds.keys[s])
+        frames.append(a)
+    ase.io.write(str(xyz) + ".tmp", frames, format="extxyz")
+    os.replace(str(xyz) + ".tmp", xyz)
+    first18 = next(a for a in frames if len(a) == 18)
+    ase.io.write(md, ase.Atoms(first18.numbers, first18.positions), format="xyz")
+    return xyz, md
+
+
+# ------------------------------------------------------------------------------------------ runs
+def run(cmd: list[str], threads: int, env_extra: dict | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
+               HOME=str(SCRATCH / "home"), PYTHONWARNINGS="ignore", **(env_extra or {}))
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT:")]
+    if p.returncode != 0 or not lines:
+        sys.stderr.write(p.stdout[-3000:] + p.stderr[-5000:])
+        raise SystemExit(f"[harness] failed: {shlex.join(cmd)}")
+    out = json.loads(lines[-1][len("RESULT:"):])
+    out["wall_s"] = time.perf_counter() - t0
+    out["loadavg_after"] = os.getloadavg()[0]
+    return out
+
+
+def commands(peer: str, task: str, threads: int, args, xyz: Path, md: Path) -> tuple[list[str], list[str]]:
+    common = ["--task", task, "--threads", str(threads), "--steps", str(args.steps), "--md-steps", str(args.md_steps),
+              "--md-xyz", str(md)]
+    ours = [OURS_PYTHON, str(BENCH / "peers" / "multifi_painn.py"), "--n", str(args.n), "--labels", str(LABELS)] + common
+    if peer == "schnetpack":
+        theirs = [str(peer_python(peer)), str(BENCH / "peers" / "schnetpack_painn.py"), "--extxyz", str(xyz),
+                  "--scratch", str(SCRATCH), "--nl", args.spk_nl] + common
+    else:
+        raise SystemExit(f"no PaiNN-on-QM9 comparison for peer {peer!r} (matgl has no PaiNN; its M3GNet half comes "
+                         "with models/m3gnet.py)")
+    return ours, theirs
+
+
+METRICS = [  # (task, key in the script's result, name, unit, higher is better)
+    ("train", "train_structures_per_s", "train", "structures/s", True),
+    ("train", "train_structures_per_s_window", "train_window", "structures/s", True),
+    ("train", "model_only_structures_per_s", "train_model_only", "structures/s", True),
+    ("train", "infer_structures_per_s", "inference", "structures/s", True),
+    ("md", "md_steps_per_s", "md", "steps/s", True),
+    ("train", "peak_rss_MB", "peak_rss_train", "MB", False),
+    ("md", "peak_rss_MB", "peak_rss_md", "MB", False),
+]
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "src/multifi/models", "src/multifi/nn",
+                                "src/multifi/data"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peers", default="schnetpack")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--n", type=int, default=2000, help="QM9 molecules")
+    ap.add_argument("--steps", type=int, default=50, help="timed training steps per run (after 10 warm-up steps)")
+    ap.add_argument("--md-steps", type=int, default=300)
+    ap.add_argument("--spk-nl", choices=["matscipy", "ase"], default="matscipy",
+                    help="schnetpack neighbour-list transform (its QM9 experiment config uses matscipy)")
+    ap.add_argument("--tasks", default="train,md")
+    ap.add_argument("--out", default=str(BENCH / "results.json"))
+    ap.add_argument("--setup-only", action="store_true")
+    args = ap.parse_args()
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    peers = [p for p in args.peers.split(",") if p]
+    for p in peers:
+        ensure_peer_venv(p)
+    xyz, md = export_qm9(args.n)
+    if args.setup_only:
+        return
+    command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/harness.py " + shlex.join(sys.argv[1:])
+    entries, raw = [], []
+    tasks = args.tasks.split(",")
+    for peer in peers:
+        for threads in [int(t) for t in args.threads.split(",")]:
+            runs = {("ours", t): [] for t in tasks} | {("peer", t): [] for t in tasks}
+            for pair in range(args.pairs):
+                for task in tasks:
+                    ours_cmd, peer_cmd = commands(peer, task, threads, args, xyz, md)
+                    for side, cmd in (("ours", ours_cmd), ("peer", peer_cmd)):  # A, B alternating
+                        r = run(cmd, threads)
+                        r.update(side=side, pair=pair, peer=peer)
+                        runs[(side, task)].append(r)
+                        raw.append(r)
+                        key = "train_structures_per_s" if task == "train" else "md_steps_per_s"
+                        print(f"[harness] {peer} T={threads} pair {pair} {task:5s} {side:4s} {key}={r[key]:.1f} "
+                              f"load={r['loadavg_after']:.1f}", file=sys.stderr, flush=True)
+            for task, key, name, unit, higher in METRICS:
+                if task not in tasks:
+                    continue
+                o = [r[key] for r in runs[("ours", task)] if key in r]
+                p = [r[key] for r in runs[("peer", task)] if key in r]
+                if not o or not p:
+                    continue
+                mo, mp = statistics.median(o), statistics.median(p)
+                # ratio of each interleaved pair, then the median of those (robust to load drift)
+                pair_ratios = [a / b for a, b in zip(o, p)]
+                v_ours, v_peer = runs[("ours", task)][0]["versions"], runs[("peer", task)][0]["versions"]
+                entries.append({
+                    "name": f"painn_qm9_{name}_{threads}thread", "ours": round(mo, 2), "peer": round(mp, 2),
+                    "peer_name": f"{peer} {v_peer.get(peer, '')}".strip(), "unit": unit,
+                    "ratio": round(mo / mp, 3), "ratio_median_of_pairs": round(statistics.median(pair_ratios), 3),
+                    "higher_is_better": higher, "threads": threads, "pairs": len(pair_ratios),
+                    "ours_runs": [round(x, 2) for x in o], "peer_runs": [round(x, 2) for x in p],
+                    "machine": machine(), "versions": {"ours": v_ours, "peer": v_peer, "multifi_commit": git_commit()},
+                    "command": command,
+                })
+    Path(args.out).write_text(json.dumps(entries, indent=1) + "\n")
+    (SCRATCH / "harness_raw.json").write_text(json.dumps(raw, indent=1) + "\n")
+    print_table(entries)
+
+
+def print_table(entries: list[dict]) -> None:
+    print(f"{'comparison':40s} {'ours':>10s} {'peer':>10s} {'unit':>13s} {'ratio':>7s} {'pairwise':>8s}  peer")
+    for e in entries:
+        print(f"{e['name']:40s} {e['ours']:10.1f} {e['peer']:10.1f} {e['unit']:>13s} {e['ratio']:7.2f} "
+              f"{e['ratio_median_of_pairs']:8.2f}  {e['peer_name']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Helpers shared by the per-framework benchmark scripts (stdlib + torch + lightning + ase only).
+
+Each script in bench/peers/ runs inside one framework's virtual environment (ours: .venv; a peer:
+bench/.venv-peers-<peer>) and prints exactly one JSON line prefixed with RESULT: on stdout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+# the same model and data settings on both sides (issue 5)
+FEATURES, INTERACTIONS, CUTOFF, N_RBF, BATCH = 128, 3, 5.0, 20, 32
+LR = 5e-4
+
+
+def setup_threads(threads: int) -> None:
+    """Pin the intra-op thread count (OMP_NUM_THREADS and OMP_WAIT_POLICY are set by the harness)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def versions(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def step_timer():
+    """A Lightning callback recording perf_counter() after every training batch (end of optimizer step)."""
+    try:
+        from lightning.pytorch.callbacks import Callback
+    except ImportError:  # schnetpack uses the pytorch_lightning namespace
+        from pytorch_lightning.callbacks import Callback
+
+    class StepTimer(Callback):
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def train_rates(ends: list[float], warmup: int, batch: int) -> dict:
+    """Intervals between consecutive step ends (each = fetch+collate next batch, forward, loss, backward,
+    optimizer, callbacks) after `warmup` steps → structures/s (median interval and whole window)."""
+    t = ends[warmup:]
+    dt = [b - a for a, b in zip(t, t[1:])]
+    return {"train_structures_per_s": batch / statistics.median(dt),
+            "train_structures_per_s_window": batch * len(dt) / (t[-1] - t[0]), "train_steps_timed": len(dt)}
+
+
+def time_md(atoms, calc, steps: int, warmup: int = 20, dt_fs: float = 0.5) -> dict:
+    """NVE VelocityVerlet through an ASE calculator: MD steps/s over `steps` after `warmup` steps."""
+    import numpy as np
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = atoms.copy()
+    atoms.calc = calc
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    md = VelocityVerlet(atoms, timestep=dt_fs * units.fs)
+    md.run(warmup)
+    e0 = atoms.get_total_energy()
+    t0 = time.perf_counter()
+    md.run(steps)
+    seconds = time.perf_counter() - t0
+    return {"md_steps_per_s": steps / seconds, "md_steps": steps, "md_atoms": len(atoms),
+            "md_energy_drift_eV": float(atoms.get_total_energy() - e0), "md_final_T_K": float(atoms.get_temperature())}
+
+
+def emit(result: dict) -> None:
+    result["peak_rss_MB"] = peak_rss_mb()
+    result["threads_env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
+    sys.stdout.write("RESULT:" + json.dumps(result) + "\n")
+    sys.stdout.flush()
