@@ -1,0 +1,298 @@
+"""M3GNet: special functions, triplet enumeration, the physics check suite, cutoff smoothness, fidelity
+conditioning and training."""
+from __future__ import annotations
+
+import copy
+import itertools
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+
+import physics
+from conftest import TINY_MODEL
+from multifi.data.batch import graph_from_atoms
+from multifi.data.dataset import FidelityDataset
+from multifi.data.split import labelled_pairs
+from multifi.errors import MultifiError
+from multifi.models.head import fit_baseline
+from multifi.models.m3gnet import (M3GNet, SmoothBesselBasis, SphericalBesselRadial, Triplets, edge_pairs, legendre,
+                                   spherical_jn, spherical_jn_roots)
+from multifi.models.registry import build_potential, load_potential, save_potential
+from multifi.nn.fidelity import MODES
+from multifi.train.loss import MultiFidelityLoss
+
+SOLIDS = Path("/work/shared/data/solids")
+#: small enough for finite differences; three-body cutoff below the two-body one so both are exercised
+SMALL = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": 4.0, "threebody_cutoff": 3.0,
+         "max_n": 2, "max_l": 3, "n_rbf": 6}
+
+
+def make_m3gnet(fidelities, inject: str = "both", **model):
+    cfg = copy.deepcopy(TINY_MODEL)
+    cfg.update(SMALL, **model)
+    cfg["fidelity_embedding"] = {"dim": 4, "inject": inject}
+    return build_potential(cfg, fidelities)
+
+
+@pytest.fixture(params=["both", "readout", "single"])
+def make_potential(request):
+    return partial(make_m3gnet, inject=request.param)
+
+
+# ---------------------------------------------------------------------------------------------- special functions
+def test_spherical_bessel_matches_scipy_including_small_arguments():
+    sj = pytest.importorskip("scipy.special").spherical_jn
+    x = torch.cat([torch.logspace(-4, 0, 200, dtype=torch.float64), torch.linspace(1, 40, 4000, dtype=torch.float64)])
+    for l in range(8):
+        np.testing.assert_allclose(spherical_jn(x, l).numpy(), sj(l, x.numpy()), atol=1e-14, err_msg=f"j_{l}")
+
+
+def test_bessel_roots_and_orthonormal_radial_bases():
+    sj = pytest.importorskip("scipy.special").spherical_jn
+    roots = spherical_jn_roots(5, 4)
+    assert torch.allclose(roots[0], torch.arange(1, 5, dtype=torch.float64) * np.pi)
+    for l in range(5):
+        assert np.abs(sj(l, roots[l].numpy())).max() < 1e-12
+        assert (roots[l].diff() > 0).all() and roots[l][0] > l  # first max_n zeros, in order
+    r = torch.linspace(1e-6, 4.0, 100001, dtype=torch.float64)
+    dr = r[1] - r[0]
+    radial = SphericalBesselRadial(4.0, max_n=4, max_l=3)(r)  # [E, L, Nn]
+    for l in range(3):
+        gram = torch.einsum("en,em,e->nm", radial[:, l], radial[:, l], r**2) * dr
+        torch.testing.assert_close(gram, torch.eye(4, dtype=torch.float64), atol=1e-4, rtol=0)
+    smooth = SmoothBesselBasis(4.0, 8)(r)
+    gram = torch.einsum("en,em,e->nm", smooth, smooth, r**2) * dr
+    torch.testing.assert_close(gram, torch.eye(8, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_smooth_bessel_vanishes_with_two_derivatives_at_cutoff():
+    basis = SmoothBesselBasis(5.0, 12).double()
+    r = torch.tensor([5.0 - 1e-3], dtype=torch.float64, requires_grad=True)
+    b = basis(r)[0]
+    d1 = torch.stack([torch.autograd.grad(b[n], r, create_graph=True)[0][0] for n in range(12)])
+    d2 = torch.stack([torch.autograd.grad(d1[n], r, retain_graph=True)[0][0] for n in range(12)])
+    assert b.abs().max() < 1e-6 and d1.abs().max() < 1e-3 and d2.abs().max() < 1
+    assert basis(torch.tensor([2.0], dtype=torch.float64)).abs().max() > 0.1  # non-trivial inside
+    assert not basis(torch.tensor([5.0, 5.5], dtype=torch.float64)).any()
+
+
+def test_legendre_polynomials():
+    c = torch.linspace(-1, 1, 11, dtype=torch.float64)
+    p = legendre(c, 4)
+    torch.testing.assert_close(p[:, 2], 0.5 * (3 * c**2 - 1))
+    torch.testing.assert_close(p[:, 3], 0.5 * (5 * c**3 - 3 * c))
+    assert legendre(c, 1).shape == (11, 1)
+
+
+# ---------------------------------------------------------------------------------------------- triplets
+def brute_force_triplets(edge_index: np.ndarray, r: np.ndarray, cutoff: float) -> set[tuple[int, int]]:
+    """Reference: every ordered pair of distinct edges (i→j, i→k) sharing the centre, both shorter than cutoff."""
+    out = set()
+    E = edge_index.shape[1]
+    for a in range(E):
+        for b in range(E):
+            if a != b and edge_index[0, a] == edge_index[0, b] and r[a] < cutoff and r[b] < cutoff:
+                out.add((a, b))
+    return out
+
+
+def graph_edges(atoms_list, cutoff):
+    g = graph_from_atoms(atoms_list, cutoff, dtype=torch.float64)
+    i, j = g.edge_index
+    vec = g.positions[j] - g.positions[i] + torch.einsum("ea,eab->eb", g.shifts, g.cell[g.batch[i]])
+    return g, vec, torch.linalg.norm(vec, dim=-1)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_triplets_match_brute_force_on_periodic_cell(periodic, molecules, shuffle):
+    rc3 = 3.0
+    g, vec, r = graph_edges([periodic, molecules[1]], 4.0)
+    ei = g.edge_index
+    if shuffle:  # no reliance on the neighbour list's edge order
+        perm = torch.randperm(ei.shape[1], generator=torch.Generator().manual_seed(0))
+        ei, vec, r = ei[:, perm], vec[perm], r[perm]
+    t = Triplets(ei, vec, r, len(g.numbers), rc3, SphericalBesselRadial(rc3, 2, 3), torch.ones_like)
+    found = list(zip(t.bonds[t.ij].tolist(), t.bonds[t.ik].tolist()))
+    expected = brute_force_triplets(ei.numpy(), r.numpy(), rc3)
+    assert len(found) == len(set(found)), "a triplet was enumerated twice"
+    assert set(found) == expected
+    assert len(expected) > 100  # periodic images included: a small cell has many triplets
+    # the neighbour atom k, the angle and the envelope of each triplet
+    e1, e2 = t.bonds[t.ij], t.bonds[t.ik]
+    assert torch.equal(t.k, ei[1, e2])
+    cos = (vec[e1] * vec[e2]).sum(-1) / (r[e1] * r[e2])
+    y1 = np.sqrt(3 / (4 * np.pi)) * cos  # l = 1, n = 0 column of the basis (envelope = identity here)
+    rad = SphericalBesselRadial(rc3, 2, 3)(r[e2])
+    torch.testing.assert_close(t.basis[:, 2], y1 * rad[:, 1, 0])
+
+
+def test_edge_pairs_counts_and_empty():
+    centre = torch.tensor([2, 0, 2, 2, 1, 0])
+    a, b = edge_pairs(centre, 4)
+    assert len(a) == 3 * 2 + 2 * 1 + 0
+    assert (centre[a] == centre[b]).all() and (a != b).all()
+    a, b = edge_pairs(torch.zeros(0, dtype=torch.long), 3)
+    assert len(a) == len(b) == 0
+
+
+def test_no_triplets_still_runs():
+    """Atoms farther apart than the three-body cutoff but within the two-body one: no triplets, finite output."""
+    pot = physics.prepared(make_m3gnet)
+    out = physics.predict(pot, [Atoms("CO", positions=[[0, 0, 0], [3.5, 0, 0]])])
+    assert np.isfinite(out["energy"]).all() and np.abs(out["forces"]).max() > 0
+
+
+# ---------------------------------------------------------------------------------------------- physics suite
+def test_energy_invariant_under_rotation_translation_permutation(make_potential, molecules, periodic):
+    physics.check_energy_invariance(make_potential, molecules + [periodic])
+
+
+def test_forces_and_stress_rotation_equivariant(molecules, periodic):
+    physics.check_forces_equivariance(make_m3gnet, molecules[:2] + [periodic])
+
+
+def test_reflection(molecules):
+    physics.check_reflection_invariance(make_m3gnet, molecules)
+
+
+def test_forces_are_minus_energy_gradient(make_potential, molecules, periodic):
+    physics.check_forces_finite_difference(make_potential, [molecules[1], periodic])
+
+
+def test_stress_is_strain_derivative(make_potential, periodic):
+    physics.check_stress_finite_difference(make_potential, periodic)
+
+
+def test_periodic_cell_choice_and_lattice_translations(periodic):
+    physics.check_periodic_invariances(make_m3gnet, periodic)
+
+
+def test_prediction_independent_of_batch(make_potential, molecules, periodic):
+    physics.check_batch_independence(make_potential, [molecules[0], periodic, molecules[1], molecules[2]])
+
+
+# ---------------------------------------------------------------------------------------------- smoothness
+def test_energy_continuous_at_two_body_cutoff_dimer():
+    physics.check_cutoff_smoothness(make_m3gnet)
+
+
+def _three_atoms(d: float) -> Atoms:
+    """O at the origin, H at 1.0 Å, C at distance d from O (at 100° from the O–H bond)."""
+    th = np.deg2rad(100)
+    return Atoms("OHC", positions=[[0, 0, 0], [1.0, 0, 0], [d * np.cos(th), d * np.sin(th), 0.0]])
+
+
+@pytest.mark.parametrize("which", ["threebody_cutoff", "cutoff"])
+def test_energy_and_forces_continuous_when_atom_crosses_cutoff(which):
+    """Atom C crosses a cutoff sphere of O while the O–H bond keeps the three-body terms alive."""
+    pot = physics.prepared(make_m3gnet)
+    rc = SMALL[which]
+    h = 1e-6
+    inside, outside = physics.predict(pot, [_three_atoms(rc - h)]), physics.predict(pot, [_three_atoms(rc + h)])
+    assert abs(inside["energy"][0] - outside["energy"][0]) < 1e-8, "energy jumps at the cutoff"
+    np.testing.assert_allclose(inside["forces"], outside["forces"], atol=1e-5, err_msg="forces jump at the cutoff")
+    physics.assert_nontrivial_forces(physics.predict(pot, [_three_atoms(rc - 0.3)])["forces"], which)
+    # the energy does change as C approaches (a non-vacuous check)
+    assert abs(physics.energy(pot, _three_atoms(rc - 0.3)) - outside["energy"][0]) > 1e-6
+
+
+def test_three_body_terms_contribute_inside_three_body_cutoff():
+    """Zeroing the three-body update changes the energy only when C is within the three-body cutoff."""
+    pot = physics.prepared(make_m3gnet)
+    blind = copy.deepcopy(pot)
+    with torch.no_grad():
+        for tb in blind.representation.three_body:
+            for lin in [*tb.update.layers, *tb.update.gates]:
+                lin.weight.zero_()
+    far = _three_atoms(SMALL["threebody_cutoff"] + 0.2)
+    far.positions[1] = [4.5, 0, 0]  # H also out of O's three-body sphere: no triplet at all
+    assert physics.energy(pot, far) == physics._approx(physics.energy(blind, far))
+    near = _three_atoms(2.0)  # small at initialisation (bias-free gated update of small inputs), far above noise
+    assert abs(physics.energy(pot, near) - physics.energy(blind, near)) > 1e-9
+
+
+# ---------------------------------------------------------------------------------------------- fidelity, training
+@pytest.mark.parametrize("mode", MODES)
+def test_fidelity_changes_prediction_except_single(mode, molecules, periodic):
+    physics.check_fidelity_dependence(partial(make_m3gnet, inject=mode), molecules + [periodic],
+                                      expect_change=mode != "single")
+
+
+@pytest.mark.parametrize("mode", ["both", "readout", "single"])
+def test_loss_decreases_synthetic(mode, molecules):
+    physics.check_loss_decreases(partial(make_m3gnet, inject=mode), molecules)
+
+
+def test_missing_labels(molecules):
+    physics.check_missing_labels(make_m3gnet, molecules)
+
+
+@pytest.mark.skipif(not (SOLIDS / "PBE.jsonl.gz").exists(), reason="shared solids data not present")
+def test_few_steps_on_solids_lower_the_loss():
+    """Energy + forces + stress on 24 MatPES-style solids at two fidelities (PBE, r2SCAN)."""
+    from multifi.data.readers.matpes import read_matpes
+
+    ds = FidelityDataset.merge([read_matpes(SOLIDS / "PBE.jsonl.gz"), read_matpes(SOLIDS / "R2SCAN.jsonl.gz")])
+    ds = ds.subset(np.arange(24))
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    torch.manual_seed(0)
+    pot = make_m3gnet(list(ds.fidelities.names), inject="readout", cutoff=5.0, threebody_cutoff=4.0, features=32)
+    pot.head.set_baseline(*fit_baseline(ds, pairs))
+    g = physics.collate(ds, pairs, pot.cutoff, torch.float32)
+    loss_fn = MultiFidelityLoss(energy=1.0, forces=1.0, stress=0.01)
+    need_f, need_s = loss_fn.needs(g)
+    assert need_f and need_s
+    opt = torch.optim.Adam(pot.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss, _ = loss_fn(pot(g, forces=True, stress=True, create_graph=True), g)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.isfinite(losses).all() and losses[-1] < 0.7 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------- config, save/load
+def test_from_config_and_registry(tmp_path, molecules):
+    cfg = dict(SMALL, features=24, interactions=3, max_n=4, max_l=2, n_rbf=7)
+    rep = M3GNet.from_config(cfg)
+    assert rep.features == 24 and len(rep.convs) == 3 and rep.threebody_cutoff == 3.0
+    assert rep.rbf.n == 7 and rep.radial3.roots.shape == (2, 4)
+    assert rep.three_body[0].atom_gate.out_features == 8
+    pot = physics.prepared(make_m3gnet, ["a", "b"])
+    path = save_potential(pot, tmp_path / "m3gnet.pt")
+    again = load_potential(path).double()
+    assert type(again.representation) is M3GNet
+    a, b = physics.predict(pot, molecules, 1), physics.predict(again, molecules, 1)
+    np.testing.assert_allclose(a["energy"], b["energy"], rtol=1e-12)
+    np.testing.assert_allclose(a["forces"], b["forces"], atol=1e-12)
+
+
+def test_threebody_cutoff_beyond_cutoff_is_an_error():
+    with pytest.raises(MultifiError, match="threebody_cutoff"):
+        make_m3gnet(["a"], cutoff=4.0, threebody_cutoff=4.5)
+
+
+def test_float32_close_to_float64(molecules, periodic):
+    torch.manual_seed(0)
+    pot = make_m3gnet(["a", "b"]).eval()
+    atoms = molecules + [periodic]
+    e32 = pot(graph_from_atoms(atoms, pot.cutoff, 1))["energy"].detach().numpy()
+    pot64 = copy.deepcopy(pot).double()
+    e64 = pot64(graph_from_atoms(atoms, pot.cutoff, 1, dtype=torch.float64))["energy"].detach().numpy()
+    np.testing.assert_allclose(e32, e64, rtol=1e-5, atol=1e-5)
+
+
+def test_edge_pairs_of_every_centre_size():
+    """Centres with 0 … 5 edges, in scrambled order: exactly d(d−1) pairs per centre of degree d."""
+    degrees = [0, 1, 2, 3, 4, 5]
+    centre = torch.tensor(list(itertools.chain.from_iterable([c] * d for c, d in enumerate(degrees))))
+    centre = centre[torch.randperm(len(centre), generator=torch.Generator().manual_seed(1))]
+    a, b = edge_pairs(centre, len(degrees))
+    expected = {(p, q) for p in range(len(centre)) for q in range(len(centre)) if p != q and centre[p] == centre[q]}
+    assert set(zip(a.tolist(), b.tolist())) == expected and len(a) == sum(d * (d - 1) for d in degrees)
