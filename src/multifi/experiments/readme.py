@@ -67,6 +67,15 @@ def _settings(ctx) -> list[str]:
         if part is not None and part.config.model_dump() != {"model": {}, "loss": {}, "train": {}}:
             patch = {k: v for k, v in part.config.model_dump().items() if v}
             out.append(f"- {name}: `{patch}`")
+    lc = ctx.spec.learning_curve
+    for name, v in (lc.variants.items() if lc else ()):
+        patch = {k: val for k, val in v.config.model_dump().items() if val}
+        pre = {k: val for k, val in v.pretrain.model_dump().items() if val}
+        if patch or pre or v.ns:
+            extra = [f"`{patch}`"] if patch else []
+            extra += [f"pre-training `{pre}`"] if pre else []
+            extra += [f"only n ∈ {v.ns}"] if v.ns else []
+            out.append(f"- learning_curve variant {name}: {'; '.join(extra)}")
     return out + [""]
 
 

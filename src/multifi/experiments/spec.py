@@ -178,6 +178,12 @@ class ExperimentSpec(Section):
     ten_methods: TenMethodsPart | None = None
     embedding_map: EmbeddingMapPart | None = None
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.embedding_map is not None and self.ten_methods is None:
+            raise ValueError("embedding_map maps the fidelity vectors of the ten_methods joint model; add ten_methods")
+        return self
+
     def seeds_of(self, part) -> Seeds:
         return part.seeds or self.seeds
 
