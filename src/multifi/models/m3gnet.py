@@ -170,7 +170,8 @@ class GatedMLP(nn.Module):
 
 
 class ThreeBodyInteraction(nn.Module):
-    """e_ij += φ₃( f_c(r_ij) Σ_{k≠j} B(r_ik, θ_jik) ⊙ σ(W s_k + b) f_c(r_ik) ), φ₃ a bias-free gated layer."""
+    """e_ij += φ₃( f_c(r_ij) Σ_{k≠j} B(r_ik, θ_jik) ⊙ σ(W s_k + b) f_c(r_ik) ),
+    B the spherical Bessel × Legendre basis, φ₃ a bias-free gated layer."""
 
     def __init__(self, features: int, degree: int):
         super().__init__()
@@ -185,8 +186,9 @@ class ThreeBodyInteraction(nn.Module):
 
 
 class GraphConv(nn.Module):
-    """Bond then atom update (paper eqs. 4, 5):
-    e_ij ← e_ij + φ_e(s_i ⊕ s_j ⊕ e_ij) ⊙ W_e ẽ_ij;  s_i ← s_i + Σ_j φ_s(s_i ⊕ s_j ⊕ e_ij) ⊙ W_s ẽ_ij."""
+    """Bond then atom update (paper eqs. 4, 5), ẽ the two-body radial basis:
+    e_ij ← e_ij + φ_e(s_i ⊕ s_j ⊕ e_ij) ⊙ W_e ẽ_ij
+    s_i  ← s_i + Σ_j φ_s(s_i ⊕ s_j ⊕ e_ij) ⊙ W_s ẽ_ij   (with the updated e_ij)"""
 
     def __init__(self, features: int, n_rbf: int, hidden: int):
         super().__init__()
