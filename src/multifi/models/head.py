@@ -44,6 +44,15 @@ class EnergyHead(nn.Module):
         col = torch.zeros_like(fid_atom) if self.shared_baseline else fid_atom
         return y.double() * self.scale[col] + self.ref[numbers, col]
 
+    def _apply(self, fn, recurse=True):
+        """Module casts (.float(), .to(dtype)) move ref/scale between devices but keep them float64:
+        total energies of hundreds of eV need double precision for meV accuracy."""
+        keep = {"ref": self.ref, "scale": self.scale}
+        super()._apply(fn, recurse)
+        for name, before in keep.items():
+            setattr(self, name, before.to(device=getattr(self, name).device, dtype=torch.float64))
+        return self
+
     @torch.no_grad()
     def set_baseline(self, ref: np.ndarray, scale: np.ndarray) -> None:
         self.ref.copy_(torch.as_tensor(ref, dtype=torch.float64))
