@@ -1,0 +1,94 @@
+"""In-process A/B of two PaiNN implementations on identical QM9 batches, alternating step by step.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/ab_painn.py [--base 7c91c1d] [--threads 1] [--steps 40]
+        [--mode train|forces|infer]
+
+A = models/painn.py as of git revision --base (default: the unoptimised original), B = the working
+tree. Both get the same weights; each step runs A then B (then B then A on the next step) on the same
+collated batch: train = forward + energy loss + backward; forces = forward with forces
+(create_graph) + energy/force loss + backward (double backward); infer = forward under no_grad.
+Prints median step times, the median of per-step ratios A/B (= speed-up of B), and the largest
+output difference (energy) between A and B. On a shared, noisy machine only the ratio is meaningful.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_at(rev: str) -> types.ModuleType:
+    src = subprocess.run(["git", "show", f"{rev}:src/multifi/models/painn.py"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    mod = types.ModuleType("painn_base")
+    exec(compile(src, f"painn@{rev}", "exec"), mod.__dict__)
+    return mod
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", default="7c91c1d")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--mode", choices=["train", "forces", "infer"], default="train")
+    args = ap.parse_args()
+    import copy
+
+    import torch
+
+    from profile_painn import setup
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    pot_b, collate, batches, loss_fn = setup()
+    base = module_at(args.base)
+    pot_a = copy.deepcopy(pot_b)
+    rep = pot_b.representation
+    pot_a.representation = base.PaiNN(rep.features, len(rep.messages), rep.cutoff, rep.rbf.freq.numel())
+    pot_a.representation.load_state_dict(rep.state_dict())
+
+    def step(pot, g):
+        if args.mode == "infer":
+            with torch.no_grad():
+                return pot(g)["energy"]
+        if args.mode == "forces":
+            out = pot(g, forces=True, create_graph=True)
+            loss = ((out["energy"] - g.energy) / g.n_atoms).pow(2).mean().float() + out["forces"].pow(2).mean()
+        else:
+            out = pot(g)
+            loss, _ = loss_fn(out, g)
+        pot.zero_grad(set_to_none=True)
+        loss.backward()
+        return out["energy"].detach()
+
+    graphs = [collate(p) for p in batches(args.steps + 3)]
+    ta, tb, diff = [], [], 0.0
+    for k, g in enumerate(graphs):
+        order = [(pot_a, ta), (pot_b, tb)] if k % 2 == 0 else [(pot_b, tb), (pot_a, ta)]
+        res = {}
+        for pot, times in order:
+            t = time.perf_counter()
+            res[id(pot)] = step(pot, g)
+            times.append(time.perf_counter() - t)
+        diff = max(diff, float((res[id(pot_a)] - res[id(pot_b)]).abs().max()))
+    ta, tb = ta[3:], tb[3:]
+    ratios = [a / b for a, b in zip(ta, tb)]
+    print(f"mode={args.mode} threads={args.threads} steps={len(ta)} base={args.base}")
+    print(f"A (base)   median {1000 * statistics.median(ta):8.2f} ms/step  {32 / statistics.median(ta):7.1f} structures/s")
+    print(f"B (tree)   median {1000 * statistics.median(tb):8.2f} ms/step  {32 / statistics.median(tb):7.1f} structures/s")
+    print(f"speed-up B vs A: median of per-step ratios {statistics.median(ratios):.3f} "
+          f"(quartiles {statistics.quantiles(ratios, n=4)[0]:.3f}..{statistics.quantiles(ratios, n=4)[2]:.3f}); "
+          f"max |ΔE| = {diff:.2e} eV")
+
+
+if __name__ == "__main__":
+    main()
