@@ -1,0 +1,109 @@
+"""ASE calculator: finite differences, NVE energy conservation, FIRE relaxation with a cell filter,
+fidelity switching by name, clear errors. Uses a small PaiNN trained on the shared solids
+(tests/data/solids_painn.yaml) and an untrained M3GNet."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.build import bulk, molecule
+from ase.filters import FrechetCellFilter
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import FIRE
+
+import multifi
+from multifi.errors import MultifiError
+from multifi.models.registry import build_potential
+
+CKPT = Path(__file__).parent / "data" / "solids_painn.pt"
+
+
+def si64():
+    return bulk("Si", "diamond", 5.43, cubic=True) * (2, 2, 2)
+
+
+def m3gnet_potential():
+    torch.manual_seed(0)
+    model = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": 4.5, "threebody_cutoff": 3.5,
+             "max_n": 3, "max_l": 3, "n_rbf": 9, "fidelity_embedding": {"dim": 4, "inject": "readout"}}
+    pot = build_potential(model, ["PBE", "R2SCAN"])
+    ref = np.zeros((119, 2))
+    ref[14] = [-5.4, -6.1]
+    pot.head.set_baseline(ref, np.array([0.1, 0.1]))
+    return pot
+
+
+@pytest.mark.parametrize("source", ["painn", "m3gnet"])
+def test_forces_and_stress_equal_finite_differences(source):
+    pot = CKPT if source == "painn" else m3gnet_potential()
+    atoms = bulk("Si", "diamond", 5.43, cubic=True)
+    atoms.rattle(0.05, seed=3)
+    atoms.set_cell(atoms.cell @ (np.eye(3) + [[0.01, 0.004, 0], [0.004, -0.01, 0.002], [0, 0.002, 0.005]]),
+                   scale_atoms=True)
+    calc = multifi.Calculator(pot, fidelity="PBE", dtype="float64")
+    atoms.calc = calc
+    forces, stress = atoms.get_forces(), atoms.get_stress()
+    assert np.abs(forces).max() > 1e-3 and np.abs(stress).max() > 1e-5  # non-trivial
+    np.testing.assert_allclose(forces, calc.calculate_numerical_forces(atoms, d=1e-4), atol=2e-5)
+    np.testing.assert_allclose(stress, calc.calculate_numerical_stress(atoms, d=1e-5), atol=2e-6)
+
+
+def test_nve_md_conserves_energy_64_atom_si():
+    """VelocityVerlet, 1 fs, 300 K start, 400 steps on 64-atom Si: drift per atom per ps and fluctuation."""
+    atoms = si64()
+    atoms.calc = multifi.Calculator(CKPT, fidelity="R2SCAN")
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))  # noqa: ASE deprecation only
+    Stationary(atoms)
+    energies = []
+    md = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+    md.attach(lambda: energies.append(atoms.get_total_energy()), interval=1)
+    md.run(400)
+    e = np.array(energies) / len(atoms)
+    t_ps = np.arange(len(e)) * 1e-3
+    drift = np.polyfit(t_ps, e, 1)[0]  # eV / atom / ps
+    assert atoms.get_temperature() > 50  # atoms really moved
+    assert abs(drift) < 1e-4, f"drift {drift * 1e3:.4f} meV/atom/ps"
+    assert e.std() < 1e-4
+
+
+def test_fire_relaxation_with_cell_filter():
+    atoms = bulk("Si", "diamond", 5.43, cubic=True)
+    atoms.set_cell(atoms.cell * 1.03, scale_atoms=True)
+    atoms.rattle(0.05, seed=1)
+    atoms.calc = multifi.Calculator(CKPT, fidelity="PBE")
+    e0 = atoms.get_potential_energy()
+    f0 = np.abs(atoms.get_forces()).max()
+    opt = FIRE(FrechetCellFilter(atoms), logfile=None)
+    converged = opt.run(fmax=0.05, steps=1000)
+    assert converged
+    assert np.linalg.norm(atoms.get_forces(), axis=1).max() < 0.05 < f0
+    assert atoms.get_potential_energy() < e0
+
+
+def test_switch_fidelity_by_name_and_errors():
+    atoms = bulk("Si", "diamond", 5.43, cubic=True)
+    calc = multifi.Calculator(CKPT, fidelity="PBE")
+    atoms.calc = calc
+    e_pbe = atoms.get_potential_energy()
+    calc.fidelity = "R2SCAN"
+    e_r2 = atoms.get_potential_energy()
+    assert calc.fidelities == ["PBE", "R2SCAN"]
+    assert abs(e_pbe - e_r2) > 1e-3  # reference energies of the two functionals differ strongly
+    with pytest.raises(MultifiError, match="unknown fidelity 'r2scn'.*R2SCAN"):
+        calc.fidelity = "r2scn"
+    with pytest.raises(MultifiError, match="element Au was not seen in training"):
+        bad = bulk("Au", "fcc", 4.08)
+        bad.calc = calc
+        bad.get_potential_energy()
+
+
+def test_molecule_has_no_stress():
+    pot = m3gnet_potential()
+    atoms = molecule("SiH4")
+    atoms.calc = multifi.Calculator(pot, fidelity="PBE")
+    with pytest.raises(MultifiError, match="unknown|not seen"):
+        atoms.get_potential_energy()  # H was never given a reference energy: unknown element
