@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python -m multifi.demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
