@@ -118,7 +118,6 @@ def finetune(ctx, run_id, part, high, low, sets, seed, patches, meta, base: RunP
 # ---------------------------------------------------------------------------------------------- data
 def build_derived(spec: dict, inputs: Path, catalog) -> None:
     """Write a derived dataset (Δ labels: E_high − E_low on the listed molecules) as a multifi .npz."""
-    from multifi.data.dataset import FidelityDataset
     from multifi.data.fidelity import FidelityTable
     from multifi.data.readers.qm9 import read_qm9
 
@@ -131,7 +130,7 @@ def build_derived(spec: dict, inputs: Path, catalog) -> None:
     ds.energy = diff.reshape(-1, 1)
     ds.fidelities = FidelityTable([delta_fidelity(spec["high"], spec["low"])])
     ds = ds.subset(np.flatnonzero(np.isfinite(diff)))
-    FidelityDataset.save(ds, Path(fill(spec["path"], {"inputs": str(inputs)})))
+    ds.save(Path(fill(spec["path"], {"inputs": str(inputs)})))
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
