@@ -30,7 +30,7 @@ class PaiNNMessage(nn.Module):
         ds, dvv, dvs = torch.split(x, self.F, dim=-1)
         dv = dvs.unsqueeze(1) * unit.unsqueeze(-1)  # [E,3,F]
         if v is not None:  # v_j term; v is identically zero before the first interaction
-            dv = torch.addcmul(dv, dvv.unsqueeze(1), v.index_select(0, j))
+            dv = dv + dvv.unsqueeze(1) * v.index_select(0, j)
         s = s.index_add(0, i, ds)
         v = dv.new_zeros((s.shape[0],) + dv.shape[1:]).index_add_(0, i, dv) if v is None else v.index_add(0, i, dv)
         return s, v
