@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from multifi.config import RunConfig, dump_config, load_config
 from multifi.data.dataset import atomic_write
 from multifi.errors import MultifiError
+from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates
 from multifi.models.head import fit_baseline
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
@@ -40,7 +41,6 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
         raise MultifiError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
     if leader and not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise MultifiError(f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} or another output_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
     _configure_threads(cfg)
     _quiet_lightning()
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -53,10 +53,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
         dataset = FidelityDataset.load(cached)
     prep = prepare_data(cfg, dataset if dataset is not None else None, config_source)
     if leader and not resume:
-        atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
-        prep.split.save(run_dir / "splits.json", prep.dataset)
-        if cfg.data.cache:
-            prep.dataset.save(cached)
+        check_split_duplicates(prep.dataset, prep.split)
     _report_data(prep)
 
     spec = {"model": cfg.model.model_dump(), "fidelities": list(prep.dataset.fidelities.names)}
@@ -67,11 +64,20 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
         init_from_potential(module.potential, cfg.train.init_from, cfg.train.init_fidelities)
     # always refitted on this run's data; one pooled fit for a fidelity-blind model (inject: single)
     ref, scale = fit_baseline(prep.dataset, prep.pairs["train"], pooled=module.potential.head.shared_baseline)
+    check_energy_units(prep.dataset, prep.pairs["train"], ref, scale)
     module.potential.head.set_baseline(ref, scale)
     module.sync_ema()
 
     data = MultiFidelityData(prep.dataset, prep.pairs, cfg.model.cutoff, cfg.train.batch_size, cfg.train.num_workers,
                              cfg.train.fidelity_sampling, cfg.train.seed, progress=cfg.train.progress)
+    check_overlaps(prep.dataset, data.neighbors)
+    # all checks passed: only now does the run directory get written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if leader and not resume:
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+        prep.split.save(run_dir / "splits.json", prep.dataset)
+        if cfg.data.cache:
+            prep.dataset.save(cached)
     trainer = make_trainer(cfg, run_dir, has_val=len(prep.pairs["val"]) > 0)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
 

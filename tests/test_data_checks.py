@@ -1,0 +1,82 @@
+"""Plausibility checks: overlapping atoms, duplicates across splits, Hartree-looking energies."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from ase.build import molecule
+
+from multifi.config import validate_config
+from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates
+from multifi.data.dataset import FidelityDataset
+from multifi.data.neighbors import NeighborCache
+from multifi.data.split import Split
+from multifi.errors import MultifiError
+from multifi.models.head import fit_baseline
+from multifi.train.run import train
+
+HARTREE = 27.211386245988
+
+
+def _records(n=40, unit=1.0, seed=0, overlap_at=None):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        m = molecule(["CH4", "H2O", "NH3", "C2H6"][i % 4])
+        m.positions += rng.normal(0, 0.08, m.positions.shape)
+        if i == overlap_at:
+            m.positions[1] = m.positions[0] + [0.05, 0, 0]
+        e = sum({1: -13.6, 6: -1029.0, 7: -1484.0, 8: -2041.0}[z] for z in m.numbers) + rng.normal(0, 0.3)
+        out.append({"numbers": m.numbers, "positions": m.positions, "labels": {"DFT": {"energy": e / unit}},
+                    "key": f"m{i}"})
+    return out
+
+
+def test_overlapping_atoms_is_an_error_naming_the_structure():
+    ds = FidelityDataset.from_records(_records(overlap_at=7), source="mols.extxyz")
+    with pytest.raises(MultifiError, match=r"mols.extxyz: structure m7 has atoms 0.050 Å apart"):
+        check_overlaps(ds, NeighborCache(ds, 4.0))
+    clean = FidelityDataset.from_records(_records(), source="ok")
+    check_overlaps(clean, NeighborCache(clean, 4.0))
+
+
+def test_overlap_stops_training_before_anything_is_written(tmp_path):
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for r in _records(overlap_at=3):
+        from ase import Atoms
+
+        a = Atoms(numbers=r["numbers"], positions=r["positions"])
+        a.calc = SinglePointCalculator(a, energy=r["labels"]["DFT"]["energy"])
+        frames.append(a)
+    ase.io.write(tmp_path / "bad.extxyz", frames)
+    cfg = validate_config({"data": {"sources": [{"path": str(tmp_path / "bad.extxyz"), "fidelity": "DFT"}]},
+                           "output_dir": str(tmp_path / "run"), "train": {"epochs": 1, "progress": False}})
+    with pytest.raises(MultifiError, match="apart"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_duplicate_geometry_across_splits_is_reported(caplog):
+    recs = _records(12)
+    dup = dict(recs[0], key="copy-of-m0")
+    ds = FidelityDataset.from_records(recs + [dup], source="dups")
+    split = Split(train=np.arange(0, 10), val=np.array([10, 11]), test=np.array([12]))
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_split_duplicates(ds, split) == 1
+    assert "copy-of-m0 (test) duplicates a train structure" in caplog.text
+    ok = Split(train=np.array([0, 12]), val=np.arange(1, 6), test=np.arange(6, 12))
+    assert check_split_duplicates(ds, ok) == 0
+
+
+@pytest.mark.parametrize("unit, expect", [(1.0, []), (HARTREE, ["DFT"])])
+def test_hartree_energies_are_flagged(unit, expect, caplog):
+    ds = FidelityDataset.from_records(_records(60, unit=unit), source="energies.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+    ref, scale = fit_baseline(ds, pairs)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_energy_units(ds, pairs, ref, scale) == expect
+    assert ("look like Hartree" in caplog.text) == bool(expect)
