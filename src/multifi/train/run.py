@@ -97,13 +97,16 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
     monitor = "val_loss" if has_val else "train_loss_epoch"
+    # best.ckpt follows the monitored loss; last.ckpt is rewritten every epoch (or every N steps) whatever
+    # the loss did, so a killed run resumes from its latest state (Lightning's save_last only follows saves)
+    every_n = t.checkpoint_every_n_steps
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_last=True,
-                        save_top_k=1, enable_version_counter=False),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1,
+                        enable_version_counter=False),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False,
+                        every_n_train_steps=every_n or None, every_n_epochs=None if every_n else 1,
+                        save_on_train_epoch_end=not every_n),
     ]
-    if t.checkpoint_every_n_steps:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=t.checkpoint_every_n_steps,
-                                         save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False))
     if t.early_stopping_patience and has_val:
         # checked after each validation (not at epoch end: a run may stop mid-epoch at max_steps, unvalidated)
         callbacks.append(EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience, mode="min",
