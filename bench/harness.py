@@ -1,13 +1,17 @@
 """Side-by-side A/B benchmark of multifi against its peers (issue 5), alternating runs in one invocation.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/harness.py [--peers schnetpack] [--threads 1,2] [--pairs 3]
-        [--n 2000] [--steps 50] [--md-steps 300] [--out bench/results.json] [--setup-only]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/harness.py [--peers schnetpack,matgl] [--threads 1,2] [--pairs 3]
+        [--n 2000] [--steps 50] [--md-steps 300] [--out bench/results.json] [--ours-rev REV] [--setup-only]
+
+Comparisons: PaiNN on QM9 (energy only) against schnetpack; M3GNet on the PBE solids (energy + forces
++ stress, 2–8-atom cells; MD on a rattled 64-atom Si cell) against matgl.
 
 What it does
   1. Creates each peer's virtual environment when missing (bench/.venv-peers-<peer>, gitignored):
      `python3 -m venv`, then `pip install -c bench/peers/constraints.txt torch==2.13.0 <peer>==<pin> ase`
      (torch pinned exactly to the CPU wheel on local disk). The peers are never runtime dependencies.
-  2. Exports the same data for everybody: N QM9 molecules with GFN2-xTB energies
+  2. Exports the same data for everybody (solids: /work/shared/data/solids/PBE.jsonl.gz through
+     multifi's read_matpes → bench/.scratch/solids_pbe.extxyz, + bench/.scratch/si64.extxyz): N QM9 molecules with GFN2-xTB energies
      (/work/shared/data/qm9mf/GFN2-xTB.csv.gz, geometries via multifi.data.readers.qm9.read_qm9,
      limit=N, seed=0) to bench/.scratch/qm9_gfn2_n<N>.extxyz, and the first 18-atom one of them to
      bench/.scratch/md_molecule.xyz. multifi reads the same molecules through read_qm9 (same call).
@@ -37,6 +41,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 SCRATCH = BENCH / ".scratch"
 LABELS = Path("/work/shared/data/qm9mf/GFN2-xTB.csv.gz")
+SOLIDS = Path("/work/shared/data/solids/PBE.jsonl.gz")
 PEER_PINS = {"schnetpack": "schnetpack==2.0.4", "matgl": "matgl==4.1.2"}
 OURS_PYTHON = sys.executable
 
@@ -90,7 +95,49 @@ def export_qm9(n: int) -> tuple[Path, Path]:
     return xyz, md
 
 
+def export_solids() -> tuple[Path, Path]:
+    """The PBE solids (MatPES schema) as extxyz with energy_eV, stress_GPa (ASE sign) and forces_label,
+    read by multifi's read_matpes, and a rattled 64-atom diamond Si cell for MD."""
+    xyz, md = SCRATCH / "solids_pbe.extxyz", SCRATCH / "si64.extxyz"
+    if xyz.exists() and md.exists():
+        return xyz, md
+    import ase
+    import ase.io
+    import numpy as np
+    from ase.build import bulk
+
+    from multifi.data.readers.matpes import read_matpes
+
+    SCRATCH.mkdir(exist_ok=True)
+    ds = read_matpes(SOLIDS)
+    frames = []
+    for s in range(len(ds)):
+        sl = ds.atoms_slice(s)
+        a = ase.Atoms(ds.numbers[sl], ds.positions[sl], cell=ds.cells[s], pbc=ds.pbc[s])
+        a.info["energy_eV"], a.info["stress_GPa"] = float(ds.energy[s, 0]), np.asarray(ds.stress[s, 0], float).reshape(9)
+        a.arrays["forces_label"] = np.asarray(ds.forces[sl, 0], float)
+        frames.append(a)
+    ase.io.write(str(xyz) + ".tmp", frames, format="extxyz")
+    os.replace(str(xyz) + ".tmp", xyz)
+    si = bulk("Si", "diamond", 5.43, cubic=True) * (2, 2, 2)
+    si.rattle(0.05, seed=1)
+    ase.io.write(md, si, format="extxyz")
+    return xyz, md
+
+
 # ------------------------------------------------------------------------------------------ runs
+def source_at(rev: str) -> Path:
+    """multifi's src/ as of git revision `rev`, unpacked into bench/.scratch/src-<rev> (for baselines)."""
+    full = subprocess.run(["git", "rev-parse", "--short", rev], capture_output=True, text=True, cwd=ROOT,
+                          check=True).stdout.strip()
+    dest = SCRATCH / f"src-{full}"
+    if not (dest / "src" / "multifi").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", full, "src"], capture_output=True, cwd=ROOT, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "src"
+
+
 def run(cmd: list[str], threads: int, env_extra: dict | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
                HOME=str(SCRATCH / "home"), PYTHONWARNINGS="ignore", **(env_extra or {}))
@@ -106,17 +153,27 @@ def run(cmd: list[str], threads: int, env_extra: dict | None = None) -> dict:
     return out
 
 
-def commands(peer: str, task: str, threads: int, args, xyz: Path, md: Path) -> tuple[list[str], list[str]]:
-    common = ["--task", task, "--threads", str(threads), "--steps", str(args.steps), "--md-steps", str(args.md_steps),
-              "--md-xyz", str(md)]
-    ours = [OURS_PYTHON, str(BENCH / "peers" / "multifi_painn.py"), "--n", str(args.n), "--labels", str(LABELS)] + common
+def commands(peer: str, task: str, threads: int, args) -> tuple[list[str], list[str]]:
+    """(ours, peer) command lines: PaiNN on QM9 against schnetpack, M3GNet on the solids against matgl."""
+    common = ["--task", task, "--threads", str(threads)]
     if peer == "schnetpack":
+        xyz, md = export_qm9(args.n)
+        common += ["--steps", str(args.steps), "--md-steps", str(args.md_steps), "--md-xyz", str(md)]
+        ours = [OURS_PYTHON, str(BENCH / "peers" / "multifi_painn.py"), "--n", str(args.n), "--labels", str(LABELS)]
         theirs = [str(peer_python(peer)), str(BENCH / "peers" / "schnetpack_painn.py"), "--extxyz", str(xyz),
-                  "--scratch", str(SCRATCH), "--nl", args.spk_nl] + common
+                  "--scratch", str(SCRATCH), "--nl", args.spk_nl]
+    elif peer == "matgl":
+        xyz, md = export_solids()
+        common += ["--steps", str(args.steps_m3gnet), "--md-steps", str(args.md_steps_m3gnet), "--md-xyz", str(md)]
+        ours = [OURS_PYTHON, str(BENCH / "peers" / "multifi_m3gnet.py"), "--solids", str(SOLIDS)]
+        theirs = [str(peer_python(peer)), str(BENCH / "peers" / "matgl_m3gnet.py"), "--extxyz", str(xyz),
+                  "--scratch", str(SCRATCH)]
     else:
-        raise SystemExit(f"no PaiNN-on-QM9 comparison for peer {peer!r} (matgl has no PaiNN; its M3GNet half comes "
-                         "with models/m3gnet.py)")
-    return ours, theirs
+        raise SystemExit(f"unknown peer {peer!r} (known: {', '.join(PEER_PINS)})")
+    return ours + common, theirs + common
+
+
+PREFIX = {"schnetpack": "painn_qm9", "matgl": "m3gnet_solids"}
 
 
 METRICS = [  # (task, key in the script's result, name, unit, higher is better)
@@ -151,15 +208,19 @@ def git_commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peers", default="schnetpack")
+    ap.add_argument("--peers", default="schnetpack", help="schnetpack (PaiNN on QM9) and/or matgl (M3GNet on solids)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--n", type=int, default=2000, help="QM9 molecules")
     ap.add_argument("--steps", type=int, default=50, help="timed training steps per run (after 10 warm-up steps)")
     ap.add_argument("--md-steps", type=int, default=300)
+    ap.add_argument("--steps-m3gnet", type=int, default=40, help="timed M3GNet training steps per run")
+    ap.add_argument("--md-steps-m3gnet", type=int, default=100, help="MD steps on the 64-atom Si cell")
     ap.add_argument("--spk-nl", choices=["matscipy", "ase"], default="matscipy",
                     help="schnetpack neighbour-list transform (its QM9 experiment config uses matscipy)")
     ap.add_argument("--tasks", default="train,md")
+    ap.add_argument("--ours-rev", default=None,
+                    help="run our side from this git revision's src/ (e.g. the unoptimised baseline) instead of the work tree")
     ap.add_argument("--out", default=str(BENCH / "results.json"))
     ap.add_argument("--setup-only", action="store_true")
     args = ap.parse_args()
@@ -167,9 +228,11 @@ def main() -> None:
     peers = [p for p in args.peers.split(",") if p]
     for p in peers:
         ensure_peer_venv(p)
-    xyz, md = export_qm9(args.n)
+    for p in peers:
+        commands(p, "train", 1, args)  # exports the data
     if args.setup_only:
         return
+    ours_env = {"PYTHONPATH": str(source_at(args.ours_rev))} if args.ours_rev else {}
     command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/harness.py " + shlex.join(sys.argv[1:])
     entries, raw = [], []
     tasks = args.tasks.split(",")
@@ -178,9 +241,9 @@ def main() -> None:
             runs = {("ours", t): [] for t in tasks} | {("peer", t): [] for t in tasks}
             for pair in range(args.pairs):
                 for task in tasks:
-                    ours_cmd, peer_cmd = commands(peer, task, threads, args, xyz, md)
+                    ours_cmd, peer_cmd = commands(peer, task, threads, args)
                     for side, cmd in (("ours", ours_cmd), ("peer", peer_cmd)):  # A, B alternating
-                        r = run(cmd, threads)
+                        r = run(cmd, threads, ours_env if side == "ours" else None)
                         r.update(side=side, pair=pair, peer=peer)
                         runs[(side, task)].append(r)
                         raw.append(r)
@@ -199,12 +262,13 @@ def main() -> None:
                 pair_ratios = [a / b for a, b in zip(o, p)]
                 v_ours, v_peer = runs[("ours", task)][0]["versions"], runs[("peer", task)][0]["versions"]
                 entries.append({
-                    "name": f"painn_qm9_{name}_{threads}thread", "ours": round(mo, 2), "peer": round(mp, 2),
+                    "name": f"{PREFIX[peer]}_{name}_{threads}thread", "ours": round(mo, 2), "peer": round(mp, 2),
                     "peer_name": f"{peer} {v_peer.get(peer, '')}".strip(), "unit": unit,
                     "ratio": round(mo / mp, 3), "ratio_median_of_pairs": round(statistics.median(pair_ratios), 3),
                     "higher_is_better": higher, "threads": threads, "pairs": len(pair_ratios),
                     "ours_runs": [round(x, 2) for x in o], "peer_runs": [round(x, 2) for x in p],
-                    "machine": machine(), "versions": {"ours": v_ours, "peer": v_peer, "multifi_commit": git_commit()},
+                    "machine": machine(), "versions": {"ours": v_ours, "peer": v_peer,
+                                 "multifi_commit": args.ours_rev or git_commit()},
                     "command": command,
                 })
     Path(args.out).write_text(json.dumps(entries, indent=1) + "\n")

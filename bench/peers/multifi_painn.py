@@ -128,7 +128,9 @@ def main() -> None:
     out = task_train(args) if args.task == "train" else task_md(args)
     import torch
 
-    out.update(framework="multifi", task=args.task, threads=torch.get_num_threads(),
+    import multifi
+
+    out.update(framework="multifi", task=args.task, threads=torch.get_num_threads(), source=multifi.__file__,
                versions=C.versions("multifi", "torch", "lightning", "numpy", "ase", "vesin"))
     C.emit(out)
 
