@@ -219,6 +219,9 @@ def main() -> None:
     ap.add_argument("--spk-nl", choices=["matscipy", "ase"], default="matscipy",
                     help="schnetpack neighbour-list transform (its QM9 experiment config uses matscipy)")
     ap.add_argument("--tasks", default="train,md")
+    ap.add_argument("--ours-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for our side only, e.g. MULTIFI_COMPILE=1 (names get the suffix --tag)")
+    ap.add_argument("--tag", default="", help="suffix of the comparison names, e.g. _compiled")
     ap.add_argument("--ours-rev", default=None,
                     help="run our side from this git revision's src/ (e.g. the unoptimised baseline) instead of the work tree")
     ap.add_argument("--out", default=str(BENCH / "results.json"))
@@ -233,6 +236,7 @@ def main() -> None:
     if args.setup_only:
         return
     ours_env = {"PYTHONPATH": str(source_at(args.ours_rev))} if args.ours_rev else {}
+    ours_env.update(kv.split("=", 1) for kv in args.ours_env)
     command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/harness.py " + shlex.join(sys.argv[1:])
     entries, raw = [], []
     tasks = args.tasks.split(",")
@@ -262,13 +266,14 @@ def main() -> None:
                 pair_ratios = [a / b for a, b in zip(o, p)]
                 v_ours, v_peer = runs[("ours", task)][0]["versions"], runs[("peer", task)][0]["versions"]
                 entries.append({
-                    "name": f"{PREFIX[peer]}_{name}_{threads}thread", "ours": round(mo, 2), "peer": round(mp, 2),
+                    "name": f"{PREFIX[peer]}_{name}_{threads}thread{args.tag}", "ours": round(mo, 2), "peer": round(mp, 2),
                     "peer_name": f"{peer} {v_peer.get(peer, '')}".strip(), "unit": unit,
                     "ratio": round(mo / mp, 3), "ratio_median_of_pairs": round(statistics.median(pair_ratios), 3),
                     "higher_is_better": higher, "threads": threads, "pairs": len(pair_ratios),
                     "ours_runs": [round(x, 2) for x in o], "peer_runs": [round(x, 2) for x in p],
                     "machine": machine(), "versions": {"ours": v_ours, "peer": v_peer,
-                                 "multifi_commit": args.ours_rev or git_commit()},
+                                 "multifi_commit": args.ours_rev or git_commit(),
+                                 "ours_env": dict(kv.split("=", 1) for kv in args.ours_env)},
                     "command": command,
                 })
     Path(args.out).write_text(json.dumps(entries, indent=1) + "\n")

@@ -8,6 +8,7 @@ checked too, so fused or reordered kernels cannot silently change training.
 from __future__ import annotations
 
 import importlib.util
+import os
 import json
 from pathlib import Path
 
@@ -52,3 +53,21 @@ def test_reference_input_is_the_documented_one(reference):
     for a, row in zip(frames, reference["input"]):
         np.testing.assert_allclose(a.positions, np.array(row["positions"]), atol=1e-12)
     assert reference["model"] == ref_script.MODEL
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MULTIFI_TEST_COMPILE", "0") in ("", "0"),
+                    reason="torch.compile takes minutes on a 2-core CPU; MULTIFI_TEST_COMPILE=1 runs it")
+def test_compiled_painn_matches_reference(reference):
+    """The opt-in compiled message passing (energy without position derivatives) gives the same energies;
+    with forces requested the eager path runs, so force training (double backward) still works."""
+    from multifi.data.batch import graph_from_atoms
+
+    frames = ref_script.frames_from_json(reference["input"])
+    pot = ref_script.build(torch.float32)
+    pot.representation.compile = True
+    g = graph_from_atoms(frames, pot.cutoff, fidelity=reference["fidelity_of_structure"], dtype=torch.float32)
+    energy = pot(g)["energy"]
+    np.testing.assert_allclose(energy.detach().double().numpy(), reference["float32"]["energy"], rtol=0, atol=1e-5)
+    got = ref_script.evaluate(pot, frames, torch.float32)  # forces + double backward: eager fallback
+    np.testing.assert_allclose(np.array(got["forces"]), np.array(reference["float32"]["forces"]), rtol=0, atol=1e-5)

@@ -5,8 +5,16 @@ from one matrix product per forward, with the bias and the cutoff envelope folde
 index_select (its backward is index_add, much cheaper on CPU than the index_put of `x[j]`); the
 first interaction skips the vector term of v_j, which is zero there. Outputs match the original
 implementation to float32 rounding (tests/test_model_regression.py).
+
+Opt-in: PaiNN(compile=True), or MULTIFI_COMPILE=1 in the environment, runs the message passing through
+torch.compile (inductor fuses the gathers, products and scatters) whenever no derivative with respect
+to positions is requested (energy-only training, energy inference). With forces or stress the eager
+path is used, because compiled graphs do not support the double backward of force training.
+The first compiled call takes minutes on a 2-core CPU; see bench/RESULTS.md.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -58,9 +66,10 @@ class PaiNN(nn.Module):
     """PaiNN representation: (numbers, edges, edge vectors, optional atom conditioning) → scalar features [N, F]."""
 
     def __init__(self, features: int = 128, interactions: int = 3, cutoff: float = 5.0, n_rbf: int = 20,
-                 max_z: int = 119, shared_filters: bool = False):
+                 max_z: int = 119, shared_filters: bool = False, compile: bool | None = None):
         super().__init__()
         self.features, self.cutoff = features, cutoff
+        self.compile = os.environ.get("MULTIFI_COMPILE", "0") not in ("", "0", "false") if compile is None else compile
         self.embedding = nn.Embedding(max_z, features)
         self.rbf = BesselBasis(cutoff, n_rbf)
         self.fcut = CosineCutoff(cutoff)
@@ -88,6 +97,11 @@ class PaiNN(nn.Module):
         s = self.embedding(numbers)
         if condition is not None:
             s = s + condition
+        if self.compile and not edge_vec.requires_grad:
+            return _compiled_interactions()(self, s, edge_index, edge_vec)
+        return self._interactions(s, edge_index, edge_vec)
+
+    def _interactions(self, s: torch.Tensor, edge_index: torch.Tensor, edge_vec: torch.Tensor) -> torch.Tensor:
         r = torch.linalg.norm(edge_vec, dim=-1)
         unit = edge_vec / r.unsqueeze(-1)
         v = None
@@ -95,3 +109,14 @@ class PaiNN(nn.Module):
             s, v = message(s, v, edge_index, filt, unit)
             s, v = update(s, v)
         return s
+
+
+_COMPILED = None
+
+
+def _compiled_interactions():
+    """torch.compile of PaiNN._interactions (dynamic shapes: atoms and edges vary per batch), made once."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(PaiNN._interactions, dynamic=True)
+    return _COMPILED
