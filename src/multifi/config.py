@@ -57,6 +57,8 @@ class DataConfig(Section):
     fidelities: list[str] | None = Field(None, description="use only the labels of these fidelities")
     train_limits: dict[str, int] = Field(default_factory=dict, description="max labelled train structures per fidelity")
     skip_invalid: bool = False
+    neighbor_lists: Literal["auto", "cache", "on_the_fly"] = Field(
+        "auto", description="cache all neighbour lists in memory, or build them per batch (huge datasets)")
     cache: bool = True
 
 

@@ -72,7 +72,8 @@ class Graph:
 class GraphCollator:
     """Turns a list of (structure, fidelity) index pairs into a Graph, from cached neighbour lists."""
 
-    def __init__(self, dataset: FidelityDataset, neighbors: NeighborCache):
+    def __init__(self, dataset: FidelityDataset, neighbors):
+        """neighbors: a NeighborCache or OnTheFlyNeighbors (anything with .edges(structures))."""
         self.ds = dataset
         self.nl = neighbors
 
@@ -82,11 +83,10 @@ class GraphCollator:
         ds, nl = self.ds, self.nl
         n_atoms = ds.n_atoms[s]
         atom_idx = ranges(ds.offsets[s], n_atoms)
-        n_edges = nl.n_edges[s]
-        edge_idx = ranges(nl.edge_offsets[s], n_edges)
+        centers, neighbors, shifts, n_edges = nl.edges(s)
         first_atom = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
         edge_shift = np.repeat(first_atom, n_edges)
-        edge_index = np.stack([nl.centers[edge_idx] + edge_shift, nl.neighbors[edge_idx] + edge_shift])
+        edge_index = np.stack([centers + edge_shift, neighbors + edge_shift])
         B, N = len(s), len(atom_idx)
         energy = ds.energy[s, k]
         emask = ~np.isnan(energy)
@@ -104,7 +104,7 @@ class GraphCollator:
         return Graph(
             numbers=i64(ds.numbers[atom_idx]), positions=f32(ds.positions[atom_idx]), cell=f32(ds.cells[s]),
             batch=i64(np.repeat(np.arange(B), n_atoms)), n_atoms=i64(n_atoms), edge_index=i64(edge_index),
-            shifts=f32(nl.shifts[edge_idx]), fidelity=i64(k), energy=torch.from_numpy(np.nan_to_num(energy)),
+            shifts=f32(shifts), fidelity=i64(k), energy=torch.from_numpy(np.nan_to_num(energy)),
             energy_mask=torch.from_numpy(emask), forces=f32(np.nan_to_num(forces)), forces_mask=torch.from_numpy(fmask),
             stress=f32(np.nan_to_num(stress)), stress_mask=torch.from_numpy(smask), structure=i64(s),
         )

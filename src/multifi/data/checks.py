@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from multifi.data.dataset import FidelityDataset, geometry_key
+from multifi.data.dataset import FidelityDataset
 from multifi.errors import MultifiError
 
 log = logging.getLogger("multifi")
@@ -15,34 +15,46 @@ MIN_DISTANCE = 0.1  # Å; closer atoms are a broken structure, not chemistry
 
 
 def check_overlaps(dataset: FidelityDataset, neighbors) -> None:
-    """Error if two atoms of a structure are closer than 0.1 Å (uses the cached neighbour lists)."""
-    if neighbors.centers.size == 0:
-        return
-    struct = np.repeat(np.arange(len(dataset)), neighbors.n_edges)
-    base = dataset.offsets[:-1][struct]
-    i, j = base + neighbors.centers, base + neighbors.neighbors
-    vec = dataset.positions[j] - dataset.positions[i] + np.einsum("ea,eab->eb", neighbors.shifts, dataset.cells[struct])
-    d = np.linalg.norm(vec, axis=1)
-    bad = np.flatnonzero(d < MIN_DISTANCE)
+    """Error if two atoms of a structure are closer than 0.1 Å (from the cached neighbour lists)."""
+    if not hasattr(neighbors, "min_distance"):
+        return  # on-the-fly neighbour lists check each batch as it is built
+    bad = np.flatnonzero(neighbors.min_distance < MIN_DISTANCE)
     if len(bad):
-        s = int(struct[bad[0]])
-        n_struct = len(np.unique(struct[bad]))
-        raise MultifiError(f"{dataset.source or 'data'}: structure {dataset.keys[s]} has atoms {d[bad[0]]:.3f} Å apart "
-                           f"(< {MIN_DISTANCE} Å; {n_struct} structure(s) affected)")
+        s = int(bad[0])
+        raise MultifiError(f"{dataset.source or 'data'}: structure {dataset.keys[s]} has atoms "
+                           f"{neighbors.min_distance[s]:.3f} Å apart (< {MIN_DISTANCE} Å; {len(bad)} structure(s) affected)")
+
+
+def geometry_fingerprints(dataset: FidelityDataset) -> np.ndarray:
+    """[S] int64 fingerprints of (numbers, positions rounded to 1e-4 Å, cell), vectorised over all atoms."""
+    rng = np.random.default_rng(12345)
+    w = rng.integers(1, 2**31 - 1, size=4, dtype=np.int64)
+    q = np.round(np.asarray(dataset.positions) * 1e4).astype(np.int64)
+    atom = (q[:, 0] * w[0] + q[:, 1] * w[1] + q[:, 2] * w[2]) ^ (np.asarray(dataset.numbers, np.int64) * w[3])
+    atom = atom * np.int64(0x9E3779B1)  # mix so that permuted atoms of one structure collide only by design
+    S = len(dataset)
+    fp = np.zeros(S, np.int64)
+    if len(atom):
+        starts = dataset.offsets[:-1]
+        nonempty = dataset.n_atoms > 0
+        fp[nonempty] = np.add.reduceat(atom, starts[nonempty])
+    cell = np.round(np.asarray(dataset.cells).reshape(S, 9) * 1e4).astype(np.int64)
+    return fp + (cell * rng.integers(1, 2**31 - 1, size=9, dtype=np.int64)).sum(1) + dataset.n_atoms * w[0]
 
 
 def check_split_duplicates(dataset: FidelityDataset, split) -> int:
     """Warn (and return how many) when one geometry occurs in two different splits under different keys."""
-    owner: dict[str, str] = {}
+    fp = geometry_fingerprints(dataset)
     clashes, example = 0, ""
-    for name in ("train", "val", "test"):
-        for s in split[name].tolist():
-            sl = dataset.atoms_slice(s)
-            key = geometry_key(dataset.numbers[sl], dataset.positions[sl], dataset.cells[s] if dataset.pbc[s].any() else None)
-            if key in owner and owner[key] != name:
-                clashes += 1
-                example = example or f"{dataset.keys[s]} ({name}) duplicates a {owner[key]} structure"
-            owner.setdefault(key, name)
+    for name, before in (("val", ["train"]), ("test", ["train", "val"])):
+        idx = split[name]
+        seen = np.concatenate([fp[split[b]] for b in before])
+        hit = np.isin(fp[idx], seen)
+        clashes += int(hit.sum())
+        if hit.any() and not example:
+            s = int(idx[np.argmax(hit)])
+            where = next(b for b in before if np.isin(fp[s], fp[split[b]]))
+            example = f"{dataset.keys[s]} ({name}) duplicates a {where} structure"
     if clashes:
         log.warning("%s: %d structure(s) appear in two splits under different keys, e.g. %s; "
                     "test errors will be optimistic", dataset.source or "data", clashes, example)

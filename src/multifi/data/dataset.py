@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -354,29 +355,60 @@ class FidelityDataset:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write one .npz file atomically (temporary file, then rename)."""
-        path = Path(path)
+    def _arrays(self) -> dict[str, np.ndarray]:
         arrays = dict(numbers=self.numbers, positions=self.positions, offsets=self.offsets, cells=self.cells,
                       pbc=self.pbc, keys=self.keys, energy=self.energy,
                       fidelities=np.array(self.fidelities.names, dtype=str))
         for name in ("forces", "forces_mask", "stress", "stress_mask"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        return arrays
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: `*.npz` → one file; any other path → a directory of .npy arrays that
+        `load` memory-maps (for datasets larger than memory; workers share the pages)."""
+        path = Path(path)
+        if path.suffix == ".npz":
+            atomic_write(path, lambda f: np.savez(f, **self._arrays()))
+            return path
+        if path.exists() and not (path / "multifi_dataset.json").exists():
+            raise MultifiError(f"{path}: exists and is not a multifi dataset directory; not overwriting it")
+        tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None, prefix=f".{path.name}."))
+        try:
+            for name, a in self._arrays().items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(a), allow_pickle=False)
+            (tmp / "multifi_dataset.json").write_text('{"format": 1}\n')
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FidelityDataset":
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> "FidelityDataset":
+        """Read a dataset saved by `save`; a directory dataset is memory-mapped read-only unless mmap=False."""
         path = Path(path)
         if not path.exists():
             raise MultifiError(f"{path}: no such file")
         try:
-            z = np.load(path, allow_pickle=False)
-            get = lambda k: z[k] if k in z.files else None  # noqa: E731
-            return cls(numbers=z["numbers"], positions=z["positions"], offsets=z["offsets"], cells=z["cells"],
-                       pbc=z["pbc"], keys=z["keys"], energy=z["energy"],
-                       fidelities=FidelityTable(z["fidelities"].tolist()), forces=get("forces"),
+            if path.is_dir():
+                if not (path / "multifi_dataset.json").exists():
+                    raise MultifiError(f"{path}: not a multifi dataset directory (no multifi_dataset.json)")
+                files = {f.stem: f for f in path.glob("*.npy")}
+                get = lambda k: np.load(files[k], mmap_mode="r" if mmap else None) if k in files else None  # noqa: E731
+                names = files.keys()
+            else:
+                z = np.load(path, allow_pickle=False)
+                get = lambda k: z[k] if k in z.files else None  # noqa: E731
+                names = z.files
+            missing = {"numbers", "positions", "offsets", "cells", "pbc", "keys", "energy", "fidelities"} - set(names)
+            if missing:
+                raise MultifiError(f"{path}: not a multifi dataset (missing {', '.join(sorted(missing))})")
+            return cls(numbers=get("numbers"), positions=get("positions"), offsets=np.asarray(get("offsets")),
+                       cells=get("cells"), pbc=np.asarray(get("pbc")), keys=get("keys"), energy=get("energy"),
+                       fidelities=FidelityTable(np.asarray(get("fidelities")).tolist()), forces=get("forces"),
                        forces_mask=get("forces_mask"), stress=get("stress"), stress_mask=get("stress_mask"),
                        source=str(path))
         except (KeyError, ValueError, OSError) as exc:

@@ -7,54 +7,128 @@ from tqdm.auto import tqdm
 from multifi.errors import MultifiError
 
 
-def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
+def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float, calculator=None,
+                  distances: bool = False):
     """Full neighbour list within `cutoff` Å.
 
     Returns (i, j, shifts): centres [E], neighbours [E] (int64) and integer cell shifts [E, 3], such
-    that the vector from i to j is positions[j] - positions[i] + shifts @ cell.
+    that the vector from i to j is positions[j] - positions[i] + shifts @ cell; with `distances`, also
+    the distances [E] Å. `calculator`: a vesin.NeighborList to reuse across calls.
     """
     from vesin import NeighborList
 
     positions = np.ascontiguousarray(positions, dtype=np.float64)
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
-    if pbc.any():
+    periodic = bool(pbc.any())
+    if periodic:
         if abs(np.linalg.det(cell)) < 1e-6:
             raise MultifiError("periodic structure with a lattice of zero volume")
         box = np.asarray(cell, dtype=np.float64)
     else:
         box = np.zeros((3, 3))
-    nl = NeighborList(cutoff=float(cutoff), full_list=True)
-    i, j, s = nl.compute(points=positions, box=box, periodic=pbc.tolist() if pbc.any() else False, quantities="ijS")
-    return i.astype(np.int64), j.astype(np.int64), s.astype(np.int64)
+    nl = calculator or NeighborList(cutoff=float(cutoff), full_list=True)
+    out = nl.compute(points=positions, box=box, periodic=pbc.tolist() if periodic else False,
+                     quantities="ijSd" if distances else "ijS")
+    i, j, s = out[0].astype(np.int64), out[1].astype(np.int64), out[2].astype(np.int64)
+    return (i, j, s, out[3]) if distances else (i, j, s)
 
 
 class NeighborCache:
     """Neighbour lists of every structure in a dataset, computed once (positions are fixed data).
 
     Stored as one edge table in CSR form: edges of structure s are edge_offsets[s]:edge_offsets[s+1],
-    with local atom indices (0..n_atoms-1 inside the structure).
+    with local atom indices (0..n_atoms-1 inside the structure). `min_distance` [S] Å is the shortest
+    interatomic distance of each structure within the cutoff (inf for isolated atoms).
     """
 
     def __init__(self, dataset, cutoff: float, progress: bool = True):
+        from vesin import NeighborList
+
         self.cutoff = float(cutoff)
         S = len(dataset)
         counts = np.zeros(S, np.int64)
+        self.min_distance = np.full(S, np.inf)
+        positions = np.asarray(dataset.positions).view(np.ndarray)  # no per-slice memmap overhead
+        cells, pbc, offsets = np.asarray(dataset.cells).view(np.ndarray), np.asarray(dataset.pbc), dataset.offsets
+        nl = NeighborList(cutoff=self.cutoff, full_list=True)
         ii, jj, ss = [], [], []
         it = range(S)
         if progress and S > 2000:
             it = tqdm(it, desc=f"neighbour lists ({cutoff:g} Å)", unit="struct", leave=False)
         for s in it:
-            sl = dataset.atoms_slice(s)
-            i, j, sh = neighbor_list(dataset.positions[sl], dataset.cells[s], dataset.pbc[s], cutoff)
+            i, j, sh, d = neighbor_list(positions[offsets[s]:offsets[s + 1]], cells[s], pbc[s], cutoff, nl, True)
             counts[s] = len(i)
+            if len(d):
+                self.min_distance[s] = d.min()
             ii.append(i.astype(np.int32))
             jj.append(j.astype(np.int32))
-            ss.append(sh.astype(np.int8) if np.abs(sh).max(initial=0) < 127 else sh.astype(np.int32))
+            ss.append(sh.astype(np.int32))
         self.edge_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.centers = np.concatenate(ii) if ii else np.zeros(0, np.int32)
         self.neighbors = np.concatenate(jj) if jj else np.zeros(0, np.int32)
-        self.shifts = np.concatenate([s.astype(np.int32) for s in ss]) if ss else np.zeros((0, 3), np.int32)
+        self.shifts = np.concatenate(ss) if ss else np.zeros((0, 3), np.int32)
 
     @property
     def n_edges(self) -> np.ndarray:
         return np.diff(self.edge_offsets)
+
+    def edges(self, structures: np.ndarray):
+        """Edges of the given structures: local centres, local neighbours, shifts [E,3], counts per structure."""
+        from multifi.data.dataset import ranges
+
+        n_edges = self.n_edges[structures]
+        idx = ranges(self.edge_offsets[structures], n_edges)
+        return self.centers[idx], self.neighbors[idx], self.shifts[idx], n_edges
+
+
+class OnTheFlyNeighbors:
+    """Neighbour lists computed per batch (in DataLoader workers), for datasets too large to cache.
+
+    Also rejects atoms closer than `min_distance` Å, which the cached path checks once up front.
+    """
+
+    def __init__(self, dataset, cutoff: float, min_distance: float = 0.1):
+        self.dataset, self.cutoff, self.min_distance = dataset, float(cutoff), min_distance
+
+    def edges(self, structures: np.ndarray):
+        ds = self.dataset
+        ii, jj, ss, counts = [], [], [], np.zeros(len(structures), np.int64)
+        for n, s in enumerate(np.asarray(structures).tolist()):
+            sl = ds.atoms_slice(s)
+            pos = np.asarray(ds.positions[sl])
+            i, j, sh = neighbor_list(pos, ds.cells[s], ds.pbc[s], self.cutoff)
+            if len(i):
+                d = np.linalg.norm(pos[j] - pos[i] + sh @ ds.cells[s], axis=1)
+                if d.min() < self.min_distance:
+                    raise MultifiError(f"{ds.source or 'data'}: structure {ds.keys[s]} has atoms {d.min():.3f} Å apart "
+                                       f"(< {self.min_distance} Å)")
+            ii.append(i), jj.append(j), ss.append(sh)
+            counts[n] = len(i)
+        cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.int64)  # noqa: E731
+        return cat(ii, 0), cat(jj, 0), cat(ss, (0, 3)), counts
+
+
+def estimate_edges(dataset, cutoff: float, sample: int = 200, seed: int = 0) -> float:
+    """Expected total number of directed edges, from the neighbour lists of a random sample of structures."""
+    S = len(dataset)
+    if S == 0:
+        return 0.0
+    pick = np.random.default_rng(seed).choice(S, min(sample, S), replace=False)
+    edges = sum(len(neighbor_list(dataset.positions[dataset.atoms_slice(s)], dataset.cells[s], dataset.pbc[s], cutoff)[0])
+                for s in pick.tolist())
+    atoms = dataset.n_atoms[pick].sum()
+    return float(edges / max(atoms, 1) * dataset.n_atoms.sum())
+
+
+def make_neighbors(dataset, cutoff: float, mode: str = "auto", budget_bytes: float = 1.5e9, progress: bool = True):
+    """Cached neighbour lists when they fit `budget_bytes` (≈ 20 bytes per edge), else on the fly.
+
+    mode: "cache", "on_the_fly" or "auto".
+    """
+    if mode == "auto":
+        mode = "cache" if estimate_edges(dataset, cutoff) * 20 <= budget_bytes else "on_the_fly"
+    if mode == "cache":
+        return NeighborCache(dataset, cutoff, progress=progress)
+    if mode == "on_the_fly":
+        return OnTheFlyNeighbors(dataset, cutoff)
+    raise MultifiError(f"unknown neighbour list mode {mode!r} (known: auto, cache, on_the_fly)")

@@ -44,7 +44,7 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
 
 def guess_format(path: Path) -> str:
     name = path.name.lower()
-    if name.endswith(".npz"):
+    if name.endswith(".npz") or (path / "multifi_dataset.json").exists():
         return "npz"
     if name.endswith(MATPES_SUFFIXES):
         return "matpes"
@@ -54,8 +54,18 @@ def guess_format(path: Path) -> str:
 def read_sources(sources, skip_invalid: bool = False) -> FidelityDataset:
     """All sources merged (structures with equal keys share one entry)."""
     parts = [read_source(s, skip_invalid) for s in sources]
+    if len(parts) == 1 and _is_saved_dataset(sources[0]):
+        return parts[0].drop_fidelities_without_labels()  # already merged when saved; keeps memory maps
     ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
     return ds.drop_fidelities_without_labels()
+
+
+def _is_saved_dataset(src) -> bool:
+    path = getattr(src, "path", src)
+    if path is None:
+        return False
+    fmt = getattr(src, "format", "auto")
+    return fmt == "npz" or (fmt == "auto" and guess_format(Path(path)) == "npz")
 
 
 def _read_indices(path) -> np.ndarray:

@@ -69,7 +69,7 @@ def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool =
     """
     K = len(dataset.fidelities)
     ref, scale = np.zeros((N_ELEMENTS, K)), np.ones(K)
-    counts = composition_matrix(dataset)  # [S, 119]
+    elements, counts = composition_matrix(dataset)  # [n_el], [S, n_el]
     for ks in ([list(range(K))] if pooled else [[k] for k in range(K)]):
         sel = pairs[np.isin(pairs[:, 1], ks)]
         sel = sel[~np.isnan(dataset.energy[sel[:, 0], sel[:, 1]])]
@@ -81,19 +81,21 @@ def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool =
         cols = np.flatnonzero(X.any(0))
         A = X[:, cols]
         coef = np.linalg.solve(A.T @ A + ridge * len(s) * np.eye(len(cols)), A.T @ y)
-        ref[np.ix_(cols, ks)] = coef[:, None]
+        ref[np.ix_(elements[cols], ks)] = coef[:, None]
         resid = (y - A @ coef) / X.sum(1)
         scale[ks] = float(resid.std()) if len(s) > 1 and resid.std() > 1e-4 else _force_rms(dataset, pairs, ks)
     return ref, scale
 
 
-def composition_matrix(dataset) -> np.ndarray:
-    """[S, 119] element counts per structure."""
+def composition_matrix(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Elements present [n_el] (atomic numbers) and element counts per structure [S, n_el] (int32)."""
     S = len(dataset)
-    out = np.zeros((S, N_ELEMENTS), np.int32)
+    numbers = np.asarray(dataset.numbers, dtype=np.int64)
+    elements, column = np.unique(numbers, return_inverse=True)
+    out = np.zeros((S, len(elements)), np.int32)
     struct = np.repeat(np.arange(S), dataset.n_atoms)
-    np.add.at(out, (struct, dataset.numbers.astype(np.int64)), 1)
-    return out
+    np.add.at(out, (struct, column), 1)
+    return elements, out
 
 
 def _force_rms(dataset, pairs, ks) -> float:

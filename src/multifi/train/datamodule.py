@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from multifi.data.batch import GraphCollator
 from multifi.data.dataset import FidelityDataset
-from multifi.data.neighbors import NeighborCache
+from multifi.data.neighbors import make_neighbors
 from multifi.train.sampler import FidelitySampler
 
 
@@ -28,12 +28,12 @@ class PairDataset(Dataset):
 class MultiFidelityData(L.LightningDataModule):
     def __init__(self, dataset: FidelityDataset, pairs: dict[str, np.ndarray], cutoff: float, batch_size: int,
                  num_workers: int = 0, sampling: dict[str, float] | None = None, seed: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, neighbor_lists: str = "auto"):
         super().__init__()
         self.dataset, self.pairs = dataset, pairs
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.sampling = sampling or {}
-        self.neighbors = NeighborCache(dataset, cutoff, progress=progress)
+        self.neighbors = make_neighbors(dataset, cutoff, neighbor_lists, progress=progress)
         self.collate = GraphCollator(dataset, self.neighbors)
         self._resume_state: dict | None = None
         self.train_sampler: FidelitySampler | None = None

@@ -6,7 +6,7 @@ import torch
 
 from multifi.data.batch import GraphCollator
 from multifi.data.dataset import FidelityDataset
-from multifi.data.neighbors import NeighborCache
+from multifi.data.neighbors import NeighborCache, make_neighbors
 from multifi.train.metrics import FidelityMetrics
 
 
@@ -14,7 +14,7 @@ def evaluate_pairs(potential, dataset: FidelityDataset, neighbors: NeighborCache
                    batch_size: int = 64, return_predictions: bool = False):
     """Per-fidelity metrics of `potential` on `pairs` (fidelity indices of `dataset`, mapped to the model's by name)."""
     potential.eval()
-    neighbors = neighbors or NeighborCache(dataset, potential.cutoff)
+    neighbors = neighbors or make_neighbors(dataset, potential.cutoff, progress=False)
     collate = GraphCollator(dataset, neighbors)
     to_model = np.array([potential.fidelities.index(n, where="evaluate") for n in dataset.fidelities.names],
                         dtype=np.int64)

@@ -69,14 +69,15 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
     module.sync_ema()
 
     data = MultiFidelityData(prep.dataset, prep.pairs, cfg.model.cutoff, cfg.train.batch_size, cfg.train.num_workers,
-                             cfg.train.fidelity_sampling, cfg.train.seed, progress=cfg.train.progress)
+                             cfg.train.fidelity_sampling, cfg.train.seed, progress=cfg.train.progress,
+                             neighbor_lists=cfg.data.neighbor_lists)
     check_overlaps(prep.dataset, data.neighbors)
     # all checks passed: only now does the run directory get written
     run_dir.mkdir(parents=True, exist_ok=True)
     if leader and not resume:
         atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
         prep.split.save(run_dir / "splits.json", prep.dataset)
-        if cfg.data.cache:
+        if cfg.data.cache and not _from_saved_dataset(cfg):
             prep.dataset.save(cached)
     trainer = make_trainer(cfg, run_dir, has_val=len(prep.pairs["val"]) > 0)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
@@ -141,6 +142,13 @@ def _report_data(prep) -> None:
     for split in ("train", "val", "test"):
         counts = _counts(prep, split)
         log.info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+def _from_saved_dataset(cfg: RunConfig) -> bool:
+    """A single saved dataset (.npz or memory-mapped directory) is its own cache: don't copy it."""
+    from multifi.data.sources import _is_saved_dataset
+
+    return len(cfg.data.sources) == 1 and _is_saved_dataset(cfg.data.sources[0])
 
 
 def _is_leader_process() -> bool:
