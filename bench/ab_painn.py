@@ -27,8 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def module_at(rev: str) -> types.ModuleType:
-    src = subprocess.run(["git", "show", f"{rev}:src/multifi/models/painn.py"], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
+    """models/painn.py at a git revision, or a file path (a hand-made variant)."""
+    if Path(rev).is_file():
+        src = Path(rev).read_text()
+    else:
+        src = subprocess.run(["git", "show", f"{rev}:src/multifi/models/painn.py"], capture_output=True, text=True,
+                             cwd=ROOT, check=True).stdout
     mod = types.ModuleType("painn_base")
     exec(compile(src, f"painn@{rev}", "exec"), mod.__dict__)
     return mod
@@ -37,6 +41,7 @@ def module_at(rev: str) -> types.ModuleType:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default="7c91c1d")
+    ap.add_argument("--tree", default=None, help="B = this revision or file instead of the work tree")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--mode", choices=["train", "forces", "infer"], default="train")
@@ -55,6 +60,10 @@ def main() -> None:
     rep = pot_b.representation
     pot_a.representation = base.PaiNN(rep.features, len(rep.messages), rep.cutoff, rep.rbf.freq.numel())
     pot_a.representation.load_state_dict(rep.state_dict())
+    if args.tree:
+        pot_b.representation = module_at(args.tree).PaiNN(rep.features, len(rep.messages), rep.cutoff,
+                                                          rep.rbf.freq.numel())
+        pot_b.representation.load_state_dict(rep.state_dict())
 
     def step(pot, g):
         if args.mode == "infer":
@@ -82,7 +91,7 @@ def main() -> None:
         diff = max(diff, float((res[id(pot_a)] - res[id(pot_b)]).abs().max()))
     ta, tb = ta[3:], tb[3:]
     ratios = [a / b for a, b in zip(ta, tb)]
-    print(f"mode={args.mode} threads={args.threads} steps={len(ta)} base={args.base}")
+    print(f"mode={args.mode} threads={args.threads} steps={len(ta)} A={args.base} B={args.tree or 'work tree'}")
     print(f"A (base)   median {1000 * statistics.median(ta):8.2f} ms/step  {32 / statistics.median(ta):7.1f} structures/s")
     print(f"B (tree)   median {1000 * statistics.median(tb):8.2f} ms/step  {32 / statistics.median(tb):7.1f} structures/s")
     print(f"speed-up B vs A: median of per-step ratios {statistics.median(ratios):.3f} "

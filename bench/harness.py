@@ -226,7 +226,11 @@ def main() -> None:
                     help="run our side from this git revision's src/ (e.g. the unoptimised baseline) instead of the work tree")
     ap.add_argument("--out", default=str(BENCH / "results.json"))
     ap.add_argument("--setup-only", action="store_true")
+    ap.add_argument("--markdown", metavar="RESULTS_JSON", help="print an existing results file as a markdown table")
     args = ap.parse_args()
+    if args.markdown:
+        print_markdown(json.loads(Path(args.markdown).read_text()))
+        return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     peers = [p for p in args.peers.split(",") if p]
     for p in peers:
@@ -286,6 +290,15 @@ def print_table(entries: list[dict]) -> None:
     for e in entries:
         print(f"{e['name']:40s} {e['ours']:10.1f} {e['peer']:10.1f} {e['unit']:>13s} {e['ratio']:7.2f} "
               f"{e['ratio_median_of_pairs']:8.2f}  {e['peer_name']}")
+
+
+def print_markdown(entries: list[dict]) -> None:
+    print("| comparison | ours | peer | unit | ratio ours/peer | median of pair ratios | runs ours / peer |")
+    print("|---|---:|---:|---|---:|---:|---|")
+    for e in entries:
+        note = "" if e["higher_is_better"] else " (lower is better)"
+        print(f"| {e['name']} | {e['ours']:.1f} | {e['peer']:.1f} | {e['unit']}{note} | {e['ratio']:.2f} | "
+              f"{e['ratio_median_of_pairs']:.2f} | {e['ours_runs']} / {e['peer_runs']} |")
 
 
 if __name__ == "__main__":
