@@ -12,9 +12,11 @@ import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -396,6 +398,9 @@ def read_qm9(labels: str | os.PathLike | None = None, fidelity: str | None = Non
             raise MultifiError(f"QM9 itself provides only {QM9_FIDELITY!r} energies; for fidelity {fidelity!r} "
                                "pass labels=<index,energy_eV table>")
         fidelity, idx, energy, source = QM9_FIDELITY, geo.index, geo.energy, "qm9pack"
+    elif _is_wide_table(labels):
+        return read_qm9_wide(labels, limit=limit, indices=indices, seed=seed, skip_invalid=skip_invalid,
+                             cache_dir=cache_dir)
     else:
         table = read_label_table(labels, fidelity, skip_invalid)
         unknown = ~geo.contains(table.index)
@@ -444,6 +449,62 @@ def _dataset(geo: Qm9Geometries, idx: np.ndarray, energy: np.ndarray, fidelity: 
         energy=np.asarray(energy, np.float64).reshape(S, 1).copy(), source=source,
     )
     return ds.validate()
+
+
+def _is_wide_table(path) -> bool:
+    """A MultiXC-style table: header `index,<fidelity 1>,<fidelity 2>,…` (more than one energy column)."""
+    p = Path(path)
+    if not p.exists():
+        return False
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt") as f:
+        header = f.readline().strip().split(",")
+    return len(header) > 2 and header[0] == "index"
+
+
+def read_qm9_wide(path: str | os.PathLike, limit: int | None = None, indices=None, seed: int = 0,
+                  skip_invalid: bool = False, cache_dir=None) -> FidelityDataset:
+    """QM9 molecules with energies (eV) at many fidelities from one wide table.
+
+    Header `index,<fidelity>,<fidelity>,…`; one row per molecule; an empty field or `nan` is a missing
+    label. Each molecule is stored once with a row of K labels (energy [S, K]), not once per label.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        header = f.readline().strip().split(",")
+        text = f.read()
+    names = header[1:]
+    if len(set(names)) != len(names):
+        raise MultifiError(f"{path}: duplicate fidelity names in the header")
+    text = re.sub(r"(?<=,)(?=,|\n|$)", "nan", text)  # empty fields → nan
+    try:
+        table = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, dtype=np.float64)
+    except ValueError as exc:
+        raise MultifiError(f"{path}: not a numeric table ({str(exc).splitlines()[0]})") from None
+    if table.shape[1] != len(header):
+        raise MultifiError(f"{path}: {table.shape[1]} columns, header names {len(header)}")
+    idx = table[:, 0].astype(np.int64)
+    energy = table[:, 1:]
+    bad = np.isinf(energy)
+    if bad.any():
+        if not skip_invalid:
+            raise MultifiError(f"{path}: {int(bad.sum())} infinite energies; fix the data or set data.skip_invalid: true")
+        energy[bad] = np.nan
+    if len(np.unique(idx)) != len(idx):
+        raise MultifiError(f"{path}: duplicate QM9 indices")
+    order = np.argsort(idx)
+    idx, energy = idx[order], energy[order]
+    geo = load_qm9_geometries(cache_dir)
+    unknown = ~geo.contains(idx)
+    if unknown.any():
+        raise MultifiError(f"{path}: index {idx[np.argmax(unknown)]} is not a QM9 molecule ({int(unknown.sum())} such rows)")
+    keep = _select(geo, idx, indices, limit, seed)
+    ds = _dataset(geo, idx[keep], energy[keep, 0], names[0], str(path))
+    ds.fidelities = FidelityTable(names)
+    ds.energy = np.ascontiguousarray(energy[keep])
+    ds.n_dropped = int(bad.sum())
+    return ds.validate(skip_invalid)
 
 
 def read_qm9_blocks(path: str | os.PathLike) -> dict[str, np.ndarray]:
