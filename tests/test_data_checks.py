@@ -80,3 +80,27 @@ def test_hartree_energies_are_flagged(unit, expect, caplog):
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert check_energy_units(ds, pairs, ref, scale) == expect
     assert ("look like Hartree" in caplog.text) == bool(expect)
+
+
+def test_skipped_invalid_labels_are_counted_and_reported(tmp_path, caplog):
+    import ase.io
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from multifi.data.sources import read_sources
+
+    frames = []
+    for i, r in enumerate(_records(6)):
+        a = Atoms(numbers=r["numbers"], positions=r["positions"])
+        a.calc = SinglePointCalculator(a, energy=float("nan") if i in (1, 4) else r["labels"]["DFT"]["energy"])
+        frames.append(a)
+    ase.io.write(tmp_path / "nan.extxyz", frames)
+    from multifi.config import SourceConfig
+
+    src = [SourceConfig(path=str(tmp_path / "nan.extxyz"), fidelity="DFT")]
+    with pytest.raises(MultifiError, match=r"nan.extxyz: 2 non-finite"):
+        read_sources(src)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        ds = read_sources(src, skip_invalid=True)
+    assert len(ds) == 4
+    assert "nan.extxyz: skipped 2 non-finite (NaN/inf) labels" in caplog.text

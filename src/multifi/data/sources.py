@@ -1,12 +1,15 @@
 """Read the configured sources and merge them into one FidelityDataset."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from multifi.data.dataset import FidelityDataset
 from multifi.errors import MultifiError
+
+log = logging.getLogger("multifi")
 
 MATPES_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 
@@ -54,6 +57,9 @@ def guess_format(path: Path) -> str:
 def read_sources(sources, skip_invalid: bool = False) -> FidelityDataset:
     """All sources merged (structures with equal keys share one entry)."""
     parts = [read_source(s, skip_invalid) for s in sources]
+    for part in parts:
+        if getattr(part, "n_dropped", 0):
+            log.warning("%s: skipped %d non-finite (NaN/inf) labels", part.source, part.n_dropped)
     if len(parts) == 1 and _is_saved_dataset(sources[0]):
         return parts[0].drop_fidelities_without_labels()  # already merged when saved; keeps memory maps
     ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
