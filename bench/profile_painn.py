@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 LABELS = Path("/work/shared/data/qm9mf/GFN2-xTB.csv.gz")
 
 
-def setup(n: int = 2000, seed: int = 0):
+def setup(n: int = 2000, seed: int = 0, batch: int = 32):
     import numpy as np
 
     from multifi.config import LossConfig, ModelConfig
@@ -38,7 +38,7 @@ def setup(n: int = 2000, seed: int = 0):
     pot.head.set_baseline(*fit_baseline(ds, pairs))
     collate = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False))
     rng = np.random.default_rng(seed)
-    batches = lambda k: [pairs[rng.choice(len(pairs), 32, replace=False)] for _ in range(k)]  # noqa: E731
+    batches = lambda k: [pairs[rng.choice(len(pairs), batch, replace=False)] for _ in range(k)]  # noqa: E731
     return pot, collate, batches, MultiFidelityLoss()
 
 
@@ -50,12 +50,13 @@ def main() -> None:
     ap.add_argument("--phases", action="store_true")
     ap.add_argument("--sort", default="self_cpu_time_total")
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=32, help="molecules per batch (1 shows the fixed per-step overhead)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    pot, collate, batches, loss_fn = setup()
+    pot, collate, batches, loss_fn = setup(batch=args.batch)
     opt = torch.optim.AdamW(pot.parameters(), lr=5e-4)
 
     def step(g):
@@ -93,7 +94,7 @@ def main() -> None:
         for k, v in phases.items():
             m = statistics.median(v)
             print(f"{k:14s} {m:8.2f} ms  {100 * m / total:5.1f} %")
-        print(f"{'step':14s} {total:8.2f} ms  → {32 / total * 1000:.1f} structures/s (sum of medians)")
+        print(f"{'step':14s} {total:8.2f} ms  → {args.batch / total * 1000:.1f} structures/s (sum of medians)")
         return
     from torch.profiler import ProfilerActivity, profile
 
