@@ -33,17 +33,14 @@ def make_plan(ctx, run_id: str, part: str, sources: list[dict], splits: dict[str
               seed: int, patches: list[ConfigPatch], meta: dict, **extra) -> RunPlan:
     """A plan training on `sources` ({"method", "indices"} or {"npz": path template}) with the given splits.
 
-    splits: QM9 indices of the train/val/test molecules (written as key files qm9:<index>).
+    indices and splits: structure ids of the catalog (QM9 indices, or positions in a SourceCatalog);
+    the catalog decides how a run reads them (index files, or key files and a derived dataset).
     """
-    files, data_sources = {}, []
-    for i, src in enumerate(sources):
-        if "npz" in src:
-            data_sources.append({"path": src["npz"], "format": "npz"})
-            continue
-        files[f"source{i}.idx"] = sorted(int(x) for x in src["indices"])
-        data_sources.append(ctx.catalog.source(src["method"], "{inputs}/" + f"source{i}.idx"))
+    labelled = [(src["method"], src["indices"]) for src in sources if "npz" not in src]
+    files, data_sources, derived = ctx.catalog.plan_data(labelled) if labelled else ({}, [], [])
+    data_sources += [{"path": src["npz"], "format": "npz"} for src in sources if "npz" in src]
     for name in SPLITS:
-        files[f"{name}.keys"] = sorted(int(x) for x in splits.get(name, ()))
+        files[f"{name}.keys"] = ctx.catalog.split_keys(splits.get(name, ()))
     raw: dict = {"model": {}, "loss": {}, "train": {}}
     for p in [ctx.spec.base, *patches]:
         raw = deep_merge(raw, p.model_dump())
@@ -52,6 +49,8 @@ def make_plan(ctx, run_id: str, part: str, sources: list[dict], splits: dict[str
     raw["data"] = {"sources": data_sources, "cache": False,
                    "split": {"files": {s: "{inputs}/" + f"{s}.keys" for s in SPLITS}, "seed": seed}}
     raw["output_dir"] = "{run_dir}"
+    if derived:
+        extra["derived"] = derived + extra.get("derived", [])
     plan = RunPlan(id=run_id, part=part, config=raw, files=files, meta=meta, **extra)
     check_config(plan)
     return plan
@@ -117,10 +116,14 @@ def finetune(ctx, run_id, part, high, low, sets, seed, patches, meta, base: RunP
 
 # ---------------------------------------------------------------------------------------------- data
 def build_derived(spec: dict, inputs: Path, catalog) -> None:
-    """Write a derived dataset (Δ labels: E_high − E_low on the listed molecules) as a multifi .npz."""
+    """Write a derived dataset as a multifi .npz: a run's labels cut from the catalog's structure files
+    (kind subset), or Δ labels E_high − E_low on the listed QM9 molecules (kind delta)."""
     from multifi.data.fidelity import FidelityTable
     from multifi.data.readers.qm9 import read_qm9
 
+    if spec["kind"] == "subset":
+        catalog.build_subset(spec, inputs, Path(fill(spec["path"], {"inputs": str(inputs)})))
+        return
     if spec["kind"] != "delta":
         raise MultifiError(f"unknown derived dataset kind {spec['kind']!r}")
     indices = np.loadtxt(inputs / spec["indices"], dtype=np.int64, ndmin=1)
@@ -151,8 +154,15 @@ def evaluate(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:
     return out
 
 
+#: metrics.json entry → a result's test entry (only those present: forces and stress need labels)
+OPTIONAL_ERRORS = {"mae_meV_per_atom": "energy_mae_meV_per_atom", "forces_mae_meV_per_A": "forces_mae_meV_per_A",
+                   "stress_mae_GPa": "stress_mae_GPa"}
+
+
 def _errors(m: dict) -> dict:
-    return {"n": m["n"], "mae_meV": m["energy_mae_meV"], "rmse_meV": m["energy_rmse_meV"]}
+    out = {"n": m["n"], "mae_meV": m["energy_mae_meV"], "rmse_meV": m["energy_rmse_meV"]}
+    out.update({k: m[src] for k, src in OPTIONAL_ERRORS.items() if m.get(src) is not None})
+    return out
 
 
 def _delta_errors(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:

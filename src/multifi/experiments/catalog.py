@@ -1,12 +1,22 @@
-"""What the shared QM9 data provides: methods (fidelities), their label files, labelled molecules, energies.
+"""What an experiment's data provides: methods (fidelities), labelled structures, and how a run reads them.
 
-QM9's own B3LYP/6-31G(2df,p) energies come from qm9pack; every other method is a label table
-`index,energy_eV` listed in qm9mf/manifest.json. Methods are read from the manifest, never hard-coded,
-so later releases of the shared folder add methods without code changes.
+Two catalogs share one interface (structures are integer ids; a run's inputs are files of ids or keys):
+- LabelCatalog: the shared QM9 folder. QM9's own B3LYP/6-31G(2df,p) energies come from qm9pack; every
+  other method is a label table `index,energy_eV` listed in qm9mf/manifest.json. Methods are read from
+  the manifest, never hard-coded, so later releases of the shared folder add methods without code
+  changes. Ids are QM9 indices.
+- SourceCatalog: the structure files of a spec's `data` section (MatPES, ASE, .npz), merged by
+  structure key; ids are positions in the merged dataset, written to run inputs as keys. Each run
+  trains on a derived .npz holding exactly its labels (build_subset).
+
+Interface used by the planners: noun, methods(), has(), check(), labelled(), plan_data(), split_keys(),
+composition().
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,9 +26,13 @@ from multifi.data.readers.qm9 import QM9_FIDELITY, load_qm9_geometries, read_lab
 from multifi.errors import MultifiError, unknown_name
 
 QM9MF = "qm9mf"
+N_ELEMENTS = 119
+log = logging.getLogger("multifi.experiments")
 
 
 class LabelCatalog:
+    noun = "molecules"
+
     def __init__(self, shared: Path):
         self.shared = Path(shared)
         self.folder = self.shared / QM9MF
@@ -50,6 +64,24 @@ class LabelCatalog:
     def labelled(self, method: str) -> np.ndarray:
         """Sorted QM9 indices labelled at `method`."""
         return self._table(method)[0]
+
+    def plan_data(self, sources: list[tuple[str, np.ndarray]]) -> tuple[dict, list[dict], list[dict]]:
+        """Run inputs for (method, QM9 indices) label sets: (files, data.sources templates, derived datasets)."""
+        files, data_sources = {}, []
+        for i, (method, ids) in enumerate(sources):
+            files[f"source{i}.idx"] = sorted(int(x) for x in ids)
+            data_sources.append(self.source(method, "{inputs}/" + f"source{i}.idx"))
+        return files, data_sources, []
+
+    def split_keys(self, ids) -> list[int]:
+        """A split's entry in a plan's files: QM9 indices (written as keys qm9:<index>)."""
+        return sorted(int(x) for x in ids)
+
+    def composition(self, ids: np.ndarray) -> np.ndarray:
+        """[len(ids), 119] element counts of the molecules `ids`."""
+        geo = load_qm9_geometries()
+        rows = np.searchsorted(geo.index, np.asarray(ids, dtype=np.int64))
+        return _counts(geo.numbers, geo.offsets, rows)
 
     def energies(self, method: str, indices: np.ndarray) -> np.ndarray:
         """[n] eV at `method` for QM9 `indices` (NaN where unlabelled)."""
@@ -84,3 +116,155 @@ def read_blocks(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
         order = list(blocks)
     order = [m for m in order if m in blocks] + [m for m in blocks if m not in order]
     return order, blocks
+
+
+# ---------------------------------------------------------------------------------------------- structure files
+class SourceCatalog:
+    """The structure files of a spec's `data` section, merged by key (e.g. matpes:<id>): one dataset.
+
+    Read once when the runs are planned and cached as <work>/data/<fingerprint>.npz (the fingerprint
+    hashes the files' contents and the source settings), which the runs' derived datasets are cut from.
+    """
+
+    noun = "structures"
+
+    def __init__(self, data, shared: Path, root: Path, work: Path):
+        from multifi.experiments.plan import fill
+
+        self.sources = []
+        for s in data.sources:
+            path = Path(fill(s.path, {"shared": str(shared)})).expanduser()
+            path = path if path.is_absolute() else root / path
+            self.sources.append({"path": str(path.resolve()), "fidelity": s.fidelity, "format": s.format,
+                                 "index": s.index})
+        self.skip_invalid = data.skip_invalid
+        self.work = Path(work)
+        self._ds = None
+        self._fingerprint: str | None = None
+        self._id_of: dict | None = None
+
+    def __getstate__(self):  # runs in other processes reload the cached .npz instead of pickling the data
+        state = dict(self.__dict__)
+        state.update(_ds=None, _id_of=None)
+        return state
+
+    # ------------------------------------------------------------------ data
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            h = hashlib.sha1()
+            for s in self.sources:
+                path = Path(s["path"])
+                if not path.is_file():
+                    raise MultifiError(f"data.sources: {path}: no such file")
+                h.update(json.dumps({k: v for k, v in s.items() if k != "path"}, sort_keys=True).encode())
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        h.update(block)
+            h.update(str(self.skip_invalid).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    @property
+    def cache_path(self) -> Path:
+        return self.work / "data" / f"{self.fingerprint}.npz"
+
+    def dataset(self):
+        """The merged dataset of all sources (read once, then from the cache file)."""
+        if self._ds is None:
+            from multifi.config import SourceConfig
+            from multifi.data.dataset import FidelityDataset
+            from multifi.data.sources import read_sources
+
+            if self.cache_path.exists():
+                self._ds = FidelityDataset.load(self.cache_path)
+            else:
+                configs = [SourceConfig(**s) for s in self.sources]
+                self._ds = read_sources(configs, self.skip_invalid)
+                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                self._ds.save(self.cache_path)
+                log.info("data: %d structures, %s (cached in %s)", len(self._ds),
+                         ", ".join(f"{k} {v['energy']}" for k, v in self._ds.label_counts().items()), self.cache_path)
+        return self._ds
+
+    # ------------------------------------------------------------------ catalog interface
+    def methods(self) -> list[str]:
+        return list(self.dataset().fidelities.names)
+
+    def has(self, method: str) -> bool:
+        return method in self.methods()
+
+    def check(self, method: str, where: str) -> None:
+        if not self.has(method):
+            raise unknown_name("method", method, self.methods(), f"{where} (fidelities of data.sources)")
+
+    def labelled(self, method: str) -> np.ndarray:
+        """Ids (positions in the merged dataset) of the structures with an energy label at `method`."""
+        self.check(method, "labels")
+        ds = self.dataset()
+        return np.flatnonzero(ds.energy_mask[:, ds.fidelities.index(method)]).astype(np.int64)
+
+    def keys(self, ids) -> list[str]:
+        keys = self.dataset().keys
+        return [str(keys[int(i)]) for i in sorted(int(x) for x in ids)]
+
+    def split_keys(self, ids) -> list[str]:
+        """A split's entry in a plan's files: the structure keys, in id order."""
+        return self.keys(ids)
+
+    def plan_data(self, sources: list[tuple[str, np.ndarray]]) -> tuple[dict, list[dict], list[dict]]:
+        """Run inputs for (method, ids) label sets: key files, one derived .npz with exactly those labels."""
+        files, labels = {}, {}
+        for i, (method, ids) in enumerate(sources):
+            name = f"source{i}.keys"
+            files[name] = self.keys(ids)
+            labels.setdefault(method, []).append(name)
+        derived = [{"kind": "subset", "path": "{inputs}/data.npz", "labels": labels, "data": self.fingerprint}]
+        return files, [{"path": "{inputs}/data.npz", "format": "npz"}], derived
+
+    def composition(self, ids: np.ndarray) -> np.ndarray:
+        ds = self.dataset()
+        return _counts(ds.numbers, ds.offsets, np.asarray(ids, dtype=np.int64))
+
+    def build_subset(self, spec: dict, inputs: Path, out: Path) -> None:
+        """Write the run's dataset: the structures of its key files, each with the labels of its method only."""
+        if spec.get("data") != self.fingerprint:
+            raise MultifiError(f"{out}: planned for data {spec.get('data')}, but data.sources are now {self.fingerprint}")
+        ds = self.dataset()
+        if self._id_of is None:
+            self._id_of = {str(k): i for i, k in enumerate(ds.keys.tolist())}
+        wanted: dict[str, np.ndarray] = {}
+        for method, names in spec["labels"].items():
+            keys = [line for name in names for line in (inputs / name).read_text().split()]
+            try:
+                wanted[method] = np.array([self._id_of[k] for k in keys], dtype=np.int64)
+            except KeyError as exc:
+                raise MultifiError(f"{inputs}: structure {exc.args[0]!r} is not in data.sources") from None
+        ids = np.unique(np.concatenate(list(wanted.values())))
+        sub = ds.subset(ids).select_fidelities(list(wanted), where="experiment data")
+        for k, method in enumerate(wanted):
+            drop = ~np.isin(ids, wanted[method])
+            sub.energy[drop, k] = np.nan
+            if sub.forces_mask is not None:
+                sub.forces_mask[drop, k] = False
+            if sub.stress_mask is not None:
+                sub.stress_mask[drop, k] = False
+        sub.save(out)
+
+
+def _counts(numbers: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[len(rows), 119] element counts of structures `rows` of a columnar (numbers, offsets) layout."""
+    from multifi.data.dataset import ranges
+
+    n = offsets[rows + 1] - offsets[rows]
+    atoms = ranges(offsets[rows], n)
+    out = np.zeros((len(rows), N_ELEMENTS), np.int64)
+    np.add.at(out, (np.repeat(np.arange(len(rows)), n), numbers[atoms].astype(np.int64)), 1)
+    return out
+
+
+def make_catalog(spec, paths):
+    """The catalog of a spec: its `data` section's files, else the shared QM9 folder."""
+    if spec.data is not None:
+        return SourceCatalog(spec.data, paths.shared, paths.root, paths.work)
+    return LabelCatalog(paths.shared)

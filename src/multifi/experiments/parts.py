@@ -1,9 +1,10 @@
 """Splits and run plans of each part of an experiment spec.
 
 Every split is drawn from numpy generators seeded by (split_seed, part, …) and written to
-<output>/splits/<part>.json as QM9 indices: test and validation molecules are fixed for all seeds and
-variants of a part, and never enter training; validation molecules are used only to pick the
-checkpoint (and stop early). Training subsets are drawn per seed and nested across n.
+<output>/splits/<part>.json as QM9 indices (or structure keys, for a spec's `data` files): test and
+validation structures are fixed for all seeds and variants of a part, and never enter training for any
+fidelity; validation structures are used only to pick the checkpoint (and stop early). Training
+subsets are drawn per seed and nested across n.
 """
 from __future__ import annotations
 
@@ -76,38 +77,128 @@ def plan_transfer(ctx) -> PartPlan:
 
 # ---------------------------------------------------------------------------------------------- learning curve
 def plan_learning_curve(ctx) -> PartPlan:
+    """Test and validation structures: labelled at both fidelities, fixed for all seeds and variants.
+    Low-fidelity pool: n_low of the other structures labelled at `low` (those labelled at both first);
+    top-fidelity training sets: the first n of a seeded order of the pool's structures labelled at `high`."""
     lc, part = ctx.spec.learning_curve, "learning_curve"
     cand = _both_labelled(ctx, [lc.high, lc.low], "learning_curve.high/low")
     seeds = ctx.spec.seeds_of(lc)
-    _need(len(cand), lc.test + lc.val + lc.n_low, "learning_curve")
+    _need(len(cand), lc.test + lc.val, "learning_curve (test + val)")
     perm = _rng(ctx, part).permutation(cand)
-    test, val, low_pool = _take(perm, 0, lc.test), _take(perm, lc.test, lc.val), _take(perm, lc.test + lc.val, lc.n_low)
-    all_seeds = sorted({s for n in lc.ns for s in seeds.for_n(n)})
-    orders = {s: _rng(ctx, part, 1, s).permutation(low_pool) for s in all_seeds}
-    record = {"test": test.tolist(), "val": val.tolist(), "low_pool": low_pool.tolist(),
-              "high_train_order": {f"s{s}": orders[s][:max(lc.ns)].tolist() for s in all_seeds},
+    test, val = _take(perm, 0, lc.test), _take(perm, lc.test, lc.val)
+    low_only = np.setdiff1d(ctx.catalog.labelled(lc.low), cand)
+    rest = perm[lc.test + lc.val:]
+    if len(low_only):
+        rest = np.concatenate([rest, _rng(ctx, part, 2).permutation(low_only)])
+    n_low = len(rest) if lc.n_low is None else lc.n_low
+    _need(lc.test + lc.val + len(rest), lc.test + lc.val + n_low, "learning_curve")
+    low_pool = np.sort(rest[:n_low])
+    high_pool = low_pool[np.isin(low_pool, ctx.catalog.labelled(lc.high))]
+    n_of = resolve_sizes(lc, len(high_pool))
+    ns = [n_of[x] for x in lc.sizes]
+    _need(len(high_pool), max(ns), f"learning_curve ({lc.high} training structures)")
+    all_seeds = sorted({s for n in ns for s in seeds.for_n(n)})
+    orders = {s: _rng(ctx, part, 1, s).permutation(high_pool) for s in all_seeds}
+    info: dict = {"ns": ns, "sizes": {str(x): n for x, n in n_of.items()}, "n_low": n_low,
+                  "high_pool": int(len(high_pool)), "noun": ctx.catalog.noun}
+    if lc.cover_compositions:
+        orders = {s: cover_first(o, ctx.catalog.composition(o)) for s, o in orders.items()}
+    if lc.cover_compositions or lc.fractions is not None:
+        info["span"] = composition_span(ctx.catalog, orders, ns, seeds, test)
+    record = {"test": ctx.catalog.split_keys(test), "val": ctx.catalog.split_keys(val),
+              "low_pool": ctx.catalog.split_keys(low_pool),
+              "high_train_order": {f"s{s}": _as_keys(ctx, orders[s][:max(ns)]) for s in all_seeds},
               "note": "top-fidelity training set for (n, seed) = first n of high_train_order[seed]"}
+    if lc.fractions is not None:
+        record["sizes"] = info["sizes"]
     plans: list[RunPlan] = []
     for name, variant in lc.variants.items():
         pretrained: dict[int, RunPlan] = {}
-        for n in variant.ns or lc.ns:
-            if n not in lc.ns:
-                raise MultifiError(f"learning_curve.variants.{name}.ns: {n} is not one of learning_curve.ns")
+        for size in variant.ns or lc.sizes:
+            if size not in n_of:
+                raise MultifiError(f"learning_curve.variants.{name}.ns: {size} is not one of learning_curve.{lc.size_key}")
+            n = n_of[size]
             for seed in seeds.for_n(n):
                 high = {"train": np.sort(orders[seed][:n]), "val": val, "test": test}
                 if variant.kind == "finetune" and seed not in pretrained:
                     low = {"train": low_pool, "val": val}
                     pretrained[seed] = baselines.pretrain(
                         ctx, f"{part}/{name}/pretrain_s{seed}", part, lc.low, low, seed, [lc.config, variant.pretrain],
-                        {"variant": name, "seed": seed, "n": lc.n_low})
+                        {"variant": name, "seed": seed, "n": n_low})
                     plans.append(pretrained[seed])
-                plans.append(_variant_plan(ctx, name, variant, lc, high, low_pool, n, seed, pretrained.get(seed)))
-    return PartPlan(plans, record)
+                plans.append(_variant_plan(ctx, name, variant, lc, high, low_pool, n, seed, pretrained.get(seed), n_low))
+    return PartPlan(plans, record, info)
 
 
-def _variant_plan(ctx, name, variant, lc, high, low_pool, n, seed, base) -> RunPlan:
+def resolve_sizes(lc, available: int) -> dict:
+    """Spec size (an n, or a fraction of the `available` top-fidelity structures) → training-set size n."""
+    if lc.fractions is None:
+        return {n: int(n) for n in lc.ns}
+    n_of = {f: max(1, int(round(f * available))) for f in lc.fractions}
+    if len(set(n_of.values())) < len(n_of):
+        raise MultifiError(f"learning_curve.fractions {lc.fractions} of {available} {lc.high} structures give equal "
+                           f"sizes {list(n_of.values())}")
+    return n_of
+
+
+def _as_keys(ctx, ids: np.ndarray) -> list:
+    """Ids in their given order, as the catalog writes them (QM9 indices, or structure keys)."""
+    keys = ctx.catalog.split_keys(ids)
+    if isinstance(keys[0] if keys else 0, str):
+        by_id = dict(zip(sorted(int(i) for i in ids), keys))
+        return [by_id[int(i)] for i in ids]
+    return [int(i) for i in ids]
+
+
+def cover_first(order: np.ndarray, comp: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+    """`order` with the structures that raise the rank of the composition matrix first (keeping their order).
+
+    comp [len(order), Z] element counts. Walking through `order`, a structure goes first when its
+    composition is not a linear combination of those already chosen (Gram–Schmidt), until the rank of
+    all compositions is reached; the others follow in their order. With every element's reference
+    energy determined by the first structures, small training sets are not dominated by unknown offsets.
+    """
+    X = comp[:, comp.any(0)].astype(np.float64)
+    if len(X) == 0:
+        return order
+    full = np.linalg.matrix_rank(X)
+    basis = np.zeros((0, X.shape[1]))
+    first: list[int] = []
+    for pos, v in enumerate(X):
+        r = v - basis.T @ (basis @ v)
+        r = r - basis.T @ (basis @ r)  # second pass: numerically orthogonal
+        norm = np.linalg.norm(r)
+        if norm > tol * max(np.linalg.norm(v), 1.0):
+            basis = np.vstack([basis, r / norm])
+            first.append(pos)
+            if len(first) == full:
+                break
+    chosen = np.zeros(len(order), bool)
+    chosen[first] = True
+    return np.concatenate([order[chosen], order[~chosen]])
+
+
+def composition_span(catalog, orders: dict, ns: list[int], seeds, test: np.ndarray) -> dict:
+    """{n: {"seed s": test structures whose composition the first n training structures do not span}}.
+
+    A composition outside the span of the training compositions has per-element reference energies
+    that the training labels do not determine (the fitted ones are a ridge guess)."""
+    C = catalog.composition(test).astype(np.float64)
+    out: dict = {}
+    for n in ns:
+        out[str(n)] = {}
+        for s in seeds.for_n(n):
+            T = catalog.composition(orders[s][:n]).astype(np.float64)
+            _, sv, vt = np.linalg.svd(T, full_matrices=False)
+            basis = vt[sv > 1e-8 * max(sv.max(initial=0), 1.0)]
+            resid = C - (C @ basis.T) @ basis
+            out[str(n)][f"s{s}"] = int((np.linalg.norm(resid, axis=1) > 1e-6 * np.linalg.norm(C, axis=1)).sum())
+    return out
+
+
+def _variant_plan(ctx, name, variant, lc, high, low_pool, n, seed, base, n_low) -> RunPlan:
     part, run_id = "learning_curve", f"learning_curve/{name}/n{n}_s{seed}"
-    meta = {"variant": name, "n": n, "seed": seed, "n_low": lc.n_low}
+    meta = {"variant": name, "n": n, "seed": seed, "n_low": n_low}
     patches = [lc.config, variant.config]
     if variant.kind == "single":
         return baselines.single(ctx, run_id, part, lc.high, high, seed, patches, meta)

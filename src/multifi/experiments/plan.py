@@ -23,7 +23,7 @@ class RunPlan:
     id: str  # e.g. "learning_curve/single/n0100_s0"; also its folder under runs/ and work/
     part: str
     config: dict  # RunConfig template
-    files: dict[str, list[int]]  # {inputs}/<name>: QM9 indices (*.idx) or structure keys qm9:<index> (*.keys)
+    files: dict[str, list]  # {inputs}/<name>: QM9 indices (*.idx, or *.keys written qm9:<index>) or key strings
     meta: dict  # variant, kind, n, seed, methods … (copied into the result)
     evaluate: dict = field(default_factory=lambda: {"kind": "metrics"})
     needs: list[str] = field(default_factory=list)  # runs whose model this run starts from
@@ -35,10 +35,17 @@ class RunPlan:
         cfg.pop("output_dir", None)
         for key in VOLATILE_TRAIN_KEYS:
             cfg.get("train", {}).pop(key, None)
-        files = {name: hashlib.sha1(np.asarray(v, np.int64).tobytes()).hexdigest() for name, v in self.files.items()}
+        files = {name: _digest(v) for name, v in self.files.items()}
         payload = {"config": cfg, "files": files, "meta": self.meta, "evaluate": self.evaluate,
                    "derived": self.derived, "upstream": self.upstream}
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _digest(values: list) -> str:
+    """Hash of a file's entries: integer ids as int64 bytes, structure keys as text lines."""
+    if values and isinstance(values[0], str):
+        return hashlib.sha1("\n".join(values).encode()).hexdigest()
+    return hashlib.sha1(np.asarray(values, np.int64).tobytes()).hexdigest()
 
 
 def deep_merge(base: dict, patch: dict) -> dict:

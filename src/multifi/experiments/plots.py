@@ -24,26 +24,36 @@ def _save(fig, path: Path) -> Path:
 
 def learning_curve(path: Path, curves: dict[str, dict], title: str, dashed: set[str] = frozenset()) -> Path:
     """curves: variant → {n: {"mean", "std", "seeds"}}; log-log MAE vs n with std error bars."""
+    return learning_curves(path, [(curves, "test MAE (meV)")], title, dashed)
+
+
+def learning_curves(path: Path, panels: list[tuple[dict[str, dict], str]], title: str,
+                    dashed: set[str] = frozenset(), xlabel: str = "top-fidelity training molecules n") -> Path:
+    """One log-log panel per (curves, y label), side by side; curves as in learning_curve."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for name, by_n in curves.items():
-        ns = sorted(by_n, key=float)
-        if not ns:
-            continue
-        x = np.array([float(n) for n in ns])
-        y = np.array([by_n[n]["mean"] for n in ns])
-        err = np.array([by_n[n]["std"] or 0.0 for n in ns])
-        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=name, ls="--" if name in dashed else "-")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    all_ns = sorted({float(n) for c in curves.values() for n in c})
-    ax.set_xticks(all_ns, [f"{n:g}" for n in all_ns])
-    ax.minorticks_off()
-    ax.set_xlabel("top-fidelity training molecules n")
-    ax.set_ylabel("test MAE (meV)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
+    for ax, (curves, ylabel) in zip(axes[0], panels):
+        for name, by_n in curves.items():
+            ns = sorted(by_n, key=float)
+            if not ns:
+                continue
+            x = np.array([float(n) for n in ns])
+            y = np.array([by_n[n]["mean"] for n in ns])
+            err = np.array([by_n[n]["std"] or 0.0 for n in ns])
+            ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=name, ls="--" if name in dashed else "-")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        all_ns = sorted({float(n) for c in curves.values() for n in c})
+        ax.set_xticks(all_ns, [f"{n:g}" for n in all_ns])
+        ax.minorticks_off()
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    if len(panels) == 1:
+        axes[0][0].set_title(title, fontsize=10)
+    else:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -50,7 +50,7 @@ def render(ctx, parts, details, figures, runs) -> str:
         lines += _ten_methods(details["ten_methods"], figures)
     if "embedding_map" in details:
         lines += _embedding(details["embedding_map"], figures)
-    lines += _honesty()
+    lines += _honesty(details.get("learning_curve", {}).get("noun", "molecules"))
     return "\n".join(lines) + "\n"
 
 
@@ -62,6 +62,10 @@ def _settings(ctx) -> list[str]:
 
     out += yaml.safe_dump(b.model_dump(), sort_keys=False).strip().splitlines()
     out.append("```")
+    data = getattr(ctx.spec, "data", None)
+    if data is not None:
+        out.append("- data: " + "; ".join(f"`{s.path}`" + (f" (fidelity {s.fidelity})" if s.fidelity else "")
+                                          for s in data.sources) + " (structures merged by key)")
     for name in ("transfer", "learning_curve", "ten_methods"):
         part = getattr(ctx.spec, name)
         if part is not None and part.config.model_dump() != {"model": {}, "loss": {}, "train": {}}:
@@ -106,45 +110,90 @@ def _transfer(td: dict, figures: dict) -> list[str]:
 
 def _learning_curve(lcd: dict, eff: dict, figures: dict) -> list[str]:
     ns = [str(n) for n in lcd["ns"]]
-    out = [f"## (b) Learning curve at {lcd['high']}", "",
-           f"{lcd['low']} labels on {lcd['n_low']} training molecules; {lcd['high']} on n of them. Test: "
-           f"{lcd['test']} held-out molecules at {lcd['high']}; {lcd['val']} validation molecules pick the checkpoint. "
-           "Test MAE in meV, mean ± std (seeds).", ""]
-    rows = []
-    for name, v in lcd["variants"].items():
-        needs = f"**needs {v['needs_at_prediction']}**" if v["needs_at_prediction"] else "no"
-        rows.append([name + (f" ({v['label']})" if v["label"] else ""), v["kind"], v["inject"], needs]
-                    + [fmt(v["curve"].get(n)) for n in ns])
-    out += _table(["variant", "kind", "inject", f"{lcd['low']} at prediction"] + [f"n={n}" for n in ns], rows)
-    out += ["", "Δ-learning predicts the difference to the low fidelity and adds the low-fidelity label back: it needs "
-            f"a {lcd['low']} calculation for every molecule it predicts; the other variants need only the geometry.", ""]
-    out += _best_per_n(lcd, ns)
+    noun = lcd.get("noun", "molecules")
+    metrics = lcd.get("metrics", ["energy"])
+    units = lcd.get("units", {"energy": ["energy MAE", "meV"]})
+    curves_of = lambda v, m: v.get("curves", {}).get(m, v["curve"])  # noqa: E731 (details of older versions)
+    fractions = lcd.get("fractions", {})
+    sizes = "" if not fractions else (" (" + ", ".join(f"n={n}: {_fraction(f)}" for n, f in fractions.items())
+                                      + f" of the {lcd.get('high_pool')} {lcd['high']} training {noun} available)")
+    out = [f"## Learning curve at {lcd['high']}", "",
+           f"{lcd['low']} labels on {lcd['n_low']} training {noun}; {lcd['high']} on n of them{sizes}. Test: "
+           f"{lcd['test']} held-out {noun} at {lcd['high']} (in no training or validation set, at any fidelity); "
+           f"{lcd['val']} validation {noun} pick the checkpoint. Test errors: mean ± std (seeds).", ""]
+    any_delta = any(v["needs_at_prediction"] for v in lcd["variants"].values())
+    for m in metrics:
+        label, unit = units[m]
+        if len(metrics) > 1:
+            out += [f"**{lcd['high']} test {label} ({unit})**", ""]
+        rows = []
+        for name, v in lcd["variants"].items():
+            needs = f"**needs {v['needs_at_prediction']}**" if v["needs_at_prediction"] else "no"
+            rows.append([name + (f" ({v['label']})" if v["label"] else ""), v["kind"], v["inject"], needs]
+                        + [fmt(curves_of(v, m).get(n)) for n in ns])
+        out += _table(["variant", "kind", "inject", f"{lcd['low']} at prediction"] + [f"n={n}" for n in ns], rows)
+        out += [""]
+    if any_delta or "metrics" not in lcd:
+        out += ["Δ-learning predicts the difference to the low fidelity and adds the low-fidelity label back: it needs "
+                f"a {lcd['low']} calculation for every {noun[:-1]} it predicts; the other variants need only the "
+                "geometry.", ""]
+    out += _span(lcd)
+    for m in metrics:
+        out += _best_per_n(lcd, ns, m, units[m], curves_of)
     if "learning_curve" in figures:
         out += ["", f"![learning curve]({figures['learning_curve']})"]
-    return out + [""] + _efficiency(eff)
+    out += [""] + _efficiency(eff, units[metrics[0]], f"{metrics[0]}" if len(metrics) > 1 else "")
+    for m, e in eff.get("by_metric", {}).items():
+        if m != metrics[0]:
+            out += _efficiency({**e, "claim": eff.get("claim")}, units[m], m)
+    return out
 
 
-def _best_per_n(lcd: dict, ns: list[str]) -> list[str]:
+def _fraction(f: float) -> str:
+    inv = 1 / f
+    return f"1/{inv:g}" if abs(inv - round(inv)) < 1e-9 and f < 1 else f"{f:g}"
+
+
+def _span(lcd: dict) -> list[str]:
+    span = lcd.get("composition_span")
+    if not span:
+        return []
+    noun = lcd.get("noun", "molecules")
+    short = {n: max(v.values()) for n, v in span.items() if v and max(v.values()) > 0}
+    if not short:
+        return [f"At every n the training compositions span those of all {lcd['test']} test {noun}, so the per-element "
+                "reference energies the test needs are determined by the training labels.", ""]
+    where = "; ".join(f"n={n}: {k}" for n, k in short.items())
+    return [f"Test {noun} whose composition the {lcd['high']} training compositions do not span (their per-element "
+            f"reference energies are not determined by the labels; worst seed): {where} of {lcd['test']}. Energy "
+            "errors at these n measure that as much as learning.", ""]
+
+
+def _best_per_n(lcd: dict, ns: list[str], metric: str = "energy", unit=("energy MAE", "meV"),
+                curves_of=lambda v, m: v["curve"]) -> list[str]:
     single = [n for n, v in lcd["variants"].items() if v["kind"] == "single"]
+    label, u = unit
     out = []
     for n in ns:
-        at = {name: v["curve"][n]["mean"] for name, v in lcd["variants"].items() if n in v["curve"]}
+        at = {name: curves_of(v, metric)[n]["mean"] for name, v in lcd["variants"].items() if n in curves_of(v, metric)}
         if not at:
             continue
         best = min(at, key=at.get)
-        line = f"- n={n}: lowest error {best} ({at[best]:.1f} meV)"
+        line = f"- n={n}: lowest {label} {best} ({at[best]:.1f} {u})"
         if single and single[0] in at:
             beat = [name for name, v in at.items() if v < at[single[0]] and name != single[0]]
-            line += f"; better than {single[0]} ({at[single[0]]:.1f} meV): {', '.join(beat) or 'none'}"
+            line += f"; better than {single[0]} ({at[single[0]]:.1f} {u}): {', '.join(beat) or 'none'}"
         out.append(line)
     return out
 
 
-def _efficiency(eff: dict) -> list[str]:
+def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list[str]:
     at = [f"n{n}" for n in eff["at"]]
-    out = ["### Data-efficiency factor", "",
-           f"How many times more {eff['reference']} training data reaches the error a multi-fidelity variant has at n "
-           "(log-log interpolation of the reference learning curve; *extrapolated* when outside the measured n).", ""]
+    which = f" ({unit[0]})" if metric else ""
+    out = [f"### Data-efficiency factor{which}", "",
+           f"How many times more {eff['reference']} training data reaches the {unit[0]} a multi-fidelity variant has "
+           "at n (log-log interpolation of the reference learning curve; *extrapolated* when outside the measured n).",
+           ""]
     rows = []
     for name, by_n in eff["by_variant"].items():
         cells = []
@@ -160,10 +209,11 @@ def _efficiency(eff: dict) -> list[str]:
     s = eff["summary"]
     if eff["best_variant"]:
         vals = ", ".join(f"{_num(s[k])}× at n={k[1:]}" for k in at)
-        out += ["", f"**Result:** best multi-fidelity variant: {eff['best_variant']} (lowest error over "
+        claim = eff.get("claim", "The paper's claim (b) is about 10×.")
+        out += ["", f"**Result{which}:** best multi-fidelity variant: {eff['best_variant']} (lowest {unit[0]} over "
                 f"n ∈ {{{', '.join(k[1:] for k in at)}}}); data-efficiency factor {vals}"
                 + (" — extrapolated beyond the measured reference curve, so an estimate." if s["extrapolated"] else ".")
-                + " The paper's claim (b) is about 10×."]
+                + (f" {claim}" if claim else "")]
         notes = {e["note"] for by_n in eff["by_variant"].values() for e in by_n.values() if e["note"]}
         out += [f"- {n}" for n in sorted(notes)]
     return out + [""]
@@ -210,10 +260,10 @@ def _embedding(em: dict | None, figures: dict) -> list[str]:
     return out
 
 
-def _honesty() -> list[str]:
+def _honesty(noun: str = "molecules") -> list[str]:
     return ["## How the numbers were made", "",
-            "- Splits are drawn from seeded generators and written to `splits/`; test molecules never enter training "
-            "or model selection (the validation molecules only pick the checkpoint and stop training early).",
+            f"- Splits are drawn from seeded generators and written to `splits/`; test {noun} never enter training "
+            f"or model selection (the validation {noun} only pick the checkpoint and stop training early).",
             "- Seeds change the initialisation, batch order and the training subset (nested across n); test and "
             "validation sets stay fixed.",
             "- Per-fidelity reference energies (per element) and scales are fitted on each run's training labels.",

@@ -5,6 +5,9 @@ summary.json has exactly the schema of the experiment issue (numbers the README 
    "learning_curve": {variant: {n: {"mae_meV_mean", "mae_meV_std", "seeds"}}},
    "data_efficiency": {"n500", "n1000", "best_variant", "extrapolated"},
    "ten_methods": {method: {"joint_mae_meV", "separate_mae_meV"}}, "ten_methods_ratio_mean": r}
+A learning curve with other `metrics` has "<metric key>_mean"/"_std" per metric instead of "mae_meV_…"
+(keys: spec.METRICS, e.g. "mae_meV_per_atom", "forces_mae_meV_per_A"); data_efficiency is for the first
+metric, and "data_efficiency_by_metric" holds every metric's when there are several.
 Means are over seeds; std is the sample standard deviation (null for one seed). details.json holds
 everything else (per-seed values, kcal/mol, extrapolation notes, block coverage, embeddings).
 """
@@ -20,6 +23,7 @@ import numpy as np
 from multifi.data.dataset import atomic_write
 from multifi.experiments import plots
 from multifi.experiments.efficiency import efficiency_factor
+from multifi.experiments.spec import METRICS
 
 MEV_PER_KCAL_MOL = 43.364104  # 1 kcal/mol in meV
 
@@ -31,7 +35,7 @@ def write_report(ctx, parts: dict) -> dict:
     if "transfer" in parts:
         details["transfer"] = transfer_details(ctx, parts["transfer"].plans, results)
     if "learning_curve" in parts:
-        details["learning_curve"] = learning_curve_details(ctx, parts["learning_curve"].plans, results)
+        details["learning_curve"] = learning_curve_details(ctx, parts["learning_curve"], results)
         details["data_efficiency"] = efficiency_details(ctx, details["learning_curve"])
     if "ten_methods" in parts:
         details["ten_methods"] = ten_methods_details(parts["ten_methods"], results)
@@ -79,18 +83,18 @@ def stats(values: list[float]) -> dict | None:
             "values": [float(x) for x in v]}
 
 
-def _mae(result: dict, method: str) -> float | None:
+def _mae(result: dict, method: str, field: str = "mae_meV") -> float | None:
     m = result.get("test", {}).get(method)
-    return None if m is None else m["mae_meV"]
+    return None if m is None else m.get(field)
 
 
-def _collect(plans, results, key, method_of) -> dict:
-    """{key(plan): [MAE of method_of(plan) over seeds]} for finished plans."""
+def _collect(plans, results, key, method_of, field: str = "mae_meV") -> dict:
+    """{key(plan): [test error `field` of method_of(plan) over seeds]} for finished plans."""
     out: dict = {}
     for plan in plans:
         r = results.get(plan.id)
         for method in method_of(plan):
-            value = None if r is None else _mae(r, method)
+            value = None if r is None else _mae(r, method, field)
             if value is not None:
                 out.setdefault(key(plan, method), []).append(value)
     return out
@@ -111,38 +115,64 @@ def transfer_details(ctx, plans, results) -> dict:
     return {"methods": t.methods, "inject": t.inject, "test": t.test, "table": table}
 
 
-def learning_curve_details(ctx, plans, results) -> dict:
+def learning_curve_details(ctx, part, results) -> dict:
+    """Curves of every variant for each metric (`curve`: the first metric's), with the sizes as planned."""
     lc = ctx.spec.learning_curve
-    curves = _collect([p for p in plans if p.meta.get("role") != "pretrain"], results,
-                      lambda p, m: (p.meta["variant"], p.meta["n"]), lambda p: [lc.high])
+    info = part.info
+    ns = info.get("ns", lc.ns)
+    n_of = {x: info["sizes"][str(x)] for x in lc.sizes} if "sizes" in info else {n: n for n in ns}
+    plans = [p for p in part.plans if p.meta.get("role") != "pretrain"]
+    values = {m: _collect(plans, results, lambda p, _: (p.meta["variant"], p.meta["n"]), lambda p: [lc.high],
+                          METRICS[m][0]) for m in lc.metrics}
     variants = {}
     for name, v in lc.variants.items():
-        curve = {str(n): stats(curves.get((name, n), [])) for n in (v.ns or lc.ns)}
+        v_ns = [n_of[x] for x in v.ns] if v.ns else ns
+        curves = {}
+        for m in lc.metrics:
+            curve = {str(n): stats(values[m].get((name, n), [])) for n in v_ns}
+            curves[m] = {n: s for n, s in curve.items() if s is not None}
         variants[name] = {"kind": v.kind, "inject": v.mode, "label": v.label or "",
                           "needs_at_prediction": lc.low if v.needs_low_at_prediction else None,
-                          "curve": {n: s for n, s in curve.items() if s is not None}}
-    return {"high": lc.high, "low": lc.low, "n_low": lc.n_low, "ns": lc.ns, "test": lc.test, "val": lc.val,
-            "variants": variants}
+                          "curve": curves[lc.metrics[0]], "curves": curves}
+    out = {"high": lc.high, "low": lc.low, "n_low": info.get("n_low", lc.n_low), "ns": ns, "test": lc.test,
+           "val": lc.val, "variants": variants, "metrics": list(lc.metrics),
+           "units": {m: list(METRICS[m][1:]) for m in lc.metrics}, "noun": info.get("noun", "molecules")}
+    if lc.fractions is not None:
+        out["fractions"] = {str(n_of[f]): f for f in lc.fractions}
+        out["high_pool"] = info.get("high_pool")
+    if "span" in info:
+        out["composition_span"] = info["span"]
+    return out
 
 
 def efficiency_details(ctx, lcd: dict) -> dict:
+    """Data-efficiency factors for the first metric (top level) and every metric (`by_metric`)."""
     e = ctx.spec.learning_curve.efficiency
+    n_of = {float(f): int(n) for n, f in lcd.get("fractions", {}).items()}
+    at = [n_of[float(x)] for x in e.at] if n_of else list(e.at)
+    by_metric = {m: _efficiency_for(e, lcd, m, at) for m in lcd["metrics"]}
+    primary = by_metric[lcd["metrics"][0]]
+    return {**primary, "metric": lcd["metrics"][0], "by_metric": by_metric if len(by_metric) > 1 else {},
+            "claim": ctx.spec.learning_curve.claim}
+
+
+def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
     variants = lcd["variants"]
     candidates = e.candidates or [n for n, v in variants.items() if v["kind"] == "joint"]
-    ref = variants[e.reference]["curve"]
+    ref = variants[e.reference]["curves"][metric]
     ref_ns = [float(n) for n in ref]
     ref_maes = [s["mean"] for s in ref.values()]
     by_variant, score = {}, {}
     for name in candidates:
-        curve = variants[name]["curve"]
+        curve = variants[name]["curves"][metric]
         by_variant[name] = {f"n{n}": efficiency_factor(ref_ns, ref_maes, n, curve[str(n)]["mean"]).as_dict()
-                            for n in e.at if str(n) in curve}
-        if len(by_variant[name]) == len(e.at):  # best = lowest geometric-mean error over the `at` sizes
-            score[name] = float(np.mean([np.log(curve[str(n)]["mean"]) for n in e.at]))
+                            for n in at if str(n) in curve}
+        if len(by_variant[name]) == len(at):  # best = lowest geometric-mean error over the `at` sizes
+            score[name] = float(np.mean([np.log(curve[str(n)]["mean"]) for n in at]))
     best = min(score, key=score.get) if score else None
-    factors = {f"n{n}": (by_variant[best][f"n{n}"]["factor"] if best else None) for n in e.at}
-    extrapolated = any(by_variant[best][f"n{n}"]["extrapolated"] for n in e.at) if best else None
-    return {"reference": e.reference, "at": e.at, "candidates": candidates, "by_variant": by_variant,
+    factors = {f"n{n}": (by_variant[best][f"n{n}"]["factor"] if best else None) for n in at}
+    extrapolated = any(by_variant[best][f"n{n}"]["extrapolated"] for n in at) if best else None
+    return {"reference": e.reference, "at": at, "candidates": candidates, "by_variant": by_variant,
             "best_variant": best, "summary": {**factors, "best_variant": best, "extrapolated": extrapolated}}
 
 
@@ -226,11 +256,21 @@ def make_summary(details: dict) -> dict:
     for n, by_method in details.get("transfer", {}).get("table", {}).items():
         summary["transfer"][n] = {m: {"joint_mae_meV": _mean(r["joint"]), "separate_mae_meV": _mean(r["separate"])}
                                   for m, r in by_method.items()}
-    for name, v in details.get("learning_curve", {}).get("variants", {}).items():
-        summary["learning_curve"][name] = {n: {"mae_meV_mean": s["mean"], "mae_meV_std": s["std"], "seeds": s["seeds"]}
-                                           for n, s in v["curve"].items()}
+    lcd = details.get("learning_curve", {})
+    for name, v in lcd.get("variants", {}).items():
+        summary["learning_curve"][name] = {}
+        for n, first in v["curve"].items():
+            row: dict = {}
+            for m in lcd["metrics"]:
+                s = v["curves"][m].get(n)
+                key = METRICS[m][0]
+                row.update({f"{key}_mean": s and s["mean"], f"{key}_std": s and s["std"]})
+            summary["learning_curve"][name][n] = {**row, "seeds": first["seeds"]}
     if "data_efficiency" in details:
         summary["data_efficiency"] = details["data_efficiency"]["summary"]
+        if details["data_efficiency"].get("by_metric"):
+            summary["data_efficiency_by_metric"] = {m: e["summary"] for m, e in
+                                                   details["data_efficiency"]["by_metric"].items()}
     tm = details.get("ten_methods")
     if tm:
         summary["ten_methods"] = {m: {"joint_mae_meV": _mean(r["joint"]), "separate_mae_meV": _mean(r["separate"])}
@@ -249,12 +289,15 @@ def make_figures(ctx, details: dict) -> dict[str, str]:
     out, figs = ctx.paths.output, {}
     lcd = details.get("learning_curve")
     if lcd and any(v["curve"] for v in lcd["variants"].values()):
-        curves = {name: {n: {"mean": s["mean"], "std": s["std"]} for n, s in v["curve"].items()}
-                  for name, v in lcd["variants"].items()}
         dashed = {n for n, v in lcd["variants"].items() if v["needs_at_prediction"]}
-        plots.learning_curve(out / "learning_curve.png", curves,
-                             f"{lcd['high']} test MAE ({lcd['low']} on {lcd['n_low']} molecules; dashed: needs "
-                             f"{lcd['low']} at prediction)", dashed)
+        title = f"{lcd['high']} test MAE ({lcd['low']} on {lcd['n_low']} {lcd['noun']}"
+        title += f"; dashed: needs {lcd['low']} at prediction)" if dashed else ")"
+        if lcd["metrics"] == ["energy"]:
+            plots.learning_curve(out / "learning_curve.png", _curves(lcd, "energy"), title, dashed)
+        else:
+            panels = [(_curves(lcd, m), f"test {label} ({unit})") for m, (label, unit) in lcd["units"].items()]
+            plots.learning_curves(out / "learning_curve.png", panels, title, dashed,
+                                  xlabel=f"{lcd['high']} training {lcd['noun']} n")
         figs["learning_curve"] = "learning_curve.png"
     td = details.get("transfer")
     if td and any(r["joint"] or r["separate"] for rows in td["table"].values() for r in rows.values()):
@@ -274,6 +317,11 @@ def make_figures(ctx, details: dict) -> dict[str, str]:
                       "Fidelity embeddings, first two principal components")
         figs.update(embedding_similarity="embedding_similarity.png", embedding_pca="embedding_pca.png")
     return figs
+
+
+def _curves(lcd: dict, metric: str) -> dict:
+    return {name: {n: {"mean": s["mean"], "std": s["std"]} for n, s in v["curves"][metric].items()}
+            for name, v in lcd["variants"].items()}
 
 
 def _bars(path: Path, rows, title: str) -> Path:

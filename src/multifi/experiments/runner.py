@@ -32,7 +32,7 @@ from multifi.config import validate_config
 from multifi.data.dataset import atomic_write
 from multifi.errors import MultifiError
 from multifi.experiments import baselines
-from multifi.experiments.catalog import LabelCatalog
+from multifi.experiments.catalog import LabelCatalog, SourceCatalog, make_catalog
 from multifi.experiments.parts import PLANNERS, PartPlan
 from multifi.experiments.plan import RunPlan, fill
 from multifi.experiments.spec import PARTS, ExperimentSpec, Paths, load_spec
@@ -44,7 +44,7 @@ log = logging.getLogger("multifi.experiments")
 class Context:
     spec: ExperimentSpec
     paths: Paths
-    catalog: LabelCatalog
+    catalog: LabelCatalog | SourceCatalog
     command: str
 
 
@@ -84,12 +84,12 @@ def load_context(spec_path, overrides=(), only=(), report_only=False) -> Context
         args += ["--only", o]
     if report_only:
         args.append("--report-only")
-    return Context(spec, paths, LabelCatalog(paths.shared), shlex.join(args))
+    return Context(spec, paths, make_catalog(spec, paths), shlex.join(args))
 
 
 def plan_parts(ctx: Context) -> dict[str, PartPlan]:
     """Plans of every part in the spec; writes each part's splits to <output>/splits/<part>.json."""
-    if not (ctx.paths.shared / "qm9mf").is_dir():
+    if ctx.spec.data is None and not (ctx.paths.shared / "qm9mf").is_dir():
         log.warning("shared data not found at %s (set shared_data in the spec or MULTIFI_SHARED_DATA)",
                     ctx.paths.shared)
     parts = {}
@@ -234,9 +234,15 @@ class _Progress:
         self.done += 1
         elapsed = time.time() - self.t0
         eta = elapsed / self.done * (self.total - self.done)
-        errs = ", ".join(f"{m} {v['mae_meV']:.1f}" for m, v in result.get("test", {}).items())
+        errs = ", ".join(_errors_text(m, v) for m, v in result.get("test", {}).items())
         log.info("[%d/%d] %s: %.0f s%s; elapsed %.0f min, left ≈ %.0f min", self.done, self.total, plan.id,
-                 result.get("train_seconds", 0), f"; test MAE meV: {errs}" if errs else "", elapsed / 60, eta / 60)
+                 result.get("train_seconds", 0), f"; test MAE {errs}" if errs else "", elapsed / 60, eta / 60)
+
+
+def _errors_text(method: str, v: dict) -> str:
+    if "forces_mae_meV_per_A" in v:
+        return f"{method} {v.get('mae_meV_per_atom', float('nan')):.1f} meV/atom, {v['forces_mae_meV_per_A']:.0f} meV/Å"
+    return f"{method} {v['mae_meV']:.1f} meV"
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -307,7 +313,7 @@ def _reset_if_other_plan(work: Path, signature: str) -> None:
 
 def _write_inputs(plan: RunPlan, inputs: Path) -> None:
     for name, values in plan.files.items():
-        lines = [f"qm9:{i}" for i in values] if name.endswith(".keys") else [str(i) for i in values]
+        lines = [i if isinstance(i, str) else f"qm9:{i}" if name.endswith(".keys") else str(i) for i in values]
         text = "\n".join(lines) + ("\n" if lines else "")
         _write_if_changed(inputs / name, text)
 

@@ -2,7 +2,12 @@
 
 A spec names parts — `transfer`, `learning_curve`, `ten_methods`, `embedding_map` — each optional.
 Every run's configuration is `base` ← part `config` ← variant `config` (RunConfig sections model,
-loss, train; deep-merged); the runner owns the `data` section (sources, split files, seeds).
+loss, train; deep-merged); the runner owns the runs' `data` section (sources, split files, seeds).
+
+Where the labels come from: without a `data` section, the shared QM9 folder (label tables listed in
+qm9mf/manifest.json, molecules identified by QM9 index); with one, the structure files it lists
+(MatPES JSON/JSONL, ASE-readable files, multifi .npz), structures identified by their keys (e.g.
+matpes:<matpes_id>), fidelities from the records or the source's `fidelity`.
 
 Paths: relative paths in a spec resolve against the project root, i.e. the nearest folder above the
 spec file holding `pyproject.toml` or `.git` (else the spec's own folder). Shared data: the
@@ -26,6 +31,15 @@ from multifi.errors import MultifiError
 
 PARTS = ("transfer", "learning_curve", "ten_methods", "embedding_map")
 Inject = Literal["input", "readout", "both", "onehot", "heads", "single"]
+#: test metrics a learning curve can follow (keys of a run result's per-method test entry, and their units)
+METRICS = {
+    "energy": ("mae_meV", "energy MAE", "meV"),
+    "energy_per_atom": ("mae_meV_per_atom", "energy MAE", "meV/atom"),
+    "forces": ("forces_mae_meV_per_A", "force MAE", "meV/Å"),
+    "stress": ("stress_mae_GPa", "stress MAE", "GPa"),
+}
+Metric = Literal["energy", "energy_per_atom", "forces", "stress"]
+Size = int | float  # a training-set size n, or a fraction of the available structures (with `fractions`)
 
 
 class Section(BaseModel):
@@ -73,7 +87,8 @@ class Variant(Section):
     label: str | None = None
     config: ConfigPatch = Field(default_factory=ConfigPatch)
     pretrain: ConfigPatch = Field(default_factory=ConfigPatch)
-    ns: list[int] | None = Field(None, description="only these training-set sizes (e.g. for ablations)")
+    ns: list[Size] | None = Field(None, description="only these training-set sizes (e.g. for ablations); entries of "
+                                                    "the part's `ns`, or of its `fractions` when it uses those")
 
     @model_validator(mode="after")
     def _check(self):
@@ -97,7 +112,8 @@ class Variant(Section):
 class Efficiency(Section):
     """Data-efficiency factor: n_reference(error of the best candidate at n) / n, at each n in `at`."""
 
-    at: list[int] = Field(default_factory=lambda: [500, 1000])
+    at: list[Size] = Field(default_factory=lambda: [500, 1000], description="sizes (entries of the part's `ns`, or of "
+                                                                          "its `fractions`)")
     reference: str = "single"
     candidates: list[str] | None = Field(None, description="default: all joint variants")
 
@@ -115,24 +131,60 @@ class TransferPart(Section):
 
 
 class LearningCurvePart(Section):
-    """Claim (b): top-fidelity test error vs n, with the low fidelity on n_low molecules."""
+    """Claim (b): top-fidelity test error vs n, with the low fidelity on n_low structures.
+
+    Sizes: `ns` (numbers of top-fidelity training structures) or `fractions` of the top-fidelity
+    structures available for training (those labelled at `high` among the n_low low-fidelity
+    training structures), resolved when the runs are planned. `n_low: null` takes every structure
+    labelled at `low` outside the test and validation sets. `metrics`: the test errors reported
+    (the first one picks the best variant and gives the summary's data-efficiency factor).
+    `cover_compositions`: order each seed's top-fidelity training structures so that the first ones
+    span the compositions (every structure that raises the rank of the element-count matrix first, in
+    seeded random order, then the rest), so per-element reference energies are determined at the
+    smallest n possible; the report says at which n the training compositions span the test set's.
+    """
 
     high: str = QM9_FIDELITY
     low: str = "GFN2-xTB"
-    n_low: int = Field(20000, ge=1)
-    ns: list[int] = Field(default_factory=lambda: [100, 250, 500, 1000, 2000, 4000], min_length=1)
+    n_low: int | None = Field(20000, ge=1)
+    ns: list[int] | None = Field(default_factory=lambda: [100, 250, 500, 1000, 2000, 4000], min_length=1)
+    fractions: list[float] | None = Field(None, min_length=1, description="instead of ns: fractions in (0, 1]")
     test: int = Field(2000, ge=1)
-    val: int = Field(200, ge=1, description="validation molecules at the top fidelity (model selection only)")
+    val: int = Field(200, ge=1, description="validation structures at the top fidelity (model selection only)")
     variants: dict[str, Variant]
     config: ConfigPatch = Field(default_factory=ConfigPatch)
     seeds: Seeds | None = None
     efficiency: Efficiency = Field(default_factory=Efficiency)
+    metrics: list[Metric] = Field(default_factory=lambda: ["energy"], min_length=1)
+    cover_compositions: bool = False
+    claim: str = Field("The paper's claim (b) is about 10×.", description="shown after the data-efficiency result")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fractions_replace_ns(cls, data):
+        if isinstance(data, dict) and data.get("fractions") is not None and "ns" not in data:
+            data = {**data, "ns": None}
+        return data
 
     @model_validator(mode="after")
     def _check(self):
-        if max(self.ns) > self.n_low:
+        if (self.ns is None) == (self.fractions is None):
+            raise ValueError("give the training-set sizes as either ns or fractions")
+        if self.fractions is not None and not all(0 < f <= 1 for f in self.fractions):
+            raise ValueError(f"fractions must lie in (0, 1]; got {self.fractions}")
+        if self.ns is not None and min(self.ns) < 1:
+            raise ValueError(f"ns must be positive; got {self.ns}")
+        if self.ns is not None and self.n_low is not None and max(self.ns) > self.n_low:
             raise ValueError(f"the top fidelity labels a subset of the n_low={self.n_low} low-fidelity molecules; "
                              f"n={max(self.ns)} is larger")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics repeats an entry: {self.metrics}")
+        sizes = self.sizes
+        for where, values in [("efficiency.at", self.efficiency.at),
+                              *((f"variants.{n}.ns", v.ns) for n, v in self.variants.items() if v.ns)]:
+            unknown = [x for x in values if x not in sizes]
+            if unknown:
+                raise ValueError(f"{where}: {unknown} not among the part's {self.size_key} {sizes}")
         names = set(self.variants)
         for name in [self.efficiency.reference, *(self.efficiency.candidates or [])]:
             if name not in names:
@@ -140,6 +192,15 @@ class LearningCurvePart(Section):
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"efficiency refers to unknown variant {name!r}{hint} (variants: {', '.join(names)})")
         return self
+
+    @property
+    def size_key(self) -> str:
+        return "ns" if self.fractions is None else "fractions"
+
+    @property
+    def sizes(self) -> list[Size]:
+        """The sizes as written in the spec (ns, or fractions)."""
+        return list(self.ns) if self.fractions is None else list(self.fractions)
 
 
 class TenMethodsPart(Section):
@@ -161,6 +222,25 @@ class EmbeddingMapPart(Section):
     seed: int | None = Field(None, description="which seed's model (default: the first)")
 
 
+class DataSource(Section):
+    """A file of structures and labels (a run config's data source): MatPES JSON/JSONL, ASE, multifi .npz.
+
+    `path`: relative to the project root; `{shared}` stands for the shared-data folder.
+    """
+
+    path: str
+    fidelity: str | None = None
+    format: Literal["auto", "ase", "matpes", "npz"] = "auto"
+    index: str = ":"
+
+
+class DataSection(Section):
+    """Labels from structure files instead of the shared QM9 folder (structures merge by key)."""
+
+    sources: list[DataSource] = Field(min_length=1)
+    skip_invalid: bool = False
+
+
 class ExperimentSpec(Section):
     name: str
     description: str = ""
@@ -172,6 +252,7 @@ class ExperimentSpec(Section):
     parallel: int = Field(1, ge=1, description="runs trained at the same time (one process each)")
     threads: int | None = Field(1, ge=1, description="torch threads per run")
     seeds: Seeds = Field(default_factory=Seeds)
+    data: DataSection | None = Field(None, description="structure files (default: the shared QM9 label tables)")
     base: ConfigPatch = Field(default_factory=ConfigPatch)
     transfer: TransferPart | None = None
     learning_curve: LearningCurvePart | None = None
@@ -182,6 +263,13 @@ class ExperimentSpec(Section):
     def _check(self):
         if self.embedding_map is not None and self.ten_methods is None:
             raise ValueError("embedding_map maps the fidelity vectors of the ten_methods joint model; add ten_methods")
+        if self.data is not None and self.ten_methods is not None:
+            raise ValueError("ten_methods uses the QM9 blocks of the shared folder; it cannot be combined with 'data'")
+        if self.data is not None and self.learning_curve is not None:
+            delta = [n for n, v in self.learning_curve.variants.items() if v.kind == "delta"]
+            if delta:
+                raise ValueError(f"learning_curve.variants.{delta[0]}: delta variants are implemented for the QM9 "
+                                 "label tables only, not with a 'data' section")
         return self
 
     def seeds_of(self, part) -> Seeds:
