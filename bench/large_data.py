@@ -55,14 +55,15 @@ def build(out: Path, atoms: int, shared: Path) -> dict:
             "disk_MB": round(sum(f.stat().st_size for f in out.glob("*.npy")) / 2**20)}
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, MB."""
+def tree_memory_mb(pid: int, field: str) -> float:
+    """Memory of a process and all its descendants, MB: field "Rss:" (shared pages counted in every
+    process) or "Pss:" (shared pages split between the processes sharing them: the honest total)."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith(field))
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo += [int(c) for c in f.read().split()]
         except (FileNotFoundError, StopIteration, ProcessLookupError):
@@ -83,9 +84,10 @@ def train(data: Path, run: Path, steps: int) -> dict:
     log = open(run.parent / f"{run.name}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "multifi.cli.main", "train", str(cfg)], stdout=log,
                             stderr=subprocess.STDOUT, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-    peak, first_step = 0.0, None
+    peak, peak_pss, first_step = 0.0, 0.0, None
     while proc.poll() is None:
-        peak = max(peak, tree_rss_mb(proc.pid))
+        peak = max(peak, tree_memory_mb(proc.pid, "Rss:"))
+        peak_pss = max(peak_pss, tree_memory_mb(proc.pid, "Pss:"))
         if first_step is None and (run / "metrics.csv").exists():
             first_step = time.perf_counter() - t0
         time.sleep(0.2)
@@ -93,7 +95,8 @@ def train(data: Path, run: Path, steps: int) -> dict:
     if proc.returncode:
         raise SystemExit((run.parent / f"{run.name}.log").read_text()[-3000:])
     return {"train_start_s_upper_bound": round(first_step, 1) if first_step else None,
-            "total_s": round(time.perf_counter() - t0, 1), "peak_rss_tree_MB": round(peak), "steps": steps}
+            "total_s": round(time.perf_counter() - t0, 1), "peak_rss_tree_MB": round(peak),
+            "peak_pss_tree_MB": round(peak_pss), "steps": steps}
 
 
 def main() -> None:

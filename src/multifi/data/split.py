@@ -24,10 +24,18 @@ class Split:
     def __getitem__(self, name: str) -> np.ndarray:
         return getattr(self, name)
 
-    def save(self, path: Path, dataset: FidelityDataset) -> None:
-        """JSON with the structure keys of each split (stable across re-reading the sources)."""
+    def save(self, path: Path, dataset: FidelityDataset) -> Path:
+        """The structure keys of each split (stable across re-reading the sources) as JSON; for more than
+        200,000 structures, an .npz of structure indices into the (saved, fixed-order) dataset instead,
+        same name with suffix .npz. Returns the path written."""
+        path = Path(path)
+        if len(dataset) > 200_000:
+            path = path.with_suffix(".npz")
+            atomic_write(path, lambda f: np.savez(f, **{n: self[n] for n in SPLITS}))
+            return path
         data = {name: dataset.keys[self[name]].tolist() for name in SPLITS}
-        atomic_write(Path(path), lambda f: f.write(json.dumps(data).encode()))
+        atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
+        return path
 
 
 def random_split(n: int, val: float, test: float, seed: int) -> Split:

@@ -77,24 +77,41 @@ def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool =
         if len(s) == 0:
             scale[ks] = _force_rms(dataset, pairs, ks)
             continue
-        X, y = counts[s].astype(np.float64), dataset.energy[s, k]
-        cols = np.flatnonzero(X.any(0))
-        A = X[:, cols]
-        coef = np.linalg.solve(A.T @ A + ridge * len(s) * np.eye(len(cols)), A.T @ y)
+        y = np.asarray(dataset.energy)[s, k]
+        coef, cols, resid = _least_squares(counts, s, y, ridge)
         ref[np.ix_(elements[cols], ks)] = coef[:, None]
-        resid = (y - A @ coef) / X.sum(1)
         scale[ks] = float(resid.std()) if len(s) > 1 and resid.std() > 1e-4 else _force_rms(dataset, pairs, ks)
     return ref, scale
+
+
+def _least_squares(counts: np.ndarray, rows: np.ndarray, y: np.ndarray, ridge: float, chunk: int = 262144):
+    """Ridge least squares y ≈ counts[rows] @ coef, in chunks (bounded memory for millions of rows).
+
+    Returns coef [n_cols], the used columns (elements present in rows) and per-atom residuals [n]."""
+    n_el = counts.shape[1]
+    ata, aty = np.zeros((n_el, n_el)), np.zeros(n_el)
+    for a in range(0, len(rows), chunk):
+        X = counts[rows[a:a + chunk]].astype(np.float64)
+        ata += X.T @ X
+        aty += X.T @ y[a:a + chunk]
+    cols = np.flatnonzero(np.diag(ata) > 0)
+    coef = np.linalg.solve(ata[np.ix_(cols, cols)] + ridge * len(rows) * np.eye(len(cols)), aty[cols])
+    resid = np.empty(len(rows))
+    for a in range(0, len(rows), chunk):
+        X = counts[rows[a:a + chunk]][:, cols].astype(np.float64)
+        resid[a:a + chunk] = (y[a:a + chunk] - X @ coef) / X.sum(1)
+    return coef, cols, resid
 
 
 def composition_matrix(dataset) -> tuple[np.ndarray, np.ndarray]:
     """Elements present [n_el] (atomic numbers) and element counts per structure [S, n_el] (int32)."""
     S = len(dataset)
-    numbers = np.asarray(dataset.numbers, dtype=np.int64)
-    elements, column = np.unique(numbers, return_inverse=True)
+    numbers = np.asarray(dataset.numbers)
+    elements = np.unique(numbers).astype(np.int64)
+    struct = np.repeat(np.arange(S, dtype=np.int32 if S < 2**31 else np.int64), dataset.n_atoms)
     out = np.zeros((S, len(elements)), np.int32)
-    struct = np.repeat(np.arange(S), dataset.n_atoms)
-    np.add.at(out, (struct, column), 1)
+    for c, z in enumerate(elements):  # one bincount per element: far faster than np.add.at
+        out[:, c] = np.bincount(struct[numbers == z], minlength=S)
     return elements, out
 
 

@@ -63,7 +63,7 @@ class FidelitySampler(Sampler[int]):
             self._resume = None
             if epoch == self.epoch:
                 order = order[n_done:]
-        return iter(order.tolist())
+        return iter(order)  # numpy ints: no Python list of millions of indices
 
     def __len__(self) -> int:
         return len(self._rank_order(self.epoch))
