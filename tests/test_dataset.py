@@ -417,3 +417,23 @@ def test_neighbor_cache_is_csr_of_per_structure_lists():
     assert nc.n_edges.tolist() == [6, 20, len(neighbor_list(si.positions, si.cell.array, si.pbc, 3.0)[0])]
     with pytest.raises(MultifiError, match="zero volume"):
         neighbor_list(si.positions, np.zeros((3, 3)), [True] * 3, 3.0)
+
+
+def test_limits_keep_every_element_represented():
+    from ase.build import molecule
+
+    from multifi.data.split import labelled_pairs, limit_pairs
+
+    recs = []
+    for i in range(60):
+        name = "CH3Cl" if i == 37 else ("H2O" if i % 2 else "CH4")
+        m = molecule(name)
+        recs.append({"numbers": m.numbers, "positions": m.positions + 0.01 * i, "labels": {"A": {"energy": -float(i)}},
+                     "key": f"m{i}"})
+    ds = FidelityDataset.from_records(recs, source="t")
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    for seed in range(5):
+        small = limit_pairs(pairs, {"A": 4}, ds, seed)
+        assert 37 in small[:, 0]  # the only chlorine molecule is kept even at 4 of 60
+        big = limit_pairs(pairs, {"A": 10}, ds, seed)
+        assert set(small[:, 0]) <= set(big[:, 0])  # still nested

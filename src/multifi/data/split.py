@@ -98,7 +98,10 @@ def labelled_pairs(dataset: FidelityDataset, structures: np.ndarray) -> np.ndarr
 
 
 def limit_pairs(pairs: np.ndarray, limits: dict[str, int], dataset: FidelityDataset, seed: int) -> np.ndarray:
-    """Keep at most limits[fidelity] samples per fidelity (random, seeded; nested for growing limits)."""
+    """Keep at most limits[fidelity] samples per fidelity (random, seeded; nested for growing limits).
+
+    Within the random order, the first structure containing each element moves to the front, so that
+    any limit ≥ the number of elements keeps every element (and so its reference energy) represented."""
     if not limits:
         return pairs
     keep = np.ones(len(pairs), bool)
@@ -106,5 +109,17 @@ def limit_pairs(pairs: np.ndarray, limits: dict[str, int], dataset: FidelityData
         k = dataset.fidelities.index(name, where="data.train_limits")
         rows = np.flatnonzero(pairs[:, 1] == k)
         order = np.random.default_rng([seed, k]).permutation(len(rows))
+        order = _elements_first(order, pairs[rows, 0], dataset)
         keep[rows[order[limit:]]] = False
     return pairs[keep]
+
+
+def _elements_first(order: np.ndarray, structures: np.ndarray, dataset: FidelityDataset) -> np.ndarray:
+    """`order` (positions into `structures`) with, for each element, its first structure moved up front."""
+    from multifi.models.head import composition_matrix
+
+    _, comp = composition_matrix(dataset.subset(structures[order]))  # [n, n_el] in order
+    first = np.unique(np.argmax(comp > 0, axis=0))  # first position holding each element
+    front = np.zeros(len(order), bool)
+    front[first] = True
+    return np.concatenate([order[front], order[~front]])
