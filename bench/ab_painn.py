@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--mode", choices=["train", "forces", "infer"], default="train")
+    ap.add_argument("--compile-b", action="store_true", help="B uses PaiNN(compile=True) (torch.compile)")
     args = ap.parse_args()
     import copy
 
@@ -79,6 +80,12 @@ def main() -> None:
         loss.backward()
         return out["energy"].detach()
 
+    if args.compile_b:
+        pot_b.representation.compile = True
+        t = time.perf_counter()
+        step(pot_b, collate(batches(1)[0]))
+        step(pot_b, collate(batches(1)[0]))
+        print(f"compile (first two B steps): {time.perf_counter() - t:.1f} s")
     graphs = [collate(p) for p in batches(args.steps + 3)]
     ta, tb, diff = [], [], 0.0
     for k, g in enumerate(graphs):
