@@ -1,8 +1,11 @@
 """Where the time of an M3GNet force+stress training step goes: forward parts (module hooks),
 force/stress autograd and the double backward, on batches of 32 PBE solids.
 
-    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/profile_m3gnet.py
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/profile_m3gnet.py [--ops]
+
+--ops adds a torch.profiler operator table (self CPU) of 10 whole steps with AdamW.
 """
+import sys
 import time, statistics, collections, numpy as np, torch
 torch.set_num_threads(1)
 from multifi.config import ModelConfig
@@ -42,3 +45,16 @@ for k, g in enumerate(gs):
 n = len(gs) - 3
 for k, v in list(acc.items()) + list(tot.items()): print(f"{k:45s} {1e3*v/n:8.1f} ms/step")
 print("atoms/batch", np.mean([g.numbers.shape[0] for g in gs]), "edges/batch", np.mean([g.edge_index.shape[1] for g in gs]))
+
+if "--ops" in sys.argv:
+    from torch.profiler import ProfilerActivity, profile
+
+    opt = torch.optim.AdamW(pot.parameters(), 5e-4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for g in gs[:10]:
+            out = pot(g, forces=True, stress=True, create_graph=True)
+            loss, _ = lf(out, g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
