@@ -32,7 +32,7 @@ def build(out: Path, atoms: int, shared: Path) -> dict:
     t0 = time.perf_counter()
     base = read_sources([str(shared / "solids" / "PBE.jsonl.gz"), str(shared / "solids" / "R2SCAN.jsonl.gz")])
     reps = int(np.ceil(atoms / base.n_atoms.sum()))
-    S, A = len(base), int(base.n_atoms.sum())
+    S = len(base)
     rng = np.random.default_rng(0)
     struct = np.tile(np.arange(S), reps)                       # [S·reps]
     n_atoms = base.n_atoms[struct]

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from multifi.errors import MultifiError
+from multifi.validation import validate
 
 
 class Section(BaseModel):
@@ -161,11 +161,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 
 
 def validate_config(raw: dict, where: str = "config") -> RunConfig:
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise MultifiError(f"{where}: {_describe(errors[0])}") from None
+    return validate(RunConfig, raw, where)
 
 
 def apply_override(raw: dict, item: str, where: str = "config") -> None:
@@ -186,42 +182,6 @@ def apply_override(raw: dict, item: str, where: str = "config") -> None:
         node[int(last)] = parsed
     else:
         node[last] = parsed
-
-
-def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        parent = _model_at(err["loc"][:-1])
-        valid = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(valid)})"
-        return f"unknown key {loc!r}{hint}"
-    if err["type"] == "missing":
-        return f"missing required key {loc!r}"
-    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
-
-
-def _model_at(loc) -> type[BaseModel] | None:
-    model: Any = RunConfig
-    for p in loc:
-        if isinstance(p, int):
-            continue
-        field = model.model_fields.get(p) if model else None
-        if field is None:
-            return None
-        ann = field.annotation
-        model = _first_model(ann)
-    return model
-
-
-def _first_model(ann):
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for a in getattr(ann, "__args__", ()):
-        m = _first_model(a)
-        if m is not None:
-            return m
-    return None
 
 
 def _resolve_paths(cfg: RunConfig, root: Path) -> None:

@@ -10,8 +10,6 @@ from multifi.errors import MultifiError
 
 def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, forces: bool = True):
     """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules)."""
-    import torch
-
     from multifi.data.batch import graph_from_atoms
 
     k = potential.fidelity_index(fidelity)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from multifi.data.dataset import FidelityDataset, ranges
-from multifi.data.neighbors import NeighborCache, neighbor_list
+from multifi.data.neighbors import neighbor_list
 
 Tensor = torch.Tensor
 

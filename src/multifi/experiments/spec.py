@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from multifi.config import apply_override
 from multifi.data.readers.qm9 import QM9_FIDELITY
 from multifi.errors import MultifiError
+from multifi.validation import validate
 
 PARTS = ("transfer", "learning_curve", "ten_methods", "embedding_map")
 Inject = Literal["input", "readout", "both", "onehot", "heads", "single"]
@@ -305,11 +306,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentSp
 
 
 def validate_spec(raw: dict, where: str = "spec") -> ExperimentSpec:
-    try:
-        return ExperimentSpec.model_validate(raw)
-    except ValidationError as exc:
-        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise MultifiError(f"{where}: {_describe(errors[0])}") from None
+    return validate(ExperimentSpec, raw, where)
 
 
 def resolve_paths(spec: ExperimentSpec, spec_path: Path) -> Paths:
@@ -330,37 +327,3 @@ def project_root(spec_path: Path) -> Path:
     return spec_path.parent
 
 
-def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        parent = _model_at(err["loc"][:-1])
-        valid = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(valid)})"
-        return f"unknown key {loc!r}{hint}"
-    if err["type"] == "missing":
-        return f"missing required key {loc!r}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}" if err["type"] == "value_error" else f"{loc}: {msg} (got {err.get('input')!r})"
-
-
-def _model_at(loc) -> type[BaseModel] | None:
-    model: Any = ExperimentSpec
-    for p in loc:
-        if isinstance(p, int) or model is None:
-            continue
-        field = model.model_fields.get(p)
-        if field is None:  # a dict key (e.g. a variant name): the value type is the model
-            continue
-        model = _first_model(field.annotation)
-    return model
-
-
-def _first_model(ann):
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for a in getattr(ann, "__args__", ()):
-        m = _first_model(a)
-        if m is not None:
-            return m
-    return None

@@ -68,7 +68,6 @@ class InvalidLabels:
 
 def _frames(path: Path, index: str) -> Iterator:
     """Atoms from the file, turning any reader failure into a one-line MultifiError."""
-    import ase.io
     from ase.io.formats import UnknownFileTypeError, filetype
 
     try:
