@@ -83,7 +83,8 @@ def fake_train(calls: list):
         if cfg.train.init_from:
             init_from_potential(potential, cfg.train.init_from, cfg.train.init_fidelities)
         potential.head.set_baseline(*fit_baseline(prep.dataset, prep.pairs["train"],
-                                                  pooled=potential.head.shared_baseline))
+                                                  pooled=potential.head.shared_baseline,
+                                                  shared_scale=cfg.model.energy_scale == "shared"))
         save_potential(potential, run_dir / "model.pt")
         metrics = evaluate_pairs(potential, prep.dataset, None, prep.pairs["test"])
         (run_dir / "metrics.json").write_text(json.dumps({"fidelities": metrics, "n_train": {}}))
@@ -189,6 +190,23 @@ def test_real_training_on_structure_files(shared, tmp_path):
         assert np.isfinite(r["test"]["R2SCAN"]["forces_mae_meV_per_A"])
     assert json.loads((out / "runs/learning_curve/joint_readout/n4_s0.json").read_text())["n_train"] == \
         {"PBE": 34, "R2SCAN": 4}
+
+
+def test_shared_energy_scale_keeps_references_per_fidelity(shared):
+    """A fidelity with a handful of labels gets the scale of all residuals pooled, not of its own near-exact fit."""
+    from multifi.data.sources import read_sources
+    from multifi.data.split import labelled_pairs
+    from multifi.models.head import fit_baseline
+
+    ds = read_sources([str(shared / "solids/PBE.jsonl.gz"), str(shared / "solids/R2SCAN.jsonl.gz")])
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    high = ds.fidelities.index("R2SCAN")
+    few = np.concatenate([pairs[pairs[:, 1] != high], pairs[pairs[:, 1] == high][:3]])  # 3 r2SCAN labels
+    ref, scale = fit_baseline(ds, few)
+    ref_shared, scale_shared = fit_baseline(ds, few, shared_scale=True)
+    np.testing.assert_array_equal(ref, ref_shared)
+    assert scale_shared[0] == scale_shared[1] and abs(scale_shared[0] - scale[1 - high]) < 0.5 * scale[1 - high]
+    assert scale[high] != scale[1 - high]
 
 
 # ---------------------------------------------------------------------------------------------- sizes and order

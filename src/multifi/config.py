@@ -79,6 +79,10 @@ class ModelConfig(Section):
     max_n: int = Field(3, ge=1, description="M3GNet radial basis order for three-body terms")
     max_l: int = Field(3, ge=1, description="M3GNet spherical harmonics degree for three-body terms")
     fidelity_embedding: FidelityEmbeddingConfig = FidelityEmbeddingConfig()
+    energy_scale: Literal["per_fidelity", "shared"] = Field(
+        "per_fidelity", description="output scale of the energy head, fitted on the training labels: one per "
+        "fidelity, or one for all (pooled per-atom residuals of the per-fidelity reference fits; steadier for a "
+        "fidelity with few labels in a joint model)")
 
 
 class LossConfig(Section):

@@ -59,17 +59,22 @@ class EnergyHead(nn.Module):
         self.scale.copy_(torch.as_tensor(scale, dtype=torch.float64))
 
 
-def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool = False,
+                 shared_scale: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-fidelity atomic reference energies (least squares on composition) and residual scales.
 
     dataset: FidelityDataset; pairs [P, 2] (structure, fidelity) training samples.
     Returns ref [119, K] eV per atom of each element, scale [K] eV: the standard deviation of the
     per-atom residual energy (fallback: RMS of force labels, then 1 eV).
     With `pooled`, the labels of all fidelities are fitted together and every column holds that fit.
+    With `shared_scale`, references stay per fidelity but every fidelity gets one scale: the standard
+    deviation of the per-atom residuals of all fidelities together (a fidelity with a handful of
+    labels otherwise gets a scale from a near-exact fit, or the force fallback, far from the others').
     """
     K = len(dataset.fidelities)
     ref, scale = np.zeros((N_ELEMENTS, K)), np.ones(K)
     elements, counts = composition_matrix(dataset)  # [n_el], [S, n_el]
+    residuals = []
     for ks in ([list(range(K))] if pooled else [[k] for k in range(K)]):
         sel = pairs[np.isin(pairs[:, 1], ks)]
         sel = sel[~np.isnan(dataset.energy[sel[:, 0], sel[:, 1]])]
@@ -81,6 +86,11 @@ def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool =
         coef, cols, resid = _least_squares(counts, s, y, ridge)
         ref[np.ix_(elements[cols], ks)] = coef[:, None]
         scale[ks] = float(resid.std()) if len(s) > 1 and resid.std() > 1e-4 else _force_rms(dataset, pairs, ks)
+        residuals.append(resid)
+    if shared_scale and not pooled and residuals:
+        resid = np.concatenate(residuals)
+        all_ks = list(range(K))
+        scale[:] = float(resid.std()) if len(resid) > 1 and resid.std() > 1e-4 else _force_rms(dataset, pairs, all_ks)
     return ref, scale
 
 

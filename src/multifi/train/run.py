@@ -63,7 +63,8 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
 
         init_from_potential(module.potential, cfg.train.init_from, cfg.train.init_fidelities)
     # always refitted on this run's data; one pooled fit for a fidelity-blind model (inject: single)
-    ref, scale = fit_baseline(prep.dataset, prep.pairs["train"], pooled=module.potential.head.shared_baseline)
+    ref, scale = fit_baseline(prep.dataset, prep.pairs["train"], pooled=module.potential.head.shared_baseline,
+                              shared_scale=cfg.model.energy_scale == "shared")
     check_energy_units(prep.dataset, prep.pairs["train"], ref, scale)
     module.potential.head.set_baseline(ref, scale)
     module.sync_ema()
