@@ -59,8 +59,9 @@ def test_reference_input_is_the_documented_one(reference):
 @pytest.mark.skipif(os.environ.get("MULTIFI_TEST_COMPILE", "0") in ("", "0"),
                     reason="torch.compile takes minutes on a 2-core CPU; MULTIFI_TEST_COMPILE=1 runs it")
 def test_compiled_painn_matches_reference(reference):
-    """The opt-in compiled message passing (energy without position derivatives) gives the same energies;
-    with forces requested the eager path runs, so force training (double backward) still works."""
+    """The opt-in compiled message passing gives the reference energies, and forces/stress with frozen
+    parameters (calculator); force training with trainable parameters falls back to eager, so its
+    double backward still works and gives the reference gradients."""
     from multifi.data.batch import graph_from_atoms
 
     frames = ref_script.frames_from_json(reference["input"])
@@ -70,4 +71,12 @@ def test_compiled_painn_matches_reference(reference):
     energy = pot(g)["energy"]
     np.testing.assert_allclose(energy.detach().double().numpy(), reference["float32"]["energy"], rtol=0, atol=1e-5)
     got = ref_script.evaluate(pot, frames, torch.float32)  # forces + double backward: eager fallback
-    np.testing.assert_allclose(np.array(got["forces"]), np.array(reference["float32"]["forces"]), rtol=0, atol=1e-5)
+    for key in ("energy", "forces"):
+        np.testing.assert_allclose(np.array(got[key]), np.array(reference["float32"][key]), rtol=0, atol=1e-5)
+    for name, (_, norm) in reference["float32"]["grads"].items():
+        assert got["grads"][name][1] == pytest.approx(norm, rel=1e-4, abs=1e-12), name
+    # frozen parameters (the ASE calculator): forces by one backward through the compiled graph
+    pot.requires_grad_(False)
+    out = pot(g, forces=True, stress=True)
+    np.testing.assert_allclose(out["forces"].double().numpy(), reference["float32"]["forces"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out["stress"][3].double().numpy(), reference["float32"]["stress"], rtol=0, atol=1e-4)

@@ -7,9 +7,10 @@ first interaction skips the vector term of v_j, which is zero there. Outputs mat
 implementation to float32 rounding (tests/test_model_regression.py).
 
 Opt-in: PaiNN(compile=True), or MULTIFI_COMPILE=1 in the environment, runs the message passing through
-torch.compile (inductor fuses the gathers, products and scatters) whenever no derivative with respect
-to positions is requested (energy-only training, energy inference). With forces or stress the eager
-path is used, because compiled graphs do not support the double backward of force training.
+torch.compile (inductor fuses the gathers, products and scatters) except when force/stress training
+needs it twice differentiable: with position derivatives requested *and* trainable parameters the
+eager path runs, because compiled graphs have no double backward. So energy-only training, inference
+and the ASE calculator (frozen parameters, forces by one backward) are compiled.
 The first compiled call takes minutes on a 2-core CPU; see bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -97,7 +98,8 @@ class PaiNN(nn.Module):
         s = self.embedding(numbers)
         if condition is not None:
             s = s + condition
-        if self.compile and not edge_vec.requires_grad:
+        if self.compile and not (edge_vec.requires_grad and any(p.requires_grad for p in self.parameters())):
+            # not during force/stress training: compiled graphs have no double backward
             return _compiled_interactions()(self, s, edge_index, edge_vec)
         return self._interactions(s, edge_index, edge_vec)
 
