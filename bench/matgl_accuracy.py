@@ -28,7 +28,8 @@ two-body basis, three-body radial basis scaled to the three-body cutoff, and a s
 
 --write-results replaces the section "## M3GNet accuracy vs matgl" of bench/RESULTS.md (or appends
 it) and leaves every other section alone; numbers also go to bench/results/matgl_accuracy.json.
---from-json FILE rewrites that section from saved numbers without training.
+--from-json FILE [--also FILE …] rewrites that section from saved numbers without training (--also:
+further runs, e.g. longer training, as extra tables); --json FILE saves a run's numbers elsewhere.
 """
 from __future__ import annotations
 
@@ -295,7 +296,7 @@ def label_of(side: str) -> str:
     return f"matgl M3GNet, {', '.join(f'{k}={v}' for k, v in json.loads(side[len('matgl '):]).items())}"
 
 
-def markdown(result: dict) -> str:
+def table(result: dict) -> list[str]:
     import numpy as np
 
     sides = sides_of(result)
@@ -312,6 +313,10 @@ def markdown(result: dict) -> str:
                 text += f" ± {vals.std(ddof=1):,.{digits}f}"
             cells.append(text)
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return ["| test set | " + " | ".join(label_of(x) for x in sides) + " |", "|---|" + "---|" * len(sides), *rows]
+
+
+def markdown(result: dict, also: list[dict] = ()) -> str:
     seeds = ", ".join(str(r["seed"]) for r in result["runs"])
     sp = result["split"]
     v = result.get("versions", {})
@@ -324,7 +329,7 @@ def markdown(result: dict) -> str:
              "```",
              result["command"],
              "```", "",
-             "| test set | " + " | ".join(label_of(x) for x in sides) + " |", "|---|" + "---|" * len(sides), *rows, "",
+             *table(result), "",
              f"Settings: {SETTINGS['features']} features, {SETTINGS['interactions']} blocks, cutoffs "
              f"{SETTINGS['cutoff']} / {SETTINGS['threebody_cutoff']} Å, max_n = max_l = 3; batch {SETTINGS['batch_size']}; "
              f"Adam lr {SETTINGS['lr']:g} with cosine decay to 1 %, no warm-up, gradient clip {SETTINGS['grad_clip']:g}, "
@@ -339,6 +344,10 @@ def markdown(result: dict) -> str:
              f"{v.get('torch', '?')}; multifi at `{result['multifi_commit']}`. Numbers (with the validation loss of "
              "every epoch): `bench/results/matgl_accuracy.json`.", ""]
     lines += [result["verdict"], ""]
+    for extra in also:
+        lines += [f"Longer training: {extra['epochs']} epochs, seed(s) "
+                  f"{', '.join(str(r['seed']) for r in extra['runs'])}, otherwise the same (`{extra['command']}`):", "",
+                  *table(extra), "", extra.get("verdict") or verdict(extra), ""]
     return "\n".join(lines)
 
 
@@ -382,6 +391,8 @@ def main() -> None:
     ap.add_argument("--split", type=Path, help="(internal) split file written by the driver")
     ap.add_argument("--write-results", action="store_true", help="update bench/RESULTS.md and the JSON")
     ap.add_argument("--from-json", type=Path, help="only rewrite the RESULTS.md section from these saved numbers")
+    ap.add_argument("--also", type=Path, nargs="*", default=[], help="with --from-json: more saved runs (extra tables)")
+    ap.add_argument("--json", type=Path, help="save this run's numbers here (without touching RESULTS.md)")
     ap.add_argument("--matgl-options", type=json.loads, default={},
                     help="extra M3GNet constructor arguments for matgl, JSON (e.g. '{\"use_smooth\": true}')")
     ap.add_argument("--extra-matgl", type=json.loads, action="append", default=[],
@@ -392,7 +403,7 @@ def main() -> None:
         if args.from_json.resolve() != RESULTS_JSON.resolve():
             RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
             RESULTS_JSON.write_text(json.dumps(result, indent=1))
-        write_section(markdown(result))
+        write_section(markdown(result, [json.loads(p.read_text()) for p in args.also]))
         return
     args.scratch.mkdir(parents=True, exist_ok=True)
     if args.side == "matgl":
@@ -425,7 +436,8 @@ def main() -> None:
         runs.append(run)
     command = "python bench/matgl_accuracy.py" + (f" --epochs {args.epochs}" if args.epochs != 40 else "") + \
         (" --seeds " + " ".join(map(str, args.seeds)) if args.seeds != [0] else "") + \
-        "".join(f" --extra-matgl '{json.dumps(o)}'" for o in args.extra_matgl) + " --write-results"
+        "".join(f" --extra-matgl '{json.dumps(o)}'" for o in args.extra_matgl) + \
+        (f" --json {args.json}" if args.json else "") + (" --write-results" if args.write_results else "")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     result = {"epochs": args.epochs, "runs": runs, "settings": SETTINGS, "command": command,
@@ -436,6 +448,9 @@ def main() -> None:
         result["verdict"] = verdict(result)
         text = markdown(result)
         print(text)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1))
         if args.write_results:
             RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
             RESULTS_JSON.write_text(json.dumps(result, indent=1))
