@@ -31,6 +31,8 @@ def learning_curves(path: Path, panels: list[tuple[dict[str, dict], str]], title
                     dashed: set[str] = frozenset(), xlabel: str = "top-fidelity training molecules n") -> Path:
     """One log-log panel per (curves, y label), side by side; curves as in learning_curve."""
     plt = _plt()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
     for ax, (curves, ylabel) in zip(axes[0], panels):
         for name, by_n in curves.items():
@@ -45,7 +47,12 @@ def learning_curves(path: Path, panels: list[tuple[dict[str, dict], str]], title
         ax.set_yscale("log")
         all_ns = sorted({float(n) for c in curves.values() for n in c})
         ax.set_xticks(all_ns, [f"{n:g}" for n in all_ns])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())
+        lo, hi = ax.get_ylim()
+        narrow = hi / max(lo, 1e-300) < 10  # within one decade: more labelled ticks
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
