@@ -343,12 +343,24 @@ def markdown(result: dict, also: list[dict] = ()) -> str:
              f"Versions: matgl {v.get('matgl', '?')}, torch-geometric {v.get('torch_geometric', '?')}, torch "
              f"{v.get('torch', '?')}; multifi at `{result['multifi_commit']}`. Numbers (with the validation loss of "
              "every epoch): `bench/results/matgl_accuracy.json`.", ""]
-    lines += [result["verdict"], ""]
+    lines += [result["verdict"], "", plateau(result), ""]
     for extra in also:
         lines += [f"Longer training: {extra['epochs']} epochs, seed(s) "
                   f"{', '.join(str(r['seed']) for r in extra['runs'])}, otherwise the same (`{extra['command']}`):", "",
-                  *table(extra), "", extra.get("verdict") or verdict(extra), ""]
+                  *table(extra), "", extra.get("verdict") or verdict(extra), "", plateau(extra), ""]
     return "\n".join(lines)
+
+
+def plateau(result: dict) -> str:
+    """How long each side's validation loss stayed near its first value (per-epoch history, first seed)."""
+    parts = []
+    for side in sides_of(result):
+        h = result["runs"][0][side].get("val_loss_per_epoch")
+        if h:
+            k = next((i for i, v in enumerate(h) if v < 0.9 * h[0]), None)
+            parts.append(f"{label_of(side)} {'never' if k is None else k + 1}")
+    return ("Epochs until the validation loss first fell 10 % below its first-epoch value (seed "
+            f"{result['runs'][0]['seed']}): " + ", ".join(parts) + ".") if parts else ""
 
 
 def verdict(result: dict) -> str:
