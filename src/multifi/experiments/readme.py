@@ -149,6 +149,23 @@ def _learning_curve(lcd: dict, eff: dict, figures: dict) -> list[str]:
     return out
 
 
+def _beyond(e: dict, n_max: float | None) -> bool:
+    """Whether the reference curve reaches this error only beyond its largest measured n (or never)."""
+    return bool(n_max and e["extrapolated"] and (e["n_reference"] is None or e["n_reference"] > n_max))
+
+
+def _factor(e: dict, n_max: float | None = None, short: bool = False) -> str:
+    """A factor cell: '2.35', '0.80 (extrapolated)' below the smallest n, '> 16.5 (power law: 167)' beyond the
+    largest (a lower bound: the reference curve never reached that error within the measured n)."""
+    if _beyond(e, n_max):
+        bound = f"> {n_max / e['n']:.1f}"
+        if short:
+            return bound
+        return bound + (f" (power law: {e['factor']:.0f})" if e["factor"] is not None else "")
+    text = DASH if e["factor"] is None else f"{e['factor']:.2f}"
+    return text + (" (extrapolated)" if e["extrapolated"] and not short else "")
+
+
 def _fraction(f: float) -> str:
     inv = 1 / f
     return f"1/{inv:g}" if abs(inv - round(inv)) < 1e-9 and f < 1 else f"{f:g}"
@@ -195,24 +212,30 @@ def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list
            "at n (log-log interpolation of the reference learning curve; *extrapolated* when outside the measured n).",
            ""]
     rows = []
+    n_max = max(eff.get("reference_ns") or [0]) or None
     for name, by_n in eff["by_variant"].items():
         cells = []
         for k in at:
             e = by_n.get(k)
-            if e is None:
-                cells.append(DASH)
-            else:
-                text = DASH if e["factor"] is None else f"{e['factor']:.2f}"
-                cells.append(text + (" (extrapolated)" if e["extrapolated"] else ""))
+            cells.append(DASH if e is None else _factor(e, n_max))
         rows.append([name + (" **(best)**" if name == eff["best_variant"] else "")] + cells)
     out += _table(["variant"] + [f"factor at n={k[1:]}" for k in at], rows)
+    if n_max and any(_beyond(e, n_max) for by_n in eff["by_variant"].values() for e in by_n.values()):
+        out += ["", f"\"> x\": the variant's error at n is below the reference's error at the largest measured n "
+                f"({n_max:g}), so the reference needs more than x = {n_max:g}/n times the data; the power-law "
+                "extrapolation in brackets assumes the reference curve keeps its last slope (it is flattening here, "
+                "so that number is not to be trusted)."]
     s = eff["summary"]
     if eff["best_variant"]:
-        vals = ", ".join(f"{_num(s[k])}× at n={k[1:]}" for k in at)
+        best = eff["by_variant"][eff["best_variant"]]
+        vals = ", ".join(f"{_factor(best[k], n_max, short=True) if k in best else _num(s[k])}× at n={k[1:]}"
+                         for k in at)
         claim = eff.get("claim", "The paper's claim (b) is about 10×.")
         out += ["", f"**Result{which}:** best multi-fidelity variant: {eff['best_variant']} (lowest {unit[0]} over "
                 f"n ∈ {{{', '.join(k[1:] for k in at)}}}); data-efficiency factor {vals}"
-                + (" — extrapolated beyond the measured reference curve, so an estimate." if s["extrapolated"] else ".")
+                + (" — '>' marks lower bounds: the reference never reached that error within the measured n."
+                   if any(_beyond(e, n_max) for e in best.values()) else
+                   " — extrapolated beyond the measured reference curve, so an estimate." if s["extrapolated"] else ".")
                 + (f" {claim}" if claim else "")]
         notes = {e["note"] for by_n in eff["by_variant"].values() for e in by_n.values() if e["note"]}
         out += [f"- {n}" for n in sorted(notes)]

@@ -173,7 +173,8 @@ def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
     factors = {f"n{n}": (by_variant[best][f"n{n}"]["factor"] if best else None) for n in at}
     extrapolated = any(by_variant[best][f"n{n}"]["extrapolated"] for n in at) if best else None
     return {"reference": e.reference, "at": at, "candidates": candidates, "by_variant": by_variant,
-            "best_variant": best, "summary": {**factors, "best_variant": best, "extrapolated": extrapolated}}
+            "best_variant": best, "reference_ns": ref_ns,
+            "summary": {**factors, "best_variant": best, "extrapolated": extrapolated}}
 
 
 def ten_methods_details(part, results) -> dict:
