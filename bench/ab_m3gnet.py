@@ -4,7 +4,8 @@
         [--base REV_OR_FILE] [--steps 30] [--mode train|md]
 
 A = models/m3gnet.py of the work tree (or --base: a git revision or a file), B = --tree (a file or
-revision). Same weights. train = forward with forces and stress (create_graph) + energy/force/stress
+revision; default the work tree). --compile-b runs B through the compiled potential (model.compile;
+its compilation happens in the 3 untimed warm-up steps). Same weights. train = forward with forces and stress (create_graph) + energy/force/stress
 loss + backward (double backward); md = forces only, no create_graph, no parameter gradients
 (what the ASE calculator does). Prints the median of per-step ratios A/B and the largest force difference.
 """
@@ -36,7 +37,8 @@ def module_at(rev: str) -> types.ModuleType:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default=None)
-    ap.add_argument("--tree", required=True)
+    ap.add_argument("--tree", default=None)
+    ap.add_argument("--compile-b", action="store_true", help="B = the compiled potential (model.compile)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mode", choices=["train", "md"], default="train")
@@ -66,8 +68,10 @@ def main() -> None:
     if args.base:
         pot_a.representation = module_at(args.base).M3GNet.from_config(cfg)
         pot_a.representation.load_state_dict(state)
-    pot_b.representation = module_at(args.tree).M3GNet.from_config(cfg)
-    pot_b.representation.load_state_dict(state)
+    if args.tree:
+        pot_b.representation = module_at(args.tree).M3GNet.from_config(cfg)
+        pot_b.representation.load_state_dict(state)
+    pot_b.compile = args.compile_b
     if args.mode == "md":
         for p in list(pot_a.parameters()) + list(pot_b.parameters()):
             p.requires_grad_(False)
@@ -96,7 +100,8 @@ def main() -> None:
     ta, tb = ta[3:], tb[3:]
     ratios = [a / b for a, b in zip(ta, tb)]
     q = statistics.quantiles(ratios, n=4)
-    print(f"mode={args.mode} threads={args.threads} steps={len(ta)} A={args.base or 'work tree'} B={args.tree}")
+    print(f"mode={args.mode} threads={args.threads} steps={len(ta)} A={args.base or 'work tree'} B={args.tree or 'work tree'}"
+          f"{' compiled' if args.compile_b else ''}")
     print(f"A median {1000 * statistics.median(ta):8.1f} ms/step   B median {1000 * statistics.median(tb):8.1f} ms/step")
     print(f"speed-up B vs A: median of per-step ratios {statistics.median(ratios):.3f} (quartiles {q[0]:.3f}..{q[2]:.3f}); "
           f"max |ΔF| = {diff:.2e} eV/Å")

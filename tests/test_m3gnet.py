@@ -20,7 +20,7 @@ from multifi.data.split import labelled_pairs
 from multifi.errors import MultifiError
 from multifi.models.head import fit_baseline
 from multifi.models.m3gnet import (M3GNet, SmoothBesselBasis, SphericalBesselRadial, Triplets, edge_pairs, legendre,
-                                   spherical_jn, spherical_jn_roots)
+                                   spherical_jn, spherical_jn_roots, triplet_index)
 from multifi.models.registry import build_potential, load_potential, save_potential
 from multifi.nn.fidelity import MODES
 from multifi.train.loss import MultiFidelityLoss
@@ -115,7 +115,7 @@ def test_triplets_match_brute_force_on_periodic_cell(periodic, molecules, shuffl
     if shuffle:  # no reliance on the neighbour list's edge order
         perm = torch.randperm(ei.shape[1], generator=torch.Generator().manual_seed(0))
         ei, vec, r = ei[:, perm], vec[perm], r[perm]
-    t = Triplets(ei, vec, r, len(g.numbers), rc3, SphericalBesselRadial(rc3, 2, 3), torch.ones_like)
+    t = Triplets(triplet_index(ei, r, len(g.numbers), rc3), ei, vec, r, SphericalBesselRadial(rc3, 2, 3), torch.ones_like)
     found = list(zip(t.bonds[t.ij].tolist(), t.bonds[t.ik].tolist()))
     expected = brute_force_triplets(ei.numpy(), r.numpy(), rc3)
     assert len(found) == len(set(found)), "a triplet was enumerated twice"

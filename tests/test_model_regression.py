@@ -59,23 +59,22 @@ def test_reference_input_is_the_documented_one(reference):
 @pytest.mark.skipif(os.environ.get("MULTIFI_TEST_COMPILE", "0") in ("", "0"),
                     reason="torch.compile takes minutes on a 2-core CPU; MULTIFI_TEST_COMPILE=1 runs it")
 def test_compiled_painn_matches_reference(reference):
-    """The opt-in compiled message passing gives the reference energies, and forces/stress with frozen
-    parameters (calculator); force training with trainable parameters falls back to eager, so its
-    double backward still works and gives the reference gradients."""
+    """The opt-in compiled potential (model.compile) gives the reference energies, forces, stress and
+    the parameter gradients of the energy+forces loss (its second derivative is part of the compiled
+    graph), and forces/stress with frozen parameters (the ASE calculator)."""
     from multifi.data.batch import graph_from_atoms
 
     frames = ref_script.frames_from_json(reference["input"])
     pot = ref_script.build(torch.float32)
-    pot.representation.compile = True
+    pot.compile = True
     g = graph_from_atoms(frames, pot.cutoff, fidelity=reference["fidelity_of_structure"], dtype=torch.float32)
     energy = pot(g)["energy"]
     np.testing.assert_allclose(energy.detach().double().numpy(), reference["float32"]["energy"], rtol=0, atol=1e-5)
-    got = ref_script.evaluate(pot, frames, torch.float32)  # forces + double backward: eager fallback
+    got = ref_script.evaluate(pot, frames, torch.float32)  # forces + their parameter gradients, compiled
     for key in ("energy", "forces"):
         np.testing.assert_allclose(np.array(got[key]), np.array(reference["float32"][key]), rtol=0, atol=1e-5)
     for name, (_, norm) in reference["float32"]["grads"].items():
         assert got["grads"][name][1] == pytest.approx(norm, rel=1e-4, abs=1e-12), name
-    # frozen parameters (the ASE calculator): forces by one backward through the compiled graph
     pot.requires_grad_(False)
     out = pot(g, forces=True, stress=True)
     np.testing.assert_allclose(out["forces"].double().numpy(), reference["float32"]["forces"], rtol=0, atol=1e-5)

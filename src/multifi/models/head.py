@@ -34,11 +34,8 @@ class EnergyHead(nn.Module):
                 fid_atom: torch.Tensor) -> torch.Tensor:
         """s [N,F], cond [N,d] or None, numbers [N], fid_atom [N] → atom energies [N] float64 eV."""
         x = s if cond is None else torch.cat([s, cond], dim=-1)
-        if self.heads:
-            y = x.new_zeros(x.shape[0])
-            for k in torch.unique(fid_atom).tolist():
-                m = fid_atom == k
-                y = y.index_put((m,), self.mlps[k](x[m]).squeeze(-1))
+        if self.heads:  # every head on every atom (heads are small), then each atom's own: no data-dependent shapes
+            y = torch.cat([mlp(x) for mlp in self.mlps], dim=-1).gather(1, fid_atom.unsqueeze(-1)).squeeze(-1)
         else:
             y = self.mlps[0](x).squeeze(-1)
         col = torch.zeros_like(fid_atom) if self.shared_baseline else fid_atom

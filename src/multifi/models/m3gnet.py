@@ -222,22 +222,29 @@ def edge_pairs(centre: Tensor, n_atoms: int) -> tuple[Tensor, Tensor]:
     return order[a[keep]], order[b[keep]]
 
 
-class Triplets:
-    """Three-body bookkeeping for one forward pass, shared by all blocks.
+def triplet_index(edge_index: Tensor, r: Tensor, n_atoms: int, cutoff: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Geometry-only bookkeeping of the three-body terms (no gradient flows through it):
+    bonds [E3] ids of the edges shorter than `cutoff` (Å); ij, ik [T] for each triplet the receiving
+    bond i→j and the other bond i→k, as indices into bonds."""
+    with torch.no_grad():
+        bonds = torch.nonzero(r < cutoff).squeeze(-1)
+        ij, ik = edge_pairs(edge_index[0, bonds], n_atoms)
+    return bonds, ij, ik
 
-    bonds [E3]   edge ids of bonds shorter than the three-body cutoff
-    ij, ik [T]   for each triplet, the receiving bond i→j and the other bond i→k (indices into bonds)
+
+class Triplets:
+    """Three-body features for one forward pass, shared by all blocks.
+
+    bonds [E3], ij, ik [T]  from triplet_index
     k [T]        atom k of each triplet
     basis [T, L·Nn]  radial(r_ik) · Y_l0(θ_jik) · f_c(r_ik)
     fc_bond [E3] envelope f_c(r_ij) of each bond, applied after summing over k
     """
 
-    def __init__(self, edge_index: Tensor, edge_vec: Tensor, r: Tensor, n_atoms: int, cutoff: float,
+    def __init__(self, index: tuple[Tensor, Tensor, Tensor], edge_index: Tensor, edge_vec: Tensor, r: Tensor,
                  radial: SphericalBesselRadial, envelope: nn.Module):
-        with torch.no_grad():
-            self.bonds = torch.nonzero(r < cutoff).squeeze(-1)
-            self.ij, self.ik = edge_pairs(edge_index[0, self.bonds], n_atoms)
-        self.n_bonds = len(self.bonds)
+        self.bonds, self.ij, self.ik = index
+        self.n_bonds = self.bonds.shape[0]
         self.k = edge_index[1, self.bonds][self.ik]
         r3 = r[self.bonds]
         unit = edge_vec[self.bonds] / r3.unsqueeze(-1)
@@ -282,18 +289,26 @@ class M3GNet(nn.Module):
                    threebody_cutoff=m.get("threebody_cutoff", 4.0), max_n=max_n, max_l=max_l,
                    n_rbf=m.get("n_rbf", max_n * max_l))
 
+    def geometry(self, edge_index: Tensor, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The triplet index lists of these edges (integer tensors; see triplet_index)."""
+        n_atoms = int(edge_index.max()) + 1 if edge_index.numel() else 0
+        return triplet_index(edge_index, torch.linalg.norm(edge_vec, dim=-1), n_atoms, self.threebody_cutoff)
+
     def forward(self, numbers: Tensor, edge_index: Tensor, edge_vec: Tensor,
-                condition: Tensor | None = None) -> Tensor:
+                condition: Tensor | None = None, geometry: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """numbers [N], edge_index [2,E] (centre i, neighbour j), edge_vec [E,3] Å (r_j − r_i),
-        condition [N,F] added to the initial atom features → atom features [N,F]."""
+        condition [N,F] added to the initial atom features, geometry from self.geometry (made here when
+        None) → atom features [N,F]."""
         s = self.embedding(numbers)
         if condition is not None:
             s = s + condition
         r = torch.linalg.norm(edge_vec, dim=-1)
         rbf = self.rbf(r)  # [E, n_rbf], vanishes smoothly at the cutoff
         e = F.silu(self.edge_embedding(rbf))
-        t = Triplets(edge_index, edge_vec, r, s.shape[0], self.threebody_cutoff, self.radial3, self.envelope3)
-        i, j = edge_index
+        if geometry is None:
+            geometry = triplet_index(edge_index, r, s.shape[0], self.threebody_cutoff)
+        t = Triplets(geometry, edge_index, edge_vec, r, self.radial3, self.envelope3)
+        i, j = edge_index[0], edge_index[1]
         for three_body, conv in zip(self.three_body, self.convs):
             e = three_body(s, e, t)
             s, e = conv(s, e, i, j, rbf)

@@ -6,16 +6,9 @@ index_select (its backward is index_add, much cheaper on CPU than the index_put 
 first interaction skips the vector term of v_j, which is zero there. Outputs match the original
 implementation to float32 rounding (tests/test_model_regression.py).
 
-Opt-in: PaiNN(compile=True), or MULTIFI_COMPILE=1 in the environment, runs the message passing through
-torch.compile (inductor fuses the gathers, products and scatters) except when force/stress training
-needs it twice differentiable: with position derivatives requested *and* trainable parameters the
-eager path runs, because compiled graphs have no double backward. So energy-only training, inference
-and the ASE calculator (frozen parameters, forces by one backward) are compiled.
-The first compiled call takes minutes on a 2-core CPU; see bench/RESULTS.md.
+Compilation (model.compile, MULTIFI_COMPILE=1) is done for every backbone by Potential.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import nn
@@ -67,10 +60,9 @@ class PaiNN(nn.Module):
     """PaiNN representation: (numbers, edges, edge vectors, optional atom conditioning) → scalar features [N, F]."""
 
     def __init__(self, features: int = 128, interactions: int = 3, cutoff: float = 5.0, n_rbf: int = 20,
-                 max_z: int = 119, shared_filters: bool = False, compile: bool | None = None):
+                 max_z: int = 119, shared_filters: bool = False):
         super().__init__()
         self.features, self.cutoff = features, cutoff
-        self.compile = os.environ.get("MULTIFI_COMPILE", "0") not in ("", "0", "false") if compile is None else compile
         self.embedding = nn.Embedding(max_z, features)
         self.rbf = BesselBasis(cutoff, n_rbf)
         self.fcut = CosineCutoff(cutoff)
@@ -92,15 +84,16 @@ class PaiNN(nn.Module):
                             for m in self.messages], dim=0)  # [K·3F, n_rbf + 1]
         return torch.split(basis @ weight.t(), 3 * self.features, dim=-1)
 
+    def geometry(self, edge_index: torch.Tensor, edge_vec: torch.Tensor) -> None:
+        """PaiNN needs no precomputed geometry beyond the edges."""
+        return None
+
     def forward(self, numbers: torch.Tensor, edge_index: torch.Tensor, edge_vec: torch.Tensor,
-                condition: torch.Tensor | None = None) -> torch.Tensor:
+                condition: torch.Tensor | None = None, geometry: None = None) -> torch.Tensor:
         """numbers [N], edge_index [2,E], edge_vec [E,3] Å (r_j − r_i), condition [N,F] added to the embedding."""
         s = self.embedding(numbers)
         if condition is not None:
             s = s + condition
-        if self.compile and not (edge_vec.requires_grad and any(p.requires_grad for p in self.parameters())):
-            # not during force/stress training: compiled graphs have no double backward
-            return _compiled_interactions()(self, s, edge_index, edge_vec)
         return self._interactions(s, edge_index, edge_vec)
 
     def _interactions(self, s: torch.Tensor, edge_index: torch.Tensor, edge_vec: torch.Tensor) -> torch.Tensor:
@@ -112,13 +105,3 @@ class PaiNN(nn.Module):
             s, v = update(s, v)
         return s
 
-
-_COMPILED = None
-
-
-def _compiled_interactions():
-    """torch.compile of PaiNN._interactions (dynamic shapes: atoms and edges vary per batch), made once."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(PaiNN._interactions, dynamic=True)
-    return _COMPILED

@@ -1,5 +1,13 @@
-"""Potential = fidelity conditioning + representation + energy head; forces and stress by autograd."""
+"""Potential = fidelity conditioning + representation + energy head; forces and stress by autograd.
+
+Forces and stress are derivatives of the energy with respect to the edge vectors (see response.py).
+Eager by default; with `compile` the energy and its edge-vector gradient are one torch.compile'd
+function (torch.func.grad inside, dynamic shapes), so force training's second derivative is part of
+the compiled graph's own backward instead of a double backward through hundreds of small eager ops.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -7,9 +15,16 @@ from torch import nn
 from multifi.data.batch import Graph
 from multifi.data.fidelity import FidelityTable
 from multifi.models.head import EnergyHead
-from multifi.models.response import derivatives, strained
+from multifi.models.response import forces_from_edge_gradient, stress_from_edge_gradient
 from multifi.nn import scatter_sum
 from multifi.nn.fidelity import FidelityConditioning
+
+
+def compile_requested(flag: bool | None = None) -> bool:
+    """The model's `compile` setting, or MULTIFI_COMPILE=1 in the environment when unset."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get("MULTIFI_COMPILE", "0").lower() not in ("", "0", "false")
 
 
 class Potential(nn.Module):
@@ -17,10 +32,11 @@ class Potential(nn.Module):
 
     forward(graph) → {"energy": [B] float64 eV, "forces": [N,3] eV/Å, "stress": [B,3,3] GPa (ASE sign)}
     (forces/stress only when asked). The fidelity of each structure is graph.fidelity [B].
+    compile: run energy (+ gradient) through torch.compile (minutes of compilation on a CPU first).
     """
 
     def __init__(self, representation: nn.Module, conditioning: FidelityConditioning, head: EnergyHead,
-                 fidelities: FidelityTable, cutoff: float, spec: dict):
+                 fidelities: FidelityTable, cutoff: float, spec: dict, compile: bool = False):
         super().__init__()
         self.representation = representation
         self.conditioning = conditioning
@@ -28,40 +44,83 @@ class Potential(nn.Module):
         self.fidelities = fidelities
         self.cutoff = float(cutoff)
         self.spec = spec  # constructor arguments; saved with the weights and used to rebuild
+        self.compile = compile
 
     @property
     def elements(self) -> list[int]:
         """Atomic numbers that have a reference energy at some fidelity (the elements seen in training)."""
         return torch.nonzero(self.head.ref.abs().sum(1) > 0).flatten().tolist()
 
+    def energy(self, edge_vec: torch.Tensor, numbers: torch.Tensor, edge_index: torch.Tensor, geometry,
+               fid_atom: torch.Tensor, batch: torch.Tensor, n_graphs: int) -> torch.Tensor:
+        """Energies [B] (float64, eV) as a function of the edge vectors [E,3] (Å)."""
+        s = self.representation(numbers, edge_index, edge_vec, self.conditioning.input_condition(fid_atom), geometry)
+        atom_energy = self.head(s, self.conditioning.readout_condition(fid_atom), numbers, fid_atom)
+        return scatter_sum(atom_energy, batch, n_graphs)
+
     def forward(self, graph: Graph, forces: bool = False, stress: bool = False,
                 create_graph: bool = False) -> dict[str, torch.Tensor]:
         B = graph.num_graphs
         stress = stress and bool((graph.cell.abs().sum((1, 2)) > 0).any())
         need_grad = forces or stress
-        with torch.set_grad_enabled(need_grad or torch.is_grad_enabled()):
-            positions = graph.positions
-            if need_grad:
-                positions = positions.detach().requires_grad_(True)
-            pos, cell, eps = strained(positions, graph.cell, graph.batch, B, stress)
-            i, j = graph.edge_index
-            shift = torch.einsum("ea,eab->eb", graph.shifts, cell[graph.batch[i]])
-            edge_vec = pos[j] - pos[i] + shift
-            fid_atom = graph.fidelity[graph.batch]
-            s = self.representation(graph.numbers, graph.edge_index, edge_vec,
-                                    self.conditioning.input_condition(fid_atom))
-            atom_energy = self.head(s, self.conditioning.readout_condition(fid_atom), graph.numbers, fid_atom)
-            energy = scatter_sum(atom_energy, graph.batch, B)
+        i, j = graph.edge_index
+        shift = torch.einsum("ea,eab->eb", graph.shifts, graph.cell[graph.batch[i]])
+        edge_vec = graph.positions[j] - graph.positions[i] + shift
+        geometry = self.representation.geometry(graph.edge_index, edge_vec.detach())
+        args = (graph.numbers, graph.edge_index, geometry, graph.fidelity[graph.batch], graph.batch, B)
+        if not need_grad:
+            energy = (_compiled(_energy) if self.compile else _energy)(self, edge_vec, *args)
+            return {"energy": energy}
+        vec = edge_vec.detach()
+        # eager autograd needs grad mode on; the compiled torch.func.grad differentiates in any mode, and
+        # with grad mode off it builds no backward graph (validation, the ASE calculator)
+        with torch.set_grad_enabled(create_graph or not self.compile):
+            if self.compile:
+                energy, g = _compiled(_energy_and_grad_functional)(self, vec, *args)
+            else:
+                energy, g = _energy_and_grad(self, vec.requires_grad_(True), *args, create_graph=create_graph)
             out = {"energy": energy}
-            if need_grad:
-                f, st = derivatives(energy, positions, eps, graph.volume(), create_graph)
-                if forces:
-                    out["forces"] = f
-                if st is not None:
-                    out["stress"] = st
-            if not create_graph and need_grad:
-                out = {k: v.detach() for k, v in out.items()}
+            if forces:
+                out["forces"] = forces_from_edge_gradient(g, graph.edge_index, graph.positions.shape[0])
+            if stress:
+                out["stress"] = stress_from_edge_gradient(g, vec, graph.batch[i], graph.volume())
+        if not create_graph:
+            out = {k: v.detach() for k, v in out.items()}
         return out
 
     def fidelity_index(self, name: str) -> int:
         return self.fidelities.index(name, where="model")
+
+
+# ---------------------------------------------------------------------------------------------- energy (+ gradient)
+def _energy(pot: Potential, edge_vec, *args) -> torch.Tensor:
+    return pot.energy(edge_vec, *args)
+
+
+def _energy_and_grad(pot: Potential, vec, *args, create_graph: bool):
+    """Eager: energies [B] and ∂(Σ E)/∂vec [E,3] by autograd (vec requires grad)."""
+    energy = pot.energy(vec, *args)
+    (g,) = torch.autograd.grad(energy.sum(), vec, create_graph=create_graph, allow_unused=True)
+    return energy, (torch.zeros_like(vec) if g is None else g)
+
+
+def _energy_and_grad_functional(pot: Potential, vec, *args):
+    """The same by torch.func.grad, so that torch.compile traces the derivative into its graph."""
+    def total(v):
+        energy = pot.energy(v, *args)
+        return energy.sum(), energy
+
+    g, energy = torch.func.grad(total, has_aux=True)(vec)
+    return energy, g
+
+
+COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing and autograd, without code generation
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """torch.compile(fn) with dynamic shapes (atoms and edges vary per batch), made once per function."""
+    key = (fn, COMPILE_BACKEND)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND)
+    return _COMPILED[key]

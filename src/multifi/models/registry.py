@@ -9,7 +9,7 @@ from multifi.data.dataset import atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
 from multifi.models.head import EnergyHead
-from multifi.models.potential import Potential
+from multifi.models.potential import Potential, compile_requested
 from multifi.nn.fidelity import FidelityConditioning
 
 
@@ -39,7 +39,8 @@ def build_potential(model: dict, fidelities: list[str]) -> Potential:
     head = EnergyHead(rep.features, len(table), cond.readout_dim, heads=emb["inject"] == "heads",
                       hidden=model.get("readout_hidden"), shared_baseline=emb["inject"] == "single")
     spec = {"model": model, "fidelities": list(table.names)}
-    return Potential(rep, cond, head, table, model["cutoff"], spec)
+    return Potential(rep, cond, head, table, model["cutoff"], spec,
+                     compile=compile_requested(model.get("compile") or None))
 
 
 def save_potential(potential: Potential, path: str | Path) -> Path:

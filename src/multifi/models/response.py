@@ -1,32 +1,31 @@
-"""Forces and stress as derivatives of the energy, by autograd, in one place."""
+"""Forces and stress from the derivative of the energy with respect to the edge vectors.
+
+Every backbone sees positions only through the edge vectors r_ij = r_j − r_i + shift (Å), so
+g_ij = ∂E/∂r_ij (eV/Å) gives both: forces F_i = Σ_j g_ij − Σ_j g_ji, and under a homogeneous
+strain ε every edge vector (shifts included) becomes r_ij (1 + ε), so ∂E/∂ε = Σ r_ij ⊗ g_ij per
+structure: the virial, whose symmetric part over the volume is the stress.
+"""
 from __future__ import annotations
 
 import torch
 
+from multifi.nn import scatter_sum
+
 EV_PER_A3_TO_GPA = 160.21766208
 
 
-def strained(positions, cell, batch, n_graphs: int, need_stress: bool):
-    """Apply a symmetric zero strain ε [B,3,3] to positions and cells so that dE/dε gives the virial."""
-    if not need_stress:
-        return positions, cell, None
-    eps = torch.zeros(n_graphs, 3, 3, dtype=positions.dtype, device=positions.device, requires_grad=True)
-    sym = 0.5 * (eps + eps.transpose(1, 2))
-    positions = positions + torch.einsum("na,nab->nb", positions, sym[batch])
-    cell = cell + torch.bmm(cell, sym)
-    return positions, cell, eps
+def forces_from_edge_gradient(g: torch.Tensor, edge_index: torch.Tensor, n_atoms: int) -> torch.Tensor:
+    """g [E,3] = ∂E/∂r_ij → forces [N,3] = −∂E/∂r (eV/Å)."""
+    i, j = edge_index
+    return scatter_sum(g, i, n_atoms) - scatter_sum(g, j, n_atoms)
 
 
-def derivatives(energy, positions, eps, volume, create_graph: bool):
-    """forces [N,3] = −∂E/∂r (eV/Å); stress [B,3,3] = (1/V) ∂E/∂ε in GPa (ASE sign), or None."""
-    inputs = [positions] + ([eps] if eps is not None else [])
-    grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, allow_unused=True)
-    g_pos = grads[0] if grads[0] is not None else torch.zeros_like(positions)
-    forces = -g_pos
-    stress = None
-    if eps is not None:
-        g_eps = grads[1] if grads[1] is not None else torch.zeros_like(eps)
-        safe_v = torch.where(volume > 0, volume, torch.ones_like(volume))
-        stress = g_eps / safe_v.view(-1, 1, 1).to(g_eps.dtype) * EV_PER_A3_TO_GPA
-        stress = stress * (volume > 0).view(-1, 1, 1).to(stress.dtype)
-    return forces, stress
+def stress_from_edge_gradient(g: torch.Tensor, edge_vec: torch.Tensor, edge_graph: torch.Tensor,
+                              volume: torch.Tensor) -> torch.Tensor:
+    """g [E,3], edge_vec [E,3] Å, edge_graph [E] structure of each edge, volume [B] Å³ → stress [B,3,3]
+    in GPa, ASE sign convention (positive under tension); zero for structures without a cell."""
+    virial = scatter_sum(edge_vec.unsqueeze(-1) * g.unsqueeze(-2), edge_graph, volume.shape[0])  # [B,3,3] eV
+    virial = 0.5 * (virial + virial.transpose(1, 2))
+    periodic = volume > 0
+    safe_v = torch.where(periodic, volume, torch.ones_like(volume)).view(-1, 1, 1).to(g.dtype)
+    return virial / safe_v * EV_PER_A3_TO_GPA * periodic.view(-1, 1, 1).to(g.dtype)

@@ -1,0 +1,89 @@
+"""The compiled path (model.compile) computes what the eager path computes.
+
+With `compile`, Potential differentiates the energy by torch.func.grad inside one torch.compile'd
+function, so force training needs no double backward through compiled code. Checked here at three
+depths: the functional derivative without compilation (always), traced by dynamo + AOT autograd with
+the `aot_eager` backend (always; seconds), and with inductor's generated code (MULTIFI_TEST_COMPILE=1;
+minutes on a 2-core CPU). Each compares energies, forces, stress and the parameter gradients of a
+loss on all three (the double derivative training uses) with the eager model's.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import multifi.models.potential as potential_module
+from conftest import TINY_MODEL
+from multifi.data.batch import graph_from_atoms
+from multifi.models.registry import build_potential
+
+M3GNET = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": 4.0, "threebody_cutoff": 3.0,
+          "n_rbf": 6, "max_n": 2, "max_l": 3, "fidelity_embedding": {"dim": 4, "inject": "both"}}
+
+
+def _model(backbone: str, inject: str) -> dict:
+    cfg = copy.deepcopy(TINY_MODEL if backbone == "painn" else M3GNET)
+    cfg["fidelity_embedding"]["inject"] = inject
+    return cfg
+
+
+def _outputs_and_grads(pot, graph) -> dict[str, torch.Tensor]:
+    out = pot(graph, forces=True, stress=True, create_graph=True)
+    loss = (out["energy"] ** 2).sum() + (out["forces"] ** 2).sum() + (out["stress"] ** 2).sum()
+    params = [p for p in pot.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    res = {k: v.detach() for k, v in out.items()}
+    res.update({f"grad:{name}": torch.zeros_like(p) if g is None else g
+                for (name, p), g in zip(pot.named_parameters(), grads)})
+    return res
+
+
+def _compare(backbone, inject, molecules, periodic, dtype=torch.float64, atol=1e-9, rtol=1e-7):
+    torch.manual_seed(0)
+    eager = build_potential(_model(backbone, inject), ["lo", "hi"]).to(dtype)
+    assert not eager.compile
+    compiled = copy.deepcopy(eager)
+    compiled.compile = True
+    frames = molecules + [periodic]
+    g = graph_from_atoms(frames, eager.cutoff, fidelity=[0, 1, 1, 0], dtype=dtype)
+    want, got = _outputs_and_grads(eager, g), _outputs_and_grads(compiled, g)
+    assert want.keys() == got.keys()
+    assert want["forces"].abs().max() > 1e-3 and want["stress"][-1].abs().max() > 1e-4  # not trivially zero
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=atol, rtol=rtol, msg=key)
+    with torch.no_grad():  # inference (validation, calculator): no graph, same numbers
+        out = compiled(g, forces=True, stress=True)
+    assert not out["forces"].requires_grad
+    torch.testing.assert_close(out["forces"], want["forces"], atol=atol, rtol=rtol)
+    torch.testing.assert_close(compiled(g)["energy"], want["energy"], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backbone,inject", [("painn", "both"), ("m3gnet", "readout"), ("m3gnet", "heads")])
+def test_functional_derivatives_equal_eager_autograd(backbone, inject, molecules, periodic, monkeypatch):
+    monkeypatch.setattr(potential_module, "_compiled", lambda fn: fn)
+    _compare(backbone, inject, molecules, periodic)
+
+
+@pytest.mark.parametrize("backbone", ["painn", "m3gnet"])
+def test_traced_compile_equals_eager(backbone, molecules, periodic, monkeypatch):
+    monkeypatch.setattr(potential_module, "COMPILE_BACKEND", "aot_eager")
+    _compare(backbone, "both", molecules, periodic)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MULTIFI_TEST_COMPILE", "0") in ("", "0"),
+                    reason="inductor compilation takes minutes on a 2-core CPU; MULTIFI_TEST_COMPILE=1 runs it")
+@pytest.mark.parametrize("backbone", ["painn", "m3gnet"])
+def test_inductor_compile_equals_eager(backbone, molecules, periodic):
+    _compare(backbone, "readout", molecules, periodic, dtype=torch.float32, atol=2e-5, rtol=1e-4)
+
+
+def test_compile_switch(monkeypatch):
+    monkeypatch.delenv("MULTIFI_COMPILE", raising=False)
+    assert not build_potential(_model("painn", "both"), ["lo"]).compile
+    assert build_potential({**_model("painn", "both"), "compile": True}, ["lo"]).compile
+    monkeypatch.setenv("MULTIFI_COMPILE", "1")
+    assert build_potential(_model("painn", "both"), ["lo"]).compile
