@@ -85,7 +85,11 @@ class PotentialModule(L.LightningModule):
     # -------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         cfg = self.train_cfg
-        opt = torch.optim.AdamW(self.potential.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        params = list(self.potential.parameters())
+        # one fused kernel instead of a loop over parameter tensors (bench/optimizer_step.py: 10-14 ms → 0.8 ms
+        # per step for PaiNN on this CPU); CPU and CUDA support it
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
         warm = max(int(cfg["warmup_steps"]), 0)
         if cfg["schedule"] == "cosine":
             total = max(int(self.trainer.estimated_stepping_batches), 1)
