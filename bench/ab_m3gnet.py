@@ -97,6 +97,7 @@ def main() -> None:
             res[id(pot)] = step(pot, g)
             times.append(time.perf_counter() - t)
         diff = max(diff, float((res[id(pot_a)] - res[id(pot_b)]).abs().max()))
+    print(f"first three steps (B compiles here when --compile-b): A {sum(ta[:3]):.1f} s, B {sum(tb[:3]):.1f} s")
     ta, tb = ta[3:], tb[3:]
     ratios = [a / b for a, b in zip(ta, tb)]
     q = statistics.quantiles(ratios, n=4)
