@@ -48,6 +48,7 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from legacy import current
     from multifi.config import ModelConfig
     from multifi.data.batch import GraphCollator
     from multifi.data.neighbors import NeighborCache
@@ -68,9 +69,11 @@ def main() -> None:
     if args.base:
         pot_a.representation = module_at(args.base).M3GNet.from_config(cfg)
         pot_a.representation.load_state_dict(state)
+        pot_a.representation = current(pot_a.representation)
     if args.tree:
         pot_b.representation = module_at(args.tree).M3GNet.from_config(cfg)
         pot_b.representation.load_state_dict(state)
+        pot_b.representation = current(pot_b.representation)
     pot_b.compile = args.compile_b
     if args.mode == "md":
         for p in list(pot_a.parameters()) + list(pot_b.parameters()):

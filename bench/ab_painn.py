@@ -46,12 +46,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--mode", choices=["train", "forces", "infer", "calc"], default="train",
                     help="calc: one molecule per step, frozen parameters, forces by one backward (the ASE calculator)")
-    ap.add_argument("--compile-b", action="store_true", help="B uses PaiNN(compile=True) (torch.compile)")
+    ap.add_argument("--compile-b", action="store_true", help="B is the compiled potential (model.compile)")
     args = ap.parse_args()
     import copy
 
     import torch
 
+    from legacy import current
     from profile_painn import setup
 
     torch.set_num_threads(args.threads)
@@ -62,10 +63,12 @@ def main() -> None:
     rep = pot_b.representation
     pot_a.representation = base.PaiNN(rep.features, len(rep.messages), rep.cutoff, rep.rbf.freq.numel())
     pot_a.representation.load_state_dict(rep.state_dict())
+    pot_a.representation = current(pot_a.representation)
     if args.tree:
         pot_b.representation = module_at(args.tree).PaiNN(rep.features, len(rep.messages), rep.cutoff,
                                                           rep.rbf.freq.numel())
         pot_b.representation.load_state_dict(rep.state_dict())
+        pot_b.representation = current(pot_b.representation)
 
     if args.mode == "calc":
         pot_a.requires_grad_(False)
@@ -88,7 +91,7 @@ def main() -> None:
         return out["energy"].detach()
 
     if args.compile_b:
-        pot_b.representation.compile = True
+        pot_b.compile = True
         t = time.perf_counter()
         step(pot_b, collate(batches(1)[0]))
         step(pot_b, collate(batches(1)[0]))

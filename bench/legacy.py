@@ -1,0 +1,27 @@
+"""Representations from older revisions (loaded by the A/B scripts) under today's Potential.
+
+Since session 2 a representation has `geometry(edge_index, edge_vec)` (precomputed, non-differentiable
+bookkeeping such as M3GNet's triplet lists) and `forward(..., condition, geometry)`. Older revisions
+lack both; `current(rep)` wraps such a module so that Potential can call it (it then makes its own
+geometry inside forward, as it always did).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class LegacyRepresentation(torch.nn.Module):
+    def __init__(self, rep: torch.nn.Module):
+        super().__init__()
+        self.rep, self.features, self.cutoff = rep, rep.features, rep.cutoff
+
+    def geometry(self, edge_index, edge_vec):
+        return None
+
+    def forward(self, numbers, edge_index, edge_vec, condition=None, geometry=None):
+        return self.rep(numbers, edge_index, edge_vec, condition)
+
+
+def current(rep: torch.nn.Module) -> torch.nn.Module:
+    """rep itself when it has today's interface, else wrapped (weights must be loaded before)."""
+    return rep if hasattr(rep, "geometry") else LegacyRepresentation(rep)
