@@ -1,7 +1,8 @@
-"""PaiNN outputs pinned on a fixed input: performance work must not change results.
+"""Model outputs pinned on a fixed input: performance work must not change results.
 
 tests/data/painn_reference.json was written by tests/data/make_painn_reference.py from the original,
-unoptimised PaiNN (commit 7c91c1d). Energies and forces must agree to 1e-5 (eV, eV/Å) in float32 and
+unoptimised PaiNN (commit 7c91c1d); tests/data/m3gnet_reference.json by the same script
+(`--backbone m3gnet`) from M3GNet before session 2's changes (commit c272e06). Energies and forces must agree to 1e-5 (eV, eV/Å) in float32 and
 1e-9 in float64; stress and the parameter gradients of an energy+forces loss (double backward) are
 checked too, so fused or reordered kernels cannot silently change training.
 """
@@ -30,12 +31,19 @@ def reference() -> dict:
     return json.loads((DATA / "painn_reference.json").read_text())
 
 
+def load_reference(backbone: str) -> dict:
+    return json.loads((DATA / f"{backbone}_reference.json").read_text())
+
+
+@pytest.mark.parametrize("backbone", ["painn", "m3gnet"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_painn_outputs_match_reference(reference, dtype):
+def test_outputs_match_reference(backbone, dtype):
+    reference = load_reference(backbone)
+    assert reference["model"] == ref_script.MODELS[backbone]
     torch.manual_seed(0)
     frames = ref_script.frames_from_json(reference["input"])
     tdtype = getattr(torch, dtype)
-    got = ref_script.evaluate(ref_script.build(tdtype), frames, tdtype)
+    got = ref_script.evaluate(ref_script.build(tdtype, reference["model"]), frames, tdtype)
     want, tol = reference[dtype], TOL[dtype]
     for key in ("energy", "forces", "stress"):
         np.testing.assert_allclose(np.array(got[key]), np.array(want[key]), rtol=0, atol=tol[key], err_msg=key)

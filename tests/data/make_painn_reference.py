@@ -1,10 +1,13 @@
-"""Writes tests/data/painn_reference.json: PaiNN outputs on a fixed input with fixed weights.
+"""Writes tests/data/painn_reference.json (or m3gnet_reference.json): model outputs on a fixed input
+with fixed weights.
 
-    python tests/data/make_painn_reference.py          (run once, BEFORE performance changes; see
-                                                        tests/test_model_regression.py)
+    python tests/data/make_painn_reference.py [--backbone m3gnet]   (run once, BEFORE performance changes;
+                                                                     see tests/test_model_regression.py)
 
-The reference was recorded at commit 7c91c1d (unoptimised PaiNN), so every later optimisation of
-models/painn.py, nn/ or data/batch.py is checked against the original implementation.
+The PaiNN reference was recorded at commit 7c91c1d (unoptimised PaiNN), the M3GNet one at c272e06
+(before the edge-gradient forces, model.compile and the triplet split of session 2), each with this
+script and PYTHONPATH pointing at that revision's src/, so later optimisations are checked against
+the implementation before them.
 
 Input: three rattled molecules (QM9-like) and a sheared, rattled periodic NaCl cell, two fidelities,
 conditioning mode "both". Weights are set deterministically by parameter *name* (not by module
@@ -25,6 +28,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 MODEL = {"backbone": "painn", "features": 128, "interactions": 3, "cutoff": 5.0, "n_rbf": 20,
          "fidelity_embedding": {"dim": 16, "inject": "both"}}
+M3GNET = {"backbone": "m3gnet", "features": 64, "interactions": 3, "cutoff": 5.0, "threebody_cutoff": 4.0,
+          "n_rbf": 9, "max_n": 3, "max_l": 3, "fidelity_embedding": {"dim": 4, "inject": "both"}}
+MODELS = {"painn": MODEL, "m3gnet": M3GNET}
 FIDELITIES = ["lo", "hi"]
 
 
@@ -55,11 +61,11 @@ def frames_from_json(rows) -> list:
     return [Atoms(numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=r["pbc"]) for r in rows]
 
 
-def build(dtype=torch.float32):
+def build(dtype=torch.float32, model: dict = MODEL):
     """The potential with weights fixed by parameter name."""
     from multifi.models.registry import build_potential
 
-    pot = build_potential(MODEL, FIDELITIES)
+    pot = build_potential(model, FIDELITIES)
     with torch.no_grad():
         for name, p in sorted(pot.named_parameters()):
             rng = np.random.default_rng(zlib.crc32(name.encode()))
@@ -90,14 +96,16 @@ def evaluate(pot, frames, dtype) -> dict:
 
 
 def main() -> None:
+    backbone = sys.argv[sys.argv.index("--backbone") + 1] if "--backbone" in sys.argv else "painn"
+    model = MODELS[backbone]
     torch.set_num_threads(1)
     frames = make_input()
-    result = {"model": MODEL, "fidelities": FIDELITIES, "fidelity_of_structure": [0, 1, 1, 0],
+    result = {"model": model, "fidelities": FIDELITIES, "fidelity_of_structure": [0, 1, 1, 0],
               "input": frames_to_json(frames), "torch": torch.__version__}
     frames = frames_from_json(result["input"])
     for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):
-        result[name] = evaluate(build(dtype), frames, dtype)
-    out = HERE / "painn_reference.json"
+        result[name] = evaluate(build(dtype, model), frames, dtype)
+    out = HERE / f"{backbone}_reference.json"
     out.write_text(json.dumps(result, indent=0))
     print(f"wrote {out}", file=sys.stderr)
 
