@@ -127,7 +127,9 @@ def test_tiny_spec_artefacts_and_resume(shared, fake, tmp_path):
     plans = [p for pp in plan_parts(ctx).values() for p in pp.plans]
     assert n_runs == len(plans) == len(result_files(out))
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == SUMMARY_KEYS
+    assert set(summary) == SUMMARY_KEYS | {"data_efficiency_more"}
+    (more,) = summary["data_efficiency_more"]
+    assert more["best_variant"] == "heads" and more["reference"] == "single" and set(more) >= {"n10", "extrapolated"}
     assert set(summary["transfer"]) == {"8", "16"}
     assert set(summary["transfer"]["8"]["GFN2-xTB"]) == {"joint_mae_meV", "separate_mae_meV"}
     lc = summary["learning_curve"]
@@ -143,6 +145,7 @@ def test_tiny_spec_artefacts_and_resume(shared, fake, tmp_path):
         assert (out / f"{png}.png").stat().st_size > 1000
     readme = (out / "README.md").read_text()
     assert f"`multifi experiment run experiments/tiny.yaml --set output={out}`" in readme
+    assert "### Data-efficiency factor — heads against single (a second factor)" in readme
     assert "needs GFN2-xTB" in readme and "kcal/mol" in readme and "15 of 30" in readme and "PBE/3-21G" in readme
     details = json.loads((out / "details.json").read_text())
     assert details["ten_methods"]["coverage"]["HF/STO-3G"] == {"block": 30, "labelled": 15, "used": 12, "train": 10,
@@ -245,6 +248,8 @@ def test_real_training_finetune_and_delta(shared, tmp_path):
     ("learning_curve.variants.single.kindd=single", "unknown key 'learning_curve.variants.single.kindd'; did you mean 'kind'"),
     ("transfer.nss=[1]", "did you mean 'ns'"),
     ("learning_curve.efficiency.reference=singel", "did you mean 'single'"),
+    ("learning_curve.efficiency_more=[{at: [10], reference: singel}]", "did you mean 'single'"),
+    ("learning_curve.efficiency_more=[{at: [15]}]", "efficiency_more[0].at: [15] not among"),
     ("learning_curve.variants.bad={kind: joint}", "joint variant needs inject"),
     ("base.model.featurs=8", "unknown key 'model.featurs'; did you mean 'features'"),
     ("learning_curve.ns=[10, 50]", "n=50 is larger"),

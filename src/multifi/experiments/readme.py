@@ -46,6 +46,9 @@ def render(ctx, parts, details, figures, runs) -> str:
         lines += _transfer(details["transfer"], figures)
     if "learning_curve" in details:
         lines += _learning_curve(details["learning_curve"], details["data_efficiency"], figures)
+        units = details["learning_curve"].get("units", {"energy": ["energy MAE", "meV"]})
+        for eff in details.get("data_efficiency_more", []):
+            lines += _efficiency(eff, units[eff.get("metric", "energy")])
     if "ten_methods" in details:
         lines += _ten_methods(details["ten_methods"], figures)
     if "embedding_map" in details:
@@ -207,7 +210,8 @@ def _best_per_n(lcd: dict, ns: list[str], metric: str = "energy", unit=("energy 
 def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list[str]:
     at = [f"n{n}" for n in eff["at"]]
     which = f" ({unit[0]})" if metric else ""
-    out = [f"### Data-efficiency factor{which}", "",
+    heading = f"### Data-efficiency factor{which}" + (f" — {eff['label']}" if eff.get("label") else "")
+    out = [heading, "",
            f"How many times more {eff['reference']} training data reaches the {unit[0]} a multi-fidelity variant has "
            "at n (log-log interpolation of the reference learning curve; *extrapolated* when outside the measured n).",
            ""]

@@ -37,6 +37,9 @@ def write_report(ctx, parts: dict) -> dict:
     if "learning_curve" in parts:
         details["learning_curve"] = learning_curve_details(ctx, parts["learning_curve"], results)
         details["data_efficiency"] = efficiency_details(ctx, details["learning_curve"])
+        more = [efficiency_details(ctx, details["learning_curve"], e) for e in ctx.spec.learning_curve.efficiency_more]
+        if more:
+            details["data_efficiency_more"] = more
     if "ten_methods" in parts:
         details["ten_methods"] = ten_methods_details(parts["ten_methods"], results)
         if ctx.spec.embedding_map is not None:
@@ -145,15 +148,16 @@ def learning_curve_details(ctx, part, results) -> dict:
     return out
 
 
-def efficiency_details(ctx, lcd: dict) -> dict:
-    """Data-efficiency factors for the first metric (top level) and every metric (`by_metric`)."""
-    e = ctx.spec.learning_curve.efficiency
+def efficiency_details(ctx, lcd: dict, e=None) -> dict:
+    """Data-efficiency factors for the first metric (top level) and every metric (`by_metric`), of the
+    spec's main efficiency block or of `e` (one of efficiency_more)."""
+    e = e or ctx.spec.learning_curve.efficiency
     n_of = {float(f): int(n) for n, f in lcd.get("fractions", {}).items()}
     at = [n_of[float(x)] for x in e.at] if n_of else list(e.at)
     by_metric = {m: _efficiency_for(e, lcd, m, at) for m in lcd["metrics"]}
     primary = by_metric[lcd["metrics"][0]]
     return {**primary, "metric": lcd["metrics"][0], "by_metric": by_metric if len(by_metric) > 1 else {},
-            "claim": ctx.spec.learning_curve.claim}
+            "claim": ctx.spec.learning_curve.claim, "label": e.label}
 
 
 def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
@@ -272,6 +276,9 @@ def make_summary(details: dict) -> dict:
         if details["data_efficiency"].get("by_metric"):
             summary["data_efficiency_by_metric"] = {m: e["summary"] for m, e in
                                                    details["data_efficiency"]["by_metric"].items()}
+    if details.get("data_efficiency_more"):
+        summary["data_efficiency_more"] = [{**e["summary"], "label": e["label"], "reference": e["reference"]}
+                                           for e in details["data_efficiency_more"]]
     tm = details.get("ten_methods")
     if tm:
         summary["ten_methods"] = {m: {"joint_mae_meV": _mean(r["joint"]), "separate_mae_meV": _mean(r["separate"])}

@@ -117,6 +117,7 @@ class Efficiency(Section):
                                                                           "its `fractions`)")
     reference: str = "single"
     candidates: list[str] | None = Field(None, description="default: all joint variants")
+    label: str | None = Field(None, description="heading of a further factor (efficiency_more), e.g. the budget")
 
 
 class TransferPart(Section):
@@ -156,6 +157,8 @@ class LearningCurvePart(Section):
     config: ConfigPatch = Field(default_factory=ConfigPatch)
     seeds: Seeds | None = None
     efficiency: Efficiency = Field(default_factory=Efficiency)
+    efficiency_more: list[Efficiency] = Field(default_factory=list, description="further factors, e.g. between "
+                                              "ablation variants trained longer; reported after the main one")
     metrics: list[Metric] = Field(default_factory=lambda: ["energy"], min_length=1)
     cover_compositions: bool = False
     claim: str = Field("The paper's claim (b) is about 10×.", description="shown after the data-efficiency result")
@@ -182,12 +185,14 @@ class LearningCurvePart(Section):
             raise ValueError(f"metrics repeats an entry: {self.metrics}")
         sizes = self.sizes
         for where, values in [("efficiency.at", self.efficiency.at),
+                              *((f"efficiency_more[{k}].at", e.at) for k, e in enumerate(self.efficiency_more)),
                               *((f"variants.{n}.ns", v.ns) for n, v in self.variants.items() if v.ns)]:
             unknown = [x for x in values if x not in sizes]
             if unknown:
                 raise ValueError(f"{where}: {unknown} not among the part's {self.size_key} {sizes}")
         names = set(self.variants)
-        for name in [self.efficiency.reference, *(self.efficiency.candidates or [])]:
+        for name in [e_name for e in [self.efficiency, *self.efficiency_more]
+                     for e_name in [e.reference, *(e.candidates or [])]]:
             if name not in names:
                 close = difflib.get_close_matches(name, names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
