@@ -51,12 +51,12 @@ class Potential(nn.Module):
         """Atomic numbers that have a reference energy at some fidelity (the elements seen in training)."""
         return torch.nonzero(self.head.ref.abs().sum(1) > 0).flatten().tolist()
 
-    def energy(self, edge_vec: torch.Tensor, numbers: torch.Tensor, edge_index: torch.Tensor, geometry,
-               fid_atom: torch.Tensor, batch: torch.Tensor, n_graphs: int) -> torch.Tensor:
-        """Energies [B] (float64, eV) as a function of the edge vectors [E,3] (Å)."""
+    def atom_energies(self, edge_vec: torch.Tensor, numbers: torch.Tensor, edge_index: torch.Tensor, geometry,
+                      fid_atom: torch.Tensor) -> torch.Tensor:
+        """Atom energies [N] (float64, eV) as a function of the edge vectors [E,3] (Å). Structure sums are
+        taken outside (and outside compiled code: nothing compiled depends on the number of structures)."""
         s = self.representation(numbers, edge_index, edge_vec, self.conditioning.input_condition(fid_atom), geometry)
-        atom_energy = self.head(s, self.conditioning.readout_condition(fid_atom), numbers, fid_atom)
-        return scatter_sum(atom_energy, batch, n_graphs)
+        return self.head(s, self.conditioning.readout_condition(fid_atom), numbers, fid_atom)
 
     def forward(self, graph: Graph, forces: bool = False, stress: bool = False,
                 create_graph: bool = False) -> dict[str, torch.Tensor]:
@@ -67,19 +67,19 @@ class Potential(nn.Module):
         shift = torch.einsum("ea,eab->eb", graph.shifts, graph.cell[graph.batch[i]])
         edge_vec = graph.positions[j] - graph.positions[i] + shift
         geometry = self.representation.geometry(graph.edge_index, edge_vec.detach())
-        args = (graph.numbers, graph.edge_index, geometry, graph.fidelity[graph.batch], graph.batch, B)
+        args = (graph.numbers, graph.edge_index, geometry, graph.fidelity[graph.batch])
         if not need_grad:
-            energy = (_compiled(_energy) if self.compile else _energy)(self, edge_vec, *args)
-            return {"energy": energy}
+            atom_energy = (_compiled(_atom_energies) if self.compile else _atom_energies)(self, edge_vec, *args)
+            return {"energy": scatter_sum(atom_energy, graph.batch, B)}
         vec = edge_vec.detach()
         # eager autograd needs grad mode on; the compiled torch.func.grad differentiates in any mode, and
         # with grad mode off it builds no backward graph (validation, the ASE calculator)
         with torch.set_grad_enabled(create_graph or not self.compile):
             if self.compile:
-                energy, g = _compiled(_energy_and_grad_functional)(self, vec, *args)
+                atom_energy, g = _compiled(_energy_and_grad_functional)(self, vec, *args)
             else:
-                energy, g = _energy_and_grad(self, vec.requires_grad_(True), *args, create_graph=create_graph)
-            out = {"energy": energy}
+                atom_energy, g = _energy_and_grad(self, vec.requires_grad_(True), *args, create_graph=create_graph)
+            out = {"energy": scatter_sum(atom_energy, graph.batch, B)}
             if forces:
                 out["forces"] = forces_from_edge_gradient(g, graph.edge_index, graph.positions.shape[0])
             if stress:
@@ -93,25 +93,25 @@ class Potential(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- energy (+ gradient)
-def _energy(pot: Potential, edge_vec, *args) -> torch.Tensor:
-    return pot.energy(edge_vec, *args)
+def _atom_energies(pot: Potential, edge_vec, *args) -> torch.Tensor:
+    return pot.atom_energies(edge_vec, *args)
 
 
 def _energy_and_grad(pot: Potential, vec, *args, create_graph: bool):
-    """Eager: energies [B] and ∂(Σ E)/∂vec [E,3] by autograd (vec requires grad)."""
-    energy = pot.energy(vec, *args)
-    (g,) = torch.autograd.grad(energy.sum(), vec, create_graph=create_graph, allow_unused=True)
-    return energy, (torch.zeros_like(vec) if g is None else g)
+    """Eager: atom energies [N] and ∂(Σ E)/∂vec [E,3] by autograd (vec requires grad)."""
+    atom_energy = pot.atom_energies(vec, *args)
+    (g,) = torch.autograd.grad(atom_energy.sum(), vec, create_graph=create_graph, allow_unused=True)
+    return atom_energy, (torch.zeros_like(vec) if g is None else g)
 
 
 def _energy_and_grad_functional(pot: Potential, vec, *args):
     """The same by torch.func.grad, so that torch.compile traces the derivative into its graph."""
     def total(v):
-        energy = pot.energy(v, *args)
-        return energy.sum(), energy
+        atom_energy = pot.atom_energies(v, *args)
+        return atom_energy.sum(), atom_energy
 
-    g, energy = torch.func.grad(total, has_aux=True)(vec)
-    return energy, g
+    g, atom_energy = torch.func.grad(total, has_aux=True)(vec)
+    return atom_energy, g
 
 
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing and autograd, without code generation
