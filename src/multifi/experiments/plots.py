@@ -6,6 +6,9 @@ from pathlib import Path
 import numpy as np
 
 
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+
+
 def _plt():
     import matplotlib
 
@@ -35,14 +38,17 @@ def learning_curves(path: Path, panels: list[tuple[dict[str, dict], str]], title
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
     for ax, (curves, ylabel) in zip(axes[0], panels):
-        for name, by_n in curves.items():
+        many = len(curves) > 10  # tab10 would repeat colours: tab20 and varied markers keep curves apart
+        colours = plt.get_cmap("tab20" if many else "tab10")
+        for k, (name, by_n) in enumerate(curves.items()):
             ns = sorted(by_n, key=float)
             if not ns:
                 continue
             x = np.array([float(n) for n in ns])
             y = np.array([by_n[n]["mean"] for n in ns])
             err = np.array([by_n[n]["std"] or 0.0 for n in ns])
-            ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=name, ls="--" if name in dashed else "-")
+            ax.errorbar(x, y, yerr=err, marker=MARKERS[k % len(MARKERS)] if many else "o", ms=4, capsize=3,
+                        label=name, ls="--" if name in dashed else "-", color=colours(k % colours.N))
         ax.set_xscale("log")
         ax.set_yscale("log")
         all_ns = sorted({float(n) for c in curves.values() for n in c})
@@ -56,7 +62,10 @@ def learning_curves(path: Path, panels: list[tuple[dict[str, dict], str]], title
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if len(curves) > 10:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=8)
     if len(panels) == 1:
         axes[0][0].set_title(title, fontsize=10)
     else:
