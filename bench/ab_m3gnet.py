@@ -74,7 +74,7 @@ def main() -> None:
         pot_b.representation = module_at(args.tree).M3GNet.from_config(cfg)
         pot_b.representation.load_state_dict(state)
         pot_b.representation = current(pot_b.representation)
-    pot_b.compile = args.compile_b
+    pot_b.use_compile = args.compile_b
     if args.mode == "md":
         for p in list(pot_a.parameters()) + list(pot_b.parameters()):
             p.requires_grad_(False)

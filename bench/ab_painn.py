@@ -91,7 +91,7 @@ def main() -> None:
         return out["energy"].detach()
 
     if args.compile_b:
-        pot_b.compile = True
+        pot_b.use_compile = True
         t = time.perf_counter()
         step(pot_b, collate(batches(1)[0]))
         step(pot_b, collate(batches(1)[0]))

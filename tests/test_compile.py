@@ -44,9 +44,9 @@ def _outputs_and_grads(pot, graph) -> dict[str, torch.Tensor]:
 def _compare(backbone, inject, molecules, periodic, dtype=torch.float64, atol=1e-9, rtol=1e-7):
     torch.manual_seed(0)
     eager = build_potential(_model(backbone, inject), ["lo", "hi"]).to(dtype)
-    assert not eager.compile
+    assert not eager.use_compile
     compiled = copy.deepcopy(eager)
-    compiled.compile = True
+    compiled.use_compile = True
     frames = molecules + [periodic]
     g = graph_from_atoms(frames, eager.cutoff, fidelity=[0, 1, 1, 0][:len(frames)], dtype=dtype)
     want, got = _outputs_and_grads(eager, g), _outputs_and_grads(compiled, g)
@@ -69,8 +69,17 @@ def test_functional_derivatives_equal_eager_autograd(backbone, inject, molecules
 
 @pytest.mark.parametrize("backbone", ["painn", "m3gnet"])
 def test_traced_compile_equals_eager(backbone, molecules, periodic, monkeypatch):
-    monkeypatch.setattr(potential_module, "COMPILE_BACKEND", "aot_eager")
+    """Traced as one graph (fullgraph: a graph break would raise instead of silently running eager)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter, made = CompileCounterWithBackend("aot_eager"), {}
+
+    def compiled(fn):
+        return made.setdefault(fn, torch.compile(fn, dynamic=True, backend=counter, fullgraph=True))
+
+    monkeypatch.setattr(potential_module, "_compiled", compiled)
     _compare(backbone, "both", molecules, periodic)
+    assert counter.frame_count >= 2  # the training graph and the grad-free one (validation, calculator)
 
 
 @pytest.mark.slow
@@ -83,9 +92,16 @@ def test_inductor_compile_equals_eager(backbone, molecules, periodic):
     _compare(backbone, "readout", [], periodic, dtype=torch.float32, atol=2e-5, rtol=1e-4)
 
 
-def test_compile_switch(monkeypatch):
+def test_compile_switch(monkeypatch, tmp_path):
+    from multifi.calculator import Calculator
+    from multifi.models.registry import load_potential, save_potential
+
     monkeypatch.delenv("MULTIFI_COMPILE", raising=False)
-    assert not build_potential(_model("painn", "both"), ["lo"]).compile
-    assert build_potential({**_model("painn", "both"), "compile": True}, ["lo"]).compile
+    assert not build_potential(_model("painn", "both"), ["lo"]).use_compile
+    assert build_potential({**_model("painn", "both"), "compile": True}, ["lo"]).use_compile
     monkeypatch.setenv("MULTIFI_COMPILE", "1")
-    assert build_potential(_model("painn", "both"), ["lo"]).compile
+    assert build_potential(_model("painn", "both"), ["lo"]).use_compile
+    assert not build_potential({**_model("painn", "both"), "compile": False}, ["lo"]).use_compile  # explicit wins
+    path = save_potential(build_potential({**_model("painn", "both"), "compile": True}, ["lo"]), tmp_path / "m.pt")
+    assert load_potential(path).use_compile and not load_potential(path, compile=False).use_compile
+    assert not Calculator(path, fidelity="lo", compile=False).potential.use_compile

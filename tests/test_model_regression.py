@@ -74,7 +74,7 @@ def test_compiled_painn_matches_reference(reference):
 
     frames = ref_script.frames_from_json(reference["input"])
     pot = ref_script.build(torch.float32)
-    pot.compile = True
+    pot.use_compile = True
     g = graph_from_atoms(frames, pot.cutoff, fidelity=reference["fidelity_of_structure"], dtype=torch.float32)
     energy = pot(g)["energy"]
     np.testing.assert_allclose(energy.detach().double().numpy(), reference["float32"]["energy"], rtol=0, atol=1e-5)

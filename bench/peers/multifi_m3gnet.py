@@ -76,7 +76,7 @@ def task_train(args) -> dict:
     out["model_only_structures_per_s"] = C.BATCH / statistics.median(dts[5:])
 
     pot.eval()
-    if pot.compile:  # compile the inference graph outside the timed pass
+    if pot.use_compile:  # compile the inference graph outside the timed pass
         pot(batches[0], forces=True, stress=True)
     t0 = time.perf_counter()
     nc = NeighborCache(ds, M3GNET["cutoff"], progress=False)

@@ -17,15 +17,20 @@ class Calculator(AseCalculator):
     checkpoint: model.pt / training .ckpt path, or a Potential. The model is loaded once; set
     `calc.fidelity = "PBE"` to switch level of theory. Units: eV, eV/Å, stress eV/Å³ (ASE convention).
     dtype "float64" gives smoother energies for long NVE runs at about twice the cost.
+    compile: torch.compile the model (faster MD after minutes of compilation); None keeps the saved
+    model.compile setting (or MULTIFI_COMPILE=1 when it is unset).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, checkpoint, fidelity: str, device: str = "cpu", dtype: str = "float32", **kwargs):
+    def __init__(self, checkpoint, fidelity: str, device: str = "cpu", dtype: str = "float32",
+                 compile: bool | None = None, **kwargs):
         super().__init__(**kwargs)
         from multifi.models.registry import load_potential
 
         potential = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_potential(checkpoint)
+        if compile is not None:
+            potential.use_compile = compile
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
         self.device = torch.device(device)
         self.potential = potential.to(device=self.device, dtype=self.dtype).eval()

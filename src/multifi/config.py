@@ -83,8 +83,9 @@ class ModelConfig(Section):
         "per_fidelity", description="output scale of the energy head, fitted on the training labels: one per "
         "fidelity, or one for all (pooled per-atom residuals of the per-fidelity reference fits; steadier for a "
         "fidelity with few labels in a joint model)")
-    compile: bool = Field(False, description="torch.compile the energy and its derivatives (force training "
-                          "included): faster steps after minutes of compilation; MULTIFI_COMPILE=1 also turns it on")
+    compile: bool | None = Field(None, description="torch.compile the energy and its derivatives (force training "
+                                 "included): faster steps after minutes of compilation; unset: MULTIFI_COMPILE=1 "
+                                 "in the environment turns it on")
 
 
 class LossConfig(Section):

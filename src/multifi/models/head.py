@@ -34,7 +34,9 @@ class EnergyHead(nn.Module):
                 fid_atom: torch.Tensor) -> torch.Tensor:
         """s [N,F], cond [N,d] or None, numbers [N], fid_atom [N] → atom energies [N] float64 eV."""
         x = s if cond is None else torch.cat([s, cond], dim=-1)
-        if self.heads:  # every head on every atom (heads are small), then each atom's own: no data-dependent shapes
+        # every head on every atom (heads are small), then each atom's own: no data-dependent shapes; a head
+        # whose fidelity a batch lacks gets a zero gradient (not None), like the rows of an embedding table
+        if self.heads:
             y = torch.cat([mlp(x) for mlp in self.mlps], dim=-1).gather(1, fid_atom.unsqueeze(-1)).squeeze(-1)
         else:
             y = self.mlps[0](x).squeeze(-1)

@@ -44,7 +44,7 @@ class Potential(nn.Module):
         self.fidelities = fidelities
         self.cutoff = float(cutoff)
         self.spec = spec  # constructor arguments; saved with the weights and used to rebuild
-        self.compile = compile
+        self.use_compile = compile
 
     @property
     def elements(self) -> list[int]:
@@ -69,13 +69,13 @@ class Potential(nn.Module):
         geometry = self.representation.geometry(graph.edge_index, edge_vec.detach())
         args = (graph.numbers, graph.edge_index, geometry, graph.fidelity[graph.batch])
         if not need_grad:
-            atom_energy = (_compiled(_atom_energies) if self.compile else _atom_energies)(self, edge_vec, *args)
+            atom_energy = (_compiled(_atom_energies) if self.use_compile else _atom_energies)(self, edge_vec, *args)
             return {"energy": scatter_sum(atom_energy, graph.batch, B)}
         vec = edge_vec.detach()
         # eager autograd needs grad mode on; the compiled torch.func.grad differentiates in any mode, and
         # with grad mode off it builds no backward graph (validation, the ASE calculator)
-        with torch.set_grad_enabled(create_graph or not self.compile):
-            if self.compile:
+        with torch.set_grad_enabled(create_graph or not self.use_compile):
+            if self.use_compile:
                 atom_energy, g = _compiled(_energy_and_grad_functional)(self, vec, *args)
             else:
                 atom_energy, g = _energy_and_grad(self, vec.requires_grad_(True), *args, create_graph=create_graph)
@@ -118,9 +118,16 @@ COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing and auto
 _COMPILED: dict = {}
 
 
+RECOMPILE_LIMIT = 32  # grad mode, dtype, trainable vs frozen (EMA) weights and 0/1 sizes each add a graph
+
+
 def _compiled(fn):
-    """torch.compile(fn) with dynamic shapes (atoms and edges vary per batch), made once per function."""
+    """torch.compile(fn) with dynamic shapes (atoms and edges vary per batch), made once per function.
+    Raises dynamo's recompile limit (default 8), beyond which it would silently fall back to eager."""
     key = (fn, COMPILE_BACKEND)
     if key not in _COMPILED:
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         _COMPILED[key] = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND)
     return _COMPILED[key]

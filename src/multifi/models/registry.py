@@ -40,7 +40,7 @@ def build_potential(model: dict, fidelities: list[str]) -> Potential:
                       hidden=model.get("readout_hidden"), shared_baseline=emb["inject"] == "single")
     spec = {"model": model, "fidelities": list(table.names)}
     return Potential(rep, cond, head, table, model["cutoff"], spec,
-                     compile=compile_requested(model.get("compile") or None))
+                     compile=compile_requested(model.get("compile")))
 
 
 def save_potential(potential: Potential, path: str | Path) -> Path:
@@ -50,8 +50,9 @@ def save_potential(potential: Potential, path: str | Path) -> Path:
     return Path(path)
 
 
-def load_potential(path: str | Path, map_location="cpu") -> Potential:
-    """Rebuild a Potential from a saved potential (.pt) or a training checkpoint (.ckpt, EMA weights)."""
+def load_potential(path: str | Path, map_location="cpu", compile: bool | None = None) -> Potential:
+    """Rebuild a Potential from a saved potential (.pt) or a training checkpoint (.ckpt, EMA weights).
+    compile: override the saved model.compile (None: keep it, or MULTIFI_COMPILE when unset)."""
     path = Path(path)
     if not path.exists():
         raise MultifiError(f"{path}: no such checkpoint")
@@ -72,4 +73,6 @@ def load_potential(path: str | Path, map_location="cpu") -> Potential:
     if weights[name].dtype == torch.float64:  # trained in float64 (train.precision: 64): keep it
         potential.double()
     potential.load_state_dict(weights)
+    if compile is not None:
+        potential.use_compile = compile
     return potential.eval()
