@@ -199,6 +199,20 @@ def test_killed_run_resumes_or_restarts(shared, fake, tmp_path):
     assert fake == [] and (out / "runs/learning_curve/single/n20_s0.json").exists()
 
 
+def test_variant_seeds_override_the_part_seeds(shared, tmp_path):
+    """A variant's own seeds (e.g. more seeds for an ablation at large n) change only that variant's runs;
+    the other variants keep their runs and the seeds share one nested training order."""
+    def seeds_by_variant(*more):
+        plans = plan_parts(load_context(TINY, tiny(tmp_path / "out", *more)))["learning_curve"].plans
+        return {v: sorted((p.meta["n"], p.meta["seed"]) for p in plans if p.meta.get("variant") == v
+                          and "pretrain" not in p.id) for v in ("single", "joint_both")}
+    base = seeds_by_variant()
+    assert base["single"] == [(10, 0), (10, 1), (20, 0)]
+    more = seeds_by_variant("learning_curve.variants.single.seeds={count: 3, above_n: null}")
+    assert more["single"] == [(10, 0), (10, 1), (10, 2), (20, 0), (20, 1), (20, 2)]
+    assert more["joint_both"] == base["joint_both"]
+
+
 def test_only_pulls_in_pretraining_and_report_only_trains_nothing(shared, fake, tmp_path):
     out = tmp_path / "out"
     run_experiment(TINY, overrides=tiny(out), only=["learning_curve/finetune/n20"])

@@ -97,7 +97,8 @@ def plan_learning_curve(ctx) -> PartPlan:
     n_of = resolve_sizes(lc, len(high_pool))
     ns = [n_of[x] for x in lc.sizes]
     _need(len(high_pool), max(ns), f"learning_curve ({lc.high} training structures)")
-    all_seeds = sorted({s for n in ns for s in seeds.for_n(n)})
+    seeds_of = {name: v.seeds or seeds for name, v in lc.variants.items()}
+    all_seeds = sorted({s for n in ns for vs in [seeds, *seeds_of.values()] for s in vs.for_n(n)})
     orders = {s: _rng(ctx, part, 1, s).permutation(high_pool) for s in all_seeds}
     info: dict = {"ns": ns, "sizes": {str(x): n for x, n in n_of.items()}, "n_low": n_low,
                   "high_pool": int(len(high_pool)), "noun": ctx.catalog.noun}
@@ -118,7 +119,7 @@ def plan_learning_curve(ctx) -> PartPlan:
             if size not in n_of:
                 raise MultifiError(f"learning_curve.variants.{name}.ns: {size} is not one of learning_curve.{lc.size_key}")
             n = n_of[size]
-            for seed in seeds.for_n(n):
+            for seed in seeds_of[name].for_n(n):
                 high = {"train": np.sort(orders[seed][:n]), "val": val, "test": test}
                 if variant.kind == "finetune" and seed not in pretrained:
                     low = {"train": low_pool, "val": val}

@@ -90,6 +90,7 @@ class Variant(Section):
     pretrain: ConfigPatch = Field(default_factory=ConfigPatch)
     ns: list[Size] | None = Field(None, description="only these training-set sizes (e.g. for ablations); entries of "
                                                     "the part's `ns`, or of its `fractions` when it uses those")
+    seeds: Seeds | None = Field(None, description="seeds of this variant (default: the part's, else the spec's)")
 
     @model_validator(mode="after")
     def _check(self):
