@@ -14,24 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import time
-import types
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def module_at(rev: str) -> types.ModuleType:
-    if Path(rev).is_file():
-        src = Path(rev).read_text()
-    else:
-        src = subprocess.run(["git", "show", f"{rev}:src/multifi/models/m3gnet.py"], capture_output=True, text=True,
-                             cwd=ROOT, check=True).stdout
-    mod = types.ModuleType("m3gnet_variant")
-    exec(compile(src, f"m3gnet@{rev}", "exec"), mod.__dict__)
-    return mod
 
 
 def main() -> None:
@@ -48,7 +33,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from legacy import current
+    from legacy import current, module_at
     from multifi.config import ModelConfig
     from multifi.data.batch import GraphCollator
     from multifi.data.neighbors import NeighborCache
@@ -67,11 +52,11 @@ def main() -> None:
     pot_b = copy.deepcopy(pot_a)
     state = pot_a.representation.state_dict()
     if args.base:
-        pot_a.representation = module_at(args.base).M3GNet.from_config(cfg)
+        pot_a.representation = module_at(args.base, "m3gnet").M3GNet.from_config(cfg)
         pot_a.representation.load_state_dict(state)
         pot_a.representation = current(pot_a.representation)
     if args.tree:
-        pot_b.representation = module_at(args.tree).M3GNet.from_config(cfg)
+        pot_b.representation = module_at(args.tree, "m3gnet").M3GNet.from_config(cfg)
         pot_b.representation.load_state_dict(state)
         pot_b.representation = current(pot_b.representation)
     pot_b.use_compile = args.compile_b

@@ -15,27 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def module_at(rev: str) -> types.ModuleType:
-    """models/painn.py at a git revision, or a file path (a hand-made variant)."""
-    if Path(rev).is_file():
-        src = Path(rev).read_text()
-    else:
-        src = subprocess.run(["git", "show", f"{rev}:src/multifi/models/painn.py"], capture_output=True, text=True,
-                             cwd=ROOT, check=True).stdout
-    mod = types.ModuleType("painn_base")
-    exec(compile(src, f"painn@{rev}", "exec"), mod.__dict__)
-    return mod
 
 
 def main() -> None:
@@ -52,20 +37,20 @@ def main() -> None:
 
     import torch
 
-    from legacy import current
+    from legacy import current, module_at
     from profile_painn import setup
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     pot_b, collate, batches, loss_fn = setup(batch=1 if args.mode == "calc" else 32)
-    base = module_at(args.base)
+    base = module_at(args.base, "painn")
     pot_a = copy.deepcopy(pot_b)
     rep = pot_b.representation
     pot_a.representation = base.PaiNN(rep.features, len(rep.messages), rep.cutoff, rep.rbf.freq.numel())
     pot_a.representation.load_state_dict(rep.state_dict())
     pot_a.representation = current(pot_a.representation)
     if args.tree:
-        pot_b.representation = module_at(args.tree).PaiNN(rep.features, len(rep.messages), rep.cutoff,
+        pot_b.representation = module_at(args.tree, "painn").PaiNN(rep.features, len(rep.messages), rep.cutoff,
                                                           rep.rbf.freq.numel())
         pot_b.representation.load_state_dict(rep.state_dict())
         pot_b.representation = current(pot_b.representation)

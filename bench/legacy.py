@@ -1,4 +1,4 @@
-"""Representations from older revisions (loaded by the A/B scripts) under today's Potential.
+"""Model modules from older revisions or variant files, for the A/B scripts, under today's Potential.
 
 Since session 2 a representation has `geometry(edge_index, edge_vec)` (precomputed, non-differentiable
 bookkeeping such as M3GNet's triplet lists) and `forward(..., condition, geometry)`. Older revisions
@@ -7,7 +7,25 @@ geometry inside forward, as it always did).
 """
 from __future__ import annotations
 
+import subprocess
+import types
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_at(rev: str, name: str) -> types.ModuleType:
+    """src/multifi/models/<name>.py at a git revision, or a file path (a hand-made variant), as a module."""
+    if Path(rev).is_file():
+        src = Path(rev).read_text()
+    else:
+        src = subprocess.run(["git", "show", f"{rev}:src/multifi/models/{name}.py"], capture_output=True, text=True,
+                             cwd=ROOT, check=True).stdout
+    mod = types.ModuleType(f"{name}_variant")
+    exec(compile(src, f"{name}@{rev}", "exec"), mod.__dict__)
+    return mod
 
 
 class LegacyRepresentation(torch.nn.Module):
