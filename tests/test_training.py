@@ -245,3 +245,77 @@ def test_train_other_modes_and_float64(write_config, inject, precision):
     else:
         assert abs(lo - hi).max() > 1e-3
     check_metrics_json(run_dir / "metrics.json", {"lo": 8, "hi": 4})
+
+
+# ---------------------------------------------------------------------------------------------- convergence
+def _val_column(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    with open(run_dir / "metrics.csv") as f:
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+
+
+def test_early_stopping_on_one_fidelitys_validation_error(write_config):
+    """The monitored fidelity's validation MAE picks the best checkpoint; the run stops `early_stopping_steps`
+    after it (rounded up to whole validations) and records both steps."""
+    cfg = load_config(write_config(train={"epochs": 1000, "max_steps": 400, "batch_size": 8, "progress": False,
+                                          "threads": 1, "warmup_steps": 0, "lr": 0.01, "val_every_n_steps": 2,
+                                          "early_stopping_steps": 5, "monitor": "hi", "ema_decay": 0.0}), [])
+    assert cfg.train.patience_validations == 3
+    run_dir = train(cfg)
+    payload = json.loads((run_dir / "metrics.json").read_text())
+    column = _val_column(run_dir, "val/hi/energy_mae_meV")
+    best_step, best_value = min(column, key=lambda sv: (sv[1], sv[0]))
+    assert payload["monitor"] == "val/hi/energy_mae_meV"
+    assert payload["stopped_early"] and payload["steps"] < 400
+    assert payload["best_monitored"] == pytest.approx(best_value, rel=1e-5)
+    # the logged step of a validation is the step count after it (Lightning logs step - 1)
+    assert payload["best_step"] == ckpt(run_dir / "checkpoints/best.ckpt")["global_step"]
+    assert payload["steps"] - payload["best_step"] == 3 * 2
+    assert payload["val_fidelities"]["hi"]["energy_mae_meV"] == pytest.approx(best_value, rel=1e-4)
+
+
+def test_plateau_schedule_follows_the_monitored_error_and_resumes(write_config, tmp_path):
+    """lr halves after every validation without a new best of the monitored error, also across a resume
+    (the scheduler's best value travels in the checkpoint)."""
+    cfg = load_config(write_config(train={"epochs": 1000, "max_steps": 12, "batch_size": 8, "progress": False,
+                                          "threads": 1, "warmup_steps": 0, "lr": 0.01, "val_every_n_steps": 2,
+                                          "schedule": "plateau", "plateau_patience": 0, "plateau_factor": 0.5,
+                                          "min_lr_ratio": 1e-6, "monitor": "hi", "early_stopping_patience": None}), [])
+    run_dir = train(cfg)
+    cfg.train.max_steps = 24
+    train(cfg, resume=True)
+    state = ckpt(run_dir / "checkpoints/last.ckpt")
+    column = [v for _, v in _val_column(run_dir, "val/hi/energy_mae_meV")]
+    assert len(column) == 12
+    worse = sum(b >= min(column[:i + 1]) for i, b in enumerate(column[1:]))  # validations without a new best
+    lr = state["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert worse > 0 and lr == pytest.approx(0.01 * 0.5 ** worse, rel=1e-6)
+    assert state["plateau_scheduler"]["best"] == pytest.approx(min(column), rel=1e-5)
+
+
+@pytest.mark.parametrize("monitor, message", [("nope", "unknown fidelity 'nope'"),
+                                              ("lo", "has no validation structures")])
+def test_monitor_must_name_a_validated_fidelity(write_config, tmp_path, monitor, message):
+    import ase.io
+    from conftest import tiny_frames
+
+    frames = tiny_frames(20)
+    for i, a in enumerate(frames):
+        a.info["key"] = f"m{i}"
+    ase.io.write(tmp_path / "keyed.extxyz", frames)
+    lo_only = [f"m{i}" for i, a in enumerate(frames) if a.info["fidelity"] == "lo"][:4]
+    hi = [f"m{i}" for i, a in enumerate(frames) if a.info["fidelity"] == "hi"]
+    for name, keys in {"train": hi[:6] + lo_only, "val": hi[6:8], "test": hi[8:10]}.items():
+        (tmp_path / f"{name}.keys").write_text("\n".join(keys) + "\n")
+    files = {s: str(tmp_path / f"{s}.keys") for s in ("train", "val", "test")}
+    cfg = load_config(write_config(data={"sources": [{"path": str(tmp_path / "keyed.extxyz")}],
+                                         "split": {"files": files}},
+                                   train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1,
+                                          "monitor": monitor}), [])
+    with pytest.raises(MultifiError, match=message):
+        train(cfg)
+    assert not Path(cfg.output_dir).exists()
+
+
+def test_patience_in_steps_needs_step_validation(write_config):
+    with pytest.raises(MultifiError, match="early_stopping_steps"):
+        load_config(write_config(train={"early_stopping_steps": 10}), [])

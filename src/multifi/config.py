@@ -111,7 +111,15 @@ class TrainConfig(Section):
     min_lr_ratio: float = 0.01
     grad_clip: float | None = 10.0
     ema_decay: float = Field(0.99, ge=0, lt=1)
-    early_stopping_patience: int | None = 50
+    early_stopping_patience: int | None = Field(50, description="stop after this many validations without "
+                                                "improvement of the monitored error")
+    early_stopping_steps: int | None = Field(None, ge=1, description="patience in optimiser steps instead "
+                                             "(needs val_every_n_steps; rounded up to whole validations)")
+    monitor: str | None = Field(None, description="fidelity whose validation error (monitor_metric) picks the best "
+                                "checkpoint, stops early and drives the plateau schedule; unset: the validation loss "
+                                "over all fidelities")
+    monitor_metric: Literal["energy_mae_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A",
+                            "stress_mae_GPa"] = "energy_mae_meV"
     seed: int = 0
     num_workers: int = 0
     threads: int | None = None
@@ -128,6 +136,25 @@ class TrainConfig(Section):
     init_from: str | None = Field(None, description="start from the weights of this saved potential (.pt/.ckpt)")
     init_fidelities: dict[str, str] = Field(
         default_factory=dict, description="fidelity of this run → fidelity of init_from it starts from (default: same name)")
+
+    @model_validator(mode="after")
+    def _patience_in_steps_needs_step_validation(self):
+        if self.early_stopping_steps is not None and self.val_every_n_steps is None:
+            raise ValueError("early_stopping_steps counts optimiser steps between validations: set val_every_n_steps "
+                             "too (or give early_stopping_patience in validations)")
+        return self
+
+    @property
+    def monitor_key(self) -> str:
+        """The logged validation quantity that picks the best checkpoint, stops early and drives the plateau."""
+        return "val_loss" if self.monitor is None else f"val/{self.monitor}/{self.monitor_metric}"
+
+    @property
+    def patience_validations(self) -> int | None:
+        """Early-stopping patience in validations (from early_stopping_steps when that is set)."""
+        if self.early_stopping_steps is not None:
+            return -(-self.early_stopping_steps // self.val_every_n_steps)
+        return self.early_stopping_patience
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ import math
 import lightning as L
 import torch
 
+from multifi.config import TrainConfig
 from multifi.models.registry import build_potential
 from multifi.train.loss import MultiFidelityLoss
 from multifi.train.metrics import FidelityMetrics
@@ -104,10 +105,33 @@ class PotentialModule(L.LightningModule):
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if cfg["schedule"] == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            # stepped by hand after every validation (per epoch or every val_every_n_steps), on the monitored
+            # error; its state travels in the checkpoint (on_save_checkpoint / on_load_checkpoint)
+            self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, factor=cfg["plateau_factor"], patience=cfg["plateau_patience"], min_lr=cfg["lr"] * cfg["min_lr_ratio"])
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch"}}
+            if self._plateau_state is not None:
+                self._plateau.load_state_dict(self._plateau_state)
         return opt
+
+    _plateau = None
+    _plateau_state = None
+
+    def on_validation_end(self):
+        """Reduce the learning rate when the monitored validation error stopped improving (plateau schedule)."""
+        if self._plateau is None or self.trainer.sanity_checking:
+            return
+        value = self.trainer.callback_metrics.get(TrainConfig.model_validate(self.train_cfg).monitor_key)
+        if value is not None and math.isfinite(float(value)):
+            self._plateau.step(float(value))
+
+    def on_save_checkpoint(self, checkpoint):
+        if self._plateau is not None:
+            checkpoint["plateau_scheduler"] = self._plateau.state_dict()
+
+    def on_load_checkpoint(self, checkpoint):
+        self._plateau_state = checkpoint.get("plateau_scheduler")
+        if self._plateau is not None and self._plateau_state is not None:
+            self._plateau.load_state_dict(self._plateau_state)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         warm = int(self.train_cfg["warmup_steps"])

@@ -55,6 +55,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
     if leader and not resume:
         check_split_duplicates(prep.dataset, prep.split)
     _report_data(prep)
+    _check_monitor(cfg, prep)
 
     spec = {"model": cfg.model.model_dump(), "fidelities": list(prep.dataset.fidelities.names)}
     module = PotentialModule(spec, cfg.loss.model_dump(), cfg.train.model_dump())
@@ -90,7 +91,10 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
         potential = load_potential(best)
         save_potential(potential, run_dir / "model.pt")
         metrics = evaluate_pairs(potential, prep.dataset, data.neighbors, prep.pairs["test"], cfg.train.batch_size)
-        payload = {"fidelities": metrics, "checkpoint": str(best), "n_train": _counts(prep, "train")}
+        val = evaluate_pairs(potential, prep.dataset, data.neighbors, prep.pairs["val"], cfg.train.batch_size) \
+            if len(prep.pairs["val"]) else {}
+        payload = {"fidelities": metrics, "val_fidelities": val, "checkpoint": str(best),
+                   "n_train": _counts(prep, "train"), **_training_progress(trainer, best)}
         atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
     return run_dir
 
@@ -98,7 +102,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
 def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Trainer:
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
-    monitor = "val_loss" if has_val else "train_loss_epoch"
+    monitor = t.monitor_key if has_val else "train_loss_epoch"
     # best.ckpt follows the monitored loss; last.ckpt is rewritten every epoch (or every N steps) whatever
     # the loss did, so a killed run resumes from its latest state (Lightning's save_last only follows saves)
     every_n = t.checkpoint_every_n_steps
@@ -109,9 +113,9 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
                         every_n_train_steps=every_n or None, every_n_epochs=None if every_n else 1,
                         save_on_train_epoch_end=not every_n),
     ]
-    if t.early_stopping_patience and has_val:
+    if t.patience_validations and has_val:
         # checked after each validation (not at epoch end: a run may stop mid-epoch at max_steps, unvalidated)
-        callbacks.append(EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience, mode="min",
+        callbacks.append(EarlyStopping(monitor=monitor, patience=t.patience_validations, mode="min",
                                        check_on_train_epoch_end=False))
     # validate (and checkpoint the best model) every N steps across epochs, e.g. for step budgets
     every = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} \
@@ -124,6 +128,29 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         precision="64-true" if t.precision == "64" else "32-true", log_every_n_steps=10,
         num_sanity_val_steps=0, use_distributed_sampler=False, limit_val_batches=1.0 if has_val else 0,
     )
+
+
+def _training_progress(trainer, best: Path) -> dict:
+    """Steps run, the step of the best checkpoint, whether early stopping ended the run, the monitored value."""
+    best_step = int(torch.load(best, map_location="cpu", weights_only=False).get("global_step", -1))
+    stopper = next((cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)), None)
+    monitor = trainer.checkpoint_callback.monitor if trainer.checkpoint_callback else None
+    score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    return {"steps": int(trainer.global_step), "best_step": best_step,
+            "stopped_early": bool(stopper is not None and stopper.wait_count >= stopper.patience),
+            "monitor": monitor, "best_monitored": None if score is None else float(score)}
+
+
+def _check_monitor(cfg: RunConfig, prep) -> None:
+    """The monitored fidelity must exist and have validation labels; otherwise say so before training."""
+    name = cfg.train.monitor
+    if name is None:
+        return
+    names = list(prep.dataset.fidelities.names)
+    index = prep.dataset.fidelities.index(name, where="train.monitor")
+    if not (prep.pairs["val"][:, 1] == index).any():
+        raise MultifiError(f"train.monitor: fidelity {name!r} has no validation structures to monitor "
+                           f"(validation labels: {', '.join(n for i, n in enumerate(names) if (prep.pairs['val'][:, 1] == i).any()) or 'none'})")
 
 
 def _best_checkpoint(trainer, last: Path) -> Path:
