@@ -30,8 +30,11 @@ def delta_fidelity(high: str, low: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- plans
 def make_plan(ctx, run_id: str, part: str, sources: list[dict], splits: dict[str, np.ndarray], inject: str,
-              seed: int, patches: list[ConfigPatch], meta: dict, **extra) -> RunPlan:
+              seed: int, patches: list[ConfigPatch], meta: dict, monitor: str | None = None, **extra) -> RunPlan:
     """A plan training on `sources` ({"method", "indices"} or {"npz": path template}) with the given splits.
+
+    monitor: the run's target fidelity, whose validation error decides convergence (spec `convergence`);
+    None: the validation loss over all fidelities.
 
     indices and splits: structure ids of the catalog (QM9 indices, or positions in a SourceCatalog);
     the catalog decides how a run reads them (index files, or key files and a derived dataset).
@@ -45,6 +48,8 @@ def make_plan(ctx, run_id: str, part: str, sources: list[dict], splits: dict[str
     for p in [ctx.spec.base, *patches]:
         raw = deep_merge(raw, p.model_dump())
     raw["model"] = deep_merge(raw["model"], {"fidelity_embedding": {"inject": inject}})
+    if ctx.spec.convergence is not None:
+        raw["train"].update(ctx.spec.convergence.train_keys(monitor))
     raw["train"].update(seed=seed, threads=ctx.spec.threads, progress=False)
     raw["data"] = {"sources": data_sources, "cache": False,
                    "split": {"files": {s: "{inputs}/" + f"{s}.keys" for s in SPLITS}, "seed": seed}}
@@ -72,15 +77,17 @@ def single(ctx, run_id, part, method, sets, seed, patches, meta) -> RunPlan:
     """One model of one method on sets {"train", "val", "test"} of QM9 indices."""
     src = [{"method": method, "indices": np.concatenate([sets[s] for s in SPLITS])}]
     return make_plan(ctx, run_id, part, src, sets, "single", seed, patches,
-                     {**meta, "kind": "single", "inject": "single", "methods": [method]})
+                     {**meta, "kind": "single", "inject": "single", "methods": [method]}, monitor=method)
 
 
-def joint(ctx, run_id, part, method_sets: dict[str, dict], inject, seed, patches, meta, evaluate=None) -> RunPlan:
-    """One model on several methods; method_sets: method → {"train", "val", "test"} QM9 indices."""
+def joint(ctx, run_id, part, method_sets: dict[str, dict], inject, seed, patches, meta, evaluate=None,
+          monitor: str | None = None) -> RunPlan:
+    """One model on several methods; method_sets: method → {"train", "val", "test"} QM9 indices;
+    monitor: the target method whose validation error decides convergence (None: all methods' loss)."""
     src = [{"method": m, "indices": np.concatenate([s[k] for k in SPLITS])} for m, s in method_sets.items()]
     splits = {k: np.unique(np.concatenate([s[k] for s in method_sets.values()])) for k in SPLITS}
     return make_plan(ctx, run_id, part, src, splits, inject, seed, patches,
-                     {**meta, "kind": "joint", "inject": inject, "methods": list(method_sets)},
+                     {**meta, "kind": "joint", "inject": inject, "methods": list(method_sets)}, monitor=monitor,
                      **({"evaluate": evaluate} if evaluate else {}))
 
 
@@ -92,26 +99,35 @@ def delta(ctx, run_id, part, high, low, sets, seed, patches, meta) -> RunPlan:
     plan = make_plan(ctx, run_id, part, [{"npz": "{inputs}/delta.npz"}], sets, "single", seed, patches,
                      {**meta, "kind": "delta", "inject": "single", "methods": [high], "fidelity": name,
                       "needs_low_at_prediction": low},
-                     evaluate={"kind": "delta", "high": high, "low": low, "fidelity": name}, derived=derived)
+                     monitor=name, evaluate={"kind": "delta", "high": high, "low": low, "fidelity": name},
+                     derived=derived)
     plan.files["pool.idx"] = pool
     return plan
 
 
-def pretrain(ctx, run_id, part, low, sets, seed, patches, meta) -> RunPlan:
-    """Stage 1 of finetune: a single-fidelity model of the low fidelity (no test set of its own)."""
+def pretrain(ctx, run_id, part, low, sets, seed, patches, meta, inject: str = "single") -> RunPlan:
+    """Stage 1 of finetune (inject single) or pretrain_joint (the joint model's conditioning): a model of
+    the low fidelity alone (no test set of its own)."""
     sets = {"train": sets["train"], "val": sets["val"], "test": np.zeros(0, np.int64)}
-    return single(ctx, run_id, part, low, sets, seed, patches, {**meta, "role": "pretrain"})
+    if inject == "single":
+        return single(ctx, run_id, part, low, sets, seed, patches, {**meta, "role": "pretrain"})
+    return joint(ctx, run_id, part, {low: sets}, inject, seed, patches, {**meta, "role": "pretrain"}, monitor=low)
 
 
 def finetune(ctx, run_id, part, high, low, sets, seed, patches, meta, base: RunPlan) -> RunPlan:
     """Stage 2 of finetune: the high fidelity, starting from the weights of `base` (high ← low)."""
     plan = single(ctx, run_id, part, high, sets, seed, patches, meta)
-    plan.config["train"]["init_from"] = "{model:" + base.id + "}"
-    plan.config["train"]["init_fidelities"] = {high: low}
+    start_from(plan, base, {high: low})
     plan.meta.update(kind="finetune", pretrained_on=low)
+    return plan
+
+
+def start_from(plan: RunPlan, base: RunPlan, fidelity_map: dict[str, str]) -> None:
+    """Make `plan` start from the saved model of run `base`, fidelities mapped new ← old by name."""
+    plan.config["train"]["init_from"] = "{model:" + base.id + "}"
+    plan.config["train"]["init_fidelities"] = dict(fidelity_map)
     plan.needs = [base.id]
     plan.upstream = {base.id: base.signature()}
-    return plan
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -142,18 +158,26 @@ def evaluate(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:
     kind = plan.evaluate["kind"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     out: dict = {"n_train": metrics.get("n_train", {})}
+    val = {m: _errors(v) for m, v in metrics.get("val_fidelities", {}).items() if v.get("energy_mae_meV") is not None}
     if kind == "metrics":
         out["test"] = {m: _errors(v) for m, v in metrics["fidelities"].items() if v.get("energy_mae_meV") is not None}
     elif kind == "delta":
         out["test"] = {plan.evaluate["high"]: _delta_errors(plan, run_dir, inputs, catalog)}
         out["test_delta_labels"] = {k: _errors(v) for k, v in metrics["fidelities"].items()}
+        # the low-fidelity label is added back exactly, so the error of E_high equals that of the Δ label
+        val = {plan.evaluate["high"]: val[plan.evaluate["fidelity"]]} if plan.evaluate["fidelity"] in val else {}
     else:
         raise MultifiError(f"unknown evaluation kind {kind!r}")
+    if val:
+        out["val"] = val  # the best checkpoint's validation errors: what model choices are made on
+    out.update({k: metrics[k] for k in TRAINING_KEYS if k in metrics})
     if plan.evaluate.get("embedding"):
         out["embedding"] = embedding_vectors(run_dir / "model.pt")
     return out
 
 
+#: how the training went (metrics.json of the run directory), copied into a result
+TRAINING_KEYS = ("steps", "best_step", "stopped_early", "monitor", "best_monitored")
 #: metrics.json entry → a result's test entry (only those present: forces and stress need labels)
 OPTIONAL_ERRORS = {"mae_meV_per_atom": "energy_mae_meV_per_atom", "forces_mae_meV_per_A": "forces_mae_meV_per_A",
                    "stress_mae_GPa": "stress_mae_GPa"}

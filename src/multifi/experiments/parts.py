@@ -92,7 +92,8 @@ def plan_learning_curve(ctx) -> PartPlan:
         rest = np.concatenate([rest, _rng(ctx, part, 2).permutation(low_only)])
     n_low = len(rest) if lc.n_low is None else lc.n_low
     _need(lc.test + lc.val + len(rest), lc.test + lc.val + n_low, "learning_curve")
-    low_pool = np.sort(rest[:n_low])
+    low_order = rest[:n_low]
+    low_pool = np.sort(low_order)
     high_pool = low_pool[np.isin(low_pool, ctx.catalog.labelled(lc.high))]
     n_of = resolve_sizes(lc, len(high_pool))
     ns = [n_of[x] for x in lc.sizes]
@@ -121,13 +122,20 @@ def plan_learning_curve(ctx) -> PartPlan:
             n = n_of[size]
             for seed in seeds_of[name].for_n(n):
                 high = {"train": np.sort(orders[seed][:n]), "val": val, "test": test}
-                if variant.kind == "finetune" and seed not in pretrained:
+                run_low_pool = low_pool if variant.n_low is None else \
+                    np.union1d(high["train"], low_order[:variant.n_low])
+                if variant.pretrained and variant.n_low is not None:
+                    raise MultifiError(f"learning_curve.variants.{name}: n_low with pre-training is not supported "
+                                       "(the pre-trained model is shared across n)")
+                if variant.pretrained and seed not in pretrained:
                     low = {"train": low_pool, "val": val}
                     pretrained[seed] = baselines.pretrain(
                         ctx, f"{part}/{name}/pretrain_s{seed}", part, lc.low, low, seed, [lc.config, variant.pretrain],
-                        {"variant": name, "seed": seed, "n": n_low})
+                        {"variant": name, "seed": seed, "n": n_low},
+                        inject=variant.mode if variant.kind == "pretrain_joint" else "single")
                     plans.append(pretrained[seed])
-                plans.append(_variant_plan(ctx, name, variant, lc, high, low_pool, n, seed, pretrained.get(seed), n_low))
+                plans.append(_variant_plan(ctx, name, variant, lc, high, run_low_pool, n, seed, pretrained.get(seed),
+                                           len(run_low_pool)))
     return PartPlan(plans, record, info)
 
 
@@ -208,7 +216,12 @@ def _variant_plan(ctx, name, variant, lc, high, low_pool, n, seed, base, n_low) 
     if variant.kind == "finetune":
         return baselines.finetune(ctx, run_id, part, lc.high, lc.low, high, seed, patches, meta, base)
     low = {"train": low_pool, "val": np.zeros(0, np.int64), "test": np.zeros(0, np.int64)}
-    return baselines.joint(ctx, run_id, part, {lc.high: high, lc.low: low}, variant.mode, seed, patches, meta)
+    plan = baselines.joint(ctx, run_id, part, {lc.high: high, lc.low: low}, variant.mode, seed, patches, meta,
+                           monitor=lc.high)
+    if variant.kind == "pretrain_joint":
+        baselines.start_from(plan, base, {lc.high: lc.low})
+        plan.meta.update(kind="pretrain_joint", pretrained_on=lc.low)
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------- ten methods

@@ -20,6 +20,7 @@ import json
 import logging
 import shlex
 import shutil
+import threading
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -259,16 +260,62 @@ def run_one(ctx: Context, plan: RunPlan) -> dict:
             if not Path(fill(spec["path"], {"inputs": str(inputs)})).exists():
                 baselines.build_derived(spec, inputs, ctx.catalog)
         cfg = validate_config(fill(plan.config, _placeholders(ctx, plan, inputs, run_dir)), where=f"run {plan.id}")
-        t0, cpu0 = time.time(), time.process_time()
-        how = _train(cfg, run_dir)
-        seconds, cpu = time.time() - t0, time.process_time() - cpu0
+        with TrainingClock(work / "clock.json") as clock:
+            how = _train(cfg, run_dir)
         result = {"id": plan.id, "part": plan.part, "signature": signature, "meta": plan.meta,
                   **baselines.evaluate(plan, run_dir, inputs, ctx.catalog),
-                  "train_seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "how": how, **_progress_of(run_dir),
+                  "train_seconds": round(clock.wall, 1), "cpu_seconds": round(clock.cpu, 1), "starts": clock.starts,
+                  "how": how, **_progress_of(run_dir),
                   "run_dir": _relative(run_dir, ctx.paths.output), "command": ctx.command,
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write(result_path(ctx, plan.id), lambda f: f.write(json.dumps(result, indent=1).encode()))
         return result
+
+
+class TrainingClock:
+    """Wall and CPU seconds of one run summed over all its starts (a killed run resumes its clock).
+
+    The sums are saved to `path` every `every` seconds from a background thread and on exit, so a kill
+    loses at most that much; `starts` counts how often the run was (re)started.
+    """
+
+    def __init__(self, path: Path, every: float = 30.0):
+        self.path, self.every = path, every
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        self._wall0, self._cpu0 = float(saved.get("wall", 0.0)), float(saved.get("cpu", 0.0))
+        self.starts = int(saved.get("starts", 0)) + 1
+        self._stop = threading.Event()
+
+    @property
+    def wall(self) -> float:
+        return self._wall0 + time.time() - self._t
+
+    @property
+    def cpu(self) -> float:
+        return self._cpu0 + time.process_time() - self._c
+
+    def save(self) -> None:
+        state = {"wall": self.wall, "cpu": self.cpu, "starts": self.starts}
+        atomic_write(self.path, lambda f: f.write(json.dumps(state).encode()))
+
+    def __enter__(self):
+        self._t, self._c = time.time(), time.process_time()
+        self.save()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+        return self
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            self.save()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._wall0, self._cpu0 = self.wall, self.cpu  # freeze the totals
+        self._t, self._c = time.time(), time.process_time()
+        self.save()
+        return False
 
 
 def _train(cfg, run_dir: Path) -> str:
@@ -319,7 +366,7 @@ def _write_inputs(plan: RunPlan, inputs: Path) -> None:
 
 
 def _progress_of(run_dir: Path) -> dict:
-    """Epochs and optimiser steps done (from the last checkpoint), if there is one."""
+    """Epochs done (from the last checkpoint), if there is one (steps come from metrics.json)."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.exists():
         return {}
@@ -327,7 +374,7 @@ def _progress_of(run_dir: Path) -> dict:
 
     try:
         state = torch.load(last, map_location="cpu", weights_only=False)
-        return {"epochs": int(state.get("epoch", -1)) + 1, "steps": int(state.get("global_step", 0))}
+        return {"epochs": int(state.get("epoch", -1)) + 1}
     except Exception:  # noqa: BLE001 - progress is informative only
         return {}
 

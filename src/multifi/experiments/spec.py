@@ -81,9 +81,12 @@ class Variant(Section):
                     so it needs a low-fidelity calculation for every molecule it predicts
           finetune  pre-train on the low fidelity (`pretrain` patch), then train on the top fidelity
                     from those weights
+          pretrain_joint  pre-train a model conditioned as `inject` says on the low fidelity (`pretrain`
+                    patch), then train it jointly on both fidelities from those weights (the top
+                    fidelity's vector starts from the low fidelity's)
     """
 
-    kind: Literal["single", "joint", "delta", "finetune"]
+    kind: Literal["single", "joint", "delta", "finetune", "pretrain_joint"]
     inject: Inject | None = None
     label: str | None = None
     config: ConfigPatch = Field(default_factory=ConfigPatch)
@@ -91,20 +94,35 @@ class Variant(Section):
     ns: list[Size] | None = Field(None, description="only these training-set sizes (e.g. for ablations); entries of "
                                                     "the part's `ns`, or of its `fractions` when it uses those")
     seeds: Seeds | None = Field(None, description="seeds of this variant (default: the part's, else the spec's)")
+    n_low: int | None = Field(None, ge=1, description="low-fidelity labels only on the run's top-fidelity training "
+                              "structures plus the first n_low of the part's low-fidelity pool (an ablation of the "
+                              "low-fidelity data size with the same top-fidelity training sets)")
 
     @model_validator(mode="after")
     def _check(self):
-        if self.kind == "joint" and self.inject in (None, "single"):
-            raise ValueError("a joint variant needs inject: input, readout, both, onehot or heads")
-        if self.kind != "joint" and self.inject not in (None, "single"):
+        if self.n_low is not None and self.kind not in ("joint", "pretrain_joint", "finetune"):
+            raise ValueError(f"n_low applies to variants that train on the low fidelity, not {self.kind}")
+        if self.joint and self.inject in (None, "single"):
+            raise ValueError(f"a {self.kind} variant needs inject: input, readout, both, onehot or heads")
+        if not self.joint and self.inject not in (None, "single"):
             raise ValueError(f"a {self.kind} variant has one fidelity; inject must be single (or omitted)")
-        if self.kind != "finetune" and self.pretrain != ConfigPatch():
-            raise ValueError("'pretrain' applies to finetune variants only")
+        if not self.pretrained and self.pretrain != ConfigPatch():
+            raise ValueError("'pretrain' applies to finetune and pretrain_joint variants only")
         return self
 
     @property
     def mode(self) -> str:
         return self.inject or "single"
+
+    @property
+    def joint(self) -> bool:
+        """Both fidelities in one conditioned model."""
+        return self.kind in ("joint", "pretrain_joint")
+
+    @property
+    def pretrained(self) -> bool:
+        """Starts from a model pre-trained on the low fidelity."""
+        return self.kind in ("finetune", "pretrain_joint")
 
     @property
     def needs_low_at_prediction(self) -> bool:
@@ -229,6 +247,27 @@ class EmbeddingMapPart(Section):
     seed: int | None = Field(None, description="which seed's model (default: the first)")
 
 
+class Convergence(Section):
+    """Train every run until its target fidelity's validation error stops improving (the same rule for all).
+
+    Each run validates every `val_every_n_steps` optimiser steps, keeps the checkpoint with the lowest
+    validation error (`metric`) at its target fidelity (the top fidelity of a learning curve, the method
+    of a single-method model, the low fidelity of a pre-training; the validation loss over all methods
+    of a multi-method model), and stops `patience_steps` after the last improvement or at `max_steps`.
+    """
+
+    val_every_n_steps: int = Field(500, ge=1)
+    patience_steps: int = Field(10000, ge=1)
+    max_steps: int = Field(200000, ge=1, description="cap on optimiser steps per run")
+    metric: Literal["energy_mae_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A"] = "energy_mae_meV"
+
+    def train_keys(self, monitor: str | None) -> dict[str, Any]:
+        """RunConfig train keys implementing the rule for a run whose target fidelity is `monitor`."""
+        return {"epochs": 10**9, "max_steps": self.max_steps, "val_every_n_steps": self.val_every_n_steps,
+                "early_stopping_steps": self.patience_steps, "early_stopping_patience": None,
+                "monitor": monitor, "monitor_metric": self.metric}
+
+
 class DataSource(Section):
     """A file of structures and labels (a run config's data source): MatPES JSON/JSONL, ASE, multifi .npz.
 
@@ -260,6 +299,8 @@ class ExperimentSpec(Section):
     threads: int | None = Field(1, ge=1, description="torch threads per run")
     seeds: Seeds = Field(default_factory=Seeds)
     data: DataSection | None = Field(None, description="structure files (default: the shared QM9 label tables)")
+    convergence: Convergence | None = Field(None, description="train every run to convergence on its target "
+                                            "fidelity's validation error (overrides epochs/max_steps of the configs)")
     base: ConfigPatch = Field(default_factory=ConfigPatch)
     transfer: TransferPart | None = None
     learning_curve: LearningCurvePart | None = None
