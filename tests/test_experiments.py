@@ -97,7 +97,9 @@ def fake_train(calls: list):
         potential.head.set_baseline(*fit_baseline(prep.dataset, prep.pairs["train"]))
         save_potential(potential, run_dir / "model.pt")
         metrics = evaluate_pairs(potential, prep.dataset, None, prep.pairs["test"])
-        (run_dir / "metrics.json").write_text(json.dumps({"fidelities": metrics, "n_train": {}}))
+        val = evaluate_pairs(potential, prep.dataset, None, prep.pairs["val"]) if len(prep.pairs["val"]) else {}
+        (run_dir / "metrics.json").write_text(json.dumps({"fidelities": metrics, "val_fidelities": val,
+                                                          "n_train": {}, "steps": 7, "best_step": 5}))
         return run_dir
 
     return train
@@ -136,8 +138,17 @@ def test_tiny_spec_artefacts_and_resume(shared, fake, tmp_path):
     assert set(lc) == {"single", "joint_input", "joint_readout", "joint_both", "onehot", "heads", "delta", "finetune"}
     assert lc["single"]["10"]["seeds"] == 2 and lc["single"]["20"]["seeds"] == 1
     assert lc["single"]["20"]["mae_meV_std"] is None and lc["single"]["10"]["mae_meV_std"] >= 0
-    assert set(summary["data_efficiency"]) == {"n10", "n20", "best_variant", "extrapolated"}
-    assert summary["data_efficiency"]["best_variant"] in lc
+    eff = summary["data_efficiency"]
+    assert set(eff) >= {"n10", "n20", "best_variant", "extrapolated"}
+    assert eff["best_variant"] in lc and set(eff["extrapolated_at"]) == {"n10", "n20"}
+    # the best variant is chosen on validation errors, never on test errors
+    details = json.loads((out / "details.json").read_text())
+    lcd, de = details["learning_curve"]["variants"], details["data_efficiency"]
+    val_score = {v: np.mean([np.log(lcd[v]["val_curves"]["energy"][n]["mean"]) for n in ("10", "20")])
+                 for v in de["candidates"]}
+    assert eff["chosen_on"] == "validation" and eff["best_variant"] == min(val_score, key=val_score.get)
+    for k in ("n10", "n20"):
+        assert len(eff["seeds"][k]["values"]) == lc[eff["best_variant"]][k[1:]]["seeds"]
     # ten methods: every labelled block (HF/STO-3G half labelled), not the one without labels
     assert set(summary["ten_methods"]) == {"B3LYP/6-31G(2df,p)", "GFN2-xTB", "GFN1-xTB", "HF/STO-3G"}
     assert summary["ten_methods_ratio_mean"] > 0
@@ -322,3 +333,77 @@ def test_efficiency_without_a_decreasing_end_is_undefined_but_flagged():
     assert e.factor is None and e.extrapolated and "does not decrease" in e.note
     assert efficiency_factor([100], [10.0], 100, 5.0).factor is None
     assert math.isclose(efficiency_factor([100, 1000], [10.0, 10.0], 100, 10.0).factor, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- convergence
+CONVERGE = "convergence={val_every_n_steps: 2, patience_steps: 4, max_steps: 30}"
+
+
+def test_convergence_rule_monitors_each_runs_target_fidelity(shared, tmp_path):
+    """The same rule for every variant; each run watches its own target: the top fidelity (single, joint,
+    finetune, pretrain_joint), its Δ label (delta), the low fidelity (pre-training), all methods (transfer)."""
+    more = ["learning_curve.variants.pj={kind: pretrain_joint, inject: both}"]
+    parts = plan_parts(load_context(TINY, tiny(tmp_path / "out", CONVERGE, *more)))
+    high, low = "B3LYP/6-31G(2df,p)", "GFN2-xTB"
+    for plan in (p for pp in parts.values() for p in pp.plans):
+        t = plan.config["train"]
+        assert (t["max_steps"], t["val_every_n_steps"], t["early_stopping_steps"]) == (30, 2, 4), plan.id
+        want = {"pretrain": low, "delta": f"delta({high} - {low})"}
+        role = "pretrain" if "pretrain_s" in plan.id else plan.meta.get("kind")
+        if plan.part == "learning_curve":
+            assert t["monitor"] == want.get(role, high), plan.id
+        elif plan.meta.get("role") == "joint":
+            assert t["monitor"] is None, plan.id  # several targets: the validation loss over all of them
+        else:
+            assert t["monitor"] == plan.meta["methods"][0], plan.id
+    pj = [p for p in parts["learning_curve"].plans if "/pj/" in p.id]
+    assert pj[0].id.endswith("pretrain_s0") and pj[0].meta["kind"] == "joint"  # pre-trained with the embedding
+    assert pj[1].config["train"]["init_fidelities"] == {high: low} and pj[1].needs == [pj[0].id]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_killed_mid_run_continues_from_its_checkpoint(shared, tmp_path, monkeypatch):
+    """A run that dies mid-way continues from its last checkpoint on the next `experiment run`, with its
+    clock summed over both starts, and ends where an uninterrupted run ends."""
+    import lightning as L
+
+    only = ["learning_curve/single/n20_s0"]
+    args = [CONVERGE, "convergence.patience_steps=1000", "base.train.checkpoint_every_n_steps=2"]
+    run_experiment(TINY, overrides=tiny(tmp_path / "whole", *args), only=only)
+    whole = json.loads((tmp_path / "whole/runs/learning_curve/single/n20_s0.json").read_text())
+    assert whole["steps"] == 30 and whole["starts"] == 1 and not whole["stopped_early"]
+
+    class Bomb(L.Callback):
+        def on_train_batch_end(self, trainer, *a):
+            if trainer.global_step == 13:
+                raise _Crash("killed")
+
+    make = train_run.make_trainer
+    monkeypatch.setattr(train_run, "make_trainer", lambda *a, **k: _with_callback(make(*a, **k), Bomb()))
+    out = tmp_path / "cut"
+    with pytest.raises(MultifiError, match="1 run"):
+        run_experiment(TINY, overrides=tiny(out, *args), only=only)
+    run = out / "work/learning_curve/single/n20_s0/run"
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 12
+    monkeypatch.setattr(train_run, "make_trainer", make)
+    run_experiment(TINY, overrides=tiny(out, *args), only=only)
+    cut = json.loads((out / "runs/learning_curve/single/n20_s0.json").read_text())
+    assert cut["how"] == "resumed" and cut["starts"] == 2 and cut["steps"] == 30
+    assert cut["cpu_seconds"] > 0 and cut["train_seconds"] >= cut["cpu_seconds"] * 0.2
+    import csv
+
+    with open(run / "metrics.csv") as f:
+        val_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("val_loss")]
+    assert val_steps == sorted(set(val_steps)) and len(val_steps) == 15  # every 2 steps, none repeated
+    assert "resuming" in (out / "work/learning_curve/single/n20_s0/log.txt").read_text()
+    high = "B3LYP/6-31G(2df,p)"
+    assert cut["test"][high]["mae_meV"] == pytest.approx(whole["test"][high]["mae_meV"], rel=1e-5)
+    assert cut["best_step"] == whole["best_step"]
+
+
+def _with_callback(trainer, callback):
+    trainer.callbacks.append(callback)
+    return trainer

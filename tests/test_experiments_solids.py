@@ -122,7 +122,7 @@ def test_solids_spec_artefacts_metrics_and_resume(shared, fake, tmp_path):
     assert set(lc["single"]["4"]) == {"mae_meV_per_atom_mean", "mae_meV_per_atom_std", "forces_mae_meV_per_A_mean",
                                       "forces_mae_meV_per_A_std", "seeds"}
     assert lc["single"]["4"]["seeds"] == 1 and lc["single"]["4"]["forces_mae_meV_per_A_mean"] > 0
-    assert set(summary["data_efficiency"]) == {"n4", "n7", "best_variant", "extrapolated"}
+    assert set(summary["data_efficiency"]) >= {"n4", "n7", "best_variant", "extrapolated"}
     assert set(summary["data_efficiency_by_metric"]) == {"energy_per_atom", "forces"}
     result = json.loads((out / "runs/learning_curve/joint_readout/n7_s0.json").read_text())
     assert set(result["test"]) == {"R2SCAN"}  # tested at r2SCAN only

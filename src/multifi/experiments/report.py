@@ -86,18 +86,18 @@ def stats(values: list[float]) -> dict | None:
             "values": [float(x) for x in v]}
 
 
-def _mae(result: dict, method: str, field: str = "mae_meV") -> float | None:
-    m = result.get("test", {}).get(method)
+def _mae(result: dict, method: str, field: str = "mae_meV", split: str = "test") -> float | None:
+    m = result.get(split, {}).get(method)
     return None if m is None else m.get(field)
 
 
-def _collect(plans, results, key, method_of, field: str = "mae_meV") -> dict:
-    """{key(plan): [test error `field` of method_of(plan) over seeds]} for finished plans."""
+def _collect(plans, results, key, method_of, field: str = "mae_meV", split: str = "test") -> dict:
+    """{key(plan): [`split` error `field` of method_of(plan) over seeds]} for finished plans."""
     out: dict = {}
     for plan in plans:
         r = results.get(plan.id)
         for method in method_of(plan):
-            value = None if r is None else _mae(r, method, field)
+            value = None if r is None else _mae(r, method, field, split)
             if value is not None:
                 out.setdefault(key(plan, method), []).append(value)
     return out
@@ -125,18 +125,19 @@ def learning_curve_details(ctx, part, results) -> dict:
     ns = info.get("ns", lc.ns)
     n_of = {x: info["sizes"][str(x)] for x in lc.sizes} if "sizes" in info else {n: n for n in ns}
     plans = [p for p in part.plans if p.meta.get("role") != "pretrain"]
-    values = {m: _collect(plans, results, lambda p, _: (p.meta["variant"], p.meta["n"]), lambda p: [lc.high],
-                          METRICS[m][0]) for m in lc.metrics}
+    by_run = lambda p, _: (p.meta["variant"], p.meta["n"])  # noqa: E731
+    values = {m: _collect(plans, results, by_run, lambda p: [lc.high], METRICS[m][0]) for m in lc.metrics}
+    val_values = {m: _collect(plans, results, by_run, lambda p: [lc.high], METRICS[m][0], "val") for m in lc.metrics}
     variants = {}
     for name, v in lc.variants.items():
         v_ns = [n_of[x] for x in v.ns] if v.ns else ns
-        curves = {}
+        curves, val_curves = {}, {}
         for m in lc.metrics:
-            curve = {str(n): stats(values[m].get((name, n), [])) for n in v_ns}
-            curves[m] = {n: s for n, s in curve.items() if s is not None}
+            curves[m] = _curve(values[m], name, v_ns)
+            val_curves[m] = _curve(val_values[m], name, v_ns)
         variants[name] = {"kind": v.kind, "inject": v.mode, "label": v.label or "",
                           "needs_at_prediction": lc.low if v.needs_low_at_prediction else None,
-                          "curve": curves[lc.metrics[0]], "curves": curves}
+                          "curve": curves[lc.metrics[0]], "curves": curves, "val_curves": val_curves}
     out = {"high": lc.high, "low": lc.low, "n_low": info.get("n_low", lc.n_low), "ns": ns, "test": lc.test,
            "val": lc.val, "variants": variants, "metrics": list(lc.metrics),
            "units": {m: list(METRICS[m][1:]) for m in lc.metrics}, "noun": info.get("noun", "molecules")}
@@ -146,6 +147,12 @@ def learning_curve_details(ctx, part, results) -> dict:
     if "span" in info:
         out["composition_span"] = info["span"]
     return out
+
+
+def _curve(values: dict, name: str, ns: list[int]) -> dict:
+    """{str(n): stats over seeds} of one variant, for the sizes that have results."""
+    curve = {str(n): stats(values.get((name, n), [])) for n in ns}
+    return {n: s for n, s in curve.items() if s is not None}
 
 
 def efficiency_details(ctx, lcd: dict, e=None) -> dict:
@@ -161,24 +168,64 @@ def efficiency_details(ctx, lcd: dict, e=None) -> dict:
 
 
 def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
+    """Factors of every candidate at each n in `at`; the best candidate is chosen on validation errors
+    (lowest geometric-mean validation MAE over `at`; test errors only for results without validation
+    errors, and then said so). Per-seed factors give the spread; a factor whose error lies below the
+    reference's at its largest n is stored as the lower bound n_max / n (flag `bound`: "lower")."""
     variants = lcd["variants"]
-    candidates = e.candidates or [n for n, v in variants.items() if v["kind"] == "joint"]
+    candidates = e.candidates or [n for n, v in variants.items() if v["kind"] in ("joint", "pretrain_joint")]
     ref = variants[e.reference]["curves"][metric]
     ref_ns = [float(n) for n in ref]
     ref_maes = [s["mean"] for s in ref.values()]
-    by_variant, score = {}, {}
+    n_max = max(ref_ns, default=None)
+    by_variant, seeds, val_score, test_score = {}, {}, {}, {}
     for name in candidates:
         curve = variants[name]["curves"][metric]
+        val = variants[name].get("val_curves", {}).get(metric, {})
         by_variant[name] = {f"n{n}": efficiency_factor(ref_ns, ref_maes, n, curve[str(n)]["mean"]).as_dict()
                             for n in at if str(n) in curve}
+        seeds[name] = {f"n{n}": _factor_spread(ref_ns, ref_maes, n, curve[str(n)]["values"], n_max)
+                       for n in at if str(n) in curve}
         if len(by_variant[name]) == len(at):  # best = lowest geometric-mean error over the `at` sizes
-            score[name] = float(np.mean([np.log(curve[str(n)]["mean"]) for n in at]))
+            test_score[name] = float(np.mean([np.log(curve[str(n)]["mean"]) for n in at]))
+            if all(str(n) in val for n in at):
+                val_score[name] = float(np.mean([np.log(val[str(n)]["mean"]) for n in at]))
+    chosen_on = "validation" if val_score and len(val_score) == len(test_score) else "test"
+    score = val_score if chosen_on == "validation" else test_score
     best = min(score, key=score.get) if score else None
-    factors = {f"n{n}": (by_variant[best][f"n{n}"]["factor"] if best else None) for n in at}
-    extrapolated = any(by_variant[best][f"n{n}"]["extrapolated"] for n in at) if best else None
+    factors, bounds, flags = {}, {}, {}
+    for n in at:
+        k = f"n{n}"
+        eff = by_variant[best][k] if best else None
+        factors[k], bounds[k] = _bounded(eff, n_max)
+        flags[k] = None if eff is None else bool(eff["extrapolated"])
+    extrapolated = any(flags.values()) if best else None
     return {"reference": e.reference, "at": at, "candidates": candidates, "by_variant": by_variant,
-            "best_variant": best, "reference_ns": ref_ns,
-            "summary": {**factors, "best_variant": best, "extrapolated": extrapolated}}
+            "seeds": seeds, "best_variant": best, "chosen_on": chosen_on, "reference_ns": ref_ns,
+            "summary": {**factors, "best_variant": best, "extrapolated": extrapolated, "chosen_on": chosen_on,
+                        "extrapolated_at": flags, "bound": bounds,
+                        "seeds": {k: seeds[best].get(k) for k in factors} if best else {}}}
+
+
+def _bounded(eff: dict | None, n_max: float | None) -> tuple[float | None, str | None]:
+    """(factor, bound): beyond the largest measured reference n the factor is the lower bound n_max / n."""
+    if eff is None:
+        return None, None
+    beyond = eff["extrapolated"] and n_max and (eff["n_reference"] is None or eff["n_reference"] > n_max)
+    if beyond:
+        return n_max / eff["n"], "lower"
+    return eff["factor"], None
+
+
+def _factor_spread(ref_ns, ref_maes, n: int, values: list[float], n_max) -> dict:
+    """Factors of each seed's error (same reference curve): mean, sample std, min, max, and the values."""
+    f = [_bounded(efficiency_factor(ref_ns, ref_maes, n, v).as_dict(), n_max)[0] for v in values]
+    f = [x for x in f if x is not None]
+    if not f:
+        return {"values": []}
+    a = np.asarray(f, float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else None, "min": float(a.min()),
+            "max": float(a.max()), "values": [float(x) for x in a]}
 
 
 def ten_methods_details(part, results) -> dict:
