@@ -182,14 +182,30 @@ def test_runs_train_on_exactly_their_labels_and_test_structures_stay_out(shared,
 def test_real_training_on_structure_files(shared, tmp_path):
     """The real trainer (Lightning) through the runner: forces and stress, joint and single, two epochs."""
     out = tmp_path / "out"
-    run_experiment(SPEC, overrides=[f"output={out}"],
+    run_experiment(SPEC, overrides=[f"output={out}", "learning_curve.difference=true"],
                    only=["learning_curve/single/n4_s0", "learning_curve/joint_readout/n4_s0"])
     for rid in ("single/n4_s0", "joint_readout/n4_s0"):
         r = json.loads((out / f"runs/learning_curve/{rid}.json").read_text())
         assert r["how"] == "trained" and r["steps"] > 0
         assert np.isfinite(r["test"]["R2SCAN"]["forces_mae_meV_per_A"])
-    assert json.loads((out / "runs/learning_curve/joint_readout/n4_s0.json").read_text())["n_train"] == \
-        {"PBE": 34, "R2SCAN": 4}
+    joint = json.loads((out / "runs/learning_curve/joint_readout/n4_s0.json").read_text())
+    assert joint["n_train"] == {"PBE": 34, "R2SCAN": 4}
+    # the difference the second fidelity adds: label sizes from the files, the joint model's own errors
+    test = json.loads((out / "splits/learning_curve.json").read_text())["test"]
+    records = {f: {r["matpes_id"]: r for r in map(json.loads, gzip.open(shared / f"solids/{f}.jsonl.gz", "rt"))}
+               for f in ("PBE", "R2SCAN")}
+    ids = [k.split(":", 1)[1] for k in test]
+    diff = np.concatenate([np.subtract(records["R2SCAN"][i]["forces"], records["PBE"][i]["forces"]) for i in ids])
+    single = json.loads((out / "runs/learning_curve/single/n4_s0.json").read_text())
+    assert set(single["difference"]) == {"n", "label_energy_difference_std_meV_per_atom",
+                                         "label_forces_difference_mae_meV_per_A"}
+    d = joint["difference"]
+    assert d["n"] == len(test) and d["label_forces_difference_mae_meV_per_A"] == pytest.approx(
+        single["difference"]["label_forces_difference_mae_meV_per_A"])
+    assert d["label_forces_difference_mae_meV_per_A"] == pytest.approx(1000 * np.abs(diff).mean(), rel=1e-5)
+    assert 0 < d["energy_difference_mae_meV_per_atom"] and 0 < d["forces_difference_mae_meV_per_A"]
+    readme = (out / "README.md").read_text()
+    assert "What the second fidelity adds" in readme
 
 
 def test_shared_energy_scale_keeps_references_per_fidelity(shared):

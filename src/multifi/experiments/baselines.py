@@ -168,6 +168,9 @@ def evaluate(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:
         val = {plan.evaluate["high"]: val[plan.evaluate["fidelity"]]} if plan.evaluate["fidelity"] in val else {}
     else:
         raise MultifiError(f"unknown evaluation kind {kind!r}")
+    if plan.evaluate.get("difference"):
+        d = plan.evaluate["difference"]
+        out["difference"] = difference_errors(run_dir / "model.pt", catalog, plan.files["test.keys"], d["high"], d["low"])
     if val:
         out["val"] = val  # the best checkpoint's validation errors: what model choices are made on
     out.update({k: metrics[k] for k in TRAINING_KEYS if k in metrics})
@@ -208,6 +211,51 @@ def _delta_errors(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:
     err = (pred_delta + low) - high  # eV
     return {"n": int(len(err)), "mae_meV": float(1000 * np.abs(err).mean()),
             "rmse_meV": float(1000 * np.sqrt((err**2).mean())), "needs_at_prediction": ev["low"]}
+
+
+def difference_errors(model_path: Path, catalog, test_keys: list, high: str, low: str) -> dict:
+    """What a second fidelity adds: errors of the predicted high − low difference on the test structures
+    labelled at both (per-atom energy in meV/atom, forces in meV/Å), and the size of that difference in
+    the labels (the force error of taking the low fidelity's forces as the high fidelity's).
+
+    A model that knows only `high` gets the label sizes only (its difference is not defined)."""
+    import torch
+
+    from multifi.data.batch import GraphCollator
+    from multifi.data.neighbors import make_neighbors
+    from multifi.models.registry import load_potential
+
+    ds = catalog.dataset()
+    index_of = {str(k): i for i, k in enumerate(ds.keys.tolist())}
+    ids = np.array(sorted(index_of[str(k)] for k in test_keys if str(k) in index_of), dtype=np.int64)
+    ds = ds.subset(ids).select_fidelities([high, low], where="difference evaluation")
+    both = np.flatnonzero(~np.isnan(ds.energy).any(1) & (ds.forces_mask.all(1) if ds.forces_mask is not None else True))
+    ds = ds.subset(both)
+    n_atoms = ds.n_atoms.astype(np.float64)
+    e_label = (ds.energy[:, 0] - ds.energy[:, 1]) / n_atoms  # eV/atom
+    out: dict = {"n": int(len(ds)), "label_energy_difference_std_meV_per_atom": float(1000 * e_label.std())}
+    if ds.forces is not None:
+        f_label = ds.forces[:, 0] - ds.forces[:, 1]  # [N, 3] eV/Å
+        out["label_forces_difference_mae_meV_per_A"] = float(1000 * np.abs(f_label).mean())
+    potential = load_potential(model_path)
+    names = list(potential.fidelities.names)
+    if len(ds) == 0 or high not in names or low not in names:
+        return out
+    potential.eval()
+    collate = GraphCollator(ds, make_neighbors(ds, potential.cutoff, progress=False))
+    dtype = next(potential.parameters()).dtype
+    pred = {}
+    for k, name in enumerate((high, low)):
+        g = collate(np.stack([np.arange(len(ds)), np.full(len(ds), k)], 1)).to("cpu", dtype)
+        g.fidelity = torch.full_like(g.fidelity, names.index(name))
+        o = potential(g, forces=ds.forces is not None)
+        pred[name] = {key: o[key].detach().double().numpy() for key in ("energy", "forces") if key in o}
+    e_pred = (pred[high]["energy"] - pred[low]["energy"]) / n_atoms
+    out["energy_difference_mae_meV_per_atom"] = float(1000 * np.abs(e_pred - e_label).mean())
+    if ds.forces is not None:
+        f_pred = pred[high]["forces"] - pred[low]["forces"]
+        out["forces_difference_mae_meV_per_A"] = float(1000 * np.abs(f_pred - f_label).mean())
+    return out
 
 
 def embedding_vectors(model_path: Path) -> dict | None:

@@ -134,8 +134,11 @@ def plan_learning_curve(ctx) -> PartPlan:
                         {"variant": name, "seed": seed, "n": n_low},
                         inject=variant.mode if variant.kind == "pretrain_joint" else "single")
                     plans.append(pretrained[seed])
-                plans.append(_variant_plan(ctx, name, variant, lc, high, run_low_pool, n, seed, pretrained.get(seed),
-                                           len(run_low_pool)))
+                plan = _variant_plan(ctx, name, variant, lc, high, run_low_pool, n, seed, pretrained.get(seed),
+                                     len(run_low_pool))
+                if lc.difference and plan.evaluate["kind"] == "metrics":
+                    plan.evaluate = {**plan.evaluate, "difference": {"high": lc.high, "low": lc.low}}
+                plans.append(plan)
     return PartPlan(plans, record, info)
 
 

@@ -145,6 +145,7 @@ def _learning_curve(lcd: dict, eff: dict, figures: dict) -> list[str]:
         out += _best_per_n(lcd, ns, m, units[m], curves_of)
     if "learning_curve" in figures:
         out += ["", f"![learning curve]({figures['learning_curve']})"]
+    out += [""] + _difference(lcd)
     out += [""] + _efficiency(eff, units[metrics[0]], f"{metrics[0]}" if len(metrics) > 1 else "")
     for m, e in eff.get("by_metric", {}).items():
         if m != metrics[0]:
@@ -205,6 +206,27 @@ def _best_per_n(lcd: dict, ns: list[str], metric: str = "energy", unit=("energy 
             line += f"; better than {single[0]} ({at[single[0]]:.1f} {u}): {', '.join(beat) or 'none'}"
         out.append(line)
     return out
+
+
+def _difference(lcd: dict) -> list[str]:
+    """Table of the predicted high − low difference errors (what the second fidelity adds)."""
+    diff = lcd.get("difference")
+    if not diff or not diff["variants"]:
+        return []
+    labels = diff["labels"]
+    out = [f"### What the second fidelity adds: the {lcd['high']} − {lcd['low']} difference", "",
+           f"On the {labels.get('n', '?')} test structures labelled at both: the labels' difference has a per-atom "
+           f"energy spread (std) of {labels.get('label_energy_difference_std_meV_per_atom', float('nan')):.1f} meV/atom"
+           + (f" and a force MAE of {labels['label_forces_difference_mae_meV_per_A']:.1f} meV/Å (the error of taking "
+              f"{lcd['low']} forces as {lcd['high']} forces)" if "label_forces_difference_mae_meV_per_A" in labels else "")
+           + ". A joint model's error on the predicted difference (lower is better; it must be well below those "
+           "sizes for the second fidelity to carry information of its own):", ""]
+    rows = []
+    for name, by_n in diff["variants"].items():
+        for n, row in sorted(by_n.items(), key=lambda kv: float(kv[0])):
+            rows.append([name, n] + [fmt(row.get(k)) if row.get(k) else DASH for k in
+                                     ("energy_difference_mae_meV_per_atom", "forces_difference_mae_meV_per_A")])
+    return out + _table(["variant", "n", "energy difference MAE (meV/atom)", "force difference MAE (meV/Å)"], rows) + [""]
 
 
 def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list[str]:

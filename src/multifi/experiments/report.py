@@ -146,6 +146,30 @@ def learning_curve_details(ctx, part, results) -> dict:
         out["high_pool"] = info.get("high_pool")
     if "span" in info:
         out["composition_span"] = info["span"]
+    if lc.difference:
+        out["difference"] = difference_details(plans, results)
+    return out
+
+
+DIFFERENCE_KEYS = ("energy_difference_mae_meV_per_atom", "forces_difference_mae_meV_per_A")
+
+
+def difference_details(plans, results) -> dict:
+    """{variant: {n: {key: stats over seeds}}} of the predicted high − low difference errors, and the label
+    difference sizes (`labels`) on the test structures."""
+    out: dict = {"variants": {}, "labels": {}}
+    for plan in plans:
+        d = results.get(plan.id, {}).get("difference")
+        if not d:
+            continue
+        out["labels"] = {k: v for k, v in d.items() if k.startswith("label_") or k == "n"}
+        row = out["variants"].setdefault(plan.meta["variant"], {}).setdefault(str(plan.meta["n"]), {})
+        for key in DIFFERENCE_KEYS:
+            if d.get(key) is not None:
+                row.setdefault(key, []).append(d[key])
+    for rows in out["variants"].values():
+        for n, row in rows.items():
+            rows[n] = {k: stats(v) for k, v in row.items()}
     return out
 
 

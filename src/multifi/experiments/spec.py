@@ -180,6 +180,8 @@ class LearningCurvePart(Section):
                                               "ablation variants trained longer; reported after the main one")
     metrics: list[Metric] = Field(default_factory=lambda: ["energy"], min_length=1)
     cover_compositions: bool = False
+    difference: bool = Field(False, description="also evaluate the predicted high − low difference on the test "
+                             "structures (energy per atom, forces): what the second fidelity adds (needs `data`)")
     claim: str = Field("The paper's claim (b) is about 10×.", description="shown after the data-efficiency result")
 
     @model_validator(mode="before")
@@ -313,6 +315,8 @@ class ExperimentSpec(Section):
             raise ValueError("embedding_map maps the fidelity vectors of the ten_methods joint model; add ten_methods")
         if self.data is not None and self.ten_methods is not None:
             raise ValueError("ten_methods uses the QM9 blocks of the shared folder; it cannot be combined with 'data'")
+        if self.data is None and self.learning_curve is not None and self.learning_curve.difference:
+            raise ValueError("learning_curve.difference needs structure files with both fidelities (a 'data' section)")
         if self.data is not None and self.learning_curve is not None:
             delta = [n for n, v in self.learning_curve.variants.items() if v.kind == "delta"]
             if delta:
