@@ -407,3 +407,15 @@ def test_killed_mid_run_continues_from_its_checkpoint(shared, tmp_path, monkeypa
 def _with_callback(trainer, callback):
     trainer.callbacks.append(callback)
     return trainer
+
+
+def test_shipped_qm9_converged_spec_validates(tmp_path):
+    """The converged spec: the same rule for every variant, validation on the target fidelity."""
+    from multifi.experiments.spec import load_spec
+
+    s, _ = load_spec(ROOT / "experiments/qm9_converged.yaml", [f"output={tmp_path / 'out'}"])
+    assert s.convergence is not None and s.convergence.patience_steps < s.convergence.max_steps
+    assert s.base.model["features"] >= 64 and s.base.model["interactions"] >= 3
+    lc = s.learning_curve
+    assert lc.n_low is None and max(lc.ns) >= 16000
+    assert {v.kind for v in lc.variants.values()} >= {"single", "joint", "finetune", "delta", "pretrain_joint"}

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "solids_tiny.yaml"
 SMALL = ROOT / "experiments" / "solids_small.yaml"
 FULL = ROOT / "experiments" / "solids_full.yaml"
+CONVERGED = ROOT / "experiments" / "solids_converged.yaml"
 # element pairs of the synthetic prototypes (one element: a pure cell); 40 structures, 2 per prototype
 PROTOTYPES = [("Si", None), ("C", None), ("Si", "C"), ("Na", "Cl"), ("Mg", "O"), ("Li", "F"), ("Al", None),
               ("Al", "N"), ("Cu", None), ("Ga", "As"), ("B", "N"), ("Na", None), ("Li", None), ("Mg", None),
@@ -271,7 +272,7 @@ def test_spec_errors_are_one_line(shared, tmp_path, override, needle):
     assert needle in str(exc.value) and "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("spec", [SMALL, FULL])
+@pytest.mark.parametrize("spec", [SMALL, FULL, CONVERGED])
 def test_shipped_solids_specs_validate(spec, tmp_path):
     from multifi.experiments.spec import load_spec
 
