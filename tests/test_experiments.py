@@ -17,9 +17,9 @@ import torch
 import multifi.train.run as train_run
 from multifi.data.readers import qm9
 from multifi.errors import MultifiError
-from multifi.experiments import catalog as catalog_mod
-from multifi.experiments.efficiency import efficiency_factor, n_for_error
-from multifi.experiments.runner import load_context, plan_parts, run_experiment
+from multifi_experiments import catalog as catalog_mod
+from multifi_experiments.efficiency import efficiency_factor, n_for_error
+from multifi_experiments.runner import load_context, plan_parts, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -411,7 +411,7 @@ def _with_callback(trainer, callback):
 
 def test_shipped_qm9_converged_spec_validates(tmp_path):
     """The converged spec: the same rule for every variant, validation on the target fidelity."""
-    from multifi.experiments.spec import load_spec
+    from multifi_experiments.spec import load_spec
 
     s, _ = load_spec(ROOT / "experiments/qm9_converged.yaml", [f"output={tmp_path / 'out'}"])
     assert s.convergence is not None and s.convergence.patience_steps < s.convergence.max_steps

@@ -17,8 +17,8 @@ import pytest
 import multifi.train.run as train_run
 from multifi.data.dataset import FidelityDataset
 from multifi.errors import MultifiError
-from multifi.experiments.parts import composition_span, cover_first
-from multifi.experiments.runner import load_context, plan_parts, run_experiment
+from multifi_experiments.parts import composition_span, cover_first
+from multifi_experiments.runner import load_context, plan_parts, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "solids_tiny.yaml"
@@ -274,7 +274,7 @@ def test_spec_errors_are_one_line(shared, tmp_path, override, needle):
 
 @pytest.mark.parametrize("spec", [SMALL, FULL, CONVERGED])
 def test_shipped_solids_specs_validate(spec, tmp_path):
-    from multifi.experiments.spec import load_spec
+    from multifi_experiments.spec import load_spec
 
     s, _ = load_spec(spec, [f"output={tmp_path / 'out'}"])
     assert s.learning_curve.high == "R2SCAN" and s.learning_curve.low == "PBE"

@@ -8,7 +8,10 @@ import sys
 
 from multifi.errors import MultifiError
 
-COMMANDS = ("train", "evaluate", "predict", "data", "experiment")
+COMMANDS = ("train", "evaluate", "predict", "data")
+#: entry-point group through which installed packages add subcommands (e.g. `multifi experiment` from
+#: multifi_experiments): each entry point is a `register(subparsers)` function
+PLUGIN_GROUP = "multifi.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,9 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
     import importlib
+    from importlib.metadata import entry_points
 
     for name in COMMANDS:
         importlib.import_module(f"multifi.cli.{name}_cmd").register(sub)
+    for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        plugin.load()(sub)
     return parser
 
 

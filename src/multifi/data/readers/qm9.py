@@ -26,11 +26,11 @@ import numpy as np
 from multifi.data.dataset import FidelityDataset, atomic_write, ranges
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
+from multifi.units import HARTREE_EV
 
 log = logging.getLogger(__name__)
 
 QM9_FIDELITY = "B3LYP/6-31G(2df,p)"
-HARTREE_EV = 27.211386245988
 QM9_PARTS = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
 LABEL_HEADER = "index,energy_eV"
 _CACHE_FORMAT = 1  # bump when the cached arrays change meaning

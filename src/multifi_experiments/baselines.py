@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from multifi.config import validate_config
-from multifi.experiments.plan import RunPlan, deep_merge, fill
-from multifi.experiments.spec import ConfigPatch
+from multifi_experiments.plan import RunPlan, deep_merge, fill
+from multifi_experiments.spec import ConfigPatch
 from multifi.errors import MultifiError
 
 SPLITS = ("train", "val", "test")

@@ -23,8 +23,7 @@ import shutil
 import threading
 import time
 import warnings
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -32,21 +31,14 @@ import multifi.train.run as train_run
 from multifi.config import validate_config
 from multifi.data.dataset import atomic_write
 from multifi.errors import MultifiError
-from multifi.experiments import baselines
-from multifi.experiments.catalog import LabelCatalog, SourceCatalog, make_catalog
-from multifi.experiments.parts import PLANNERS, PartPlan
-from multifi.experiments.plan import RunPlan, fill
-from multifi.experiments.spec import PARTS, ExperimentSpec, Paths, load_spec
+from multifi_experiments import baselines, report
+from multifi_experiments.catalog import make_catalog
+from multifi_experiments.context import Context, result_path, work_dir
+from multifi_experiments.parts import PLANNERS, PartPlan
+from multifi_experiments.plan import RunPlan, fill
+from multifi_experiments.spec import PARTS, load_spec
 
 log = logging.getLogger("multifi.experiments")
-
-
-@dataclass
-class Context:
-    spec: ExperimentSpec
-    paths: Paths
-    catalog: LabelCatalog | SourceCatalog
-    command: str
 
 
 class RunBusy(Exception):
@@ -56,8 +48,6 @@ class RunBusy(Exception):
 # ---------------------------------------------------------------------------------------------- entry point
 def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), report_only: bool = False) -> Path:
     """Run (resumably) the runs of a spec selected by `only`, then write summary, plots and README."""
-    from multifi.experiments import report
-
     ctx = load_context(spec_path, overrides, only, report_only)
     parts = plan_parts(ctx)
     plans = [p for pp in parts.values() for p in pp.plans]
@@ -128,14 +118,6 @@ def select(plans: list[RunPlan], only: list[str]) -> list[RunPlan]:
 
 
 # ---------------------------------------------------------------------------------------------- execution
-def result_path(ctx: Context, run_id: str) -> Path:
-    return ctx.paths.output / "runs" / f"{run_id}.json"
-
-
-def work_dir(ctx: Context, run_id: str) -> Path:
-    return ctx.paths.work / run_id
-
-
 def is_done(ctx: Context, plan: RunPlan) -> bool:
     path = result_path(ctx, plan.id)
     if not path.exists():
@@ -149,7 +131,6 @@ def is_done(ctx: Context, plan: RunPlan) -> bool:
 def execute(ctx: Context, plans: list[RunPlan]) -> list[str]:
     """Train and evaluate every plan not yet done; returns the ids of failed runs."""
     _ignore_work_dir(ctx)
-    by_id = {p.id: p for p in plans}
     done = {p.id for p in plans if is_done(ctx, p)}
     needed = {d for p in plans if p.id not in done for d in p.needs}
     # a finished run must run again when a pending run starts from its model and that file is gone
@@ -157,50 +138,36 @@ def execute(ctx: Context, plans: list[RunPlan]) -> list[str]:
     todo = [p for p in plans if p.id not in done or p.id in redo]
     log.info("%s: %d runs, %d finished, %d to do (parallel %d)", ctx.spec.name, len(plans),
              len(plans) - len(todo), len(todo), ctx.spec.parallel)
-    if ctx.spec.parallel == 1 or len(todo) <= 1:
-        return _execute_serial(ctx, todo, by_id)
-    return _execute_parallel(ctx, todo, by_id)
+    return _execute(ctx, todo)
 
 
-def _execute_serial(ctx, todo, by_id) -> list[str]:
-    failed: list[str] = []
-    busy: set[str] = set()
-    clock = _Progress(len(todo), 1)
-    for plan in todo:
-        if _blocked(plan, failed, busy):
-            continue
+class _InProcess(Executor):
+    """Runs each submitted call at once in this process (parallel: 1, and what tests can monkeypatch)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: Future = Future()
         try:
-            clock.report(plan, run_one(ctx, plan))
-        except RunBusy:
-            log.warning("%s: being trained by another runner; skipped", plan.id)
-            busy.add(plan.id)
-        except Exception as exc:  # noqa: BLE001 - one failed run must not stop the others
-            log.error("%s: failed (%s: %s)", plan.id, type(exc).__name__, exc)
-            failed.append(plan.id)
-    return failed
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(exc)
+        return future
 
 
-def _blocked(plan: RunPlan, failed: list[str], busy: set[str]) -> bool:
-    """Whether a run cannot start because a run it starts from failed (→ failed too) or is held elsewhere."""
-    if any(d in failed for d in plan.needs):
-        log.error("%s: skipped (a run it starts from failed)", plan.id)
-        failed.append(plan.id)
-        return True
-    if any(d in busy for d in plan.needs):
-        log.warning("%s: skipped (a run it starts from is being trained by another runner)", plan.id)
-        busy.add(plan.id)
-        return True
-    return False
+def _executor(parallel: int, runs: int) -> Executor:
+    if parallel == 1 or runs <= 1:
+        return _InProcess()
+    return ProcessPoolExecutor(parallel, mp_context=get_context("spawn"))
 
 
-def _execute_parallel(ctx, todo, by_id) -> list[str]:
+def _execute(ctx: Context, todo: list[RunPlan]) -> list[str]:
+    """Run `todo` with up to spec.parallel runs at a time; a run starts once the runs it needs are done."""
     failed: list[str] = []
     busy: set[str] = set()
     pending = list(todo)
     waiting_for = {p.id for p in todo}
     clock = _Progress(len(todo), ctx.spec.parallel)
     running: dict = {}
-    with ProcessPoolExecutor(ctx.spec.parallel, mp_context=get_context("spawn")) as pool:
+    with _executor(ctx.spec.parallel, len(todo)) as pool:
         while pending or running:
             for plan in list(pending):
                 if len(running) >= ctx.spec.parallel:
@@ -221,10 +188,23 @@ def _execute_parallel(ctx, todo, by_id) -> list[str]:
                 except RunBusy:
                     log.warning("%s: being trained by another runner; skipped", plan.id)
                     busy.add(plan.id)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - one failed run must not stop the others
                     log.error("%s: failed (%s: %s)", plan.id, type(exc).__name__, exc)
                     failed.append(plan.id)
     return failed
+
+
+def _blocked(plan: RunPlan, failed: list[str], busy: set[str]) -> bool:
+    """Whether a run cannot start because a run it starts from failed (→ failed too) or is held elsewhere."""
+    if any(d in failed for d in plan.needs):
+        log.error("%s: skipped (a run it starts from failed)", plan.id)
+        failed.append(plan.id)
+        return True
+    if any(d in busy for d in plan.needs):
+        log.warning("%s: skipped (a run it starts from is being trained by another runner)", plan.id)
+        busy.add(plan.id)
+        return True
+    return False
 
 
 class _Progress:

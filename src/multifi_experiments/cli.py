@@ -1,4 +1,5 @@
-"""multifi experiment run SPEC.yaml [--only NAME] [--report-only]"""
+"""`multifi experiment run SPEC.yaml [--only NAME] [--report-only]`: registered into the multifi CLI through
+the `multifi.commands` entry point (pyproject.toml), so the library never imports this package."""
 from __future__ import annotations
 
 
@@ -14,7 +15,7 @@ def register(sub):
 
 
 def run(args) -> int:
-    from multifi.experiments.runner import run_experiment
+    from multifi_experiments.runner import run_experiment
 
     run_experiment(args.spec, overrides=args.overrides, only=args.only, report_only=args.report_only)
     return 0

@@ -129,7 +129,7 @@ class SourceCatalog:
     noun = "structures"
 
     def __init__(self, data, shared: Path, root: Path, work: Path):
-        from multifi.experiments.plan import fill
+        from multifi_experiments.plan import fill
 
         self.sources = []
         for s in data.sources:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from multifi.errors import MultifiError
-from multifi.experiments import baselines
-from multifi.experiments.catalog import read_blocks
-from multifi.experiments.plan import RunPlan, slug
+from multifi_experiments import baselines
+from multifi_experiments.catalog import read_blocks
+from multifi_experiments.plan import RunPlan, slug
 
 SALT = {"transfer": 1, "learning_curve": 2, "ten_methods": 3}
 

@@ -14,21 +14,21 @@ everything else (per-seed values, kcal/mol, extrapolation notes, block coverage,
 from __future__ import annotations
 
 import json
-import platform
-import time
 from pathlib import Path
 
 import numpy as np
 
 from multifi.data.dataset import atomic_write
-from multifi.experiments import plots
-from multifi.experiments.efficiency import efficiency_factor
-from multifi.experiments.spec import METRICS
+from multifi.units import MEV_PER_KCAL_MOL
+from multifi_experiments import plots
+from multifi_experiments.context import Context, result_path
+from multifi_experiments.readme import render
+from multifi_experiments.efficiency import efficiency_factor
+from multifi_experiments.spec import METRICS
 
-MEV_PER_KCAL_MOL = 43.364104  # 1 kcal/mol in meV
 
 
-def write_report(ctx, parts: dict) -> dict:
+def write_report(ctx: Context, parts: dict) -> dict:
     """Aggregate the finished runs of every part; write summary.json, details.json, figures, README.md."""
     results, stale, missing = load_results(ctx, parts)
     details: dict = {}
@@ -53,16 +53,12 @@ def write_report(ctx, parts: dict) -> dict:
     runs = {"total": sum(len(p.plans) for p in parts.values()), "done": len(results), "stale": stale,
             "missing": missing, "train_hours": sum(r.get("train_seconds", 0) for r in results.values()) / 3600,
             "commands": sorted({r.get("command", "") for r in results.values()} - {""})}
-    from multifi.experiments.readme import render
-
     atomic_write(out / "README.md", lambda f: f.write(render(ctx, parts, details, figures, runs).encode()))
     return summary
 
 
-def load_results(ctx, parts) -> tuple[dict, list, list]:
+def load_results(ctx: Context, parts) -> tuple[dict, list, list]:
     """Results of the current plans: {run id: result}; ids with a result of another plan; ids without."""
-    from multifi.experiments.runner import result_path
-
     results, stale, missing = {}, [], []
     for part in parts.values():
         for plan in part.plans:
@@ -408,13 +404,4 @@ def _bars(path: Path, rows, title: str) -> Path:
     return plots.paired_bars(path, [g for g, _ in rows], [get(r, "joint", "mean") for _, r in rows],
                              [get(r, "separate", "mean") for _, r in rows], [get(r, "joint", "std") for _, r in rows],
                              [get(r, "separate", "std") for _, r in rows], title)
-
-
-def machine() -> str:
-    import os
-
-    import torch
-
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}; report written {time.strftime('%Y-%m-%d %H:%M')}")
 

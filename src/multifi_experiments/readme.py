@@ -1,7 +1,8 @@
 """The generated README.md of an experiment: tables (mean ± std over seeds), figures, plain verdicts."""
 from __future__ import annotations
 
-from multifi.experiments.report import MEV_PER_KCAL_MOL, machine
+from multifi.units import MEV_PER_KCAL_MOL
+from multifi_experiments.context import machine
 
 DASH = "—"
 

@@ -1,0 +1,61 @@
+"""What every stage of an experiment shares: the spec, its paths, the data catalog and the command line;
+where each run's result and work folder live; and a one-line description of the machine."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from multifi_experiments.spec import ExperimentSpec, Paths
+
+
+class Catalog(Protocol):
+    """What an experiment's data provides (methods, labelled structures as integer ids) and how a run
+    reads them; implemented by catalog.LabelCatalog (shared QM9 folder) and catalog.SourceCatalog
+    (structure files of a spec's `data` section)."""
+
+    noun: str
+
+    def methods(self) -> list[str]: ...
+
+    def has(self, method: str) -> bool: ...
+
+    def check(self, method: str, where: str) -> None: ...
+
+    def labelled(self, method: str) -> np.ndarray: ...
+
+    def plan_data(self, sources: list[tuple[str, np.ndarray]]) -> tuple[dict, list[dict], list[dict]]: ...
+
+    def split_keys(self, ids) -> list: ...
+
+    def composition(self, ids: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class Context:
+    spec: ExperimentSpec
+    paths: Paths
+    catalog: Catalog
+    command: str  # the command line that reproduces this invocation (written into every result)
+
+
+def result_path(ctx: Context, run_id: str) -> Path:
+    """<output>/runs/<run id>.json: one finished run's result."""
+    return ctx.paths.output / "runs" / f"{run_id}.json"
+
+
+def work_dir(ctx: Context, run_id: str) -> Path:
+    """<work>/<run id>/: inputs/, run/ (the training run directory), log.txt, clock.json, signature."""
+    return ctx.paths.work / run_id
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}; report written {time.strftime('%Y-%m-%d %H:%M')}")
