@@ -1,4 +1,4 @@
-"""Run configuration: the issue's example, unknown keys with suggestions, overrides, paths, one-line errors."""
+"""Run configuration: typical and README examples, unknown keys with suggestions, overrides, paths, one-line errors."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,8 @@ import yaml
 from multifi.config import RunConfig, apply_override, dump_config, load_config, validate_config
 from multifi.errors import MultifiError
 
-#: the example configuration of the issue, verbatim
-ISSUE_EXAMPLE = """
+#: a typical configuration: two extxyz sources, one of them with a fixed fidelity
+BASIC_EXAMPLE = """
 data:
   sources:
     - path: data/qm9_gfn2.extxyz
@@ -62,7 +62,7 @@ def one_line_error(raw, match, where="config"):
 
 
 def test_issue_example_validates_exactly_as_written():
-    cfg = validate_config(yaml.safe_load(ISSUE_EXAMPLE))
+    cfg = validate_config(yaml.safe_load(BASIC_EXAMPLE))
     assert isinstance(cfg, RunConfig)
     assert [s.path for s in cfg.data.sources] == ["data/qm9_gfn2.extxyz", "data/qm9_b3lyp.extxyz"]
     assert [s.fidelity for s in cfg.data.sources] == [None, "B3LYP"]
@@ -137,7 +137,7 @@ def test_load_config_file_errors(tmp_path):
 
 def test_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(ISSUE_EXAMPLE)
+    path.write_text(BASIC_EXAMPLE)
     cfg = load_config(path, ["output_dir=/tmp/x", "train.epochs=1", "model.fidelity_embedding.inject=heads",
                              "train.lr=1e-3", "data.sources.1.fidelity=CCSD", "data.train_limits={B3LYP: 100}",
                              "train.fidelity_sampling.B3LYP=2", "train.precision=64"])
@@ -165,7 +165,7 @@ def test_overrides_without_a_file():
 def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     sub = tmp_path / "cfgs"
     sub.mkdir()
-    (sub / "c.yaml").write_text(ISSUE_EXAMPLE + "\n")
+    (sub / "c.yaml").write_text(BASIC_EXAMPLE + "\n")
     cfg = load_config(sub / "c.yaml")
     assert cfg.data.sources[0].path == str(sub.resolve() / "data/qm9_gfn2.extxyz")
     cfg = load_config(sub / "c.yaml", ["data.sources.0.path=/abs/file.xyz"])

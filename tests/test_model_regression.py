@@ -2,7 +2,7 @@
 
 tests/data/painn_reference.json was written by tests/data/make_painn_reference.py from the original,
 unoptimised PaiNN (commit 7c91c1d); tests/data/m3gnet_reference.json by the same script
-(`--backbone m3gnet`) from M3GNet before session 2's changes (commit c272e06). Energies and forces must agree to 1e-5 (eV, eV/Å) in float32 and
+(`--backbone m3gnet`) from M3GNet at commit c272e06 (before the edge-gradient forces, compile and the triplet split). Energies and forces must agree to 1e-5 (eV, eV/Å) in float32 and
 1e-9 in float64; stress and the parameter gradients of an energy+forces loss (double backward) are
 checked too, so fused or reordered kernels cannot silently change training.
 """

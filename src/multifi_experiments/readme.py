@@ -38,7 +38,7 @@ def render(ctx, parts, details, figures, runs) -> str:
               + (f" ({len(runs['missing'])} not run yet)" if runs["missing"] else "")
               + (f"; {len(runs['stale'])} results from an older version of the spec ignored" if runs["stale"] else ""),
               f"- Training time (sum over runs): {runs['train_hours']:.2f} h; {machine()}",
-              "- Numbers: `summary.json` (schema of the issue), `details.json` (per seed, kcal/mol, notes); "
+              "- Numbers: `summary.json` (schema: multifi_experiments/report.py), `details.json` (per seed, kcal/mol, notes); "
               "splits: `splits/<part>.json`; one result per run: `runs/`", ""]
     if spec.notes.strip():
         lines += ["## Budget and settings", "", spec.notes.strip(), ""]

@@ -1,6 +1,6 @@
 """From finished runs to summary.json, details.json, PNG figures and a README with tables.
 
-summary.json has exactly the schema of the experiment issue (numbers the README tables come from):
+summary.json has this schema (the numbers the README tables come from):
   {"transfer": {n: {method: {"joint_mae_meV", "separate_mae_meV"}}},
    "learning_curve": {variant: {n: {"mae_meV_mean", "mae_meV_std", "seeds"}}},
    "data_efficiency": {"n500", "n1000", "best_variant", "extrapolated"},
@@ -322,7 +322,7 @@ def _kcal(s):
 
 # ---------------------------------------------------------------------------------------------- summary
 def make_summary(details: dict) -> dict:
-    """The summary.json of the issue's schema, from the details."""
+    """summary.json (the schema in this module's docstring), from the details."""
     summary: dict = {"transfer": {}, "learning_curve": {}, "data_efficiency": {}, "ten_methods": {},
                      "ten_methods_ratio_mean": None}
     for n, by_method in details.get("transfer", {}).get("table", {}).items():

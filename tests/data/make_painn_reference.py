@@ -5,7 +5,7 @@ with fixed weights.
                                                                      see tests/test_model_regression.py)
 
 The PaiNN reference was recorded at commit 7c91c1d (unoptimised PaiNN), the M3GNet one at c272e06
-(before the edge-gradient forces, model.compile and the triplet split of session 2), each with this
+(before the edge-gradient forces, model.compile and the triplet split), each with this
 script and PYTHONPATH pointing at that revision's src/, so later optimisations are checked against
 the implementation before them.
 
