@@ -419,3 +419,28 @@ def test_shipped_qm9_converged_spec_validates(tmp_path):
     lc = s.learning_curve
     assert lc.n_low is None and max(lc.ns) >= 16000
     assert {v.kind for v in lc.variants.values()} >= {"single", "joint", "finetune", "delta", "pretrain_joint"}
+
+
+def test_step_matched_controls_train_equal_steps_and_report_apart(shared, fake, tmp_path):
+    """With step_matched, every joint and separate model of transfer / ten methods gets a twin trained exactly
+    that many steps; the twins are reported in their own table and never mix into the main comparison."""
+    out = tmp_path / "out"
+    args = tiny(out, CONVERGE, "ten_methods.step_matched=6", "transfer.step_matched=5", "transfer.ns=[8]")
+    parts = plan_parts(load_context(TINY, args))
+    controls = [p for name in ("transfer", "ten_methods") for p in parts[name].plans if p.meta.get("control")]
+    main = [p for name in ("transfer", "ten_methods") for p in parts[name].plans if not p.meta.get("control")]
+    assert len(controls) == len(main) > 0
+    for p in controls:
+        t = p.config["train"]
+        steps = 5 if p.part == "transfer" else 6
+        assert t["max_steps"] == steps and t["early_stopping_steps"] is None and f"/steps{steps}/" in p.id
+    for p in main:
+        assert p.config["train"]["max_steps"] == 30 and p.config["train"]["early_stopping_steps"] == 4
+    run_experiment(TINY, overrides=args, only=["ten_methods", "transfer"])
+    details = json.loads((out / "details.json").read_text())
+    assert set(details["ten_methods_steps"]) == {"6 steps"} and set(details["transfer_steps"]) == {"5 steps"}
+    assert set(details["ten_methods_steps"]["6 steps"]) == set(details["ten_methods"]["methods"])
+    assert details["embedding_map"]["run"] == "ten_methods/s0/joint"
+    for m, row in details["ten_methods"]["methods"].items():  # main table: one value per seed, not two
+        assert row["joint"]["seeds"] == row["separate"]["seeds"] == 2
+    assert "### Step-matched control: every model 6 steps" in (out / "README.md").read_text()

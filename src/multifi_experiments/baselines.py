@@ -30,11 +30,13 @@ def delta_fidelity(high: str, low: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- plans
 def make_plan(ctx, run_id: str, part: str, sources: list[dict], splits: dict[str, np.ndarray], inject: str,
-              seed: int, patches: list[ConfigPatch], meta: dict, monitor: str | None = None, **extra) -> RunPlan:
+              seed: int, patches: list[ConfigPatch], meta: dict, monitor: str | None = None,
+              steps: int | None = None, **extra) -> RunPlan:
     """A plan training on `sources` ({"method", "indices"} or {"npz": path template}) with the given splits.
 
     monitor: the run's target fidelity, whose validation error decides convergence (spec `convergence`);
-    None: the validation loss over all fidelities.
+    None: the validation loss over all fidelities. steps: train exactly this many optimiser steps instead
+    (a step-matched control; the best validation checkpoint is kept, nothing stops early).
 
     indices and splits: structure ids of the catalog (QM9 indices, or positions in a SourceCatalog);
     the catalog decides how a run reads them (index files, or key files and a derived dataset).
@@ -50,6 +52,9 @@ def make_plan(ctx, run_id: str, part: str, sources: list[dict], splits: dict[str
     raw["model"] = deep_merge(raw["model"], {"fidelity_embedding": {"inject": inject}})
     if ctx.spec.convergence is not None:
         raw["train"].update(ctx.spec.convergence.train_keys(monitor))
+    if steps is not None:
+        raw["train"].update(epochs=10**9, max_steps=steps, early_stopping_patience=None, early_stopping_steps=None)
+        meta = {**meta, "control": f"{steps} steps"}
     raw["train"].update(seed=seed, threads=ctx.spec.threads, progress=False)
     raw["data"] = {"sources": data_sources, "cache": False,
                    "split": {"files": {s: "{inputs}/" + f"{s}.keys" for s in SPLITS}, "seed": seed}}
@@ -73,22 +78,22 @@ def check_config(plan: RunPlan) -> None:
         raise MultifiError(f"{exc} (set in the spec's base/config/variant sections)") from None
 
 
-def single(ctx, run_id, part, method, sets, seed, patches, meta) -> RunPlan:
+def single(ctx, run_id, part, method, sets, seed, patches, meta, steps: int | None = None) -> RunPlan:
     """One model of one method on sets {"train", "val", "test"} of QM9 indices."""
     src = [{"method": method, "indices": np.concatenate([sets[s] for s in SPLITS])}]
     return make_plan(ctx, run_id, part, src, sets, "single", seed, patches,
-                     {**meta, "kind": "single", "inject": "single", "methods": [method]}, monitor=method)
+                     {**meta, "kind": "single", "inject": "single", "methods": [method]}, monitor=method, steps=steps)
 
 
 def joint(ctx, run_id, part, method_sets: dict[str, dict], inject, seed, patches, meta, evaluate=None,
-          monitor: str | None = None) -> RunPlan:
+          monitor: str | None = None, steps: int | None = None) -> RunPlan:
     """One model on several methods; method_sets: method → {"train", "val", "test"} QM9 indices;
     monitor: the target method whose validation error decides convergence (None: all methods' loss)."""
     src = [{"method": m, "indices": np.concatenate([s[k] for k in SPLITS])} for m, s in method_sets.items()]
     splits = {k: np.unique(np.concatenate([s[k] for s in method_sets.values()])) for k in SPLITS}
     return make_plan(ctx, run_id, part, src, splits, inject, seed, patches,
                      {**meta, "kind": "joint", "inject": inject, "methods": list(method_sets)}, monitor=monitor,
-                     **({"evaluate": evaluate} if evaluate else {}))
+                     steps=steps, **({"evaluate": evaluate} if evaluate else {}))
 
 
 def delta(ctx, run_id, part, high, low, sets, seed, patches, meta) -> RunPlan:

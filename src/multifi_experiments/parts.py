@@ -67,11 +67,15 @@ def plan_transfer(ctx) -> PartPlan:
             record["train"][f"n{n}_s{seed}"] = {m: v.tolist() for m, v in train.items()}
             sets = {m: {"train": train[m], "val": val[m], "test": test} for m in (a, b)}
             meta = {"n": n, "seed": seed}
-            plans.append(baselines.joint(ctx, f"{part}/n{n}_s{seed}/joint", part, sets, t.inject, seed, [t.config],
-                                         {**meta, "variant": "joint", "role": "joint"}))
-            for m in (a, b):
-                plans.append(baselines.single(ctx, f"{part}/n{n}_s{seed}/separate_{slug(m)}", part, m, sets[m], seed,
-                                              [t.config], {**meta, "variant": "separate", "role": "separate"}))
+            for steps, where in [(None, f"{part}/n{n}_s{seed}"),
+                                 *([(t.step_matched, f"{part}/n{n}_s{seed}/steps{t.step_matched}")]
+                                   if t.step_matched else [])]:
+                plans.append(baselines.joint(ctx, f"{where}/joint", part, sets, t.inject, seed, [t.config],
+                                             {**meta, "variant": "joint", "role": "joint"}, steps=steps))
+                for m in (a, b):
+                    plans.append(baselines.single(ctx, f"{where}/separate_{slug(m)}", part, m, sets[m], seed,
+                                                  [t.config], {**meta, "variant": "separate", "role": "separate"},
+                                                  steps=steps))
     return PartPlan(plans, record)
 
 
@@ -253,12 +257,14 @@ def plan_ten_methods(ctx) -> PartPlan:
     seeds = ctx.spec.seeds_of(tm).for_n(min(len(s["train"]) for s in sets.values()))
     plans = []
     for seed in seeds:
-        plans.append(baselines.joint(ctx, f"{part}/s{seed}/joint", part, sets, tm.inject, seed, [tm.config],
-                                     {"seed": seed, "variant": "joint", "role": "joint"},
-                                     evaluate={"kind": "metrics", "embedding": True}))
-        for m, s in sets.items():
-            plans.append(baselines.single(ctx, f"{part}/s{seed}/separate_{slug(m)}", part, m, s, seed, [tm.config],
-                                          {"seed": seed, "variant": "separate", "role": "separate"}))
+        for steps, where in [(None, f"{part}/s{seed}"),
+                             *([(tm.step_matched, f"{part}/s{seed}/steps{tm.step_matched}")] if tm.step_matched else [])]:
+            plans.append(baselines.joint(ctx, f"{where}/joint", part, sets, tm.inject, seed, [tm.config],
+                                         {"seed": seed, "variant": "joint", "role": "joint"},
+                                         evaluate={"kind": "metrics", "embedding": True}, steps=steps))
+            for m, s in sets.items():
+                plans.append(baselines.single(ctx, f"{where}/separate_{slug(m)}", part, m, s, seed, [tm.config],
+                                              {"seed": seed, "variant": "separate", "role": "separate"}, steps=steps))
     record = {m: {k: v.tolist() for k, v in s.items()} for m, s in sets.items()}
     return PartPlan(plans, record, {"coverage": coverage, "blocks": str(path), "blocks_name": tm.blocks,
                                            "order": order})

@@ -45,6 +45,7 @@ def render(ctx, parts, details, figures, runs) -> str:
     lines += _settings(ctx)
     if "transfer" in details:
         lines += _transfer(details["transfer"], figures)
+        lines += _controls(details.get("transfer_steps"), by_n=True)
     if "learning_curve" in details:
         lines += _learning_curve(details["learning_curve"], details["data_efficiency"], figures)
         units = details["learning_curve"].get("units", {"energy": ["energy MAE", "meV"]})
@@ -52,6 +53,7 @@ def render(ctx, parts, details, figures, runs) -> str:
             lines += _efficiency(eff, units[eff.get("metric", "energy")])
     if "ten_methods" in details:
         lines += _ten_methods(details["ten_methods"], figures)
+        lines += _controls(details.get("ten_methods_steps"))
     if "embedding_map" in details:
         lines += _embedding(details["embedding_map"], figures)
     lines += _honesty(details.get("learning_curve", {}).get("noun", "molecules"))
@@ -292,6 +294,24 @@ def _ten_methods(tm: dict, figures: dict) -> list[str]:
     if "ten_methods" in figures:
         out += ["", f"![ten methods]({figures['ten_methods']})"]
     return out + [""]
+
+
+def _controls(controls: dict | None, by_n: bool = False) -> list[str]:
+    """Tables of the step-matched control runs (joint and separate models trained equally many steps)."""
+    out = []
+    for label, table in (controls or {}).items():
+        rows = []
+        groups = sorted(table.items(), key=lambda kv: float(kv[0])) if by_n else [("", table)]
+        for n, by_method in groups:
+            for m, r in by_method.items():
+                rows.append(([n] if by_n else []) + [m, fmt(r["joint"]), fmt(r["separate"]), _num(r["ratio"])])
+        if rows:
+            out += [f"### Step-matched control: every model {label}", "",
+                    "The joint and the separate models each trained exactly this many optimiser steps (best "
+                    "validation checkpoint), so that training length cannot explain a difference.", ""]
+            out += _table((["n"] if by_n else []) + ["method", "joint meV", "separate meV", "joint / separate"], rows)
+            out += [""]
+    return out
 
 
 def _embedding(em: dict | None, figures: dict) -> list[str]:

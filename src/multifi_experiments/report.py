@@ -33,7 +33,8 @@ def write_report(ctx: Context, parts: dict) -> dict:
     results, stale, missing = load_results(ctx, parts)
     details: dict = {}
     if "transfer" in parts:
-        details["transfer"] = transfer_details(ctx, parts["transfer"].plans, results)
+        details["transfer"] = transfer_details(ctx, _main(parts["transfer"].plans), results)
+        details["transfer_steps"] = _control_details(parts["transfer"].plans, results, by_n=True)
     if "learning_curve" in parts:
         details["learning_curve"] = learning_curve_details(ctx, parts["learning_curve"], results)
         details["data_efficiency"] = efficiency_details(ctx, details["learning_curve"])
@@ -42,8 +43,9 @@ def write_report(ctx: Context, parts: dict) -> dict:
             details["data_efficiency_more"] = more
     if "ten_methods" in parts:
         details["ten_methods"] = ten_methods_details(parts["ten_methods"], results)
+        details["ten_methods_steps"] = _control_details(parts["ten_methods"].plans, results)
         if ctx.spec.embedding_map is not None:
-            details["embedding_map"] = embedding_details(ctx, parts["ten_methods"].plans, results)
+            details["embedding_map"] = embedding_details(ctx, _main(parts["ten_methods"].plans), results)
     summary = make_summary(details)
     out = ctx.paths.output
     out.mkdir(parents=True, exist_ok=True)
@@ -248,10 +250,34 @@ def _factor_spread(ref_ns, ref_maes, n: int, values: list[float], n_max) -> dict
             "max": float(a.max()), "values": [float(x) for x in a]}
 
 
+def _main(plans) -> list:
+    """The plans of the comparison itself (without step-matched controls)."""
+    return [p for p in plans if not p.meta.get("control")]
+
+
+def _control_details(plans, results, by_n: bool = False) -> dict:
+    """Joint vs separate test MAE of the step-matched control runs: {control: {[n:] {method: row}}}."""
+    out: dict = {}
+    controls = [p for p in plans if p.meta.get("control")]
+    for label in dict.fromkeys(p.meta["control"] for p in controls):
+        chosen = [p for p in controls if p.meta["control"] == label]
+        key = (lambda p, m: (p.meta["n"], m, p.meta["role"])) if by_n else (lambda p, m: (m, p.meta["role"]))
+        values = _collect(chosen, results, key, lambda p: p.meta["methods"])
+        table: dict = {}
+        for k in {k[:-1] for k in values}:
+            row = {role: stats(values.get((*k, role), [])) for role in ("joint", "separate")}
+            row["ratio"] = _ratio(row["joint"], row["separate"])
+            node = table.setdefault(str(k[0]), {}) if by_n else table
+            node[k[-1]] = row
+        out[label] = table
+    return out
+
+
 def ten_methods_details(part, results) -> dict:
-    values = _collect(part.plans, results, lambda p, m: (m, p.meta["role"]), lambda p: p.meta["methods"])
+    plans = _main(part.plans)
+    values = _collect(plans, results, lambda p, m: (m, p.meta["role"]), lambda p: p.meta["methods"])
     methods = {}
-    trained = [m for p in part.plans if p.meta.get("role") == "joint" for m in p.meta["methods"]]
+    trained = [m for p in plans if p.meta.get("role") == "joint" for m in p.meta["methods"]]
     for m in dict.fromkeys(trained):
         row = {role: stats(values.get((m, role), [])) for role in ("joint", "separate")}
         row["ratio"] = _ratio(row["joint"], row["separate"])

@@ -103,7 +103,7 @@ def select(plans: list[RunPlan], only: list[str]) -> list[RunPlan]:
     chosen: set[str] = set()
     for item in only:
         hits = [p.id for p in plans if p.part == item or p.id.startswith(item)
-                or (item == "embedding_map" and p.part == "ten_methods" and p.meta.get("role") == "joint")]
+                or (item == "embedding_map" and p.part == "ten_methods" and p.meta.get("role") == "joint" and not p.meta.get("control"))]
         if not hits:
             raise MultifiError(f"--only {item!r} matches no run (parts: {', '.join(PARTS)}; or a run id prefix "
                                f"such as {plans[0].id if plans else 'learning_curve/single'})")

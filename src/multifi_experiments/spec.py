@@ -149,6 +149,9 @@ class TransferPart(Section):
     inject: Inject = "both"
     config: ConfigPatch = Field(default_factory=ConfigPatch)
     seeds: Seeds | None = None
+    step_matched: int | None = Field(None, ge=1, description="also train the joint and the separate models for "
+                                     "exactly this many optimiser steps each (best validation checkpoint, no early "
+                                     "stop): a control at equal steps beside the convergence rule")
 
 
 class LearningCurvePart(Section):
@@ -237,6 +240,9 @@ class TenMethodsPart(Section):
     test_fraction: float = Field(0.1, gt=0, lt=1)
     val_fraction: float = Field(0.05, gt=0, lt=1)
     max_per_block: int | None = Field(None, ge=3, description="use at most this many labelled molecules per block")
+    step_matched: int | None = Field(None, ge=1, description="also train the joint and every per-block model for "
+                                     "exactly this many optimiser steps each (best validation checkpoint, no early "
+                                     "stop): a control at equal steps beside the convergence rule")
     min_labelled: int = Field(20, ge=3, description="blocks with fewer labelled molecules are left out")
     inject: Inject = "both"
     config: ConfigPatch = Field(default_factory=ConfigPatch)
