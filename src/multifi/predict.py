@@ -51,7 +51,7 @@ def predict_file(checkpoint, structures, fidelity: str, out: Path, batch_size: i
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.units import GPa
 
-    from multifi.data.dataset import atomic_write
+    from multifi.files import atomic_write
     from multifi.models.registry import load_potential
 
     potential = load_potential(checkpoint)

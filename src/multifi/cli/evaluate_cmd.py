@@ -20,7 +20,8 @@ def run(args) -> int:
     import numpy as np
 
     from multifi.cli.format import metrics_table
-    from multifi.data.dataset import FidelityDataset, atomic_write
+    from multifi.data.dataset import FidelityDataset
+    from multifi.files import atomic_write
     from multifi.data.split import labelled_pairs
     from multifi.models.registry import load_potential
     from multifi.train.evaluate import evaluate_pairs

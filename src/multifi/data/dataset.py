@@ -25,6 +25,7 @@ import numpy as np
 
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
+from multifi.files import atomic_write, make_dir, new_dir_mode, reported  # noqa: F401 (atomic_write re-exported)
 
 MAX_Z = 118
 
@@ -373,14 +374,18 @@ class FidelityDataset:
             return path
         if path.exists() and not (path / "multifi_dataset.json").exists():
             raise MultifiError(f"{path}: exists and is not a multifi dataset directory; not overwriting it")
-        tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None, prefix=f".{path.name}."))
+        make_dir(path.parent)
+        with reported(path):
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
         try:
-            for name, a in self._arrays().items():
-                np.save(tmp / f"{name}.npy", np.ascontiguousarray(a), allow_pickle=False)
-            (tmp / "multifi_dataset.json").write_text('{"format": 1}\n')
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            with reported(path):
+                for name, a in self._arrays().items():
+                    np.save(tmp / f"{name}.npy", np.ascontiguousarray(a), allow_pickle=False)
+                (tmp / "multifi_dataset.json").write_text('{"format": 1}\n')
+                new_dir_mode(tmp)
+                if path.exists():
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -424,23 +429,6 @@ def voigt_or_matrix(stress, where: str = "") -> np.ndarray:
         xx, yy, zz, yz, xz, xy = s
         return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
     raise MultifiError(f"{where}: stress has shape {s.shape}, expected (3, 3) or (6,)")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(fileobj) on a temporary file next to `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _concatenate(parts: list[FidelityDataset], table: FidelityTable) -> FidelityDataset:

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from multifi.config import RunConfig, dump_config, load_config
-from multifi.data.dataset import atomic_write
+from multifi.files import atomic_write
 from multifi.errors import MultifiError
 from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates
 from multifi.models.head import fit_baseline

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from multifi.data.dataset import FidelityDataset, atomic_write, ranges
+from multifi.data.dataset import FidelityDataset, ranges
+from multifi.files import atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
 
