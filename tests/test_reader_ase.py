@@ -88,12 +88,19 @@ def test_per_structure_fidelity_two_fidelities_in_one_file(tmp_path):
     assert not ds.pbc.any() and not ds.cells.any()
 
 
-def test_source_wide_fidelity_overrides_info_and_key_from_info(tmp_path):
+def test_source_fidelity_labels_only_structures_naming_none_and_key_from_info(tmp_path):
     path = tmp_path / "w.xyz"
-    ase.io.write(path, [water(fidelity="PBE", key="qm9:17")])
-    ds = read_ase(path, fidelity="GFN2-xTB")
-    assert ds.fidelities.names == ("GFN2-xTB",)
-    assert ds.keys.tolist() == ["qm9:17"]
+    ase.io.write(path, [water(fidelity="PBE", key="qm9:17"), water(-2.0)])
+    ds = read_ase(path, fidelity="PBE")  # the same name: agrees with the frame
+    assert ds.fidelities.names == ("PBE",) and ds.keys.tolist()[0] == "qm9:17"
+    assert ds.energy[:, 0].tolist() == [-3.0, -2.0]  # frame 1 names none: the source's fidelity
+
+
+def test_source_fidelity_conflicting_with_the_frame_is_an_error(tmp_path):
+    path = tmp_path / "w.xyz"
+    ase.io.write(path, [water(fidelity="PBE"), water(-2.0, fidelity="EMT")])
+    with raises_one_line(path, r"frame 1 \(0-based\): names fidelity 'EMT' \(info\['fidelity'\]\) but its source says 'PBE'"):
+        read_ase(path, fidelity="PBE")
 
 
 def test_info_labels_without_calculator(tmp_path):

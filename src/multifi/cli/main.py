@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"multifi: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("multifi: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        hint = f"; {exc}" if str(exc) else ""
+        print(f"multifi: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -18,8 +18,8 @@ def read_ase(path: str | os.PathLike, fidelity: str | None = None, index: str = 
 
     Energy (eV): info['energy'] or the attached calculator's results. Forces (eV/Å): arrays['forces']
     or the calculator. Stress (eV/Å³, ASE sign, Voigt 6 or 3×3): info['stress'] or the calculator;
-    stored in GPa. Fidelity: `fidelity` for the whole file, else info['fidelity'] (for ASE databases,
-    the row's key-value pairs). Key: info['key'], else a geometry hash. `index` selects frames as in
+    stored in GPa. Fidelity: info['fidelity'] (for ASE databases, the row's key-value pairs); `fidelity`
+    only for structures that name none (a different name is an error, see `source_fidelity`). Key: info['key'], else a geometry hash. `index` selects frames as in
     ase.io.read. Non-finite labels raise unless `skip_invalid`, which drops them (count in ds.n_dropped).
     """
     path = Path(path)
@@ -126,14 +126,27 @@ def _db_frames(path: Path, index: str) -> Iterator:
         yield atoms
 
 
+def source_fidelity(named, fidelity: str | None, where: str, field: str) -> str:
+    """The fidelity of one structure: the one it names itself (`named`), else the source's `fidelity`.
+
+    A source's fidelity never relabels a structure that names another one: that is an error naming
+    the file and frame, so data labelled at one level of theory is never trained as another."""
+    named = str(named) if named is not None and str(named) != "" else None
+    if named is not None and fidelity is not None and named != fidelity:
+        raise MultifiError(f"{where}: names fidelity {named!r} ({field}) but its source says {fidelity!r}; a "
+                           "source's fidelity applies only to structures that name none: remove one of the two")
+    fid = named or fidelity
+    if not fid:
+        raise MultifiError(f"{where}: no fidelity: give the source a fidelity or set {field}")
+    return fid
+
+
 def _record(atoms, fidelity: str | None, where: str) -> dict:
     """One from_records record: geometry, key and {fidelity: labels} (eV, eV/Å, GPa)."""
     from ase.units import GPa
 
     n = len(atoms)
-    fid = fidelity or atoms.info.get("fidelity")
-    if not fid:
-        raise MultifiError(f"{where}: no fidelity: pass fidelity= or set info['fidelity']")
+    fid = source_fidelity(atoms.info.get("fidelity"), fidelity, where, "info['fidelity']")
     results = getattr(atoms.calc, "results", None) or {}
     lab = {}
     energy = atoms.info.get("energy", results.get("energy"))
