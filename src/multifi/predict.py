@@ -8,8 +8,12 @@ import numpy as np
 from multifi.errors import MultifiError
 
 
-def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, forces: bool = True):
-    """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules)."""
+def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, forces: bool = True, where: str = ""):
+    """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules).
+
+    `where` (the file) prefixes errors about a structure, e.g. atoms closer than 0.1 Å."""
+    if batch_size < 1:
+        raise MultifiError(f"batch size must be a positive number of structures (got {batch_size})")
     from multifi.data.batch import graph_from_atoms
 
     k = potential.fidelity_index(fidelity)
@@ -18,7 +22,7 @@ def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, fo
     energies, forces_out, stresses = [], [], []
     for start in range(0, len(atoms_list), batch_size):
         chunk = atoms_list[start:start + batch_size]
-        g = graph_from_atoms(chunk, potential.cutoff, k, dtype=dtype)
+        g = graph_from_atoms(chunk, potential.cutoff, k, dtype=dtype, where=where, first=start)
         periodic = bool(g.cell.abs().sum() > 0)
         out = potential(g, forces=forces, stress=periodic)
         energies.append(out["energy"].detach().numpy())
@@ -67,7 +71,10 @@ def predict_file(checkpoint, structures, fidelity: str, out: Path, batch_size: i
         check_atoms_elements(potential, atoms_list, str(path))
     except MultifiError:
         raise
-    energies, forces, stresses = predict_atoms(potential, atoms_list, fidelity, batch_size)
+    energies, forces, stresses = predict_atoms(potential, atoms_list, fidelity, batch_size, where=str(path))
+    if not np.isfinite(energies).all():
+        i = int(np.argmax(~np.isfinite(energies)))
+        raise MultifiError(f"{path}: structure {i}: the model predicts a non-finite energy; nothing written")
     for a, e, f, s in zip(atoms_list, energies, forces, stresses):
         results = {"energy": float(e), "forces": f}
         if s is not None:

@@ -1,6 +1,8 @@
 """multifi evaluate CHECKPOINT DATA… [--fidelity NAME] [--out FILE]"""
 from __future__ import annotations
 
+from multifi.cli.args import positive_int
+
 
 def register(sub):
     p = sub.add_parser("evaluate", help="per-fidelity errors of a trained model on labelled data")
@@ -8,7 +10,7 @@ def register(sub):
     p.add_argument("data", nargs="+", help="labelled data files (extxyz, ASE db, MatPES JSON, multifi .npz)")
     p.add_argument("--fidelity", help="label fidelity for files that do not name one per structure; "
                                       "with it, only labels of this fidelity are evaluated")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--out", help="write the metrics as JSON to this file")
     p.set_defaults(func=run)
 

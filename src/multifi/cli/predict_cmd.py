@@ -1,6 +1,8 @@
 """multifi predict CHECKPOINT STRUCTURES --fidelity NAME --out FILE.extxyz"""
 from __future__ import annotations
 
+from multifi.cli.args import positive_int
+
 
 def register(sub):
     p = sub.add_parser("predict", help="predict energies, forces (and stress) at one fidelity")
@@ -8,7 +10,7 @@ def register(sub):
     p.add_argument("structures", help="any file ASE reads")
     p.add_argument("--fidelity", required=True, help="fidelity (level of theory) to predict at, by name")
     p.add_argument("--out", required=True, help="output extxyz with energy/forces/stress per structure")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.set_defaults(func=run)
 
 

@@ -163,6 +163,8 @@ class FidelityDataset:
             where = f"{source}: structure {r.get('name', i)}"
             sl = slice(offsets[i], offsets[i + 1])
             n = int(counts[i])
+            if n == 0:
+                raise MultifiError(f"{where}: no atoms")
             pos = np.asarray(r["positions"], dtype=np.float64)
             if pos.shape != (n, 3):
                 raise MultifiError(f"{where}: positions have shape {pos.shape}, expected ({n}, 3)")
@@ -217,6 +219,8 @@ class FidelityDataset:
             bad = self.numbers[(self.numbers < 1) | (self.numbers > MAX_Z)][0]
             s = int(np.searchsorted(self.offsets, np.argmax((self.numbers < 1) | (self.numbers > MAX_Z)), "right") - 1)
             raise MultifiError(f"{src}: structure {s}: unknown element with atomic number {int(bad)}")
+        if S and (self.n_atoms == 0).any():
+            raise MultifiError(f"{src}: structure {int(np.argmax(self.n_atoms == 0))}: no atoms")
         self.numbers = self.numbers.astype(np.uint8, copy=False)
         if not np.isfinite(self.positions).all():
             s = int(np.searchsorted(self.offsets, np.argwhere(~np.isfinite(self.positions))[0, 0], "right") - 1)
