@@ -1,0 +1,226 @@
+"""Bad input and failures a new user meets: one-line errors, nothing silently wrong, no dead-end run directories."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import threading
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from conftest import TINY_MODEL, emt_labelled, rattled_molecule
+from multifi.cli.main import main
+from multifi.errors import MultifiError
+from multifi.models.registry import build_potential, save_potential
+from test_cli import fails, run
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """An untrained tiny PaiNN with fidelities lo and hi (H, C, N, O reference energies)."""
+    torch.manual_seed(0)
+    pot = build_potential(TINY_MODEL, ["lo", "hi"])
+    ref = np.zeros((119, 2))
+    ref[[1, 6, 7, 8], :] = [[-0.5, -0.6], [-3.0, -3.1], [-1.0, -1.2], [-2.0, -2.5]]
+    pot.head.set_baseline(ref, np.ones(2))
+    return save_potential(pot, tmp_path_factory.mktemp("model") / "model.pt")
+
+
+def _drain(path, into: list) -> threading.Thread:
+    def read():
+        with open(path, "rb") as f:
+            into.append(f.read())
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+# ------------------------------------------------------------------------------------ fidelity rule
+def test_source_fidelity_never_relabels_structures_naming_their_own(write_config, tiny_extxyz, tmp_path, capsys):
+    """Frames saying fidelity=lo in a source configured as LJ: an error naming the file and frame, in train and
+    data info; nothing written."""
+    fails(["train", write_config(), "--set", "data.sources.0.fidelity=LJ"], capsys,
+          str(tiny_extxyz), "frame 0 (0-based)", "names fidelity 'lo'", "source says 'LJ'")
+    assert not (tmp_path / "run").exists()
+    fails(["data", "info", tiny_extxyz, "--fidelity", "LJ"], capsys, str(tiny_extxyz), "frame 0", "'lo'", "'LJ'")
+
+
+def test_source_fidelity_labels_frames_naming_none(tmp_path, capsys):
+    frames = [emt_labelled(rattled_molecule(m, i), "EMT") for i, m in enumerate(("CH4", "NH3"))]
+    del frames[1].info["fidelity"]
+    path = tmp_path / "mixed.extxyz"
+    ase.io.write(path, frames)
+    code, out, _ = run(["data", "info", path, "--fidelity", "EMT"], capsys)
+    assert code == 0 and "EMT" in out and "structures: 2" in out
+
+
+# ------------------------------------------------------------------------------------ special files
+@pytest.mark.parametrize("via_symlink", [False, True])
+def test_out_to_a_fifo_writes_through(model, tmp_path, capsys, via_symlink):
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0)])
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    out = fifo
+    if via_symlink:
+        out = tmp_path / "link"
+        out.symlink_to(fifo)
+    got: list = []
+    reader = _drain(fifo, got)
+    assert run(["predict", model, src, "--fidelity", "lo", "--out", out], capsys)[0] == 0
+    reader.join(10)
+    assert b"energy=" in got[0] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_out_write_errors_are_one_line(model, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0)])
+    (tmp_path / "file").write_text("")
+    fails(["predict", model, src, "--fidelity", "lo", "--out", tmp_path / "file" / "x.xyz"], capsys,
+          "file: exists and is not a folder")
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    labelled = tmp_path / "labelled.xyz"
+    ase.io.write(labelled, [emt_labelled(rattled_molecule("H2O", 0), "lo")])
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    fails(["evaluate", model, labelled, "--out", tmp_path / "m.json"], capsys,
+          "m.json: cannot write (Read-only file system)")
+
+
+# ------------------------------------------------------------------------------------ NaN / empty output
+def test_overlapping_atoms_are_an_error_at_prediction(model, tmp_path, capsys):
+    bad = Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0], [0.9, 0.3, 0]])
+    src = tmp_path / "bad.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0), bad])
+    out = tmp_path / "pred.xyz"
+    fails(["predict", model, src, "--fidelity", "lo", "--out", out], capsys,
+          str(src), "structure 1: atoms 0 and 1 are 0.000 Å apart")
+    assert not out.exists()
+    import multifi
+
+    bad.calc = multifi.Calculator(model, fidelity="lo")
+    with pytest.raises(MultifiError, match="atoms 0 and 1 are 0.000 Å apart"):
+        bad.get_potential_energy()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_batch_size_must_be_positive(model, tmp_path, capsys, value):
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0)])
+    for cmd in (["predict", model, src, "--fidelity", "lo", "--out", tmp_path / "o.xyz"], ["evaluate", model, src]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in cmd + ["--batch-size", value]])
+        assert exc.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "o.xyz").exists()
+
+
+def test_structure_without_atoms_is_an_error(tmp_path, capsys):
+    empty = Atoms()
+    empty.calc = SinglePointCalculator(empty, energy=0.0)
+    empty.info["fidelity"] = "lo"
+    path = tmp_path / "empty.extxyz"
+    ase.io.write(path, [emt_labelled(rattled_molecule("CH4", 0), "lo"), empty])
+    fails(["data", "info", path], capsys, str(path), "structure 1: no atoms")
+
+
+# ------------------------------------------------------------------------------------ no dead ends
+@pytest.mark.parametrize("override, fragments", [
+    ("train.fidelity_sampling={lo: -1}", ["train.fidelity_sampling.lo", "greater than or equal to 0"]),
+    ("train.fidelity_sampling={lo: 0, hi: 0}", ["train.fidelity_sampling: every fidelity", "weight 0"]),
+    ("train.devices=0", ["train.devices", "number of devices"]),
+    ("train.devices=abc", ["train.devices", "'abc'"]),
+    ("train.accelerator=nonsense", ["train.accelerator=nonsense"]),
+    ("data.sources.x.path=a", ["data.sources is a list of 1", "data.sources.0"]),
+    ("train.epochs.x=1", ["train.epochs is a value"]),
+    ("train.epochs=[1", ["not valid YAML", "line 1"]),
+])
+def test_bad_settings_fail_before_anything_is_written(write_config, tmp_path, capsys, override, fragments):
+    fails(["train", write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1}),
+           "--set", override], capsys, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPU")
+def test_gpu_accelerator_without_gpu(write_config, tmp_path, capsys):
+    fails(["train", write_config(), "--set", "train.accelerator=gpu"], capsys, "train.accelerator=gpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_devices_flag(write_config, tmp_path, capsys):
+    fails(["train", write_config(), "--devices", "0"], capsys, "train.devices", "got 0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_broken_yaml_names_the_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sources:\n    - path: a.xyz\n  split: {val: 0.1\nmodel: {}\n")
+    fails(["train", path], capsys, str(path), "not valid YAML: line ")
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file"])
+def test_output_dir_that_cannot_be_a_folder(write_config, tmp_path, capsys, kind):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    out = blocker if kind == "file" else blocker / "run"
+    fails(["train", write_config(), "--set", f"output_dir={out}"], capsys, str(out))
+    assert blocker.read_text() == ""
+
+
+def test_output_dir_write_error_mid_run_is_one_line(write_config, tmp_path, capsys, monkeypatch):
+    """A full disk while the run writes (here the first checkpoint): one line, and the directory restarts."""
+    import multifi.train.run as run_mod
+
+    real = run_mod.atomic_write
+
+    def full(path, write):
+        if str(path).endswith(".ckpt"):
+            raise MultifiError(f"{path}: cannot write ({os.strerror(errno.ENOSPC)})")
+        return real(path, write)
+
+    monkeypatch.setattr(run_mod, "atomic_write", full)
+    fails(["train", write_config()], capsys, ".ckpt: cannot write (No space left on device)")
+    monkeypatch.setattr(run_mod, "atomic_write", real)
+    assert run(["train", write_config()], capsys)[0] == 0  # the same command again: no rm -rf needed
+    assert (tmp_path / "run" / "model.pt").exists()
+
+
+def test_ctrl_c_in_epoch_0_exits_130_and_the_run_restarts(write_config, tmp_path, capsys, monkeypatch):
+    from multifi.train.module import PotentialModule
+
+    real = PotentialModule.training_step
+
+    def interrupted(self, batch, batch_idx):
+        if batch_idx == 1:
+            raise KeyboardInterrupt
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(PotentialModule, "training_step", interrupted)
+    code, _, err = run(["train", write_config()], capsys)
+    assert code == 130 and err.strip().splitlines()[-1].startswith("multifi: interrupted; continue with: "
+                                                                     "multifi train --resume")
+    monkeypatch.setattr(PotentialModule, "training_step", real)
+    run_dir = tmp_path / "run"
+    assert run(["train", "--resume", run_dir], capsys)[0] == 0
+    assert (run_dir / "metrics.json").exists()
+
+
+def test_resume_with_truncated_last_checkpoint_falls_back_to_best(write_config, tmp_path, capsys, caplog):
+    run_dir = tmp_path / "run"
+    assert run(["train", write_config()], capsys)[0] == 0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["train", "--resume", run_dir, "--set", "train.epochs=3"], capsys)[0] == 0
+    assert "last.ckpt: unreadable" in caplog.text and "resuming from checkpoints/best.ckpt" in caplog.text
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text())["fidelities"]
