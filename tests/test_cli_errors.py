@@ -224,3 +224,35 @@ def test_resume_with_truncated_last_checkpoint_falls_back_to_best(write_config, 
     assert "last.ckpt: unreadable" in caplog.text and "resuming from checkpoints/best.ckpt" in caplog.text
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 2
     assert json.loads((run_dir / "metrics.json").read_text())["fidelities"]
+
+
+# ------------------------------------------------------------------------------------ logs
+def test_metrics_csv_one_dense_row_per_validation_and_none_twice_after_resume(write_config, tmp_path, capsys):
+    import csv
+
+    run_dir = tmp_path / "run"
+    assert run(["train", write_config()], capsys)[0] == 0  # 2 epochs of 5 steps
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["4", "9"]
+    assert all(r["val_loss"] and r["lr"] and r["train_loss_epoch"] and r["val/hi/energy_mae_meV"] for r in rows)
+    assert not any(k.endswith("_step") for k in rows[0])
+    # the interrupted session had validated once more after its last checkpoint: that row must not stay twice
+    with open(run_dir / "metrics.csv", "a") as f:
+        f.write("2,14," + ",".join("123456" for _ in list(rows[0])[2:]) + "\n")
+    assert run(["train", "--resume", run_dir, "--set", "train.epochs=3"], capsys)[0] == 0
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["4", "9", "14"] and rows[-1]["val_loss"] != "123456"
+
+
+def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):
+    """progress: true without a TTY (pytest captures stderr): one line per epoch, no progress bar."""
+    from multifi.config import load_config
+    from multifi.train.run import train
+
+    with caplog.at_level("INFO", logger="multifi"):
+        train(load_config(write_config(train={"progress": True, "epochs": 2, "batch_size": 8, "threads": 1})))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2  step 5  val E MAE meV: hi ")
+    assert " lr " in lines[0] and lines[0].endswith(" s")

@@ -18,7 +18,7 @@ from multifi.data.checks import check_energy_units, check_overlaps, check_split_
 from multifi.models.head import fit_baseline
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
-from multifi.train.logger import RunCSVLogger
+from multifi.train.logger import RunCSVLogger, progress_bar_wanted
 from multifi.train.module import PotentialModule
 from multifi.train.prepare import prepare_data
 
@@ -226,7 +226,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         **every, default_root_dir=run_dir, max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip, callbacks=callbacks,
         logger=RunCSVLogger(run_dir), plugins=[AtomicCheckpointIO()],
-        inference_mode=False, enable_progress_bar=t.progress, enable_model_summary=False,
+        inference_mode=False, enable_progress_bar=progress_bar_wanted(t.progress), enable_model_summary=False,
         precision="64-true" if t.precision == "64" else "32-true", log_every_n_steps=10,
         num_sanity_val_steps=0, use_distributed_sampler=False, limit_val_batches=1.0 if has_val else 0,
     )
