@@ -256,3 +256,39 @@ def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(lines) == 2 and lines[0].startswith("epoch 1/2  step 5  val E MAE meV: hi ")
     assert " lr " in lines[0] and lines[0].endswith(" s")
+
+
+# ------------------------------------------------------------------------------------ reference and plan
+def _keys(model, prefix=""):
+    from multifi.validation import first_model
+
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        yield key
+        sub = first_model(field.annotation)
+        if sub is not None:
+            yield from _keys(sub, key + ".")
+
+
+def test_config_example_has_every_key_and_validates(tmp_path, capsys):
+    from multifi.config import RunConfig, load_config
+
+    out = tmp_path / "example.yaml"
+    assert run(["config", "--example", "--out", out], capsys)[0] == 0
+    text = out.read_text()
+    for key in _keys(RunConfig):  # every key appears (nested ones by their last name), each with a comment
+        name = key.rsplit(".", 1)[-1]
+        assert f"{name}: " in text or f"{name}:\n" in text, key
+    cfg = load_config(out)
+    defaults = RunConfig.model_validate({"data": {"sources": [{"path": "x"}]}})
+    assert cfg.model_dump(exclude={"data": {"sources"}}) == defaults.model_dump(exclude={"data": {"sources"}})
+    code, stdout, _ = run(["config"], capsys)
+    assert code == 0 and stdout == text
+
+
+def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys, caplog):
+    with caplog.at_level("INFO", logger="multifi"):
+        assert run(["train", write_config(), "--dry-run"], capsys)[0] == 0
+    assert not (tmp_path / "run").exists()
+    assert "train: lo=" in caplog.text and "parameters" in caplog.text and "5 steps per epoch" in caplog.text
+    fails(["train", write_config(), "--dry-run", "--set", "data.sources.0.fidelity=LJ"], capsys, "names fidelity 'lo'")

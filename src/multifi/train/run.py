@@ -32,12 +32,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
-def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path:
+def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run: bool = False) -> Path:
     """Train a potential as configured; returns the run directory.
 
     Everything that can be checked (config, data, devices, the output folder) is checked before the
     run directory is written. A run directory without a checkpoint (a start that failed or was
-    interrupted before its first checkpoint) is started afresh by `train` and by `train --resume`."""
+    interrupted before its first checkpoint) is started afresh by `train` and by `train --resume`.
+    `dry_run`: check everything, log the plan, write nothing."""
     run_dir = Path(cfg.output_dir)
     leader = _is_leader_process()
     ckpt = _resume_checkpoint(run_dir) if resume else None
@@ -81,6 +82,9 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
     check_overlaps(prep.dataset, data.neighbors)
     check_sampling(data, prep, config_source)
     trainer = _build_trainer(cfg, run_dir, len(prep.pairs["val"]) > 0, config_source)
+    if dry_run:
+        _report_plan(cfg, prep, module, run_dir, ckpt)
+        return run_dir
     # all checks passed: only now does the run directory get written
     make_dir(run_dir)
     if leader and not resume:
@@ -251,6 +255,23 @@ def _report_data(prep) -> None:
         log.info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
+def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None) -> None:
+    """What a run would do (train --dry-run)."""
+    import math
+
+    t = cfg.train
+    n_params = sum(p.numel() for p in module.potential.parameters())
+    steps = math.ceil(len(prep.pairs["train"]) / t.batch_size)
+    total = t.epochs * steps if t.max_steps < 0 else min(t.max_steps, t.epochs * steps)
+    log.info("model: %s, %d features, %d interactions, cutoff %g Å, fidelity embedding %s: %s parameters",
+             cfg.model.backbone, cfg.model.features, cfg.model.interactions, cfg.model.cutoff,
+             cfg.model.fidelity_embedding.inject, f"{n_params:,}")
+    log.info("training: %d samples, batch %d: %d steps per epoch, %d epochs, at most %d steps%s",
+             len(prep.pairs["train"]), t.batch_size, steps, t.epochs, total,
+             f"; resuming from {ckpt}" if ckpt else "")
+    log.info("dry run: config and data are valid; nothing written (the run would go to %s)", run_dir.resolve())
+
+
 def _from_saved_dataset(cfg: RunConfig) -> bool:
     """A single saved dataset (.npz or memory-mapped directory) is its own cache: don't copy it."""
     from multifi.data.sources import _is_saved_dataset
@@ -290,12 +311,12 @@ def _configure_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.train.threads)
 
 
-def train_from_args(config: str | None, overrides: list[str], resume_dir: str | None) -> Path:
+def train_from_args(config: str | None, overrides: list[str], resume_dir: str | None, dry_run: bool = False) -> Path:
     if resume_dir:
         source = Path(resume_dir) / "config.yaml"
         cfg = load_config(source, overrides)
         cfg.output_dir = str(resume_dir)
-        return train(cfg, resume=True, config_source=str(source))
+        return train(cfg, resume=True, config_source=str(source), dry_run=dry_run)
     if config is None:
         raise MultifiError("multifi train needs a CONFIG.yaml (or --resume RUN_DIR)")
-    return train(load_config(config, overrides), config_source=str(config))
+    return train(load_config(config, overrides), config_source=str(config), dry_run=dry_run)
