@@ -52,6 +52,10 @@ class SourceConfig(Section):
     format: Literal["auto", "ase", "matpes", "npz"] = "auto"
     index: str = ":"
     qm9: Qm9Source | None = None
+    energy_key: str = Field("energy", description="key of the energy label (eV) in info or the calculator, "
+                            "e.g. REF_energy (ASE-readable files)")
+    forces_key: str = Field("forces", description="key of the force labels (eV/Å) in arrays or the calculator")
+    stress_key: str = Field("stress", description="key of the stress label (eV/Å³, ASE sign) in info or the calculator")
 
     @model_validator(mode="after")
     def _one_kind(self):

@@ -8,7 +8,7 @@ import sys
 
 from multifi.errors import MultifiError
 
-COMMANDS = ("train", "evaluate", "predict", "data", "experiment", "config")
+COMMANDS = ("train", "evaluate", "predict", "data", "experiment", "config", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"multifi: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head, less, …: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt as exc:
         hint = f"; {exc}" if str(exc) else ""
         print(f"multifi: interrupted{hint}", file=sys.stderr)

@@ -192,6 +192,9 @@ class FidelityDataset:
                 if lab.get("stress") is not None:
                     stress[i, k] = voigt_or_matrix(lab["stress"], where)
                     smask[i, k] = True
+                    if not pbc[i].any():
+                        raise MultifiError(f"{where}: a stress label on a non-periodic structure (pbc all False); "
+                                           "stress needs a periodic cell")
         ds = cls(
             numbers=numbers, positions=positions, offsets=offsets, cells=cells, pbc=pbc,
             keys=np.array(keys, dtype=str) if keys else np.zeros(0, dtype="U1"), fidelities=table,
@@ -221,6 +224,9 @@ class FidelityDataset:
             raise MultifiError(f"{src}: structure {s}: unknown element with atomic number {int(bad)}")
         if S and (self.n_atoms == 0).any():
             raise MultifiError(f"{src}: structure {int(np.argmax(self.n_atoms == 0))}: no atoms")
+        if self.stress_mask is not None and (self.stress_mask.any(1) & ~self.pbc.any(1)).any():
+            s = int(np.argmax(self.stress_mask.any(1) & ~self.pbc.any(1)))
+            raise MultifiError(f"{src}: structure {s}: a stress label on a non-periodic structure (pbc all False)")
         self.numbers = self.numbers.astype(np.uint8, copy=False)
         if not np.isfinite(self.positions).all():
             s = int(np.searchsorted(self.offsets, np.argwhere(~np.isfinite(self.positions))[0, 0], "right") - 1)
@@ -244,7 +250,7 @@ class FidelityDataset:
                 s, k = np.argwhere(bad_e | bad_f | bad_s)[0]
                 raise MultifiError(
                     f"{src}: {n_bad} non-finite (NaN/inf) labels, first in structure {s} at fidelity "
-                    f"{self.fidelities.names[k]!r}; fix the data or set data.skip_invalid: true")
+                    f"{self.fidelities.names[k]!r}; fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)")
             self.energy[bad_e] = np.nan
             if self.forces is not None:
                 self.forces_mask &= ~bad_f
