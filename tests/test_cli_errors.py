@@ -292,3 +292,118 @@ def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys
     assert not (tmp_path / "run").exists()
     assert "train: lo=" in caplog.text and "parameters" in caplog.text and "5 steps per epoch" in caplog.text
     fails(["train", write_config(), "--dry-run", "--set", "data.sources.0.fidelity=LJ"], capsys, "names fidelity 'lo'")
+
+
+# ------------------------------------------------------------------------------------ friendliness
+def test_label_keys_per_source(write_config, tmp_path, capsys):
+    """MACE-style REF_energy/REF_forces: a one-line hint without the keys, read with them (CLI and config)."""
+    frames = []
+    for i, name in enumerate(("CH4", "NH3", "H2O")):
+        a = emt_labelled(rattled_molecule(name, i), "DFT")
+        a.info["REF_energy"] = a.get_potential_energy()
+        a.arrays["REF_forces"] = a.get_forces()
+        a.calc = None
+        frames.append(a)
+    path = tmp_path / "mace.extxyz"
+    ase.io.write(path, frames)
+    fails(["data", "info", path], capsys, "frame 0", "no energy/forces/stress label",
+          "REF_energy (set energy_key: REF_energy)", "REF_forces (set forces_key: REF_forces)")
+    code, out, _ = run(["data", "info", path, "--energy-key", "REF_energy", "--forces-key", "REF_forces"], capsys)
+    assert code == 0 and "DFT" in out and out.count(" 3") >= 2
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_source
+
+    ds = read_source(SourceConfig(path=str(path), energy_key="REF_energy", forces_key="REF_forces"))
+    assert ds.energy[:, 0] == pytest.approx([f.info["REF_energy"] for f in frames])
+    np.testing.assert_allclose(ds.forces[:, 0], np.concatenate([f.arrays["REF_forces"] for f in frames]), atol=1e-6)
+    with pytest.raises(MultifiError, match="energy_key applies to files ASE reads"):
+        read_source(SourceConfig(path=str(path), format="matpes", energy_key="REF_energy"))
+
+
+def test_predict_several_fidelities_keeps_reference_labels(model, tmp_path, capsys):
+    mols = [emt_labelled(rattled_molecule("CH4", 1), "lo"), emt_labelled(rattled_molecule("NH3", 2), "lo")]
+    src = tmp_path / "in.extxyz"
+    ase.io.write(src, mols)
+    out = tmp_path / "pred.extxyz"
+    code, stdout, _ = run(["predict", model, src, "--fidelity", "lo", "--fidelity", "hi", "--out", out,
+                           "--device", "cpu"], capsys)
+    assert code == 0 and "lo, hi" in stdout
+    from multifi.models.registry import load_potential
+    from multifi.predict import predict_atoms
+
+    pot = load_potential(model)
+    e_lo, f_lo, _ = predict_atoms(pot, mols, "lo")
+    e_hi, _, _ = predict_atoms(pot, mols, "hi")
+    for a, m, lo, hi, f in zip(ase.io.read(out, ":"), mols, e_lo, e_hi, f_lo):
+        assert a.info["ref_energy"] == pytest.approx(m.get_potential_energy())
+        np.testing.assert_allclose(a.arrays["ref_forces"], m.get_forces(), atol=1e-6)
+        assert a.info["ref_fidelity"] == "lo" and a.info["fidelity"] == "lo"
+        assert a.get_potential_energy() == pytest.approx(lo, rel=1e-6) and a.info["energy_lo"] == pytest.approx(lo)
+        assert a.info["energy_hi"] == pytest.approx(hi, rel=1e-6) and a.info["energy_hi"] != a.info["energy_lo"]
+        np.testing.assert_allclose(a.arrays["forces_lo"], f, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit):
+        main(["predict", str(model), str(src), "--fidelity", "lo", "--out", str(out), "--device", "nonsense"])
+    assert "not a device" in capsys.readouterr().err
+
+
+def test_evaluate_parity_plot_and_learning_curve(write_config, tmp_path, capsys, tiny_extxyz):
+    run_dir = tmp_path / "run"
+    assert run(["train", write_config()], capsys)[0] == 0
+    png = b"\x89PNG"
+    code, out, _ = run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--plot", tmp_path / "parity.png"], capsys)
+    assert code == 0 and (tmp_path / "parity.png").read_bytes()[:4] == png
+    assert run(["plot", run_dir], capsys)[0] == 0 and (run_dir / "learning_curve.png").read_bytes()[:4] == png
+    fails(["plot", tmp_path], capsys, "no metrics.csv")
+
+
+def test_outputs_follow_the_umask_and_the_run_directory_is_announced(write_config, tmp_path, capsys, caplog):
+    old = os.umask(0o002)
+    try:
+        with caplog.at_level("INFO", logger="multifi"):
+            assert run(["train", write_config()], capsys)[0] == 0
+    finally:
+        os.umask(old)
+    run_dir = tmp_path / "run"
+    assert f"run directory: {run_dir.resolve()}" in caplog.text
+    for p in [run_dir, *run_dir.rglob("*")]:
+        want = 0o775 if p.is_dir() else 0o664
+        assert stat.S_IMODE(p.stat().st_mode) == want, p
+
+
+def test_label_table_points_to_the_qm9_form(tmp_path, capsys):
+    table = tmp_path / "GFN2.csv.gz"
+    table.write_bytes(b"")
+    fails(["data", "info", table], capsys, str(table), f"qm9:{table}", "qm9: {labels:")
+    fails(["evaluate", "missing.pt", table], capsys, "missing.pt: no such checkpoint")
+
+
+def test_messages_speak_cli_words(tmp_path, capsys):
+    a = rattled_molecule("H2O", 0)
+    a.calc = SinglePointCalculator(a, energy=float("nan"))
+    path = tmp_path / "nan.extxyz"
+    ase.io.write(path, [a], format="extxyz")
+    line = fails(["data", "info", path, "--fidelity", "lo"], capsys, "non-finite")
+    assert "--set data.skip_invalid=true" in line and "--skip-invalid" in line and "=True" not in line
+
+
+def test_hartree_crystals_warned(caplog):
+    from ase.build import bulk
+
+    from multifi.data.checks import check_energy_units
+    from multifi.data.dataset import FidelityDataset
+
+    recs = []
+    for i in range(24):
+        a = bulk("Si", "diamond", a=5.43) * (1, 1, 1 + i % 2)
+        a.rattle(0.02, seed=i)
+        e = len(a) * (-0.198 + 0.001 * i)  # Hartree per atom (Si with a pseudopotential: about -5.4 eV)
+        recs.append({"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array, "pbc": a.pbc,
+                     "labels": {"PBE": {"energy": e}}})
+    ds = FidelityDataset.from_records(recs, source="si.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), int)], 1)
+    ref, scale = np.zeros((119, 1)), np.ones(1)
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert check_energy_units(ds, pairs, ref, scale) == ["PBE"]
+    assert "crystals' median |energy| per atom 0.18" in caplog.text
+    ds.energy *= 27.211386
+    assert check_energy_units(ds, pairs, ref, scale) == []

@@ -104,7 +104,7 @@ def test_source_fidelity_conflicting_with_the_frame_is_an_error(tmp_path):
 
 
 def test_info_labels_without_calculator(tmp_path):
-    atoms = molecule("CH4")
+    atoms = molecule("CH4", vacuum=4.0, pbc=True)  # in a periodic box: a stress label needs a cell
     atoms.info.update(energy=-8.0, stress=np.full(6, 0.001))
     atoms.arrays["forces"] = np.ones((5, 3))
     path = tmp_path / "ch4.xyz"
@@ -112,6 +112,10 @@ def test_info_labels_without_calculator(tmp_path):
     ds = read_ase(path, fidelity="X")
     assert ds.energy[0, 0] == -8.0 and ds.forces[:, 0].sum() == 15
     np.testing.assert_allclose(ds.stress[0, 0], np.full((3, 3), 0.001 / GPa))
+    atoms.pbc = False
+    ase.io.write(path, atoms)
+    with raises_one_line(path, r"structure 0: a stress label on a non-periodic structure"):
+        read_ase(path, fidelity="X")
 
 
 def test_periodic_extxyz_with_mixed_pbc(tmp_path):
