@@ -19,6 +19,7 @@ from multifi.cli.main import main
 from multifi.errors import MultifiError
 from multifi.models.registry import build_potential, save_potential
 from test_cli import fails, run
+from test_reader_qm9 import small_csv  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -407,3 +408,31 @@ def test_hartree_crystals_warned(caplog):
     assert "crystals' median |energy| per atom 0.18" in caplog.text
     ds.energy *= 27.211386
     assert check_energy_units(ds, pairs, ref, scale) == []
+
+
+def test_evaluate_takes_the_qm9_source_form(model, tmp_path, capsys, monkeypatch, small_csv):
+    """`evaluate MODEL qm9:LABELS.csv --fidelity lo`, as `data info` and a config's data.sources."""
+    from multifi.data.readers import qm9
+
+    monkeypatch.setattr(qm9, "qm9_csv_paths", lambda: [small_csv])
+    monkeypatch.setattr(qm9, "_MEMO", {})
+    monkeypatch.setenv("MULTIFI_CACHE", str(tmp_path / "cache"))
+    labels = tmp_path / "lo.csv"
+    labels.write_text("index,energy_eV\n1,-20.0\n2,-15.0\n3,-12.0\n")  # CH4, NH3, H2O
+    out = tmp_path / "m.json"
+    assert run(["evaluate", model, f"qm9:{labels}", "--fidelity", "lo", "--out", out], capsys)[0] == 0
+    assert json.loads(out.read_text())["fidelities"]["lo"]["n"] == 3
+
+
+def test_verbose_without_third_party_debug_logs(tmp_path, capsys, monkeypatch):
+    import logging
+
+    path = tmp_path / "a.extxyz"
+    ase.io.write(path, [emt_labelled(rattled_molecule("CH4", 0), "lo")])
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a fresh process: main configures logging
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
+    monkeypatch.setattr(logging.getLogger("multifi"), "level", logging.NOTSET)
+    assert run(["-v", "data", "info", path], capsys)[0] == 0
+    assert logging.getLogger("multifi").getEffectiveLevel() == logging.DEBUG
+    for name in ("matplotlib", "PIL", "fsspec", "torch", "urllib3"):
+        assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
