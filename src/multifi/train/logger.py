@@ -102,9 +102,19 @@ class EpochLine(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
+        self._last_step = -1
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or trainer.global_rank != 0:
+        if not trainer.sanity_checking:
+            self._line(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:  # no validation at this epoch's end (e.g. no validation split)
+            self._line(trainer)
+
+    def _line(self, trainer) -> None:
+        self._last_step = trainer.global_step
+        if trainer.global_rank != 0:
             return
         m = {k: _number(v) for k, v in trainer.callback_metrics.items()}
         maes = [f"{k.split('/')[1]} {m[k]:.1f}" for k in sorted(m) if k.startswith("val/") and
@@ -114,6 +124,8 @@ class EpochLine(L.Callback):
             parts.append("val E MAE meV: " + ", ".join(maes))
         if _finite(m.get("val_loss")):
             parts.append(f"val loss {m['val_loss']:.4g}")
+        elif _finite(m.get("train_loss_epoch")):
+            parts.append(f"train loss {m['train_loss_epoch']:.4g}")
         opts = trainer.optimizers
         if opts:
             parts.append(f"lr {opts[0].param_groups[0]['lr']:.3g}")
