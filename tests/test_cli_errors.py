@@ -225,6 +225,14 @@ def test_resume_with_truncated_last_checkpoint_falls_back_to_best(write_config, 
     assert "last.ckpt: unreadable" in caplog.text and "resuming from checkpoints/best.ckpt" in caplog.text
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 2
     assert json.loads((run_dir / "metrics.json").read_text())["fidelities"]
+    # no readable checkpoint at all: --resume starts the run again rather than leaving a dead end
+    for p in (run_dir / "checkpoints").glob("*.ckpt"):
+        p.write_bytes(b"PK\x03\x04 truncated")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["train", "--resume", run_dir, "--set", "train.epochs=1"], capsys)[0] == 0
+    assert "no checkpoint to resume from; starting the run from the beginning" in caplog.text
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
 
 
 # ------------------------------------------------------------------------------------ logs

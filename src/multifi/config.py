@@ -14,15 +14,12 @@ from multifi.validation import validate
 
 def _devices(v):
     """A positive number of devices, 'auto', or a comma-separated list of device ids ('0,1')."""
-    if isinstance(v, bool):
-        raise ValueError(f"expected a number of devices (≥ 1), 'auto' or device ids like '0,1' (got {v!r})")
-    if isinstance(v, int) and v >= 1:
-        return v
-    text = str(v).strip()
-    if text == "auto" or (text and all(p.strip().isdigit() for p in text.rstrip(",").split(","))) and "," in text:
-        return text
+    text = "" if isinstance(v, bool) else str(v).strip()
+    ids = [p.strip() for p in text.rstrip(",").split(",")]
     if text.isdigit() and int(text) >= 1:
         return int(text)
+    if text == "auto" or ("," in text and all(p.isdigit() for p in ids)):
+        return text
     raise ValueError(f"expected a number of devices (≥ 1), 'auto' or device ids like '0,1' (got {v!r})")
 
 

@@ -42,10 +42,10 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     run_dir = Path(cfg.output_dir)
     leader = _is_leader_process()
     ckpt = _resume_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
+    if resume and ckpt is None:  # asked to continue this run: start it again (its unreadable checkpoints get replaced)
         log.warning("%s: no checkpoint to resume from; starting the run from the beginning", run_dir)
         resume = False
-    if leader and not resume:
+    elif leader and not resume:
         _check_fresh_run_dir(run_dir)
     log.info("run directory: %s", run_dir.resolve())
     _configure_threads(cfg)
