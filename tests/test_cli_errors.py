@@ -121,7 +121,9 @@ def test_batch_size_must_be_positive(model, tmp_path, capsys, value):
     for cmd in (["predict", model, src, "--fidelity", "lo", "--out", tmp_path / "o.xyz"], ["evaluate", model, src]):
         with pytest.raises(SystemExit) as exc:
             main([str(a) for a in cmd + ["--batch-size", value]])
-        assert exc.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+        assert err.startswith(f"multifi: error: multifi {cmd[0]}: argument --batch-size: expected a positive integer")
     assert not (tmp_path / "o.xyz").exists()
 
 

@@ -11,8 +11,15 @@ from multifi.errors import MultifiError
 COMMANDS = ("train", "evaluate", "predict", "data", "experiment", "config", "plot")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line, like every other multifi error (subcommands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"multifi: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multifi", description="One atomistic model for many levels of theory.")
+    parser = Parser(prog="multifi", description="One atomistic model for many levels of theory.")
     parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
     import importlib
