@@ -138,7 +138,8 @@ def source_fidelity(named, fidelity: str | None, where: str, field: str) -> str:
                            "source's fidelity applies only to structures that name none: remove one of the two")
     fid = named or fidelity
     if not fid:
-        raise MultifiError(f"{where}: no fidelity: give the source a fidelity or set {field}")
+        raise MultifiError(f"{where}: no fidelity: set {field}, or give the source one ('fidelity:' in the config, "
+                           "--fidelity on the command line)")
     return fid
 
 
