@@ -98,7 +98,10 @@ def test_evaluate_one_fidelity_of_a_file_naming_fidelities(cli_run, tiny_extxyz,
     both = tmp_path / "both.json"
     run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--out", both], capsys)
     hi = json.loads(out.read_text())["fidelities"]
-    assert set(hi) == {"hi"} and hi["hi"] == json.loads(both.read_text())["fidelities"]["hi"]
+    ref = json.loads(both.read_text())["fidelities"]["hi"]
+    assert set(hi) == {"hi"} and hi["hi"].keys() == ref.keys()
+    for key, value in ref.items():  # other batches in the two calls: equal up to float reduction order
+        assert hi["hi"][key] == (value if value is None or key == "n" else pytest.approx(value, rel=1e-6)), key
 
 
 def test_evaluate_file_without_fidelities_at_a_named_fidelity(cli_run, tmp_path, capsys):

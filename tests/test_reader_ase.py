@@ -88,16 +88,23 @@ def test_per_structure_fidelity_two_fidelities_in_one_file(tmp_path):
     assert not ds.pbc.any() and not ds.cells.any()
 
 
-def test_source_wide_fidelity_overrides_info_and_key_from_info(tmp_path):
+def test_source_fidelity_labels_only_structures_naming_none_and_key_from_info(tmp_path):
     path = tmp_path / "w.xyz"
-    ase.io.write(path, [water(fidelity="PBE", key="qm9:17")])
-    ds = read_ase(path, fidelity="GFN2-xTB")
-    assert ds.fidelities.names == ("GFN2-xTB",)
-    assert ds.keys.tolist() == ["qm9:17"]
+    ase.io.write(path, [water(fidelity="PBE", key="qm9:17"), water(-2.0)])
+    ds = read_ase(path, fidelity="PBE")  # the same name: agrees with the frame
+    assert ds.fidelities.names == ("PBE",) and ds.keys.tolist()[0] == "qm9:17"
+    assert ds.energy[:, 0].tolist() == [-3.0, -2.0]  # frame 1 names none: the source's fidelity
+
+
+def test_source_fidelity_conflicting_with_the_frame_is_an_error(tmp_path):
+    path = tmp_path / "w.xyz"
+    ase.io.write(path, [water(fidelity="PBE"), water(-2.0, fidelity="EMT")])
+    with raises_one_line(path, r"frame 1 \(0-based\): names fidelity 'EMT' \(info\['fidelity'\]\) but its source says 'PBE'"):
+        read_ase(path, fidelity="PBE")
 
 
 def test_info_labels_without_calculator(tmp_path):
-    atoms = molecule("CH4")
+    atoms = molecule("CH4", vacuum=4.0, pbc=True)  # in a periodic box: a stress label needs a cell
     atoms.info.update(energy=-8.0, stress=np.full(6, 0.001))
     atoms.arrays["forces"] = np.ones((5, 3))
     path = tmp_path / "ch4.xyz"
@@ -105,6 +112,10 @@ def test_info_labels_without_calculator(tmp_path):
     ds = read_ase(path, fidelity="X")
     assert ds.energy[0, 0] == -8.0 and ds.forces[:, 0].sum() == 15
     np.testing.assert_allclose(ds.stress[0, 0], np.full((3, 3), 0.001 / GPa))
+    atoms.pbc = False
+    ase.io.write(path, atoms)
+    with raises_one_line(path, r"structure 0: a stress label on a non-periodic structure"):
+        read_ase(path, fidelity="X")
 
 
 def test_periodic_extxyz_with_mixed_pbc(tmp_path):

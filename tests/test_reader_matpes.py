@@ -128,9 +128,12 @@ def test_formats_json_list_gz_jsonl(tmp_path):
 
 
 def test_fidelity_argument_and_merge_across_files(tmp_path):
-    a = read_matpes(write_jsonl(tmp_path / "a.jsonl", [record("x"), record("y")]), fidelity="PBE-custom")
+    a = read_matpes(write_jsonl(tmp_path / "a.jsonl", [record("x", functional=None), record("y", functional=None)]),
+                    fidelity="PBE-custom")
     b = read_matpes(write_jsonl(tmp_path / "b.jsonl", [record("y", functional="R2SCAN", energy=-9.0)]))
     assert a.fidelities.names == ("PBE-custom",)
+    with pytest.raises(MultifiError, match=r"b\.jsonl: record 0 .*names fidelity 'R2SCAN' .*source says 'PBE'"):
+        read_matpes(tmp_path / "b.jsonl", fidelity="PBE")
     merged = FidelityDataset.merge([a, b])
     assert len(merged) == 2 and merged.energy[1].tolist() == [-6.5, -9.0]
 

@@ -128,7 +128,8 @@ def test_existing_non_empty_run_dir_is_refused(trained_run):
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
-def test_resume_without_checkpoint_is_an_error(write_config, tmp_path):
+def test_resume_without_checkpoint_starts_afresh(write_config, tmp_path, caplog):
+    """A run directory whose start wrote no checkpoint is no dead end: --resume (and train) start it again."""
     from multifi.train.run import train_from_args
 
     run_dir = tmp_path / "half"
@@ -136,8 +137,12 @@ def test_resume_without_checkpoint_is_an_error(write_config, tmp_path):
     with pytest.raises(MultifiError, match="half/config.yaml: no such config file"):
         train_from_args(None, [], str(run_dir))
     (run_dir / "config.yaml").write_text(write_config().read_text())
-    with pytest.raises(MultifiError, match="half: nothing to resume"):
-        train_from_args(None, [], str(run_dir))
+    (run_dir / "metrics.csv").write_text("epoch,step,val_loss\n0,5,1.0\n")  # left by the failed start
+    with caplog.at_level("WARNING", logger="multifi"):
+        train_from_args(None, ["train.epochs=1"], str(run_dir))
+    assert "no checkpoint to resume from; starting the run from the beginning" in caplog.text
+    assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "model.pt").exists()
+    assert "1.0" not in (run_dir / "metrics.csv").read_text().split("\n")[1]
 
 
 def test_config_error_leaves_run_dir_reusable(write_config, tmp_path):

@@ -3,13 +3,28 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from multifi.errors import MultifiError
 from multifi.validation import validate
+
+
+def _devices(v):
+    """A positive number of devices, 'auto', or a comma-separated list of device ids ('0,1')."""
+    text = "" if isinstance(v, bool) else str(v).strip()
+    ids = [p.strip() for p in text.rstrip(",").split(",")]
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    if text == "auto" or ("," in text and all(p.isdigit() for p in ids)):
+        return text
+    raise ValueError(f"expected a number of devices (≥ 1), 'auto' or device ids like '0,1' (got {v!r})")
+
+
+Devices = Annotated[int | str, BeforeValidator(_devices)]
+SamplingWeight = Annotated[float, Field(ge=0)]
 
 
 class Section(BaseModel):
@@ -34,6 +49,10 @@ class SourceConfig(Section):
     format: Literal["auto", "ase", "matpes", "npz"] = "auto"
     index: str = ":"
     qm9: Qm9Source | None = None
+    energy_key: str = Field("energy", description="key of the energy label (eV) in info or the calculator, "
+                            "e.g. REF_energy (ASE-readable files)")
+    forces_key: str = Field("forces", description="key of the force labels (eV/Å) in arrays or the calculator")
+    stress_key: str = Field("stress", description="key of the stress label (eV/Å³, ASE sign) in info or the calculator")
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -125,13 +144,13 @@ class TrainConfig(Section):
     threads: int | None = None
     precision: Literal["32", "64"] = "32"
     accelerator: str = "auto"
-    devices: int | str = 1
+    devices: Devices = 1
     num_nodes: int = 1
     checkpoint_every_n_steps: int | None = None
     val_every_n_steps: int | None = Field(None, ge=1, description="validate every N steps instead of every "
                                           "epoch (also across epoch ends)")
     max_steps: int = -1
-    fidelity_sampling: dict[str, float] = Field(default_factory=dict, description="relative sampling weight")
+    fidelity_sampling: dict[str, SamplingWeight] = Field(default_factory=dict, description="relative sampling weight")
     progress: bool = True
     init_from: str | None = Field(None, description="start from the weights of this saved potential (.pt/.ckpt)")
     init_fidelities: dict[str, str] = Field(
@@ -183,7 +202,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise MultifiError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise MultifiError(f"{path}: {yaml_error(exc)}") from None
         if not isinstance(raw, dict):
             raise MultifiError(f"{path}: the config must be a mapping of sections (data, model, train, …)")
     for item in overrides:
@@ -192,6 +211,15 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     if path is not None:
         _resolve_paths(cfg, Path(path).resolve().parent)
     return cfg
+
+
+def yaml_error(exc: yaml.YAMLError) -> str:
+    """A YAML parse error as one line with its line and column (1-based)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+    what = what or str(exc).splitlines()[0]
+    at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"not valid YAML: {at}{what}"
 
 
 def validate_config(raw: dict, where: str = "config") -> RunConfig:
@@ -205,17 +233,41 @@ def apply_override(raw: dict, item: str, where: str = "config") -> None:
     key, value = item.split("=", 1)
     node: Any = raw
     parts = key.strip().split(".")
-    for p in parts[:-1]:
-        if isinstance(node, list):
-            node = node[int(p)]
-        else:
-            node = node.setdefault(p, {})
+    if not all(parts):
+        raise MultifiError(f"{where}: --set {item}: {key.strip()!r} is not a key path like train.epochs")
+    for i, p in enumerate(parts[:-1]):
+        node = _step(node, p, parts[:i + 1], item, where)
     last = parts[-1]
-    parsed = yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise MultifiError(f"{where}: --set {item}: value {yaml_error(exc)}") from None
     if isinstance(node, list):
-        node[int(last)] = parsed
-    else:
+        node[_list_index(node, last, parts, item, where)] = parsed
+    elif isinstance(node, dict):
         node[last] = parsed
+    else:
+        raise MultifiError(f"{where}: --set {item}: {'.'.join(parts[:-1])} is a value ({node!r}), not a section")
+
+
+def _step(node, p: str, path: list[str], item: str, where: str):
+    """One step of an override's key path: into a list by index, into (or creating) a mapping by key."""
+    if isinstance(node, list):
+        return node[_list_index(node, p, path, item, where)]
+    if not isinstance(node, dict):
+        raise MultifiError(f"{where}: --set {item}: {'.'.join(path[:-1])} is a value ({node!r}), not a section")
+    child = node.setdefault(p, {})
+    if child is None:
+        child = node[p] = {}
+    return child
+
+
+def _list_index(node: list, p: str, path: list[str], item: str, where: str) -> int:
+    name = ".".join(path[:-1]) if len(path) > 1 else path[0]
+    if not p.lstrip("-").isdigit() or not -len(node) <= int(p) < len(node):
+        raise MultifiError(f"{where}: --set {item}: {name} is a list of {len(node)}; use an index 0–{len(node) - 1} "
+                           f"(e.g. {name}.0), not {p!r}")
+    return int(p)
 
 
 def _resolve_paths(cfg: RunConfig, root: Path) -> None:

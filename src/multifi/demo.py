@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<44}{m['energy_mae_meV']:>10.1f}{m['energy_mae_meV'] / MEV_PER_KCAL_MOL:>14.2f}{m['energy_rmse_meV']:>10.1f}")
     print(f"ratio single/joint: {s['energy_mae_meV'] / j['energy_mae_meV']:.2f}")
     summary = {"joint": j, "single": s, "ratio_single_over_joint": s["energy_mae_meV"] / j["energy_mae_meV"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from multifi.files import write_text
+
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
     return 0
 
 

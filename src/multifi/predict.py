@@ -8,26 +8,31 @@ import numpy as np
 from multifi.errors import MultifiError
 
 
-def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, forces: bool = True):
-    """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules)."""
+def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, forces: bool = True, where: str = ""):
+    """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules).
+
+    `where` (the file) prefixes errors about a structure, e.g. atoms closer than 0.1 Å."""
+    if batch_size < 1:
+        raise MultifiError(f"batch size must be a positive number of structures (got {batch_size})")
     from multifi.data.batch import graph_from_atoms
 
     k = potential.fidelity_index(fidelity)
     check_atoms_elements(potential, atoms_list)
-    dtype = next(potential.parameters()).dtype
+    param = next(potential.parameters())
     energies, forces_out, stresses = [], [], []
     for start in range(0, len(atoms_list), batch_size):
         chunk = atoms_list[start:start + batch_size]
-        g = graph_from_atoms(chunk, potential.cutoff, k, dtype=dtype)
+        g = graph_from_atoms(chunk, potential.cutoff, k, dtype=param.dtype, where=where, first=start)
         periodic = bool(g.cell.abs().sum() > 0)
-        out = potential(g, forces=forces, stress=periodic)
-        energies.append(out["energy"].detach().numpy())
+        out = potential(g.to(param.device), forces=forces, stress=periodic)
+        out = {key: v.detach().cpu() for key, v in out.items()}
+        energies.append(out["energy"].numpy())
         if forces:
-            f = out["forces"].detach().numpy()
+            f = out["forces"].numpy()
             splits = np.cumsum(g.n_atoms.numpy())[:-1]
             forces_out.extend(np.split(f, splits))
         st = out.get("stress")  # molecules batched with crystals get no stress (not a zero one)
-        stresses.extend(st[i].detach().numpy() if st is not None and a.pbc.any() else None for i, a in enumerate(chunk))
+        stresses.extend(st[i].numpy() if st is not None and a.pbc.any() else None for i, a in enumerate(chunk))
     return np.concatenate(energies) if energies else np.zeros(0), forces_out, stresses
 
 
@@ -43,19 +48,26 @@ def check_atoms_elements(potential, atoms_list, where: str = "") -> None:
                                f"(model knows {', '.join(chemical_symbols[z] for z in sorted(known))})")
 
 
-def predict_file(checkpoint, structures, fidelity: str, out: Path, batch_size: int = 32) -> int:
-    """Read structures, predict at `fidelity`, write extxyz (energy, forces, stress in ASE units)."""
+def predict_file(checkpoint, structures, fidelity: str | list[str], out: Path, batch_size: int = 32,
+                 device: str = "cpu") -> int:
+    """Read structures, predict at `fidelity` (or several), write extxyz (energy, forces, stress in ASE units).
+
+    The first fidelity's predictions are the calculator results (energy, forces, stress); with several
+    fidelities, each one's also go to info/arrays as energy_<name>, forces_<name>, stress_<name> (name
+    with characters other than letters, digits and _ replaced by _). Labels the input carried are kept
+    as ref_energy, ref_forces, ref_stress (and its info['fidelity'] as ref_fidelity)."""
     import io
 
     import ase.io
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.units import GPa
 
-    from multifi.data.dataset import atomic_write
+    from multifi.files import atomic_write
     from multifi.models.registry import load_potential
 
+    fidelities = [fidelity] if isinstance(fidelity, str) else list(fidelity)
     potential = load_potential(checkpoint)
-    potential.fidelities.index(fidelity, where=str(checkpoint))
+    for name in fidelities:
+        potential.fidelities.index(name, where=str(checkpoint))
+    potential = potential.to(device)
     path = Path(structures)
     if not path.exists():
         raise MultifiError(f"{path}: no such file")
@@ -67,14 +79,54 @@ def predict_file(checkpoint, structures, fidelity: str, out: Path, batch_size: i
         check_atoms_elements(potential, atoms_list, str(path))
     except MultifiError:
         raise
-    energies, forces, stresses = predict_atoms(potential, atoms_list, fidelity, batch_size)
-    for a, e, f, s in zip(atoms_list, energies, forces, stresses):
-        results = {"energy": float(e), "forces": f}
-        if s is not None:
-            results["stress"] = s * GPa  # GPa → eV/Å³ (ASE units)
-        a.calc = SinglePointCalculator(a, **results)
-        a.info["fidelity"] = fidelity
+    predictions = {}
+    for name in fidelities:
+        energies, forces, stresses = predict_atoms(potential, atoms_list, name, batch_size, where=str(path))
+        if not np.isfinite(energies).all():
+            i = int(np.argmax(~np.isfinite(energies)))
+            raise MultifiError(f"{path}: structure {i}: the model predicts a non-finite energy at {name!r}; "
+                               "nothing written")
+        predictions[name] = (energies, forces, stresses)
+    for i, a in enumerate(atoms_list):
+        _keep_reference_labels(a)
+        for n, name in enumerate(fidelities):
+            _attach(a, name, *(p[i] for p in predictions[name]), first=n == 0, several=len(fidelities) > 1)
     buf = io.StringIO()
     ase.io.write(buf, atoms_list, format="extxyz")
     atomic_write(Path(out), lambda fh: fh.write(buf.getvalue().encode()))
     return len(atoms_list)
+
+
+def _keep_reference_labels(atoms) -> None:
+    """The input's own labels (calculator results or info/arrays) as ref_energy / ref_forces / ref_stress."""
+    results = dict(getattr(atoms.calc, "results", None) or {})
+    for key, store in (("energy", atoms.info), ("forces", atoms.arrays), ("stress", atoms.info)):
+        value = results.get(key, atoms.info.get(key) if store is atoms.info else atoms.arrays.get(key))
+        if value is not None:
+            store[f"ref_{key}"] = value
+        store.pop(key, None)
+    if "fidelity" in atoms.info:
+        atoms.info["ref_fidelity"] = atoms.info.pop("fidelity")
+    atoms.calc = None
+
+
+def _attach(atoms, name: str, energy, forces, stress, first: bool, several: bool) -> None:
+    """Predictions at fidelity `name`: the calculator results for the first fidelity, named keys when several."""
+    import re
+
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.units import GPa
+
+    results = {"energy": float(energy), "forces": forces}
+    if stress is not None:
+        results["stress"] = stress * GPa  # GPa → eV/Å³ (ASE units)
+    if first:
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        atoms.info["fidelity"] = name
+    if several:
+        tag = re.sub(r"\W", "_", name)
+        atoms.info[f"energy_{tag}"] = results["energy"]
+        atoms.arrays[f"forces_{tag}"] = np.asarray(forces, dtype=np.float64)
+        if stress is not None:
+            s = results["stress"]
+            atoms.info[f"stress_{tag}"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

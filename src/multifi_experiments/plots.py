@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from multifi.files import atomic_write
+
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 
@@ -19,8 +21,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight"))
     _plt().close(fig)
     return path
 

@@ -15,23 +15,20 @@ def register(sub):
 
 
 def _sources(p):
+    from multifi.cli.args import add_label_keys
+
     p.add_argument("sources", nargs="+", help="files (extxyz, db, MatPES json/jsonl, .npz) or qm9[:LABELS.csv]")
-    p.add_argument("--fidelity", help="fidelity of sources that do not name one")
+    p.add_argument("--fidelity", help="fidelity of structures that name none (a structure naming another one is an error)")
     p.add_argument("--skip-invalid", action="store_true", help="drop NaN/inf labels instead of failing")
+    add_label_keys(p)
 
 
 def _read(args):
-    from multifi.config import Qm9Source, SourceConfig
+    from multifi.cli.args import source_config
     from multifi.data.dataset import FidelityDataset
     from multifi.data.sources import read_source
 
-    parts = []
-    for s in args.sources:
-        if s == "qm9" or s.startswith("qm9:"):
-            labels = s[4:] or None
-            parts.append(read_source(SourceConfig(qm9=Qm9Source(labels=labels, fidelity=args.fidelity)), args.skip_invalid))
-        else:
-            parts.append(read_source(SourceConfig(path=s, fidelity=args.fidelity), args.skip_invalid))
+    parts = [read_source(source_config(s, args.fidelity, args), args.skip_invalid) for s in args.sources]
     return FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
 
 

@@ -1,15 +1,21 @@
 """multifi evaluate CHECKPOINT DATA… [--fidelity NAME] [--out FILE]"""
 from __future__ import annotations
 
+from multifi.cli.args import add_label_keys, device_arg, positive_int
+
 
 def register(sub):
     p = sub.add_parser("evaluate", help="per-fidelity errors of a trained model on labelled data")
     p.add_argument("checkpoint", help="model.pt or a training checkpoint (.ckpt)")
-    p.add_argument("data", nargs="+", help="labelled data files (extxyz, ASE db, MatPES JSON, multifi .npz)")
+    p.add_argument("data", nargs="+", help="labelled data: files (extxyz, ASE db, MatPES JSON, multifi .npz) or "
+                                           "qm9[:LABELS.csv], as in a config's data.sources")
     p.add_argument("--fidelity", help="label fidelity for files that do not name one per structure; "
                                       "with it, only labels of this fidelity are evaluated")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--out", help="write the metrics as JSON to this file")
+    p.add_argument("--plot", metavar="FILE.png", help="parity plot (predicted vs reference energy per atom) per fidelity")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
+    add_label_keys(p)
     p.set_defaults(func=run)
 
 
@@ -20,40 +26,52 @@ def run(args) -> int:
     import numpy as np
 
     from multifi.cli.format import metrics_table
-    from multifi.data.dataset import FidelityDataset, atomic_write
+    from multifi.data.dataset import FidelityDataset
+    from multifi.files import atomic_write
     from multifi.data.split import labelled_pairs
     from multifi.models.registry import load_potential
     from multifi.train.evaluate import evaluate_pairs
 
-    potential = load_potential(args.checkpoint)
-    parts = [read_labelled(path, args.fidelity) for path in args.data]
+    potential = load_potential(args.checkpoint).to(args.device)
+    parts = [read_labelled(path, args.fidelity, args) for path in args.data]
     ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
     check_elements(potential, ds)
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     if args.fidelity:
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity, where=", ".join(args.data))]
         potential.fidelities.index(args.fidelity, where=args.checkpoint)
-    metrics = evaluate_pairs(potential, ds, None, pairs, args.batch_size)
+    metrics, predicted = evaluate_pairs(potential, ds, None, pairs, args.batch_size, return_predictions=True)
     print(metrics_table(metrics, title=f"{args.checkpoint} on {', '.join(args.data)}"))
     if args.out:
         atomic_write(Path(args.out), lambda f: f.write(json.dumps({"fidelities": metrics}, indent=2).encode()))
+    if args.plot:
+        from multifi.plots import parity_plot
+
+        n_atoms = ds.n_atoms[pairs[:, 0]]
+        reference = ds.energy[pairs[:, 0], pairs[:, 1]] / n_atoms
+        names = np.array(ds.fidelities.names, dtype=object)[pairs[:, 1]]
+        parity_plot(Path(args.plot), names, reference, predicted / n_atoms, title=str(args.checkpoint))
+        print(f"wrote {args.plot}")
     return 0
 
 
-def read_labelled(path: str, fidelity: str | None):
-    """A labelled data file with the fidelities it names per structure; `fidelity` only for files naming none."""
+def read_labelled(path: str, fidelity: str | None, args=None):
+    """Labelled data with the fidelities it names per structure; `fidelity` only for structures naming none."""
     from pathlib import Path
 
-    from multifi.config import SourceConfig
+    from multifi.cli.args import source_config
     from multifi.data.sources import guess_format, read_source
     from multifi.errors import MultifiError
 
+    src = source_config(path, None, args)
+    if src.qm9 is not None:
+        return read_source(source_config(path, fidelity, args))
     try:
-        return read_source(SourceConfig(path=path))
+        return read_source(src)
     except MultifiError:
         if fidelity is None or guess_format(Path(path)) == "npz":
             raise
-        return read_source(SourceConfig(path=path, fidelity=fidelity))  # fails again unless the fidelity was missing
+        return read_source(source_config(path, fidelity, args))  # fails again unless the fidelity was missing
 
 
 def check_elements(potential, dataset) -> None:

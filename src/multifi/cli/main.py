@@ -8,14 +8,21 @@ import sys
 
 from multifi.errors import MultifiError
 
-COMMANDS = ("train", "evaluate", "predict", "data")
+COMMANDS = ("train", "evaluate", "predict", "data", "config", "plot")
 #: entry-point group through which installed packages add subcommands (e.g. `multifi experiment` from
 #: multifi_experiments): each entry point is a `register(subparsers)` function
 PLUGIN_GROUP = "multifi.commands"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line, like every other multifi error (subcommands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"multifi: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multifi", description="One atomistic model for many levels of theory.")
+    parser = Parser(prog="multifi", description="One atomistic model for many levels of theory.")
     parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
     import importlib
@@ -32,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # third-party debug logs stay off with -v
+    logging.getLogger("multifi").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.INFO)
     try:
@@ -42,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"multifi: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("multifi: interrupted", file=sys.stderr)
+    except BrokenPipeError:  # output piped into head, less, …: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt as exc:
+        hint = f"; {exc}" if str(exc) else ""
+        print(f"multifi: interrupted{hint}", file=sys.stderr)
         return 130
 
 

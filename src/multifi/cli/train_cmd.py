@@ -1,6 +1,8 @@
 """multifi train CONFIG.yaml [--set key=value …] | multifi train --resume RUN_DIR"""
 from __future__ import annotations
 
+from multifi.cli.args import positive_int
+
 
 def register(sub):
     p = sub.add_parser("train", help="train a model from a YAML config")
@@ -9,7 +11,9 @@ def register(sub):
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--devices", help="devices per node (e.g. 2, or 'auto')")
-    p.add_argument("--num-nodes", type=int, help="number of nodes for distributed training")
+    p.add_argument("--num-nodes", type=positive_int, help="number of nodes for distributed training")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check config and data, print the plan (samples per fidelity and split, parameters), write nothing")
     p.set_defaults(func=run)
 
 
@@ -21,7 +25,9 @@ def run(args) -> int:
         overrides.append(f"train.devices={args.devices}")
     if args.num_nodes is not None:
         overrides.append(f"train.num_nodes={args.num_nodes}")
-    run_dir = train_from_args(args.config, overrides, args.resume)
+    run_dir = train_from_args(args.config, overrides, args.resume, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
     metrics = run_dir / "metrics.json"
     if metrics.exists():
         import json

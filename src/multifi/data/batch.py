@@ -7,7 +7,9 @@ import numpy as np
 import torch
 
 from multifi.data.dataset import FidelityDataset, ranges
+from multifi.data.checks import MIN_DISTANCE
 from multifi.data.neighbors import neighbor_list
+from multifi.errors import MultifiError
 
 Tensor = torch.Tensor
 
@@ -111,14 +113,22 @@ class GraphCollator:
 
 
 def graph_from_atoms(atoms_list, cutoff: float, fidelity: int | list[int] = 0,
-                     dtype: torch.dtype = torch.float32) -> Graph:
-    """A label-free Graph from ase.Atoms objects (for prediction and the calculator)."""
+                     dtype: torch.dtype = torch.float32, where: str = "", first: int = 0) -> Graph:
+    """A label-free Graph from ase.Atoms objects (for prediction and the calculator).
+
+    Atoms closer than MIN_DISTANCE Å are an error naming `where`, structure `first + n` and the atoms,
+    as in training (the model's energy there is NaN or meaningless)."""
     numbers, positions, cells, n_atoms, ei, shifts = [], [], [], [], [], []
     start = 0
-    for a in atoms_list:
+    for n, a in enumerate(atoms_list):
         pbc = a.pbc
         cell = a.cell.array if pbc.any() else np.zeros((3, 3))
-        i, j, s = neighbor_list(a.positions, cell, pbc, cutoff)
+        i, j, s, d = neighbor_list(a.positions, cell, pbc, cutoff, distances=True)
+        if len(d) and d.min() < MIN_DISTANCE:
+            e = int(np.argmin(d))
+            prefix = f"{where}: " if where else ""
+            raise MultifiError(f"{prefix}structure {first + n}: atoms {i[e]} and {j[e]} are {d[e]:.3f} Å apart "
+                               f"(< {MIN_DISTANCE} Å)")
         ei.append(np.stack([i, j]) + start)
         shifts.append(s)
         numbers.append(a.numbers)

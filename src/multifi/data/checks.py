@@ -78,7 +78,8 @@ def check_split_duplicates(dataset: FidelityDataset, split) -> int:
 def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndarray, scale: np.ndarray) -> list[str]:
     """Warn for fidelities whose energies look like Hartree: a fitted hydrogen reference below 0.7 in
     magnitude (every method gives 1–16 eV; Hartree gives 0.4–0.6) or a per-atom spread of residuals
-    below 2 meV (eV data of real structures spreads by ≥ 10 meV/atom). Returns the suspicious names."""
+    below 2 meV (eV data of real structures spreads by ≥ 10 meV/atom), or crystals whose median |energy|
+    per atom lies in 0.02-0.4 (eV data: 1-10 or more). Returns the suspicious names."""
     suspicious = []
     for k, name in enumerate(dataset.fidelities.names):
         s = pairs[pairs[:, 1] == k, 0]
@@ -88,9 +89,23 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
         has_h = bool((dataset.numbers == 1).any())
         tiny_h = has_h and 0 < abs(ref[1, k]) < 0.7
         tiny_spread = scale[k] < 2e-3
-        if tiny_h or tiny_spread:
+        crystal_ha = _crystal_per_atom_magnitude(dataset, s, k)
+        if tiny_h or tiny_spread or crystal_ha is not None:
             suspicious.append(name)
-            why = f"hydrogen reference {ref[1, k]:.3f}" if tiny_h else f"per-atom spread {1000 * scale[k]:.2f} meV"
+            why = f"hydrogen reference {ref[1, k]:.3f}" if tiny_h else (
+                f"per-atom spread {1000 * scale[k]:.2f} meV" if tiny_spread else
+                f"crystals' median |energy| per atom {crystal_ha:.3f}, where eV data gives 1-10")
             log.warning("%s: energies at fidelity %r look like Hartree, not eV (%s); multiply by 27.211386 "
                         "if so", dataset.source or "data", name, why)
     return suspicious
+
+
+def _crystal_per_atom_magnitude(dataset: FidelityDataset, s: np.ndarray, k: int) -> float | None:
+    """The median |energy| per atom of the periodic structures `s` at fidelity k when it looks like Hartree
+    (0.02-0.4: total energies of crystals are 1-10 eV/atom in magnitude with pseudopotential codes, far
+    more with all-electron ones; in Hartree 0.04-0.4); None otherwise or with fewer than 20 crystals."""
+    periodic = s[dataset.pbc[s].any(1)]
+    if len(periodic) < 20:
+        return None
+    m = float(np.median(np.abs(dataset.energy[periodic, k]) / dataset.n_atoms[periodic]))
+    return m if 0.02 < m < 0.4 else None

@@ -25,6 +25,7 @@ import numpy as np
 
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
+from multifi.files import atomic_write, make_dir, new_dir_mode, reported  # noqa: F401 (atomic_write re-exported)
 
 MAX_Z = 118
 
@@ -162,6 +163,8 @@ class FidelityDataset:
             where = f"{source}: structure {r.get('name', i)}"
             sl = slice(offsets[i], offsets[i + 1])
             n = int(counts[i])
+            if n == 0:
+                raise MultifiError(f"{where}: no atoms")
             pos = np.asarray(r["positions"], dtype=np.float64)
             if pos.shape != (n, 3):
                 raise MultifiError(f"{where}: positions have shape {pos.shape}, expected ({n}, 3)")
@@ -189,6 +192,9 @@ class FidelityDataset:
                 if lab.get("stress") is not None:
                     stress[i, k] = voigt_or_matrix(lab["stress"], where)
                     smask[i, k] = True
+                    if not pbc[i].any():
+                        raise MultifiError(f"{where}: a stress label on a non-periodic structure (pbc all False); "
+                                           "stress needs a periodic cell")
         ds = cls(
             numbers=numbers, positions=positions, offsets=offsets, cells=cells, pbc=pbc,
             keys=np.array(keys, dtype=str) if keys else np.zeros(0, dtype="U1"), fidelities=table,
@@ -216,6 +222,11 @@ class FidelityDataset:
             bad = self.numbers[(self.numbers < 1) | (self.numbers > MAX_Z)][0]
             s = int(np.searchsorted(self.offsets, np.argmax((self.numbers < 1) | (self.numbers > MAX_Z)), "right") - 1)
             raise MultifiError(f"{src}: structure {s}: unknown element with atomic number {int(bad)}")
+        if S and (self.n_atoms == 0).any():
+            raise MultifiError(f"{src}: structure {int(np.argmax(self.n_atoms == 0))}: no atoms")
+        if self.stress_mask is not None and (self.stress_mask.any(1) & ~self.pbc.any(1)).any():
+            s = int(np.argmax(self.stress_mask.any(1) & ~self.pbc.any(1)))
+            raise MultifiError(f"{src}: structure {s}: a stress label on a non-periodic structure (pbc all False)")
         self.numbers = self.numbers.astype(np.uint8, copy=False)
         if not np.isfinite(self.positions).all():
             s = int(np.searchsorted(self.offsets, np.argwhere(~np.isfinite(self.positions))[0, 0], "right") - 1)
@@ -239,7 +250,7 @@ class FidelityDataset:
                 s, k = np.argwhere(bad_e | bad_f | bad_s)[0]
                 raise MultifiError(
                     f"{src}: {n_bad} non-finite (NaN/inf) labels, first in structure {s} at fidelity "
-                    f"{self.fidelities.names[k]!r}; fix the data or set data.skip_invalid: true")
+                    f"{self.fidelities.names[k]!r}; fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)")
             self.energy[bad_e] = np.nan
             if self.forces is not None:
                 self.forces_mask &= ~bad_f
@@ -373,14 +384,18 @@ class FidelityDataset:
             return path
         if path.exists() and not (path / "multifi_dataset.json").exists():
             raise MultifiError(f"{path}: exists and is not a multifi dataset directory; not overwriting it")
-        tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None, prefix=f".{path.name}."))
+        make_dir(path.parent)
+        with reported(path):
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
         try:
-            for name, a in self._arrays().items():
-                np.save(tmp / f"{name}.npy", np.ascontiguousarray(a), allow_pickle=False)
-            (tmp / "multifi_dataset.json").write_text('{"format": 1}\n')
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            with reported(path):
+                for name, a in self._arrays().items():
+                    np.save(tmp / f"{name}.npy", np.ascontiguousarray(a), allow_pickle=False)
+                (tmp / "multifi_dataset.json").write_text('{"format": 1}\n')
+                new_dir_mode(tmp)
+                if path.exists():
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -424,23 +439,6 @@ def voigt_or_matrix(stress, where: str = "") -> np.ndarray:
         xx, yy, zz, yz, xz, xy = s
         return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
     raise MultifiError(f"{where}: stress has shape {s.shape}, expected (3, 3) or (6,)")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(fileobj) on a temporary file next to `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _concatenate(parts: list[FidelityDataset], table: FidelityTable) -> FidelityDataset:

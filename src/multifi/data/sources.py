@@ -31,6 +31,13 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
     if not path.exists():
         raise MultifiError(f"{path}: no such file")
     fmt = src.format if src.format != "auto" else guess_format(path)
+    if fmt == "ase" and path.name.lower().endswith((".csv", ".csv.gz")):
+        raise MultifiError(f"{path}: a label table, not a structure file; it labels QM9 molecules: on the command "
+                           f"line give it as qm9:{path}, in a config as '- qm9: {{labels: {path}}}'")
+    keys = {"energy": src.energy_key, "forces": src.forces_key, "stress": src.stress_key}
+    custom = [f"{k}_key" for k, v in keys.items() if v != k]
+    if custom and fmt != "ase":
+        raise MultifiError(f"{path}: {', '.join(custom)} applies to files ASE reads, not to {fmt} files")
     if fmt == "npz":
         ds = FidelityDataset.load(path)
         if src.fidelity is not None:
@@ -42,7 +49,7 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
         return read_matpes(path, fidelity=src.fidelity, skip_invalid=skip_invalid)
     from multifi.data.readers.ase_files import read_ase
 
-    return read_ase(path, fidelity=src.fidelity, index=src.index, skip_invalid=skip_invalid)
+    return read_ase(path, fidelity=src.fidelity, index=src.index, skip_invalid=skip_invalid, keys=keys)
 
 
 def guess_format(path: Path) -> str:

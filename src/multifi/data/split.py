@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from multifi.data.dataset import FidelityDataset, atomic_write
+from multifi.data.dataset import FidelityDataset
+from multifi.files import atomic_write
 from multifi.errors import MultifiError
 
 SPLITS = ("train", "val", "test")

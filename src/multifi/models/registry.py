@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from multifi.data.dataset import atomic_write
+from multifi.files import atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
 from multifi.models.head import EnergyHead

@@ -62,6 +62,8 @@ class MultiFidelityData(L.LightningDataModule):
         natural = counts / max(counts.sum(), 1)
         w = np.array([self.sampling.get(n, natural[k]) for k, n in enumerate(names)])
         w[counts == 0] = 0
+        if w.sum() <= 0:
+            return {}  # no fidelity with training samples has weight: an error before training (check_sampling)
         w = w / w.sum()
         return {k: float(w[k]) for k in range(len(names)) if w[k] > 0}
 

@@ -21,16 +21,17 @@ def evaluate_pairs(potential, dataset: FidelityDataset, neighbors: NeighborCache
     metrics = FidelityMetrics(list(potential.fidelities.names))
     forces_on = dataset.forces is not None
     stress_on = dataset.stress is not None
-    dtype = next(potential.parameters()).dtype
+    param = next(potential.parameters())
     preds = []
     for start in range(0, len(pairs), batch_size):
-        g = collate(pairs[start:start + batch_size]).to("cpu", dtype)
+        g = collate(pairs[start:start + batch_size]).to("cpu", param.dtype)
         g.fidelity = torch.as_tensor(to_model[g.fidelity.numpy()])
         want_f = forces_on and bool(g.forces_mask.any())
-        out = potential(g, forces=want_f, stress=stress_on and bool(g.stress_mask.any()))
+        out = potential(g.to(param.device), forces=want_f, stress=stress_on and bool(g.stress_mask.any()))
+        out = {k: v.detach().cpu() for k, v in out.items()}
         metrics.update(out, g)
         if return_predictions:
-            preds.append(out["energy"].detach().numpy())
+            preds.append(out["energy"].numpy())
     result = metrics.compute()
     if return_predictions:
         return result, (np.concatenate(preds) if preds else np.zeros(0))

@@ -1,30 +1,144 @@
-"""CSV metrics logger that writes run_dir/metrics.csv and appends to it when a run is resumed."""
+"""What a run reports: metrics.csv (one dense row per validation) and, without a terminal, one log line per epoch."""
 from __future__ import annotations
 
 import csv
-import os
+import io
+import logging
+import math
+import sys
+import time
+from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+import lightning as L
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from multifi.files import write_text
+
+log = logging.getLogger("multifi")
 
 
-class _AppendingWriter(ExperimentWriter):
-    def _check_log_dir_exists(self) -> None:  # Lightning deletes an existing metrics.csv here; we keep it
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                header = next(csv.reader(f), [])
-            self.metrics_keys = sorted(header)
+class RunCSVLogger(Logger):
+    """run_dir/metrics.csv: one row per step at which something was logged (in practice one per validation:
+    epoch, step, lr, validation loss and per-fidelity metrics, and at epoch ends the epoch's training losses).
 
-
-class RunCSVLogger(CSVLogger):
-    """metrics.csv directly in the run directory (no version sub-folders)."""
+    Per-step training values are left out; values logged at the same step share one row. A resumed run
+    replaces the rows its interrupted predecessor wrote after the checkpoint it resumes from, so no row
+    appears twice. The file is rewritten atomically after each row (it is small: one row per validation).
+    """
 
     def __init__(self, run_dir):
-        super().__init__(save_dir=str(run_dir), name="", version="")
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.csv"
+        self._rows: list[dict] | None = None
+        self._n_old = 0  # rows read from an earlier (interrupted) session
 
     @property
-    def experiment(self):
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+    def name(self) -> str:
+        return ""
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.run_dir)
+
+    @property
+    def log_dir(self) -> str:
+        return str(self.run_dir)
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        """The run's configuration is config.yaml (and every checkpoint); nothing more to write."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        row = {k: _number(v) for k, v in metrics.items() if not k.endswith("_step")}
+        if not set(row) - {"epoch"}:
+            return
+        rows = self._load()
+        step = int(step or 0)
+        if self._n_old:  # first row of a resumed session: forget what the interrupted session logged from here on
+            rows[:] = [r for r in rows if int(float(r.get("step") or 0)) < step]
+            self._n_old = 0
+        if rows and int(float(rows[-1].get("step") or -1)) == step:
+            rows[-1].update(row)
+        else:
+            rows.append({"epoch": row.pop("epoch", ""), "step": step, **row})
+        self._write(rows)
+
+    def _load(self) -> list[dict]:
+        if self._rows is None:
+            self._rows = []
+            if self.path.is_file():
+                with open(self.path, newline="") as f:
+                    self._rows = [dict(r) for r in csv.DictReader(f)]
+            self._n_old = len(self._rows)
+        return self._rows
+
+    def _write(self, rows: list[dict]) -> None:
+        columns = ["epoch", "step"]
+        columns += sorted({k for r in rows for k in r} - set(columns))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        write_text(self.path, buf.getvalue())
+
+
+def _number(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+class EpochLine(L.Callback):
+    """One log line per validation, for logs without a terminal (CI, nohup, SLURM), where a progress bar
+    would write one endless line: epoch, step, validation energy MAE per fidelity in meV, val loss, lr, time."""
+
+    def __init__(self):
+        self._t0 = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+        self._last_step = -1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._line(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:  # no validation at this epoch's end (e.g. no validation split)
+            self._line(trainer)
+
+    def _line(self, trainer) -> None:
+        self._last_step = trainer.global_step
+        if trainer.global_rank != 0:
+            return
+        m = {k: _number(v) for k, v in trainer.callback_metrics.items()}
+        maes = [f"{k.split('/')[1]} {m[k]:.1f}" for k in sorted(m) if k.startswith("val/") and
+                k.endswith("/energy_mae_meV") and _finite(m[k])]
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}"]
+        if maes:
+            parts.append("val E MAE meV: " + ", ".join(maes))
+        if _finite(m.get("val_loss")):
+            parts.append(f"val loss {m['val_loss']:.4g}")
+        elif _finite(m.get("train_loss_epoch")):
+            parts.append(f"train loss {m['train_loss_epoch']:.4g}")
+        opts = trainer.optimizers
+        if opts:
+            parts.append(f"lr {opts[0].param_groups[0]['lr']:.3g}")
+        now = time.perf_counter()
+        parts.append(f"{now - self._t0:.1f} s")
+        self._t0 = now
+        log.info("  ".join(parts))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def progress_bar_wanted(progress: bool) -> bool:
+    """A live progress bar only on a terminal; logs get EpochLine instead."""
+    return bool(progress) and sys.stderr.isatty()

@@ -82,6 +82,14 @@ class PotentialModule(L.LightningModule):
             for key in METRIC_KEYS:
                 if m.get(key) is not None:
                     self.log(f"val/{name}/{key}", float(m[key]), sync_dist=False, rank_zero_only=True)
+        if self.trainer.optimizers:
+            self.log("lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), sync_dist=False, rank_zero_only=True)
+
+    def configure_callbacks(self):
+        """Without a terminal, one log line per validation instead of a progress bar."""
+        from multifi.train.logger import EpochLine, progress_bar_wanted
+
+        return [EpochLine()] if self.train_cfg.get("progress") and not progress_bar_wanted(True) else []
 
     # -------------------------------------------------------------- optimisation
     def configure_optimizers(self):

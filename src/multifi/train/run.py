@@ -12,13 +12,13 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from multifi.config import RunConfig, dump_config, load_config
-from multifi.data.dataset import atomic_write
+from multifi.files import atomic_write, make_dir, reported
 from multifi.errors import MultifiError
 from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates
 from multifi.models.head import fit_baseline
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
-from multifi.train.logger import RunCSVLogger
+from multifi.train.logger import RunCSVLogger, progress_bar_wanted
 from multifi.train.module import PotentialModule
 from multifi.train.prepare import prepare_data
 
@@ -32,15 +32,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
-def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path:
-    """Train a potential as configured; returns the run directory."""
+def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run: bool = False) -> Path:
+    """Train a potential as configured; returns the run directory.
+
+    Everything that can be checked (config, data, devices, the output folder) is checked before the
+    run directory is written. A run directory without a checkpoint (a start that failed or was
+    interrupted before its first checkpoint) is started afresh by `train` and by `train --resume`.
+    `dry_run`: check everything, log the plan, write nothing."""
     run_dir = Path(cfg.output_dir)
-    last = run_dir / "checkpoints" / "last.ckpt"
     leader = _is_leader_process()
-    if resume and not last.exists():
-        raise MultifiError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
-    if leader and not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise MultifiError(f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} or another output_dir")
+    ckpt = _resume_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:  # asked to continue this run: start it again (its unreadable checkpoints get replaced)
+        log.warning("%s: no checkpoint to resume from; starting the run from the beginning", run_dir)
+        resume = False
+    elif leader and not resume:
+        _check_fresh_run_dir(run_dir)
+    log.info("run directory: %s", run_dir.resolve())
     _configure_threads(cfg)
     _quiet_lightning()
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -74,18 +81,23 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
                              cfg.train.fidelity_sampling, cfg.train.seed, progress=cfg.train.progress,
                              neighbor_lists=cfg.data.neighbor_lists)
     check_overlaps(prep.dataset, data.neighbors)
+    check_sampling(data, prep, config_source)
+    trainer = _build_trainer(cfg, run_dir, len(prep.pairs["val"]) > 0, config_source)
+    if dry_run:
+        _report_plan(cfg, prep, module, run_dir, ckpt)
+        return run_dir
     # all checks passed: only now does the run directory get written
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
     if leader and not resume:
+        _clear_unstarted(run_dir)
         atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
         prep.split.save(run_dir / "splits.json", prep.dataset)
         if cfg.data.cache and not _from_saved_dataset(cfg):
             prep.dataset.save(cached)
-    trainer = make_trainer(cfg, run_dir, has_val=len(prep.pairs["val"]) > 0)
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
+    _fit(trainer, module, data, ckpt, run_dir)
 
     if trainer.global_rank == 0:
-        best = _best_checkpoint(trainer, last)
+        best = _best_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
         from multifi.models.registry import load_potential, save_potential
 
         potential = load_potential(best)
@@ -97,6 +109,104 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
                    "n_train": _counts(prep, "train"), **_training_progress(trainer, best)}
         atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
     return run_dir
+
+
+#: what a run writes before its first checkpoint; a run directory holding only these was never started
+UNSTARTED_FILES = frozenset({"config.yaml", "splits.json", "dataset.npz", "metrics.csv", "hparams.yaml", "checkpoints"})
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    ckpts = run_dir / "checkpoints"
+    return (run_dir / "model.pt").exists() or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
+
+
+def _check_fresh_run_dir(run_dir: Path) -> None:
+    """The output folder must be new, empty, or a run directory whose start wrote no checkpoint; and writable."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MultifiError(f"{run_dir}: output_dir exists and is not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        names = {p.name for p in run_dir.iterdir()}
+        if _has_checkpoint(run_dir) or not names <= UNSTARTED_FILES:
+            raise MultifiError(f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} "
+                               "or another output_dir")
+        log.info("%s: the previous start wrote no checkpoint; starting afresh", run_dir)
+    existing = next(p for p in [run_dir, *run_dir.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise MultifiError(f"{run_dir}: cannot create output_dir ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MultifiError(f"{run_dir}: cannot create output_dir ({existing} is not writable)")
+
+
+def _clear_unstarted(run_dir: Path) -> None:
+    """Remove what a start without checkpoint left (its metrics would be appended to)."""
+    for name in ("metrics.csv", "hparams.yaml"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _resume_checkpoint(run_dir: Path) -> Path | None:
+    """last.ckpt, or best.ckpt when last.ckpt is unreadable (said so); None when no checkpoint is usable."""
+    if not (run_dir / "config.yaml").exists():
+        raise MultifiError(f"{run_dir}: nothing to resume (no config.yaml: not a multifi run directory)")
+    last, best = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "best.ckpt"
+    for path in (last, best):
+        if not path.exists():
+            continue
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            if path == best:
+                log.warning("%s: resuming from checkpoints/best.ckpt instead (an earlier epoch)", run_dir)
+            return path
+        log.warning("%s: unreadable (%s)", path, problem)
+    return None
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be read (truncated, corrupted), or None; checks the zip container's CRCs."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        return None if bad is None else f"corrupted member {bad}"
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def check_sampling(data: MultiFidelityData, prep, config_source: str = "") -> None:
+    """train.fidelity_sampling must give some training sample a positive weight."""
+    shares = data._shares(prep.pairs["train"])
+    if shares is not None and not shares:
+        prefix = f"{config_source}: " if config_source else ""
+        raise MultifiError(f"{prefix}train.fidelity_sampling: every fidelity with training labels has weight 0")
+
+
+def _build_trainer(cfg: RunConfig, run_dir: Path, has_val: bool, config_source: str = "") -> L.Trainer:
+    """make_trainer, with Lightning's complaints about devices and accelerators as one-line errors."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return make_trainer(cfg, run_dir, has_val=has_val)
+    except (MisconfigurationException, ValueError, RuntimeError) as exc:
+        prefix = f"{config_source}: " if config_source else ""
+        t = cfg.train
+        raise MultifiError(f"{prefix}train.accelerator={t.accelerator}, train.devices={t.devices}: "
+                           f"{' '.join(str(exc).split())}") from None
+
+
+def _fit(trainer: L.Trainer, module, data, ckpt: Path | None, run_dir: Path) -> None:
+    """trainer.fit; Ctrl-C becomes KeyboardInterrupt (Lightning turns it into exit code 1) with a resume hint."""
+    import signal
+
+    try:
+        with reported(run_dir):
+            trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
+        raise KeyboardInterrupt(f"continue with: multifi train --resume {run_dir}") from None
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"continue with: multifi train --resume {run_dir}")
 
 
 def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Trainer:
@@ -124,7 +234,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         **every, default_root_dir=run_dir, max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip, callbacks=callbacks,
         logger=RunCSVLogger(run_dir), plugins=[AtomicCheckpointIO()],
-        inference_mode=False, enable_progress_bar=t.progress, enable_model_summary=False,
+        inference_mode=False, enable_progress_bar=progress_bar_wanted(t.progress), enable_model_summary=False,
         precision="64-true" if t.precision == "64" else "32-true", log_every_n_steps=10,
         num_sanity_val_steps=0, use_distributed_sampler=False, limit_val_batches=1.0 if has_val else 0,
     )
@@ -172,6 +282,23 @@ def _report_data(prep) -> None:
         log.info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
+def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None) -> None:
+    """What a run would do (train --dry-run)."""
+    import math
+
+    t = cfg.train
+    n_params = sum(p.numel() for p in module.potential.parameters())
+    steps = math.ceil(len(prep.pairs["train"]) / t.batch_size)
+    total = t.epochs * steps if t.max_steps < 0 else min(t.max_steps, t.epochs * steps)
+    log.info("model: %s, %d features, %d interactions, cutoff %g Å, fidelity embedding %s: %s parameters",
+             cfg.model.backbone, cfg.model.features, cfg.model.interactions, cfg.model.cutoff,
+             cfg.model.fidelity_embedding.inject, f"{n_params:,}")
+    log.info("training: %d samples, batch %d: %d steps per epoch, %d epochs, at most %d steps%s",
+             len(prep.pairs["train"]), t.batch_size, steps, t.epochs, total,
+             f"; resuming from {ckpt}" if ckpt else "")
+    log.info("dry run: config and data are valid; nothing written (the run would go to %s)", run_dir.resolve())
+
+
 def _from_saved_dataset(cfg: RunConfig) -> bool:
     """A single saved dataset (.npz or memory-mapped directory) is its own cache: don't copy it."""
     from multifi.data.sources import _is_saved_dataset
@@ -200,6 +327,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*Experiment logs directory.*")
     warnings.filterwarnings("ignore", message=r".*limit_val_batches.*")
     warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")  # on resume
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")  # per-fidelity metrics are reduced by hand  # the datamodule resumes it
 
 
@@ -209,12 +338,12 @@ def _configure_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.train.threads)
 
 
-def train_from_args(config: str | None, overrides: list[str], resume_dir: str | None) -> Path:
+def train_from_args(config: str | None, overrides: list[str], resume_dir: str | None, dry_run: bool = False) -> Path:
     if resume_dir:
         source = Path(resume_dir) / "config.yaml"
         cfg = load_config(source, overrides)
         cfg.output_dir = str(resume_dir)
-        return train(cfg, resume=True, config_source=str(source))
+        return train(cfg, resume=True, config_source=str(source), dry_run=dry_run)
     if config is None:
         raise MultifiError("multifi train needs a CONFIG.yaml (or --resume RUN_DIR)")
-    return train(load_config(config, overrides), config_source=str(config))
+    return train(load_config(config, overrides), config_source=str(config), dry_run=dry_run)

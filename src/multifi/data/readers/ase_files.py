@@ -13,14 +13,15 @@ from multifi.errors import MultifiError
 
 
 def read_ase(path: str | os.PathLike, fidelity: str | None = None, index: str = ":",
-             skip_invalid: bool = False) -> FidelityDataset:
+             skip_invalid: bool = False, keys: dict[str, str] | None = None) -> FidelityDataset:
     """Structures and labels from an ASE-readable file.
 
     Energy (eV): info['energy'] or the attached calculator's results. Forces (eV/Å): arrays['forces']
     or the calculator. Stress (eV/Å³, ASE sign, Voigt 6 or 3×3): info['stress'] or the calculator;
-    stored in GPa. Fidelity: `fidelity` for the whole file, else info['fidelity'] (for ASE databases,
-    the row's key-value pairs). Key: info['key'], else a geometry hash. `index` selects frames as in
+    stored in GPa. Fidelity: info['fidelity'] (for ASE databases, the row's key-value pairs); `fidelity`
+    only for structures that name none (a different name is an error, see `source_fidelity`). Key: info['key'], else a geometry hash. `index` selects frames as in
     ase.io.read. Non-finite labels raise unless `skip_invalid`, which drops them (count in ds.n_dropped).
+    `keys` renames the labels looked up: {"energy": "REF_energy", "forces": "REF_forces", "stress": …}.
     """
     path = Path(path)
     src = str(path)
@@ -31,7 +32,7 @@ def read_ase(path: str | os.PathLike, fidelity: str | None = None, index: str = 
     records, invalid = [], InvalidLabels(src)
     for i, atoms in enumerate(_frames(path, index)):
         tag = f"frame {i} (0-based)" if index == ":" else f"frame {i} (0-based, of index {index!r})"
-        rec = _record(atoms, fidelity, f"{src}: {tag}")
+        rec = _record(atoms, fidelity, f"{src}: {tag}", keys)
         rec["name"] = i
         if invalid.keep(rec, tag):
             records.append(rec)
@@ -63,7 +64,7 @@ class InvalidLabels:
     def check(self, skip_invalid: bool) -> None:
         if self.count and not skip_invalid:
             raise MultifiError(f"{self.src}: {self.count} non-finite (NaN/inf) labels, first in {self.first}; "
-                               "fix the data or pass skip_invalid=True to drop them")
+                               "fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)")
 
 
 def _frames(path: Path, index: str) -> Iterator:
@@ -126,32 +127,60 @@ def _db_frames(path: Path, index: str) -> Iterator:
         yield atoms
 
 
-def _record(atoms, fidelity: str | None, where: str) -> dict:
+def source_fidelity(named, fidelity: str | None, where: str, field: str) -> str:
+    """The fidelity of one structure: the one it names itself (`named`), else the source's `fidelity`.
+
+    A source's fidelity never relabels a structure that names another one: that is an error naming
+    the file and frame, so data labelled at one level of theory is never trained as another."""
+    named = str(named) if named is not None and str(named) != "" else None
+    if named is not None and fidelity is not None and named != fidelity:
+        raise MultifiError(f"{where}: names fidelity {named!r} ({field}) but its source says {fidelity!r}; a "
+                           "source's fidelity applies only to structures that name none: remove one of the two")
+    fid = named or fidelity
+    if not fid:
+        raise MultifiError(f"{where}: no fidelity: set {field}, or give the source one ('fidelity:' in the config, "
+                           "--fidelity on the command line)")
+    return fid
+
+
+def _other_labels(atoms, keys: dict[str, str]) -> str:
+    """A hint naming label-like keys the structure has under other names (REF_energy, DFT_forces, …)."""
+    found = [k for k in [*atoms.info, *atoms.arrays] if any(w in k.lower() for w in ("energy", "force", "stress"))
+             and k not in keys.values()]
+    if not found:
+        return ""
+    which = {"energy": "energy_key", "force": "forces_key", "stress": "stress_key"}
+    hint = ", ".join(f"{k} (set {next(v for w, v in which.items() if w in k.lower())}: {k})" for k in found[:3])
+    return f"; it has {hint}"
+
+
+def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None = None) -> dict:
     """One from_records record: geometry, key and {fidelity: labels} (eV, eV/Å, GPa)."""
     from ase.units import GPa
 
+    keys = {"energy": "energy", "forces": "forces", "stress": "stress", **(keys or {})}
+
     n = len(atoms)
-    fid = fidelity or atoms.info.get("fidelity")
-    if not fid:
-        raise MultifiError(f"{where}: no fidelity: pass fidelity= or set info['fidelity']")
+    fid = source_fidelity(atoms.info.get("fidelity"), fidelity, where, "info['fidelity']")
     results = getattr(atoms.calc, "results", None) or {}
     lab = {}
-    energy = atoms.info.get("energy", results.get("energy"))
+    energy = atoms.info.get(keys["energy"], results.get(keys["energy"]))
     if energy is not None:
         try:
             lab["energy"] = float(energy)
         except (TypeError, ValueError):
             raise MultifiError(f"{where}: energy {energy!r} is not a number") from None
-    forces = atoms.arrays.get("forces", results.get("forces"))
+    forces = atoms.arrays.get(keys["forces"], results.get(keys["forces"]))
     if forces is not None:
         lab["forces"] = np.asarray(forces, dtype=np.float64)
         if lab["forces"].shape != (n, 3):
             raise MultifiError(f"{where}: forces have shape {lab['forces'].shape}, expected ({n}, 3)")
-    stress = atoms.info.get("stress", results.get("stress"))
+    stress = atoms.info.get(keys["stress"], results.get(keys["stress"]))
     if stress is not None:
         lab["stress"] = voigt_or_matrix(stress, where) / GPa
     if not lab:
-        raise MultifiError(f"{where} has no energy/forces/stress label")
+        named = "/".join(keys.values())
+        raise MultifiError(f"{where} has no {named} label" + _other_labels(atoms, keys))
     periodic = bool(atoms.pbc.any())
     rec = {"numbers": atoms.numbers, "positions": atoms.positions, "pbc": atoms.pbc.copy(),
            "cell": atoms.cell.array.copy() if periodic else None, "labels": {str(fid): lab}}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.dataset import FidelityDataset
-from multifi.data.readers.ase_files import InvalidLabels
+from multifi.data.readers.ase_files import InvalidLabels, source_fidelity
 from multifi.errors import MultifiError
 
 MIN_VOLUME = 1e-6  # Å³
@@ -24,7 +24,7 @@ def read_matpes(path: str | os.PathLike, fidelity: str | None = None,
                 skip_invalid: bool = False) -> FidelityDataset:
     """MatPES records → dataset; key "matpes:<matpes_id>" so files of other functionals merge.
 
-    Fidelity: `fidelity` for the whole file, else the record's `functional` (e.g. "PBE", "R2SCAN").
+    Fidelity: the record's `functional` (e.g. "PBE", "R2SCAN"); `fidelity` only for records naming none.
     Non-finite labels raise unless `skip_invalid`, which drops them (count in ds.n_dropped).
     """
     path = Path(path)
@@ -89,9 +89,7 @@ def matpes_record(raw, fidelity: str | None, where: str) -> dict:
     for field in ("structure", "energy"):
         if raw.get(field) is None:
             raise MultifiError(f"{where}: missing {field!r}")
-    fid = fidelity or raw.get("functional")
-    if not fid:
-        raise MultifiError(f"{where}: no fidelity: pass fidelity= or give the record a 'functional'")
+    fid = source_fidelity(raw.get("functional"), fidelity, where, "the record's 'functional'")
     numbers, positions, cell, pbc = structure_arrays(raw["structure"], where)
     n = len(numbers)
     lab = {"energy": _numbers(raw["energy"], (), "energy", where)}

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from multifi.data.dataset import FidelityDataset, atomic_write, ranges
+from multifi.data.dataset import FidelityDataset, ranges
+from multifi.files import atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
 from multifi.units import HARTREE_EV
@@ -310,7 +311,7 @@ def read_label_table(path: str | os.PathLike, fidelity: str | None = None,
     if bad.any() and not skip_invalid:
         first = int(line[bad].min())
         raise MultifiError(f"{path}: {int(bad.sum())} non-finite (NaN/inf) energies, first at line {first}; "
-                           "fix the file or pass skip_invalid=True to drop them")
+                           "fix the file or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)")
     if bad.any():
         log.warning("%s: dropped %d rows with non-finite energies", path, int(bad.sum()))
         index, energy, line = index[~bad], energy[~bad], line[~bad]
@@ -369,7 +370,7 @@ def _raise_bad_line(body: bytes, path: Path):
 def _manifest_fidelity(path: Path) -> str:
     """Fidelity name of `path` from manifest.json in its folder ({"files": [{"file", "fidelity"}]})."""
     manifest = path.parent / "manifest.json"
-    hint = "pass fidelity=... or list the file in a manifest.json next to it"
+    hint = "give the source a fidelity (qm9: {labels: …, fidelity: NAME}, or --fidelity) or list the file in a manifest.json next to it"
     if not manifest.is_file():
         raise MultifiError(f"{path}: fidelity name unknown: {hint}")
     try:
@@ -396,7 +397,7 @@ def read_qm9(labels: str | os.PathLike | None = None, fidelity: str | None = Non
     if labels is None:
         if fidelity not in (None, QM9_FIDELITY):
             raise MultifiError(f"QM9 itself provides only {QM9_FIDELITY!r} energies; for fidelity {fidelity!r} "
-                               "pass labels=<index,energy_eV table>")
+                               "give a labels table (qm9: {labels: TABLE.csv}, or qm9:TABLE.csv on the command line)")
         fidelity, idx, energy, source = QM9_FIDELITY, geo.index, geo.energy, "qm9pack"
     elif _is_wide_table(labels):
         return read_qm9_wide(labels, limit=limit, indices=indices, seed=seed, skip_invalid=skip_invalid,
@@ -489,7 +490,7 @@ def read_qm9_wide(path: str | os.PathLike, limit: int | None = None, indices=Non
     bad = np.isinf(energy)
     if bad.any():
         if not skip_invalid:
-            raise MultifiError(f"{path}: {int(bad.sum())} infinite energies; fix the data or set data.skip_invalid: true")
+            raise MultifiError(f"{path}: {int(bad.sum())} infinite energies; fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)")
         energy[bad] = np.nan
     if len(np.unique(idx)) != len(idx):
         raise MultifiError(f"{path}: duplicate QM9 indices")

@@ -1,0 +1,48 @@
+"""Argument types shared by the commands."""
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (batch sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_label_keys(p) -> None:
+    """--energy-key/--forces-key/--stress-key: label names in ASE-readable files (e.g. MACE's REF_energy)."""
+    p.add_argument("--energy-key", default="energy", help="energy label key in info/calculator (default: energy)")
+    p.add_argument("--forces-key", default="forces", help="force label key in arrays/calculator (default: forces)")
+    p.add_argument("--stress-key", default="stress", help="stress label key in info/calculator (default: stress)")
+
+
+def source_config(text: str, fidelity: str | None, args=None):
+    """A SourceConfig from a command-line source: a file, `qm9` (QM9's own B3LYP energies) or `qm9:LABELS.csv`,
+    as in a config's data.sources."""
+    from multifi.config import Qm9Source, SourceConfig
+
+    if text == "qm9" or text.startswith("qm9:"):
+        return SourceConfig(qm9=Qm9Source(labels=text[4:] or None, fidelity=fidelity))
+    keys = {k: getattr(args, k) for k in ("energy_key", "forces_key", "stress_key") if getattr(args, k, None)}
+    return SourceConfig(path=text, fidelity=fidelity, **keys)
+
+
+def device_arg(text: str) -> str:
+    """argparse type: a torch device that exists here (cpu, cuda, cuda:1, mps)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no MPS device on this machine")
+    return text

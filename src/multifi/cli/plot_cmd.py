@@ -1,0 +1,23 @@
+"""multifi plot RUN_DIR [--out FILE.png] [--metric KEY]: a run's learning curve per fidelity."""
+from __future__ import annotations
+
+
+def register(sub):
+    p = sub.add_parser("plot", help="learning curve of a run directory: validation error per fidelity against step")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="image file (default: RUN_DIR/learning_curve.png)")
+    p.add_argument("--metric", default="energy_mae_meV",
+                   choices=["energy_mae_meV", "energy_rmse_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A",
+                            "stress_mae_GPa"])
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from multifi.plots import learning_curve_plot
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "learning_curve.png"
+    learning_curve_plot(Path(args.run_dir), out, args.metric)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,105 @@
+"""The one place output files are written: atomically for regular files, straight through for special ones.
+
+Every file multifi writes (checkpoints, datasets, configs, metrics, predictions, plots) goes through
+`atomic_write`: a regular file (or a new path) is written to a temporary file in the same folder,
+flushed and renamed into place, so it is never half-written; character devices, FIFOs, sockets and
+symlinks to them (`/dev/stdout`, a named pipe) are written straight through and never replaced.
+New files and folders get the permissions the umask allows, like any other tool's. Errors of the
+file system (full disk, read-only folder, no permission, a file where a folder belongs) become a
+one-line `MultifiError` naming the path.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from multifi.errors import MultifiError
+
+
+def umask() -> int:
+    """The process's current umask (read without changing it for longer than two system calls)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def is_special(path: Path) -> bool:
+    """True for an existing path that is not a regular file or folder (device, FIFO, socket; symlinks followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def os_error(path, exc: BaseException) -> MultifiError:
+    """A file-system error as a one-line MultifiError `PATH: cannot write (reason)`."""
+    reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return MultifiError(f"{path}: cannot write ({reason})")
+
+
+@contextlib.contextmanager
+def reported(path) -> Iterator[None]:
+    """Turn OSError (also when a library wraps it in a RuntimeError) into a one-line MultifiError for `path`."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error(path, exc) from None
+    except RuntimeError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, OSError):
+            raise os_error(path, cause) from None
+        raise
+
+
+def make_dir(path) -> Path:
+    """mkdir -p with a one-line error (a file in the way, no permission, read-only file system)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MultifiError(f"{path}: exists and is not a folder")
+    with reported(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
+    """Produce `path` by calling write(binary file object); see the module docstring for the rules."""
+    path = Path(path)
+    if is_special(path):
+        with reported(path), open(path, "wb") as f:  # noqa: PTH123 (a device or pipe: write straight through)
+            write(f)
+            f.flush()
+        return path
+    if path.is_dir():
+        raise MultifiError(f"{path}: is a folder, expected a file name")
+    make_dir(path.parent)
+    with reported(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with reported(path):
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    """atomic_write of UTF-8 text."""
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def new_dir_mode(path) -> None:
+    """Give a folder made by tempfile.mkdtemp (0700) the permissions the umask allows."""
+    os.chmod(path, 0o777 & ~umask())

@@ -1,0 +1,94 @@
+"""Figures of one model or run: parity plots per fidelity (evaluate --plot) and a run's learning curve
+(multifi plot RUN_DIR). matplotlib with the Agg backend: no display needed."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+
+from multifi.errors import MultifiError
+from multifi.files import atomic_write
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight"))
+    _plt().close(fig)
+    return path
+
+
+def parity_plot(path: Path, fidelity: np.ndarray, reference: np.ndarray, predicted: np.ndarray,
+                title: str = "") -> Path:
+    """One panel per fidelity: predicted against reference energy per atom (eV/atom), with MAE in meV/atom.
+
+    fidelity [P] names, reference [P] and predicted [P] eV/atom of the same samples."""
+    plt = _plt()
+    names = list(dict.fromkeys(fidelity.tolist()))
+    cols = min(len(names), 3)
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        sel = fidelity == name
+        ref, pred = reference[sel], predicted[sel]
+        lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", lw=1)
+        ax.scatter(ref, pred, s=6, alpha=0.6)
+        ax.set_xlim(lo - pad, hi + pad), ax.set_ylim(lo - pad, hi + pad)
+        mae = 1000 * float(np.abs(pred - ref).mean())
+        ax.set_title(f"{name}  (n = {int(sel.sum())}, MAE {mae:.1f} meV/atom)", fontsize=9)
+        ax.set_xlabel("reference energy (eV/atom)")
+        ax.set_ylabel("predicted energy (eV/atom)")
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def read_metrics_csv(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise MultifiError(f"{run_dir}: no metrics.csv (not a run directory, or no validation yet)")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+LABELS = {"energy_mae_meV": "energy MAE (meV)", "energy_rmse_meV": "energy RMSE (meV)",
+          "energy_mae_meV_per_atom": "energy MAE (meV/atom)", "forces_mae_meV_per_A": "force MAE (meV/Å)",
+          "stress_mae_GPa": "stress MAE (GPa)"}
+
+
+def learning_curve_plot(run_dir: Path, path: Path, key: str = "energy_mae_meV") -> Path:
+    """Validation `key` (default energy MAE, meV) per fidelity against the training step of a run directory."""
+    rows = read_metrics_csv(run_dir)
+    columns = sorted({c for r in rows for c in r if c.startswith("val/") and c.endswith(f"/{key}")})
+    if not columns:
+        raise MultifiError(f"{run_dir}/metrics.csv: no validation {key} yet")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for col in columns:
+        pts = [(int(float(r["step"])) + 1, float(r[col])) for r in rows if r.get(col)]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, marker="o", ms=3, label=col.split("/")[1])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation " + LABELS.get(key, key))
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(title="fidelity", fontsize=8)
+    ax.set_title(str(run_dir), fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,448 @@
+"""Bad input and failures a new user meets: one-line errors, nothing silently wrong, no dead-end run directories."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import threading
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from conftest import TINY_MODEL, emt_labelled, rattled_molecule
+from multifi.cli.main import main
+from multifi.errors import MultifiError
+from multifi.models.registry import build_potential, save_potential
+from test_cli import fails, run
+from test_reader_qm9 import small_csv  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """An untrained tiny PaiNN with fidelities lo and hi (H, C, N, O reference energies)."""
+    torch.manual_seed(0)
+    pot = build_potential(TINY_MODEL, ["lo", "hi"])
+    ref = np.zeros((119, 2))
+    ref[[1, 6, 7, 8], :] = [[-0.5, -0.6], [-3.0, -3.1], [-1.0, -1.2], [-2.0, -2.5]]
+    pot.head.set_baseline(ref, np.ones(2))
+    return save_potential(pot, tmp_path_factory.mktemp("model") / "model.pt")
+
+
+def _drain(path, into: list) -> threading.Thread:
+    def read():
+        with open(path, "rb") as f:
+            into.append(f.read())
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+# ------------------------------------------------------------------------------------ fidelity rule
+def test_source_fidelity_never_relabels_structures_naming_their_own(write_config, tiny_extxyz, tmp_path, capsys):
+    """Frames saying fidelity=lo in a source configured as LJ: an error naming the file and frame, in train and
+    data info; nothing written."""
+    fails(["train", write_config(), "--set", "data.sources.0.fidelity=LJ"], capsys,
+          str(tiny_extxyz), "frame 0 (0-based)", "names fidelity 'lo'", "source says 'LJ'")
+    assert not (tmp_path / "run").exists()
+    fails(["data", "info", tiny_extxyz, "--fidelity", "LJ"], capsys, str(tiny_extxyz), "frame 0", "'lo'", "'LJ'")
+
+
+def test_source_fidelity_labels_frames_naming_none(tmp_path, capsys):
+    frames = [emt_labelled(rattled_molecule(m, i), "EMT") for i, m in enumerate(("CH4", "NH3"))]
+    del frames[1].info["fidelity"]
+    path = tmp_path / "mixed.extxyz"
+    ase.io.write(path, frames)
+    code, out, _ = run(["data", "info", path, "--fidelity", "EMT"], capsys)
+    assert code == 0 and "EMT" in out and "structures: 2" in out
+
+
+# ------------------------------------------------------------------------------------ special files
+@pytest.mark.parametrize("via_symlink", [False, True])
+def test_out_to_a_fifo_writes_through(model, tmp_path, capsys, via_symlink):
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0)])
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    out = fifo
+    if via_symlink:
+        out = tmp_path / "link"
+        out.symlink_to(fifo)
+    got: list = []
+    reader = _drain(fifo, got)
+    assert run(["predict", model, src, "--fidelity", "lo", "--out", out], capsys)[0] == 0
+    reader.join(10)
+    assert b"energy=" in got[0] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_out_write_errors_are_one_line(model, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0)])
+    (tmp_path / "file").write_text("")
+    fails(["predict", model, src, "--fidelity", "lo", "--out", tmp_path / "file" / "x.xyz"], capsys,
+          "file: exists and is not a folder")
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    labelled = tmp_path / "labelled.xyz"
+    ase.io.write(labelled, [emt_labelled(rattled_molecule("H2O", 0), "lo")])
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    fails(["evaluate", model, labelled, "--out", tmp_path / "m.json"], capsys,
+          "m.json: cannot write (Read-only file system)")
+
+
+# ------------------------------------------------------------------------------------ NaN / empty output
+def test_overlapping_atoms_are_an_error_at_prediction(model, tmp_path, capsys):
+    bad = Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0], [0.9, 0.3, 0]])
+    src = tmp_path / "bad.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0), bad])
+    out = tmp_path / "pred.xyz"
+    fails(["predict", model, src, "--fidelity", "lo", "--out", out], capsys,
+          str(src), "structure 1: atoms 0 and 1 are 0.000 Å apart")
+    assert not out.exists()
+    import multifi
+
+    bad.calc = multifi.Calculator(model, fidelity="lo")
+    with pytest.raises(MultifiError, match="atoms 0 and 1 are 0.000 Å apart"):
+        bad.get_potential_energy()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_batch_size_must_be_positive(model, tmp_path, capsys, value):
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0)])
+    for cmd in (["predict", model, src, "--fidelity", "lo", "--out", tmp_path / "o.xyz"], ["evaluate", model, src]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in cmd + ["--batch-size", value]])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+        assert err.startswith(f"multifi: error: multifi {cmd[0]}: argument --batch-size: expected a positive integer")
+    assert not (tmp_path / "o.xyz").exists()
+
+
+def test_structure_without_atoms_is_an_error(tmp_path, capsys):
+    empty = Atoms()
+    empty.calc = SinglePointCalculator(empty, energy=0.0)
+    empty.info["fidelity"] = "lo"
+    path = tmp_path / "empty.extxyz"
+    ase.io.write(path, [emt_labelled(rattled_molecule("CH4", 0), "lo"), empty])
+    fails(["data", "info", path], capsys, str(path), "structure 1: no atoms")
+
+
+# ------------------------------------------------------------------------------------ no dead ends
+@pytest.mark.parametrize("override, fragments", [
+    ("train.fidelity_sampling={lo: -1}", ["train.fidelity_sampling.lo", "greater than or equal to 0"]),
+    ("train.fidelity_sampling={lo: 0, hi: 0}", ["train.fidelity_sampling: every fidelity", "weight 0"]),
+    ("train.devices=0", ["train.devices", "number of devices"]),
+    ("train.devices=abc", ["train.devices", "'abc'"]),
+    ("train.accelerator=nonsense", ["train.accelerator=nonsense"]),
+    ("data.sources.x.path=a", ["data.sources is a list of 1", "data.sources.0"]),
+    ("train.epochs.x=1", ["train.epochs is a value"]),
+    ("train.epochs=[1", ["not valid YAML", "line 1"]),
+])
+def test_bad_settings_fail_before_anything_is_written(write_config, tmp_path, capsys, override, fragments):
+    fails(["train", write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1}),
+           "--set", override], capsys, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPU")
+def test_gpu_accelerator_without_gpu(write_config, tmp_path, capsys):
+    fails(["train", write_config(), "--set", "train.accelerator=gpu"], capsys, "train.accelerator=gpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_devices_flag(write_config, tmp_path, capsys):
+    fails(["train", write_config(), "--devices", "0"], capsys, "train.devices", "got 0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_broken_yaml_names_the_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sources:\n    - path: a.xyz\n  split: {val: 0.1\nmodel: {}\n")
+    fails(["train", path], capsys, str(path), "not valid YAML: line ")
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file"])
+def test_output_dir_that_cannot_be_a_folder(write_config, tmp_path, capsys, kind):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    out = blocker if kind == "file" else blocker / "run"
+    fails(["train", write_config(), "--set", f"output_dir={out}"], capsys, str(out))
+    assert blocker.read_text() == ""
+
+
+def test_output_dir_write_error_mid_run_is_one_line(write_config, tmp_path, capsys, monkeypatch):
+    """A full disk while the run writes (here the first checkpoint): one line, and the directory restarts."""
+    import multifi.train.run as run_mod
+
+    real = run_mod.atomic_write
+
+    def full(path, write):
+        if str(path).endswith(".ckpt"):
+            raise MultifiError(f"{path}: cannot write ({os.strerror(errno.ENOSPC)})")
+        return real(path, write)
+
+    monkeypatch.setattr(run_mod, "atomic_write", full)
+    fails(["train", write_config()], capsys, ".ckpt: cannot write (No space left on device)")
+    monkeypatch.setattr(run_mod, "atomic_write", real)
+    assert run(["train", write_config()], capsys)[0] == 0  # the same command again: no rm -rf needed
+    assert (tmp_path / "run" / "model.pt").exists()
+
+
+def test_ctrl_c_in_epoch_0_exits_130_and_the_run_restarts(write_config, tmp_path, capsys, monkeypatch):
+    from multifi.train.module import PotentialModule
+
+    real = PotentialModule.training_step
+
+    def interrupted(self, batch, batch_idx):
+        if batch_idx == 1:
+            raise KeyboardInterrupt
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(PotentialModule, "training_step", interrupted)
+    code, _, err = run(["train", write_config()], capsys)
+    assert code == 130 and err.strip().splitlines()[-1].startswith("multifi: interrupted; continue with: "
+                                                                     "multifi train --resume")
+    monkeypatch.setattr(PotentialModule, "training_step", real)
+    run_dir = tmp_path / "run"
+    assert run(["train", "--resume", run_dir], capsys)[0] == 0
+    assert (run_dir / "metrics.json").exists()
+
+
+def test_resume_with_truncated_last_checkpoint_falls_back_to_best(write_config, tmp_path, capsys, caplog):
+    run_dir = tmp_path / "run"
+    assert run(["train", write_config()], capsys)[0] == 0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["train", "--resume", run_dir, "--set", "train.epochs=3"], capsys)[0] == 0
+    assert "last.ckpt: unreadable" in caplog.text and "resuming from checkpoints/best.ckpt" in caplog.text
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text())["fidelities"]
+    # no readable checkpoint at all: --resume starts the run again rather than leaving a dead end
+    for p in (run_dir / "checkpoints").glob("*.ckpt"):
+        p.write_bytes(b"PK\x03\x04 truncated")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["train", "--resume", run_dir, "--set", "train.epochs=1"], capsys)[0] == 0
+    assert "no checkpoint to resume from; starting the run from the beginning" in caplog.text
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
+
+
+# ------------------------------------------------------------------------------------ logs
+def test_metrics_csv_one_dense_row_per_validation_and_none_twice_after_resume(write_config, tmp_path, capsys):
+    import csv
+
+    run_dir = tmp_path / "run"
+    assert run(["train", write_config()], capsys)[0] == 0  # 2 epochs of 5 steps
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["4", "9"]
+    assert all(r["val_loss"] and r["lr"] and r["train_loss_epoch"] and r["val/hi/energy_mae_meV"] for r in rows)
+    assert not any(k.endswith("_step") for k in rows[0])
+    # the interrupted session had validated once more after its last checkpoint: that row must not stay twice
+    with open(run_dir / "metrics.csv", "a") as f:
+        f.write("2,14," + ",".join("123456" for _ in list(rows[0])[2:]) + "\n")
+    assert run(["train", "--resume", run_dir, "--set", "train.epochs=3"], capsys)[0] == 0
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["4", "9", "14"] and rows[-1]["val_loss"] != "123456"
+
+
+def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):
+    """progress: true without a TTY (pytest captures stderr): one line per epoch, no progress bar."""
+    from multifi.config import load_config
+    from multifi.train.run import train
+
+    with caplog.at_level("INFO", logger="multifi"):
+        train(load_config(write_config(train={"progress": True, "epochs": 2, "batch_size": 8, "threads": 1})))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2  step 5  val E MAE meV: hi ")
+    assert " lr " in lines[0] and lines[0].endswith(" s")
+
+
+# ------------------------------------------------------------------------------------ reference and plan
+def _keys(model, prefix=""):
+    from multifi.validation import first_model
+
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        yield key
+        sub = first_model(field.annotation)
+        if sub is not None:
+            yield from _keys(sub, key + ".")
+
+
+def test_config_example_has_every_key_and_validates(tmp_path, capsys):
+    from multifi.config import RunConfig, load_config
+
+    out = tmp_path / "example.yaml"
+    assert run(["config", "--example", "--out", out], capsys)[0] == 0
+    text = out.read_text()
+    for key in _keys(RunConfig):  # every key appears (nested ones by their last name), each with a comment
+        name = key.rsplit(".", 1)[-1]
+        assert f"{name}: " in text or f"{name}:\n" in text, key
+    cfg = load_config(out)
+    defaults = RunConfig.model_validate({"data": {"sources": [{"path": "x"}]}})
+    assert cfg.model_dump(exclude={"data": {"sources"}}) == defaults.model_dump(exclude={"data": {"sources"}})
+    code, stdout, _ = run(["config"], capsys)
+    assert code == 0 and stdout == text
+
+
+def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys, caplog):
+    with caplog.at_level("INFO", logger="multifi"):
+        assert run(["train", write_config(), "--dry-run"], capsys)[0] == 0
+    assert not (tmp_path / "run").exists()
+    assert "train: lo=" in caplog.text and "parameters" in caplog.text and "5 steps per epoch" in caplog.text
+    fails(["train", write_config(), "--dry-run", "--set", "data.sources.0.fidelity=LJ"], capsys, "names fidelity 'lo'")
+
+
+# ------------------------------------------------------------------------------------ friendliness
+def test_label_keys_per_source(write_config, tmp_path, capsys):
+    """MACE-style REF_energy/REF_forces: a one-line hint without the keys, read with them (CLI and config)."""
+    frames = []
+    for i, name in enumerate(("CH4", "NH3", "H2O")):
+        a = emt_labelled(rattled_molecule(name, i), "DFT")
+        a.info["REF_energy"] = a.get_potential_energy()
+        a.arrays["REF_forces"] = a.get_forces()
+        a.calc = None
+        frames.append(a)
+    path = tmp_path / "mace.extxyz"
+    ase.io.write(path, frames)
+    fails(["data", "info", path], capsys, "frame 0", "no energy/forces/stress label",
+          "REF_energy (set energy_key: REF_energy)", "REF_forces (set forces_key: REF_forces)")
+    code, out, _ = run(["data", "info", path, "--energy-key", "REF_energy", "--forces-key", "REF_forces"], capsys)
+    assert code == 0 and "DFT" in out and out.count(" 3") >= 2
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_source
+
+    ds = read_source(SourceConfig(path=str(path), energy_key="REF_energy", forces_key="REF_forces"))
+    assert ds.energy[:, 0] == pytest.approx([f.info["REF_energy"] for f in frames])
+    np.testing.assert_allclose(ds.forces[:, 0], np.concatenate([f.arrays["REF_forces"] for f in frames]), atol=1e-6)
+    with pytest.raises(MultifiError, match="energy_key applies to files ASE reads"):
+        read_source(SourceConfig(path=str(path), format="matpes", energy_key="REF_energy"))
+
+
+def test_predict_several_fidelities_keeps_reference_labels(model, tmp_path, capsys):
+    mols = [emt_labelled(rattled_molecule("CH4", 1), "lo"), emt_labelled(rattled_molecule("NH3", 2), "lo")]
+    src = tmp_path / "in.extxyz"
+    ase.io.write(src, mols)
+    out = tmp_path / "pred.extxyz"
+    code, stdout, _ = run(["predict", model, src, "--fidelity", "lo", "--fidelity", "hi", "--out", out,
+                           "--device", "cpu"], capsys)
+    assert code == 0 and "lo, hi" in stdout
+    from multifi.models.registry import load_potential
+    from multifi.predict import predict_atoms
+
+    pot = load_potential(model)
+    e_lo, f_lo, _ = predict_atoms(pot, mols, "lo")
+    e_hi, _, _ = predict_atoms(pot, mols, "hi")
+    for a, m, lo, hi, f in zip(ase.io.read(out, ":"), mols, e_lo, e_hi, f_lo):
+        assert a.info["ref_energy"] == pytest.approx(m.get_potential_energy())
+        np.testing.assert_allclose(a.arrays["ref_forces"], m.get_forces(), atol=1e-6)
+        assert a.info["ref_fidelity"] == "lo" and a.info["fidelity"] == "lo"
+        assert a.get_potential_energy() == pytest.approx(lo, rel=1e-6) and a.info["energy_lo"] == pytest.approx(lo)
+        assert a.info["energy_hi"] == pytest.approx(hi, rel=1e-6) and a.info["energy_hi"] != a.info["energy_lo"]
+        np.testing.assert_allclose(a.arrays["forces_lo"], f, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit):
+        main(["predict", str(model), str(src), "--fidelity", "lo", "--out", str(out), "--device", "nonsense"])
+    assert "not a device" in capsys.readouterr().err
+
+
+def test_evaluate_parity_plot_and_learning_curve(write_config, tmp_path, capsys, tiny_extxyz):
+    run_dir = tmp_path / "run"
+    assert run(["train", write_config()], capsys)[0] == 0
+    png = b"\x89PNG"
+    code, out, _ = run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--plot", tmp_path / "parity.png"], capsys)
+    assert code == 0 and (tmp_path / "parity.png").read_bytes()[:4] == png
+    assert run(["plot", run_dir], capsys)[0] == 0 and (run_dir / "learning_curve.png").read_bytes()[:4] == png
+    fails(["plot", tmp_path], capsys, "no metrics.csv")
+
+
+def test_outputs_follow_the_umask_and_the_run_directory_is_announced(write_config, tmp_path, capsys, caplog):
+    old = os.umask(0o002)
+    try:
+        with caplog.at_level("INFO", logger="multifi"):
+            assert run(["train", write_config()], capsys)[0] == 0
+    finally:
+        os.umask(old)
+    run_dir = tmp_path / "run"
+    assert f"run directory: {run_dir.resolve()}" in caplog.text
+    for p in [run_dir, *run_dir.rglob("*")]:
+        want = 0o775 if p.is_dir() else 0o664
+        assert stat.S_IMODE(p.stat().st_mode) == want, p
+
+
+def test_label_table_points_to_the_qm9_form(tmp_path, capsys):
+    table = tmp_path / "GFN2.csv.gz"
+    table.write_bytes(b"")
+    fails(["data", "info", table], capsys, str(table), f"qm9:{table}", "qm9: {labels:")
+    fails(["evaluate", "missing.pt", table], capsys, "missing.pt: no such checkpoint")
+
+
+def test_messages_speak_cli_words(tmp_path, capsys):
+    a = rattled_molecule("H2O", 0)
+    a.calc = SinglePointCalculator(a, energy=float("nan"))
+    path = tmp_path / "nan.extxyz"
+    ase.io.write(path, [a], format="extxyz")
+    line = fails(["data", "info", path, "--fidelity", "lo"], capsys, "non-finite")
+    assert "--set data.skip_invalid=true" in line and "--skip-invalid" in line and "=True" not in line
+
+
+def test_hartree_crystals_warned(caplog):
+    from ase.build import bulk
+
+    from multifi.data.checks import check_energy_units
+    from multifi.data.dataset import FidelityDataset
+
+    recs = []
+    for i in range(24):
+        a = bulk("Si", "diamond", a=5.43) * (1, 1, 1 + i % 2)
+        a.rattle(0.02, seed=i)
+        e = len(a) * (-0.198 + 0.001 * i)  # Hartree per atom (Si with a pseudopotential: about -5.4 eV)
+        recs.append({"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array, "pbc": a.pbc,
+                     "labels": {"PBE": {"energy": e}}})
+    ds = FidelityDataset.from_records(recs, source="si.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), int)], 1)
+    ref, scale = np.zeros((119, 1)), np.ones(1)
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert check_energy_units(ds, pairs, ref, scale) == ["PBE"]
+    assert "crystals' median |energy| per atom 0.18" in caplog.text
+    ds.energy *= 27.211386
+    assert check_energy_units(ds, pairs, ref, scale) == []
+
+
+def test_evaluate_takes_the_qm9_source_form(model, tmp_path, capsys, monkeypatch, small_csv):
+    """`evaluate MODEL qm9:LABELS.csv --fidelity lo`, as `data info` and a config's data.sources."""
+    from multifi.data.readers import qm9
+
+    monkeypatch.setattr(qm9, "qm9_csv_paths", lambda: [small_csv])
+    monkeypatch.setattr(qm9, "_MEMO", {})
+    monkeypatch.setenv("MULTIFI_CACHE", str(tmp_path / "cache"))
+    labels = tmp_path / "lo.csv"
+    labels.write_text("index,energy_eV\n1,-20.0\n2,-15.0\n3,-12.0\n")  # CH4, NH3, H2O
+    out = tmp_path / "m.json"
+    assert run(["evaluate", model, f"qm9:{labels}", "--fidelity", "lo", "--out", out], capsys)[0] == 0
+    assert json.loads(out.read_text())["fidelities"]["lo"]["n"] == 3
+
+
+def test_verbose_without_third_party_debug_logs(tmp_path, capsys, monkeypatch):
+    import logging
+
+    path = tmp_path / "a.extxyz"
+    ase.io.write(path, [emt_labelled(rattled_molecule("CH4", 0), "lo")])
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a fresh process: main configures logging
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
+    monkeypatch.setattr(logging.getLogger("multifi"), "level", logging.NOTSET)
+    assert run(["-v", "data", "info", path], capsys)[0] == 0
+    assert logging.getLogger("multifi").getEffectiveLevel() == logging.DEBUG
+    for name in ("matplotlib", "PIL", "fsspec", "torch", "urllib3"):
+        assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name

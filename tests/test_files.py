@@ -1,0 +1,98 @@
+"""Output files: atomic for regular files, straight through for FIFOs/devices (never replaced), umask
+permissions, and file-system errors as one-line MultifiErrors."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+import threading
+
+import pytest
+
+from multifi.errors import MultifiError
+from multifi.files import atomic_write, make_dir, write_text
+
+
+def _drain(path, into: list) -> threading.Thread:
+    """Read a FIFO in a thread (opening it for writing blocks until a reader is there)."""
+    def read():
+        with open(path, "rb") as f:
+            into.append(f.read())
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("via_symlink", [False, True])
+def test_fifo_is_written_through_not_replaced(tmp_path, via_symlink):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    target = fifo
+    if via_symlink:
+        target = tmp_path / "link"
+        target.symlink_to(fifo)
+    got: list = []
+    reader = _drain(fifo, got)
+    write_text(target, "hello\n")
+    reader.join(5)
+    assert got == [b"hello\n"]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert not via_symlink or target.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["pipe"] + (["link"] if via_symlink else []))
+
+
+def test_regular_file_replaced_atomically_with_umask_permissions(tmp_path):
+    path = tmp_path / "out.json"
+    old = os.umask(0o002)
+    try:
+        write_text(path, "1")
+        write_text(path, "2")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "2"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "out.json"
+    write_text(path, "old")
+
+    def full_disk(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(MultifiError, match=r"out\.json: cannot write \(No space left on device\)"):
+        atomic_write(path, full_disk)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_read_only_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(MultifiError, match="cannot write .*Read-only file system"):
+        write_text(tmp_path / "x.txt", "1")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+def test_unwritable_folder_is_a_one_line_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    with pytest.raises(MultifiError, match="Permission denied"):
+        write_text(ro / "x.txt", "1")
+
+
+def test_file_in_place_of_a_folder(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(MultifiError, match="exists and is not a folder"):
+        make_dir(tmp_path / "f")
+    with pytest.raises(MultifiError, match="f: exists and is not a folder"):
+        write_text(tmp_path / "f" / "x.txt", "1")
+    with pytest.raises(MultifiError, match="is a folder"):
+        write_text(tmp_path, "1")
