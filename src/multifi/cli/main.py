@@ -8,7 +8,7 @@ import sys
 
 from multifi.errors import MultifiError
 
-COMMANDS = ("train", "evaluate", "predict", "data", "experiment")
+COMMANDS = ("train", "extend", "evaluate", "predict", "info", "data", "experiment")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path:
     """Train a potential as configured; returns the run directory."""
     run_dir = Path(cfg.output_dir)
+    if cfg.extend is not None:
+        raise MultifiError(f"{config_source or 'config'}: this config extends a model ('extend' section): "
+                           "run it with multifi extend --config")
     last = run_dir / "checkpoints" / "last.ckpt"
     leader = _is_leader_process()
     if resume and not last.exists():
@@ -88,6 +91,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "") -> Path
         from multifi.models.registry import load_potential, save_potential
 
         potential = load_potential(best)
+        potential.spec["data"] = {split: _counts(prep, split) for split in ("train", "val", "test")}  # model card
         save_potential(potential, run_dir / "model.pt")
         metrics = evaluate_pairs(potential, prep.dataset, data.neighbors, prep.pairs["test"], cfg.train.batch_size)
         payload = {"fidelities": metrics, "checkpoint": str(best), "n_train": _counts(prep, "train")}
