@@ -231,4 +231,6 @@ def _resolve_paths(cfg: RunConfig, root: Path) -> None:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    # an extension's model settings are those of extend.model (a model section would be an error)
+    exclude = {"model"} if cfg.extend is not None else None
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)

@@ -40,7 +40,14 @@ def overrides_from_args(args) -> list[str]:
 
 def run(args) -> int:
     from multifi.cli.format import forgetting_table, metrics_table
+    from multifi.errors import MultifiError
     from multifi.train.extend import extend_from_args
+
+    if args.config is None:
+        missing = [what for what, given in (("MODEL.pt", args.model), ("--data", args.data),
+                                            ("--fidelity", args.fidelity), ("--out", args.out)) if not given]
+        if missing:
+            raise MultifiError(f"multifi extend needs {', '.join(missing)} (or --config FILE with an 'extend' section)")
 
     run_dir = extend_from_args(args.config, overrides_from_args(args))
     payload = json.loads((run_dir / "metrics.json").read_text())
