@@ -183,6 +183,9 @@ def test_config_errors(tmp_path, capsys):
     bad.train.model_fields_set.add("precision")
     with pytest.raises(MultifiError, match="train.precision 64 differs from the model's"):
         extend(bad)
+    weights = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"fidelity_weights": {"XX": 2.0}})})
+    with pytest.raises(MultifiError, match="loss.fidelity_weights: unknown fidelity 'XX'"):
+        extend(weights)
     (tmp_path / "ext.yaml").write_text(yaml.safe_dump(raw))
     assert main(["train", str(tmp_path / "ext.yaml")]) == 2
     assert "run it with multifi extend --config" in capsys.readouterr().err

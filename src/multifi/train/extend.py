@@ -29,6 +29,7 @@ from multifi.errors import MultifiError, unknown_name
 from multifi.models.head import fit_baseline
 from multifi.train.init import FIDELITY_AXIS
 from multifi.train.module import PotentialModule
+from multifi.train.prepare import check_config_fidelities
 
 log = logging.getLogger("multifi")
 
@@ -283,6 +284,7 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     old_run = load_old_run(run) if run is not None else None
     replay = _replay(x, old, old_run, cfg.train.seed, where)
     ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
+    check_config_fidelities(cfg, ds, config_source)
     _warn_elements(old, new_ds, x.fidelity)
 
     spec = {"model": old.spec["model"], "fidelities": list(table.names)}
