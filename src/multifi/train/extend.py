@@ -281,7 +281,8 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     if len(new_pairs["train"]) == 0:
         raise MultifiError(f"{where}: no training structures at {x.fidelity!r} after the split")
     run = find_old_run(x)
-    old_run = load_old_run(run) if run is not None else None
+    old_run = _old_run_data(run, explicit=x.old_run is not None)
+    run = old_run.path if old_run is not None else None
     replay = _replay(x, old, old_run, cfg.train.seed, where)
     ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
     check_config_fidelities(cfg, ds, config_source)
@@ -319,6 +320,19 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
                "old_run": str(run) if run else None, "n_train": _counts(pairs["train"], table)}
     atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
     return run_dir
+
+
+def _old_run_data(run: Path | None, explicit: bool) -> OldRun | None:
+    """The old run's data; a run directory found beside the model without its data only gets a warning."""
+    if run is None:
+        return None
+    try:
+        return load_old_run(run)
+    except MultifiError as exc:
+        if explicit:
+            raise
+        log.warning("the old fidelities' errors are not measured: %s", exc)
+        return None
 
 
 def _replay(x, old, old_run: OldRun | None, seed: int, where: str) -> dict[str, np.ndarray]:
