@@ -23,6 +23,8 @@ def model_card(path: str | Path) -> dict:
 
     pot = load_potential(path, compile=False)
     run = Path(path).parent
+    if run.name == "checkpoints":  # a training checkpoint: the run directory is one level up
+        run = run.parent
     emb = pot.spec["model"]["fidelity_embedding"]
     names = list(pot.fidelities.names)
     ref = pot.head.ref.detach()
