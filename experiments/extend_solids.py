@@ -98,7 +98,8 @@ def main() -> None:
                            "extend_steps": args.extend_steps, "modes": MODES, "n_r2scan": N,
                            "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread"}
     OUT.mkdir(exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = json.dumps(results, indent=2).replace(str(ROOT) + "/", "")  # paths relative to the repository
+    (OUT / "results.json").write_text(text + "\n")
     print(table(results))
 
 
