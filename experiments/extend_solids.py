@@ -116,13 +116,15 @@ def table(results: dict) -> str:
         r = results[f"extend_{name}"]
         m = r["metrics"]
         new, old = m["fidelities"]["R2SCAN"], m["forgetting"]["PBE"]
-        rows.append(f"| PBE model + r2SCAN, extend {name.replace('_', ' + ')} ({results['settings']['extend_steps']} "
+        steps = results["settings"]["extend_steps"]
+        rows.append(f"| PBE model + r2SCAN, extend {name.replace('_', ' + ')} ({steps} "
                     f"steps) | {new['energy_mae_meV_per_atom']:.1f} | {new['forces_mae_meV_per_A']:.0f} | "
                     f"{old['before']['energy_mae_meV_per_atom']:.2f} → {old['after']['energy_mae_meV_per_atom']:.2f} | "
                     f"{old['before']['forces_mae_meV_per_A']:.1f} → {old['after']['forces_mae_meV_per_A']:.1f} | "
                     f"{r['cpu_seconds']:.0f} |")
-    rows.append(f"\nPBE model alone ({results['settings']['steps']} steps, {results['pbe_model']['cpu_seconds']:.0f} "
-                f"CPU s): PBE test {pbe['energy_mae_meV_per_atom']:.2f} meV/atom, {pbe['forces_mae_meV_per_A']:.1f} meV/Å")
+    rows.append(f"\nPBE model alone ({results['settings']['steps']} steps, "
+                f"{results['pbe_model']['cpu_seconds']:.0f} CPU s): PBE test "
+                f"{pbe['energy_mae_meV_per_atom']:.2f} meV/atom, {pbe['forces_mae_meV_per_A']:.1f} meV/Å")
     return "\n".join(rows)
 
 

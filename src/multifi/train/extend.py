@@ -254,9 +254,8 @@ def combine(table: FidelityTable, new: FidelityDataset, new_pairs: dict, old: Ol
 def extend(cfg: RunConfig, config_source: str = "") -> Path:
     """Extend cfg.extend.model by the fidelity cfg.extend.fidelity; returns the run directory
     (model.pt, metrics.json with the new fidelity's test errors and the old fidelities' before/after)."""
-    from multifi.models.registry import load_potential, save_potential
+    from multifi.models.registry import load_potential
     from multifi.train.datamodule import MultiFidelityData
-    from multifi.train.evaluate import evaluate_pairs
     from multifi.train.run import _best_checkpoint, _configure_threads, _quiet_lightning, make_trainer
 
     x = cfg.extend
@@ -266,32 +265,17 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
         raise MultifiError(f"{run_dir}: run directory exists and is not empty; choose another output directory")
     old = load_potential(x.model, compile=False)
     like = check_request(old, x, where)
-    precision = "64" if next(old.parameters()).dtype == torch.float64 else "32"
-    if "precision" in cfg.train.model_fields_set and cfg.train.precision != precision:
-        raise MultifiError(f"{where}: train.precision {cfg.train.precision} differs from the model's ({precision}); "
-                           "an extension keeps the model's precision")
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
+    cfg = _with_model_precision(cfg, old, where)
     _configure_threads(cfg)
     _quiet_lightning()
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     table = FidelityTable([*old.fidelities.names, x.fidelity])
-    K = len(old.fidelities)
-    new_ds, new_pairs = read_new_data(cfg, x.fidelity)
-    if len(new_pairs["train"]) == 0:
-        raise MultifiError(f"{where}: no training structures at {x.fidelity!r} after the split")
-    run = find_old_run(x)
-    old_run = _old_run_data(run, explicit=x.old_run is not None)
-    run = old_run.path if old_run is not None else None
-    replay = _replay(x, old, old_run, cfg.train.seed, where)
-    ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
-    check_config_fidelities(cfg, ds, config_source)
-    _warn_elements(old, new_ds, x.fidelity)
-
-    spec = {"model": old.spec["model"], "fidelities": list(table.names)}
-    module = ExtendModule(spec, cfg.loss.model_dump(), cfg.train.model_dump(), x.train, K)
+    ds, pairs, old_run, replay = _extension_data(cfg, old, table, where, config_source)
+    module = ExtendModule({"model": old.spec["model"], "fidelities": list(table.names)}, cfg.loss.model_dump(),
+                          cfg.train.model_dump(), x.train, len(old.fidelities))
     grow_weights(module.potential, old, like)
-    _fit_new_baseline(module.potential, ds, pairs["train"], K, old.spec["model"].get("energy_scale"))
+    _fit_new_baseline(module.potential, ds, pairs["train"], len(old.fidelities), old.spec["model"].get("energy_scale"))
     trained = module.freeze()
     module.sync_ema()
     log.info("extend %s by %r (train: %s): %d trainable tensors; train %s", x.model, x.fidelity, x.train,
@@ -304,12 +288,45 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
     trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)
     trainer.fit(module, datamodule=data)
+    best = load_potential(_best_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt"), compile=False)
+    _finish(cfg, old, best, data, pairs, table, old_run, replay)
+    return run_dir
 
-    potential = load_potential(_best_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt"), compile=False)
+
+def _with_model_precision(cfg: RunConfig, old, where: str) -> RunConfig:
+    """cfg with train.precision = the model's (a different one set by the user is an error)."""
+    precision = "64" if next(old.parameters()).dtype == torch.float64 else "32"
+    if "precision" in cfg.train.model_fields_set and cfg.train.precision != precision:
+        raise MultifiError(f"{where}: train.precision {cfg.train.precision} differs from the model's ({precision}); "
+                           "an extension keeps the model's precision")
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
+
+
+def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, config_source: str):
+    """Training dataset laid out as `table`, its split pairs, the old run's data (or None) and the replay."""
+    x = cfg.extend
+    new_ds, new_pairs = read_new_data(cfg, x.fidelity)
+    if len(new_pairs["train"]) == 0:
+        raise MultifiError(f"{where}: no training structures at {x.fidelity!r} after the split")
+    old_run = _old_run_data(find_old_run(x), explicit=x.old_run is not None)
+    replay = _replay(x, old, old_run, cfg.train.seed, where)
+    ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
+    check_config_fidelities(cfg, ds, config_source)
+    _warn_elements(old, new_ds, x.fidelity)
+    return ds, pairs, old_run, replay
+
+
+def _finish(cfg: RunConfig, old, potential, data, pairs: dict, table: FidelityTable, old_run, replay) -> None:
+    """Check the freeze, evaluate the new fidelity and the old ones (before/after), write model.pt and
+    metrics.json into the run directory."""
+    from multifi.models.registry import save_potential
+    from multifi.train.evaluate import evaluate_pairs
+
+    x, run_dir, K = cfg.extend, Path(cfg.output_dir), len(old.fidelities)
     unchanged = unchanged_fidelities(old, potential)
     if x.train == "embedding" and not unchanged:  # a broken freeze must never pass silently
         raise RuntimeError("extend: train: embedding changed weights of the old fidelities")
-    new_metrics = evaluate_pairs(potential, ds, data.neighbors, pairs["test"][pairs["test"][:, 1] == K],
+    new_metrics = evaluate_pairs(potential, data.dataset, data.neighbors, pairs["test"][pairs["test"][:, 1] == K],
                                  cfg.train.batch_size)
     forgetting = _forgetting(old, potential, old_run, cfg.train.batch_size)
     potential.spec.update(_card_data(old, x, pairs, table, replay, old_run))
@@ -317,9 +334,8 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     payload = {"fidelities": {**{n: f["after"] for n, f in forgetting.items()}, **new_metrics},
                "new_fidelity": x.fidelity, "train": x.train, "replay": x.replay,
                "old_fidelities_unchanged": unchanged, "forgetting": forgetting,
-               "old_run": str(run) if run else None, "n_train": _counts(pairs["train"], table)}
+               "old_run": str(old_run.path) if old_run else None, "n_train": _counts(pairs["train"], table)}
     atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
-    return run_dir
 
 
 def _old_run_data(run: Path | None, explicit: bool) -> OldRun | None:
