@@ -98,7 +98,7 @@ def test_unknown_keys_suggest_the_nearest(raw, match):
 
 
 def test_unknown_key_without_a_near_match_lists_valid_keys():
-    msg = one_line_error(minimal(zzz=1), r"unknown key 'zzz' \(valid: data, model, loss, train, output_dir\)")
+    msg = one_line_error(minimal(zzz=1), r"unknown key 'zzz' \(valid: data, model, loss, train, output_dir, extend\)")
     assert "did you mean" not in msg
 
 

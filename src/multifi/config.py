@@ -182,12 +182,36 @@ class TrainConfig(Section):
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
+class ExtendConfig(Section):
+    """Add the fidelity `fidelity` to the trained potential `model`, learning it from `data.sources`."""
+
+    model: str = Field(description="saved potential (.pt/.ckpt) to extend")
+    fidelity: str = Field(description="name of the new fidelity (level of theory)")
+    train: Literal["embedding", "head", "all"] = Field(
+        "embedding", description="embedding: only the new fidelity's vector (old fidelities bit-for-bit unchanged); "
+        "head: also the readout MLP (in heads mode: only the new head); all: every weight")
+    replay: float = Field(0.0, ge=0, le=1, description="fraction of the old run's training samples mixed into "
+                          "the training set (random, seeded; per fidelity)")
+    replay_fidelities: list[str] | None = Field(None, description="old fidelities to replay (default: all)")
+    old_run: str | None = Field(None, description="run directory of `model` (dataset.npz, splits.json) for replay "
+                                "and for measuring forgetting; default: the model's folder when it holds them")
+    init_like: str | None = Field(None, description="the new fidelity starts from this fidelity's vector/head "
+                                  "(default: the model's first fidelity)")
+
+
 class RunConfig(Section):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     output_dir: str = "runs/run"
+    extend: ExtendConfig | None = Field(None, description="extend a trained model by one fidelity (multifi extend)")
+
+    @model_validator(mode="after")
+    def _extend_keeps_model(self):
+        if self.extend is not None and "model" in self.model_fields_set:
+            raise ValueError("with 'extend' the model settings come from extend.model: remove the 'model' section")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -280,7 +304,12 @@ def _resolve_paths(cfg: RunConfig, root: Path) -> None:
     if cfg.data.split.files:
         cfg.data.split.files = {k: fix(v) for k, v in cfg.data.split.files.items()}
     cfg.train.init_from = fix(cfg.train.init_from)
+    if cfg.extend is not None:
+        cfg.extend.model = fix(cfg.extend.model)
+        cfg.extend.old_run = fix(cfg.extend.old_run)
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    # an extension's model settings are those of extend.model (a model section would be an error)
+    exclude = {"model"} if cfg.extend is not None else None
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)

@@ -13,3 +13,20 @@ def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
         cells = [("-" if m.get(k) is None else fmt.format(m[k])).rjust(16) for k, _, fmt in cols]
         lines.append(name.ljust(width) + "".join(cells))
     return "\n".join(lines)
+
+
+def forgetting_table(forgetting: dict[str, dict], unchanged: bool) -> str:
+    """Old fidelities' errors before and after an extension (multifi extend)."""
+    head = "old fidelities: weights bit-for-bit unchanged" if unchanged else "old fidelities (forgetting)"
+    if not forgetting:
+        return f"{head}; errors not measured (no run directory with the model's data)"
+    cols = [("energy_mae_meV", "E MAE meV", "{:.2f}"), ("forces_mae_meV_per_A", "F MAE meV/Å", "{:.1f}")]
+    width = max([len("fidelity")] + [len(n) for n in forgetting]) + 2
+    split = next(iter(forgetting.values()))["split"]
+    lines = [f"{head}, {split} split", "fidelity".ljust(width) + "".join(
+        f"{h} {w}".rjust(20) for _, h, _ in cols for w in ("before", "after"))]
+    for name, f in forgetting.items():
+        cells = [("-" if f[w].get(k) is None else fmt.format(f[w][k])).rjust(20)
+                 for k, _, fmt in cols for w in ("before", "after")]
+        lines.append(name.ljust(width) + "".join(cells))
+    return "\n".join(lines)

@@ -69,6 +69,7 @@ def load_potential(path: str | Path, map_location="cpu", compile: bool | None = 
     else:
         raise MultifiError(f"{path}: not a multifi checkpoint")
     potential = build_potential(spec["model"], spec["fidelities"])
+    potential.spec.update({k: v for k, v in spec.items() if k not in potential.spec})  # e.g. the data summary
     name, _ = next(iter(potential.named_parameters()))
     if weights[name].dtype == torch.float64:  # trained in float64 (train.precision: 64): keep it
         potential.double()

@@ -40,6 +40,9 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     interrupted before its first checkpoint) is started afresh by `train` and by `train --resume`.
     `dry_run`: check everything, log the plan, write nothing."""
     run_dir = Path(cfg.output_dir)
+    if cfg.extend is not None:
+        raise MultifiError(f"{config_source or 'config'}: this config extends a model ('extend' section): "
+                           "run it with multifi extend --config")
     leader = _is_leader_process()
     ckpt = _resume_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:  # asked to continue this run: start it again (its unreadable checkpoints get replaced)
@@ -101,6 +104,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
         from multifi.models.registry import load_potential, save_potential
 
         potential = load_potential(best)
+        potential.spec["data"] = {split: _counts(prep, split) for split in ("train", "val", "test")}  # model card
         save_potential(potential, run_dir / "model.pt")
         metrics = evaluate_pairs(potential, prep.dataset, data.neighbors, prep.pairs["test"], cfg.train.batch_size)
         val = evaluate_pairs(potential, prep.dataset, data.neighbors, prep.pairs["val"], cfg.train.batch_size) \

@@ -1,0 +1,156 @@
+"""Model card (`multifi info`): fidelities, elements, settings, training data and fidelity similarities."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from multifi.errors import MultifiError
+
+
+def model_card(path: str | Path) -> dict:
+    """A JSON-ready summary of the saved potential at `path`.
+
+    Structures per fidelity come from the model file (recorded when it is saved), else from metrics.json
+    beside it; the run config from config.yaml beside it. `similarity` [K, K] is the cosine similarity of
+    the trained fidelity vectors (None for onehot, heads and single models)."""
+    from ase.data import chemical_symbols
+
+    from multifi.models.registry import load_potential
+
+    pot = load_potential(path, compile=False)
+    run = Path(path).parent
+    if run.name == "checkpoints":  # a training checkpoint: the run directory is one level up
+        run = run.parent
+    emb = pot.spec["model"]["fidelity_embedding"]
+    names = list(pot.fidelities.names)
+    ref = pot.head.ref.detach()
+    card = {
+        "path": str(path),
+        "backbone": pot.spec["model"]["backbone"],
+        "conditioning": emb["inject"] + (f" at {emb.get('onehot_at', 'both')}" if emb["inject"] == "onehot" else ""),
+        "precision": "64" if next(pot.parameters()).dtype == torch.float64 else "32",
+        "parameters": sum(p.numel() for p in pot.parameters()),
+        "cutoff": pot.cutoff,
+        "elements": [chemical_symbols[z] for z in pot.elements],
+        "fidelities": [
+            {"index": k, "name": n, "scale_eV": float(pot.head.scale[k]),
+             "elements": [chemical_symbols[z] for z in torch.nonzero(ref[:, k]).flatten().tolist()]}
+            for k, n in enumerate(names)],
+        "data": _data_summary(pot, run),
+        "history": pot.spec.get("history", []),
+        "model": pot.spec["model"],
+        "config": _run_config(run),
+        "similarity": _similarity(pot),
+    }
+    if pot.head.shared_baseline:  # fidelity-blind: every fidelity uses the pooled reference of column 0
+        for f in card["fidelities"]:
+            f["elements"] = card["fidelities"][0]["elements"]
+    return card
+
+
+def _similarity(pot) -> list[list[float]] | None:
+    table = getattr(pot.conditioning, "table", None)
+    if table is None:
+        return None
+    v = torch.nn.functional.normalize(table.weight.detach().double(), dim=1)
+    return (v @ v.T).tolist()
+
+
+def _data_summary(pot, run: Path) -> dict | None:
+    if "data" in pot.spec:
+        return pot.spec["data"]
+    metrics = run / "metrics.json"
+    if metrics.exists():
+        try:
+            n_train = json.loads(metrics.read_text()).get("n_train")
+        except ValueError:
+            n_train = None
+        if n_train:
+            return {"train": n_train}
+    return None
+
+
+def _run_config(run: Path) -> dict | None:
+    path = run / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return None
+
+
+def format_card(card: dict) -> str:
+    """The card as terminal text."""
+    lines = [f"model {card['path']}",
+             f"  {card['backbone']}, conditioning {card['conditioning']}, float{card['precision']}, "
+             f"{card['parameters']:,} parameters, cutoff {card['cutoff']:g} Å",
+             f"  elements ({len(card['elements'])}): {' '.join(card['elements'])}", ""]
+    data = card["data"] or {}
+    splits = [s for s in ("train", "val", "test") if s in data]
+    width = max(len("fidelity"), *(len(f["name"]) for f in card["fidelities"])) + 2
+    header = "  #  " + "fidelity".ljust(width) + "".join(s.rjust(8) for s in splits) + "  scale eV  elements"
+    lines.append(header)
+    for f in card["fidelities"]:
+        counts = "".join(str(data[s].get(f["name"], "-")).rjust(8) for s in splits)
+        lines.append(f"  {f['index']:<2} " + f["name"].ljust(width) + counts + f"  {f['scale_eV']:8.4f}  "
+                     + " ".join(f["elements"]))
+    if not splits:
+        lines.append("  (structures per fidelity not recorded with this model)")
+    if card["history"]:
+        lines += ["", "extensions:"]
+        for h in card["history"]:
+            replayed = ", ".join(f"{k}={v}" for k, v in h.get("replayed", {}).items() if v)
+            lines.append(f"  + {h['fidelity']} (train: {h['train']}" + (f", replayed {replayed}" if replayed else "")
+                         + f") from {h['from']}")
+    if card["similarity"] is not None:
+        lines += ["", "cosine similarity of the fidelity vectors:"]
+        lines.append("  " + " " * width + "".join(f"{k:>7d}" for k in range(len(card["similarity"]))))
+        for f, row in zip(card["fidelities"], card["similarity"]):
+            lines.append(f"  {f['index']:<2} " + f["name"].ljust(width - 3) + "".join(f"{v:7.3f}" for v in row))
+    lines += ["", "model settings:", _indent(yaml.safe_dump(card["model"], sort_keys=False))]
+    if card["config"] is not None:
+        cfg = {k: v for k, v in card["config"].items() if k != "model"}
+        lines += ["run config (config.yaml beside the model):", _indent(yaml.safe_dump(cfg, sort_keys=False))]
+    return "\n".join(lines).rstrip()
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.rstrip().splitlines())
+
+
+def plot_similarity(card: dict, path: str | Path) -> Path:
+    """The cosine-similarity matrix of the fidelity vectors as a PNG heat map."""
+    if card["similarity"] is None:
+        raise MultifiError(f"{card['path']}: conditioning {card['conditioning']} has no trainable fidelity "
+                           "vectors to compare (--plot needs input, readout or both)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from multifi.data.dataset import atomic_write
+
+    sim = np.asarray(card["similarity"])
+    names = [f["name"] for f in card["fidelities"]]
+    size = 2.5 + 0.45 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    if len(names) <= 12:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if abs(sim[i, j]) > 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+    ax.set_title("fidelity vectors")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return path

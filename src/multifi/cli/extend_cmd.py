@@ -1,0 +1,58 @@
+"""multifi extend MODEL.pt --data NEW.extxyz --fidelity NAME --out RUN_DIR [--train embedding|head|all] …"""
+from __future__ import annotations
+
+import json
+
+#: flag → config key (every flag is an override of the `extend`, `data` or `train` section)
+FLAGS = {"model": "extend.model", "fidelity": "extend.fidelity", "train": "extend.train", "replay": "extend.replay",
+         "replay_fidelity": "extend.replay_fidelities", "old_run": "extend.old_run", "init_like": "extend.init_like",
+         "out": "output_dir", "epochs": "train.epochs", "max_steps": "train.max_steps"}
+
+
+def register(sub):
+    p = sub.add_parser("extend", help="add a level of theory to a trained model without forgetting the others")
+    p.add_argument("model", nargs="?", help="saved model (model.pt) to extend")
+    p.add_argument("--config", help="YAML config with an 'extend' section (flags override it)")
+    p.add_argument("--data", nargs="+", help="labelled data of the new fidelity (every label is taken as --fidelity)")
+    p.add_argument("--fidelity", help="name of the new fidelity")
+    p.add_argument("--out", help="new run directory (model.pt, metrics.json with the forgetting report)")
+    p.add_argument("--train", choices=("embedding", "head", "all"),
+                   help="what trains: the new vector only (default; old fidelities unchanged), also the "
+                        "readout, or everything")
+    p.add_argument("--replay", type=float, help="fraction of the old training data mixed in (head/all)")
+    p.add_argument("--replay-fidelity", action="append", help="replay only this old fidelity (repeatable)")
+    p.add_argument("--old-run", help="run directory of MODEL (default: its folder) for replay and forgetting")
+    p.add_argument("--init-like", help="start the new fidelity from this one's vector/head (default: the first)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=0.01 (repeatable)")
+    p.set_defaults(func=run)
+
+
+def overrides_from_args(args) -> list[str]:
+    out = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAGS.items()
+           if getattr(args, flag) is not None]
+    if args.data:
+        out.append(f"data.sources={json.dumps([{'path': p, 'fidelity': args.fidelity} for p in args.data])}")
+    return out + list(args.overrides)
+
+
+def run(args) -> int:
+    from multifi.cli.format import forgetting_table, metrics_table
+    from multifi.errors import MultifiError
+    from multifi.train.extend import extend_from_args
+
+    if args.config is None:
+        missing = [what for what, given in (("MODEL.pt", args.model), ("--data", args.data),
+                                            ("--fidelity", args.fidelity), ("--out", args.out)) if not given]
+        if missing:
+            raise MultifiError(f"multifi extend needs {', '.join(missing)} (or --config FILE with an 'extend' section)")
+
+    run_dir = extend_from_args(args.config, overrides_from_args(args))
+    payload = json.loads((run_dir / "metrics.json").read_text())
+    name = payload["new_fidelity"]
+    print(metrics_table({name: payload["fidelities"][name]}, title=f"{name} test metrics ({run_dir})"))
+    print(forgetting_table(payload["forgetting"], payload["old_fidelities_unchanged"]))
+    print(f"wrote {run_dir / 'model.pt'}")
+    return 0

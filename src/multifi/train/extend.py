@@ -1,0 +1,437 @@
+"""Add a fidelity to a trained potential (`multifi extend`): the fidelity table grows by name, only what
+`extend.train` names is trained, and the old fidelities' test errors are measured before and after.
+
+  embedding  the new fidelity's vector (its reference energies and scale are fitted by least squares on
+             its training labels); every other weight is frozen, so old fidelities predict bit-for-bit
+             what they did before
+  head       also the readout MLP (in `heads` mode: only the new fidelity's own head, old heads frozen)
+  all        every weight, on the new data mixed with `extend.replay` of the old run's training samples
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from multifi.config import RunConfig, dump_config, load_config
+from multifi.data.checks import check_energy_units
+from multifi.data.dataset import FidelityDataset, atomic_write
+from multifi.data.fidelity import FidelityTable
+from multifi.data.sources import read_sources
+from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
+from multifi.errors import MultifiError, unknown_name
+from multifi.models.head import fit_baseline
+from multifi.train.init import FIDELITY_AXIS
+from multifi.train.module import PotentialModule
+from multifi.train.prepare import check_config_fidelities
+
+log = logging.getLogger("multifi")
+
+_HEAD = re.compile(r"^head\.mlps\.(\d+)\.(.+)$")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_request(old, x, where: str) -> int:
+    """Errors for extensions that cannot work; returns the index of the fidelity the new one starts from."""
+    names = list(old.fidelities.names)
+    inject = old.spec["model"]["fidelity_embedding"]["inject"]
+    if x.fidelity in old.fidelities:
+        raise MultifiError(f"{where}: fidelity {x.fidelity!r} exists already (fidelities: {', '.join(names)}); "
+                           "extend with a new name")
+    if inject == "single":
+        raise MultifiError(f"{where}: inject: single has no fidelity information, so a new fidelity cannot be told "
+                           "apart from the others (fine-tune with train.init_from instead)")
+    if x.train == "embedding" and inject == "onehot":
+        raise MultifiError(f"{where}: inject: onehot has no trainable fidelity vector for train: embedding "
+                           "(it needs input, readout or both); use train: head or all")
+    if x.train == "embedding" and inject == "heads":
+        raise MultifiError(f"{where}: inject: heads has no fidelity vector; the new fidelity gets its own head: "
+                           "use train: head (only that head trains, the old fidelities stay unchanged)")
+    if x.replay > 0 and x.train == "embedding":
+        raise MultifiError(f"{where}: extend.replay needs train: head or all (train: embedding leaves the old "
+                           "fidelities frozen)")
+    for name in x.replay_fidelities or []:
+        if name not in old.fidelities:
+            raise unknown_name("fidelity", name, names, f"{where}: extend.replay_fidelities")
+    if x.init_like is None:
+        return 0
+    return old.fidelities.index(x.init_like, where=f"{where}: extend.init_like")
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def grow_weights(new, old, like: int) -> None:
+    """Load `old`'s weights into `new` (the same model with one more fidelity, last): old fidelities keep
+    their indices and values; the new one's vector, reference energies, scale and head (heads mode) are
+    copies of fidelity `like`'s; in onehot mode its input column is a copy of `like`'s column."""
+    src, K = old.state_dict(), len(old.fidelities)
+    state = {}
+    for key, target in new.state_dict().items():
+        m = _HEAD.match(key)
+        if key == "conditioning.onehot":
+            value = target
+        elif m and new.head.heads and int(m.group(1)) == K:
+            value = src[f"head.mlps.{like}.{m.group(2)}"]
+        else:
+            value = src[key]
+            axis = FIDELITY_AXIS.get(key)
+            if axis is not None:
+                value = torch.cat([value, value.narrow(axis, like, 1)], axis)
+            elif value.shape != target.shape:  # onehot: one more input column, the new fidelity's entry
+                value = torch.cat([value, value[:, value.shape[1] - K + like, None]], 1)
+        state[key] = value.to(target.dtype)
+    new.load_state_dict(state)
+
+
+def unchanged_fidelities(old, new) -> bool:
+    """True when every weight that an old fidelity's prediction depends on is bit-for-bit as in `old`."""
+    src, K = old.state_dict(), len(old.fidelities)
+    for key, value in new.state_dict().items():
+        m = _HEAD.match(key)
+        if key == "conditioning.onehot" or (m and new.head.heads and int(m.group(1)) == K):
+            continue
+        if key in FIDELITY_AXIS:
+            value = value.narrow(FIDELITY_AXIS[key], 0, K)
+        if key not in src or value.shape != src[key].shape or not torch.equal(value, src[key].to(value.dtype)):
+            return False
+    return True
+
+
+class ExtendModule(PotentialModule):
+    """PotentialModule that trains only what `trainable` names for the fidelity at index `new`.
+
+    Partly trainable tensors (the fidelity table, onehot input columns) get a gradient mask and no weight
+    decay, so their other rows keep their exact values (Adam's update of an always-zero gradient is 0)."""
+
+    def __init__(self, model_spec: dict, loss: dict, train: dict, trainable: str = "all", new: int = 0):
+        super().__init__(model_spec, loss, train)
+        self.trainable, self.new = trainable, new
+        self._masked: list[torch.nn.Parameter] = []
+
+    def freeze(self) -> list[str]:
+        """Set requires_grad and gradient masks for `trainable`; returns the names of the trained tensors."""
+        pot = self.potential
+        if self.trainable == "all":
+            return [n for n, _ in pot.named_parameters()]
+        pot.requires_grad_(False)
+        cond = pot.conditioning
+        if getattr(cond, "table", None) is not None:
+            self._mask(cond.table.weight, 0)
+        if self.trainable == "head":
+            if pot.head.heads:
+                pot.head.mlps[self.new].requires_grad_(True)
+            else:
+                pot.head.mlps.requires_grad_(True)
+                if cond.mode == "onehot" and cond.project is not None:
+                    self._mask(cond.project.weight, 1)
+        return [n for n, p in pot.named_parameters() if p.requires_grad]
+
+    def _mask(self, p: torch.nn.Parameter, axis: int) -> None:
+        keep = torch.zeros_like(p, dtype=torch.bool)
+        keep.select(axis, self.new).fill_(True)
+        p.requires_grad_(True)
+        p.register_hook(lambda g: torch.where(keep, g, torch.zeros_like(g)))
+        self._masked.append(p)
+
+    def param_groups(self) -> list[dict]:
+        masked = {id(p) for p in self._masked}
+        free = [p for p in self.potential.parameters() if p.requires_grad and id(p) not in masked]
+        return ([{"params": free}] if free else []) + ([{"params": self._masked, "weight_decay": 0.0}]
+                                                        if self._masked else [])
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class OldRun:
+    """The training data of the model being extended: dataset, train pairs and evaluation pairs."""
+
+    path: Path
+    dataset: FidelityDataset
+    train: np.ndarray  # [P, 2] (structure, fidelity) as trained on
+    val: np.ndarray
+    test: np.ndarray
+
+
+def find_old_run(x) -> Path | None:
+    """extend.old_run (must hold dataset.npz and splits.json), else the model's folder if it holds them."""
+    if x.old_run is not None:
+        run = Path(x.old_run)
+        for name in ("config.yaml", "splits.json"):
+            if not (run / name).exists():
+                raise MultifiError(f"{run}: not a run directory of the model (no {name})")
+        return run
+    run = Path(x.model).parent
+    return run if (run / "config.yaml").exists() and (run / "splits.json").exists() else None
+
+
+def load_old_run(run: Path) -> OldRun:
+    """Dataset (the run's dataset.npz, or its single saved-dataset source) and its split pairs."""
+    cfg = load_config(run / "config.yaml")
+    from multifi.data.sources import _is_saved_dataset
+
+    if (run / "dataset.npz").exists():
+        ds = FidelityDataset.load(run / "dataset.npz")
+    elif len(cfg.data.sources) == 1 and _is_saved_dataset(cfg.data.sources[0]):
+        ds = FidelityDataset.load(cfg.data.sources[0].path).drop_fidelities_without_labels()
+        if cfg.data.fidelities is not None:
+            ds = ds.select_fidelities(cfg.data.fidelities, where=f"{run}/config.yaml: data.fidelities")
+    else:
+        raise MultifiError(f"{run}: no dataset.npz (the run was trained with data.cache: false); "
+                           "replay and forgetting need the run's data")
+    split = _read_splits(run / "splits.json", ds)
+    pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
+    pairs["train"] = limit_pairs(pairs["train"], cfg.data.train_limits, ds, cfg.data.split.seed)
+    return OldRun(run, ds, pairs["train"], pairs["val"], pairs["test"])
+
+
+def _read_splits(path: Path, ds: FidelityDataset) -> Split:
+    if not path.exists() and path.with_suffix(".npz").exists():
+        z = np.load(path.with_suffix(".npz"))
+        return Split(train=z["train"], val=z["val"], test=z["test"])
+    keys = json.loads(path.read_text())
+    index = {k: i for i, k in enumerate(ds.keys.tolist())}
+    missing = [k for name in keys for k in keys[name] if k not in index]
+    if missing:
+        raise MultifiError(f"{path}: structure {missing[0]!r} is not in the run's dataset")
+    return Split(**{name: np.asarray([index[k] for k in keys.get(name, [])], dtype=np.int64)
+                    for name in ("train", "val", "test")})
+
+
+def sample_pairs(pairs: np.ndarray, fraction: float, fidelities: list[int], seed: int) -> np.ndarray:
+    """A seeded random `fraction` (at least one) of the pairs of each fidelity in `fidelities`."""
+    out = []
+    for k in fidelities:
+        rows = np.flatnonzero(pairs[:, 1] == k)
+        n = min(len(rows), max(1, int(round(fraction * len(rows))))) if fraction > 0 and len(rows) else 0
+        out.append(pairs[np.sort(np.random.default_rng([seed, k]).permutation(rows)[:n])])
+    return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
+
+
+def read_new_data(cfg: RunConfig, name: str) -> tuple[FidelityDataset, dict[str, np.ndarray]]:
+    """The new fidelity's labels from data.sources and their split (data.split, data.train_limits)."""
+    d = cfg.data
+    ds = read_sources(d.sources, d.skip_invalid)
+    where = ", ".join(str(s.path or "qm9") for s in d.sources)
+    if name not in ds.fidelities:
+        raise MultifiError(f"{where}: no labels at fidelity {name!r} (the data has: {', '.join(ds.fidelities)}); "
+                           "set the source's fidelity")
+    ds = ds.select_fidelities([name])
+    split = split_from_files(d.split.files, ds) if d.split.files else random_split(len(ds), d.split.val,
+                                                                                   d.split.test, d.split.seed)
+    pairs = {s: labelled_pairs(ds, split[s]) for s in ("train", "val", "test")}
+    pairs["train"] = limit_pairs(pairs["train"], d.train_limits, ds, d.split.seed)
+    return ds, pairs
+
+
+def combine(table: FidelityTable, new: FidelityDataset, new_pairs: dict, old: OldRun | None,
+            replay: dict) -> tuple[FidelityDataset, dict[str, np.ndarray]]:
+    """One dataset laid out as the model's fidelity table: the new data plus the replayed old structures;
+    pairs re-indexed into it (replayed training samples join train, replayed validation samples join val)."""
+    parts = [new]
+    if old is not None and any(len(p) for p in replay.values()):
+        used = np.unique(np.concatenate([p[:, 0] for p in replay.values()]))
+        parts.insert(0, old.dataset.subset(used))
+    ds = FidelityDataset.merge(parts).with_fidelities(table)
+    index = {k: i for i, k in enumerate(ds.keys.tolist())}
+
+    def remap(src: FidelityDataset, pairs: np.ndarray) -> np.ndarray:
+        s = np.asarray([index[k] for k in src.keys[pairs[:, 0]].tolist()], dtype=np.int64)
+        k = np.asarray(table.indices(src.fidelities.names), dtype=np.int64)[pairs[:, 1]]
+        return np.stack([s, k], 1).reshape(-1, 2)
+
+    out = {s: remap(new, p) for s, p in new_pairs.items()}
+    for s, p in replay.items():
+        out[s] = np.concatenate([out[s], remap(old.dataset, p)])
+    return ds, out
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def extend(cfg: RunConfig, config_source: str = "") -> Path:
+    """Extend cfg.extend.model by the fidelity cfg.extend.fidelity; returns the run directory
+    (model.pt, metrics.json with the new fidelity's test errors and the old fidelities' before/after)."""
+    from multifi.models.registry import load_potential
+    from multifi.train.datamodule import MultiFidelityData
+    from multifi.train.run import _best_checkpoint, _configure_threads, _quiet_lightning, make_trainer
+
+    x = cfg.extend
+    where = config_source or x.model
+    run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise MultifiError(f"{run_dir}: run directory exists and is not empty; choose another output directory")
+    old = load_potential(x.model, compile=False)
+    like = check_request(old, x, where)
+    cfg = _with_model_precision(cfg, old, where)
+    _configure_threads(cfg)
+    _quiet_lightning()
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+
+    table = FidelityTable([*old.fidelities.names, x.fidelity])
+    ds, pairs, old_run, replay = _extension_data(cfg, old, table, where, config_source)
+    module = ExtendModule({"model": old.spec["model"], "fidelities": list(table.names)}, cfg.loss.model_dump(),
+                          cfg.train.model_dump(), x.train, len(old.fidelities))
+    grow_weights(module.potential, old, like)
+    _fit_new_baseline(module.potential, ds, pairs["train"], len(old.fidelities), old.spec["model"].get("energy_scale"))
+    trained = module.freeze()
+    module.sync_ema()
+    log.info("extend %s by %r (train: %s): %d trainable tensors; train %s", x.model, x.fidelity, x.train,
+             len(trained), _count_text(pairs["train"], table))
+
+    data = MultiFidelityData(ds, pairs, old.cutoff, cfg.train.batch_size, cfg.train.num_workers,
+                             cfg.train.fidelity_sampling, cfg.train.seed, progress=cfg.train.progress,
+                             neighbor_lists=cfg.data.neighbor_lists)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+    trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)
+    trainer.fit(module, datamodule=data)
+    best = load_potential(_best_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt"), compile=False)
+    _finish(cfg, old, best, data, pairs, table, old_run, replay)
+    return run_dir
+
+
+def _with_model_precision(cfg: RunConfig, old, where: str) -> RunConfig:
+    """cfg with train.precision = the model's (a different one set by the user is an error)."""
+    precision = "64" if next(old.parameters()).dtype == torch.float64 else "32"
+    if "precision" in cfg.train.model_fields_set and cfg.train.precision != precision:
+        raise MultifiError(f"{where}: train.precision {cfg.train.precision} differs from the model's ({precision}); "
+                           "an extension keeps the model's precision")
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
+
+
+def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, config_source: str):
+    """Training dataset laid out as `table`, its split pairs, the old run's data (or None) and the replay."""
+    x = cfg.extend
+    new_ds, new_pairs = read_new_data(cfg, x.fidelity)
+    if len(new_pairs["train"]) == 0:
+        raise MultifiError(f"{where}: no training structures at {x.fidelity!r} after the split")
+    old_run = _old_run_data(find_old_run(x), explicit=x.old_run is not None)
+    replay = _replay(x, old, old_run, cfg.train.seed, where)
+    ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
+    check_config_fidelities(cfg, ds, config_source)
+    _warn_elements(old, new_ds, x.fidelity)
+    return ds, pairs, old_run, replay
+
+
+def _finish(cfg: RunConfig, old, potential, data, pairs: dict, table: FidelityTable, old_run, replay) -> None:
+    """Check the freeze, evaluate the new fidelity and the old ones (before/after), write model.pt and
+    metrics.json into the run directory."""
+    from multifi.models.registry import save_potential
+    from multifi.train.evaluate import evaluate_pairs
+
+    x, run_dir, K = cfg.extend, Path(cfg.output_dir), len(old.fidelities)
+    unchanged = unchanged_fidelities(old, potential)
+    if x.train == "embedding" and not unchanged:  # a broken freeze must never pass silently
+        raise RuntimeError("extend: train: embedding changed weights of the old fidelities")
+    new_metrics = evaluate_pairs(potential, data.dataset, data.neighbors, pairs["test"][pairs["test"][:, 1] == K],
+                                 cfg.train.batch_size)
+    forgetting = _forgetting(old, potential, old_run, cfg.train.batch_size)
+    potential.spec.update(_card_data(old, x, pairs, table, replay, old_run))
+    save_potential(potential, run_dir / "model.pt")
+    payload = {"fidelities": {**{n: f["after"] for n, f in forgetting.items()}, **new_metrics},
+               "new_fidelity": x.fidelity, "train": x.train, "replay": x.replay,
+               "old_fidelities_unchanged": unchanged, "forgetting": forgetting,
+               "old_run": str(old_run.path) if old_run else None, "n_train": _counts(pairs["train"], table)}
+    atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
+
+
+def _old_run_data(run: Path | None, explicit: bool) -> OldRun | None:
+    """The old run's data; a run directory found beside the model without its data only gets a warning."""
+    if run is None:
+        return None
+    try:
+        return load_old_run(run)
+    except MultifiError as exc:
+        if explicit:
+            raise
+        log.warning("the old fidelities' errors are not measured: %s", exc)
+        return None
+
+
+def _replay(x, old, old_run: OldRun | None, seed: int, where: str) -> dict[str, np.ndarray]:
+    if x.replay == 0:
+        return {}
+    if old_run is None:
+        raise MultifiError(f"{where}: extend.replay needs the model's run directory (dataset.npz, splits.json): "
+                           "set extend.old_run (--old-run)")
+    names = x.replay_fidelities or list(old.fidelities.names)
+    ks = [old_run.dataset.fidelities.index(n, where=f"{old_run.path}: replay fidelities") for n in names]
+    return {"train": sample_pairs(old_run.train, x.replay, ks, seed),
+            "val": sample_pairs(old_run.val, x.replay, ks, seed)}
+
+
+def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k: int, energy_scale) -> None:
+    """Reference energies [119] and scale of the new fidelity k by least squares on its training labels;
+    the old columns are not touched. With energy_scale: shared, the new fidelity takes the shared scale."""
+    ref, scale = fit_baseline(ds, train_pairs[train_pairs[:, 1] == k])
+    check_energy_units(ds, train_pairs[train_pairs[:, 1] == k], ref, scale)
+    head = potential.head
+    with torch.no_grad():
+        head.ref[:, k] = torch.as_tensor(ref[:, k], dtype=head.ref.dtype)
+        head.scale[k] = head.scale[0] if energy_scale == "shared" else float(scale[k])
+
+
+def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, dict]:
+    """Per old fidelity: its test metrics (validation if the run had no test split) before and after."""
+    if old_run is None:
+        return {}
+    from multifi.data.neighbors import make_neighbors
+    from multifi.train.evaluate import evaluate_pairs
+
+    pairs = old_run.test if len(old_run.test) else old_run.val
+    if len(pairs) == 0:
+        return {}
+    neighbors = make_neighbors(old_run.dataset, old.cutoff, progress=False)
+    before = evaluate_pairs(old, old_run.dataset, neighbors, pairs, batch_size)
+    after = evaluate_pairs(new, old_run.dataset, neighbors, pairs, batch_size)
+    out = {}
+    for name in before:
+        b, a = before[name], after[name]
+        out[name] = {"split": "test" if len(old_run.test) else "val", "before": b, "after": a,
+                     "change": {k: (a[k] - b[k] if a.get(k) is not None and b.get(k) is not None else None)
+                                for k in b if k != "n"}}
+    return out
+
+
+def _counts(pairs: np.ndarray, table: FidelityTable) -> dict[str, int]:
+    c = np.bincount(pairs[:, 1], minlength=len(table)) if len(pairs) else np.zeros(len(table), np.int64)
+    return {n: int(v) for n, v in zip(table.names, c)}
+
+
+def _count_text(pairs: np.ndarray, table: FidelityTable) -> str:
+    return ", ".join(f"{n}={v}" for n, v in _counts(pairs, table).items() if v)
+
+
+def _card_data(old, x, pairs: dict, table: FidelityTable, replay: dict, old_run) -> dict:
+    """Model-card entries: structures per fidelity (old fidelities as the old model recorded them, the new
+    one as trained here) and the history of extensions."""
+    data = {s: dict(old.spec.get("data", {}).get(s, {})) for s in ("train", "val", "test")}
+    for s in data:
+        data[s][x.fidelity] = _counts(pairs[s], table)[x.fidelity]
+    event = {"fidelity": x.fidelity, "train": x.train, "from": str(x.model), "replay": x.replay,
+             "replayed": _counts(replay["train"], old_run.dataset.fidelities) if replay else {}}
+    return {"data": data, "history": [*old.spec.get("history", []), event]}
+
+
+def _warn_elements(old, new_ds: FidelityDataset, name: str) -> None:
+    from ase.data import chemical_symbols
+
+    known, seen = set(old.elements), set(new_ds.elements)
+    if seen - known:
+        log.warning("elements %s of the %s data were not in the model's training data: their atom embeddings are "
+                    "untrained", ", ".join(chemical_symbols[z] for z in sorted(seen - known)), name)
+    if known - seen:
+        log.warning("elements %s have no reference energy at %s (absent from its data): predictions at %s for "
+                    "structures containing them are not meaningful",
+                    ", ".join(chemical_symbols[z] for z in sorted(known - seen)), name, name)
+
+
+def extend_from_args(config: str | None, overrides: list[str]) -> Path:
+    """Config file (optional) + `key=value` overrides (the command-line flags) → extend."""
+    cfg = load_config(config, overrides)
+    if cfg.extend is None:
+        raise MultifiError(f"{config or 'multifi extend'}: nothing to extend (give MODEL.pt or an 'extend' section)")
+    return extend(cfg, config_source=str(config or cfg.extend.model))

@@ -1,0 +1,269 @@
+"""Adding a fidelity to a trained model (multifi extend): frozen old fidelities bit-for-bit, the grown
+table, replay and the forgetting report, clear errors; and the model card (multifi info)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import MOLECULES, TINY_MODEL, emt_labelled, rattled_molecule
+from multifi.cli.main import main
+from multifi.config import dump_config, load_config, validate_config
+from multifi.errors import MultifiError
+from multifi.models.registry import build_potential, load_potential, save_potential
+from multifi.predict import predict_atoms
+from multifi.train.extend import extend, grow_weights
+
+M3GNET = {"backbone": "m3gnet", "features": 8, "interactions": 1, "cutoff": 4.0, "threebody_cutoff": 3.0,
+          "max_n": 2, "max_l": 2, "n_rbf": 4}
+OLD = ["lo", "hi"]
+
+
+def model_cfg(inject="both", backbone="painn"):
+    cfg = copy.deepcopy(TINY_MODEL) if backbone == "painn" else {**copy.deepcopy(TINY_MODEL), **M3GNET}
+    cfg["fidelity_embedding"] = {"dim": 4, "inject": inject}
+    return cfg
+
+
+def saved_model(tmp_path, inject="both", backbone="painn", double=True, name="old.pt"):
+    """A randomly initialised potential with random reference energies and scales, saved (no run directory)."""
+    torch.manual_seed(0)
+    pot = build_potential(model_cfg(inject, backbone), OLD)
+    if double:
+        pot.double()
+    with torch.no_grad():
+        pot.head.ref[[1, 6, 7, 8]] = torch.randn(4, 2, dtype=pot.head.ref.dtype)
+        pot.head.scale.uniform_(0.5, 2)
+    (tmp_path / "m").mkdir(exist_ok=True)
+    return pot, save_potential(pot, tmp_path / "m" / name)
+
+
+def new_data(path, n=12, seed=100):
+    """n molecules with energies and forces at an unnamed new level (0.9·EMT − 0.2 eV/atom)."""
+    frames = [emt_labelled(rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=seed + i), "x", 0.9, -0.2)
+              for i in range(n)]
+    for a in frames:
+        a.info.pop("fidelity")
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+def ext_config(tmp_path, model, mode="embedding", out="ext", **extend_keys):
+    raw = {"data": {"sources": [{"path": str(new_data(tmp_path / "new.extxyz")), "fidelity": "CC"}],
+                    "split": {"val": 0.2, "test": 0.2, "seed": 0}},
+           "train": {"max_steps": 3, "batch_size": 4, "lr": 0.05, "weight_decay": 0.1, "ema_decay": 0.5,
+                     "warmup_steps": 0, "progress": False, "threads": 1},
+           "extend": {"model": str(model), "fidelity": "CC", "train": mode, **extend_keys},
+           "output_dir": str(tmp_path / out)}
+    return validate_config(raw)
+
+
+def probe():
+    return [rattled_molecule(n, seed=50 + i) for i, n in enumerate(("CH3OH", "H2O", "C2H4", "HCN"))]
+
+
+# ---------------------------------------------------------------------------------------------- embedding
+@pytest.mark.parametrize("backbone", ["painn", "m3gnet"])
+@pytest.mark.parametrize("inject", ["input", "readout", "both"])
+def test_embedding_extension_keeps_old_fidelities_bit_for_bit(tmp_path, backbone, inject):
+    """Training only the new vector (with weight decay and EMA on) leaves every old fidelity's energies
+    and forces exactly as they were; the table keeps old names and indices and appends the new one."""
+    old, path = saved_model(tmp_path, inject, backbone)
+    run = extend(ext_config(tmp_path, path))
+    new = load_potential(run / "model.pt")
+    assert new.fidelities.names == ("lo", "hi", "CC") and next(new.parameters()).dtype == torch.float64
+    mols = probe()
+    for name in OLD:
+        e0, f0, _ = predict_atoms(old, mols, name)
+        e1, f1, _ = predict_atoms(new, mols, name)
+        assert np.array_equal(e0, e1), name
+        assert all(np.array_equal(a, b) for a, b in zip(f0, f1)), name
+    table = new.conditioning.table.weight.detach()
+    assert torch.equal(table[:2], old.conditioning.table.weight.detach())
+    assert not torch.equal(table[2], table[0])  # the new vector (started as lo's) trained
+    assert torch.equal(new.head.ref[:, :2], old.head.ref) and torch.equal(new.head.scale[:2], old.head.scale)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["old_fidelities_unchanged"] is True and metrics["fidelities"]["CC"]["n"] >= 1
+
+
+def test_new_reference_energies_are_a_least_squares_fit(tmp_path):
+    """The new column of the reference energies fits the new labels; old columns are untouched."""
+    from multifi.data.sources import read_source
+    from multifi.models.head import composition_matrix
+
+    old, path = saved_model(tmp_path)
+    cfg = ext_config(tmp_path, path)
+    new = load_potential(extend(cfg) / "model.pt")
+    ds = read_source(cfg.data.sources[0])
+    elements, counts = composition_matrix(ds)
+    fitted = counts @ new.head.ref[elements, 2].numpy()
+    # 0.9·EMT − 0.2 eV/atom: the composition fit leaves per-atom residuals of EMT's size (tenths of an eV)
+    per_atom = (ds.energy[:, 0] - fitted) / ds.n_atoms
+    assert abs(per_atom.mean()) < 0.2 and np.abs(per_atom).max() < 1.0
+    assert not torch.equal(new.head.ref[:, 2], new.head.ref[:, 0])
+
+
+def test_heads_model_gets_a_head_and_keeps_the_others(tmp_path):
+    old, path = saved_model(tmp_path, "heads")
+    run = extend(ext_config(tmp_path, path, mode="head"))
+    new = load_potential(run / "model.pt")
+    assert len(new.head.mlps) == 3
+    mols = probe()
+    for name in OLD:
+        assert np.array_equal(predict_atoms(old, mols, name)[0], predict_atoms(new, mols, name)[0])
+    w_new, w_like = new.head.mlps[2][0].weight, old.head.mlps[0][0].weight
+    assert not torch.equal(w_new, w_like)  # the new head (started as lo's) trained
+    assert json.loads((run / "metrics.json").read_text())["old_fidelities_unchanged"] is True
+
+
+def test_head_mode_trains_the_shared_readout_but_not_old_vectors(tmp_path):
+    old, path = saved_model(tmp_path, "readout")
+    new = load_potential(extend(ext_config(tmp_path, path, mode="head")) / "model.pt")
+    assert not torch.equal(new.head.mlps[0][0].weight, old.head.mlps[0][0].weight)
+    assert torch.equal(new.conditioning.table.weight[:2], old.conditioning.table.weight)
+    for key, value in old.representation.state_dict().items():
+        assert torch.equal(new.representation.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("inject", ["input", "readout", "both", "heads", "onehot"])
+def test_grown_model_predicts_the_new_fidelity_like_the_one_it_starts_from(tmp_path, inject):
+    """Before training, the new fidelity is a copy of `init_like` and the old ones are unchanged."""
+    old, _ = saved_model(tmp_path, inject)
+    new = build_potential(model_cfg(inject), [*OLD, "CC"]).double()
+    grow_weights(new, old, like=1)
+    mols = probe()
+    e_hi, f_hi, _ = predict_atoms(old, mols, "hi")
+    e_cc, f_cc, _ = predict_atoms(new, mols, "CC")
+    np.testing.assert_allclose(e_cc, e_hi, rtol=1e-12, atol=1e-10)
+    for name in OLD:
+        np.testing.assert_allclose(predict_atoms(new, mols, name)[0], predict_atoms(old, mols, name)[0],
+                                   rtol=1e-12, atol=1e-10)
+
+
+def test_onehot_model_extends_with_head_training(tmp_path):
+    _, path = saved_model(tmp_path, "onehot")
+    new = load_potential(extend(ext_config(tmp_path, path, mode="head")) / "model.pt")
+    assert new.fidelities.names == ("lo", "hi", "CC") and new.conditioning.onehot.shape == (3, 3)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("inject, mode, keys, fragment", [
+    ("both", "embedding", {"fidelity": "hi"}, "fidelity 'hi' exists already"),
+    ("onehot", "embedding", {}, "inject: onehot has no trainable fidelity vector"),
+    ("single", "all", {}, "inject: single has no fidelity information"),
+    ("heads", "embedding", {}, "use train: head"),
+    ("both", "all", {"replay": 0.5, "replay_fidelities": ["HI"]}, "unknown fidelity 'HI'; did you mean 'hi'?"),
+    ("both", "all", {"replay": 0.5}, "extend.replay needs the model's run directory"),
+    ("both", "embedding", {"replay": 0.5}, "extend.replay needs train: head or all"),
+    ("both", "embedding", {"init_like": "mid"}, "unknown fidelity 'mid'"),
+])
+def test_clear_errors(tmp_path, inject, mode, keys, fragment):
+    _, path = saved_model(tmp_path, inject)
+    cfg = ext_config(tmp_path, path, mode)
+    cfg.extend = cfg.extend.model_copy(update=keys)
+    with pytest.raises(MultifiError, match=fragment.replace("?", r"\?").replace("(", r"\(")):
+        extend(cfg)
+    assert not (tmp_path / "ext").exists()  # nothing written
+
+
+def test_config_errors(tmp_path, capsys):
+    _, path = saved_model(tmp_path, double=False)
+    cfg = ext_config(tmp_path, path)
+    raw = yaml.safe_load(dump_config(cfg))
+    with pytest.raises(MultifiError, match="remove the 'model' section"):
+        validate_config({**raw, "model": TINY_MODEL})
+    with pytest.raises(MultifiError, match="unknown key 'extend.replays'"):
+        validate_config({**raw, "extend": {**raw["extend"], "replays": 0.1}})
+    bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "64"})})
+    bad.train.model_fields_set.add("precision")
+    with pytest.raises(MultifiError, match="train.precision 64 differs from the model's"):
+        extend(bad)
+    weights = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"fidelity_weights": {"XX": 2.0}})})
+    with pytest.raises(MultifiError, match="loss.fidelity_weights: unknown fidelity 'XX'"):
+        extend(weights)
+    (tmp_path / "ext.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(tmp_path / "ext.yaml")]) == 2
+    assert "run it with multifi extend --config" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- CLI, replay
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory, tiny_extxyz):
+    """A one-epoch run on the tiny two-fidelity data (run directory with dataset.npz and splits.json)."""
+    root = tmp_path_factory.mktemp("old")
+    raw = {"data": {"sources": [{"path": str(tiny_extxyz)}], "split": {"val": 0.2, "test": 0.2, "seed": 0}},
+           "model": TINY_MODEL, "train": {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1},
+           "output_dir": str(root / "run")}
+    (root / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(root / "config.yaml")]) == 0
+    return root / "run"
+
+
+def test_cli_all_with_replay_reports_forgetting(old_run, tmp_path, capsys):
+    data = new_data(tmp_path / "new.extxyz")
+    out = tmp_path / "ext"
+    code = main(["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", "CC", "--out", str(out),
+                 "--train", "all", "--replay", "0.5", "--replay-fidelity", "hi", "--max-steps", "3",
+                 "--set", "train.progress=false", "--set", "train.threads=1"])
+    stdout = capsys.readouterr().out
+    assert code == 0 and "old fidelities (forgetting), test split" in stdout
+    m = json.loads((out / "metrics.json").read_text())
+    old_metrics = json.loads((old_run / "metrics.json").read_text())
+    for name in OLD:  # "before" is the old model on its own test split
+        before = m["forgetting"][name]["before"]
+        assert before["n"] == old_metrics["fidelities"][name]["n"]
+        assert before["energy_mae_meV"] == pytest.approx(old_metrics["fidelities"][name]["energy_mae_meV"], rel=1e-6)
+        assert m["forgetting"][name]["change"]["energy_mae_meV"] == pytest.approx(
+            m["forgetting"][name]["after"]["energy_mae_meV"] - before["energy_mae_meV"])
+    n_hi = load_potential(old_run / "model.pt").spec["data"]["train"]["hi"]
+    assert m["n_train"]["hi"] == round(0.5 * n_hi) and m["n_train"]["lo"] == 0 and m["n_train"]["CC"] > 0
+    assert m["old_fidelities_unchanged"] is False
+    saved = load_config(out / "config.yaml")
+    assert saved.extend.replay == 0.5 and saved.extend.replay_fidelities == ["hi"]
+
+
+def test_cli_embedding_errors_are_one_line(old_run, tmp_path, capsys):
+    data = new_data(tmp_path / "new.extxyz")
+    code = main(["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", "lo", "--out",
+                 str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "fidelity 'lo' exists already" in err[0]
+    assert main(["extend", "--fidelity", "x"]) == 2
+    assert "multifi extend needs MODEL.pt, --data, --out" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- info
+@pytest.mark.parametrize("inject", ["input", "readout", "both", "onehot", "heads", "single"])
+def test_info_on_every_conditioning_mode(tmp_path, inject, capsys):
+    pot, path = saved_model(tmp_path, inject, double=False)
+    png = tmp_path / "sim.png"
+    args = ["info", str(path), "--plot", str(png)] if inject in ("input", "readout", "both") else ["info", str(path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"conditioning {inject}" in out and "lo" in out and "hi" in out and "H C N O" in out
+    assert ("cosine similarity" in out) == (inject in ("input", "readout", "both"))
+    if inject in ("input", "readout", "both"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        main(["info", str(path), "--json"])
+        card = json.loads(capsys.readouterr().out)
+        v = torch.nn.functional.normalize(pot.conditioning.table.weight.detach().double(), dim=1)
+        np.testing.assert_allclose(card["similarity"], (v @ v.T).numpy(), atol=1e-12)
+        assert card["similarity"][0][0] == pytest.approx(1.0)
+    else:
+        assert main(["info", str(path), "--plot", str(png)]) == 2
+        assert "no trainable fidelity vectors" in capsys.readouterr().err
+
+
+def test_info_shows_training_data_and_extensions(old_run, tmp_path, capsys):
+    assert main(["info", str(old_run / "model.pt")]) == 0
+    out = capsys.readouterr().out
+    counts = load_potential(old_run / "model.pt").spec["data"]
+    assert counts["train"]["lo"] + counts["val"]["lo"] + counts["test"]["lo"] == 40
+    row = next(line for line in out.splitlines() if line.strip().startswith("0  lo"))
+    assert row.split()[2:5] == [str(counts[s]["lo"]) for s in ("train", "val", "test")]
+    assert "run config (config.yaml beside the model)" in out
