@@ -8,7 +8,7 @@ import sys
 
 from multifi.errors import MultifiError
 
-COMMANDS = ("train", "evaluate", "predict", "data", "experiment")
+COMMANDS = ("train", "evaluate", "predict", "data", "experiment", "deploy")
 
 
 def build_parser() -> argparse.ArgumentParser:
