@@ -19,10 +19,10 @@ from multifi.models.registry import build_potential
 CKPT = Path(__file__).parent / "data" / "solids_painn.pt"
 
 
-def m3gnet_potential(seed: int = 0):
+def m3gnet_potential(seed: int = 0, cutoff: float = 4.5, threebody_cutoff: float = 3.5):
     """A tiny random-weight two-fidelity M3GNet with distinct Si references per fidelity."""
     torch.manual_seed(seed)
-    model = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": 4.5, "threebody_cutoff": 3.5,
+    model = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": cutoff, "threebody_cutoff": threebody_cutoff,
              "max_n": 3, "max_l": 3, "n_rbf": 9, "fidelity_embedding": {"dim": 4, "inject": "both"}}
     pot = build_potential(model, ["PBE", "R2SCAN"])
     ref = np.zeros((119, 2))
