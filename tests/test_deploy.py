@@ -63,17 +63,29 @@ def assert_same(got, want, rtol=1e-6):
         np.testing.assert_allclose(got["stress"], want["stress"], rtol=0, atol=rtol * np.abs(want["stress"]).max())
 
 
-@pytest.fixture(scope="module")
-def deployed_m3gnet(tmp_path_factory):
-    out = tmp_path_factory.mktemp("deploy") / "m3gnet_r2scan.pt"
-    deploy(m3gnet_potential(), "R2SCAN", out)
-    return out
+_DEPLOYED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def m3gnet_files(tmp_path_factory):
+    """The tiny M3GNet deployed at each of its fidelities (m3gnet_PBE.pt, m3gnet_R2SCAN.pt); shared with test_lammps."""
+    if "m3gnet" not in _DEPLOYED:  # one deployment per session, also when test_lammps imports this fixture
+        d = tmp_path_factory.mktemp("deployed")
+        for fid in ("PBE", "R2SCAN"):
+            deploy(m3gnet_potential(), fid, d / f"m3gnet_{fid}.pt")
+        _DEPLOYED["m3gnet"] = d
+    return _DEPLOYED["m3gnet"]
+
+
+@pytest.fixture
+def deployed_m3gnet(m3gnet_files):
+    return m3gnet_files / "m3gnet_R2SCAN.pt"
 
 
 def test_m3gnet_with_ghost_atoms_equals_calculator(deployed_m3gnet):
     """64-atom Si (sheared cell): ghosts out to interactions × cutoff, full pair list, ghost forces folded back."""
     module, meta = load_deployed(deployed_m3gnet, cutoff=4.5, elements=["Si"])
-    assert meta["fidelity"] == "R2SCAN" and meta["elements"] == ["Si"] and meta["ghost_cutoff"] == 9.0
+    assert meta["fidelity"] == "R2SCAN" and meta["interactions"] == 2 and meta["elements"] == ["Si"] and meta["ghost_cutoff"] == 9.0
     assert meta["multifi_version"] == multifi.__version__ and meta["threebody_cutoff"] == 3.5
     atoms = si64()
     args = lammps_style_inputs(atoms, meta["ghost_cutoff"], meta["cutoff"])

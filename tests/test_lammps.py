@@ -14,7 +14,7 @@ from ase.md.verlet import VelocityVerlet
 import multifi
 from lammps_run import ase_stress, have_mpiexec, run, unavailable
 from multifi.deploy import deploy
-from test_deploy import assert_same, m3gnet_potential, molecule_in_box, reference
+from test_deploy import assert_same, m3gnet_files, m3gnet_potential, molecule_in_box, reference  # noqa: F401
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
@@ -25,14 +25,6 @@ def si64_lammps(seed: int = 1):
     atoms.set_cell(atoms.cell @ (np.eye(3) + [[0.01, 0, 0], [0.02, -0.01, 0], [0.015, 0.01, 0.005]]), scale_atoms=True)
     atoms.rattle(0.08, seed=seed)
     return atoms
-
-
-@pytest.fixture(scope="module")
-def m3gnet_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lammps_models")
-    for fid in ("PBE", "R2SCAN"):
-        deploy(m3gnet_potential(), fid, d / f"m3gnet_{fid}.pt")
-    return d
 
 
 def from_lammps(out, step: int = 0, periodic: bool = True) -> dict:

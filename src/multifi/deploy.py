@@ -58,10 +58,12 @@ class _Core(nn.Module):
 class Deployed(nn.Module):
     """TorchScript entry point (see the module docstring for the interface)."""
 
-    def __init__(self, core: torch.jit.ScriptModule, cutoff: float, threebody_cutoff: float, dtype: torch.dtype):
+    def __init__(self, core: torch.jit.ScriptModule, cutoff: float, threebody_cutoff: float, dtype: torch.dtype,
+                 interactions: int):
         super().__init__()
         self.core = core
         self.cutoff = cutoff
+        self.interactions = interactions
         self.threebody_cutoff = threebody_cutoff  # 0: no three-body terms
         self.dtype = dtype
 
@@ -74,6 +76,9 @@ class Deployed(nn.Module):
         r = torch.linalg.norm(vec, dim=-1)
         keep = torch.nonzero(r < self.cutoff).squeeze(-1)  # an engine's list has pairs up to cutoff + skin
         edge_index, shift_vec, r = edge_index.index_select(1, keep), shift_vec.index_select(0, keep), r[keep]
+        if nlocal < n:  # ghosts: only atoms within interactions − 1 hops of a local atom need their own edges
+            keep = torch.nonzero(_within_hops(edge_index, n, nlocal, self.interactions - 1)[edge_index[0]]).squeeze(-1)
+            edge_index, shift_vec, r = edge_index.index_select(1, keep), shift_vec.index_select(0, keep), r[keep]
         if self.threebody_cutoff > 0:
             bonds, ij, ik = triplet_index(edge_index, r, n, self.threebody_cutoff)
         else:
@@ -82,6 +87,20 @@ class Deployed(nn.Module):
         atom_energy, forces, virial = self.core(species, positions, edge_index, shift_vec, weight, bonds, ij, ik)
         return {"energy": (atom_energy * weight.to(atom_energy.dtype)).sum(), "atom_energies": atom_energy,
                 "forces": forces, "virial": virial}
+
+
+def _within_hops(edge_index: torch.Tensor, n: int, nlocal: int, hops: int) -> torch.Tensor:
+    """[n] bool: atoms at most `hops` edges away from a local atom (index < nlocal).
+
+    After K interactions a local atom's energy depends on features that atoms h hops away have after
+    K − h interactions, which need all their edges only while h ≤ K − 1: the edges centred on atoms
+    further out (ghosts near the edge of an MD engine's ghost shell) change no local energy."""
+    reached = torch.arange(n, device=edge_index.device) < nlocal
+    for _ in range(hops):
+        nxt = reached.clone()
+        nxt[edge_index[1][reached[edge_index[0]]]] = True
+        reached = nxt
+    return reached
 
 
 def _example(potential, dtype: torch.dtype):
@@ -122,16 +141,17 @@ def build_deployed(potential, fidelity: str, dtype: torch.dtype = torch.float64)
     with warnings.catch_warnings():  # TorchScript deprecation notes: it stays the format libtorch loads
         warnings.simplefilter("ignore")
         return _script(fn, potential.cutoff, threebody, dtype,
-                       (species, positions, edge_index, shift_vec, weight, bonds, ij, ik))
+                       (species, positions, edge_index, shift_vec, weight, bonds, ij, ik),
+                       int(potential.spec["model"].get("interactions", 3)))
 
 
-def _script(fn, cutoff: float, threebody: float, dtype, example) -> torch.jit.ScriptModule:
+def _script(fn, cutoff: float, threebody: float, dtype, example, interactions: int) -> torch.jit.ScriptModule:
     """make_fx(fn) with symbolic sizes (the backward pass becomes plain operations), then TorchScript."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     traced = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
     scripted_core = torch.jit.script(_scriptable(traced))
-    return torch.jit.script(Deployed(scripted_core, cutoff, threebody, dtype))
+    return torch.jit.script(Deployed(scripted_core, cutoff, threebody, dtype, interactions))
 
 
 def _scriptable(gm):
