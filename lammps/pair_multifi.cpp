@@ -7,6 +7,7 @@
 #include "memory.h"
 #include "neigh_list.h"
 #include "neighbor.h"
+#include "update.h"
 
 #include <cmath>
 #include <cstring>
@@ -134,6 +135,8 @@ void PairMultifi::coeff(int narg, char **arg)
 void PairMultifi::init_style()
 {
   if (force->newton_pair == 0) error->all(FLERR, "Pair style multifi requires newton pair on");
+  if (strcmp(update->unit_style, "metal") != 0)
+    error->all(FLERR, "Pair style multifi requires metal units (eV, Angstrom), not {}", update->unit_style);
   neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
   // ghosts out to the receptive field: every local atom energy is then that of the periodic system
   if (comm->cutghostuser < ghost_cutoff) comm->cutghostuser = ghost_cutoff;
