@@ -27,6 +27,11 @@ def unavailable() -> str | None:
     return None
 
 
+def num(x) -> str:
+    """A float written so that it reads back exactly."""
+    return repr(float(x))
+
+
 def write_data(path: Path, atoms, species: list[str], velocities: np.ndarray | None = None) -> None:
     """LAMMPS data file (atom_style atomic, metal units). The cell must already be in LAMMPS' form
     (a along x, b in the xy plane); positions are wrapped into it. velocities in Å/ps."""
@@ -37,16 +42,18 @@ def write_data(path: Path, atoms, species: list[str], velocities: np.ndarray | N
     lines = ["# multifi", f"{len(atoms)} atoms", f"{len(species)} atom types"]
     if cell is not None:
         pos = atoms.get_positions(wrap=True)
-        lines += [f"0 {float(cell[0, 0])!r} xlo xhi", f"0 {float(cell[1, 1])!r} ylo yhi", f"0 {float(cell[2, 2])!r} zlo zhi",
-                  f"{float(cell[1, 0])!r} {float(cell[2, 0])!r} {float(cell[2, 1])!r} xy xz yz"]
+        lines += [f"0 {num(cell[k, k])} {a}lo {a}hi" for k, a in enumerate("xyz")]
+        lines.append(f"{num(cell[1, 0])} {num(cell[2, 0])} {num(cell[2, 1])} xy xz yz")
     else:
         pos = atoms.positions - atoms.positions.min(0) + 10.0  # a fixed box with 10 Å of vacuum
         hi = pos.max(0) + 10.0
-        lines += [f"0 {float(hi[k])!r} {a}lo {a}hi" for k, a in enumerate("xyz")]
-    lines += ["", "Masses", ""] + [f"{t + 1} {float(atomic_masses[chemical_symbols.index(s)])!r}" for t, s in enumerate(species)]
-    lines += ["", "Atoms # atomic", ""] + [f"{n + 1} {t} {float(p[0])!r} {float(p[1])!r} {float(p[2])!r}" for n, (t, p) in enumerate(zip(types, pos))]
+        lines += [f"0 {num(hi[k])} {a}lo {a}hi" for k, a in enumerate("xyz")]
+    lines += ["", "Masses", ""] + [f"{t + 1} {num(atomic_masses[chemical_symbols.index(s)])}"
+                                   for t, s in enumerate(species)]
+    lines += ["", "Atoms # atomic", ""] + [f"{n + 1} {t} {' '.join(map(num, p))}"
+                                           for n, (t, p) in enumerate(zip(types, pos))]
     if velocities is not None:
-        lines += ["", "Velocities", ""] + [f"{n + 1} {float(v[0])!r} {float(v[1])!r} {float(v[2])!r}" for n, v in enumerate(velocities)]
+        lines += ["", "Velocities", ""] + [f"{n + 1} {' '.join(map(num, v))}" for n, v in enumerate(velocities)]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -22,8 +22,9 @@ CKPT = Path(__file__).parent / "data" / "solids_painn.pt"
 def m3gnet_potential(seed: int = 0, cutoff: float = 4.5, threebody_cutoff: float = 3.5):
     """A tiny random-weight two-fidelity M3GNet with distinct Si references per fidelity."""
     torch.manual_seed(seed)
-    model = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": cutoff, "threebody_cutoff": threebody_cutoff,
-             "max_n": 3, "max_l": 3, "n_rbf": 9, "fidelity_embedding": {"dim": 4, "inject": "both"}}
+    model = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": cutoff,
+             "threebody_cutoff": threebody_cutoff, "max_n": 3, "max_l": 3, "n_rbf": 9,
+             "fidelity_embedding": {"dim": 4, "inject": "both"}}
     pot = build_potential(model, ["PBE", "R2SCAN"])
     ref = np.zeros((119, 2))
     ref[14] = [-5.4, -6.1]
@@ -85,7 +86,8 @@ def deployed_m3gnet(m3gnet_files):
 def test_m3gnet_with_ghost_atoms_equals_calculator(deployed_m3gnet):
     """64-atom Si (sheared cell): ghosts out to interactions × cutoff, full pair list, ghost forces folded back."""
     module, meta = load_deployed(deployed_m3gnet, cutoff=4.5, elements=["Si"])
-    assert meta["fidelity"] == "R2SCAN" and meta["interactions"] == 2 and meta["elements"] == ["Si"] and meta["ghost_cutoff"] == 9.0
+    assert meta["fidelity"] == "R2SCAN" and meta["interactions"] == 2 and meta["elements"] == ["Si"]
+    assert meta["ghost_cutoff"] == 9.0
     assert meta["multifi_version"] == multifi.__version__ and meta["threebody_cutoff"] == 3.5
     atoms = si64()
     args = lammps_style_inputs(atoms, meta["ghost_cutoff"], meta["cutoff"])
@@ -101,8 +103,8 @@ def test_periodic_shifts_without_ghosts_equal_calculator(deployed_m3gnet):
     atoms = si64(seed=3)
     i, j, s = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, meta["cutoff"] + 0.5)  # + skin
     t = torch.as_tensor
-    out = module(t(atoms.numbers), t(atoms.positions), t(atoms.cell.array), t(np.stack([i, j])), t(s, dtype=torch.float64),
-                 len(atoms))
+    out = module(t(atoms.numbers), t(atoms.positions), t(atoms.cell.array), t(np.stack([i, j])),
+                 t(s, dtype=torch.float64), len(atoms))
     want = reference(m3gnet_potential(), "R2SCAN", atoms)
     got = {"energy": float(out["energy"]), "forces": out["forces"].numpy(),
            "stress": (-out["virial"].numpy() / atoms.get_volume())[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]}
@@ -111,8 +113,8 @@ def test_periodic_shifts_without_ghosts_equal_calculator(deployed_m3gnet):
 
 
 def test_painn_molecule_and_other_fidelity(tmp_path):
-    """PaiNN (solids model, C/H/O absent from training is irrelevant here: tiny model) on a molecule; the
-    file deployed at PBE gives the PBE numbers, the one at R2SCAN the R2SCAN numbers."""
+    """A tiny random-weight PaiNN on a molecule (no cell, no ghosts): the file deployed at "lo" gives the
+    "lo" numbers, the one at "hi" the "hi" numbers."""
     torch.manual_seed(0)
     model = {"backbone": "painn", "features": 16, "interactions": 2, "cutoff": 4.0, "n_rbf": 8,
              "fidelity_embedding": {"dim": 4, "inject": "both"}}
@@ -133,8 +135,7 @@ def test_painn_molecule_and_other_fidelity(tmp_path):
 def test_solids_painn_checkpoint_periodic(tmp_path):
     deploy(CKPT, "PBE", tmp_path / "pbe.pt")
     module, meta = load_deployed(tmp_path / "pbe.pt")
-    atoms = si64(seed=4)[:32]  # a non-cubic cut keeps the test short: 32 atoms, same cell
-    atoms.set_cell(atoms.cell, scale_atoms=False)
+    atoms = si64(seed=4)[:32]  # half the atoms of the sheared cell (a vacancy-rich structure): a shorter test
     assert_same(evaluate_like_lammps(module, meta, atoms), reference(CKPT, "PBE", atoms))
 
 
