@@ -9,9 +9,10 @@ cutoff, the elements and the multifi version (TorchScript extra file `multifi.js
 
 Interface of the deployed module (float64 unless deployed with another dtype):
     forward(species [N] int64 atomic numbers, positions [N,3] Å, cell [3,3] Å,
-            edge_index [2,E] int64 (centre i, neighbour j), shifts [E,3] cell shifts (r_ij = r_j − r_i + shifts @ cell),
-            nlocal: int) → {"energy": [] eV (sum over the first nlocal atoms), "atom_energies": [N] eV,
-                            "forces": [N,3] eV/Å on every atom (ghosts too), "virial": [3,3] eV}
+            edge_index [2,E] int64 (centre i, neighbour j),
+            shifts [E,3] cell shifts (r_ij = r_j − r_i + shifts @ cell), nlocal: int)
+    → {"energy": [] eV (sum over the first nlocal atoms), "atom_energies": [N] eV,
+       "forces": [N,3] eV/Å on every atom (ghosts too), "virial": [3,3] eV}
 The atoms beyond nlocal are ghosts (an MD engine's copies of atoms owned elsewhere): their energies
 do not count, the forces on them belong to their owners. virial W_ab = −Σ_ij r_ij,a ∂E/∂r_ij,b
 (symmetrised; LAMMPS convention, W = −V σ with σ the ASE stress).
@@ -159,7 +160,8 @@ def _scriptable(gm):
     gm.graph.eliminate_dead_code()
     for node in gm.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            node.target = torch.ops.aten.size if node.target is torch.ops.aten.sym_size.int else node.target.overloadpacket
+            sym_size = node.target is torch.ops.aten.sym_size.int
+            node.target = torch.ops.aten.size if sym_size else node.target.overloadpacket
     gm.recompile()
     return gm
 
