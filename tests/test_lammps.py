@@ -80,8 +80,8 @@ def initial_velocities(atoms, seed: int = 0, temperature_K: float = 600.0) -> np
 @pytest.mark.skipif(not have_mpiexec(), reason="no mpiexec in this environment")
 def test_nve_two_ranks_reproduce_one_and_match_ase(tmp_path):
     """100 NVE steps (1 fs, 600 K start) of the 64-atom cell: 2 MPI ranks give the 1-rank energies to
-    1e-8 eV/atom at every step; the trajectory's energies follow ASE's VelocityVerlet with the
-    calculator; total energy is conserved as well as in ASE."""
+    1e-8 eV/atom, and the same pressure tensors, at every step; the trajectory's energies follow ASE's
+    VelocityVerlet with the calculator; total energy is conserved as well as in ASE."""
     atoms = si64_lammps(seed=5)
     v = initial_velocities(atoms)
     small = dict(cutoff=3.2, threebody_cutoff=2.9)  # second neighbours in; ghosts to 6.4 Å keep the runs short
@@ -94,6 +94,8 @@ def test_nve_two_ranks_reproduce_one_and_match_ase(tmp_path):
     assert len(one["poteng"]) == 101
     np.testing.assert_allclose(two["poteng"] / n, one["poteng"] / n, rtol=0, atol=1e-8)
     np.testing.assert_allclose(two["toteng"] / n, one["toteng"] / n, rtol=0, atol=1e-8)
+    for k in ("pxx", "pyy", "pzz", "pxy", "pxz", "pyz"):  # virials summed over ranks (bar)
+        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-6 * np.abs(one["pxx"]).max())
 
     md = atoms.copy()
     md.calc = multifi.Calculator(m3gnet_potential(**small), fidelity="R2SCAN", dtype="float64")
