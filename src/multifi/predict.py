@@ -43,8 +43,13 @@ def check_atoms_elements(potential, atoms_list, where: str = "") -> None:
                                f"(model knows {', '.join(chemical_symbols[z] for z in sorted(known))})")
 
 
-def predict_file(checkpoint, structures, fidelity: str, out: Path, batch_size: int = 32) -> int:
-    """Read structures, predict at `fidelity`, write extxyz (energy, forces, stress in ASE units)."""
+def predict_file(checkpoint, structures, fidelity: str, out: Path, batch_size: int = 32, uncertainty: bool = False,
+                 ensemble: list = ()) -> int:
+    """Read structures, predict at `fidelity`, write extxyz (energy, forces, stress in ASE units).
+
+    uncertainty: also write info['energy_sigma'] (eV) and info['uncertainty'] (method): the LLPR σ of the
+    model (its <model>.llpr.npz, see multifi.uncertainty), or with `ensemble` (further model files) the
+    standard deviation over all models, whose mean energy, forces and stress are then written."""
     import io
 
     import ase.io
@@ -68,12 +73,21 @@ def predict_file(checkpoint, structures, fidelity: str, out: Path, batch_size: i
     except MultifiError:
         raise
     energies, forces, stresses = predict_atoms(potential, atoms_list, fidelity, batch_size)
+    sigma, method = None, None
+    if uncertainty or ensemble:
+        from multifi.uncertainty import predict_sigma
+
+        energies, forces, stresses, sigma, method = predict_sigma(checkpoint, potential, ensemble, atoms_list,
+                                                                  fidelity, (energies, forces, stresses), batch_size)
     for a, e, f, s in zip(atoms_list, energies, forces, stresses):
         results = {"energy": float(e), "forces": f}
         if s is not None:
             results["stress"] = s * GPa  # GPa → eV/Å³ (ASE units)
         a.calc = SinglePointCalculator(a, **results)
         a.info["fidelity"] = fidelity
+    if sigma is not None:
+        for a, sd in zip(atoms_list, sigma):
+            a.info["energy_sigma"], a.info["uncertainty"] = float(sd), method
     buf = io.StringIO()
     ase.io.write(buf, atoms_list, format="extxyz")
     atomic_write(Path(out), lambda fh: fh.write(buf.getvalue().encode()))

@@ -10,6 +10,10 @@ def register(sub):
                                       "with it, only labels of this fidelity are evaluated")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", help="write the metrics as JSON to this file")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also measure the calibration of σ per fidelity (Spearman |error| vs σ, miscalibration "
+                        "area): LLPR σ (needs `multifi calibrate`), or the ensemble's spread with --ensemble")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL", help="further models of a deep ensemble")
     p.set_defaults(func=run)
 
 
@@ -35,8 +39,14 @@ def run(args) -> int:
         potential.fidelities.index(args.fidelity, where=args.checkpoint)
     metrics = evaluate_pairs(potential, ds, None, pairs, args.batch_size)
     print(metrics_table(metrics, title=f"{args.checkpoint} on {', '.join(args.data)}"))
+    payload = {"fidelities": metrics}
+    if args.uncertainty or args.ensemble:
+        from multifi.uncertainty import uncertainty_report
+
+        payload["uncertainty"] = uncertainty_report(args.checkpoint, potential, args.ensemble, ds, pairs,
+                                                    args.batch_size)
     if args.out:
-        atomic_write(Path(args.out), lambda f: f.write(json.dumps({"fidelities": metrics}, indent=2).encode()))
+        atomic_write(Path(args.out), lambda f: f.write(json.dumps(payload, indent=2).encode()))
     return 0
 
 

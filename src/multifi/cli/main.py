@@ -8,7 +8,7 @@ import sys
 
 from multifi.errors import MultifiError
 
-COMMANDS = ("train", "evaluate", "predict", "data")
+COMMANDS = ("train", "evaluate", "predict", "data", "calibrate", "select")
 #: entry-point group through which installed packages add subcommands (e.g. `multifi experiment` from
 #: multifi_experiments): each entry point is a `register(subparsers)` function
 PLUGIN_GROUP = "multifi.commands"
