@@ -31,6 +31,7 @@ from multifi_experiments.plan import RunPlan
 log = logging.getLogger("multifi.experiments")
 PART = "selection"
 SALT = 4
+BATCH = 256  # structures per forward pass when computing readout features (inference only)
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -112,7 +113,7 @@ def run_selection(ctx: Context, only=(), report_only: bool = False) -> Path:
     runner._write_if_changed(out / "splits" / f"{PART}.json", json.dumps({k: v.tolist() for k, v in splits.items()}))
     if not report_only:
         runner._ignore_work_dir(ctx)
-        pool: list = []  # the pool dataset, read when first needed
+        data = _Data(ctx, splits)  # pool, validation and test molecules with neighbour lists, read when first needed
         chains = [Chain(a, s, initial_picks(ctx, splits["pool"], s)) for s in seeds_of(ctx) for a in arms]
         for r, n in enumerate(sp.rounds):
             more = sp.rounds[r + 1] - n if r + 1 < len(sp.rounds) else 0
@@ -132,9 +133,7 @@ def run_selection(ctx: Context, only=(), report_only: bool = False) -> Path:
             for c in chains:
                 record = _saved_record(ctx, c, r, more)
                 if record is None:
-                    if not pool:
-                        pool.append(_qm9(ctx, sp.low, splits["pool"]))  # as the user has it: low labels only
-                    record = _new_record(ctx, c, r, more, splits, pool[0])
+                    record = _new_record(ctx, c, r, more, data)
                 c.records.append(record)
                 c.acquired = np.concatenate([c.acquired, np.asarray(record["picked_next"], np.int64)])
     write_selection_report(ctx, splits)
@@ -156,18 +155,38 @@ def _saved_record(ctx: Context, chain: Chain, r: int, more: int) -> dict | None:
     return old if ok else None
 
 
-def _new_record(ctx: Context, chain: Chain, r: int, more: int, splits: dict, pool) -> dict:
+class _Data:
+    """The pool (as the user has it: geometries with low-fidelity labels only), validation and test molecules
+    (top-fidelity labels), each with its neighbour lists; read once, when first needed."""
+
+    def __init__(self, ctx: Context, splits: dict):
+        self.ctx, self.splits, self._cache = ctx, splits, {}
+
+    def get(self, name: str, cutoff: float):
+        """(dataset, neighbour lists at `cutoff`) of split `name` (pool, val or test)."""
+        from multifi.data.neighbors import make_neighbors
+
+        if name not in self._cache:
+            sp = self.ctx.spec.selection
+            self._cache[name] = _qm9(self.ctx, sp.low if name == "pool" else sp.high, self.splits[name])
+        if (name, cutoff) not in self._cache:
+            self._cache[name, cutoff] = make_neighbors(self._cache[name], cutoff, progress=False)
+        return self._cache[name], self._cache[name, cutoff]
+
+
+def _new_record(ctx: Context, chain: Chain, r: int, more: int, data: _Data) -> dict:
     """Test errors, LLPR calibration on the test molecules, and the `more` molecules picked for the next
     round by the chain's strategy; written to rounds/<arm>/s<seed>/r<r>.json."""
     plan = chain.plan
     result = json.loads(result_path(ctx, plan.id).read_text())
-    t0 = time.time()
-    uq, picked = _calibrate_and_pick(ctx, chain, r, work_dir(ctx, plan.id) / "run" / "model.pt", pool, splits, more)
+    t0, c0 = time.time(), time.process_time()
+    uq, picked = _calibrate_and_pick(ctx, chain, r, work_dir(ctx, plan.id) / "run" / "model.pt", data, more)
     record = {"arm": chain.arm, "seed": chain.seed, "round": r, "n": int(len(chain.acquired)), "run": plan.id,
               "signature": plan.signature(), "acquired_by": plan.meta["strategy"],
               "test": result.get("test", {}), "val": result.get("val", {}),
-              "train_seconds": result.get("train_seconds"), "llpr": uq,
-              "selection_seconds": round(time.time() - t0, 1), "picked_next": [int(i) for i in picked],
+              "train_seconds": result.get("train_seconds"), "cpu_seconds": result.get("cpu_seconds"), "llpr": uq,
+              "selection_seconds": round(time.time() - t0, 1),
+              "selection_cpu_seconds": round(time.process_time() - c0, 1), "picked_next": [int(i) for i in picked],
               "command": ctx.command}
     atomic_write(record_path(ctx, chain.arm, chain.seed, r), lambda f: f.write(json.dumps(record, indent=1).encode()))
     return record
@@ -180,7 +199,7 @@ def _qm9(ctx: Context, method: str, ids: np.ndarray):
     return read_qm9(labels=labels, fidelity=method, indices=np.asarray(ids, np.int64))
 
 
-def _calibrate_and_pick(ctx: Context, chain: Chain, r: int, model_path: Path, pool, splits: dict, more: int):
+def _calibrate_and_pick(ctx: Context, chain: Chain, r: int, model_path: Path, data: _Data, more: int):
     """Fit the round model's LLPR (saved next to it), measure it on the test molecules, pick `more` molecules."""
     from multifi.models.registry import load_potential
     from multifi.select import select_structures
@@ -189,21 +208,26 @@ def _calibrate_and_pick(ctx: Context, chain: Chain, r: int, model_path: Path, po
 
     sp = ctx.spec.selection
     potential = load_potential(model_path)
-    f_pool, _ = dataset_features(potential, pool, np.arange(len(pool)), sp.high)
+    pool, pool_nl = data.get("pool", potential.cutoff)
     key_of = {k: i for i, k in enumerate(pool.keys.astype(str))}
-    acquired_rows = np.array([key_of[f"qm9:{int(i)}"] for i in chain.acquired], np.int64)
-    val, test = _qm9(ctx, sp.high, splits["val"]), _qm9(ctx, sp.high, splits["test"])
-    f_val, e_val = dataset_features(potential, val, np.arange(len(val)), sp.high)
-    llpr_h = fit_llpr_fidelity(f_pool[acquired_rows], f_val, e_val - val.energy[:, 0])
+    acquired = np.array([key_of[f"qm9:{int(i)}"] for i in chain.acquired], np.int64)
+    strategy = sp.arms[chain.arm].strategy
+    # features of the whole pool only where a strategy ranks it; Σ needs the acquired molecules' alone
+    rows = np.arange(len(pool)) if more and strategy != "random" else acquired
+    f_rows, _ = dataset_features(potential, pool, rows, sp.high, BATCH, pool_nl)
+    f_pool = np.zeros((len(pool), f_rows.shape[1]))
+    f_pool[rows] = f_rows
+    (val, val_nl), (test, test_nl) = data.get("val", potential.cutoff), data.get("test", potential.cutoff)
+    f_val, e_val = dataset_features(potential, val, np.arange(len(val)), sp.high, BATCH, val_nl)
+    llpr_h = fit_llpr_fidelity(f_pool[acquired], f_val, e_val - val.energy[:, 0])
     llpr = LLPR({sp.high: llpr_h}, weights_fingerprint(potential))
     llpr.save(llpr_path(model_path))
-    f_test, e_test = dataset_features(potential, test, np.arange(len(test)), sp.high)
+    f_test, e_test = dataset_features(potential, test, np.arange(len(test)), sp.high, BATCH, test_nl)
     uq = {**calibration_metrics(e_test - test.energy[:, 0], llpr_h.sigma(f_test)), "alpha": llpr_h.alpha,
           "ridge": llpr_h.ridge}
     if more == 0:
         return uq, np.zeros(0, np.int64)
-    strategy = sp.arms[chain.arm].strategy
     exclude = [f"qm9:{int(i)}" for i in chain.acquired]
-    rows = select_structures(potential, pool, sp.high, more, strategy, seed=1000 * chain.seed + r, exclude=exclude,
-                             llpr=llpr, features=f_pool)
-    return uq, np.array([int(str(k).split(":")[1]) for k in pool.keys[rows]], np.int64)
+    picks = select_structures(potential, pool, sp.high, more, strategy, seed=1000 * chain.seed + r, exclude=exclude,
+                              llpr=llpr, features=None if strategy == "random" else f_pool)
+    return uq, np.array([int(str(k).split(":")[1]) for k in pool.keys[picks]], np.int64)

@@ -77,7 +77,10 @@ def write_selection_report(ctx: Context, splits: dict) -> dict:
     if any(curves.values()):
         figure = plots.learning_curves(out / "selection.png", [(curves, f"{ctx.spec.selection.high} test MAE (meV)")],
                                        f"{ctx.spec.name}: acquisition by strategy", xlabel="acquired top-fidelity molecules n")
-    seconds = sum(r.get("train_seconds") or 0 for by_n in records.values() for recs in by_n.values() for r in recs)
+    every = [r for by_n in records.values() for recs in by_n.values() for r in recs]
+    seconds = {"wall": sum(r.get("train_seconds") or 0 for r in {r["run"]: r for r in every}.values()),
+               "cpu": sum(r.get("cpu_seconds") or 0 for r in {r["run"]: r for r in every}.values()),
+               "selection_cpu": sum(r.get("selection_cpu_seconds") or 0 for r in every)}
     commands = sorted({r.get("command", "") for by_n in records.values() for recs in by_n.values() for r in recs} - {""})
     atomic_write(out / "README.md", lambda f: f.write(render(ctx, details, figure is not None, seconds, commands).encode()))
     return summary
@@ -91,7 +94,7 @@ def _cell(s: dict | None, digits: int = 1) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def render(ctx: Context, d: dict, figure: bool, seconds: float, commands: list[str]) -> str:
+def render(ctx: Context, d: dict, figure: bool, seconds: dict, commands: list[str]) -> str:
     sp = ctx.spec.selection
     ns = [str(n) for n in sp.rounds]
     lines = [f"# {ctx.spec.name}", "", ctx.spec.description, "",
@@ -100,7 +103,8 @@ def render(ctx: Context, d: dict, figure: bool, seconds: float, commands: list[s
              f"Test: {sp.test} molecules, validation: {sp.val}, pool: {sp.pool} molecules with {sp.low} labels; "
              f"{sp.high} acquired in rounds {sp.rounds} (round 0 random, shared by the arms of a model); "
              f"{'warm start from the previous round' if sp.warm_start else 'retrained from scratch every round'}. "
-             f"Training time summed over rounds: {seconds / 3600:.2f} h. Machine: {machine()}.", ""]
+             f"Training summed over runs: {seconds['wall'] / 3600:.2f} h wall, {seconds['cpu'] / 3600:.2f} h CPU; LLPR fits and "
+             f"selection: {seconds['selection_cpu'] / 3600:.2f} h CPU. Machine: {machine()}.", ""]
     if ctx.spec.notes:
         lines += [ctx.spec.notes, ""]
     lines += [f"## {sp.high} test MAE (meV) per round, mean ± std over seeds", "",
