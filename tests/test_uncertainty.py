@@ -164,3 +164,7 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
         assert a.get_potential_energy() == pytest.approx((x + y) / 2, rel=1e-6)
         assert a.info["energy_sigma"] == pytest.approx(abs(x - y) / np.sqrt(2), rel=1e-5)
         assert a.info["uncertainty"] == "ensemble of 2"
+    code, out, _ = run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--fidelity", "hi", "--ensemble",
+                        tmp_path / "other.pt", "--out", metrics], capsys)
+    uq = json.loads(metrics.read_text())["uncertainty"]
+    assert code == 0 and uq["method"] == "ensemble of 2" and set(uq["fidelities"]) == {"hi"}

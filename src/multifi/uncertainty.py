@@ -396,20 +396,25 @@ def predict_sigma(checkpoint, potential, ensemble: list, atoms_list, fidelity: s
 
 
 def uncertainty_report(checkpoint, potential, ensemble: list, dataset, pairs: np.ndarray, batch_size: int = 64) -> dict:
-    """Calibration per fidelity (evaluate_uncertainty) of the LLPR of one model or of an ensemble, printed as a
-    table; returns {"method", "fidelities": {name: metrics}}."""
+    """Calibration per fidelity (evaluate_uncertainty) of the LLPR of one model or of an ensemble:
+    {"method", "fidelities": {name: metrics}}."""
     from multifi.models.registry import load_potential
 
     if ensemble:
         models, llpr, method = [potential] + [load_potential(m) for m in ensemble], None, f"ensemble of {len(ensemble) + 1}"
     else:
         models, llpr, method = [potential], LLPR.load(llpr_path(checkpoint), potential), "llpr"
-    result = evaluate_uncertainty(models, dataset, pairs, batch_size, llpr)
+    return {"method": method, "fidelities": evaluate_uncertainty(models, dataset, pairs, batch_size, llpr)}
+
+
+def uncertainty_table(report: dict) -> str:
+    """uncertainty_report() as a plain-text table."""
+    result = report["fidelities"]
     width = max([len("fidelity")] + [len(n) for n in result]) + 2
-    print(f"uncertainty ({method})")
-    print("fidelity".ljust(width) + "".join(h.rjust(14) for h in ("n", "Spearman", "miscal. area", "mean σ meV",
-                                                                  "RMSE meV")))
+    lines = [f"uncertainty ({report['method']})",
+             "fidelity".ljust(width) + "".join(h.rjust(14) for h in ("n", "Spearman", "miscal. area", "mean σ meV",
+                                                                    "RMSE meV"))]
     for name, m in result.items():
-        print(name.ljust(width) + f"{m['n']:>14d}{m['spearman']:>14.3f}{m['miscalibration_area']:>14.3f}"
-              f"{m['mean_sigma_meV']:>14.1f}{m['rmse_meV']:>14.1f}")
-    return {"method": method, "fidelities": result}
+        lines.append(name.ljust(width) + f"{m['n']:>14d}{m['spearman']:>14.3f}{m['miscalibration_area']:>14.3f}"
+                     f"{m['mean_sigma_meV']:>14.1f}{m['rmse_meV']:>14.1f}")
+    return "\n".join(lines)

@@ -41,10 +41,11 @@ def run(args) -> int:
     print(metrics_table(metrics, title=f"{args.checkpoint} on {', '.join(args.data)}"))
     payload = {"fidelities": metrics}
     if args.uncertainty or args.ensemble:
-        from multifi.uncertainty import uncertainty_report
+        from multifi.uncertainty import uncertainty_report, uncertainty_table
 
         payload["uncertainty"] = uncertainty_report(args.checkpoint, potential, args.ensemble, ds, pairs,
                                                     args.batch_size)
+        print(uncertainty_table(payload["uncertainty"]))
     if args.out:
         atomic_write(Path(args.out), lambda f: f.write(json.dumps(payload, indent=2).encode()))
     return 0
