@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from multifi.errors import MultifiError
-from multifi_experiments.runner import load_context, run_experiment
+from multifi_experiments.runner import run_experiment
+from multifi_experiments.selection import run_spec
 from multifi_experiments.spec import validate_spec
 from test_experiments import fake, shared, small_csv  # noqa: F401  (fixtures)
 
@@ -24,7 +25,7 @@ def records(out: Path) -> dict:
 
 def test_selection_loop_tiny(shared, fake, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    run_experiment(SPEC, overrides=[f"output={out}"])
+    run_spec(SPEC, overrides=[f"output={out}"])
     splits = {k: set(v) for k, v in json.loads((out / "splits" / "selection.json").read_text()).items()}
     assert len(splits["pool"]) == 60 and not splits["pool"] & (splits["test"] | splits["val"])
     recs = records(out)
@@ -65,8 +66,14 @@ def test_selection_loop_tiny(shared, fake, tmp_path):  # noqa: F811
     # a second run trains nothing and rewrites no record
     before = {p: (out / p).stat().st_mtime_ns for p in recs}
     n_calls = len(fake)
-    run_experiment(SPEC, overrides=[f"output={out}"])
+    run_spec(SPEC, overrides=[f"output={out}"])
     assert len(fake) == n_calls and {p: (out / p).stat().st_mtime_ns for p in recs} == before
+    # the command line: the report alone, rebuilt from the round records
+    (out / "README.md").unlink()
+    from multifi.cli.main import main
+
+    assert main(["experiment", "run", str(SPEC), "--set", f"output={out}", "--report-only"]) == 0
+    assert len(fake) == n_calls and "Data-efficiency factor" in (out / "README.md").read_text()
 
 
 def test_selection_spec_errors(tmp_path):
@@ -79,5 +86,7 @@ def test_selection_spec_errors(tmp_path):
                             ({"models": {"j": {"kind": "joint"}}}, "needs inject")]:
         with pytest.raises(MultifiError, match=fragment):
             validate_spec({**base, "selection": {**base["selection"], **patch}})
+    with pytest.raises(MultifiError, match="a selection spec"):
+        run_experiment(SPEC)
     with pytest.raises(MultifiError, match="spec of its own"):
         validate_spec({**base, "learning_curve": {"variants": {"single": {"kind": "single"}}}})

@@ -75,8 +75,6 @@ def predict_file(checkpoint, structures, fidelity: str, out: Path, batch_size: i
     energies, forces, stresses = predict_atoms(potential, atoms_list, fidelity, batch_size)
     sigma, method = None, None
     if uncertainty or ensemble:
-        from multifi.uncertainty import predict_sigma
-
         energies, forces, stresses, sigma, method = predict_sigma(checkpoint, potential, ensemble, atoms_list,
                                                                   fidelity, (energies, forces, stresses), batch_size)
     for a, e, f, s in zip(atoms_list, energies, forces, stresses):
@@ -92,3 +90,25 @@ def predict_file(checkpoint, structures, fidelity: str, out: Path, batch_size: i
     ase.io.write(buf, atoms_list, format="extxyz")
     atomic_write(Path(out), lambda fh: fh.write(buf.getvalue().encode()))
     return len(atoms_list)
+
+
+def predict_sigma(checkpoint, potential, ensemble: list, atoms_list, fidelity: str, predicted: tuple,
+                  batch_size: int = 32):
+    """σ (eV) for predict_file: LLPR of `potential` (no ensemble), else the spread of potential + ensemble,
+    whose means replace the predictions. Returns (energies, forces, stresses, sigma [n], method name)."""
+    from multifi.data.dataset import FidelityDataset
+    from multifi.models.registry import load_potential
+    from multifi.uncertainty import LLPR, dataset_features, llpr_path
+
+    if ensemble:
+        members = [predicted] + [predict_atoms(load_potential(m), atoms_list, fidelity, batch_size) for m in ensemble]
+        e = np.stack([m[0] for m in members])
+        forces = [np.mean(fs, axis=0) for fs in zip(*(m[1] for m in members))]
+        stresses = [None if s[0] is None else np.mean(s, axis=0) for s in zip(*(m[2] for m in members))]
+        return e.mean(0), forces, stresses, e.std(0, ddof=1), f"ensemble of {len(members)}"
+    llpr = LLPR.load(llpr_path(checkpoint), potential)
+    records = [{"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array if a.pbc.any() else None,
+                "pbc": a.pbc, "key": str(i), "labels": {}} for i, a in enumerate(atoms_list)]
+    ds = FidelityDataset.from_records(records)
+    f, _ = dataset_features(potential, ds, np.arange(len(ds)), fidelity, batch_size)
+    return (*predicted, llpr.of(fidelity, str(checkpoint)).sigma(f), "llpr")

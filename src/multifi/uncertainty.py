@@ -373,28 +373,6 @@ def evaluate_uncertainty(models: list, dataset, pairs: np.ndarray, batch_size: i
     return out
 
 
-def predict_sigma(checkpoint, potential, ensemble: list, atoms_list, fidelity: str, predicted: tuple,
-                  batch_size: int = 32):
-    """σ (eV) for predict_file: LLPR of `potential` (no ensemble), else the spread of potential + ensemble,
-    whose means replace the predictions. Returns (energies, forces, stresses, sigma [n], method name)."""
-    from multifi.data.dataset import FidelityDataset
-    from multifi.models.registry import load_potential
-    from multifi.predict import predict_atoms
-
-    if ensemble:
-        members = [predicted] + [predict_atoms(load_potential(m), atoms_list, fidelity, batch_size) for m in ensemble]
-        e = np.stack([m[0] for m in members])
-        forces = [np.mean(fs, axis=0) for fs in zip(*(m[1] for m in members))]
-        stresses = [None if s[0] is None else np.mean(s, axis=0) for s in zip(*(m[2] for m in members))]
-        return e.mean(0), forces, stresses, e.std(0, ddof=1), f"ensemble of {len(members)}"
-    llpr = LLPR.load(llpr_path(checkpoint), potential)
-    records = [{"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array if a.pbc.any() else None,
-                "pbc": a.pbc, "key": str(i), "labels": {}} for i, a in enumerate(atoms_list)]
-    ds = FidelityDataset.from_records(records)
-    f, _ = dataset_features(potential, ds, np.arange(len(ds)), fidelity, batch_size)
-    return (*predicted, llpr.of(fidelity, str(checkpoint)).sigma(f), "llpr")
-
-
 def uncertainty_report(checkpoint, potential, ensemble: list, dataset, pairs: np.ndarray, batch_size: int = 64) -> dict:
     """Calibration per fidelity (evaluate_uncertainty) of the LLPR of one model or of an ensemble:
     {"method", "fidelities": {name: metrics}}."""

@@ -50,9 +50,8 @@ def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), r
     """Run (resumably) the runs of a spec selected by `only`, then write summary, plots and README."""
     ctx = load_context(spec_path, overrides, only, report_only)
     if ctx.spec.selection is not None:
-        from multifi_experiments.selection import run_selection
-
-        return run_selection(ctx, only, report_only)
+        raise MultifiError(f"{spec_path}: a selection spec; run it with multifi_experiments.selection.run_spec "
+                           "(`multifi experiment run` does)")
     parts = plan_parts(ctx)
     plans = [p for pp in parts.values() for p in pp.plans]
     failed: list[str] = []

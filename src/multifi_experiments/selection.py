@@ -141,6 +141,13 @@ def run_selection(ctx: Context, only=(), report_only: bool = False) -> Path:
     return out
 
 
+def run_spec(spec_path, overrides=(), only=(), report_only: bool = False) -> Path:
+    """`multifi experiment run` for a selection spec (as a function)."""
+    from multifi_experiments.runner import load_context
+
+    return run_selection(load_context(spec_path, overrides, only, report_only), only, report_only)
+
+
 def record_path(ctx: Context, arm: str, seed: int, r: int) -> Path:
     return ctx.paths.output / "rounds" / arm / f"s{seed}" / f"r{r}.json"
 
