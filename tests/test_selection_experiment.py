@@ -90,3 +90,21 @@ def test_selection_spec_errors(tmp_path):
         run_experiment(SPEC)
     with pytest.raises(MultifiError, match="spec of its own"):
         validate_spec({**base, "learning_curve": {"variants": {"single": {"kind": "single"}}}})
+
+
+def test_warm_start_plans_start_from_the_previous_round(shared, tmp_path):  # noqa: F811
+    from multifi_experiments.runner import load_context
+    from multifi_experiments.selection import initial_picks, plan_splits, round_plan
+
+    ctx = load_context(SPEC, [f"output={tmp_path}", "selection.warm_start=true"])
+    splits = plan_splits(ctx)
+    acquired = initial_picks(ctx, splits["pool"], 0)
+    r0 = round_plan(ctx, "joint_batch", 0, 0, acquired, splits, None)
+    more = np.setdiff1d(splits["pool"], acquired)[:6]
+    r1 = round_plan(ctx, "joint_batch", 0, 1, np.concatenate([acquired, more]), splits, r0)
+    assert r0.id == "selection/joint/s0/r0_n8" and not r0.needs and "init_from" not in r0.config["train"]
+    assert r1.needs == [r0.id] and r1.config["train"]["init_from"] == "{model:" + r0.id + "}"
+    assert r1.config["train"]["init_fidelities"] == {"B3LYP/6-31G(2df,p)": "B3LYP/6-31G(2df,p)", "GFN2-xTB": "GFN2-xTB"}
+    cold = load_context(SPEC, [f"output={tmp_path}"])
+    assert "init_from" not in round_plan(cold, "joint_batch", 0, 1, np.concatenate([acquired, more]), splits,
+                                         r0).config["train"]
