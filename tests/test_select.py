@@ -6,14 +6,24 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-
 from conftest import MOLECULES, TINY_MODEL, rattled_molecule
+from test_cli import cli_run, fails, run  # noqa: F401  (module fixture: one tiny trained run)
+
 from multifi.data.dataset import FidelityDataset
 from multifi.errors import MultifiError
 from multifi.models.registry import build_potential
-from multifi.select import STRATEGIES, farthest_points, greedy_variance, select_structures
-from multifi.uncertainty import LLPR, dataset_features, fit_llpr_fidelity, weights_fingerprint
-from test_cli import cli_run, fails, run  # noqa: F401  (module fixture: one tiny trained run)
+from multifi.select import (
+    STRATEGIES,
+    farthest_points,
+    greedy_variance,
+    select_structures,
+)
+from multifi.uncertainty import (
+    LLPR,
+    dataset_features,
+    fit_llpr_fidelity,
+    weights_fingerprint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +63,7 @@ def test_deterministic_no_duplicates_none_labelled(setting, strategy):
 
 
 def test_random_depends_on_the_seed(setting):
-    pot, pool, llpr, _ = setting
+    pot, pool, _, _ = setting
     picks = {tuple(select_structures(pot, pool, "hi", 10, "random", seed=s).tolist()) for s in range(4)}
     assert len(picks) == 4
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_experiments import fake, shared, small_csv  # noqa: F401  (fixtures)
 
 from multifi.errors import MultifiError
 from multifi_experiments.runner import run_experiment
 from multifi_experiments.selection import run_spec
 from multifi_experiments.spec import validate_spec
-from test_experiments import fake, shared, small_csv  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "selection_tiny.yaml"
@@ -46,11 +46,11 @@ def test_selection_loop_tiny(shared, fake, tmp_path):  # noqa: F811
                 assert c["command"] == f"multifi experiment run experiments/selection_tiny.yaml --set output={out}"
             # round 2's top-fidelity labels: round 0's random molecules plus both rounds' picks, val and test
             inputs = out / "work" / chain[2]["run"] / "inputs"
-            high = set(int(x) for x in (inputs / "source0.idx").read_text().split())
+            high = {int(x) for x in (inputs / "source0.idx").read_text().split()}
             train = high - splits["val"] - splits["test"]
-            assert len(train) == 20 and set(picks) <= train and train <= splits["pool"]
+            assert len(train) == 20 and set(picks) <= train <= splits["pool"]
             if arm.startswith("joint"):  # the low fidelity on the whole pool
-                assert set(int(x) for x in (inputs / "source1.idx").read_text().split()) == splits["pool"]
+                assert {int(x) for x in (inputs / "source1.idx").read_text().split()} == splits["pool"]
     # picks differ between strategies (same start, same models at round 0)
     first = {arm: tuple(recs[f"rounds/{arm}/s0/r0.json"]["picked_next"]) for arm in ARMS[:4]}
     assert len(set(first.values())) == 4

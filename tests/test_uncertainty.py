@@ -10,14 +10,22 @@ import numpy as np
 import pytest
 import torch
 from ase.build import molecule
-
 from conftest import MOLECULES, TINY_MODEL, rattled_molecule
+from test_cli import cli_run, fails, run  # noqa: F401  (module fixture: one tiny trained run)
+
 from multifi.data.batch import graph_from_atoms
 from multifi.errors import MultifiError
 from multifi.models.registry import build_potential, load_potential, save_potential
-from multifi.uncertainty import (LLPR, calibration_metrics, fit_llpr_fidelity, llpr_path, miscalibration_area,
-                                 readout_features, spearman, weights_fingerprint)
-from test_cli import cli_run, fails, run  # noqa: F401  (module fixture: one tiny trained run)
+from multifi.uncertainty import (
+    LLPR,
+    calibration_metrics,
+    fit_llpr_fidelity,
+    llpr_path,
+    miscalibration_area,
+    readout_features,
+    spearman,
+    weights_fingerprint,
+)
 
 
 def tiny_potential(inject: str = "both", seed: int = 0):
@@ -81,7 +89,7 @@ def test_llpr_matches_direct_inverse_and_maximises_likelihood():
 def test_sigma_larger_far_from_the_training_structures():
     """LLPR on rattled H2O/CH4/NH3: compressed molecules and unseen ones get larger σ than any training one."""
     pot = tiny_potential()
-    feats = lambda ms: readout_features(pot, graph_from_atoms(ms, pot.cutoff, 1))[0].numpy()  # noqa: E731
+    feats = lambda ms: readout_features(pot, graph_from_atoms(ms, pot.cutoff, 1))[0].numpy()
     train = [rattled_molecule(n, i) for i in range(6) for n in ("H2O", "CH4", "NH3")]
     val = [rattled_molecule(n, 100 + i) for i in range(3) for n in ("H2O", "CH4", "NH3")]
     p = fit_llpr_fidelity(feats(train), feats(val), np.random.default_rng(0).normal(0, 0.05, len(val)))

@@ -169,7 +169,7 @@ class LLPR:
         return Path(path)
 
     @classmethod
-    def load(cls, path: Path, potential=None) -> "LLPR":
+    def load(cls, path: Path, potential=None) -> LLPR:
         """Read a side file; with `potential`, check that it was calibrated for these weights."""
         path = Path(path)
         if not path.exists():
@@ -281,7 +281,7 @@ def miscalibration_area(errors: np.ndarray, sigma: np.ndarray, n_levels: int = 9
 def calibration_metrics(errors: np.ndarray, sigma: np.ndarray) -> dict:
     """{"n", "spearman" (|error| vs σ), "miscalibration_area", "mean_sigma_meV", "rmse_meV"}: errors and σ in eV."""
     errors, sigma = np.asarray(errors, float), np.asarray(sigma, float)
-    return {"n": int(len(errors)), "spearman": spearman(np.abs(errors), sigma),
+    return {"n": len(errors), "spearman": spearman(np.abs(errors), sigma),
             "miscalibration_area": miscalibration_area(errors, sigma),
             "mean_sigma_meV": float(sigma.mean() * 1000) if len(sigma) else float("nan"),
             "rmse_meV": float(np.sqrt((errors ** 2).mean()) * 1000) if len(errors) else float("nan")}

@@ -188,7 +188,7 @@ def _new_record(ctx: Context, chain: Chain, r: int, more: int, data: _Data) -> d
     result = json.loads(result_path(ctx, plan.id).read_text())
     t0, c0 = time.time(), time.process_time()
     uq, picked = _calibrate_and_pick(ctx, chain, r, work_dir(ctx, plan.id) / "run" / "model.pt", data, more)
-    record = {"arm": chain.arm, "seed": chain.seed, "round": r, "n": int(len(chain.acquired)), "run": plan.id,
+    record = {"arm": chain.arm, "seed": chain.seed, "round": r, "n": len(chain.acquired), "run": plan.id,
               "signature": plan.signature(), "acquired_by": plan.meta["strategy"],
               "test": result.get("test", {}), "val": result.get("val", {}),
               "train_seconds": result.get("train_seconds"), "cpu_seconds": result.get("cpu_seconds"), "llpr": uq,
@@ -210,8 +210,14 @@ def _calibrate_and_pick(ctx: Context, chain: Chain, r: int, model_path: Path, da
     """Fit the round model's LLPR (saved next to it), measure it on the test molecules, pick `more` molecules."""
     from multifi.models.registry import load_potential
     from multifi.select import select_structures
-    from multifi.uncertainty import LLPR, calibration_metrics, dataset_features, fit_llpr_fidelity, llpr_path, \
-        weights_fingerprint
+    from multifi.uncertainty import (
+        LLPR,
+        calibration_metrics,
+        dataset_features,
+        fit_llpr_fidelity,
+        llpr_path,
+        weights_fingerprint,
+    )
 
     sp = ctx.spec.selection
     potential = load_potential(model_path)
