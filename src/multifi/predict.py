@@ -49,13 +49,18 @@ def check_atoms_elements(potential, atoms_list, where: str = "") -> None:
 
 
 def predict_file(checkpoint, structures, fidelity: str | list[str], out: Path, batch_size: int = 32,
-                 device: str = "cpu") -> int:
+                 device: str = "cpu", uncertainty: bool = False, ensemble: list = ()) -> int:
     """Read structures, predict at `fidelity` (or several), write extxyz (energy, forces, stress in ASE units).
 
     The first fidelity's predictions are the calculator results (energy, forces, stress); with several
     fidelities, each one's also go to info/arrays as energy_<name>, forces_<name>, stress_<name> (name
     with characters other than letters, digits and _ replaced by _). Labels the input carried are kept
-    as ref_energy, ref_forces, ref_stress (and its info['fidelity'] as ref_fidelity)."""
+    as ref_energy, ref_forces, ref_stress (and its info['fidelity'] as ref_fidelity).
+
+    uncertainty: also write info['energy_sigma'] (eV; energy_sigma_<name> with several fidelities) and
+    info['uncertainty'] (method): the LLPR σ of the model (its <model>.llpr.npz, see multifi.uncertainty),
+    or with `ensemble` (further model files) the standard deviation over all models, whose mean energy,
+    forces and stress are then written."""
     import io
 
     import ase.io
@@ -75,22 +80,25 @@ def predict_file(checkpoint, structures, fidelity: str | list[str], out: Path, b
         atoms_list = ase.io.read(path, index=":")
     except Exception as exc:  # noqa: BLE001
         raise MultifiError(f"{path}: unreadable structure file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    try:
-        check_atoms_elements(potential, atoms_list, str(path))
-    except MultifiError:
-        raise
-    predictions = {}
+    check_atoms_elements(potential, atoms_list, str(path))
+    predictions, sigmas, method = {}, {}, None
     for name in fidelities:
         energies, forces, stresses = predict_atoms(potential, atoms_list, name, batch_size, where=str(path))
         if not np.isfinite(energies).all():
             i = int(np.argmax(~np.isfinite(energies)))
             raise MultifiError(f"{path}: structure {i}: the model predicts a non-finite energy at {name!r}; "
                                "nothing written")
+        if uncertainty or ensemble:
+            energies, forces, stresses, sigmas[name], method = predict_sigma(
+                checkpoint, potential, ensemble, atoms_list, name, (energies, forces, stresses), batch_size)
         predictions[name] = (energies, forces, stresses)
     for i, a in enumerate(atoms_list):
         _keep_reference_labels(a)
         for n, name in enumerate(fidelities):
             _attach(a, name, *(p[i] for p in predictions[name]), first=n == 0, several=len(fidelities) > 1)
+            if name in sigmas:
+                key = "energy_sigma" if n == 0 else f"energy_sigma_{_tag(name)}"
+                a.info[key], a.info["uncertainty"] = float(sigmas[name][i]), method
     buf = io.StringIO()
     ase.io.write(buf, atoms_list, format="extxyz")
     atomic_write(Path(out), lambda fh: fh.write(buf.getvalue().encode()))
@@ -110,10 +118,15 @@ def _keep_reference_labels(atoms) -> None:
     atoms.calc = None
 
 
-def _attach(atoms, name: str, energy, forces, stress, first: bool, several: bool) -> None:
-    """Predictions at fidelity `name`: the calculator results for the first fidelity, named keys when several."""
+def _tag(name: str) -> str:
+    """A fidelity name as part of an info/arrays key: other characters than letters, digits and _ become _."""
     import re
 
+    return re.sub(r"\W", "_", name)
+
+
+def _attach(atoms, name: str, energy, forces, stress, first: bool, several: bool) -> None:
+    """Predictions at fidelity `name`: the calculator results for the first fidelity, named keys when several."""
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.units import GPa
 
@@ -124,9 +137,31 @@ def _attach(atoms, name: str, energy, forces, stress, first: bool, several: bool
         atoms.calc = SinglePointCalculator(atoms, **results)
         atoms.info["fidelity"] = name
     if several:
-        tag = re.sub(r"\W", "_", name)
+        tag = _tag(name)
         atoms.info[f"energy_{tag}"] = results["energy"]
         atoms.arrays[f"forces_{tag}"] = np.asarray(forces, dtype=np.float64)
         if stress is not None:
             s = results["stress"]
             atoms.info[f"stress_{tag}"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+
+
+def predict_sigma(checkpoint, potential, ensemble: list, atoms_list, fidelity: str, predicted: tuple,
+                  batch_size: int = 32):
+    """σ (eV) for predict_file: LLPR of `potential` (no ensemble), else the spread of potential + ensemble,
+    whose means replace the predictions. Returns (energies, forces, stresses, sigma [n], method name)."""
+    from multifi.data.dataset import FidelityDataset
+    from multifi.models.registry import load_potential
+    from multifi.uncertainty import LLPR, dataset_features, llpr_path
+
+    if ensemble:
+        members = [predicted] + [predict_atoms(load_potential(m), atoms_list, fidelity, batch_size) for m in ensemble]
+        e = np.stack([m[0] for m in members])
+        forces = [np.mean(fs, axis=0) for fs in zip(*(m[1] for m in members))]
+        stresses = [None if s[0] is None else np.mean(s, axis=0) for s in zip(*(m[2] for m in members))]
+        return e.mean(0), forces, stresses, e.std(0, ddof=1), f"ensemble of {len(members)}"
+    llpr = LLPR.load(llpr_path(checkpoint), potential)
+    records = [{"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array if a.pbc.any() else None,
+                "pbc": a.pbc, "key": str(i), "labels": {}} for i, a in enumerate(atoms_list)]
+    ds = FidelityDataset.from_records(records)
+    f, _ = dataset_features(potential, ds, np.arange(len(ds)), fidelity, batch_size)
+    return (*predicted, llpr.of(fidelity, str(checkpoint)).sigma(f), "llpr")

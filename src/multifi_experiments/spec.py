@@ -255,6 +255,83 @@ class EmbeddingMapPart(Section):
     seed: int | None = Field(None, description="which seed's model (default: the first)")
 
 
+class SelectionModel(Section):
+    """A model family retrained every acquisition round: `single` (top fidelity only) or `joint` (top fidelity
+    on the acquired molecules + low fidelity on the whole pool, conditioned as `inject` says)."""
+
+    kind: Literal["single", "joint"]
+    inject: Inject | None = None
+    config: ConfigPatch = Field(default_factory=ConfigPatch)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "joint" and self.inject in (None, "single"):
+            raise ValueError("a joint model needs inject: input, readout, both, onehot or heads")
+        if self.kind == "single" and self.inject not in (None, "single"):
+            raise ValueError("a single model has one fidelity; inject must be single (or omitted)")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return self.inject or "single"
+
+
+class SelectionArm(Section):
+    """One simulated acquisition campaign: a model of `models` and the strategy that picks each round's molecules."""
+
+    model: str
+    strategy: Literal["random", "uncertainty", "diversity", "batch"]
+    label: str | None = None
+
+
+class SelectionEfficiency(Section):
+    """Data-efficiency factor n_reference(error of the arm at n) / n at every round size, for each candidate arm."""
+
+    reference: str
+    candidates: list[str] | None = Field(None, description="default: every other arm")
+
+
+class SelectionPart(Section):
+    """Simulated selection of what to compute at the top fidelity (QM9: every label is known, so honest).
+
+    Test and validation molecules: labelled at both fidelities, fixed for all seeds and arms. Pool:
+    `pool` other molecules labelled at both; the low fidelity is known for all of them, the top fidelity
+    is 'computed' (revealed) only for acquired ones. Round 0 acquires `rounds[0]` random pool molecules
+    (the same for every arm of a seed); round r acquires up to `rounds[r]` in total by the arm's strategy,
+    using the model of round r − 1 (retrained from scratch every round, or from the previous weights
+    with `warm_start`). Each round's LLPR is fitted on the acquired molecules (Σ) and the validation
+    molecules (α, λ) and its calibration measured on the test molecules.
+    """
+
+    high: str = QM9_FIDELITY
+    low: str = "GFN2-xTB"
+    pool: int = Field(20000, ge=1)
+    test: int = Field(2000, ge=1)
+    val: int = Field(200, ge=1)
+    rounds: list[int] = Field(default_factory=lambda: [100, 200, 400, 800, 1600], min_length=1)
+    models: dict[str, SelectionModel]
+    arms: dict[str, SelectionArm] = Field(min_length=1)
+    warm_start: bool = False
+    config: ConfigPatch = Field(default_factory=ConfigPatch)
+    seeds: Seeds | None = None
+    efficiency: SelectionEfficiency | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(b <= a for a, b in zip(self.rounds, self.rounds[1:])) or self.rounds[0] < 1:
+            raise ValueError(f"rounds are cumulative numbers of acquired molecules, increasing: got {self.rounds}")
+        if self.rounds[-1] > self.pool:
+            raise ValueError(f"rounds acquire up to {self.rounds[-1]} molecules from a pool of {self.pool}")
+        for name, arm in self.arms.items():
+            if arm.model not in self.models:
+                raise ValueError(f"arms.{name}.model: unknown model {arm.model!r} (models: {', '.join(self.models)})")
+        if self.efficiency is not None:
+            for name in [self.efficiency.reference, *(self.efficiency.candidates or [])]:
+                if name not in self.arms:
+                    raise ValueError(f"efficiency refers to unknown arm {name!r} (arms: {', '.join(self.arms)})")
+        return self
+
+
 class Convergence(Section):
     """Train every run until its target fidelity's validation error stops improving (the same rule for all).
 
@@ -314,9 +391,16 @@ class ExperimentSpec(Section):
     learning_curve: LearningCurvePart | None = None
     ten_methods: TenMethodsPart | None = None
     embedding_map: EmbeddingMapPart | None = None
+    selection: SelectionPart | None = Field(None, description="simulated acquisition rounds (a spec of its own)")
 
     @model_validator(mode="after")
     def _check(self):
+        if self.selection is not None:
+            others = [p for p in PARTS if getattr(self, p) is not None]
+            if others:
+                raise ValueError(f"selection is a spec of its own; move {', '.join(others)} to another spec")
+            if self.data is not None:
+                raise ValueError("selection uses the QM9 label tables of the shared folder; remove 'data'")
         if self.embedding_map is not None and self.ten_methods is None:
             raise ValueError("embedding_map maps the fidelity vectors of the ten_methods joint model; add ten_methods")
         if self.data is not None and self.ten_methods is not None:

@@ -16,6 +16,10 @@ def register(sub):
     p.add_argument("--plot", metavar="FILE.png", help="parity plot (predicted vs reference energy per atom) per fidelity")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
     add_label_keys(p)
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also measure the calibration of σ per fidelity (Spearman |error| vs σ, miscalibration "
+                        "area): LLPR σ (needs `multifi calibrate`), or the ensemble's spread with --ensemble")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL", help="further models of a deep ensemble")
     p.set_defaults(func=run)
 
 
@@ -42,8 +46,15 @@ def run(args) -> int:
         potential.fidelities.index(args.fidelity, where=args.checkpoint)
     metrics, predicted = evaluate_pairs(potential, ds, None, pairs, args.batch_size, return_predictions=True)
     print(metrics_table(metrics, title=f"{args.checkpoint} on {', '.join(args.data)}"))
+    payload = {"fidelities": metrics}
+    if args.uncertainty or args.ensemble:
+        from multifi.uncertainty import uncertainty_report, uncertainty_table
+
+        payload["uncertainty"] = uncertainty_report(args.checkpoint, potential, args.ensemble, ds, pairs,
+                                                    args.batch_size)
+        print(uncertainty_table(payload["uncertainty"]))
     if args.out:
-        atomic_write(Path(args.out), lambda f: f.write(json.dumps({"fidelities": metrics}, indent=2).encode()))
+        atomic_write(Path(args.out), lambda f: f.write(json.dumps(payload, indent=2).encode()))
     if args.plot:
         from multifi.plots import parity_plot
 

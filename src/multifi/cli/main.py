@@ -8,7 +8,8 @@ import sys
 
 from multifi.errors import MultifiError
 
-COMMANDS = ("train", "extend", "evaluate", "predict", "info", "data", "config", "plot", "deploy")
+COMMANDS = ("train", "extend", "evaluate", "predict", "info", "data", "config", "plot", "deploy", "calibrate",
+            "select")
 #: entry-point group through which installed packages add subcommands (e.g. `multifi experiment` from
 #: multifi_experiments): each entry point is a `register(subparsers)` function
 PLUGIN_GROUP = "multifi.commands"

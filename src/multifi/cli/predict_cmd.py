@@ -13,6 +13,11 @@ def register(sub):
     p.add_argument("--out", required=True, help="output extxyz with energy/forces/stress per structure")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write energy_sigma (eV) per structure: LLPR σ (needs `multifi calibrate`), or the "
+                        "ensemble's standard deviation with --ensemble")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
+                   help="further models (e.g. other seeds): write their mean with the standard deviation as σ")
     p.set_defaults(func=run)
 
 
@@ -21,6 +26,7 @@ def run(args) -> int:
 
     from multifi.predict import predict_file
 
-    n = predict_file(args.checkpoint, args.structures, args.fidelity, Path(args.out), args.batch_size, args.device)
+    n = predict_file(args.checkpoint, args.structures, args.fidelity, Path(args.out), args.batch_size, args.device,
+                     uncertainty=args.uncertainty, ensemble=args.ensemble)
     print(f"wrote {n} structures predicted at {', '.join(args.fidelity)} to {args.out}")
     return 0

@@ -1,0 +1,47 @@
+"""multifi select MODEL POOL --fidelity NAME --n K --strategy S [--seed N] [--exclude FILE] --out picks.txt"""
+from __future__ import annotations
+
+
+def register(sub):
+    from multifi.select import STRATEGIES
+
+    p = sub.add_parser("select", help="choose unlabelled structures to compute next at a fidelity")
+    p.add_argument("model", help="model.pt (uncertainty and batch need its LLPR calibration: multifi calibrate)")
+    p.add_argument("pool", help="candidate structures (any file ASE reads, labelled or not, or a multifi .npz)")
+    p.add_argument("--fidelity", required=True, help="fidelity at which the picks will be computed")
+    p.add_argument("--n", type=int, required=True, help="number of structures to pick")
+    p.add_argument("--strategy", choices=STRATEGIES, default="batch",
+                   help="random | uncertainty (largest LLPR σ) | diversity (farthest points in feature space) | "
+                        "batch (greedy LLPR variance reduction: uncertain and diverse; default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude", help="file of structure keys already labelled (one per line)")
+    p.add_argument("--out", required=True, help="picked structure keys, one per line, in pick order")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from multifi.data.dataset import atomic_write
+    from multifi.errors import MultifiError
+    from multifi.models.registry import load_potential
+    from multifi.select import read_pool, select_structures
+    from multifi.uncertainty import LLPR, llpr_path
+
+    potential = load_potential(args.model)
+    potential.fidelities.index(args.fidelity, where=args.model)
+    pool = read_pool(args.pool)
+    exclude: list[str] = []
+    if args.exclude:
+        path = Path(args.exclude)
+        if not path.exists():
+            raise MultifiError(f"{path}: no such file")
+        exclude = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    llpr = LLPR.load(llpr_path(args.model), potential) if args.strategy in ("uncertainty", "batch") else None
+    picks = select_structures(potential, pool, args.fidelity, args.n, args.strategy, args.seed, exclude, llpr,
+                              args.batch_size)
+    keys = [str(k) for k in pool.keys[picks]]
+    atomic_write(Path(args.out), lambda f: f.write("".join(k + "\n" for k in keys).encode()))
+    print(f"picked {len(keys)} of {len(pool)} structures for {args.fidelity} ({args.strategy}) → {args.out}")
+    return 0

@@ -1,0 +1,141 @@
+"""Which unlabelled structures to compute next at a fidelity: random, uncertainty, diversity, batch.
+
+All strategies work on the model's readout features at the requested fidelity (uncertainty.py):
+- random       a seeded random sample
+- uncertainty  the n largest LLPR σ (needs the model's LLPR calibration)
+- diversity    farthest-point sampling on the per-atom mean of the last hidden activations (Euclidean),
+               starting from the already labelled structures (or a seeded random first pick)
+- batch        greedy LLPR variance reduction: take the largest σ, then update Σ as if that structure
+               were labelled (Σ ← Σ − Σ f fᵀ Σ / (1 + fᵀ Σ f); no label needed), so structures similar
+               to one already picked lose their uncertainty: uncertainty and diversity in one rule
+Every strategy is deterministic given its seed, never picks a structure twice, and never one that is
+labelled (at this fidelity in the pool, or listed in `exclude`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from multifi.errors import MultifiError
+
+STRATEGIES = ("random", "uncertainty", "diversity", "batch")
+
+
+def select_structures(potential, pool, fidelity: str, n: int, strategy: str, seed: int = 0,
+                      exclude=(), llpr=None, batch_size: int = 64, features: np.ndarray | None = None) -> np.ndarray:
+    """Indices into `pool` (a FidelityDataset) of the n structures to label at `fidelity`, in pick order.
+
+    exclude: structure keys already labelled; pool structures labelled at `fidelity` are excluded too.
+    llpr: an uncertainty.LLPR (needed by uncertainty and batch). features: precomputed readout features
+    of every pool structure at `fidelity` [S, H+1] (else computed here)."""
+    from multifi.uncertainty import dataset_features
+
+    if strategy not in STRATEGIES:
+        raise MultifiError(f"unknown selection strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    if n < 0:
+        raise MultifiError(f"number of structures to select must be ≥ 0, got {n}")
+    labelled = labelled_mask(pool, fidelity, exclude)
+    candidates = np.flatnonzero(~labelled)
+    if n > len(candidates):
+        raise MultifiError(f"{pool.source or 'pool'}: asked for {n} structures but only {len(candidates)} "
+                           f"unlabelled ones remain (of {len(pool)})")
+    rng = np.random.default_rng(seed)
+    if strategy == "random":
+        return rng.permutation(candidates)[:n]
+    if strategy in ("uncertainty", "batch") and llpr is None:
+        raise MultifiError(f"strategy {strategy} needs the model's LLPR calibration (run `multifi calibrate`)")
+    if features is None:
+        features, _ = dataset_features(potential, pool, np.arange(len(pool)), fidelity, batch_size)
+    if strategy == "uncertainty":
+        sigma = llpr.of(fidelity, "select").sigma(features[candidates])
+        order = np.lexsort((rng.permutation(len(candidates)), -sigma))  # ties: seeded order
+        return candidates[order[:n]]
+    if strategy == "batch":
+        return candidates[greedy_variance(features[candidates], llpr.of(fidelity, "select").cov, n, rng)]
+    mean_h = features[:, :-1] / np.maximum(features[:, -1:], 1.0)  # per-atom mean of h
+    return farthest_points(mean_h, candidates, np.flatnonzero(labelled), n, rng)
+
+
+def labelled_mask(pool, fidelity: str, exclude=()) -> np.ndarray:
+    """[S] True for pool structures with an energy at `fidelity` or whose key is in `exclude`."""
+    mask = np.isin(pool.keys.astype(str), np.asarray(list(exclude), dtype=str)) if len(exclude) else \
+        np.zeros(len(pool), bool)
+    if fidelity in pool.fidelities:
+        mask |= ~np.isnan(pool.energy[:, pool.fidelities.index(fidelity)])
+    return mask
+
+
+def greedy_variance(f: np.ndarray, cov: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy batch by LLPR posterior variance: positions into f [m, H+1] in pick order.
+
+    Each pick has the largest variance fᵀΣf under the current Σ; Σ is then updated by the rank-one
+    formula as if the pick were a training structure, which lowers the variance of similar ones."""
+    fs = f @ np.linalg.cholesky(_psd(cov))  # fᵀΣf = |fs|²; rank-one updates act on the whitened features
+    var = (fs ** 2).sum(1)
+    taken = np.zeros(len(f), bool)
+    tie = rng.permutation(len(f))
+    picks = []
+    for _ in range(n):
+        v = np.where(taken, -np.inf, var)
+        best = int(np.lexsort((tie, -v))[0])
+        picks.append(best)
+        taken[best] = True
+        g = fs[best]
+        proj = fs @ g  # fᵢᵀ Σ f_best
+        var = var - proj ** 2 / (1.0 + g @ g)
+        # Σ' = L (I − g gᵀ / (1 + gᵀg)) Lᵀ: whitened features follow through the square root of that factor
+        fs = fs - np.outer(proj, g) * (1.0 - 1.0 / np.sqrt(1.0 + g @ g)) / max(g @ g, 1e-300)
+    return np.asarray(picks, dtype=np.int64)
+
+
+def _psd(cov: np.ndarray) -> np.ndarray:
+    """cov, made symmetric and strictly positive definite for a Cholesky factor."""
+    c = (cov + cov.T) / 2
+    return c + np.eye(len(c)) * max(np.abs(np.diag(c)).max(initial=0.0), 1e-300) * 1e-12
+
+
+def farthest_points(x: np.ndarray, candidates: np.ndarray, labelled: np.ndarray, n: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Farthest-point sampling on rows of x [S, D]: n of `candidates`, each the farthest (Euclidean) from
+    the labelled and the already picked structures; the first is a seeded random one if none is labelled."""
+    if n == 0:
+        return np.zeros(0, np.int64)
+    xc = x[candidates]
+    dist = np.full(len(candidates), np.inf)
+    sq = (xc ** 2).sum(1)
+    for start in range(0, len(labelled), 512):  # |a − b|² = |a|² + |b|² − 2a·b, 512 labelled at a time
+        lab = x[labelled[start:start + 512]]
+        d = sq[:, None] + (lab ** 2).sum(1)[None, :] - 2.0 * xc @ lab.T
+        dist = np.minimum(dist, np.maximum(d, 0.0).min(1))
+    picks = []
+    tie = rng.permutation(len(candidates))
+    for _ in range(n):
+        best = int(tie[0]) if not np.isfinite(dist).any() and not picks else int(np.lexsort((tie, -dist))[0])
+        picks.append(best)
+        dist = np.minimum(dist, ((xc - xc[best]) ** 2).sum(1))
+        dist[best] = -np.inf
+    return candidates[np.asarray(picks, dtype=np.int64)]
+
+
+def read_pool(path: str):
+    """Candidate structures as a FidelityDataset: a labelled data file, or any file ASE reads without labels
+    (keys: info['key'], else a geometry hash)."""
+    from pathlib import Path
+
+    from multifi.config import SourceConfig
+    from multifi.data.dataset import FidelityDataset
+    from multifi.data.sources import guess_format, read_source
+
+    p = Path(path)
+    if not p.exists():
+        raise MultifiError(f"{p}: no such file")
+    try:
+        return read_source(SourceConfig(path=str(p)))
+    except MultifiError:
+        if guess_format(p) != "ase":
+            raise
+    from multifi.data.readers.ase_files import _frames
+
+    records = [{"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array if a.pbc.any() else None,
+                "pbc": a.pbc, "key": None if a.info.get("key") is None else str(a.info["key"]), "labels": {}}
+               for a in _frames(p, ":")]
+    return FidelityDataset.from_records(records, source=str(p))

@@ -1,0 +1,398 @@
+"""Uncertainty of predicted energies: last-layer prediction rigidity (LLPR) and deep ensembles.
+
+The energy is a sum over atoms of the readout MLP, whose last layer is linear:
+E = scale_k · Σ_i (w · h_i + b) + Σ_i ref[Z_i, k], with h_i [H] the last hidden activations of atom i
+at fidelity k (the fidelity vector enters them where it is concatenated to the atom features, and
+through the representation in input mode; in heads mode h_i comes from fidelity k's own MLP). So the
+energy is linear in the last layer's parameters (w, b) with the structure feature
+f = [Σ_i h_i, N_atoms]  [H+1]. LLPR (Bigi et al., 2024) treats these parameters as Gaussian:
+
+    Σ_k = (Σ_train f fᵀ + λ I)⁻¹          over the training structures labelled at fidelity k
+    σ_k(structure) = α_k · sqrt(fᵀ Σ_k f)  eV
+
+λ and α are chosen on validation structures of fidelity k by maximum Gaussian likelihood of the
+errors (α in closed form for every λ of a grid). σ is large where a structure's features lie in
+directions the training structures did not span. Σ, α and λ of each fidelity are stored in a side
+file next to the model, `<model stem>.llpr.npz` (see `llpr_path`), with a fingerprint of the weights:
+a model retrained after calibration is an error, not a silently wrong σ.
+
+A deep ensemble (models trained from different seeds) is the reference: σ = the standard deviation
+of its members' energies (uncalibrated).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from multifi.errors import MultifiError
+
+#: ridge strengths λ tried, relative to the mean diagonal of Σ_train f fᵀ
+RIDGE_GRID = tuple(10.0 ** e for e in range(-8, 2))
+
+
+# ---------------------------------------------------------------------------------------------- features
+def readout_features(potential, graph) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden activations of the readout, summed per structure, and the energies.
+
+    graph: a Graph whose `fidelity` [B] says at which fidelity each structure is read out.
+    Returns f [B, H+1] float64 (Σ_i h_i, then the atom count: the bias column) and energy [B] eV.
+    """
+    from multifi.nn import scatter_sum
+
+    pot, head = potential, potential.head
+    B = graph.num_graphs
+    i, j = graph.edge_index
+    shift = torch.einsum("ea,eab->eb", graph.shifts, graph.cell[graph.batch[i]])
+    vec = graph.positions[j] - graph.positions[i] + shift
+    fid_atom = graph.fidelity[graph.batch]
+    with torch.no_grad():
+        geometry = pot.representation.geometry(graph.edge_index, vec)
+        s = pot.representation(graph.numbers, graph.edge_index, vec, pot.conditioning.input_condition(fid_atom),
+                               geometry)
+        cond = pot.conditioning.readout_condition(fid_atom)
+        x = s if cond is None else torch.cat([s, cond], dim=-1)
+        if head.heads:  # every head's hidden layer, then each atom's own fidelity's
+            hs = torch.stack([_hidden(mlp, x) for mlp in head.mlps], dim=1)  # [N, K, H]
+            h = hs[torch.arange(len(x)), fid_atom]
+        else:
+            h = _hidden(head.mlps[0], x)
+        atom_e = head(s, cond, graph.numbers, fid_atom)
+    f = scatter_sum(h.double(), graph.batch, B)
+    f = torch.cat([f, graph.n_atoms.double().unsqueeze(-1)], dim=-1)
+    return f, scatter_sum(atom_e, graph.batch, B)
+
+
+def _hidden(mlp, x: torch.Tensor) -> torch.Tensor:
+    """Activations entering the MLP's last (linear) layer."""
+    for layer in list(mlp)[:-1]:
+        x = layer(x)
+    return x
+
+
+def dataset_features(potential, dataset, structures: np.ndarray, fidelity: str, batch_size: int = 64,
+                     neighbors=None) -> tuple[np.ndarray, np.ndarray]:
+    """Readout features f [n, H+1] and predicted energies [n] eV of dataset structures at `fidelity` (a name)."""
+    from multifi.data.batch import GraphCollator
+    from multifi.data.fidelity import FidelityTable
+    from multifi.data.neighbors import make_neighbors
+
+    k = potential.fidelity_index(fidelity)
+    if len(dataset.fidelities) == 0:  # unlabelled structures: a label column for the collator to read
+        dataset = dataset.with_fidelities(FidelityTable(["unlabelled"]))
+    structures = np.asarray(structures, dtype=np.int64)
+    neighbors = neighbors or make_neighbors(dataset, potential.cutoff, progress=False)
+    collate = GraphCollator(dataset, neighbors)
+    dtype = next(potential.parameters()).dtype
+    potential.eval()
+    feats, energies = [], []
+    for start in range(0, len(structures), batch_size):
+        s = structures[start:start + batch_size]
+        g = collate(np.stack([s, np.zeros_like(s)], axis=1)).to("cpu", dtype)
+        g.fidelity = torch.full_like(g.fidelity, k)
+        f, e = readout_features(potential, g)
+        feats.append(f.numpy())
+        energies.append(e.numpy())
+    H = potential.head.mlps[0][-1].in_features + 1
+    return (np.concatenate(feats) if feats else np.zeros((0, H)), np.concatenate(energies) if energies else np.zeros(0))
+
+
+# ---------------------------------------------------------------------------------------------- LLPR
+@dataclass
+class LLPRFidelity:
+    """LLPR of one fidelity: cov [H+1, H+1] = (FᵀF + λI)⁻¹, alpha (σ = alpha·sqrt(fᵀ cov f), eV)."""
+
+    cov: np.ndarray
+    alpha: float
+    ridge: float
+    n_train: int
+    n_val: int
+
+    def sigma(self, f: np.ndarray) -> np.ndarray:
+        """f [n, H+1] → σ [n] eV."""
+        return self.alpha * np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", f, self.cov, f), 0.0))
+
+
+def fit_llpr_fidelity(f_train: np.ndarray, f_val: np.ndarray, err_val: np.ndarray,
+                      ridge: float | None = None) -> LLPRFidelity:
+    """LLPR of one fidelity from training features [n, H+1], validation features [m, H+1] and errors [m] eV.
+
+    λ: `ridge` (absolute) if given, else the grid value (RIDGE_GRID × mean diagonal of FᵀF) with the
+    best validation likelihood; α² = mean(err² / fᵀΣf) maximises the likelihood for a given λ."""
+    if len(f_train) == 0:
+        raise MultifiError("LLPR: no training structures at this fidelity")
+    A = f_train.T @ f_train
+    d, V = np.linalg.eigh(A)
+    d = np.maximum(d, 0.0)
+    scale = max(float(np.trace(A)) / len(A), 1e-12)
+    grid = [ridge] if ridge is not None else [r * scale for r in RIDGE_GRID]
+    proj = (f_val @ V) ** 2  # [m, H+1]
+    best = None
+    for lam in grid:
+        u2 = np.maximum(proj @ (1.0 / (d + lam)), 1e-300)
+        alpha2 = float(np.mean(err_val ** 2 / u2)) if len(err_val) else 1.0
+        alpha2 = max(alpha2, 1e-300)
+        nll = float(np.mean(np.log(alpha2 * u2) + err_val ** 2 / (alpha2 * u2))) if len(err_val) else 0.0
+        if best is None or nll < best[0]:
+            best = (nll, lam, alpha2)
+    _, lam, alpha2 = best
+    cov = (V / (d + lam)) @ V.T
+    return LLPRFidelity(cov=cov, alpha=float(np.sqrt(alpha2)), ridge=float(lam), n_train=len(f_train),
+                        n_val=len(err_val))
+
+
+@dataclass
+class LLPR:
+    """LLPR of several fidelities of one model (keyed by fidelity name)."""
+
+    fidelities: dict[str, LLPRFidelity]
+    fingerprint: str
+
+    def of(self, fidelity: str, where: str = "") -> LLPRFidelity:
+        if fidelity not in self.fidelities:
+            known = ", ".join(self.fidelities) or "none"
+            raise MultifiError(f"{where}: no LLPR calibration for fidelity {fidelity!r} (calibrated: {known}); "
+                               f"run `multifi calibrate` with labels of that fidelity")
+        return self.fidelities[fidelity]
+
+    def save(self, path: Path) -> Path:
+        from multifi.data.dataset import atomic_write
+
+        arrays = {"fingerprint": np.array(self.fingerprint), "names": np.array(list(self.fidelities))}
+        for i, p in enumerate(self.fidelities.values()):
+            arrays[f"cov{i}"] = p.cov
+            arrays[f"meta{i}"] = np.array([p.alpha, p.ridge, p.n_train, p.n_val], np.float64)
+        atomic_write(Path(path), lambda fh: np.savez(fh, **arrays))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path, potential=None) -> LLPR:
+        """Read a side file; with `potential`, check that it was calibrated for these weights."""
+        path = Path(path)
+        if not path.exists():
+            raise MultifiError(f"{path}: no LLPR calibration next to the model; run `multifi calibrate` first")
+        try:
+            z = np.load(path, allow_pickle=False)
+            fps = {}
+            for i, name in enumerate(z["names"].tolist()):
+                alpha, ridge, n_train, n_val = z[f"meta{i}"]
+                fps[str(name)] = LLPRFidelity(z[f"cov{i}"], float(alpha), float(ridge), int(n_train), int(n_val))
+            out = cls(fps, str(z["fingerprint"]))
+        except (OSError, KeyError, ValueError) as exc:
+            raise MultifiError(f"{path}: not an LLPR calibration file ({type(exc).__name__})") from None
+        if potential is not None and out.fingerprint != weights_fingerprint(potential):
+            raise MultifiError(f"{path}: calibrated for other model weights (the model changed since); "
+                               f"run `multifi calibrate` again")
+        return out
+
+
+def llpr_path(model_path: str | Path) -> Path:
+    """The LLPR side file of a model file: runs/x/model.pt → runs/x/model.llpr.npz."""
+    p = Path(model_path)
+    return p.with_name(p.stem + ".llpr.npz")
+
+
+def weights_fingerprint(potential) -> str:
+    """A hash of the potential's weights and buffers (which calibration file belongs to which model)."""
+    h = hashlib.sha1()
+    for name, t in sorted(potential.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def fit_llpr(potential, dataset, train_pairs: np.ndarray, val_pairs: np.ndarray, batch_size: int = 64,
+             fidelities: list[str] | None = None) -> LLPR:
+    """LLPR per fidelity from (structure, dataset fidelity index) pairs: Σ from the training pairs, λ and α
+    from the validation pairs (their energy labels). Fidelities without training pairs are left out."""
+    from multifi.data.neighbors import make_neighbors
+
+    neighbors = make_neighbors(dataset, potential.cutoff, progress=False)
+    out = {}
+    names = fidelities or [n for n in dataset.fidelities.names if n in potential.fidelities]
+    for name in names:
+        k = dataset.fidelities.index(name, where="calibration data")
+        tr = train_pairs[train_pairs[:, 1] == k, 0]
+        va = val_pairs[val_pairs[:, 1] == k, 0]
+        va = va[~np.isnan(dataset.energy[va, k])]
+        if len(tr) == 0:
+            continue
+        f_tr, _ = dataset_features(potential, dataset, tr, name, batch_size, neighbors)
+        f_va, e_va = dataset_features(potential, dataset, va, name, batch_size, neighbors)
+        out[name] = fit_llpr_fidelity(f_tr, f_va, e_va - dataset.energy[va, k])
+    if not out:
+        raise MultifiError("calibration data: no training structures at any fidelity of the model")
+    return LLPR(out, weights_fingerprint(potential))
+
+
+# ---------------------------------------------------------------------------------------------- ensembles
+def ensemble_energies(potentials: list, dataset, structures: np.ndarray, fidelity: str,
+                      batch_size: int = 64) -> np.ndarray:
+    """[M, n] energies (eV) of M models at `fidelity`; σ_ensemble = their std over models (ddof 1)."""
+    from multifi.data.neighbors import make_neighbors
+
+    if not potentials:
+        raise MultifiError("an ensemble needs at least one model")
+    neighbors = make_neighbors(dataset, max(p.cutoff for p in potentials), progress=False)
+    return np.stack([dataset_features(p, dataset, structures, fidelity, batch_size, neighbors)[1] for p in potentials])
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN for fewer than 2 values or a constant input."""
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    sa, sb = ra.std(), rb.std()
+    if sa == 0 or sb == 0:
+        return float("nan")
+    return float(((ra - ra.mean()) * (rb - rb.mean())).mean() / (sa * sb))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    uniq, inv = np.unique(x, return_inverse=True)
+    if len(uniq) < len(x):  # ties share their mean rank
+        ranks = np.bincount(inv, weights=ranks)[inv] / np.bincount(inv)[inv]
+    return ranks
+
+
+def miscalibration_area(errors: np.ndarray, sigma: np.ndarray, n_levels: int = 99) -> float:
+    """Area between the observed and the expected coverage of Gaussian central intervals (0 = calibrated).
+
+    For expected proportions p in (0, 1), the observed proportion is the fraction of |error| ≤ z_p·σ
+    with z_p = Φ⁻¹((1 + p)/2); the area is the mean |observed − p| over the levels (0 … 0.5)."""
+    from statistics import NormalDist
+
+    errors, sigma = np.abs(np.asarray(errors, float)), np.asarray(sigma, float)
+    if len(errors) == 0:
+        return float("nan")
+    p = np.linspace(0.0, 1.0, n_levels + 2)[1:-1]
+    z = np.array([NormalDist().inv_cdf((1 + q) / 2) for q in p])
+    observed = (errors[None, :] <= z[:, None] * np.maximum(sigma, 1e-300)[None, :]).mean(1)
+    return float(np.abs(observed - p).mean())
+
+
+def calibration_metrics(errors: np.ndarray, sigma: np.ndarray) -> dict:
+    """{"n", "spearman" (|error| vs σ), "miscalibration_area", "mean_sigma_meV", "rmse_meV"}: errors and σ in eV."""
+    errors, sigma = np.asarray(errors, float), np.asarray(sigma, float)
+    return {"n": len(errors), "spearman": spearman(np.abs(errors), sigma),
+            "miscalibration_area": miscalibration_area(errors, sigma),
+            "mean_sigma_meV": float(sigma.mean() * 1000) if len(sigma) else float("nan"),
+            "rmse_meV": float(np.sqrt((errors ** 2).mean()) * 1000) if len(errors) else float("nan")}
+
+
+# ---------------------------------------------------------------------------------------------- workflows
+def calibrate_run(run_dir: str | Path, model: str | Path | None = None, batch_size: int = 64) -> tuple[LLPR, Path]:
+    """Fit the LLPR of a run's model on its own training and validation splits; writes the side file.
+
+    The data are those of the run's config.yaml (its dataset.npz when cached), split as in training."""
+    from multifi.config import load_config
+    from multifi.data.dataset import FidelityDataset
+    from multifi.models.registry import load_potential
+    from multifi.train.prepare import prepare_data
+
+    run_dir = Path(run_dir)
+    model = Path(model) if model else run_dir / "model.pt"
+    if not (run_dir / "config.yaml").exists():
+        raise MultifiError(f"{run_dir}: not a run directory (no config.yaml)")
+    potential = load_potential(model)
+    cfg = load_config(run_dir / "config.yaml")
+    cached = run_dir / "dataset.npz"
+    prep = prepare_data(cfg, FidelityDataset.load(cached) if cached.exists() else None, str(run_dir / "config.yaml"))
+    if not len(prep.pairs["val"]):
+        raise MultifiError(f"{run_dir}: the run has no validation split; α of LLPR is calibrated on validation "
+                           f"labels (use `multifi calibrate MODEL --train … --val …`)")
+    llpr = fit_llpr(potential, prep.dataset, prep.pairs["train"], prep.pairs["val"], batch_size)
+    return llpr, llpr.save(llpr_path(model))
+
+
+def calibrate_files(model: str | Path, train_files: list[str], val_files: list[str],
+                    fidelity: str | None = None, batch_size: int = 64) -> tuple[LLPR, Path]:
+    """Fit the LLPR of a model from labelled training and validation files; writes the side file."""
+    from multifi.data.dataset import FidelityDataset
+    from multifi.data.split import labelled_pairs
+    from multifi.models.registry import load_potential
+
+    potential = load_potential(model)
+    train = FidelityDataset.merge([read_labelled(p, fidelity) for p in train_files])
+    val = FidelityDataset.merge([read_labelled(p, fidelity) for p in val_files])
+    ds = FidelityDataset.merge([train, val])
+    # structures keep their split by key (a key in both files is a training structure)
+    tr_keys = set(train.keys.astype(str))
+    is_train = np.array([k in tr_keys for k in ds.keys.astype(str)])
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    llpr = fit_llpr(potential, ds, pairs[is_train[pairs[:, 0]]], pairs[~is_train[pairs[:, 0]]], batch_size,
+                    fidelities=[fidelity] if fidelity else None)
+    return llpr, llpr.save(llpr_path(model))
+
+
+def read_labelled(path: str, fidelity: str | None):
+    """A labelled data file with the fidelities it names per structure; `fidelity` only for files naming none."""
+    from multifi.config import SourceConfig
+    from multifi.data.sources import guess_format, read_source
+
+    try:
+        return read_source(SourceConfig(path=path))
+    except MultifiError:
+        if fidelity is None or guess_format(Path(path)) == "npz":
+            raise
+        return read_source(SourceConfig(path=path, fidelity=fidelity))
+
+
+def sigma_for(models: list, dataset, structures: np.ndarray, fidelity: str, batch_size: int = 64,
+              llpr: LLPR | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Energy [n] and σ [n] (eV) at `fidelity`: with one model its LLPR σ (llpr needed), with several the
+    ensemble mean and standard deviation."""
+    if len(models) > 1:
+        e = ensemble_energies(models, dataset, structures, fidelity, batch_size)
+        return e.mean(0), e.std(0, ddof=1)
+    if llpr is None:
+        raise MultifiError("σ from one model needs its LLPR calibration (run `multifi calibrate`)")
+    f, e = dataset_features(models[0], dataset, structures, fidelity, batch_size)
+    return e, llpr.of(fidelity, "model").sigma(f)
+
+
+def evaluate_uncertainty(models: list, dataset, pairs: np.ndarray, batch_size: int = 64,
+                         llpr: LLPR | None = None) -> dict:
+    """Calibration per fidelity on labelled (structure, dataset fidelity) pairs: calibration_metrics()."""
+    out = {}
+    for k in np.unique(pairs[:, 1]):
+        name = dataset.fidelities.names[int(k)]
+        s = pairs[pairs[:, 1] == k, 0]
+        s = s[~np.isnan(dataset.energy[s, k])]
+        if not len(s):
+            continue
+        e, sigma = sigma_for(models, dataset, s, name, batch_size, llpr)
+        out[name] = calibration_metrics(e - dataset.energy[s, k], sigma)
+    return out
+
+
+def uncertainty_report(checkpoint, potential, ensemble: list, dataset, pairs: np.ndarray, batch_size: int = 64) -> dict:
+    """Calibration per fidelity (evaluate_uncertainty) of the LLPR of one model or of an ensemble:
+    {"method", "fidelities": {name: metrics}}."""
+    from multifi.models.registry import load_potential
+
+    if ensemble:
+        models, llpr, method = [potential] + [load_potential(m) for m in ensemble], None, f"ensemble of {len(ensemble) + 1}"
+    else:
+        models, llpr, method = [potential], LLPR.load(llpr_path(checkpoint), potential), "llpr"
+    return {"method": method, "fidelities": evaluate_uncertainty(models, dataset, pairs, batch_size, llpr)}
+
+
+def uncertainty_table(report: dict) -> str:
+    """uncertainty_report() as a plain-text table."""
+    result = report["fidelities"]
+    width = max([len("fidelity")] + [len(n) for n in result]) + 2
+    lines = [f"uncertainty ({report['method']})",
+             "fidelity".ljust(width) + "".join(h.rjust(14) for h in ("n", "Spearman", "miscal. area", "mean σ meV",
+                                                                    "RMSE meV"))]
+    for name, m in result.items():
+        lines.append(name.ljust(width) + f"{m['n']:>14d}{m['spearman']:>14.3f}{m['miscalibration_area']:>14.3f}"
+                     f"{m['mean_sigma_meV']:>14.1f}{m['rmse_meV']:>14.1f}")
+    return "\n".join(lines)

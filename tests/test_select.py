@@ -1,0 +1,124 @@
+"""Selection: deterministic given a seed, no structure twice, none already labelled; the batch rule against
+its closed form; farthest-point order; `multifi select` end to end."""
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from conftest import MOLECULES, TINY_MODEL, rattled_molecule
+from test_cli import cli_run, fails, run  # noqa: F401  (module fixture: one tiny trained run)
+
+from multifi.data.dataset import FidelityDataset
+from multifi.errors import MultifiError
+from multifi.models.registry import build_potential
+from multifi.select import (
+    STRATEGIES,
+    farthest_points,
+    greedy_variance,
+    select_structures,
+)
+from multifi.uncertainty import (
+    LLPR,
+    dataset_features,
+    fit_llpr_fidelity,
+    weights_fingerprint,
+)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    """A tiny potential, a pool of 40 molecules (10 labelled at 'hi') and an LLPR fitted on 8 of them."""
+    torch.manual_seed(0)
+    pot = build_potential(TINY_MODEL, ["lo", "hi"]).eval()
+    records = []
+    for i in range(40):
+        a = rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=i, stdev=0.1)
+        labels = {"lo": {"energy": -1.0 * len(a)}}
+        if i < 10:
+            labels["hi"] = {"energy": -1.1 * len(a)}
+        records.append({"numbers": a.numbers, "positions": a.positions, "key": f"m{i}", "labels": labels})
+    pool = FidelityDataset.from_records(records)
+    f, _ = dataset_features(pot, pool, np.arange(len(pool)), "hi")
+    p = fit_llpr_fidelity(f[:8], f[8:10], np.array([0.1, -0.2]))
+    return pot, pool, LLPR({"hi": p}, weights_fingerprint(pot)), f
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_deterministic_no_duplicates_none_labelled(setting, strategy):
+    pot, pool, llpr, f = setting
+    exclude = ["m12", "m30"]
+    a = select_structures(pot, pool, "hi", 12, strategy, seed=3, exclude=exclude, llpr=llpr)
+    b = select_structures(pot, pool, "hi", 12, strategy, seed=3, exclude=exclude, llpr=llpr)
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == 12 and len(set(a.tolist())) == 12
+    keys = set(pool.keys[a].tolist())
+    assert not keys & {f"m{i}" for i in range(10)} and not keys & set(exclude)  # labelled at hi, or excluded
+    c = select_structures(pot, pool, "hi", 12, strategy, seed=3, exclude=exclude, llpr=llpr, features=f)
+    np.testing.assert_array_equal(a, c)  # precomputed features: the same picks
+    everything = select_structures(pot, pool, "hi", 28, strategy, seed=1, exclude=exclude, llpr=llpr)
+    assert sorted(everything.tolist()) == sorted(set(range(10, 40)) - {12, 30})
+    with pytest.raises(MultifiError, match="only 28 unlabelled"):
+        select_structures(pot, pool, "hi", 29, strategy, seed=1, exclude=exclude, llpr=llpr)
+
+
+def test_random_depends_on_the_seed(setting):
+    pot, pool, _, _ = setting
+    picks = {tuple(select_structures(pot, pool, "hi", 10, "random", seed=s).tolist()) for s in range(4)}
+    assert len(picks) == 4
+
+
+def test_uncertainty_picks_largest_sigma_first(setting):
+    pot, pool, llpr, f = setting
+    picks = select_structures(pot, pool, "hi", 5, "uncertainty", llpr=llpr)
+    sigma = llpr.of("hi").sigma(f)
+    sigma[:10] = -1
+    np.testing.assert_array_equal(picks, np.argsort(-sigma, kind="stable")[:5])
+
+
+def test_batch_rule_matches_the_posterior_and_skips_duplicates():
+    """Each greedy pick maximises fᵀ(Σ⁻¹ + Σ_picked f fᵀ)⁻¹f; an exact copy of a pick keeps a variance below 1
+    (u/(1 + u)), so it is not picked next while other structures are more uncertain than that."""
+    rng = np.random.default_rng(0)
+    F = 3.0 * rng.normal(size=(30, 4))
+    A = rng.normal(size=(10, 4))
+    cov = np.linalg.inv(A.T @ A + 0.5 * np.eye(4))
+    far = 10.0 * np.linalg.eigh(cov)[1][:, -1]  # along the least-determined direction
+    F = np.vstack([F, far, far])  # two identical, very uncertain structures
+    picks = greedy_variance(F, cov, 6, np.random.default_rng(1))
+    assert picks[0] in (30, 31) and not {30, 31} <= set(picks[:2].tolist())
+    prec = np.linalg.inv(cov)
+    for t in range(len(picks)):
+        post = np.linalg.inv(prec + F[picks[:t]].T @ F[picks[:t]])
+        var = np.einsum("ni,ij,nj->n", F, post, F)
+        var[picks[:t]] = -np.inf
+        assert var[picks[t]] == pytest.approx(var.max(), rel=1e-9)
+
+
+def test_farthest_points_order():
+    x = np.array([[0.0], [1.0], [2.0], [10.0], [4.0]])
+    rng = np.random.default_rng(0)
+    # labelled: 0 → farthest 10, then 4 (6 from 10, 4 from 0) … then 2 (2 from 0 and 4), then 1
+    np.testing.assert_array_equal(farthest_points(x, np.array([1, 2, 3, 4]), np.array([0]), 4, rng), [3, 4, 2, 1])
+
+
+def test_select_cli(cli_run, tmp_path, capsys):  # noqa: F811
+    _, run_dir = cli_run
+    mols = [rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=200 + i, stdev=0.1) for i in range(12)]
+    for i, a in enumerate(mols):
+        a.info["key"] = f"c{i}"
+    pool = tmp_path / "pool.extxyz"  # unlabelled structures
+    ase.io.write(pool, mols, format="extxyz")
+    (tmp_path / "done.txt").write_text("c0\nc5\n")
+    out = tmp_path / "picks.txt"
+    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--n", "4", "--exclude", tmp_path / "done.txt"]
+    fails([*args, "--strategy", "batch", "--out", out], capsys, "multifi calibrate")
+    assert not out.exists()
+    assert run(["calibrate", run_dir], capsys)[0] == 0
+    for strategy in STRATEGIES:
+        code, stdout, _ = run([*args, "--strategy", strategy, "--seed", "2", "--out", out], capsys)
+        assert code == 0 and "picked 4 of 12" in stdout
+        keys = out.read_text().split()
+        assert len(set(keys)) == 4 and not {"c0", "c5"} & set(keys) and set(keys) <= {f"c{i}" for i in range(12)}
+    fails([*args, "--strategy", "random", "--n", "11", "--out", out], capsys, "only 10 unlabelled")
+    fails([*args, "--fidelity", "HI", "--out", out], capsys, "unknown fidelity 'HI'", "did you mean 'hi'")

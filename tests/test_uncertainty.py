@@ -1,0 +1,178 @@
+"""Uncertainty: readout features (the energy is linear in the last layer), LLPR against closed forms,
+larger σ far from the training structures, calibration metrics, the side file, and the CLI
+(`multifi calibrate`, `predict --uncertainty`, `evaluate --uncertainty`, ensembles)."""
+from __future__ import annotations
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from conftest import MOLECULES, TINY_MODEL, rattled_molecule
+from test_cli import cli_run, fails, run  # noqa: F401  (module fixture: one tiny trained run)
+
+from multifi.data.batch import graph_from_atoms
+from multifi.errors import MultifiError
+from multifi.models.registry import build_potential, load_potential, save_potential
+from multifi.uncertainty import (
+    LLPR,
+    calibration_metrics,
+    fit_llpr_fidelity,
+    llpr_path,
+    miscalibration_area,
+    readout_features,
+    spearman,
+    weights_fingerprint,
+)
+
+
+def tiny_potential(inject: str = "both", seed: int = 0):
+    torch.manual_seed(seed)
+    pot = build_potential({**TINY_MODEL, "fidelity_embedding": {"dim": 4, "inject": inject}}, ["lo", "hi"])
+    ref = np.zeros((119, 2))
+    ref[[1, 6, 7, 8], :] = np.random.default_rng(seed).normal(size=(4, 2))
+    pot.head.set_baseline(ref, np.array([0.7, 1.3]))
+    return pot.eval()
+
+
+@pytest.mark.parametrize("inject", ["both", "readout", "input", "heads", "onehot", "single"])
+def test_energy_is_linear_in_the_last_layer_with_readout_features(inject):
+    """E = scale_k · f·[w, b] + Σ ref: f is exactly the energy's gradient with respect to the last layer."""
+    pot = tiny_potential(inject)
+    mols = [rattled_molecule(n, i) for i, n in enumerate(MOLECULES)]
+    g = graph_from_atoms(mols, pot.cutoff, 1)
+    f, e = readout_features(pot, g)
+    k = 0 if inject == "single" else 1
+    last = pot.head.mlps[1 if inject == "heads" else 0][-1]
+    assert f.shape == (len(mols), last.in_features + 1)
+    np.testing.assert_allclose(f[:, -1].numpy(), [len(m) for m in mols])
+    torch.testing.assert_close(e, pot(g)["energy"], rtol=0, atol=1e-9)
+    wb = torch.cat([last.weight.detach().double().flatten(), last.bias.detach().double()])
+    ref = torch.zeros(len(mols), dtype=torch.float64).index_add_(0, g.batch, pot.head.ref[g.numbers, k])
+    torch.testing.assert_close(pot.head.scale[k] * (f @ wb) + ref, e, rtol=0, atol=1e-5)
+    if inject != "single":  # the fidelity enters the features
+        f_lo, _ = readout_features(pot, graph_from_atoms(mols, pot.cutoff, 0))
+        assert not torch.allclose(f_lo, f)
+
+
+def test_llpr_closed_form_one_feature():
+    """F = [1, 2], λ = 1: Σ = 1/6; one validation point f = 3 with error 0.5: α² = 0.25 / (9/6), σ = |error|."""
+    p = fit_llpr_fidelity(np.array([[1.0], [2.0]]), np.array([[3.0]]), np.array([0.5]), ridge=1.0)
+    assert p.cov[0, 0] == pytest.approx(1 / 6)
+    assert p.alpha == pytest.approx(np.sqrt(0.25 / 1.5))
+    assert p.sigma(np.array([[3.0]]))[0] == pytest.approx(0.5)
+    assert p.sigma(np.array([[6.0]]))[0] == pytest.approx(1.0)  # linear in |f|
+
+
+def test_llpr_matches_direct_inverse_and_maximises_likelihood():
+    rng = np.random.default_rng(3)
+    F, fv = rng.normal(size=(40, 5)), rng.normal(size=(15, 5))
+    err = rng.normal(0, 0.1, 15)
+    p = fit_llpr_fidelity(F, fv, err, ridge=0.3)
+    cov = np.linalg.inv(F.T @ F + 0.3 * np.eye(5))
+    np.testing.assert_allclose(p.cov, cov, rtol=1e-10, atol=1e-12)
+    u = np.sqrt(np.einsum("ni,ij,nj->n", fv, cov, fv))
+    np.testing.assert_allclose(p.sigma(fv), p.alpha * u, rtol=1e-10)
+
+    def nll(alpha):
+        s = alpha * u
+        return np.mean(np.log(s ** 2) + err ** 2 / s ** 2)
+
+    assert nll(p.alpha) < min(nll(1.1 * p.alpha), nll(p.alpha / 1.1))
+    grid = fit_llpr_fidelity(F, fv, err)  # λ from the grid: at least as likely as the fixed one
+    s = grid.sigma(fv)
+    assert np.mean(np.log(s ** 2) + err ** 2 / s ** 2) <= nll(p.alpha) + 1e-9
+
+
+def test_sigma_larger_far_from_the_training_structures():
+    """LLPR on rattled H2O/CH4/NH3: compressed molecules and unseen ones get larger σ than any training one."""
+    pot = tiny_potential()
+    feats = lambda ms: readout_features(pot, graph_from_atoms(ms, pot.cutoff, 1))[0].numpy()
+    train = [rattled_molecule(n, i) for i in range(6) for n in ("H2O", "CH4", "NH3")]
+    val = [rattled_molecule(n, 100 + i) for i in range(3) for n in ("H2O", "CH4", "NH3")]
+    p = fit_llpr_fidelity(feats(train), feats(val), np.random.default_rng(0).normal(0, 0.05, len(val)))
+    far = []
+    for n in ("H2O", "CH4", "NH3"):
+        a = molecule(n)
+        a.positions *= 0.6
+        far.append(a)
+    far += [molecule(n) for n in ("C2H6", "CH3OH", "HCN")]
+    s_train, s_far = p.sigma(feats(train)), p.sigma(feats(far))
+    assert s_far.min() > 1.5 * s_train.max()
+
+
+def test_calibration_metrics():
+    rng = np.random.default_rng(0)
+    sigma = rng.uniform(0.01, 1.0, 20000)
+    err = rng.normal(0, sigma)
+    m = calibration_metrics(err, sigma)
+    assert m["n"] == 20000 and m["miscalibration_area"] < 0.01 and m["spearman"] > 0.3
+    assert miscalibration_area(err, 10 * sigma) > 0.3  # far too wide
+    assert miscalibration_area(err, sigma / 10) > 0.3  # far too narrow
+    assert spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == pytest.approx(1.0)
+    assert spearman(np.array([1, 2, 2, 3.0]), np.array([3, 2, 2, 1.0])) == pytest.approx(-1.0)  # ties
+
+
+def test_side_file_round_trip_and_stale_model(tmp_path):
+    pot = tiny_potential()
+    save_potential(pot, tmp_path / "model.pt")
+    rng = np.random.default_rng(1)
+    p = fit_llpr_fidelity(rng.normal(size=(20, 9)), rng.normal(size=(5, 9)), rng.normal(size=5))
+    path = LLPR({"hi": p}, weights_fingerprint(pot)).save(llpr_path(tmp_path / "model.pt"))
+    assert path.name == "model.llpr.npz"
+    back = LLPR.load(path, load_potential(tmp_path / "model.pt"))
+    np.testing.assert_array_equal(back.of("hi").cov, p.cov)
+    assert back.of("hi").alpha == p.alpha and back.of("hi").n_train == 20
+    with pytest.raises(MultifiError, match="no LLPR calibration for fidelity 'lo'"):
+        back.of("lo", "x")
+    with torch.no_grad():
+        pot.head.mlps[0][-1].bias += 1.0
+    with pytest.raises(MultifiError, match="other model weights"):
+        LLPR.load(path, pot)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, tmp_path, capsys):  # noqa: F811
+    _, run_dir = cli_run
+    mols = [rattled_molecule("CH3OH", 5), rattled_molecule("H2O", 6)]
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, mols)
+    fails(["predict", run_dir / "model.pt", src, "--fidelity", "hi", "--out", tmp_path / "p.extxyz", "--uncertainty"],
+          capsys, "model.llpr.npz", "multifi calibrate")
+    code, out, _ = run(["calibrate", run_dir], capsys)
+    assert code == 0 and "hi: alpha" in out and "lo: alpha" in out and (run_dir / "model.llpr.npz").exists()
+    pred = tmp_path / "pred.extxyz"
+    code, _, _ = run(["predict", run_dir / "model.pt", src, "--fidelity", "hi", "--out", pred, "--uncertainty"], capsys)
+    assert code == 0
+    frames = ase.io.read(pred, ":")
+    assert all(a.info["uncertainty"] == "llpr" and a.info["energy_sigma"] > 0 for a in frames)
+    metrics = tmp_path / "m.json"
+    code, out, _ = run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--uncertainty", "--out", metrics], capsys)
+    assert code == 0 and "Spearman" in out
+    uq = json.loads(metrics.read_text())["uncertainty"]
+    assert uq["method"] == "llpr" and set(uq["fidelities"]) == {"lo", "hi"}
+    assert all(-1 <= v["spearman"] <= 1 and 0 <= v["miscalibration_area"] <= 0.5 for v in uq["fidelities"].values())
+
+    # a deep ensemble: the mean energy and the standard deviation of two models
+    other = tiny_potential(seed=5)
+    ref = load_potential(run_dir / "model.pt")
+    other.head.set_baseline(ref.head.ref.numpy(), ref.head.scale.numpy())
+    save_potential(other, tmp_path / "other.pt")
+    ens = tmp_path / "ens.extxyz"
+    code, _, _ = run(["predict", run_dir / "model.pt", src, "--fidelity", "hi", "--out", ens, "--uncertainty",
+                      "--ensemble", tmp_path / "other.pt"], capsys)
+    assert code == 0
+    from multifi.predict import predict_atoms
+
+    e1, _, _ = predict_atoms(ref, mols, "hi")
+    e2, _, _ = predict_atoms(other, mols, "hi")
+    for a, x, y in zip(ase.io.read(ens, ":"), e1, e2):
+        assert a.get_potential_energy() == pytest.approx((x + y) / 2, rel=1e-6)
+        assert a.info["energy_sigma"] == pytest.approx(abs(x - y) / np.sqrt(2), rel=1e-5)
+        assert a.info["uncertainty"] == "ensemble of 2"
+    code, out, _ = run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--fidelity", "hi", "--ensemble",
+                        tmp_path / "other.pt", "--out", metrics], capsys)
+    uq = json.loads(metrics.read_text())["uncertainty"]
+    assert code == 0 and uq["method"] == "ensemble of 2" and set(uq["fidelities"]) == {"hi"}
