@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.fidelity import FidelityTable
+from multifi.data.stats import MAX_Z
 from multifi.errors import MultifiError
-
-MAX_Z = 118
 
 
 def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
