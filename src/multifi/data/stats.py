@@ -1,15 +1,20 @@
 """Data statistics: element tables, composition matrices, per-fidelity reference energies and scales.
 
-Reference energies (eV per atom of each element, per fidelity) are fitted jointly over fidelities:
+Reference energies (eV per atom of each element, per fidelity) are fitted per fidelity by least
+squares on the compositions of its energy labels, then completed jointly over fidelities where the
+labels leave them open, with the model
 
-    E[s, f] ≈ Σ_Z n[s, Z] · ref[Z, f],     ref[Z, f] = a[Z] + b[f] + η[Z, f]
+    ref[Z, f] = a[Z] + φ(Z)·β[f] + η[Z, f]
 
-a shared per-element reference a, one shift b per fidelity, and per-element shifts η with a ridge
-(Gaussian) prior that shrinks them to zero where a fidelity's labels say nothing. Where a fidelity's
-labels determine ref[:, f] (its training compositions span the element's direction) the fit is that
-fidelity's own least squares, unchanged; elements without labels at f (or only in fixed ratios with
-others, e.g. Ga and As only as GaAs) get the shared estimate a[Z] + b[f] (+ the part of η the labels
-fix). `References.fitted[Z, f]` records which references were fitted from f's own labels.
+a shared per-element reference a, a per-fidelity shift that is a smooth function of the atomic number
+(φ(Z) = 1, then Z, then Z^(7/3): differences between levels of theory grow with the number of
+electrons — valence and correlation terms about ∝ Z, core terms ∝ Z^(7/3) as the Thomas–Fermi atomic
+energy), and per-element deviations η that the prior sets to zero where a fidelity has no labels. How
+many terms of φ the data support is chosen by leave-one-out over the references that are fitted at two
+or more fidelities; that leave-one-out error is reported as the expected error of an estimate.
+Where a fidelity's labels determine ref[:, f] it is that fidelity's own least-squares fit, unchanged;
+elements without labels at f, and compositions its labels do not determine (e.g. Ga and As only as
+GaAs), take the model's values. `References.fitted[Z, f]` records which came from f's own labels.
 """
 from __future__ import annotations
 
@@ -75,16 +80,14 @@ def force_rms(dataset, pairs: np.ndarray, ks) -> float:
 
 # ---------------------------------------------------------------------------------------------- references
 def fit_references(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool = False,
-                   shared_scale: bool = False, shift_ridge: float = 1e-6) -> References:
+                   shared_scale: bool = False) -> References:
     """Per-fidelity reference energies (joint fit, see the module docstring) and residual scales.
 
     dataset: FidelityDataset; pairs [P, 2] (structure, fidelity) training samples.
     scale [K] eV: standard deviation of the per-atom residual of each fidelity's own fit (fallback: RMS
     of its force labels, then 1 eV). `pooled`: the labels of all fidelities fitted as one (every
     column holds that fit; for fidelity-blind models). `shared_scale`: one scale for every fidelity,
-    from the residuals of all fidelities together. `ridge` (relative) regularises each least-squares
-    fit; `shift_ridge` (relative) is the prior on the per-element shifts η (small: a and b follow the
-    fitted references, every element and fidelity weighted alike).
+    from the residuals of all fidelities together. `ridge` (relative) regularises each least-squares fit.
     """
     K = len(dataset.fidelities)
     elements, counts = composition_matrix(dataset)  # [n_el], [S, n_el]
@@ -101,7 +104,7 @@ def fit_references(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool
         resid = np.concatenate(residuals)
         scale[:] = float(resid.std()) if len(resid) > 1 and resid.std() > 1e-4 else force_rms(dataset, pairs, list(range(K)))
     if not pooled:
-        _fill_from_shared(ref, fitted, spread, systems, shift_ridge)
+        _fill_from_shared(ref, fitted, spread, systems)
     return References(ref, scale, fitted, spread)
 
 
@@ -113,22 +116,20 @@ def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool =
 
 
 def fit_new_fidelity(dataset, pairs: np.ndarray, k: int, ref: np.ndarray, fitted: np.ndarray,
-                     ridge: float = 1e-8, shift_ridge: float = 1e-6) -> References:
+                     ridge: float = 1e-8) -> References:
     """References of fidelity k of `dataset` (its labelled pairs in `pairs`) next to known fidelities'.
 
-    ref, fitted [N_ELEMENTS, K0]: known references (e.g. a trained model's head.ref) and which of them
-    were fitted from labels; each fitted one counts as one observation of a[Z] + b[g] + η[Z, g].
+    ref, fitted [N_ELEMENTS, K0]: known references (e.g. a trained model's head.ref, head.fitted); each
+    fitted one counts as one observation of a[Z] + φ(Z)·β[g] + η[Z, g].
     Fidelity k gets its own least-squares fit where its labels determine it, the shared estimate
     elsewhere. Returns References of one column (ref [N_ELEMENTS, 1], scale [1], fitted, spread)."""
     K0 = ref.shape[1]
     elements, counts = composition_matrix(dataset)
     own = _own_fit(dataset, pairs, [k], elements, counts, ridge)
-    known = [(np.diag(fitted[:, g].astype(float)), np.where(fitted[:, g], ref[:, g], 0.0), int(fitted[:, g].sum()))
-             for g in range(K0)]
     all_ref = np.concatenate([np.where(fitted, ref, 0.0), own.ref[:, None]], axis=1)
     all_fitted = np.concatenate([fitted, own.fitted[:, None]], axis=1)
     spread = np.full(K0 + 1, np.nan)
-    _fill_from_shared(all_ref, all_fitted, spread, known + [own.system], shift_ridge, only=K0)
+    _fill_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], only=K0)
     return References(all_ref[:, [K0]], np.array([own.scale]), all_fitted[:, [K0]], spread[[K0]])
 
 
@@ -178,69 +179,102 @@ def _least_squares(counts: np.ndarray, rows: np.ndarray, y: np.ndarray, ridge: f
     return coef, cols, resid, ata, aty
 
 
-def _fill_from_shared(ref, fitted, spread, systems, shift_ridge: float, only: int | None = None) -> None:
-    """In place: what the labels leave undetermined ← the shared model a[Z] + b[f].
+def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> None:
+    """In place: what the labels leave undetermined ← the shift model a[Z] + φ(Z)·β[f] (module docstring).
 
-    ref, fitted [N_ELEMENTS, K], spread [K]; systems[f]: fidelity f's normal equations or None (no
-    energy labels). Elements without labels at f take a[Z] + b[f]; among elements with labels, the
-    compositions f's labels do not determine (e.g. Ga and As only as GaAs) take the shared model's
-    values, the determined ones keep f's own fit (bit for bit when it determines all). `only`: change
-    only this fidelity's column."""
-    present = np.flatnonzero(fitted.any(1))
-    if len(present) == 0 or all(s is None for s in systems):
-        return
-    a, b = _shared_model(systems, present, shift_ridge)
-    prior = np.zeros((N_ELEMENTS, len(systems)))
-    prior[present] = a[:, None] + b[None, :]
+    ref, fitted [N_ELEMENTS, K], spread [K] (← leave-one-out RMS error of the model at f, eV/atom);
+    systems[f]: (XᵀX, Xᵀy, n) of fidelity f's own fit, or None (no labels, or references known as
+    they are). `only`: change only this fidelity's column."""
+    K = ref.shape[1]
+    identified, nulls = fitted.copy(), [None] * K
     for f, system in enumerate(systems):
-        if only is not None and f != only:
-            continue
         cols = np.flatnonzero(fitted[:, f])
-        if system is not None and len(cols):
-            null = _null_space(system[0][np.ix_(cols, cols)])  # [n_cols, d]: compositions the labels leave free
-            if null.shape[1]:
-                ref[cols, f] += null @ (null.T @ (prior[cols, f] - ref[cols, f]))
-        missing = np.setdiff1d(present, cols)
+        if system is None or len(cols) == 0:
+            continue
+        null = _null_space(system[0][np.ix_(cols, cols)])  # [n_cols, d]: compositions the labels leave free
+        if null.shape[1]:
+            nulls[f] = (cols, null)
+            identified[cols[np.abs(null).max(1) > 1e-8], f] = False
+    if not fitted.any():
+        return
+    prior, loo = _shift_model(ref, fitted, identified)
+    for f in range(K) if only is None else [only]:
+        if nulls[f] is not None:
+            cols, null = nulls[f]
+            ref[cols, f] += null @ (null.T @ (prior[cols, f] - ref[cols, f]))
+        missing = fitted.any(1) & ~fitted[:, f]
         ref[missing, f] = prior[missing, f]
-        informative = fitted[cols].sum(1) > 1  # η says something only for elements fitted at 2+ fidelities
-        eta = (ref[cols, f] - prior[cols, f])[informative]
-        spread[f] = float(np.sqrt((eta ** 2).mean())) if len(eta) > 1 else np.nan
+        spread[f] = loo[f]
 
 
-def _shared_model(systems, present: np.ndarray, shift_ridge: float) -> tuple[np.ndarray, np.ndarray]:
-    """Shared references a [n] (over `present`) and fidelity shifts b [K] of the joint ridge fit.
+def _features(z: np.ndarray, p: int) -> np.ndarray:
+    """φ(Z) [n, p]: 1, Z/10, (Z/10)^(7/3) (the first p)."""
+    x = np.asarray(z, dtype=np.float64) / 10
+    return np.stack([np.ones_like(x), x, x ** (7 / 3)], axis=1)[:, :p]
 
-    Unknowns a[Z]; b[f], with b = 0 for the fidelity with most samples (gauge) and for fidelities
-    without energy labels; η[Z, f] for each element with labels at f, penalised by
-    shift_ridge · mean diag(XᵀX_f). Each fidelity's normal equations enter through the map P from
-    element counts to its unknowns (a, b[f], η[:, f]): Pᵀ G P, Pᵀ h."""
-    n, K = len(present), len(systems)
-    labelled = [f for f, s in enumerate(systems) if s is not None]
-    base = max(labelled, key=lambda f: systems[f][2])
-    shifts = [f for f in labelled if f != base]
-    blocks = {f: np.flatnonzero(np.diag(systems[f][0])[present] > 0) for f in labelled}
-    size = n + len(shifts) + sum(len(c) for c in blocks.values())
-    M, r = np.zeros((size, size)), np.zeros(size)
-    start = n + len(shifts)
-    for f in labelled:
-        G, h, cols = systems[f][0][np.ix_(present, present)], systems[f][1][present], blocks[f]
-        eta = start + np.arange(len(cols))
-        idx = np.concatenate([np.arange(n), [n + shifts.index(f)] if f in shifts else [], eta]).astype(int)
-        P = np.zeros((len(idx), n))
-        P[:n] = np.eye(n)
-        if f in shifts:
-            P[n] = 1.0
-        P[len(idx) - len(cols) + np.arange(len(cols)), cols] = 1.0
-        M[np.ix_(idx, idx)] += P @ G @ P.T
-        r[idx] += P @ h
-        if len(cols):
-            M[eta, eta] += shift_ridge * float(np.diag(G)[cols].mean())
-        start += len(cols)
-    d = np.sqrt(np.maximum(np.diag(M), 1e-300))  # equilibrate: counts² of different sizes per block
-    theta = np.linalg.lstsq(M / np.outer(d, d), r / d, rcond=1e-12)[0] / d
-    b = np.zeros(K)
-    b[shifts] = theta[n:n + len(shifts)]
-    return theta[:n], b
+
+def _shift_model(ref, fitted, identified) -> tuple[np.ndarray, np.ndarray]:
+    """Prior references [N_ELEMENTS, K] of the model a[Z] + φ(Z)·β[f] fitted to the known references,
+    and the leave-one-out RMS error [K] (eV/atom; NaN where nothing to leave out) of the chosen φ.
+
+    Cells (Z, f): identified references (weight 1) and fitted ones the labels fix only in combination
+    with others (weight 1e-3: they only place a[Z] when nothing else does). β = 0 for the fidelity with
+    most identified references (gauge). Informative cells: identified, of an element identified at ≥ 2
+    fidelities; the number of terms p ∈ {1, 2, 3} minimises their leave-one-out error."""
+    K = ref.shape[1]
+    elements = np.flatnonzero(fitted.any(1))
+    cells = np.argwhere(fitted[elements])  # [c, 2] (position in elements, fidelity)
+    weight = np.where(identified[elements[cells[:, 0]], cells[:, 1]], 1.0, 1e-3)
+    y = ref[elements[cells[:, 0]], cells[:, 1]]
+    n_ident = identified[elements].sum(1)
+    informative = (weight == 1.0) & (n_ident[cells[:, 0]] >= 2)
+    base = int(np.argmax(identified.sum(0)))
+    per_fid = np.bincount(cells[informative, 1], minlength=K)
+    best = None
+    for p in (1, 2, 3):
+        terms = np.where(np.arange(K) == base, 0, np.minimum(p, np.maximum(per_fid - 1, 0)))
+        if p > 1 and not (terms >= p).any():
+            break
+        errors = np.full(len(cells), np.nan)
+        for i in np.flatnonzero(informative):
+            keep = np.arange(len(cells)) != i
+            theta = _fit_cells(cells[keep], y[keep], weight[keep], elements, terms)
+            errors[i] = _predict(theta, cells[[i]], elements, terms)[0] - y[i]
+        score = np.sqrt(np.nanmean(errors ** 2)) if informative.any() else 0.0
+        if best is None or score < best[0]:
+            best = (score, terms, errors)
+    _, terms, errors = best
+    theta = _fit_cells(cells, y, weight, elements, terms)
+    grid = np.array([(e, f) for e in range(len(elements)) for f in range(K)])
+    prior = np.zeros((N_ELEMENTS, K))
+    prior[elements[grid[:, 0]], grid[:, 1]] = _predict(theta, grid, elements, terms)
+    loo = np.full(K, np.nan)
+    for f in range(K):
+        e = errors[(cells[:, 1] == f) & informative]
+        if len(e) and f != base:
+            loo[f] = float(np.sqrt(np.mean(e ** 2)))
+    return prior, loo
+
+
+def _design(cells, elements, terms) -> np.ndarray:
+    """Rows [c, n_el + Σ terms]: one-hot element (a) and φ(Z) in the block of the cell's fidelity (β)."""
+    starts = np.concatenate([[0], np.cumsum(terms)]) + len(elements)
+    X = np.zeros((len(cells), starts[-1]))
+    X[np.arange(len(cells)), cells[:, 0]] = 1.0
+    for f in np.flatnonzero(terms):
+        rows = np.flatnonzero(cells[:, 1] == f)
+        X[np.ix_(rows, np.arange(starts[f], starts[f + 1]))] = _features(elements[cells[rows, 0]], terms[f])
+    return X
+
+
+def _fit_cells(cells, y, weight, elements, terms) -> np.ndarray:
+    X = _design(cells, elements, terms)
+    w = np.sqrt(weight)[:, None]
+    return np.linalg.lstsq(X * w, y * w[:, 0], rcond=None)[0]
+
+
+def _predict(theta, cells, elements, terms) -> np.ndarray:
+    return _design(cells, elements, terms) @ theta
 
 
 def _null_space(G: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
