@@ -217,16 +217,17 @@ def _shift_model(ref, fitted, identified) -> tuple[np.ndarray, np.ndarray]:
     """Prior references [N_ELEMENTS, K] of the model a[Z] + φ(Z)·β[f] fitted to the known references,
     and the leave-one-out RMS error [K] (eV/atom; NaN where nothing to leave out) of the chosen φ.
 
-    Cells (Z, f): identified references (weight 1) and fitted ones the labels fix only in combination
-    with others (weight 1e-3: they only place a[Z] when nothing else does). β = 0 for the fidelity with
+    Cells (Z, f): identified references (weight 1); for an element identified nowhere (e.g. only ever
+    in one ratio with another), its fitted ones (weight 1e-3: they place a[Z] and nothing else). β = 0 for the fidelity with
     most identified references (gauge). Informative cells: identified, of an element identified at ≥ 2
     fidelities; the number of terms p ∈ {1, 2, 3} minimises their leave-one-out error."""
     K = ref.shape[1]
     elements = np.flatnonzero(fitted.any(1))
-    cells = np.argwhere(fitted[elements])  # [c, 2] (position in elements, fidelity)
+    n_ident = identified[elements].sum(1)
+    use = identified[elements] | (fitted[elements] & (n_ident == 0)[:, None])
+    cells = np.argwhere(use)  # [c, 2] (position in elements, fidelity)
     weight = np.where(identified[elements[cells[:, 0]], cells[:, 1]], 1.0, 1e-3)
     y = ref[elements[cells[:, 0]], cells[:, 1]]
-    n_ident = identified[elements].sum(1)
     informative = (weight == 1.0) & (n_ident[cells[:, 0]] >= 2)
     base = int(np.argmax(identified.sum(0)))
     per_fid = np.bincount(cells[informative, 1], minlength=K)

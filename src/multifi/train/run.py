@@ -156,10 +156,11 @@ def _report_references(refs, names) -> None:
         if not missing:
             continue
         symbols = ", ".join(chemical_symbols[z] for z in missing)
-        spread = "" if np.isnan(refs.spread[k]) else \
-            f"; per-element {name} shifts of the other elements scatter by {refs.spread[k]:.2f} eV/atom around it"
-        log.warning("%s: no energy labels with %s in training; their %s reference energies are estimated as the "
-                    "shared per-element reference plus the mean %s shift%s", name, symbols, name, name, spread)
+        error = "" if np.isnan(refs.spread[k]) else \
+            f" (leave-one-out error of that estimate on the other elements: {refs.spread[k]:.2f} eV/atom)"
+        log.warning("%s: no energy labels with %s in training; their %s reference energies are estimated from "
+                    "the other fidelities' as a shared per-element reference plus a %s shift smooth in Z%s",
+                    name, symbols, name, name, error)
 
 
 def _from_saved_dataset(cfg: RunConfig) -> bool:
