@@ -68,7 +68,3 @@ class EnergyHead(nn.Module):
         self.scale.copy_(torch.as_tensor(scale, dtype=torch.float64))
         self.fitted.copy_(ref != 0 if fitted is None else torch.as_tensor(fitted, dtype=torch.bool))
 
-    def reference_columns(self, fidelities: torch.Tensor) -> torch.Tensor:
-        """Column of ref/fitted used for each fidelity index (all 0 with a shared baseline)."""
-        return torch.zeros_like(fidelities) if self.shared_baseline else fidelities
-
