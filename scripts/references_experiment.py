@@ -172,14 +172,32 @@ def _groups(counts: np.ndarray, train_rows: np.ndarray, test_rows: np.ndarray, c
     return np.where(uncovered, "uncovered", np.where(off_span, "not spanned", "spanned"))
 
 
+def table(out: Path) -> str:
+    """Markdown table of every <out>/*.json: energy MAE (meV/atom) per group, previous → joint references."""
+    from ase.data import chemical_symbols
+
+    rows = ["| case | top-fidelity training labels | elements without them | group | n | previous refs | joint refs |",
+            "|---|---|---|---|---|---|---|"]
+    for path in sorted(out.glob("*.json")):
+        r = json.loads(path.read_text())
+        missing = ", ".join(chemical_symbols[z] for z in r["uncovered_elements"])
+        for g in r["joint"]:
+            rows.append(f"| {path.stem} | {r['n_top_train']} {r['top']} | {missing} | {g} | {r['joint'][g]['n']} | "
+                        f"{r['previous'][g]['energy_mae_meV_per_atom']:.1f} | {r['joint'][g]['energy_mae_meV_per_atom']:.1f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("case", choices=["solids", "qm9"])
+    ap.add_argument("case", choices=["solids", "qm9", "table"])
     ap.add_argument("--n", type=int, nargs="+", default=[11, 23, 46], help="solids: r2SCAN training structures")
     ap.add_argument("--lacking", nargs="+", default=["F"], help="qm9: element(s) absent from B3LYP training labels")
     ap.add_argument("--out", default=str(ROOT / "results/references"))
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.case == "table":
+        print(table(out))
+        return 0
     cases = [(f"solids_n{n}", *solids_case(n, out)) for n in args.n] if args.case == "solids" else \
         [(f"qm9_no{x}", *qm9_case(x, out)) for x in args.lacking]
     for name, config, top, _ in cases:
