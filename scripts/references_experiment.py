@@ -63,7 +63,7 @@ def solids_case(n: int, out: Path) -> tuple[Path, str, list[int]]:
     for name in ("train", "val", "test"):
         keys = split["low_pool"] if name == "train" else split[name]
         (work / f"{name}.txt").write_text("\n".join(keys) + "\n")
-    cfg = {"data": {"sources": [{"path": str(SHARED / "solids/PBE.jsonl.gz")}, {"path": "R2SCAN_subset.jsonl.gz"}],
+    cfg = {"data": {"sources": [{"path": _rel(SHARED / "solids/PBE.jsonl.gz", work)}, {"path": "R2SCAN_subset.jsonl.gz"}],
                     "split": {"files": {s: f"{s}.txt" for s in ("train", "val", "test")}}},
            **SOLIDS_MODEL, "output_dir": "run"}
     return _write_config(work, cfg), "R2SCAN", [8, 15]
@@ -93,12 +93,19 @@ def qm9_case(lacking: str, out: Path, seed: int = 0) -> tuple[Path, str, list[in
     (work / "b3lyp.txt").write_text(idx(np.concatenate([top_train, val, test])))
     for name, rows in (("train", low), ("val", val), ("test", test)):
         (work / f"{name}.txt").write_text("\n".join(f"qm9:{int(geo.index[r])}" for r in rows) + "\n")
-    cfg = {"data": {"sources": [{"qm9": {"labels": str(SHARED / "qm9mf/GFN2-xTB.csv.gz"), "fidelity": "GFN2-xTB",
+    cfg = {"data": {"sources": [{"qm9": {"labels": _rel(SHARED / "qm9mf/GFN2-xTB.csv.gz", work), "fidelity": "GFN2-xTB",
                                          "indices": "gfn2.txt"}},
                                 {"qm9": {"fidelity": B3LYP, "indices": "b3lyp.txt"}}],
                     "split": {"files": {s: f"{s}.txt" for s in ("train", "val", "test")}}},
            **QM9_MODEL, "output_dir": "run"}
     return _write_config(work, cfg), B3LYP, [z]
+
+
+def _rel(path: Path, start: Path) -> str:
+    """`path` relative to `start` (configs resolve relative paths against their folder)."""
+    import os
+
+    return os.path.relpath(path, start.resolve())
 
 
 def _write_config(work: Path, cfg: dict) -> Path:
@@ -140,6 +147,7 @@ def evaluate(config: Path, top: str) -> dict:
     kwargs = {"pooled": potential.head.shared_baseline, "shared_scale": cfg.model.energy_scale == "shared"}
     old_ref, _ = module_at(BEFORE, "head").fit_baseline(ds, train, **kwargs)
     refs = fit_references(ds, train, **kwargs)  # as `multifi train` fits them now
+    everything = fit_references(ds, np.concatenate([prep.pairs[s] for s in ("train", "val", "test")]), **kwargs)
     elements, counts = composition_matrix(ds)
     top_train = train[(train[:, 1] == k) & ~np.isnan(ds.energy[train[:, 0], k]), 0]
     covered = counts[top_train].sum(0) > 0  # [n_el]
@@ -148,6 +156,7 @@ def evaluate(config: Path, top: str) -> dict:
            "uncovered_elements": [int(z) for z in elements[~covered]],
            "estimated_references_eV": {int(z): float(refs.ref[z, k]) for z in elements[~covered]},
            "previous_references_eV": {int(z): float(old_ref[z, k]) for z in elements[~covered]},
+           "all_labels_references_eV": {int(z): float(everything.ref[z, k]) for z in elements[~covered]},
            "leave_one_out_rms_eV_per_atom": float(refs.spread[k])}
     truth = ds.energy[test[:, 0], k] / ds.n_atoms[test[:, 0]]
     for label, ref in (("joint", refs.ref), ("previous", old_ref)):
@@ -187,16 +196,31 @@ def table(out: Path) -> str:
     return "\n".join(rows)
 
 
+def shifts() -> str:
+    """R2SCAN − PBE reference shift per element, fitted on every label of the shared solids."""
+    from ase.data import chemical_symbols
+
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_sources
+    from multifi.data.split import labelled_pairs
+    from multifi.data.stats import fit_references
+
+    ds = read_sources([SourceConfig(path=str(SHARED / f"solids/{n}.jsonl.gz")) for n in ("PBE", "R2SCAN")])
+    refs = fit_references(ds, labelled_pairs(ds, np.arange(len(ds))))
+    pbe, r2 = ds.fidelities.index("PBE"), ds.fidelities.index("R2SCAN")
+    return ", ".join(f"{chemical_symbols[z]} {refs.ref[z, r2] - refs.ref[z, pbe]:.2f}" for z in refs.elements)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("case", choices=["solids", "qm9", "table"])
+    ap.add_argument("case", choices=["solids", "qm9", "table", "shifts"])
     ap.add_argument("--n", type=int, nargs="+", default=[11, 23, 46], help="solids: r2SCAN training structures")
     ap.add_argument("--lacking", nargs="+", default=["F"], help="qm9: element(s) absent from B3LYP training labels")
     ap.add_argument("--out", default=str(ROOT / "results/references"))
     args = ap.parse_args(argv)
     out = Path(args.out)
-    if args.case == "table":
-        print(table(out))
+    if args.case in ("table", "shifts"):
+        print(table(out) if args.case == "table" else shifts())
         return 0
     cases = [(f"solids_n{n}", *solids_case(n, out)) for n in args.n] if args.case == "solids" else \
         [(f"qm9_no{x}", *qm9_case(x, out)) for x in args.lacking]
