@@ -58,9 +58,10 @@ def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: s
             continue
         name = potential.fidelities.names[int(k)]
         symbols = ", ".join(chemical_symbols[z] for z in new)
-        msg = (f"{prefix}the {name} reference energy of {symbols} was estimated from the other fidelities "
-               f"(no {name} training label contained {'it' if len(new) == 1 else 'them'}); expect larger "
-               f"{name} energy errors for structures with {symbols}")
+        one = len(new) == 1
+        msg = (f"{prefix}the {name} reference energ{'y' if one else 'ies'} of {symbols} {'was' if one else 'were'} "
+               f"estimated from the other fidelities (no {name} training label contained {'it' if one else 'them'}); "
+               f"expect larger {name} energy errors for structures with {symbols}")
         if strict:
             raise MultifiError(msg)
         log.warning("%s", msg)

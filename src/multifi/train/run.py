@@ -159,7 +159,7 @@ def _report_references(refs, names) -> None:
         error = "" if np.isnan(refs.spread[k]) else \
             f" (leave-one-out error of that estimate on the other elements: {refs.spread[k]:.2f} eV/atom)"
         log.warning("%s: no energy labels with %s in training; their %s reference energies are estimated from "
-                    "the other fidelities' as a shared per-element reference plus a %s shift smooth in Z%s",
+                    "the other fidelities' references as a shared per-element reference plus a %s shift smooth in Z%s",
                     name, symbols, name, name, error)
 
 
