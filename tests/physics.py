@@ -23,7 +23,7 @@ from multifi.data.batch import Graph, GraphCollator, graph_from_atoms
 from multifi.data.dataset import FidelityDataset
 from multifi.data.neighbors import NeighborCache
 from multifi.data.split import labelled_pairs
-from multifi.models.head import fit_baseline
+from multifi.data.stats import fit_baseline
 from multifi.models.potential import Potential
 from multifi.train.loss import MultiFidelityLoss
 

@@ -13,7 +13,7 @@ from multifi.data.dataset import FidelityDataset
 from multifi.data.neighbors import NeighborCache
 from multifi.data.split import Split
 from multifi.errors import MultifiError
-from multifi.models.head import fit_baseline
+from multifi.data.stats import fit_baseline
 from multifi.train.run import train
 
 HARTREE = 27.211386245988

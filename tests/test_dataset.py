@@ -16,7 +16,7 @@ from multifi.data.sources import read_sources
 from multifi.data.split import (Split, check_disjoint, labelled_pairs, limit_pairs, random_split,
                                 split_from_files)
 from multifi.errors import MultifiError
-from multifi.models.head import N_ELEMENTS, fit_baseline
+from multifi.data.stats import N_ELEMENTS, fit_baseline, fit_references
 
 
 def record(atoms, labels, key=None, **extra):
@@ -378,8 +378,11 @@ def test_fit_baseline_uses_only_the_given_pairs_and_scales_residuals():
     noise = np.random.default_rng(1).normal(scale=0.05, size=len(ds))
     lo, hi = ds.fidelities.index("lo"), ds.fidelities.index("hi")
     ds.energy[:, hi] += noise * ds.n_atoms  # per-atom noise on 'hi'
-    fitted, scale = fit_baseline(ds, pairs[pairs[:, 1] == hi])
-    assert not fitted[:, lo].any() and scale[lo] == 1.0  # 'lo' not in the pairs
+    refs = fit_references(ds, pairs[pairs[:, 1] == hi])
+    fitted, scale = refs.ref, refs.scale
+    # 'lo' not in the pairs: nothing fitted from its labels; its references are the estimate from 'hi'
+    assert not refs.fitted[:, lo].any() and scale[lo] == 1.0 and refs.estimated(lo) == [1, 6, 7, 8]
+    np.testing.assert_allclose(fitted[:, lo], fitted[:, hi], atol=1e-6)
     np.testing.assert_allclose(fitted[[1, 6, 7, 8], hi], [-2.0, -6.0, -8.0, -10.0], atol=0.2)
     assert 0.02 < scale[hi] < 0.1
 

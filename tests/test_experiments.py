@@ -79,7 +79,7 @@ def shared(monkeypatch, small_csv, tmp_path) -> Path:
 def fake_train(calls: list):
     """A stand-in for multifi.train.run.train without Lightning: builds the data, an untrained model
     (initialised from init_from when asked) with fitted baselines, model.pt and metrics.json."""
-    from multifi.models.head import fit_baseline
+    from multifi.data.stats import fit_baseline
     from multifi.models.registry import build_potential, save_potential
     from multifi.train.evaluate import evaluate_pairs
     from multifi.train.init import init_from_potential

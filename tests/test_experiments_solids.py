@@ -69,7 +69,7 @@ def shared(tmp_path, monkeypatch) -> Path:
 def fake_train(calls: list):
     """multifi.train.run.train without Lightning: data, an untrained model with fitted baselines, model.pt
     and metrics.json (energies, forces, stress evaluated as the real trainer does)."""
-    from multifi.models.head import fit_baseline
+    from multifi.data.stats import fit_baseline
     from multifi.models.registry import build_potential, save_potential
     from multifi.train.evaluate import evaluate_pairs
     from multifi.train.init import init_from_potential
@@ -213,7 +213,7 @@ def test_shared_energy_scale_keeps_references_per_fidelity(shared):
     """A fidelity with a handful of labels gets the scale of all residuals pooled, not of its own near-exact fit."""
     from multifi.data.sources import read_sources
     from multifi.data.split import labelled_pairs
-    from multifi.models.head import fit_baseline
+    from multifi.data.stats import fit_baseline
 
     ds = read_sources([str(shared / "solids/PBE.jsonl.gz"), str(shared / "solids/R2SCAN.jsonl.gz")])
     pairs = labelled_pairs(ds, np.arange(len(ds)))

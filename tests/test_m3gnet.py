@@ -18,7 +18,7 @@ from multifi.data.batch import graph_from_atoms
 from multifi.data.dataset import FidelityDataset
 from multifi.data.split import labelled_pairs
 from multifi.errors import MultifiError
-from multifi.models.head import fit_baseline
+from multifi.data.stats import fit_baseline
 from multifi.models.m3gnet import (M3GNet, SmoothBesselBasis, SphericalBesselRadial, Triplets, edge_pairs, legendre,
                                    spherical_jn, spherical_jn_roots, triplet_index)
 from multifi.models.registry import build_potential, load_potential, save_potential

@@ -13,7 +13,7 @@ from conftest import TINY_MODEL
 from multifi.data.batch import graph_from_atoms
 from multifi.data.split import labelled_pairs
 from multifi.errors import MultifiError
-from multifi.models.head import fit_baseline
+from multifi.data.stats import fit_baseline
 from multifi.models.registry import build_potential, load_potential, save_potential
 from multifi.nn.fidelity import MODES, FidelityConditioning
 from multifi.predict import predict_atoms

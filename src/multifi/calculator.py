@@ -9,6 +9,7 @@ from ase.units import GPa
 
 from multifi.data.batch import graph_from_atoms
 from multifi.errors import MultifiError
+from multifi.models.elements import check_elements
 
 
 class Calculator(AseCalculator):
@@ -19,12 +20,14 @@ class Calculator(AseCalculator):
     dtype "float64" gives smoother energies for long NVE runs at about twice the cost.
     compile: torch.compile the model (faster MD after minutes of compilation); None keeps the saved
     model.compile setting (or MULTIFI_COMPILE=1 when it is unset).
+    An element the model never saw is an error; an element whose reference energy at the fidelity was
+    estimated from other fidelities is a warning, once per calculator (strict_references: an error).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, checkpoint, fidelity: str, device: str = "cpu", dtype: str = "float32",
-                 compile: bool | None = None, **kwargs):
+                 compile: bool | None = None, strict_references: bool = False, **kwargs):
         super().__init__(**kwargs)
         from multifi.models.registry import load_potential
 
@@ -36,7 +39,8 @@ class Calculator(AseCalculator):
         self.potential = potential.to(device=self.device, dtype=self.dtype).eval()
         for p in self.potential.parameters():
             p.requires_grad_(False)
-        self._known = set(self.potential.elements)
+        self.strict_references = strict_references
+        self._warned: set = set()
         self.fidelity = fidelity
 
     @property
@@ -55,12 +59,8 @@ class Calculator(AseCalculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        bad = sorted(set(int(z) for z in self.atoms.numbers) - self._known)
-        if bad:
-            from ase.data import chemical_symbols
-
-            raise MultifiError(f"element {chemical_symbols[bad[0]]} was not seen in training "
-                               f"(model knows {', '.join(chemical_symbols[z] for z in sorted(self._known))})")
+        check_elements(self.potential, self.atoms.numbers, [len(self.atoms)], self._index,
+                       strict=self.strict_references, seen=self._warned)
         graph = graph_from_atoms([self.atoms], self.potential.cutoff, self._index, dtype=self.dtype).to(self.device)
         periodic = bool(self.atoms.pbc.any())
         want_stress = periodic and "stress" in properties

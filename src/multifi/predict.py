@@ -8,16 +8,19 @@ import numpy as np
 from multifi.errors import MultifiError
 
 
-def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, forces: bool = True, where: str = ""):
+def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, forces: bool = True,
+                  where: str = "", strict_references: bool = False):
     """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules).
 
-    `where` (the file) prefixes errors about a structure, e.g. atoms closer than 0.1 Å."""
+    `where` (the file) prefixes errors about a structure, e.g. atoms closer than 0.1 Å. An element unknown
+    to the model is an error; an element whose reference energy at `fidelity` was estimated from other
+    fidelities is a warning (an error with strict_references, see models.elements)."""
     if batch_size < 1:
         raise MultifiError(f"batch size must be a positive number of structures (got {batch_size})")
     from multifi.data.batch import graph_from_atoms
 
     k = potential.fidelity_index(fidelity)
-    check_atoms_elements(potential, atoms_list)
+    check_atoms_elements(potential, atoms_list, where, fidelity=k, strict=strict_references)
     param = next(potential.parameters())
     energies, forces_out, stresses = [], [], []
     for start in range(0, len(atoms_list), batch_size):
@@ -36,16 +39,14 @@ def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, fo
     return np.concatenate(energies) if energies else np.zeros(0), forces_out, stresses
 
 
-def check_atoms_elements(potential, atoms_list, where: str = "") -> None:
-    from ase.data import chemical_symbols
+def check_atoms_elements(potential, atoms_list, where: str = "", fidelity: int | None = None,
+                         strict: bool = False) -> None:
+    """models.elements.check_elements for a list of ASE Atoms (fidelity: model index, or None)."""
+    from multifi.models.elements import check_elements
 
-    known = set(potential.elements)
-    for i, a in enumerate(atoms_list):
-        bad = sorted(set(int(z) for z in a.numbers) - known)
-        if bad:
-            prefix = f"{where}: " if where else ""
-            raise MultifiError(f"{prefix}structure {i}: element {chemical_symbols[bad[0]]} was not seen in training "
-                               f"(model knows {', '.join(chemical_symbols[z] for z in sorted(known))})")
+    numbers = np.concatenate([a.numbers for a in atoms_list]) if atoms_list else np.zeros(0, np.int64)
+    n_atoms = np.array([len(a) for a in atoms_list], dtype=np.int64)
+    check_elements(potential, numbers, n_atoms, fidelity, where, strict=strict)
 
 
 def predict_file(checkpoint, structures, fidelity: str | list[str], out: Path, batch_size: int = 32,

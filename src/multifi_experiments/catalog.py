@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.readers.qm9 import QM9_FIDELITY, load_qm9_geometries, read_label_table
+from multifi.data.stats import N_ELEMENTS
 from multifi.errors import MultifiError, unknown_name
 
 QM9MF = "qm9mf"
-N_ELEMENTS = 119
 log = logging.getLogger("multifi.experiments")
 
 

@@ -39,11 +39,11 @@ def run(args) -> int:
     potential = load_potential(args.checkpoint).to(args.device)
     parts = [read_labelled(path, args.fidelity, args) for path in args.data]
     ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
-    check_elements(potential, ds)
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     if args.fidelity:
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity, where=", ".join(args.data))]
         potential.fidelities.index(args.fidelity, where=args.checkpoint)
+    check_elements(potential, ds, pairs)
     metrics, predicted = evaluate_pairs(potential, ds, None, pairs, args.batch_size, return_predictions=True)
     print(metrics_table(metrics, title=f"{args.checkpoint} on {', '.join(args.data)}"))
     payload = {"fidelities": metrics}
@@ -85,14 +85,18 @@ def read_labelled(path: str, fidelity: str | None, args=None):
         return read_source(source_config(path, fidelity, args))  # fails again unless the fidelity was missing
 
 
-def check_elements(potential, dataset) -> None:
-    from ase.data import chemical_symbols
+def check_elements(potential, dataset, pairs) -> None:
+    """Elements of the labelled (structure, fidelity) pairs against the model (models.elements)."""
+    import numpy as np
 
-    from multifi.errors import MultifiError
+    from multifi.data.dataset import ranges
+    from multifi.models import elements
 
-    known = set(potential.elements)
-    unknown = [z for z in dataset.elements if z not in known]
-    if unknown:
-        names = ", ".join(chemical_symbols[z] for z in unknown)
-        raise MultifiError(f"{dataset.source or 'data'}: element(s) {names} not seen in training "
-                           f"(model knows {', '.join(chemical_symbols[z] for z in sorted(known))})")
+    where = dataset.source or "data"
+    elements.check_elements(potential, dataset.numbers, dataset.n_atoms, None, where, keys=dataset.keys)
+    to_model = [potential.fidelities.names.index(n) if n in potential.fidelities else -1
+                for n in dataset.fidelities.names]
+    pairs = pairs[np.asarray(to_model, dtype=np.int64)[pairs[:, 1]] >= 0] if len(pairs) else pairs
+    n = dataset.n_atoms[pairs[:, 0]]
+    numbers = dataset.numbers[ranges(dataset.offsets[pairs[:, 0]], n)]
+    elements.check_elements(potential, numbers, n, np.asarray(to_model, dtype=np.int64)[pairs[:, 1]], where)

@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.fidelity import FidelityTable
+from multifi.data.stats import MAX_Z
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, make_dir, new_dir_mode, reported  # noqa: F401 (atomic_write re-exported)
-
-MAX_Z = 118
 
 
 def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.dataset import FidelityDataset
+from multifi.data.stats import composition_matrix
 from multifi.files import atomic_write
 from multifi.errors import MultifiError
 
@@ -117,8 +118,6 @@ def limit_pairs(pairs: np.ndarray, limits: dict[str, int], dataset: FidelityData
 
 def _elements_first(order: np.ndarray, structures: np.ndarray, dataset: FidelityDataset) -> np.ndarray:
     """`order` (positions into `structures`) with, for each element, its first structure moved up front."""
-    from multifi.models.head import composition_matrix
-
     _, comp = composition_matrix(dataset.subset(structures[order]))  # [n, n_el] in order
     first = np.unique(np.argmax(comp > 0, axis=0))  # first position holding each element
     front = np.zeros(len(order), bool)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multifi.data.stats import N_ELEMENTS
 from multifi.errors import MultifiError
 from multifi.nn import PolynomialCutoff, scatter_sum
 
@@ -266,7 +267,7 @@ class M3GNet(nn.Module):
     """
 
     def __init__(self, features: int = 64, interactions: int = 3, cutoff: float = 5.0, threebody_cutoff: float = 4.0,
-                 max_n: int = 3, max_l: int = 3, n_rbf: int = 9, max_z: int = 119):
+                 max_n: int = 3, max_l: int = 3, n_rbf: int = 9, max_z: int = N_ELEMENTS):
         super().__init__()
         if not 0 < threebody_cutoff <= cutoff:
             raise MultifiError(f"m3gnet: threebody_cutoff ({threebody_cutoff} Å) must be positive and at most "

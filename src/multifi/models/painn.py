@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from multifi.data.stats import N_ELEMENTS
 from multifi.nn import MLP, BesselBasis, CosineCutoff
 
 
@@ -60,7 +61,7 @@ class PaiNN(nn.Module):
     """PaiNN representation: (numbers, edges, edge vectors, optional atom conditioning) → scalar features [N, F]."""
 
     def __init__(self, features: int = 128, interactions: int = 3, cutoff: float = 5.0, n_rbf: int = 20,
-                 max_z: int = 119, shared_filters: bool = False):
+                 max_z: int = N_ELEMENTS, shared_filters: bool = False):
         super().__init__()
         self.features, self.cutoff = features, cutoff
         self.embedding = nn.Embedding(max_z, features)

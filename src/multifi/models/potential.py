@@ -48,8 +48,8 @@ class Potential(nn.Module):
 
     @property
     def elements(self) -> list[int]:
-        """Atomic numbers that have a reference energy at some fidelity (the elements seen in training)."""
-        return torch.nonzero(self.head.ref.abs().sum(1) > 0).flatten().tolist()
+        """Atomic numbers with a reference energy fitted at some fidelity (the elements seen in training)."""
+        return torch.nonzero(self.head.fitted.any(1)).flatten().tolist()
 
     def atom_energies(self, edge_vec: torch.Tensor, numbers: torch.Tensor, edge_index: torch.Tensor, geometry,
                       fid_atom: torch.Tensor) -> torch.Tensor:

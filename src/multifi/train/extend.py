@@ -26,7 +26,7 @@ from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
 from multifi.errors import MultifiError, unknown_name
-from multifi.models.head import fit_baseline
+from multifi.data.stats import fit_new_fidelity
 from multifi.train.init import FIDELITY_AXIS
 from multifi.train.module import PotentialModule
 from multifi.train.prepare import check_config_fidelities
@@ -364,14 +364,23 @@ def _replay(x, old, old_run: OldRun | None, seed: int, where: str) -> dict[str, 
 
 
 def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k: int, energy_scale) -> None:
-    """Reference energies [119] and scale of the new fidelity k by least squares on its training labels;
-    the old columns are not touched. With energy_scale: shared, the new fidelity takes the shared scale."""
-    ref, scale = fit_baseline(ds, train_pairs[train_pairs[:, 1] == k])
-    check_energy_units(ds, train_pairs[train_pairs[:, 1] == k], ref, scale)
+    """Reference energies [119] and scale of the new fidelity k by least squares on its training labels,
+    next to the model's known references (elements its labels lack get the shared estimate, flagged in
+    head.fitted); the old columns are not touched. With energy_scale: shared, the new fidelity takes the
+    shared scale."""
     head = potential.head
+    known_ref = head.ref[:, :k].detach().double().cpu().numpy()
+    known_fitted = head.fitted[:, :k].cpu().numpy()
+    new = fit_new_fidelity(ds, train_pairs, k, known_ref, known_fitted)
+    ref = head.ref.detach().double().cpu().numpy().copy()
+    ref[:, k] = new.ref[:, 0]
+    scale = head.scale.detach().double().cpu().numpy().copy()
+    scale[k] = new.scale[0]
+    check_energy_units(ds, train_pairs[train_pairs[:, 1] == k], ref, scale)
     with torch.no_grad():
-        head.ref[:, k] = torch.as_tensor(ref[:, k], dtype=head.ref.dtype)
-        head.scale[k] = head.scale[0] if energy_scale == "shared" else float(scale[k])
+        head.ref[:, k] = torch.as_tensor(new.ref[:, 0], dtype=head.ref.dtype)
+        head.fitted[:, k] = torch.as_tensor(new.fitted[:, 0])
+        head.scale[k] = head.scale[0] if energy_scale == "shared" else float(new.scale[0])
 
 
 def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, dict]:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -15,7 +16,7 @@ from multifi.config import RunConfig, dump_config, load_config
 from multifi.files import atomic_write, make_dir, reported
 from multifi.errors import MultifiError
 from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates
-from multifi.models.head import fit_baseline
+from multifi.data.stats import fit_references
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
 from multifi.train.logger import RunCSVLogger, progress_bar_wanted
@@ -74,10 +75,11 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
 
         init_from_potential(module.potential, cfg.train.init_from, cfg.train.init_fidelities)
     # always refitted on this run's data; one pooled fit for a fidelity-blind model (inject: single)
-    ref, scale = fit_baseline(prep.dataset, prep.pairs["train"], pooled=module.potential.head.shared_baseline,
-                              shared_scale=cfg.model.energy_scale == "shared")
-    check_energy_units(prep.dataset, prep.pairs["train"], ref, scale)
-    module.potential.head.set_baseline(ref, scale)
+    refs = fit_references(prep.dataset, prep.pairs["train"], pooled=module.potential.head.shared_baseline,
+                          shared_scale=cfg.model.energy_scale == "shared")
+    check_energy_units(prep.dataset, prep.pairs["train"], refs.ref, refs.scale)
+    _report_references(refs, prep.dataset.fidelities.names)
+    module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted)
     module.sync_ema()
 
     data = MultiFidelityData(prep.dataset, prep.pairs, cfg.model.cutoff, cfg.train.batch_size, cfg.train.num_workers,
@@ -301,6 +303,22 @@ def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None)
              len(prep.pairs["train"]), t.batch_size, steps, t.epochs, total,
              f"; resuming from {ckpt}" if ckpt else "")
     log.info("dry run: config and data are valid; nothing written (the run would go to %s)", run_dir.resolve())
+
+
+def _report_references(refs, names) -> None:
+    """One warning per fidelity whose training labels lack elements that other fidelities have."""
+    from ase.data import chemical_symbols
+
+    for k, name in enumerate(names):
+        missing = refs.estimated(k)
+        if not missing:
+            continue
+        symbols = ", ".join(chemical_symbols[z] for z in missing)
+        error = "" if np.isnan(refs.spread[k]) else \
+            f" (leave-one-out error of that estimate on the other elements: {refs.spread[k]:.2f} eV/atom)"
+        log.warning("%s: no energy labels with %s in training; their %s reference energies are estimated from "
+                    "the other fidelities' references as a shared per-element reference plus a %s shift smooth in Z%s",
+                    name, symbols, name, name, error)
 
 
 def _from_saved_dataset(cfg: RunConfig) -> bool:

@@ -1,0 +1,284 @@
+"""Data statistics: element tables, composition matrices, per-fidelity reference energies and scales.
+
+Reference energies (eV per atom of each element, per fidelity) are fitted per fidelity by least
+squares on the compositions of its energy labels, then completed jointly over fidelities where the
+labels leave them open, with the model
+
+    ref[Z, f] = a[Z] + φ(Z)·β[f] + η[Z, f]
+
+a shared per-element reference a, a per-fidelity shift that is a smooth function of the atomic number
+(φ(Z) = 1, then Z, then Z^(7/3): differences between levels of theory grow with the number of
+electrons — valence and correlation terms about ∝ Z, core terms ∝ Z^(7/3) as the Thomas–Fermi atomic
+energy), and per-element deviations η that the prior sets to zero where a fidelity has no labels. How
+many terms of φ the data support is chosen by leave-one-out over the references that are fitted at two
+or more fidelities; that leave-one-out error is reported as the expected error of an estimate.
+Where a fidelity's labels determine ref[:, f] it is that fidelity's own least-squares fit, unchanged;
+elements without labels at f, and compositions its labels do not determine (e.g. Ga and As only as
+GaAs), take the model's values. `References.fitted[Z, f]` records which came from f's own labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_Z = 118  # largest atomic number
+N_ELEMENTS = MAX_Z + 1  # rows of per-element tables, indexed by atomic number (row 0 unused)
+
+
+@dataclass
+class References:
+    """Fitted per-fidelity reference energies and scales.
+
+    ref [N_ELEMENTS, K] eV/atom; scale [K] eV; fitted [N_ELEMENTS, K] bool: True where ref[Z, f] is
+    determined by fidelity f's own energy labels; spread [K] eV/atom: scatter (RMS) of the per-element
+    shifts η at f around the shared model (how far an estimated reference may be off; NaN: unknown).
+    """
+
+    ref: np.ndarray
+    scale: np.ndarray
+    fitted: np.ndarray
+    spread: np.ndarray
+
+    @property
+    def elements(self) -> np.ndarray:
+        """Atomic numbers with a reference at some fidelity [n]."""
+        return np.flatnonzero(self.fitted.any(1))
+
+    def estimated(self, k: int) -> list[int]:
+        """Elements whose reference at fidelity k was estimated from the other fidelities."""
+        return [int(z) for z in self.elements if not self.fitted[z, k]]
+
+
+# ---------------------------------------------------------------------------------------------- compositions
+def composition_matrix(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Elements present [n_el] (atomic numbers) and element counts per structure [S, n_el] (int32)."""
+    S = len(dataset)
+    numbers = np.asarray(dataset.numbers)
+    elements = np.unique(numbers).astype(np.int64)
+    struct = np.repeat(np.arange(S, dtype=np.int32 if S < 2**31 else np.int64), dataset.n_atoms)
+    out = np.zeros((S, len(elements)), np.int32)
+    for c, z in enumerate(elements):  # one bincount per element: far faster than np.add.at
+        out[:, c] = np.bincount(struct[numbers == z], minlength=S)
+    return elements, out
+
+
+def force_rms(dataset, pairs: np.ndarray, ks) -> float:
+    """RMS of the force labels [eV/Å] of the (structure, fidelity) pairs at fidelities ks (1.0 if none)."""
+    if dataset.forces is None:
+        return 1.0
+    sel = pairs[np.isin(pairs[:, 1], ks)]
+    sel = sel[dataset.forces_mask[sel[:, 0], sel[:, 1]]]
+    if len(sel) == 0:
+        return 1.0
+    n = dataset.n_atoms[sel[:, 0]]
+    first = np.asarray(dataset.offsets)[sel[:, 0]]
+    atoms = np.repeat(first - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))  # atoms of each pair, in order
+    f = dataset.forces[atoms, np.repeat(sel[:, 1], n)]
+    return float(np.sqrt((f.astype(np.float64) ** 2).mean())) or 1.0
+
+
+# ---------------------------------------------------------------------------------------------- references
+def fit_references(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool = False,
+                   shared_scale: bool = False) -> References:
+    """Per-fidelity reference energies (joint fit, see the module docstring) and residual scales.
+
+    dataset: FidelityDataset; pairs [P, 2] (structure, fidelity) training samples.
+    scale [K] eV: standard deviation of the per-atom residual of each fidelity's own fit (fallback: RMS
+    of its force labels, then 1 eV). `pooled`: the labels of all fidelities fitted as one (every
+    column holds that fit; for fidelity-blind models). `shared_scale`: one scale for every fidelity,
+    from the residuals of all fidelities together. `ridge` (relative) regularises each least-squares fit.
+    """
+    K = len(dataset.fidelities)
+    elements, counts = composition_matrix(dataset)  # [n_el], [S, n_el]
+    ref, scale = np.zeros((N_ELEMENTS, K)), np.ones(K)
+    fitted, spread = np.zeros((N_ELEMENTS, K), bool), np.full(K, np.nan)
+    systems, residuals = [], []
+    for ks in ([list(range(K))] if pooled else [[k] for k in range(K)]):
+        own = _own_fit(dataset, pairs, ks, elements, counts, ridge)
+        ref[:, ks], fitted[:, ks], scale[ks] = own.ref[:, None], own.fitted[:, None], own.scale
+        systems.append(own.system)
+        if own.resid is not None:
+            residuals.append(own.resid)
+    if shared_scale and not pooled and residuals:
+        resid = np.concatenate(residuals)
+        scale[:] = float(resid.std()) if len(resid) > 1 and resid.std() > 1e-4 else force_rms(dataset, pairs, list(range(K)))
+    if not pooled:
+        _fill_from_shared(ref, fitted, spread, systems)
+    return References(ref, scale, fitted, spread)
+
+
+def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool = False,
+                 shared_scale: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(ref [N_ELEMENTS, K] eV, scale [K] eV) of fit_references."""
+    r = fit_references(dataset, pairs, ridge, pooled, shared_scale)
+    return r.ref, r.scale
+
+
+def fit_new_fidelity(dataset, pairs: np.ndarray, k: int, ref: np.ndarray, fitted: np.ndarray,
+                     ridge: float = 1e-8) -> References:
+    """References of fidelity k of `dataset` (its labelled pairs in `pairs`) next to known fidelities'.
+
+    ref, fitted [N_ELEMENTS, K0]: known references (e.g. a trained model's head.ref, head.fitted); each
+    fitted one counts as one observation of a[Z] + φ(Z)·β[g] + η[Z, g].
+    Fidelity k gets its own least-squares fit where its labels determine it, the shared estimate
+    elsewhere. Returns References of one column (ref [N_ELEMENTS, 1], scale [1], fitted, spread)."""
+    K0 = ref.shape[1]
+    elements, counts = composition_matrix(dataset)
+    own = _own_fit(dataset, pairs, [k], elements, counts, ridge)
+    all_ref = np.concatenate([np.where(fitted, ref, 0.0), own.ref[:, None]], axis=1)
+    all_fitted = np.concatenate([fitted, own.fitted[:, None]], axis=1)
+    spread = np.full(K0 + 1, np.nan)
+    _fill_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], only=K0)
+    return References(all_ref[:, [K0]], np.array([own.scale]), all_fitted[:, [K0]], spread[[K0]])
+
+
+@dataclass
+class _OwnFit:
+    ref: np.ndarray  # [N_ELEMENTS] eV/atom (0 where no labels)
+    fitted: np.ndarray  # [N_ELEMENTS] bool
+    scale: float
+    resid: np.ndarray | None  # per-atom residuals [n] eV
+    system: tuple | None  # normal equations (XᵀX [N_ELEMENTS, N_ELEMENTS], Xᵀy [N_ELEMENTS], n samples)
+
+
+def _own_fit(dataset, pairs, ks, elements, counts, ridge) -> _OwnFit:
+    """Least squares of the energy labels at fidelities ks (pooled when several) on compositions."""
+    sel = pairs[np.isin(pairs[:, 1], ks)]
+    sel = sel[~np.isnan(dataset.energy[sel[:, 0], sel[:, 1]])]
+    s, k = sel[:, 0], sel[:, 1]
+    ref, fitted = np.zeros(N_ELEMENTS), np.zeros(N_ELEMENTS, bool)
+    if len(s) == 0:
+        return _OwnFit(ref, fitted, force_rms(dataset, pairs, ks), None, None)
+    y = np.asarray(dataset.energy)[s, k]
+    coef, cols, resid, ata, aty = _least_squares(counts, s, y, ridge)
+    ref[elements[cols]], fitted[elements[cols]] = coef, True
+    scale = float(resid.std()) if len(s) > 1 and resid.std() > 1e-4 else force_rms(dataset, pairs, ks)
+    G, h = np.zeros((N_ELEMENTS, N_ELEMENTS)), np.zeros(N_ELEMENTS)
+    G[np.ix_(elements, elements)], h[elements] = ata, aty
+    return _OwnFit(ref, fitted, scale, resid, (G, h, len(s)))
+
+
+def _least_squares(counts: np.ndarray, rows: np.ndarray, y: np.ndarray, ridge: float, chunk: int = 262144):
+    """Ridge least squares y ≈ counts[rows] @ coef, in chunks (bounded memory for millions of rows).
+
+    Returns coef [n_cols], the used columns (elements present in rows), per-atom residuals [n] and the
+    normal equations XᵀX [n_el, n_el], Xᵀy [n_el] over all columns."""
+    n_el = counts.shape[1]
+    ata, aty = np.zeros((n_el, n_el)), np.zeros(n_el)
+    for a in range(0, len(rows), chunk):
+        X = counts[rows[a:a + chunk]].astype(np.float64)
+        ata += X.T @ X
+        aty += X.T @ y[a:a + chunk]
+    cols = np.flatnonzero(np.diag(ata) > 0)
+    coef = np.linalg.solve(ata[np.ix_(cols, cols)] + ridge * len(rows) * np.eye(len(cols)), aty[cols])
+    resid = np.empty(len(rows))
+    for a in range(0, len(rows), chunk):
+        X = counts[rows[a:a + chunk]][:, cols].astype(np.float64)
+        resid[a:a + chunk] = (y[a:a + chunk] - X @ coef) / X.sum(1)
+    return coef, cols, resid, ata, aty
+
+
+def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> None:
+    """In place: what the labels leave undetermined ← the shift model a[Z] + φ(Z)·β[f] (module docstring).
+
+    ref, fitted [N_ELEMENTS, K], spread [K] (← leave-one-out RMS error of the model at f, eV/atom);
+    systems[f]: (XᵀX, Xᵀy, n) of fidelity f's own fit, or None (no labels, or references known as
+    they are). `only`: change only this fidelity's column."""
+    K = ref.shape[1]
+    identified, nulls = fitted.copy(), [None] * K
+    for f, system in enumerate(systems):
+        cols = np.flatnonzero(fitted[:, f])
+        if system is None or len(cols) == 0:
+            continue
+        null = _null_space(system[0][np.ix_(cols, cols)])  # [n_cols, d]: compositions the labels leave free
+        if null.shape[1]:
+            nulls[f] = (cols, null)
+            identified[cols[np.abs(null).max(1) > 1e-8], f] = False
+    if not fitted.any():
+        return
+    prior, loo = _shift_model(ref, fitted, identified)
+    for f in range(K) if only is None else [only]:
+        if nulls[f] is not None:
+            cols, null = nulls[f]
+            ref[cols, f] += null @ (null.T @ (prior[cols, f] - ref[cols, f]))
+        missing = fitted.any(1) & ~fitted[:, f]
+        ref[missing, f] = prior[missing, f]
+        spread[f] = loo[f]
+
+
+def _features(z: np.ndarray, p: int) -> np.ndarray:
+    """φ(Z) [n, p]: 1, Z/10, (Z/10)^(7/3) (the first p)."""
+    x = np.asarray(z, dtype=np.float64) / 10
+    return np.stack([np.ones_like(x), x, x ** (7 / 3)], axis=1)[:, :p]
+
+
+def _shift_model(ref, fitted, identified) -> tuple[np.ndarray, np.ndarray]:
+    """Prior references [N_ELEMENTS, K] of the model a[Z] + φ(Z)·β[f] fitted to the known references,
+    and the leave-one-out RMS error [K] (eV/atom; NaN where nothing to leave out) of the chosen φ.
+
+    Cells (Z, f): identified references (weight 1); for an element identified nowhere (e.g. only ever
+    in one ratio with another), its fitted ones (weight 1e-3: they place a[Z] and nothing else). β = 0 for the fidelity with
+    most identified references (gauge). Informative cells: identified, of an element identified at ≥ 2
+    fidelities; the number of terms p ∈ {1, 2, 3} minimises their leave-one-out error."""
+    K = ref.shape[1]
+    elements = np.flatnonzero(fitted.any(1))
+    n_ident = identified[elements].sum(1)
+    use = identified[elements] | (fitted[elements] & (n_ident == 0)[:, None])
+    cells = np.argwhere(use)  # [c, 2] (position in elements, fidelity)
+    weight = np.where(identified[elements[cells[:, 0]], cells[:, 1]], 1.0, 1e-3)
+    y = ref[elements[cells[:, 0]], cells[:, 1]]
+    informative = (weight == 1.0) & (n_ident[cells[:, 0]] >= 2)
+    base = int(np.argmax(identified.sum(0)))
+    per_fid = np.bincount(cells[informative, 1], minlength=K)
+    best = None
+    for p in (1, 2, 3):
+        terms = np.where(np.arange(K) == base, 0, np.minimum(p, np.maximum(per_fid - 1, 0)))
+        if p > 1 and not (terms >= p).any():
+            break
+        errors = np.full(len(cells), np.nan)
+        for i in np.flatnonzero(informative):
+            keep = np.arange(len(cells)) != i
+            theta = _fit_cells(cells[keep], y[keep], weight[keep], elements, terms)
+            errors[i] = _predict(theta, cells[[i]], elements, terms)[0] - y[i]
+        score = np.sqrt(np.nanmean(errors ** 2)) if informative.any() else 0.0
+        if best is None or score < best[0]:
+            best = (score, terms, errors)
+    _, terms, errors = best
+    theta = _fit_cells(cells, y, weight, elements, terms)
+    grid = np.array([(e, f) for e in range(len(elements)) for f in range(K)])
+    prior = np.zeros((N_ELEMENTS, K))
+    prior[elements[grid[:, 0]], grid[:, 1]] = _predict(theta, grid, elements, terms)
+    loo = np.full(K, np.nan)
+    for f in range(K):
+        e = errors[(cells[:, 1] == f) & informative]
+        if len(e) and f != base:
+            loo[f] = float(np.sqrt(np.mean(e ** 2)))
+    return prior, loo
+
+
+def _design(cells, elements, terms) -> np.ndarray:
+    """Rows [c, n_el + Σ terms]: one-hot element (a) and φ(Z) in the block of the cell's fidelity (β)."""
+    starts = np.concatenate([[0], np.cumsum(terms)]) + len(elements)
+    X = np.zeros((len(cells), starts[-1]))
+    X[np.arange(len(cells)), cells[:, 0]] = 1.0
+    for f in np.flatnonzero(terms):
+        rows = np.flatnonzero(cells[:, 1] == f)
+        X[np.ix_(rows, np.arange(starts[f], starts[f + 1]))] = _features(elements[cells[rows, 0]], terms[f])
+    return X
+
+
+def _fit_cells(cells, y, weight, elements, terms) -> np.ndarray:
+    X = _design(cells, elements, terms)
+    w = np.sqrt(weight)[:, None]
+    return np.linalg.lstsq(X * w, y * w[:, 0], rcond=None)[0]
+
+
+def _predict(theta, cells, elements, terms) -> np.ndarray:
+    return _design(cells, elements, terms) @ theta
+
+
+def _null_space(G: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
+    """Orthonormal basis [n, d] of the null space of a symmetric positive semi-definite matrix [n, n]."""
+    w, v = np.linalg.eigh(G)
+    return v[:, w <= rtol * max(float(w.max()), 1e-300) * len(w)]

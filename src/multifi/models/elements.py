@@ -1,0 +1,69 @@
+"""The one check of the elements of structures against what a potential was trained on.
+
+Used by the ASE calculator, `predict` and `evaluate`: an element the model never saw is an error; an
+element whose reference energy at the requested fidelity was estimated from the other fidelities
+(no labels of that fidelity contained it) gets a warning naming element and fidelity — or an error
+with `strict=True` (`Calculator(..., strict_references=True)`, `predict_atoms(..., strict_references=True)`).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from multifi.errors import MultifiError
+
+log = logging.getLogger("multifi")
+
+
+def check_elements(potential, numbers: np.ndarray, n_atoms: np.ndarray, fidelity, where: str = "",
+                   keys=None, strict: bool = False, seen: set | None = None) -> None:
+    """Check structures before predicting with `potential`.
+
+    numbers [A] atomic numbers of all structures, n_atoms [S] atoms per structure; fidelity: model
+    fidelity index for all structures, [S] one per structure, or None (skip the reference check);
+    keys [S]: names of the structures in messages (default: their index). `seen`: (fidelity,
+    element) pairs already warned about; they are not warned about again (updated in place).
+    """
+    numbers = np.asarray(numbers, dtype=np.int64)
+    n_atoms = np.asarray(n_atoms, dtype=np.int64)
+    fitted = potential.head.fitted.detach().cpu().numpy()  # [119, K]
+    known = fitted.any(1)
+    prefix = f"{where}: " if where else ""
+    unknown = ~known[np.clip(numbers, 0, len(known) - 1)] | (numbers >= len(known))
+    if unknown.any():
+        from ase.data import chemical_symbols
+
+        atom = int(np.argmax(unknown))
+        s = int(np.searchsorted(np.cumsum(n_atoms), atom, side="right"))
+        name = "" if len(n_atoms) == 1 else f"structure {keys[s] if keys is not None else s}: "
+        raise MultifiError(f"{prefix}{name}element {chemical_symbols[numbers[atom]]} was not seen in training "
+                           f"(model knows {', '.join(chemical_symbols[z] for z in np.flatnonzero(known))})")
+    if fidelity is None or len(numbers) == 0:
+        return
+    fid = np.broadcast_to(np.asarray(fidelity, dtype=np.int64), n_atoms.shape)
+    fid_atom = np.repeat(fid, n_atoms)
+    column = np.zeros_like(fid_atom) if potential.head.shared_baseline else fid_atom
+    estimated = ~fitted[numbers, column]
+    if estimated.any():
+        _report_estimated(potential, numbers[estimated], fid_atom[estimated], prefix, strict, seen)
+
+
+def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: str, strict: bool, seen) -> None:
+    from ase.data import chemical_symbols
+
+    for k in np.unique(fid):
+        new = [int(z) for z in np.unique(numbers[fid == k]) if seen is None or (int(k), int(z)) not in seen]
+        if not new:
+            continue
+        name = potential.fidelities.names[int(k)]
+        symbols = ", ".join(chemical_symbols[z] for z in new)
+        one = len(new) == 1
+        msg = (f"{prefix}the {name} reference energ{'y' if one else 'ies'} of {symbols} {'was' if one else 'were'} "
+               f"estimated from the other fidelities (no {name} training label contained {'it' if one else 'them'}); "
+               f"expect larger {name} energy errors for structures with {symbols}")
+        if strict:
+            raise MultifiError(msg)
+        log.warning("%s", msg)
+        if seen is not None:
+            seen.update((int(k), z) for z in new)

@@ -1,0 +1,200 @@
+"""Reference energies of elements a fidelity has no labels for: estimated from the other fidelities,
+recorded with the model, and reported at training and at prediction."""
+from __future__ import annotations
+
+import logging
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_MODEL, emt_labelled, rattled_molecule
+from multifi.calculator import Calculator
+from multifi.cli.main import main
+from multifi.data.dataset import FidelityDataset
+from multifi.data.split import labelled_pairs
+from multifi.data.stats import N_ELEMENTS, fit_new_fidelity, fit_references
+from multifi.errors import MultifiError
+from multifi.models.registry import build_potential, load_potential, save_potential
+from multifi.predict import predict_atoms
+
+LO = {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0, 9: -2700.0}  # eV per atom, like an all-electron method
+ELEMENTS = sorted(LO)
+
+
+def two_fidelities(shift: dict[int, float], without: int = 9, n: int = 80, seed: int = 0) -> FidelityDataset:
+    """Random H/C/N/O/F compositions: 'lo' = Σ LO + noise on all; 'hi' = 'lo' + Σ shift on those without `without`."""
+    rng = np.random.default_rng(seed)
+    recs = []
+    for i in range(n):
+        numbers = rng.choice(ELEMENTS, size=rng.integers(3, 10))
+        e_lo = sum(LO[int(z)] for z in numbers) + 0.01 * len(numbers) * rng.normal()
+        labels = {"lo": {"energy": e_lo}}
+        if without not in numbers and i % 2 == 0:
+            labels["hi"] = {"energy": e_lo + sum(shift[int(z)] for z in numbers) + 0.01 * len(numbers) * rng.normal()}
+        recs.append({"numbers": numbers, "positions": rng.normal(size=(len(numbers), 3)) * 3, "labels": labels})
+    return FidelityDataset.from_records(recs)
+
+
+def fit(ds):
+    refs = fit_references(ds, labelled_pairs(ds, np.arange(len(ds))))
+    return refs, ds.fidelities.index("lo"), ds.fidelities.index("hi")
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear in Z"])
+def test_shared_shift_is_recovered_for_an_element_without_labels(kind):
+    """'hi' is 'lo' shifted by a known per-element amount that follows one rule for all elements
+    (a constant, or linear in Z): F, never labelled at 'hi', gets lo[F] + its shift."""
+    shift = {z: (-0.7 if kind == "constant" else 0.3 - 0.25 * z) for z in ELEMENTS}
+    refs, lo, hi = fit(two_fidelities(shift))
+    assert not refs.fitted[9, hi] and refs.fitted[ELEMENTS, lo].all() and refs.fitted[[1, 6, 7, 8], hi].all()
+    assert refs.estimated(hi) == [9] and refs.estimated(lo) == []
+    assert refs.ref[9, hi] == pytest.approx(LO[9] + shift[9], abs=0.05)
+    assert refs.spread[hi] < 0.05  # leave-one-out error of the shift model: small, the rule holds
+    assert refs.ref.shape == (N_ELEMENTS, 2) and np.isfinite(refs.ref).all()
+
+
+def test_unshared_shift_is_flagged_and_fitted_references_are_unchanged():
+    """Per-element shifts without a rule: F's estimate is finite but flagged, and its expected error
+    (leave-one-out over the elements labelled at both) is reported large; references fitted from a
+    fidelity's own labels are exactly that fidelity's least-squares fit."""
+    shift = {1: 0.4, 6: -3.0, 7: 2.5, 8: -1.0, 9: 6.0}
+    ds = two_fidelities(shift)
+    refs, lo, hi = fit(ds)
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    own = fit_references(ds, pairs[pairs[:, 1] == hi])  # 'hi' alone: its own least squares
+    np.testing.assert_array_equal(refs.ref[[1, 6, 7, 8], hi], own.ref[[1, 6, 7, 8], hi])
+    assert not refs.fitted[9, hi] and np.isfinite(refs.ref[9, hi])
+    assert refs.spread[hi] > 0.5
+    assert abs(refs.ref[9, hi] - (LO[9] + shift[9])) > 0.5  # cannot be known: hence the flag and the warning
+
+
+def test_new_fidelity_next_to_known_references():
+    """fit_new_fidelity (growing a trained model's table): the new column from its own labels and,
+    for an element it lacks, from the known fidelities' references."""
+    shift = {z: -0.7 for z in ELEMENTS}
+    ds = two_fidelities(shift)
+    refs, lo, hi = fit(ds)
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    new = fit_new_fidelity(ds, pairs, hi, refs.ref[:, [lo]], refs.fitted[:, [lo]])
+    assert new.ref.shape == (N_ELEMENTS, 1) and not new.fitted[9, 0] and new.fitted[[1, 6, 7, 8], 0].all()
+    assert new.ref[9, 0] == pytest.approx(LO[9] - 0.7, abs=0.05)
+    np.testing.assert_allclose(new.ref[[1, 6, 7, 8], 0], refs.ref[[1, 6, 7, 8], hi], atol=1e-12)
+
+
+def test_compositions_the_labels_do_not_determine_come_from_the_other_fidelity():
+    """At 'hi', N and O appear only together as NO (one direction of two): the fit keeps the N+O sum the
+    labels fix and takes the split from 'lo'."""
+    rng = np.random.default_rng(3)
+    recs = []
+    for i in range(60):
+        numbers = rng.choice([1, 6, 7, 8], size=rng.integers(3, 9))
+        if i % 2 == 0:  # 'hi': H, C and NO units only
+            k = rng.integers(0, 3)
+            numbers = np.concatenate([rng.choice([1, 6], size=rng.integers(2, 6)), np.tile([7, 8], k)])
+        e_lo = sum(LO[int(z)] for z in numbers)
+        labels = {"lo": {"energy": float(e_lo)}}
+        if i % 2 == 0:
+            labels["hi"] = {"energy": float(e_lo - 0.5 * len(numbers))}
+        recs.append({"numbers": numbers, "positions": rng.normal(size=(len(numbers), 3)) * 3, "labels": labels})
+    ds = FidelityDataset.from_records(recs)
+    refs, lo, hi = fit(ds)
+    np.testing.assert_allclose(refs.ref[[1, 6, 7, 8], hi], [LO[z] - 0.5 for z in (1, 6, 7, 8)], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- reported
+def frames_without_nitrogen_at_hi():
+    """'lo' on 20 molecules; 'hi' only on those without N."""
+    frames = []
+    for i, name in enumerate(["H2O", "NH3", "CH4", "CH3OH", "HCN", "C2H4", "CO2", "H2CO"] * 3):
+        a = rattled_molecule(name, seed=i)
+        frames.append(emt_labelled(a, "lo"))
+        if 7 not in a.numbers:
+            frames.append(emt_labelled(a, "hi", scale=1.1, per_atom=0.3))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def run_without_n(tmp_path_factory):
+    from multifi.config import validate_config
+    from multifi.train.run import train
+
+    root = tmp_path_factory.mktemp("refs")
+    data = root / "data.extxyz"
+    ase.io.write(data, frames_without_nitrogen_at_hi(), format="extxyz")
+    cfg = {"data": {"sources": [{"path": str(data)}], "split": {"val": 0.1, "test": 0.1, "seed": 0}},
+           "model": TINY_MODEL, "output_dir": str(root / "run"),
+           "train": {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0}}
+    logger = logging.getLogger("multifi")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        run_dir = train(validate_config(cfg))
+    finally:
+        logger.removeHandler(handler)
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run_dir, [r.getMessage() for r in records if r.levelno >= logging.WARNING], data
+
+
+def test_training_warns_once_per_fidelity_lacking_elements(run_without_n):
+    run_dir, warnings, _ = run_without_n
+    about = [w for w in warnings if "no energy labels with" in w]
+    assert len(about) == 1 and about[0].startswith("hi: no energy labels with N in training") and "estimated" in about[0]
+    head = load_potential(run_dir / "model.pt").head
+    assert not head.fitted[7, 1] and head.fitted[[1, 6, 7, 8], 0].all() and head.fitted[[1, 6, 8], 1].all()
+    assert head.ref[7, 1] != 0
+
+
+def test_prediction_warns_naming_element_and_fidelity(run_without_n, caplog):
+    run_dir, _, data = run_without_n
+    pot = load_potential(run_dir / "model.pt")
+    ammonia = [rattled_molecule("NH3", 0)]
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        predict_atoms(pot, [rattled_molecule("H2O", 0)], "hi")
+        predict_atoms(pot, ammonia, "lo")
+        assert not caplog.records  # N has 'lo' labels; H2O has no estimated reference
+        predict_atoms(pot, ammonia, "hi")
+    assert len(caplog.records) == 1 and "hi reference energy of N was estimated" in caplog.records[0].getMessage()
+    with pytest.raises(MultifiError, match="hi reference energy of N was estimated"):
+        predict_atoms(pot, ammonia, "hi", strict_references=True)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        atoms = ammonia[0].copy()
+        atoms.calc = Calculator(pot, fidelity="hi")
+        for _ in range(3):
+            atoms.rattle(0.01)
+            atoms.get_potential_energy()
+    assert len(caplog.records) == 1  # once per calculator, not at every MD step
+    atoms.calc = Calculator(pot, fidelity="hi", strict_references=True)
+    with pytest.raises(MultifiError, match="of N was estimated"):
+        atoms.get_potential_energy()
+
+    caplog.clear()
+    labelled = data.parent / "ammonia_hi.extxyz"
+    ase.io.write(labelled, [emt_labelled(rattled_molecule(m, 5), "hi") for m in ("NH3", "H2O")], format="extxyz")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(["evaluate", str(run_dir / "model.pt"), str(data)]) == 0  # no 'hi' label on N: silent
+        assert main(["evaluate", str(run_dir / "model.pt"), str(labelled)]) == 0
+    assert [r.getMessage() for r in caplog.records if "estimated" in r.getMessage()] == \
+        [f"{labelled}: the hi reference energy of N was estimated from the other fidelities (no hi training label "
+         "contained it); expect larger hi energy errors for structures with N"]
+
+
+def test_models_saved_before_the_record_load_with_nonzero_references_as_fitted(tmp_path):
+    pot = build_potential(TINY_MODEL, ["lo", "hi"])
+    ref = np.zeros((N_ELEMENTS, 2))
+    ref[[1, 8], 0], ref[1, 1] = [-13.0, -2000.0], -13.5
+    pot.head.set_baseline(ref, np.ones(2))
+    state = {"multifi_potential": 1, "spec": pot.spec,
+             "state_dict": {k: v for k, v in pot.state_dict().items() if k != "head.fitted"}}
+    torch.save(state, tmp_path / "old.pt")
+    old = load_potential(tmp_path / "old.pt")
+    assert old.elements == [1, 8]
+    np.testing.assert_array_equal(old.head.fitted.numpy(), ref != 0)
+    pot.head.set_baseline(ref, np.ones(2), fitted=np.ones((N_ELEMENTS, 2), bool))
+    assert load_potential(save_potential(pot, tmp_path / "new.pt")).head.fitted.all()
