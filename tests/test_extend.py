@@ -38,6 +38,7 @@ def saved_model(tmp_path, inject="both", backbone="painn", double=True, name="ol
         pot.double()
     with torch.no_grad():
         pot.head.ref[[1, 6, 7, 8]] = torch.randn(4, 2, dtype=pot.head.ref.dtype)
+        pot.head.fitted[[1, 6, 7, 8]] = True  # references of H, C, N, O known at both fidelities
         pot.head.scale.uniform_(0.5, 2)
     (tmp_path / "m").mkdir(exist_ok=True)
     return pot, save_potential(pot, tmp_path / "m" / name)
