@@ -66,13 +66,13 @@ def write(path: Path, atoms: list) -> None:
 
 def export(out: Path) -> dict:
     """Write every file (skipped when manifest.json exists and names the same split file)."""
-    from multifi.data.dataset import FidelityDataset
-    from multifi.data.readers.matpes import read_matpes
-
     manifest = out / "manifest.json"
     split_sha = hashlib.sha256(SPLITS.read_bytes()).hexdigest()[:16]
     if manifest.exists() and json.loads(manifest.read_text()).get("splits_sha256_16") == split_sha:
         return json.loads(manifest.read_text())
+    from multifi.data.dataset import FidelityDataset
+    from multifi.data.readers.matpes import read_matpes
+
     out.mkdir(parents=True, exist_ok=True)
     sp = json.loads(SPLITS.read_text())
     ds = FidelityDataset.merge([read_matpes(SHARED / "PBE.jsonl.gz"), read_matpes(SHARED / "R2SCAN.jsonl.gz")])
