@@ -133,10 +133,12 @@ def calibrate(peers: list[str], args) -> dict:
             if key in cal and not args.force:
                 continue
             cpus = {}
-            for epochs in (1, 3):
+            # finetune_replay: a first 1-epoch run trains the PBE model the timed runs then reuse
+            prep = [0] if (peer, variant) == ("mace", "finetune_replay") else []
+            for epochs in prep + [1, 3]:
                 work = SCRATCH / "calibrate" / key / f"e{epochs}"
-                _, cpus[epochs] = call(adapter_cmd(peer, variant, n, 0, epochs, work, evaluate=False),
-                                       work / "log.txt")
+                _, cpus[epochs] = call(adapter_cmd(peer, variant, n, 0, max(epochs, 1), work, evaluate=False,
+                                                   extra=["--pbe-epochs", "1"] if prep else None), work / "log.txt")
             per_epoch = (cpus[3] - cpus[1]) / 2
             s = structures_per_epoch(peer, variant, n)
             cal[key] = {"cpu_s_per_structure_epoch": per_epoch / s, "startup_cpu_s": max(cpus[1] - per_epoch, 0.0),
@@ -156,6 +158,14 @@ def epochs_for(peer: str, variant: str, n: int, budget: float, cal: dict) -> int
     share = budget_share(peer, variant)
     usable = budget * share - c["startup_cpu_s"]
     return max(1, int(usable // (c["cpu_s_per_structure_epoch"] * structures_per_epoch(peer, variant, n))))
+
+
+def pbe_epochs(budget: float, cal: dict) -> int:
+    """Epochs of MACE's PBE model (finetune_replay): the rest of the budget, at the multi-head model's
+    calibrated cost per structure-epoch (same network, one head)."""
+    c = cal["mace_multihead"]
+    usable = budget * (1.0 - budget_share("mace", "finetune_replay")) - c["startup_cpu_s"]
+    return max(1, int(usable // (c["cpu_s_per_structure_epoch"] * N_PBE)))
 
 
 def budget_share(peer: str, variant: str) -> float:
@@ -202,6 +212,8 @@ def train(args) -> None:
         epochs = args.smoke_epochs if args.smoke else epochs_for(peer, variant, n, args.budget_cpu_s, cal)
         work = SCRATCH / ("smoke" if args.smoke else "runs") / f"{peer}_{variant}" / f"n{n}_s{seed}"
         extra = ["--smoke"] if args.smoke else ["--budget-cpu-s", str(args.budget_cpu_s)]
+        if (peer, variant) == ("mace", "finetune_replay") and not args.smoke:
+            extra += ["--pbe-epochs", str(pbe_epochs(args.budget_cpu_s, cal))]
         cmd = adapter_cmd(peer, variant, n, seed, epochs, work, extra=extra)
         t0 = time.perf_counter()
         try:
