@@ -230,7 +230,7 @@ def train(args) -> None:
                    finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), loadavg_after=os.getloadavg()[0])
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
+        tmp.write_text(json.dumps(res, indent=1).replace(str(ROOT) + "/", "") + "\n")  # repository-relative paths
         os.replace(tmp, dest)
         t = res["test"]
         print(f"[peers_mf] {peer} {variant} n={n} s={seed}: E {t['energy_mae_meV_per_atom']:.1f} meV/atom, "
@@ -300,7 +300,8 @@ def throughput(args) -> None:
                                        + shlex.join(sys.argv[1:])})
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"entries": entries, "raw": {f"{s}_{t}": r for (s, t), r in runs.items()}}, indent=1) + "\n")
+    out.write_text(json.dumps({"entries": entries, "raw": {f"{s}_{t}": r for (s, t), r in runs.items()}},
+                              indent=1).replace(str(ROOT) + "/", "") + "\n")
     for e in entries:
         print(f"{e['name']:36s} ours {e['ours']:9.2f}  peer {e['peer']:9.2f} {e['unit']:13s} ratio {e['ratio']:.2f}")
     if args.merge_into:
