@@ -12,6 +12,9 @@ BUDGET RULE (declared before any run; the same for every peer, variant, n and se
   checkpoint on its r2SCAN validation data (the 20 validation structures of results/solids); the 50
   test structures are used only for the final numbers. multifi's runs get the same budget (1 800
   CPU-s ≈ 12× the 150 CPU-s of a 1 500-step run in results/solids).
+  MACE replay fine-tuning (finetune_replay) splits the budget: half for its PBE model (epochs at the
+  multi-head model's calibrated cost; trained once per seed and reused for every n, its CPU seconds in
+  each run's JSON under pbe_model), half for fine-tuning.
 
     .venv/bin/python bench/peers_mf/run.py setup                 # peer venvs + exported splits
     .venv/bin/python bench/peers_mf/run.py calibrate             # CPU cost per structure-epoch per peer
@@ -114,7 +117,9 @@ def structures_per_epoch(peer: str, variant: str, n: int) -> int:
         from importlib import import_module
 
         sys.path.insert(0, str(HERE))
-        return n + import_module("mace_adapter").replay_samples(n)
+        pt = import_module("mace_adapter").replay_samples(n)
+        # mace repeats the fine-tuning data when it is < 10 % of the replay data (real_pt_data_ratio_threshold)
+        return n * (1 + int(0.1 / (n / pt))) + pt if n / pt < 0.1 else n + pt
     return N_PBE + n
 
 
