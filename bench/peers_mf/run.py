@@ -322,9 +322,27 @@ def merge_results(path: Path, entries: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
+def multifi_params() -> dict[str, int]:
+    """Parameters of multifi's M3GNet of results/solids (experiments/solids_small.yaml), per injection."""
+    from multifi.config import LossConfig, ModelConfig, TrainConfig
+    from multifi.train.module import PotentialModule
+
+    out = {}
+    for inject in ("readout", "both"):
+        model = ModelConfig(backbone="m3gnet", features=32, interactions=3, cutoff=5.0, threebody_cutoff=4.0,
+                            n_rbf=9, max_n=3, max_l=3, fidelity_embedding={"dim": 4, "inject": inject},
+                            energy_scale="shared").model_dump()
+        module = PotentialModule({"model": model, "fidelities": ["R2SCAN", "PBE"]}, LossConfig().model_dump(),
+                                 TrainConfig().model_dump())
+        out[inject] = sum(p.numel() for p in module.potential.parameters())
+    return out
+
+
 def params(args) -> None:
+    for inject, count in multifi_params().items():
+        print(f"{'multifi':8s} {'joint_' + inject:16s} {count:>9,d} parameters  M3GNet 3 blocks x 32 features")
     for peer in args.peers.split(","):
-        for variant in VARIANTS[peer]:
+        for variant in VARIANTS[peer][:1]:  # one model per peer (the fine-tuned MACE: see its run JSONs)
             res, _ = call([str(peer_python(peer)), str(ADAPTER[peer]), "params", "--variant", variant, "--data",
                            str(DATA), "--work", str(SCRATCH / "params" / peer)], SCRATCH / "params" / f"{peer}.log")
             print(f"{peer:8s} {variant:16s} {res['params']:>9,d} parameters  {res.get('model', '')}")
