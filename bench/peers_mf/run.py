@@ -225,6 +225,8 @@ def train(args) -> None:
             res, cpu = call(cmd, work / "log.txt")
         except RuntimeError as e:
             print(f"[peers_mf] {peer} {variant} n={n} s={seed}: {e}", file=sys.stderr, flush=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.with_suffix(".failed.txt").write_text(str(e).replace(str(ROOT) + "/", "") + "\n")
             if args.keep_going:
                 continue
             raise SystemExit(1)
@@ -352,6 +354,8 @@ def report(args) -> None:
     """Markdown tables (mean over seeds) of r2SCAN test energy / force MAE from the run JSONs."""
     root = Path(args.out) if args.out else (SMOKE_RESULTS if args.smoke else RESULTS)
     rows: dict[str, dict[int, list[dict]]] = {}
+    for f in sorted(root.glob("*/n*_s*.failed.txt")):
+        print(f"FAILED {f.parent.name}/{f.name}: {f.read_text().splitlines()[0]}")
     for f in sorted(root.glob("*/n*_s*.json")):
         r = json.loads(f.read_text())
         rows.setdefault(f.parent.name, {}).setdefault(r["n"], []).append(r)
