@@ -239,6 +239,7 @@ def train(args) -> None:
         tmp = dest.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1).replace(str(ROOT) + "/", "") + "\n")  # repository-relative paths
         os.replace(tmp, dest)
+        dest.with_suffix(".failed.txt").unlink(missing_ok=True)
         t = res["test"]
         print(f"[peers_mf] {peer} {variant} n={n} s={seed}: E {t['energy_mae_meV_per_atom']:.1f} meV/atom, "
               f"F {t['forces_mae_meV_per_A']:.1f} meV/Å, {cpu:.0f} CPU-s", file=sys.stderr, flush=True)
