@@ -4,7 +4,7 @@ BUDGET RULE (declared before any run; the same for every peer, variant, n and se
   equal CPU-time budget per run: every training run gets BUDGET_CPU_S = 1 800 CPU-seconds on 1 thread
   (OMP_NUM_THREADS = 1, torch.set_num_threads(1), OMP_WAIT_POLICY = PASSIVE, one training at a time).
   The peers' command-line trainers stop at an epoch count, not at a CPU time, so the budget becomes an
-  epoch count: `calibrate` runs each (peer, variant) for 1 and for 3 epochs at the smallest n and takes
+  epoch count: `calibrate` runs each (peer, variant) for 1 and for 6 epochs at the smallest n and takes
   the CPU cost per training structure per epoch from the difference; a run then gets
   epochs = floor((BUDGET_CPU_S − start-up CPU) / (cost × structures per epoch)). The CPU seconds a
   run really used are recorded in its JSON (cpu_s), next to the budget. Inside the budget each peer
@@ -128,7 +128,7 @@ def calibration_file() -> Path:
 
 
 def calibrate(peers: list[str], args) -> dict:
-    """CPU cost per structure-epoch and start-up CPU of each (peer, variant), from 1- and 3-epoch runs."""
+    """CPU cost per structure-epoch and start-up CPU of each (peer, variant), from 1- and --cal-epochs-epoch runs."""
     path = calibration_file()
     cal = json.loads(path.read_text()) if path.exists() else {}
     n = min(PLAN_SEEDS)
@@ -140,14 +140,15 @@ def calibrate(peers: list[str], args) -> dict:
             cpus = {}
             # finetune_replay: a first 1-epoch run trains the PBE model the timed runs then reuse
             prep = [0] if (peer, variant) == ("mace", "finetune_replay") else []
-            for epochs in prep + [1, 3]:
+            long = args.cal_epochs
+            for epochs in prep + [1, long]:
                 work = SCRATCH / "calibrate" / key / f"e{epochs}"
                 _, cpus[epochs] = call(adapter_cmd(peer, variant, n, 0, max(epochs, 1), work, evaluate=False,
                                                    extra=["--pbe-epochs", "1"] if prep else None), work / "log.txt")
-            per_epoch = (cpus[3] - cpus[1]) / 2
+            per_epoch = (cpus[long] - cpus[1]) / (long - 1)
             s = structures_per_epoch(peer, variant, n)
             cal[key] = {"cpu_s_per_structure_epoch": per_epoch / s, "startup_cpu_s": max(cpus[1] - per_epoch, 0.0),
-                        "cpu_s_1_epoch": cpus[1], "cpu_s_3_epochs": cpus[3], "structures_per_epoch": s, "n": n,
+                        "cpu_s_1_epoch": cpus[1], f"cpu_s_{long}_epochs": cpus[long], "structures_per_epoch": s, "n": n,
                         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                         "loadavg": os.getloadavg()[0]}
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -387,6 +388,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="results folder (default bench/results/peers_mf[_smoke])")
     ap.add_argument("--force", action="store_true", help="redo finished runs / calibrations")
     ap.add_argument("--keep-going", action="store_true", help="record a failed run in the log and continue")
+    ap.add_argument("--cal-epochs", type=int, default=6, help="calibrate: the longer run's epochs (the other: 1)")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--tasks", default="train,md")
     ap.add_argument("--steps", type=int, default=30, help="timed training steps (after 5 warm-up steps)")
