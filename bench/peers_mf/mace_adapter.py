@@ -94,9 +94,12 @@ def pbe_model(args, data: Path) -> Path:
     """finetune_replay's PBE model of this seed (trained once, PBE_SHARE of the budget, reused for every n)."""
     work = Path(args.work).parent / f"pbe_model_s{args.seed}" if not args.smoke else Path(args.work) / "pbe_model"
     done = work / "done.json"
-    if done.exists():
-        return Path(json.loads(done.read_text())["model"])
     epochs = args.pbe_epochs or args.epochs
+    if done.exists():
+        info = json.loads(done.read_text())
+        if info["epochs"] != epochs:
+            raise SystemExit(f"mace_adapter: {done} holds a PBE model of {info['epochs']} epochs, not {epochs}")
+        return Path(info["model"])
     cfg = base_config(args, work, epochs) | {"train_file": str(data / "pbe_train.xyz"),
                                              "valid_file": str(data / "pbe_val.xyz")}
     t = time.process_time()

@@ -216,7 +216,9 @@ def train(args) -> None:
             print(f"[peers_mf] done already: {dest.relative_to(ROOT)}", file=sys.stderr)
             continue
         epochs = args.smoke_epochs if args.smoke else epochs_for(peer, variant, n, args.budget_cpu_s, cal)
-        work = SCRATCH / ("smoke" if args.smoke else "runs") / f"{peer}_{variant}" / f"n{n}_s{seed}"
+        # run folders per budget, so that MACE's PBE model (shared by the n of a seed) has this budget's epochs
+        stage = "smoke" if args.smoke else f"runs_budget{args.budget_cpu_s:g}"
+        work = SCRATCH / stage / out_dir.name / f"{peer}_{variant}" / f"n{n}_s{seed}"
         extra = ["--smoke"] if args.smoke else ["--budget-cpu-s", str(args.budget_cpu_s)]
         if (peer, variant) == ("mace", "finetune_replay") and not args.smoke:
             extra += ["--pbe-epochs", str(pbe_epochs(args.budget_cpu_s, cal))]
