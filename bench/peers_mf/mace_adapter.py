@@ -151,8 +151,10 @@ def calculator(path: Path):
 
 def evaluate(path: Path, data: Path) -> dict:
     import ase.io
+    import torch
 
-    return C.test_errors(calculator(path), ase.io.read(data / "r2scan_test.xyz", ":"))
+    head = head_name(torch.load(path, map_location="cpu", weights_only=False))
+    return C.test_errors(calculator(path), ase.io.read(data / "r2scan_test.xyz", ":")) | {"head": head}
 
 
 def count_params(path: Path) -> int:
