@@ -198,3 +198,27 @@ def test_models_saved_before_the_record_load_with_nonzero_references_as_fitted(t
     np.testing.assert_array_equal(old.head.fitted.numpy(), ref != 0)
     pot.head.set_baseline(ref, np.ones(2), fitted=np.ones((N_ELEMENTS, 2), bool))
     assert load_potential(save_potential(pot, tmp_path / "new.pt")).head.fitted.all()
+
+
+def test_model_card_shows_which_references_are_estimated(tmp_path):
+    """multifi info: per fidelity, the elements with references from its own labels and those estimated."""
+    import torch
+
+    from multifi.card import format_card, model_card
+    from multifi.models.registry import build_potential, save_potential
+
+    pot = build_potential({"backbone": "painn", "features": 8, "interactions": 1, "cutoff": 3.0, "n_rbf": 4,
+                           "fidelity_embedding": {"dim": 2, "inject": "both"}}, ["PBE", "R2SCAN"])
+    ref = np.zeros((119, 2))
+    ref[[8, 14, 15], 0] = [-4.0, -5.0, -6.0]
+    ref[[8, 14, 15], 1] = [-4.5, -5.5, -6.6]
+    fitted = ref != 0
+    fitted[[8, 15], 1] = False  # R2SCAN labels had no O and no P: estimated
+    pot.head.set_baseline(ref, np.ones(2), fitted)
+    path = save_potential(pot, tmp_path / "m.pt")
+    card = model_card(path)
+    by_name = {f["name"]: f for f in card["fidelities"]}
+    assert by_name["PBE"]["elements"] == ["O", "Si", "P"] and by_name["PBE"]["estimated"] == []
+    assert by_name["R2SCAN"]["elements"] == ["Si"] and by_name["R2SCAN"]["estimated"] == ["O", "P"]
+    assert "(estimated, no labels: O P)" in format_card(card)
+    assert torch.equal(pot.head.fitted, torch.as_tensor(fitted))

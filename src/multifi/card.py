@@ -27,7 +27,8 @@ def model_card(path: str | Path) -> dict:
         run = run.parent
     emb = pot.spec["model"]["fidelity_embedding"]
     names = list(pot.fidelities.names)
-    ref = pot.head.ref.detach()
+    fitted = pot.head.fitted.detach().cpu()  # [119, K]: reference from the fidelity's own labels
+    known = fitted.any(1)
     card = {
         "path": str(path),
         "backbone": pot.spec["model"]["backbone"],
@@ -38,7 +39,8 @@ def model_card(path: str | Path) -> dict:
         "elements": [chemical_symbols[z] for z in pot.elements],
         "fidelities": [
             {"index": k, "name": n, "scale_eV": float(pot.head.scale[k]),
-             "elements": [chemical_symbols[z] for z in torch.nonzero(ref[:, k]).flatten().tolist()]}
+             "elements": [chemical_symbols[z] for z in torch.nonzero(fitted[:, k]).flatten().tolist()],
+             "estimated": [chemical_symbols[z] for z in torch.nonzero(known & ~fitted[:, k]).flatten().tolist()]}
             for k, n in enumerate(names)],
         "data": _data_summary(pot, run),
         "history": pot.spec.get("history", []),
@@ -48,7 +50,7 @@ def model_card(path: str | Path) -> dict:
     }
     if pot.head.shared_baseline:  # fidelity-blind: every fidelity uses the pooled reference of column 0
         for f in card["fidelities"]:
-            f["elements"] = card["fidelities"][0]["elements"]
+            f["elements"], f["estimated"] = card["fidelities"][0]["elements"], card["fidelities"][0]["estimated"]
     return card
 
 
@@ -98,7 +100,8 @@ def format_card(card: dict) -> str:
     for f in card["fidelities"]:
         counts = "".join(str(data[s].get(f["name"], "-")).rjust(8) for s in splits)
         lines.append(f"  {f['index']:<2} " + f["name"].ljust(width) + counts + f"  {f['scale_eV']:8.4f}  "
-                     + " ".join(f["elements"]))
+                     + " ".join(f["elements"])
+                     + (f"  (estimated, no labels: {' '.join(f['estimated'])})" if f.get("estimated") else ""))
     if not splits:
         lines.append("  (structures per fidelity not recorded with this model)")
     if card["history"]:
