@@ -6,31 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import resource
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peers"))
+from _common import peak_rss_mb, setup_threads, time_md, versions  # noqa: E402,F401 - shared with the speed peers
 
 MEV = 1000.0
-
-
-def setup_threads(threads: int = 1) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def versions(*names: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for n in names:
-        try:
-            out[n] = version(n)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def test_errors(calc, frames) -> dict:
@@ -71,29 +55,8 @@ class StepClock:
                 "train_structures_per_s_window": batch * len(dt) / (t[-1] - t[0]), "train_steps_timed": len(dt)}
 
 
-def time_md(atoms, calc, steps: int, warmup: int = 20, dt_fs: float = 0.5) -> dict:
-    """NVE VelocityVerlet through an ASE calculator: MD steps/s over `steps` after `warmup` steps
-    (the same as bench/peers/_common.py)."""
-    import numpy as np
-    from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-    from ase.md.verlet import VelocityVerlet
-
-    atoms = atoms.copy()
-    atoms.calc = calc
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
-    md = VelocityVerlet(atoms, timestep=dt_fs * units.fs)
-    md.run(warmup)
-    e0 = atoms.get_total_energy()
-    t0 = time.perf_counter()
-    md.run(steps)
-    seconds = time.perf_counter() - t0
-    return {"md_steps_per_s": steps / seconds, "md_steps": steps, "md_atoms": len(atoms),
-            "md_energy_drift_eV": float(atoms.get_total_energy() - e0), "md_final_T_K": float(atoms.get_temperature())}
-
-
 def emit(result: dict) -> None:
-    result["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_MB"] = peak_rss_mb()
     result["process_cpu_s"] = time.process_time()
     result["threads_env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     sys.stdout.write("RESULT:" + json.dumps(result) + "\n")
