@@ -250,20 +250,27 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     where = str(path) if path else "config"
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise MultifiError(f"{path}: no such config file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise MultifiError(f"{path}: {yaml_error(exc)}") from None
-        if not isinstance(raw, dict):
-            raise MultifiError(f"{path}: the config must be a mapping of sections (data, model, train, …)")
+        raw = read_yaml_mapping(path, "config file", "the config must be a mapping of sections (data, model, train, …)")
     for item in overrides:
         apply_override(raw, item, where)
     cfg = validate_config(raw, where)
     if path is not None:
         _resolve_paths(cfg, Path(path).resolve().parent)
     return cfg
+
+
+def read_yaml_mapping(path: Path, noun: str, not_mapping: str) -> dict:
+    """The YAML mapping in `path`; a missing file, invalid YAML (with line and column) or another kind of
+    document is a one-line error naming the file (`noun`: what the file is, e.g. "config file")."""
+    if not path.is_file():
+        raise MultifiError(f"{path}: no such {noun}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MultifiError(f"{path}: {yaml_error(exc)}") from None
+    if not isinstance(raw, dict):
+        raise MultifiError(f"{path}: {not_mapping}")
+    return raw
 
 
 def yaml_error(exc: yaml.YAMLError) -> str:

@@ -15,17 +15,15 @@ environment variable MULTIFI_SHARED_DATA, else `shared_data`, else `<project roo
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from multifi.config import apply_override
+from multifi.config import apply_override, read_yaml_mapping
 from multifi.data.readers.qm9 import QM9_FIDELITY
 from multifi.errors import MultifiError
 from multifi.validation import validate
@@ -431,15 +429,7 @@ class Paths:
 def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentSpec, Paths]:
     """Read, override (`a.b=value`), validate and resolve the paths of an experiment spec."""
     path = Path(path)
-    if not path.is_file():
-        raise MultifiError(f"{path}: no such experiment spec")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise MultifiError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise MultifiError(f"{path}: an experiment spec is a mapping (name, output, base, parts …)")
-    raw = copy.deepcopy(raw)
+    raw = read_yaml_mapping(path, "experiment spec", "an experiment spec is a mapping (name, output, base, parts …)")
     for item in overrides:
         apply_override(raw, item, str(path))
     spec = validate_spec(raw, str(path))
