@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from multifi.nn import MLP, BesselBasis, CosineCutoff
+from multifi.nn import MLP, BesselBasis, CosineCutoff, Linear, linear
 
 
 class PaiNNMessage(nn.Module):
@@ -44,7 +44,7 @@ class PaiNNUpdate(nn.Module):
     def __init__(self, features: int):
         super().__init__()
         self.F = features
-        self.UV = nn.Linear(features, 2 * features, bias=False)
+        self.UV = Linear(features, 2 * features, bias=False)
         self.mix = MLP([2 * features, features, 3 * features])
 
     def forward(self, s, v):
@@ -73,16 +73,17 @@ class PaiNN(nn.Module):
                 m.filter = self.messages[0].filter
 
     def filters(self, r: torch.Tensor) -> list[torch.Tensor]:
-        """Radial filters of every interaction, [E, 3F] each, in one matrix product.
+        """Radial filters of every interaction, [E, 3F] each (contiguous), one matrix product each.
 
         (W·rbf + b)·fcut = [rbf·fcut, fcut] @ [W | b]ᵀ: the envelope multiplies the filter after its
-        bias (messages vanish smoothly at the cutoff) without a separate [E, 3F] product.
+        bias (messages vanish smoothly at the cutoff) without a separate [E, 3F] product. One product
+        per interaction rather than one for all and a split: the split's backward would copy the
+        gradients of all filters into one [E, K·3F] tensor first (a pass over edge-sized memory).
         """
         fcut = self.fcut(r).unsqueeze(-1)
         basis = torch.cat([self.rbf(r) * fcut, fcut], dim=-1)  # [E, n_rbf + 1]
-        weight = torch.cat([torch.cat([m.filter.weight, m.filter.bias.unsqueeze(-1)], dim=-1)
-                            for m in self.messages], dim=0)  # [K·3F, n_rbf + 1]
-        return torch.split(basis @ weight.t(), 3 * self.features, dim=-1)
+        return [linear(basis, torch.cat([m.filter.weight, m.filter.bias.unsqueeze(-1)], dim=-1))
+                for m in self.messages]
 
     def geometry(self, edge_index: torch.Tensor, edge_vec: torch.Tensor) -> None:
         """PaiNN needs no precomputed geometry beyond the edges."""

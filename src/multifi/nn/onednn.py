@@ -1,0 +1,87 @@
+"""Linear layers whose float32 CPU products run on oneDNN instead of the BLAS behind torch.mm.
+
+torch sends float32 matrix products on the CPU to MKL. On AMD CPUs MKL takes its AVX2 code path even
+where the CPU has AVX-512, while oneDNN (also inside every x86 torch build) picks its kernels by the
+instruction set alone. On one AMD EPYC (Zen 5) core the products of a PaiNN layer ran ~2× faster on
+oneDNN (bench/gemm_backends.py; bench/RESULTS.md). Only the forward product and the input gradient go
+to oneDNN; the weight gradient g^T x stays with torch.mm, which was as fast or faster for the tall,
+thin edge-filter shapes. float64, other devices, torch.compile tracing and MULTIFI_ONEDNN=0 use
+torch's own F.linear. The backward is built from the same differentiable functions, so double
+backward (force training) works.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _onednn_available() -> bool:
+    if os.environ.get("MULTIFI_ONEDNN", "1").lower() in ("0", "false", "no", ""):
+        return False
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+ONEDNN = _onednn_available()
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and x.dim() >= 1 and x.numel() > 0
+            and not torch.compiler.is_compiling())
+
+
+def _rows(m: int) -> int:
+    """m rounded up to a multiple of 64 or of 1/16 of its power of two (≤ 6.25 % more rows)."""
+    step = max(64, 1 << max(m.bit_length() - 5, 0))
+    return -(-m // step) * step
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x @ weight.T (+ bias) for 2-D float32 CPU x [M, K], weight [N, K], bias [N] or None.
+
+    oneDNN compiles a kernel for every new shape (~0.5 ms); batches of graphs have a new row count M
+    almost every step, so rows are padded with zeros to one of few sizes (`_rows`) and cut off again.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias):
+        m = x.shape[0]
+        xp = F.pad(x, (0, 0, 0, _rows(m) - m)) if _rows(m) != m else x.contiguous()
+        return torch.ops.mkldnn._linear_pointwise(xp, weight.contiguous(), bias, "none", [], "")[:m]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = linear(g, weight.t())  # g @ W
+        if ctx.needs_input_grad[1]:
+            gw = torch.mm(g.t(), x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) (x [..., K], weight [N, K] → [..., N]); float32 CPU products on oneDNN."""
+    if not _use_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.reshape(*lead, weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) computed by `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,42 @@
+"""multifi.nn.onednn: float32 CPU products on oneDNN agree with F.linear, with first and second derivatives."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import multifi.nn.onednn as dnn
+
+pytestmark = pytest.mark.skipif(not dnn.ONEDNN, reason="oneDNN not available in this torch build")
+
+
+@pytest.mark.parametrize("rows,bias", [(1, True), (37, False), (130, True), (3 * 29, True)])
+def test_linear_matches_f_linear_with_double_backward(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    x64 = torch.randn(rows, 21, dtype=torch.float64, generator=g)
+    w64 = torch.randn(6, 21, dtype=torch.float64, generator=g)
+    b64 = torch.randn(6, dtype=torch.float64, generator=g) if bias else None
+    res = {}
+    for name, fn, dtype in (("onednn", dnn.linear, torch.float32), ("reference", F.linear, torch.float64)):
+        x, w = x64.to(dtype).requires_grad_(), w64.to(dtype).requires_grad_()
+        b = b64.to(dtype).requires_grad_() if bias else None
+        y = fn(x, w, b)
+        inputs = (x, w, b) if bias else (x, w)
+        grads = torch.autograd.grad((y.tanh() ** 2).sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(sum((gr ** 2).sum() for gr in grads), inputs)
+        res[name] = [t.detach().double() for t in (y, *grads, *second)]
+    assert dnn._use_onednn(x64.float(), w64.float())
+    for got, want in zip(res["onednn"], res["reference"]):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-6)
+
+
+def test_linear_keeps_leading_dims_and_falls_back_for_float64():
+    x, w = torch.randn(5, 3, 8), torch.randn(4, 8)
+    assert dnn.linear(x, w).shape == (5, 3, 4)
+    torch.testing.assert_close(dnn.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert not dnn._use_onednn(x.double(), w.double())
+
+
+def test_padded_row_counts_are_few_and_bounded():
+    sizes = {dnn._rows(m) for m in range(5000, 12000)}
+    assert len(sizes) < 40
+    assert all(m <= dnn._rows(m) <= m * 1.0625 + 64 for m in range(1, 20000, 7))
