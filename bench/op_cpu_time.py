@@ -30,10 +30,13 @@ def main() -> None:
     ap.add_argument("--forces", action="store_true")
     ap.add_argument("--shapes", action="store_true")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--ab-onednn", action="store_true",
+                    help="alternate steps with multifi.nn.onednn.ONEDNN off / on and report both columns")
     args = ap.parse_args()
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    import multifi.nn.onednn as dnn
     from profile_painn import setup
 
     torch.set_num_threads(1)
@@ -41,14 +44,15 @@ def main() -> None:
     pot, collate, batches, loss_fn = setup(features=args.features, interactions=args.interactions)
     opt = torch.optim.AdamW(pot.parameters(), lr=5e-4, fused=True)
     acc, calls = collections.defaultdict(float), collections.Counter()
+    side = {"name": "on"}
 
     class Timer(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, a=(), kw=None):
             t = time.thread_time()
             out = func(*a, **(kw or {}))
-            key = str(func.overloadpacket.__name__)
+            key = (side["name"], str(func.overloadpacket.__name__))
             if args.shapes:
-                key += " " + str([tuple(x.shape) for x in a if isinstance(x, torch.Tensor)])
+                key = key[:1] + (key[1] + " " + str([tuple(x.shape) for x in a if isinstance(x, torch.Tensor)]),)
             acc[key] += time.thread_time() - t
             calls[key] += 1
             return out
@@ -66,18 +70,28 @@ def main() -> None:
     graphs = [collate(p) for p in batches(args.steps + 3)]
     for g in graphs[:3]:
         step(g)
-    steps = []
-    for g in graphs[3:]:
-        c = time.thread_time()
-        with Timer():
-            step(g)
-        steps.append(time.thread_time() - c)
-    total = sum(acc.values())
+    sides = ["off", "on"] if args.ab_onednn else ["on" if dnn.ONEDNN else "off"]
+    steps = {s: [] for s in sides}
+    for k, g in enumerate(graphs[3:]):
+        for name in (sides if k % 2 == 0 else sides[::-1]):
+            side["name"] = name
+            dnn.ONEDNN = name == "on"
+            c = time.thread_time()
+            with Timer():
+                step(g)
+            steps[name].append(time.thread_time() - c)
     print(f"PaiNN {args.features}x{args.interactions} {'forces' if args.forces else 'energy'} training, "
-          f"{args.steps} steps: step CPU {1e3 * statistics.median(steps):.1f} ms (median, with the timing wrapper), "
-          f"ATen ops {1e3 * total / args.steps:.1f} ms/step; load {os.getloadavg()[0]:.1f}")
-    for k, v in sorted(acc.items(), key=lambda kv: -kv[1])[:args.rows]:
-        print(f"{1e3 * v / args.steps:8.2f} ms/step {100 * v / total:5.1f} %  {calls[k] / args.steps:6.1f} calls  {k}")
+          f"{args.steps} steps, load {os.getloadavg()[0]:.1f}; ms/step of thread CPU time, oneDNN " + " / ".join(sides))
+    for name in sides:
+        tot = sum(v for k, v in acc.items() if k[0] == name)
+        print(f"  oneDNN {name}: step {1e3 * statistics.median(steps[name]):.1f} (median, with the timing wrapper), "
+              f"ATen ops {1e3 * tot / args.steps:.1f}")
+    ops = collections.defaultdict(dict)
+    for (name, op), v in acc.items():
+        ops[op][name] = v
+    for op, d in sorted(ops.items(), key=lambda kv: -max(kv[1].values()))[:args.rows]:
+        cols = " ".join(f"{1e3 * d.get(n, 0.0) / args.steps:8.2f}" for n in sides)
+        print(f"{cols}   {max(calls[(n, op)] for n in sides) / args.steps:6.1f} calls  {op}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """schnetpack's PaiNN training step profiled like ours (bench/profile_painn.py), in its own venv.
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE bench/.venv-peers-schnetpack/bin/python bench/profile_schnetpack.py
-        [--features 64] [--interactions 3] [--steps 10] [--rows 30] [--phases] [--shapes]
+        [--features 64] [--interactions 3] [--steps 10] [--rows 30] [--phases] [--shapes] [--ops]
 
 Model-only steps on pre-collated batches of 32 of the harness's QM9 molecules (bench/.scratch, made by
 `bench/harness.py --setup-only`): forward + MSE energy loss + backward + AdamW(fused), as our profile.
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--phases", action="store_true")
     ap.add_argument("--shapes", action="store_true")
+    ap.add_argument("--ops", action="store_true", help="thread CPU time per ATen operator (as bench/op_cpu_time.py)")
     args = ap.parse_args()
     C.FEATURES, C.INTERACTIONS = args.features, args.interactions
     import torch
@@ -74,6 +75,31 @@ def main() -> None:
             print(f"{k:14s} {statistics.median(v):8.2f} ms")
         print(f"{'step':14s} {total:8.2f} ms  → {32 / total * 1000:.1f} structures/s (sum of medians)")
         print(f"{'model step CPU':14s} {statistics.median(cpu):8.2f} ms  (thread CPU time, median; load {os.getloadavg()[0]:.1f})")
+        return
+    if args.ops:
+        import collections
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        acc, calls = collections.defaultdict(float), collections.Counter()
+
+        class Timer(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, a=(), kw=None):
+                t = time.thread_time()
+                out = func(*a, **(kw or {}))
+                key = func.overloadpacket.__name__
+                acc[key] += time.thread_time() - t
+                calls[key] += 1
+                return out
+
+        for b in batches[3:]:
+            with Timer():
+                step(b)
+        total, n = sum(acc.values()), len(batches) - 3
+        print(f"schnetpack PaiNN {args.features}x{args.interactions}: step CPU {statistics.median(cpu):.1f} ms "
+              f"(median, with the timing wrapper), ATen ops {1e3 * total / n:.1f} ms/step; load {os.getloadavg()[0]:.1f}")
+        for k, v in sorted(acc.items(), key=lambda kv: -kv[1])[:args.rows]:
+            print(f"{1e3 * v / n:8.2f} ms/step {100 * v / total:5.1f} %  {calls[k] / n:6.1f} calls  {k}")
         return
     from torch.profiler import ProfilerActivity, profile
 

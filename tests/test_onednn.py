@@ -8,7 +8,7 @@ import multifi.nn.onednn as dnn
 pytestmark = pytest.mark.skipif(not dnn.ONEDNN, reason="oneDNN not available in this torch build")
 
 
-@pytest.mark.parametrize("rows,bias", [(1, True), (37, False), (130, True), (3 * 29, True)])
+@pytest.mark.parametrize("rows,bias", [(2048, True), (2049, False), (5000, True), (9137, True)])
 def test_linear_matches_f_linear_with_double_backward(rows, bias):
     g = torch.Generator().manual_seed(rows)
     x64 = torch.randn(rows, 21, dtype=torch.float64, generator=g)
@@ -30,8 +30,8 @@ def test_linear_matches_f_linear_with_double_backward(rows, bias):
 
 
 def test_linear_keeps_leading_dims_and_falls_back_for_float64():
-    x, w = torch.randn(5, 3, 8), torch.randn(4, 8)
-    assert dnn.linear(x, w).shape == (5, 3, 4)
+    x, w = torch.randn(1000, 3, 8), torch.randn(4, 8)
+    assert dnn.linear(x, w).shape == (1000, 3, 4) and dnn._use_onednn(x, w)
     torch.testing.assert_close(dnn.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert not dnn._use_onednn(x.double(), w.double())
 

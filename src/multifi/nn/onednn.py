@@ -27,9 +27,12 @@ def _onednn_available() -> bool:
 ONEDNN = _onednn_available()
 
 
+MIN_ROWS = 2048  # below, the padding and Python wrapper cost more than oneDNN saves (atom-sized layers)
+
+
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and x.dim() >= 1 and x.numel() > 0
+            and weight.device.type == "cpu" and x.dim() >= 1 and x.numel() >= MIN_ROWS * x.shape[-1]
             and not torch.compiler.is_compiling())
 
 
@@ -65,7 +68,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = linear(g, weight.t())  # g @ W
         if ctx.needs_input_grad[1]:
-            gw = torch.mm(g.t(), x)
+            gw = torch.mm(x.t(), g).t()  # = g.t() @ x; this order was ~1.4× faster for tall, thin x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
