@@ -238,6 +238,8 @@ def main() -> None:
     ap.add_argument("--spk-nl", choices=["matscipy", "ase"], default="matscipy",
                     help="schnetpack neighbour-list transform (its QM9 experiment config uses matscipy)")
     ap.add_argument("--tasks", default="train,md")
+    ap.add_argument("--painn-features", type=int, default=None,
+                    help="PaiNN width on both sides (default 128; names get the suffix _f<width>)")
     ap.add_argument("--ours-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for our side only, e.g. MULTIFI_COMPILE=1 (names get the suffix --tag)")
     ap.add_argument("--tag", default="", help="suffix of the comparison names, e.g. _compiled")
@@ -260,6 +262,10 @@ def main() -> None:
         return
     ours_env = {"PYTHONPATH": str(source_at(args.ours_rev))} if args.ours_rev else {}
     ours_env.update(kv.split("=", 1) for kv in args.ours_env)
+    both_env = {}
+    if args.painn_features:
+        both_env["BENCH_PAINN_FEATURES"] = str(args.painn_features)
+        args.tag = f"_f{args.painn_features}{args.tag}"
     command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/harness.py " + shlex.join(sys.argv[1:])
     entries, raw = [], []
     tasks = args.tasks.split(",")
@@ -270,7 +276,7 @@ def main() -> None:
                 for task in tasks:
                     ours_cmd, peer_cmd = commands(peer, task, threads, args)
                     for side, cmd in (("ours", ours_cmd), ("peer", peer_cmd)):  # A, B alternating
-                        r = run(cmd, threads, ours_env if side == "ours" else None)
+                        r = run(cmd, threads, {**both_env, **(ours_env if side == "ours" else {})})
                         r.update(side=side, pair=pair, peer=peer)
                         runs[(side, task)].append(r)
                         raw.append(r)

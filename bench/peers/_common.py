@@ -15,6 +15,7 @@ import time
 
 # the same model and data settings on both sides (issue 5)
 FEATURES, INTERACTIONS, CUTOFF, N_RBF, BATCH = 128, 3, 5.0, 20, 32
+FEATURES = int(os.environ.get("BENCH_PAINN_FEATURES", FEATURES))  # harness --painn-features (both sides)
 LR = 5e-4
 
 
