@@ -32,11 +32,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--ab-onednn", action="store_true",
                     help="alternate steps with multifi.nn.onednn.ONEDNN off / on and report both columns")
+    ap.add_argument("--ab-sparse", action="store_true",
+                    help="alternate steps with PaiNN.sparse_direction off / on and report both columns")
     args = ap.parse_args()
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import multifi.nn.onednn as dnn
+    from multifi.models.painn import PaiNN
     from profile_painn import setup
 
     torch.set_num_threads(1)
@@ -70,21 +73,26 @@ def main() -> None:
     graphs = [collate(p) for p in batches(args.steps + 3)]
     for g in graphs[:3]:
         step(g)
-    sides = ["off", "on"] if args.ab_onednn else ["on" if dnn.ONEDNN else "off"]
+    ab = args.ab_onednn or args.ab_sparse
+    what = "sparse direction sum" if args.ab_sparse else "oneDNN"
+    sides = ["off", "on"] if ab else ["on" if dnn.ONEDNN else "off"]
     steps = {s: [] for s in sides}
     for k, g in enumerate(graphs[3:]):
         for name in (sides if k % 2 == 0 else sides[::-1]):
             side["name"] = name
-            dnn.ONEDNN = name == "on"
+            if args.ab_sparse:
+                PaiNN.sparse_direction = name == "on"
+            elif ab:
+                dnn.ONEDNN = name == "on"
             c = time.thread_time()
             with Timer():
                 step(g)
             steps[name].append(time.thread_time() - c)
     print(f"PaiNN {args.features}x{args.interactions} {'forces' if args.forces else 'energy'} training, "
-          f"{args.steps} steps, load {os.getloadavg()[0]:.1f}; ms/step of thread CPU time, oneDNN " + " / ".join(sides))
+          f"{args.steps} steps, load {os.getloadavg()[0]:.1f}; ms/step of thread CPU time, {what} " + " / ".join(sides))
     for name in sides:
         tot = sum(v for k, v in acc.items() if k[0] == name)
-        print(f"  oneDNN {name}: step {1e3 * statistics.median(steps[name]):.1f} (median, with the timing wrapper), "
+        print(f"  {what} {name}: step {1e3 * statistics.median(steps[name]):.1f} (median, with the timing wrapper), "
               f"ATen ops {1e3 * tot / args.steps:.1f}")
     ops = collections.defaultdict(dict)
     for (name, op), v in acc.items():

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from multifi.nn import MLP, BesselBasis, CosineCutoff, Linear, linear
+from multifi.nn.sparse import DirectionSum
 
 
 class PaiNNMessage(nn.Module):
@@ -25,9 +26,9 @@ class PaiNNMessage(nn.Module):
         self.phi = MLP([features, features, 3 * features])
         self.filter = nn.Linear(n_rbf, 3 * features)  # evaluated for all interactions at once by PaiNN
 
-    def forward(self, s, v, edge_index, filt, unit):
+    def forward(self, s, v, edge_index, filt, unit, direction: DirectionSum | None = None):
         """s [N,F], v [N,3,F] or None (all zeros), filt: three [E,F] = filter(rbf)·envelope (scalar, v_j and
-        direction parts), unit [E,3] → (s, v).
+        direction parts), unit [E,3], direction: the sparse Σ_j x_ij ⊗ û_ij when û is constant → (s, v).
 
         Every edge-sized tensor is contiguous: the three parts of phi are gathered and filtered
         separately instead of splitting one [E,3F] product (index_add from a strided view of it was
@@ -37,7 +38,13 @@ class PaiNNMessage(nn.Module):
         i, j = edge_index
         parts = torch.split(self.phi(s), self.F, dim=-1)  # [N,F] each: scalar, v_j, direction
         ds, dvs = (parts[k].contiguous().index_select(0, j) * filt[k] for k in (0, 2))  # [E,F]
-        if v is None:  # v is identically zero before the first interaction: no v_j term
+        if direction is not None:  # û constant: the direction term without an [E,3,F] tensor
+            dir_sum = direction(dvs)  # [N,3,F]
+            if v is not None:
+                dvv = parts[1].contiguous().index_select(0, j) * filt[1]
+                dir_sum = v.index_add(0, i, dvv.unsqueeze(1) * v.index_select(0, j)) + dir_sum
+            v = dir_sum
+        elif v is None:  # v is identically zero before the first interaction: no v_j term
             dv = dvs.unsqueeze(1) * unit.unsqueeze(-1)  # [E,3,F]
             v = dv.new_zeros((s.shape[0],) + dv.shape[1:]).index_add_(0, i, dv)
         else:
@@ -67,7 +74,13 @@ class PaiNNUpdate(nn.Module):
 
 
 class PaiNN(nn.Module):
-    """PaiNN representation: (numbers, edges, edge vectors, optional atom conditioning) → scalar features [N, F]."""
+    """PaiNN representation: (numbers, edges, edge vectors, optional atom conditioning) → scalar features [N, F].
+
+    sparse_direction: when the edge directions need no gradient (energy-only training, inference without
+    forces) and edges are sorted by centre, Σ_j x_ij ⊗ û_ij is a sparse product (nn/sparse.py).
+    """
+
+    sparse_direction = True
 
     def __init__(self, features: int = 128, interactions: int = 3, cutoff: float = 5.0, n_rbf: int = 20,
                  max_z: int = 119, shared_filters: bool = False):
@@ -116,8 +129,10 @@ class PaiNN(nn.Module):
         r = torch.linalg.norm(edge_vec, dim=-1)
         unit = edge_vec / r.unsqueeze(-1)
         v = None
+        direction = DirectionSum(edge_index[0], unit, s.shape[0]) if (
+            self.sparse_direction and DirectionSum.applicable(edge_index[0], unit)) else None
         for message, update, filt in zip(self.messages, self.updates, self.filters(r)):
-            s, v = message(s, v, edge_index, filt, unit)
+            s, v = message(s, v, edge_index, filt, unit, direction)
             s, v = update(s, v)
         return s
 
