@@ -38,9 +38,15 @@ def main() -> None:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import multifi.nn.onednn as dnn
     from multifi.models.painn import PaiNN
     from profile_painn import setup
+
+    try:
+        import multifi.nn.onednn as dnn
+    except ImportError:  # an older source tree (PYTHONPATH=...): torch's own products only
+        import types
+
+        dnn = types.SimpleNamespace(ONEDNN=False)
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
