@@ -40,3 +40,28 @@ def test_padded_row_counts_are_few_and_bounded():
     sizes = {dnn._rows(m) for m in range(5000, 12000)}
     assert len(sizes) < 40
     assert all(m <= dnn._rows(m) <= m * 1.0625 + 64 for m in range(1, 20000, 7))
+
+
+def test_painn_energy_of_a_structure_does_not_depend_on_its_batch():
+    """Kernels are chosen per call site, not per batch size: a molecule's energy (and forces) come out
+    bit-identical whether it is evaluated alone or batched with others (per-fidelity evaluation relies on it)."""
+    import numpy as np
+    from ase.build import molecule
+
+    from multifi.config import ModelConfig
+    from multifi.data.batch import graph_from_atoms
+    from multifi.models.registry import build_potential
+
+    torch.manual_seed(0)
+    pot = build_potential(ModelConfig(features=32).model_dump(), ["a"])
+    mols = [molecule(n) for n in ("C6H6", "CH3CH2OH", "C4H4NH", "CH3COOH")]
+    for a in mols:
+        a.rattle(0.05, seed=1)
+    alone = pot(graph_from_atoms(mols[:1], pot.cutoff, fidelity=[0]), forces=True)
+    batch = pot(graph_from_atoms(mols, pot.cutoff, fidelity=[0] * len(mols)), forces=True)
+    n0 = len(mols[0])
+    assert float(alone["energy"][0]) == float(batch["energy"][0])
+    np.testing.assert_array_equal(alone["forces"].numpy(), batch["forces"][:n0].numpy())
+    with torch.no_grad():  # energy only: the sparse direction sum
+        assert float(pot(graph_from_atoms(mols[:1], pot.cutoff, fidelity=[0]))["energy"][0]) == \
+            float(pot(graph_from_atoms(mols, pot.cutoff, fidelity=[0] * len(mols)))["energy"][0])

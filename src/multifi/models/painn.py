@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from multifi.nn import MLP, BesselBasis, CosineCutoff, Linear, linear
+from multifi.nn import MLP, BesselBasis, CosineCutoff, linear
 from multifi.nn.sparse import DirectionSum
 
 
@@ -61,7 +61,7 @@ class PaiNNUpdate(nn.Module):
     def __init__(self, features: int):
         super().__init__()
         self.F = features
-        self.UV = Linear(features, 2 * features, bias=False)
+        self.UV = nn.Linear(features, 2 * features, bias=False)
         self.mix = MLP([2 * features, features, 3 * features])
 
     def forward(self, s, v):

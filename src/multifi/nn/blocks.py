@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from multifi.nn.onednn import Linear
-
 
 def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
     """Sum rows of `src` [E, ...] into `dim_size` rows by `index` [E]."""
@@ -14,11 +12,11 @@ def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.
 
 
 class MLP(nn.Sequential):
-    """Linear layers with SiLU between them (none after the last); float32 CPU products on oneDNN (nn/onednn.py)."""
+    """Linear layers with SiLU between them (none after the last)."""
 
     def __init__(self, sizes: list[int], activation: type[nn.Module] = nn.SiLU, bias_last: bool = True):
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-2], sizes[1:-1]):
-            layers += [Linear(a, b), activation()]
-        layers.append(Linear(sizes[-2], sizes[-1], bias=bias_last))
+            layers += [nn.Linear(a, b), activation()]
+        layers.append(nn.Linear(sizes[-2], sizes[-1], bias=bias_last))
         super().__init__(*layers)

@@ -1,13 +1,15 @@
-"""Linear layers whose float32 CPU products run on oneDNN instead of the BLAS behind torch.mm.
+"""A linear map whose float32 CPU product runs on oneDNN instead of the BLAS behind torch.mm.
 
 torch sends float32 matrix products on the CPU to MKL. On AMD CPUs MKL takes its AVX2 code path even
-where the CPU has AVX-512, while oneDNN (also inside every x86 torch build) picks its kernels by the
-instruction set alone. On one AMD EPYC (Zen 5) core the products of a PaiNN layer ran ~2× faster on
-oneDNN (bench/gemm_backends.py; bench/RESULTS.md). Only the forward product and the input gradient go
-to oneDNN; the weight gradient g^T x stays with torch.mm, which was as fast or faster for the tall,
-thin edge-filter shapes. float64, other devices, torch.compile tracing and MULTIFI_ONEDNN=0 use
-torch's own F.linear. The backward is built from the same differentiable functions, so double
-backward (force training) works.
+where the CPU has AVX-512 (1024² sgemm on one Zen 5 core: 92 GFLOP/s through torch.mm, ~200 through
+oneDNN; bench/flops.py), while oneDNN, also inside every x86 torch build, picks its kernels by the
+instruction set alone. PaiNN's edge filters use it (bench/RESULTS.md: their products' CPU time fell
+~17 %); the atom-sized layers stay on torch.mm, where padding and the Python wrapper cost what oneDNN
+saves. The choice is per call site, never per batch size, so a structure's outputs do not depend on
+which other structures share its batch. Only the forward product and the input gradient go to
+oneDNN; the weight gradient stays with torch.mm. float64, other devices, torch.compile tracing and
+MULTIFI_ONEDNN=0 use torch's own F.linear. The backward is built from the same differentiable
+functions, so double backward (force training) works.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def _onednn_available() -> bool:
@@ -27,12 +28,9 @@ def _onednn_available() -> bool:
 ONEDNN = _onednn_available()
 
 
-MIN_ROWS = 2048  # below, the padding and Python wrapper cost more than oneDNN saves (atom-sized layers)
-
-
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and x.dim() >= 1 and x.numel() >= MIN_ROWS * x.shape[-1]
+            and weight.device.type == "cpu" and x.dim() >= 1 and x.numel() > 0
             and not torch.compiler.is_compiling())
 
 
@@ -81,10 +79,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     lead = x.shape[:-1]
     y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.reshape(*lead, weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) computed by `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
