@@ -23,17 +23,20 @@ def test_linear_matches_f_linear_with_double_backward(rows, bias):
         grads = torch.autograd.grad((y.tanh() ** 2).sum(), inputs, create_graph=True)
         second = torch.autograd.grad(sum((gr ** 2).sum() for gr in grads), inputs)
         res[name] = [t.detach().double() for t in (y, *grads, *second)]
-    assert dnn._use_onednn(x64.float(), w64.float())
+    assert dnn._use_onednn(x64.float(), w64.float().requires_grad_())
     for got, want in zip(res["onednn"], res["reference"]):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-6)
 
 
 def test_linear_keeps_leading_dims_and_falls_back_for_float64():
-    x, w = torch.randn(1000, 3, 8), torch.randn(4, 8)
+    x, w = torch.randn(1000, 3, 8), torch.randn(4, 8, requires_grad=True)
     assert dnn.linear(x, w).shape == (1000, 3, 4) and dnn._use_onednn(x, w)
-    torch.testing.assert_close(dnn.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dnn.linear(x, w).detach(), F.linear(x, w).detach(), rtol=1e-5, atol=1e-5)
     assert not dnn._use_onednn(x.double(), w.double())
+    assert not dnn._use_onednn(x, w.detach())  # frozen weights (calculator, evaluation): torch's products
+    with torch.no_grad():
+        assert not dnn._use_onednn(x, w)
 
 
 def test_padded_row_counts_are_few_and_bounded():

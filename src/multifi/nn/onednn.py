@@ -29,9 +29,12 @@ ONEDNN = _onednn_available()
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Only while training the weight (it requires grad, grad mode on): frozen models (the ASE calculator,
+    evaluation, EMA weights) evaluate one small structure at a time, where oneDNN's per-call cost made
+    forces 1.4× slower (bench/RESULTS.md). Never by batch size, so outputs do not depend on the batch."""
     return (ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
             and weight.device.type == "cpu" and x.dim() >= 1 and x.numel() > 0
-            and not torch.compiler.is_compiling())
+            and weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
 def _rows(m: int) -> int:
