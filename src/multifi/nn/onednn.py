@@ -5,8 +5,8 @@ where the CPU has AVX-512 (1024² sgemm on one Zen 5 core: 92 GFLOP/s through to
 oneDNN; bench/flops.py), while oneDNN, also inside every x86 torch build, picks its kernels by the
 instruction set alone. PaiNN's edge filters use it (bench/RESULTS.md: their products' CPU time fell
 ~17 %); the atom-sized layers stay on torch.mm, where padding and the Python wrapper cost what oneDNN
-saves. The choice is per call site, never per batch size, so a structure's outputs do not depend on
-which other structures share its batch. Only the forward product and the input gradient go to
+saves. The choice is per call site and training state (weights that require grad), never by batch
+size, so the kernel for a structure does not change with its batch companions. Only the forward product and the input gradient go to
 oneDNN; the weight gradient stays with torch.mm. float64, other devices, torch.compile tracing and
 MULTIFI_ONEDNN=0 use torch's own F.linear. The backward is built from the same differentiable
 functions, so double backward (force training) works.
