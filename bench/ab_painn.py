@@ -1,7 +1,7 @@
 """In-process A/B of two PaiNN implementations on identical QM9 batches, alternating step by step.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/ab_painn.py [--base 7c91c1d] [--threads 1] [--steps 40]
-        [--mode train|forces|infer]
+        [--mode train|forces|infer] [--features 128] [--interactions 3] [--a-no-onednn]
 
 A = models/painn.py as of git revision --base (default: the unoptimised original), B = the working
 tree. Both get the same weights; each step runs A then B (then B then A on the next step) on the same
@@ -32,17 +32,23 @@ def main() -> None:
     ap.add_argument("--mode", choices=["train", "forces", "infer", "calc"], default="train",
                     help="calc: one molecule per step, frozen parameters, forces by one backward (the ASE calculator)")
     ap.add_argument("--compile-b", action="store_true", help="B is the compiled potential (model.compile)")
+    ap.add_argument("--a-no-onednn", action="store_true",
+                    help="A computes its float32 products with torch's default BLAS (multifi.nn.onednn.ONEDNN off)")
+    ap.add_argument("--features", type=int, default=128)
+    ap.add_argument("--interactions", type=int, default=3)
     args = ap.parse_args()
     import copy
 
     import torch
 
+    import multifi.nn.onednn as lin
     from legacy import current, module_at
     from profile_painn import setup
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    pot_b, collate, batches, loss_fn = setup(batch=1 if args.mode == "calc" else 32)
+    pot_b, collate, batches, loss_fn = setup(batch=1 if args.mode == "calc" else 32, features=args.features,
+                                             interactions=args.interactions)
     base = module_at(args.base, "painn")
     pot_a = copy.deepcopy(pot_b)
     rep = pot_b.representation
@@ -83,16 +89,22 @@ def main() -> None:
         print(f"compile (first two B steps): {time.perf_counter() - t:.1f} s")
     graphs = [collate(p) for p in batches(args.steps + 3)]
     ta, tb, diff = [], [], 0.0
+    ca, cb = [], []  # thread CPU times (not inflated by other processes taking the core)
+    onednn = lin.ONEDNN
     for k, g in enumerate(graphs):
-        order = [(pot_a, ta), (pot_b, tb)] if k % 2 == 0 else [(pot_b, tb), (pot_a, ta)]
+        order = [(pot_a, ta, ca), (pot_b, tb, cb)] if k % 2 == 0 else [(pot_b, tb, cb), (pot_a, ta, ca)]
         res = {}
-        for pot, times in order:
-            t = time.perf_counter()
+        for pot, times, cpu in order:
+            lin.ONEDNN = onednn and not (pot is pot_a and args.a_no_onednn)
+            c, t = time.thread_time(), time.perf_counter()
             res[id(pot)] = step(pot, g)
             times.append(time.perf_counter() - t)
+            cpu.append(time.thread_time() - c)
+        lin.ONEDNN = onednn
         diff = max(diff, float((res[id(pot_a)] - res[id(pot_b)]).abs().max()))  # energy (forces in calc mode)
-    ta, tb = ta[3:], tb[3:]
+    ta, tb, ca, cb = ta[3:], tb[3:], ca[3:], cb[3:]
     ratios = [a / b for a, b in zip(ta, tb)]
+    cratios = [a / b for a, b in zip(ca, cb)]
     print(f"mode={args.mode} threads={args.threads} steps={len(ta)} A={args.base} B={args.tree or 'work tree'}")
     nb = 1 if args.mode == "calc" else 32
     print(f"A (base)   median {1000 * statistics.median(ta):8.2f} ms/step  {nb / statistics.median(ta):7.1f} structures/s")
@@ -100,6 +112,10 @@ def main() -> None:
     print(f"speed-up B vs A: median of per-step ratios {statistics.median(ratios):.3f} "
           f"(quartiles {statistics.quantiles(ratios, n=4)[0]:.3f}..{statistics.quantiles(ratios, n=4)[2]:.3f}); "
           f"max |Δ| = {diff:.2e} ({'forces eV/Å' if args.mode == 'calc' else 'energy eV'})")
+    print(f"thread CPU time: A {1000 * statistics.median(ca):.2f} ms, B {1000 * statistics.median(cb):.2f} ms, "
+          f"median of per-step ratios {statistics.median(cratios):.3f} (quartiles "
+          f"{statistics.quantiles(cratios, n=4)[0]:.3f}..{statistics.quantiles(cratios, n=4)[2]:.3f}); "
+          f"load {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

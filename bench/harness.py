@@ -18,7 +18,12 @@ What it does
   3. For each thread count, `pairs` times: ours-train, peer-train, ours-md, peer-md — each a fresh
      process (bench/peers/<framework>_painn.py) with OMP_NUM_THREADS=MKL_NUM_THREADS=T,
      OMP_WAIT_POLICY=PASSIVE and torch.set_num_threads(T); DataLoader workers 0 on both sides.
-  4. Reports medians over the pairs and ratios ours/peer; writes bench/results.json and prints a table.
+  4. Reports medians over the pairs and ratios ours/peer and prints a table. Every entry records the CPU
+     model, torch's CPU capability (AVX2 / AVX512 kernels), the BLAS and oneDNN builds and the thread
+     settings of both sides (`cpu_env`, from bench/peers/_common.py). bench/results.json is merged by
+     (name, CPU model): a new run replaces only the entry of the same comparison on the same CPU, so
+     results from different CPUs stay side by side; every entry is also appended to
+     bench/results_history.jsonl (never rewritten).
 
 Same model on both sides: PaiNN 128 features, 3 interactions, 5 Å cosine cutoff, 20 radial functions
 (ours Bessel, schnetpack's default Gaussian), atomwise MLP 128→64→1, batch 32, float32, lr 5e-4 AdamW.
@@ -188,12 +193,26 @@ METRICS = [  # (task, key in the script's result, name, unit, higher is better)
 
 
 def machine() -> dict:
-    cpu = ""
+    cpu, flags = "", []
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            info = f.read().splitlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name"))
+        flags = next(ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    return {"cpu": cpu, "cpu_flags": isa, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def merge_results(path: Path, entries: list[dict]) -> list[dict]:
+    """Earlier entries of `path` plus `entries`; an entry replaces only an earlier one with the same name
+    on the same CPU model (results of other CPUs and other comparisons are kept as they were)."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    key = lambda e: (e["name"], e.get("machine", {}).get("cpu", ""))  # noqa: E731
+    new = {key(e) for e in entries}
+    return [e for e in old if key(e) not in new] + entries
 
 
 def git_commit() -> str:
@@ -219,6 +238,8 @@ def main() -> None:
     ap.add_argument("--spk-nl", choices=["matscipy", "ase"], default="matscipy",
                     help="schnetpack neighbour-list transform (its QM9 experiment config uses matscipy)")
     ap.add_argument("--tasks", default="train,md")
+    ap.add_argument("--painn-features", type=int, default=None,
+                    help="PaiNN width on both sides (default 128; names get the suffix _f<width>)")
     ap.add_argument("--ours-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for our side only, e.g. MULTIFI_COMPILE=1 (names get the suffix --tag)")
     ap.add_argument("--tag", default="", help="suffix of the comparison names, e.g. _compiled")
@@ -241,6 +262,10 @@ def main() -> None:
         return
     ours_env = {"PYTHONPATH": str(source_at(args.ours_rev))} if args.ours_rev else {}
     ours_env.update(kv.split("=", 1) for kv in args.ours_env)
+    both_env = {}
+    if args.painn_features:
+        both_env["BENCH_PAINN_FEATURES"] = str(args.painn_features)
+        args.tag = f"_f{args.painn_features}{args.tag}"
     command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/harness.py " + shlex.join(sys.argv[1:])
     entries, raw = [], []
     tasks = args.tasks.split(",")
@@ -251,7 +276,7 @@ def main() -> None:
                 for task in tasks:
                     ours_cmd, peer_cmd = commands(peer, task, threads, args)
                     for side, cmd in (("ours", ours_cmd), ("peer", peer_cmd)):  # A, B alternating
-                        r = run(cmd, threads, ours_env if side == "ours" else None)
+                        r = run(cmd, threads, {**both_env, **(ours_env if side == "ours" else {})})
                         r.update(side=side, pair=pair, peer=peer)
                         runs[(side, task)].append(r)
                         raw.append(r)
@@ -275,30 +300,37 @@ def main() -> None:
                     "ratio": round(mo / mp, 3), "ratio_median_of_pairs": round(statistics.median(pair_ratios), 3),
                     "higher_is_better": higher, "threads": threads, "pairs": len(pair_ratios),
                     "ours_runs": [round(x, 2) for x in o], "peer_runs": [round(x, 2) for x in p],
-                    "machine": machine(), "versions": {"ours": v_ours, "peer": v_peer,
+                    "machine": machine(), "cpu_env": {"ours": runs[("ours", task)][0].get("cpu_env"),
+                                                      "peer": runs[("peer", task)][0].get("cpu_env")},
+                    "load_avg": [round(r["loadavg_after"], 1) for r in runs[("ours", task)] + runs[("peer", task)]],
+                    "versions": {"ours": v_ours, "peer": v_peer,
                                  "multifi_commit": args.ours_rev or git_commit(),
                                  "ours_env": dict(kv.split("=", 1) for kv in args.ours_env)},
                     "command": command,
                 })
-    Path(args.out).write_text(json.dumps(entries, indent=1) + "\n")
+    out = Path(args.out)
+    out.write_text(json.dumps(merge_results(out, entries), indent=1) + "\n")
+    with open(out.with_name(out.stem + "_history.jsonl"), "a") as f:
+        f.writelines(json.dumps(e) + "\n" for e in entries)
     (SCRATCH / "harness_raw.json").write_text(json.dumps(raw, indent=1) + "\n")
     print_table(entries)
 
 
 def print_table(entries: list[dict]) -> None:
-    print(f"{'comparison':40s} {'ours':>10s} {'peer':>10s} {'unit':>13s} {'ratio':>7s} {'pairwise':>8s}  peer")
+    print(f"{'comparison':40s} {'ours':>10s} {'peer':>10s} {'unit':>13s} {'ratio':>7s} {'pairwise':>8s}  peer / CPU")
     for e in entries:
         print(f"{e['name']:40s} {e['ours']:10.1f} {e['peer']:10.1f} {e['unit']:>13s} {e['ratio']:7.2f} "
-              f"{e['ratio_median_of_pairs']:8.2f}  {e['peer_name']}")
+              f"{e['ratio_median_of_pairs']:8.2f}  {e['peer_name']} / {e.get('machine', {}).get('cpu', '?')}")
 
 
 def print_markdown(entries: list[dict]) -> None:
-    print("| comparison | ours | peer | unit | ratio ours/peer | median of pair ratios | runs ours / peer |")
-    print("|---|---:|---:|---|---:|---:|---|")
+    print("| comparison | CPU | ours | peer | unit | ratio ours/peer | median of pair ratios | runs ours / peer |")
+    print("|---|---|---:|---:|---|---:|---:|---|")
     for e in entries:
         note = "" if e["higher_is_better"] else " (lower is better)"
-        print(f"| {e['name']} | {e['ours']:.1f} | {e['peer']:.1f} | {e['unit']}{note} | {e['ratio']:.2f} | "
-              f"{e['ratio_median_of_pairs']:.2f} | {e['ours_runs']} / {e['peer_runs']} |")
+        print(f"| {e['name']} | {e.get('machine', {}).get('cpu', '?')} | {e['ours']:.1f} | {e['peer']:.1f} | "
+              f"{e['unit']}{note} | {e['ratio']:.2f} | {e['ratio_median_of_pairs']:.2f} | "
+              f"{e['ours_runs']} / {e['peer_runs']} |")
 
 
 if __name__ == "__main__":

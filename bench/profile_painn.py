@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 LABELS = Path("/work/shared/data/qm9mf/GFN2-xTB.csv.gz")
 
 
-def setup(n: int = 2000, seed: int = 0, batch: int = 32):
+def setup(n: int = 2000, seed: int = 0, batch: int = 32, features: int = 128, interactions: int = 3):
     import numpy as np
 
     from multifi.config import LossConfig, ModelConfig
@@ -34,7 +34,8 @@ def setup(n: int = 2000, seed: int = 0, batch: int = 32):
 
     ds = read_qm9(labels=LABELS, limit=n, seed=0)
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
-    pot = build_potential(ModelConfig().model_dump(), list(ds.fidelities.names))
+    cfg = ModelConfig(features=features, interactions=interactions).model_dump()
+    pot = build_potential(cfg, list(ds.fidelities.names))
     pot.head.set_baseline(*fit_baseline(ds, pairs))
     collate = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False))
     rng = np.random.default_rng(seed)
@@ -51,13 +52,15 @@ def main() -> None:
     ap.add_argument("--sort", default="self_cpu_time_total")
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--batch", type=int, default=32, help="molecules per batch (1 shows the fixed per-step overhead)")
+    ap.add_argument("--features", type=int, default=128)
+    ap.add_argument("--interactions", type=int, default=3)
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    pot, collate, batches, loss_fn = setup(batch=args.batch)
-    opt = torch.optim.AdamW(pot.parameters(), lr=5e-4)
+    pot, collate, batches, loss_fn = setup(batch=args.batch, features=args.features, interactions=args.interactions)
+    opt = torch.optim.AdamW(pot.parameters(), lr=5e-4, fused=True)  # as PotentialModule
 
     def step(g):
         if args.forces:
@@ -73,10 +76,12 @@ def main() -> None:
         step(collate(p))
     if args.phases:
         phases = {"collate": [], "forward+loss": [], "backward": [], "optimizer": []}
+        cpu = []  # thread CPU time of forward..optimizer: not inflated when other processes share the core
         for p in batches(args.steps):
             t0 = time.perf_counter()
             g = collate(p)
             t1 = time.perf_counter()
+            c0 = time.thread_time()
             if args.forces:
                 out = pot(g, forces=True, create_graph=True)
                 loss = ((out["energy"] - g.energy) / g.n_atoms).pow(2).mean().float() + out["forces"].pow(2).mean()
@@ -88,6 +93,7 @@ def main() -> None:
             t3 = time.perf_counter()
             opt.step()
             t4 = time.perf_counter()
+            cpu.append(1000 * (time.thread_time() - c0))
             for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 phases[k].append(1000 * v)
         total = sum(statistics.median(v) for v in phases.values())
@@ -95,6 +101,7 @@ def main() -> None:
             m = statistics.median(v)
             print(f"{k:14s} {m:8.2f} ms  {100 * m / total:5.1f} %")
         print(f"{'step':14s} {total:8.2f} ms  → {args.batch / total * 1000:.1f} structures/s (sum of medians)")
+        print(f"{'model step CPU':14s} {statistics.median(cpu):8.2f} ms  (thread CPU time, median; load {os.getloadavg()[0]:.1f})")
         return
     from torch.profiler import ProfilerActivity, profile
 

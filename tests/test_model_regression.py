@@ -87,3 +87,37 @@ def test_compiled_painn_matches_reference(reference):
     out = pot(g, forces=True, stress=True)
     np.testing.assert_allclose(out["forces"].double().numpy(), reference["float32"]["forces"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(out["stress"][3].double().numpy(), reference["float32"]["stress"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_painn_energy_only_paths_match_reference(reference, dtype):
+    """Energy-only evaluation and training (no forces: the edge directions need no gradient) take the
+    sparse direction sum (nn/sparse.py) and, in float32, oneDNN products (nn/onednn.py). Energies match
+    the pinned reference, and the parameter gradients of an energy loss match those of the plain dense
+    path (torch's own products, dense [E,3,F] direction term)."""
+    from multifi.data.batch import graph_from_atoms
+    from multifi.models.painn import PaiNN
+    from multifi.nn import onednn
+    from multifi.nn.sparse import DirectionSum
+
+    tdtype, tol = getattr(torch, dtype), TOL[dtype]
+    frames = ref_script.frames_from_json(reference["input"])
+    pot = ref_script.build(tdtype)
+    g = graph_from_atoms(frames, pot.cutoff, fidelity=reference["fidelity_of_structure"], dtype=tdtype)
+    assert DirectionSum.applicable(g.edge_index[0], g.positions[:1].expand(g.edge_index.shape[1], 3))
+    grads, energies = {}, {}
+    for fast in (True, False):
+        PaiNN.sparse_direction, onednn.ONEDNN = fast, fast and onednn._onednn_available()
+        try:
+            pot.zero_grad(set_to_none=True)
+            energy = pot(g)["energy"]
+            ((energy / g.n_atoms) ** 2).mean().backward()
+        finally:
+            PaiNN.sparse_direction, onednn.ONEDNN = True, onednn._onednn_available()
+        energies[fast] = energy.detach().double().numpy()
+        grads[fast] = {n: p.grad.double() for n, p in pot.named_parameters() if p.grad is not None}
+    np.testing.assert_allclose(energies[True], reference[dtype]["energy"], rtol=0, atol=tol["energy"])
+    assert set(grads[True]) == set(grads[False])
+    for name, want in grads[False].items():
+        err = float((grads[True][name] - want).norm())
+        assert err <= tol["grad_rel"] * float(want.norm()) + 1e-12, name

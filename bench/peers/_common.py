@@ -15,6 +15,7 @@ import time
 
 # the same model and data settings on both sides (issue 5)
 FEATURES, INTERACTIONS, CUTOFF, N_RBF, BATCH = 128, 3, 5.0, 20, 32
+FEATURES = int(os.environ.get("BENCH_PAINN_FEATURES", FEATURES))  # harness --painn-features (both sides)
 LR = 5e-4
 
 
@@ -88,8 +89,32 @@ def time_md(atoms, calc, steps: int, warmup: int = 20, dt_fs: float = 0.5) -> di
             "md_energy_drift_eV": float(atoms.get_total_energy() - e0), "md_final_T_K": float(atoms.get_temperature())}
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA",
+              "ATEN_CPU_CAPABILITY", "KMP_AFFINITY", "GOMP_CPU_AFFINITY")
+
+
+def cpu_env() -> dict:
+    """What decides CPU kernel speed: CPU model, torch's vectorisation level, BLAS / oneDNN builds, threads."""
+    import torch
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    libs = [ln.strip(" -") for ln in torch.__config__.show().splitlines()
+            if any(k in ln for k in ("Math Kernel Library", "MKL-DNN", "oneDNN", "OpenBLAS", "BLAS_INFO"))]
+    blas = [x for x in libs if "BLAS_INFO" not in x]
+    return {"cpu": model, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "blas_onednn": blas, "mkldnn_enabled": torch.backends.mkldnn.is_available(),
+            "torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
+
+
 def emit(result: dict) -> None:
     result["peak_rss_MB"] = peak_rss_mb()
     result["threads_env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
+    result["cpu_env"] = cpu_env()
     sys.stdout.write("RESULT:" + json.dumps(result) + "\n")
     sys.stdout.flush()

@@ -1,10 +1,10 @@
 """PaiNN (Schütt, Unke, Gastegger, ICML 2021): equivariant message passing with scalar and vector features.
 
-Performance notes (bench/RESULTS.md has the measurements): the radial filters of all interactions come
-from one matrix product per forward, with the bias and the cutoff envelope folded into it; gathers use
-index_select (its backward is index_add, much cheaper on CPU than the index_put of `x[j]`); the
-first interaction skips the vector term of v_j, which is zero there. Outputs match the original
-implementation to float32 rounding (tests/test_model_regression.py).
+Performance notes (bench/RESULTS.md has the measurements): the radial filters are matrix products with
+the bias and the cutoff envelope folded into them; gathers use index_select (its backward is index_add,
+much cheaper on CPU than the index_put of `x[j]`); all edge-sized tensors are contiguous (index_add from
+strided views is ~10× slower); the first interaction skips the vector term of v_j, which is zero there.
+Outputs match the original implementation to float32 rounding (tests/test_model_regression.py).
 
 Compilation (model.compile, MULTIFI_COMPILE=1) is done for every backbone by Potential.
 """
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from multifi.data.stats import N_ELEMENTS
-from multifi.nn import MLP, BesselBasis, CosineCutoff
+from multifi.nn import MLP, BesselBasis, CosineCutoff, linear
+from multifi.nn.sparse import DirectionSum
 
 
 class PaiNNMessage(nn.Module):
@@ -26,16 +27,32 @@ class PaiNNMessage(nn.Module):
         self.phi = MLP([features, features, 3 * features])
         self.filter = nn.Linear(n_rbf, 3 * features)  # evaluated for all interactions at once by PaiNN
 
-    def forward(self, s, v, edge_index, filt, unit):
-        """s [N,F], v [N,3,F] or None (all zeros), filt [E,3F] = filter(rbf)·envelope, unit [E,3] → (s, v)."""
+    def forward(self, s, v, edge_index, filt, unit, direction: DirectionSum | None = None):
+        """s [N,F], v [N,3,F] or None (all zeros), filt: three [E,F] = filter(rbf)·envelope (scalar, v_j and
+        direction parts), unit [E,3], direction: the sparse Σ_j x_ij ⊗ û_ij when û is constant → (s, v).
+
+        Every edge-sized tensor is contiguous: the three parts of phi are gathered and filtered
+        separately instead of splitting one [E,3F] product (index_add from a strided view of it was
+        ~10× slower, and the split's backward copies all of it once more); the v_j product and the
+        direction term are one product and one in-place addcmul instead of two products and a sum.
+        """
         i, j = edge_index
-        x = self.phi(s).index_select(0, j) * filt  # [E, 3F]
-        ds, dvv, dvs = torch.split(x, self.F, dim=-1)
-        dv = dvs.unsqueeze(1) * unit.unsqueeze(-1)  # [E,3,F]
-        if v is not None:  # v_j term; v is identically zero before the first interaction
-            dv = dv + dvv.unsqueeze(1) * v.index_select(0, j)
+        parts = torch.split(self.phi(s), self.F, dim=-1)  # [N,F] each: scalar, v_j, direction
+        ds, dvs = (parts[k].contiguous().index_select(0, j) * filt[k] for k in (0, 2))  # [E,F]
+        if direction is not None:  # û constant: the direction term without an [E,3,F] tensor
+            dir_sum = direction(dvs)  # [N,3,F]
+            if v is not None:
+                dvv = parts[1].contiguous().index_select(0, j) * filt[1]
+                dir_sum = v.index_add(0, i, dvv.unsqueeze(1) * v.index_select(0, j)) + dir_sum
+            v = dir_sum
+        elif v is None:  # v is identically zero before the first interaction: no v_j term
+            dv = dvs.unsqueeze(1) * unit.unsqueeze(-1)  # [E,3,F]
+            v = dv.new_zeros((s.shape[0],) + dv.shape[1:]).index_add_(0, i, dv)
+        else:
+            dvv = parts[1].contiguous().index_select(0, j) * filt[1]
+            dv = (dvv.unsqueeze(1) * v.index_select(0, j)).addcmul_(dvs.unsqueeze(1), unit.unsqueeze(-1))
+            v = v.index_add(0, i, dv)
         s = s.index_add(0, i, ds)
-        v = dv.new_zeros((s.shape[0],) + dv.shape[1:]).index_add_(0, i, dv) if v is None else v.index_add(0, i, dv)
         return s, v
 
 
@@ -58,7 +75,13 @@ class PaiNNUpdate(nn.Module):
 
 
 class PaiNN(nn.Module):
-    """PaiNN representation: (numbers, edges, edge vectors, optional atom conditioning) → scalar features [N, F]."""
+    """PaiNN representation: (numbers, edges, edge vectors, optional atom conditioning) → scalar features [N, F].
+
+    sparse_direction: when the edge directions need no gradient (energy-only training, inference without
+    forces) and edges are sorted by centre, Σ_j x_ij ⊗ û_ij is a sparse product (nn/sparse.py).
+    """
+
+    sparse_direction = True
 
     def __init__(self, features: int = 128, interactions: int = 3, cutoff: float = 5.0, n_rbf: int = 20,
                  max_z: int = N_ELEMENTS, shared_filters: bool = False):
@@ -73,17 +96,23 @@ class PaiNN(nn.Module):
             for m in self.messages[1:]:
                 m.filter = self.messages[0].filter
 
-    def filters(self, r: torch.Tensor) -> list[torch.Tensor]:
-        """Radial filters of every interaction, [E, 3F] each, in one matrix product.
+    def filters(self, r: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Radial filters of every interaction: three contiguous [E, F] parts each (scalar, v_j, direction).
 
         (W·rbf + b)·fcut = [rbf·fcut, fcut] @ [W | b]ᵀ: the envelope multiplies the filter after its
-        bias (messages vanish smoothly at the cutoff) without a separate [E, 3F] product.
+        bias (messages vanish smoothly at the cutoff) without a separate [E, 3F] product. One product
+        per part rather than one for all and a split: the products stay contiguous and the split's
+        backward would copy all filter gradients into one edge-sized tensor first. The first
+        interaction has no v_j term, so its v_j part is not computed.
         """
         fcut = self.fcut(r).unsqueeze(-1)
         basis = torch.cat([self.rbf(r) * fcut, fcut], dim=-1)  # [E, n_rbf + 1]
-        weight = torch.cat([torch.cat([m.filter.weight, m.filter.bias.unsqueeze(-1)], dim=-1)
-                            for m in self.messages], dim=0)  # [K·3F, n_rbf + 1]
-        return torch.split(basis @ weight.t(), 3 * self.features, dim=-1)
+        out = []
+        for k, m in enumerate(self.messages):
+            weight = torch.cat([m.filter.weight, m.filter.bias.unsqueeze(-1)], dim=-1)  # [3F, n_rbf + 1]
+            w = torch.split(weight, self.features, dim=0)
+            out.append(tuple(None if (k == 0 and p == 1) else linear(basis, w[p]) for p in range(3)))
+        return out
 
     def geometry(self, edge_index: torch.Tensor, edge_vec: torch.Tensor) -> None:
         """PaiNN needs no precomputed geometry beyond the edges."""
@@ -101,8 +130,10 @@ class PaiNN(nn.Module):
         r = torch.linalg.norm(edge_vec, dim=-1)
         unit = edge_vec / r.unsqueeze(-1)
         v = None
+        direction = DirectionSum(edge_index[0], unit, s.shape[0]) if (
+            self.sparse_direction and DirectionSum.applicable(edge_index[0], unit)) else None
         for message, update, filt in zip(self.messages, self.updates, self.filters(r)):
-            s, v = message(s, v, edge_index, filt, unit)
+            s, v = message(s, v, edge_index, filt, unit, direction)
             s, v = update(s, v)
         return s
 

@@ -1,0 +1,96 @@
+"""FLOPs of one PaiNN training step (torch.utils.flop_counter) against this CPU's measured sgemm rate.
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/flops.py [--features 64] [--interactions 3]
+        [--steps 20] [--forces]
+
+Counts the matrix-product FLOPs (mm/addmm/bmm; flop_counter ignores elementwise work) of forward + loss +
+backward on batches of 32 of the benchmark's QM9 molecules, with the plain dense path (oneDNN and the
+sparse direction sum off: the same arithmetic; their kernels are not counted by flop_counter). Then
+times the step as training runs it (median thread CPU time over --steps) and a 1024² float32 sgemm
+(torch.mm = MKL, and oneDNN), and prints FLOPs per step / step time as a fraction of the sgemm rate.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def sgemm_rate(n: int = 1024, reps: int = 30) -> dict:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = {}
+    for name, fn in (("torch.mm (MKL)", lambda: a @ b),
+                     ("oneDNN", lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))):
+        ts = []
+        for _ in range(reps):
+            t = time.thread_time()
+            fn()
+            ts.append(time.thread_time() - t)
+        out[name] = 2 * n ** 3 / min(ts) / 1e9  # best of reps: the machine is shared
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--features", type=int, default=64)
+    ap.add_argument("--interactions", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--forces", action="store_true")
+    args = ap.parse_args()
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import multifi.nn.onednn as dnn
+    from multifi.models.painn import PaiNN
+    from profile_painn import setup
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    pot, collate, batches, loss_fn = setup(features=args.features, interactions=args.interactions)
+    opt = torch.optim.AdamW(pot.parameters(), lr=5e-4, fused=True)
+
+    def step(g):
+        if args.forces:
+            out = pot(g, forces=True, create_graph=True)
+            loss = ((out["energy"] - g.energy) / g.n_atoms).pow(2).mean().float() + out["forces"].pow(2).mean()
+        else:
+            loss, _ = loss_fn(pot(g), g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    graphs = [collate(p) for p in batches(args.steps + 3)]
+    fast = dnn.ONEDNN, PaiNN.sparse_direction
+    dnn.ONEDNN, PaiNN.sparse_direction = False, False
+    flops = []
+    for g in graphs[:5]:
+        with FlopCounterMode(display=False) as fc:
+            step(g)
+        flops.append(fc.get_total_flops())
+    dnn.ONEDNN, PaiNN.sparse_direction = fast
+    for g in graphs[:3]:
+        step(g)
+    cpu = []
+    for g in graphs[3:]:
+        t = time.thread_time()
+        step(g)
+        cpu.append(time.thread_time() - t)
+    f, t = statistics.mean(flops), statistics.median(cpu)
+    rates = sgemm_rate()
+    print(f"PaiNN {args.features}x{args.interactions} {'force' if args.forces else 'energy'} training step, batch 32: "
+          f"{f / 1e9:.3f} GFLOP (matrix products), {1e3 * t:.1f} ms thread CPU (median of {len(cpu)}), "
+          f"{f / t / 1e9:.1f} GFLOP/s; load {os.getloadavg()[0]:.1f}")
+    for name, r in rates.items():
+        print(f"  sgemm 1024² {name}: {r:.1f} GFLOP/s → step at {100 * f / t / 1e9 / r:.1f} % of it")
+
+
+if __name__ == "__main__":
+    main()
