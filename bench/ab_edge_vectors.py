@@ -3,18 +3,26 @@ models/potential.py) vs index_select + bmm. Result in bench/RESULTS.md (no gain,
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/ab_edge_vectors.py
 """
-import time, statistics, types, numpy as np, torch
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
 torch.set_num_threads(1)
 from multifi.config import ModelConfig
-from multifi.data.readers.matpes import read_matpes
-from multifi.data.neighbors import NeighborCache
 from multifi.data.batch import GraphCollator
-from multifi.models.registry import build_potential
+from multifi.data.neighbors import NeighborCache
+from multifi.data.readers.matpes import read_matpes
 from multifi.models.head import fit_baseline
-from multifi.train.loss import MultiFidelityLoss
 from multifi.models.potential import Potential
-from multifi.models.response import strained, derivatives
+from multifi.models.registry import build_potential
+from multifi.models.response import derivatives, strained
 from multifi.nn import scatter_sum
+from multifi.train.loss import MultiFidelityLoss
+
+
 def fwd_sel(self, graph, forces=False, stress=False, create_graph=False):
     B = graph.num_graphs
     stress = stress and bool((graph.cell.abs().sum((1, 2)) > 0).any())
@@ -35,26 +43,50 @@ def fwd_sel(self, graph, forces=False, stress=False, create_graph=False):
         out = {"energy": energy}
         if need_grad:
             f, st = derivatives(energy, positions, eps, graph.volume(), create_graph)
-            if forces: out["forces"] = f
-            if st is not None: out["stress"] = st
+            if forces:
+                out["forces"] = f
+            if st is not None:
+                out["stress"] = st
         if not create_graph and need_grad:
             out = {k: v.detach() for k, v in out.items()}
     return out
+
+
 ds = read_matpes("/work/shared/data/solids/PBE.jsonl.gz")
 pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
 pot = build_potential(ModelConfig(backbone="m3gnet", features=64).model_dump(), list(ds.fidelities.names))
 pot.head.set_baseline(*fit_baseline(ds, pairs))
-col = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False)); lf = MultiFidelityLoss()
+col = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False))
+lf = MultiFidelityLoss()
 rng = np.random.default_rng(0)
 gs = [col(pairs[rng.choice(len(pairs), 32, replace=False)]) for _ in range(33)]
+
+
 def step(f, g):
-    out = f(pot, g, forces=True, stress=True, create_graph=True); loss,_ = lf(out, g); pot.zero_grad(); loss.backward(); return out
+    out = f(pot, g, forces=True, stress=True, create_graph=True)
+    loss, _ = lf(out, g)
+    pot.zero_grad()
+    loss.backward()
+    return out
+
+
 ta, tb, d = [], [], 0
 for k, g in enumerate(gs):
     order = [(Potential.forward, ta), (fwd_sel, tb)] if k % 2 == 0 else [(fwd_sel, tb), (Potential.forward, ta)]
     res = []
     for f, ts in order:
-        t = time.perf_counter(); res.append(step(f, g)); ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        res.append(step(f, g))
+        ts.append(time.perf_counter() - t)
     d = max(d, float((res[0]["forces"] - res[1]["forces"]).abs().max()))
 ta, tb = ta[3:], tb[3:]
-print("indexing", 1e3*statistics.median(ta), "index_select", 1e3*statistics.median(tb), "speed-up", statistics.median([a/b for a,b in zip(ta,tb)]), "max dF", d)
+print(
+    "indexing",
+    1e3 * statistics.median(ta),
+    "index_select",
+    1e3 * statistics.median(tb),
+    "speed-up",
+    statistics.median([a / b for a, b in zip(ta, tb)]),
+    "max dF",
+    d,
+)

@@ -9,6 +9,7 @@ its compilation happens in the 3 untimed warm-up steps). Same weights. train = f
 loss + backward (double backward); md = forces only, no create_graph, no parameter gradients
 (what the ASE calculator does). Prints the median of per-step ratios A/B and the largest force difference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ def main() -> None:
 
     import numpy as np
     import torch
-
     from legacy import current, module_at
+
     from multifi.config import ModelConfig
     from multifi.data.batch import GraphCollator
     from multifi.data.neighbors import NeighborCache
@@ -89,11 +90,17 @@ def main() -> None:
     ta, tb = ta[3:], tb[3:]
     ratios = [a / b for a, b in zip(ta, tb)]
     q = statistics.quantiles(ratios, n=4)
-    print(f"mode={args.mode} threads={args.threads} steps={len(ta)} A={args.base or 'work tree'} B={args.tree or 'work tree'}"
-          f"{' compiled' if args.compile_b else ''}")
-    print(f"A median {1000 * statistics.median(ta):8.1f} ms/step   B median {1000 * statistics.median(tb):8.1f} ms/step")
-    print(f"speed-up B vs A: median of per-step ratios {statistics.median(ratios):.3f} (quartiles {q[0]:.3f}..{q[2]:.3f}); "
-          f"max |ΔF| = {diff:.2e} eV/Å")
+    print(
+        f"mode={args.mode} threads={args.threads} steps={len(ta)} A={args.base or 'work tree'} B={args.tree or 'work tree'}"
+        f"{' compiled' if args.compile_b else ''}"
+    )
+    print(
+        f"A median {1000 * statistics.median(ta):8.1f} ms/step   B median {1000 * statistics.median(tb):8.1f} ms/step"
+    )
+    print(
+        f"speed-up B vs A: median of per-step ratios {statistics.median(ratios):.3f} (quartiles {q[0]:.3f}..{q[2]:.3f}); "
+        f"max |ΔF| = {diff:.2e} eV/Å"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ collated batch: train = forward + energy loss + backward; forces = forward with 
 Prints median step times, the median of per-step ratios A/B (= speed-up of B), and the largest
 output difference (energy) between A and B. On a shared, noisy machine only the ratio is meaningful.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,26 +30,34 @@ def main() -> None:
     ap.add_argument("--tree", default=None, help="B = this revision or file instead of the work tree")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--mode", choices=["train", "forces", "infer", "calc"], default="train",
-                    help="calc: one molecule per step, frozen parameters, forces by one backward (the ASE calculator)")
+    ap.add_argument(
+        "--mode",
+        choices=["train", "forces", "infer", "calc"],
+        default="train",
+        help="calc: one molecule per step, frozen parameters, forces by one backward (the ASE calculator)",
+    )
     ap.add_argument("--compile-b", action="store_true", help="B is the compiled potential (model.compile)")
-    ap.add_argument("--a-no-onednn", action="store_true",
-                    help="A computes its float32 products with torch's default BLAS (multifi.nn.onednn.ONEDNN off)")
+    ap.add_argument(
+        "--a-no-onednn",
+        action="store_true",
+        help="A computes its float32 products with torch's default BLAS (multifi.nn.onednn.ONEDNN off)",
+    )
     ap.add_argument("--features", type=int, default=128)
     ap.add_argument("--interactions", type=int, default=3)
     args = ap.parse_args()
     import copy
 
     import torch
-
-    import multifi.nn.onednn as lin
     from legacy import current, module_at
     from profile_painn import setup
 
+    import multifi.nn.onednn as lin
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    pot_b, collate, batches, loss_fn = setup(batch=1 if args.mode == "calc" else 32, features=args.features,
-                                             interactions=args.interactions)
+    pot_b, collate, batches, loss_fn = setup(
+        batch=1 if args.mode == "calc" else 32, features=args.features, interactions=args.interactions
+    )
     base = module_at(args.base, "painn")
     pot_a = copy.deepcopy(pot_b)
     rep = pot_b.representation
@@ -56,8 +65,9 @@ def main() -> None:
     pot_a.representation.load_state_dict(rep.state_dict())
     pot_a.representation = current(pot_a.representation)
     if args.tree:
-        pot_b.representation = module_at(args.tree, "painn").PaiNN(rep.features, len(rep.messages), rep.cutoff,
-                                                          rep.rbf.freq.numel())
+        pot_b.representation = module_at(args.tree, "painn").PaiNN(
+            rep.features, len(rep.messages), rep.cutoff, rep.rbf.freq.numel()
+        )
         pot_b.representation.load_state_dict(rep.state_dict())
         pot_b.representation = current(pot_b.representation)
 
@@ -107,15 +117,23 @@ def main() -> None:
     cratios = [a / b for a, b in zip(ca, cb)]
     print(f"mode={args.mode} threads={args.threads} steps={len(ta)} A={args.base} B={args.tree or 'work tree'}")
     nb = 1 if args.mode == "calc" else 32
-    print(f"A (base)   median {1000 * statistics.median(ta):8.2f} ms/step  {nb / statistics.median(ta):7.1f} structures/s")
-    print(f"B (tree)   median {1000 * statistics.median(tb):8.2f} ms/step  {nb / statistics.median(tb):7.1f} structures/s")
-    print(f"speed-up B vs A: median of per-step ratios {statistics.median(ratios):.3f} "
-          f"(quartiles {statistics.quantiles(ratios, n=4)[0]:.3f}..{statistics.quantiles(ratios, n=4)[2]:.3f}); "
-          f"max |Δ| = {diff:.2e} ({'forces eV/Å' if args.mode == 'calc' else 'energy eV'})")
-    print(f"thread CPU time: A {1000 * statistics.median(ca):.2f} ms, B {1000 * statistics.median(cb):.2f} ms, "
-          f"median of per-step ratios {statistics.median(cratios):.3f} (quartiles "
-          f"{statistics.quantiles(cratios, n=4)[0]:.3f}..{statistics.quantiles(cratios, n=4)[2]:.3f}); "
-          f"load {os.getloadavg()[0]:.1f}")
+    print(
+        f"A (base)   median {1000 * statistics.median(ta):8.2f} ms/step  {nb / statistics.median(ta):7.1f} structures/s"
+    )
+    print(
+        f"B (tree)   median {1000 * statistics.median(tb):8.2f} ms/step  {nb / statistics.median(tb):7.1f} structures/s"
+    )
+    print(
+        f"speed-up B vs A: median of per-step ratios {statistics.median(ratios):.3f} "
+        f"(quartiles {statistics.quantiles(ratios, n=4)[0]:.3f}..{statistics.quantiles(ratios, n=4)[2]:.3f}); "
+        f"max |Δ| = {diff:.2e} ({'forces eV/Å' if args.mode == 'calc' else 'energy eV'})"
+    )
+    print(
+        f"thread CPU time: A {1000 * statistics.median(ca):.2f} ms, B {1000 * statistics.median(cb):.2f} ms, "
+        f"median of per-step ratios {statistics.median(cratios):.3f} (quartiles "
+        f"{statistics.quantiles(cratios, n=4)[0]:.3f}..{statistics.quantiles(cratios, n=4)[2]:.3f}); "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Both run the same make_fx graph of the energy and its edge-vector gradient (forc
 Si cell given with explicit ghost atoms, as LAMMPS gives it; times are medians of repeated calls.
     python bench/deploy_formats.py [--backbone m3gnet|painn] [--repeats 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,14 +35,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    from test_deploy import m3gnet_potential, si64
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from multifi.deploy import _Core, _scriptable, _within_hops, build_deployed, lammps_style_inputs, metadata
     from multifi.models.m3gnet import triplet_index
     from multifi.models.registry import load_potential
-    from test_deploy import m3gnet_potential, si64
 
-    pot = m3gnet_potential() if args.backbone == "m3gnet" else load_potential(Path(__file__).parents[1] / "tests/data/solids_painn.pt")
+    pot = (
+        m3gnet_potential()
+        if args.backbone == "m3gnet"
+        else load_potential(Path(__file__).parents[1] / "tests/data/solids_painn.pt")
+    )
     fid = pot.fidelities.names[-1]
     meta = metadata(pot, fid, torch.float64)
     atoms = si64()
@@ -74,8 +79,16 @@ def main() -> None:
     t0 = time.perf_counter()
     N, E = torch.export.Dim("N", min=2), torch.export.Dim("E", min=2)
     B, T = torch.export.Dim("B", min=2), torch.export.Dim("T", min=2)
-    dyn = ({0: N}, {0: N}, {1: E}, {0: E}, {0: N}, {0: B} if threebody else None, {0: T} if threebody else None,
-           {0: T} if threebody else None)
+    dyn = (
+        {0: N},
+        {0: N},
+        {1: E},
+        {0: E},
+        {0: N},
+        {0: B} if threebody else None,
+        {0: T} if threebody else None,
+        {0: T} if threebody else None,
+    )
     ep = torch.export.export(gm, example, dynamic_shapes=dyn, strict=False)
     scripted = torch.jit.script(_scriptable(gm))
     t_core = median_time(lambda: scripted(*example), args.repeats)
@@ -85,10 +98,12 @@ def main() -> None:
     out = aoti(*example)
     err = max(abs(float(out[0] @ example[4]) - float(ref["energy"])), (out[2] - ref["virial"]).abs().max().item())
     t_aoti = median_time(lambda: aoti(*example), args.repeats)
-    print(f"{args.backbone}: {len(atoms)} local + {n - len(atoms)} ghost atoms, {ei.shape[1]} pairs; "
-          f"deployed file (TorchScript) {t_script * 1e3:.1f} ms/call; the same graph: TorchScript "
-          f"{t_core * 1e3:.1f} ms/call, AOTInductor {t_aoti * 1e3:.1f} ms/call "
-          f"(compiled in {compile_s:.0f} s; max |ΔE|, |ΔW| {err:.1e} eV)")
+    print(
+        f"{args.backbone}: {len(atoms)} local + {n - len(atoms)} ghost atoms, {ei.shape[1]} pairs; "
+        f"deployed file (TorchScript) {t_script * 1e3:.1f} ms/call; the same graph: TorchScript "
+        f"{t_core * 1e3:.1f} ms/call, AOTInductor {t_aoti * 1e3:.1f} ms/call "
+        f"(compiled in {compile_s:.0f} s; max |ΔE|, |ΔW| {err:.1e} eV)"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 
 Alternates the two, 200 updates each, and prints median thread CPU times and the largest difference.
 """
+
 import copy
 import statistics
 import time
@@ -35,5 +36,8 @@ for features in (64, 128):
             times["foreach"].append(time.thread_time() - t)
     diff = max(float((a - b).abs().max()) for a, b in zip(ema_a.state_dict().values(), ema_b.state_dict().values()))
     n = sum(1 for _ in pot.parameters())
-    print(f"PaiNN {features}x3 ({n} tensors): " + ", ".join(f"{k} {1e3 * statistics.median(v[10:]):.3f} ms"
-          for k, v in times.items()) + f"; max |difference| {diff:.1e}")
+    print(
+        f"PaiNN {features}x3 ({n} tensors): "
+        + ", ".join(f"{k} {1e3 * statistics.median(v[10:]):.3f} ms" for k, v in times.items())
+        + f"; max |difference| {diff:.1e}"
+    )

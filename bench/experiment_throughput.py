@@ -9,6 +9,7 @@ machine was quiet, 39 ms/step with other jobs running; 2 threads 49 ms/step (655
 than one. PaiNN 64×2 68 ms, 64×3 116 ms, 128×3 190 ms per step (2 threads). These numbers size
 experiments/qm9_small.yaml (see its comments).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,14 +39,23 @@ def main():
     t0 = time.perf_counter()
     nl = NeighborCache(ds, args.cutoff, progress=False)
     t_nl = time.perf_counter() - t0
-    print(f"{len(ds)} molecules, {ds.n_atoms.mean():.1f} atoms, {nl.n_edges.mean():.0f} edges/molecule; "
-          f"neighbour lists {len(ds) / t_nl:.0f} mol/s")
+    print(
+        f"{len(ds)} molecules, {ds.n_atoms.mean():.1f} atoms, {nl.n_edges.mean():.0f} edges/molecule; "
+        f"neighbour lists {len(ds) / t_nl:.0f} mol/s"
+    )
     collate = GraphCollator(ds, nl)
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
     for size in args.sizes.split(","):
         F, L = map(int, size.split("x"))
-        model = {"backbone": "painn", "features": F, "interactions": L, "cutoff": args.cutoff, "n_rbf": 20,
-                 "readout_hidden": None, "fidelity_embedding": {"dim": 16, "inject": "both", "onehot_at": "both"}}
+        model = {
+            "backbone": "painn",
+            "features": F,
+            "interactions": L,
+            "cutoff": args.cutoff,
+            "n_rbf": 20,
+            "readout_hidden": None,
+            "fidelity_embedding": {"dim": 16, "inject": "both", "onehot_at": "both"},
+        }
         pot = build_potential(model, list(ds.fidelities.names))
         pot.head.set_baseline(*fit_baseline(ds, pairs))
         opt = torch.optim.AdamW(pot.parameters(), lr=5e-4)
@@ -70,8 +80,10 @@ def main():
             collate(pairs[rng.choice(len(pairs), args.batch, replace=False)])
         dc = (time.perf_counter() - t0) / 20
         n_par = sum(p.numel() for p in pot.parameters())
-        print(f"PaiNN F={F} L={L} ({n_par / 1e3:.0f}k params): train {dt * 1e3:.1f} ms/step = "
-              f"{args.batch / dt:.0f} mol/s; eval {args.batch / de:.0f} mol/s; collate {dc * 1e3:.1f} ms/batch")
+        print(
+            f"PaiNN F={F} L={L} ({n_par / 1e3:.0f}k params): train {dt * 1e3:.1f} ms/step = "
+            f"{args.batch / dt:.0f} mol/s; eval {args.batch / de:.0f} mol/s; collate {dc * 1e3:.1f} ms/batch"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ sparse direction sum off: the same arithmetic; their kernels are not counted by 
 times the step as training runs it (median thread CPU time over --steps) and a 1024² float32 sgemm
 (torch.mm = MKL, and oneDNN), and prints FLOPs per step / step time as a fraction of the sgemm rate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,16 @@ def sgemm_rate(n: int = 1024, reps: int = 30) -> dict:
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = {}
-    for name, fn in (("torch.mm (MKL)", lambda: a @ b),
-                     ("oneDNN", lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))):
+    for name, fn in (
+        ("torch.mm (MKL)", lambda: a @ b),
+        ("oneDNN", lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")),
+    ):
         ts = []
         for _ in range(reps):
             t = time.thread_time()
             fn()
             ts.append(time.thread_time() - t)
-        out[name] = 2 * n ** 3 / min(ts) / 1e9  # best of reps: the machine is shared
+        out[name] = 2 * n**3 / min(ts) / 1e9  # best of reps: the machine is shared
     return out
 
 
@@ -46,11 +49,11 @@ def main() -> None:
     ap.add_argument("--forces", action="store_true")
     args = ap.parse_args()
     import torch
+    from profile_painn import setup
     from torch.utils.flop_counter import FlopCounterMode
 
     import multifi.nn.onednn as dnn
     from multifi.models.painn import PaiNN
-    from profile_painn import setup
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -85,9 +88,11 @@ def main() -> None:
         cpu.append(time.thread_time() - t)
     f, t = statistics.mean(flops), statistics.median(cpu)
     rates = sgemm_rate()
-    print(f"PaiNN {args.features}x{args.interactions} {'force' if args.forces else 'energy'} training step, batch 32: "
-          f"{f / 1e9:.3f} GFLOP (matrix products), {1e3 * t:.1f} ms thread CPU (median of {len(cpu)}), "
-          f"{f / t / 1e9:.1f} GFLOP/s; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"PaiNN {args.features}x{args.interactions} {'force' if args.forces else 'energy'} training step, batch 32: "
+        f"{f / 1e9:.3f} GFLOP (matrix products), {1e3 * t:.1f} ms thread CPU (median of {len(cpu)}), "
+        f"{f / t / 1e9:.1f} GFLOP/s; load {os.getloadavg()[0]:.1f}"
+    )
     for name, r in rates.items():
         print(f"  sgemm 1024² {name}: {r:.1f} GFLOP/s → step at {100 * f / t / 1e9 / r:.1f} % of it")
 

@@ -29,6 +29,7 @@ Same model on both sides: PaiNN 128 features, 3 interactions, 5 Å cosine cutoff
 (ours Bessel, schnetpack's default Gaussian), atomwise MLP 128→64→1, batch 32, float32, lr 5e-4 AdamW.
 What each side times is described in bench/peers/multifi_painn.py and bench/peers/schnetpack_painn.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,16 @@ def ensure_peer_venv(peer: str) -> Path:
         return peer_python(peer)
     print(f"[harness] creating {venv} (pip install {PEER_PINS[peer]}; a few minutes)", file=sys.stderr, flush=True)
     subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    cmd = [str(venv / "bin" / "pip"), "install", "-q", "-c", str(BENCH / "peers" / "constraints.txt"),
-           "torch==2.13.0", PEER_PINS[peer], "ase"]
+    cmd = [
+        str(venv / "bin" / "pip"),
+        "install",
+        "-q",
+        "-c",
+        str(BENCH / "peers" / "constraints.txt"),
+        "torch==2.13.0",
+        PEER_PINS[peer],
+        "ase",
+    ]
     if peer == "schnetpack":
         cmd.append("matscipy")  # its QM9 experiment config's neighbour list
     env = dict(os.environ, HOME=str(SCRATCH / "home"))  # matgl writes ~/.cache/matgl on import
@@ -119,7 +128,10 @@ def export_solids() -> tuple[Path, Path]:
     for s in range(len(ds)):
         sl = ds.atoms_slice(s)
         a = ase.Atoms(ds.numbers[sl], ds.positions[sl], cell=ds.cells[s], pbc=ds.pbc[s])
-        a.info["energy_eV"], a.info["stress_GPa"] = float(ds.energy[s, 0]), np.asarray(ds.stress[s, 0], float).reshape(9)
+        a.info["energy_eV"], a.info["stress_GPa"] = (
+            float(ds.energy[s, 0]),
+            np.asarray(ds.stress[s, 0], float).reshape(9),
+        )
         a.arrays["forces_label"] = np.asarray(ds.forces[sl, 0], float)
         frames.append(a)
     ase.io.write(str(xyz) + ".tmp", frames, format="extxyz")
@@ -133,8 +145,9 @@ def export_solids() -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------ runs
 def source_at(rev: str) -> Path:
     """multifi's src/ as of git revision `rev`, unpacked into bench/.scratch/src-<rev> (for baselines)."""
-    full = subprocess.run(["git", "rev-parse", "--short", rev], capture_output=True, text=True, cwd=ROOT,
-                          check=True).stdout.strip()
+    full = subprocess.run(
+        ["git", "rev-parse", "--short", rev], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout.strip()
     dest = SCRATCH / f"src-{full}"
     if not (dest / "src" / "multifi").exists():
         dest.mkdir(parents=True, exist_ok=True)
@@ -144,15 +157,22 @@ def source_at(rev: str) -> Path:
 
 
 def run(cmd: list[str], threads: int, env_extra: dict | None = None) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
-               HOME=str(SCRATCH / "home"), PYTHONWARNINGS="ignore", **(env_extra or {}))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        OMP_WAIT_POLICY="PASSIVE",
+        HOME=str(SCRATCH / "home"),
+        PYTHONWARNINGS="ignore",
+        **(env_extra or {}),
+    )
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT:")]
     if p.returncode != 0 or not lines:
         sys.stderr.write(p.stdout[-3000:] + p.stderr[-5000:])
         raise SystemExit(f"[harness] failed: {shlex.join(cmd)}")
-    out = json.loads(lines[-1][len("RESULT:"):])
+    out = json.loads(lines[-1][len("RESULT:") :])
     out["wall_s"] = time.perf_counter() - t0
     out["loadavg_after"] = os.getloadavg()[0]
     return out
@@ -165,14 +185,28 @@ def commands(peer: str, task: str, threads: int, args) -> tuple[list[str], list[
         xyz, md = export_qm9(args.n)
         common += ["--steps", str(args.steps), "--md-steps", str(args.md_steps), "--md-xyz", str(md)]
         ours = [OURS_PYTHON, str(BENCH / "peers" / "multifi_painn.py"), "--n", str(args.n), "--labels", str(LABELS)]
-        theirs = [str(peer_python(peer)), str(BENCH / "peers" / "schnetpack_painn.py"), "--extxyz", str(xyz),
-                  "--scratch", str(SCRATCH), "--nl", args.spk_nl]
+        theirs = [
+            str(peer_python(peer)),
+            str(BENCH / "peers" / "schnetpack_painn.py"),
+            "--extxyz",
+            str(xyz),
+            "--scratch",
+            str(SCRATCH),
+            "--nl",
+            args.spk_nl,
+        ]
     elif peer == "matgl":
         xyz, md = export_solids()
         common += ["--steps", str(args.steps_m3gnet), "--md-steps", str(args.md_steps_m3gnet), "--md-xyz", str(md)]
         ours = [OURS_PYTHON, str(BENCH / "peers" / "multifi_m3gnet.py"), "--solids", str(SOLIDS)]
-        theirs = [str(peer_python(peer)), str(BENCH / "peers" / "matgl_m3gnet.py"), "--extxyz", str(xyz),
-                  "--scratch", str(SCRATCH)]
+        theirs = [
+            str(peer_python(peer)),
+            str(BENCH / "peers" / "matgl_m3gnet.py"),
+            "--extxyz",
+            str(xyz),
+            "--scratch",
+            str(SCRATCH),
+        ]
     else:
         raise SystemExit(f"unknown peer {peer!r} (known: {', '.join(PEER_PINS)})")
     return ours + common, theirs + common
@@ -202,8 +236,14 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
-    return {"cpu": cpu, "cpu_flags": isa, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "cpu": cpu,
+        "cpu_flags": isa,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def merge_results(path: Path, entries: list[dict]) -> list[dict]:
@@ -217,9 +257,15 @@ def merge_results(path: Path, entries: list[dict]) -> list[dict]:
 
 def git_commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "src/multifi/models", "src/multifi/nn",
-                                "src/multifi/data"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "src/multifi/models", "src/multifi/nn", "src/multifi/data"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
@@ -235,16 +281,32 @@ def main() -> None:
     ap.add_argument("--md-steps", type=int, default=300)
     ap.add_argument("--steps-m3gnet", type=int, default=40, help="timed M3GNet training steps per run")
     ap.add_argument("--md-steps-m3gnet", type=int, default=100, help="MD steps on the 64-atom Si cell")
-    ap.add_argument("--spk-nl", choices=["matscipy", "ase"], default="matscipy",
-                    help="schnetpack neighbour-list transform (its QM9 experiment config uses matscipy)")
+    ap.add_argument(
+        "--spk-nl",
+        choices=["matscipy", "ase"],
+        default="matscipy",
+        help="schnetpack neighbour-list transform (its QM9 experiment config uses matscipy)",
+    )
     ap.add_argument("--tasks", default="train,md")
-    ap.add_argument("--painn-features", type=int, default=None,
-                    help="PaiNN width on both sides (default 128; names get the suffix _f<width>)")
-    ap.add_argument("--ours-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="environment for our side only, e.g. MULTIFI_COMPILE=1 (names get the suffix --tag)")
+    ap.add_argument(
+        "--painn-features",
+        type=int,
+        default=None,
+        help="PaiNN width on both sides (default 128; names get the suffix _f<width>)",
+    )
+    ap.add_argument(
+        "--ours-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for our side only, e.g. MULTIFI_COMPILE=1 (names get the suffix --tag)",
+    )
     ap.add_argument("--tag", default="", help="suffix of the comparison names, e.g. _compiled")
-    ap.add_argument("--ours-rev", default=None,
-                    help="run our side from this git revision's src/ (e.g. the unoptimised baseline) instead of the work tree")
+    ap.add_argument(
+        "--ours-rev",
+        default=None,
+        help="run our side from this git revision's src/ (e.g. the unoptimised baseline) instead of the work tree",
+    )
     ap.add_argument("--out", default=str(BENCH / "results.json"))
     ap.add_argument("--setup-only", action="store_true")
     ap.add_argument("--markdown", metavar="RESULTS_JSON", help="print an existing results file as a markdown table")
@@ -281,8 +343,12 @@ def main() -> None:
                         runs[(side, task)].append(r)
                         raw.append(r)
                         key = "train_structures_per_s" if task == "train" else "md_steps_per_s"
-                        print(f"[harness] {peer} T={threads} pair {pair} {task:5s} {side:4s} {key}={r[key]:.1f} "
-                              f"load={r['loadavg_after']:.1f}", file=sys.stderr, flush=True)
+                        print(
+                            f"[harness] {peer} T={threads} pair {pair} {task:5s} {side:4s} {key}={r[key]:.1f} "
+                            f"load={r['loadavg_after']:.1f}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
             for task, key, name, unit, higher in METRICS:
                 if task not in tasks:
                     continue
@@ -294,20 +360,35 @@ def main() -> None:
                 # ratio of each interleaved pair, then the median of those (robust to load drift)
                 pair_ratios = [a / b for a, b in zip(o, p)]
                 v_ours, v_peer = runs[("ours", task)][0]["versions"], runs[("peer", task)][0]["versions"]
-                entries.append({
-                    "name": f"{PREFIX[peer]}_{name}_{threads}thread{args.tag}", "ours": round(mo, 2), "peer": round(mp, 2),
-                    "peer_name": f"{peer} {v_peer.get(peer, '')}".strip(), "unit": unit,
-                    "ratio": round(mo / mp, 3), "ratio_median_of_pairs": round(statistics.median(pair_ratios), 3),
-                    "higher_is_better": higher, "threads": threads, "pairs": len(pair_ratios),
-                    "ours_runs": [round(x, 2) for x in o], "peer_runs": [round(x, 2) for x in p],
-                    "machine": machine(), "cpu_env": {"ours": runs[("ours", task)][0].get("cpu_env"),
-                                                      "peer": runs[("peer", task)][0].get("cpu_env")},
-                    "load_avg": [round(r["loadavg_after"], 1) for r in runs[("ours", task)] + runs[("peer", task)]],
-                    "versions": {"ours": v_ours, "peer": v_peer,
-                                 "multifi_commit": args.ours_rev or git_commit(),
-                                 "ours_env": dict(kv.split("=", 1) for kv in args.ours_env)},
-                    "command": command,
-                })
+                entries.append(
+                    {
+                        "name": f"{PREFIX[peer]}_{name}_{threads}thread{args.tag}",
+                        "ours": round(mo, 2),
+                        "peer": round(mp, 2),
+                        "peer_name": f"{peer} {v_peer.get(peer, '')}".strip(),
+                        "unit": unit,
+                        "ratio": round(mo / mp, 3),
+                        "ratio_median_of_pairs": round(statistics.median(pair_ratios), 3),
+                        "higher_is_better": higher,
+                        "threads": threads,
+                        "pairs": len(pair_ratios),
+                        "ours_runs": [round(x, 2) for x in o],
+                        "peer_runs": [round(x, 2) for x in p],
+                        "machine": machine(),
+                        "cpu_env": {
+                            "ours": runs[("ours", task)][0].get("cpu_env"),
+                            "peer": runs[("peer", task)][0].get("cpu_env"),
+                        },
+                        "load_avg": [round(r["loadavg_after"], 1) for r in runs[("ours", task)] + runs[("peer", task)]],
+                        "versions": {
+                            "ours": v_ours,
+                            "peer": v_peer,
+                            "multifi_commit": args.ours_rev or git_commit(),
+                            "ours_env": dict(kv.split("=", 1) for kv in args.ours_env),
+                        },
+                        "command": command,
+                    }
+                )
     out = Path(args.out)
     out.write_text(json.dumps(merge_results(out, entries), indent=1) + "\n")
     with open(out.with_name(out.stem + "_history.jsonl"), "a") as f:
@@ -319,8 +400,10 @@ def main() -> None:
 def print_table(entries: list[dict]) -> None:
     print(f"{'comparison':40s} {'ours':>10s} {'peer':>10s} {'unit':>13s} {'ratio':>7s} {'pairwise':>8s}  peer / CPU")
     for e in entries:
-        print(f"{e['name']:40s} {e['ours']:10.1f} {e['peer']:10.1f} {e['unit']:>13s} {e['ratio']:7.2f} "
-              f"{e['ratio_median_of_pairs']:8.2f}  {e['peer_name']} / {e.get('machine', {}).get('cpu', '?')}")
+        print(
+            f"{e['name']:40s} {e['ours']:10.1f} {e['peer']:10.1f} {e['unit']:>13s} {e['ratio']:7.2f} "
+            f"{e['ratio_median_of_pairs']:8.2f}  {e['peer_name']} / {e.get('machine', {}).get('cpu', '?')}"
+        )
 
 
 def print_markdown(entries: list[dict]) -> None:
@@ -328,9 +411,11 @@ def print_markdown(entries: list[dict]) -> None:
     print("|---|---|---:|---:|---|---:|---:|---|")
     for e in entries:
         note = "" if e["higher_is_better"] else " (lower is better)"
-        print(f"| {e['name']} | {e.get('machine', {}).get('cpu', '?')} | {e['ours']:.1f} | {e['peer']:.1f} | "
-              f"{e['unit']}{note} | {e['ratio']:.2f} | {e['ratio_median_of_pairs']:.2f} | "
-              f"{e['ours_runs']} / {e['peer_runs']} |")
+        print(
+            f"| {e['name']} | {e.get('machine', {}).get('cpu', '?')} | {e['ours']:.1f} | {e['peer']:.1f} | "
+            f"{e['unit']}{note} | {e['ratio']:.2f} | {e['ratio_median_of_pairs']:.2f} | "
+            f"{e['ours_runs']} / {e['peer_runs']} |"
+        )
 
 
 if __name__ == "__main__":

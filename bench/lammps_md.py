@@ -5,6 +5,7 @@ against multifi.Calculator(dtype="float64") on the same model; each measurement 
 (TorchScript optimises its graph during the first calls). Needs `make lammps`.
     python bench/lammps_md.py [--model tests/data/solids_painn.pt] [--fidelity R2SCAN] [--sizes 2 4 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,10 @@ def main() -> None:
         tmp = Path(tmp)
         deployed = tmp / "model.pt"
         meta = deploy(args.model, args.fidelity, deployed)
-        print(f"model {Path(args.model).name} at {args.fidelity}: {meta['backbone']}, cutoff {meta['cutoff']} Å, "
-              f"ghost cutoff {meta['ghost_cutoff']} Å, float64")
+        print(
+            f"model {Path(args.model).name} at {args.fidelity}: {meta['backbone']}, cutoff {meta['cutoff']} Å, "
+            f"ghost cutoff {meta['ghost_cutoff']} Å, float64"
+        )
         print("| atoms | ASE 1 thread | LAMMPS 1 rank | ratio | ASE 2 threads | LAMMPS 2 ranks | ratio |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for k in args.sizes:

@@ -10,6 +10,7 @@
 Reports the time until training starts (metrics.csv appears when the first 10 training steps are
 logged, so this is an upper bound), the total time and the peak RSS of main process + workers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,25 +35,41 @@ def build(out: Path, atoms: int, shared: Path) -> dict:
     reps = int(np.ceil(atoms / base.n_atoms.sum()))
     S = len(base)
     rng = np.random.default_rng(0)
-    struct = np.tile(np.arange(S), reps)                       # [S·reps]
+    struct = np.tile(np.arange(S), reps)  # [S·reps]
     n_atoms = base.n_atoms[struct]
     offsets = np.concatenate([[0], np.cumsum(n_atoms)]).astype(np.int64)
-    atom_src = ranges(base.offsets[struct], n_atoms)           # source atom of every new atom
+    atom_src = ranges(base.offsets[struct], n_atoms)  # source atom of every new atom
     strain = np.eye(3) + rng.uniform(-0.01, 0.01, (len(struct), 3, 3))
     strain = 0.5 * (strain + strain.transpose(0, 2, 1))
     owner = np.repeat(np.arange(len(struct)), n_atoms)
-    positions = np.einsum("na,nab->nb", base.positions[atom_src], strain[owner]) + rng.normal(0, 0.03, (len(atom_src), 3))
+    positions = np.einsum("na,nab->nb", base.positions[atom_src], strain[owner]) + rng.normal(
+        0, 0.03, (len(atom_src), 3)
+    )
     cells = np.einsum("sab,sbc->sac", base.cells[struct], strain)
     keys = np.char.add(np.char.add(np.repeat(np.arange(reps), S).astype(str), ":"), base.keys[struct].astype(str))
     ds = FidelityDataset(
-        numbers=base.numbers[atom_src], positions=positions, offsets=offsets, cells=cells, pbc=base.pbc[struct],
-        keys=keys, fidelities=base.fidelities, energy=base.energy[struct] + rng.normal(0, 0.01, (len(struct), len(base.fidelities))),
-        forces=base.forces[atom_src], forces_mask=base.forces_mask[struct],
+        numbers=base.numbers[atom_src],
+        positions=positions,
+        offsets=offsets,
+        cells=cells,
+        pbc=base.pbc[struct],
+        keys=keys,
+        fidelities=base.fidelities,
+        energy=base.energy[struct] + rng.normal(0, 0.01, (len(struct), len(base.fidelities))),
+        forces=base.forces[atom_src],
+        forces_mask=base.forces_mask[struct],
         stress=base.stress[struct] if base.stress is not None else None,
-        stress_mask=base.stress_mask[struct] if base.stress_mask is not None else None, source="large")
+        stress_mask=base.stress_mask[struct] if base.stress_mask is not None else None,
+        source="large",
+    )
     ds.save(out)
-    return {"structures": len(ds), "atoms": int(offsets[-1]), "replicas": reps, "build_s": round(time.perf_counter() - t0, 1),
-            "disk_MB": round(sum(f.stat().st_size for f in out.glob("*.npy")) / 2**20)}
+    return {
+        "structures": len(ds),
+        "atoms": int(offsets[-1]),
+        "replicas": reps,
+        "build_s": round(time.perf_counter() - t0, 1),
+        "disk_MB": round(sum(f.stat().st_size for f in out.glob("*.npy")) / 2**20),
+    }
 
 
 def tree_memory_mb(pid: int, field: str) -> float:
@@ -79,11 +96,16 @@ def train(data: Path, run: Path, steps: int) -> dict:
         "model: {backbone: painn, features: 64, interactions: 2, cutoff: 5.0, fidelity_embedding: {dim: 4, inject: readout}}\n"
         f"train: {{epochs: 1, max_steps: {steps}, batch_size: 32, num_workers: 2, progress: false, threads: 2,"
         " val_every_n_steps: 1000000}\n"
-        f"output_dir: {run}\n")
+        f"output_dir: {run}\n"
+    )
     t0 = time.perf_counter()
     log = open(run.parent / f"{run.name}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "multifi.cli.main", "train", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "multifi.cli.main", "train", str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
+    )
     peak, peak_pss, first_step = 0.0, 0.0, None
     while proc.poll() is None:
         peak = max(peak, tree_memory_mb(proc.pid, "Rss:"))
@@ -94,9 +116,13 @@ def train(data: Path, run: Path, steps: int) -> dict:
     log.close()
     if proc.returncode:
         raise SystemExit((run.parent / f"{run.name}.log").read_text()[-3000:])
-    return {"train_start_s_upper_bound": round(first_step, 1) if first_step else None,
-            "total_s": round(time.perf_counter() - t0, 1), "peak_rss_tree_MB": round(peak),
-            "peak_pss_tree_MB": round(peak_pss), "steps": steps}
+    return {
+        "train_start_s_upper_bound": round(first_step, 1) if first_step else None,
+        "total_s": round(time.perf_counter() - t0, 1),
+        "peak_rss_tree_MB": round(peak),
+        "peak_pss_tree_MB": round(peak_pss),
+        "steps": steps,
+    }
 
 
 def main() -> None:
@@ -109,7 +135,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "dataset"
-    info = build(data, args.atoms, Path(args.shared)) if not (data / "multifi_dataset.json").exists() else {"reused": str(data)}
+    info = (
+        build(data, args.atoms, Path(args.shared))
+        if not (data / "multifi_dataset.json").exists()
+        else {"reused": str(data)}
+    )
     run = out / f"run_{int(time.time())}"
     result = {"dataset": info, "training": train(data, run, args.steps), "command": " ".join(sys.argv)}
     print(json.dumps(result, indent=1))

@@ -5,6 +5,7 @@ bookkeeping such as M3GNet's triplet lists) and `forward(..., condition, geometr
 lack both; `current(rep)` wraps such a module so that Potential can call it (it then makes its own
 geometry inside forward, as it always did).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -21,8 +22,9 @@ def module_at(rev: str, name: str) -> types.ModuleType:
     if Path(rev).is_file():
         src = Path(rev).read_text()
     else:
-        src = subprocess.run(["git", "show", f"{rev}:src/multifi/models/{name}.py"], capture_output=True, text=True,
-                             cwd=ROOT, check=True).stdout
+        src = subprocess.run(
+            ["git", "show", f"{rev}:src/multifi/models/{name}.py"], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout
     mod = types.ModuleType(f"{name}_variant")
     exec(compile(src, f"{name}@{rev}", "exec"), mod.__dict__)
     return mod

@@ -29,6 +29,7 @@ Measured (November 2026, shared 2-core machine under load ≈ 5, torch 2.13 CPU,
               matgl:   energy+forces 202 ms, +stress 200 ms, training step 710-730 ms
               (2 threads under the same load: multifi 178 / 181 / 680 ms, matgl 238 / 249 / 899 ms)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,12 @@ def multifi_side(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = {"backbone": "m3gnet", **SETTINGS, "n_rbf": SETTINGS["max_n"] * SETTINGS["max_l"],
-             "fidelity_embedding": {"dim": 4, "inject": "readout"}}
+    model = {
+        "backbone": "m3gnet",
+        **SETTINGS,
+        "n_rbf": SETTINGS["max_n"] * SETTINGS["max_l"],
+        "fidelity_embedding": {"dim": 4, "inject": "readout"},
+    }
     pot = build_potential(model, ["PBE", "R2SCAN"])
     parts = {k: count(m) for k, m in pot.representation.named_children() if count(m)}
     parts.update({"head": count(pot.head), "fidelity conditioning": count(pot.conditioning)})
@@ -113,9 +118,13 @@ def multifi_times(pot, args) -> dict:
     i, j = g.edge_index
     n_triplets = int(sum(len(x) for x in _triplet_count(pot, g)))
     pot.eval()
-    out = {"atoms": int(g.n_atoms.sum()), "edges": int(i.numel()), "triplets": n_triplets,
-           "energy_forces_s": timed(lambda: pot(g, forces=True), args.repeats),
-           "energy_forces_stress_s": timed(lambda: pot(g, forces=True, stress=True), args.repeats)}
+    out = {
+        "atoms": int(g.n_atoms.sum()),
+        "edges": int(i.numel()),
+        "triplets": n_triplets,
+        "energy_forces_s": timed(lambda: pot(g, forces=True), args.repeats),
+        "energy_forces_stress_s": timed(lambda: pot(g, forces=True, stress=True), args.repeats),
+    }
     pot.train()
     out["train_step_s"] = timed(step, args.repeats)
     return out
@@ -141,13 +150,24 @@ def matgl_side(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = M3GNet(is_intensive=False, dim_node_embedding=SETTINGS["features"], dim_edge_embedding=SETTINGS["features"],
-                   units=SETTINGS["features"], nblocks=SETTINGS["interactions"], cutoff=SETTINGS["cutoff"],
-                   threebody_cutoff=SETTINGS["threebody_cutoff"], max_n=SETTINGS["max_n"], max_l=SETTINGS["max_l"])
+    model = M3GNet(
+        is_intensive=False,
+        dim_node_embedding=SETTINGS["features"],
+        dim_edge_embedding=SETTINGS["features"],
+        units=SETTINGS["features"],
+        nblocks=SETTINGS["interactions"],
+        cutoff=SETTINGS["cutoff"],
+        threebody_cutoff=SETTINGS["threebody_cutoff"],
+        max_n=SETTINGS["max_n"],
+        max_l=SETTINGS["max_l"],
+    )
     import matgl
 
-    out = {"version": matgl.__version__, "total": count(model),
-           "parts": {k: count(m) for k, m in model.named_children() if count(m)}}
+    out = {
+        "version": matgl.__version__,
+        "total": count(model),
+        "parts": {k: count(m) for k, m in model.named_children() if count(m)},
+    }
     if args.time:
         out["time"] = matgl_times(model, Potential, args)
     return out
@@ -178,18 +198,31 @@ def matgl_times(model, Potential, args) -> dict:
         loss.backward()
         opt.step()
 
-    return {"atoms": int(g.num_nodes), "edges": int(g.edge_index.shape[1]),
-            "energy_forces_s": timed(lambda: ef(g, lat), args.repeats),
-            "energy_forces_stress_s": timed(lambda: efs(g, lat), args.repeats),
-            "train_step_s": timed(step, args.repeats)}
+    return {
+        "atoms": int(g.num_nodes),
+        "edges": int(g.edge_index.shape[1]),
+        "energy_forces_s": timed(lambda: ef(g, lat), args.repeats),
+        "energy_forces_stress_s": timed(lambda: efs(g, lat), args.repeats),
+        "train_step_s": timed(step, args.repeats),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- driver
 def run_matgl(args) -> dict | None:
     if not args.matgl_python or not Path(args.matgl_python).exists():
         return None
-    cmd = [args.matgl_python, __file__, "--side", "matgl", "--threads", str(args.threads),
-           "--repeats", str(args.repeats), "--batch-size", str(args.batch_size)] + (["--time"] if args.time else [])
+    cmd = [
+        args.matgl_python,
+        __file__,
+        "--side",
+        "matgl",
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--batch-size",
+        str(args.batch_size),
+    ] + (["--time"] if args.time else [])
     with tempfile.TemporaryDirectory() as home:
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HOME": home})
     if res.returncode != 0:
@@ -226,10 +259,12 @@ def main() -> None:
         if side is None or "time" not in side:
             continue
         t = side["time"]
-        print(f"{name}: batch of {args.batch_size} solids, {t['atoms']} atoms, {t['edges']} edges"
-              + (f", {t['triplets']} triplets" if "triplets" in t else "")
-              + f"; energy+forces {1e3 * t['energy_forces_s']:.0f} ms, +stress "
-              f"{1e3 * t['energy_forces_stress_s']:.0f} ms, training step {1e3 * t['train_step_s']:.0f} ms")
+        print(
+            f"{name}: batch of {args.batch_size} solids, {t['atoms']} atoms, {t['edges']} edges"
+            + (f", {t['triplets']} triplets" if "triplets" in t else "")
+            + f"; energy+forces {1e3 * t['energy_forces_s']:.0f} ms, +stress "
+            f"{1e3 * t['energy_forces_stress_s']:.0f} ms, training step {1e3 * t['train_step_s']:.0f} ms"
+        )
 
 
 if __name__ == "__main__":

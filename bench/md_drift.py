@@ -4,6 +4,7 @@
 
 Prints the drift of the total energy per atom per ps (slope of a linear fit) and its fluctuation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,20 @@ def main() -> None:
     seconds = time.perf_counter() - start
     e = np.array(energies) / len(atoms)
     drift = np.polyfit(np.arange(len(e)) * 1e-3, e, 1)[0]
-    print(json.dumps({"atoms": len(atoms), "steps": args.steps, "dtype": args.dtype,
-                      "drift_meV_per_atom_per_ps": round(1000 * drift, 5),
-                      "fluctuation_meV_per_atom": round(1000 * e.std(), 4),
-                      "final_temperature_K": round(atoms.get_temperature(), 1),
-                      "steps_per_s": round(args.steps / seconds, 1)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "atoms": len(atoms),
+                "steps": args.steps,
+                "dtype": args.dtype,
+                "drift_meV_per_atom_per_ps": round(1000 * drift, 5),
+                "fluctuation_meV_per_atom": round(1000 * e.std(), 4),
+                "final_temperature_K": round(atoms.get_temperature(), 1),
+                "steps_per_s": round(args.steps / seconds, 1),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ atoms), alternating the variants of each group, median thread CPU time of 40 rep
   4. the filter weight gradient: g.t() @ x vs (x.t() @ g).t()
   5. Σ_j dvs_ij ⊗ û_ij and its gradient: dense (product, index_add / gather, product, sum) vs sparse (nn/sparse.py)
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def bench(title, fns, reps=40):
     ts = {k: [] for k in fns}
     for r in range(reps):
-        for k, f in (fns.items() if r % 2 == 0 else reversed(list(fns.items()))):
+        for k, f in fns.items() if r % 2 == 0 else reversed(list(fns.items())):
             t = time.thread_time()
             f()
             ts[k].append(time.thread_time() - t)
@@ -38,10 +39,10 @@ def bench(title, fns, reps=40):
 def main() -> None:
     import torch
     import torch.nn.functional as F
+    from profile_painn import setup
 
     from multifi.nn.onednn import _rows
     from multifi.nn.sparse import DirectionSum
-    from profile_painn import setup
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -53,14 +54,23 @@ def main() -> None:
     s = torch.randn(N, Fe)
     x3 = torch.randn(E, 3 * Fe)
     strided, contiguous = x3[:, :Fe], x3[:, :Fe].contiguous()
-    bench("1. index_add [E,F] → [N,F]", {"strided source (slice of [E,3F])": lambda: s.index_add(0, i, strided),
-                                         "contiguous source": lambda: s.index_add(0, i, contiguous)})
+    bench(
+        "1. index_add [E,F] → [N,F]",
+        {
+            "strided source (slice of [E,3F])": lambda: s.index_add(0, i, strided),
+            "contiguous source": lambda: s.index_add(0, i, contiguous),
+        },
+    )
     dvs, dvv = torch.randn(E, Fe), torch.randn(E, Fe)
     unit = F.normalize(torch.randn(E, 3), dim=-1)
     vj = torch.randn(E, 3, Fe)
-    bench("2. dv = dvs⊗û + dvv⊙v_j [E,3,F]", {
-        "mul, mul, add": lambda: dvs.unsqueeze(1) * unit.unsqueeze(-1) + dvv.unsqueeze(1) * vj,
-        "mul, addcmul_ (in place)": lambda: (dvv.unsqueeze(1) * vj).addcmul_(dvs.unsqueeze(1), unit.unsqueeze(-1))})
+    bench(
+        "2. dv = dvs⊗û + dvv⊙v_j [E,3,F]",
+        {
+            "mul, mul, add": lambda: dvs.unsqueeze(1) * unit.unsqueeze(-1) + dvv.unsqueeze(1) * vj,
+            "mul, addcmul_ (in place)": lambda: (dvv.unsqueeze(1) * vj).addcmul_(dvs.unsqueeze(1), unit.unsqueeze(-1)),
+        },
+    )
     lp = torch.ops.mkldnn._linear_pointwise
     W = torch.randn(Fe, 21)
     sizes = [E - 500 + 37 * k for k in range(30)]
@@ -72,24 +82,40 @@ def main() -> None:
         return basis[sizes[it["k"]]]
 
     xb = basis[sizes[0]]
-    bench("3. filter [E,21] @ [21,F]", {
-        "torch (MKL), fixed E": lambda: xb @ W.t(),
-        "oneDNN, fixed E": lambda: lp(xb, W, None, "none", [], ""),
-        "torch (MKL), E varying per call": lambda: nxt() @ W.t(),
-        "oneDNN, E varying per call": lambda: lp(nxt(), W, None, "none", [], ""),
-        "oneDNN, E varying, rows padded (nn/onednn.py)": lambda: (lambda x: lp(F.pad(x, (0, 0, 0, _rows(len(x)) - len(x))),
-                                                                                   W, None, "none", [], "")[:len(x)])(nxt())})
+    bench(
+        "3. filter [E,21] @ [21,F]",
+        {
+            "torch (MKL), fixed E": lambda: xb @ W.t(),
+            "oneDNN, fixed E": lambda: lp(xb, W, None, "none", [], ""),
+            "torch (MKL), E varying per call": lambda: nxt() @ W.t(),
+            "oneDNN, E varying per call": lambda: lp(nxt(), W, None, "none", [], ""),
+            "oneDNN, E varying, rows padded (nn/onednn.py)": lambda: (
+                lambda x: lp(F.pad(x, (0, 0, 0, _rows(len(x)) - len(x))), W, None, "none", [], "")[: len(x)]
+            )(nxt()),
+        },
+    )
     gr = torch.randn(E, Fe)
-    bench("4. filter weight gradient [F,E]@[E,21]", {"g.t() @ x": lambda: gr.t() @ xb[:E] if len(xb) >= E else gr[:len(xb)].t() @ xb,
-                                                    "(x.t() @ g).t()": lambda: (xb.t() @ gr[:len(xb)]).t()})
+    bench(
+        "4. filter weight gradient [F,E]@[E,21]",
+        {
+            "g.t() @ x": lambda: gr.t() @ xb[:E] if len(xb) >= E else gr[: len(xb)].t() @ xb,
+            "(x.t() @ g).t()": lambda: (xb.t() @ gr[: len(xb)]).t(),
+        },
+    )
     gv = torch.randn(N, 3, Fe)
     d = DirectionSum(i, unit, N)
-    bench("5. Σ_j dvs_ij ⊗ û_ij [N,3,F] and its gradient", {
-        "dense forward: product + index_add": lambda: torch.zeros(N, 3, Fe).index_add_(0, i, dvs.unsqueeze(1) * unit.unsqueeze(-1)),
-        "sparse forward: U @ dvs": lambda: d.u @ dvs,
-        "dense gradient: gather + product + sum": lambda: (gv.index_select(0, i) * unit.unsqueeze(-1)).sum(1),
-        "sparse gradient: Uᵀ @ g": lambda: d.ut @ gv.view(3 * N, Fe),
-        "building U and Uᵀ (once per forward)": lambda: DirectionSum(i, unit, N)})
+    bench(
+        "5. Σ_j dvs_ij ⊗ û_ij [N,3,F] and its gradient",
+        {
+            "dense forward: product + index_add": lambda: torch.zeros(N, 3, Fe).index_add_(
+                0, i, dvs.unsqueeze(1) * unit.unsqueeze(-1)
+            ),
+            "sparse forward: U @ dvs": lambda: d.u @ dvs,
+            "dense gradient: gather + product + sum": lambda: (gv.index_select(0, i) * unit.unsqueeze(-1)).sum(1),
+            "sparse gradient: Uᵀ @ g": lambda: d.ut @ gv.view(3 * N, Fe),
+            "building U and Uᵀ (once per forward)": lambda: DirectionSum(i, unit, N),
+        },
+    )
 
 
 if __name__ == "__main__":

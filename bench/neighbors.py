@@ -5,6 +5,7 @@
 Systems: 200 QM9-sized molecules (rattled ase.build molecules, no cell) at 5 Å, and a 64-atom
 periodic silicon cell at 5 Å. Runs are interleaved (A, B, C, A, B, C, …) so machine load hits all alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,12 @@ def main() -> None:
     for _ in range(args.repeats):
         for k, f in backends.items():
             m = mols[rng.integers(len(mols))]
-            t = time.perf_counter(); f(m, 5.0); times[("molecule", k)].append(time.perf_counter() - t)
-            t = time.perf_counter(); f(si, 5.0); times[("si64", k)].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            f(m, 5.0)
+            times[("molecule", k)].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            f(si, 5.0)
+            times[("si64", k)].append(time.perf_counter() - t)
     out = {f"{sys}/{k}_ms": round(1000 * statistics.median(v), 4) for (sys, k), v in times.items()}
     out["molecule_matscipy_over_vesin"] = round(out["molecule/matscipy_ms"] / out["molecule/vesin_ms"], 2)
     out["si64_matscipy_over_vesin"] = round(out["si64/matscipy_ms"] / out["si64/vesin_ms"], 2)

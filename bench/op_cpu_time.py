@@ -8,6 +8,7 @@ every ATen call of forward + loss + backward + AdamW (a TorchDispatchMode, 1 thr
 time.thread_time(), i.e. the CPU time the step's own thread spent in it, and sums per operator
 (and input shapes with --shapes). Memory-bandwidth contention still shows; time-slicing does not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,16 +31,22 @@ def main() -> None:
     ap.add_argument("--forces", action="store_true")
     ap.add_argument("--shapes", action="store_true")
     ap.add_argument("--rows", type=int, default=25)
-    ap.add_argument("--ab-onednn", action="store_true",
-                    help="alternate steps with multifi.nn.onednn.ONEDNN off / on and report both columns")
-    ap.add_argument("--ab-sparse", action="store_true",
-                    help="alternate steps with PaiNN.sparse_direction off / on and report both columns")
+    ap.add_argument(
+        "--ab-onednn",
+        action="store_true",
+        help="alternate steps with multifi.nn.onednn.ONEDNN off / on and report both columns",
+    )
+    ap.add_argument(
+        "--ab-sparse",
+        action="store_true",
+        help="alternate steps with PaiNN.sparse_direction off / on and report both columns",
+    )
     args = ap.parse_args()
     import torch
+    from profile_painn import setup
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from multifi.models.painn import PaiNN
-    from profile_painn import setup
 
     try:
         import multifi.nn.onednn as dnn
@@ -84,7 +91,7 @@ def main() -> None:
     sides = ["off", "on"] if ab else ["on" if dnn.ONEDNN else "off"]
     steps = {s: [] for s in sides}
     for k, g in enumerate(graphs[3:]):
-        for name in (sides if k % 2 == 0 else sides[::-1]):
+        for name in sides if k % 2 == 0 else sides[::-1]:
             side["name"] = name
             if args.ab_sparse:
                 PaiNN.sparse_direction = name == "on"
@@ -94,16 +101,20 @@ def main() -> None:
             with Timer():
                 step(g)
             steps[name].append(time.thread_time() - c)
-    print(f"PaiNN {args.features}x{args.interactions} {'forces' if args.forces else 'energy'} training, "
-          f"{args.steps} steps, load {os.getloadavg()[0]:.1f}; ms/step of thread CPU time, {what} " + " / ".join(sides))
+    print(
+        f"PaiNN {args.features}x{args.interactions} {'forces' if args.forces else 'energy'} training, "
+        f"{args.steps} steps, load {os.getloadavg()[0]:.1f}; ms/step of thread CPU time, {what} " + " / ".join(sides)
+    )
     for name in sides:
         tot = sum(v for k, v in acc.items() if k[0] == name)
-        print(f"  {what} {name}: step {1e3 * statistics.median(steps[name]):.1f} (median, with the timing wrapper), "
-              f"ATen ops {1e3 * tot / args.steps:.1f}")
+        print(
+            f"  {what} {name}: step {1e3 * statistics.median(steps[name]):.1f} (median, with the timing wrapper), "
+            f"ATen ops {1e3 * tot / args.steps:.1f}"
+        )
     ops = collections.defaultdict(dict)
     for (name, op), v in acc.items():
         ops[op][name] = v
-    for op, d in sorted(ops.items(), key=lambda kv: -max(kv[1].values()))[:args.rows]:
+    for op, d in sorted(ops.items(), key=lambda kv: -max(kv[1].values()))[: args.rows]:
         cols = " ".join(f"{1e3 * d.get(n, 0.0) / args.steps:8.2f}" for n in sides)
         print(f"{cols}   {max(calls[(n, op)] for n in sides) / args.steps:6.1f} calls  {op}")
 

@@ -4,6 +4,7 @@
 
 Runs the three optimizers alternately, 40 steps each, and prints the median step time.
 """
+
 import statistics
 import time
 
@@ -16,8 +17,10 @@ torch.set_num_threads(1)
 params = [p for p in build_potential(ModelConfig().model_dump(), ["a"]).parameters() if p.requires_grad]
 for p in params:
     p.grad = torch.randn_like(p)
-opts = {k: torch.optim.AdamW(params, lr=1e-4, **kw) for k, kw in
-        {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}.items()}
+opts = {
+    k: torch.optim.AdamW(params, lr=1e-4, **kw)
+    for k, kw in {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}.items()
+}
 times = {k: [] for k in opts}
 for _ in range(40):
     for k, o in opts.items():

@@ -5,46 +5,82 @@ force/stress autograd and the double backward, on batches of 32 PBE solids.
 
 --ops adds a torch.profiler operator table (self CPU) of 10 whole steps with AdamW.
 """
+
+import collections
 import sys
-import time, statistics, collections, numpy as np, torch
+import time
+
+import numpy as np
+import torch
+
 torch.set_num_threads(1)
-from multifi.config import ModelConfig
-from multifi.data.readers.matpes import read_matpes
-from multifi.data.neighbors import NeighborCache
-from multifi.data.batch import GraphCollator
-from multifi.models.registry import build_potential
-from multifi.models.head import fit_baseline
-from multifi.train.loss import MultiFidelityLoss
 import multifi.models.m3gnet as M
+from multifi.config import ModelConfig
+from multifi.data.batch import GraphCollator
+from multifi.data.neighbors import NeighborCache
+from multifi.data.readers.matpes import read_matpes
+from multifi.models.head import fit_baseline
+from multifi.models.registry import build_potential
+from multifi.train.loss import MultiFidelityLoss
+
 ds = read_matpes("/work/shared/data/solids/PBE.jsonl.gz")
 pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
 pot = build_potential(ModelConfig(backbone="m3gnet", features=64).model_dump(), list(ds.fidelities.names))
 pot.head.set_baseline(*fit_baseline(ds, pairs))
-col = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False)); lf = MultiFidelityLoss()
+col = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False))
+lf = MultiFidelityLoss()
 rng = np.random.default_rng(0)
 gs = [col(pairs[rng.choice(len(pairs), 32, replace=False)]) for _ in range(13)]
-acc = collections.defaultdict(float); start = {}
+acc = collections.defaultdict(float)
+start = {}
 rep = pot.representation
+
+
 def add(name, mod):
     mod.register_forward_pre_hook(lambda m, a, n=name: start.__setitem__(n, time.perf_counter()))
     mod.register_forward_hook(lambda m, a, o, n=name: acc.__setitem__(n, acc[n] + time.perf_counter() - start[n]))
-add("rbf (two-body basis)", rep.rbf); add("edge_embedding", rep.edge_embedding)
-for m in rep.three_body: add("three_body (x3)", m)
-for m in rep.convs: add("graph conv (x3)", m)
-add("representation total", rep); add("head", pot.head)
+
+
+add("rbf (two-body basis)", rep.rbf)
+add("edge_embedding", rep.edge_embedding)
+for m in rep.three_body:
+    add("three_body (x3)", m)
+for m in rep.convs:
+    add("graph conv (x3)", m)
+add("representation total", rep)
+add("head", pot.head)
 orig = M.Triplets.__init__
+
+
 def timed(self, *a, **k):
-    t = time.perf_counter(); orig(self, *a, **k); acc["Triplets() construction"] += time.perf_counter() - t
+    t = time.perf_counter()
+    orig(self, *a, **k)
+    acc["Triplets() construction"] += time.perf_counter() - t
+
+
 M.Triplets.__init__ = timed
 tot = collections.defaultdict(float)
 for k, g in enumerate(gs):
-    t0 = time.perf_counter(); out = pot(g, forces=True, stress=True, create_graph=True); loss,_ = lf(out, g); t1 = time.perf_counter()
-    loss.backward(); t2 = time.perf_counter()
-    if k == 2: acc.clear()
-    if k >= 3: tot["forward incl. force/stress autograd.grad"] += t1 - t0; tot["backward (double)"] += t2 - t1
+    t0 = time.perf_counter()
+    out = pot(g, forces=True, stress=True, create_graph=True)
+    loss, _ = lf(out, g)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    if k == 2:
+        acc.clear()
+    if k >= 3:
+        tot["forward incl. force/stress autograd.grad"] += t1 - t0
+        tot["backward (double)"] += t2 - t1
 n = len(gs) - 3
-for k, v in list(acc.items()) + list(tot.items()): print(f"{k:45s} {1e3*v/n:8.1f} ms/step")
-print("atoms/batch", np.mean([g.numbers.shape[0] for g in gs]), "edges/batch", np.mean([g.edge_index.shape[1] for g in gs]))
+for k, v in list(acc.items()) + list(tot.items()):
+    print(f"{k:45s} {1e3 * v / n:8.1f} ms/step")
+print(
+    "atoms/batch",
+    np.mean([g.numbers.shape[0] for g in gs]),
+    "edges/batch",
+    np.mean([g.edge_index.shape[1] for g in gs]),
+)
 
 if "--ops" in sys.argv:
     from torch.profiler import ProfilerActivity, profile

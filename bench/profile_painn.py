@@ -8,6 +8,7 @@ molecules. --phases prints the wall-clock split of one whole step (collate / for
 optimizer), median over steps; otherwise a torch.profiler operator table of model-only steps.
 --forces adds a force loss (double backward), as for periodic training data.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ LABELS = Path("/work/shared/data/qm9mf/GFN2-xTB.csv.gz")
 def setup(n: int = 2000, seed: int = 0, batch: int = 32, features: int = 128, interactions: int = 3):
     import numpy as np
 
-    from multifi.config import LossConfig, ModelConfig
+    from multifi.config import ModelConfig
     from multifi.data.batch import GraphCollator
     from multifi.data.neighbors import NeighborCache
     from multifi.data.readers.qm9 import read_qm9
@@ -101,7 +102,9 @@ def main() -> None:
             m = statistics.median(v)
             print(f"{k:14s} {m:8.2f} ms  {100 * m / total:5.1f} %")
         print(f"{'step':14s} {total:8.2f} ms  → {args.batch / total * 1000:.1f} structures/s (sum of medians)")
-        print(f"{'model step CPU':14s} {statistics.median(cpu):8.2f} ms  (thread CPU time, median; load {os.getloadavg()[0]:.1f})")
+        print(
+            f"{'model step CPU':14s} {statistics.median(cpu):8.2f} ms  (thread CPU time, median; load {os.getloadavg()[0]:.1f})"
+        )
         return
     from torch.profiler import ProfilerActivity, profile
 

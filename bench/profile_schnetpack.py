@@ -7,6 +7,7 @@ Model-only steps on pre-collated batches of 32 of the harness's QM9 molecules (b
 `bench/harness.py --setup-only`): forward + MSE energy loss + backward + AdamW(fused), as our profile.
 --phases: wall-clock split (forward+loss / backward / optimizer), medians; otherwise a torch.profiler table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,11 @@ def main() -> None:
     import schnetpack.transform as trn
 
     db = S.database(spk, str(BENCH / ".scratch" / "qm9_gfn2_n2000.extxyz"), str(BENCH / ".scratch"))
-    data = spk.data.ASEAtomsData(db, load_properties=["energy"], transforms=[
-        trn.SubtractCenterOfMass(), S.nl_transform(spk, "matscipy"), trn.CastTo32()])
+    data = spk.data.ASEAtomsData(
+        db,
+        load_properties=["energy"],
+        transforms=[trn.SubtractCenterOfMass(), S.nl_transform(spk, "matscipy"), trn.CastTo32()],
+    )
     loader = spk.data.AtomsLoader(data, batch_size=32, shuffle=True, num_workers=0)
     batches = [dict(b) for b, _ in zip(loader, range(args.steps + 3))]
     model = S.painn_model(spk, forces=False, offsets=False)
@@ -74,7 +78,9 @@ def main() -> None:
         for k, v in phases.items():
             print(f"{k:14s} {statistics.median(v):8.2f} ms")
         print(f"{'step':14s} {total:8.2f} ms  → {32 / total * 1000:.1f} structures/s (sum of medians)")
-        print(f"{'model step CPU':14s} {statistics.median(cpu):8.2f} ms  (thread CPU time, median; load {os.getloadavg()[0]:.1f})")
+        print(
+            f"{'model step CPU':14s} {statistics.median(cpu):8.2f} ms  (thread CPU time, median; load {os.getloadavg()[0]:.1f})"
+        )
         return
     if args.ops:
         import collections
@@ -96,9 +102,11 @@ def main() -> None:
             with Timer():
                 step(b)
         total, n = sum(acc.values()), len(batches) - 3
-        print(f"schnetpack PaiNN {args.features}x{args.interactions}: step CPU {statistics.median(cpu):.1f} ms "
-              f"(median, with the timing wrapper), ATen ops {1e3 * total / n:.1f} ms/step; load {os.getloadavg()[0]:.1f}")
-        for k, v in sorted(acc.items(), key=lambda kv: -kv[1])[:args.rows]:
+        print(
+            f"schnetpack PaiNN {args.features}x{args.interactions}: step CPU {statistics.median(cpu):.1f} ms "
+            f"(median, with the timing wrapper), ATen ops {1e3 * total / n:.1f} ms/step; load {os.getloadavg()[0]:.1f}"
+        )
+        for k, v in sorted(acc.items(), key=lambda kv: -kv[1])[: args.rows]:
             print(f"{1e3 * v / n:8.2f} ms/step {100 * v / total:5.1f} %  {calls[k] / n:6.1f} calls  {k}")
         return
     from torch.profiler import ProfilerActivity, profile

@@ -6,6 +6,7 @@ needs a pilot output folder of that spec (its splits/selection.json and the roun
 prints process time (and wall time) of: reading the pool, its neighbour lists, the readout features of the
 whole pool, 800 batch picks and 800 diversity picks with 1,600 molecules labelled.
 """
+
 from __future__ import annotations
 
 import json

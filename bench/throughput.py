@@ -7,6 +7,7 @@ Times whole optimisation steps (collate from cached neighbour lists, forward, ba
 GFN2-xTB labels of n random QM9 molecules; reports the median over repeats of `steps` steps each,
 after warm-up. Neighbour-list construction for the n molecules is timed separately.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,14 @@ def main() -> None:
     nl = NeighborCache(ds, args.cutoff, progress=False)
     nl_seconds = time.perf_counter() - t0
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
-    model = {"backbone": "painn", "features": args.features, "interactions": args.interactions,
-             "cutoff": args.cutoff, "n_rbf": 20, "fidelity_embedding": {"dim": 16, "inject": "single"}}
+    model = {
+        "backbone": "painn",
+        "features": args.features,
+        "interactions": args.interactions,
+        "cutoff": args.cutoff,
+        "n_rbf": 20,
+        "fidelity_embedding": {"dim": 16, "inject": "single"},
+    }
     pot = build_potential(model, ["GFN2-xTB"])
     pot.head.set_baseline(*fit_baseline(ds, pairs))
     opt = torch.optim.AdamW(pot.parameters(), lr=1e-4)
@@ -72,13 +79,25 @@ def main() -> None:
 
     run(5)
     rates = [run(args.steps) for _ in range(args.repeats)]
-    print(json.dumps({
-        "bench": "painn_train_throughput", "structures_per_s_median": round(statistics.median(rates), 1),
-        "structures_per_s_all": [round(r, 1) for r in rates], "neighbor_lists_s": round(nl_seconds, 2),
-        "n_molecules": len(ds), "atoms_per_molecule": round(float(ds.n_atoms.mean()), 2),
-        "params": sum(p.numel() for p in pot.parameters()), "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "args": vars(args), "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "bench": "painn_train_throughput",
+                "structures_per_s_median": round(statistics.median(rates), 1),
+                "structures_per_s_all": [round(r, 1) for r in rates],
+                "neighbor_lists_s": round(nl_seconds, 2),
+                "n_molecules": len(ds),
+                "atoms_per_molecule": round(float(ds.n_atoms.mean()), 2),
+                "params": sum(p.numel() for p in pot.parameters()),
+                "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                "args": vars(args),
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared fixtures: small molecules, a periodic cell, a tiny two-fidelity extxyz and a tiny run config."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,14 @@ torch.set_num_threads(1)
 
 MOLECULES = ("H2O", "NH3", "CH4", "CH3OH", "C2H4", "HCN", "CO2", "H2CO", "C2H2", "C2H6")
 #: a model small enough for tests (features 16, one interaction)
-TINY_MODEL = {"backbone": "painn", "features": 16, "interactions": 1, "cutoff": 4.0, "n_rbf": 8,
-              "fidelity_embedding": {"dim": 4, "inject": "both"}}
+TINY_MODEL = {
+    "backbone": "painn",
+    "features": 16,
+    "interactions": 1,
+    "cutoff": 4.0,
+    "n_rbf": 8,
+    "fidelity_embedding": {"dim": 4, "inject": "both"},
+}
 #: fidelities of the tiny extxyz: "lo" on all 40 molecules, "hi" on every second one
 TINY_FIDELITIES = ("lo", "hi")
 

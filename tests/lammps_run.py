@@ -1,4 +1,5 @@
 """Run LAMMPS with pair_style multifi on an ase.Atoms (tests and bench): data file, input, parsed output."""
+
 from __future__ import annotations
 
 import os
@@ -48,17 +49,28 @@ def write_data(path: Path, atoms, species: list[str], velocities: np.ndarray | N
         pos = atoms.positions - atoms.positions.min(0) + 10.0  # a fixed box with 10 Å of vacuum
         hi = pos.max(0) + 10.0
         lines += [f"0 {num(hi[k])} {a}lo {a}hi" for k, a in enumerate("xyz")]
-    lines += ["", "Masses", ""] + [f"{t + 1} {num(atomic_masses[chemical_symbols.index(s)])}"
-                                   for t, s in enumerate(species)]
-    lines += ["", "Atoms # atomic", ""] + [f"{n + 1} {t} {' '.join(map(num, p))}"
-                                           for n, (t, p) in enumerate(zip(types, pos))]
+    lines += ["", "Masses", ""] + [
+        f"{t + 1} {num(atomic_masses[chemical_symbols.index(s)])}" for t, s in enumerate(species)
+    ]
+    lines += ["", "Atoms # atomic", ""] + [
+        f"{n + 1} {t} {' '.join(map(num, p))}" for n, (t, p) in enumerate(zip(types, pos))
+    ]
     if velocities is not None:
         lines += ["", "Velocities", ""] + [f"{n + 1} {' '.join(map(num, v))}" for n, v in enumerate(velocities)]
     path.write_text("\n".join(lines) + "\n")
 
 
-def run(workdir: Path, atoms, model: Path, species: list[str], steps: int = 0, nprocs: int = 1,
-        velocities: np.ndarray | None = None, dt_ps: float = 0.001, timeout: float = 600) -> dict:
+def run(
+    workdir: Path,
+    atoms,
+    model: Path,
+    species: list[str],
+    steps: int = 0,
+    nprocs: int = 1,
+    velocities: np.ndarray | None = None,
+    dt_ps: float = 0.001,
+    timeout: float = 600,
+) -> dict:
     """Run LAMMPS (NVE for `steps` steps) and return per-step thermo columns (pe, ke, etotal, pxx… in bar)
     and the forces [N,3] (eV/Å, by atom id) of the first step."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +83,7 @@ boundary {boundary}
 read_data data.lmp
 plugin load {PLUGIN}
 pair_style multifi {model}
-pair_coeff * * {' '.join(species)}
+pair_coeff * * {" ".join(species)}
 timestep {dt_ps}
 thermo_style custom step pe ke etotal pxx pyy pzz pxy pxz pyz
 thermo_modify format float %.17g norm no
@@ -97,7 +109,7 @@ def parse_thermo(log: str) -> dict:
     start = next(n for n, line in enumerate(lines) if line.split()[:2] == ["Step", "PotEng"])
     header = lines[start].split()
     rows = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith("Loop time"):
             break
         rows.append([float(v) for v in line.split()])
@@ -106,7 +118,7 @@ def parse_thermo(log: str) -> dict:
 
 
 def parse_forces(path: Path, n: int) -> np.ndarray:
-    text = path.read_text().split("ITEM: ATOMS")[1].splitlines()[1:n + 1]
+    text = path.read_text().split("ITEM: ATOMS")[1].splitlines()[1 : n + 1]
     data = np.array([[float(v) for v in re.split(r"\s+", line.strip())] for line in text])
     return data[np.argsort(data[:, 0]), 1:4]
 

@@ -10,6 +10,7 @@ compared with central finite differences tightly. A backbone's test module only 
 
     def test_forces(molecules): physics.check_forces_finite_difference(make_potential, molecules)
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -85,8 +86,10 @@ def labelled_dataset(atoms_list: Sequence[Atoms], fidelities: Sequence[str] = ("
         a = atoms.copy()
         a.calc = EMT()
         e, f = a.get_potential_energy(), a.get_forces()
-        labels = {name: {"energy": (1 + 0.2 * k) * e + 0.5 * k * len(a), "forces": (1 + 0.2 * k) * f}
-                  for k, name in enumerate(fidelities)}
+        labels = {
+            name: {"energy": (1 + 0.2 * k) * e + 0.5 * k * len(a), "forces": (1 + 0.2 * k) * f}
+            for k, name in enumerate(fidelities)
+        }
         records.append({"numbers": a.numbers, "positions": a.positions, "labels": labels, "key": f"s{i}"})
     return FidelityDataset.from_records(records, source="synthetic")
 
@@ -115,8 +118,12 @@ def check_energy_invariance(make_potential: MakePotential, atoms_list: Sequence[
         permuted = atoms[perm]
         out = predict(pot, [permuted])
         assert out["energy"][0] == _approx(e0), "energy changed under permutation of atoms"
-        np.testing.assert_allclose(out["forces"], ref["forces"][perm], atol=_tol(ref["forces"]),
-                                   err_msg="forces did not follow the permutation")
+        np.testing.assert_allclose(
+            out["forces"],
+            ref["forces"][perm],
+            atol=_tol(ref["forces"]),
+            err_msg="forces did not follow the permutation",
+        )
 
 
 def check_forces_equivariance(make_potential: MakePotential, atoms_list: Sequence[Atoms], seed: int = 1) -> None:
@@ -130,11 +137,19 @@ def check_forces_equivariance(make_potential: MakePotential, atoms_list: Sequenc
         for _ in range(2):
             R = random_rotation(rng)
             out = predict(pot, [rotated(atoms, R)], stress=periodic)
-            np.testing.assert_allclose(out["forces"], ref["forces"] @ R.T, atol=_tol(ref["forces"]),
-                                       err_msg="forces are not rotation-equivariant")
+            np.testing.assert_allclose(
+                out["forces"],
+                ref["forces"] @ R.T,
+                atol=_tol(ref["forces"]),
+                err_msg="forces are not rotation-equivariant",
+            )
             if periodic:
-                np.testing.assert_allclose(out["stress"][0], R @ ref["stress"][0] @ R.T, atol=_tol(ref["stress"]),
-                                           err_msg="stress is not rotation-equivariant")
+                np.testing.assert_allclose(
+                    out["stress"][0],
+                    R @ ref["stress"][0] @ R.T,
+                    atol=_tol(ref["stress"]),
+                    err_msg="stress is not rotation-equivariant",
+                )
 
 
 def check_reflection_invariance(make_potential: MakePotential, atoms_list: Sequence[Atoms]) -> None:
@@ -149,8 +164,9 @@ def check_reflection_invariance(make_potential: MakePotential, atoms_list: Seque
 
 
 # ---------------------------------------------------------------------------------------------- derivatives
-def check_forces_finite_difference(make_potential: MakePotential, atoms_list: Sequence[Atoms],
-                                   h: float = 1e-4, fidelity: int = 1) -> None:
+def check_forces_finite_difference(
+    make_potential: MakePotential, atoms_list: Sequence[Atoms], h: float = 1e-4, fidelity: int = 1
+) -> None:
     """Forces equal −dE/dr by central differences (every coordinate, float64)."""
     pot = prepared(make_potential)
     for atoms in atoms_list:
@@ -163,8 +179,13 @@ def check_forces_finite_difference(make_potential: MakePotential, atoms_list: Se
                 plus.positions[a, c] += h
                 minus.positions[a, c] -= h
                 fd[a, c] = -(energy(pot, plus, fidelity) - energy(pot, minus, fidelity)) / (2 * h)
-        np.testing.assert_allclose(f, fd, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(f).max()),
-                                   err_msg=f"forces differ from finite differences ({atoms.get_chemical_formula()})")
+        np.testing.assert_allclose(
+            f,
+            fd,
+            rtol=1e-5,
+            atol=1e-6 * max(1.0, np.abs(f).max()),
+            err_msg=f"forces differ from finite differences ({atoms.get_chemical_formula()})",
+        )
 
 
 def strained_atoms(atoms: Atoms, eps: np.ndarray) -> Atoms:
@@ -174,8 +195,9 @@ def strained_atoms(atoms: Atoms, eps: np.ndarray) -> Atoms:
     return out
 
 
-def check_stress_finite_difference(make_potential: MakePotential, atoms: Atoms, h: float = 5e-4,
-                                   fidelity: int = 0) -> None:
+def check_stress_finite_difference(
+    make_potential: MakePotential, atoms: Atoms, h: float = 5e-4, fidelity: int = 0
+) -> None:
     """stress (GPa, ASE sign) = (1/V) dE/dε by central differences under symmetric strain."""
     assert atoms.pbc.all()
     pot = prepared(make_potential)
@@ -192,10 +214,17 @@ def check_stress_finite_difference(make_potential: MakePotential, atoms: Atoms, 
             e = np.zeros((3, 3))
             e[i, j] += 0.5
             e[j, i] += 0.5
-            dE = energy(pot, strained_atoms(atoms, h * e), fidelity) - energy(pot, strained_atoms(atoms, -h * e), fidelity)
+            dE = energy(pot, strained_atoms(atoms, h * e), fidelity) - energy(
+                pot, strained_atoms(atoms, -h * e), fidelity
+            )
             fd[i, j] = fd[j, i] = dE / (2 * h) / V / units.GPa
-    np.testing.assert_allclose(sigma, fd, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(fd).max()),
-                               err_msg="stress differs from (1/V) dE/dε by finite differences")
+    np.testing.assert_allclose(
+        sigma,
+        fd,
+        rtol=1e-4,
+        atol=1e-5 * max(1.0, np.abs(fd).max()),
+        err_msg="stress differs from (1/V) dE/dε by finite differences",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- periodic systems
@@ -212,10 +241,15 @@ def check_periodic_invariances(make_potential: MakePotential, atoms: Atoms, seed
     def same(other: Atoms, what: str, factor: int = 1):
         out = predict(pot, [other], stress=True)
         assert out["energy"][0] == _approx(factor * e0), f"energy changed: {what}"
-        np.testing.assert_allclose(out["forces"], np.tile(ref["forces"], (factor, 1)), atol=_tol(ref["forces"], 1e-8),
-                                   err_msg=f"forces changed: {what}")
-        np.testing.assert_allclose(out["stress"][0], ref["stress"][0], atol=_tol(ref["stress"], 1e-8),
-                                   err_msg=f"stress changed: {what}")
+        np.testing.assert_allclose(
+            out["forces"],
+            np.tile(ref["forces"], (factor, 1)),
+            atol=_tol(ref["forces"], 1e-8),
+            err_msg=f"forces changed: {what}",
+        )
+        np.testing.assert_allclose(
+            out["stress"][0], ref["stress"][0], atol=_tol(ref["stress"], 1e-8), err_msg=f"stress changed: {what}"
+        )
 
     shifted = atoms.copy()
     shifted.positions += rng.integers(-2, 3, size=(len(atoms), 3)) @ atoms.cell.array
@@ -270,8 +304,12 @@ def check_batch_independence(make_potential: MakePotential, atoms_list: Sequence
         alone = predict(pot, [atoms], fids[i], stress=periodic)
         n = len(atoms)
         assert batch["energy"][i] == _approx(alone["energy"][0]), f"energy of structure {i} depends on its batch"
-        np.testing.assert_allclose(batch["forces"][start:start + n], alone["forces"], atol=_tol(alone["forces"]),
-                                   err_msg=f"forces of structure {i} depend on its batch")
+        np.testing.assert_allclose(
+            batch["forces"][start : start + n],
+            alone["forces"],
+            atol=_tol(alone["forces"]),
+            err_msg=f"forces of structure {i} depend on its batch",
+        )
         if periodic:
             np.testing.assert_allclose(batch["stress"][i], alone["stress"][0], atol=_tol(alone["stress"]))
         else:
@@ -305,8 +343,9 @@ def check_fidelity_dependence(make_potential: MakePotential, atoms_list: Sequenc
 
 
 # ---------------------------------------------------------------------------------------------- training contracts
-def check_loss_decreases(make_potential: MakePotential, atoms_list: Sequence[Atoms], steps: int = 40,
-                         lr: float = 5e-3) -> None:
+def check_loss_decreases(
+    make_potential: MakePotential, atoms_list: Sequence[Atoms], steps: int = 40, lr: float = 5e-3
+) -> None:
     """A few Adam steps on a tiny two-fidelity set lower the multi-fidelity loss clearly, and every
     trainable parameter receives a finite gradient."""
     ds = labelled_dataset(atoms_list, ("lo", "hi"))
@@ -373,7 +412,9 @@ def check_missing_labels(make_potential: MakePotential, atoms_list: Sequence[Ato
     assert float(loss_m.detach()) == _approx(float(loss_w.detach()), 1e-6), "an unlabelled structure changed the loss"
     for a, b in zip(grads_m, grads_w):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8, msg="an unlabelled structure changed the gradient")
-    assert float(loss_f.detach()) != _approx(float(loss_w.detach()), 1e-6), "the labelled structure should matter (non-vacuous check)"
+    assert float(loss_f.detach()) != _approx(float(loss_w.detach()), 1e-6), (
+        "the labelled structure should matter (non-vacuous check)"
+    )
 
     # energy label missing only: energy term equals the one of the other structures alone
     e_only = collate(ds, pairs, pot.cutoff)
@@ -381,7 +422,9 @@ def check_missing_labels(make_potential: MakePotential, atoms_list: Sequence[Ato
     e_only.energy[1] = 1e6
     _, terms_e, _ = _loss_and_grads(pot, e_only, loss_fn)
     assert float(terms_e["energy"].detach()) == _approx(float(terms_w["energy"].detach()), 1e-6)
-    assert float(terms_e["forces"].detach()) == _approx(float(_loss_and_grads(pot, full, loss_fn)[1]["forces"].detach()), 1e-9)
+    assert float(terms_e["forces"].detach()) == _approx(
+        float(_loss_and_grads(pot, full, loss_fn)[1]["forces"].detach()), 1e-9
+    )
 
     # no forces labels at all: no forces term, no forces gradient (equals energy-only loss)
     no_f = collate(ds, pairs, pot.cutoff)

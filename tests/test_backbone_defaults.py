@@ -1,4 +1,5 @@
 """Defaults that depend on model.backbone fill only the keys a config leaves unset."""
+
 from __future__ import annotations
 
 import yaml
@@ -13,8 +14,9 @@ def test_m3gnet_defaults_fill_unset_keys_and_yield_to_given_ones():
     for section, values in BACKBONE_DEFAULTS["m3gnet"].items():
         for key, value in values.items():
             assert getattr(getattr(cfg, section), key) == value, (section, key)
-    given = validate_config({"data": DATA, "model": {"backbone": "m3gnet"}, "loss": {"kind": "mse"},
-                             "train": {"lr": 1e-4}})
+    given = validate_config(
+        {"data": DATA, "model": {"backbone": "m3gnet"}, "loss": {"kind": "mse"}, "train": {"lr": 1e-4}}
+    )
     assert given.loss.kind == "mse" and given.train.lr == 1e-4 and given.loss.energy == 10.0
     typed = RunConfig(data=DATA, model=ModelConfig(backbone="m3gnet"), loss=LossConfig(forces=2.0))
     assert typed.loss.forces == 2.0 and typed.loss.kind == "huber"

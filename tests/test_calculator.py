@@ -1,6 +1,7 @@
 """ASE calculator: finite differences, NVE energy conservation, FIRE relaxation with a cell filter,
 fidelity switching by name, clear errors. Uses a small PaiNN trained on the shared solids
 (tests/data/solids_painn.yaml) and an untrained M3GNet."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,17 @@ def si64():
 
 def m3gnet_potential():
     torch.manual_seed(0)
-    model = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": 4.5, "threebody_cutoff": 3.5,
-             "max_n": 3, "max_l": 3, "n_rbf": 9, "fidelity_embedding": {"dim": 4, "inject": "readout"}}
+    model = {
+        "backbone": "m3gnet",
+        "features": 16,
+        "interactions": 2,
+        "cutoff": 4.5,
+        "threebody_cutoff": 3.5,
+        "max_n": 3,
+        "max_l": 3,
+        "n_rbf": 9,
+        "fidelity_embedding": {"dim": 4, "inject": "readout"},
+    }
     pot = build_potential(model, ["PBE", "R2SCAN"])
     ref = np.zeros((119, 2))
     ref[14] = [-5.4, -6.1]
@@ -42,8 +52,9 @@ def test_forces_and_stress_equal_finite_differences(source):
     pot = CKPT if source == "painn" else m3gnet_potential()
     atoms = bulk("Si", "diamond", 5.43, cubic=True)
     atoms.rattle(0.05, seed=3)
-    atoms.set_cell(atoms.cell @ (np.eye(3) + [[0.01, 0.004, 0], [0.004, -0.01, 0.002], [0, 0.002, 0.005]]),
-                   scale_atoms=True)
+    atoms.set_cell(
+        atoms.cell @ (np.eye(3) + [[0.01, 0.004, 0], [0.004, -0.01, 0.002], [0, 0.002, 0.005]]), scale_atoms=True
+    )
     calc = multifi.Calculator(pot, fidelity="PBE", dtype="float64")
     atoms.calc = calc
     forces, stress = atoms.get_forces(), atoms.get_stress()
@@ -56,7 +67,7 @@ def test_nve_md_conserves_energy_64_atom_si():
     """VelocityVerlet, 1 fs, 300 K start, 400 steps on 64-atom Si: drift per atom per ps and fluctuation."""
     atoms = si64()
     atoms.calc = multifi.Calculator(CKPT, fidelity="R2SCAN")
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))  # noqa: ASE deprecation only
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))  # ASE deprecation only
     Stationary(atoms)
     energies = []
     md = VelocityVerlet(atoms, timestep=1.0 * units.fs)

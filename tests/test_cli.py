@@ -1,4 +1,5 @@
 """The `multifi` command line end to end: train, evaluate, predict, data; bad input as one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,20 @@ import torch
 import yaml
 from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
-
 from conftest import TINY_MODEL, periodic_cell, rattled_molecule
+
 from multifi.cli.main import main
 from multifi.models.registry import build_potential, load_potential, save_potential
 from multifi.predict import predict_atoms
 
-METRIC_KEYS = {"n", "energy_mae_meV", "energy_rmse_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A",
-               "stress_mae_GPa"}
+METRIC_KEYS = {
+    "n",
+    "energy_mae_meV",
+    "energy_rmse_meV",
+    "energy_mae_meV_per_atom",
+    "forces_mae_meV_per_A",
+    "stress_mae_GPa",
+}
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -167,8 +174,14 @@ def test_predict_unknown_fidelity_lists_known_ones(cli_run, tmp_path, capsys):
     _, run_dir = cli_run
     src = tmp_path / "in.xyz"
     ase.io.write(src, [rattled_molecule("H2O", 0)])
-    fails(["predict", run_dir / "model.pt", src, "--fidelity", "HI", "--out", tmp_path / "o.xyz"], capsys,
-          str(run_dir / "model.pt"), "unknown fidelity 'HI'", "did you mean 'hi'", "known: lo, hi")
+    fails(
+        ["predict", run_dir / "model.pt", src, "--fidelity", "HI", "--out", tmp_path / "o.xyz"],
+        capsys,
+        str(run_dir / "model.pt"),
+        "unknown fidelity 'HI'",
+        "did you mean 'hi'",
+        "known: lo, hi",
+    )
     assert not (tmp_path / "o.xyz").exists()
 
 
@@ -176,8 +189,14 @@ def test_predict_unknown_element(cli_run, tmp_path, capsys):
     _, run_dir = cli_run
     src = tmp_path / "sulfur.xyz"
     ase.io.write(src, [rattled_molecule("H2O", 0), Atoms("SH2", positions=[[0, 0, 0], [1.3, 0, 0], [0, 1.3, 0]])])
-    fails(["predict", run_dir / "model.pt", src, "--fidelity", "lo", "--out", tmp_path / "o.xyz"], capsys,
-          str(src), "structure 1", "element S was not seen in training", "H, C, N, O")
+    fails(
+        ["predict", run_dir / "model.pt", src, "--fidelity", "lo", "--out", tmp_path / "o.xyz"],
+        capsys,
+        str(src),
+        "structure 1",
+        "element S was not seen in training",
+        "H, C, N, O",
+    )
 
 
 def test_evaluate_unknown_element(cli_run, tmp_path, capsys):
@@ -214,8 +233,12 @@ def test_missing_files(tmp_path, capsys, cli_run):
     fails(["train", tmp_path / "nope.yaml"], capsys, "nope.yaml", "no such config file")
     fails(["evaluate", tmp_path / "nope.pt", missing], capsys, "nope.pt", "no such checkpoint")
     _, run_dir = cli_run
-    fails(["predict", run_dir / "model.pt", missing, "--fidelity", "lo", "--out", tmp_path / "o.xyz"], capsys,
-          str(missing), "no such file")
+    fails(
+        ["predict", run_dir / "model.pt", missing, "--fidelity", "lo", "--out", tmp_path / "o.xyz"],
+        capsys,
+        str(missing),
+        "no such file",
+    )
 
 
 def test_missing_data_file_named_in_config(write_config, tmp_path, capsys):
@@ -232,8 +255,12 @@ def test_unreadable_formats(tmp_path, capsys):
     fails(["data", "info", binary], capsys, str(binary), "not a file format ASE can read")
     bad_ckpt = tmp_path / "model.pt"
     bad_ckpt.write_text("weights")
-    fails(["predict", bad_ckpt, junk, "--fidelity", "x", "--out", tmp_path / "o.xyz"], capsys, str(bad_ckpt),
-          "not a readable checkpoint")
+    fails(
+        ["predict", bad_ckpt, junk, "--fidelity", "x", "--out", tmp_path / "o.xyz"],
+        capsys,
+        str(bad_ckpt),
+        "not a readable checkpoint",
+    )
 
 
 def test_structure_without_any_label(tmp_path, capsys):
@@ -258,8 +285,9 @@ def test_non_finite_labels(tmp_path, capsys, value):
     assert code == 0 and "structures: 1" in out
 
 
-@pytest.mark.parametrize("section, key", [("data", "train_limits"), ("train", "fidelity_sampling"),
-                                          ("loss", "fidelity_weights")])
+@pytest.mark.parametrize(
+    "section, key", [("data", "train_limits"), ("train", "fidelity_sampling"), ("loss", "fidelity_weights")]
+)
 def test_config_fidelity_absent_from_data(write_config, tmp_path, capsys, section, key):
     path = write_config()
     raw = yaml.safe_load(path.read_text())
@@ -273,8 +301,12 @@ def test_config_fidelity_absent_from_data(write_config, tmp_path, capsys, sectio
 def test_unknown_config_key_suggests_nearest(write_config, capsys):
     path = write_config(model={**TINY_MODEL, "featuers": 16})
     fails(["train", path], capsys, str(path), "unknown key 'model.featuers'", "did you mean 'features'?")
-    fails(["train", write_config("ok.yaml"), "--set", "train.epcohs=1"], capsys, "unknown key 'train.epcohs'",
-          "did you mean 'epochs'?")
+    fails(
+        ["train", write_config("ok.yaml"), "--set", "train.epcohs=1"],
+        capsys,
+        "unknown key 'train.epcohs'",
+        "did you mean 'epochs'?",
+    )
     fails(["train"], capsys, "needs a CONFIG.yaml")
 
 
@@ -283,7 +315,8 @@ def test_console_script_exit_code_and_single_line(tmp_path):
     exe = Path(sys.executable).parent / "multifi"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "multifi.cli.main"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run(cmd + ["data", "info", str(tmp_path / "missing.xyz")], capture_output=True, text=True,
-                          timeout=120, env=env)
+    proc = subprocess.run(
+        cmd + ["data", "info", str(tmp_path / "missing.xyz")], capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"multifi: error: {tmp_path / 'missing.xyz'}: no such file"

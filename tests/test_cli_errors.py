@@ -1,4 +1,5 @@
 """Bad input and failures a new user meets: one-line errors, nothing silently wrong, no dead-end run directories."""
+
 from __future__ import annotations
 
 import errno
@@ -13,13 +14,13 @@ import pytest
 import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-
 from conftest import TINY_MODEL, emt_labelled, rattled_molecule
+from test_cli import fails, run
+from test_reader_qm9 import small_csv  # noqa: F401 (fixture)
+
 from multifi.cli.main import main
 from multifi.errors import MultifiError
 from multifi.models.registry import build_potential, save_potential
-from test_cli import fails, run
-from test_reader_qm9 import small_csv  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,14 @@ def _drain(path, into: list) -> threading.Thread:
 def test_source_fidelity_never_relabels_structures_naming_their_own(write_config, tiny_extxyz, tmp_path, capsys):
     """Frames saying fidelity=lo in a source configured as LJ: an error naming the file and frame, in train and
     data info; nothing written."""
-    fails(["train", write_config(), "--set", "data.sources.0.fidelity=LJ"], capsys,
-          str(tiny_extxyz), "frame 0 (0-based)", "names fidelity 'lo'", "source says 'LJ'")
+    fails(
+        ["train", write_config(), "--set", "data.sources.0.fidelity=LJ"],
+        capsys,
+        str(tiny_extxyz),
+        "frame 0 (0-based)",
+        "names fidelity 'lo'",
+        "source says 'LJ'",
+    )
     assert not (tmp_path / "run").exists()
     fails(["data", "info", tiny_extxyz, "--fidelity", "LJ"], capsys, str(tiny_extxyz), "frame 0", "'lo'", "'LJ'")
 
@@ -84,8 +91,11 @@ def test_out_write_errors_are_one_line(model, tmp_path, capsys, monkeypatch):
     src = tmp_path / "in.xyz"
     ase.io.write(src, [rattled_molecule("H2O", 0)])
     (tmp_path / "file").write_text("")
-    fails(["predict", model, src, "--fidelity", "lo", "--out", tmp_path / "file" / "x.xyz"], capsys,
-          "file: exists and is not a folder")
+    fails(
+        ["predict", model, src, "--fidelity", "lo", "--out", tmp_path / "file" / "x.xyz"],
+        capsys,
+        "file: exists and is not a folder",
+    )
     import tempfile
 
     def read_only(*args, **kwargs):
@@ -94,8 +104,11 @@ def test_out_write_errors_are_one_line(model, tmp_path, capsys, monkeypatch):
     labelled = tmp_path / "labelled.xyz"
     ase.io.write(labelled, [emt_labelled(rattled_molecule("H2O", 0), "lo")])
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    fails(["evaluate", model, labelled, "--out", tmp_path / "m.json"], capsys,
-          "m.json: cannot write (Read-only file system)")
+    fails(
+        ["evaluate", model, labelled, "--out", tmp_path / "m.json"],
+        capsys,
+        "m.json: cannot write (Read-only file system)",
+    )
 
 
 # ------------------------------------------------------------------------------------ NaN / empty output
@@ -104,8 +117,12 @@ def test_overlapping_atoms_are_an_error_at_prediction(model, tmp_path, capsys):
     src = tmp_path / "bad.xyz"
     ase.io.write(src, [rattled_molecule("H2O", 0), bad])
     out = tmp_path / "pred.xyz"
-    fails(["predict", model, src, "--fidelity", "lo", "--out", out], capsys,
-          str(src), "structure 1: atoms 0 and 1 are 0.000 Å apart")
+    fails(
+        ["predict", model, src, "--fidelity", "lo", "--out", out],
+        capsys,
+        str(src),
+        "structure 1: atoms 0 and 1 are 0.000 Å apart",
+    )
     assert not out.exists()
     import multifi
 
@@ -137,19 +154,30 @@ def test_structure_without_atoms_is_an_error(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ no dead ends
-@pytest.mark.parametrize("override, fragments", [
-    ("train.fidelity_sampling={lo: -1}", ["train.fidelity_sampling.lo", "greater than or equal to 0"]),
-    ("train.fidelity_sampling={lo: 0, hi: 0}", ["train.fidelity_sampling: every fidelity", "weight 0"]),
-    ("train.devices=0", ["train.devices", "number of devices"]),
-    ("train.devices=abc", ["train.devices", "'abc'"]),
-    ("train.accelerator=nonsense", ["train.accelerator=nonsense"]),
-    ("data.sources.x.path=a", ["data.sources is a list of 1", "data.sources.0"]),
-    ("train.epochs.x=1", ["train.epochs is a value"]),
-    ("train.epochs=[1", ["not valid YAML", "line 1"]),
-])
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("train.fidelity_sampling={lo: -1}", ["train.fidelity_sampling.lo", "greater than or equal to 0"]),
+        ("train.fidelity_sampling={lo: 0, hi: 0}", ["train.fidelity_sampling: every fidelity", "weight 0"]),
+        ("train.devices=0", ["train.devices", "number of devices"]),
+        ("train.devices=abc", ["train.devices", "'abc'"]),
+        ("train.accelerator=nonsense", ["train.accelerator=nonsense"]),
+        ("data.sources.x.path=a", ["data.sources is a list of 1", "data.sources.0"]),
+        ("train.epochs.x=1", ["train.epochs is a value"]),
+        ("train.epochs=[1", ["not valid YAML", "line 1"]),
+    ],
+)
 def test_bad_settings_fail_before_anything_is_written(write_config, tmp_path, capsys, override, fragments):
-    fails(["train", write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1}),
-           "--set", override], capsys, *fragments)
+    fails(
+        [
+            "train",
+            write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1}),
+            "--set",
+            override,
+        ],
+        capsys,
+        *fragments,
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -209,8 +237,9 @@ def test_ctrl_c_in_epoch_0_exits_130_and_the_run_restarts(write_config, tmp_path
 
     monkeypatch.setattr(PotentialModule, "training_step", interrupted)
     code, _, err = run(["train", write_config()], capsys)
-    assert code == 130 and err.strip().splitlines()[-1].startswith("multifi: interrupted; continue with: "
-                                                                     "multifi train --resume")
+    assert code == 130 and err.strip().splitlines()[-1].startswith(
+        "multifi: interrupted; continue with: multifi train --resume"
+    )
     monkeypatch.setattr(PotentialModule, "training_step", real)
     run_dir = tmp_path / "run"
     assert run(["train", "--resume", run_dir], capsys)[0] == 0
@@ -317,8 +346,14 @@ def test_label_keys_per_source(write_config, tmp_path, capsys):
         frames.append(a)
     path = tmp_path / "mace.extxyz"
     ase.io.write(path, frames)
-    fails(["data", "info", path], capsys, "frame 0", "no energy/forces/stress label",
-          "REF_energy (set energy_key: REF_energy)", "REF_forces (set forces_key: REF_forces)")
+    fails(
+        ["data", "info", path],
+        capsys,
+        "frame 0",
+        "no energy/forces/stress label",
+        "REF_energy (set energy_key: REF_energy)",
+        "REF_forces (set forces_key: REF_forces)",
+    )
     code, out, _ = run(["data", "info", path, "--energy-key", "REF_energy", "--forces-key", "REF_forces"], capsys)
     assert code == 0 and "DFT" in out and out.count(" 3") >= 2
     from multifi.config import SourceConfig
@@ -336,8 +371,9 @@ def test_predict_several_fidelities_keeps_reference_labels(model, tmp_path, caps
     src = tmp_path / "in.extxyz"
     ase.io.write(src, mols)
     out = tmp_path / "pred.extxyz"
-    code, stdout, _ = run(["predict", model, src, "--fidelity", "lo", "--fidelity", "hi", "--out", out,
-                           "--device", "cpu"], capsys)
+    code, stdout, _ = run(
+        ["predict", model, src, "--fidelity", "lo", "--fidelity", "hi", "--out", out, "--device", "cpu"], capsys
+    )
     assert code == 0 and "lo, hi" in stdout
     from multifi.models.registry import load_potential
     from multifi.predict import predict_atoms
@@ -408,8 +444,15 @@ def test_hartree_crystals_warned(caplog):
         a = bulk("Si", "diamond", a=5.43) * (1, 1, 1 + i % 2)
         a.rattle(0.02, seed=i)
         e = len(a) * (-0.198 + 0.001 * i)  # Hartree per atom (Si with a pseudopotential: about -5.4 eV)
-        recs.append({"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array, "pbc": a.pbc,
-                     "labels": {"PBE": {"energy": e}}})
+        recs.append(
+            {
+                "numbers": a.numbers,
+                "positions": a.positions,
+                "cell": a.cell.array,
+                "pbc": a.pbc,
+                "labels": {"PBE": {"energy": e}},
+            }
+        )
     ds = FidelityDataset.from_records(recs, source="si.extxyz")
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), int)], 1)
     ref, scale = np.zeros((119, 1)), np.ones(1)

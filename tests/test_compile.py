@@ -7,6 +7,7 @@ the `aot_eager` backend (always; seconds), and with inductor's generated code (M
 minutes on a 2-core CPU). Each compares energies, forces, stress and the parameter gradients of a
 loss on all three (the double derivative training uses) with the eager model's.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,14 +15,23 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 import multifi.models.potential as potential_module
-from conftest import TINY_MODEL
 from multifi.data.batch import graph_from_atoms
 from multifi.models.registry import build_potential
 
-M3GNET = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": 4.0, "threebody_cutoff": 3.0,
-          "n_rbf": 6, "max_n": 2, "max_l": 3, "fidelity_embedding": {"dim": 4, "inject": "both"}}
+M3GNET = {
+    "backbone": "m3gnet",
+    "features": 16,
+    "interactions": 2,
+    "cutoff": 4.0,
+    "threebody_cutoff": 3.0,
+    "n_rbf": 6,
+    "max_n": 2,
+    "max_l": 3,
+    "fidelity_embedding": {"dim": 4, "inject": "both"},
+}
 
 
 def _model(backbone: str, inject: str) -> dict:
@@ -36,8 +46,9 @@ def _outputs_and_grads(pot, graph) -> dict[str, torch.Tensor]:
     params = [p for p in pot.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     res = {k: v.detach() for k, v in out.items()}
-    res.update({f"grad:{name}": torch.zeros_like(p) if g is None else g
-                for (name, p), g in zip(pot.named_parameters(), grads)})
+    res.update(
+        {f"grad:{name}": torch.zeros_like(p) if g is None else g for (name, p), g in zip(pot.named_parameters(), grads)}
+    )
     return res
 
 
@@ -48,7 +59,7 @@ def _compare(backbone, inject, molecules, periodic, dtype=torch.float64, atol=1e
     compiled = copy.deepcopy(eager)
     compiled.use_compile = True
     frames = molecules + [periodic]
-    g = graph_from_atoms(frames, eager.cutoff, fidelity=[0, 1, 1, 0][:len(frames)], dtype=dtype)
+    g = graph_from_atoms(frames, eager.cutoff, fidelity=[0, 1, 1, 0][: len(frames)], dtype=dtype)
     want, got = _outputs_and_grads(eager, g), _outputs_and_grads(compiled, g)
     assert want.keys() == got.keys()
     assert want["forces"].abs().max() > 1e-3 and want["stress"][-1].abs().max() > 1e-4  # not trivially zero
@@ -83,8 +94,10 @@ def test_traced_compile_equals_eager(backbone, molecules, periodic, monkeypatch)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("MULTIFI_TEST_COMPILE", "0") in ("", "0"),
-                    reason="inductor compilation takes minutes on a 2-core CPU; MULTIFI_TEST_COMPILE=1 runs it")
+@pytest.mark.skipif(
+    os.environ.get("MULTIFI_TEST_COMPILE", "0") in ("", "0"),
+    reason="inductor compilation takes minutes on a 2-core CPU; MULTIFI_TEST_COMPILE=1 runs it",
+)
 @pytest.mark.parametrize("backbone", ["painn", "m3gnet"])
 def test_inductor_compile_equals_eager(backbone, molecules, periodic):
     _compare(backbone, "readout", molecules, periodic, dtype=torch.float32, atol=2e-5, rtol=1e-4)

@@ -1,4 +1,5 @@
 """Run configuration: typical and README examples, unknown keys with suggestions, overrides, paths, one-line errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -84,15 +85,20 @@ def test_defaults():
     assert cfg.train.epochs >= 1 and cfg.loss.energy > 0 and cfg.data.train_limits == {}
 
 
-@pytest.mark.parametrize("raw, match", [
-    (minimal(model={"featuers": 64}), r"unknown key 'model.featuers'; did you mean 'features'\?"),
-    (minimal(trian={"epochs": 1}), r"unknown key 'trian'; did you mean 'train'\?"),
-    (minimal(train={"epoch": 1}), r"unknown key 'train.epoch'; did you mean 'epochs'\?"),
-    (minimal(model={"fidelity_embedding": {"injct": "both"}}),
-     r"unknown key 'model.fidelity_embedding.injct'; did you mean 'inject'\?"),
-    ({"data": {"sources": [{"pth": "a.xyz"}]}}, r"unknown key 'data.sources.0.pth'; did you mean 'path'\?"),
-    (minimal(data={"sources": [{"path": "a"}], "splt": {}}), r"unknown key 'data.splt'; did you mean 'split'\?"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (minimal(model={"featuers": 64}), r"unknown key 'model.featuers'; did you mean 'features'\?"),
+        (minimal(trian={"epochs": 1}), r"unknown key 'trian'; did you mean 'train'\?"),
+        (minimal(train={"epoch": 1}), r"unknown key 'train.epoch'; did you mean 'epochs'\?"),
+        (
+            minimal(model={"fidelity_embedding": {"injct": "both"}}),
+            r"unknown key 'model.fidelity_embedding.injct'; did you mean 'inject'\?",
+        ),
+        ({"data": {"sources": [{"pth": "a.xyz"}]}}, r"unknown key 'data.sources.0.pth'; did you mean 'path'\?"),
+        (minimal(data={"sources": [{"path": "a"}], "splt": {}}), r"unknown key 'data.splt'; did you mean 'split'\?"),
+    ],
+)
 def test_unknown_keys_suggest_the_nearest(raw, match):
     one_line_error(raw, match)
 
@@ -102,15 +108,21 @@ def test_unknown_key_without_a_near_match_lists_valid_keys():
     assert "did you mean" not in msg
 
 
-@pytest.mark.parametrize("raw, match", [
-    ({}, r"missing required key 'data'"),
-    ({"data": {}}, r"missing required key 'data.sources'"),
-    (minimal(model={"fidelity_embedding": {"inject": "sideways"}}), r"model.fidelity_embedding.inject: .*'sideways'"),
-    (minimal(model={"features": 0}), r"model.features: .*greater than or equal to 1"),
-    (minimal(train={"epochs": "many"}), r"train.epochs: .*'many'"),
-    ({"data": {"sources": [{"fidelity": "x"}]}}, r"data.sources.0: .*exactly one of 'path' or 'qm9'"),
-    (minimal(model={"backbone": "schnet"}), r"model.backbone: .*'schnet'"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({}, r"missing required key 'data'"),
+        ({"data": {}}, r"missing required key 'data.sources'"),
+        (
+            minimal(model={"fidelity_embedding": {"inject": "sideways"}}),
+            r"model.fidelity_embedding.inject: .*'sideways'",
+        ),
+        (minimal(model={"features": 0}), r"model.features: .*greater than or equal to 1"),
+        (minimal(train={"epochs": "many"}), r"train.epochs: .*'many'"),
+        ({"data": {"sources": [{"fidelity": "x"}]}}, r"data.sources.0: .*exactly one of 'path' or 'qm9'"),
+        (minimal(model={"backbone": "schnet"}), r"model.backbone: .*'schnet'"),
+    ],
+)
 def test_invalid_values_are_one_line_errors(raw, match):
     one_line_error(raw, match, where="run.yaml")
     with pytest.raises(MultifiError, match=r"^run.yaml: "):
@@ -138,9 +150,19 @@ def test_load_config_file_errors(tmp_path):
 def test_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(BASIC_EXAMPLE)
-    cfg = load_config(path, ["output_dir=/tmp/x", "train.epochs=1", "model.fidelity_embedding.inject=heads",
-                             "train.lr=1e-3", "data.sources.1.fidelity=CCSD", "data.train_limits={B3LYP: 100}",
-                             "train.fidelity_sampling.B3LYP=2", "train.precision=64"])
+    cfg = load_config(
+        path,
+        [
+            "output_dir=/tmp/x",
+            "train.epochs=1",
+            "model.fidelity_embedding.inject=heads",
+            "train.lr=1e-3",
+            "data.sources.1.fidelity=CCSD",
+            "data.train_limits={B3LYP: 100}",
+            "train.fidelity_sampling.B3LYP=2",
+            "train.precision=64",
+        ],
+    )
     assert cfg.train.precision == "64"
     assert cfg.output_dir == "/tmp/x" and cfg.train.epochs == 1 and cfg.train.lr == 1e-3
     assert cfg.model.fidelity_embedding.inject == "heads" and cfg.data.sources[1].fidelity == "CCSD"

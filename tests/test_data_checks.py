@@ -1,4 +1,5 @@
 """Plausibility checks: overlapping atoms, duplicates across splits, Hartree-looking energies."""
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,8 @@ from multifi.data.checks import check_energy_units, check_overlaps, check_split_
 from multifi.data.dataset import FidelityDataset
 from multifi.data.neighbors import NeighborCache
 from multifi.data.split import Split
-from multifi.errors import MultifiError
 from multifi.data.stats import fit_baseline
+from multifi.errors import MultifiError
 from multifi.train.run import train
 
 HARTREE = 27.211386245988
@@ -28,8 +29,9 @@ def _records(n=40, unit=1.0, seed=0, overlap_at=None):
         if i == overlap_at:
             m.positions[1] = m.positions[0] + [0.05, 0, 0]
         e = sum({1: -13.6, 6: -1029.0, 7: -1484.0, 8: -2041.0}[z] for z in m.numbers) + rng.normal(0, 0.3)
-        out.append({"numbers": m.numbers, "positions": m.positions, "labels": {"DFT": {"energy": e / unit}},
-                    "key": f"m{i}"})
+        out.append(
+            {"numbers": m.numbers, "positions": m.positions, "labels": {"DFT": {"energy": e / unit}}, "key": f"m{i}"}
+        )
     return out
 
 
@@ -53,8 +55,13 @@ def test_overlap_stops_training_before_anything_is_written(tmp_path):
         a.calc = SinglePointCalculator(a, energy=r["labels"]["DFT"]["energy"])
         frames.append(a)
     ase.io.write(tmp_path / "bad.extxyz", frames)
-    cfg = validate_config({"data": {"sources": [{"path": str(tmp_path / "bad.extxyz"), "fidelity": "DFT"}]},
-                           "output_dir": str(tmp_path / "run"), "train": {"epochs": 1, "progress": False}})
+    cfg = validate_config(
+        {
+            "data": {"sources": [{"path": str(tmp_path / "bad.extxyz"), "fidelity": "DFT"}]},
+            "output_dir": str(tmp_path / "run"),
+            "train": {"epochs": 1, "progress": False},
+        }
+    )
     with pytest.raises(MultifiError, match="apart"):
         train(cfg)
     assert not (tmp_path / "run").exists()

@@ -1,4 +1,5 @@
 """FidelityDataset (columnar layout, merge, save/load, subset), splits, limits, samples, baselines, neighbours."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,14 @@ import numpy as np
 import pytest
 from ase.build import molecule
 from ase.neighborlist import neighbor_list as ase_neighbor_list
-
 from conftest import emt_labelled, periodic_cell, rattled_molecule
+
 from multifi.data.dataset import FidelityDataset, geometry_key, ranges
 from multifi.data.neighbors import NeighborCache, neighbor_list
 from multifi.data.sources import read_sources
-from multifi.data.split import (Split, check_disjoint, labelled_pairs, limit_pairs, random_split,
-                                split_from_files)
-from multifi.errors import MultifiError
+from multifi.data.split import Split, check_disjoint, labelled_pairs, limit_pairs, random_split, split_from_files
 from multifi.data.stats import N_ELEMENTS, fit_baseline, fit_references
+from multifi.errors import MultifiError
 
 
 def record(atoms, labels, key=None, **extra):
@@ -34,16 +34,30 @@ def water_methane_si():
     recs = [
         record(w, {"PBE": {"energy": -14.0, "forces": rng.normal(size=(3, 3))}, "CC": {"energy": -14.5}}, key="w"),
         record(m, {"CC": {"energy": -24.0}}, key="m"),
-        record(si, {"PBE": {"energy": -10.0, "forces": rng.normal(size=(4, 3)),
-                            "stress": [1.0, 2.0, 3.0, 0.4, 0.5, 0.6]}}, key="si"),
+        record(
+            si,
+            {"PBE": {"energy": -10.0, "forces": rng.normal(size=(4, 3)), "stress": [1.0, 2.0, 3.0, 0.4, 0.5, 0.6]}},
+            key="si",
+        ),
     ]
     return recs, (w, m, si)
 
 
 def assert_same_dataset(a: FidelityDataset, b: FidelityDataset) -> None:
     assert a.fidelities == b.fidelities and len(a) == len(b)
-    for name in ("numbers", "positions", "offsets", "cells", "pbc", "keys", "energy", "forces", "forces_mask",
-                 "stress", "stress_mask"):
+    for name in (
+        "numbers",
+        "positions",
+        "offsets",
+        "cells",
+        "pbc",
+        "keys",
+        "energy",
+        "forces",
+        "forces_mask",
+        "stress",
+        "stress_mask",
+    ):
         x, y = getattr(a, name), getattr(b, name)
         if x is None or y is None:
             assert x is None and y is None, name
@@ -71,8 +85,10 @@ def test_from_records_columnar_layout():
     assert ds.pbc.tolist() == [[False] * 3, [False] * 3, [True] * 3]
     np.testing.assert_array_equal(ds.cells[2], si.cell.array)
     assert not ds.cells[:2].any()
-    assert ds.label_counts() == {"PBE": {"energy": 2, "forces": 2, "stress": 1},
-                                 "CC": {"energy": 2, "forces": 0, "stress": 0}}
+    assert ds.label_counts() == {
+        "PBE": {"energy": 2, "forces": 2, "stress": 1},
+        "CC": {"energy": 2, "forces": 0, "stress": 0},
+    }
     assert ds.elements == [1, 6, 8, 11, 17]
     back = ds.to_atoms(2)
     np.testing.assert_allclose(back.positions, si.positions)
@@ -90,12 +106,21 @@ def test_geometry_keys_identify_structures():
     assert ds.keys[0] == ka
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda r: r.update(positions=np.zeros((2, 3))), r"mem: structure 0: positions have shape \(2, 3\), expected \(3, 3\)"),
-    (lambda r: r["labels"]["PBE"].update(forces=np.zeros((3, 2))), r"structure 0: forces have shape \(3, 2\), expected \(3, 3\)"),
-    (lambda r: r.update(cell=np.eye(2), pbc=True), r"structure 0: cell has shape \(2, 2\)"),
-    (lambda r: r["labels"]["PBE"].update(stress=[1.0, 2.0]), r"structure 0: stress has shape \(2,\)"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (
+            lambda r: r.update(positions=np.zeros((2, 3))),
+            r"mem: structure 0: positions have shape \(2, 3\), expected \(3, 3\)",
+        ),
+        (
+            lambda r: r["labels"]["PBE"].update(forces=np.zeros((3, 2))),
+            r"structure 0: forces have shape \(3, 2\), expected \(3, 3\)",
+        ),
+        (lambda r: r.update(cell=np.eye(2), pbc=True), r"structure 0: cell has shape \(2, 2\)"),
+        (lambda r: r["labels"]["PBE"].update(stress=[1.0, 2.0]), r"structure 0: stress has shape \(2,\)"),
+    ],
+)
 def test_from_records_inconsistent_shapes_are_one_line_errors(bad, match):
     recs, _ = water_methane_si()
     bad(recs[0])
@@ -151,10 +176,15 @@ def test_skip_invalid_drops_non_finite_labels():
 def two_sources_sharing_structures():
     mols = [rattled_molecule(n, i) for i, n in enumerate(("H2O", "NH3", "CH4", "CH3OH"))]
     a = FidelityDataset.from_records(
-        [record(m, {"PBE": {"energy": -float(i), "forces": np.full((len(m), 3), float(i))}}) for i, m in enumerate(mols[:3])],
-        source="a.xyz")
+        [
+            record(m, {"PBE": {"energy": -float(i), "forces": np.full((len(m), 3), float(i))}})
+            for i, m in enumerate(mols[:3])
+        ],
+        source="a.xyz",
+    )
     b = FidelityDataset.from_records(
-        [record(m, {"CC": {"energy": -10.0 - i}}) for i, m in enumerate(mols[1:], start=1)], source="b.xyz")
+        [record(m, {"CC": {"energy": -10.0 - i}}) for i, m in enumerate(mols[1:], start=1)], source="b.xyz"
+    )
     return mols, a, b
 
 
@@ -192,7 +222,8 @@ def test_merge_conflicting_energy_is_an_error():
 def test_merge_conflicting_forces_is_an_error():
     mols, a, _ = two_sources_sharing_structures()
     c = FidelityDataset.from_records(
-        [record(mols[0], {"PBE": {"energy": -0.0, "forces": np.ones((3, 3))}})], source="c.xyz")
+        [record(mols[0], {"PBE": {"energy": -0.0, "forces": np.ones((3, 3))}})], source="c.xyz"
+    )
     with pytest.raises(MultifiError, match="conflicting forces labels at fidelity 'PBE'"):
         FidelityDataset.merge([a, c])
 
@@ -325,9 +356,16 @@ def test_train_limits_are_nested_and_per_fidelity():
     rng = np.random.default_rng(0)
     S = 500
     energy = np.where(rng.random((S, 2)) < 0.8, rng.normal(size=(S, 2)), np.nan)
-    ds = FidelityDataset(numbers=np.ones(S, np.uint8), positions=np.zeros((S, 3)), offsets=np.arange(S + 1),
-                         cells=np.zeros((S, 3, 3)), pbc=np.zeros((S, 3), bool), keys=np.arange(S).astype(str),
-                         fidelities=__import__("multifi").data.FidelityTable(["lo", "hi"]), energy=energy)
+    ds = FidelityDataset(
+        numbers=np.ones(S, np.uint8),
+        positions=np.zeros((S, 3)),
+        offsets=np.arange(S + 1),
+        cells=np.zeros((S, 3, 3)),
+        pbc=np.zeros((S, 3), bool),
+        keys=np.arange(S).astype(str),
+        fidelities=__import__("multifi").data.FidelityTable(["lo", "hi"]),
+        energy=energy,
+    )
     pairs = labelled_pairs(ds, np.arange(S))
     n_hi = int((pairs[:, 1] == 1).sum())
     small = limit_pairs(pairs, {"hi": 100}, ds, seed=0)
@@ -352,15 +390,17 @@ def synthetic_linear_dataset(ref: dict[str, dict[int, float]], n: int = 30, seed
     recs = []
     for i in range(n):
         numbers = rng.choice([1, 6, 7, 8], size=rng.integers(2, 9))
-        labels = {name: {"energy": float(sum(r[int(z)] for z in numbers))}
-                  for k, (name, r) in enumerate(ref.items()) if (i + k) % 4}  # each fidelity misses some
+        labels = {
+            name: {"energy": float(sum(r[int(z)] for z in numbers))}
+            for k, (name, r) in enumerate(ref.items())
+            if (i + k) % 4
+        }  # each fidelity misses some
         recs.append({"numbers": numbers, "positions": rng.normal(size=(len(numbers), 3)) * 3, "labels": labels})
     return FidelityDataset.from_records(recs)
 
 
 def test_fit_baseline_recovers_per_element_references():
-    ref = {"lo": {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0},
-           "hi": {1: -13.1, 6: -1027.5, 7: -1484.0, 8: -2041.5}}
+    ref = {"lo": {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0}, "hi": {1: -13.1, 6: -1027.5, 7: -1484.0, 8: -2041.5}}
     ds = synthetic_linear_dataset(ref)
     fitted, scale = fit_baseline(ds, labelled_pairs(ds, np.arange(len(ds))))
     assert fitted.shape == (N_ELEMENTS, 2) and scale.shape == (2,)
@@ -431,8 +471,14 @@ def test_limits_keep_every_element_represented():
     for i in range(60):
         name = "CH3Cl" if i == 37 else ("H2O" if i % 2 else "CH4")
         m = molecule(name)
-        recs.append({"numbers": m.numbers, "positions": m.positions + 0.01 * i, "labels": {"A": {"energy": -float(i)}},
-                     "key": f"m{i}"})
+        recs.append(
+            {
+                "numbers": m.numbers,
+                "positions": m.positions + 0.01 * i,
+                "labels": {"A": {"energy": -float(i)}},
+                "key": f"m{i}",
+            }
+        )
     ds = FidelityDataset.from_records(recs, source="t")
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     for seed in range(5):

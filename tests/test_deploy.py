@@ -1,4 +1,5 @@
 """Deployed (TorchScript) models: equal to the ASE calculator with ghost atoms built the LAMMPS way."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,17 @@ CKPT = Path(__file__).parent / "data" / "solids_painn.pt"
 def m3gnet_potential(seed: int = 0, cutoff: float = 4.5, threebody_cutoff: float = 3.5):
     """A tiny random-weight two-fidelity M3GNet with distinct Si references per fidelity."""
     torch.manual_seed(seed)
-    model = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": cutoff,
-             "threebody_cutoff": threebody_cutoff, "max_n": 3, "max_l": 3, "n_rbf": 9,
-             "fidelity_embedding": {"dim": 4, "inject": "both"}}
+    model = {
+        "backbone": "m3gnet",
+        "features": 16,
+        "interactions": 2,
+        "cutoff": cutoff,
+        "threebody_cutoff": threebody_cutoff,
+        "max_n": 3,
+        "max_l": 3,
+        "n_rbf": 9,
+        "fidelity_embedding": {"dim": 4, "inject": "both"},
+    }
     pot = build_potential(model, ["PBE", "R2SCAN"])
     ref = np.zeros((119, 2))
     ref[14] = [-5.4, -6.1]
@@ -103,11 +112,20 @@ def test_periodic_shifts_without_ghosts_equal_calculator(deployed_m3gnet):
     atoms = si64(seed=3)
     i, j, s = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, meta["cutoff"] + 0.5)  # + skin
     t = torch.as_tensor
-    out = module(t(atoms.numbers), t(atoms.positions), t(atoms.cell.array), t(np.stack([i, j])),
-                 t(s, dtype=torch.float64), len(atoms))
+    out = module(
+        t(atoms.numbers),
+        t(atoms.positions),
+        t(atoms.cell.array),
+        t(np.stack([i, j])),
+        t(s, dtype=torch.float64),
+        len(atoms),
+    )
     want = reference(m3gnet_potential(), "R2SCAN", atoms)
-    got = {"energy": float(out["energy"]), "forces": out["forces"].numpy(),
-           "stress": (-out["virial"].numpy() / atoms.get_volume())[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]}
+    got = {
+        "energy": float(out["energy"]),
+        "forces": out["forces"].numpy(),
+        "stress": (-out["virial"].numpy() / atoms.get_volume())[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]],
+    }
     assert_same(got, want)
     assert float(out["atom_energies"].sum()) == pytest.approx(want["energy"], rel=1e-9)
 
@@ -116,8 +134,14 @@ def test_painn_molecule_and_other_fidelity(tmp_path):
     """A tiny random-weight PaiNN on a molecule (no cell, no ghosts): the file deployed at "lo" gives the
     "lo" numbers, the one at "hi" the "hi" numbers."""
     torch.manual_seed(0)
-    model = {"backbone": "painn", "features": 16, "interactions": 2, "cutoff": 4.0, "n_rbf": 8,
-             "fidelity_embedding": {"dim": 4, "inject": "both"}}
+    model = {
+        "backbone": "painn",
+        "features": 16,
+        "interactions": 2,
+        "cutoff": 4.0,
+        "n_rbf": 8,
+        "fidelity_embedding": {"dim": 4, "inject": "both"},
+    }
     pot = build_potential(model, ["lo", "hi"])
     ref = np.zeros((119, 2))
     ref[[1, 6, 8]] = [[-13.0, -13.6], [-1020.0, -1030.0], [-2040.0, -2050.0]]

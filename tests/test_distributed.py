@@ -1,4 +1,5 @@
 """Distributed data-parallel training: 2 CPU processes (gloo) equal 1 process with the same global batch."""
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,18 @@ def test_sampler_keeps_mixing_ratio_and_resumes():
 
 
 def _run(out: Path, extra: list[str]) -> dict:
-    sets = ["train.epochs=2", "data.train_limits.GFN2-xTB=160", "data.train_limits.B3LYP/6-31G(2df,p)=32",
-            "train.progress=false", "model.features=16", "model.interactions=1", "train.accelerator=cpu",
-            "train.ema_decay=0", "train.threads=1", f"output_dir={out}"]
+    sets = [
+        "train.epochs=2",
+        "data.train_limits.GFN2-xTB=160",
+        "data.train_limits.B3LYP/6-31G(2df,p)=32",
+        "train.progress=false",
+        "model.features=16",
+        "model.interactions=1",
+        "train.accelerator=cpu",
+        "train.ema_decay=0",
+        "train.threads=1",
+        f"output_dir={out}",
+    ]
     cmd = [sys.executable, "-m", "multifi.cli.main", "train", str(DEMO)]
     for s in sets:
         cmd += ["--set", s]

@@ -1,6 +1,7 @@
 """Experiment runner on experiments/tiny.yaml with a synthetic shared-data folder (199 QM9 molecules):
 artefacts, resume without redoing finished runs, kill → resume, split hygiene, report-only, spec errors,
 and the data-efficiency interpolation on synthetic power-law learning curves."""
+
 from __future__ import annotations
 
 import gzip
@@ -60,13 +61,26 @@ def shared(monkeypatch, small_csv, tmp_path) -> Path:
     rng = np.random.default_rng(0)
     methods = ["B3LYP/6-31G(2df,p)", "GFN2-xTB", "GFN1-xTB", "HF/STO-3G", "PBE/3-21G"]
     perm = rng.permutation(geo.index)
-    blocks = {m: sorted(int(i) for i in perm[30 * j:30 * (j + 1)]) for j, m in enumerate(methods)}
+    blocks = {m: sorted(int(i) for i in perm[30 * j : 30 * (j + 1)]) for j, m in enumerate(methods)}
     files = [
-        {"file": _labels(folder / "GFN2-xTB.csv.gz", geo.index, 0.9 * geo.energy + 0.3 * n_atoms
-                         + rng.normal(0, 0.05, len(geo))), "fidelity": "GFN2-xTB"},
-        {"file": _labels(folder / "GFN1-xTB.csv.gz", geo.index, 0.8 * geo.energy - 0.2 * n_atoms), "fidelity": "GFN1-xTB"},
-        {"file": _labels(folder / "HF_STO-3G.csv.gz", np.array(blocks["HF/STO-3G"][:15]),  # half its block
-                         np.zeros(15) - 100.0), "fidelity": "HF/STO-3G"},
+        {
+            "file": _labels(
+                folder / "GFN2-xTB.csv.gz", geo.index, 0.9 * geo.energy + 0.3 * n_atoms + rng.normal(0, 0.05, len(geo))
+            ),
+            "fidelity": "GFN2-xTB",
+        },
+        {
+            "file": _labels(folder / "GFN1-xTB.csv.gz", geo.index, 0.8 * geo.energy - 0.2 * n_atoms),
+            "fidelity": "GFN1-xTB",
+        },
+        {
+            "file": _labels(
+                folder / "HF_STO-3G.csv.gz",
+                np.array(blocks["HF/STO-3G"][:15]),  # half its block
+                np.zeros(15) - 100.0,
+            ),
+            "fidelity": "HF/STO-3G",
+        },
         {"file": "PBE_3-21G.csv.gz", "fidelity": "PBE/3-21G"},  # listed, not computed yet
     ]
     (folder / "manifest.json").write_text(json.dumps({"files": files}))
@@ -98,8 +112,9 @@ def fake_train(calls: list):
         save_potential(potential, run_dir / "model.pt")
         metrics = evaluate_pairs(potential, prep.dataset, None, prep.pairs["test"])
         val = evaluate_pairs(potential, prep.dataset, None, prep.pairs["val"]) if len(prep.pairs["val"]) else {}
-        (run_dir / "metrics.json").write_text(json.dumps({"fidelities": metrics, "val_fidelities": val,
-                                                          "n_train": {}, "steps": 7, "best_step": 5}))
+        (run_dir / "metrics.json").write_text(
+            json.dumps({"fidelities": metrics, "val_fidelities": val, "n_train": {}, "steps": 7, "best_step": 5})
+        )
         return run_dir
 
     return train
@@ -144,8 +159,9 @@ def test_tiny_spec_artefacts_and_resume(shared, fake, tmp_path):
     # the best variant is chosen on validation errors, never on test errors
     details = json.loads((out / "details.json").read_text())
     lcd, de = details["learning_curve"]["variants"], details["data_efficiency"]
-    val_score = {v: np.mean([np.log(lcd[v]["val_curves"]["energy"][n]["mean"]) for n in ("10", "20")])
-                 for v in de["candidates"]}
+    val_score = {
+        v: np.mean([np.log(lcd[v]["val_curves"]["energy"][n]["mean"]) for n in ("10", "20")]) for v in de["candidates"]
+    }
     assert eff["chosen_on"] == "validation" and eff["best_variant"] == min(val_score, key=val_score.get)
     for k in ("n10", "n20"):
         assert len(eff["seeds"][k]["values"]) == lc[eff["best_variant"]][k[1:]]["seeds"]
@@ -159,8 +175,14 @@ def test_tiny_spec_artefacts_and_resume(shared, fake, tmp_path):
     assert "### Data-efficiency factor — heads against single (a second factor)" in readme
     assert "needs GFN2-xTB" in readme and "kcal/mol" in readme and "15 of 30" in readme and "PBE/3-21G" in readme
     details = json.loads((out / "details.json").read_text())
-    assert details["ten_methods"]["coverage"]["HF/STO-3G"] == {"block": 30, "labelled": 15, "used": 12, "train": 10,
-                                                                "val": 1, "test": 1}
+    assert details["ten_methods"]["coverage"]["HF/STO-3G"] == {
+        "block": 30,
+        "labelled": 15,
+        "used": 12,
+        "train": 10,
+        "val": 1,
+        "test": 1,
+    }
     delta = json.loads((out / "runs/learning_curve/delta/n10_s0.json").read_text())
     assert delta["test"]["B3LYP/6-31G(2df,p)"]["needs_at_prediction"] == "GFN2-xTB"
     # Δ evaluation adds the GFN2-xTB label back: the same error as on the Δ labels themselves
@@ -213,10 +235,16 @@ def test_killed_run_resumes_or_restarts(shared, fake, tmp_path):
 def test_variant_seeds_override_the_part_seeds(shared, tmp_path):
     """A variant's own seeds (e.g. more seeds for an ablation at large n) change only that variant's runs;
     the other variants keep their runs and the seeds share one nested training order."""
+
     def seeds_by_variant(*more):
         plans = plan_parts(load_context(TINY, tiny(tmp_path / "out", *more)))["learning_curve"].plans
-        return {v: sorted((p.meta["n"], p.meta["seed"]) for p in plans if p.meta.get("variant") == v
-                          and "pretrain" not in p.id) for v in ("single", "joint_both")}
+        return {
+            v: sorted(
+                (p.meta["n"], p.meta["seed"]) for p in plans if p.meta.get("variant") == v and "pretrain" not in p.id
+            )
+            for v in ("single", "joint_both")
+        }
+
     base = seeds_by_variant()
     assert base["single"] == [(10, 0), (10, 1), (20, 0)]
     more = seeds_by_variant("learning_curve.variants.single.seeds={count: 3, above_n: null}")
@@ -252,8 +280,9 @@ def test_splits_keep_test_molecules_out_of_training_and_selection(shared, tmp_pa
     tr = json.loads((tmp_path / "out/splits/transfer.json").read_text())["train"]["n16_s0"]
     a, b = tr.values()
     assert len(a) == len(b) == 16 and not set(a) & set(b)
-    assert set(json.loads((tmp_path / "out/splits/transfer.json").read_text())["train"]["n8_s0"]["GFN2-xTB"]) \
-        <= set(b)  # nested across n
+    assert set(json.loads((tmp_path / "out/splits/transfer.json").read_text())["train"]["n8_s0"]["GFN2-xTB"]) <= set(
+        b
+    )  # nested across n
 
 
 @pytest.mark.slow
@@ -269,16 +298,22 @@ def test_real_training_finetune_and_delta(shared, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- spec errors
-@pytest.mark.parametrize("override, needle", [
-    ("learning_curve.variants.single.kindd=single", "unknown key 'learning_curve.variants.single.kindd'; did you mean 'kind'"),
-    ("transfer.nss=[1]", "did you mean 'ns'"),
-    ("learning_curve.efficiency.reference=singel", "did you mean 'single'"),
-    ("learning_curve.efficiency_more=[{at: [10], reference: singel}]", "did you mean 'single'"),
-    ("learning_curve.efficiency_more=[{at: [15]}]", "efficiency_more[0].at: [15] not among"),
-    ("learning_curve.variants.bad={kind: joint}", "joint variant needs inject"),
-    ("base.model.featurs=8", "unknown key 'model.featurs'; did you mean 'features'"),
-    ("learning_curve.ns=[10, 50]", "n=50 is larger"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (
+            "learning_curve.variants.single.kindd=single",
+            "unknown key 'learning_curve.variants.single.kindd'; did you mean 'kind'",
+        ),
+        ("transfer.nss=[1]", "did you mean 'ns'"),
+        ("learning_curve.efficiency.reference=singel", "did you mean 'single'"),
+        ("learning_curve.efficiency_more=[{at: [10], reference: singel}]", "did you mean 'single'"),
+        ("learning_curve.efficiency_more=[{at: [15]}]", "efficiency_more[0].at: [15] not among"),
+        ("learning_curve.variants.bad={kind: joint}", "joint variant needs inject"),
+        ("base.model.featurs=8", "unknown key 'model.featurs'; did you mean 'features'"),
+        ("learning_curve.ns=[10, 50]", "n=50 is larger"),
+    ],
+)
 def test_spec_errors_are_one_line(shared, tmp_path, override, needle):
     with pytest.raises(MultifiError) as exc:
         ctx = load_context(TINY, tiny(tmp_path / "out", override))
@@ -324,8 +359,8 @@ def test_efficiency_interpolates_between_points_of_a_kinked_curve():
     ns, maes = [100, 1000, 10000], [100.0, 10.0, 5.0]  # slope −1 then −0.301 in log-log
     n, extrapolated, _ = n_for_error(ns, maes, 20.0)
     assert not extrapolated and n == pytest.approx(500.0)
-    n, extrapolated, _ = n_for_error(ns, maes, 10.0 * 2 ** -0.5)  # halfway (log) along the second segment
-    assert n == pytest.approx(10 ** 3.5) and not extrapolated
+    n, extrapolated, _ = n_for_error(ns, maes, 10.0 * 2**-0.5)  # halfway (log) along the second segment
+    assert n == pytest.approx(10**3.5) and not extrapolated
 
 
 def test_efficiency_without_a_decreasing_end_is_undefined_but_flagged():
@@ -441,6 +476,6 @@ def test_step_matched_controls_train_equal_steps_and_report_apart(shared, fake, 
     assert set(details["ten_methods_steps"]) == {"6 steps"} and set(details["transfer_steps"]) == {"5 steps"}
     assert set(details["ten_methods_steps"]["6 steps"]) == set(details["ten_methods"]["methods"])
     assert details["embedding_map"]["run"] == "ten_methods/s0/joint"
-    for m, row in details["ten_methods"]["methods"].items():  # main table: one value per seed, not two
+    for row in details["ten_methods"]["methods"].values():  # main table: one value per seed, not two
         assert row["joint"]["seeds"] == row["separate"]["seeds"] == 2
     assert "### Step-matched control: every model 6 steps" in (out / "README.md").read_text()

@@ -5,6 +5,7 @@ second structure) stands in for ../shared/data/solids: sizes as fractions of the
 structures, composition-spanning order, split by structure (test and validation structures carry no
 label of any fidelity in any run's training data), per-atom energy and force metrics, learning-curve
 figure and data-efficiency factors per metric, resume, report-only, and spec errors."""
+
 from __future__ import annotations
 
 import gzip
@@ -26,9 +27,28 @@ SMALL = ROOT / "experiments" / "solids_small.yaml"
 FULL = ROOT / "experiments" / "solids_full.yaml"
 CONVERGED = ROOT / "experiments" / "solids_converged.yaml"
 # element pairs of the synthetic prototypes (one element: a pure cell); 40 structures, 2 per prototype
-PROTOTYPES = [("Si", None), ("C", None), ("Si", "C"), ("Na", "Cl"), ("Mg", "O"), ("Li", "F"), ("Al", None),
-              ("Al", "N"), ("Cu", None), ("Ga", "As"), ("B", "N"), ("Na", None), ("Li", None), ("Mg", None),
-              ("Ge", None), ("Ag", None), ("Al", "P"), ("Cu", None), ("Si", None), ("Mg", "O")]
+PROTOTYPES = [
+    ("Si", None),
+    ("C", None),
+    ("Si", "C"),
+    ("Na", "Cl"),
+    ("Mg", "O"),
+    ("Li", "F"),
+    ("Al", None),
+    ("Al", "N"),
+    ("Cu", None),
+    ("Ga", "As"),
+    ("B", "N"),
+    ("Na", None),
+    ("Li", None),
+    ("Mg", None),
+    ("Ge", None),
+    ("Ag", None),
+    ("Al", "P"),
+    ("Cu", None),
+    ("Si", None),
+    ("Mg", "O"),
+]
 REF = {"PBE": 1.0, "R2SCAN": 1.7}  # eV per atomic number: different per-element offsets per functional
 
 
@@ -44,13 +64,18 @@ def _record(i: int, functional: str, rng: np.random.Generator) -> dict:
     z = np.array([atomic_numbers[s] for s in species])
     forces = rng.normal(0, 0.3, (len(z), 3))
     forces -= forces.mean(0)
-    return {"matpes_id": f"syn-{i}", "functional": functional, "nsites": len(z),
-            "structure": {"lattice": {"matrix": cell.tolist(), "pbc": [True, True, True]},
-                          "sites": [{"species": [{"element": s, "occu": 1}], "xyz": p.tolist()}
-                                    for s, p in zip(species, xyz)]},
-            "energy": float(-REF[functional] * z.sum() / 10 + rng.normal(0, 0.05) * len(z)),
-            "forces": forces.tolist(),
-            "stress": rng.normal(0, 5, 6).tolist() if functional == "PBE" else None}
+    return {
+        "matpes_id": f"syn-{i}",
+        "functional": functional,
+        "nsites": len(z),
+        "structure": {
+            "lattice": {"matrix": cell.tolist(), "pbc": [True, True, True]},
+            "sites": [{"species": [{"element": s, "occu": 1}], "xyz": p.tolist()} for s, p in zip(species, xyz)],
+        },
+        "energy": float(-REF[functional] * z.sum() / 10 + rng.normal(0, 0.05) * len(z)),
+        "forces": forces.tolist(),
+        "stress": rng.normal(0, 5, 6).tolist() if functional == "PBE" else None,
+    }
 
 
 @pytest.fixture
@@ -59,8 +84,9 @@ def shared(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / "shared" / "solids"
     folder.mkdir(parents=True)
     for functional, ids in (("PBE", range(40)), ("R2SCAN", range(0, 40, 2))):
-        lines = "".join(json.dumps(_record(i, functional, np.random.default_rng([i, len(functional)]))) + "\n"
-                        for i in ids)
+        lines = "".join(
+            json.dumps(_record(i, functional, np.random.default_rng([i, len(functional)]))) + "\n" for i in ids
+        )
         (folder / f"{functional}.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
     monkeypatch.setenv("MULTIFI_SHARED_DATA", str(tmp_path / "shared"))
     return tmp_path / "shared"
@@ -83,9 +109,14 @@ def fake_train(calls: list):
         potential = build_potential(cfg.model.model_dump(), list(prep.dataset.fidelities.names))
         if cfg.train.init_from:
             init_from_potential(potential, cfg.train.init_from, cfg.train.init_fidelities)
-        potential.head.set_baseline(*fit_baseline(prep.dataset, prep.pairs["train"],
-                                                  pooled=potential.head.shared_baseline,
-                                                  shared_scale=cfg.model.energy_scale == "shared"))
+        potential.head.set_baseline(
+            *fit_baseline(
+                prep.dataset,
+                prep.pairs["train"],
+                pooled=potential.head.shared_baseline,
+                shared_scale=cfg.model.energy_scale == "shared",
+            )
+        )
         save_potential(potential, run_dir / "model.pt")
         metrics = evaluate_pairs(potential, prep.dataset, None, prep.pairs["test"])
         (run_dir / "metrics.json").write_text(json.dumps({"fidelities": metrics, "n_train": {}}))
@@ -120,8 +151,13 @@ def test_solids_spec_artefacts_metrics_and_resume(shared, fake, tmp_path):
     lc = summary["learning_curve"]
     assert set(lc) == {"single", "joint_readout", "joint_both", "finetune"}
     assert set(lc["single"]) == {"4", "7", "14"}
-    assert set(lc["single"]["4"]) == {"mae_meV_per_atom_mean", "mae_meV_per_atom_std", "forces_mae_meV_per_A_mean",
-                                      "forces_mae_meV_per_A_std", "seeds"}
+    assert set(lc["single"]["4"]) == {
+        "mae_meV_per_atom_mean",
+        "mae_meV_per_atom_std",
+        "forces_mae_meV_per_A_mean",
+        "forces_mae_meV_per_A_std",
+        "seeds",
+    }
     assert lc["single"]["4"]["seeds"] == 1 and lc["single"]["4"]["forces_mae_meV_per_A_mean"] > 0
     assert set(summary["data_efficiency"]) >= {"n4", "n7", "best_variant", "extrapolated"}
     assert set(summary["data_efficiency_by_metric"]) == {"energy_per_atom", "forces"}
@@ -183,8 +219,11 @@ def test_runs_train_on_exactly_their_labels_and_test_structures_stay_out(shared,
 def test_real_training_on_structure_files(shared, tmp_path):
     """The real trainer (Lightning) through the runner: forces and stress, joint and single, two epochs."""
     out = tmp_path / "out"
-    run_experiment(SPEC, overrides=[f"output={out}", "learning_curve.difference=true"],
-                   only=["learning_curve/single/n4_s0", "learning_curve/joint_readout/n4_s0"])
+    run_experiment(
+        SPEC,
+        overrides=[f"output={out}", "learning_curve.difference=true"],
+        only=["learning_curve/single/n4_s0", "learning_curve/joint_readout/n4_s0"],
+    )
     for rid in ("single/n4_s0", "joint_readout/n4_s0"):
         r = json.loads((out / f"runs/learning_curve/{rid}.json").read_text())
         assert r["how"] == "trained" and r["steps"] > 0
@@ -193,16 +232,22 @@ def test_real_training_on_structure_files(shared, tmp_path):
     assert joint["n_train"] == {"PBE": 34, "R2SCAN": 4}
     # the difference the second fidelity adds: label sizes from the files, the joint model's own errors
     test = json.loads((out / "splits/learning_curve.json").read_text())["test"]
-    records = {f: {r["matpes_id"]: r for r in map(json.loads, gzip.open(shared / f"solids/{f}.jsonl.gz", "rt"))}
-               for f in ("PBE", "R2SCAN")}
+    records = {
+        f: {r["matpes_id"]: r for r in map(json.loads, gzip.open(shared / f"solids/{f}.jsonl.gz", "rt"))}
+        for f in ("PBE", "R2SCAN")
+    }
     ids = [k.split(":", 1)[1] for k in test]
     diff = np.concatenate([np.subtract(records["R2SCAN"][i]["forces"], records["PBE"][i]["forces"]) for i in ids])
     single = json.loads((out / "runs/learning_curve/single/n4_s0.json").read_text())
-    assert set(single["difference"]) == {"n", "label_energy_difference_std_meV_per_atom",
-                                         "label_forces_difference_mae_meV_per_A"}
+    assert set(single["difference"]) == {
+        "n",
+        "label_energy_difference_std_meV_per_atom",
+        "label_forces_difference_mae_meV_per_A",
+    }
     d = joint["difference"]
     assert d["n"] == len(test) and d["label_forces_difference_mae_meV_per_A"] == pytest.approx(
-        single["difference"]["label_forces_difference_mae_meV_per_A"])
+        single["difference"]["label_forces_difference_mae_meV_per_A"]
+    )
     assert d["label_forces_difference_mae_meV_per_A"] == pytest.approx(1000 * np.abs(diff).mean(), rel=1e-5)
     assert 0 < d["energy_difference_mae_meV_per_atom"] and 0 < d["forces_difference_mae_meV_per_A"]
     readme = (out / "README.md").read_text()
@@ -256,16 +301,19 @@ def test_composition_span_counts_undetermined_test_structures(shared, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- specs
-@pytest.mark.parametrize("override, needle", [
-    ("learning_curve.ns=[2, 4]", "either ns or fractions"),
-    ("learning_curve.fractions=[0, 0.5]", "fractions must lie in (0, 1]"),
-    ("learning_curve.efficiency.at=[0.3]", "efficiency.at: [0.3] not among the part's fractions"),
-    ("learning_curve.variants.d={kind: delta}", "delta variants are implemented for the QM9 label tables only"),
-    ("learning_curve.metrics=[forces, forcez]", "learning_curve.metrics.1"),
-    ("learning_curve.high=R2SCANN", "R2SCAN"),
-    ("learning_curve.test=19", "needs 21 molecules but only 20 are labelled"),
-    ("data.sources.0.path=nowhere.jsonl.gz", "nowhere.jsonl.gz: no such file"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("learning_curve.ns=[2, 4]", "either ns or fractions"),
+        ("learning_curve.fractions=[0, 0.5]", "fractions must lie in (0, 1]"),
+        ("learning_curve.efficiency.at=[0.3]", "efficiency.at: [0.3] not among the part's fractions"),
+        ("learning_curve.variants.d={kind: delta}", "delta variants are implemented for the QM9 label tables only"),
+        ("learning_curve.metrics=[forces, forcez]", "learning_curve.metrics.1"),
+        ("learning_curve.high=R2SCANN", "R2SCAN"),
+        ("learning_curve.test=19", "needs 21 molecules but only 20 are labelled"),
+        ("data.sources.0.path=nowhere.jsonl.gz", "nowhere.jsonl.gz: no such file"),
+    ],
+)
 def test_spec_errors_are_one_line(shared, tmp_path, override, needle):
     with pytest.raises(MultifiError) as exc:
         plan_parts(load_context(SPEC, [f"output={tmp_path / 'out'}", override]))

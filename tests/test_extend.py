@@ -1,5 +1,6 @@
 """Adding a fidelity to a trained model (multifi extend): frozen old fidelities bit-for-bit, the grown
 table, replay and the forgetting report, clear errors; and the model card (multifi info)."""
+
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import MOLECULES, TINY_MODEL, emt_labelled, rattled_molecule
+
 from multifi.cli.main import main
 from multifi.config import dump_config, load_config, validate_config
 from multifi.errors import MultifiError
@@ -19,8 +20,16 @@ from multifi.models.registry import build_potential, load_potential, save_potent
 from multifi.predict import predict_atoms
 from multifi.train.extend import extend, grow_weights
 
-M3GNET = {"backbone": "m3gnet", "features": 8, "interactions": 1, "cutoff": 4.0, "threebody_cutoff": 3.0,
-          "max_n": 2, "max_l": 2, "n_rbf": 4}
+M3GNET = {
+    "backbone": "m3gnet",
+    "features": 8,
+    "interactions": 1,
+    "cutoff": 4.0,
+    "threebody_cutoff": 3.0,
+    "max_n": 2,
+    "max_l": 2,
+    "n_rbf": 4,
+}
 OLD = ["lo", "hi"]
 
 
@@ -46,8 +55,9 @@ def saved_model(tmp_path, inject="both", backbone="painn", double=True, name="ol
 
 def new_data(path, n=12, seed=100):
     """n molecules with energies and forces at an unnamed new level (0.9·EMT − 0.2 eV/atom)."""
-    frames = [emt_labelled(rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=seed + i), "x", 0.9, -0.2)
-              for i in range(n)]
+    frames = [
+        emt_labelled(rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=seed + i), "x", 0.9, -0.2) for i in range(n)
+    ]
     for a in frames:
         a.info.pop("fidelity")
     ase.io.write(path, frames, format="extxyz")
@@ -55,12 +65,24 @@ def new_data(path, n=12, seed=100):
 
 
 def ext_config(tmp_path, model, mode="embedding", out="ext", **extend_keys):
-    raw = {"data": {"sources": [{"path": str(new_data(tmp_path / "new.extxyz")), "fidelity": "CC"}],
-                    "split": {"val": 0.2, "test": 0.2, "seed": 0}},
-           "train": {"max_steps": 3, "batch_size": 4, "lr": 0.05, "weight_decay": 0.1, "ema_decay": 0.5,
-                     "warmup_steps": 0, "progress": False, "threads": 1},
-           "extend": {"model": str(model), "fidelity": "CC", "train": mode, **extend_keys},
-           "output_dir": str(tmp_path / out)}
+    raw = {
+        "data": {
+            "sources": [{"path": str(new_data(tmp_path / "new.extxyz")), "fidelity": "CC"}],
+            "split": {"val": 0.2, "test": 0.2, "seed": 0},
+        },
+        "train": {
+            "max_steps": 3,
+            "batch_size": 4,
+            "lr": 0.05,
+            "weight_decay": 0.1,
+            "ema_decay": 0.5,
+            "warmup_steps": 0,
+            "progress": False,
+            "threads": 1,
+        },
+        "extend": {"model": str(model), "fidelity": "CC", "train": mode, **extend_keys},
+        "output_dir": str(tmp_path / out),
+    }
     return validate_config(raw)
 
 
@@ -142,8 +164,9 @@ def test_grown_model_predicts_the_new_fidelity_like_the_one_it_starts_from(tmp_p
     e_cc, f_cc, _ = predict_atoms(new, mols, "CC")
     np.testing.assert_allclose(e_cc, e_hi, rtol=1e-12, atol=1e-10)
     for name in OLD:
-        np.testing.assert_allclose(predict_atoms(new, mols, name)[0], predict_atoms(old, mols, name)[0],
-                                   rtol=1e-12, atol=1e-10)
+        np.testing.assert_allclose(
+            predict_atoms(new, mols, name)[0], predict_atoms(old, mols, name)[0], rtol=1e-12, atol=1e-10
+        )
 
 
 def test_onehot_model_extends_with_head_training(tmp_path):
@@ -153,16 +176,19 @@ def test_onehot_model_extends_with_head_training(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("inject, mode, keys, fragment", [
-    ("both", "embedding", {"fidelity": "hi"}, "fidelity 'hi' exists already"),
-    ("onehot", "embedding", {}, "inject: onehot has no trainable fidelity vector"),
-    ("single", "all", {}, "inject: single has no fidelity information"),
-    ("heads", "embedding", {}, "use train: head"),
-    ("both", "all", {"replay": 0.5, "replay_fidelities": ["HI"]}, "unknown fidelity 'HI'; did you mean 'hi'?"),
-    ("both", "all", {"replay": 0.5}, "extend.replay needs the model's run directory"),
-    ("both", "embedding", {"replay": 0.5}, "extend.replay needs train: head or all"),
-    ("both", "embedding", {"init_like": "mid"}, "unknown fidelity 'mid'"),
-])
+@pytest.mark.parametrize(
+    "inject, mode, keys, fragment",
+    [
+        ("both", "embedding", {"fidelity": "hi"}, "fidelity 'hi' exists already"),
+        ("onehot", "embedding", {}, "inject: onehot has no trainable fidelity vector"),
+        ("single", "all", {}, "inject: single has no fidelity information"),
+        ("heads", "embedding", {}, "use train: head"),
+        ("both", "all", {"replay": 0.5, "replay_fidelities": ["HI"]}, "unknown fidelity 'HI'; did you mean 'hi'?"),
+        ("both", "all", {"replay": 0.5}, "extend.replay needs the model's run directory"),
+        ("both", "embedding", {"replay": 0.5}, "extend.replay needs train: head or all"),
+        ("both", "embedding", {"init_like": "mid"}, "unknown fidelity 'mid'"),
+    ],
+)
 def test_clear_errors(tmp_path, inject, mode, keys, fragment):
     _, path = saved_model(tmp_path, inject)
     cfg = ext_config(tmp_path, path, mode)
@@ -197,9 +223,12 @@ def test_config_errors(tmp_path, capsys):
 def old_run(tmp_path_factory, tiny_extxyz):
     """A one-epoch run on the tiny two-fidelity data (run directory with dataset.npz and splits.json)."""
     root = tmp_path_factory.mktemp("old")
-    raw = {"data": {"sources": [{"path": str(tiny_extxyz)}], "split": {"val": 0.2, "test": 0.2, "seed": 0}},
-           "model": TINY_MODEL, "train": {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1},
-           "output_dir": str(root / "run")}
+    raw = {
+        "data": {"sources": [{"path": str(tiny_extxyz)}], "split": {"val": 0.2, "test": 0.2, "seed": 0}},
+        "model": TINY_MODEL,
+        "train": {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1},
+        "output_dir": str(root / "run"),
+    }
     (root / "config.yaml").write_text(yaml.safe_dump(raw))
     assert main(["train", str(root / "config.yaml")]) == 0
     return root / "run"
@@ -208,9 +237,30 @@ def old_run(tmp_path_factory, tiny_extxyz):
 def test_cli_all_with_replay_reports_forgetting(old_run, tmp_path, capsys):
     data = new_data(tmp_path / "new.extxyz")
     out = tmp_path / "ext"
-    code = main(["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", "CC", "--out", str(out),
-                 "--train", "all", "--replay", "0.5", "--replay-fidelity", "hi", "--max-steps", "3",
-                 "--set", "train.progress=false", "--set", "train.threads=1"])
+    code = main(
+        [
+            "extend",
+            str(old_run / "model.pt"),
+            "--data",
+            str(data),
+            "--fidelity",
+            "CC",
+            "--out",
+            str(out),
+            "--train",
+            "all",
+            "--replay",
+            "0.5",
+            "--replay-fidelity",
+            "hi",
+            "--max-steps",
+            "3",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "train.threads=1",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0 and "old fidelities (forgetting), test split" in stdout
     m = json.loads((out / "metrics.json").read_text())
@@ -220,7 +270,8 @@ def test_cli_all_with_replay_reports_forgetting(old_run, tmp_path, capsys):
         assert before["n"] == old_metrics["fidelities"][name]["n"]
         assert before["energy_mae_meV"] == pytest.approx(old_metrics["fidelities"][name]["energy_mae_meV"], rel=1e-6)
         assert m["forgetting"][name]["change"]["energy_mae_meV"] == pytest.approx(
-            m["forgetting"][name]["after"]["energy_mae_meV"] - before["energy_mae_meV"])
+            m["forgetting"][name]["after"]["energy_mae_meV"] - before["energy_mae_meV"]
+        )
     n_hi = load_potential(old_run / "model.pt").spec["data"]["train"]["hi"]
     assert m["n_train"]["hi"] == round(0.5 * n_hi) and m["n_train"]["lo"] == 0 and m["n_train"]["CC"] > 0
     assert m["old_fidelities_unchanged"] is False
@@ -230,8 +281,9 @@ def test_cli_all_with_replay_reports_forgetting(old_run, tmp_path, capsys):
 
 def test_cli_embedding_errors_are_one_line(old_run, tmp_path, capsys):
     data = new_data(tmp_path / "new.extxyz")
-    code = main(["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", "lo", "--out",
-                 str(tmp_path / "x")])
+    code = main(
+        ["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", "lo", "--out", str(tmp_path / "x")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "fidelity 'lo' exists already" in err[0]
     assert main(["extend", "--fidelity", "x"]) == 2

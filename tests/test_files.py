@@ -1,5 +1,6 @@
 """Output files: atomic for regular files, straight through for FIFOs/devices (never replaced), umask
 permissions, and file-system errors as one-line MultifiErrors."""
+
 from __future__ import annotations
 
 import errno
@@ -16,6 +17,7 @@ from multifi.files import atomic_write, make_dir, write_text
 
 def _drain(path, into: list) -> threading.Thread:
     """Read a FIFO in a thread (opening it for writing blocks until a reader is there)."""
+
     def read():
         with open(path, "rb") as f:
             into.append(f.read())

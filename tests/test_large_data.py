@@ -1,4 +1,5 @@
 """Large data: memory-mapped directory datasets, neighbour lists built per batch, MultiXC-style wide tables."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,16 @@ def _mixed(n=12, seed=0):
         lab = {"PBE": {"energy": -5.0 * len(a) + rng.normal(), "forces": rng.normal(size=(len(a), 3))}}
         if i % 3 == 0:
             lab["R2SCAN"] = {"energy": -7.0 * len(a)}
-        recs.append({"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array if a.pbc.any() else None,
-                     "pbc": a.pbc, "labels": lab, "key": f"s{i}"})
+        recs.append(
+            {
+                "numbers": a.numbers,
+                "positions": a.positions,
+                "cell": a.cell.array if a.pbc.any() else None,
+                "pbc": a.pbc,
+                "labels": lab,
+                "key": f"s{i}",
+            }
+        )
     return FidelityDataset.from_records(recs, source="mixed")
 
 
@@ -59,8 +68,10 @@ def test_auto_mode_picks_by_estimated_size():
 def test_on_the_fly_neighbours_reject_overlapping_atoms():
     m = molecule("CH4")
     m.positions[1] = m.positions[0] + [0.02, 0, 0]
-    ds = FidelityDataset.from_records([{"numbers": m.numbers, "positions": m.positions, "labels": {"A": {"energy": 1.0}},
-                                        "key": "bad"}], source="x.extxyz")
+    ds = FidelityDataset.from_records(
+        [{"numbers": m.numbers, "positions": m.positions, "labels": {"A": {"energy": 1.0}}, "key": "bad"}],
+        source="x.extxyz",
+    )
     with pytest.raises(MultifiError, match="x.extxyz: structure bad has atoms 0.020 Å apart"):
         GraphCollator(ds, OnTheFlyNeighbors(ds, 4.0))(np.array([[0, 0]]))
 

@@ -1,5 +1,6 @@
 """The package's import graph: each layer imports only the layers below it, with no circle, and the
 library never imports the experiment runner (function-local imports count too)."""
+
 from __future__ import annotations
 
 import ast
@@ -14,8 +15,16 @@ LAYERS = [
     {"multifi.nn"},
     {"multifi.models"},
     {"multifi.train"},
-    {"multifi.predict", "multifi.calculator", "multifi.deploy", "multifi.card", "multifi.plots",
-     "multifi.config_reference", "multifi.uncertainty", "multifi.select"},
+    {
+        "multifi.predict",
+        "multifi.calculator",
+        "multifi.deploy",
+        "multifi.card",
+        "multifi.plots",
+        "multifi.config_reference",
+        "multifi.uncertainty",
+        "multifi.select",
+    },
     {"multifi.cli", "multifi.demo"},
     {"multifi_experiments"},
 ]
@@ -56,8 +65,10 @@ def _prefixes(name: str):
 
 def layer_of(module: str) -> int:
     for k in range(len(LAYERS) - 1, -1, -1):
-        if any(module == top or module.startswith(top + ".") for top in LAYERS[k] if top != "multifi") or \
-                module in LAYERS[k]:
+        if (
+            any(module == top or module.startswith(top + ".") for top in LAYERS[k] if top != "multifi")
+            or module in LAYERS[k]
+        ):
             return k
     raise AssertionError(f"{module}: in no layer of tests/test_layering.py; add it")
 
@@ -79,7 +90,7 @@ def test_no_import_circle():
         stack.append(m)
         for n in sorted(edges.get(m, ())):
             if state.get(n) == 1:
-                cycles.append(stack[stack.index(n):] + [n])
+                cycles.append(stack[stack.index(n) :] + [n])
             elif n not in state:
                 visit(n)
         stack.pop()

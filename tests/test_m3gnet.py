@@ -1,5 +1,6 @@
 """M3GNet: special functions, triplet enumeration, the physics check suite, cutoff smoothness, fidelity
 conditioning and training."""
+
 from __future__ import annotations
 
 import copy
@@ -8,27 +9,44 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import physics
 import pytest
 import torch
 from ase import Atoms
-
-import physics
 from conftest import TINY_MODEL
+
 from multifi.data.batch import graph_from_atoms
 from multifi.data.dataset import FidelityDataset
 from multifi.data.split import labelled_pairs
-from multifi.errors import MultifiError
 from multifi.data.stats import fit_baseline
-from multifi.models.m3gnet import (M3GNet, SmoothBesselBasis, SphericalBesselRadial, Triplets, edge_pairs, legendre,
-                                   spherical_jn, spherical_jn_roots, triplet_index)
+from multifi.errors import MultifiError
+from multifi.models.m3gnet import (
+    M3GNet,
+    SmoothBesselBasis,
+    SphericalBesselRadial,
+    Triplets,
+    edge_pairs,
+    legendre,
+    spherical_jn,
+    spherical_jn_roots,
+    triplet_index,
+)
 from multifi.models.registry import build_potential, load_potential, save_potential
 from multifi.nn.fidelity import MODES
 from multifi.train.loss import MultiFidelityLoss
 
 SOLIDS = Path("/work/shared/data/solids")
 #: small enough for finite differences; three-body cutoff below the two-body one so both are exercised
-SMALL = {"backbone": "m3gnet", "features": 16, "interactions": 2, "cutoff": 4.0, "threebody_cutoff": 3.0,
-         "max_n": 2, "max_l": 3, "n_rbf": 6}
+SMALL = {
+    "backbone": "m3gnet",
+    "features": 16,
+    "interactions": 2,
+    "cutoff": 4.0,
+    "threebody_cutoff": 3.0,
+    "max_n": 2,
+    "max_l": 3,
+    "n_rbf": 6,
+}
 
 
 def make_m3gnet(fidelities, inject: str = "both", **model):
@@ -115,7 +133,9 @@ def test_triplets_match_brute_force_on_periodic_cell(periodic, molecules, shuffl
     if shuffle:  # no reliance on the neighbour list's edge order
         perm = torch.randperm(ei.shape[1], generator=torch.Generator().manual_seed(0))
         ei, vec, r = ei[:, perm], vec[perm], r[perm]
-    t = Triplets(triplet_index(ei, r, len(g.numbers), rc3), ei, vec, r, SphericalBesselRadial(rc3, 2, 3), torch.ones_like)
+    t = Triplets(
+        triplet_index(ei, r, len(g.numbers), rc3), ei, vec, r, SphericalBesselRadial(rc3, 2, 3), torch.ones_like
+    )
     found = list(zip(t.bonds[t.ij].tolist(), t.bonds[t.ik].tolist()))
     expected = brute_force_triplets(ei.numpy(), r.numpy(), rc3)
     assert len(found) == len(set(found)), "a triplet was enumerated twice"
@@ -218,8 +238,9 @@ def test_three_body_terms_contribute_inside_three_body_cutoff():
 # ---------------------------------------------------------------------------------------------- fidelity, training
 @pytest.mark.parametrize("mode", MODES)
 def test_fidelity_changes_prediction_except_single(mode, molecules, periodic):
-    physics.check_fidelity_dependence(partial(make_m3gnet, inject=mode), molecules + [periodic],
-                                      expect_change=mode != "single")
+    physics.check_fidelity_dependence(
+        partial(make_m3gnet, inject=mode), molecules + [periodic], expect_change=mode != "single"
+    )
 
 
 @pytest.mark.parametrize("mode", ["both", "readout", "single"])

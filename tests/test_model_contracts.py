@@ -1,19 +1,20 @@
 """Model contracts: fidelity conditioning, training signal, masked labels, batches, save/load."""
+
 from __future__ import annotations
 
 import copy
 from functools import partial
 
 import numpy as np
+import physics
 import pytest
 import torch
-
-import physics
 from conftest import TINY_MODEL
+
 from multifi.data.batch import graph_from_atoms
 from multifi.data.split import labelled_pairs
-from multifi.errors import MultifiError
 from multifi.data.stats import fit_baseline
+from multifi.errors import MultifiError
 from multifi.models.registry import build_potential, load_potential, save_potential
 from multifi.nn.fidelity import MODES, FidelityConditioning
 from multifi.predict import predict_atoms
@@ -28,8 +29,9 @@ def make_painn(fidelities, inject: str = "both", onehot_at: str = "both", **mode
 
 @pytest.mark.parametrize("mode", MODES)
 def test_fidelity_changes_prediction_except_single(mode, molecules, periodic):
-    physics.check_fidelity_dependence(partial(make_painn, inject=mode), molecules + [periodic],
-                                      expect_change=mode != "single")
+    physics.check_fidelity_dependence(
+        partial(make_painn, inject=mode), molecules + [periodic], expect_change=mode != "single"
+    )
 
 
 @pytest.mark.parametrize("onehot_at", ["input", "readout"])
@@ -48,15 +50,23 @@ def test_missing_label_adds_no_loss_and_no_gradient(mode, molecules):
 
 
 def test_conditioning_placement():
-    for mode, at_input, at_readout in [("input", True, False), ("readout", False, True), ("both", True, True),
-                                       ("heads", False, False), ("single", False, False)]:
+    for mode, at_input, at_readout in [
+        ("input", True, False),
+        ("readout", False, True),
+        ("both", True, True),
+        ("heads", False, False),
+        ("single", False, False),
+    ]:
         c = FidelityConditioning(3, 4, mode, 16)
         assert (c.at_input, c.at_readout) == (at_input, at_readout), mode
         fid = torch.tensor([0, 2])
         assert (c.input_condition(fid) is None) != at_input
         assert (c.readout_condition(fid) is None) != at_readout
     oh = FidelityConditioning(3, 4, "onehot", 16, onehot_at="readout")
-    assert oh.readout_condition(torch.tensor([1])).tolist() == [[0.0, 1.0, 0.0]] and oh.input_condition(torch.tensor([1])) is None
+    assert (
+        oh.readout_condition(torch.tensor([1])).tolist() == [[0.0, 1.0, 0.0]]
+        and oh.input_condition(torch.tensor([1])) is None
+    )
     with pytest.raises(ValueError, match="unknown fidelity conditioning mode"):
         FidelityConditioning(2, 4, "sideways", 16)
 
@@ -105,8 +115,16 @@ def test_forces_sum_to_zero(molecules, periodic):
 def test_collator_batches_match_atoms_batches(molecules, periodic):
     """The training path (dataset → neighbour cache → GraphCollator) equals the prediction path (graph_from_atoms)."""
     atoms_list = molecules + [periodic]
-    records = [{"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array if a.pbc.any() else None,
-                "pbc": a.pbc, "labels": {"lo": {"energy": -1.0}, "hi": {"energy": -2.0}}} for a in atoms_list]
+    records = [
+        {
+            "numbers": a.numbers,
+            "positions": a.positions,
+            "cell": a.cell.array if a.pbc.any() else None,
+            "pbc": a.pbc,
+            "labels": {"lo": {"energy": -1.0}, "hi": {"energy": -2.0}},
+        }
+        for a in atoms_list
+    ]
     from multifi.data.dataset import FidelityDataset
 
     ds = FidelityDataset.from_records(records)
@@ -184,8 +202,10 @@ def test_metrics_per_fidelity_exact_values(molecules):
     g.energy_mask = torch.tensor([True, True, False])
     g.forces = torch.zeros_like(g.positions)
     g.forces_mask = torch.tensor([True, False, True])
-    out = {"energy": torch.tensor([-10.3, -19.0, 999.0], dtype=torch.float64),
-           "forces": torch.full_like(g.positions, 0.002)}
+    out = {
+        "energy": torch.tensor([-10.3, -19.0, 999.0], dtype=torch.float64),
+        "forces": torch.full_like(g.positions, 0.002),
+    }
     m = FidelityMetrics(["a", "b", "unused"])
     m.update(out, g)
     m.update(out, g)  # accumulates: same averages, double counts

@@ -6,11 +6,12 @@ unoptimised PaiNN (commit 7c91c1d); tests/data/m3gnet_reference.json by the same
 1e-9 in float64; stress and the parameter gradients of an energy+forces loss (double backward) are
 checked too, so fused or reordered kernels cannot silently change training.
 """
+
 from __future__ import annotations
 
 import importlib.util
-import os
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,10 @@ _spec = importlib.util.spec_from_file_location("make_painn_reference", DATA / "m
 ref_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ref_script)
 
-TOL = {"float32": {"energy": 1e-5, "forces": 1e-5, "stress": 1e-4, "grad_rel": 1e-4},
-       "float64": {"energy": 1e-9, "forces": 1e-9, "stress": 1e-8, "grad_rel": 1e-9}}
+TOL = {
+    "float32": {"energy": 1e-5, "forces": 1e-5, "stress": 1e-4, "grad_rel": 1e-4},
+    "float64": {"energy": 1e-9, "forces": 1e-9, "stress": 1e-8, "grad_rel": 1e-9},
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +67,10 @@ def test_reference_input_is_the_documented_one(reference):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("MULTIFI_TEST_COMPILE", "0") in ("", "0"),
-                    reason="torch.compile takes minutes on a 2-core CPU; MULTIFI_TEST_COMPILE=1 runs it")
+@pytest.mark.skipif(
+    os.environ.get("MULTIFI_TEST_COMPILE", "0") in ("", "0"),
+    reason="torch.compile takes minutes on a 2-core CPU; MULTIFI_TEST_COMPILE=1 runs it",
+)
 def test_compiled_painn_matches_reference(reference):
     """The opt-in compiled potential (model.compile) gives the reference energies, forces, stress and
     the parameter gradients of the energy+forces loss (its second derivative is part of the compiled

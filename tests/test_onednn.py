@@ -1,4 +1,5 @@
 """multifi.nn.onednn: float32 CPU products on oneDNN agree with F.linear, with first and second derivatives."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ def test_linear_matches_f_linear_with_double_backward(rows, bias):
         y = fn(x, w, b)
         inputs = (x, w, b) if bias else (x, w)
         grads = torch.autograd.grad((y.tanh() ** 2).sum(), inputs, create_graph=True)
-        second = torch.autograd.grad(sum((gr ** 2).sum() for gr in grads), inputs)
+        second = torch.autograd.grad(sum((gr**2).sum() for gr in grads), inputs)
         res[name] = [t.detach().double() for t in (y, *grads, *second)]
     assert dnn._use_onednn(x64.float(), w64.float().requires_grad_())
     for got, want in zip(res["onednn"], res["reference"]):

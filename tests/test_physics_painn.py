@@ -1,13 +1,14 @@
 """The physics check suite (tests/physics.py) on PaiNN, for every fidelity conditioning mode."""
+
 from __future__ import annotations
 
 import copy
 from functools import partial
 
-import pytest
-
 import physics
+import pytest
 from conftest import TINY_MODEL
+
 from multifi.models.registry import build_potential
 from multifi.nn.fidelity import MODES
 

@@ -1,4 +1,5 @@
 """read_ase: extxyz / ASE database / traj → FidelityDataset, and its one-line errors."""
+
 import re
 
 import ase.db
@@ -42,6 +43,7 @@ def voigt_to_matrix(v):
 
 def raises_one_line(path, match):
     """pytest.raises for a MultifiError that names the file, matches `match` and is one line."""
+
     class Check:
         def __enter__(self):
             self.ctx = pytest.raises(MultifiError, match=match)
@@ -53,6 +55,7 @@ def raises_one_line(path, match):
             msg = str(self.info.value)
             assert path.name in msg and "\n" not in msg, msg
             return out
+
     return Check()
 
 
@@ -81,8 +84,10 @@ def test_per_structure_fidelity_two_fidelities_in_one_file(tmp_path):
     ds = read_ase(path)
     assert set(ds.fidelities.names) == {"PBE", "B3LYP"}
     # identical geometries share a geometry key; from_records keeps them as separate structures
-    assert ds.label_counts() == {"PBE": {"energy": 2, "forces": 2, "stress": 0},
-                                 "B3LYP": {"energy": 1, "forces": 1, "stress": 0}}
+    assert ds.label_counts() == {
+        "PBE": {"energy": 2, "forces": 2, "stress": 0},
+        "B3LYP": {"energy": 1, "forces": 1, "stress": 0},
+    }
     k = ds.fidelities.index("B3LYP")
     assert ds.energy[1, k] == -2.0 and np.isnan(ds.energy[0, k])
     assert not ds.pbc.any() and not ds.cells.any()
@@ -99,7 +104,9 @@ def test_source_fidelity_labels_only_structures_naming_none_and_key_from_info(tm
 def test_source_fidelity_conflicting_with_the_frame_is_an_error(tmp_path):
     path = tmp_path / "w.xyz"
     ase.io.write(path, [water(fidelity="PBE"), water(-2.0, fidelity="EMT")])
-    with raises_one_line(path, r"frame 1 \(0-based\): names fidelity 'EMT' \(info\['fidelity'\]\) but its source says 'PBE'"):
+    with raises_one_line(
+        path, r"frame 1 \(0-based\): names fidelity 'EMT' \(info\['fidelity'\]\) but its source says 'PBE'"
+    ):
         read_ase(path, fidelity="PBE")
 
 
@@ -220,7 +227,7 @@ def test_bad_shapes(tmp_path):
 
 def test_error_messages_have_no_newlines_for_multiline_exceptions(tmp_path):
     path = tmp_path / "x.xyz"
-    path.write_text("2\nLattice=\"1 2 3\" pbc=\"T T T\"\nH 0 0 0\nH 0 0\n")
+    path.write_text('2\nLattice="1 2 3" pbc="T T T"\nH 0 0 0\nH 0 0\n')
     with pytest.raises(MultifiError) as info:
         read_ase(path, fidelity="PBE")
     assert re.fullmatch(r"[^\n]+", str(info.value)) and path.name in str(info.value)

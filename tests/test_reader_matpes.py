@@ -1,4 +1,5 @@
 """read_matpes: MatPES JSON / JSON-lines (gzipped or not) → FidelityDataset, and its one-line errors."""
+
 import copy
 import gzip
 import json
@@ -22,16 +23,29 @@ def record(mid="mfsolid-0", functional="PBE", xyz=True, **over) -> dict:
     """A synthetic 2-atom NaCl MatPES record."""
     cell = [[0.0, 2.8, 2.8], [2.8, 0.0, 2.8], [2.8, 2.8, 0.0]]
     abc = [[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]]
-    sites = [{"species": [{"element": el, "occu": 1}], "abc": f, "label": el, "properties": {}}
-             for el, f in zip(["Na", "Cl"], abc)]
+    sites = [
+        {"species": [{"element": el, "occu": 1}], "abc": f, "label": el, "properties": {}}
+        for el, f in zip(["Na", "Cl"], abc)
+    ]
     if xyz:
         for s in sites:
             s["xyz"] = (np.array(s["abc"]) @ np.array(cell)).tolist()
-    rec = {"matpes_id": mid, "functional": functional, "formula_pretty": "NaCl",
-           "structure": {"@module": "pymatgen.core.structure", "@class": "Structure", "charge": 0,
-                         "lattice": {"matrix": cell, "pbc": [True, True, True]}, "properties": {}, "sites": sites},
-           "energy": -6.5, "forces": [[0.1, -0.2, 0.3], [-0.1, 0.2, -0.3]],
-           "stress": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}
+    rec = {
+        "matpes_id": mid,
+        "functional": functional,
+        "formula_pretty": "NaCl",
+        "structure": {
+            "@module": "pymatgen.core.structure",
+            "@class": "Structure",
+            "charge": 0,
+            "lattice": {"matrix": cell, "pbc": [True, True, True]},
+            "properties": {},
+            "sites": sites,
+        },
+        "energy": -6.5,
+        "forces": [[0.1, -0.2, 0.3], [-0.1, 0.2, -0.3]],
+        "stress": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+    }
     rec.update(over)
     return rec
 
@@ -128,8 +142,10 @@ def test_formats_json_list_gz_jsonl(tmp_path):
 
 
 def test_fidelity_argument_and_merge_across_files(tmp_path):
-    a = read_matpes(write_jsonl(tmp_path / "a.jsonl", [record("x", functional=None), record("y", functional=None)]),
-                    fidelity="PBE-custom")
+    a = read_matpes(
+        write_jsonl(tmp_path / "a.jsonl", [record("x", functional=None), record("y", functional=None)]),
+        fidelity="PBE-custom",
+    )
     b = read_matpes(write_jsonl(tmp_path / "b.jsonl", [record("y", functional="R2SCAN", energy=-9.0)]))
     assert a.fidelities.names == ("PBE-custom",)
     with pytest.raises(MultifiError, match=r"b\.jsonl: record 0 .*names fidelity 'R2SCAN' .*source says 'PBE'"):
@@ -181,21 +197,28 @@ def _structure(mutate):
     return r
 
 
-@pytest.mark.parametrize("bad, match", [
-    (broken(structure=None), r"record 1 \(matpes_id mfsolid-3\): missing 'structure'"),
-    (broken(energy=None), r"record 1 \(matpes_id mfsolid-3\): missing 'energy'"),
-    (broken(functional=None), r"record 1 \(matpes_id mfsolid-3\): no fidelity"),
-    (broken(forces=[[0, 0, 0]]), r"record 1 \(matpes_id mfsolid-3\): forces has shape \(1, 3\), expected \(2, 3\)"),
-    (broken(stress=[1, 2, 3]), r"stress has shape \(3,\)"),
-    (broken(energy="abc"), r"energy is not a number"),
-    (_structure(lambda s: s["lattice"].update(matrix=[[1, 0, 0], [2, 0, 0], [0, 0, 1]])),
-     r"record 1 \(matpes_id mfsolid-3\): lattice has \(near\) zero volume"),
-    (_structure(lambda s: s["lattice"].update(matrix=[[1, 0], [0, 1]])), r"lattice.matrix has shape \(2, 2\)"),
-    (_structure(lambda s: s["sites"][1]["species"][0].update(element="Xx")),
-     r"record 1 \(matpes_id mfsolid-3\): site 1: unknown element 'Xx'"),
-    (_structure(lambda s: s.pop("lattice")), r"structure lacks a valid lattice or sites"),
-    (_structure(lambda s: s["sites"][0].pop("species")), r"site 0: no species/element"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (broken(structure=None), r"record 1 \(matpes_id mfsolid-3\): missing 'structure'"),
+        (broken(energy=None), r"record 1 \(matpes_id mfsolid-3\): missing 'energy'"),
+        (broken(functional=None), r"record 1 \(matpes_id mfsolid-3\): no fidelity"),
+        (broken(forces=[[0, 0, 0]]), r"record 1 \(matpes_id mfsolid-3\): forces has shape \(1, 3\), expected \(2, 3\)"),
+        (broken(stress=[1, 2, 3]), r"stress has shape \(3,\)"),
+        (broken(energy="abc"), r"energy is not a number"),
+        (
+            _structure(lambda s: s["lattice"].update(matrix=[[1, 0, 0], [2, 0, 0], [0, 0, 1]])),
+            r"record 1 \(matpes_id mfsolid-3\): lattice has \(near\) zero volume",
+        ),
+        (_structure(lambda s: s["lattice"].update(matrix=[[1, 0], [0, 1]])), r"lattice.matrix has shape \(2, 2\)"),
+        (
+            _structure(lambda s: s["sites"][1]["species"][0].update(element="Xx")),
+            r"record 1 \(matpes_id mfsolid-3\): site 1: unknown element 'Xx'",
+        ),
+        (_structure(lambda s: s.pop("lattice")), r"structure lacks a valid lattice or sites"),
+        (_structure(lambda s: s["sites"][0].pop("species")), r"site 0: no species/element"),
+    ],
+)
 def test_bad_record(tmp_path, bad, match):
     path = write_jsonl(tmp_path / "PBE.jsonl.gz", [record("ok"), bad])
     check_error(path, match)

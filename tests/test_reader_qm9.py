@@ -1,4 +1,5 @@
 """QM9 reader: CSV parser, cache, label tables, selection, and one-line errors for bad input."""
+
 from __future__ import annotations
 
 import ast
@@ -195,16 +196,19 @@ def test_fidelity_unknown_without_manifest(small_qm9, tmp_path):
     assert qm9.read_qm9(path, fidelity="X").energy[0, 0] == -1.0
 
 
-@pytest.mark.parametrize("lines, header, needles", [
-    (["1,-1.0"], "idx,energy", ["wrong header"]),
-    (["1,-1.0", "2,abc"], "index,energy_eV", ["line 3", "abc"]),
-    (["1,-1.0", "2"], "index,energy_eV", ["line 3"]),
-    (["1,-1.0", "2,-2,3"], "index,energy_eV", ["line 3"]),
-    (["1.5,-1.0"], "index,energy_eV", ["line 2", "integer"]),
-    (["1,-1.0", "2,nan", "3,inf"], "index,energy_eV", ["2 non-finite", "line 3"]),
-    (["1,-1.0", "999999,-2.0"], "index,energy_eV", ["line 3", "999999", "not a QM9 molecule"]),
-    (["1,-1.0", "2,-2.0", "1,-1.0"], "index,energy_eV", ["index 1 appears twice", "lines 2 and 4"]),
-])
+@pytest.mark.parametrize(
+    "lines, header, needles",
+    [
+        (["1,-1.0"], "idx,energy", ["wrong header"]),
+        (["1,-1.0", "2,abc"], "index,energy_eV", ["line 3", "abc"]),
+        (["1,-1.0", "2"], "index,energy_eV", ["line 3"]),
+        (["1,-1.0", "2,-2,3"], "index,energy_eV", ["line 3"]),
+        (["1.5,-1.0"], "index,energy_eV", ["line 2", "integer"]),
+        (["1,-1.0", "2,nan", "3,inf"], "index,energy_eV", ["2 non-finite", "line 3"]),
+        (["1,-1.0", "999999,-2.0"], "index,energy_eV", ["line 3", "999999", "not a QM9 molecule"]),
+        (["1,-1.0", "2,-2.0", "1,-1.0"], "index,energy_eV", ["index 1 appears twice", "lines 2 and 4"]),
+    ],
+)
 def test_bad_label_table(small_qm9, tmp_path, lines, header, needles):
     path = write_labels(tmp_path / "bad_labels.csv", lines, header)
     with pytest.raises(MultifiError) as e:

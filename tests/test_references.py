@@ -1,5 +1,6 @@
 """Reference energies of elements a fidelity has no labels for: estimated from the other fidelities,
 recorded with the model, and reported at training and at prediction."""
+
 from __future__ import annotations
 
 import logging
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import TINY_MODEL, emt_labelled, rattled_molecule
+
 from multifi.calculator import Calculator
 from multifi.cli.main import main
 from multifi.data.dataset import FidelityDataset
@@ -124,9 +125,12 @@ def run_without_n(tmp_path_factory):
     root = tmp_path_factory.mktemp("refs")
     data = root / "data.extxyz"
     ase.io.write(data, frames_without_nitrogen_at_hi(), format="extxyz")
-    cfg = {"data": {"sources": [{"path": str(data)}], "split": {"val": 0.1, "test": 0.1, "seed": 0}},
-           "model": TINY_MODEL, "output_dir": str(root / "run"),
-           "train": {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0}}
+    cfg = {
+        "data": {"sources": [{"path": str(data)}], "split": {"val": 0.1, "test": 0.1, "seed": 0}},
+        "model": TINY_MODEL,
+        "output_dir": str(root / "run"),
+        "train": {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0},
+    }
     logger = logging.getLogger("multifi")
     records = []
     handler = logging.Handler()
@@ -143,7 +147,9 @@ def run_without_n(tmp_path_factory):
 def test_training_warns_once_per_fidelity_lacking_elements(run_without_n):
     run_dir, warnings, _ = run_without_n
     about = [w for w in warnings if "no energy labels with" in w]
-    assert len(about) == 1 and about[0].startswith("hi: no energy labels with N in training") and "estimated" in about[0]
+    assert (
+        len(about) == 1 and about[0].startswith("hi: no energy labels with N in training") and "estimated" in about[0]
+    )
     head = load_potential(run_dir / "model.pt").head
     assert not head.fitted[7, 1] and head.fitted[[1, 6, 7, 8], 0].all() and head.fitted[[1, 6, 8], 1].all()
     assert head.ref[7, 1] != 0
@@ -180,9 +186,10 @@ def test_prediction_warns_naming_element_and_fidelity(run_without_n, caplog):
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert main(["evaluate", str(run_dir / "model.pt"), str(data)]) == 0  # no 'hi' label on N: silent
         assert main(["evaluate", str(run_dir / "model.pt"), str(labelled)]) == 0
-    assert [r.getMessage() for r in caplog.records if "estimated" in r.getMessage()] == \
-        [f"{labelled}: the hi reference energy of N was estimated from the other fidelities (no hi training label "
-         "contained it); expect larger hi energy errors for structures with N"]
+    assert [r.getMessage() for r in caplog.records if "estimated" in r.getMessage()] == [
+        f"{labelled}: the hi reference energy of N was estimated from the other fidelities (no hi training label "
+        "contained it); expect larger hi energy errors for structures with N"
+    ]
 
 
 def test_models_saved_before_the_record_load_with_nonzero_references_as_fitted(tmp_path):
@@ -190,8 +197,11 @@ def test_models_saved_before_the_record_load_with_nonzero_references_as_fitted(t
     ref = np.zeros((N_ELEMENTS, 2))
     ref[[1, 8], 0], ref[1, 1] = [-13.0, -2000.0], -13.5
     pot.head.set_baseline(ref, np.ones(2))
-    state = {"multifi_potential": 1, "spec": pot.spec,
-             "state_dict": {k: v for k, v in pot.state_dict().items() if k != "head.fitted"}}
+    state = {
+        "multifi_potential": 1,
+        "spec": pot.spec,
+        "state_dict": {k: v for k, v in pot.state_dict().items() if k != "head.fitted"},
+    }
     torch.save(state, tmp_path / "old.pt")
     old = load_potential(tmp_path / "old.pt")
     assert old.elements == [1, 8]
@@ -207,8 +217,17 @@ def test_model_card_shows_which_references_are_estimated(tmp_path):
     from multifi.card import format_card, model_card
     from multifi.models.registry import build_potential, save_potential
 
-    pot = build_potential({"backbone": "painn", "features": 8, "interactions": 1, "cutoff": 3.0, "n_rbf": 4,
-                           "fidelity_embedding": {"dim": 2, "inject": "both"}}, ["PBE", "R2SCAN"])
+    pot = build_potential(
+        {
+            "backbone": "painn",
+            "features": 8,
+            "interactions": 1,
+            "cutoff": 3.0,
+            "n_rbf": 4,
+            "fidelity_embedding": {"dim": 2, "inject": "both"},
+        },
+        ["PBE", "R2SCAN"],
+    )
     ref = np.zeros((119, 2))
     ref[[8, 14, 15], 0] = [-4.0, -5.0, -6.0]
     ref[[8, 14, 15], 1] = [-4.5, -5.5, -6.6]

@@ -1,5 +1,6 @@
 """Selection: deterministic given a seed, no structure twice, none already labelled; the batch rule against
 its closed form; farthest-point order; `multifi select` end to end."""
+
 from __future__ import annotations
 
 import ase.io

@@ -1,5 +1,6 @@
 """The simulated acquisition loop on experiments/selection_tiny.yaml (synthetic shared folder, stand-in trainer):
 round records, picks inside the pool and never repeated, shared round 0, resume without retraining, report."""
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,11 @@ def test_selection_loop_tiny(shared, fake, tmp_path):  # noqa: F811
     # batch picks the largest-σ molecule first, like uncertainty
     assert first["joint_batch"][0] == first["joint_uncertainty"][0]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["test_mae_meV"]) == set(ARMS) and set(summary["test_mae_meV"]["joint_batch"]) == {"8", "14", "20"}
+    assert set(summary["test_mae_meV"]) == set(ARMS) and set(summary["test_mae_meV"]["joint_batch"]) == {
+        "8",
+        "14",
+        "20",
+    }
     assert set(summary["data_efficiency"]) == set(ARMS) - {"single_random"}
     readme = (out / "README.md").read_text()
     assert "Data-efficiency factor against `single_random`" in readme and "selection.png" in readme
@@ -77,13 +82,23 @@ def test_selection_loop_tiny(shared, fake, tmp_path):  # noqa: F811
 
 
 def test_selection_spec_errors(tmp_path):
-    base = {"name": "x", "selection": {"pool": 10, "rounds": [4, 8], "models": {"j": {"kind": "joint", "inject": "both"}},
-                                       "arms": {"a": {"model": "j", "strategy": "batch"}}}}
+    base = {
+        "name": "x",
+        "selection": {
+            "pool": 10,
+            "rounds": [4, 8],
+            "models": {"j": {"kind": "joint", "inject": "both"}},
+            "arms": {"a": {"model": "j", "strategy": "batch"}},
+        },
+    }
     validate_spec(base)
-    for patch, fragment in [({"rounds": [8, 4]}, "increasing"), ({"rounds": [4, 20]}, "pool of 10"),
-                            ({"arms": {"a": {"model": "k", "strategy": "batch"}}}, "unknown model 'k'"),
-                            ({"efficiency": {"reference": "b"}}, "unknown arm 'b'"),
-                            ({"models": {"j": {"kind": "joint"}}}, "needs inject")]:
+    for patch, fragment in [
+        ({"rounds": [8, 4]}, "increasing"),
+        ({"rounds": [4, 20]}, "pool of 10"),
+        ({"arms": {"a": {"model": "k", "strategy": "batch"}}}, "unknown model 'k'"),
+        ({"efficiency": {"reference": "b"}}, "unknown arm 'b'"),
+        ({"models": {"j": {"kind": "joint"}}}, "needs inject"),
+    ]:
         with pytest.raises(MultifiError, match=fragment):
             validate_spec({**base, "selection": {**base["selection"], **patch}})
     with pytest.raises(MultifiError, match="a selection spec"):
@@ -106,5 +121,7 @@ def test_warm_start_plans_start_from_the_previous_round(shared, tmp_path):  # no
     assert r1.needs == [r0.id] and r1.config["train"]["init_from"] == "{model:" + r0.id + "}"
     assert r1.config["train"]["init_fidelities"] == {"B3LYP/6-31G(2df,p)": "B3LYP/6-31G(2df,p)", "GFN2-xTB": "GFN2-xTB"}
     cold = load_context(SPEC, [f"output={tmp_path}"])
-    assert "init_from" not in round_plan(cold, "joint_batch", 0, 1, np.concatenate([acquired, more]), splits,
-                                         r0).config["train"]
+    assert (
+        "init_from"
+        not in round_plan(cold, "joint_batch", 0, 1, np.concatenate([acquired, more]), splits, r0).config["train"]
+    )

@@ -1,4 +1,5 @@
 """multifi.nn.sparse.DirectionSum: Σ over each centre's edges of x ⊗ û, and its gradient, as dense code gives."""
+
 import pytest
 import torch
 

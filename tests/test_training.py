@@ -1,4 +1,5 @@
 """End-to-end training through the Python API: run directory contents, refusal, kill → resume."""
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import TINY_FIDELITIES, rattled_molecule
+
 from multifi.config import load_config
 from multifi.errors import MultifiError
 from multifi.models.registry import load_potential
@@ -24,8 +25,14 @@ from multifi.predict import predict_atoms
 from multifi.train.prepare import prepare_data
 from multifi.train.run import train
 
-METRIC_KEYS = {"n", "energy_mae_meV", "energy_rmse_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A",
-               "stress_mae_GPa"}
+METRIC_KEYS = {
+    "n",
+    "energy_mae_meV",
+    "energy_rmse_meV",
+    "energy_mae_meV_per_atom",
+    "forces_mae_meV_per_A",
+    "stress_mae_GPa",
+}
 
 
 def steps_per_epoch(cfg) -> int:
@@ -56,8 +63,13 @@ def trained_run(tmp_path_factory, tiny_extxyz):
     root = tmp_path_factory.mktemp("train")
     raw = {
         "data": {"sources": [{"path": str(tiny_extxyz)}], "split": {"val": 0.2, "test": 0.2, "seed": 0}},
-        "model": {"features": 16, "interactions": 1, "cutoff": 4.0, "n_rbf": 8,
-                  "fidelity_embedding": {"dim": 4, "inject": "both"}},
+        "model": {
+            "features": 16,
+            "interactions": 1,
+            "cutoff": 4.0,
+            "n_rbf": 8,
+            "fidelity_embedding": {"dim": 4, "inject": "both"},
+        },
         "train": {"epochs": 2, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0},
         "output_dir": str(root / "run"),
     }
@@ -71,8 +83,15 @@ def trained_run(tmp_path_factory, tiny_extxyz):
 def test_train_writes_the_run_directory(trained_run):
     cfg, run_dir = trained_run
     assert run_dir == Path(cfg.output_dir)
-    for name in ("config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.csv", "metrics.json",
-                 "model.pt", "splits.json"):
+    for name in (
+        "config.yaml",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "metrics.csv",
+        "metrics.json",
+        "model.pt",
+        "splits.json",
+    ):
         assert (run_dir / name).is_file(), name
     # the resolved config reloads to the same configuration
     assert load_config(run_dir / "config.yaml", []).model_dump() == cfg.model_dump()
@@ -100,8 +119,10 @@ def test_metrics_json_schema_and_test_counts(trained_run):
     test_keys = set(splits["test"])
     assert test_keys == set(prep.dataset.keys[prep.split.test].tolist())
     assert not (test_keys & set(splits["train"])) and not (test_keys & set(splits["val"]))
-    expected = {name: int(prep.dataset.energy_mask[prep.split.test, k].sum())
-                for k, name in enumerate(prep.dataset.fidelities.names)}
+    expected = {
+        name: int(prep.dataset.energy_mask[prep.split.test, k].sum())
+        for k, name in enumerate(prep.dataset.fidelities.names)
+    }
     assert all(expected.values())
     check_metrics_json(run_dir / "metrics.json", expected)
 
@@ -150,8 +171,16 @@ def test_config_error_leaves_run_dir_reusable(write_config, tmp_path):
     path = write_config(train={"fidelity_sampling": {"nope": 1.0}})
     with pytest.raises(MultifiError, match="unknown fidelity 'nope'"):
         train(load_config(path, []))
-    path = write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0,
-                               "fidelity_sampling": {"hi": 2.0}})
+    path = write_config(
+        train={
+            "epochs": 1,
+            "batch_size": 8,
+            "progress": False,
+            "threads": 1,
+            "warmup_steps": 0,
+            "fidelity_sampling": {"hi": 2.0},
+        }
+    )
     run_dir = train(load_config(path, []))
     assert (run_dir / "metrics.json").exists()
 
@@ -169,7 +198,9 @@ def test_train_limits_reach_the_training_samples(write_config):
     prep = prepare_data(cfg)
     k = prep.dataset.fidelities.index("hi")
     assert (prep.pairs["train"][:, 1] == k).sum() == 3
-    assert (prep.pairs["train"][:, 1] != k).sum() == (prepare_data(load_config(write_config(), [])).pairs["train"][:, 1] != k).sum()
+    assert (prep.pairs["train"][:, 1] != k).sum() == (
+        prepare_data(load_config(write_config(), [])).pairs["train"][:, 1] != k
+    ).sum()
 
 
 def test_train_kill_resume(write_config, tmp_path, monkeypatch):
@@ -181,8 +212,12 @@ def test_train_kill_resume(write_config, tmp_path, monkeypatch):
     total = cfg.train.epochs * steps_per_epoch(cfg)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "train.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "multifi.cli.main", "train", str(path),
-                             "--set", "train.checkpoint_every_n_steps=3"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "multifi.cli.main", "train", str(path), "--set", "train.checkpoint_every_n_steps=3"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 150
         while not last.exists():
@@ -220,9 +255,13 @@ def test_train_kill_resume(write_config, tmp_path, monkeypatch):
     assert final["hyper_parameters"]["train"]["checkpoint_every_n_steps"] == 3  # the run's own config is reused
     assert (run_dir / "checkpoints" / "best.ckpt").exists()
     prep = prepare_data(cfg)
-    check_metrics_json(run_dir / "metrics.json",
-                       {n: int(prep.dataset.energy_mask[prep.split.test, k].sum())
-                        for k, n in enumerate(prep.dataset.fidelities.names)})
+    check_metrics_json(
+        run_dir / "metrics.json",
+        {
+            n: int(prep.dataset.energy_mask[prep.split.test, k].sum())
+            for k, n in enumerate(prep.dataset.fidelities.names)
+        },
+    )
     # the killed-and-resumed run ends where an uninterrupted run ends: same data order (the sampler resumes
     # mid-epoch), optimizer, scheduler and EMA restored; only float reduction order may differ (thread count)
     full = tmp_path / "uninterrupted"
@@ -236,8 +275,13 @@ def test_train_kill_resume(write_config, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("inject, precision", [("single", "32"), ("heads", "64"), ("onehot", "32")])
 def test_train_other_modes_and_float64(write_config, inject, precision):
-    model = {"features": 16, "interactions": 1, "cutoff": 4.0, "n_rbf": 8,
-             "fidelity_embedding": {"dim": 4, "inject": inject}}
+    model = {
+        "features": 16,
+        "interactions": 1,
+        "cutoff": 4.0,
+        "n_rbf": 8,
+        "fidelity_embedding": {"dim": 4, "inject": inject},
+    }
     cfg = load_config(write_config(model=model), [f"train.precision={precision}", "train.epochs=1"])
     run_dir = train(cfg)
     pot = load_potential(run_dir / "model.pt")
@@ -261,9 +305,24 @@ def _val_column(run_dir: Path, key: str) -> list[tuple[int, float]]:
 def test_early_stopping_on_one_fidelitys_validation_error(write_config):
     """The monitored fidelity's validation MAE picks the best checkpoint; the run stops `early_stopping_steps`
     after it (rounded up to whole validations) and records both steps."""
-    cfg = load_config(write_config(train={"epochs": 1000, "max_steps": 400, "batch_size": 8, "progress": False,
-                                          "threads": 1, "warmup_steps": 0, "lr": 0.01, "val_every_n_steps": 2,
-                                          "early_stopping_steps": 5, "monitor": "hi", "ema_decay": 0.0}), [])
+    cfg = load_config(
+        write_config(
+            train={
+                "epochs": 1000,
+                "max_steps": 400,
+                "batch_size": 8,
+                "progress": False,
+                "threads": 1,
+                "warmup_steps": 0,
+                "lr": 0.01,
+                "val_every_n_steps": 2,
+                "early_stopping_steps": 5,
+                "monitor": "hi",
+                "ema_decay": 0.0,
+            }
+        ),
+        [],
+    )
     assert cfg.train.patience_validations == 3
     run_dir = train(cfg)
     payload = json.loads((run_dir / "metrics.json").read_text())
@@ -281,24 +340,42 @@ def test_early_stopping_on_one_fidelitys_validation_error(write_config):
 def test_plateau_schedule_follows_the_monitored_error_and_resumes(write_config, tmp_path):
     """lr halves after every validation without a new best of the monitored error, also across a resume
     (the scheduler's best value travels in the checkpoint)."""
-    cfg = load_config(write_config(train={"epochs": 1000, "max_steps": 12, "batch_size": 8, "progress": False,
-                                          "threads": 1, "warmup_steps": 0, "lr": 0.01, "val_every_n_steps": 2,
-                                          "schedule": "plateau", "plateau_patience": 0, "plateau_factor": 0.5,
-                                          "min_lr_ratio": 1e-6, "monitor": "hi", "early_stopping_patience": None}), [])
+    cfg = load_config(
+        write_config(
+            train={
+                "epochs": 1000,
+                "max_steps": 12,
+                "batch_size": 8,
+                "progress": False,
+                "threads": 1,
+                "warmup_steps": 0,
+                "lr": 0.01,
+                "val_every_n_steps": 2,
+                "schedule": "plateau",
+                "plateau_patience": 0,
+                "plateau_factor": 0.5,
+                "min_lr_ratio": 1e-6,
+                "monitor": "hi",
+                "early_stopping_patience": None,
+            }
+        ),
+        [],
+    )
     run_dir = train(cfg)
     cfg.train.max_steps = 24
     train(cfg, resume=True)
     state = ckpt(run_dir / "checkpoints/last.ckpt")
     column = [v for _, v in _val_column(run_dir, "val/hi/energy_mae_meV")]
     assert len(column) == 12
-    worse = sum(b >= min(column[:i + 1]) for i, b in enumerate(column[1:]))  # validations without a new best
+    worse = sum(b >= min(column[: i + 1]) for i, b in enumerate(column[1:]))  # validations without a new best
     lr = state["optimizer_states"][0]["param_groups"][0]["lr"]
-    assert worse > 0 and lr == pytest.approx(0.01 * 0.5 ** worse, rel=1e-6)
+    assert worse > 0 and lr == pytest.approx(0.01 * 0.5**worse, rel=1e-6)
     assert state["plateau_scheduler"]["best"] == pytest.approx(min(column), rel=1e-5)
 
 
-@pytest.mark.parametrize("monitor, message", [("nope", "unknown fidelity 'nope'"),
-                                              ("lo", "has no validation structures")])
+@pytest.mark.parametrize(
+    "monitor, message", [("nope", "unknown fidelity 'nope'"), ("lo", "has no validation structures")]
+)
 def test_monitor_must_name_a_validated_fidelity(write_config, tmp_path, monitor, message):
     import ase.io
     from conftest import tiny_frames
@@ -312,10 +389,13 @@ def test_monitor_must_name_a_validated_fidelity(write_config, tmp_path, monitor,
     for name, keys in {"train": hi[:6] + lo_only, "val": hi[6:8], "test": hi[8:10]}.items():
         (tmp_path / f"{name}.keys").write_text("\n".join(keys) + "\n")
     files = {s: str(tmp_path / f"{s}.keys") for s in ("train", "val", "test")}
-    cfg = load_config(write_config(data={"sources": [{"path": str(tmp_path / "keyed.extxyz")}],
-                                         "split": {"files": files}},
-                                   train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1,
-                                          "monitor": monitor}), [])
+    cfg = load_config(
+        write_config(
+            data={"sources": [{"path": str(tmp_path / "keyed.extxyz")}], "split": {"files": files}},
+            train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "monitor": monitor},
+        ),
+        [],
+    )
     with pytest.raises(MultifiError, match=message):
         train(cfg)
     assert not Path(cfg.output_dir).exists()

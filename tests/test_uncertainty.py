@@ -1,6 +1,7 @@
 """Uncertainty: readout features (the energy is linear in the last layer), LLPR against closed forms,
 larger σ far from the training structures, calibration metrics, the side file, and the CLI
 (`multifi calibrate`, `predict --uncertainty`, `evaluate --uncertainty`, ensembles)."""
+
 from __future__ import annotations
 
 import json
@@ -78,12 +79,12 @@ def test_llpr_matches_direct_inverse_and_maximises_likelihood():
 
     def nll(alpha):
         s = alpha * u
-        return np.mean(np.log(s ** 2) + err ** 2 / s ** 2)
+        return np.mean(np.log(s**2) + err**2 / s**2)
 
     assert nll(p.alpha) < min(nll(1.1 * p.alpha), nll(p.alpha / 1.1))
     grid = fit_llpr_fidelity(F, fv, err)  # λ from the grid: at least as likely as the fixed one
     s = grid.sigma(fv)
-    assert np.mean(np.log(s ** 2) + err ** 2 / s ** 2) <= nll(p.alpha) + 1e-9
+    assert np.mean(np.log(s**2) + err**2 / s**2) <= nll(p.alpha) + 1e-9
 
 
 def test_sigma_larger_far_from_the_training_structures():
@@ -139,8 +140,12 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     mols = [rattled_molecule("CH3OH", 5), rattled_molecule("H2O", 6)]
     src = tmp_path / "in.xyz"
     ase.io.write(src, mols)
-    fails(["predict", run_dir / "model.pt", src, "--fidelity", "hi", "--out", tmp_path / "p.extxyz", "--uncertainty"],
-          capsys, "model.llpr.npz", "multifi calibrate")
+    fails(
+        ["predict", run_dir / "model.pt", src, "--fidelity", "hi", "--out", tmp_path / "p.extxyz", "--uncertainty"],
+        capsys,
+        "model.llpr.npz",
+        "multifi calibrate",
+    )
     code, out, _ = run(["calibrate", run_dir], capsys)
     assert code == 0 and "hi: alpha" in out and "lo: alpha" in out and (run_dir / "model.llpr.npz").exists()
     pred = tmp_path / "pred.extxyz"
@@ -161,8 +166,21 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     other.head.set_baseline(ref.head.ref.numpy(), ref.head.scale.numpy())
     save_potential(other, tmp_path / "other.pt")
     ens = tmp_path / "ens.extxyz"
-    code, _, _ = run(["predict", run_dir / "model.pt", src, "--fidelity", "hi", "--out", ens, "--uncertainty",
-                      "--ensemble", tmp_path / "other.pt"], capsys)
+    code, _, _ = run(
+        [
+            "predict",
+            run_dir / "model.pt",
+            src,
+            "--fidelity",
+            "hi",
+            "--out",
+            ens,
+            "--uncertainty",
+            "--ensemble",
+            tmp_path / "other.pt",
+        ],
+        capsys,
+    )
     assert code == 0
     from multifi.predict import predict_atoms
 
@@ -172,7 +190,19 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
         assert a.get_potential_energy() == pytest.approx((x + y) / 2, rel=1e-6)
         assert a.info["energy_sigma"] == pytest.approx(abs(x - y) / np.sqrt(2), rel=1e-5)
         assert a.info["uncertainty"] == "ensemble of 2"
-    code, out, _ = run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--fidelity", "hi", "--ensemble",
-                        tmp_path / "other.pt", "--out", metrics], capsys)
+    code, out, _ = run(
+        [
+            "evaluate",
+            run_dir / "model.pt",
+            tiny_extxyz,
+            "--fidelity",
+            "hi",
+            "--ensemble",
+            tmp_path / "other.pt",
+            "--out",
+            metrics,
+        ],
+        capsys,
+    )
     uq = json.loads(metrics.read_text())["uncertainty"]
     assert code == 0 and uq["method"] == "ensemble of 2" and set(uq["fidelities"]) == {"hi"}

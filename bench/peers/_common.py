@@ -3,6 +3,7 @@
 Each script in bench/peers/ runs inside one framework's virtual environment (ours: .venv; a peer:
 bench/.venv-peers-<peer>) and prints exactly one JSON line prefixed with RESULT: on stdout.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,11 @@ def train_rates(ends: list[float], warmup: int, batch: int) -> dict:
     optimizer, callbacks) after `warmup` steps → structures/s (median interval and whole window)."""
     t = ends[warmup:]
     dt = [b - a for a, b in zip(t, t[1:])]
-    return {"train_structures_per_s": batch / statistics.median(dt),
-            "train_structures_per_s_window": batch * len(dt) / (t[-1] - t[0]), "train_steps_timed": len(dt)}
+    return {
+        "train_structures_per_s": batch / statistics.median(dt),
+        "train_structures_per_s_window": batch * len(dt) / (t[-1] - t[0]),
+        "train_steps_timed": len(dt),
+    }
 
 
 def time_md(atoms, calc, steps: int, warmup: int = 20, dt_fs: float = 0.5) -> dict:
@@ -85,12 +89,25 @@ def time_md(atoms, calc, steps: int, warmup: int = 20, dt_fs: float = 0.5) -> di
     t0 = time.perf_counter()
     md.run(steps)
     seconds = time.perf_counter() - t0
-    return {"md_steps_per_s": steps / seconds, "md_steps": steps, "md_atoms": len(atoms),
-            "md_energy_drift_eV": float(atoms.get_total_energy() - e0), "md_final_T_K": float(atoms.get_temperature())}
+    return {
+        "md_steps_per_s": steps / seconds,
+        "md_steps": steps,
+        "md_atoms": len(atoms),
+        "md_energy_drift_eV": float(atoms.get_total_energy() - e0),
+        "md_final_T_K": float(atoms.get_temperature()),
+    }
 
 
-THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA",
-              "ATEN_CPU_CAPABILITY", "KMP_AFFINITY", "GOMP_CPU_AFFINITY")
+THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "MKL_NUM_THREADS",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "KMP_AFFINITY",
+    "GOMP_CPU_AFFINITY",
+)
 
 
 def cpu_env() -> dict:
@@ -103,13 +120,22 @@ def cpu_env() -> dict:
             model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor()
-    libs = [ln.strip(" -") for ln in torch.__config__.show().splitlines()
-            if any(k in ln for k in ("Math Kernel Library", "MKL-DNN", "oneDNN", "OpenBLAS", "BLAS_INFO"))]
+    libs = [
+        ln.strip(" -")
+        for ln in torch.__config__.show().splitlines()
+        if any(k in ln for k in ("Math Kernel Library", "MKL-DNN", "oneDNN", "OpenBLAS", "BLAS_INFO"))
+    ]
     blas = [x for x in libs if "BLAS_INFO" not in x]
-    return {"cpu": model, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "blas_onednn": blas, "mkldnn_enabled": torch.backends.mkldnn.is_available(),
-            "torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-            "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
+    return {
+        "cpu": model,
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "blas_onednn": blas,
+        "mkldnn_enabled": torch.backends.mkldnn.is_available(),
+        "torch_threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+    }
 
 
 def emit(result: dict) -> None:

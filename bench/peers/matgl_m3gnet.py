@@ -12,6 +12,7 @@ train: matgl's training path (shared/PEERS.md): Atoms2Graph(5 Å) → MGLDataset
 md:    matgl.ext.ase.PESCalculator(Potential(model, calc_stresses=False)) on the rattled 64-atom Si
        cell, VelocityVerlet 0.5 fs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,7 @@ def load(extxyz):
     import ase.io
 
     frames = ase.io.read(extxyz, ":")
-    elements = sorted({s for a in frames for s in a.get_chemical_symbols()},
-                      key=lambda s: ase.data.atomic_numbers[s])
+    elements = sorted({s for a in frames for s in a.get_chemical_symbols()}, key=lambda s: ase.data.atomic_numbers[s])
     return frames, tuple(elements)
 
 
@@ -43,10 +43,19 @@ def dataset(frames, elements, root):
     from matgl.ext.ase import Atoms2Graph
     from matgl.graph.data import MGLDataset
 
-    labels = {"energies": [a.info["energy_eV"] for a in frames], "forces": [a.arrays["forces_label"] for a in frames],
-              "stresses": [a.info["stress_GPa"].reshape(3, 3) for a in frames]}
-    return MGLDataset(structures=frames, converter=Atoms2Graph(elements, cutoff=5.0), labels=labels, root=root,
-                      save_cache=False, clear_processed=False)
+    labels = {
+        "energies": [a.info["energy_eV"] for a in frames],
+        "forces": [a.arrays["forces_label"] for a in frames],
+        "stresses": [a.info["stress_GPa"].reshape(3, 3) for a in frames],
+    }
+    return MGLDataset(
+        structures=frames,
+        converter=Atoms2Graph(elements, cutoff=5.0),
+        labels=labels,
+        root=root,
+        save_cache=False,
+        clear_processed=False,
+    )
 
 
 def task_train(args) -> dict:
@@ -61,15 +70,27 @@ def task_train(args) -> dict:
     root = os.path.join(args.scratch, f"mgl_{os.getpid()}")
     data = dataset(frames, elements, root)
     collate = partial(collate_fn_pes, include_line_graph=False, include_stress=True)
-    train_loader, _ = MGLDataLoader(train_data=data, val_data=data, collate_fn=collate, batch_size=C.BATCH,
-                                    num_workers=0)
+    train_loader, _ = MGLDataLoader(
+        train_data=data, val_data=data, collate_fn=collate, batch_size=C.BATCH, num_workers=0
+    )
     net = model(elements)
     lit = PotentialLightningModule(model=net, energy_weight=1.0, force_weight=1.0, stress_weight=0.01, lr=C.LR)
     timer = C.step_timer()
-    trainer = pl.Trainer(max_steps=args.warmup + args.steps, max_epochs=-1, accelerator="cpu", devices=1,
-                         callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                         inference_mode=False, precision=32)
+    trainer = pl.Trainer(
+        max_steps=args.warmup + args.steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        precision=32,
+    )
     trainer.fit(lit, train_dataloaders=train_loader)
     out = C.train_rates(timer.ends, args.warmup, C.BATCH)
 
@@ -77,7 +98,7 @@ def task_train(args) -> dict:
     opt = torch.optim.AdamW(lit.parameters(), lr=C.LR)
     dts = []
     lit.train()
-    for rep in range(2):
+    for _rep in range(2):
         for b in batches:
             t = time.perf_counter()
             res = lit.step(b)
@@ -91,8 +112,7 @@ def task_train(args) -> dict:
     pot = lit.model.eval()
     t0 = time.perf_counter()
     fresh = dataset(frames, elements, root + "_infer")
-    loader, _ = MGLDataLoader(train_data=fresh, val_data=fresh, collate_fn=collate, batch_size=C.BATCH,
-                              num_workers=0)
+    loader, _ = MGLDataLoader(train_data=fresh, val_data=fresh, collate_fn=collate, batch_size=C.BATCH, num_workers=0)
     for g, lat, state, *_ in loader:
         pot(g=g, lat=lat, state_attr=state)
     out["infer_structures_per_s"] = len(frames) / (time.perf_counter() - t0)
@@ -136,8 +156,12 @@ def main() -> None:
     out = task_train(args) if args.task == "train" else task_md(args)
     import torch
 
-    out.update(framework="matgl", task=args.task, threads=torch.get_num_threads(),
-               versions=C.versions("matgl", "torch", "torch-geometric", "pytorch-lightning", "lightning", "numpy", "ase"))
+    out.update(
+        framework="matgl",
+        task=args.task,
+        threads=torch.get_num_threads(),
+        versions=C.versions("matgl", "torch", "torch-geometric", "pytorch-lightning", "lightning", "numpy", "ase"),
+    )
     C.emit(out)
 
 

@@ -9,6 +9,7 @@ train: our normal training path on the periodic solids (MatPES-schema PBE record
        Then model-only steps and inference (fresh neighbour lists + one pass, energies+forces+stress).
 md:    multifi.Calculator on a rattled 64-atom Si cell, VelocityVerlet 0.5 fs (forces only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,15 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 import _common as C  # noqa: E402
 
-M3GNET = {"backbone": "m3gnet", "features": 64, "interactions": 3, "cutoff": 5.0, "threebody_cutoff": 4.0,
-          "max_n": 3, "max_l": 3}
+M3GNET = {
+    "backbone": "m3gnet",
+    "features": 64,
+    "interactions": 3,
+    "cutoff": 5.0,
+    "threebody_cutoff": 4.0,
+    "max_n": 3,
+    "max_l": 3,
+}
 
 
 def build(ds, pairs):
@@ -51,13 +59,32 @@ def task_train(args) -> dict:
     ds = read_matpes(args.solids)
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
     module = build(ds, pairs)
-    data = MultiFidelityData(ds, {"train": pairs, "val": pairs[:0], "test": pairs[:0]}, M3GNET["cutoff"], C.BATCH,
-                             num_workers=0, seed=0, progress=False)
+    data = MultiFidelityData(
+        ds,
+        {"train": pairs, "val": pairs[:0], "test": pairs[:0]},
+        M3GNET["cutoff"],
+        C.BATCH,
+        num_workers=0,
+        seed=0,
+        progress=False,
+    )
     timer = C.step_timer()
-    trainer = L.Trainer(max_steps=args.warmup + args.steps, max_epochs=-1, accelerator="cpu", devices=1,
-                        gradient_clip_val=module.train_cfg["grad_clip"], callbacks=[timer], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False, precision="32-true")
+    trainer = L.Trainer(
+        max_steps=args.warmup + args.steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        gradient_clip_val=module.train_cfg["grad_clip"],
+        callbacks=[timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        precision="32-true",
+    )
     trainer.fit(module, datamodule=data)
     out = C.train_rates(timer.ends, args.warmup, C.BATCH)
 
@@ -65,7 +92,7 @@ def task_train(args) -> dict:
     batches = [g for g, _ in zip(data.train_dataloader(), range(15))]
     opt = torch.optim.AdamW(pot.parameters(), lr=C.LR)
     dts = []
-    for rep in range(2):
+    for _rep in range(2):
         for g in batches:
             t = time.perf_counter()
             loss, _ = loss_fn(pot(g, forces=True, stress=True, create_graph=True), g)
@@ -123,8 +150,13 @@ def main() -> None:
 
     import multifi
 
-    out.update(framework="multifi", task=args.task, threads=torch.get_num_threads(), source=multifi.__file__,
-               versions=C.versions("multifi", "torch", "lightning", "numpy", "ase", "vesin"))
+    out.update(
+        framework="multifi",
+        task=args.task,
+        threads=torch.get_num_threads(),
+        source=multifi.__file__,
+        versions=C.versions("multifi", "torch", "lightning", "numpy", "ase", "vesin"),
+    )
     C.emit(out)
 
 

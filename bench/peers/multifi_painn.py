@@ -11,6 +11,7 @@ train: our normal training path — read_qm9 → FidelityDataset → MultiFideli
        NeighborCache for all N molecules + one pass over them (batch 32, no_grad, energy only).
 md:    multifi.Calculator on one QM9 molecule, VelocityVerlet 0.5 fs, forces by autograd.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,14 +53,33 @@ def task_train(args) -> dict:
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
     module = build(ds, pairs)
     t0 = time.perf_counter()
-    data = MultiFidelityData(ds, {"train": pairs, "val": pairs[:0], "test": pairs[:0]}, C.CUTOFF, C.BATCH,
-                             num_workers=args.workers, seed=0, progress=False)
+    data = MultiFidelityData(
+        ds,
+        {"train": pairs, "val": pairs[:0], "test": pairs[:0]},
+        C.CUTOFF,
+        C.BATCH,
+        num_workers=args.workers,
+        seed=0,
+        progress=False,
+    )
     nl_seconds = time.perf_counter() - t0
     timer = C.step_timer()
-    trainer = L.Trainer(max_steps=args.warmup + args.steps, max_epochs=-1, accelerator="cpu", devices=1,
-                        gradient_clip_val=module.train_cfg["grad_clip"], callbacks=[timer], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False, precision="32-true")
+    trainer = L.Trainer(
+        max_steps=args.warmup + args.steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        gradient_clip_val=module.train_cfg["grad_clip"],
+        callbacks=[timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        precision="32-true",
+    )
     trainer.fit(module, datamodule=data)
     out = C.train_rates(timer.ends, args.warmup, C.BATCH)
     out["neighbor_cache_s"] = nl_seconds
@@ -69,7 +89,7 @@ def task_train(args) -> dict:
     batches = [g for g, _ in zip(data.train_dataloader(), range(20))]
     opt = torch.optim.AdamW(pot.parameters(), lr=C.LR)
     dts = []
-    for rep in range(2):
+    for _rep in range(2):
         for g in batches:
             t = time.perf_counter()
             loss, _ = loss_fn(pot(g, create_graph=True), g)
@@ -130,8 +150,13 @@ def main() -> None:
 
     import multifi
 
-    out.update(framework="multifi", task=args.task, threads=torch.get_num_threads(), source=multifi.__file__,
-               versions=C.versions("multifi", "torch", "lightning", "numpy", "ase", "vesin"))
+    out.update(
+        framework="multifi",
+        task=args.task,
+        threads=torch.get_num_threads(),
+        source=multifi.__file__,
+        versions=C.versions("multifi", "torch", "lightning", "numpy", "ase", "vesin"),
+    )
     C.emit(out)
 
 

@@ -16,6 +16,7 @@ train: schnetpack's normal training path as its own `spktrain experiment=qm9_ato
 md:    schnetpack.interfaces.SpkCalculator (model with a Forces output module, neighbour list
        transform as above), VelocityVerlet 0.5 fs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,10 @@ def database(spk, extxyz: str, scratch: str) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
         db = spk.data.ASEAtomsData.create(tmp, distance_unit="Ang", property_unit_dict={"energy": "eV"})
-        db.add_systems([{"energy": np.array([a.info["energy_eV"]])} for a in frames],
-                       [ase.Atoms(a.numbers, a.positions) for a in frames])
+        db.add_systems(
+            [{"energy": np.array([a.info["energy_eV"]])} for a in frames],
+            [ase.Atoms(a.numbers, a.positions) for a in frames],
+        )
         os.replace(tmp, path)
     return path
 
@@ -64,15 +67,22 @@ def database(spk, extxyz: str, scratch: str) -> str:
 def painn_model(spk, forces: bool, offsets: bool):
     import schnetpack.transform as trn
 
-    rep = spk.representation.PaiNN(n_atom_basis=C.FEATURES, n_interactions=C.INTERACTIONS,
-                                   radial_basis=spk.nn.GaussianRBF(n_rbf=C.N_RBF, cutoff=C.CUTOFF),
-                                   cutoff_fn=spk.nn.CosineCutoff(C.CUTOFF))
+    rep = spk.representation.PaiNN(
+        n_atom_basis=C.FEATURES,
+        n_interactions=C.INTERACTIONS,
+        radial_basis=spk.nn.GaussianRBF(n_rbf=C.N_RBF, cutoff=C.CUTOFF),
+        cutoff_fn=spk.nn.CosineCutoff(C.CUTOFF),
+    )
     outputs = [spk.atomistic.Atomwise(n_in=C.FEATURES, output_key="energy")]
     if forces:
         outputs.append(spk.atomistic.Forces(energy_key="energy", force_key="forces"))
     post = [trn.CastTo64()] + ([trn.AddOffsets("energy", add_mean=True, add_atomrefs=False)] if offsets else [])
-    return spk.model.NeuralNetworkPotential(representation=rep, input_modules=[spk.atomistic.PairwiseDistances()],
-                                            output_modules=outputs, postprocessors=post)
+    return spk.model.NeuralNetworkPotential(
+        representation=rep,
+        input_modules=[spk.atomistic.PairwiseDistances()],
+        output_modules=outputs,
+        postprocessors=post,
+    )
 
 
 def task_train(args) -> dict:
@@ -86,23 +96,57 @@ def task_train(args) -> dict:
     db = database(spk, args.extxyz, args.scratch)
     n = len(spk.data.ASEAtomsData(db))
     split = os.path.join(args.scratch, f"spk_split_{n}_{os.getpid()}.npz")
-    transforms = [trn.SubtractCenterOfMass(), trn.RemoveOffsets("energy", remove_mean=True, remove_atomrefs=False),
-                  nl_transform(spk, args.nl), trn.CastTo32()]
-    dm = spk.data.AtomsDataModule(db, batch_size=C.BATCH, num_train=n - 32, num_val=32, num_test=0,
-                                  transforms=transforms, num_workers=args.workers, split_file=split,
-                                  load_properties=["energy"], property_units={"energy": "eV"}, distance_unit="Ang")
+    transforms = [
+        trn.SubtractCenterOfMass(),
+        trn.RemoveOffsets("energy", remove_mean=True, remove_atomrefs=False),
+        nl_transform(spk, args.nl),
+        trn.CastTo32(),
+    ]
+    dm = spk.data.AtomsDataModule(
+        db,
+        batch_size=C.BATCH,
+        num_train=n - 32,
+        num_val=32,
+        num_test=0,
+        transforms=transforms,
+        num_workers=args.workers,
+        split_file=split,
+        load_properties=["energy"],
+        property_units={"energy": "eV"},
+        distance_unit="Ang",
+    )
     dm.prepare_data()
     dm.setup()
     model = painn_model(spk, forces=False, offsets=True)
     task = spk.task.AtomisticTask(
-        model=model, optimizer_cls=torch.optim.AdamW, optimizer_args={"lr": C.LR},
-        outputs=[spk.task.ModelOutput(name="energy", loss_fn=torch.nn.MSELoss(), loss_weight=1.0,
-                                      metrics={"MAE": torchmetrics.regression.MeanAbsoluteError()})])
+        model=model,
+        optimizer_cls=torch.optim.AdamW,
+        optimizer_args={"lr": C.LR},
+        outputs=[
+            spk.task.ModelOutput(
+                name="energy",
+                loss_fn=torch.nn.MSELoss(),
+                loss_weight=1.0,
+                metrics={"MAE": torchmetrics.regression.MeanAbsoluteError()},
+            )
+        ],
+    )
     timer = C.step_timer()
-    trainer = pl.Trainer(max_steps=args.warmup + args.steps, max_epochs=-1, accelerator="cpu", devices=1,
-                         callbacks=[timer, spk.train.ExponentialMovingAverage(decay=0.995)], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False, precision=32)
+    trainer = pl.Trainer(
+        max_steps=args.warmup + args.steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[timer, spk.train.ExponentialMovingAverage(decay=0.995)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        precision=32,
+    )
     trainer.fit(task, datamodule=dm)
     os.remove(split)
     out = C.train_rates(timer.ends, args.warmup, C.BATCH)
@@ -113,7 +157,7 @@ def task_train(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=C.LR)
     mse = torch.nn.MSELoss()
     dts = []
-    for rep in range(2):
+    for _rep in range(2):
         for b in batches:
             t = time.perf_counter()
             pred = model(dict(b))
@@ -126,8 +170,11 @@ def task_train(args) -> dict:
 
     # inference: one pass over all molecules, neighbour lists by the per-sample transform
     model.eval()
-    data = spk.data.ASEAtomsData(db, load_properties=["energy"],
-                                 transforms=[trn.SubtractCenterOfMass(), nl_transform(spk, args.nl), trn.CastTo32()])
+    data = spk.data.ASEAtomsData(
+        db,
+        load_properties=["energy"],
+        transforms=[trn.SubtractCenterOfMass(), nl_transform(spk, args.nl), trn.CastTo32()],
+    )
     loader = spk.data.AtomsLoader(data, batch_size=C.BATCH, shuffle=False, num_workers=0)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -147,9 +194,15 @@ def task_md(args) -> dict:
     model = painn_model(spk, forces=True, offsets=False)
     path = os.path.join(args.scratch, f"spk_md_model_{os.getpid()}.pt")
     torch.save(model, path)
-    calc = spk.interfaces.SpkCalculator(model_file=path, neighbor_list=nl_transform(spk, args.nl), energy_key="energy",
-                                        force_key="forces", energy_unit="eV", position_unit="Ang",
-                                        dtype=torch.float32)
+    calc = spk.interfaces.SpkCalculator(
+        model_file=path,
+        neighbor_list=nl_transform(spk, args.nl),
+        energy_key="energy",
+        force_key="forces",
+        energy_unit="eV",
+        position_unit="Ang",
+        dtype=torch.float32,
+    )
     os.remove(path)
     return C.time_md(ase.io.read(args.md_xyz), calc, args.md_steps)
 
@@ -177,8 +230,13 @@ def main() -> None:
     out = task_train(args) if args.task == "train" else task_md(args)
     import torch
 
-    out.update(framework="schnetpack", task=args.task, threads=torch.get_num_threads(), neighbor_list=args.nl,
-               versions=C.versions("schnetpack", "torch", "pytorch-lightning", "lightning", "numpy", "ase", "matscipy"))
+    out.update(
+        framework="schnetpack",
+        task=args.task,
+        threads=torch.get_num_threads(),
+        neighbor_list=args.nl,
+        versions=C.versions("schnetpack", "torch", "pytorch-lightning", "lightning", "numpy", "ase", "matscipy"),
+    )
     C.emit(out)
 
 

@@ -2,6 +2,7 @@
 
 Every adapter action prints one JSON line prefixed with RESULT: on stdout (read by bench/peers_mf/run.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,11 @@ def test_errors(calc, frames) -> dict:
         de.append(abs(b.get_potential_energy() - ref_e) / len(b))
         df += float(np.abs(b.get_forces() - ref_f).sum())
         n_f += ref_f.size
-    return {"n": len(frames), "energy_mae_meV_per_atom": MEV * float(np.mean(de)),
-            "forces_mae_meV_per_A": MEV * df / n_f}
+    return {
+        "n": len(frames),
+        "energy_mae_meV_per_atom": MEV * float(np.mean(de)),
+        "forces_mae_meV_per_A": MEV * df / n_f,
+    }
 
 
 class StepClock:
@@ -38,21 +42,22 @@ class StepClock:
     so a peer's own training loop can be timed without touching its code."""
 
     def __init__(self):
-        import torch
 
         self.ends: list[float] = []
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        self.handle = register_optimizer_step_post_hook(
-            lambda opt, args, kwargs: self.ends.append(time.perf_counter()))
+        self.handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: self.ends.append(time.perf_counter()))
 
     def rates(self, batch: int, warmup: int = 5) -> dict:
         t = self.ends[warmup:]
         dt = [b - a for a, b in zip(t, t[1:])]
         if not dt:
             return {}
-        return {"train_structures_per_s": batch / statistics.median(dt),
-                "train_structures_per_s_window": batch * len(dt) / (t[-1] - t[0]), "train_steps_timed": len(dt)}
+        return {
+            "train_structures_per_s": batch / statistics.median(dt),
+            "train_structures_per_s_window": batch * len(dt) / (t[-1] - t[0]),
+            "train_steps_timed": len(dt),
+        }
 
 
 def emit(result: dict) -> None:

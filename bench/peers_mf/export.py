@@ -16,6 +16,7 @@ Files (ASE extxyz, MACE's key names, also read by SevenNet):
   manifest.json            keys per file, sizes, source checksums
 Each frame carries info["key"] and info["fidelity"] ("PBE" or "R2SCAN").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,20 +77,32 @@ def export(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     sp = json.loads(SPLITS.read_text())
     ds = FidelityDataset.merge([read_matpes(SHARED / "PBE.jsonl.gz"), read_matpes(SHARED / "R2SCAN.jsonl.gz")])
-    files = {"pbe_train.xyz": ("PBE", sp["low_pool"], True), "pbe_val.xyz": ("PBE", sp["val"], True),
-             "r2scan_val.xyz": ("R2SCAN", sp["val"], False), "r2scan_test.xyz": ("R2SCAN", sp["test"], False)}
+    files = {
+        "pbe_train.xyz": ("PBE", sp["low_pool"], True),
+        "pbe_val.xyz": ("PBE", sp["val"], True),
+        "r2scan_val.xyz": ("R2SCAN", sp["val"], False),
+        "r2scan_test.xyz": ("R2SCAN", sp["test"], False),
+    }
     for seed_key, order in sp["high_train_order"].items():
         for n in sorted(set(sp["sizes"].values())):
             files[f"r2scan_train_n{n}_{seed_key}.xyz"] = ("R2SCAN", order[:n], False)
     assert not set(sp["test"]) & set(sp["low_pool"]) and not set(sp["val"]) & set(sp["low_pool"])
     for name, (fid, keys, stress) in files.items():
         write(out / name, frames(ds, fid, keys, stress))
-    info = {"splits": "results/solids/splits/learning_curve.json", "splits_sha256_16": split_sha,
-            "sources": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-                        for p in (SHARED / "PBE.jsonl.gz", SHARED / "R2SCAN.jsonl.gz")},
-            "sizes": sp["sizes"], "seeds": sorted(sp["high_train_order"]),
-            "files": {k: {"fidelity": v[0], "n": len(v[1])} for k, v in files.items()},
-            "stress_unit": "eV/A^3 (ASE sign)", "energy_unit": "eV (total)", "forces_unit": "eV/A"}
+    info = {
+        "splits": "results/solids/splits/learning_curve.json",
+        "splits_sha256_16": split_sha,
+        "sources": {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+            for p in (SHARED / "PBE.jsonl.gz", SHARED / "R2SCAN.jsonl.gz")
+        },
+        "sizes": sp["sizes"],
+        "seeds": sorted(sp["high_train_order"]),
+        "files": {k: {"fidelity": v[0], "n": len(v[1])} for k, v in files.items()},
+        "stress_unit": "eV/A^3 (ASE sign)",
+        "energy_unit": "eV (total)",
+        "forces_unit": "eV/A",
+    }
     manifest.write_text(json.dumps(info, indent=1) + "\n")
     return info
 

@@ -23,10 +23,10 @@ batch 10), except float32 (as multifi and SevenNet) and the epoch count, which t
 Evaluation: MACECalculator(head="r2scan") on the 50 r2SCAN test structures (the checkpoint its trainer
 kept: lowest validation loss).
 """
+
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -36,8 +36,15 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 import _peer_common as C  # noqa: E402
 
-MODEL = {"model": "MACE", "num_channels": 16, "max_L": 1, "max_ell": 3, "correlation": 3, "num_interactions": 2,
-         "r_max": 5.0}
+MODEL = {
+    "model": "MACE",
+    "num_channels": 16,
+    "max_L": 1,
+    "max_ell": 3,
+    "correlation": 3,
+    "num_interactions": 2,
+    "r_max": 5.0,
+}
 DTYPE = "float32"
 BATCH = 10  # mace-torch's default
 PBE_SHARE = 0.5  # finetune_replay: budget share of the PBE model
@@ -51,18 +58,44 @@ def replay_samples(n: int) -> int:
 
 
 def base_config(args, work: Path, epochs: int) -> dict:
-    return {"name": "mace", "seed": args.seed, "device": "cpu", "default_dtype": DTYPE, "batch_size": BATCH,
-            "valid_batch_size": BATCH, "max_num_epochs": epochs, "eval_interval": 1, "num_workers": 0,
-            "work_dir": str(work), "log_dir": str(work / "logs"), "model_dir": str(work),
-            "checkpoints_dir": str(work / "checkpoints"), "results_dir": str(work / "results"),
-            "save_cpu": True, "restart_latest": False, "E0s": "average", **MODEL, **KEYS}
+    return {
+        "name": "mace",
+        "seed": args.seed,
+        "device": "cpu",
+        "default_dtype": DTYPE,
+        "batch_size": BATCH,
+        "valid_batch_size": BATCH,
+        "max_num_epochs": epochs,
+        "eval_interval": 1,
+        "num_workers": 0,
+        "work_dir": str(work),
+        "log_dir": str(work / "logs"),
+        "model_dir": str(work),
+        "checkpoints_dir": str(work / "checkpoints"),
+        "results_dir": str(work / "results"),
+        "save_cpu": True,
+        "restart_latest": False,
+        "E0s": "average",
+        **MODEL,
+        **KEYS,
+    }
 
 
 def heads_multihead(data: Path, n: int, seed: int) -> dict:
-    return {"pbe": {"train_file": str(data / "pbe_train.xyz"), "valid_file": str(data / "pbe_val.xyz"),
-                    "E0s": "average", **KEYS},
-            "r2scan": {"train_file": str(data / f"r2scan_train_n{n}_s{seed}.xyz"),
-                       "valid_file": str(data / "r2scan_val.xyz"), "E0s": "average", **KEYS}}
+    return {
+        "pbe": {
+            "train_file": str(data / "pbe_train.xyz"),
+            "valid_file": str(data / "pbe_val.xyz"),
+            "E0s": "average",
+            **KEYS,
+        },
+        "r2scan": {
+            "train_file": str(data / f"r2scan_train_n{n}_s{seed}.xyz"),
+            "valid_file": str(data / "r2scan_val.xyz"),
+            "E0s": "average",
+            **KEYS,
+        },
+    }
 
 
 def run_mace(config: dict, work: Path) -> None:
@@ -100,8 +133,10 @@ def pbe_model(args, data: Path) -> Path:
         if info["epochs"] != epochs:
             raise SystemExit(f"mace_adapter: {done} holds a PBE model of {info['epochs']} epochs, not {epochs}")
         return Path(info["model"])
-    cfg = base_config(args, work, epochs) | {"train_file": str(data / "pbe_train.xyz"),
-                                             "valid_file": str(data / "pbe_val.xyz")}
+    cfg = base_config(args, work, epochs) | {
+        "train_file": str(data / "pbe_train.xyz"),
+        "valid_file": str(data / "pbe_val.xyz"),
+    }
     t = time.process_time()
     run_mace(cfg, work)
     done.write_text(json.dumps({"model": str(model_file(work)), "epochs": epochs, "cpu_s": time.process_time() - t}))
@@ -118,10 +153,14 @@ def fit(args) -> dict:
         foundation = pbe_model(args, data)
         cfg = base_config(args, work, args.epochs) | {
             "train_file": str(data / f"r2scan_train_n{args.n}_s{args.seed}.xyz"),
-            "valid_file": str(data / "r2scan_val.xyz"), "foundation_model": str(foundation),
-            "multiheads_finetuning": True, "pt_train_file": str(data / "pbe_train.xyz"),
+            "valid_file": str(data / "r2scan_val.xyz"),
+            "foundation_model": str(foundation),
+            "multiheads_finetuning": True,
+            "pt_train_file": str(data / "pbe_train.xyz"),
             "pt_valid_file": str(data / "pbe_val.xyz"),
-            "num_samples_pt": replay_samples(args.n), "E0s": "estimated"}
+            "num_samples_pt": replay_samples(args.n),
+            "E0s": "estimated",
+        }
     clock = C.StepClock()
     run_mace(cfg, work)
     out = {"train_rates": clock.rates(BATCH), "model_file": str(model_file(work)), "model": MODEL, "dtype": DTYPE}
@@ -168,8 +207,18 @@ def ensure_model(args) -> Path:
     """A trained multihead model for the speed/params actions (1 epoch at n = 11 when none exists)."""
     work = Path(args.work) / "model"
     if not (work / "mace.model").exists():
-        ns = argparse.Namespace(**vars(args) | {"n": 11, "seed": 0, "epochs": 1, "work": str(work), "no_eval": True,
-                                                "smoke": False, "variant": "multihead"})
+        ns = argparse.Namespace(
+            **vars(args)
+            | {
+                "n": 11,
+                "seed": 0,
+                "epochs": 1,
+                "work": str(work),
+                "no_eval": True,
+                "smoke": False,
+                "variant": "multihead",
+            }
+        )
         fit(ns)
     return model_file(work)
 
@@ -177,8 +226,10 @@ def ensure_model(args) -> Path:
 def speed_train(args) -> dict:
     """Training structures/s of its own trainer (optimizer-step intervals) over one epoch of PBE + r2SCAN (n = 11)."""
     work = Path(args.work) / f"speed_{os.getpid()}"
-    ns = argparse.Namespace(**vars(args) | {"n": 11, "seed": 0, "epochs": 1, "work": str(work), "no_eval": True,
-                                            "smoke": False, "variant": "multihead"})
+    ns = argparse.Namespace(
+        **vars(args)
+        | {"n": 11, "seed": 0, "epochs": 1, "work": str(work), "no_eval": True, "smoke": False, "variant": "multihead"}
+    )
     out = fit(ns)
     import shutil
 

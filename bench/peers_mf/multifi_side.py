@@ -7,6 +7,7 @@ bench/peers/multifi_m3gnet.py (the M3GNet speed benchmark against matgl) at the 
 structures/s are the intervals between optimizer-step ends of its Lightning loop on the PBE solids, MD is
 NVE on the rattled 64-atom Si cell through multifi.Calculator.
 """
+
 from __future__ import annotations
 
 import os

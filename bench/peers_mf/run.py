@@ -36,6 +36,7 @@ Data: bench/peers_mf/export.py (the splits of results/solids/splits/learning_cur
 Results: one JSON per run, bench/results/peers_mf/<peer>_<variant>/n<n>_s<seed>.json (smoke runs:
 bench/results/peers_mf_smoke/, smoke tests only, not results). A finished run is skipped on rerun.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,16 @@ def ensure_venv(peer: str) -> Path:
         return peer_python(peer)
     print(f"[peers_mf] creating {venv} (pip install {PINS[peer]})", file=sys.stderr, flush=True)
     subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    cmd = [str(venv / "bin" / "pip"), "install", "-q", "-c", str(BENCH / "peers" / "constraints.txt"),
-           "torch==2.13.0", PINS[peer], "ase"]
+    cmd = [
+        str(venv / "bin" / "pip"),
+        "install",
+        "-q",
+        "-c",
+        str(BENCH / "peers" / "constraints.txt"),
+        "torch==2.13.0",
+        PINS[peer],
+        "ase",
+    ]
     subprocess.run(cmd, check=True, env=env(1))
     stamp.write_text(shlex.join(cmd) + "\n")
     return peer_python(peer)
@@ -88,8 +97,15 @@ def ensure_venv(peer: str) -> Path:
 def env(threads: int) -> dict:
     home = SCRATCH / "home"
     home.mkdir(parents=True, exist_ok=True)
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
-                HOME=str(home), PYTHONWARNINGS="ignore", WANDB_MODE="disabled")
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        OMP_WAIT_POLICY="PASSIVE",
+        HOME=str(home),
+        PYTHONWARNINGS="ignore",
+        WANDB_MODE="disabled",
+    )
 
 
 def call(cmd: list[str], log: Path, threads: int = 1) -> tuple[dict, float]:
@@ -107,7 +123,7 @@ def call(cmd: list[str], log: Path, threads: int = 1) -> tuple[dict, float]:
     if p.returncode != 0 or not lines:
         tail = log.read_text()[-4000:]
         raise RuntimeError(f"failed (exit {p.returncode}): {shlex.join(cmd)}\n--- {log} (tail) ---\n{tail}")
-    return json.loads(lines[-1][len("RESULT:"):]), cpu
+    return json.loads(lines[-1][len("RESULT:") :]), cpu
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -143,14 +159,31 @@ def calibrate(peers: list[str], args) -> dict:
             long = args.cal_epochs
             for epochs in prep + [1, long]:
                 work = SCRATCH / "calibrate" / key / f"e{epochs}"
-                _, cpus[epochs] = call(adapter_cmd(peer, variant, n, 0, max(epochs, 1), work, evaluate=False,
-                                                   extra=["--pbe-epochs", "1"] if prep else None), work / "log.txt")
+                _, cpus[epochs] = call(
+                    adapter_cmd(
+                        peer,
+                        variant,
+                        n,
+                        0,
+                        max(epochs, 1),
+                        work,
+                        evaluate=False,
+                        extra=["--pbe-epochs", "1"] if prep else None,
+                    ),
+                    work / "log.txt",
+                )
             per_epoch = (cpus[long] - cpus[1]) / (long - 1)
             s = structures_per_epoch(peer, variant, n)
-            cal[key] = {"cpu_s_per_structure_epoch": per_epoch / s, "startup_cpu_s": max(cpus[1] - per_epoch, 0.0),
-                        "cpu_s_1_epoch": cpus[1], f"cpu_s_{long}_epochs": cpus[long], "structures_per_epoch": s, "n": n,
-                        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                        "loadavg": os.getloadavg()[0]}
+            cal[key] = {
+                "cpu_s_per_structure_epoch": per_epoch / s,
+                "startup_cpu_s": max(cpus[1] - per_epoch, 0.0),
+                "cpu_s_1_epoch": cpus[1],
+                f"cpu_s_{long}_epochs": cpus[long],
+                "structures_per_epoch": s,
+                "n": n,
+                "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "loadavg": os.getloadavg()[0],
+            }
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cal, indent=1) + "\n")
             print(f"[peers_mf] calibrated {key}: {cal[key]}", file=sys.stderr, flush=True)
@@ -184,11 +217,37 @@ def budget_share(peer: str, variant: str) -> float:
     return 1.0
 
 
-def adapter_cmd(peer: str, variant: str, n: int, seed: int, epochs: int, work: Path, evaluate: bool = True,
-                extra: list[str] | None = None) -> list[str]:
-    return [str(peer_python(peer)), str(ADAPTER[peer]), "fit", "--variant", variant, "--n", str(n),
-            "--seed", str(seed), "--epochs", str(epochs), "--data", str(DATA), "--work", str(work)] + \
-        ([] if evaluate else ["--no-eval"]) + (extra or [])
+def adapter_cmd(
+    peer: str,
+    variant: str,
+    n: int,
+    seed: int,
+    epochs: int,
+    work: Path,
+    evaluate: bool = True,
+    extra: list[str] | None = None,
+) -> list[str]:
+    return (
+        [
+            str(peer_python(peer)),
+            str(ADAPTER[peer]),
+            "fit",
+            "--variant",
+            variant,
+            "--n",
+            str(n),
+            "--seed",
+            str(seed),
+            "--epochs",
+            str(epochs),
+            "--data",
+            str(DATA),
+            "--work",
+            str(work),
+        ]
+        + ([] if evaluate else ["--no-eval"])
+        + (extra or [])
+    )
 
 
 def plan(args) -> list[tuple[str, str, int, int]]:
@@ -232,27 +291,54 @@ def train(args) -> None:
             dest.with_suffix(".failed.txt").write_text(str(e).replace(str(ROOT) + "/", "") + "\n")
             if args.keep_going:
                 continue
-            raise SystemExit(1)
-        res.update(peer=peer, variant=variant, n=n, seed=seed, epochs=epochs, cpu_s=round(cpu, 1),
-                   wall_s=round(time.perf_counter() - t0, 1), budget_cpu_s=None if args.smoke else args.budget_cpu_s,
-                   smoke=bool(args.smoke), command="OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/peers_mf/run.py "
-                   + shlex.join(sys.argv[1:]), adapter_command=shlex.join(cmd).replace(str(ROOT) + "/", ""),
-                   finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), loadavg_after=os.getloadavg()[0])
+            raise SystemExit(1) from None
+        res.update(
+            peer=peer,
+            variant=variant,
+            n=n,
+            seed=seed,
+            epochs=epochs,
+            cpu_s=round(cpu, 1),
+            wall_s=round(time.perf_counter() - t0, 1),
+            budget_cpu_s=None if args.smoke else args.budget_cpu_s,
+            smoke=bool(args.smoke),
+            command="OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/peers_mf/run.py " + shlex.join(sys.argv[1:]),
+            adapter_command=shlex.join(cmd).replace(str(ROOT) + "/", ""),
+            finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            loadavg_after=os.getloadavg()[0],
+        )
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1).replace(str(ROOT) + "/", "") + "\n")  # repository-relative paths
         os.replace(tmp, dest)
         dest.with_suffix(".failed.txt").unlink(missing_ok=True)
         t = res["test"]
-        print(f"[peers_mf] {peer} {variant} n={n} s={seed}: E {t['energy_mae_meV_per_atom']:.1f} meV/atom, "
-              f"F {t['forces_mae_meV_per_A']:.1f} meV/Å, {cpu:.0f} CPU-s", file=sys.stderr, flush=True)
+        print(
+            f"[peers_mf] {peer} {variant} n={n} s={seed}: E {t['energy_mae_meV_per_atom']:.1f} meV/atom, "
+            f"F {t['forces_mae_meV_per_A']:.1f} meV/Å, {cpu:.0f} CPU-s",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ------------------------------------------------------------------------------------------ throughput
 def ours_cmd(task: str, args) -> list[str]:
-    return [sys.executable, str(HERE / "multifi_side.py"), "--task", task, "--threads", "1",
-            "--solids", str(ROOT.parent / "shared" / "data" / "solids" / "PBE.jsonl.gz"),
-            "--md-xyz", str(si64()), "--steps", str(args.steps), "--md-steps", str(args.md_steps)]
+    return [
+        sys.executable,
+        str(HERE / "multifi_side.py"),
+        "--task",
+        task,
+        "--threads",
+        "1",
+        "--solids",
+        str(ROOT.parent / "shared" / "data" / "solids" / "PBE.jsonl.gz"),
+        "--md-xyz",
+        str(si64()),
+        "--steps",
+        str(args.steps),
+        "--md-steps",
+        str(args.md_steps),
+    ]
 
 
 def si64() -> Path:
@@ -282,15 +368,32 @@ def throughput(args) -> None:
                     cmd = ours_cmd(task, args)
                 else:
                     variant = VARIANTS[side][0]
-                    cmd = [str(peer_python(side)), str(ADAPTER[side]), f"speed_{task}", "--variant", variant, "--data", str(DATA),
-                           "--work", str(SCRATCH / "throughput" / side), "--md-xyz", str(si64()),
-                           "--steps", str(args.steps), "--md-steps", str(args.md_steps)]
+                    cmd = [
+                        str(peer_python(side)),
+                        str(ADAPTER[side]),
+                        f"speed_{task}",
+                        "--variant",
+                        variant,
+                        "--data",
+                        str(DATA),
+                        "--work",
+                        str(SCRATCH / "throughput" / side),
+                        "--md-xyz",
+                        str(si64()),
+                        "--steps",
+                        str(args.steps),
+                        "--md-steps",
+                        str(args.md_steps),
+                    ]
                 res, _ = call(cmd, SCRATCH / "throughput" / f"{side}_{task}_{pair}.log")
                 res["loadavg_after"] = os.getloadavg()[0]
                 runs.setdefault((side, task), []).append(res)
                 key = "train_structures_per_s" if task == "train" else "md_steps_per_s"
-                print(f"[peers_mf] pair {pair} {task} {side}: {key}={res[key]:.2f} load={res['loadavg_after']:.1f}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[peers_mf] pair {pair} {task} {side}: {key}={res[key]:.2f} load={res['loadavg_after']:.1f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     entries = []
     for task, key, unit in (("train", "train_structures_per_s", "structures/s"), ("md", "md_steps_per_s", "steps/s")):
         ours = [r[key] for r in runs.get(("multifi", task), [])]
@@ -298,21 +401,36 @@ def throughput(args) -> None:
             theirs = [r[key] for r in runs.get((side, task), [])]
             if not ours or not theirs:
                 continue
-            entries.append({"name": f"mf_solids_{task}_{side}_1thread", "ours": round(statistics.median(ours), 2),
-                            "peer": round(statistics.median(theirs), 2), "unit": unit, "higher_is_better": True,
-                            "ratio": round(statistics.median(ours) / statistics.median(theirs), 3),
-                            "ratio_median_of_pairs": round(statistics.median([a / b for a, b in zip(ours, theirs)]), 3),
-                            "ours_runs": [round(x, 2) for x in ours], "peer_runs": [round(x, 2) for x in theirs],
-                            "peer_name": f"{side} {runs[(side, task)][0].get('versions', {}).get(PINS[side].split('==')[0], '')}",
-                            "params": {"ours": runs[("multifi", task)][0].get("params"),
-                                       "peer": runs[(side, task)][0].get("params")},
-                            "threads": 1, "pairs": len(theirs),
-                            "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/peers_mf/run.py "
-                                       + shlex.join(sys.argv[1:])})
+            entries.append(
+                {
+                    "name": f"mf_solids_{task}_{side}_1thread",
+                    "ours": round(statistics.median(ours), 2),
+                    "peer": round(statistics.median(theirs), 2),
+                    "unit": unit,
+                    "higher_is_better": True,
+                    "ratio": round(statistics.median(ours) / statistics.median(theirs), 3),
+                    "ratio_median_of_pairs": round(statistics.median([a / b for a, b in zip(ours, theirs)]), 3),
+                    "ours_runs": [round(x, 2) for x in ours],
+                    "peer_runs": [round(x, 2) for x in theirs],
+                    "peer_name": f"{side} {runs[(side, task)][0].get('versions', {}).get(PINS[side].split('==')[0], '')}",
+                    "params": {
+                        "ours": runs[("multifi", task)][0].get("params"),
+                        "peer": runs[(side, task)][0].get("params"),
+                    },
+                    "threads": 1,
+                    "pairs": len(theirs),
+                    "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/peers_mf/run.py "
+                    + shlex.join(sys.argv[1:]),
+                }
+            )
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"entries": entries, "raw": {f"{s}_{t}": r for (s, t), r in runs.items()}},
-                              indent=1).replace(str(ROOT) + "/", "") + "\n")
+    out.write_text(
+        json.dumps({"entries": entries, "raw": {f"{s}_{t}": r for (s, t), r in runs.items()}}, indent=1).replace(
+            str(ROOT) + "/", ""
+        )
+        + "\n"
+    )
     for e in entries:
         print(f"{e['name']:36s} ours {e['ours']:9.2f}  peer {e['peer']:9.2f} {e['unit']:13s} ratio {e['ratio']:.2f}")
     if args.merge_into:
@@ -335,11 +453,21 @@ def multifi_params() -> dict[str, int]:
 
     out = {}
     for inject in ("readout", "both"):
-        model = ModelConfig(backbone="m3gnet", features=32, interactions=3, cutoff=5.0, threebody_cutoff=4.0,
-                            n_rbf=9, max_n=3, max_l=3, fidelity_embedding={"dim": 4, "inject": inject},
-                            energy_scale="shared").model_dump()
-        module = PotentialModule({"model": model, "fidelities": ["R2SCAN", "PBE"]}, LossConfig().model_dump(),
-                                 TrainConfig().model_dump())
+        model = ModelConfig(
+            backbone="m3gnet",
+            features=32,
+            interactions=3,
+            cutoff=5.0,
+            threebody_cutoff=4.0,
+            n_rbf=9,
+            max_n=3,
+            max_l=3,
+            fidelity_embedding={"dim": 4, "inject": inject},
+            energy_scale="shared",
+        ).model_dump()
+        module = PotentialModule(
+            {"model": model, "fidelities": ["R2SCAN", "PBE"]}, LossConfig().model_dump(), TrainConfig().model_dump()
+        )
         out[inject] = sum(p.numel() for p in module.potential.parameters())
     return out
 
@@ -349,8 +477,20 @@ def params(args) -> None:
         print(f"{'multifi':8s} {'joint_' + inject:16s} {count:>9,d} parameters  M3GNet 3 blocks x 32 features")
     for peer in args.peers.split(","):
         for variant in VARIANTS[peer][:1]:  # one model per peer (the fine-tuned MACE: see its run JSONs)
-            res, _ = call([str(peer_python(peer)), str(ADAPTER[peer]), "params", "--variant", variant, "--data",
-                           str(DATA), "--work", str(SCRATCH / "params" / peer)], SCRATCH / "params" / f"{peer}.log")
+            res, _ = call(
+                [
+                    str(peer_python(peer)),
+                    str(ADAPTER[peer]),
+                    "params",
+                    "--variant",
+                    variant,
+                    "--data",
+                    str(DATA),
+                    "--work",
+                    str(SCRATCH / "params" / peer),
+                ],
+                SCRATCH / "params" / f"{peer}.log",
+            )
             print(f"{peer:8s} {variant:16s} {res['params']:>9,d} parameters  {res.get('model', '')}")
 
 

@@ -17,6 +17,7 @@ Labels are handed over as ASE single-point results (energy, forces, stress when 
 stress here, SevenNet masks it).
 Evaluation: SevenNetCalculator(checkpoint_best.pth, modal="r2scan") on the 50 r2SCAN test structures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,14 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 import _peer_common as C  # noqa: E402
 
-MODEL = {"channel": 32, "lmax": 2, "num_convolution_layer": 3,
-         "irreps_manual": ["32x0e", "32x0e+16x1e+8x2e", "32x0e+16x1e+8x2e", "32x0e"],
-         "cutoff": 5.0, "cutoff_function": {"cutoff_function_name": "XPLOR", "cutoff_on": 4.5}}
+MODEL = {
+    "channel": 32,
+    "lmax": 2,
+    "num_convolution_layer": 3,
+    "irreps_manual": ["32x0e", "32x0e+16x1e+8x2e", "32x0e+16x1e+8x2e", "32x0e"],
+    "cutoff": 5.0,
+    "cutoff_function": {"cutoff_function_name": "XPLOR", "cutoff_on": 4.5},
+}
 BATCH = 16  # the preset's
 
 
@@ -61,7 +67,9 @@ def config(args, work: Path) -> dict:
     cfg["model"].update(MODEL)
     data, lab = Path(args.data), work / "data"
     pbe = labelled(data / "pbe_train.xyz", lab / "pbe_train.extxyz")
-    r2 = labelled(data / f"r2scan_train_n{args.n}_s{args.seed}.xyz", lab / f"r2scan_train_n{args.n}_s{args.seed}.extxyz")
+    r2 = labelled(
+        data / f"r2scan_train_n{args.n}_s{args.seed}.xyz", lab / f"r2scan_train_n{args.n}_s{args.seed}.extxyz"
+    )
     val = labelled(data / "r2scan_val.xyz", lab / "r2scan_val.extxyz")
     train = cfg["train"]
     train.update(epoch=args.epochs, random_seed=args.seed, per_epoch=max(args.epochs, 1))
@@ -134,8 +142,11 @@ def fit(args) -> dict:
 def ensure_model(args) -> Path:
     work = Path(args.work) / "model"
     if not list(work.glob("checkpoint_*.pth")):
-        fit(argparse.Namespace(**vars(args) | {"n": 11, "seed": 0, "epochs": 1, "work": str(work), "no_eval": True,
-                                                "smoke": False}))
+        fit(
+            argparse.Namespace(
+                **vars(args) | {"n": 11, "seed": 0, "epochs": 1, "work": str(work), "no_eval": True, "smoke": False}
+            )
+        )
     return checkpoint(work)
 
 
@@ -144,8 +155,11 @@ def speed_train(args) -> dict:
     import shutil
 
     work = Path(args.work) / f"speed_{os.getpid()}"
-    out = fit(argparse.Namespace(**vars(args) | {"n": 11, "seed": 0, "epochs": 1, "work": str(work), "no_eval": True,
-                                                 "smoke": False}))
+    out = fit(
+        argparse.Namespace(
+            **vars(args) | {"n": 11, "seed": 0, "epochs": 1, "work": str(work), "no_eval": True, "smoke": False}
+        )
+    )
     shutil.rmtree(work, ignore_errors=True)
     return out["train_rates"] | {"params": out["params"], "batch": BATCH}
 

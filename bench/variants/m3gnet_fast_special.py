@@ -14,6 +14,7 @@ slope and curvature at the cutoff, so forces are continuous there), and the thre
 basis is scaled to the three-body cutoff (the range it is used in) rather than the two-body one.
 Readout and fidelity conditioning live in Potential/EnergyHead, as for every backbone.
 """
+
 from __future__ import annotations
 
 import math
@@ -175,8 +176,8 @@ class GatedMLP(nn.Module):
         W = torch.cat([self.layers[0].weight, self.gates[0].weight])  # [2H, 2F + F_e]
         b = None if self.layers[0].bias is None else torch.cat([self.layers[0].bias, self.gates[0].bias])
         Fs, H = s.shape[-1], self.layers[0].out_features
-        hi, hj = F.linear(s, torch.cat([W[:, :Fs], W[:, Fs:2 * Fs]])).split(2 * H, dim=-1)  # [N, 2H] each
-        h = hi.index_select(0, i) + hj.index_select(0, j) + F.linear(e, W[:, 2 * Fs:], b)
+        hi, hj = F.linear(s, torch.cat([W[:, :Fs], W[:, Fs : 2 * Fs]])).split(2 * H, dim=-1)  # [N, 2H] each
+        h = hi.index_select(0, i) + hj.index_select(0, j) + F.linear(e, W[:, 2 * Fs :], b)
         a, g = h.split(H, dim=-1)
         return self.rest(a, g)
 
@@ -190,7 +191,7 @@ class ThreeBodyInteraction(nn.Module):
         self.atom_gate = nn.Linear(features, degree)
         self.update = GatedMLP([degree, features], bias=False)
 
-    def forward(self, s: Tensor, e: Tensor, t: "Triplets") -> Tensor:
+    def forward(self, s: Tensor, e: Tensor, t: Triplets) -> Tensor:
         gate = torch.sigmoid(self.atom_gate(s))  # [N, degree]
         m = t.basis * gate.index_select(0, t.k)  # [T, degree]
         summed = scatter_sum(m, t.ij, t.n_bonds) * t.fc_bond.unsqueeze(-1)  # [E3, degree]
@@ -244,8 +245,16 @@ class Triplets:
     fc_bond [E3] envelope f_c(r_ij) of each bond, applied after summing over k
     """
 
-    def __init__(self, edge_index: Tensor, edge_vec: Tensor, r: Tensor, n_atoms: int, cutoff: float,
-                 radial: SphericalBesselRadial, envelope: nn.Module):
+    def __init__(
+        self,
+        edge_index: Tensor,
+        edge_vec: Tensor,
+        r: Tensor,
+        n_atoms: int,
+        cutoff: float,
+        radial: SphericalBesselRadial,
+        envelope: nn.Module,
+    ):
         with torch.no_grad():
             self.bonds = torch.nonzero(r < cutoff).squeeze(-1)
             self.ij, self.ik = edge_pairs(edge_index[0, self.bonds], n_atoms)
@@ -270,12 +279,22 @@ class M3GNet(nn.Module):
     n_rbf smooth Bessel functions of the two-body distance.
     """
 
-    def __init__(self, features: int = 64, interactions: int = 3, cutoff: float = 5.0, threebody_cutoff: float = 4.0,
-                 max_n: int = 3, max_l: int = 3, n_rbf: int = 9, max_z: int = 119):
+    def __init__(
+        self,
+        features: int = 64,
+        interactions: int = 3,
+        cutoff: float = 5.0,
+        threebody_cutoff: float = 4.0,
+        max_n: int = 3,
+        max_l: int = 3,
+        n_rbf: int = 9,
+        max_z: int = 119,
+    ):
         super().__init__()
         if not 0 < threebody_cutoff <= cutoff:
-            raise MultifiError(f"m3gnet: threebody_cutoff ({threebody_cutoff} Å) must be positive and at most "
-                               f"the cutoff ({cutoff} Å)")
+            raise MultifiError(
+                f"m3gnet: threebody_cutoff ({threebody_cutoff} Å) must be positive and at most the cutoff ({cutoff} Å)"
+            )
         self.features, self.cutoff, self.threebody_cutoff = features, float(cutoff), float(threebody_cutoff)
         degree = max_n * max_l
         self.embedding = nn.Embedding(max_z, features)
@@ -287,15 +306,20 @@ class M3GNet(nn.Module):
         self.convs = nn.ModuleList(GraphConv(features, n_rbf, features) for _ in range(interactions))
 
     @classmethod
-    def from_config(cls, m: dict) -> "M3GNet":
+    def from_config(cls, m: dict) -> M3GNet:
         """From a model config dict (config.ModelConfig fields)."""
         max_n, max_l = m.get("max_n", 3), m.get("max_l", 3)
-        return cls(features=m["features"], interactions=m.get("interactions", 3), cutoff=m.get("cutoff", 5.0),
-                   threebody_cutoff=m.get("threebody_cutoff", 4.0), max_n=max_n, max_l=max_l,
-                   n_rbf=m.get("n_rbf", max_n * max_l))
+        return cls(
+            features=m["features"],
+            interactions=m.get("interactions", 3),
+            cutoff=m.get("cutoff", 5.0),
+            threebody_cutoff=m.get("threebody_cutoff", 4.0),
+            max_n=max_n,
+            max_l=max_l,
+            n_rbf=m.get("n_rbf", max_n * max_l),
+        )
 
-    def forward(self, numbers: Tensor, edge_index: Tensor, edge_vec: Tensor,
-                condition: Tensor | None = None) -> Tensor:
+    def forward(self, numbers: Tensor, edge_index: Tensor, edge_vec: Tensor, condition: Tensor | None = None) -> Tensor:
         """numbers [N], edge_index [2,E] (centre i, neighbour j), edge_vec [E,3] Å (r_j − r_i),
         condition [N,F] added to the initial atom features → atom features [N,F]."""
         s = self.embedding(numbers)

@@ -1,4 +1,5 @@
 """PaiNN (Schütt, Unke, Gastegger, ICML 2021): equivariant message passing with scalar and vector features."""
+
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,15 @@ class PaiNNUpdate(nn.Module):
 class PaiNN(nn.Module):
     """PaiNN representation: (numbers, edges, edge vectors, optional atom conditioning) → scalar features [N, F]."""
 
-    def __init__(self, features: int = 128, interactions: int = 3, cutoff: float = 5.0, n_rbf: int = 20,
-                 max_z: int = 119, shared_filters: bool = False):
+    def __init__(
+        self,
+        features: int = 128,
+        interactions: int = 3,
+        cutoff: float = 5.0,
+        n_rbf: int = 20,
+        max_z: int = 119,
+        shared_filters: bool = False,
+    ):
         super().__init__()
         self.features, self.cutoff = features, cutoff
         self.embedding = nn.Embedding(max_z, features)
@@ -63,8 +71,13 @@ class PaiNN(nn.Module):
             for m in self.messages[1:]:
                 m.filter = self.messages[0].filter
 
-    def forward(self, numbers: torch.Tensor, edge_index: torch.Tensor, edge_vec: torch.Tensor,
-                condition: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_vec: torch.Tensor,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """numbers [N], edge_index [2,E], edge_vec [E,3] Å (r_j − r_i), condition [N,F] added to the embedding."""
         s = self.embedding(numbers)
         if condition is not None:

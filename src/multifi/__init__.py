@@ -3,6 +3,7 @@
 Every reference method (a *fidelity*) gets a trainable embedding vector that conditions a graph
 neural network (PaiNN, M3GNet); one model trained jointly predicts at any fidelity by name.
 """
+
 import os
 
 # OpenMP threads that spin while waiting made torch 10-30x slower on machines shared with other

@@ -1,4 +1,5 @@
 """ASE calculator: energy, forces and stress of a trained multifi potential at a fidelity chosen by name."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,16 @@ class Calculator(AseCalculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, checkpoint, fidelity: str, device: str = "cpu", dtype: str = "float32",
-                 compile: bool | None = None, strict_references: bool = False, **kwargs):
+    def __init__(
+        self,
+        checkpoint,
+        fidelity: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        compile: bool | None = None,
+        strict_references: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         from multifi.models.registry import load_potential
 
@@ -59,15 +68,24 @@ class Calculator(AseCalculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        check_elements(self.potential, self.atoms.numbers, [len(self.atoms)], self._index,
-                       strict=self.strict_references, seen=self._warned)
+        check_elements(
+            self.potential,
+            self.atoms.numbers,
+            [len(self.atoms)],
+            self._index,
+            strict=self.strict_references,
+            seen=self._warned,
+        )
         graph = graph_from_atoms([self.atoms], self.potential.cutoff, self._index, dtype=self.dtype).to(self.device)
         periodic = bool(self.atoms.pbc.any())
         want_stress = periodic and "stress" in properties
         out = self.potential(graph, forces=True, stress=want_stress)
         energy = float(out["energy"].item())
-        self.results = {"energy": energy, "free_energy": energy,
-                        "forces": out["forces"].detach().cpu().numpy().astype(np.float64)}
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": out["forces"].detach().cpu().numpy().astype(np.float64),
+        }
         if "stress" in out:
             s = out["stress"][0].detach().cpu().numpy().astype(np.float64) * GPa  # GPa → eV/Å³
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

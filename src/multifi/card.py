@@ -1,4 +1,5 @@
 """Model card (`multifi info`): fidelities, elements, settings, training data and fidelity similarities."""
+
 from __future__ import annotations
 
 import json
@@ -38,10 +39,15 @@ def model_card(path: str | Path) -> dict:
         "cutoff": pot.cutoff,
         "elements": [chemical_symbols[z] for z in pot.elements],
         "fidelities": [
-            {"index": k, "name": n, "scale_eV": float(pot.head.scale[k]),
-             "elements": [chemical_symbols[z] for z in torch.nonzero(fitted[:, k]).flatten().tolist()],
-             "estimated": [chemical_symbols[z] for z in torch.nonzero(known & ~fitted[:, k]).flatten().tolist()]}
-            for k, n in enumerate(names)],
+            {
+                "index": k,
+                "name": n,
+                "scale_eV": float(pot.head.scale[k]),
+                "elements": [chemical_symbols[z] for z in torch.nonzero(fitted[:, k]).flatten().tolist()],
+                "estimated": [chemical_symbols[z] for z in torch.nonzero(known & ~fitted[:, k]).flatten().tolist()],
+            }
+            for k, n in enumerate(names)
+        ],
         "data": _data_summary(pot, run),
         "history": pot.spec.get("history", []),
         "model": pot.spec["model"],
@@ -88,10 +94,13 @@ def _run_config(run: Path) -> dict | None:
 
 def format_card(card: dict) -> str:
     """The card as terminal text."""
-    lines = [f"model {card['path']}",
-             f"  {card['backbone']}, conditioning {card['conditioning']}, float{card['precision']}, "
-             f"{card['parameters']:,} parameters, cutoff {card['cutoff']:g} Å",
-             f"  elements ({len(card['elements'])}): {' '.join(card['elements'])}", ""]
+    lines = [
+        f"model {card['path']}",
+        f"  {card['backbone']}, conditioning {card['conditioning']}, float{card['precision']}, "
+        f"{card['parameters']:,} parameters, cutoff {card['cutoff']:g} Å",
+        f"  elements ({len(card['elements'])}): {' '.join(card['elements'])}",
+        "",
+    ]
     data = card["data"] or {}
     splits = [s for s in ("train", "val", "test") if s in data]
     width = max(len("fidelity"), *(len(f["name"]) for f in card["fidelities"])) + 2
@@ -99,17 +108,25 @@ def format_card(card: dict) -> str:
     lines.append(header)
     for f in card["fidelities"]:
         counts = "".join(str(data[s].get(f["name"], "-")).rjust(8) for s in splits)
-        lines.append(f"  {f['index']:<2} " + f["name"].ljust(width) + counts + f"  {f['scale_eV']:8.4f}  "
-                     + " ".join(f["elements"])
-                     + (f"  (estimated, no labels: {' '.join(f['estimated'])})" if f.get("estimated") else ""))
+        lines.append(
+            f"  {f['index']:<2} "
+            + f["name"].ljust(width)
+            + counts
+            + f"  {f['scale_eV']:8.4f}  "
+            + " ".join(f["elements"])
+            + (f"  (estimated, no labels: {' '.join(f['estimated'])})" if f.get("estimated") else "")
+        )
     if not splits:
         lines.append("  (structures per fidelity not recorded with this model)")
     if card["history"]:
         lines += ["", "extensions:"]
         for h in card["history"]:
             replayed = ", ".join(f"{k}={v}" for k, v in h.get("replayed", {}).items() if v)
-            lines.append(f"  + {h['fidelity']} (train: {h['train']}" + (f", replayed {replayed}" if replayed else "")
-                         + f") from {h['from']}")
+            lines.append(
+                f"  + {h['fidelity']} (train: {h['train']}"
+                + (f", replayed {replayed}" if replayed else "")
+                + f") from {h['from']}"
+            )
     if card["similarity"] is not None:
         lines += ["", "cosine similarity of the fidelity vectors:"]
         lines.append("  " + " " * width + "".join(f"{k:>7d}" for k in range(len(card["similarity"]))))
@@ -129,8 +146,10 @@ def _indent(text: str) -> str:
 def plot_similarity(card: dict, path: str | Path) -> Path:
     """The cosine-similarity matrix of the fidelity vectors as a PNG heat map."""
     if card["similarity"] is None:
-        raise MultifiError(f"{card['path']}: conditioning {card['conditioning']} has no trainable fidelity "
-                           "vectors to compare (--plot needs input, readout or both)")
+        raise MultifiError(
+            f"{card['path']}: conditioning {card['conditioning']} has no trainable fidelity "
+            "vectors to compare (--plot needs input, readout or both)"
+        )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,8 +167,15 @@ def plot_similarity(card: dict, path: str | Path) -> Path:
     if len(names) <= 12:
         for i in range(len(names)):
             for j in range(len(names)):
-                ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if abs(sim[i, j]) > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{sim[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if abs(sim[i, j]) > 0.6 else "black",
+                )
     fig.colorbar(im, ax=ax, label="cosine similarity")
     ax.set_title("fidelity vectors")
     fig.tight_layout()

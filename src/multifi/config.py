@@ -1,4 +1,5 @@
 """Typed run configuration (data, model, loss, train) validated from YAML; unknown keys are errors."""
+
 from __future__ import annotations
 
 import copy
@@ -49,8 +50,10 @@ class SourceConfig(Section):
     format: Literal["auto", "ase", "matpes", "npz"] = "auto"
     index: str = ":"
     qm9: Qm9Source | None = None
-    energy_key: str = Field("energy", description="key of the energy label (eV) in info or the calculator, "
-                            "e.g. REF_energy (ASE-readable files)")
+    energy_key: str = Field(
+        "energy",
+        description="key of the energy label (eV) in info or the calculator, e.g. REF_energy (ASE-readable files)",
+    )
     forces_key: str = Field("forces", description="key of the force labels (eV/Å) in arrays or the calculator")
     stress_key: str = Field("stress", description="key of the stress label (eV/Å³, ASE sign) in info or the calculator")
 
@@ -77,7 +80,8 @@ class DataConfig(Section):
     train_limits: dict[str, int] = Field(default_factory=dict, description="max labelled train structures per fidelity")
     skip_invalid: bool = False
     neighbor_lists: Literal["auto", "cache", "on_the_fly"] = Field(
-        "auto", description="cache all neighbour lists in memory, or build them per batch (huge datasets)")
+        "auto", description="cache all neighbour lists in memory, or build them per batch (huge datasets)"
+    )
     cache: bool = True
 
 
@@ -99,12 +103,17 @@ class ModelConfig(Section):
     max_l: int = Field(3, ge=1, description="M3GNet spherical harmonics degree for three-body terms")
     fidelity_embedding: FidelityEmbeddingConfig = FidelityEmbeddingConfig()
     energy_scale: Literal["per_fidelity", "shared"] = Field(
-        "per_fidelity", description="output scale of the energy head, fitted on the training labels: one per "
+        "per_fidelity",
+        description="output scale of the energy head, fitted on the training labels: one per "
         "fidelity, or one for all (pooled per-atom residuals of the per-fidelity reference fits; steadier for a "
-        "fidelity with few labels in a joint model)")
-    compile: bool | None = Field(None, description="torch.compile the energy and its derivatives (force training "
-                                 "included): faster steps after minutes of compilation; unset: MULTIFI_COMPILE=1 "
-                                 "in the environment turns it on")
+        "fidelity with few labels in a joint model)",
+    )
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the energy and its derivatives (force training "
+        "included): faster steps after minutes of compilation; unset: MULTIFI_COMPILE=1 "
+        "in the environment turns it on",
+    )
 
 
 class LossConfig(Section):
@@ -130,15 +139,23 @@ class TrainConfig(Section):
     min_lr_ratio: float = 0.01
     grad_clip: float | None = 10.0
     ema_decay: float = Field(0.99, ge=0, lt=1)
-    early_stopping_patience: int | None = Field(50, description="stop after this many validations without "
-                                                "improvement of the monitored error")
-    early_stopping_steps: int | None = Field(None, ge=1, description="patience in optimiser steps instead "
-                                             "(needs val_every_n_steps; rounded up to whole validations)")
-    monitor: str | None = Field(None, description="fidelity whose validation error (monitor_metric) picks the best "
-                                "checkpoint, stops early and drives the plateau schedule; unset: the validation loss "
-                                "over all fidelities")
-    monitor_metric: Literal["energy_mae_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A",
-                            "stress_mae_GPa"] = "energy_mae_meV"
+    early_stopping_patience: int | None = Field(
+        50, description="stop after this many validations without improvement of the monitored error"
+    )
+    early_stopping_steps: int | None = Field(
+        None,
+        ge=1,
+        description="patience in optimiser steps instead (needs val_every_n_steps; rounded up to whole validations)",
+    )
+    monitor: str | None = Field(
+        None,
+        description="fidelity whose validation error (monitor_metric) picks the best "
+        "checkpoint, stops early and drives the plateau schedule; unset: the validation loss "
+        "over all fidelities",
+    )
+    monitor_metric: Literal["energy_mae_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A", "stress_mae_GPa"] = (
+        "energy_mae_meV"
+    )
     seed: int = 0
     num_workers: int = 0
     threads: int | None = None
@@ -147,20 +164,25 @@ class TrainConfig(Section):
     devices: Devices = 1
     num_nodes: int = 1
     checkpoint_every_n_steps: int | None = None
-    val_every_n_steps: int | None = Field(None, ge=1, description="validate every N steps instead of every "
-                                          "epoch (also across epoch ends)")
+    val_every_n_steps: int | None = Field(
+        None, ge=1, description="validate every N steps instead of every epoch (also across epoch ends)"
+    )
     max_steps: int = -1
     fidelity_sampling: dict[str, SamplingWeight] = Field(default_factory=dict, description="relative sampling weight")
     progress: bool = True
     init_from: str | None = Field(None, description="start from the weights of this saved potential (.pt/.ckpt)")
     init_fidelities: dict[str, str] = Field(
-        default_factory=dict, description="fidelity of this run → fidelity of init_from it starts from (default: same name)")
+        default_factory=dict,
+        description="fidelity of this run → fidelity of init_from it starts from (default: same name)",
+    )
 
     @model_validator(mode="after")
     def _patience_in_steps_needs_step_validation(self):
         if self.early_stopping_steps is not None and self.val_every_n_steps is None:
-            raise ValueError("early_stopping_steps counts optimiser steps between validations: set val_every_n_steps "
-                             "too (or give early_stopping_patience in validations)")
+            raise ValueError(
+                "early_stopping_steps counts optimiser steps between validations: set val_every_n_steps "
+                "too (or give early_stopping_patience in validations)"
+            )
         return self
 
     @property
@@ -187,8 +209,10 @@ class TrainConfig(Section):
 #: energy weight 10 gave 18.5-21 meV/atom against 92-112 with MSE; lr 3e-3 the lowest validation loss);
 #: before/after on r2SCAN-only training: results/defaults/README.md.
 BACKBONE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "m3gnet": {"loss": {"kind": "huber", "huber_delta": 0.1, "energy": 10.0},
-               "train": {"lr": 3e-3, "warmup_steps": 50}},
+    "m3gnet": {
+        "loss": {"kind": "huber", "huber_delta": 0.1, "energy": 10.0},
+        "train": {"lr": 3e-3, "warmup_steps": 50},
+    },
 }
 
 
@@ -198,15 +222,27 @@ class ExtendConfig(Section):
     model: str = Field(description="saved potential (.pt/.ckpt) to extend")
     fidelity: str = Field(description="name of the new fidelity (level of theory)")
     train: Literal["embedding", "head", "all"] = Field(
-        "embedding", description="embedding: only the new fidelity's vector (old fidelities bit-for-bit unchanged); "
-        "head: also the readout MLP (in heads mode: only the new head); all: every weight")
-    replay: float = Field(0.0, ge=0, le=1, description="fraction of the old run's training samples mixed into "
-                          "the training set (random, seeded; per fidelity)")
+        "embedding",
+        description="embedding: only the new fidelity's vector (old fidelities bit-for-bit unchanged); "
+        "head: also the readout MLP (in heads mode: only the new head); all: every weight",
+    )
+    replay: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="fraction of the old run's training samples mixed into "
+        "the training set (random, seeded; per fidelity)",
+    )
     replay_fidelities: list[str] | None = Field(None, description="old fidelities to replay (default: all)")
-    old_run: str | None = Field(None, description="run directory of `model` (dataset.npz, splits.json) for replay "
-                                "and for measuring forgetting; default: the model's folder when it holds them")
-    init_like: str | None = Field(None, description="the new fidelity starts from this fidelity's vector/head "
-                                  "(default: the model's first fidelity)")
+    old_run: str | None = Field(
+        None,
+        description="run directory of `model` (dataset.npz, splits.json) for replay "
+        "and for measuring forgetting; default: the model's folder when it holds them",
+    )
+    init_like: str | None = Field(
+        None,
+        description="the new fidelity starts from this fidelity's vector/head (default: the model's first fidelity)",
+    )
 
 
 class RunConfig(Section):
@@ -296,7 +332,7 @@ def apply_override(raw: dict, item: str, where: str = "config") -> None:
     if not all(parts):
         raise MultifiError(f"{where}: --set {item}: {key.strip()!r} is not a key path like train.epochs")
     for i, p in enumerate(parts[:-1]):
-        node = _step(node, p, parts[:i + 1], item, where)
+        node = _step(node, p, parts[: i + 1], item, where)
     last = parts[-1]
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
@@ -325,13 +361,15 @@ def _step(node, p: str, path: list[str], item: str, where: str):
 def _list_index(node: list, p: str, path: list[str], item: str, where: str) -> int:
     name = ".".join(path[:-1]) if len(path) > 1 else path[0]
     if not p.lstrip("-").isdigit() or not -len(node) <= int(p) < len(node):
-        raise MultifiError(f"{where}: --set {item}: {name} is a list of {len(node)}; use an index 0–{len(node) - 1} "
-                           f"(e.g. {name}.0), not {p!r}")
+        raise MultifiError(
+            f"{where}: --set {item}: {name} is a list of {len(node)}; use an index 0–{len(node) - 1} "
+            f"(e.g. {name}.0), not {p!r}"
+        )
     return int(p)
 
 
 def _resolve_paths(cfg: RunConfig, root: Path) -> None:
-    fix = lambda p: p if p is None or Path(p).is_absolute() else str((root / p))  # noqa: E731
+    fix = lambda p: p if p is None or Path(p).is_absolute() else str(root / p)  # noqa: E731
     for src in cfg.data.sources:
         src.path = fix(src.path)
         if src.qm9 is not None:

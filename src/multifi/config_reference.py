@@ -1,5 +1,6 @@
 """A commented YAML example of the run configuration, generated from the pydantic models in multifi.config:
 every key with its default, its type or choices, and its description."""
+
 from __future__ import annotations
 
 import types
@@ -16,9 +17,9 @@ HELP = {
     "data": "where the structures and labels come from, and how they are split",
     "data.sources": "one entry per file or QM9 source; a structure given by several sources is merged",
     "data.sources.path": "file: extxyz or anything ASE reads, MatPES .json/.jsonl(.gz), multifi .npz; relative "
-                         "to the config file",
+    "to the config file",
     "data.sources.fidelity": "fidelity of structures that name none themselves (info['fidelity'], MatPES "
-                             "'functional'); a structure naming another one is an error",
+    "'functional'); a structure naming another one is an error",
     "data.sources.format": "file format; auto guesses from the name",
     "data.sources.index": "frames to read, as in ase.io.read (':' all, '::2' every second, '-10:')",
     "data.sources.energy_key": "info/calculator key of the energy label in eV (e.g. REF_energy)",
@@ -26,7 +27,7 @@ HELP = {
     "data.sources.stress_key": "info/calculator key of the stress label in eV/Å³, ASE sign (e.g. REF_stress)",
     "data.sources.qm9": "QM9 molecules from qm9pack instead of a path",
     "data.sources.qm9.labels": "table index,energy_eV (or index,<method>,…) keyed by QM9 index; none: QM9's "
-                               "own B3LYP energies",
+    "own B3LYP energies",
     "data.sources.qm9.fidelity": "fidelity name of the labels (default: from manifest.json beside the table)",
     "data.sources.qm9.seed": "seed of the random choice made by limit",
     "data.split": "split by structure (all fidelities of a structure stay in one split)",
@@ -46,7 +47,7 @@ HELP = {
     "model.fidelity_embedding": "how the network learns which fidelity it predicts",
     "model.fidelity_embedding.dim": "size of the trainable fidelity vector",
     "model.fidelity_embedding.inject": "input, readout or both: a trainable vector there; onehot: fixed vectors; "
-                                       "heads: one readout per fidelity; single: no fidelity information",
+    "heads: one readout per fidelity; single: no fidelity information",
     "model.fidelity_embedding.onehot_at": "where the one-hot vector enters (inject: onehot)",
     "loss": "terms of the training loss, each masked to the labels a sample has",
     "loss.energy": "weight of the per-atom energy term (eV²/atom²)",
@@ -66,8 +67,7 @@ HELP = {
     "train.plateau_factor": "factor of each plateau reduction",
     "train.min_lr_ratio": "lowest learning rate as a fraction of train.lr",
     "train.grad_clip": "clip the gradient norm to this (none: no clipping)",
-    "train.ema_decay": "exponential moving average of the weights, used for validation and the saved model "
-                       "(0: off)",
+    "train.ema_decay": "exponential moving average of the weights, used for validation and the saved model (0: off)",
     "train.early_stopping_patience": "validations without improvement before stopping (none: never)",
     "train.seed": "seed of weights and sample order",
     "train.num_workers": "DataLoader worker processes",
@@ -80,7 +80,7 @@ HELP = {
     "train.max_steps": "stop after this many steps (-1: after train.epochs)",
     "train.progress": "report progress: a bar on a terminal, one line per epoch in logs",
     "output_dir": "run directory (relative to the working directory); must be new, empty, or a run that wrote "
-                  "no checkpoint yet",
+    "no checkpoint yet",
 }
 
 
@@ -90,8 +90,11 @@ EXAMPLE = {"data.sources.path": "train.extxyz"}
 
 def example_yaml() -> str:
     """The commented example: `# meaning (type)` above every key, its default as the value."""
-    lines = ["# multifi run configuration: every key with its default (generated from multifi.config).",
-             "# Required: data.sources. Relative paths in data resolve against this file's folder.", ""]
+    lines = [
+        "# multifi run configuration: every key with its default (generated from multifi.config).",
+        "# Required: data.sources. Relative paths in data resolve against this file's folder.",
+        "",
+    ]
     _model_lines(RunConfig, lines, indent="", path="")
     return "\n".join(lines) + "\n"
 

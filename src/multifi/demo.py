@@ -5,6 +5,7 @@
 Trains both models from the configs in multifi/demo_data (resuming an interrupted run) and prints
 their B3LYP/6-31G(2df,p) test errors side by side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<44}{'MAE meV':>10}{'MAE kcal/mol':>14}{'RMSE meV':>10}")
     rows = [("single-fidelity (B3LYP only)", s), ("joint (B3LYP + 3,000 GFN2-xTB, embedding)", j)]
     for label, m in rows:
-        print(f"{label:<44}{m['energy_mae_meV']:>10.1f}{m['energy_mae_meV'] / MEV_PER_KCAL_MOL:>14.2f}{m['energy_rmse_meV']:>10.1f}")
+        print(
+            f"{label:<44}{m['energy_mae_meV']:>10.1f}{m['energy_mae_meV'] / MEV_PER_KCAL_MOL:>14.2f}{m['energy_rmse_meV']:>10.1f}"
+        )
     print(f"ratio single/joint: {s['energy_mae_meV'] / j['energy_mae_meV']:.2f}")
     summary = {"joint": j, "single": s, "ratio_single_over_joint": s["energy_mae_meV"] / j["energy_mae_meV"]}
     from multifi.files import write_text

@@ -17,6 +17,7 @@ The atoms beyond nlocal are ghosts (an MD engine's copies of atoms owned elsewhe
 do not count, the forces on them belong to their owners. virial W_ab = −Σ_ij r_ij,a ∂E/∂r_ij,b
 (symmetrised; LAMMPS convention, W = −V σ with σ the ASE stress).
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,14 @@ class _Core(nn.Module):
 class Deployed(nn.Module):
     """TorchScript entry point (see the module docstring for the interface)."""
 
-    def __init__(self, core: torch.jit.ScriptModule, cutoff: float, threebody_cutoff: float, dtype: torch.dtype,
-                 interactions: int):
+    def __init__(
+        self,
+        core: torch.jit.ScriptModule,
+        cutoff: float,
+        threebody_cutoff: float,
+        dtype: torch.dtype,
+        interactions: int,
+    ):
         super().__init__()
         self.core = core
         self.cutoff = cutoff
@@ -68,8 +75,15 @@ class Deployed(nn.Module):
         self.threebody_cutoff = threebody_cutoff  # 0: no three-body terms
         self.dtype = dtype
 
-    def forward(self, species: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, edge_index: torch.Tensor,
-                shifts: torch.Tensor, nlocal: int) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        species: torch.Tensor,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        edge_index: torch.Tensor,
+        shifts: torch.Tensor,
+        nlocal: int,
+    ) -> dict[str, torch.Tensor]:
         positions, cell, shifts = positions.to(self.dtype), cell.to(self.dtype), shifts.to(self.dtype)
         n = positions.shape[0]
         shift_vec = shifts @ cell
@@ -86,8 +100,12 @@ class Deployed(nn.Module):
             bonds = ij = ik = torch.zeros(0, dtype=torch.long, device=positions.device)
         weight = (torch.arange(n, device=positions.device) < nlocal).to(self.dtype)
         atom_energy, forces, virial = self.core(species, positions, edge_index, shift_vec, weight, bonds, ij, ik)
-        return {"energy": (atom_energy * weight.to(atom_energy.dtype)).sum(), "atom_energies": atom_energy,
-                "forces": forces, "virial": virial}
+        return {
+            "energy": (atom_energy * weight.to(atom_energy.dtype)).sum(),
+            "atom_energies": atom_energy,
+            "forces": forces,
+            "virial": virial,
+        }
 
 
 def _within_hops(edge_index: torch.Tensor, n: int, nlocal: int, hops: int) -> torch.Tensor:
@@ -132,8 +150,12 @@ def build_deployed(potential, fidelity: str, dtype: torch.dtype = torch.float64)
     species, positions, edge_index, shift_vec = _example(potential, dtype)
     n = positions.shape[0]
     if threebody > 0:
-        bonds, ij, ik = triplet_index(edge_index, torch.linalg.norm(shift_vec + positions[edge_index[1]]
-                                                                      - positions[edge_index[0]], dim=-1), n, threebody)
+        bonds, ij, ik = triplet_index(
+            edge_index,
+            torch.linalg.norm(shift_vec + positions[edge_index[1]] - positions[edge_index[0]], dim=-1),
+            n,
+            threebody,
+        )
         fn = core
     else:
         bonds = ij = ik = torch.zeros(0, dtype=torch.long)
@@ -141,9 +163,14 @@ def build_deployed(potential, fidelity: str, dtype: torch.dtype = torch.float64)
     weight = torch.ones(n, dtype=dtype)
     with warnings.catch_warnings():  # TorchScript deprecation notes: it stays the format libtorch loads
         warnings.simplefilter("ignore")
-        return _script(fn, potential.cutoff, threebody, dtype,
-                       (species, positions, edge_index, shift_vec, weight, bonds, ij, ik),
-                       int(potential.spec["model"].get("interactions", 3)))
+        return _script(
+            fn,
+            potential.cutoff,
+            threebody,
+            dtype,
+            (species, positions, edge_index, shift_vec, weight, bonds, ij, ik),
+            int(potential.spec["model"].get("interactions", 3)),
+        )
 
 
 def _script(fn, cutoff: float, threebody: float, dtype, example, interactions: int) -> torch.jit.ScriptModule:
@@ -175,12 +202,19 @@ def metadata(potential, fidelity: str, dtype: torch.dtype) -> dict:
 
     model = potential.spec["model"]
     interactions = int(model.get("interactions", 3))
-    return {"format": FORMAT, "multifi_version": multifi.__version__, "fidelity": fidelity,
-            "fidelities": list(potential.fidelities.names), "backbone": model["backbone"],
-            "cutoff": float(potential.cutoff), "interactions": interactions,
-            "ghost_cutoff": interactions * float(potential.cutoff),
-            "threebody_cutoff": float(getattr(potential.representation, "threebody_cutoff", 0.0)),
-            "elements": [chemical_symbols[z] for z in potential.elements], "dtype": str(dtype).replace("torch.", "")}
+    return {
+        "format": FORMAT,
+        "multifi_version": multifi.__version__,
+        "fidelity": fidelity,
+        "fidelities": list(potential.fidelities.names),
+        "backbone": model["backbone"],
+        "cutoff": float(potential.cutoff),
+        "interactions": interactions,
+        "ghost_cutoff": interactions * float(potential.cutoff),
+        "threebody_cutoff": float(getattr(potential.representation, "threebody_cutoff", 0.0)),
+        "elements": [chemical_symbols[z] for z in potential.elements],
+        "dtype": str(dtype).replace("torch.", ""),
+    }
 
 
 def deploy(checkpoint, fidelity: str, out: str | Path, dtype: str = "float64") -> dict:
@@ -216,7 +250,7 @@ def load_deployed(path: str | Path, cutoff: float | None = None, elements=None):
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         meta = json.loads(extra[META_FILE])
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is one user error
+    except Exception as exc:  # any unreadable file is one user error
         raise MultifiError(f"{path}: not a deployed multifi model ({type(exc).__name__})") from None
     if cutoff is not None and abs(float(cutoff) - meta["cutoff"]) > 1e-9:
         raise MultifiError(f"{path}: cutoff {cutoff:g} Å requested, the model was trained with {meta['cutoff']:g} Å")
@@ -257,9 +291,15 @@ def lammps_style_inputs(atoms, ghost_cutoff: float, cutoff: float) -> dict:
     positions, owner = ghost_atoms(atoms, ghost_cutoff)
     i, j, _ = neighbor_list(positions, np.zeros((3, 3)), np.zeros(3, bool), cutoff)
     t = torch.as_tensor
-    return {"species": t(atoms.numbers[owner], dtype=torch.long), "positions": t(positions, dtype=torch.float64),
-            "cell": torch.zeros(3, 3, dtype=torch.float64), "edge_index": t(np.stack([i, j]), dtype=torch.long),
-            "shifts": torch.zeros(len(i), 3, dtype=torch.float64), "nlocal": len(atoms), "owner": owner}
+    return {
+        "species": t(atoms.numbers[owner], dtype=torch.long),
+        "positions": t(positions, dtype=torch.float64),
+        "cell": torch.zeros(3, 3, dtype=torch.float64),
+        "edge_index": t(np.stack([i, j]), dtype=torch.long),
+        "shifts": torch.zeros(len(i), 3, dtype=torch.float64),
+        "nlocal": len(atoms),
+        "owner": owner,
+    }
 
 
 def evaluate_like_lammps(module, meta: dict, atoms) -> dict:

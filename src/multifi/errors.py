@@ -1,4 +1,5 @@
 """The one exception type users see: a single line naming the file/record and the problem."""
+
 from __future__ import annotations
 
 import difflib

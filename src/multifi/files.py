@@ -8,6 +8,7 @@ New files and folders get the permissions the umask allows, like any other tool'
 file system (full disk, read-only folder, no permission, a file where a folder belongs) become a
 one-line `MultifiError` naming the path.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,7 +72,7 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
     """Produce `path` by calling write(binary file object); see the module docstring for the rules."""
     path = Path(path)
     if is_special(path):
-        with reported(path), open(path, "wb") as f:  # noqa: PTH123 (a device or pipe: write straight through)
+        with reported(path), open(path, "wb") as f:  # (a device or pipe: write straight through)
             write(f)
             f.flush()
         return path

@@ -1,5 +1,6 @@
 """Figures of one model or run: parity plots per fidelity (evaluate --plot) and a run's learning curve
 (multifi plot RUN_DIR). matplotlib with the Agg backend: no display needed."""
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def parity_plot(path: Path, fidelity: np.ndarray, reference: np.ndarray, predicted: np.ndarray,
-                title: str = "") -> Path:
+def parity_plot(
+    path: Path, fidelity: np.ndarray, reference: np.ndarray, predicted: np.ndarray, title: str = ""
+) -> Path:
     """One panel per fidelity: predicted against reference energy per atom (eV/atom), with MAE in meV/atom.
 
     fidelity [P] names, reference [P] and predicted [P] eV/atom of the same samples."""
@@ -50,7 +52,7 @@ def parity_plot(path: Path, fidelity: np.ndarray, reference: np.ndarray, predict
         ax.set_title(f"{name}  (n = {int(sel.sum())}, MAE {mae:.1f} meV/atom)", fontsize=9)
         ax.set_xlabel("reference energy (eV/atom)")
         ax.set_ylabel("predicted energy (eV/atom)")
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -66,9 +68,13 @@ def read_metrics_csv(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-LABELS = {"energy_mae_meV": "energy MAE (meV)", "energy_rmse_meV": "energy RMSE (meV)",
-          "energy_mae_meV_per_atom": "energy MAE (meV/atom)", "forces_mae_meV_per_A": "force MAE (meV/Å)",
-          "stress_mae_GPa": "stress MAE (GPa)"}
+LABELS = {
+    "energy_mae_meV": "energy MAE (meV)",
+    "energy_rmse_meV": "energy RMSE (meV)",
+    "energy_mae_meV_per_atom": "energy MAE (meV/atom)",
+    "forces_mae_meV_per_A": "force MAE (meV/Å)",
+    "stress_mae_GPa": "stress MAE (GPa)",
+}
 
 
 def learning_curve_plot(run_dir: Path, path: Path, key: str = "energy_mae_meV") -> Path:

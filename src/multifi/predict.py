@@ -1,4 +1,5 @@
 """Predict with a trained potential on ASE structures, at a fidelity chosen by name."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,15 @@ import numpy as np
 from multifi.errors import MultifiError
 
 
-def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, forces: bool = True,
-                  where: str = "", strict_references: bool = False):
+def predict_atoms(
+    potential,
+    atoms_list,
+    fidelity: str,
+    batch_size: int = 32,
+    forces: bool = True,
+    where: str = "",
+    strict_references: bool = False,
+):
     """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules).
 
     `where` (the file) prefixes errors about a structure, e.g. atoms closer than 0.1 Å. An element unknown
@@ -24,7 +32,7 @@ def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, fo
     param = next(potential.parameters())
     energies, forces_out, stresses = [], [], []
     for start in range(0, len(atoms_list), batch_size):
-        chunk = atoms_list[start:start + batch_size]
+        chunk = atoms_list[start : start + batch_size]
         g = graph_from_atoms(chunk, potential.cutoff, k, dtype=param.dtype, where=where, first=start)
         periodic = bool(g.cell.abs().sum() > 0)
         out = potential(g.to(param.device), forces=forces, stress=periodic)
@@ -39,8 +47,9 @@ def predict_atoms(potential, atoms_list, fidelity: str, batch_size: int = 32, fo
     return np.concatenate(energies) if energies else np.zeros(0), forces_out, stresses
 
 
-def check_atoms_elements(potential, atoms_list, where: str = "", fidelity: int | None = None,
-                         strict: bool = False) -> None:
+def check_atoms_elements(
+    potential, atoms_list, where: str = "", fidelity: int | None = None, strict: bool = False
+) -> None:
     """models.elements.check_elements for a list of ASE Atoms (fidelity: model index, or None)."""
     from multifi.models.elements import check_elements
 
@@ -49,8 +58,16 @@ def check_atoms_elements(potential, atoms_list, where: str = "", fidelity: int |
     check_elements(potential, numbers, n_atoms, fidelity, where, strict=strict)
 
 
-def predict_file(checkpoint, structures, fidelity: str | list[str], out: Path, batch_size: int = 32,
-                 device: str = "cpu", uncertainty: bool = False, ensemble: list = ()) -> int:
+def predict_file(
+    checkpoint,
+    structures,
+    fidelity: str | list[str],
+    out: Path,
+    batch_size: int = 32,
+    device: str = "cpu",
+    uncertainty: bool = False,
+    ensemble: list = (),
+) -> int:
     """Read structures, predict at `fidelity` (or several), write extxyz (energy, forces, stress in ASE units).
 
     The first fidelity's predictions are the calculator results (energy, forces, stress); with several
@@ -79,19 +96,23 @@ def predict_file(checkpoint, structures, fidelity: str | list[str], out: Path, b
         raise MultifiError(f"{path}: no such file")
     try:
         atoms_list = ase.io.read(path, index=":")
-    except Exception as exc:  # noqa: BLE001
-        raise MultifiError(f"{path}: unreadable structure file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    except Exception as exc:
+        raise MultifiError(
+            f"{path}: unreadable structure file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     check_atoms_elements(potential, atoms_list, str(path))
     predictions, sigmas, method = {}, {}, None
     for name in fidelities:
         energies, forces, stresses = predict_atoms(potential, atoms_list, name, batch_size, where=str(path))
         if not np.isfinite(energies).all():
             i = int(np.argmax(~np.isfinite(energies)))
-            raise MultifiError(f"{path}: structure {i}: the model predicts a non-finite energy at {name!r}; "
-                               "nothing written")
+            raise MultifiError(
+                f"{path}: structure {i}: the model predicts a non-finite energy at {name!r}; nothing written"
+            )
         if uncertainty or ensemble:
             energies, forces, stresses, sigmas[name], method = predict_sigma(
-                checkpoint, potential, ensemble, atoms_list, name, (energies, forces, stresses), batch_size)
+                checkpoint, potential, ensemble, atoms_list, name, (energies, forces, stresses), batch_size
+            )
         predictions[name] = (energies, forces, stresses)
     for i, a in enumerate(atoms_list):
         _keep_reference_labels(a)
@@ -146,8 +167,9 @@ def _attach(atoms, name: str, energy, forces, stress, first: bool, several: bool
             atoms.info[f"stress_{tag}"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
 
 
-def predict_sigma(checkpoint, potential, ensemble: list, atoms_list, fidelity: str, predicted: tuple,
-                  batch_size: int = 32):
+def predict_sigma(
+    checkpoint, potential, ensemble: list, atoms_list, fidelity: str, predicted: tuple, batch_size: int = 32
+):
     """σ (eV) for predict_file: LLPR of `potential` (no ensemble), else the spread of potential + ensemble,
     whose means replace the predictions. Returns (energies, forces, stresses, sigma [n], method name)."""
     from multifi.data.dataset import FidelityDataset
@@ -161,8 +183,17 @@ def predict_sigma(checkpoint, potential, ensemble: list, atoms_list, fidelity: s
         stresses = [None if s[0] is None else np.mean(s, axis=0) for s in zip(*(m[2] for m in members))]
         return e.mean(0), forces, stresses, e.std(0, ddof=1), f"ensemble of {len(members)}"
     llpr = LLPR.load(llpr_path(checkpoint), potential)
-    records = [{"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array if a.pbc.any() else None,
-                "pbc": a.pbc, "key": str(i), "labels": {}} for i, a in enumerate(atoms_list)]
+    records = [
+        {
+            "numbers": a.numbers,
+            "positions": a.positions,
+            "cell": a.cell.array if a.pbc.any() else None,
+            "pbc": a.pbc,
+            "key": str(i),
+            "labels": {},
+        }
+        for i, a in enumerate(atoms_list)
+    ]
     ds = FidelityDataset.from_records(records)
     f, _ = dataset_features(potential, ds, np.arange(len(ds)), fidelity, batch_size)
     return (*predicted, llpr.of(fidelity, str(checkpoint)).sigma(f), "llpr")

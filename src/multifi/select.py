@@ -11,6 +11,7 @@ All strategies work on the model's readout features at the requested fidelity (u
 Every strategy is deterministic given its seed, never picks a structure twice, and never one that is
 labelled (at this fidelity in the pool, or listed in `exclude`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,18 @@ from multifi.errors import MultifiError
 STRATEGIES = ("random", "uncertainty", "diversity", "batch")
 
 
-def select_structures(potential, pool, fidelity: str, n: int, strategy: str, seed: int = 0,
-                      exclude=(), llpr=None, batch_size: int = 64, features: np.ndarray | None = None) -> np.ndarray:
+def select_structures(
+    potential,
+    pool,
+    fidelity: str,
+    n: int,
+    strategy: str,
+    seed: int = 0,
+    exclude=(),
+    llpr=None,
+    batch_size: int = 64,
+    features: np.ndarray | None = None,
+) -> np.ndarray:
     """Indices into `pool` (a FidelityDataset) of the n structures to label at `fidelity`, in pick order.
 
     exclude: structure keys already labelled; pool structures labelled at `fidelity` are excluded too.
@@ -36,8 +47,10 @@ def select_structures(potential, pool, fidelity: str, n: int, strategy: str, see
     labelled = labelled_mask(pool, fidelity, exclude)
     candidates = np.flatnonzero(~labelled)
     if n > len(candidates):
-        raise MultifiError(f"{pool.source or 'pool'}: asked for {n} structures but only {len(candidates)} "
-                           f"unlabelled ones remain (of {len(pool)})")
+        raise MultifiError(
+            f"{pool.source or 'pool'}: asked for {n} structures but only {len(candidates)} "
+            f"unlabelled ones remain (of {len(pool)})"
+        )
     rng = np.random.default_rng(seed)
     if strategy == "random":
         return rng.permutation(candidates)[:n]
@@ -57,8 +70,11 @@ def select_structures(potential, pool, fidelity: str, n: int, strategy: str, see
 
 def labelled_mask(pool, fidelity: str, exclude=()) -> np.ndarray:
     """[S] True for pool structures with an energy at `fidelity` or whose key is in `exclude`."""
-    mask = np.isin(pool.keys.astype(str), np.asarray(list(exclude), dtype=str)) if len(exclude) else \
-        np.zeros(len(pool), bool)
+    mask = (
+        np.isin(pool.keys.astype(str), np.asarray(list(exclude), dtype=str))
+        if len(exclude)
+        else np.zeros(len(pool), bool)
+    )
     if fidelity in pool.fidelities:
         mask |= ~np.isnan(pool.energy[:, pool.fidelities.index(fidelity)])
     return mask
@@ -70,7 +86,7 @@ def greedy_variance(f: np.ndarray, cov: np.ndarray, n: int, rng: np.random.Gener
     Each pick has the largest variance fᵀΣf under the current Σ; Σ is then updated by the rank-one
     formula as if the pick were a training structure, which lowers the variance of similar ones."""
     fs = f @ np.linalg.cholesky(_psd(cov))  # fᵀΣf = |fs|²; rank-one updates act on the whitened features
-    var = (fs ** 2).sum(1)
+    var = (fs**2).sum(1)
     taken = np.zeros(len(f), bool)
     tie = rng.permutation(len(f))
     picks = []
@@ -81,7 +97,7 @@ def greedy_variance(f: np.ndarray, cov: np.ndarray, n: int, rng: np.random.Gener
         taken[best] = True
         g = fs[best]
         proj = fs @ g  # fᵢᵀ Σ f_best
-        var = var - proj ** 2 / (1.0 + g @ g)
+        var = var - proj**2 / (1.0 + g @ g)
         # Σ' = L (I − g gᵀ / (1 + gᵀg)) Lᵀ: whitened features follow through the square root of that factor
         fs = fs - np.outer(proj, g) * (1.0 - 1.0 / np.sqrt(1.0 + g @ g)) / max(g @ g, 1e-300)
     return np.asarray(picks, dtype=np.int64)
@@ -93,18 +109,19 @@ def _psd(cov: np.ndarray) -> np.ndarray:
     return c + np.eye(len(c)) * max(np.abs(np.diag(c)).max(initial=0.0), 1e-300) * 1e-12
 
 
-def farthest_points(x: np.ndarray, candidates: np.ndarray, labelled: np.ndarray, n: int,
-                    rng: np.random.Generator) -> np.ndarray:
+def farthest_points(
+    x: np.ndarray, candidates: np.ndarray, labelled: np.ndarray, n: int, rng: np.random.Generator
+) -> np.ndarray:
     """Farthest-point sampling on rows of x [S, D]: n of `candidates`, each the farthest (Euclidean) from
     the labelled and the already picked structures; the first is a seeded random one if none is labelled."""
     if n == 0:
         return np.zeros(0, np.int64)
     xc = x[candidates]
     dist = np.full(len(candidates), np.inf)
-    sq = (xc ** 2).sum(1)
+    sq = (xc**2).sum(1)
     for start in range(0, len(labelled), 512):  # |a − b|² = |a|² + |b|² − 2a·b, 512 labelled at a time
-        lab = x[labelled[start:start + 512]]
-        d = sq[:, None] + (lab ** 2).sum(1)[None, :] - 2.0 * xc @ lab.T
+        lab = x[labelled[start : start + 512]]
+        d = sq[:, None] + (lab**2).sum(1)[None, :] - 2.0 * xc @ lab.T
         dist = np.minimum(dist, np.maximum(d, 0.0).min(1))
     picks = []
     tie = rng.permutation(len(candidates))
@@ -135,7 +152,15 @@ def read_pool(path: str):
             raise
     from multifi.data.readers.ase_files import _frames
 
-    records = [{"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array if a.pbc.any() else None,
-                "pbc": a.pbc, "key": None if a.info.get("key") is None else str(a.info["key"]), "labels": {}}
-               for a in _frames(p, ":")]
+    records = [
+        {
+            "numbers": a.numbers,
+            "positions": a.positions,
+            "cell": a.cell.array if a.pbc.any() else None,
+            "pbc": a.pbc,
+            "key": None if a.info.get("key") is None else str(a.info["key"]),
+            "labels": {},
+        }
+        for a in _frames(p, ":")
+    ]
     return FidelityDataset.from_records(records, source=str(p))

@@ -19,6 +19,7 @@ a model retrained after calibration is an error, not a silently wrong σ.
 A deep ensemble (models trained from different seeds) is the reference: σ = the standard deviation
 of its members' energies (uncalibrated).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,7 @@ import torch
 from multifi.errors import MultifiError
 
 #: ridge strengths λ tried, relative to the mean diagonal of Σ_train f fᵀ
-RIDGE_GRID = tuple(10.0 ** e for e in range(-8, 2))
+RIDGE_GRID = tuple(10.0**e for e in range(-8, 2))
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -51,8 +52,9 @@ def readout_features(potential, graph) -> tuple[torch.Tensor, torch.Tensor]:
     fid_atom = graph.fidelity[graph.batch]
     with torch.no_grad():
         geometry = pot.representation.geometry(graph.edge_index, vec)
-        s = pot.representation(graph.numbers, graph.edge_index, vec, pot.conditioning.input_condition(fid_atom),
-                               geometry)
+        s = pot.representation(
+            graph.numbers, graph.edge_index, vec, pot.conditioning.input_condition(fid_atom), geometry
+        )
         cond = pot.conditioning.readout_condition(fid_atom)
         x = s if cond is None else torch.cat([s, cond], dim=-1)
         if head.heads:  # every head's hidden layer, then each atom's own fidelity's
@@ -73,8 +75,9 @@ def _hidden(mlp, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def dataset_features(potential, dataset, structures: np.ndarray, fidelity: str, batch_size: int = 64,
-                     neighbors=None) -> tuple[np.ndarray, np.ndarray]:
+def dataset_features(
+    potential, dataset, structures: np.ndarray, fidelity: str, batch_size: int = 64, neighbors=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Readout features f [n, H+1] and predicted energies [n] eV of dataset structures at `fidelity` (a name)."""
     from multifi.data.batch import GraphCollator
     from multifi.data.fidelity import FidelityTable
@@ -90,7 +93,7 @@ def dataset_features(potential, dataset, structures: np.ndarray, fidelity: str, 
     potential.eval()
     feats, energies = [], []
     for start in range(0, len(structures), batch_size):
-        s = structures[start:start + batch_size]
+        s = structures[start : start + batch_size]
         g = collate(np.stack([s, np.zeros_like(s)], axis=1)).to("cpu", dtype)
         g.fidelity = torch.full_like(g.fidelity, k)
         f, e = readout_features(potential, g)
@@ -116,8 +119,9 @@ class LLPRFidelity:
         return self.alpha * np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", f, self.cov, f), 0.0))
 
 
-def fit_llpr_fidelity(f_train: np.ndarray, f_val: np.ndarray, err_val: np.ndarray,
-                      ridge: float | None = None) -> LLPRFidelity:
+def fit_llpr_fidelity(
+    f_train: np.ndarray, f_val: np.ndarray, err_val: np.ndarray, ridge: float | None = None
+) -> LLPRFidelity:
     """LLPR of one fidelity from training features [n, H+1], validation features [m, H+1] and errors [m] eV.
 
     λ: `ridge` (absolute) if given, else the grid value (RIDGE_GRID × mean diagonal of FᵀF) with the
@@ -133,15 +137,16 @@ def fit_llpr_fidelity(f_train: np.ndarray, f_val: np.ndarray, err_val: np.ndarra
     best = None
     for lam in grid:
         u2 = np.maximum(proj @ (1.0 / (d + lam)), 1e-300)
-        alpha2 = float(np.mean(err_val ** 2 / u2)) if len(err_val) else 1.0
+        alpha2 = float(np.mean(err_val**2 / u2)) if len(err_val) else 1.0
         alpha2 = max(alpha2, 1e-300)
-        nll = float(np.mean(np.log(alpha2 * u2) + err_val ** 2 / (alpha2 * u2))) if len(err_val) else 0.0
+        nll = float(np.mean(np.log(alpha2 * u2) + err_val**2 / (alpha2 * u2))) if len(err_val) else 0.0
         if best is None or nll < best[0]:
             best = (nll, lam, alpha2)
     _, lam, alpha2 = best
     cov = (V / (d + lam)) @ V.T
-    return LLPRFidelity(cov=cov, alpha=float(np.sqrt(alpha2)), ridge=float(lam), n_train=len(f_train),
-                        n_val=len(err_val))
+    return LLPRFidelity(
+        cov=cov, alpha=float(np.sqrt(alpha2)), ridge=float(lam), n_train=len(f_train), n_val=len(err_val)
+    )
 
 
 @dataclass
@@ -154,8 +159,10 @@ class LLPR:
     def of(self, fidelity: str, where: str = "") -> LLPRFidelity:
         if fidelity not in self.fidelities:
             known = ", ".join(self.fidelities) or "none"
-            raise MultifiError(f"{where}: no LLPR calibration for fidelity {fidelity!r} (calibrated: {known}); "
-                               f"run `multifi calibrate` with labels of that fidelity")
+            raise MultifiError(
+                f"{where}: no LLPR calibration for fidelity {fidelity!r} (calibrated: {known}); "
+                f"run `multifi calibrate` with labels of that fidelity"
+            )
         return self.fidelities[fidelity]
 
     def save(self, path: Path) -> Path:
@@ -184,8 +191,9 @@ class LLPR:
         except (OSError, KeyError, ValueError) as exc:
             raise MultifiError(f"{path}: not an LLPR calibration file ({type(exc).__name__})") from None
         if potential is not None and out.fingerprint != weights_fingerprint(potential):
-            raise MultifiError(f"{path}: calibrated for other model weights (the model changed since); "
-                               f"run `multifi calibrate` again")
+            raise MultifiError(
+                f"{path}: calibrated for other model weights (the model changed since); run `multifi calibrate` again"
+            )
         return out
 
 
@@ -204,8 +212,14 @@ def weights_fingerprint(potential) -> str:
     return h.hexdigest()[:20]
 
 
-def fit_llpr(potential, dataset, train_pairs: np.ndarray, val_pairs: np.ndarray, batch_size: int = 64,
-             fidelities: list[str] | None = None) -> LLPR:
+def fit_llpr(
+    potential,
+    dataset,
+    train_pairs: np.ndarray,
+    val_pairs: np.ndarray,
+    batch_size: int = 64,
+    fidelities: list[str] | None = None,
+) -> LLPR:
     """LLPR per fidelity from (structure, dataset fidelity index) pairs: Σ from the training pairs, λ and α
     from the validation pairs (their energy labels). Fidelities without training pairs are left out."""
     from multifi.data.neighbors import make_neighbors
@@ -229,8 +243,9 @@ def fit_llpr(potential, dataset, train_pairs: np.ndarray, val_pairs: np.ndarray,
 
 
 # ---------------------------------------------------------------------------------------------- ensembles
-def ensemble_energies(potentials: list, dataset, structures: np.ndarray, fidelity: str,
-                      batch_size: int = 64) -> np.ndarray:
+def ensemble_energies(
+    potentials: list, dataset, structures: np.ndarray, fidelity: str, batch_size: int = 64
+) -> np.ndarray:
     """[M, n] energies (eV) of M models at `fidelity`; σ_ensemble = their std over models (ddof 1)."""
     from multifi.data.neighbors import make_neighbors
 
@@ -281,10 +296,13 @@ def miscalibration_area(errors: np.ndarray, sigma: np.ndarray, n_levels: int = 9
 def calibration_metrics(errors: np.ndarray, sigma: np.ndarray) -> dict:
     """{"n", "spearman" (|error| vs σ), "miscalibration_area", "mean_sigma_meV", "rmse_meV"}: errors and σ in eV."""
     errors, sigma = np.asarray(errors, float), np.asarray(sigma, float)
-    return {"n": len(errors), "spearman": spearman(np.abs(errors), sigma),
-            "miscalibration_area": miscalibration_area(errors, sigma),
-            "mean_sigma_meV": float(sigma.mean() * 1000) if len(sigma) else float("nan"),
-            "rmse_meV": float(np.sqrt((errors ** 2).mean()) * 1000) if len(errors) else float("nan")}
+    return {
+        "n": len(errors),
+        "spearman": spearman(np.abs(errors), sigma),
+        "miscalibration_area": miscalibration_area(errors, sigma),
+        "mean_sigma_meV": float(sigma.mean() * 1000) if len(sigma) else float("nan"),
+        "rmse_meV": float(np.sqrt((errors**2).mean()) * 1000) if len(errors) else float("nan"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- workflows
@@ -306,14 +324,17 @@ def calibrate_run(run_dir: str | Path, model: str | Path | None = None, batch_si
     cached = run_dir / "dataset.npz"
     prep = prepare_data(cfg, FidelityDataset.load(cached) if cached.exists() else None, str(run_dir / "config.yaml"))
     if not len(prep.pairs["val"]):
-        raise MultifiError(f"{run_dir}: the run has no validation split; α of LLPR is calibrated on validation "
-                           f"labels (use `multifi calibrate MODEL --train … --val …`)")
+        raise MultifiError(
+            f"{run_dir}: the run has no validation split; α of LLPR is calibrated on validation "
+            f"labels (use `multifi calibrate MODEL --train … --val …`)"
+        )
     llpr = fit_llpr(potential, prep.dataset, prep.pairs["train"], prep.pairs["val"], batch_size)
     return llpr, llpr.save(llpr_path(model))
 
 
-def calibrate_files(model: str | Path, train_files: list[str], val_files: list[str],
-                    fidelity: str | None = None, batch_size: int = 64) -> tuple[LLPR, Path]:
+def calibrate_files(
+    model: str | Path, train_files: list[str], val_files: list[str], fidelity: str | None = None, batch_size: int = 64
+) -> tuple[LLPR, Path]:
     """Fit the LLPR of a model from labelled training and validation files; writes the side file."""
     from multifi.data.dataset import FidelityDataset
     from multifi.data.split import labelled_pairs
@@ -327,8 +348,14 @@ def calibrate_files(model: str | Path, train_files: list[str], val_files: list[s
     tr_keys = set(train.keys.astype(str))
     is_train = np.array([k in tr_keys for k in ds.keys.astype(str)])
     pairs = labelled_pairs(ds, np.arange(len(ds)))
-    llpr = fit_llpr(potential, ds, pairs[is_train[pairs[:, 0]]], pairs[~is_train[pairs[:, 0]]], batch_size,
-                    fidelities=[fidelity] if fidelity else None)
+    llpr = fit_llpr(
+        potential,
+        ds,
+        pairs[is_train[pairs[:, 0]]],
+        pairs[~is_train[pairs[:, 0]]],
+        batch_size,
+        fidelities=[fidelity] if fidelity else None,
+    )
     return llpr, llpr.save(llpr_path(model))
 
 
@@ -345,8 +372,9 @@ def read_labelled(path: str, fidelity: str | None):
         return read_source(SourceConfig(path=path, fidelity=fidelity))
 
 
-def sigma_for(models: list, dataset, structures: np.ndarray, fidelity: str, batch_size: int = 64,
-              llpr: LLPR | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sigma_for(
+    models: list, dataset, structures: np.ndarray, fidelity: str, batch_size: int = 64, llpr: LLPR | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Energy [n] and σ [n] (eV) at `fidelity`: with one model its LLPR σ (llpr needed), with several the
     ensemble mean and standard deviation."""
     if len(models) > 1:
@@ -358,8 +386,9 @@ def sigma_for(models: list, dataset, structures: np.ndarray, fidelity: str, batc
     return e, llpr.of(fidelity, "model").sigma(f)
 
 
-def evaluate_uncertainty(models: list, dataset, pairs: np.ndarray, batch_size: int = 64,
-                         llpr: LLPR | None = None) -> dict:
+def evaluate_uncertainty(
+    models: list, dataset, pairs: np.ndarray, batch_size: int = 64, llpr: LLPR | None = None
+) -> dict:
     """Calibration per fidelity on labelled (structure, dataset fidelity) pairs: calibration_metrics()."""
     out = {}
     for k in np.unique(pairs[:, 1]):
@@ -379,7 +408,11 @@ def uncertainty_report(checkpoint, potential, ensemble: list, dataset, pairs: np
     from multifi.models.registry import load_potential
 
     if ensemble:
-        models, llpr, method = [potential] + [load_potential(m) for m in ensemble], None, f"ensemble of {len(ensemble) + 1}"
+        models, llpr, method = (
+            [potential] + [load_potential(m) for m in ensemble],
+            None,
+            f"ensemble of {len(ensemble) + 1}",
+        )
     else:
         models, llpr, method = [potential], LLPR.load(llpr_path(checkpoint), potential), "llpr"
     return {"method": method, "fidelities": evaluate_uncertainty(models, dataset, pairs, batch_size, llpr)}
@@ -389,10 +422,14 @@ def uncertainty_table(report: dict) -> str:
     """uncertainty_report() as a plain-text table."""
     result = report["fidelities"]
     width = max([len("fidelity")] + [len(n) for n in result]) + 2
-    lines = [f"uncertainty ({report['method']})",
-             "fidelity".ljust(width) + "".join(h.rjust(14) for h in ("n", "Spearman", "miscal. area", "mean σ meV",
-                                                                    "RMSE meV"))]
+    lines = [
+        f"uncertainty ({report['method']})",
+        "fidelity".ljust(width)
+        + "".join(h.rjust(14) for h in ("n", "Spearman", "miscal. area", "mean σ meV", "RMSE meV")),
+    ]
     for name, m in result.items():
-        lines.append(name.ljust(width) + f"{m['n']:>14d}{m['spearman']:>14.3f}{m['miscalibration_area']:>14.3f}"
-                     f"{m['mean_sigma_meV']:>14.1f}{m['rmse_meV']:>14.1f}")
+        lines.append(
+            name.ljust(width) + f"{m['n']:>14d}{m['spearman']:>14.3f}{m['miscalibration_area']:>14.3f}"
+            f"{m['mean_sigma_meV']:>14.1f}{m['rmse_meV']:>14.1f}"
+        )
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """Pydantic validation errors as one line: the key path, the problem, and the nearest valid key."""
+
 from __future__ import annotations
 
 import difflib

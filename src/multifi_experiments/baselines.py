@@ -9,6 +9,7 @@
 
 All share the same backbone, budget and data pipeline; only the data and conditioning differ.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from multifi.config import validate_config
+from multifi.errors import MultifiError
 from multifi_experiments.plan import RunPlan, deep_merge, fill
 from multifi_experiments.spec import ConfigPatch
-from multifi.errors import MultifiError
 
 SPLITS = ("train", "val", "test")
 
@@ -29,9 +30,20 @@ def delta_fidelity(high: str, low: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- plans
-def make_plan(ctx, run_id: str, part: str, sources: list[dict], splits: dict[str, np.ndarray], inject: str,
-              seed: int, patches: list[ConfigPatch], meta: dict, monitor: str | None = None,
-              steps: int | None = None, **extra) -> RunPlan:
+def make_plan(
+    ctx,
+    run_id: str,
+    part: str,
+    sources: list[dict],
+    splits: dict[str, np.ndarray],
+    inject: str,
+    seed: int,
+    patches: list[ConfigPatch],
+    meta: dict,
+    monitor: str | None = None,
+    steps: int | None = None,
+    **extra,
+) -> RunPlan:
     """A plan training on `sources` ({"method", "indices"} or {"npz": path template}) with the given splits.
 
     monitor: the run's target fidelity, whose validation error decides convergence (spec `convergence`);
@@ -56,8 +68,11 @@ def make_plan(ctx, run_id: str, part: str, sources: list[dict], splits: dict[str
         raw["train"].update(epochs=10**9, max_steps=steps, early_stopping_patience=None, early_stopping_steps=None)
         meta = {**meta, "control": f"{steps} steps"}
     raw["train"].update(seed=seed, threads=ctx.spec.threads, progress=False)
-    raw["data"] = {"sources": data_sources, "cache": False,
-                   "split": {"files": {s: "{inputs}/" + f"{s}.keys" for s in SPLITS}, "seed": seed}}
+    raw["data"] = {
+        "sources": data_sources,
+        "cache": False,
+        "split": {"files": {s: "{inputs}/" + f"{s}.keys" for s in SPLITS}, "seed": seed},
+    }
     raw["output_dir"] = "{run_dir}"
     if derived:
         extra["derived"] = derived + extra.get("derived", [])
@@ -81,19 +96,52 @@ def check_config(plan: RunPlan) -> None:
 def single(ctx, run_id, part, method, sets, seed, patches, meta, steps: int | None = None) -> RunPlan:
     """One model of one method on sets {"train", "val", "test"} of QM9 indices."""
     src = [{"method": method, "indices": np.concatenate([sets[s] for s in SPLITS])}]
-    return make_plan(ctx, run_id, part, src, sets, "single", seed, patches,
-                     {**meta, "kind": "single", "inject": "single", "methods": [method]}, monitor=method, steps=steps)
+    return make_plan(
+        ctx,
+        run_id,
+        part,
+        src,
+        sets,
+        "single",
+        seed,
+        patches,
+        {**meta, "kind": "single", "inject": "single", "methods": [method]},
+        monitor=method,
+        steps=steps,
+    )
 
 
-def joint(ctx, run_id, part, method_sets: dict[str, dict], inject, seed, patches, meta, evaluate=None,
-          monitor: str | None = None, steps: int | None = None) -> RunPlan:
+def joint(
+    ctx,
+    run_id,
+    part,
+    method_sets: dict[str, dict],
+    inject,
+    seed,
+    patches,
+    meta,
+    evaluate=None,
+    monitor: str | None = None,
+    steps: int | None = None,
+) -> RunPlan:
     """One model on several methods; method_sets: method → {"train", "val", "test"} QM9 indices;
     monitor: the target method whose validation error decides convergence (None: all methods' loss)."""
     src = [{"method": m, "indices": np.concatenate([s[k] for k in SPLITS])} for m, s in method_sets.items()]
     splits = {k: np.unique(np.concatenate([s[k] for s in method_sets.values()])) for k in SPLITS}
-    return make_plan(ctx, run_id, part, src, splits, inject, seed, patches,
-                     {**meta, "kind": "joint", "inject": inject, "methods": list(method_sets)}, monitor=monitor,
-                     steps=steps, **({"evaluate": evaluate} if evaluate else {}))
+    return make_plan(
+        ctx,
+        run_id,
+        part,
+        src,
+        splits,
+        inject,
+        seed,
+        patches,
+        {**meta, "kind": "joint", "inject": inject, "methods": list(method_sets)},
+        monitor=monitor,
+        steps=steps,
+        **({"evaluate": evaluate} if evaluate else {}),
+    )
 
 
 def delta(ctx, run_id, part, high, low, sets, seed, patches, meta) -> RunPlan:
@@ -101,11 +149,27 @@ def delta(ctx, run_id, part, high, low, sets, seed, patches, meta) -> RunPlan:
     name = delta_fidelity(high, low)
     pool = sorted(int(x) for x in np.concatenate([sets[s] for s in SPLITS]))
     derived = [{"kind": "delta", "path": "{inputs}/delta.npz", "high": high, "low": low, "indices": "pool.idx"}]
-    plan = make_plan(ctx, run_id, part, [{"npz": "{inputs}/delta.npz"}], sets, "single", seed, patches,
-                     {**meta, "kind": "delta", "inject": "single", "methods": [high], "fidelity": name,
-                      "needs_low_at_prediction": low},
-                     monitor=name, evaluate={"kind": "delta", "high": high, "low": low, "fidelity": name},
-                     derived=derived)
+    plan = make_plan(
+        ctx,
+        run_id,
+        part,
+        [{"npz": "{inputs}/delta.npz"}],
+        sets,
+        "single",
+        seed,
+        patches,
+        {
+            **meta,
+            "kind": "delta",
+            "inject": "single",
+            "methods": [high],
+            "fidelity": name,
+            "needs_low_at_prediction": low,
+        },
+        monitor=name,
+        evaluate={"kind": "delta", "high": high, "low": low, "fidelity": name},
+        derived=derived,
+    )
     plan.files["pool.idx"] = pool
     return plan
 
@@ -175,7 +239,9 @@ def evaluate(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:
         raise MultifiError(f"unknown evaluation kind {kind!r}")
     if plan.evaluate.get("difference"):
         d = plan.evaluate["difference"]
-        out["difference"] = difference_errors(run_dir / "model.pt", catalog, plan.files["test.keys"], d["high"], d["low"])
+        out["difference"] = difference_errors(
+            run_dir / "model.pt", catalog, plan.files["test.keys"], d["high"], d["low"]
+        )
     if val:
         out["val"] = val  # the best checkpoint's validation errors: what model choices are made on
     out.update({k: metrics[k] for k in TRAINING_KEYS if k in metrics})
@@ -187,8 +253,11 @@ def evaluate(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:
 #: how the training went (metrics.json of the run directory), copied into a result
 TRAINING_KEYS = ("steps", "best_step", "stopped_early", "monitor", "best_monitored")
 #: metrics.json entry → a result's test entry (only those present: forces and stress need labels)
-OPTIONAL_ERRORS = {"mae_meV_per_atom": "energy_mae_meV_per_atom", "forces_mae_meV_per_A": "forces_mae_meV_per_A",
-                   "stress_mae_GPa": "stress_mae_GPa"}
+OPTIONAL_ERRORS = {
+    "mae_meV_per_atom": "energy_mae_meV_per_atom",
+    "forces_mae_meV_per_A": "forces_mae_meV_per_A",
+    "stress_mae_GPa": "stress_mae_GPa",
+}
 
 
 def _errors(m: dict) -> dict:
@@ -214,8 +283,12 @@ def _delta_errors(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:
     _, pred_delta = evaluate_pairs(potential, ds, None, pairs, batch_size=64, return_predictions=True)
     low, high = catalog.energies(ev["low"], qm9_index), catalog.energies(ev["high"], qm9_index)
     err = (pred_delta + low) - high  # eV
-    return {"n": int(len(err)), "mae_meV": float(1000 * np.abs(err).mean()),
-            "rmse_meV": float(1000 * np.sqrt((err**2).mean())), "needs_at_prediction": ev["low"]}
+    return {
+        "n": int(len(err)),
+        "mae_meV": float(1000 * np.abs(err).mean()),
+        "rmse_meV": float(1000 * np.sqrt((err**2).mean())),
+        "needs_at_prediction": ev["low"],
+    }
 
 
 def difference_errors(model_path: Path, catalog, test_keys: list, high: str, low: str) -> dict:

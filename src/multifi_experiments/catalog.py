@@ -12,6 +12,7 @@ Two catalogs share one interface (structures are integer ids; a run's inputs are
 Interface used by the planners: noun, methods(), has(), check(), labelled(), plan_data(), split_keys(),
 composition().
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -135,8 +136,9 @@ class SourceCatalog:
         for s in data.sources:
             path = Path(fill(s.path, {"shared": str(shared)})).expanduser()
             path = path if path.is_absolute() else root / path
-            self.sources.append({"path": str(path.resolve()), "fidelity": s.fidelity, "format": s.format,
-                                 "index": s.index})
+            self.sources.append(
+                {"path": str(path.resolve()), "fidelity": s.fidelity, "format": s.format, "index": s.index}
+            )
         self.skip_invalid = data.skip_invalid
         self.work = Path(work)
         self._ds = None
@@ -183,8 +185,12 @@ class SourceCatalog:
                 self._ds = read_sources(configs, self.skip_invalid)
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
                 self._ds.save(self.cache_path)
-                log.info("data: %d structures, %s (cached in %s)", len(self._ds),
-                         ", ".join(f"{k} {v['energy']}" for k, v in self._ds.label_counts().items()), self.cache_path)
+                log.info(
+                    "data: %d structures, %s (cached in %s)",
+                    len(self._ds),
+                    ", ".join(f"{k} {v['energy']}" for k, v in self._ds.label_counts().items()),
+                    self.cache_path,
+                )
         return self._ds
 
     # ------------------------------------------------------------------ catalog interface
@@ -229,7 +235,9 @@ class SourceCatalog:
     def build_subset(self, spec: dict, inputs: Path, out: Path) -> None:
         """Write the run's dataset: the structures of its key files, each with the labels of its method only."""
         if spec.get("data") != self.fingerprint:
-            raise MultifiError(f"{out}: planned for data {spec.get('data')}, but data.sources are now {self.fingerprint}")
+            raise MultifiError(
+                f"{out}: planned for data {spec.get('data')}, but data.sources are now {self.fingerprint}"
+            )
         ds = self.dataset()
         if self._id_of is None:
             self._id_of = {str(k): i for i, k in enumerate(ds.keys.tolist())}

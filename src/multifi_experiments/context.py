@@ -1,5 +1,6 @@
 """What every stage of an experiment shares: the spec, its paths, the data catalog and the command line;
 where each run's result and work folder live; and a one-line description of the machine."""
+
 from __future__ import annotations
 
 import os
@@ -57,5 +58,7 @@ def work_dir(ctx: Context, run_id: str) -> Path:
 def machine() -> str:
     import torch
 
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}; report written {time.strftime('%Y-%m-%d %H:%M')}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}; report written {time.strftime('%Y-%m-%d %H:%M')}"
+    )

@@ -5,6 +5,7 @@ reference curve is interpolated piecewise-linearly in (log n, log MAE). A target
 range the reference curve covers is reached by extending its first or last segment (a power law
 through the two end points) and flagged as an extrapolation.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,5 +57,6 @@ def efficiency_factor(ref_ns, ref_maes, n: float, target_mae: float) -> Efficien
     """n_reference(target_mae) / n: how many times more data the reference model needs."""
     n_ref, extrapolated, note = n_for_error(ref_ns, ref_maes, target_mae)
     factor = None if n_ref is None else n_ref / n
-    return Efficiency(n=n, target_mae=target_mae, n_reference=n_ref, factor=factor, extrapolated=extrapolated,
-                      note=note)
+    return Efficiency(
+        n=n, target_mae=target_mae, n_reference=n_ref, factor=factor, extrapolated=extrapolated, note=note
+    )

@@ -6,6 +6,7 @@ validation structures are fixed for all seeds and variants of a part, and never 
 fidelity; validation structures are used only to pick the checkpoint (and stop early). Training
 subsets are drawn per seed and nested across n.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ def _rng(ctx, part: str, *more: int) -> np.random.Generator:
 
 
 def _take(perm: np.ndarray, start: int, count: int) -> np.ndarray:
-    return np.sort(perm[start:start + count])
+    return np.sort(perm[start : start + count])
 
 
 def _both_labelled(ctx, methods: list[str], where: str) -> np.ndarray:
@@ -58,7 +59,7 @@ def plan_transfer(ctx) -> PartPlan:
     _need(len(cand), t.test + 2 * t.val + 2 * max(t.ns), "transfer")
     perm = _rng(ctx, part).permutation(cand)
     test, val = _take(perm, 0, t.test), {a: _take(perm, t.test, t.val), b: _take(perm, t.test + t.val, t.val)}
-    pool = perm[t.test + 2 * t.val:]
+    pool = perm[t.test + 2 * t.val :]
     plans, record = [], {"test": test.tolist(), "val": {m: v.tolist() for m, v in val.items()}, "train": {}}
     for n in t.ns:
         for seed in seeds.for_n(n):
@@ -67,15 +68,37 @@ def plan_transfer(ctx) -> PartPlan:
             record["train"][f"n{n}_s{seed}"] = {m: v.tolist() for m, v in train.items()}
             sets = {m: {"train": train[m], "val": val[m], "test": test} for m in (a, b)}
             meta = {"n": n, "seed": seed}
-            for steps, where in [(None, f"{part}/n{n}_s{seed}"),
-                                 *([(t.step_matched, f"{part}/n{n}_s{seed}/steps{t.step_matched}")]
-                                   if t.step_matched else [])]:
-                plans.append(baselines.joint(ctx, f"{where}/joint", part, sets, t.inject, seed, [t.config],
-                                             {**meta, "variant": "joint", "role": "joint"}, steps=steps))
+            for steps, where in [
+                (None, f"{part}/n{n}_s{seed}"),
+                *([(t.step_matched, f"{part}/n{n}_s{seed}/steps{t.step_matched}")] if t.step_matched else []),
+            ]:
+                plans.append(
+                    baselines.joint(
+                        ctx,
+                        f"{where}/joint",
+                        part,
+                        sets,
+                        t.inject,
+                        seed,
+                        [t.config],
+                        {**meta, "variant": "joint", "role": "joint"},
+                        steps=steps,
+                    )
+                )
                 for m in (a, b):
-                    plans.append(baselines.single(ctx, f"{where}/separate_{slug(m)}", part, m, sets[m], seed,
-                                                  [t.config], {**meta, "variant": "separate", "role": "separate"},
-                                                  steps=steps))
+                    plans.append(
+                        baselines.single(
+                            ctx,
+                            f"{where}/separate_{slug(m)}",
+                            part,
+                            m,
+                            sets[m],
+                            seed,
+                            [t.config],
+                            {**meta, "variant": "separate", "role": "separate"},
+                            steps=steps,
+                        )
+                    )
     return PartPlan(plans, record)
 
 
@@ -91,7 +114,7 @@ def plan_learning_curve(ctx) -> PartPlan:
     perm = _rng(ctx, part).permutation(cand)
     test, val = _take(perm, 0, lc.test), _take(perm, lc.test, lc.val)
     low_only = np.setdiff1d(ctx.catalog.labelled(lc.low), cand)
-    rest = perm[lc.test + lc.val:]
+    rest = perm[lc.test + lc.val :]
     if len(low_only):
         rest = np.concatenate([rest, _rng(ctx, part, 2).permutation(low_only)])
     n_low = len(rest) if lc.n_low is None else lc.n_low
@@ -105,16 +128,24 @@ def plan_learning_curve(ctx) -> PartPlan:
     seeds_of = {name: v.seeds or seeds for name, v in lc.variants.items()}
     all_seeds = sorted({s for n in ns for vs in [seeds, *seeds_of.values()] for s in vs.for_n(n)})
     orders = {s: _rng(ctx, part, 1, s).permutation(high_pool) for s in all_seeds}
-    info: dict = {"ns": ns, "sizes": {str(x): n for x, n in n_of.items()}, "n_low": n_low,
-                  "high_pool": int(len(high_pool)), "noun": ctx.catalog.noun}
+    info: dict = {
+        "ns": ns,
+        "sizes": {str(x): n for x, n in n_of.items()},
+        "n_low": n_low,
+        "high_pool": int(len(high_pool)),
+        "noun": ctx.catalog.noun,
+    }
     if lc.cover_compositions:
         orders = {s: cover_first(o, ctx.catalog.composition(o)) for s, o in orders.items()}
     if lc.cover_compositions or lc.fractions is not None:
         info["span"] = composition_span(ctx.catalog, orders, ns, seeds, test)
-    record = {"test": ctx.catalog.split_keys(test), "val": ctx.catalog.split_keys(val),
-              "low_pool": ctx.catalog.split_keys(low_pool),
-              "high_train_order": {f"s{s}": _as_keys(ctx, orders[s][:max(ns)]) for s in all_seeds},
-              "note": "top-fidelity training set for (n, seed) = first n of high_train_order[seed]"}
+    record = {
+        "test": ctx.catalog.split_keys(test),
+        "val": ctx.catalog.split_keys(val),
+        "low_pool": ctx.catalog.split_keys(low_pool),
+        "high_train_order": {f"s{s}": _as_keys(ctx, orders[s][: max(ns)]) for s in all_seeds},
+        "note": "top-fidelity training set for (n, seed) = first n of high_train_order[seed]",
+    }
     if lc.fractions is not None:
         record["sizes"] = info["sizes"]
     plans: list[RunPlan] = []
@@ -122,24 +153,37 @@ def plan_learning_curve(ctx) -> PartPlan:
         pretrained: dict[int, RunPlan] = {}
         for size in variant.ns or lc.sizes:
             if size not in n_of:
-                raise MultifiError(f"learning_curve.variants.{name}.ns: {size} is not one of learning_curve.{lc.size_key}")
+                raise MultifiError(
+                    f"learning_curve.variants.{name}.ns: {size} is not one of learning_curve.{lc.size_key}"
+                )
             n = n_of[size]
             for seed in seeds_of[name].for_n(n):
                 high = {"train": np.sort(orders[seed][:n]), "val": val, "test": test}
-                run_low_pool = low_pool if variant.n_low is None else \
-                    np.union1d(high["train"], low_order[:variant.n_low])
+                run_low_pool = (
+                    low_pool if variant.n_low is None else np.union1d(high["train"], low_order[: variant.n_low])
+                )
                 if variant.pretrained and variant.n_low is not None:
-                    raise MultifiError(f"learning_curve.variants.{name}: n_low with pre-training is not supported "
-                                       "(the pre-trained model is shared across n)")
+                    raise MultifiError(
+                        f"learning_curve.variants.{name}: n_low with pre-training is not supported "
+                        "(the pre-trained model is shared across n)"
+                    )
                 if variant.pretrained and seed not in pretrained:
                     low = {"train": low_pool, "val": val}
                     pretrained[seed] = baselines.pretrain(
-                        ctx, f"{part}/{name}/pretrain_s{seed}", part, lc.low, low, seed, [lc.config, variant.pretrain],
+                        ctx,
+                        f"{part}/{name}/pretrain_s{seed}",
+                        part,
+                        lc.low,
+                        low,
+                        seed,
+                        [lc.config, variant.pretrain],
                         {"variant": name, "seed": seed, "n": n_low},
-                        inject=variant.mode if variant.kind == "pretrain_joint" else "single")
+                        inject=variant.mode if variant.kind == "pretrain_joint" else "single",
+                    )
                     plans.append(pretrained[seed])
-                plan = _variant_plan(ctx, name, variant, lc, high, run_low_pool, n, seed, pretrained.get(seed),
-                                     len(run_low_pool))
+                plan = _variant_plan(
+                    ctx, name, variant, lc, high, run_low_pool, n, seed, pretrained.get(seed), len(run_low_pool)
+                )
                 if lc.difference and plan.evaluate["kind"] == "metrics":
                     plan.evaluate = {**plan.evaluate, "difference": {"high": lc.high, "low": lc.low}}
                 plans.append(plan)
@@ -152,8 +196,10 @@ def resolve_sizes(lc, available: int) -> dict:
         return {n: int(n) for n in lc.ns}
     n_of = {f: max(1, int(round(f * available))) for f in lc.fractions}
     if len(set(n_of.values())) < len(n_of):
-        raise MultifiError(f"learning_curve.fractions {lc.fractions} of {available} {lc.high} structures give equal "
-                           f"sizes {list(n_of.values())}")
+        raise MultifiError(
+            f"learning_curve.fractions {lc.fractions} of {available} {lc.high} structures give equal "
+            f"sizes {list(n_of.values())}"
+        )
     return n_of
 
 
@@ -223,8 +269,9 @@ def _variant_plan(ctx, name, variant, lc, high, low_pool, n, seed, base, n_low) 
     if variant.kind == "finetune":
         return baselines.finetune(ctx, run_id, part, lc.high, lc.low, high, seed, patches, meta, base)
     low = {"train": low_pool, "val": np.zeros(0, np.int64), "test": np.zeros(0, np.int64)}
-    plan = baselines.joint(ctx, run_id, part, {lc.high: high, lc.low: low}, variant.mode, seed, patches, meta,
-                           monitor=lc.high)
+    plan = baselines.joint(
+        ctx, run_id, part, {lc.high: high, lc.low: low}, variant.mode, seed, patches, meta, monitor=lc.high
+    )
     if variant.kind == "pretrain_joint":
         baselines.start_from(plan, base, {lc.high: lc.low})
         plan.meta.update(kind="pretrain_joint", pretrained_on=lc.low)
@@ -245,29 +292,59 @@ def plan_ten_methods(ctx) -> PartPlan:
             continue
         perm = _rng(ctx, part, j).permutation(labelled)
         if tm.max_per_block:
-            perm = perm[:tm.max_per_block]
+            perm = perm[: tm.max_per_block]
         n_test = max(1, int(round(tm.test_fraction * len(perm))))
         n_val = max(1, int(round(tm.val_fraction * len(perm))))
-        sets[method] = {"test": _take(perm, 0, n_test), "val": _take(perm, n_test, n_val),
-                        "train": np.sort(perm[n_test + n_val:])}
+        sets[method] = {
+            "test": _take(perm, 0, n_test),
+            "val": _take(perm, n_test, n_val),
+            "train": np.sort(perm[n_test + n_val :]),
+        }
         coverage[method].update(used=int(len(perm)), train=len(sets[method]["train"]), val=n_val, test=n_test)
     if len(sets) < 2:
-        raise MultifiError(f"{path}: ten_methods needs at least two blocks with ≥ {tm.min_labelled} labelled "
-                           f"molecules; have {', '.join(sets) or 'none'}")
+        raise MultifiError(
+            f"{path}: ten_methods needs at least two blocks with ≥ {tm.min_labelled} labelled "
+            f"molecules; have {', '.join(sets) or 'none'}"
+        )
     seeds = ctx.spec.seeds_of(tm).for_n(min(len(s["train"]) for s in sets.values()))
     plans = []
     for seed in seeds:
-        for steps, where in [(None, f"{part}/s{seed}"),
-                             *([(tm.step_matched, f"{part}/s{seed}/steps{tm.step_matched}")] if tm.step_matched else [])]:
-            plans.append(baselines.joint(ctx, f"{where}/joint", part, sets, tm.inject, seed, [tm.config],
-                                         {"seed": seed, "variant": "joint", "role": "joint"},
-                                         evaluate={"kind": "metrics", "embedding": True}, steps=steps))
+        for steps, where in [
+            (None, f"{part}/s{seed}"),
+            *([(tm.step_matched, f"{part}/s{seed}/steps{tm.step_matched}")] if tm.step_matched else []),
+        ]:
+            plans.append(
+                baselines.joint(
+                    ctx,
+                    f"{where}/joint",
+                    part,
+                    sets,
+                    tm.inject,
+                    seed,
+                    [tm.config],
+                    {"seed": seed, "variant": "joint", "role": "joint"},
+                    evaluate={"kind": "metrics", "embedding": True},
+                    steps=steps,
+                )
+            )
             for m, s in sets.items():
-                plans.append(baselines.single(ctx, f"{where}/separate_{slug(m)}", part, m, s, seed, [tm.config],
-                                              {"seed": seed, "variant": "separate", "role": "separate"}, steps=steps))
+                plans.append(
+                    baselines.single(
+                        ctx,
+                        f"{where}/separate_{slug(m)}",
+                        part,
+                        m,
+                        s,
+                        seed,
+                        [tm.config],
+                        {"seed": seed, "variant": "separate", "role": "separate"},
+                        steps=steps,
+                    )
+                )
     record = {m: {k: v.tolist() for k, v in s.items()} for m, s in sets.items()}
-    return PartPlan(plans, record, {"coverage": coverage, "blocks": str(path), "blocks_name": tm.blocks,
-                                           "order": order})
+    return PartPlan(
+        plans, record, {"coverage": coverage, "blocks": str(path), "blocks_name": tm.blocks, "order": order}
+    )
 
 
 PLANNERS = {"transfer": plan_transfer, "learning_curve": plan_learning_curve, "ten_methods": plan_ten_methods}

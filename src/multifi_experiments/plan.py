@@ -6,6 +6,7 @@ directory), {shared} (shared data), {work} (the experiment's work folder) and {m
 saved potential of another run). Its signature hashes everything that determines the result, so a
 finished run is reused only while its plan is unchanged.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,14 @@ class RunPlan:
         for key in VOLATILE_TRAIN_KEYS:
             cfg.get("train", {}).pop(key, None)
         files = {name: _digest(v) for name, v in self.files.items()}
-        payload = {"config": cfg, "files": files, "meta": self.meta, "evaluate": self.evaluate,
-                   "derived": self.derived, "upstream": self.upstream}
+        payload = {
+            "config": cfg,
+            "files": files,
+            "meta": self.meta,
+            "evaluate": self.evaluate,
+            "derived": self.derived,
+            "upstream": self.upstream,
+        }
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

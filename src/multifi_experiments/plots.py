@@ -1,4 +1,5 @@
 """PNG figures of an experiment report (matplotlib, Agg backend: no display needed)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,6 @@ from pathlib import Path
 import numpy as np
 
 from multifi.files import atomic_write
-
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 
@@ -31,8 +31,13 @@ def learning_curve(path: Path, curves: dict[str, dict], title: str, dashed: set[
     return learning_curves(path, [(curves, "test MAE (meV)")], title, dashed)
 
 
-def learning_curves(path: Path, panels: list[tuple[dict[str, dict], str]], title: str,
-                    dashed: set[str] = frozenset(), xlabel: str = "top-fidelity training molecules n") -> Path:
+def learning_curves(
+    path: Path,
+    panels: list[tuple[dict[str, dict], str]],
+    title: str,
+    dashed: set[str] = frozenset(),
+    xlabel: str = "top-fidelity training molecules n",
+) -> Path:
     """One log-log panel per (curves, y label), side by side; curves as in learning_curve."""
     plt = _plt()
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
@@ -48,8 +53,17 @@ def learning_curves(path: Path, panels: list[tuple[dict[str, dict], str]], title
             x = np.array([float(n) for n in ns])
             y = np.array([by_n[n]["mean"] for n in ns])
             err = np.array([by_n[n]["std"] or 0.0 for n in ns])
-            ax.errorbar(x, y, yerr=err, marker=MARKERS[k % len(MARKERS)] if many else "o", ms=4, capsize=3,
-                        label=name, ls="--" if name in dashed else "-", color=colours(k % colours.N))
+            ax.errorbar(
+                x,
+                y,
+                yerr=err,
+                marker=MARKERS[k % len(MARKERS)] if many else "o",
+                ms=4,
+                capsize=3,
+                label=name,
+                ls="--" if name in dashed else "-",
+                color=colours(k % colours.N),
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         all_ns = sorted({float(n) for c in curves.values() for n in c})
@@ -57,7 +71,9 @@ def learning_curves(path: Path, panels: list[tuple[dict[str, dict], str]], title
         ax.xaxis.set_minor_locator(NullLocator())
         lo, hi = ax.get_ylim()
         narrow = hi / max(lo, 1e-300) < 10  # within one decade: more labelled ticks
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_locator(
+            LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0))
+        )
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_locator(NullLocator())
         ax.set_xlabel(xlabel)
@@ -74,8 +90,16 @@ def learning_curves(path: Path, panels: list[tuple[dict[str, dict], str]], title
     return _save(fig, path)
 
 
-def paired_bars(path: Path, groups: list[str], joint: list, separate: list, joint_err: list, separate_err: list,
-                title: str, labels=("joint", "separate")) -> Path:
+def paired_bars(
+    path: Path,
+    groups: list[str],
+    joint: list,
+    separate: list,
+    joint_err: list,
+    separate_err: list,
+    title: str,
+    labels=("joint", "separate"),
+) -> Path:
     """Grouped bars: one pair (joint, separate) per group, with std error bars; log y axis."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) + 2), 4.2))
@@ -102,8 +126,15 @@ def similarity_map(path: Path, names: list[str], sim: np.ndarray, title: str) ->
     ax.set_yticks(range(k), names, fontsize=8)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if abs(sim[i, j]) > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{sim[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if abs(sim[i, j]) > 0.6 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
     ax.set_title(title, fontsize=10)
     return _save(fig, path)

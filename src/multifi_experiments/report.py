@@ -11,6 +11,7 @@ metric, and "data_efficiency_by_metric" holds every metric's when there are seve
 Means are over seeds; std is the sample standard deviation (null for one seed). details.json holds
 everything else (per-seed values, kcal/mol, extrapolation notes, block coverage, embeddings).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,9 @@ from multifi.data.dataset import atomic_write
 from multifi.units import MEV_PER_KCAL_MOL
 from multifi_experiments import plots
 from multifi_experiments.context import Context, result_path
-from multifi_experiments.readme import render
 from multifi_experiments.efficiency import efficiency_factor
+from multifi_experiments.readme import render
 from multifi_experiments.spec import METRICS
-
 
 
 def write_report(ctx: Context, parts: dict) -> dict:
@@ -52,9 +52,14 @@ def write_report(ctx: Context, parts: dict) -> dict:
     atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     atomic_write(out / "details.json", lambda f: f.write(json.dumps(details, indent=1, default=float).encode()))
     figures = make_figures(ctx, details)
-    runs = {"total": sum(len(p.plans) for p in parts.values()), "done": len(results), "stale": stale,
-            "missing": missing, "train_hours": sum(r.get("train_seconds", 0) for r in results.values()) / 3600,
-            "commands": sorted({r.get("command", "") for r in results.values()} - {""})}
+    runs = {
+        "total": sum(len(p.plans) for p in parts.values()),
+        "done": len(results),
+        "stale": stale,
+        "missing": missing,
+        "train_hours": sum(r.get("train_seconds", 0) for r in results.values()) / 3600,
+        "commands": sorted({r.get("command", "") for r in results.values()} - {""}),
+    }
     atomic_write(out / "README.md", lambda f: f.write(render(ctx, parts, details, figures, runs).encode()))
     return summary
 
@@ -80,8 +85,12 @@ def stats(values: list[float]) -> dict | None:
     if not values:
         return None
     v = np.asarray(values, dtype=float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None, "seeds": len(v),
-            "values": [float(x) for x in v]}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+        "seeds": len(v),
+        "values": [float(x) for x in v],
+    }
 
 
 def _mae(result: dict, method: str, field: str = "mae_meV", split: str = "test") -> float | None:
@@ -133,12 +142,27 @@ def learning_curve_details(ctx, part, results) -> dict:
         for m in lc.metrics:
             curves[m] = _curve(values[m], name, v_ns)
             val_curves[m] = _curve(val_values[m], name, v_ns)
-        variants[name] = {"kind": v.kind, "inject": v.mode, "label": v.label or "",
-                          "needs_at_prediction": lc.low if v.needs_low_at_prediction else None,
-                          "curve": curves[lc.metrics[0]], "curves": curves, "val_curves": val_curves}
-    out = {"high": lc.high, "low": lc.low, "n_low": info.get("n_low", lc.n_low), "ns": ns, "test": lc.test,
-           "val": lc.val, "variants": variants, "metrics": list(lc.metrics),
-           "units": {m: list(METRICS[m][1:]) for m in lc.metrics}, "noun": info.get("noun", "molecules")}
+        variants[name] = {
+            "kind": v.kind,
+            "inject": v.mode,
+            "label": v.label or "",
+            "needs_at_prediction": lc.low if v.needs_low_at_prediction else None,
+            "curve": curves[lc.metrics[0]],
+            "curves": curves,
+            "val_curves": val_curves,
+        }
+    out = {
+        "high": lc.high,
+        "low": lc.low,
+        "n_low": info.get("n_low", lc.n_low),
+        "ns": ns,
+        "test": lc.test,
+        "val": lc.val,
+        "variants": variants,
+        "metrics": list(lc.metrics),
+        "units": {m: list(METRICS[m][1:]) for m in lc.metrics},
+        "noun": info.get("noun", "molecules"),
+    }
     if lc.fractions is not None:
         out["fractions"] = {str(n_of[f]): f for f in lc.fractions}
         out["high_pool"] = info.get("high_pool")
@@ -185,8 +209,13 @@ def efficiency_details(ctx, lcd: dict, e=None) -> dict:
     at = [n_of[float(x)] for x in e.at] if n_of else list(e.at)
     by_metric = {m: _efficiency_for(e, lcd, m, at) for m in lcd["metrics"]}
     primary = by_metric[lcd["metrics"][0]]
-    return {**primary, "metric": lcd["metrics"][0], "by_metric": by_metric if len(by_metric) > 1 else {},
-            "claim": ctx.spec.learning_curve.claim, "label": e.label}
+    return {
+        **primary,
+        "metric": lcd["metrics"][0],
+        "by_metric": by_metric if len(by_metric) > 1 else {},
+        "claim": ctx.spec.learning_curve.claim,
+        "label": e.label,
+    }
 
 
 def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
@@ -204,10 +233,14 @@ def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
     for name in candidates:
         curve = variants[name]["curves"][metric]
         val = variants[name].get("val_curves", {}).get(metric, {})
-        by_variant[name] = {f"n{n}": efficiency_factor(ref_ns, ref_maes, n, curve[str(n)]["mean"]).as_dict()
-                            for n in at if str(n) in curve}
-        seeds[name] = {f"n{n}": _factor_spread(ref_ns, ref_maes, n, curve[str(n)]["values"], n_max)
-                       for n in at if str(n) in curve}
+        by_variant[name] = {
+            f"n{n}": efficiency_factor(ref_ns, ref_maes, n, curve[str(n)]["mean"]).as_dict()
+            for n in at
+            if str(n) in curve
+        }
+        seeds[name] = {
+            f"n{n}": _factor_spread(ref_ns, ref_maes, n, curve[str(n)]["values"], n_max) for n in at if str(n) in curve
+        }
         if len(by_variant[name]) == len(at):  # best = lowest geometric-mean error over the `at` sizes
             test_score[name] = float(np.mean([np.log(curve[str(n)]["mean"]) for n in at]))
             if all(str(n) in val for n in at):
@@ -222,11 +255,25 @@ def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
         factors[k], bounds[k] = _bounded(eff, n_max)
         flags[k] = None if eff is None else bool(eff["extrapolated"])
     extrapolated = any(flags.values()) if best else None
-    return {"reference": e.reference, "at": at, "candidates": candidates, "by_variant": by_variant,
-            "seeds": seeds, "best_variant": best, "chosen_on": chosen_on, "reference_ns": ref_ns,
-            "summary": {**factors, "best_variant": best, "extrapolated": extrapolated, "chosen_on": chosen_on,
-                        "extrapolated_at": flags, "bound": bounds,
-                        "seeds": {k: seeds[best].get(k) for k in factors} if best else {}}}
+    return {
+        "reference": e.reference,
+        "at": at,
+        "candidates": candidates,
+        "by_variant": by_variant,
+        "seeds": seeds,
+        "best_variant": best,
+        "chosen_on": chosen_on,
+        "reference_ns": ref_ns,
+        "summary": {
+            **factors,
+            "best_variant": best,
+            "extrapolated": extrapolated,
+            "chosen_on": chosen_on,
+            "extrapolated_at": flags,
+            "bound": bounds,
+            "seeds": {k: seeds[best].get(k) for k in factors} if best else {},
+        },
+    }
 
 
 def _bounded(eff: dict | None, n_max: float | None) -> tuple[float | None, str | None]:
@@ -246,8 +293,13 @@ def _factor_spread(ref_ns, ref_maes, n: int, values: list[float], n_max) -> dict
     if not f:
         return {"values": []}
     a = np.asarray(f, float)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else None, "min": float(a.min()),
-            "max": float(a.max()), "values": [float(x) for x in a]}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if len(a) > 1 else None,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "values": [float(x) for x in a],
+    }
 
 
 def _main(plans) -> list:
@@ -284,9 +336,13 @@ def ten_methods_details(part, results) -> dict:
         methods[m] = row
     ratios = [r["ratio"] for r in methods.values() if r["ratio"] is not None]
     coverage = part.info["coverage"]
-    return {"methods": methods, "ratio_mean": float(np.mean(ratios)) if ratios else None,
-            "coverage": coverage, "blocks": part.info["blocks_name"],
-            "left_out": [m for m, c in coverage.items() if c["used"] == 0]}
+    return {
+        "methods": methods,
+        "ratio_mean": float(np.mean(ratios)) if ratios else None,
+        "coverage": coverage,
+        "blocks": part.info["blocks_name"],
+        "left_out": [m for m, c in coverage.items() if c["used"] == 0],
+    }
 
 
 def embedding_details(ctx, plans, results) -> dict | None:
@@ -303,13 +359,20 @@ def embedding_details(ctx, plans, results) -> dict | None:
     _, sv, vt = np.linalg.svd(centred, full_matrices=False)
     xy = centred @ vt[:2].T if len(vt) >= 2 else np.column_stack([centred @ vt[:1].T, np.zeros(len(vec))])
     var = sv**2 / max(float((sv**2).sum()), 1e-12)
-    return {"run": chosen[0].id, "fidelities": names, "dim": int(vec.shape[1]), "cosine": cos.tolist(),
-            "pca_xy": xy.tolist(),
-            "pca_explained": var[:2].tolist(), "groups": similarity_groups(names, cos)}
+    return {
+        "run": chosen[0].id,
+        "fidelities": names,
+        "dim": int(vec.shape[1]),
+        "cosine": cos.tolist(),
+        "pca_xy": xy.tolist(),
+        "pca_explained": var[:2].tolist(),
+        "groups": similarity_groups(names, cos),
+    }
 
 
 def similarity_groups(names: list[str], cos: np.ndarray) -> dict:
     """Mean cosine similarity of method pairs that share a functional, a basis, both xTB, or nothing."""
+
     def parts(name):
         if "/" in name:
             f, b = name.split("/", 1)
@@ -349,11 +412,18 @@ def _kcal(s):
 # ---------------------------------------------------------------------------------------------- summary
 def make_summary(details: dict) -> dict:
     """summary.json (the schema in this module's docstring), from the details."""
-    summary: dict = {"transfer": {}, "learning_curve": {}, "data_efficiency": {}, "ten_methods": {},
-                     "ten_methods_ratio_mean": None}
+    summary: dict = {
+        "transfer": {},
+        "learning_curve": {},
+        "data_efficiency": {},
+        "ten_methods": {},
+        "ten_methods_ratio_mean": None,
+    }
     for n, by_method in details.get("transfer", {}).get("table", {}).items():
-        summary["transfer"][n] = {m: {"joint_mae_meV": _mean(r["joint"]), "separate_mae_meV": _mean(r["separate"])}
-                                  for m, r in by_method.items()}
+        summary["transfer"][n] = {
+            m: {"joint_mae_meV": _mean(r["joint"]), "separate_mae_meV": _mean(r["separate"])}
+            for m, r in by_method.items()
+        }
     lcd = details.get("learning_curve", {})
     for name, v in lcd.get("variants", {}).items():
         summary["learning_curve"][name] = {}
@@ -367,15 +437,19 @@ def make_summary(details: dict) -> dict:
     if "data_efficiency" in details:
         summary["data_efficiency"] = details["data_efficiency"]["summary"]
         if details["data_efficiency"].get("by_metric"):
-            summary["data_efficiency_by_metric"] = {m: e["summary"] for m, e in
-                                                   details["data_efficiency"]["by_metric"].items()}
+            summary["data_efficiency_by_metric"] = {
+                m: e["summary"] for m, e in details["data_efficiency"]["by_metric"].items()
+            }
     if details.get("data_efficiency_more"):
-        summary["data_efficiency_more"] = [{**e["summary"], "label": e["label"], "reference": e["reference"]}
-                                           for e in details["data_efficiency_more"]]
+        summary["data_efficiency_more"] = [
+            {**e["summary"], "label": e["label"], "reference": e["reference"]} for e in details["data_efficiency_more"]
+        ]
     tm = details.get("ten_methods")
     if tm:
-        summary["ten_methods"] = {m: {"joint_mae_meV": _mean(r["joint"]), "separate_mae_meV": _mean(r["separate"])}
-                                  for m, r in tm["methods"].items()}
+        summary["ten_methods"] = {
+            m: {"joint_mae_meV": _mean(r["joint"]), "separate_mae_meV": _mean(r["separate"])}
+            for m, r in tm["methods"].items()
+        }
         summary["ten_methods_ratio_mean"] = tm["ratio_mean"]
     return summary
 
@@ -397,8 +471,9 @@ def make_figures(ctx, details: dict) -> dict[str, str]:
             plots.learning_curve(out / "learning_curve.png", _curves(lcd, "energy"), title, dashed)
         else:
             panels = [(_curves(lcd, m), f"test {label} ({unit})") for m, (label, unit) in lcd["units"].items()]
-            plots.learning_curves(out / "learning_curve.png", panels, title, dashed,
-                                  xlabel=f"{lcd['high']} training {lcd['noun']} n")
+            plots.learning_curves(
+                out / "learning_curve.png", panels, title, dashed, xlabel=f"{lcd['high']} training {lcd['noun']} n"
+            )
         figs["learning_curve"] = "learning_curve.png"
     td = details.get("transfer")
     if td and any(r["joint"] or r["separate"] for rows in td["table"].values() for r in rows.values()):
@@ -407,27 +482,41 @@ def make_figures(ctx, details: dict) -> dict[str, str]:
     tm = details.get("ten_methods")
     if tm and tm["methods"] and any(r["joint"] or r["separate"] for r in tm["methods"].values()):
         rows = list(tm["methods"].items())
-        figs["ten_methods"] = _bars(out / "ten_methods.png", rows,
-                                    "One model on all blocks vs one model per block (test MAE)").name
+        figs["ten_methods"] = _bars(
+            out / "ten_methods.png", rows, "One model on all blocks vs one model per block (test MAE)"
+        ).name
     em = details.get("embedding_map")
     if em:
         cos = np.asarray(em["cosine"])
-        plots.similarity_map(out / "embedding_similarity.png", em["fidelities"], cos,
-                             "Cosine similarity of learned fidelity embeddings")
-        plots.pca_map(out / "embedding_pca.png", em["fidelities"], np.asarray(em["pca_xy"]), em["pca_explained"],
-                      "Fidelity embeddings, first two principal components")
+        plots.similarity_map(
+            out / "embedding_similarity.png", em["fidelities"], cos, "Cosine similarity of learned fidelity embeddings"
+        )
+        plots.pca_map(
+            out / "embedding_pca.png",
+            em["fidelities"],
+            np.asarray(em["pca_xy"]),
+            em["pca_explained"],
+            "Fidelity embeddings, first two principal components",
+        )
         figs.update(embedding_similarity="embedding_similarity.png", embedding_pca="embedding_pca.png")
     return figs
 
 
 def _curves(lcd: dict, metric: str) -> dict:
-    return {name: {n: {"mean": s["mean"], "std": s["std"]} for n, s in v["curves"][metric].items()}
-            for name, v in lcd["variants"].items()}
+    return {
+        name: {n: {"mean": s["mean"], "std": s["std"]} for n, s in v["curves"][metric].items()}
+        for name, v in lcd["variants"].items()
+    }
 
 
 def _bars(path: Path, rows, title: str) -> Path:
     get = lambda r, role, k: None if r[role] is None else r[role][k]  # noqa: E731
-    return plots.paired_bars(path, [g for g, _ in rows], [get(r, "joint", "mean") for _, r in rows],
-                             [get(r, "separate", "mean") for _, r in rows], [get(r, "joint", "std") for _, r in rows],
-                             [get(r, "separate", "std") for _, r in rows], title)
-
+    return plots.paired_bars(
+        path,
+        [g for g, _ in rows],
+        [get(r, "joint", "mean") for _, r in rows],
+        [get(r, "separate", "mean") for _, r in rows],
+        [get(r, "joint", "std") for _, r in rows],
+        [get(r, "separate", "std") for _, r in rows],
+        title,
+    )

@@ -13,6 +13,7 @@ run/checkpoints/last.ckpt, or restarts if it has none. A result or work folder f
 (the spec changed) is replaced. Runs hold a lock file, so two runners on one spec never train the
 same run twice.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,10 @@ def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), r
     """Run (resumably) the runs of a spec selected by `only`, then write summary, plots and README."""
     ctx = load_context(spec_path, overrides, only, report_only)
     if ctx.spec.selection is not None:
-        raise MultifiError(f"{spec_path}: a selection spec; run it with multifi_experiments.selection.run_spec "
-                           "(`multifi experiment run` does)")
+        raise MultifiError(
+            f"{spec_path}: a selection spec; run it with multifi_experiments.selection.run_spec "
+            "(`multifi experiment run` does)"
+        )
     parts = plan_parts(ctx)
     plans = [p for pp in parts.values() for p in pp.plans]
     failed: list[str] = []
@@ -60,8 +63,10 @@ def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), r
     report.write_report(ctx, parts)
     log.info("report: %s", ctx.paths.output / "README.md")
     if failed:
-        raise MultifiError(f"{len(failed)} run(s) failed: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}; "
-                           f"see {ctx.paths.work}/<run id>/log.txt")
+        raise MultifiError(
+            f"{len(failed)} run(s) failed: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}; "
+            f"see {ctx.paths.work}/<run id>/log.txt"
+        )
     return ctx.paths.output
 
 
@@ -84,8 +89,9 @@ def load_context(spec_path, overrides=(), only=(), report_only=False) -> Context
 def plan_parts(ctx: Context) -> dict[str, PartPlan]:
     """Plans of every part in the spec; writes each part's splits to <output>/splits/<part>.json."""
     if ctx.spec.data is None and not (ctx.paths.shared / "qm9mf").is_dir():
-        log.warning("shared data not found at %s (set shared_data in the spec or MULTIFI_SHARED_DATA)",
-                    ctx.paths.shared)
+        log.warning(
+            "shared data not found at %s (set shared_data in the spec or MULTIFI_SHARED_DATA)", ctx.paths.shared
+        )
     parts = {}
     for name, planner in PLANNERS.items():
         if getattr(ctx.spec, name) is None:
@@ -105,11 +111,23 @@ def select(plans: list[RunPlan], only: list[str]) -> list[RunPlan]:
     by_id = {p.id: p for p in plans}
     chosen: set[str] = set()
     for item in only:
-        hits = [p.id for p in plans if p.part == item or p.id.startswith(item)
-                or (item == "embedding_map" and p.part == "ten_methods" and p.meta.get("role") == "joint" and not p.meta.get("control"))]
+        hits = [
+            p.id
+            for p in plans
+            if p.part == item
+            or p.id.startswith(item)
+            or (
+                item == "embedding_map"
+                and p.part == "ten_methods"
+                and p.meta.get("role") == "joint"
+                and not p.meta.get("control")
+            )
+        ]
         if not hits:
-            raise MultifiError(f"--only {item!r} matches no run (parts: {', '.join(PARTS)}; or a run id prefix "
-                               f"such as {plans[0].id if plans else 'learning_curve/single'})")
+            raise MultifiError(
+                f"--only {item!r} matches no run (parts: {', '.join(PARTS)}; or a run id prefix "
+                f"such as {plans[0].id if plans else 'learning_curve/single'})"
+            )
         chosen.update(hits)
     stack = list(chosen)
     while stack:
@@ -139,8 +157,14 @@ def execute(ctx: Context, plans: list[RunPlan]) -> list[str]:
     # a finished run must run again when a pending run starts from its model and that file is gone
     redo = {d for d in needed & done if not (work_dir(ctx, d) / "run" / "model.pt").exists()}
     todo = [p for p in plans if p.id not in done or p.id in redo]
-    log.info("%s: %d runs, %d finished, %d to do (parallel %d)", ctx.spec.name, len(plans),
-             len(plans) - len(todo), len(todo), ctx.spec.parallel)
+    log.info(
+        "%s: %d runs, %d finished, %d to do (parallel %d)",
+        ctx.spec.name,
+        len(plans),
+        len(plans) - len(todo),
+        len(todo),
+        ctx.spec.parallel,
+    )
     return _execute(ctx, todo)
 
 
@@ -151,7 +175,7 @@ class _InProcess(Executor):
         future: Future = Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+        except BaseException as exc:  # handed to the caller through the future
             future.set_exception(exc)
         return future
 
@@ -191,7 +215,7 @@ def _execute(ctx: Context, todo: list[RunPlan]) -> list[str]:
                 except RunBusy:
                     log.warning("%s: being trained by another runner; skipped", plan.id)
                     busy.add(plan.id)
-                except Exception as exc:  # noqa: BLE001 - one failed run must not stop the others
+                except Exception as exc:  # one failed run must not stop the others
                     log.error("%s: failed (%s: %s)", plan.id, type(exc).__name__, exc)
                     failed.append(plan.id)
     return failed
@@ -219,8 +243,16 @@ class _Progress:
         elapsed = time.time() - self.t0
         eta = elapsed / self.done * (self.total - self.done)
         errs = ", ".join(_errors_text(m, v) for m, v in result.get("test", {}).items())
-        log.info("[%d/%d] %s: %.0f s%s; elapsed %.0f min, left ≈ %.0f min", self.done, self.total, plan.id,
-                 result.get("train_seconds", 0), f"; test MAE {errs}" if errs else "", elapsed / 60, eta / 60)
+        log.info(
+            "[%d/%d] %s: %.0f s%s; elapsed %.0f min, left ≈ %.0f min",
+            self.done,
+            self.total,
+            plan.id,
+            result.get("train_seconds", 0),
+            f"; test MAE {errs}" if errs else "",
+            elapsed / 60,
+            eta / 60,
+        )
 
 
 def _errors_text(method: str, v: dict) -> str:
@@ -245,12 +277,21 @@ def run_one(ctx: Context, plan: RunPlan) -> dict:
         cfg = validate_config(fill(plan.config, _placeholders(ctx, plan, inputs, run_dir)), where=f"run {plan.id}")
         with TrainingClock(work / "clock.json") as clock:
             how = _train(cfg, run_dir)
-        result = {"id": plan.id, "part": plan.part, "signature": signature, "meta": plan.meta,
-                  **baselines.evaluate(plan, run_dir, inputs, ctx.catalog),
-                  "train_seconds": round(clock.wall, 1), "cpu_seconds": round(clock.cpu, 1), "starts": clock.starts,
-                  "how": how, **_progress_of(run_dir),
-                  "run_dir": _relative(run_dir, ctx.paths.output), "command": ctx.command,
-                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        result = {
+            "id": plan.id,
+            "part": plan.part,
+            "signature": signature,
+            "meta": plan.meta,
+            **baselines.evaluate(plan, run_dir, inputs, ctx.catalog),
+            "train_seconds": round(clock.wall, 1),
+            "cpu_seconds": round(clock.cpu, 1),
+            "starts": clock.starts,
+            "how": how,
+            **_progress_of(run_dir),
+            "run_dir": _relative(run_dir, ctx.paths.output),
+            "command": ctx.command,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         atomic_write(result_path(ctx, plan.id), lambda f: f.write(json.dumps(result, indent=1).encode()))
         return result
 
@@ -319,8 +360,12 @@ def _train(cfg, run_dir: Path) -> str:
 
 
 def _placeholders(ctx, plan, inputs: Path, run_dir: Path) -> dict[str, str]:
-    values = {"inputs": str(inputs), "run_dir": str(run_dir), "shared": str(ctx.paths.shared),
-              "work": str(ctx.paths.work)}
+    values = {
+        "inputs": str(inputs),
+        "run_dir": str(run_dir),
+        "shared": str(ctx.paths.shared),
+        "work": str(ctx.paths.work),
+    }
     for dep in plan.needs:
         model = work_dir(ctx, dep) / "run" / "model.pt"
         if not model.exists():
@@ -358,7 +403,7 @@ def _progress_of(run_dir: Path) -> dict:
     try:
         state = torch.load(last, map_location="cpu", weights_only=False)
         return {"epochs": int(state.get("epoch", -1)) + 1}
-    except Exception:  # noqa: BLE001 - progress is informative only
+    except Exception:  # progress is informative only
         return {}
 
 

@@ -13,6 +13,7 @@ picked for the next round (QM9 indices, in pick order); it is reused while its r
 Round 0 is one run per (model, seed), shared by the arms of that model: every arm starts from the same
 random molecules.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,17 +44,19 @@ def plan_splits(ctx: Context) -> dict[str, np.ndarray]:
     cand = np.intersect1d(ctx.catalog.labelled(sp.high), ctx.catalog.labelled(sp.low))
     need = sp.test + sp.val + sp.pool
     if need > len(cand):
-        raise MultifiError(f"selection: needs {need} molecules labelled at {sp.high} and {sp.low} (test + val + pool) "
-                           f"but only {len(cand)} are")
+        raise MultifiError(
+            f"selection: needs {need} molecules labelled at {sp.high} and {sp.low} (test + val + pool) "
+            f"but only {len(cand)} are"
+        )
     perm = np.random.default_rng([ctx.spec.split_seed, SALT]).permutation(cand)
     t, v = sp.test, sp.val
-    return {"test": np.sort(perm[:t]), "val": np.sort(perm[t:t + v]), "pool": np.sort(perm[t + v:t + v + sp.pool])}
+    return {"test": np.sort(perm[:t]), "val": np.sort(perm[t : t + v]), "pool": np.sort(perm[t + v : t + v + sp.pool])}
 
 
 def initial_picks(ctx: Context, pool: np.ndarray, seed: int) -> np.ndarray:
     """Round 0: rounds[0] random pool molecules (the same for every arm of a seed)."""
     rng = np.random.default_rng([ctx.spec.split_seed, SALT, 1, seed])
-    return rng.permutation(pool)[:ctx.spec.selection.rounds[0]]
+    return rng.permutation(pool)[: ctx.spec.selection.rounds[0]]
 
 
 def seeds_of(ctx: Context) -> list[int]:
@@ -62,8 +65,9 @@ def seeds_of(ctx: Context) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- plans
-def round_plan(ctx: Context, arm: str, seed: int, r: int, acquired: np.ndarray, splits: dict,
-               previous: RunPlan | None) -> RunPlan:
+def round_plan(
+    ctx: Context, arm: str, seed: int, r: int, acquired: np.ndarray, splits: dict, previous: RunPlan | None
+) -> RunPlan:
     """The training run of round r of (arm, seed) on the `acquired` top-fidelity molecules."""
     sp = ctx.spec.selection
     model_name = sp.arms[arm].model
@@ -71,8 +75,14 @@ def round_plan(ctx: Context, arm: str, seed: int, r: int, acquired: np.ndarray, 
     n = len(acquired)
     owner = model_name if r == 0 else arm  # round 0 is shared by the arms of a model
     run_id = f"{PART}/{owner}/s{seed}/r{r}_n{n}"
-    meta = {"arm": owner if r == 0 else arm, "model": model_name, "round": r, "n": n, "seed": seed,
-            "strategy": "random" if r == 0 else sp.arms[arm].strategy}
+    meta = {
+        "arm": owner if r == 0 else arm,
+        "model": model_name,
+        "round": r,
+        "n": n,
+        "seed": seed,
+        "strategy": "random" if r == 0 else sp.arms[arm].strategy,
+    }
     high = {"train": np.sort(acquired), "val": splits["val"], "test": splits["test"]}
     patches = [sp.config, model.config]
     if model.kind == "single":
@@ -81,8 +91,9 @@ def round_plan(ctx: Context, arm: str, seed: int, r: int, acquired: np.ndarray, 
     else:
         empty = np.zeros(0, np.int64)
         low = {"train": splits["pool"], "val": empty, "test": empty}
-        plan = baselines.joint(ctx, run_id, PART, {sp.high: high, sp.low: low}, model.mode, seed, patches, meta,
-                               monitor=sp.high)
+        plan = baselines.joint(
+            ctx, run_id, PART, {sp.high: high, sp.low: low}, model.mode, seed, patches, meta, monitor=sp.high
+        )
         mapping = {sp.high: sp.high, sp.low: sp.low}
     if sp.warm_start and previous is not None:
         baselines.start_from(plan, previous, mapping)
@@ -122,14 +133,19 @@ def run_selection(ctx: Context, only=(), report_only: bool = False) -> Path:
                 c.plan = round_plan(ctx, c.arm, c.seed, r, c.acquired, splits, c.plan)
                 plans.setdefault(c.plan.id, c.plan)
             stale = {c.plan.id for c in chains if _saved_record(ctx, c, r, more) is None}
-            todo = [p for p in plans.values() if not runner.is_done(ctx, p)
-                    or (p.id in stale and not (work_dir(ctx, p.id) / "run" / "model.pt").exists())]
+            todo = [
+                p
+                for p in plans.values()
+                if not runner.is_done(ctx, p)
+                or (p.id in stale and not (work_dir(ctx, p.id) / "run" / "model.pt").exists())
+            ]
             if todo:
                 log.info("%s round %d (n = %d): %d runs to train", ctx.spec.name, r, n, len(todo))
             failed = runner._execute(ctx, todo) if todo else []
             if failed:
-                raise MultifiError(f"{len(failed)} run(s) failed: {', '.join(failed[:5])}; see their "
-                                   f"{ctx.paths.work}/<run id>/log.txt")
+                raise MultifiError(
+                    f"{len(failed)} run(s) failed: {', '.join(failed[:5])}; see their {ctx.paths.work}/<run id>/log.txt"
+                )
             for c in chains:
                 record = _saved_record(ctx, c, r, more)
                 if record is None:
@@ -188,13 +204,24 @@ def _new_record(ctx: Context, chain: Chain, r: int, more: int, data: _Data) -> d
     result = json.loads(result_path(ctx, plan.id).read_text())
     t0, c0 = time.time(), time.process_time()
     uq, picked = _calibrate_and_pick(ctx, chain, r, work_dir(ctx, plan.id) / "run" / "model.pt", data, more)
-    record = {"arm": chain.arm, "seed": chain.seed, "round": r, "n": len(chain.acquired), "run": plan.id,
-              "signature": plan.signature(), "acquired_by": plan.meta["strategy"],
-              "test": result.get("test", {}), "val": result.get("val", {}),
-              "train_seconds": result.get("train_seconds"), "cpu_seconds": result.get("cpu_seconds"), "llpr": uq,
-              "selection_seconds": round(time.time() - t0, 1),
-              "selection_cpu_seconds": round(time.process_time() - c0, 1), "picked_next": [int(i) for i in picked],
-              "command": ctx.command}
+    record = {
+        "arm": chain.arm,
+        "seed": chain.seed,
+        "round": r,
+        "n": len(chain.acquired),
+        "run": plan.id,
+        "signature": plan.signature(),
+        "acquired_by": plan.meta["strategy"],
+        "test": result.get("test", {}),
+        "val": result.get("val", {}),
+        "train_seconds": result.get("train_seconds"),
+        "cpu_seconds": result.get("cpu_seconds"),
+        "llpr": uq,
+        "selection_seconds": round(time.time() - t0, 1),
+        "selection_cpu_seconds": round(time.process_time() - c0, 1),
+        "picked_next": [int(i) for i in picked],
+        "command": ctx.command,
+    }
     atomic_write(record_path(ctx, chain.arm, chain.seed, r), lambda f: f.write(json.dumps(record, indent=1).encode()))
     return record
 
@@ -236,11 +263,23 @@ def _calibrate_and_pick(ctx: Context, chain: Chain, r: int, model_path: Path, da
     llpr = LLPR({sp.high: llpr_h}, weights_fingerprint(potential))
     llpr.save(llpr_path(model_path))
     f_test, e_test = dataset_features(potential, test, np.arange(len(test)), sp.high, BATCH, test_nl)
-    uq = {**calibration_metrics(e_test - test.energy[:, 0], llpr_h.sigma(f_test)), "alpha": llpr_h.alpha,
-          "ridge": llpr_h.ridge}
+    uq = {
+        **calibration_metrics(e_test - test.energy[:, 0], llpr_h.sigma(f_test)),
+        "alpha": llpr_h.alpha,
+        "ridge": llpr_h.ridge,
+    }
     if more == 0:
         return uq, np.zeros(0, np.int64)
     exclude = [f"qm9:{int(i)}" for i in chain.acquired]
-    picks = select_structures(potential, pool, sp.high, more, strategy, seed=1000 * chain.seed + r, exclude=exclude,
-                              llpr=llpr, features=None if strategy == "random" else f_pool)
+    picks = select_structures(
+        potential,
+        pool,
+        sp.high,
+        more,
+        strategy,
+        seed=1000 * chain.seed + r,
+        exclude=exclude,
+        llpr=llpr,
+        features=None if strategy == "random" else f_pool,
+    )
     return uq, np.array([int(str(k).split(":")[1]) for k in pool.keys[picks]], np.int64)

@@ -3,6 +3,7 @@
 Rebuilt from the round records (rounds/<arm>/s<seed>/r<r>.json) alone: summary.json, details.json,
 selection.png and README.md (generated: do not edit).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,15 +30,37 @@ def selection_details(ctx: Context, records: dict) -> dict:
     sp = ctx.spec.selection
     curves, calibration = {}, {}
     for arm, by_n in records.items():
-        curves[arm] = {str(n): stats([r["test"][sp.high]["mae_meV"] for r in recs if sp.high in r.get("test", {})])
-                       for n, recs in sorted(by_n.items())}
-        calibration[arm] = {str(n): {k: stats([r["llpr"][k] for r in recs if r.get("llpr")])
-                                     for k in ("spearman", "miscalibration_area", "mean_sigma_meV")}
-                            for n, recs in sorted(by_n.items())}
-    details = {"high": sp.high, "low": sp.low, "rounds": sp.rounds, "pool": sp.pool, "test": sp.test, "val": sp.val,
-               "arms": {a: {"model": v.model, "kind": sp.models[v.model].kind, "inject": sp.models[v.model].mode,
-                            "strategy": v.strategy, "label": v.label or a} for a, v in sp.arms.items()},
-               "curves": curves, "llpr": calibration}
+        curves[arm] = {
+            str(n): stats([r["test"][sp.high]["mae_meV"] for r in recs if sp.high in r.get("test", {})])
+            for n, recs in sorted(by_n.items())
+        }
+        calibration[arm] = {
+            str(n): {
+                k: stats([r["llpr"][k] for r in recs if r.get("llpr")])
+                for k in ("spearman", "miscalibration_area", "mean_sigma_meV")
+            }
+            for n, recs in sorted(by_n.items())
+        }
+    details = {
+        "high": sp.high,
+        "low": sp.low,
+        "rounds": sp.rounds,
+        "pool": sp.pool,
+        "test": sp.test,
+        "val": sp.val,
+        "arms": {
+            a: {
+                "model": v.model,
+                "kind": sp.models[v.model].kind,
+                "inject": sp.models[v.model].mode,
+                "strategy": v.strategy,
+                "label": v.label or a,
+            }
+            for a, v in sp.arms.items()
+        },
+        "curves": curves,
+        "llpr": calibration,
+    }
     if sp.efficiency is not None:
         details["efficiency"] = efficiency_details(sp, curves)
     return details
@@ -65,22 +88,35 @@ def write_selection_report(ctx: Context, splits: dict) -> dict:
     details = selection_details(ctx, records)
     out = ctx.paths.output
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"test_mae_meV": {a: {n: (s or {}).get("mean") for n, s in c.items()} for a, c in details["curves"].items()},
-               "data_efficiency": {a: {n: e["factor"] for n, e in v.items()}
-                                   for a, v in details.get("efficiency", {}).get("arms", {}).items()}}
+    summary = {
+        "test_mae_meV": {a: {n: (s or {}).get("mean") for n, s in c.items()} for a, c in details["curves"].items()},
+        "data_efficiency": {
+            a: {n: e["factor"] for n, e in v.items()} for a, v in details.get("efficiency", {}).get("arms", {}).items()
+        },
+    }
     atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     atomic_write(out / "details.json", lambda f: f.write(json.dumps(details, indent=1, default=float).encode()))
     curves = {details["arms"][a]["label"]: {n: s for n, s in c.items() if s} for a, c in details["curves"].items()}
     figure = None
     if any(curves.values()):
-        figure = plots.learning_curves(out / "selection.png", [(curves, f"{ctx.spec.selection.high} test MAE (meV)")],
-                                       f"{ctx.spec.name}: acquisition by strategy", xlabel="acquired top-fidelity molecules n")
+        figure = plots.learning_curves(
+            out / "selection.png",
+            [(curves, f"{ctx.spec.selection.high} test MAE (meV)")],
+            f"{ctx.spec.name}: acquisition by strategy",
+            xlabel="acquired top-fidelity molecules n",
+        )
     every = [r for by_n in records.values() for recs in by_n.values() for r in recs]
-    seconds = {"wall": sum(r.get("train_seconds") or 0 for r in {r["run"]: r for r in every}.values()),
-               "cpu": sum(r.get("cpu_seconds") or 0 for r in {r["run"]: r for r in every}.values()),
-               "selection_cpu": sum(r.get("selection_cpu_seconds") or 0 for r in every)}
-    commands = sorted({r.get("command", "") for by_n in records.values() for recs in by_n.values() for r in recs} - {""})
-    atomic_write(out / "README.md", lambda f: f.write(render(ctx, details, figure is not None, seconds, commands).encode()))
+    seconds = {
+        "wall": sum(r.get("train_seconds") or 0 for r in {r["run"]: r for r in every}.values()),
+        "cpu": sum(r.get("cpu_seconds") or 0 for r in {r["run"]: r for r in every}.values()),
+        "selection_cpu": sum(r.get("selection_cpu_seconds") or 0 for r in every),
+    }
+    commands = sorted(
+        {r.get("command", "") for by_n in records.values() for recs in by_n.values() for r in recs} - {""}
+    )
+    atomic_write(
+        out / "README.md", lambda f: f.write(render(ctx, details, figure is not None, seconds, commands).encode())
+    )
     return summary
 
 
@@ -95,41 +131,76 @@ def _cell(s: dict | None, digits: int = 1) -> str:
 def render(ctx: Context, d: dict, figure: bool, seconds: dict, commands: list[str]) -> str:
     sp = ctx.spec.selection
     ns = [str(n) for n in sp.rounds]
-    lines = [f"# {ctx.spec.name}", "", ctx.spec.description, "",
-             "Generated by `multifi experiment run` from the round records in `rounds/`; do not edit.", "",
-             f"Made with: {', '.join(f'`{c}`' for c in commands) or '(no finished round yet)'}", "",
-             (f"Test: {sp.test} molecules, validation: {sp.val}, pool: {sp.pool} molecules with {sp.low} labels; "
-              f"{sp.high} acquired in rounds {sp.rounds} (round 0 random, shared by the arms of a model); "
-              f"{'warm start from the previous round' if sp.warm_start else 'retrained from scratch every round'}. "
-              f"Training summed over runs: {seconds['wall'] / 3600:.2f} h wall, {seconds['cpu'] / 3600:.2f} h CPU; "
-              f"LLPR fits and selection: {seconds['selection_cpu'] / 3600:.2f} h CPU. Machine: {machine()}."), ""]
+    lines = [
+        f"# {ctx.spec.name}",
+        "",
+        ctx.spec.description,
+        "",
+        "Generated by `multifi experiment run` from the round records in `rounds/`; do not edit.",
+        "",
+        f"Made with: {', '.join(f'`{c}`' for c in commands) or '(no finished round yet)'}",
+        "",
+        (
+            f"Test: {sp.test} molecules, validation: {sp.val}, pool: {sp.pool} molecules with {sp.low} labels; "
+            f"{sp.high} acquired in rounds {sp.rounds} (round 0 random, shared by the arms of a model); "
+            f"{'warm start from the previous round' if sp.warm_start else 'retrained from scratch every round'}. "
+            f"Training summed over runs: {seconds['wall'] / 3600:.2f} h wall, {seconds['cpu'] / 3600:.2f} h CPU; "
+            f"LLPR fits and selection: {seconds['selection_cpu'] / 3600:.2f} h CPU. Machine: {machine()}."
+        ),
+        "",
+    ]
     if ctx.spec.notes:
         lines += [ctx.spec.notes, ""]
-    lines += [f"## {sp.high} test MAE (meV) per round, mean ± std over seeds", "",
-              "| arm | model | strategy | " + " | ".join(f"n = {n}" for n in ns) + " |",
-              "|---" * (3 + len(ns)) + "|"]
+    lines += [
+        f"## {sp.high} test MAE (meV) per round, mean ± std over seeds",
+        "",
+        "| arm | model | strategy | " + " | ".join(f"n = {n}" for n in ns) + " |",
+        "|---" * (3 + len(ns)) + "|",
+    ]
     for arm, a in d["arms"].items():
         c = d["curves"].get(arm, {})
-        lines.append(f"| {a['label']} | {a['kind']} ({a['inject']}) | {a['strategy']} | "
-                     + " | ".join(_cell(c.get(n)) for n in ns) + " |")
+        lines.append(
+            f"| {a['label']} | {a['kind']} ({a['inject']}) | {a['strategy']} | "
+            + " | ".join(_cell(c.get(n)) for n in ns)
+            + " |"
+        )
     if figure:
         lines += ["", "![test MAE per round](selection.png)"]
     if "efficiency" in d:
         e = d["efficiency"]
-        lines += ["", f"## Data-efficiency factor against `{e['reference']}`", "",
-                  (f"n_reference(MAE of the arm at n) / n on the `{e['reference']}` curve (log-log interpolation; "
-                   "* = extrapolated beyond the measured reference curve)."), "",
-                  "| arm | " + " | ".join(f"n = {n}" for n in ns) + " |", "|---" * (1 + len(ns)) + "|"]
+        lines += [
+            "",
+            f"## Data-efficiency factor against `{e['reference']}`",
+            "",
+            (
+                f"n_reference(MAE of the arm at n) / n on the `{e['reference']}` curve (log-log interpolation; "
+                "* = extrapolated beyond the measured reference curve)."
+            ),
+            "",
+            "| arm | " + " | ".join(f"n = {n}" for n in ns) + " |",
+            "|---" * (1 + len(ns)) + "|",
+        ]
         for arm, by_n in e["arms"].items():
             cells = []
             for n in ns:
                 x = by_n.get(n)
-                cells.append("–" if not x or x["factor"] is None else f"{x['factor']:.2f}{'*' if x['extrapolated'] else ''}")
+                cells.append(
+                    "–" if not x or x["factor"] is None else f"{x['factor']:.2f}{'*' if x['extrapolated'] else ''}"
+                )
             lines.append(f"| {d['arms'][arm]['label']} | " + " | ".join(cells) + " |")
-    lines += ["", "## LLPR calibration on the test molecules (Spearman |error| vs σ; miscalibration area)", "",
-              "| arm | " + " | ".join(f"n = {n}" for n in ns) + " |", "|---" * (1 + len(ns)) + "|"]
+    lines += [
+        "",
+        "## LLPR calibration on the test molecules (Spearman |error| vs σ; miscalibration area)",
+        "",
+        "| arm | " + " | ".join(f"n = {n}" for n in ns) + " |",
+        "|---" * (1 + len(ns)) + "|",
+    ]
     for arm, by_n in d["llpr"].items():
-        cells = [f"{_cell(by_n.get(n, {}).get('spearman'), 2)}; {_cell(by_n.get(n, {}).get('miscalibration_area'), 3)}"
-                 if by_n.get(n) else "–" for n in ns]
+        cells = [
+            f"{_cell(by_n.get(n, {}).get('spearman'), 2)}; {_cell(by_n.get(n, {}).get('miscalibration_area'), 3)}"
+            if by_n.get(n)
+            else "–"
+            for n in ns
+        ]
         lines.append(f"| {d['arms'][arm]['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ Paths: relative paths in a spec resolve against the project root, i.e. the neare
 spec file holding `pyproject.toml` or `.git` (else the spec's own folder). Shared data: the
 environment variable MULTIFI_SHARED_DATA, else `shared_data`, else `<project root>/../shared/data`.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -25,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from multifi.config import apply_override, read_yaml_mapping
 from multifi.data.readers.qm9 import QM9_FIDELITY
-from multifi.errors import MultifiError
 from multifi.validation import validate
 
 PARTS = ("transfer", "learning_curve", "ten_methods", "embedding_map")
@@ -89,12 +89,19 @@ class Variant(Section):
     label: str | None = None
     config: ConfigPatch = Field(default_factory=ConfigPatch)
     pretrain: ConfigPatch = Field(default_factory=ConfigPatch)
-    ns: list[Size] | None = Field(None, description="only these training-set sizes (e.g. for ablations); entries of "
-                                                    "the part's `ns`, or of its `fractions` when it uses those")
+    ns: list[Size] | None = Field(
+        None,
+        description="only these training-set sizes (e.g. for ablations); entries of "
+        "the part's `ns`, or of its `fractions` when it uses those",
+    )
     seeds: Seeds | None = Field(None, description="seeds of this variant (default: the part's, else the spec's)")
-    n_low: int | None = Field(None, ge=1, description="low-fidelity labels only on the run's top-fidelity training "
-                              "structures plus the first n_low of the part's low-fidelity pool (an ablation of the "
-                              "low-fidelity data size with the same top-fidelity training sets)")
+    n_low: int | None = Field(
+        None,
+        ge=1,
+        description="low-fidelity labels only on the run's top-fidelity training "
+        "structures plus the first n_low of the part's low-fidelity pool (an ablation of the "
+        "low-fidelity data size with the same top-fidelity training sets)",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -130,8 +137,9 @@ class Variant(Section):
 class Efficiency(Section):
     """Data-efficiency factor: n_reference(error of the best candidate at n) / n, at each n in `at`."""
 
-    at: list[Size] = Field(default_factory=lambda: [500, 1000], description="sizes (entries of the part's `ns`, or of "
-                                                                          "its `fractions`)")
+    at: list[Size] = Field(
+        default_factory=lambda: [500, 1000], description="sizes (entries of the part's `ns`, or of its `fractions`)"
+    )
     reference: str = "single"
     candidates: list[str] | None = Field(None, description="default: all joint variants")
     label: str | None = Field(None, description="heading of a further factor (efficiency_more), e.g. the budget")
@@ -147,9 +155,13 @@ class TransferPart(Section):
     inject: Inject = "both"
     config: ConfigPatch = Field(default_factory=ConfigPatch)
     seeds: Seeds | None = None
-    step_matched: int | None = Field(None, ge=1, description="also train the joint and the separate models for "
-                                     "exactly this many optimiser steps each (best validation checkpoint, no early "
-                                     "stop): a control at equal steps beside the convergence rule")
+    step_matched: int | None = Field(
+        None,
+        ge=1,
+        description="also train the joint and the separate models for "
+        "exactly this many optimiser steps each (best validation checkpoint, no early "
+        "stop): a control at equal steps beside the convergence rule",
+    )
 
 
 class LearningCurvePart(Section):
@@ -177,12 +189,17 @@ class LearningCurvePart(Section):
     config: ConfigPatch = Field(default_factory=ConfigPatch)
     seeds: Seeds | None = None
     efficiency: Efficiency = Field(default_factory=Efficiency)
-    efficiency_more: list[Efficiency] = Field(default_factory=list, description="further factors, e.g. between "
-                                              "ablation variants trained longer; reported after the main one")
+    efficiency_more: list[Efficiency] = Field(
+        default_factory=list,
+        description="further factors, e.g. between ablation variants trained longer; reported after the main one",
+    )
     metrics: list[Metric] = Field(default_factory=lambda: ["energy"], min_length=1)
     cover_compositions: bool = False
-    difference: bool = Field(False, description="also evaluate the predicted high − low difference on the test "
-                             "structures (energy per atom, forces): what the second fidelity adds (needs `data`)")
+    difference: bool = Field(
+        False,
+        description="also evaluate the predicted high − low difference on the test "
+        "structures (energy per atom, forces): what the second fidelity adds (needs `data`)",
+    )
     claim: str = Field("The paper's claim (b) is about 10×.", description="shown after the data-efficiency result")
 
     @model_validator(mode="before")
@@ -201,20 +218,25 @@ class LearningCurvePart(Section):
         if self.ns is not None and min(self.ns) < 1:
             raise ValueError(f"ns must be positive; got {self.ns}")
         if self.ns is not None and self.n_low is not None and max(self.ns) > self.n_low:
-            raise ValueError(f"the top fidelity labels a subset of the n_low={self.n_low} low-fidelity molecules; "
-                             f"n={max(self.ns)} is larger")
+            raise ValueError(
+                f"the top fidelity labels a subset of the n_low={self.n_low} low-fidelity molecules; "
+                f"n={max(self.ns)} is larger"
+            )
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics repeats an entry: {self.metrics}")
         sizes = self.sizes
-        for where, values in [("efficiency.at", self.efficiency.at),
-                              *((f"efficiency_more[{k}].at", e.at) for k, e in enumerate(self.efficiency_more)),
-                              *((f"variants.{n}.ns", v.ns) for n, v in self.variants.items() if v.ns)]:
+        for where, values in [
+            ("efficiency.at", self.efficiency.at),
+            *((f"efficiency_more[{k}].at", e.at) for k, e in enumerate(self.efficiency_more)),
+            *((f"variants.{n}.ns", v.ns) for n, v in self.variants.items() if v.ns),
+        ]:
             unknown = [x for x in values if x not in sizes]
             if unknown:
                 raise ValueError(f"{where}: {unknown} not among the part's {self.size_key} {sizes}")
         names = set(self.variants)
-        for name in [e_name for e in [self.efficiency, *self.efficiency_more]
-                     for e_name in [e.reference, *(e.candidates or [])]]:
+        for name in [
+            e_name for e in [self.efficiency, *self.efficiency_more] for e_name in [e.reference, *(e.candidates or [])]
+        ]:
             if name not in names:
                 close = difflib.get_close_matches(name, names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -238,9 +260,13 @@ class TenMethodsPart(Section):
     test_fraction: float = Field(0.1, gt=0, lt=1)
     val_fraction: float = Field(0.05, gt=0, lt=1)
     max_per_block: int | None = Field(None, ge=3, description="use at most this many labelled molecules per block")
-    step_matched: int | None = Field(None, ge=1, description="also train the joint and every per-block model for "
-                                     "exactly this many optimiser steps each (best validation checkpoint, no early "
-                                     "stop): a control at equal steps beside the convergence rule")
+    step_matched: int | None = Field(
+        None,
+        ge=1,
+        description="also train the joint and every per-block model for "
+        "exactly this many optimiser steps each (best validation checkpoint, no early "
+        "stop): a control at equal steps beside the convergence rule",
+    )
     min_labelled: int = Field(20, ge=3, description="blocks with fewer labelled molecules are left out")
     inject: Inject = "both"
     config: ConfigPatch = Field(default_factory=ConfigPatch)
@@ -346,9 +372,15 @@ class Convergence(Section):
 
     def train_keys(self, monitor: str | None) -> dict[str, Any]:
         """RunConfig train keys implementing the rule for a run whose target fidelity is `monitor`."""
-        return {"epochs": 10**9, "max_steps": self.max_steps, "val_every_n_steps": self.val_every_n_steps,
-                "early_stopping_steps": self.patience_steps, "early_stopping_patience": None,
-                "monitor": monitor, "monitor_metric": self.metric}
+        return {
+            "epochs": 10**9,
+            "max_steps": self.max_steps,
+            "val_every_n_steps": self.val_every_n_steps,
+            "early_stopping_steps": self.patience_steps,
+            "early_stopping_patience": None,
+            "monitor": monitor,
+            "monitor_metric": self.metric,
+        }
 
 
 class DataSource(Section):
@@ -382,8 +414,11 @@ class ExperimentSpec(Section):
     threads: int | None = Field(1, ge=1, description="torch threads per run")
     seeds: Seeds = Field(default_factory=Seeds)
     data: DataSection | None = Field(None, description="structure files (default: the shared QM9 label tables)")
-    convergence: Convergence | None = Field(None, description="train every run to convergence on its target "
-                                            "fidelity's validation error (overrides epochs/max_steps of the configs)")
+    convergence: Convergence | None = Field(
+        None,
+        description="train every run to convergence on its target "
+        "fidelity's validation error (overrides epochs/max_steps of the configs)",
+    )
     base: ConfigPatch = Field(default_factory=ConfigPatch)
     transfer: TransferPart | None = None
     learning_curve: LearningCurvePart | None = None
@@ -408,8 +443,10 @@ class ExperimentSpec(Section):
         if self.data is not None and self.learning_curve is not None:
             delta = [n for n, v in self.learning_curve.variants.items() if v.kind == "delta"]
             if delta:
-                raise ValueError(f"learning_curve.variants.{delta[0]}: delta variants are implemented for the QM9 "
-                                 "label tables only, not with a 'data' section")
+                raise ValueError(
+                    f"learning_curve.variants.{delta[0]}: delta variants are implemented for the QM9 "
+                    "label tables only, not with a 'data' section"
+                )
         return self
 
     def seeds_of(self, part) -> Seeds:
@@ -456,5 +493,3 @@ def project_root(spec_path: Path) -> Path:
         if (folder / "pyproject.toml").exists() or (folder / ".git").exists():
             return folder
     return spec_path.parent
-
-

@@ -15,6 +15,7 @@ construction order), so the reference survives a re-ordering of module construct
 [B], forces [N,3], stress of the periodic cell, in float32 and float64, and the gradients of an
 energy+forces training loss (double backward) w.r.t. every parameter tensor, as sums and norms.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,25 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-MODEL = {"backbone": "painn", "features": 128, "interactions": 3, "cutoff": 5.0, "n_rbf": 20,
-         "fidelity_embedding": {"dim": 16, "inject": "both"}}
-M3GNET = {"backbone": "m3gnet", "features": 64, "interactions": 3, "cutoff": 5.0, "threebody_cutoff": 4.0,
-          "n_rbf": 9, "max_n": 3, "max_l": 3, "fidelity_embedding": {"dim": 4, "inject": "both"}}
+MODEL = {
+    "backbone": "painn",
+    "features": 128,
+    "interactions": 3,
+    "cutoff": 5.0,
+    "n_rbf": 20,
+    "fidelity_embedding": {"dim": 16, "inject": "both"},
+}
+M3GNET = {
+    "backbone": "m3gnet",
+    "features": 64,
+    "interactions": 3,
+    "cutoff": 5.0,
+    "threebody_cutoff": 4.0,
+    "n_rbf": 9,
+    "max_n": 3,
+    "max_l": 3,
+    "fidelity_embedding": {"dim": 4, "inject": "both"},
+}
 MODELS = {"painn": MODEL, "m3gnet": M3GNET}
 FIDELITIES = ["lo", "hi"]
 
@@ -51,8 +67,15 @@ def make_input() -> list:
 
 
 def frames_to_json(frames) -> list[dict]:
-    return [{"numbers": a.numbers.tolist(), "positions": a.positions.tolist(), "cell": a.cell.array.tolist(),
-             "pbc": a.pbc.tolist()} for a in frames]
+    return [
+        {
+            "numbers": a.numbers.tolist(),
+            "positions": a.positions.tolist(),
+            "cell": a.cell.array.tolist(),
+            "pbc": a.pbc.tolist(),
+        }
+        for a in frames
+    ]
 
 
 def frames_from_json(rows) -> list:
@@ -89,10 +112,18 @@ def evaluate(pot, frames, dtype) -> dict:
     o = pot(g, forces=True, create_graph=True)
     loss = ((o["energy"] / g.n_atoms).float() ** 2).mean() + (o["forces"] ** 2).mean()
     loss.backward()
-    grads = {n: [float(p.grad.double().sum()), float(p.grad.double().norm())]
-             for n, p in sorted(pot.named_parameters()) if p.grad is not None}
-    return {"energy": out["energy"].double().tolist(), "forces": out["forces"].double().tolist(),
-            "stress": out["stress"][3].double().tolist(), "loss": loss.item(), "grads": grads}
+    grads = {
+        n: [float(p.grad.double().sum()), float(p.grad.double().norm())]
+        for n, p in sorted(pot.named_parameters())
+        if p.grad is not None
+    }
+    return {
+        "energy": out["energy"].double().tolist(),
+        "forces": out["forces"].double().tolist(),
+        "stress": out["stress"][3].double().tolist(),
+        "loss": loss.item(),
+        "grads": grads,
+    }
 
 
 def main() -> None:
@@ -100,8 +131,13 @@ def main() -> None:
     model = MODELS[backbone]
     torch.set_num_threads(1)
     frames = make_input()
-    result = {"model": model, "fidelities": FIDELITIES, "fidelity_of_structure": [0, 1, 1, 0],
-              "input": frames_to_json(frames), "torch": torch.__version__}
+    result = {
+        "model": model,
+        "fidelities": FIDELITIES,
+        "fidelity_of_structure": [0, 1, 1, 0],
+        "input": frames_to_json(frames),
+        "torch": torch.__version__,
+    }
     frames = frames_from_json(result["input"])
     for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):
         result[name] = evaluate(build(dtype, model), frames, dtype)

@@ -1,4 +1,5 @@
 """Argument types shared by the commands."""
+
 from __future__ import annotations
 
 import argparse

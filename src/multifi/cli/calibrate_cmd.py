@@ -1,10 +1,10 @@
 """multifi calibrate RUN_DIR | MODEL --train FILE… --val FILE… [--fidelity NAME]"""
+
 from __future__ import annotations
 
 
 def register(sub):
-    p = sub.add_parser("calibrate", help="fit the LLPR uncertainty of a model (written next to it as "
-                                         "<model>.llpr.npz)")
+    p = sub.add_parser("calibrate", help="fit the LLPR uncertainty of a model (written next to it as <model>.llpr.npz)")
     p.add_argument("model", help="a run directory (its model.pt, training and validation splits) or a model file")
     p.add_argument("--train", nargs="+", help="labelled training structures (with a model file)")
     p.add_argument("--val", nargs="+", help="labelled validation structures: α and λ are calibrated on them")
@@ -21,13 +21,17 @@ def run(args) -> int:
 
     if Path(args.model).is_dir():
         if args.train or args.val:
-            raise MultifiError(f"{args.model}: a run directory brings its own splits; give --train/--val with a model file")
+            raise MultifiError(
+                f"{args.model}: a run directory brings its own splits; give --train/--val with a model file"
+            )
         llpr, path = calibrate_run(args.model, batch_size=args.batch_size)
     else:
         if not (args.train and args.val):
             raise MultifiError(f"{args.model}: a model file needs --train and --val data (or give its run directory)")
         llpr, path = calibrate_files(args.model, args.train, args.val, args.fidelity, args.batch_size)
     for name, p in llpr.fidelities.items():
-        print(f"{name}: alpha {p.alpha:.4g}, ridge {p.ridge:.3g}, {p.n_train} training / {p.n_val} validation structures")
+        print(
+            f"{name}: alpha {p.alpha:.4g}, ridge {p.ridge:.3g}, {p.n_train} training / {p.n_val} validation structures"
+        )
     print(f"wrote {path}")
     return 0

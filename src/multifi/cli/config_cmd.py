@@ -1,4 +1,5 @@
 """multifi config --example [--out FILE]: every configuration key with its default and meaning."""
+
 from __future__ import annotations
 
 

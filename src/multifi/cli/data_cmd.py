@@ -1,4 +1,5 @@
 """multifi data info SOURCE… | multifi data convert SOURCE… --out FILE.npz"""
+
 from __future__ import annotations
 
 
@@ -18,7 +19,9 @@ def _sources(p):
     from multifi.cli.args import add_label_keys
 
     p.add_argument("sources", nargs="+", help="files (extxyz, db, MatPES json/jsonl, .npz) or qm9[:LABELS.csv]")
-    p.add_argument("--fidelity", help="fidelity of structures that name none (a structure naming another one is an error)")
+    p.add_argument(
+        "--fidelity", help="fidelity of structures that name none (a structure naming another one is an error)"
+    )
     p.add_argument("--skip-invalid", action="store_true", help="drop NaN/inf labels instead of failing")
     add_label_keys(p)
 
@@ -37,8 +40,10 @@ def run_info(args) -> int:
 
     ds = _read(args)
     n_atoms = ds.n_atoms
-    print(f"structures: {len(ds)}   atoms: {int(n_atoms.sum())} (per structure {n_atoms.min()}–{n_atoms.max()}, "
-          f"mean {n_atoms.mean():.1f})   periodic: {int(ds.pbc.any(1).sum())}")
+    print(
+        f"structures: {len(ds)}   atoms: {int(n_atoms.sum())} (per structure {n_atoms.min()}–{n_atoms.max()}, "
+        f"mean {n_atoms.mean():.1f})   periodic: {int(ds.pbc.any(1).sum())}"
+    )
     print("elements:", " ".join(chemical_symbols[z] for z in ds.elements))
     counts = ds.label_counts()
     width = max(len("fidelity"), *(len(n) for n in counts)) + 2

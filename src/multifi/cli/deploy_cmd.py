@@ -1,4 +1,5 @@
 """multifi deploy CHECKPOINT --fidelity NAME --out FILE"""
+
 from __future__ import annotations
 
 
@@ -15,6 +16,8 @@ def run(args) -> int:
     from multifi.deploy import deploy
 
     meta = deploy(args.checkpoint, args.fidelity, args.out, args.dtype)
-    print(f"wrote {args.out}: {meta['backbone']} at {meta['fidelity']}, cutoff {meta['cutoff']:g} Å, "
-          f"elements {' '.join(meta['elements'])}, ghost cutoff {meta['ghost_cutoff']:g} Å ({meta['dtype']})")
+    print(
+        f"wrote {args.out}: {meta['backbone']} at {meta['fidelity']}, cutoff {meta['cutoff']:g} Å, "
+        f"elements {' '.join(meta['elements'])}, ghost cutoff {meta['ghost_cutoff']:g} Å ({meta['dtype']})"
+    )
     return 0

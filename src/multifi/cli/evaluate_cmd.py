@@ -1,4 +1,5 @@
 """multifi evaluate CHECKPOINT DATA… [--fidelity NAME] [--out FILE]"""
+
 from __future__ import annotations
 
 from multifi.cli.args import add_label_keys, device_arg, positive_int
@@ -7,18 +8,30 @@ from multifi.cli.args import add_label_keys, device_arg, positive_int
 def register(sub):
     p = sub.add_parser("evaluate", help="per-fidelity errors of a trained model on labelled data")
     p.add_argument("checkpoint", help="model.pt or a training checkpoint (.ckpt)")
-    p.add_argument("data", nargs="+", help="labelled data: files (extxyz, ASE db, MatPES JSON, multifi .npz) or "
-                                           "qm9[:LABELS.csv], as in a config's data.sources")
-    p.add_argument("--fidelity", help="label fidelity for files that do not name one per structure; "
-                                      "with it, only labels of this fidelity are evaluated")
+    p.add_argument(
+        "data",
+        nargs="+",
+        help="labelled data: files (extxyz, ASE db, MatPES JSON, multifi .npz) or "
+        "qm9[:LABELS.csv], as in a config's data.sources",
+    )
+    p.add_argument(
+        "--fidelity",
+        help="label fidelity for files that do not name one per structure; "
+        "with it, only labels of this fidelity are evaluated",
+    )
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--out", help="write the metrics as JSON to this file")
-    p.add_argument("--plot", metavar="FILE.png", help="parity plot (predicted vs reference energy per atom) per fidelity")
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="parity plot (predicted vs reference energy per atom) per fidelity"
+    )
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
     add_label_keys(p)
-    p.add_argument("--uncertainty", action="store_true",
-                   help="also measure the calibration of σ per fidelity (Spearman |error| vs σ, miscalibration "
-                        "area): LLPR σ (needs `multifi calibrate`), or the ensemble's spread with --ensemble")
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also measure the calibration of σ per fidelity (Spearman |error| vs σ, miscalibration "
+        "area): LLPR σ (needs `multifi calibrate`), or the ensemble's spread with --ensemble",
+    )
     p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL", help="further models of a deep ensemble")
     p.set_defaults(func=run)
 
@@ -31,8 +44,8 @@ def run(args) -> int:
 
     from multifi.cli.format import metrics_table
     from multifi.data.dataset import FidelityDataset
-    from multifi.files import atomic_write
     from multifi.data.split import labelled_pairs
+    from multifi.files import atomic_write
     from multifi.models.registry import load_potential
     from multifi.train.evaluate import evaluate_pairs
 
@@ -50,8 +63,9 @@ def run(args) -> int:
     if args.uncertainty or args.ensemble:
         from multifi.uncertainty import uncertainty_report, uncertainty_table
 
-        payload["uncertainty"] = uncertainty_report(args.checkpoint, potential, args.ensemble, ds, pairs,
-                                                    args.batch_size)
+        payload["uncertainty"] = uncertainty_report(
+            args.checkpoint, potential, args.ensemble, ds, pairs, args.batch_size
+        )
         print(uncertainty_table(payload["uncertainty"]))
     if args.out:
         atomic_write(Path(args.out), lambda f: f.write(json.dumps(payload, indent=2).encode()))
@@ -94,8 +108,9 @@ def check_elements(potential, dataset, pairs) -> None:
 
     where = dataset.source or "data"
     elements.check_elements(potential, dataset.numbers, dataset.n_atoms, None, where, keys=dataset.keys)
-    to_model = [potential.fidelities.names.index(n) if n in potential.fidelities else -1
-                for n in dataset.fidelities.names]
+    to_model = [
+        potential.fidelities.names.index(n) if n in potential.fidelities else -1 for n in dataset.fidelities.names
+    ]
     pairs = pairs[np.asarray(to_model, dtype=np.int64)[pairs[:, 1]] >= 0] if len(pairs) else pairs
     n = dataset.n_atoms[pairs[:, 0]]
     numbers = dataset.numbers[ranges(dataset.offsets[pairs[:, 0]], n)]

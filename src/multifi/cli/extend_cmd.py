@@ -1,12 +1,22 @@
 """multifi extend MODEL.pt --data NEW.extxyz --fidelity NAME --out RUN_DIR [--train embedding|head|all] …"""
+
 from __future__ import annotations
 
 import json
 
 #: flag → config key (every flag is an override of the `extend`, `data` or `train` section)
-FLAGS = {"model": "extend.model", "fidelity": "extend.fidelity", "train": "extend.train", "replay": "extend.replay",
-         "replay_fidelity": "extend.replay_fidelities", "old_run": "extend.old_run", "init_like": "extend.init_like",
-         "out": "output_dir", "epochs": "train.epochs", "max_steps": "train.max_steps"}
+FLAGS = {
+    "model": "extend.model",
+    "fidelity": "extend.fidelity",
+    "train": "extend.train",
+    "replay": "extend.replay",
+    "replay_fidelity": "extend.replay_fidelities",
+    "old_run": "extend.old_run",
+    "init_like": "extend.init_like",
+    "out": "output_dir",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+}
 
 
 def register(sub):
@@ -16,23 +26,30 @@ def register(sub):
     p.add_argument("--data", nargs="+", help="labelled data of the new fidelity (every label is taken as --fidelity)")
     p.add_argument("--fidelity", help="name of the new fidelity")
     p.add_argument("--out", help="new run directory (model.pt, metrics.json with the forgetting report)")
-    p.add_argument("--train", choices=("embedding", "head", "all"),
-                   help="what trains: the new vector only (default; old fidelities unchanged), also the "
-                        "readout, or everything")
+    p.add_argument(
+        "--train",
+        choices=("embedding", "head", "all"),
+        help="what trains: the new vector only (default; old fidelities unchanged), also the readout, or everything",
+    )
     p.add_argument("--replay", type=float, help="fraction of the old training data mixed in (head/all)")
     p.add_argument("--replay-fidelity", action="append", help="replay only this old fidelity (repeatable)")
     p.add_argument("--old-run", help="run directory of MODEL (default: its folder) for replay and forgetting")
     p.add_argument("--init-like", help="start the new fidelity from this one's vector/head (default: the first)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=0.01 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=0.01 (repeatable)",
+    )
     p.set_defaults(func=run)
 
 
 def overrides_from_args(args) -> list[str]:
-    out = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAGS.items()
-           if getattr(args, flag) is not None]
+    out = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
     if args.data:
         out.append(f"data.sources={json.dumps([{'path': p, 'fidelity': args.fidelity} for p in args.data])}")
     return out + list(args.overrides)
@@ -44,8 +61,16 @@ def run(args) -> int:
     from multifi.train.extend import extend_from_args
 
     if args.config is None:
-        missing = [what for what, given in (("MODEL.pt", args.model), ("--data", args.data),
-                                            ("--fidelity", args.fidelity), ("--out", args.out)) if not given]
+        missing = [
+            what
+            for what, given in (
+                ("MODEL.pt", args.model),
+                ("--data", args.data),
+                ("--fidelity", args.fidelity),
+                ("--out", args.out),
+            )
+            if not given
+        ]
         if missing:
             raise MultifiError(f"multifi extend needs {', '.join(missing)} (or --config FILE with an 'extend' section)")
 

@@ -1,11 +1,17 @@
 """Plain-text tables for the terminal."""
+
 from __future__ import annotations
 
 
 def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
-    cols = [("n", "n", "{:d}"), ("energy_mae_meV", "E MAE meV", "{:.2f}"), ("energy_rmse_meV", "E RMSE meV", "{:.2f}"),
-            ("energy_mae_meV_per_atom", "E MAE meV/atom", "{:.3f}"), ("forces_mae_meV_per_A", "F MAE meV/Å", "{:.1f}"),
-            ("stress_mae_GPa", "S MAE GPa", "{:.3f}")]
+    cols = [
+        ("n", "n", "{:d}"),
+        ("energy_mae_meV", "E MAE meV", "{:.2f}"),
+        ("energy_rmse_meV", "E RMSE meV", "{:.2f}"),
+        ("energy_mae_meV_per_atom", "E MAE meV/atom", "{:.3f}"),
+        ("forces_mae_meV_per_A", "F MAE meV/Å", "{:.1f}"),
+        ("stress_mae_GPa", "S MAE GPa", "{:.3f}"),
+    ]
     width = max([len("fidelity")] + [len(n) for n in fidelities]) + 2
     lines = [title] if title else []
     lines.append("fidelity".ljust(width) + "".join(h.rjust(16) for _, h, _ in cols))
@@ -23,10 +29,15 @@ def forgetting_table(forgetting: dict[str, dict], unchanged: bool) -> str:
     cols = [("energy_mae_meV", "E MAE meV", "{:.2f}"), ("forces_mae_meV_per_A", "F MAE meV/Å", "{:.1f}")]
     width = max([len("fidelity")] + [len(n) for n in forgetting]) + 2
     split = next(iter(forgetting.values()))["split"]
-    lines = [f"{head}, {split} split", "fidelity".ljust(width) + "".join(
-        f"{h} {w}".rjust(20) for _, h, _ in cols for w in ("before", "after"))]
+    lines = [
+        f"{head}, {split} split",
+        "fidelity".ljust(width) + "".join(f"{h} {w}".rjust(20) for _, h, _ in cols for w in ("before", "after")),
+    ]
     for name, f in forgetting.items():
-        cells = [("-" if f[w].get(k) is None else fmt.format(f[w][k])).rjust(20)
-                 for k, _, fmt in cols for w in ("before", "after")]
+        cells = [
+            ("-" if f[w].get(k) is None else fmt.format(f[w][k])).rjust(20)
+            for k, _, fmt in cols
+            for w in ("before", "after")
+        ]
         lines.append(name.ljust(width) + "".join(cells))
     return "\n".join(lines)

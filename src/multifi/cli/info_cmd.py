@@ -1,4 +1,5 @@
 """multifi info MODEL [--plot FILE.png] [--json]"""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """`multifi` entry point: parse the command, run it, turn MultifiError into a one-line message."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,7 @@ import sys
 
 from multifi.errors import MultifiError
 
-COMMANDS = ("train", "extend", "evaluate", "predict", "info", "data", "config", "plot", "deploy", "calibrate",
-            "select")
+COMMANDS = ("train", "extend", "evaluate", "predict", "info", "data", "config", "plot", "deploy", "calibrate", "select")
 #: entry-point group through which installed packages add subcommands (e.g. `multifi experiment` from
 #: multifi_experiments): each entry point is a `register(subparsers)` function
 PLUGIN_GROUP = "multifi.commands"

@@ -1,4 +1,5 @@
 """multifi plot RUN_DIR [--out FILE.png] [--metric KEY]: a run's learning curve per fidelity."""
+
 from __future__ import annotations
 
 
@@ -6,9 +7,17 @@ def register(sub):
     p = sub.add_parser("plot", help="learning curve of a run directory: validation error per fidelity against step")
     p.add_argument("run_dir")
     p.add_argument("--out", help="image file (default: RUN_DIR/learning_curve.png)")
-    p.add_argument("--metric", default="energy_mae_meV",
-                   choices=["energy_mae_meV", "energy_rmse_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A",
-                            "stress_mae_GPa"])
+    p.add_argument(
+        "--metric",
+        default="energy_mae_meV",
+        choices=[
+            "energy_mae_meV",
+            "energy_rmse_meV",
+            "energy_mae_meV_per_atom",
+            "forces_mae_meV_per_A",
+            "stress_mae_GPa",
+        ],
+    )
     p.set_defaults(func=run)
 
 

@@ -1,4 +1,5 @@
 """multifi predict CHECKPOINT STRUCTURES --fidelity NAME --out FILE.extxyz"""
+
 from __future__ import annotations
 
 from multifi.cli.args import device_arg, positive_int
@@ -8,16 +9,28 @@ def register(sub):
     p = sub.add_parser("predict", help="predict energies, forces (and stress) at one fidelity")
     p.add_argument("checkpoint")
     p.add_argument("structures", help="any file ASE reads")
-    p.add_argument("--fidelity", required=True, action="append",
-                   help="fidelity (level of theory) to predict at, by name; repeat for several")
+    p.add_argument(
+        "--fidelity",
+        required=True,
+        action="append",
+        help="fidelity (level of theory) to predict at, by name; repeat for several",
+    )
     p.add_argument("--out", required=True, help="output extxyz with energy/forces/stress per structure")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
-    p.add_argument("--uncertainty", action="store_true",
-                   help="also write energy_sigma (eV) per structure: LLPR σ (needs `multifi calibrate`), or the "
-                        "ensemble's standard deviation with --ensemble")
-    p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
-                   help="further models (e.g. other seeds): write their mean with the standard deviation as σ")
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also write energy_sigma (eV) per structure: LLPR σ (needs `multifi calibrate`), or the "
+        "ensemble's standard deviation with --ensemble",
+    )
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=[],
+        metavar="MODEL",
+        help="further models (e.g. other seeds): write their mean with the standard deviation as σ",
+    )
     p.set_defaults(func=run)
 
 
@@ -26,7 +39,15 @@ def run(args) -> int:
 
     from multifi.predict import predict_file
 
-    n = predict_file(args.checkpoint, args.structures, args.fidelity, Path(args.out), args.batch_size, args.device,
-                     uncertainty=args.uncertainty, ensemble=args.ensemble)
+    n = predict_file(
+        args.checkpoint,
+        args.structures,
+        args.fidelity,
+        Path(args.out),
+        args.batch_size,
+        args.device,
+        uncertainty=args.uncertainty,
+        ensemble=args.ensemble,
+    )
     print(f"wrote {n} structures predicted at {', '.join(args.fidelity)} to {args.out}")
     return 0

@@ -1,4 +1,5 @@
 """multifi select MODEL POOL --fidelity NAME --n K --strategy S [--seed N] [--exclude FILE] --out picks.txt"""
+
 from __future__ import annotations
 
 
@@ -10,9 +11,13 @@ def register(sub):
     p.add_argument("pool", help="candidate structures (any file ASE reads, labelled or not, or a multifi .npz)")
     p.add_argument("--fidelity", required=True, help="fidelity at which the picks will be computed")
     p.add_argument("--n", type=int, required=True, help="number of structures to pick")
-    p.add_argument("--strategy", choices=STRATEGIES, default="batch",
-                   help="random | uncertainty (largest LLPR σ) | diversity (farthest points in feature space) | "
-                        "batch (greedy LLPR variance reduction: uncertain and diverse; default)")
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="batch",
+        help="random | uncertainty (largest LLPR σ) | diversity (farthest points in feature space) | "
+        "batch (greedy LLPR variance reduction: uncertain and diverse; default)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", help="file of structure keys already labelled (one per line)")
     p.add_argument("--out", required=True, help="picked structure keys, one per line, in pick order")
@@ -39,8 +44,9 @@ def run(args) -> int:
             raise MultifiError(f"{path}: no such file")
         exclude = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     llpr = LLPR.load(llpr_path(args.model), potential) if args.strategy in ("uncertainty", "batch") else None
-    picks = select_structures(potential, pool, args.fidelity, args.n, args.strategy, args.seed, exclude, llpr,
-                              args.batch_size)
+    picks = select_structures(
+        potential, pool, args.fidelity, args.n, args.strategy, args.seed, exclude, llpr, args.batch_size
+    )
     keys = [str(k) for k in pool.keys[picks]]
     atomic_write(Path(args.out), lambda f: f.write("".join(k + "\n" for k in keys).encode()))
     print(f"picked {len(keys)} of {len(pool)} structures for {args.fidelity} ({args.strategy}) → {args.out}")

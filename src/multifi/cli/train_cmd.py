@@ -1,4 +1,5 @@
 """multifi train CONFIG.yaml [--set key=value …] | multifi train --resume RUN_DIR"""
+
 from __future__ import annotations
 
 from multifi.cli.args import positive_int
@@ -7,13 +8,22 @@ from multifi.cli.args import positive_int
 def register(sub):
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", nargs="?", help="run configuration (YAML)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=5 (repeatable)",
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--devices", help="devices per node (e.g. 2, or 'auto')")
     p.add_argument("--num-nodes", type=positive_int, help="number of nodes for distributed training")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check config and data, print the plan (samples per fidelity and split, parameters), write nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check config and data, print the plan (samples per fidelity and split, parameters), write nothing",
+    )
     p.set_defaults(func=run)
 
 

@@ -1,4 +1,5 @@
 """Data layer: readers → FidelityDataset (columnar, labels per fidelity) → splits → Graph batches."""
+
 from multifi.data.dataset import FidelityDataset
 from multifi.data.fidelity import FidelityTable
 

@@ -1,4 +1,5 @@
 """Graph batches: many structures as one disconnected graph; the only place indices are shifted."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -6,8 +7,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from multifi.data.dataset import FidelityDataset, ranges
 from multifi.data.checks import MIN_DISTANCE
+from multifi.data.dataset import FidelityDataset, ranges
 from multifi.data.neighbors import neighbor_list
 from multifi.errors import MultifiError
 
@@ -53,7 +54,7 @@ class Graph:
     def num_graphs(self) -> int:
         return int(self.n_atoms.shape[0])
 
-    def to(self, device, dtype: torch.dtype | None = None) -> "Graph":
+    def to(self, device, dtype: torch.dtype | None = None) -> Graph:
         """Move to a device (and cast floating fields except the float64 energy labels)."""
         out = {}
         for f in fields(self):
@@ -63,7 +64,7 @@ class Graph:
             out[f.name] = t.to(device, non_blocking=True)
         return Graph(**out)
 
-    def pin_memory(self) -> "Graph":
+    def pin_memory(self) -> Graph:
         return Graph(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
     def volume(self) -> Tensor:
@@ -104,16 +105,32 @@ class GraphCollator:
         f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
         i64 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
         return Graph(
-            numbers=i64(ds.numbers[atom_idx]), positions=f32(ds.positions[atom_idx]), cell=f32(ds.cells[s]),
-            batch=i64(np.repeat(np.arange(B), n_atoms)), n_atoms=i64(n_atoms), edge_index=i64(edge_index),
-            shifts=f32(shifts), fidelity=i64(k), energy=torch.from_numpy(np.nan_to_num(energy)),
-            energy_mask=torch.from_numpy(emask), forces=f32(np.nan_to_num(forces)), forces_mask=torch.from_numpy(fmask),
-            stress=f32(np.nan_to_num(stress)), stress_mask=torch.from_numpy(smask), structure=i64(s),
+            numbers=i64(ds.numbers[atom_idx]),
+            positions=f32(ds.positions[atom_idx]),
+            cell=f32(ds.cells[s]),
+            batch=i64(np.repeat(np.arange(B), n_atoms)),
+            n_atoms=i64(n_atoms),
+            edge_index=i64(edge_index),
+            shifts=f32(shifts),
+            fidelity=i64(k),
+            energy=torch.from_numpy(np.nan_to_num(energy)),
+            energy_mask=torch.from_numpy(emask),
+            forces=f32(np.nan_to_num(forces)),
+            forces_mask=torch.from_numpy(fmask),
+            stress=f32(np.nan_to_num(stress)),
+            stress_mask=torch.from_numpy(smask),
+            structure=i64(s),
         )
 
 
-def graph_from_atoms(atoms_list, cutoff: float, fidelity: int | list[int] = 0,
-                     dtype: torch.dtype = torch.float32, where: str = "", first: int = 0) -> Graph:
+def graph_from_atoms(
+    atoms_list,
+    cutoff: float,
+    fidelity: int | list[int] = 0,
+    dtype: torch.dtype = torch.float32,
+    where: str = "",
+    first: int = 0,
+) -> Graph:
     """A label-free Graph from ase.Atoms objects (for prediction and the calculator).
 
     Atoms closer than MIN_DISTANCE Å are an error naming `where`, structure `first + n` and the atoms,
@@ -127,8 +144,9 @@ def graph_from_atoms(atoms_list, cutoff: float, fidelity: int | list[int] = 0,
         if len(d) and d.min() < MIN_DISTANCE:
             e = int(np.argmin(d))
             prefix = f"{where}: " if where else ""
-            raise MultifiError(f"{prefix}structure {first + n}: atoms {i[e]} and {j[e]} are {d[e]:.3f} Å apart "
-                               f"(< {MIN_DISTANCE} Å)")
+            raise MultifiError(
+                f"{prefix}structure {first + n}: atoms {i[e]} and {j[e]} are {d[e]:.3f} Å apart (< {MIN_DISTANCE} Å)"
+            )
         ei.append(np.stack([i, j]) + start)
         shifts.append(s)
         numbers.append(a.numbers)
@@ -142,10 +160,19 @@ def graph_from_atoms(atoms_list, cutoff: float, fidelity: int | list[int] = 0,
     N = int(n.sum())
     t = lambda a, dt=dtype: torch.as_tensor(np.asarray(a), dtype=dt)  # noqa: E731
     return Graph(
-        numbers=t(np.concatenate(numbers), torch.long), positions=t(np.concatenate(positions)), cell=t(np.stack(cells)),
-        batch=t(np.repeat(np.arange(B), n), torch.long), n_atoms=t(n, torch.long),
-        edge_index=t(np.concatenate(ei, axis=1), torch.long), shifts=t(np.concatenate(shifts)),
-        fidelity=t(fid.copy(), torch.long), energy=torch.zeros(B, dtype=torch.float64),
-        energy_mask=torch.zeros(B, dtype=torch.bool), forces=torch.zeros(N, 3, dtype=dtype), forces_mask=torch.zeros(B, dtype=torch.bool),
-        stress=torch.zeros(B, 3, 3, dtype=dtype), stress_mask=torch.zeros(B, dtype=torch.bool), structure=torch.arange(B),
+        numbers=t(np.concatenate(numbers), torch.long),
+        positions=t(np.concatenate(positions)),
+        cell=t(np.stack(cells)),
+        batch=t(np.repeat(np.arange(B), n), torch.long),
+        n_atoms=t(n, torch.long),
+        edge_index=t(np.concatenate(ei, axis=1), torch.long),
+        shifts=t(np.concatenate(shifts)),
+        fidelity=t(fid.copy(), torch.long),
+        energy=torch.zeros(B, dtype=torch.float64),
+        energy_mask=torch.zeros(B, dtype=torch.bool),
+        forces=torch.zeros(N, 3, dtype=dtype),
+        forces_mask=torch.zeros(B, dtype=torch.bool),
+        stress=torch.zeros(B, 3, 3, dtype=dtype),
+        stress_mask=torch.zeros(B, dtype=torch.bool),
+        structure=torch.arange(B),
     )

@@ -1,5 +1,6 @@
 """Plausibility checks on prepared data: overlapping atoms, duplicate geometries across splits,
 energies that look like Hartree instead of eV. Errors are one line; doubtful data gives warnings."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,10 @@ def check_overlaps(dataset: FidelityDataset, neighbors) -> None:
     bad = np.flatnonzero(neighbors.min_distance < MIN_DISTANCE)
     if len(bad):
         s = int(bad[0])
-        raise MultifiError(f"{dataset.source or 'data'}: structure {dataset.keys[s]} has atoms "
-                           f"{neighbors.min_distance[s]:.3f} Å apart (< {MIN_DISTANCE} Å; {len(bad)} structure(s) affected)")
+        raise MultifiError(
+            f"{dataset.source or 'data'}: structure {dataset.keys[s]} has atoms "
+            f"{neighbors.min_distance[s]:.3f} Å apart (< {MIN_DISTANCE} Å; {len(bad)} structure(s) affected)"
+        )
 
 
 def geometry_fingerprints(dataset: FidelityDataset, chunk: int = 1 << 20) -> np.ndarray:
@@ -34,17 +37,17 @@ def geometry_fingerprints(dataset: FidelityDataset, chunk: int = 1 << 20) -> np.
     S, A = len(dataset), len(dataset.numbers)
     atom = np.empty(A, np.int64)
     for a in range(0, A, chunk):
-        q = (np.asarray(dataset.positions[a:a + chunk]) * 1e4).astype(np.int64)
-        z = np.asarray(dataset.numbers[a:a + chunk], np.int64)
-        atom[a:a + chunk] = ((q[:, 0] * w[0] + q[:, 1] * w[1] + q[:, 2] * w[2]) ^ (z * w[3])) * np.int64(0x9E3779B1)
+        q = (np.asarray(dataset.positions[a : a + chunk]) * 1e4).astype(np.int64)
+        z = np.asarray(dataset.numbers[a : a + chunk], np.int64)
+        atom[a : a + chunk] = ((q[:, 0] * w[0] + q[:, 1] * w[1] + q[:, 2] * w[2]) ^ (z * w[3])) * np.int64(0x9E3779B1)
     fp = np.zeros(S, np.int64)
     nonempty = dataset.n_atoms > 0
     if A:
         fp[nonempty] = np.add.reduceat(atom, dataset.offsets[:-1][nonempty])
     wc = rng.integers(1, 2**31 - 1, size=9, dtype=np.int64)
     for a in range(0, S, chunk):
-        cell = (np.asarray(dataset.cells[a:a + chunk]).reshape(-1, 9) * 1e4).astype(np.int64)
-        fp[a:a + chunk] += (cell * wc).sum(1)
+        cell = (np.asarray(dataset.cells[a : a + chunk]).reshape(-1, 9) * 1e4).astype(np.int64)
+        fp[a : a + chunk] += (cell * wc).sum(1)
     return fp + dataset.n_atoms * w[0]
 
 
@@ -70,8 +73,12 @@ def check_split_duplicates(dataset: FidelityDataset, split) -> int:
             where = next(b for b in before if (fp[split[b]] == fp[s]).any())
             example = f"{dataset.keys[s]} ({name}) duplicates a {where} structure"
     if clashes:
-        log.warning("%s: %d structure(s) appear in two splits under different keys, e.g. %s; "
-                    "test errors will be optimistic", dataset.source or "data", clashes, example)
+        log.warning(
+            "%s: %d structure(s) appear in two splits under different keys, e.g. %s; test errors will be optimistic",
+            dataset.source or "data",
+            clashes,
+            example,
+        )
     return clashes
 
 
@@ -92,11 +99,21 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
         crystal_ha = _crystal_per_atom_magnitude(dataset, s, k)
         if tiny_h or tiny_spread or crystal_ha is not None:
             suspicious.append(name)
-            why = f"hydrogen reference {ref[1, k]:.3f}" if tiny_h else (
-                f"per-atom spread {1000 * scale[k]:.2f} meV" if tiny_spread else
-                f"crystals' median |energy| per atom {crystal_ha:.3f}, where eV data gives 1-10")
-            log.warning("%s: energies at fidelity %r look like Hartree, not eV (%s); multiply by 27.211386 "
-                        "if so", dataset.source or "data", name, why)
+            why = (
+                f"hydrogen reference {ref[1, k]:.3f}"
+                if tiny_h
+                else (
+                    f"per-atom spread {1000 * scale[k]:.2f} meV"
+                    if tiny_spread
+                    else f"crystals' median |energy| per atom {crystal_ha:.3f}, where eV data gives 1-10"
+                )
+            )
+            log.warning(
+                "%s: energies at fidelity %r look like Hartree, not eV (%s); multiply by 27.211386 if so",
+                dataset.source or "data",
+                name,
+                why,
+            )
     return suspicious
 
 

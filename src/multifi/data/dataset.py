@@ -12,6 +12,7 @@ Layout (S structures, A atoms in total, K fidelities):
   stress     [S, K, 3, 3] float64 GPa, ASE sign (positive = tensile), stress_mask [S, K]
 A structure may carry several fidelities; a (structure, fidelity) pair is one training sample.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -122,16 +123,21 @@ class FidelityDataset:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def empty(cls, fidelities: FidelityTable | None = None) -> "FidelityDataset":
+    def empty(cls, fidelities: FidelityTable | None = None) -> FidelityDataset:
         k = len(fidelities or ())
         return cls(
-            numbers=np.zeros(0, np.uint8), positions=np.zeros((0, 3)), offsets=np.zeros(1, np.int64),
-            cells=np.zeros((0, 3, 3)), pbc=np.zeros((0, 3), bool), keys=np.zeros(0, dtype="U1"),
-            fidelities=fidelities or FidelityTable([]), energy=np.zeros((0, k)),
+            numbers=np.zeros(0, np.uint8),
+            positions=np.zeros((0, 3)),
+            offsets=np.zeros(1, np.int64),
+            cells=np.zeros((0, 3, 3)),
+            pbc=np.zeros((0, 3), bool),
+            keys=np.zeros(0, dtype="U1"),
+            fidelities=fidelities or FidelityTable([]),
+            energy=np.zeros((0, k)),
         )
 
     @classmethod
-    def from_records(cls, records: list[dict], source: str = "") -> "FidelityDataset":
+    def from_records(cls, records: list[dict], source: str = "") -> FidelityDataset:
         """Build from per-structure dicts (readers' common currency).
 
         Each record: numbers [n], positions [n,3] Å, optional cell [3,3] Å and pbc [3],
@@ -192,18 +198,30 @@ class FidelityDataset:
                     stress[i, k] = voigt_or_matrix(lab["stress"], where)
                     smask[i, k] = True
                     if not pbc[i].any():
-                        raise MultifiError(f"{where}: a stress label on a non-periodic structure (pbc all False); "
-                                           "stress needs a periodic cell")
+                        raise MultifiError(
+                            f"{where}: a stress label on a non-periodic structure (pbc all False); "
+                            "stress needs a periodic cell"
+                        )
         ds = cls(
-            numbers=numbers, positions=positions, offsets=offsets, cells=cells, pbc=pbc,
-            keys=np.array(keys, dtype=str) if keys else np.zeros(0, dtype="U1"), fidelities=table,
-            energy=energy, forces=forces, forces_mask=fmask, stress=stress, stress_mask=smask, source=source,
+            numbers=numbers,
+            positions=positions,
+            offsets=offsets,
+            cells=cells,
+            pbc=pbc,
+            keys=np.array(keys, dtype=str) if keys else np.zeros(0, dtype="U1"),
+            fidelities=table,
+            energy=energy,
+            forces=forces,
+            forces_mask=fmask,
+            stress=stress,
+            stress_mask=smask,
+            source=source,
         )
         ds.validate()
         return ds
 
     # ------------------------------------------------------------------ checks
-    def validate(self, skip_invalid: bool = False) -> "FidelityDataset":
+    def validate(self, skip_invalid: bool = False) -> FidelityDataset:
         """Check shapes, elements and finiteness of labels; raise a one-line error naming the source.
 
         With skip_invalid, non-finite labels are dropped (set missing) instead and the count kept in
@@ -212,11 +230,15 @@ class FidelityDataset:
         src = self.source or "dataset"
         S, A, K = len(self), len(self.numbers), len(self.fidelities)
         if self.offsets[-1] != A or self.positions.shape != (A, 3):
-            raise MultifiError(f"{src}: inconsistent array shapes (offsets end {self.offsets[-1]}, "
-                               f"{A} numbers, positions {self.positions.shape})")
+            raise MultifiError(
+                f"{src}: inconsistent array shapes (offsets end {self.offsets[-1]}, "
+                f"{A} numbers, positions {self.positions.shape})"
+            )
         if self.energy.shape != (S, K) or self.cells.shape != (S, 3, 3) or self.pbc.shape != (S, 3):
-            raise MultifiError(f"{src}: inconsistent array shapes (energy {self.energy.shape}, "
-                               f"cells {self.cells.shape}, pbc {self.pbc.shape} for {S} structures, {K} fidelities)")
+            raise MultifiError(
+                f"{src}: inconsistent array shapes (energy {self.energy.shape}, "
+                f"cells {self.cells.shape}, pbc {self.pbc.shape} for {S} structures, {K} fidelities)"
+            )
         if A and (self.numbers.min() < 1 or self.numbers.max() > MAX_Z):
             bad = self.numbers[(self.numbers < 1) | (self.numbers > MAX_Z)][0]
             s = int(np.searchsorted(self.offsets, np.argmax((self.numbers < 1) | (self.numbers > MAX_Z)), "right") - 1)
@@ -237,7 +259,9 @@ class FidelityDataset:
             nonfinite_atoms = ~np.isfinite(self.forces).all(-1)  # [A, K]
             bad_f = np.zeros((S, K), bool)
             if nonfinite_atoms.any():
-                per_struct = np.add.reduceat(nonfinite_atoms.astype(np.int64), self.offsets[:-1], axis=0) if A else bad_f
+                per_struct = (
+                    np.add.reduceat(nonfinite_atoms.astype(np.int64), self.offsets[:-1], axis=0) if A else bad_f
+                )
                 per_struct[self.n_atoms == 0] = 0
                 bad_f = (per_struct > 0) & self.forces_mask
         bad_s = np.zeros((S, K), bool)
@@ -249,7 +273,8 @@ class FidelityDataset:
                 s, k = np.argwhere(bad_e | bad_f | bad_s)[0]
                 raise MultifiError(
                     f"{src}: {n_bad} non-finite (NaN/inf) labels, first in structure {s} at fidelity "
-                    f"{self.fidelities.names[k]!r}; fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)")
+                    f"{self.fidelities.names[k]!r}; fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)"
+                )
             self.energy[bad_e] = np.nan
             if self.forces is not None:
                 self.forces_mask &= ~bad_f
@@ -259,7 +284,7 @@ class FidelityDataset:
         return self
 
     # ------------------------------------------------------------------ transformations
-    def subset(self, idx: np.ndarray) -> "FidelityDataset":
+    def subset(self, idx: np.ndarray) -> FidelityDataset:
         """The structures `idx` (in that order) as a new dataset."""
         idx = np.asarray(idx, dtype=np.int64)
         counts = self.n_atoms[idx]
@@ -267,13 +292,21 @@ class FidelityDataset:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         opt = lambda a, sel: None if a is None else a[sel]  # noqa: E731
         return replace(
-            self, numbers=self.numbers[atom_idx], positions=self.positions[atom_idx], offsets=offsets,
-            cells=self.cells[idx], pbc=self.pbc[idx], keys=self.keys[idx], energy=self.energy[idx],
-            forces=opt(self.forces, atom_idx), forces_mask=opt(self.forces_mask, idx),
-            stress=opt(self.stress, idx), stress_mask=opt(self.stress_mask, idx),
+            self,
+            numbers=self.numbers[atom_idx],
+            positions=self.positions[atom_idx],
+            offsets=offsets,
+            cells=self.cells[idx],
+            pbc=self.pbc[idx],
+            keys=self.keys[idx],
+            energy=self.energy[idx],
+            forces=opt(self.forces, atom_idx),
+            forces_mask=opt(self.forces_mask, idx),
+            stress=opt(self.stress, idx),
+            stress_mask=opt(self.stress_mask, idx),
         )
 
-    def with_fidelities(self, table: FidelityTable) -> "FidelityDataset":
+    def with_fidelities(self, table: FidelityTable) -> FidelityDataset:
         """The same data with label columns laid out as `table` (a superset of our fidelities)."""
         if table == self.fidelities:
             return self
@@ -294,19 +327,20 @@ class FidelityDataset:
             out.stress_mask[:, cols] = self.stress_mask
         return out
 
-    def select_fidelities(self, names: list[str], where: str = "") -> "FidelityDataset":
+    def select_fidelities(self, names: list[str], where: str = "") -> FidelityDataset:
         """Only the label columns of `names` (in that order); unknown names are an error."""
         return self._take_fidelities(np.asarray(self.fidelities.indices(names, where), dtype=np.int64))
 
-    def drop_fidelities_without_labels(self) -> "FidelityDataset":
+    def drop_fidelities_without_labels(self) -> FidelityDataset:
         keep = np.flatnonzero(self.energy_mask.any(0) | self.has_forces().any(0) | self.has_stress().any(0))
         if len(keep) == len(self.fidelities):
             return self
         return self._take_fidelities(keep)
 
-    def _take_fidelities(self, keep: np.ndarray) -> "FidelityDataset":
-        out = replace(self, fidelities=FidelityTable([self.fidelities.names[k] for k in keep]),
-                      energy=self.energy[:, keep])
+    def _take_fidelities(self, keep: np.ndarray) -> FidelityDataset:
+        out = replace(
+            self, fidelities=FidelityTable([self.fidelities.names[k] for k in keep]), energy=self.energy[:, keep]
+        )
         if self.forces is not None:
             out.forces, out.forces_mask = self.forces[:, keep], self.forces_mask[:, keep]
         if self.stress is not None:
@@ -314,7 +348,7 @@ class FidelityDataset:
         return out
 
     @staticmethod
-    def merge(datasets: list["FidelityDataset"]) -> "FidelityDataset":
+    def merge(datasets: list[FidelityDataset]) -> FidelityDataset:
         """Concatenate datasets; structures with equal keys become one structure with all labels.
 
         The same (structure, fidelity) label given twice with different values is an error.
@@ -366,9 +400,16 @@ class FidelityDataset:
 
     # ------------------------------------------------------------------ persistence
     def _arrays(self) -> dict[str, np.ndarray]:
-        arrays = dict(numbers=self.numbers, positions=self.positions, offsets=self.offsets, cells=self.cells,
-                      pbc=self.pbc, keys=self.keys, energy=self.energy,
-                      fidelities=np.array(self.fidelities.names, dtype=str))
+        arrays = dict(
+            numbers=self.numbers,
+            positions=self.positions,
+            offsets=self.offsets,
+            cells=self.cells,
+            pbc=self.pbc,
+            keys=self.keys,
+            energy=self.energy,
+            fidelities=np.array(self.fidelities.names, dtype=str),
+        )
         for name in ("forces", "forces_mask", "stress", "stress_mask"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
@@ -401,7 +442,7 @@ class FidelityDataset:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True) -> "FidelityDataset":
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> FidelityDataset:
         """Read a dataset saved by `save`; a directory dataset is memory-mapped read-only unless mmap=False."""
         path = Path(path)
         if not path.exists():
@@ -420,11 +461,21 @@ class FidelityDataset:
             missing = {"numbers", "positions", "offsets", "cells", "pbc", "keys", "energy", "fidelities"} - set(names)
             if missing:
                 raise MultifiError(f"{path}: not a multifi dataset (missing {', '.join(sorted(missing))})")
-            return cls(numbers=get("numbers"), positions=get("positions"), offsets=np.asarray(get("offsets")),
-                       cells=get("cells"), pbc=np.asarray(get("pbc")), keys=get("keys"), energy=get("energy"),
-                       fidelities=FidelityTable(np.asarray(get("fidelities")).tolist()), forces=get("forces"),
-                       forces_mask=get("forces_mask"), stress=get("stress"), stress_mask=get("stress_mask"),
-                       source=str(path))
+            return cls(
+                numbers=get("numbers"),
+                positions=get("positions"),
+                offsets=np.asarray(get("offsets")),
+                cells=get("cells"),
+                pbc=np.asarray(get("pbc")),
+                keys=get("keys"),
+                energy=get("energy"),
+                fidelities=FidelityTable(np.asarray(get("fidelities")).tolist()),
+                forces=get("forces"),
+                forces_mask=get("forces_mask"),
+                stress=get("stress"),
+                stress_mask=get("stress_mask"),
+                source=str(path),
+            )
         except (KeyError, ValueError, OSError) as exc:
             raise MultifiError(f"{path}: not a multifi dataset file ({type(exc).__name__}: {exc})") from None
 
@@ -449,15 +500,18 @@ def _concatenate(parts: list[FidelityDataset], table: FidelityTable) -> Fidelity
     def cat_opt(name, shape_fn, dtype):
         if not (any_f if name.startswith("forces") else any_s):
             return None
-        return np.concatenate([getattr(p, name) if getattr(p, name) is not None else np.zeros(shape_fn(p), dtype)
-                               for p in parts])
+        return np.concatenate(
+            [getattr(p, name) if getattr(p, name) is not None else np.zeros(shape_fn(p), dtype) for p in parts]
+        )
 
     return FidelityDataset(
         numbers=np.concatenate([p.numbers for p in parts]).astype(np.uint8),
         positions=np.concatenate([p.positions for p in parts]),
         offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        cells=np.concatenate([p.cells for p in parts]), pbc=np.concatenate([p.pbc for p in parts]),
-        keys=np.concatenate([p.keys.astype(str) for p in parts]), fidelities=table,
+        cells=np.concatenate([p.cells for p in parts]),
+        pbc=np.concatenate([p.pbc for p in parts]),
+        keys=np.concatenate([p.keys.astype(str) for p in parts]),
+        fidelities=table,
         energy=np.concatenate([p.energy for p in parts]),
         forces=cat_opt("forces", lambda p: (len(p.numbers), K, 3), np.float32),
         forces_mask=cat_opt("forces_mask", lambda p: (len(p), K), bool),
@@ -468,8 +522,10 @@ def _concatenate(parts: list[FidelityDataset], table: FidelityTable) -> Fidelity
 
 
 def _conflict(cat: FidelityDataset, s: int, name: str, what: str):
-    raise MultifiError(f"{cat.source}: conflicting {what} labels at fidelity {name!r} for structure "
-                       f"{str(cat.keys[s])!r} (given twice with different values)")
+    raise MultifiError(
+        f"{cat.source}: conflicting {what} labels at fidelity {name!r} for structure "
+        f"{str(cat.keys[s])!r} (given twice with different values)"
+    )
 
 
 def _fold(out_col, col, target, mask, name, cat, what):
@@ -482,6 +538,8 @@ def _fold(out_col, col, target, mask, name, cat, what):
         same = ts[1:] == ts[:-1]
         if (np.abs(vs[1:] - vs[:-1])[same] > 1e-6).any():
             i = int(np.flatnonzero(same & (np.abs(vs[1:] - vs[:-1]) > 1e-6))[0])
-            raise MultifiError(f"{cat.source}: conflicting {what} labels at fidelity {name!r} for one structure "
-                               f"({vs[i]:.6f} vs {vs[i + 1]:.6f} eV)")
+            raise MultifiError(
+                f"{cat.source}: conflicting {what} labels at fidelity {name!r} for one structure "
+                f"({vs[i]:.6f} vs {vs[i + 1]:.6f} eV)"
+            )
     out_col[t] = col[mask]

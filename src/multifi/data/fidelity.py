@@ -1,4 +1,5 @@
 """FidelityTable: the one place where fidelity names become integer indices."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -40,6 +41,6 @@ class FidelityTable:
     def indices(self, names: Sequence[str], where: str = "") -> list[int]:
         return [self.index(n, where) for n in names]
 
-    def union(self, other: "FidelityTable") -> "FidelityTable":
+    def union(self, other: FidelityTable) -> FidelityTable:
         """This table's names followed by the other's new names (existing indices are kept)."""
         return FidelityTable(list(self.names) + [n for n in other.names if n not in self._index])

@@ -1,4 +1,5 @@
 """Neighbour lists from vesin (compiled), shared by training (cached) and the ASE calculator."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,9 @@ from tqdm.auto import tqdm
 from multifi.errors import MultifiError
 
 
-def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float, calculator=None,
-                  distances: bool = False):
+def neighbor_list(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float, calculator=None, distances: bool = False
+):
     """Full neighbour list within `cutoff` Å.
 
     Returns (i, j, shifts): centres [E], neighbours [E] (int64) and integer cell shifts [E, 3], such
@@ -27,8 +29,12 @@ def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cuto
     else:
         box = np.zeros((3, 3))
     nl = calculator or NeighborList(cutoff=float(cutoff), full_list=True)
-    out = nl.compute(points=positions, box=box, periodic=pbc.tolist() if periodic else False,
-                     quantities="ijSd" if distances else "ijS")
+    out = nl.compute(
+        points=positions,
+        box=box,
+        periodic=pbc.tolist() if periodic else False,
+        quantities="ijSd" if distances else "ijS",
+    )
     i, j, s = out[0].astype(np.int64), out[1].astype(np.int64), out[2].astype(np.int64)
     return (i, j, s, out[3]) if distances else (i, j, s)
 
@@ -56,7 +62,7 @@ class NeighborCache:
         if progress and S > 2000:
             it = tqdm(it, desc=f"neighbour lists ({cutoff:g} Å)", unit="struct", leave=False)
         for s in it:
-            i, j, sh, d = neighbor_list(positions[offsets[s]:offsets[s + 1]], cells[s], pbc[s], cutoff, nl, True)
+            i, j, sh, d = neighbor_list(positions[offsets[s] : offsets[s + 1]], cells[s], pbc[s], cutoff, nl, True)
             counts[s] = len(i)
             if len(d):
                 self.min_distance[s] = d.min()
@@ -100,8 +106,10 @@ class OnTheFlyNeighbors:
             if len(i):
                 d = np.linalg.norm(pos[j] - pos[i] + sh @ ds.cells[s], axis=1)
                 if d.min() < self.min_distance:
-                    raise MultifiError(f"{ds.source or 'data'}: structure {ds.keys[s]} has atoms {d.min():.3f} Å apart "
-                                       f"(< {self.min_distance} Å)")
+                    raise MultifiError(
+                        f"{ds.source or 'data'}: structure {ds.keys[s]} has atoms {d.min():.3f} Å apart "
+                        f"(< {self.min_distance} Å)"
+                    )
             ii.append(i), jj.append(j), ss.append(sh)
             counts[n] = len(i)
         cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.int64)  # noqa: E731
@@ -114,8 +122,10 @@ def estimate_edges(dataset, cutoff: float, sample: int = 200, seed: int = 0) -> 
     if S == 0:
         return 0.0
     pick = np.random.default_rng(seed).choice(S, min(sample, S), replace=False)
-    edges = sum(len(neighbor_list(dataset.positions[dataset.atoms_slice(s)], dataset.cells[s], dataset.pbc[s], cutoff)[0])
-                for s in pick.tolist())
+    edges = sum(
+        len(neighbor_list(dataset.positions[dataset.atoms_slice(s)], dataset.cells[s], dataset.pbc[s], cutoff)[0])
+        for s in pick.tolist()
+    )
     atoms = dataset.n_atoms[pick].sum()
     return float(edges / max(atoms, 1) * dataset.n_atoms.sum())
 

@@ -1,4 +1,5 @@
 """Read the configured sources and merge them into one FidelityDataset."""
+
 from __future__ import annotations
 
 import logging
@@ -25,15 +26,23 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
 
         q = src.qm9
         indices = _read_indices(q.indices) if q.indices else None
-        return read_qm9(labels=q.labels, fidelity=q.fidelity or src.fidelity, limit=q.limit, indices=indices,
-                        seed=q.seed, skip_invalid=skip_invalid)
+        return read_qm9(
+            labels=q.labels,
+            fidelity=q.fidelity or src.fidelity,
+            limit=q.limit,
+            indices=indices,
+            seed=q.seed,
+            skip_invalid=skip_invalid,
+        )
     path = Path(src.path)
     if not path.exists():
         raise MultifiError(f"{path}: no such file")
     fmt = src.format if src.format != "auto" else guess_format(path)
     if fmt == "ase" and path.name.lower().endswith((".csv", ".csv.gz")):
-        raise MultifiError(f"{path}: a label table, not a structure file; it labels QM9 molecules: on the command "
-                           f"line give it as qm9:{path}, in a config as '- qm9: {{labels: {path}}}'")
+        raise MultifiError(
+            f"{path}: a label table, not a structure file; it labels QM9 molecules: on the command "
+            f"line give it as qm9:{path}, in a config as '- qm9: {{labels: {path}}}'"
+        )
     keys = {"energy": src.energy_key, "forces": src.forces_key, "stress": src.stress_key}
     custom = [f"{k}_key" for k, v in keys.items() if v != k]
     if custom and fmt != "ase":
@@ -41,7 +50,9 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
     if fmt == "npz":
         ds = FidelityDataset.load(path)
         if src.fidelity is not None:
-            raise MultifiError(f"{path}: a saved dataset carries its own fidelities; remove 'fidelity' from this source")
+            raise MultifiError(
+                f"{path}: a saved dataset carries its own fidelities; remove 'fidelity' from this source"
+            )
         return ds
     if fmt == "matpes":
         from multifi.data.readers.matpes import read_matpes

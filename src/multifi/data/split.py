@@ -1,4 +1,5 @@
 """Splits by structure, per-fidelity label limits, and (structure, fidelity) training samples."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import numpy as np
 
 from multifi.data.dataset import FidelityDataset
 from multifi.data.stats import composition_matrix
-from multifi.files import atomic_write
 from multifi.errors import MultifiError
+from multifi.files import atomic_write
 
 SPLITS = ("train", "val", "test")
 
@@ -46,8 +47,9 @@ def random_split(n: int, val: float, test: float, seed: int) -> Split:
     n_test, n_val = int(round(test * n)), int(round(val * n))
     if n - n_test - n_val < 1:
         raise MultifiError(f"split leaves no training structures ({n} structures, val={val}, test={test})")
-    return Split(train=np.sort(perm[n_test + n_val:]), val=np.sort(perm[n_test:n_test + n_val]),
-                 test=np.sort(perm[:n_test]))
+    return Split(
+        train=np.sort(perm[n_test + n_val :]), val=np.sort(perm[n_test : n_test + n_val]), test=np.sort(perm[:n_test])
+    )
 
 
 def split_from_files(files: dict[str, str], dataset: FidelityDataset) -> Split:

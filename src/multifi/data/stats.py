@@ -16,6 +16,7 @@ Where a fidelity's labels determine ref[:, f] it is that fidelity's own least-sq
 elements without labels at f, and compositions its labels do not determine (e.g. Ga and As only as
 GaAs), take the model's values. `References.fitted[Z, f]` records which came from f's own labels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,8 +80,9 @@ def force_rms(dataset, pairs: np.ndarray, ks) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- references
-def fit_references(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool = False,
-                   shared_scale: bool = False) -> References:
+def fit_references(
+    dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool = False, shared_scale: bool = False
+) -> References:
     """Per-fidelity reference energies (joint fit, see the module docstring) and residual scales.
 
     dataset: FidelityDataset; pairs [P, 2] (structure, fidelity) training samples.
@@ -94,7 +96,7 @@ def fit_references(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool
     ref, scale = np.zeros((N_ELEMENTS, K)), np.ones(K)
     fitted, spread = np.zeros((N_ELEMENTS, K), bool), np.full(K, np.nan)
     systems, residuals = [], []
-    for ks in ([list(range(K))] if pooled else [[k] for k in range(K)]):
+    for ks in [list(range(K))] if pooled else [[k] for k in range(K)]:
         own = _own_fit(dataset, pairs, ks, elements, counts, ridge)
         ref[:, ks], fitted[:, ks], scale[ks] = own.ref[:, None], own.fitted[:, None], own.scale
         systems.append(own.system)
@@ -102,21 +104,25 @@ def fit_references(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool
             residuals.append(own.resid)
     if shared_scale and not pooled and residuals:
         resid = np.concatenate(residuals)
-        scale[:] = float(resid.std()) if len(resid) > 1 and resid.std() > 1e-4 else force_rms(dataset, pairs, list(range(K)))
+        scale[:] = (
+            float(resid.std()) if len(resid) > 1 and resid.std() > 1e-4 else force_rms(dataset, pairs, list(range(K)))
+        )
     if not pooled:
         _fill_from_shared(ref, fitted, spread, systems)
     return References(ref, scale, fitted, spread)
 
 
-def fit_baseline(dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool = False,
-                 shared_scale: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def fit_baseline(
+    dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool = False, shared_scale: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(ref [N_ELEMENTS, K] eV, scale [K] eV) of fit_references."""
     r = fit_references(dataset, pairs, ridge, pooled, shared_scale)
     return r.ref, r.scale
 
 
-def fit_new_fidelity(dataset, pairs: np.ndarray, k: int, ref: np.ndarray, fitted: np.ndarray,
-                     ridge: float = 1e-8) -> References:
+def fit_new_fidelity(
+    dataset, pairs: np.ndarray, k: int, ref: np.ndarray, fitted: np.ndarray, ridge: float = 1e-8
+) -> References:
     """References of fidelity k of `dataset` (its labelled pairs in `pairs`) next to known fidelities'.
 
     ref, fitted [N_ELEMENTS, K0]: known references (e.g. a trained model's head.ref, head.fitted); each
@@ -167,15 +173,15 @@ def _least_squares(counts: np.ndarray, rows: np.ndarray, y: np.ndarray, ridge: f
     n_el = counts.shape[1]
     ata, aty = np.zeros((n_el, n_el)), np.zeros(n_el)
     for a in range(0, len(rows), chunk):
-        X = counts[rows[a:a + chunk]].astype(np.float64)
+        X = counts[rows[a : a + chunk]].astype(np.float64)
         ata += X.T @ X
-        aty += X.T @ y[a:a + chunk]
+        aty += X.T @ y[a : a + chunk]
     cols = np.flatnonzero(np.diag(ata) > 0)
     coef = np.linalg.solve(ata[np.ix_(cols, cols)] + ridge * len(rows) * np.eye(len(cols)), aty[cols])
     resid = np.empty(len(rows))
     for a in range(0, len(rows), chunk):
-        X = counts[rows[a:a + chunk]][:, cols].astype(np.float64)
-        resid[a:a + chunk] = (y[a:a + chunk] - X @ coef) / X.sum(1)
+        X = counts[rows[a : a + chunk]][:, cols].astype(np.float64)
+        resid[a : a + chunk] = (y[a : a + chunk] - X @ coef) / X.sum(1)
     return coef, cols, resid, ata, aty
 
 
@@ -241,7 +247,7 @@ def _shift_model(ref, fitted, identified) -> tuple[np.ndarray, np.ndarray]:
             keep = np.arange(len(cells)) != i
             theta = _fit_cells(cells[keep], y[keep], weight[keep], elements, terms)
             errors[i] = _predict(theta, cells[[i]], elements, terms)[0] - y[i]
-        score = np.sqrt(np.nanmean(errors ** 2)) if informative.any() else 0.0
+        score = np.sqrt(np.nanmean(errors**2)) if informative.any() else 0.0
         if best is None or score < best[0]:
             best = (score, terms, errors)
     _, terms, errors = best
@@ -253,7 +259,7 @@ def _shift_model(ref, fitted, identified) -> tuple[np.ndarray, np.ndarray]:
     for f in range(K):
         e = errors[(cells[:, 1] == f) & informative]
         if len(e) and f != base:
-            loo[f] = float(np.sqrt(np.mean(e ** 2)))
+            loo[f] = float(np.sqrt(np.mean(e**2)))
     return prior, loo
 
 

@@ -5,6 +5,7 @@ element whose reference energy at the requested fidelity was estimated from the 
 (no labels of that fidelity contained it) gets a warning naming element and fidelity — or an error
 with `strict=True` (`Calculator(..., strict_references=True)`, `predict_atoms(..., strict_references=True)`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,16 @@ from multifi.errors import MultifiError
 log = logging.getLogger("multifi")
 
 
-def check_elements(potential, numbers: np.ndarray, n_atoms: np.ndarray, fidelity, where: str = "",
-                   keys=None, strict: bool = False, seen: set | None = None) -> None:
+def check_elements(
+    potential,
+    numbers: np.ndarray,
+    n_atoms: np.ndarray,
+    fidelity,
+    where: str = "",
+    keys=None,
+    strict: bool = False,
+    seen: set | None = None,
+) -> None:
     """Check structures before predicting with `potential`.
 
     numbers [A] atomic numbers of all structures, n_atoms [S] atoms per structure; fidelity: model
@@ -37,8 +46,10 @@ def check_elements(potential, numbers: np.ndarray, n_atoms: np.ndarray, fidelity
         atom = int(np.argmax(unknown))
         s = int(np.searchsorted(np.cumsum(n_atoms), atom, side="right"))
         name = "" if len(n_atoms) == 1 else f"structure {keys[s] if keys is not None else s}: "
-        raise MultifiError(f"{prefix}{name}element {chemical_symbols[numbers[atom]]} was not seen in training "
-                           f"(model knows {', '.join(chemical_symbols[z] for z in np.flatnonzero(known))})")
+        raise MultifiError(
+            f"{prefix}{name}element {chemical_symbols[numbers[atom]]} was not seen in training "
+            f"(model knows {', '.join(chemical_symbols[z] for z in np.flatnonzero(known))})"
+        )
     if fidelity is None or len(numbers) == 0:
         return
     fid = np.broadcast_to(np.asarray(fidelity, dtype=np.int64), n_atoms.shape)
@@ -59,9 +70,11 @@ def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: s
         name = potential.fidelities.names[int(k)]
         symbols = ", ".join(chemical_symbols[z] for z in new)
         one = len(new) == 1
-        msg = (f"{prefix}the {name} reference energ{'y' if one else 'ies'} of {symbols} {'was' if one else 'were'} "
-               f"estimated from the other fidelities (no {name} training label contained {'it' if one else 'them'}); "
-               f"expect larger {name} energy errors for structures with {symbols}")
+        msg = (
+            f"{prefix}the {name} reference energ{'y' if one else 'ies'} of {symbols} {'was' if one else 'were'} "
+            f"estimated from the other fidelities (no {name} training label contained {'it' if one else 'them'}); "
+            f"expect larger {name} energy errors for structures with {symbols}"
+        )
         if strict:
             raise MultifiError(msg)
         log.warning("%s", msg)

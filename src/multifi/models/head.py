@@ -1,4 +1,5 @@
 """Energy head: atomwise readout MLP(s) plus per-fidelity reference energies and scale."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,15 @@ class EnergyHead(nn.Module):
     ref and scale, fitted on all fidelities pooled (fit_baseline(..., pooled=True)).
     """
 
-    def __init__(self, features: int, n_fidelities: int, readout_dim: int = 0, heads: bool = False,
-                 hidden: int | None = None, shared_baseline: bool = False):
+    def __init__(
+        self,
+        features: int,
+        n_fidelities: int,
+        readout_dim: int = 0,
+        heads: bool = False,
+        hidden: int | None = None,
+        shared_baseline: bool = False,
+    ):
         super().__init__()
         hidden = hidden or max(features // 2, 1)
         n_mlps = n_fidelities if heads else 1
@@ -32,8 +40,9 @@ class EnergyHead(nn.Module):
         self.register_buffer("scale", torch.ones(n_fidelities, dtype=torch.float64))
         self.register_buffer("fitted", torch.zeros(N_ELEMENTS, n_fidelities, dtype=torch.bool))
 
-    def forward(self, s: torch.Tensor, cond: torch.Tensor | None, numbers: torch.Tensor,
-                fid_atom: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, s: torch.Tensor, cond: torch.Tensor | None, numbers: torch.Tensor, fid_atom: torch.Tensor
+    ) -> torch.Tensor:
         """s [N,F], cond [N,d] or None, numbers [N], fid_atom [N] → atom energies [N] float64 eV."""
         x = s if cond is None else torch.cat([s, cond], dim=-1)
         # every head on every atom (heads are small), then each atom's own: no data-dependent shapes; a head
@@ -67,4 +76,3 @@ class EnergyHead(nn.Module):
         self.ref.copy_(ref)
         self.scale.copy_(torch.as_tensor(scale, dtype=torch.float64))
         self.fitted.copy_(ref != 0 if fitted is None else torch.as_tensor(fitted, dtype=torch.bool))
-

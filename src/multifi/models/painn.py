@@ -8,6 +8,7 @@ Outputs match the original implementation to float32 rounding (tests/test_model_
 
 Compilation (model.compile, MULTIFI_COMPILE=1) is done for every backbone by Potential.
 """
+
 from __future__ import annotations
 
 import torch
@@ -83,8 +84,15 @@ class PaiNN(nn.Module):
 
     sparse_direction = True
 
-    def __init__(self, features: int = 128, interactions: int = 3, cutoff: float = 5.0, n_rbf: int = 20,
-                 max_z: int = N_ELEMENTS, shared_filters: bool = False):
+    def __init__(
+        self,
+        features: int = 128,
+        interactions: int = 3,
+        cutoff: float = 5.0,
+        n_rbf: int = 20,
+        max_z: int = N_ELEMENTS,
+        shared_filters: bool = False,
+    ):
         super().__init__()
         self.features, self.cutoff = features, cutoff
         self.embedding = nn.Embedding(max_z, features)
@@ -118,8 +126,14 @@ class PaiNN(nn.Module):
         """PaiNN needs no precomputed geometry beyond the edges."""
         return None
 
-    def forward(self, numbers: torch.Tensor, edge_index: torch.Tensor, edge_vec: torch.Tensor,
-                condition: torch.Tensor | None = None, geometry: None = None) -> torch.Tensor:
+    def forward(
+        self,
+        numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_vec: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        geometry: None = None,
+    ) -> torch.Tensor:
         """numbers [N], edge_index [2,E], edge_vec [E,3] Å (r_j − r_i), condition [N,F] added to the embedding."""
         s = self.embedding(numbers)
         if condition is not None:
@@ -130,10 +144,12 @@ class PaiNN(nn.Module):
         r = torch.linalg.norm(edge_vec, dim=-1)
         unit = edge_vec / r.unsqueeze(-1)
         v = None
-        direction = DirectionSum(edge_index[0], unit, s.shape[0]) if (
-            self.sparse_direction and DirectionSum.applicable(edge_index[0], unit)) else None
+        direction = (
+            DirectionSum(edge_index[0], unit, s.shape[0])
+            if (self.sparse_direction and DirectionSum.applicable(edge_index[0], unit))
+            else None
+        )
         for message, update, filt in zip(self.messages, self.updates, self.filters(r)):
             s, v = message(s, v, edge_index, filt, unit, direction)
             s, v = update(s, v)
         return s
-

@@ -5,6 +5,7 @@ Eager by default; with `compile` the energy and its edge-vector gradient are one
 function (torch.func.grad inside, dynamic shapes), so force training's second derivative is part of
 the compiled graph's own backward instead of a double backward through hundreds of small eager ops.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,16 @@ class Potential(nn.Module):
     compile: run energy (+ gradient) through torch.compile (minutes of compilation on a CPU first).
     """
 
-    def __init__(self, representation: nn.Module, conditioning: FidelityConditioning, head: EnergyHead,
-                 fidelities: FidelityTable, cutoff: float, spec: dict, compile: bool = False):
+    def __init__(
+        self,
+        representation: nn.Module,
+        conditioning: FidelityConditioning,
+        head: EnergyHead,
+        fidelities: FidelityTable,
+        cutoff: float,
+        spec: dict,
+        compile: bool = False,
+    ):
         super().__init__()
         self.representation = representation
         self.conditioning = conditioning
@@ -51,15 +60,17 @@ class Potential(nn.Module):
         """Atomic numbers with a reference energy fitted at some fidelity (the elements seen in training)."""
         return torch.nonzero(self.head.fitted.any(1)).flatten().tolist()
 
-    def atom_energies(self, edge_vec: torch.Tensor, numbers: torch.Tensor, edge_index: torch.Tensor, geometry,
-                      fid_atom: torch.Tensor) -> torch.Tensor:
+    def atom_energies(
+        self, edge_vec: torch.Tensor, numbers: torch.Tensor, edge_index: torch.Tensor, geometry, fid_atom: torch.Tensor
+    ) -> torch.Tensor:
         """Atom energies [N] (float64, eV) as a function of the edge vectors [E,3] (Å). Structure sums are
         taken outside (and outside compiled code: nothing compiled depends on the number of structures)."""
         s = self.representation(numbers, edge_index, edge_vec, self.conditioning.input_condition(fid_atom), geometry)
         return self.head(s, self.conditioning.readout_condition(fid_atom), numbers, fid_atom)
 
-    def forward(self, graph: Graph, forces: bool = False, stress: bool = False,
-                create_graph: bool = False) -> dict[str, torch.Tensor]:
+    def forward(
+        self, graph: Graph, forces: bool = False, stress: bool = False, create_graph: bool = False
+    ) -> dict[str, torch.Tensor]:
         B = graph.num_graphs
         stress = stress and bool((graph.cell.abs().sum((1, 2)) > 0).any())
         need_grad = forces or stress
@@ -106,6 +117,7 @@ def _energy_and_grad(pot: Potential, vec, *args, create_graph: bool):
 
 def _energy_and_grad_functional(pot: Potential, vec, *args):
     """The same by torch.func.grad, so that torch.compile traces the derivative into its graph."""
+
     def total(v):
         atom_energy = pot.atom_energies(v, *args)
         return atom_energy.sum(), atom_energy

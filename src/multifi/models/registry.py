@@ -1,13 +1,14 @@
 """Build potentials from a model config; save and load them as (spec, weights)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from multifi.files import atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
+from multifi.files import atomic_write
 from multifi.models.head import EnergyHead
 from multifi.models.potential import Potential, compile_requested
 from multifi.nn.fidelity import FidelityConditioning
@@ -36,11 +37,16 @@ def build_potential(model: dict, fidelities: list[str]) -> Potential:
     rep = BACKBONES[model["backbone"]](model)
     emb = model["fidelity_embedding"]
     cond = FidelityConditioning(len(table), emb["dim"], emb["inject"], rep.features, emb.get("onehot_at", "both"))
-    head = EnergyHead(rep.features, len(table), cond.readout_dim, heads=emb["inject"] == "heads",
-                      hidden=model.get("readout_hidden"), shared_baseline=emb["inject"] == "single")
+    head = EnergyHead(
+        rep.features,
+        len(table),
+        cond.readout_dim,
+        heads=emb["inject"] == "heads",
+        hidden=model.get("readout_hidden"),
+        shared_baseline=emb["inject"] == "single",
+    )
     spec = {"model": model, "fidelities": list(table.names)}
-    return Potential(rep, cond, head, table, model["cutoff"], spec,
-                     compile=compile_requested(model.get("compile")))
+    return Potential(rep, cond, head, table, model["cutoff"], spec, compile=compile_requested(model.get("compile")))
 
 
 def save_potential(potential: Potential, path: str | Path) -> Path:
@@ -58,14 +64,14 @@ def load_potential(path: str | Path, map_location="cpu", compile: bool | None = 
         raise MultifiError(f"{path}: no such checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is one user error
+    except Exception as exc:  # any unreadable file is one user error
         raise MultifiError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
     if "multifi_potential" in state:
         spec, weights = state["spec"], state["state_dict"]
     elif "hyper_parameters" in state and "model_spec" in state["hyper_parameters"]:
         spec = state["hyper_parameters"]["model_spec"]
         prefix = "ema." if any(k.startswith("ema.") for k in state["state_dict"]) else "potential."
-        weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+        weights = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
     else:
         raise MultifiError(f"{path}: not a multifi checkpoint")
     potential = build_potential(spec["model"], spec["fidelities"])

@@ -5,6 +5,7 @@ g_ij = ∂E/∂r_ij (eV/Å) gives both: forces F_i = Σ_j g_ij − Σ_j g_ji, an
 strain ε every edge vector (shifts included) becomes r_ij (1 + ε), so ∂E/∂ε = Σ r_ij ⊗ g_ij per
 structure: the virial, whose symmetric part over the volume is the stress.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ def forces_from_edge_gradient(g: torch.Tensor, edge_index: torch.Tensor, n_atoms
     return scatter_sum(g, i, n_atoms) - scatter_sum(g, j, n_atoms)
 
 
-def stress_from_edge_gradient(g: torch.Tensor, edge_vec: torch.Tensor, edge_graph: torch.Tensor,
-                              volume: torch.Tensor) -> torch.Tensor:
+def stress_from_edge_gradient(
+    g: torch.Tensor, edge_vec: torch.Tensor, edge_graph: torch.Tensor, volume: torch.Tensor
+) -> torch.Tensor:
     """g [E,3], edge_vec [E,3] Å, edge_graph [E] structure of each edge, volume [B] Å³ → stress [B,3,3]
     in GPa, ASE sign convention (positive under tension); zero for structures without a cell."""
     virial = scatter_sum(edge_vec.unsqueeze(-1) * g.unsqueeze(-2), edge_graph, volume.shape[0])  # [B,3,3] eV

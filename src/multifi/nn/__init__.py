@@ -1,4 +1,5 @@
 """Building blocks shared by all backbones."""
+
 from multifi.nn.blocks import MLP, scatter_sum
 from multifi.nn.onednn import linear
 from multifi.nn.radial import BesselBasis, CosineCutoff, PolynomialCutoff

@@ -1,4 +1,5 @@
 """Small blocks: MLPs and scatter aggregation over graph indices."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Fidelity conditioning: one vector per level of theory, injected at the input and/or the readout."""
+
 from __future__ import annotations
 
 import torch

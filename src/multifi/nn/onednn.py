@@ -11,6 +11,7 @@ oneDNN; the weight gradient stays with torch.mm. float64, other devices, torch.c
 MULTIFI_ONEDNN=0 use torch's own F.linear. The backward is built from the same differentiable
 functions, so double backward (force training) works.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,9 +33,18 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Only while training the weight (it requires grad, grad mode on): frozen models (the ASE calculator,
     evaluation, EMA weights) evaluate one small structure at a time, where oneDNN's per-call cost made
     forces 1.4× slower (bench/RESULTS.md). Never by batch size, so outputs do not depend on the batch."""
-    return (ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and x.dim() >= 1 and x.numel() > 0
-            and weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling())
+    return (
+        ONEDNN
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dim() >= 1
+        and x.numel() > 0
+        and weight.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _rows(m: int) -> int:

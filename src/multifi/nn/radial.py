@@ -1,4 +1,5 @@
 """Radial bases and cutoff functions of the interatomic distance r (Å)."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ inference without forces), out[i, a, :] = Σ_{e: i_e = i} x[e, :] û[e, a] is U 
 U [3N, E] (3 non-zeros per edge), and its gradient is Uᵀ @ g. This replaces an edge-sized [E, 3, F]
 product, its index_add and, in the backward, an [E, 3, F] gather, product and sum (bench/RESULTS.md).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -58,8 +59,12 @@ class DirectionSum:
         crow = torch.cat([deg.new_zeros(1), deg.repeat_interleave(3).cumsum(0)])
         self.n = n_atoms
         self.u = _csr(crow, col, val, (3 * n_atoms, E))
-        self.ut = _csr(torch.arange(0, 3 * E + 1, 3, device=dev), (3 * center.unsqueeze(1) + comp).reshape(-1),
-                       unit.reshape(-1), (E, 3 * n_atoms))
+        self.ut = _csr(
+            torch.arange(0, 3 * E + 1, 3, device=dev),
+            (3 * center.unsqueeze(1) + comp).reshape(-1),
+            unit.reshape(-1),
+            (E, 3 * n_atoms),
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _SparseProduct.apply(x, self.u, self.ut).view(self.n, 3, x.shape[-1])
@@ -67,5 +72,9 @@ class DirectionSum:
     @staticmethod
     def applicable(center: torch.Tensor, unit: torch.Tensor) -> bool:
         """CPU tensors, no gradient wanted for û, not inside torch.compile tracing."""
-        return (center.device.type == "cpu" and not unit.requires_grad and center.numel() > 0
-                and not torch.compiler.is_compiling())
+        return (
+            center.device.type == "cpu"
+            and not unit.requires_grad
+            and center.numel() > 0
+            and not torch.compiler.is_compiling()
+        )

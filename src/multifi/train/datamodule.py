@@ -1,4 +1,5 @@
 """Lightning data module over (structure, fidelity) samples with cached neighbour lists."""
+
 from __future__ import annotations
 
 import lightning as L
@@ -25,9 +26,18 @@ class PairDataset(Dataset):
 
 
 class MultiFidelityData(L.LightningDataModule):
-    def __init__(self, dataset: FidelityDataset, pairs: dict[str, np.ndarray], cutoff: float, batch_size: int,
-                 num_workers: int = 0, sampling: dict[str, float] | None = None, seed: int = 0,
-                 progress: bool = True, neighbor_lists: str = "auto"):
+    def __init__(
+        self,
+        dataset: FidelityDataset,
+        pairs: dict[str, np.ndarray],
+        cutoff: float,
+        batch_size: int,
+        num_workers: int = 0,
+        sampling: dict[str, float] | None = None,
+        seed: int = 0,
+        progress: bool = True,
+        neighbor_lists: str = "auto",
+    ):
         super().__init__()
         self.dataset, self.pairs = dataset, pairs
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -41,15 +51,22 @@ class MultiFidelityData(L.LightningDataModule):
         pairs = self.pairs[name]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         shares = self._shares(pairs) if shuffle else None
-        sampler = FidelitySampler(pairs[:, 1], seed=self.seed, shuffle=shuffle, shares=shares, rank=rank,
-                                  world_size=world)
+        sampler = FidelitySampler(
+            pairs[:, 1], seed=self.seed, shuffle=shuffle, shares=shares, rank=rank, world_size=world
+        )
         if name == "train":
             self.train_sampler = sampler
             if self._resume_state is not None:
                 # every loader built after a restore skips what the killed run had already trained on
                 sampler.resume(self._resume_state["epoch"], self._resume_state["batches_done"] * self.batch_size)
-        return DataLoader(PairDataset(pairs), sampler=sampler, batch_size=self.batch_size, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            PairDataset(pairs),
+            sampler=sampler,
+            batch_size=self.batch_size,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def _shares(self, pairs: np.ndarray) -> dict[int, float] | None:
         """Fraction of each epoch per fidelity: configured weights, others keep their natural share."""

@@ -7,6 +7,7 @@
   head       also the readout MLP (in `heads` mode: only the new fidelity's own head, old heads frozen)
   all        every weight, on the new data mixed with `extend.replay` of the old run's training samples
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
-from multifi.errors import MultifiError, unknown_name
 from multifi.data.stats import fit_new_fidelity
+from multifi.errors import MultifiError, unknown_name
 from multifi.train.init import FIDELITY_AXIS
 from multifi.train.module import PotentialModule
 from multifi.train.prepare import check_config_fidelities
@@ -42,20 +43,28 @@ def check_request(old, x, where: str) -> int:
     names = list(old.fidelities.names)
     inject = old.spec["model"]["fidelity_embedding"]["inject"]
     if x.fidelity in old.fidelities:
-        raise MultifiError(f"{where}: fidelity {x.fidelity!r} exists already (fidelities: {', '.join(names)}); "
-                           "extend with a new name")
+        raise MultifiError(
+            f"{where}: fidelity {x.fidelity!r} exists already (fidelities: {', '.join(names)}); extend with a new name"
+        )
     if inject == "single":
-        raise MultifiError(f"{where}: inject: single has no fidelity information, so a new fidelity cannot be told "
-                           "apart from the others (fine-tune with train.init_from instead)")
+        raise MultifiError(
+            f"{where}: inject: single has no fidelity information, so a new fidelity cannot be told "
+            "apart from the others (fine-tune with train.init_from instead)"
+        )
     if x.train == "embedding" and inject == "onehot":
-        raise MultifiError(f"{where}: inject: onehot has no trainable fidelity vector for train: embedding "
-                           "(it needs input, readout or both); use train: head or all")
+        raise MultifiError(
+            f"{where}: inject: onehot has no trainable fidelity vector for train: embedding "
+            "(it needs input, readout or both); use train: head or all"
+        )
     if x.train == "embedding" and inject == "heads":
-        raise MultifiError(f"{where}: inject: heads has no fidelity vector; the new fidelity gets its own head: "
-                           "use train: head (only that head trains, the old fidelities stay unchanged)")
+        raise MultifiError(
+            f"{where}: inject: heads has no fidelity vector; the new fidelity gets its own head: "
+            "use train: head (only that head trains, the old fidelities stay unchanged)"
+        )
     if x.replay > 0 and x.train == "embedding":
-        raise MultifiError(f"{where}: extend.replay needs train: head or all (train: embedding leaves the old "
-                           "fidelities frozen)")
+        raise MultifiError(
+            f"{where}: extend.replay needs train: head or all (train: embedding leaves the old fidelities frozen)"
+        )
     for name in x.replay_fidelities or []:
         if name not in old.fidelities:
             raise unknown_name("fidelity", name, names, f"{where}: extend.replay_fidelities")
@@ -141,8 +150,9 @@ class ExtendModule(PotentialModule):
     def param_groups(self) -> list[dict]:
         masked = {id(p) for p in self._masked}
         free = [p for p in self.potential.parameters() if p.requires_grad and id(p) not in masked]
-        return ([{"params": free}] if free else []) + ([{"params": self._masked, "weight_decay": 0.0}]
-                                                        if self._masked else [])
+        return ([{"params": free}] if free else []) + (
+            [{"params": self._masked, "weight_decay": 0.0}] if self._masked else []
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -181,8 +191,10 @@ def load_old_run(run: Path) -> OldRun:
         if cfg.data.fidelities is not None:
             ds = ds.select_fidelities(cfg.data.fidelities, where=f"{run}/config.yaml: data.fidelities")
     else:
-        raise MultifiError(f"{run}: no dataset.npz (the run was trained with data.cache: false); "
-                           "replay and forgetting need the run's data")
+        raise MultifiError(
+            f"{run}: no dataset.npz (the run was trained with data.cache: false); "
+            "replay and forgetting need the run's data"
+        )
     split = _read_splits(run / "splits.json", ds)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
     pairs["train"] = limit_pairs(pairs["train"], cfg.data.train_limits, ds, cfg.data.split.seed)
@@ -198,8 +210,12 @@ def _read_splits(path: Path, ds: FidelityDataset) -> Split:
     missing = [k for name in keys for k in keys[name] if k not in index]
     if missing:
         raise MultifiError(f"{path}: structure {missing[0]!r} is not in the run's dataset")
-    return Split(**{name: np.asarray([index[k] for k in keys.get(name, [])], dtype=np.int64)
-                    for name in ("train", "val", "test")})
+    return Split(
+        **{
+            name: np.asarray([index[k] for k in keys.get(name, [])], dtype=np.int64)
+            for name in ("train", "val", "test")
+        }
+    )
 
 
 def sample_pairs(pairs: np.ndarray, fraction: float, fidelities: list[int], seed: int) -> np.ndarray:
@@ -218,18 +234,24 @@ def read_new_data(cfg: RunConfig, name: str) -> tuple[FidelityDataset, dict[str,
     ds = read_sources(d.sources, d.skip_invalid)
     where = ", ".join(str(s.path or "qm9") for s in d.sources)
     if name not in ds.fidelities:
-        raise MultifiError(f"{where}: no labels at fidelity {name!r} (the data has: {', '.join(ds.fidelities)}); "
-                           "set the source's fidelity")
+        raise MultifiError(
+            f"{where}: no labels at fidelity {name!r} (the data has: {', '.join(ds.fidelities)}); "
+            "set the source's fidelity"
+        )
     ds = ds.select_fidelities([name])
-    split = split_from_files(d.split.files, ds) if d.split.files else random_split(len(ds), d.split.val,
-                                                                                   d.split.test, d.split.seed)
+    split = (
+        split_from_files(d.split.files, ds)
+        if d.split.files
+        else random_split(len(ds), d.split.val, d.split.test, d.split.seed)
+    )
     pairs = {s: labelled_pairs(ds, split[s]) for s in ("train", "val", "test")}
     pairs["train"] = limit_pairs(pairs["train"], d.train_limits, ds, d.split.seed)
     return ds, pairs
 
 
-def combine(table: FidelityTable, new: FidelityDataset, new_pairs: dict, old: OldRun | None,
-            replay: dict) -> tuple[FidelityDataset, dict[str, np.ndarray]]:
+def combine(
+    table: FidelityTable, new: FidelityDataset, new_pairs: dict, old: OldRun | None, replay: dict
+) -> tuple[FidelityDataset, dict[str, np.ndarray]]:
     """One dataset laid out as the model's fidelity table: the new data plus the replayed old structures;
     pairs re-indexed into it (replayed training samples join train, replayed validation samples join val)."""
     parts = [new]
@@ -272,18 +294,37 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
 
     table = FidelityTable([*old.fidelities.names, x.fidelity])
     ds, pairs, old_run, replay = _extension_data(cfg, old, table, where, config_source)
-    module = ExtendModule({"model": old.spec["model"], "fidelities": list(table.names)}, cfg.loss.model_dump(),
-                          cfg.train.model_dump(), x.train, len(old.fidelities))
+    module = ExtendModule(
+        {"model": old.spec["model"], "fidelities": list(table.names)},
+        cfg.loss.model_dump(),
+        cfg.train.model_dump(),
+        x.train,
+        len(old.fidelities),
+    )
     grow_weights(module.potential, old, like)
     _fit_new_baseline(module.potential, ds, pairs["train"], len(old.fidelities), old.spec["model"].get("energy_scale"))
     trained = module.freeze()
     module.sync_ema()
-    log.info("extend %s by %r (train: %s): %d trainable tensors; train %s", x.model, x.fidelity, x.train,
-             len(trained), _count_text(pairs["train"], table))
+    log.info(
+        "extend %s by %r (train: %s): %d trainable tensors; train %s",
+        x.model,
+        x.fidelity,
+        x.train,
+        len(trained),
+        _count_text(pairs["train"], table),
+    )
 
-    data = MultiFidelityData(ds, pairs, old.cutoff, cfg.train.batch_size, cfg.train.num_workers,
-                             cfg.train.fidelity_sampling, cfg.train.seed, progress=cfg.train.progress,
-                             neighbor_lists=cfg.data.neighbor_lists)
+    data = MultiFidelityData(
+        ds,
+        pairs,
+        old.cutoff,
+        cfg.train.batch_size,
+        cfg.train.num_workers,
+        cfg.train.fidelity_sampling,
+        cfg.train.seed,
+        progress=cfg.train.progress,
+        neighbor_lists=cfg.data.neighbor_lists,
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
     trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)
@@ -297,8 +338,10 @@ def _with_model_precision(cfg: RunConfig, old, where: str) -> RunConfig:
     """cfg with train.precision = the model's (a different one set by the user is an error)."""
     precision = "64" if next(old.parameters()).dtype == torch.float64 else "32"
     if "precision" in cfg.train.model_fields_set and cfg.train.precision != precision:
-        raise MultifiError(f"{where}: train.precision {cfg.train.precision} differs from the model's ({precision}); "
-                           "an extension keeps the model's precision")
+        raise MultifiError(
+            f"{where}: train.precision {cfg.train.precision} differs from the model's ({precision}); "
+            "an extension keeps the model's precision"
+        )
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
 
 
@@ -326,15 +369,22 @@ def _finish(cfg: RunConfig, old, potential, data, pairs: dict, table: FidelityTa
     unchanged = unchanged_fidelities(old, potential)
     if x.train == "embedding" and not unchanged:  # a broken freeze must never pass silently
         raise RuntimeError("extend: train: embedding changed weights of the old fidelities")
-    new_metrics = evaluate_pairs(potential, data.dataset, data.neighbors, pairs["test"][pairs["test"][:, 1] == K],
-                                 cfg.train.batch_size)
+    new_metrics = evaluate_pairs(
+        potential, data.dataset, data.neighbors, pairs["test"][pairs["test"][:, 1] == K], cfg.train.batch_size
+    )
     forgetting = _forgetting(old, potential, old_run, cfg.train.batch_size)
     potential.spec.update(_card_data(old, x, pairs, table, replay, old_run))
     save_potential(potential, run_dir / "model.pt")
-    payload = {"fidelities": {**{n: f["after"] for n, f in forgetting.items()}, **new_metrics},
-               "new_fidelity": x.fidelity, "train": x.train, "replay": x.replay,
-               "old_fidelities_unchanged": unchanged, "forgetting": forgetting,
-               "old_run": str(old_run.path) if old_run else None, "n_train": _counts(pairs["train"], table)}
+    payload = {
+        "fidelities": {**{n: f["after"] for n, f in forgetting.items()}, **new_metrics},
+        "new_fidelity": x.fidelity,
+        "train": x.train,
+        "replay": x.replay,
+        "old_fidelities_unchanged": unchanged,
+        "forgetting": forgetting,
+        "old_run": str(old_run.path) if old_run else None,
+        "n_train": _counts(pairs["train"], table),
+    }
     atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
 
 
@@ -355,12 +405,16 @@ def _replay(x, old, old_run: OldRun | None, seed: int, where: str) -> dict[str, 
     if x.replay == 0:
         return {}
     if old_run is None:
-        raise MultifiError(f"{where}: extend.replay needs the model's run directory (dataset.npz, splits.json): "
-                           "set extend.old_run (--old-run)")
+        raise MultifiError(
+            f"{where}: extend.replay needs the model's run directory (dataset.npz, splits.json): "
+            "set extend.old_run (--old-run)"
+        )
     names = x.replay_fidelities or list(old.fidelities.names)
     ks = [old_run.dataset.fidelities.index(n, where=f"{old_run.path}: replay fidelities") for n in names]
-    return {"train": sample_pairs(old_run.train, x.replay, ks, seed),
-            "val": sample_pairs(old_run.val, x.replay, ks, seed)}
+    return {
+        "train": sample_pairs(old_run.train, x.replay, ks, seed),
+        "val": sample_pairs(old_run.val, x.replay, ks, seed),
+    }
 
 
 def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k: int, energy_scale) -> None:
@@ -399,9 +453,14 @@ def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, 
     out = {}
     for name in before:
         b, a = before[name], after[name]
-        out[name] = {"split": "test" if len(old_run.test) else "val", "before": b, "after": a,
-                     "change": {k: (a[k] - b[k] if a.get(k) is not None and b.get(k) is not None else None)
-                                for k in b if k != "n"}}
+        out[name] = {
+            "split": "test" if len(old_run.test) else "val",
+            "before": b,
+            "after": a,
+            "change": {
+                k: (a[k] - b[k] if a.get(k) is not None and b.get(k) is not None else None) for k in b if k != "n"
+            },
+        }
     return out
 
 
@@ -420,8 +479,13 @@ def _card_data(old, x, pairs: dict, table: FidelityTable, replay: dict, old_run)
     data = {s: dict(old.spec.get("data", {}).get(s, {})) for s in ("train", "val", "test")}
     for s in data:
         data[s][x.fidelity] = _counts(pairs[s], table)[x.fidelity]
-    event = {"fidelity": x.fidelity, "train": x.train, "from": str(x.model), "replay": x.replay,
-             "replayed": _counts(replay["train"], old_run.dataset.fidelities) if replay else {}}
+    event = {
+        "fidelity": x.fidelity,
+        "train": x.train,
+        "from": str(x.model),
+        "replay": x.replay,
+        "replayed": _counts(replay["train"], old_run.dataset.fidelities) if replay else {},
+    }
     return {"data": data, "history": [*old.spec.get("history", []), event]}
 
 
@@ -430,12 +494,19 @@ def _warn_elements(old, new_ds: FidelityDataset, name: str) -> None:
 
     known, seen = set(old.elements), set(new_ds.elements)
     if seen - known:
-        log.warning("elements %s of the %s data were not in the model's training data: their atom embeddings are "
-                    "untrained", ", ".join(chemical_symbols[z] for z in sorted(seen - known)), name)
+        log.warning(
+            "elements %s of the %s data were not in the model's training data: their atom embeddings are untrained",
+            ", ".join(chemical_symbols[z] for z in sorted(seen - known)),
+            name,
+        )
     if known - seen:
-        log.warning("elements %s have no reference energy at %s (absent from its data): predictions at %s for "
-                    "structures containing them are not meaningful",
-                    ", ".join(chemical_symbols[z] for z in sorted(known - seen)), name, name)
+        log.warning(
+            "elements %s have no reference energy at %s (absent from its data): predictions at %s for "
+            "structures containing them are not meaningful",
+            ", ".join(chemical_symbols[z] for z in sorted(known - seen)),
+            name,
+            name,
+        )
 
 
 def extend_from_args(config: str | None, overrides: list[str]) -> Path:

@@ -8,6 +8,7 @@ from the one `fidelity_map` names (e.g. {"B3LYP/6-31G(2df,p)": "GFN2-xTB"}). Fid
 counterpart keep their fresh initialisation. Reference energies and scales are refitted on the new
 training data afterwards by the run driver, so copying them only matters for their initial value.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,10 @@ def init_from_potential(potential, path: str | Path, fidelity_map: dict[str, str
     source = load_potential(path)
     where = f"train.init_from {path}"
     if source.spec["model"]["backbone"] != potential.spec["model"]["backbone"]:
-        raise MultifiError(f"{where}: backbone {source.spec['model']['backbone']!r} differs from this run's "
-                           f"{potential.spec['model']['backbone']!r}")
+        raise MultifiError(
+            f"{where}: backbone {source.spec['model']['backbone']!r} differs from this run's "
+            f"{potential.spec['model']['backbone']!r}"
+        )
     pairs = fidelity_pairs(list(potential.fidelities.names), list(source.fidelities.names), fidelity_map or {}, where)
     src, new = source.state_dict(), {}
     missing, copied = [], []
@@ -47,9 +50,13 @@ def init_from_potential(potential, path: str | Path, fidelity_map: dict[str, str
             copied.append(key)
     potential.load_state_dict(new, strict=False)
     names = {potential.fidelities.names[t]: source.fidelities.names[s] for t, s in pairs}
-    log.info("initialised %d tensors from %s (fidelities %s)%s", len(copied), path,
-             ", ".join(f"{t} ← {s}" for t, s in names.items()) or "none mapped",
-             f"; fresh: {', '.join(missing)}" if missing else "")
+    log.info(
+        "initialised %d tensors from %s (fidelities %s)%s",
+        len(copied),
+        path,
+        ", ".join(f"{t} ← {s}" for t, s in names.items()) or "none mapped",
+        f"; fresh: {', '.join(missing)}" if missing else "",
+    )
     return {"copied": copied, "fresh": missing, "fidelities": names}
 
 
@@ -79,8 +86,10 @@ def _initial_value(key, target, src, pairs, target_heads, source_heads, where):
     axis = FIDELITY_AXIS.get(key)
     if axis is None:
         if value.shape != target.shape:
-            raise MultifiError(f"{where}: {key} has shape {tuple(value.shape)} there and {tuple(target.shape)} here; "
-                               "the model settings (features, interactions, n_rbf, embedding dim, inject) must match")
+            raise MultifiError(
+                f"{where}: {key} has shape {tuple(value.shape)} there and {tuple(target.shape)} here; "
+                "the model settings (features, interactions, n_rbf, embedding dim, inject) must match"
+            )
         return value.to(target.dtype)
     other = lambda shape: [d for i, d in enumerate(shape) if i != axis]  # noqa: E731 - all but the fidelity axis
     if value.dim() != target.dim() or other(value.shape) != other(target.shape):
@@ -100,8 +109,10 @@ def _head_value(k, rest, target, src, pairs, target_heads, source_heads, where):
         key = f"head.mlps.{s if source_heads else 0}.{rest}"
     else:  # one shared head from a model with one head per fidelity: only if that choice is unambiguous
         if len(pairs) != 1:
-            raise MultifiError(f"{where}: cannot start a shared readout from a model with one head per fidelity "
-                               "unless exactly one fidelity is mapped (set train.init_fidelities)")
+            raise MultifiError(
+                f"{where}: cannot start a shared readout from a model with one head per fidelity "
+                "unless exactly one fidelity is mapped (set train.init_fidelities)"
+            )
         key = f"head.mlps.{pairs[0][1]}.{rest}"
     if key not in src:
         return None
@@ -109,4 +120,3 @@ def _head_value(k, rest, target, src, pairs, target_heads, source_heads, where):
     if value.shape != target.shape:
         raise MultifiError(f"{where}: {key} has shape {tuple(value.shape)} there and {tuple(target.shape)} here")
     return value.to(target.dtype)
-

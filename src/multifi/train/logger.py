@@ -1,4 +1,5 @@
 """What a run reports: metrics.csv (one dense row per validation) and, without a terminal, one log line per epoch."""
+
 from __future__ import annotations
 
 import csv
@@ -117,8 +118,11 @@ class EpochLine(L.Callback):
         if trainer.global_rank != 0:
             return
         m = {k: _number(v) for k, v in trainer.callback_metrics.items()}
-        maes = [f"{k.split('/')[1]} {m[k]:.1f}" for k in sorted(m) if k.startswith("val/") and
-                k.endswith("/energy_mae_meV") and _finite(m[k])]
+        maes = [
+            f"{k.split('/')[1]} {m[k]:.1f}"
+            for k in sorted(m)
+            if k.startswith("val/") and k.endswith("/energy_mae_meV") and _finite(m[k])
+        ]
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}"]
         if maes:
             parts.append("val E MAE meV: " + ", ".join(maes))

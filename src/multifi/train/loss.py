@@ -1,4 +1,5 @@
 """Loss: weighted per-atom energy, forces and stress terms, each only where that label exists."""
+
 from __future__ import annotations
 
 import torch
@@ -19,20 +20,32 @@ class MultiFidelityLoss:
     Units: eV/atom, eV/Å, GPa. Optional per-fidelity weights multiply each sample's terms.
     """
 
-    def __init__(self, energy=1.0, forces=1.0, stress=0.01, kind="mse", huber_delta=0.01,
-                 fidelity_weights: torch.Tensor | None = None):
+    def __init__(
+        self,
+        energy=1.0,
+        forces=1.0,
+        stress=0.01,
+        kind="mse",
+        huber_delta=0.01,
+        fidelity_weights: torch.Tensor | None = None,
+    ):
         self.w = {"energy": energy, "forces": forces, "stress": stress}
         self.kind, self.delta = kind, huber_delta
         self.fidelity_weights = fidelity_weights
 
     def needs(self, graph: Graph) -> tuple[bool, bool]:
         """Whether forces / stress must be computed for this batch."""
-        return (self.w["forces"] > 0 and bool(graph.forces_mask.any()),
-                self.w["stress"] > 0 and bool(graph.stress_mask.any()))
+        return (
+            self.w["forces"] > 0 and bool(graph.forces_mask.any()),
+            self.w["stress"] > 0 and bool(graph.stress_mask.any()),
+        )
 
     def __call__(self, out: dict, graph: Graph) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        fw = (self.fidelity_weights.to(graph.energy.device)[graph.fidelity] if self.fidelity_weights is not None
-              else torch.ones(graph.num_graphs, device=graph.energy.device))
+        fw = (
+            self.fidelity_weights.to(graph.energy.device)[graph.fidelity]
+            if self.fidelity_weights is not None
+            else torch.ones(graph.num_graphs, device=graph.energy.device)
+        )
         terms: dict[str, torch.Tensor] = {}
         m = graph.energy_mask
         if self.w["energy"] > 0 and m.any():

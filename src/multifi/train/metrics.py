@@ -1,4 +1,5 @@
 """Per-fidelity error accumulators: energy MAE/RMSE (meV, meV/atom), force MAE (meV/Å), stress MAE (GPa)."""
+
 from __future__ import annotations
 
 import math

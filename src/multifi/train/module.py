@@ -1,4 +1,5 @@
 """Lightning module: one Potential, masked multi-fidelity loss, EMA weights, per-fidelity validation metrics."""
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,9 @@ class PotentialModule(L.LightningModule):
         self.potential = build_potential(model_spec["model"], model_spec["fidelities"])
         names = model_spec["fidelities"]
         fw = torch.tensor([loss.get("fidelity_weights", {}).get(n, 1.0) for n in names])
-        self.loss_fn = MultiFidelityLoss(loss["energy"], loss["forces"], loss["stress"], loss["kind"],
-                                         loss["huber_delta"], fw)
+        self.loss_fn = MultiFidelityLoss(
+            loss["energy"], loss["forces"], loss["stress"], loss["kind"], loss["huber_delta"], fw
+        )
         self.train_cfg = train
         self.ema = copy.deepcopy(self.potential).requires_grad_(False) if train["ema_decay"] > 0 else None
         self.val_metrics = FidelityMetrics(names)
@@ -82,7 +84,9 @@ class PotentialModule(L.LightningModule):
                 if m.get(key) is not None:
                     self.log(f"val/{name}/{key}", float(m[key]), sync_dist=False, rank_zero_only=True)
         if self.trainer.optimizers:
-            self.log("lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), sync_dist=False, rank_zero_only=True)
+            self.log(
+                "lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), sync_dist=False, rank_zero_only=True
+            )
 
     def configure_callbacks(self):
         """Without a terminal, one log line per validation instead of a progress bar."""
@@ -116,7 +120,11 @@ class PotentialModule(L.LightningModule):
             # stepped by hand after every validation (per epoch or every val_every_n_steps), on the monitored
             # error; its state travels in the checkpoint (on_save_checkpoint / on_load_checkpoint)
             self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, factor=cfg["plateau_factor"], patience=cfg["plateau_patience"], min_lr=cfg["lr"] * cfg["min_lr_ratio"])
+                opt,
+                factor=cfg["plateau_factor"],
+                patience=cfg["plateau_patience"],
+                min_lr=cfg["lr"] * cfg["min_lr_ratio"],
+            )
             if self._plateau_state is not None:
                 self._plateau.load_state_dict(self._plateau_state)
         return opt

@@ -1,4 +1,5 @@
 """From a RunConfig's data section to the dataset and the (structure, fidelity) samples of each split."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

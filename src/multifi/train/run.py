@@ -1,4 +1,5 @@
 """Run driver: config → run directory with resolved config, checkpoints, metrics.csv and metrics.json."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from multifi.config import RunConfig, dump_config, load_config
-from multifi.files import atomic_write, make_dir, reported
-from multifi.errors import MultifiError
 from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates
 from multifi.data.stats import fit_references
+from multifi.errors import MultifiError
+from multifi.files import atomic_write, make_dir, reported
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
 from multifi.train.logger import RunCSVLogger, progress_bar_wanted
@@ -42,8 +43,10 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     `dry_run`: check everything, log the plan, write nothing."""
     run_dir = Path(cfg.output_dir)
     if cfg.extend is not None:
-        raise MultifiError(f"{config_source or 'config'}: this config extends a model ('extend' section): "
-                           "run it with multifi extend --config")
+        raise MultifiError(
+            f"{config_source or 'config'}: this config extends a model ('extend' section): "
+            "run it with multifi extend --config"
+        )
     leader = _is_leader_process()
     ckpt = _resume_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:  # asked to continue this run: start it again (its unreadable checkpoints get replaced)
@@ -75,16 +78,28 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
 
         init_from_potential(module.potential, cfg.train.init_from, cfg.train.init_fidelities)
     # always refitted on this run's data; one pooled fit for a fidelity-blind model (inject: single)
-    refs = fit_references(prep.dataset, prep.pairs["train"], pooled=module.potential.head.shared_baseline,
-                          shared_scale=cfg.model.energy_scale == "shared")
+    refs = fit_references(
+        prep.dataset,
+        prep.pairs["train"],
+        pooled=module.potential.head.shared_baseline,
+        shared_scale=cfg.model.energy_scale == "shared",
+    )
     check_energy_units(prep.dataset, prep.pairs["train"], refs.ref, refs.scale)
     _report_references(refs, prep.dataset.fidelities.names)
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted)
     module.sync_ema()
 
-    data = MultiFidelityData(prep.dataset, prep.pairs, cfg.model.cutoff, cfg.train.batch_size, cfg.train.num_workers,
-                             cfg.train.fidelity_sampling, cfg.train.seed, progress=cfg.train.progress,
-                             neighbor_lists=cfg.data.neighbor_lists)
+    data = MultiFidelityData(
+        prep.dataset,
+        prep.pairs,
+        cfg.model.cutoff,
+        cfg.train.batch_size,
+        cfg.train.num_workers,
+        cfg.train.fidelity_sampling,
+        cfg.train.seed,
+        progress=cfg.train.progress,
+        neighbor_lists=cfg.data.neighbor_lists,
+    )
     check_overlaps(prep.dataset, data.neighbors)
     check_sampling(data, prep, config_source)
     trainer = _build_trainer(cfg, run_dir, len(prep.pairs["val"]) > 0, config_source)
@@ -109,10 +124,18 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
         potential.spec["data"] = {split: _counts(prep, split) for split in ("train", "val", "test")}  # model card
         save_potential(potential, run_dir / "model.pt")
         metrics = evaluate_pairs(potential, prep.dataset, data.neighbors, prep.pairs["test"], cfg.train.batch_size)
-        val = evaluate_pairs(potential, prep.dataset, data.neighbors, prep.pairs["val"], cfg.train.batch_size) \
-            if len(prep.pairs["val"]) else {}
-        payload = {"fidelities": metrics, "val_fidelities": val, "checkpoint": str(best),
-                   "n_train": _counts(prep, "train"), **_training_progress(trainer, best)}
+        val = (
+            evaluate_pairs(potential, prep.dataset, data.neighbors, prep.pairs["val"], cfg.train.batch_size)
+            if len(prep.pairs["val"])
+            else {}
+        )
+        payload = {
+            "fidelities": metrics,
+            "val_fidelities": val,
+            "checkpoint": str(best),
+            "n_train": _counts(prep, "train"),
+            **_training_progress(trainer, best),
+        }
         atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
     return run_dir
 
@@ -133,8 +156,9 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
     if run_dir.is_dir() and any(run_dir.iterdir()):
         names = {p.name for p in run_dir.iterdir()}
         if _has_checkpoint(run_dir) or not names <= UNSTARTED_FILES:
-            raise MultifiError(f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} "
-                               "or another output_dir")
+            raise MultifiError(
+                f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} or another output_dir"
+            )
         log.info("%s: the previous start wrote no checkpoint; starting afresh", run_dir)
     existing = next(p for p in [run_dir, *run_dir.absolute().parents] if p.exists())
     if not existing.is_dir():
@@ -195,8 +219,9 @@ def _build_trainer(cfg: RunConfig, run_dir: Path, has_val: bool, config_source: 
     except (MisconfigurationException, ValueError, RuntimeError) as exc:
         prefix = f"{config_source}: " if config_source else ""
         t = cfg.train
-        raise MultifiError(f"{prefix}train.accelerator={t.accelerator}, train.devices={t.devices}: "
-                           f"{' '.join(str(exc).split())}") from None
+        raise MultifiError(
+            f"{prefix}train.accelerator={t.accelerator}, train.devices={t.devices}: {' '.join(str(exc).split())}"
+        ) from None
 
 
 def _fit(trainer: L.Trainer, module, data, ckpt: Path | None, run_dir: Path) -> None:
@@ -223,26 +248,50 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
     # the loss did, so a killed run resumes from its latest state (Lightning's save_last only follows saves)
     every_n = t.checkpoint_every_n_steps
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1,
-                        enable_version_counter=False),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False,
-                        every_n_train_steps=every_n or None, every_n_epochs=None if every_n else 1,
-                        save_on_train_epoch_end=not every_n),
+        ModelCheckpoint(
+            dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1, enable_version_counter=False
+        ),
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="last",
+            save_top_k=1,
+            enable_version_counter=False,
+            every_n_train_steps=every_n or None,
+            every_n_epochs=None if every_n else 1,
+            save_on_train_epoch_end=not every_n,
+        ),
     ]
     if t.patience_validations and has_val:
         # checked after each validation (not at epoch end: a run may stop mid-epoch at max_steps, unvalidated)
-        callbacks.append(EarlyStopping(monitor=monitor, patience=t.patience_validations, mode="min",
-                                       check_on_train_epoch_end=False))
+        callbacks.append(
+            EarlyStopping(monitor=monitor, patience=t.patience_validations, mode="min", check_on_train_epoch_end=False)
+        )
     # validate (and checkpoint the best model) every N steps across epochs, e.g. for step budgets
-    every = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} \
-        if t.val_every_n_steps and has_val else {}
+    every = (
+        {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None}
+        if t.val_every_n_steps and has_val
+        else {}
+    )
     return L.Trainer(
-        **every, default_root_dir=run_dir, max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
-        devices=t.devices, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip, callbacks=callbacks,
-        logger=RunCSVLogger(run_dir), plugins=[AtomicCheckpointIO()],
-        inference_mode=False, enable_progress_bar=progress_bar_wanted(t.progress), enable_model_summary=False,
-        precision="64-true" if t.precision == "64" else "32-true", log_every_n_steps=10,
-        num_sanity_val_steps=0, use_distributed_sampler=False, limit_val_batches=1.0 if has_val else 0,
+        **every,
+        default_root_dir=run_dir,
+        max_epochs=t.epochs,
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        gradient_clip_val=t.grad_clip,
+        callbacks=callbacks,
+        logger=RunCSVLogger(run_dir),
+        plugins=[AtomicCheckpointIO()],
+        inference_mode=False,
+        enable_progress_bar=progress_bar_wanted(t.progress),
+        enable_model_summary=False,
+        precision="64-true" if t.precision == "64" else "32-true",
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        limit_val_batches=1.0 if has_val else 0,
     )
 
 
@@ -252,9 +301,13 @@ def _training_progress(trainer, best: Path) -> dict:
     stopper = next((cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)), None)
     monitor = trainer.checkpoint_callback.monitor if trainer.checkpoint_callback else None
     score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
-    return {"steps": int(trainer.global_step), "best_step": best_step,
-            "stopped_early": bool(stopper is not None and stopper.wait_count >= stopper.patience),
-            "monitor": monitor, "best_monitored": None if score is None else float(score)}
+    return {
+        "steps": int(trainer.global_step),
+        "best_step": best_step,
+        "stopped_early": bool(stopper is not None and stopper.wait_count >= stopper.patience),
+        "monitor": monitor,
+        "best_monitored": None if score is None else float(score),
+    }
 
 
 def _check_monitor(cfg: RunConfig, prep) -> None:
@@ -265,8 +318,10 @@ def _check_monitor(cfg: RunConfig, prep) -> None:
     names = list(prep.dataset.fidelities.names)
     index = prep.dataset.fidelities.index(name, where="train.monitor")
     if not (prep.pairs["val"][:, 1] == index).any():
-        raise MultifiError(f"train.monitor: fidelity {name!r} has no validation structures to monitor "
-                           f"(validation labels: {', '.join(n for i, n in enumerate(names) if (prep.pairs['val'][:, 1] == i).any()) or 'none'})")
+        raise MultifiError(
+            f"train.monitor: fidelity {name!r} has no validation structures to monitor "
+            f"(validation labels: {', '.join(n for i, n in enumerate(names) if (prep.pairs['val'][:, 1] == i).any()) or 'none'})"
+        )
 
 
 def _best_checkpoint(trainer, last: Path) -> Path:
@@ -296,12 +351,24 @@ def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None)
     n_params = sum(p.numel() for p in module.potential.parameters())
     steps = math.ceil(len(prep.pairs["train"]) / t.batch_size)
     total = t.epochs * steps if t.max_steps < 0 else min(t.max_steps, t.epochs * steps)
-    log.info("model: %s, %d features, %d interactions, cutoff %g Å, fidelity embedding %s: %s parameters",
-             cfg.model.backbone, cfg.model.features, cfg.model.interactions, cfg.model.cutoff,
-             cfg.model.fidelity_embedding.inject, f"{n_params:,}")
-    log.info("training: %d samples, batch %d: %d steps per epoch, %d epochs, at most %d steps%s",
-             len(prep.pairs["train"]), t.batch_size, steps, t.epochs, total,
-             f"; resuming from {ckpt}" if ckpt else "")
+    log.info(
+        "model: %s, %d features, %d interactions, cutoff %g Å, fidelity embedding %s: %s parameters",
+        cfg.model.backbone,
+        cfg.model.features,
+        cfg.model.interactions,
+        cfg.model.cutoff,
+        cfg.model.fidelity_embedding.inject,
+        f"{n_params:,}",
+    )
+    log.info(
+        "training: %d samples, batch %d: %d steps per epoch, %d epochs, at most %d steps%s",
+        len(prep.pairs["train"]),
+        t.batch_size,
+        steps,
+        t.epochs,
+        total,
+        f"; resuming from {ckpt}" if ckpt else "",
+    )
     log.info("dry run: config and data are valid; nothing written (the run would go to %s)", run_dir.resolve())
 
 
@@ -314,11 +381,20 @@ def _report_references(refs, names) -> None:
         if not missing:
             continue
         symbols = ", ".join(chemical_symbols[z] for z in missing)
-        error = "" if np.isnan(refs.spread[k]) else \
-            f" (leave-one-out error of that estimate on the other elements: {refs.spread[k]:.2f} eV/atom)"
-        log.warning("%s: no energy labels with %s in training; their %s reference energies are estimated from "
-                    "the other fidelities' references as a shared per-element reference plus a %s shift smooth in Z%s",
-                    name, symbols, name, name, error)
+        error = (
+            ""
+            if np.isnan(refs.spread[k])
+            else f" (leave-one-out error of that estimate on the other elements: {refs.spread[k]:.2f} eV/atom)"
+        )
+        log.warning(
+            "%s: no energy labels with %s in training; their %s reference energies are estimated from "
+            "the other fidelities' references as a shared per-element reference plus a %s shift smooth in Z%s",
+            name,
+            symbols,
+            name,
+            name,
+            error,
+        )
 
 
 def _from_saved_dataset(cfg: RunConfig) -> bool:
@@ -351,7 +427,9 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")  # on resume
-    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")  # per-fidelity metrics are reduced by hand  # the datamodule resumes it
+    warnings.filterwarnings(
+        "ignore", message=r".*sync_dist=True.*"
+    )  # per-fidelity metrics are reduced by hand  # the datamodule resumes it
 
 
 def _configure_threads(cfg: RunConfig) -> None:

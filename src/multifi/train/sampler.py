@@ -1,4 +1,5 @@
 """Order of training samples: seeded per epoch, per-fidelity mixing ratios, split across ranks, resumable."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,15 @@ class FidelitySampler(Sampler[int]):
     `resume(epoch, n)` skips the first n indices of that epoch (mid-epoch restart after a kill).
     """
 
-    def __init__(self, fidelity_of_sample: np.ndarray, seed: int = 0, shuffle: bool = True,
-                 shares: dict[int, float] | None = None, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        fidelity_of_sample: np.ndarray,
+        seed: int = 0,
+        shuffle: bool = True,
+        shares: dict[int, float] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.fid = np.asarray(fidelity_of_sample, dtype=np.int64)
         self.seed, self.shuffle, self.shares = seed, shuffle, shares or {}
         self.rank, self.world = rank, world_size
@@ -53,7 +61,7 @@ class FidelitySampler(Sampler[int]):
         if self.world > 1 and len(order):
             pad = (-len(order)) % self.world
             order = np.concatenate([order, order[:pad]])
-            order = order[self.rank::self.world]
+            order = order[self.rank :: self.world]
         return order
 
     def __iter__(self):

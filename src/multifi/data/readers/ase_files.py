@@ -1,4 +1,5 @@
 """Read any file ASE reads (extxyz, ASE database .db/.json, .traj, …) into a FidelityDataset."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,13 @@ from multifi.data.dataset import FidelityDataset, voigt_or_matrix
 from multifi.errors import MultifiError
 
 
-def read_ase(path: str | os.PathLike, fidelity: str | None = None, index: str = ":",
-             skip_invalid: bool = False, keys: dict[str, str] | None = None) -> FidelityDataset:
+def read_ase(
+    path: str | os.PathLike,
+    fidelity: str | None = None,
+    index: str = ":",
+    skip_invalid: bool = False,
+    keys: dict[str, str] | None = None,
+) -> FidelityDataset:
     """Structures and labels from an ASE-readable file.
 
     Energy (eV): info['energy'] or the attached calculator's results. Forces (eV/Å): arrays['forces']
@@ -63,8 +69,10 @@ class InvalidLabels:
 
     def check(self, skip_invalid: bool) -> None:
         if self.count and not skip_invalid:
-            raise MultifiError(f"{self.src}: {self.count} non-finite (NaN/inf) labels, first in {self.first}; "
-                               "fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)")
+            raise MultifiError(
+                f"{self.src}: {self.count} non-finite (NaN/inf) labels, first in {self.first}; "
+                "fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)"
+            )
 
 
 def _frames(path: Path, index: str) -> Iterator:
@@ -134,19 +142,26 @@ def source_fidelity(named, fidelity: str | None, where: str, field: str) -> str:
     the file and frame, so data labelled at one level of theory is never trained as another."""
     named = str(named) if named is not None and str(named) != "" else None
     if named is not None and fidelity is not None and named != fidelity:
-        raise MultifiError(f"{where}: names fidelity {named!r} ({field}) but its source says {fidelity!r}; a "
-                           "source's fidelity applies only to structures that name none: remove one of the two")
+        raise MultifiError(
+            f"{where}: names fidelity {named!r} ({field}) but its source says {fidelity!r}; a "
+            "source's fidelity applies only to structures that name none: remove one of the two"
+        )
     fid = named or fidelity
     if not fid:
-        raise MultifiError(f"{where}: no fidelity: set {field}, or give the source one ('fidelity:' in the config, "
-                           "--fidelity on the command line)")
+        raise MultifiError(
+            f"{where}: no fidelity: set {field}, or give the source one ('fidelity:' in the config, "
+            "--fidelity on the command line)"
+        )
     return fid
 
 
 def _other_labels(atoms, keys: dict[str, str]) -> str:
     """A hint naming label-like keys the structure has under other names (REF_energy, DFT_forces, …)."""
-    found = [k for k in [*atoms.info, *atoms.arrays] if any(w in k.lower() for w in ("energy", "force", "stress"))
-             and k not in keys.values()]
+    found = [
+        k
+        for k in [*atoms.info, *atoms.arrays]
+        if any(w in k.lower() for w in ("energy", "force", "stress")) and k not in keys.values()
+    ]
     if not found:
         return ""
     which = {"energy": "energy_key", "force": "forces_key", "stress": "stress_key"}
@@ -182,8 +197,13 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
         named = "/".join(keys.values())
         raise MultifiError(f"{where} has no {named} label" + _other_labels(atoms, keys))
     periodic = bool(atoms.pbc.any())
-    rec = {"numbers": atoms.numbers, "positions": atoms.positions, "pbc": atoms.pbc.copy(),
-           "cell": atoms.cell.array.copy() if periodic else None, "labels": {str(fid): lab}}
+    rec = {
+        "numbers": atoms.numbers,
+        "positions": atoms.positions,
+        "pbc": atoms.pbc.copy(),
+        "cell": atoms.cell.array.copy() if periodic else None,
+        "labels": {str(fid): lab},
+    }
     if atoms.info.get("key") is not None:
         rec["key"] = str(atoms.info["key"])
     return rec

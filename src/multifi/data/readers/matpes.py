@@ -4,6 +4,7 @@ MatPES units: energy eV (total), forces eV/Å, stress Voigt xx yy zz xy yz zx in
 sign; the dataset stores stress as a 3×3 in GPa with ASE's sign: σ_ASE = −0.1 × σ_VASP.
 pymatgen is not needed: the Structure dict is read directly.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -20,8 +21,7 @@ from multifi.errors import MultifiError
 MIN_VOLUME = 1e-6  # Å³
 
 
-def read_matpes(path: str | os.PathLike, fidelity: str | None = None,
-                skip_invalid: bool = False) -> FidelityDataset:
+def read_matpes(path: str | os.PathLike, fidelity: str | None = None, skip_invalid: bool = False) -> FidelityDataset:
     """MatPES records → dataset; key "matpes:<matpes_id>" so files of other functionals merge.
 
     Fidelity: the record's `functional` (e.g. "PBE", "R2SCAN"); `fidelity` only for records naming none.
@@ -77,8 +77,9 @@ def load_json_records(path: Path) -> list:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise MultifiError(f"{src}: line {lineno} (record {len(out)}): invalid JSON "
-                                   f"({exc.msg} at column {exc.colno})") from None
+                raise MultifiError(
+                    f"{src}: line {lineno} (record {len(out)}): invalid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
     return out
 
 
@@ -127,7 +128,9 @@ def structure_arrays(st, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
             xyz = site.get("xyz")
             positions[j] = xyz if xyz is not None else np.asarray(site["abc"], dtype=np.float64) @ cell
         except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise MultifiError(f"{where}: site {j}: no species/element or xyz/abc ({type(exc).__name__}: {exc})") from None
+            raise MultifiError(
+                f"{where}: site {j}: no species/element or xyz/abc ({type(exc).__name__}: {exc})"
+            ) from None
         if len(species) != 1:
             raise MultifiError(f"{where}: site {j}: disordered site ({len(species)} species) is not supported")
         if element not in atomic_numbers or atomic_numbers[element] == 0:

@@ -5,6 +5,7 @@ seconds, string operations + numpy) and cached as one .npz in `$MULTIFI_CACHE` o
 Other fidelities come from label tables `index,energy_eV` (optionally gzipped) keyed by QM9 index.
 Everything is columnar: no Python loop over molecules.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.dataset import FidelityDataset, ranges
-from multifi.files import atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
+from multifi.files import atomic_write
 from multifi.units import HARTREE_EV
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,9 @@ QM9_FIDELITY = "B3LYP/6-31G(2df,p)"
 QM9_PARTS = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
 LABEL_HEADER = "index,energy_eV"
 _CACHE_FORMAT = 1  # bump when the cached arrays change meaning
-_SYMBOLS = ("H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br "
-            "Kr").split()
+_SYMBOLS = ("H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr").split()
 _Z = {s: z for z, s in enumerate(_SYMBOLS, start=1)}
-_MEMO: dict[Path, "Qm9Geometries"] = {}  # last cache file loaded in this process → geometries
+_MEMO: dict[Path, Qm9Geometries] = {}  # last cache file loaded in this process → geometries
 
 
 # ---------------------------------------------------------------------------------------- geometries
@@ -73,7 +73,8 @@ class Qm9Geometries:
             prefix = f"{where}: " if where else ""
             raise MultifiError(
                 f"{prefix}QM9 index {int(bad[0])} is not a QM9 molecule ({len(bad)} unknown indices; QM9 has "
-                f"{len(self)} molecules with indices {int(self.index.min())}..{int(self.index.max())})")
+                f"{len(self)} molecules with indices {int(self.index.min())}..{int(self.index.max())})"
+            )
         return rows
 
     def _rows_or_minus_one(self, indices) -> np.ndarray:
@@ -85,15 +86,17 @@ class Qm9Geometries:
         return np.where(ok, self._lut[np.where(ok, idx, 0)], -1)
 
     @classmethod
-    def concatenate(cls, parts: list["Qm9Geometries"]) -> "Qm9Geometries":
+    def concatenate(cls, parts: list[Qm9Geometries]) -> Qm9Geometries:
         """Parts joined and sorted by index; a QM9 index given twice is an error."""
         counts = np.concatenate([np.diff(p.offsets) for p in parts])
-        geo = cls(index=np.concatenate([p.index for p in parts]),
-                  numbers=np.concatenate([p.numbers for p in parts]),
-                  positions=np.concatenate([p.positions for p in parts]),
-                  offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                  energy=np.concatenate([p.energy for p in parts]),
-                  source=" + ".join(p.source for p in parts))
+        geo = cls(
+            index=np.concatenate([p.index for p in parts]),
+            numbers=np.concatenate([p.numbers for p in parts]),
+            positions=np.concatenate([p.positions for p in parts]),
+            offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            energy=np.concatenate([p.energy for p in parts]),
+            source=" + ".join(p.source for p in parts),
+        )
         order = np.argsort(geo.index, kind="stable")
         dup = np.flatnonzero(np.diff(geo.index[order]) == 0)
         if len(dup):
@@ -102,33 +105,54 @@ class Qm9Geometries:
             geo = geo.take(order)
         return geo
 
-    def take(self, rows: np.ndarray) -> "Qm9Geometries":
+    def take(self, rows: np.ndarray) -> Qm9Geometries:
         """The molecules at `rows`, in that order."""
         counts = np.diff(self.offsets)[rows]
         atoms = ranges(self.offsets[rows], counts)
-        return Qm9Geometries(index=self.index[rows], numbers=self.numbers[atoms], positions=self.positions[atoms],
-                             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                             energy=self.energy[rows], source=self.source)
+        return Qm9Geometries(
+            index=self.index[rows],
+            numbers=self.numbers[atoms],
+            positions=self.positions[atoms],
+            offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            energy=self.energy[rows],
+            source=self.source,
+        )
 
     def save(self, path: Path) -> None:
         """One uncompressed .npz, written atomically."""
-        arrays = dict(index=self.index, numbers=self.numbers, positions=self.positions, offsets=self.offsets,
-                      energy=self.energy, format=np.array(_CACHE_FORMAT))
+        arrays = dict(
+            index=self.index,
+            numbers=self.numbers,
+            positions=self.positions,
+            offsets=self.offsets,
+            energy=self.energy,
+            format=np.array(_CACHE_FORMAT),
+        )
         atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
-    def load(cls, path: Path) -> "Qm9Geometries":
+    def load(cls, path: Path) -> Qm9Geometries:
         try:
             with np.load(path, allow_pickle=False) as z:
                 if int(z["format"]) != _CACHE_FORMAT:
                     raise ValueError(f"cache format {int(z['format'])}, expected {_CACHE_FORMAT}")
-                geo = cls(index=z["index"], numbers=z["numbers"], positions=z["positions"], offsets=z["offsets"],
-                          energy=z["energy"], source=str(path))
+                geo = cls(
+                    index=z["index"],
+                    numbers=z["numbers"],
+                    positions=z["positions"],
+                    offsets=z["offsets"],
+                    energy=z["energy"],
+                    source=str(path),
+                )
         except (OSError, KeyError, ValueError, EOFError) as exc:
             raise MultifiError(f"{path}: unreadable QM9 cache ({type(exc).__name__}: {exc})") from None
         S, A = len(geo.index), len(geo.numbers)
-        if geo.offsets.shape != (S + 1,) or geo.offsets[-1] != A or geo.positions.shape != (A, 3) \
-                or geo.energy.shape != (S,):
+        if (
+            geo.offsets.shape != (S + 1,)
+            or geo.offsets[-1] != A
+            or geo.positions.shape != (A, 3)
+            or geo.energy.shape != (S,)
+        ):
             raise MultifiError(f"{path}: inconsistent QM9 cache arrays")
         return geo
 
@@ -142,8 +166,10 @@ def qm9_csv_paths() -> list[Path]:
     paths = [folder / name for name in QM9_PARTS]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise MultifiError(f"{folder}: qm9pack data files missing ({', '.join(missing)}); "
-                           "reinstall it: pip install --force-reinstall qm9pack")
+        raise MultifiError(
+            f"{folder}: qm9pack data files missing ({', '.join(missing)}); "
+            "reinstall it: pip install --force-reinstall qm9pack"
+        )
     return paths
 
 
@@ -161,8 +187,11 @@ def _cache_file(paths: list[Path], cache_dir) -> Path:
         version = "unknown"
     key = f"{_CACHE_FORMAT}|{version}|" + "|".join(f"{p.name}:{p.stat().st_size}" for p in paths)
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    return Path(cache_dir).expanduser() / f"qm9_geometries_{digest}.npz" if cache_dir else \
-        default_cache_dir() / f"qm9_geometries_{digest}.npz"
+    return (
+        Path(cache_dir).expanduser() / f"qm9_geometries_{digest}.npz"
+        if cache_dir
+        else default_cache_dir() / f"qm9_geometries_{digest}.npz"
+    )
 
 
 def load_qm9_geometries(cache_dir: str | os.PathLike | None = None) -> Qm9Geometries:
@@ -208,19 +237,22 @@ def parse_qm9_csv(path: str | os.PathLike) -> Qm9Geometries:
     bad = (n_el != n_xyz) | (n_comma != 3 * n_xyz - 1) | (n_xyz < 1)
     if bad.any():
         i = int(np.argmax(bad))
-        raise MultifiError(f"{path}: molecule {idx_s[i]}: Elements lists {n_el[i]} atoms but XYZ_Ang is not "
-                           f"a list of {n_el[i]} [x,y,z] triples")
+        raise MultifiError(
+            f"{path}: molecule {idx_s[i]}: Elements lists {n_el[i]} atoms but XYZ_Ang is not "
+            f"a list of {n_el[i]} [x,y,z] triples"
+        )
     numbers = _symbols_to_numbers(el_s, n_el, idx_s, path)
     xyz = ",".join(xyz_s).replace("[", "").replace("]", "")
     positions = _numbers(xyz_s, path, "XYZ_Ang", idx_s, joined=xyz, size=3 * len(numbers)).reshape(-1, 3)
-    energy = (_numbers(u0_s, path, "InternalEnergy_0K_au", idx_s) - _numbers(zpve_s, path, "ZPVE_au", idx_s))
+    energy = _numbers(u0_s, path, "InternalEnergy_0K_au", idx_s) - _numbers(zpve_s, path, "ZPVE_au", idx_s)
     energy *= HARTREE_EV
     offsets = np.concatenate([[0], np.cumsum(n_el)]).astype(np.int64)
     bad = ~np.isfinite(energy) | (np.add.reduceat(~np.isfinite(positions).all(1), offsets[:-1]) > 0)
     if bad.any():
         raise MultifiError(f"{path}: molecule {idx_s[int(np.argmax(bad))]}: non-finite coordinates or energy")
-    return Qm9Geometries(index=index, numbers=numbers, positions=positions, offsets=offsets, energy=energy,
-                         source=str(path))
+    return Qm9Geometries(
+        index=index, numbers=numbers, positions=positions, offsets=offsets, energy=energy, source=str(path)
+    )
 
 
 def _read_columns(path: Path, names: tuple[str, ...]) -> list[list[str]]:
@@ -243,8 +275,15 @@ def _read_columns(path: Path, names: tuple[str, ...]) -> list[list[str]]:
     return [[r[p] for r in rows] for p in pos]
 
 
-def _numbers(strings: list[str], path: Path, column: str, names: list[str], dtype=np.float64,
-             joined: str | None = None, size: int | None = None) -> np.ndarray:
+def _numbers(
+    strings: list[str],
+    path: Path,
+    column: str,
+    names: list[str],
+    dtype=np.float64,
+    joined: str | None = None,
+    size: int | None = None,
+) -> np.ndarray:
     """Parse comma-joined numbers at C speed (one per string unless `size` given); on failure find the
     bad molecule (slow path, errors only)."""
     try:
@@ -290,8 +329,7 @@ class Qm9Labels:
     n_dropped: int = 0
 
 
-def read_label_table(path: str | os.PathLike, fidelity: str | None = None,
-                     skip_invalid: bool = False) -> Qm9Labels:
+def read_label_table(path: str | os.PathLike, fidelity: str | None = None, skip_invalid: bool = False) -> Qm9Labels:
     """Read `index,energy_eV` (eV, total electronic energy; .csv or .csv.gz) keyed by QM9 index.
 
     The fidelity name is `fidelity`, else the entry for this file in `manifest.json` next to it.
@@ -310,13 +348,21 @@ def read_label_table(path: str | os.PathLike, fidelity: str | None = None,
     bad = ~np.isfinite(energy)
     if bad.any() and not skip_invalid:
         first = int(line[bad].min())
-        raise MultifiError(f"{path}: {int(bad.sum())} non-finite (NaN/inf) energies, first at line {first}; "
-                           "fix the file or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)")
+        raise MultifiError(
+            f"{path}: {int(bad.sum())} non-finite (NaN/inf) energies, first at line {first}; "
+            "fix the file or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)"
+        )
     if bad.any():
         log.warning("%s: dropped %d rows with non-finite energies", path, int(bad.sum()))
         index, energy, line = index[~bad], energy[~bad], line[~bad]
-    return Qm9Labels(index=index, energy=energy, line=line, fidelity=fidelity or _manifest_fidelity(path),
-                     path=path, n_dropped=int(bad.sum()))
+    return Qm9Labels(
+        index=index,
+        energy=energy,
+        line=line,
+        fidelity=fidelity or _manifest_fidelity(path),
+        path=path,
+        n_dropped=int(bad.sum()),
+    )
 
 
 def _read_label_text(path: Path) -> bytes:
@@ -330,8 +376,7 @@ def _read_label_text(path: Path) -> bytes:
     raw = raw.replace(b"\r", b"").removeprefix(b"\xef\xbb\xbf")
     header, _, body = raw.partition(b"\n")
     if header.strip().decode(errors="replace") != LABEL_HEADER:
-        raise MultifiError(f"{path}: wrong header {header[:60].decode(errors='replace')!r}, "
-                           f"expected {LABEL_HEADER!r}")
+        raise MultifiError(f"{path}: wrong header {header[:60].decode(errors='replace')!r}, expected {LABEL_HEADER!r}")
     body = body.rstrip()
     return body + b"\n" if body else b""
 
@@ -384,8 +429,15 @@ def _manifest_fidelity(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------- datasets
-def read_qm9(labels: str | os.PathLike | None = None, fidelity: str | None = None, limit: int | None = None,
-             indices=None, seed: int = 0, skip_invalid: bool = False, cache_dir=None) -> FidelityDataset:
+def read_qm9(
+    labels: str | os.PathLike | None = None,
+    fidelity: str | None = None,
+    limit: int | None = None,
+    indices=None,
+    seed: int = 0,
+    skip_invalid: bool = False,
+    cache_dir=None,
+) -> FidelityDataset:
     """QM9 molecules with energies (eV) at one fidelity, as a FidelityDataset with keys "qm9:<index>".
 
     Without `labels`: QM9's own B3LYP/6-31G(2df,p) energies for every molecule. With `labels`: the
@@ -396,19 +448,24 @@ def read_qm9(labels: str | os.PathLike | None = None, fidelity: str | None = Non
     n_dropped = 0
     if labels is None:
         if fidelity not in (None, QM9_FIDELITY):
-            raise MultifiError(f"QM9 itself provides only {QM9_FIDELITY!r} energies; for fidelity {fidelity!r} "
-                               "give a labels table (qm9: {labels: TABLE.csv}, or qm9:TABLE.csv on the command line)")
+            raise MultifiError(
+                f"QM9 itself provides only {QM9_FIDELITY!r} energies; for fidelity {fidelity!r} "
+                "give a labels table (qm9: {labels: TABLE.csv}, or qm9:TABLE.csv on the command line)"
+            )
         fidelity, idx, energy, source = QM9_FIDELITY, geo.index, geo.energy, "qm9pack"
     elif _is_wide_table(labels):
-        return read_qm9_wide(labels, limit=limit, indices=indices, seed=seed, skip_invalid=skip_invalid,
-                             cache_dir=cache_dir)
+        return read_qm9_wide(
+            labels, limit=limit, indices=indices, seed=seed, skip_invalid=skip_invalid, cache_dir=cache_dir
+        )
     else:
         table = read_label_table(labels, fidelity, skip_invalid)
         unknown = ~geo.contains(table.index)
         if unknown.any():
             i = int(np.argmax(unknown))
-            raise MultifiError(f"{table.path}: line {table.line[i]}: index {table.index[i]} is not a QM9 molecule "
-                               f"({int(unknown.sum())} such rows)")
+            raise MultifiError(
+                f"{table.path}: line {table.line[i]}: index {table.index[i]} is not a QM9 molecule "
+                f"({int(unknown.sum())} such rows)"
+            )
         fidelity, idx, energy, source = table.fidelity, table.index, table.energy, str(table.path)
         n_dropped = table.n_dropped
     keep = _select(geo, idx, indices, limit, seed)
@@ -443,11 +500,15 @@ def _dataset(geo: Qm9Geometries, idx: np.ndarray, energy: np.ndarray, fidelity: 
     S = len(rows)
     width = len(str(int(idx.max()))) if S else 1
     ds = FidelityDataset(
-        numbers=geo.numbers[atoms], positions=geo.positions[atoms],
+        numbers=geo.numbers[atoms],
+        positions=geo.positions[atoms],
         offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        cells=np.zeros((S, 3, 3)), pbc=np.zeros((S, 3), bool),
-        keys=np.char.add("qm9:", idx.astype(f"U{width}")), fidelities=FidelityTable([fidelity]),
-        energy=np.asarray(energy, np.float64).reshape(S, 1).copy(), source=source,
+        cells=np.zeros((S, 3, 3)),
+        pbc=np.zeros((S, 3), bool),
+        keys=np.char.add("qm9:", idx.astype(f"U{width}")),
+        fidelities=FidelityTable([fidelity]),
+        energy=np.asarray(energy, np.float64).reshape(S, 1).copy(),
+        source=source,
     )
     return ds.validate()
 
@@ -463,8 +524,14 @@ def _is_wide_table(path) -> bool:
     return len(header) > 2 and header[0] == "index"
 
 
-def read_qm9_wide(path: str | os.PathLike, limit: int | None = None, indices=None, seed: int = 0,
-                  skip_invalid: bool = False, cache_dir=None) -> FidelityDataset:
+def read_qm9_wide(
+    path: str | os.PathLike,
+    limit: int | None = None,
+    indices=None,
+    seed: int = 0,
+    skip_invalid: bool = False,
+    cache_dir=None,
+) -> FidelityDataset:
     """QM9 molecules with energies (eV) at many fidelities from one wide table.
 
     Header `index,<fidelity>,<fidelity>,…`; one row per molecule; an empty field or `nan` is a missing
@@ -490,7 +557,9 @@ def read_qm9_wide(path: str | os.PathLike, limit: int | None = None, indices=Non
     bad = np.isinf(energy)
     if bad.any():
         if not skip_invalid:
-            raise MultifiError(f"{path}: {int(bad.sum())} infinite energies; fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)")
+            raise MultifiError(
+                f"{path}: {int(bad.sum())} infinite energies; fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)"
+            )
         energy[bad] = np.nan
     if len(np.unique(idx)) != len(idx):
         raise MultifiError(f"{path}: duplicate QM9 indices")
@@ -499,7 +568,9 @@ def read_qm9_wide(path: str | os.PathLike, limit: int | None = None, indices=Non
     geo = load_qm9_geometries(cache_dir)
     unknown = ~geo.contains(idx)
     if unknown.any():
-        raise MultifiError(f"{path}: index {idx[np.argmax(unknown)]} is not a QM9 molecule ({int(unknown.sum())} such rows)")
+        raise MultifiError(
+            f"{path}: index {idx[np.argmax(unknown)]} is not a QM9 molecule ({int(unknown.sum())} such rows)"
+        )
     keep = _select(geo, idx, indices, limit, seed)
     ds = _dataset(geo, idx[keep], energy[keep, 0], names[0], str(path))
     ds.fidelities = FidelityTable(names)
