@@ -6,6 +6,7 @@ models/potential.py) vs index_select + bmm. Result in bench/RESULTS.md (no gain,
 
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from multifi.models.registry import build_potential
 from multifi.models.response import derivatives, strained
 from multifi.nn import scatter_sum
 from multifi.train.loss import MultiFidelityLoss
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"  # ../shared/data beside the repository
 
 
 def fwd_sel(self, graph, forces=False, stress=False, create_graph=False):
@@ -52,7 +55,7 @@ def fwd_sel(self, graph, forces=False, stress=False, create_graph=False):
     return out
 
 
-ds = read_matpes("/work/shared/data/solids/PBE.jsonl.gz")
+ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz")
 pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
 pot = build_potential(ModelConfig(backbone="m3gnet", features=64).model_dump(), list(ds.fidelities.names))
 pot.head.set_baseline(*fit_baseline(ds, pairs))

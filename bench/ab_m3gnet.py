@@ -16,6 +16,9 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"  # ../shared/data beside the repository
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -45,7 +48,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ds = read_matpes("/work/shared/data/solids/PBE.jsonl.gz")
+    ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz")
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
     cfg = ModelConfig(backbone="m3gnet", features=64).model_dump()
     pot_a = build_potential(cfg, list(ds.fidelities.names))

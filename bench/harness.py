@@ -1,4 +1,4 @@
-"""Side-by-side A/B benchmark of multifi against its peers (issue 5), alternating runs in one invocation.
+"""Side-by-side A/B benchmark of multifi against its peers, alternating runs in one invocation.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/harness.py [--peers schnetpack,matgl] [--threads 1,2] [--pairs 3]
         [--n 2000] [--steps 50] [--md-steps 300] [--out bench/results.json] [--ours-rev REV] [--setup-only]
@@ -10,9 +10,9 @@ What it does
   1. Creates each peer's virtual environment when missing (bench/.venv-peers-<peer>, gitignored):
      `python3 -m venv`, then `pip install -c bench/peers/constraints.txt torch==2.13.0 <peer>==<pin> ase`
      (torch pinned exactly to the CPU wheel on local disk). The peers are never runtime dependencies.
-  2. Exports the same data for everybody (solids: /work/shared/data/solids/PBE.jsonl.gz through
+  2. Exports the same data for everybody (solids: ../shared/data/solids/PBE.jsonl.gz through
      multifi's read_matpes → bench/.scratch/solids_pbe.extxyz, + bench/.scratch/si64.extxyz): N QM9 molecules with GFN2-xTB energies
-     (/work/shared/data/qm9mf/GFN2-xTB.csv.gz, geometries via multifi.data.readers.qm9.read_qm9,
+     (../shared/data/qm9mf/GFN2-xTB.csv.gz, geometries via multifi.data.readers.qm9.read_qm9,
      limit=N, seed=0) to bench/.scratch/qm9_gfn2_n<N>.extxyz, and the first 18-atom one of them to
      bench/.scratch/md_molecule.xyz. multifi reads the same molecules through read_qm9 (same call).
   3. For each thread count, `pairs` times: ours-train, peer-train, ours-md, peer-md — each a fresh
@@ -43,11 +43,13 @@ import sys
 import time
 from pathlib import Path
 
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"  # ../shared/data beside the repository
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 SCRATCH = BENCH / ".scratch"
-LABELS = Path("/work/shared/data/qm9mf/GFN2-xTB.csv.gz")
-SOLIDS = Path("/work/shared/data/solids/PBE.jsonl.gz")
+LABELS = SHARED / "qm9mf" / "GFN2-xTB.csv.gz"
+SOLIDS = SHARED / "solids" / "PBE.jsonl.gz"
 PEER_PINS = {"schnetpack": "schnetpack==2.0.4", "matgl": "matgl==4.1.2"}
 OURS_PYTHON = sys.executable
 

@@ -1,6 +1,6 @@
 """Model modules from older revisions or variant files, for the A/B scripts, under today's Potential.
 
-Since session 2 a representation has `geometry(edge_index, edge_vec)` (precomputed, non-differentiable
+Since the second version a representation has `geometry(edge_index, edge_vec)` (precomputed, non-differentiable
 bookkeeping such as M3GNet's triplet lists) and `forward(..., condition, geometry)`. Older revisions
 lack both; `current(rep)` wraps such a module so that Potential can call it (it then makes its own
 geometry inside forward, as it always did).

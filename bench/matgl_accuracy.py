@@ -1,4 +1,4 @@
-"""Single-fidelity accuracy of multifi's M3GNet next to matgl's (issue 4, item 1 cross-check).
+"""Single-fidelity accuracy of multifi's M3GNet next to matgl's (cross-check).
 
     python bench/matgl_accuracy.py [--epochs 40] [--seeds 0 1] [--write-results]
 

@@ -9,6 +9,7 @@ force/stress autograd and the double backward, on batches of 32 PBE solids.
 import collections
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,9 @@ from multifi.models.head import fit_baseline
 from multifi.models.registry import build_potential
 from multifi.train.loss import MultiFidelityLoss
 
-ds = read_matpes("/work/shared/data/solids/PBE.jsonl.gz")
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"  # ../shared/data beside the repository
+
+ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz")
 pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
 pot = build_potential(ModelConfig(backbone="m3gnet", features=64).model_dump(), list(ds.fidelities.names))
 pot.head.set_baseline(*fit_baseline(ds, pairs))

@@ -17,9 +17,11 @@ import statistics
 import time
 from pathlib import Path
 
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"  # ../shared/data beside the repository
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-LABELS = Path("/work/shared/data/qm9mf/GFN2-xTB.csv.gz")
+LABELS = SHARED / "qm9mf" / "GFN2-xTB.csv.gz"
 
 
 def setup(n: int = 2000, seed: int = 0, batch: int = 32, features: int = 128, interactions: int = 3):

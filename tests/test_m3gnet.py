@@ -35,7 +35,9 @@ from multifi.models.registry import build_potential, load_potential, save_potent
 from multifi.nn.fidelity import MODES
 from multifi.train.loss import MultiFidelityLoss
 
-SOLIDS = Path("/work/shared/data/solids")
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"  # ../shared/data beside the repository
+
+SOLIDS = SHARED / "solids"
 #: small enough for finite differences; three-body cutoff below the two-body one so both are exercised
 SMALL = {
     "backbone": "m3gnet",

@@ -1,4 +1,4 @@
-"""multifi side of the M3GNet A/B benchmark (runs in /work/main/.venv). Started by bench/harness.py.
+"""multifi side of the M3GNet A/B benchmark (runs in the repository's .venv). Started by bench/harness.py.
 
     python bench/peers/multifi_m3gnet.py --task train|md --threads T --solids PBE.jsonl.gz [--md-xyz si64.xyz]
 

@@ -1,4 +1,4 @@
-"""multifi side of the PaiNN A/B benchmark (runs in /work/main/.venv). Started by bench/harness.py.
+"""multifi side of the PaiNN A/B benchmark (runs in the repository's .venv). Started by bench/harness.py.
 
     python bench/peers/multifi_painn.py --task train|md --threads T --n N --labels GFN2-xTB.csv.gz
                                         [--md-xyz molecule.xyz] [--compile]
