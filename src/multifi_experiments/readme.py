@@ -43,7 +43,8 @@ def render(ctx, parts, details, figures, runs) -> str:
         f"- Runs finished: {runs['done']} of {runs['total']}"
         + (f" ({len(runs['missing'])} not run yet)" if runs["missing"] else "")
         + (f"; {len(runs['stale'])} results from an older version of the spec ignored" if runs["stale"] else ""),
-        f"- Training time (sum over runs): {runs['train_hours']:.2f} h; {machine()}",
+        f"- Training time (sum over runs): {runs['train_hours']:.2f} h wall, {runs.get('cpu_hours', 0):.2f} h CPU; "
+        f"{machine()}",
         "- Numbers: `summary.json` (schema: multifi_experiments/report.py), `details.json` (per seed, kcal/mol, notes); "
         "splits: `splits/<part>.json`; one result per run: `runs/`",
         "",

@@ -58,6 +58,7 @@ def write_report(ctx: Context, parts: dict) -> dict:
         "stale": stale,
         "missing": missing,
         "train_hours": sum(r.get("train_seconds", 0) for r in results.values()) / 3600,
+        "cpu_hours": sum(r.get("cpu_seconds", 0) for r in results.values()) / 3600,
         "commands": sorted({r.get("command", "") for r in results.values()} - {""}),
     }
     atomic_write(out / "README.md", lambda f: f.write(render(ctx, parts, details, figures, runs).encode()))
