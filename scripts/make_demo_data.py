@@ -6,6 +6,7 @@ B3LYP/6-31G(2df,p) energies from qm9pack. Splits by molecule: test 800 and val 2
 
     python scripts/make_demo_data.py [--shared ../shared/data]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -13,6 +13,7 @@ Test structures are grouped: with an element lacking top-fidelity labels ("uncov
 composition outside the span of the top fidelity's training compositions ("not spanned"); else "spanned".
 Writes <out>/<case>.json and prints a table; run directories go to <out>/work/ (git-ignored under results/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,17 +32,41 @@ BEFORE = "c565fb9"  # last commit with per-fidelity references that are zero for
 B3LYP = "B3LYP/6-31G(2df,p)"
 
 SOLIDS_MODEL = {  # experiments/solids_small.yaml base + its joint_readout variant (the paper's M3GNet set-up)
-    "model": {"backbone": "m3gnet", "features": 32, "interactions": 3, "cutoff": 5.0, "threebody_cutoff": 4.0,
-              "n_rbf": 9, "max_n": 3, "max_l": 3, "fidelity_embedding": {"dim": 4, "inject": "readout"},
-              "energy_scale": "shared"},
+    "model": {
+        "backbone": "m3gnet",
+        "features": 32,
+        "interactions": 3,
+        "cutoff": 5.0,
+        "threebody_cutoff": 4.0,
+        "n_rbf": 9,
+        "max_n": 3,
+        "max_l": 3,
+        "fidelity_embedding": {"dim": 4, "inject": "readout"},
+        "energy_scale": "shared",
+    },
     "loss": {"energy": 10.0, "forces": 1.0, "stress": 0.01, "kind": "huber", "huber_delta": 0.1},
-    "train": {"batch_size": 16, "lr": 0.003, "warmup_steps": 50, "schedule": "cosine", "ema_decay": 0.99,
-              "epochs": 100000, "max_steps": 1000, "val_every_n_steps": 100, "early_stopping_patience": None,
-              "threads": 1, "progress": False},
+    "train": {
+        "batch_size": 16,
+        "lr": 0.003,
+        "warmup_steps": 50,
+        "schedule": "cosine",
+        "ema_decay": 0.99,
+        "epochs": 100000,
+        "max_steps": 1000,
+        "val_every_n_steps": 100,
+        "early_stopping_patience": None,
+        "threads": 1,
+        "progress": False,
+    },
 }
 QM9_MODEL = {  # the bundled demo's joint PaiNN (src/multifi/demo_data/joint.yaml), fewer epochs
-    "model": {"backbone": "painn", "features": 64, "interactions": 3, "cutoff": 5.0,
-              "fidelity_embedding": {"dim": 16, "inject": "both"}},
+    "model": {
+        "backbone": "painn",
+        "features": 64,
+        "interactions": 3,
+        "cutoff": 5.0,
+        "fidelity_embedding": {"dim": 16, "inject": "both"},
+    },
     "train": {"epochs": 12, "batch_size": 32, "lr": 1.0e-3, "warmup_steps": 50, "threads": 1, "progress": False},
 }
 
@@ -63,9 +88,14 @@ def solids_case(n: int, out: Path) -> tuple[Path, str, list[int]]:
     for name in ("train", "val", "test"):
         keys = split["low_pool"] if name == "train" else split[name]
         (work / f"{name}.txt").write_text("\n".join(keys) + "\n")
-    cfg = {"data": {"sources": [{"path": _rel(SHARED / "solids/PBE.jsonl.gz", work)}, {"path": "R2SCAN_subset.jsonl.gz"}],
-                    "split": {"files": {s: f"{s}.txt" for s in ("train", "val", "test")}}},
-           **SOLIDS_MODEL, "output_dir": "run"}
+    cfg = {
+        "data": {
+            "sources": [{"path": _rel(SHARED / "solids/PBE.jsonl.gz", work)}, {"path": "R2SCAN_subset.jsonl.gz"}],
+            "split": {"files": {s: f"{s}.txt" for s in ("train", "val", "test")}},
+        },
+        **SOLIDS_MODEL,
+        "output_dir": "run",
+    }
     return _write_config(work, cfg), "R2SCAN", [8, 15]
 
 
@@ -93,11 +123,23 @@ def qm9_case(lacking: str, out: Path, seed: int = 0) -> tuple[Path, str, list[in
     (work / "b3lyp.txt").write_text(idx(np.concatenate([top_train, val, test])))
     for name, rows in (("train", low), ("val", val), ("test", test)):
         (work / f"{name}.txt").write_text("\n".join(f"qm9:{int(geo.index[r])}" for r in rows) + "\n")
-    cfg = {"data": {"sources": [{"qm9": {"labels": _rel(SHARED / "qm9mf/GFN2-xTB.csv.gz", work), "fidelity": "GFN2-xTB",
-                                         "indices": "gfn2.txt"}},
-                                {"qm9": {"fidelity": B3LYP, "indices": "b3lyp.txt"}}],
-                    "split": {"files": {s: f"{s}.txt" for s in ("train", "val", "test")}}},
-           **QM9_MODEL, "output_dir": "run"}
+    cfg = {
+        "data": {
+            "sources": [
+                {
+                    "qm9": {
+                        "labels": _rel(SHARED / "qm9mf/GFN2-xTB.csv.gz", work),
+                        "fidelity": "GFN2-xTB",
+                        "indices": "gfn2.txt",
+                    }
+                },
+                {"qm9": {"fidelity": B3LYP, "indices": "b3lyp.txt"}},
+            ],
+            "split": {"files": {s: f"{s}.txt" for s in ("train", "val", "test")}},
+        },
+        **QM9_MODEL,
+        "output_dir": "run",
+    }
     return _write_config(work, cfg), B3LYP, [z]
 
 
@@ -121,8 +163,12 @@ def train(config: Path) -> str:
     run = config.parent / "run"
     if not (run / "model.pt").exists():
         args = ["--resume", str(run)] if (run / "checkpoints" / "last.ckpt").exists() else [str(config)]
-        subprocess.run([sys.executable, "-m", "multifi.cli.main", "train", *args], check=True, cwd=config.parent,
-                       env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        subprocess.run(
+            [sys.executable, "-m", "multifi.cli.main", "train", *args],
+            check=True,
+            cwd=config.parent,
+            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+        )
     return f"multifi train {config.relative_to(ROOT)}"
 
 
@@ -152,20 +198,27 @@ def evaluate(config: Path, top: str) -> dict:
     top_train = train[(train[:, 1] == k) & ~np.isnan(ds.energy[train[:, 0], k]), 0]
     covered = counts[top_train].sum(0) > 0  # [n_el]
     group = _groups(counts, top_train, test[:, 0], covered)
-    out = {"top": top, "n_top_train": int(len(top_train)), "n_test": int(len(test)),
-           "uncovered_elements": [int(z) for z in elements[~covered]],
-           "estimated_references_eV": {int(z): float(refs.ref[z, k]) for z in elements[~covered]},
-           "previous_references_eV": {int(z): float(old_ref[z, k]) for z in elements[~covered]},
-           "all_labels_references_eV": {int(z): float(everything.ref[z, k]) for z in elements[~covered]},
-           "leave_one_out_rms_eV_per_atom": float(refs.spread[k])}
+    out = {
+        "top": top,
+        "n_top_train": int(len(top_train)),
+        "n_test": int(len(test)),
+        "uncovered_elements": [int(z) for z in elements[~covered]],
+        "estimated_references_eV": {int(z): float(refs.ref[z, k]) for z in elements[~covered]},
+        "previous_references_eV": {int(z): float(old_ref[z, k]) for z in elements[~covered]},
+        "all_labels_references_eV": {int(z): float(everything.ref[z, k]) for z in elements[~covered]},
+        "leave_one_out_rms_eV_per_atom": float(refs.spread[k]),
+    }
     truth = ds.energy[test[:, 0], k] / ds.n_atoms[test[:, 0]]
     for label, ref in (("joint", refs.ref), ("previous", old_ref)):
         with torch.no_grad():
             potential.head.ref.copy_(torch.as_tensor(ref))
         _, pred = evaluate_pairs(potential, ds, None, test, return_predictions=True)
         err = np.abs(pred / ds.n_atoms[test[:, 0]] - truth) * 1000
-        out[label] = {g: {"n": int((group == g).sum()), "energy_mae_meV_per_atom": float(err[group == g].mean())}
-                      for g in ("uncovered", "not spanned", "spanned") if (group == g).any()}
+        out[label] = {
+            g: {"n": int((group == g).sum()), "energy_mae_meV_per_atom": float(err[group == g].mean())}
+            for g in ("uncovered", "not spanned", "spanned")
+            if (group == g).any()
+        }
         out[label]["all"] = {"n": int(len(err)), "energy_mae_meV_per_atom": float(err.mean())}
     return out
 
@@ -185,14 +238,18 @@ def table(out: Path) -> str:
     """Markdown table of every <out>/*.json: energy MAE (meV/atom) per group, previous → joint references."""
     from ase.data import chemical_symbols
 
-    rows = ["| case | top-fidelity training labels | elements without them | group | n | previous refs | joint refs |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| case | top-fidelity training labels | elements without them | group | n | previous refs | joint refs |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for path in sorted(out.glob("*.json")):
         r = json.loads(path.read_text())
         missing = ", ".join(chemical_symbols[z] for z in r["uncovered_elements"])
         for g in r["joint"]:
-            rows.append(f"| {path.stem} | {r['n_top_train']} {r['top']} | {missing} | {g} | {r['joint'][g]['n']} | "
-                        f"{r['previous'][g]['energy_mae_meV_per_atom']:.1f} | {r['joint'][g]['energy_mae_meV_per_atom']:.1f} |")
+            rows.append(
+                f"| {path.stem} | {r['n_top_train']} {r['top']} | {missing} | {g} | {r['joint'][g]['n']} | "
+                f"{r['previous'][g]['energy_mae_meV_per_atom']:.1f} | {r['joint'][g]['energy_mae_meV_per_atom']:.1f} |"
+            )
     return "\n".join(rows)
 
 
@@ -222,14 +279,19 @@ def main(argv=None) -> int:
     if args.case in ("table", "shifts"):
         print(table(out) if args.case == "table" else shifts())
         return 0
-    cases = [(f"solids_n{n}", *solids_case(n, out)) for n in args.n] if args.case == "solids" else \
-        [(f"qm9_no{x}", *qm9_case(x, out)) for x in args.lacking]
+    cases = (
+        [(f"solids_n{n}", *solids_case(n, out)) for n in args.n]
+        if args.case == "solids"
+        else [(f"qm9_no{x}", *qm9_case(x, out)) for x in args.lacking]
+    )
     for name, config, top, _ in cases:
         command = train(config)
         result = {"command": command, **evaluate(config, top)}
         (out / f"{name}.json").write_text(json.dumps(result, indent=2))
         for label in ("previous", "joint"):
-            print(name, label, {g: round(v["energy_mae_meV_per_atom"], 1) for g, v in result[label].items()}, flush=True)
+            print(
+                name, label, {g: round(v["energy_mae_meV_per_atom"], 1) for g, v in result[label].items()}, flush=True
+            )
     return 0
 
 
