@@ -404,3 +404,23 @@ def test_monitor_must_name_a_validated_fidelity(write_config, tmp_path, monitor,
 def test_patience_in_steps_needs_step_validation(write_config):
     with pytest.raises(MultifiError, match="early_stopping_steps"):
         load_config(write_config(train={"early_stopping_steps": 10}), [])
+
+
+def test_best_checkpoint_found_after_the_run_directory_moved(tmp_path):
+    """A resumed run whose directory moved: the checkpoint state names the old path; best.ckpt beside the
+    run's own checkpoints is still the one evaluated (not last.ckpt)."""
+    from types import SimpleNamespace
+
+    from multifi.train.run import _best_checkpoint
+
+    ckpts = tmp_path / "moved" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "best.ckpt").write_bytes(b"x")
+    (ckpts / "last.ckpt").write_bytes(b"y")
+    cb = SimpleNamespace(filename="best", dirpath=str(ckpts), best_model_path="/elsewhere/run/checkpoints/best.ckpt")
+    trainer = SimpleNamespace(
+        checkpoint_callbacks=[SimpleNamespace(filename="last", dirpath=str(ckpts), best_model_path=""), cb]
+    )
+    assert _best_checkpoint(trainer, ckpts / "last.ckpt") == ckpts / "best.ckpt"
+    cb.best_model_path = ""  # no validation yet: the last checkpoint
+    assert _best_checkpoint(trainer, ckpts / "last.ckpt") == ckpts / "last.ckpt"

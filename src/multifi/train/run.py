@@ -325,9 +325,13 @@ def _check_monitor(cfg: RunConfig, prep) -> None:
 
 
 def _best_checkpoint(trainer, last: Path) -> Path:
+    """The best checkpoint: best.ckpt in the run's own checkpoint folder (a run resumed after its directory
+    moved still names the old absolute path in its checkpoint state), else the last one."""
     for cb in trainer.checkpoint_callbacks:
-        if cb.best_model_path and cb.filename == "best" and Path(cb.best_model_path).exists():
-            return Path(cb.best_model_path)
+        if cb.filename == "best" and cb.best_model_path:
+            here = Path(cb.dirpath) / "best.ckpt"
+            if here.exists():
+                return here
     return last
 
 
