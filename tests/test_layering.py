@@ -109,3 +109,17 @@ def test_the_library_knows_no_experiment():
 
     claim = re.compile(r"\bclaims?\b|Oerder", re.IGNORECASE)
     assert not [str(p) for p in library if claim.search(p.read_text())]
+
+
+def test_import_sets_only_a_passive_openmp_wait_and_keeps_a_users_value():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, multifi; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in __import__('sys').modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["PASSIVE", "False"]  # set before torch loads; torch not imported by the package
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "ACTIVE"

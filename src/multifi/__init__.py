@@ -6,9 +6,10 @@ neural network (PaiNN, M3GNet); one model trained jointly predicts at any fideli
 
 import os
 
-# OpenMP threads that spin while waiting made torch 10-30x slower on machines shared with other
-# processes (measured on 2-core CPUs); passive waiting costs nothing when the machine is idle.
-# Takes effect only if torch's OpenMP runtime has not started yet; set it yourself to override.
+# The one import-time effect, on purpose and the one home of this setting: OpenMP threads that spin while
+# waiting made torch 10-30x slower on machines shared with other processes (measured on 2-core CPUs), and
+# the OpenMP runtime reads OMP_WAIT_POLICY once, when torch's libraries load, so it must be set before
+# `import torch`. Passive waiting costs nothing on an idle machine; a value already set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from multifi.errors import MultifiError  # noqa: E402
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = ["MultifiError", "__version__", "Calculator"]
 
 
-def __getattr__(name):  # lazy: importing the package must stay cheap and side-effect free
+def __getattr__(name):  # lazy: importing the package stays cheap (torch loads with the Calculator)
     if name == "Calculator":
         from multifi.calculator import Calculator
 

@@ -437,7 +437,7 @@ def _quiet_lightning() -> None:
 
 
 def _configure_threads(cfg: RunConfig) -> None:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """torch threads as configured (OMP_WAIT_POLICY is set where it takes effect: multifi/__init__.py)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
