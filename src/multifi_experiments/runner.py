@@ -32,6 +32,7 @@ import multifi.train.run as train_run
 from multifi.config import validate_config
 from multifi.data.dataset import atomic_write
 from multifi.errors import MultifiError
+from multifi.logs import quiet_lightning
 from multifi_experiments import baselines, report
 from multifi_experiments.catalog import make_catalog
 from multifi_experiments.context import Context, result_path, work_dir
@@ -347,8 +348,7 @@ def _train(cfg, run_dir: Path) -> str:
     if (run_dir / "metrics.json").exists() and (run_dir / "model.pt").exists():
         return "reused"  # trained earlier; only the evaluation was missing
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        quiet_lightning()
         if (run_dir / "checkpoints" / "last.ckpt").exists():
             log.info("resuming %s from checkpoints/last.ckpt", run_dir)
             train_run.train(cfg, resume=True)
@@ -434,8 +434,7 @@ def _run_logging(path: Path):
     root.setLevel(logging.INFO)
     root.propagate = False  # the training's own messages go to the run's log only
     root.addHandler(handler)
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_lightning()
     try:
         yield
     finally:

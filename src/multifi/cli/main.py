@@ -8,6 +8,7 @@ import os
 import sys
 
 from multifi.errors import MultifiError
+from multifi.logs import quiet_lightning
 
 COMMANDS = ("train", "extend", "evaluate", "predict", "info", "data", "config", "plot", "deploy", "calibrate", "select")
 #: entry-point group through which installed packages add subcommands (e.g. `multifi experiment` from
@@ -41,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # third-party debug logs stay off with -v
     logging.getLogger("multifi").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.INFO)
+    quiet_lightning(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
     except MultifiError as exc:

@@ -18,6 +18,7 @@ from multifi.data.checks import check_energy_units, check_overlaps, check_split_
 from multifi.data.stats import fit_references
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, make_dir, reported
+from multifi.logs import quiet_lightning
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
 from multifi.train.logger import RunCSVLogger, progress_bar_wanted
@@ -418,22 +419,8 @@ def _is_leader_process() -> bool:
 
 
 def _quiet_lightning() -> None:
-    """Keep Lightning's tips and deprecation chatter out of the user's terminal."""
-    import warnings
-
-    if not log.isEnabledFor(logging.DEBUG):
-        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*Experiment logs directory.*")
-    warnings.filterwarnings("ignore", message=r".*limit_val_batches.*")
-    warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
-    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")  # on resume
-    warnings.filterwarnings(
-        "ignore", message=r".*sync_dist=True.*"
-    )  # per-fidelity metrics are reduced by hand  # the datamodule resumes it
+    """Keep Lightning's tips and deprecation chatter out of the user's terminal (unless debugging)."""
+    quiet_lightning(verbose=log.isEnabledFor(logging.DEBUG))
 
 
 def _configure_threads(cfg: RunConfig) -> None:
