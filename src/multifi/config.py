@@ -28,6 +28,12 @@ Devices = Annotated[int | str, BeforeValidator(_devices)]
 SamplingWeight = Annotated[float, Field(ge=0)]
 
 
+#: how the fidelity conditions the model (the one list of modes; nn.fidelity and the experiment specs use it):
+#: input / readout / both = trainable vector at the input, the readout or both; onehot = fixed one-hot;
+#: heads = one readout MLP per fidelity; single = fidelity-blind
+Inject = Literal["input", "readout", "both", "onehot", "heads", "single"]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -87,7 +93,7 @@ class DataConfig(Section):
 
 class FidelityEmbeddingConfig(Section):
     dim: int = Field(16, ge=1)
-    inject: Literal["input", "readout", "both", "onehot", "heads", "single"] = "both"
+    inject: Inject = "both"
     onehot_at: Literal["input", "readout", "both"] = "both"
 
 

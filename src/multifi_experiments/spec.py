@@ -24,12 +24,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from multifi.config import apply_override, read_yaml_mapping
+from multifi.config import Inject, apply_override, read_yaml_mapping
 from multifi.data.readers.qm9 import QM9_FIDELITY
 from multifi.validation import validate
 
 PARTS = ("transfer", "learning_curve", "ten_methods", "embedding_map")
-Inject = Literal["input", "readout", "both", "onehot", "heads", "single"]
 #: test metrics a learning curve can follow (keys of a run result's per-method test entry, and their units)
 METRICS = {
     "energy": ("mae_meV", "energy MAE", "meV"),

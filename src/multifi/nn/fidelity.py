@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import nn
 
-MODES = ("input", "readout", "both", "onehot", "heads", "single")
+from multifi.config import Inject
+
+MODES = get_args(Inject)
 
 
 class FidelityConditioning(nn.Module):
