@@ -135,11 +135,17 @@ RECOMPILE_LIMIT = 32  # grad mode, dtype, trainable vs frozen (EMA) weights and 
 
 def _compiled(fn):
     """torch.compile(fn) with dynamic shapes (atoms and edges vary per batch), made once per function.
-    Raises dynamo's recompile limit (default 8), beyond which it would silently fall back to eager."""
+    Its calls run with dynamo's recompile limit raised to RECOMPILE_LIMIT (default 8, beyond which dynamo
+    silently falls back to eager); the limit of other compiled code in the process is not touched."""
     key = (fn, COMPILE_BACKEND)
     if key not in _COMPILED:
         import torch._dynamo.config as dynamo_config
 
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-        _COMPILED[key] = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND)
+        compiled = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND)
+
+        def call(*args, **kwargs):
+            with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)):
+                return compiled(*args, **kwargs)
+
+        _COMPILED[key] = call
     return _COMPILED[key]
