@@ -99,6 +99,19 @@ def test_train_writes_the_run_directory(trained_run):
     assert last["global_step"] == cfg.train.epochs * steps_per_epoch(cfg)
 
 
+def test_optimizer_state_is_indexed_by_the_architecture(trained_run):
+    """The optimizer holds every parameter of the potential, frozen ones (the radial frequencies) included, in
+    module order: a checkpoint's optimizer state then fits any module of the same architecture, whatever it
+    froze, and an in-flight run resumes after such a change."""
+    _, run_dir = trained_run
+    last = ckpt(run_dir / "checkpoints/last.ckpt")
+    potential = load_potential(run_dir / "model.pt")
+    frozen = [n for n, p in potential.named_parameters() if not p.requires_grad]
+    assert frozen, "the test needs a frozen parameter"
+    (group,) = last["optimizer_states"][0]["param_groups"]
+    assert group["params"] == list(range(len(list(potential.parameters()))))
+
+
 def test_metrics_csv_has_per_fidelity_validation_columns(trained_run):
     _, run_dir = trained_run
     with open(run_dir / "metrics.csv") as f:

@@ -130,8 +130,11 @@ class PotentialModule(L.LightningModule):
         return opt
 
     def param_groups(self) -> list[dict]:
-        """AdamW parameter groups: every trainable weight (frozen ones, requires_grad False, are left out)."""
-        return [{"params": [p for p in self.potential.parameters() if p.requires_grad]}]
+        """AdamW parameter groups: every parameter of the potential, frozen ones (requires_grad False, e.g. the
+        radial frequencies) included: they never receive a gradient, so AdamW leaves them untouched, and the
+        optimizer's parameter indices depend on the architecture only, so that a checkpoint resumes whatever
+        was frozen when it was written."""
+        return [{"params": list(self.potential.parameters())}]
 
     _plateau = None
     _plateau_state = None
