@@ -54,6 +54,7 @@ def shared(monkeypatch, small_csv, tmp_path) -> Path:
     monkeypatch.setattr(qm9, "_MEMO", {})
     monkeypatch.setenv("MULTIFI_CACHE", str(tmp_path / "cache"))
     catalog_mod._read_table.cache_clear()
+    catalog_mod._merged_tables.cache_clear()
     geo = qm9.load_qm9_geometries()
     n_atoms = np.diff(geo.offsets)
     folder = tmp_path / "shared" / "qm9mf"
@@ -88,6 +89,7 @@ def shared(monkeypatch, small_csv, tmp_path) -> Path:
     monkeypatch.setenv("MULTIFI_SHARED_DATA", str(tmp_path / "shared"))
     yield tmp_path / "shared"
     catalog_mod._read_table.cache_clear()
+    catalog_mod._merged_tables.cache_clear()
 
 
 def fake_train(calls: list):
@@ -319,6 +321,54 @@ def test_spec_errors_are_one_line(shared, tmp_path, override, needle):
         ctx = load_context(TINY, tiny(tmp_path / "out", override))
         plan_parts(ctx)
     assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def _hf_pool(shared: Path, block: list[int], pool: list[int]) -> None:
+    """HF/3-21G labels on `block` (listed in qm9mf) and on `pool` (listed in qm9mf/pool)."""
+    for folder, ids in ((shared / "qm9mf", block), (shared / "qm9mf" / "pool", pool)):
+        folder.mkdir(exist_ok=True)
+        manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
+        name = _labels(folder / "HF_3-21G.csv.gz", np.array(ids), -10.0 * np.ones(len(ids)))
+        files = [*manifest.get("files", []), {"file": name, "fidelity": "HF/3-21G"}]
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+
+
+def test_low_fidelity_from_several_label_folders_keeps_the_test_set(shared, tmp_path):
+    """label_folders adds qm9mf/pool: a method's labels are the union of its tables, each run source reads the
+    molecules of its own table; split_methods keeps the test/validation molecules of a GFN2-xTB curve."""
+    geo_index = np.sort(catalog_mod.LabelCatalog(shared).labelled("GFN2-xTB"))
+    _hf_pool(shared, block=geo_index[:20].tolist(), pool=geo_index[100:170].tolist())
+    keep = ["ten_methods=null", "embedding_map=null", "transfer=null"]
+    gfn2 = plan_parts(load_context(TINY, tiny(tmp_path / "a", *keep)))["learning_curve"]
+    more = [*keep, "label_folders=[qm9mf, qm9mf/pool]", "learning_curve.low=HF/3-21G"]
+    more += ["learning_curve.split_methods=[GFN2-xTB]", "learning_curve.n_low=null"]
+    ctx = load_context(TINY, tiny(tmp_path / "b", *more))
+    hf = plan_parts(ctx)["learning_curve"]
+    assert hf.splits["test"] == gfn2.splits["test"] and hf.splits["val"] == gfn2.splits["val"]
+    labelled = set(geo_index[:20].tolist()) | set(geo_index[100:170].tolist())
+    held_out = set(hf.splits["test"]) | set(hf.splits["val"])
+    assert set(hf.splits["low_pool"]) == labelled - held_out
+    joint = next(p for p in hf.plans if p.id == "learning_curve/joint_both/n20_s0")
+    hf_sources = [s["qm9"] for s in joint.config["data"]["sources"] if s["qm9"]["fidelity"] == "HF/3-21G"]
+    assert sorted(s["labels"] for s in hf_sources) == [
+        "{shared}/qm9mf/HF_3-21G.csv.gz",
+        "{shared}/qm9mf/pool/HF_3-21G.csv.gz",
+    ]
+    read = {s["labels"]: set(joint.files[s["indices"].split("/")[-1]]) for s in hf_sources}
+    assert read["{shared}/qm9mf/HF_3-21G.csv.gz"] <= set(geo_index[:20].tolist())
+    assert read["{shared}/qm9mf/pool/HF_3-21G.csv.gz"] <= set(geo_index[100:170].tolist())
+    assert set().union(*read.values()) == set(hf.splits["low_pool"])
+    with pytest.raises(MultifiError, match="keeps its blocks disjoint"):
+        load_context(TINY, tiny(tmp_path / "c", "label_folders=[qm9mf, qm9mf/pool]"))
+
+
+def test_a_molecule_labelled_in_two_tables_is_an_error(shared):
+    _hf_pool(shared, block=[1, 2, 3], pool=[3, 4])
+    cat = catalog_mod.LabelCatalog(shared, ["qm9mf", "qm9mf/pool"])
+    with pytest.raises(MultifiError, match="molecule 3 is labelled in more than one"):
+        cat.labelled("HF/3-21G")
+    with pytest.raises(MultifiError, match="no such file"):
+        catalog_mod.LabelCatalog(shared, ["qm9mf", "qm9mf/elsewhere"])
 
 
 def test_shared_data_path_env_overrides_spec(tmp_path, monkeypatch):
