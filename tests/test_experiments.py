@@ -362,6 +362,28 @@ def test_low_fidelity_from_several_label_folders_keeps_the_test_set(shared, tmp_
         load_context(TINY, tiny(tmp_path / "c", "label_folders=[qm9mf, qm9mf/pool]"))
 
 
+def test_reference_curves_from_another_results_folder_give_the_factor(shared, fake, tmp_path):
+    """A curve with HF/3-21G as the low fidelity borrows the single-fidelity curve of the GFN2-xTB spec (same
+    test set, checked) for its data-efficiency factor; a different test set is refused."""
+    geo_index = np.sort(catalog_mod.LabelCatalog(shared).labelled("GFN2-xTB"))
+    _hf_pool(shared, block=geo_index[:20].tolist(), pool=geo_index[100:170].tolist())
+    keep = ["ten_methods=null", "embedding_map=null", "transfer=null", "learning_curve.efficiency_more=[]"]
+    first = tmp_path / "gfn2"
+    run_experiment(TINY, overrides=tiny(first, *keep), only=["learning_curve/single"])
+    hf = [*keep, "label_folders=[qm9mf, qm9mf/pool]", "learning_curve.low=HF/3-21G", "learning_curve.n_low=null"]
+    hf += ["learning_curve.variants={joint_both: {kind: joint, inject: both}}", "learning_curve.efficiency.at=[10]"]
+    hf += [f"learning_curve.reference_curves={{results: {first}, variants: [single]}}"]
+    out = tmp_path / "hf"
+    run_experiment(TINY, overrides=tiny(out, *hf, "learning_curve.split_methods=[GFN2-xTB]"))
+    summary = json.loads((out / "summary.json").read_text())
+    borrowed = json.loads((first / "summary.json").read_text())["learning_curve"]["single"]
+    assert summary["learning_curve"]["single"] == borrowed
+    assert summary["data_efficiency"]["best_variant"] == "joint_both" and summary["data_efficiency"]["n10"] > 0
+    assert f"({first})" in (out / "README.md").read_text()
+    with pytest.raises(MultifiError, match="its test set is not this spec's"):
+        run_experiment(TINY, overrides=tiny(tmp_path / "hf2", *hf), report_only=True)
+
+
 def test_a_molecule_labelled_in_two_tables_is_an_error(shared):
     _hf_pool(shared, block=[1, 2, 3], pool=[3, 4])
     cat = catalog_mod.LabelCatalog(shared, ["qm9mf", "qm9mf/pool"])

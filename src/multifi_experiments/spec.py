@@ -144,6 +144,14 @@ class Efficiency(Section):
     label: str | None = Field(None, description="heading of a further factor (efficiency_more), e.g. the budget")
 
 
+class ReferenceCurves(Section):
+    """Curves measured by another spec on the same test set (e.g. the single-fidelity curve of a GFN2-xTB run
+    for a curve with another low fidelity), shown and used as references as if measured here."""
+
+    results: str = Field(description="the other spec's output folder (relative to the project root)")
+    variants: list[str] = Field(min_length=1, description="its learning-curve variants to take")
+
+
 class TransferPart(Section):
     """Claim (a): two methods on disjoint molecule sets of n each; one joint model vs one model per method."""
 
@@ -192,6 +200,7 @@ class LearningCurvePart(Section):
         "labels fewer molecules (only those enter training at `low`)",
     )
     variants: dict[str, Variant]
+    reference_curves: ReferenceCurves | None = None
     config: ConfigPatch = Field(default_factory=ConfigPatch)
     seeds: Seeds | None = None
     efficiency: Efficiency = Field(default_factory=Efficiency)
@@ -239,7 +248,7 @@ class LearningCurvePart(Section):
             unknown = [x for x in values if x not in sizes]
             if unknown:
                 raise ValueError(f"{where}: {unknown} not among the part's {self.size_key} {sizes}")
-        names = set(self.variants)
+        names = set(self.variants) | set(self.reference_curves.variants if self.reference_curves else [])
         for name in [
             e_name for e in [self.efficiency, *self.efficiency_more] for e_name in [e.reference, *(e.candidates or [])]
         ]:
