@@ -28,6 +28,7 @@ from multifi.data.sources import read_sources
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
 from multifi.data.stats import fit_new_fidelity
 from multifi.errors import MultifiError, unknown_name
+from multifi.keys import COUNT
 from multifi.train.init import FIDELITY_AXIS
 from multifi.train.module import PotentialModule
 from multifi.train.prepare import FidelitySettings
@@ -463,7 +464,7 @@ def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, 
             "before": b,
             "after": a,
             "change": {
-                k: (a[k] - b[k] if a.get(k) is not None and b.get(k) is not None else None) for k in b if k != "n"
+                k: (a[k] - b[k] if a.get(k) is not None and b.get(k) is not None else None) for k in b if k != COUNT
             },
         }
     return out
