@@ -74,7 +74,7 @@ def task_train(args) -> dict:
         max_epochs=-1,
         accelerator="cpu",
         devices=1,
-        gradient_clip_val=module.train_cfg["grad_clip"],
+        gradient_clip_val=module.train_cfg.grad_clip,
         callbacks=[timer],
         logger=False,
         enable_checkpointing=False,
