@@ -526,6 +526,9 @@ def test_shipped_qm9_converged_spec_validates(tmp_path):
     lc = s.learning_curve
     assert lc.n_low is None and max(lc.ns) >= 16000
     assert {v.kind for v in lc.variants.values()} >= {"single", "joint", "finetune", "delta", "pretrain_joint"}
+    hf, _ = load_spec(ROOT / "experiments/qm9_converged_hf.yaml", [f"output={tmp_path / 'hf'}"])
+    assert hf.learning_curve.reference_curves.results == "results/qm9_converged" and hf.convergence == s.convergence
+    assert hf.base == s.base and hf.learning_curve.split_methods == [lc.low] and hf.learning_curve.val == lc.val
 
 
 def test_step_matched_controls_train_equal_steps_and_report_apart(shared, fake, tmp_path):
