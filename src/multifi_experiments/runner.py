@@ -51,6 +51,10 @@ class RunBusy(Exception):
 def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), report_only: bool = False) -> Path:
     """Run (resumably) the runs of a spec selected by `only`, then write summary, plots and README."""
     ctx = load_context(spec_path, overrides, only, report_only)
+    if ctx.spec.few_shot is not None:  # a spec of its own, with its own report
+        from multifi_experiments.fewshot import run_few_shot
+
+        return run_few_shot(ctx, only, report_only)
     if ctx.spec.selection is not None:
         raise MultifiError(
             f"{spec_path}: a selection spec; run it with multifi_experiments.selection.run_spec "
@@ -349,6 +353,13 @@ def _train(cfg, run_dir: Path) -> str:
         return "reused"  # trained earlier; only the evaluation was missing
     with warnings.catch_warnings():
         quiet_lightning()
+        if cfg.extend is not None:  # an extension (multifi extend) is short: a killed one starts again
+            from multifi.train.extend import extend
+
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            extend(cfg)
+            return "extended"
         if (run_dir / "checkpoints" / "last.ckpt").exists():
             log.info("resuming %s from checkpoints/last.ckpt", run_dir)
             train_run.train(cfg, resume=True)
