@@ -14,7 +14,7 @@ import multifi.train.extend as extend_mod
 import multifi.train.run as train_run
 from multifi.errors import MultifiError
 from multifi_experiments.runner import run_experiment
-from multifi_experiments.spec import validate_spec
+from multifi_experiments.spec import load_spec, validate_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "fewshot_tiny.yaml"
@@ -30,6 +30,8 @@ def test_few_shot_loop_tiny(shared, tmp_path, monkeypatch):  # noqa: F811
         monkeypatch.setattr(
             mod, name, lambda cfg, *a, _real=real, **k: calls.append(cfg.output_dir) or _real(cfg, *a, **k)
         )
+    run_experiment(SPEC, overrides=[f"output={out}"], only=["few_shot/embedding/n8"])  # one run and its base
+    assert sorted(Path(c).parent.name for c in calls) == ["base", "n8_s0"]
     run_experiment(SPEC, overrides=[f"output={out}"])
 
     splits = json.loads((out / "splits" / "few_shot.json").read_text())
@@ -82,6 +84,8 @@ def test_few_shot_loop_tiny(shared, tmp_path, monkeypatch):  # noqa: F811
 
 
 def test_few_shot_spec_errors(shared, tmp_path):  # noqa: F811
+    spec, _ = load_spec(ROOT / "experiments" / "qm9_fewshot.yaml")
+    assert spec.few_shot.new == "HF/3-21G" and set(spec.few_shot.modes) == {"embedding", "head", "all_replay"}
     base = {"name": "x", "few_shot": {"ns": [4, 8]}}
     validate_spec(base)
     for patch, fragment in [

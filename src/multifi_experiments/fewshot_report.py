@@ -156,13 +156,14 @@ def write_few_shot_report(ctx: Context, plans: list[RunPlan], splits: FewShotSpl
 
 # ---------------------------------------------------------------------------------------------- figure
 def plot(path: Path, d: dict, title: str) -> Path:
-    """Left: the new method's test MAE vs n (log-log); right: mean change of the old methods' test MAE vs n."""
+    """Left: the new method's test MAE vs n (log-log); right: mean change of the old methods' test MAE vs n
+    (symmetric log scale, linear within ±1 meV)."""
     from multifi_experiments.plots import MARKERS, _plt, _save
 
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12.8, 4.6))
     for k, (v, info) in enumerate(d["variants"].items()):
-        style = {"marker": MARKERS[k % len(MARKERS)], "capsize": 3, "label": info["label"]}
+        style = {"marker": MARKERS[k % len(MARKERS)], "color": f"C{k % 10}", "capsize": 3, "label": info["label"]}
         style["linestyle"] = "--" if info["kind"] != "extend" else "-"
         cells = {int(n): s for n, s in d["new_test_mae_meV"][v].items() if s}
         if cells:
@@ -177,7 +178,12 @@ def plot(path: Path, d: dict, title: str) -> Path:
             ns = sorted(per_n)
             right.plot(ns, [per_n[n] for n in ns], **{k: x for k, x in style.items() if k != "capsize"})
     left.set(xscale="log", yscale="log", xlabel=f"{d['new']} training labels n", ylabel=f"{d['new']} test MAE (meV)")
-    right.set(xscale="log", xlabel=f"{d['new']} training labels n", ylabel="old methods: mean change of test MAE (meV)")
+    right.set(
+        xscale="log",
+        xlabel=f"{d['new']} training labels n",
+        ylabel="old methods: mean change of test MAE (meV, symlog)",
+    )
+    right.set_yscale("symlog", linthresh=1.0)  # 0 (an unchanged old method) and large forgetting on one axis
     right.axhline(0.0, color="grey", linewidth=0.8)
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
