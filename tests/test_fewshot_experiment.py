@@ -12,7 +12,9 @@ from test_experiments import shared, small_csv  # noqa: F401  (fixtures)
 
 import multifi.train.extend as extend_mod
 import multifi.train.run as train_run
+from multifi.cli.main import main
 from multifi.errors import MultifiError
+from multifi_experiments.fewshot import run_spec
 from multifi_experiments.runner import run_experiment
 from multifi_experiments.spec import load_spec, validate_spec
 
@@ -30,9 +32,9 @@ def test_few_shot_loop_tiny(shared, tmp_path, monkeypatch):  # noqa: F811
         monkeypatch.setattr(
             mod, name, lambda cfg, *a, _real=real, **k: calls.append(cfg.output_dir) or _real(cfg, *a, **k)
         )
-    run_experiment(SPEC, overrides=[f"output={out}"], only=["few_shot/embedding/n8"])  # one run and its base
+    run_spec(SPEC, overrides=[f"output={out}"], only=["few_shot/embedding/n8"])  # one run and its base
     assert sorted(Path(c).parent.name for c in calls) == ["base", "n8_s0"]
-    run_experiment(SPEC, overrides=[f"output={out}"])
+    run_spec(SPEC, overrides=[f"output={out}"])
 
     splits = json.loads((out / "splits" / "few_shot.json").read_text())
     assert set(splits["old"]) == set(OLD)  # every labelled block but the new method's (PBE/3-21G has no labels)
@@ -76,9 +78,13 @@ def test_few_shot_loop_tiny(shared, tmp_path, monkeypatch):  # noqa: F811
     assert "few_shot.png" in readme and "Forgetting" in readme
     assert (out / "few_shot.png").stat().st_size > 1000 and (out / "details.json").exists()
 
-    # finished runs are skipped: nothing trains again, no result is rewritten
+    # finished runs are skipped: nothing trains again, no result is rewritten (through the command line)
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
-    run_experiment(SPEC, overrides=[f"output={out}"])
+    (out / "README.md").unlink()
+    assert main(["experiment", "run", str(SPEC), "--set", f"output={out}"]) == 0
+    (out / "summary.json").unlink()
+    assert main(["experiment", "run", str(SPEC), "--set", f"output={out}", "--report-only"]) == 0
+    assert json.loads((out / "summary.json").read_text()) == summary and (out / "README.md").exists()
     assert len(calls) == len(expected)
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == before
 
@@ -99,10 +105,12 @@ def test_few_shot_spec_errors(shared, tmp_path):  # noqa: F811
             validate_spec({**base, "few_shot": {**base["few_shot"], **patch}})
     with pytest.raises(MultifiError, match="spec of its own"):
         validate_spec({**base, "ten_methods": {}})
+    with pytest.raises(MultifiError, match="a few-shot spec"):
+        run_experiment(SPEC, overrides=[f"output={tmp_path}"])
     out = [f"output={tmp_path}"]
     with pytest.raises(MultifiError, match="needs 31 molecules of the GFN1-xTB block labelled"):
-        run_experiment(SPEC, overrides=[*out, "few_shot.ns=[21]"])
+        run_spec(SPEC, overrides=[*out, "few_shot.ns=[21]"])
     with pytest.raises(MultifiError, match="has no block"):
-        run_experiment(SPEC, overrides=[*out, "few_shot.new=GFN3"])
+        run_spec(SPEC, overrides=[*out, "few_shot.new=GFN3"])
     with pytest.raises(MultifiError, match="init_like"):
-        run_experiment(SPEC, overrides=[*out, "few_shot.init_like=PBE/3-21G"])
+        run_spec(SPEC, overrides=[*out, "few_shot.init_like=PBE/3-21G"])

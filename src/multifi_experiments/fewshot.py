@@ -185,6 +185,13 @@ def extension(
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+def run_spec(spec_path, overrides=(), only=(), report_only: bool = False) -> Path:
+    """`multifi experiment run` for a few-shot spec (as a function)."""
+    from multifi_experiments.runner import load_context
+
+    return run_few_shot(load_context(spec_path, overrides, only, report_only), only, report_only)
+
+
 def run_few_shot(ctx: Context, only=(), report_only: bool = False) -> Path:
     """Train (resumably) the runs selected by `only` (run-id prefixes; with the base they start from), then
     write summary.json, details.json, few_shot.png and README.md; returns the output folder."""
@@ -198,7 +205,7 @@ def run_few_shot(ctx: Context, only=(), report_only: bool = False) -> Path:
     failed: list[str] = []
     if not report_only:
         failed = runner.execute(ctx, runner.select(plans, list(only)))
-    write_few_shot_report(ctx, plans, splits)
+    write_few_shot_report(ctx, plans, splits.old, splits.coverage)
     log.info("report: %s", out / "README.md")
     if failed:
         raise MultifiError(

@@ -20,7 +20,6 @@ import numpy as np
 
 from multifi.data.dataset import atomic_write
 from multifi_experiments.context import Context, machine, result_path
-from multifi_experiments.fewshot import BASE, FewShotSplits
 from multifi_experiments.plan import RunPlan
 from multifi_experiments.report import stats
 
@@ -53,11 +52,12 @@ def _old_changes(r: dict, base: dict | None, old: list[str]) -> dict[str, float]
     }
 
 
-def few_shot_details(ctx: Context, plans: list[RunPlan], splits: FewShotSplits) -> dict:
+def few_shot_details(ctx: Context, plans: list[RunPlan], old: list[str], coverage: dict) -> dict:
+    """old: the base model's methods; coverage: per block, molecules labelled and used (fewshot.FewShotSplits)."""
     fs = ctx.spec.few_shot
     results = load_results(ctx, plans)
-    base = results.get(BASE)
-    old = list(splits.old)
+    base_id = next(p.id for p in plans if p.meta.get("variant") == "base")
+    base = results.get(base_id)
     variants = [*fs.modes, *fs.baselines]
     runs: dict = {v: {} for v in variants}
     for plan in plans:
@@ -94,11 +94,11 @@ def few_shot_details(ctx: Context, plans: list[RunPlan], splits: FewShotSplits) 
             }
             for v in variants
         },
-        "base": None if base is None else {"id": BASE, "test": base["test"], "cpu_seconds": base.get("cpu_seconds")},
+        "base": None if base is None else {"id": base_id, "test": base["test"], "cpu_seconds": base.get("cpu_seconds")},
         "new_test_mae_meV": new_mae,
         "old_change_meV": change,
         "old_fidelities_unchanged": unchanged,
-        "coverage": splits.coverage,
+        "coverage": coverage,
         "runs": ids,
         "runs_planned": len(plans),
         "runs_finished": len(results),
@@ -138,8 +138,8 @@ def summarize(d: dict) -> dict:
     }
 
 
-def write_few_shot_report(ctx: Context, plans: list[RunPlan], splits: FewShotSplits) -> dict:
-    d = few_shot_details(ctx, plans, splits)
+def write_few_shot_report(ctx: Context, plans: list[RunPlan], old: list[str], coverage: dict) -> dict:
+    d = few_shot_details(ctx, plans, list(old), coverage)
     summary = summarize(d)
     out = ctx.paths.output
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +244,7 @@ def render(ctx: Context, d: dict, summary: dict, figure: bool) -> str:
         "## Forgetting: change of every old method's test MAE against the base model (meV)",
         "",
         "Extensions: the extension's own before/after on the base model's test molecules; the retrained joint "
-        "model: its test MAE minus the base model's (a different training run, so seed noise is included). "
+        "model: its test MAE minus the base model's (another training run: run-to-run noise is included). "
         "`bit-for-bit`: every weight an old method's prediction depends on is unchanged (all seeds).",
         "",
         "| variant | n | " + " | ".join(old) + " | bit-for-bit |",

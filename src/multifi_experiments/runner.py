@@ -51,13 +51,14 @@ class RunBusy(Exception):
 def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), report_only: bool = False) -> Path:
     """Run (resumably) the runs of a spec selected by `only`, then write summary, plots and README."""
     ctx = load_context(spec_path, overrides, only, report_only)
-    if ctx.spec.few_shot is not None:  # a spec of its own, with its own report
-        from multifi_experiments.fewshot import run_few_shot
-
-        return run_few_shot(ctx, only, report_only)
     if ctx.spec.selection is not None:
         raise MultifiError(
             f"{spec_path}: a selection spec; run it with multifi_experiments.selection.run_spec "
+            "(`multifi experiment run` does)"
+        )
+    if ctx.spec.few_shot is not None:
+        raise MultifiError(
+            f"{spec_path}: a few-shot spec; run it with multifi_experiments.fewshot.run_spec "
             "(`multifi experiment run` does)"
         )
     parts = plan_parts(ctx)
