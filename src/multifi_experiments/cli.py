@@ -24,12 +24,15 @@ def register(sub):
 
 
 def run(args) -> int:
+    from multifi_experiments.fewshot import run_few_shot
     from multifi_experiments.runner import load_context, run_experiment
     from multifi_experiments.selection import run_selection
 
     ctx = load_context(args.spec, args.overrides, args.only, args.report_only)
     if ctx.spec.selection is not None:  # acquisition rounds: planned round by round, not all at once
         run_selection(ctx, args.only, args.report_only)
+    elif ctx.spec.few_shot is not None:  # a held-out method added to a joint model: a report of its own
+        run_few_shot(ctx, args.only, args.report_only)
     else:
         run_experiment(args.spec, overrides=args.overrides, only=args.only, report_only=args.report_only)
     return 0
