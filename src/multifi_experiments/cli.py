@@ -1,5 +1,6 @@
-"""`multifi experiment run SPEC.yaml [--only NAME] [--report-only]` and `multifi experiment limits SPEC.yaml`: registered into the multifi CLI through
-the `multifi.commands` entry point (pyproject.toml), so the library never imports this package."""
+"""`multifi experiment run SPEC.yaml [--only NAME] [--report-only]` and `multifi experiment limits SPEC.yaml`:
+registered into the multifi CLI through the `multifi.commands` entry point (pyproject.toml), so the library
+never imports this package."""
 
 from __future__ import annotations
 
