@@ -31,6 +31,7 @@ from multifi.files import atomic_write
 from multifi_experiments.context import Context
 
 log = logging.getLogger("multifi.experiments")
+VERSION = 2  # of the measured quantities: cached rows of another version are measured again
 
 
 def run_limits(ctx: Context, parts: dict) -> dict:
@@ -57,11 +58,13 @@ def _cached(ctx: Context, plan, model: Path, high: str, low: str) -> dict | None
     path = ctx.paths.output / "limits" / f"{plan.id}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("model_sha256") == digest:
+        if cached.get("model_sha256") == digest and cached.get("version") == VERSION:
             return cached["row"]
     row = measure(ctx, plan, model, high, low)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps({"model_sha256": digest, "row": row}, indent=1).encode()))
+    atomic_write(
+        path, lambda f: f.write(json.dumps({"model_sha256": digest, "version": VERSION, "row": row}, indent=1).encode())
+    )
     return row
 
 
@@ -87,6 +90,8 @@ def measure(ctx: Context, plan, model: Path, high: str, low: str) -> dict | None
         "difference_mae_meV": float(np.abs(d_err).mean()),
         # the difference's spread once a per-element reference is removed (what a model must learn of it)
         "label_difference_std_meV": float(_residual_std(ctx, idx[known], d_label)),
+        # the same for the top fidelity's own energies: what a single-fidelity model must learn
+        "label_high_std_meV": float(_residual_std(ctx, idx[known], 1000 * label[high][known])),
         "error_correlation": float(np.corrcoef(err[high], err[low])[0, 1]),
     }
     row.update(embedding_movement(potential, model, high, low))
@@ -175,15 +180,16 @@ def render(ctx: Context, out: dict) -> str:
         "",
         f"- **{high} MAE**: the curve's number; **{low} MAE**: the same model at the low fidelity;",
         f"- **Δ MAE**: error of the predicted {high} − {low} against the labels' difference; **Δ std**: spread of "
-        "the labels' difference after a per-element constant (what a model must learn of it);",
+        f"the labels' difference after a per-element constant (what a model must learn of it); **{high} std**: the "
+        "same for the top fidelity's own energies (what a single-fidelity model must learn);",
         "- **err. corr.**: correlation of the model's errors at the two fidelities (near 1: the errors are shared, "
         "the difference is learned better than either energy);",
         "- vectors: norms of the two fidelity vectors, their cosine (at initialisation → after training), and how "
         "far each moved from its initial value (dimension d: a random vector has norm ≈ √d).",
         "",
-        f"| run | {high} MAE | {low} MAE | Δ MAE | Δ std | err. corr. | ‖v‖ high / low | cosine init → end "
-        "| moved high / low |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| run | {high} MAE | {low} MAE | Δ MAE | Δ std | {high} std | err. corr. | ‖v‖ high / low "
+        "| cosine init → end | moved high / low |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(out["runs"], key=lambda r: (r["variant"], r["n"], r["run"])):
         norms = r.get("vector_norm")
@@ -193,12 +199,12 @@ def render(ctx: Context, out: dict) -> str:
             cos = f"{r['vector_cosine']:+.2f}"
         lines.append(
             f"| {r['run']} | {r['high_mae_meV']:.1f} | {r['low_mae_meV']:.1f} | {r['difference_mae_meV']:.1f} | "
-            f"{r['label_difference_std_meV']:.1f} | {r['error_correlation']:.2f} | "
+            f"{r['label_difference_std_meV']:.1f} | {r['label_high_std_meV']:.1f} | {r['error_correlation']:.2f} | "
             + (f"{norms[high]:.2f} / {norms[low]:.2f}" if norms else "—")
             + f" | {cos} | "
             + (f"{moved[high]:.2f} / {moved[low]:.2f}" if moved else "—")
             + " |"
         )
     if not out["runs"]:
-        lines.append("| (no finished two-fidelity run yet) | | | | | | | | |")
+        lines.append("| (no finished two-fidelity run yet) | | | | | | | | | |")
     return "\n".join(lines) + "\n"
