@@ -1,14 +1,16 @@
-"""Few-shot extension on the shared solids: a PBE-only M3GNet extended to r2SCAN with 23 labels.
+"""Few-shot extension on the shared solids: a PBE-only M3GNet extended to r2SCAN with n labels.
 
-    python experiments/extend_solids.py [--steps 1500] [--extend-steps 500]
+    python experiments/extend_solids.py [--ns 11 23 46 91 182] [--seeds 0 1] [--steps 1500] [--extend-steps 500]
 
 Splits: results/solids/splits/learning_curve.json (the PBE + r2SCAN learning curve): the PBE model
 trains on the 497 PBE training structures (its validation and test sets are the 20 + 50 held-out
-structures at PBE); the r2SCAN extension trains on the first 23 structures of seed 0's order (the
-learning curve's n = 23, seed 0), picks its checkpoint on the 20 validation structures and is tested on
-the 50 test structures at r2SCAN. Model and loss as in experiments/solids_small.yaml (M3GNet, 32
-features, 3 blocks, Huber loss). Writes results/extend_solids/{results.json,README.md}; run directories
-go to results/extend_solids/work/ (git-ignored). Finished runs are reused.
+structures at PBE); the r2SCAN extension trains on the first n structures of seed s's order (the
+learning curve's n, seed s), picks its checkpoint on the 20 validation structures and is tested on the
+50 test structures at r2SCAN, against an r2SCAN-only model on the same n structures and the learning
+curve's joint model trained from scratch on PBE + the same n (results/solids, `joint_both`, the same
+recipe and 1 500 steps). Model and loss as in experiments/solids_small.yaml (M3GNet, 32 features,
+3 blocks, Huber loss). Writes results/extend_solids/{results.json,README.md}; run directories go to
+results/extend_solids/work/ (git-ignored). Finished runs are reused.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "solids"
 OUT = ROOT / "results" / "extend_solids"
 SPLITS = ROOT / "results" / "solids" / "splits" / "learning_curve.json"
-N = 23
+JOINT = ROOT / "results" / "solids" / "runs" / "learning_curve" / "joint_both"
 MODEL = {
     "backbone": "m3gnet",
     "features": 32,
@@ -55,21 +57,24 @@ TRAIN = {
 MODES = {"embedding": {"train": "embedding"}, "head": {"train": "head"}, "all_replay": {"train": "all", "replay": 0.1}}
 
 
-def split_files(work: Path) -> dict[str, dict[str, str]]:
+def split_files(work: Path, n: int, seed: int) -> dict[str, dict[str, str]]:
     s = json.loads(SPLITS.read_text())
+    order = s["high_train_order"][f"s{seed}"]
+    if n > len(order):
+        raise SystemExit(f"{SPLITS}: seed {seed} orders {len(order)} r2SCAN structures, n = {n} asked")
     files = {}
     for name, keys in (
         ("pbe_train", s["low_pool"]),
         ("val", s["val"]),
         ("test", s["test"]),
-        ("r2scan_train", s["high_train_order"]["s0"][:N]),
+        (f"r2scan_train_n{n}_s{seed}", order[:n]),
     ):
         path = work / f"{name}.txt"
         path.write_text("\n".join(keys) + "\n")
         files[name] = str(path)
     return {
         "pbe": {"train": files["pbe_train"], "val": files["val"], "test": files["test"]},
-        "r2scan": {"train": files["r2scan_train"], "val": files["val"], "test": files["test"]},
+        "r2scan": {"train": files[f"r2scan_train_n{n}_s{seed}"], "val": files["val"], "test": files["test"]},
     }
 
 
@@ -91,16 +96,18 @@ def main() -> None:
     from multifi.train.run import train
 
     p = argparse.ArgumentParser()
+    p.add_argument("--ns", type=int, nargs="+", default=[11, 23, 46, 91, 182], help="r2SCAN labels")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the learning curve's orders")
     p.add_argument("--steps", type=int, default=1500, help="optimiser steps of the PBE and r2SCAN-only models")
     p.add_argument("--extend-steps", type=int, default=500, help="optimiser steps of each extension")
     args = p.parse_args()
     work = OUT / "work"
     work.mkdir(parents=True, exist_ok=True)
-    files = split_files(work)
     torch.set_num_threads(1)
-    results = {}
+    results: dict = {"runs": {}}
 
     pbe_dir = work / "pbe"
+    files = split_files(work, args.ns[0], args.seeds[0])
     pbe = {
         "data": {"sources": [{"path": str(DATA / "PBE.jsonl.gz")}], "split": {"files": files["pbe"]}},
         "model": MODEL,
@@ -110,29 +117,36 @@ def main() -> None:
     }
     results["pbe_model"] = run_once(pbe_dir, lambda: train(validate_config(pbe)))
 
-    single_dir = work / "r2scan_only"
-    single = {
-        "data": {"sources": [{"path": str(DATA / "R2SCAN.jsonl.gz")}], "split": {"files": files["r2scan"]}},
-        "model": {**MODEL, "fidelity_embedding": {"dim": 4, "inject": "single"}},
-        "loss": LOSS,
-        "train": {**TRAIN, "max_steps": args.steps},
-        "output_dir": str(single_dir),
-    }
-    results["r2scan_only"] = run_once(single_dir, lambda: train(validate_config(single)))
-
-    for name, keys in MODES.items():
-        run_dir = work / f"extend_{name}"
-        cfg = {
-            "data": {
-                "sources": [{"path": str(DATA / "R2SCAN.jsonl.gz"), "fidelity": "R2SCAN"}],
-                "split": {"files": files["r2scan"]},
-            },
-            "loss": LOSS,
-            "train": {**TRAIN, "max_steps": args.extend_steps},
-            "output_dir": str(run_dir),
-            "extend": {"model": str(pbe_dir / "model.pt"), "fidelity": "R2SCAN", "init_like": "PBE", **keys},
-        }
-        results[f"extend_{name}"] = run_once(run_dir, lambda cfg=cfg: extend(validate_config(cfg)))
+    for n in args.ns:
+        for seed in args.seeds:
+            files = split_files(work, n, seed)
+            runs = results["runs"][f"n{n}_s{seed}"] = {"n": n, "seed": seed}
+            single_dir = work / f"n{n}_s{seed}" / "r2scan_only"
+            single = {
+                "data": {"sources": [{"path": str(DATA / "R2SCAN.jsonl.gz")}], "split": {"files": files["r2scan"]}},
+                "model": {**MODEL, "fidelity_embedding": {"dim": 4, "inject": "single"}},
+                "loss": LOSS,
+                "train": {**TRAIN, "max_steps": args.steps, "seed": seed},
+                "output_dir": str(single_dir),
+            }
+            runs["r2scan_only"] = run_once(single_dir, lambda single=single: train(validate_config(single)))
+            for name, keys in MODES.items():
+                run_dir = work / f"n{n}_s{seed}" / f"extend_{name}"
+                cfg = {
+                    "data": {
+                        "sources": [{"path": str(DATA / "R2SCAN.jsonl.gz"), "fidelity": "R2SCAN"}],
+                        "split": {"files": files["r2scan"]},
+                    },
+                    "loss": LOSS,
+                    "train": {**TRAIN, "max_steps": args.extend_steps, "seed": seed},
+                    "output_dir": str(run_dir),
+                    "extend": {"model": str(pbe_dir / "model.pt"), "fidelity": "R2SCAN", "init_like": "PBE", **keys},
+                }
+                runs[f"extend_{name}"] = run_once(run_dir, lambda cfg=cfg: extend(validate_config(cfg)))
+            joint = JOINT / f"n{n}_s{seed}.json"
+            if joint.is_file():
+                runs["joint_from_scratch"] = json.loads(joint.read_text())["test"]["R2SCAN"]
+            print(f"n = {n}, seed {seed}: done", flush=True)
 
     results["settings"] = {
         "model": MODEL,
@@ -141,7 +155,8 @@ def main() -> None:
         "steps": args.steps,
         "extend_steps": args.extend_steps,
         "modes": MODES,
-        "n_r2scan": N,
+        "ns": args.ns,
+        "seeds": args.seeds,
         "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
     }
     OUT.mkdir(exist_ok=True)
@@ -150,38 +165,65 @@ def main() -> None:
     print(table(results))
 
 
+def _mean(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.1f}" if values else "—"
+
+
 def table(results: dict) -> str:
-    """Markdown table: r2SCAN test errors and the PBE test errors before/after."""
+    """Markdown tables per metric: r2SCAN test errors per n (mean over seeds), the PBE test errors after each
+    extension (before: the PBE model's), and the CPU seconds."""
     pbe = results["pbe_model"]["metrics"]["fidelities"]["PBE"]
-    rows = [
-        "| model | r2SCAN E MAE meV/atom | r2SCAN F MAE meV/Å | PBE E MAE meV/atom (before → after) "
-        "| PBE F MAE meV/Å (before → after) | CPU s |",
-        "|---|---|---|---|---|---|",
+    ns = results["settings"]["ns"]
+    by_n = {n: [r for r in results["runs"].values() if r["n"] == n] for n in ns}
+    rows_of = {
+        "r2SCAN only": lambda r: r["r2scan_only"]["metrics"]["fidelities"]["R2SCAN"],
+        "joint from scratch (results/solids)": lambda r: r.get("joint_from_scratch"),
+        **{
+            f"extend {m.replace('_', ' + ')}": (lambda r, m=m: r[f"extend_{m}"]["metrics"]["fidelities"]["R2SCAN"])
+            for m in MODES
+        },
+    }
+    out = []
+    for key, title in (
+        ("energy_mae_meV_per_atom", "r2SCAN energy MAE, meV/atom"),
+        ("forces_mae_meV_per_A", "r2SCAN force MAE, meV/Å"),
+    ):
+        out += [
+            f"**{title}** (test, mean over seeds {results['settings']['seeds']})",
+            "",
+            "| model | " + " | ".join(f"n = {n}" for n in ns) + " |",
+            "|---|" + "---|" * len(ns),
+        ]
+        for label, get in rows_of.items():
+            cells = [_mean([get(r)[key] for r in by_n[n] if get(r) is not None]) for n in ns]
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += [
+        "**Forgetting**: PBE test errors after the extension (mean over seeds; before: "
+        f"{pbe['energy_mae_meV_per_atom']:.2f} meV/atom, {pbe['forces_mae_meV_per_A']:.1f} meV/Å)",
+        "",
+        "| mode | " + " | ".join(f"n = {n}" for n in ns) + " |",
+        "|---|" + "---|" * len(ns),
     ]
-    single = results["r2scan_only"]["metrics"]["fidelities"]["R2SCAN"]
-    rows.append(
-        f"| r2SCAN only (23 labels, {results['settings']['steps']} steps) | "
-        f"{single['energy_mae_meV_per_atom']:.1f} | {single['forces_mae_meV_per_A']:.0f} | — | — | "
-        f"{results['r2scan_only']['cpu_seconds']:.0f} |"
+    for m in MODES:
+        cells = []
+        for n in ns:
+            after = [r[f"extend_{m}"]["metrics"]["forgetting"]["PBE"]["after"] for r in by_n[n]]
+            e = _mean([a["energy_mae_meV_per_atom"] for a in after])
+            f = _mean([a["forces_mae_meV_per_A"] for a in after])
+            cells.append(f"{e} / {f}")
+        out.append(f"| {m.replace('_', ' + ')} | " + " | ".join(cells) + " |")
+    cpu = sum(
+        x["cpu_seconds"]
+        for r in results["runs"].values()
+        for k, x in r.items()
+        if isinstance(x, dict) and "cpu_seconds" in x
     )
-    for name in MODES:
-        r = results[f"extend_{name}"]
-        m = r["metrics"]
-        new, old = m["fidelities"]["R2SCAN"], m["forgetting"]["PBE"]
-        steps = results["settings"]["extend_steps"]
-        rows.append(
-            f"| PBE model + r2SCAN, extend {name.replace('_', ' + ')} ({steps} "
-            f"steps) | {new['energy_mae_meV_per_atom']:.1f} | {new['forces_mae_meV_per_A']:.0f} | "
-            f"{old['before']['energy_mae_meV_per_atom']:.2f} → {old['after']['energy_mae_meV_per_atom']:.2f} | "
-            f"{old['before']['forces_mae_meV_per_A']:.1f} → {old['after']['forces_mae_meV_per_A']:.1f} | "
-            f"{r['cpu_seconds']:.0f} |"
-        )
-    rows.append(
-        f"\nPBE model alone ({results['settings']['steps']} steps, "
-        f"{results['pbe_model']['cpu_seconds']:.0f} CPU s): PBE test "
-        f"{pbe['energy_mae_meV_per_atom']:.2f} meV/atom, {pbe['forces_mae_meV_per_A']:.1f} meV/Å"
+    out.append(
+        f"\nPBE model ({results['settings']['steps']} steps, {results['pbe_model']['cpu_seconds']:.0f} CPU s); "
+        f"extensions and r2SCAN-only models: {cpu:.0f} CPU s in total."
     )
-    return "\n".join(rows)
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
