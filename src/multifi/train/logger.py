@@ -34,7 +34,7 @@ class RunCSVLogger(Logger):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.csv"
         self._rows: list[dict] | None = None
-        self._n_old = 0  # rows read from an earlier (interrupted) session
+        self._n_old = 0  # rows read from an earlier (interrupted) start of the run
 
     @property
     def name(self) -> str:
@@ -63,7 +63,7 @@ class RunCSVLogger(Logger):
             return
         rows = self._load()
         step = int(step or 0)
-        if self._n_old:  # first row of a resumed session: forget what the interrupted session logged from here on
+        if self._n_old:  # first row after a resume: forget what the interrupted start logged from here on
             rows[:] = [r for r in rows if int(float(r.get("step") or 0)) < step]
             self._n_old = 0
         if rows and int(float(rows[-1].get("step") or -1)) == step:
