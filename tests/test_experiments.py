@@ -321,6 +321,26 @@ def test_spec_errors_are_one_line(shared, tmp_path, override, needle):
     assert needle in str(exc.value) and "\n" not in str(exc.value)
 
 
+def test_unknown_variant_kind_is_one_line_at_spec_load_naming_file_and_known_kinds(tmp_path, capsys):
+    """Before any planning or data access: the spec file, the key, a suggestion and every registered kind."""
+    from test_cli import fails
+
+    from multifi_experiments.kinds import KINDS
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(TINY.read_text().replace("kind: joint", "kind: joinnt", 1))
+    assert "kind: joinnt" in spec.read_text()
+    line = fails(
+        ["experiment", "run", spec, "--set", f"output={tmp_path / 'out'}", "--report-only"],
+        capsys,
+        str(spec),
+        "kind: unknown kind 'joinnt'; did you mean 'joint'?",
+        f"(known: {', '.join(KINDS)})",
+    )
+    assert set(KINDS) == {"single", "joint", "delta", "finetune", "pretrain_joint"}, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_shared_data_path_env_overrides_spec(tmp_path, monkeypatch):
     monkeypatch.delenv("MULTIFI_SHARED_DATA", raising=False)
     ctx = load_context(TINY, ["shared_data=/somewhere/else"])
