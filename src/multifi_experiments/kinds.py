@@ -35,11 +35,13 @@ class KindRun:
 
 @dataclass(frozen=True)
 class Kind:
+    """A model family: how its run is planned (`plan`) and what it trains on and needs."""
+
     name: str
-    joint: bool  # both fidelities in one conditioned model (needs inject: input, readout, both, onehot, heads)
-    pretrained: bool  # starts from a model pre-trained on the low fidelity (a `pretrain` run)
-    uses_low_pool: bool  # trains on the part's low-fidelity pool (so `n_low` applies)
     plan: Callable[[KindRun], RunPlan]
+    joint: bool = False  # both fidelities in one conditioned model (needs inject: input, readout, both, onehot, heads)
+    pretrained: bool = False  # starts from a model pre-trained on the low fidelity (a `pretrain` run)
+    uses_low_pool: bool = False  # trains on the part's low-fidelity pool (so `n_low` applies)
     needs_low_at_prediction: bool = False  # predicting the top fidelity needs a low-fidelity calculation
     qm9_only: bool = False  # built from the shared QM9 label tables only (not from a spec's `data` files)
 
@@ -73,18 +75,10 @@ def _pretrain_joint(r: KindRun) -> RunPlan:
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in [
-        Kind("single", joint=False, pretrained=False, uses_low_pool=False, plan=_single),
-        Kind("joint", joint=True, pretrained=False, uses_low_pool=True, plan=_joint),
-        Kind(
-            "delta",
-            joint=False,
-            pretrained=False,
-            uses_low_pool=False,
-            plan=_delta,
-            needs_low_at_prediction=True,
-            qm9_only=True,
-        ),
-        Kind("finetune", joint=False, pretrained=True, uses_low_pool=True, plan=_finetune),
-        Kind("pretrain_joint", joint=True, pretrained=True, uses_low_pool=True, plan=_pretrain_joint),
+        Kind("single", _single),
+        Kind("joint", _joint, joint=True, uses_low_pool=True),
+        Kind("delta", _delta, needs_low_at_prediction=True, qm9_only=True),
+        Kind("finetune", _finetune, pretrained=True, uses_low_pool=True),
+        Kind("pretrain_joint", _pretrain_joint, joint=True, pretrained=True, uses_low_pool=True),
     ]
 }
