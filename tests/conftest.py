@@ -185,6 +185,17 @@ def tiny_painn_lo_hi():
 
 
 # ---------------------------------------------------------------------------------------------- files
+def fifo_and_target(tmp_path, via_symlink: bool):
+    """(FIFO tmp_path/pipe, the path to write to: the FIFO itself, or a symlink tmp_path/link to it)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    if not via_symlink:
+        return fifo, fifo
+    link = tmp_path / "link"
+    link.symlink_to(fifo)
+    return fifo, link
+
+
 def drain_fifo(path, into: list) -> threading.Thread:
     """Read a FIFO in a thread (opening it for writing blocks until a reader is there)."""
 

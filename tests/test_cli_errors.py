@@ -13,7 +13,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from conftest import TINY_MODEL, drain_fifo, emt_labelled, rattled_molecule
+from conftest import TINY_MODEL, drain_fifo, emt_labelled, fifo_and_target, rattled_molecule
 from test_cli import fails, run
 
 from multifi.cli.main import main
@@ -62,12 +62,7 @@ def test_source_fidelity_labels_frames_naming_none(tmp_path, capsys):
 def test_out_to_a_fifo_writes_through(model, tmp_path, capsys, via_symlink):
     src = tmp_path / "in.xyz"
     ase.io.write(src, [rattled_molecule("H2O", 0)])
-    fifo = tmp_path / "pipe"
-    os.mkfifo(fifo)
-    out = fifo
-    if via_symlink:
-        out = tmp_path / "link"
-        out.symlink_to(fifo)
+    fifo, out = fifo_and_target(tmp_path, via_symlink)
     got: list = []
     reader = drain_fifo(fifo, got)
     assert run(["predict", model, src, "--fidelity", "lo", "--out", out], capsys)[0] == 0

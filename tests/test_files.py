@@ -9,7 +9,7 @@ import stat
 import tempfile
 
 import pytest
-from conftest import drain_fifo
+from conftest import drain_fifo, fifo_and_target
 
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, make_dir, write_text
@@ -17,12 +17,7 @@ from multifi.files import atomic_write, make_dir, write_text
 
 @pytest.mark.parametrize("via_symlink", [False, True])
 def test_fifo_is_written_through_not_replaced(tmp_path, via_symlink):
-    fifo = tmp_path / "pipe"
-    os.mkfifo(fifo)
-    target = fifo
-    if via_symlink:
-        target = tmp_path / "link"
-        target.symlink_to(fifo)
+    fifo, target = fifo_and_target(tmp_path, via_symlink)
     got: list = []
     reader = drain_fifo(fifo, got)
     write_text(target, "hello\n")
