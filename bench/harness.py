@@ -27,7 +27,8 @@ What it does
 
 Same model on both sides: PaiNN 128 features, 3 interactions, 5 Å cosine cutoff, 20 radial functions
 (ours Bessel, schnetpack's default Gaussian), atomwise MLP 128→64→1, batch 32, float32, lr 5e-4 AdamW.
-What each side times is described in bench/peers/multifi_painn.py and bench/peers/schnetpack_painn.py.
+What each side times is described in bench/peers/multifi_painn.py (with bench/peers/_multifi.py) and
+bench/peers/schnetpack_painn.py.
 """
 
 from __future__ import annotations
