@@ -368,19 +368,21 @@ def test_train_limits_are_nested_and_per_fidelity():
     )
     pairs = labelled_pairs(ds, np.arange(S))
     n_hi = int((pairs[:, 1] == 1).sum())
-    small = limit_pairs(pairs, {"hi": 100}, ds, seed=0)
-    large = limit_pairs(pairs, {"hi": 200}, ds, seed=0)
+    limits = lambda given: ds.fidelities.per_index(given, np.nan, "data.train_limits")  # noqa: E731
+    small = limit_pairs(pairs, limits({"hi": 100}), ds, seed=0)
+    large = limit_pairs(pairs, limits({"hi": 200}), ds, seed=0)
     as_set = lambda p: set(map(tuple, p.tolist()))  # noqa: E731
     assert (small[:, 1] == 1).sum() == 100 and (large[:, 1] == 1).sum() == 200 and n_hi > 200
     assert as_set(small) <= as_set(large)
     assert ((small[:, 1] == 0).sum(), (large[:, 1] == 0).sum()) == ((pairs[:, 1] == 0).sum(),) * 2  # lo untouched
-    both = limit_pairs(pairs, {"hi": 100, "lo": 50}, ds, seed=0)
+    both = limit_pairs(pairs, limits({"hi": 100, "lo": 50}), ds, seed=0)
     assert as_set(both[both[:, 1] == 1]) == as_set(small[small[:, 1] == 1])
     assert (both[:, 1] == 0).sum() == 50
-    assert as_set(limit_pairs(pairs, {"hi": 10**6}, ds, seed=0)) == as_set(pairs)
-    assert not as_set(limit_pairs(pairs, {"hi": 100}, ds, seed=1)) == as_set(small)
+    assert as_set(limit_pairs(pairs, limits({"hi": 10**6}), ds, seed=0)) == as_set(pairs)
+    assert limit_pairs(pairs, limits({}), ds, seed=0) is pairs  # no limit: every sample
+    assert not as_set(limit_pairs(pairs, limits({"hi": 100}), ds, seed=1)) == as_set(small)
     with pytest.raises(MultifiError, match=r"data.train_limits: unknown fidelity 'HI'.*known: lo, hi"):
-        limit_pairs(pairs, {"HI": 5}, ds, seed=0)
+        limits({"HI": 5})
 
 
 # ---------------------------------------------------------------------------------------------- baselines
@@ -482,7 +484,7 @@ def test_limits_keep_every_element_represented():
     ds = FidelityDataset.from_records(recs, source="t")
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     for seed in range(5):
-        small = limit_pairs(pairs, {"A": 4}, ds, seed)
+        small = limit_pairs(pairs, np.array([4.0]), ds, seed)
         assert 37 in small[:, 0]  # the only chlorine molecule is kept even at 4 of 60
-        big = limit_pairs(pairs, {"A": 10}, ds, seed)
+        big = limit_pairs(pairs, np.array([10.0]), ds, seed)
         assert set(small[:, 0]) <= set(big[:, 0])  # still nested

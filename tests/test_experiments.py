@@ -37,6 +37,7 @@ def _labels(path: Path, index: np.ndarray, energy: np.ndarray) -> str:
 def shared(monkeypatch, small_qm9, tmp_path) -> Path:
     """QM9 reduced to 199 molecules and a shared-data folder with synthetic labels and five 30-molecule blocks."""
     catalog_mod._read_table.cache_clear()
+    catalog_mod._merged_tables.cache_clear()
     geo = qm9.load_qm9_geometries()
     n_atoms = np.diff(geo.offsets)
     folder = tmp_path / "shared" / "qm9mf"
@@ -71,6 +72,7 @@ def shared(monkeypatch, small_qm9, tmp_path) -> Path:
     monkeypatch.setenv("MULTIFI_SHARED_DATA", str(tmp_path / "shared"))
     yield tmp_path / "shared"
     catalog_mod._read_table.cache_clear()
+    catalog_mod._merged_tables.cache_clear()
 
 
 def tiny(out: Path, *more: str) -> list[str]:
@@ -287,6 +289,76 @@ def test_unknown_variant_kind_is_one_line_at_spec_load_naming_file_and_known_kin
     assert not (tmp_path / "out").exists()
 
 
+def _hf_pool(shared: Path, block: list[int], pool: list[int]) -> None:
+    """HF/3-21G labels on `block` (listed in qm9mf) and on `pool` (listed in qm9mf/pool)."""
+    for folder, ids in ((shared / "qm9mf", block), (shared / "qm9mf" / "pool", pool)):
+        folder.mkdir(exist_ok=True)
+        manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
+        name = _labels(folder / "HF_3-21G.csv.gz", np.array(ids), -10.0 * np.ones(len(ids)))
+        files = [*manifest.get("files", []), {"file": name, "fidelity": "HF/3-21G"}]
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+
+
+def test_low_fidelity_from_several_label_folders_keeps_the_test_set(shared, tmp_path):
+    """label_folders adds qm9mf/pool: a method's labels are the union of its tables, each run source reads the
+    molecules of its own table; split_methods keeps the test/validation molecules of a GFN2-xTB curve."""
+    geo_index = np.sort(catalog_mod.LabelCatalog(shared).labelled("GFN2-xTB"))
+    _hf_pool(shared, block=geo_index[:20].tolist(), pool=geo_index[100:170].tolist())
+    keep = ["ten_methods=null", "embedding_map=null", "transfer=null"]
+    gfn2 = plan_parts(load_context(TINY, tiny(tmp_path / "a", *keep)))["learning_curve"]
+    more = [*keep, "label_folders=[qm9mf, qm9mf/pool]", "learning_curve.low=HF/3-21G"]
+    more += ["learning_curve.split_methods=[GFN2-xTB]", "learning_curve.n_low=null"]
+    ctx = load_context(TINY, tiny(tmp_path / "b", *more))
+    hf = plan_parts(ctx)["learning_curve"]
+    assert hf.splits["test"] == gfn2.splits["test"] and hf.splits["val"] == gfn2.splits["val"]
+    labelled = set(geo_index[:20].tolist()) | set(geo_index[100:170].tolist())
+    held_out = set(hf.splits["test"]) | set(hf.splits["val"])
+    assert set(hf.splits["low_pool"]) == labelled - held_out
+    joint = next(p for p in hf.plans if p.id == "learning_curve/joint_both/n20_s0")
+    hf_sources = [s["qm9"] for s in joint.config["data"]["sources"] if s["qm9"]["fidelity"] == "HF/3-21G"]
+    assert sorted(s["labels"] for s in hf_sources) == [
+        "{shared}/qm9mf/HF_3-21G.csv.gz",
+        "{shared}/qm9mf/pool/HF_3-21G.csv.gz",
+    ]
+    read = {s["labels"]: set(joint.files[s["indices"].split("/")[-1]]) for s in hf_sources}
+    assert read["{shared}/qm9mf/HF_3-21G.csv.gz"] <= set(geo_index[:20].tolist())
+    assert read["{shared}/qm9mf/pool/HF_3-21G.csv.gz"] <= set(geo_index[100:170].tolist())
+    assert set().union(*read.values()) == set(hf.splits["low_pool"])
+    with pytest.raises(MultifiError, match="keeps its blocks disjoint"):
+        load_context(TINY, tiny(tmp_path / "c", "label_folders=[qm9mf, qm9mf/pool]"))
+
+
+def test_reference_curves_from_another_results_folder_give_the_factor(shared, fake, tmp_path):
+    """A curve with HF/3-21G as the low fidelity borrows the single-fidelity curve of the GFN2-xTB spec (same
+    test set, checked) for its data-efficiency factor; a different test set is refused."""
+    geo_index = np.sort(catalog_mod.LabelCatalog(shared).labelled("GFN2-xTB"))
+    _hf_pool(shared, block=geo_index[:20].tolist(), pool=geo_index[100:170].tolist())
+    keep = ["ten_methods=null", "embedding_map=null", "transfer=null", "learning_curve.efficiency_more=[]"]
+    first = tmp_path / "gfn2"
+    run_experiment(TINY, overrides=tiny(first, *keep), only=["learning_curve/single"])
+    hf = [*keep, "label_folders=[qm9mf, qm9mf/pool]", "learning_curve.low=HF/3-21G", "learning_curve.n_low=null"]
+    hf += ["learning_curve.variants={joint_both: {kind: joint, inject: both}}", "learning_curve.efficiency.at=[10]"]
+    hf += [f"learning_curve.reference_curves={{results: {first}, variants: [single]}}"]
+    out = tmp_path / "hf"
+    run_experiment(TINY, overrides=tiny(out, *hf, "learning_curve.split_methods=[GFN2-xTB]"))
+    summary = json.loads((out / "summary.json").read_text())
+    borrowed = json.loads((first / "summary.json").read_text())["learning_curve"]["single"]
+    assert summary["learning_curve"]["single"] == borrowed
+    assert summary["data_efficiency"]["best_variant"] == "joint_both" and summary["data_efficiency"]["n10"] > 0
+    assert f"({first})" in (out / "README.md").read_text()
+    with pytest.raises(MultifiError, match="its test set is not this spec's"):
+        run_experiment(TINY, overrides=tiny(tmp_path / "hf2", *hf), report_only=True)
+
+
+def test_a_molecule_labelled_in_two_tables_is_an_error(shared):
+    _hf_pool(shared, block=[1, 2, 3], pool=[3, 4])
+    cat = catalog_mod.LabelCatalog(shared, ["qm9mf", "qm9mf/pool"])
+    with pytest.raises(MultifiError, match="molecule 3 is labelled in more than one"):
+        cat.labelled("HF/3-21G")
+    with pytest.raises(MultifiError, match="no such file"):
+        catalog_mod.LabelCatalog(shared, ["qm9mf", "qm9mf/elsewhere"])
+
+
 def test_shared_data_path_env_overrides_spec(tmp_path, monkeypatch):
     monkeypatch.delenv("MULTIFI_SHARED_DATA", raising=False)
     ctx = load_context(TINY, ["shared_data=/somewhere/else"])
@@ -420,6 +492,9 @@ def test_shipped_qm9_converged_spec_validates(tmp_path):
     lc = s.learning_curve
     assert lc.n_low is None and max(lc.ns) >= 16000
     assert {v.kind for v in lc.variants.values()} >= {"single", "joint", "finetune", "delta", "pretrain_joint"}
+    hf, _ = load_spec(ROOT / "experiments/qm9_converged_hf.yaml", [f"output={tmp_path / 'hf'}"])
+    assert hf.learning_curve.reference_curves.results == "results/qm9_converged" and hf.convergence == s.convergence
+    assert hf.base == s.base and hf.learning_curve.split_methods == [lc.low] and hf.learning_curve.val == lc.val
 
 
 def test_step_matched_controls_train_equal_steps_and_report_apart(shared, fake, tmp_path):

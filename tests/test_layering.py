@@ -9,7 +9,15 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 #: layers from the bottom up; a module may import its own layer and those below
 LAYERS = [
-    {"multifi.errors", "multifi.units", "multifi.validation", "multifi.files", "multifi.logs", "multifi"},
+    {
+        "multifi.errors",
+        "multifi.units",
+        "multifi.validation",
+        "multifi.files",
+        "multifi.logs",
+        "multifi.keys",
+        "multifi",
+    },
     {"multifi.config"},
     {"multifi.data"},
     {"multifi.nn"},

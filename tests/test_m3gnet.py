@@ -15,6 +15,7 @@ import torch
 from ase import Atoms
 from conftest import TINY_MODEL
 
+from multifi.config import ModelConfig
 from multifi.data.batch import graph_from_atoms
 from multifi.data.dataset import FidelityDataset
 from multifi.data.split import labelled_pairs
@@ -283,7 +284,7 @@ def test_few_steps_on_solids_lower_the_loss():
 # ---------------------------------------------------------------------------------------------- config, save/load
 def test_from_config_and_registry(tmp_path, molecules):
     cfg = dict(SMALL, features=24, interactions=3, max_n=4, max_l=2, n_rbf=7)
-    rep = M3GNet.from_config(cfg)
+    rep = M3GNet.from_config(ModelConfig(**cfg))
     assert rep.features == 24 and len(rep.convs) == 3 and rep.threebody_cutoff == 3.0
     assert rep.rbf.n == 7 and rep.radial3.roots.shape == (2, 4)
     assert rep.three_body[0].atom_gate.out_features == 8

@@ -68,7 +68,7 @@ def task_train(args, ds, model: dict, forces: bool, model_batches: int, neighbor
     nl_seconds = time.perf_counter() - t0
     timer = C.step_timer()
     trainer = L.Trainer(
-        **C.trainer_kwargs(args, [timer]), gradient_clip_val=module.train_cfg["grad_clip"], precision="32-true"
+        **C.trainer_kwargs(args, [timer]), gradient_clip_val=module.train_cfg.grad_clip, precision="32-true"
     )
     trainer.fit(module, datamodule=data)
     out = C.train_rates(timer.ends, args.warmup, C.BATCH)

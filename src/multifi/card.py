@@ -26,14 +26,14 @@ def model_card(path: str | Path) -> dict:
     run = Path(path).parent
     if run.name == "checkpoints":  # a training checkpoint: the run directory is one level up
         run = run.parent
-    emb = pot.spec["model"]["fidelity_embedding"]
+    emb = pot.config.fidelity_embedding
     names = list(pot.fidelities.names)
     fitted = pot.head.fitted.detach().cpu()  # [119, K]: reference from the fidelity's own labels
     known = fitted.any(1)
     card = {
         "path": str(path),
-        "backbone": pot.spec["model"]["backbone"],
-        "conditioning": emb["inject"] + (f" at {emb.get('onehot_at', 'both')}" if emb["inject"] == "onehot" else ""),
+        "backbone": pot.config.backbone,
+        "conditioning": emb.inject + (f" at {emb.onehot_at}" if emb.inject == "onehot" else ""),
         "precision": "64" if next(pot.parameters()).dtype == torch.float64 else "32",
         "parameters": sum(p.numel() for p in pot.parameters()),
         "cutoff": pot.cutoff,

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from multifi.errors import MultifiError
+from multifi.keys import ENERGY_MAE, VAL_LOSS, MonitorMetric, val_key
 from multifi.validation import validate
 
 
@@ -97,12 +98,19 @@ class FidelityEmbeddingConfig(Section):
     onehot_at: Literal["input", "readout", "both"] = "both"
 
 
+#: radial basis functions of the interatomic distance, the one default of every backbone (PaiNN's Bessel
+#: basis, M3GNet's two-body smooth Bessel basis); every saved model and run config resolved to it or set n_rbf
+N_RBF = 20
+
+
 class ModelConfig(Section):
+    """The network's settings; a saved model's spec["model"] is validated by this class when it is loaded."""
+
     backbone: Literal["painn", "m3gnet"] = "painn"
     features: int = Field(128, ge=1)
     interactions: int = Field(3, ge=1)
     cutoff: float = Field(5.0, gt=0)
-    n_rbf: int = Field(20, ge=1)
+    n_rbf: int = Field(N_RBF, ge=1)
     readout_hidden: int | None = None
     threebody_cutoff: float = Field(4.0, gt=0, description="M3GNet three-body cutoff, Å")
     max_n: int = Field(3, ge=1, description="M3GNet radial basis order for three-body terms")
@@ -159,9 +167,7 @@ class TrainConfig(Section):
         "checkpoint, stops early and drives the plateau schedule; unset: the validation loss "
         "over all fidelities",
     )
-    monitor_metric: Literal["energy_mae_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A", "stress_mae_GPa"] = (
-        "energy_mae_meV"
-    )
+    monitor_metric: MonitorMetric = ENERGY_MAE
     seed: int = 0
     num_workers: int = 0
     threads: int | None = None
@@ -194,7 +200,7 @@ class TrainConfig(Section):
     @property
     def monitor_key(self) -> str:
         """The logged validation quantity that picks the best checkpoint, stops early and drives the plateau."""
-        return "val_loss" if self.monitor is None else f"val/{self.monitor}/{self.monitor_metric}"
+        return VAL_LOSS if self.monitor is None else val_key(self.monitor, self.monitor_metric)
 
     @property
     def patience_validations(self) -> int | None:

@@ -42,7 +42,7 @@ HELP = {
     "model.features": "atom feature size",
     "model.interactions": "message-passing layers",
     "model.cutoff": "neighbour cutoff, Å",
-    "model.n_rbf": "radial basis functions",
+    "model.n_rbf": "radial basis functions of the interatomic distance (PaiNN; M3GNet: two-body), same default for both",
     "model.readout_hidden": "hidden size of the energy readout MLP (default: features / 2)",
     "model.fidelity_embedding": "how the network learns which fidelity it predicts",
     "model.fidelity_embedding.dim": "size of the trainable fidelity vector",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from multifi.config import load_config
 from multifi.errors import MultifiError
+from multifi.keys import COUNT, ENERGY_MAE, ENERGY_RMSE
 from multifi.units import MEV_PER_KCAL_MOL
 
 TOP = "B3LYP/6-31G(2df,p)"
@@ -54,15 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"multifi demo: error: {exc}", file=sys.stderr)
         return 2
     j, s = joint["fidelities"][TOP], single["fidelities"][TOP]
-    print(f"\n{TOP} test set ({j['n']} molecules), 300 B3LYP training labels each")
+    print(f"\n{TOP} test set ({j[COUNT]} molecules), 300 B3LYP training labels each")
     print(f"{'model':<44}{'MAE meV':>10}{'MAE kcal/mol':>14}{'RMSE meV':>10}")
     rows = [("single-fidelity (B3LYP only)", s), ("joint (B3LYP + 3,000 GFN2-xTB, embedding)", j)]
     for label, m in rows:
-        print(
-            f"{label:<44}{m['energy_mae_meV']:>10.1f}{m['energy_mae_meV'] / MEV_PER_KCAL_MOL:>14.2f}{m['energy_rmse_meV']:>10.1f}"
-        )
-    print(f"ratio single/joint: {s['energy_mae_meV'] / j['energy_mae_meV']:.2f}")
-    summary = {"joint": j, "single": s, "ratio_single_over_joint": s["energy_mae_meV"] / j["energy_mae_meV"]}
+        print(f"{label:<44}{m[ENERGY_MAE]:>10.1f}{m[ENERGY_MAE] / MEV_PER_KCAL_MOL:>14.2f}{m[ENERGY_RMSE]:>10.1f}")
+    ratio = s[ENERGY_MAE] / j[ENERGY_MAE]
+    print(f"ratio single/joint: {ratio:.2f}")
+    summary = {"joint": j, "single": s, "ratio_single_over_joint": ratio}
     from multifi.files import write_text
 
     write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -169,7 +169,7 @@ def build_deployed(potential, fidelity: str, dtype: torch.dtype = torch.float64)
             threebody,
             dtype,
             (species, positions, edge_index, shift_vec, weight, bonds, ij, ik),
-            int(potential.spec["model"].get("interactions", 3)),
+            potential.config.interactions,
         )
 
 
@@ -200,14 +200,14 @@ def metadata(potential, fidelity: str, dtype: torch.dtype) -> dict:
 
     import multifi
 
-    model = potential.spec["model"]
-    interactions = int(model.get("interactions", 3))
+    model = potential.config
+    interactions = model.interactions
     return {
         "format": FORMAT,
         "multifi_version": multifi.__version__,
         "fidelity": fidelity,
         "fidelities": list(potential.fidelities.names),
-        "backbone": model["backbone"],
+        "backbone": model.backbone,
         "cutoff": float(potential.cutoff),
         "interactions": interactions,
         "ghost_cutoff": interactions * float(potential.cutoff),

@@ -11,6 +11,7 @@ import numpy as np
 
 from multifi.errors import MultifiError
 from multifi.files import atomic_write
+from multifi.keys import ENERGY_MAE, METRIC_LABELS, is_val_key
 
 
 def _plt():
@@ -68,19 +69,10 @@ def read_metrics_csv(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-LABELS = {
-    "energy_mae_meV": "energy MAE (meV)",
-    "energy_rmse_meV": "energy RMSE (meV)",
-    "energy_mae_meV_per_atom": "energy MAE (meV/atom)",
-    "forces_mae_meV_per_A": "force MAE (meV/Å)",
-    "stress_mae_GPa": "stress MAE (GPa)",
-}
-
-
-def learning_curve_plot(run_dir: Path, path: Path, key: str = "energy_mae_meV") -> Path:
+def learning_curve_plot(run_dir: Path, path: Path, key: str = ENERGY_MAE) -> Path:
     """Validation `key` (default energy MAE, meV) per fidelity against the training step of a run directory."""
     rows = read_metrics_csv(run_dir)
-    columns = sorted({c for r in rows for c in r if c.startswith("val/") and c.endswith(f"/{key}")})
+    columns = sorted({c for r in rows for c in r if is_val_key(c, key)})
     if not columns:
         raise MultifiError(f"{run_dir}/metrics.csv: no validation {key} yet")
     plt = _plt()
@@ -91,7 +83,7 @@ def learning_curve_plot(run_dir: Path, path: Path, key: str = "energy_mae_meV") 
             x, y = zip(*pts)
             ax.plot(x, y, marker="o", ms=3, label=col.split("/")[1])
     ax.set_xlabel("training step")
-    ax.set_ylabel("validation " + LABELS.get(key, key))
+    ax.set_ylabel("validation " + METRIC_LABELS.get(key, key))
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(title="fidelity", fontsize=8)

@@ -2,7 +2,8 @@
 
 Two catalogs share one interface (structures are integer ids; a run's inputs are files of ids or keys):
 - LabelCatalog: the shared QM9 folder. QM9's own B3LYP/6-31G(2df,p) energies come from qm9pack; every
-  other method is a label table `index,energy_eV` listed in qm9mf/manifest.json. Methods are read from
+  other method is a label table `index,energy_eV` listed in qm9mf/manifest.json (and in the manifests of the
+  spec's further `label_folders`, e.g. qm9mf/pool). Methods are read from
   the manifest, never hard-coded, so later releases of the shared folder add methods without code
   changes. Ids are QM9 indices.
 - SourceCatalog: the structure files of a spec's `data` section (MatPES, ASE, .npz), merged by
@@ -32,34 +33,55 @@ log = logging.getLogger("multifi.experiments")
 
 
 class LabelCatalog:
+    """QM9 label tables listed in the manifests of one or more folders of the shared data (default `qm9mf`;
+    e.g. also `qm9mf/pool`, labels on molecules outside the blocks). A method listed in several folders has
+    the union of their molecules (a molecule labelled in two tables is an error)."""
+
     noun = "molecules"
 
-    def __init__(self, shared: Path):
+    def __init__(self, shared: Path, folders: list[str] = (QM9MF,)):
         self.shared = Path(shared)
-        self.folder = self.shared / QM9MF
-        self.files: dict[str, str] = {}  # method → file name in qm9mf/
-        manifest = self.folder / "manifest.json"
-        if manifest.is_file():
+        self.folder = self.shared / folders[0]
+        self.files: dict[str, list[Path]] = {}  # method → its label tables (paths relative to `shared`)
+        for folder in folders:
+            manifest = self.shared / folder / "manifest.json"
+            if not manifest.is_file():
+                if folder != QM9MF:
+                    raise MultifiError(f"{manifest}: no such file (label_folders of the spec)")
+                continue
             try:
                 for entry in json.loads(manifest.read_text())["files"]:
-                    self.files[str(entry["fidelity"])] = str(entry["file"])
+                    self.files.setdefault(str(entry["fidelity"]), []).append(Path(folder) / str(entry["file"]))
             except (ValueError, KeyError, TypeError) as exc:
                 raise MultifiError(f"{manifest}: malformed manifest ({type(exc).__name__}: {exc})") from None
 
     def methods(self) -> list[str]:
-        """Every method with labels: QM9's own, then the manifest's (files that exist)."""
-        return [QM9_FIDELITY] + [m for m, f in self.files.items() if (self.folder / f).is_file()]
+        """Every method with labels: QM9's own, then the manifests' (files that exist)."""
+        return [QM9_FIDELITY] + [m for m, fs in self.files.items() if any((self.shared / f).is_file() for f in fs)]
 
     def has(self, method: str) -> bool:
         return method in self.methods()
 
     def check(self, method: str, where: str) -> None:
         if not self.has(method):
-            raise unknown_name("method", method, self.methods(), f"{where} (labels in {self.folder})")
+            folders = ", ".join(sorted({str(self.shared / f.parent) for fs in self.files.values() for f in fs}))
+            raise unknown_name("method", method, self.methods(), f"{where} (labels in {folders or self.folder})")
 
-    def source(self, method: str, indices: str) -> dict:
-        """A `data.sources` entry (template: {shared} is the shared-data folder) for `method` on `indices`."""
-        labels = None if method == QM9_FIDELITY else "{shared}/" + f"{QM9MF}/{self.files[method]}"
+    def tables(self, method: str) -> list[Path]:
+        """The label tables of `method` that exist (empty for QM9's own, which comes from qm9pack)."""
+        if method == QM9_FIDELITY:
+            return []
+        self.check(method, "labels")
+        return [self.shared / f for f in self.files[method] if (self.shared / f).is_file()]
+
+    def source(self, method: str, indices: str, table: Path | None = None) -> dict:
+        """A `data.sources` entry (template: {shared} is the shared-data folder) for `method` on `indices`,
+        read from `table` (default: the method's only table)."""
+        if method == QM9_FIDELITY:
+            labels = None
+        else:
+            table = table or self.table_of(method)
+            labels = "{shared}/" + table.relative_to(self.shared).as_posix()
         return {"qm9": {"labels": labels, "fidelity": method, "indices": indices}}
 
     def labelled(self, method: str) -> np.ndarray:
@@ -67,11 +89,22 @@ class LabelCatalog:
         return self._table(method)[0]
 
     def plan_data(self, sources: list[tuple[str, np.ndarray]]) -> tuple[dict, list[dict], list[dict]]:
-        """Run inputs for (method, QM9 indices) label sets: (files, data.sources templates, derived datasets)."""
+        """Run inputs for (method, QM9 indices) label sets: (files, data.sources templates, derived datasets).
+        A method with several tables gets one source per table, each with the molecules that table labels."""
         files, data_sources = {}, []
         for i, (method, ids) in enumerate(sources):
-            files[f"source{i}.idx"] = sorted(int(x) for x in ids)
-            data_sources.append(self.source(method, "{inputs}/" + f"source{i}.idx"))
+            tables = self.tables(method)
+            if len(tables) <= 1:
+                files[f"source{i}.idx"] = sorted(int(x) for x in ids)
+                data_sources.append(self.source(method, "{inputs}/" + f"source{i}.idx"))
+                continue
+            ids = np.asarray(ids, dtype=np.int64)
+            for j, table in enumerate(tables):
+                part = ids[np.isin(ids, _read_table(str(table), method)[0])]
+                if len(part):
+                    files[f"source{i}_{j}.idx"] = sorted(int(x) for x in part)
+                    data_sources.append(self.source(method, "{inputs}/" + f"source{i}_{j}.idx", table))
+
         return files, data_sources, []
 
     def split_keys(self, ids) -> list[int]:
@@ -92,12 +125,39 @@ class LabelCatalog:
         found = (idx[pos] == indices) if len(idx) else np.zeros(len(indices), bool)
         return np.where(found, energy[pos] if len(idx) else np.nan, np.nan)
 
+    def table_of(self, method: str) -> Path:
+        """The one label table of `method` (an error when it has several)."""
+        tables = self.tables(method)
+        if len(tables) != 1:
+            raise MultifiError(
+                f"labels of {method}: {len(tables)} tables ({', '.join(map(str, tables))}); expected one"
+            )
+        return tables[0]
+
     def _table(self, method: str) -> tuple[np.ndarray, np.ndarray]:
         self.check(method, "labels")
         if method == QM9_FIDELITY:
             geo = load_qm9_geometries()
             return geo.index, geo.energy
-        return _read_table(str(self.folder / self.files[method]), method)
+        return _merged_tables(tuple(str(t) for t in self.tables(method)), method)
+
+
+@lru_cache(maxsize=16)
+def _merged_tables(paths: tuple[str, ...], method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted QM9 indices, eV) of the union of `method`'s tables; a molecule in two tables is an error."""
+    parts = [_read_table(p, method) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    idx = np.concatenate([p[0] for p in parts])
+    energy = np.concatenate([p[1] for p in parts])
+    order = np.argsort(idx, kind="stable")
+    idx, energy = idx[order], energy[order]
+    twice = idx[1:][idx[1:] == idx[:-1]]
+    if len(twice):
+        raise MultifiError(
+            f"labels of {method}: molecule {int(twice[0])} is labelled in more than one of {', '.join(paths)}"
+        )
+    return idx, energy
 
 
 @lru_cache(maxsize=16)
@@ -275,4 +335,4 @@ def make_catalog(spec, paths):
     """The catalog of a spec: its `data` section's files, else the shared QM9 folder."""
     if spec.data is not None:
         return SourceCatalog(spec.data, paths.shared, paths.root, paths.work)
-    return LabelCatalog(paths.shared)
+    return LabelCatalog(paths.shared, spec.label_folders)

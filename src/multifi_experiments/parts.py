@@ -105,17 +105,21 @@ def plan_transfer(ctx) -> PartPlan:
 
 # ---------------------------------------------------------------------------------------------- learning curve
 def plan_learning_curve(ctx) -> PartPlan:
-    """Test and validation structures: labelled at both fidelities, fixed for all seeds and variants.
+    """Test and validation structures: labelled at both fidelities (or at `high` and `split_methods`), fixed
+    for all seeds and variants.
     Low-fidelity pool: n_low of the other structures labelled at `low` (those labelled at both first);
     top-fidelity training sets: the first n of a seeded order of the pool's structures labelled at `high`."""
     lc, part = ctx.spec.learning_curve, "learning_curve"
-    cand = _both_labelled(ctx, [lc.high, lc.low], "learning_curve.high/low")
+    ctx.catalog.check(lc.low, "learning_curve.low")
+    cand = _both_labelled(ctx, [lc.high, *(lc.split_methods or [lc.low])], "learning_curve.high/low/split_methods")
     seeds = ctx.spec.seeds_of(lc)
     _need(len(cand), lc.test + lc.val, "learning_curve (test + val)")
     perm = _rng(ctx, part).permutation(cand)
     test, val = _take(perm, 0, lc.test), _take(perm, lc.test, lc.val)
-    low_only = np.setdiff1d(ctx.catalog.labelled(lc.low), cand)
+    low_labelled = ctx.catalog.labelled(lc.low)
+    low_only = np.setdiff1d(low_labelled, cand)
     rest = perm[lc.test + lc.val :]
+    rest = rest[np.isin(rest, low_labelled)]  # all of it unless split_methods draws test/val elsewhere
     if len(low_only):
         rest = np.concatenate([rest, _rng(ctx, part, 2).permutation(low_only)])
     n_low = len(rest) if lc.n_low is None else lc.n_low

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.dataset import atomic_write
+from multifi.errors import MultifiError, unknown_name
 from multifi.units import MEV_PER_KCAL_MOL
 from multifi_experiments import plots
 from multifi_experiments.context import Context, result_path
@@ -38,6 +39,8 @@ def write_report(ctx: Context, parts: dict) -> dict:
         details["transfer_steps"] = _control_details(parts["transfer"].plans, results, by_n=True)
     if "learning_curve" in parts:
         details["learning_curve"] = learning_curve_details(ctx, parts["learning_curve"], results)
+        if ctx.spec.learning_curve.reference_curves is not None:
+            add_reference_curves(ctx, details["learning_curve"], parts["learning_curve"].splits)
         details["data_efficiency"] = efficiency_details(ctx, details["learning_curve"])
         more = [efficiency_details(ctx, details["learning_curve"], e) for e in ctx.spec.learning_curve.efficiency_more]
         if more:
@@ -173,6 +176,31 @@ def learning_curve_details(ctx, part, results) -> dict:
     if lc.difference:
         out["difference"] = difference_details(plans, results)
     return out
+
+
+def add_reference_curves(ctx, lcd: dict, splits: dict) -> None:
+    """Copy the learning-curve variants named in `reference_curves` from another results folder into `lcd`,
+    after checking that its test molecules are this spec's (and its target fidelity and metrics the same)."""
+    rc = ctx.spec.learning_curve.reference_curves
+    folder = ctx.paths.root / rc.results
+    where = f"learning_curve.reference_curves: {folder}"
+    try:
+        other = json.loads((folder / "details.json").read_text())["learning_curve"]
+        other_test = json.loads((folder / "splits" / "learning_curve.json").read_text())["test"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise MultifiError(f"{where}: no learning-curve results there ({type(exc).__name__}: {exc})") from None
+    if sorted(other_test) != sorted(splits["test"]):
+        raise MultifiError(f"{where}: its test set is not this spec's (set learning_curve.split_methods to match)")
+    if other["high"] != lcd["high"] or other["metrics"] != lcd["metrics"]:
+        raise MultifiError(f"{where}: target {other['high']} / metrics {other['metrics']} differ from this spec's")
+    for name in rc.variants:
+        if name not in other["variants"]:
+            raise unknown_name("variant", name, list(other["variants"]), where)
+        if name in lcd["variants"]:
+            raise MultifiError(f"{where}: variant {name!r} is also a variant of this spec")
+        v = other["variants"][name]
+        lcd["variants"][name] = {**v, "label": f"{v.get('label') or name} ({rc.results})", "from": rc.results}
+        lcd["ns"] = sorted({*lcd["ns"], *(int(n) for c in v["curves"].values() for n in c)})
 
 
 DIFFERENCE_KEYS = ("energy_difference_mae_meV_per_atom", "forces_difference_mae_meV_per_A")

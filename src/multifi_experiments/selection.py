@@ -233,7 +233,7 @@ def _new_record(ctx: Context, chain: Chain, r: int, more: int, data: _Data) -> d
 def _qm9(ctx: Context, method: str, ids: np.ndarray):
     from multifi.data.readers.qm9 import QM9_FIDELITY, read_qm9
 
-    labels = None if method == QM9_FIDELITY else ctx.catalog.folder / ctx.catalog.files[method]
+    labels = None if method == QM9_FIDELITY else ctx.catalog.table_of(method)
     return read_qm9(labels=labels, fidelity=method, indices=np.asarray(ids, np.int64))
 
 

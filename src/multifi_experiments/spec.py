@@ -157,6 +157,14 @@ class Efficiency(Section):
     label: str | None = Field(None, description="heading of a further factor (efficiency_more), e.g. the budget")
 
 
+class ReferenceCurves(Section):
+    """Curves measured by another spec on the same test set (e.g. the single-fidelity curve of a GFN2-xTB run
+    for a curve with another low fidelity), shown and used as references as if measured here."""
+
+    results: str = Field(description="the other spec's output folder (relative to the project root)")
+    variants: list[str] = Field(min_length=1, description="its learning-curve variants to take")
+
+
 class TransferPart(Section):
     """Claim (a): two methods on disjoint molecule sets of n each; one joint model vs one model per method."""
 
@@ -197,7 +205,15 @@ class LearningCurvePart(Section):
     fractions: list[float] | None = Field(None, min_length=1, description="instead of ns: fractions in (0, 1]")
     test: int = Field(2000, ge=1)
     val: int = Field(200, ge=1, description="validation structures at the top fidelity (model selection only)")
+    split_methods: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="test and validation structures are drawn from those labelled at `high` and at every "
+        "method listed (default: [low]); e.g. [GFN2-xTB] keeps a GFN2-xTB curve's test set for a `low` that "
+        "labels fewer molecules (only those enter training at `low`)",
+    )
     variants: dict[str, Variant]
+    reference_curves: ReferenceCurves | None = None
     config: ConfigPatch = Field(default_factory=ConfigPatch)
     seeds: Seeds | None = None
     efficiency: Efficiency = Field(default_factory=Efficiency)
@@ -245,7 +261,7 @@ class LearningCurvePart(Section):
             unknown = [x for x in values if x not in sizes]
             if unknown:
                 raise ValueError(f"{where}: {unknown} not among the part's {self.size_key} {sizes}")
-        names = set(self.variants)
+        names = set(self.variants) | set(self.reference_curves.variants if self.reference_curves else [])
         for name in [
             e_name for e in [self.efficiency, *self.efficiency_more] for e_name in [e.reference, *(e.candidates or [])]
         ]:
@@ -421,6 +437,12 @@ class ExperimentSpec(Section):
     output: str = "results/experiment"
     work_dir: str | None = Field(None, description="run directories (checkpoints); default <output>/work")
     shared_data: str | None = None
+    label_folders: list[str] = Field(
+        default_factory=lambda: ["qm9mf"],
+        min_length=1,
+        description="folders of the shared data whose manifest.json lists QM9 label tables (e.g. add "
+        "qm9mf/pool: labels on molecules outside the ten-method blocks); a method in several is their union",
+    )
     split_seed: int = 2025
     parallel: int = Field(1, ge=1, description="runs trained at the same time (one process each)")
     threads: int | None = Field(1, ge=1, description="torch threads per run")
@@ -448,6 +470,10 @@ class ExperimentSpec(Section):
                 raise ValueError("selection uses the QM9 label tables of the shared folder; remove 'data'")
         if self.embedding_map is not None and self.ten_methods is None:
             raise ValueError("embedding_map maps the fidelity vectors of the ten_methods joint model; add ten_methods")
+        if self.ten_methods is not None and self.label_folders != ["qm9mf"]:
+            raise ValueError(
+                f"ten_methods keeps its blocks disjoint: it reads qm9mf only, not label_folders {self.label_folders}"
+            )
         if self.data is not None and self.ten_methods is not None:
             raise ValueError("ten_methods uses the QM9 blocks of the shared folder; it cannot be combined with 'data'")
         if self.data is None and self.learning_curve is not None and self.learning_curve.difference:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from multifi.keys import COUNT, ENERGY_MAE, ENERGY_MAE_PER_ATOM, ENERGY_RMSE, FORCES_MAE, STRESS_MAE
+
 
 def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
     cols = [
-        ("n", "n", "{:d}"),
-        ("energy_mae_meV", "E MAE meV", "{:.2f}"),
-        ("energy_rmse_meV", "E RMSE meV", "{:.2f}"),
-        ("energy_mae_meV_per_atom", "E MAE meV/atom", "{:.3f}"),
-        ("forces_mae_meV_per_A", "F MAE meV/Å", "{:.1f}"),
-        ("stress_mae_GPa", "S MAE GPa", "{:.3f}"),
+        (COUNT, "n", "{:d}"),
+        (ENERGY_MAE, "E MAE meV", "{:.2f}"),
+        (ENERGY_RMSE, "E RMSE meV", "{:.2f}"),
+        (ENERGY_MAE_PER_ATOM, "E MAE meV/atom", "{:.3f}"),
+        (FORCES_MAE, "F MAE meV/Å", "{:.1f}"),
+        (STRESS_MAE, "S MAE GPa", "{:.3f}"),
     ]
     width = max([len("fidelity")] + [len(n) for n in fidelities]) + 2
     lines = [title] if title else []
@@ -26,7 +28,7 @@ def forgetting_table(forgetting: dict[str, dict], unchanged: bool) -> str:
     head = "old fidelities: weights bit-for-bit unchanged" if unchanged else "old fidelities (forgetting)"
     if not forgetting:
         return f"{head}; errors not measured (no run directory with the model's data)"
-    cols = [("energy_mae_meV", "E MAE meV", "{:.2f}"), ("forces_mae_meV_per_A", "F MAE meV/Å", "{:.1f}")]
+    cols = [(ENERGY_MAE, "E MAE meV", "{:.2f}"), (FORCES_MAE, "F MAE meV/Å", "{:.1f}")]
     width = max([len("fidelity")] + [len(n) for n in forgetting]) + 2
     split = next(iter(forgetting.values()))["split"]
     lines = [

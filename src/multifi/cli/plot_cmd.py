@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from multifi.keys import ENERGY_MAE, METRIC_KEYS
+
 
 def register(sub):
     p = sub.add_parser("plot", help="learning curve of a run directory: validation error per fidelity against step")
@@ -9,14 +11,8 @@ def register(sub):
     p.add_argument("--out", help="image file (default: RUN_DIR/learning_curve.png)")
     p.add_argument(
         "--metric",
-        default="energy_mae_meV",
-        choices=[
-            "energy_mae_meV",
-            "energy_rmse_meV",
-            "energy_mae_meV_per_atom",
-            "forces_mae_meV_per_A",
-            "stress_mae_GPa",
-        ],
+        default=ENERGY_MAE,
+        choices=list(METRIC_KEYS),
     )
     p.set_defaults(func=run)
 

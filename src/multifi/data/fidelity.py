@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
 
 from multifi.errors import unknown_name
 
@@ -40,6 +42,14 @@ class FidelityTable:
 
     def indices(self, names: Sequence[str], where: str = "") -> list[int]:
         return [self.index(n, where) for n in names]
+
+    def per_index(self, values: Mapping[str, float], fill: float, where: str = "") -> np.ndarray:
+        """[K] float64: values[name] at the index of each name, `fill` at the others; an unknown name is an
+        error naming `where` (e.g. the config key) and the known fidelities."""
+        out = np.full(len(self), fill, dtype=np.float64)
+        for name, value in values.items():
+            out[self.index(name, where)] = value
+        return out
 
     def union(self, other: FidelityTable) -> FidelityTable:
         """This table's names followed by the other's new names (existing indices are kept)."""

@@ -101,20 +101,21 @@ def labelled_pairs(dataset: FidelityDataset, structures: np.ndarray) -> np.ndarr
     return np.stack([structures[r], k], axis=1).astype(np.int64)
 
 
-def limit_pairs(pairs: np.ndarray, limits: dict[str, int], dataset: FidelityDataset, seed: int) -> np.ndarray:
-    """Keep at most limits[fidelity] samples per fidelity (random, seeded; nested for growing limits).
+def limit_pairs(pairs: np.ndarray, limits: np.ndarray, dataset: FidelityDataset, seed: int) -> np.ndarray:
+    """Keep at most limits[k] samples of each fidelity index k (random, seeded; nested for growing limits);
+    limits [K] as FidelityTable.per_index gives them, NaN: no limit.
 
     Within the random order, the first structure containing each element moves to the front, so that
     any limit ≥ the number of elements keeps every element (and so its reference energy) represented."""
-    if not limits:
+    limited = np.flatnonzero(~np.isnan(limits))
+    if len(limited) == 0:
         return pairs
     keep = np.ones(len(pairs), bool)
-    for name, limit in limits.items():
-        k = dataset.fidelities.index(name, where="data.train_limits")
+    for k in limited.tolist():
         rows = np.flatnonzero(pairs[:, 1] == k)
         order = np.random.default_rng([seed, k]).permutation(len(rows))
         order = _elements_first(order, pairs[rows, 0], dataset)
-        keep[rows[order[limit:]]] = False
+        keep[rows[order[int(limits[k]) :]]] = False
     return pairs[keep]
 
 

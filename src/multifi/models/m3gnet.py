@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multifi.config import N_RBF, ModelConfig
 from multifi.data.stats import N_ELEMENTS
 from multifi.errors import MultifiError
 from multifi.nn import PolynomialCutoff, scatter_sum
@@ -282,7 +283,7 @@ class M3GNet(nn.Module):
         threebody_cutoff: float = 4.0,
         max_n: int = 3,
         max_l: int = 3,
-        n_rbf: int = 9,
+        n_rbf: int = N_RBF,
         max_z: int = N_ELEMENTS,
     ):
         super().__init__()
@@ -301,17 +302,15 @@ class M3GNet(nn.Module):
         self.convs = nn.ModuleList(GraphConv(features, n_rbf, features) for _ in range(interactions))
 
     @classmethod
-    def from_config(cls, m: dict) -> M3GNet:
-        """From a model config dict (config.ModelConfig fields)."""
-        max_n, max_l = m.get("max_n", 3), m.get("max_l", 3)
+    def from_config(cls, m: ModelConfig) -> M3GNet:
         return cls(
-            features=m["features"],
-            interactions=m.get("interactions", 3),
-            cutoff=m.get("cutoff", 5.0),
-            threebody_cutoff=m.get("threebody_cutoff", 4.0),
-            max_n=max_n,
-            max_l=max_l,
-            n_rbf=m.get("n_rbf", max_n * max_l),
+            features=m.features,
+            interactions=m.interactions,
+            cutoff=m.cutoff,
+            threebody_cutoff=m.threebody_cutoff,
+            max_n=m.max_n,
+            max_l=m.max_l,
+            n_rbf=m.n_rbf,
         )
 
     def geometry(self, edge_index: Tensor, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:

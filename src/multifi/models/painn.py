@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from multifi.config import N_RBF, ModelConfig
 from multifi.data.stats import N_ELEMENTS
 from multifi.nn import MLP, BesselBasis, CosineCutoff, linear
 from multifi.nn.sparse import DirectionSum
@@ -89,7 +90,7 @@ class PaiNN(nn.Module):
         features: int = 128,
         interactions: int = 3,
         cutoff: float = 5.0,
-        n_rbf: int = 20,
+        n_rbf: int = N_RBF,
         max_z: int = N_ELEMENTS,
         shared_filters: bool = False,
     ):
@@ -103,6 +104,10 @@ class PaiNN(nn.Module):
         if shared_filters:
             for m in self.messages[1:]:
                 m.filter = self.messages[0].filter
+
+    @classmethod
+    def from_config(cls, m: ModelConfig) -> PaiNN:
+        return cls(features=m.features, interactions=m.interactions, cutoff=m.cutoff, n_rbf=m.n_rbf)
 
     def filters(self, r: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """Radial filters of every interaction: three contiguous [E, F] parts each (scalar, v_j, direction).

@@ -13,6 +13,7 @@ import os
 import torch
 from torch import nn
 
+from multifi.config import ModelConfig
 from multifi.data.batch import Graph
 from multifi.data.fidelity import FidelityTable
 from multifi.models.head import EnergyHead
@@ -42,7 +43,7 @@ class Potential(nn.Module):
         conditioning: FidelityConditioning,
         head: EnergyHead,
         fidelities: FidelityTable,
-        cutoff: float,
+        config: ModelConfig,
         spec: dict,
         compile: bool = False,
     ):
@@ -51,8 +52,9 @@ class Potential(nn.Module):
         self.conditioning = conditioning
         self.head = head
         self.fidelities = fidelities
-        self.cutoff = float(cutoff)
-        self.spec = spec  # constructor arguments; saved with the weights and used to rebuild
+        self.config = config  # the model settings it was built from
+        self.cutoff = float(config.cutoff)
+        self.spec = spec  # constructor arguments as plain data (config dumped); saved with the weights, used to rebuild
         self.use_compile = compile
 
     @property

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
+from multifi.config import ModelConfig
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
 from multifi.files import atomic_write
 from multifi.models.head import EnergyHead
 from multifi.models.potential import Potential, compile_requested
 from multifi.nn.fidelity import FidelityConditioning
+from multifi.validation import validate
 
 
-def _painn(m: dict):
+def _painn(m: ModelConfig):
     from multifi.models.painn import PaiNN
 
-    return PaiNN(features=m["features"], interactions=m["interactions"], cutoff=m["cutoff"], n_rbf=m.get("n_rbf", 20))
+    return PaiNN.from_config(m)
 
 
-def _m3gnet(m: dict):
+def _m3gnet(m: ModelConfig):
     from multifi.models.m3gnet import M3GNet
 
     return M3GNet.from_config(m)
@@ -29,24 +32,29 @@ def _m3gnet(m: dict):
 BACKBONES = {"painn": _painn, "m3gnet": _m3gnet}
 
 
-def build_potential(model: dict, fidelities: list[str]) -> Potential:
-    """A Potential from a model config dict (see config.ModelConfig) and the fidelity names."""
-    if model["backbone"] not in BACKBONES:
-        raise MultifiError(f"unknown backbone {model['backbone']!r} (known: {', '.join(BACKBONES)})")
+def model_config(model: ModelConfig | Mapping, where: str = "model") -> ModelConfig:
+    """`model` as a ModelConfig: a mapping (a saved spec's "model" entry, a dict written by hand) is validated
+    by the class, its unset keys taking the defaults; an invalid one is a one-line error prefixed by `where`."""
+    return model if isinstance(model, ModelConfig) else validate(ModelConfig, dict(model), where)
+
+
+def build_potential(model: ModelConfig | Mapping, fidelities: Iterable[str]) -> Potential:
+    """A Potential from the model settings (a ModelConfig, or a mapping validated as one) and the fidelity names."""
+    model = model_config(model)
     table = FidelityTable(fidelities)
-    rep = BACKBONES[model["backbone"]](model)
-    emb = model["fidelity_embedding"]
-    cond = FidelityConditioning(len(table), emb["dim"], emb["inject"], rep.features, emb.get("onehot_at", "both"))
+    rep = BACKBONES[model.backbone](model)
+    emb = model.fidelity_embedding
+    cond = FidelityConditioning(len(table), emb.dim, emb.inject, rep.features, emb.onehot_at)
     head = EnergyHead(
         rep.features,
         len(table),
         cond.readout_dim,
-        heads=emb["inject"] == "heads",
-        hidden=model.get("readout_hidden"),
-        shared_baseline=emb["inject"] == "single",
+        heads=emb.inject == "heads",
+        hidden=model.readout_hidden,
+        shared_baseline=emb.inject == "single",
     )
-    spec = {"model": model, "fidelities": list(table.names)}
-    return Potential(rep, cond, head, table, model["cutoff"], spec, compile=compile_requested(model.get("compile")))
+    spec = {"model": model.model_dump(), "fidelities": list(table.names)}
+    return Potential(rep, cond, head, table, model, spec, compile=compile_requested(model.compile))
 
 
 def save_potential(potential: Potential, path: str | Path) -> Path:
@@ -74,7 +82,7 @@ def load_potential(path: str | Path, map_location="cpu", compile: bool | None = 
         weights = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
     else:
         raise MultifiError(f"{path}: not a multifi checkpoint")
-    potential = build_potential(spec["model"], spec["fidelities"])
+    potential = build_potential(model_config(spec["model"], f"{path}: model"), spec["fidelities"])
     potential.spec.update({k: v for k, v in spec.items() if k not in potential.spec})  # e.g. the data summary
     name, _ = next(iter(potential.named_parameters()))
     if weights[name].dtype == torch.float64:  # trained in float64 (train.precision: 64): keep it

@@ -33,7 +33,7 @@ class MultiFidelityData(L.LightningDataModule):
         cutoff: float,
         batch_size: int,
         num_workers: int = 0,
-        sampling: dict[str, float] | None = None,
+        sampling: np.ndarray | None = None,
         seed: int = 0,
         progress: bool = True,
         neighbor_lists: str = "auto",
@@ -41,7 +41,7 @@ class MultiFidelityData(L.LightningDataModule):
         super().__init__()
         self.dataset, self.pairs = dataset, pairs
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.sampling = sampling or {}
+        self.sampling = sampling  # [K] relative sampling weight per fidelity index, NaN: natural share (or None)
         self.neighbors = make_neighbors(dataset, cutoff, neighbor_lists, progress=progress)
         self.collate = GraphCollator(dataset, self.neighbors)
         self._resume_state: dict | None = None
@@ -69,20 +69,17 @@ class MultiFidelityData(L.LightningDataModule):
         )
 
     def _shares(self, pairs: np.ndarray) -> dict[int, float] | None:
-        """Fraction of each epoch per fidelity: configured weights, others keep their natural share."""
-        if not self.sampling:
+        """Fraction of each epoch per fidelity index: configured weights, others keep their natural share."""
+        if self.sampling is None or np.isnan(self.sampling).all():
             return None
-        names = self.dataset.fidelities.names
-        for n in self.sampling:
-            self.dataset.fidelities.index(n, where="train.fidelity_sampling")
-        counts = np.bincount(pairs[:, 1], minlength=len(names)).astype(float)
+        counts = np.bincount(pairs[:, 1], minlength=len(self.sampling)).astype(float)
         natural = counts / max(counts.sum(), 1)
-        w = np.array([self.sampling.get(n, natural[k]) for k, n in enumerate(names)])
+        w = np.where(np.isnan(self.sampling), natural, self.sampling)
         w[counts == 0] = 0
         if w.sum() <= 0:
             return {}  # no fidelity with training samples has weight: an error before training (check_sampling)
         w = w / w.sum()
-        return {k: float(w[k]) for k in range(len(names)) if w[k] > 0}
+        return {k: float(w[k]) for k in range(len(w)) if w[k] > 0}
 
     # Saved in every checkpoint: where the training epoch stood, so a killed run resumes mid-epoch.
     def state_dict(self):

@@ -28,9 +28,10 @@ from multifi.data.sources import read_sources
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
 from multifi.data.stats import fit_new_fidelity
 from multifi.errors import MultifiError, unknown_name
+from multifi.keys import COUNT
 from multifi.train.init import FIDELITY_AXIS
 from multifi.train.module import PotentialModule
-from multifi.train.prepare import check_config_fidelities
+from multifi.train.prepare import FidelitySettings
 
 log = logging.getLogger("multifi")
 
@@ -41,7 +42,7 @@ _HEAD = re.compile(r"^head\.mlps\.(\d+)\.(.+)$")
 def check_request(old, x, where: str) -> int:
     """Errors for extensions that cannot work; returns the index of the fidelity the new one starts from."""
     names = list(old.fidelities.names)
-    inject = old.spec["model"]["fidelity_embedding"]["inject"]
+    inject = old.config.fidelity_embedding.inject
     if x.fidelity in old.fidelities:
         raise MultifiError(
             f"{where}: fidelity {x.fidelity!r} exists already (fidelities: {', '.join(names)}); extend with a new name"
@@ -117,8 +118,9 @@ class ExtendModule(PotentialModule):
     Partly trainable tensors (the fidelity table, onehot input columns) get a gradient mask and no weight
     decay, so their other rows keep their exact values (Adam's update of an always-zero gradient is 0)."""
 
-    def __init__(self, model_spec: dict, loss: dict, train: dict, trainable: str = "all", new: int = 0):
-        super().__init__(model_spec, loss, train)
+    def __init__(self, model_spec, loss, train, fidelity_weights=None, trainable: str = "all", new: int = 0):
+        super().__init__(model_spec, loss, train, fidelity_weights)
+        self.save_hyperparameters({**self.hparams, "trainable": trainable, "new": new}, ignore=["fidelity_weights"])
         self.trainable, self.new = trainable, new
         self._masked: list[torch.nn.Parameter] = []
 
@@ -197,7 +199,8 @@ def load_old_run(run: Path) -> OldRun:
         )
     split = _read_splits(run / "splits.json", ds)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
-    pairs["train"] = limit_pairs(pairs["train"], cfg.data.train_limits, ds, cfg.data.split.seed)
+    limits = ds.fidelities.per_index(cfg.data.train_limits, np.nan, "data.train_limits")
+    pairs["train"] = limit_pairs(pairs["train"], limits, ds, cfg.data.split.seed)
     return OldRun(run, ds, pairs["train"], pairs["val"], pairs["test"])
 
 
@@ -245,7 +248,8 @@ def read_new_data(cfg: RunConfig, name: str) -> tuple[FidelityDataset, dict[str,
         else random_split(len(ds), d.split.val, d.split.test, d.split.seed)
     )
     pairs = {s: labelled_pairs(ds, split[s]) for s in ("train", "val", "test")}
-    pairs["train"] = limit_pairs(pairs["train"], d.train_limits, ds, d.split.seed)
+    limits = ds.fidelities.per_index(d.train_limits, np.nan, "data.train_limits")
+    pairs["train"] = limit_pairs(pairs["train"], limits, ds, d.split.seed)
     return ds, pairs
 
 
@@ -293,16 +297,17 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     table = FidelityTable([*old.fidelities.names, x.fidelity])
-    ds, pairs, old_run, replay = _extension_data(cfg, old, table, where, config_source)
+    ds, pairs, old_run, replay, settings = _extension_data(cfg, old, table, where, config_source)
     module = ExtendModule(
-        {"model": old.spec["model"], "fidelities": list(table.names)},
-        cfg.loss.model_dump(),
-        cfg.train.model_dump(),
+        {"model": old.config, "fidelities": table.names},
+        cfg.loss,
+        cfg.train,
+        settings.loss_weights,
         x.train,
         len(old.fidelities),
     )
     grow_weights(module.potential, old, like)
-    _fit_new_baseline(module.potential, ds, pairs["train"], len(old.fidelities), old.spec["model"].get("energy_scale"))
+    _fit_new_baseline(module.potential, ds, pairs["train"], len(old.fidelities), old.config.energy_scale)
     trained = module.freeze()
     module.sync_ema()
     log.info(
@@ -320,7 +325,7 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
         old.cutoff,
         cfg.train.batch_size,
         cfg.train.num_workers,
-        cfg.train.fidelity_sampling,
+        settings.sampling,
         cfg.train.seed,
         progress=cfg.train.progress,
         neighbor_lists=cfg.data.neighbor_lists,
@@ -346,7 +351,8 @@ def _with_model_precision(cfg: RunConfig, old, where: str) -> RunConfig:
 
 
 def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, config_source: str):
-    """Training dataset laid out as `table`, its split pairs, the old run's data (or None) and the replay."""
+    """Training dataset laid out as `table`, its split pairs, the old run's data (or None), the replay and the
+    config's per-fidelity settings resolved against `table`."""
     x = cfg.extend
     new_ds, new_pairs = read_new_data(cfg, x.fidelity)
     if len(new_pairs["train"]) == 0:
@@ -354,9 +360,9 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
     old_run = _old_run_data(find_old_run(x), explicit=x.old_run is not None)
     replay = _replay(x, old, old_run, cfg.train.seed, where)
     ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
-    check_config_fidelities(cfg, ds, config_source)
+    settings = FidelitySettings.resolve(cfg, ds.fidelities, config_source)
     _warn_elements(old, new_ds, x.fidelity)
-    return ds, pairs, old_run, replay
+    return ds, pairs, old_run, replay, settings
 
 
 def _finish(cfg: RunConfig, old, potential, data, pairs: dict, table: FidelityTable, old_run, replay) -> None:
@@ -458,7 +464,7 @@ def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, 
             "before": b,
             "after": a,
             "change": {
-                k: (a[k] - b[k] if a.get(k) is not None and b.get(k) is not None else None) for k in b if k != "n"
+                k: (a[k] - b[k] if a.get(k) is not None and b.get(k) is not None else None) for k in b if k != COUNT
             },
         }
     return out

@@ -15,7 +15,8 @@ import logging
 import re
 from pathlib import Path
 
-from multifi.errors import MultifiError, unknown_name
+from multifi.data.fidelity import FidelityTable
+from multifi.errors import MultifiError
 
 log = logging.getLogger("multifi")
 
@@ -31,12 +32,11 @@ def init_from_potential(potential, path: str | Path, fidelity_map: dict[str, str
 
     source = load_potential(path)
     where = f"train.init_from {path}"
-    if source.spec["model"]["backbone"] != potential.spec["model"]["backbone"]:
+    if source.config.backbone != potential.config.backbone:
         raise MultifiError(
-            f"{where}: backbone {source.spec['model']['backbone']!r} differs from this run's "
-            f"{potential.spec['model']['backbone']!r}"
+            f"{where}: backbone {source.config.backbone!r} differs from this run's {potential.config.backbone!r}"
         )
-    pairs = fidelity_pairs(list(potential.fidelities.names), list(source.fidelities.names), fidelity_map or {}, where)
+    pairs = fidelity_pairs(potential.fidelities, source.fidelities, fidelity_map or {}, where)
     src, new = source.state_dict(), {}
     missing, copied = [], []
     for key, target in potential.state_dict().items():
@@ -60,19 +60,16 @@ def init_from_potential(potential, path: str | Path, fidelity_map: dict[str, str
     return {"copied": copied, "fresh": missing, "fidelities": names}
 
 
-def fidelity_pairs(target: list[str], source: list[str], fidelity_map: dict[str, str], where: str):
+def fidelity_pairs(target: FidelityTable, source: FidelityTable, fidelity_map: dict[str, str], where: str):
     """[(target index, source index)] for each target fidelity that has a counterpart in the source."""
     for t, s in fidelity_map.items():
-        if t not in target:
-            raise unknown_name("fidelity", t, target, f"{where}: init_fidelities")
-        if s not in source:
-            raise unknown_name("fidelity", s, source, f"{where}: init_fidelities[{t!r}] (fidelities of the checkpoint)")
-    out = []
-    for k, name in enumerate(target):
-        s = fidelity_map.get(name, name)
-        if s in source:
-            out.append((k, source.index(s)))
-    return out
+        target.index(t, f"{where}: init_fidelities")
+        source.index(s, f"{where}: init_fidelities[{t!r}] (fidelities of the checkpoint)")
+    return [
+        (k, source.index(fidelity_map.get(name, name)))
+        for k, name in enumerate(target)
+        if fidelity_map.get(name, name) in source
+    ]
 
 
 def _initial_value(key, target, src, pairs, target_heads, source_heads, where):

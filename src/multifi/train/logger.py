@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from multifi.files import write_text
+from multifi.keys import ENERGY_MAE, TRAIN_LOSS_EPOCH, VAL_LOSS, is_val_key
 
 log = logging.getLogger("multifi")
 
@@ -118,18 +119,14 @@ class EpochLine(L.Callback):
         if trainer.global_rank != 0:
             return
         m = {k: _number(v) for k, v in trainer.callback_metrics.items()}
-        maes = [
-            f"{k.split('/')[1]} {m[k]:.1f}"
-            for k in sorted(m)
-            if k.startswith("val/") and k.endswith("/energy_mae_meV") and _finite(m[k])
-        ]
+        maes = [f"{k.split('/')[1]} {m[k]:.1f}" for k in sorted(m) if is_val_key(k, ENERGY_MAE) and _finite(m[k])]
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}"]
         if maes:
             parts.append("val E MAE meV: " + ", ".join(maes))
-        if _finite(m.get("val_loss")):
-            parts.append(f"val loss {m['val_loss']:.4g}")
-        elif _finite(m.get("train_loss_epoch")):
-            parts.append(f"train loss {m['train_loss_epoch']:.4g}")
+        if _finite(m.get(VAL_LOSS)):
+            parts.append(f"val loss {m[VAL_LOSS]:.4g}")
+        elif _finite(m.get(TRAIN_LOSS_EPOCH)):
+            parts.append(f"train loss {m[TRAIN_LOSS_EPOCH]:.4g}")
         opts = trainer.optimizers
         if opts:
             parts.append(f"lr {opts[0].param_groups[0]['lr']:.3g}")

@@ -7,6 +7,7 @@ import math
 import torch
 
 from multifi.data.batch import Graph
+from multifi.keys import COUNT, ENERGY_MAE, ENERGY_MAE_PER_ATOM, ENERGY_RMSE, FORCES_MAE, STRESS_MAE
 
 # columns of the accumulator
 N_E, AE, SE, AE_ATOM, N_F, AE_F, N_S, AE_S = range(8)
@@ -48,7 +49,7 @@ class FidelityMetrics:
         self.acc += acc
 
     def compute(self) -> dict[str, dict]:
-        """{fidelity: {n, energy_mae_meV, energy_rmse_meV, energy_mae_meV_per_atom, forces_mae_meV_per_A, stress_mae_GPa}}."""
+        """{fidelity: {COUNT, *METRIC_KEYS}} (multifi.keys), the metrics.json entries."""
         out = {}
         for k, name in enumerate(self.names):
             a = self.acc[k].tolist()
@@ -56,11 +57,11 @@ class FidelityMetrics:
                 continue
             ne = a[N_E]
             out[name] = {
-                "n": int(ne),
-                "energy_mae_meV": 1000 * a[AE] / ne if ne else None,
-                "energy_rmse_meV": 1000 * math.sqrt(a[SE] / ne) if ne else None,
-                "energy_mae_meV_per_atom": 1000 * a[AE_ATOM] / ne if ne else None,
-                "forces_mae_meV_per_A": 1000 * a[AE_F] / a[N_F] if a[N_F] else None,
-                "stress_mae_GPa": a[AE_S] / a[N_S] if a[N_S] else None,
+                COUNT: int(ne),
+                ENERGY_MAE: 1000 * a[AE] / ne if ne else None,
+                ENERGY_RMSE: 1000 * math.sqrt(a[SE] / ne) if ne else None,
+                ENERGY_MAE_PER_ATOM: 1000 * a[AE_ATOM] / ne if ne else None,
+                FORCES_MAE: 1000 * a[AE_F] / a[N_F] if a[N_F] else None,
+                STRESS_MAE: a[AE_S] / a[N_S] if a[N_S] else None,
             }
         return out

@@ -4,34 +4,54 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
 
-from multifi.config import TrainConfig
-from multifi.models.registry import build_potential
+from multifi.config import LossConfig, TrainConfig
+from multifi.data.fidelity import FidelityTable
+from multifi.keys import METRIC_KEYS, TRAIN_LOSS, VAL_LOSS, val_key
+from multifi.models.registry import build_potential, model_config
 from multifi.train.loss import MultiFidelityLoss
 from multifi.train.metrics import FidelityMetrics
-
-METRIC_KEYS = ("energy_mae_meV", "energy_rmse_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A", "stress_mae_GPa")
+from multifi.validation import validate
 
 
 class PotentialModule(L.LightningModule):
-    """Trains `potential`; validates and checkpoints its exponential moving average (`ema`)."""
+    """Trains `potential`; validates and checkpoints its exponential moving average (`ema`).
 
-    def __init__(self, model_spec: dict, loss: dict, train: dict):
+    model_spec: {"model": ModelConfig (or a mapping validated as one), "fidelities": names}; loss, train: the
+    config sections (mappings are validated); fidelity_weights [K]: loss weight of each fidelity index, as
+    FidelitySettings resolved them at data preparation (None: loss.fidelity_weights resolved here). The
+    checkpoint's hyper_parameters hold model_spec, loss and train as plain data (load_potential rebuilds
+    the model from them)."""
+
+    def __init__(
+        self,
+        model_spec: Mapping,
+        loss: LossConfig | Mapping,
+        train: TrainConfig | Mapping,
+        fidelity_weights: Sequence[float] | None = None,
+    ):
         super().__init__()
-        self.save_hyperparameters()
-        self.potential = build_potential(model_spec["model"], model_spec["fidelities"])
-        names = model_spec["fidelities"]
-        fw = torch.tensor([loss.get("fidelity_weights", {}).get(n, 1.0) for n in names])
-        self.loss_fn = MultiFidelityLoss(
-            loss["energy"], loss["forces"], loss["stress"], loss["kind"], loss["huber_delta"], fw
-        )
+        model = model_config(model_spec["model"])
+        table = FidelityTable(model_spec["fidelities"])
+        loss = loss if isinstance(loss, LossConfig) else validate(LossConfig, dict(loss), "loss")
+        train = train if isinstance(train, TrainConfig) else validate(TrainConfig, dict(train), "train")
+        spec = {"model": model.model_dump(), "fidelities": list(table.names)}
+        # fidelity_weights is derived from loss: not a hyperparameter of its own
+        hparams = {"model_spec": spec, "loss": loss.model_dump(), "train": train.model_dump()}
+        self.save_hyperparameters(hparams, ignore=["fidelity_weights"])
+        self.potential = build_potential(model, table.names)
+        if fidelity_weights is None:
+            fidelity_weights = table.per_index(loss.fidelity_weights, 1.0, "loss.fidelity_weights")
+        fw = torch.tensor([float(w) for w in fidelity_weights])
+        self.loss_fn = MultiFidelityLoss(loss.energy, loss.forces, loss.stress, loss.kind, loss.huber_delta, fw)
         self.train_cfg = train
-        self.ema = copy.deepcopy(self.potential).requires_grad_(False) if train["ema_decay"] > 0 else None
-        self.val_metrics = FidelityMetrics(names)
-        if train.get("precision") == "64":
+        self.ema = copy.deepcopy(self.potential).requires_grad_(False) if train.ema_decay > 0 else None
+        self.val_metrics = FidelityMetrics(table.names)
+        if train.precision == "64":
             self.double()
 
     # -------------------------------------------------------------- weights used for evaluation
@@ -47,7 +67,7 @@ class PotentialModule(L.LightningModule):
     @torch.no_grad()
     def _update_ema(self) -> None:
         t = self.global_step
-        decay = min(self.train_cfg["ema_decay"], (1 + t) / (10 + t))
+        decay = min(self.train_cfg.ema_decay, (1 + t) / (10 + t))
         # one fused call per list instead of a Python loop over tensors (bench/ema_update.py)
         torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.potential.parameters()], 1 - decay)
         torch._foreach_copy_(list(self.ema.buffers()), list(self.potential.buffers()))
@@ -58,7 +78,7 @@ class PotentialModule(L.LightningModule):
         out = self.potential(graph, forces=forces, stress=stress, create_graph=True)
         loss, terms = self.loss_fn(out, graph)
         B = graph.num_graphs
-        self.log("train_loss", loss, prog_bar=True, batch_size=B, on_step=True, on_epoch=True, sync_dist=True)
+        self.log(TRAIN_LOSS, loss, prog_bar=True, batch_size=B, on_step=True, on_epoch=True, sync_dist=True)
         for k, v in terms.items():
             self.log(f"train_{k}", v, batch_size=B, on_step=False, on_epoch=True, sync_dist=True)
         return loss
@@ -68,7 +88,7 @@ class PotentialModule(L.LightningModule):
         with torch.enable_grad():
             out = self.eval_potential(graph, forces=forces, stress=stress)
         loss, _ = self.loss_fn(out, graph)
-        self.log("val_loss", loss, prog_bar=True, batch_size=graph.num_graphs, on_epoch=True, sync_dist=True)
+        self.log(VAL_LOSS, loss, prog_bar=True, batch_size=graph.num_graphs, on_epoch=True, sync_dist=True)
         self.val_metrics.update(out, graph)
 
     def on_validation_epoch_start(self):
@@ -82,7 +102,7 @@ class PotentialModule(L.LightningModule):
         for name, m in self.val_metrics.compute().items():
             for key in METRIC_KEYS:
                 if m.get(key) is not None:
-                    self.log(f"val/{name}/{key}", float(m[key]), sync_dist=False, rank_zero_only=True)
+                    self.log(val_key(name, key), float(m[key]), sync_dist=False, rank_zero_only=True)
         if self.trainer.optimizers:
             self.log(
                 "lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), sync_dist=False, rank_zero_only=True
@@ -92,7 +112,7 @@ class PotentialModule(L.LightningModule):
         """Without a terminal, one log line per validation instead of a progress bar."""
         from multifi.train.logger import EpochLine, progress_bar_wanted
 
-        return [EpochLine()] if self.train_cfg.get("progress") and not progress_bar_wanted(True) else []
+        return [EpochLine()] if self.train_cfg.progress and not progress_bar_wanted(True) else []
 
     # -------------------------------------------------------------- optimisation
     def configure_optimizers(self):
@@ -102,11 +122,11 @@ class PotentialModule(L.LightningModule):
         # one fused kernel instead of a loop over parameter tensors (bench/optimizer_step.py: 10-14 ms → 0.8 ms
         # per step for PaiNN on this CPU); CPU and CUDA support it
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
-        opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
-        warm = max(int(cfg["warmup_steps"]), 0)
-        if cfg["schedule"] == "cosine":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        warm = max(int(cfg.warmup_steps), 0)
+        if cfg.schedule == "cosine":
             total = max(int(self.trainer.estimated_stepping_batches), 1)
-            floor = cfg["min_lr_ratio"]
+            floor = cfg.min_lr_ratio
 
             def factor(step):
                 if step < warm:
@@ -116,14 +136,14 @@ class PotentialModule(L.LightningModule):
 
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        if cfg["schedule"] == "plateau":
+        if cfg.schedule == "plateau":
             # stepped by hand after every validation (per epoch or every val_every_n_steps), on the monitored
             # error; its state travels in the checkpoint (on_save_checkpoint / on_load_checkpoint)
             self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt,
-                factor=cfg["plateau_factor"],
-                patience=cfg["plateau_patience"],
-                min_lr=cfg["lr"] * cfg["min_lr_ratio"],
+                factor=cfg.plateau_factor,
+                patience=cfg.plateau_patience,
+                min_lr=cfg.lr * cfg.min_lr_ratio,
             )
             if self._plateau_state is not None:
                 self._plateau.load_state_dict(self._plateau_state)
@@ -143,7 +163,7 @@ class PotentialModule(L.LightningModule):
         """Reduce the learning rate when the monitored validation error stopped improving (plateau schedule)."""
         if self._plateau is None or self.trainer.sanity_checking:
             return
-        value = self.trainer.callback_metrics.get(TrainConfig.model_validate(self.train_cfg).monitor_key)
+        value = self.trainer.callback_metrics.get(self.train_cfg.monitor_key)
         if value is not None and math.isfinite(float(value)):
             self._plateau.step(float(value))
 
@@ -157,10 +177,10 @@ class PotentialModule(L.LightningModule):
             self._plateau.load_state_dict(self._plateau_state)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        warm = int(self.train_cfg["warmup_steps"])
-        if self.train_cfg["schedule"] != "cosine" and warm > 0 and self.global_step <= warm:
+        warm = int(self.train_cfg.warmup_steps)
+        if self.train_cfg.schedule != "cosine" and warm > 0 and self.global_step <= warm:
             for g in optimizer.param_groups:
-                g["lr"] = self.train_cfg["lr"] * min(1.0, (self.global_step + 1) / warm)
+                g["lr"] = self.train_cfg.lr * min(1.0, (self.global_step + 1) / warm)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.ema is not None:  # here, not in on_train_batch_end: checkpoint callbacks run before that hook
             self._update_ema()

@@ -8,8 +8,30 @@ import numpy as np
 
 from multifi.config import RunConfig
 from multifi.data.dataset import FidelityDataset
+from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
+
+
+@dataclass(frozen=True)
+class FidelitySettings:
+    """The config's per-fidelity settings as arrays indexed like the dataset's FidelityTable: the names in
+    the config are resolved once, here, and nothing downstream looks a name up again."""
+
+    train_limits: np.ndarray  # [K] float64: at most this many training samples (data.train_limits); NaN: all
+    sampling: np.ndarray  # [K] float64: relative sampling weight (train.fidelity_sampling); NaN: natural share
+    loss_weights: np.ndarray  # [K] float64: loss weight (loss.fidelity_weights); 1 unless configured
+
+    @classmethod
+    def resolve(cls, cfg: RunConfig, table: FidelityTable, config_source: str = "") -> FidelitySettings:
+        """Every fidelity the config names must be one of `table`'s (checked before a run writes anything);
+        `config_source` (the config file) prefixes the error, which names the key and the known fidelities."""
+        prefix = f"{config_source}: " if config_source else ""
+        return cls(
+            train_limits=table.per_index(cfg.data.train_limits, np.nan, f"{prefix}data.train_limits"),
+            sampling=table.per_index(cfg.train.fidelity_sampling, np.nan, f"{prefix}train.fidelity_sampling"),
+            loss_weights=table.per_index(cfg.loss.fidelity_weights, 1.0, f"{prefix}loss.fidelity_weights"),
+        )
 
 
 @dataclass
@@ -17,6 +39,7 @@ class PreparedData:
     dataset: FidelityDataset  # only the structures used in some split
     split: Split  # structure indices into `dataset`
     pairs: dict[str, np.ndarray]  # split name → [P, 2] (structure, fidelity)
+    settings: FidelitySettings  # per-fidelity settings indexed like dataset.fidelities
 
 
 def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_source: str = "") -> PreparedData:
@@ -25,7 +48,7 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
     ds = dataset if dataset is not None else read_sources(d.sources, d.skip_invalid)
     if d.fidelities is not None:
         ds = ds.select_fidelities(d.fidelities, where="data.fidelities")
-    check_config_fidelities(cfg, ds, config_source)
+    settings = FidelitySettings.resolve(cfg, ds.fidelities, config_source)
     if d.split.files:
         split = split_from_files(d.split.files, ds)
     else:
@@ -33,20 +56,8 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
     used = np.concatenate([split.train, split.val, split.test])
     ds, split = _compact(ds, split, used)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
-    pairs["train"] = limit_pairs(pairs["train"], d.train_limits, ds, d.split.seed)
-    return PreparedData(ds, split, pairs)
-
-
-#: config settings keyed by fidelity name
-FIDELITY_KEYED = (("data", "train_limits"), ("train", "fidelity_sampling"), ("loss", "fidelity_weights"))
-
-
-def check_config_fidelities(cfg: RunConfig, ds: FidelityDataset, config_source: str = "") -> None:
-    """Every fidelity the config names must be one of the data's (checked before a run writes anything)."""
-    prefix = f"{config_source}: " if config_source else ""
-    for section, key in FIDELITY_KEYED:
-        for name in getattr(getattr(cfg, section), key):
-            ds.fidelities.index(name, where=f"{prefix}{section}.{key}")
+    pairs["train"] = limit_pairs(pairs["train"], settings.train_limits, ds, d.split.seed)
+    return PreparedData(ds, split, pairs, settings)
 
 
 def _compact(ds: FidelityDataset, split: Split, used: np.ndarray):

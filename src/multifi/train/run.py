@@ -18,6 +18,7 @@ from multifi.data.checks import check_energy_units, check_overlaps, check_split_
 from multifi.data.stats import fit_references
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, make_dir, reported
+from multifi.keys import TRAIN_LOSS_EPOCH
 from multifi.logs import quiet_lightning
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
@@ -72,8 +73,8 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     _report_data(prep)
     _check_monitor(cfg, prep)
 
-    spec = {"model": cfg.model.model_dump(), "fidelities": list(prep.dataset.fidelities.names)}
-    module = PotentialModule(spec, cfg.loss.model_dump(), cfg.train.model_dump())
+    spec = {"model": cfg.model, "fidelities": prep.dataset.fidelities.names}
+    module = PotentialModule(spec, cfg.loss, cfg.train, prep.settings.loss_weights)
     if cfg.train.init_from and not resume:  # on resume the weights come from the checkpoint
         from multifi.train.init import init_from_potential
 
@@ -96,7 +97,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
         cfg.model.cutoff,
         cfg.train.batch_size,
         cfg.train.num_workers,
-        cfg.train.fidelity_sampling,
+        prep.settings.sampling,
         cfg.train.seed,
         progress=cfg.train.progress,
         neighbor_lists=cfg.data.neighbor_lists,
@@ -244,7 +245,7 @@ def _fit(trainer: L.Trainer, module, data, ckpt: Path | None, run_dir: Path) -> 
 def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Trainer:
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
-    monitor = t.monitor_key if has_val else "train_loss_epoch"
+    monitor = t.monitor_key if has_val else TRAIN_LOSS_EPOCH
     # best.ckpt follows the monitored loss; last.ckpt is rewritten every epoch (or every N steps) whatever
     # the loss did, so a killed run resumes from its latest state (Lightning's save_last only follows saves)
     every_n = t.checkpoint_every_n_steps

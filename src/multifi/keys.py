@@ -1,0 +1,43 @@
+"""Metric keys: the one home of the names that metrics.json, metrics.csv, the training log, the plots and
+the terminal tables share. Everything that writes or reads a metric imports its name from here."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+#: per-fidelity errors (FidelityMetrics.compute; metrics.json "fidelities" and "val_fidelities" entries)
+COUNT = "n"  # structures with an energy label
+ENERGY_MAE = "energy_mae_meV"  # mean |ΔE| per structure, meV
+ENERGY_RMSE = "energy_rmse_meV"  # root mean square ΔE per structure, meV
+ENERGY_MAE_PER_ATOM = "energy_mae_meV_per_atom"  # mean |ΔE| / atoms, meV/atom
+FORCES_MAE = "forces_mae_meV_per_A"  # mean |ΔF| per Cartesian component, meV/Å
+STRESS_MAE = "stress_mae_GPa"  # mean |Δσ| per tensor component, GPa
+METRIC_KEYS = (ENERGY_MAE, ENERGY_RMSE, ENERGY_MAE_PER_ATOM, FORCES_MAE, STRESS_MAE)
+
+#: each metric with its unit, for plot axes
+METRIC_LABELS = {
+    ENERGY_MAE: "energy MAE (meV)",
+    ENERGY_RMSE: "energy RMSE (meV)",
+    ENERGY_MAE_PER_ATOM: "energy MAE (meV/atom)",
+    FORCES_MAE: "force MAE (meV/Å)",
+    STRESS_MAE: "stress MAE (GPa)",
+}
+
+#: the metrics that can pick the best checkpoint (train.monitor_metric)
+MonitorMetric = Literal[ENERGY_MAE, ENERGY_MAE_PER_ATOM, FORCES_MAE, STRESS_MAE]
+
+#: logged during training (metrics.csv columns, Lightning's callback metrics)
+VAL_LOSS = "val_loss"
+TRAIN_LOSS = "train_loss"
+TRAIN_LOSS_EPOCH = f"{TRAIN_LOSS}_epoch"  # Lightning's name of its mean over an epoch
+_VAL = "val/"
+
+
+def val_key(fidelity: str, metric: str) -> str:
+    """The logged validation metric of one fidelity: val/<fidelity>/<metric>."""
+    return f"{_VAL}{fidelity}/{metric}"
+
+
+def is_val_key(key: str, metric: str) -> bool:
+    """Whether `key` is a val/<fidelity>/<metric> key of this metric."""
+    return key.startswith(_VAL) and key.endswith(f"/{metric}")

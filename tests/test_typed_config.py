@@ -1,0 +1,153 @@
+"""The typed config carried through the library: model specs validated by ModelConfig (also when a saved
+model is loaded), one n_rbf default, fidelity names resolved once into per-index arrays, one home of the
+metric keys."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from multifi import keys
+from multifi.config import N_RBF, ModelConfig, TrainConfig, validate_config
+from multifi.data.batch import graph_from_atoms
+from multifi.data.fidelity import FidelityTable
+from multifi.errors import MultifiError
+from multifi.models.m3gnet import M3GNet
+from multifi.models.painn import PaiNN
+from multifi.models.registry import build_potential, load_potential, save_potential
+from multifi.train.metrics import FidelityMetrics
+from multifi.train.module import PotentialModule
+from multifi.train.prepare import FidelitySettings
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "multifi"
+M3GNET_MODEL = {**TINY_MODEL, "backbone": "m3gnet", "threebody_cutoff": 3.0, "max_n": 2, "max_l": 2}
+
+
+def energies(pot, molecules) -> dict[str, torch.Tensor]:
+    """Energies and forces of the molecules at fidelity 1, float32."""
+    return pot.eval()(graph_from_atoms(molecules, pot.cutoff, 1), forces=True)
+
+
+@pytest.mark.parametrize("model", [TINY_MODEL, M3GNET_MODEL], ids=["painn", "m3gnet"])
+def test_an_old_style_dict_spec_loads_and_predicts_the_same(tmp_path, molecules, model):
+    """A model file or checkpoint whose spec is a plain dict lacking keys added since (energy_scale, compile)
+    is validated by ModelConfig on load and predicts bit-for-bit what the saved weights predict."""
+    torch.manual_seed(1)
+    pot = build_potential(model, ["lo", "hi"])
+    weights = pot.state_dict()
+    old_model = {k: v for k, v in pot.spec["model"].items() if k not in ("energy_scale", "compile")}
+    old_spec = {"model": old_model, "fidelities": ["lo", "hi"]}
+    torch.save({"multifi_potential": 1, "spec": old_spec, "state_dict": weights}, tmp_path / "old.pt")
+    ckpt = {
+        "hyper_parameters": {"model_spec": old_spec},
+        "state_dict": {f"ema.{k}": v for k, v in weights.items()},
+    }
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    want = energies(pot, molecules)
+    for path in (tmp_path / "old.pt", tmp_path / "old.ckpt"):
+        again = load_potential(path)
+        assert again.config == ModelConfig.model_validate(old_model) and again.spec["model"] == pot.spec["model"]
+        got = energies(again, molecules)
+        for key in ("energy", "forces"):
+            assert torch.equal(got[key], want[key]), (path.name, key)
+    resaved = load_potential(save_potential(load_potential(tmp_path / "old.pt"), tmp_path / "new.pt"))
+    assert resaved.config == pot.config and torch.equal(energies(resaved, molecules)["energy"], want["energy"])
+
+
+def test_an_invalid_saved_spec_is_a_one_line_error_naming_the_file(tmp_path):
+    pot = build_potential(TINY_MODEL, ["lo"])
+    spec = {**pot.spec, "model": {**pot.spec["model"], "featuers": 8}}
+    torch.save({"multifi_potential": 1, "spec": spec, "state_dict": pot.state_dict()}, tmp_path / "bad.pt")
+    with pytest.raises(MultifiError, match=r"bad.pt: model: unknown key 'featuers'; did you mean 'features'\?"):
+        load_potential(tmp_path / "bad.pt")
+
+
+def test_one_n_rbf_default_for_every_backbone():
+    """Unset n_rbf resolves to N_RBF in the config, in the builders (also from a dict) and in the classes."""
+    assert ModelConfig().n_rbf == N_RBF == 20
+    unset = lambda model: {k: v for k, v in model.items() if k != "n_rbf"}  # noqa: E731
+    painn, m3gnet = build_potential(unset(TINY_MODEL), ["a"]), build_potential(unset(M3GNET_MODEL), ["a"])
+    assert painn.config.n_rbf == m3gnet.config.n_rbf == N_RBF
+    assert painn.representation.rbf.freq.numel() == m3gnet.representation.rbf.n == N_RBF
+    assert PaiNN().rbf.freq.numel() == M3GNet().rbf.n == N_RBF
+
+
+def test_builders_take_the_typed_config():
+    typed = ModelConfig.model_validate(M3GNET_MODEL)
+    pot = build_potential(typed, FidelityTable(["lo", "hi"]))
+    assert pot.config is typed and pot.spec == {"model": typed.model_dump(), "fidelities": ["lo", "hi"]}
+    rep = pot.representation
+    assert (rep.features, len(rep.convs), rep.cutoff, rep.threebody_cutoff) == (16, 1, 4.0, 3.0)
+    assert rep.radial3.roots.shape == (2, 2) and rep.rbf.n == 8
+
+
+def run_config(**sections):
+    data = {"sources": [{"path": "x.extxyz"}]}
+    return validate_config({"data": data, **sections})
+
+
+def test_fidelity_settings_are_per_index_arrays():
+    table = FidelityTable(["lo", "mid", "hi"])
+    cfg = run_config(
+        data={"sources": [{"path": "x.extxyz"}], "train_limits": {"hi": 7}},
+        train={"fidelity_sampling": {"mid": 0.0, "lo": 2.0}},
+        loss={"fidelity_weights": {"hi": 3.0}},
+    )
+    s = FidelitySettings.resolve(cfg, table)
+    np.testing.assert_array_equal(s.train_limits, [np.nan, np.nan, 7.0])
+    np.testing.assert_array_equal(s.sampling, [2.0, 0.0, np.nan])
+    np.testing.assert_array_equal(s.loss_weights, [1.0, 1.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    "section, key", [("data", "train_limits"), ("train", "fidelity_sampling"), ("loss", "fidelity_weights")]
+)
+def test_an_unknown_fidelity_in_a_per_fidelity_setting_is_a_one_line_error(section, key):
+    raw = {"data": {"sources": [{"path": "x.extxyz"}]}}
+    raw.setdefault(section, {})[key] = {"HI": 1}
+    cfg = validate_config(raw)
+    with pytest.raises(MultifiError) as err:
+        FidelitySettings.resolve(cfg, FidelityTable(["lo", "hi"]), "run.yaml")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == f"run.yaml: {section}.{key}: unknown fidelity 'HI'; did you mean 'hi'? (known: lo, hi)"
+
+
+def test_module_loss_weights_are_checked_and_hyper_parameters_stay_plain_data():
+    spec = {"model": TINY_MODEL, "fidelities": ["lo", "hi"]}
+    loss = {"fidelity_weights": {"hi": 2.0}}
+    module = PotentialModule(spec, loss, {"ema_decay": 0.0})
+    assert module.loss_fn.fidelity_weights.tolist() == [1.0, 2.0]
+    resolved = PotentialModule(spec, loss, {}, fidelity_weights=np.array([0.5, 4.0]))  # as prepared: not looked up
+    assert resolved.loss_fn.fidelity_weights.tolist() == [0.5, 4.0]
+    hp = module.hparams
+    assert set(hp) == {"model_spec", "loss", "train"}
+    assert hp["model_spec"] == {
+        "model": ModelConfig.model_validate(TINY_MODEL).model_dump(),
+        "fidelities": ["lo", "hi"],
+    }
+    assert hp["train"]["ema_decay"] == 0.0 and isinstance(module.train_cfg, TrainConfig)
+    with pytest.raises(MultifiError, match=r"loss.fidelity_weights: unknown fidelity 'HI'.*known: lo, hi"):
+        PotentialModule(spec, {"fidelity_weights": {"HI": 2.0}}, {})
+
+
+def test_metric_keys_have_one_home():
+    """FidelityMetrics writes exactly the keys of multifi.keys; no other library file spells a metric key."""
+    assert keys.val_key("hi", keys.ENERGY_MAE) == "val/hi/energy_mae_meV"
+    assert keys.is_val_key("val/B3LYP/6-31G/forces_mae_meV_per_A", keys.FORCES_MAE)
+    assert not keys.is_val_key("val/hi/energy_mae_meV_per_atom", keys.ENERGY_MAE)
+    assert (
+        TrainConfig(monitor="hi").monitor_key == "val/hi/energy_mae_meV" and TrainConfig().monitor_key == keys.VAL_LOSS
+    )
+    metrics = FidelityMetrics(["lo"])
+    metrics.acc[0, 0] = 1.0
+    assert set(metrics.compute()["lo"]) == {keys.COUNT, *keys.METRIC_KEYS}
+    spelled = re.compile("|".join(rf"\b{k}\b" for k in keys.METRIC_KEYS))  # in strings, f-strings, comments
+    library = [p for p in SRC.rglob("*.py") if p.name != "keys.py"]
+    elsewhere = [str(p.relative_to(SRC)) for p in library if spelled.search(p.read_text())]
+    assert elsewhere == []
