@@ -245,6 +245,30 @@ def test_real_training_finetune_and_delta(shared, tmp_path):
     assert "initialised" in log and "B3LYP/6-31G(2df,p) ← GFN2-xTB" in log
 
 
+@pytest.mark.slow
+def test_limits_measure_both_fidelities_and_the_vectors_movement(shared, tmp_path):
+    """`experiment limits` on real tiny trainings: the top-fidelity MAE equals the run's own test MAE; the
+    initial fidelity vectors are reconstructed exactly (a run with lr 1e-12 did not move them, a trained one did not)."""
+    from multifi_experiments.limits import run_limits
+
+    only = ["learning_curve/joint_both/n10_s0", "learning_curve/joint_readout/n10_s0", "learning_curve/single/n10_s0"]
+    out = tmp_path / "out"
+    frozen = "learning_curve.variants.joint_readout.config.train={lr: 1.0e-12, ema_decay: 0.0}"
+    run_experiment(TINY, overrides=tiny(out, frozen), only=only)
+    ctx = load_context(TINY, tiny(out, frozen))
+    rows = {r["run"]: r for r in run_limits(ctx, plan_parts(ctx))["runs"]}
+    assert set(rows) == set(only[:2])  # the single-fidelity model has no low fidelity to measure
+    for rid, r in rows.items():
+        result = json.loads((out / f"runs/{rid}.json").read_text())
+        assert r["high_mae_meV"] == pytest.approx(result["test"]["B3LYP/6-31G(2df,p)"]["mae_meV"], rel=1e-4)
+        assert r["low_mae_meV"] > 0 and r["difference_mae_meV"] > 0 and r["test_molecules"] == 10
+    assert max(rows[only[1]]["moved_from_init"].values()) < 1e-6  # lr 1e-12: the initial vectors, rebuilt
+    assert min(rows[only[0]]["moved_from_init"].values()) > 1e-4
+    assert "| learning_curve/joint_both/n10_s0 |" in (out / "LIMITS.md").read_text()
+    again = run_limits(ctx, plan_parts(ctx))["runs"]  # cached per model file
+    assert {r["run"]: r for r in again} == rows
+
+
 # ---------------------------------------------------------------------------------------------- spec errors
 @pytest.mark.parametrize(
     "override, needle",

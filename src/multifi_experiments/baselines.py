@@ -250,7 +250,7 @@ def evaluate(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:
         )
     if val:
         out["val"] = val  # the best checkpoint's validation errors: what model choices are made on
-    out.update({k: metrics[k] for k in TRAINING_KEYS if k in metrics})
+    out.update({k: metrics[k] for k in (*TRAINING_KEYS, *EXTENSION_KEYS) if k in metrics})
     if plan.evaluate.get("embedding"):
         out["embedding"] = embedding_vectors(run_dir / "model.pt")
     return out
@@ -258,6 +258,8 @@ def evaluate(plan: RunPlan, run_dir: Path, inputs: Path, catalog) -> dict:
 
 #: how the training went (metrics.json of the run directory), copied into a result
 TRAINING_KEYS = ("steps", "best_step", "stopped_early", "monitor", "best_monitored")
+#: what an extension (multifi extend) measured: the old fidelities' test errors before/after, the freeze check
+EXTENSION_KEYS = ("forgetting", "old_fidelities_unchanged")
 #: metrics.json entry → a result's test entry (only those present: forces and stress need labels)
 OPTIONAL_ERRORS = {
     "mae_meV_per_atom": "energy_mae_meV_per_atom",

@@ -1,5 +1,6 @@
-"""`multifi experiment run SPEC.yaml [--only NAME] [--report-only]`: registered into the multifi CLI through
-the `multifi.commands` entry point (pyproject.toml), so the library never imports this package."""
+"""`multifi experiment run SPEC.yaml [--only NAME] [--report-only]` and `multifi experiment limits SPEC.yaml`:
+registered into the multifi CLI through the `multifi.commands` entry point (pyproject.toml), so the library
+never imports this package."""
 
 from __future__ import annotations
 
@@ -13,15 +14,36 @@ def register(sub):
     r.add_argument("--only", action="append", default=[], help="run only these parts of the spec")
     r.add_argument("--report-only", action="store_true", help="only rebuild summary/plots/report from finished runs")
     r.set_defaults(func=run)
+    m = esub.add_parser(
+        "limits",
+        help="what limits the data-efficiency factor: errors at both fidelities and of their difference, "
+        "fidelity vectors (finished learning-curve runs) → <output>/limits.json, LIMITS.md",
+    )
+    m.add_argument("spec", help="experiment spec (YAML)")
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    m.set_defaults(func=limits)
 
 
 def run(args) -> int:
+    from multifi_experiments.fewshot import run_few_shot
     from multifi_experiments.runner import load_context, run_experiment
     from multifi_experiments.selection import run_selection
 
     ctx = load_context(args.spec, args.overrides, args.only, args.report_only)
     if ctx.spec.selection is not None:  # acquisition rounds: planned round by round, not all at once
         run_selection(ctx, args.only, args.report_only)
+    elif ctx.spec.few_shot is not None:  # a held-out method added to a joint model: a report of its own
+        run_few_shot(ctx, args.only, args.report_only)
     else:
         run_experiment(args.spec, overrides=args.overrides, only=args.only, report_only=args.report_only)
+    return 0
+
+
+def limits(args) -> int:
+    from multifi_experiments.limits import run_limits
+    from multifi_experiments.runner import load_context, plan_parts
+
+    ctx = load_context(args.spec, args.overrides)
+    out = run_limits(ctx, plan_parts(ctx))
+    print(f"{len(out['runs'])} runs measured: {ctx.paths.output / 'LIMITS.md'}")
     return 0

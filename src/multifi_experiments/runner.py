@@ -56,6 +56,11 @@ def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), r
             f"{spec_path}: a selection spec; run it with multifi_experiments.selection.run_spec "
             "(`multifi experiment run` does)"
         )
+    if ctx.spec.few_shot is not None:
+        raise MultifiError(
+            f"{spec_path}: a few-shot spec; run it with multifi_experiments.fewshot.run_spec "
+            "(`multifi experiment run` does)"
+        )
     parts = plan_parts(ctx)
     plans = [p for pp in parts.values() for p in pp.plans]
     failed: list[str] = []
@@ -349,6 +354,13 @@ def _train(cfg, run_dir: Path) -> str:
         return "reused"  # trained earlier; only the evaluation was missing
     with warnings.catch_warnings():
         quiet_lightning()
+        if cfg.extend is not None:  # an extension (multifi extend) is short: a killed one starts again
+            from multifi.train.extend import extend
+
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            extend(cfg)
+            return "extended"
         if (run_dir / "checkpoints" / "last.ckpt").exists():
             log.info("resuming %s from checkpoints/last.ckpt", run_dir)
             train_run.train(cfg, resume=True)

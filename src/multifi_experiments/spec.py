@@ -384,6 +384,79 @@ class SelectionPart(Section):
         return self
 
 
+class FewShotMode(Section):
+    """One way of adding the held-out method to the base model (`multifi extend`): what trains, and the
+    fraction of the base model's training samples replayed (train: head or all)."""
+
+    train: Literal["embedding", "head", "all"]
+    replay: float = Field(0.0, ge=0, le=1)
+    label: str | None = None
+    config: ConfigPatch = Field(default_factory=ConfigPatch)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.replay > 0 and self.train == "embedding":
+            raise ValueError("replay needs train: head or all (train: embedding leaves the old methods frozen)")
+        return self
+
+
+def _few_shot_modes() -> dict[str, FewShotMode]:
+    return {
+        "embedding": FewShotMode(train="embedding"),
+        "head": FewShotMode(train="head"),
+        "all_replay": FewShotMode(train="all", replay=0.1, label="all + replay 0.1"),
+    }
+
+
+class FewShotPart(Section):
+    """Add a held-out method to a trained joint model with n of its labels (a spec of its own).
+
+    Base: one joint model on every labelled block of `blocks` except `new`'s (each block split into
+    train/val/test by `test_fraction`, `val_fraction`; at most `max_per_block` molecules). The `new`
+    method's block gives `test` test and `val` validation molecules (fixed) and a training pool; seed s
+    takes the first n of its own order of the pool (nested across n). Per n and seed: each mode of
+    `modes` extends the base model; `scratch` trains a model of `new` alone on the n labels; `retrain`
+    trains the joint model from scratch on the base data plus the n labels. Patches: `config` (every
+    run) ← `joint` (base, retrain) | `extend` ← the mode's `config` (extensions) | `scratch`.
+    """
+
+    new: str = "HF/3-21G"
+    blocks: str = "qm9mf/blocks.json"
+    ns: list[int] = Field(default_factory=lambda: [10, 30, 100, 300, 1000], min_length=1)
+    test: int = Field(500, ge=1, description="test molecules of the new method (from its block)")
+    val: int = Field(100, ge=1, description="validation molecules of the new method (checkpoint choice only)")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="test share of every old block")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="validation share of every old block")
+    max_per_block: int | None = Field(None, ge=3, description="at most this many molecules of every old block")
+    min_labelled: int = Field(20, ge=3, description="old blocks with fewer labelled molecules are left out")
+    inject: Inject = "both"
+    init_like: str | None = Field(None, description="old method the new one starts from (default: the first)")
+    modes: dict[str, FewShotMode] = Field(default_factory=_few_shot_modes, min_length=1)
+    baselines: list[Literal["scratch", "retrain"]] = Field(default_factory=lambda: ["scratch", "retrain"])
+    base_seed: int = Field(0, ge=0, description="seed of the base model (shared by every extension)")
+    config: ConfigPatch = Field(default_factory=ConfigPatch)
+    joint: ConfigPatch = Field(default_factory=ConfigPatch, description="the base and the retrained joint models")
+    extend: ConfigPatch = Field(default_factory=ConfigPatch, description="every extension")
+    scratch: ConfigPatch = Field(default_factory=ConfigPatch, description="the models of the new method alone")
+    seeds: Seeds | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if sorted(set(self.ns)) != self.ns or self.ns[0] < 1:
+            raise ValueError(f"ns must be positive and increasing; got {self.ns}")
+        if self.inject == "single":
+            raise ValueError("the base model needs fidelity conditioning: inject input, readout, both, onehot or heads")
+        clash = sorted(set(self.modes) & {"base", "scratch", "retrain"})
+        if clash:
+            raise ValueError(f"modes: {clash[0]!r} names a baseline; choose another mode name")
+        for name, mode in self.modes.items():
+            if mode.train == "embedding" and self.inject in ("onehot", "heads"):
+                raise ValueError(
+                    f"modes.{name}: inject {self.inject} has no trainable fidelity vector for train: embedding"
+                )
+        return self
+
+
 class Convergence(Section):
     """Train every run until its target fidelity's validation error stops improving (the same rule for all).
 
@@ -459,6 +532,7 @@ class ExperimentSpec(Section):
     ten_methods: TenMethodsPart | None = None
     embedding_map: EmbeddingMapPart | None = None
     selection: SelectionPart | None = Field(None, description="simulated acquisition rounds (a spec of its own)")
+    few_shot: FewShotPart | None = Field(None, description="add a held-out method to a joint model (a spec of its own)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -468,6 +542,10 @@ class ExperimentSpec(Section):
                 raise ValueError(f"selection is a spec of its own; move {', '.join(others)} to another spec")
             if self.data is not None:
                 raise ValueError("selection uses the QM9 label tables of the shared folder; remove 'data'")
+        if self.few_shot is not None:
+            others = [p for p in (*PARTS, "selection") if getattr(self, p) is not None]
+            if others or self.data is not None:
+                raise ValueError(f"few_shot is a spec of its own; move {', '.join(others) or 'data'} to another spec")
         if self.embedding_map is not None and self.ten_methods is None:
             raise ValueError("embedding_map maps the fidelity vectors of the ten_methods joint model; add ten_methods")
         if self.ten_methods is not None and self.label_folders != ["qm9mf"]:
