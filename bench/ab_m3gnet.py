@@ -1,10 +1,10 @@
 """In-process A/B of two M3GNet implementations on identical batches of PBE solids, alternating step by step.
 
-    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/ab_m3gnet.py --tree bench/variants/m3gnet_fast_special.py
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/ab_m3gnet.py --tree 7574ec6:bench/variants/m3gnet_fast_special.py
         [--base REV_OR_FILE] [--steps 30] [--mode train|md]
 
-A = models/m3gnet.py of the work tree (or --base: a git revision or a file), B = --tree (a file or
-revision; default the work tree). --compile-b runs B through the compiled potential (model.compile;
+A = models/m3gnet.py of the work tree (or --base), B = --tree (default the work tree); each a git
+revision, REV:PATH (a file at a revision) or a file path (see bench/legacy.py). --compile-b runs B through the compiled potential (model.compile;
 its compilation happens in the 3 untimed warm-up steps). Same weights. train = forward with forces and stress (create_graph) + energy/force/stress
 loss + backward (double backward); md = forces only, no create_graph, no parameter gradients
 (what the ASE calculator does). Prints the median of per-step ratios A/B and the largest force difference.

@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default="7c91c1d")
-    ap.add_argument("--tree", default=None, help="B = this revision or file instead of the work tree")
+    ap.add_argument(
+        "--tree", default=None, help="B = this revision, REV:PATH or file instead of the work tree (bench/legacy.py)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument(

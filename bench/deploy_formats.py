@@ -8,7 +8,6 @@ Si cell given with explicit ghost atoms, as LAMMPS gives it; times are medians o
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,17 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
-def median_time(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from timing import median_time  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +24,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from test_deploy import m3gnet_potential, si64
+    from conftest import tiny_m3gnet
+    from test_deploy import si64_sheared
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from multifi.deploy import _Core, _scriptable, _within_hops, build_deployed, lammps_style_inputs, metadata
@@ -43,17 +33,17 @@ def main() -> None:
     from multifi.models.registry import load_potential
 
     pot = (
-        m3gnet_potential()
+        tiny_m3gnet()
         if args.backbone == "m3gnet"
         else load_potential(Path(__file__).parents[1] / "tests/data/solids_painn.pt")
     )
     fid = pot.fidelities.names[-1]
     meta = metadata(pot, fid, torch.float64)
-    atoms = si64()
+    atoms = si64_sheared()
     inp = lammps_style_inputs(atoms, meta["ghost_cutoff"], meta["cutoff"])
     inp.pop("owner")
     script = build_deployed(pot, fid)
-    t_script = median_time(lambda: script(**inp), args.repeats)
+    t_script = median_time(lambda: script(**inp), args.repeats, warmup=3)
     ref = script(**inp)
 
     # AOTInductor: the same core (energy, forces, virial) exported with dynamic sizes and compiled ahead of time
@@ -91,13 +81,13 @@ def main() -> None:
     )
     ep = torch.export.export(gm, example, dynamic_shapes=dyn, strict=False)
     scripted = torch.jit.script(_scriptable(gm))
-    t_core = median_time(lambda: scripted(*example), args.repeats)
+    t_core = median_time(lambda: scripted(*example), args.repeats, warmup=3)
     pkg = torch._inductor.aoti_compile_and_package(ep, package_path=f"/tmp/multifi_aoti_{args.backbone}.pt2")
     compile_s = time.perf_counter() - t0
     aoti = torch._inductor.aoti_load_package(pkg)
     out = aoti(*example)
     err = max(abs(float(out[0] @ example[4]) - float(ref["energy"])), (out[2] - ref["virial"]).abs().max().item())
-    t_aoti = median_time(lambda: aoti(*example), args.repeats)
+    t_aoti = median_time(lambda: aoti(*example), args.repeats, warmup=3)
     print(
         f"{args.backbone}: {len(atoms)} local + {n - len(atoms)} ghost atoms, {ei.shape[1]} pairs; "
         f"deployed file (TorchScript) {t_script * 1e3:.1f} ms/call; the same graph: TorchScript "

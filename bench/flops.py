@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--forces", action="store_true")
     args = ap.parse_args()
     import torch
-    from profile_painn import setup
+    from profile_painn import setup, train_step
     from torch.utils.flop_counter import FlopCounterMode
 
     import multifi.nn.onednn as dnn
@@ -60,15 +60,7 @@ def main() -> None:
     pot, collate, batches, loss_fn = setup(features=args.features, interactions=args.interactions)
     opt = torch.optim.AdamW(pot.parameters(), lr=5e-4, fused=True)
 
-    def step(g):
-        if args.forces:
-            out = pot(g, forces=True, create_graph=True)
-            loss = ((out["energy"] - g.energy) / g.n_atoms).pow(2).mean().float() + out["forces"].pow(2).mean()
-        else:
-            loss, _ = loss_fn(pot(g), g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = train_step(pot, opt, loss_fn, args.forces)
 
     graphs = [collate(p) for p in batches(args.steps + 3)]
     fast = dnn.ONEDNN, PaiNN.sparse_direction

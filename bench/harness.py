@@ -27,7 +27,8 @@ What it does
 
 Same model on both sides: PaiNN 128 features, 3 interactions, 5 Å cosine cutoff, 20 radial functions
 (ours Bessel, schnetpack's default Gaussian), atomwise MLP 128→64→1, batch 32, float32, lr 5e-4 AdamW.
-What each side times is described in bench/peers/multifi_painn.py and bench/peers/schnetpack_painn.py.
+What each side times is described in bench/peers/multifi_painn.py (with bench/peers/_multifi.py) and
+bench/peers/schnetpack_painn.py.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+from peer_venv import ensure_peer_venv, peer_python
+
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"  # ../shared/data beside the repository
 
 BENCH = Path(__file__).resolve().parent
@@ -55,34 +58,11 @@ OURS_PYTHON = sys.executable
 
 
 # ------------------------------------------------------------------------------------------ environments
-def peer_python(peer: str) -> Path:
-    return BENCH / f".venv-peers-{peer}" / "bin" / "python"
-
-
-def ensure_peer_venv(peer: str) -> Path:
-    """Create bench/.venv-peers-<peer> and install the pinned peer into it, unless already done."""
-    venv = BENCH / f".venv-peers-{peer}"
-    stamp = venv / ".installed"
-    if stamp.exists():
-        return peer_python(peer)
-    print(f"[harness] creating {venv} (pip install {PEER_PINS[peer]}; a few minutes)", file=sys.stderr, flush=True)
-    subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    cmd = [
-        str(venv / "bin" / "pip"),
-        "install",
-        "-q",
-        "-c",
-        str(BENCH / "peers" / "constraints.txt"),
-        "torch==2.13.0",
-        PEER_PINS[peer],
-        "ase",
-    ]
-    if peer == "schnetpack":
-        cmd.append("matscipy")  # its QM9 experiment config's neighbour list
+def ensure_venv(peer: str) -> Path:
+    """bench/.venv-peers-<peer> with the pinned peer and ase (schnetpack: + matscipy, its QM9 neighbour list)."""
+    packages = [PEER_PINS[peer], "ase"] + (["matscipy"] if peer == "schnetpack" else [])
     env = dict(os.environ, HOME=str(SCRATCH / "home"))  # matgl writes ~/.cache/matgl on import
-    subprocess.run(cmd, check=True, env=env)
-    stamp.write_text(" ".join(cmd) + "\n")
-    return peer_python(peer)
+    return ensure_peer_venv(peer, packages, env, "harness")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -319,7 +299,7 @@ def main() -> None:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     peers = [p for p in args.peers.split(",") if p]
     for p in peers:
-        ensure_peer_venv(p)
+        ensure_venv(p)
     for p in peers:
         commands(p, "train", 1, args)  # exports the data
     if args.setup_only:

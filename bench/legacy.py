@@ -1,5 +1,8 @@
 """Model modules from older revisions or variant files, for the A/B scripts, under today's Potential.
 
+A source is a git revision (its src/multifi/models/<name>.py), `REV:PATH` (any file at a revision, e.g.
+a hand-made variant kept in the history: `b697116:bench/variants/painn_v1_index_select.py`) or a file path.
+
 Since the second version a representation has `geometry(edge_index, edge_vec)` (precomputed, non-differentiable
 bookkeeping such as M3GNet's triplet lists) and `forward(..., condition, geometry)`. Older revisions
 lack both; `current(rep)` wraps such a module so that Potential can call it (it then makes its own
@@ -18,13 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def module_at(rev: str, name: str) -> types.ModuleType:
-    """src/multifi/models/<name>.py at a git revision, or a file path (a hand-made variant), as a module."""
+    """src/multifi/models/<name>.py at a git revision, a file at a revision (`REV:PATH`) or a file path, as a module."""
     if Path(rev).is_file():
         src = Path(rev).read_text()
     else:
-        src = subprocess.run(
-            ["git", "show", f"{rev}:src/multifi/models/{name}.py"], capture_output=True, text=True, cwd=ROOT, check=True
-        ).stdout
+        obj = rev if ":" in rev else f"{rev}:src/multifi/models/{name}.py"
+        src = subprocess.run(["git", "show", obj], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     mod = types.ModuleType(f"{name}_variant")
     exec(compile(src, f"{name}@{rev}", "exec"), mod.__dict__)
     return mod

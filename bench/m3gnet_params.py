@@ -36,12 +36,12 @@ import argparse
 import gzip
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from timing import median_time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -51,17 +51,6 @@ SETTINGS = {"features": 64, "interactions": 3, "cutoff": 5.0, "threebody_cutoff"
 
 def count(module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def timed(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def records(n: int) -> list[dict]:
@@ -122,11 +111,11 @@ def multifi_times(pot, args) -> dict:
         "atoms": int(g.n_atoms.sum()),
         "edges": int(i.numel()),
         "triplets": n_triplets,
-        "energy_forces_s": timed(lambda: pot(g, forces=True), args.repeats),
-        "energy_forces_stress_s": timed(lambda: pot(g, forces=True, stress=True), args.repeats),
+        "energy_forces_s": median_time(lambda: pot(g, forces=True), args.repeats, warmup=2),
+        "energy_forces_stress_s": median_time(lambda: pot(g, forces=True, stress=True), args.repeats, warmup=2),
     }
     pot.train()
-    out["train_step_s"] = timed(step, args.repeats)
+    out["train_step_s"] = median_time(step, args.repeats, warmup=2)
     return out
 
 
@@ -201,9 +190,9 @@ def matgl_times(model, Potential, args) -> dict:
     return {
         "atoms": int(g.num_nodes),
         "edges": int(g.edge_index.shape[1]),
-        "energy_forces_s": timed(lambda: ef(g, lat), args.repeats),
-        "energy_forces_stress_s": timed(lambda: efs(g, lat), args.repeats),
-        "train_step_s": timed(step, args.repeats),
+        "energy_forces_s": median_time(lambda: ef(g, lat), args.repeats, warmup=2),
+        "energy_forces_stress_s": median_time(lambda: efs(g, lat), args.repeats, warmup=2),
+        "train_step_s": median_time(step, args.repeats, warmup=2),
     }
 
 

@@ -43,7 +43,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     import torch
-    from profile_painn import setup
+    from profile_painn import setup, train_step
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from multifi.models.painn import PaiNN
@@ -73,15 +73,7 @@ def main() -> None:
             calls[key] += 1
             return out
 
-    def step(g):
-        if args.forces:
-            out = pot(g, forces=True, create_graph=True)
-            loss = ((out["energy"] - g.energy) / g.n_atoms).pow(2).mean().float() + out["forces"].pow(2).mean()
-        else:
-            loss, _ = loss_fn(pot(g), g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = train_step(pot, opt, loss_fn, args.forces)
 
     graphs = [collate(p) for p in batches(args.steps + 3)]
     for g in graphs[:3]:

@@ -46,6 +46,23 @@ def setup(n: int = 2000, seed: int = 0, batch: int = 32, features: int = 128, in
     return pot, collate, batches, MultiFidelityLoss()
 
 
+def train_step(pot, opt, loss_fn, forces: bool):
+    """step(g): one optimiser step on a collated batch — the energy loss, or with `forces` an energy-per-atom +
+    force loss with forces by autograd (create_graph, double backward)."""
+
+    def step(g):
+        if forces:
+            out = pot(g, forces=True, create_graph=True)
+            loss = ((out["energy"] - g.energy) / g.n_atoms).pow(2).mean().float() + out["forces"].pow(2).mean()
+        else:
+            loss, _ = loss_fn(pot(g), g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -65,15 +82,7 @@ def main() -> None:
     pot, collate, batches, loss_fn = setup(batch=args.batch, features=args.features, interactions=args.interactions)
     opt = torch.optim.AdamW(pot.parameters(), lr=5e-4, fused=True)  # as PotentialModule
 
-    def step(g):
-        if args.forces:
-            out = pot(g, forces=True, create_graph=True)
-            loss = ((out["energy"] - g.energy) / g.n_atoms).pow(2).mean().float() + out["forces"].pow(2).mean()
-        else:
-            loss, _ = loss_fn(pot(g), g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = train_step(pot, opt, loss_fn, args.forces)
 
     for p in batches(3):
         step(collate(p))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -107,3 +109,178 @@ def write_config(tmp_path, tiny_extxyz):
         return path
 
     return write
+
+
+#: keys of a fidelity's entry in a run's evaluation metrics (metrics.json, `multifi evaluate --json`)
+METRIC_KEYS = {
+    "n",
+    "energy_mae_meV",
+    "energy_rmse_meV",
+    "energy_mae_meV_per_atom",
+    "forces_mae_meV_per_A",
+    "stress_mae_GPa",
+}
+N_SMALL = 199  # molecules in the small QM9 CSV (fixture small_csv)
+
+
+# ---------------------------------------------------------------------------------------------- structures
+def si64(shear=None, rattle: float = 0.0, seed: int = 1) -> Atoms:
+    """64-atom diamond Si (2×2×2 cubic cells); `shear` [3, 3]: cell @ (1 + shear), atoms scaled; then rattled."""
+    atoms = bulk("Si", "diamond", 5.43, cubic=True) * (2, 2, 2)
+    if shear is not None:
+        atoms.set_cell(atoms.cell @ (np.eye(3) + np.asarray(shear)), scale_atoms=True)
+    if rattle:
+        atoms.rattle(rattle, seed=seed)
+    return atoms
+
+
+# ---------------------------------------------------------------------------------------------- models
+def tiny_m3gnet(
+    seed: int = 0,
+    cutoff: float = 4.5,
+    threebody_cutoff: float = 3.5,
+    inject: str = "both",
+    scale: tuple[float, float] = (0.1, 0.3),
+):
+    """A tiny random-weight two-fidelity (PBE, R2SCAN) M3GNet with distinct Si references per fidelity."""
+    from multifi.models.registry import build_potential
+
+    torch.manual_seed(seed)
+    model = {
+        "backbone": "m3gnet",
+        "features": 16,
+        "interactions": 2,
+        "cutoff": cutoff,
+        "threebody_cutoff": threebody_cutoff,
+        "max_n": 3,
+        "max_l": 3,
+        "n_rbf": 9,
+        "fidelity_embedding": {"dim": 4, "inject": inject},
+    }
+    pot = build_potential(model, ["PBE", "R2SCAN"])
+    ref = np.zeros((119, 2))
+    ref[14] = [-5.4, -6.1]
+    pot.head.set_baseline(ref, np.array(scale))
+    return pot
+
+
+def tiny_painn_lo_hi():
+    """A tiny random-weight two-fidelity (lo, hi) PaiNN with distinct H, C, O references per fidelity."""
+    from multifi.models.registry import build_potential
+
+    torch.manual_seed(0)
+    model = {
+        "backbone": "painn",
+        "features": 16,
+        "interactions": 2,
+        "cutoff": 4.0,
+        "n_rbf": 8,
+        "fidelity_embedding": {"dim": 4, "inject": "both"},
+    }
+    pot = build_potential(model, ["lo", "hi"])
+    ref = np.zeros((119, 2))
+    ref[[1, 6, 8]] = [[-13.0, -13.6], [-1020.0, -1030.0], [-2040.0, -2050.0]]
+    pot.head.set_baseline(ref, np.array([0.5, 0.7]))
+    return pot
+
+
+# ---------------------------------------------------------------------------------------------- files
+def fifo_and_target(tmp_path, via_symlink: bool):
+    """(FIFO tmp_path/pipe, the path to write to: the FIFO itself, or a symlink tmp_path/link to it)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    if not via_symlink:
+        return fifo, fifo
+    link = tmp_path / "link"
+    link.symlink_to(fifo)
+    return fifo, link
+
+
+def drain_fifo(path, into: list) -> threading.Thread:
+    """Read a FIFO in a thread (opening it for writing blocks until a reader is there)."""
+
+    def read():
+        with open(path, "rb") as f:
+            into.append(f.read())
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+# ---------------------------------------------------------------------------------------------- QM9
+@pytest.fixture(scope="session")
+def small_csv(tmp_path_factory):
+    """Header + first N_SMALL molecules of qm9pack's qm9_part1.csv (skipped without the QM9 files)."""
+    from multifi.data.readers import qm9
+    from multifi.errors import MultifiError
+
+    try:
+        part1 = qm9.qm9_csv_paths()[0]
+    except MultifiError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path_factory.mktemp("qm9") / "qm9_part1.csv"
+    with open(part1, encoding="utf-8") as f:
+        out.write_text("".join(itertools.islice(f, N_SMALL + 1)), encoding="utf-8")
+    return out
+
+
+@pytest.fixture
+def small_qm9(monkeypatch, small_csv, tmp_path):
+    """multifi's QM9 reader reduced to the small CSV, with a fresh cache directory in tmp_path."""
+    from multifi.data.readers import qm9
+
+    monkeypatch.setattr(qm9, "qm9_csv_paths", lambda: [small_csv])
+    monkeypatch.setattr(qm9, "_MEMO", {})
+    monkeypatch.setenv("MULTIFI_CACHE", str(tmp_path / "cache"))
+    return qm9
+
+
+# ---------------------------------------------------------------------------------------------- experiments
+def fake_train(calls: list, validation: bool = True):
+    """multifi.train.run.train without Lightning: the data, an untrained model (initialised from init_from when
+    asked) with reference energies fitted as the trainer fits them, model.pt and metrics.json (test errors as
+    the real trainer evaluates them; with `validation` also validation errors and step counts). Records
+    (run dir, resume) in `calls`; a run starts in an empty directory unless it resumes."""
+    import json
+    from pathlib import Path
+
+    from multifi.data.stats import fit_baseline
+    from multifi.models.registry import build_potential, save_potential
+    from multifi.train.evaluate import evaluate_pairs
+    from multifi.train.init import init_from_potential
+    from multifi.train.prepare import prepare_data
+
+    def train(cfg, resume=False, config_source=""):
+        run_dir = Path(cfg.output_dir)
+        calls.append((run_dir, resume))
+        assert resume or not run_dir.exists() or not any(run_dir.iterdir())
+        run_dir.mkdir(parents=True, exist_ok=True)
+        prep = prepare_data(cfg)
+        potential = build_potential(cfg.model.model_dump(), list(prep.dataset.fidelities.names))
+        if cfg.train.init_from:
+            init_from_potential(potential, cfg.train.init_from, cfg.train.init_fidelities)
+        pooled, shared_scale = potential.head.shared_baseline, cfg.model.energy_scale == "shared"
+        potential.head.set_baseline(
+            *fit_baseline(prep.dataset, prep.pairs["train"], pooled=pooled, shared_scale=shared_scale)
+        )
+        save_potential(potential, run_dir / "model.pt")
+        metrics = {"fidelities": evaluate_pairs(potential, prep.dataset, None, prep.pairs["test"]), "n_train": {}}
+        if validation:
+            val = prep.pairs["val"]
+            metrics["val_fidelities"] = evaluate_pairs(potential, prep.dataset, None, val) if len(val) else {}
+            metrics.update(steps=7, best_step=5)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        return run_dir
+
+    return train
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """multifi.train.run.train replaced by fake_train; the list of its calls (run dir, resume)."""
+    import multifi.train.run as train_run
+
+    calls: list = []
+    monkeypatch.setattr(train_run, "train", fake_train(calls))
+    return calls

@@ -8,43 +8,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from ase import units
 from ase.build import bulk, molecule
 from ase.filters import FrechetCellFilter
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import FIRE
+from conftest import si64, tiny_m3gnet
 
 import multifi
 from multifi.errors import MultifiError
-from multifi.models.registry import build_potential
 
 CKPT = Path(__file__).parent / "data" / "solids_painn.pt"
 
 
-def si64():
-    return bulk("Si", "diamond", 5.43, cubic=True) * (2, 2, 2)
-
-
 def m3gnet_potential():
-    torch.manual_seed(0)
-    model = {
-        "backbone": "m3gnet",
-        "features": 16,
-        "interactions": 2,
-        "cutoff": 4.5,
-        "threebody_cutoff": 3.5,
-        "max_n": 3,
-        "max_l": 3,
-        "n_rbf": 9,
-        "fidelity_embedding": {"dim": 4, "inject": "readout"},
-    }
-    pot = build_potential(model, ["PBE", "R2SCAN"])
-    ref = np.zeros((119, 2))
-    ref[14] = [-5.4, -6.1]
-    pot.head.set_baseline(ref, np.array([0.1, 0.1]))
-    return pot
+    """The tiny two-fidelity M3GNet, fidelity vectors at the readout only, equal energy scales."""
+    return tiny_m3gnet(inject="readout", scale=(0.1, 0.1))
 
 
 @pytest.mark.parametrize("source", ["painn", "m3gnet"])

@@ -15,20 +15,11 @@ import torch
 import yaml
 from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
-from conftest import TINY_MODEL, periodic_cell, rattled_molecule
+from conftest import METRIC_KEYS, TINY_MODEL, periodic_cell, rattled_molecule
 
 from multifi.cli.main import main
 from multifi.models.registry import build_potential, load_potential, save_potential
 from multifi.predict import predict_atoms
-
-METRIC_KEYS = {
-    "n",
-    "energy_mae_meV",
-    "energy_rmse_meV",
-    "energy_mae_meV_per_atom",
-    "forces_mae_meV_per_A",
-    "stress_mae_GPa",
-}
 
 
 def run(argv, capsys) -> tuple[int, str, str]:

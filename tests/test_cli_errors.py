@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import stat
-import threading
 
 import ase.io
 import numpy as np
@@ -14,9 +13,8 @@ import pytest
 import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from conftest import TINY_MODEL, emt_labelled, rattled_molecule
+from conftest import TINY_MODEL, drain_fifo, emt_labelled, fifo_and_target, rattled_molecule
 from test_cli import fails, run
-from test_reader_qm9 import small_csv  # noqa: F401 (fixture)
 
 from multifi.cli.main import main
 from multifi.errors import MultifiError
@@ -32,16 +30,6 @@ def model(tmp_path_factory):
     ref[[1, 6, 7, 8], :] = [[-0.5, -0.6], [-3.0, -3.1], [-1.0, -1.2], [-2.0, -2.5]]
     pot.head.set_baseline(ref, np.ones(2))
     return save_potential(pot, tmp_path_factory.mktemp("model") / "model.pt")
-
-
-def _drain(path, into: list) -> threading.Thread:
-    def read():
-        with open(path, "rb") as f:
-            into.append(f.read())
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    return t
 
 
 # ------------------------------------------------------------------------------------ fidelity rule
@@ -74,14 +62,9 @@ def test_source_fidelity_labels_frames_naming_none(tmp_path, capsys):
 def test_out_to_a_fifo_writes_through(model, tmp_path, capsys, via_symlink):
     src = tmp_path / "in.xyz"
     ase.io.write(src, [rattled_molecule("H2O", 0)])
-    fifo = tmp_path / "pipe"
-    os.mkfifo(fifo)
-    out = fifo
-    if via_symlink:
-        out = tmp_path / "link"
-        out.symlink_to(fifo)
+    fifo, out = fifo_and_target(tmp_path, via_symlink)
     got: list = []
-    reader = _drain(fifo, got)
+    reader = drain_fifo(fifo, got)
     assert run(["predict", model, src, "--fidelity", "lo", "--out", out], capsys)[0] == 0
     reader.join(10)
     assert b"energy=" in got[0] and stat.S_ISFIFO(os.stat(fifo).st_mode)

@@ -10,42 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk, molecule
+from ase.build import molecule
+from conftest import si64, tiny_m3gnet, tiny_painn_lo_hi
 
 import multifi
 from multifi.deploy import deploy, evaluate_like_lammps, lammps_style_inputs, load_deployed
 from multifi.errors import MultifiError
-from multifi.models.registry import build_potential
 
 CKPT = Path(__file__).parent / "data" / "solids_painn.pt"
 
 
-def m3gnet_potential(seed: int = 0, cutoff: float = 4.5, threebody_cutoff: float = 3.5):
-    """A tiny random-weight two-fidelity M3GNet with distinct Si references per fidelity."""
-    torch.manual_seed(seed)
-    model = {
-        "backbone": "m3gnet",
-        "features": 16,
-        "interactions": 2,
-        "cutoff": cutoff,
-        "threebody_cutoff": threebody_cutoff,
-        "max_n": 3,
-        "max_l": 3,
-        "n_rbf": 9,
-        "fidelity_embedding": {"dim": 4, "inject": "both"},
-    }
-    pot = build_potential(model, ["PBE", "R2SCAN"])
-    ref = np.zeros((119, 2))
-    ref[14] = [-5.4, -6.1]
-    pot.head.set_baseline(ref, np.array([0.1, 0.3]))
-    return pot
+SHEAR = [[0.01, 0.02, 0], [0, -0.01, 0.01], [0.015, 0, 0.005]]
 
 
-def si64(seed: int = 1):
-    atoms = bulk("Si", "diamond", 5.43, cubic=True) * (2, 2, 2)
-    atoms.set_cell(atoms.cell @ (np.eye(3) + [[0.01, 0.02, 0], [0, -0.01, 0.01], [0.015, 0, 0.005]]), scale_atoms=True)
-    atoms.rattle(0.08, seed=seed)
-    return atoms
+def si64_sheared(seed: int = 1):
+    return si64(SHEAR, rattle=0.08, seed=seed)
 
 
 def molecule_in_box():
@@ -82,7 +61,7 @@ def m3gnet_files(tmp_path_factory):
     if "m3gnet" not in _DEPLOYED:  # one deployment per session, also when test_lammps imports this fixture
         d = tmp_path_factory.mktemp("deployed")
         for fid in ("PBE", "R2SCAN"):
-            deploy(m3gnet_potential(), fid, d / f"m3gnet_{fid}.pt")
+            deploy(tiny_m3gnet(), fid, d / f"m3gnet_{fid}.pt")
         _DEPLOYED["m3gnet"] = d
     return _DEPLOYED["m3gnet"]
 
@@ -98,10 +77,10 @@ def test_m3gnet_with_ghost_atoms_equals_calculator(deployed_m3gnet):
     assert meta["fidelity"] == "R2SCAN" and meta["interactions"] == 2 and meta["elements"] == ["Si"]
     assert meta["ghost_cutoff"] == 9.0
     assert meta["multifi_version"] == multifi.__version__ and meta["threebody_cutoff"] == 3.5
-    atoms = si64()
+    atoms = si64_sheared()
     args = lammps_style_inputs(atoms, meta["ghost_cutoff"], meta["cutoff"])
     assert len(args["owner"]) > 5 * len(atoms)  # the ghosts are really there
-    assert_same(evaluate_like_lammps(module, meta, atoms), reference(m3gnet_potential(), "R2SCAN", atoms))
+    assert_same(evaluate_like_lammps(module, meta, atoms), reference(tiny_m3gnet(), "R2SCAN", atoms))
 
 
 def test_periodic_shifts_without_ghosts_equal_calculator(deployed_m3gnet):
@@ -109,7 +88,7 @@ def test_periodic_shifts_without_ghosts_equal_calculator(deployed_m3gnet):
     from multifi.data.neighbors import neighbor_list
 
     module, meta = load_deployed(deployed_m3gnet)
-    atoms = si64(seed=3)
+    atoms = si64_sheared(seed=3)
     i, j, s = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, meta["cutoff"] + 0.5)  # + skin
     t = torch.as_tensor
     out = module(
@@ -120,7 +99,7 @@ def test_periodic_shifts_without_ghosts_equal_calculator(deployed_m3gnet):
         t(s, dtype=torch.float64),
         len(atoms),
     )
-    want = reference(m3gnet_potential(), "R2SCAN", atoms)
+    want = reference(tiny_m3gnet(), "R2SCAN", atoms)
     got = {
         "energy": float(out["energy"]),
         "forces": out["forces"].numpy(),
@@ -133,19 +112,7 @@ def test_periodic_shifts_without_ghosts_equal_calculator(deployed_m3gnet):
 def test_painn_molecule_and_other_fidelity(tmp_path):
     """A tiny random-weight PaiNN on a molecule (no cell, no ghosts): the file deployed at "lo" gives the
     "lo" numbers, the one at "hi" the "hi" numbers."""
-    torch.manual_seed(0)
-    model = {
-        "backbone": "painn",
-        "features": 16,
-        "interactions": 2,
-        "cutoff": 4.0,
-        "n_rbf": 8,
-        "fidelity_embedding": {"dim": 4, "inject": "both"},
-    }
-    pot = build_potential(model, ["lo", "hi"])
-    ref = np.zeros((119, 2))
-    ref[[1, 6, 8]] = [[-13.0, -13.6], [-1020.0, -1030.0], [-2040.0, -2050.0]]
-    pot.head.set_baseline(ref, np.array([0.5, 0.7]))
+    pot = tiny_painn_lo_hi()
     atoms = molecule_in_box()
     results = {}
     for fid in ("lo", "hi"):

@@ -5,7 +5,6 @@ and the data-efficiency interpolation on synthetic power-law learning curves."""
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 import math
 import shutil
@@ -24,23 +23,10 @@ from multifi_experiments.runner import load_context, plan_parts, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.yaml"
-N_SMALL = 199
 SUMMARY_KEYS = {"transfer", "learning_curve", "data_efficiency", "ten_methods", "ten_methods_ratio_mean"}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def small_csv(tmp_path_factory) -> Path:
-    try:
-        part1 = qm9.qm9_csv_paths()[0]
-    except MultifiError as exc:
-        pytest.skip(str(exc))
-    out = tmp_path_factory.mktemp("qm9") / "qm9_part1.csv"
-    with open(part1, encoding="utf-8") as f:
-        out.write_text("".join(itertools.islice(f, N_SMALL + 1)), encoding="utf-8")
-    return out
-
-
 def _labels(path: Path, index: np.ndarray, energy: np.ndarray) -> str:
     text = "index,energy_eV\n" + "".join(f"{i},{e:.6f}\n" for i, e in zip(index, energy))
     path.write_bytes(gzip.compress(text.encode()))
@@ -48,11 +34,8 @@ def _labels(path: Path, index: np.ndarray, energy: np.ndarray) -> str:
 
 
 @pytest.fixture
-def shared(monkeypatch, small_csv, tmp_path) -> Path:
+def shared(monkeypatch, small_qm9, tmp_path) -> Path:
     """QM9 reduced to 199 molecules and a shared-data folder with synthetic labels and five 30-molecule blocks."""
-    monkeypatch.setattr(qm9, "qm9_csv_paths", lambda: [small_csv])
-    monkeypatch.setattr(qm9, "_MEMO", {})
-    monkeypatch.setenv("MULTIFI_CACHE", str(tmp_path / "cache"))
     catalog_mod._read_table.cache_clear()
     catalog_mod._merged_tables.cache_clear()
     geo = qm9.load_qm9_geometries()
@@ -90,43 +73,6 @@ def shared(monkeypatch, small_csv, tmp_path) -> Path:
     yield tmp_path / "shared"
     catalog_mod._read_table.cache_clear()
     catalog_mod._merged_tables.cache_clear()
-
-
-def fake_train(calls: list):
-    """A stand-in for multifi.train.run.train without Lightning: builds the data, an untrained model
-    (initialised from init_from when asked) with fitted baselines, model.pt and metrics.json."""
-    from multifi.data.stats import fit_baseline
-    from multifi.models.registry import build_potential, save_potential
-    from multifi.train.evaluate import evaluate_pairs
-    from multifi.train.init import init_from_potential
-    from multifi.train.prepare import prepare_data
-
-    def train(cfg, resume=False, config_source=""):
-        calls.append((Path(cfg.output_dir), resume))
-        run_dir = Path(cfg.output_dir)
-        assert resume or not run_dir.exists() or not any(run_dir.iterdir())
-        run_dir.mkdir(parents=True, exist_ok=True)
-        prep = prepare_data(cfg)
-        potential = build_potential(cfg.model.model_dump(), list(prep.dataset.fidelities.names))
-        if cfg.train.init_from:
-            init_from_potential(potential, cfg.train.init_from, cfg.train.init_fidelities)
-        potential.head.set_baseline(*fit_baseline(prep.dataset, prep.pairs["train"]))
-        save_potential(potential, run_dir / "model.pt")
-        metrics = evaluate_pairs(potential, prep.dataset, None, prep.pairs["test"])
-        val = evaluate_pairs(potential, prep.dataset, None, prep.pairs["val"]) if len(prep.pairs["val"]) else {}
-        (run_dir / "metrics.json").write_text(
-            json.dumps({"fidelities": metrics, "val_fidelities": val, "n_train": {}, "steps": 7, "best_step": 5})
-        )
-        return run_dir
-
-    return train
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    calls: list = []
-    monkeypatch.setattr(train_run, "train", fake_train(calls))
-    return calls
 
 
 def tiny(out: Path, *more: str) -> list[str]:
@@ -345,6 +291,26 @@ def test_spec_errors_are_one_line(shared, tmp_path, override, needle):
         ctx = load_context(TINY, tiny(tmp_path / "out", override))
         plan_parts(ctx)
     assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_unknown_variant_kind_is_one_line_at_spec_load_naming_file_and_known_kinds(tmp_path, capsys):
+    """Before any planning or data access: the spec file, the key, a suggestion and every registered kind."""
+    from test_cli import fails
+
+    from multifi_experiments.kinds import KINDS
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(TINY.read_text().replace("kind: joint", "kind: joinnt", 1))
+    assert "kind: joinnt" in spec.read_text()
+    line = fails(
+        ["experiment", "run", spec, "--set", f"output={tmp_path / 'out'}", "--report-only"],
+        capsys,
+        str(spec),
+        "kind: unknown kind 'joinnt'; did you mean 'joint'?",
+        f"(known: {', '.join(KINDS)})",
+    )
+    assert set(KINDS) == {"single", "joint", "delta", "finetune", "pretrain_joint"}, line
+    assert not (tmp_path / "out").exists()
 
 
 def _hf_pool(shared: Path, block: list[int], pool: list[int]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fake_train
 
 import multifi.train.run as train_run
 from multifi.data.dataset import FidelityDataset
@@ -92,43 +93,11 @@ def shared(tmp_path, monkeypatch) -> Path:
     return tmp_path / "shared"
 
 
-def fake_train(calls: list):
-    """multifi.train.run.train without Lightning: data, an untrained model with fitted baselines, model.pt
-    and metrics.json (energies, forces, stress evaluated as the real trainer does)."""
-    from multifi.data.stats import fit_baseline
-    from multifi.models.registry import build_potential, save_potential
-    from multifi.train.evaluate import evaluate_pairs
-    from multifi.train.init import init_from_potential
-    from multifi.train.prepare import prepare_data
-
-    def train(cfg, resume=False, config_source=""):
-        run_dir = Path(cfg.output_dir)
-        calls.append((run_dir, resume))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        prep = prepare_data(cfg)
-        potential = build_potential(cfg.model.model_dump(), list(prep.dataset.fidelities.names))
-        if cfg.train.init_from:
-            init_from_potential(potential, cfg.train.init_from, cfg.train.init_fidelities)
-        potential.head.set_baseline(
-            *fit_baseline(
-                prep.dataset,
-                prep.pairs["train"],
-                pooled=potential.head.shared_baseline,
-                shared_scale=cfg.model.energy_scale == "shared",
-            )
-        )
-        save_potential(potential, run_dir / "model.pt")
-        metrics = evaluate_pairs(potential, prep.dataset, None, prep.pairs["test"])
-        (run_dir / "metrics.json").write_text(json.dumps({"fidelities": metrics, "n_train": {}}))
-        return run_dir
-
-    return train
-
-
 @pytest.fixture
 def fake(monkeypatch):
+    """The runner's trainer replaced by conftest.fake_train, writing test errors only (no validation errors)."""
     calls: list = []
-    monkeypatch.setattr(train_run, "train", fake_train(calls))
+    monkeypatch.setattr(train_run, "train", fake_train(calls, validation=False))
     return calls
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_experiments import shared, small_csv  # noqa: F401  (fixtures)
+from test_experiments import shared  # noqa: F401  (fixture)
 
 import multifi.train.extend as extend_mod
 import multifi.train.run as train_run

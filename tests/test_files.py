@@ -7,36 +7,19 @@ import errno
 import os
 import stat
 import tempfile
-import threading
 
 import pytest
+from conftest import drain_fifo, fifo_and_target
 
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, make_dir, write_text
 
 
-def _drain(path, into: list) -> threading.Thread:
-    """Read a FIFO in a thread (opening it for writing blocks until a reader is there)."""
-
-    def read():
-        with open(path, "rb") as f:
-            into.append(f.read())
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    return t
-
-
 @pytest.mark.parametrize("via_symlink", [False, True])
 def test_fifo_is_written_through_not_replaced(tmp_path, via_symlink):
-    fifo = tmp_path / "pipe"
-    os.mkfifo(fifo)
-    target = fifo
-    if via_symlink:
-        target = tmp_path / "link"
-        target.symlink_to(fifo)
+    fifo, target = fifo_and_target(tmp_path, via_symlink)
     got: list = []
-    reader = _drain(fifo, got)
+    reader = drain_fifo(fifo, got)
     write_text(target, "hello\n")
     reader.join(5)
     assert got == [b"hello\n"]

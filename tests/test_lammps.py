@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from ase import units
-from ase.build import bulk
 from ase.md.verlet import VelocityVerlet
+from conftest import si64, tiny_m3gnet, tiny_painn_lo_hi
 from lammps_run import ase_stress, have_mpiexec, run, unavailable
-from test_deploy import assert_same, m3gnet_files, m3gnet_potential, molecule_in_box, reference  # noqa: F401
+from test_deploy import assert_same, m3gnet_files, molecule_in_box, reference  # noqa: F401
 
 import multifi
 from multifi.deploy import deploy
@@ -22,10 +21,7 @@ pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailabl
 
 def si64_lammps(seed: int = 1):
     """64-atom Si, rattled, in a sheared cell already in LAMMPS' lower-triangular form."""
-    atoms = bulk("Si", "diamond", 5.43, cubic=True) * (2, 2, 2)
-    atoms.set_cell(atoms.cell @ (np.eye(3) + [[0.01, 0, 0], [0.02, -0.01, 0], [0.015, 0.01, 0.005]]), scale_atoms=True)
-    atoms.rattle(0.08, seed=seed)
-    return atoms
+    return si64([[0.01, 0, 0], [0.02, -0.01, 0], [0.015, 0.01, 0.005]], rattle=0.08, seed=seed)
 
 
 def from_lammps(out, step: int = 0, periodic: bool = True) -> dict:
@@ -40,25 +36,11 @@ def test_m3gnet_si64_equals_calculator(m3gnet_files, tmp_path, fidelity):
     """Energy, forces, stress of the 64-atom cell (sheared, rattled) at each deployed fidelity."""
     atoms = si64_lammps()
     out = run(tmp_path, atoms, m3gnet_files / f"m3gnet_{fidelity}.pt", ["Si"])
-    assert_same(from_lammps(out), reference(m3gnet_potential(), fidelity, atoms))
+    assert_same(from_lammps(out), reference(tiny_m3gnet(), fidelity, atoms))
 
 
 def test_painn_molecule_in_box_equals_calculator(tmp_path):
-    torch.manual_seed(0)
-    from multifi.models.registry import build_potential
-
-    model = {
-        "backbone": "painn",
-        "features": 16,
-        "interactions": 2,
-        "cutoff": 4.0,
-        "n_rbf": 8,
-        "fidelity_embedding": {"dim": 4, "inject": "both"},
-    }
-    pot = build_potential(model, ["lo", "hi"])
-    ref = np.zeros((119, 2))
-    ref[[1, 6, 8]] = [[-13.0, -13.6], [-1020.0, -1030.0], [-2040.0, -2050.0]]
-    pot.head.set_baseline(ref, np.array([0.5, 0.7]))
+    pot = tiny_painn_lo_hi()
     deploy(pot, "hi", tmp_path / "painn_hi.pt")
     atoms = molecule_in_box()
     out = run(tmp_path / "run", atoms, tmp_path / "painn_hi.pt", ["C", "O", "H"])
@@ -93,7 +75,7 @@ def test_nve_two_ranks_reproduce_one_and_match_ase(tmp_path):
     v = initial_velocities(atoms)
     small = dict(cutoff=3.2, threebody_cutoff=2.9)  # second neighbours in; ghosts to 6.4 Å keep the runs short
     model = tmp_path / "m3gnet_small.pt"
-    deploy(m3gnet_potential(**small), "R2SCAN", model)
+    deploy(tiny_m3gnet(**small), "R2SCAN", model)
     one = run(tmp_path / "np1", atoms, model, ["Si"], steps=100, velocities=v)
     two = run(tmp_path / "np2", atoms, model, ["Si"], steps=100, nprocs=2, velocities=v)
     assert "2 by 1 by 1 MPI processor grid" in two["log"] or "1 by 2 by 1" in two["log"] or "1 by 1 by 2" in two["log"]
@@ -105,7 +87,7 @@ def test_nve_two_ranks_reproduce_one_and_match_ase(tmp_path):
         np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-6 * np.abs(one["pxx"]).max())
 
     md = atoms.copy()
-    md.calc = multifi.Calculator(m3gnet_potential(**small), fidelity="R2SCAN", dtype="float64")
+    md.calc = multifi.Calculator(tiny_m3gnet(**small), fidelity="R2SCAN", dtype="float64")
     md.set_velocities(v / 1000.0 / units.fs)
     etot, epot = [], []
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import N_SMALL
 
 from multifi.data.readers import qm9
 from multifi.errors import MultifiError
@@ -20,29 +21,6 @@ SHARED = Path(os.environ.get("MULTIFI_SHARED_DATA", Path(__file__).resolve().par
 QM9MF = SHARED / "qm9mf"
 needs_shared = pytest.mark.skipif(not QM9MF.is_dir(), reason=f"shared data not found at {QM9MF}")
 METHANE_EV = (-40.47893 - 0.044749) * 27.211386245988
-N_SMALL = 199  # molecules in the small CSV
-
-
-@pytest.fixture(scope="session")
-def small_csv(tmp_path_factory) -> Path:
-    """Header + first 199 molecules of qm9pack's qm9_part1.csv."""
-    try:
-        part1 = qm9.qm9_csv_paths()[0]
-    except MultifiError as exc:
-        pytest.skip(str(exc))
-    out = tmp_path_factory.mktemp("qm9") / "qm9_part1.csv"
-    with open(part1, encoding="utf-8") as f:
-        out.write_text("".join(itertools.islice(f, N_SMALL + 1)), encoding="utf-8")
-    return out
-
-
-@pytest.fixture
-def small_qm9(monkeypatch, small_csv, tmp_path):
-    """QM9 reduced to the small CSV, with a fresh cache directory in tmp_path."""
-    monkeypatch.setattr(qm9, "qm9_csv_paths", lambda: [small_csv])
-    monkeypatch.setattr(qm9, "_MEMO", {})
-    monkeypatch.setenv("MULTIFI_CACHE", str(tmp_path / "cache"))
-    return qm9
 
 
 def write_labels(path: Path, lines: list[str], header: str = "index,energy_eV") -> Path:

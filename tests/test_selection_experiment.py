@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_experiments import fake, shared, small_csv  # noqa: F401  (fixtures)
+from test_experiments import shared  # noqa: F401  (fixture)
 
 from multifi.errors import MultifiError
 from multifi_experiments.runner import run_experiment

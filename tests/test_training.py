@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_FIDELITIES, rattled_molecule
+from conftest import METRIC_KEYS, TINY_FIDELITIES, rattled_molecule
 
 from multifi.config import load_config
 from multifi.errors import MultifiError
@@ -24,15 +24,6 @@ from multifi.models.registry import load_potential
 from multifi.predict import predict_atoms
 from multifi.train.prepare import prepare_data
 from multifi.train.run import train
-
-METRIC_KEYS = {
-    "n",
-    "energy_mae_meV",
-    "energy_rmse_meV",
-    "energy_mae_meV_per_atom",
-    "forces_mae_meV_per_A",
-    "stress_mae_GPa",
-}
 
 
 def steps_per_epoch(cfg) -> int:

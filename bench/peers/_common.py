@@ -6,13 +6,16 @@ bench/.venv-peers-<peer>) and prints exactly one JSON line prefixed with RESULT:
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import platform
 import resource
 import statistics
 import sys
 import time
+import warnings
 
 # the same model and data settings on both sides (issue 5)
 FEATURES, INTERACTIONS, CUTOFF, N_RBF, BATCH = 128, 3, 5.0, 20, 32
@@ -59,6 +62,67 @@ def step_timer():
             self.ends.append(time.perf_counter())
 
     return StepTimer()
+
+
+def parser(steps: int, md_steps: int) -> argparse.ArgumentParser:
+    """The options every side takes (each script adds its data options)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--task", choices=["train", "md"], required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--md-xyz")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--md-steps", type=int, default=md_steps)
+    return ap
+
+
+def run(args, train, md, framework: str, **fields) -> None:
+    """Threads pinned, Lightning and warnings quiet, then train(args) or md(args) → one RESULT line with `fields`."""
+    setup_threads(args.threads)
+    for name in ("pytorch_lightning", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    out = train(args) if args.task == "train" else md(args)
+    import torch
+
+    out.update(framework=framework, task=args.task, threads=torch.get_num_threads(), **fields)
+    emit(out)
+
+
+def trainer_kwargs(args, callbacks: list) -> dict:
+    """Lightning Trainer settings of every side: warmup + steps optimizer steps on the CPU, training only."""
+    return dict(
+        max_steps=args.warmup + args.steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+    )
+
+
+def model_only_rate(params, batches: list, loss_of) -> float:
+    """Structures/s of forward + loss + backward + AdamW on pre-collated batches (no data loading, no Lightning):
+    two passes over `batches`, the median step after the first 5."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=LR)
+    dts = []
+    for _rep in range(2):
+        for b in batches:
+            t = time.perf_counter()
+            loss = loss_of(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            dts.append(time.perf_counter() - t)
+    return BATCH / statistics.median(dts[5:])
 
 
 def train_rates(ends: list[float], warmup: int, batch: int) -> dict:

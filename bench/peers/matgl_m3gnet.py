@@ -15,9 +15,7 @@ md:    matgl.ext.ase.PESCalculator(Potential(model, calc_stresses=False)) on the
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -62,7 +60,6 @@ def task_train(args) -> dict:
     from functools import partial
 
     import lightning.pytorch as pl
-    import torch
     from matgl.graph.data import MGLDataLoader, collate_fn_pes
     from matgl.utils.training import PotentialLightningModule
 
@@ -76,38 +73,15 @@ def task_train(args) -> dict:
     net = model(elements)
     lit = PotentialLightningModule(model=net, energy_weight=1.0, force_weight=1.0, stress_weight=0.01, lr=C.LR)
     timer = C.step_timer()
-    trainer = pl.Trainer(
-        max_steps=args.warmup + args.steps,
-        max_epochs=-1,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[timer],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        inference_mode=False,
-        precision=32,
-    )
+    trainer = pl.Trainer(**C.trainer_kwargs(args, [timer]), precision=32)
     trainer.fit(lit, train_dataloaders=train_loader)
     out = C.train_rates(timer.ends, args.warmup, C.BATCH)
 
     batches = [b for b, _ in zip(train_loader, range(15))]
-    opt = torch.optim.AdamW(lit.parameters(), lr=C.LR)
-    dts = []
     lit.train()
-    for _rep in range(2):
-        for b in batches:
-            t = time.perf_counter()
-            res = lit.step(b)
-            loss = res[0]["Total_Loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            dts.append(time.perf_counter() - t)
-    out["model_only_structures_per_s"] = C.BATCH / statistics.median(dts[5:])
+    out["model_only_structures_per_s"] = C.model_only_rate(
+        lit.parameters(), batches, lambda b: lit.step(b)[0]["Total_Loss"]
+    )
 
     pot = lit.model.eval()
     t0 = time.perf_counter()
@@ -136,33 +110,16 @@ def task_md(args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--task", choices=["train", "md"], required=True)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = C.parser(steps=40, md_steps=100)
     ap.add_argument("--extxyz", required=True)
     ap.add_argument("--scratch", required=True)
-    ap.add_argument("--md-xyz")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--md-steps", type=int, default=100)
-    args = ap.parse_args()
-    C.setup_threads(args.threads)
-    import logging
-    import warnings
-
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    out = task_train(args) if args.task == "train" else task_md(args)
-    import torch
-
-    out.update(
+    C.run(
+        ap.parse_args(),
+        task_train,
+        task_md,
         framework="matgl",
-        task=args.task,
-        threads=torch.get_num_threads(),
         versions=C.versions("matgl", "torch", "torch-geometric", "pytorch-lightning", "lightning", "numpy", "ase"),
     )
-    C.emit(out)
 
 
 if __name__ == "__main__":

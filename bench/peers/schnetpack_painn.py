@@ -19,9 +19,7 @@ md:    schnetpack.interfaces.SpkCalculator (model with a Forces output module, n
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -132,21 +130,8 @@ def task_train(args) -> dict:
         ],
     )
     timer = C.step_timer()
-    trainer = pl.Trainer(
-        max_steps=args.warmup + args.steps,
-        max_epochs=-1,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[timer, spk.train.ExponentialMovingAverage(decay=0.995)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        inference_mode=False,
-        precision=32,
-    )
+    callbacks = [timer, spk.train.ExponentialMovingAverage(decay=0.995)]
+    trainer = pl.Trainer(**C.trainer_kwargs(args, callbacks), precision=32)
     trainer.fit(task, datamodule=dm)
     os.remove(split)
     out = C.train_rates(timer.ends, args.warmup, C.BATCH)
@@ -154,19 +139,10 @@ def task_train(args) -> dict:
     # model-only: pre-collated batches, forward + loss + backward + AdamW (no data loading, no Lightning)
     model.train()
     batches = [b for b, _ in zip(dm.train_dataloader(), range(20))]
-    opt = torch.optim.AdamW(model.parameters(), lr=C.LR)
     mse = torch.nn.MSELoss()
-    dts = []
-    for _rep in range(2):
-        for b in batches:
-            t = time.perf_counter()
-            pred = model(dict(b))
-            loss = mse(pred["energy"], b["energy"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            dts.append(time.perf_counter() - t)
-    out["model_only_structures_per_s"] = C.BATCH / statistics.median(dts[5:])
+    out["model_only_structures_per_s"] = C.model_only_rate(
+        model.parameters(), batches, lambda b: mse(model(dict(b))["energy"], b["energy"])
+    )
 
     # inference: one pass over all molecules, neighbour lists by the per-sample transform
     model.eval()
@@ -208,36 +184,20 @@ def task_md(args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--task", choices=["train", "md"], required=True)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = C.parser(steps=50, md_steps=300)
     ap.add_argument("--extxyz", required=True)
     ap.add_argument("--scratch", required=True)
     ap.add_argument("--nl", choices=["matscipy", "ase"], default="matscipy")
-    ap.add_argument("--md-xyz")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--md-steps", type=int, default=300)
     ap.add_argument("--workers", type=int, default=0)
     args = ap.parse_args()
-    C.setup_threads(args.threads)
-    import logging
-    import warnings
-
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    out = task_train(args) if args.task == "train" else task_md(args)
-    import torch
-
-    out.update(
+    C.run(
+        args,
+        task_train,
+        task_md,
         framework="schnetpack",
-        task=args.task,
-        threads=torch.get_num_threads(),
         neighbor_list=args.nl,
         versions=C.versions("schnetpack", "torch", "pytorch-lightning", "lightning", "numpy", "ase", "matscipy"),
     )
-    C.emit(out)
 
 
 if __name__ == "__main__":

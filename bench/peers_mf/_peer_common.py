@@ -5,12 +5,16 @@ Every adapter action prints one JSON line prefixed with RESULT: on stdout (read 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peers"))
 from _common import peak_rss_mb, setup_threads, time_md, versions  # noqa: E402,F401 - shared with the speed peers
@@ -66,3 +70,75 @@ def emit(result: dict) -> None:
     result["threads_env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     sys.stdout.write("RESULT:" + json.dumps(result) + "\n")
     sys.stdout.flush()
+
+
+class Adapter(Protocol):
+    """What an adapter module provides (mace_adapter.py, sevenn_adapter.py)."""
+
+    VARIANTS: list[str]  # the first one is the default, and the model of the speed and params actions
+    MODEL: dict  # model settings, printed by `params`
+    BATCH: int
+
+    def fit(self, args) -> dict: ...  # one training run (+ test errors unless --no-eval)
+    def ensure_model(self, args) -> Path: ...  # a trained model for the speed/params actions
+    def calculator(self, path: Path): ...  # an ASE calculator of a trained model
+    def count_params(self, path: Path) -> int: ...
+
+
+def parser(variants: list[str]) -> argparse.ArgumentParser:
+    """The options of every adapter (an adapter adds its own)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("action", choices=["fit", "params", "speed_train", "speed_md"])
+    ap.add_argument("--variant", default=variants[0], choices=variants)
+    ap.add_argument("--n", type=int, default=11)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--budget-cpu-s", type=float, default=None)
+    ap.add_argument("--md-xyz")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--md-steps", type=int, default=100)
+    return ap
+
+
+def quick_fit_args(args, adapter: Adapter, work: Path) -> argparse.Namespace:
+    """`args` for the short run behind the speed and params actions: the default variant, one epoch at n = 11,
+    seed 0, into `work`, no evaluation."""
+    fixed = {"n": 11, "seed": 0, "epochs": 1, "work": str(work), "no_eval": True, "smoke": False}
+    return argparse.Namespace(**vars(args) | fixed | {"variant": adapter.VARIANTS[0]})
+
+
+def speed_train(args, adapter: Adapter) -> dict:
+    """Training structures/s of its own trainer (optimizer-step intervals) over one epoch of PBE + r2SCAN (n = 11)."""
+    work = Path(args.work) / f"speed_{os.getpid()}"
+    out = adapter.fit(quick_fit_args(args, adapter, work))
+    shutil.rmtree(work, ignore_errors=True)
+    return out["train_rates"] | {"params": out["params"], "batch": adapter.BATCH}
+
+
+def speed_md(args, adapter: Adapter) -> dict:
+    import ase.io
+
+    path = adapter.ensure_model(args)
+    out = time_md(ase.io.read(args.md_xyz), adapter.calculator(path), args.md_steps)
+    out["params"] = adapter.count_params(path)
+    return out
+
+
+def run(args, adapter: Adapter, framework: str, package_versions: dict) -> None:
+    """One thread, warnings off, the action → one RESULT line."""
+    setup_threads(1)
+    warnings.filterwarnings("ignore")
+    if args.action == "fit":
+        out = adapter.fit(args)
+    elif args.action == "params":
+        out = {"params": adapter.count_params(adapter.ensure_model(args)), "model": adapter.MODEL}
+    elif args.action == "speed_train":
+        out = speed_train(args, adapter)
+    else:
+        out = speed_md(args, adapter)
+    out.update(framework=framework, action=args.action, versions=package_versions)
+    emit(out)

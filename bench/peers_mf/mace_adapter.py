@@ -26,8 +26,8 @@ kept: lowest validation loss).
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 import _peer_common as C  # noqa: E402
 
+VARIANTS = ["multihead", "finetune_replay"]
 MODEL = {
     "model": "MACE",
     "num_channels": 16,
@@ -207,79 +208,16 @@ def ensure_model(args) -> Path:
     """A trained multihead model for the speed/params actions (1 epoch at n = 11 when none exists)."""
     work = Path(args.work) / "model"
     if not (work / "mace.model").exists():
-        ns = argparse.Namespace(
-            **vars(args)
-            | {
-                "n": 11,
-                "seed": 0,
-                "epochs": 1,
-                "work": str(work),
-                "no_eval": True,
-                "smoke": False,
-                "variant": "multihead",
-            }
-        )
-        fit(ns)
+        fit(C.quick_fit_args(args, sys.modules[__name__], work))
     return model_file(work)
 
 
-def speed_train(args) -> dict:
-    """Training structures/s of its own trainer (optimizer-step intervals) over one epoch of PBE + r2SCAN (n = 11)."""
-    work = Path(args.work) / f"speed_{os.getpid()}"
-    ns = argparse.Namespace(
-        **vars(args)
-        | {"n": 11, "seed": 0, "epochs": 1, "work": str(work), "no_eval": True, "smoke": False, "variant": "multihead"}
-    )
-    out = fit(ns)
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
-    return out["train_rates"] | {"params": out["params"], "batch": BATCH}
-
-
-def speed_md(args) -> dict:
-    import ase.io
-
-    path = ensure_model(args)
-    out = C.time_md(ase.io.read(args.md_xyz), calculator(path), args.md_steps)
-    out["params"] = count_params(path)
-    return out
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("action", choices=["fit", "params", "speed_train", "speed_md"])
-    ap.add_argument("--variant", default="multihead", choices=["multihead", "finetune_replay"])
-    ap.add_argument("--n", type=int, default=11)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap = C.parser(VARIANTS)
     ap.add_argument("--pbe-epochs", type=int, default=None, help="finetune_replay: epochs of the PBE model")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--no-eval", action="store_true")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--budget-cpu-s", type=float, default=None)
-    ap.add_argument("--md-xyz")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--md-steps", type=int, default=100)
     args = ap.parse_args()
-    C.setup_threads(1)
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.WARNING)
-    if args.action == "fit":
-        out = fit(args)
-    elif args.action == "params":
-        p = ensure_model(args)
-        out = {"params": count_params(p), "model": MODEL}
-    elif args.action == "speed_train":
-        out = speed_train(args)
-    else:
-        out = speed_md(args)
-    out.update(framework="mace", action=args.action, versions=C.versions("mace-torch", "torch", "e3nn", "ase"))
-    C.emit(out)
+    C.run(args, sys.modules[__name__], "mace", C.versions("mace-torch", "torch", "e3nn", "ase"))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ from pathlib import Path
 
 BUDGET_CPU_S = 1800.0
 BENCH = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(BENCH))
+from peer_venv import ensure_peer_venv, peer_python  # noqa: E402
+
 ROOT = BENCH.parent
 HERE = Path(__file__).resolve().parent
 SCRATCH = BENCH / ".scratch" / "peers_mf"
@@ -67,31 +70,9 @@ N_PBE = 497
 
 
 # ------------------------------------------------------------------------------------------ environments
-def peer_python(peer: str) -> Path:
-    return BENCH / f".venv-peers-{peer}" / "bin" / "python"
-
-
 def ensure_venv(peer: str) -> Path:
-    """Create bench/.venv-peers-<peer> with the pinned peer (torch pinned to the local CPU 2.13.0)."""
-    venv = BENCH / f".venv-peers-{peer}"
-    stamp = venv / ".installed"
-    if stamp.exists():
-        return peer_python(peer)
-    print(f"[peers_mf] creating {venv} (pip install {PINS[peer]})", file=sys.stderr, flush=True)
-    subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    cmd = [
-        str(venv / "bin" / "pip"),
-        "install",
-        "-q",
-        "-c",
-        str(BENCH / "peers" / "constraints.txt"),
-        "torch==2.13.0",
-        PINS[peer],
-        "ase",
-    ]
-    subprocess.run(cmd, check=True, env=env(1))
-    stamp.write_text(shlex.join(cmd) + "\n")
-    return peer_python(peer)
+    """bench/.venv-peers-<peer> with the pinned peer and ase."""
+    return ensure_peer_venv(peer, [PINS[peer], "ase"], env(1), "peers_mf")
 
 
 def env(threads: int) -> dict:

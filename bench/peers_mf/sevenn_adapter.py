@@ -20,7 +20,6 @@ Evaluation: SevenNetCalculator(checkpoint_best.pth, modal="r2scan") on the 50 r2
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 import _peer_common as C  # noqa: E402
 
+VARIANTS = ["multimodal"]
 MODEL = {
     "channel": 32,
     "lmax": 2,
@@ -142,70 +142,16 @@ def fit(args) -> dict:
 def ensure_model(args) -> Path:
     work = Path(args.work) / "model"
     if not list(work.glob("checkpoint_*.pth")):
-        fit(
-            argparse.Namespace(
-                **vars(args) | {"n": 11, "seed": 0, "epochs": 1, "work": str(work), "no_eval": True, "smoke": False}
-            )
-        )
+        fit(C.quick_fit_args(args, sys.modules[__name__], work))
     return checkpoint(work)
 
 
-def speed_train(args) -> dict:
-    """Training structures/s of its own trainer (optimizer-step intervals) over one epoch of PBE + r2SCAN (n = 11)."""
-    import shutil
-
-    work = Path(args.work) / f"speed_{os.getpid()}"
-    out = fit(
-        argparse.Namespace(
-            **vars(args) | {"n": 11, "seed": 0, "epochs": 1, "work": str(work), "no_eval": True, "smoke": False}
-        )
-    )
-    shutil.rmtree(work, ignore_errors=True)
-    return out["train_rates"] | {"params": out["params"], "batch": BATCH}
-
-
-def speed_md(args) -> dict:
-    import ase.io
-
-    path = ensure_model(args)
-    out = C.time_md(ase.io.read(args.md_xyz), calculator(path), args.md_steps)
-    out["params"] = count_params(path)
-    return out
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("action", choices=["fit", "params", "speed_train", "speed_md"])
-    ap.add_argument("--variant", default="multimodal", choices=["multimodal"])
-    ap.add_argument("--n", type=int, default=11)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--no-eval", action="store_true")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--budget-cpu-s", type=float, default=None)
-    ap.add_argument("--md-xyz")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--md-steps", type=int, default=100)
-    args = ap.parse_args()
+    args = C.parser(VARIANTS).parse_args()
     args.data, args.work = os.path.abspath(args.data), os.path.abspath(args.work)
     if args.md_xyz:
         args.md_xyz = os.path.abspath(args.md_xyz)
-    C.setup_threads(1)
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    if args.action == "fit":
-        out = fit(args)
-    elif args.action == "params":
-        out = {"params": count_params(ensure_model(args)), "model": MODEL}
-    elif args.action == "speed_train":
-        out = speed_train(args)
-    else:
-        out = speed_md(args)
-    out.update(framework="sevenn", action=args.action, versions=C.versions("sevenn", "torch", "e3nn", "ase"))
-    C.emit(out)
+    C.run(args, sys.modules[__name__], "sevenn", C.versions("sevenn", "torch", "e3nn", "ase"))
 
 
 if __name__ == "__main__":

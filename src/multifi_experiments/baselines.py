@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from multifi.config import validate_config
 from multifi.errors import MultifiError
 from multifi_experiments.plan import RunPlan, deep_merge, fill
-from multifi_experiments.spec import ConfigPatch
 
 SPLITS = ("train", "val", "test")
+
+
+class Patch(Protocol):
+    """RunConfig sections merged into a run's configuration (a spec's ConfigPatch)."""
+
+    def model_dump(self) -> dict: ...
 
 
 def delta_fidelity(high: str, low: str) -> str:
@@ -38,7 +44,7 @@ def make_plan(
     splits: dict[str, np.ndarray],
     inject: str,
     seed: int,
-    patches: list[ConfigPatch],
+    patches: list[Patch],
     meta: dict,
     monitor: str | None = None,
     steps: int | None = None,

@@ -16,6 +16,7 @@ import numpy as np
 from multifi.errors import MultifiError
 from multifi_experiments import baselines
 from multifi_experiments.catalog import read_blocks
+from multifi_experiments.kinds import KindRun
 from multifi_experiments.plan import RunPlan, slug
 
 SALT = {"transfer": 1, "learning_curve": 2, "ten_methods": 3}
@@ -182,7 +183,7 @@ def plan_learning_curve(ctx) -> PartPlan:
                         seed,
                         [lc.config, variant.pretrain],
                         {"variant": name, "seed": seed, "n": n_low},
-                        inject=variant.mode if variant.kind == "pretrain_joint" else "single",
+                        inject=variant.mode,  # "single" unless the kind is joint
                     )
                     plans.append(pretrained[seed])
                 plan = _variant_plan(
@@ -263,23 +264,21 @@ def composition_span(catalog, orders: dict, ns: list[int], seeds, test: np.ndarr
 
 
 def _variant_plan(ctx, name, variant, lc, high, low_pool, n, seed, base, n_low) -> RunPlan:
-    part, run_id = "learning_curve", f"learning_curve/{name}/n{n}_s{seed}"
-    meta = {"variant": name, "n": n, "seed": seed, "n_low": n_low}
-    patches = [lc.config, variant.config]
-    if variant.kind == "single":
-        return baselines.single(ctx, run_id, part, lc.high, high, seed, patches, meta)
-    if variant.kind == "delta":
-        return baselines.delta(ctx, run_id, part, lc.high, lc.low, high, seed, patches, meta)
-    if variant.kind == "finetune":
-        return baselines.finetune(ctx, run_id, part, lc.high, lc.low, high, seed, patches, meta, base)
-    low = {"train": low_pool, "val": np.zeros(0, np.int64), "test": np.zeros(0, np.int64)}
-    plan = baselines.joint(
-        ctx, run_id, part, {lc.high: high, lc.low: low}, variant.mode, seed, patches, meta, monitor=lc.high
+    run = KindRun(
+        ctx=ctx,
+        run_id=f"learning_curve/{name}/n{n}_s{seed}",
+        part="learning_curve",
+        high=lc.high,
+        low=lc.low,
+        inject=variant.mode,
+        splits=high,
+        low_pool=low_pool,
+        seed=seed,
+        patches=[lc.config, variant.config],
+        meta={"variant": name, "n": n, "seed": seed, "n_low": n_low},
+        base=base,
     )
-    if variant.kind == "pretrain_joint":
-        baselines.start_from(plan, base, {lc.high: lc.low})
-        plan.meta.update(kind="pretrain_joint", pretrained_on=lc.low)
-    return plan
+    return variant.family.plan(run)
 
 
 # ---------------------------------------------------------------------------------------------- ten methods

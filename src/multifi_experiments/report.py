@@ -25,6 +25,7 @@ from multifi.units import MEV_PER_KCAL_MOL
 from multifi_experiments import plots
 from multifi_experiments.context import Context, result_path
 from multifi_experiments.efficiency import efficiency_factor
+from multifi_experiments.kinds import KINDS
 from multifi_experiments.readme import render
 from multifi_experiments.spec import METRICS
 
@@ -253,7 +254,7 @@ def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
     errors, and then said so). Per-seed factors give the spread; a factor whose error lies below the
     reference's at its largest n is stored as the lower bound n_max / n (flag `bound`: "lower")."""
     variants = lcd["variants"]
-    candidates = e.candidates or [n for n, v in variants.items() if v["kind"] in ("joint", "pretrain_joint")]
+    candidates = e.candidates or [n for n, v in variants.items() if KINDS[v["kind"]].joint]
     ref = variants[e.reference]["curves"][metric]
     ref_ns = [float(n) for n in ref]
     ref_maes = [s["mean"] for s in ref.values()]

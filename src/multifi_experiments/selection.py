@@ -27,6 +27,7 @@ from multifi.data.dataset import atomic_write
 from multifi.errors import MultifiError
 from multifi_experiments import baselines
 from multifi_experiments.context import Context, result_path, work_dir
+from multifi_experiments.kinds import KINDS, KindRun
 from multifi_experiments.plan import RunPlan
 
 log = logging.getLogger("multifi.experiments")
@@ -74,7 +75,6 @@ def round_plan(
     model = sp.models[model_name]
     n = len(acquired)
     owner = model_name if r == 0 else arm  # round 0 is shared by the arms of a model
-    run_id = f"{PART}/{owner}/s{seed}/r{r}_n{n}"
     meta = {
         "arm": owner if r == 0 else arm,
         "model": model_name,
@@ -83,18 +83,22 @@ def round_plan(
         "seed": seed,
         "strategy": "random" if r == 0 else sp.arms[arm].strategy,
     }
-    high = {"train": np.sort(acquired), "val": splits["val"], "test": splits["test"]}
-    patches = [sp.config, model.config]
-    if model.kind == "single":
-        plan = baselines.single(ctx, run_id, PART, sp.high, high, seed, patches, meta)
-        mapping = {sp.high: sp.high}
-    else:
-        empty = np.zeros(0, np.int64)
-        low = {"train": splits["pool"], "val": empty, "test": empty}
-        plan = baselines.joint(
-            ctx, run_id, PART, {sp.high: high, sp.low: low}, model.mode, seed, patches, meta, monitor=sp.high
-        )
-        mapping = {sp.high: sp.high, sp.low: sp.low}
+    kind = KINDS[model.kind]
+    run = KindRun(
+        ctx=ctx,
+        run_id=f"{PART}/{owner}/s{seed}/r{r}_n{n}",
+        part=PART,
+        high=sp.high,
+        low=sp.low,
+        inject=model.mode,
+        splits={"train": np.sort(acquired), "val": splits["val"], "test": splits["test"]},
+        low_pool=splits["pool"],
+        seed=seed,
+        patches=[sp.config, model.config],
+        meta=meta,
+    )
+    plan = kind.plan(run)
+    mapping = {sp.high: sp.high, sp.low: sp.low} if kind.joint else {sp.high: sp.high}
     if sp.warm_start and previous is not None:
         baselines.start_from(plan, previous, mapping)
     return plan

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from multifi.config import Inject, apply_override, read_yaml_mapping
 from multifi.data.readers.qm9 import QM9_FIDELITY
+from multifi.errors import unknown_name
 from multifi.validation import validate
+from multifi_experiments.kinds import KINDS, Kind
 
 PARTS = ("transfer", "learning_curve", "ten_methods", "embedding_map")
 #: test metrics a learning curve can follow (keys of a run result's per-method test entry, and their units)
@@ -83,7 +85,7 @@ class Variant(Section):
                     fidelity's vector starts from the low fidelity's)
     """
 
-    kind: Literal["single", "joint", "delta", "finetune", "pretrain_joint"]
+    kind: str = Field(description=f"one of {', '.join(KINDS)} (multifi_experiments.kinds)")
     inject: Inject | None = None
     label: str | None = None
     config: ConfigPatch = Field(default_factory=ConfigPatch)
@@ -102,9 +104,16 @@ class Variant(Section):
         "low-fidelity data size with the same top-fidelity training sets)",
     )
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in KINDS:
+            raise ValueError(str(unknown_name("kind", kind, KINDS)))
+        return kind
+
     @model_validator(mode="after")
     def _check(self):
-        if self.n_low is not None and self.kind not in ("joint", "pretrain_joint", "finetune"):
+        if self.n_low is not None and not self.family.uses_low_pool:
             raise ValueError(f"n_low applies to variants that train on the low fidelity, not {self.kind}")
         if self.joint and self.inject in (None, "single"):
             raise ValueError(f"a {self.kind} variant needs inject: input, readout, both, onehot or heads")
@@ -119,18 +128,22 @@ class Variant(Section):
         return self.inject or "single"
 
     @property
+    def family(self) -> Kind:
+        return KINDS[self.kind]
+
+    @property
     def joint(self) -> bool:
         """Both fidelities in one conditioned model."""
-        return self.kind in ("joint", "pretrain_joint")
+        return self.family.joint
 
     @property
     def pretrained(self) -> bool:
         """Starts from a model pre-trained on the low fidelity."""
-        return self.kind in ("finetune", "pretrain_joint")
+        return self.family.pretrained
 
     @property
     def needs_low_at_prediction(self) -> bool:
-        return self.kind == "delta"
+        return self.family.needs_low_at_prediction
 
 
 class Efficiency(Section):
@@ -544,10 +557,10 @@ class ExperimentSpec(Section):
         if self.data is None and self.learning_curve is not None and self.learning_curve.difference:
             raise ValueError("learning_curve.difference needs structure files with both fidelities (a 'data' section)")
         if self.data is not None and self.learning_curve is not None:
-            delta = [n for n, v in self.learning_curve.variants.items() if v.kind == "delta"]
-            if delta:
+            qm9 = [(n, v.kind) for n, v in self.learning_curve.variants.items() if v.family.qm9_only]
+            if qm9:
                 raise ValueError(
-                    f"learning_curve.variants.{delta[0]}: delta variants are implemented for the QM9 "
+                    f"learning_curve.variants.{qm9[0][0]}: {qm9[0][1]} variants are implemented for the QM9 "
                     "label tables only, not with a 'data' section"
                 )
         return self
