@@ -207,6 +207,21 @@ def test_train_limits_reach_the_training_samples(write_config):
     ).sum()
 
 
+def test_resume_with_a_foreign_optimizer_state_is_a_one_line_error(write_config, tmp_path):
+    """A checkpoint whose optimizer holds other parameters (another architecture or parameter grouping) is
+    refused with one line naming the mismatch, not a traceback from inside torch."""
+    cfg = load_config(write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1}), [])
+    run_dir = train(cfg)
+    last = run_dir / "checkpoints/last.ckpt"
+    state = ckpt(last)
+    state["optimizer_states"][0]["param_groups"][0]["params"].pop()
+    torch.save(state, last)
+    cfg.train.epochs = 2
+    with pytest.raises(MultifiError, match=r"optimizer state holds \d+ parameter tensors, this model trains") as exc:
+        train(cfg, resume=True)
+    assert "\n" not in str(exc.value)
+
+
 def test_train_kill_resume(write_config, tmp_path, monkeypatch):
     """SIGKILL a training subprocess after its first checkpoint; --resume continues from the saved step."""
     path = write_config(train={"epochs": 6, "batch_size": 2, "progress": False, "threads": 1, "warmup_steps": 0})

@@ -11,6 +11,7 @@ import torch
 
 from multifi.config import LossConfig, TrainConfig
 from multifi.data.fidelity import FidelityTable
+from multifi.errors import MultifiError
 from multifi.keys import METRIC_KEYS, TRAIN_LOSS, VAL_LOSS, val_key
 from multifi.models.registry import build_potential, model_config
 from multifi.train.loss import MultiFidelityLoss
@@ -172,9 +173,26 @@ class PotentialModule(L.LightningModule):
             checkpoint["plateau_scheduler"] = self._plateau.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
+        self._check_optimizer_state(checkpoint)
         self._plateau_state = checkpoint.get("plateau_scheduler")
         if self._plateau is not None and self._plateau_state is not None:
             self._plateau.load_state_dict(self._plateau_state)
+
+    def _check_optimizer_state(self, checkpoint) -> None:
+        """A checkpoint whose optimizer holds other parameters than this module's (another architecture or
+        another multifi version's parameter grouping) cannot resume: say so in one line, before Lightning
+        fails inside torch."""
+        states = checkpoint.get("optimizer_states") or []
+        if not states:
+            return
+        saved = [len(g["params"]) for g in states[0].get("param_groups", [])]
+        ours = [len(g["params"]) for g in self.param_groups()]
+        if saved != ours:
+            raise MultifiError(
+                f"checkpoint: its optimizer state holds {sum(saved)} parameter tensors, this model trains "
+                f"{sum(ours)}: it was written by another model or multifi version; resume it with that version, "
+                "or start a new run from its weights (train.init_from)"
+            )
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         warm = int(self.train_cfg.warmup_steps)
