@@ -141,6 +141,10 @@ def test_metric_keys_have_one_home():
     assert keys.val_key("hi", keys.ENERGY_MAE) == "val/hi/energy_mae_meV"
     assert keys.is_val_key("val/B3LYP/6-31G/forces_mae_meV_per_A", keys.FORCES_MAE)
     assert not keys.is_val_key("val/hi/energy_mae_meV_per_atom", keys.ENERGY_MAE)
+    for name in ("hi", "B3LYP/6-31G(2df,p)", "a/b/c"):
+        assert keys.val_key_fidelity(keys.val_key(name, keys.ENERGY_MAE)) == name
+    with pytest.raises(ValueError):
+        keys.val_key_fidelity("val_loss")
     assert (
         TrainConfig(monitor="hi").monitor_key == "val/hi/energy_mae_meV" and TrainConfig().monitor_key == keys.VAL_LOSS
     )
@@ -151,3 +155,24 @@ def test_metric_keys_have_one_home():
     library = [p for p in SRC.rglob("*.py") if p.name != "keys.py"]
     elsewhere = [str(p.relative_to(SRC)) for p in library if spelled.search(p.read_text())]
     assert elsewhere == []
+
+
+def test_epoch_line_names_fidelities_with_slashes_in_full(caplog):
+    """The per-epoch log line shows a fidelity such as B3LYP/6-31G(2df,p) by its whole name."""
+    import logging
+    from types import SimpleNamespace
+
+    from multifi.train.logger import EpochLine
+
+    line = EpochLine()
+    line._t0 = 0.0
+    metrics = {
+        keys.val_key("B3LYP/6-31G(2df,p)", keys.ENERGY_MAE): 12.34,
+        keys.val_key("GFN2-xTB", keys.ENERGY_MAE): 5.0,
+    }
+    trainer = SimpleNamespace(
+        callback_metrics=metrics, global_rank=0, current_epoch=0, max_epochs=3, global_step=7, optimizers=[]
+    )
+    with caplog.at_level(logging.INFO):
+        line._line(trainer)
+    assert "val E MAE meV: B3LYP/6-31G(2df,p) 12.3, GFN2-xTB 5.0" in caplog.text

@@ -41,3 +41,10 @@ def val_key(fidelity: str, metric: str) -> str:
 def is_val_key(key: str, metric: str) -> bool:
     """Whether `key` is a val/<fidelity>/<metric> key of this metric."""
     return key.startswith(_VAL) and key.endswith(f"/{metric}")
+
+
+def val_key_fidelity(key: str) -> str:
+    """The fidelity of a val/<fidelity>/<metric> key (fidelity names may contain "/", e.g. B3LYP/6-31G(2df,p))."""
+    if not key.startswith(_VAL) or key.count("/") < 2:
+        raise ValueError(f"not a val/<fidelity>/<metric> key: {key!r}")
+    return key[len(_VAL) : key.rindex("/")]

@@ -11,7 +11,7 @@ import numpy as np
 
 from multifi.errors import MultifiError
 from multifi.files import atomic_write
-from multifi.keys import ENERGY_MAE, METRIC_LABELS, is_val_key
+from multifi.keys import ENERGY_MAE, METRIC_LABELS, is_val_key, val_key_fidelity
 
 
 def _plt():
@@ -81,7 +81,7 @@ def learning_curve_plot(run_dir: Path, path: Path, key: str = ENERGY_MAE) -> Pat
         pts = [(int(float(r["step"])) + 1, float(r[col])) for r in rows if r.get(col)]
         if pts:
             x, y = zip(*pts)
-            ax.plot(x, y, marker="o", ms=3, label=col.split("/")[1])
+            ax.plot(x, y, marker="o", ms=3, label=val_key_fidelity(col))
     ax.set_xlabel("training step")
     ax.set_ylabel("validation " + METRIC_LABELS.get(key, key))
     ax.set_yscale("log")

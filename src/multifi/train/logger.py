@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from multifi.files import write_text
-from multifi.keys import ENERGY_MAE, TRAIN_LOSS_EPOCH, VAL_LOSS, is_val_key
+from multifi.keys import ENERGY_MAE, TRAIN_LOSS_EPOCH, VAL_LOSS, is_val_key, val_key_fidelity
 
 log = logging.getLogger("multifi")
 
@@ -119,7 +119,7 @@ class EpochLine(L.Callback):
         if trainer.global_rank != 0:
             return
         m = {k: _number(v) for k, v in trainer.callback_metrics.items()}
-        maes = [f"{k.split('/')[1]} {m[k]:.1f}" for k in sorted(m) if is_val_key(k, ENERGY_MAE) and _finite(m[k])]
+        maes = [f"{val_key_fidelity(k)} {m[k]:.1f}" for k in sorted(m) if is_val_key(k, ENERGY_MAE) and _finite(m[k])]
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}"]
         if maes:
             parts.append("val E MAE meV: " + ", ".join(maes))
