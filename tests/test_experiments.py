@@ -409,6 +409,14 @@ def test_efficiency_recovers_factor_of_power_law_inside_range(k):
             assert e.factor == pytest.approx(k, rel=1e-9) and not e.extrapolated
 
 
+def test_readme_states_the_reference_slopes_it_extrapolates_with():
+    from multifi_experiments.readme import _slopes
+
+    eff = {"reference_ns": [100, 200, 400], "reference_maes": [400.0, 200.0, 141.4213562]}
+    assert _slopes(eff) == " (-0.50; the segment before: -1.00)"
+    assert _slopes({"reference_ns": [100], "reference_maes": [1.0]}) == ""
+
+
 def test_efficiency_flags_extrapolation_and_stays_exact_on_power_law():
     ref = power_law(NS)
     e = efficiency_factor(NS, ref, 1000, float(power_law(10 * 1000)))  # needs 10 000 > 4 000 measured

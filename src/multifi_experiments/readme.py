@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from multifi.units import MEV_PER_KCAL_MOL
 from multifi_experiments.context import machine
 
@@ -304,6 +306,16 @@ def _difference(lcd: dict) -> list[str]:
     )
 
 
+def _slopes(eff: dict) -> str:
+    """The log-log slopes of the reference curve's last two segments, as " (a; the segment before: b)"."""
+    ns, maes = eff.get("reference_ns") or [], eff.get("reference_maes") or []
+    if len(ns) < 2 or len(maes) != len(ns):
+        return ""
+    x, y = np.log(np.asarray(ns, float)), np.log(np.asarray(maes, float))
+    slope = np.diff(y) / np.diff(x)
+    return f" ({slope[-1]:.2f}" + (f"; the segment before: {slope[-2]:.2f})" if len(slope) > 1 else ")")
+
+
 def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list[str]:
     at = [f"n{n}" for n in eff["at"]]
     which = f" ({unit[0]})" if metric else ""
@@ -329,8 +341,8 @@ def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list
             "",
             f"\"> x\": the variant's error at n is below the reference's error at the largest measured n "
             f"({n_max:g}), so the reference needs more than x = {n_max:g}/n times the data; the power-law "
-            "extrapolation in brackets assumes the reference curve keeps its last slope (it is flattening here, "
-            "so that number is not to be trusted).",
+            f"extrapolation in brackets assumes the reference curve keeps its last log-log slope{_slopes(eff)}: "
+            "an estimate, not a measurement.",
         ]
     s = eff["summary"]
     if eff["best_variant"]:

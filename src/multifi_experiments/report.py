@@ -294,6 +294,7 @@ def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
         "best_variant": best,
         "chosen_on": chosen_on,
         "reference_ns": ref_ns,
+        "reference_maes": ref_maes,
         "summary": {
             **factors,
             "best_variant": best,
