@@ -1,6 +1,6 @@
 """The bundled demo: a joint GFN2-xTB + B3LYP model vs a B3LYP-only model on the same B3LYP labels.
 
-    python -m multifi.demo [--out runs/demo] [--epochs-scale 1.0]
+    python -m multifi.demo [--out runs/demo] [--set KEY=VALUE ...]   (overrides for both configs)
 
 Trains both models from the configs in multifi/demo_data (resuming an interrupted run) and prints
 their B3LYP/6-31G(2df,p) test errors side by side.
