@@ -1,6 +1,6 @@
 """The typed config carried through the library: model specs validated by ModelConfig (also when a saved
-model is loaded), one n_rbf default and the backbones' defaults from ModelConfig, fidelity names resolved once into per-index arrays, one home of the
-metric keys."""
+model is loaded), one n_rbf default and the backbones' defaults from ModelConfig, fidelity names resolved
+once into per-index arrays, one home of the metric keys."""
 
 from __future__ import annotations
 
