@@ -36,13 +36,13 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from legacy import current, module_at
+    from legacy import current, from_config, module_at
 
     from multifi.config import ModelConfig
     from multifi.data.batch import GraphCollator
     from multifi.data.neighbors import NeighborCache
     from multifi.data.readers.matpes import read_matpes
-    from multifi.models.head import fit_baseline
+    from multifi.data.stats import fit_references
     from multifi.models.registry import build_potential
     from multifi.train.loss import MultiFidelityLoss
 
@@ -50,17 +50,18 @@ def main() -> None:
     torch.manual_seed(0)
     ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz")
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
-    cfg = ModelConfig(backbone="m3gnet", features=64).model_dump()
+    cfg = ModelConfig(backbone="m3gnet", features=64)
     pot_a = build_potential(cfg, list(ds.fidelities.names))
-    pot_a.head.set_baseline(*fit_baseline(ds, pairs))
+    refs = fit_references(ds, pairs)  # as `multifi train` fits and sets them
+    pot_a.head.set_baseline(refs.ref, refs.scale, refs.fitted)
     pot_b = copy.deepcopy(pot_a)
     state = pot_a.representation.state_dict()
     if args.base:
-        pot_a.representation = module_at(args.base, "m3gnet").M3GNet.from_config(cfg)
+        pot_a.representation = from_config(module_at(args.base, "m3gnet").M3GNet, cfg)
         pot_a.representation.load_state_dict(state)
         pot_a.representation = current(pot_a.representation)
     if args.tree:
-        pot_b.representation = module_at(args.tree, "m3gnet").M3GNet.from_config(cfg)
+        pot_b.representation = from_config(module_at(args.tree, "m3gnet").M3GNet, cfg)
         pot_b.representation.load_state_dict(state)
         pot_b.representation = current(pot_b.representation)
     pot_b.use_compile = args.compile_b

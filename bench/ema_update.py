@@ -34,7 +34,8 @@ for features in (64, 128):
             torch._foreach_lerp_(list(ema_b.parameters()), [p.detach() for p in pot.parameters()], w)
             torch._foreach_copy_(list(ema_b.buffers()), list(pot.buffers()))
             times["foreach"].append(time.thread_time() - t)
-    diff = max(float((a - b).abs().max()) for a, b in zip(ema_a.state_dict().values(), ema_b.state_dict().values()))
+    pairs = zip(ema_a.state_dict().values(), ema_b.state_dict().values())
+    diff = max(float((a.double() - b.double()).abs().max()) for a, b in pairs)  # buffers include bool (fitted)
     n = sum(1 for _ in pot.parameters())
     print(
         f"PaiNN {features}x3 ({n} tensors): "

@@ -21,7 +21,7 @@ import torch
 from multifi.data.batch import GraphCollator
 from multifi.data.neighbors import NeighborCache
 from multifi.data.readers.qm9 import read_qm9
-from multifi.models.head import fit_baseline
+from multifi.data.stats import fit_references
 from multifi.models.registry import build_potential
 
 
@@ -57,7 +57,8 @@ def main():
             "fidelity_embedding": {"dim": 16, "inject": "both", "onehot_at": "both"},
         }
         pot = build_potential(model, list(ds.fidelities.names))
-        pot.head.set_baseline(*fit_baseline(ds, pairs))
+        refs = fit_references(ds, pairs)  # as `multifi train` fits and sets them
+        pot.head.set_baseline(refs.ref, refs.scale, refs.fitted)
         opt = torch.optim.AdamW(pot.parameters(), lr=5e-4)
         rng = np.random.default_rng(0)
         batches = [collate(pairs[rng.choice(len(pairs), args.batch, replace=False)]) for _ in range(args.steps + 5)]

@@ -6,11 +6,13 @@ a hand-made variant kept in the history: `b697116:bench/variants/painn_v1_index_
 Since the second version a representation has `geometry(edge_index, edge_vec)` (precomputed, non-differentiable
 bookkeeping such as M3GNet's triplet lists) and `forward(..., condition, geometry)`. Older revisions
 lack both; `current(rep)` wraps such a module so that Potential can call it (it then makes its own
-geometry inside forward, as it always did).
+geometry inside forward, as it always did). Older revisions' `from_config` took the dict of the model
+settings, today's takes the typed ModelConfig: `from_config(cls, cfg)` passes what `cls` expects.
 """
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import types
 from pathlib import Path
@@ -30,6 +32,14 @@ def module_at(rev: str, name: str) -> types.ModuleType:
     mod = types.ModuleType(f"{name}_variant")
     exec(compile(src, f"{name}@{rev}", "exec"), mod.__dict__)
     return mod
+
+
+def from_config(cls, cfg):
+    """cls.from_config(cfg) for a ModelConfig `cfg`: its dict of fields when cls's from_config is annotated
+    with dict (revisions before the typed config was passed through), else cfg itself."""
+    (param,) = inspect.signature(cls.from_config).parameters.values()
+    wants_dict = param.annotation is dict or str(param.annotation).startswith("dict")
+    return cls.from_config(cfg.model_dump() if wants_dict else cfg)
 
 
 class LegacyRepresentation(torch.nn.Module):

@@ -88,12 +88,13 @@ def multifi_times(pot, args) -> dict:
     from multifi.data.batch import GraphCollator
     from multifi.data.neighbors import NeighborCache
     from multifi.data.readers.matpes import read_matpes
-    from multifi.models.head import fit_baseline
+    from multifi.data.stats import fit_references
     from multifi.train.loss import MultiFidelityLoss
 
     ds = read_matpes(SOLIDS).subset(np.arange(args.batch_size))
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
-    pot.head.set_baseline(*fit_baseline(ds, pairs))
+    refs = fit_references(ds, pairs)  # as `multifi train` fits and sets them
+    pot.head.set_baseline(refs.ref, refs.scale, refs.fitted)
     g = GraphCollator(ds, NeighborCache(ds, pot.cutoff, progress=False))(pairs)
     loss_fn = MultiFidelityLoss(energy=1.0, forces=1.0, stress=0.1)
     opt = torch.optim.Adam(pot.parameters(), lr=1e-4)
@@ -105,7 +106,7 @@ def multifi_times(pot, args) -> dict:
         opt.step()
 
     i, j = g.edge_index
-    n_triplets = int(sum(len(x) for x in _triplet_count(pot, g)))
+    n_triplets = _triplet_count(pot, g)
     pot.eval()
     out = {
         "atoms": int(g.n_atoms.sum()),
@@ -119,16 +120,14 @@ def multifi_times(pot, args) -> dict:
     return out
 
 
-def _triplet_count(pot, g):
+def _triplet_count(pot, g) -> int:
+    """Triplets (ordered bond pairs within the three-body cutoff) as the model's geometry() builds them."""
     import torch
 
-    from multifi.models.m3gnet import Triplets
-
-    rep = pot.representation
     i, j = g.edge_index
     vec = g.positions[j] - g.positions[i] + torch.einsum("ea,eab->eb", g.shifts, g.cell[g.batch[i]])
-    t = Triplets(g.edge_index, vec, vec.norm(dim=-1), len(g.numbers), rep.threebody_cutoff, rep.radial3, rep.envelope3)
-    return [t.ij]
+    _, ij, _ = pot.representation.geometry(g.edge_index, vec)
+    return int(ij.numel())
 
 
 # ---------------------------------------------------------------------------------------------- matgl

@@ -31,7 +31,7 @@ def setup(n: int = 2000, seed: int = 0, batch: int = 32, features: int = 128, in
     from multifi.data.batch import GraphCollator
     from multifi.data.neighbors import NeighborCache
     from multifi.data.readers.qm9 import read_qm9
-    from multifi.models.head import fit_baseline
+    from multifi.data.stats import fit_references
     from multifi.models.registry import build_potential
     from multifi.train.loss import MultiFidelityLoss
 
@@ -39,7 +39,8 @@ def setup(n: int = 2000, seed: int = 0, batch: int = 32, features: int = 128, in
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
     cfg = ModelConfig(features=features, interactions=interactions).model_dump()
     pot = build_potential(cfg, list(ds.fidelities.names))
-    pot.head.set_baseline(*fit_baseline(ds, pairs))
+    refs = fit_references(ds, pairs)  # as `multifi train` fits and sets them
+    pot.head.set_baseline(refs.ref, refs.scale, refs.fitted)
     collate = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False))
     rng = np.random.default_rng(seed)
     batches = lambda k: [pairs[rng.choice(len(pairs), batch, replace=False)] for _ in range(k)]  # noqa: E731

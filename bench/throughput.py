@@ -41,7 +41,7 @@ def main() -> None:
     from multifi.data.batch import GraphCollator
     from multifi.data.neighbors import NeighborCache
     from multifi.data.readers.qm9 import read_qm9
-    from multifi.models.head import fit_baseline
+    from multifi.data.stats import fit_references
     from multifi.models.registry import build_potential
     from multifi.train.loss import MultiFidelityLoss
 
@@ -61,7 +61,8 @@ def main() -> None:
         "fidelity_embedding": {"dim": 16, "inject": "single"},
     }
     pot = build_potential(model, ["GFN2-xTB"])
-    pot.head.set_baseline(*fit_baseline(ds, pairs))
+    refs = fit_references(ds, pairs)  # as `multifi train` fits and sets them
+    pot.head.set_baseline(refs.ref, refs.scale, refs.fitted)
     opt = torch.optim.AdamW(pot.parameters(), lr=1e-4)
     loss_fn = MultiFidelityLoss()
     collate = GraphCollator(ds, nl)

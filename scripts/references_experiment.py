@@ -169,7 +169,7 @@ def train(config: Path) -> str:
             cwd=config.parent,
             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
         )
-    return f"multifi train {config.relative_to(ROOT)}"
+    return f"multifi train {config.relative_to(ROOT) if config.is_relative_to(ROOT) else config}"
 
 
 def evaluate(config: Path, top: str) -> dict:

@@ -1,9 +1,10 @@
 """The typed config carried through the library: model specs validated by ModelConfig (also when a saved
-model is loaded), one n_rbf default, fidelity names resolved once into per-index arrays, one home of the
-metric keys."""
+model is loaded), one n_rbf default and the backbones' defaults from ModelConfig, fidelity names resolved
+once into per-index arrays, one home of the metric keys."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -75,6 +76,19 @@ def test_one_n_rbf_default_for_every_backbone():
     assert painn.config.n_rbf == m3gnet.config.n_rbf == N_RBF
     assert painn.representation.rbf.freq.numel() == m3gnet.representation.rbf.n == N_RBF
     assert PaiNN().rbf.freq.numel() == M3GNet().rbf.n == N_RBF
+
+
+@pytest.mark.parametrize("cls", [PaiNN, M3GNet])
+def test_backbone_defaults_are_the_config_defaults(cls):
+    """Every constructor argument that is a ModelConfig field defaults to that field's default, so a backbone
+    built without arguments is the one an empty config builds (same shapes, hence same parameter count)."""
+    params = inspect.signature(cls).parameters
+    shared = [name for name in params if name in ModelConfig.model_fields]
+    assert {"features", "interactions", "cutoff", "n_rbf"} <= set(shared)
+    for name in shared:
+        assert params[name].default == ModelConfig.model_fields[name].default, name
+    built = cls.from_config(ModelConfig())
+    assert {k: v.shape for k, v in cls().state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
 
 
 def test_builders_take_the_typed_config():

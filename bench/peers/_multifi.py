@@ -26,13 +26,14 @@ def all_pairs(ds):
 def build(ds, model: dict):
     """A PotentialModule of `model` (ModelConfig fields) with reference energies fitted on all of `ds`."""
     from multifi.config import LossConfig, ModelConfig, TrainConfig
-    from multifi.models.head import fit_baseline
+    from multifi.data.stats import fit_references
     from multifi.train.module import PotentialModule
 
     spec = {"model": ModelConfig(**model).model_dump(), "fidelities": list(ds.fidelities.names)}
     train_cfg = TrainConfig(lr=C.LR, batch_size=C.BATCH).model_dump()
     module = PotentialModule(spec, LossConfig().model_dump(), train_cfg)
-    module.potential.head.set_baseline(*fit_baseline(ds, all_pairs(ds)))
+    refs = fit_references(ds, all_pairs(ds))  # as `multifi train` fits and sets them
+    module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted)
     module.sync_ema()
     return module
 

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multifi.config import N_RBF, ModelConfig
+from multifi.config import ModelConfig
 from multifi.data.stats import N_ELEMENTS
 from multifi.errors import MultifiError
 from multifi.nn import PolynomialCutoff, scatter_sum
 
 Tensor = torch.Tensor
+DEFAULT = ModelConfig()  # the constructor's defaults are the config's field defaults (one place)
 
 
 # ---------------------------------------------------------------------------------------------- special functions
@@ -272,18 +273,18 @@ class M3GNet(nn.Module):
 
     features F (atom and bond features, and hidden width of the gated MLPs), interactions (blocks),
     cutoff (Å, two-body), threebody_cutoff (Å, ≤ cutoff), max_n × max_l three-body basis functions,
-    n_rbf smooth Bessel functions of the two-body distance.
+    n_rbf smooth Bessel functions of the two-body distance. Defaults: those of ModelConfig.
     """
 
     def __init__(
         self,
-        features: int = 64,
-        interactions: int = 3,
-        cutoff: float = 5.0,
-        threebody_cutoff: float = 4.0,
-        max_n: int = 3,
-        max_l: int = 3,
-        n_rbf: int = N_RBF,
+        features: int = DEFAULT.features,
+        interactions: int = DEFAULT.interactions,
+        cutoff: float = DEFAULT.cutoff,
+        threebody_cutoff: float = DEFAULT.threebody_cutoff,
+        max_n: int = DEFAULT.max_n,
+        max_l: int = DEFAULT.max_l,
+        n_rbf: int = DEFAULT.n_rbf,
         max_z: int = N_ELEMENTS,
     ):
         super().__init__()

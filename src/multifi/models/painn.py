@@ -14,10 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from multifi.config import N_RBF, ModelConfig
+from multifi.config import ModelConfig
 from multifi.data.stats import N_ELEMENTS
 from multifi.nn import MLP, BesselBasis, CosineCutoff, linear
 from multifi.nn.sparse import DirectionSum
+
+DEFAULT = ModelConfig()  # the constructor's defaults are the config's field defaults (one place)
 
 
 class PaiNNMessage(nn.Module):
@@ -81,16 +83,17 @@ class PaiNN(nn.Module):
 
     sparse_direction: when the edge directions need no gradient (energy-only training, inference without
     forces) and edges are sorted by centre, Σ_j x_ij ⊗ û_ij is a sparse product (nn/sparse.py).
+    Defaults: those of ModelConfig.
     """
 
     sparse_direction = True
 
     def __init__(
         self,
-        features: int = 128,
-        interactions: int = 3,
-        cutoff: float = 5.0,
-        n_rbf: int = N_RBF,
+        features: int = DEFAULT.features,
+        interactions: int = DEFAULT.interactions,
+        cutoff: float = DEFAULT.cutoff,
+        n_rbf: int = DEFAULT.n_rbf,
         max_z: int = N_ELEMENTS,
         shared_filters: bool = False,
     ):
