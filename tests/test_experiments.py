@@ -262,11 +262,74 @@ def test_limits_measure_both_fidelities_and_the_vectors_movement(shared, tmp_pat
         result = json.loads((out / f"runs/{rid}.json").read_text())
         assert r["high_mae_meV"] == pytest.approx(result["test"]["B3LYP/6-31G(2df,p)"]["mae_meV"], rel=1e-4)
         assert r["low_mae_meV"] > 0 and r["difference_mae_meV"] > 0 and r["test_molecules"] == 10
+        assert r["both_labelled"] == 10 and r["high_mae_both_meV"] == pytest.approx(r["high_mae_meV"])
     assert max(rows[only[1]]["moved_from_init"].values()) < 1e-6  # lr 1e-12: the initial vectors, rebuilt
     assert min(rows[only[0]]["moved_from_init"].values()) > 1e-4
     assert "| learning_curve/joint_both/n10_s0 |" in (out / "LIMITS.md").read_text()
     again = run_limits(ctx, plan_parts(ctx))["runs"]  # cached per model file
     assert {r["run"]: r for r in again} == rows
+
+
+def test_limits_measure_only_runs_of_the_current_plan_and_cache_by_plan(shared, fake, tmp_path, monkeypatch):
+    """A model trained under another plan (here another split_seed: other test molecules) is not measured, and
+    a cached row of another plan is never returned; a spec with a `data` section is a one-line error."""
+    from multifi_experiments import limits
+    from multifi_experiments.spec import DataSection, DataSource
+
+    measured = []
+
+    def measure(ctx, plan, model, high, low):  # the row names the test molecules it was measured on
+        measured.append(plan.id)
+        return {"test_molecules": sum(plan.files["test.keys"]), "both_labelled": 0}
+
+    monkeypatch.setattr(limits, "measure", measure)
+    monkeypatch.setattr(limits, "render", lambda ctx, out: "")
+    out, rid = tmp_path / "out", "learning_curve/joint_both/n10_s0"
+    run_experiment(TINY, overrides=tiny(out), only=[rid])
+    ctx = load_context(TINY, tiny(out))
+    test_sum = sum(plan_parts(ctx)["learning_curve"].splits["test"])
+    assert [r["test_molecules"] for r in limits.run_limits(ctx, plan_parts(ctx))["runs"]] == [test_sum]
+    other = load_context(TINY, tiny(out, "split_seed=8"))
+    assert limits.run_limits(other, plan_parts(other))["runs"] == []  # the model of split_seed 7 is not this plan's
+    run_experiment(TINY, overrides=tiny(out, "split_seed=8"), only=[rid])
+    rows = limits.run_limits(other, plan_parts(other))["runs"]
+    other_sum = sum(plan_parts(other)["learning_curve"].splits["test"])
+    assert other_sum != test_sum and [r["test_molecules"] for r in rows] == [other_sum]
+    assert measured == [rid, rid]
+    ctx.spec.data = DataSection(sources=[DataSource(path="x.jsonl")])
+    with pytest.raises(MultifiError, match="limits measures QM9 learning curves only") as exc:
+        limits.run_limits(ctx, {"learning_curve": None})
+    assert "\n" not in str(exc.value)
+
+
+def test_limits_curve_mae_counts_every_test_molecule_when_the_low_fidelity_labels_fewer(shared, tmp_path, monkeypatch):
+    """With split_methods the low fidelity may label only some test molecules: the top-fidelity MAE stays the
+    curve's number (every test molecule), the two-fidelity quantities use the molecules labelled at both."""
+    from types import SimpleNamespace
+
+    import multifi.models.registry as registry
+    from multifi_experiments import limits
+
+    ctx = load_context(TINY, tiny(tmp_path / "out"))
+    plan = next(p for p in plan_parts(ctx)["learning_curve"].plans if p.id == "learning_curve/joint_both/n10_s0")
+    high, low = ctx.spec.learning_curve.high, ctx.spec.learning_curve.low
+    idx = np.asarray(plan.files["test.keys"], dtype=np.int64)
+    both, real = np.isin(idx, idx[:4]), ctx.catalog.energies
+    monkeypatch.setattr(ctx.catalog, "energies", lambda m, ids: np.where(both | (m == high), real(m, ids), np.nan))
+    wiggle = 1 + 0.1 * (-1) ** np.arange(len(idx))  # mean 1 on the four molecules labelled at both
+    errors = {high: np.where(both, 0.001 * wiggle, 0.003), low: 0.002 * wiggle}  # eV
+    monkeypatch.setattr(limits, "predict_energies", lambda pot, ids, f: real(f, ids) + errors[f])
+    monkeypatch.setattr(
+        registry, "load_potential", lambda path: SimpleNamespace(fidelities=SimpleNamespace(names=[high, low]))
+    )
+    monkeypatch.setattr(limits, "embedding_movement", lambda *a: {})
+    row = limits.measure(ctx, plan, tmp_path / "model.pt", high, low)
+    assert (row["test_molecules"], row["both_labelled"]) == (10, 4)
+    assert row["high_mae_meV"] == pytest.approx((4 * 1 + 6 * 3) / 10, rel=1e-6)
+    assert row["high_mae_both_meV"] == pytest.approx(1.0, rel=1e-6)
+    assert row["low_mae_meV"] == pytest.approx(2.0, rel=1e-6) and row["difference_mae_meV"] == pytest.approx(
+        1.0, rel=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------- spec errors
