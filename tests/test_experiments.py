@@ -395,6 +395,10 @@ def test_low_fidelity_from_several_label_folders_keeps_the_test_set(shared, tmp_
     gfn2 = plan_parts(load_context(TINY, tiny(tmp_path / "a", *keep)))["learning_curve"]
     more = [*keep, "label_folders=[qm9mf, qm9mf/pool]", "learning_curve.low=HF/3-21G"]
     more += ["learning_curve.split_methods=[GFN2-xTB]", "learning_curve.n_low=null"]
+    with pytest.raises(MultifiError, match=r"variants.delta: a delta variant predicts with a HF/3-21G label, wh"):
+        plan_parts(load_context(TINY, tiny(tmp_path / "b", *more)))  # the test molecules lack HF/3-21G labels
+    more += ["learning_curve.variants={single: {kind: single}, joint_both: {kind: joint, inject: both}}"]
+    more += ["learning_curve.efficiency_more=[]"]
     ctx = load_context(TINY, tiny(tmp_path / "b", *more))
     hf = plan_parts(ctx)["learning_curve"]
     assert hf.splits["test"] == gfn2.splits["test"] and hf.splits["val"] == gfn2.splits["val"]
