@@ -78,9 +78,35 @@ def split_files(work: Path, n: int, seed: int) -> dict[str, dict[str, str]]:
     }
 
 
-def run_once(run_dir: Path, go) -> dict:
-    """Run `go()` unless run_dir already holds metrics.json; returns the metrics and the CPU seconds."""
-    if not (run_dir / "metrics.json").exists():
+def first_difference(ours: dict, made: dict, where: str = "") -> str | None:
+    """The first key of the config `ours` whose value differs in `made` (a run's config.yaml, read), else None."""
+    for key, value in ours.items():
+        other = made.get(key) if isinstance(made, dict) else None
+        if isinstance(value, list) and isinstance(other, list) and len(value) == len(other):
+            value, other = dict(enumerate(value)), dict(enumerate(other))  # e.g. data.sources, entry by entry
+        if isinstance(value, dict) and isinstance(other, dict):
+            found = first_difference(value, other, f"{where}{key}.")
+            if found:
+                return found
+        elif value != other and not (isinstance(value, dict) and not value and other is None):
+            return f"{where}{key} = {other!r} there, {value!r} now"
+    return None
+
+
+def run_once(run_dir: Path, go, cfg: dict) -> dict:
+    """Run `go()` unless run_dir already holds metrics.json, made with the same settings `cfg` (compared with
+    its config.yaml: a run of other options, e.g. --steps, is an error, not reused); returns the metrics and
+    the CPU seconds."""
+    import yaml
+
+    if (run_dir / "metrics.json").exists():
+        made = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+        differs = first_difference(cfg, made)
+        if differs:
+            raise SystemExit(
+                f"{run_dir}: finished with other settings ({differs}); remove it or rerun with its options"
+            )
+    else:
         t = time.process_time()
         go()
         (run_dir / "cpu_seconds.txt").write_text(f"{time.process_time() - t:.1f}\n")
@@ -115,7 +141,7 @@ def main() -> None:
         "train": {**TRAIN, "max_steps": args.steps},
         "output_dir": str(pbe_dir),
     }
-    results["pbe_model"] = run_once(pbe_dir, lambda: train(validate_config(pbe)))
+    results["pbe_model"] = run_once(pbe_dir, lambda: train(validate_config(pbe)), pbe)
 
     for n in args.ns:
         for seed in args.seeds:
@@ -129,7 +155,7 @@ def main() -> None:
                 "train": {**TRAIN, "max_steps": args.steps, "seed": seed},
                 "output_dir": str(single_dir),
             }
-            runs["r2scan_only"] = run_once(single_dir, lambda single=single: train(validate_config(single)))
+            runs["r2scan_only"] = run_once(single_dir, lambda single=single: train(validate_config(single)), single)
             for name, keys in MODES.items():
                 run_dir = work / f"n{n}_s{seed}" / f"extend_{name}"
                 cfg = {
@@ -142,7 +168,7 @@ def main() -> None:
                     "output_dir": str(run_dir),
                     "extend": {"model": str(pbe_dir / "model.pt"), "fidelity": "R2SCAN", "init_like": "PBE", **keys},
                 }
-                runs[f"extend_{name}"] = run_once(run_dir, lambda cfg=cfg: extend(validate_config(cfg)))
+                runs[f"extend_{name}"] = run_once(run_dir, lambda cfg=cfg: extend(validate_config(cfg)), cfg)
             joint = JOINT / f"n{n}_s{seed}.json"
             if joint.is_file():
                 runs["joint_from_scratch"] = json.loads(joint.read_text())["test"]["R2SCAN"]
