@@ -170,8 +170,9 @@ def main() -> None:
                 }
                 runs[f"extend_{name}"] = run_once(run_dir, lambda cfg=cfg: extend(validate_config(cfg)), cfg)
             joint = JOINT / f"n{n}_s{seed}.json"
-            if joint.is_file():
-                runs["joint_from_scratch"] = json.loads(joint.read_text())["test"]["R2SCAN"]
+            scratch = json.loads(joint.read_text()) if joint.is_file() else {}
+            if scratch.get("steps") == args.steps:  # the same number of optimiser steps as the r2SCAN-only model
+                runs["joint_from_scratch"] = scratch["test"]["R2SCAN"]
             print(f"n = {n}, seed {seed}: done", flush=True)
 
     results["settings"] = {
@@ -193,6 +194,11 @@ def main() -> None:
 
 def _mean(values: list[float]) -> str:
     return f"{sum(values) / len(values):.1f}" if values else "—"
+
+
+def _cell(values: list[float], seeds: int) -> str:
+    """The mean, saying over how many seeds when some are missing (e.g. the joint curve ran fewer)."""
+    return _mean(values) + (f" ({len(values)} of {seeds} seeds)" if 0 < len(values) < seeds else "")
 
 
 def table(results: dict) -> str:
@@ -221,7 +227,7 @@ def table(results: dict) -> str:
             "|---|" + "---|" * len(ns),
         ]
         for label, get in rows_of.items():
-            cells = [_mean([get(r)[key] for r in by_n[n] if get(r) is not None]) for n in ns]
+            cells = [_cell([get(r)[key] for r in by_n[n] if get(r) is not None], len(by_n[n])) for n in ns]
             out.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("")
     out += [
