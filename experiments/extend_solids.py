@@ -10,7 +10,7 @@ learning curve's n, seed s), picks its checkpoint on the 20 validation structure
 curve's joint model trained from scratch on PBE + the same n (results/solids, `joint_both`, the same
 recipe and 1 500 steps). Model and loss as in experiments/solids_small.yaml (M3GNet, 32 features,
 3 blocks, Huber loss). Writes results/extend_solids/{results.json,README.md}; run directories go to
-results/extend_solids/work/ (git-ignored). Finished runs are reused.
+results/extend_solids/work/ (git-ignored). Finished runs are reused (made with other settings: an error).
 """
 
 from __future__ import annotations
