@@ -9,7 +9,7 @@ learning curve's n, seed s), picks its checkpoint on the 20 validation structure
 50 test structures at r2SCAN, against an r2SCAN-only model on the same n structures and the learning
 curve's joint model trained from scratch on PBE + the same n (results/solids, `joint_both`, the same
 recipe and 1 500 steps). Model and loss as in experiments/solids_small.yaml (M3GNet, 32 features,
-3 blocks, Huber loss). Writes results/extend_solids/{results.json,README.md}; run directories go to
+3 blocks, Huber loss). Writes results/extend_solids/results.json and prints the tables; run directories go to
 results/extend_solids/work/ (git-ignored). Finished runs are reused (made with other settings: an error).
 """
 
