@@ -439,6 +439,14 @@ def test_reference_curves_from_another_results_folder_give_the_factor(shared, fa
     assert f"({first})" in (out / "README.md").read_text()
     with pytest.raises(MultifiError, match="its test set is not this spec's"):
         run_experiment(TINY, overrides=tiny(tmp_path / "hf2", *hf), report_only=True)
+    # planning the reference folder's spec with another split rewrites its splits file, not its curves:
+    # the curves' own test set decides
+    plan_parts(load_context(TINY, tiny(first, *keep, "split_seed=8")))
+    with pytest.raises(MultifiError, match="its test set is not this spec's"):
+        run_experiment(
+            TINY, overrides=tiny(tmp_path / "hf3", *hf, "learning_curve.split_methods=[GFN2-xTB]", "split_seed=8")
+        )
+    run_experiment(TINY, overrides=tiny(out, *hf, "learning_curve.split_methods=[GFN2-xTB]"), report_only=True)
 
 
 def test_a_molecule_labelled_in_two_tables_is_an_error(shared):
