@@ -19,7 +19,8 @@ from multifi.data.readers import qm9
 from multifi.errors import MultifiError
 from multifi_experiments import catalog as catalog_mod
 from multifi_experiments.efficiency import efficiency_factor, n_for_error
-from multifi_experiments.runner import load_context, plan_parts, run_experiment
+from multifi_experiments.plan import RunPlan
+from multifi_experiments.runner import load_context, plan_parts, run_experiment, select
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -210,8 +211,12 @@ def test_only_pulls_in_pretraining_and_report_only_trains_nothing(shared, fake, 
     fake.clear()
     run_experiment(TINY, overrides=tiny(out), report_only=True)
     assert fake == [] and "not run yet" in (out / "README.md").read_text()
-    with pytest.raises(MultifiError, match="matches no run"):
+    parts = r"parts: transfer, learning_curve, ten_methods, embedding_map; or a run id prefix"
+    with pytest.raises(MultifiError, match=f"matches no run \\({parts}"):
         run_experiment(TINY, overrides=tiny(out), only=["learning_curves"])
+    few_shot = [RunPlan("few_shot/base", "few_shot", {}, {}, {})]
+    with pytest.raises(MultifiError, match=r"'few_shot/nothing' matches no run \(parts: few_shot; or a run id prefix"):
+        select(few_shot, ["few_shot/nothing"])
 
 
 def test_splits_keep_test_molecules_out_of_training_and_selection(shared, tmp_path):
