@@ -422,6 +422,9 @@ def test_low_fidelity_from_several_label_folders_keeps_the_test_set(shared, tmp_
     assert set().union(*read.values()) == set(hf.splits["low_pool"])
     with pytest.raises(MultifiError, match="keeps its blocks disjoint"):
         load_context(TINY, tiny(tmp_path / "c", "label_folders=[qm9mf, qm9mf/pool]"))
+    assert load_context(TINY, tiny(tmp_path / "c", "label_folders=[qm9mf/]")).spec.label_folders == ["qm9mf"]
+    with pytest.raises(MultifiError, match=r"label_folders: qm9mf/pool is listed more than once"):
+        load_context(TINY, tiny(tmp_path / "c", *more, "label_folders=[qm9mf, qm9mf/pool, qm9mf/pool/]"))
 
 
 def test_reference_curves_from_another_results_folder_give_the_factor(shared, fake, tmp_path):
