@@ -9,8 +9,8 @@ learning curve's n, seed s), picks its checkpoint on the 20 validation structure
 50 test structures at r2SCAN, against an r2SCAN-only model on the same n structures and the learning
 curve's joint model trained from scratch on PBE + the same n (results/solids, `joint_both`, the same
 recipe and 1 500 steps). Model and loss as in experiments/solids_small.yaml (M3GNet, 32 features,
-3 blocks, Huber loss). Writes results/extend_solids/{results.json,README.md}; run directories go to
-results/extend_solids/work/ (git-ignored). Finished runs are reused.
+3 blocks, Huber loss). Writes results/extend_solids/results.json and prints the tables; run directories go to
+results/extend_solids/work/ (git-ignored). Finished runs are reused (made with other settings: an error).
 """
 
 from __future__ import annotations
@@ -78,9 +78,35 @@ def split_files(work: Path, n: int, seed: int) -> dict[str, dict[str, str]]:
     }
 
 
-def run_once(run_dir: Path, go) -> dict:
-    """Run `go()` unless run_dir already holds metrics.json; returns the metrics and the CPU seconds."""
-    if not (run_dir / "metrics.json").exists():
+def first_difference(ours: dict, made: dict, where: str = "") -> str | None:
+    """The first key of the config `ours` whose value differs in `made` (a run's config.yaml, read), else None."""
+    for key, value in ours.items():
+        other = made.get(key) if isinstance(made, dict) else None
+        if isinstance(value, list) and isinstance(other, list) and len(value) == len(other):
+            value, other = dict(enumerate(value)), dict(enumerate(other))  # e.g. data.sources, entry by entry
+        if isinstance(value, dict) and isinstance(other, dict):
+            found = first_difference(value, other, f"{where}{key}.")
+            if found:
+                return found
+        elif value != other and not (isinstance(value, dict) and not value and other is None):
+            return f"{where}{key} = {other!r} there, {value!r} now"
+    return None
+
+
+def run_once(run_dir: Path, go, cfg: dict) -> dict:
+    """Run `go()` unless run_dir already holds metrics.json, made with the same settings `cfg` (compared with
+    its config.yaml: a run of other options, e.g. --steps, is an error, not reused); returns the metrics and
+    the CPU seconds."""
+    import yaml
+
+    if (run_dir / "metrics.json").exists():
+        made = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+        differs = first_difference(cfg, made)
+        if differs:
+            raise SystemExit(
+                f"{run_dir}: finished with other settings ({differs}); remove it or rerun with its options"
+            )
+    else:
         t = time.process_time()
         go()
         (run_dir / "cpu_seconds.txt").write_text(f"{time.process_time() - t:.1f}\n")
@@ -115,7 +141,7 @@ def main() -> None:
         "train": {**TRAIN, "max_steps": args.steps},
         "output_dir": str(pbe_dir),
     }
-    results["pbe_model"] = run_once(pbe_dir, lambda: train(validate_config(pbe)))
+    results["pbe_model"] = run_once(pbe_dir, lambda: train(validate_config(pbe)), pbe)
 
     for n in args.ns:
         for seed in args.seeds:
@@ -129,7 +155,7 @@ def main() -> None:
                 "train": {**TRAIN, "max_steps": args.steps, "seed": seed},
                 "output_dir": str(single_dir),
             }
-            runs["r2scan_only"] = run_once(single_dir, lambda single=single: train(validate_config(single)))
+            runs["r2scan_only"] = run_once(single_dir, lambda single=single: train(validate_config(single)), single)
             for name, keys in MODES.items():
                 run_dir = work / f"n{n}_s{seed}" / f"extend_{name}"
                 cfg = {
@@ -142,10 +168,11 @@ def main() -> None:
                     "output_dir": str(run_dir),
                     "extend": {"model": str(pbe_dir / "model.pt"), "fidelity": "R2SCAN", "init_like": "PBE", **keys},
                 }
-                runs[f"extend_{name}"] = run_once(run_dir, lambda cfg=cfg: extend(validate_config(cfg)))
+                runs[f"extend_{name}"] = run_once(run_dir, lambda cfg=cfg: extend(validate_config(cfg)), cfg)
             joint = JOINT / f"n{n}_s{seed}.json"
-            if joint.is_file():
-                runs["joint_from_scratch"] = json.loads(joint.read_text())["test"]["R2SCAN"]
+            scratch = json.loads(joint.read_text()) if joint.is_file() else {}
+            if scratch.get("steps") == args.steps:  # the same number of optimiser steps as the r2SCAN-only model
+                runs["joint_from_scratch"] = scratch["test"]["R2SCAN"]
             print(f"n = {n}, seed {seed}: done", flush=True)
 
     results["settings"] = {
@@ -167,6 +194,11 @@ def main() -> None:
 
 def _mean(values: list[float]) -> str:
     return f"{sum(values) / len(values):.1f}" if values else "—"
+
+
+def _cell(values: list[float], seeds: int) -> str:
+    """The mean, saying over how many seeds when some are missing (e.g. the joint curve ran fewer)."""
+    return _mean(values) + (f" ({len(values)} of {seeds} seeds)" if 0 < len(values) < seeds else "")
 
 
 def table(results: dict) -> str:
@@ -195,7 +227,7 @@ def table(results: dict) -> str:
             "|---|" + "---|" * len(ns),
         ]
         for label, get in rows_of.items():
-            cells = [_mean([get(r)[key] for r in by_n[n] if get(r) is not None]) for n in ns]
+            cells = [_cell([get(r)[key] for r in by_n[n] if get(r) is not None], len(by_n[n])) for n in ns]
             out.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("")
     out += [

@@ -19,7 +19,8 @@ from multifi.data.readers import qm9
 from multifi.errors import MultifiError
 from multifi_experiments import catalog as catalog_mod
 from multifi_experiments.efficiency import efficiency_factor, n_for_error
-from multifi_experiments.runner import load_context, plan_parts, run_experiment
+from multifi_experiments.plan import RunPlan
+from multifi_experiments.runner import load_context, plan_parts, run_experiment, select
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -210,8 +211,12 @@ def test_only_pulls_in_pretraining_and_report_only_trains_nothing(shared, fake, 
     fake.clear()
     run_experiment(TINY, overrides=tiny(out), report_only=True)
     assert fake == [] and "not run yet" in (out / "README.md").read_text()
-    with pytest.raises(MultifiError, match="matches no run"):
+    parts = r"parts: transfer, learning_curve, ten_methods, embedding_map; or a run id prefix"
+    with pytest.raises(MultifiError, match=f"matches no run \\({parts}"):
         run_experiment(TINY, overrides=tiny(out), only=["learning_curves"])
+    few_shot = [RunPlan("few_shot/base", "few_shot", {}, {}, {})]
+    with pytest.raises(MultifiError, match=r"'few_shot/nothing' matches no run \(parts: few_shot; or a run id prefix"):
+        select(few_shot, ["few_shot/nothing"])
 
 
 def test_splits_keep_test_molecules_out_of_training_and_selection(shared, tmp_path):
@@ -262,11 +267,74 @@ def test_limits_measure_both_fidelities_and_the_vectors_movement(shared, tmp_pat
         result = json.loads((out / f"runs/{rid}.json").read_text())
         assert r["high_mae_meV"] == pytest.approx(result["test"]["B3LYP/6-31G(2df,p)"]["mae_meV"], rel=1e-4)
         assert r["low_mae_meV"] > 0 and r["difference_mae_meV"] > 0 and r["test_molecules"] == 10
+        assert r["both_labelled"] == 10 and r["high_mae_both_meV"] == pytest.approx(r["high_mae_meV"])
     assert max(rows[only[1]]["moved_from_init"].values()) < 1e-6  # lr 1e-12: the initial vectors, rebuilt
     assert min(rows[only[0]]["moved_from_init"].values()) > 1e-4
     assert "| learning_curve/joint_both/n10_s0 |" in (out / "LIMITS.md").read_text()
     again = run_limits(ctx, plan_parts(ctx))["runs"]  # cached per model file
     assert {r["run"]: r for r in again} == rows
+
+
+def test_limits_measure_only_runs_of_the_current_plan_and_cache_by_plan(shared, fake, tmp_path, monkeypatch):
+    """A model trained under another plan (here another split_seed: other test molecules) is not measured, and
+    a cached row of another plan is never returned; a spec with a `data` section is a one-line error."""
+    from multifi_experiments import limits
+    from multifi_experiments.spec import DataSection, DataSource
+
+    measured = []
+
+    def measure(ctx, plan, model, high, low):  # the row names the test molecules it was measured on
+        measured.append(plan.id)
+        return {"test_molecules": sum(plan.files["test.keys"]), "both_labelled": 0}
+
+    monkeypatch.setattr(limits, "measure", measure)
+    monkeypatch.setattr(limits, "render", lambda ctx, out: "")
+    out, rid = tmp_path / "out", "learning_curve/joint_both/n10_s0"
+    run_experiment(TINY, overrides=tiny(out), only=[rid])
+    ctx = load_context(TINY, tiny(out))
+    test_sum = sum(plan_parts(ctx)["learning_curve"].splits["test"])
+    assert [r["test_molecules"] for r in limits.run_limits(ctx, plan_parts(ctx))["runs"]] == [test_sum]
+    other = load_context(TINY, tiny(out, "split_seed=8"))
+    assert limits.run_limits(other, plan_parts(other))["runs"] == []  # the model of split_seed 7 is not this plan's
+    run_experiment(TINY, overrides=tiny(out, "split_seed=8"), only=[rid])
+    rows = limits.run_limits(other, plan_parts(other))["runs"]
+    other_sum = sum(plan_parts(other)["learning_curve"].splits["test"])
+    assert other_sum != test_sum and [r["test_molecules"] for r in rows] == [other_sum]
+    assert measured == [rid, rid]
+    ctx.spec.data = DataSection(sources=[DataSource(path="x.jsonl")])
+    with pytest.raises(MultifiError, match="limits measures QM9 learning curves only") as exc:
+        limits.run_limits(ctx, {"learning_curve": None})
+    assert "\n" not in str(exc.value)
+
+
+def test_limits_curve_mae_counts_every_test_molecule_when_the_low_fidelity_labels_fewer(shared, tmp_path, monkeypatch):
+    """With split_methods the low fidelity may label only some test molecules: the top-fidelity MAE stays the
+    curve's number (every test molecule), the two-fidelity quantities use the molecules labelled at both."""
+    from types import SimpleNamespace
+
+    import multifi.models.registry as registry
+    from multifi_experiments import limits
+
+    ctx = load_context(TINY, tiny(tmp_path / "out"))
+    plan = next(p for p in plan_parts(ctx)["learning_curve"].plans if p.id == "learning_curve/joint_both/n10_s0")
+    high, low = ctx.spec.learning_curve.high, ctx.spec.learning_curve.low
+    idx = np.asarray(plan.files["test.keys"], dtype=np.int64)
+    both, real = np.isin(idx, idx[:4]), ctx.catalog.energies
+    monkeypatch.setattr(ctx.catalog, "energies", lambda m, ids: np.where(both | (m == high), real(m, ids), np.nan))
+    wiggle = 1 + 0.1 * (-1) ** np.arange(len(idx))  # mean 1 on the four molecules labelled at both
+    errors = {high: np.where(both, 0.001 * wiggle, 0.003), low: 0.002 * wiggle}  # eV
+    monkeypatch.setattr(limits, "predict_energies", lambda pot, ids, f: real(f, ids) + errors[f])
+    monkeypatch.setattr(
+        registry, "load_potential", lambda path: SimpleNamespace(fidelities=SimpleNamespace(names=[high, low]))
+    )
+    monkeypatch.setattr(limits, "embedding_movement", lambda *a: {})
+    row = limits.measure(ctx, plan, tmp_path / "model.pt", high, low)
+    assert (row["test_molecules"], row["both_labelled"]) == (10, 4)
+    assert row["high_mae_meV"] == pytest.approx((4 * 1 + 6 * 3) / 10, rel=1e-6)
+    assert row["high_mae_both_meV"] == pytest.approx(1.0, rel=1e-6)
+    assert row["low_mae_meV"] == pytest.approx(2.0, rel=1e-6) and row["difference_mae_meV"] == pytest.approx(
+        1.0, rel=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------- spec errors
@@ -332,6 +400,10 @@ def test_low_fidelity_from_several_label_folders_keeps_the_test_set(shared, tmp_
     gfn2 = plan_parts(load_context(TINY, tiny(tmp_path / "a", *keep)))["learning_curve"]
     more = [*keep, "label_folders=[qm9mf, qm9mf/pool]", "learning_curve.low=HF/3-21G"]
     more += ["learning_curve.split_methods=[GFN2-xTB]", "learning_curve.n_low=null"]
+    with pytest.raises(MultifiError, match=r"variants.delta: a delta variant predicts with a HF/3-21G label, wh"):
+        plan_parts(load_context(TINY, tiny(tmp_path / "b", *more)))  # the test molecules lack HF/3-21G labels
+    more += ["learning_curve.variants={single: {kind: single}, joint_both: {kind: joint, inject: both}}"]
+    more += ["learning_curve.efficiency_more=[]"]
     ctx = load_context(TINY, tiny(tmp_path / "b", *more))
     hf = plan_parts(ctx)["learning_curve"]
     assert hf.splits["test"] == gfn2.splits["test"] and hf.splits["val"] == gfn2.splits["val"]
@@ -348,8 +420,11 @@ def test_low_fidelity_from_several_label_folders_keeps_the_test_set(shared, tmp_
     assert read["{shared}/qm9mf/HF_3-21G.csv.gz"] <= set(geo_index[:20].tolist())
     assert read["{shared}/qm9mf/pool/HF_3-21G.csv.gz"] <= set(geo_index[100:170].tolist())
     assert set().union(*read.values()) == set(hf.splits["low_pool"])
-    with pytest.raises(MultifiError, match="keeps its blocks disjoint"):
+    with pytest.raises(MultifiError, match=r"tiny.yaml: ten_methods keeps its blocks disjoint"):  # no ': : '
         load_context(TINY, tiny(tmp_path / "c", "label_folders=[qm9mf, qm9mf/pool]"))
+    assert load_context(TINY, tiny(tmp_path / "c", "label_folders=[qm9mf/]")).spec.label_folders == ["qm9mf"]
+    with pytest.raises(MultifiError, match=r"label_folders: qm9mf/pool is listed more than once"):
+        load_context(TINY, tiny(tmp_path / "c", *more, "label_folders=[qm9mf, qm9mf/pool, qm9mf/pool/]"))
 
 
 def test_reference_curves_from_another_results_folder_give_the_factor(shared, fake, tmp_path):
@@ -372,6 +447,14 @@ def test_reference_curves_from_another_results_folder_give_the_factor(shared, fa
     assert f"({first})" in (out / "README.md").read_text()
     with pytest.raises(MultifiError, match="its test set is not this spec's"):
         run_experiment(TINY, overrides=tiny(tmp_path / "hf2", *hf), report_only=True)
+    # planning the reference folder's spec with another split rewrites its splits file, not its curves:
+    # the curves' own test set decides
+    plan_parts(load_context(TINY, tiny(first, *keep, "split_seed=8")))
+    with pytest.raises(MultifiError, match="its test set is not this spec's"):
+        run_experiment(
+            TINY, overrides=tiny(tmp_path / "hf3", *hf, "learning_curve.split_methods=[GFN2-xTB]", "split_seed=8")
+        )
+    run_experiment(TINY, overrides=tiny(out, *hf, "learning_curve.split_methods=[GFN2-xTB]"), report_only=True)
 
 
 def test_a_molecule_labelled_in_two_tables_is_an_error(shared):

@@ -222,6 +222,30 @@ def test_resume_with_a_foreign_optimizer_state_is_a_one_line_error(write_config,
     assert "\n" not in str(exc.value)
 
 
+def test_resume_with_another_model_config_is_a_one_line_error(write_config):
+    """Resuming a run with a changed model section names the first tensor whose shape differs (one line), not
+    torch's multi-line state_dict error; a checkpoint whose optimizer groups differ (same total) names the
+    per-group counts."""
+    cfg = load_config(write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1}), [])
+    run_dir = train(cfg)
+    wider = load_config(write_config(train={"epochs": 2, "batch_size": 8, "progress": False, "threads": 1}), [])
+    wider.model.features = 12
+    with pytest.raises(MultifiError, match=r"has shape \[119, 16\] there, \[119, 12\] in this model") as exc:
+        train(wider, resume=True)
+    assert "\n" not in str(exc.value)
+    last = run_dir / "checkpoints/last.ckpt"
+    state = ckpt(last)
+    group = state["optimizer_states"][0]["param_groups"][0]
+    state["optimizer_states"][0]["param_groups"] = [
+        {**group, "params": group["params"][:1]},
+        {**group, "params": group["params"][1:]},
+    ]
+    torch.save(state, last)
+    cfg.train.epochs = 2
+    with pytest.raises(MultifiError, match=r"holds \[1, \d+\] parameter tensors, this model trains \[\d+\]"):
+        train(cfg, resume=True)
+
+
 def test_train_kill_resume(write_config, tmp_path, monkeypatch):
     """SIGKILL a training subprocess after its first checkpoint; --resume continues from the saved step."""
     path = write_config(train={"epochs": 6, "batch_size": 2, "progress": False, "threads": 1, "warmup_steps": 0})

@@ -30,7 +30,8 @@ def describe(err: dict, root: type[BaseModel]) -> str:
     if err["type"] == "missing":
         return f"missing required key {loc!r}"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}" if err["type"] == "value_error" else f"{loc}: {msg} (got {err.get('input')!r})"
+    msg = msg if err["type"] == "value_error" else f"{msg} (got {err.get('input')!r})"
+    return f"{loc}: {msg}" if loc else msg  # a check of the whole file has no key path
 
 
 def model_at(root: type[BaseModel], loc) -> type[BaseModel] | None:

@@ -117,6 +117,7 @@ def plan_learning_curve(ctx) -> PartPlan:
     perm = _rng(ctx, part).permutation(cand)
     test, val = _take(perm, 0, lc.test), _take(perm, lc.test, lc.val)
     low_labelled = ctx.catalog.labelled(lc.low)
+    _check_low_at_prediction(lc, test, low_labelled, ctx.catalog.noun)
     low_only = np.setdiff1d(low_labelled, cand)
     rest = perm[lc.test + lc.val :]
     rest = rest[np.isin(rest, low_labelled)]  # all of it unless split_methods draws test/val elsewhere
@@ -193,6 +194,19 @@ def plan_learning_curve(ctx) -> PartPlan:
                     plan.evaluate = {**plan.evaluate, "difference": {"high": lc.high, "low": lc.low}}
                 plans.append(plan)
     return PartPlan(plans, record, info)
+
+
+def _check_low_at_prediction(lc, test: np.ndarray, low_labelled: np.ndarray, noun: str) -> None:
+    """A variant that predicts with a low-fidelity label (delta) needs one on every test structure, else its
+    test error would be measured on fewer structures than the other variants'."""
+    missing = int((~np.isin(test, low_labelled)).sum())
+    for name, variant in lc.variants.items():
+        if missing and variant.needs_low_at_prediction:
+            raise MultifiError(
+                f"learning_curve.variants.{name}: a {variant.kind} variant predicts with a {lc.low} label, which "
+                f"{missing} of the {len(test)} test {noun} lack (drawn by split_methods); add {lc.low} to "
+                "split_methods or leave the variant out"
+            )
 
 
 def resolve_sizes(lc, available: int) -> dict:

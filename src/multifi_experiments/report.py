@@ -14,6 +14,7 @@ everything else (per-seed values, kcal/mol, extrapolation notes, block coverage,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -167,6 +168,7 @@ def learning_curve_details(ctx, part, results) -> dict:
         "metrics": list(lc.metrics),
         "units": {m: list(METRICS[m][1:]) for m in lc.metrics},
         "noun": info.get("noun", "molecules"),
+        "test_digest": test_digest(part.splits["test"]),  # which test set these curves were measured on
     }
     if lc.fractions is not None:
         out["fractions"] = {str(n_of[f]): f for f in lc.fractions}
@@ -178,6 +180,11 @@ def learning_curve_details(ctx, part, results) -> dict:
     return out
 
 
+def test_digest(test: list) -> str:
+    """SHA-1 of a test set (QM9 indices or structure keys, in any order)."""
+    return hashlib.sha1(json.dumps(sorted(test)).encode()).hexdigest()
+
+
 def add_reference_curves(ctx, lcd: dict, splits: dict) -> None:
     """Copy the learning-curve variants named in `reference_curves` from another results folder into `lcd`,
     after checking that its test molecules are this spec's (and its target fidelity and metrics the same)."""
@@ -186,10 +193,13 @@ def add_reference_curves(ctx, lcd: dict, splits: dict) -> None:
     where = f"learning_curve.reference_curves: {folder}"
     try:
         other = json.loads((folder / "details.json").read_text())["learning_curve"]
-        other_test = json.loads((folder / "splits" / "learning_curve.json").read_text())["test"]
+        # the test set its curves were measured on; older reports: its splits file (rewritten by any planning)
+        other_digest = other.get("test_digest") or test_digest(
+            json.loads((folder / "splits" / "learning_curve.json").read_text())["test"]
+        )
     except (OSError, ValueError, KeyError) as exc:
         raise MultifiError(f"{where}: no learning-curve results there ({type(exc).__name__}: {exc})") from None
-    if sorted(other_test) != sorted(splits["test"]):
+    if other_digest != test_digest(splits["test"]):
         raise MultifiError(f"{where}: its test set is not this spec's (set learning_curve.split_methods to match)")
     if other["high"] != lcd["high"] or other["metrics"] != lcd["metrics"]:
         raise MultifiError(f"{where}: target {other['high']} / metrics {other['metrics']} differ from this spec's")

@@ -38,7 +38,7 @@ from multifi_experiments.catalog import make_catalog
 from multifi_experiments.context import Context, result_path, work_dir
 from multifi_experiments.parts import PLANNERS, PartPlan
 from multifi_experiments.plan import RunPlan, fill
-from multifi_experiments.spec import PARTS, load_spec
+from multifi_experiments.spec import load_spec
 
 log = logging.getLogger("multifi.experiments")
 
@@ -130,8 +130,10 @@ def select(plans: list[RunPlan], only: list[str]) -> list[RunPlan]:
             )
         ]
         if not hits:
+            parts = [*dict.fromkeys(p.part for p in plans)]
+            parts += ["embedding_map"] if "ten_methods" in parts else []  # the ten-method joint model's runs
             raise MultifiError(
-                f"--only {item!r} matches no run (parts: {', '.join(PARTS)}; or a run id prefix "
+                f"--only {item!r} matches no run (parts: {', '.join(parts)}; or a run id prefix "
                 f"such as {plans[0].id if plans else 'learning_curve/single'})"
             )
         chosen.update(hits)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -533,6 +533,17 @@ class ExperimentSpec(Section):
     embedding_map: EmbeddingMapPart | None = None
     selection: SelectionPart | None = Field(None, description="simulated acquisition rounds (a spec of its own)")
     few_shot: FewShotPart | None = Field(None, description="add a held-out method to a joint model (a spec of its own)")
+
+    @field_validator("label_folders")
+    @classmethod
+    def _distinct_folders(cls, folders: list[str]) -> list[str]:
+        """Folders as relative POSIX paths (qm9mf/ is qm9mf), each once: a folder listed twice would list
+        every one of its tables twice."""
+        folders = [PurePosixPath(f).as_posix() for f in folders]
+        twice = [f for k, f in enumerate(folders) if f in folders[:k]]
+        if twice:
+            raise ValueError(f"{twice[0]} is listed more than once")
+        return folders
 
     @model_validator(mode="after")
     def _check(self):

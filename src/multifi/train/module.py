@@ -173,6 +173,7 @@ class PotentialModule(L.LightningModule):
             checkpoint["plateau_scheduler"] = self._plateau.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
+        self._check_model_state(checkpoint)
         self._check_optimizer_state(checkpoint)
         self._plateau_state = checkpoint.get("plateau_scheduler")
         if self._plateau is not None and self._plateau_state is not None:
@@ -188,11 +189,31 @@ class PotentialModule(L.LightningModule):
         saved = [len(g["params"]) for g in states[0].get("param_groups", [])]
         ours = [len(g["params"]) for g in self.param_groups()]
         if saved != ours:
+            count = (sum(saved), sum(ours)) if sum(saved) != sum(ours) else (saved, ours)  # else: per group
             raise MultifiError(
-                f"checkpoint: its optimizer state holds {sum(saved)} parameter tensors, this model trains "
-                f"{sum(ours)}: it was written by another model or multifi version; resume it with that version, "
+                f"checkpoint: its optimizer state holds {count[0]} parameter tensors, this model trains "
+                f"{count[1]}: it was written by another model or multifi version; resume it with that version, "
                 "or start a new run from its weights (train.init_from)"
             )
+
+    def _check_model_state(self, checkpoint) -> None:
+        """A checkpoint of another architecture (e.g. the model section changed since the run started) cannot
+        resume: name the first differing tensor in one line, before torch's multi-line load error."""
+        saved = checkpoint.get("state_dict") or {}
+        ours = self.state_dict()
+        for name in sorted(set(saved) ^ set(ours)):
+            where = "the checkpoint" if name in saved else "this model"
+            raise MultifiError(
+                f"checkpoint: tensor {name} is only in {where}: the run was written with another model "
+                "configuration; resume it with the config it started with (config.yaml of the run directory)"
+            )
+        for name, tensor in ours.items():
+            if tuple(saved[name].shape) != tuple(tensor.shape):
+                raise MultifiError(
+                    f"checkpoint: {name} has shape {list(saved[name].shape)} there, {list(tensor.shape)} in this "
+                    "model: the run was written with another model configuration; resume it with the config it "
+                    "started with (config.yaml of the run directory)"
+                )
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         warm = int(self.train_cfg.warmup_steps)
