@@ -36,6 +36,7 @@ from multifi_experiments.runner import is_done
 
 log = logging.getLogger("multifi.experiments")
 VERSION = 3  # of the measured quantities: cached rows of another version are measured again
+MIN_BOTH = 10  # test molecules labelled at both fidelities needed to measure a run
 
 
 def run_limits(ctx: Context, parts: dict) -> dict:
@@ -87,8 +88,15 @@ def measure(ctx: Context, plan, model: Path, high: str, low: str) -> dict | None
     label = {f: ctx.catalog.energies(f, idx) for f in (high, low)}
     at_high = ~np.isnan(label[high])
     known = at_high & ~np.isnan(label[low])  # split_methods may draw test molecules the low fidelity lacks
-    if not known.any():
-        log.warning("%s: no test molecule labelled at both %s and %s; not measured", plan.id, high, low)
+    if known.sum() < MIN_BOTH:  # a spread or a correlation of fewer molecules says nothing (and may be NaN)
+        log.warning(
+            "%s: %d test molecules labelled at both %s and %s (fewer than %d); not measured",
+            plan.id,
+            int(known.sum()),
+            high,
+            low,
+            MIN_BOTH,
+        )
         return None
     err = {f: 1000 * (pred[f] - label[f])[known] for f in (high, low)}  # meV
     d_label = 1000 * (label[high] - label[low])[known]
