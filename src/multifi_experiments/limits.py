@@ -36,7 +36,7 @@ from multifi_experiments.runner import is_done
 
 log = logging.getLogger("multifi.experiments")
 VERSION = 3  # of the measured quantities: cached rows of another version are measured again
-MIN_BOTH = 10  # test molecules labelled at both fidelities needed to measure a run
+MIN_BOTH = 3  # test molecules labelled at both fidelities needed to measure a run (a spread, a correlation)
 
 
 def run_limits(ctx: Context, parts: dict) -> dict:
@@ -88,7 +88,7 @@ def measure(ctx: Context, plan, model: Path, high: str, low: str) -> dict | None
     label = {f: ctx.catalog.energies(f, idx) for f in (high, low)}
     at_high = ~np.isnan(label[high])
     known = at_high & ~np.isnan(label[low])  # split_methods may draw test molecules the low fidelity lacks
-    if known.sum() < MIN_BOTH:  # a spread or a correlation of fewer molecules says nothing (and may be NaN)
+    if known.sum() < MIN_BOTH:  # a spread or a correlation of fewer molecules is undefined (NaN)
         log.warning(
             "%s: %d test molecules labelled at both %s and %s (fewer than %d); not measured",
             plan.id,
