@@ -457,6 +457,34 @@ def test_reference_curves_from_another_results_folder_give_the_factor(shared, fa
     run_experiment(TINY, overrides=tiny(out, *hf, "learning_curve.split_methods=[GFN2-xTB]"), report_only=True)
 
 
+def test_pretraining_validates_only_on_molecules_its_fidelity_labels(shared, tmp_path):
+    """With split_methods the validation molecules may lack the low fidelity: a pre-training validates on those
+    that have it, and none is a one-line error."""
+    geo_index = np.sort(catalog_mod.LabelCatalog(shared).labelled("GFN2-xTB"))
+    keep = ["ten_methods=null", "embedding_map=null", "transfer=null", "learning_curve.efficiency_more=[]"]
+    keep += [
+        "label_folders=[qm9mf, qm9mf/pool]",
+        "learning_curve.low=HF/3-21G",
+        "learning_curve.split_methods=[GFN2-xTB]",
+    ]
+    keep += ["learning_curve.n_low=null", "learning_curve.variants={finetune: {kind: finetune}}"]
+    keep += ["learning_curve.efficiency.candidates=[finetune]", "learning_curve.efficiency.reference=finetune"]
+    gfn2 = plan_parts(load_context(TINY, tiny(tmp_path / "a", "ten_methods=null", "embedding_map=null")))
+    val = gfn2["learning_curve"].splits["val"]
+    block = [int(i) for i in geo_index[:20] if i not in val]
+    _hf_pool(shared, block=block, pool=[int(i) for i in geo_index[100:170] if i not in val])
+    with pytest.raises(MultifiError, match="has no validation molecule labelled at it") as exc:
+        plan_parts(load_context(TINY, tiny(tmp_path / "b", *keep)))
+    assert "\n" not in str(exc.value)
+    with_val = sorted([*block, *val[:2]])  # the block table now labels two validation molecules too
+    _labels(shared / "qm9mf" / "HF_3-21G.csv.gz", np.array(with_val), -10.0 * np.ones(len(with_val)))
+    catalog_mod._read_table.cache_clear()
+    catalog_mod._merged_tables.cache_clear()
+    parts = plan_parts(load_context(TINY, tiny(tmp_path / "c", *keep)))["learning_curve"]
+    (pre,) = [p for p in parts.plans if p.id.endswith("pretrain_s0")]
+    assert sorted(pre.files["val.keys"]) == sorted(val[:2])
+
+
 def test_a_molecule_labelled_in_two_tables_is_an_error(shared):
     _hf_pool(shared, block=[1, 2, 3], pool=[3, 4])
     cat = catalog_mod.LabelCatalog(shared, ["qm9mf", "qm9mf/pool"])

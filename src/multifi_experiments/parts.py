@@ -174,7 +174,7 @@ def plan_learning_curve(ctx) -> PartPlan:
                         "(the pre-trained model is shared across n)"
                     )
                 if variant.pretrained and seed not in pretrained:
-                    low = {"train": low_pool, "val": val}
+                    low = {"train": low_pool, "val": _low_val(val, low_labelled, lc, name)}
                     pretrained[seed] = baselines.pretrain(
                         ctx,
                         f"{part}/{name}/pretrain_s{seed}",
@@ -207,6 +207,18 @@ def _check_low_at_prediction(lc, test: np.ndarray, low_labelled: np.ndarray, nou
                 f"{missing} of the {len(test)} test {noun} lack (drawn by split_methods); add {lc.low} to "
                 "split_methods or leave the variant out"
             )
+
+
+def _low_val(val: np.ndarray, low_labelled: np.ndarray, lc, variant: str) -> np.ndarray:
+    """The validation molecules a pre-training on `low` can use: those labelled at `low` (all of them unless
+    split_methods drew the validation set elsewhere); none is a one-line error."""
+    usable = val[np.isin(val, low_labelled)]
+    if len(usable) == 0:
+        raise MultifiError(
+            f"learning_curve.variants.{variant}: pre-training at {lc.low} has no validation molecule labelled at "
+            f"it (split_methods {lc.split_methods} drew the validation set from other methods)"
+        )
+    return usable
 
 
 def resolve_sizes(lc, available: int) -> dict:
