@@ -21,6 +21,7 @@ from multifi_experiments import catalog as catalog_mod
 from multifi_experiments.efficiency import efficiency_factor, n_for_error
 from multifi_experiments.plan import RunPlan
 from multifi_experiments.runner import load_context, plan_parts, run_experiment, select
+from multifi_experiments.status import experiment_status, status_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -179,6 +180,34 @@ def test_killed_run_resumes_or_restarts(shared, fake, tmp_path):
     fake.clear()
     run_experiment(TINY, overrides=tiny(out), only=only)
     assert fake == [] and (out / "runs/learning_curve/single/n20_s0.json").exists()
+
+
+def test_status_reads_states_and_estimates_what_is_left_without_writing(shared, fake, tmp_path):
+    out = tmp_path / "out"
+    ctx = load_context(TINY, tiny(out, CONVERGE))
+    before = experiment_status(ctx)
+    assert {r.state for r in before} == {"to do"} and all(r.left_cpu_seconds is None for r in before)
+    assert not out.exists()  # status writes nothing, not even the splits
+    run_experiment(TINY, overrides=tiny(out, CONVERGE), only=["learning_curve/single"])
+    for result in (out / "runs/learning_curve/single").glob("*.json"):  # known costs and steps
+        r = json.loads(result.read_text())
+        result.write_text(json.dumps({**r, "cpu_seconds": 100.0 if "n10" in result.name else 200.0, "steps": 50}))
+    stale = out / "work/learning_curve/joint_both/n10_s0"
+    stale.mkdir(parents=True)
+    (stale / "signature").write_text("another plan")
+    rows = {r.id: r for r in experiment_status(load_context(TINY, tiny(out, CONVERGE)))}
+    single = [r for i, r in rows.items() if i.startswith("learning_curve/single/")]
+    assert single and all(r.state == "done" and r.left_cpu_seconds == 0 for r in single)
+    assert rows["learning_curve/joint_both/n10_s0"].state == "stale"
+    # no finished run of its variant: an upper bound, the step cap × CPU seconds per step of the finished runs
+    per_step = sum(r.cpu_seconds for r in single) / sum(r.steps for r in single)
+    joint = rows["learning_curve/joint_both/n20_s0"]
+    assert joint.state == "to do" and joint.bound
+    assert joint.left_cpu_seconds == pytest.approx(joint.cap_steps * per_step)
+    text = status_table("tiny", list(rows.values()))
+    assert f"{len(single)} done" in text and "1 stale" in text and "≤" in text
+    only = experiment_status(load_context(TINY, tiny(out, CONVERGE)), ["learning_curve/joint_both/n20"])
+    assert [r.id for r in only] == ["learning_curve/joint_both/n20_s0"] and only[0].bound
 
 
 def test_variant_seeds_override_the_part_seeds(shared, tmp_path):
@@ -604,8 +633,13 @@ def test_killed_mid_run_continues_from_its_checkpoint(shared, tmp_path, monkeypa
         run_experiment(TINY, overrides=tiny(out, *args), only=only)
     run = out / "work/learning_curve/single/n20_s0/run"
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 12
+    (flying,) = experiment_status(load_context(TINY, tiny(out, *args)), only)
+    assert flying.state == "in flight" and flying.steps == 12 and 2 <= flying.best_step <= 12
+    assert flying.cpu_seconds > 0 and flying.starts == 1
     monkeypatch.setattr(train_run, "make_trainer", make)
     run_experiment(TINY, overrides=tiny(out, *args), only=only)
+    (done,) = experiment_status(load_context(TINY, tiny(out, *args)), only)
+    assert (done.state, done.steps, done.starts, done.left_cpu_seconds) == ("done", 30, 2, 0.0)
     cut = json.loads((out / "runs/learning_curve/single/n20_s0.json").read_text())
     assert cut["how"] == "resumed" and cut["starts"] == 2 and cut["steps"] == 30
     assert cut["cpu_seconds"] > 0 and cut["train_seconds"] >= cut["cpu_seconds"] * 0.2

@@ -1,4 +1,5 @@
-"""`multifi experiment run SPEC.yaml [--only NAME] [--report-only]` and `multifi experiment limits SPEC.yaml`:
+"""`multifi experiment run SPEC.yaml [--only NAME] [--report-only]`, `multifi experiment status SPEC.yaml` and
+`multifi experiment limits SPEC.yaml`:
 registered into the multifi CLI through the `multifi.commands` entry point (pyproject.toml), so the library
 never imports this package."""
 
@@ -22,6 +23,16 @@ def register(sub):
     m.add_argument("spec", help="experiment spec (YAML)")
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     m.set_defaults(func=limits)
+    s = esub.add_parser(
+        "status",
+        help="every run of a spec: done, in flight (step, CPU time), stale or to do, and the CPU hours left "
+        "(estimated from finished runs of the same variant); reads only, trains nothing",
+    )
+    s.add_argument("spec", help="experiment spec (YAML)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--only", action="append", default=[], help="only these parts, run-id prefixes or arms")
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    s.set_defaults(func=status)
 
 
 def run(args) -> int:
@@ -36,6 +47,16 @@ def run(args) -> int:
         run_few_shot(ctx, args.only, args.report_only)
     else:
         run_experiment(args.spec, overrides=args.overrides, only=args.only, report_only=args.report_only)
+    return 0
+
+
+def status(args) -> int:
+    from multifi_experiments.runner import load_context
+    from multifi_experiments.status import experiment_status, status_json, status_table
+
+    ctx = load_context(args.spec, args.overrides, args.only)
+    rows = experiment_status(ctx, args.only)
+    print((status_json if args.json else status_table)(ctx.spec.name, rows))
     return 0
 
 

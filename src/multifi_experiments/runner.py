@@ -92,8 +92,8 @@ def load_context(spec_path, overrides=(), only=(), report_only=False) -> Context
     return Context(spec, paths, make_catalog(spec, paths), shlex.join(args))
 
 
-def plan_parts(ctx: Context) -> dict[str, PartPlan]:
-    """Plans of every part in the spec; writes each part's splits to <output>/splits/<part>.json."""
+def plan_parts(ctx: Context, write: bool = True) -> dict[str, PartPlan]:
+    """Plans of every part in the spec; writes each part's splits to <output>/splits/<part>.json (`write`)."""
     if ctx.spec.data is None and not (ctx.paths.shared / "qm9mf").is_dir():
         log.warning(
             "shared data not found at %s (set shared_data in the spec or MULTIFI_SHARED_DATA)", ctx.paths.shared
@@ -103,7 +103,8 @@ def plan_parts(ctx: Context) -> dict[str, PartPlan]:
         if getattr(ctx.spec, name) is None:
             continue
         parts[name] = planner(ctx)
-        _write_if_changed(ctx.paths.output / "splits" / f"{name}.json", json.dumps(parts[name].splits))
+        if write:
+            _write_if_changed(ctx.paths.output / "splits" / f"{name}.json", json.dumps(parts[name].splits))
     ids = [p.id for pp in parts.values() for p in pp.plans]
     if len(set(ids)) != len(ids):
         raise MultifiError("two runs of the spec have the same id")
