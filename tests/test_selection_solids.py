@@ -43,6 +43,8 @@ def test_selection_loop_on_solids(shared, tmp_path):  # noqa: F811
             assert [c["n"] for c in chain] == [4, 7, 10] and len(picks) == 6 and len(set(picks)) == 6
             assert set(picks) <= splits["pool"] and not set(picks) & held_out
             assert [ctx.catalog.split_keys([i])[0] for c in chain for i in c["picked_next"]] == picks
+            spans = [c["test_not_spanned"] for c in chain]  # nested training sets: the span only grows
+            assert spans == sorted(spans, reverse=True) and 0 <= spans[0] <= 4
             for c in chain:
                 assert {"mae_meV_per_atom", "forces_mae_meV_per_A"} <= set(c["test"]["R2SCAN"])
                 assert c["test"]["R2SCAN"]["n"] == 4 and np.isfinite(c["llpr"]["spearman"])

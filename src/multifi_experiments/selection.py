@@ -31,6 +31,7 @@ from multifi.errors import MultifiError
 from multifi_experiments import baselines
 from multifi_experiments.context import Context, result_path, work_dir
 from multifi_experiments.kinds import KINDS, KindRun
+from multifi_experiments.parts import cover_first, not_spanned
 from multifi_experiments.plan import RunPlan
 
 log = logging.getLogger("multifi.experiments")
@@ -66,8 +67,6 @@ def plan_splits(ctx: Context) -> dict[str, np.ndarray]:
 def initial_picks(ctx: Context, pool: np.ndarray, seed: int) -> np.ndarray:
     """Round 0: rounds[0] random pool structures (the same for every arm of a seed); with
     cover_compositions, those that raise the rank of the element-count matrix go first."""
-    from multifi_experiments.parts import cover_first
-
     rng = np.random.default_rng([ctx.spec.split_seed, SALT, 1, seed])
     order = rng.permutation(pool)
     if ctx.spec.selection.cover_compositions:
@@ -238,6 +237,7 @@ def _new_record(ctx: Context, chain: Chain, r: int, more: int, data: _Data) -> d
         "train_seconds": result.get("train_seconds"),
         "cpu_seconds": result.get("cpu_seconds"),
         "llpr": uq,
+        "test_not_spanned": not_spanned(ctx.catalog, chain.acquired, data.splits["test"]),
         "selection_seconds": round(time.time() - t0, 1),
         "selection_cpu_seconds": round(time.process_time() - c0, 1),
         "picked_next": [int(i) for i in picked],

@@ -8,7 +8,8 @@ over seeds}} (energy: "test_mae_meV"; energy per atom: "test_mae_meV_per_atom"; 
 "test_forces_mae_meV_per_A"); "data_efficiency" {arm: {n: factor}} of the first metric, and with several
 metrics "data_efficiency_by_metric" {metric: {arm: {n: factor}}}. details.json: "curves", "efficiency" of
 the first metric; with other metrics than energy alone also "metrics", "units", "curves_by_metric",
-"efficiency_by_metric".
+"efficiency_by_metric"; "test_not_spanned" {arm: {n: test structures outside the span of the acquired
+compositions, worst seed}} when the records count them.
 """
 
 from __future__ import annotations
@@ -79,6 +80,13 @@ def selection_details(ctx: Context, records: dict, pool: int) -> dict:
     }
     if sp.efficiency is not None:
         details["efficiency"] = efficiency_details(sp, by_metric[sp.metrics[0]])
+    spans = {
+        arm: {str(n): max(r["test_not_spanned"] for r in recs) for n, recs in sorted(by_n.items())}
+        for arm, by_n in records.items()
+        if all("test_not_spanned" in r for recs in by_n.values() for r in recs)
+    }
+    if spans:  # records written before the count was kept have none
+        details["test_not_spanned"] = spans
     if sp.metrics != ["energy"]:
         details["metrics"] = list(sp.metrics)
         details["units"] = {m: list(METRICS[m][1:]) for m in sp.metrics}
@@ -211,6 +219,18 @@ def render(ctx: Context, d: dict, figure: bool, seconds: dict, commands: list[st
                 + " |"
             )
         lines.append("")
+    spans = {arm: by_n for arm, by_n in d.get("test_not_spanned", {}).items() if any(by_n.values())}
+    if spans:
+        lines += [
+            f"Test {noun} whose composition the acquired ones do not span (their per-element reference energies "
+            "are not determined by the labels, which dominates energy errors; worst seed): "
+            + "; ".join(
+                f"{d['arms'][arm]['label']}: " + ", ".join(f"n = {n}: {k}" for n, k in by_n.items() if k)
+                for arm, by_n in spans.items()
+            )
+            + ".",
+            "",
+        ]
     if figure:
         lines += ["![test MAE per round](selection.png)", ""]
     for m, e in efficiency.items():
