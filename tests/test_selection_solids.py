@@ -75,9 +75,10 @@ def test_selection_loop_on_solids(shared, tmp_path):  # noqa: F811
     assert "R2SCAN test energy MAE (meV/atom)" in readme and "R2SCAN test force MAE (meV/Å)" in readme
     assert "Data-efficiency factor against `single_random` (force MAE)" in readme
 
-    # the same seed gives the same models and picks (a fresh output folder, one arm)
+    # the same seed gives the same models and picks (a fresh output folder, one arm, seed 0)
     again = tmp_path / "again"
-    run_spec(SPEC, overrides=[f"output={again}"], only=["joint_batch"])
+    run_spec(SPEC, overrides=[f"output={again}", "seeds.count=1"], only=["joint_batch"])
+    assert sorted(_records(again)) == [f"joint_batch/s0/r{r}.json" for r in range(3)]
     for name, rec in _records(again).items():
         assert rec["picked_keys"] == recs[name]["picked_keys"] and rec["test"] == recs[name]["test"], name
 
