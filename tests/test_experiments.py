@@ -578,6 +578,9 @@ def test_efficiency_without_a_decreasing_end_is_undefined_but_flagged():
     assert e.factor is None and e.extrapolated and "does not decrease" in e.note
     assert efficiency_factor([100], [10.0], 100, 5.0).factor is None
     assert math.isclose(efficiency_factor([100, 1000], [10.0, 10.0], 100, 10.0).factor, 1.0)
+    # an almost flat end segment extrapolates beyond any data set (was an OverflowError): undefined, flagged
+    e = efficiency_factor([4, 7, 10], [158.03, 158.02, 158.01], 7, 150.0)
+    assert e.factor is None and e.extrapolated and "almost flat" in e.note
 
 
 # ---------------------------------------------------------------------------------------------- convergence

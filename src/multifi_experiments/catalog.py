@@ -11,7 +11,7 @@ Two catalogs share one interface (structures are integer ids; a run's inputs are
   trains on a derived .npz holding exactly its labels (build_subset).
 
 Interface used by the planners: noun, methods(), has(), check(), labelled(), plan_data(), split_keys(),
-composition().
+composition(); and read() for code that evaluates models on the catalog's structures (selection).
 """
 
 from __future__ import annotations
@@ -116,6 +116,15 @@ class LabelCatalog:
         geo = load_qm9_geometries()
         rows = np.searchsorted(geo.index, np.asarray(ids, dtype=np.int64))
         return _counts(geo.numbers, geo.offsets, rows)
+
+    def read(self, method: str, ids: np.ndarray):
+        """The molecules `ids` (QM9 indices, in that order) with their `method` energies, keys qm9:<index>."""
+        from multifi.data.readers.qm9 import read_qm9
+
+        ids = np.asarray(ids, dtype=np.int64)
+        labels = None if method == QM9_FIDELITY else self.table_of(method)
+        ds = read_qm9(labels=labels, fidelity=method, indices=ids)
+        return _in_order(ds, [f"qm9:{int(i)}" for i in ids], f"labels of {method}")
 
     def energies(self, method: str, indices: np.ndarray) -> np.ndarray:
         """[n] eV at `method` for QM9 `indices` (NaN where unlabelled)."""
@@ -292,6 +301,11 @@ class SourceCatalog:
         ds = self.dataset()
         return _counts(ds.numbers, ds.offsets, np.asarray(ids, dtype=np.int64))
 
+    def read(self, method: str, ids: np.ndarray):
+        """The structures `ids` (in that order) with the labels of `method` only (energy, forces, stress)."""
+        self.check(method, "labels")
+        return self.dataset().subset(np.asarray(ids, dtype=np.int64)).select_fidelities([method])
+
     def build_subset(self, spec: dict, inputs: Path, out: Path) -> None:
         """Write the run's dataset: the structures of its key files, each with the labels of its method only."""
         if spec.get("data") != self.fingerprint:
@@ -318,6 +332,17 @@ class SourceCatalog:
             if sub.stress_mask is not None:
                 sub.stress_mask[drop, k] = False
         sub.save(out)
+
+
+def _in_order(ds, keys: list[str], where: str):
+    """`ds` with its rows in the order of `keys` (every key must be in it)."""
+    if ds.keys.astype(str).tolist() == keys:
+        return ds
+    row_of = {str(k): i for i, k in enumerate(ds.keys.tolist())}
+    missing = [k for k in keys if k not in row_of]
+    if missing:
+        raise MultifiError(f"{where}: {missing[0]} is not labelled ({len(missing)} such structures)")
+    return ds.subset(np.array([row_of[k] for k in keys], dtype=np.int64))
 
 
 def _counts(numbers: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:

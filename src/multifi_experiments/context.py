@@ -36,6 +36,8 @@ class Catalog(Protocol):
 
     def composition(self, ids: np.ndarray) -> np.ndarray: ...
 
+    def read(self, method: str, ids: np.ndarray): ...
+
 
 @dataclass
 class Context:

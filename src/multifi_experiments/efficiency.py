@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+#: log of the largest reference size an extrapolation reports (beyond it: undefined, as for a flat curve)
+MAX_LOG_N = math.log(1e12)
+
 
 @dataclass
 class Efficiency:
@@ -50,7 +53,10 @@ def n_for_error(ns, maes, target: float) -> tuple[float | None, bool, str]:
     slope = (y[i + 1] - y[i]) / (x[i + 1] - x[i])
     if slope >= 0:
         return None, True, f"target {where} measured n, and the reference curve does not decrease there"
-    return math.exp(x[i] + (t - y[i]) / slope), True, f"extrapolated {where} measured n (power law of the end segment)"
+    log_n = x[i] + (t - y[i]) / slope
+    if log_n > MAX_LOG_N:  # an almost flat end segment: the power law reaches the target nowhere in reach
+        return None, True, f"target {where} measured n, and the reference curve's end segment is almost flat"
+    return math.exp(log_n), True, f"extrapolated {where} measured n (power law of the end segment)"
 
 
 def efficiency_factor(ref_ns, ref_maes, n: float, target_mae: float) -> Efficiency:

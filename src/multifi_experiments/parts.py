@@ -272,21 +272,21 @@ def cover_first(order: np.ndarray, comp: np.ndarray, tol: float = 1e-6) -> np.nd
 
 
 def composition_span(catalog, orders: dict, ns: list[int], seeds, test: np.ndarray) -> dict:
-    """{n: {"seed s": test structures whose composition the first n training structures do not span}}.
+    """{n: {"seed s": test structures whose composition the first n training structures do not span}}."""
+    return {str(n): {f"s{s}": not_spanned(catalog, orders[s][:n], test) for s in seeds.for_n(n)} for n in ns}
 
-    A composition outside the span of the training compositions has per-element reference energies
-    that the training labels do not determine (the fitted ones are a ridge guess)."""
+
+def not_spanned(catalog, train: np.ndarray, test: np.ndarray) -> int:
+    """How many `test` structures have a composition outside the span of the `train` structures' compositions.
+
+    Their per-element reference energies are not determined by the training labels (the fitted ones are a
+    ridge guess)."""
     C = catalog.composition(test).astype(np.float64)
-    out: dict = {}
-    for n in ns:
-        out[str(n)] = {}
-        for s in seeds.for_n(n):
-            T = catalog.composition(orders[s][:n]).astype(np.float64)
-            _, sv, vt = np.linalg.svd(T, full_matrices=False)
-            basis = vt[sv > 1e-8 * max(sv.max(initial=0), 1.0)]
-            resid = C - (C @ basis.T) @ basis
-            out[str(n)][f"s{s}"] = int((np.linalg.norm(resid, axis=1) > 1e-6 * np.linalg.norm(C, axis=1)).sum())
-    return out
+    T = catalog.composition(np.asarray(train)).astype(np.float64)
+    _, sv, vt = np.linalg.svd(T, full_matrices=False)
+    basis = vt[sv > 1e-8 * max(sv.max(initial=0), 1.0)]
+    resid = C - (C @ basis.T) @ basis
+    return int((np.linalg.norm(resid, axis=1) > 1e-6 * np.linalg.norm(C, axis=1)).sum())
 
 
 def _variant_plan(ctx, name, variant, lc, high, low_pool, n, seed, base, n_low) -> RunPlan:

@@ -1,17 +1,20 @@
-"""Simulated acquisition on QM9: which molecules to compute at the top fidelity, round by round.
+"""Simulated acquisition: which structures to compute at the top fidelity, round by round.
 
     multifi experiment run SPEC.yaml          (a spec with a `selection` section; see spec.SelectionPart)
 
-Every arm (model × strategy) and seed is a chain of rounds. Round r trains a model (a planned run of the
-runner: resumable, one result JSON under runs/) on the top-fidelity labels acquired so far (and, for a
-joint model, the low-fidelity labels of the whole pool); its LLPR is fitted (Σ on the acquired molecules,
-α and λ on the validation molecules; written next to the model as model.llpr.npz) and measured on the
-test molecules; then multifi.select picks the next molecules from the pool. Rounds advance together for
-all chains, so the runner trains up to `parallel` runs at a time. Per round and chain,
-rounds/<arm>/s<seed>/r<r>.json holds the run id, n, test errors, the LLPR calibration and the molecules
-picked for the next round (QM9 indices, in pick order); it is reused while its run's signature holds.
-Round 0 is one run per (model, seed), shared by the arms of that model: every arm starts from the same
-random molecules.
+The structures come from the spec's catalog (context.Catalog): QM9 molecules of the shared label tables,
+or the structure files of its `data` section (e.g. PBE + r2SCAN solids); one code path for both, on the
+catalog's integer ids. Every arm (model × strategy) and seed is a chain of rounds. Round r trains a model
+(a planned run of the runner: resumable, one result JSON under runs/) on the top-fidelity labels acquired
+so far (and, for a joint model, the low-fidelity labels of the whole pool); its LLPR is fitted (Σ on the
+acquired structures, α and λ on the validation structures; written next to the model as model.llpr.npz)
+and measured on the test structures; then multifi.select picks the next structures from the pool. Rounds
+advance together for all chains, so the runner trains up to `parallel` runs at a time. Per round and
+chain, rounds/<arm>/s<seed>/r<r>.json holds the run id, n, test errors, the LLPR calibration and the
+structures picked for the next round (`picked_next`: catalog ids — QM9 indices, or positions in the
+merged data files —, in pick order; `picked_keys`: their keys); it is reused while its run's signature
+holds. Round 0 is one run per (model, seed), shared by the arms of that model: every arm starts from the
+same random structures.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from multifi.errors import MultifiError
 from multifi_experiments import baselines
 from multifi_experiments.context import Context, result_path, work_dir
 from multifi_experiments.kinds import KINDS, KindRun
+from multifi_experiments.parts import cover_first, not_spanned
 from multifi_experiments.plan import RunPlan
 
 log = logging.getLogger("multifi.experiments")
@@ -38,26 +42,36 @@ BATCH = 256  # structures per forward pass when computing readout features (infe
 
 # ---------------------------------------------------------------------------------------------- splits
 def plan_splits(ctx: Context) -> dict[str, np.ndarray]:
-    """test, val and pool QM9 indices (sorted), drawn from the molecules labelled at both fidelities."""
-    sp = ctx.spec.selection
+    """test, val and pool catalog ids (sorted), drawn from the structures labelled at both fidelities;
+    with `low_extra` also `low_extra`: the other structures labelled at the low fidelity."""
+    sp, noun = ctx.spec.selection, ctx.catalog.noun
     for m in (sp.high, sp.low):
         ctx.catalog.check(m, "selection.high/low")
-    cand = np.intersect1d(ctx.catalog.labelled(sp.high), ctx.catalog.labelled(sp.low))
-    need = sp.test + sp.val + sp.pool
+    low = ctx.catalog.labelled(sp.low)
+    cand = np.intersect1d(ctx.catalog.labelled(sp.high), low)
+    pool = len(cand) - sp.test - sp.val if sp.pool is None else sp.pool
+    need = sp.test + sp.val + max(pool, sp.rounds[-1])
     if need > len(cand):
         raise MultifiError(
-            f"selection: needs {need} molecules labelled at {sp.high} and {sp.low} (test + val + pool) "
-            f"but only {len(cand)} are"
+            f"selection: needs {need} {noun} labelled at {sp.high} and {sp.low} (test + val + a pool of "
+            f"{max(pool, sp.rounds[-1])} for rounds up to {sp.rounds[-1]}) but only {len(cand)} are"
         )
     perm = np.random.default_rng([ctx.spec.split_seed, SALT]).permutation(cand)
     t, v = sp.test, sp.val
-    return {"test": np.sort(perm[:t]), "val": np.sort(perm[t : t + v]), "pool": np.sort(perm[t + v : t + v + sp.pool])}
+    splits = {"test": np.sort(perm[:t]), "val": np.sort(perm[t : t + v]), "pool": np.sort(perm[t + v : t + v + pool])}
+    if sp.low_extra:
+        splits["low_extra"] = np.setdiff1d(low, np.concatenate(list(splits.values())))
+    return splits
 
 
 def initial_picks(ctx: Context, pool: np.ndarray, seed: int) -> np.ndarray:
-    """Round 0: rounds[0] random pool molecules (the same for every arm of a seed)."""
+    """Round 0: rounds[0] random pool structures (the same for every arm of a seed); with
+    cover_compositions, those that raise the rank of the element-count matrix go first."""
     rng = np.random.default_rng([ctx.spec.split_seed, SALT, 1, seed])
-    return rng.permutation(pool)[: ctx.spec.selection.rounds[0]]
+    order = rng.permutation(pool)
+    if ctx.spec.selection.cover_compositions:
+        order = cover_first(order, ctx.catalog.composition(order))
+    return order[: ctx.spec.selection.rounds[0]]
 
 
 def seeds_of(ctx: Context) -> list[int]:
@@ -69,7 +83,7 @@ def seeds_of(ctx: Context) -> list[int]:
 def round_plan(
     ctx: Context, arm: str, seed: int, r: int, acquired: np.ndarray, splits: dict, previous: RunPlan | None
 ) -> RunPlan:
-    """The training run of round r of (arm, seed) on the `acquired` top-fidelity molecules."""
+    """The training run of round r of (arm, seed) on the `acquired` top-fidelity structures."""
     sp = ctx.spec.selection
     model_name = sp.arms[arm].model
     model = sp.models[model_name]
@@ -92,7 +106,7 @@ def round_plan(
         low=sp.low,
         inject=model.mode,
         splits={"train": np.sort(acquired), "val": splits["val"], "test": splits["test"]},
-        low_pool=splits["pool"],
+        low_pool=np.union1d(splits["pool"], splits["low_extra"]) if "low_extra" in splits else splits["pool"],
         seed=seed,
         patches=[sp.config, model.config],
         meta=meta,
@@ -106,7 +120,7 @@ def round_plan(
 
 # ---------------------------------------------------------------------------------------------- loop
 class Chain:
-    """The state of one (arm, seed): acquired molecules (in acquisition order) and the last round's plan."""
+    """The state of one (arm, seed): acquired structures (in acquisition order) and the last round's plan."""
 
     def __init__(self, arm: str, seed: int, acquired: np.ndarray):
         self.arm, self.seed, self.acquired = arm, seed, acquired
@@ -125,10 +139,11 @@ def run_selection(ctx: Context, only=(), report_only: bool = False) -> Path:
         raise MultifiError(f"--only {' '.join(only)} matches no arm (arms: {', '.join(sp.arms)})")
     splits = plan_splits(ctx)
     out = ctx.paths.output
-    runner._write_if_changed(out / "splits" / f"{PART}.json", json.dumps({k: v.tolist() for k, v in splits.items()}))
+    record = {k: ctx.catalog.split_keys(v) for k, v in splits.items()}  # QM9 indices, or structure keys
+    runner._write_if_changed(out / "splits" / f"{PART}.json", json.dumps(record))
     if not report_only:
         runner._ignore_work_dir(ctx)
-        data = _Data(ctx, splits)  # pool, validation and test molecules with neighbour lists, read when first needed
+        data = _Data(ctx, splits)  # pool, validation and test structures with neighbour lists, read when first needed
         chains = [Chain(a, s, initial_picks(ctx, splits["pool"], s)) for s in seeds_of(ctx) for a in arms]
         for r, n in enumerate(sp.rounds):
             more = sp.rounds[r + 1] - n if r + 1 < len(sp.rounds) else 0
@@ -183,8 +198,9 @@ def _saved_record(ctx: Context, chain: Chain, r: int, more: int) -> dict | None:
 
 
 class _Data:
-    """The pool (as the user has it: geometries with low-fidelity labels only), validation and test molecules
-    (top-fidelity labels), each with its neighbour lists; read once, when first needed."""
+    """The pool (as the user has it: geometries with low-fidelity labels only), validation and test structures
+    (top-fidelity labels), each with its neighbour lists; read once, when first needed. Row i of a split's
+    dataset is the structure splits[name][i]."""
 
     def __init__(self, ctx: Context, splits: dict):
         self.ctx, self.splits, self._cache = ctx, splits, {}
@@ -195,19 +211,19 @@ class _Data:
 
         if name not in self._cache:
             sp = self.ctx.spec.selection
-            self._cache[name] = _qm9(self.ctx, sp.low if name == "pool" else sp.high, self.splits[name])
+            self._cache[name] = self.ctx.catalog.read(sp.low if name == "pool" else sp.high, self.splits[name])
         if (name, cutoff) not in self._cache:
             self._cache[name, cutoff] = make_neighbors(self._cache[name], cutoff, progress=False)
         return self._cache[name], self._cache[name, cutoff]
 
 
 def _new_record(ctx: Context, chain: Chain, r: int, more: int, data: _Data) -> dict:
-    """Test errors, LLPR calibration on the test molecules, and the `more` molecules picked for the next
+    """Test errors, LLPR calibration on the test structures, and the `more` structures picked for the next
     round by the chain's strategy; written to rounds/<arm>/s<seed>/r<r>.json."""
     plan = chain.plan
     result = json.loads(result_path(ctx, plan.id).read_text())
     t0, c0 = time.time(), time.process_time()
-    uq, picked = _calibrate_and_pick(ctx, chain, r, work_dir(ctx, plan.id) / "run" / "model.pt", data, more)
+    uq, picked, keys = _calibrate_and_pick(ctx, chain, r, work_dir(ctx, plan.id) / "run" / "model.pt", data, more)
     record = {
         "arm": chain.arm,
         "seed": chain.seed,
@@ -221,24 +237,20 @@ def _new_record(ctx: Context, chain: Chain, r: int, more: int, data: _Data) -> d
         "train_seconds": result.get("train_seconds"),
         "cpu_seconds": result.get("cpu_seconds"),
         "llpr": uq,
+        "test_not_spanned": not_spanned(ctx.catalog, chain.acquired, data.splits["test"]),
         "selection_seconds": round(time.time() - t0, 1),
         "selection_cpu_seconds": round(time.process_time() - c0, 1),
         "picked_next": [int(i) for i in picked],
+        "picked_keys": keys,
         "command": ctx.command,
     }
     atomic_write(record_path(ctx, chain.arm, chain.seed, r), lambda f: f.write(json.dumps(record, indent=1).encode()))
     return record
 
 
-def _qm9(ctx: Context, method: str, ids: np.ndarray):
-    from multifi.data.readers.qm9 import QM9_FIDELITY, read_qm9
-
-    labels = None if method == QM9_FIDELITY else ctx.catalog.table_of(method)
-    return read_qm9(labels=labels, fidelity=method, indices=np.asarray(ids, np.int64))
-
-
 def _calibrate_and_pick(ctx: Context, chain: Chain, r: int, model_path: Path, data: _Data, more: int):
-    """Fit the round model's LLPR (saved next to it), measure it on the test molecules, pick `more` molecules."""
+    """Fit the round model's LLPR (saved next to it), measure it on the test structures, pick `more` structures:
+    (calibration, picked catalog ids, their keys)."""
     from multifi.models.registry import load_potential
     from multifi.select import select_structures
     from multifi.uncertainty import (
@@ -253,10 +265,12 @@ def _calibrate_and_pick(ctx: Context, chain: Chain, r: int, model_path: Path, da
     sp = ctx.spec.selection
     potential = load_potential(model_path)
     pool, pool_nl = data.get("pool", potential.cutoff)
-    key_of = {k: i for i, k in enumerate(pool.keys.astype(str))}
-    acquired = np.array([key_of[f"qm9:{int(i)}"] for i in chain.acquired], np.int64)
+    pool_ids = data.splits["pool"]  # sorted; row i of `pool`
+    acquired = np.searchsorted(pool_ids, chain.acquired)  # rows of the acquired structures
+    if not np.array_equal(pool_ids[np.minimum(acquired, len(pool_ids) - 1)], chain.acquired):
+        raise MultifiError(f"{chain.arm}, seed {chain.seed}: acquired structures outside the pool")
     strategy = sp.arms[chain.arm].strategy
-    # features of the whole pool only where a strategy ranks it; Σ needs the acquired molecules' alone
+    # features of the whole pool only where a strategy ranks it; Σ needs the acquired structures' alone
     rows = np.arange(len(pool)) if more and strategy != "random" else acquired
     f_rows, _ = dataset_features(potential, pool, rows, sp.high, BATCH, pool_nl)
     f_pool = np.zeros((len(pool), f_rows.shape[1]))
@@ -273,8 +287,8 @@ def _calibrate_and_pick(ctx: Context, chain: Chain, r: int, model_path: Path, da
         "ridge": llpr_h.ridge,
     }
     if more == 0:
-        return uq, np.zeros(0, np.int64)
-    exclude = [f"qm9:{int(i)}" for i in chain.acquired]
+        return uq, np.zeros(0, np.int64), []
+    exclude = pool.keys[acquired].astype(str).tolist()
     picks = select_structures(
         potential,
         pool,
@@ -286,4 +300,4 @@ def _calibrate_and_pick(ctx: Context, chain: Chain, r: int, model_path: Path, da
         llpr=llpr,
         features=None if strategy == "random" else f_pool,
     )
-    return uq, np.array([int(str(k).split(":")[1]) for k in pool.keys[picks]], np.int64)
+    return uq, pool_ids[picks], pool.keys[picks].astype(str).tolist()

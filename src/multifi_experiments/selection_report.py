@@ -1,7 +1,15 @@
-"""Report of a selection spec: test MAE per round and arm, LLPR calibration, data-efficiency factors, plot.
+"""Report of a selection spec: test errors per round and arm, LLPR calibration, data-efficiency factors, plot.
 
 Rebuilt from the round records (rounds/<arm>/s<seed>/r<r>.json) alone: summary.json, details.json,
 selection.png and README.md (generated: do not edit).
+
+summary.json: per metric of the spec's `metrics` (METRICS in spec.py), "test_<result key>" {arm: {n: mean
+over seeds}} (energy: "test_mae_meV"; energy per atom: "test_mae_meV_per_atom"; forces:
+"test_forces_mae_meV_per_A"); "data_efficiency" {arm: {n: factor}} of the first metric, and with several
+metrics "data_efficiency_by_metric" {metric: {arm: {n: factor}}}. details.json: "curves", "efficiency" of
+the first metric; with other metrics than energy alone also "metrics", "units", "curves_by_metric",
+"efficiency_by_metric"; "test_not_spanned" {arm: {n: test structures outside the span of the acquired
+compositions, worst seed}} when the records count them.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from multifi.data.dataset import atomic_write
 from multifi_experiments.context import Context, machine
 from multifi_experiments.efficiency import efficiency_factor
 from multifi_experiments.report import stats
+from multifi_experiments.spec import METRICS
 
 
 def load_records(ctx: Context) -> dict[str, dict[int, list[dict]]]:
@@ -26,14 +35,22 @@ def load_records(ctx: Context) -> dict[str, dict[int, list[dict]]]:
     return out
 
 
-def selection_details(ctx: Context, records: dict) -> dict:
-    sp = ctx.spec.selection
-    curves, calibration = {}, {}
-    for arm, by_n in records.items():
-        curves[arm] = {
-            str(n): stats([r["test"][sp.high]["mae_meV"] for r in recs if sp.high in r.get("test", {})])
+def _curves(records: dict, high: str, key: str) -> dict:
+    """arm → n → stats over seeds of the test error `key` at `high` (a result's test entry)."""
+    return {
+        arm: {
+            str(n): stats([r["test"][high][key] for r in recs if r.get("test", {}).get(high, {}).get(key) is not None])
             for n, recs in sorted(by_n.items())
         }
+        for arm, by_n in records.items()
+    }
+
+
+def selection_details(ctx: Context, records: dict, pool: int) -> dict:
+    sp = ctx.spec.selection
+    by_metric = {m: _curves(records, sp.high, METRICS[m][0]) for m in sp.metrics}
+    calibration = {}
+    for arm, by_n in records.items():
         calibration[arm] = {
             str(n): {
                 k: stats([r["llpr"][k] for r in recs if r.get("llpr")])
@@ -45,7 +62,7 @@ def selection_details(ctx: Context, records: dict) -> dict:
         "high": sp.high,
         "low": sp.low,
         "rounds": sp.rounds,
-        "pool": sp.pool,
+        "pool": pool,
         "test": sp.test,
         "val": sp.val,
         "arms": {
@@ -58,11 +75,24 @@ def selection_details(ctx: Context, records: dict) -> dict:
             }
             for a, v in sp.arms.items()
         },
-        "curves": curves,
+        "curves": by_metric[sp.metrics[0]],
         "llpr": calibration,
     }
     if sp.efficiency is not None:
-        details["efficiency"] = efficiency_details(sp, curves)
+        details["efficiency"] = efficiency_details(sp, by_metric[sp.metrics[0]])
+    spans = {
+        arm: {str(n): max(r["test_not_spanned"] for r in recs) for n, recs in sorted(by_n.items())}
+        for arm, by_n in records.items()
+        if all("test_not_spanned" in r for recs in by_n.values() for r in recs)
+    }
+    if spans:  # records written before the count was kept have none
+        details["test_not_spanned"] = spans
+    if sp.metrics != ["energy"]:
+        details["metrics"] = list(sp.metrics)
+        details["units"] = {m: list(METRICS[m][1:]) for m in sp.metrics}
+        details["curves_by_metric"] = by_metric
+        if sp.efficiency is not None:
+            details["efficiency_by_metric"] = {m: efficiency_details(sp, c) for m, c in by_metric.items()}
     return details
 
 
@@ -84,26 +114,35 @@ def efficiency_details(sp, curves: dict) -> dict:
 def write_selection_report(ctx: Context, splits: dict) -> dict:
     from multifi_experiments import plots
 
+    sp = ctx.spec.selection
     records = load_records(ctx)
-    details = selection_details(ctx, records)
+    details = selection_details(ctx, records, len(splits["pool"]))
+    by_metric = details.get("curves_by_metric", {sp.metrics[0]: details["curves"]})
     out = ctx.paths.output
     out.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "test_mae_meV": {a: {n: (s or {}).get("mean") for n, s in c.items()} for a, c in details["curves"].items()},
-        "data_efficiency": {
-            a: {n: e["factor"] for n, e in v.items()} for a, v in details.get("efficiency", {}).get("arms", {}).items()
-        },
+    summary: dict = {
+        f"test_{METRICS[m][0]}": {a: {n: (s or {}).get("mean") for n, s in c.items()} for a, c in by_metric[m].items()}
+        for m in sp.metrics
     }
+    summary["data_efficiency"] = _factors(details.get("efficiency", {}))
+    if len(sp.metrics) > 1:
+        summary["data_efficiency_by_metric"] = {
+            m: _factors(e) for m, e in details.get("efficiency_by_metric", {}).items()
+        }
     atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     atomic_write(out / "details.json", lambda f: f.write(json.dumps(details, indent=1, default=float).encode()))
-    curves = {details["arms"][a]["label"]: {n: s for n, s in c.items() if s} for a, c in details["curves"].items()}
+    panels = []
+    for m in sp.metrics:
+        curves = {details["arms"][a]["label"]: {n: s for n, s in c.items() if s} for a, c in by_metric[m].items()}
+        _, label, unit = METRICS[m]
+        panels.append((curves, f"{sp.high} test {'MAE' if m == 'energy' else label} ({unit})"))
     figure = None
-    if any(curves.values()):
+    if any(any(c.values()) for c, _ in panels):
         figure = plots.learning_curves(
             out / "selection.png",
-            [(curves, f"{ctx.spec.selection.high} test MAE (meV)")],
+            panels,
             f"{ctx.spec.name}: acquisition by strategy",
-            xlabel="acquired top-fidelity molecules n",
+            xlabel=f"acquired top-fidelity {ctx.catalog.noun} n",
         )
     every = [r for by_n in records.values() for recs in by_n.values() for r in recs]
     seconds = {
@@ -114,10 +153,14 @@ def write_selection_report(ctx: Context, splits: dict) -> dict:
     commands = sorted(
         {r.get("command", "") for by_n in records.values() for recs in by_n.values() for r in recs} - {""}
     )
-    atomic_write(
-        out / "README.md", lambda f: f.write(render(ctx, details, figure is not None, seconds, commands).encode())
-    )
+    text = render(ctx, details, figure is not None, seconds, commands, splits)
+    atomic_write(out / "README.md", lambda f: f.write(text.encode()))
     return summary
+
+
+def _factors(efficiency: dict) -> dict:
+    """{arm: {n: factor}} of an efficiency_details entry."""
+    return {a: {n: e["factor"] for n, e in v.items()} for a, v in efficiency.get("arms", {}).items()}
 
 
 def _cell(s: dict | None, digits: int = 1) -> str:
@@ -128,9 +171,15 @@ def _cell(s: dict | None, digits: int = 1) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def render(ctx: Context, d: dict, figure: bool, seconds: dict, commands: list[str]) -> str:
-    sp = ctx.spec.selection
+def render(ctx: Context, d: dict, figure: bool, seconds: dict, commands: list[str], splits: dict) -> str:
+    sp, noun = ctx.spec.selection, ctx.catalog.noun
     ns = [str(n) for n in sp.rounds]
+    extra = (
+        f"; joint models also train on {sp.low} for {len(splits['low_extra'])} {noun} outside test, validation and pool"
+        if "low_extra" in splits
+        else ""
+    )
+    start = "round 0 random, composition-spanning first" if sp.cover_compositions else "round 0 random"
     lines = [
         f"# {ctx.spec.name}",
         "",
@@ -141,8 +190,8 @@ def render(ctx: Context, d: dict, figure: bool, seconds: dict, commands: list[st
         f"Made with: {', '.join(f'`{c}`' for c in commands) or '(no finished round yet)'}",
         "",
         (
-            f"Test: {sp.test} molecules, validation: {sp.val}, pool: {sp.pool} molecules with {sp.low} labels; "
-            f"{sp.high} acquired in rounds {sp.rounds} (round 0 random, shared by the arms of a model); "
+            f"Test: {sp.test} {noun}, validation: {sp.val}, pool: {len(splits['pool'])} {noun} with {sp.low} labels"
+            f"{extra}; {sp.high} acquired in rounds {sp.rounds} ({start}, shared by the arms of a model); "
             f"{'warm start from the previous round' if sp.warm_start else 'retrained from scratch every round'}. "
             f"Training summed over runs: {seconds['wall'] / 3600:.2f} h wall, {seconds['cpu'] / 3600:.2f} h CPU; "
             f"LLPR fits and selection: {seconds['selection_cpu'] / 3600:.2f} h CPU. Machine: {machine()}."
@@ -151,26 +200,43 @@ def render(ctx: Context, d: dict, figure: bool, seconds: dict, commands: list[st
     ]
     if ctx.spec.notes:
         lines += [ctx.spec.notes, ""]
-    lines += [
-        f"## {sp.high} test MAE (meV) per round, mean ± std over seeds",
-        "",
-        "| arm | model | strategy | " + " | ".join(f"n = {n}" for n in ns) + " |",
-        "|---" * (3 + len(ns)) + "|",
-    ]
-    for arm, a in d["arms"].items():
-        c = d["curves"].get(arm, {})
-        lines.append(
-            f"| {a['label']} | {a['kind']} ({a['inject']}) | {a['strategy']} | "
-            + " | ".join(_cell(c.get(n)) for n in ns)
-            + " |"
-        )
-    if figure:
-        lines += ["", "![test MAE per round](selection.png)"]
-    if "efficiency" in d:
-        e = d["efficiency"]
+    curves = d.get("curves_by_metric", {sp.metrics[0]: d["curves"]})
+    efficiency = d.get("efficiency_by_metric", {sp.metrics[0]: d["efficiency"]} if "efficiency" in d else {})
+    for m in sp.metrics:
+        _, label, unit = METRICS[m]
+        what = "MAE" if m == "energy" else label
         lines += [
+            f"## {sp.high} test {what} ({unit}) per round, mean ± std over seeds",
             "",
-            f"## Data-efficiency factor against `{e['reference']}`",
+            "| arm | model | strategy | " + " | ".join(f"n = {n}" for n in ns) + " |",
+            "|---" * (3 + len(ns)) + "|",
+        ]
+        for arm, a in d["arms"].items():
+            c = curves[m].get(arm, {})
+            lines.append(
+                f"| {a['label']} | {a['kind']} ({a['inject']}) | {a['strategy']} | "
+                + " | ".join(_cell(c.get(n)) for n in ns)
+                + " |"
+            )
+        lines.append("")
+    spans = {arm: by_n for arm, by_n in d.get("test_not_spanned", {}).items() if any(by_n.values())}
+    if spans:
+        lines += [
+            f"Test {noun} whose composition the acquired ones do not span (their per-element reference energies "
+            "are not determined by the labels, which dominates energy errors; worst seed): "
+            + "; ".join(
+                f"{d['arms'][arm]['label']}: " + ", ".join(f"n = {n}: {k}" for n, k in by_n.items() if k)
+                for arm, by_n in spans.items()
+            )
+            + ".",
+            "",
+        ]
+    if figure:
+        lines += ["![test MAE per round](selection.png)", ""]
+    for m, e in efficiency.items():
+        what = "" if len(sp.metrics) == 1 else f" ({METRICS[m][1]})"
+        lines += [
+            f"## Data-efficiency factor against `{e['reference']}`{what}",
             "",
             (
                 f"n_reference(MAE of the arm at n) / n on the `{e['reference']}` curve (log-log interpolation; "
@@ -188,9 +254,9 @@ def render(ctx: Context, d: dict, figure: bool, seconds: dict, commands: list[st
                     "–" if not x or x["factor"] is None else f"{x['factor']:.2f}{'*' if x['extrapolated'] else ''}"
                 )
             lines.append(f"| {d['arms'][arm]['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += [
-        "",
-        "## LLPR calibration on the test molecules (Spearman |error| vs σ; miscalibration area)",
+        f"## LLPR calibration on the test {noun} (σ of the energy; Spearman |error| vs σ; miscalibration area)",
         "",
         "| arm | " + " | ".join(f"n = {n}" for n in ns) + " |",
         "|---" * (1 + len(ns)) + "|",

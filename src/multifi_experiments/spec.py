@@ -309,7 +309,7 @@ class EmbeddingMapPart(Section):
 
 class SelectionModel(Section):
     """A model family retrained every acquisition round: `single` (top fidelity only) or `joint` (top fidelity
-    on the acquired molecules + low fidelity on the whole pool, conditioned as `inject` says)."""
+    on the acquired structures + low fidelity on the whole pool, conditioned as `inject` says)."""
 
     kind: Literal["single", "joint"]
     inject: Inject | None = None
@@ -329,7 +329,8 @@ class SelectionModel(Section):
 
 
 class SelectionArm(Section):
-    """One simulated acquisition campaign: a model of `models` and the strategy that picks each round's molecules."""
+    """One simulated acquisition campaign: a model of `models` and the strategy that picks each round's
+    structures."""
 
     model: str
     strategy: Literal["random", "uncertainty", "diversity", "batch"]
@@ -344,26 +345,41 @@ class SelectionEfficiency(Section):
 
 
 class SelectionPart(Section):
-    """Simulated selection of what to compute at the top fidelity (QM9: every label is known, so honest).
+    """Simulated selection of what to compute at the top fidelity (every label is known, so honest).
 
-    Test and validation molecules: labelled at both fidelities, fixed for all seeds and arms. Pool:
-    `pool` other molecules labelled at both; the low fidelity is known for all of them, the top fidelity
-    is 'computed' (revealed) only for acquired ones. Round 0 acquires `rounds[0]` random pool molecules
-    (the same for every arm of a seed); round r acquires up to `rounds[r]` in total by the arm's strategy,
-    using the model of round r − 1 (retrained from scratch every round, or from the previous weights
-    with `warm_start`). Each round's LLPR is fitted on the acquired molecules (Σ) and the validation
-    molecules (α, λ) and its calibration measured on the test molecules.
+    The structures come from the spec's catalog: the shared QM9 label tables (molecules), or the files
+    of its `data` section (e.g. PBE + r2SCAN solids). Test and validation structures: labelled at both
+    fidelities, fixed for all seeds and arms. Pool: `pool` other structures labelled at both (null: all
+    of them); the low fidelity is known for all of them, the top fidelity is 'computed' (revealed) only
+    for acquired ones. Round 0 acquires `rounds[0]` random pool structures (the same for every arm of a
+    seed; with `cover_compositions` those that widen the span of the compositions first); round r
+    acquires up to `rounds[r]` in total by the arm's strategy, using the model of round r − 1 (retrained
+    from scratch every round, or from the previous weights with `warm_start`). Each round's LLPR (of the
+    total energy) is fitted on the acquired structures (Σ) and the validation structures (α, λ) and its
+    calibration measured on the test structures. `metrics`: the test errors reported, each with its
+    data-efficiency factor (the first one is the summary's `data_efficiency`).
     """
 
     high: str = QM9_FIDELITY
     low: str = "GFN2-xTB"
-    pool: int = Field(20000, ge=1)
+    pool: int | None = Field(20000, ge=1, description="null: every structure labelled at both outside test and val")
     test: int = Field(2000, ge=1)
     val: int = Field(200, ge=1)
     rounds: list[int] = Field(default_factory=lambda: [100, 200, 400, 800, 1600], min_length=1)
     models: dict[str, SelectionModel]
     arms: dict[str, SelectionArm] = Field(min_length=1)
     warm_start: bool = False
+    cover_compositions: bool = Field(
+        False,
+        description="round 0 takes first the random pool structures that raise the rank of the "
+        "element-count matrix, so per-element reference energies are determined as early as possible",
+    )
+    low_extra: bool = Field(
+        False,
+        description="joint models also train on the low fidelity of every structure labelled at `low` outside "
+        "test, validation and pool (labels a user has but could not acquire at `high` here)",
+    )
+    metrics: list[Metric] = Field(default_factory=lambda: ["energy"], min_length=1)
     config: ConfigPatch = Field(default_factory=ConfigPatch)
     seeds: Seeds | None = None
     efficiency: SelectionEfficiency | None = None
@@ -371,9 +387,11 @@ class SelectionPart(Section):
     @model_validator(mode="after")
     def _check(self):
         if any(b <= a for a, b in zip(self.rounds, self.rounds[1:])) or self.rounds[0] < 1:
-            raise ValueError(f"rounds are cumulative numbers of acquired molecules, increasing: got {self.rounds}")
-        if self.rounds[-1] > self.pool:
-            raise ValueError(f"rounds acquire up to {self.rounds[-1]} molecules from a pool of {self.pool}")
+            raise ValueError(f"rounds are cumulative numbers of acquired structures, increasing: got {self.rounds}")
+        if self.pool is not None and self.rounds[-1] > self.pool:
+            raise ValueError(f"rounds acquire up to {self.rounds[-1]} structures from a pool of {self.pool}")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics repeats an entry: {self.metrics}")
         for name, arm in self.arms.items():
             if arm.model not in self.models:
                 raise ValueError(f"arms.{name}.model: unknown model {arm.model!r} (models: {', '.join(self.models)})")
@@ -551,8 +569,6 @@ class ExperimentSpec(Section):
             others = [p for p in PARTS if getattr(self, p) is not None]
             if others:
                 raise ValueError(f"selection is a spec of its own; move {', '.join(others)} to another spec")
-            if self.data is not None:
-                raise ValueError("selection uses the QM9 label tables of the shared folder; remove 'data'")
         if self.few_shot is not None:
             others = [p for p in (*PARTS, "selection") if getattr(self, p) is not None]
             if others or self.data is not None:
