@@ -330,6 +330,11 @@ def test_limits_measure_only_runs_of_the_current_plan_and_cache_by_plan(shared, 
     other_sum = sum(plan_parts(other)["learning_curve"].splits["test"])
     assert other_sum != test_sum and [r["test_molecules"] for r in rows] == [other_sum]
     assert measured == [rid, rid]
+    # work folders are not results (a fresh clone has none): a finished run keeps the row its own plan cached
+    shutil.rmtree(out / "work")
+    assert [r["test_molecules"] for r in limits.run_limits(other, plan_parts(other))["runs"]] == [other_sum]
+    assert limits.run_limits(ctx, plan_parts(ctx))["runs"] == []  # the cached row is split_seed 8's
+    assert measured == [rid, rid]
     ctx.spec.data = DataSection(sources=[DataSource(path="x.jsonl")])
     with pytest.raises(MultifiError, match="limits measures QM9 learning curves only") as exc:
         limits.run_limits(ctx, {"learning_curve": None})

@@ -16,7 +16,8 @@ only the top one and are skipped), on the part's test molecules:
 
 Only runs finished under the spec's current plan are measured (their result's signature is the plan's:
 the same test molecules and configuration). Results are cached per run (<output>/limits/<run id>.json,
-keyed by the plan's signature and the model file's content hash). QM9 learning curves only (the shared
+keyed by the plan's signature and the model file's content hash); a finished run whose model is gone (work
+folders are not results: a fresh clone) keeps its cached row if this plan made it. QM9 learning curves only (the shared
 label tables), not specs with a `data` section.
 """
 
@@ -51,9 +52,9 @@ def run_limits(ctx: Context, parts: dict) -> dict:
     rows = []
     for plan in parts["learning_curve"].plans:
         model = ctx.paths.work / plan.id / "run" / "model.pt"
-        if plan.meta.get("role") == "pretrain" or not model.is_file() or not is_done(ctx, plan):
+        if plan.meta.get("role") == "pretrain" or not is_done(ctx, plan):
             continue  # a model of another plan (the spec changed since) is not measured on this plan's test set
-        row = _cached(ctx, plan, model, lc.high, lc.low)
+        row = _cached(ctx, plan, model, lc.high, lc.low) if model.is_file() else _kept(ctx, plan)
         if row is not None:
             rows.append({"run": plan.id, "variant": plan.meta["variant"], "n": plan.meta["n"], **row})
     out = {"high": lc.high, "low": lc.low, "runs": rows}
@@ -73,6 +74,17 @@ def _cached(ctx: Context, plan, model: Path, high: str, low: str) -> dict | None
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps({"key": key, "version": VERSION, "row": row}, indent=1).encode()))
     return row
+
+
+def _kept(ctx: Context, plan) -> dict | None:
+    """The cached row of a finished run whose work folder (model.pt) is gone, e.g. in a fresh clone: made from
+    this plan's model (same signature) by this version of the measurements, else None (nothing to measure)."""
+    path = ctx.paths.output / "limits" / f"{plan.id}.json"
+    if not path.is_file():
+        return None
+    cached = json.loads(path.read_text())
+    made_by = str(cached.get("key", "")).split(":")[0]
+    return cached["row"] if made_by == plan.signature() and cached.get("version") == VERSION else None
 
 
 def measure(ctx: Context, plan, model: Path, high: str, low: str) -> dict | None:
