@@ -279,6 +279,40 @@ def test_cli_all_with_replay_reports_forgetting(old_run, tmp_path, capsys):
     assert saved.extend.replay == 0.5 and saved.extend.replay_fidelities == ["hi"]
 
 
+def test_old_run_without_its_dataset_cache_reads_its_sources_again(old_run, tmp_path, capsys):
+    """dataset.npz is a cache (data.cache: false, or a run folder copied without it): replay and forgetting
+    read the run's data sources again and give the same numbers; unreadable sources are a one-line error."""
+    import shutil
+
+    from multifi.train.extend import load_old_run
+
+    copy = tmp_path / "copy"
+    shutil.copytree(old_run, copy)
+    (copy / "dataset.npz").unlink()
+    cached, again = load_old_run(old_run), load_old_run(copy)
+    assert list(cached.dataset.fidelities.names) == list(again.dataset.fidelities.names)
+    for name in ("train", "val", "test"):
+        one, two = getattr(cached, name), getattr(again, name)
+        assert np.array_equal(cached.dataset.keys[one[:, 0]], again.dataset.keys[two[:, 0]])
+        assert np.array_equal(one[:, 1], two[:, 1])
+        assert np.array_equal(cached.dataset.energy[one[:, 0], one[:, 1]], again.dataset.energy[two[:, 0], two[:, 1]])
+    data = new_data(tmp_path / "new.extxyz")
+    common = ["--data", str(data), "--fidelity", "CC", "--train", "all", "--replay", "0.5", "--max-steps", "2"]
+    common += ["--set", "train.progress=false", "--set", "train.threads=1"]
+    for run, out in ((old_run, tmp_path / "a"), (copy, tmp_path / "b")):
+        assert main(["extend", str(run / "model.pt"), *common, "--out", str(out)]) == 0
+    a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in ("a", "b"))
+    assert a["n_train"] == b["n_train"] and a["forgetting"]["hi"]["before"] == b["forgetting"]["hi"]["before"]
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["data"]["sources"][0]["path"] = str(tmp_path / "gone.extxyz")
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["extend", str(copy / "model.pt"), *common, "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no dataset.npz, and its config's data sources cannot be read again" in err[0]
+    assert "gone.extxyz" in err[0] and not (tmp_path / "c" / "model.pt").exists()
+
+
 def test_cli_embedding_errors_are_one_line(old_run, tmp_path, capsys):
     data = new_data(tmp_path / "new.extxyz")
     code = main(

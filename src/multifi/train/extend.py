@@ -193,15 +193,27 @@ def load_old_run(run: Path) -> OldRun:
         if cfg.data.fidelities is not None:
             ds = ds.select_fidelities(cfg.data.fidelities, where=f"{run}/config.yaml: data.fidelities")
     else:
-        raise MultifiError(
-            f"{run}: no dataset.npz (the run was trained with data.cache: false); "
-            "replay and forgetting need the run's data"
-        )
+        ds = _read_data_again(run, cfg)
     split = _read_splits(run / "splits.json", ds)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
     limits = ds.fidelities.per_index(cfg.data.train_limits, np.nan, "data.train_limits")
     pairs["train"] = limit_pairs(pairs["train"], limits, ds, cfg.data.split.seed)
     return OldRun(run, ds, pairs["train"], pairs["val"], pairs["test"])
+
+
+def _read_data_again(run: Path, cfg: RunConfig) -> FidelityDataset:
+    """The old run's dataset read again from its config's data sources: dataset.npz is a cache (a run trained
+    with data.cache: false, or copied without it, has none); splits.json then checks every structure is there."""
+    from multifi.train.prepare import prepare_data
+
+    log.info("%s: no dataset.npz; reading the run's data sources again", run)
+    try:
+        return prepare_data(cfg).dataset
+    except (MultifiError, OSError) as exc:
+        raise MultifiError(
+            f"{run}: no dataset.npz, and its config's data sources cannot be read again ({exc}); "
+            "replay and forgetting need the run's data"
+        ) from None
 
 
 def _read_splits(path: Path, ds: FidelityDataset) -> Split:
@@ -357,7 +369,7 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
     new_ds, new_pairs = read_new_data(cfg, x.fidelity)
     if len(new_pairs["train"]) == 0:
         raise MultifiError(f"{where}: no training structures at {x.fidelity!r} after the split")
-    old_run = _old_run_data(find_old_run(x), explicit=x.old_run is not None)
+    old_run = _old_run_data(find_old_run(x), explicit=x.old_run is not None or x.replay > 0)
     replay = _replay(x, old, old_run, cfg.train.seed, where)
     ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
     settings = FidelitySettings.resolve(cfg, ds.fidelities, config_source)
@@ -395,7 +407,8 @@ def _finish(cfg: RunConfig, old, potential, data, pairs: dict, table: FidelityTa
 
 
 def _old_run_data(run: Path | None, explicit: bool) -> OldRun | None:
-    """The old run's data; a run directory found beside the model without its data only gets a warning."""
+    """The old run's data; a run directory found beside the model without its data only gets a warning, unless
+    the extension needs it (explicit: --old-run given, or replay)."""
     if run is None:
         return None
     try:
