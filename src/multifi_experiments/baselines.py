@@ -20,6 +20,7 @@ import numpy as np
 
 from multifi.config import validate_config
 from multifi.errors import MultifiError
+from multifi.keys import UNSEEN
 from multifi_experiments.plan import RunPlan, deep_merge, fill
 
 SPLITS = ("train", "val", "test")
@@ -269,8 +270,11 @@ OPTIONAL_ERRORS = {
 
 
 def _errors(m: dict) -> dict:
+    """A result's errors of one method; `unseen`: test structures left out (an element no training label had)."""
     out = {"n": m["n"], "mae_meV": m["energy_mae_meV"], "rmse_meV": m["energy_rmse_meV"]}
     out.update({k: m[src] for k, src in OPTIONAL_ERRORS.items() if m.get(src) is not None})
+    if m.get(UNSEEN):
+        out["unseen"] = m[UNSEEN]
     return out
 
 

@@ -63,13 +63,16 @@ def few_shot_details(ctx: Context, plans: list[RunPlan], old: list[str], coverag
     for plan in plans:
         if plan.id in results and plan.meta.get("variant") in runs:
             runs[plan.meta["variant"]].setdefault(plan.meta["n"], []).append(results[plan.id])
-    new_mae, change, unchanged, ids = {}, {}, {}, {}
+    new_mae, change, unchanged, ids, unseen = {}, {}, {}, {}, {}
     for v in variants:
         new_mae[v], change[v], ids[v] = {}, {}, {}
         for n in fs.ns:
             rs = runs[v].get(n, [])
             ids[v][str(n)] = [r["id"] for r in rs]
             new_mae[v][str(n)] = stats([r["test"][fs.new]["mae_meV"] for r in rs if fs.new in r.get("test", {})])
+            left_out = [r["test"][fs.new].get("unseen", 0) for r in rs if fs.new in r.get("test", {})]
+            if any(left_out):
+                unseen.setdefault(v, {})[str(n)] = left_out
             per_run = [_old_changes(r, base, old) for r in rs]
             change[v][str(n)] = {m: stats([c[m] for c in per_run if m in c]) for m in old}
             if v in fs.modes and rs:
@@ -96,6 +99,7 @@ def few_shot_details(ctx: Context, plans: list[RunPlan], old: list[str], coverag
         },
         "base": None if base is None else {"id": base_id, "test": base["test"], "cpu_seconds": base.get("cpu_seconds")},
         "new_test_mae_meV": new_mae,
+        "new_test_unseen": unseen,
         "old_change_meV": change,
         "old_fidelities_unchanged": unchanged,
         "coverage": coverage,
@@ -236,6 +240,13 @@ def render(ctx: Context, d: dict, summary: dict, figure: bool) -> str:
     ]
     for v, info in d["variants"].items():
         lines.append(f"| {info['label']} | " + " | ".join(_cell(d["new_test_mae_meV"][v].get(n)) for n in ns) + " |")
+    for v, per_n in d.get("new_test_unseen", {}).items():
+        counts = "; ".join(f"n = {n}: {', '.join(str(c) for c in cs)}" for n, cs in per_n.items())
+        lines += [
+            "",
+            f"{d['variants'][v]['label']}: test molecules left out of its MAE because they contain an element "
+            f"none of its training labels contained (no reference energy; per seed): {counts} of {d['test']}.",
+        ]
     if figure:
         lines += ["", "![few-shot](few_shot.png)"]
     base = d["base"]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from multifi.data.batch import GraphCollator
 from multifi.data.dataset import FidelityDataset
 from multifi.data.neighbors import NeighborCache, make_neighbors
+from multifi.keys import COUNT, UNSEEN
 from multifi.train.metrics import FidelityMetrics
+
+log = logging.getLogger("multifi")
 
 
 def evaluate_pairs(
@@ -19,9 +24,31 @@ def evaluate_pairs(
     batch_size: int = 64,
     return_predictions: bool = False,
 ):
-    """Per-fidelity metrics of `potential` on `pairs` (fidelity indices of `dataset`, mapped to the model's by name)."""
+    """Per-fidelity metrics of `potential` on `pairs` (fidelity indices of `dataset`, mapped to the model's by name).
+
+    A structure with an element that no training label of the model contained (its reference energy is
+    undefined: errors of electronvolts) is left out of the metrics, counted under keys.UNSEEN of its fidelity
+    and warned about; its prediction (return_predictions: [P] eV, in the order of `pairs`) is still made."""
     potential.eval()
     neighbors = neighbors or make_neighbors(dataset, potential.cutoff, progress=False)
+    unseen = structures_with_unseen_elements(potential, dataset, pairs[:, 0])
+    metrics = _predict(potential, dataset, neighbors, pairs[~unseen], batch_size, preds := [])
+    result = metrics.compute()
+    if unseen.any():
+        _report_unseen(potential, dataset, pairs[unseen], result)
+        if return_predictions:
+            _predict(potential, dataset, neighbors, pairs[unseen], batch_size, bad := [])
+            energy = np.empty(len(pairs))
+            energy[~unseen] = np.concatenate(preds) if preds else []
+            energy[unseen] = np.concatenate(bad)
+            return result, energy
+    if return_predictions:
+        return result, (np.concatenate(preds) if preds else np.zeros(0))
+    return result
+
+
+def _predict(potential, dataset, neighbors, pairs: np.ndarray, batch_size: int, preds: list) -> FidelityMetrics:
+    """Metrics accumulated over `pairs`; the predicted energies [eV] appended to `preds` batch by batch."""
     collate = GraphCollator(dataset, neighbors)
     to_model = np.array(
         [potential.fidelities.index(n, where="evaluate") for n in dataset.fidelities.names], dtype=np.int64
@@ -30,7 +57,6 @@ def evaluate_pairs(
     forces_on = dataset.forces is not None
     stress_on = dataset.stress is not None
     param = next(potential.parameters())
-    preds = []
     for start in range(0, len(pairs), batch_size):
         g = collate(pairs[start : start + batch_size]).to("cpu", param.dtype)
         g.fidelity = torch.as_tensor(to_model[g.fidelity.numpy()])
@@ -38,9 +64,34 @@ def evaluate_pairs(
         out = potential(g.to(param.device), forces=want_f, stress=stress_on and bool(g.stress_mask.any()))
         out = {k: v.detach().cpu() for k, v in out.items()}
         metrics.update(out, g)
-        if return_predictions:
-            preds.append(out["energy"].numpy())
-    result = metrics.compute()
-    if return_predictions:
-        return result, (np.concatenate(preds) if preds else np.zeros(0))
-    return result
+        preds.append(out["energy"].numpy())
+    return metrics
+
+
+def structures_with_unseen_elements(potential, dataset: FidelityDataset, structures: np.ndarray) -> np.ndarray:
+    """[len(structures)] bool: the structure contains an element no training label of `potential` contained."""
+    known = potential.head.fitted.detach().cpu().numpy().any(1)  # [119]
+    numbers = np.clip(dataset.numbers, 0, len(known) - 1)
+    unknown_atoms = np.concatenate([[0], np.cumsum(~known[numbers])])  # prefix counts over all atoms
+    offsets = dataset.offsets
+    structures = np.asarray(structures, dtype=np.int64)
+    return (unknown_atoms[offsets[structures + 1]] - unknown_atoms[offsets[structures]]) > 0
+
+
+def _report_unseen(potential, dataset: FidelityDataset, pairs: np.ndarray, result: dict) -> None:
+    from ase.data import chemical_symbols
+
+    known = potential.head.fitted.detach().cpu().numpy().any(1)
+    for k in np.unique(pairs[:, 1]):
+        rows = pairs[pairs[:, 1] == k, 0]
+        atoms = np.concatenate([dataset.numbers[dataset.offsets[s] : dataset.offsets[s + 1]] for s in rows])
+        elements = ", ".join(chemical_symbols[z] for z in np.unique(atoms) if z >= len(known) or not known[z])
+        name = dataset.fidelities.names[int(k)]
+        result.setdefault(name, {COUNT: 0})[UNSEEN] = int(len(rows))
+        log.warning(
+            "%s: %d evaluated structure(s) contain %s, which no training label contained: left out of the "
+            "errors (the model cannot predict them)",
+            name,
+            len(rows),
+            elements,
+        )
