@@ -179,6 +179,20 @@ def test_prediction_warns_naming_element_and_fidelity(run_without_n, caplog):
     atoms.calc = Calculator(pot, fidelity="hi", strict_references=True)
     with pytest.raises(MultifiError, match="of N was estimated"):
         atoms.get_potential_energy()
+    # the elements are checked once per composition and fidelity: new elements or a new fidelity, again
+    calc = Calculator(pot, fidelity="hi", strict_references=True)
+    water = rattled_molecule("H2O", 0)
+    water.calc = calc
+    water.get_potential_energy()
+    atoms.calc = calc
+    for _ in range(2):
+        with pytest.raises(MultifiError, match="of N was estimated"):
+            atoms.get_potential_energy()
+    calc.fidelity = "lo"
+    atoms.get_potential_energy()
+    calc.fidelity = "hi"
+    with pytest.raises(MultifiError, match="of N was estimated"):
+        atoms.get_potential_energy()
 
     caplog.clear()
     labelled = data.parent / "ammonia_hi.extxyz"

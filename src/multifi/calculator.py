@@ -50,6 +50,7 @@ class Calculator(AseCalculator):
             p.requires_grad_(False)
         self.strict_references = strict_references
         self._warned: set = set()
+        self._checked: tuple | None = None  # (fidelity index, atomic numbers) last checked
         self.fidelity = fidelity
 
     @property
@@ -68,14 +69,17 @@ class Calculator(AseCalculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        check_elements(
-            self.potential,
-            self.atoms.numbers,
-            [len(self.atoms)],
-            self._index,
-            strict=self.strict_references,
-            seen=self._warned,
-        )
+        checked = (self._index, self.atoms.numbers.tobytes())
+        if checked != self._checked:  # an MD step or relaxation keeps the elements: check them once
+            check_elements(
+                self.potential,
+                self.atoms.numbers,
+                [len(self.atoms)],
+                self._index,
+                strict=self.strict_references,
+                seen=self._warned,
+            )
+            self._checked = checked
         graph = graph_from_atoms([self.atoms], self.potential.cutoff, self._index, dtype=self.dtype).to(self.device)
         periodic = bool(self.atoms.pbc.any())
         want_stress = periodic and "stress" in properties
