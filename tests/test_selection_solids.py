@@ -46,8 +46,12 @@ def test_selection_loop_on_solids(shared, tmp_path):  # noqa: F811
             spans = [c["test_not_spanned"] for c in chain]  # nested training sets: the span only grows
             assert spans == sorted(spans, reverse=True) and 0 <= spans[0] <= 4
             for c in chain:
-                assert {"mae_meV_per_atom", "forces_mae_meV_per_A"} <= set(c["test"]["R2SCAN"])
-                assert c["test"]["R2SCAN"]["n"] == 4 and np.isfinite(c["llpr"]["spearman"])
+                # an r2SCAN-only model of 4-10 structures may lack an element of every test structure (then
+                # it has no test error); a joint model knows every element from PBE
+                if arm.startswith("joint") or "R2SCAN" in c["test"]:
+                    assert {"mae_meV_per_atom", "forces_mae_meV_per_A"} <= set(c["test"]["R2SCAN"])
+                    assert c["test"]["R2SCAN"]["n"] + c["test"]["R2SCAN"].get("unseen", 0) == 4
+                assert np.isfinite(c["llpr"]["spearman"])
             # round 2 trains on r2SCAN for the 10 acquired structures (+ val, test), PBE on no held-out one
             inputs = out / "work" / chain[2]["run"] / "inputs"
             r2scan = set((inputs / "source0.keys").read_text().split())
