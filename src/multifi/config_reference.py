@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel
 
-from multifi.config import RunConfig
+from multifi.config import BACKBONE_DEFAULTS, ModelConfig, RunConfig
 
 #: what keys mean, where the model itself carries no description
 HELP = {
@@ -131,19 +131,44 @@ def _model_lines(model: type[BaseModel], lines: list[str], indent: str, path: st
             lines.append(f"{indent}{prefix}{name}:")
             _model_lines(sub, lines, inner, key)
         else:
-            lines.append(f"{indent}{prefix}{name}: {_default(field)}")
+            lines.append(f"{indent}{prefix}{name}: {_default(field, key)}{_backbone_note(key, field)}")
         if not path:
             lines.append("")
 
 
-def _default(field) -> str:
+def _default(field, key: str = "") -> str:
+    """The value an unset key resolves to with the default backbone (BACKBONE_DEFAULTS first), as YAML."""
     if field.is_required():
         return "null  # required"
-    value = field.get_default(call_default_factory=True)
+    value = _per_backbone(key).get(DEFAULT_BACKBONE, field.get_default(call_default_factory=True))
+    return _yaml(value)
+
+
+def _yaml(value) -> str:
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
     text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
     return text.removesuffix("\n...").removesuffix(" ...").strip()
+
+
+#: the backbone a config without model.backbone gets; the example shows its defaults
+DEFAULT_BACKBONE = ModelConfig.model_fields["backbone"].default
+
+
+def _per_backbone(key: str) -> dict[str, Any]:
+    """{backbone: default} for a `section.name` key that BACKBONE_DEFAULTS sets for some backbone."""
+    section, _, name = key.partition(".")
+    return {b: d[section][name] for b, d in BACKBONE_DEFAULTS.items() if name in d.get(section, {})}
+
+
+def _backbone_note(key: str, field) -> str:
+    """`  # by model.backbone: painn …, m3gnet …` where the default depends on the backbone."""
+    per = _per_backbone(key)
+    if not per:
+        return ""
+    generic = field.get_default(call_default_factory=True)
+    backbones = typing.get_args(ModelConfig.model_fields["backbone"].annotation)
+    return "  # by model.backbone: " + ", ".join(f"{b} {_yaml(per.get(b, generic))}" for b in backbones)
 
 
 def _section(ann) -> type[BaseModel] | None:
