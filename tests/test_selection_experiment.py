@@ -24,9 +24,29 @@ def records(out: Path) -> dict:
     return {str(p.relative_to(out)): json.loads(p.read_text()) for p in sorted((out / "rounds").rglob("*.json"))}
 
 
+def status(out: Path, only=()) -> dict:
+    from multifi_experiments.runner import load_context
+    from multifi_experiments.status import experiment_status
+
+    return {r.id: r for r in experiment_status(load_context(SPEC, [f"output={out}"]), only)}
+
+
 def test_selection_loop_tiny(shared, fake, tmp_path):  # noqa: F811
     out = tmp_path / "out"
+    # status lists every training run once: round 0 per (model, seed), later rounds per (arm, seed)
+    planned = status(out)
+    assert len(planned) == 2 * 2 + len(ARMS) * 2 * 2 and {r.state for r in planned.values()} == {"to do"}
+    assert "selection/joint/s1/r0_n8" in planned and "selection/joint_batch/s1/r2_n20" in planned
+    assert sorted(status(out, ["joint_batch"])) == sorted(
+        f"selection/{a}/s{s}/r{r}_n{n}"
+        for s in (0, 1)
+        for a, r, n in (("joint", 0, 8), ("joint_batch", 1, 14), ("joint_batch", 2, 20))
+    )
     run_spec(SPEC, overrides=[f"output={out}"])
+    finished = status(out)
+    assert set(finished) == set(planned) and all(
+        r.state == "done" and r.left_cpu_seconds == 0 for r in finished.values()
+    )
     splits = {k: set(v) for k, v in json.loads((out / "splits" / "selection.json").read_text()).items()}
     assert len(splits["pool"]) == 60 and not splits["pool"] & (splits["test"] | splits["val"])
     recs = records(out)

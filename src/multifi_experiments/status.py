@@ -40,8 +40,7 @@ class RunStatus:
 def experiment_status(ctx: Context, only=()) -> list[RunStatus]:
     """The state of every run of the spec (selected by `only`: parts, run-id prefixes or arms)."""
     if ctx.spec.selection is not None:
-        rows = _estimate(_selection_rows(ctx))
-        return [r for r in rows if not only or any(r.id.split("/")[1] == o or r.id.startswith(o) for o in only)]
+        return _estimate(_selection_rows(ctx, only))
     if ctx.spec.few_shot is not None:
         from multifi_experiments import fewshot
 
@@ -121,25 +120,54 @@ def _status(ctx: Context, plan: RunPlan) -> RunStatus:
     )
 
 
-def _selection_rows(ctx: Context) -> list[RunStatus]:
-    """One row per arm, seed and round of a selection spec: `done` when the round's record exists (its run
-    trained, calibrated and its picks made); its CPU time is the run's and the selection's."""
+def _selection_rows(ctx: Context, only=()) -> list[RunStatus]:
+    """One row per training run of a selection spec: round 0 once per (model, seed), shared by that model's
+    arms (`done` when its result exists), every later round per (arm, seed) (`done` when the round's record
+    exists: its run trained, calibrated and its picks made; CPU time the run's and the selection's). A run
+    not done whose work folder holds a clock is `in flight`. `only`: arms or run-id prefixes (round 0 rows
+    belong to every arm of their model). Every round trains the same number of steps, so the finished runs
+    of a model, whatever their round, estimate the cost of its others."""
     from multifi_experiments.selection import PART, record_path, seeds_of
 
     sp = ctx.spec.selection
+    n0 = sp.rounds[0]
     rows = []
+    for model in dict.fromkeys(cfg.model for cfg in sp.arms.values()):
+        arms = [a for a, cfg in sp.arms.items() if cfg.model == model]
+        for seed in seeds_of(ctx):
+            run_id = f"{PART}/{model}/s{seed}/r0_n{n0}"
+            if _chosen(run_id, arms, only):
+                result = _read_json(result_path(ctx, run_id))
+                cpu = None if result is None else float(result.get("cpu_seconds", 0.0))
+                rows.append(_selection_row(ctx, run_id, f"{PART}/{model}", cpu))
     for arm, cfg in sp.arms.items():
         for seed in seeds_of(ctx):
-            for r, n in enumerate(sp.rounds):
+            for r, n in enumerate(sp.rounds[1:], start=1):
+                run_id = f"{PART}/{arm}/s{seed}/r{r}_n{n}"
+                if not _chosen(run_id, [arm], only):
+                    continue
                 record = _read_json(record_path(ctx, arm, seed, r))
-                row = RunStatus(f"{PART}/{arm}/s{seed}/r{r}_n{n}", "to do", f"{PART}/{cfg.model}/r{r}")
+                cpu = None
                 if record is not None:
-                    row.state = "done"
-                    row.cpu_seconds = float(record.get("cpu_seconds", 0.0)) + float(
-                        record.get("selection_cpu_seconds", 0.0)
-                    )
-                rows.append(row)
+                    cpu = float(record.get("cpu_seconds", 0.0)) + float(record.get("selection_cpu_seconds", 0.0))
+                rows.append(_selection_row(ctx, run_id, f"{PART}/{cfg.model}", cpu))
     return rows
+
+
+def _chosen(run_id: str, arms: list[str], only) -> bool:
+    return not only or any(o in arms or run_id.startswith(o) for o in only)
+
+
+def _selection_row(ctx: Context, run_id: str, group: str, done_cpu: float | None) -> RunStatus:
+    """`done` with done_cpu seconds, else `in flight` (CPU and starts from the work folder's clock) or `to do`."""
+    if done_cpu is not None:
+        return RunStatus(run_id, "done", group, cpu_seconds=done_cpu)
+    clock = _read_json(work_dir(ctx, run_id) / "clock.json")
+    if clock is None:
+        return RunStatus(run_id, "to do", group)
+    return RunStatus(
+        run_id, "in flight", group, cpu_seconds=float(clock.get("cpu", 0.0)), starts=int(clock.get("starts", 0))
+    )
 
 
 def _read_json(path: Path) -> dict | None:
