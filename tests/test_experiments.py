@@ -705,3 +705,39 @@ def test_step_matched_controls_train_equal_steps_and_report_apart(shared, fake, 
     for row in details["ten_methods"]["methods"].values():  # main table: one value per seed, not two
         assert row["joint"]["seeds"] == row["separate"]["seeds"] == 2
     assert "### Step-matched control: every model 6 steps" in (out / "README.md").read_text()
+
+
+def test_signature_resolves_backbone_default_keys():
+    """Plan signatures hash backbone-default keys as the run resolves them: a key pinned to the generic default
+    hashes like the empty section every run had before backbone defaults existed (so such runs stay done),
+    and an unset key hashes like the backbone's default (so runs made with the generic one become stale)."""
+    from multifi_experiments import plan as plan_module
+    from multifi_experiments.plan import RunPlan
+
+    def sig(model, loss, train=None, resolve=True):
+        config = {
+            "model": model,
+            "loss": loss,
+            "train": {"lr": 0.001} if train is None else train,
+            "data": {"sources": []},
+        }
+        p = RunPlan("x/y", "x", config, {}, {})
+        if resolve:
+            return p.signature()
+        original = plan_module._resolved_backbone_keys
+        plan_module._resolved_backbone_keys = lambda cfg: cfg
+        try:
+            return p.signature()
+        finally:
+            plan_module._resolved_backbone_keys = original
+
+    painn = {"backbone": "painn"}
+    legacy = sig(painn, {}, resolve=False)  # what a run made with the generic defaults stored
+    assert sig(painn, {"kind": "mse"}) == legacy == sig(painn, {"kind": "mse", "huber_delta": 0.01})
+    assert sig(painn, {}) != legacy and sig(painn, {}) == sig(painn, {"kind": "huber"})
+    m3gnet = {"backbone": "m3gnet"}
+    explicit = {"kind": "huber", "huber_delta": 0.1, "energy": 10.0}
+    full_train = {"lr": 0.003, "warmup_steps": 50}
+    assert sig(m3gnet, explicit, full_train) == sig(m3gnet, explicit, full_train, resolve=False)  # unchanged
+    assert sig(m3gnet, {}, {}) == sig(m3gnet, explicit, full_train)
+    assert sig(m3gnet, {"kind": "mse"}, full_train) != sig(m3gnet, explicit, full_train)

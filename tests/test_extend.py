@@ -354,3 +354,21 @@ def test_info_shows_training_data_and_extensions(old_run, tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.strip().startswith("0  lo"))
     assert row.split()[2:5] == [str(counts[s]["lo"]) for s in ("train", "val", "test")]
     assert "run config (config.yaml beside the model)" in out
+
+
+@pytest.mark.parametrize("backbone", ["painn", "m3gnet"])
+def test_extension_takes_the_backbone_defaults_of_the_model_it_extends(tmp_path, backbone):
+    """An extend config has no model section: keys it leaves unset take BACKBONE_DEFAULTS of the extended
+    model's backbone (not of the config's default backbone); keys it sets win; config.yaml records them."""
+    from multifi.config import BACKBONE_DEFAULTS
+
+    _, path = saved_model(tmp_path, "both", backbone)
+    cfg = ext_config(tmp_path, path)
+    saved = load_config(extend(cfg) / "config.yaml")
+    for section, values in BACKBONE_DEFAULTS[backbone].items():
+        for key, value in values.items():
+            given = getattr(cfg, section)
+            expected = getattr(given, key) if key in given.model_fields_set else value
+            assert getattr(getattr(saved, section), key) == expected, (section, key)
+    if backbone == "m3gnet":  # differs from PaiNN's: the extended model decides
+        assert saved.loss.huber_delta == 0.1 and saved.loss.energy == 10.0 and saved.train.lr == 0.05

@@ -281,6 +281,8 @@ class RunConfig(Section):
         """Fill the keys a config leaves unset with BACKBONE_DEFAULTS of its backbone."""
         if not isinstance(raw, dict):
             return raw
+        if raw.get("extend") is not None and raw.get("model") is None:
+            return raw  # the backbone is the extended model's: extend() applies its defaults
         model = raw.get("model") or {}
         backbone = model.backbone if isinstance(model, ModelConfig) else model.get("backbone", "painn")
         defaults = BACKBONE_DEFAULTS.get(backbone, {})
@@ -293,6 +295,18 @@ class RunConfig(Section):
             elif isinstance(given, dict):
                 raw[section] = {**values, **given}
         return raw
+
+
+def with_backbone_defaults(cfg: RunConfig, backbone: str) -> RunConfig:
+    """cfg with BACKBONE_DEFAULTS[backbone] in the loss/train keys it leaves unset (for `extend`, whose
+    backbone is known only once the model is loaded)."""
+    update = {}
+    for section, values in BACKBONE_DEFAULTS.get(backbone, {}).items():
+        given = getattr(cfg, section)
+        unset = {k: v for k, v in values.items() if k not in given.model_fields_set}
+        if unset:
+            update[section] = given.model_copy(update=unset)
+    return cfg.model_copy(update=update) if update else cfg
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -32,7 +32,7 @@ class RunPlan:
     upstream: dict[str, str] = field(default_factory=dict)  # needed run id → its signature
 
     def signature(self) -> str:
-        cfg = copy.deepcopy(self.config)
+        cfg = _resolved_backbone_keys(copy.deepcopy(self.config))
         cfg.pop("output_dir", None)
         for key in VOLATILE_TRAIN_KEYS:
             cfg.get("train", {}).pop(key, None)
@@ -86,3 +86,26 @@ def slug(name: str) -> str:
 def sorted_indices(*parts) -> list[int]:
     """Sorted union of index arrays, as a plain list."""
     return sorted(set(int(i) for p in parts for i in np.asarray(p).ravel()))
+
+
+def _resolved_backbone_keys(cfg: dict) -> dict:
+    """The keys BACKBONE_DEFAULTS sets, written as the run resolves them: unset → the backbone's default, and
+    a value equal to the generic field default dropped (what an unset key meant before backbone defaults
+    existed). Runs made then keep their signatures when a spec now pins that value, and a spec that leaves
+    such a key unset gets a new signature when its backbone's default differs from the generic one."""
+    from multifi.config import BACKBONE_DEFAULTS, RunConfig
+
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    backbone = model.get("backbone", "painn")
+    for section, values in BACKBONE_DEFAULTS.get(backbone, {}).items():
+        given = cfg.get(section)
+        if given is not None and not isinstance(given, dict):
+            continue  # a placeholder string: left as it is
+        resolved = {**values, **(given or {})}
+        fields = RunConfig.model_fields[section].annotation.model_fields
+        for key in values:
+            if key in fields and resolved[key] == fields[key].default:
+                del resolved[key]
+        if resolved or given is not None:
+            cfg[section] = resolved
+    return cfg

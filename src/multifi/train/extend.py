@@ -20,7 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from multifi.config import RunConfig, dump_config, load_config
+from multifi.config import RunConfig, dump_config, load_config, with_backbone_defaults
 from multifi.data.checks import check_energy_units
 from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
@@ -303,7 +303,7 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
         raise MultifiError(f"{run_dir}: run directory exists and is not empty; choose another output directory")
     old = load_potential(x.model, compile=False)
     like = check_request(old, x, where)
-    cfg = _with_model_precision(cfg, old, where)
+    cfg = _with_model_precision(with_backbone_defaults(cfg, old.config.backbone), old, where)
     _configure_threads(cfg)
     _quiet_lightning()
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
