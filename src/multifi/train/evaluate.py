@@ -30,6 +30,7 @@ def evaluate_pairs(
     undefined: errors of electronvolts) is left out of the metrics, counted under keys.UNSEEN of its fidelity
     and warned about; its prediction (return_predictions: [P] eV, in the order of `pairs`) is still made."""
     potential.eval()
+    model_fidelities(potential, dataset, pairs)  # a fidelity the model lacks: an error before any work
     neighbors = neighbors or make_neighbors(dataset, potential.cutoff, progress=False)
     unseen = structures_with_unseen_elements(potential, dataset, pairs[:, 0])
     metrics = _predict(potential, dataset, neighbors, pairs[~unseen], batch_size, preds := [])
@@ -50,9 +51,7 @@ def evaluate_pairs(
 def _predict(potential, dataset, neighbors, pairs: np.ndarray, batch_size: int, preds: list) -> FidelityMetrics:
     """Metrics accumulated over `pairs`; the predicted energies [eV] appended to `preds` batch by batch."""
     collate = GraphCollator(dataset, neighbors)
-    to_model = np.array(
-        [potential.fidelities.index(n, where="evaluate") for n in dataset.fidelities.names], dtype=np.int64
-    )
+    to_model = model_fidelities(potential, dataset, pairs)
     metrics = FidelityMetrics(list(potential.fidelities.names))
     forces_on = dataset.forces is not None
     stress_on = dataset.stress is not None
@@ -66,6 +65,19 @@ def _predict(potential, dataset, neighbors, pairs: np.ndarray, batch_size: int, 
         metrics.update(out, g)
         preds.append(out["energy"].numpy())
     return metrics
+
+
+def model_fidelities(potential, dataset: FidelityDataset, pairs: np.ndarray) -> np.ndarray:
+    """[K_data] int64: the model's index of each dataset fidelity that `pairs` evaluate (by name), -1 for the
+    others. A fidelity of `pairs` the model lacks is an error naming the data and the model's fidelities;
+    fidelities of the data that are not evaluated (e.g. `evaluate --fidelity` picked one) may be unknown."""
+    used = np.zeros(len(dataset.fidelities), bool)
+    used[np.asarray(pairs, dtype=np.int64).reshape(-1, 2)[:, 1]] = True
+    where = f"{dataset.source or 'data'} (the model's fidelities)"
+    return np.array(
+        [potential.fidelities.index(n, where=where) if u else -1 for n, u in zip(dataset.fidelities.names, used)],
+        dtype=np.int64,
+    )
 
 
 def structures_with_unseen_elements(potential, dataset: FidelityDataset, structures: np.ndarray) -> np.ndarray:
