@@ -38,3 +38,19 @@ def test_evaluate_one_fidelity_of_a_file_that_also_names_a_fidelity_the_model_la
     metrics = json.loads(out.read_text())["fidelities"]
     assert set(metrics) == {"lo"} and metrics["lo"]["n"] == 3
     fails(["evaluate", model, path], capsys, str(path), "unknown fidelity 'CCSD'", "lo, hi")
+
+
+def test_ensemble_member_without_the_fidelity_is_an_error_naming_it(model, tmp_path, capsys):
+    """A further --ensemble model (predict, evaluate) that lacks the requested fidelity: a one-line error naming
+    that model file (was 'model: unknown fidelity', after the first model's predictions), and no output."""
+    torch.manual_seed(1)
+    member = save_potential(build_potential(TINY_MODEL, ["lo"]), tmp_path / "lo_only.pt")
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0)])
+    out = tmp_path / "pred.extxyz"
+    argv = ["predict", model, src, "--fidelity", "hi", "--ensemble", member, "--out", out]
+    fails(argv, capsys, str(member), "unknown fidelity 'hi'", "known: lo")
+    assert not out.exists()
+    labelled = tmp_path / "hi.extxyz"
+    ase.io.write(labelled, [emt_labelled(rattled_molecule(m, i), "hi") for i, m in enumerate(("CH4", "NH3"))])
+    fails(["evaluate", model, labelled, "--ensemble", member], capsys, str(member), "unknown fidelity 'hi'")

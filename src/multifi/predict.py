@@ -85,12 +85,14 @@ def predict_file(
 
     from multifi.files import atomic_write
     from multifi.models.registry import load_potential
+    from multifi.uncertainty import load_ensemble
 
     fidelities = [fidelity] if isinstance(fidelity, str) else list(fidelity)
     potential = load_potential(checkpoint)
     for name in fidelities:
         potential.fidelities.index(name, where=str(checkpoint))
     potential = potential.to(device)
+    members = load_ensemble(ensemble, fidelities, device)
     path = Path(structures)
     if not path.exists():
         raise MultifiError(f"{path}: no such file")
@@ -109,9 +111,9 @@ def predict_file(
             raise MultifiError(
                 f"{path}: structure {i}: the model predicts a non-finite energy at {name!r}; nothing written"
             )
-        if uncertainty or ensemble:
+        if uncertainty or members:
             energies, forces, stresses, sigmas[name], method = predict_sigma(
-                checkpoint, potential, ensemble, atoms_list, name, (energies, forces, stresses), batch_size
+                checkpoint, potential, members, atoms_list, name, (energies, forces, stresses), batch_size
             )
         predictions[name] = (energies, forces, stresses)
     for i, a in enumerate(atoms_list):
@@ -170,14 +172,14 @@ def _attach(atoms, name: str, energy, forces, stress, first: bool, several: bool
 def predict_sigma(
     checkpoint, potential, ensemble: list, atoms_list, fidelity: str, predicted: tuple, batch_size: int = 32
 ):
-    """σ (eV) for predict_file: LLPR of `potential` (no ensemble), else the spread of potential + ensemble,
-    whose means replace the predictions. Returns (energies, forces, stresses, sigma [n], method name)."""
+    """σ (eV) for predict_file: LLPR of `potential` (no ensemble), else the spread of potential + ensemble
+    (further loaded models, see uncertainty.load_ensemble), whose means replace the predictions.
+    Returns (energies, forces, stresses, sigma [n], method name)."""
     from multifi.data.dataset import FidelityDataset
-    from multifi.models.registry import load_potential
     from multifi.uncertainty import LLPR, dataset_features, llpr_path
 
     if ensemble:
-        members = [predicted] + [predict_atoms(load_potential(m), atoms_list, fidelity, batch_size) for m in ensemble]
+        members = [predicted] + [predict_atoms(m, atoms_list, fidelity, batch_size) for m in ensemble]
         e = np.stack([m[0] for m in members])
         forces = [np.mean(fs, axis=0) for fs in zip(*(m[1] for m in members))]
         stresses = [None if s[0] is None else np.mean(s, axis=0) for s in zip(*(m[2] for m in members))]

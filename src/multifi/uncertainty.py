@@ -402,14 +402,28 @@ def evaluate_uncertainty(
     return out
 
 
+def load_ensemble(paths, fidelities, device="cpu") -> list:
+    """The further models of an ensemble (`--ensemble`), on `device`; each must have every fidelity in
+    `fidelities` (names): one that lacks one is an error naming that model file, before any prediction."""
+    from multifi.models.registry import load_potential
+
+    models = []
+    for path in paths:
+        member = load_potential(path)
+        for name in fidelities:
+            member.fidelities.index(name, where=str(path))
+        models.append(member.to(device))
+    return models
+
+
 def uncertainty_report(checkpoint, potential, ensemble: list, dataset, pairs: np.ndarray, batch_size: int = 64) -> dict:
     """Calibration per fidelity (evaluate_uncertainty) of the LLPR of one model or of an ensemble:
     {"method", "fidelities": {name: metrics}}."""
-    from multifi.models.registry import load_potential
-
     if ensemble:
+        names = [dataset.fidelities.names[int(k)] for k in np.unique(pairs[:, 1])]
+        device = next(potential.parameters()).device
         models, llpr, method = (
-            [potential] + [load_potential(m) for m in ensemble],
+            [potential] + load_ensemble(ensemble, names, device),
             None,
             f"ensemble of {len(ensemble) + 1}",
         )
