@@ -54,3 +54,46 @@ def test_ensemble_member_without_the_fidelity_is_an_error_naming_it(model, tmp_p
     labelled = tmp_path / "hi.extxyz"
     ase.io.write(labelled, [emt_labelled(rattled_molecule(m, i), "hi") for i, m in enumerate(("CH4", "NH3"))])
     fails(["evaluate", model, labelled, "--ensemble", member], capsys, str(member), "unknown fidelity 'hi'")
+
+
+def _strained_copper(n: int = 12, stress_unit: float = 1.0) -> list:
+    """n strained, rattled Cu cells with EMT energy, forces and stress; the stress written in units of
+    `stress_unit` eV/Å³ (1: ASE units, as documented; ase.units.GPa: GPa numbers given as eV/Å³)."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(n):
+        a = bulk("Cu", "fcc", 3.6, cubic=True)
+        eps = rng.uniform(-0.05, 0.05, (3, 3))
+        a.set_cell(a.cell.array @ (np.eye(3) + (eps + eps.T) / 2), scale_atoms=True)
+        a.rattle(0.05, seed=i)
+        a.calc = EMT()
+        e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
+        a.calc = SinglePointCalculator(a, energy=e, forces=f, stress=s / stress_unit)
+        a.info["fidelity"] = "EMT"
+        frames.append(a)
+    return frames
+
+
+@pytest.mark.parametrize("unit", ["eV/A3", "GPa", "kBar"])
+def test_stress_in_gpa_or_kbar_instead_of_ev_per_a3_is_flagged(unit, write_config, tmp_path, capsys, caplog):
+    """Stress labels are read in eV/Å³ (ASE units). GPa or kBar numbers in their place make every stress
+    160× or 1600× too large (hundreds of GPa and more): training says so before it starts."""
+    import logging
+
+    from ase.units import GPa
+
+    path = tmp_path / "cu.extxyz"
+    ase.io.write(path, _strained_copper(stress_unit={"eV/A3": 1.0, "GPa": GPa, "kBar": GPa / 10}[unit]))
+    config = write_config(data={"sources": [{"path": str(path)}], "split": {"val": 0.25, "test": 0.25, "seed": 0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    flagged = [r.getMessage() for r in caplog.records if "look like" in r.getMessage() and "stress" in r.getMessage()]
+    if unit == "eV/A3":
+        assert not flagged, flagged
+    else:
+        assert len(flagged) == 1 and str(path) in flagged[0] and "'EMT'" in flagged[0] and "eV/Å³" in flagged[0]

@@ -1,5 +1,5 @@
 """Plausibility checks on prepared data: overlapping atoms, duplicate geometries across splits,
-energies that look like Hartree instead of eV. Errors are one line; doubtful data gives warnings."""
+energies that look like Hartree instead of eV, stresses that look like GPa or kBar instead of eV/Å³. Errors are one line; doubtful data gives warnings."""
 
 from __future__ import annotations
 
@@ -126,3 +126,35 @@ def _crystal_per_atom_magnitude(dataset: FidelityDataset, s: np.ndarray, k: int)
         return None
     m = float(np.median(np.abs(dataset.energy[periodic, k]) / dataset.n_atoms[periodic]))
     return m if 0.02 < m < 0.4 else None
+
+
+#: GPa; the median over structures of the largest |stress component| above which stresses look like GPa or
+#: kBar numbers given as eV/Å³ (×160 or ×1602: real data, strongly compressed crystals included, have medians
+#: of 1-10 GPa and maxima of a few hundred)
+IMPLAUSIBLE_STRESS = 300.0
+
+
+def check_stress_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5) -> list[str]:
+    """Warn for fidelities whose stress labels (stored in GPa) have a median largest |component| above
+    IMPLAUSIBLE_STRESS over at least `min_count` of `pairs`' structures: readers take eV/Å³ (ASE units), so
+    GPa or kBar numbers come out 160× or 1602× too large. Returns the suspicious names."""
+    if dataset.stress is None:
+        return []
+    suspicious = []
+    for k, name in enumerate(dataset.fidelities.names):
+        s = pairs[pairs[:, 1] == k, 0]
+        s = s[dataset.stress_mask[s, k]]
+        if len(s) < min_count:
+            continue
+        median = float(np.median(np.abs(dataset.stress[s, k]).max(axis=(1, 2))))
+        if median > IMPLAUSIBLE_STRESS:
+            suspicious.append(name)
+            log.warning(
+                "%s: stresses at fidelity %r look like GPa or kBar numbers read as eV/Å³ (median largest "
+                "component %.0f GPa after conversion; real data: 1-10); stress labels are read in eV/Å³ "
+                "(ASE units): multiply GPa by ase.units.GPa (1/160.2), kBar by 0.1·ase.units.GPa",
+                dataset.source or "data",
+                name,
+                median,
+            )
+    return suspicious

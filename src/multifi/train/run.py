@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from multifi.config import RunConfig, dump_config, load_config
-from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates
+from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates, check_stress_units
 from multifi.data.stats import fit_references
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, make_dir, reported
@@ -87,6 +87,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
         shared_scale=cfg.model.energy_scale == "shared",
     )
     check_energy_units(prep.dataset, prep.pairs["train"], refs.ref, refs.scale)
+    check_stress_units(prep.dataset, prep.pairs["train"])
     _report_references(refs, prep.dataset.fidelities.names)
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted)
     module.sync_ema()
