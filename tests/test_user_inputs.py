@@ -97,3 +97,19 @@ def test_stress_in_gpa_or_kbar_instead_of_ev_per_a3_is_flagged(unit, write_confi
         assert not flagged, flagged
     else:
         assert len(flagged) == 1 and str(path) in flagged[0] and "'EMT'" in flagged[0] and "eV/Å³" in flagged[0]
+
+
+def test_fidelity_without_training_labels_is_warned_about(write_config, capsys, caplog):
+    """A fidelity labelled only in validation/test structures (here: train_limits 0) cannot be learned: the
+    run says so by name, instead of listing every element as lacking a reference energy."""
+    import logging
+
+    config = write_config(data={"train_limits": {"hi": 0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    about_hi = [m for m in messages if m.startswith("hi:")]
+    assert len(about_hi) == 1, messages
+    assert "no training labels" in about_hi[0] and "val" in about_hi[0] and "test" in about_hi[0]
+    assert not any(m.startswith("lo:") for m in messages), messages

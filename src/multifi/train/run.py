@@ -88,7 +88,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     )
     check_energy_units(prep.dataset, prep.pairs["train"], refs.ref, refs.scale)
     check_stress_units(prep.dataset, prep.pairs["train"])
-    _report_references(refs, prep.dataset.fidelities.names)
+    _report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted)
     module.sync_ema()
 
@@ -345,9 +345,24 @@ def _counts(prep, split: str) -> dict[str, int]:
 
 
 def _report_data(prep) -> None:
-    for split in ("train", "val", "test"):
-        counts = _counts(prep, split)
-        log.info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in counts.items()))
+    """Samples per fidelity and split; a warning for each fidelity labelled only outside training."""
+    counts = {split: _counts(prep, split) for split in ("train", "val", "test")}
+    for split, c in counts.items():
+        log.info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in c.items()))
+    for name in _untrained(prep):
+        log.warning(
+            "%s: no training labels (val: %d, test: %d samples): the model cannot learn this fidelity; its "
+            "predictions and errors are those of an untrained fidelity vector with reference energies "
+            "estimated from the other fidelities",
+            name,
+            counts["val"][name],
+            counts["test"][name],
+        )
+
+
+def _untrained(prep) -> list[str]:
+    """Fidelities of the dataset without a single training sample."""
+    return [name for name, n in _counts(prep, "train").items() if n == 0]
 
 
 def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None) -> None:
@@ -379,13 +394,14 @@ def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None)
     log.info("dry run: config and data are valid; nothing written (the run would go to %s)", run_dir.resolve())
 
 
-def _report_references(refs, names) -> None:
-    """One warning per fidelity whose training labels lack elements that other fidelities have."""
+def _report_references(refs, names, skip=()) -> None:
+    """One warning per fidelity whose training labels lack elements that other fidelities have (except
+    `skip`: fidelities without training labels, warned about as such)."""
     from ase.data import chemical_symbols
 
     for k, name in enumerate(names):
         missing = refs.estimated(k)
-        if not missing:
+        if not missing or name in skip:
             continue
         symbols = ", ".join(chemical_symbols[z] for z in missing)
         error = (
