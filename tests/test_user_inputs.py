@@ -113,3 +113,29 @@ def test_fidelity_without_training_labels_is_warned_about(write_config, capsys, 
     assert len(about_hi) == 1, messages
     assert "no training labels" in about_hi[0] and "val" in about_hi[0] and "test" in about_hi[0]
     assert not any(m.startswith("lo:") for m in messages), messages
+
+
+def test_a_run_directory_stands_for_its_model(model, tmp_path, capsys):
+    """`info`, `predict` and the Calculator take a run directory for the model.pt inside it (was 'not a
+    readable checkpoint (IsADirectoryError)'); a folder without model.pt is a one-line error saying so."""
+    import shutil
+
+    import multifi
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(model, run_dir / "model.pt")
+    code, by_dir, err = run(["info", run_dir, "--json"], capsys)
+    assert code == 0, err
+    _, by_file, _ = run(["info", run_dir / "model.pt", "--json"], capsys)
+    assert json.loads(by_dir)["fidelities"] == json.loads(by_file)["fidelities"]
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0)])
+    out = tmp_path / "pred.extxyz"
+    assert run(["predict", run_dir, src, "--fidelity", "lo", "--out", out], capsys)[0] == 0
+    atoms = rattled_molecule("H2O", 0)
+    atoms.calc = multifi.Calculator(run_dir, fidelity="lo")
+    assert ase.io.read(out).get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-4)
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    fails(["info", empty], capsys, str(empty), "no model.pt")

@@ -20,8 +20,9 @@ def model_card(path: str | Path) -> dict:
     the trained fidelity vectors (None for onehot, heads and single models)."""
     from ase.data import chemical_symbols
 
-    from multifi.models.registry import load_potential
+    from multifi.models.registry import load_potential, model_file
 
+    path = model_file(path)  # a run directory: its model.pt
     pot = load_potential(path, compile=False)
     run = Path(path).parent
     if run.name == "checkpoints":  # a training checkpoint: the run directory is one level up

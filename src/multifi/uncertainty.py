@@ -198,8 +198,10 @@ class LLPR:
 
 
 def llpr_path(model_path: str | Path) -> Path:
-    """The LLPR side file of a model file: runs/x/model.pt → runs/x/model.llpr.npz."""
-    p = Path(model_path)
+    """The LLPR side file of a model file: runs/x/model.pt → runs/x/model.llpr.npz (also for runs/x)."""
+    from multifi.models.registry import model_file
+
+    p = model_file(model_path)
     return p.with_name(p.stem + ".llpr.npz")
 
 

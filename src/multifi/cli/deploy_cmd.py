@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def register(sub):
     p = sub.add_parser("deploy", help="write a Python-free TorchScript model at one fidelity for LAMMPS")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="model.pt, a training checkpoint (.ckpt) or a run directory (its model.pt)")
     p.add_argument("--fidelity", required=True, help="fidelity (level of theory) baked into the file, by name")
     p.add_argument("--out", required=True, help="output file (TorchScript; load with `pair_style multifi FILE`)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")

@@ -7,7 +7,7 @@ from multifi.cli.args import add_label_keys, device_arg, positive_int
 
 def register(sub):
     p = sub.add_parser("evaluate", help="per-fidelity errors of a trained model on labelled data")
-    p.add_argument("checkpoint", help="model.pt or a training checkpoint (.ckpt)")
+    p.add_argument("checkpoint", help="model.pt, a training checkpoint (.ckpt) or a run directory (its model.pt)")
     p.add_argument(
         "data",
         nargs="+",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def register(sub):
     p = sub.add_parser("info", help="model card: fidelities, elements, settings, training data, fidelity similarity")
-    p.add_argument("model", help="model.pt or a training checkpoint (.ckpt)")
+    p.add_argument("model", help="model.pt, a training checkpoint (.ckpt) or a run directory (its model.pt)")
     p.add_argument("--plot", metavar="FILE.png", help="write the cosine-similarity map of the fidelity vectors")
     p.add_argument("--json", action="store_true", help="print the card as JSON")
     p.set_defaults(func=run)

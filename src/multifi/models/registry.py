@@ -64,10 +64,21 @@ def save_potential(potential: Potential, path: str | Path) -> Path:
     return Path(path)
 
 
-def load_potential(path: str | Path, map_location="cpu", compile: bool | None = None) -> Potential:
-    """Rebuild a Potential from a saved potential (.pt) or a training checkpoint (.ckpt, EMA weights).
-    compile: override the saved model.compile (None: keep it, or MULTIFI_COMPILE when unset)."""
+def model_file(path: str | Path) -> Path:
+    """The model file `path` names: the path itself, or for a run directory the model.pt inside it."""
     path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / "model.pt").is_file():
+        raise MultifiError(f"{path}: a folder with no model.pt (give a model file, or a finished run directory)")
+    return path / "model.pt"
+
+
+def load_potential(path: str | Path, map_location="cpu", compile: bool | None = None) -> Potential:
+    """Rebuild a Potential from a saved potential (.pt), a training checkpoint (.ckpt, EMA weights) or a run
+    directory (its model.pt). compile: override the saved model.compile (None: keep it, or MULTIFI_COMPILE
+    when unset)."""
+    path = model_file(path)
     if not path.exists():
         raise MultifiError(f"{path}: no such checkpoint")
     try:
