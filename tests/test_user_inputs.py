@@ -139,3 +139,20 @@ def test_a_run_directory_stands_for_its_model(model, tmp_path, capsys):
     empty = tmp_path / "empty_run"
     empty.mkdir()
     fails(["info", empty], capsys, str(empty), "no model.pt")
+
+
+def test_resume_with_changed_split_settings_is_an_error(write_config, tmp_path, capsys):
+    """`train --resume RUN --set data.split.seed=…` re-split the structures silently: the resumed run trained
+    on former test structures and tested on former training ones, while config.yaml and splits.json still
+    described the old split. Now an error naming splits.json, before anything is written."""
+    config = write_config(train={"epochs": 1})
+    run_dir = tmp_path / "run"
+    assert run(["train", config], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    fails(
+        ["train", "--resume", run_dir, "--set", "data.split.seed=1", "--set", "train.epochs=2"],
+        capsys,
+        str(run_dir / "splits.json"),
+        "split",
+    )
+    assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

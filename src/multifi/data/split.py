@@ -41,6 +41,25 @@ class Split:
         return path
 
 
+def changed_split(path: Path, split: Split, dataset: FidelityDataset) -> tuple[Path, str] | None:
+    """(saved file, first split name) where `split` holds other structures than the split saved at `path` by
+    Split.save (keys in JSON, or indices in the .npz beside it); None when equal or when nothing is saved."""
+    path = Path(path)
+    npz = path.with_suffix(".npz")
+    if path.exists():
+        saved = json.loads(path.read_text())
+        now = {name: dataset.keys[split[name]].tolist() for name in SPLITS}
+        same = lambda name: sorted(map(str, saved.get(name, []))) == sorted(map(str, now[name]))  # noqa: E731
+    elif npz.exists():
+        path = npz
+        with np.load(npz) as f:
+            saved = {name: np.sort(f[name]) for name in SPLITS}
+        same = lambda name: np.array_equal(saved[name], np.sort(split[name]))  # noqa: E731
+    else:
+        return None
+    return next(((path, name) for name in SPLITS if not same(name)), None)
+
+
 def random_split(n: int, val: float, test: float, seed: int) -> Split:
     """Shuffle structures with `seed`; the first `test` fraction is test, the next `val` fraction val."""
     perm = np.random.default_rng(seed).permutation(n)

@@ -15,6 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from multifi.config import RunConfig, dump_config, load_config
 from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates, check_stress_units
+from multifi.data.split import changed_split
 from multifi.data.stats import fit_references
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, make_dir, reported
@@ -68,6 +69,8 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
 
         dataset = FidelityDataset.load(cached)
     prep = prepare_data(cfg, dataset if dataset is not None else None, config_source)
+    if resume:
+        _check_resumed_split(run_dir, prep)
     if leader and not resume:
         check_split_duplicates(prep.dataset, prep.split)
     _report_data(prep)
@@ -342,6 +345,18 @@ def _counts(prep, split: str) -> dict[str, int]:
     names = prep.dataset.fidelities.names
     c = torch.bincount(torch.as_tensor(prep.pairs[split][:, 1]), minlength=len(names)).tolist()
     return {n: int(x) for n, x in zip(names, c)}
+
+
+def _check_resumed_split(run_dir: Path, prep) -> None:
+    """A resumed run must split its structures as it started (splits.json): changed data or split settings
+    (--set data.split.seed=…) would train on former test structures and test on former training ones."""
+    changed = changed_split(run_dir / "splits.json", prep.split, prep.dataset)
+    if changed:
+        path, name = changed
+        raise MultifiError(
+            f"{path}: the resumed run's {name} structures differ from those it started with (data or "
+            "data.split settings changed); resume with the run's own settings, or start a new run"
+        )
 
 
 def _report_data(prep) -> None:
