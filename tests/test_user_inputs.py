@@ -156,3 +156,25 @@ def test_resume_with_changed_split_settings_is_an_error(write_config, tmp_path, 
         "split",
     )
     assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_periodic_structure_with_a_zero_volume_cell_names_file_and_frame(model, tmp_path, capsys):
+    """pbc=True without a lattice (or a slab whose non-periodic vector is zero): reading the file for training
+    or `data info`, and `predict`, name the file and the structure (was 'periodic structure with a lattice of
+    zero volume' alone, and `data info` counted it as a fine periodic structure)."""
+    from ase import Atoms
+
+    import multifi
+
+    good = [rattled_molecule("H2O", 0), rattled_molecule("CH4", 1)]
+    bad = Atoms("C2", positions=[[0, 0, 0], [0, 0, 1.3]], pbc=True)
+    path = tmp_path / "no_lattice.extxyz"
+    ase.io.write(path, [*good, bad])
+    fails(["predict", model, path, "--fidelity", "lo", "--out", tmp_path / "p.xyz"], capsys, str(path), "structure 2")
+    assert not (tmp_path / "p.xyz").exists()
+    labelled = tmp_path / "labelled.extxyz"
+    ase.io.write(labelled, [emt_labelled(a, "lo") for a in (*good, bad)])
+    fails(["data", "info", labelled], capsys, str(labelled), "frame 2", "zero volume")
+    bad.calc = multifi.Calculator(model, fidelity="lo")
+    with pytest.raises(multifi.MultifiError, match="zero volume"):
+        bad.get_potential_energy()

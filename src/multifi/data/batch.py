@@ -140,10 +140,12 @@ def graph_from_atoms(
     for n, a in enumerate(atoms_list):
         pbc = a.pbc
         cell = a.cell.array if pbc.any() else np.zeros((3, 3))
-        i, j, s, d = neighbor_list(a.positions, cell, pbc, cutoff, distances=True)
+        prefix = f"{where}: " if where else ""
+        i, j, s, d = neighbor_list(
+            a.positions, cell, pbc, cutoff, distances=True, where=f"{prefix}structure {first + n}"
+        )
         if len(d) and d.min() < MIN_DISTANCE:
             e = int(np.argmin(d))
-            prefix = f"{where}: " if where else ""
             raise MultifiError(
                 f"{prefix}structure {first + n}: atoms {i[e]} and {j[e]} are {d[e]:.3f} Å apart (< {MIN_DISTANCE} Å)"
             )

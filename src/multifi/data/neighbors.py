@@ -8,14 +8,33 @@ from tqdm.auto import tqdm
 from multifi.errors import MultifiError
 
 
+def check_cell(cell: np.ndarray, pbc: np.ndarray, where: str = "") -> None:
+    """A structure periodic in some direction needs three cell vectors spanning a volume (Å³ > 1e-6);
+    otherwise an error naming `where` (file and structure)."""
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
+    if pbc.any() and abs(np.linalg.det(np.asarray(cell, dtype=np.float64))) < 1e-6:
+        prefix = f"{where}: " if where else ""
+        raise MultifiError(
+            f"{prefix}periodic (pbc {''.join('T' if p else 'F' for p in pbc)}) but its cell has zero volume: give "
+            "every cell vector a length (a non-periodic direction too, e.g. atoms.center(vacuum=10)) or set pbc False"
+        )
+
+
 def neighbor_list(
-    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float, calculator=None, distances: bool = False
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    cutoff: float,
+    calculator=None,
+    distances: bool = False,
+    where: str = "",
 ):
     """Full neighbour list within `cutoff` Å.
 
     Returns (i, j, shifts): centres [E], neighbours [E] (int64) and integer cell shifts [E, 3], such
     that the vector from i to j is positions[j] - positions[i] + shifts @ cell; with `distances`, also
-    the distances [E] Å. `calculator`: a vesin.NeighborList to reuse across calls.
+    the distances [E] Å. `calculator`: a vesin.NeighborList to reuse across calls. `where` names the
+    structure in the error for a periodic cell without volume (check_cell).
     """
     from vesin import NeighborList
 
@@ -23,8 +42,7 @@ def neighbor_list(
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
     periodic = bool(pbc.any())
     if periodic:
-        if abs(np.linalg.det(cell)) < 1e-6:
-            raise MultifiError("periodic structure with a lattice of zero volume")
+        check_cell(cell, pbc, where)
         box = np.asarray(cell, dtype=np.float64)
     else:
         box = np.zeros((3, 3))
@@ -62,7 +80,10 @@ class NeighborCache:
         if progress and S > 2000:
             it = tqdm(it, desc=f"neighbour lists ({cutoff:g} Å)", unit="struct", leave=False)
         for s in it:
-            i, j, sh, d = neighbor_list(positions[offsets[s] : offsets[s + 1]], cells[s], pbc[s], cutoff, nl, True)
+            try:
+                i, j, sh, d = neighbor_list(positions[offsets[s] : offsets[s + 1]], cells[s], pbc[s], cutoff, nl, True)
+            except MultifiError as exc:  # name the structure only when needed (no string per structure)
+                raise MultifiError(f"{dataset.source or 'data'}: structure {dataset.keys[s]}: {exc}") from None
             counts[s] = len(i)
             if len(d):
                 self.min_distance[s] = d.min()

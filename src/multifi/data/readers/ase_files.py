@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.dataset import FidelityDataset, voigt_or_matrix
+from multifi.data.neighbors import check_cell
 from multifi.errors import MultifiError
 
 
@@ -197,6 +198,8 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
         named = "/".join(keys.values())
         raise MultifiError(f"{where} has no {named} label" + _other_labels(atoms, keys))
     periodic = bool(atoms.pbc.any())
+    if periodic:
+        check_cell(atoms.cell.array, atoms.pbc, where)
     rec = {
         "numbers": atoms.numbers,
         "positions": atoms.positions,
