@@ -467,3 +467,24 @@ def test_best_checkpoint_found_after_the_run_directory_moved(tmp_path):
     assert _best_checkpoint(trainer, ckpts / "last.ckpt") == ckpts / "best.ckpt"
     cb.best_model_path = ""  # no validation yet: the last checkpoint
     assert _best_checkpoint(trainer, ckpts / "last.ckpt") == ckpts / "last.ckpt"
+
+
+def test_resume_with_other_settings_updates_config_yaml_and_keeps_the_first(write_config, caplog):
+    """--resume RUN --set train.epochs=N: config.yaml then describes what the run trained with (the first
+    start's settings kept in config.start.yaml, the change logged); a plain resume rewrites nothing."""
+    import logging
+
+    from multifi.cli.main import main
+
+    path = write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0})
+    run_dir = Path(load_config(path, []).output_dir)
+    assert main(["train", str(path)]) == 0
+    first = (run_dir / "config.yaml").read_text()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert (run_dir / "config.yaml").read_text() == first and not (run_dir / "config.start.yaml").exists()
+    with caplog.at_level(logging.INFO, logger="multifi"):
+        assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=2"]) == 0
+    assert load_config(run_dir / "config.yaml").train.epochs == 2
+    assert (run_dir / "config.start.yaml").read_text() == first
+    assert "train.epochs: 1 → 2" in caplog.text
+    assert ckpt(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1  # it did train the second epoch

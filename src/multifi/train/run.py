@@ -114,6 +114,8 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
         return run_dir
     # all checks passed: only now does the run directory get written
     make_dir(run_dir)
+    if leader and resume:
+        _record_resumed_config(run_dir, cfg)
     if leader and not resume:
         _clear_unstarted(run_dir)
         atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
@@ -345,6 +347,41 @@ def _counts(prep, split: str) -> dict[str, int]:
     names = prep.dataset.fidelities.names
     c = torch.bincount(torch.as_tensor(prep.pairs[split][:, 1]), minlength=len(names)).tolist()
     return {n: int(x) for n, x in zip(names, c)}
+
+
+def _record_resumed_config(run_dir: Path, cfg: RunConfig) -> None:
+    """A run resumed with other settings (e.g. --set train.epochs=…) gets config.yaml = the settings it now
+    trains with, so that the folder describes its model; the first start's settings are kept once as
+    config.start.yaml and the changed keys are logged."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    saved = load_config(path)
+    saved.output_dir = cfg.output_dir
+    before, after = _flat(saved.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if not changed:
+        return
+    first = run_dir / "config.start.yaml"
+    if not first.exists():
+        atomic_write(first, lambda f: f.write(path.read_bytes()))
+    atomic_write(path, lambda f: f.write(dump_config(cfg).encode()))
+    log.info(
+        "%s: resumed with other settings (%s); config.yaml updated, the first start's in %s",
+        path,
+        ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in changed),
+        first.name,
+    )
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """{"train.epochs": 3, …} of nested dicts (lists and empty dicts stay values)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def _check_resumed_split(run_dir: Path, prep) -> None:
