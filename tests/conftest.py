@@ -284,3 +284,16 @@ def fake(monkeypatch):
     calls: list = []
     monkeypatch.setattr(train_run, "train", fake_train(calls))
     return calls
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """model.pt of an untrained tiny PaiNN with fidelities lo and hi (H, C, N, O reference energies)."""
+    from multifi.models.registry import build_potential, save_potential
+
+    torch.manual_seed(0)
+    pot = build_potential(TINY_MODEL, ["lo", "hi"])
+    ref = np.zeros((119, 2))
+    ref[[1, 6, 7, 8], :] = [[-0.5, -0.6], [-3.0, -3.1], [-1.0, -1.2], [-2.0, -2.5]]
+    pot.head.set_baseline(ref, np.ones(2))
+    return save_potential(pot, tmp_path_factory.mktemp("model") / "model.pt")

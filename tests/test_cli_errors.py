@@ -13,23 +13,11 @@ import pytest
 import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from conftest import TINY_MODEL, drain_fifo, emt_labelled, fifo_and_target, rattled_molecule
+from conftest import drain_fifo, emt_labelled, fifo_and_target, rattled_molecule
 from test_cli import fails, run
 
 from multifi.cli.main import main
 from multifi.errors import MultifiError
-from multifi.models.registry import build_potential, save_potential
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """An untrained tiny PaiNN with fidelities lo and hi (H, C, N, O reference energies)."""
-    torch.manual_seed(0)
-    pot = build_potential(TINY_MODEL, ["lo", "hi"])
-    ref = np.zeros((119, 2))
-    ref[[1, 6, 7, 8], :] = [[-0.5, -0.6], [-3.0, -3.1], [-1.0, -1.2], [-2.0, -2.5]]
-    pot.head.set_baseline(ref, np.ones(2))
-    return save_potential(pot, tmp_path_factory.mktemp("model") / "model.pt")
 
 
 # ------------------------------------------------------------------------------------ fidelity rule

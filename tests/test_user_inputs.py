@@ -14,17 +14,6 @@ from test_cli import fails, run
 from multifi.models.registry import build_potential, save_potential
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """An untrained tiny PaiNN with fidelities lo and hi (H, C, N, O reference energies)."""
-    torch.manual_seed(0)
-    pot = build_potential(TINY_MODEL, ["lo", "hi"])
-    ref = np.zeros((119, 2))
-    ref[[1, 6, 7, 8], :] = [[-0.5, -0.6], [-3.0, -3.1], [-1.0, -1.2], [-2.0, -2.5]]
-    pot.head.set_baseline(ref, np.ones(2))
-    return save_potential(pot, tmp_path_factory.mktemp("model") / "model.pt")
-
-
 def test_evaluate_one_fidelity_of_a_file_that_also_names_a_fidelity_the_model_lacks(model, tmp_path, capsys):
     """`evaluate --fidelity lo` evaluates the lo labels of a file whose other frames are labelled CCSD (a
     fidelity the model does not have); without --fidelity the CCSD frames are an error naming the file."""
