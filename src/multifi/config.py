@@ -289,24 +289,24 @@ class RunConfig(Section):
         raw = dict(raw)
         for section, values in defaults.items():
             given = raw.get(section) if raw.get(section) is not None else {}
-            if isinstance(given, BaseModel):
-                unset = {k: v for k, v in values.items() if k not in given.model_fields_set}
-                raw[section] = given.model_copy(update=unset)
-            elif isinstance(given, dict):
-                raw[section] = {**values, **given}
+            if isinstance(given, BaseModel | dict):
+                raw[section] = _fill_unset(given, values)
         return raw
+
+
+def _fill_unset(given: BaseModel | dict, values: dict[str, Any]) -> BaseModel | dict:
+    """A config section (typed or raw) with `values` in the keys it leaves unset."""
+    if isinstance(given, dict):
+        return {**values, **given}
+    unset = {k: v for k, v in values.items() if k not in given.model_fields_set}
+    return given.model_copy(update=unset) if unset else given
 
 
 def with_backbone_defaults(cfg: RunConfig, backbone: str) -> RunConfig:
     """cfg with BACKBONE_DEFAULTS[backbone] in the loss/train keys it leaves unset (for `extend`, whose
     backbone is known only once the model is loaded)."""
-    update = {}
-    for section, values in BACKBONE_DEFAULTS.get(backbone, {}).items():
-        given = getattr(cfg, section)
-        unset = {k: v for k, v in values.items() if k not in given.model_fields_set}
-        if unset:
-            update[section] = given.model_copy(update=unset)
-    return cfg.model_copy(update=update) if update else cfg
+    update = {s: _fill_unset(getattr(cfg, s), values) for s, values in BACKBONE_DEFAULTS.get(backbone, {}).items()}
+    return cfg.model_copy(update=update)
 
 
 # ---------------------------------------------------------------------------------------------- loading
