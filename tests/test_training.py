@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import signal
@@ -488,3 +489,20 @@ def test_resume_with_other_settings_updates_config_yaml_and_keeps_the_first(writ
     assert (run_dir / "config.start.yaml").read_text() == first
     assert "train.epochs: 1 → 2" in caplog.text
     assert ckpt(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1  # it did train the second epoch
+
+
+def test_a_run_ending_between_checkpoints_and_validations_keeps_its_final_state(write_config, caplog):
+    """max_steps below both intervals: last.ckpt holds the final step, model.pt is that state, and the
+    missing validation is said (was: 'no such checkpoint' after training)."""
+    train_cfg = {"epochs": 1000, "max_steps": 5, "batch_size": 8, "progress": False, "threads": 1}
+    cfg = load_config(write_config(train={**train_cfg, "val_every_n_steps": 100, "checkpoint_every_n_steps": 100}), [])
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        run_dir = train(cfg)
+    assert ckpt(run_dir / "checkpoints/last.ckpt")["global_step"] == 5
+    assert not (run_dir / "checkpoints/best.ckpt").exists()
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 5
+    assert "no validation ran in this run's 5 steps (validation every 100 steps)" in caplog.text
+    saved = load_potential(run_dir / "model.pt")
+    final = load_potential(run_dir / "checkpoints/last.ckpt")
+    for a, b in zip(saved.state_dict().values(), final.state_dict().values()):
+        assert torch.equal(a, b)

@@ -294,7 +294,7 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     (model.pt, metrics.json with the new fidelity's test errors and the old fidelities' before/after)."""
     from multifi.models.registry import load_potential
     from multifi.train.datamodule import MultiFidelityData
-    from multifi.train.run import _best_checkpoint, _configure_threads, _quiet_lightning, make_trainer
+    from multifi.train.run import _configure_threads, _quiet_lightning, final_checkpoint, make_trainer
 
     x = cfg.extend
     where = config_source or x.model
@@ -346,7 +346,7 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
     trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)
     trainer.fit(module, datamodule=data)
-    best = load_potential(_best_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt"), compile=False)
+    best = load_potential(final_checkpoint(trainer, run_dir), compile=False)
     _finish(cfg, old, best, data, pairs, table, old_run, replay)
     return run_dir
 

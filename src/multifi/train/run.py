@@ -123,9 +123,9 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
         if cfg.data.cache and not _from_saved_dataset(cfg):
             prep.dataset.save(cached)
     _fit(trainer, module, data, ckpt, run_dir)
+    best = final_checkpoint(trainer, run_dir)
 
     if trainer.global_rank == 0:
-        best = _best_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
         from multifi.models.registry import load_potential, save_potential
 
         potential = load_potential(best)
@@ -332,9 +332,31 @@ def _check_monitor(cfg: RunConfig, prep) -> None:
         )
 
 
+def final_checkpoint(trainer, run_dir: Path) -> Path:
+    """After fit (every rank): checkpoints/last.ckpt brought to the final state when a run ended between two
+    checkpoint intervals, and the checkpoint of the model to keep: best.ckpt in the run's own folder (a run
+    resumed after its directory moved still names the old absolute path in its checkpoint state), else the
+    final state, with a warning when validation was expected but never ran."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else None
+    if saved != trainer.global_step:
+        trainer.save_checkpoint(last)
+    best = _best_checkpoint(trainer, last)
+    if best == last and trainer.limit_val_batches and trainer.global_rank == 0:
+        every = trainer.val_check_interval if trainer.check_val_every_n_epoch is None else None
+        log.warning(
+            "%s: no validation ran in this run's %d steps%s: the model kept is the final state, not the best on "
+            "validation",
+            run_dir,
+            trainer.global_step,
+            f" (validation every {every} steps)" if every else "",
+        )
+    return best
+
+
 def _best_checkpoint(trainer, last: Path) -> Path:
-    """The best checkpoint: best.ckpt in the run's own checkpoint folder (a run resumed after its directory
-    moved still names the old absolute path in its checkpoint state), else the last one."""
+    """best.ckpt in the run's own checkpoint folder (a run resumed after its directory moved still names the
+    old absolute path in its checkpoint state), else `last`."""
     for cb in trainer.checkpoint_callbacks:
         if cb.filename == "best" and cb.best_model_path:
             here = Path(cb.dirpath) / "best.ckpt"
