@@ -741,3 +741,5 @@ def test_signature_resolves_backbone_default_keys():
     assert sig(m3gnet, explicit, full_train) == sig(m3gnet, explicit, full_train, resolve=False)  # unchanged
     assert sig(m3gnet, {}, {}) == sig(m3gnet, explicit, full_train)
     assert sig(m3gnet, {"kind": "mse"}, full_train) != sig(m3gnet, explicit, full_train)
+    # execution settings do not change what a run computes
+    assert sig({**painn, "compile": True}, {}) == sig(painn, {}) == sig(painn, {}, {"lr": 0.001, "threads": 2})

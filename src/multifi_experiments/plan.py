@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 VOLATILE_TRAIN_KEYS = ("progress", "threads", "num_workers", "accelerator", "devices", "num_nodes")
+# how a run is executed, not what it computes: compiled and eager models agree to float rounding
+# (tests/test_compile.py), as runs on different CPUs do
+VOLATILE_MODEL_KEYS = ("compile",)
 
 
 @dataclass
@@ -36,6 +39,8 @@ class RunPlan:
         cfg.pop("output_dir", None)
         for key in VOLATILE_TRAIN_KEYS:
             cfg.get("train", {}).pop(key, None)
+        for key in VOLATILE_MODEL_KEYS:
+            cfg.get("model", {}).pop(key, None)
         files = {name: _digest(v) for name, v in self.files.items()}
         payload = {
             "config": cfg,
