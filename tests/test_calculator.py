@@ -98,3 +98,18 @@ def test_molecule_has_no_stress():
     atoms.calc = multifi.Calculator(pot, fidelity="PBE")
     with pytest.raises(MultifiError, match="unknown|not seen"):
         atoms.get_potential_energy()  # H was never given a reference energy: unknown element
+
+
+def test_a_potential_given_as_module_is_left_untouched():
+    """Calculator(potential) works on a copy: the caller's module keeps its dtype, training mode, trainable
+    parameters and compile setting (a second calculator on the same module changes nothing in the first)."""
+    import torch
+
+    pot = m3gnet_potential().train()
+    before = {k: v.clone() for k, v in pot.state_dict().items()}
+    eager = multifi.Calculator(pot, fidelity="PBE", dtype="float64", compile=False)
+    multifi.Calculator(pot, fidelity="R2SCAN", compile=True)
+    assert pot.training and not pot.use_compile and not eager.potential.use_compile
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in pot.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in pot.state_dict().items())
+    assert next(eager.potential.parameters()).dtype == torch.float64

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator as AseCalculator
@@ -16,7 +18,8 @@ from multifi.models.elements import check_elements
 class Calculator(AseCalculator):
     """multifi.Calculator(checkpoint, fidelity="R2SCAN").
 
-    checkpoint: model.pt / training .ckpt path, or a Potential. The model is loaded once; set
+    checkpoint: model.pt / training .ckpt path, or a Potential (copied: the given module is left as it is,
+    later changes to it do not reach the calculator). The model is loaded once; set
     `calc.fidelity = "PBE"` to switch level of theory. Units: eV, eV/Å, stress eV/Å³ (ASE convention).
     dtype "float64" gives smoother energies for long NVE runs at about twice the cost.
     compile: torch.compile the model (faster MD after minutes of compilation); None keeps the saved
@@ -40,7 +43,10 @@ class Calculator(AseCalculator):
         super().__init__(**kwargs)
         from multifi.models.registry import load_potential
 
-        potential = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_potential(checkpoint)
+        if isinstance(checkpoint, torch.nn.Module):  # a copy: the caller's module keeps its dtype, mode and grads
+            potential = copy.deepcopy(checkpoint)
+        else:
+            potential = load_potential(checkpoint)
         if compile is not None:
             potential.use_compile = compile
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
