@@ -43,13 +43,14 @@ class _Core(nn.Module):
         super().__init__()
         self.potential, self.fidelity = potential, fidelity
 
-    def forward(self, species, positions, edge_index, shift_vec, weight, bonds, ij, ik):
+    def forward(self, species, positions, edge_index, shift_vec, weight, bonds, ij, ik, fid=None):
+        """fid [N]: each atom's fidelity index (default: the one given at construction, baked in)."""
         from multifi.models.response import forces_from_edge_gradient
 
         i, j = edge_index[0], edge_index[1]
         vec = (positions.index_select(0, j) - positions.index_select(0, i) + shift_vec).detach().requires_grad_(True)
         geometry = None if bonds is None else (bonds, ij, ik)
-        fid = torch.full_like(species, self.fidelity)
+        fid = torch.full_like(species, self.fidelity) if fid is None else fid
         atom_energy = self.potential.atom_energies(vec, species, edge_index, geometry, fid)
         (g,) = torch.autograd.grad((atom_energy * weight).sum(), vec)
         forces = forces_from_edge_gradient(g, edge_index, positions.shape[0])

@@ -1,0 +1,122 @@
+"""Ahead-of-time compiled energy, forces and virial of a potential at one fidelity (torch.export + AOTInductor).
+
+For MD of small systems an eager step is hundreds of tiny operator calls whose Python and dispatch overhead
+outweighs the arithmetic; torch.compile removes most of it but keeps guards and wrappers per call. Here the
+energy and its edge-vector derivative (the graph `multifi deploy` writes, deploy._Core) are exported with
+symbolic sizes and compiled once into a C++ package, which is then called without Python in between.
+The fidelity is an input, so one package serves every fidelity. Building needs a C++ compiler and takes
+minutes; packages are cached on disk by model, dtype, torch version and CPU capability (MULTIFI_CACHE,
+default ~/.cache/multifi), so later calculators load in a second.
+
+Interface: AotModel(potential, dtype)(numbers [N], positions [N,3] Å, edge_index [2,E], shift_vec [E,3] Å,
+fidelity index) → (atom energies [N] eV, forces [N,3] eV/Å, virial [3,3] eV, W = −Σ r_ij ⊗ ∂E/∂r_ij).
+Structures with fewer than 2 atoms or 2 edges are outside the exported sizes (AotModel.fits).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from multifi.deploy import _Core
+from multifi.errors import MultifiError
+from multifi.models.m3gnet import triplet_index
+
+MIN_SIZE = 2  # torch.export specialises sizes 0 and 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MULTIFI_CACHE") or Path.home() / ".cache" / "multifi") / "aot"
+
+
+class AotModel:
+    """The potential compiled ahead of time for `dtype` (loaded from the cache if built)."""
+
+    def __init__(self, potential, dtype: torch.dtype):
+        potential = copy.deepcopy(potential).to(dtype).eval()
+        potential.use_compile = False
+        for p in potential.parameters():
+            p.requires_grad_(False)
+        self.dtype = dtype
+        self.cutoff = potential.cutoff
+        self.threebody = float(getattr(potential.representation, "threebody_cutoff", 0.0) or 0.0)
+        path = cache_dir() / f"{_key(potential, dtype)}.pt2"
+        if not path.exists():
+            _build(_Core(potential, 0), self.threebody, dtype, path)
+        self._run = torch._inductor.aoti_load_package(str(path))
+        self.path = path
+
+    @staticmethod
+    def fits(n_atoms: int, n_edges: int) -> bool:
+        return n_atoms >= MIN_SIZE and n_edges >= MIN_SIZE
+
+    def __call__(self, numbers, positions, edge_index, shift_vec, fidelity: int):
+        fid = torch.full_like(numbers, fidelity)
+        args = _inputs(numbers, positions.to(self.dtype), edge_index, shift_vec.to(self.dtype), fid, self.threebody)
+        atom_energy, forces, virial = self._run(*args)
+        return atom_energy, forces, virial
+
+
+def _inputs(numbers, positions, edge_index, shift_vec, fid, threebody: float) -> tuple:
+    """The exported function's arguments: (species, positions, edges, shift vectors, atom weights, atom
+    fidelities[, triplets: bonds, ij, ik])."""
+    weight = torch.ones(positions.shape[0], dtype=positions.dtype)
+    args = (numbers, positions, edge_index, shift_vec, weight, fid)
+    if threebody > 0:
+        vec = positions.index_select(0, edge_index[1]) - positions.index_select(0, edge_index[0]) + shift_vec
+        r = torch.linalg.norm(vec, dim=-1)
+        args = args + tuple(triplet_index(edge_index, r, positions.shape[0], threebody))
+    return args
+
+
+def _key(potential, dtype: torch.dtype) -> str:
+    """Hash of everything the compiled package depends on: weights and buffers, architecture, dtype, torch
+    version and CPU capability."""
+    h = hashlib.sha256()
+    buffer = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in potential.state_dict().items()}, buffer)
+    h.update(buffer.getvalue())
+    h.update(repr(potential).encode())
+    h.update(f"{dtype}|{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}".encode())
+    return h.hexdigest()[:24]
+
+
+def _build(core: _Core, threebody: float, dtype: torch.dtype, path: Path) -> None:
+    """Trace core at symbolic sizes, export, compile with AOTInductor, write the package atomically."""
+    from ase.build import molecule
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from multifi.data.batch import graph_from_atoms
+
+    atoms = molecule("CH3CH2OH")  # any structure with enough atoms, edges and triplets to trace with
+    g = graph_from_atoms([atoms], core.potential.cutoff, 0, dtype=dtype)
+    zeros = torch.zeros(g.edge_index.shape[1], 3, dtype=dtype)
+    example = _inputs(g.numbers, g.positions, g.edge_index, zeros, torch.zeros_like(g.numbers), threebody)
+    if threebody > 0:
+        fn = lambda s, p, e, v, w, f, b, ij, ik: core(s, p, e, v, w, b, ij, ik, f)  # noqa: E731
+    else:
+        fn = lambda s, p, e, v, w, f: core(s, p, e, v, w, None, None, None, f)  # noqa: E731
+    N, E = torch.export.Dim("N", min=MIN_SIZE), torch.export.Dim("E", min=MIN_SIZE)
+    dims = [{0: N}, {0: N}, {1: E}, {0: E}, {0: N}, {0: N}]
+    if threebody > 0:
+        B, T = torch.export.Dim("B", min=MIN_SIZE), torch.export.Dim("T", min=MIN_SIZE)
+        dims += [{0: B}, {0: T}, {0: T}]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+        exported = torch.export.export(traced, example, dynamic_shapes=tuple(dims), strict=False)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            try:
+                built = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(tmp) / path.name))
+            except Exception as exc:  # no C++ compiler, unsupported operator …
+                first = " ".join(str(exc).split())[:300]
+                raise MultifiError(f"ahead-of-time compilation failed (needs a C++ compiler): {first}") from None
+            os.replace(built, path)
