@@ -5,12 +5,14 @@ train: our normal training path — dataset → MultiFidelityData (neighbour lis
        structure and cached: fixed geometries) → GraphCollator → PotentialModule (AdamW, EMA 0.99, grad
        clip 10: the train-config defaults) → Lightning Trainer.fit; then model-only steps (pre-collated
        batches, manual AdamW loop) and inference (a fresh NeighborCache for all structures + one pass).
-md:    multifi.Calculator on one structure, VelocityVerlet 0.5 fs, forces by autograd.
+md:    multifi.Calculator on one structure, VelocityVerlet 0.5 fs, forces by autograd (MULTIFI_BENCH_AOT=1: the
+       ahead-of-time compiled calculator, aot=True, built during the warm-up steps).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import _common as C
@@ -103,7 +105,8 @@ def task_md(args, ds, model: dict) -> dict:
 
     from multifi.calculator import Calculator
 
-    calc = Calculator(build(ds, model).potential, fidelity=ds.fidelities.names[0])
+    aot = os.environ.get("MULTIFI_BENCH_AOT") == "1"  # ahead-of-time compiled calculator (built in the warm-up)
+    calc = Calculator(build(ds, model).potential, fidelity=ds.fidelities.names[0], aot=aot)
     return C.time_md(ase.io.read(args.md_xyz), calc, args.md_steps)
 
 
