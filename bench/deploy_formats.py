@@ -28,9 +28,10 @@ def main() -> None:
     from test_deploy import si64_sheared
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from multifi.deploy import _Core, _scriptable, _within_hops, build_deployed, lammps_style_inputs, metadata
+    from multifi.deploy import _scriptable, _within_hops, build_deployed, lammps_style_inputs, metadata
     from multifi.models.m3gnet import triplet_index
     from multifi.models.registry import load_potential
+    from multifi.models.response import EnergyForcesVirial
 
     pot = (
         tiny_m3gnet()
@@ -50,7 +51,7 @@ def main() -> None:
     pot64 = pot.double().eval()
     for p in pot64.parameters():
         p.requires_grad_(False)
-    core = _Core(pot64, pot.fidelity_index(fid))
+    core = EnergyForcesVirial(pot64, pot.fidelity_index(fid))
     ei = inp["edge_index"]  # pruned as the deployed module does: cutoff, then hops from the local atoms
     n = inp["positions"].shape[0]
     ei = ei[:, (inp["positions"][ei[1]] - inp["positions"][ei[0]]).norm(dim=-1) < meta["cutoff"]]

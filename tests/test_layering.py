@@ -26,6 +26,7 @@ LAYERS = [
     {
         "multifi.predict",
         "multifi.calculator",
+        "multifi.aot",
         "multifi.deploy",
         "multifi.card",
         "multifi.plots",

@@ -2,10 +2,10 @@
 
 For MD of small systems an eager step is hundreds of tiny operator calls whose Python and dispatch overhead
 outweighs the arithmetic; torch.compile removes most of it but keeps guards and wrappers per call. Here the
-energy and its edge-vector derivative (the graph `multifi deploy` writes, deploy._Core) are exported with
+energy and its edge-vector derivative (models.response.EnergyForcesVirial, the graph `multifi deploy` writes) are exported with
 symbolic sizes and compiled once into a C++ package, which is then called without Python in between.
 The fidelity is an input, so one package serves every fidelity. Building needs a C++ compiler and takes
-minutes; packages are cached on disk by model, dtype, torch version and CPU capability (MULTIFI_CACHE,
+minutes; packages are cached on disk by model (weights and code), dtype, torch version and CPU capability (MULTIFI_CACHE,
 default ~/.cache/multifi), so later calculators load in a second.
 
 Interface: AotModel(potential, dtype)(numbers [N], positions [N,3] Å, edge_index [2,E], shift_vec [E,3] Å,
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from multifi.deploy import _Core
 from multifi.errors import MultifiError
 from multifi.models.m3gnet import triplet_index
+from multifi.models.response import EnergyForcesVirial
 
 MIN_SIZE = 2  # torch.export specialises sizes 0 and 1
 
@@ -49,7 +49,7 @@ class AotModel:
         self.threebody = float(getattr(potential.representation, "threebody_cutoff", 0.0) or 0.0)
         path = cache_dir() / f"{_key(potential, dtype)}.pt2"
         if not path.exists():
-            _build(_Core(potential, 0), self.threebody, dtype, path)
+            _build(EnergyForcesVirial(potential, 0), self.threebody, dtype, path)
         self._run = torch._inductor.aoti_load_package(str(path))
         self.path = path
 
@@ -77,18 +77,21 @@ def _inputs(numbers, positions, edge_index, shift_vec, fid, threebody: float) ->
 
 
 def _key(potential, dtype: torch.dtype) -> str:
-    """Hash of everything the compiled package depends on: weights and buffers, architecture, dtype, torch
-    version and CPU capability."""
+    """Hash of everything the compiled package depends on: weights and buffers, architecture, the model code,
+    dtype, torch version and CPU capability."""
     h = hashlib.sha256()
     buffer = io.BytesIO()
     torch.save({k: v.cpu() for k, v in potential.state_dict().items()}, buffer)
     h.update(buffer.getvalue())
     h.update(repr(potential).encode())
+    package = Path(__file__).parent  # the code that defines the traced graph
+    for source in sorted([*package.glob("models/*.py"), *package.glob("nn/*.py"), Path(__file__)]):
+        h.update(source.read_bytes())
     h.update(f"{dtype}|{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}".encode())
     return h.hexdigest()[:24]
 
 
-def _build(core: _Core, threebody: float, dtype: torch.dtype, path: Path) -> None:
+def _build(core: EnergyForcesVirial, threebody: float, dtype: torch.dtype, path: Path) -> None:
     """Trace core at symbolic sizes, export, compile with AOTInductor, write the package atomically."""
     from ase.build import molecule
     from torch.fx.experimental.proxy_tensor import make_fx

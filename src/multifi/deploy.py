@@ -30,32 +30,10 @@ from torch import nn
 
 from multifi.errors import MultifiError
 from multifi.models.m3gnet import triplet_index
+from multifi.models.response import EnergyForcesVirial
 
 META_FILE = "multifi.json"
 FORMAT = 1
-
-
-class _Core(nn.Module):
-    """The differentiated part: (species, positions, edges, shift vectors, local weights, triplets) →
-    (atom energies [N], forces [N,3], virial [3,3]). Traced by make_fx, never called by users."""
-
-    def __init__(self, potential, fidelity: int):
-        super().__init__()
-        self.potential, self.fidelity = potential, fidelity
-
-    def forward(self, species, positions, edge_index, shift_vec, weight, bonds, ij, ik, fid=None):
-        """fid [N]: each atom's fidelity index (default: the one given at construction, baked in)."""
-        from multifi.models.response import forces_from_edge_gradient
-
-        i, j = edge_index[0], edge_index[1]
-        vec = (positions.index_select(0, j) - positions.index_select(0, i) + shift_vec).detach().requires_grad_(True)
-        geometry = None if bonds is None else (bonds, ij, ik)
-        fid = torch.full_like(species, self.fidelity) if fid is None else fid
-        atom_energy = self.potential.atom_energies(vec, species, edge_index, geometry, fid)
-        (g,) = torch.autograd.grad((atom_energy * weight).sum(), vec)
-        forces = forces_from_edge_gradient(g, edge_index, positions.shape[0])
-        virial = -(vec.unsqueeze(-1) * g.unsqueeze(-2)).sum(0)
-        return atom_energy.detach(), forces, 0.5 * (virial + virial.transpose(0, 1)).detach()
 
 
 class Deployed(nn.Module):
@@ -147,7 +125,7 @@ def build_deployed(potential, fidelity: str, dtype: torch.dtype = torch.float64)
         p.requires_grad_(False)
     rep = potential.representation
     threebody = float(getattr(rep, "threebody_cutoff", 0.0))
-    core = _Core(potential, index)
+    core = EnergyForcesVirial(potential, index)
     species, positions, edge_index, shift_vec = _example(potential, dtype)
     n = positions.shape[0]
     if threebody > 0:

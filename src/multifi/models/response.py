@@ -9,6 +9,7 @@ structure: the virial, whose symmetric part over the volume is the stress.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from multifi.nn import scatter_sum
 
@@ -31,3 +32,26 @@ def stress_from_edge_gradient(
     periodic = volume > 0
     safe_v = torch.where(periodic, volume, torch.ones_like(volume)).view(-1, 1, 1).to(g.dtype)
     return virial / safe_v * EV_PER_A3_TO_GPA * periodic.view(-1, 1, 1).to(g.dtype)
+
+
+class EnergyForcesVirial(nn.Module):
+    """A potential at one fidelity as a function of positions: (species [N], positions [N,3] Å, edges [2,E],
+    shift vectors [E,3] Å, atom weights [N] (1 local, 0 ghost), triplets) → (atom energies [N] eV,
+    forces [N,3] eV/Å, virial [3,3] eV: W = −Σ r_ij ⊗ ∂(Σ_a w_a E_a)/∂r_ij, symmetrised). The graph that
+    `multifi deploy` (TorchScript) and multifi.aot (AOTInductor) trace."""
+
+    def __init__(self, potential, fidelity: int):
+        super().__init__()
+        self.potential, self.fidelity = potential, fidelity
+
+    def forward(self, species, positions, edge_index, shift_vec, weight, bonds, ij, ik, fid=None):
+        """fid [N]: each atom's fidelity index (default: the one given at construction, baked in)."""
+        i, j = edge_index[0], edge_index[1]
+        vec = (positions.index_select(0, j) - positions.index_select(0, i) + shift_vec).detach().requires_grad_(True)
+        geometry = None if bonds is None else (bonds, ij, ik)
+        fid = torch.full_like(species, self.fidelity) if fid is None else fid
+        atom_energy = self.potential.atom_energies(vec, species, edge_index, geometry, fid)
+        (g,) = torch.autograd.grad((atom_energy * weight).sum(), vec)
+        forces = forces_from_edge_gradient(g, edge_index, positions.shape[0])
+        virial = -(vec.unsqueeze(-1) * g.unsqueeze(-2)).sum(0)
+        return atom_energy.detach(), forces, 0.5 * (virial + virial.transpose(0, 1)).detach()
