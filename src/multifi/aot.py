@@ -1,16 +1,16 @@
-"""Ahead-of-time compiled energy, forces and virial of a potential at one fidelity (torch.export + AOTInductor).
+"""Ahead-of-time compiled energy, forces and virial of a potential (torch.export + AOTInductor).
 
-For MD of small systems an eager step is hundreds of tiny operator calls whose Python and dispatch overhead
-outweighs the arithmetic; torch.compile removes most of it but keeps guards and wrappers per call. Here the
-energy and its edge-vector derivative (models.response.EnergyForcesVirial, the graph `multifi deploy` writes) are exported with
-symbolic sizes and compiled once into a C++ package, which is then called without Python in between.
-The fidelity is an input, so one package serves every fidelity. Building needs a C++ compiler and takes
-minutes; packages are cached on disk by model (weights and code), dtype, torch version and CPU capability (MULTIFI_CACHE,
-default ~/.cache/multifi), so later calculators load in a second.
+For MD of small systems an eager step is hundreds of tiny operator calls whose Python and dispatch
+overhead outweighs the arithmetic; torch.compile removes most of it but keeps guards and wrappers per
+call. Here the energy and its edge-vector derivative (models.response.EnergyForcesVirial, the graph
+`multifi deploy` writes) are exported with symbolic sizes and compiled once into a C++ package, called
+without Python in between. The fidelity is an input, so one package serves every fidelity. Building needs
+a C++ compiler and takes minutes; packages are cached on disk by weights, model code, dtype, torch version
+and CPU capability (MULTIFI_CACHE, default ~/.cache/multifi), so later calculators load in a second.
 
 Interface: AotModel(potential, dtype)(numbers [N], positions [N,3] Å, edge_index [2,E], shift_vec [E,3] Å,
 fidelity index) → (atom energies [N] eV, forces [N,3] eV/Å, virial [3,3] eV, W = −Σ r_ij ⊗ ∂E/∂r_ij).
-Structures with fewer than 2 atoms or 2 edges are outside the exported sizes (AotModel.fits).
+CPU only. Structures with fewer than 2 atoms or 2 edges are outside the exported sizes (AotModel.fits).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ class AotModel:
         for p in potential.parameters():
             p.requires_grad_(False)
         self.dtype = dtype
-        self.cutoff = potential.cutoff
         self.threebody = float(getattr(potential.representation, "threebody_cutoff", 0.0) or 0.0)
         path = cache_dir() / f"{_key(potential, dtype)}.pt2"
         if not path.exists():

@@ -27,7 +27,8 @@ class Calculator(AseCalculator):
     model.compile setting (or MULTIFI_COMPILE=1 when it is unset).
     aot: compile energy, forces and virial ahead of time (multifi.aot: torch.export + AOTInductor, a C++
     compiler and minutes once per model and dtype, then cached on disk): the fastest MD of small
-    systems, with no Python between operators. Structures below 2 atoms or 2 edges run eagerly.
+    systems, with no Python between operators. Structures below 2 atoms or 2 edges, and devices other
+    than the CPU, run eagerly.
     An element the model never saw is an error; an element whose reference energy at the fidelity was
     estimated from other fidelities is a warning, once per calculator (strict_references: an error).
     """
