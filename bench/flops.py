@@ -1,7 +1,12 @@
-"""FLOPs of one PaiNN training step (torch.utils.flop_counter) against this CPU's measured sgemm rate.
+"""FLOPs of one PaiNN or M3GNet training step (torch.utils.flop_counter) against this CPU's measured sgemm rate.
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/flops.py [--features 64] [--interactions 3]
         [--steps 20] [--forces]
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/flops.py --model m3gnet [--steps 20]
+
+PaiNN: batches of 32 of the benchmark's QM9 molecules, energy loss (or energy + forces). M3GNet: 64 features,
+3 blocks (the harness's model), batches of 32 PBE solids, energy + forces + stress loss (forces and stress by
+autograd with create_graph, so backward is a double backward) — the training step of the solids experiments.
 
 Counts the matrix-product FLOPs (mm/addmm/bmm; flop_counter ignores elementwise work) of forward + loss +
 backward on batches of 32 of the benchmark's QM9 molecules, with the plain dense path (oneDNN and the
@@ -71,7 +76,12 @@ def main() -> None:
     ap.add_argument("--interactions", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--forces", action="store_true")
+    ap.add_argument("--model", choices=["painn", "m3gnet"], default="painn")
+    ap.add_argument("--compile", action="store_true", help="M3GNet: time the compiled step (model.compile)")
     args = ap.parse_args()
+    if args.model == "m3gnet":
+        what = f"M3GNet 64x3 energy+force+stress training step, batch 32{', compiled' if args.compile else ''}"
+        return report(what, *m3gnet_step(args.steps, args.compile))
     import torch
     from profile_painn import setup, train_step
 
@@ -99,11 +109,61 @@ def main() -> None:
         t = time.thread_time()
         step(g)
         cpu.append(time.thread_time() - t)
+    what = f"PaiNN {args.features}x{args.interactions} {'force' if args.forces else 'energy'} training step, batch 32"
+    report(what, flops, cpu)
+
+
+def m3gnet_step(steps: int, compiled: bool = False) -> tuple[list[int], list[float]]:
+    """Counted FLOPs (5 batches, eager: the same arithmetic) and thread CPU times (`steps` batches after 3 untimed,
+    in which the compiled model compiles) of M3GNet training steps."""
+    import numpy as np
+    import torch
+
+    from multifi.config import ModelConfig
+    from multifi.data.batch import GraphCollator
+    from multifi.data.neighbors import NeighborCache
+    from multifi.data.readers.matpes import read_matpes
+    from multifi.data.stats import fit_references
+    from multifi.models.registry import build_potential
+    from multifi.train.loss import MultiFidelityLoss
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    shared = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    ds = read_matpes(shared / "solids" / "PBE.jsonl.gz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+    pot = build_potential(ModelConfig(backbone="m3gnet", features=64), list(ds.fidelities.names))
+    refs = fit_references(ds, pairs)
+    pot.head.set_baseline(refs.ref, refs.scale, refs.fitted)
+    opt = torch.optim.AdamW(pot.parameters(), lr=1e-3, fused=True)
+    collate, loss_fn = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False)), MultiFidelityLoss()
+    rng = np.random.default_rng(0)
+    graphs = [collate(pairs[rng.choice(len(pairs), 32, replace=False)]) for _ in range(steps + 3)]
+
+    def step(g):
+        loss, _ = loss_fn(pot(g, forces=True, stress=True, create_graph=True), g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    flops = [counted_flops(lambda g=g: step(g)) for g in graphs[:5]]
+    pot.use_compile = compiled
+    for g in graphs[:3]:
+        step(g)
+    cpu = []
+    for g in graphs[3:]:
+        t = time.thread_time()
+        step(g)
+        cpu.append(time.thread_time() - t)
+    return flops, cpu
+
+
+def report(what: str, flops: list[int], cpu: list[float]) -> None:
+    """Print FLOPs per step, the median step's thread CPU time, and the rate as a share of this CPU's sgemm."""
     f, t = statistics.mean(flops), statistics.median(cpu)
     rates = sgemm_rate()
     print(
-        f"PaiNN {args.features}x{args.interactions} {'force' if args.forces else 'energy'} training step, batch 32: "
-        f"{f / 1e9:.3f} GFLOP (matrix products), {1e3 * t:.1f} ms thread CPU (median of {len(cpu)}), "
+        f"{what}: {f / 1e9:.3f} GFLOP (matrix products), {1e3 * t:.1f} ms thread CPU (median of {len(cpu)}), "
         f"{f / t / 1e9:.1f} GFLOP/s; load {os.getloadavg()[0]:.1f}"
     )
     for name, r in rates.items():

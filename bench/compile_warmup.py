@@ -1,0 +1,130 @@
+"""Compile warm-up of `model.compile` training: cold inductor cache, then the same process again with the cache filled.
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/compile_warmup.py --model painn|m3gnet
+        [--features 64] [--steps 60] [--cache-dir DIR]
+
+Each pass is a fresh process (what a user's second `multifi train` is): it builds the model (PaiNN on the
+benchmark's QM9 batches of 32, energy loss; M3GNet 64×3 on batches of 32 PBE solids, energy + forces + stress
+loss), then times every optimiser step (wall clock: inductor compiles partly in worker processes). The
+steady step time is the median of the last half of the steps; the warm-up is the time of all steps minus
+`steps` × steady, i.e. what compilation (first graph, the dynamic-shape recompilation on the second batch
+shape) adds. Also printed: the first three steps and the rate over steps 11-50 (the harness's 40-step window
+after 10 warm-up steps) as a fraction of the steady rate. The first pass uses an empty cache directory
+(a temporary one unless --cache-dir), the second the same directory, now filled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def painn_step(features: int, steps: int):
+    """(step, batches): a compiled PaiNN energy training step and `steps` collated QM9 batches."""
+    import torch
+    from profile_painn import setup, train_step
+
+    pot, collate, batches, loss_fn = setup(features=features, interactions=3)
+    pot.use_compile = True
+    opt = torch.optim.AdamW(pot.parameters(), lr=5e-4, fused=True)
+    return train_step(pot, opt, loss_fn, forces=False), [collate(p) for p in batches(steps)]
+
+
+def m3gnet_step(features: int, steps: int):
+    """(step, batches): a compiled M3GNet energy + force + stress training step and `steps` batches of solids."""
+    import numpy as np
+    import torch
+
+    from multifi.config import ModelConfig
+    from multifi.data.batch import GraphCollator
+    from multifi.data.neighbors import NeighborCache
+    from multifi.data.readers.matpes import read_matpes
+    from multifi.data.stats import fit_references
+    from multifi.models.registry import build_potential
+    from multifi.train.loss import MultiFidelityLoss
+
+    shared = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    ds = read_matpes(shared / "solids" / "PBE.jsonl.gz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+    pot = build_potential(ModelConfig(backbone="m3gnet", features=features), list(ds.fidelities.names))
+    refs = fit_references(ds, pairs)
+    pot.head.set_baseline(refs.ref, refs.scale, refs.fitted)
+    pot.use_compile = True
+    opt = torch.optim.AdamW(pot.parameters(), lr=1e-3, fused=True)
+    collate, loss_fn = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False)), MultiFidelityLoss()
+    rng = np.random.default_rng(0)
+
+    def step(g):
+        loss, _ = loss_fn(pot(g, forces=True, stress=True, create_graph=True), g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, [collate(pairs[rng.choice(len(pairs), 32, replace=False)]) for _ in range(steps)]
+
+
+def child(model: str, features: int, steps: int) -> dict:
+    """Step times (s, wall) of one fresh process's compiled training."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    step, graphs = (painn_step if model == "painn" else m3gnet_step)(features, steps)
+    times = []
+    for g in graphs:
+        t = time.perf_counter()
+        step(g)
+        times.append(time.perf_counter() - t)
+    return {"times": times, "load": os.getloadavg()[0]}
+
+
+def summarise(times: list[float]) -> dict:
+    steady = statistics.median(times[len(times) // 2 :])
+    window = times[10:50]
+    return {
+        "first_three_s": [round(t, 2) for t in times[:3]],
+        "steady_ms": 1e3 * steady,
+        "warmup_s": sum(times) - len(times) * steady,
+        "window_vs_steady": len(window) * steady / sum(window) if window else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["painn", "m3gnet"], default="painn")
+    ap.add_argument("--features", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.model, args.features, args.steps)))
+        return
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="multifi_inductor_")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    cmd = [sys.executable, __file__, "--child", "--model", args.model, "--features", str(args.features)]
+    cmd += ["--steps", str(args.steps)]
+    for label in ("empty cache", "filled cache"):
+        out = json.loads(
+            subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        )
+        s = summarise(out["times"])
+        print(
+            f"{args.model} {args.features} features, {label}: warm-up {s['warmup_s']:.1f} s "
+            f"(first steps {s['first_three_s']} s), steady {s['steady_ms']:.1f} ms/step, "
+            f"steps 11-50 at {s['window_vs_steady']:.2f} × the steady rate; load {out['load']:.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
