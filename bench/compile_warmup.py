@@ -41,36 +41,14 @@ def painn_step(features: int, steps: int):
 
 
 def m3gnet_step(features: int, steps: int):
-    """(step, batches): a compiled M3GNet energy + force + stress training step and `steps` batches of solids."""
-    import numpy as np
-    import torch
+    """(step, batches): a compiled M3GNet 64×3 energy + force + stress training step and `steps` batches of solids."""
+    from flops import m3gnet_training
 
-    from multifi.config import ModelConfig
-    from multifi.data.batch import GraphCollator
-    from multifi.data.neighbors import NeighborCache
-    from multifi.data.readers.matpes import read_matpes
-    from multifi.data.stats import fit_references
-    from multifi.models.registry import build_potential
-    from multifi.train.loss import MultiFidelityLoss
-
-    shared = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-    ds = read_matpes(shared / "solids" / "PBE.jsonl.gz")
-    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
-    pot = build_potential(ModelConfig(backbone="m3gnet", features=features), list(ds.fidelities.names))
-    refs = fit_references(ds, pairs)
-    pot.head.set_baseline(refs.ref, refs.scale, refs.fitted)
+    if features != 64:
+        raise SystemExit(f"compile_warmup.py: --features {features}: the M3GNet benchmark model has 64 features")
+    pot, step, graphs = m3gnet_training(steps)
     pot.use_compile = True
-    opt = torch.optim.AdamW(pot.parameters(), lr=1e-3, fused=True)
-    collate, loss_fn = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False)), MultiFidelityLoss()
-    rng = np.random.default_rng(0)
-
-    def step(g):
-        loss, _ = loss_fn(pot(g, forces=True, stress=True, create_graph=True), g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step, [collate(pairs[rng.choice(len(pairs), 32, replace=False)]) for _ in range(steps)]
+    return step, graphs
 
 
 def child(model: str, features: int, steps: int) -> dict:

@@ -102,6 +102,13 @@ def main() -> None:
     for g in graphs[:5]:
         flops.append(counted_flops(lambda g=g: step(g)))
     dnn.ONEDNN, PaiNN.sparse_direction = fast
+    cpu = thread_times(step, graphs)
+    what = f"PaiNN {args.features}x{args.interactions} {'force' if args.forces else 'energy'} training step, batch 32"
+    report(what, flops, cpu)
+
+
+def thread_times(step, graphs) -> list[float]:
+    """Thread CPU seconds of step(g) for graphs[3:], after three untimed steps (where a compiled model compiles)."""
     for g in graphs[:3]:
         step(g)
     cpu = []
@@ -109,13 +116,12 @@ def main() -> None:
         t = time.thread_time()
         step(g)
         cpu.append(time.thread_time() - t)
-    what = f"PaiNN {args.features}x{args.interactions} {'force' if args.forces else 'energy'} training step, batch 32"
-    report(what, flops, cpu)
+    return cpu
 
 
-def m3gnet_step(steps: int, compiled: bool = False) -> tuple[list[int], list[float]]:
-    """Counted FLOPs (5 batches, eager: the same arithmetic) and thread CPU times (`steps` batches after 3 untimed,
-    in which the compiled model compiles) of M3GNet training steps."""
+def m3gnet_training(batches: int):
+    """(potential, step, graphs): M3GNet 64×3 on the PBE solids, an energy + force + stress training step (AdamW,
+    forces and stress by autograd with create_graph) and `batches` random batches of 32 structures."""
     import numpy as np
     import torch
 
@@ -138,7 +144,7 @@ def m3gnet_step(steps: int, compiled: bool = False) -> tuple[list[int], list[flo
     opt = torch.optim.AdamW(pot.parameters(), lr=1e-3, fused=True)
     collate, loss_fn = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False)), MultiFidelityLoss()
     rng = np.random.default_rng(0)
-    graphs = [collate(pairs[rng.choice(len(pairs), 32, replace=False)]) for _ in range(steps + 3)]
+    graphs = [collate(pairs[rng.choice(len(pairs), 32, replace=False)]) for _ in range(batches)]
 
     def step(g):
         loss, _ = loss_fn(pot(g, forces=True, stress=True, create_graph=True), g)
@@ -146,16 +152,16 @@ def m3gnet_step(steps: int, compiled: bool = False) -> tuple[list[int], list[flo
         loss.backward()
         opt.step()
 
+    return pot, step, graphs
+
+
+def m3gnet_step(steps: int, compiled: bool = False) -> tuple[list[int], list[float]]:
+    """Counted FLOPs (5 batches, eager: the same arithmetic) and thread CPU times (`steps` batches after 3 untimed,
+    in which the compiled model compiles) of M3GNet training steps."""
+    pot, step, graphs = m3gnet_training(steps + 3)
     flops = [counted_flops(lambda g=g: step(g)) for g in graphs[:5]]
     pot.use_compile = compiled
-    for g in graphs[:3]:
-        step(g)
-    cpu = []
-    for g in graphs[3:]:
-        t = time.thread_time()
-        step(g)
-        cpu.append(time.thread_time() - t)
-    return flops, cpu
+    return flops, thread_times(step, graphs)
 
 
 def report(what: str, flops: list[int], cpu: list[float]) -> None:
