@@ -662,6 +662,56 @@ def test_killed_mid_run_continues_from_its_checkpoint(shared, tmp_path, monkeypa
     assert cut["best_step"] == whole["best_step"]
 
 
+def test_raising_the_cap_continues_capped_runs_and_keeps_converged_ones(shared, tmp_path):
+    """A run stopped at the old cap continues from its checkpoint to the raised one and ends where a run planned
+    with that cap from the start ends; a run that stopped early before the new cap stays done (not retrained);
+    a cap below where it stopped makes it another run; pre-trainings keep their own cap."""
+    only = ["learning_curve/single/n20_s0"]
+    every = "base.train={epochs: 2, batch_size: 8, lr: 0.005, warmup_steps: 0, schedule: plateau, checkpoint_every_n_steps: 2}"
+    capped = ["convergence={val_every_n_steps: 2, patience_steps: 1000, max_steps: 16}", every]
+    raised = [*capped, "convergence.max_steps=30"]
+    out, path = tmp_path / "out", "runs/learning_curve/single/n20_s0.json"
+    run_experiment(TINY, overrides=tiny(out, *capped), only=only)
+    first = json.loads((out / path).read_text())
+    assert (first["steps"], first["cap"], first["stopped_early"]) == (16, 16, False)
+    (row,) = experiment_status(load_context(TINY, tiny(out, *raised)), only)
+    assert (row.state, row.steps, row.cap_steps) == ("to extend", 16, 30) and row.left_cpu_seconds > 0
+    run_experiment(TINY, overrides=tiny(out, *raised), report_only=True)  # reported, flagged as not converged
+    assert "learning_curve/single/n20_s0 (16 steps)" in (out / "README.md").read_text()
+    assert json.loads((out / "details.json").read_text())["capped_runs"] == only
+    run_experiment(TINY, overrides=tiny(out, *raised), only=only)
+    ext = json.loads((out / path).read_text())
+    assert (ext["steps"], ext["cap"], ext["starts"], ext["how"]) == (30, 30, 2, "extended to a raised cap")
+    assert ext["cpu_seconds"] > first["cpu_seconds"]
+    assert "continuing to 30" in (out / "work/learning_curve/single/n20_s0/log.txt").read_text()
+    run_experiment(TINY, overrides=tiny(tmp_path / "whole", *raised), only=only)
+    whole = json.loads((tmp_path / "whole" / path).read_text())
+    high = "B3LYP/6-31G(2df,p)"
+    assert ext["test"][high]["mae_meV"] == pytest.approx(whole["test"][high]["mae_meV"], rel=1e-5)
+    assert ext["best_step"] == whole["best_step"]
+
+    early = tiny(tmp_path / "early", CONVERGE, every)  # patience 4: stops before its cap of 30
+    run_experiment(TINY, overrides=early, only=only)
+    stopped = json.loads((tmp_path / "early" / path).read_text())
+    assert stopped["stopped_early"] and stopped["steps"] < 30
+    before = result_files(tmp_path / "early")
+    for cap, state in ((60, "done"), (stopped["steps"] - 2, "stale")):
+        (row,) = experiment_status(load_context(TINY, [*early, f"convergence.max_steps={cap}"]), only)
+        assert row.state == state, cap
+    run_experiment(TINY, overrides=[*early, "convergence.max_steps=60"], only=only)
+    assert result_files(tmp_path / "early") == before
+    cosine = [*capped[:1], "base.train.checkpoint_every_n_steps=2"]  # the learning rate follows the cap: no extension
+    run_experiment(TINY, overrides=tiny(tmp_path / "cos", *cosine), only=only)
+    (row,) = experiment_status(load_context(TINY, tiny(tmp_path / "cos", *cosine, "convergence.max_steps=30")), only)
+    assert row.state == "stale"
+
+    parts = plan_parts(load_context(TINY, tiny(tmp_path / "p", CONVERGE, "convergence.pretrain_max_steps=8")))
+    caps = {p.id: p.config["train"]["max_steps"] for p in parts["learning_curve"].plans}
+    assert {c for i, c in caps.items() if "/pretrain_s" in i} == {8} and {c for i, c in caps.items() if "/n" in i} == {
+        30
+    }
+
+
 def _with_callback(trainer, callback):
     trainer.callbacks.append(callback)
     return trainer

@@ -70,7 +70,7 @@ def make_plan(
         raw = deep_merge(raw, p.model_dump())
     raw["model"] = deep_merge(raw["model"], {"fidelity_embedding": {"inject": inject}})
     if ctx.spec.convergence is not None:
-        raw["train"].update(ctx.spec.convergence.train_keys(monitor))
+        raw["train"].update(ctx.spec.convergence.train_keys(monitor, pretrain=meta.get("role") == "pretrain"))
     if steps is not None:
         raw["train"].update(epochs=10**9, max_steps=steps, early_stopping_patience=None, early_stopping_steps=None)
         meta = {**meta, "control": f"{steps} steps"}

@@ -4,7 +4,9 @@ A plan's configuration is a RunConfig template: strings may hold placeholders fi
 is executed — {inputs} (the run's input folder: index and split files), {run_dir} (its training
 directory), {shared} (shared data), {work} (the experiment's work folder) and {model:<run id>} (the
 saved potential of another run). Its signature hashes everything that determines the result, so a
-finished run is reused only while its plan is unchanged.
+finished run is reused only while its plan is unchanged — with one exception, the step cap of a run
+trained to convergence (`result_state`): raising it keeps the runs that stopped early before the new cap
+and continues those that stopped at the old one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -51,6 +53,38 @@ class RunPlan:
             "upstream": self.upstream,
         }
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def cap(self) -> int | None:
+        """The step cap of a run trained to convergence whose learning rate does not depend on its length
+        (early stopping on, a plateau or constant schedule), else None: its length is part of the run."""
+        train = self.config.get("train") or {}
+        if not train.get("early_stopping_steps") or train.get("schedule", "cosine") == "cosine":
+            return None
+        return train.get("max_steps")
+
+    def at_cap(self, cap: int) -> RunPlan:
+        """This plan with another step cap."""
+        config = copy.deepcopy(self.config)
+        config["train"]["max_steps"] = int(cap)
+        return replace(self, config=config)
+
+    def result_state(self, result: dict | None) -> str:
+        """What a finished run's result is to this plan: "done" (made by it, or by the same plan under
+        another cap and stopped early before this one: the same run), "extend" (the same plan under a lower
+        cap, stopped at that cap: continue it to this one) or "other" (retrain)."""
+        if result is None:
+            return "other"
+        if result.get("signature") == self.signature():
+            return "done"
+        then, steps = result.get("cap"), result.get("steps")
+        if self.cap is None or then is None or steps is None or self.at_cap(then).signature() != result["signature"]:
+            return "other"
+        if result.get("stopped_early") and steps <= self.cap:
+            return "done"
+        if not result.get("stopped_early") and steps >= then and self.cap > then:
+            return "extend"
+        return "other"
 
 
 def _digest(values: list) -> str:

@@ -45,6 +45,14 @@ def render(ctx, parts, details, figures, runs) -> str:
         f"- Runs finished: {runs['done']} of {runs['total']}"
         + (f" ({len(runs['missing'])} not run yet)" if runs["missing"] else "")
         + (f"; {len(runs['stale'])} results from an older version of the spec ignored" if runs["stale"] else ""),
+    ]
+    if runs.get("capped"):
+        lines.append(
+            "- Stopped at a lower step cap than the spec's, so not converged (their errors are upper bounds; the "
+            "next `multifi experiment run` continues them): "
+            + ", ".join(f"{i} ({cap} steps)" for i, cap in runs["capped"].items())
+        )
+    lines += [
         f"- Training time (sum over runs): {runs['train_hours']:.2f} h wall, {runs.get('cpu_hours', 0):.2f} h CPU; "
         f"{machine()}",
         "- Numbers: `summary.json` (schema: multifi_experiments/report.py), `details.json` (per seed, kcal/mol, notes); "

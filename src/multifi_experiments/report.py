@@ -33,8 +33,8 @@ from multifi_experiments.spec import METRICS
 
 def write_report(ctx: Context, parts: dict) -> dict:
     """Aggregate the finished runs of every part; write summary.json, details.json, figures, README.md."""
-    results, stale, missing = load_results(ctx, parts)
-    details: dict = {}
+    results, stale, missing, capped = load_results(ctx, parts)
+    details: dict = {"capped_runs": capped} if capped else {}
     if "transfer" in parts:
         details["transfer"] = transfer_details(ctx, _main(parts["transfer"].plans), results)
         details["transfer_steps"] = _control_details(parts["transfer"].plans, results, by_n=True)
@@ -62,6 +62,7 @@ def write_report(ctx: Context, parts: dict) -> dict:
         "done": len(results),
         "stale": stale,
         "missing": missing,
+        "capped": {i: results[i]["cap"] for i in capped},
         "train_hours": sum(r.get("train_seconds", 0) for r in results.values()) / 3600,
         "cpu_hours": sum(r.get("cpu_seconds", 0) for r in results.values()) / 3600,
         "commands": sorted({r.get("command", "") for r in results.values()} - {""}),
@@ -70,9 +71,10 @@ def write_report(ctx: Context, parts: dict) -> dict:
     return summary
 
 
-def load_results(ctx: Context, parts) -> tuple[dict, list, list]:
-    """Results of the current plans: {run id: result}; ids with a result of another plan; ids without."""
-    results, stale, missing = {}, [], []
+def load_results(ctx: Context, parts) -> tuple[dict, list, list, list]:
+    """Results of the current plans: {run id: result}; ids with a result of another plan; ids without; ids
+    whose result stopped at a lower step cap than the plan's (in `results`: not converged, to be continued)."""
+    results, stale, missing, capped = {}, [], [], []
     for part in parts.values():
         for plan in part.plans:
             path = result_path(ctx, plan.id)
@@ -80,11 +82,14 @@ def load_results(ctx: Context, parts) -> tuple[dict, list, list]:
                 missing.append(plan.id)
                 continue
             r = json.loads(path.read_text())
-            if r.get("signature") == plan.signature():
-                results[plan.id] = r
-            else:
+            state = plan.result_state(r)
+            if state == "other":
                 stale.append(plan.id)
-    return results, stale, missing
+                continue
+            results[plan.id] = r
+            if state == "extend":
+                capped.append(plan.id)
+    return results, stale, missing, capped
 
 
 def stats(values: list[float]) -> dict | None:

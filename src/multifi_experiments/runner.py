@@ -148,14 +148,17 @@ def select(plans: list[RunPlan], only: list[str]) -> list[RunPlan]:
 
 
 # ---------------------------------------------------------------------------------------------- execution
-def is_done(ctx: Context, plan: RunPlan) -> bool:
-    path = result_path(ctx, plan.id)
-    if not path.exists():
-        return False
+def read_result(ctx: Context, run_id: str) -> dict | None:
+    """A run's result JSON, or None (none yet, or unreadable)."""
+    path = result_path(ctx, run_id)
     try:
-        return json.loads(path.read_text()).get("signature") == plan.signature()
+        return json.loads(path.read_text()) if path.exists() else None
     except ValueError:
-        return False
+        return None
+
+
+def is_done(ctx: Context, plan: RunPlan) -> bool:
+    return plan.result_state(read_result(ctx, plan.id)) == "done"
 
 
 def execute(ctx: Context, plans: list[RunPlan]) -> list[str]:
@@ -276,7 +279,10 @@ def run_one(ctx: Context, plan: RunPlan) -> dict:
     work = work_dir(ctx, plan.id)
     with _lock(ctx.paths.work / f"{plan.id}.lock"), _run_logging(work / "log.txt"):
         signature = plan.signature()
-        _reset_if_other_plan(work, signature)
+        earlier = read_result(ctx, plan.id)
+        extending = plan.result_state(earlier) == "extend"
+        # a run stopped at a lower cap continues from its checkpoint under the raised one
+        _reset_if_other_plan(work, {signature, earlier["signature"]} if extending else {signature})
         inputs, run_dir = work / "inputs", work / "run"
         _write_inputs(plan, inputs)
         atomic_write(work / "signature", lambda f: f.write(signature.encode()))
@@ -284,6 +290,9 @@ def run_one(ctx: Context, plan: RunPlan) -> dict:
             if not Path(fill(spec["path"], {"inputs": str(inputs)})).exists():
                 baselines.build_derived(spec, inputs, ctx.catalog)
         cfg = validate_config(fill(plan.config, _placeholders(ctx, plan, inputs, run_dir)), where=f"run {plan.id}")
+        if extending:
+            log.info("%s: stopped at the cap of %d steps; continuing to %d", plan.id, earlier["cap"], plan.cap)
+            _reopen(run_dir)
         with TrainingClock(work / "clock.json") as clock:
             how = _train(cfg, run_dir)
         result = {
@@ -295,7 +304,8 @@ def run_one(ctx: Context, plan: RunPlan) -> dict:
             "train_seconds": round(clock.wall, 1),
             "cpu_seconds": round(clock.cpu, 1),
             "starts": clock.starts,
-            "how": how,
+            "how": "extended to a raised cap" if extending and how == "resumed" else how,
+            "cap": plan.cap,
             **_progress_of(run_dir),
             "run_dir": _relative(run_dir, ctx.paths.output),
             "command": ctx.command,
@@ -374,6 +384,12 @@ def _train(cfg, run_dir: Path) -> str:
         return "trained"
 
 
+def _reopen(run_dir: Path) -> None:
+    """Make a finished run directory resumable: its model and metrics are replaced when it ends again."""
+    for name in ("model.pt", "metrics.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def _placeholders(ctx, plan, inputs: Path, run_dir: Path) -> dict[str, str]:
     values = {
         "inputs": str(inputs),
@@ -389,10 +405,10 @@ def _placeholders(ctx, plan, inputs: Path, run_dir: Path) -> dict[str, str]:
     return values
 
 
-def _reset_if_other_plan(work: Path, signature: str) -> None:
-    """Remove a work folder left by a different plan of this run id (the spec changed)."""
+def _reset_if_other_plan(work: Path, signatures: set[str]) -> None:
+    """Remove a work folder left by a plan of this run id other than `signatures` (the spec changed)."""
     sig = work / "signature"
-    if sig.exists() and sig.read_text().strip() == signature:
+    if sig.exists() and sig.read_text().strip() in signatures:
         return
     stale = [c for c in work.iterdir() if c.name != "log.txt"] if work.exists() else []
     if stale:

@@ -487,13 +487,21 @@ class Convergence(Section):
     val_every_n_steps: int = Field(500, ge=1)
     patience_steps: int = Field(10000, ge=1)
     max_steps: int = Field(200000, ge=1, description="cap on optimiser steps per run")
+    pretrain_max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="cap for the pre-trainings on the low fidelity (their budget; None: max_steps); raising "
+        "max_steps then leaves them, and the runs that start from them, as they are",
+    )
     metric: Literal["energy_mae_meV", "energy_mae_meV_per_atom", "forces_mae_meV_per_A"] = "energy_mae_meV"
 
-    def train_keys(self, monitor: str | None) -> dict[str, Any]:
-        """RunConfig train keys implementing the rule for a run whose target fidelity is `monitor`."""
+    def train_keys(self, monitor: str | None, pretrain: bool = False) -> dict[str, Any]:
+        """RunConfig train keys implementing the rule for a run whose target fidelity is `monitor`
+        (`pretrain`: a pre-training on the low fidelity)."""
+        cap = self.pretrain_max_steps if pretrain and self.pretrain_max_steps is not None else self.max_steps
         return {
             "epochs": 10**9,
-            "max_steps": self.max_steps,
+            "max_steps": cap,
             "val_every_n_steps": self.val_every_n_steps,
             "early_stopping_steps": self.patience_steps,
             "early_stopping_patience": None,

@@ -4,8 +4,9 @@
 
 Reads the output and work folders only (nothing is trained or written). A run is `done` when its result
 JSON carries the plan's signature, `in flight` when its work folder was made by this plan and holds a
-checkpoint or a clock (a killed run resumes from there), `stale` when its work folder is another plan's
-(the runner starts it afresh), else `to do`. The CPU time left is estimated per run from the finished runs
+checkpoint or a clock (a killed run resumes from there), `to extend` when it stopped at a step cap lower
+than the plan's (the runner continues it), `stale` when its work folder is another plan's (the runner starts
+it afresh), else `to do`. The CPU time left is estimated per run from the finished runs
 of the same part and variant (their mean CPU seconds; an in-flight run counts the part of that mean it has
 not spent yet); runs of a variant with no finished run have no estimate and are counted apart.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from multifi_experiments.context import Context, result_path, work_dir
 from multifi_experiments.plan import RunPlan
 
-STATES = ("done", "in flight", "stale", "to do")
+STATES = ("done", "in flight", "to extend", "stale", "to do")
 
 
 @dataclass
@@ -77,6 +78,9 @@ def _estimate(out: list[RunStatus]) -> list[RunStatus]:
         if s.state == "done":
             s.left_cpu_seconds = 0.0
             continue
+        if s.state == "to extend":  # at most the steps up to the raised cap, at its own CPU seconds per step
+            s.left_cpu_seconds, s.bound = (s.cap_steps - s.steps) * s.cpu_seconds / s.steps, True
+            continue
         if mean is None and per_step is not None and s.cap_steps:
             mean, s.bound = s.cap_steps * per_step, True
         if mean is not None:
@@ -89,7 +93,8 @@ def _status(ctx: Context, plan: RunPlan) -> RunStatus:
     cap = (plan.config.get("train") or {}).get("max_steps")
     result = _read_json(result_path(ctx, plan.id))
     signature = plan.signature()
-    if result is not None and result.get("signature") == signature:
+    state = plan.result_state(result)
+    if state == "done":
         return RunStatus(
             plan.id,
             "done",
@@ -102,6 +107,17 @@ def _status(ctx: Context, plan: RunPlan) -> RunStatus:
         )
     work = work_dir(ctx, plan.id)
     sig = work / "signature"
+    if state == "extend" and not (sig.exists() and sig.read_text().strip() == signature):
+        return RunStatus(
+            plan.id,
+            "to extend",
+            group,
+            steps=result["steps"],
+            best_step=result.get("best_step"),
+            cpu_seconds=float(result.get("cpu_seconds", 0.0)),
+            starts=int(result.get("starts", 1)),
+            cap_steps=cap,
+        )
     if not sig.exists():
         return RunStatus(plan.id, "to do", group, cap_steps=cap)
     if sig.read_text().strip() != signature:
