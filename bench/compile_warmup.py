@@ -10,7 +10,8 @@ steady step time is the median of the last half of the steps; the warm-up is the
 `steps` × steady, i.e. what compilation (first graph, the dynamic-shape recompilation on the second batch
 shape) adds. Also printed: the first three steps and the rate over steps 11-50 (the harness's 40-step window
 after 10 warm-up steps) as a fraction of the steady rate. The first pass uses an empty cache directory
-(a temporary one unless --cache-dir), the second the same directory, now filled.
+(a temporary one unless --cache-dir), the second the same directory, now filled. --keep-guard: inductor's
+own float32-sum code generation (a graph per side of 4 096 edges), for the A/B of models/inductor.py.
 """
 
 from __future__ import annotations
@@ -51,9 +52,17 @@ def m3gnet_step(features: int, steps: int):
     return step, graphs
 
 
-def child(model: str, features: int, steps: int) -> dict:
-    """Step times (s, wall) of one fresh process's compiled training."""
+def child(model: str, features: int, steps: int, keep_guard: bool = False) -> dict:
+    """Step times (s, wall) of one fresh process's compiled training (`keep_guard`: inductor's own float32-sum
+    length guard, i.e. without multifi.models.inductor's patch: the A/B of that patch)."""
     import torch
+
+    if keep_guard:
+        import contextlib
+
+        import multifi.models.inductor as inductor
+
+        inductor.unguarded_float_sums = contextlib.nullcontext
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -77,21 +86,57 @@ def summarise(times: list[float]) -> dict:
     }
 
 
+def ab_pairs(cmd: list[str], env: dict, pairs: int) -> None:
+    """Steady step and 40-step window, unguarded sums (A) against inductor's own guard (B), side by side."""
+    cmd = [c for c in cmd if c != "--keep-guard"]
+    for variant in (cmd, cmd + ["--keep-guard"]):  # fill the cache of both first
+        subprocess.run(variant, env=env, check=True, capture_output=True)
+    rows = []
+    for _ in range(pairs):
+        a, b = (
+            summarise(
+                json.loads(
+                    subprocess.run(v, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+                )["times"]
+            )
+            for v in (cmd, cmd + ["--keep-guard"])
+        )
+        rows.append((a, b))
+        print(
+            f"unguarded {a['steady_ms']:.1f} ms/step (window {a['window_vs_steady']:.2f}), "
+            f"guarded {b['steady_ms']:.1f} ms/step (window {b['window_vs_steady']:.2f}): "
+            f"B/A steady {b['steady_ms'] / a['steady_ms']:.3f}",
+            flush=True,
+        )
+    ratio = statistics.median(b["steady_ms"] / a["steady_ms"] for a, b in rows)
+    print(f"median steady-step ratio guarded / unguarded: {ratio:.3f} over {pairs} pairs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["painn", "m3gnet"], default="painn")
     ap.add_argument("--features", type=int, default=64)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--keep-guard", action="store_true", help="without the unguarded float32 sums (A/B)")
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="instead: N pairs of fresh processes with the cache filled, unguarded sums and --keep-guard "
+        "alternating, and the median of the pairs' steady-step ratios",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.model, args.features, args.steps)))
+        print(json.dumps(child(args.model, args.features, args.steps, args.keep_guard)))
         return
     cache = args.cache_dir or tempfile.mkdtemp(prefix="multifi_inductor_")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
     cmd = [sys.executable, __file__, "--child", "--model", args.model, "--features", str(args.features)]
-    cmd += ["--steps", str(args.steps)]
+    cmd += ["--steps", str(args.steps)] + (["--keep-guard"] if args.keep_guard else [])
+    if args.pairs:
+        return ab_pairs(cmd, env, args.pairs)
     for label in ("empty cache", "filled cache"):
         out = json.loads(
             subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1]

@@ -118,3 +118,45 @@ def test_compile_switch(monkeypatch, tmp_path):
     path = save_potential(build_potential({**_model("painn", "both"), "compile": True}, ["lo"]), tmp_path / "m.pt")
     assert load_potential(path).use_compile and not load_potential(path, compile=False).use_compile
     assert not Calculator(path, fidelity="lo", compile=False).potential.use_compile
+
+
+def test_unguarded_float_sums_patch_only_inside_and_tags_the_cache():
+    """The code-generation change is active only inside multifi's compiled calls, under its own cache tag."""
+    import torch.compiler.config as compiler_config
+    from torch._inductor.codegen.cpp import CppKernel
+
+    from multifi.models.inductor import CACHE_TAG, unguarded_float_sums
+
+    original, tag = CppKernel.need_use_acc_helper, compiler_config.cache_key_tag
+    with unguarded_float_sums():
+        assert CppKernel.need_use_acc_helper is not original and compiler_config.cache_key_tag == CACHE_TAG
+    assert CppKernel.need_use_acc_helper is original and compiler_config.cache_key_tag == tag
+    with pytest.raises(RuntimeError), unguarded_float_sums():
+        raise RuntimeError("restored on errors too")
+    assert CppKernel.need_use_acc_helper is original and compiler_config.cache_key_tag == tag
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("MULTIFI_TEST_COMPILE", "0") in ("", "0"),
+    reason="inductor compilation takes minutes on a 2-core CPU; MULTIFI_TEST_COMPILE=1 runs it",
+)
+def test_inductor_compiles_once_for_batches_on_both_sides_of_4096_edges(periodic):
+    """No recompilation when a batch first has more than 4 096 edges (inductor's float32-sum guard), and the
+    same numbers as eager for both batches."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = build_potential(_model("m3gnet", "readout"), ["lo", "hi"])
+    compiled = copy.deepcopy(eager)
+    compiled.use_compile = True
+    small = graph_from_atoms([periodic], eager.cutoff, fidelity=[1])
+    big = graph_from_atoms([periodic.repeat((3, 3, 3))] * 2, eager.cutoff, fidelity=[1, 0])
+    assert small.edge_index.shape[1] <= 4096 < big.edge_index.shape[1]
+    _outputs_and_grads(compiled, small)
+    graphs = counters["stats"]["unique_graphs"]
+    for g in (big, small):
+        got, want = _outputs_and_grads(compiled, g), _outputs_and_grads(eager, g)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=2e-5, rtol=1e-4, msg=key)
+    assert counters["stats"]["unique_graphs"] == graphs

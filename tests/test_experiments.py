@@ -675,7 +675,8 @@ def test_raising_the_cap_continues_capped_runs_and_keeps_converged_ones(shared, 
     first = json.loads((out / path).read_text())
     assert (first["steps"], first["cap"], first["stopped_early"]) == (16, 16, False)
     (row,) = experiment_status(load_context(TINY, tiny(out, *raised)), only)
-    assert (row.state, row.steps, row.cap_steps) == ("to extend", 16, 30) and row.left_cpu_seconds > 0
+    assert (row.state, row.steps, row.cap_steps, row.resumable) == ("to extend", 16, 30, True)
+    assert row.left_cpu_seconds == pytest.approx(first["cpu_seconds"] * 14 / 16, rel=0.01)
     run_experiment(TINY, overrides=tiny(out, *raised), report_only=True)  # reported, flagged as not converged
     assert "learning_curve/single/n20_s0 (16 steps)" in (out / "README.md").read_text()
     assert json.loads((out / "details.json").read_text())["capped_runs"] == only

@@ -36,6 +36,7 @@ class RunStatus:
     left_cpu_seconds: float | None = None  # estimate; None: nothing to estimate it from
     cap_steps: int | None = None  # the plan's max_steps
     bound: bool = False  # left_cpu_seconds is an upper bound (cap × CPU per step), not a group mean
+    resumable: bool = False  # to extend: its last checkpoint is still there (else it trains again from step 0)
 
 
 def experiment_status(ctx: Context, only=()) -> list[RunStatus]:
@@ -78,8 +79,9 @@ def _estimate(out: list[RunStatus]) -> list[RunStatus]:
         if s.state == "done":
             s.left_cpu_seconds = 0.0
             continue
-        if s.state == "to extend":  # at most the steps up to the raised cap, at its own CPU seconds per step
-            s.left_cpu_seconds, s.bound = (s.cap_steps - s.steps) * s.cpu_seconds / s.steps, True
+        if s.state == "to extend":  # at most the steps up to the raised cap (all of them without its checkpoint)
+            steps = s.cap_steps - s.steps if s.resumable else s.cap_steps
+            s.left_cpu_seconds, s.bound = steps * s.cpu_seconds / s.steps, True
             continue
         if mean is None and per_step is not None and s.cap_steps:
             mean, s.bound = s.cap_steps * per_step, True
@@ -117,6 +119,7 @@ def _status(ctx: Context, plan: RunPlan) -> RunStatus:
             cpu_seconds=float(result.get("cpu_seconds", 0.0)),
             starts=int(result.get("starts", 1)),
             cap_steps=cap,
+            resumable=(work / "run" / "checkpoints" / "last.ckpt").exists(),
         )
     if not sig.exists():
         return RunStatus(plan.id, "to do", group, cap_steps=cap)

@@ -8,6 +8,7 @@ the compiled graph's own backward instead of a double backward through hundreds 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -138,15 +139,21 @@ RECOMPILE_LIMIT = 32  # grad mode, dtype, trainable vs frozen (EMA) weights and 
 def _compiled(fn):
     """torch.compile(fn) with dynamic shapes (atoms and edges vary per batch), made once per function.
     Its calls run with dynamo's recompile limit raised to RECOMPILE_LIMIT (default 8, beyond which dynamo
-    silently falls back to eager); the limit of other compiled code in the process is not touched."""
+    silently falls back to eager); the limit of other compiled code in the process is not touched. With
+    inductor, float32 sums compile without a guard on their length (models/inductor.py): one graph for
+    every edge count, no recompilation when a batch first exceeds 4 096 edges."""
     key = (fn, COMPILE_BACKEND)
     if key not in _COMPILED:
         import torch._dynamo.config as dynamo_config
 
+        from multifi.models.inductor import unguarded_float_sums
+
         compiled = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND)
+        limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+        codegen = unguarded_float_sums if COMPILE_BACKEND == "inductor" else contextlib.nullcontext
 
         def call(*args, **kwargs):
-            with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)):
+            with dynamo_config.patch(recompile_limit=limit), codegen():
                 return compiled(*args, **kwargs)
 
         _COMPILED[key] = call
