@@ -67,12 +67,13 @@ def child(model: str, features: int, steps: int, keep_guard: bool = False) -> di
     torch.set_num_threads(1)
     torch.manual_seed(0)
     step, graphs = (painn_step if model == "painn" else m3gnet_step)(features, steps)
-    times = []
+    times, cpu = [], []
     for g in graphs:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         step(g)
         times.append(time.perf_counter() - t)
-    return {"times": times, "load": os.getloadavg()[0]}
+        cpu.append(time.thread_time() - c)
+    return {"times": times, "cpu": cpu, "load": os.getloadavg()[0]}
 
 
 def summarise(times: list[float]) -> dict:
@@ -93,23 +94,21 @@ def ab_pairs(cmd: list[str], env: dict, pairs: int) -> None:
         subprocess.run(variant, env=env, check=True, capture_output=True)
     rows = []
     for _ in range(pairs):
-        a, b = (
-            summarise(
-                json.loads(
-                    subprocess.run(v, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-                )["times"]
-            )
+        outs = [
+            json.loads(subprocess.run(v, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             for v in (cmd, cmd + ["--keep-guard"])
-        )
-        rows.append((a, b))
+        ]
+        (a, b), (ca, cb) = [summarise(o["times"]) for o in outs], [summarise(o["cpu"]) for o in outs]
+        rows.append((a, b, ca, cb))
         print(
-            f"unguarded {a['steady_ms']:.1f} ms/step (window {a['window_vs_steady']:.2f}), "
-            f"guarded {b['steady_ms']:.1f} ms/step (window {b['window_vs_steady']:.2f}): "
-            f"B/A steady {b['steady_ms'] / a['steady_ms']:.3f}",
+            f"unguarded {a['steady_ms']:.1f} ms/step wall, {ca['steady_ms']:.1f} CPU (window {a['window_vs_steady']:.2f}), "
+            f"guarded {b['steady_ms']:.1f} wall, {cb['steady_ms']:.1f} CPU (window {b['window_vs_steady']:.2f}): "
+            f"B/A steady wall {b['steady_ms'] / a['steady_ms']:.3f}, CPU {cb['steady_ms'] / ca['steady_ms']:.3f}",
             flush=True,
         )
-    ratio = statistics.median(b["steady_ms"] / a["steady_ms"] for a, b in rows)
-    print(f"median steady-step ratio guarded / unguarded: {ratio:.3f} over {pairs} pairs")
+    wall = statistics.median(r[1]["steady_ms"] / r[0]["steady_ms"] for r in rows)
+    cpu = statistics.median(r[3]["steady_ms"] / r[2]["steady_ms"] for r in rows)
+    print(f"median steady-step ratio guarded / unguarded over {pairs} pairs: wall {wall:.3f}, thread CPU {cpu:.3f}")
 
 
 def main() -> None:
