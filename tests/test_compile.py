@@ -143,14 +143,15 @@ def test_unguarded_float_sums_patch_only_inside_and_tags_the_cache():
 )
 def test_inductor_compiles_once_for_batches_on_both_sides_of_4096_edges(periodic):
     """No recompilation when a batch first has more than 4 096 edges (inductor's float32-sum guard), and the
-    same numbers as eager for both batches."""
+    same numbers as eager for both batches. (Batches of ≤ 24 atoms get a graph of their own: inductor turns
+    a small [atoms, 1] × [1, n] product into a multiplication under a size guard, not changed here.)"""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     eager = build_potential(_model("m3gnet", "readout"), ["lo", "hi"])
     compiled = copy.deepcopy(eager)
     compiled.use_compile = True
-    small = graph_from_atoms([periodic], eager.cutoff, fidelity=[1])
+    small = graph_from_atoms([periodic.repeat((2, 2, 2))], eager.cutoff, fidelity=[1])  # > 24 atoms: see below
     big = graph_from_atoms([periodic.repeat((3, 3, 3))] * 2, eager.cutoff, fidelity=[1, 0])
     assert small.edge_index.shape[1] <= 4096 < big.edge_index.shape[1]
     _outputs_and_grads(compiled, small)
