@@ -269,7 +269,7 @@ def fake_train(calls: list, validation: bool = True):
         if validation:
             val = prep.pairs["val"]
             metrics["val_fidelities"] = evaluate_pairs(potential, prep.dataset, None, val) if len(val) else {}
-            metrics.update(steps=7, best_step=5)
+            metrics.update(steps=7, best_step=5, stopped_early=True)  # stopped by its patience (convergence rule)
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
         return run_dir
 

@@ -267,6 +267,23 @@ def test_splits_keep_test_molecules_out_of_training_and_selection(shared, tmp_pa
     )  # nested across n
 
 
+def test_limits_keep_the_row_of_a_run_that_stopped_before_a_raised_cap(shared, fake, tmp_path, monkeypatch):
+    """A run that stopped early stays done when the cap is raised, and so does its cached row of limits (also
+    once its model is gone)."""
+    from multifi_experiments import limits
+
+    monkeypatch.setattr(limits, "measure", lambda ctx, plan, model, high, low: {"test_molecules": 1})
+    monkeypatch.setattr(limits, "render", lambda ctx, out: "")
+    plateau = "base.train={epochs: 2, batch_size: 8, lr: 0.005, warmup_steps: 0, schedule: plateau}"
+    out, rid = tmp_path / "out", "learning_curve/joint_both/n10_s0"
+    run_experiment(TINY, overrides=tiny(out, CONVERGE, plateau), only=[rid])
+    ctx = load_context(TINY, tiny(out, CONVERGE, plateau))
+    assert [r["run"] for r in limits.run_limits(ctx, plan_parts(ctx))["runs"]] == [rid]
+    shutil.rmtree(out / "work")
+    raised = load_context(TINY, tiny(out, CONVERGE, plateau, "convergence.max_steps=60"))
+    assert [r["run"] for r in limits.run_limits(raised, plan_parts(raised))["runs"]] == [rid]
+
+
 @pytest.mark.slow
 def test_real_training_finetune_and_delta(shared, tmp_path):
     """The real trainer through the runner: pre-training → fine-tuning via train.init_from, and Δ-learning."""

@@ -16,8 +16,8 @@ only the top one and are skipped), on the part's test molecules:
 
 Only runs finished under the spec's current plan are measured (their result's signature is the plan's:
 the same test molecules and configuration). Results are cached per run (<output>/limits/<run id>.json,
-keyed by the plan's signature and the model file's content hash); a finished run whose model is gone (work
-folders are not results: a fresh clone) keeps its cached row if this plan made it. QM9 learning curves only (the shared
+keyed by the signature of the run that made the result and the model file's content hash); a finished run
+whose model is gone (work folders are not results: a fresh clone) keeps its cached row if that run made it. QM9 learning curves only (the shared
 label tables), not specs with a `data` section.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 from multifi.errors import MultifiError
 from multifi.files import atomic_write
 from multifi_experiments.context import Context
-from multifi_experiments.runner import is_done
+from multifi_experiments.runner import is_done, read_result
 
 log = logging.getLogger("multifi.experiments")
 VERSION = 3  # of the measured quantities: cached rows of another version are measured again
@@ -64,7 +64,7 @@ def run_limits(ctx: Context, parts: dict) -> dict:
 
 
 def _cached(ctx: Context, plan, model: Path, high: str, low: str) -> dict | None:
-    key = plan.signature() + ":" + hashlib.sha256(model.read_bytes()).hexdigest()[:16]  # plan, model file
+    key = _made_by(ctx, plan) + ":" + hashlib.sha256(model.read_bytes()).hexdigest()[:16]  # run, model file
     path = ctx.paths.output / "limits" / f"{plan.id}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -78,13 +78,19 @@ def _cached(ctx: Context, plan, model: Path, high: str, low: str) -> dict | None
 
 def _kept(ctx: Context, plan) -> dict | None:
     """The cached row of a finished run whose work folder (model.pt) is gone, e.g. in a fresh clone: made from
-    this plan's model (same signature) by this version of the measurements, else None (nothing to measure)."""
+    the model of the run behind the result (same signature) by this version of the measurements, else None."""
     path = ctx.paths.output / "limits" / f"{plan.id}.json"
     if not path.is_file():
         return None
     cached = json.loads(path.read_text())
     made_by = str(cached.get("key", "")).split(":")[0]
-    return cached["row"] if made_by == plan.signature() and cached.get("version") == VERSION else None
+    return cached["row"] if made_by == _made_by(ctx, plan) and cached.get("version") == VERSION else None
+
+
+def _made_by(ctx: Context, plan) -> str:
+    """The signature of the run that made the plan's finished result (the plan's own, or the same plan under
+    an earlier step cap when the run stopped early before the current one)."""
+    return read_result(ctx, plan.id)["signature"]
 
 
 def measure(ctx: Context, plan, model: Path, high: str, low: str) -> dict | None:
