@@ -25,8 +25,9 @@ def register(sub):
     m.set_defaults(func=limits)
     s = esub.add_parser(
         "status",
-        help="every run of a spec: done, in flight (step, CPU time), to extend (stopped at a lower cap), stale or to do, and the CPU hours left "
-        "(estimated from finished runs of the same variant); reads only, trains nothing",
+        help="every run of a spec: done, in flight (step, CPU time), to extend (stopped at a lower cap), stale "
+        "or to do, and the CPU hours left (estimated from finished runs of the same variant); reads only, "
+        "trains nothing",
     )
     s.add_argument("spec", help="experiment spec (YAML)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -17,8 +17,8 @@ only the top one and are skipped), on the part's test molecules:
 Only runs finished under the spec's current plan are measured (their result's signature is the plan's:
 the same test molecules and configuration). Results are cached per run (<output>/limits/<run id>.json,
 keyed by the signature of the run that made the result and the model file's content hash); a finished run
-whose model is gone (work folders are not results: a fresh clone) keeps its cached row if that run made it. QM9 learning curves only (the shared
-label tables), not specs with a `data` section.
+whose model is gone (work folders are not results: a fresh clone) keeps its cached row if that run made it.
+QM9 learning curves only (the shared label tables), not specs with a `data` section.
 """
 
 from __future__ import annotations
