@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/flops.py [--features 64] [--interactions 3]
         [--steps 20] [--forces]
-    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/flops.py --model m3gnet [--steps 20]
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/flops.py --model m3gnet [--steps 20] [--compile]
+        [--gemm-share] [--thin]
 
 PaiNN: batches of 32 of the benchmark's QM9 molecules, energy loss (or energy + forces). M3GNet: 64 features,
 3 blocks (the harness's model), batches of 32 PBE solids, energy + forces + stress loss (forces and stress by
@@ -13,6 +14,12 @@ backward on batches of 32 of the benchmark's QM9 molecules, with the plain dense
 sparse direction sum off: the same arithmetic; their kernels are not counted by flop_counter). Then
 times the step as training runs it (median thread CPU time over --steps) and a 1024² float32 sgemm
 (torch.mm = MKL, and oneDNN), and prints FLOPs per step / step time as a fraction of the sgemm rate.
+
+--gemm-share (M3GNet): the share of the step's CPU time spent in matrix products (torch.profiler self CPU time
+of aten::mm/addmm/bmm over all operators and compiled graphs) and their rate (counted FLOPs / that time).
+--thin: rates of the products that dominate M3GNet's step, [M, 64] × [64, 64] and its weight gradient
+[64, M] × [M, 64] (M = edges of a batch), through torch.mm (MKL), oneDNN and inductor's max-autotune
+(its C++ GEMM template or ATen, whichever it picks), thread CPU time, median of 200 calls.
 """
 
 from __future__ import annotations
@@ -78,7 +85,13 @@ def main() -> None:
     ap.add_argument("--forces", action="store_true")
     ap.add_argument("--model", choices=["painn", "m3gnet"], default="painn")
     ap.add_argument("--compile", action="store_true", help="M3GNet: time the compiled step (model.compile)")
+    ap.add_argument("--gemm-share", action="store_true", help="M3GNet: share of the step in matrix products")
+    ap.add_argument("--thin", action="store_true", help="rates of M3GNet's [M,64]x[64,64] products by backend")
     args = ap.parse_args()
+    if args.thin:
+        return thin_gemms()
+    if args.model == "m3gnet" and args.gemm_share:
+        return gemm_share(args.steps, args.compile)
     if args.model == "m3gnet":
         what = f"M3GNet 64x3 energy+force+stress training step, batch 32{', compiled' if args.compile else ''}"
         return report(what, *m3gnet_step(args.steps, args.compile))
@@ -162,6 +175,65 @@ def m3gnet_step(steps: int, compiled: bool = False) -> tuple[list[int], list[flo
     flops = [counted_flops(lambda g=g: step(g)) for g in graphs[:5]]
     pot.use_compile = compiled
     return flops, thread_times(step, graphs)
+
+
+def gemm_share(steps: int, compiled: bool) -> None:
+    """Print the share of M3GNet training steps' CPU time in aten::mm/addmm/bmm and those products' GFLOP/s."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    pot, step, graphs = m3gnet_training(steps + 3)
+    flops = statistics.mean(counted_flops(lambda g=g: step(g)) for g in graphs[:5])
+    pot.use_compile = compiled
+    for g in graphs[:3]:
+        step(g)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.thread_time()
+        for g in graphs[3:]:
+            step(g)
+        cpu = (time.thread_time() - t) / steps
+    rows = prof.key_averages()
+    total = sum(r.self_cpu_time_total for r in rows)
+    gemm = sum(r.self_cpu_time_total for r in rows if r.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    share = gemm / total
+    print(
+        f"M3GNet 64x3 training step{', compiled' if compiled else ''}: {1e3 * cpu:.1f} ms thread CPU per step; "
+        f"matrix products {100 * share:.1f} % of the profiled CPU time, i.e. ~{1e3 * share * cpu:.1f} ms per step "
+        f"at {flops / (share * cpu) / 1e9:.1f} GFLOP/s ({flops / 1e9:.3f} GFLOP); load {os.getloadavg()[0]:.1f}"
+    )
+
+
+def thin_gemms(reps: int = 200) -> None:
+    """Print the rate of M3GNet's thin products by backend (thread CPU time, median of `reps` calls)."""
+    import torch
+    import torch._inductor.config as inductor
+
+    torch.set_num_threads(1)
+    inductor.max_autotune, inductor.max_autotune_gemm_backends = True, "CPP,ATEN"
+    autotuned = torch.compile(lambda a, b: a @ b, dynamic=False)
+
+    def rate(fn, flop: int) -> float:
+        for _ in range(10):
+            fn()
+        ts = []
+        for _ in range(reps):
+            t = time.thread_time_ns()
+            fn()
+            ts.append(time.thread_time_ns() - t)
+        return flop / statistics.median(ts)  # FLOP/ns = GFLOP/s
+
+    for m in (3500, 16000):
+        x, w, g = torch.randn(m, 64), torch.randn(64, 64), torch.randn(m, 64)
+        xt = x.t()
+        flop = 2 * m * 64 * 64
+        row = {
+            "x@W torch.mm": rate(lambda: torch.mm(x, w), flop),
+            "x@W oneDNN": rate(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), flop),
+            "x@W max-autotune": rate(lambda: autotuned(x, w), flop),
+            "xT@g torch.mm": rate(lambda: torch.mm(xt, g), flop),
+            "xT@g max-autotune": rate(lambda: autotuned(xt, g), flop),
+        }
+        print(f"M = {m}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()) + f" GFLOP/s; load {os.getloadavg()[0]:.1f}")
 
 
 def report(what: str, flops: list[int], cpu: list[float]) -> None:
