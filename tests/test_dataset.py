@@ -7,7 +7,7 @@ import json
 import ase.io
 import numpy as np
 import pytest
-from ase.build import molecule
+from ase.build import bulk, molecule
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 from conftest import emt_labelled, periodic_cell, rattled_molecule
 
@@ -215,7 +215,10 @@ def test_merge_identical_duplicates_are_fine():
 def test_merge_conflicting_energy_is_an_error():
     mols, a, _ = two_sources_sharing_structures()
     c = FidelityDataset.from_records([record(mols[0], {"PBE": {"energy": -5.0}})], source="c.xyz")
-    with pytest.raises(MultifiError, match=r"a.xyz \+ c.xyz: conflicting energy labels at fidelity 'PBE'"):
+    with pytest.raises(
+        MultifiError,
+        match=r"a.xyz: structure 0 \(0-based\) and c.xyz: structure 0 \(0-based\): conflicting energy labels at fidelity 'PBE'",
+    ):
         FidelityDataset.merge([a, c])
 
 
@@ -224,7 +227,7 @@ def test_merge_conflicting_forces_is_an_error():
     c = FidelityDataset.from_records(
         [record(mols[0], {"PBE": {"energy": -0.0, "forces": np.ones((3, 3))}})], source="c.xyz"
     )
-    with pytest.raises(MultifiError, match="conflicting forces labels at fidelity 'PBE'"):
+    with pytest.raises(MultifiError, match=r"a.xyz: structure 0 .* and c.xyz: structure 0 .*: conflicting forces labels at fidelity 'PBE'"):
         FidelityDataset.merge([a, c])
 
 
@@ -232,11 +235,47 @@ def test_merge_same_key_different_structure_is_an_error():
     w, nh3 = rattled_molecule("H2O", 0), rattled_molecule("NH3", 0)
     a = FidelityDataset.from_records([record(w, {"PBE": {"energy": -1.0}}, key="k1")], source="a.xyz")
     b = FidelityDataset.from_records([record(nh3, {"CC": {"energy": -1.0}}, key="k1")], source="b.xyz")
-    with pytest.raises(MultifiError, match="'k1' names structures with different atom counts"):
+    with pytest.raises(MultifiError, match=r"a.xyz: structure 0 .* and b.xyz: structure 0 .*: same key 'k1', different atom counts"):
         FidelityDataset.merge([a, b])
     co = molecule("CO2")  # 3 atoms like water, other elements
     c = FidelityDataset.from_records([record(co, {"CC": {"energy": -1.0}}, key="k1")], source="c.xyz")
-    with pytest.raises(MultifiError, match="'k1' names structures with different elements"):
+    with pytest.raises(MultifiError, match="same key 'k1', different elements"):
+        FidelityDataset.merge([a, c])
+
+
+def test_merge_same_key_different_geometry_is_an_error():
+    """A key reused for a displaced or strained frame must not move its labels onto the other geometry."""
+    w = rattled_molecule("H2O", 0)
+    moved = w.copy()
+    moved.positions[1] += [0.37, 0.0, 0.0]
+    a = FidelityDataset.from_records([record(w, {"PBE": {"energy": -1.0}}, key="k1")], source="a.xyz")
+    b = FidelityDataset.from_records([record(moved, {"CC": {"energy": -1.0}}, key="k1")], source="b.xyz")
+    with pytest.raises(
+        MultifiError, match=r"a.xyz: structure 0 .* and b.xyz: structure 0 .*: same key 'k1', different geometries \(atom 1 0.37 Å apart\)"
+    ):
+        FidelityDataset.merge([a, b])
+    nudged = w.copy()
+    nudged.positions += 2e-4  # rounding of a written file: still the same structure
+    c = FidelityDataset.from_records([record(nudged, {"CC": {"energy": -1.0}}, key="k1")], source="c.xyz")
+    assert len(FidelityDataset.merge([a, c])) == 1
+
+
+def test_merge_same_key_periodic_compares_modulo_the_lattice_and_the_cell():
+    si = bulk("Si", "diamond", a=5.43)
+    rec = lambda atoms, name: {  # noqa: E731
+        "numbers": atoms.numbers, "positions": atoms.positions, "cell": np.array(atoms.cell), "pbc": atoms.pbc,
+        "key": "mp-149", "labels": {name: {"energy": -10.0}},
+    }
+    wrapped = si.copy()
+    wrapped.positions[1] += si.cell[0] - si.cell[2]  # the same crystal, atom written in another image
+    a = FidelityDataset.from_records([rec(si, "PBE")], source="pbe.xyz")
+    b = FidelityDataset.from_records([rec(wrapped, "R2SCAN")], source="r2.xyz")
+    merged = FidelityDataset.merge([a, b])
+    assert len(merged) == 1 and merged.energy_mask.all()
+    strained = si.copy()
+    strained.set_cell(si.cell * 1.04, scale_atoms=True)
+    c = FidelityDataset.from_records([rec(strained, "R2SCAN")], source="r2.xyz")
+    with pytest.raises(MultifiError, match=r"same key 'mp-149', different cells \(by up to 0.109 Å\)"):
         FidelityDataset.merge([a, c])
 
 

@@ -7,7 +7,7 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-from conftest import MOLECULES, TINY_MODEL, rattled_molecule
+from conftest import MOLECULES, TINY_MODEL, emt_labelled, rattled_molecule
 from test_cli import cli_run, fails, run  # noqa: F401  (module fixture: one tiny trained run)
 
 from multifi.data.dataset import FidelityDataset
@@ -123,3 +123,22 @@ def test_select_cli(cli_run, tmp_path, capsys):  # noqa: F811
         assert len(set(keys)) == 4 and not {"c0", "c5"} & set(keys) and set(keys) <= {f"c{i}" for i in range(12)}
     fails([*args, "--strategy", "random", "--n", "11", "--out", out], capsys, "only 10 unlabelled")
     fails([*args, "--fidelity", "HI", "--out", out], capsys, "unknown fidelity 'HI'", "did you mean 'hi'")
+
+
+def test_select_never_picks_a_structure_labelled_in_a_later_frame(cli_run, tmp_path, capsys):  # noqa: F811
+    """A pool written one frame per (structure, fidelity): frames of one key are one structure, as in training."""
+    _, run_dir = cli_run
+    mols = [rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=300 + i, stdev=0.1) for i in range(6)]
+    lo = [emt_labelled(a, "lo") for a in mols]
+    hi = [emt_labelled(a, "hi", 1.1) for a in mols[:4]]  # structures 0-3 already computed at hi
+    for i, a in enumerate(lo):
+        a.info["key"] = f"p{i}"
+    for i, a in enumerate(hi):
+        a.info["key"] = f"p{i}"
+    pool = tmp_path / "pool.extxyz"
+    ase.io.write(pool, lo + hi, format="extxyz")
+    out = tmp_path / "picks.txt"
+    code, stdout, _ = run(["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--n", "2", "--out", out], capsys)
+    assert code == 0 and "picked 2 of 6" in stdout
+    assert sorted(out.read_text().split()) == ["p4", "p5"]
+    fails(["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--n", "3", "--out", out], capsys, "only 2 unlabelled")

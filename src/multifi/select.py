@@ -135,18 +135,19 @@ def farthest_points(
 
 def read_pool(path: str):
     """Candidate structures as a FidelityDataset: a labelled data file, or any file ASE reads without labels
-    (keys: info['key'], else a geometry hash)."""
+    (keys: info['key'], else a geometry hash). Frames of one structure (same key) are merged, as for training:
+    a structure whose frame at another fidelity comes first in the file is still labelled at `fidelity`."""
     from pathlib import Path
 
     from multifi.config import SourceConfig
     from multifi.data.dataset import FidelityDataset
-    from multifi.data.sources import guess_format, read_source
+    from multifi.data.sources import guess_format, read_sources
 
     p = Path(path)
     if not p.exists():
         raise MultifiError(f"{p}: no such file")
     try:
-        return read_source(SourceConfig(path=str(p)))
+        return read_sources([SourceConfig(path=str(p))])
     except MultifiError:
         if guess_format(p) != "ase":
             raise
@@ -163,4 +164,4 @@ def read_pool(path: str):
         }
         for a in _frames(p, ":")
     ]
-    return FidelityDataset.from_records(records, source=str(p))
+    return FidelityDataset.merge([FidelityDataset.from_records(records, source=str(p))])

@@ -369,17 +369,19 @@ class FidelityDataset:
         rank_of_unique[np.argsort(first)] = np.arange(len(uniq))
         target = rank_of_unique[inverse]  # [S_cat] → merged structure index
         out = cat.subset(order)
+        where = _Origins(parts, target)
         if not (out.n_atoms[target] == cat.n_atoms).all():
             bad = int(np.argmax(out.n_atoms[target] != cat.n_atoms))
-            raise MultifiError(f"{cat.source}: key {str(cat.keys[bad])!r} names structures with different atom counts")
+            raise MultifiError(f"{where.pair(bad)}: same key {str(cat.keys[bad])!r}, different atom counts")
         src_atoms = ranges(cat.offsets[:-1], cat.n_atoms)
         dst_atoms = ranges(out.offsets[target], cat.n_atoms)
         differ = out.numbers[dst_atoms] != cat.numbers[src_atoms]
         if differ.any():
             bad = int(np.repeat(np.arange(len(cat)), cat.n_atoms)[np.argmax(differ)])
-            raise MultifiError(f"{cat.source}: key {str(cat.keys[bad])!r} names structures with different elements")
+            raise MultifiError(f"{where.pair(bad)}: same key {str(cat.keys[bad])!r}, different elements")
+        _check_same_geometry(cat, out, target, src_atoms, dst_atoms, where)
         for k, name in enumerate(table.names):
-            _fold(out.energy[:, k], cat.energy[:, k], target, ~np.isnan(cat.energy[:, k]), name, cat, "energy")
+            _fold(out.energy[:, k], cat.energy[:, k], target, ~np.isnan(cat.energy[:, k]), name, cat, where)
             if cat.forces is not None:  # duplicates allowed when they agree, as for energies
                 m = cat.forces_mask[:, k]
                 am = np.repeat(m, cat.n_atoms)
@@ -388,14 +390,14 @@ class FidelityDataset:
                 out.forces_mask[target[m], k] = True
                 bad = np.abs(out.forces[dst, k] - src).max(-1, initial=0) > 1e-5
                 if bad.any():
-                    _conflict(cat, np.repeat(np.flatnonzero(m), cat.n_atoms[m])[np.argmax(bad)], name, "forces")
+                    _conflict(cat, np.repeat(np.flatnonzero(m), cat.n_atoms[m])[np.argmax(bad)], name, "forces", where)
             if cat.stress is not None:
                 m = cat.stress_mask[:, k]
                 out.stress[target[m], k] = cat.stress[m, k]
                 out.stress_mask[target[m], k] = True
                 bad = np.abs(out.stress[target[m], k] - cat.stress[m, k]).max((-1, -2), initial=0) > 1e-6
                 if bad.any():
-                    _conflict(cat, np.flatnonzero(m)[np.argmax(bad)], name, "stress")
+                    _conflict(cat, np.flatnonzero(m)[np.argmax(bad)], name, "stress", where)
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -521,14 +523,68 @@ def _concatenate(parts: list[FidelityDataset], table: FidelityTable) -> Fidelity
     )
 
 
-def _conflict(cat: FidelityDataset, s: int, name: str, what: str):
+class _Origins:
+    """Names the input structures of a merge: "<source>: structure i (0-based)" of the part it came from."""
+
+    def __init__(self, parts: list[FidelityDataset], target: np.ndarray):
+        self.parts, self.target = parts, target  # target[s]: the merged structure of concatenated structure s
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __call__(self, s: int) -> str:
+        p = int(np.searchsorted(self.starts, s, side="right")) - 1
+        return f"{self.parts[p].source or 'input'}: structure {s - int(self.starts[p])} (0-based)"
+
+    def pair(self, s: int) -> str:
+        """The input structures merged with s (its key's first ones, s among them)."""
+        group = [int(x) for x in np.flatnonzero(self.target == self.target[s])]
+        shown = sorted(set(group[:2] + [s]))
+        more = f" (and {len(group) - len(shown)} more)" if len(group) > len(shown) else ""
+        return " and ".join(self(x) for x in shown) + more
+
+
+GEOMETRY_TOLERANCE = 1e-3  # Å: structures merged by key must agree this well (positions modulo the lattice, cell)
+
+
+def _check_same_geometry(cat, out, target, src_atoms, dst_atoms, where: _Origins) -> None:
+    """Structures merged by key must be one geometry: same periodicity, cell and positions (within
+    GEOMETRY_TOLERANCE, atoms compared modulo the lattice along periodic axes); otherwise labels of one
+    geometry would silently move to another."""
+    same_pbc = (cat.pbc == out.pbc[target]).all(1)
+    cell_gap = np.abs(cat.cells - out.cells[target]).max((1, 2))
+    bad = np.flatnonzero(~same_pbc | (cell_gap > GEOMETRY_TOLERANCE))
+    if len(bad):
+        s = int(bad[0])
+        what = "periodicity" if not same_pbc[s] else f"cells (by up to {cell_gap[s]:.3g} Å)"
+        raise MultifiError(f"{where.pair(s)}: same key {str(cat.keys[s])!r}, different {what}")
+    d = cat.positions[src_atoms] - out.positions[dst_atoms]  # [A_cat, 3] Å
+    atom_of = np.repeat(np.arange(len(cat)), cat.n_atoms)
+    periodic = cat.pbc.any(1)
+    if periodic.any():
+        inv = np.zeros_like(cat.cells)
+        inv[periodic] = np.linalg.pinv(cat.cells[periodic])
+        wrap = periodic[atom_of]
+        s_of = atom_of[wrap]
+        frac = np.einsum("ai,aij->aj", d[wrap], inv[s_of])
+        frac -= np.round(frac) * cat.pbc[s_of]
+        d[wrap] = np.einsum("aj,aji->ai", frac, cat.cells[s_of])
+    gap = np.linalg.norm(d, axis=-1)
+    if (gap > GEOMETRY_TOLERANCE).any():
+        a = int(np.argmax(gap))
+        s = int(atom_of[a])
+        raise MultifiError(
+            f"{where.pair(s)}: same key {str(cat.keys[s])!r}, different geometries "
+            f"(atom {a - int(cat.offsets[s])} {gap[a]:.3g} Å apart); give them different keys"
+        )
+
+
+def _conflict(cat: FidelityDataset, s: int, name: str, what: str, where: _Origins):
     raise MultifiError(
-        f"{cat.source}: conflicting {what} labels at fidelity {name!r} for structure "
+        f"{where.pair(s)}: conflicting {what} labels at fidelity {name!r} for structure "
         f"{str(cat.keys[s])!r} (given twice with different values)"
     )
 
 
-def _fold(out_col, col, target, mask, name, cat, what):
+def _fold(out_col, col, target, mask, name, cat, where: _Origins):
     t = target[mask]
     u, c = np.unique(t, return_counts=True)
     if (c > 1).any():  # duplicates: allowed only when the values agree
@@ -538,8 +594,9 @@ def _fold(out_col, col, target, mask, name, cat, what):
         same = ts[1:] == ts[:-1]
         if (np.abs(vs[1:] - vs[:-1])[same] > 1e-6).any():
             i = int(np.flatnonzero(same & (np.abs(vs[1:] - vs[:-1]) > 1e-6))[0])
+            b = int(np.flatnonzero(mask)[order[i + 1]])
             raise MultifiError(
-                f"{cat.source}: conflicting {what} labels at fidelity {name!r} for one structure "
-                f"({vs[i]:.6f} vs {vs[i + 1]:.6f} eV)"
+                f"{where.pair(b)}: conflicting energy labels at fidelity {name!r} for structure "
+                f"{str(cat.keys[b])!r} ({vs[i]:.6f} vs {vs[i + 1]:.6f} eV)"
             )
     out_col[t] = col[mask]
