@@ -179,7 +179,6 @@ def m3gnet_step(steps: int, compiled: bool = False) -> tuple[list[int], list[flo
 
 def gemm_share(steps: int, compiled: bool) -> None:
     """Print the share of M3GNet training steps' CPU time in aten::mm/addmm/bmm and those products' GFLOP/s."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     pot, step, graphs = m3gnet_training(steps + 3)
@@ -227,13 +226,17 @@ def thin_gemms(reps: int = 200) -> None:
         xt = x.t()
         flop = 2 * m * 64 * 64
         row = {
-            "x@W torch.mm": rate(lambda: torch.mm(x, w), flop),
-            "x@W oneDNN": rate(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), flop),
-            "x@W max-autotune": rate(lambda: autotuned(x, w), flop),
-            "xT@g torch.mm": rate(lambda: torch.mm(xt, g), flop),
-            "xT@g max-autotune": rate(lambda: autotuned(xt, g), flop),
+            "x@W torch.mm": rate(lambda x=x, w=w: torch.mm(x, w), flop),
+            "x@W oneDNN": rate(lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), flop),
+            "x@W max-autotune": rate(lambda x=x, w=w: autotuned(x, w), flop),
+            "xT@g torch.mm": rate(lambda xt=xt, g=g: torch.mm(xt, g), flop),
+            "xT@g max-autotune": rate(lambda xt=xt, g=g: autotuned(xt, g), flop),
         }
-        print(f"M = {m}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()) + f" GFLOP/s; load {os.getloadavg()[0]:.1f}")
+        print(
+            f"M = {m}: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in row.items())
+            + f" GFLOP/s; load {os.getloadavg()[0]:.1f}"
+        )
 
 
 def report(what: str, flops: list[int], cpu: list[float]) -> None:

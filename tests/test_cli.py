@@ -265,7 +265,7 @@ def test_structure_without_any_label(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
-def test_non_finite_labels(tmp_path, capsys, value):
+def test_non_finite_labels(tmp_path, capsys, caplog, value):
     a, b = rattled_molecule("H2O", 0), rattled_molecule("NH3", 1)
     a.calc = SinglePointCalculator(a, energy=-1.0)
     b.calc = SinglePointCalculator(b, energy=float(value))
@@ -274,6 +274,7 @@ def test_non_finite_labels(tmp_path, capsys, value):
     fails(["data", "info", path, "--fidelity", "lo"], capsys, str(path), "non-finite (NaN/inf)", "frame 1")
     code, out, _ = run(["data", "info", path, "--fidelity", "lo", "--skip-invalid"], capsys)
     assert code == 0 and "structures: 1" in out
+    assert "nan.extxyz: skipped 1 non-finite (NaN/inf) labels" in caplog.text
 
 
 @pytest.mark.parametrize(

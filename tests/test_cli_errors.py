@@ -364,6 +364,39 @@ def test_predict_several_fidelities_keeps_reference_labels(model, tmp_path, caps
     assert "not a device" in capsys.readouterr().err
 
 
+def test_output_names_compression_key_collisions_and_structure_names(model, tmp_path, capsys):
+    """.gz outputs are compressed (readable back), other formats than extxyz refused, colliding keys refused;
+    nothing is written on an error."""
+    src = tmp_path / "in.extxyz"
+    ase.io.write(src, [emt_labelled(rattled_molecule("CH4", 1), "lo")])
+    gz = tmp_path / "pred.extxyz.gz"
+    assert run(["predict", model, src, "--fidelity", "lo", "--out", gz], capsys)[0] == 0
+    assert gz.read_bytes()[:2] == b"\x1f\x8b"
+    plain = tmp_path / "pred.extxyz"
+    assert run(["predict", model, src, "--fidelity", "lo", "--out", plain], capsys)[0] == 0
+    assert ase.io.read(gz).get_potential_energy() == ase.io.read(plain).get_potential_energy()
+    fails(
+        ["predict", model, src, "--fidelity", "lo", "--out", tmp_path / "p.traj"], capsys, "p.traj", "written as extxyz"
+    )
+    fails(
+        ["predict", model, src, "--fidelity", "PBE-D3", "--fidelity", "PBE_D3", "--out", tmp_path / "c.extxyz"],
+        capsys,
+        "'PBE-D3' and 'PBE_D3' would both be written as 'energy_PBE_D3'",
+    )
+    assert not (tmp_path / "p.traj").exists() and not (tmp_path / "c.extxyz").exists()
+    ev = tmp_path / "metrics.json.gz"
+    assert run(["evaluate", model, src, "--out", ev], capsys)[0] == 0
+    import gzip
+
+    assert "lo" in json.loads(gzip.decompress(ev.read_bytes()))["fidelities"]
+    fails(["train", "--resume", tmp_path / "never"], capsys, "never: no such run directory")
+    (tmp_path / "half").mkdir()
+    fails(["train", "--resume", tmp_path / "half"], capsys, "half: not a run directory (no config.yaml")
+    cu = Atoms("CuH", positions=[[0, 0, 0], [0, 0, 1.5]])
+    ase.io.write(tmp_path / "cu.extxyz", [emt_labelled(rattled_molecule("CH4", 1), "lo"), emt_labelled(cu, "lo")])
+    fails(["evaluate", model, tmp_path / "cu.extxyz"], capsys, "structure 1 (0-based): element Cu was not seen")
+
+
 def test_evaluate_parity_plot_and_learning_curve(write_config, tmp_path, capsys, tiny_extxyz):
     run_dir = tmp_path / "run"
     assert run(["train", write_config()], capsys)[0] == 0

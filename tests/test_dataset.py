@@ -227,7 +227,10 @@ def test_merge_conflicting_forces_is_an_error():
     c = FidelityDataset.from_records(
         [record(mols[0], {"PBE": {"energy": -0.0, "forces": np.ones((3, 3))}})], source="c.xyz"
     )
-    with pytest.raises(MultifiError, match=r"a.xyz: structure 0 .* and c.xyz: structure 0 .*: conflicting forces labels at fidelity 'PBE'"):
+    with pytest.raises(
+        MultifiError,
+        match=r"a.xyz: structure 0 .* and c.xyz: structure 0 .*: conflicting forces labels at fidelity 'PBE'",
+    ):
         FidelityDataset.merge([a, c])
 
 
@@ -235,7 +238,9 @@ def test_merge_same_key_different_structure_is_an_error():
     w, nh3 = rattled_molecule("H2O", 0), rattled_molecule("NH3", 0)
     a = FidelityDataset.from_records([record(w, {"PBE": {"energy": -1.0}}, key="k1")], source="a.xyz")
     b = FidelityDataset.from_records([record(nh3, {"CC": {"energy": -1.0}}, key="k1")], source="b.xyz")
-    with pytest.raises(MultifiError, match=r"a.xyz: structure 0 .* and b.xyz: structure 0 .*: same key 'k1', different atom counts"):
+    with pytest.raises(
+        MultifiError, match=r"a.xyz: structure 0 .* and b.xyz: structure 0 .*: same key 'k1', different atom counts"
+    ):
         FidelityDataset.merge([a, b])
     co = molecule("CO2")  # 3 atoms like water, other elements
     c = FidelityDataset.from_records([record(co, {"CC": {"energy": -1.0}}, key="k1")], source="c.xyz")
@@ -251,7 +256,8 @@ def test_merge_same_key_different_geometry_is_an_error():
     a = FidelityDataset.from_records([record(w, {"PBE": {"energy": -1.0}}, key="k1")], source="a.xyz")
     b = FidelityDataset.from_records([record(moved, {"CC": {"energy": -1.0}}, key="k1")], source="b.xyz")
     with pytest.raises(
-        MultifiError, match=r"a.xyz: structure 0 .* and b.xyz: structure 0 .*: same key 'k1', different geometries \(atom 1 0.37 Å apart\)"
+        MultifiError,
+        match=r"a.xyz: structure 0 .* and b.xyz: structure 0 .*: same key 'k1', different geometries \(atom 1 0.37 Å apart\)",
     ):
         FidelityDataset.merge([a, b])
     nudged = w.copy()
@@ -263,8 +269,12 @@ def test_merge_same_key_different_geometry_is_an_error():
 def test_merge_same_key_periodic_compares_modulo_the_lattice_and_the_cell():
     si = bulk("Si", "diamond", a=5.43)
     rec = lambda atoms, name: {  # noqa: E731
-        "numbers": atoms.numbers, "positions": atoms.positions, "cell": np.array(atoms.cell), "pbc": atoms.pbc,
-        "key": "mp-149", "labels": {name: {"energy": -10.0}},
+        "numbers": atoms.numbers,
+        "positions": atoms.positions,
+        "cell": np.array(atoms.cell),
+        "pbc": atoms.pbc,
+        "key": "mp-149",
+        "labels": {name: {"energy": -10.0}},
     }
     wrapped = si.copy()
     wrapped.positions[1] += si.cell[0] - si.cell[2]  # the same crystal, atom written in another image

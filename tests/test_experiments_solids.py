@@ -54,11 +54,13 @@ REF = {"PBE": 1.0, "R2SCAN": 1.7}  # eV per atomic number: different per-element
 
 
 def _record(i: int, functional: str, rng: np.random.Generator) -> dict:
+    """Structure i (its geometry the same at every functional, as in MatPES) with rng's labels at `functional`."""
     a, b = PROTOTYPES[i % len(PROTOTYPES)]
-    a0 = rng.uniform(3.0, 3.4)
-    cell = np.eye(3) * a0 + rng.normal(0, 0.05, (3, 3))
+    geo = np.random.default_rng(i)
+    a0 = geo.uniform(3.0, 3.4)
+    cell = np.eye(3) * a0 + geo.normal(0, 0.05, (3, 3))
     frac = [[0, 0, 0]] + ([[0.5, 0.5, 0.5]] if b else [])
-    xyz = np.asarray(frac) @ cell + rng.normal(0, 0.05, (len(frac), 3))
+    xyz = np.asarray(frac) @ cell + geo.normal(0, 0.05, (len(frac), 3))
     species = [a] + ([b] if b else [])
     from ase.data import atomic_numbers
 

@@ -231,3 +231,41 @@ def test_error_messages_have_no_newlines_for_multiline_exceptions(tmp_path):
     with pytest.raises(MultifiError) as info:
         read_ase(path, fidelity="PBE")
     assert re.fullmatch(r"[^\n]+", str(info.value)) and path.name in str(info.value)
+
+
+def test_one_file_with_a_label_set_per_level_of_theory(tmp_path, caplog):
+    """REF_energy_PBE on every frame, REF_energy_R2SCAN on some (as multi-head training files carry them): read
+    once per fidelity with renamed keys, frames without that fidelity's labels are skipped and counted, never
+    given another level's labels."""
+    import logging
+
+    from conftest import rattled_molecule
+
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_sources
+
+    frames = []
+    for i, name in enumerate(("H2O", "NH3", "CH4", "CO2")):
+        a = rattled_molecule(name, i)
+        a.info["REF_energy_PBE"] = -1.0 - i
+        if i % 2 == 0:
+            a.info["REF_energy_R2SCAN"] = -2.0 - i
+        frames.append(a)
+    path = tmp_path / "mh.extxyz"
+    ase.io.write(path, frames)
+    pbe = SourceConfig(path=str(path), fidelity="PBE", energy_key="REF_energy_PBE")
+    r2 = SourceConfig(path=str(path), fidelity="R2SCAN", energy_key="REF_energy_R2SCAN")
+    with caplog.at_level(logging.INFO, logger="multifi"):
+        ds = read_sources([pbe, r2])
+    assert len(ds) == 4 and ds.fidelities.names == ("PBE", "R2SCAN")
+    np.testing.assert_array_equal(ds.energy[:, 0], [-1.0, -2.0, -3.0, -4.0])
+    np.testing.assert_array_equal(ds.energy[:, 1], [-2.0, np.nan, -4.0, np.nan])
+    assert "mh.extxyz: read 2 frames with REF_energy_R2SCAN/forces/stress labels, skipped 2 without" in caplog.text
+    missing = SourceConfig(path=str(path), fidelity="X", energy_key="REF_energy_X")
+    with pytest.raises(
+        MultifiError,
+        match=r"frame 0 \(0-based\) has no REF_energy_X/forces/stress label; it has "
+        r"REF_energy_PBE, REF_energy_R2SCAN \(labels of another level of theory belong to a source "
+        r"of their own\) \(nor has any other frame\)",
+    ):
+        read_sources([missing])

@@ -141,4 +141,8 @@ def test_select_never_picks_a_structure_labelled_in_a_later_frame(cli_run, tmp_p
     code, stdout, _ = run(["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--n", "2", "--out", out], capsys)
     assert code == 0 and "picked 2 of 6" in stdout
     assert sorted(out.read_text().split()) == ["p4", "p5"]
-    fails(["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--n", "3", "--out", out], capsys, "only 2 unlabelled")
+    fails(
+        ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--n", "3", "--out", out],
+        capsys,
+        "only 2 unlabelled",
+    )

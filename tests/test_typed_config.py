@@ -188,5 +188,5 @@ def test_epoch_line_names_fidelities_with_slashes_in_full(caplog):
         callback_metrics=metrics, global_rank=0, current_epoch=0, max_epochs=3, global_step=7, optimizers=[]
     )
     with caplog.at_level(logging.INFO):
-        line._line(trainer)
+        line._line(trainer, SimpleNamespace())
     assert "val E MAE meV: B3LYP/6-31G(2df,p) 12.3, GFN2-xTB 5.0" in caplog.text

@@ -104,3 +104,12 @@ def write_text(path, text: str) -> Path:
 def new_dir_mode(path) -> None:
     """Give a folder made by tempfile.mkdtemp (0700) the permissions the umask allows."""
     os.chmod(path, 0o777 & ~umask())
+
+
+def encoded_for(path: Path, data: bytes) -> bytes:
+    """The bytes to write to `path`: gzip-compressed when its name ends in .gz (as readers expect), else as given."""
+    if Path(path).name.lower().endswith(".gz"):
+        import gzip
+
+        return gzip.compress(data, mtime=0)
+    return data

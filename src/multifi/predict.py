@@ -83,11 +83,13 @@ def predict_file(
 
     import ase.io
 
-    from multifi.files import atomic_write
+    from multifi.files import atomic_write, encoded_for
     from multifi.models.registry import load_potential
     from multifi.uncertainty import load_ensemble
 
     fidelities = [fidelity] if isinstance(fidelity, str) else list(fidelity)
+    _check_output_keys(fidelities, uncertainty or bool(ensemble))
+    check_extxyz_output(Path(out))
     potential = load_potential(checkpoint)
     for name in fidelities:
         potential.fidelities.index(name, where=str(checkpoint))
@@ -125,8 +127,36 @@ def predict_file(
                 a.info[key], a.info["uncertainty"] = float(sigmas[name][i]), method
     buf = io.StringIO()
     ase.io.write(buf, atoms_list, format="extxyz")
-    atomic_write(Path(out), lambda fh: fh.write(buf.getvalue().encode()))
+    atomic_write(Path(out), lambda fh: fh.write(encoded_for(Path(out), buf.getvalue().encode())))
     return len(atoms_list)
+
+
+def check_extxyz_output(out: Path) -> None:
+    """predict writes extxyz: refuse an output name that promises another format (special files pass)."""
+    from multifi.files import is_special
+
+    name = out.name.lower().removesuffix(".gz")
+    if not is_special(out) and not name.endswith((".extxyz", ".xyz")):
+        raise MultifiError(f"{out}: predictions are written as extxyz; name the output .extxyz or .xyz (or .extxyz.gz)")
+
+
+def _check_output_keys(fidelities: list[str], sigma: bool) -> None:
+    """The info/arrays keys written for several fidelities must not collide (names differing only in
+    characters that become _, e.g. PBE-D3 and PBE_D3, would overwrite each other's columns)."""
+    if len(fidelities) < 2:
+        return
+    seen: dict[str, str] = {}
+    for n, name in enumerate(fidelities):
+        keys = [f"energy_{_tag(name)}", f"forces_{_tag(name)}", f"stress_{_tag(name)}"]
+        if sigma:
+            keys.append("energy_sigma" if n == 0 else f"energy_sigma_{_tag(name)}")
+        for key in keys:
+            if key in seen and seen[key] != name:
+                raise MultifiError(
+                    f"fidelities {seen[key]!r} and {name!r} would both be written as {key!r} "
+                    "(characters other than letters, digits and _ become _); predict them in separate runs"
+                )
+            seen[key] = name
 
 
 def _keep_reference_labels(atoms) -> None:

@@ -45,7 +45,7 @@ def run(args) -> int:
     from multifi.cli.format import metrics_table
     from multifi.data.dataset import FidelityDataset
     from multifi.data.split import labelled_pairs
-    from multifi.files import atomic_write
+    from multifi.files import atomic_write, encoded_for
     from multifi.models.registry import load_potential
     from multifi.train.evaluate import evaluate_pairs
 
@@ -68,7 +68,8 @@ def run(args) -> int:
         )
         print(uncertainty_table(payload["uncertainty"]))
     if args.out:
-        atomic_write(Path(args.out), lambda f: f.write(json.dumps(payload, indent=2).encode()))
+        text = json.dumps(payload, indent=2).encode()
+        atomic_write(Path(args.out), lambda f: f.write(encoded_for(Path(args.out), text)))
     if args.plot:
         from multifi.plots import parity_plot
 
@@ -107,7 +108,11 @@ def check_elements(potential, dataset, pairs) -> None:
     from multifi.models import elements
 
     where = dataset.source or "data"
-    elements.check_elements(potential, dataset.numbers, dataset.n_atoms, None, where, keys=dataset.keys)
+    names = [  # a key made from the geometry means nothing to the user: the structure's number does
+        f"{s} (0-based)" if str(k).startswith("sha1:") else f"{s} (0-based, key {k})"
+        for s, k in enumerate(dataset.keys)
+    ]
+    elements.check_elements(potential, dataset.numbers, dataset.n_atoms, None, where, keys=names)
     to_model = [
         potential.fidelities.names.index(n) if n in potential.fidelities else -1 for n in dataset.fidelities.names
     ]

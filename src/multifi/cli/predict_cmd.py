@@ -15,7 +15,11 @@ def register(sub):
         action="append",
         help="fidelity (level of theory) to predict at, by name; repeat for several",
     )
-    p.add_argument("--out", required=True, help="output extxyz with energy/forces/stress per structure")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output extxyz (.extxyz or .xyz; .gz compresses) with energy/forces/stress per structure",
+    )
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
     p.add_argument(

@@ -75,13 +75,18 @@ def guess_format(path: Path) -> str:
 def read_sources(sources, skip_invalid: bool = False) -> FidelityDataset:
     """All sources merged (structures with equal keys share one entry)."""
     parts = [read_source(s, skip_invalid) for s in sources]
-    for part in parts:
-        if getattr(part, "n_dropped", 0):
-            log.warning("%s: skipped %d non-finite (NaN/inf) labels", part.source, part.n_dropped)
+    report_dropped(parts)
     if len(parts) == 1 and _is_saved_dataset(sources[0]):
         return parts[0].drop_fidelities_without_labels()  # already merged when saved; keeps memory maps
     ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
     return ds.drop_fidelities_without_labels()
+
+
+def report_dropped(parts) -> None:
+    """Log, per source, how many non-finite labels `skip_invalid` dropped."""
+    for part in parts:
+        if getattr(part, "n_dropped", 0):
+            log.warning("%s: skipped %d non-finite (NaN/inf) labels", part.source, part.n_dropped)
 
 
 def _is_saved_dataset(src) -> bool:

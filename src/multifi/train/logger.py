@@ -108,17 +108,20 @@ class EpochLine(L.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self._line(trainer)
+            self._line(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._last_step:  # no validation at this epoch's end (e.g. no validation split)
-            self._line(trainer)
+            self._line(trainer, pl_module)
 
-    def _line(self, trainer) -> None:
+    def _line(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
         if trainer.global_rank != 0:
             return
         m = {k: _number(v) for k, v in trainer.callback_metrics.items()}
+        sums = getattr(pl_module, "epoch_sums", None)  # this epoch's, not yet logged when callbacks run
+        if sums is not None and TRAIN_LOSS_EPOCH in sums.means():
+            m[TRAIN_LOSS_EPOCH] = float(sums.means()[TRAIN_LOSS_EPOCH])
         maes = [f"{val_key_fidelity(k)} {m[k]:.1f}" for k in sorted(m) if is_val_key(k, ENERGY_MAE) and _finite(m[k])]
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}"]
         if maes:

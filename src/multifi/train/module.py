@@ -12,7 +12,7 @@ import torch
 from multifi.config import LossConfig, TrainConfig
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
-from multifi.keys import METRIC_KEYS, TRAIN_LOSS, VAL_LOSS, val_key
+from multifi.keys import METRIC_KEYS, TRAIN_LOSS, TRAIN_LOSS_EPOCH, VAL_LOSS, val_key
 from multifi.models.registry import build_potential, model_config
 from multifi.train.loss import MultiFidelityLoss
 from multifi.train.metrics import FidelityMetrics
@@ -52,6 +52,7 @@ class PotentialModule(L.LightningModule):
         self.train_cfg = train
         self.ema = copy.deepcopy(self.potential).requires_grad_(False) if train.ema_decay > 0 else None
         self.val_metrics = FidelityMetrics(table.names)
+        self.epoch_sums = EpochSums()
         if train.precision == "64":
             self.double()
 
@@ -79,10 +80,16 @@ class PotentialModule(L.LightningModule):
         out = self.potential(graph, forces=forces, stress=stress, create_graph=True)
         loss, terms = self.loss_fn(out, graph)
         B = graph.num_graphs
-        self.log(TRAIN_LOSS, loss, prog_bar=True, batch_size=B, on_step=True, on_epoch=True, sync_dist=True)
-        for k, v in terms.items():
-            self.log(f"train_{k}", v, batch_size=B, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(f"{TRAIN_LOSS}_step", loss, prog_bar=True, batch_size=B, on_step=True, on_epoch=False)
+        self.epoch_sums.add({TRAIN_LOSS_EPOCH: loss, **{f"train_{k}": v for k, v in terms.items()}}, B)
         return loss
+
+    def on_train_epoch_end(self):
+        """The epoch's training losses (means weighted by structures), from sums that a mid-epoch checkpoint
+        keeps, so the epoch a run was interrupted in is averaged over all its steps after a resume."""
+        for name, mean in self.epoch_sums.means().items():
+            self.log(name, mean.to(self.device), sync_dist=True)
+        self.epoch_sums = EpochSums()
 
     def validation_step(self, graph, batch_idx):
         forces, stress = self.loss_fn.needs(graph)
@@ -171,10 +178,12 @@ class PotentialModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         if self._plateau is not None:
             checkpoint["plateau_scheduler"] = self._plateau.state_dict()
+        checkpoint["train_epoch_sums"] = self.epoch_sums.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
         self._check_model_state(checkpoint)
         self._check_optimizer_state(checkpoint)
+        self.epoch_sums = EpochSums.from_state(checkpoint.get("train_epoch_sums"))
         self._plateau_state = checkpoint.get("plateau_scheduler")
         if self._plateau is not None and self._plateau_state is not None:
             self._plateau.load_state_dict(self._plateau_state)
@@ -223,3 +232,29 @@ class PotentialModule(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.ema is not None:  # here, not in on_train_batch_end: checkpoint callbacks run before that hook
             self._update_ema()
+
+
+class EpochSums:
+    """Σ value · structures and Σ structures of the training losses since the epoch began (detached tensors)."""
+
+    def __init__(self, sums: dict[str, torch.Tensor] | None = None, count: int = 0):
+        self.sums, self.count = sums or {}, count
+
+    def add(self, values: Mapping[str, torch.Tensor], n: int) -> None:
+        for name, v in values.items():
+            v = v.detach().double() * n
+            self.sums[name] = self.sums[name] + v if name in self.sums else v
+        self.count += n
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {name: total / self.count for name, total in self.sums.items()} if self.count else {}
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "sums": {k: float(v) for k, v in self.sums.items()}}
+
+    @classmethod
+    def from_state(cls, state: Mapping | None) -> EpochSums:
+        """From state_dict(); None (a checkpoint of an older version) starts empty."""
+        if not state:
+            return cls()
+        return cls({k: torch.tensor(v, dtype=torch.float64) for k, v in state["sums"].items()}, int(state["count"]))

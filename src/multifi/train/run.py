@@ -524,6 +524,14 @@ def _configure_threads(cfg: RunConfig) -> None:
 def train_from_args(config: str | None, overrides: list[str], resume_dir: str | None, dry_run: bool = False) -> Path:
     if resume_dir:
         source = Path(resume_dir) / "config.yaml"
+        if not Path(resume_dir).is_dir():
+            raise MultifiError(
+                f"{resume_dir}: no such run directory (a run stopped before it started has nothing to resume)"
+            )
+        if not source.exists():
+            raise MultifiError(
+                f"{resume_dir}: not a run directory (no config.yaml; a run stopped while starting: train it anew)"
+            )
         cfg = load_config(source, overrides)
         cfg.output_dir = str(resume_dir)
         return train(cfg, resume=True, config_source=str(source), dry_run=dry_run)

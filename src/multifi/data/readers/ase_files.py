@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ import numpy as np
 from multifi.data.dataset import FidelityDataset, voigt_or_matrix
 from multifi.data.neighbors import check_cell
 from multifi.errors import MultifiError
+
+log = logging.getLogger("multifi")
 
 
 def read_ase(
@@ -28,7 +31,10 @@ def read_ase(
     stored in GPa. Fidelity: info['fidelity'] (for ASE databases, the row's key-value pairs); `fidelity`
     only for structures that name none (a different name is an error, see `source_fidelity`). Key: info['key'], else a geometry hash. `index` selects frames as in
     ase.io.read. Non-finite labels raise unless `skip_invalid`, which drops them (count in ds.n_dropped).
-    `keys` renames the labels looked up: {"energy": "REF_energy", "forces": "REF_forces", "stress": …}.
+    `keys` renames the labels looked up: {"energy": "REF_energy", "forces": "REF_forces", "stress": …}; with
+    renamed keys, frames carrying none of them are skipped (a file with one label set per level of theory,
+    e.g. REF_energy_PBE on every frame and REF_energy_R2SCAN on some, read once per fidelity) and counted
+    in the log; with the default keys, or when no frame has them, a frame without labels is an error.
     """
     path = Path(path)
     src = str(path)
@@ -37,12 +43,25 @@ def read_ase(
     if path.stat().st_size == 0:
         raise MultifiError(f"{src}: empty file")
     records, invalid = [], InvalidLabels(src)
+    renamed = any(v != k for k, v in (keys or {}).items())
+    unlabelled: list[str] = []  # errors of frames without the renamed labels (skipped)
     for i, atoms in enumerate(_frames(path, index)):
         tag = f"frame {i} (0-based)" if index == ":" else f"frame {i} (0-based, of index {index!r})"
-        rec = _record(atoms, fidelity, f"{src}: {tag}", keys)
+        try:
+            rec = _record(atoms, fidelity, f"{src}: {tag}", keys)
+        except _NoLabel as exc:
+            if not renamed:
+                raise MultifiError(str(exc)) from None
+            unlabelled.append(str(exc))
+            continue
         rec["name"] = i
         if invalid.keep(rec, tag):
             records.append(rec)
+    if unlabelled and not records:
+        raise MultifiError(f"{unlabelled[0]} (nor has any other frame)")
+    if unlabelled:
+        named = "/".join(dict.fromkeys(v for v in keys.values()))
+        log.info("%s: read %d frames with %s labels, skipped %d without", src, len(records), named, len(unlabelled))
     if not records and not invalid.count:
         raise MultifiError(f"{src}: no structures (index {index!r})")
     invalid.check(skip_invalid)
@@ -156,6 +175,10 @@ def source_fidelity(named, fidelity: str | None, where: str, field: str) -> str:
     return fid
 
 
+class _NoLabel(MultifiError):
+    """A frame carries none of the labels looked up."""
+
+
 def _other_labels(atoms, keys: dict[str, str]) -> str:
     """A hint naming label-like keys the structure has under other names (REF_energy, DFT_forces, …)."""
     found = [
@@ -166,6 +189,8 @@ def _other_labels(atoms, keys: dict[str, str]) -> str:
     if not found:
         return ""
     which = {"energy": "energy_key", "force": "forces_key", "stress": "stress_key"}
+    if any(v != k for k, v in keys.items()):  # keys already chosen: another key may be another level of theory
+        return f"; it has {', '.join(found[:3])} (labels of another level of theory belong to a source of their own)"
     hint = ", ".join(f"{k} (set {next(v for w, v in which.items() if w in k.lower())}: {k})" for k in found[:3])
     return f"; it has {hint}"
 
@@ -196,7 +221,7 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
         lab["stress"] = voigt_or_matrix(stress, where) / GPa
     if not lab:
         named = "/".join(keys.values())
-        raise MultifiError(f"{where} has no {named} label" + _other_labels(atoms, keys))
+        raise _NoLabel(f"{where} has no {named} label" + _other_labels(atoms, keys))
     periodic = bool(atoms.pbc.any())
     if periodic:
         check_cell(atoms.cell.array, atoms.pbc, where)
