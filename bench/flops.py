@@ -206,20 +206,14 @@ def thin_gemms(reps: int = 200) -> None:
     """Print the rate of M3GNet's thin products by backend (thread CPU time, median of `reps` calls)."""
     import torch
     import torch._inductor.config as inductor
+    from timing import median_time
 
     torch.set_num_threads(1)
     inductor.max_autotune, inductor.max_autotune_gemm_backends = True, "CPP,ATEN"
     autotuned = torch.compile(lambda a, b: a @ b, dynamic=False)
 
     def rate(fn, flop: int) -> float:
-        for _ in range(10):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t = time.thread_time_ns()
-            fn()
-            ts.append(time.thread_time_ns() - t)
-        return flop / statistics.median(ts)  # FLOP/ns = GFLOP/s
+        return flop / median_time(fn, reps, 10, clock=time.thread_time) / 1e9  # GFLOP/s
 
     for m in (3500, 16000):
         x, w, g = torch.randn(m, 64), torch.randn(64, 64), torch.randn(m, 64)
