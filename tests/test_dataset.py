@@ -261,9 +261,12 @@ def test_merge_same_key_different_geometry_is_an_error():
     ):
         FidelityDataset.merge([a, b])
     nudged = w.copy()
-    nudged.positions += 2e-4  # rounding of a written file: still the same structure
+    nudged.positions[0] += 2e-4  # rounding of a written file: still the same structure
+    nudged.positions += [3.0, -1.0, 0.5]  # and another origin: a rigid shift changes no label
     c = FidelityDataset.from_records([record(nudged, {"CC": {"energy": -1.0}}, key="k1")], source="c.xyz")
-    assert len(FidelityDataset.merge([a, c])) == 1
+    merged = FidelityDataset.merge([a, c])
+    assert len(merged) == 1 and merged.energy_mask.all()
+    np.testing.assert_array_equal(merged.positions, w.positions)  # the first structure's geometry is kept
 
 
 def test_merge_same_key_periodic_compares_modulo_the_lattice_and_the_cell():

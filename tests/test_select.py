@@ -138,7 +138,8 @@ def test_select_never_picks_a_structure_labelled_in_a_later_frame(cli_run, tmp_p
     pool = tmp_path / "pool.extxyz"
     ase.io.write(pool, lo + hi, format="extxyz")
     out = tmp_path / "picks.txt"
-    code, stdout, _ = run(["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--n", "2", "--out", out], capsys)
+    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out]
+    code, stdout, _ = run([*args, "--n", "2"], capsys)
     assert code == 0 and "picked 2 of 6" in stdout
     assert sorted(out.read_text().split()) == ["p4", "p5"]
     fails(

@@ -546,9 +546,10 @@ GEOMETRY_TOLERANCE = 1e-3  # Å: structures merged by key must agree this well (
 
 
 def _check_same_geometry(cat, out, target, src_atoms, dst_atoms, where: _Origins) -> None:
-    """Structures merged by key must be one geometry: same periodicity, cell and positions (within
-    GEOMETRY_TOLERANCE, atoms compared modulo the lattice along periodic axes); otherwise labels of one
-    geometry would silently move to another."""
+    """Structures merged by key must be one geometry: same periodicity, cell and positions up to a rigid shift
+    (within GEOMETRY_TOLERANCE, atoms compared modulo the lattice along periodic axes); otherwise labels of one
+    geometry would silently move to another. A shifted copy (another code's origin) keeps energies, forces and
+    stress, so it merges."""
     same_pbc = (cat.pbc == out.pbc[target]).all(1)
     cell_gap = np.abs(cat.cells - out.cells[target]).max((1, 2))
     bad = np.flatnonzero(~same_pbc | (cell_gap > GEOMETRY_TOLERANCE))
@@ -558,6 +559,9 @@ def _check_same_geometry(cat, out, target, src_atoms, dst_atoms, where: _Origins
         raise MultifiError(f"{where.pair(s)}: same key {str(cat.keys[s])!r}, different {what}")
     d = cat.positions[src_atoms] - out.positions[dst_atoms]  # [A_cat, 3] Å
     atom_of = np.repeat(np.arange(len(cat)), cat.n_atoms)
+    d -= d[cat.offsets[:-1]][
+        atom_of
+    ]  # relative to the structure's first atom: a rigid shift leaves every label as it is
     periodic = cat.pbc.any(1)
     if periodic.any():
         inv = np.zeros_like(cat.cells)
