@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import ase
 import ase.io
 import numpy as np
 import pytest
@@ -372,3 +373,43 @@ def test_extension_takes_the_backbone_defaults_of_the_model_it_extends(tmp_path,
             assert getattr(getattr(saved, section), key) == expected, (section, key)
     if backbone == "m3gnet":  # differs from PaiNN's: the extended model decides
         assert saved.loss.huber_delta == 0.1 and saved.loss.energy == 10.0 and saved.train.lr == 0.05
+
+
+def test_new_elements_need_trained_atom_embeddings(tmp_path):
+    """An element the model never saw gets a random atom embedding: extending with it while the embeddings stay
+    frozen is an error (its predictions would be nonsense at every fidelity)."""
+    _, model = saved_model(tmp_path)
+    cfg = ext_config(tmp_path, model)
+    frames = ase.io.read(cfg.data.sources[0].path, ":")
+    cu = emt_labelled(ase.Atoms("CuH", positions=[[0, 0, 0], [0, 0, 1.5]]), "x", 0.9, -0.2)
+    cu.info.pop("fidelity")
+    ase.io.write(cfg.data.sources[0].path, [*frames, cu], format="extxyz")
+    with pytest.raises(MultifiError, match=r"elements Cu of the CC data are new to the model, and --train embedding"):
+        extend(cfg)
+    assert not (tmp_path / "ext").exists()
+
+
+def test_forgetting_is_measured_on_the_same_structures_before_and_after(tmp_path):
+    """A test structure with an element the old model never trained on is left out of both sides (the old model
+    cannot predict it, an extended model that learned the element can): before and after count the same."""
+    from multifi.data.dataset import FidelityDataset
+    from multifi.train.extend import OldRun, _forgetting
+
+    old, _ = saved_model(tmp_path)
+    new = copy.deepcopy(old)
+    with torch.no_grad():
+        new.head.fitted[29] = True  # the extended model knows Cu
+    mols = [*probe()[:3], ase.Atoms("CuH", positions=[[0, 0, 0], [0, 0, 1.5]])]
+    records = [
+        {
+            "numbers": m.numbers,
+            "positions": m.positions,
+            "labels": {"lo": {"energy": -1.0 * len(m)}, "hi": {"energy": -2.0}},
+        }
+        for m in mols
+    ]
+    ds = FidelityDataset.from_records(records)
+    test = np.array([[s, 0] for s in range(4)])
+    f = _forgetting(old, new, OldRun(tmp_path, ds, test[:0], test[:0], test), batch_size=4)
+    assert f["lo"]["before"]["n"] == f["lo"]["after"]["n"] == 3 and f["lo"]["left_out"] == 1
+    assert f["lo"]["after"]["energy_mae_meV"] == pytest.approx(f["lo"]["before"]["energy_mae_meV"], rel=1e-12)

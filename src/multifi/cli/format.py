@@ -30,9 +30,13 @@ def forgetting_table(forgetting: dict[str, dict], unchanged: bool) -> str:
         return f"{head}; errors not measured (no run directory with the model's data)"
     cols = [(ENERGY_MAE, "E MAE meV", "{:.2f}"), (FORCES_MAE, "F MAE meV/Å", "{:.1f}")]
     width = max([len("fidelity")] + [len(n) for n in forgetting]) + 2
-    split = next(iter(forgetting.values()))["split"]
+    first = next(iter(forgetting.values()))
+    n = first["before"].get("n")
+    on = f"{first['split']} split" + (f", the same {n} structures before and after" if n is not None else "")
+    left = first.get("left_out", 0)
+    on += f" ({left} with elements new to the model left out)" if left else ""
     lines = [
-        f"{head}, {split} split",
+        f"{head}, {on}",
         "fidelity".ljust(width) + "".join(f"{h} {w}".rjust(20) for _, h, _ in cols for w in ("before", "after")),
     ]
     for name, f in forgetting.items():

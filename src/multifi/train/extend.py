@@ -373,7 +373,7 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
     replay = _replay(x, old, old_run, cfg.train.seed, where)
     ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
     settings = FidelitySettings.resolve(cfg, ds.fidelities, config_source)
-    _warn_elements(old, new_ds, x.fidelity)
+    _check_elements(old, new_ds, x.fidelity, x.train, where)
     return ds, pairs, old_run, replay, settings
 
 
@@ -465,6 +465,10 @@ def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, 
     from multifi.train.evaluate import evaluate_pairs
 
     pairs = old_run.test if len(old_run.test) else old_run.val
+    ds = old_run.dataset
+    alien = np.add.reduceat(~np.isin(ds.numbers, list(old.elements)), ds.offsets[:-1]) > 0  # [S]
+    left_out = int(alien[np.unique(pairs[:, 0])].sum()) if len(pairs) else 0
+    pairs = pairs[~alien[pairs[:, 0]]]  # before and after on the same structures: those the old model can predict
     if len(pairs) == 0:
         return {}
     neighbors = make_neighbors(old_run.dataset, old.cutoff, progress=False)
@@ -475,6 +479,7 @@ def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, 
         b, a = before[name], after[name]
         out[name] = {
             "split": "test" if len(old_run.test) else "val",
+            "left_out": left_out,  # structures with elements the old model was not trained on
             "before": b,
             "after": a,
             "change": {
@@ -509,15 +514,27 @@ def _card_data(old, x, pairs: dict, table: FidelityTable, replay: dict, old_run)
     return {"data": data, "history": [*old.spec.get("history", []), event]}
 
 
-def _warn_elements(old, new_ds: FidelityDataset, name: str) -> None:
+def _check_elements(old, new_ds: FidelityDataset, name: str, trainable: str, where: str) -> None:
+    """Elements new to the model: an error when their atom embeddings would stay frozen at their random start
+    (--train embedding/head), else a warning that the old fidelities know nothing of them; old elements absent
+    from the new data: a warning that the new fidelity's references for them are not determined."""
     from ase.data import chemical_symbols
 
     known, seen = set(old.elements), set(new_ds.elements)
-    if seen - known:
+    new = ", ".join(chemical_symbols[z] for z in sorted(seen - known))
+    if new and trainable != "all":
+        raise MultifiError(
+            f"{where}: elements {new} of the {name} data are new to the model, and --train {trainable} keeps the atom "
+            "embeddings frozen, so theirs would stay random: extend with --train all (and replay), or leave out the "
+            "structures containing them"
+        )
+    if new:
         log.warning(
-            "elements %s of the %s data were not in the model's training data: their atom embeddings are untrained",
-            ", ".join(chemical_symbols[z] for z in sorted(seen - known)),
+            "elements %s appear only in the %s data: the old fidelities (%s) have no labels with them, so their "
+            "predictions for structures containing them are not meaningful",
+            new,
             name,
+            ", ".join(old.fidelities.names),
         )
     if known - seen:
         log.warning(
