@@ -263,7 +263,7 @@ def test_cli_all_with_replay_reports_forgetting(old_run, tmp_path, capsys):
         ]
     )
     stdout = capsys.readouterr().out
-    assert code == 0 and "old fidelities (forgetting), test split" in stdout
+    assert code == 0 and "old fidelities (forgetting), test split, the same" in stdout
     m = json.loads((out / "metrics.json").read_text())
     old_metrics = json.loads((old_run / "metrics.json").read_text())
     for name in OLD:  # "before" is the old model on its own test split
@@ -413,3 +413,15 @@ def test_forgetting_is_measured_on_the_same_structures_before_and_after(tmp_path
     f = _forgetting(old, new, OldRun(tmp_path, ds, test[:0], test[:0], test), batch_size=4)
     assert f["lo"]["before"]["n"] == f["lo"]["after"]["n"] == 3 and f["lo"]["left_out"] == 1
     assert f["lo"]["after"]["energy_mae_meV"] == pytest.approx(f["lo"]["before"]["energy_mae_meV"], rel=1e-12)
+
+
+def test_a_run_directory_stands_for_its_model_and_its_data(old_run, tmp_path, capsys):
+    """`multifi extend RUN_DIR` extends RUN_DIR/model.pt and finds the run's data for the forgetting report."""
+    data = new_data(tmp_path / "new.extxyz")
+    args = ["extend", str(old_run), "--data", str(data), "--fidelity", "CC", "--max-steps", "2"]
+    args += ["--set", "train.progress=false", "--set", "train.threads=1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    stdout = capsys.readouterr().out
+    assert "bit-for-bit unchanged, test split" in stdout and "not measured" not in stdout
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert set(m["forgetting"]) == set(OLD) and m["old_fidelities_unchanged"] is True

@@ -228,7 +228,7 @@ def _factor(e: dict, n_max: float | None = None, short: bool = False) -> str:
         bound = f"> {n_max / e['n']:.1f}"
         if short:
             return bound
-        return bound + (f" (power law: {e['factor']:.0f})" if e["factor"] is not None else "")
+        return bound + (f" (power law: {e['factor']:.3g})" if e["factor"] is not None else "")
     text = DASH if e["factor"] is None else f"{e['factor']:.2f}"
     return text + (" (extrapolated)" if e["extrapolated"] and not short else "")
 
@@ -361,8 +361,9 @@ def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list
         claim = eff.get("claim", "The paper's claim (b) is about 10×.")
         out += [
             "",
-            f"**Result{which}:** best multi-fidelity variant: {eff['best_variant']} (lowest {unit[0]} over "
-            f"n ∈ {{{', '.join(k[1:] for k in at)}}}); data-efficiency factor {vals}"
+            f"**Result{which}:** best multi-fidelity variant: {eff['best_variant']} (lowest "
+            f"{'validation' if s.get('chosen_on', 'validation') == 'validation' else 'test (runs without validation)'} "
+            f"{unit[0]} over n ∈ {{{', '.join(k[1:] for k in at)}}}); data-efficiency factor {vals}"
             + (
                 " — '>' marks lower bounds: the reference never reached that error within the measured n."
                 if any(_beyond(e, n_max) for e in best.values())

@@ -21,9 +21,13 @@ FLAGS = {
 
 def register(sub):
     p = sub.add_parser("extend", help="add a level of theory to a trained model without forgetting the others")
-    p.add_argument("model", nargs="?", help="saved model (model.pt) to extend")
+    p.add_argument("model", nargs="?", help="saved model (model.pt) to extend, or its run directory")
     p.add_argument("--config", help="YAML config with an 'extend' section (flags override it)")
-    p.add_argument("--data", nargs="+", help="labelled data of the new fidelity (every label is taken as --fidelity)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        help="labelled data of the new fidelity (structures naming none are taken as --fidelity; naming another is an error)",
+    )
     p.add_argument("--fidelity", help="name of the new fidelity")
     p.add_argument("--out", help="new run directory (model.pt, metrics.json with the forgetting report)")
     p.add_argument(

@@ -177,7 +177,9 @@ def find_old_run(x) -> Path | None:
             if not (run / name).exists():
                 raise MultifiError(f"{run}: not a run directory of the model (no {name})")
         return run
-    run = Path(x.model).parent
+    from multifi.models.registry import model_file
+
+    run = model_file(x.model).parent  # a run directory stands for its model.pt
     return run if (run / "config.yaml").exists() and (run / "splits.json").exists() else None
 
 
