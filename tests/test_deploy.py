@@ -153,3 +153,20 @@ def test_cli_deploy_requires_fidelity_and_records_it(tmp_path):
     torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
     meta = json.loads(extra["multifi.json"])
     assert meta["fidelity"] == "R2SCAN" and meta["cutoff"] == 5.0 and meta["ghost_cutoff"] == 10.0
+
+
+def test_deployed_file_refuses_elements_it_was_not_trained_on(deployed_m3gnet):
+    """Any engine feeding the file directly (not through load_deployed's element check) gets an error, not a number."""
+    from multifi.data.neighbors import neighbor_list
+
+    module, meta = load_deployed(deployed_m3gnet)
+    atoms = si64_sheared(seed=3)
+    i, j, s = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, meta["cutoff"])
+    t = torch.as_tensor
+    args = [t(atoms.positions), t(atoms.cell.array), t(np.stack([i, j])), t(s, dtype=torch.float64), len(atoms)]
+    assert torch.isfinite(module(t(atoms.numbers), *args)["energy"])
+    for z in (1, 26, 300):
+        species = t(atoms.numbers).clone()
+        species[5] = z
+        with pytest.raises(torch.jit.Error, match="element was not in the model.s training data"):
+            module(species, *args)

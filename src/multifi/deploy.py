@@ -46,9 +46,11 @@ class Deployed(nn.Module):
         threebody_cutoff: float,
         dtype: torch.dtype,
         interactions: int,
+        known: torch.Tensor,
     ):
         super().__init__()
         self.core = core
+        self.register_buffer("known", known)  # [119] bool: elements with a reference energy (seen in training)
         self.cutoff = cutoff
         self.interactions = interactions
         self.threebody_cutoff = threebody_cutoff  # 0: no three-body terms
@@ -63,6 +65,11 @@ class Deployed(nn.Module):
         shifts: torch.Tensor,
         nlocal: int,
     ) -> dict[str, torch.Tensor]:
+        z = species.clamp(0, self.known.shape[0] - 1)
+        if bool((species != z).any()) or bool((~self.known[z]).any()):
+            raise RuntimeError(
+                "multifi: an atom's element was not in the model's training data (elements: multifi.json)"
+            )
         positions, cell, shifts = positions.to(self.dtype), cell.to(self.dtype), shifts.to(self.dtype)
         n = positions.shape[0]
         shift_vec = shifts @ cell
@@ -149,16 +156,19 @@ def build_deployed(potential, fidelity: str, dtype: torch.dtype = torch.float64)
             dtype,
             (species, positions, edge_index, shift_vec, weight, bonds, ij, ik),
             potential.config.interactions,
+            potential.head.fitted.detach().cpu().any(1),
         )
 
 
-def _script(fn, cutoff: float, threebody: float, dtype, example, interactions: int) -> torch.jit.ScriptModule:
+def _script(
+    fn, cutoff: float, threebody: float, dtype, example, interactions: int, known: torch.Tensor
+) -> torch.jit.ScriptModule:
     """make_fx(fn) with symbolic sizes (the backward pass becomes plain operations), then TorchScript."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     traced = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
     scripted_core = torch.jit.script(_scriptable(traced))
-    return torch.jit.script(Deployed(scripted_core, cutoff, threebody, dtype, interactions))
+    return torch.jit.script(Deployed(scripted_core, cutoff, threebody, dtype, interactions, known))
 
 
 def _scriptable(gm):
