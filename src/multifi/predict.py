@@ -89,7 +89,7 @@ def predict_file(
 
     fidelities = [fidelity] if isinstance(fidelity, str) else list(fidelity)
     _check_output_keys(fidelities, uncertainty or bool(ensemble))
-    check_extxyz_output(Path(out))
+    _check_extxyz_output(Path(out))
     potential = load_potential(checkpoint)
     for name in fidelities:
         potential.fidelities.index(name, where=str(checkpoint))
@@ -131,7 +131,7 @@ def predict_file(
     return len(atoms_list)
 
 
-def check_extxyz_output(out: Path) -> None:
+def _check_extxyz_output(out: Path) -> None:
     """predict writes extxyz: refuse an output name that promises another format (special files pass)."""
     from multifi.files import is_special
 

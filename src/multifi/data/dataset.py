@@ -559,9 +559,8 @@ def _check_same_geometry(cat, out, target, src_atoms, dst_atoms, where: _Origins
         raise MultifiError(f"{where.pair(s)}: same key {str(cat.keys[s])!r}, different {what}")
     d = cat.positions[src_atoms] - out.positions[dst_atoms]  # [A_cat, 3] Å
     atom_of = np.repeat(np.arange(len(cat)), cat.n_atoms)
-    d -= d[cat.offsets[:-1]][
-        atom_of
-    ]  # relative to the structure's first atom: a rigid shift leaves every label as it is
+    # relative to the structure's first atom: a rigid shift leaves every label as it is
+    d -= d[cat.offsets[:-1]][atom_of]
     periodic = cat.pbc.any(1)
     if periodic.any():
         inv = np.zeros_like(cat.cells)
