@@ -245,16 +245,16 @@ def test_metrics_csv_one_dense_row_per_validation_and_none_twice_after_resume(wr
     assert run(["train", write_config()], capsys)[0] == 0  # 2 epochs of 5 steps
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["step"] for r in rows] == ["4", "9"]
+    assert [r["step"] for r in rows] == ["5", "10"]  # optimiser steps done, as the checkpoints count
     assert all(r["val_loss"] and r["lr"] and r["train_loss_epoch"] and r["val/hi/energy_mae_meV"] for r in rows)
     assert not any(k.endswith("_step") for k in rows[0])
     # the interrupted session had validated once more after its last checkpoint: that row must not stay twice
     with open(run_dir / "metrics.csv", "a") as f:
-        f.write("2,14," + ",".join("123456" for _ in list(rows[0])[2:]) + "\n")
+        f.write("2,15," + ",".join("123456" for _ in list(rows[0])[2:]) + "\n")
     assert run(["train", "--resume", run_dir, "--set", "train.epochs=3"], capsys)[0] == 0
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["step"] for r in rows] == ["4", "9", "14"] and rows[-1]["val_loss"] != "123456"
+    assert [r["step"] for r in rows] == ["5", "10", "15"] and rows[-1]["val_loss"] != "123456"
 
 
 def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):

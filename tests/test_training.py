@@ -388,8 +388,8 @@ def test_early_stopping_on_one_fidelitys_validation_error(write_config):
     assert payload["monitor"] == "val/hi/energy_mae_meV"
     assert payload["stopped_early"] and payload["steps"] < 400
     assert payload["best_monitored"] == pytest.approx(best_value, rel=1e-5)
-    # the logged step of a validation is the step count after it (Lightning logs step - 1)
-    assert payload["best_step"] == ckpt(run_dir / "checkpoints/best.ckpt")["global_step"]
+    # one step convention: metrics.csv's row of the best validation, the checkpoint and metrics.json agree
+    assert payload["best_step"] == ckpt(run_dir / "checkpoints/best.ckpt")["global_step"] == best_step
     assert payload["steps"] - payload["best_step"] == 3 * 2
     assert payload["val_fidelities"]["hi"]["energy_mae_meV"] == pytest.approx(best_value, rel=1e-4)
 

@@ -78,7 +78,7 @@ def learning_curve_plot(run_dir: Path, path: Path, key: str = ENERGY_MAE) -> Pat
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for col in columns:
-        pts = [(int(float(r["step"])) + 1, float(r[col])) for r in rows if r.get(col)]
+        pts = [(int(float(r["step"])), float(r[col])) for r in rows if r.get(col)]
         if pts:
             x, y = zip(*pts)
             ax.plot(x, y, marker="o", ms=3, label=val_key_fidelity(col))

@@ -214,7 +214,7 @@ def _progress(metrics: Path, monitor: str) -> tuple[int | None, int | None]:
     if not rows:
         return None, None
     best = min(rows, key=lambda r: float(r[monitor]))
-    return int(rows[-1]["step"]) + 1, int(best["step"]) + 1
+    return int(rows[-1]["step"]), int(best["step"])
 
 
 def status_table(name: str, rows: list[RunStatus]) -> str:

@@ -24,6 +24,9 @@ class RunCSVLogger(Logger):
     """run_dir/metrics.csv: one row per step at which something was logged (in practice one per validation:
     epoch, step, lr, validation loss and per-fidelity metrics, and at epoch ends the epoch's training losses).
 
+    `step` counts the optimiser steps done when the row was logged, as a checkpoint's `global_step`, the
+    training log and metrics.json's `best_step` do (Lightning hands loggers that count minus one).
+
     Per-step training values are left out; values logged at the same step share one row. A resumed run
     replaces the rows its interrupted predecessor wrote after the checkpoint it resumes from, so no row
     appears twice. The file is rewritten atomically after each row (it is small: one row per validation).
@@ -62,7 +65,7 @@ class RunCSVLogger(Logger):
         if not set(row) - {"epoch"}:
             return
         rows = self._load()
-        step = int(step or 0)
+        step = int(step or 0) + 1  # Lightning's logging step is the index of the last optimiser step
         if self._n_old:  # first row after a resume: forget what the interrupted start logged from here on
             rows[:] = [r for r in rows if int(float(r.get("step") or 0)) < step]
             self._n_old = 0
