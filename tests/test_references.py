@@ -206,6 +206,37 @@ def test_prediction_warns_naming_element_and_fidelity(run_without_n, caplog):
     ]
 
 
+def test_deploy_warns_about_estimated_references_and_records_them(run_without_n, tmp_path, caplog):
+    """A file for LAMMPS at a fidelity with an estimated reference: the same warning as predict, the elements in
+    its metadata; strict_references refuses it and writes nothing; another fidelity is silent."""
+    import json
+
+    import torch
+
+    from multifi.deploy import deploy
+
+    run_dir, _, _ = run_without_n
+    out = tmp_path / "hi.pt"
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        meta = deploy(run_dir / "model.pt", "lo", tmp_path / "lo.pt")
+        assert not caplog.records and meta["estimated_elements"] == []
+        meta = deploy(run_dir / "model.pt", "hi", out)
+    assert meta["estimated_elements"] == ["N"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{out}: the hi reference energy of N was estimated from the other fidelities (no hi training label "
+        "contained it); expect larger hi energy errors for structures with N"
+    ]
+    extra = {"multifi.json": ""}
+    torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["multifi.json"])["estimated_elements"] == ["N"]
+    strict = tmp_path / "strict.pt"
+    with pytest.raises(MultifiError, match="hi reference energy of N was estimated"):
+        deploy(run_dir / "model.pt", "hi", strict, strict_references=True)
+    assert not strict.exists()
+    r = main(["deploy", str(run_dir / "model.pt"), "--fidelity", "hi", "--out", str(strict), "--strict-references"])
+    assert r != 0 and not strict.exists()
+
+
 def test_models_saved_before_the_record_load_with_nonzero_references_as_fitted(tmp_path):
     pot = build_potential(TINY_MODEL, ["lo", "hi"])
     ref = np.zeros((N_ELEMENTS, 2))

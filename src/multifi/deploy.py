@@ -202,21 +202,36 @@ def metadata(potential, fidelity: str, dtype: torch.dtype) -> dict:
         "ghost_cutoff": interactions * float(potential.cutoff),
         "threebody_cutoff": float(getattr(potential.representation, "threebody_cutoff", 0.0)),
         "elements": [chemical_symbols[z] for z in potential.elements],
+        "estimated_elements": [chemical_symbols[z] for z in estimated_elements(potential, fidelity)],
         "dtype": str(dtype).replace("torch.", ""),
     }
 
 
-def deploy(checkpoint, fidelity: str, out: str | Path, dtype: str = "float64") -> dict:
+def estimated_elements(potential, fidelity: str) -> list[int]:
+    """Atomic numbers whose reference energy at `fidelity` was estimated from other fidelities (no label)."""
+    k = 0 if potential.head.shared_baseline else potential.fidelity_index(fidelity)
+    fitted = potential.head.fitted.detach().cpu()  # [119, K]
+    return [int(z) for z in potential.elements if not bool(fitted[int(z), k])]
+
+
+def deploy(
+    checkpoint, fidelity: str, out: str | Path, dtype: str = "float64", strict_references: bool = False
+) -> dict:
     """Write `checkpoint` (model.pt / .ckpt path or a Potential) at `fidelity` to `out`; returns its metadata.
-    Nothing is written when the fidelity is unknown or the model cannot be converted."""
+    Nothing is written when the fidelity is unknown or the model cannot be converted. Elements whose
+    reference energy at `fidelity` was estimated (no label of it contained them) get a warning, as in
+    `predict` (an error with strict_references), and are listed in the metadata (`estimated_elements`)."""
     from multifi.data.dataset import atomic_write
+    from multifi.models.elements import check_elements
     from multifi.models.registry import load_potential
 
     if dtype not in ("float32", "float64"):
         raise MultifiError(f"dtype must be float32 or float64, not {dtype!r}")
     torch_dtype = getattr(torch, dtype)
     potential = checkpoint if isinstance(checkpoint, nn.Module) else load_potential(checkpoint, compile=False)
-    potential.fidelity_index(fidelity)  # unknown names: one clear error before any work
+    k = potential.fidelity_index(fidelity)  # unknown names: one clear error before any work
+    numbers = np.asarray(potential.elements, dtype=np.int64)
+    check_elements(potential, numbers, np.ones(len(numbers), np.int64), k, str(out), strict=strict_references)
     meta = metadata(potential, fidelity, torch_dtype)
     module = build_deployed(potential, fidelity, torch_dtype)
     with warnings.catch_warnings():

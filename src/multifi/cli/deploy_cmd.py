@@ -9,15 +9,21 @@ def register(sub):
     p.add_argument("--fidelity", required=True, help="fidelity (level of theory) baked into the file, by name")
     p.add_argument("--out", required=True, help="output file (TorchScript; load with `pair_style multifi FILE`)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    p.add_argument(
+        "--strict-references",
+        action="store_true",
+        help="refuse a fidelity whose reference energy of an element was estimated (no label contained it)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from multifi.deploy import deploy
 
-    meta = deploy(args.checkpoint, args.fidelity, args.out, args.dtype)
+    meta = deploy(args.checkpoint, args.fidelity, args.out, args.dtype, args.strict_references)
     print(
         f"wrote {args.out}: {meta['backbone']} at {meta['fidelity']}, cutoff {meta['cutoff']:g} Å, "
         f"elements {' '.join(meta['elements'])}, ghost cutoff {meta['ghost_cutoff']:g} Å ({meta['dtype']})"
+        + (f"; estimated references: {' '.join(meta['estimated_elements'])}" if meta["estimated_elements"] else "")
     )
     return 0
