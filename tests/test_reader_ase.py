@@ -260,12 +260,83 @@ def test_one_file_with_a_label_set_per_level_of_theory(tmp_path, caplog):
     assert len(ds) == 4 and ds.fidelities.names == ("PBE", "R2SCAN")
     np.testing.assert_array_equal(ds.energy[:, 0], [-1.0, -2.0, -3.0, -4.0])
     np.testing.assert_array_equal(ds.energy[:, 1], [-2.0, np.nan, -4.0, np.nan])
-    assert "mh.extxyz: read 2 frames with REF_energy_R2SCAN/forces/stress labels, skipped 2 without" in caplog.text
+    assert "mh.extxyz: read 2 frames with REF_energy_R2SCAN labels, skipped 2 without" in caplog.text
     missing = SourceConfig(path=str(path), fidelity="X", energy_key="REF_energy_X")
     with pytest.raises(
         MultifiError,
-        match=r"frame 0 \(0-based\) has no REF_energy_X/forces/stress label; it has "
+        match=r"frame 0 \(0-based\) has no REF_energy_X label; it has "
         r"REF_energy_PBE, REF_energy_R2SCAN \(labels of another level of theory belong to a source "
         r"of their own\) \(nor has any other frame\)",
     ):
         read_sources([missing])
+
+
+def _emt_with_stress(atoms: Atoms) -> Atoms:
+    """A copy with EMT energy, forces and stress as a SinglePointCalculator, no fidelity in info."""
+    from ase.calculators.emt import EMT
+
+    a = atoms.copy()
+    a.calc = EMT()
+    e, f, st = a.get_potential_energy(), a.get_forces(), a.get_stress()
+    a.calc = SinglePointCalculator(a, energy=e, forces=f, stress=st)
+    return a
+
+
+def test_a_renamed_energy_reads_no_default_forces_and_unread_labels_are_named(tmp_path, caplog):
+    """energy_key alone: the file's default `forces`/`stress` (another level of theory here) are not read, not even
+    on frames without the renamed energy; one warning names them. Named explicitly, they are read."""
+    import logging
+
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_source
+
+    frames = []
+    for i in range(4):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True)
+        a.rattle(0.05, seed=i)
+        a = _emt_with_stress(a)
+        if i % 2 == 0:
+            a.info["energy_r2scan"] = a.get_potential_energy() - 1.0
+        frames.append(a)
+    path = tmp_path / "pbe_plus_r2scan.extxyz"
+    ase.io.write(path, frames)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        ds = read_source(SourceConfig(path=str(path), fidelity="R2SCAN", energy_key="energy_r2scan"))
+    assert len(ds) == 2 and ds.forces is None and ds.stress is None
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "read only the labels named (energy: energy_r2scan); not read: " in warning
+    assert "forces" in warning and "stress" in warning
+    both = read_source(SourceConfig(path=str(path), fidelity="R2SCAN", energy_key="energy_r2scan", forces_key="forces"))
+    assert len(both) == 4 and np.isnan(both.energy[1::2, 0]).all() and both.forces is not None and both.stress is None
+    plain = read_source(SourceConfig(path=str(path), fidelity="PBE"))  # default keys: everything, as before
+    assert len(plain) == 4 and plain.forces is not None and plain.stress is not None
+
+
+def test_a_virial_key_is_converted_to_stress_and_an_unnamed_one_is_named(tmp_path, caplog):
+    """stress_key naming a virial (eV): σ = −W / V, the same stored stress as the file's own stress; a virial on
+    a non-periodic structure is an error; a virial that is not named is mentioned, not silently dropped."""
+    import logging
+
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_source
+
+    a = bulk("Cu", "fcc", a=3.6, cubic=True)
+    a.rattle(0.05, seed=1)
+    a.set_cell(a.cell.array @ np.array([[1.0, 0.02, 0.0], [0.0, 1.0, 0.01], [0.0, 0.0, 0.98]]), scale_atoms=True)
+    a = _emt_with_stress(a)
+    sigma = a.get_stress(voigt=False)
+    a.info["REF_energy"] = a.get_potential_energy()
+    a.info["REF_virial"] = -sigma * a.get_volume()
+    a.calc = None
+    path = tmp_path / "virial.extxyz"
+    ase.io.write(path, [a])
+    ds = read_source(SourceConfig(path=str(path), fidelity="PBE", energy_key="REF_energy", stress_key="REF_virial"))
+    np.testing.assert_allclose(ds.stress[0, 0], sigma / GPa, rtol=1e-9, atol=1e-9)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        read_source(SourceConfig(path=str(path), fidelity="PBE", energy_key="REF_energy"))
+    assert "not read: REF_virial" in caplog.text
+    m = a.copy()
+    m.pbc = False
+    ase.io.write(path, [m])
+    with pytest.raises(MultifiError, match="REF_virial is a virial, which needs a cell periodic in 3 dimensions"):
+        read_source(SourceConfig(path=str(path), fidelity="PBE", energy_key="REF_energy", stress_key="REF_virial"))

@@ -57,12 +57,19 @@ class SourceConfig(Section):
     format: Literal["auto", "ase", "matpes", "npz"] = "auto"
     index: str = ":"
     qm9: Qm9Source | None = None
-    energy_key: str = Field(
-        "energy",
-        description="key of the energy label (eV) in info or the calculator, e.g. REF_energy (ASE-readable files)",
+    # ASE-readable files. None: the default name (energy, forces, stress) while no key is named; once one is
+    # named, only the named labels are read (a renamed energy never takes the file's default forces)
+    energy_key: str | None = Field(
+        None, description="key of the energy label (eV) in info or the calculator, e.g. REF_energy (default energy)"
     )
-    forces_key: str = Field("forces", description="key of the force labels (eV/Å) in arrays or the calculator")
-    stress_key: str = Field("stress", description="key of the stress label (eV/Å³, ASE sign) in info or the calculator")
+    forces_key: str | None = Field(
+        None, description="key of the force labels (eV/Å) in arrays or the calculator (default forces)"
+    )
+    stress_key: str | None = Field(
+        None,
+        description="key of the stress label (eV/Å³, ASE sign) in info or the calculator (default stress); a key "
+        "naming a virial (eV) is converted, stress = −virial / volume",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self):

@@ -18,9 +18,11 @@ def positive_int(text: str) -> int:
 
 def add_label_keys(p) -> None:
     """--energy-key/--forces-key/--stress-key: label names in ASE-readable files (e.g. MACE's REF_energy)."""
-    p.add_argument("--energy-key", default="energy", help="energy label key in info/calculator (default: energy)")
-    p.add_argument("--forces-key", default="forces", help="force label key in arrays/calculator (default: forces)")
-    p.add_argument("--stress-key", default="stress", help="stress label key in info/calculator (default: stress)")
+    p.add_argument("--energy-key", help="energy label key in info/calculator (default: energy)")
+    p.add_argument("--forces-key", help="force label key in arrays/calculator (default: forces)")
+    p.add_argument(
+        "--stress-key", help="stress label key in info/calculator (default: stress; a virial key is converted)"
+    )
 
 
 def source_config(text: str, fidelity: str | None, args=None):

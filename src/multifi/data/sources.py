@@ -44,6 +44,7 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
             f"line give it as qm9:{path}, in a config as '- qm9: {{labels: {path}}}'"
         )
     keys = {"energy": src.energy_key, "forces": src.forces_key, "stress": src.stress_key}
+    keys = {k: v for k, v in keys.items() if v is not None}  # the labels named (read_ase: what that means)
     custom = [f"{k}_key" for k, v in keys.items() if v != k]
     if custom and fmt != "ase":
         raise MultifiError(f"{path}: {', '.join(custom)} applies to files ASE reads, not to {fmt} files")

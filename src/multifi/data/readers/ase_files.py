@@ -31,10 +31,14 @@ def read_ase(
     stored in GPa. Fidelity: info['fidelity'] (for ASE databases, the row's key-value pairs); `fidelity`
     only for structures that name none (a different name is an error, see `source_fidelity`). Key: info['key'], else a geometry hash. `index` selects frames as in
     ase.io.read. Non-finite labels raise unless `skip_invalid`, which drops them (count in ds.n_dropped).
-    `keys` renames the labels looked up: {"energy": "REF_energy", "forces": "REF_forces", "stress": …}; with
-    renamed keys, frames carrying none of them are skipped (a file with one label set per level of theory,
-    e.g. REF_energy_PBE on every frame and REF_energy_R2SCAN on some, read once per fidelity) and counted
-    in the log; with the default keys, or when no frame has them, a frame without labels is an error.
+    `keys` names the labels looked up: {"energy": "REF_energy", "forces": "REF_forces", "stress": …}. Once a
+    key is renamed, only the labels named in `keys` are read (a renamed energy never picks up the file's
+    default `forces`/`stress`, which may belong to another level of theory); label-like keys left unread are
+    named in one warning. With renamed keys, frames carrying none of them are skipped (a file with one label
+    set per level of theory, e.g. REF_energy_PBE on every frame and REF_energy_R2SCAN on some, read once per
+    fidelity) and counted in the log; with the default keys, or when no frame has them, a frame without
+    labels is an error. A stress key naming a virial (`virial`, `REF_virials`: eV, W = −σ·V) is converted
+    to stress, σ = −W / V.
     """
     path = Path(path)
     src = str(path)
@@ -43,10 +47,13 @@ def read_ase(
     if path.stat().st_size == 0:
         raise MultifiError(f"{src}: empty file")
     records, invalid = [], InvalidLabels(src)
-    renamed = any(v != k for k, v in (keys or {}).items())
+    keys = label_keys(keys)
+    renamed = any(v != k for k, v in keys.items())
     unlabelled: list[str] = []  # errors of frames without the renamed labels (skipped)
+    unread: dict[str, None] = {}  # label-like keys of the file that no label was read from
     for i, atoms in enumerate(_frames(path, index)):
         tag = f"frame {i} (0-based)" if index == ":" else f"frame {i} (0-based, of index {index!r})"
+        unread.update(dict.fromkeys(_label_like(atoms, keys)))
         try:
             rec = _record(atoms, fidelity, f"{src}: {tag}", keys)
         except _NoLabel as exc:
@@ -57,6 +64,7 @@ def read_ase(
         rec["name"] = i
         if invalid.keep(rec, tag):
             records.append(rec)
+    _warn_unread(src, keys, unread, records)
     if unlabelled and not records:
         raise MultifiError(f"{unlabelled[0]} (nor has any other frame)")
     if unlabelled:
@@ -68,6 +76,49 @@ def read_ase(
     ds = FidelityDataset.from_records(records, source=src)
     ds.n_dropped = invalid.count
     return ds
+
+
+DEFAULT_KEYS = {"energy": "energy", "forces": "forces", "stress": "stress"}
+
+
+def label_keys(keys: dict[str, str] | None) -> dict[str, str]:
+    """The labels to read, kind → key. No keys, or only default ones: all three under their default names.
+    Once one is renamed, only those given (a default name given explicitly counts as given)."""
+    keys = dict(keys or {})
+    if all(keys.get(k, k) == k for k in DEFAULT_KEYS):
+        return {**DEFAULT_KEYS, **keys}
+    return keys
+
+
+def _kind(key: str) -> str | None:
+    low = key.lower()
+    if "virial" in low or "stress" in low:
+        return "stress"
+    return next((k for k in ("energy", "force") if k in low), None)
+
+
+def _label_like(atoms, keys: dict[str, str]) -> list[str]:
+    """Keys of info, arrays and calculator results that look like labels and are not being read."""
+    results = getattr(atoms.calc, "results", None) or {}
+    read = set(keys.values())
+    return [k for k in [*atoms.info, *atoms.arrays, *results] if k not in read and _kind(k)]
+
+
+def _warn_unread(src: str, keys: dict[str, str], unread: dict, records: list[dict]) -> None:
+    """One warning naming label-like keys nothing was read from, when their kind was not read at all (a
+    renamed energy without forces_key; REF_forces beside default keys that found no forces; a virial)."""
+    got = {kind for rec in records for lab in rec["labels"].values() for kind in lab}
+    missing = [k for k in unread if {"force": "forces"}.get(_kind(k), _kind(k)) not in got]
+    if not missing or not records:
+        return
+    named = ", ".join(f"{k}: {v}" for k, v in keys.items())
+    log.warning(
+        "%s: read only the labels named (%s); not read: %s. Name a key if it holds labels of this source's level "
+        "of theory (energy_key / forces_key / stress_key; a virial is converted to stress)",
+        src,
+        named,
+        ", ".join(missing[:6]) + (" …" if len(missing) > 6 else ""),
+    )
 
 
 class InvalidLabels:
@@ -175,50 +226,58 @@ def source_fidelity(named, fidelity: str | None, where: str, field: str) -> str:
     return fid
 
 
+def _get(first: dict, then: dict, key: str | None):
+    return None if key is None else first.get(key, then.get(key))
+
+
+def _stress_from_virial(virial: np.ndarray, atoms, where: str, key: str) -> np.ndarray:
+    """σ = −W / V (eV/Å³) from a virial W (eV), as extxyz files for GAP, ACE, NequIP and MACE carry it."""
+    if not atoms.pbc.all():
+        raise MultifiError(f"{where}: {key} is a virial, which needs a cell periodic in 3 dimensions (a volume)")
+    return -virial / abs(atoms.cell.volume)
+
+
 class _NoLabel(MultifiError):
     """A frame carries none of the labels looked up."""
 
 
 def _other_labels(atoms, keys: dict[str, str]) -> str:
     """A hint naming label-like keys the structure has under other names (REF_energy, DFT_forces, …)."""
-    found = [
-        k
-        for k in [*atoms.info, *atoms.arrays]
-        if any(w in k.lower() for w in ("energy", "force", "stress")) and k not in keys.values()
-    ]
+    found = [k for k in [*atoms.info, *atoms.arrays] if _kind(k) and k not in keys.values()]
     if not found:
         return ""
-    which = {"energy": "energy_key", "force": "forces_key", "stress": "stress_key"}
     if any(v != k for k, v in keys.items()):  # keys already chosen: another key may be another level of theory
         return f"; it has {', '.join(found[:3])} (labels of another level of theory belong to a source of their own)"
-    hint = ", ".join(f"{k} (set {next(v for w, v in which.items() if w in k.lower())}: {k})" for k in found[:3])
-    return f"; it has {hint}"
+    which = {"energy": "energy_key", "force": "forces_key", "stress": "stress_key"}
+    return "; it has " + ", ".join(f"{k} (set {which[_kind(k)]}: {k})" for k in found[:3])
 
 
 def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None = None) -> dict:
     """One from_records record: geometry, key and {fidelity: labels} (eV, eV/Å, GPa)."""
     from ase.units import GPa
 
-    keys = {"energy": "energy", "forces": "forces", "stress": "stress", **(keys or {})}
-
+    keys = label_keys(keys)
     n = len(atoms)
     fid = source_fidelity(atoms.info.get("fidelity"), fidelity, where, "info['fidelity']")
     results = getattr(atoms.calc, "results", None) or {}
     lab = {}
-    energy = atoms.info.get(keys["energy"], results.get(keys["energy"]))
+    energy = _get(atoms.info, results, keys.get("energy"))
     if energy is not None:
         try:
             lab["energy"] = float(energy)
         except (TypeError, ValueError):
             raise MultifiError(f"{where}: energy {energy!r} is not a number") from None
-    forces = atoms.arrays.get(keys["forces"], results.get(keys["forces"]))
+    forces = _get(atoms.arrays, results, keys.get("forces"))
     if forces is not None:
         lab["forces"] = np.asarray(forces, dtype=np.float64)
         if lab["forces"].shape != (n, 3):
             raise MultifiError(f"{where}: forces have shape {lab['forces'].shape}, expected ({n}, 3)")
-    stress = atoms.info.get(keys["stress"], results.get(keys["stress"]))
+    stress = _get(atoms.info, results, keys.get("stress"))
     if stress is not None:
-        lab["stress"] = voigt_or_matrix(stress, where) / GPa
+        sigma = voigt_or_matrix(stress, where)  # eV/Å³ (eV for a virial)
+        if "virial" in keys["stress"].lower():
+            sigma = _stress_from_virial(sigma, atoms, where, keys["stress"])
+        lab["stress"] = sigma / GPa
     if not lab:
         named = "/".join(keys.values())
         raise _NoLabel(f"{where} has no {named} label" + _other_labels(atoms, keys))
