@@ -95,6 +95,15 @@ def test_overlapping_atoms_are_an_error_at_prediction(model, tmp_path, capsys):
         "structure 1: atoms 0 and 1 are 0.000 Å apart",
     )
     assert not out.exists()
+    # evaluate: the same error (before, NaN metrics and a JSON file with NaN in it, exit 0)
+    labelled = tmp_path / "bad_labelled.extxyz"
+    labelled_bad = bad.copy()
+    labelled_bad.calc = SinglePointCalculator(labelled_bad, energy=-10.0, forces=np.zeros((3, 3)))
+    labelled_bad.info["fidelity"] = "lo"
+    ase.io.write(labelled, [emt_labelled(rattled_molecule("H2O", 0), "lo"), labelled_bad])
+    metrics = tmp_path / "m.json"
+    fails(["evaluate", model, labelled, "--out", metrics], capsys, f"{labelled}: structure 1 (0-based) has atoms 0.000 Å apart")
+    assert not metrics.exists()
     import multifi
 
     bad.calc = multifi.Calculator(model, fidelity="lo")

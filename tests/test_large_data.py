@@ -72,7 +72,7 @@ def test_on_the_fly_neighbours_reject_overlapping_atoms():
         [{"numbers": m.numbers, "positions": m.positions, "labels": {"A": {"energy": 1.0}}, "key": "bad"}],
         source="x.extxyz",
     )
-    with pytest.raises(MultifiError, match="x.extxyz: structure bad has atoms 0.020 Å apart"):
+    with pytest.raises(MultifiError, match=r"x.extxyz: structure \d+ \(0-based, key bad\) has atoms 0.020 Å apart"):
         GraphCollator(ds, OnTheFlyNeighbors(ds, 4.0))(np.array([[0, 0]]))
 
 

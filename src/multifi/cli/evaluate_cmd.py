@@ -108,10 +108,7 @@ def check_elements(potential, dataset, pairs) -> None:
     from multifi.models import elements
 
     where = dataset.source or "data"
-    names = [  # a key made from the geometry means nothing to the user: the structure's number does
-        f"{s} (0-based)" if str(k).startswith("sha1:") else f"{s} (0-based, key {k})"
-        for s, k in enumerate(dataset.keys)
-    ]
+    names = [dataset.structure_name(s).removeprefix("structure ") for s in range(len(dataset))]
     elements.check_elements(potential, dataset.numbers, dataset.n_atoms, None, where, keys=names)
     to_model = [
         potential.fidelities.names.index(n) if n in potential.fidelities else -1 for n in dataset.fidelities.names

@@ -23,7 +23,7 @@ def check_overlaps(dataset: FidelityDataset, neighbors) -> None:
     if len(bad):
         s = int(bad[0])
         raise MultifiError(
-            f"{dataset.source or 'data'}: structure {dataset.keys[s]} has atoms "
+            f"{dataset.source or 'data'}: {dataset.structure_name(s)} has atoms "
             f"{neighbors.min_distance[s]:.3f} Å apart (< {MIN_DISTANCE} Å; {len(bad)} structure(s) affected)"
         )
 

@@ -103,6 +103,11 @@ class FidelityDataset:
             for k, name in enumerate(self.fidelities.names)
         }
 
+    def structure_name(self, s: int) -> str:
+        """Structure s as a user finds it: its number in the order read, and its key unless made from the geometry."""
+        key = str(self.keys[s])
+        return f"structure {s} (0-based)" if key.startswith("sha1:") else f"structure {s} (0-based, key {key})"
+
     def atoms_slice(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 

@@ -128,7 +128,7 @@ class OnTheFlyNeighbors:
                 d = np.linalg.norm(pos[j] - pos[i] + sh @ ds.cells[s], axis=1)
                 if d.min() < self.min_distance:
                     raise MultifiError(
-                        f"{ds.source or 'data'}: structure {ds.keys[s]} has atoms {d.min():.3f} Å apart "
+                        f"{ds.source or 'data'}: {ds.structure_name(s)} has atoms {d.min():.3f} Å apart "
                         f"(< {self.min_distance} Å)"
                     )
             ii.append(i), jj.append(j), ss.append(sh)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from multifi.data.batch import GraphCollator
+from multifi.data.checks import check_overlaps
 from multifi.data.dataset import FidelityDataset
 from multifi.data.neighbors import NeighborCache, make_neighbors
 from multifi.keys import COUNT, UNSEEN
@@ -31,7 +32,9 @@ def evaluate_pairs(
     and warned about; its prediction (return_predictions: [P] eV, in the order of `pairs`) is still made."""
     potential.eval()
     model_fidelities(potential, dataset, pairs)  # a fidelity the model lacks: an error before any work
-    neighbors = neighbors or make_neighbors(dataset, potential.cutoff, progress=False)
+    if neighbors is None:  # new data: the overlap check training did on its own
+        neighbors = make_neighbors(dataset, potential.cutoff, progress=False)
+        check_overlaps(dataset, neighbors)
     unseen = structures_with_unseen_elements(potential, dataset, pairs[:, 0])
     metrics = _predict(potential, dataset, neighbors, pairs[~unseen], batch_size, preds := [])
     result = metrics.compute()
