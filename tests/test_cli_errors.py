@@ -373,6 +373,33 @@ def test_predict_several_fidelities_keeps_reference_labels(model, tmp_path, caps
     assert "not a device" in capsys.readouterr().err
 
 
+def test_a_predict_output_is_not_read_as_labels_and_chaining_keeps_the_references(model, tmp_path, capsys):
+    """Predicting on a predict output keeps the original ref_* labels (not the first run's predictions);
+    evaluate/train on a predict output is a one-line error unless keys are named; ref_energy read from it
+    comes with its ref_fidelity."""
+    mols = [emt_labelled(rattled_molecule("CH4", 1), "hi"), emt_labelled(rattled_molecule("NH3", 2), "hi")]
+    src, first, second = tmp_path / "in.extxyz", tmp_path / "p1.extxyz", tmp_path / "p2.extxyz"
+    ase.io.write(src, mols)
+    assert run(["predict", model, src, "--fidelity", "lo", "--fidelity", "hi", "--out", first], capsys)[0] == 0
+    assert run(["predict", model, first, "--fidelity", "hi", "--out", second], capsys)[0] == 0
+    for a, m in zip(ase.io.read(second, ":"), mols):
+        assert a.info["ref_energy"] == pytest.approx(m.get_potential_energy()) and a.info["ref_fidelity"] == "hi"
+        np.testing.assert_allclose(a.arrays["ref_forces"], m.get_forces(), atol=1e-6)
+        assert a.info["fidelity"] == "hi" and "energy_lo" not in a.info and "forces_lo" not in a.arrays
+        assert a.info["predicted_by"].startswith("multifi ")
+    fails(["evaluate", model, second], capsys, str(second), "holds predictions of `multifi predict`", "ref_energy")
+    code, out, _ = run(["evaluate", model, second, "--energy-key", "ref_energy", "--forces-key", "ref_forces"], capsys)
+    assert code == 0
+    direct, _, _ = run(["evaluate", model, src], capsys), None, None
+    assert direct[0] == 0 and direct[1].split("\n")[1:] == out.split("\n")[1:]  # same table but the title
+    both = emt_labelled(rattled_molecule("CH4", 1), "hi")
+    both.info["ref_energy"] = -1.0
+    ase.io.write(tmp_path / "both.extxyz", [both])
+    fails(["predict", model, tmp_path / "both.extxyz", "--fidelity", "hi", "--out", tmp_path / "x.extxyz"], capsys,
+          "structure 0 has both energy and ref_energy")
+    assert not (tmp_path / "x.extxyz").exists()
+
+
 def test_output_names_compression_key_collisions_and_structure_names(model, tmp_path, capsys):
     """.gz outputs are compressed (readable back), other formats than extxyz refused, colliding keys refused;
     nothing is written on an error."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from multifi.data.readers.ase_files import PREDICTION_MARK
 from multifi.errors import MultifiError
 
 
@@ -83,6 +84,7 @@ def predict_file(
 
     import ase.io
 
+    import multifi
     from multifi.files import atomic_write, encoded_for
     from multifi.models.registry import load_potential
     from multifi.uncertainty import load_ensemble
@@ -119,7 +121,8 @@ def predict_file(
             )
         predictions[name] = (energies, forces, stresses)
     for i, a in enumerate(atoms_list):
-        _keep_reference_labels(a)
+        _keep_reference_labels(a, f"{path}: structure {i}")
+        a.info[PREDICTION_MARK] = f"multifi {multifi.__version__}: {Path(checkpoint).name}"
         for n, name in enumerate(fidelities):
             _attach(a, name, *(p[i] for p in predictions[name]), first=n == 0, several=len(fidelities) > 1)
             if name in sigmas:
@@ -159,15 +162,28 @@ def _check_output_keys(fidelities: list[str], sigma: bool) -> None:
             seen[key] = name
 
 
-def _keep_reference_labels(atoms) -> None:
-    """The input's own labels (calculator results or info/arrays) as ref_energy / ref_forces / ref_stress."""
+def _keep_reference_labels(atoms, where: str) -> None:
+    """The input's own labels (calculator results or info/arrays) as ref_energy / ref_forces / ref_stress.
+
+    An input that is itself a predict output keeps its ref_* labels (its energy, forces and stress are
+    predictions: dropped); any other input already holding a ref_* label next to the label it would
+    replace is an error (one of the two would be lost)."""
     results = dict(getattr(atoms.calc, "results", None) or {})
+    predicted = atoms.info.pop(PREDICTION_MARK, None) is not None
     for key, store in (("energy", atoms.info), ("forces", atoms.arrays), ("stress", atoms.info)):
         value = results.get(key, atoms.info.get(key) if store is atoms.info else atoms.arrays.get(key))
-        if value is not None:
-            store[f"ref_{key}"] = value
         store.pop(key, None)
-    if "fidelity" in atoms.info:
+        if value is None or predicted:
+            continue
+        if f"ref_{key}" in store:
+            raise MultifiError(f"{where} has both {key} and ref_{key}; predict writes input labels as ref_{key}: rename one")
+        store[f"ref_{key}"] = value
+    if predicted:  # also the per-fidelity columns and σ an earlier predict wrote
+        atoms.info.pop("fidelity", None)
+        for store in (atoms.info, atoms.arrays):
+            for k in [k for k in store if k == "uncertainty" or k.startswith(("energy_", "forces_", "stress_"))]:
+                del store[k]
+    elif "fidelity" in atoms.info:
         atoms.info["ref_fidelity"] = atoms.info.pop("fidelity")
     atoms.calc = None
 

@@ -47,6 +47,7 @@ def read_ase(
     if path.stat().st_size == 0:
         raise MultifiError(f"{src}: empty file")
     records, invalid = [], InvalidLabels(src)
+    named = bool(keys)
     keys = label_keys(keys)
     renamed = any(v != k for k, v in keys.items())
     unlabelled: list[str] = []  # errors of frames without the renamed labels (skipped)
@@ -54,6 +55,12 @@ def read_ase(
     for i, atoms in enumerate(_frames(path, index)):
         tag = f"frame {i} (0-based)" if index == ":" else f"frame {i} (0-based, of index {index!r})"
         unread.update(dict.fromkeys(_label_like(atoms, keys)))
+        if PREDICTION_MARK in atoms.info and not named:
+            raise MultifiError(
+                f"{src}: {tag} holds predictions of `multifi predict` ({atoms.info[PREDICTION_MARK]}), not labels; "
+                "its input's labels are ref_energy / ref_forces / ref_stress: read them with energy_key: ref_energy "
+                "(forces_key: ref_forces, …), or name energy_key: energy to take the predictions as labels"
+            )
         try:
             rec = _record(atoms, fidelity, f"{src}: {tag}", keys)
         except _NoLabel as exc:
@@ -79,6 +86,9 @@ def read_ase(
 
 
 DEFAULT_KEYS = {"energy": "energy", "forces": "forces", "stress": "stress"}
+#: info key `multifi predict` marks its output frames with: their energy/forces/stress are predictions, the
+#: input's labels are under ref_energy / ref_forces / ref_stress at info['ref_fidelity']
+PREDICTION_MARK = "predicted_by"
 
 
 def label_keys(keys: dict[str, str] | None) -> dict[str, str]:
@@ -258,7 +268,10 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
 
     keys = label_keys(keys)
     n = len(atoms)
-    fid = source_fidelity(atoms.info.get("fidelity"), fidelity, where, "info['fidelity']")
+    field = "info['fidelity']"
+    if PREDICTION_MARK in atoms.info and any(v.startswith("ref_") for v in keys.values()):
+        field = "info['ref_fidelity']"  # a predict output read for its input's labels: their fidelity
+    fid = source_fidelity(atoms.info.get(field[6:-2]), fidelity, where, field)
     results = getattr(atoms.calc, "results", None) or {}
     lab = {}
     energy = _get(atoms.info, results, keys.get("energy"))
