@@ -304,6 +304,11 @@ def test_config_example_has_every_key_and_validates(tmp_path, capsys):
     assert cfg.model_dump(exclude={"data": {"sources"}}) == defaults.model_dump(exclude={"data": {"sources"}})
     code, stdout, _ = run(["config"], capsys)
     assert code == 0 and stdout == text
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("data: {sources: [{path: a.extxyz}]}\n")
+    fails(["config", "--out", mine], capsys, f"{mine}: exists; not replaced (--force replaces it)")
+    assert mine.read_text().startswith("data: {sources")
+    assert run(["config", "--out", mine, "--force"], capsys)[0] == 0 and mine.read_text() == text
 
 
 def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys, caplog):

@@ -340,3 +340,22 @@ def test_a_virial_key_is_converted_to_stress_and_an_unnamed_one_is_named(tmp_pat
     ase.io.write(path, [m])
     with pytest.raises(MultifiError, match="REF_virial is a virial, which needs a cell periodic in 3 dimensions"):
         read_source(SourceConfig(path=str(path), fidelity="PBE", energy_key="REF_energy", stress_key="REF_virial"))
+
+
+def test_fidelity_names_that_extxyz_reads_as_numbers_are_warned_about(tmp_path, caplog):
+    """fidelity=01 and fidelity=1 (unquoted) both come back as the number 1: one name, and a warning says why."""
+    import logging
+
+    frames = []
+    for i, name in enumerate(("01", "1", "T")):
+        a = molecule("H2O")
+        a.rattle(0.01, seed=i)
+        a.info["fidelity"] = name
+        a.info["energy"] = -1.0 - i
+        frames.append(a)
+    path = tmp_path / "numeric.extxyz"
+    ase.io.write(path, frames)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        ds = read_ase(path)
+    assert "info['fidelity'] read as 1, True, not text" in caplog.text and "quote the names" in caplog.text
+    assert len(ds.fidelities.names) == 2  # what ASE made of them: 1 (twice) and True

@@ -11,7 +11,7 @@ ENERGY_MAE = "energy_mae_meV"  # mean |ΔE| per structure, meV
 ENERGY_RMSE = "energy_rmse_meV"  # root mean square ΔE per structure, meV
 ENERGY_MAE_PER_ATOM = "energy_mae_meV_per_atom"  # mean |ΔE| / atoms, meV/atom
 FORCES_MAE = "forces_mae_meV_per_A"  # mean |ΔF| per Cartesian component, meV/Å
-STRESS_MAE = "stress_mae_GPa"  # mean |Δσ| per tensor component, GPa
+STRESS_MAE = "stress_mae_GPa"  # mean |Δσ| over the 9 components of the 3×3 tensor, GPa
 METRIC_KEYS = (ENERGY_MAE, ENERGY_RMSE, ENERGY_MAE_PER_ATOM, FORCES_MAE, STRESS_MAE)
 #: structures of the evaluated samples left out of a fidelity's errors: they contain an element no training
 #: label of any fidelity contained (no reference energy, no learned interactions; present only when > 0)

@@ -52,9 +52,12 @@ def read_ase(
     renamed = any(v != k for k, v in keys.items())
     unlabelled: list[str] = []  # errors of frames without the renamed labels (skipped)
     unread: dict[str, None] = {}  # label-like keys of the file that no label was read from
+    parsed: dict[str, None] = {}  # fidelity names ASE turned into numbers or booleans
     for i, atoms in enumerate(_frames(path, index)):
         tag = f"frame {i} (0-based)" if index == ":" else f"frame {i} (0-based, of index {index!r})"
         unread.update(dict.fromkeys(_label_like(atoms, keys)))
+        if not isinstance(atoms.info.get("fidelity", ""), str):
+            parsed.setdefault(str(atoms.info["fidelity"]), None)
         if PREDICTION_MARK in atoms.info and not named:
             raise MultifiError(
                 f"{src}: {tag} holds predictions of `multifi predict` ({atoms.info[PREDICTION_MARK]}), not labels; "
@@ -72,6 +75,13 @@ def read_ase(
         if invalid.keep(rec, tag):
             records.append(rec)
     _warn_unread(src, keys, unread, records)
+    if parsed:
+        log.warning(
+            "%s: info['fidelity'] read as %s, not text (extxyz reads unquoted 1, 01, T, 1e3 as numbers or booleans, "
+            "so '01' and '1' become one name); quote the names in the file: fidelity=\"01\"",
+            src,
+            ", ".join(list(parsed)[:4]),
+        )
     if unlabelled and not records:
         raise MultifiError(f"{unlabelled[0]} (nor has any other frame)")
     if unlabelled:
