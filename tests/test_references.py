@@ -286,3 +286,18 @@ def test_model_card_shows_which_references_are_estimated(tmp_path):
     assert by_name["R2SCAN"]["elements"] == ["Si"] and by_name["R2SCAN"]["estimated"] == ["O", "P"]
     assert "(estimated, no labels: O P)" in format_card(card)
     assert torch.equal(pot.head.fitted, torch.as_tensor(fitted))
+
+
+def test_model_card_similarity_table_is_aligned_with_long_fidelity_names(tmp_path):
+    from multifi.card import format_card, model_card
+    from multifi.models.registry import build_potential, save_potential
+
+    model = {"backbone": "painn", "features": 8, "interactions": 1, "cutoff": 3.0, "n_rbf": 4,
+             "fidelity_embedding": {"dim": 2, "inject": "both"}}
+    pot = build_potential(model, ["GFN2-xTB", "B3LYP/6-31G(2df,p)"])
+    ref = np.zeros((119, 2))
+    ref[[1, 8], :] = -1.0
+    pot.head.set_baseline(ref, np.ones(2))
+    text = format_card(model_card(save_potential(pot, tmp_path / "m.pt")))
+    table = text.split("cosine similarity of the fidelity vectors:\n")[1].split("\n\n")[0].splitlines()
+    assert len(table) == 3 and len({len(line) for line in table}) == 1  # header and rows column-aligned

@@ -130,9 +130,9 @@ def format_card(card: dict) -> str:
             )
     if card["similarity"] is not None:
         lines += ["", "cosine similarity of the fidelity vectors:"]
-        lines.append("  " + " " * width + "".join(f"{k:>7d}" for k in range(len(card["similarity"]))))
+        lines.append("  " + " " * (width + 3) + "".join(f"{k:>7d}" for k in range(len(card["similarity"]))))
         for f, row in zip(card["fidelities"], card["similarity"]):
-            lines.append(f"  {f['index']:<2} " + f["name"].ljust(width - 3) + "".join(f"{v:7.3f}" for v in row))
+            lines.append(f"  {f['index']:<2} " + f["name"].ljust(width) + "".join(f"{v:7.3f}" for v in row))
     lines += ["", "model settings:", _indent(yaml.safe_dump(card["model"], sort_keys=False))]
     if card["config"] is not None:
         cfg = {k: v for k, v in card["config"].items() if k != "model"}
