@@ -811,3 +811,23 @@ def test_signature_resolves_backbone_default_keys():
     assert sig(m3gnet, {"kind": "mse"}, full_train) != sig(m3gnet, explicit, full_train)
     # execution settings do not change what a run computes
     assert sig({**painn, "compile": True}, {}) == sig(painn, {}) == sig(painn, {}, {"lr": 0.001, "threads": 2})
+
+
+def test_errors_are_compared_without_structures_whose_references_were_estimated():
+    """A joint model predicts test structures with an element the target method's training labels lacked (its
+    reference estimated); a model of that method alone leaves them out. The report compares the errors without
+    them (fitted_only) and keeps the others in the run's JSON."""
+    from multifi_experiments.baselines import _errors
+    from multifi_experiments.report import _mae
+
+    whole = {"n": 50, "energy_mae_meV": 900.0, "energy_rmse_meV": 2000.0, "energy_mae_meV_per_atom": 400.0,
+             "n_estimated_references": 8,
+             "fitted_references": {"n": 42, "energy_mae_meV": 300.0, "energy_rmse_meV": 400.0,
+                                   "energy_mae_meV_per_atom": 100.0}}
+    errors = _errors(whole)
+    assert errors["n"] == 50 and errors["estimated"] == 8 and errors["fitted_only"]["n"] == 42
+    result = {"test": {"R2SCAN": errors}}
+    assert _mae(result, "R2SCAN") == 300.0 and _mae(result, "R2SCAN", "mae_meV_per_atom") == 100.0
+    assert _mae(result, "R2SCAN", "n") == 42
+    plain = {"test": {"R2SCAN": _errors({k: v for k, v in whole.items() if k in ("n", "energy_mae_meV", "energy_rmse_meV")})}}
+    assert _mae(plain, "R2SCAN") == 900.0 and "fitted_only" not in plain["test"]["R2SCAN"]

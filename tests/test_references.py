@@ -301,3 +301,25 @@ def test_model_card_similarity_table_is_aligned_with_long_fidelity_names(tmp_pat
     text = format_card(model_card(save_potential(pot, tmp_path / "m.pt")))
     table = text.split("cosine similarity of the fidelity vectors:\n")[1].split("\n\n")[0].splitlines()
     assert len(table) == 3 and len({len(line) for line in table}) == 1  # header and rows column-aligned
+
+
+def test_evaluate_separates_structures_with_estimated_references(run_without_n, tmp_path, capsys):
+    """Structures with N at 'hi' (its reference estimated) stay in the errors; their count and the errors without
+    them (what a model of 'hi' alone could be compared on) are reported, in metrics and in the table."""
+    import json
+
+    run_dir, _, _ = run_without_n
+    pot = load_potential(run_dir / "model.pt")
+    frames = [emt_labelled(rattled_molecule(m, i), "hi") for i, m in enumerate(("NH3", "H2O", "CH4", "NH3"))]
+    path = tmp_path / "hi.extxyz"
+    ase.io.write(path, frames)
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(run_dir / "model.pt"), str(path), "--out", str(out)]) == 0
+    m = json.loads(out.read_text())["fidelities"]["hi"]
+    assert m["n"] == 4 and m["n_estimated_references"] == 2 and m["fitted_references"]["n"] == 2
+    water_methane = frames[1:3]
+    e = predict_atoms(pot, water_methane, "hi")[0]
+    want = 1000 * np.mean(np.abs(e - np.array([a.get_potential_energy() for a in water_methane])))
+    assert m["fitted_references"]["energy_mae_meV"] == pytest.approx(want, rel=1e-6)
+    table = capsys.readouterr().out
+    assert "  without 2 estimated" in table

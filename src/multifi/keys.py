@@ -16,6 +16,10 @@ METRIC_KEYS = (ENERGY_MAE, ENERGY_RMSE, ENERGY_MAE_PER_ATOM, FORCES_MAE, STRESS_
 #: structures of the evaluated samples left out of a fidelity's errors: they contain an element no training
 #: label of any fidelity contained (no reference energy, no learned interactions; present only when > 0)
 UNSEEN = "n_unseen_elements"
+#: structures of a fidelity's errors with an element whose reference energy at that fidelity was estimated from the
+#: other fidelities (no label of it contained the element), and the errors without them (present only when > 0)
+ESTIMATED = "n_estimated_references"
+FITTED_ONLY = "fitted_references"
 
 #: each metric with its unit, for plot axes
 METRIC_LABELS = {

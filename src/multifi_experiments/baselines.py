@@ -20,7 +20,7 @@ import numpy as np
 
 from multifi.config import validate_config
 from multifi.errors import MultifiError
-from multifi.keys import UNSEEN
+from multifi.keys import ESTIMATED, FITTED_ONLY, UNSEEN
 from multifi_experiments.plan import RunPlan, deep_merge, fill
 
 SPLITS = ("train", "val", "test")
@@ -270,11 +270,15 @@ OPTIONAL_ERRORS = {
 
 
 def _errors(m: dict) -> dict:
-    """A result's errors of one method; `unseen`: test structures left out (an element no training label had)."""
+    """A result's errors of one method; `unseen`: test structures left out (an element no training label had);
+    `estimated`: structures kept whose reference at this method was estimated, `fitted_only` the errors without."""
     out = {"n": m["n"], "mae_meV": m["energy_mae_meV"], "rmse_meV": m["energy_rmse_meV"]}
     out.update({k: m[src] for k, src in OPTIONAL_ERRORS.items() if m.get(src) is not None})
     if m.get(UNSEEN):
         out["unseen"] = m[UNSEEN]
+    if m.get(ESTIMATED):  # errors also without them: the structures a model of this method alone can predict
+        out["estimated"] = m[ESTIMATED]
+        out["fitted_only"] = _errors(m[FITTED_ONLY]) if m[FITTED_ONLY].get("n") else {"n": 0}
     return out
 
 

@@ -204,6 +204,7 @@ def _learning_curve(lcd: dict, eff: dict, figures: dict) -> list[str]:
             "",
         ]
     out += _span(lcd)
+    out += _count_mismatch(lcd)
     for m in metrics:
         out += _best_per_n(lcd, ns, m, units[m], curves_of)
     if "learning_curve" in figures:
@@ -236,6 +237,19 @@ def _factor(e: dict, n_max: float | None = None, short: bool = False) -> str:
 def _fraction(f: float) -> str:
     inv = 1 / f
     return f"1/{inv:g}" if abs(inv - round(inv)) < 1e-9 and f < 1 else f"{f:g}"
+
+
+def _count_mismatch(lcd: dict) -> list[str]:
+    differ = lcd.get("test_count_mismatch")
+    if not differ:
+        return []
+    where = "; ".join(f"{k} ({', '.join(v)})" for k, v in differ.items())
+    return [
+        f"**Not compared on the same test {lcd.get('noun', 'molecules')}** (test counts, variant vs reference, same "
+        f"seed): {where}. These results predate the per-run errors without structures whose reference "
+        "energies were estimated; their factors compare different structures until the runs are evaluated again.",
+        "",
+    ]
 
 
 def _span(lcd: dict) -> list[str]:

@@ -105,7 +105,12 @@ def stats(values: list[float]) -> dict | None:
 
 
 def _mae(result: dict, method: str, field: str = "mae_meV", split: str = "test") -> float | None:
+    """An error of a result. Where some structures had an element whose reference at `method` was estimated
+    (a joint model predicts them, a model of `method` alone leaves them out), the error without them, so that
+    every variant is compared on the same structures (the error with them stays in the run's JSON)."""
     m = result.get(split, {}).get(method)
+    if m is not None and "fitted_only" in m:
+        m = m["fitted_only"]
     return None if m is None else m.get(field)
 
 
@@ -180,6 +185,16 @@ def learning_curve_details(ctx, part, results) -> dict:
         out["high_pool"] = info.get("high_pool")
     if "span" in info:
         out["composition_span"] = info["span"]
+    by_seed = lambda p, _: (p.meta["variant"], p.meta["n"], p.meta["seed"])  # noqa: E731
+    counts = {k: v[0] for k, v in _collect(plans, results, by_seed, lambda p: [lc.high], "n").items()}
+    reference = lc.efficiency.reference
+    differ: dict = {}
+    for (v, n, seed), c in sorted(counts.items()):
+        ref = counts.get((reference, n, seed))
+        if v != reference and ref is not None and c != ref:
+            differ.setdefault(f"{v} n={n}", []).append(f"seed {seed}: {c} vs {ref}")
+    if differ:  # results from before keys.FITTED_ONLY: errors over other structures than the reference's
+        out["test_count_mismatch"] = differ
     if lc.difference:
         out["difference"] = difference_details(plans, results)
     return out

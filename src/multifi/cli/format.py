@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from multifi.keys import COUNT, ENERGY_MAE, ENERGY_MAE_PER_ATOM, ENERGY_RMSE, FORCES_MAE, STRESS_MAE
+from multifi.keys import (
+    COUNT,
+    ENERGY_MAE,
+    ENERGY_MAE_PER_ATOM,
+    ENERGY_RMSE,
+    ESTIMATED,
+    FITTED_ONLY,
+    FORCES_MAE,
+    STRESS_MAE,
+)
 
 
 def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
@@ -14,10 +23,15 @@ def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
         (FORCES_MAE, "F MAE meV/Å", "{:.1f}"),
         (STRESS_MAE, "S MAE GPa", "{:.3f}"),
     ]
-    width = max([len("fidelity")] + [len(n) for n in fidelities]) + 2
+    rows = []
+    for name, m in fidelities.items():
+        rows.append((name, m))
+        if m.get(ESTIMATED):  # the same fidelity without the structures whose references were estimated
+            rows.append((f"  without {m[ESTIMATED]} estimated", m[FITTED_ONLY]))
+    width = max([len("fidelity")] + [len(n) for n, _ in rows]) + 2
     lines = [title] if title else []
     lines.append("fidelity".ljust(width) + "".join(h.rjust(16) for _, h, _ in cols))
-    for name, m in fidelities.items():
+    for name, m in rows:
         cells = [("-" if m.get(k) is None else fmt.format(m[k])).rjust(16) for k, _, fmt in cols]
         lines.append(name.ljust(width) + "".join(cells))
     return "\n".join(lines)

@@ -9,9 +9,9 @@ import torch
 
 from multifi.data.batch import GraphCollator
 from multifi.data.checks import check_overlaps
-from multifi.data.dataset import FidelityDataset
+from multifi.data.dataset import FidelityDataset, ranges
 from multifi.data.neighbors import NeighborCache, make_neighbors
-from multifi.keys import COUNT, UNSEEN
+from multifi.keys import COUNT, ESTIMATED, FITTED_ONLY, UNSEEN
 from multifi.train.metrics import FidelityMetrics
 
 log = logging.getLogger("multifi")
@@ -29,26 +29,61 @@ def evaluate_pairs(
 
     A structure with an element that no training label of the model contained (its reference energy is
     undefined: errors of electronvolts) is left out of the metrics, counted under keys.UNSEEN of its fidelity
-    and warned about; its prediction (return_predictions: [P] eV, in the order of `pairs`) is still made."""
+    and warned about; its prediction (return_predictions: [P] eV, in the order of `pairs`) is still made.
+    Structures with an element whose reference at the evaluated fidelity was estimated from other fidelities
+    stay in the metrics; their count (keys.ESTIMATED) and the metrics without them (keys.FITTED_ONLY, the
+    structures a model trained on that fidelity alone could predict) are added when there are any."""
     potential.eval()
     model_fidelities(potential, dataset, pairs)  # a fidelity the model lacks: an error before any work
     if neighbors is None:  # new data: the overlap check training did on its own
         neighbors = make_neighbors(dataset, potential.cutoff, progress=False)
         check_overlaps(dataset, neighbors)
     unseen = structures_with_unseen_elements(potential, dataset, pairs[:, 0])
-    metrics = _predict(potential, dataset, neighbors, pairs[~unseen], batch_size, preds := [])
-    result = metrics.compute()
+    estimated = ~unseen & pairs_with_estimated_references(potential, dataset, pairs)
+    groups = {"fitted": ~unseen & ~estimated, "estimated": estimated, "unseen": unseen}
+    metrics, energy = {}, np.empty(len(pairs))
+    for name, mask in groups.items():
+        if mask.any() and (name != "unseen" or return_predictions):
+            metrics[name] = _predict(potential, dataset, neighbors, pairs[mask], batch_size, preds := [])
+            energy[mask] = np.concatenate(preds)
+    total = FidelityMetrics(list(potential.fidelities.names))
+    for name in ("fitted", "estimated"):
+        if name in metrics:
+            total.acc += metrics[name].acc
+    result = total.compute()
+    if estimated.any():
+        _add_fitted_only(potential, dataset, pairs[estimated], result, metrics.get("fitted"))
     if unseen.any():
         _report_unseen(potential, dataset, pairs[unseen], result)
-        if return_predictions:
-            _predict(potential, dataset, neighbors, pairs[unseen], batch_size, bad := [])
-            energy = np.empty(len(pairs))
-            energy[~unseen] = np.concatenate(preds) if preds else []
-            energy[unseen] = np.concatenate(bad)
-            return result, energy
-    if return_predictions:
-        return result, (np.concatenate(preds) if preds else np.zeros(0))
-    return result
+    return (result, energy) if return_predictions else result
+
+
+def pairs_with_estimated_references(potential, dataset: FidelityDataset, pairs: np.ndarray) -> np.ndarray:
+    """[P] bool: the structure has an element whose reference energy at the pair's fidelity (mapped to the
+    model's by name) was estimated, not fitted to labels of that fidelity (models.elements)."""
+    fitted = potential.head.fitted.detach().cpu().numpy()  # [119, K]
+    if potential.head.shared_baseline:
+        fitted = fitted[:, :1]
+    to_model = model_fidelities(potential, dataset, pairs)
+    column = np.zeros(len(pairs), np.int64) if fitted.shape[1] == 1 else to_model[pairs[:, 1]]
+    n = dataset.n_atoms[pairs[:, 0]]
+    atoms = ranges(dataset.offsets[pairs[:, 0]], n)
+    numbers = np.clip(dataset.numbers[atoms], 0, len(fitted) - 1)
+    missing = (~fitted[numbers, np.repeat(column, n)]).astype(np.int64)
+    if not len(n):
+        return np.zeros(0, bool)
+    return np.add.reduceat(missing, np.concatenate([[0], np.cumsum(n)[:-1]])) > 0
+
+
+def _add_fitted_only(potential, dataset, pairs: np.ndarray, result: dict, fitted) -> None:
+    """keys.ESTIMATED counts and keys.FITTED_ONLY metrics per fidelity that had estimated references."""
+    only = fitted.compute() if fitted is not None else {}
+    names = model_fidelities(potential, dataset, pairs)
+    for k in np.unique(pairs[:, 1]):
+        name = potential.fidelities.names[int(names[int(k)])]
+        if name in result:
+            result[name][ESTIMATED] = int((pairs[:, 1] == k).sum())
+            result[name][FITTED_ONLY] = only.get(name, {COUNT: 0})
 
 
 def _predict(potential, dataset, neighbors, pairs: np.ndarray, batch_size: int, preds: list) -> FidelityMetrics:
