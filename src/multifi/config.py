@@ -77,6 +77,15 @@ class SourceConfig(Section):
             raise ValueError("a source needs exactly one of 'path' or 'qm9'")
         return self
 
+    @model_validator(mode="after")
+    def _default_keys_unnamed(self):
+        """Keys all at their default names mean what no keys mean (configs written before keys were optional)."""
+        keys = {"energy_key": "energy", "forces_key": "forces", "stress_key": "stress"}
+        if all(getattr(self, k) in (None, v) for k, v in keys.items()):
+            for k in keys:
+                object.__setattr__(self, k, None)
+        return self
+
 
 class SplitConfig(Section):
     """Split by structure: fractions with a seed, or files listing structure keys/indices per split."""
