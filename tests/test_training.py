@@ -231,9 +231,15 @@ def test_resume_with_another_model_config_is_a_one_line_error(write_config):
     run_dir = train(cfg)
     wider = load_config(write_config(train={"epochs": 2, "batch_size": 8, "progress": False, "threads": 1}), [])
     wider.model.features = 12
-    with pytest.raises(MultifiError, match=r"has shape \[119, 16\] there, \[119, 12\] in this model") as exc:
+    with pytest.raises(MultifiError, match=r"config.yaml: a resumed run keeps the settings its checkpoint holds .*"
+                       r"changed: model.features: 16 → 12. Start a new run") as exc:
         train(wider, resume=True)
+    assert "\n" not in str(exc.value) and "train.epochs" not in str(exc.value)  # epochs may change
+    (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace("features: 16", "features: 12"))
+    with pytest.raises(MultifiError, match=r"has shape \[119, 16\] there, \[119, 12\] in this model") as exc:
+        train(wider, resume=True)  # a config.yaml edited by hand: the checkpoint's shapes still decide
     assert "\n" not in str(exc.value)
+    (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace("features: 12", "features: 16"))
     last = run_dir / "checkpoints/last.ckpt"
     state = ckpt(last)
     group = state["optimizer_states"][0]["param_groups"][0]
@@ -502,6 +508,13 @@ def test_resume_with_other_settings_updates_config_yaml_and_keeps_the_first(writ
     assert (run_dir / "config.start.yaml").read_text() == first
     assert "train.epochs: 1 → 2" in caplog.text
     assert ckpt(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1  # it did train the second epoch
+    # what the checkpoint fixes cannot change on resume: an error, and config.yaml stays as it was
+    written = (run_dir / "config.yaml").read_text()
+    for change in ("train.lr=0.01", "train.batch_size=4", "model.features=32", "loss.kind=mse"):
+        assert main(["train", "--resume", str(run_dir), "--set", change]) == 2
+        assert (run_dir / "config.yaml").read_text() == written
+    assert main(["train", str(path), "--resume", str(run_dir)]) == 2  # a config next to --resume: ambiguous
+    assert main(["train", "--resume", str(run_dir), "--set", "output_dir=elsewhere"]) == 2
 
 
 def test_a_run_ending_between_checkpoints_and_validations_keeps_its_final_state(write_config, caplog):

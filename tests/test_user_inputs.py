@@ -141,8 +141,8 @@ def test_resume_with_changed_split_settings_is_an_error(write_config, tmp_path, 
     fails(
         ["train", "--resume", run_dir, "--set", "data.split.seed=1", "--set", "train.epochs=2"],
         capsys,
-        str(run_dir / "splits.json"),
-        "split",
+        str(run_dir / "config.yaml"),
+        "changed: data.split.seed: 0 → 1",
     )
     assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 

@@ -52,6 +52,8 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
         )
     leader = _is_leader_process()
     ckpt = _resume_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        check_resume_changes(run_dir, cfg)
     if resume and ckpt is None:  # asked to continue this run: start it again (its unreadable checkpoints get replaced)
         log.warning("%s: no checkpoint to resume from; starting the run from the beginning", run_dir)
         resume = False
@@ -371,6 +373,57 @@ def _counts(prep, split: str) -> dict[str, int]:
     return {n: int(x) for n, x in zip(names, c)}
 
 
+#: settings a resumed run may change: how long it trains and how it runs; data only by where its files are
+#: (splits.json guards the structures). Everything else is fixed by the checkpoint (weights, optimiser and
+#: schedule state, sampler) and would be recorded in config.yaml without taking effect.
+RESUMABLE = (
+    "output_dir",
+    "train.epochs",
+    "train.max_steps",
+    "train.early_stopping_patience",
+    "train.early_stopping_steps",
+    "train.checkpoint_every_n_steps",
+    "train.val_every_n_steps",
+    "train.progress",
+    "train.threads",
+    "train.num_workers",
+    "train.accelerator",
+    "train.devices",
+    "train.num_nodes",
+    "train.init_from",
+    "train.init_fidelities",
+    "model.compile",
+    "data.cache",
+    "data.neighbor_lists",
+    "data.split.files.train",
+    "data.split.files.val",
+    "data.split.files.test",
+)
+
+
+def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
+    """Error (before anything is written) when a resume changes a setting its checkpoint fixes."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    before, after = _resume_view(load_config(path)), _resume_view(cfg)
+    fixed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in RESUMABLE)
+    if fixed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in fixed[:3])
+        raise MultifiError(
+            f"{path}: a resumed run keeps the settings its checkpoint holds (model, loss, optimiser, schedule, "
+            f"batches, data); changed: {shown}. Start a new run instead (train.init_from: {run_dir}/model.pt "
+            "starts from its weights)"
+        )
+
+
+def _resume_view(cfg: RunConfig) -> dict:
+    """Flat settings, sources without their paths (a moved data file is the same data: splits.json checks it)."""
+    tree = cfg.model_dump(mode="json")
+    tree["data"]["sources"] = [{k: v for k, v in src.items() if k != "path"} for src in tree["data"]["sources"]]
+    return _flat(tree)
+
+
 def _record_resumed_config(run_dir: Path, cfg: RunConfig) -> None:
     """A run resumed with other settings (e.g. --set train.epochs=…) gets config.yaml = the settings it now
     trains with, so that the folder describes its model; the first start's settings are kept once as
@@ -523,6 +576,14 @@ def _configure_threads(cfg: RunConfig) -> None:
 
 def train_from_args(config: str | None, overrides: list[str], resume_dir: str | None, dry_run: bool = False) -> Path:
     if resume_dir:
+        if config is not None:
+            raise MultifiError(
+                f"{config}: a resumed run trains with its own config.yaml ({resume_dir}); give either CONFIG.yaml "
+                "or --resume RUN_DIR (change what a resume may change with --set)"
+            )
+        moved = [o for o in overrides if o.split("=", 1)[0].strip() == "output_dir"]
+        if moved:
+            raise MultifiError(f"--set {moved[0]}: a resumed run stays in its directory ({resume_dir})")
         source = Path(resume_dir) / "config.yaml"
         if not Path(resume_dir).is_dir():
             raise MultifiError(
