@@ -496,7 +496,8 @@ def test_resume_with_other_settings_updates_config_yaml_and_keeps_the_first(writ
 
     from multifi.cli.main import main
 
-    path = write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0})
+    train = {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0}
+    path = write_config(train={**train, "checkpoint_every_n_steps": 2})  # last.ckpt: the run's final state
     run_dir = Path(load_config(path, []).output_dir)
     assert main(["train", str(path)]) == 0
     first = (run_dir / "config.yaml").read_text()
@@ -507,7 +508,10 @@ def test_resume_with_other_settings_updates_config_yaml_and_keeps_the_first(writ
     assert load_config(run_dir / "config.yaml").train.epochs == 2
     assert (run_dir / "config.start.yaml").read_text() == first
     assert "train.epochs: 1 → 2" in caplog.text
-    assert ckpt(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1  # it did train the second epoch
+    steps = json.loads((run_dir / "metrics.json").read_text())["steps"]
+    assert ckpt(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1
+    assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=3"]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == steps * 3 // 2  # a whole third epoch
     # what the checkpoint fixes cannot change on resume: an error, and config.yaml stays as it was
     written = (run_dir / "config.yaml").read_text()
     for change in ("train.lr=0.01", "train.batch_size=4", "model.features=32", "loss.kind=mse"):

@@ -85,8 +85,13 @@ class MultiFidelityData(L.LightningDataModule):
     def state_dict(self):
         if self.trainer is None:
             return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": int(self.trainer.current_epoch), "batches_done": int(progress.processed)}
+        loop = self.trainer.fit_loop
+        epoch = loop.epoch_progress.current
+        # a finished epoch has advanced current_epoch already: the next one starts from its first batch (the
+        # finished epoch's batch count here made a resume with more epochs skip a whole epoch)
+        in_epoch = epoch.started > epoch.completed
+        done = loop.epoch_loop.batch_progress.current.processed if in_epoch else 0
+        return {"epoch": int(self.trainer.current_epoch), "batches_done": int(done)}
 
     def load_state_dict(self, state):
         self._resume_state = state or None
