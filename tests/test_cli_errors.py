@@ -276,6 +276,23 @@ def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(lines) == 2 and lines[0].startswith("epoch 1/2  step 5  val E MAE meV: hi ")
     assert " lr " in lines[0] and lines[0].endswith(" s")
+    # validation every 3 steps, epochs of 5: an epoch end without a validation shows no (old) validation numbers
+    caplog.clear()
+    cfg = {"progress": True, "epochs": 2, "batch_size": 8, "threads": 1, "val_every_n_steps": 3}
+    with caplog.at_level("INFO", logger="multifi"):
+        train(load_config(write_config(train=cfg, output_dir=str(tmp_path / "steps"))))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    at_end = [line for line in lines if "step 5 " in line]
+    assert at_end and all("val" not in line and "train loss" in line for line in at_end), lines
+    assert any("step 3 " in line and "val E MAE" in line for line in lines)
+
+
+def test_monitoring_a_metric_without_validation_labels_is_an_error_before_training(write_config, tmp_path, capsys):
+    """train.monitor_metric forces on data without forces: a traceback after the first validation before."""
+    config = write_config(train={"epochs": 1, "monitor": "hi", "monitor_metric": "stress_mae_GPa"})
+    fails(["train", config, "--dry-run"], capsys, "train.monitor_metric: stress_mae_GPa needs stress labels at 'hi'")
+    fails(["train", config], capsys, "needs stress labels")
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------ reference and plan

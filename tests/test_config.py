@@ -202,3 +202,25 @@ def test_dump_and_reload_roundtrip(tmp_path):
     path.parent.mkdir()
     path.write_text(dump_config(cfg))
     assert load_config(path).model_dump() == cfg.model_dump()
+
+
+@pytest.mark.parametrize(
+    "train, match",
+    [
+        ({"min_lr_ratio": 5}, "min_lr_ratio"),
+        ({"plateau_factor": 2}, "plateau_factor"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"threads": 0}, "threads"),
+        ({"checkpoint_every_n_steps": -1}, "checkpoint_every_n_steps"),
+        ({"max_steps": -5}, "max_steps"),
+        ({"monitor_metric": "forces_mae_meV_per_A"}, "set train.monitor to it"),
+        ({"init_fidelities": {"a": "b"}}, "init_fidelities maps fidelities of train.init_from"),
+    ],
+)
+def test_training_settings_out_of_range_or_without_what_they_need(train, match):
+    """Values that were accepted and then ignored, replaced or failing deep inside Lightning: one line each."""
+    one_line_error({"data": {"sources": [{"path": "x.extxyz"}]}, "train": train}, match)
+
+
+def test_readout_width_must_be_positive():
+    one_line_error({"data": {"sources": [{"path": "x.extxyz"}]}, "model": {"readout_hidden": 0}}, "readout_hidden")

@@ -127,7 +127,7 @@ class ModelConfig(Section):
     interactions: int = Field(3, ge=1)
     cutoff: float = Field(5.0, gt=0)
     n_rbf: int = Field(N_RBF, ge=1)
-    readout_hidden: int | None = None
+    readout_hidden: int | None = Field(None, ge=1)
     threebody_cutoff: float = Field(4.0, gt=0, description="M3GNet three-body cutoff, Å")
     max_n: int = Field(3, ge=1, description="M3GNet radial basis order for three-body terms")
     max_l: int = Field(3, ge=1, description="M3GNet spherical harmonics degree for three-body terms")
@@ -164,13 +164,13 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(100, ge=0)
     schedule: Literal["cosine", "plateau", "constant"] = "cosine"
-    plateau_patience: int = 10
-    plateau_factor: float = 0.5
-    min_lr_ratio: float = 0.01
-    grad_clip: float | None = 10.0
+    plateau_patience: int = Field(10, ge=0)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="final learning rate / lr (cosine, plateau floor)")
+    grad_clip: float | None = Field(10.0, gt=0)
     ema_decay: float = Field(0.99, ge=0, lt=1)
     early_stopping_patience: int | None = Field(
-        50, description="stop after this many validations without improvement of the monitored error"
+        50, ge=1, description="stop after this many validations without improvement of the monitored error"
     )
     early_stopping_steps: int | None = Field(
         None,
@@ -185,17 +185,17 @@ class TrainConfig(Section):
     )
     monitor_metric: MonitorMetric = ENERGY_MAE
     seed: int = 0
-    num_workers: int = 0
-    threads: int | None = None
+    num_workers: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1)
     precision: Literal["32", "64"] = "32"
     accelerator: str = "auto"
     devices: Devices = 1
-    num_nodes: int = 1
-    checkpoint_every_n_steps: int | None = None
+    num_nodes: int = Field(1, ge=1)
+    checkpoint_every_n_steps: int | None = Field(None, ge=1)
     val_every_n_steps: int | None = Field(
         None, ge=1, description="validate every N steps instead of every epoch (also across epoch ends)"
     )
-    max_steps: int = -1
+    max_steps: int = Field(-1, ge=-1, description="stop after this many optimiser steps (-1: epochs decide)")
     fidelity_sampling: dict[str, SamplingWeight] = Field(default_factory=dict, description="relative sampling weight")
     progress: bool = True
     init_from: str | None = Field(None, description="start from the weights of this saved potential (.pt/.ckpt)")
@@ -203,6 +203,17 @@ class TrainConfig(Section):
         default_factory=dict,
         description="fidelity of this run → fidelity of init_from it starts from (default: same name)",
     )
+
+    @model_validator(mode="after")
+    def _settings_that_need_another(self):
+        if self.monitor is None and self.monitor_metric != ENERGY_MAE:
+            raise ValueError(
+                f"monitor_metric {self.monitor_metric} is measured at one fidelity: set train.monitor to it "
+                "(without a monitor the validation loss over all fidelities is monitored)"
+            )
+        if self.init_fidelities and not self.init_from:
+            raise ValueError("init_fidelities maps fidelities of train.init_from: set init_from too")
+        return self
 
     @model_validator(mode="after")
     def _patience_in_steps_needs_step_validation(self):

@@ -114,14 +114,15 @@ class EpochLine(L.Callback):
             self._line(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._last_step:  # no validation at this epoch's end (e.g. no validation split)
-            self._line(trainer, pl_module)
+        if trainer.global_step != self._last_step:  # no validation at this epoch's end: no validation numbers
+            self._line(trainer, pl_module, validated=False)
 
-    def _line(self, trainer, pl_module) -> None:
+    def _line(self, trainer, pl_module, validated: bool = True) -> None:
         self._last_step = trainer.global_step
         if trainer.global_rank != 0:
             return
-        m = {k: _number(v) for k, v in trainer.callback_metrics.items()}
+        m = {k: _number(v) for k, v in trainer.callback_metrics.items() if validated or not k.startswith("val")}
+        # without a validation at this step, the last one's numbers would read as this step's: left out
         sums = getattr(pl_module, "epoch_sums", None)  # this epoch's, not yet logged when callbacks run
         if sums is not None and TRAIN_LOSS_EPOCH in sums.means():
             m[TRAIN_LOSS_EPOCH] = float(sums.means()[TRAIN_LOSS_EPOCH])

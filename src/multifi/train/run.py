@@ -19,7 +19,7 @@ from multifi.data.split import changed_split
 from multifi.data.stats import fit_references
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, make_dir, reported
-from multifi.keys import TRAIN_LOSS_EPOCH
+from multifi.keys import FORCES_MAE, STRESS_MAE, TRAIN_LOSS_EPOCH
 from multifi.logs import quiet_lightning
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
@@ -332,6 +332,17 @@ def _check_monitor(cfg: RunConfig, prep) -> None:
             f"train.monitor: fidelity {name!r} has no validation structures to monitor "
             f"(validation labels: {', '.join(n for i, n in enumerate(names) if (prep.pairs['val'][:, 1] == i).any()) or 'none'})"
         )
+    metric = cfg.train.monitor_metric
+    kind = "forces" if metric == FORCES_MAE else "stress" if metric == STRESS_MAE else "energy"
+    rows = prep.pairs["val"][prep.pairs["val"][:, 1] == index, 0]
+    ds = prep.dataset
+    mask = {
+        "energy": ~np.isnan(ds.energy[rows, index]),
+        "forces": ds.forces_mask[rows, index] if ds.forces_mask is not None else np.zeros(len(rows), bool),
+        "stress": ds.stress_mask[rows, index] if ds.stress_mask is not None else np.zeros(len(rows), bool),
+    }[kind]
+    if not mask.any():
+        raise MultifiError(f"train.monitor_metric: {metric} needs {kind} labels at {name!r} in the validation split; it has none")
 
 
 def final_checkpoint(trainer, run_dir: Path) -> Path:
