@@ -263,8 +263,11 @@ def test_cli_all_with_replay_reports_forgetting(old_run, tmp_path, capsys):
         ]
     )
     stdout = capsys.readouterr().out
-    assert code == 0 and "old fidelities (forgetting), test split, the same" in stdout
+    assert code == 0 and "old fidelities (forgetting), test split, the same structures before and after" in stdout
     m = json.loads((out / "metrics.json").read_text())
+    for name in OLD:  # each fidelity's own count in the table (one count for all was the first fidelity's)
+        row = next(line for line in stdout.splitlines() if line.startswith(name + " "))
+        assert row.split()[1] == str(m["forgetting"][name]["before"]["n"])
     old_metrics = json.loads((old_run / "metrics.json").read_text())
     for name in OLD:  # "before" is the old model on its own test split
         before = m["forgetting"][name]["before"]

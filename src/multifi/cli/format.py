@@ -45,13 +45,14 @@ def forgetting_table(forgetting: dict[str, dict], unchanged: bool) -> str:
     cols = [(ENERGY_MAE, "E MAE meV", "{:.2f}"), (FORCES_MAE, "F MAE meV/Å", "{:.1f}")]
     width = max([len("fidelity")] + [len(n) for n in forgetting]) + 2
     first = next(iter(forgetting.values()))
-    n = first["before"].get("n")
-    on = f"{first['split']} split" + (f", the same {n} structures before and after" if n is not None else "")
+    on = f"{first['split']} split, the same structures before and after (n per fidelity)"
     left = first.get("left_out", 0)
-    on += f" ({left} with elements new to the model left out)" if left else ""
+    on += f"; {left} with elements new to the model left out" if left else ""
     lines = [
         f"{head}, {on}",
-        "fidelity".ljust(width) + "".join(f"{h} {w}".rjust(20) for _, h, _ in cols for w in ("before", "after")),
+        "fidelity".ljust(width)
+        + "n".rjust(8)
+        + "".join(f"{h} {w}".rjust(20) for _, h, _ in cols for w in ("before", "after")),
     ]
     for name, f in forgetting.items():
         cells = [
@@ -59,5 +60,5 @@ def forgetting_table(forgetting: dict[str, dict], unchanged: bool) -> str:
             for k, _, fmt in cols
             for w in ("before", "after")
         ]
-        lines.append(name.ljust(width) + "".join(cells))
+        lines.append(name.ljust(width) + str(f["before"].get(COUNT, "-")).rjust(8) + "".join(cells))
     return "\n".join(lines)

@@ -31,7 +31,7 @@ def run(args) -> int:
     from multifi.data.dataset import atomic_write
     from multifi.errors import MultifiError
     from multifi.models.registry import load_potential
-    from multifi.select import read_pool, select_structures
+    from multifi.select import labelled_mask, read_pool, select_structures
     from multifi.uncertainty import LLPR, llpr_path
 
     potential = load_potential(args.model)
@@ -49,5 +49,9 @@ def run(args) -> int:
     )
     keys = [str(k) for k in pool.keys[picks]]
     atomic_write(Path(args.out), lambda f: f.write("".join(k + "\n" for k in keys).encode()))
-    print(f"picked {len(keys)} of {len(pool)} structures for {args.fidelity} ({args.strategy}) → {args.out}")
+    eligible = int((~labelled_mask(pool, args.fidelity, exclude)).sum())
+    print(
+        f"picked {len(keys)} of {eligible} eligible structures ({len(pool)} in the pool, the others labelled "
+        f"at {args.fidelity} or excluded) for {args.fidelity} ({args.strategy}) → {args.out}"
+    )
     return 0
