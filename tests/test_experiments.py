@@ -831,3 +831,21 @@ def test_errors_are_compared_without_structures_whose_references_were_estimated(
     assert _mae(result, "R2SCAN", "n") == 42
     plain = {"test": {"R2SCAN": _errors({k: v for k, v in whole.items() if k in ("n", "energy_mae_meV", "energy_rmse_meV")})}}
     assert _mae(plain, "R2SCAN") == 900.0 and "fitted_only" not in plain["test"]["R2SCAN"]
+
+
+def test_results_over_other_test_structures_than_the_reference_are_left_out_and_named():
+    """A joint result counted over 50 test structures while the single-fidelity run of the same n and seed could
+    predict 36 (a result from before the errors without estimated references): out of curves, named."""
+    from types import SimpleNamespace
+
+    from multifi_experiments.report import _same_structures
+
+    def plan(variant, n, seed):
+        return SimpleNamespace(id=f"{variant}/n{n}_s{seed}", meta={"variant": variant, "n": n, "seed": seed})
+
+    plans = [plan("single", 11, 0), plan("joint", 11, 0), plan("single", 11, 1), plan("joint", 11, 1), plan("joint", 23, 0)]
+    count = {"single/n11_s0": 36, "joint/n11_s0": 50, "single/n11_s1": 43, "joint/n11_s1": 43, "joint/n23_s0": 50}
+    results = {k: {"test": {"R2SCAN": {"n": c, "mae_meV": 1.0}}} for k, c in count.items()}
+    keep, differ = _same_structures(plans, results, "R2SCAN", "single")
+    assert [p.id for p in keep] == ["single/n11_s0", "single/n11_s1", "joint/n11_s1", "joint/n23_s0"]
+    assert differ == {"joint n=11": ["seed 0: 50 vs 36"]}

@@ -148,6 +148,7 @@ def learning_curve_details(ctx, part, results) -> dict:
     ns = info.get("ns", lc.ns)
     n_of = {x: info["sizes"][str(x)] for x in lc.sizes} if "sizes" in info else {n: n for n in ns}
     plans = [p for p in part.plans if p.meta.get("role") != "pretrain"]
+    plans, differ = _same_structures(plans, results, lc.high, lc.efficiency.reference)
     by_run = lambda p, _: (p.meta["variant"], p.meta["n"])  # noqa: E731
     values = {m: _collect(plans, results, by_run, lambda p: [lc.high], METRICS[m][0]) for m in lc.metrics}
     val_values = {m: _collect(plans, results, by_run, lambda p: [lc.high], METRICS[m][0], "val") for m in lc.metrics}
@@ -185,19 +186,27 @@ def learning_curve_details(ctx, part, results) -> dict:
         out["high_pool"] = info.get("high_pool")
     if "span" in info:
         out["composition_span"] = info["span"]
-    by_seed = lambda p, _: (p.meta["variant"], p.meta["n"], p.meta["seed"])  # noqa: E731
-    counts = {k: v[0] for k, v in _collect(plans, results, by_seed, lambda p: [lc.high], "n").items()}
-    reference = lc.efficiency.reference
-    differ: dict = {}
-    for (v, n, seed), c in sorted(counts.items()):
-        ref = counts.get((reference, n, seed))
-        if v != reference and ref is not None and c != ref:
-            differ.setdefault(f"{v} n={n}", []).append(f"seed {seed}: {c} vs {ref}")
     if differ:  # results from before keys.FITTED_ONLY: errors over other structures than the reference's
         out["test_count_mismatch"] = differ
     if lc.difference:
         out["difference"] = difference_details(plans, results)
     return out
+
+
+def _same_structures(plans, results, high: str, reference: str) -> tuple[list, dict]:
+    """The plans whose test errors cover the structures of the reference run of the same n and seed, and the
+    others by "variant n=…" (results from before keys.FITTED_ONLY: a joint model's errors over structures with
+    estimated references that the reference model could not predict). Those are left out of curves and factors."""
+    key = lambda p: (p.meta["variant"], p.meta["n"], p.meta["seed"])  # noqa: E731
+    count = {key(p): _mae(results[p.id], high, "n") for p in plans if p.id in results}
+    keep, differ = [], {}
+    for p in plans:
+        c, ref = count.get(key(p)), count.get((reference, p.meta["n"], p.meta["seed"]))
+        if p.meta["variant"] != reference and None not in (c, ref) and c != ref:
+            differ.setdefault(f"{p.meta['variant']} n={p.meta['n']}", []).append(f"seed {p.meta['seed']}: {c} vs {ref}")
+        else:
+            keep.append(p)
+    return keep, differ
 
 
 def test_digest(test: list) -> str:
