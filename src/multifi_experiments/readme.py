@@ -247,7 +247,7 @@ def _count_mismatch(lcd: dict) -> list[str]:
     return [
         f"**Not compared on the same test {lcd.get('noun', 'molecules')}** (test counts, variant vs reference, same "
         f"seed): {where}. These results predate the per-run errors without structures whose reference "
-        "energies were estimated; their factors compare different structures until the runs are evaluated again.",
+        "energies were estimated; they are left out of the tables and factors until the runs are trained again.",
         "",
     ]
 
