@@ -24,7 +24,7 @@ from multifi.errors import MultifiError
 from multifi.models.registry import load_potential
 from multifi.predict import predict_atoms
 from multifi.train.prepare import prepare_data
-from multifi.train.run import train
+from multifi.train.run import make_trainer, train
 
 
 def steps_per_epoch(cfg) -> int:
@@ -487,6 +487,33 @@ def test_best_checkpoint_found_after_the_run_directory_moved(tmp_path):
     assert _best_checkpoint(trainer, ckpts / "last.ckpt") == ckpts / "best.ckpt"
     cb.best_model_path = ""  # no validation yet: the last checkpoint
     assert _best_checkpoint(trainer, ckpts / "last.ckpt") == ckpts / "last.ckpt"
+
+
+def test_a_moved_run_keeps_its_best_score_on_resume(write_config, tmp_path):
+    """Lightning resets the best score of a run whose checkpoint folder moved (the next validation would then
+    replace best.ckpt whatever its error); the run's checkpoint callbacks read the moved folder as the same."""
+    import shutil
+
+    from multifi.cli.main import main
+
+    path = write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0})
+    run_dir = Path(load_config(path, []).output_dir)
+    assert main(["train", str(path)]) == 0
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(str(run_dir), str(moved))
+    score = ckpt(moved / "checkpoints/last.ckpt")["callbacks"]
+    key = next(k for k in score if k.startswith("ModelCheckpoint{'monitor': 'val_loss'"))
+    best_before = score[key]["best_model_score"]
+    cfg = load_config(moved / "config.yaml", ["train.epochs=2"])
+    cfg.output_dir = str(moved)
+    trainer = make_trainer(cfg, moved)
+    state = ckpt(moved / "checkpoints/last.ckpt")
+    best_cb = trainer.checkpoint_callbacks[0]
+    assert best_cb.state_key == key  # the state of checkpoints written by plain ModelCheckpoint is found
+    best_cb.load_state_dict(state["callbacks"][key])
+    assert best_cb.best_model_score == best_before
+    assert best_cb.best_model_path == str(moved / "checkpoints" / "best.ckpt")
 
 
 def test_resume_with_other_settings_updates_config_yaml_and_keeps_the_first(write_config, caplog):

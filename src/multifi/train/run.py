@@ -250,6 +250,29 @@ def _fit(trainer: L.Trainer, module, data, ckpt: Path | None, run_dir: Path) -> 
         raise KeyboardInterrupt(f"continue with: multifi train --resume {run_dir}")
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that keeps its state when the run directory moved (Lightning drops the best score then,
+    so the first validation after the resume would replace best.ckpt whatever its error): paths of the old
+    checkpoint folder are read as the same files in this one."""
+
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's key, so checkpoints written before this class resume with their state."""
+        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath and Path(old).name == Path(self.dirpath).name:
+            moved = lambda p: str(Path(self.dirpath) / Path(p).name) if p else p  # noqa: E731
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                **{k: moved(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path", "last_model_path")},
+                "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+            }
+        super().load_state_dict(state_dict)
+
+
 def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Trainer:
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
@@ -258,10 +281,10 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
     # the loss did, so a killed run resumes from its latest state (Lightning's save_last only follows saves)
     every_n = t.checkpoint_every_n_steps
     callbacks = [
-        ModelCheckpoint(
+        RunCheckpoint(
             dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1, enable_version_counter=False
         ),
-        ModelCheckpoint(
+        RunCheckpoint(
             dirpath=ckpt_dir,
             filename="last",
             save_top_k=1,
