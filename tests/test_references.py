@@ -323,3 +323,20 @@ def test_evaluate_separates_structures_with_estimated_references(run_without_n, 
     assert m["fitted_references"]["energy_mae_meV"] == pytest.approx(want, rel=1e-6)
     table = capsys.readouterr().out
     assert "  without 2 estimated" in table
+
+
+def test_evaluate_warns_when_errors_mean_labels_of_another_method(run_without_n, tmp_path, caplog):
+    """Energies of another level of theory (here shifted by 50 eV per atom) scored as 'lo': a warning, not only
+    a huge number."""
+    run_dir, _, _ = run_without_n
+    frames = [emt_labelled(rattled_molecule(m, i), "lo", per_atom=50.0) for i, m in enumerate(("H2O", "CH4"))]
+    path = tmp_path / "other_method.extxyz"
+    ase.io.write(path, frames)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(["evaluate", str(run_dir / "model.pt"), str(path)]) == 0
+    assert "lo energy MAE" in caplog.text and "are these labels at lo" in caplog.text
+    caplog.clear()
+    ase.io.write(path, [emt_labelled(rattled_molecule("H2O", 0), "lo")])
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(["evaluate", str(run_dir / "model.pt"), str(path)]) == 0
+    assert "are these labels" not in caplog.text

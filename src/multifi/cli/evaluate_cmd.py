@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from multifi.cli.args import add_label_keys, device_arg, positive_int
+
+log = logging.getLogger("multifi")
 
 
 def register(sub):
@@ -59,6 +63,7 @@ def run(args) -> int:
     check_elements(potential, ds, pairs)
     metrics, predicted = evaluate_pairs(potential, ds, None, pairs, args.batch_size, return_predictions=True)
     print(metrics_table(metrics, title=f"{args.checkpoint} on {', '.join(args.data)}"))
+    _warn_implausible(metrics, ", ".join(args.data))
     payload = {"fidelities": metrics}
     if args.uncertainty or args.ensemble:
         from multifi.uncertainty import uncertainty_report, uncertainty_table
@@ -79,6 +84,26 @@ def run(args) -> int:
         parity_plot(Path(args.plot), names, reference, predicted / n_atoms, title=str(args.checkpoint))
         print(f"wrote {args.plot}")
     return 0
+
+
+IMPLAUSIBLE_MEV_PER_ATOM = 1000.0  # no trained potential errs by 1 eV/atom on its own level of theory
+
+
+def _warn_implausible(metrics: dict, where: str) -> None:
+    """Errors of more than 1 eV/atom mean labels of another level of theory or unit, not a model error."""
+    from multifi.keys import ENERGY_MAE_PER_ATOM
+
+    for name, m in metrics.items():
+        err = m.get(ENERGY_MAE_PER_ATOM)
+        if err is not None and err > IMPLAUSIBLE_MEV_PER_ATOM:
+            log.warning(
+                "%s: %s energy MAE %.0f meV/atom: are these labels at %s, in eV, total energies of the same kind "
+                "(check the structures' fidelity, --fidelity, --energy-key)?",
+                where,
+                name,
+                err,
+                name,
+            )
 
 
 def read_labelled(path: str, fidelity: str | None, args=None):
