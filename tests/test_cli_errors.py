@@ -102,7 +102,11 @@ def test_overlapping_atoms_are_an_error_at_prediction(model, tmp_path, capsys):
     labelled_bad.info["fidelity"] = "lo"
     ase.io.write(labelled, [emt_labelled(rattled_molecule("H2O", 0), "lo"), labelled_bad])
     metrics = tmp_path / "m.json"
-    fails(["evaluate", model, labelled, "--out", metrics], capsys, f"{labelled}: structure 1 (0-based) has atoms 0.000 Å apart")
+    fails(
+        ["evaluate", model, labelled, "--out", metrics],
+        capsys,
+        f"{labelled}: structure 1 (0-based) has atoms 0.000 Å apart",
+    )
     assert not metrics.exists()
     import multifi
 
@@ -417,8 +421,11 @@ def test_a_predict_output_is_not_read_as_labels_and_chaining_keeps_the_reference
     both = emt_labelled(rattled_molecule("CH4", 1), "hi")
     both.info["ref_energy"] = -1.0
     ase.io.write(tmp_path / "both.extxyz", [both])
-    fails(["predict", model, tmp_path / "both.extxyz", "--fidelity", "hi", "--out", tmp_path / "x.extxyz"], capsys,
-          "structure 0 has both energy and ref_energy")
+    fails(
+        ["predict", model, tmp_path / "both.extxyz", "--fidelity", "hi", "--out", tmp_path / "x.extxyz"],
+        capsys,
+        "structure 0 has both energy and ref_energy",
+    )
     assert not (tmp_path / "x.extxyz").exists()
 
 

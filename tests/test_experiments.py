@@ -820,16 +820,27 @@ def test_errors_are_compared_without_structures_whose_references_were_estimated(
     from multifi_experiments.baselines import _errors
     from multifi_experiments.report import _mae
 
-    whole = {"n": 50, "energy_mae_meV": 900.0, "energy_rmse_meV": 2000.0, "energy_mae_meV_per_atom": 400.0,
-             "n_estimated_references": 8,
-             "fitted_references": {"n": 42, "energy_mae_meV": 300.0, "energy_rmse_meV": 400.0,
-                                   "energy_mae_meV_per_atom": 100.0}}
+    whole = {
+        "n": 50,
+        "energy_mae_meV": 900.0,
+        "energy_rmse_meV": 2000.0,
+        "energy_mae_meV_per_atom": 400.0,
+        "n_estimated_references": 8,
+        "fitted_references": {
+            "n": 42,
+            "energy_mae_meV": 300.0,
+            "energy_rmse_meV": 400.0,
+            "energy_mae_meV_per_atom": 100.0,
+        },
+    }
     errors = _errors(whole)
     assert errors["n"] == 50 and errors["estimated"] == 8 and errors["fitted_only"]["n"] == 42
     result = {"test": {"R2SCAN": errors}}
     assert _mae(result, "R2SCAN") == 300.0 and _mae(result, "R2SCAN", "mae_meV_per_atom") == 100.0
     assert _mae(result, "R2SCAN", "n") == 42
-    plain = {"test": {"R2SCAN": _errors({k: v for k, v in whole.items() if k in ("n", "energy_mae_meV", "energy_rmse_meV")})}}
+    plain = {
+        "test": {"R2SCAN": _errors({k: v for k, v in whole.items() if k in ("n", "energy_mae_meV", "energy_rmse_meV")})}
+    }
     assert _mae(plain, "R2SCAN") == 900.0 and "fitted_only" not in plain["test"]["R2SCAN"]
 
 
@@ -843,7 +854,13 @@ def test_results_over_other_test_structures_than_the_reference_are_left_out_and_
     def plan(variant, n, seed):
         return SimpleNamespace(id=f"{variant}/n{n}_s{seed}", meta={"variant": variant, "n": n, "seed": seed})
 
-    plans = [plan("single", 11, 0), plan("joint", 11, 0), plan("single", 11, 1), plan("joint", 11, 1), plan("joint", 23, 0)]
+    plans = [
+        plan("single", 11, 0),
+        plan("joint", 11, 0),
+        plan("single", 11, 1),
+        plan("joint", 11, 1),
+        plan("joint", 23, 0),
+    ]
     count = {"single/n11_s0": 36, "joint/n11_s0": 50, "single/n11_s1": 43, "joint/n11_s1": 43, "joint/n23_s0": 50}
     results = {k: {"test": {"R2SCAN": {"n": c, "mae_meV": 1.0}}} for k, c in count.items()}
     keep, differ = _same_structures(plans, results, "R2SCAN", "single")

@@ -309,7 +309,9 @@ def test_a_renamed_energy_reads_no_default_forces_and_unread_labels_are_named(tm
     both = read_source(SourceConfig(path=str(path), fidelity="R2SCAN", energy_key="energy_r2scan", forces_key="forces"))
     assert len(both) == 4 and np.isnan(both.energy[1::2, 0]).all() and both.forces is not None and both.stress is None
     # all three at their default names (configs written before the keys were optional) = nothing named
-    assert SourceConfig(path="x", energy_key="energy", forces_key="forces", stress_key="stress") == SourceConfig(path="x")
+    assert SourceConfig(path="x", energy_key="energy", forces_key="forces", stress_key="stress") == SourceConfig(
+        path="x"
+    )
     plain = read_source(SourceConfig(path=str(path), fidelity="PBE"))  # default keys: everything, as before
     assert len(plain) == 4 and plain.forces is not None and plain.stress is not None
 

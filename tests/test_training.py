@@ -231,8 +231,11 @@ def test_resume_with_another_model_config_is_a_one_line_error(write_config):
     run_dir = train(cfg)
     wider = load_config(write_config(train={"epochs": 2, "batch_size": 8, "progress": False, "threads": 1}), [])
     wider.model.features = 12
-    with pytest.raises(MultifiError, match=r"config.yaml: a resumed run keeps the settings its checkpoint holds .*"
-                       r"changed: model.features: 16 → 12. Start a new run") as exc:
+    with pytest.raises(
+        MultifiError,
+        match=r"config.yaml: a resumed run keeps the settings its checkpoint holds .*"
+        r"changed: model.features: 16 → 12. Start a new run",
+    ) as exc:
         train(wider, resume=True)
     assert "\n" not in str(exc.value) and "train.epochs" not in str(exc.value)  # epochs may change
     (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace("features: 16", "features: 12"))

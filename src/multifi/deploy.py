@@ -214,9 +214,7 @@ def estimated_elements(potential, fidelity: str) -> list[int]:
     return [int(z) for z in potential.elements if not bool(fitted[int(z), k])]
 
 
-def deploy(
-    checkpoint, fidelity: str, out: str | Path, dtype: str = "float64", strict_references: bool = False
-) -> dict:
+def deploy(checkpoint, fidelity: str, out: str | Path, dtype: str = "float64", strict_references: bool = False) -> dict:
     """Write `checkpoint` (model.pt / .ckpt path or a Potential) at `fidelity` to `out`; returns its metadata.
     Nothing is written when the fidelity is unknown or the model cannot be converted. Elements whose
     reference energy at `fidelity` was estimated (no label of it contained them) get a warning, as in

@@ -176,7 +176,9 @@ def _keep_reference_labels(atoms, where: str) -> None:
         if value is None or predicted:
             continue
         if f"ref_{key}" in store:
-            raise MultifiError(f"{where} has both {key} and ref_{key}; predict writes input labels as ref_{key}: rename one")
+            raise MultifiError(
+                f"{where} has both {key} and ref_{key}; predict writes input labels as ref_{key}: rename one"
+            )
         store[f"ref_{key}"] = value
     if predicted:  # also the per-fidelity columns and σ an earlier predict wrote
         atoms.info.pop("fidelity", None)

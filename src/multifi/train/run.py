@@ -365,7 +365,9 @@ def _check_monitor(cfg: RunConfig, prep) -> None:
         "stress": ds.stress_mask[rows, index] if ds.stress_mask is not None else np.zeros(len(rows), bool),
     }[kind]
     if not mask.any():
-        raise MultifiError(f"train.monitor_metric: {metric} needs {kind} labels at {name!r} in the validation split; it has none")
+        raise MultifiError(
+            f"train.monitor_metric: {metric} needs {kind} labels at {name!r} in the validation split; it has none"
+        )
 
 
 def final_checkpoint(trainer, run_dir: Path) -> Path:
