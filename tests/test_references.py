@@ -346,3 +346,24 @@ def test_evaluate_warns_when_errors_mean_labels_of_another_method(run_without_n,
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert main(["evaluate", str(run_dir / "model.pt"), str(path)]) == 0
     assert "are these labels" not in caplog.text
+
+
+def test_validation_energy_errors_leave_out_estimated_references():
+    """The validation energy errors that pick the best checkpoint skip structures whose reference at their
+    fidelity was estimated (a constant offset there froze the monitored error of joint runs); forces are kept."""
+    from multifi.data.batch import graph_from_atoms
+    from multifi.train.module import PotentialModule
+
+    module = PotentialModule({"model": TINY_MODEL, "fidelities": ["lo", "hi"]}, {}, {"ema_decay": 0.0})
+    ref = np.zeros((119, 2))
+    ref[[1, 7, 8], 0] = -1.0
+    ref[[1, 8], 1] = -1.1
+    module.potential.head.set_baseline(ref, np.ones(2), ref != 0)  # hi has no N reference of its own
+    module.sync_ema()
+    mols = [rattled_molecule("NH3", 0), rattled_molecule("H2O", 1), rattled_molecule("NH3", 2)]
+    g = graph_from_atoms(mols, 3.0, [1, 1, 0])
+    g.energy_mask = torch.ones(3, dtype=torch.bool)
+    g.forces_mask = torch.ones(3, dtype=torch.bool)
+    kept = module._without_estimated_energies(g)
+    assert kept.energy_mask.tolist() == [False, True, True]  # NH3 at hi out; NH3 at lo (fitted) and water in
+    assert kept.forces_mask.tolist() == [True, True, True]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -97,7 +98,22 @@ class PotentialModule(L.LightningModule):
             out = self.eval_potential(graph, forces=forces, stress=stress)
         loss, _ = self.loss_fn(out, graph)
         self.log(VAL_LOSS, loss, prog_bar=True, batch_size=graph.num_graphs, on_epoch=True, sync_dist=True)
-        self.val_metrics.update(out, graph)
+        self.val_metrics.update(out, self._without_estimated_energies(graph))
+
+    def _without_estimated_energies(self, graph):
+        """`graph` with the energy labels masked of structures holding an element whose reference at their
+        fidelity was estimated (no training label of that fidelity had it): their energy error is an offset
+        no training at that fidelity reduces, which would dominate, and freeze, the validation energy errors
+        that pick the best checkpoint (forces and stress do not depend on the references: kept)."""
+        head = self.eval_potential.head
+        column = torch.zeros_like(graph.fidelity) if head.shared_baseline else graph.fidelity
+        estimated = ~head.fitted[graph.numbers, column[graph.batch]]  # [N]
+        if not estimated.any():
+            return graph
+        per_structure = torch.zeros(graph.num_graphs, device=estimated.device).index_add_(
+            0, graph.batch, estimated.float()
+        )
+        return dataclasses.replace(graph, energy_mask=graph.energy_mask & (per_structure == 0))
 
     def on_validation_epoch_start(self):
         self.val_metrics.reset()
