@@ -292,15 +292,7 @@ def test_model_card_similarity_table_is_aligned_with_long_fidelity_names(tmp_pat
     from multifi.card import format_card, model_card
     from multifi.models.registry import build_potential, save_potential
 
-    model = {
-        "backbone": "painn",
-        "features": 8,
-        "interactions": 1,
-        "cutoff": 3.0,
-        "n_rbf": 4,
-        "fidelity_embedding": {"dim": 2, "inject": "both"},
-    }
-    pot = build_potential(model, ["GFN2-xTB", "B3LYP/6-31G(2df,p)"])
+    pot = build_potential(TINY_MODEL, ["GFN2-xTB", "B3LYP/6-31G(2df,p)"])
     ref = np.zeros((119, 2))
     ref[[1, 8], :] = -1.0
     pot.head.set_baseline(ref, np.ones(2))
