@@ -312,3 +312,13 @@ def test_console_script_exit_code_and_single_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"multifi: error: {tmp_path / 'missing.xyz'}: no such file"
+
+
+def test_metrics_table_counts_energy_labels_by_name():
+    """A forces-only fidelity has no energy labels: its row says so in a column named for what it counts."""
+    from multifi.cli.format import metrics_table
+
+    table = metrics_table({"F-only": {"n": 0, "energy_mae_meV": None, "forces_mae_meV_per_A": 12.34}})
+    header, row = table.splitlines()
+    assert "n energies" in header and "F MAE meV/Å" in header
+    assert row.split()[:2] == ["F-only", "0"] and "12.3" in row

@@ -16,7 +16,7 @@ from multifi.keys import (
 
 def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
     cols = [
-        (COUNT, "n", "{:d}"),
+        (COUNT, "n energies", "{:d}"),
         (ENERGY_MAE, "E MAE meV", "{:.2f}"),
         (ENERGY_RMSE, "E RMSE meV", "{:.2f}"),
         (ENERGY_MAE_PER_ATOM, "E MAE meV/atom", "{:.3f}"),
