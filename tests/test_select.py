@@ -33,6 +33,7 @@ def setting():
     torch.manual_seed(0)
     pot = build_potential(TINY_MODEL, ["lo", "hi"]).eval()
     records = []
+    pot.head.fitted[[1, 6, 7, 8]] = True  # references of the pool's elements as if fitted by training
     for i in range(40):
         a = rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=i, stdev=0.1)
         labels = {"lo": {"energy": -1.0 * len(a)}}
@@ -147,3 +148,39 @@ def test_select_never_picks_a_structure_labelled_in_a_later_frame(cli_run, tmp_p
         capsys,
         "only 2 unlabelled",
     )
+
+
+def test_select_skips_labelled_frames_of_a_pool_mixing_labelled_and_unlabelled(cli_run, tmp_path, capsys):  # noqa: F811
+    """Some frames labelled at the target fidelity, others bare: the labelled ones are never picked (the bare
+    frames made the labelled read fail, and every label of the file was dropped)."""
+    _, run_dir = cli_run
+    mols = [rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=400 + i, stdev=0.1) for i in range(8)]
+    labelled = [emt_labelled(a, "hi") for a in mols[:5]]
+    for i, a in enumerate(labelled + mols[5:]):
+        a.info["key"] = f"q{i}"
+    pool = tmp_path / "pool.extxyz"
+    ase.io.write(pool, labelled + mols[5:], format="extxyz")
+    out = tmp_path / "picks.txt"
+    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out]
+    code, stdout, _ = run([*args, "--n", "3"], capsys)
+    assert code == 0 and "picked 3 of 3 eligible structures (8 in the pool" in stdout
+    assert sorted(out.read_text().split()) == ["q5", "q6", "q7"]
+    fails([*args, "--n", "4"], capsys, "only 3 unlabelled")
+    code, stdout, _ = run([*args[:4], "lo", *args[5:], "--n", "8"], capsys)  # at lo nothing is labelled
+    assert code == 0 and "picked 8 of 8 eligible" in stdout
+
+
+def test_select_refuses_elements_the_model_never_saw_unless_random(cli_run, tmp_path, capsys):  # noqa: F811
+    _, run_dir = cli_run
+    mols = [rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=500 + i, stdev=0.1) for i in range(4)]
+    odd = mols[0].copy()
+    odd.numbers[0] = 16  # sulfur: not in the tiny training set
+    odd.info["key"] = "s0"
+    pool = tmp_path / "pool.extxyz"
+    ase.io.write(pool, [odd, *mols[1:]], format="extxyz")
+    out = tmp_path / "picks.txt"
+    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--n", "2", "--out", out]
+    fails([*args, "--strategy", "diversity"], capsys, "structure s0: element S was not seen", "--strategy random")
+    assert not out.exists()
+    code, stdout, _ = run([*args, "--strategy", "random"], capsys)
+    assert code == 0 and len(out.read_text().split()) == 2

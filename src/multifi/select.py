@@ -14,9 +14,13 @@ labelled (at this fidelity in the pool, or listed in `exclude`).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from multifi.errors import MultifiError
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "uncertainty", "diversity", "batch")
 
@@ -54,6 +58,7 @@ def select_structures(
     rng = np.random.default_rng(seed)
     if strategy == "random":
         return rng.permutation(candidates)[:n]
+    _check_pool_elements(potential, pool, fidelity, strategy)
     if strategy in ("uncertainty", "batch") and llpr is None:
         raise MultifiError(f"strategy {strategy} needs the model's LLPR calibration (run `multifi calibrate`)")
     if features is None:
@@ -109,6 +114,22 @@ def _psd(cov: np.ndarray) -> np.ndarray:
     return c + np.eye(len(c)) * max(np.abs(np.diag(c)).max(initial=0.0), 1e-300) * 1e-12
 
 
+def _check_pool_elements(potential, pool, fidelity: str, strategy: str) -> None:
+    """Strategies that rank by the model's features refuse a pool with elements the model never saw (their
+    features and σ would come from untrained embeddings), as `predict` does; estimated references warn."""
+    from multifi.models.elements import check_elements
+
+    try:
+        check_elements(
+            potential, pool.numbers, pool.n_atoms, potential.fidelity_index(fidelity), pool.source, keys=pool.keys
+        )
+    except MultifiError as exc:
+        raise MultifiError(
+            f"{exc}; strategy {strategy} ranks by the model's features, which are meaningless for it: "
+            "remove such structures from the pool, or pick with --strategy random"
+        ) from None
+
+
 def farthest_points(
     x: np.ndarray, candidates: np.ndarray, labelled: np.ndarray, n: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -153,15 +174,33 @@ def read_pool(path: str):
             raise
     from multifi.data.readers.ase_files import _frames
 
-    records = [
-        {
-            "numbers": a.numbers,
-            "positions": a.positions,
-            "cell": a.cell.array if a.pbc.any() else None,
-            "pbc": a.pbc,
-            "key": None if a.info.get("key") is None else str(a.info["key"]),
-            "labels": {},
-        }
-        for a in _frames(p, ":")
-    ]
+    records, n_labelled = [], 0
+    for i, atoms in enumerate(_frames(p, ":")):
+        rec = _pool_record(atoms, f"{p}: frame {i} (0-based)")
+        n_labelled += bool(rec["labels"])
+        records.append(rec)
+    if n_labelled:
+        log.info("%s: %d of %d frames labelled (they are not picked at their fidelity)", p, n_labelled, len(records))
     return FidelityDataset.merge([FidelityDataset.from_records(records, source=str(p))])
+
+
+def _pool_record(atoms, where: str) -> dict:
+    """A from_records record of one pool frame: its labels when it names a fidelity and carries one (so a
+    structure labelled at the target fidelity is never picked), else none."""
+    from multifi.data.readers.ase_files import PREDICTION_MARK, _record
+
+    keys = None  # a `multifi predict` output: its input's labels, not its predictions
+    if PREDICTION_MARK in atoms.info:
+        keys = {"energy": "ref_energy", "forces": "ref_forces", "stress": "ref_stress"}
+    try:
+        return _record(atoms, None, where, keys)
+    except MultifiError:  # no fidelity or no label: a candidate without labels
+        pass
+    return {
+        "numbers": atoms.numbers,
+        "positions": atoms.positions,
+        "cell": atoms.cell.array if atoms.pbc.any() else None,
+        "pbc": atoms.pbc,
+        "key": None if atoms.info.get("key") is None else str(atoms.info["key"]),
+        "labels": {},
+    }
