@@ -359,3 +359,33 @@ def test_validation_energy_errors_leave_out_estimated_references():
     kept = module._without_estimated_energies(g)
     assert kept.energy_mask.tolist() == [False, True, True]  # NH3 at hi out; NH3 at lo (fitted) and water in
     assert kept.forces_mask.tolist() == [True, True, True]
+
+
+def test_elements_only_in_fixed_proportions_are_reported(caplog):
+    """Ga and As only as GaAs at 'hi' (both also alone at 'lo'): the fit records them as open at 'hi', keeps
+    their sum, takes the split from 'lo'; training warns naming them."""
+    rng = np.random.default_rng(1)
+    lo_ref, shift = {31: -3.0, 33: -4.5, 14: -5.0}, {31: -0.2, 33: -0.4, 14: -0.3}
+    recs = []
+    for i in range(30):
+        if i % 2:  # 'lo' only: any proportions
+            numbers = rng.choice([31, 33, 14], size=rng.integers(2, 7))
+            labels = {"lo": {"energy": float(sum(lo_ref[int(z)] for z in numbers))}}
+        else:  # both: GaAs units and Si
+            numbers = np.array([31, 33] * int(rng.integers(1, 4)) + [14] * int(rng.integers(0, 3)))
+            e = float(sum(lo_ref[int(z)] for z in numbers))
+            labels = {"lo": {"energy": e}, "hi": {"energy": e + float(sum(shift[int(z)] for z in numbers))}}
+        recs.append({"numbers": numbers, "positions": rng.normal(size=(len(numbers), 3)) * 3, "labels": labels})
+    ds = FidelityDataset.from_records(recs)
+    refs, lo, hi = fit(ds)
+    assert refs.open[hi] == [31, 33] and refs.open[lo] == []
+    assert refs.ref[31, hi] + refs.ref[33, hi] == pytest.approx(-3.0 - 4.5 - 0.6, abs=1e-6)  # the sum: fitted
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    new = fit_new_fidelity(ds, pairs, hi, refs.ref[:, [lo]], refs.fitted[:, [lo]])
+    assert new.open == [[31, 33]]
+    from multifi.train.run import _report_references
+
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        _report_references(refs, ["lo", "hi"])
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "hi: the training labels contain Ga, As only in fixed proportions" in text and "lo:" not in text

@@ -19,7 +19,7 @@ GaAs), take the model's values. `References.fitted[Z, f]` records which came fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,12 +34,15 @@ class References:
     ref [N_ELEMENTS, K] eV/atom; scale [K] eV; fitted [N_ELEMENTS, K] bool: True where ref[Z, f] is
     determined by fidelity f's own energy labels; spread [K] eV/atom: scatter (RMS) of the per-element
     shifts η at f around the shared model (how far an estimated reference may be off; NaN: unknown).
+    open [K]: per fidelity, the elements its labels contain only in fixed combinations (e.g. Ga and As only
+    as GaAs): their sum is fitted, their split is estimated as for an element without labels.
     """
 
     ref: np.ndarray
     scale: np.ndarray
     fitted: np.ndarray
     spread: np.ndarray
+    open: list[list[int]] = field(default_factory=list)
 
     @property
     def elements(self) -> np.ndarray:
@@ -107,9 +110,10 @@ def fit_references(
         scale[:] = (
             float(resid.std()) if len(resid) > 1 and resid.std() > 1e-4 else force_rms(dataset, pairs, list(range(K)))
         )
+    open_ = [[] for _ in range(K)]
     if not pooled:
-        _fill_from_shared(ref, fitted, spread, systems)
-    return References(ref, scale, fitted, spread)
+        open_ = _fill_from_shared(ref, fitted, spread, systems)
+    return References(ref, scale, fitted, spread, open_)
 
 
 def fit_baseline(
@@ -135,8 +139,8 @@ def fit_new_fidelity(
     all_ref = np.concatenate([np.where(fitted, ref, 0.0), own.ref[:, None]], axis=1)
     all_fitted = np.concatenate([fitted, own.fitted[:, None]], axis=1)
     spread = np.full(K0 + 1, np.nan)
-    _fill_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], only=K0)
-    return References(all_ref[:, [K0]], np.array([own.scale]), all_fitted[:, [K0]], spread[[K0]])
+    open_ = _fill_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], only=K0)
+    return References(all_ref[:, [K0]], np.array([own.scale]), all_fitted[:, [K0]], spread[[K0]], [open_[K0]])
 
 
 @dataclass
@@ -185,12 +189,13 @@ def _least_squares(counts: np.ndarray, rows: np.ndarray, y: np.ndarray, ridge: f
     return coef, cols, resid, ata, aty
 
 
-def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> None:
+def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> list[list[int]]:
     """In place: what the labels leave undetermined ← the shift model a[Z] + φ(Z)·β[f] (module docstring).
 
     ref, fitted [N_ELEMENTS, K], spread [K] (← leave-one-out RMS error of the model at f, eV/atom);
     systems[f]: (XᵀX, Xᵀy, n) of fidelity f's own fit, or None (no labels, or references known as
-    they are). `only`: change only this fidelity's column."""
+    they are). `only`: change only this fidelity's column. Returns per fidelity the elements whose
+    references its labels fix only in combination (References.open)."""
     K = ref.shape[1]
     identified, nulls = fitted.copy(), [None] * K
     for f, system in enumerate(systems):
@@ -201,8 +206,9 @@ def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> 
         if null.shape[1]:
             nulls[f] = (cols, null)
             identified[cols[np.abs(null).max(1) > 1e-8], f] = False
+    open_ = [[int(z) for z in np.flatnonzero(fitted[:, f] & ~identified[:, f])] for f in range(K)]
     if not fitted.any():
-        return
+        return open_
     prior, loo = _shift_model(ref, fitted, identified)
     for f in range(K) if only is None else [only]:
         if nulls[f] is not None:
@@ -211,6 +217,7 @@ def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> 
         missing = fitted.any(1) & ~fitted[:, f]
         ref[missing, f] = prior[missing, f]
         spread[f] = loo[f]
+    return open_
 
 
 def _features(z: np.ndarray, p: int) -> np.ndarray:

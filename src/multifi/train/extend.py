@@ -447,6 +447,10 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
     known_ref = head.ref[:, :k].detach().double().cpu().numpy()
     known_fitted = head.fitted[:, :k].cpu().numpy()
     new = fit_new_fidelity(ds, train_pairs, k, known_ref, known_fitted)
+    if new.open[0]:
+        from multifi.train.run import warn_open_references
+
+        warn_open_references(potential.fidelities.names[k], new.open[0])
     ref = head.ref.detach().double().cpu().numpy().copy()
     ref[:, k] = new.ref[:, 0]
     scale = head.scale.detach().double().cpu().numpy().copy()

@@ -557,12 +557,31 @@ def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None)
     log.info("dry run: config and data are valid; nothing written (the run would go to %s)", run_dir.resolve())
 
 
+def warn_open_references(name: str, elements: list[int]) -> None:
+    """Warn that fidelity `name`'s training labels contain `elements` only in fixed proportions."""
+    from ase.data import chemical_symbols
+
+    symbols = ", ".join(chemical_symbols[z] for z in elements)
+    log.warning(
+        "%s: the training labels contain %s only in fixed proportions (as Ga and As only in GaAs), which fixes "
+        "the sum of their %s reference energies but not each one: the split is estimated, so energies of "
+        "structures with other proportions of %s may be off by up to eV per atom; add %s labels of such structures",
+        name,
+        symbols,
+        name,
+        symbols,
+        name,
+    )
+
+
 def _report_references(refs, names, skip=()) -> None:
     """One warning per fidelity whose training labels lack elements that other fidelities have (except
     `skip`: fidelities without training labels, warned about as such)."""
     from ase.data import chemical_symbols
 
     for k, name in enumerate(names):
+        if refs.open and refs.open[k] and name not in skip:
+            warn_open_references(name, refs.open[k])
         missing = refs.estimated(k)
         if not missing or name in skip:
             continue
