@@ -470,6 +470,12 @@ def test_evaluate_parity_plot_and_learning_curve(write_config, tmp_path, capsys,
     assert code == 0 and (tmp_path / "parity.png").read_bytes()[:4] == png
     assert run(["plot", run_dir], capsys)[0] == 0 and (run_dir / "learning_curve.png").read_bytes()[:4] == png
     fails(["plot", tmp_path], capsys, "no metrics.csv")
+    fails(["plot", run_dir, "--out", tmp_path / "curve.txt"], capsys, "curve.txt: cannot write a .txt image")
+    fails(["evaluate", run_dir / "model.pt", tiny_extxyz, "--plot", tmp_path / "p.txt"], capsys, "cannot write a .txt")
+    assert not (tmp_path / "curve.txt").exists() and not (tmp_path / "p.txt").exists()
+    code, _, _ = run(["plot", run_dir, "--out", tmp_path / "curve.pdf"], capsys)
+    assert code == 0 and (tmp_path / "curve.pdf").read_bytes()[:4] == b"%PDF"
+    fails(["plot", run_dir, "--metric", "stress_mae_GPa"], capsys, "no validation stress_mae_GPa (its validation")
 
 
 def test_outputs_follow_the_umask_and_the_run_directory_is_announced(write_config, tmp_path, capsys, caplog):

@@ -151,12 +151,10 @@ def plot_similarity(card: dict, path: str | Path) -> Path:
             f"{card['path']}: conditioning {card['conditioning']} has no trainable fidelity "
             "vectors to compare (--plot needs input, readout or both)"
         )
-    import matplotlib
+    from multifi.plots import image_format, pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from multifi.data.dataset import atomic_write
+    image_format(path)
+    plt = pyplot()
 
     sim = np.asarray(card["similarity"])
     names = [f["name"] for f in card["fidelities"]]
@@ -180,7 +178,4 @@ def plot_similarity(card: dict, path: str | Path) -> Path:
     fig.colorbar(im, ax=ax, label="cosine similarity")
     ax.set_title("fidelity vectors")
     fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(path))

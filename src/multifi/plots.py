@@ -11,10 +11,10 @@ import numpy as np
 
 from multifi.errors import MultifiError
 from multifi.files import atomic_write
-from multifi.keys import ENERGY_MAE, METRIC_LABELS, is_val_key, val_key_fidelity
+from multifi.keys import ENERGY_MAE, METRIC_KEYS, METRIC_LABELS, is_val_key, val_key_fidelity
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -23,11 +23,29 @@ def _plt():
     return plt
 
 
+def image_format(path: Path) -> str:
+    """The image format of `path` from its suffix (none: png); a one-line error for a format matplotlib lacks."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise MultifiError(
+            f"{path}: cannot write a .{fmt} image (use .png, .pdf, .svg or another of {', '.join(known)})"
+        )
+    return fmt
+
+
+def save_figure(fig, path: Path, **kwargs) -> Path:
+    """Write `fig` to `path` in the format its suffix names (atomically), and close it."""
+    fmt = image_format(path)
+    atomic_write(Path(path), lambda f: fig.savefig(f, format=fmt, dpi=120, **kwargs))
+    pyplot().close(fig)
+    return Path(path)
+
+
 def _save(fig, path: Path) -> Path:
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight"))
-    _plt().close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def parity_plot(
@@ -36,7 +54,8 @@ def parity_plot(
     """One panel per fidelity: predicted against reference energy per atom (eV/atom), with MAE in meV/atom.
 
     fidelity [P] names, reference [P] and predicted [P] eV/atom of the same samples."""
-    plt = _plt()
+    image_format(path)
+    plt = pyplot()
     names = list(dict.fromkeys(fidelity.tolist()))
     cols = min(len(names), 3)
     rows = math.ceil(len(names) / cols)
@@ -71,11 +90,16 @@ def read_metrics_csv(run_dir: Path) -> list[dict]:
 
 def learning_curve_plot(run_dir: Path, path: Path, key: str = ENERGY_MAE) -> Path:
     """Validation `key` (default energy MAE, meV) per fidelity against the training step of a run directory."""
+    image_format(path)
     rows = read_metrics_csv(run_dir)
-    columns = sorted({c for r in rows for c in r if is_val_key(c, key)})
+    columns = sorted({c for r in rows for c in r if is_val_key(c, key) and r[c]})
     if not columns:
-        raise MultifiError(f"{run_dir}/metrics.csv: no validation {key} yet")
-    plt = _plt()
+        validated = any(r[c] for r in rows for c in r if any(is_val_key(c, m) for m in METRIC_KEYS))
+        raise MultifiError(
+            f"{run_dir}/metrics.csv: no validation {key}"
+            + (" (its validation data has no such labels)" if validated else " yet")
+        )
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for col in columns:
         pts = [(int(float(r["step"])), float(r[col])) for r in rows if r.get(col)]

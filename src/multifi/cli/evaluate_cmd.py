@@ -53,6 +53,10 @@ def run(args) -> int:
     from multifi.models.registry import load_potential
     from multifi.train.evaluate import evaluate_pairs
 
+    if args.plot:  # a format matplotlib lacks fails before anything is computed or written
+        from multifi.plots import image_format
+
+        image_format(Path(args.plot))
     potential = load_potential(args.checkpoint).to(args.device)
     parts = [read_labelled(path, args.fidelity, args) for path in args.data]
     ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
