@@ -206,3 +206,62 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     )
     uq = json.loads(metrics.read_text())["uncertainty"]
     assert code == 0 and uq["method"] == "ensemble of 2" and set(uq["fidelities"]) == {"hi"}
+
+
+def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, tmp_path, capsys, caplog):  # noqa: F811
+    """File mode: validation identical to training is an error, a partial overlap is named; a fidelity without
+    validation labels is left uncalibrated (not α = 1); recalibrating one fidelity keeps the others'."""
+    import shutil
+
+    from conftest import emt_labelled
+
+    _, run_dir = cli_run
+    model = tmp_path / "model.pt"
+    shutil.copy(run_dir / "model.pt", model)
+    mols = [rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=700 + i) for i in range(40)]
+    lo = [emt_labelled(a, "lo") for a in mols]
+    hi = [emt_labelled(a, "hi", scale=1.1, per_atom=0.3) for a in mols]
+    files = {
+        "train": lo[:30] + hi[:30],
+        "val": lo[30:] + hi[30:] + lo[:5] + hi[:5],
+        "val_lo": lo[30:],
+        "train_lo": lo[:30],
+    }
+    for name, frames in files.items():
+        ase.io.write(tmp_path / f"{name}.extxyz", frames, format="extxyz")
+    args = ["calibrate", model, "--train", tmp_path / "train.extxyz", "--val"]
+    fails([*args, tmp_path / "train.extxyz"], capsys, "every validation structure is also in --train")
+    assert not (tmp_path / "model.llpr.npz").exists()
+    with caplog.at_level("INFO", logger="multifi"):
+        code, out, _ = run([*args, tmp_path / "val.extxyz"], capsys)
+    assert code == 0 and "5 of 15 validation structures are also in --train" in caplog.text
+    assert "hi: alpha" in out and "30 training / 10 validation" in out
+    first = LLPR.load(tmp_path / "model.llpr.npz")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="multifi"):
+        code, out, _ = run(
+            ["calibrate", model, "--train", tmp_path / "train_lo.extxyz", "--val", tmp_path / "val_lo.extxyz"], capsys
+        )
+    assert code == 0 and "lo: alpha" in out and "hi: alpha" not in out
+    assert (
+        "kept the earlier calibration of hi" in caplog.text and "replaced the earlier calibration of lo" in caplog.text
+    )
+    both = LLPR.load(tmp_path / "model.llpr.npz")
+    assert set(both.fidelities) == {"lo", "hi"}
+    np.testing.assert_array_equal(both.of("hi").cov, first.of("hi").cov)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):  # 'hi' has training labels but no validation ones
+        code, out, _ = run(
+            ["calibrate", model, "--train", tmp_path / "train.extxyz", "--val", tmp_path / "val_lo.extxyz"], capsys
+        )
+    assert code == 0 and "hi: no validation energy labels: not calibrated" in caplog.text and "hi: alpha" not in out
+
+
+def test_ensemble_of_identical_models_is_no_uncertainty(cli_run, tmp_path, capsys):  # noqa: F811
+    _, run_dir = cli_run
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, [rattled_molecule("CH3OH", 5), rattled_molecule("H2O", 6)])
+    model = run_dir / "model.pt"
+    args = ["predict", model, src, "--fidelity", "hi", "--out", tmp_path / "p.extxyz", "--uncertainty"]
+    fails([*args, "--ensemble", model], capsys, "the 2 ensemble models give identical hi energies")
+    assert not (tmp_path / "p.extxyz").exists()

@@ -224,11 +224,12 @@ def predict_sigma(
     (further loaded models, see uncertainty.load_ensemble), whose means replace the predictions.
     Returns (energies, forces, stresses, sigma [n], method name)."""
     from multifi.data.dataset import FidelityDataset
-    from multifi.uncertainty import LLPR, dataset_features, llpr_path
+    from multifi.uncertainty import LLPR, check_members_differ, dataset_features, llpr_path
 
     if ensemble:
         members = [predicted] + [predict_atoms(m, atoms_list, fidelity, batch_size) for m in ensemble]
         e = np.stack([m[0] for m in members])
+        check_members_differ(e, fidelity)
         forces = [np.mean(fs, axis=0) for fs in zip(*(m[1] for m in members))]
         stresses = [None if s[0] is None else np.mean(s, axis=0) for s in zip(*(m[2] for m in members))]
         return e.mean(0), forces, stresses, e.std(0, ddof=1), f"ensemble of {len(members)}"

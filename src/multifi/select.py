@@ -20,7 +20,7 @@ import numpy as np
 
 from multifi.errors import MultifiError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("multifi")
 
 STRATEGIES = ("random", "uncertainty", "diversity", "batch")
 

@@ -23,6 +23,7 @@ of its members' energies (uncalibrated).
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 
 from multifi.errors import MultifiError
+
+log = logging.getLogger("multifi")
 
 #: ridge strengths λ tried, relative to the mean diagonal of Σ_train f fᵀ
 RIDGE_GRID = tuple(10.0**e for e in range(-8, 2))
@@ -236,11 +239,16 @@ def fit_llpr(
         va = va[~np.isnan(dataset.energy[va, k])]
         if len(tr) == 0:
             continue
+        if len(va) == 0:  # α and λ come from held-out labels: without them σ would be uncalibrated
+            log.warning("%s: no validation energy labels: not calibrated (α and λ need held-out labels)", name)
+            continue
         f_tr, _ = dataset_features(potential, dataset, tr, name, batch_size, neighbors)
         f_va, e_va = dataset_features(potential, dataset, va, name, batch_size, neighbors)
         out[name] = fit_llpr_fidelity(f_tr, f_va, e_va - dataset.energy[va, k])
     if not out:
-        raise MultifiError("calibration data: no training structures at any fidelity of the model")
+        raise MultifiError(
+            "calibration data: no fidelity of the model with both training structures and validation energy labels"
+        )
     return LLPR(out, weights_fingerprint(potential))
 
 
@@ -331,7 +339,7 @@ def calibrate_run(run_dir: str | Path, model: str | Path | None = None, batch_si
             f"labels (use `multifi calibrate MODEL --train … --val …`)"
         )
     llpr = fit_llpr(potential, prep.dataset, prep.pairs["train"], prep.pairs["val"], batch_size)
-    return llpr, llpr.save(llpr_path(model))
+    return llpr, save_calibration(llpr, llpr_path(model))
 
 
 def calibrate_files(
@@ -349,6 +357,14 @@ def calibrate_files(
     # structures keep their split by key (a key in both files is a training structure)
     tr_keys = set(train.keys.astype(str))
     is_train = np.array([k in tr_keys for k in ds.keys.astype(str)])
+    shared = int(np.isin(val.keys.astype(str), list(tr_keys)).sum())
+    where = ", ".join(str(p) for p in val_files)
+    if shared == len(val):
+        raise MultifiError(f"{where}: every validation structure is also in --train; calibrate on held-out structures")
+    if shared:
+        log.warning(
+            "%s: %d of %d validation structures are also in --train: used as training only", where, shared, len(val)
+        )
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     llpr = fit_llpr(
         potential,
@@ -358,7 +374,27 @@ def calibrate_files(
         batch_size,
         fidelities=[fidelity] if fidelity else None,
     )
-    return llpr, llpr.save(llpr_path(model))
+    return llpr, save_calibration(llpr, llpr_path(model))
+
+
+def save_calibration(llpr: LLPR, path: Path) -> Path:
+    """Write `llpr` to `path`, keeping an earlier calibration of the same weights for the fidelities `llpr`
+    lacks (calibrating one fidelity does not drop the others); replaced fidelities are named in the log."""
+    path = Path(path)
+    if path.exists():
+        try:
+            old = LLPR.load(path)
+        except MultifiError:
+            old = None
+        if old is not None and old.fingerprint == llpr.fingerprint:
+            kept = {n: p for n, p in old.fidelities.items() if n not in llpr.fidelities}
+            replaced = [n for n in old.fidelities if n in llpr.fidelities]
+            if kept:
+                log.info("%s: kept the earlier calibration of %s", path, ", ".join(kept))
+            if replaced:
+                log.info("%s: replaced the earlier calibration of %s", path, ", ".join(replaced))
+            llpr = LLPR({**llpr.fidelities, **kept}, llpr.fingerprint)
+    return llpr.save(path)
 
 
 def read_labelled(path: str, fidelity: str | None):
@@ -381,11 +417,32 @@ def sigma_for(
     ensemble mean and standard deviation."""
     if len(models) > 1:
         e = ensemble_energies(models, dataset, structures, fidelity, batch_size)
+        check_members_differ(e, fidelity)
         return e.mean(0), e.std(0, ddof=1)
     if llpr is None:
         raise MultifiError("σ from one model needs its LLPR calibration (run `multifi calibrate`)")
     f, e = dataset_features(models[0], dataset, structures, fidelity, batch_size)
     return e, llpr.of(fidelity, "model").sigma(f)
+
+
+def check_members_differ(e: np.ndarray, fidelity: str) -> None:
+    """e [M, n]: members with identical energies (the same model twice, or an extension that left this
+    fidelity unchanged) are not independent: all alike is an error (σ ≡ 0), some alike a warning."""
+    groups = {e[m].tobytes(): [] for m in range(len(e))}
+    for m in range(len(e)):
+        groups[e[m].tobytes()].append(m + 1)
+    if len(groups) == 1 and e.shape[1]:
+        raise MultifiError(
+            f"the {len(e)} ensemble models give identical {fidelity} energies (the same model, or extensions that "
+            "left this fidelity unchanged): their spread is no uncertainty"
+        )
+    same = [g for g in groups.values() if len(g) > 1]
+    if same and e.shape[1]:
+        log.warning(
+            "ensemble models %s give identical %s energies: counted as independent, they make σ too small",
+            "; ".join(" = ".join(f"#{m}" for m in g) for g in same),
+            fidelity,
+        )
 
 
 def evaluate_uncertainty(
