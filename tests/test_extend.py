@@ -428,3 +428,43 @@ def test_a_run_directory_stands_for_its_model_and_its_data(old_run, tmp_path, ca
     assert "bit-for-bit unchanged, test split" in stdout and "not measured" not in stdout
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert set(m["forgetting"]) == set(OLD) and m["old_fidelities_unchanged"] is True
+
+
+def test_new_labels_of_the_old_runs_structures_keep_their_split(old_run, tmp_path, caplog):
+    """New-fidelity labels on geometries the model's run already splits: each keeps the old run's split (the
+    new fidelity is never tested on a geometry the model trained on, nor trained on a forgetting-test one);
+    geometries the old run lacks are split as usual."""
+    from conftest import tiny_frames
+
+    from multifi.data.split import random_split
+    from multifi.train.extend import follow_split, load_old_run
+
+    old = load_old_run(old_run)
+    seen = [a for a in tiny_frames() if a.info["fidelity"] == "lo"]  # the 40 geometries of the old run
+    fresh = [emt_labelled(rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=900 + i), "lo") for i in range(10)]
+    frames = []
+    for a in seen + fresh:
+        b = a.copy()
+        b.info = {"fidelity": "CC", "energy": 0.9 * a.info.get("energy", a.get_potential_energy())}
+        frames.append(b)
+    path = tmp_path / "cc.extxyz"
+    ase.io.write(path, frames, format="extxyz")
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_sources
+
+    ds = read_sources([SourceConfig(path=str(path))])
+    split = random_split(len(ds), 0.2, 0.2, 1)
+    with caplog.at_level("INFO", logger="multifi"):
+        moved = follow_split(split, ds, old)
+    assert "40 of the 50 new structures are in the model's run" in caplog.text
+    old_split = {
+        name: set(old.dataset.keys[np.unique(getattr(old, name)[:, 0])].tolist()) for name in ("train", "val", "test")
+    }
+    for name in ("train", "val", "test"):
+        keys = set(ds.keys[moved[name]].tolist())
+        for other in {"train", "val", "test"} - {name}:
+            assert not keys & old_split[other], (name, other)
+    assert sorted(np.concatenate([moved[n] for n in ("train", "val", "test")]).tolist()) == list(range(len(ds)))
+    fresh_idx = [i for i, k in enumerate(ds.keys.tolist()) if not any(k in s for s in old_split.values())]
+    for name in ("train", "val", "test"):  # the 10 new geometries stay where the random split put them
+        assert set(fresh_idx) & set(moved[name].tolist()) == set(fresh_idx) & set(split[name].tolist())

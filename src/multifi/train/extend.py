@@ -245,8 +245,11 @@ def sample_pairs(pairs: np.ndarray, fraction: float, fidelities: list[int], seed
     return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
 
-def read_new_data(cfg: RunConfig, name: str) -> tuple[FidelityDataset, dict[str, np.ndarray]]:
-    """The new fidelity's labels from data.sources and their split (data.split, data.train_limits)."""
+def read_new_data(
+    cfg: RunConfig, name: str, old: OldRun | None = None
+) -> tuple[FidelityDataset, dict[str, np.ndarray]]:
+    """The new fidelity's labels from data.sources and their split (data.split, data.train_limits); without
+    split files, structures the model's run `old` also holds keep their split there (follow_split)."""
     d = cfg.data
     ds = read_sources(d.sources, d.skip_invalid)
     where = ", ".join(str(s.path or "qm9") for s in d.sources)
@@ -261,10 +264,36 @@ def read_new_data(cfg: RunConfig, name: str) -> tuple[FidelityDataset, dict[str,
         if d.split.files
         else random_split(len(ds), d.split.val, d.split.test, d.split.seed)
     )
+    if old is not None and not d.split.files:
+        split = follow_split(split, ds, old)
     pairs = {s: labelled_pairs(ds, split[s]) for s in ("train", "val", "test")}
     limits = ds.fidelities.per_index(d.train_limits, np.nan, "data.train_limits")
     pairs["train"] = limit_pairs(pairs["train"], limits, ds, d.split.seed)
     return ds, pairs
+
+
+def follow_split(split: Split, ds: FidelityDataset, old: OldRun) -> Split:
+    """`split` of `ds`, with every structure the old run also holds (same key) moved to its split there: the
+    new fidelity is tested on none of the geometries the model trained on, and trained on none of those the
+    forgetting table tests."""
+    where: dict[str, str] = {}
+    for name in ("train", "val", "test"):
+        for key in old.dataset.keys[np.unique(getattr(old, name)[:, 0])].tolist():
+            where[str(key)] = name
+    assigned = np.array([where.get(str(k), "") for k in ds.keys.tolist()])
+    if not (assigned != "").any():
+        return split
+    parts = {}
+    for name in ("train", "val", "test"):
+        own = split[name][assigned[split[name]] == ""]
+        parts[name] = np.sort(np.concatenate([own, np.flatnonzero(assigned == name)])).astype(np.int64)
+    log.info(
+        "%d of the %d new structures are in the model's run: they keep its split (%s)",
+        int((assigned != "").sum()),
+        len(ds),
+        ", ".join(f"{n} {int((assigned == n).sum())}" for n in ("train", "val", "test")),
+    )
+    return Split(**parts)
 
 
 def combine(
@@ -368,10 +397,10 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
     """Training dataset laid out as `table`, its split pairs, the old run's data (or None), the replay and the
     config's per-fidelity settings resolved against `table`."""
     x = cfg.extend
-    new_ds, new_pairs = read_new_data(cfg, x.fidelity)
+    old_run = _old_run_data(find_old_run(x), explicit=x.old_run is not None or x.replay > 0)
+    new_ds, new_pairs = read_new_data(cfg, x.fidelity, old_run)
     if len(new_pairs["train"]) == 0:
         raise MultifiError(f"{where}: no training structures at {x.fidelity!r} after the split")
-    old_run = _old_run_data(find_old_run(x), explicit=x.old_run is not None or x.replay > 0)
     replay = _replay(x, old, old_run, cfg.train.seed, where)
     ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
     settings = FidelitySettings.resolve(cfg, ds.fidelities, config_source)
