@@ -468,3 +468,31 @@ def test_new_labels_of_the_old_runs_structures_keep_their_split(old_run, tmp_pat
     fresh_idx = [i for i, k in enumerate(ds.keys.tolist()) if not any(k in s for s in old_split.values())]
     for name in ("train", "val", "test"):  # the 10 new geometries stay where the random split put them
         assert set(fresh_idx) & set(moved[name].tolist()) == set(fresh_idx) & set(split[name].tolist())
+
+
+def test_extension_run_directory_works_from_elsewhere_and_names_unmeasured_forgetting(
+    old_run, tmp_path, monkeypatch, caplog
+):
+    """Relative command-line paths are stored absolute (the run's config.yaml works from any directory); a
+    second extension measured against the original run says that the first extension's fidelity is unmeasured."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    new_data(work / "new.extxyz")
+    common = ["--max-steps", "2", "--set", "train.progress=false", "--set", "train.threads=1"]
+    assert (
+        main(["extend", str(old_run / "model.pt"), "--data", "new.extxyz", "--fidelity", "CC", "--out", "ext"] + common)
+        == 0
+    )
+    saved = yaml.safe_load((work / "ext" / "config.yaml").read_text())
+    assert saved["data"]["sources"][0]["path"] == str(work / "new.extxyz")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(work / "ext" / "config.yaml")
+    assert cfg.data.sources[0].path == str(work / "new.extxyz")
+    new_data(tmp_path / "dd.extxyz", seed=300)
+    args = ["extend", str(work / "ext" / "model.pt"), "--data", str(tmp_path / "dd.extxyz"), "--fidelity", "DD"]
+    with caplog.at_level("WARNING", logger="multifi"):
+        code = main([*args, "--out", str(tmp_path / "ext2"), "--train", "all", "--old-run", str(old_run), *common])
+    assert code == 0 and "forgetting not measured at CC" in caplog.text
+    m = json.loads((tmp_path / "ext2" / "metrics.json").read_text())
+    assert set(m["forgetting"]) == set(OLD)

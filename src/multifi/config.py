@@ -338,7 +338,8 @@ def with_backbone_defaults(cfg: RunConfig, backbone: str) -> RunConfig:
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
-    """Read YAML, apply `a.b=value` overrides, validate; relative paths resolve against the file's folder."""
+    """Read YAML, apply `a.b=value` overrides, validate; relative paths resolve against the file's folder
+    (without a file, against the working directory: a run directory's config.yaml works from anywhere)."""
     raw: dict = copy.deepcopy(base) if base else {}
     where = str(path) if path else "config"
     if path is not None:
@@ -347,8 +348,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     for item in overrides:
         apply_override(raw, item, where)
     cfg = validate_config(raw, where)
-    if path is not None:
-        _resolve_paths(cfg, Path(path).resolve().parent)
+    _resolve_paths(cfg, Path(path).resolve().parent if path is not None else Path.cwd())
     return cfg
 
 

@@ -521,6 +521,14 @@ def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, 
                 k: (a[k] - b[k] if a.get(k) is not None and b.get(k) is not None else None) for k in b if k != COUNT
             },
         }
+    unmeasured = [n for n in old.fidelities.names if n not in out]
+    if unmeasured:  # e.g. a fidelity added by an earlier extension, absent from the original run's data
+        log.warning(
+            "forgetting not measured at %s: %s has no %s labels of these fidelities",
+            ", ".join(unmeasured),
+            old_run.path,
+            "test" if len(old_run.test) else "validation",
+        )
     return out
 
 
