@@ -89,6 +89,31 @@ def test_hartree_energies_are_flagged(unit, expect, caplog):
     assert ("look like Hartree" in caplog.text) == bool(expect)
 
 
+@pytest.mark.parametrize(
+    "units, message",
+    [
+        ({}, None),
+        ({"all": 1 / 23.0605}, "look like kcal/mol, kJ/mol or meV"),  # kcal/mol
+        ({"all": 1e-3}, "look like kcal/mol, kJ/mol or meV"),  # meV
+        ({"odd": HARTREE}, "lie far from the fitted reference energies"),  # every third energy in Hartree
+        ({"some": HARTREE}, "lie far from the fitted reference energies"),  # 5 of 60
+    ],
+)
+def test_energies_in_other_or_mixed_units_are_flagged(units, message, caplog):
+    recs = _records(60)
+    for i, r in enumerate(recs):
+        unit = units.get("all", 1.0)
+        if ("odd" in units and i % 3 == 1) or ("some" in units and i % 12 == 5):
+            unit = units.get("odd", units.get("some"))
+        r["labels"]["DFT"]["energy"] /= unit
+    ds = FidelityDataset.from_records(recs, source="energies.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+    ref, scale = fit_baseline(ds, pairs)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_energy_units(ds, pairs, ref, scale) == ([] if message is None else ["DFT"])
+    assert (message is None and not caplog.records) or (message and message in caplog.text)
+
+
 def test_skipped_invalid_labels_are_counted_and_reported(tmp_path, caplog):
     import ase.io
     from ase import Atoms

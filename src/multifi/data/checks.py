@@ -114,7 +114,50 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
                 name,
                 why,
             )
+        elif _report_far_from_references(dataset, s, k, ref):
+            suspicious.append(name)
+        elif has_h and abs(ref[1, k]) > 20:  # every method: 1-16 eV; kcal/mol 23×, kJ/mol 96×, meV 1000×
+            suspicious.append(name)
+            log.warning(
+                "%s: energies at fidelity %r look like kcal/mol, kJ/mol or meV, not eV (hydrogen reference "
+                "%.1f; every method gives 1-16 eV)",
+                dataset.source or "data",
+                name,
+                ref[1, k],
+            )
     return suspicious
+
+
+def _report_far_from_references(dataset: FidelityDataset, s: np.ndarray, k: int, ref: np.ndarray) -> bool:
+    """Warn when energies of structures `s` at fidelity k lie far from their fitted reference energies: a
+    per-atom residual more than 1 eV beyond half the structure's own reference energy per atom (real data
+    stays below: ≤ 2.1 eV/atom against references of 1-10 eV/atom for the crystals of ../shared/data/solids,
+    far less for molecules), as energies of one file in two units (eV and Hartree) or of another method give."""
+    if not ref[:, k].any():  # no references fitted: nothing to compare with
+        return False
+    per_atom_ref = ref[dataset.numbers, k]
+    cs = np.concatenate([[0.0], np.cumsum(per_atom_ref)])
+    offsets = np.asarray(dataset.offsets)
+    n = dataset.n_atoms[s]
+    ref_sum = cs[offsets[s + 1]] - cs[offsets[s]]
+    resid = (dataset.energy[s, k] - ref_sum) / n
+    far = np.abs(resid) > 0.5 * np.abs(ref_sum / n) + 1.0
+    if not far.any():
+        return False
+    i = int(np.argmax(far))
+    log.warning(
+        "%s: %d of %d energies at fidelity %r lie far from the fitted reference energies (e.g. structure %s: "
+        "%.2f eV/atom against %.2f expected): energies in two units (eV and Hartree, kcal/mol), or labels of "
+        "another method, in one fidelity?",
+        dataset.source or "data",
+        int(far.sum()),
+        len(s),
+        dataset.fidelities.names[k],
+        dataset.keys[s[i]],
+        dataset.energy[s[i], k] / n[i],
+        ref_sum[i] / n[i],
+    )
+    return True
 
 
 def _crystal_per_atom_magnitude(dataset: FidelityDataset, s: np.ndarray, k: int) -> float | None:
