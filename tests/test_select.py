@@ -184,3 +184,26 @@ def test_select_refuses_elements_the_model_never_saw_unless_random(cli_run, tmp_
     assert not out.exists()
     code, stdout, _ = run([*args, "--strategy", "random"], capsys)
     assert code == 0 and len(out.read_text().split()) == 2
+
+
+def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path, capsys):  # noqa: F811
+    """Bare copies of the run's own 'hi' structures in the pool are not eligible; its 'lo'-only ones are."""
+    from conftest import tiny_frames
+
+    _, run_dir = cli_run
+    frames = tiny_frames()
+    hi_geometries = [a for a in frames if a.info["fidelity"] == "hi"]  # 20 molecules labelled at hi (and lo)
+    lo_only = [a for i, a in enumerate(f for f in frames if f.info["fidelity"] == "lo") if i % 2 == 1]  # 20
+    pool = tmp_path / "pool.extxyz"
+    bare = []
+    for a in hi_geometries + lo_only:
+        b = a.copy()
+        b.calc, b.info = None, {}
+        bare.append(b)
+    ase.io.write(pool, bare, format="extxyz")
+    out = tmp_path / "picks.txt"
+    code, stdout, _ = run(
+        ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out], capsys
+    )
+    assert code == 0 and "picked 5 of 20 eligible structures (40 in the pool" in stdout
+    assert "20 labelled at hi in the model's run data" in stdout

@@ -7,10 +7,14 @@ def register(sub):
     from multifi.select import STRATEGIES
 
     p = sub.add_parser("select", help="choose unlabelled structures to compute next at a fidelity")
-    p.add_argument("model", help="model.pt (uncertainty and batch need its LLPR calibration: multifi calibrate)")
+    p.add_argument(
+        "model",
+        help="model.pt or its run directory: structures its run's data labels at the fidelity are never picked "
+        "(uncertainty and batch need its LLPR calibration: multifi calibrate)",
+    )
     p.add_argument("pool", help="candidate structures (any file ASE reads, labelled or not, or a multifi .npz)")
     p.add_argument("--fidelity", required=True, help="fidelity at which the picks will be computed")
-    p.add_argument("--n", type=int, required=True, help="number of structures to pick")
+    p.add_argument("--n", type=int, required=True, help="number of structures to pick (at most the eligible ones)")
     p.add_argument(
         "--strategy",
         choices=STRATEGIES,
@@ -28,6 +32,8 @@ def register(sub):
 def run(args) -> int:
     from pathlib import Path
 
+    import numpy as np
+
     from multifi.data.dataset import atomic_write
     from multifi.errors import MultifiError
     from multifi.models.registry import load_potential
@@ -43,6 +49,8 @@ def run(args) -> int:
         if not path.exists():
             raise MultifiError(f"{path}: no such file")
         exclude = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    known = labelled_in_run(args.model, args.fidelity)
+    exclude += known
     llpr = LLPR.load(llpr_path(args.model), potential) if args.strategy in ("uncertainty", "batch") else None
     picks = select_structures(
         potential, pool, args.fidelity, args.n, args.strategy, args.seed, exclude, llpr, args.batch_size
@@ -50,8 +58,27 @@ def run(args) -> int:
     keys = [str(k) for k in pool.keys[picks]]
     atomic_write(Path(args.out), lambda f: f.write("".join(k + "\n" for k in keys).encode()))
     eligible = int((~labelled_mask(pool, args.fidelity, exclude)).sum())
+    in_run = int(np.isin(pool.keys.astype(str), known).sum())
     print(
         f"picked {len(keys)} of {eligible} eligible structures ({len(pool)} in the pool, the others labelled "
-        f"at {args.fidelity} or excluded) for {args.fidelity} ({args.strategy}) → {args.out}"
+        f"at {args.fidelity} or excluded"
+        + (f"; {in_run} labelled at {args.fidelity} in the model's run data" if in_run else "")
+        + f") for {args.fidelity} ({args.strategy}) → {args.out}"
     )
     return 0
+
+
+def labelled_in_run(model: str, fidelity: str) -> list[str]:
+    """Keys of the structures labelled at `fidelity` in the training data of the run `model` belongs to (its
+    dataset.npz beside model.pt); none for a model file without its run."""
+
+    from multifi.data.dataset import FidelityDataset
+    from multifi.models.registry import model_file
+
+    cache = model_file(model).parent / "dataset.npz"
+    if not cache.exists():
+        return []
+    ds = FidelityDataset.load(cache)
+    if fidelity not in ds.fidelities:
+        return []
+    return [str(k) for k in ds.keys[ds.energy_mask[:, ds.fidelities.index(fidelity)]]]
