@@ -190,3 +190,12 @@ def test_epoch_line_names_fidelities_with_slashes_in_full(caplog):
     with caplog.at_level(logging.INFO):
         line._line(trainer, SimpleNamespace())
     assert "val E MAE meV: B3LYP/6-31G(2df,p) 12.3, GFN2-xTB 5.0" in caplog.text
+
+
+@pytest.mark.parametrize("key, value", [("max_steps", True), ("ema_decay", False), ("lr", True)])
+def test_yaml_booleans_are_not_numbers(key, value):
+    """`max_steps: yes` or `ema_decay: off` (YAML booleans) were taken as 1 and 0."""
+    with pytest.raises(MultifiError, match=rf"train.{key}: expected a number, got {str(value).lower()}"):
+        validate_config({"data": {"sources": [{"path": "x.extxyz"}]}, "train": {key: value}})
+    cfg = validate_config({"data": {"sources": [{"path": "x.extxyz"}]}, "train": {"progress": False}})
+    assert cfg.train.progress is False

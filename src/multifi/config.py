@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,6 +38,17 @@ Inject = Literal["input", "readout", "both", "onehot", "heads", "single"]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info):
+        """YAML's true/yes/on/off are booleans, which pydantic would take as 1 and 0 for a number."""
+        if isinstance(v, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            kinds = set(typing.get_args(ann)) or {ann}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"expected a number, got {str(v).lower()} (YAML reads true/yes/on/off as booleans)")
+        return v
 
 
 class Qm9Source(Section):
