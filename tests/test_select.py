@@ -124,6 +124,12 @@ def test_select_cli(cli_run, tmp_path, capsys):  # noqa: F811
         assert len(set(keys)) == 4 and not {"c0", "c5"} & set(keys) and set(keys) <= {f"c{i}" for i in range(12)}
     fails([*args, "--strategy", "random", "--n", "11", "--out", out], capsys, "only 10 unlabelled")
     fails([*args, "--fidelity", "HI", "--out", out], capsys, "unknown fidelity 'HI'", "did you mean 'hi'")
+    (tmp_path / "empty.extxyz").write_text("")
+    fails(
+        ["select", run_dir / "model.pt", tmp_path / "empty.extxyz", *args[3:], "--out", out],
+        capsys,
+        "empty.extxyz: empty file",
+    )
 
 
 def test_select_never_picks_a_structure_labelled_in_a_later_frame(cli_run, tmp_path, capsys):  # noqa: F811

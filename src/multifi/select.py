@@ -167,6 +167,8 @@ def read_pool(path: str):
     p = Path(path)
     if not p.exists():
         raise MultifiError(f"{p}: no such file")
+    if p.is_file() and p.stat().st_size == 0:
+        raise MultifiError(f"{p}: empty file")
     try:
         return read_sources([SourceConfig(path=str(p))])
     except MultifiError:
