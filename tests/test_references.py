@@ -359,6 +359,14 @@ def test_validation_energy_errors_leave_out_estimated_references():
     kept = module._without_estimated_energies(g)
     assert kept.energy_mask.tolist() == [False, True, True]  # NH3 at hi out; NH3 at lo (fitted) and water in
     assert kept.forces_mask.tolist() == [True, True, True]
+    null = np.zeros((1, 119))
+    null[0, [1, 8]] = [2**-0.5, -(2**-0.5)]  # 'lo' fixed H and O only as H + O (e.g. only OH groups)
+    module.potential.head.set_baseline(ref, np.ones(2), ref != 0, [null, np.zeros((0, 119))])
+    module.sync_ema()
+    g = graph_from_atoms([mols[1], mols[1]], 3.0, [0, 1])
+    g.energy_mask = torch.ones(2, dtype=torch.bool)
+    kept = module._without_estimated_energies(g)
+    assert kept.energy_mask.tolist() == [False, True]  # H2O at lo: an H:O ratio its labels never had; at hi: fitted
 
 
 def test_elements_only_in_fixed_proportions_are_reported(caplog):
@@ -378,14 +386,88 @@ def test_elements_only_in_fixed_proportions_are_reported(caplog):
         recs.append({"numbers": numbers, "positions": rng.normal(size=(len(numbers), 3)) * 3, "labels": labels})
     ds = FidelityDataset.from_records(recs)
     refs, lo, hi = fit(ds)
-    assert refs.open[hi] == [31, 33] and refs.open[lo] == []
+    assert refs.open(hi) == [31, 33] and refs.open(lo) == []
     assert refs.ref[31, hi] + refs.ref[33, hi] == pytest.approx(-3.0 - 4.5 - 0.6, abs=1e-6)  # the sum: fitted
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     new = fit_new_fidelity(ds, pairs, hi, refs.ref[:, [lo]], refs.fitted[:, [lo]])
-    assert new.open == [[31, 33]]
+    assert new.open(0) == [31, 33]
     from multifi.train.run import _report_references
 
     with caplog.at_level(logging.WARNING, logger="multifi"):
         _report_references(refs, ["lo", "hi"])
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "hi: the training labels contain Ga, As only in fixed proportions" in text and "lo:" not in text
+
+
+def _gaas_fidelities(caplog=None):
+    """'lo' on Ga, As, Si in any proportions; 'hi' on GaAs units plus Si only (see the test above)."""
+    rng = np.random.default_rng(1)
+    lo_ref, shift = {31: -3.0, 33: -4.5, 14: -5.0}, {31: -0.2, 33: -0.4, 14: -0.3}
+    recs = []
+    for i in range(30):
+        if i % 2:
+            numbers = rng.choice([31, 33, 14], size=rng.integers(2, 7))
+            labels = {"lo": {"energy": float(sum(lo_ref[int(z)] for z in numbers))}}
+        else:
+            numbers = np.array([31, 33] * int(rng.integers(1, 4)) + [14] * int(rng.integers(0, 3)))
+            e = float(sum(lo_ref[int(z)] for z in numbers))
+            labels = {"lo": {"energy": e}, "hi": {"energy": e + float(sum(shift[int(z)] for z in numbers))}}
+        recs.append({"numbers": numbers, "positions": rng.normal(size=(len(numbers), 3)) * 3, "labels": labels})
+    return FidelityDataset.from_records(recs)
+
+
+def test_structures_with_open_proportions_are_flagged_at_prediction(tmp_path, caplog):
+    """GaAs at 'hi' is fitted (no warning), Ga2As and pure Ga are not: warned (strict: an error), counted as
+    estimated by evaluate, listed by info and deploy; the record survives save and load."""
+    from multifi.card import format_card, model_card
+    from multifi.deploy import metadata
+    from multifi.models.elements import check_elements, open_compositions
+    from multifi.train.evaluate import pairs_with_estimated_references
+
+    ds = _gaas_fidelities()
+    refs, lo, hi = fit(ds)
+    pot = build_potential(TINY_MODEL, ["lo", "hi"])
+    pot.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
+    save_potential(pot, tmp_path / "model.pt")
+    pot = load_potential(tmp_path / "model.pt")
+    assert pot.head.open_elements(1) == [31, 33] and pot.head.open_elements(0) == []
+    numbers = np.array([31, 33, 31, 33, 31, 31, 33, 14, 31])  # GaAs | Ga2As | SiGa
+    n_atoms = np.array([2, 3, 2, 2])[:3]
+    numbers = numbers[: n_atoms.sum()]
+    np.testing.assert_array_equal(open_compositions(pot, numbers, n_atoms, np.ones(3, int)), [False, True, False])
+    np.testing.assert_array_equal(open_compositions(pot, numbers, n_atoms, np.zeros(3, int)), [False, False, False])
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        check_elements(pot, numbers[:2], np.array([2]), 1)  # GaAs: silent
+        assert not caplog.records
+        check_elements(pot, numbers, n_atoms, 1, keys=["gaas", "ga2as", "gasi"])
+    assert "1 structure(s) (ga2as) hold Ga, As in proportions no hi training label had" in caplog.text
+    with pytest.raises(MultifiError, match="ga2as"):
+        check_elements(pot, numbers, n_atoms, 1, keys=["gaas", "ga2as", "gasi"], strict=True)
+    recs = [
+        {
+            "numbers": z,
+            "positions": np.random.default_rng(0).normal(size=(len(z), 3)) * 3,
+            "labels": {"hi": {"energy": -1.0}},
+        }
+        for z in (numbers[:2], numbers[2:5], numbers[5:])
+    ]
+    test = FidelityDataset.from_records(recs)
+    flags = pairs_with_estimated_references(pot, test, labelled_pairs(test, np.arange(3)))
+    np.testing.assert_array_equal(flags, [False, True, False])
+    card = model_card(tmp_path / "model.pt")
+    assert card["fidelities"][1]["open"] == ["Ga", "As"] and "only in fixed proportions: Ga As" in format_card(card)
+    assert metadata(pot, "hi", torch.float64)["open_elements"] == ["Ga", "As"]
+
+
+def test_more_open_compositions_than_recorded_mark_their_elements_estimated():
+    from multifi.models.head import NULL_DIRS
+
+    pot = build_potential(TINY_MODEL, ["lo"])
+    null = np.zeros((NULL_DIRS + 1, N_ELEMENTS))
+    for d in range(NULL_DIRS + 1):
+        null[d, [1 + d, 20 + d]] = [2**-0.5, -(2**-0.5)]
+    fitted = np.zeros((N_ELEMENTS, 1), bool)
+    fitted[1:40] = True
+    pot.head.set_baseline(np.where(fitted, -1.0, 0.0), np.ones(1), fitted, [null])
+    assert not pot.head.null.any() and not pot.head.fitted[[1, 5, 20, 24], 0].any() and pot.head.fitted[10, 0]
+    assert 5 in pot.elements  # still known, now estimated

@@ -30,7 +30,7 @@ def model_card(path: str | Path) -> dict:
     emb = pot.config.fidelity_embedding
     names = list(pot.fidelities.names)
     fitted = pot.head.fitted.detach().cpu()  # [119, K]: reference from the fidelity's own labels
-    known = fitted.any(1)
+    known = pot.head.known().detach().cpu()
     card = {
         "path": str(path),
         "backbone": pot.config.backbone,
@@ -46,6 +46,7 @@ def model_card(path: str | Path) -> dict:
                 "scale_eV": float(pot.head.scale[k]),
                 "elements": [chemical_symbols[z] for z in torch.nonzero(fitted[:, k]).flatten().tolist()],
                 "estimated": [chemical_symbols[z] for z in torch.nonzero(known & ~fitted[:, k]).flatten().tolist()],
+                "open": [chemical_symbols[z] for z in pot.head.open_elements(k)],
             }
             for k, n in enumerate(names)
         ],
@@ -57,7 +58,8 @@ def model_card(path: str | Path) -> dict:
     }
     if pot.head.shared_baseline:  # fidelity-blind: every fidelity uses the pooled reference of column 0
         for f in card["fidelities"]:
-            f["elements"], f["estimated"] = card["fidelities"][0]["elements"], card["fidelities"][0]["estimated"]
+            first = card["fidelities"][0]
+            f["elements"], f["estimated"], f["open"] = first["elements"], first["estimated"], first["open"]
     return card
 
 
@@ -116,6 +118,7 @@ def format_card(card: dict) -> str:
             + f"  {f['scale_eV']:8.4f}  "
             + " ".join(f["elements"])
             + (f"  (estimated, no labels: {' '.join(f['estimated'])})" if f.get("estimated") else "")
+            + (f"  (only in fixed proportions: {' '.join(f['open'])})" if f.get("open") else "")
         )
     if not splits:
         lines.append("  (structures per fidelity not recorded with this model)")

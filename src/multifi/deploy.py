@@ -21,6 +21,7 @@ do not count, the forces on them belong to their owners. virial W_ab = −Σ_ij 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from multifi.errors import MultifiError
 from multifi.models.m3gnet import triplet_index
 from multifi.models.response import EnergyForcesVirial
 
+log = logging.getLogger("multifi")
 META_FILE = "multifi.json"
 FORMAT = 1
 
@@ -156,7 +158,7 @@ def build_deployed(potential, fidelity: str, dtype: torch.dtype = torch.float64)
             dtype,
             (species, positions, edge_index, shift_vec, weight, bonds, ij, ik),
             potential.config.interactions,
-            potential.head.fitted.detach().cpu().any(1),
+            potential.head.known().detach().cpu(),
         )
 
 
@@ -203,6 +205,7 @@ def metadata(potential, fidelity: str, dtype: torch.dtype) -> dict:
         "threebody_cutoff": float(getattr(potential.representation, "threebody_cutoff", 0.0)),
         "elements": [chemical_symbols[z] for z in potential.elements],
         "estimated_elements": [chemical_symbols[z] for z in estimated_elements(potential, fidelity)],
+        "open_elements": [chemical_symbols[z] for z in open_elements(potential, fidelity)],
         "dtype": str(dtype).replace("torch.", ""),
     }
 
@@ -212,6 +215,28 @@ def estimated_elements(potential, fidelity: str) -> list[int]:
     k = 0 if potential.head.shared_baseline else potential.fidelity_index(fidelity)
     fitted = potential.head.fitted.detach().cpu()  # [119, K]
     return [int(z) for z in potential.elements if not bool(fitted[int(z), k])]
+
+
+def open_elements(potential, fidelity: str) -> list[int]:
+    """Atomic numbers the labels of `fidelity` contain only in fixed proportions (their split is estimated)."""
+    k = 0 if potential.head.shared_baseline else potential.fidelity_index(fidelity)
+    return potential.head.open_elements(k)
+
+
+def _report_open_elements(potential, fidelity: str, where: str, strict: bool) -> None:
+    from ase.data import chemical_symbols
+
+    zs = open_elements(potential, fidelity)
+    if not zs:
+        return
+    symbols = ", ".join(chemical_symbols[z] for z in zs)
+    msg = (
+        f"{where}: the {fidelity} labels held {symbols} only in fixed proportions (as Ga and As in GaAs): "
+        f"structures with other proportions of them get estimated {fidelity} reference energies"
+    )
+    if strict:
+        raise MultifiError(msg)
+    log.warning("%s", msg)
 
 
 def deploy(checkpoint, fidelity: str, out: str | Path, dtype: str = "float64", strict_references: bool = False) -> dict:
@@ -229,7 +254,10 @@ def deploy(checkpoint, fidelity: str, out: str | Path, dtype: str = "float64", s
     potential = checkpoint if isinstance(checkpoint, nn.Module) else load_potential(checkpoint, compile=False)
     k = potential.fidelity_index(fidelity)  # unknown names: one clear error before any work
     numbers = np.asarray(potential.elements, dtype=np.int64)
-    check_elements(potential, numbers, np.ones(len(numbers), np.int64), k, str(out), strict=strict_references)
+    check_elements(
+        potential, numbers, np.ones(len(numbers), np.int64), k, str(out), strict=strict_references, compositions=False
+    )
+    _report_open_elements(potential, fidelity, str(out), strict_references)
     meta = metadata(potential, fidelity, torch_dtype)
     module = build_deployed(potential, fidelity, torch_dtype)
     with warnings.catch_warnings():

@@ -34,15 +34,22 @@ class References:
     ref [N_ELEMENTS, K] eV/atom; scale [K] eV; fitted [N_ELEMENTS, K] bool: True where ref[Z, f] is
     determined by fidelity f's own energy labels; spread [K] eV/atom: scatter (RMS) of the per-element
     shifts η at f around the shared model (how far an estimated reference may be off; NaN: unknown).
-    open [K]: per fidelity, the elements its labels contain only in fixed combinations (e.g. Ga and As only
-    as GaAs): their sum is fitted, their split is estimated as for an element without labels.
+    null [K]: per fidelity [d, N_ELEMENTS], an orthonormal basis of the compositions its labels leave open
+    (d = 0 mostly; Ga and As only as GaAs: one row ∝ Ga − As). A structure whose composition c has c·null ≠ 0
+    gets an estimated split of those references; c·null = 0 (GaAs itself) is fitted.
     """
 
     ref: np.ndarray
     scale: np.ndarray
     fitted: np.ndarray
     spread: np.ndarray
-    open: list[list[int]] = field(default_factory=list)
+    null: list[np.ndarray] = field(default_factory=list)
+
+    def open(self, k: int) -> list[int]:
+        """Elements fidelity k's labels contain only in fixed proportions (their split is estimated)."""
+        if not self.null:
+            return []
+        return [int(z) for z in np.flatnonzero(np.abs(self.null[k]).max(0, initial=0.0) > 1e-8)]
 
     @property
     def elements(self) -> np.ndarray:
@@ -110,10 +117,10 @@ def fit_references(
         scale[:] = (
             float(resid.std()) if len(resid) > 1 and resid.std() > 1e-4 else force_rms(dataset, pairs, list(range(K)))
         )
-    open_ = [[] for _ in range(K)]
+    null = [np.zeros((0, N_ELEMENTS)) for _ in range(K)]
     if not pooled:
-        open_ = _fill_from_shared(ref, fitted, spread, systems)
-    return References(ref, scale, fitted, spread, open_)
+        null = _fill_from_shared(ref, fitted, spread, systems)
+    return References(ref, scale, fitted, spread, null)
 
 
 def fit_baseline(
@@ -139,8 +146,8 @@ def fit_new_fidelity(
     all_ref = np.concatenate([np.where(fitted, ref, 0.0), own.ref[:, None]], axis=1)
     all_fitted = np.concatenate([fitted, own.fitted[:, None]], axis=1)
     spread = np.full(K0 + 1, np.nan)
-    open_ = _fill_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], only=K0)
-    return References(all_ref[:, [K0]], np.array([own.scale]), all_fitted[:, [K0]], spread[[K0]], [open_[K0]])
+    null = _fill_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], only=K0)
+    return References(all_ref[:, [K0]], np.array([own.scale]), all_fitted[:, [K0]], spread[[K0]], [null[K0]])
 
 
 @dataclass
@@ -189,13 +196,13 @@ def _least_squares(counts: np.ndarray, rows: np.ndarray, y: np.ndarray, ridge: f
     return coef, cols, resid, ata, aty
 
 
-def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> list[list[int]]:
+def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> list[np.ndarray]:
     """In place: what the labels leave undetermined ← the shift model a[Z] + φ(Z)·β[f] (module docstring).
 
     ref, fitted [N_ELEMENTS, K], spread [K] (← leave-one-out RMS error of the model at f, eV/atom);
     systems[f]: (XᵀX, Xᵀy, n) of fidelity f's own fit, or None (no labels, or references known as
-    they are). `only`: change only this fidelity's column. Returns per fidelity the elements whose
-    references its labels fix only in combination (References.open)."""
+    they are). `only`: change only this fidelity's column. Returns per fidelity the open compositions
+    [d, N_ELEMENTS] (References.null)."""
     K = ref.shape[1]
     identified, nulls = fitted.copy(), [None] * K
     for f, system in enumerate(systems):
@@ -206,7 +213,11 @@ def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> 
         if null.shape[1]:
             nulls[f] = (cols, null)
             identified[cols[np.abs(null).max(1) > 1e-8], f] = False
-    open_ = [[int(z) for z in np.flatnonzero(fitted[:, f] & ~identified[:, f])] for f in range(K)]
+    open_ = [np.zeros((0, N_ELEMENTS)) for _ in range(K)]
+    for f, entry in enumerate(nulls):
+        if entry is not None:
+            open_[f] = np.zeros((entry[1].shape[1], N_ELEMENTS))
+            open_[f][:, entry[0]] = entry[1].T
     if not fitted.any():
         return open_
     prior, loo = _shift_model(ref, fitted, identified)

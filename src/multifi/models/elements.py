@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 
 from multifi.errors import MultifiError
 
@@ -26,18 +27,20 @@ def check_elements(
     keys=None,
     strict: bool = False,
     seen: set | None = None,
+    compositions: bool = True,
 ) -> None:
     """Check structures before predicting with `potential`.
 
     numbers [A] atomic numbers of all structures, n_atoms [S] atoms per structure; fidelity: model
     fidelity index for all structures, [S] one per structure, or None (skip the reference check);
     keys [S]: names of the structures in messages (default: their index). `seen`: (fidelity,
-    element) pairs already warned about; they are not warned about again (updated in place).
+    element) pairs already warned about; they are not warned about again (updated in place). compositions:
+    also flag structures whose element proportions the fidelity's labels leave open (EnergyHead.null).
     """
     numbers = np.asarray(numbers, dtype=np.int64)
     n_atoms = np.asarray(n_atoms, dtype=np.int64)
     fitted = potential.head.fitted.detach().cpu().numpy()  # [119, K]
-    known = fitted.any(1)
+    known = potential.head.known().detach().cpu().numpy()
     prefix = f"{where}: " if where else ""
     unknown = ~known[np.clip(numbers, 0, len(known) - 1)] | (numbers >= len(known))
     if unknown.any():
@@ -58,6 +61,48 @@ def check_elements(
     estimated = ~fitted[numbers, column]
     if estimated.any():
         _report_estimated(potential, numbers[estimated], fid_atom[estimated], prefix, strict, seen)
+    if not compositions:
+        return
+    open_ = open_compositions(
+        potential, numbers, n_atoms, np.zeros_like(fid) if potential.head.shared_baseline else fid
+    )
+    for k in np.unique(fid[open_]):
+        _report_open(potential, int(k), keys, np.flatnonzero(open_ & (fid == k)), prefix, strict, seen)
+
+
+def open_compositions(potential, numbers: np.ndarray, n_atoms: np.ndarray, column: np.ndarray) -> np.ndarray:
+    """[S] bool: structures (atoms `numbers` [A], n_atoms [S]) whose composition the training labels of their
+    reference column [S] fix only in part (an element ratio the labels never had: EnergyHead.open_structures)."""
+    head = potential.head
+    if not bool(head.null.any()) or len(n_atoms) == 0:
+        return np.zeros(len(n_atoms), bool)
+    structure = torch.as_tensor(np.repeat(np.arange(len(n_atoms)), n_atoms))
+    z = torch.as_tensor(np.clip(np.asarray(numbers, dtype=np.int64), 0, head.null.shape[0] - 1))
+    col = torch.as_tensor(np.array(column, dtype=np.int64))
+    dev = head.null.device
+    return head.open_structures(z.to(dev), structure.to(dev), col.to(dev), len(n_atoms)).cpu().numpy()
+
+
+def _report_open(potential, k: int, keys, structures: np.ndarray, prefix: str, strict: bool, seen) -> None:
+    """One warning (or error when strict) per fidelity for structures with an open composition."""
+    if seen is not None and (k, "open") in seen:
+        return
+    from ase.data import chemical_symbols
+
+    name = potential.fidelities.names[k]
+    col = 0 if potential.head.shared_baseline else k
+    symbols = ", ".join(chemical_symbols[z] for z in potential.head.open_elements(col))
+    which = ", ".join(str(keys[s] if keys is not None else s) for s in structures[:3])
+    msg = (
+        f"{prefix}{len(structures)} structure(s) ({which}{', …' if len(structures) > 3 else ''}) hold {symbols} in "
+        f"proportions no {name} training label had (its labels fix only their sum, as in GaAs for Ga and As): "
+        f"their {name} reference energy was estimated; expect larger {name} energy errors"
+    )
+    if strict:
+        raise MultifiError(msg)
+    log.warning("%s", msg)
+    if seen is not None:
+        seen.add((k, "open"))
 
 
 def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: str, strict: bool, seen) -> None:

@@ -9,6 +9,8 @@ from torch import nn
 from multifi.data.stats import N_ELEMENTS, composition_matrix, fit_baseline  # noqa: F401 - re-exported
 from multifi.nn import MLP
 
+NULL_DIRS = 4  # open compositions kept per fidelity; beyond that, their elements count as estimated
+
 
 class EnergyHead(nn.Module):
     """Atom energies E_i = scale[f] · MLP([s_i, c_i]) + ref[Z_i, f]  (eV), float64 on output.
@@ -16,7 +18,9 @@ class EnergyHead(nn.Module):
     With `heads`, one MLP per fidelity; otherwise one MLP shared by all fidelities.
     ref [119, K] eV and scale [K] eV are buffers fitted on the training labels (data.stats.fit_references);
     fitted [119, K] bool records which references came from the fidelity's own labels (the others were
-    estimated from the other fidelities; all False: element unknown to the model).
+    estimated from the other fidelities; all False: element unknown to the model). null [119, K, NULL_DIRS]
+    float64: per fidelity the compositions its labels leave open (data.stats.References.null, zero-padded):
+    a structure with counts c has an estimated reference sum where c·null[:, k] ≠ 0 (open_structures).
     With `shared_baseline` (fidelity-blind models, mode `single`) every fidelity uses column 0 of
     ref and scale, fitted on all fidelities pooled (fit_baseline(..., pooled=True)).
     """
@@ -39,6 +43,7 @@ class EnergyHead(nn.Module):
         self.register_buffer("ref", torch.zeros(N_ELEMENTS, n_fidelities, dtype=torch.float64))
         self.register_buffer("scale", torch.ones(n_fidelities, dtype=torch.float64))
         self.register_buffer("fitted", torch.zeros(N_ELEMENTS, n_fidelities, dtype=torch.bool))
+        self.register_buffer("null", torch.zeros(N_ELEMENTS, n_fidelities, NULL_DIRS, dtype=torch.float64))
 
     def forward(
         self, s: torch.Tensor, cond: torch.Tensor | None, numbers: torch.Tensor, fid_atom: torch.Tensor
@@ -57,7 +62,7 @@ class EnergyHead(nn.Module):
     def _apply(self, fn, recurse=True):
         """Module casts (.float(), .to(dtype)) move ref/scale between devices but keep them float64:
         total energies of hundreds of eV need double precision for meV accuracy."""
-        keep = {"ref": self.ref, "scale": self.scale}
+        keep = {"ref": self.ref, "scale": self.scale, "null": self.null}
         super()._apply(fn, recurse)
         for name, before in keep.items():
             setattr(self, name, before.to(device=getattr(self, name).device, dtype=torch.float64))
@@ -67,12 +72,49 @@ class EnergyHead(nn.Module):
         """Models saved before `fitted` existed: every nonzero reference was fitted (others were zero)."""
         if prefix + "ref" in state_dict and prefix + "fitted" not in state_dict:
             state_dict[prefix + "fitted"] = state_dict[prefix + "ref"] != 0
+        if prefix + "ref" in state_dict and prefix + "null" not in state_dict:  # saved before: none recorded
+            state_dict[prefix + "null"] = torch.zeros(*state_dict[prefix + "ref"].shape, NULL_DIRS, dtype=torch.float64)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def set_baseline(self, ref: np.ndarray, scale: np.ndarray, fitted: np.ndarray | None = None) -> None:
-        """ref [119, K] eV, scale [K] eV, fitted [119, K] bool (default: where ref is nonzero)."""
+    def set_baseline(
+        self, ref: np.ndarray, scale: np.ndarray, fitted: np.ndarray | None = None, null: list | None = None
+    ) -> None:
+        """ref [119, K] eV, scale [K] eV, fitted [119, K] bool (default: where ref is nonzero), null: per
+        fidelity its open compositions [d, 119] (References.null; default none)."""
         ref = torch.as_tensor(ref, dtype=torch.float64)
         self.ref.copy_(ref)
         self.scale.copy_(torch.as_tensor(scale, dtype=torch.float64))
         self.fitted.copy_(ref != 0 if fitted is None else torch.as_tensor(fitted, dtype=torch.bool))
+        for k in range(self.null.shape[1]):
+            self.set_open(k, None if null is None else null[k])
+
+    @torch.no_grad()
+    def set_open(self, k: int, null: np.ndarray | None) -> None:
+        """Record fidelity k's open compositions [d, 119]; with more than NULL_DIRS, their elements are marked
+        estimated instead (every structure with them is then flagged, as for an element without labels)."""
+        self.null[:, k] = 0.0
+        if null is None or len(null) == 0:
+            return
+        null = torch.as_tensor(np.asarray(null), dtype=torch.float64)
+        if len(null) > NULL_DIRS:
+            self.fitted[(null.abs() > 1e-8).any(0), k] = False
+            return
+        self.null[:, k, : len(null)] = null.T
+
+    def known(self) -> torch.Tensor:
+        """[119] bool: elements seen in training (a reference at some fidelity, fitted or estimated)."""
+        return self.fitted.any(1) | (self.ref != 0).any(1)
+
+    def open_elements(self, k: int) -> list[int]:
+        """Elements fidelity k's labels contain only in fixed proportions (their split is estimated)."""
+        return torch.nonzero((self.null[:, k].abs() > 1e-8).any(1)).flatten().tolist()
+
+    def open_structures(self, numbers: torch.Tensor, structure: torch.Tensor, column: torch.Tensor, n: int):
+        """[n] bool: structures whose composition is open at their fidelity column (a reference sum the labels
+        do not fix). numbers, structure [N] (atom → structure), column [n]."""
+        if not bool(self.null.any()):
+            return torch.zeros(n, dtype=torch.bool, device=numbers.device)
+        proj = torch.zeros(n, NULL_DIRS, dtype=torch.float64, device=numbers.device)
+        proj.index_add_(0, structure, self.null[numbers, column[structure]])  # Σ over atoms of null[Z, k]
+        return (proj.abs() > 1e-6).any(1)

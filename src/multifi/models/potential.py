@@ -60,8 +60,8 @@ class Potential(nn.Module):
 
     @property
     def elements(self) -> list[int]:
-        """Atomic numbers with a reference energy fitted at some fidelity (the elements seen in training)."""
-        return torch.nonzero(self.head.fitted.any(1)).flatten().tolist()
+        """Atomic numbers seen in training (with a reference energy at some fidelity)."""
+        return torch.nonzero(self.head.known()).flatten().tolist()
 
     def atom_energies(
         self, edge_vec: torch.Tensor, numbers: torch.Tensor, edge_index: torch.Tensor, geometry, fid_atom: torch.Tensor

@@ -12,6 +12,7 @@ from multifi.data.checks import check_overlaps
 from multifi.data.dataset import FidelityDataset, ranges
 from multifi.data.neighbors import NeighborCache, make_neighbors
 from multifi.keys import COUNT, ESTIMATED, FITTED_ONLY, UNSEEN
+from multifi.models.elements import open_compositions
 from multifi.train.metrics import FidelityMetrics
 
 log = logging.getLogger("multifi")
@@ -60,7 +61,8 @@ def evaluate_pairs(
 
 def pairs_with_estimated_references(potential, dataset: FidelityDataset, pairs: np.ndarray) -> np.ndarray:
     """[P] bool: the structure has an element whose reference energy at the pair's fidelity (mapped to the
-    model's by name) was estimated, not fitted to labels of that fidelity (models.elements)."""
+    model's by name) was estimated, not fitted to labels of that fidelity, or a composition those labels fix
+    only in part (models.elements)."""
     fitted = potential.head.fitted.detach().cpu().numpy()  # [119, K]
     if potential.head.shared_baseline:
         fitted = fitted[:, :1]
@@ -72,7 +74,8 @@ def pairs_with_estimated_references(potential, dataset: FidelityDataset, pairs: 
     missing = (~fitted[numbers, np.repeat(column, n)]).astype(np.int64)
     if not len(n):
         return np.zeros(0, bool)
-    return np.add.reduceat(missing, np.concatenate([[0], np.cumsum(n)[:-1]])) > 0
+    estimated = np.add.reduceat(missing, np.concatenate([[0], np.cumsum(n)[:-1]])) > 0
+    return estimated | open_compositions(potential, numbers, n, column)
 
 
 def _add_fitted_only(potential, dataset, pairs: np.ndarray, result: dict, fitted) -> None:
@@ -120,7 +123,7 @@ def model_fidelities(potential, dataset: FidelityDataset, pairs: np.ndarray) -> 
 
 def structures_with_unseen_elements(potential, dataset: FidelityDataset, structures: np.ndarray) -> np.ndarray:
     """[len(structures)] bool: the structure contains an element no training label of `potential` contained."""
-    known = potential.head.fitted.detach().cpu().numpy().any(1)  # [119]
+    known = potential.head.known().detach().cpu().numpy()  # [119]
     numbers = np.clip(dataset.numbers, 0, len(known) - 1)
     unknown_atoms = np.concatenate([[0], np.cumsum(~known[numbers])])  # prefix counts over all atoms
     offsets = dataset.offsets
@@ -131,7 +134,7 @@ def structures_with_unseen_elements(potential, dataset: FidelityDataset, structu
 def _report_unseen(potential, dataset: FidelityDataset, pairs: np.ndarray, result: dict) -> None:
     from ase.data import chemical_symbols
 
-    known = potential.head.fitted.detach().cpu().numpy().any(1)
+    known = potential.head.known().detach().cpu().numpy()
     for k in np.unique(pairs[:, 1]):
         rows = pairs[pairs[:, 1] == k, 0]
         atoms = np.concatenate([dataset.numbers[dataset.offsets[s] : dataset.offsets[s + 1]] for s in rows])

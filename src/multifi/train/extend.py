@@ -476,10 +476,10 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
     known_ref = head.ref[:, :k].detach().double().cpu().numpy()
     known_fitted = head.fitted[:, :k].cpu().numpy()
     new = fit_new_fidelity(ds, train_pairs, k, known_ref, known_fitted)
-    if new.open[0]:
+    if new.open(0):
         from multifi.train.run import warn_open_references
 
-        warn_open_references(potential.fidelities.names[k], new.open[0])
+        warn_open_references(potential.fidelities.names[k], new.open(0))
     ref = head.ref.detach().double().cpu().numpy().copy()
     ref[:, k] = new.ref[:, 0]
     scale = head.scale.detach().double().cpu().numpy().copy()
@@ -489,6 +489,7 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
     with torch.no_grad():
         head.ref[:, k] = torch.as_tensor(new.ref[:, 0], dtype=head.ref.dtype)
         head.fitted[:, k] = torch.as_tensor(new.fitted[:, 0])
+        head.set_open(k, new.null[0])
         head.scale[k] = head.scale[0] if energy_scale == "shared" else float(new.scale[0])
 
 

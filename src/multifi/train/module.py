@@ -108,12 +108,13 @@ class PotentialModule(L.LightningModule):
         head = self.eval_potential.head
         column = torch.zeros_like(graph.fidelity) if head.shared_baseline else graph.fidelity
         estimated = ~head.fitted[graph.numbers, column[graph.batch]]  # [N]
-        if not estimated.any():
+        open_ = head.open_structures(graph.numbers, graph.batch, column, graph.num_graphs)  # [S]
+        if not estimated.any() and not open_.any():
             return graph
         per_structure = torch.zeros(graph.num_graphs, device=estimated.device).index_add_(
             0, graph.batch, estimated.float()
         )
-        return dataclasses.replace(graph, energy_mask=graph.energy_mask & (per_structure == 0))
+        return dataclasses.replace(graph, energy_mask=graph.energy_mask & (per_structure == 0) & ~open_)
 
     def on_validation_epoch_start(self):
         self.val_metrics.reset()

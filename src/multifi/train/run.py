@@ -94,7 +94,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     check_energy_units(prep.dataset, prep.pairs["train"], refs.ref, refs.scale)
     check_stress_units(prep.dataset, prep.pairs["train"])
     _report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
-    module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted)
+    module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
     module.sync_ema()
 
     data = MultiFidelityData(
@@ -580,8 +580,8 @@ def _report_references(refs, names, skip=()) -> None:
     from ase.data import chemical_symbols
 
     for k, name in enumerate(names):
-        if refs.open and refs.open[k] and name not in skip:
-            warn_open_references(name, refs.open[k])
+        if refs.open(k) and name not in skip:
+            warn_open_references(name, refs.open(k))
         missing = refs.estimated(k)
         if not missing or name in skip:
             continue
