@@ -322,3 +322,15 @@ def test_metrics_table_counts_energy_labels_by_name():
     header, row = table.splitlines()
     assert "n energies" in header and "F MAE meV/Å" in header
     assert row.split()[:2] == ["F-only", "0"] and "12.3" in row
+
+
+def test_data_info_runs_the_unit_checks(tmp_path, capsys, caplog):
+    from conftest import tiny_frames
+
+    frames = tiny_frames()
+    for a in frames:
+        a.calc.results["energy"] /= 27.211386  # Hartree
+    ase.io.write(tmp_path / "ha.extxyz", frames, format="extxyz")
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["data", "info", tmp_path / "ha.extxyz"], capsys)[0] == 0
+    assert "energies at fidelity 'lo' look like Hartree" in caplog.text

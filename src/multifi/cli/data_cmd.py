@@ -53,7 +53,22 @@ def run_info(args) -> int:
         print(name.ljust(width) + "".join(str(c[k]).rjust(10) for k in ("energy", "forces", "stress")))
     multi = int(((ds.energy_mask | ds.has_forces()).sum(1) > 1).sum())
     print(f"structures labelled at more than one fidelity: {multi}")
+    _check_labels(ds)
     return 0
+
+
+def _check_labels(ds) -> None:
+    """The unit checks training runs (warnings in the log), on every label of the data."""
+    import numpy as np
+
+    from multifi.data.checks import check_energy_units, check_stress_units
+    from multifi.data.split import labelled_pairs
+    from multifi.data.stats import fit_references
+
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    refs = fit_references(ds, pairs)
+    check_energy_units(ds, pairs, refs.ref, refs.scale)
+    check_stress_units(ds, pairs)
 
 
 def run_convert(args) -> int:
