@@ -199,3 +199,13 @@ def test_yaml_booleans_are_not_numbers(key, value):
         validate_config({"data": {"sources": [{"path": "x.extxyz"}]}, "train": {key: value}})
     cfg = validate_config({"data": {"sources": [{"path": "x.extxyz"}]}, "train": {"progress": False}})
     assert cfg.train.progress is False
+
+
+def test_override_mapping_with_a_comma_in_a_name_asks_for_quotes():
+    from multifi.config import apply_override
+
+    with pytest.raises(MultifiError, match=r"YAML split a name at a comma \('B3LYP/6-31G\(2df'\); quote such names"):
+        apply_override({}, "data.train_limits={B3LYP/6-31G(2df,p): 3}")
+    raw: dict = {}
+    apply_override(raw, "data.train_limits={'B3LYP/6-31G(2df,p)': 3}")
+    assert raw == {"data": {"train_limits": {"B3LYP/6-31G(2df,p)": 3}}}

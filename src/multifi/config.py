@@ -407,6 +407,14 @@ def apply_override(raw: dict, item: str, where: str = "config") -> None:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise MultifiError(f"{where}: --set {item}: value {yaml_error(exc)}") from None
+    torn = (
+        [k for k in parsed if isinstance(k, str) and k.count("(") != k.count(")")] if isinstance(parsed, dict) else []
+    )
+    if torn:  # {B3LYP/6-31G(2df,p): 3}: YAML splits the name at its comma
+        raise MultifiError(
+            f"{where}: --set {item}: YAML split a name at a comma ({torn[0]!r}); quote such names: "
+            f"{{'{torn[0]},…': …}}, or set one entry: {key.strip()}.NAME=VALUE"
+        )
     if isinstance(node, list):
         node[_list_index(node, last, parts, item, where)] = parsed
     elif isinstance(node, dict):
