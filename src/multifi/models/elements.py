@@ -98,11 +98,15 @@ def _report_open(potential, k: int, keys, structures: np.ndarray, prefix: str, s
         f"proportions no {name} training label had (its labels fix only their sum, as in GaAs for Ga and As): "
         f"their {name} reference energy was estimated; expect larger {name} energy errors"
     )
+    _refuse_or_warn(msg, strict)
+    if seen is not None:
+        seen.add((k, "open"))
+
+
+def _refuse_or_warn(msg: str, strict: bool) -> None:
     if strict:
         raise MultifiError(msg)
     log.warning("%s", msg)
-    if seen is not None:
-        seen.add((k, "open"))
 
 
 def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: str, strict: bool, seen) -> None:
@@ -120,8 +124,6 @@ def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: s
             f"estimated from the other fidelities (no {name} training label contained {'it' if one else 'them'}); "
             f"expect larger {name} energy errors for structures with {symbols}"
         )
-        if strict:
-            raise MultifiError(msg)
-        log.warning("%s", msg)
+        _refuse_or_warn(msg, strict)
         if seen is not None:
             seen.update((int(k), z) for z in new)
