@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -334,3 +335,30 @@ def test_data_info_runs_the_unit_checks(tmp_path, capsys, caplog):
     with caplog.at_level("WARNING", logger="multifi"):
         assert run(["data", "info", tmp_path / "ha.extxyz"], capsys)[0] == 0
     assert "energies at fidelity 'lo' look like Hartree" in caplog.text
+
+
+def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog):
+    """The run records the shortest distance of each element pair in its training structures; the calculator
+    and predict warn (once per pair) when atoms come far closer than that, and stay silent otherwise."""
+    from multifi.calculator import Calculator
+    from multifi.models.registry import load_potential
+    from multifi.predict import predict_atoms
+
+    _, run_dir = cli_run
+    pot = load_potential(run_dir / "model.pt")
+    contact = pot.head.contact.numpy()
+    assert 0.8 < contact[1, 6] < 1.2 and contact[1, 6] == contact[6, 1] and contact[6, 6] > contact[1, 6]
+    assert contact[1, 29] == 0  # Cu: never in training
+    water = rattled_molecule("H2O", 3)
+    squeezed = water.copy()
+    squeezed.positions[1] = squeezed.positions[0] + 0.4 * (squeezed.positions[1] - squeezed.positions[0])
+    with caplog.at_level("WARNING", logger="multifi"):
+        predict_atoms(pot, [water], "hi")
+        assert not caplog.records
+        calc = Calculator(pot, fidelity="hi")
+        for _ in range(2):
+            squeezed.calc = calc
+            squeezed.rattle(0.001)
+            squeezed.get_potential_energy()
+    messages = [r.getMessage() for r in caplog.records if "far closer" in r.getMessage()]
+    assert len(messages) == 1 and re.search(r"H–O atoms 0\.[34]\d Å apart, far closer than any H–O pair", messages[0])

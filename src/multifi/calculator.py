@@ -13,7 +13,7 @@ from ase.units import GPa
 from multifi.aot import AotModel
 from multifi.data.batch import graph_from_atoms
 from multifi.errors import MultifiError
-from multifi.models.elements import check_elements
+from multifi.models.elements import check_contacts, check_elements
 
 
 class Calculator(AseCalculator):
@@ -95,6 +95,7 @@ class Calculator(AseCalculator):
             )
             self._checked = checked
         graph = graph_from_atoms([self.atoms], self.potential.cutoff, self._index, dtype=self.dtype).to(self.device)
+        check_contacts(self.potential, graph, seen=self._warned)  # once per element pair and calculator
         periodic = bool(self.atoms.pbc.any())
         want_stress = periodic and "stress" in properties
         if self.aot and self.device.type == "cpu" and AotModel.fits(len(self.atoms), graph.edge_index.shape[1]):

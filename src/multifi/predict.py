@@ -30,11 +30,15 @@ def predict_atoms(
 
     k = potential.fidelity_index(fidelity)
     check_atoms_elements(potential, atoms_list, where, fidelity=k, strict=strict_references)
+    from multifi.models.elements import check_contacts
+
     param = next(potential.parameters())
     energies, forces_out, stresses = [], [], []
+    warned: set = set()
     for start in range(0, len(atoms_list), batch_size):
         chunk = atoms_list[start : start + batch_size]
         g = graph_from_atoms(chunk, potential.cutoff, k, dtype=param.dtype, where=where, first=start)
+        check_contacts(potential, g, where, first=start, seen=warned)
         periodic = bool(g.cell.abs().sum() > 0)
         out = potential(g.to(param.device), forces=forces, stress=periodic)
         out = {key: v.detach().cpu() for key, v in out.items()}

@@ -306,3 +306,28 @@ def _null_space(G: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     """Orthonormal basis [n, d] of the null space of a symmetric positive semi-definite matrix [n, n]."""
     w, v = np.linalg.eigh(G)
     return v[:, w <= rtol * max(float(w.max()), 1e-300) * len(w)]
+
+
+# ---------------------------------------------------------------------------------------------- contacts
+def shortest_contacts(dataset, neighbors, structures: np.ndarray, chunk: int = 20000) -> np.ndarray:
+    """[N_ELEMENTS, N_ELEMENTS] Å: the shortest distance of each element pair within the neighbour lists
+    (cached ones, data.neighbors.NeighborCache) of `structures`; 0 where a pair never occurs. Symmetric."""
+    out = np.full((N_ELEMENTS, N_ELEMENTS), np.inf)
+    if not hasattr(neighbors, "edges") or not hasattr(neighbors, "edge_offsets"):
+        return np.zeros((N_ELEMENTS, N_ELEMENTS))  # on-the-fly lists: not computed (large data)
+    structures = np.asarray(structures, dtype=np.int64)
+    offsets, numbers = np.asarray(dataset.offsets), np.asarray(dataset.numbers, dtype=np.int64)
+    for a in range(0, len(structures), chunk):
+        s = structures[a : a + chunk]
+        i, j, shifts, counts = neighbors.edges(s)
+        if not len(i):
+            continue
+        owner = np.repeat(s, counts)
+        gi, gj = offsets[owner] + i, offsets[owner] + j
+        pos = np.asarray(dataset.positions)
+        vec = pos[gj] - pos[gi] + np.einsum("ea,eab->eb", shifts.astype(np.float64), np.asarray(dataset.cells)[owner])
+        d = np.linalg.norm(vec, axis=1)
+        np.minimum.at(out, (numbers[gi], numbers[gj]), d)
+    out = np.minimum(out, out.T)
+    out[~np.isfinite(out)] = 0.0
+    return out

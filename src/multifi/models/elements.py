@@ -127,3 +127,48 @@ def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: s
         _refuse_or_warn(msg, strict)
         if seen is not None:
             seen.update((int(k), z) for z in new)
+
+
+#: a pair closer than this fraction of its shortest distance in training is an extrapolation worth a warning
+CONTACT_FRACTION = 0.75
+
+
+def check_contacts(potential, graph, where: str = "", first: int = 0, seen: set | None = None) -> None:
+    """Warn (once per element pair and `seen` set) when atoms of `graph` are closer than CONTACT_FRACTION of
+    the shortest distance of their element pair in the training structures (EnergyHead.contact): the model
+    extrapolates there, and its energies and forces are unreliable. `first`: index of graph's first structure
+    in the caller's list (for the message)."""
+    contact = potential.head.contact
+    if not bool(contact.any()) or graph.edge_index.shape[1] == 0:
+        return
+    i, j = graph.edge_index
+    shift = torch.einsum("ea,eab->eb", graph.shifts.to(graph.cell.dtype), graph.cell[graph.batch[i]])
+    d = (graph.positions[j] - graph.positions[i] + shift).norm(dim=1).to(contact.device, torch.float64)
+    zi, zj = graph.numbers[i].to(contact.device), graph.numbers[j].to(contact.device)
+    limit = contact[zi, zj]
+    close = (limit > 0) & (d < CONTACT_FRACTION * limit)
+    if not bool(close.any()):
+        return
+    from ase.data import chemical_symbols
+
+    for e in torch.nonzero(close).flatten().tolist():
+        pair = tuple(sorted((int(zi[e]), int(zj[e]))))
+        if seen is not None and ("contact", pair) in seen:
+            continue
+        a, b = (chemical_symbols[z] for z in pair)
+        s = int(graph.batch[i[e]]) + first
+        log.warning(
+            "%sstructure %d: %s–%s atoms %.2f Å apart, far closer than any %s–%s pair in training (%.2f Å): the "
+            "model extrapolates there; its energies and forces are unreliable",
+            f"{where}: " if where else "",
+            s,
+            a,
+            b,
+            float(d[e]),
+            a,
+            b,
+            float(limit[e]),
+        )
+        if seen is None:
+            return
+        seen.add(("contact", pair))

@@ -21,6 +21,8 @@ class EnergyHead(nn.Module):
     estimated from the other fidelities; all False: element unknown to the model). null [119, K, NULL_DIRS]
     float64: per fidelity the compositions its labels leave open (data.stats.References.null, zero-padded):
     a structure with counts c has an estimated reference sum where c·null[:, k] ≠ 0 (open_structures).
+    contact [119, 119] Å: the shortest distance of each element pair in the training structures (0: unknown),
+    to warn when a prediction's atoms are far closer than anything the model was trained on.
     With `shared_baseline` (fidelity-blind models, mode `single`) every fidelity uses column 0 of
     ref and scale, fitted on all fidelities pooled (fit_baseline(..., pooled=True)).
     """
@@ -44,6 +46,7 @@ class EnergyHead(nn.Module):
         self.register_buffer("scale", torch.ones(n_fidelities, dtype=torch.float64))
         self.register_buffer("fitted", torch.zeros(N_ELEMENTS, n_fidelities, dtype=torch.bool))
         self.register_buffer("null", torch.zeros(N_ELEMENTS, n_fidelities, NULL_DIRS, dtype=torch.float64))
+        self.register_buffer("contact", torch.zeros(N_ELEMENTS, N_ELEMENTS, dtype=torch.float64))
 
     def forward(
         self, s: torch.Tensor, cond: torch.Tensor | None, numbers: torch.Tensor, fid_atom: torch.Tensor
@@ -62,7 +65,7 @@ class EnergyHead(nn.Module):
     def _apply(self, fn, recurse=True):
         """Module casts (.float(), .to(dtype)) move ref/scale between devices but keep them float64:
         total energies of hundreds of eV need double precision for meV accuracy."""
-        keep = {"ref": self.ref, "scale": self.scale, "null": self.null}
+        keep = {"ref": self.ref, "scale": self.scale, "null": self.null, "contact": self.contact}
         super()._apply(fn, recurse)
         for name, before in keep.items():
             setattr(self, name, before.to(device=getattr(self, name).device, dtype=torch.float64))
@@ -74,6 +77,8 @@ class EnergyHead(nn.Module):
             state_dict[prefix + "fitted"] = state_dict[prefix + "ref"] != 0
         if prefix + "ref" in state_dict and prefix + "null" not in state_dict:  # saved before: none recorded
             state_dict[prefix + "null"] = torch.zeros(*state_dict[prefix + "ref"].shape, NULL_DIRS, dtype=torch.float64)
+        if prefix + "ref" in state_dict and prefix + "contact" not in state_dict:
+            state_dict[prefix + "contact"] = torch.zeros(N_ELEMENTS, N_ELEMENTS, dtype=torch.float64)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -101,6 +106,13 @@ class EnergyHead(nn.Module):
             self.fitted[(null.abs() > 1e-8).any(0), k] = False
             return
         self.null[:, k, : len(null)] = null.T
+
+    @torch.no_grad()
+    def record_contacts(self, contact: np.ndarray) -> None:
+        """Merge shortest training distances [119, 119] Å (0: pair absent) into `contact` (the smaller wins)."""
+        new = torch.as_tensor(contact, dtype=torch.float64, device=self.contact.device)
+        both = (self.contact > 0) & (new > 0)
+        self.contact.copy_(torch.where(both, torch.minimum(self.contact, new), torch.maximum(self.contact, new)))
 
     def known(self) -> torch.Tensor:
         """[119] bool: elements seen in training (a reference at some fidelity, fitted or estimated)."""

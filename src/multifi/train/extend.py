@@ -26,7 +26,7 @@ from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
-from multifi.data.stats import fit_new_fidelity
+from multifi.data.stats import fit_new_fidelity, shortest_contacts
 from multifi.errors import MultifiError, unknown_name
 from multifi.keys import COUNT
 from multifi.train.init import FIDELITY_AXIS
@@ -103,8 +103,8 @@ def unchanged_fidelities(old, new) -> bool:
     src, K = old.state_dict(), len(old.fidelities)
     for key, value in new.state_dict().items():
         m = _HEAD.match(key)
-        if key == "conditioning.onehot" or (m and new.head.heads and int(m.group(1)) == K):
-            continue
+        if key in ("conditioning.onehot", "head.contact") or (m and new.head.heads and int(m.group(1)) == K):
+            continue  # the new fidelity's own input column / head; training distances (no prediction uses them)
         if key in FIDELITY_AXIS:
             value = value.narrow(FIDELITY_AXIS[key], 0, K)
         if key not in src or value.shape != src[key].shape or not torch.equal(value, src[key].to(value.dtype)):
@@ -378,6 +378,7 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)
     trainer.fit(module, datamodule=data)
     best = load_potential(final_checkpoint(trainer, run_dir), compile=False)
+    best.head.record_contacts(shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0])))
     _finish(cfg, old, best, data, pairs, table, old_run, replay)
     return run_dir
 

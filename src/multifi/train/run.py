@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from multifi.config import RunConfig, dump_config, load_config
 from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates, check_stress_units
 from multifi.data.split import changed_split
-from multifi.data.stats import fit_references
+from multifi.data.stats import fit_references, shortest_contacts
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, make_dir, reported
 from multifi.keys import FORCES_MAE, STRESS_MAE, TRAIN_LOSS_EPOCH
@@ -109,6 +109,9 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
         neighbor_lists=cfg.data.neighbor_lists,
     )
     check_overlaps(prep.dataset, data.neighbors)
+    train_structures = np.unique(prep.pairs["train"][:, 0])
+    module.potential.head.record_contacts(shortest_contacts(prep.dataset, data.neighbors, train_structures))
+    module.sync_ema()
     check_sampling(data, prep, config_source)
     trainer = _build_trainer(cfg, run_dir, len(prep.pairs["val"]) > 0, config_source)
     if dry_run:
