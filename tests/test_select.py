@@ -213,3 +213,22 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
     )
     assert code == 0 and "picked 5 of 20 eligible structures (40 in the pool" in stdout
     assert "20 labelled at hi in the model's run data" in stdout
+
+
+def test_select_counts_a_geometry_once_whatever_its_keys(cli_run, tmp_path, capsys):  # noqa: F811
+    _, run_dir = cli_run
+    mols = [rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=800 + i, stdev=0.1) for i in range(4)]
+    frames = []
+    for i, a in enumerate(mols + [mols[0], mols[1]]):  # geometries 0 and 1 twice, under other keys
+        b = a.copy()
+        b.info["key"] = f"g{i}"
+        frames.append(b)
+    frames[1] = emt_labelled(frames[1], "hi")  # g1 labelled at hi: its copy g5 is not eligible either
+    frames[1].info["key"] = "g1"
+    pool = tmp_path / "pool.extxyz"
+    ase.io.write(pool, frames, format="extxyz")
+    out = tmp_path / "picks.txt"
+    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out]
+    code, stdout, _ = run([*args, "--n", "3"], capsys)
+    assert code == 0 and "picked 3 of 3 eligible structures (6 in the pool" in stdout
+    assert sorted(out.read_text().split()) == ["g0", "g2", "g3"]

@@ -74,7 +74,10 @@ def select_structures(
 
 
 def labelled_mask(pool, fidelity: str, exclude=()) -> np.ndarray:
-    """[S] True for pool structures with an energy at `fidelity` or whose key is in `exclude`."""
+    """[S] True for pool structures not to pick: with an energy at `fidelity`, a key in `exclude`, the same
+    geometry as such a structure (under another key), or a later copy of a geometry earlier in the pool."""
+    from multifi.data.checks import geometry_fingerprints
+
     mask = (
         np.isin(pool.keys.astype(str), np.asarray(list(exclude), dtype=str))
         if len(exclude)
@@ -82,7 +85,12 @@ def labelled_mask(pool, fidelity: str, exclude=()) -> np.ndarray:
     )
     if fidelity in pool.fidelities:
         mask |= ~np.isnan(pool.energy[:, pool.fidelities.index(fidelity)])
-    return mask
+    if len(pool) < 2:
+        return mask
+    _, first, group = np.unique(geometry_fingerprints(pool), return_index=True, return_inverse=True)
+    done = np.zeros(len(first), bool)
+    np.logical_or.at(done, group, mask)  # a geometry labelled under any of its keys
+    return mask | done[group] | (np.arange(len(pool)) != first[group])
 
 
 def greedy_variance(f: np.ndarray, cov: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -61,7 +61,7 @@ def run(args) -> int:
     in_run = int(np.isin(pool.keys.astype(str), known).sum())
     print(
         f"picked {len(keys)} of {eligible} eligible structures ({len(pool)} in the pool, the others labelled "
-        f"at {args.fidelity} or excluded"
+        f"at {args.fidelity}, excluded or repeated geometries"
         + (f"; {in_run} labelled at {args.fidelity} in the model's run data" if in_run else "")
         + f") for {args.fidelity} ({args.strategy}) → {args.out}"
     )
