@@ -362,3 +362,21 @@ def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog
             squeezed.get_potential_energy()
     messages = [r.getMessage() for r in caplog.records if "far closer" in r.getMessage()]
     assert len(messages) == 1 and re.search(r"H–O atoms 0\.[34]\d Å apart, far closer than any H–O pair", messages[0])
+
+
+def test_data_info_names_references_the_labels_leave_open(tmp_path, capsys, caplog):
+    """Ga and As only as GaAs at one fidelity (any proportions at the other): data info says so, as training does."""
+    frames = []
+    for i, formula in enumerate(["GaAs", "Ga2As", "GaAs2", "GaAs", "Ga2As", "GaAs2", "GaAs", "GaAs"] * 2):
+        n = len(Atoms(formula))
+        a = Atoms(formula, positions=[[2.5 * k, 0.1 * i, 0] for k in range(n)], cell=[9, 9, 9], pbc=True)
+        fid = "R2" if i >= 8 and formula == "GaAs" else "PBE"
+        if fid == "R2":
+            a.positions[1, 0] += 0.05 * i  # another GaAs geometry
+        a.info.update(fidelity=fid, energy=-3.0 * formula.count("Ga") - 4.0 * (n - formula.count("Ga")) + 0.01 * i)
+        frames.append(a)
+    ase.io.write(tmp_path / "gaas.extxyz", frames, format="extxyz")
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["data", "info", tmp_path / "gaas.extxyz"], capsys)[0] == 0
+    assert "R2: the training labels contain Ga, As only in fixed proportions" in caplog.text
+    assert "PBE: the training labels contain" not in caplog.text

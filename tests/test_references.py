@@ -391,10 +391,10 @@ def test_elements_only_in_fixed_proportions_are_reported(caplog):
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     new = fit_new_fidelity(ds, pairs, hi, refs.ref[:, [lo]], refs.fitted[:, [lo]])
     assert new.open(0) == [31, 33]
-    from multifi.train.run import _report_references
+    from multifi.train.run import report_references
 
     with caplog.at_level(logging.WARNING, logger="multifi"):
-        _report_references(refs, ["lo", "hi"])
+        report_references(refs, ["lo", "hi"])
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "hi: the training labels contain Ga, As only in fixed proportions" in text and "lo:" not in text
 

@@ -93,7 +93,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     )
     check_energy_units(prep.dataset, prep.pairs["train"], refs.ref, refs.scale)
     check_stress_units(prep.dataset, prep.pairs["train"])
-    _report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
+    report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
     module.sync_ema()
 
@@ -577,7 +577,7 @@ def warn_open_references(name: str, elements: list[int]) -> None:
     )
 
 
-def _report_references(refs, names, skip=()) -> None:
+def report_references(refs, names, skip=()) -> None:
     """One warning per fidelity whose training labels lack elements that other fidelities have (except
     `skip`: fidelities without training labels, warned about as such)."""
     from ase.data import chemical_symbols
