@@ -41,6 +41,50 @@ def test_errors(calc, frames) -> dict:
     }
 
 
+class BudgetReached(Exception):
+    """Raised before a training epoch the CPU budget cannot pay for (caught by the adapter)."""
+
+
+class CpuBudget:
+    """The CPU time (time.process_time() of this process, seconds) a peer's training may reach.
+
+    The peers' trainers stop at an epoch count; `begin_epoch()`, hooked in front of every training epoch of the
+    peer's own loop, ends training (BudgetReached) when the last epoch's cost (training + validation) would
+    take the process past `limit_s`. The peer keeps the best checkpoint it wrote so far."""
+
+    def __init__(self, limit_s: float):
+        self.limit_s = limit_s
+        self.epochs = 0
+        self.last: float | None = None
+        self.stopped = False
+
+    def begin_epoch(self) -> None:
+        now = time.process_time()
+        cost = 0.0 if self.last is None else now - self.last
+        if now + cost > self.limit_s:
+            self.stopped = True
+            raise BudgetReached(f"CPU budget: {now:.0f} s used, next epoch ≈ {cost:.0f} s, limit {self.limit_s:.0f} s")
+        self.last = now
+        self.epochs += 1
+
+    def record(self) -> dict:
+        return {
+            "limit_cpu_s": round(self.limit_s, 1),
+            "epochs_trained": self.epochs,
+            "stopped_by_budget": self.stopped,
+            "process_cpu_s_at_end": round(time.process_time(), 1),
+        }
+
+
+def budget_limit(args, share: float = 1.0, spent_before: float = 0.0) -> float:
+    """Process CPU seconds a training stage may reach: `share` of --budget-cpu-s counted from process start,
+    plus `spent_before` (CPU of an earlier stage in this process that has its own budget); no limit without
+    --budget-cpu-s (smoke runs, speed runs)."""
+    if args.budget_cpu_s is None:
+        return float("inf")
+    return share * args.budget_cpu_s + spent_before
+
+
 class StepClock:
     """perf_counter() after every optimizer step of any torch optimizer in this process (a global hook),
     so a peer's own training loop can be timed without touching its code."""

@@ -20,6 +20,8 @@ Model: MACE with MODEL (below), chosen for a parameter count comparable to multi
 results/solids (71 684 parameters; `run.py params` prints both). Everything else is mace-torch's
 documented default (loss "weighted": energy 1, forces 100; Adam amsgrad lr 0.01; ReduceLROnPlateau; EMA off;
 batch 10), except float32 (as multifi and SevenNet) and the epoch count, which the budget sets.
+The CPU budget (--budget-cpu-s) ends mace's epoch loop (C.CpuBudget) before an epoch that would overrun it;
+mace then writes the model of its best checkpoint as after a full run.
 Evaluation: MACECalculator(head="r2scan") on the 50 r2SCAN test structures (the checkpoint its trainer
 kept: lowest validation loss).
 """
@@ -99,8 +101,11 @@ def heads_multihead(data: Path, n: int, seed: int) -> dict:
     }
 
 
-def run_mace(config: dict, work: Path) -> None:
-    """mace.cli.run_train.main() on a YAML config written to work/config.yaml."""
+def run_mace(config: dict, work: Path, budget: C.CpuBudget) -> dict:
+    """mace.cli.run_train.main() on a YAML config written to work/config.yaml, its epoch loop stopped by
+    `budget`: a stop ends mace's training loop only, so that mace then loads the best checkpoint of its
+    last head and writes the model as after a full run. Returns the budget's record."""
+    import mace.tools
     import yaml
 
     work.mkdir(parents=True, exist_ok=True)
@@ -108,12 +113,28 @@ def run_mace(config: dict, work: Path) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     from mace.cli import run_train
 
+    loop = sys.modules["mace.tools.train"]  # the module (mace.tools.train is the function)
+    one_epoch, train = loop.train_one_epoch, mace.tools.train
+
+    def budgeted_epoch(*a, **k):
+        budget.begin_epoch()
+        return one_epoch(*a, **k)
+
+    def budgeted_train(*a, **k):
+        try:
+            return train(*a, **k)
+        except C.BudgetReached as stop:
+            logging.warning("%s: training stopped", stop)
+
     argv = sys.argv
     sys.argv = ["mace_run_train", "--config", str(path)]
+    loop.train_one_epoch, mace.tools.train = budgeted_epoch, budgeted_train
     try:
         run_train.main()
     finally:
         sys.argv = argv
+        loop.train_one_epoch, mace.tools.train = one_epoch, train
+    return budget.record()
 
 
 def model_file(work: Path) -> Path:
@@ -139,8 +160,9 @@ def pbe_model(args, data: Path) -> Path:
         "valid_file": str(data / "pbe_val.xyz"),
     }
     t = time.process_time()
-    run_mace(cfg, work)
-    done.write_text(json.dumps({"model": str(model_file(work)), "epochs": epochs, "cpu_s": time.process_time() - t}))
+    record = run_mace(cfg, work, C.CpuBudget(t + C.budget_limit(args, PBE_SHARE)))
+    info = {"model": str(model_file(work)), "epochs": epochs, "cpu_s": time.process_time() - t, "budget": record}
+    done.write_text(json.dumps(info))
     return model_file(work)
 
 
@@ -148,10 +170,13 @@ def fit(args) -> dict:
     data, work = Path(args.data), Path(args.work)
     if args.smoke:
         args.epochs = 1
+    pbe_cpu = 0.0  # CPU of a PBE model trained in this process (it has its own budget share)
     if args.variant == "multihead":
         cfg = base_config(args, work, args.epochs) | {"heads": heads_multihead(data, args.n, args.seed)}
     else:
+        t = time.process_time()
         foundation = pbe_model(args, data)
+        pbe_cpu = time.process_time() - t
         cfg = base_config(args, work, args.epochs) | {
             "train_file": str(data / f"r2scan_train_n{args.n}_s{args.seed}.xyz"),
             "valid_file": str(data / "r2scan_val.xyz"),
@@ -163,8 +188,10 @@ def fit(args) -> dict:
             "E0s": "estimated",
         }
     clock = C.StepClock()
-    run_mace(cfg, work)
+    share = FINETUNE_SHARE if args.variant == "finetune_replay" else 1.0
+    record = run_mace(cfg, work, C.CpuBudget(C.budget_limit(args, share, spent_before=pbe_cpu)))
     out = {"train_rates": clock.rates(BATCH), "model_file": str(model_file(work)), "model": MODEL, "dtype": DTYPE}
+    out["budget"] = record
     if args.variant == "finetune_replay":  # its PBE model (CPU seconds counted once, when it was trained)
         out["pbe_model"] = json.loads((Path(cfg["foundation_model"]).parent / "done.json").read_text())
     if not args.no_eval:

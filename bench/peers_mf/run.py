@@ -3,10 +3,12 @@
 BUDGET RULE (declared before any run; the same for every peer, variant, n and seed):
   equal CPU-time budget per run: every training run gets BUDGET_CPU_S = 1 800 CPU-seconds on 1 thread
   (OMP_NUM_THREADS = 1, torch.set_num_threads(1), OMP_WAIT_POLICY = PASSIVE, one training at a time).
-  The peers' command-line trainers stop at an epoch count, not at a CPU time, so the budget becomes an
-  epoch count: `calibrate` runs each (peer, variant) for 1 and for 6 epochs at the smallest n and takes
-  the CPU cost per training structure per epoch from the difference; a run then gets
-  epochs = floor((BUDGET_CPU_S − start-up CPU) / (cost × structures per epoch)). The CPU seconds a
+  The adapters stop each peer's own epoch loop before an epoch that would take its process past the budget
+  (the peer keeps its best checkpoint so far; `budget` in the run's JSON). The budget also sets the epoch
+  count, which SevenNet's linear learning-rate schedule spans: `calibrate` runs each (peer, variant) for 1
+  and for 6 epochs at the smallest n and takes the CPU cost per training structure per epoch from the
+  difference; a run then gets epochs = floor((BUDGET_CPU_S − start-up CPU) / (cost × structures per
+  epoch)) (MACE, whose schedule ignores the epoch count: 3× that, so that the budget ends its runs). The CPU seconds a
   run really used are recorded in its JSON (cpu_s), next to the budget. Inside the budget each peer
   uses its own documented defaults (optimizer, schedule, EMA, loss weights) and keeps its own best
   checkpoint on its r2SCAN validation data (the 20 validation structures of results/solids); the 50
@@ -67,6 +69,12 @@ ADAPTER = {"mace": HERE / "mace_adapter.py", "sevenn": HERE / "sevenn_adapter.py
 # seeds per n as in results/solids (2 seeds at n ≤ 23, 1 above)
 PLAN_SEEDS = {11: [0, 1], 23: [0, 1], 46: [0], 91: [0], 182: [0]}
 N_PBE = 497
+# The adapters stop a peer's own epoch loop at the CPU budget (_peer_common.CpuBudget). A peer whose learning-rate
+# schedule does not depend on the epoch count (MACE: ReduceLROnPlateau) gets EPOCH_HEADROOM × the calibrated
+# epochs, so that the budget ends every run; SevenNet's linear decay spans its epoch count, which stays the
+# calibrated one (the budget then ends a run only on a machine slower than during calibration).
+SCHEDULE_SPANS_EPOCHS = {"sevenn"}
+EPOCH_HEADROOM = 3
 
 
 # ------------------------------------------------------------------------------------------ environments
@@ -256,12 +264,14 @@ def train(args) -> None:
             print(f"[peers_mf] done already: {dest.relative_to(ROOT)}", file=sys.stderr)
             continue
         epochs = args.smoke_epochs if args.smoke else epochs_for(peer, variant, n, args.budget_cpu_s, cal)
+        if not args.smoke and peer not in SCHEDULE_SPANS_EPOCHS:
+            epochs *= EPOCH_HEADROOM  # the CPU budget, not the epoch count, ends the run
         # run folders per budget, so that MACE's PBE model (shared by the n of a seed) has this budget's epochs
         stage = "smoke" if args.smoke else f"runs_budget{args.budget_cpu_s:g}"
         work = SCRATCH / stage / out_dir.name / f"{peer}_{variant}" / f"n{n}_s{seed}"
         extra = ["--smoke"] if args.smoke else ["--budget-cpu-s", str(args.budget_cpu_s)]
         if (peer, variant) == ("mace", "finetune_replay") and not args.smoke:
-            extra += ["--pbe-epochs", str(pbe_epochs(args.budget_cpu_s, cal))]
+            extra += ["--pbe-epochs", str(EPOCH_HEADROOM * pbe_epochs(args.budget_cpu_s, cal))]
         cmd = adapter_cmd(peer, variant, n, seed, epochs, work, extra=extra)
         t0 = time.perf_counter()
         try:

@@ -15,6 +15,9 @@ MACE here), the epoch count (set by the budget; the linear schedule spans it), a
 r2SCAN validation structures only (`load_validset_path`), which picks checkpoint_best.pth.
 Labels are handed over as ASE single-point results (energy, forces, stress when present; r2SCAN has no
 stress here, SevenNet masks it).
+The CPU budget (--budget-cpu-s) ends its epoch loop (C.CpuBudget) before an epoch that would overrun it
+(the schedule then stops short of its end; the epoch count comes from the calibration, so it does so only
+when the machine runs slower than during calibration).
 Evaluation: SevenNetCalculator(checkpoint_best.pth, modal="r2scan") on the 50 r2SCAN test structures.
 """
 
@@ -85,21 +88,36 @@ def config(args, work: Path) -> dict:
     return cfg
 
 
-def run_sevenn(cfg: dict, work: Path) -> None:
+def run_sevenn(cfg: dict, work: Path, budget: C.CpuBudget) -> dict:
+    """`sevenn input.yaml` in this process, its epoch loop stopped by `budget` (checkpoint_best.pth, written
+    at every improvement of the validation loss, is what a stopped run leaves). Returns the budget's record."""
     import yaml
+    from sevenn.train.trainer import Trainer
 
     work.mkdir(parents=True, exist_ok=True)
     path = work / "input.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     from sevenn.main import sevenn as cli
 
+    one_epoch = Trainer.run_one_epoch
+
+    def budgeted_epoch(self, loader, is_train=False, *a, **k):
+        if is_train:
+            budget.begin_epoch()
+        return one_epoch(self, loader, is_train, *a, **k)
+
     argv, cwd = sys.argv, os.getcwd()
     sys.argv = ["sevenn", str(path), "-w", str(work)]
+    Trainer.run_one_epoch = budgeted_epoch
     try:
         cli.main()
+    except C.BudgetReached as stop:
+        print(f"sevenn_adapter: {stop}: training stopped", file=sys.stderr)
     finally:
         sys.argv = argv
         os.chdir(cwd)
+        Trainer.run_one_epoch = one_epoch
+    return budget.record()
 
 
 def checkpoint(work: Path) -> Path:
@@ -128,9 +146,9 @@ def fit(args) -> dict:
     if args.smoke:
         args.epochs = 1
     clock = C.StepClock()
-    run_sevenn(config(args, work), work)
+    record = run_sevenn(config(args, work), work, C.CpuBudget(C.budget_limit(args)))
     ckpt = checkpoint(work)
-    out = {"train_rates": clock.rates(BATCH), "model_file": str(ckpt), "model": MODEL}
+    out = {"train_rates": clock.rates(BATCH), "model_file": str(ckpt), "model": MODEL, "budget": record}
     if not args.no_eval:
         import ase.io
 
