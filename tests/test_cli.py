@@ -362,6 +362,15 @@ def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog
             squeezed.get_potential_energy()
     messages = [r.getMessage() for r in caplog.records if "far closer" in r.getMessage()]
     assert len(messages) == 1 and re.search(r"H–O atoms 0\.[34]\d Å apart, far closer than any H–O pair", messages[0])
+    # several close pairs, each over many edges: one message per element pair
+    caplog.clear()
+    crushed = water.copy()
+    crushed.positions[1:] = crushed.positions[0] + 0.3 * (crushed.positions[1:] - crushed.positions[0])
+    with caplog.at_level("WARNING", logger="multifi"):
+        predict_atoms(pot, [water, crushed, crushed], "hi")
+    messages = sorted(r.getMessage() for r in caplog.records if "far closer" in r.getMessage())
+    assert len(messages) == 2, messages
+    assert "structure 1: H–H atoms" in messages[0] and "structure 1: H–O atoms" in messages[1]
 
 
 def test_data_info_names_references_the_labels_leave_open(tmp_path, capsys, caplog):

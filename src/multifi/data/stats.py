@@ -317,6 +317,7 @@ def shortest_contacts(dataset, neighbors, structures: np.ndarray, chunk: int = 2
         return np.zeros((N_ELEMENTS, N_ELEMENTS))  # on-the-fly lists: not computed (large data)
     structures = np.asarray(structures, dtype=np.int64)
     offsets, numbers = np.asarray(dataset.offsets), np.asarray(dataset.numbers, dtype=np.int64)
+    pos, cells = np.asarray(dataset.positions), np.asarray(dataset.cells)
     for a in range(0, len(structures), chunk):
         s = structures[a : a + chunk]
         i, j, shifts, counts = neighbors.edges(s)
@@ -324,8 +325,7 @@ def shortest_contacts(dataset, neighbors, structures: np.ndarray, chunk: int = 2
             continue
         owner = np.repeat(s, counts)
         gi, gj = offsets[owner] + i, offsets[owner] + j
-        pos = np.asarray(dataset.positions)
-        vec = pos[gj] - pos[gi] + np.einsum("ea,eab->eb", shifts.astype(np.float64), np.asarray(dataset.cells)[owner])
+        vec = pos[gj] - pos[gi] + np.einsum("ea,eab->eb", shifts.astype(np.float64), cells[owner])
         d = np.linalg.norm(vec, axis=1)
         np.minimum.at(out, (numbers[gi], numbers[gj]), d)
     out = np.minimum(out, out.T)

@@ -151,8 +151,11 @@ def check_contacts(potential, graph, where: str = "", first: int = 0, seen: set 
         return
     from ase.data import chemical_symbols
 
-    for e in torch.nonzero(close).flatten().tolist():
-        pair = tuple(sorted((int(zi[e]), int(zj[e]))))
+    edges = torch.nonzero(close).flatten()
+    lo, hi = torch.minimum(zi[edges], zj[edges]), torch.maximum(zi[edges], zj[edges])
+    pairs, first_edge = _first_of_each(lo * 256 + hi)  # one message per element pair, its first close edge
+    for key, e in zip(pairs.tolist(), edges[first_edge].tolist()):
+        pair = (key // 256, key % 256)
         if seen is not None and ("contact", pair) in seen:
             continue
         a, b = (chemical_symbols[z] for z in pair)
@@ -172,3 +175,11 @@ def check_contacts(potential, graph, where: str = "", first: int = 0, seen: set 
         if seen is None:
             return
         seen.add(("contact", pair))
+
+
+def _first_of_each(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of a 1-d tensor (sorted) and the position of each one's first occurrence."""
+    values, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((len(values),), len(keys), dtype=torch.long, device=keys.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(keys), device=keys.device), reduce="amin")
+    return values, first
