@@ -496,3 +496,35 @@ def test_extension_run_directory_works_from_elsewhere_and_names_unmeasured_forge
     assert code == 0 and "forgetting not measured at CC" in caplog.text
     m = json.loads((tmp_path / "ext2" / "metrics.json").read_text())
     assert set(m["forgetting"]) == set(OLD)
+
+
+def test_an_extension_can_be_extended_again_with_replay_of_every_fidelity(old_run, tmp_path, capsys):
+    """An extension run keeps the data of every fidelity its model knows (dataset.npz, pairs.npz): a second
+    extension replays the first one's fidelity and measures forgetting on all of them, the first extension's
+    new fidelity on the same test structures (and with the same errors) as that extension reported."""
+    from multifi.train.extend import load_old_run
+
+    common = ["--max-steps", "2", "--set", "train.progress=false", "--set", "train.threads=1", "--train", "all"]
+    first = tmp_path / "ext"
+    args = ["extend", str(old_run / "model.pt"), "--data", str(new_data(tmp_path / "new.extxyz")), "--fidelity", "CC"]
+    assert main([*args, "--out", str(first), *common]) == 0
+    run1, old = load_old_run(first), load_old_run(old_run)
+    assert list(run1.dataset.fidelities.names) == [*OLD, "CC"]
+    for name in ("train", "val", "test"):  # the old run's pairs as trained and tested, then the new fidelity's
+        mine, theirs = getattr(run1, name), getattr(old, name)
+        keys = lambda run, p: sorted(zip(run.dataset.keys[p[:, 0]].tolist(), p[:, 1].tolist()))  # noqa: E731
+        assert keys(run1, mine[mine[:, 1] < len(OLD)]) == keys(old, theirs)
+        assert (mine[:, 1] == len(OLD)).any()
+    m1 = json.loads((first / "metrics.json").read_text())
+    second = tmp_path / "ext2"
+    args = ["extend", str(first), "--data", str(new_data(tmp_path / "dd.extxyz", seed=300)), "--fidelity", "DD"]
+    assert main([*args, "--out", str(second), "--replay", "0.5", "--replay-fidelity", "CC", *common]) == 0
+    m2 = json.loads((second / "metrics.json").read_text())
+    assert set(m2["forgetting"]) == {*OLD, "CC"} and m2["n_train"]["CC"] > 0
+    before = m2["forgetting"]["CC"]["before"]
+    assert before["n"] == m1["fidelities"]["CC"]["n"]
+    assert before["energy_mae_meV"] == pytest.approx(m1["fidelities"]["CC"]["energy_mae_meV"], rel=1e-6)
+    assert list(load_old_run(second).dataset.fidelities.names) == [*OLD, "CC", "DD"]
+    (second / "dataset.npz").unlink()
+    with pytest.raises(MultifiError, match="pairs.npz without the dataset.npz"):
+        load_old_run(second)

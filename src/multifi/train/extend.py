@@ -170,21 +170,36 @@ class OldRun:
 
 
 def find_old_run(x) -> Path | None:
-    """extend.old_run (must hold dataset.npz and splits.json), else the model's folder if it holds them."""
+    """extend.old_run (a training run: config.yaml and splits.json; an extension run: config.yaml and
+    pairs.npz), else the model's folder if it is one."""
     if x.old_run is not None:
         run = Path(x.old_run)
-        for name in ("config.yaml", "splits.json"):
-            if not (run / name).exists():
-                raise MultifiError(f"{run}: not a run directory of the model (no {name})")
+        if not (run / "config.yaml").exists():
+            raise MultifiError(f"{run}: not a run directory of the model (no config.yaml)")
+        if not _has_split(run):
+            raise MultifiError(
+                f"{run}: not a run directory of the model (no splits.json, nor an extension's pairs.npz)"
+            )
         return run
     from multifi.models.registry import model_file
 
     run = model_file(x.model).parent  # a run directory stands for its model.pt
-    return run if (run / "config.yaml").exists() and (run / "splits.json").exists() else None
+    return run if (run / "config.yaml").exists() and _has_split(run) else None
+
+
+def _has_split(run: Path) -> bool:
+    return (run / "splits.json").exists() or (run / PAIRS).exists()
+
+
+#: an extension run's (structure, fidelity) pairs of every fidelity its model knows, as trained and tested
+PAIRS = "pairs.npz"
 
 
 def load_old_run(run: Path) -> OldRun:
-    """Dataset (the run's dataset.npz, or its single saved-dataset source) and its split pairs."""
+    """Dataset (the run's dataset.npz, or its single saved-dataset source) and its split pairs; an extension
+    run's dataset.npz and pairs.npz (every fidelity of its model, written by `save_run_data`)."""
+    if (run / PAIRS).exists():
+        return _load_extension_run(run)
     cfg = load_config(run / "config.yaml")
     from multifi.data.sources import _is_saved_dataset
 
@@ -201,6 +216,40 @@ def load_old_run(run: Path) -> OldRun:
     limits = ds.fidelities.per_index(cfg.data.train_limits, np.nan, "data.train_limits")
     pairs["train"] = limit_pairs(pairs["train"], limits, ds, cfg.data.split.seed)
     return OldRun(run, ds, pairs["train"], pairs["val"], pairs["test"])
+
+
+def _load_extension_run(run: Path) -> OldRun:
+    if not (run / "dataset.npz").exists():
+        raise MultifiError(f"{run}: {PAIRS} without the dataset.npz it indexes; replay and forgetting need both")
+    ds = FidelityDataset.load(run / "dataset.npz")
+    with np.load(run / PAIRS) as z:
+        pairs = {name: np.asarray(z[name], dtype=np.int64).reshape(-1, 2) for name in ("train", "val", "test")}
+    for name, p in pairs.items():
+        if len(p) and (p[:, 0].max() >= len(ds) or p[:, 1].max() >= len(ds.fidelities)):
+            raise MultifiError(f"{run / PAIRS}: {name} pairs outside {run / 'dataset.npz'}")
+    return OldRun(run, ds, pairs["train"], pairs["val"], pairs["test"])
+
+
+def save_run_data(run_dir: Path, table: FidelityTable, new: FidelityDataset, new_pairs: dict, old: OldRun | None):
+    """dataset.npz and pairs.npz of an extension run: the old run's structures and pairs (as that model was
+    trained and tested) and the new fidelity's, laid out as `table`, so that the extended model can be
+    extended again with replay of, and forgetting measured on, every fidelity it knows."""
+    parts = [old.dataset, new] if old is not None else [new]
+    ds = FidelityDataset.merge(parts).with_fidelities(table)
+    pairs = {name: _reindex(ds, table, new, p) for name, p in new_pairs.items()}
+    if old is not None:
+        for name in pairs:
+            pairs[name] = np.concatenate([_reindex(ds, table, old.dataset, getattr(old, name)), pairs[name]])
+    ds.save(run_dir / "dataset.npz")
+    atomic_write(run_dir / PAIRS, lambda f: np.savez(f, **pairs))
+
+
+def _reindex(ds: FidelityDataset, table: FidelityTable, src: FidelityDataset, pairs: np.ndarray) -> np.ndarray:
+    """(structure, fidelity) pairs of `src` as pairs of `ds` (which holds src's structures by key) in `table`."""
+    index = {k: i for i, k in enumerate(ds.keys.tolist())}
+    s = np.asarray([index[k] for k in src.keys[pairs[:, 0]].tolist()], dtype=np.int64)
+    k = np.asarray(table.indices(src.fidelities.names), dtype=np.int64)[pairs[:, 1]]
+    return np.stack([s, k], 1).reshape(-1, 2)
 
 
 def _read_data_again(run: Path, cfg: RunConfig) -> FidelityDataset:
@@ -306,16 +355,9 @@ def combine(
         used = np.unique(np.concatenate([p[:, 0] for p in replay.values()]))
         parts.insert(0, old.dataset.subset(used))
     ds = FidelityDataset.merge(parts).with_fidelities(table)
-    index = {k: i for i, k in enumerate(ds.keys.tolist())}
-
-    def remap(src: FidelityDataset, pairs: np.ndarray) -> np.ndarray:
-        s = np.asarray([index[k] for k in src.keys[pairs[:, 0]].tolist()], dtype=np.int64)
-        k = np.asarray(table.indices(src.fidelities.names), dtype=np.int64)[pairs[:, 1]]
-        return np.stack([s, k], 1).reshape(-1, 2)
-
-    out = {s: remap(new, p) for s, p in new_pairs.items()}
+    out = {s: _reindex(ds, table, new, p) for s, p in new_pairs.items()}
     for s, p in replay.items():
-        out[s] = np.concatenate([out[s], remap(old.dataset, p)])
+        out[s] = np.concatenate([out[s], _reindex(ds, table, old.dataset, p)])
     return ds, out
 
 
@@ -340,7 +382,7 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     table = FidelityTable([*old.fidelities.names, x.fidelity])
-    ds, pairs, old_run, replay, settings = _extension_data(cfg, old, table, where, config_source)
+    ds, pairs, old_run, replay, settings, (new_ds, new_pairs) = _extension_data(cfg, old, table, where, config_source)
     module = ExtendModule(
         {"model": old.config, "fidelities": table.names},
         cfg.loss,
@@ -380,6 +422,7 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     best = load_potential(final_checkpoint(trainer, run_dir), compile=False)
     best.head.record_contacts(shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0])))
     _finish(cfg, old, best, data, pairs, table, old_run, replay)
+    save_run_data(run_dir, table, new_ds, new_pairs, old_run)
     return run_dir
 
 
@@ -395,8 +438,8 @@ def _with_model_precision(cfg: RunConfig, old, where: str) -> RunConfig:
 
 
 def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, config_source: str):
-    """Training dataset laid out as `table`, its split pairs, the old run's data (or None), the replay and the
-    config's per-fidelity settings resolved against `table`."""
+    """Training dataset laid out as `table`, its split pairs, the old run's data (or None), the replay, the
+    config's per-fidelity settings resolved against `table`, and the new fidelity's dataset and pairs."""
     x = cfg.extend
     old_run = _old_run_data(find_old_run(x), explicit=x.old_run is not None or x.replay > 0)
     new_ds, new_pairs = read_new_data(cfg, x.fidelity, old_run)
@@ -406,7 +449,7 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
     ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
     settings = FidelitySettings.resolve(cfg, ds.fidelities, config_source)
     _check_elements(old, new_ds, x.fidelity, x.train, where)
-    return ds, pairs, old_run, replay, settings
+    return ds, pairs, old_run, replay, settings, (new_ds, new_pairs)
 
 
 def _finish(cfg: RunConfig, old, potential, data, pairs: dict, table: FidelityTable, old_run, replay) -> None:
@@ -457,7 +500,7 @@ def _replay(x, old, old_run: OldRun | None, seed: int, where: str) -> dict[str, 
         return {}
     if old_run is None:
         raise MultifiError(
-            f"{where}: extend.replay needs the model's run directory (dataset.npz, splits.json): "
+            f"{where}: extend.replay needs the model's run directory (dataset.npz, and splits.json or pairs.npz): "
             "set extend.old_run (--old-run)"
         )
     names = x.replay_fidelities or list(old.fidelities.names)
