@@ -566,3 +566,29 @@ def test_a_run_ending_between_checkpoints_and_validations_keeps_its_final_state(
     final = load_potential(run_dir / "checkpoints/last.ckpt")
     for a, b in zip(saved.state_dict().values(), final.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_cpu_budget_stops_training_and_resumes_with_the_time_spent(write_config, monkeypatch):
+    """train.max_cpu_seconds ends training after the step that reaches it (the clock: this process's CPU time,
+    here a fake one of 1 s per reading); the spent time is checkpointed, so a resume with a larger budget
+    trains only the difference, and metrics.json says the budget ended the run."""
+    import itertools
+
+    import multifi.train.run as run_module
+    from multifi.cli.main import main
+
+    clock = itertools.count()
+    monkeypatch.setattr(run_module.time, "process_time", lambda: float(next(clock)))
+    path = write_config(
+        train={"epochs": 100, "batch_size": 2, "progress": False, "threads": 1, "warmup_steps": 0, "max_cpu_seconds": 5}
+    )
+    run_dir = Path(load_config(path, []).output_dir)
+    assert main(["train", str(path)]) == 0
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["steps"] == 5 and m["cpu_budget_reached"] and m["cpu_budget_s"] == 5
+    assert not m["stopped_early"]
+    spent = ckpt(run_dir / "checkpoints" / "last.ckpt")["callbacks"]["CpuBudget"]["spent"]
+    assert 5 <= spent <= 7
+    assert main(["train", "--resume", str(run_dir), "--set", "train.max_cpu_seconds=12"]) == 0
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["cpu_budget_reached"] and 5 + (12 - spent) - 2 <= m["steps"] <= 5 + (12 - spent)

@@ -208,6 +208,12 @@ class TrainConfig(Section):
         None, ge=1, description="validate every N steps instead of every epoch (also across epoch ends)"
     )
     max_steps: int = Field(-1, ge=-1, description="stop after this many optimiser steps (-1: epochs decide)")
+    max_cpu_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="stop once training has used this much CPU time of its process (seconds, validation "
+        "included, data preparation not; summed over resumed starts): an equal budget on a shared machine",
+    )
     fidelity_sampling: dict[str, SamplingWeight] = Field(default_factory=dict, description="relative sampling weight")
     progress: bool = True
     init_from: str | None = Field(None, description="start from the weights of this saved potential (.pt/.ckpt)")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from multifi.config import RunConfig, dump_config, load_config
@@ -302,6 +303,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         callbacks.append(
             EarlyStopping(monitor=monitor, patience=t.patience_validations, mode="min", check_on_train_epoch_end=False)
         )
+    if t.max_cpu_seconds is not None:
+        callbacks.append(CpuBudget(t.max_cpu_seconds))
     # validate (and checkpoint the best model) every N steps across epochs, e.g. for step budgets
     every = (
         {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None}
@@ -331,18 +334,50 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
     )
 
 
+class CpuBudget(Callback):
+    """Stops training (after the current optimiser step) once it has used `seconds` of this process's CPU time,
+    counted from the start of fitting and summed over resumed starts (the spent time is kept in checkpoints)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.spent, self.reached = seconds, 0.0, False
+        self._since: float | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._since = time.process_time()
+
+    def _update(self) -> None:
+        now = time.process_time()
+        if self._since is not None:
+            self.spent += now - self._since
+        self._since = now
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self._update()
+        if self.spent >= self.seconds:
+            self.reached = trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        self._update()
+        return {"spent": self.spent, "reached": self.reached}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.spent, self.reached = float(state["spent"]), bool(state["reached"])
+
+
 def _training_progress(trainer, best: Path) -> dict:
     """Steps run, the step of the best checkpoint, whether early stopping ended the run, the monitored value."""
     best_step = int(torch.load(best, map_location="cpu", weights_only=False).get("global_step", -1))
     stopper = next((cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)), None)
     monitor = trainer.checkpoint_callback.monitor if trainer.checkpoint_callback else None
     score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    budget = next((cb for cb in trainer.callbacks if isinstance(cb, CpuBudget)), None)
     return {
         "steps": int(trainer.global_step),
         "best_step": best_step,
         "stopped_early": bool(stopper is not None and stopper.wait_count >= stopper.patience),
         "monitor": monitor,
         "best_monitored": None if score is None else float(score),
+        **({} if budget is None else {"cpu_budget_s": budget.seconds, "cpu_budget_reached": budget.reached}),
     }
 
 
@@ -419,6 +454,7 @@ RESUMABLE = (
     "output_dir",
     "train.epochs",
     "train.max_steps",
+    "train.max_cpu_seconds",
     "train.early_stopping_patience",
     "train.early_stopping_steps",
     "train.checkpoint_every_n_steps",
