@@ -373,6 +373,25 @@ def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog
     assert "structure 1: H–H atoms" in messages[0] and "structure 1: H–O atoms" in messages[1]
 
 
+def test_first_of_each_and_the_shortest_contact_is_named(cli_run, caplog):
+    """The per-pair reduction behind the contact warning, and its message: the pair's shortest distance."""
+    from multifi.models.elements import _first_of_each
+    from multifi.models.registry import load_potential
+    from multifi.predict import predict_atoms
+
+    values, first = _first_of_each(torch.tensor([264, 2056, 264, 257, 257, 264]))
+    assert values.tolist() == [257, 264, 2056] and first.tolist() == [3, 0, 1]
+    pot = load_potential(cli_run[1] / "model.pt")
+    water = rattled_molecule("H2O", 3)
+    for k, f in ((1, 0.45), (2, 0.3)):  # two close H–O pairs: the message gives the shorter one
+        water.positions[k] = water.positions[0] + f * (water.positions[k] - water.positions[0])
+    d = min(water.get_distance(0, 1), water.get_distance(0, 2))
+    with caplog.at_level("WARNING", logger="multifi"):
+        predict_atoms(pot, [water], "hi")
+    message = next(r.getMessage() for r in caplog.records if "H–O atoms" in r.getMessage())
+    assert f"H–O atoms {d:.2f} Å apart" in message
+
+
 def test_data_info_names_references_the_labels_leave_open(tmp_path, capsys, caplog):
     """Ga and As only as GaAs at one fidelity (any proportions at the other): data info says so, as training does."""
     frames = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import ase
 import ase.io
@@ -528,3 +529,61 @@ def test_an_extension_can_be_extended_again_with_replay_of_every_fidelity(old_ru
     (second / "dataset.npz").unlink()
     with pytest.raises(MultifiError, match="pairs.npz without the dataset.npz"):
         load_old_run(second)
+
+
+def test_extension_run_data_without_an_old_run_and_with_a_key_clash(old_run, tmp_path, capsys):
+    """Without the old run's data an extension keeps none (a further extension cannot replay, and says so);
+    a new structure whose key names another geometry of the old run is an error before training."""
+    common = ["--max-steps", "2", "--set", "train.progress=false", "--set", "train.threads=1", "--train", "all"]
+    lone = tmp_path / "lone"
+    (lone / "m").mkdir(parents=True)
+    shutil.copy(old_run / "model.pt", lone / "m" / "model.pt")  # a model without its run directory
+    data = new_data(tmp_path / "new.extxyz")
+    assert (
+        main(
+            [
+                "extend",
+                str(lone / "m" / "model.pt"),
+                "--data",
+                str(data),
+                "--fidelity",
+                "CC",
+                "--out",
+                str(lone / "ext"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert not (lone / "ext" / "pairs.npz").exists() and not (lone / "ext" / "dataset.npz").exists()
+    args = ["extend", str(lone / "ext"), "--data", str(new_data(tmp_path / "dd.extxyz", seed=300)), "--fidelity", "DD"]
+    assert main([*args, "--out", str(tmp_path / "x"), "--replay", "0.5", *common]) == 2
+    assert "extend.replay needs the model's run directory" in capsys.readouterr().err
+    # a key clash with the old run's structures
+    from multifi.train.extend import load_old_run
+
+    key = str(load_old_run(old_run).dataset.keys[0])
+    frames = ase.io.read(data, ":")
+    frames[0].info["key"] = key
+    ase.io.write(tmp_path / "clash.extxyz", frames, format="extxyz")
+    out = tmp_path / "clash"
+    args = ["extend", str(old_run / "model.pt"), "--data", str(tmp_path / "clash.extxyz"), "--fidelity", "CC"]
+    assert main([*args, "--out", str(out), *common]) == 2
+    err = capsys.readouterr().err
+    assert "dataset.npz and" in err and "clash.extxyz" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "model.pt").exists()
+
+
+def test_calibrate_an_extension_run_uses_the_pairs_it_trained_on(old_run, tmp_path):
+    from multifi.train.extend import load_old_run
+    from multifi.uncertainty import _run_data
+
+    common = ["--max-steps", "2", "--set", "train.progress=false", "--set", "train.threads=1", "--train", "all"]
+    ext = tmp_path / "ext"
+    args = ["extend", str(old_run / "model.pt"), "--data", str(new_data(tmp_path / "n.extxyz")), "--fidelity", "CC"]
+    assert main([*args, "--out", str(ext), *common]) == 0
+    ds, pairs = _run_data(ext)
+    run = load_old_run(ext)
+    assert len(ds) == len(run.dataset)
+    assert np.array_equal(pairs["train"], run.train) and np.array_equal(pairs["val"], run.val)
+    assert main(["calibrate", str(ext)]) == 0

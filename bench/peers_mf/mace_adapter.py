@@ -105,9 +105,13 @@ def run_mace(config: dict, work: Path, budget: C.CpuBudget) -> dict:
     """mace.cli.run_train.main() on a YAML config written to work/config.yaml, its epoch loop stopped by
     `budget`: a stop ends mace's training loop only, so that mace then loads the best checkpoint of its
     last head and writes the model as after a full run. Returns the budget's record."""
+    import shutil
+
     import mace.tools
     import yaml
 
+    # mace loads the checkpoint of the highest epoch in checkpoints/ after training: never one of an earlier attempt
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -134,6 +138,8 @@ def run_mace(config: dict, work: Path, budget: C.CpuBudget) -> dict:
     finally:
         sys.argv = argv
         loop.train_one_epoch, mace.tools.train = one_epoch, train
+    if budget.epochs == 0:
+        raise SystemExit(f"mace_adapter: the CPU budget ended {work.name} before its first epoch")
     return budget.record()
 
 

@@ -94,6 +94,8 @@ def run_sevenn(cfg: dict, work: Path, budget: C.CpuBudget) -> dict:
     import yaml
     from sevenn.train.trainer import Trainer
 
+    for old in work.glob("checkpoint_*.pth"):  # a stopped run must not leave an earlier attempt's best
+        old.unlink()
     work.mkdir(parents=True, exist_ok=True)
     path = work / "input.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -117,6 +119,8 @@ def run_sevenn(cfg: dict, work: Path, budget: C.CpuBudget) -> dict:
         sys.argv = argv
         os.chdir(cwd)
         Trainer.run_one_epoch = one_epoch
+    if budget.epochs == 0:
+        raise SystemExit(f"sevenn_adapter: the CPU budget ended {work.name} before its first epoch")
     return budget.record()
 
 

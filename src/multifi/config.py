@@ -297,7 +297,7 @@ class ExtendConfig(Section):
     replay_fidelities: list[str] | None = Field(None, description="old fidelities to replay (default: all)")
     old_run: str | None = Field(
         None,
-        description="run directory of `model` (dataset.npz, splits.json) for replay "
+        description="run directory of `model` (dataset.npz and splits.json; an extension's: pairs.npz) for replay "
         "and for measuring forgetting; default: the model's folder when it holds them",
     )
     init_like: str | None = Field(

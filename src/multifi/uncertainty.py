@@ -320,26 +320,37 @@ def calibrate_run(run_dir: str | Path, model: str | Path | None = None, batch_si
     """Fit the LLPR of a run's model on its own training and validation splits; writes the side file.
 
     The data are those of the run's config.yaml (its dataset.npz when cached), split as in training."""
-    from multifi.config import load_config
-    from multifi.data.dataset import FidelityDataset
     from multifi.models.registry import load_potential
-    from multifi.train.prepare import prepare_data
 
     run_dir = Path(run_dir)
     model = Path(model) if model else run_dir / "model.pt"
     if not (run_dir / "config.yaml").exists():
         raise MultifiError(f"{run_dir}: not a run directory (no config.yaml)")
     potential = load_potential(model)
-    cfg = load_config(run_dir / "config.yaml")
-    cached = run_dir / "dataset.npz"
-    prep = prepare_data(cfg, FidelityDataset.load(cached) if cached.exists() else None, str(run_dir / "config.yaml"))
-    if not len(prep.pairs["val"]):
+    dataset, pairs = _run_data(run_dir)
+    if not len(pairs["val"]):
         raise MultifiError(
             f"{run_dir}: the run has no validation split; α of LLPR is calibrated on validation "
             f"labels (use `multifi calibrate MODEL --train … --val …`)"
         )
-    llpr = fit_llpr(potential, prep.dataset, prep.pairs["train"], prep.pairs["val"], batch_size)
+    llpr = fit_llpr(potential, dataset, pairs["train"], pairs["val"], batch_size)
     return llpr, save_calibration(llpr, llpr_path(model))
+
+
+def _run_data(run_dir: Path):
+    """A run's dataset and its training and validation pairs, as it trained (an extension run: its pairs.npz)."""
+    from multifi.config import load_config
+    from multifi.data.dataset import FidelityDataset
+    from multifi.train.extend import PAIRS, load_old_run
+    from multifi.train.prepare import prepare_data
+
+    if (run_dir / PAIRS).exists():
+        run = load_old_run(run_dir)
+        return run.dataset, {"train": run.train, "val": run.val}
+    cfg = load_config(run_dir / "config.yaml")
+    cached = run_dir / "dataset.npz"
+    prep = prepare_data(cfg, FidelityDataset.load(cached) if cached.exists() else None, str(run_dir / "config.yaml"))
+    return prep.dataset, prep.pairs
 
 
 def calibrate_files(

@@ -134,10 +134,10 @@ CONTACT_FRACTION = 0.75
 
 
 def check_contacts(potential, graph, where: str = "", first: int = 0, seen: set | None = None) -> None:
-    """Warn (once per element pair and `seen` set) when atoms of `graph` are closer than CONTACT_FRACTION of
-    the shortest distance of their element pair in the training structures (EnergyHead.contact): the model
-    extrapolates there, and its energies and forces are unreliable. `first`: index of graph's first structure
-    in the caller's list (for the message)."""
+    """Warn (once per element pair and call, and per `seen` set) when atoms of `graph` are closer than
+    CONTACT_FRACTION of the shortest distance of their element pair in the training structures
+    (EnergyHead.contact): the model extrapolates there, and its energies and forces are unreliable. The message
+    names the pair's closest atoms. `first`: index of graph's first structure in the caller's list."""
     contact = potential.head.contact
     if not bool(contact.any()) or graph.edge_index.shape[1] == 0:
         return
@@ -152,12 +152,17 @@ def check_contacts(potential, graph, where: str = "", first: int = 0, seen: set 
     from ase.data import chemical_symbols
 
     edges = torch.nonzero(close).flatten()
-    lo, hi = torch.minimum(zi[edges], zj[edges]), torch.maximum(zi[edges], zj[edges])
-    pairs, first_edge = _first_of_each(lo * 256 + hi)  # one message per element pair, its first close edge
-    for key, e in zip(pairs.tolist(), edges[first_edge].tolist()):
-        pair = (key // 256, key % 256)
-        if seen is not None and ("contact", pair) in seen:
-            continue
+    key = torch.minimum(zi[edges], zj[edges]) * 256 + torch.maximum(zi[edges], zj[edges])
+    if seen:  # pairs warned about before: not again (and no work for them on every MD step)
+        warned = [x[1][0] * 256 + x[1][1] for x in seen if isinstance(x, tuple) and x[0] == "contact"]
+        keep = ~torch.isin(key, torch.as_tensor(warned, dtype=key.dtype, device=key.device))
+        edges, key = edges[keep], key[keep]
+    if not len(edges):
+        return
+    order = torch.argsort(d[edges], stable=True)  # shortest first: each pair's first edge is its shortest
+    pairs, at = _first_of_each(key[order])
+    for pair_key, e in sorted(zip(pairs.tolist(), edges[order][at].tolist()), key=lambda x: x[1]):
+        pair = (pair_key // 256, pair_key % 256)
         a, b = (chemical_symbols[z] for z in pair)
         s = int(graph.batch[i[e]]) + first
         log.warning(
@@ -172,9 +177,8 @@ def check_contacts(potential, graph, where: str = "", first: int = 0, seen: set 
             b,
             float(limit[e]),
         )
-        if seen is None:
-            return
-        seen.add(("contact", pair))
+        if seen is not None:
+            seen.add(("contact", pair))
 
 
 def _first_of_each(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -188,7 +188,7 @@ def find_old_run(x) -> Path | None:
 
 
 def _has_split(run: Path) -> bool:
-    return (run / "splits.json").exists() or (run / PAIRS).exists()
+    return any((run / name).exists() for name in ("splits.json", "splits.npz", PAIRS))
 
 
 #: an extension run's (structure, fidelity) pairs of every fidelity its model knows, as trained and tested
@@ -222,24 +222,37 @@ def _load_extension_run(run: Path) -> OldRun:
     if not (run / "dataset.npz").exists():
         raise MultifiError(f"{run}: {PAIRS} without the dataset.npz it indexes; replay and forgetting need both")
     ds = FidelityDataset.load(run / "dataset.npz")
-    with np.load(run / PAIRS) as z:
-        pairs = {name: np.asarray(z[name], dtype=np.int64).reshape(-1, 2) for name in ("train", "val", "test")}
+    try:
+        with np.load(run / PAIRS) as z:
+            pairs = {name: np.asarray(z[name], dtype=np.int64).reshape(-1, 2) for name in ("train", "val", "test")}
+    except (OSError, ValueError, KeyError) as exc:
+        raise MultifiError(f"{run / PAIRS}: not an extension run's pairs file ({exc})") from None
     for name, p in pairs.items():
-        if len(p) and (p[:, 0].max() >= len(ds) or p[:, 1].max() >= len(ds.fidelities)):
+        if len(p) and (p.min() < 0 or p[:, 0].max() >= len(ds) or p[:, 1].max() >= len(ds.fidelities)):
             raise MultifiError(f"{run / PAIRS}: {name} pairs outside {run / 'dataset.npz'}")
     return OldRun(run, ds, pairs["train"], pairs["val"], pairs["test"])
 
 
-def save_run_data(run_dir: Path, table: FidelityTable, new: FidelityDataset, new_pairs: dict, old: OldRun | None):
-    """dataset.npz and pairs.npz of an extension run: the old run's structures and pairs (as that model was
-    trained and tested) and the new fidelity's, laid out as `table`, so that the extended model can be
-    extended again with replay of, and forgetting measured on, every fidelity it knows."""
-    parts = [old.dataset, new] if old is not None else [new]
-    ds = FidelityDataset.merge(parts).with_fidelities(table)
-    pairs = {name: _reindex(ds, table, new, p) for name, p in new_pairs.items()}
-    if old is not None:
-        for name in pairs:
-            pairs[name] = np.concatenate([_reindex(ds, table, old.dataset, getattr(old, name)), pairs[name]])
+def merged_run_data(
+    table: FidelityTable, new: FidelityDataset, new_pairs: dict, old: OldRun, where: str
+) -> tuple[FidelityDataset, dict[str, np.ndarray]]:
+    """The data an extension run keeps: the old run's structures and pairs (as that model was trained and
+    tested) and the new fidelity's, laid out as `table`, so that the extended model can be extended again
+    with replay of, and forgetting measured on, every fidelity it knows. Built before training (a key
+    clash between the two is an error then, not after the model is written)."""
+    try:
+        ds = FidelityDataset.merge([old.dataset, new]).with_fidelities(table)
+    except MultifiError as exc:
+        raise MultifiError(f"{old.path / 'dataset.npz'} and {where}: {exc}") from None
+    pairs = {
+        name: np.concatenate([_reindex(ds, table, old.dataset, getattr(old, name)), _reindex(ds, table, new, p)])
+        for name, p in new_pairs.items()
+    }
+    return ds, pairs
+
+
+def save_run_data(run_dir: Path, ds: FidelityDataset, pairs: dict[str, np.ndarray]) -> None:
+    """dataset.npz and pairs.npz of an extension run (from merged_run_data)."""
     ds.save(run_dir / "dataset.npz")
     atomic_write(run_dir / PAIRS, lambda f: np.savez(f, **pairs))
 
@@ -382,7 +395,7 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     table = FidelityTable([*old.fidelities.names, x.fidelity])
-    ds, pairs, old_run, replay, settings, (new_ds, new_pairs) = _extension_data(cfg, old, table, where, config_source)
+    ds, pairs, old_run, replay, settings, run_data = _extension_data(cfg, old, table, where, config_source)
     module = ExtendModule(
         {"model": old.config, "fidelities": table.names},
         cfg.loss,
@@ -422,7 +435,8 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     best = load_potential(final_checkpoint(trainer, run_dir), compile=False)
     best.head.record_contacts(shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0])))
     _finish(cfg, old, best, data, pairs, table, old_run, replay)
-    save_run_data(run_dir, table, new_ds, new_pairs, old_run)
+    if run_data is not None:  # without the old run's data the run keeps none (a further extension cannot replay)
+        save_run_data(run_dir, *run_data)
     return run_dir
 
 
@@ -439,7 +453,8 @@ def _with_model_precision(cfg: RunConfig, old, where: str) -> RunConfig:
 
 def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, config_source: str):
     """Training dataset laid out as `table`, its split pairs, the old run's data (or None), the replay, the
-    config's per-fidelity settings resolved against `table`, and the new fidelity's dataset and pairs."""
+    config's per-fidelity settings resolved against `table`, and the data the run keeps (merged_run_data;
+    None without the old run's data)."""
     x = cfg.extend
     old_run = _old_run_data(find_old_run(x), explicit=x.old_run is not None or x.replay > 0)
     new_ds, new_pairs = read_new_data(cfg, x.fidelity, old_run)
@@ -449,7 +464,9 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
     ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
     settings = FidelitySettings.resolve(cfg, ds.fidelities, config_source)
     _check_elements(old, new_ds, x.fidelity, x.train, where)
-    return ds, pairs, old_run, replay, settings, (new_ds, new_pairs)
+    sources = ", ".join(str(src.path or "qm9") for src in cfg.data.sources)
+    run_data = None if old_run is None else merged_run_data(table, new_ds, new_pairs, old_run, sources)
+    return ds, pairs, old_run, replay, settings, run_data
 
 
 def _finish(cfg: RunConfig, old, potential, data, pairs: dict, table: FidelityTable, old_run, replay) -> None:
@@ -505,6 +522,9 @@ def _replay(x, old, old_run: OldRun | None, seed: int, where: str) -> dict[str, 
         )
     names = x.replay_fidelities or list(old.fidelities.names)
     ks = [old_run.dataset.fidelities.index(n, where=f"{old_run.path}: replay fidelities") for n in names]
+    empty = [n for n, k in zip(names, ks) if not (old_run.train[:, 1] == k).any()]
+    if empty and x.replay_fidelities:
+        raise MultifiError(f"{where}: replay of {', '.join(empty)}: {old_run.path} holds no training structures there")
     return {
         "train": sample_pairs(old_run.train, x.replay, ks, seed),
         "val": sample_pairs(old_run.val, x.replay, ks, seed),
