@@ -866,3 +866,13 @@ def test_results_over_other_test_structures_than_the_reference_are_left_out_and_
     keep, differ = _same_structures(plans, results, "R2SCAN", "single")
     assert [p.id for p in keep] == ["single/n11_s0", "single/n11_s1", "joint/n11_s1", "joint/n23_s0"]
     assert differ == {"joint n=11": ["seed 0: 50 vs 36"]}
+
+
+def test_factor_cells_give_the_seed_spread_and_never_average_lower_bounds():
+    from multifi_experiments.readme import _seed_spread
+
+    two = {"mean": 2.35, "std": 0.02, "values": [2.37, 2.33]}
+    assert _seed_spread(two, bound=16.5) == " (2.35 ± 0.02, 2 seeds)"
+    assert _seed_spread({"mean": 3.5, "std": None, "values": [3.5]}) == ""
+    bounded = {"mean": 2.29, "std": 1.45, "values": [1.53, 1.38, 3.9565217391304346]}
+    assert _seed_spread(bounded, bound=182 / 46) == " (seeds: 1.53, 1.38, > 4.0)"

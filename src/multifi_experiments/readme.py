@@ -234,6 +234,19 @@ def _factor(e: dict, n_max: float | None = None, short: bool = False) -> str:
     return text + (" (extrapolated)" if e["extrapolated"] and not short else "")
 
 
+def _seed_spread(seed: dict | None, bound: float | None = None) -> str:
+    """' (2.35 ± 0.02, 2 seeds)' from per-seed factors; '' for fewer than two. A seed whose factor is a lower
+    bound (`bound` = largest reference n / n: its error is below the reference's at the largest n) makes a mean
+    meaningless: then each seed's value, bounds as '> x'."""
+    values = (seed or {}).get("values") or []
+    if len(values) < 2 or seed.get("std") is None:
+        return ""
+    if bound is not None and any(v >= bound * (1 - 1e-9) for v in values):
+        each = ", ".join(f"> {bound:.1f}" if v >= bound * (1 - 1e-9) else f"{v:.2f}" for v in values)
+        return f" (seeds: {each})"
+    return f" ({seed['mean']:.2f} ± {seed['std']:.2f}, {len(values)} seeds)"
+
+
 def _fraction(f: float) -> str:
     inv = 1 / f
     return f"1/{inv:g}" if abs(inv - round(inv)) < 1e-9 and f < 1 else f"{f:g}"
@@ -351,13 +364,21 @@ def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list
     ]
     rows = []
     n_max = max(eff.get("reference_ns") or [0]) or None
+    seeds = eff.get("seeds") or {}
     for name, by_n in eff["by_variant"].items():
         cells = []
         for k in at:
             e = by_n.get(k)
-            cells.append(DASH if e is None else _factor(e, n_max))
+            bound = n_max / e["n"] if e is not None and n_max else None
+            cells.append(DASH if e is None else _factor(e, n_max) + _seed_spread((seeds.get(name) or {}).get(k), bound))
         rows.append([name + (" **(best)**" if name == eff["best_variant"] else "")] + cells)
     out += _table(["variant"] + [f"factor at n={k[1:]}" for k in at], rows)
+    if any(len((v or {}).get("values") or []) > 1 for by_n in seeds.values() for v in by_n.values()):
+        out += [
+            "",
+            "In brackets: the factor of each seed's own run, mean ± std (seeds), or each seed's value where one is a "
+            "lower bound (\"> x\"); the cell's first number is the factor of the seeds' mean error.",
+        ]
     if n_max and any(_beyond(e, n_max) for by_n in eff["by_variant"].values() for e in by_n.values()):
         out += [
             "",
