@@ -31,6 +31,13 @@ def test_sampler_ranks_partition_the_global_order():
     assert list(one) != glob  # a new order every epoch
 
 
+def test_evaluation_sampler_scores_every_sample_once_over_the_ranks():
+    fid = np.zeros(11, np.int64)
+    ranks = [FidelitySampler(fid, shuffle=False, rank=r, world_size=2) for r in range(2)]
+    a, b = (list(s) for s in ranks)
+    assert sorted(a + b) == list(range(11)) and (len(a), len(b)) == (6, 5)  # no padded copy
+
+
 def test_sampler_keeps_mixing_ratio_and_resumes():
     fid = np.array([0] * 900 + [1] * 100)
     s = FidelitySampler(fid, seed=0, shares={0: 0.5, 1: 0.5})
@@ -64,13 +71,29 @@ def _run(out: Path, extra: list[str]) -> dict:
     return json.loads((out / "metrics.json").read_text())["fidelities"]
 
 
+def _validation_rows(out: Path) -> list[dict]:
+    import csv
+
+    with open(out / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("val_loss")]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path):
-    """2 processes × batch 8 see the same global batches as 1 process × batch 16; with energy-only labels
+    """3 processes × batch 4 see the same global batches as 1 process × batch 12; with energy-only labels
     and equal local batch sizes, DDP's average of per-rank mean losses is the global mean loss, so the
     two runs agree up to float32 reduction order (tolerance 1e-3 relative on test MAE)."""
-    two = _run(tmp_path / "ddp2", ["--devices", "2", "--set", "train.batch_size=8"])
-    one = _run(tmp_path / "ddp1", ["--set", "train.batch_size=16"])
+    two = _run(tmp_path / "ddp2", ["--devices", "3", "--set", "train.batch_size=4"])
+    one = _run(tmp_path / "ddp1", ["--set", "train.batch_size=12"])
     for name in one:
         assert two[name]["energy_mae_meV"] == pytest.approx(one[name]["energy_mae_meV"], rel=1e-3)
         assert two[name]["n"] == one[name]["n"]
+    # the validation errors logged during training (they pick the checkpoint) too: 400 validation samples do not
+    # split evenly over 3 ranks, so a padded second copy on a rank would show
+    rows2, rows1 = _validation_rows(tmp_path / "ddp2"), _validation_rows(tmp_path / "ddp1")
+    assert len(rows2) == len(rows1) > 0
+    columns = [c for c in rows1[0] if c.startswith("val") and rows1[0][c]]
+    assert "val_loss" in columns and any("energy_mae" in c for c in columns)
+    for r2, r1 in zip(rows2, rows1):
+        for c in columns:
+            assert float(r2[c]) == pytest.approx(float(r1[c]), rel=1e-3), c

@@ -54,6 +54,7 @@ class PotentialModule(L.LightningModule):
         self.ema = copy.deepcopy(self.potential).requires_grad_(False) if train.ema_decay > 0 else None
         self.val_metrics = FidelityMetrics(table.names)
         self.epoch_sums = EpochSums()
+        self.val_loss = EpochSums()  # Σ validation loss · structures this validation (exact over ranks)
         if train.precision == "64":
             self.double()
 
@@ -97,7 +98,7 @@ class PotentialModule(L.LightningModule):
         with torch.enable_grad():
             out = self.eval_potential(graph, forces=forces, stress=stress)
         loss, _ = self.loss_fn(out, graph)
-        self.log(VAL_LOSS, loss, prog_bar=True, batch_size=graph.num_graphs, on_epoch=True, sync_dist=True)
+        self.val_loss.add({VAL_LOSS: loss}, graph.num_graphs)
         self.val_metrics.update(out, self._without_estimated_energies(graph))
 
     def _without_estimated_energies(self, graph):
@@ -118,12 +119,24 @@ class PotentialModule(L.LightningModule):
 
     def on_validation_epoch_start(self):
         self.val_metrics.reset()
+        self.val_loss = EpochSums()
 
     def on_validation_epoch_end(self):
         acc = self.val_metrics.acc.to(self.device)
+        # Σ loss · structures and Σ structures over every rank: the mean over the validation structures (a mean
+        # of the ranks' means weighs structures of unevenly filled ranks differently)
+        loss = torch.stack(
+            [
+                self.val_loss.sums.get(VAL_LOSS, torch.zeros((), dtype=torch.float64)).double(),
+                torch.tensor(float(self.val_loss.count), dtype=torch.float64),
+            ]
+        ).to(self.device)
         if self.trainer.world_size > 1:
             acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
+            loss = self.trainer.strategy.reduce(loss, reduce_op="sum")
         self.val_metrics.acc = acc.cpu()
+        if float(loss[1]) > 0:
+            self.log(VAL_LOSS, (loss[0] / loss[1]).float(), prog_bar=True, sync_dist=False)
         for name, m in self.val_metrics.compute().items():
             for key in METRIC_KEYS:
                 if m.get(key) is not None:

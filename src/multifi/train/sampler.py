@@ -10,8 +10,10 @@ class FidelitySampler(Sampler[int]):
     """Indices into a [P, 2] array of (structure, fidelity) samples, one epoch at a time.
 
     The global order of an epoch depends only on (seed, epoch), never on the number of processes:
-    rank r of W takes order[r::W] (padded by wrapping so every rank has the same length), so W
-    processes with batch B see exactly the global batches of one process with batch W·B.
+    rank r of W takes order[r::W] (training: padded by wrapping so every rank has the same length), so W
+    processes with batch B see exactly the global batches of one process with batch W·B. Evaluation
+    (shuffle=False) is not padded: every sample is scored exactly once over the ranks (a padded copy
+    counted twice in the validation errors that pick the checkpoint).
     `shares` {fidelity index: fraction of the epoch}: with it, each epoch draws round(P·share) samples
     of each fidelity (without replacement while possible), keeping the mixing ratio fixed.
     `resume(epoch, n)` skips the first n indices of that epoch (mid-epoch restart after a kill).
@@ -59,8 +61,9 @@ class FidelitySampler(Sampler[int]):
     def _rank_order(self, epoch: int) -> np.ndarray:
         order = self.global_order(epoch)
         if self.world > 1 and len(order):
-            pad = (-len(order)) % self.world
-            order = np.concatenate([order, order[:pad]])
+            if self.shuffle:
+                pad = (-len(order)) % self.world
+                order = np.concatenate([order, order[:pad]])
             order = order[self.rank :: self.world]
         return order
 
