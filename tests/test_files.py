@@ -81,3 +81,26 @@ def test_file_in_place_of_a_folder(tmp_path):
         write_text(tmp_path / "f" / "x.txt", "1")
     with pytest.raises(MultifiError, match="is a folder"):
         write_text(tmp_path, "1")
+
+
+def test_an_interrupt_inside_a_writer_that_then_fails_is_an_interrupt(tmp_path):
+    """Ctrl-C in torch.save surfaces as torch's own RuntimeError raised while unwinding: atomic_write reports
+    it as the interrupt it is (the CLI then exits 130 with its resume hint), and leaves no file behind."""
+
+    def write(f):
+        try:
+            f.write(b"partial")
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("unexpected pos 321472 vs 321360")
+
+    target = tmp_path / "best.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, write)
+    assert list(tmp_path.iterdir()) == []
+
+    def broken(f):
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        atomic_write(target, broken)

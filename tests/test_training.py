@@ -592,3 +592,33 @@ def test_cpu_budget_stops_training_and_resumes_with_the_time_spent(write_config,
     assert main(["train", "--resume", str(run_dir), "--set", "train.max_cpu_seconds=12"]) == 0
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["cpu_budget_reached"] and 5 + (12 - spent) - 2 <= m["steps"] <= 5 + (12 - spent)
+
+
+def test_resume_after_a_data_file_was_edited_is_an_error(write_config, tmp_path, tiny_extxyz):
+    """The resume reads the run's cached data: an edited source file would be ignored silently, so it is an
+    error; the same file moved elsewhere (same content) resumes."""
+    import shutil
+
+    from multifi.cli.main import main
+
+    data = tmp_path / "data.extxyz"
+    shutil.copy(tiny_extxyz, data)
+    path = write_config(
+        data={"sources": [{"path": str(data)}], "split": {"val": 0.2, "test": 0.2, "seed": 0}},
+        train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0},
+    )
+    run_dir = Path(load_config(path, []).output_dir)
+    assert main(["train", str(path)]) == 0
+    assert (run_dir / "sources.json").exists()
+    moved = tmp_path / "moved.extxyz"
+    shutil.move(data, moved)
+    stale = run_dir / "checkpoints" / ".last.ckpt.x1y2.tmp"  # left by a kill during a checkpoint write
+    stale.write_bytes(b"")
+    assert (
+        main(["train", "--resume", str(run_dir), "--set", "train.epochs=2", "--set", f"data.sources.0.path={moved}"])
+        == 0
+    )
+    assert not stale.exists()
+    with open(moved, "a") as f:
+        f.write("\n")
+    assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=3"]) == 2

@@ -167,3 +167,29 @@ def test_periodic_structure_with_a_zero_volume_cell_names_file_and_frame(model, 
     bad.calc = multifi.Calculator(model, fidelity="lo")
     with pytest.raises(multifi.MultifiError, match="zero volume"):
         bad.get_potential_energy()
+
+
+def test_fidelity_without_validation_labels_is_warned_about(write_config, tmp_path, capsys, caplog):
+    """A fidelity trained on but absent from validation takes no part in checkpoint selection: said by name."""
+    import logging
+
+    from multifi.config import load_config
+    from multifi.train.prepare import prepare_data
+
+    cfg = load_config(write_config(), [])
+    prep = prepare_data(cfg)
+    ds, hi = prep.dataset, prep.dataset.fidelities.index("hi")
+    only_lo = [str(k) for s, k in enumerate(ds.keys) if not ds.energy_mask[s, hi]]
+    rest = [str(k) for k in ds.keys if str(k) not in only_lo[:3]]
+    files = {}
+    for name, keys in (("train", rest[:-3]), ("val", only_lo[:3]), ("test", rest[-3:])):
+        files[name] = str(tmp_path / f"{name}.txt")
+        (tmp_path / f"{name}.txt").write_text("\n".join(keys) + "\n")
+    config = write_config(
+        name="c2.yaml", data={"sources": [{"path": cfg.data.sources[0].path}], "split": {"files": files}}
+    )
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    about = [r.getMessage() for r in caplog.records if "no validation labels" in r.getMessage()]
+    assert len(about) == 1 and about[0].startswith("hi:"), about

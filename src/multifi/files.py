@@ -89,11 +89,26 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if not isinstance(exc, KeyboardInterrupt) and _interrupted(exc):
+            # Ctrl-C inside write() can surface as the writer's own error while it unwinds (torch.save:
+            # "unexpected pos"): it is the interrupt, and is reported as one (exit 130, no traceback)
+            raise KeyboardInterrupt(f"interrupted while writing {path}") from None
         raise
     return path
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in the exception's chain (the error raised while handling it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__context__ or exc.__cause__
+    return False
 
 
 def write_text(path, text: str) -> Path:

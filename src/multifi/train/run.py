@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -70,6 +71,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     if resume and cached.exists():
         from multifi.data.dataset import FidelityDataset
 
+        check_sources_unchanged(run_dir, cfg)
         dataset = FidelityDataset.load(cached)
     prep = prepare_data(cfg, dataset if dataset is not None else None, config_source)
     if resume:
@@ -122,12 +124,15 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     make_dir(run_dir)
     if leader and resume:
         _record_resumed_config(run_dir, cfg)
+        for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # a checkpoint write the kill cut short
+            stale.unlink(missing_ok=True)
     if leader and not resume:
         _clear_unstarted(run_dir)
         atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
         prep.split.save(run_dir / "splits.json", prep.dataset)
         if cfg.data.cache and not _from_saved_dataset(cfg):
             prep.dataset.save(cached)
+            atomic_write(run_dir / SOURCES, lambda f: f.write(json.dumps(source_fingerprints(cfg)).encode()))
     _fit(trainer, module, data, ckpt, run_dir)
     best = final_checkpoint(trainer, run_dir)
 
@@ -155,7 +160,9 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
 
 
 #: what a run writes before its first checkpoint; a run directory holding only these was never started
-UNSTARTED_FILES = frozenset({"config.yaml", "splits.json", "dataset.npz", "metrics.csv", "hparams.yaml", "checkpoints"})
+UNSTARTED_FILES = frozenset(
+    {"config.yaml", "splits.json", "dataset.npz", "sources.json", "metrics.csv", "hparams.yaml", "checkpoints"}
+)
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -534,6 +541,42 @@ def _flat(tree, prefix: str = "") -> dict:
     return out
 
 
+#: size and SHA-1 of each data source file when the run cached its data (dataset.npz): a resume reads the cache
+SOURCES = "sources.json"
+
+
+def source_fingerprints(cfg: RunConfig) -> list[dict | None]:
+    """Per data source: {"size", "sha1"} of its file (None: no file, e.g. the qm9 package or a folder)."""
+    out = []
+    for src in cfg.data.sources:
+        path = Path(src.path) if src.path else None
+        if path is None or not path.is_file():
+            out.append(None)
+            continue
+        digest = hashlib.sha1()
+        with reported(path), open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out.append({"size": path.stat().st_size, "sha1": digest.hexdigest()})
+    return out
+
+
+def check_sources_unchanged(run_dir: Path, cfg: RunConfig) -> None:
+    """A resume trains on the run's cached data (dataset.npz): a data file edited since the run started would
+    be ignored silently, so that is an error (a file moved elsewhere, same content, is fine)."""
+    recorded = run_dir / SOURCES
+    if not recorded.exists():
+        return  # a run of an older version: nothing to compare
+    then = json.loads(recorded.read_text())
+    now = source_fingerprints(cfg)
+    for src, a, b in zip(cfg.data.sources, then, now):
+        if a is not None and b is not None and a != b:
+            raise MultifiError(
+                f"{src.path}: changed since the run started (the run trains on its copy in {run_dir / 'dataset.npz'}, "
+                "so a resume would ignore the change); start a new run with the changed data, or restore the file"
+            )
+
+
 def _check_resumed_split(run_dir: Path, prep) -> None:
     """A resumed run must split its structures as it started (splits.json): changed data or split settings
     (--set data.split.seed=…) would train on former test structures and test on former training ones."""
@@ -560,6 +603,15 @@ def _report_data(prep) -> None:
             counts["val"][name],
             counts["test"][name],
         )
+    if any(counts["val"].values()):
+        for name, n in counts["train"].items():
+            if n and not counts["val"][name]:
+                log.warning(
+                    "%s: no validation labels (train: %d samples): its errors take no part in picking the best "
+                    "checkpoint or in early stopping, and plots have no validation curve for it",
+                    name,
+                    n,
+                )
 
 
 def _untrained(prep) -> list[str]:
