@@ -105,7 +105,9 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
                 else (
                     f"per-atom spread {1000 * scale[k]:.2f} meV"
                     if tiny_spread
-                    else f"crystals' median |energy| per atom {crystal_ha:.3f}, where eV data gives 1-10"
+                    else f"crystals' median |energy| per atom {crystal_ha:.3f}, where eV data of electronic-"
+                    "structure methods gives 1-10; a model with energies relative to the bulk, e.g. EMT, gives "
+                    "such values in eV: then ignore this"
                 )
             )
             log.warning(

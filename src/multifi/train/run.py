@@ -529,6 +529,12 @@ def _record_resumed_config(run_dir: Path, cfg: RunConfig) -> None:
         ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in changed),
         first.name,
     )
+    if cfg.train.schedule == "cosine" and {"train.max_steps", "train.epochs"} & set(changed):
+        log.warning(
+            "%s: the cosine learning-rate schedule spans the run's length, which changed: it is recomputed over the "
+            "new length, so the learning rate jumps (up, for a longer run) where the run resumes",
+            run_dir,
+        )
 
 
 def _flat(tree, prefix: str = "") -> dict:
