@@ -89,7 +89,12 @@ void PairMultifi::settings(int narg, char **arg)
   try {
     model = torch::jit::load(filename, torch::kCPU, extra);
   } catch (const std::exception &e) {
-    error->all(FLERR, "pair_style multifi: cannot load {}: {}", filename, e.what());
+    std::string why = e.what();
+    why = why.substr(0, why.find('\n'));  // torch's messages run on with a C++ stack trace
+    error->all(FLERR,
+               "pair_style multifi: cannot load {}: {} (LAMMPS reads a deployed model: multifi deploy MODEL.pt "
+               "--fidelity NAME --out FILE; a training model.pt or checkpoint is not one)",
+               filename, why);
   }
   model.eval();
   const std::string &meta = extra["multifi.json"];
