@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -312,6 +313,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         )
     if t.max_cpu_seconds is not None:
         callbacks.append(CpuBudget(t.max_cpu_seconds))
+    callbacks.append(FinalStepCheckpoint())  # after CpuBudget: sees its stop
     # validate (and checkpoint the best model) every N steps across epochs, e.g. for step budgets
     every = (
         {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None}
@@ -341,6 +343,42 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
     )
 
 
+class FinalStepCheckpoint(Callback):
+    """Checkpoints written after the step that ends a run (max_steps, CPU budget) record the loop as it stood at
+    that step. Lightning closes an epoch cut short by the stop as if it were complete (and the epoch-end
+    checkpoint says so), so a resume with a higher max_steps skipped the rest of that epoch and shifted every
+    later epoch's sample order; now it continues that epoch where the run stopped, as an uninterrupted run."""
+
+    def __init__(self):
+        self.final: dict | None = None
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
+            data = trainer.datamodule
+            self.final = {
+                "fit_loop": copy.deepcopy(trainer.fit_loop.state_dict()),
+                "epoch": trainer.current_epoch,
+                "data": None if data is None else (type(data).__qualname__, copy.deepcopy(data.state_dict())),
+                "sums": _epoch_sums_state(trainer),
+            }
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.final is None:
+            return
+        checkpoint["loops"]["fit_loop"] = self.final["fit_loop"]
+        checkpoint["epoch"] = self.final["epoch"]
+        if self.final["data"] is not None:
+            key, state = self.final["data"]
+            checkpoint[key] = state
+        if self.final["sums"] is not None:  # the cut epoch's training-loss sums, so its logged means cover it all
+            checkpoint["train_epoch_sums"] = self.final["sums"]
+
+
+def _epoch_sums_state(trainer) -> dict | None:
+    sums = getattr(trainer.lightning_module, "epoch_sums", None)
+    return None if sums is None else copy.deepcopy(sums.state_dict())
+
+
 class CpuBudget(Callback):
     """Stops training (after the current optimiser step) once it has used `seconds` of this process's CPU time,
     counted from the start of fitting and summed over resumed starts (the spent time is kept in checkpoints)."""
@@ -360,7 +398,8 @@ class CpuBudget(Callback):
 
     def on_train_batch_end(self, trainer, *args) -> None:
         self._update()
-        if self.spent >= self.seconds:
+        # any rank at the budget stops every rank (their clocks differ a little)
+        if trainer.strategy.reduce_boolean_decision(self.spent >= self.seconds, all=False):
             self.reached = trainer.should_stop = True
 
     def state_dict(self) -> dict:
