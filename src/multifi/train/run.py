@@ -354,13 +354,16 @@ class FinalStepCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
-            data = trainer.datamodule
-            self.final = {
-                "fit_loop": copy.deepcopy(trainer.fit_loop.state_dict()),
-                "epoch": trainer.current_epoch,
-                "data": None if data is None else (type(data).__qualname__, copy.deepcopy(data.state_dict())),
-                "sums": _epoch_sums_state(trainer),
-            }
+            self._capture(trainer)
+
+    def _capture(self, trainer) -> None:
+        data = trainer.datamodule
+        self.final = {
+            "fit_loop": copy.deepcopy(trainer.fit_loop.state_dict()),
+            "epoch": trainer.current_epoch,
+            "data": None if data is None else (type(data).__qualname__, copy.deepcopy(data.state_dict())),
+            "sums": _epoch_sums_state(trainer),
+        }
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self.final is None:
