@@ -154,7 +154,7 @@ def test_label_table_subset_of_shared_file(small_qm9, tmp_path):
     assert ds.fidelities.names == ("GFN2-xTB",) and len(ds) == len(expected) == 150
     assert dict(zip(ds.keys.tolist(), ds.energy[:, 0].tolist())) == expected
     assert ds.source == str(path)
-    assert len(qm9.read_qm9(path, indices=[1, 2, 190], fidelity="other")) == 2  # 190: in QM9, not labelled
+    assert len(qm9.read_qm9(path, indices=[1, 2, 190], fidelity="GFN2-xTB")) == 2  # 190: in QM9, not labelled
 
 
 @needs_shared

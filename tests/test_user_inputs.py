@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -193,3 +194,45 @@ def test_fidelity_without_validation_labels_is_warned_about(write_config, tmp_pa
     assert code == 0, err
     about = [r.getMessage() for r in caplog.records if "no validation labels" in r.getMessage()]
     assert len(about) == 1 and about[0].startswith("hi:"), about
+
+
+def test_a_diverged_training_is_an_error_and_writes_no_model(write_config, capsys):
+    config = write_config(
+        train={
+            "epochs": 3,
+            "batch_size": 8,
+            "progress": False,
+            "threads": 1,
+            "warmup_steps": 0,
+            "lr": 1.0e6,
+            "grad_clip": None,
+        }
+    )
+    from multifi.config import load_config
+
+    run_dir = Path(load_config(config, []).output_dir)
+    code, _, err = run(["train", config], capsys)
+    assert code == 2 and "training diverged" in err and len(err.strip().splitlines()) == 1
+    assert not (run_dir / "model.pt").exists()
+
+
+@pytest.mark.parametrize("weight", ["-0.05", ".nan"])
+def test_negative_or_nan_fidelity_weights_are_errors(write_config, capsys, weight):
+    code, _, err = run(
+        ["train", write_config(), "--dry-run", "--set", f"loss.fidelity_weights={{hi: {weight}}}"], capsys
+    )
+    assert code == 2 and "finite and ≥ 0" in err
+
+
+def test_a_label_table_given_another_fidelity_than_its_manifest_is_an_error(tmp_path):
+    import json
+
+    from multifi.data.readers.qm9 import read_label_table
+    from multifi.errors import MultifiError
+
+    (tmp_path / "x.csv").write_text("index,energy_eV\n1,-10.0\n2,-11.0\n")
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": [{"file": "x.csv", "fidelity": "GFN2-xTB"}]}))
+    assert read_label_table(tmp_path / "x.csv").fidelity == "GFN2-xTB"
+    assert read_label_table(tmp_path / "x.csv", "GFN2-xTB").fidelity == "GFN2-xTB"
+    with pytest.raises(MultifiError, match="labels of 'GFN2-xTB'.*given as 'PBE'"):
+        read_label_table(tmp_path / "x.csv", "PBE")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -167,6 +168,14 @@ class LossConfig(Section):
     kind: Literal["mse", "huber"] = "mse"
     huber_delta: float = Field(0.01, gt=0)
     fidelity_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("fidelity_weights")
+    @classmethod
+    def _finite_non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, w in v.items():
+            if not math.isfinite(w) or w < 0:
+                raise ValueError(f"fidelity_weights[{name!r}] = {w}: a weight must be finite and ≥ 0")
+        return v
 
 
 class TrainConfig(Section):

@@ -81,6 +81,12 @@ class PotentialModule(L.LightningModule):
         forces, stress = self.loss_fn.needs(graph)
         out = self.potential(graph, forces=forces, stress=stress, create_graph=True)
         loss, terms = self.loss_fn(out, graph)
+        if not torch.isfinite(loss):  # a diverged run must not end "successfully" with a NaN model
+            raise MultifiError(
+                f"training loss became {float(loss)} at step {self.global_step} (lr "
+                f"{self.trainer.optimizers[0].param_groups[0]['lr']:.3g}): training diverged; lower train.lr, keep "
+                "train.grad_clip, or check the labels (the checkpoints before this step are kept)"
+            )
         B = graph.num_graphs
         self.log(f"{TRAIN_LOSS}_step", loss, prog_bar=True, batch_size=B, on_step=True, on_epoch=False)
         self.epoch_sums.add({TRAIN_LOSS_EPOCH: loss, **{f"train_{k}": v for k, v in terms.items()}}, B)

@@ -359,7 +359,7 @@ def read_label_table(path: str | os.PathLike, fidelity: str | None = None, skip_
         index=index,
         energy=energy,
         line=line,
-        fidelity=fidelity or _manifest_fidelity(path),
+        fidelity=_label_fidelity(path, fidelity),
         path=path,
         n_dropped=int(bad.sum()),
     )
@@ -410,6 +410,24 @@ def _raise_bad_line(body: bytes, path: Path):
             except ValueError:
                 raise MultifiError(f"{path}: line {n}: {what} {text.strip()[:40]!r} is not a number") from None
     raise MultifiError(f"{path}: not a numeric index,energy_eV table")
+
+
+def _label_fidelity(path: Path, given: str | None) -> str:
+    """`given`, else the manifest's name; a given name that contradicts the manifest is an error (data is never
+    silently relabelled)."""
+    if given is None:
+        return _manifest_fidelity(path)
+    if (path.parent / "manifest.json").is_file():
+        try:
+            listed = _manifest_fidelity(path)
+        except MultifiError:
+            return given  # not listed (or no usable manifest): the given name stands
+        if listed != given:
+            raise MultifiError(
+                f"{path}: labels of {listed!r} by {path.parent / 'manifest.json'}, given as {given!r}; "
+                "drop the fidelity (the manifest names it) or use the file of that method"
+            )
+    return given
 
 
 def _manifest_fidelity(path: Path) -> str:
