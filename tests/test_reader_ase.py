@@ -363,3 +363,13 @@ def test_fidelity_names_that_extxyz_reads_as_numbers_are_warned_about(tmp_path, 
         ds = read_ase(path)
     assert "info['fidelity'] read as 1, True, not text" in caplog.text and "quote the names" in caplog.text
     assert len(ds.fidelities.names) == 2  # what ASE made of them: 1 (twice) and True
+
+
+def test_nine_value_stress_and_virial_labels_read_as_three_by_three():
+    """MACE-style extxyz keeps REF_stress / REF_virials as 9 values row by row: read as the 3×3 tensor."""
+    from multifi.data.dataset import voigt_or_matrix
+
+    m = np.arange(9.0).reshape(3, 3)
+    m = m + m.T
+    assert np.array_equal(voigt_or_matrix(m.ravel()), m)
+    assert np.array_equal(voigt_or_matrix(m), m)

@@ -488,14 +488,17 @@ class FidelityDataset:
 
 
 def voigt_or_matrix(stress, where: str = "") -> np.ndarray:
-    """A 3×3 stress from a 3×3 matrix or 6-vector Voigt (xx yy zz yz xz xy, ASE order)."""
+    """A 3×3 stress from a 3×3 matrix, its 9 values row by row (extxyz `REF_stress="…"`, as MACE writes them) or a
+    6-vector Voigt (xx yy zz yz xz xy, ASE order)."""
     s = np.asarray(stress, dtype=np.float64)
+    if s.shape == (9,):
+        s = s.reshape(3, 3)
     if s.shape == (3, 3):
         return s
     if s.shape == (6,):
         xx, yy, zz, yz, xz, xy = s
         return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
-    raise MultifiError(f"{where}: stress has shape {s.shape}, expected (3, 3) or (6,)")
+    raise MultifiError(f"{where}: stress has shape {s.shape}, expected (3, 3), (9,) or (6,)")
 
 
 def _concatenate(parts: list[FidelityDataset], table: FidelityTable) -> FidelityDataset:
