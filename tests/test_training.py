@@ -256,6 +256,25 @@ def test_resume_with_another_model_config_is_a_one_line_error(write_config):
         train(cfg, resume=True)
 
 
+def test_resume_from_a_checkpoint_written_before_the_contact_buffer_existed(write_config):
+    """A run checkpointed by an earlier version (no head.contact, no ema.head.contact) resumes: buffers added
+    since are filled as unknown, not refused as another model configuration."""
+    cfg = load_config(
+        write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "ema_decay": 0.9}), []
+    )
+    run_dir = train(cfg)
+    last = run_dir / "checkpoints/last.ckpt"
+    state = ckpt(last)
+    dropped = [k for k in state["state_dict"] if k.endswith("head.contact")]
+    assert len(dropped) == 2  # the model's and its EMA copy's
+    for k in dropped:
+        del state["state_dict"][k]
+    torch.save(state, last)
+    cfg.train.epochs = 2
+    out = train(cfg, resume=True)
+    assert ckpt(out / "checkpoints/last.ckpt")["epoch"] == 1
+
+
 def test_train_kill_resume(write_config, tmp_path, monkeypatch):
     """SIGKILL a training subprocess after its first checkpoint; --resume continues from the saved step."""
     path = write_config(train={"epochs": 6, "batch_size": 2, "progress": False, "threads": 1, "warmup_steps": 0})

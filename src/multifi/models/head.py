@@ -71,14 +71,19 @@ class EnergyHead(nn.Module):
             setattr(self, name, before.to(device=getattr(self, name).device, dtype=torch.float64))
         return self
 
+    @staticmethod
+    def upgrade_state(state_dict: dict, prefix: str) -> None:
+        """Fill in place the buffers a head saved by an earlier multifi version lacks (keys under `prefix`):
+        `fitted` (every nonzero reference was fitted), `null` (none recorded), `contact` (unknown)."""
+        if prefix + "ref" not in state_dict:
+            return
+        ref = state_dict[prefix + "ref"]
+        state_dict.setdefault(prefix + "fitted", ref != 0)
+        state_dict.setdefault(prefix + "null", torch.zeros(*ref.shape, NULL_DIRS, dtype=torch.float64))
+        state_dict.setdefault(prefix + "contact", torch.zeros(N_ELEMENTS, N_ELEMENTS, dtype=torch.float64))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Models saved before `fitted` existed: every nonzero reference was fitted (others were zero)."""
-        if prefix + "ref" in state_dict and prefix + "fitted" not in state_dict:
-            state_dict[prefix + "fitted"] = state_dict[prefix + "ref"] != 0
-        if prefix + "ref" in state_dict and prefix + "null" not in state_dict:  # saved before: none recorded
-            state_dict[prefix + "null"] = torch.zeros(*state_dict[prefix + "ref"].shape, NULL_DIRS, dtype=torch.float64)
-        if prefix + "ref" in state_dict and prefix + "contact" not in state_dict:
-            state_dict[prefix + "contact"] = torch.zeros(N_ELEMENTS, N_ELEMENTS, dtype=torch.float64)
+        self.upgrade_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from multifi.config import LossConfig, TrainConfig
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
 from multifi.keys import METRIC_KEYS, TRAIN_LOSS, TRAIN_LOSS_EPOCH, VAL_LOSS, val_key
+from multifi.models.head import EnergyHead
 from multifi.models.registry import build_potential, model_config
 from multifi.train.loss import MultiFidelityLoss
 from multifi.train.metrics import FidelityMetrics
@@ -245,6 +246,9 @@ class PotentialModule(L.LightningModule):
         """A checkpoint of another architecture (e.g. the model section changed since the run started) cannot
         resume: name the first differing tensor in one line, before torch's multi-line load error."""
         saved = checkpoint.get("state_dict") or {}
+        for name, module in self.named_modules():
+            if isinstance(module, EnergyHead):  # buffers added since the checkpoint was written are no conflict
+                EnergyHead.upgrade_state(saved, name + ".")
         ours = self.state_dict()
         for name in sorted(set(saved) ^ set(ours)):
             where = "the checkpoint" if name in saved else "this model"
