@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 
 import ase.io
@@ -143,6 +144,7 @@ def test_structure_without_atoms_is_an_error(tmp_path, capsys):
     [
         ("train.fidelity_sampling={lo: -1}", ["train.fidelity_sampling.lo", "greater than or equal to 0"]),
         ("train.fidelity_sampling={lo: 0, hi: 0}", ["train.fidelity_sampling: every fidelity", "weight 0"]),
+        ("train.fidelity_sampling={hi: 1}", ["listed weights sum to 1 but lo", "are not listed"]),
         ("train.devices=0", ["train.devices", "number of devices"]),
         ("train.devices=abc", ["train.devices", "'abc'"]),
         ("train.accelerator=nonsense", ["train.accelerator=nonsense"]),
@@ -338,6 +340,19 @@ def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys
     assert not (tmp_path / "run").exists()
     assert "train: lo=" in caplog.text and "parameters" in caplog.text and "5 steps per epoch" in caplog.text
     fails(["train", write_config(), "--dry-run", "--set", "data.sources.0.fidelity=LJ"], capsys, "names fidelity 'lo'")
+
+
+def test_dry_run_shows_the_sampling_shares_and_warns_of_unused_labels(write_config, capsys, caplog):
+    """A partial train.fidelity_sampling is explained before training: each fidelity's share of an epoch beside
+    its share of the labels; a weight of 0 on a fidelity with labels is a warning, not silence."""
+    with caplog.at_level("INFO", logger="multifi"):
+        assert run(["train", write_config(), "--dry-run", "--set", "train.fidelity_sampling={hi: 0.5}"], capsys)[0] == 0
+    assert re.search(r"sampling per epoch .*: lo 50\.0 % \(labels \d+\.\d %\), hi 50\.0 %", caplog.text)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="multifi"):
+        assert run(["train", write_config(), "--dry-run", "--set", "train.fidelity_sampling={lo: 0}"], capsys)[0] == 0
+    assert re.search(r"lo has weight 0: its \d+ training labels are never trained on", caplog.text)
+    assert "lo 0.0 %" in caplog.text and "hi 100.0 %" in caplog.text
 
 
 # ------------------------------------------------------------------------------------ friendliness

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multifi.train.sampler import FidelitySampler
+from multifi.train.sampler import FidelitySampler, epoch_shares
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "multifi" / "demo_data" / "joint.yaml"
 
@@ -48,6 +48,24 @@ def test_sampler_keeps_mixing_ratio_and_resumes():
     s.resume(0, 300)
     assert list(s) == order[300:].tolist()
     assert list(s) == order.tolist()  # resume applies once
+
+
+def test_epoch_shares_relative_weights_or_fractions_with_natural_rest():
+    """Every fidelity listed: relative weights; some unlisted: fractions, the rest in proportion to labels."""
+    names = ["lo", "mid", "hi", "none"]
+    counts = np.array([600, 300, 100, 0])
+    assert epoch_shares(np.full(4, np.nan), counts, names) is None
+    assert epoch_shares(np.array([1.0, 1.0, 2.0, np.nan]), counts, names) == pytest.approx({0: 0.25, 1: 0.25, 2: 0.5})
+    # {hi: 0.5}: hi takes half of each epoch, lo and mid share the other half 2:1 as their labels do
+    assert epoch_shares(np.array([np.nan, np.nan, 0.5, 7.0]), counts, names) == pytest.approx(
+        {0: 1 / 3, 1: 1 / 6, 2: 0.5}
+    )
+    # {lo: 0}: lo is never drawn, the others keep their label proportion
+    assert epoch_shares(np.array([0.0, np.nan, np.nan, np.nan]), counts, names) == pytest.approx({1: 0.75, 2: 0.25})
+    with pytest.raises(ValueError, match=r"sum to 1 but lo, mid \(with training labels\) are not listed"):
+        epoch_shares(np.array([np.nan, np.nan, 1.0, np.nan]), counts, names)  # {hi: 1} cannot mean 3x oversampling
+    with pytest.raises(ValueError, match="every fidelity with training labels has weight 0"):
+        epoch_shares(np.array([0.0, 0.0, 0.0, 1.0]), counts, names)
 
 
 def _run(out: Path, extra: list[str]) -> dict:

@@ -183,7 +183,7 @@ def test_config_error_leaves_run_dir_reusable(write_config, tmp_path):
             "progress": False,
             "threads": 1,
             "warmup_steps": 0,
-            "fidelity_sampling": {"hi": 2.0},
+            "fidelity_sampling": {"hi": 0.5},
         }
     )
     run_dir = train(load_config(path, []))

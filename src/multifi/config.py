@@ -223,7 +223,12 @@ class TrainConfig(Section):
         description="stop once training has used this much CPU time of its process (seconds, validation "
         "included, data preparation not; summed over resumed starts): an equal budget on a shared machine",
     )
-    fidelity_sampling: dict[str, SamplingWeight] = Field(default_factory=dict, description="relative sampling weight")
+    fidelity_sampling: dict[str, SamplingWeight] = Field(
+        default_factory=dict,
+        description="share of each epoch per fidelity: relative weights when every fidelity with training labels "
+        "is listed; otherwise fractions of the epoch summing below 1, the unlisted fidelities sharing the rest in "
+        "proportion to their labels (empty: every sample once per epoch)",
+    )
     progress: bool = True
     init_from: str | None = Field(None, description="start from the weights of this saved potential (.pt/.ckpt)")
     init_fidelities: dict[str, str] = Field(

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from multifi.data.batch import GraphCollator
 from multifi.data.dataset import FidelityDataset
 from multifi.data.neighbors import make_neighbors
-from multifi.train.sampler import FidelitySampler
+from multifi.train.sampler import FidelitySampler, epoch_shares
 
 
 class PairDataset(Dataset):
@@ -69,17 +69,11 @@ class MultiFidelityData(L.LightningDataModule):
         )
 
     def _shares(self, pairs: np.ndarray) -> dict[int, float] | None:
-        """Fraction of each epoch per fidelity index: configured weights, others keep their natural share."""
-        if self.sampling is None or np.isnan(self.sampling).all():
+        """Fraction of each epoch per fidelity index (sampler.epoch_shares); None: natural shares."""
+        if self.sampling is None:
             return None
-        counts = np.bincount(pairs[:, 1], minlength=len(self.sampling)).astype(float)
-        natural = counts / max(counts.sum(), 1)
-        w = np.where(np.isnan(self.sampling), natural, self.sampling)
-        w[counts == 0] = 0
-        if w.sum() <= 0:
-            return {}  # no fidelity with training samples has weight: an error before training (check_sampling)
-        w = w / w.sum()
-        return {k: float(w[k]) for k in range(len(w)) if w[k] > 0}
+        counts = np.bincount(pairs[:, 1], minlength=len(self.sampling))
+        return epoch_shares(self.sampling, counts, self.dataset.fidelities.names)
 
     # Saved in every checkpoint: where the training epoch stood, so a killed run resumes mid-epoch.
     def state_dict(self):

@@ -225,11 +225,34 @@ def _checkpoint_problem(path: Path) -> str | None:
 
 
 def check_sampling(data: MultiFidelityData, prep, config_source: str = "") -> None:
-    """train.fidelity_sampling must give some training sample a positive weight."""
-    shares = data._shares(prep.pairs["train"])
-    if shares is not None and not shares:
-        prefix = f"{config_source}: " if config_source else ""
-        raise MultifiError(f"{prefix}train.fidelity_sampling: every fidelity with training labels has weight 0")
+    """train.fidelity_sampling: one-line error where it cannot be meant; a warning for a listed fidelity
+    without training labels and for one whose labels get weight 0; the resulting shares logged."""
+    if data.sampling is None or np.isnan(data.sampling).all():
+        return
+    names = prep.dataset.fidelities.names
+    counts = np.bincount(prep.pairs["train"][:, 1], minlength=len(names))
+    try:
+        shares = data._shares(prep.pairs["train"])
+    except ValueError as exc:
+        raise MultifiError(f"{config_source}: {exc}" if config_source else str(exc)) from None
+    for k, name in enumerate(names):
+        if np.isnan(data.sampling[k]):
+            continue
+        if counts[k] == 0:
+            log.warning("train.fidelity_sampling: %s has no training labels; its weight is ignored", name)
+        elif data.sampling[k] == 0:
+            log.warning(
+                "train.fidelity_sampling: %s has weight 0: its %d training labels are never trained on", name, counts[k]
+            )
+    natural = counts / counts.sum()
+    log.info(
+        "sampling per epoch (train.fidelity_sampling): %s",
+        ", ".join(
+            f"{name} {100 * shares.get(k, 0.0):.1f} % (labels {100 * natural[k]:.1f} %)"
+            for k, name in enumerate(names)
+            if counts[k]
+        ),
+    )
 
 
 def _build_trainer(cfg: RunConfig, run_dir: Path, has_val: bool, config_source: str = "") -> L.Trainer:

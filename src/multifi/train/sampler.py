@@ -2,8 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from torch.utils.data import Sampler
+
+
+def epoch_shares(weights: np.ndarray, counts: np.ndarray, names: Sequence[str]) -> dict[int, float] | None:
+    """Fraction of each training epoch per fidelity index, from train.fidelity_sampling.
+
+    weights [K]: the configured weight, NaN where a fidelity is not listed; counts [K]: its training samples.
+    Nothing listed: None (every sample once per epoch, natural shares). Every fidelity with samples listed:
+    the weights are relative (share ∝ weight). Some left out: the listed weights are fractions of the epoch,
+    summing below 1, and the others share the rest in proportion to their samples. Fidelities without
+    training samples take no share. Raises ValueError (one line) where the weights cannot be meant."""
+    weights, counts = np.asarray(weights, dtype=float), np.asarray(counts, dtype=float)
+    listed, present = ~np.isnan(weights), counts > 0
+    if not listed.any():
+        return None
+    w = np.where(listed & present, weights, 0.0)
+    rest = present & ~listed
+    if rest.any():
+        given = float(w.sum())
+        if given >= 1:
+            raise ValueError(
+                f"train.fidelity_sampling: the listed weights sum to {given:g} but "
+                f"{', '.join(names[k] for k in np.flatnonzero(rest))} (with training labels) are not listed: "
+                "list every fidelity (relative weights), or give the listed ones fractions of the epoch summing "
+                "below 1 (the others share the rest in proportion to their labels)"
+            )
+        w = w + np.where(rest, (1 - given) * counts / counts[rest].sum(), 0.0)
+    if w.sum() <= 0:
+        raise ValueError("train.fidelity_sampling: every fidelity with training labels has weight 0")
+    w = w / w.sum()
+    return {k: float(w[k]) for k in range(len(w)) if w[k] > 0}
 
 
 class FidelitySampler(Sampler[int]):
