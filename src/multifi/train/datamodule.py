@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -9,7 +11,10 @@ from torch.utils.data import DataLoader, Dataset
 from multifi.data.batch import GraphCollator
 from multifi.data.dataset import FidelityDataset
 from multifi.data.neighbors import make_neighbors
+from multifi.errors import MultifiError
 from multifi.train.sampler import FidelitySampler, epoch_shares
+
+log = logging.getLogger("multifi")
 
 
 class PairDataset(Dataset):
@@ -74,6 +79,38 @@ class MultiFidelityData(L.LightningDataModule):
             return None
         counts = np.bincount(pairs[:, 1], minlength=len(self.sampling))
         return epoch_shares(self.sampling, counts, self.dataset.fidelities.names)
+
+    def check_sampling(self, config_source: str = "") -> None:
+        """train.fidelity_sampling: one-line error where it cannot be meant; a warning for a listed fidelity
+        without training labels and for one whose labels get weight 0; the resulting shares logged."""
+        if self.sampling is None or np.isnan(self.sampling).all():
+            return
+        names = self.dataset.fidelities.names
+        counts = np.bincount(self.pairs["train"][:, 1], minlength=len(names))
+        try:
+            shares = self._shares(self.pairs["train"])
+        except ValueError as exc:
+            raise MultifiError(f"{config_source}: {exc}" if config_source else str(exc)) from None
+        for k, name in enumerate(names):
+            if np.isnan(self.sampling[k]):
+                continue
+            if counts[k] == 0:
+                log.warning("train.fidelity_sampling: %s has no training labels; its weight is ignored", name)
+            elif self.sampling[k] == 0:
+                log.warning(
+                    "train.fidelity_sampling: %s has weight 0: its %d training labels are never trained on",
+                    name,
+                    counts[k],
+                )
+        natural = counts / counts.sum()
+        log.info(
+            "sampling per epoch (train.fidelity_sampling): %s",
+            ", ".join(
+                f"{name} {100 * shares.get(k, 0.0):.1f} % (labels {100 * natural[k]:.1f} %)"
+                for k, name in enumerate(names)
+                if counts[k]
+            ),
+        )
 
     # Saved in every checkpoint: where the training epoch stood, so a killed run resumes mid-epoch.
     def state_dict(self):

@@ -428,6 +428,7 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
         progress=cfg.train.progress,
         neighbor_lists=cfg.data.neighbor_lists,
     )
+    data.check_sampling(config_source)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
     trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)

@@ -116,7 +116,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     train_structures = np.unique(prep.pairs["train"][:, 0])
     module.potential.head.record_contacts(shortest_contacts(prep.dataset, data.neighbors, train_structures))
     module.sync_ema()
-    check_sampling(data, prep, config_source)
+    data.check_sampling(config_source)
     trainer = _build_trainer(cfg, run_dir, len(prep.pairs["val"]) > 0, config_source)
     if dry_run:
         _report_plan(cfg, prep, module, run_dir, ckpt)
@@ -222,37 +222,6 @@ def _checkpoint_problem(path: Path) -> str | None:
         return None if bad is None else f"corrupted member {bad}"
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         return f"{type(exc).__name__}: {exc}"
-
-
-def check_sampling(data: MultiFidelityData, prep, config_source: str = "") -> None:
-    """train.fidelity_sampling: one-line error where it cannot be meant; a warning for a listed fidelity
-    without training labels and for one whose labels get weight 0; the resulting shares logged."""
-    if data.sampling is None or np.isnan(data.sampling).all():
-        return
-    names = prep.dataset.fidelities.names
-    counts = np.bincount(prep.pairs["train"][:, 1], minlength=len(names))
-    try:
-        shares = data._shares(prep.pairs["train"])
-    except ValueError as exc:
-        raise MultifiError(f"{config_source}: {exc}" if config_source else str(exc)) from None
-    for k, name in enumerate(names):
-        if np.isnan(data.sampling[k]):
-            continue
-        if counts[k] == 0:
-            log.warning("train.fidelity_sampling: %s has no training labels; its weight is ignored", name)
-        elif data.sampling[k] == 0:
-            log.warning(
-                "train.fidelity_sampling: %s has weight 0: its %d training labels are never trained on", name, counts[k]
-            )
-    natural = counts / counts.sum()
-    log.info(
-        "sampling per epoch (train.fidelity_sampling): %s",
-        ", ".join(
-            f"{name} {100 * shares.get(k, 0.0):.1f} % (labels {100 * natural[k]:.1f} %)"
-            for k, name in enumerate(names)
-            if counts[k]
-        ),
-    )
 
 
 def _build_trainer(cfg: RunConfig, run_dir: Path, has_val: bool, config_source: str = "") -> L.Trainer:
