@@ -366,13 +366,18 @@ def test_random_split_is_disjoint_complete_and_seeded():
         random_split(3, val=0.5, test=0.5, seed=0)
 
 
-def test_split_files_by_key_and_overlap_error(tmp_path):
+def test_split_files_by_key_and_overlap_error(tmp_path, caplog):
     recs, _ = water_methane_si()
     ds = FidelityDataset.from_records(recs)
     (tmp_path / "train.txt").write_text("w\nsi\n")
     (tmp_path / "test.json").write_text(json.dumps(["m"]))
-    s = split_from_files({"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.json")}, ds)
+    with caplog.at_level("WARNING", logger="multifi"):
+        s = split_from_files({"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.json")}, ds)
     assert s.train.tolist() == [0, 2] and s.test.tolist() == [1] and s.val.tolist() == []
+    assert "in none of these split files" not in caplog.text
+    with caplog.at_level("WARNING", logger="multifi"):  # structures left out are named, not dropped silently
+        split_from_files({"train": str(tmp_path / "train.txt")}, ds)
+    assert "train.txt: 1 of 3 structures are in none of these split files (e.g. m): they are not used" in caplog.text
     (tmp_path / "val.txt").write_text("2\n")  # an index, also in train
     with pytest.raises(MultifiError, match="structure si is in both the train and val splits"):
         split_from_files({"train": str(tmp_path / "train.txt"), "val": str(tmp_path / "val.txt")}, ds)

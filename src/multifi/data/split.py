@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from multifi.errors import MultifiError
 from multifi.files import atomic_write
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger("multifi")
 
 
 @dataclass
@@ -82,6 +84,15 @@ def split_from_files(files: dict[str, str], dataset: FidelityDataset) -> Split:
         out[name] = _read_split_file(Path(files[name]), key_to_index, len(dataset))
     split = Split(**out)
     check_disjoint(split, dataset)
+    unused = np.setdiff1d(np.arange(len(dataset)), np.concatenate([split[name] for name in SPLITS]))
+    if len(unused):
+        log.warning(
+            "%s: %d of %d structures are in none of these split files (e.g. %s): they are not used",
+            ", ".join(str(files[name]) for name in SPLITS if name in files),
+            len(unused),
+            len(dataset),
+            ", ".join(str(k) for k in dataset.keys[unused[:3]].tolist()),
+        )
     return split
 
 
@@ -91,7 +102,7 @@ def _read_split_file(path: Path, key_to_index: dict, n: int) -> np.ndarray:
     text = path.read_text().strip()
     items = json.loads(text) if text.startswith("[") else text.split()
     idx = []
-    for it in items:
+    for it in items:  # a structure listed twice counts once
         s = str(it)
         if s in key_to_index:
             idx.append(key_to_index[s])
