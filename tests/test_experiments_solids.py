@@ -154,6 +154,16 @@ def test_solids_spec_artefacts_metrics_and_resume(shared, fake, tmp_path):
     assert fake == [] and "meV/Å" in (out / "README.md").read_text()
 
 
+def test_status_on_structure_files_writes_nothing(shared, tmp_path, capsys):
+    """experiment status reads the spec's structure files without writing their cache (nor anything else)."""
+    from multifi.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["experiment", "status", str(SPEC), "--set", f"output={out}"]) == 0
+    assert "to do" in capsys.readouterr().out
+    assert not out.exists()
+
+
 def test_runs_train_on_exactly_their_labels_and_test_structures_stay_out(shared, fake, tmp_path):
     """Split by structure: test and validation structures carry no label of any fidelity in training;
     PBE on every training structure; r2SCAN on the first n of a seed's order (nested across n)."""

@@ -193,12 +193,13 @@ class SourceCatalog:
     """The structure files of a spec's `data` section, merged by key (e.g. matpes:<id>): one dataset.
 
     Read once when the runs are planned and cached as <work>/data/<fingerprint>.npz (the fingerprint
-    hashes the files' contents and the source settings), which the runs' derived datasets are cut from.
+    hashes the files' contents and the source settings), which the runs' derived datasets are cut from;
+    `write_cache=False` (experiment status) reads the files without writing the cache.
     """
 
     noun = "structures"
 
-    def __init__(self, data, shared: Path, root: Path, work: Path):
+    def __init__(self, data, shared: Path, root: Path, work: Path, write_cache: bool = True):
         from multifi_experiments.plan import fill
 
         self.sources = []
@@ -210,6 +211,7 @@ class SourceCatalog:
             )
         self.skip_invalid = data.skip_invalid
         self.work = Path(work)
+        self.write_cache = write_cache
         self._ds = None
         self._fingerprint: str | None = None
         self._id_of: dict | None = None
@@ -252,6 +254,8 @@ class SourceCatalog:
             else:
                 configs = [SourceConfig(**s) for s in self.sources]
                 self._ds = read_sources(configs, self.skip_invalid)
+                if not self.write_cache:
+                    return self._ds
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
                 self._ds.save(self.cache_path)
                 log.info(
@@ -356,8 +360,8 @@ def _counts(numbers: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.nd
     return out
 
 
-def make_catalog(spec, paths):
+def make_catalog(spec, paths, write_cache: bool = True):
     """The catalog of a spec: its `data` section's files, else the shared QM9 folder."""
     if spec.data is not None:
-        return SourceCatalog(spec.data, paths.shared, paths.root, paths.work)
+        return SourceCatalog(spec.data, paths.shared, paths.root, paths.work, write_cache)
     return LabelCatalog(paths.shared, spec.label_folders)

@@ -55,7 +55,7 @@ def status(args) -> int:
     from multifi_experiments.runner import load_context
     from multifi_experiments.status import experiment_status, status_json, status_table
 
-    ctx = load_context(args.spec, args.overrides, args.only)
+    ctx = load_context(args.spec, args.overrides, args.only, write_cache=False)
     rows = experiment_status(ctx, args.only)
     print((status_json if args.json else status_table)(ctx.spec.name, rows))
     return 0

@@ -76,7 +76,8 @@ def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), r
     return ctx.paths.output
 
 
-def load_context(spec_path, overrides=(), only=(), report_only=False) -> Context:
+def load_context(spec_path, overrides=(), only=(), report_only=False, write_cache=True) -> Context:
+    """Spec, paths and data catalog; `write_cache=False`: reading the data writes no cache (status)."""
     spec, paths = load_spec(spec_path, list(overrides))
     try:
         shown = Path(spec_path).resolve().relative_to(paths.root)
@@ -89,7 +90,7 @@ def load_context(spec_path, overrides=(), only=(), report_only=False) -> Context
         args += ["--only", o]
     if report_only:
         args.append("--report-only")
-    return Context(spec, paths, make_catalog(spec, paths), shlex.join(args))
+    return Context(spec, paths, make_catalog(spec, paths, write_cache), shlex.join(args))
 
 
 def plan_parts(ctx: Context, write: bool = True) -> dict[str, PartPlan]:
