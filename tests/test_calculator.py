@@ -100,6 +100,24 @@ def test_molecule_has_no_stress():
         atoms.get_potential_energy()  # H was never given a reference energy: unknown element
 
 
+def test_calculator_keeps_the_model_precision_unless_told():
+    """A float64 model computes in float64 by default (as multifi predict does), a float32 one in float32;
+    an explicit dtype wins; an unknown one is a one-line error."""
+    import torch
+
+    wide = m3gnet_potential().double()
+    assert multifi.Calculator(wide, fidelity="PBE").dtype == torch.float64
+    assert multifi.Calculator(m3gnet_potential(), fidelity="PBE").dtype == torch.float32
+    assert multifi.Calculator(wide, fidelity="PBE", dtype="float32").dtype == torch.float32
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.calc = multifi.Calculator(wide, fidelity="PBE")
+    e64 = atoms.get_potential_energy()
+    atoms.calc = multifi.Calculator(wide, fidelity="PBE", dtype="float64")
+    assert atoms.get_potential_energy() == e64
+    with pytest.raises(MultifiError, match="dtype 'half'"):
+        multifi.Calculator(wide, fidelity="PBE", dtype="half")
+
+
 def test_a_potential_given_as_module_is_left_untouched():
     """Calculator(potential) works on a copy: the caller's module keeps its dtype, training mode, trainable
     parameters and compile setting (a second calculator on the same module changes nothing in the first)."""

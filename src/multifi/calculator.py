@@ -22,7 +22,8 @@ class Calculator(AseCalculator):
     checkpoint: model.pt / training .ckpt path, or a Potential (copied: the given module is left as it is,
     later changes to it do not reach the calculator). The model is loaded once; set
     `calc.fidelity = "PBE"` to switch level of theory. Units: eV, eV/Å, stress eV/Å³ (ASE convention).
-    dtype "float64" gives smoother energies for long NVE runs at about twice the cost.
+    dtype: None (default) keeps the model's own precision (as `multifi predict` does); "float32" runs a
+    float64 model at about half the cost, "float64" gives smoother energies for long NVE runs.
     compile: torch.compile the model (faster MD after minutes of compilation); None keeps the saved
     model.compile setting (or MULTIFI_COMPILE=1 when it is unset).
     aot: compile energy, forces and virial ahead of time (multifi.aot: torch.export + AOTInductor, a C++
@@ -40,7 +41,7 @@ class Calculator(AseCalculator):
         checkpoint,
         fidelity: str,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str | None = None,
         compile: bool | None = None,
         strict_references: bool = False,
         aot: bool = False,
@@ -55,7 +56,10 @@ class Calculator(AseCalculator):
             potential = load_potential(checkpoint)
         if compile is not None:
             potential.use_compile = compile
-        self.dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+        dtypes = {"float32": torch.float32, "float64": torch.float64}
+        if dtype is not None and dtype not in dtypes:
+            raise MultifiError(f"Calculator: dtype {dtype!r}: use 'float32', 'float64' or None (the model's own)")
+        self.dtype = next(potential.parameters()).dtype if dtype is None else dtypes[dtype]
         self.device = torch.device(device)
         self.potential = potential.to(device=self.device, dtype=self.dtype).eval()
         for p in self.potential.parameters():
