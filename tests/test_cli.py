@@ -115,6 +115,15 @@ def test_evaluate_file_without_fidelities_at_a_named_fidelity(cli_run, tmp_path,
     assert json.loads(out.read_text())["fidelities"]["lo"]["n"] == 2
     fails(["evaluate", run_dir / "model.pt", path], capsys, str(path), "no fidelity")
     fails(["evaluate", run_dir / "model.pt", path, "--fidelity", "CCSD"], capsys, "unknown fidelity 'CCSD'", "lo, hi")
+    for a in mols:
+        a.info["fidelity"] = "hi"
+    ase.io.write(path, mols)  # structures naming their own fidelity: --fidelity lo cannot relabel them
+    fails(
+        ["evaluate", run_dir / "model.pt", path, "--fidelity", "lo"],
+        capsys,
+        f"{path}: no labels at 'lo': its structures name their own fidelity (hi)",
+        "drop --fidelity",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- predict

@@ -49,6 +49,7 @@ def run(args) -> int:
     from multifi.cli.format import metrics_table
     from multifi.data.dataset import FidelityDataset
     from multifi.data.split import labelled_pairs
+    from multifi.errors import MultifiError
     from multifi.files import atomic_write, encoded_for
     from multifi.models.registry import load_potential
     from multifi.train.evaluate import evaluate_pairs
@@ -62,8 +63,14 @@ def run(args) -> int:
     ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     if args.fidelity:
-        pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity, where=", ".join(args.data))]
         potential.fidelities.index(args.fidelity, where=args.checkpoint)
+        if args.fidelity not in ds.fidelities.names:
+            raise MultifiError(
+                f"{', '.join(args.data)}: no labels at {args.fidelity!r}: its structures name their own fidelity "
+                f"({', '.join(ds.fidelities.names)}), and --fidelity applies only to structures that name none; "
+                "drop --fidelity to evaluate them at theirs"
+            )
+        pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity)]
     check_elements(potential, ds, pairs)
     metrics, predicted = evaluate_pairs(potential, ds, None, pairs, args.batch_size, return_predictions=True)
     print(metrics_table(metrics, title=f"{args.checkpoint} on {', '.join(args.data)}"))
