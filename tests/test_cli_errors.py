@@ -553,6 +553,45 @@ def test_hartree_crystals_warned(caplog):
     assert check_energy_units(ds, pairs, ref, scale) == []
 
 
+@pytest.mark.parametrize(
+    "unit, flagged",
+    [(1.0, False), (23.0605, True), (96.485, True), (1000.0, True), ("all-electron", False)],
+)
+def test_crystal_energies_in_kcal_kj_or_mev_are_warned(unit, flagged, caplog):
+    """Without hydrogen the hydrogen-reference check cannot see kcal/mol or meV: the elements' fitted reference
+    energies can (eV with pseudopotentials: 1-16 per element; all-electron: ~0.6 Z^(7/3) Hartree, not flagged)."""
+    from ase.build import bulk
+
+    from multifi.data.checks import check_energy_units
+    from multifi.data.dataset import FidelityDataset
+    from multifi.data.stats import fit_baseline
+
+    per_atom = {"Si": -5.42, "C": -9.22, "Ge": -4.5}  # eV, PBE with pseudopotentials
+    if unit == "all-electron":
+        per_atom = {"Si": -7880.0, "C": -1030.0, "Ge": -57600.0}
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(30):
+        a = bulk(["Si", "C", "Ge"][i % 3], "diamond", a=[5.43, 3.57, 5.66][i % 3]) * (1, 1, 1 + i % 2)
+        a.rattle(0.02, seed=i)
+        e = sum(per_atom[s] for s in a.get_chemical_symbols()) + len(a) * rng.normal(0, 0.05)
+        recs.append(
+            {
+                "numbers": a.numbers,
+                "positions": a.positions,
+                "cell": a.cell.array,
+                "pbc": a.pbc,
+                "labels": {"PBE": {"energy": e * (1.0 if unit == "all-electron" else unit)}},
+            }
+        )
+    ds = FidelityDataset.from_records(recs, source="c.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), int)], 1)
+    ref, scale = fit_baseline(ds, pairs)
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert check_energy_units(ds, pairs, ref, scale) == (["PBE"] if flagged else [])
+    assert ("look like kcal/mol, kJ/mol or meV" in caplog.text) == flagged
+
+
 def test_evaluate_takes_the_qm9_source_form(model, tmp_path, capsys, monkeypatch, small_csv):
     """`evaluate MODEL qm9:LABELS.csv --fidelity lo`, as `data info` and a config's data.sources."""
     from multifi.data.readers import qm9

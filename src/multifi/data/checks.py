@@ -127,7 +127,37 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
                 name,
                 ref[1, k],
             )
+        elif not has_h and (large := _large_references(ref[:, k])) is not None:
+            suspicious.append(name)
+            log.warning(
+                "%s: energies at fidelity %r look like kcal/mol, kJ/mol or meV, not eV (median |reference "
+                "energy| per element %.0f; eV data gives 1-16 with pseudopotentials, about 0.6·Z^(7/3) Hartree "
+                "all-electron, which these do not follow)",
+                dataset.source or "data",
+                name,
+                large,
+            )
     return suspicious
+
+
+#: eV; elements' fitted reference energies with pseudopotentials lie at 1-16 eV in magnitude
+PSEUDOPOTENTIAL_REFERENCE_MAX = 20.0
+
+
+def _large_references(ref: np.ndarray) -> float | None:
+    """The median |fitted reference energy| [eV] of the elements of ref [119] when it looks like kcal/mol,
+    kJ/mol or meV: above PSEUDOPOTENTIAL_REFERENCE_MAX, with fewer than half of the elements within a factor
+    2 of an all-electron atom's energy (≈ 0.6·Z^(7/3) Hartree: C 38, Si 289, Fe 1263 Ha); None otherwise."""
+    z = np.flatnonzero(ref)
+    if len(z) == 0:
+        return None
+    size = np.abs(ref[z])
+    median = float(np.median(size))
+    if median <= PSEUDOPOTENTIAL_REFERENCE_MAX:
+        return None
+    ratio = size / (0.6 * z ** (7 / 3) * 27.211386)
+    all_electron = ((ratio > 0.5) & (ratio < 2)).mean() >= 0.5
+    return None if all_electron else median
 
 
 def _report_far_from_references(dataset: FidelityDataset, s: np.ndarray, k: int, ref: np.ndarray) -> bool:
