@@ -68,7 +68,7 @@ def test_epoch_shares_relative_weights_or_fractions_with_natural_rest():
         epoch_shares(np.array([0.0, 0.0, 0.0, 1.0]), counts, names)
 
 
-def _run(out: Path, extra: list[str]) -> dict:
+def _run(out: Path, extra: list[str], printed: list | None = None) -> dict:
     sets = [
         "train.epochs=2",
         "data.train_limits.GFN2-xTB=160",
@@ -85,7 +85,9 @@ def _run(out: Path, extra: list[str]) -> dict:
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
-    subprocess.run(cmd + extra, check=True, env=env, timeout=600, capture_output=True)
+    proc = subprocess.run(cmd + extra, check=True, env=env, timeout=600, capture_output=True, text=True)
+    if printed is not None:
+        printed.append(proc.stdout + proc.stderr)
     return json.loads((out / "metrics.json").read_text())["fidelities"]
 
 
@@ -101,7 +103,10 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     """3 processes × batch 4 see the same global batches as 1 process × batch 12; with energy-only labels
     and equal local batch sizes, DDP's average of per-rank mean losses is the global mean loss, so the
     two runs agree up to float32 reduction order (tolerance 1e-3 relative on test MAE)."""
-    two = _run(tmp_path / "ddp2", ["--devices", "3", "--set", "train.batch_size=4"])
+    printed = []
+    two = _run(tmp_path / "ddp2", ["--devices", "3", "--set", "train.batch_size=4"], printed)
+    # the terminal shows one run, not one per rank
+    assert printed[0].count("test metrics (") == 1 and printed[0].count("run directory: ") == 1, printed[0]
     one = _run(tmp_path / "ddp1", ["--set", "train.batch_size=12"])
     for name in one:
         assert two[name]["energy_mae_meV"] == pytest.approx(one[name]["energy_mae_meV"], rel=1e-3)

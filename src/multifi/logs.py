@@ -4,6 +4,7 @@ multifi's output; called by the CLI, by `train` and by the experiment runner."""
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
@@ -25,3 +26,12 @@ def quiet_lightning(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     for pattern in LIGHTNING_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def is_leader_process() -> bool:
+    """True in the process that owns the run directory and the terminal: global rank 0 under torchrun/SLURM,
+    or the process that Lightning's launcher starts the other ranks from (it sets LOCAL_RANK only in those)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ and "WORLD_SIZE" in os.environ | ({"WORLD_SIZE": 1} if var == "SLURM_PROCID" else {}):
+            return int(os.environ[var]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0

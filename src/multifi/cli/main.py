@@ -8,7 +8,7 @@ import os
 import sys
 
 from multifi.errors import MultifiError
-from multifi.logs import quiet_lightning
+from multifi.logs import is_leader_process, quiet_lightning
 
 COMMANDS = ("train", "extend", "evaluate", "predict", "info", "data", "config", "plot", "deploy", "calibrate", "select")
 #: entry-point group through which installed packages add subcommands (e.g. `multifi experiment` from
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # third-party debug logs stay off with -v
     logging.getLogger("multifi").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not is_leader_process():  # further ranks of a multi-process training: their log would repeat rank 0's
+        logging.getLogger("multifi").setLevel(logging.ERROR)
     quiet_lightning(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)

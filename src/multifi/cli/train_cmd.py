@@ -38,8 +38,10 @@ def run(args) -> int:
     run_dir = train_from_args(args.config, overrides, args.resume, dry_run=args.dry_run)
     if args.dry_run:
         return 0
+    from multifi.logs import is_leader_process
+
     metrics = run_dir / "metrics.json"
-    if metrics.exists():
+    if metrics.exists() and is_leader_process():  # once, not once per rank
         import json
 
         from multifi.cli.format import metrics_table

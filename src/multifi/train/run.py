@@ -23,7 +23,7 @@ from multifi.data.stats import fit_references, shortest_contacts
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, make_dir, reported
 from multifi.keys import FORCES_MAE, STRESS_MAE, TRAIN_LOSS_EPOCH
-from multifi.logs import quiet_lightning
+from multifi.logs import is_leader_process, quiet_lightning
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
 from multifi.train.logger import RunCSVLogger, progress_bar_wanted
@@ -53,7 +53,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
             f"{config_source or 'config'}: this config extends a model ('extend' section): "
             "run it with multifi extend --config"
         )
-    leader = _is_leader_process()
+    leader = is_leader_process()
     ckpt = _resume_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         check_resume_changes(run_dir, cfg)
@@ -738,15 +738,6 @@ def _from_saved_dataset(cfg: RunConfig) -> bool:
     from multifi.data.sources import _is_saved_dataset
 
     return len(cfg.data.sources) == 1 and _is_saved_dataset(cfg.data.sources[0])
-
-
-def _is_leader_process() -> bool:
-    """True in the process that owns the run directory: global rank 0 under torchrun/SLURM, or the
-    process that Lightning's launcher starts the other ranks from (it sets LOCAL_RANK only in those)."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if var in os.environ and "WORLD_SIZE" in os.environ | ({"WORLD_SIZE": 1} if var == "SLURM_PROCID" else {}):
-            return int(os.environ[var]) == 0
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def _quiet_lightning() -> None:
