@@ -51,6 +51,15 @@ std::vector<std::string> json_strings(const std::string &raw)
   return out;
 }
 
+std::vector<double> json_numbers(const std::string &raw)
+{
+  std::vector<double> out;
+  std::regex re("[-+0-9.eE]+");
+  for (auto it = std::sregex_iterator(raw.begin(), raw.end(), re); it != std::sregex_iterator(); ++it)
+    out.push_back(std::stod(it->str()));
+  return out;
+}
+
 }    // namespace
 
 PairMultifi::PairMultifi(LAMMPS *lmp) : Pair(lmp)
@@ -104,6 +113,8 @@ void PairMultifi::settings(int narg, char **arg)
   std::string fid = json_raw(meta, "fidelity");
   fidelity = fid.size() >= 2 ? fid.substr(1, fid.size() - 2) : fid;
   elements = json_strings(json_raw(meta, "elements"));
+  masses = json_numbers(json_raw(meta, "masses"));
+  if (masses.size() != elements.size()) masses.clear();    // written before masses were recorded
   if (narg == 2) {
     double requested = utils::numeric(FLERR, arg[1], false, lmp);
     if (std::fabs(requested - cutoff) > 1e-9)
@@ -142,9 +153,28 @@ void PairMultifi::init_style()
   if (force->newton_pair == 0) error->all(FLERR, "Pair style multifi requires newton pair on");
   if (strcmp(update->unit_style, "metal") != 0)
     error->all(FLERR, "Pair style multifi requires metal units (eV, Angstrom), not {}", update->unit_style);
+  check_masses();
   neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
   // ghosts out to the receptive field: every local atom energy is then that of the periodic system
   if (comm->cutghostuser < ghost_cutoff) comm->cutghostuser = ghost_cutoff;
+}
+
+// a type whose mass is far from its pair_coeff element's: the elements are most likely listed in another
+// order than the data file's types (an isotope, e.g. deuterium, is the one intended case: a warning)
+void PairMultifi::check_masses()
+{
+  if (masses.empty() || atom->mass == nullptr || comm->me != 0) return;
+  for (int t = 1; t <= atom->ntypes; t++) {
+    if (!atom->mass_setflag[t] || type2z[t] <= 0) continue;
+    double expected = 0.0;
+    for (size_t i = 0; i < elements.size(); i++)
+      if (atomic_number(elements[i]) == type2z[t]) expected = masses[i];
+    if (expected > 0 && std::fabs(atom->mass[t] - expected) > 0.1 * expected)
+      error->warning(FLERR,
+                     "pair_coeff multifi: type {} is {} (mass {:.3f}) but has mass {:.3f}: are the elements "
+                     "listed in the data file's type order? (an isotope: ignore)",
+                     t, SYMBOLS[type2z[t]], expected, atom->mass[t]);
+  }
 }
 
 double PairMultifi::init_one(int, int)

@@ -31,12 +31,16 @@ class PairMultifi : public Pair {
   void init_style() override;
   double init_one(int, int) override;
 
+ private:
+  void check_masses();
+
  protected:
   torch::jit::script::Module model;
   std::string filename;
   double cutoff = 0.0, ghost_cutoff = 0.0;
   std::string fidelity;
   std::vector<std::string> elements;  // the model's elements
+  std::vector<double> masses;         // their standard atomic masses (u); empty for files without them
   std::vector<int64_t> type2z;        // LAMMPS type (1-based) -> atomic number
   void allocate();
 };

@@ -70,9 +70,11 @@ def run(
     velocities: np.ndarray | None = None,
     dt_ps: float = 0.001,
     timeout: float = 600,
+    coeff_species: list[str] | None = None,
 ) -> dict:
     """Run LAMMPS (NVE for `steps` steps) and return per-step thermo columns (pe, ke, etotal, pxx… in bar)
-    and the forces [N,3] (eV/Å, by atom id) of the first step."""
+    and the forces [N,3] (eV/Å, by atom id) of the first step. `coeff_species`: the elements pair_coeff
+    names per type (default `species`, the data file's)."""
     workdir.mkdir(parents=True, exist_ok=True)
     write_data(workdir / "data.lmp", atoms, species, velocities)
     boundary = "p p p" if atoms.pbc.all() else "f f f"
@@ -83,7 +85,7 @@ boundary {boundary}
 read_data data.lmp
 plugin load {PLUGIN}
 pair_style multifi {model}
-pair_coeff * * {" ".join(species)}
+pair_coeff * * {" ".join(coeff_species or species)}
 timestep {dt_ps}
 thermo_style custom step pe ke etotal pxx pyy pzz pxy pxz pyz
 thermo_modify format float %.17g norm no

@@ -57,6 +57,18 @@ def test_unknown_element_and_wrong_cutoff_are_errors(m3gnet_files, tmp_path):
         run(tmp_path / "b", atoms, f"{m3gnet_files / 'm3gnet_PBE.pt'} 5.0", ["Si"])
 
 
+def test_pair_coeff_in_another_order_than_the_types_is_warned(tmp_path):
+    """pair_coeff naming the elements in another order than the data file's types (its masses say which is
+    which) would simulate another molecule: LAMMPS warns, naming the type."""
+    pot = tiny_painn_lo_hi()
+    deploy(pot, "hi", tmp_path / "painn_hi.pt")
+    atoms = molecule_in_box()
+    out = run(tmp_path / "ok", atoms, tmp_path / "painn_hi.pt", ["C", "O", "H"])
+    assert "pair_coeff multifi" not in out["log"]
+    out = run(tmp_path / "swapped", atoms, tmp_path / "painn_hi.pt", ["C", "O", "H"], coeff_species=["O", "C", "H"])
+    assert "pair_coeff multifi: type 1 is O (mass 15.999) but has mass 12.011" in out["log"]
+
+
 def initial_velocities(atoms, seed: int = 0, temperature_K: float = 600.0) -> np.ndarray:
     """Maxwell–Boltzmann velocities without net momentum, in Å/ps."""
     rng = np.random.default_rng(seed)

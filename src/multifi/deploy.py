@@ -187,7 +187,7 @@ def _scriptable(gm):
 def metadata(potential, fidelity: str, dtype: torch.dtype) -> dict:
     """What the deployed file records: fidelity, cutoffs (Å), elements, the interaction count (an MD engine
     needs ghost atoms out to interactions × cutoff for exact domain decomposition), multifi version."""
-    from ase.data import chemical_symbols
+    from ase.data import atomic_masses, chemical_symbols
 
     import multifi
 
@@ -204,6 +204,7 @@ def metadata(potential, fidelity: str, dtype: torch.dtype) -> dict:
         "ghost_cutoff": interactions * float(potential.cutoff),
         "threebody_cutoff": float(getattr(potential.representation, "threebody_cutoff", 0.0)),
         "elements": [chemical_symbols[z] for z in potential.elements],
+        "masses": [round(float(atomic_masses[z]), 4) for z in potential.elements],  # u, beside each element
         "estimated_elements": [chemical_symbols[z] for z in estimated_elements(potential, fidelity)],
         "open_elements": [chemical_symbols[z] for z in open_elements(potential, fidelity)],
         "dtype": str(dtype).replace("torch.", ""),
