@@ -639,9 +639,17 @@ def test_resume_after_a_data_file_was_edited_is_an_error(write_config, tmp_path,
         == 0
     )
     assert not stale.exists()
+    os.utime(moved, ns=(1, 1))  # touched, same bytes: resumes (the content decides, read once)
+    assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=3"]) == 0
+    text = bytearray(moved.read_bytes())  # one digit of a label changed: same size, new time
+    i = text.index(b"energy=") + len(b"energy=")
+    i += next(j for j, c in enumerate(text[i:]) if chr(c).isdigit())
+    text[i] = ord("1") if text[i] != ord("1") else ord("2")
+    moved.write_bytes(bytes(text))
+    assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=4"]) == 2
     with open(moved, "a") as f:
         f.write("\n")
-    assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=3"]) == 2
+    assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=4"]) == 2
 
 
 def test_a_run_continued_past_its_max_steps_trains_like_one_that_never_stopped(write_config, tmp_path):

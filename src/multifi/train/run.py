@@ -391,11 +391,19 @@ class CpuBudget(Callback):
             self.spent += now - self._since
         self._since = now
 
+    #: optimiser steps between checks in a multi-process run (each check is a collective over the ranks)
+    EVERY_N_STEPS_DISTRIBUTED = 20
+
     def on_train_batch_end(self, trainer, *args) -> None:
         self._update()
-        # any rank at the budget stops every rank (their clocks differ a little)
-        if trainer.strategy.reduce_boolean_decision(self.spent >= self.seconds, all=False):
-            self.reached = trainer.should_stop = True
+        if trainer.world_size == 1:
+            if self.spent >= self.seconds:
+                self.reached = trainer.should_stop = True
+            return
+        # any rank at the budget stops every rank (their clocks differ a little); every rank checks at the same steps
+        if trainer.global_step % self.EVERY_N_STEPS_DISTRIBUTED == 0:
+            if trainer.strategy.reduce_boolean_decision(self.spent >= self.seconds, all=False):
+                self.reached = trainer.should_stop = True
 
     def state_dict(self) -> dict:
         self._update()
@@ -586,35 +594,48 @@ SOURCES = "sources.json"
 
 
 def source_fingerprints(cfg: RunConfig) -> list[dict | None]:
-    """Per data source: {"size", "sha1"} of its file (None: no file, e.g. the qm9 package or a folder)."""
-    out = []
-    for src in cfg.data.sources:
-        path = Path(src.path) if src.path else None
-        if path is None or not path.is_file():
-            out.append(None)
-            continue
+    """Per data source: {"size", "mtime_ns", "sha1"} of its file (None: no file, e.g. the qm9 package or a folder)."""
+    return [_fingerprint(path) if path is not None else None for path in _source_files(cfg)]
+
+
+def _source_files(cfg: RunConfig) -> list[Path | None]:
+    paths = [Path(src.path) if src.path else None for src in cfg.data.sources]
+    return [p if p is not None and p.is_file() else None for p in paths]
+
+
+def _fingerprint(path: Path, content: bool = True) -> dict:
+    """{"size", "mtime_ns"} of a file and (`content`) the SHA-1 of its bytes."""
+    stat = path.stat()
+    out = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if content:
         digest = hashlib.sha1()
         with reported(path), open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        out.append({"size": path.stat().st_size, "sha1": digest.hexdigest()})
+        out["sha1"] = digest.hexdigest()
     return out
 
 
 def check_sources_unchanged(run_dir: Path, cfg: RunConfig) -> None:
     """A resume trains on the run's cached data (dataset.npz): a data file edited since the run started would
-    be ignored silently, so that is an error (a file moved elsewhere, same content, is fine)."""
+    be ignored silently, so that is an error (a file moved elsewhere, same content, is fine). A file of the
+    recorded size and modification time is taken as unchanged without reading it (multi-GB data)."""
     recorded = run_dir / SOURCES
     if not recorded.exists():
         return  # a run of an older version: nothing to compare
     then = json.loads(recorded.read_text())
-    now = source_fingerprints(cfg)
-    for src, a, b in zip(cfg.data.sources, then, now):
-        if a is not None and b is not None and a != b:
-            raise MultifiError(
-                f"{src.path}: changed since the run started (the run trains on its copy in {run_dir / 'dataset.npz'}, "
-                "so a resume would ignore the change); start a new run with the changed data, or restore the file"
-            )
+    for src, path, was in zip(cfg.data.sources, _source_files(cfg), then):
+        if path is None or was is None:
+            continue
+        now = _fingerprint(path, content=False)
+        if now == {k: was.get(k) for k in now}:
+            continue
+        if now["size"] == was["size"] and _fingerprint(path)["sha1"] == was["sha1"]:
+            continue  # touched or copied, same bytes
+        raise MultifiError(
+            f"{src.path}: changed since the run started (the run trains on its copy in {run_dir / 'dataset.npz'}, "
+            "so a resume would ignore the change); start a new run with the changed data, or restore the file"
+        )
 
 
 def _check_resumed_split(run_dir: Path, prep) -> None:
