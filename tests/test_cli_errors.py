@@ -272,6 +272,22 @@ def test_metrics_csv_one_dense_row_per_validation_and_none_twice_after_resume(wr
     assert [r["step"] for r in rows] == ["5", "10", "15"] and rows[-1]["val_loss"] != "123456"
 
 
+def test_metrics_csv_one_training_mean_per_epoch_after_a_max_steps_run_is_continued(write_config, tmp_path, capsys):
+    """A run stopped inside an epoch (max_steps 7, epochs of 5 steps) and continued logs that epoch's training
+    mean again at its end: metrics.csv keeps the full epoch's only, and the validation rows."""
+    import csv
+
+    run_dir = tmp_path / "run"
+    assert run(["train", write_config(), "--set", "train.max_steps=7"], capsys)[0] == 0
+    assert run(["train", "--resume", run_dir, "--set", "train.max_steps=-1"], capsys)[0] == 0
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    means = [(r["epoch"], r["step"]) for r in rows if r["train_loss_epoch"]]
+    assert means == [("0", "5"), ("1", "10")], rows
+    assert [r["step"] for r in rows] == ["5", "10"]  # nothing of the partial epoch is left (no validation at 7)
+    assert all(r["val_loss"] and r["train_energy"] for r in rows)
+
+
 def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):
     """progress: true without a TTY (pytest captures stderr): one line per epoch, no progress bar."""
     from multifi.config import load_config

@@ -69,6 +69,8 @@ class RunCSVLogger(Logger):
         if self._n_old:  # first row after a resume: forget what the interrupted start logged from here on
             rows[:] = [r for r in rows if int(float(r.get("step") or 0)) < step]
             self._n_old = 0
+        if any(_is_epoch_training_value(k) for k in row):
+            _drop_partial_epoch(rows, row.get("epoch"), step)
         if rows and int(float(rows[-1].get("step") or -1)) == step:
             rows[-1].update(row)
         else:
@@ -92,6 +94,24 @@ class RunCSVLogger(Logger):
         w.writeheader()
         w.writerows(rows)
         write_text(self.path, buf.getvalue())
+
+
+def _is_epoch_training_value(key: str) -> bool:
+    """Training values reach the logger only as epoch means (train_loss_epoch, train_<term>; _step ones are
+    left out)."""
+    return key.startswith("train_")
+
+
+def _drop_partial_epoch(rows: list[dict], epoch, step: int) -> None:
+    """An epoch's training means, logged again at its end after a run stopped inside it (max_steps, CPU budget)
+    was continued: the earlier ones cover part of the epoch only, so they go (a row left empty goes too)."""
+    if epoch in (None, ""):
+        return
+    for r in rows:
+        if r.get("epoch") not in (None, "") and float(r["epoch"]) == float(epoch) and int(float(r["step"])) < step:
+            for k in [k for k in r if _is_epoch_training_value(k)]:
+                r[k] = ""
+    rows[:] = [r for r in rows if any(v not in (None, "") for k, v in r.items() if k not in ("epoch", "step"))]
 
 
 def _number(v):
