@@ -652,6 +652,38 @@ def test_resume_after_a_data_file_was_edited_is_an_error(write_config, tmp_path,
     assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=4"]) == 2
 
 
+def test_a_run_stopped_early_inside_an_epoch_continues_that_epoch_on_resume(write_config, tmp_path, monkeypatch):
+    """Early stopping at a validation inside an epoch (val_every_n_steps), then a resume that trains on (e.g. with
+    more patience): the run continues the cut epoch where it stopped, so its weights equal an uninterrupted run's."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    import multifi.train.run as run_module
+
+    class StopAtStep7(EarlyStopping):  # early stopping whose decision is known: at the validation of step 7
+        def _run_early_stopping_check(self, trainer):
+            trainer.should_stop = trainer.should_stop or trainer.global_step == 7
+
+    train_cfg = {"epochs": 100, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0}
+    train_cfg.update(schedule="constant", val_every_n_steps=7, early_stopping_patience=50)
+    cut = load_config(
+        write_config(name="cut.yaml", train={**train_cfg, "max_steps": 21}, output_dir=str(tmp_path / "cut"))
+    )
+    monkeypatch.setattr(run_module, "EarlyStopping", StopAtStep7)
+    train(cut)
+    first = ckpt(tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    assert first["global_step"] == 7 and first["MultiFidelityData"]["batches_done"] == 2  # 5 steps per epoch
+    monkeypatch.setattr(run_module, "EarlyStopping", EarlyStopping)
+    train(cut, resume=True)
+    straight = load_config(
+        write_config(name="s.yaml", train={**train_cfg, "max_steps": 21}, output_dir=str(tmp_path / "s"))
+    )
+    train(straight)
+    a, b = (ckpt(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("cut", "s"))
+    assert a["global_step"] == b["global_step"] == 21 and a["MultiFidelityData"] == b["MultiFidelityData"]
+    for key, value in b["state_dict"].items():
+        torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_a_run_continued_past_its_max_steps_trains_like_one_that_never_stopped(write_config, tmp_path):
     """A run that ended at max_steps mid-epoch and is resumed with a higher max_steps continues that epoch where
     it stopped (Lightning closes a cut-short epoch as complete; the final checkpoint was written after that and

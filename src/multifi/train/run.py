@@ -305,7 +305,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         )
     if t.max_cpu_seconds is not None:
         callbacks.append(CpuBudget(t.max_cpu_seconds))
-    callbacks.append(FinalStepCheckpoint())  # after CpuBudget: sees its stop
+    callbacks.append(FinalStepCheckpoint())  # after CpuBudget and EarlyStopping: sees their stop
     # validate (and checkpoint the best model) every N steps across epochs, e.g. for step budgets
     every = (
         {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None}
@@ -336,7 +336,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
 
 
 class FinalStepCheckpoint(Callback):
-    """Checkpoints written after the step that ends a run (max_steps, CPU budget) record the loop as it stood at
+    """Checkpoints written after the step that ends a run (max_steps, CPU budget, early stopping at a validation
+    inside an epoch) record the loop as it stood at
     that step. Lightning closes an epoch cut short by the stop as if it were complete (and the epoch-end
     checkpoint says so), so a resume with a higher max_steps skipped the rest of that epoch and shifted every
     later epoch's sample order; now it continues that epoch where the run stopped, as an uninterrupted run."""
@@ -346,6 +347,13 @@ class FinalStepCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
+            self._capture(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """Early stopping at a validation inside an epoch (val_every_n_steps) ends the run there too."""
+        loop = trainer.fit_loop.epoch_loop.batch_progress.current
+        inside = loop.processed < trainer.num_training_batches
+        if trainer.should_stop and not trainer.sanity_checking and self.final is None and inside:
             self._capture(trainer)
 
     def _capture(self, trainer) -> None:
