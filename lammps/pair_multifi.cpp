@@ -163,7 +163,13 @@ void PairMultifi::init_style()
 // order than the data file's types (an isotope, e.g. deuterium, is the one intended case: a warning)
 void PairMultifi::check_masses()
 {
-  if (masses.empty() || atom->mass == nullptr || comm->me != 0) return;
+  if (masses_checked || masses.empty() || comm->me != 0) return;
+  masses_checked = true;    // init_style runs at every run/minimize: say it once
+  if (atom->mass == nullptr) {
+    error->warning(FLERR, "pair_coeff multifi: per-atom masses (this atom style): types not checked against "
+                          "the elements' masses");
+    return;
+  }
   for (int t = 1; t <= atom->ntypes; t++) {
     if (!atom->mass_setflag[t] || type2z[t] <= 0) continue;
     double expected = 0.0;

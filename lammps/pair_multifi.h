@@ -31,16 +31,15 @@ class PairMultifi : public Pair {
   void init_style() override;
   double init_one(int, int) override;
 
- private:
-  void check_masses();
-
  protected:
+  void check_masses();
   torch::jit::script::Module model;
   std::string filename;
   double cutoff = 0.0, ghost_cutoff = 0.0;
   std::string fidelity;
   std::vector<std::string> elements;  // the model's elements
   std::vector<double> masses;         // their standard atomic masses (u); empty for files without them
+  bool masses_checked = false;
   std::vector<int64_t> type2z;        // LAMMPS type (1-based) -> atomic number
   void allocate();
 };

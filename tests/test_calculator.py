@@ -109,6 +109,7 @@ def test_calculator_keeps_the_model_precision_unless_told():
     assert multifi.Calculator(wide, fidelity="PBE").dtype == torch.float64
     assert multifi.Calculator(m3gnet_potential(), fidelity="PBE").dtype == torch.float32
     assert multifi.Calculator(wide, fidelity="PBE", dtype="float32").dtype == torch.float32
+    assert multifi.Calculator(wide, fidelity="PBE", dtype=torch.float32).dtype == torch.float32
     atoms = bulk("Si", "diamond", a=5.43)
     atoms.calc = multifi.Calculator(wide, fidelity="PBE")
     e64 = atoms.get_potential_energy()

@@ -571,11 +571,12 @@ def test_hartree_crystals_warned(caplog):
 
 @pytest.mark.parametrize(
     "unit, flagged",
-    [(1.0, False), (23.0605, True), (96.485, True), (1000.0, True), ("all-electron", False)],
+    [(1.0, False), (23.0605, True), (96.485, True), (1000.0, True), ("all-electron", False), ("absolute", False)],
 )
 def test_crystal_energies_in_kcal_kj_or_mev_are_warned(unit, flagged, caplog):
-    """Without hydrogen the hydrogen-reference check cannot see kcal/mol or meV: the elements' fitted reference
-    energies can (eV with pseudopotentials: 1-16 per element; all-electron: ~0.6 Z^(7/3) Hartree, not flagged)."""
+    """Without hydrogen the hydrogen-reference check cannot see kcal/mol or meV: large element references with a
+    spread of per-atom energies no eV data has can (VASP-style eV: references 1-16; all-electron ~0.6 Z^(7/3)
+    Hartree and absolute pseudopotential energies as Quantum ESPRESSO gives are large too, but spread as eV)."""
     from ase.build import bulk
 
     from multifi.data.checks import check_energy_units
@@ -585,19 +586,21 @@ def test_crystal_energies_in_kcal_kj_or_mev_are_warned(unit, flagged, caplog):
     per_atom = {"Si": -5.42, "C": -9.22, "Ge": -4.5}  # eV, PBE with pseudopotentials
     if unit == "all-electron":
         per_atom = {"Si": -7880.0, "C": -1030.0, "Ge": -57600.0}
+    if unit == "absolute":  # Quantum ESPRESSO-style total energies per atom
+        per_atom = {"Si": -108.0, "C": -155.0, "Ge": -2900.0}
     rng = np.random.default_rng(0)
     recs = []
     for i in range(30):
         a = bulk(["Si", "C", "Ge"][i % 3], "diamond", a=[5.43, 3.57, 5.66][i % 3]) * (1, 1, 1 + i % 2)
         a.rattle(0.02, seed=i)
-        e = sum(per_atom[s] for s in a.get_chemical_symbols()) + len(a) * rng.normal(0, 0.05)
+        e = sum(per_atom[s] for s in a.get_chemical_symbols()) + len(a) * rng.normal(0, 0.15)
         recs.append(
             {
                 "numbers": a.numbers,
                 "positions": a.positions,
                 "cell": a.cell.array,
                 "pbc": a.pbc,
-                "labels": {"PBE": {"energy": e * (1.0 if unit == "all-electron" else unit)}},
+                "labels": {"PBE": {"energy": e * (unit if isinstance(unit, float) else 1.0)}},
             }
         )
     ds = FidelityDataset.from_records(recs, source="c.extxyz")

@@ -64,6 +64,8 @@ def test_epoch_shares_relative_weights_or_fractions_with_natural_rest():
     assert epoch_shares(np.array([0.0, np.nan, np.nan, np.nan]), counts, names) == pytest.approx({1: 0.75, 2: 0.25})
     with pytest.raises(ValueError, match=r"sum to 1 but lo, mid \(with training labels\) are not listed"):
         epoch_shares(np.array([np.nan, np.nan, 1.0, np.nan]), counts, names)  # {hi: 1} cannot mean 3x oversampling
+    with pytest.raises(ValueError, match="sum to 1 but extra"):  # 0.7 + 0.2 + 0.1 = 0.999… in floats
+        epoch_shares(np.array([0.7, 0.2, 0.1, np.nan]), np.array([600, 300, 100, 50]), ["lo", "mid", "hi", "extra"])
     with pytest.raises(ValueError, match="every fidelity with training labels has weight 0"):
         epoch_shares(np.array([0.0, 0.0, 0.0, 1.0]), counts, names)
 

@@ -641,6 +641,8 @@ def test_resume_after_a_data_file_was_edited_is_an_error(write_config, tmp_path,
     assert not stale.exists()
     os.utime(moved, ns=(1, 1))  # touched, same bytes: resumes (the content decides, read once)
     assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=3"]) == 0
+    recorded = json.loads((run_dir / "sources.json").read_text())[0]
+    assert recorded["mtime_ns"] == 1 and recorded["inode"] == moved.stat().st_ino  # the next resume reads nothing
     text = bytearray(moved.read_bytes())  # one digit of a label changed: same size, new time
     i = text.index(b"energy=") + len(b"energy=")
     i += next(j for j, c in enumerate(text[i:]) if chr(c).isdigit())

@@ -41,7 +41,7 @@ class Calculator(AseCalculator):
         checkpoint,
         fidelity: str,
         device: str = "cpu",
-        dtype: str | None = None,
+        dtype: str | torch.dtype | None = None,
         compile: bool | None = None,
         strict_references: bool = False,
         aot: bool = False,
@@ -56,7 +56,8 @@ class Calculator(AseCalculator):
             potential = load_potential(checkpoint)
         if compile is not None:
             potential.use_compile = compile
-        dtypes = {"float32": torch.float32, "float64": torch.float64}
+        dtypes = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32}
+        dtypes[torch.float64] = torch.float64
         if dtype is not None and dtype not in dtypes:
             raise MultifiError(f"Calculator: dtype {dtype!r}: use 'float32', 'float64' or None (the model's own)")
         self.dtype = next(potential.parameters()).dtype if dtype is None else dtypes[dtype]

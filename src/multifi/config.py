@@ -221,7 +221,8 @@ class TrainConfig(Section):
         None,
         gt=0,
         description="stop once training has used this much CPU time of its process (seconds, validation "
-        "included, data preparation not; summed over resumed starts): an equal budget on a shared machine",
+        "included, data preparation not; summed over resumed starts): an equal budget on a shared machine; "
+        "checked after every step (multi-process runs: every 20 steps, when any rank has reached it)",
     )
     fidelity_sampling: dict[str, SamplingWeight] = Field(
         default_factory=dict,

@@ -93,7 +93,7 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
         s = s[~np.isnan(dataset.energy[s, k])]
         if len(s) < 20:
             continue
-        has_h = bool((dataset.numbers == 1).any())
+        has_h = bool(_atoms_of(dataset, s, 1).any())  # this fidelity's structures (a mixed file: crystals too)
         tiny_h = has_h and 0 < abs(ref[1, k]) < 0.7
         tiny_spread = scale[k] < 2e-3
         crystal_ha = _crystal_per_atom_magnitude(dataset, s, k)
@@ -128,19 +128,45 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
                 ref[1, k],
             )
         elif not has_h and (large := _large_references(ref[:, k])) is not None:
-            suspicious.append(name)
-            log.warning(
-                "%s: energies at fidelity %r look like kcal/mol, kJ/mol or meV, not eV (median |reference "
-                "energy| per element %.0f; eV data gives 1-16 with pseudopotentials, about 0.6·Z^(7/3) Hartree "
-                "all-electron, which these do not follow)",
-                dataset.source or "data",
-                name,
-                large,
-            )
+            if scale[k] > IMPLAUSIBLE_SPREAD:
+                suspicious.append(name)
+                log.warning(
+                    "%s: energies at fidelity %r look like kcal/mol, kJ/mol or meV, not eV (median |reference "
+                    "energy| per element %.0f, spread of per-atom energies around them %.1f, where eV data of "
+                    "real structures spreads by well under %g)",
+                    dataset.source or "data",
+                    name,
+                    large,
+                    scale[k],
+                    IMPLAUSIBLE_SPREAD,
+                )
+            else:  # absolute pseudopotential energies (Quantum ESPRESSO, CP2K, ABINIT, CASTEP) look like this too
+                log.info(
+                    "%s: energies at fidelity %r: median |reference energy| per element %.0f (absolute "
+                    "pseudopotential energies as Quantum ESPRESSO or CP2K give; kcal/mol or meV would also "
+                    "look like this, with a spread of per-atom energies far above the %.2f here)",
+                    dataset.source or "data",
+                    name,
+                    large,
+                    scale[k],
+                )
     return suspicious
 
 
-#: eV; elements' fitted reference energies with pseudopotentials lie at 1-16 eV in magnitude
+#: eV per atom; the spread of per-atom energies around their element references above which eV is implausible
+#: (real data: 0.05-0.5, e.g. 0.16 PBE / 0.18 r2SCAN for ../shared/data/solids; kcal/mol gives 23×, meV 1000×)
+IMPLAUSIBLE_SPREAD = 2.0
+
+
+def _atoms_of(dataset: FidelityDataset, s: np.ndarray, z: int) -> np.ndarray:
+    """[len(s)] bool: structure s contains element z."""
+    has = np.concatenate([[0], np.cumsum(dataset.numbers == z)])
+    offsets = np.asarray(dataset.offsets)
+    return has[offsets[s + 1]] > has[offsets[s]]
+
+
+#: eV; elements' fitted reference energies lie at 1-16 eV in magnitude with VASP/GPAW-style pseudopotential
+#: energies (Quantum ESPRESSO, CP2K and all-electron codes give absolute energies, far larger)
 PSEUDOPOTENTIAL_REFERENCE_MAX = 20.0
 
 

@@ -67,12 +67,12 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     _quiet_lightning()
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
-    dataset = None
+    dataset, sources_now = None, None
     cached = run_dir / "dataset.npz"
     if resume and cached.exists():
         from multifi.data.dataset import FidelityDataset
 
-        check_sources_unchanged(run_dir, cfg)
+        sources_now = check_sources_unchanged(run_dir, cfg)
         dataset = FidelityDataset.load(cached)
     prep = prepare_data(cfg, dataset if dataset is not None else None, config_source)
     if resume:
@@ -125,6 +125,8 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     make_dir(run_dir)
     if leader and resume:
         _record_resumed_config(run_dir, cfg)
+        if sources_now is not None:
+            atomic_write(run_dir / SOURCES, lambda f: f.write(json.dumps(sources_now).encode()))
         for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # a checkpoint write the kill cut short
             stale.unlink(missing_ok=True)
     if leader and not resume:
@@ -612,9 +614,10 @@ def _source_files(cfg: RunConfig) -> list[Path | None]:
 
 
 def _fingerprint(path: Path, content: bool = True) -> dict:
-    """{"size", "mtime_ns"} of a file and (`content`) the SHA-1 of its bytes."""
+    """{"size", "mtime_ns", "ctime_ns", "inode"} of a file and (`content`) the SHA-1 of its bytes (the change
+    time cannot be set back by cp -p, rsync -a or touch -r, as the modification time can)."""
     stat = path.stat()
-    out = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    out = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
     if content:
         digest = hashlib.sha1()
         with reported(path), open(path, "rb") as f:
@@ -624,26 +627,31 @@ def _fingerprint(path: Path, content: bool = True) -> dict:
     return out
 
 
-def check_sources_unchanged(run_dir: Path, cfg: RunConfig) -> None:
+def check_sources_unchanged(run_dir: Path, cfg: RunConfig) -> list | None:
     """A resume trains on the run's cached data (dataset.npz): a data file edited since the run started would
-    be ignored silently, so that is an error (a file moved elsewhere, same content, is fine). A file of the
-    recorded size and modification time is taken as unchanged without reading it (multi-GB data)."""
+    be ignored silently, so that is an error (a file moved elsewhere, same content, is fine). A file whose size,
+    modification and change times and inode are as recorded is taken as unchanged without reading it
+    (multi-GB data). Returns the fingerprints to record when a file was read again and found unchanged
+    (touched, copied or moved: the next resume need not read it), else None."""
     recorded = run_dir / SOURCES
     if not recorded.exists():
-        return  # a run of an older version: nothing to compare
+        return None  # a run of an older version: nothing to compare
     then = json.loads(recorded.read_text())
-    for src, path, was in zip(cfg.data.sources, _source_files(cfg), then):
+    updated = list(then)
+    for i, (src, path, was) in enumerate(zip(cfg.data.sources, _source_files(cfg), then)):
         if path is None or was is None:
             continue
         now = _fingerprint(path, content=False)
         if now == {k: was.get(k) for k in now}:
             continue
-        if now["size"] == was["size"] and _fingerprint(path)["sha1"] == was["sha1"]:
-            continue  # touched or copied, same bytes
+        if now["size"] == was["size"] and (full := _fingerprint(path))["sha1"] == was["sha1"]:
+            updated[i] = full  # touched, copied or moved: same bytes
+            continue
         raise MultifiError(
             f"{src.path}: changed since the run started (the run trains on its copy in {run_dir / 'dataset.npz'}, "
             "so a resume would ignore the change); start a new run with the changed data, or restore the file"
         )
+    return updated if updated != then else None
 
 
 def _check_resumed_split(run_dir: Path, prep) -> None:
