@@ -46,9 +46,10 @@ def test_ensemble_member_without_the_fidelity_is_an_error_naming_it(model, tmp_p
     fails(["evaluate", model, labelled, "--ensemble", member], capsys, str(member), "unknown fidelity 'hi'")
 
 
-def _strained_copper(n: int = 12, stress_unit: float = 1.0) -> list:
-    """n strained, rattled Cu cells with EMT energy, forces and stress; the stress written in units of
-    `stress_unit` eV/Å³ (1: ASE units, as documented; ase.units.GPa: GPa numbers given as eV/Å³)."""
+def _strained_copper(n: int = 12, stress_unit: float = 1.0, elements=("Cu",)) -> list:
+    """n strained, rattled fcc cells (cycling through `elements`) with EMT energy, forces and stress; the stress
+    written in units of `stress_unit` eV/Å³ (1: ASE units, as documented; ase.units.GPa: GPa numbers given as
+    eV/Å³; -1: VASP's sign)."""
     from ase.build import bulk
     from ase.calculators.emt import EMT
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -56,7 +57,8 @@ def _strained_copper(n: int = 12, stress_unit: float = 1.0) -> list:
     rng = np.random.default_rng(0)
     frames = []
     for i in range(n):
-        a = bulk("Cu", "fcc", 3.6, cubic=True)
+        element = elements[i % len(elements)]
+        a = bulk(element, "fcc", {"Cu": 3.6, "Al": 4.05, "Ni": 3.52}[element], cubic=True)
         eps = rng.uniform(-0.05, 0.05, (3, 3))
         a.set_cell(a.cell.array @ (np.eye(3) + (eps + eps.T) / 2), scale_atoms=True)
         a.rattle(0.05, seed=i)
@@ -87,6 +89,25 @@ def test_stress_in_gpa_or_kbar_instead_of_ev_per_a3_is_flagged(unit, write_confi
         assert not flagged, flagged
     else:
         assert len(flagged) == 1 and str(path) in flagged[0] and "'EMT'" in flagged[0] and "eV/Å³" in flagged[0]
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_sign_flipped_stress_is_flagged(sign, write_config, tmp_path, capsys, caplog):
+    """Stress with VASP's sign (compression positive) given where ASE's is read: in every composition the pressure
+    then rises with the volume, which training says before it starts."""
+    import logging
+
+    path = tmp_path / "fcc.extxyz"
+    ase.io.write(path, _strained_copper(n=30, stress_unit=sign, elements=("Cu", "Al", "Ni")))
+    config = write_config(data={"sources": [{"path": str(path)}], "split": {"val": 0.1, "test": 0.1, "seed": 0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    flagged = [r.getMessage() for r in caplog.records if "sign-flipped" in r.getMessage()]
+    if sign > 0:
+        assert not flagged, flagged
+    else:
+        assert len(flagged) == 1 and str(path) in flagged[0] and "in 3 of 3 compositions" in flagged[0]
 
 
 def test_fidelity_without_training_labels_is_warned_about(write_config, capsys, caplog):

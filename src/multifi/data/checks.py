@@ -258,4 +258,44 @@ def check_stress_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: i
                 name,
                 median,
             )
+    return suspicious + [name for name in check_stress_sign(dataset, pairs) if name not in suspicious]
+
+
+def check_stress_sign(dataset: FidelityDataset, pairs: np.ndarray, min_groups: int = 3) -> list[str]:
+    """Warn for fidelities whose stresses look sign-flipped: among structures of one composition (same atoms)
+    at different volumes, the pressure −tr(σ)/3 falls as the volume grows (compressed cells push outwards);
+    labels in which it rises in most compositions (median correlation above +0.5 over at least `min_groups`
+    compositions of ≥ 5 structures whose volumes differ by ≥ 0.5 %) carry VASP's sign, not ASE's.
+    ../shared/data/solids (PBE): -0.93 over 33 compositions. Returns the suspicious names."""
+    if dataset.stress is None:
+        return []
+    offsets = np.asarray(dataset.offsets)
+    volume = np.abs(np.linalg.det(dataset.cells))
+    suspicious = []
+    for k, name in enumerate(dataset.fidelities.names):
+        s = pairs[pairs[:, 1] == k, 0]
+        s = s[dataset.stress_mask[s, k] & dataset.pbc[s].all(1)]
+        groups: dict[bytes, list[int]] = {}
+        for i in s.tolist():
+            groups.setdefault(np.sort(dataset.numbers[offsets[i] : offsets[i + 1]]).tobytes(), []).append(i)
+        corr = []
+        for members in groups.values():
+            v = volume[members]
+            if len(members) < 5 or v.std() < 0.005 * v.mean():
+                continue
+            p = -np.trace(dataset.stress[members, k], axis1=1, axis2=2) / 3
+            if p.std() > 0:
+                corr.append(float(np.corrcoef(v, p)[0, 1]))
+        if len(corr) >= min_groups and np.median(corr) > 0.5:
+            suspicious.append(name)
+            log.warning(
+                "%s: stresses at fidelity %r look sign-flipped: the pressure rises with the volume in %d of %d "
+                "compositions (median correlation %+.2f; real data: about -0.9); labels are read with ASE's "
+                "sign (positive = tensile), VASP's stress has the opposite one: multiply them by -1",
+                dataset.source or "data",
+                name,
+                sum(c > 0 for c in corr),
+                len(corr),
+                float(np.median(corr)),
+            )
     return suspicious
