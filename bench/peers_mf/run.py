@@ -55,6 +55,7 @@ from pathlib import Path
 BUDGET_CPU_S = 1800.0
 BENCH = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BENCH))
+import harness  # noqa: E402
 from peer_venv import ensure_peer_venv, peer_python  # noqa: E402
 
 ROOT = BENCH.parent
@@ -410,6 +411,11 @@ def throughput(args) -> None:
                     },
                     "threads": 1,
                     "pairs": len(theirs),
+                    "machine": harness.machine(),
+                    "cpu_env": {
+                        "ours": runs[("multifi", task)][0].get("cpu_env"),
+                        "peer": runs[(side, task)][0].get("cpu_env"),
+                    },
                     "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/peers_mf/run.py "
                     + shlex.join(sys.argv[1:]),
                 }
@@ -425,15 +431,24 @@ def throughput(args) -> None:
     for e in entries:
         print(f"{e['name']:36s} ours {e['ours']:9.2f}  peer {e['peer']:9.2f} {e['unit']:13s} ratio {e['ratio']:.2f}")
     if args.merge_into:
-        merge_results(Path(args.merge_into), entries)
+        record(out, Path(args.merge_into))
 
 
-def merge_results(path: Path, entries: list[dict]) -> None:
-    """Add/replace entries by name in a results file (a JSON list); every other entry is kept as it is."""
-    old = json.loads(path.read_text()) if path.exists() else []
-    names = {e["name"] for e in entries}
-    merged = [e for e in old if e.get("name") not in names] + entries
-    path.write_text(json.dumps(merged, indent=1) + "\n")
+def record(measured: Path, into: Path) -> None:
+    """Merge the entries of a throughput JSON into a results file (bench/results.json) by name and CPU model
+    (bench/harness.py's rule: other CPUs and other comparisons are kept) and keep a copy of the JSON, raw runs
+    included, in bench/results/peers_mf/throughput.json."""
+    entries = json.loads(measured.read_text())["entries"]
+    here = harness.machine()["cpu"]
+    for e in entries:
+        e.setdefault("machine", harness.machine())  # measured before entries carried it: on this machine only
+        if e["machine"]["cpu"] != here or e.get("cpu_env", {}).get("ours", {}).get("cpu", here) != here:
+            raise SystemExit(f"{measured}: {e['name']} was measured on another CPU; record it there")
+    merged = harness.merge_results(into, entries)
+    into.write_text(json.dumps(merged, indent=1) + "\n")
+    copy = RESULTS / "throughput.json"
+    copy.write_text(json.dumps({**json.loads(measured.read_text()), "entries": entries}, indent=1) + "\n")
+    print(f"[peers_mf] {len(entries)} entries merged into {into}; copy in {copy}")
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -510,7 +525,7 @@ def report(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["setup", "calibrate", "train", "params", "throughput", "report"])
+    ap.add_argument("action", choices=["setup", "calibrate", "train", "params", "throughput", "record", "report"])
     ap.add_argument("--peers", default="mace,sevenn")
     ap.add_argument("--variants", default=None, help="comma list (default: every variant of each peer)")
     ap.add_argument("--ns", default=None, help="r2SCAN training sizes (default 11,23,46,91,182)")
@@ -527,7 +542,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed training steps (after 5 warm-up steps)")
     ap.add_argument("--md-steps", type=int, default=100)
     ap.add_argument("--json-out", default=str(SCRATCH / "throughput.json"))
-    ap.add_argument("--merge-into", default=None, help="e.g. bench/results.json (entries merged by name)")
+    ap.add_argument("--merge-into", default=None, help="e.g. bench/results.json (merged by name and CPU model)")
     args = ap.parse_args()
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     peers = args.peers.split(",")
@@ -546,6 +561,8 @@ def main() -> None:
         params(args)
     elif args.action == "throughput":
         throughput(args)
+    elif args.action == "record":  # a measured throughput JSON into bench/results.json
+        record(Path(args.json_out), Path(args.merge_into or ROOT / "bench" / "results.json"))
     elif args.action == "report":
         report(args)
 
