@@ -275,6 +275,29 @@ def test_resume_from_a_checkpoint_written_before_the_contact_buffer_existed(writ
     assert ckpt(out / "checkpoints/last.ckpt")["epoch"] == 1
 
 
+def test_resume_without_training_left_is_a_one_line_error_and_changes_nothing(write_config):
+    """--resume with fewer epochs than done (Lightning's traceback, after config.yaml was rewritten) or with other
+    settings that leave nothing more to train on a finished run (model.pt and metrics.json rewritten for nothing)
+    is refused; with its own settings a finished run is left as it is."""
+    cfg = load_config(write_config(train={"epochs": 3, "batch_size": 8, "progress": False, "threads": 1}), [])
+    run_dir = train(cfg)
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "model.pt", "metrics.json")}
+    assert train(cfg.model_copy(deep=True), resume=True) == run_dir  # its own settings: nothing to do
+    for change in ({"epochs": 2}, {"max_steps": 10}, {"max_steps": 15}):
+        again = cfg.model_copy(deep=True)
+        for key, value in change.items():
+            setattr(again.train, key, value)
+        with pytest.raises(MultifiError, match=r"finished \(15 steps, 3 epochs\)|fewer: a resume can only train on"):
+            train(again, resume=True)
+    assert before == {name: (run_dir / name).read_bytes() for name in before}
+    cfg.train.epochs = 1
+    with pytest.raises(MultifiError, match=r"completed 3 epochs \(step 15\); train.epochs=1 is fewer") as exc:
+        train(cfg, resume=True)
+    assert "\n" not in str(exc.value)
+    cfg.train.epochs = 4  # more to train: resumes
+    assert ckpt(train(cfg, resume=True) / "checkpoints/last.ckpt")["global_step"] == 20
+
+
 def test_train_kill_resume(write_config, tmp_path, monkeypatch):
     """SIGKILL a training subprocess after its first checkpoint; --resume continues from the saved step."""
     path = write_config(train={"epochs": 6, "batch_size": 2, "progress": False, "threads": 1, "warmup_steps": 0})

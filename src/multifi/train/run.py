@@ -57,6 +57,8 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     ckpt = _resume_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         check_resume_changes(run_dir, cfg)
+        if check_more_to_train(run_dir, ckpt, cfg):
+            return run_dir
     if resume and ckpt is None:  # asked to continue this run: start it again (its unreadable checkpoints get replaced)
         log.warning("%s: no checkpoint to resume from; starting the run from the beginning", run_dir)
         resume = False
@@ -549,6 +551,37 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
             f"batches, data); changed: {shown}. Start a new run instead (train.init_from: {run_dir}/model.pt "
             "starts from its weights)"
         )
+
+
+def check_more_to_train(run_dir: Path, ckpt: Path, cfg: RunConfig) -> bool:
+    """A resume must have training left: fewer epochs than the checkpoint has done cannot resume (Lightning
+    fails after config.yaml was rewritten), and a finished run (model.pt, metrics.json) resumed with other
+    settings that leave nothing more to train would rewrite its record with nothing gained: one-line errors,
+    before anything is written. True: finished, resumed with its own settings (nothing to do). A run killed
+    after its last step but before its final files were written resumes to write them."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    # "processed" counts an epoch whose batches all ran (a checkpoint at its end), "completed" not yet
+    epoch, step = int(progress.get("processed", state.get("epoch", 0))), int(state.get("global_step", 0))
+    t = cfg.train
+    if epoch > t.epochs:
+        raise MultifiError(
+            f"{run_dir}: its checkpoint has completed {epoch} epochs (step {step}); train.epochs={t.epochs} is fewer: "
+            "a resume can only train on (set train.epochs above it, or start a new run from its weights with "
+            f"train.init_from: {run_dir}/model.pt)"
+        )
+    done = epoch >= t.epochs or 0 < t.max_steps <= step
+    if not (done and (run_dir / "model.pt").exists() and (run_dir / "metrics.json").exists()):
+        return False
+    saved = load_config(run_dir / "config.yaml")
+    saved.output_dir = cfg.output_dir
+    if dump_config(saved) == dump_config(cfg):
+        log.info("%s: finished (%d steps, %d epochs); nothing to resume, nothing rewritten", run_dir, step, epoch)
+        return True
+    raise MultifiError(
+        f"{run_dir}: finished ({step} steps, {epoch} epochs); train.epochs={t.epochs}, "
+        f"train.max_steps={t.max_steps} leave nothing more to train: raise one of them to train on"
+    )
 
 
 def _resume_view(cfg: RunConfig) -> dict:
