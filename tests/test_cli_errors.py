@@ -371,6 +371,24 @@ def test_dry_run_shows_the_sampling_shares_and_warns_of_unused_labels(write_conf
     assert "lo 0.0 %" in caplog.text and "hi 100.0 %" in caplog.text
 
 
+def test_an_output_that_is_an_input_is_refused_before_anything_runs(model, tmp_path, capsys, tiny_extxyz):
+    """--out or --plot naming one of the command's inputs would overwrite it (data replaced by metrics JSON, a
+    model by a deployed file): a one-line error, the input unchanged. A run directory stands for its model.pt."""
+    import shutil
+
+    data = tmp_path / "data.extxyz"
+    shutil.copy(tiny_extxyz, data)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(model, run_dir / "model.pt")
+    before = data.read_bytes(), (run_dir / "model.pt").read_bytes()
+    fails(["evaluate", model, data, "--out", data], capsys, f"{data}: --out is also an input", "overwritten")
+    fails(["evaluate", model, data, "--plot", data], capsys, f"{data}: --plot is also an input")
+    fails(["predict", model, data, "--fidelity", "hi", "--out", data], capsys, "--out is also an input")
+    fails(["deploy", run_dir, "--fidelity", "hi", "--out", run_dir / "model.pt"], capsys, f"({run_dir})")
+    assert (data.read_bytes(), (run_dir / "model.pt").read_bytes()) == before
+
+
 # ------------------------------------------------------------------------------------ friendliness
 def test_label_keys_per_source(write_config, tmp_path, capsys):
     """MACE-style REF_energy/REF_forces: a one-line hint without the keys, read with them (CLI and config)."""

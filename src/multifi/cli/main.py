@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from multifi.errors import MultifiError
 from multifi.logs import is_leader_process, quiet_lightning
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("multifi").setLevel(logging.ERROR)
     quiet_lightning(verbose=args.verbose)
     try:
+        check_outputs_are_not_inputs(args)
         return int(args.func(args) or 0)
     except MultifiError as exc:
         if args.verbose:
@@ -59,6 +61,32 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; {exc}" if str(exc) else ""
         print(f"multifi: interrupted{hint}", file=sys.stderr)
         return 130
+
+
+#: options that name files a command writes
+OUTPUT_OPTIONS = ("out", "plot")
+
+
+def check_outputs_are_not_inputs(args) -> None:
+    """An output file (--out, --plot) that is one of the command's inputs would be overwritten by it (a data
+    file replaced by metrics JSON, a model by a deployed file): an error before anything runs. A run directory
+    given as input stands for its model.pt."""
+    for option in OUTPUT_OPTIONS:
+        out = getattr(args, option, None)
+        if not out or not Path(out).is_file():
+            continue
+        for name, value in vars(args).items():
+            if name in OUTPUT_OPTIONS:
+                continue
+            for given in value if isinstance(value, list) else [value]:
+                if not isinstance(given, (str, Path)) or not str(given):
+                    continue
+                path = Path(given) / "model.pt" if Path(given).is_dir() else Path(given)
+                if path.is_file() and os.path.samefile(path, out):
+                    raise MultifiError(
+                        f"{out}: --{option} is also an input of this command ({given}); it would be overwritten: "
+                        "write to another file"
+                    )
 
 
 if __name__ == "__main__":
