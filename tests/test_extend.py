@@ -587,3 +587,25 @@ def test_calibrate_an_extension_run_uses_the_pairs_it_trained_on(old_run, tmp_pa
     assert len(ds) == len(run.dataset)
     assert np.array_equal(pairs["train"], run.train) and np.array_equal(pairs["val"], run.val)
     assert main(["calibrate", str(ext)]) == 0
+
+
+def test_ctrl_c_during_an_extension_exits_130_and_the_same_command_runs_again(old_run, tmp_path, capsys, monkeypatch):
+    """An extension cannot be resumed: Ctrl-C exits 130 saying so (not Lightning's silent exit 1) and removes
+    the unfinished folder, so the same command starts again instead of finding a directory in the way."""
+    from multifi.train.module import PotentialModule
+
+    real = PotentialModule.training_step
+
+    def interrupted(self, batch, batch_idx):
+        if self.global_step == 1:
+            raise KeyboardInterrupt
+        return real(self, batch, batch_idx)
+
+    out = tmp_path / "ext"
+    args = ["extend", str(old_run / "model.pt"), "--data", str(new_data(tmp_path / "new.extxyz")), "--fidelity", "CC"]
+    args += ["--out", str(out), "--max-steps", "3", "--set", "train.progress=false", "--set", "train.threads=1"]
+    monkeypatch.setattr(PotentialModule, "training_step", interrupted)
+    assert main(args) == 130
+    assert "the extension was not finished" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(PotentialModule, "training_step", real)
+    assert main(args) == 0 and (out / "model.pt").exists()

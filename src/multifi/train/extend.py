@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -380,7 +381,7 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     (model.pt, metrics.json with the new fidelity's test errors and the old fidelities' before/after)."""
     from multifi.models.registry import load_potential
     from multifi.train.datamodule import MultiFidelityData
-    from multifi.train.run import _configure_threads, _quiet_lightning, final_checkpoint, make_trainer
+    from multifi.train.run import _configure_threads, _quiet_lightning, final_checkpoint, fit_or_interrupt, make_trainer
 
     x = cfg.extend
     where = config_source or x.model
@@ -432,7 +433,11 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
     trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)
-    trainer.fit(module, datamodule=data)
+    try:
+        fit_or_interrupt(trainer, module, data, None, run_dir, "")
+    except KeyboardInterrupt:  # an extension cannot be resumed: its unfinished folder goes, the command can rerun
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise KeyboardInterrupt(f"the extension was not finished and {run_dir} was removed; run it again") from None
     best = load_potential(final_checkpoint(trainer, run_dir), compile=False)
     best.head.record_contacts(shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0])))
     _finish(cfg, old, best, data, pairs, table, old_run, replay)

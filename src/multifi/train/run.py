@@ -244,6 +244,11 @@ def _build_trainer(cfg: RunConfig, run_dir: Path, has_val: bool, config_source: 
 
 def _fit(trainer: L.Trainer, module, data, ckpt: Path | None, run_dir: Path) -> None:
     """trainer.fit; Ctrl-C becomes KeyboardInterrupt (Lightning turns it into exit code 1) with a resume hint."""
+    fit_or_interrupt(trainer, module, data, ckpt, run_dir, f"continue with: multifi train --resume {run_dir}")
+
+
+def fit_or_interrupt(trainer: L.Trainer, module, data, ckpt: Path | None, run_dir: Path, hint: str) -> None:
+    """trainer.fit; Ctrl-C raises KeyboardInterrupt(hint) instead of Lightning's silent exit code 1."""
     import signal
 
     try:
@@ -253,9 +258,9 @@ def _fit(trainer: L.Trainer, module, data, ckpt: Path | None, run_dir: Path) -> 
         if not trainer.interrupted:
             raise
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
-        raise KeyboardInterrupt(f"continue with: multifi train --resume {run_dir}") from None
+        raise KeyboardInterrupt(hint) from None
     if trainer.interrupted:
-        raise KeyboardInterrupt(f"continue with: multifi train --resume {run_dir}")
+        raise KeyboardInterrupt(hint)
 
 
 class RunCheckpoint(ModelCheckpoint):
