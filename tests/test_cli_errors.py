@@ -355,6 +355,7 @@ def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys
         assert run(["train", write_config(), "--dry-run"], capsys)[0] == 0
     assert not (tmp_path / "run").exists()
     assert "train: lo=" in caplog.text and "parameters" in caplog.text and "5 steps per epoch" in caplog.text
+    assert re.search(r"sampling per epoch: every training sample once \(lo \d+\.\d %, hi \d+\.\d %\)", caplog.text)
     fails(["train", write_config(), "--dry-run", "--set", "data.sources.0.fidelity=LJ"], capsys, "names fidelity 'lo'")
 
 

@@ -83,10 +83,15 @@ class MultiFidelityData(L.LightningDataModule):
     def check_sampling(self, config_source: str = "") -> None:
         """train.fidelity_sampling: one-line error where it cannot be meant; a warning for a listed fidelity
         without training labels and for one whose labels get weight 0; the resulting shares logged."""
-        if self.sampling is None or np.isnan(self.sampling).all():
-            return
         names = self.dataset.fidelities.names
         counts = np.bincount(self.pairs["train"][:, 1], minlength=len(names))
+        if self.sampling is None or np.isnan(self.sampling).all():
+            if counts.sum():
+                log.info(
+                    "sampling per epoch: every training sample once (%s)",
+                    ", ".join(f"{n} {100 * c / counts.sum():.1f} %" for n, c in zip(names, counts) if c),
+                )
+            return
         try:
             shares = self._shares(self.pairs["train"])
         except ValueError as exc:
