@@ -206,6 +206,7 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     )
     uq = json.loads(metrics.read_text())["uncertainty"]
     assert code == 0 and uq["method"] == "ensemble of 2" and set(uq["fidelities"]) == {"hi"}
+    assert "(this model alone; the mean of the ensemble of 2: below)" in out  # which errors the headline shows
 
 
 def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, tmp_path, capsys, caplog):  # noqa: F811
@@ -265,3 +266,36 @@ def test_ensemble_of_identical_models_is_no_uncertainty(cli_run, tmp_path, capsy
     args = ["predict", model, src, "--fidelity", "hi", "--out", tmp_path / "p.extxyz", "--uncertainty"]
     fails([*args, "--ensemble", model], capsys, "the 2 ensemble models give identical hi energies")
     assert not (tmp_path / "p.extxyz").exists()
+
+
+def test_calibration_leaves_out_validation_structures_with_estimated_references(caplog):
+    """A validation structure with an element whose reference energy at the fidelity was estimated errs by
+    that reference's error, which σ cannot describe: it is left out of α and λ (said so), as in validation."""
+    from conftest import emt_labelled
+
+    from multifi.data.dataset import FidelityDataset
+    from multifi.uncertainty import fit_llpr
+
+    torch.manual_seed(0)
+    pot = build_potential(TINY_MODEL, ["lo", "hi"])
+    ref = np.zeros((119, 2))
+    ref[[1, 6, 7], :] = [[-0.5, -0.6], [-3.0, -3.1], [-1.0, -1.2]]
+    fitted = ref != 0
+    fitted[7, 1] = False  # N at hi: estimated from lo
+    pot.head.set_baseline(ref, np.ones(2), fitted)
+    frames = [emt_labelled(rattled_molecule(m, i), "hi") for i in range(12) for m in ("CH4", "NH3")]
+    ds = FidelityDataset.from_records(
+        [
+            {"numbers": a.numbers, "positions": a.positions, "labels": {"hi": {"energy": a.get_potential_energy()}}}
+            for a in frames
+        ]
+    )
+    k = ds.fidelities.index("hi")
+    pairs = lambda idx: np.stack([np.asarray(idx), np.full(len(idx), k)], 1)  # noqa: E731
+    ch4 = np.arange(0, len(ds), 2)
+    train, val = pairs(ch4[:8]), pairs(np.arange(16, len(ds)))  # validation: 4 CH4, 4 NH3
+    with caplog.at_level("WARNING", logger="multifi"):
+        llpr = fit_llpr(pot, ds, train, val)
+    assert "hi: 4 of 8 validation structures contain elements whose reference energy was estimated" in caplog.text
+    alone = fit_llpr(pot, ds, train, pairs(ch4[8:]))  # the same fit as on the 4 CH4 alone
+    assert llpr.fidelities["hi"].alpha == pytest.approx(alone.fidelities["hi"].alpha)

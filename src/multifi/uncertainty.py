@@ -228,6 +228,7 @@ def fit_llpr(
     """LLPR per fidelity from (structure, dataset fidelity index) pairs: Σ from the training pairs, λ and α
     from the validation pairs (their energy labels). Fidelities without training pairs are left out."""
     from multifi.data.neighbors import make_neighbors
+    from multifi.train.evaluate import pairs_with_estimated_references
 
     neighbors = make_neighbors(dataset, potential.cutoff, progress=False)
     out = {}
@@ -239,6 +240,19 @@ def fit_llpr(
         va = va[~np.isnan(dataset.energy[va, k])]
         if len(tr) == 0:
             continue
+        # an element without labels at this fidelity (estimated reference energy) errs by the reference's error,
+        # which the features cannot know: such structures would inflate α for every structure (as validation
+        # during training, they are left out)
+        estimated = pairs_with_estimated_references(potential, dataset, np.stack([va, np.full(len(va), k)], 1))
+        if estimated.any():
+            log.warning(
+                "%s: %d of %d validation structures contain elements whose reference energy was estimated: "
+                "left out of the calibration (their errors are not what σ describes)",
+                name,
+                int(estimated.sum()),
+                len(va),
+            )
+            va = va[~estimated]
         if len(va) == 0:  # α and λ come from held-out labels: without them σ would be uncalibrated
             log.warning("%s: no validation energy labels: not calibrated (α and λ need held-out labels)", name)
             continue

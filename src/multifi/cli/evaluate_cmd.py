@@ -73,7 +73,10 @@ def run(args) -> int:
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity)]
     check_elements(potential, ds, pairs)
     metrics, predicted = evaluate_pairs(potential, ds, None, pairs, args.batch_size, return_predictions=True)
-    print(metrics_table(metrics, title=f"{args.checkpoint} on {', '.join(args.data)}"))
+    title = f"{args.checkpoint} on {', '.join(args.data)}"
+    if args.ensemble:  # the headline is this one model's; the ensemble mean's errors are in the uncertainty table
+        title += f" (this model alone; the mean of the ensemble of {len(args.ensemble) + 1}: below)"
+    print(metrics_table(metrics, title=title))
     _warn_implausible(metrics, ", ".join(args.data))
     payload = {"fidelities": metrics}
     if args.uncertainty or args.ensemble:
