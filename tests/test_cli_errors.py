@@ -359,6 +359,16 @@ def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys
     fails(["train", write_config(), "--dry-run", "--set", "data.sources.0.fidelity=LJ"], capsys, "names fidelity 'lo'")
 
 
+def test_a_warmup_as_long_as_the_run_is_warned(write_config, capsys, caplog):
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["train", write_config(), "--dry-run", "--set", "train.warmup_steps=100"], capsys)[0] == 0
+    assert re.search(r"train.warmup_steps=100 is not shorter than the run \(10 steps\)", caplog.text)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["train", write_config(), "--dry-run", "--set", "train.warmup_steps=5"], capsys)[0] == 0
+    assert "warmup_steps" not in caplog.text
+
+
 def test_dry_run_shows_the_sampling_shares_and_warns_of_unused_labels(write_config, capsys, caplog):
     """A partial train.fidelity_sampling is explained before training: each fidelity's share of an epoch beside
     its share of the labels; a weight of 0 on a fidelity with labels is a warning, not silence."""

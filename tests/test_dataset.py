@@ -379,7 +379,7 @@ def test_split_files_by_key_and_overlap_error(tmp_path, caplog):
         split_from_files({"train": str(tmp_path / "train.txt")}, ds)
     assert "train.txt: 1 of 3 structures are in none of these split files (e.g. m): they are not used" in caplog.text
     (tmp_path / "val.txt").write_text("2\n")  # an index, also in train
-    with pytest.raises(MultifiError, match="structure si is in both the train and val splits"):
+    with pytest.raises(MultifiError, match=r"train.txt, .*val.txt: structure si is in both the train and val splits"):
         split_from_files({"train": str(tmp_path / "train.txt"), "val": str(tmp_path / "val.txt")}, ds)
     (tmp_path / "bad.txt").write_text("nope\n")
     with pytest.raises(MultifiError, match=r"bad.txt: 'nope' is neither a structure key nor an index below 3"):

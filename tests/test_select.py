@@ -104,7 +104,7 @@ def test_farthest_points_order():
     np.testing.assert_array_equal(farthest_points(x, np.array([1, 2, 3, 4]), np.array([0]), 4, rng), [3, 4, 2, 1])
 
 
-def test_select_cli(cli_run, tmp_path, capsys):  # noqa: F811
+def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
     _, run_dir = cli_run
     mols = [rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=200 + i, stdev=0.1) for i in range(12)]
     for i, a in enumerate(mols):
@@ -123,6 +123,10 @@ def test_select_cli(cli_run, tmp_path, capsys):  # noqa: F811
         keys = out.read_text().split()
         assert len(set(keys)) == 4 and not {"c0", "c5"} & set(keys) and set(keys) <= {f"c{i}" for i in range(12)}
     fails([*args, "--strategy", "random", "--n", "11", "--out", out], capsys, "only 10 unlabelled")
+    (tmp_path / "done.txt").write_text("c0\npool.extxyz:5\n")  # a key of another naming excludes nothing: said
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run([*args, "--strategy", "random", "--out", out], capsys)[0] == 0
+    assert "done.txt: 1 of 2 keys are no structure of" in caplog.text and "pool.extxyz:5" in caplog.text
     fails([*args, "--fidelity", "HI", "--out", out], capsys, "unknown fidelity 'HI'", "did you mean 'hi'")
     (tmp_path / "empty.extxyz").write_text("")
     fails(

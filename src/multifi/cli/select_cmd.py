@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger("multifi")
+
 
 def register(sub):
     from multifi.select import STRATEGIES
@@ -49,6 +53,16 @@ def run(args) -> int:
         if not path.exists():
             raise MultifiError(f"{path}: no such file")
         exclude = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        unknown = sorted(set(exclude) - {str(k) for k in pool.keys})
+        if unknown:  # a key of another naming (file:index vs id) excludes nothing: say so, not pick them again
+            log.warning(
+                "%s: %d of %d keys are no structure of %s (e.g. %s): they exclude nothing",
+                path,
+                len(unknown),
+                len(set(exclude)),
+                args.pool,
+                ", ".join(unknown[:3]),
+            )
     known = labelled_in_run(args.model, args.fidelity)
     exclude += known
     llpr = LLPR.load(llpr_path(args.model), potential) if args.strategy in ("uncertainty", "batch") else None

@@ -202,7 +202,7 @@ def _report_far_from_references(dataset: FidelityDataset, s: np.ndarray, k: int,
     far = np.abs(resid) > 0.5 * np.abs(ref_sum / n) + 1.0
     if not far.any():
         return False
-    i = int(np.argmax(far))
+    i = int(np.argmax(np.abs(resid)))  # the farthest: with a fit pulled by the odd ones, not a correct one
     log.warning(
         "%s: %d of %d energies at fidelity %r lie far from the fitted reference energies (e.g. structure %s: "
         "%.2f eV/atom against %.2f expected): energies in two units (eV and Hartree, kcal/mol), or labels of "

@@ -83,7 +83,10 @@ def split_from_files(files: dict[str, str], dataset: FidelityDataset) -> Split:
             continue
         out[name] = _read_split_file(Path(files[name]), key_to_index, len(dataset))
     split = Split(**out)
-    check_disjoint(split, dataset)
+    try:
+        check_disjoint(split, dataset)
+    except MultifiError as exc:
+        raise MultifiError(f"{', '.join(str(files[n]) for n in SPLITS if n in files)}: {exc}") from None
     unused = np.setdiff1d(np.arange(len(dataset)), np.concatenate([split[name] for name in SPLITS]))
     if len(unused):
         log.warning(

@@ -83,6 +83,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
         check_split_duplicates(prep.dataset, prep.split)
     _report_data(prep)
     _check_monitor(cfg, prep)
+    _check_warmup(cfg, prep)
 
     spec = {"model": cfg.model, "fidelities": prep.dataset.fidelities.names}
     module = PotentialModule(spec, cfg.loss, cfg.train, prep.settings.loss_weights)
@@ -734,6 +735,29 @@ def _untrained(prep) -> list[str]:
     return [name for name, n in _counts(prep, "train").items() if n == 0]
 
 
+def _total_steps(cfg: RunConfig, prep) -> int:
+    """Optimiser steps the run is set to take (epochs × steps per epoch, or max_steps if fewer)."""
+    import math
+
+    t = cfg.train
+    per_epoch = math.ceil(len(prep.pairs["train"]) / t.batch_size)
+    return t.epochs * per_epoch if t.max_steps < 0 else min(t.max_steps, t.epochs * per_epoch)
+
+
+def _check_warmup(cfg: RunConfig, prep) -> None:
+    """A warm-up as long as the run keeps the learning rate below train.lr throughout: warn."""
+    total, warm = _total_steps(cfg, prep), cfg.train.warmup_steps
+    if warm and total <= warm:
+        log.warning(
+            "train.warmup_steps=%d is not shorter than the run (%d steps): the learning rate never reaches "
+            "train.lr=%g (it peaks at %.2g); lower warmup_steps or train longer",
+            warm,
+            total,
+            cfg.train.lr,
+            cfg.train.lr * total / warm,
+        )
+
+
 def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None) -> None:
     """What a run would do (train --dry-run)."""
     import math
@@ -741,7 +765,7 @@ def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None)
     t = cfg.train
     n_params = sum(p.numel() for p in module.potential.parameters())
     steps = math.ceil(len(prep.pairs["train"]) / t.batch_size)
-    total = t.epochs * steps if t.max_steps < 0 else min(t.max_steps, t.epochs * steps)
+    total = _total_steps(cfg, prep)
     log.info(
         "model: %s, %d features, %d interactions, cutoff %g Å, fidelity embedding %s: %s parameters",
         cfg.model.backbone,
