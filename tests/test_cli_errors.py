@@ -359,6 +359,12 @@ def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys
     fails(["train", write_config(), "--dry-run", "--set", "data.sources.0.fidelity=LJ"], capsys, "names fidelity 'lo'")
 
 
+def test_a_run_without_test_structures_says_so_instead_of_an_empty_table(write_config, tmp_path, capsys):
+    code, out, _ = run(["train", write_config(), "--set", "data.split.test=0", "--set", "train.epochs=1"], capsys)
+    assert code == 0 and "no test structures (data.split.test: 0 or no test file): no test metrics" in out
+    assert "E MAE" not in out
+
+
 def test_a_warmup_as_long_as_the_run_is_warned(write_config, capsys, caplog):
     with caplog.at_level("WARNING", logger="multifi"):
         assert run(["train", write_config(), "--dry-run", "--set", "train.warmup_steps=100"], capsys)[0] == 0

@@ -53,7 +53,8 @@ def select_structures(
     if n > len(candidates):
         raise MultifiError(
             f"{pool.source or 'pool'}: asked for {n} structures but only {len(candidates)} "
-            f"unlabelled ones remain (of {len(pool)})"
+            f"unlabelled ones remain (of {len(pool)}; the others are labelled at {fidelity} in the pool, listed "
+            "in --exclude, in the model's training data or repeat a geometry): ask for fewer"
         )
     rng = np.random.default_rng(seed)
     if strategy == "random":

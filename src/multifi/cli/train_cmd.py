@@ -46,5 +46,9 @@ def run(args) -> int:
 
         from multifi.cli.format import metrics_table
 
-        print(metrics_table(json.loads(metrics.read_text())["fidelities"], title=f"test metrics ({run_dir})"))
+        test = json.loads(metrics.read_text())["fidelities"]
+        if test:
+            print(metrics_table(test, title=f"test metrics ({run_dir})"))
+        else:
+            print(f"no test structures (data.split.test: 0 or no test file): no test metrics ({run_dir})")
     return 0
