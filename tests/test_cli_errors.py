@@ -365,6 +365,21 @@ def test_a_run_without_test_structures_says_so_instead_of_an_empty_table(write_c
     assert "E MAE" not in out
 
 
+def test_data_info_describes_a_file_without_labels(tmp_path, capsys):
+    """An unlabelled file (a pool for select/predict) is described, not refused for lacking a fidelity; a file
+    with labels but no fidelity still is."""
+    path = tmp_path / "pool.extxyz"
+    ase.io.write(path, [rattled_molecule("CH4", 0), rattled_molecule("NH3", 1)])
+    code, out, _ = run(["data", "info", path], capsys)
+    assert code == 0 and "structures: 2" in out and "elements: H C N" in out and "labels: none" in out
+    labelled = tmp_path / "labelled.extxyz"
+    ase.io.write(labelled, [emt_labelled(rattled_molecule("CH4", 0), "lo")])
+    frame = ase.io.read(labelled)
+    frame.info.pop("fidelity")
+    ase.io.write(labelled, frame)
+    fails(["data", "info", labelled], capsys, "no fidelity")
+
+
 def test_a_warmup_as_long_as_the_run_is_warned(write_config, capsys, caplog):
     with caplog.at_level("WARNING", logger="multifi"):
         assert run(["train", write_config(), "--dry-run", "--set", "train.warmup_steps=100"], capsys)[0] == 0

@@ -36,10 +36,50 @@ def _read(args):
     return FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
 
 
+def _read_or_unlabelled(args):
+    """The data as training reads it; a single file without any label (e.g. a pool for `multifi select`) as
+    its bare structures, instead of the labelled reader's complaint about a missing fidelity."""
+    from multifi.errors import MultifiError
+    from multifi.select import read_pool
+
+    try:
+        return _read(args)
+    except MultifiError:
+        if len(args.sources) != 1 or args.fidelity or _any_label(args.sources[0]):
+            raise
+        try:
+            return read_pool(args.sources[0])
+        except MultifiError:
+            pass
+        raise
+
+
+LABEL_WORDS = ("energy", "forces", "stress", "virial")
+
+
+def _any_label(path: str) -> bool:
+    """Whether any frame ASE reads from `path` carries something that looks like a label (calculator results,
+    or info/arrays keys naming an energy, forces, stress or virial); True when ASE cannot read it."""
+    from pathlib import Path
+
+    try:
+        from multifi.data.readers.ase_files import _frames
+
+        for atoms in _frames(Path(path), ":"):
+            if atoms.calc is not None and getattr(atoms.calc, "results", None):
+                return True
+            keys = [*atoms.info, *atoms.arrays]
+            if any(word in key.lower() for key in keys for word in LABEL_WORDS):
+                return True
+    except Exception:  # noqa: BLE001 - not an ASE file: the labelled reader's error stands
+        return True
+    return False
+
+
 def run_info(args) -> int:
     from ase.data import chemical_symbols
 
-    ds = _read(args)
+    ds = _read_or_unlabelled(args)
     n_atoms = ds.n_atoms
     print(
         f"structures: {len(ds)}   atoms: {int(n_atoms.sum())} (per structure {n_atoms.min()}–{n_atoms.max()}, "
@@ -47,6 +87,9 @@ def run_info(args) -> int:
     )
     print("elements:", " ".join(chemical_symbols[z] for z in ds.elements))
     counts = ds.label_counts()
+    if not counts:
+        print("labels: none (structures only: a pool for `multifi select` or `multifi predict`)")
+        return 0
     width = max(len("fidelity"), *(len(n) for n in counts)) + 2
     print("fidelity".ljust(width) + "energy".rjust(10) + "forces".rjust(10) + "stress".rjust(10))
     for name, c in counts.items():
