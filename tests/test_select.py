@@ -127,6 +127,15 @@ def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
     with caplog.at_level("WARNING", logger="multifi"):
         assert run([*args, "--strategy", "random", "--out", out], capsys)[0] == 0
     assert "done.txt: 1 of 2 keys are no structure of" in caplog.text and "pool.extxyz:5" in caplog.text
+    assert "no dataset.npz beside the model" not in caplog.text
+    import shutil
+
+    alone = tmp_path / "alone.pt"  # the model away from its run: what it trained on cannot be excluded, said so
+    shutil.copy(run_dir / "model.pt", alone)
+    shutil.copy(run_dir / "model.llpr.npz", tmp_path / "alone.llpr.npz")
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["select", alone, *args[2:], "--strategy", "random", "--out", out], capsys)[0] == 0
+    assert f"{alone}: no dataset.npz beside the model" in caplog.text
     fails([*args, "--fidelity", "HI", "--out", out], capsys, "unknown fidelity 'HI'", "did you mean 'hi'")
     (tmp_path / "empty.extxyz").write_text("")
     fails(

@@ -90,7 +90,12 @@ def labelled_in_run(model: str, fidelity: str) -> list[str]:
     from multifi.models.registry import model_file
 
     cache = model_file(model).parent / "dataset.npz"
-    if not cache.exists():
+    if not cache.exists():  # a model file away from its run: its training structures cannot be left out
+        log.warning(
+            "%s: no dataset.npz beside the model (not in its run directory): structures it was trained on are "
+            "not excluded; list them with --exclude if the pool holds any",
+            model,
+        )
         return []
     ds = FidelityDataset.load(cache)
     if fidelity not in ds.fidelities:
