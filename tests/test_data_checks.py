@@ -95,16 +95,23 @@ def test_hartree_energies_are_flagged(unit, expect, caplog):
         ({}, None),
         ({"all": 1 / 23.0605}, "look like kcal/mol, kJ/mol or meV"),  # kcal/mol
         ({"all": 1e-3}, "look like kcal/mol, kJ/mol or meV"),  # meV
-        ({"odd": HARTREE}, "lie far from the fitted reference energies"),  # every third energy in Hartree
-        ({"some": HARTREE}, "lie far from the fitted reference energies"),  # 5 of 60
+        ({"odd": HARTREE}, "20 of 60 energies at fidelity 'DFT' lie far from the reference energies that fit 40"),
+        ({"some": HARTREE}, "5 of 60 energies at fidelity 'DFT' lie far from the reference energies that fit 55"),
+        ({"half": 1e-3}, "28 of 60 energies at fidelity 'DFT' lie far from the reference energies that fit 32"),
+        (
+            {"quarter": 1 / 23.0605},
+            "12 of 60 energies at fidelity 'DFT' lie far from the reference energies that fit 48",
+        ),
     ],
 )
 def test_energies_in_other_or_mixed_units_are_flagged(units, message, caplog):
     recs = _records(60)
     for i, r in enumerate(recs):
         unit = units.get("all", 1.0)
-        if ("odd" in units and i % 3 == 1) or ("some" in units and i % 12 == 5):
-            unit = units.get("odd", units.get("some"))
+        picked = {"odd": i % 3 == 1, "some": i % 12 == 5, "half": (i // 4) % 2 == 0, "quarter": (i // 4) % 4 == 3}
+        for which, factor in units.items():
+            if which != "all" and picked[which]:
+                unit = factor
         r["labels"]["DFT"]["energy"] /= unit
     ds = FidelityDataset.from_records(recs, source="energies.extxyz")
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)

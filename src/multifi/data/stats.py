@@ -196,6 +196,15 @@ def _least_squares(counts: np.ndarray, rows: np.ndarray, y: np.ndarray, ridge: f
     return coef, cols, resid, ata, aty
 
 
+def least_squares_references(elements: np.ndarray, counts: np.ndarray, rows: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[N_ELEMENTS] eV: per-element energies that fit energies y [n] of structures `rows` by least squares
+    (elements, counts from composition_matrix; 0 for elements absent from them)."""
+    coef, cols, *_ = _least_squares(counts, rows, y, ridge=1e-8)
+    ref = np.zeros(N_ELEMENTS)
+    ref[elements[cols]] = coef
+    return ref
+
+
 def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> list[np.ndarray]:
     """In place: what the labels leave undetermined ← the shift model a[Z] + φ(Z)·β[f] (module docstring).
 
