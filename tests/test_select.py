@@ -47,7 +47,7 @@ def setting():
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_deterministic_no_duplicates_none_labelled(setting, strategy):
+def test_deterministic_no_duplicates_none_labelled(setting, strategy, caplog):
     pot, pool, llpr, f = setting
     exclude = ["m12", "m30"]
     a = select_structures(pot, pool, "hi", 12, strategy, seed=3, exclude=exclude, llpr=llpr)
@@ -60,8 +60,14 @@ def test_deterministic_no_duplicates_none_labelled(setting, strategy):
     np.testing.assert_array_equal(a, c)  # precomputed features: the same picks
     everything = select_structures(pot, pool, "hi", 28, strategy, seed=1, exclude=exclude, llpr=llpr)
     assert sorted(everything.tolist()) == sorted(set(range(10, 40)) - {12, 30})
-    with pytest.raises(MultifiError, match="only 28 unlabelled"):
-        select_structures(pot, pool, "hi", 29, strategy, seed=1, exclude=exclude, llpr=llpr)
+    with caplog.at_level("WARNING", logger="multifi"):  # more than remain: all of them, said so
+        more = select_structures(pot, pool, "hi", 29, strategy, seed=1, exclude=exclude, llpr=llpr)
+    assert (
+        "asked for 29 structures but only 28 unlabelled ones remain" in caplog.text and "picking all 28" in caplog.text
+    )
+    assert sorted(more.tolist()) == sorted(everything.tolist())
+    with pytest.raises(MultifiError, match="asked for 1 structures but no unlabelled ones remain"):
+        select_structures(pot, pool, "hi", 1, strategy, exclude=pool.keys.tolist(), llpr=llpr)
 
 
 def test_random_depends_on_the_seed(setting):
@@ -122,7 +128,10 @@ def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
         assert code == 0 and "picked 4 of 10 eligible structures (12 in the pool" in stdout
         keys = out.read_text().split()
         assert len(set(keys)) == 4 and not {"c0", "c5"} & set(keys) and set(keys) <= {f"c{i}" for i in range(12)}
-    fails([*args, "--strategy", "random", "--n", "11", "--out", out], capsys, "only 10 unlabelled")
+    with caplog.at_level("WARNING", logger="multifi"):
+        code, stdout, _ = run([*args, "--strategy", "random", "--n", "11", "--out", out], capsys)
+    assert code == 0 and "picked 10 of 10 eligible" in stdout and "only 10 unlabelled ones remain" in caplog.text
+    assert len(out.read_text().split()) == 10
     (tmp_path / "done.txt").write_text("c0\npool.extxyz:5\n")  # a key of another naming excludes nothing: said
     with caplog.at_level("WARNING", logger="multifi"):
         assert run([*args, "--strategy", "random", "--out", out], capsys)[0] == 0
@@ -162,11 +171,8 @@ def test_select_never_picks_a_structure_labelled_in_a_later_frame(cli_run, tmp_p
     code, stdout, _ = run([*args, "--n", "2"], capsys)
     assert code == 0 and "picked 2 of 2 eligible structures (6 in the pool" in stdout
     assert sorted(out.read_text().split()) == ["p4", "p5"]
-    fails(
-        ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--n", "3", "--out", out],
-        capsys,
-        "only 2 unlabelled",
-    )
+    code, stdout, _ = run([*args, "--n", "3"], capsys)
+    assert code == 0 and "picked 2 of 2 eligible" in stdout and sorted(out.read_text().split()) == ["p4", "p5"]
 
 
 def test_select_skips_labelled_frames_of_a_pool_mixing_labelled_and_unlabelled(cli_run, tmp_path, capsys):  # noqa: F811
@@ -184,7 +190,8 @@ def test_select_skips_labelled_frames_of_a_pool_mixing_labelled_and_unlabelled(c
     code, stdout, _ = run([*args, "--n", "3"], capsys)
     assert code == 0 and "picked 3 of 3 eligible structures (8 in the pool" in stdout
     assert sorted(out.read_text().split()) == ["q5", "q6", "q7"]
-    fails([*args, "--n", "4"], capsys, "only 3 unlabelled")
+    code, stdout, _ = run([*args, "--n", "4"], capsys)
+    assert code == 0 and "picked 3 of 3 eligible" in stdout
     code, stdout, _ = run([*args[:4], "lo", *args[5:], "--n", "8"], capsys)  # at lo nothing is labelled
     assert code == 0 and "picked 8 of 8 eligible" in stdout
 

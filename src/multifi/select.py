@@ -51,11 +51,21 @@ def select_structures(
     labelled = labelled_mask(pool, fidelity, exclude)
     candidates = np.flatnonzero(~labelled)
     if n > len(candidates):
-        raise MultifiError(
-            f"{pool.source or 'pool'}: asked for {n} structures but only {len(candidates)} "
-            f"unlabelled ones remain (of {len(pool)}; the others are labelled at {fidelity} in the pool, listed "
-            "in --exclude, in the model's training data or repeat a geometry): ask for fewer"
+        why = (
+            f"unlabelled ones remain (of {len(pool)}; the others are labelled at {fidelity} in the pool, listed in "
+            "--exclude, in the model's training data or repeat a geometry)"
         )
+        if not len(candidates):
+            raise MultifiError(f"{pool.source or 'pool'}: asked for {n} structures but no {why}: nothing to pick")
+        log.warning(
+            "%s: asked for %d structures but only %d %s: picking all %d",
+            pool.source or "pool",
+            n,
+            len(candidates),
+            why,
+            len(candidates),
+        )
+        n = len(candidates)
     rng = np.random.default_rng(seed)
     if strategy == "random":
         return rng.permutation(candidates)[:n]

@@ -18,7 +18,12 @@ def register(sub):
     )
     p.add_argument("pool", help="candidate structures (any file ASE reads, labelled or not, or a multifi .npz)")
     p.add_argument("--fidelity", required=True, help="fidelity at which the picks will be computed")
-    p.add_argument("--n", type=int, required=True, help="number of structures to pick (at most the eligible ones)")
+    p.add_argument(
+        "--n",
+        type=int,
+        required=True,
+        help="number of structures to pick (all eligible ones, with a warning, when fewer remain)",
+    )
     p.add_argument(
         "--strategy",
         choices=STRATEGIES,
