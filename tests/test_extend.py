@@ -438,7 +438,7 @@ def test_new_labels_of_the_old_runs_structures_keep_their_split(old_run, tmp_pat
     from conftest import tiny_frames
 
     from multifi.data.split import random_split
-    from multifi.train.extend import follow_split, load_old_run
+    from multifi.train.extend import _log_followed_split, follow_split, load_old_run
 
     old = load_old_run(old_run)
     seen = [a for a in tiny_frames() if a.info["fidelity"] == "lo"]  # the 40 geometries of the old run
@@ -455,8 +455,9 @@ def test_new_labels_of_the_old_runs_structures_keep_their_split(old_run, tmp_pat
 
     ds = read_sources([SourceConfig(path=str(path))])
     split = random_split(len(ds), 0.2, 0.2, 1)
+    moved = follow_split(split, ds, old)
     with caplog.at_level("INFO", logger="multifi"):
-        moved = follow_split(split, ds, old)
+        _log_followed_split(ds, old)  # what extend says once the data merged
     assert "40 of the 50 new structures are in the model's run" in caplog.text
     old_split = {
         name: set(old.dataset.keys[np.unique(getattr(old, name)[:, 0])].tolist()) for name in ("train", "val", "test")
@@ -531,7 +532,7 @@ def test_an_extension_can_be_extended_again_with_replay_of_every_fidelity(old_ru
         load_old_run(second)
 
 
-def test_extension_run_data_without_an_old_run_and_with_a_key_clash(old_run, tmp_path, capsys):
+def test_extension_run_data_without_an_old_run_and_with_a_key_clash(old_run, tmp_path, capsys, caplog):
     """Without the old run's data an extension keeps none (a further extension cannot replay, and says so);
     a new structure whose key names another geometry of the old run is an error before training."""
     common = ["--max-steps", "2", "--set", "train.progress=false", "--set", "train.threads=1", "--train", "all"]
@@ -568,9 +569,11 @@ def test_extension_run_data_without_an_old_run_and_with_a_key_clash(old_run, tmp
     ase.io.write(tmp_path / "clash.extxyz", frames, format="extxyz")
     out = tmp_path / "clash"
     args = ["extend", str(old_run / "model.pt"), "--data", str(tmp_path / "clash.extxyz"), "--fidelity", "CC"]
-    assert main([*args, "--out", str(out), *common]) == 2
+    with caplog.at_level("INFO", logger="multifi"):
+        assert main([*args, "--out", str(out), *common]) == 2
     err = capsys.readouterr().err
     assert "dataset.npz and" in err and "clash.extxyz" in err and len(err.strip().splitlines()) == 1
+    assert "keep its split" not in caplog.text  # the clash is found before the split is said to follow the run
     assert not (out / "model.pt").exists()
 
 

@@ -339,24 +339,35 @@ def follow_split(split: Split, ds: FidelityDataset, old: OldRun) -> Split:
     """`split` of `ds`, with every structure the old run also holds (same key) moved to its split there: the
     new fidelity is tested on none of the geometries the model trained on, and trained on none of those the
     forgetting table tests."""
-    where: dict[str, str] = {}
-    for name in ("train", "val", "test"):
-        for key in old.dataset.keys[np.unique(getattr(old, name)[:, 0])].tolist():
-            where[str(key)] = name
-    assigned = np.array([where.get(str(k), "") for k in ds.keys.tolist()])
+    assigned = _old_split_of(ds, old)
     if not (assigned != "").any():
         return split
     parts = {}
     for name in ("train", "val", "test"):
         own = split[name][assigned[split[name]] == ""]
         parts[name] = np.sort(np.concatenate([own, np.flatnonzero(assigned == name)])).astype(np.int64)
-    log.info(
-        "%d of the %d new structures are in the model's run: they keep its split (%s)",
-        int((assigned != "").sum()),
-        len(ds),
-        ", ".join(f"{n} {int((assigned == n).sum())}" for n in ("train", "val", "test")),
-    )
     return Split(**parts)
+
+
+def _old_split_of(ds: FidelityDataset, old: OldRun) -> np.ndarray:
+    """[len(ds)] str: the split ("train", "val", "test") of each structure of `ds` in the old run (same key), ""
+    for structures the old run does not hold."""
+    where: dict[str, str] = {}
+    for name in ("train", "val", "test"):
+        for key in old.dataset.keys[np.unique(getattr(old, name)[:, 0])].tolist():
+            where[str(key)] = name
+    return np.array([where.get(str(k), "") for k in ds.keys.tolist()])
+
+
+def _log_followed_split(ds: FidelityDataset, old: OldRun) -> None:
+    assigned = _old_split_of(ds, old)
+    if (assigned != "").any():
+        log.info(
+            "%d of the %d new structures are in the model's run: they keep its split (%s)",
+            int((assigned != "").sum()),
+            len(ds),
+            ", ".join(f"{n} {int((assigned == n).sum())}" for n in ("train", "val", "test")),
+        )
 
 
 def combine(
@@ -472,6 +483,8 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
     _check_elements(old, new_ds, x.fidelity, x.train, where)
     sources = ", ".join(str(src.path or "qm9") for src in cfg.data.sources)
     run_data = None if old_run is None else merged_run_data(table, new_ds, new_pairs, old_run, sources)
+    if old_run is not None and not cfg.data.split.files:  # said once the data merged (a key clash is an error)
+        _log_followed_split(new_ds, old_run)
     return ds, pairs, old_run, replay, settings, run_data
 
 
