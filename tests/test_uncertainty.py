@@ -227,15 +227,17 @@ def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, 
         "val": lo[30:] + hi[30:] + lo[:5] + hi[:5],
         "val_lo": lo[30:],
         "train_lo": lo[:30],
+        "train_lo_hi": lo[:30] + hi[10:30],
+        "val_hi": hi[:10],  # geometries trained at lo only: held-out labels at hi
     }
     for name, frames in files.items():
         ase.io.write(tmp_path / f"{name}.extxyz", frames, format="extxyz")
     args = ["calibrate", model, "--train", tmp_path / "train.extxyz", "--val"]
-    fails([*args, tmp_path / "train.extxyz"], capsys, "every validation structure is also in --train")
+    fails([*args, tmp_path / "train.extxyz"], capsys, "every validation label is also in --train")
     assert not (tmp_path / "model.llpr.npz").exists()
     with caplog.at_level("INFO", logger="multifi"):
         code, out, _ = run([*args, tmp_path / "val.extxyz"], capsys)
-    assert code == 0 and "5 of 15 validation structures are also in --train" in caplog.text
+    assert code == 0 and "10 of 30 validation labels are also in --train" in caplog.text
     assert "hi: alpha" in out and "30 training / 10 validation" in out
     first = LLPR.load(tmp_path / "model.llpr.npz")
     caplog.clear()
@@ -256,6 +258,14 @@ def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, 
             ["calibrate", model, "--train", tmp_path / "train.extxyz", "--val", tmp_path / "val_lo.extxyz"], capsys
         )
     assert code == 0 and "hi: no validation energy labels: not calibrated" in caplog.text and "hi: alpha" not in out
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):  # the same geometries, another fidelity: held out
+        code, out, _ = run(
+            ["calibrate", model, "--train", tmp_path / "train_lo_hi.extxyz", "--val", tmp_path / "val_hi.extxyz"],
+            capsys,
+        )
+    assert code == 0 and "hi: alpha" in out and "20 training / " in out  # (some left out: estimated references)
+    assert "also in --train" not in caplog.text
 
 
 def test_ensemble_of_identical_models_is_no_uncertainty(cli_run, tmp_path, capsys):  # noqa: F811

@@ -379,27 +379,37 @@ def calibrate_files(
     train = FidelityDataset.merge([read_labelled(p, fidelity) for p in train_files])
     val = FidelityDataset.merge([read_labelled(p, fidelity) for p in val_files])
     ds = FidelityDataset.merge([train, val])
-    # structures keep their split by key (a key in both files is a training structure)
-    tr_keys = set(train.keys.astype(str))
-    is_train = np.array([k in tr_keys for k in ds.keys.astype(str)])
-    shared = int(np.isin(val.keys.astype(str), list(tr_keys)).sum())
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    # a label in both files (same key, same fidelity) is a training label; a structure trained at another
+    # fidelity only still validates this one (its label here was never trained on)
+    trained = _labels(train)
+    is_train = np.array([(str(ds.keys[s]), ds.fidelities.names[k]) in trained for s, k in pairs], bool)
+    in_val = _labels(val)
+    shared = len(in_val & trained)
     where = ", ".join(str(p) for p in val_files)
-    if shared == len(val):
-        raise MultifiError(f"{where}: every validation structure is also in --train; calibrate on held-out structures")
+    if shared == len(in_val):
+        raise MultifiError(
+            f"{where}: every validation label is also in --train (same structure, same fidelity); calibrate on "
+            "held-out labels"
+        )
     if shared:
         log.warning(
-            "%s: %d of %d validation structures are also in --train: used as training only", where, shared, len(val)
+            "%s: %d of %d validation labels are also in --train (same structure, same fidelity): used as training only",
+            where,
+            shared,
+            len(in_val),
         )
-    pairs = labelled_pairs(ds, np.arange(len(ds)))
     llpr = fit_llpr(
-        potential,
-        ds,
-        pairs[is_train[pairs[:, 0]]],
-        pairs[~is_train[pairs[:, 0]]],
-        batch_size,
-        fidelities=[fidelity] if fidelity else None,
+        potential, ds, pairs[is_train], pairs[~is_train], batch_size, fidelities=[fidelity] if fidelity else None
     )
     return llpr, save_calibration(llpr, llpr_path(model))
+
+
+def _labels(ds) -> set[tuple[str, str]]:
+    """(structure key, fidelity name) of every labelled pair of `ds`."""
+    from multifi.data.split import labelled_pairs
+
+    return {(str(ds.keys[s]), ds.fidelities.names[k]) for s, k in labelled_pairs(ds, np.arange(len(ds)))}
 
 
 def save_calibration(llpr: LLPR, path: Path) -> Path:
