@@ -373,3 +373,28 @@ def test_nine_value_stress_and_virial_labels_read_as_three_by_three():
     m = m + m.T
     assert np.array_equal(voigt_or_matrix(m.ravel()), m)
     assert np.array_equal(voigt_or_matrix(m), m)
+
+
+def test_repeated_frames_are_one_structure_and_said_so(tmp_path, caplog):
+    """A frame repeating a structure's label at the same fidelity (same key, or same geometry without keys) with
+    the same value is counted once, with a warning naming the file; a structure at two fidelities is no repeat."""
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_sources
+
+    keyed = [water(-3.0 - i, key=f"w{i}", fidelity="dft") for i in range(3)]
+    keyed.append(water(-4.0, key="w1", fidelity="dft"))  # w1 again, same geometry and energy
+    keyed.append(water(-4.4, key="w1", fidelity="hf"))  # w1 at another fidelity: no repeat
+    ase.io.write(tmp_path / "keyed.extxyz", keyed, format="extxyz")
+    bare = [si(0, fidelity="dft"), si(1, fidelity="dft"), si(0, fidelity="dft")]  # a copy of the first, no keys
+    ase.io.write(tmp_path / "bare.extxyz", bare, format="extxyz")
+    for name, frames, structures in (("keyed", 5, 3), ("bare", 3, 2)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="multifi"):
+            ds = read_sources([SourceConfig(path=str(tmp_path / f"{name}.extxyz"))])
+        assert len(ds) == structures
+        assert f"{name}.extxyz: 1 repeated labels" in caplog.text
+        assert f"({structures} structures from {frames} frames)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):
+        read_sources([SourceConfig(path=str(tmp_path / "keyed.extxyz"), index="0:3")])
+    assert "repeated" not in caplog.text

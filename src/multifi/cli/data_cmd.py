@@ -28,12 +28,9 @@ def _sources(p):
 
 def _read(args):
     from multifi.cli.args import source_config
-    from multifi.data.dataset import FidelityDataset
-    from multifi.data.sources import read_source, report_dropped
+    from multifi.data.sources import merge_parts, read_source
 
-    parts = [read_source(source_config(s, args.fidelity, args), args.skip_invalid) for s in args.sources]
-    report_dropped(parts)
-    return FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
+    return merge_parts([read_source(source_config(s, args.fidelity, args), args.skip_invalid) for s in args.sources])
 
 
 def _read_or_unlabelled(args):

@@ -76,11 +76,35 @@ def guess_format(path: Path) -> str:
 def read_sources(sources, skip_invalid: bool = False) -> FidelityDataset:
     """All sources merged (structures with equal keys share one entry)."""
     parts = [read_source(s, skip_invalid) for s in sources]
-    report_dropped(parts)
     if len(parts) == 1 and _is_saved_dataset(sources[0]):
+        report_dropped(parts)
         return parts[0].drop_fidelities_without_labels()  # already merged when saved; keeps memory maps
-    ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
-    return ds.drop_fidelities_without_labels()
+    return merge_parts(parts).drop_fidelities_without_labels()
+
+
+def merge_parts(parts) -> FidelityDataset:
+    """The sources' datasets merged (structures with equal keys share one entry, also within one source), with
+    what reading dropped and what merging counted once in the log."""
+    report_dropped(parts)
+    ds = FidelityDataset.merge(parts)
+    report_repeats(parts, ds)
+    return ds
+
+
+def report_repeats(parts, merged) -> None:
+    """Warn when frames repeat a label of the same structure and fidelity (same key, or the same geometry where
+    frames have no key) with the same value: merged counts it once (a different value is merge's error)."""
+    given = sum(int((p.energy_mask | p.has_forces()).sum()) for p in parts)
+    repeated = given - int((merged.energy_mask | merged.has_forces()).sum())
+    if repeated:
+        log.warning(
+            "%s: %d repeated labels (the same structure at the same fidelity, by key or, where frames have no key, "
+            "by geometry, with the same value): each counted once (%d structures from %d frames)",
+            ", ".join(sorted({p.source for p in parts if p.source})) or "data",
+            repeated,
+            len(merged),
+            sum(len(p) for p in parts),
+        )
 
 
 def report_dropped(parts) -> None:
