@@ -160,9 +160,7 @@ IMPLAUSIBLE_SPREAD = 2.0
 
 def _atoms_of(dataset: FidelityDataset, s: np.ndarray, z: int) -> np.ndarray:
     """[len(s)] bool: structure s contains element z."""
-    has = np.concatenate([[0], np.cumsum(dataset.numbers == z)])
-    offsets = np.asarray(dataset.offsets)
-    return has[offsets[s + 1]] > has[offsets[s]]
+    return dataset.sum_over_atoms(dataset.numbers == z, s) > 0
 
 
 #: eV; elements' fitted reference energies lie at 1-16 eV in magnitude with VASP/GPAW-style pseudopotential
@@ -223,9 +221,7 @@ def _report_far_from_references(dataset: FidelityDataset, s: np.ndarray, k: int,
 
 def _far(dataset: FidelityDataset, s: np.ndarray, y: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """([len(s)] bool far, [len(s)] eV expected energy Σ ref[Z]) of energies y of structures s against ref [119]."""
-    cs = np.concatenate([[0.0], np.cumsum(ref[dataset.numbers])])
-    offsets = np.asarray(dataset.offsets)
-    expected = cs[offsets[s + 1]] - cs[offsets[s]]
+    expected = dataset.sum_over_atoms(ref[dataset.numbers], s)
     n = dataset.n_atoms[s]
     return np.abs(y - expected) / n > 0.5 * np.abs(expected / n) + 1.0, expected
 

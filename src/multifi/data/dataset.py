@@ -90,6 +90,14 @@ class FidelityDataset:
             return np.zeros(self.energy.shape, dtype=bool)
         return self.forces_mask
 
+    def sum_over_atoms(self, values: np.ndarray, structures: np.ndarray) -> np.ndarray:
+        """[len(structures)]: Σ values[a] over the atoms a of each structure (values [A], one per atom of the
+        dataset; bool values count)."""
+        prefix = np.concatenate([[0], np.cumsum(values)])
+        s = np.asarray(structures, dtype=np.int64)
+        offsets = np.asarray(self.offsets)
+        return prefix[offsets[s + 1]] - prefix[offsets[s]]
+
     def has_stress(self) -> np.ndarray:
         if self.stress_mask is None:
             return np.zeros(self.energy.shape, dtype=bool)

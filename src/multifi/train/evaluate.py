@@ -125,10 +125,7 @@ def structures_with_unseen_elements(potential, dataset: FidelityDataset, structu
     """[len(structures)] bool: the structure contains an element no training label of `potential` contained."""
     known = potential.head.known().detach().cpu().numpy()  # [119]
     numbers = np.clip(dataset.numbers, 0, len(known) - 1)
-    unknown_atoms = np.concatenate([[0], np.cumsum(~known[numbers])])  # prefix counts over all atoms
-    offsets = dataset.offsets
-    structures = np.asarray(structures, dtype=np.int64)
-    return (unknown_atoms[offsets[structures + 1]] - unknown_atoms[offsets[structures]]) > 0
+    return dataset.sum_over_atoms(~known[numbers], structures) > 0
 
 
 def _report_unseen(potential, dataset: FidelityDataset, pairs: np.ndarray, result: dict) -> None:
