@@ -565,7 +565,7 @@ def check_more_to_train(run_dir: Path, ckpt: Path, cfg: RunConfig) -> bool:
     settings that leave nothing more to train would rewrite its record with nothing gained: one-line errors,
     before anything is written. True: finished, resumed with its own settings (nothing to do). A run killed
     after its last step but before its final files were written resumes to write them."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # loop state only: no tensor read
     progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
     # "processed" counts an epoch whose batches all ran (a checkpoint at its end), "completed" not yet
     epoch, step = int(progress.get("processed", state.get("epoch", 0))), int(state.get("global_step", 0))
