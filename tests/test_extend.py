@@ -236,33 +236,37 @@ def old_run(tmp_path_factory, tiny_extxyz):
     return root / "run"
 
 
-def test_cli_all_with_replay_reports_forgetting(old_run, tmp_path, capsys):
+def test_cli_all_with_replay_reports_forgetting(old_run, tmp_path, capsys, caplog):
     data = new_data(tmp_path / "new.extxyz")
     out = tmp_path / "ext"
-    code = main(
-        [
-            "extend",
-            str(old_run / "model.pt"),
-            "--data",
-            str(data),
-            "--fidelity",
-            "CC",
-            "--out",
-            str(out),
-            "--train",
-            "all",
-            "--replay",
-            "0.5",
-            "--replay-fidelity",
-            "hi",
-            "--max-steps",
-            "3",
-            "--set",
-            "train.progress=false",
-            "--set",
-            "train.threads=1",
-        ]
-    )
+    args = [
+        "extend",
+        str(old_run / "model.pt"),
+        "--data",
+        str(data),
+        "--fidelity",
+        "CC",
+        "--out",
+        str(out),
+        "--train",
+        "all",
+        "--replay",
+        "0.5",
+        "--replay-fidelity",
+        "hi",
+        "--max-steps",
+        "3",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.threads=1",
+    ]
+    with caplog.at_level("INFO", logger="multifi"):  # --dry-run: the plan, nothing written
+        assert main([*args, "--dry-run"]) == 0
+    assert not out.exists() and "old fidelities (forgetting)" not in capsys.readouterr().out
+    assert "dry run: model, config and data are valid; nothing written" in caplog.text
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("training: "))
+    code = main(args)
     stdout = capsys.readouterr().out
     assert code == 0 and "old fidelities (forgetting), test split, the same structures before and after" in stdout
     m = json.loads((out / "metrics.json").read_text())
@@ -279,6 +283,7 @@ def test_cli_all_with_replay_reports_forgetting(old_run, tmp_path, capsys):
         )
     n_hi = load_potential(old_run / "model.pt").spec["data"]["train"]["hi"]
     assert m["n_train"]["hi"] == round(0.5 * n_hi) and m["n_train"]["lo"] == 0 and m["n_train"]["CC"] > 0
+    assert f"hi={m['n_train']['hi']}, CC={m['n_train']['CC']}" in plan  # the dry run planned what ran
     assert m["old_fidelities_unchanged"] is False
     saved = load_config(out / "config.yaml")
     assert saved.extend.replay == 0.5 and saved.extend.replay_fidelities == ["hi"]

@@ -42,6 +42,11 @@ def register(sub):
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int)
     p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check model, config and data, print the plan (samples per split, trainable parameters), write nothing",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -78,7 +83,9 @@ def run(args) -> int:
         if missing:
             raise MultifiError(f"multifi extend needs {', '.join(missing)} (or --config FILE with an 'extend' section)")
 
-    run_dir = extend_from_args(args.config, overrides_from_args(args))
+    run_dir = extend_from_args(args.config, overrides_from_args(args), dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
     payload = json.loads((run_dir / "metrics.json").read_text())
     name = payload["new_fidelity"]
     print(metrics_table({name: payload["fidelities"][name]}, title=f"{name} test metrics ({run_dir})"))

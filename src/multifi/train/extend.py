@@ -387,9 +387,10 @@ def combine(
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def extend(cfg: RunConfig, config_source: str = "") -> Path:
+def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Path:
     """Extend cfg.extend.model by the fidelity cfg.extend.fidelity; returns the run directory
-    (model.pt, metrics.json with the new fidelity's test errors and the old fidelities' before/after)."""
+    (model.pt, metrics.json with the new fidelity's test errors and the old fidelities' before/after).
+    `dry_run`: check model, config and data, log the plan, write nothing."""
     from multifi.models.registry import load_potential
     from multifi.train.datamodule import MultiFidelityData
     from multifi.train.run import _configure_threads, _quiet_lightning, final_checkpoint, fit_or_interrupt, make_trainer
@@ -441,6 +442,9 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
         neighbor_lists=cfg.data.neighbor_lists,
     )
     data.check_sampling(config_source)
+    if dry_run:
+        _report_extension_plan(cfg, module, pairs, table, run_dir)
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
     trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)
@@ -455,6 +459,27 @@ def extend(cfg: RunConfig, config_source: str = "") -> Path:
     if run_data is not None:  # without the old run's data the run keeps none (a further extension cannot replay)
         save_run_data(run_dir, *run_data)
     return run_dir
+
+
+def _report_extension_plan(cfg: RunConfig, module, pairs: dict, table: FidelityTable, run_dir: Path) -> None:
+    """What an extension would do (extend --dry-run)."""
+    import math
+
+    trainable = sum(int(p.numel()) for p in module.potential.parameters() if p.requires_grad)
+    steps = math.ceil(len(pairs["train"]) / cfg.train.batch_size)
+    cap = f", at most {cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else ""
+    log.info(
+        "training: %d samples (%s), batch %d: %d steps per epoch, %d epochs%s; %s trainable parameters",
+        len(pairs["train"]),
+        _count_text(pairs["train"], table),
+        cfg.train.batch_size,
+        steps,
+        cfg.train.epochs,
+        cap,
+        f"{trainable:,}",
+    )
+    log.info("validation: %s; test: %s", _count_text(pairs["val"], table), _count_text(pairs["test"], table))
+    log.info("dry run: model, config and data are valid; nothing written (the run would go to %s)", run_dir.resolve())
 
 
 def _with_model_precision(cfg: RunConfig, old, where: str) -> RunConfig:
@@ -673,9 +698,9 @@ def _check_elements(old, new_ds: FidelityDataset, name: str, trainable: str, whe
         )
 
 
-def extend_from_args(config: str | None, overrides: list[str]) -> Path:
+def extend_from_args(config: str | None, overrides: list[str], dry_run: bool = False) -> Path:
     """Config file (optional) + `key=value` overrides (the command-line flags) → extend."""
     cfg = load_config(config, overrides)
     if cfg.extend is None:
         raise MultifiError(f"{config or 'multifi extend'}: nothing to extend (give MODEL.pt or an 'extend' section)")
-    return extend(cfg, config_source=str(config or cfg.extend.model))
+    return extend(cfg, config_source=str(config or cfg.extend.model), dry_run=dry_run)
