@@ -122,3 +122,27 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     for r2, r1 in zip(rows2, rows1):
         for c in columns:
             assert float(r2[c]) == pytest.approx(float(r1[c]), rel=1e-3), c
+
+
+@pytest.mark.parametrize(
+    "env, leader",
+    [
+        ({}, True),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, False),  # torchrun
+        ({"RANK": "0", "WORLD_SIZE": "2"}, True),
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_JOB_NAME": "train"}, False),  # one training over 4 tasks
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NAME": "train"}, True),
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_JOB_NAME": "bash"}, True),  # interactive: own runs
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train"}, True),
+        ({"LOCAL_RANK": "1"}, False),  # started by Lightning's launcher
+    ],
+)
+def test_leader_process_under_torchrun_slurm_and_independent_tasks(monkeypatch, env, leader):
+    """Ranks after the first of one distributed training keep quiet; independent SLURM tasks each report."""
+    from multifi.logs import is_leader_process
+
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_NAME", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert is_leader_process() is leader

@@ -29,9 +29,19 @@ def quiet_lightning(verbose: bool = False) -> None:
 
 
 def is_leader_process() -> bool:
-    """True in the process that owns the run directory and the terminal: global rank 0 under torchrun/SLURM,
-    or the process that Lightning's launcher starts the other ranks from (it sets LOCAL_RANK only in those)."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if var in os.environ and "WORLD_SIZE" in os.environ | ({"WORLD_SIZE": 1} if var == "SLURM_PROCID" else {}):
-            return int(os.environ[var]) == 0
+    """True in the process that owns the run directory and the terminal: global rank 0 under torchrun, under
+    SLURM when Lightning runs the job's tasks as one distributed training, or the process that Lightning's
+    launcher starts the other ranks from (it sets LOCAL_RANK only in those). Independent SLURM tasks (one
+    task, or an interactive job Lightning does not manage) each lead their own run."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    if "SLURM_PROCID" in os.environ and slurm_runs_the_ranks():
+        return int(os.environ["SLURM_PROCID"]) == 0
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def slurm_runs_the_ranks() -> bool:
+    """Whether Lightning takes the SLURM job's tasks as the ranks of one training (its SLURMEnvironment rule:
+    several tasks, a batch job rather than an interactive 'bash' or 'interactive' one)."""
+    tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    return tasks > 1 and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
