@@ -398,6 +398,31 @@ def test_new_elements_need_trained_atom_embeddings(tmp_path):
     assert not (tmp_path / "ext").exists()
 
 
+def test_an_element_new_with_the_new_fidelity_gets_estimated_old_references(tmp_path, caplog):
+    """--train all with an element only the new data has: the old fidelities' references for it are estimated
+    from the new one's (the shift model of data/stats), as every tool then says, not left at 0 eV."""
+    _, model = saved_model(tmp_path)
+    cfg = ext_config(tmp_path, model, "all")
+    frames = ase.io.read(cfg.data.sources[0].path, ":")
+    cus = []
+    for i in range(4):
+        cu = emt_labelled(rattled_molecule("CH4", seed=70 + i), "x", 0.9, -0.2)
+        cu.numbers[1] = 29  # a Cu in place of one H
+        cus.append(emt_labelled(cu, "x", 0.9, -0.2))
+        cus[-1].info.pop("fidelity")
+    ase.io.write(cfg.data.sources[0].path, [*frames, *cus], format="extxyz")
+    with caplog.at_level("WARNING", logger="multifi"):
+        extend(cfg)
+    assert "elements Cu appear only in the CC data" in caplog.text and "estimated from the CC ones" in caplog.text
+    head = load_potential(tmp_path / "ext" / "model.pt").head
+    ref, fitted = head.ref.detach().numpy(), head.fitted.numpy()
+    assert fitted[29].tolist() == [False, False, True]
+    from multifi.data.stats import shared_estimates
+
+    expect = shared_estimates(np.where(fitted, ref, 0.0), fitted)[29, :2]
+    assert np.all(ref[29, :2] != 0) and np.allclose(ref[29, :2], expect)
+
+
 def test_forgetting_is_measured_on_the_same_structures_before_and_after(tmp_path):
     """A test structure with an element the old model never trained on is left out of both sides (the old model
     cannot predict it, an extended model that learned the element can): before and after count the same."""

@@ -205,6 +205,13 @@ def least_squares_references(elements: np.ndarray, counts: np.ndarray, rows: np.
     return ref
 
 
+def shared_estimates(ref: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+    """[N_ELEMENTS, K] eV: the shift model a[Z] + φ(Z)·β[f] (module docstring) fitted to the references ref
+    [N_ELEMENTS, K] marked in fitted; its value where fitted is False is the estimate fit_references uses."""
+    prior, _ = _shift_model(ref, fitted, fitted)
+    return prior
+
+
 def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> list[np.ndarray]:
     """In place: what the labels leave undetermined ← the shift model a[Z] + φ(Z)·β[f] (module docstring).
 

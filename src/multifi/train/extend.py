@@ -27,7 +27,7 @@ from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
-from multifi.data.stats import fit_new_fidelity, shortest_contacts
+from multifi.data.stats import fit_new_fidelity, shared_estimates, shortest_contacts
 from multifi.errors import MultifiError, unknown_name
 from multifi.keys import COUNT
 from multifi.train.init import FIDELITY_AXIS
@@ -599,6 +599,11 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
         head.fitted[:, k] = torch.as_tensor(new.fitted[:, 0])
         head.set_open(k, new.null[0])
         head.scale[k] = head.scale[0] if energy_scale == "shared" else float(new.scale[0])
+        new_elements = new.fitted[:, 0] & ~known_fitted.any(1)
+        if new_elements.any():  # elements only the new fidelity has: the old fidelities' references estimated
+            all_ref = np.concatenate([np.where(known_fitted, known_ref, 0.0), new.ref], axis=1)
+            prior = shared_estimates(all_ref, np.concatenate([known_fitted, new.fitted], axis=1))
+            head.ref[new_elements, :k] = torch.as_tensor(prior[new_elements, :k], dtype=head.ref.dtype)
 
 
 def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, dict]:
@@ -682,16 +687,20 @@ def _check_elements(old, new_ds: FidelityDataset, name: str, trainable: str, whe
         )
     if new:
         log.warning(
-            "elements %s appear only in the %s data: the old fidelities (%s) have no labels with them, so their "
-            "predictions for structures containing them are not meaningful",
+            "elements %s appear only in the %s data: the old fidelities (%s) have no labels with them; their "
+            "reference energies for them are estimated from the %s ones, and their atom environments were learned "
+            "from %s labels only: expect larger errors at %s for structures containing them",
             new,
+            name,
+            ", ".join(old.fidelities.names),
+            name,
             name,
             ", ".join(old.fidelities.names),
         )
     if known - seen:
         log.warning(
-            "elements %s have no reference energy at %s (absent from its data): predictions at %s for "
-            "structures containing them are not meaningful",
+            "elements %s have no labels at %s: its reference energies for them are estimated from the other "
+            "fidelities; expect larger %s energy errors for structures containing them",
             ", ".join(chemical_symbols[z] for z in sorted(known - seen)),
             name,
             name,
