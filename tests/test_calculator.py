@@ -92,6 +92,28 @@ def test_switch_fidelity_by_name_and_errors():
         bad.get_potential_energy()
 
 
+def test_ase_set_changes_the_fidelity_and_misspelled_arguments_are_errors():
+    """calc.set(fidelity=…) (ASE's way) switches like calc.fidelity = …; keywords the calculator does not have
+    are errors, not parameters that do nothing."""
+    atoms = bulk("Si", "diamond", 5.43, cubic=True)
+    calc = multifi.Calculator(CKPT, fidelity="PBE")
+    atoms.calc = calc
+    e_pbe = atoms.get_potential_energy()
+    assert calc.set(fidelity="R2SCAN") == {"fidelity": "R2SCAN"} and calc.parameters["fidelity"] == "R2SCAN"
+    e_r2 = atoms.get_potential_energy()
+    fresh = atoms.copy()
+    fresh.calc = multifi.Calculator(CKPT, fidelity="R2SCAN")
+    assert e_r2 == fresh.get_potential_energy() and abs(e_r2 - e_pbe) > 1e-3
+    assert calc.set(fidelity="R2SCAN") == {}
+    with pytest.raises(MultifiError, match="unknown argument 'strict_reference'; did you mean 'strict_references'"):
+        multifi.Calculator(CKPT, fidelity="PBE", strict_reference=True)
+    with pytest.raises(MultifiError, match="unknown argument 'dtpye'; did you mean 'dtype'"):
+        multifi.Calculator(CKPT, fidelity="PBE", dtpye="float32")
+    with pytest.raises(MultifiError, match="dtype is fixed when the calculator is made"):
+        calc.set(dtype="float32")
+    multifi.Calculator(CKPT, fidelity="PBE", label="si", directory=".")  # ASE's own keywords stay allowed
+
+
 def test_molecule_has_no_stress():
     pot = m3gnet_potential()
     atoms = molecule("SiH4")

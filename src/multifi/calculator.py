@@ -12,8 +12,22 @@ from ase.units import GPa
 
 from multifi.aot import AotModel
 from multifi.data.batch import graph_from_atoms
-from multifi.errors import MultifiError
+from multifi.errors import MultifiError, unknown_name
 from multifi.models.elements import check_contacts, check_elements
+
+#: the constructor's arguments (ASE's label, atoms and directory included): other keywords are errors
+ARGUMENTS = (
+    "checkpoint",
+    "fidelity",
+    "device",
+    "dtype",
+    "compile",
+    "strict_references",
+    "aot",
+    "label",
+    "atoms",
+    "directory",
+)
 
 
 class Calculator(AseCalculator):
@@ -80,7 +94,22 @@ class Calculator(AseCalculator):
     def fidelity(self, name: str) -> None:
         self._index = self.potential.fidelity_index(name)  # unknown names list the known ones
         self._fidelity = name
+        self.parameters["fidelity"] = name
         self.reset()
+
+    def set(self, **kwargs) -> dict:
+        """ASE's way to change parameters: `fidelity` (results reset); the other settings are fixed when the
+        calculator is made, and unknown names (misspelled arguments) are errors. Returns the changed ones."""
+        for key in kwargs:
+            if key == "fidelity":
+                continue
+            if key in ARGUMENTS:
+                raise MultifiError(f"Calculator: {key} is fixed when the calculator is made (only fidelity can change)")
+            raise unknown_name("argument", key, ARGUMENTS, "Calculator")
+        if "fidelity" not in kwargs or kwargs["fidelity"] == getattr(self, "_fidelity", None):
+            return {}
+        self.fidelity = kwargs["fidelity"]
+        return {"fidelity": kwargs["fidelity"]}
 
     @property
     def fidelities(self) -> list[str]:
