@@ -137,6 +137,21 @@ def test_load_config_file_errors(tmp_path):
     with pytest.raises(MultifiError, match=r"bad.yaml: not valid YAML") as info:
         load_config(bad)
     assert "\n" not in str(info.value)
+    twice = tmp_path / "twice.yaml"  # a second section of the same name replaced the first without a word
+    twice.write_text("model: {backbone: m3gnet}\ntrain: {epochs: 2}\nmodel: {features: 8}\n")
+    with pytest.raises(
+        MultifiError, match=r"twice.yaml: not valid YAML: line 3, column 1: key 'model' \(first on line 1\) given twice"
+    ):
+        load_config(twice)
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("train:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n")
+    with pytest.raises(MultifiError, match=r"line 4, column 3: key 'epochs' \(first on line 2\) given twice"):
+        load_config(inner)
+    anchors = tmp_path / "anchors.yaml"  # aliases and merge keys are no repeats
+    anchors.write_text("train:\n  <<: {epochs: 2}\n  lr: 0.1\n")
+    from multifi.config import read_yaml_mapping
+
+    assert read_yaml_mapping(anchors, "config file", "")["train"] == {"epochs": 2, "lr": 0.1}
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(MultifiError, match=r"list.yaml: the config must be a mapping"):

@@ -391,12 +391,30 @@ def read_yaml_mapping(path: Path, noun: str, not_mapping: str) -> dict:
     if not path.is_file():
         raise MultifiError(f"{path}: no such {noun}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise MultifiError(f"{path}: {yaml_error(exc)}") from None
     if not isinstance(raw, dict):
         raise MultifiError(f"{path}: {not_mapping}")
     return raw
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (plain YAML keeps the last silently: a
+    second `model:` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"key {key!r} (first on line {seen[key] + 1})", None, "given twice", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def yaml_error(exc: yaml.YAMLError) -> str:
