@@ -143,6 +143,25 @@ def test_loader_and_deploy_errors(deployed_m3gnet, tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_a_deployed_file_given_where_a_model_belongs(deployed_m3gnet, capsys):
+    """Commands and the Calculator that take a model refuse a deployed file in one line; `multifi info`
+    describes it from its metadata."""
+    from multifi.cli.main import main
+    from multifi.models.registry import load_potential
+
+    with pytest.raises(MultifiError, match="a TorchScript model .* the model.pt or run directory it was deployed from"):
+        load_potential(deployed_m3gnet)
+    with pytest.raises(MultifiError, match="a TorchScript model"):
+        multifi.Calculator(deployed_m3gnet, fidelity="R2SCAN")
+    assert main(["info", str(deployed_m3gnet)]) == 0
+    out = capsys.readouterr().out
+    assert "deployed model" in out and "fidelity: R2SCAN (of PBE, R2SCAN)" in out and "cutoff: 4.5 Å" in out
+    assert main(["info", str(deployed_m3gnet), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fidelity"] == "R2SCAN"
+    assert main(["info", str(deployed_m3gnet), "--plot", "x.png"]) == 2
+    assert main(["info", str(CKPT)]) == 0 and "deployed" not in capsys.readouterr().out
+
+
 def test_cli_deploy_requires_fidelity_and_records_it(tmp_path):
     cmd = [sys.executable, "-m", "multifi.cli.main", "deploy", str(CKPT), "--out", str(tmp_path / "m.pt")]
     r = subprocess.run(cmd, capture_output=True, text=True)

@@ -267,6 +267,21 @@ def deploy(checkpoint, fidelity: str, out: str | Path, dtype: str = "float64", s
     return meta
 
 
+def deployed_metadata(path: str | Path) -> dict | None:
+    """The metadata (META_FILE) of a deployed file, read from its archive without loading the model; None for
+    any other file."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith("/extra/" + META_FILE):
+                return json.loads(archive.read(name))
+    return None
+
+
 def load_deployed(path: str | Path, cutoff: float | None = None, elements=None):
     """(module, metadata) of a deployed file; a cutoff (Å) other than the model's, or an element the
     model does not know (symbols or atomic numbers), is an error."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -82,9 +83,18 @@ def load_potential(path: str | Path, map_location="cpu", compile: bool | None = 
     if not path.exists():
         raise MultifiError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's note that it loads a TorchScript file
+            state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # any unreadable file is one user error
         raise MultifiError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if isinstance(state, torch.jit.ScriptModule):
+        raise MultifiError(
+            f"{path}: a TorchScript model (as `multifi deploy` writes for LAMMPS, one fidelity fixed); this takes "
+            "the model.pt or run directory it was deployed from (`multifi info` describes the deployed file)"
+        )
+    if not isinstance(state, dict):
+        raise MultifiError(f"{path}: not a multifi checkpoint")
     if "multifi_potential" in state:
         spec, weights = state["spec"], state["state_dict"]
     elif "hyper_parameters" in state and "model_spec" in state["hyper_parameters"]:
