@@ -114,6 +114,14 @@ def test_ase_set_changes_the_fidelity_and_misspelled_arguments_are_errors():
     multifi.Calculator(CKPT, fidelity="PBE", label="si", directory=".")  # ASE's own keywords stay allowed
 
 
+def test_non_finite_positions_are_a_one_line_error():
+    atoms = bulk("Si", "diamond", 5.43, cubic=True)
+    atoms.positions[3, 1] = np.nan
+    atoms.calc = multifi.Calculator(CKPT, fidelity="PBE")
+    with pytest.raises(MultifiError, match=r"atom 3 has a non-finite \(NaN/inf\) position"):
+        atoms.get_potential_energy()
+
+
 def test_molecule_has_no_stress():
     pot = m3gnet_potential()
     atoms = molecule("SiH4")

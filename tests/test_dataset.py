@@ -119,6 +119,11 @@ def test_geometry_keys_identify_structures():
         ),
         (lambda r: r.update(cell=np.eye(2), pbc=True), r"structure 0: cell has shape \(2, 2\)"),
         (lambda r: r["labels"]["PBE"].update(stress=[1.0, 2.0]), r"structure 0: stress has shape \(2,\)"),
+        (
+            lambda r: r["positions"].__setitem__((1, 0), np.nan),
+            r"mem: structure 0: non-finite \(NaN/inf\) atom positions",
+        ),
+        (lambda r: r.update(cell=np.diag([5.0, np.inf, 5.0]), pbc=True), r"structure 0: non-finite \(NaN/inf\) cell"),
     ],
 )
 def test_from_records_inconsistent_shapes_are_one_line_errors(bad, match):

@@ -186,12 +186,16 @@ class FidelityDataset:
             pos = np.asarray(r["positions"], dtype=np.float64)
             if pos.shape != (n, 3):
                 raise MultifiError(f"{where}: positions have shape {pos.shape}, expected ({n}, 3)")
+            if not np.isfinite(pos).all():
+                raise MultifiError(f"{where}: non-finite (NaN/inf) atom positions")
             numbers[sl] = np.asarray(r["numbers"], dtype=np.int64)
             positions[sl] = pos
             if r.get("cell") is not None:
                 cell = np.asarray(r["cell"], dtype=np.float64)
                 if cell.shape != (3, 3):
                     raise MultifiError(f"{where}: cell has shape {cell.shape}, expected (3, 3)")
+                if not np.isfinite(cell).all():
+                    raise MultifiError(f"{where}: non-finite (NaN/inf) cell")
                 cells[i] = cell
             pbc[i] = np.broadcast_to(np.asarray(r.get("pbc", False), dtype=bool), (3,))
             keys.append(r.get("key") or geometry_key(numbers[sl], pos, cells[i] if pbc[i].any() else None))

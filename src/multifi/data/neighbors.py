@@ -39,9 +39,14 @@ def neighbor_list(
     from vesin import NeighborList
 
     positions = np.ascontiguousarray(positions, dtype=np.float64)
+    if not np.isfinite(positions).all():
+        atom = int(np.flatnonzero(~np.isfinite(positions).all(1))[0])
+        raise MultifiError(f"{where or 'structure'}: atom {atom} has a non-finite (NaN/inf) position")
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
     periodic = bool(pbc.any())
     if periodic:
+        if not np.isfinite(np.asarray(cell, dtype=np.float64)).all():
+            raise MultifiError(f"{where or 'structure'}: the cell has non-finite (NaN/inf) entries")
         check_cell(cell, pbc, where)
         box = np.asarray(cell, dtype=np.float64)
     else:
