@@ -398,3 +398,23 @@ def test_repeated_frames_are_one_structure_and_said_so(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="multifi"):
         read_sources([SourceConfig(path=str(tmp_path / "keyed.extxyz"), index="0:3")])
     assert "repeated" not in caplog.text
+
+
+def test_fidelity_names_with_spaces_are_errors_and_names_alike_are_warned_about(tmp_path, caplog):
+    """'MID ' beside 'MID' would be two fidelities printed alike: an error where a frame or a config names it;
+    names equal up to case ('HI', 'hi') stay two fidelities, with a warning."""
+    from multifi.config import SourceConfig, validate_config
+    from multifi.data.fidelity import alike_names
+    from multifi.data.sources import read_sources
+
+    ase.io.write(tmp_path / "padded.extxyz", [water(fidelity="MID"), water(-3.5, fidelity="MID ")], format="extxyz")
+    with pytest.raises(MultifiError, match=r"padded.extxyz: frame 1 .*fidelity name 'MID ' has leading or trailing"):
+        read_sources([SourceConfig(path=str(tmp_path / "padded.extxyz"))])
+    with pytest.raises(MultifiError, match=r"fidelity name ' HI' has leading or trailing spaces"):
+        validate_config({"data": {"sources": [{"path": "x.extxyz", "fidelity": " HI"}]}})
+    ase.io.write(tmp_path / "cases.extxyz", [water(fidelity="HI"), water(-3.5, fidelity="hi")], format="extxyz")
+    with caplog.at_level("WARNING", logger="multifi"):
+        ds = read_sources([SourceConfig(path=str(tmp_path / "cases.extxyz"))])
+    assert list(ds.fidelities.names) == ["HI", "hi"]
+    assert "fidelities 'HI' and 'hi' differ only in case or spaces" in caplog.text
+    assert alike_names(["B3LYP", "PBE", "b3 lyp"]) == [("B3LYP", "b3 lyp")] and not alike_names(["PBE", "PBE0"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from multifi.errors import MultifiError
 from multifi.keys import ENERGY_MAE, VAL_LOSS, MonitorMetric, val_key
@@ -37,6 +37,18 @@ SamplingWeight = Annotated[float, Field(ge=0)]
 Inject = Literal["input", "readout", "both", "onehot", "heads", "single"]
 
 
+def _fidelity_name(name: str | None) -> str | None:
+    from multifi.data.fidelity import name_problem
+
+    if name is not None and (problem := name_problem(name)):
+        raise ValueError(problem)
+    return name
+
+
+#: a fidelity name as a config gives it (no spaces around it, not empty)
+FidelityName = Annotated[str, AfterValidator(_fidelity_name)]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -56,7 +68,7 @@ class Qm9Source(Section):
     """QM9 geometries from qm9pack; labels from a table `index,energy_eV` or QM9's own B3LYP energies."""
 
     labels: str | None = None
-    fidelity: str | None = None
+    fidelity: FidelityName | None = None
     limit: int | None = Field(None, ge=1, description="at most this many molecules (random, seeded)")
     seed: int = 0
     indices: str | None = Field(None, description="file of QM9 indices to restrict to")
@@ -66,7 +78,7 @@ class SourceConfig(Section):
     """One data source: a file (ASE-readable, MatPES JSON/JSONL, multifi .npz) or QM9."""
 
     path: str | None = None
-    fidelity: str | None = None
+    fidelity: FidelityName | None = None
     format: Literal["auto", "ase", "matpes", "npz"] = "auto"
     index: str = ":"
     qm9: Qm9Source | None = None
@@ -296,7 +308,7 @@ class ExtendConfig(Section):
     """Add the fidelity `fidelity` to the trained potential `model`, learning it from `data.sources`."""
 
     model: str = Field(description="saved potential (.pt/.ckpt) to extend")
-    fidelity: str = Field(description="name of the new fidelity (level of theory)")
+    fidelity: FidelityName = Field(description="name of the new fidelity (level of theory)")
     train: Literal["embedding", "head", "all"] = Field(
         "embedding",
         description="embedding: only the new fidelity's vector (old fidelities bit-for-bit unchanged); "

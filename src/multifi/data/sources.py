@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.dataset import FidelityDataset
+from multifi.data.fidelity import alike_names
 from multifi.errors import MultifiError
 
 log = logging.getLogger("multifi")
@@ -88,7 +89,14 @@ def merge_parts(parts) -> FidelityDataset:
     report_dropped(parts)
     ds = FidelityDataset.merge(parts)
     report_repeats(parts, ds)
+    warn_alike_names(ds.fidelities.names, ", ".join(sorted({p.source for p in parts if p.source})) or "data")
     return ds
+
+
+def warn_alike_names(names, where: str) -> None:
+    """Warn about fidelity names equal up to case and spaces: kept as separate fidelities, as written."""
+    for a, b in alike_names(names):
+        log.warning("%s: fidelities %r and %r differ only in case or spaces: they are two fidelities", where, a, b)
 
 
 def report_repeats(parts, merged) -> None:

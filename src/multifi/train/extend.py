@@ -25,7 +25,7 @@ from multifi.config import RunConfig, dump_config, load_config, with_backbone_de
 from multifi.data.checks import check_energy_units, check_stress_units
 from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
-from multifi.data.sources import read_sources
+from multifi.data.sources import read_sources, warn_alike_names
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
 from multifi.data.stats import fit_new_fidelity, shared_estimates, shortest_contacts
 from multifi.errors import MultifiError, unknown_name
@@ -408,6 +408,7 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     table = FidelityTable([*old.fidelities.names, x.fidelity])
+    warn_alike_names(table.names, where)
     ds, pairs, old_run, replay, settings, run_data = _extension_data(cfg, old, table, where, config_source)
     module = ExtendModule(
         {"model": old.config, "fidelities": table.names},

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.dataset import FidelityDataset, voigt_or_matrix
+from multifi.data.fidelity import name_problem
 from multifi.data.neighbors import check_cell
 from multifi.errors import MultifiError
 
@@ -238,6 +239,8 @@ def source_fidelity(named, fidelity: str | None, where: str, field: str) -> str:
             "source's fidelity applies only to structures that name none: remove one of the two"
         )
     fid = named or fidelity
+    if named is not None and (problem := name_problem(named)):
+        raise MultifiError(f"{where}: {problem} ({field}); two names that print alike would be two fidelities")
     if not fid:
         raise MultifiError(
             f"{where}: no fidelity: set {field}, or give the source one ('fidelity:' in the config, "
