@@ -471,3 +471,24 @@ def test_more_open_compositions_than_recorded_mark_their_elements_estimated():
     pot.head.set_baseline(np.where(fitted, -1.0, 0.0), np.ones(1), fitted, [null])
     assert not pot.head.null.any() and not pot.head.fitted[[1, 5, 20, 24], 0].any() and pot.head.fitted[10, 0]
     assert 5 in pot.elements  # still known, now estimated
+
+
+def test_the_estimate_error_names_how_many_elements_it_comes_from(caplog):
+    """An element missing at 'hi' is estimated; the leave-one-out error quoted beside it says over how many
+    elements (labelled at 'hi' and elsewhere) it was measured, and that two are a rough guide."""
+    from multifi.train.run import report_references
+
+    rng = np.random.default_rng(3)
+    lo_ref, hi_ref = {29: -3.5, 13: -3.0, 47: -2.8}, {29: -4.2, 13: -3.6}
+    recs = []
+    for i in range(40):
+        numbers = rng.choice([29, 13, 47] if i % 2 else [29, 13], size=int(rng.integers(2, 6)))
+        labels = {"lo": {"energy": float(sum(lo_ref[int(z)] for z in numbers)) + rng.normal(0, 0.01)}}
+        if not i % 2:
+            labels["hi"] = {"energy": float(sum(hi_ref[int(z)] for z in numbers)) + rng.normal(0, 0.01)}
+        recs.append({"numbers": numbers, "positions": rng.normal(size=(len(numbers), 3)) * 3, "labels": labels})
+    refs, _, _ = fit(FidelityDataset.from_records(recs))
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        report_references(refs, ["lo", "hi"])
+    assert "hi: no energy labels with Ag in training" in caplog.text
+    assert "over the 2 elements labelled at hi and another fidelity" in caplog.text and "rough guide" in caplog.text

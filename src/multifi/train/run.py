@@ -816,10 +816,14 @@ def report_references(refs, names, skip=()) -> None:
         if not missing or name in skip:
             continue
         symbols = ", ".join(chemical_symbols[z] for z in missing)
+        shared = int((refs.fitted[:, k] & (refs.fitted.sum(1) >= 2)).sum())  # the elements the error is over
         error = (
             ""
             if np.isnan(refs.spread[k])
-            else f" (leave-one-out error of that estimate on the other elements: {refs.spread[k]:.2f} eV/atom)"
+            else f" (leave-one-out error of that estimate over the {shared} element{'s' if shared != 1 else ''} "
+            f"labelled at {name} and another fidelity: {refs.spread[k]:.2f} eV/atom"
+            + ("; from so few elements a rough guide only" if shared < 4 else "")
+            + ")"
         )
         log.warning(
             "%s: no energy labels with %s in training; their %s reference energies are estimated from "
