@@ -105,7 +105,7 @@ def _report_open(potential, k: int, keys, structures: np.ndarray, prefix: str, s
 
 def _refuse_or_warn(msg: str, strict: bool) -> None:
     if strict:
-        raise MultifiError(msg)
+        raise MultifiError(f"refused (strict references): {msg}")
     log.warning("%s", msg)
 
 
