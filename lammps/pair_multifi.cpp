@@ -114,6 +114,7 @@ void PairMultifi::settings(int narg, char **arg)
   fidelity = fid.size() >= 2 ? fid.substr(1, fid.size() - 2) : fid;
   elements = json_strings(json_raw(meta, "elements"));
   masses = json_numbers(json_raw(meta, "masses"));
+  estimated = json_strings(json_raw(meta, "estimated_elements"));
   if (masses.size() != elements.size()) masses.clear();    // written before masses were recorded
   if (narg == 2) {
     double requested = utils::numeric(FLERR, arg[1], false, lmp);
@@ -143,6 +144,20 @@ void PairMultifi::coeff(int narg, char **arg)
       error->all(FLERR, "pair_coeff multifi: element {} unknown to the model {} (knows {})", sym, filename,
                  utils::join_words(elements, " "));
     type2z[t] = atomic_number(sym);
+  }
+  // an element without labels at this fidelity: its reference energy is an estimate (as the Calculator warns)
+  std::vector<std::string> said;
+  for (int t = 1; t <= ntypes && comm->me == 0; t++) {
+    std::string sym = arg[1 + t];
+    bool est = false, told = false;
+    for (const auto &e : estimated) est = est || e == sym;
+    for (const auto &e : said) told = told || e == sym;
+    if (!est || told) continue;
+    said.push_back(sym);
+    error->warning(FLERR,
+                   "pair_coeff multifi: the {} reference energy of {} was estimated from the other fidelities (no {} "
+                   "training label contained it); expect larger {} energy errors for structures with {}",
+                   fidelity, sym, fidelity, fidelity, sym);
   }
   for (int i = 1; i <= ntypes; i++)
     for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;

@@ -39,6 +39,7 @@ class PairMultifi : public Pair {
   std::string fidelity;
   std::vector<std::string> elements;  // the model's elements
   std::vector<double> masses;         // their standard atomic masses (u); empty for files without them
+  std::vector<std::string> estimated; // elements whose reference energy at this fidelity was estimated
   bool masses_checked = false;
   std::vector<int64_t> type2z;        // LAMMPS type (1-based) -> atomic number
   void allocate();

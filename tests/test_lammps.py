@@ -69,6 +69,19 @@ def test_pair_coeff_in_another_order_than_the_types_is_warned(tmp_path):
     assert "pair_coeff multifi: type 1 is O (mass 15.999) but has mass 12.011" in out["log"]
 
 
+def test_an_element_with_an_estimated_reference_is_warned_about(tmp_path):
+    """A deployed fidelity whose O reference was estimated (no O label at it): LAMMPS says so once, as the
+    ASE calculator does; the file's other elements are not named."""
+    pot = tiny_painn_lo_hi()
+    fitted = (pot.head.ref != 0).cpu().numpy()
+    fitted[8, 1] = False  # O at 'hi': estimated
+    pot.head.set_baseline(pot.head.ref.detach().cpu().numpy(), pot.head.scale.detach().cpu().numpy(), fitted)
+    deploy(pot, "hi", tmp_path / "painn_hi.pt")
+    out = run(tmp_path / "run", molecule_in_box(), tmp_path / "painn_hi.pt", ["C", "O", "H"])
+    assert out["log"].count("the hi reference energy of O was estimated from the other fidelities") == 1
+    assert "reference energy of C" not in out["log"] and "reference energy of H" not in out["log"]
+
+
 def initial_velocities(atoms, seed: int = 0, temperature_K: float = 600.0) -> np.ndarray:
     """Maxwell–Boltzmann velocities without net momentum, in Å/ps."""
     rng = np.random.default_rng(seed)
