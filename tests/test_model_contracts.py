@@ -221,7 +221,8 @@ def test_metrics_per_fidelity_exact_values(molecules):
 
 
 def test_loss_fidelity_weights(molecules):
-    """A fidelity weight of 0 removes its samples; weights are relative (scaling all changes nothing)."""
+    """A weight multiplies its samples' terms in every batch (also a batch of that fidelity alone); only the
+    ratios matter; weight 0 removes a fidelity's samples from the sums (means stay over all labelled samples)."""
     from multifi.train.loss import MultiFidelityLoss
 
     ds = physics.labelled_dataset(molecules, ("lo", "hi"))
@@ -231,9 +232,21 @@ def test_loss_fidelity_weights(molecules):
     out = pot(g, forces=True)
     only_lo = physics.collate(ds, pairs[pairs[:, 1] == 0], pot.cutoff)
     out_lo = pot(only_lo, forces=True)
-    loss0, _ = MultiFidelityLoss(fidelity_weights=torch.tensor([1.0, 0.0], dtype=torch.float64))(out, g)
-    ref, _ = MultiFidelityLoss()(out_lo, only_lo)
-    assert float(loss0) == pytest.approx(float(ref), rel=1e-6)
-    l1, _ = MultiFidelityLoss(fidelity_weights=torch.tensor([1.0, 3.0], dtype=torch.float64))(out, g)
-    l2, _ = MultiFidelityLoss(fidelity_weights=torch.tensor([2.0, 6.0], dtype=torch.float64))(out, g)
+
+    def loss(weights, out, graph):
+        return MultiFidelityLoss(fidelity_weights=torch.tensor(weights, dtype=torch.float64))(out, graph)
+
+    loss0, t0 = loss([1.0, 0.0], out, g)
+    _, ref = MultiFidelityLoss()(out_lo, only_lo)
+    atoms_lo, atoms_all = int(only_lo.n_atoms.sum()), int(g.n_atoms.sum())
+    assert float(t0["energy"]) == pytest.approx(float(ref["energy"]) * 2 / 4, rel=1e-6)
+    assert float(t0["forces"]) == pytest.approx(float(ref["forces"]) * atoms_lo / atoms_all, rel=1e-6)
+    l1, _ = loss([1.0, 3.0], out, g)
+    l2, _ = loss([2.0, 6.0], out, g)
     assert float(l1) == pytest.approx(float(l2), rel=1e-6) and float(l1) != pytest.approx(float(loss0), rel=1e-3)
+    alone, _ = loss([1.0, 3.0], out_lo, only_lo)  # lo weighs a third of hi, also in a batch of lo alone
+    assert float(alone) == pytest.approx(float(MultiFidelityLoss()(out_lo, only_lo)[0]) / 3, rel=1e-6)
+    zero, _ = loss([0.0, 1.0], out_lo, only_lo)  # a batch of weight-0 samples adds 0, not 0/0
+    assert float(zero) == 0.0
+    with pytest.raises(ValueError, match="every weight is 0"):
+        MultiFidelityLoss(fidelity_weights=torch.zeros(2))

@@ -165,7 +165,7 @@ def test_prediction_warns_naming_element_and_fidelity(run_without_n, caplog):
         assert not caplog.records  # N has 'lo' labels; H2O has no estimated reference
         predict_atoms(pot, ammonia, "hi")
     assert len(caplog.records) == 1 and "hi reference energy of N was estimated" in caplog.records[0].getMessage()
-    with pytest.raises(MultifiError, match=r"refused \(strict references\): hi reference energy of N was estimated"):
+    with pytest.raises(MultifiError, match=r"refused \(strict references\): the hi reference energy of N was estimated"):
         predict_atoms(pot, ammonia, "hi", strict_references=True)
 
     caplog.clear()
@@ -356,9 +356,17 @@ def test_validation_energy_errors_leave_out_estimated_references():
     g = graph_from_atoms(mols, 3.0, [1, 1, 0])
     g.energy_mask = torch.ones(3, dtype=torch.bool)
     g.forces_mask = torch.ones(3, dtype=torch.bool)
+    g.energy = torch.full((3,), -8.0, dtype=g.energy.dtype)
     kept = module._without_estimated_energies(g)
     assert kept.energy_mask.tolist() == [False, True, True]  # NH3 at hi out; NH3 at lo (fitted) and water in
     assert kept.forces_mask.tolist() == [True, True, True]
+    module.on_validation_epoch_start()
+    module.validation_step(g, 0)  # the validation loss (default monitor) leaves them out too
+    with torch.enable_grad():
+        out = module.eval_potential(g, forces=True)
+    masked, unmasked = module.loss_fn(out, kept)[0], module.loss_fn(out, g)[0]
+    assert float(module.val_loss.sums["val_loss"]) == pytest.approx(3 * float(masked), rel=1e-5)
+    assert float(masked) != pytest.approx(float(unmasked), rel=1e-2)
     null = np.zeros((1, 119))
     null[0, [1, 8]] = [2**-0.5, -(2**-0.5)]  # 'lo' fixed H and O only as H + O (e.g. only OH groups)
     module.potential.head.set_baseline(ref, np.ones(2), ref != 0, [null, np.zeros((0, 119))])

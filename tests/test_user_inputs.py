@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import ase.io
@@ -243,6 +244,15 @@ def test_negative_or_nan_fidelity_weights_are_errors(write_config, capsys, weigh
         ["train", write_config(), "--dry-run", "--set", f"loss.fidelity_weights={{hi: {weight}}}"], capsys
     )
     assert code == 2 and "finite and ≥ 0" in err
+
+
+def test_fidelity_weights_of_zero(write_config, capsys, caplog):
+    """Weight 0 for one fidelity is allowed and warned about; 0 for every fidelity is an error."""
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, _ = run(["train", write_config(), "--dry-run", "--set", "loss.fidelity_weights={lo: 0}"], capsys)
+    assert code == 0 and "lo has weight 0" in caplog.text and "do not train the model" in caplog.text
+    code, _, err = run(["train", write_config(), "--dry-run", "--set", "loss.fidelity_weights={lo: 0, hi: 0}"], capsys)
+    assert code == 2 and "every fidelity has weight 0" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_label_table_given_another_fidelity_than_its_manifest_is_an_error(tmp_path):

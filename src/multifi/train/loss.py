@@ -15,9 +15,12 @@ def _err(pred, target, kind: str, delta: float):
 
 
 class MultiFidelityLoss:
-    """L = w_E ⟨(ΔE/N)²⟩ + w_F ⟨ΔF²⟩ + w_S ⟨Δσ²⟩, averaged over labelled structures/atoms only.
+    """L = w_E ⟨v (ΔE/N)²⟩ + w_F ⟨v ΔF²⟩ + w_S ⟨v Δσ²⟩, averaged over labelled structures/atoms only.
 
-    Units: eV/atom, eV/Å, GPa. Optional per-fidelity weights multiply each sample's terms.
+    Units: eV/atom, eV/Å, GPa. v: the sample's fidelity weight (fidelity_weights [K], divided by their
+    maximum, so only their ratios matter; 1 without weights). The means divide by the number of labelled
+    samples, not by Σ v: a fidelity's weight scales its terms in every batch, also in a batch holding that
+    fidelity alone, and weight 0 removes its samples from the gradient (a batch of them adds 0).
     """
 
     def __init__(
@@ -31,6 +34,11 @@ class MultiFidelityLoss:
     ):
         self.w = {"energy": energy, "forces": forces, "stress": stress}
         self.kind, self.delta = kind, huber_delta
+        if fidelity_weights is not None:
+            top = fidelity_weights.max()
+            if not top > 0:
+                raise ValueError("loss.fidelity_weights: every weight is 0, so nothing would be trained")
+            fidelity_weights = fidelity_weights / top
         self.fidelity_weights = fidelity_weights
 
     def needs(self, graph: Graph) -> tuple[bool, bool]:
@@ -51,15 +59,15 @@ class MultiFidelityLoss:
         if self.w["energy"] > 0 and m.any():
             n = graph.n_atoms[m].to(torch.float64)
             e = _err(out["energy"][m] / n, graph.energy[m] / n, self.kind, self.delta)
-            terms["energy"] = (e * fw[m]).sum().float() / fw[m].sum()
+            terms["energy"] = (e * fw[m]).sum().float() / m.sum()
         if "forces" in out and graph.forces_mask.any():
             am = graph.forces_mask[graph.batch]
             e = _err(out["forces"][am], graph.forces[am], self.kind, self.delta).mean(-1)
             wa = fw[graph.batch][am]
-            terms["forces"] = (e * wa).sum() / wa.sum()
+            terms["forces"] = (e * wa).sum() / am.sum()
         if "stress" in out and graph.stress_mask.any():
             sm = graph.stress_mask
             e = _err(out["stress"][sm], graph.stress[sm], self.kind, self.delta).mean((-1, -2))
-            terms["stress"] = (e * fw[sm]).sum() / fw[sm].sum()
+            terms["stress"] = (e * fw[sm]).sum() / sm.sum()
         total = sum((self.w[k] * v for k, v in terms.items()), torch.zeros((), device=graph.energy.device))
         return total, terms

@@ -104,9 +104,10 @@ class PotentialModule(L.LightningModule):
         forces, stress = self.loss_fn.needs(graph)
         with torch.enable_grad():
             out = self.eval_potential(graph, forces=forces, stress=stress)
+        graph = self._without_estimated_energies(graph)  # the validation loss and the metrics alike
         loss, _ = self.loss_fn(out, graph)
         self.val_loss.add({VAL_LOSS: loss}, graph.num_graphs)
-        self.val_metrics.update(out, self._without_estimated_energies(graph))
+        self.val_metrics.update(out, graph)
 
     def _without_estimated_energies(self, graph):
         """`graph` with the energy labels masked of structures holding an element whose reference at their

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,9 @@ from multifi.data.dataset import FidelityDataset
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
+from multifi.errors import MultifiError
+
+log = logging.getLogger("multifi")
 
 
 @dataclass(frozen=True)
@@ -27,10 +31,21 @@ class FidelitySettings:
         """Every fidelity the config names must be one of `table`'s (checked before a run writes anything);
         `config_source` (the config file) prefixes the error, which names the key and the known fidelities."""
         prefix = f"{config_source}: " if config_source else ""
+        loss_weights = table.per_index(cfg.loss.fidelity_weights, 1.0, f"{prefix}loss.fidelity_weights")
+        if not (loss_weights > 0).any():
+            raise MultifiError(
+                f"{prefix}loss.fidelity_weights: every fidelity has weight 0, so nothing would be trained"
+            )
+        for name in np.asarray(table.names)[loss_weights == 0]:
+            log.warning(
+                "loss.fidelity_weights: %s has weight 0: its labels fit its reference energies and are validated, "
+                "but do not train the model",
+                name,
+            )
         return cls(
             train_limits=table.per_index(cfg.data.train_limits, np.nan, f"{prefix}data.train_limits"),
             sampling=table.per_index(cfg.train.fidelity_sampling, np.nan, f"{prefix}train.fidelity_sampling"),
-            loss_weights=table.per_index(cfg.loss.fidelity_weights, 1.0, f"{prefix}loss.fidelity_weights"),
+            loss_weights=loss_weights,
         )
 
 
