@@ -165,7 +165,9 @@ def test_prediction_warns_naming_element_and_fidelity(run_without_n, caplog):
         assert not caplog.records  # N has 'lo' labels; H2O has no estimated reference
         predict_atoms(pot, ammonia, "hi")
     assert len(caplog.records) == 1 and "hi reference energy of N was estimated" in caplog.records[0].getMessage()
-    with pytest.raises(MultifiError, match=r"refused \(strict references\): the hi reference energy of N was estimated"):
+    with pytest.raises(
+        MultifiError, match=r"refused \(strict references\): the hi reference energy of N was estimated"
+    ):
         predict_atoms(pot, ammonia, "hi", strict_references=True)
 
     caplog.clear()

@@ -729,3 +729,24 @@ def test_a_run_continued_past_its_max_steps_trains_like_one_that_never_stopped(w
     # the same weights at step 24 (the best checkpoints may differ: the cut run also validated at step 13)
     for key, value in b["state_dict"].items():
         torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_a_resume_on_another_number_of_processes_is_said(write_config, tmp_path, caplog):
+    """train.devices changed on resume: the structures per step, the steps per epoch and (cosine) the schedule
+    change; the log says so (the sampler goes on where the epoch stopped: test_distributed)."""
+    from multifi.config import dump_config, load_config
+    from multifi.train.run import _record_resumed_config
+
+    cfg = load_config(write_config(train={"schedule": "cosine"}))
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    moved = cfg.model_copy(update={"train": cfg.train.model_copy(update={"devices": 2})})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        _record_resumed_config(run_dir, moved)
+    assert "another number of processes (train.devices: 1 → 2)" in caplog.text
+    assert "cosine learning-rate schedule" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        _record_resumed_config(run_dir, moved)  # config.yaml now holds devices 2: nothing changed
+    assert not caplog.text

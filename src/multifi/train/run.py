@@ -620,10 +620,19 @@ def _record_resumed_config(run_dir: Path, cfg: RunConfig) -> None:
         ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in changed),
         first.name,
     )
-    if cfg.train.schedule == "cosine" and {"train.max_steps", "train.epochs"} & set(changed):
+    processes = {"train.devices", "train.num_nodes"} & set(changed)
+    if processes:
         log.warning(
-            "%s: the cosine learning-rate schedule spans the run's length, which changed: it is recomputed over the "
-            "new length, so the learning rate jumps (up, for a longer run) where the run resumes",
+            "%s: resumed on another number of processes (%s): a step now takes train.batch_size structures per "
+            "process, so the structures per optimiser step and the steps per epoch change; the epoch goes on "
+            "from the samples already trained on",
+            run_dir,
+            ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in sorted(processes)),
+        )
+    if cfg.train.schedule == "cosine" and ({"train.max_steps", "train.epochs"} & set(changed) or processes):
+        log.warning(
+            "%s: the cosine learning-rate schedule spans the run's steps, whose number changed: it is recomputed "
+            "over the new number, so the learning rate jumps where the run resumes",
             run_dir,
         )
 
