@@ -178,6 +178,14 @@ def test_devices_flag(write_config, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPU")
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_device_ids_on_cpu(write_config, tmp_path, capsys, dry_run):
+    """GPU-style device ids on a CPU: one line (was Lightning's TypeError traceback), also from --dry-run."""
+    fails(["train", write_config(), "--devices", "0,1", *dry_run], capsys, "train.devices=0,1", "train.devices=2")
+    assert not (tmp_path / "run").exists()
+
+
 def test_broken_yaml_names_the_line(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  sources:\n    - path: a.xyz\n  split: {val: 0.1\nmodel: {}\n")

@@ -235,11 +235,14 @@ def _build_trainer(cfg: RunConfig, run_dir: Path, has_val: bool, config_source: 
 
     try:
         return make_trainer(cfg, run_dir, has_val=has_val)
-    except (MisconfigurationException, ValueError, RuntimeError) as exc:
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as exc:
         prefix = f"{config_source}: " if config_source else ""
         t = cfg.train
+        hint = ""
+        if isinstance(t.devices, str) and "," in t.devices and "CPU" in str(exc):
+            hint = f" (on CPU, devices is a number of processes: train.devices={len(t.devices.rstrip(',').split(','))})"
         raise MultifiError(
-            f"{prefix}train.accelerator={t.accelerator}, train.devices={t.devices}: {' '.join(str(exc).split())}"
+            f"{prefix}train.accelerator={t.accelerator}, train.devices={t.devices}: {' '.join(str(exc).split())}{hint}"
         ) from None
 
 
