@@ -502,3 +502,35 @@ def test_the_estimate_error_names_how_many_elements_it_comes_from(caplog):
         report_references(refs, ["lo", "hi"])
     assert "hi: no energy labels with Ag in training" in caplog.text
     assert "over the 2 elements labelled at hi and another fidelity" in caplog.text and "rough guide" in caplog.text
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_monitoring_a_fidelity_whose_validation_energies_are_all_estimated(tmp_path, capsys, dry_run):
+    """'hi' trains without N and validates only on N molecules: monitoring its energy MAE is a one-line error
+    before training (was a Lightning traceback at the first validation); its force MAE is measured."""
+    from test_cli import fails
+
+    frames, keys = [], {"train": [], "val": [], "test": []}
+    for i, name in enumerate(["H2O", "NH3", "CH4", "CH3OH", "HCN", "C2H4", "CO2", "H2CO"] * 3):
+        a = rattled_molecule(name, seed=i)
+        a.info["key"] = f"m{i}"
+        has_n = 7 in a.numbers
+        keys["val" if has_n else "test" if i in (2, 3) else "train"].append(f"m{i}")
+        frames += [emt_labelled(a, "lo"), emt_labelled(a, "hi", scale=1.1, per_atom=0.3)]
+    ase.io.write(tmp_path / "data.extxyz", frames, format="extxyz")
+    for split, names in keys.items():
+        (tmp_path / f"{split}.txt").write_text("\n".join(names) + "\n")
+    cfg = {
+        "data": {
+            "sources": [{"path": str(tmp_path / "data.extxyz")}],
+            "split": {"files": {s: str(tmp_path / f"{s}.txt") for s in keys}},
+        },
+        "model": TINY_MODEL,
+        "output_dir": str(tmp_path / "run"),
+        "train": {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "monitor": "hi"},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    fails(["train", str(tmp_path / "c.yaml"), *dry_run], capsys, "train.monitor", "no hi training label contains N")
+    assert not (tmp_path / "run").exists()
+    argv = ["train", str(tmp_path / "c.yaml"), "--dry-run", "--set", "train.monitor_metric=forces_mae_meV_per_A"]
+    assert main(argv) == 0

@@ -127,6 +127,14 @@ class EnergyHead(nn.Module):
         """Elements fidelity k's labels contain only in fixed proportions (their split is estimated)."""
         return torch.nonzero((self.null[:, k].abs() > 1e-8).any(1)).flatten().tolist()
 
+    def determined_structures(self, numbers: torch.Tensor, structure: torch.Tensor, fidelity: torch.Tensor, n: int):
+        """[n] bool: structures whose reference energy at their fidelity the training labels determine: no
+        element's reference estimated and a composition not open. numbers, structure [N], fidelity [n]."""
+        column = torch.zeros_like(fidelity) if self.shared_baseline else fidelity
+        estimated = (~self.fitted[numbers, column[structure]]).to(torch.float64)
+        per_structure = torch.zeros(n, dtype=torch.float64, device=numbers.device).index_add_(0, structure, estimated)
+        return (per_structure == 0) & ~self.open_structures(numbers, structure, column, n)
+
     def open_structures(self, numbers: torch.Tensor, structure: torch.Tensor, column: torch.Tensor, n: int):
         """[n] bool: structures whose composition is open at their fidelity column (a reference sum the labels
         do not fix). numbers, structure [N] (atom → structure), column [n]."""

@@ -114,16 +114,12 @@ class PotentialModule(L.LightningModule):
         fidelity was estimated (no training label of that fidelity had it): their energy error is an offset
         no training at that fidelity reduces, which would dominate, and freeze, the validation energy errors
         that pick the best checkpoint (forces and stress do not depend on the references: kept)."""
-        head = self.eval_potential.head
-        column = torch.zeros_like(graph.fidelity) if head.shared_baseline else graph.fidelity
-        estimated = ~head.fitted[graph.numbers, column[graph.batch]]  # [N]
-        open_ = head.open_structures(graph.numbers, graph.batch, column, graph.num_graphs)  # [S]
-        if not estimated.any() and not open_.any():
-            return graph
-        per_structure = torch.zeros(graph.num_graphs, device=estimated.device).index_add_(
-            0, graph.batch, estimated.float()
+        determined = self.eval_potential.head.determined_structures(
+            graph.numbers, graph.batch, graph.fidelity, graph.num_graphs
         )
-        return dataclasses.replace(graph, energy_mask=graph.energy_mask & (per_structure == 0) & ~open_)
+        if bool(determined.all()):
+            return graph
+        return dataclasses.replace(graph, energy_mask=graph.energy_mask & determined)
 
     def on_validation_epoch_start(self):
         self.val_metrics.reset()

@@ -13,11 +13,13 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from ase.data import chemical_symbols
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from multifi.config import RunConfig, dump_config, load_config
 from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates, check_stress_units
+from multifi.data.dataset import ranges
 from multifi.data.split import changed_split
 from multifi.data.stats import fit_references, shortest_contacts
 from multifi.errors import MultifiError
@@ -103,6 +105,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
     module.sync_ema()
+    _check_monitored_energies(cfg, prep, module.potential.head)
 
     data = MultiFidelityData(
         prep.dataset,
@@ -476,6 +479,36 @@ def _check_monitor(cfg: RunConfig, prep) -> None:
         raise MultifiError(
             f"train.monitor_metric: {metric} needs {kind} labels at {name!r} in the validation split; it has none"
         )
+
+
+def _check_monitored_energies(cfg: RunConfig, prep, head) -> None:
+    """A monitored energy error needs validation structures whose reference energy at the monitored fidelity
+    the training labels determine (validation leaves the others out): none is a one-line error before
+    training (Lightning otherwise fails at the first validation, the metric never logged)."""
+    name, metric = cfg.train.monitor, cfg.train.monitor_metric
+    if name is None or metric in (FORCES_MAE, STRESS_MAE):
+        return
+    ds, k = prep.dataset, prep.dataset.fidelities.index(name, where="train.monitor")
+    val = prep.pairs["val"]
+    rows = val[(val[:, 1] == k) & ~np.isnan(ds.energy[val[:, 0], k]), 0]
+    counts = ds.n_atoms[rows]
+    atoms = ranges(ds.offsets[rows], counts)
+    numbers = torch.as_tensor(ds.numbers[atoms].astype(np.int64))
+    structure = torch.as_tensor(np.repeat(np.arange(len(rows)), counts))
+    determined = head.determined_structures(numbers, structure, torch.full((len(rows),), k), len(rows))
+    if bool(determined.any()):
+        return
+    unfitted = sorted(set(ds.numbers[atoms].tolist()) - set(np.flatnonzero(head.fitted[:, k].cpu().numpy()).tolist()))
+    why = (
+        f"no {name} training label contains {', '.join(chemical_symbols[z] for z in unfitted)}"
+        if unfitted
+        else (f"its {name} training labels hold their elements only in other proportions")
+    )
+    raise MultifiError(
+        f"train.monitor: none of the {len(rows)} validation structures at {name!r} has a reference energy the "
+        f"training labels determine ({why}), so its validation energy error is never measured; monitor "
+        f"{FORCES_MAE} or another fidelity, or add {name} training labels with these elements"
+    )
 
 
 def final_checkpoint(trainer, run_dir: Path) -> Path:
