@@ -580,7 +580,7 @@ def test_resume_with_other_settings_updates_config_yaml_and_keeps_the_first(writ
     assert load_config(run_dir / "config.yaml").train.epochs == 2
     assert (run_dir / "config.start.yaml").read_text() == first
     assert "train.epochs: 1 → 2" in caplog.text
-    assert "cosine learning-rate schedule spans the run's length, which changed" in caplog.text
+    assert "cosine learning-rate schedule spans the run's steps, whose number changed" in caplog.text
     steps = json.loads((run_dir / "metrics.json").read_text())["steps"]
     assert ckpt(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1
     assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=3"]) == 0
