@@ -876,3 +876,18 @@ def test_factor_cells_give_the_seed_spread_and_never_average_lower_bounds():
     assert _seed_spread({"mean": 3.5, "std": None, "values": [3.5]}) == ""
     bounded = {"mean": 2.29, "std": 1.45, "values": [1.53, 1.38, 3.9565217391304346]}
     assert _seed_spread(bounded, bound=182 / 46) == " (seeds: 1.53, 1.38, > 4.0)"
+
+
+def test_a_failed_run_writes_why_into_its_log(tmp_path):
+    """The reason a run failed is in its log.txt (one line for a MultifiError, a traceback for a bug)."""
+    from multifi_experiments.runner import _run_logging
+
+    for exc, traceback in [
+        (MultifiError("train.monitor: none of the 4 validation structures"), False),
+        (KeyError("x"), True),
+    ]:
+        path = tmp_path / f"{type(exc).__name__}.txt"
+        with pytest.raises(type(exc)), _run_logging(path):
+            raise exc
+        text = path.read_text()
+        assert f"failed: {type(exc).__name__}: " in text and ("Traceback" in text) == traceback

@@ -642,3 +642,39 @@ def test_ctrl_c_during_an_extension_exits_130_and_the_same_command_runs_again(ol
     assert "the extension was not finished" in capsys.readouterr().err and not out.exists()
     monkeypatch.setattr(PotentialModule, "training_step", real)
     assert main(args) == 0 and (out / "model.pt").exists()
+
+
+def test_few_new_labels_that_determine_no_validation_reference_still_select_a_checkpoint(tmp_path, caplog):
+    """The new fidelity's training labels hold only H and O (as water), its validation molecules C too: no
+    validation structure's reference is determined, so its energy error (the monitor) is scored on all of
+    them, with a warning (it was never logged and Lightning failed at the first validation)."""
+    import csv
+    import logging
+
+    _, model = saved_model(tmp_path)
+    frames, keys = [], {"train": [], "val": [], "test": []}
+    for i, (name, split) in enumerate([("H2O", "train")] * 3 + [("CH3OH", "val")] * 2 + [("CH3OH", "test")]):
+        a = emt_labelled(rattled_molecule(name, seed=200 + i), "CC", 0.9, -0.2)
+        a.info["key"] = f"k{i}"
+        frames.append(a)
+        keys[split].append(f"k{i}")
+    ase.io.write(tmp_path / "few.extxyz", frames, format="extxyz")
+    for split, names in keys.items():
+        (tmp_path / f"{split}.txt").write_text("\n".join(names) + "\n")
+    raw = yaml.safe_load(dump_config(ext_config(tmp_path, model)))
+    raw["data"] = {
+        "sources": [{"path": str(tmp_path / "few.extxyz"), "fidelity": "CC"}],
+        "split": {"files": {s: str(tmp_path / f"{s}.txt") for s in keys}},
+    }
+    raw["train"]["monitor"] = "CC"
+    raw.pop("model", None)
+    raw["train"].pop("precision", None)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        run_dir = extend(validate_config(raw))
+    assert (
+        "none of the 2 validation structures at 'CC'" in caplog.text
+        and "no CC training label contains C" in caplog.text
+    )
+    with open(run_dir / "metrics.csv") as f:
+        scored = [r["val/CC/energy_mae_meV"] for r in csv.DictReader(f) if r.get("val/CC/energy_mae_meV")]
+    assert scored and all(float(v) > 0 for v in scored)

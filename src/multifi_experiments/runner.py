@@ -469,6 +469,9 @@ def _run_logging(path: Path):
     quiet_lightning()
     try:
         yield
+    except Exception as exc:  # the reason a run failed belongs in its own log, with the traceback of a bug
+        root.error("failed: %s: %s", type(exc).__name__, exc, exc_info=not isinstance(exc, MultifiError))
+        raise
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)

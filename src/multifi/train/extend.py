@@ -393,7 +393,14 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
     `dry_run`: check model, config and data, log the plan, write nothing."""
     from multifi.models.registry import load_potential
     from multifi.train.datamodule import MultiFidelityData
-    from multifi.train.run import _configure_threads, _quiet_lightning, final_checkpoint, fit_or_interrupt, make_trainer
+    from multifi.train.run import (
+        _configure_threads,
+        _quiet_lightning,
+        final_checkpoint,
+        fit_or_interrupt,
+        make_trainer,
+        unmeasured_monitor,
+    )
 
     x = cfg.extend
     where = config_source or x.model
@@ -422,6 +429,15 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
     _fit_new_baseline(module.potential, ds, pairs["train"], len(old.fidelities), old.config.energy_scale)
     trained = module.freeze()
     module.sync_ema()
+    problem = unmeasured_monitor(cfg, ds, pairs["val"], module.potential.head)
+    if problem:
+        module.energies_scored_everywhere = [table.index(cfg.train.monitor)]
+        log.warning(
+            "%s: %s; its validation energy error is measured on all of them instead, including the error of "
+            "the estimated references",
+            where,
+            problem,
+        )
     log.info(
         "extend %s by %r (train: %s): %d trainable tensors; train %s",
         x.model,

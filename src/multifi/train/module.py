@@ -56,6 +56,9 @@ class PotentialModule(L.LightningModule):
         self.val_metrics = FidelityMetrics(table.names)
         self.epoch_sums = EpochSums()
         self.val_loss = EpochSums()  # Σ validation loss · structures this validation (exact over ranks)
+        # fidelity indices whose validation energies count on every structure, estimated references or not
+        # (an extension whose few labels determine no validation structure's reference: the only signal)
+        self.energies_scored_everywhere: list[int] = []
         if train.precision == "64":
             self.double()
 
@@ -117,6 +120,9 @@ class PotentialModule(L.LightningModule):
         determined = self.eval_potential.head.determined_structures(
             graph.numbers, graph.batch, graph.fidelity, graph.num_graphs
         )
+        if self.energies_scored_everywhere:
+            everywhere = torch.tensor(self.energies_scored_everywhere, device=graph.fidelity.device)
+            determined = determined | torch.isin(graph.fidelity, everywhere)
         if bool(determined.all()):
             return graph
         return dataclasses.replace(graph, energy_mask=graph.energy_mask & determined)

@@ -485,29 +485,41 @@ def _check_monitored_energies(cfg: RunConfig, prep, head) -> None:
     """A monitored energy error needs validation structures whose reference energy at the monitored fidelity
     the training labels determine (validation leaves the others out): none is a one-line error before
     training (Lightning otherwise fails at the first validation, the metric never logged)."""
+    problem = unmeasured_monitor(cfg, prep.dataset, prep.pairs["val"], head)
+    if problem:
+        raise MultifiError(
+            f"train.monitor: {problem}, so its validation energy error (which leaves such structures out) is never "
+            f"measured; monitor {FORCES_MAE} or another fidelity, or add "
+            f"{cfg.train.monitor} training labels with these elements"
+        )
+
+
+def unmeasured_monitor(cfg: RunConfig, ds, val: np.ndarray, head) -> str | None:
+    """Why the monitored validation energy error would never be measured (None: it will be): none of the
+    validation structures [P, 2] (structure, fidelity) at train.monitor has a reference energy that the
+    training labels determine (head.determined_structures)."""
     name, metric = cfg.train.monitor, cfg.train.monitor_metric
     if name is None or metric in (FORCES_MAE, STRESS_MAE):
-        return
-    ds, k = prep.dataset, prep.dataset.fidelities.index(name, where="train.monitor")
-    val = prep.pairs["val"]
+        return None
+    k = ds.fidelities.index(name, where="train.monitor")
     rows = val[(val[:, 1] == k) & ~np.isnan(ds.energy[val[:, 0], k]), 0]
     counts = ds.n_atoms[rows]
     atoms = ranges(ds.offsets[rows], counts)
     numbers = torch.as_tensor(ds.numbers[atoms].astype(np.int64))
     structure = torch.as_tensor(np.repeat(np.arange(len(rows)), counts))
     determined = head.determined_structures(numbers, structure, torch.full((len(rows),), k), len(rows))
-    if bool(determined.any()):
-        return
-    unfitted = sorted(set(ds.numbers[atoms].tolist()) - set(np.flatnonzero(head.fitted[:, k].cpu().numpy()).tolist()))
+    if len(rows) == 0 or bool(determined.any()):
+        return None
+    fitted = set(np.flatnonzero(head.fitted[:, k].cpu().numpy()).tolist())
+    unfitted = sorted(set(ds.numbers[atoms].tolist()) - fitted)
     why = (
         f"no {name} training label contains {', '.join(chemical_symbols[z] for z in unfitted)}"
         if unfitted
-        else (f"its {name} training labels hold their elements only in other proportions")
+        else f"its {name} training labels hold their elements only in other proportions"
     )
-    raise MultifiError(
-        f"train.monitor: none of the {len(rows)} validation structures at {name!r} has a reference energy the "
-        f"training labels determine ({why}), so its validation energy error is never measured; monitor "
-        f"{FORCES_MAE} or another fidelity, or add {name} training labels with these elements"
+    return (
+        f"none of the {len(rows)} validation structures at {name!r} has a reference energy the training labels "
+        f"determine ({why})"
     )
 
 
