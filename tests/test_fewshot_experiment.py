@@ -76,6 +76,8 @@ def test_few_shot_loop_tiny(shared, tmp_path, monkeypatch):  # noqa: F811
     readme = (out / "README.md").read_text()
     assert f"`multifi experiment run experiments/fewshot_tiny.yaml --set output={out}`" in readme
     assert "few_shot.png" in readme and "Forgetting" in readme
+    table = readme.split("mean ± std over seeds")[1].split("![few-shot]")[0]
+    assert "| embedding | " in table and " ± " in table and " (1 seed) |" in table  # n = 8 has one seed
     assert (out / "few_shot.png").stat().st_size > 1000 and (out / "details.json").exists()
 
     # finished runs are skipped: nothing trains again, no result is rewritten (through the command line)

@@ -202,7 +202,7 @@ def _cell(s: dict | None, digits: int = 1, sign: bool = False) -> str:
         return "–"
     fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
     text = fmt.format(s["mean"])
-    return text if s.get("std") is None else f"{text} ± {s['std']:.{digits}f}"
+    return f"{text} (1 seed)" if s.get("std") is None else f"{text} ± {s['std']:.{digits}f}"
 
 
 def render(ctx: Context, d: dict, summary: dict, figure: bool) -> str:
