@@ -451,6 +451,10 @@ def test_structures_with_open_proportions_are_flagged_at_prediction(tmp_path, ca
         assert not caplog.records
         check_elements(pot, numbers, n_atoms, 1, keys=["gaas", "ga2as", "gasi"])
     assert "1 structure(s) (ga2as) hold Ga, As in proportions no hi training label had" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        check_elements(pot, np.array([31, 31, 14]), np.array([3]), 1, keys=["ga2si"])  # names what it holds
+    assert "1 structure(s) (ga2si) hold Ga in proportions" in caplog.text
     with pytest.raises(MultifiError, match="ga2as"):
         check_elements(pot, numbers, n_atoms, 1, keys=["gaas", "ga2as", "gasi"], strict=True)
     recs = [

@@ -232,7 +232,7 @@ def _report_open_elements(potential, fidelity: str, where: str, strict: bool) ->
         return
     symbols = ", ".join(chemical_symbols[z] for z in zs)
     msg = (
-        f"{where}: the {fidelity} labels held {symbols} only in fixed proportions (as Ga and As in GaAs): "
+        f"{where}: the {fidelity} labels held {symbols} only in fixed proportions (e.g. Ga and As only as GaAs): "
         f"structures with other proportions of them get estimated {fidelity} reference energies"
     )
     if strict:

@@ -67,7 +67,9 @@ def check_elements(
         potential, numbers, n_atoms, np.zeros_like(fid) if potential.head.shared_baseline else fid
     )
     for k in np.unique(fid[open_]):
-        _report_open(potential, int(k), keys, np.flatnonzero(open_ & (fid == k)), prefix, strict, seen)
+        structures = np.flatnonzero(open_ & (fid == k))
+        present = np.unique(numbers[np.isin(np.repeat(np.arange(len(n_atoms)), n_atoms), structures)])
+        _report_open(potential, int(k), keys, structures, present, prefix, strict, seen)
 
 
 def open_compositions(potential, numbers: np.ndarray, n_atoms: np.ndarray, column: np.ndarray) -> np.ndarray:
@@ -83,20 +85,24 @@ def open_compositions(potential, numbers: np.ndarray, n_atoms: np.ndarray, colum
     return head.open_structures(z.to(dev), structure.to(dev), col.to(dev), len(n_atoms)).cpu().numpy()
 
 
-def _report_open(potential, k: int, keys, structures: np.ndarray, prefix: str, strict: bool, seen) -> None:
-    """One warning (or error when strict) per fidelity for structures with an open composition."""
+def _report_open(
+    potential, k: int, keys, structures: np.ndarray, present: np.ndarray, prefix: str, strict: bool, seen
+) -> None:
+    """One warning (or error when strict) per fidelity for structures with an open composition; present: the
+    atomic numbers these structures hold (the message names the open elements among them)."""
     if seen is not None and (k, "open") in seen:
         return
     from ase.data import chemical_symbols
 
     name = potential.fidelities.names[k]
     col = 0 if potential.head.shared_baseline else k
-    symbols = ", ".join(chemical_symbols[z] for z in potential.head.open_elements(col))
+    symbols = ", ".join(chemical_symbols[z] for z in potential.head.open_elements(col) if z in set(present.tolist()))
     which = ", ".join(str(keys[s] if keys is not None else s) for s in structures[:3])
     msg = (
         f"{prefix}{len(structures)} structure(s) ({which}{', …' if len(structures) > 3 else ''}) hold {symbols} in "
-        f"proportions no {name} training label had (its labels fix only their sum, as in GaAs for Ga and As): "
-        f"their {name} reference energy was estimated; expect larger {name} energy errors"
+        f"proportions no {name} training label had (the labels fix only a sum of their reference energies, "
+        f"e.g. of Ga and As when every label holds them as GaAs): their {name} reference energy was estimated; "
+        f"expect larger {name} energy errors"
     )
     _refuse_or_warn(msg, strict)
     if seen is not None:

@@ -850,7 +850,7 @@ def warn_open_references(name: str, elements: list[int]) -> None:
 
     symbols = ", ".join(chemical_symbols[z] for z in elements)
     log.warning(
-        "%s: the training labels contain %s only in fixed proportions (as Ga and As only in GaAs), which fixes "
+        "%s: the training labels contain %s only in fixed proportions (e.g. Ga and As only as GaAs), which fixes "
         "the sum of their %s reference energies but not each one: the split is estimated, so energies of "
         "structures with other proportions of %s may be off by up to eV per atom; add %s labels of such structures",
         name,
