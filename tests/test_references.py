@@ -538,3 +538,25 @@ def test_monitoring_a_fidelity_whose_validation_energies_are_all_estimated(tmp_p
     assert not (tmp_path / "run").exists()
     argv = ["train", str(tmp_path / "c.yaml"), "--dry-run", "--set", "train.monitor_metric=forces_mae_meV_per_A"]
     assert main(argv) == 0
+
+
+def test_evaluate_names_the_structure_with_an_open_composition(tmp_path, caplog):
+    """The warning names the structure by its number and key, not by its (structure, fidelity) pair's index."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    refs, _, _ = fit(_gaas_fidelities())
+    pot = build_potential(TINY_MODEL, ["lo", "hi"])
+    pot.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
+    save_potential(pot, tmp_path / "model.pt")
+    frames = []
+    for key, numbers, fidelities in [("gaas", [31, 33], ["lo", "hi"]), ("ga2as", [31, 33, 31], ["hi"])]:
+        for fidelity in fidelities:  # pairs: (gaas, lo), (gaas, hi), (ga2as, hi)
+            a = Atoms(numbers=numbers, positions=np.arange(3 * len(numbers)).reshape(-1, 3) * 0.9)
+            a.info.update(key=key, fidelity=fidelity)
+            a.calc = SinglePointCalculator(a, energy=-8.0 * len(numbers))
+            frames.append(a)
+    ase.io.write(tmp_path / "test.extxyz", frames, format="extxyz")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(["evaluate", str(tmp_path / "model.pt"), str(tmp_path / "test.extxyz")]) == 0
+    assert "1 structure(s) (1 (0-based, key ga2as)) hold Ga, As in proportions" in caplog.text

@@ -155,4 +155,5 @@ def check_elements(potential, dataset, pairs) -> None:
     pairs = pairs[np.asarray(to_model, dtype=np.int64)[pairs[:, 1]] >= 0] if len(pairs) else pairs
     n = dataset.n_atoms[pairs[:, 0]]
     numbers = dataset.numbers[ranges(dataset.offsets[pairs[:, 0]], n)]
-    elements.check_elements(potential, numbers, n, np.asarray(to_model, dtype=np.int64)[pairs[:, 1]], where)
+    keys = [names[s] for s in pairs[:, 0]]  # warnings name the structure, not the pair's index
+    elements.check_elements(potential, numbers, n, np.asarray(to_model, dtype=np.int64)[pairs[:, 1]], where, keys=keys)
