@@ -118,7 +118,7 @@ def test_non_finite_positions_are_a_one_line_error():
     atoms = bulk("Si", "diamond", 5.43, cubic=True)
     atoms.positions[3, 1] = np.nan
     atoms.calc = multifi.Calculator(CKPT, fidelity="PBE")
-    with pytest.raises(MultifiError, match=r"atom 3 has a non-finite \(NaN/inf\) position"):
+    with pytest.raises(MultifiError, match=r"atom 3 \(0-based\) has a non-finite \(NaN/inf\) position"):
         atoms.get_potential_energy()
 
 

@@ -596,7 +596,7 @@ def _check_same_geometry(cat, out, target, src_atoms, dst_atoms, where: _Origins
         s = int(atom_of[a])
         raise MultifiError(
             f"{where.pair(s)}: same key {str(cat.keys[s])!r}, different geometries "
-            f"(atom {a - int(cat.offsets[s])} {gap[a]:.3g} Å apart); give them different keys"
+            f"(atom {a - int(cat.offsets[s])} (0-based) {gap[a]:.3g} Å apart); give them different keys"
         )
 
 

@@ -41,7 +41,7 @@ def neighbor_list(
     positions = np.ascontiguousarray(positions, dtype=np.float64)
     if not np.isfinite(positions).all():
         atom = int(np.flatnonzero(~np.isfinite(positions).all(1))[0])
-        raise MultifiError(f"{where or 'structure'}: atom {atom} has a non-finite (NaN/inf) position")
+        raise MultifiError(f"{where or 'structure'}: atom {atom} (0-based) has a non-finite (NaN/inf) position")
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
     periodic = bool(pbc.any())
     if periodic:
