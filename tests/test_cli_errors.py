@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import stat
@@ -551,7 +552,7 @@ def test_output_names_compression_key_collisions_and_structure_names(model, tmp_
     fails(["evaluate", model, tmp_path / "cu.extxyz"], capsys, "structure 1 (0-based): element Cu was not seen")
 
 
-def test_evaluate_parity_plot_and_learning_curve(write_config, tmp_path, capsys, tiny_extxyz):
+def test_evaluate_parity_plot_and_learning_curve(write_config, tmp_path, capsys, caplog, tiny_extxyz):
     run_dir = tmp_path / "run"
     assert run(["train", write_config()], capsys)[0] == 0
     png = b"\x89PNG"
@@ -565,6 +566,12 @@ def test_evaluate_parity_plot_and_learning_curve(write_config, tmp_path, capsys,
     code, _, _ = run(["plot", run_dir, "--out", tmp_path / "curve.pdf"], capsys)
     assert code == 0 and (tmp_path / "curve.pdf").read_bytes()[:4] == b"%PDF"
     fails(["plot", run_dir, "--metric", "stress_mae_GPa"], capsys, "no validation stress_mae_GPa (its validation")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["n_train"]["xx"] = 5  # a trained fidelity without a validation curve is named, not dropped silently
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert run(["plot", run_dir], capsys)[0] == 0
+    assert "no validation energy_mae_meV curve for xx" in caplog.text
 
 
 def test_outputs_follow_the_umask_and_the_run_directory_is_announced(write_config, tmp_path, capsys, caplog):

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import math
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import numpy as np
 from multifi.errors import MultifiError
 from multifi.files import atomic_write
 from multifi.keys import ENERGY_MAE, METRIC_KEYS, METRIC_LABELS, is_val_key, val_key_fidelity
+
+log = logging.getLogger("multifi")
 
 
 def pyplot():
@@ -99,6 +103,17 @@ def learning_curve_plot(run_dir: Path, path: Path, key: str = ENERGY_MAE) -> Pat
             f"{run_dir}/metrics.csv: no validation {key}"
             + (" (its validation data has no such labels)" if validated else " yet")
         )
+    from matplotlib.ticker import LogFormatter
+
+    missing = [f for f in _trained_fidelities(run_dir) if f not in {val_key_fidelity(c) for c in columns}]
+    if missing:
+        log.warning(
+            "%s: no validation %s curve for %s (no validation labels of it, or all left out for estimated "
+            "reference energies)",
+            run_dir,
+            key,
+            ", ".join(missing),
+        )
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for col in columns:
@@ -109,8 +124,21 @@ def learning_curve_plot(run_dir: Path, path: Path, key: str = ENERGY_MAE) -> Pat
     ax.set_xlabel("training step")
     ax.set_ylabel("validation " + METRIC_LABELS.get(key, key))
     ax.set_yscale("log")
+    for axis_set in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 60, 80, not 6×10¹
+        axis_set(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.6)))
     ax.grid(alpha=0.3)
     ax.legend(title="fidelity", fontsize=8)
+    if missing:
+        ax.text(0.01, 0.01, f"no validation curve: {', '.join(missing)}", transform=ax.transAxes, fontsize=7)
     ax.set_title(str(run_dir), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _trained_fidelities(run_dir: Path) -> list[str]:
+    """Fidelities a finished run trained on (metrics.json `n_train`); [] before it finished."""
+    path = Path(run_dir) / "metrics.json"
+    try:
+        return [name for name, n in json.loads(path.read_text()).get("n_train", {}).items() if n]
+    except (OSError, ValueError, AttributeError):
+        return []
