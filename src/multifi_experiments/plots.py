@@ -90,7 +90,7 @@ def learning_curves(
     return _save(fig, path)
 
 
-def paired_bars(
+def paired_points(
     path: Path,
     groups: list[str],
     joint: list,
@@ -100,17 +100,24 @@ def paired_bars(
     title: str,
     labels=("joint", "separate"),
 ) -> Path:
-    """Grouped bars: one pair (joint, separate) per group, with std error bars; log y axis."""
+    """One pair of points (joint, separate) per group with std error bars, joined by a line; log y axis
+    (points, not bars: a bar's length means nothing on a log axis)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) + 2), 4.2))
     x = np.arange(len(groups))
-    w = 0.38
-    nan = lambda v: [np.nan if a is None else a for a in v]  # noqa: E731
-    ax.bar(x - w / 2, nan(joint), w, yerr=nan(joint_err), capsize=3, label=labels[0])
-    ax.bar(x + w / 2, nan(separate), w, yerr=nan(separate_err), capsize=3, label=labels[1])
+    nan = lambda v: np.array([np.nan if a is None else a for a in v], dtype=float)  # noqa: E731
+    a, b = nan(joint), nan(separate)
+    ax.plot(np.stack([x - 0.12, x + 0.12]), np.stack([a, b]), color="0.7", lw=1, zorder=1)
+    ax.errorbar(x - 0.12, a, yerr=nan(joint_err), fmt="o", capsize=3, label=labels[0], zorder=2)
+    ax.errorbar(x + 0.12, b, yerr=nan(separate_err), fmt="s", capsize=3, label=labels[1], zorder=2)
     ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylabel("test MAE (meV)")
     ax.set_yscale("log")
+    from matplotlib.ticker import LogFormatter
+
+    for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 2000, not 2×10³
+        set_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.6)))
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)

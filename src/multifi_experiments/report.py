@@ -548,11 +548,11 @@ def make_figures(ctx, details: dict) -> dict[str, str]:
     td = details.get("transfer")
     if td and any(r["joint"] or r["separate"] for rows in td["table"].values() for r in rows.values()):
         rows = [(f"{m}\nn={n}", r) for n, by_m in td["table"].items() for m, r in by_m.items()]
-        figs["transfer"] = _bars(out / "transfer.png", rows, "Transfer: joint vs separate models (test MAE)").name
+        figs["transfer"] = _points(out / "transfer.png", rows, "Transfer: joint vs separate models (test MAE)").name
     tm = details.get("ten_methods")
     if tm and tm["methods"] and any(r["joint"] or r["separate"] for r in tm["methods"].values()):
         rows = list(tm["methods"].items())
-        figs["ten_methods"] = _bars(
+        figs["ten_methods"] = _points(
             out / "ten_methods.png", rows, "One model on all blocks vs one model per block (test MAE)"
         ).name
     em = details.get("embedding_map")
@@ -579,9 +579,9 @@ def _curves(lcd: dict, metric: str) -> dict:
     }
 
 
-def _bars(path: Path, rows, title: str) -> Path:
+def _points(path: Path, rows, title: str) -> Path:
     get = lambda r, role, k: None if r[role] is None else r[role][k]  # noqa: E731
-    return plots.paired_bars(
+    return plots.paired_points(
         path,
         [g for g, _ in rows],
         [get(r, "joint", "mean") for _, r in rows],
