@@ -418,3 +418,25 @@ def test_fidelity_names_with_spaces_are_errors_and_names_alike_are_warned_about(
     assert list(ds.fidelities.names) == ["HI", "hi"]
     assert "fidelities 'HI' and 'hi' differ only in case or spaces" in caplog.text
     assert alike_names(["B3LYP", "PBE", "b3 lyp"]) == [("B3LYP", "b3 lyp")] and not alike_names(["PBE", "PBE0"])
+
+
+def test_charged_or_open_shell_frames_are_warned_about(tmp_path, caplog):
+    """The model has no charge or spin input: frames naming a net charge or a non-singlet spin get one warning
+    with their counts; neutral singlets (charge 0, multiplicity 1) none."""
+    import logging
+
+    frames = []
+    for info in ({"charge": 0, "multiplicity": 1}, {"charge": -1}, {"total_charge": 1, "spin": 1}, {}):
+        a = molecule("H2O")
+        a.info.update(info, fidelity="lo")
+        a.calc = SinglePointCalculator(a, energy=-10.0)
+        frames.append(a)
+    ase.io.write(tmp_path / "q.extxyz", frames, format="extxyz")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        ds = read_ase(tmp_path / "q.extxyz")
+    assert len(ds) == 4 and "2 frame(s) carry a net charge and 1 a spin state other than a singlet" in caplog.text
+    caplog.clear()
+    ase.io.write(tmp_path / "n.extxyz", frames[:1] + frames[3:], format="extxyz")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        read_ase(tmp_path / "n.extxyz")
+    assert "net charge" not in caplog.text

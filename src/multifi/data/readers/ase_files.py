@@ -54,7 +54,10 @@ def read_ase(
     unlabelled: list[str] = []  # errors of frames without the renamed labels (skipped)
     unread: dict[str, None] = {}  # label-like keys of the file that no label was read from
     parsed: dict[str, None] = {}  # fidelity names ASE turned into numbers or booleans
+    charged = {"charge": 0, "spin": 0}  # frames with a net charge / a spin state the model cannot see
     for i, atoms in enumerate(_frames(path, index)):
+        for kind, flagged in _charge_and_spin(atoms.info).items():
+            charged[kind] += flagged
         tag = f"frame {i} (0-based)" if index == ":" else f"frame {i} (0-based, of index {index!r})"
         unread.update(dict.fromkeys(_label_like(atoms, keys)))
         if not isinstance(atoms.info.get("fidelity", ""), str):
@@ -83,6 +86,16 @@ def read_ase(
             src,
             ", ".join(list(parsed)[:4]),
         )
+    if charged["charge"] or charged["spin"]:
+        log.warning(
+            "%s: %d frame(s) carry a net charge and %d a spin state other than a singlet (info['charge'], "
+            "['spin'], ['multiplicity']): the model has no charge or spin input and trains on them as if neutral "
+            "singlets (one geometry in two charge states gets one prediction); keep one charge and spin state "
+            "per fidelity, or leave them out",
+            src,
+            charged["charge"],
+            charged["spin"],
+        )
     if unlabelled and not records:
         raise MultifiError(f"{unlabelled[0]} (nor has any other frame)")
     if unlabelled:
@@ -94,6 +107,27 @@ def read_ase(
     ds = FidelityDataset.from_records(records, source=src)
     ds.n_dropped = invalid.count
     return ds
+
+
+def _charge_and_spin(info: dict) -> dict[str, bool]:
+    """Whether a frame's info names a net charge (charge, total_charge ≠ 0) or a spin state other than a
+    singlet (spin, total_spin ≠ 0; multiplicity, spin_multiplicity ≠ 1)."""
+
+    def number(*names):
+        for name in names:
+            try:
+                return float(info[name])
+            except (KeyError, TypeError, ValueError):
+                continue
+        return None
+
+    charge = number("charge", "total_charge")
+    spin = number("spin", "total_spin")
+    multiplicity = number("multiplicity", "spin_multiplicity")
+    return {
+        "charge": charge is not None and charge != 0,
+        "spin": (spin is not None and spin != 0) or (multiplicity is not None and multiplicity != 1),
+    }
 
 
 DEFAULT_KEYS = {"energy": "energy", "forces": "forces", "stress": "stress"}
