@@ -109,6 +109,25 @@ def test_sign_flipped_stress_is_flagged(sign, write_config, tmp_path, capsys, ca
         assert not flagged, flagged
     else:
         assert len(flagged) == 1 and str(path) in flagged[0] and "in 3 of 3 compositions" in flagged[0]
+    too_small = [r.getMessage() for r in caplog.records if "look too small" in r.getMessage()]
+    assert not too_small, too_small
+
+
+def test_stress_too_small_by_a_unit_is_flagged(write_config, tmp_path, capsys, caplog):
+    """Stresses converted to ASE's eV/Å³ twice (×1/160): the bulk modulus they imply (EMT Cu, Al, Ni: 40-200 GPa)
+    comes out below any solid's; training says so before it starts."""
+    import logging
+
+    from ase.units import GPa
+
+    path = tmp_path / "fcc.extxyz"
+    ase.io.write(path, _strained_copper(n=30, stress_unit=1 / GPa, elements=("Cu", "Al", "Ni")))
+    config = write_config(data={"sources": [{"path": str(path)}], "split": {"val": 0.1, "test": 0.1, "seed": 0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    flagged = [r.getMessage() for r in caplog.records if "look too small" in r.getMessage()]
+    assert len(flagged) == 1 and "over 3 compositions" in flagged[0] and "'EMT'" in flagged[0]
 
 
 def test_fidelity_without_training_labels_is_warned_about(write_config, capsys, caplog):

@@ -309,26 +309,15 @@ def check_stress_sign(dataset: FidelityDataset, pairs: np.ndarray, min_groups: i
     at different volumes, the pressure −tr(σ)/3 falls as the volume grows (compressed cells push outwards);
     labels in which it rises in most compositions (median correlation above +0.5 over at least `min_groups`
     compositions of ≥ 5 structures whose volumes differ by ≥ 0.5 %) carry VASP's sign, not ASE's.
-    ../shared/data/solids (PBE): -0.93 over 33 compositions. Returns the suspicious names."""
+    ../shared/data/solids (PBE): -0.93 over 33 compositions. Sign-right stresses that imply a median bulk
+    modulus −dP/dlnV below SOFTEST_MEDIAN_MODULUS look too small (eV/Å³ or GPa given where kBar, MatPES, or
+    eV/Å³, ASE, is read): warned too. Returns the suspicious names."""
     if dataset.stress is None:
         return []
-    offsets = np.asarray(dataset.offsets)
-    volume = np.abs(np.linalg.det(dataset.cells))
     suspicious = []
     for k, name in enumerate(dataset.fidelities.names):
-        s = pairs[pairs[:, 1] == k, 0]
-        s = s[dataset.stress_mask[s, k] & dataset.pbc[s].all(1)]
-        groups: dict[bytes, list[int]] = {}
-        for i in s.tolist():
-            groups.setdefault(np.sort(dataset.numbers[offsets[i] : offsets[i + 1]]).tobytes(), []).append(i)
-        corr = []
-        for members in groups.values():
-            v = volume[members]
-            if len(members) < 5 or v.std() < 0.005 * v.mean():
-                continue
-            p = -np.trace(dataset.stress[members, k], axis1=1, axis2=2) / 3
-            if p.std() > 0:
-                corr.append(float(np.corrcoef(v, p)[0, 1]))
+        groups = _volume_pressure_groups(dataset, pairs, k)
+        corr = [float(np.corrcoef(v, p)[0, 1]) for v, p in groups if p.std() > 0]
         if len(corr) >= min_groups and np.median(corr) > 0.5:
             suspicious.append(name)
             log.warning(
@@ -341,4 +330,40 @@ def check_stress_sign(dataset: FidelityDataset, pairs: np.ndarray, min_groups: i
                 len(corr),
                 float(np.median(corr)),
             )
+            continue
+        moduli = [-np.polyfit(np.log(v), p, 1)[0] for v, p in groups]
+        if len(moduli) >= min_groups and np.median(moduli) < SOFTEST_MEDIAN_MODULUS:
+            suspicious.append(name)
+            log.warning(
+                "%s: stresses at fidelity %r look too small: how the pressure follows the volume implies a median "
+                "bulk modulus of %.3g GPa over %d compositions (real solids: 10-300; ../shared/data/solids: 73); "
+                "stresses in eV/Å³ or GPa given where kBar (MatPES) is read, or in eV/Å³ read as GPa?",
+                dataset.source or "data",
+                name,
+                float(np.median(moduli)),
+                len(moduli),
+            )
     return suspicious
+
+
+#: GPa: a median bulk modulus over compositions below this looks like stresses 10-1000× too small (the softest
+#: solids, alkali metals and rare-gas crystals, reach 1-3 GPa; MatPES-like data sets have medians of ~70)
+SOFTEST_MEDIAN_MODULUS = 3.0
+
+
+def _volume_pressure_groups(dataset: FidelityDataset, pairs: np.ndarray, k: int) -> list[tuple]:
+    """(volumes [M] Å³, pressures −tr(σ)/3 [M] GPa) of each composition with ≥ 5 periodic structures stressed
+    at fidelity k among `pairs`, whose volumes differ by ≥ 0.5 % (relative std)."""
+    offsets = np.asarray(dataset.offsets)
+    volume = np.abs(np.linalg.det(dataset.cells))
+    s = pairs[pairs[:, 1] == k, 0]
+    s = s[dataset.stress_mask[s, k] & dataset.pbc[s].all(1)]
+    members: dict[bytes, list[int]] = {}
+    for i in s.tolist():
+        members.setdefault(np.sort(dataset.numbers[offsets[i] : offsets[i + 1]]).tobytes(), []).append(i)
+    out = []
+    for m in members.values():
+        v = volume[m]
+        if len(m) >= 5 and v.std() >= 0.005 * v.mean():
+            out.append((v, -np.trace(dataset.stress[m, k], axis1=1, axis2=2) / 3))
+    return out
