@@ -72,7 +72,7 @@ HELP = {
     "train.seed": "seed of weights and sample order",
     "train.num_workers": "DataLoader worker processes",
     "train.threads": "torch CPU threads (none: torch's default)",
-    "train.precision": "32 or 64-bit floats",
+    "train.precision": "32 or 64-bit floats for weights and computation (energy labels are kept in float64, force labels in float32: 7 significant digits, a rounding far smaller than any reference method's own error)",
     "train.accelerator": "auto, cpu, gpu, … (Lightning accelerator)",
     "train.devices": "devices per node, 'auto', or device ids like '0,1'",
     "train.num_nodes": "nodes for distributed training",
