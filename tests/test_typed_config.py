@@ -136,9 +136,9 @@ def test_module_loss_weights_are_checked_and_hyper_parameters_stay_plain_data():
     spec = {"model": TINY_MODEL, "fidelities": ["lo", "hi"]}
     loss = {"fidelity_weights": {"hi": 2.0}}
     module = PotentialModule(spec, loss, {"ema_decay": 0.0})
-    assert module.loss_fn.fidelity_weights.tolist() == [1.0, 2.0]
+    assert module.loss_fn.fidelity_weights.tolist() == [0.5, 1.0]  # relative to the largest
     resolved = PotentialModule(spec, loss, {}, fidelity_weights=np.array([0.5, 4.0]))  # as prepared: not looked up
-    assert resolved.loss_fn.fidelity_weights.tolist() == [0.5, 4.0]
+    assert resolved.loss_fn.fidelity_weights.tolist() == [0.125, 1.0]
     hp = module.hparams
     assert set(hp) == {"model_spec", "loss", "train"}
     assert hp["model_spec"] == {
