@@ -37,9 +37,17 @@ SamplingWeight = Annotated[float, Field(ge=0)]
 Inject = Literal["input", "readout", "both", "onehot", "heads", "single"]
 
 
-def _fidelity_name(name: str | None) -> str | None:
-    from multifi.data.fidelity import name_problem
+def name_problem(name: str) -> str | None:
+    """What is wrong with a fidelity name as written (spaces around it, empty), None if nothing: 'MID ' and
+    'MID' would be two fidelities that print alike."""
+    if not str(name).strip():
+        return "an empty fidelity name"
+    if str(name) != str(name).strip():
+        return f"fidelity name {str(name)!r} has leading or trailing spaces"
+    return None
 
+
+def _fidelity_name(name: str | None) -> str | None:
     if name is not None and (problem := name_problem(name)):
         raise ValueError(problem)
     return name

@@ -56,16 +56,6 @@ class FidelityTable:
         return FidelityTable(list(self.names) + [n for n in other.names if n not in self._index])
 
 
-def name_problem(name: str) -> str | None:
-    """What is wrong with a fidelity name as written (spaces around it, empty), None if nothing: 'MID ' and
-    'MID' would be two fidelities that print alike."""
-    if not str(name).strip():
-        return "an empty fidelity name"
-    if str(name) != str(name).strip():
-        return f"fidelity name {str(name)!r} has leading or trailing spaces"
-    return None
-
-
 def alike_names(names: Iterable[str]) -> list[tuple[str, str]]:
     """Pairs of distinct names equal up to case and spaces ('HI' and 'hi', 'B3LYP' and 'B3 LYP'): two fidelities
     a reader would take for one."""

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from multifi.config import name_problem
 from multifi.data.dataset import FidelityDataset, voigt_or_matrix
-from multifi.data.fidelity import name_problem
 from multifi.data.neighbors import check_cell
 from multifi.errors import MultifiError
 
