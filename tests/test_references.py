@@ -560,3 +560,29 @@ def test_evaluate_names_the_structure_with_an_open_composition(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert main(["evaluate", str(tmp_path / "model.pt"), str(tmp_path / "test.extxyz")]) == 0
     assert "1 structure(s) (1 (0-based, key ga2as)) hold Ga, As in proportions" in caplog.text
+
+
+def test_a_fidelity_with_fewer_labels_than_elements_takes_the_shape_of_the_closest_fidelity():
+    """GFN1-like labels on 4 molecules of 5 elements (no reference identified alone): the open composition is
+    estimated from the fidelity whose references it resembles (GFN2-like, semi-empirical scale), not from the
+    all-electron one the shift model's gauge sits at (that put a test molecule ~1 000 eV off)."""
+    rng = np.random.default_rng(0)
+    Z = [1, 6, 7, 8, 9]
+    dft = {1: -13.6, 6: -1030.0, 7: -1486.0, 8: -2040.0, 9: -2710.0}
+    gfn2 = {1: -10.7, 6: -48.0, 7: -71.0, 8: -103.0, 9: -130.0}
+    gfn1 = {z: 1.03 * v - 0.5 for z, v in gfn2.items()}
+    recs = []
+    for i in range(60):
+        numbers = rng.choice(Z, size=rng.integers(3, 12))
+        labels = {"dft": sum(dft[int(z)] for z in numbers), "gfn2": sum(gfn2[int(z)] for z in numbers)}
+        if i < 4:
+            numbers = np.array([1, 1, 6, 7, 8, 9][: 3 + i] + [1, 6, 8][: i % 3 + 1])
+            labels = {"dft": sum(dft[int(z)] for z in numbers), "gfn1": sum(gfn1[int(z)] for z in numbers)}
+        labels = {k: {"energy": float(v)} for k, v in labels.items()}
+        recs.append({"numbers": numbers, "positions": rng.normal(size=(len(numbers), 3)) * 3, "labels": labels})
+    ds = FidelityDataset.from_records(recs)
+    refs = fit_references(ds, labelled_pairs(ds, np.arange(len(ds))))
+    k = list(ds.fidelities.names).index("gfn1")
+    assert refs.open(k)  # the 4 labels leave a composition open
+    test = [1, 1, 1, 1, 6, 6, 6, 7, 8, 9]
+    assert abs(sum(refs.ref[z, k] - gfn1[z] for z in test)) < 0.5  # eV (was ≈ 1 010)

@@ -208,8 +208,7 @@ def least_squares_references(elements: np.ndarray, counts: np.ndarray, rows: np.
 def shared_estimates(ref: np.ndarray, fitted: np.ndarray) -> np.ndarray:
     """[N_ELEMENTS, K] eV: the shift model a[Z] + φ(Z)·β[f] (module docstring) fitted to the references ref
     [N_ELEMENTS, K] marked in fitted; its value where fitted is False is the estimate fit_references uses."""
-    prior, _ = _shift_model(ref, fitted, fitted)
-    return prior
+    return _shift_model(ref, fitted, fitted)[0]
 
 
 def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> list[np.ndarray]:
@@ -236,15 +235,42 @@ def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> 
             open_[f][:, entry[0]] = entry[1].T
     if not fitted.any():
         return open_
-    prior, loo = _shift_model(ref, fitted, identified)
+    prior, loo, own_shift = _shift_model(ref, fitted, identified)
     for f in range(K) if only is None else [only]:
+        estimate = prior[:, f]
         if nulls[f] is not None:
             cols, null = nulls[f]
-            ref[cols, f] += null @ (null.T @ (prior[cols, f] - ref[cols, f]))
+            if not own_shift[f]:
+                others = [g for g in range(K) if g != f and identified[cols, g].all()]
+                estimate = _shift_to_fit([estimate] + [ref[:, g] for g in others], ref[:, f], cols, null)
+            ref[cols, f] += null @ (null.T @ (estimate[cols] - ref[cols, f]))
         missing = fitted.any(1) & ~fitted[:, f]
-        ref[missing, f] = prior[missing, f]
+        ref[missing, f] = estimate[missing]
         spread[f] = loo[f]
     return open_
+
+
+def _shift_to_fit(priors: list, ref: np.ndarray, cols: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """The estimate [N_ELEMENTS] for a fidelity none of whose references its labels identify alone (e.g. 4 labels
+    of 5 elements): the shift model could not fit its β, so its prior sits at another fidelity's scale
+    (hundreds of eV per atom between all-electron and semi-empirical energies). For each candidate shape in
+    `priors` (the model's prior, then other fidelities' references known on `cols`), β (≤ 3 terms of φ, fewer
+    than the equations leave) and the open compositions' coordinates t are fitted jointly so that ref + null·t,
+    which matches every label, is as close as possible to shape + φ·β over the fitted elements `cols`; the
+    closest shape wins (GFN1-xTB labels then take GFN2-xTB's shape, not a DFT one). ref [N_ELEMENTS]: the
+    fidelity's own least-squares references, null [len(cols), d]."""
+    q = min(3, len(cols) - null.shape[1] - 1)
+    if q < 1:
+        return priors[0]
+    phi = _features(np.arange(N_ELEMENTS), q)
+    A = np.concatenate([null, -phi[cols]], axis=1)  # unknowns: t [d], β [q]
+    best = None
+    for shape in priors:
+        x = np.linalg.lstsq(A, shape[cols] - ref[cols], rcond=None)[0]
+        miss = float(np.linalg.norm(A @ x - (shape[cols] - ref[cols])))
+        if best is None or miss < best[0] - 1e-9:
+            best = (miss, shape + phi @ x[null.shape[1] :])
+    return best[1]
 
 
 def _features(z: np.ndarray, p: int) -> np.ndarray:
@@ -253,9 +279,10 @@ def _features(z: np.ndarray, p: int) -> np.ndarray:
     return np.stack([np.ones_like(x), x, x ** (7 / 3)], axis=1)[:, :p]
 
 
-def _shift_model(ref, fitted, identified) -> tuple[np.ndarray, np.ndarray]:
+def _shift_model(ref, fitted, identified) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prior references [N_ELEMENTS, K] of the model a[Z] + φ(Z)·β[f] fitted to the known references,
-    and the leave-one-out RMS error [K] (eV/atom; NaN where nothing to leave out) of the chosen φ.
+    the leave-one-out RMS error [K] (eV/atom; NaN where nothing to leave out) of the chosen φ, and [K] bool:
+    whether f's prior is at f's own scale (β[f] fitted to its references, or f the gauge fidelity).
 
     Cells (Z, f): identified references (weight 1); for an element identified nowhere (e.g. only ever
     in one ratio with another), its fitted ones (weight 1e-3: they place a[Z] and nothing else). β = 0 for the fidelity with
@@ -294,7 +321,7 @@ def _shift_model(ref, fitted, identified) -> tuple[np.ndarray, np.ndarray]:
         e = errors[(cells[:, 1] == f) & informative]
         if len(e) and f != base:
             loo[f] = float(np.sqrt(np.mean(e**2)))
-    return prior, loo
+    return prior, loo, (terms > 0) | (np.arange(K) == base)
 
 
 def _design(cells, elements, terms) -> np.ndarray:
