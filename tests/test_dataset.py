@@ -485,7 +485,8 @@ def test_fit_baseline_uses_only_the_given_pairs_and_scales_residuals():
     refs = fit_references(ds, pairs[pairs[:, 1] == hi])
     fitted, scale = refs.ref, refs.scale
     # 'lo' not in the pairs: nothing fitted from its labels; its references are the estimate from 'hi'
-    assert not refs.fitted[:, lo].any() and scale[lo] == 1.0 and refs.estimated(lo) == [1, 6, 7, 8]
+    assert not refs.fitted[:, lo].any() and refs.estimated(lo) == [1, 6, 7, 8]
+    assert scale[lo] == scale[hi] and refs.borrowed_scale.tolist() == [lo == 0, hi == 0]  # no labels: hi's scale
     np.testing.assert_allclose(fitted[:, lo], fitted[:, hi], atol=1e-6)
     np.testing.assert_allclose(fitted[[1, 6, 7, 8], hi], [-2.0, -6.0, -8.0, -10.0], atol=0.2)
     assert 0.02 < scale[hi] < 0.1

@@ -678,3 +678,21 @@ def test_few_new_labels_that_determine_no_validation_reference_still_select_a_ch
     with open(run_dir / "metrics.csv") as f:
         scored = [r["val/CC/energy_mae_meV"] for r in csv.DictReader(f) if r.get("val/CC/energy_mae_meV")]
     assert scored and all(float(v) > 0 for v in scored)
+
+
+def test_a_new_fidelity_with_too_few_labels_takes_the_median_scale(tmp_path, caplog):
+    """4 new labels of molecules with 4 elements leave no residual to read a scale from: the new fidelity takes
+    the median of the model's scales (with a warning), not the RMS of its force labels."""
+    import logging
+
+    old, model = saved_model(tmp_path)
+    raw = yaml.safe_load(dump_config(ext_config(tmp_path, model)))
+    raw["data"]["sources"][0]["path"] = str(new_data(tmp_path / "five.extxyz", n=5))
+    raw["data"]["split"] = {"val": 0.2, "test": 0.0, "seed": 0}
+    raw.pop("model", None)
+    raw["train"].pop("precision", None)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        run_dir = extend(validate_config(raw))
+    assert "CC: its 4 training labels do not determine an energy scale" in caplog.text
+    scale = load_potential(run_dir / "model.pt").head.scale
+    assert float(scale[2]) == pytest.approx(float(np.median(old.head.scale.numpy())), rel=1e-6)

@@ -286,3 +286,13 @@ def test_a_label_table_given_another_fidelity_than_its_manifest_is_an_error(tmp_
     assert read_label_table(tmp_path / "x.csv", "GFN2-xTB").fidelity == "GFN2-xTB"
     with pytest.raises(MultifiError, match="labels of 'GFN2-xTB'.*given as 'PBE'"):
         read_label_table(tmp_path / "x.csv", "PBE")
+
+
+def test_a_fidelity_with_too_few_labels_for_its_energy_scale_borrows_the_others(write_config, capsys, caplog):
+    """3 'hi' training labels of molecules with 4 elements fit their references exactly: no energy scale can be
+    read off the residual (it fell back to the force RMS, ~10× the others, and made forces ~10× too large)."""
+    config = write_config(data={"train_limits": {"hi": 3}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    assert "hi: its training labels do not determine an energy scale" in caplog.text and "lo: its" not in caplog.text

@@ -44,6 +44,7 @@ class References:
     fitted: np.ndarray
     spread: np.ndarray
     null: list[np.ndarray] = field(default_factory=list)
+    borrowed_scale: np.ndarray | None = None  # [K] bool: scale taken from the other fidelities (own undetermined)
 
     def open(self, k: int) -> list[int]:
         """Elements fidelity k's labels contain only in fixed proportions (their split is estimated)."""
@@ -96,8 +97,9 @@ def fit_references(
     """Per-fidelity reference energies (joint fit, see the module docstring) and residual scales.
 
     dataset: FidelityDataset; pairs [P, 2] (structure, fidelity) training samples.
-    scale [K] eV: standard deviation of the per-atom residual of each fidelity's own fit (fallback: RMS
-    of its force labels, then 1 eV). `pooled`: the labels of all fidelities fitted as one (every
+    scale [K] eV: standard deviation of the per-atom residual of each fidelity's own fit; where that fit leaves
+    fewer than MIN_SCALE_DOF residual degrees of freedom (or fits exactly), the median scale of the fidelities
+    whose fit determines one (borrowed_scale), else the RMS of the force labels, then 1 eV. `pooled`: the labels of all fidelities fitted as one (every
     column holds that fit; for fidelity-blind models). `shared_scale`: one scale for every fidelity,
     from the residuals of all fidelities together. `ridge` (relative) regularises each least-squares fit.
     """
@@ -114,13 +116,16 @@ def fit_references(
             residuals.append(own.resid)
     if shared_scale and not pooled and residuals:
         resid = np.concatenate(residuals)
-        scale[:] = (
-            float(resid.std()) if len(resid) > 1 and resid.std() > 1e-4 else force_rms(dataset, pairs, list(range(K)))
-        )
+        scale[:] = float(resid.std()) if len(resid) > 1 and resid.std() > 1e-4 else np.nan
+    borrowed = np.isnan(scale)
+    if borrowed.all():
+        scale[:], borrowed[:] = force_rms(dataset, pairs, list(range(K))), False
+    elif borrowed.any():
+        scale[borrowed] = float(np.median(scale[~borrowed]))
     null = [np.zeros((0, N_ELEMENTS)) for _ in range(K)]
     if not pooled:
         null = _fill_from_shared(ref, fitted, spread, systems)
-    return References(ref, scale, fitted, spread, null)
+    return References(ref, scale, fitted, spread, null, borrowed)
 
 
 def fit_baseline(
@@ -139,7 +144,8 @@ def fit_new_fidelity(
     ref, fitted [N_ELEMENTS, K0]: known references (e.g. a trained model's head.ref, head.fitted); each
     fitted one counts as one observation of a[Z] + φ(Z)·β[g] + η[Z, g].
     Fidelity k gets its own least-squares fit where its labels determine it, the shared estimate
-    elsewhere. Returns References of one column (ref [N_ELEMENTS, 1], scale [1], fitted, spread)."""
+    elsewhere. Returns References of one column (ref [N_ELEMENTS, 1], scale [1] (NaN when its labels do not
+    determine one: MIN_SCALE_DOF), fitted, spread)."""
     K0 = ref.shape[1]
     elements, counts = composition_matrix(dataset)
     own = _own_fit(dataset, pairs, [k], elements, counts, ridge)
@@ -159,6 +165,11 @@ class _OwnFit:
     system: tuple | None  # normal equations (XᵀX [N_ELEMENTS, N_ELEMENTS], Xᵀy [N_ELEMENTS], n samples)
 
 
+#: residual degrees of freedom (labelled structures − fitted elements) below which a fidelity's own fit
+#: does not determine its energy scale: 4 structures of 4 elements fit exactly, a residual std of ~0
+MIN_SCALE_DOF = 3
+
+
 def _own_fit(dataset, pairs, ks, elements, counts, ridge) -> _OwnFit:
     """Least squares of the energy labels at fidelities ks (pooled when several) on compositions."""
     sel = pairs[np.isin(pairs[:, 1], ks)]
@@ -166,11 +177,12 @@ def _own_fit(dataset, pairs, ks, elements, counts, ridge) -> _OwnFit:
     s, k = sel[:, 0], sel[:, 1]
     ref, fitted = np.zeros(N_ELEMENTS), np.zeros(N_ELEMENTS, bool)
     if len(s) == 0:
-        return _OwnFit(ref, fitted, force_rms(dataset, pairs, ks), None, None)
+        return _OwnFit(ref, fitted, np.nan, None, None)
     y = np.asarray(dataset.energy)[s, k]
     coef, cols, resid, ata, aty = _least_squares(counts, s, y, ridge)
     ref[elements[cols]], fitted[elements[cols]] = coef, True
-    scale = float(resid.std()) if len(s) > 1 and resid.std() > 1e-4 else force_rms(dataset, pairs, ks)
+    determined = len(s) - len(cols) >= MIN_SCALE_DOF and resid.std() > 1e-4
+    scale = float(resid.std()) if determined else np.nan  # NaN: its labels do not determine a scale
     G, h = np.zeros((N_ELEMENTS, N_ELEMENTS)), np.zeros(N_ELEMENTS)
     G[np.ix_(elements, elements)], h[elements] = ata, aty
     return _OwnFit(ref, fitted, scale, resid, (G, h, len(s)))

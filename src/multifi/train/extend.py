@@ -27,7 +27,7 @@ from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources, warn_alike_names
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
-from multifi.data.stats import fit_new_fidelity, shared_estimates, shortest_contacts
+from multifi.data.stats import MIN_SCALE_DOF, fit_new_fidelity, shared_estimates, shortest_contacts
 from multifi.errors import MultifiError, unknown_name
 from multifi.keys import COUNT
 from multifi.train.init import FIDELITY_AXIS
@@ -608,6 +608,16 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
     ref = head.ref.detach().double().cpu().numpy().copy()
     ref[:, k] = new.ref[:, 0]
     scale = head.scale.detach().double().cpu().numpy().copy()
+    if np.isnan(new.scale[0]):  # too few labels to fit its scale: the model's other fidelities' (median)
+        new.scale[0] = float(np.median(scale[:k]))
+        log.warning(
+            "%s: its %d training labels do not determine an energy scale (the reference fit leaves fewer than "
+            "%d degrees of freedom); it takes the median of the other fidelities' scales, %.3g eV",
+            potential.fidelities.names[k],
+            int((train_pairs[:, 1] == k).sum()),
+            MIN_SCALE_DOF,
+            new.scale[0],
+        )
     scale[k] = new.scale[0]
     check_energy_units(ds, train_pairs[train_pairs[:, 1] == k], ref, scale)
     check_stress_units(ds, train_pairs[train_pairs[:, 1] == k])

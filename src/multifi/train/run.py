@@ -21,7 +21,7 @@ from multifi.config import RunConfig, dump_config, load_config
 from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates, check_stress_units
 from multifi.data.dataset import ranges
 from multifi.data.split import changed_split
-from multifi.data.stats import fit_references, shortest_contacts
+from multifi.data.stats import MIN_SCALE_DOF, fit_references, shortest_contacts
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, make_dir, reported
 from multifi.keys import FORCES_MAE, STRESS_MAE, TRAIN_LOSS_EPOCH
@@ -867,6 +867,14 @@ def report_references(refs, names, skip=()) -> None:
     from ase.data import chemical_symbols
 
     for k, name in enumerate(names):
+        if refs.borrowed_scale is not None and refs.borrowed_scale[k] and name not in skip:
+            log.warning(
+                "%s: its training labels do not determine an energy scale (the reference fit leaves fewer than %d "
+                "degrees of freedom, or fits exactly); it takes the median of the other fidelities' scales, %.3g eV",
+                name,
+                MIN_SCALE_DOF,
+                refs.scale[k],
+            )
         if refs.open(k) and name not in skip:
             warn_open_references(name, refs.open(k))
         missing = refs.estimated(k)
