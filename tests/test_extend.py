@@ -696,3 +696,18 @@ def test_a_new_fidelity_with_too_few_labels_takes_the_median_scale(tmp_path, cap
     assert "CC: its 4 training labels do not determine an energy scale" in caplog.text
     scale = load_potential(run_dir / "model.pt").head.scale
     assert float(scale[2]) == pytest.approx(float(np.median(old.head.scale.numpy())), rel=1e-6)
+
+
+def test_cli_extension_without_test_structures_of_the_new_fidelity(old_run, tmp_path, capsys, caplog):
+    """No test split for the new fidelity: warned before training, and the command ends with a line saying its
+    test errors were not measured (was KeyError after model.pt was written)."""
+    import logging
+
+    args = ["extend", str(old_run / "model.pt"), "--data", str(new_data(tmp_path / "new.extxyz", n=5))]
+    args += ["--fidelity", "CC", "--out", str(tmp_path / "ext"), "--max-steps", "2"]
+    args += ["--set", "data.split.val=0.2", "--set", "data.split.test=0", "--set", "train.progress=false"]
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "CC: no test structures (its test errors are not measured)" in caplog.text
+    assert "CC: no test structures, no test metrics" in out and (tmp_path / "ext" / "model.pt").exists()

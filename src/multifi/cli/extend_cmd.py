@@ -88,7 +88,10 @@ def run(args) -> int:
         return 0
     payload = json.loads((run_dir / "metrics.json").read_text())
     name = payload["new_fidelity"]
-    print(metrics_table({name: payload["fidelities"][name]}, title=f"{name} test metrics ({run_dir})"))
+    if name in payload["fidelities"]:
+        print(metrics_table({name: payload["fidelities"][name]}, title=f"{name} test metrics ({run_dir})"))
+    else:
+        print(f"{name}: no test structures, no test metrics ({run_dir})")
     print(forgetting_table(payload["forgetting"], payload["old_fidelities_unchanged"]))
     print(f"wrote {run_dir / 'model.pt'}")
     return 0

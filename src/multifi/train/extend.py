@@ -459,6 +459,7 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
         neighbor_lists=cfg.data.neighbor_lists,
     )
     data.check_sampling(config_source)
+    _warn_unmeasured(pairs, table, len(old.fidelities))
     if dry_run:
         _report_extension_plan(cfg, module, pairs, table, run_dir)
         return run_dir
@@ -679,7 +680,24 @@ def _counts(pairs: np.ndarray, table: FidelityTable) -> dict[str, int]:
 
 
 def _count_text(pairs: np.ndarray, table: FidelityTable) -> str:
-    return ", ".join(f"{n}={v}" for n, v in _counts(pairs, table).items() if v)
+    return ", ".join(f"{n}={v}" for n, v in _counts(pairs, table).items() if v) or "none"
+
+
+def _warn_unmeasured(pairs: dict, table: FidelityTable, k: int) -> None:
+    """The new fidelity k without validation structures (its error picks no checkpoint) or without test
+    structures (its errors are not measured): said before training."""
+    for split, consequence in (
+        ("val", "its error takes no part in picking the checkpoint"),
+        ("test", "its test errors are not measured"),
+    ):
+        if not (pairs[split][:, 1] == k).any():
+            log.warning(
+                "%s: no %s structures (%s); give data.split.%s > 0 or a split file",
+                table.names[k],
+                {"val": "validation", "test": "test"}[split],
+                consequence,
+                split,
+            )
 
 
 def _card_data(old, x, pairs: dict, table: FidelityTable, replay: dict, old_run) -> dict:
