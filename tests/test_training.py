@@ -732,21 +732,27 @@ def test_a_run_continued_past_its_max_steps_trains_like_one_that_never_stopped(w
 
 
 def test_a_resume_on_another_number_of_processes_is_said(write_config, tmp_path, caplog):
-    """train.devices changed on resume: the structures per step, the steps per epoch and (cosine) the schedule
-    change; the log says so (the sampler goes on where the epoch stopped: test_distributed)."""
+    """train.devices changed on resume: the structures per step and the steps per epoch change (warned); a cosine
+    schedule, planned over the steps, cannot follow (an error before anything is written; it spanned the wrong
+    number of steps). The sampler goes on where the epoch stopped: test_distributed."""
     from multifi.config import dump_config, load_config
-    from multifi.train.run import _record_resumed_config
+    from multifi.train.run import _record_resumed_config, check_resume_changes
 
-    cfg = load_config(write_config(train={"schedule": "cosine"}))
-    run_dir = tmp_path / "r"
-    run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    moved = cfg.model_copy(update={"train": cfg.train.model_copy(update={"devices": 2})})
-    with caplog.at_level(logging.WARNING, logger="multifi"):
-        _record_resumed_config(run_dir, moved)
-    assert "another number of processes (train.devices: 1 → 2)" in caplog.text
-    assert "cosine learning-rate schedule" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="multifi"):
-        _record_resumed_config(run_dir, moved)  # config.yaml now holds devices 2: nothing changed
-    assert not caplog.text
+    for schedule in ("cosine", "plateau"):
+        cfg = load_config(write_config(train={"schedule": schedule}))
+        run_dir = tmp_path / schedule
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        moved = cfg.model_copy(update={"train": cfg.train.model_copy(update={"devices": 2})})
+        if schedule == "cosine":
+            with pytest.raises(MultifiError, match=r"cosine learning-rate schedule .* \(train.devices: 1 → 2\)"):
+                check_resume_changes(run_dir, moved)
+            continue
+        check_resume_changes(run_dir, moved)
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            _record_resumed_config(run_dir, moved)
+        assert "another number of processes (train.devices: 1 → 2)" in caplog.text and "cosine" not in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            _record_resumed_config(run_dir, moved)  # config.yaml now holds devices 2: nothing changed
+        assert not caplog.text

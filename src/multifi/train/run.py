@@ -598,6 +598,14 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
         return
     before, after = _resume_view(load_config(path)), _resume_view(cfg)
     fixed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in RESUMABLE)
+    processes = [k for k in ("train.devices", "train.num_nodes") if before.get(k) != after.get(k)]
+    if processes and cfg.train.schedule == "cosine":
+        shown = ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in processes)
+        raise MultifiError(
+            f"{path}: a cosine learning-rate schedule is planned over the run's steps, whose number depends on the "
+            f"number of processes ({shown}): resume it on the processes it started with, or start a new run from "
+            f"its weights (train.init_from: {run_dir}/model.pt)"
+        )
     if fixed:
         shown = ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in fixed[:3])
         raise MultifiError(
@@ -672,12 +680,13 @@ def _record_resumed_config(run_dir: Path, cfg: RunConfig) -> None:
     if processes:
         log.warning(
             "%s: resumed on another number of processes (%s): a step now takes train.batch_size structures per "
-            "process, so the structures per optimiser step and the steps per epoch change; the epoch goes on "
-            "from the samples already trained on",
+            "process, so the structures per optimiser step and the steps per epoch change (the %s schedule does "
+            "not depend on them); the epoch goes on from the samples already trained on",
             run_dir,
             ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in sorted(processes)),
+            cfg.train.schedule,
         )
-    if cfg.train.schedule == "cosine" and ({"train.max_steps", "train.epochs"} & set(changed) or processes):
+    if cfg.train.schedule == "cosine" and {"train.max_steps", "train.epochs"} & set(changed):
         log.warning(
             "%s: the cosine learning-rate schedule spans the run's steps, whose number changed: it is recomputed "
             "over the new number, so the learning rate jumps where the run resumes",
