@@ -296,3 +296,15 @@ def test_a_fidelity_with_too_few_labels_for_its_energy_scale_borrows_the_others(
         code, _, err = run(["train", config, "--dry-run"], capsys)
     assert code == 0, err
     assert "hi: its training labels do not determine an energy scale" in caplog.text and "lo: its" not in caplog.text
+
+
+def test_sampling_and_loss_weights_that_leave_nothing_to_train(write_config, capsys, caplog):
+    """lo sampled 100 % but weighted 0, hi weighted but never sampled: an error, not a run of zero losses; a
+    monitored fidelity that does not train is warned about."""
+    config = write_config(loss={"fidelity_weights": {"lo": 0}})
+    code, _, err = run(["train", config, "--dry-run", "--set", "train.fidelity_sampling={hi: 0}"], capsys)
+    assert code == 2 and "nothing would be trained" in err and len(err.strip().splitlines()) == 1
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run", "--set", "train.monitor=lo"], capsys)
+    assert code == 0, err
+    assert "train.monitor: lo does not train" in caplog.text and "(trained: hi)" in caplog.text

@@ -88,6 +88,14 @@ class MultiFidelityData(L.LightningDataModule):
         counts = np.bincount(pairs[:, 1], minlength=len(self.sampling))
         return epoch_shares(self.sampling, counts, self.dataset.fidelities.names)
 
+    def trained_fidelities(self, loss_weights: np.ndarray) -> np.ndarray:
+        """[K] bool: fidelities whose samples reach the gradient: training labels, a share of the epoch > 0
+        (train.fidelity_sampling) and a loss weight > 0 (loss.fidelity_weights [K])."""
+        counts = np.bincount(self.pairs["train"][:, 1], minlength=len(loss_weights))
+        shares = self._shares(self.pairs["train"])
+        sampled = counts > 0 if shares is None else np.array([shares.get(k, 0.0) > 0 for k in range(len(counts))])
+        return sampled & (counts > 0) & (np.asarray(loss_weights) > 0)
+
     def check_sampling(self, config_source: str = "") -> None:
         """train.fidelity_sampling: one-line error where it cannot be meant; a warning for a listed fidelity
         without training labels and for one whose labels get weight 0; the resulting shares logged."""

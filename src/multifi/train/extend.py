@@ -396,6 +396,7 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
     from multifi.train.run import (
         _configure_threads,
         _quiet_lightning,
+        check_something_trains,
         final_checkpoint,
         fit_or_interrupt,
         make_trainer,
@@ -459,6 +460,7 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
         neighbor_lists=cfg.data.neighbor_lists,
     )
     data.check_sampling(config_source)
+    check_something_trains(cfg, data, settings.loss_weights, config_source)
     _warn_unmeasured(pairs, table, len(old.fidelities))
     if dry_run:
         _report_extension_plan(cfg, module, pairs, table, run_dir)

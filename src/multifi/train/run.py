@@ -123,6 +123,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     module.potential.head.record_contacts(shortest_contacts(prep.dataset, data.neighbors, train_structures))
     module.sync_ema()
     data.check_sampling(config_source)
+    check_something_trains(cfg, data, prep.settings.loss_weights, config_source)
     trainer = _build_trainer(cfg, run_dir, len(prep.pairs["val"]) > 0, config_source)
     if dry_run:
         _report_plan(cfg, prep, module, run_dir, ckpt)
@@ -478,6 +479,28 @@ def _check_monitor(cfg: RunConfig, prep) -> None:
     if not mask.any():
         raise MultifiError(
             f"train.monitor_metric: {metric} needs {kind} labels at {name!r} in the validation split; it has none"
+        )
+
+
+def check_something_trains(cfg: RunConfig, data, loss_weights: np.ndarray, config_source: str = "") -> None:
+    """No fidelity both sampled and weighted (train.fidelity_sampling 0 for the one, loss.fidelity_weights 0
+    for the other): a one-line error, not a run of zero losses. A monitored fidelity that does not train:
+    a warning (the checkpoint is picked by a fidelity the gradient never sees)."""
+    trained = data.trained_fidelities(loss_weights)
+    names = data.dataset.fidelities.names
+    if not trained.any():
+        prefix = f"{config_source}: " if config_source else ""
+        raise MultifiError(
+            f"{prefix}no fidelity is both sampled (train.fidelity_sampling > 0) and weighted "
+            "(loss.fidelity_weights > 0): nothing would be trained"
+        )
+    name = cfg.train.monitor
+    if name is not None and not trained[data.dataset.fidelities.index(name, where="train.monitor")]:
+        log.warning(
+            "train.monitor: %s does not train (sampling or loss weight 0, or no training labels): the checkpoint "
+            "is picked by a fidelity the gradient never sees (trained: %s)",
+            name,
+            ", ".join(n for n, t in zip(names, trained) if t),
         )
 
 
