@@ -308,3 +308,23 @@ def test_sampling_and_loss_weights_that_leave_nothing_to_train(write_config, cap
         code, _, err = run(["train", config, "--dry-run", "--set", "train.monitor=lo"], capsys)
     assert code == 0, err
     assert "train.monitor: lo does not train" in caplog.text and "(trained: hi)" in caplog.text
+
+
+@pytest.mark.parametrize("factor", [1.0, 1000.0])
+def test_forces_in_mev_per_angstrom_are_flagged(factor, write_config, tmp_path, capsys, caplog):
+    """Forces written in meV/Å where eV/Å is read: 1000× too large, which training says before it starts."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for a in _strained_copper(n=12):
+        r = a.calc.results
+        a.calc = SinglePointCalculator(a, energy=r["energy"], forces=r["forces"] * factor, stress=r["stress"])
+        frames.append(a)
+    path = tmp_path / "cu.extxyz"
+    ase.io.write(path, frames)
+    config = write_config(data={"sources": [{"path": str(path)}], "split": {"val": 0.25, "test": 0.25, "seed": 0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    flagged = [r.getMessage() for r in caplog.records if "look like meV/Å" in r.getMessage()]
+    assert len(flagged) == (factor > 1) and all(str(path) in m and "'EMT'" in m for m in flagged)

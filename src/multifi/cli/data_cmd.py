@@ -101,7 +101,7 @@ def _check_labels(ds) -> None:
     """The unit checks and reference-energy warnings training runs (in the log), on every label of the data."""
     import numpy as np
 
-    from multifi.data.checks import check_energy_units, check_stress_units
+    from multifi.data.checks import check_energy_units, check_force_units, check_stress_units
     from multifi.data.split import labelled_pairs
     from multifi.data.stats import fit_references
     from multifi.train.run import report_references
@@ -110,6 +110,7 @@ def _check_labels(ds) -> None:
     refs = fit_references(ds, pairs)
     check_energy_units(ds, pairs, refs.ref, refs.scale)
     check_stress_units(ds, pairs)
+    check_force_units(ds, pairs)
     report_references(refs, ds.fidelities.names)
 
 

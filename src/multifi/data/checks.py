@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from multifi.data.dataset import FidelityDataset
+from multifi.data.dataset import FidelityDataset, ranges
 from multifi.errors import MultifiError
 
 log = logging.getLogger("multifi")
@@ -270,6 +270,38 @@ def _crystal_per_atom_magnitude(dataset: FidelityDataset, s: np.ndarray, k: int)
         return None
     m = float(np.median(np.abs(dataset.energy[periodic, k]) / dataset.n_atoms[periodic]))
     return m if 0.02 < m < 0.4 else None
+
+
+#: eV/Å: median |force component| above which forces look like meV/Å numbers read as eV/Å (real data: MD
+#: snapshots 0.1-1, strongly distorted structures a few; ../shared/data/solids PBE: 0.35)
+IMPLAUSIBLE_FORCE = 20.0
+
+
+def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5) -> list[str]:
+    """Warn for fidelities whose force labels have a median |component| above IMPLAUSIBLE_FORCE over at least
+    `min_count` of `pairs`' structures (at most 5 000 of them looked at): meV/Å read as eV/Å comes out 1000×
+    too large. Returns the suspicious names."""
+    if dataset.forces is None:
+        return []
+    suspicious = []
+    for k, name in enumerate(dataset.fidelities.names):
+        s = pairs[pairs[:, 1] == k, 0]
+        s = s[dataset.forces_mask[s, k]]
+        if len(s) < min_count:
+            continue
+        s = s[:: max(1, len(s) // 5000)]
+        atoms = ranges(np.asarray(dataset.offsets)[s], dataset.n_atoms[s])
+        median = float(np.median(np.abs(dataset.forces[atoms, k])))
+        if median > IMPLAUSIBLE_FORCE:
+            suspicious.append(name)
+            log.warning(
+                "%s: forces at fidelity %r look like meV/Å numbers read as eV/Å (median |component| %.0f eV/Å; "
+                "real data: 0.1-5); force labels are read in eV/Å: divide meV/Å by 1000",
+                dataset.source or "data",
+                name,
+                median,
+            )
+    return suspicious
 
 
 #: GPa; the median over structures of the largest |stress component| above which stresses look like GPa or

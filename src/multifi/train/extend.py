@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from multifi.config import RunConfig, dump_config, load_config, with_backbone_defaults
-from multifi.data.checks import check_energy_units, check_stress_units
+from multifi.data.checks import check_energy_units, check_force_units, check_stress_units
 from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources, warn_alike_names
@@ -624,6 +624,7 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
     scale[k] = new.scale[0]
     check_energy_units(ds, train_pairs[train_pairs[:, 1] == k], ref, scale)
     check_stress_units(ds, train_pairs[train_pairs[:, 1] == k])
+    check_force_units(ds, train_pairs[train_pairs[:, 1] == k])
     with torch.no_grad():
         head.ref[:, k] = torch.as_tensor(new.ref[:, 0], dtype=head.ref.dtype)
         head.fitted[:, k] = torch.as_tensor(new.fitted[:, 0])

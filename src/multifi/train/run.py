@@ -18,7 +18,13 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from multifi.config import RunConfig, dump_config, load_config
-from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates, check_stress_units
+from multifi.data.checks import (
+    check_energy_units,
+    check_force_units,
+    check_overlaps,
+    check_split_duplicates,
+    check_stress_units,
+)
 from multifi.data.dataset import ranges
 from multifi.data.split import changed_split
 from multifi.data.stats import MIN_SCALE_DOF, fit_references, shortest_contacts
@@ -102,6 +108,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     )
     check_energy_units(prep.dataset, prep.pairs["train"], refs.ref, refs.scale)
     check_stress_units(prep.dataset, prep.pairs["train"])
+    check_force_units(prep.dataset, prep.pairs["train"])
     report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
     module.sync_ema()
