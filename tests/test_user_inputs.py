@@ -328,3 +328,13 @@ def test_forces_in_mev_per_angstrom_are_flagged(factor, write_config, tmp_path, 
     assert code == 0, err
     flagged = [r.getMessage() for r in caplog.records if "look like meV/Å" in r.getMessage()]
     assert len(flagged) == (factor > 1) and all(str(path) in m and "'EMT'" in m for m in flagged)
+
+
+def test_settings_of_a_fidelity_left_out_by_data_fidelities_are_ignored(write_config, capsys, caplog):
+    """loss.fidelity_weights names hi, data.fidelities keeps lo only: a warning that hi's setting is ignored
+    (it was 'unknown fidelity hi (known: lo)', although hi is in the data)."""
+    config = write_config(loss={"fidelity_weights": {"hi": 2.0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run", "--set", "data.fidelities=[lo]"], capsys)
+    assert code == 0, err
+    assert "loss.fidelity_weights: hi left out by data.fidelities; its setting is ignored" in caplog.text

@@ -27,11 +27,24 @@ class FidelitySettings:
     loss_weights: np.ndarray  # [K] float64: loss weight (loss.fidelity_weights); 1 unless configured
 
     @classmethod
-    def resolve(cls, cfg: RunConfig, table: FidelityTable, config_source: str = "") -> FidelitySettings:
+    def resolve(
+        cls, cfg: RunConfig, table: FidelityTable, config_source: str = "", dropped: frozenset = frozenset()
+    ) -> FidelitySettings:
         """Every fidelity the config names must be one of `table`'s (checked before a run writes anything);
-        `config_source` (the config file) prefixes the error, which names the key and the known fidelities."""
+        `config_source` (the config file) prefixes the error, which names the key and the known fidelities.
+        Settings of `dropped` fidelities (in the data, left out by data.fidelities) are ignored, with a warning."""
         prefix = f"{config_source}: " if config_source else ""
-        loss_weights = table.per_index(cfg.loss.fidelity_weights, 1.0, f"{prefix}loss.fidelity_weights")
+
+        def kept(key: str, mapping: dict) -> dict:
+            left_out = sorted(set(mapping) & set(dropped))
+            if left_out:
+                log.warning("%s: %s left out by data.fidelities; its setting is ignored", key, ", ".join(left_out))
+            return {name: v for name, v in mapping.items() if name not in dropped}
+
+        limits = kept("data.train_limits", cfg.data.train_limits)
+        sampling = kept("train.fidelity_sampling", cfg.train.fidelity_sampling)
+        weights = kept("loss.fidelity_weights", cfg.loss.fidelity_weights)
+        loss_weights = table.per_index(weights, 1.0, f"{prefix}loss.fidelity_weights")
         if not (loss_weights > 0).any():
             raise MultifiError(
                 f"{prefix}loss.fidelity_weights: every fidelity has weight 0, so nothing would be trained"
@@ -43,8 +56,8 @@ class FidelitySettings:
                 name,
             )
         return cls(
-            train_limits=table.per_index(cfg.data.train_limits, np.nan, f"{prefix}data.train_limits"),
-            sampling=table.per_index(cfg.train.fidelity_sampling, np.nan, f"{prefix}train.fidelity_sampling"),
+            train_limits=table.per_index(limits, np.nan, f"{prefix}data.train_limits"),
+            sampling=table.per_index(sampling, np.nan, f"{prefix}train.fidelity_sampling"),
             loss_weights=loss_weights,
         )
 
@@ -61,9 +74,10 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
     """`config_source` (the config file) prefixes errors about the config's fidelity names."""
     d = cfg.data
     ds = dataset if dataset is not None else read_sources(d.sources, d.skip_invalid)
+    names = frozenset(ds.fidelities.names)
     if d.fidelities is not None:
         ds = ds.select_fidelities(d.fidelities, where="data.fidelities")
-    settings = FidelitySettings.resolve(cfg, ds.fidelities, config_source)
+    settings = FidelitySettings.resolve(cfg, ds.fidelities, config_source, names - set(ds.fidelities.names))
     if d.split.files:
         split = split_from_files(d.split.files, ds)
     else:
