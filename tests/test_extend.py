@@ -711,3 +711,20 @@ def test_cli_extension_without_test_structures_of_the_new_fidelity(old_run, tmp_
     out = capsys.readouterr().out
     assert "CC: no test structures (its test errors are not measured)" in caplog.text
     assert "CC: no test structures, no test metrics" in out and (tmp_path / "ext" / "model.pt").exists()
+
+
+def test_replay_says_the_old_runs_per_fidelity_settings_are_not_carried_over(old_run, tmp_path, capsys, caplog):
+    """The old run weighted lo by 0.5; an extension replaying lo trains it with its own config's weights: said
+    in a warning, with both settings (it was silent)."""
+    import logging
+
+    copy = tmp_path / "old"
+    shutil.copytree(old_run, copy)
+    raw = yaml.safe_load((copy / "config.yaml").read_text())
+    raw.setdefault("loss", {})["fidelity_weights"] = {"lo": 0.5}
+    (copy / "config.yaml").write_text(yaml.safe_dump(raw))
+    args = ["extend", str(copy / "model.pt"), "--data", str(new_data(tmp_path / "new.extxyz"))]
+    args += ["--fidelity", "CC", "--out", str(tmp_path / "ext"), "--train", "all", "--replay", "0.5", "--dry-run"]
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(args) == 0
+    assert "loss.fidelity_weights of the old run ({'lo': 0.5}) is not carried over" in caplog.text

@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import yaml
 
 from multifi.config import RunConfig, dump_config, load_config, with_backbone_defaults
 from multifi.data.checks import check_energy_units, check_force_units, check_stress_units
@@ -525,12 +526,37 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
     replay = _replay(x, old, old_run, cfg.train.seed, where)
     ds, pairs = combine(table, new_ds, new_pairs, old_run, replay)
     settings = FidelitySettings.resolve(cfg, ds.fidelities, config_source)
+    if old_run is not None and replay:
+        _warn_settings_not_carried(old_run.path, cfg)
     _check_elements(old, new_ds, x.fidelity, x.train, where)
     sources = ", ".join(str(src.path or "qm9") for src in cfg.data.sources)
     run_data = None if old_run is None else merged_run_data(table, new_ds, new_pairs, old_run, sources)
     if old_run is not None and not cfg.data.split.files:  # said once the data merged (a key clash is an error)
         _log_followed_split(new_ds, old_run)
     return ds, pairs, old_run, replay, settings, run_data
+
+
+def _warn_settings_not_carried(run: Path, cfg: RunConfig) -> None:
+    """The old run's per-fidelity training settings (loss weights, sampling) are not carried over to the
+    replayed fidelities: an extension trains with its own config's. Said when they differ."""
+    try:
+        raw = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    for section, key, now in (
+        ("loss", "fidelity_weights", cfg.loss.fidelity_weights),
+        ("train", "fidelity_sampling", cfg.train.fidelity_sampling),
+    ):
+        before = (raw.get(section) or {}).get(key) or {}
+        if before and before != now:
+            log.warning(
+                "%s.%s of the old run (%s) is not carried over to the replayed fidelities: the extension trains "
+                "with its own (%s); set it in the extension's config to keep it",
+                section,
+                key,
+                before,
+                now or "none",
+            )
 
 
 def _finish(cfg: RunConfig, old, potential, data, pairs: dict, table: FidelityTable, old_run, replay) -> None:
