@@ -586,3 +586,19 @@ def test_a_fidelity_with_fewer_labels_than_elements_takes_the_shape_of_the_close
     assert refs.open(k)  # the 4 labels leave a composition open
     test = [1, 1, 1, 1, 6, 6, 6, 7, 8, 9]
     assert abs(sum(refs.ref[z, k] - gfn1[z] for z in test)) < 0.5  # eV (was ≈ 1 010)
+
+
+def test_evaluate_data_naming_a_fidelity_in_another_case(run_without_n, tmp_path, capsys):
+    """Frames at 'LO' for a model with 'lo': both ways of calling evaluate say to write the model's name into the
+    file (they used to send the user from one message to the other)."""
+    from test_cli import fails
+
+    run_dir, _, _ = run_without_n
+    frames = [emt_labelled(rattled_molecule("H2O", 3), "LO")]
+    ase.io.write(tmp_path / "upper.extxyz", frames, format="extxyz")
+    fails(["evaluate", str(run_dir), str(tmp_path / "upper.extxyz")], capsys, "it has 'lo', equal up to case")
+    fails(
+        ["evaluate", str(run_dir), str(tmp_path / "upper.extxyz"), "--fidelity", "lo"],
+        capsys,
+        "write 'lo' into the file's info['fidelity']",
+    )

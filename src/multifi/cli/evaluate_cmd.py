@@ -58,12 +58,21 @@ def run(args) -> int:
         from multifi.plots import image_format
 
         image_format(Path(args.plot))
+    from multifi.data.fidelity import alike_names
+
     potential = load_potential(args.checkpoint).to(args.device)
     parts = [read_labelled(path, args.fidelity, args) for path in args.data]
     ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     if args.fidelity:
         potential.fidelities.index(args.fidelity, where=args.checkpoint)
+        alike = [b for a, b in alike_names([args.fidelity, *ds.fidelities.names]) if a == args.fidelity]
+        if args.fidelity not in ds.fidelities.names and alike:
+            raise MultifiError(
+                f"{', '.join(args.data)}: its structures name fidelity {alike[0]!r}, equal up to case or spaces to "
+                f"--fidelity {args.fidelity!r}, but a name the data gives is used as written (--fidelity applies only "
+                f"to structures that name none): write {args.fidelity!r} into the file's info['fidelity']"
+            )
         if args.fidelity not in ds.fidelities.names:
             raise MultifiError(
                 f"{', '.join(args.data)}: no labels at {args.fidelity!r}: its structures name their own fidelity "

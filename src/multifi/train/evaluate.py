@@ -10,7 +10,9 @@ import torch
 from multifi.data.batch import GraphCollator
 from multifi.data.checks import check_overlaps
 from multifi.data.dataset import FidelityDataset, ranges
+from multifi.data.fidelity import alike_names
 from multifi.data.neighbors import NeighborCache, make_neighbors
+from multifi.errors import MultifiError
 from multifi.keys import COUNT, ESTIMATED, FITTED_ONLY, UNSEEN
 from multifi.models.elements import open_compositions
 from multifi.train.metrics import FidelityMetrics
@@ -115,6 +117,14 @@ def model_fidelities(potential, dataset: FidelityDataset, pairs: np.ndarray) -> 
     used = np.zeros(len(dataset.fidelities), bool)
     used[np.asarray(pairs, dtype=np.int64).reshape(-1, 2)[:, 1]] = True
     where = f"{dataset.source or 'data'} (the model's fidelities)"
+    for name in np.asarray(dataset.fidelities.names, dtype=object)[used]:
+        alike = [m for a, m in alike_names([name, *potential.fidelities.names]) if a == name]
+        if name not in potential.fidelities and alike:
+            raise MultifiError(
+                f"{dataset.source or 'data'}: its structures name fidelity {name!r}, which the model does not know; "
+                f"it has {alike[0]!r}, equal up to case or spaces, but a name the data gives is used as written "
+                "(two such names are two fidelities): write the model's name into the file's info['fidelity']"
+            )
     return np.array(
         [potential.fidelities.index(n, where=where) if u else -1 for n, u in zip(dataset.fidelities.names, used)],
         dtype=np.int64,
