@@ -415,5 +415,5 @@ def test_data_info_names_references_the_labels_leave_open(tmp_path, capsys, capl
     ase.io.write(tmp_path / "gaas.extxyz", frames, format="extxyz")
     with caplog.at_level("WARNING", logger="multifi"):
         assert run(["data", "info", tmp_path / "gaas.extxyz"], capsys)[0] == 0
-    assert "R2: the training labels contain Ga, As only in fixed proportions" in caplog.text
-    assert "PBE: the training labels contain" not in caplog.text
+    assert "R2: the labels of these files contain Ga, As only in fixed proportions" in caplog.text
+    assert "PBE: the labels of these files contain" not in caplog.text

@@ -148,7 +148,7 @@ def test_training_warns_once_per_fidelity_lacking_elements(run_without_n):
     run_dir, warnings, _ = run_without_n
     about = [w for w in warnings if "no energy labels with" in w]
     assert (
-        len(about) == 1 and about[0].startswith("hi: no energy labels with N in training") and "estimated" in about[0]
+        len(about) == 1 and about[0].startswith("hi: no energy labels with N in the training labels") and "estimated" in about[0]
     )
     head = load_potential(run_dir / "model.pt").head
     assert not head.fitted[7, 1] and head.fitted[[1, 6, 7, 8], 0].all() and head.fitted[[1, 6, 8], 1].all()
@@ -504,7 +504,7 @@ def test_the_estimate_error_names_how_many_elements_it_comes_from(caplog):
     refs, _, _ = fit(FidelityDataset.from_records(recs))
     with caplog.at_level(logging.WARNING, logger="multifi"):
         report_references(refs, ["lo", "hi"])
-    assert "hi: no energy labels with Ag in training" in caplog.text
+    assert "hi: no energy labels with Ag in the training labels" in caplog.text
     assert "over the 2 elements labelled at hi and another fidelity" in caplog.text and "rough guide" in caplog.text
 
 

@@ -111,7 +111,7 @@ def _check_labels(ds) -> None:
     check_energy_units(ds, pairs, refs.ref, refs.scale)
     check_stress_units(ds, pairs)
     check_force_units(ds, pairs)
-    report_references(refs, ds.fidelities.names)
+    report_references(refs, ds.fidelities.names, labels="labels of these files")
 
 
 def run_convert(args) -> int:

@@ -883,16 +883,18 @@ def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None)
     log.info("dry run: config and data are valid; nothing written (the run would go to %s)", run_dir.resolve())
 
 
-def warn_open_references(name: str, elements: list[int]) -> None:
-    """Warn that fidelity `name`'s training labels contain `elements` only in fixed proportions."""
+def warn_open_references(name: str, elements: list[int], labels: str = "training labels") -> None:
+    """Warn that fidelity `name`'s `labels` (training labels, or those of data files) contain `elements` only in
+    fixed proportions."""
     from ase.data import chemical_symbols
 
     symbols = ", ".join(chemical_symbols[z] for z in elements)
     log.warning(
-        "%s: the training labels contain %s only in fixed proportions (e.g. Ga and As only as GaAs), which fixes "
-        "the sum of their %s reference energies but not each one: the split is estimated, so energies of "
-        "structures with other proportions of %s may be off by up to eV per atom; add %s labels of such structures",
+        "%s: the %s contain %s only in fixed proportions (e.g. Ga and As only as GaAs), which fixes the sum of "
+        "their %s reference energies but not each one: the split is estimated, so energies of structures with "
+        "other proportions of %s may be off by eV per atom or more; add %s labels of such structures",
         name,
+        labels,
         symbols,
         name,
         symbols,
@@ -900,22 +902,24 @@ def warn_open_references(name: str, elements: list[int]) -> None:
     )
 
 
-def report_references(refs, names, skip=()) -> None:
+def report_references(refs, names, skip=(), labels: str = "training labels") -> None:
     """One warning per fidelity whose training labels lack elements that other fidelities have (except
-    `skip`: fidelities without training labels, warned about as such)."""
+    `skip`: fidelities without training labels, warned about as such); `labels` names what was fitted
+    ("training labels", or the labels of data files for `multifi data info`)."""
     from ase.data import chemical_symbols
 
     for k, name in enumerate(names):
         if refs.borrowed_scale is not None and refs.borrowed_scale[k] and name not in skip:
             log.warning(
-                "%s: its training labels do not determine an energy scale (the reference fit leaves fewer than %d "
-                "degrees of freedom, or fits exactly); it takes the median of the other fidelities' scales, %.3g eV",
+                "%s: its %s do not determine an energy scale (the reference fit leaves fewer than %d degrees of "
+                "freedom, or fits exactly); it takes the median of the other fidelities' scales, %.3g eV",
                 name,
+                labels,
                 MIN_SCALE_DOF,
                 refs.scale[k],
             )
         if refs.open(k) and name not in skip:
-            warn_open_references(name, refs.open(k))
+            warn_open_references(name, refs.open(k), labels)
         missing = refs.estimated(k)
         if not missing or name in skip:
             continue
@@ -930,10 +934,11 @@ def report_references(refs, names, skip=()) -> None:
             + ")"
         )
         log.warning(
-            "%s: no energy labels with %s in training; their %s reference energies are estimated from "
+            "%s: no energy labels with %s in the %s; their %s reference energies are estimated from "
             "the other fidelities' references as a shared per-element reference plus a %s shift smooth in Z%s",
             name,
             symbols,
+            labels,
             name,
             name,
             error,
