@@ -307,6 +307,12 @@ def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(lines) == 2 and lines[0].startswith("epoch 1/2  step 5  val E MAE meV: hi ")
     assert " lr " in lines[0] and lines[0].endswith(" s")
+    caplog.clear()  # a step limit is shown next to the step: it, not the epochs, ends the run
+    with caplog.at_level("INFO", logger="multifi"):
+        cfg = {"progress": True, "epochs": 100, "max_steps": 7, "batch_size": 8, "threads": 1}
+        train(load_config(write_config(name="limit.yaml", train=cfg, output_dir=str(tmp_path / "limit"))))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert lines[0].startswith("epoch 1/100  step 5/7  ")
     # validation every 3 steps, epochs of 5: an epoch end without a validation shows no (old) validation numbers
     caplog.clear()
     cfg = {"progress": True, "epochs": 2, "batch_size": 8, "threads": 1, "val_every_n_steps": 3}

@@ -148,7 +148,9 @@ def test_training_warns_once_per_fidelity_lacking_elements(run_without_n):
     run_dir, warnings, _ = run_without_n
     about = [w for w in warnings if "no energy labels with" in w]
     assert (
-        len(about) == 1 and about[0].startswith("hi: no energy labels with N in the training labels") and "estimated" in about[0]
+        len(about) == 1
+        and about[0].startswith("hi: no energy labels with N in the training labels")
+        and "estimated" in about[0]
     )
     head = load_potential(run_dir / "model.pt").head
     assert not head.fitted[7, 1] and head.fitted[[1, 6, 7, 8], 0].all() and head.fitted[[1, 6, 8], 1].all()

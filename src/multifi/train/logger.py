@@ -147,7 +147,8 @@ class EpochLine(L.Callback):
         if sums is not None and TRAIN_LOSS_EPOCH in sums.means():
             m[TRAIN_LOSS_EPOCH] = float(sums.means()[TRAIN_LOSS_EPOCH])
         maes = [f"{val_key_fidelity(k)} {m[k]:.1f}" for k in sorted(m) if is_val_key(k, ENERGY_MAE) and _finite(m[k])]
-        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}"]
+        steps = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""  # the limit that ends it
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}{steps}"]
         if maes:
             parts.append("val E MAE meV: " + ", ".join(maes))
         if _finite(m.get(VAL_LOSS)):
