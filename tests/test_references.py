@@ -604,3 +604,32 @@ def test_evaluate_data_naming_a_fidelity_in_another_case(run_without_n, tmp_path
         capsys,
         "write 'lo' into the file's info['fidelity']",
     )
+
+
+@pytest.mark.parametrize("few", ["agfn1", "zgfn1"])  # before or after gfn2 in the (sorted) fidelity table
+def test_an_element_the_few_labels_lack_is_estimated_whatever_the_order_of_fidelities(few):
+    """As above, S labelled at 'dft' only: the few-label fidelity's S reference comes from the shape it resembles
+    plus its shift, never from an unfilled entry of the other fidelity's column (it was −17 or −7 294 eV by the
+    order of the fidelities)."""
+    rng = np.random.default_rng(0)
+    Z = [1, 6, 7, 8, 9, 16]
+    dft = {1: -13.6, 6: -1030.0, 7: -1486.0, 8: -2040.0, 9: -2710.0, 16: -10850.0}
+    gfn2 = {1: -10.7, 6: -48.0, 7: -71.0, 8: -103.0, 9: -130.0}
+    gfn1 = {z: 1.03 * v - 0.5 for z, v in gfn2.items()}
+    recs = []
+    for i in range(60):
+        numbers = rng.choice(Z, size=rng.integers(3, 12))
+        labels = {"dft": sum(dft[int(z)] for z in numbers)}
+        if 16 not in numbers:
+            labels["gfn2"] = sum(gfn2[int(z)] for z in numbers)
+        if i < 4:
+            numbers = np.array([1, 1, 6, 7, 8, 9][: 3 + i] + [1, 6, 8][: i % 3 + 1])
+            labels = {"dft": sum(dft[int(z)] for z in numbers), few: sum(gfn1[int(z)] for z in numbers)}
+        labels = {k: {"energy": float(v)} for k, v in labels.items()}
+        recs.append({"numbers": numbers, "positions": rng.normal(size=(len(numbers), 3)) * 3, "labels": labels})
+    ds = FidelityDataset.from_records(recs)
+    names = list(ds.fidelities.names)
+    refs = fit_references(ds, labelled_pairs(ds, np.arange(len(ds))))
+    k, g = names.index(few), names.index("gfn2")
+    assert not refs.fitted[16, k] and not refs.fitted[16, g]
+    assert abs(refs.ref[16, k] - refs.ref[16, g]) < 30.0  # next to gfn2's estimate (eV), not at 0 or at DFT's

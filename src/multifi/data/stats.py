@@ -254,7 +254,10 @@ def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> 
             cols, null = nulls[f]
             if not own_shift[f]:
                 others = [g for g in range(K) if g != f and identified[cols, g].all()]
-                estimate = _shift_to_fit([estimate] + [ref[:, g] for g in others], ref[:, f], cols, null)
+                # another fidelity's shape: its own references where they are identified, its prior elsewhere
+                # (never an unfilled column entry: the estimate would depend on the order of the fidelities)
+                shapes = [np.where(identified[:, g], ref[:, g], prior[:, g]) for g in others]
+                estimate = _shift_to_fit([estimate, *shapes], ref[:, f], cols, null)
             ref[cols, f] += null @ (null.T @ (estimate[cols] - ref[cols, f]))
         missing = fitted.any(1) & ~fitted[:, f]
         ref[missing, f] = estimate[missing]
