@@ -50,28 +50,6 @@ def test_sampler_keeps_mixing_ratio_and_resumes():
     assert list(s) == order.tolist()  # resume applies once
 
 
-@pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 3), (2, 3)])
-def test_a_resume_on_another_number_of_processes_goes_on_where_the_epoch_stopped(old_world, new_world):
-    """A mid-epoch checkpoint of W ranks resumed on W' ranks: no sample trained twice, fewer than W' skipped."""
-    from types import SimpleNamespace
-
-    from multifi.train.datamodule import MultiFidelityData
-
-    fid, batch, batches_done = np.array([0] * 72 + [1] * 30), 4, 5  # 102: no padding at 1, 2 or 3 ranks
-    old = [FidelitySampler(fid, seed=1, rank=r, world_size=old_world) for r in range(old_world)]
-    trained = [i for s in old for i in list(s)[: batches_done * batch]]
-    state = {"epoch": 0, "batches_done": batches_done, "world": old_world}
-    skip = MultiFidelityData._samples_done_per_rank(SimpleNamespace(_resume_state=state, batch_size=batch), new_world)
-    rest = []
-    for r in range(new_world):
-        s = FidelitySampler(fid, seed=1, rank=r, world_size=new_world)
-        s.resume(0, skip)
-        rest += list(s)
-    full = list(FidelitySampler(fid, seed=1))
-    assert not set(trained) & set(rest)
-    assert len(trained) + len(rest) <= len(full) + new_world and len(set(full) - set(trained) - set(rest)) < new_world
-
-
 def test_epoch_shares_relative_weights_or_fractions_with_natural_rest():
     """Every fidelity listed: relative weights; some unlisted: fractions, the rest in proportion to labels."""
     names = ["lo", "mid", "hi", "none"]

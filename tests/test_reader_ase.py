@@ -426,7 +426,7 @@ def test_charged_or_open_shell_frames_are_warned_about(tmp_path, caplog):
     import logging
 
     frames = []
-    for info in ({"charge": 0, "multiplicity": 1}, {"charge": -1}, {"total_charge": 1, "spin": 1}, {}):
+    for info in ({"charge": 0, "spin": 1}, {"charge": -1}, {"total_charge": 1, "spin": 3}, {"multiplicity": 1}):
         a = molecule("H2O")
         a.info.update(info, fidelity="lo")
         a.calc = SinglePointCalculator(a, energy=-10.0)
@@ -436,7 +436,7 @@ def test_charged_or_open_shell_frames_are_warned_about(tmp_path, caplog):
         ds = read_ase(tmp_path / "q.extxyz")
     assert len(ds) == 4 and "2 frame(s) carry a net charge and 1 a spin state other than a singlet" in caplog.text
     caplog.clear()
-    ase.io.write(tmp_path / "n.extxyz", frames[:1] + frames[3:], format="extxyz")
+    ase.io.write(tmp_path / "n.extxyz", frames[:1] + frames[3:], format="extxyz")  # fairchem's singlet: spin 1
     with caplog.at_level(logging.WARNING, logger="multifi"):
         read_ase(tmp_path / "n.extxyz")
     assert "net charge" not in caplog.text

@@ -731,28 +731,30 @@ def test_a_run_continued_past_its_max_steps_trains_like_one_that_never_stopped(w
         torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_a_resume_on_another_number_of_processes_is_said(write_config, tmp_path, caplog):
-    """train.devices changed on resume: the structures per step and the steps per epoch change (warned); a cosine
-    schedule, planned over the steps, cannot follow (an error before anything is written; it spanned the wrong
-    number of steps). The sampler goes on where the epoch stopped: test_distributed."""
-    from multifi.config import dump_config, load_config
-    from multifi.train.run import _record_resumed_config, check_resume_changes
+def test_a_resume_on_another_number_of_processes(write_config, tmp_path, caplog):
+    """The checkpoint records its number of processes. Resumed on another: a cosine schedule (planned over the
+    steps) or a checkpoint inside an epoch (Lightning counts batches per process, so the epoch would end early
+    or retrain samples) is a one-line error; at an epoch's end with a plateau schedule, a warning. Checkpoints
+    without the record are not checked."""
+    from multifi.config import load_config
+    from multifi.train.run import check_world
 
-    for schedule in ("cosine", "plateau"):
-        cfg = load_config(write_config(train={"schedule": schedule}))
-        run_dir = tmp_path / schedule
-        run_dir.mkdir()
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        moved = cfg.model_copy(update={"train": cfg.train.model_copy(update={"devices": 2})})
-        if schedule == "cosine":
-            with pytest.raises(MultifiError, match=r"cosine learning-rate schedule .* \(train.devices: 1 → 2\)"):
-                check_resume_changes(run_dir, moved)
-            continue
-        check_resume_changes(run_dir, moved)
-        with caplog.at_level(logging.WARNING, logger="multifi"):
-            _record_resumed_config(run_dir, moved)
-        assert "another number of processes (train.devices: 1 → 2)" in caplog.text and "cosine" not in caplog.text
+    def ckpt(world, batches_done):
+        path = tmp_path / f"w{world}_{batches_done}.ckpt"
+        state = {"epoch": 3, "batches_done": batches_done}
+        torch.save({"MultiFidelityData": state if world is None else {**state, "world": world}}, path)
+        return path
+
+    cosine = load_config(write_config(train={"schedule": "cosine"}))
+    plateau = load_config(write_config(name="p.yaml", train={"schedule": "plateau"}))
+    with pytest.raises(MultifiError, match=r"cosine learning-rate schedule .* \(1 → 2 processes\): resume on 1"):
+        check_world(2, ckpt(1, 0), cosine, tmp_path)
+    with pytest.raises(MultifiError, match=r"inside an epoch.* \(2 → 1 processes\)"):
+        check_world(1, ckpt(2, 5), plateau, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        check_world(2, ckpt(1, 0), plateau, tmp_path)
+        assert "another number of processes (1 → 2 processes)" in caplog.text
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="multifi"):
-            _record_resumed_config(run_dir, moved)  # config.yaml now holds devices 2: nothing changed
-        assert not caplog.text
+        check_world(1, ckpt(1, 5), cosine, tmp_path)  # the same number: nothing to say
+        check_world(2, ckpt(None, 5), cosine, tmp_path)  # an older checkpoint: not checked
+    assert not caplog.text

@@ -63,7 +63,7 @@ class MultiFidelityData(L.LightningDataModule):
             self.train_sampler = sampler
             if self._resume_state is not None:
                 # every loader built after a restore skips what the killed run had already trained on
-                sampler.resume(self._resume_state["epoch"], self._samples_done_per_rank(world))
+                sampler.resume(self._resume_state["epoch"], self._resume_state["batches_done"] * self.batch_size)
         return DataLoader(
             PairDataset(pairs),
             sampler=sampler,
@@ -72,14 +72,6 @@ class MultiFidelityData(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-
-    def _samples_done_per_rank(self, world: int) -> int:
-        """Samples each of `world` ranks skips to go on where the killed epoch stopped: rank r of W trains on
-        order[r::W], so W ranks that each took b samples covered the epoch's first b·W; a resume on another
-        number of processes skips at least as many (never trains a sample twice, skips < `world` unseen)."""
-        state = self._resume_state
-        covered = state["batches_done"] * self.batch_size * int(state.get("world", 1))
-        return -(-covered // world)
 
     def _shares(self, pairs: np.ndarray) -> dict[int, float] | None:
         """Fraction of each epoch per fidelity index (sampler.epoch_shares); None: natural shares."""
@@ -143,6 +135,7 @@ class MultiFidelityData(L.LightningDataModule):
         # finished epoch's batch count here made a resume with more epochs skip a whole epoch)
         in_epoch = epoch.started > epoch.completed
         done = loop.epoch_loop.batch_progress.current.processed if in_epoch else 0
+        # the number of processes: a resume on another one mid-epoch cannot continue the epoch (run.check_world)
         return {"epoch": int(self.trainer.current_epoch), "batches_done": int(done), "world": self.trainer.world_size}
 
     def load_state_dict(self, state):

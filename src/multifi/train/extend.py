@@ -637,7 +637,7 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
     ref = head.ref.detach().double().cpu().numpy().copy()
     ref[:, k] = new.ref[:, 0]
     scale = head.scale.detach().double().cpu().numpy().copy()
-    if np.isnan(new.scale[0]):  # too few labels to fit its scale: the model's other fidelities' (median)
+    if np.isnan(new.scale[0]) and energy_scale != "shared":  # too few labels to fit its scale: the others' median
         new.scale[0] = float(np.median(scale[:k]))
         log.warning(
             "%s: its %d training labels do not determine an energy scale (the reference fit leaves fewer than "

@@ -132,6 +132,8 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     data.check_sampling(config_source)
     check_something_trains(cfg, data, prep.settings.loss_weights, config_source)
     trainer = _build_trainer(cfg, run_dir, len(prep.pairs["val"]) > 0, config_source)
+    if ckpt is not None:
+        check_world(trainer.world_size, ckpt, cfg, run_dir)
     if dry_run:
         _report_plan(cfg, prep, module, run_dir, ckpt)
         return run_dir
@@ -247,6 +249,8 @@ def _build_trainer(cfg: RunConfig, run_dir: Path, has_val: bool, config_source: 
     try:
         return make_trainer(cfg, run_dir, has_val=has_val)
     except (MisconfigurationException, ValueError, RuntimeError, TypeError) as exc:
+        if isinstance(exc, TypeError) and "devices" not in str(exc):  # a bug, not a setting: its traceback
+            raise
         prefix = f"{config_source}: " if config_source else ""
         t = cfg.train
         hint = ""
@@ -628,14 +632,6 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
         return
     before, after = _resume_view(load_config(path)), _resume_view(cfg)
     fixed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in RESUMABLE)
-    processes = [k for k in ("train.devices", "train.num_nodes") if before.get(k) != after.get(k)]
-    if processes and cfg.train.schedule == "cosine":
-        shown = ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in processes)
-        raise MultifiError(
-            f"{path}: a cosine learning-rate schedule is planned over the run's steps, whose number depends on the "
-            f"number of processes ({shown}): resume it on the processes it started with, or start a new run from "
-            f"its weights (train.init_from: {run_dir}/model.pt)"
-        )
     if fixed:
         shown = ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in fixed[:3])
         raise MultifiError(
@@ -643,6 +639,36 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
             f"batches, data); changed: {shown}. Start a new run instead (train.init_from: {run_dir}/model.pt "
             "starts from its weights)"
         )
+
+
+def check_world(world: int, ckpt: Path, cfg: RunConfig, run_dir: Path) -> None:
+    """A resume on another number of processes than the checkpoint's: the structures per step and the steps
+    per epoch change. Mid-epoch, the epoch cannot go on where it stopped (Lightning counts the batches done
+    per process), and a cosine schedule, planned over the steps, cannot follow: one-line errors, before
+    anything is written. At an epoch's end with another schedule: a warning. Checkpoints of versions that
+    did not record the number: not checked."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("MultiFidelityData") or {}
+    before = state.get("world")
+    if before is None or int(before) == world:
+        return
+    change = f"{before} → {world} processes"
+    keep = f"resume on {before} process(es), or start a new run from its weights (train.init_from: {run_dir}/model.pt)"
+    if cfg.train.schedule == "cosine":
+        raise MultifiError(
+            f"{run_dir}: a cosine learning-rate schedule is planned over the run's steps, whose number depends on "
+            f"the number of processes ({change}): {keep}"
+        )
+    if state.get("batches_done", 0):
+        raise MultifiError(
+            f"{run_dir}: its checkpoint is inside an epoch, which cannot continue on another number "
+            f"of processes ({change}): {keep}"
+        )
+    log.warning(
+        "%s: resumed on another number of processes (%s): a step now takes train.batch_size structures per "
+        "process, so the structures per optimiser step and the steps per epoch change",
+        run_dir,
+        change,
+    )
 
 
 def check_more_to_train(run_dir: Path, ckpt: Path, cfg: RunConfig) -> bool:
@@ -706,16 +732,6 @@ def _record_resumed_config(run_dir: Path, cfg: RunConfig) -> None:
         ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in changed),
         first.name,
     )
-    processes = {"train.devices", "train.num_nodes"} & set(changed)
-    if processes:
-        log.warning(
-            "%s: resumed on another number of processes (%s): a step now takes train.batch_size structures per "
-            "process, so the structures per optimiser step and the steps per epoch change (the %s schedule does "
-            "not depend on them); the epoch goes on from the samples already trained on",
-            run_dir,
-            ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in sorted(processes)),
-            cfg.train.schedule,
-        )
     if cfg.train.schedule == "cosine" and {"train.max_steps", "train.epochs"} & set(changed):
         log.warning(
             "%s: the cosine learning-rate schedule spans the run's steps, whose number changed: it is recomputed "

@@ -111,7 +111,8 @@ def read_ase(
 
 def _charge_and_spin(info: dict) -> dict[str, bool]:
     """Whether a frame's info names a net charge (charge, total_charge ≠ 0) or a spin state other than a
-    singlet (spin, total_spin ≠ 0; multiplicity, spin_multiplicity ≠ 1)."""
+    singlet: spin, total_spin, multiplicity, spin_multiplicity not 1 (fairchem's `spin` and MACE's
+    `total_spin` are multiplicities, 1 for a singlet) and not 0 (a total spin S of 0, also a singlet)."""
 
     def number(*names):
         for name in names:
@@ -122,12 +123,8 @@ def _charge_and_spin(info: dict) -> dict[str, bool]:
         return None
 
     charge = number("charge", "total_charge")
-    spin = number("spin", "total_spin")
-    multiplicity = number("multiplicity", "spin_multiplicity")
-    return {
-        "charge": charge is not None and charge != 0,
-        "spin": (spin is not None and spin != 0) or (multiplicity is not None and multiplicity != 1),
-    }
+    spin = number("spin", "total_spin", "multiplicity", "spin_multiplicity")
+    return {"charge": charge is not None and charge != 0, "spin": spin is not None and spin not in (0, 1)}
 
 
 DEFAULT_KEYS = {"energy": "energy", "forces": "forces", "stress": "stress"}
