@@ -250,7 +250,7 @@ def test_shared_energy_scale_keeps_references_per_fidelity(shared):
     ref_shared, scale_shared = fit_baseline(ds, few, shared_scale=True)
     np.testing.assert_array_equal(ref, ref_shared)
     assert scale_shared[0] == scale_shared[1] and abs(scale_shared[0] - scale[1 - high]) < 0.5 * scale[1 - high]
-    assert scale[high] != scale[1 - high]
+    assert scale[high] == scale[1 - high]  # 3 labels determine no scale of their own: PBE's (the median of the rest)
 
 
 # ---------------------------------------------------------------------------------------------- sizes and order
