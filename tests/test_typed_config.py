@@ -185,7 +185,13 @@ def test_epoch_line_names_fidelities_with_slashes_in_full(caplog):
         keys.val_key("GFN2-xTB", keys.ENERGY_MAE): 5.0,
     }
     trainer = SimpleNamespace(
-        callback_metrics=metrics, global_rank=0, current_epoch=0, max_epochs=3, global_step=7, optimizers=[]
+        callback_metrics=metrics,
+        global_rank=0,
+        current_epoch=0,
+        max_epochs=3,
+        max_steps=-1,
+        global_step=7,
+        optimizers=[],
     )
     with caplog.at_level(logging.INFO):
         line._line(trainer, SimpleNamespace())
