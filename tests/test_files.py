@@ -104,3 +104,23 @@ def test_an_interrupt_inside_a_writer_that_then_fails_is_an_interrupt(tmp_path):
 
     with pytest.raises(RuntimeError, match="disk on fire"):
         atomic_write(target, broken)
+
+
+def test_a_symlink_stays_a_link_and_its_file_gets_the_content(tmp_path):
+    (tmp_path / "target.txt").write_text("old")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "target.txt")
+    atomic_write(tmp_path / "link.txt", lambda f: f.write(b"new"))
+    assert (tmp_path / "link.txt").is_symlink() and (tmp_path / "target.txt").read_text() == "new"
+
+
+def test_a_link_to_a_process_stream_is_appended_to_not_replaced(tmp_path):
+    """--out /dev/stdout with stdout redirected to a file: /dev/stdout → /proc/self/fd/1 → that regular file;
+    it was replaced by a new regular file (the link, as root /dev/stdout itself, was gone)."""
+    with open(tmp_path / "log.txt", "wb") as stream:
+        stream.write(b"before\n")
+        stream.flush()
+        link = tmp_path / "stdout"
+        link.symlink_to(f"/proc/self/fd/{stream.fileno()}")
+        atomic_write(link, lambda f: f.write(b"picks\n"))
+        assert link.is_symlink()
+    assert (tmp_path / "log.txt").read_text() == "before\npicks\n"

@@ -3,7 +3,9 @@
 Every file multifi writes (checkpoints, datasets, configs, metrics, predictions, plots) goes through
 `atomic_write`: a regular file (or a new path) is written to a temporary file in the same folder,
 flushed and renamed into place, so it is never half-written; character devices, FIFOs, sockets and
-symlinks to them (`/dev/stdout`, a named pipe) are written straight through and never replaced.
+symlinks to them (a named pipe) are written straight through and never replaced; `/dev/stdout` and other
+links to a process's streams are appended to, whatever the stream is (a terminal, a pipe, a redirected file);
+any other symlink stays a link: the file it names gets the content.
 New files and folders get the permissions the umask allows, like any other tool's. Errors of the
 file system (full disk, read-only folder, no permission, a file where a folder belongs) become a
 one-line `MultifiError` naming the path.
@@ -27,6 +29,19 @@ def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _links_to_a_stream(path: Path) -> bool:
+    """A symlink chain through /proc or /dev (/dev/stdout → /proc/self/fd/1): a process's stream, whatever
+    file it ends at."""
+    hop = path
+    for _ in range(40):
+        if str(hop).startswith(("/proc/", "/dev/")):
+            return True
+        if not hop.is_symlink():
+            return False
+        hop = hop.parent / os.readlink(hop)
+    return False
 
 
 def is_special(path: Path) -> bool:
@@ -71,6 +86,14 @@ def make_dir(path) -> Path:
 def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
     """Produce `path` by calling write(binary file object); see the module docstring for the rules."""
     path = Path(path)
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if _links_to_a_stream(path):
+            with reported(path), open(path, "ab") as f:  # /dev/stdout and alike: the stream, appended to
+                write(f)
+                f.flush()
+            return path
+        path = target  # the link keeps naming the file, which gets the content (the link was replaced)
     if is_special(path):
         with reported(path), open(path, "wb") as f:  # (a device or pipe: write straight through)
             write(f)
