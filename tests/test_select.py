@@ -233,6 +233,14 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
     )
     assert code == 0 and "picked 5 of 20 eligible structures (40 in the pool" in stdout
     assert "20 labelled at hi in the model's run data" in stdout
+    for i, b in enumerate(bare):  # the same geometries under keys the run never used: the same structures
+        b.info["key"] = f"renamed{i}"
+    ase.io.write(pool, bare, format="extxyz")
+    code, stdout, _ = run(
+        ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out], capsys
+    )
+    assert code == 0 and "picked 5 of 20 eligible structures (40 in the pool" in stdout
+    assert all(int(k.removeprefix("renamed")) >= 20 for k in out.read_text().split())  # lo-only ones
 
 
 def test_select_counts_a_geometry_once_whatever_its_keys(cli_run, tmp_path, capsys):  # noqa: F811

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 log = logging.getLogger("multifi")
 
 
@@ -43,6 +45,7 @@ def run(args) -> int:
 
     import numpy as np
 
+    from multifi.data.checks import geometry_fingerprints
     from multifi.data.dataset import atomic_write
     from multifi.errors import MultifiError
     from multifi.models.registry import load_potential
@@ -68,8 +71,10 @@ def run(args) -> int:
                 args.pool,
                 ", ".join(unknown[:3]),
             )
-    known = labelled_in_run(args.model, args.fidelity)
-    exclude += known
+    known, known_geometries = labelled_in_run(args.model, args.fidelity)
+    # the run's structures under another key (or none: a geometry hash) are the same structures
+    in_run_mask = np.isin(pool.keys.astype(str), known) | np.isin(geometry_fingerprints(pool), known_geometries)
+    exclude += known + [str(k) for k in pool.keys[in_run_mask]]
     llpr = LLPR.load(llpr_path(args.model), potential) if args.strategy in ("uncertainty", "batch") else None
     picks = select_structures(
         potential, pool, args.fidelity, args.n, args.strategy, args.seed, exclude, llpr, args.batch_size
@@ -77,7 +82,7 @@ def run(args) -> int:
     keys = [str(k) for k in pool.keys[picks]]
     atomic_write(Path(args.out), lambda f: f.write("".join(k + "\n" for k in keys).encode()))
     eligible = int((~labelled_mask(pool, args.fidelity, exclude)).sum())
-    in_run = int(np.isin(pool.keys.astype(str), known).sum())
+    in_run = int(in_run_mask.sum())
     print(
         f"picked {len(keys)} of {eligible} eligible structures ({len(pool)} in the pool, the others labelled "
         f"at {args.fidelity}, excluded or repeated geometries"
@@ -87,10 +92,11 @@ def run(args) -> int:
     return 0
 
 
-def labelled_in_run(model: str, fidelity: str) -> list[str]:
-    """Keys of the structures labelled at `fidelity` in the training data of the run `model` belongs to (its
-    dataset.npz beside model.pt); none for a model file without its run."""
-
+def labelled_in_run(model: str, fidelity: str) -> tuple[list[str], np.ndarray]:
+    """Keys and geometry fingerprints (data.checks.geometry_fingerprints) of the structures labelled at
+    `fidelity` in the training data of the run `model` belongs to (its dataset.npz beside model.pt); none for
+    a model file without its run."""
+    from multifi.data.checks import geometry_fingerprints
     from multifi.data.dataset import FidelityDataset
     from multifi.models.registry import model_file
 
@@ -101,8 +107,9 @@ def labelled_in_run(model: str, fidelity: str) -> list[str]:
             "not excluded; list them with --exclude if the pool holds any",
             model,
         )
-        return []
+        return [], np.zeros(0, np.int64)
     ds = FidelityDataset.load(cache)
     if fidelity not in ds.fidelities:
-        return []
-    return [str(k) for k in ds.keys[ds.energy_mask[:, ds.fidelities.index(fidelity)]]]
+        return [], np.zeros(0, np.int64)
+    labelled = np.flatnonzero(ds.energy_mask[:, ds.fidelities.index(fidelity)])
+    return [str(k) for k in ds.keys[labelled]], geometry_fingerprints(ds.subset(labelled))
