@@ -266,6 +266,13 @@ def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, 
         )
     assert code == 0 and "hi: alpha" in out and "20 training / " in out  # (some left out: estimated references)
     assert "also in --train" not in caplog.text
+    ase.io.write(tmp_path / "val_two.extxyz", lo[30:32], format="extxyz")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):  # two validation structures: alpha said to be rough
+        code, out, _ = run(
+            ["calibrate", model, "--train", tmp_path / "train_lo.extxyz", "--val", tmp_path / "val_two.extxyz"], capsys
+        )
+    assert code == 0 and "lo: alpha is calibrated on 2 validation structure(s): a rough estimate" in caplog.text
 
 
 def test_ensemble_of_identical_models_is_no_uncertainty(cli_run, tmp_path, capsys):  # noqa: F811

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger("multifi")
+
+#: validation structures per fidelity below which its calibrated alpha is called a rough estimate
+FEW_VALIDATION = 10
+
 
 def register(sub):
     p = sub.add_parser("calibrate", help="fit the LLPR uncertainty of a model (written next to it as <model>.llpr.npz)")
@@ -9,7 +16,7 @@ def register(sub):
     p.add_argument("--train", nargs="+", help="labelled training structures (with a model file)")
     p.add_argument("--val", nargs="+", help="labelled validation structures: α and λ are calibrated on them")
     p.add_argument("--fidelity", help="fidelity of files that do not name one per structure")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="structures per forward pass (memory, not results)")
     p.set_defaults(func=run)
 
 
@@ -33,5 +40,14 @@ def run(args) -> int:
         print(
             f"{name}: alpha {p.alpha:.4g}, ridge {p.ridge:.3g}, {p.n_train} training / {p.n_val} validation structures"
         )
+        if p.n_val < FEW_VALIDATION:
+            log.warning(
+                "%s: alpha is calibrated on %d validation structure(s): a rough estimate (its spread over %d "
+                "structures is about ±%.0f %%); give more validation structures",
+                name,
+                p.n_val,
+                p.n_val,
+                100 * (1 / (2 * max(p.n_val, 1))) ** 0.5,  # relative standard error of a scale from n residuals
+            )
     print(f"wrote {path}")
     return 0

@@ -36,7 +36,7 @@ def register(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", help="file of structure keys already labelled (one per line)")
     p.add_argument("--out", required=True, help="picked structure keys, one per line, in pick order")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="structures per forward pass (memory, not results)")
     p.set_defaults(func=run)
 
 
