@@ -327,7 +327,8 @@ def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):
 def test_monitoring_a_metric_without_validation_labels_is_an_error_before_training(write_config, tmp_path, capsys):
     """train.monitor_metric forces on data without forces: a traceback after the first validation before."""
     config = write_config(train={"epochs": 1, "monitor": "hi", "monitor_metric": "stress_mae_GPa"})
-    fails(["train", config, "--dry-run"], capsys, "train.monitor_metric: stress_mae_GPa needs stress labels at 'hi'")
+    message = "train.monitor_metric: stress_mae_GPa needs stress labels at 'hi'"
+    fails(["train", config, "--dry-run"], capsys, f"{config}: {message}")
     fails(["train", config], capsys, "needs stress labels")
     assert not (tmp_path / "run").exists()
 
@@ -708,3 +709,12 @@ def test_verbose_without_third_party_debug_logs(tmp_path, capsys, monkeypatch):
     assert logging.getLogger("multifi").getEffectiveLevel() == logging.DEBUG
     for name in ("matplotlib", "PIL", "fsspec", "torch", "urllib3"):
         assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
+
+
+def test_monitoring_a_fidelity_without_validation_structures_names_the_config(write_config, tmp_path, capsys):
+    """train.monitor on a split without validation structures: one line naming the config file and the key."""
+    config = write_config(train={"epochs": 1, "monitor": "hi"}, data={"split": {"val": 0.0, "test": 0.2, "seed": 0}})
+    fails(
+        ["train", config, "--dry-run"], capsys, f"{config}: train.monitor: fidelity 'hi' has no validation structures"
+    )
+    assert not (tmp_path / "run").exists()

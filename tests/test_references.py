@@ -536,7 +536,12 @@ def test_monitoring_a_fidelity_whose_validation_energies_are_all_estimated(tmp_p
         "train": {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "monitor": "hi"},
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    fails(["train", str(tmp_path / "c.yaml"), *dry_run], capsys, "train.monitor", "no hi training label contains N")
+    fails(
+        ["train", str(tmp_path / "c.yaml"), *dry_run],
+        capsys,
+        f"{tmp_path / 'c.yaml'}: train.monitor",
+        "no hi training label contains N",
+    )
     assert not (tmp_path / "run").exists()
     argv = ["train", str(tmp_path / "c.yaml"), "--dry-run", "--set", "train.monitor_metric=forces_mae_meV_per_A"]
     assert main(argv) == 0

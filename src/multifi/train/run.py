@@ -90,7 +90,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     if leader and not resume:
         check_split_duplicates(prep.dataset, prep.split)
     _report_data(prep)
-    _check_monitor(cfg, prep)
+    _check_monitor(cfg, prep, config_source)
     _check_warmup(cfg, prep)
 
     spec = {"model": cfg.model, "fidelities": prep.dataset.fidelities.names}
@@ -112,7 +112,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
     module.sync_ema()
-    _check_monitored_energies(cfg, prep, module.potential.head)
+    _check_monitored_energies(cfg, prep, module.potential.head, config_source)
 
     data = MultiFidelityData(
         prep.dataset,
@@ -466,16 +466,18 @@ def _training_progress(trainer, best: Path) -> dict:
     }
 
 
-def _check_monitor(cfg: RunConfig, prep) -> None:
-    """The monitored fidelity must exist and have validation labels; otherwise say so before training."""
+def _check_monitor(cfg: RunConfig, prep, config_source: str = "") -> None:
+    """The monitored fidelity must exist and have validation labels; otherwise say so before training
+    (`config_source`, the config file, prefixes the error)."""
     name = cfg.train.monitor
+    prefix = f"{config_source}: " if config_source else ""
     if name is None:
         return
     names = list(prep.dataset.fidelities.names)
     index = prep.dataset.fidelities.index(name, where="train.monitor")
     if not (prep.pairs["val"][:, 1] == index).any():
         raise MultifiError(
-            f"train.monitor: fidelity {name!r} has no validation structures to monitor "
+            f"{prefix}train.monitor: fidelity {name!r} has no validation structures to monitor "
             f"(validation labels: {', '.join(n for i, n in enumerate(names) if (prep.pairs['val'][:, 1] == i).any()) or 'none'})"
         )
     metric = cfg.train.monitor_metric
@@ -489,7 +491,7 @@ def _check_monitor(cfg: RunConfig, prep) -> None:
     }[kind]
     if not mask.any():
         raise MultifiError(
-            f"train.monitor_metric: {metric} needs {kind} labels at {name!r} in the validation split; it has none"
+            f"{prefix}train.monitor_metric: {metric} needs {kind} labels at {name!r} in the validation split; it has none"
         )
 
 
@@ -515,14 +517,15 @@ def check_something_trains(cfg: RunConfig, data, loss_weights: np.ndarray, confi
         )
 
 
-def _check_monitored_energies(cfg: RunConfig, prep, head) -> None:
+def _check_monitored_energies(cfg: RunConfig, prep, head, config_source: str = "") -> None:
     """A monitored energy error needs validation structures whose reference energy at the monitored fidelity
     the training labels determine (validation leaves the others out): none is a one-line error before
     training (Lightning otherwise fails at the first validation, the metric never logged)."""
     problem = unmeasured_monitor(cfg, prep.dataset, prep.pairs["val"], head)
     if problem:
+        prefix = f"{config_source}: " if config_source else ""
         raise MultifiError(
-            f"train.monitor: {problem}, so its validation energy error (which leaves such structures out) is never "
+            f"{prefix}train.monitor: {problem}, so its validation energy error (which leaves such structures out) is never "
             f"measured; monitor {FORCES_MAE} or another fidelity, or add "
             f"{cfg.train.monitor} training labels with these elements"
         )
