@@ -260,3 +260,54 @@ def test_select_counts_a_geometry_once_whatever_its_keys(cli_run, tmp_path, caps
     code, stdout, _ = run([*args, "--n", "3"], capsys)
     assert code == 0 and "picked 3 of 3 eligible structures (6 in the pool" in stdout
     assert sorted(out.read_text().split()) == ["g0", "g2", "g3"]
+
+
+def test_farthest_points_keeps_away_from_anchors():
+    x = np.array([[0.0], [1.0], [2.0], [10.0], [4.0]])
+    rng = np.random.default_rng(0)
+    # labelled 0 and an anchor (a labelled point outside x) at 9.5: 4 is now the farthest, 10 the nearest
+    picks = farthest_points(x, np.array([1, 2, 3, 4]), np.array([0]), 4, rng, anchors=np.array([[9.5]]))
+    np.testing.assert_array_equal(picks, [4, 2, 1, 3])
+
+
+def test_diversity_keeps_away_from_the_models_training_structures(cli_run, tmp_path, capsys):  # noqa: F811
+    """Near-copies (1e-3 Å) of the run's 'hi' structures under new keys are eligible, but a diverse pick
+    takes the structures unlike the training set first: the run's own structures count as labelled points."""
+    from conftest import tiny_frames
+
+    _, run_dir = cli_run
+    frames = tiny_frames()
+    rng = np.random.default_rng(5)
+    near = []
+    for i, a in enumerate(a for a in frames if a.info["fidelity"] == "hi"):
+        b = ase.Atoms(a.numbers, a.positions + rng.normal(0, 1e-3, a.positions.shape))
+        b.info["key"] = f"near{i}"
+        near.append(b)
+    lo_only = [a for i, a in enumerate(f for f in frames if f.info["fidelity"] == "lo") if i % 2 == 1][:5]
+    new = []
+    for i, a in enumerate(lo_only):
+        b = ase.Atoms(a.numbers, a.positions)
+        b.info["key"] = f"new{i}"
+        new.append(b)
+    pool = tmp_path / "pool.extxyz"
+    ase.io.write(pool, near + new, format="extxyz")
+    out = tmp_path / "picks.txt"
+    argv = ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "diversity", "--out", out]
+    code, stdout, _ = run(argv, capsys)
+    assert code == 0 and "picked 5 of 25 eligible structures" in stdout
+    assert sorted(out.read_text().split()) == [f"new{i}" for i in range(5)]
+
+
+def test_training_anchors_are_a_seeded_sample_beyond_the_limit(setting, monkeypatch):
+    import multifi.select as select
+
+    pot, pool, _, f = setting
+    everything = select.training_anchors(pot, pool, "hi")
+    np.testing.assert_allclose(everything, select.mean_hidden(f), rtol=1e-6, atol=1e-8)
+    monkeypatch.setattr(select, "MAX_ANCHORS", 7)
+    a, b = select.training_anchors(pot, pool, "hi", seed=1), select.training_anchors(pot, pool, "hi", seed=1)
+    assert a.shape == (7, f.shape[1] - 1)
+    np.testing.assert_array_equal(a, b)
+    rows = [int(np.argmin(np.abs(everything - r).sum(1))) for r in a]  # each anchor is one pool structure's
+    assert len(set(rows)) == 7
+    assert select.training_anchors(pot, pool.subset(np.arange(0)), "hi").shape == (0, f.shape[1] - 1)

@@ -4,7 +4,8 @@ All strategies work on the model's readout features at the requested fidelity (u
 - random       a seeded random sample
 - uncertainty  the n largest LLPR σ (needs the model's LLPR calibration)
 - diversity    farthest-point sampling on the per-atom mean of the last hidden activations (Euclidean),
-               starting from the already labelled structures (or a seeded random first pick)
+               starting from the already labelled structures: the pool's and, given as `anchors`, the
+               model's own training structures at the fidelity (or a seeded random first pick)
 - batch        greedy LLPR variance reduction: take the largest σ, then update Σ as if that structure
                were labelled (Σ ← Σ − Σ f fᵀ Σ / (1 + fᵀ Σ f); no label needed), so structures similar
                to one already picked lose their uncertainty: uncertainty and diversity in one rule
@@ -36,12 +37,15 @@ def select_structures(
     llpr=None,
     batch_size: int = 64,
     features: np.ndarray | None = None,
+    anchors: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices into `pool` (a FidelityDataset) of the n structures to label at `fidelity`, in pick order.
 
     exclude: structure keys already labelled; pool structures labelled at `fidelity` are excluded too.
     llpr: an uncertainty.LLPR (needed by uncertainty and batch). features: precomputed readout features
-    of every pool structure at `fidelity` [S, H+1] (else computed here)."""
+    of every pool structure at `fidelity` [S, H+1] (else computed here). anchors: per-atom mean features
+    [m, H] of labelled structures outside the pool (the model's training structures; see
+    `mean_hidden`), which diversity keeps its picks away from like the pool's labelled ones."""
     from multifi.uncertainty import dataset_features
 
     if strategy not in STRATEGIES:
@@ -80,8 +84,34 @@ def select_structures(
         return candidates[order[:n]]
     if strategy == "batch":
         return candidates[greedy_variance(features[candidates], llpr.of(fidelity, "select").cov, n, rng)]
-    mean_h = features[:, :-1] / np.maximum(features[:, -1:], 1.0)  # per-atom mean of h
-    return farthest_points(mean_h, candidates, np.flatnonzero(labelled), n, rng)
+    return farthest_points(mean_hidden(features), candidates, np.flatnonzero(labelled), n, rng, anchors)
+
+
+#: diversity keeps its picks away from at most this many of the model's training structures (a seeded sample
+#: of them beyond it): their features cost a forward pass each
+MAX_ANCHORS = 5000
+
+
+def training_anchors(potential, dataset, fidelity: str, batch_size: int = 64, seed: int = 0) -> np.ndarray:
+    """Per-atom mean features [m, H] at `fidelity` of the structures of `dataset` (labelled ones outside the
+    pool, e.g. the model's training structures), at most MAX_ANCHORS of them (a seeded sample)."""
+    from multifi.uncertainty import dataset_features
+
+    rows = np.arange(len(dataset))
+    if len(rows) > MAX_ANCHORS:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_ANCHORS, replace=False))
+        log.info(
+            "diversity: %d of the %d training structures at %s as labelled points", MAX_ANCHORS, len(dataset), fidelity
+        )
+    if not len(rows):
+        return np.zeros((0, potential.head.mlps[0][-1].in_features))
+    features, _ = dataset_features(potential, dataset.subset(rows), np.arange(len(rows)), fidelity, batch_size)
+    return mean_hidden(features)
+
+
+def mean_hidden(features: np.ndarray) -> np.ndarray:
+    """Per-atom mean of the last hidden activations [S, H] from readout features [S, H+1] (Σ h, atom count)."""
+    return features[:, :-1] / np.maximum(features[:, -1:], 1.0)
 
 
 def labelled_mask(pool, fidelity: str, exclude=()) -> np.ndarray:
@@ -150,17 +180,24 @@ def _check_pool_elements(potential, pool, fidelity: str, strategy: str) -> None:
 
 
 def farthest_points(
-    x: np.ndarray, candidates: np.ndarray, labelled: np.ndarray, n: int, rng: np.random.Generator
+    x: np.ndarray,
+    candidates: np.ndarray,
+    labelled: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    anchors: np.ndarray | None = None,
 ) -> np.ndarray:
     """Farthest-point sampling on rows of x [S, D]: n of `candidates`, each the farthest (Euclidean) from
-    the labelled and the already picked structures; the first is a seeded random one if none is labelled."""
+    the labelled rows, the `anchors` [m, D] (labelled points outside x) and the already picked ones; the
+    first is a seeded random one if there is nothing labelled."""
     if n == 0:
         return np.zeros(0, np.int64)
     xc = x[candidates]
     dist = np.full(len(candidates), np.inf)
     sq = (xc**2).sum(1)
-    for start in range(0, len(labelled), 512):  # |a − b|² = |a|² + |b|² − 2a·b, 512 labelled at a time
-        lab = x[labelled[start : start + 512]]
+    seen = x[labelled] if anchors is None or not len(anchors) else np.concatenate([x[labelled], anchors])
+    for start in range(0, len(seen), 512):  # |a − b|² = |a|² + |b|² − 2a·b, 512 labelled at a time
+        lab = seen[start : start + 512]
         d = sq[:, None] + (lab**2).sum(1)[None, :] - 2.0 * xc @ lab.T
         dist = np.minimum(dist, np.maximum(d, 0.0).min(1))
     picks = []

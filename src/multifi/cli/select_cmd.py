@@ -49,7 +49,7 @@ def run(args) -> int:
     from multifi.data.dataset import atomic_write
     from multifi.errors import MultifiError
     from multifi.models.registry import load_potential
-    from multifi.select import labelled_mask, read_pool, select_structures
+    from multifi.select import labelled_mask, read_pool, select_structures, training_anchors
     from multifi.uncertainty import LLPR, llpr_path
 
     potential = load_potential(args.model)
@@ -71,13 +71,27 @@ def run(args) -> int:
                 args.pool,
                 ", ".join(unknown[:3]),
             )
-    known, known_geometries = labelled_in_run(args.model, args.fidelity)
+    known, known_geometries, run_set = labelled_in_run(args.model, args.fidelity)
     # the run's structures under another key (or none: a geometry hash) are the same structures
-    in_run_mask = np.isin(pool.keys.astype(str), known) | np.isin(geometry_fingerprints(pool), known_geometries)
+    pool_geometries = geometry_fingerprints(pool)
+    in_run_mask = np.isin(pool.keys.astype(str), known) | np.isin(pool_geometries, known_geometries)
     exclude += known + [str(k) for k in pool.keys[in_run_mask]]
     llpr = LLPR.load(llpr_path(args.model), potential) if args.strategy in ("uncertainty", "batch") else None
+    anchors = None
+    if args.strategy == "diversity" and run_set is not None:  # (uncertainty and batch: LLPR holds the run's data)
+        outside = np.flatnonzero(~np.isin(known_geometries, pool_geometries))  # the others are pool rows
+        anchors = training_anchors(potential, run_set.subset(outside), args.fidelity, args.batch_size, args.seed)
     picks = select_structures(
-        potential, pool, args.fidelity, args.n, args.strategy, args.seed, exclude, llpr, args.batch_size
+        potential,
+        pool,
+        args.fidelity,
+        args.n,
+        args.strategy,
+        args.seed,
+        exclude,
+        llpr,
+        args.batch_size,
+        anchors=anchors,
     )
     keys = [str(k) for k in pool.keys[picks]]
     atomic_write(Path(args.out), lambda f: f.write("".join(k + "\n" for k in keys).encode()))
@@ -92,10 +106,10 @@ def run(args) -> int:
     return 0
 
 
-def labelled_in_run(model: str, fidelity: str) -> tuple[list[str], np.ndarray]:
-    """Keys and geometry fingerprints (data.checks.geometry_fingerprints) of the structures labelled at
-    `fidelity` in the training data of the run `model` belongs to (its dataset.npz beside model.pt); none for
-    a model file without its run."""
+def labelled_in_run(model: str, fidelity: str) -> tuple[list[str], np.ndarray, object]:
+    """Keys, geometry fingerprints (data.checks.geometry_fingerprints) and the FidelityDataset of the
+    structures labelled at `fidelity` in the training data of the run `model` belongs to (its dataset.npz
+    beside model.pt); none for a model file without its run."""
     from multifi.data.checks import geometry_fingerprints
     from multifi.data.dataset import FidelityDataset
     from multifi.models.registry import model_file
@@ -107,9 +121,9 @@ def labelled_in_run(model: str, fidelity: str) -> tuple[list[str], np.ndarray]:
             "not excluded; list them with --exclude if the pool holds any",
             model,
         )
-        return [], np.zeros(0, np.int64)
+        return [], np.zeros(0, np.int64), None
     ds = FidelityDataset.load(cache)
     if fidelity not in ds.fidelities:
-        return [], np.zeros(0, np.int64)
-    labelled = np.flatnonzero(ds.energy_mask[:, ds.fidelities.index(fidelity)])
-    return [str(k) for k in ds.keys[labelled]], geometry_fingerprints(ds.subset(labelled))
+        return [], np.zeros(0, np.int64), None
+    run_set = ds.subset(np.flatnonzero(ds.energy_mask[:, ds.fidelities.index(fidelity)]))
+    return [str(k) for k in run_set.keys], geometry_fingerprints(run_set), run_set
