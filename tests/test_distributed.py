@@ -146,3 +146,37 @@ def test_leader_process_under_torchrun_slurm_and_independent_tasks(monkeypatch, 
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     assert is_leader_process() is leader
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_further_rank_ends_when_its_launcher_is_killed(tmp_path):
+    """A launcher killed outright (SIGKILL) left rank 1 orphaned in a collective until the 30-minute timeout;
+    end_with_parent (called by the CLI in every further rank) makes the kernel end it with its parent."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = (
+        "import os, time, pathlib; from multifi.ranks import end_with_parent; "
+        f"assert end_with_parent(); pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
+    )
+    launcher = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(120)"
+    parent = subprocess.Popen([sys.executable, "-c", launcher])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    os.kill(pid, 0)  # alive while its parent is
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):  # ended; a container's init may not reap it
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the child outlived its killed parent by 10 s")

@@ -15,6 +15,7 @@ LAYERS = [
         "multifi.validation",
         "multifi.files",
         "multifi.logs",
+        "multifi.ranks",
         "multifi.keys",
         "multifi",
     },

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from multifi.errors import MultifiError
 from multifi.logs import is_leader_process, quiet_lightning
+from multifi.ranks import end_with_parent
 
 COMMANDS = ("train", "extend", "evaluate", "predict", "info", "data", "config", "plot", "deploy", "calibrate", "select")
 #: entry-point group through which installed packages add subcommands (e.g. `multifi experiment` from
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("multifi").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not is_leader_process():  # further ranks of a multi-process training: their log would repeat rank 0's
         logging.getLogger("multifi").setLevel(logging.ERROR)
+        end_with_parent()  # killed outright, the launcher would leave this rank waiting in a collective
     quiet_lightning(verbose=args.verbose)
     try:
         check_outputs_are_not_inputs(args)
