@@ -9,7 +9,7 @@ import pytest
 from ase.build import molecule
 
 from multifi.config import validate_config
-from multifi.data.checks import check_energy_units, check_overlaps, check_split_duplicates
+from multifi.data.checks import check_energy_units, check_overlaps, check_repeated_geometries, check_split_duplicates
 from multifi.data.dataset import FidelityDataset
 from multifi.data.neighbors import NeighborCache
 from multifi.data.split import Split
@@ -79,6 +79,20 @@ def test_duplicate_geometry_across_splits_is_reported(caplog):
     assert check_split_duplicates(ds, ok) == 0
 
 
+def test_a_geometry_repeated_under_another_key_is_reported_wherever_it_lands(caplog, tmp_path, capsys):
+    """Copies that did not merge (a MatPES file and an extxyz of the same cells under other keys) count their
+    labels twice in training, in one split as much as across splits: warned, naming a pair and how to merge."""
+    recs = _records(12)
+    ds = FidelityDataset.from_records(recs + [dict(recs[3], key="copy-of-m3")], source="dups")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_repeated_geometries(ds) == 1
+    assert "dups: 1 structure(s) repeat the geometry of another under a different key" in caplog.text
+    assert f"(e.g. {recs[3]['key']} and copy-of-m3)" in caplog.text and "'matpes:<matpes_id>'" in caplog.text
+    assert check_repeated_geometries(FidelityDataset.from_records(recs)) == 0
+    shifted = dict(recs[3], key="moved", positions=np.asarray(recs[3]["positions"]) + [0.0, 0.0, 1e-3])
+    assert check_repeated_geometries(FidelityDataset.from_records(recs + [shifted])) == 0  # another geometry
+
+
 @pytest.mark.parametrize("unit, expect", [(1.0, []), (HARTREE, ["DFT"])])
 def test_hartree_energies_are_flagged(unit, expect, caplog):
     ds = FidelityDataset.from_records(_records(60, unit=unit), source="energies.extxyz")
@@ -143,3 +157,21 @@ def test_skipped_invalid_labels_are_counted_and_reported(tmp_path, caplog):
         ds = read_sources(src, skip_invalid=True)
     assert len(ds) == 4
     assert "nan.extxyz: skipped 2 non-finite (NaN/inf) labels" in caplog.text
+
+
+def test_data_info_reports_repeated_geometries(tmp_path, caplog, capsys):
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from multifi.cli.main import main
+
+    frames = []
+    for key in ("one", "two"):
+        a = molecule("CH4")
+        a.info.update(key=key, fidelity="DFT")
+        a.calc = SinglePointCalculator(a, energy=-24.0)
+        frames.append(a)
+    ase.io.write(tmp_path / "pool.extxyz", frames)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(["data", "info", str(tmp_path / "pool.extxyz")]) == 0
+    assert "1 structure(s) repeat the geometry of another under a different key (e.g. one and two)" in caplog.text

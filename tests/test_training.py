@@ -731,6 +731,31 @@ def test_a_run_continued_past_its_max_steps_trains_like_one_that_never_stopped(w
         torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_resumes_from_an_epochs_last_step_keep_counting_epochs(write_config, tmp_path):
+    """A checkpoint written after an epoch's last step but before the epoch closed (here the stop at max_steps =
+    10, 5 steps per epoch; likewise a step checkpoint or Ctrl-C there): Lightning's restart from it left every
+    later checkpoint's epoch counters one behind, so a second stop-and-resume inside a later epoch ran extra
+    steps, and a resume with more epochs one epoch too few. Stopped at 10, then 17, then run to 30 steps: the
+    same steps, counters and weights as a run that never stopped."""
+    from multifi.cli.main import main
+
+    train_cfg = {"epochs": 100, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0}
+    train_cfg["schedule"] = "constant"
+    cut = write_config(name="cut.yaml", train={**train_cfg, "max_steps": 10}, output_dir=str(tmp_path / "cut"))
+    straight = write_config(name="straight.yaml", train={**train_cfg, "max_steps": 30}, output_dir=str(tmp_path / "s"))
+    assert main(["train", str(cut)]) == 0
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--set", "train.max_steps=17"]) == 0
+    mid = ckpt(tmp_path / "cut" / "checkpoints" / "last.ckpt")["loops"]["fit_loop"]["epoch_progress"]["total"]
+    assert mid["started"] == mid["completed"] + 1 == 4, mid  # inside the fourth epoch
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--set", "train.max_steps=30"]) == 0
+    assert main(["train", str(straight)]) == 0
+    a, b = (ckpt(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("cut", "s"))
+    assert a["global_step"] == b["global_step"] == 30 and a["epoch"] == b["epoch"]
+    assert a["loops"]["fit_loop"]["epoch_progress"] == b["loops"]["fit_loop"]["epoch_progress"]
+    for key, value in b["state_dict"].items():
+        torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_a_resume_on_another_number_of_processes(write_config, tmp_path, caplog):
     """The checkpoint records its number of processes. Resumed on another: a cosine schedule (planned over the
     steps) or a checkpoint inside an epoch (Lightning counts batches per process, so the epoch would end early

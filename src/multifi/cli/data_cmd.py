@@ -92,7 +92,7 @@ def run_info(args) -> int:
     for name, c in counts.items():
         print(name.ljust(width) + "".join(str(c[k]).rjust(10) for k in ("energy", "forces", "stress")))
     multi = int(((ds.energy_mask | ds.has_forces()).sum(1) > 1).sum())
-    print(f"structures labelled at more than one fidelity: {multi}")
+    print(f"structures labelled at more than one fidelity: {multi}", flush=True)  # before the checks' warnings
     _check_labels(ds)
     return 0
 
@@ -101,11 +101,17 @@ def _check_labels(ds) -> None:
     """The unit checks and reference-energy warnings training runs (in the log), on every label of the data."""
     import numpy as np
 
-    from multifi.data.checks import check_energy_units, check_force_units, check_stress_units
+    from multifi.data.checks import (
+        check_energy_units,
+        check_force_units,
+        check_repeated_geometries,
+        check_stress_units,
+    )
     from multifi.data.split import labelled_pairs
     from multifi.data.stats import fit_references
     from multifi.train.run import report_references
 
+    check_repeated_geometries(ds)
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     refs = fit_references(ds, pairs)
     check_energy_units(ds, pairs, refs.ref, refs.scale)

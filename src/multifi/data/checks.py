@@ -59,6 +59,29 @@ def _member(x: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
     return sorted_pool[pos] == x
 
 
+def check_repeated_geometries(dataset: FidelityDataset) -> int:
+    """Warn (and return how many) when structures repeat another's geometry under a different key (structures
+    with one key are merged by the readers, so these did not merge): each copy trains as a structure of its
+    own, its labels counted again, and labels of other fidelities on a copy are not paired with the original."""
+    if len(dataset) < 2:
+        return 0
+    fp = geometry_fingerprints(dataset)
+    _, first, group = np.unique(fp, return_index=True, return_inverse=True)
+    repeats = np.flatnonzero(np.arange(len(dataset)) != first[group])
+    if len(repeats):
+        s = int(repeats[0])
+        log.warning(
+            "%s: %d structure(s) repeat the geometry of another under a different key (e.g. %s and %s): they stay "
+            "separate structures and their labels count again; to merge copies into one structure with labels at "
+            "several fidelities give them the same key (info['key']; a MatPES record's key is 'matpes:<matpes_id>')",
+            dataset.source or "data",
+            len(repeats),
+            dataset.keys[first[group[s]]],
+            dataset.keys[s],
+        )
+    return len(repeats)
+
+
 def check_split_duplicates(dataset: FidelityDataset, split) -> int:
     """Warn (and return how many) when one geometry occurs in two different splits under different keys."""
     fp = geometry_fingerprints(dataset)

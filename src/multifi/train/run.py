@@ -22,6 +22,7 @@ from multifi.data.checks import (
     check_energy_units,
     check_force_units,
     check_overlaps,
+    check_repeated_geometries,
     check_split_duplicates,
     check_stress_units,
 )
@@ -88,6 +89,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     if resume:
         _check_resumed_split(run_dir, prep)
     if leader and not resume:
+        check_repeated_geometries(prep.dataset)
         check_split_duplicates(prep.dataset, prep.split)
     _report_data(prep)
     _check_monitor(cfg, prep, config_source)
@@ -334,6 +336,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
     if t.max_cpu_seconds is not None:
         callbacks.append(CpuBudget(t.max_cpu_seconds))
     callbacks.append(FinalStepCheckpoint())  # after CpuBudget and EarlyStopping: sees their stop
+    callbacks.append(ClosedEpochResume())
     # validate (and checkpoint the best model) every N steps across epochs, e.g. for step budgets
     every = (
         {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None}
@@ -403,6 +406,21 @@ class FinalStepCheckpoint(Callback):
             checkpoint[key] = state
         if self.final["sums"] is not None:  # the cut epoch's training-loss sums, so its logged means cover it all
             checkpoint["train_epoch_sums"] = self.final["sums"]
+
+
+class ClosedEpochResume(Callback):
+    """Resuming from a checkpoint written after an epoch's last batch but before the epoch closed (a step
+    checkpoint, a stop at max_steps or the CPU budget, Ctrl-C before the epoch-end save), Lightning closes that
+    epoch when it restarts but keeps its mid-epoch restart stage: the next epoch then ran without its
+    epoch-start hooks and without being counted as started, and every later checkpoint carried epoch counters
+    one behind (a resume from one of them mid-epoch ran extra steps, a resume with more epochs one epoch too
+    few). Once Lightning has closed the epoch, the restart is over."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loop = trainer.fit_loop
+        done = loop.epoch_progress.total
+        if loop.restarted_mid_epoch and done.ready == done.started == done.processed == done.completed:
+            loop.reset_restart_stage()
 
 
 def _epoch_sums_state(trainer) -> dict | None:
