@@ -171,6 +171,35 @@ def test_predict_periodic_stress_in_ase_units(tmp_path, capsys):
     assert got[1].get_potential_energy() == pytest.approx(predict_atoms(load_potential(model), [mol], "R2SCAN")[0][0])
 
 
+def test_predict_reads_matpes_json_lines_like_training(tmp_path, capsys):
+    """A MatPES JSONL (readable by train and evaluate) is readable by predict too: its structures predicted, its
+    labels kept as ref_* (stress converted from VASP kBar to eV/Å³ in ASE's sign, as training reads it)."""
+    from test_reader_matpes import record, write_jsonl
+
+    from multifi.data.readers.matpes import vasp_stress_to_ase
+
+    torch.manual_seed(0)
+    pot = build_potential(TINY_MODEL, ["PBE"])
+    ref = np.zeros((119, 1))
+    ref[[11, 17], 0] = [-1.0, -2.0]
+    pot.head.set_baseline(ref, np.ones(1))
+    model = save_potential(pot, tmp_path / "model.pt")
+    src = write_jsonl(tmp_path / "nacl.jsonl", [record("a"), record("b", energy=-6.0)])
+    out = tmp_path / "pred.extxyz"
+    assert run(["predict", model, src, "--fidelity", "PBE", "--out", out], capsys)[0] == 0
+    got = ase.io.read(out, ":")
+    assert [a.info["key"] for a in got] == ["matpes:a", "matpes:b"]
+    assert [a.info["ref_energy"] for a in got] == [-6.5, -6.0] and got[0].info["ref_fidelity"] == "PBE"
+    np.testing.assert_allclose(got[0].arrays["ref_forces"], [[0.1, -0.2, 0.3], [-0.1, 0.2, -0.3]])
+    gpa = vasp_stress_to_ase(np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))  # 3×3 GPa, ASE sign
+    voigt = np.array([gpa[0, 0], gpa[1, 1], gpa[2, 2], gpa[1, 2], gpa[0, 2], gpa[0, 1]]) * units.GPa
+    np.testing.assert_allclose(got[0].info["ref_stress"], voigt, rtol=1e-6)
+    _, _, stress = predict_atoms(load_potential(model), [got[0]], "PBE")
+    np.testing.assert_allclose(
+        got[0].get_stress(), np.array(stress[0]).ravel()[[0, 4, 8, 5, 2, 1]] * units.GPa, rtol=1e-5, atol=1e-9
+    )
+
+
 def test_predict_unknown_fidelity_lists_known_ones(cli_run, tmp_path, capsys):
     _, run_dir = cli_run
     src = tmp_path / "in.xyz"

@@ -526,7 +526,7 @@ def test_a_predict_output_is_not_read_as_labels_and_chaining_keeps_the_reference
     assert not (tmp_path / "x.extxyz").exists()
 
 
-def test_output_names_compression_key_collisions_and_structure_names(model, tmp_path, capsys):
+def test_output_names_compression_key_collisions_and_structure_names(model, tmp_path, capsys, caplog):
     """.gz outputs are compressed (readable back), other formats than extxyz refused, colliding keys refused;
     nothing is written on an error."""
     src = tmp_path / "in.extxyz"
@@ -556,7 +556,16 @@ def test_output_names_compression_key_collisions_and_structure_names(model, tmp_
     fails(["train", "--resume", tmp_path / "half"], capsys, "half: not a run directory (no config.yaml")
     cu = Atoms("CuH", positions=[[0, 0, 0], [0, 0, 1.5]])
     ase.io.write(tmp_path / "cu.extxyz", [emt_labelled(rattled_molecule("CH4", 1), "lo"), emt_labelled(cu, "lo")])
-    fails(["evaluate", model, tmp_path / "cu.extxyz"], capsys, "structure 1 (0-based): element Cu was not seen")
+    # a structure with an element the model never saw is left out of the errors (as in a run's test report),
+    # warned; a file of nothing but such structures is an error
+    out = tmp_path / "cu.json"
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["evaluate", model, tmp_path / "cu.extxyz", "--out", out], capsys)[0] == 0
+    assert "lo: 1 evaluated structure(s) contain Cu, which no training label contained: left out" in caplog.text
+    scored = json.loads(out.read_text())["fidelities"]["lo"]
+    assert scored["n"] == 1 and scored["n_unseen_elements"] == 1, scored
+    ase.io.write(tmp_path / "cu_only.extxyz", [emt_labelled(cu, "lo")])
+    fails(["evaluate", model, tmp_path / "cu_only.extxyz"], capsys, "cu_only.extxyz: element Cu was not seen")
 
 
 def test_evaluate_parity_plot_and_learning_curve(write_config, tmp_path, capsys, caplog, tiny_extxyz):
@@ -718,3 +727,18 @@ def test_monitoring_a_fidelity_without_validation_structures_names_the_config(wr
         ["train", config, "--dry-run"], capsys, f"{config}: train.monitor: fidelity 'hi' has no validation structures"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_warns_of_forces_in_mev_per_angstrom(model, tmp_path, capsys, caplog):
+    """evaluate runs the force unit check training runs: forces of thousands of eV/Å are named as meV/Å numbers,
+    not reported as an error of 10⁶ meV/Å without a word."""
+    frames = []
+    for i in range(6):
+        a = rattled_molecule("CH4", i)
+        a.calc = SinglePointCalculator(a, energy=-10.0, forces=np.full((len(a), 3), 800.0))
+        a.info["fidelity"] = "lo"
+        frames.append(a)
+    ase.io.write(tmp_path / "mev.extxyz", frames)
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["evaluate", model, tmp_path / "mev.extxyz"], capsys)[0] == 0
+    assert "mev.extxyz: forces at fidelity 'lo' look like meV/Å numbers read as eV/Å" in caplog.text

@@ -50,3 +50,51 @@ def test_structures_with_an_element_no_label_contained_are_left_out_counted_and_
     assert np.allclose(energy[2], e_nh3, atol=1e-5)
     only_unseen = evaluate_pairs(potential, ds, None, pairs[[2]])
     assert only_unseen["A"] == {COUNT: 0, UNSEEN: 1}
+
+
+def test_validation_and_test_structures_with_an_unseen_element_are_warned_before_training(tmp_path, caplog):
+    """NH3 only in the validation and test splits: warned at the start (not only by the test report at the end),
+    and validation leaves it out entirely (energy, forces), as the test report does."""
+    import torch
+
+    from multifi.config import validate_config
+    from multifi.data.batch import GraphCollator
+    from multifi.data.neighbors import make_neighbors
+    from multifi.train.module import PotentialModule
+    from multifi.train.run import train
+
+    frames = []
+    for i in range(12):
+        a = rattled_molecule("NH3" if i in (10, 11) else ("H2O", "CH3OH")[i % 2], seed=i)
+        a.calc = SinglePointCalculator(a, energy=-10.0 * len(a) + 0.1 * i, forces=np.full((len(a), 3), 0.1))
+        a.info.update(fidelity="A", key=f"m{i}")
+        frames.append(a)
+    ase.io.write(tmp_path / "d.extxyz", frames, format="extxyz")
+    split = {}
+    for name, keys in (("train", range(0, 8)), ("val", [8, 10]), ("test", [9, 11])):
+        (tmp_path / f"{name}.txt").write_text("".join(f"m{i}\n" for i in keys))
+        split[name] = str(tmp_path / f"{name}.txt")
+    cfg = validate_config(
+        {
+            "data": {"sources": [{"path": str(tmp_path / "d.extxyz")}], "split": {"files": split}},
+            "model": TINY_MODEL,
+            "train": {"epochs": 1, "batch_size": 4, "progress": False, "threads": 1, "warmup_steps": 0},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        train(cfg, dry_run=True)
+    assert "1 of 2 validation structures (e.g. m10) contain N, which no training label contains" in caplog.text
+    assert "1 of 2 test structures (e.g. m11) contain N" in caplog.text
+    # the validation step's masks: m10 (NH3) keeps no label, m8 keeps energy and forces
+    ds = read_sources([SourceConfig(path=str(tmp_path / "d.extxyz"))])
+    module = PotentialModule({"model": cfg.model, "fidelities": ["A"]}, cfg.loss, cfg.train)
+    ref = np.zeros((119, 1))
+    ref[[1, 6, 8]] = -10.0
+    module.potential.head.set_baseline(ref, np.ones(1))
+    module.sync_ema()
+    order = [int(np.flatnonzero(ds.keys == k)[0]) for k in ("m8", "m10")]
+    graph = GraphCollator(ds, make_neighbors(ds, cfg.model.cutoff))(np.array([[order[0], 0], [order[1], 0]]))
+    masked = module._without_estimated_energies(graph)
+    assert masked.energy_mask.tolist() == [True, False] and masked.forces_mask.tolist() == [True, False]
+    assert torch.equal(graph.forces_mask, torch.tensor([True, True]))

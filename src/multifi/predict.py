@@ -104,12 +104,7 @@ def predict_file(
     path = Path(structures)
     if not path.exists():
         raise MultifiError(f"{path}: no such file")
-    try:
-        atoms_list = ase.io.read(path, index=":")
-    except Exception as exc:
-        raise MultifiError(
-            f"{path}: unreadable structure file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
+    atoms_list = read_structures(path)
     check_atoms_elements(potential, atoms_list, str(path))
     predictions, sigmas, method = {}, {}, None
     for name in fidelities:
@@ -164,6 +159,46 @@ def _check_output_keys(fidelities: list[str], sigma: bool) -> None:
                     "(characters other than letters, digits and _ become _); predict them in separate runs"
                 )
             seen[key] = name
+
+
+def read_structures(path: Path) -> list:
+    """The structures of a file as ASE Atoms: anything ase.io reads, a MatPES JSON/JSONL or a saved multifi
+    dataset (read as training reads them: a structure labelled at exactly one fidelity carries that label, kept
+    by predict as ref_* beside its fidelity)."""
+    import ase.io
+
+    from multifi.config import SourceConfig
+    from multifi.data.sources import guess_format, read_source
+
+    if guess_format(path) == "ase":
+        try:
+            return ase.io.read(path, index=":")
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise MultifiError(f"{path}: unreadable structure file ({type(exc).__name__}: {first})") from None
+    return [_labelled_atoms(ds, i) for ds in [read_source(SourceConfig(path=str(path)))] for i in range(len(ds))]
+
+
+def _labelled_atoms(ds, i: int):
+    """Structure i of a dataset as Atoms; labelled at exactly one fidelity: that label as calculator results
+    (energy eV, forces eV/Å, stress eV/Å³ in ASE's sign) and info['fidelity']."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.stress import full_3x3_to_voigt_6_stress
+    from ase.units import GPa
+
+    atoms = ds.to_atoms(i)
+    labelled = np.flatnonzero(ds.energy_mask[i])
+    if len(labelled) != 1:
+        return atoms
+    k = int(labelled[0])
+    results = {"energy": float(ds.energy[i, k])}
+    if ds.forces is not None and ds.forces_mask[i, k]:
+        results["forces"] = np.asarray(ds.forces[ds.atoms_slice(i), k], dtype=float)
+    if ds.stress is not None and ds.stress_mask[i, k]:
+        results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(ds.stress[i, k], dtype=float) * GPa)
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    atoms.info["fidelity"] = ds.fidelities.names[k]
+    return atoms
 
 
 def _keep_reference_labels(atoms, where: str) -> None:

@@ -47,6 +47,7 @@ def run(args) -> int:
     import numpy as np
 
     from multifi.cli.format import metrics_table
+    from multifi.data.checks import check_force_units, check_stress_units
     from multifi.data.dataset import FidelityDataset
     from multifi.data.split import labelled_pairs
     from multifi.errors import MultifiError
@@ -81,6 +82,8 @@ def run(args) -> int:
             )
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity)]
     check_elements(potential, ds, pairs)
+    check_force_units(ds, pairs)  # forces in meV/Å, stress in kBar or of the other sign: errors of thousands
+    check_stress_units(ds, pairs)
     metrics, predicted = evaluate_pairs(potential, ds, None, pairs, args.batch_size, return_predictions=True)
     title = f"{args.checkpoint} on {', '.join(args.data)}"
     if args.ensemble:  # the headline is this one model's; the ensemble mean's errors are in the uncertainty table
@@ -149,15 +152,22 @@ def read_labelled(path: str, fidelity: str | None, args=None):
 
 
 def check_elements(potential, dataset, pairs) -> None:
-    """Elements of the labelled (structure, fidelity) pairs against the model (models.elements)."""
+    """Elements of the labelled (structure, fidelity) pairs against the model (models.elements). Structures
+    with an element the model never saw are left out of the errors with a warning (train/evaluate.py), as in
+    a training run's test report; only if every structure has one is it an error."""
     import numpy as np
 
     from multifi.data.dataset import ranges
     from multifi.models import elements
+    from multifi.train.evaluate import structures_with_unseen_elements
 
     where = dataset.source or "data"
     names = [dataset.structure_name(s).removeprefix("structure ") for s in range(len(dataset))]
-    elements.check_elements(potential, dataset.numbers, dataset.n_atoms, None, where, keys=names)
+    if len(pairs):
+        unseen = structures_with_unseen_elements(potential, dataset, pairs[:, 0])
+        if unseen.all():  # nothing to evaluate: the error names a structure and the element
+            elements.check_elements(potential, dataset.numbers, dataset.n_atoms, None, where, keys=names)
+        pairs = pairs[~unseen]
     to_model = [
         potential.fidelities.names.index(n) if n in potential.fidelities else -1 for n in dataset.fidelities.names
     ]

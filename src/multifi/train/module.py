@@ -116,16 +116,26 @@ class PotentialModule(L.LightningModule):
         """`graph` with the energy labels masked of structures holding an element whose reference at their
         fidelity was estimated (no training label of that fidelity had it): their energy error is an offset
         no training at that fidelity reduces, which would dominate, and freeze, the validation energy errors
-        that pick the best checkpoint (forces and stress do not depend on the references: kept)."""
+        that pick the best checkpoint (forces and stress do not depend on the references: kept). Structures
+        holding an element no training label held lose all their labels (the model cannot predict them)."""
         determined = self.eval_potential.head.determined_structures(
             graph.numbers, graph.batch, graph.fidelity, graph.num_graphs
         )
         if self.energies_scored_everywhere:
             everywhere = torch.tensor(self.energies_scored_everywhere, device=graph.fidelity.device)
             determined = determined | torch.isin(graph.fidelity, everywhere)
-        if bool(determined.all()):
+        # a structure holding an element no training label held: left out entirely, as in the test report
+        unknown_atoms = (~self.eval_potential.head.known()[graph.numbers]).to(torch.int32)
+        seen = torch.zeros(graph.num_graphs, dtype=torch.int32, device=unknown_atoms.device)
+        seen = seen.index_add_(0, graph.batch, unknown_atoms) == 0
+        if bool(determined.all()) and bool(seen.all()):
             return graph
-        return dataclasses.replace(graph, energy_mask=graph.energy_mask & determined)
+        return dataclasses.replace(
+            graph,
+            energy_mask=graph.energy_mask & determined & seen,
+            forces_mask=graph.forces_mask & seen,
+            stress_mask=graph.stress_mask & seen,
+        )
 
     def on_validation_epoch_start(self):
         self.val_metrics.reset()

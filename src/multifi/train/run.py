@@ -114,6 +114,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
     module.sync_ema()
+    _warn_unseen_in_evaluation(prep, module.potential)
     _check_monitored_energies(cfg, prep, module.potential.head, config_source)
 
     data = MultiFidelityData(
@@ -533,6 +534,29 @@ def check_something_trains(cfg: RunConfig, data, loss_weights: np.ndarray, confi
             name,
             ", ".join(n for n, t in zip(names, trained) if t),
         )
+
+
+def _warn_unseen_in_evaluation(prep, potential) -> None:
+    """Validation or test structures holding an element no training label holds are left out of their errors
+    (the model cannot predict them): said before training, not only by the test report at its end."""
+    from multifi.train.evaluate import structures_with_unseen_elements
+
+    ds, known = prep.dataset, potential.head.known().cpu().numpy()
+    for part, use in (("val", "validation errors (and the checkpoint choice)"), ("test", "test errors")):
+        rows = np.unique(prep.pairs[part][:, 0])
+        unseen = rows[structures_with_unseen_elements(potential, ds, rows)] if len(rows) else rows
+        if len(unseen):
+            atoms = ds.numbers[ranges(ds.offsets[unseen], ds.n_atoms[unseen])]
+            log.warning(
+                "%d of %d %s structures (e.g. %s) contain %s, which no training label contains: they are left out "
+                "of the %s; the model cannot predict them",
+                len(unseen),
+                len(rows),
+                "validation" if part == "val" else part,
+                ds.keys[unseen[0]],
+                ", ".join(chemical_symbols[z] for z in np.unique(atoms) if z >= len(known) or not known[z]),
+                use,
+            )
 
 
 def _check_monitored_energies(cfg: RunConfig, prep, head, config_source: str = "") -> None:
