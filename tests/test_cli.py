@@ -399,7 +399,8 @@ def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog
             squeezed.rattle(0.001)
             squeezed.get_potential_energy()
     messages = [r.getMessage() for r in caplog.records if "far closer" in r.getMessage()]
-    assert len(messages) == 1 and re.search(r"H–O atoms 0\.[34]\d Å apart, far closer than any H–O pair", messages[0])
+    assert len(messages) == 1 and re.search(r"\(0-based\) 0\.[34]\d Å apart, far closer than any H–O pair", messages[0])
+    assert re.match(r"atoms [01] \([OH]\) and [01] \([OH]\) \(0-based\)", messages[0]), messages[0]  # not "structure 0"
     # several close pairs, each over many edges: one message per element pair
     caplog.clear()
     crushed = water.copy()
@@ -408,7 +409,9 @@ def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog
         predict_atoms(pot, [water, crushed, crushed], "hi")
     messages = sorted(r.getMessage() for r in caplog.records if "far closer" in r.getMessage())
     assert len(messages) == 2, messages
-    assert "structure 1: H–H atoms" in messages[0] and "structure 1: H–O atoms" in messages[1]
+    assert all(m.startswith("structure 1: atoms ") for m in messages), messages
+    assert "any H–H pair" in messages[0] + messages[1] and "any H–O pair" in messages[0] + messages[1]
+    assert any(re.match(r"structure 1: atoms [12] \(H\) and [12] \(H\)", m) for m in messages), messages
 
 
 def test_first_of_each_and_the_shortest_contact_is_named(cli_run, caplog):
@@ -426,8 +429,8 @@ def test_first_of_each_and_the_shortest_contact_is_named(cli_run, caplog):
     d = min(water.get_distance(0, 1), water.get_distance(0, 2))
     with caplog.at_level("WARNING", logger="multifi"):
         predict_atoms(pot, [water], "hi")
-    message = next(r.getMessage() for r in caplog.records if "H–O atoms" in r.getMessage())
-    assert f"H–O atoms {d:.2f} Å apart" in message
+    message = next(r.getMessage() for r in caplog.records if "H–O pair" in r.getMessage())
+    assert f"(0-based) {d:.2f} Å apart" in message and re.search(r"atoms [02] \([OH]\) and [02]", message), message
 
 
 def test_data_info_names_references_the_labels_leave_open(tmp_path, capsys, caplog):

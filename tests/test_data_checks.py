@@ -156,7 +156,7 @@ def test_skipped_invalid_labels_are_counted_and_reported(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="multifi"):
         ds = read_sources(src, skip_invalid=True)
     assert len(ds) == 4
-    assert "nan.extxyz: skipped 2 non-finite (NaN/inf) labels" in caplog.text
+    assert "nan.extxyz: skipped 2 non-finite (NaN/inf) labels; other labels of the same structures" in caplog.text
 
 
 def test_data_info_reports_repeated_geometries(tmp_path, caplog, capsys):

@@ -891,3 +891,17 @@ def test_a_failed_run_writes_why_into_its_log(tmp_path):
             raise exc
         text = path.read_text()
         assert f"failed: {type(exc).__name__}: " in text and ("Traceback" in text) == traceback
+
+
+def test_progress_line_quotes_the_errors_the_report_uses():
+    """A run's progress line gives the error over the structures with determined references, as the report's
+    tables do, and says how many that is; without estimated references, the plain error."""
+    from multifi_experiments.runner import _errors_text
+
+    full = {"n": 4, "mae_meV_per_atom": 213.0, "forces_mae_meV_per_A": 1041.0}
+    part = {**full, "fitted_only": {"n": 1, "mae_meV_per_atom": 82.7, "forces_mae_meV_per_A": 843.6}}
+    assert _errors_text("R2SCAN", full) == "R2SCAN 213.0 meV/atom, 1041 meV/Å"
+    assert _errors_text("R2SCAN", part) == (
+        "R2SCAN 82.7 meV/atom, 844 meV/Å (1 of 4 structures; the rest have estimated references)"
+    )
+    assert _errors_text("B3LYP", {"n": 10, "mae_meV": 50.0}) == "B3LYP 50.0 meV"

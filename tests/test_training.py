@@ -298,7 +298,7 @@ def test_resume_without_training_left_is_a_one_line_error_and_changes_nothing(wr
     assert ckpt(train(cfg, resume=True) / "checkpoints/last.ckpt")["global_step"] == 20
 
 
-def test_train_kill_resume(write_config, tmp_path, monkeypatch):
+def test_train_kill_resume(write_config, tmp_path, monkeypatch, caplog):
     """SIGKILL a training subprocess after its first checkpoint; --resume continues from the saved step."""
     path = write_config(train={"epochs": 6, "batch_size": 2, "progress": False, "threads": 1, "warmup_steps": 0})
     cfg = load_config(path, [])
@@ -342,8 +342,10 @@ def test_train_kill_resume(write_config, tmp_path, monkeypatch):
         return original(self, graph, batch_idx)
 
     monkeypatch.setattr(PotentialModule, "training_step", spy)
-    assert main(["train", "--resume", str(run_dir)]) == 0
+    with caplog.at_level("INFO", logger="multifi"):
+        assert main(["train", "--resume", str(run_dir)]) == 0
     assert seen[0] == saved, f"resumed at step {seen[0]}, checkpoint was at {saved}"
+    assert f"resuming at step {saved} from checkpoints/last.ckpt" in caplog.text
     assert len(seen) == total - saved and seen == list(range(saved, total))
     final = ckpt(last)
     assert final["global_step"] == total and final["epoch"] == cfg.train.epochs - 1
@@ -783,3 +785,17 @@ def test_a_resume_on_another_number_of_processes(write_config, tmp_path, caplog)
         check_world(1, ckpt(1, 5), cosine, tmp_path)  # the same number: nothing to say
         check_world(2, ckpt(None, 5), cosine, tmp_path)  # an older checkpoint: not checked
     assert not caplog.text
+
+
+def test_the_logged_learning_rate_is_the_last_steps(write_config, tmp_path):
+    """metrics.csv's lr is the rate the last optimiser step used (the scheduler has already moved on to the next
+    step's): 5 steps into a 10-step linear warm-up, lr × 5/10 — as the warm-up warning says it peaks."""
+    import csv
+
+    cfg = load_config(
+        write_config(train={"epochs": 1, "batch_size": 8, "warmup_steps": 10, "lr": 0.002, "schedule": "cosine"})
+    )
+    steps = steps_per_epoch(cfg)
+    train(cfg)
+    rows = [r for r in csv.DictReader(open(Path(cfg.output_dir) / "metrics.csv")) if r.get("lr")]
+    assert float(rows[-1]["lr"]) == pytest.approx(0.002 * steps / 10, rel=1e-6)

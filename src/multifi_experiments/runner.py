@@ -269,9 +269,20 @@ class _Progress:
 
 
 def _errors_text(method: str, v: dict) -> str:
-    if "forces_mae_meV_per_A" in v:
-        return f"{method} {v.get('mae_meV_per_atom', float('nan')):.1f} meV/atom, {v['forces_mae_meV_per_A']:.0f} meV/Å"
-    return f"{method} {v['mae_meV']:.1f} meV"
+    """The test errors of one method as the report quotes them: where some structures' references at it were
+    estimated, over the others only (their count said)."""
+    shown = v.get("fitted_only", v)
+    note = (
+        f" ({shown.get('n', '?')} of {v.get('n', '?')} structures; the rest have estimated references)"
+        if shown is not v
+        else ""
+    )
+    if "forces_mae_meV_per_A" in shown:
+        return (
+            f"{method} {shown.get('mae_meV_per_atom', float('nan')):.1f} meV/atom, "
+            f"{shown['forces_mae_meV_per_A']:.0f} meV/Å{note}"
+        )
+    return f"{method} {shown['mae_meV']:.1f} meV{note}"
 
 
 # ---------------------------------------------------------------------------------------------- one run

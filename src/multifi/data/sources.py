@@ -119,7 +119,12 @@ def report_dropped(parts) -> None:
     """Log, per source, how many non-finite labels `skip_invalid` dropped."""
     for part in parts:
         if getattr(part, "n_dropped", 0):
-            log.warning("%s: skipped %d non-finite (NaN/inf) labels", part.source, part.n_dropped)
+            log.warning(
+                "%s: skipped %d non-finite (NaN/inf) labels; other labels of the same structures (e.g. the energy "
+                "beside NaN forces) are kept: remove those frames if the whole calculation failed",
+                part.source,
+                part.n_dropped,
+            )
 
 
 def _is_saved_dataset(src) -> bool:

@@ -170,14 +170,19 @@ def check_contacts(potential, graph, where: str = "", first: int = 0, seen: set 
     for pair_key, e in sorted(zip(pairs.tolist(), edges[order][at].tolist()), key=lambda x: x[1]):
         pair = (pair_key // 256, pair_key % 256)
         a, b = (chemical_symbols[z] for z in pair)
-        s = int(graph.batch[i[e]]) + first
+        s = int(graph.batch[i[e]])
+        start = int((graph.batch < s).sum())  # the structure's first atom: indices within the structure
+        ai, aj = int(i[e]) - start, int(j[e]) - start
+        named = f"structure {s + first}: " if graph.num_graphs > 1 or first or where else ""
         log.warning(
-            "%sstructure %d: %s–%s atoms %.2f Å apart, far closer than any %s–%s pair in training (%.2f Å): the "
-            "model extrapolates there; its energies and forces are unreliable",
+            "%s%satoms %d (%s) and %d (%s) (0-based) %.2f Å apart, far closer than any %s–%s pair in training "
+            "(%.2f Å): the model extrapolates there; its energies and forces are unreliable",
             f"{where}: " if where else "",
-            s,
-            a,
-            b,
+            named,
+            ai,
+            chemical_symbols[int(graph.numbers[i[e]])],
+            aj,
+            chemical_symbols[int(graph.numbers[j[e]])],
             float(d[e]),
             a,
             b,

@@ -53,6 +53,7 @@ class PotentialModule(L.LightningModule):
         self.loss_fn = MultiFidelityLoss(loss.energy, loss.forces, loss.stress, loss.kind, loss.huber_delta, fw)
         self.train_cfg = train
         self.ema = copy.deepcopy(self.potential).requires_grad_(False) if train.ema_decay > 0 else None
+        self.last_step_lr: float | None = None  # the learning rate of the last optimiser step (logged as lr)
         self.val_metrics = FidelityMetrics(table.names)
         self.epoch_sums = EpochSums()
         self.val_loss = EpochSums()  # Σ validation loss · structures this validation (exact over ranks)
@@ -161,10 +162,11 @@ class PotentialModule(L.LightningModule):
             for key in METRIC_KEYS:
                 if m.get(key) is not None:
                     self.log(val_key(name, key), float(m[key]), sync_dist=False, rank_zero_only=True)
-        if self.trainer.optimizers:
-            self.log(
-                "lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), sync_dist=False, rank_zero_only=True
+        if self.trainer.optimizers:  # the rate of the last step taken (the scheduler has moved on to the next one)
+            lr = (
+                self.last_step_lr if self.last_step_lr is not None else self.trainer.optimizers[0].param_groups[0]["lr"]
             )
+            self.log("lr", float(lr), sync_dist=False, rank_zero_only=True)
 
     def configure_callbacks(self):
         """Without a terminal, one log line per validation instead of a progress bar."""
@@ -282,6 +284,7 @@ class PotentialModule(L.LightningModule):
         if self.train_cfg.schedule != "cosine" and warm > 0 and self.global_step <= warm:
             for g in optimizer.param_groups:
                 g["lr"] = self.train_cfg.lr * min(1.0, (self.global_step + 1) / warm)
+        self.last_step_lr = float(optimizer.param_groups[0]["lr"])
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.ema is not None:  # here, not in on_train_batch_end: checkpoint callbacks run before that hook
             self._update_ema()

@@ -142,6 +142,9 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
         return run_dir
     # all checks passed: only now does the run directory get written
     make_dir(run_dir)
+    if leader and ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        log.info("resuming at step %d from checkpoints/%s", state["global_step"], ckpt.name)
     if leader and resume:
         _record_resumed_config(run_dir, cfg)
         if sources_now is not None:
