@@ -184,12 +184,15 @@ def test_predict_reads_matpes_json_lines_like_training(tmp_path, capsys):
     ref[[11, 17], 0] = [-1.0, -2.0]
     pot.head.set_baseline(ref, np.ones(1))
     model = save_potential(pot, tmp_path / "model.pt")
-    src = write_jsonl(tmp_path / "nacl.jsonl", [record("a"), record("b", energy=-6.0)])
+    # "a" also at r2SCAN (its PBE label is the one kept when predicting at PBE); a NaN label is dropped, not fatal
+    records = [record("a"), record("b", energy=-6.0), record("a", functional="r2SCAN", energy=-9.0)]
+    src = write_jsonl(tmp_path / "nacl.jsonl", records + [record("c", energy=float("nan"))])
     out = tmp_path / "pred.extxyz"
     assert run(["predict", model, src, "--fidelity", "PBE", "--out", out], capsys)[0] == 0
     got = ase.io.read(out, ":")
-    assert [a.info["key"] for a in got] == ["matpes:a", "matpes:b"]
-    assert [a.info["ref_energy"] for a in got] == [-6.5, -6.0] and got[0].info["ref_fidelity"] == "PBE"
+    assert [a.info["key"] for a in got] == ["matpes:a", "matpes:b", "matpes:c"]
+    assert "ref_energy" not in got[2].info  # c: its NaN energy dropped, the structure predicted
+    assert [a.info["ref_energy"] for a in got[:2]] == [-6.5, -6.0] and got[0].info["ref_fidelity"] == "PBE"
     np.testing.assert_allclose(got[0].arrays["ref_forces"], [[0.1, -0.2, 0.3], [-0.1, 0.2, -0.3]])
     gpa = vasp_stress_to_ase(np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))  # 3×3 GPa, ASE sign
     voigt = np.array([gpa[0, 0], gpa[1, 1], gpa[2, 2], gpa[1, 2], gpa[0, 2], gpa[0, 1]]) * units.GPa

@@ -526,7 +526,7 @@ def test_a_predict_output_is_not_read_as_labels_and_chaining_keeps_the_reference
     assert not (tmp_path / "x.extxyz").exists()
 
 
-def test_output_names_compression_key_collisions_and_structure_names(model, tmp_path, capsys, caplog):
+def test_output_names_compression_key_collisions_and_structure_names(model, tmp_path, capsys, caplog, monkeypatch):
     """.gz outputs are compressed (readable back), other formats than extxyz refused, colliding keys refused;
     nothing is written on an error."""
     src = tmp_path / "in.extxyz"
@@ -564,6 +564,12 @@ def test_output_names_compression_key_collisions_and_structure_names(model, tmp_
     assert "lo: 1 evaluated structure(s) contain Cu, which no training label contained: left out" in caplog.text
     scored = json.loads(out.read_text())["fidelities"]["lo"]
     assert scored["n"] == 1 and scored["n_unseen_elements"] == 1, scored
+    import multifi.plots
+
+    drawn = []
+    monkeypatch.setattr(multifi.plots, "parity_plot", lambda path, names, ref, pred, title: drawn.append(len(pred)))
+    assert run(["evaluate", model, tmp_path / "cu.extxyz", "--plot", tmp_path / "p.png"], capsys)[0] == 0
+    assert drawn == [1]  # the parity plot leaves it out too
     ase.io.write(tmp_path / "cu_only.extxyz", [emt_labelled(cu, "lo")])
     fails(["evaluate", model, tmp_path / "cu_only.extxyz"], capsys, "cu_only.extxyz: element Cu was not seen")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,16 @@ def test_a_further_rank_ends_when_its_launcher_is_killed(tmp_path):
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     pytest.fail("the child outlived its killed parent by 10 s")
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux) for a PID namespace")
+def test_a_further_rank_of_a_launcher_that_is_pid_1_lives(tmp_path):
+    """In a container without an init the launcher is PID 1: its ranks must not take that parent for a dead one."""
+    code = (
+        "import subprocess, sys; r = subprocess.run([sys.executable, '-c', 'from multifi.ranks import end_with_parent;"
+        " print(end_with_parent())'], capture_output=True, text=True); print(r.returncode, r.stdout.strip())"
+    )
+    proc = subprocess.run(["unshare", "-Urpf", sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 and "unshare" in proc.stderr:
+        pytest.skip(f"no user/PID namespaces here: {proc.stderr.strip()}")
+    assert proc.stdout.split() == ["0", "True"], (proc.stdout, proc.stderr)

@@ -8,12 +8,14 @@ import logging
 
 import ase.io
 import numpy as np
+import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 from conftest import TINY_MODEL, rattled_molecule
 
 from multifi.config import SourceConfig
 from multifi.data.sources import read_sources
-from multifi.keys import COUNT, ENERGY_MAE, UNSEEN
+from multifi.errors import MultifiError
+from multifi.keys import COUNT, ENERGY_MAE, FORCES_MAE, UNSEEN
 from multifi.models.registry import build_potential
 from multifi.train.evaluate import evaluate_pairs, structures_with_unseen_elements
 
@@ -86,6 +88,16 @@ def test_validation_and_test_structures_with_an_unseen_element_are_warned_before
         train(cfg, dry_run=True)
     assert "1 of 2 validation structures (e.g. m10) contain N, which no training label contains" in caplog.text
     assert "1 of 2 test structures (e.g. m11) contain N" in caplog.text
+    # monitoring the validation force error when every validation structure holds N: never measured, an error
+    (tmp_path / "val.txt").write_text("m10\n")
+    monitored = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"monitor": "A", "monitor_metric": FORCES_MAE})}
+    )
+    with pytest.raises(
+        MultifiError,
+        match=r"train.monitor_metric: every one of the 1 validation structures with force labels at 'A' holds N",
+    ):
+        train(monitored, dry_run=True)
     # the validation step's masks: m10 (NH3) keeps no label, m8 keeps energy and forces
     ds = read_sources([SourceConfig(path=str(tmp_path / "d.extxyz"))])
     module = PotentialModule({"model": cfg.model, "fidelities": ["A"]}, cfg.loss, cfg.train)

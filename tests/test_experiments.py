@@ -905,3 +905,7 @@ def test_progress_line_quotes_the_errors_the_report_uses():
         "R2SCAN 82.7 meV/atom, 844 meV/Å (1 of 4 structures; the rest have estimated references)"
     )
     assert _errors_text("B3LYP", {"n": 10, "mae_meV": 50.0}) == "B3LYP 50.0 meV"
+    # every structure's reference estimated (fitted_only {"n": 0}): the error over all, not a KeyError that marked
+    # the finished run as failed
+    assert _errors_text("B3LYP", {"n": 3, "mae_meV": 9.0, "fitted_only": {"n": 0}}) == "B3LYP 9.0 meV"
+    assert _errors_text("B3LYP", {"n": 0}) == "B3LYP: no test error"

@@ -38,7 +38,7 @@ def predict_atoms(
     for start in range(0, len(atoms_list), batch_size):
         chunk = atoms_list[start : start + batch_size]
         g = graph_from_atoms(chunk, potential.cutoff, k, dtype=param.dtype, where=where, first=start)
-        check_contacts(potential, g, where, first=start, seen=warned)
+        check_contacts(potential, g, where, first=start, seen=warned, several=len(atoms_list) > 1)
         periodic = bool(g.cell.abs().sum() > 0)
         out = potential(g.to(param.device), forces=forces, stress=periodic)
         out = {key: v.detach().cpu() for key, v in out.items()}
@@ -104,7 +104,7 @@ def predict_file(
     path = Path(structures)
     if not path.exists():
         raise MultifiError(f"{path}: no such file")
-    atoms_list = read_structures(path)
+    atoms_list = read_structures(path, fidelities[0])
     check_atoms_elements(potential, atoms_list, str(path))
     predictions, sigmas, method = {}, {}, None
     for name in fidelities:
@@ -161,10 +161,10 @@ def _check_output_keys(fidelities: list[str], sigma: bool) -> None:
             seen[key] = name
 
 
-def read_structures(path: Path) -> list:
+def read_structures(path: Path, fidelity: str | None = None) -> list:
     """The structures of a file as ASE Atoms: anything ase.io reads, a MatPES JSON/JSONL or a saved multifi
-    dataset (read as training reads them: a structure labelled at exactly one fidelity carries that label, kept
-    by predict as ref_* beside its fidelity)."""
+    dataset (read as training reads them, non-finite labels dropped: a structure carries its label at
+    `fidelity`, else its only one, kept by predict as ref_* beside its fidelity)."""
     import ase.io
 
     from multifi.config import SourceConfig
@@ -176,11 +176,12 @@ def read_structures(path: Path) -> list:
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise MultifiError(f"{path}: unreadable structure file ({type(exc).__name__}: {first})") from None
-    return [_labelled_atoms(ds, i) for ds in [read_source(SourceConfig(path=str(path)))] for i in range(len(ds))]
+    ds = read_source(SourceConfig(path=str(path)), skip_invalid=True)  # labels here are references only
+    return [_labelled_atoms(ds, i, fidelity) for i in range(len(ds))]
 
 
-def _labelled_atoms(ds, i: int):
-    """Structure i of a dataset as Atoms; labelled at exactly one fidelity: that label as calculator results
+def _labelled_atoms(ds, i: int, fidelity: str | None = None):
+    """Structure i of a dataset as Atoms with its label at `fidelity` (else its only one) as calculator results
     (energy eV, forces eV/Å, stress eV/Å³ in ASE's sign) and info['fidelity']."""
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.stress import full_3x3_to_voigt_6_stress
@@ -188,6 +189,8 @@ def _labelled_atoms(ds, i: int):
 
     atoms = ds.to_atoms(i)
     labelled = np.flatnonzero(ds.energy_mask[i])
+    if fidelity in ds.fidelities and ds.fidelities.index(fidelity) in labelled:
+        labelled = np.array([ds.fidelities.index(fidelity)])
     if len(labelled) != 1:
         return atoms
     k = int(labelled[0])

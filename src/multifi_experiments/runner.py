@@ -271,7 +271,9 @@ class _Progress:
 def _errors_text(method: str, v: dict) -> str:
     """The test errors of one method as the report quotes them: where some structures' references at it were
     estimated, over the others only (their count said)."""
-    shown = v.get("fitted_only", v)
+    shown = v.get("fitted_only") or v
+    if not shown.get("n", 1):  # every test structure has an estimated reference: the error over all of them
+        shown = v
     note = (
         f" ({shown.get('n', '?')} of {v.get('n', '?')} structures; the rest have estimated references)"
         if shown is not v
@@ -282,6 +284,8 @@ def _errors_text(method: str, v: dict) -> str:
             f"{method} {shown.get('mae_meV_per_atom', float('nan')):.1f} meV/atom, "
             f"{shown['forces_mae_meV_per_A']:.0f} meV/Å{note}"
         )
+    if "mae_meV" not in shown:
+        return f"{method}: no test error"
     return f"{method} {shown['mae_meV']:.1f} meV{note}"
 
 

@@ -81,7 +81,7 @@ def run(args) -> int:
                 "drop --fidelity to evaluate them at theirs"
             )
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity)]
-    check_elements(potential, ds, pairs)
+    scored = check_elements(potential, ds, pairs)  # [P] False: an element the model never saw (left out)
     check_force_units(ds, pairs)  # forces in meV/Å, stress in kBar or of the other sign: errors of thousands
     check_stress_units(ds, pairs)
     metrics, predicted = evaluate_pairs(potential, ds, None, pairs, args.batch_size, return_predictions=True)
@@ -95,7 +95,7 @@ def run(args) -> int:
         from multifi.uncertainty import uncertainty_report, uncertainty_table
 
         payload["uncertainty"] = uncertainty_report(
-            args.checkpoint, potential, args.ensemble, ds, pairs, args.batch_size
+            args.checkpoint, potential, args.ensemble, ds, pairs[scored], args.batch_size
         )
         print(uncertainty_table(payload["uncertainty"]))
     if args.out:
@@ -104,10 +104,11 @@ def run(args) -> int:
     if args.plot:
         from multifi.plots import parity_plot
 
-        n_atoms = ds.n_atoms[pairs[:, 0]]
-        reference = ds.energy[pairs[:, 0], pairs[:, 1]] / n_atoms
-        names = np.array(ds.fidelities.names, dtype=object)[pairs[:, 1]]
-        parity_plot(Path(args.plot), names, reference, predicted / n_atoms, title=str(args.checkpoint))
+        shown = pairs[scored]
+        n_atoms = ds.n_atoms[shown[:, 0]]
+        reference = ds.energy[shown[:, 0], shown[:, 1]] / n_atoms
+        names = np.array(ds.fidelities.names, dtype=object)[shown[:, 1]]
+        parity_plot(Path(args.plot), names, reference, predicted[scored] / n_atoms, title=str(args.checkpoint))
         print(f"wrote {args.plot}")
     return 0
 
@@ -151,10 +152,11 @@ def read_labelled(path: str, fidelity: str | None, args=None):
         return read_source(source_config(path, fidelity, args))  # fails again unless the fidelity was missing
 
 
-def check_elements(potential, dataset, pairs) -> None:
+def check_elements(potential, dataset, pairs):
     """Elements of the labelled (structure, fidelity) pairs against the model (models.elements). Structures
     with an element the model never saw are left out of the errors with a warning (train/evaluate.py), as in
-    a training run's test report; only if every structure has one is it an error."""
+    a training run's test report, and of plots and calibration (the returned [P] bool mask of the others);
+    only if every structure has one is it an error."""
     import numpy as np
 
     from multifi.data.dataset import ranges
@@ -163,11 +165,12 @@ def check_elements(potential, dataset, pairs) -> None:
 
     where = dataset.source or "data"
     names = [dataset.structure_name(s).removeprefix("structure ") for s in range(len(dataset))]
+    scored = np.ones(len(pairs), bool)
     if len(pairs):
-        unseen = structures_with_unseen_elements(potential, dataset, pairs[:, 0])
-        if unseen.all():  # nothing to evaluate: the error names a structure and the element
+        scored = ~structures_with_unseen_elements(potential, dataset, pairs[:, 0])
+        if not scored.any():  # nothing to evaluate: the error names a structure and the element
             elements.check_elements(potential, dataset.numbers, dataset.n_atoms, None, where, keys=names)
-        pairs = pairs[~unseen]
+        pairs = pairs[scored]
     to_model = [
         potential.fidelities.names.index(n) if n in potential.fidelities else -1 for n in dataset.fidelities.names
     ]
@@ -176,3 +179,4 @@ def check_elements(potential, dataset, pairs) -> None:
     numbers = dataset.numbers[ranges(dataset.offsets[pairs[:, 0]], n)]
     keys = [names[s] for s in pairs[:, 0]]  # warnings name the structure, not the pair's index
     elements.check_elements(potential, numbers, n, np.asarray(to_model, dtype=np.int64)[pairs[:, 1]], where, keys=keys)
+    return scored

@@ -78,7 +78,8 @@ def run(args) -> int:
     exclude += known + [str(k) for k in pool.keys[in_run_mask]]
     llpr = LLPR.load(llpr_path(args.model), potential) if args.strategy in ("uncertainty", "batch") else None
     anchors = None
-    if args.strategy == "diversity" and run_set is not None:  # (uncertainty and batch: LLPR holds the run's data)
+    wanted = args.n > 0 and bool((~labelled_mask(pool, args.fidelity, exclude)).any())
+    if args.strategy == "diversity" and run_set is not None and wanted:  # (uncertainty, batch: LLPR has the run's data)
         outside = np.flatnonzero(~np.isin(known_geometries, pool_geometries))  # the others are pool rows
         anchors = training_anchors(potential, run_set.subset(outside), args.fidelity, args.batch_size, args.seed)
     picks = select_structures(

@@ -139,11 +139,14 @@ def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: s
 CONTACT_FRACTION = 0.75
 
 
-def check_contacts(potential, graph, where: str = "", first: int = 0, seen: set | None = None) -> None:
+def check_contacts(
+    potential, graph, where: str = "", first: int = 0, seen: set | None = None, several: bool | None = None
+) -> None:
     """Warn (once per element pair and call, and per `seen` set) when atoms of `graph` are closer than
     CONTACT_FRACTION of the shortest distance of their element pair in the training structures
     (EnergyHead.contact): the model extrapolates there, and its energies and forces are unreliable. The message
-    names the pair's closest atoms. `first`: index of graph's first structure in the caller's list."""
+    names the pair's closest atoms. `first`: index of graph's first structure in the caller's list; `several`:
+    whether that list holds more than one structure (messages then name the structure; default: graph's)."""
     contact = potential.head.contact
     if not bool(contact.any()) or graph.edge_index.shape[1] == 0:
         return
@@ -173,7 +176,7 @@ def check_contacts(potential, graph, where: str = "", first: int = 0, seen: set 
         s = int(graph.batch[i[e]])
         start = int((graph.batch < s).sum())  # the structure's first atom: indices within the structure
         ai, aj = int(i[e]) - start, int(j[e]) - start
-        named = f"structure {s + first}: " if graph.num_graphs > 1 or first or where else ""
+        named = f"structure {s + first}: " if (graph.num_graphs > 1 if several is None else several) else ""
         log.warning(
             "%s%satoms %d (%s) and %d (%s) (0-based) %.2f Å apart, far closer than any %s–%s pair in training "
             "(%.2f Å): the model extrapolates there; its energies and forces are unreliable",

@@ -129,11 +129,12 @@ class PotentialModule(L.LightningModule):
         unknown_atoms = (~self.eval_potential.head.known()[graph.numbers]).to(torch.int32)
         seen = torch.zeros(graph.num_graphs, dtype=torch.int32, device=unknown_atoms.device)
         seen = seen.index_add_(0, graph.batch, unknown_atoms) == 0
-        if bool(determined.all()) and bool(seen.all()):
+        scored = determined & seen
+        if bool(scored.all()):  # (one host sync per validation batch)
             return graph
         return dataclasses.replace(
             graph,
-            energy_mask=graph.energy_mask & determined & seen,
+            energy_mask=graph.energy_mask & scored,
             forces_mask=graph.forces_mask & seen,
             stress_mask=graph.stress_mask & seen,
         )

@@ -423,7 +423,8 @@ class ClosedEpochResume(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         loop = trainer.fit_loop
         done = loop.epoch_progress.total
-        if loop.restarted_mid_epoch and done.ready == done.started == done.processed == done.completed:
+        closed = done.ready == done.started == done.processed == done.completed
+        if getattr(loop, "restarted_mid_epoch", False) and closed:  # (restart stages: Lightning ≥ 2.5)
             loop.reset_restart_stage()
 
 
@@ -566,14 +567,41 @@ def _check_monitored_energies(cfg: RunConfig, prep, head, config_source: str = "
     """A monitored energy error needs validation structures whose reference energy at the monitored fidelity
     the training labels determine (validation leaves the others out): none is a one-line error before
     training (Lightning otherwise fails at the first validation, the metric never logged)."""
+    prefix = f"{config_source}: " if config_source else ""
+    unseen = unscored_monitored_labels(cfg, prep.dataset, prep.pairs["val"], head)
+    if unseen:
+        raise MultifiError(
+            f"{prefix}train.monitor_metric: {unseen}, which validation leaves out (the model cannot predict them), so "
+            f"{cfg.train.monitor_metric} is never measured; monitor another fidelity or metric, or add training "
+            "labels with these elements"
+        )
     problem = unmeasured_monitor(cfg, prep.dataset, prep.pairs["val"], head)
     if problem:
-        prefix = f"{config_source}: " if config_source else ""
         raise MultifiError(
             f"{prefix}train.monitor: {problem}, so its validation energy error (which leaves such structures out) is never "
             f"measured; monitor {FORCES_MAE} or another fidelity, or add "
             f"{cfg.train.monitor} training labels with these elements"
         )
+
+
+def unscored_monitored_labels(cfg: RunConfig, ds, val: np.ndarray, head) -> str | None:
+    """For a monitored force or stress error: why it would never be measured (None: it will be), namely every
+    validation structure with such labels at train.monitor holds an element no training label holds."""
+    name, metric = cfg.train.monitor, cfg.train.monitor_metric
+    mask = {FORCES_MAE: ds.forces_mask, STRESS_MAE: ds.stress_mask}.get(metric)
+    if name is None or mask is None:
+        return None
+    k = ds.fidelities.index(name, where="train.monitor")
+    rows = val[val[:, 1] == k, 0]
+    rows = rows[mask[rows, k]]
+    known = head.known().cpu().numpy()
+    unknown = ~known[np.clip(ds.numbers, 0, len(known) - 1)]
+    if len(rows) == 0 or (ds.sum_over_atoms(unknown, rows) == 0).any():
+        return None
+    atoms = ds.numbers[ranges(ds.offsets[rows], ds.n_atoms[rows])]
+    symbols = ", ".join(chemical_symbols[z] for z in np.unique(atoms) if not known[min(int(z), len(known) - 1)])
+    kind = "force" if metric == FORCES_MAE else "stress"
+    return f"every one of the {len(rows)} validation structures with {kind} labels at {name!r} holds {symbols}"
 
 
 def unmeasured_monitor(cfg: RunConfig, ds, val: np.ndarray, head) -> str | None:
