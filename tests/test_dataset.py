@@ -551,3 +551,19 @@ def test_limits_keep_every_element_represented():
         assert 37 in small[:, 0]  # the only chlorine molecule is kept even at 4 of 60
         big = limit_pairs(pairs, np.array([10.0]), ds, seed)
         assert set(small[:, 0]) <= set(big[:, 0])  # still nested
+
+
+def test_split_file_integers_are_qm9_indices_for_qm9_data(tmp_path):
+    """On QM9 data an integer is a QM9 index (key qm9:<i>), as in qm9.indices and label tables; read as a row
+    position it shifted every split by one without a word."""
+    recs, _ = water_methane_si()
+    for r, i in zip(recs, (1, 2, 5)):
+        r["key"] = f"qm9:{i}"
+    ds = FidelityDataset.from_records(recs)
+    (tmp_path / "train.txt").write_text("1\n5\n")
+    (tmp_path / "test.txt").write_text("qm9:2\n")
+    s = split_from_files({"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.txt")}, ds)
+    assert ds.keys[s.train].tolist() == ["qm9:1", "qm9:5"] and ds.keys[s.test].tolist() == ["qm9:2"]
+    (tmp_path / "bad.txt").write_text("0\n")  # no QM9 molecule 0 in the data: an error, not row 0
+    with pytest.raises(MultifiError, match=r"bad.txt: QM9 index 0 is not a molecule of the data"):
+        split_from_files({"train": str(tmp_path / "bad.txt")}, ds)

@@ -226,3 +226,29 @@ def test_bad_blocks(tmp_path):
     with pytest.raises(MultifiError) as e:
         qm9.read_qm9_blocks(tmp_path / "none.json")
     one_line_error(e, "none.json")
+
+
+def test_a_qm9_source_that_selects_no_molecule_is_an_error(small_qm9, tmp_path):
+    """A table without rows, or `indices` outside the table: an error naming the file (it made the fidelity drop
+    out of training silently; a header-only table made `data info` end in a traceback)."""
+    empty = write_labels(tmp_path / "empty.csv", [])
+    with pytest.raises(MultifiError) as e:
+        qm9.read_qm9(empty, fidelity="X")
+    one_line_error(e, "empty.csv: no molecule selected (the table has no rows)")
+    table = write_labels(tmp_path / "l.csv", ["1,-1.0", "2,-2.0"])
+    with pytest.raises(MultifiError) as e:
+        qm9.read_qm9(table, fidelity="X", indices=[3, 4])
+    one_line_error(e, "l.csv: no molecule selected (none of its 2 molecules is among the 2 QM9 `indices` given)")
+    assert len(qm9.read_qm9(table, fidelity="X", indices=[2, 3])) == 1
+
+
+def test_wide_table_fidelity_names_with_commas_are_quoted(small_qm9, tmp_path):
+    """QM9's own level, B3LYP/6-31G(2df,p), holds a comma: quoted in the header it is one name; unquoted, the
+    column-count error says to quote it."""
+    quoted = write_labels(tmp_path / "w.csv", ["1,-1.0,-2.0", "2,-1.5,"], header='index,GFN2-xTB,"B3LYP/6-31G(2df,p)"')
+    ds = qm9.read_qm9(quoted)
+    assert list(ds.fidelities.names) == ["GFN2-xTB", "B3LYP/6-31G(2df,p)"] and np.isnan(ds.energy[1, 1])
+    bare = write_labels(tmp_path / "b.csv", ["1,-1.0,-2.0"], header="index,GFN2-xTB,B3LYP/6-31G(2df,p)")
+    with pytest.raises(MultifiError) as e:
+        qm9.read_qm9(bare)
+    one_line_error(e, "b.csv: 3 columns, header names 4", 'must be quoted: "B3LYP/6-31G(2df,p)"')

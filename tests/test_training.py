@@ -799,3 +799,35 @@ def test_the_logged_learning_rate_is_the_last_steps(write_config, tmp_path):
     train(cfg)
     rows = [r for r in csv.DictReader(open(Path(cfg.output_dir) / "metrics.csv")) if r.get("lr")]
     assert float(rows[-1]["lr"]) == pytest.approx(0.002 * steps / 10, rel=1e-6)
+
+
+def test_a_resume_sees_edits_to_qm9_label_tables_and_indices_files(tmp_path):
+    """QM9 sources were recorded as no file, so an edited label table or indices file resumed silently on the old
+    cached data; now both are fingerprinted like any data file (runs recorded before keep resuming)."""
+    from multifi.config import validate_config
+    from multifi.train.run import SOURCES, check_sources_unchanged, source_fingerprints
+
+    labels, indices = tmp_path / "gfn.csv", tmp_path / "idx.txt"
+    labels.write_text("index,energy_eV\n1,-834.0\n2,-900.0\n")
+    indices.write_text("1\n2\n")
+    cfg = validate_config(
+        {
+            "data": {"sources": [{"qm9": {"labels": str(labels), "fidelity": "GFN2-xTB", "indices": str(indices)}}]},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / SOURCES).write_text(json.dumps(source_fingerprints(cfg)))
+    assert check_sources_unchanged(run_dir, cfg) is None
+    os.utime(labels, ns=(1, 1))  # touched, same bytes: fine, recorded anew
+    assert check_sources_unchanged(run_dir, cfg)[0]["qm9"]["labels"]["mtime_ns"] == 1
+    labels.write_text("index,energy_eV\n1,-9834.0\n2,-900.0\n")
+    with pytest.raises(MultifiError, match=r"gfn.csv: changed since the run started"):
+        check_sources_unchanged(run_dir, cfg)
+    (run_dir / SOURCES).write_text(json.dumps(source_fingerprints(cfg)))
+    indices.write_text("1\n")
+    with pytest.raises(MultifiError, match=r"idx.txt: changed since the run started"):
+        check_sources_unchanged(run_dir, cfg)
+    (run_dir / SOURCES).write_text(json.dumps([None]))  # recorded by an older version: nothing to compare
+    assert check_sources_unchanged(run_dir, cfg) is None

@@ -34,7 +34,7 @@ HELP = {
     "data.split.val": "fraction of structures for validation",
     "data.split.test": "fraction of structures for the test metrics",
     "data.split.seed": "seed of the random split",
-    "data.split.files": "instead of fractions: files listing structure keys or indices per split",
+    "data.split.files": "instead of fractions: files listing structure keys (qm9:17, matpes:mp-1, info['key']) or integers per split (QM9 indices for QM9 data, else 0-based positions)",
     "data.skip_invalid": "drop NaN/inf labels (and report how many) instead of failing",
     "data.cache": "save the merged dataset in the run directory (dataset.npz) for --resume",
     "model": "the network",

@@ -74,14 +74,18 @@ def random_split(n: int, val: float, test: float, seed: int) -> Split:
 
 
 def split_from_files(files: dict[str, str], dataset: FidelityDataset) -> Split:
-    """Splits from files listing structure keys (e.g. qm9:17) or integer indices, one per line (or JSON list)."""
-    key_to_index = {k: i for i, k in enumerate(dataset.keys.tolist())}
+    """Splits from files listing structure keys (e.g. qm9:17) or integers, one per line (or a JSON list). An
+    integer is a QM9 index (key qm9:<i>) when every structure is a QM9 molecule, as everywhere else in QM9
+    data (`qm9.indices`, label tables), else a 0-based position in the data."""
+    keys = dataset.keys.tolist()
+    key_to_index = {k: i for i, k in enumerate(keys)}
+    qm9 = bool(keys) and all(str(k).startswith("qm9:") for k in keys)
     out = {}
     for name in SPLITS:
         if name not in files:
             out[name] = np.zeros(0, np.int64)
             continue
-        out[name] = _read_split_file(Path(files[name]), key_to_index, len(dataset))
+        out[name] = _read_split_file(Path(files[name]), key_to_index, len(dataset), qm9)
     split = Split(**out)
     try:
         check_disjoint(split, dataset)
@@ -99,7 +103,7 @@ def split_from_files(files: dict[str, str], dataset: FidelityDataset) -> Split:
     return split
 
 
-def _read_split_file(path: Path, key_to_index: dict, n: int) -> np.ndarray:
+def _read_split_file(path: Path, key_to_index: dict, n: int, qm9: bool = False) -> np.ndarray:
     if not path.exists():
         raise MultifiError(f"{path}: no such split file")
     text = path.read_text().strip()
@@ -109,6 +113,12 @@ def _read_split_file(path: Path, key_to_index: dict, n: int) -> np.ndarray:
         s = str(it)
         if s in key_to_index:
             idx.append(key_to_index[s])
+        elif qm9 and s.isdigit():
+            if f"qm9:{s}" not in key_to_index:
+                raise MultifiError(
+                    f"{path}: QM9 index {s} is not a molecule of the data (integers here are QM9 indices)"
+                )
+            idx.append(key_to_index[f"qm9:{s}"])
         elif s.lstrip("-").isdigit() and 0 <= int(s) < n:
             idx.append(int(s))
         else:

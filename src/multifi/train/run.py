@@ -831,13 +831,24 @@ SOURCES = "sources.json"
 
 
 def source_fingerprints(cfg: RunConfig) -> list[dict | None]:
-    """Per data source: {"size", "mtime_ns", "sha1"} of its file (None: no file, e.g. the qm9 package or a folder)."""
-    return [_fingerprint(path) if path is not None else None for path in _source_files(cfg)]
+    """Per data source: the _fingerprint of its file, or for a QM9 source {"qm9": {"labels"|"indices": …}} of
+    its label table and indices file (None: no file, e.g. QM9's own energies or a folder)."""
+    out: list[dict | None] = []
+    for files in _source_files(cfg):
+        if "path" in files:
+            out.append(_fingerprint(files["path"]))
+        else:
+            out.append({"qm9": {role: _fingerprint(path) for role, path in files.items()}} if files else None)
+    return out
 
 
-def _source_files(cfg: RunConfig) -> list[Path | None]:
-    paths = [Path(src.path) if src.path else None for src in cfg.data.sources]
-    return [p if p is not None and p.is_file() else None for p in paths]
+def _source_files(cfg: RunConfig) -> list[dict[str, Path]]:
+    """Per data source, its existing files by role: {"path": …}, or {"labels": …, "indices": …} of a QM9 source."""
+    out = []
+    for src in cfg.data.sources:
+        roles = {"path": src.path} if src.qm9 is None else {"labels": src.qm9.labels, "indices": src.qm9.indices}
+        out.append({role: Path(f) for role, f in roles.items() if f and Path(f).is_file()})
+    return out
 
 
 def _fingerprint(path: Path, content: bool = True) -> dict:
@@ -865,20 +876,35 @@ def check_sources_unchanged(run_dir: Path, cfg: RunConfig) -> list | None:
         return None  # a run of an older version: nothing to compare
     then = json.loads(recorded.read_text())
     updated = list(then)
-    for i, (src, path, was) in enumerate(zip(cfg.data.sources, _source_files(cfg), then)):
-        if path is None or was is None:
+    for i, (files, was) in enumerate(zip(_source_files(cfg), then)):
+        if was is None:  # no file then (runs of older versions recorded none for QM9 sources)
             continue
-        now = _fingerprint(path, content=False)
-        if now == {k: was.get(k) for k in now}:
-            continue
-        if now["size"] == was["size"] and (full := _fingerprint(path))["sha1"] == was["sha1"]:
-            updated[i] = full  # touched, copied or moved: same bytes
-            continue
-        raise MultifiError(
-            f"{src.path}: changed since the run started (the run trains on its copy in {run_dir / 'dataset.npz'}, "
-            "so a resume would ignore the change); start a new run with the changed data, or restore the file"
-        )
+        recorded_files = was["qm9"] if "qm9" in was else {"path": was}
+        now_files = {}
+        for role, before in recorded_files.items():
+            path = files.get(role)
+            if path is None:
+                continue
+            now_files[role] = _unchanged(path, before, run_dir)
+        if "qm9" in was:
+            now_files = {"qm9": {**recorded_files, **now_files}}
+        new = now_files.get("path", was) if "qm9" not in was else now_files
+        updated[i] = new
     return updated if updated != then else None
+
+
+def _unchanged(path: Path, before: dict, run_dir: Path) -> dict:
+    """`path`'s fingerprint if its bytes are those recorded (`before`), read only when size or times differ;
+    else the one-line error."""
+    now = _fingerprint(path, content=False)
+    if now == {k: before.get(k) for k in now}:
+        return before
+    if now["size"] == before["size"] and (full := _fingerprint(path))["sha1"] == before["sha1"]:
+        return full  # touched, copied or moved: same bytes
+    raise MultifiError(
+        f"{path}: changed since the run started (the run trains on its copy in {run_dir / 'dataset.npz'}, "
+        "so a resume would ignore the change); start a new run with the changed data, or restore the file"
+    )
 
 
 def _check_resumed_split(run_dir: Path, prep) -> None:

@@ -487,9 +487,24 @@ def read_qm9(
         fidelity, idx, energy, source = table.fidelity, table.index, table.energy, str(table.path)
         n_dropped = table.n_dropped
     keep = _select(geo, idx, indices, limit, seed)
+    _check_selected(source, len(idx), keep, indices, limit)
     ds = _dataset(geo, idx[keep], energy[keep], fidelity, source)
     ds.n_dropped = n_dropped
     return ds
+
+
+def _check_selected(source: str, rows: int, keep: np.ndarray, indices, limit) -> None:
+    """A QM9 source that selects no molecule is an error (as a structure file without structures is), not a
+    fidelity that silently drops out of training."""
+    if len(keep):
+        return
+    if rows == 0:
+        why = "the table has no rows"
+    elif indices is not None and limit != 0:
+        why = f"none of its {rows} molecules is among the {len(np.unique(np.asarray(indices)))} QM9 `indices` given"
+    else:
+        why = "limit 0"
+    raise MultifiError(f"{source}: no molecule selected ({why})")
 
 
 def _select(geo: Qm9Geometries, idx: np.ndarray, indices, limit: int | None, seed: int) -> np.ndarray:
@@ -538,8 +553,13 @@ def _is_wide_table(path) -> bool:
         return False
     opener = gzip.open if p.suffix == ".gz" else open
     with opener(p, "rt") as f:
-        header = f.readline().strip().split(",")
+        header = _header_fields(f.readline())
     return len(header) > 2 and header[0] == "index"
+
+
+def _header_fields(line: str) -> list[str]:
+    """A CSV header line's fields (a quoted field may hold commas: "B3LYP/6-31G(2df,p)")."""
+    return [h.strip() for h in next(csv.reader([line.strip()]), [])]
 
 
 def read_qm9_wide(
@@ -558,7 +578,8 @@ def read_qm9_wide(
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
-        header = f.readline().strip().split(",")
+        first = f.readline()
+        header = _header_fields(first)
         text = f.read()
     names = header[1:]
     if len(set(names)) != len(names):
@@ -569,7 +590,12 @@ def read_qm9_wide(
     except ValueError as exc:
         raise MultifiError(f"{path}: not a numeric table ({str(exc).splitlines()[0]})") from None
     if table.shape[1] != len(header):
-        raise MultifiError(f"{path}: {table.shape[1]} columns, header names {len(header)}")
+        hint = (
+            '; a fidelity name with a comma, e.g. B3LYP/6-31G(2df,p), must be quoted: "B3LYP/6-31G(2df,p)"'
+            if '"' not in first and any("(" in n and ")" not in n for n in names)
+            else ""
+        )
+        raise MultifiError(f"{path}: {table.shape[1]} columns, header names {len(header)}{hint}")
     idx = table[:, 0].astype(np.int64)
     energy = table[:, 1:]
     bad = np.isinf(energy)
@@ -590,6 +616,7 @@ def read_qm9_wide(
             f"{path}: index {idx[np.argmax(unknown)]} is not a QM9 molecule ({int(unknown.sum())} such rows)"
         )
     keep = _select(geo, idx, indices, limit, seed)
+    _check_selected(str(path), len(idx), keep, indices, limit)
     ds = _dataset(geo, idx[keep], energy[keep, 0], names[0], str(path))
     ds.fidelities = FidelityTable(names)
     ds.energy = np.ascontiguousarray(energy[keep])
