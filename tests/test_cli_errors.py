@@ -710,6 +710,20 @@ def test_evaluate_takes_the_qm9_source_form(model, tmp_path, capsys, monkeypatch
     out = tmp_path / "m.json"
     assert run(["evaluate", model, f"qm9:{labels}", "--fidelity", "lo", "--out", out], capsys)[0] == 0
     assert json.loads(out.read_text())["fidelities"]["lo"]["n"] == 3
+    # predict, calibrate and extend take it too (they said "qm9:…: no such file")
+    pred = tmp_path / "p.extxyz"
+    code, _, stderr = run(["predict", model, f"qm9:{labels}", "--fidelity", "lo", "--out", pred], capsys)
+    assert code == 0, stderr
+    got = ase.io.read(pred, ":")
+    assert [a.info["key"] for a in got] == ["qm9:1", "qm9:2", "qm9:3"] and got[2].info["ref_energy"] == -12.0
+    held_out = tmp_path / "held.csv"
+    held_out.write_text("index,energy_eV\n4,-13.0\n5,-14.0\n")
+    argv = ["calibrate", model, "--train", f"qm9:{labels}", "--val", f"qm9:{held_out}", "--fidelity", "lo"]
+    code, _, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    argv = ["extend", model, "--data", f"qm9:{labels}", "--fidelity", "new", "--out", tmp_path / "ext", "--dry-run"]
+    code, stdout, stderr = run(argv, capsys)
+    assert code == 0, stderr
 
 
 def test_verbose_without_third_party_debug_logs(tmp_path, capsys, monkeypatch):

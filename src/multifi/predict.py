@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.readers.ase_files import PREDICTION_MARK
+from multifi.data.sources import is_qm9_text
 from multifi.errors import MultifiError
 
 
@@ -102,9 +103,9 @@ def predict_file(
     potential = potential.to(device)
     members = load_ensemble(ensemble, fidelities, device)
     path = Path(structures)
-    if not path.exists():
+    if not path.exists() and not is_qm9_text(str(structures)):
         raise MultifiError(f"{path}: no such file")
-    atoms_list = read_structures(path, fidelities[0])
+    atoms_list = read_structures(str(structures), fidelities[0])
     check_atoms_elements(potential, atoms_list, str(path))
     predictions, sigmas, method = {}, {}, None
     for name in fidelities:
@@ -161,22 +162,24 @@ def _check_output_keys(fidelities: list[str], sigma: bool) -> None:
             seen[key] = name
 
 
-def read_structures(path: Path, fidelity: str | None = None) -> list:
-    """The structures of a file as ASE Atoms: anything ase.io reads, a MatPES JSON/JSONL or a saved multifi
-    dataset (read as training reads them, non-finite labels dropped: a structure carries its label at
-    `fidelity`, else its only one, kept by predict as ref_* beside its fidelity)."""
+def read_structures(text: str, fidelity: str | None = None) -> list:
+    """The structures of a source as ASE Atoms: any file ase.io reads, a MatPES JSON/JSONL, a saved multifi
+    dataset or QM9 (`qm9`, `qm9:LABELS.csv`), the latter read as training reads them, non-finite labels dropped:
+    a structure carries its label at `fidelity`, else its only one, kept by predict as ref_* beside it."""
     import ase.io
 
-    from multifi.config import SourceConfig
-    from multifi.data.sources import guess_format, read_source
+    from multifi.data.sources import guess_format, read_labelled
 
-    if guess_format(path) == "ase":
+    path = Path(text)
+    if not is_qm9_text(text) and guess_format(path) == "ase":
         try:
             return ase.io.read(path, index=":")
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise MultifiError(f"{path}: unreadable structure file ({type(exc).__name__}: {first})") from None
-    ds = read_source(SourceConfig(path=str(path)), skip_invalid=True)  # labels here are references only
+    # labels here are only references (non-finite ones dropped); a QM9 label table naming no fidelity (no
+    # manifest.json beside it) is taken as labels at `fidelity`, as evaluate --fidelity takes it
+    ds = read_labelled(text, fidelity, skip_invalid=True)
     return [_labelled_atoms(ds, i, fidelity) for i in range(len(ds))]
 
 

@@ -372,6 +372,7 @@ def calibrate_files(
 ) -> tuple[LLPR, Path]:
     """Fit the LLPR of a model from labelled training and validation files; writes the side file."""
     from multifi.data.dataset import FidelityDataset
+    from multifi.data.sources import read_labelled
     from multifi.data.split import labelled_pairs
     from multifi.models.registry import load_potential
 
@@ -430,19 +431,6 @@ def save_calibration(llpr: LLPR, path: Path) -> Path:
                 log.info("%s: replaced the earlier calibration of %s", path, ", ".join(replaced))
             llpr = LLPR({**llpr.fidelities, **kept}, llpr.fingerprint)
     return llpr.save(path)
-
-
-def read_labelled(path: str, fidelity: str | None):
-    """A labelled data file with the fidelities it names per structure; `fidelity` only for files naming none."""
-    from multifi.config import SourceConfig
-    from multifi.data.sources import guess_format, read_source
-
-    try:
-        return read_source(SourceConfig(path=path))
-    except MultifiError:
-        if fidelity is None or guess_format(Path(path)) == "npz":
-            raise
-        return read_source(SourceConfig(path=path, fidelity=fidelity))
 
 
 def sigma_for(

@@ -28,12 +28,14 @@ def add_label_keys(p) -> None:
 def source_config(text: str, fidelity: str | None, args=None):
     """A SourceConfig from a command-line source: a file, `qm9` (QM9's own B3LYP energies) or `qm9:LABELS.csv`,
     as in a config's data.sources."""
-    from multifi.config import Qm9Source, SourceConfig
+    from multifi.data.sources import source_from_text
 
-    if text == "qm9" or text.startswith("qm9:"):
-        return SourceConfig(qm9=Qm9Source(labels=text[4:] or None, fidelity=fidelity))
-    keys = {k: getattr(args, k) for k in ("energy_key", "forces_key", "stress_key") if getattr(args, k, None)}
-    return SourceConfig(path=text, fidelity=fidelity, **keys)
+    return source_from_text(text, fidelity, **label_keys(args))
+
+
+def label_keys(args) -> dict:
+    """--energy-key / --forces-key / --stress-key given on the command line."""
+    return {k: getattr(args, k) for k in ("energy_key", "forces_key", "stress_key") if getattr(args, k, None)}
 
 
 def device_arg(text: str) -> str:

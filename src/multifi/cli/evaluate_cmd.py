@@ -46,9 +46,11 @@ def run(args) -> int:
 
     import numpy as np
 
+    from multifi.cli.args import label_keys
     from multifi.cli.format import metrics_table
     from multifi.data.checks import check_force_units, check_stress_units
     from multifi.data.dataset import FidelityDataset
+    from multifi.data.sources import read_labelled
     from multifi.data.split import labelled_pairs
     from multifi.errors import MultifiError
     from multifi.files import atomic_write, encoded_for
@@ -62,7 +64,7 @@ def run(args) -> int:
     from multifi.data.fidelity import alike_names
 
     potential = load_potential(args.checkpoint).to(args.device)
-    parts = [read_labelled(path, args.fidelity, args) for path in args.data]
+    parts = [read_labelled(path, args.fidelity, **label_keys(args)) for path in args.data]
     ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     if args.fidelity:
@@ -131,25 +133,6 @@ def _warn_implausible(metrics: dict, where: str) -> None:
                 err,
                 name,
             )
-
-
-def read_labelled(path: str, fidelity: str | None, args=None):
-    """Labelled data with the fidelities it names per structure; `fidelity` only for structures naming none."""
-    from pathlib import Path
-
-    from multifi.cli.args import source_config
-    from multifi.data.sources import guess_format, read_source
-    from multifi.errors import MultifiError
-
-    src = source_config(path, None, args)
-    if src.qm9 is not None:
-        return read_source(source_config(path, fidelity, args))
-    try:
-        return read_source(src)
-    except MultifiError:
-        if fidelity is None or guess_format(Path(path)) == "npz":
-            raise
-        return read_source(source_config(path, fidelity, args))  # fails again unless the fidelity was missing
 
 
 def check_elements(potential, dataset, pairs):

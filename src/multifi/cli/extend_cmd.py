@@ -58,9 +58,12 @@ def register(sub):
 
 
 def overrides_from_args(args) -> list[str]:
+    from multifi.data.sources import source_from_text
+
     out = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
     if args.data:
-        out.append(f"data.sources={json.dumps([{'path': p, 'fidelity': args.fidelity} for p in args.data])}")
+        sources = [source_from_text(p, args.fidelity).model_dump(exclude_none=True) for p in args.data]
+        out.append(f"data.sources={json.dumps(sources)}")
     return out + list(args.overrides)
 
 

@@ -8,7 +8,9 @@ from multifi.cli.args import device_arg, positive_int
 def register(sub):
     p = sub.add_parser("predict", help="predict energies, forces (and stress) at one fidelity")
     p.add_argument("checkpoint", help="model.pt, a training checkpoint (.ckpt) or a run directory (its model.pt)")
-    p.add_argument("structures", help="any file ASE reads, a MatPES JSON/JSONL or a saved dataset (.npz)")
+    p.add_argument(
+        "structures", help="any file ASE reads, a MatPES JSON/JSONL, a saved dataset (.npz), qm9 or qm9:LABELS.csv"
+    )
     p.add_argument(
         "--fidelity",
         required=True,
