@@ -175,3 +175,24 @@ def test_data_info_reports_repeated_geometries(tmp_path, caplog, capsys):
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert main(["data", "info", str(tmp_path / "pool.extxyz")]) == 0
     assert "1 structure(s) repeat the geometry of another under a different key (e.g. one and two)" in caplog.text
+
+
+def test_energies_per_atom_are_named_as_such(caplog):
+    """Per-atom energies were diagnosed as kcal/mol (their hydrogen reference looks large): they do not grow with
+    the number of atoms, which the per-element fit shows; total energies pass."""
+    rng = np.random.default_rng(1)
+    recs = []  # more compositions than elements, as in any real data set (else any labels fit exactly)
+    for i in range(66):
+        m = molecule(["CH4", "H2O", "NH3", "C2H6", "CH3OH", "C2H4", "HCN", "CH3CH2OH", "C2H2", "H2CO", "CH3CN"][i % 11])
+        e = sum({1: -13.6, 6: -1029.0, 7: -1484.0, 8: -2041.0}[z] for z in m.numbers) + rng.normal(0, 0.3)
+        recs.append({"numbers": m.numbers, "positions": m.positions, "labels": {"DFT": {"energy": e}}, "key": f"m{i}"})
+    ds = FidelityDataset.from_records(recs, source="totals.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+    for r in recs:
+        r["labels"]["DFT"]["energy"] /= len(r["numbers"])
+    per_atom = FidelityDataset.from_records(recs, source="per_atom.extxyz")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_energy_units(ds, pairs, *fit_baseline(ds, pairs)) == []
+        assert check_energy_units(per_atom, pairs, *fit_baseline(per_atom, pairs)) == ["DFT"]
+    assert "per_atom.extxyz: energies at fidelity 'DFT' look like energies per atom, not per structure" in caplog.text
+    assert "kcal/mol" not in caplog.text and "totals.extxyz" not in caplog.text
