@@ -203,6 +203,26 @@ def test_predict_reads_matpes_json_lines_like_training(tmp_path, capsys):
     )
 
 
+def test_predict_marks_structures_whose_reference_was_estimated(tmp_path, capsys):
+    """N never labelled at 'hi' (its reference estimated from 'lo'): NH3 predicted at hi carries
+    reference_estimated (its energy may be off by eV), H2O does not, and at lo neither."""
+    torch.manual_seed(0)
+    pot = build_potential(TINY_MODEL, ["lo", "hi"])
+    ref = np.zeros((119, 2))
+    ref[[1, 7, 8], :] = [[-0.5, -0.6], [-1.0, -1.2], [-2.0, -2.5]]
+    fitted = ref != 0
+    fitted[7, 1] = False
+    pot.head.set_baseline(ref, np.ones(2), fitted)
+    model = save_potential(pot, tmp_path / "model.pt")
+    src = tmp_path / "m.xyz"
+    ase.io.write(src, [rattled_molecule("NH3", 0), rattled_molecule("H2O", 1)])
+    out = tmp_path / "p.extxyz"
+    assert run(["predict", model, src, "--fidelity", "hi", "--fidelity", "lo", "--out", out], capsys)[0] == 0
+    got = ase.io.read(out, ":")
+    assert got[0].info.get("reference_estimated") is True and "reference_estimated" not in got[1].info
+    assert not any(k.startswith("reference_estimated_") for a in got for k in a.info)
+
+
 def test_predict_unknown_fidelity_lists_known_ones(cli_run, tmp_path, capsys):
     _, run_dir = cli_run
     src = tmp_path / "in.xyz"

@@ -120,11 +120,14 @@ def predict_file(
                 checkpoint, potential, members, atoms_list, name, (energies, forces, stresses), batch_size
             )
         predictions[name] = (energies, forces, stresses)
+    estimated = {name: estimated_references(potential, atoms_list, name) for name in fidelities}
     for i, a in enumerate(atoms_list):
         _keep_reference_labels(a, f"{path}: structure {i}")
         a.info[PREDICTION_MARK] = f"multifi {multifi.__version__}: {Path(checkpoint).name}"
         for n, name in enumerate(fidelities):
             _attach(a, name, *(p[i] for p in predictions[name]), first=n == 0, several=len(fidelities) > 1)
+            if estimated[name][i]:  # its energy's reference was estimated: may be off by eV (warned once above)
+                a.info["reference_estimated" if n == 0 else f"reference_estimated_{_tag(name)}"] = True
             if name in sigmas:
                 key = "energy_sigma" if n == 0 else f"energy_sigma_{_tag(name)}"
                 a.info[key], a.info["uncertainty"] = float(sigmas[name][i]), method
@@ -240,6 +243,20 @@ def _tag(name: str) -> str:
     import re
 
     return re.sub(r"\W", "_", name)
+
+
+def estimated_references(potential, atoms_list, fidelity: str) -> np.ndarray:
+    """[n] bool: structures whose reference energy at `fidelity` the model's training labels do not determine
+    (an element without labels there, or an open composition): their energies carry an estimated offset."""
+    import torch
+
+    k = potential.fidelity_index(fidelity)
+    head = potential.head
+    numbers = torch.as_tensor(np.concatenate([a.numbers for a in atoms_list]).astype(np.int64), device=head.null.device)
+    counts = [len(a) for a in atoms_list]
+    structure = torch.repeat_interleave(torch.arange(len(counts), device=numbers.device), torch.as_tensor(counts))
+    fid = torch.full((len(counts),), k, dtype=torch.long, device=numbers.device)
+    return (~head.determined_structures(numbers, structure, fid, len(counts))).cpu().numpy()
 
 
 def _attach(atoms, name: str, energy, forces, stress, first: bool, several: bool) -> None:
