@@ -355,11 +355,15 @@ def test_config_fidelity_absent_from_data(write_config, tmp_path, capsys, sectio
 def test_unknown_config_key_suggests_nearest(write_config, capsys):
     path = write_config(model={**TINY_MODEL, "featuers": 16})
     fails(["train", path], capsys, str(path), "unknown key 'model.featuers'", "did you mean 'features'?")
-    fails(
+    line = fails(
         ["train", write_config("ok.yaml"), "--set", "train.epcohs=1"],
         capsys,
-        "unknown key 'train.epcohs'",
+        "--set train.epcohs=1: unknown key 'train.epcohs'",
         "did you mean 'epochs'?",
+    )
+    assert "ok.yaml" not in line  # the key came from --set, not from the file
+    fails(
+        ["train", write_config("ok.yaml"), "--set", "train.epochs=abc"], capsys, "--set train.epochs=abc: train.epochs:"
     )
     fails(["train"], capsys, "needs a CONFIG.yaml")
 

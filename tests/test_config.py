@@ -183,7 +183,9 @@ def test_overrides(tmp_path):
     assert cfg.model.fidelity_embedding.inject == "heads" and cfg.data.sources[1].fidelity == "CCSD"
     assert cfg.data.train_limits == {"B3LYP": 100} and cfg.train.fidelity_sampling == {"B3LYP": 2.0}
     assert cfg.model.features == 128  # untouched keys keep their file values
-    with pytest.raises(MultifiError, match=r"c.yaml: unknown key 'train.epohcs'; did you mean 'epochs'\?"):
+    with pytest.raises(
+        MultifiError, match=r"^--set train.epohcs=3: unknown key 'train.epohcs'; did you mean 'epochs'\?"
+    ):
         load_config(path, ["train.epohcs=3"])
     with pytest.raises(MultifiError, match=r"override 'train.epochs' is not of the form key=value"):
         load_config(path, ["train.epochs"])

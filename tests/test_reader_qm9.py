@@ -181,7 +181,7 @@ def test_fidelity_unknown_without_manifest(small_qm9, tmp_path):
         (["1,-1.0", "2,abc"], "index,energy_eV", ["line 3", "abc"]),
         (["1,-1.0", "2"], "index,energy_eV", ["line 3"]),
         (["1,-1.0", "2,-2,3"], "index,energy_eV", ["line 3"]),
-        (["1.5,-1.0"], "index,energy_eV", ["line 2", "integer"]),
+        (["1.5,-1.0"], "index,energy_eV", ["line 2: index 1.5 is not an integer"]),
         (["1,-1.0", "2,nan", "3,inf"], "index,energy_eV", ["2 non-finite", "line 3"]),
         (["1,-1.0", "999999,-2.0"], "index,energy_eV", ["line 3", "999999", "not a QM9 molecule"]),
         (["1,-1.0", "2,-2.0", "1,-1.0"], "index,energy_eV", ["index 1 appears twice", "lines 2 and 4"]),

@@ -400,9 +400,22 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         raw = read_yaml_mapping(path, "config file", "the config must be a mapping of sections (data, model, train, …)")
     for item in overrides:
         apply_override(raw, item, where)
-    cfg = validate_config(raw, where)
+    try:
+        cfg = validate_config(raw, where)
+    except MultifiError as exc:
+        raise MultifiError(_blame_override(str(exc), where, overrides)) from None
     _resolve_paths(cfg, Path(path).resolve().parent if path is not None else Path.cwd())
     return cfg
+
+
+def _blame_override(message: str, where: str, overrides) -> str:
+    """A validation error about a key an override set names the override (`--set KEY=VALUE`), not the file."""
+    body = message.removeprefix(f"{where}: ")
+    for item in reversed(list(overrides)):  # the last override of a key wins
+        key = item.split("=", 1)[0].strip()
+        if body.startswith(f"{key}:") or body.startswith(f"unknown key '{key}'"):
+            return f"--set {item}: {body}"
+    return message
 
 
 def read_yaml_mapping(path: Path, noun: str, not_mapping: str) -> dict:

@@ -397,7 +397,7 @@ def _parse_label_body(body: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
     bad = index != values[:, 0]
     if bad.any():
         i = int(np.argmax(bad))
-        raise MultifiError(f"{path}: line {i + 2}: index {values[i, 0]!r} is not an integer")
+        raise MultifiError(f"{path}: line {i + 2}: index {float(values[i, 0]):g} is not an integer")
     return index, values[:, 1].copy()
 
 
