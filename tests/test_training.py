@@ -597,16 +597,16 @@ def test_resume_with_other_settings_updates_config_yaml_and_keeps_the_first(writ
 
 
 def test_a_run_ending_between_checkpoints_and_validations_keeps_its_final_state(write_config, caplog):
-    """max_steps below both intervals: last.ckpt holds the final step, model.pt is that state, and the
-    missing validation is said (was: 'no such checkpoint' after training)."""
+    """max_steps below both intervals: the stop is validated, last.ckpt and best.ckpt hold the final step and
+    model.pt is that state (was: 'no such checkpoint' after training, then a model never validated)."""
     train_cfg = {"epochs": 1000, "max_steps": 5, "batch_size": 8, "progress": False, "threads": 1}
     cfg = load_config(write_config(train={**train_cfg, "val_every_n_steps": 100, "checkpoint_every_n_steps": 100}), [])
     with caplog.at_level(logging.WARNING, logger="multifi"):
         run_dir = train(cfg)
     assert ckpt(run_dir / "checkpoints/last.ckpt")["global_step"] == 5
-    assert not (run_dir / "checkpoints/best.ckpt").exists()
+    assert ckpt(run_dir / "checkpoints/best.ckpt")["global_step"] == 5
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 5
-    assert "no validation ran in this run's 5 steps (validation every 100 steps)" in caplog.text
+    assert "no validation ran" not in caplog.text
     saved = load_potential(run_dir / "model.pt")
     final = load_potential(run_dir / "checkpoints/last.ckpt")
     for a, b in zip(saved.state_dict().values(), final.state_dict().values()):
@@ -831,3 +831,16 @@ def test_a_resume_sees_edits_to_qm9_label_tables_and_indices_files(tmp_path):
         check_sources_unchanged(run_dir, cfg)
     (run_dir / SOURCES).write_text(json.dumps([None]))  # recorded by an older version: nothing to compare
     assert check_sources_unchanged(run_dir, cfg) is None
+
+
+def test_a_run_ending_at_max_steps_inside_an_epoch_validates_its_last_step(write_config, tmp_path):
+    """max_steps 7 with 5 steps per epoch: validation at step 5 (epoch end) and at step 7 (the stop), so the last
+    steps take part in picking the model (they were never validated: model.pt came from step 5)."""
+    import csv
+
+    cfg = load_config(write_config(train={"epochs": 100, "max_steps": 7, "batch_size": 8, "schedule": "constant"}))
+    assert steps_per_epoch(cfg) == 5
+    train(cfg)
+    rows = [r for r in csv.DictReader(open(Path(cfg.output_dir) / "metrics.csv")) if r.get("val_loss")]
+    assert [int(r["step"]) for r in rows] == [5, 7]
+    assert ckpt(Path(cfg.output_dir) / "checkpoints" / "last.ckpt")["global_step"] == 7

@@ -381,7 +381,11 @@ class FinalStepCheckpoint(Callback):
         self.final: dict | None = None
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            # a stop requested at this batch makes Lightning validate it (reaching max_steps alone does not:
+            # the steps after the last validation inside the epoch never counted for the model kept)
+            trainer.should_stop = True
+        if trainer.should_stop:
             self._capture(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
