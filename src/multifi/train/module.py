@@ -88,7 +88,7 @@ class PotentialModule(L.LightningModule):
         loss, terms = self.loss_fn(out, graph)
         if not torch.isfinite(loss):  # a diverged run must not end "successfully" with a NaN model
             raise MultifiError(
-                f"training loss became {float(loss)} at step {self.global_step} (lr "
+                f"training loss became {float(loss.detach())} at step {self.global_step} (lr "
                 f"{self.trainer.optimizers[0].param_groups[0]['lr']:.3g}): training diverged; lower train.lr, keep "
                 "train.grad_clip, or check the labels (the checkpoints before this step are kept)"
             )
