@@ -767,10 +767,8 @@ def test_a_resume_on_another_number_of_processes(write_config, tmp_path, caplog)
     from multifi.train.run import check_world
 
     def ckpt(world, batches_done):
-        path = tmp_path / f"w{world}_{batches_done}.ckpt"
         state = {"epoch": 3, "batches_done": batches_done}
-        torch.save({"MultiFidelityData": state if world is None else {**state, "world": world}}, path)
-        return path
+        return {"MultiFidelityData": state if world is None else {**state, "world": world}}
 
     cosine = load_config(write_config(train={"schedule": "cosine"}))
     plateau = load_config(write_config(name="p.yaml", train={"schedule": "plateau"}))

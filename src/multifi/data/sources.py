@@ -74,19 +74,19 @@ def guess_format(path: Path) -> str:
     return "ase"
 
 
+def is_qm9_text(text: str) -> bool:
+    """Whether a command-line source names QM9 (`qm9`, `qm9:LABELS.csv`) rather than a file."""
+    return text == "qm9" or text.startswith("qm9:")
+
+
 def source_from_text(text: str, fidelity: str | None = None, **keys):
     """A SourceConfig from a source named on the command line: a file, `qm9` (QM9's own B3LYP energies) or
     `qm9:LABELS.csv`, as in a config's data.sources; `keys`: energy_key / forces_key / stress_key of a file."""
     from multifi.config import Qm9Source, SourceConfig
 
-    if text == "qm9" or text.startswith("qm9:"):
+    if is_qm9_text(text):
         return SourceConfig(qm9=Qm9Source(labels=text[4:] or None, fidelity=fidelity))
     return SourceConfig(path=text, fidelity=fidelity, **{k: v for k, v in keys.items() if v})
-
-
-def is_qm9_text(text: str) -> bool:
-    """Whether a command-line source names QM9 (`qm9`, `qm9:LABELS.csv`) rather than a file."""
-    return text == "qm9" or text.startswith("qm9:")
 
 
 def read_labelled(text: str, fidelity: str | None = None, skip_invalid: bool = False, **keys) -> FidelityDataset:

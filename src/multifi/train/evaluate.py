@@ -133,19 +133,28 @@ def model_fidelities(potential, dataset: FidelityDataset, pairs: np.ndarray) -> 
 
 def structures_with_unseen_elements(potential, dataset: FidelityDataset, structures: np.ndarray) -> np.ndarray:
     """[len(structures)] bool: the structure contains an element no training label of `potential` contained."""
-    known = potential.head.known().detach().cpu().numpy()  # [119]
+    return holds_unknown(potential.head.known().detach().cpu().numpy(), dataset, structures)
+
+
+def holds_unknown(known: np.ndarray, dataset: FidelityDataset, structures: np.ndarray) -> np.ndarray:
+    """[len(structures)] bool: the structure holds an element z with not known[z] (known: [119] bool)."""
     numbers = np.clip(dataset.numbers, 0, len(known) - 1)
     return dataset.sum_over_atoms(~known[numbers], structures) > 0
 
 
-def _report_unseen(potential, dataset: FidelityDataset, pairs: np.ndarray, result: dict) -> None:
+def unknown_symbols(known: np.ndarray, dataset: FidelityDataset, structures: np.ndarray) -> str:
+    """The elements (comma-separated symbols) not `known` ([119] bool) that `structures` hold."""
     from ase.data import chemical_symbols
 
+    atoms = dataset.numbers[ranges(dataset.offsets[structures], dataset.n_atoms[structures])]
+    return ", ".join(chemical_symbols[z] for z in np.unique(atoms) if z >= len(known) or not known[z])
+
+
+def _report_unseen(potential, dataset: FidelityDataset, pairs: np.ndarray, result: dict) -> None:
     known = potential.head.known().detach().cpu().numpy()
     for k in np.unique(pairs[:, 1]):
         rows = pairs[pairs[:, 1] == k, 0]
-        atoms = np.concatenate([dataset.numbers[dataset.offsets[s] : dataset.offsets[s + 1]] for s in rows])
-        elements = ", ".join(chemical_symbols[z] for z in np.unique(atoms) if z >= len(known) or not known[z])
+        elements = unknown_symbols(known, dataset, rows)
         name = dataset.fidelities.names[int(k)]
         result.setdefault(name, {COUNT: 0})[UNSEEN] = int(len(rows))
         log.warning(

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -242,10 +242,9 @@ def merged_run_data(
     tested) and the new fidelity's, laid out as `table`, so that the extended model can be extended again
     with replay of, and forgetting measured on, every fidelity it knows. Built before training (a key
     clash between the two is an error then, not after the model is written)."""
-    try:
-        ds = FidelityDataset.merge([old.dataset, new]).with_fidelities(table)
-    except MultifiError as exc:
-        raise MultifiError(f"{old.path / 'dataset.npz'} and {where}: {exc}") from None
+    named = new if new.source else replace(new, source=where)
+    merged = FidelityDataset.merge([old.dataset, named])  # its errors name both files and structures
+    ds = merged.with_fidelities(table)
     pairs = {
         name: np.concatenate([_reindex(ds, table, old.dataset, getattr(old, name)), _reindex(ds, table, new, p)])
         for name, p in new_pairs.items()

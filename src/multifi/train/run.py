@@ -135,16 +135,17 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     data.check_sampling(config_source)
     check_something_trains(cfg, data, prep.settings.loss_weights, config_source)
     trainer = _build_trainer(cfg, run_dir, len(prep.pairs["val"]) > 0, config_source)
-    if ckpt is not None:
-        check_world(trainer.world_size, ckpt, cfg, run_dir)
+    resumed = None if ckpt is None else torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    if resumed is not None:
+        check_world(trainer.world_size, resumed, cfg, run_dir)
     if dry_run:
         _report_plan(cfg, prep, module, run_dir, ckpt)
         return run_dir
     # all checks passed: only now does the run directory get written
     make_dir(run_dir)
-    if leader and ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        log.info("resuming at step %d from checkpoints/%s", state["global_step"], ckpt.name)
+    if leader and resumed is not None:
+        log.info("resuming at step %d from checkpoints/%s", resumed["global_step"], ckpt.name)
+    del resumed  # Lightning loads the checkpoint itself
     if leader and resume:
         _record_resumed_config(run_dir, cfg)
         if sources_now is not None:
@@ -547,14 +548,13 @@ def check_something_trains(cfg: RunConfig, data, loss_weights: np.ndarray, confi
 def _warn_unseen_in_evaluation(prep, potential) -> None:
     """Validation or test structures holding an element no training label holds are left out of their errors
     (the model cannot predict them): said before training, not only by the test report at its end."""
-    from multifi.train.evaluate import structures_with_unseen_elements
+    from multifi.train.evaluate import holds_unknown, unknown_symbols
 
     ds, known = prep.dataset, potential.head.known().cpu().numpy()
     for part, use in (("val", "validation errors (and the checkpoint choice)"), ("test", "test errors")):
         rows = np.unique(prep.pairs[part][:, 0])
-        unseen = rows[structures_with_unseen_elements(potential, ds, rows)] if len(rows) else rows
+        unseen = rows[holds_unknown(known, ds, rows)] if len(rows) else rows
         if len(unseen):
-            atoms = ds.numbers[ranges(ds.offsets[unseen], ds.n_atoms[unseen])]
             log.warning(
                 "%d of %d %s structures (e.g. %s) contain %s, which no training label contains: they are left out "
                 "of the %s; the model cannot predict them",
@@ -562,7 +562,7 @@ def _warn_unseen_in_evaluation(prep, potential) -> None:
                 len(rows),
                 "validation" if part == "val" else part,
                 ds.keys[unseen[0]],
-                ", ".join(chemical_symbols[z] for z in np.unique(atoms) if z >= len(known) or not known[z]),
+                unknown_symbols(known, ds, unseen),
                 use,
             )
 
@@ -598,12 +598,12 @@ def unscored_monitored_labels(cfg: RunConfig, ds, val: np.ndarray, head) -> str 
     k = ds.fidelities.index(name, where="train.monitor")
     rows = val[val[:, 1] == k, 0]
     rows = rows[mask[rows, k]]
+    from multifi.train.evaluate import holds_unknown, unknown_symbols
+
     known = head.known().cpu().numpy()
-    unknown = ~known[np.clip(ds.numbers, 0, len(known) - 1)]
-    if len(rows) == 0 or (ds.sum_over_atoms(unknown, rows) == 0).any():
+    if len(rows) == 0 or not holds_unknown(known, ds, rows).all():
         return None
-    atoms = ds.numbers[ranges(ds.offsets[rows], ds.n_atoms[rows])]
-    symbols = ", ".join(chemical_symbols[z] for z in np.unique(atoms) if not known[min(int(z), len(known) - 1)])
+    symbols = unknown_symbols(known, ds, rows)
     kind = "force" if metric == FORCES_MAE else "stress"
     return f"every one of the {len(rows)} validation structures with {kind} labels at {name!r} holds {symbols}"
 
@@ -721,13 +721,13 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
         )
 
 
-def check_world(world: int, ckpt: Path, cfg: RunConfig, run_dir: Path) -> None:
+def check_world(world: int, resumed: dict, cfg: RunConfig, run_dir: Path) -> None:
     """A resume on another number of processes than the checkpoint's: the structures per step and the steps
     per epoch change. Mid-epoch, the epoch cannot go on where it stopped (Lightning counts the batches done
     per process), and a cosine schedule, planned over the steps, cannot follow: one-line errors, before
     anything is written. At an epoch's end with another schedule: a warning. Checkpoints of versions that
-    did not record the number: not checked."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("MultiFidelityData") or {}
+    did not record the number: not checked. `resumed`: the checkpoint's contents (loaded with mmap)."""
+    state = resumed.get("MultiFidelityData") or {}
     before = state.get("world")
     if before is None or int(before) == world:
         return
@@ -884,16 +884,11 @@ def check_sources_unchanged(run_dir: Path, cfg: RunConfig) -> list | None:
         if was is None:  # no file then (runs of older versions recorded none for QM9 sources)
             continue
         recorded_files = was["qm9"] if "qm9" in was else {"path": was}
-        now_files = {}
-        for role, before in recorded_files.items():
-            path = files.get(role)
-            if path is None:
-                continue
-            now_files[role] = _unchanged(path, before, run_dir)
-        if "qm9" in was:
-            now_files = {"qm9": {**recorded_files, **now_files}}
-        new = now_files.get("path", was) if "qm9" not in was else now_files
-        updated[i] = new
+        now = {
+            role: _unchanged(files[role], before, run_dir) if role in files else before
+            for role, before in recorded_files.items()
+        }
+        updated[i] = {"qm9": now} if "qm9" in was else now["path"]
     return updated if updated != then else None
 
 
