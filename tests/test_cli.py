@@ -368,6 +368,24 @@ def test_unknown_config_key_suggests_nearest(write_config, capsys):
     fails(["train"], capsys, "needs a CONFIG.yaml")
 
 
+@pytest.mark.parametrize(
+    "item",
+    [
+        "data.fidelities=[XX]",
+        "train.monitor=XX",
+        "train.fidelity_sampling={XX: 1}",
+        "train.fidelity_sampling.XX=1",
+        "loss.fidelity_weights={XX: 1}",
+        "data.train_limits={XX: 3}",
+    ],
+)
+def test_an_unknown_fidelity_set_on_the_command_line_names_the_override(write_config, capsys, item):
+    """Fidelity names are checked against the data after the config validates: the error still names the
+    `--set` that gave the name, not the config file (which does not hold it)."""
+    line = fails(["train", write_config("ok.yaml"), "--set", item, "--dry-run"], capsys, f"--set {item}: ")
+    assert "unknown fidelity 'XX'" in line and "ok.yaml" not in line
+
+
 def test_console_script_exit_code_and_single_line(tmp_path):
     """The installed entry point, as a user runs it."""
     exe = Path(sys.executable).parent / "multifi"

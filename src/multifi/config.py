@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -403,19 +405,36 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     try:
         cfg = validate_config(raw, where)
     except MultifiError as exc:
-        raise MultifiError(_blame_override(str(exc), where, overrides)) from None
+        raise MultifiError(blame_override(str(exc), where, overrides)) from None
     _resolve_paths(cfg, Path(path).resolve().parent if path is not None else Path.cwd())
     return cfg
 
 
-def _blame_override(message: str, where: str, overrides) -> str:
-    """A validation error about a key an override set names the override (`--set KEY=VALUE`), not the file."""
+_KEY_PATH = re.compile(r"^((?:data|model|loss|train|extend)(?:\.[\w-]+)+): ")
+
+
+def blame_override(message: str, where: str, overrides) -> str:
+    """An error about a config key names where the key's value came from: the override (`--set KEY=VALUE`)
+    that set it (or a part of it), else the config file `where` (added when the message names no file)."""
     body = message.removeprefix(f"{where}: ")
+    match = _KEY_PATH.match(body)
+    named = match.group(1) if match else None
     for item in reversed(list(overrides)):  # the last override of a key wins
         key = item.split("=", 1)[0].strip()
-        if body.startswith(f"{key}:") or body.startswith(f"unknown key '{key}'"):
+        if body.startswith(f"unknown key '{key}'") or (
+            named and (key == named or key.startswith(f"{named}.") or named.startswith(f"{key}."))
+        ):
             return f"--set {item}: {body}"
-    return message
+    return f"{where}: {body}" if named else message
+
+
+@contextlib.contextmanager
+def blamed(where: str, overrides):
+    """Errors raised inside about a config key name the override that set it, or the config file `where`."""
+    try:
+        yield
+    except MultifiError as exc:
+        raise MultifiError(blame_override(str(exc), where, overrides)) from None
 
 
 def read_yaml_mapping(path: Path, noun: str, not_mapping: str) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from multifi.config import RunConfig, dump_config, load_config, with_backbone_defaults
+from multifi.config import RunConfig, blamed, dump_config, load_config, with_backbone_defaults
 from multifi.data.checks import check_energy_units, check_force_units, check_stress_units
 from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
@@ -785,4 +785,6 @@ def extend_from_args(config: str | None, overrides: list[str], dry_run: bool = F
     cfg = load_config(config, overrides)
     if cfg.extend is None:
         raise MultifiError(f"{config or 'multifi extend'}: nothing to extend (give MODEL.pt or an 'extend' section)")
-    return extend(cfg, config_source=str(config or cfg.extend.model), dry_run=dry_run)
+    source = str(config or cfg.extend.model)
+    with blamed(source, overrides):
+        return extend(cfg, config_source=source, dry_run=dry_run)

@@ -17,7 +17,7 @@ from ase.data import chemical_symbols
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from multifi.config import RunConfig, dump_config, load_config
+from multifi.config import RunConfig, blamed, dump_config, load_config
 from multifi.data.checks import (
     check_energy_units,
     check_force_units,
@@ -1101,7 +1101,10 @@ def train_from_args(config: str | None, overrides: list[str], resume_dir: str | 
             )
         cfg = load_config(source, overrides)
         cfg.output_dir = str(resume_dir)
-        return train(cfg, resume=True, config_source=str(source), dry_run=dry_run)
+        with blamed(str(source), overrides):
+            return train(cfg, resume=True, config_source=str(source), dry_run=dry_run)
     if config is None:
         raise MultifiError("multifi train needs a CONFIG.yaml (or --resume RUN_DIR)")
-    return train(load_config(config, overrides), config_source=str(config), dry_run=dry_run)
+    cfg = load_config(config, overrides)
+    with blamed(str(config), overrides):
+        return train(cfg, config_source=str(config), dry_run=dry_run)
