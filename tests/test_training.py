@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -731,6 +732,53 @@ def test_a_run_continued_past_its_max_steps_trains_like_one_that_never_stopped(w
     # the same weights at step 24 (the best checkpoints may differ: the cut run also validated at step 13)
     for key, value in b["state_dict"].items():
         torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_a_resume_from_an_epoch_end_checkpoint_trains_like_a_run_that_never_stopped(write_config, tmp_path, monkeypatch):
+    """A run killed after its epoch-end checkpoint (step 10, 5 steps per epoch: a copy of the run directory
+    taken at step 11 holds it) and resumed: Lightning ended that epoch a second time and counted it twice, so
+    every later epoch drew the next epoch's sample order, and metrics.csv's steps were one too high. Now the
+    same weights (bit for bit) and the same metrics.csv steps as a run that never stopped."""
+    from lightning.pytorch.callbacks import Callback
+
+    import multifi.train.run as run_module
+
+    train_cfg = {"epochs": 100, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0}
+    train_cfg.update(schedule="constant", max_steps=30)
+    straight = load_config(write_config(name="s.yaml", train=train_cfg, output_dir=str(tmp_path / "s")))
+    cut = tmp_path / "cut"
+
+    class CopyAtStep11(Callback):  # the state a kill at step 11 leaves behind
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 11 and not cut.exists():
+                shutil.copytree(tmp_path / "s", cut)
+
+    build = run_module._build_trainer
+
+    def with_copy(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.append(CopyAtStep11())
+        return trainer
+
+    monkeypatch.setattr(run_module, "_build_trainer", with_copy)
+    train(straight)
+    monkeypatch.setattr(run_module, "_build_trainer", build)
+    saved = ckpt(cut / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 10 and saved["MultiFidelityData"]["batches_done"] == 5  # the epoch-end save
+    resumed = load_config(cut / "config.yaml")
+    resumed.output_dir = str(cut)
+    train(resumed, resume=True)
+    a, b = (ckpt(d / "checkpoints" / "last.ckpt") for d in (cut, tmp_path / "s"))
+    assert a["global_step"] == b["global_step"] == 30 and a["epoch"] == b["epoch"]
+    assert a["loops"]["fit_loop"]["epoch_progress"] == b["loops"]["fit_loop"]["epoch_progress"]
+    for key, value in b["state_dict"].items():
+        assert torch.equal(a["state_dict"][key], value), key
+
+    def steps(d):
+        with open(d / "metrics.csv") as f:
+            return [(r["epoch"], r["step"]) for r in csv.DictReader(f)]
+
+    assert steps(cut) == steps(tmp_path / "s") == [(str(e), str(5 * e + 5)) for e in range(6)]
 
 
 def test_resumes_from_an_epochs_last_step_keep_counting_epochs(write_config, tmp_path):

@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -25,7 +26,8 @@ class RunCSVLogger(Logger):
     epoch, step, lr, validation loss and per-fidelity metrics, and at epoch ends the epoch's training losses).
 
     `step` counts the optimiser steps done when the row was logged, as a checkpoint's `global_step`, the
-    training log and metrics.json's `best_step` do (Lightning hands loggers that count minus one).
+    training log and metrics.json's `best_step` do: `steps_done()` (the trainer's global_step) when set, else
+    Lightning's logging step + 1 (that count is one too high after a resume from an epoch-end checkpoint).
 
     Per-step training values are left out; values logged at the same step share one row. A resumed run
     replaces the rows its interrupted predecessor wrote after the checkpoint it resumes from, so no row
@@ -38,6 +40,7 @@ class RunCSVLogger(Logger):
         self.path = self.run_dir / "metrics.csv"
         self._rows: list[dict] | None = None
         self._n_old = 0  # rows read from an earlier (interrupted) start of the run
+        self.steps_done: Callable[[], int] | None = None
 
     @property
     def name(self) -> str:
@@ -65,7 +68,7 @@ class RunCSVLogger(Logger):
         if not set(row) - {"epoch"}:
             return
         rows = self._load()
-        step = int(step or 0) + 1  # Lightning's logging step is the index of the last optimiser step
+        step = self.steps_done() if self.steps_done else int(step or 0) + 1
         if self._n_old:  # first row after a resume: forget what the interrupted start logged from here on
             rows[:] = [r for r in rows if int(float(r.get("step") or 0)) < step]
             self._n_old = 0

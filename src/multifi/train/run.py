@@ -348,7 +348,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         if t.val_every_n_steps and has_val
         else {}
     )
-    return L.Trainer(
+    logger = RunCSVLogger(run_dir)
+    trainer = L.Trainer(
         **every,
         default_root_dir=run_dir,
         max_epochs=t.epochs,
@@ -358,7 +359,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         num_nodes=t.num_nodes,
         gradient_clip_val=t.grad_clip,
         callbacks=callbacks,
-        logger=RunCSVLogger(run_dir),
+        logger=logger,
         plugins=[AtomicCheckpointIO()],
         inference_mode=False,
         enable_progress_bar=progress_bar_wanted(t.progress),
@@ -369,6 +370,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         use_distributed_sampler=False,
         limit_val_batches=1.0 if has_val else 0,
     )
+    logger.steps_done = lambda: trainer.global_step
+    return trainer
 
 
 class FinalStepCheckpoint(Callback):
@@ -423,7 +426,12 @@ class ClosedEpochResume(Callback):
     epoch when it restarts but keeps its mid-epoch restart stage: the next epoch then ran without its
     epoch-start hooks and without being counted as started, and every later checkpoint carried epoch counters
     one behind (a resume from one of them mid-epoch ran extra steps, a resume with more epochs one epoch too
-    few). Once Lightning has closed the epoch, the restart is over."""
+    few). Once Lightning has closed the epoch, the restart is over.
+
+    Resuming from a checkpoint written by an epoch-end hook (the epoch counted as processed, not yet as
+    completed), Lightning ends that epoch once more and counts it processed twice; samplers take their epoch
+    from that count, so every later epoch drew the next epoch's sample order (the run differed from an
+    uninterrupted one). The count is set back before Lightning repeats the epoch's end."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         loop = trainer.fit_loop
@@ -431,6 +439,9 @@ class ClosedEpochResume(Callback):
         closed = done.ready == done.started == done.processed == done.completed
         if getattr(loop, "restarted_mid_epoch", False) and closed:  # (restart stages: Lightning ≥ 2.5)
             loop.reset_restart_stage()
+        if getattr(loop, "restarted_on_epoch_end", False) and done.processed == done.completed + 1:
+            for progress in (loop.epoch_progress.total, loop.epoch_progress.current):
+                progress.processed -= 1
 
 
 def _epoch_sums_state(trainer) -> dict | None:
