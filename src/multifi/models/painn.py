@@ -38,7 +38,8 @@ class PaiNNMessage(nn.Module):
         Every edge-sized tensor is contiguous: the three parts of phi are gathered and filtered
         separately instead of splitting one [E,3F] product (index_add from a strided view of it was
         ~10× slower, and the split's backward copies all of it once more); the v_j product and the
-        direction term are one product and one in-place addcmul instead of two products and a sum.
+        direction term are one product and one in-place addcmul instead of two products and a sum;
+        φ_v(s_j) ⊙ v_j is formed per atom and gathered once (`_vj`).
         """
         i, j = edge_index
         parts = torch.split(self.phi(s), self.F, dim=-1)  # [N,F] each: scalar, v_j, direction
@@ -46,18 +47,22 @@ class PaiNNMessage(nn.Module):
         if direction is not None:  # û constant: the direction term without an [E,3,F] tensor
             dir_sum = direction(dvs)  # [N,3,F]
             if v is not None:
-                dvv = parts[1].contiguous().index_select(0, j) * filt[1]
-                dir_sum = v.index_add(0, i, dvv.unsqueeze(1) * v.index_select(0, j)) + dir_sum
+                dir_sum = v.index_add(0, i, self._vj(parts[1], v, j, filt[1])) + dir_sum
             v = dir_sum
         elif v is None:  # v is identically zero before the first interaction: no v_j term
             dv = dvs.unsqueeze(1) * unit.unsqueeze(-1)  # [E,3,F]
             v = dv.new_zeros((s.shape[0],) + dv.shape[1:]).index_add_(0, i, dv)
         else:
-            dvv = parts[1].contiguous().index_select(0, j) * filt[1]
-            dv = (dvv.unsqueeze(1) * v.index_select(0, j)).addcmul_(dvs.unsqueeze(1), unit.unsqueeze(-1))
+            dv = self._vj(parts[1], v, j, filt[1]).addcmul_(dvs.unsqueeze(1), unit.unsqueeze(-1))
             v = v.index_add(0, i, dv)
         s = s.index_add(0, i, ds)
         return s, v
+
+    @staticmethod
+    def _vj(phi_v, v, j, filt):
+        """[E,3,F] v_j term φ_v(s_j) ⊙ v_j ⊙ W_ij: the product of the two atom factors is formed per atom
+        ([N,3,F]) and gathered once, instead of gathering [E,F] and [E,3,F] and multiplying them per edge."""
+        return (phi_v.unsqueeze(1) * v).index_select(0, j) * filt.unsqueeze(1)
 
 
 class PaiNNUpdate(nn.Module):
