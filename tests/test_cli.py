@@ -20,7 +20,7 @@ from conftest import METRIC_KEYS, TINY_MODEL, periodic_cell, rattled_molecule
 
 from multifi.cli.main import main
 from multifi.models.registry import build_potential, load_potential, save_potential
-from multifi.predict import predict_atoms
+from multifi.predict import predict_atoms, read_structures
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -194,6 +194,13 @@ def test_predict_reads_matpes_json_lines_like_training(tmp_path, capsys):
     assert "ref_energy" not in got[2].info  # c: its NaN energy dropped, the structure predicted
     assert [a.info["ref_energy"] for a in got[:2]] == [-6.5, -6.0] and got[0].info["ref_fidelity"] == "PBE"
     np.testing.assert_allclose(got[0].arrays["ref_forces"], [[0.1, -0.2, 0.3], [-0.1, 0.2, -0.3]])
+    # a's label at the other fidelity stays too, under its own name; b has none there
+    assert got[0].info["ref_energy_r2SCAN"] == -9.0 and "ref_forces_r2SCAN" in got[0].arrays
+    assert not any(k.endswith("_r2SCAN") for k in (*got[1].info, *got[1].arrays))
+    # read at a fidelity a has no label at: both of its labels kept by name, none as the calculator's
+    (a,) = [x for x in read_structures(str(src), "HSE") if x.info["key"] == "matpes:a"]
+    assert a.calc is None and "fidelity" not in a.info
+    assert (a.info["ref_energy_PBE"], a.info["ref_energy_r2SCAN"]) == (-6.5, -9.0)
     gpa = vasp_stress_to_ase(np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))  # 3×3 GPa, ASE sign
     voigt = np.array([gpa[0, 0], gpa[1, 1], gpa[2, 2], gpa[1, 2], gpa[0, 2], gpa[0, 1]]) * units.GPa
     np.testing.assert_allclose(got[0].info["ref_stress"], voigt, rtol=1e-6)

@@ -168,7 +168,8 @@ def _check_output_keys(fidelities: list[str], sigma: bool) -> None:
 def read_structures(text: str, fidelity: str | None = None) -> list:
     """The structures of a source as ASE Atoms: any file ase.io reads, a MatPES JSON/JSONL, a saved multifi
     dataset or QM9 (`qm9`, `qm9:LABELS.csv`), the latter read as training reads them, non-finite labels dropped:
-    a structure carries its label at `fidelity`, else its only one, kept by predict as ref_* beside it."""
+    a structure carries its label at `fidelity`, else its only one, kept by predict as ref_* beside it, and its
+    labels at other fidelities as ref_energy_<name> etc."""
     import ase.io
 
     from multifi.data.sources import guess_format, read_labelled
@@ -188,26 +189,44 @@ def read_structures(text: str, fidelity: str | None = None) -> list:
 
 def _labelled_atoms(ds, i: int, fidelity: str | None = None):
     """Structure i of a dataset as Atoms with its label at `fidelity` (else its only one) as calculator results
-    (energy eV, forces eV/Å, stress eV/Å³ in ASE's sign) and info['fidelity']."""
+    (energy eV, forces eV/Å, stress eV/Å³ in ASE's sign) and info['fidelity']; its labels at other fidelities
+    as info/arrays ref_energy_<name>, ref_forces_<name>, ref_stress_<name> (names as predict's columns)."""
     from ase.calculators.singlepoint import SinglePointCalculator
+
+    atoms = ds.to_atoms(i)
+    labelled = [int(k) for k in np.flatnonzero(ds.energy_mask[i])]
+    primary = ds.fidelities.index(fidelity) if fidelity in ds.fidelities else None
+    if primary not in labelled:
+        primary = labelled[0] if len(labelled) == 1 else None
+    for k in labelled:
+        results = _label_at(ds, i, k)
+        if k == primary:
+            atoms.calc = SinglePointCalculator(atoms, **results)
+            atoms.info["fidelity"] = ds.fidelities.names[k]
+            continue
+        tag = _tag(ds.fidelities.names[k])
+        for key, value in results.items():
+            store = atoms.arrays if key == "forces" else atoms.info
+            if f"ref_{key}_{tag}" in store:
+                raise MultifiError(
+                    f"{ds.source or 'data'}: {ds.structure_name(i)}: two fidelities' labels would both be kept as "
+                    f"ref_{key}_{tag} (characters other than letters, digits and _ become _)"
+                )
+            store[f"ref_{key}_{tag}"] = value
+    return atoms
+
+
+def _label_at(ds, i: int, k: int) -> dict:
+    """Energy (eV), forces (eV/Å) and stress (Voigt, eV/Å³, ASE's sign) of structure i at fidelity index k."""
     from ase.stress import full_3x3_to_voigt_6_stress
     from ase.units import GPa
 
-    atoms = ds.to_atoms(i)
-    labelled = np.flatnonzero(ds.energy_mask[i])
-    if fidelity in ds.fidelities and ds.fidelities.index(fidelity) in labelled:
-        labelled = np.array([ds.fidelities.index(fidelity)])
-    if len(labelled) != 1:
-        return atoms
-    k = int(labelled[0])
     results = {"energy": float(ds.energy[i, k])}
     if ds.forces is not None and ds.forces_mask[i, k]:
         results["forces"] = np.asarray(ds.forces[ds.atoms_slice(i), k], dtype=float)
     if ds.stress is not None and ds.stress_mask[i, k]:
         results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(ds.stress[i, k], dtype=float) * GPa)
-    atoms.calc = SinglePointCalculator(atoms, **results)
-    atoms.info["fidelity"] = ds.fidelities.names[k]
-    return atoms
+    return results
 
 
 def _keep_reference_labels(atoms, where: str) -> None:
