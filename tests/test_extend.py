@@ -729,3 +729,23 @@ def test_replay_says_the_old_runs_per_fidelity_settings_are_not_carried_over(old
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert main(args) == 0
     assert "loss.fidelity_weights of the old run ({'lo': 0.5}) is not carried over" in caplog.text
+
+
+def test_extension_output_folders_that_cannot_be_used_are_one_line_errors(old_run, tmp_path, capsys):
+    """An output below a file, an unfinished extension's folder (killed: config.yaml, no model.pt; extensions
+    do not resume) and a fidelity name with spaces around it: one-line errors, nothing written."""
+    data = new_data(tmp_path / "new.extxyz")
+    args = ["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", "CC", "--max-steps", "2"]
+    assert main([*args, "--out", str(data / "sub")]) == 2
+    assert "cannot create output_dir" in capsys.readouterr().err
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    (killed / "config.yaml").write_text("extend: {}\n")
+    assert main([*args, "--out", str(killed)]) == 2
+    err = capsys.readouterr().err
+    assert "did not finish" in err and "remove the folder" in err and len(err.strip().splitlines()) == 1
+    bad = ["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", " CC", "--out", str(tmp_path / "b")]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "leading or trailing spaces" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()

@@ -734,7 +734,9 @@ def test_a_run_continued_past_its_max_steps_trains_like_one_that_never_stopped(w
         torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_a_resume_from_an_epoch_end_checkpoint_trains_like_a_run_that_never_stopped(write_config, tmp_path, monkeypatch):
+def test_a_resume_from_an_epoch_end_checkpoint_trains_like_a_run_that_never_stopped(
+    write_config, tmp_path, monkeypatch
+):
     """A run killed after its epoch-end checkpoint (step 10, 5 steps per epoch: a copy of the run directory
     taken at step 11 holds it) and resumed: Lightning ended that epoch a second time and counted it twice, so
     every later epoch drew the next epoch's sample order, and metrics.csv's steps were one too high. Now the

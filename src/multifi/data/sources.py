@@ -82,11 +82,14 @@ def is_qm9_text(text: str) -> bool:
 def source_from_text(text: str, fidelity: str | None = None, **keys):
     """A SourceConfig from a source named on the command line: a file, `qm9` (QM9's own B3LYP energies) or
     `qm9:LABELS.csv`, as in a config's data.sources; `keys`: energy_key / forces_key / stress_key of a file."""
-    from multifi.config import Qm9Source, SourceConfig
+    from multifi.config import SourceConfig
+    from multifi.validation import validate
 
     if is_qm9_text(text):
-        return SourceConfig(qm9=Qm9Source(labels=text[4:] or None, fidelity=fidelity))
-    return SourceConfig(path=text, fidelity=fidelity, **{k: v for k, v in keys.items() if v})
+        raw = {"qm9": {"labels": text[4:] or None, "fidelity": fidelity}}
+    else:
+        raw = {"path": text, "fidelity": fidelity, **{k: v for k, v in keys.items() if v}}
+    return validate(SourceConfig, raw, text)  # a bad fidelity name is a one-line error
 
 
 def read_labelled(text: str, fidelity: str | None = None, skip_invalid: bool = False, **keys) -> FidelityDataset:

@@ -30,6 +30,7 @@ from multifi.data.sources import read_sources, warn_alike_names
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
 from multifi.data.stats import MIN_SCALE_DOF, fit_new_fidelity, shared_estimates, shortest_contacts
 from multifi.errors import MultifiError, unknown_name
+from multifi.files import make_dir
 from multifi.keys import COUNT
 from multifi.train.init import FIDELITY_AXIS
 from multifi.train.module import PotentialModule
@@ -387,6 +388,22 @@ def combine(
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def _check_new_run_dir(run_dir: Path) -> None:
+    """An extension writes a new folder (or an empty one) that can be created."""
+    from multifi.train.run import check_creatable
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MultifiError(f"{run_dir}: output directory exists and is not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if (run_dir / "config.yaml").exists() and not (run_dir / "model.pt").exists():
+            raise MultifiError(
+                f"{run_dir}: an extension that did not finish (no model.pt; extensions do not resume): remove "
+                "the folder and run the command again, or choose another output directory"
+            )
+        raise MultifiError(f"{run_dir}: run directory exists and is not empty; choose another output directory")
+    check_creatable(run_dir)
+
+
 def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Path:
     """Extend cfg.extend.model by the fidelity cfg.extend.fidelity; returns the run directory
     (model.pt, metrics.json with the new fidelity's test errors and the old fidelities' before/after).
@@ -406,8 +423,7 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
     x = cfg.extend
     where = config_source or x.model
     run_dir = Path(cfg.output_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise MultifiError(f"{run_dir}: run directory exists and is not empty; choose another output directory")
+    _check_new_run_dir(run_dir)
     old = load_potential(x.model, compile=False)
     like = check_request(old, x, where)
     cfg = _with_model_precision(with_backbone_defaults(cfg, old.config.backbone), old, where)
@@ -465,7 +481,7 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
     if dry_run:
         _report_extension_plan(cfg, module, pairs, table, run_dir)
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
     atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
     trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)
     try:

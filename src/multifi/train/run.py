@@ -207,6 +207,11 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
                 f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} or another output_dir"
             )
         log.info("%s: the previous start wrote no checkpoint; starting afresh", run_dir)
+    check_creatable(run_dir)
+
+
+def check_creatable(run_dir: Path) -> None:
+    """The output folder can be created (or written): a one-line error before any work, not a traceback after."""
     existing = next(p for p in [run_dir, *run_dir.absolute().parents] if p.exists())
     if not existing.is_dir():
         raise MultifiError(f"{run_dir}: cannot create output_dir ({existing} is a file)")
