@@ -749,3 +749,23 @@ def test_extension_output_folders_that_cannot_be_used_are_one_line_errors(old_ru
     err = capsys.readouterr().err
     assert "leading or trailing spaces" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()
+
+
+def test_replay_fidelities_without_a_replay_fraction_is_an_error(old_run, tmp_path, capsys):
+    """--replay-fidelity alone replayed nothing, silently."""
+    data = new_data(tmp_path / "new.extxyz")
+    args = ["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", "CC", "--train", "all"]
+    assert main([*args, "--replay-fidelity", "lo", "--out", str(tmp_path / "x"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "without extend.replay" in err and "--replay F" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_plan_counts_only_the_new_fidelitys_vector_as_trained(tmp_path, caplog):
+    """train: embedding trains one row of the fidelity table (dim 4 here), not the whole table."""
+    _, path = saved_model(tmp_path)
+    data = new_data(tmp_path / "new.extxyz")
+    args = ["extend", str(path), "--data", str(data), "--fidelity", "CC", "--out", str(tmp_path / "x"), "--dry-run"]
+    with caplog.at_level("INFO", logger="multifi"):
+        assert main(args) == 0
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("training: "))
+    assert plan.endswith("; 4 trainable parameters"), plan

@@ -69,6 +69,11 @@ def check_request(old, x, where: str) -> int:
         raise MultifiError(
             f"{where}: extend.replay needs train: head or all (train: embedding leaves the old fidelities frozen)"
         )
+    if x.replay_fidelities and x.replay == 0:
+        raise MultifiError(
+            f"{where}: extend.replay_fidelities ({', '.join(x.replay_fidelities)}) without extend.replay: nothing "
+            "is replayed; give the fraction to replay (--replay F, 0 < F ≤ 1)"
+        )
     for name in x.replay_fidelities or []:
         if name not in old.fidelities:
             raise unknown_name("fidelity", name, names, f"{where}: extend.replay_fidelities")
@@ -126,6 +131,7 @@ class ExtendModule(PotentialModule):
         self.save_hyperparameters({**self.hparams, "trainable": trainable, "new": new}, ignore=["fidelity_weights"])
         self.trainable, self.new = trainable, new
         self._masked: list[torch.nn.Parameter] = []
+        self._trained_entries: dict[int, int] = {}  # id of a masked tensor → its entries that train
 
     def freeze(self) -> list[str]:
         """Set requires_grad and gradient masks for `trainable`; returns the names of the trained tensors."""
@@ -151,6 +157,11 @@ class ExtendModule(PotentialModule):
         p.requires_grad_(True)
         p.register_hook(lambda g: torch.where(keep, g, torch.zeros_like(g)))
         self._masked.append(p)
+        self._trained_entries[id(p)] = int(keep.sum())
+
+    def trained_parameters(self) -> int:
+        """The number of parameters that train: of a masked tensor (the fidelity table), its new fidelity's."""
+        return sum(self._trained_entries.get(id(p), p.numel()) for p in self.potential.parameters() if p.requires_grad)
 
     def param_groups(self) -> list[dict]:
         masked = {id(p) for p in self._masked}
@@ -501,7 +512,7 @@ def _report_extension_plan(cfg: RunConfig, module, pairs: dict, table: FidelityT
     """What an extension would do (extend --dry-run)."""
     import math
 
-    trainable = sum(int(p.numel()) for p in module.potential.parameters() if p.requires_grad)
+    trainable = module.trained_parameters()
     steps = math.ceil(len(pairs["train"]) / cfg.train.batch_size)
     cap = f", at most {cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else ""
     log.info(
