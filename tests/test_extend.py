@@ -769,3 +769,28 @@ def test_the_plan_counts_only_the_new_fidelitys_vector_as_trained(tmp_path, capl
         assert main(args) == 0
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("training: "))
     assert plan.endswith("; 4 trainable parameters"), plan
+
+
+def test_new_labels_on_old_test_geometries_under_new_keys_are_warned(old_run, tmp_path, caplog):
+    """The old run's test geometries brought again under new keys land in the new fidelity's split at random:
+    ones in its training set make test errors and the forgetting report optimistic, warned as `train` warns."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from multifi.train.extend import load_old_run
+
+    run = load_old_run(old_run)
+    tests = np.unique(run.test[:, 0]).tolist()
+    frames = []
+    for n, s in enumerate(tests * 3):  # each old test geometry, then two displaced versions (other geometries)
+        a = run.dataset.to_atoms(s)
+        a.info = {"key": f"mine{n}"}
+        a.positions[0] += 0.01 * (n // len(tests))
+        a.calc = SinglePointCalculator(a, energy=-1.0 * len(a), forces=np.zeros((len(a), 3)))
+        frames.append(a)
+    ase.io.write(tmp_path / "again.extxyz", frames, format="extxyz")
+    args = ["extend", str(old_run / "model.pt"), "--data", str(tmp_path / "again.extxyz"), "--fidelity", "CC"]
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert main([*args, "--out", str(tmp_path / "x"), "--dry-run"]) == 0
+    assert (
+        "appear in two splits under different keys" in caplog.text and "test errors will be optimistic" in caplog.text
+    )

@@ -445,6 +445,7 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
     table = FidelityTable([*old.fidelities.names, x.fidelity])
     warn_alike_names(table.names, where)
     ds, pairs, old_run, replay, settings, run_data = _extension_data(cfg, old, table, where, config_source)
+    _warn_split_duplicates(*(run_data or (ds, pairs)))
     module = ExtendModule(
         {"model": old.config, "fidelities": table.names},
         cfg.loss,
@@ -506,6 +507,17 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
     if run_data is not None:  # without the old run's data the run keeps none (a further extension cannot replay)
         save_run_data(run_dir, *run_data)
     return run_dir
+
+
+def _warn_split_duplicates(ds: FidelityDataset, pairs: dict[str, np.ndarray]) -> None:
+    """New structures repeating a geometry of another split under another key (of the old run's test
+    structures, say) would make test errors and the forgetting report optimistic: warned, as `train` does."""
+    from multifi.data.checks import check_split_duplicates
+
+    train = np.unique(pairs["train"][:, 0])
+    val = np.setdiff1d(np.unique(pairs["val"][:, 0]), train)
+    test = np.setdiff1d(np.unique(pairs["test"][:, 0]), np.concatenate([train, val]))
+    check_split_duplicates(ds, Split(train=train, val=val, test=test))
 
 
 def _report_extension_plan(cfg: RunConfig, module, pairs: dict, table: FidelityTable, run_dir: Path) -> None:
