@@ -196,3 +196,27 @@ def test_energies_per_atom_are_named_as_such(caplog):
         assert check_energy_units(per_atom, pairs, *fit_baseline(per_atom, pairs)) == ["DFT"]
     assert "per_atom.extxyz: energies at fidelity 'DFT' look like energies per atom, not per structure" in caplog.text
     assert "kcal/mol" not in caplog.text and "totals.extxyz" not in caplog.text
+
+
+def test_energies_per_atom_of_molecules_of_similar_size_are_named_as_such(caplog):
+    """Sizes 9-12 atoms (coefficient of variation 0.1, as in a QM9 subset): per-atom energies were diagnosed as
+    kcal/mol before (the check then looked only at sizes varying by ≥ 15 %)."""
+    rng = np.random.default_rng(2)
+    names = ["CH3CH2OH", "C3H8", "CH3COCH3", "CH3CH2OCH3", "CH3CONH2", "C3H6_D3h", "CH3CH2NH2", "C4H4O"]
+    recs = []
+    for i in range(64):
+        m = molecule(names[i % len(names)])
+        e = sum({1: -13.6, 6: -1029.0, 7: -1484.0, 8: -2041.0}[z] for z in m.numbers) + rng.normal(0, 0.3)
+        recs.append({"numbers": m.numbers, "positions": m.positions, "labels": {"DFT": {"energy": e}}, "key": f"m{i}"})
+    sizes = np.array([len(r["numbers"]) for r in recs])
+    assert 0.05 < sizes.std() / sizes.mean() < 0.15
+    ds = FidelityDataset.from_records(recs, source="totals.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+    for r in recs:
+        r["labels"]["DFT"]["energy"] /= len(r["numbers"])
+    per_atom = FidelityDataset.from_records(recs, source="per_atom.extxyz")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_energy_units(ds, pairs, *fit_baseline(ds, pairs)) == []
+        assert check_energy_units(per_atom, pairs, *fit_baseline(per_atom, pairs)) == ["DFT"]
+    assert "per_atom.extxyz: energies at fidelity 'DFT' look like energies per atom" in caplog.text
+    assert "kcal/mol" not in caplog.text
