@@ -115,6 +115,8 @@ void PairMultifi::settings(int narg, char **arg)
   elements = json_strings(json_raw(meta, "elements"));
   masses = json_numbers(json_raw(meta, "masses"));
   estimated = json_strings(json_raw(meta, "estimated_elements"));
+  open_null = json_numbers(json_raw(meta, "open_compositions"));
+  if (elements.empty() || open_null.size() % elements.size() != 0) open_null.clear();
   if (masses.size() != elements.size()) masses.clear();    // written before masses were recorded
   if (narg == 2) {
     double requested = utils::numeric(FLERR, arg[1], false, lmp);
@@ -169,6 +171,7 @@ void PairMultifi::init_style()
   if (strcmp(update->unit_style, "metal") != 0)
     error->all(FLERR, "Pair style multifi requires metal units (eV, Angstrom), not {}", update->unit_style);
   check_masses();
+  check_open_composition();
   neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
   // ghosts out to the receptive field: every local atom energy is then that of the periodic system
   if (comm->cutghostuser < ghost_cutoff) comm->cutghostuser = ghost_cutoff;
@@ -176,6 +179,45 @@ void PairMultifi::init_style()
 
 // a type whose mass is far from its pair_coeff element's: the elements are most likely listed in another
 // order than the data file's types (an isotope, e.g. deuterium, is the one intended case: a warning)
+// a system holding elements in proportions no training label of the fidelity had: its reference energy is an
+// estimate (as the Calculator warns for such a structure); counted over all ranks at every run, said once
+void PairMultifi::check_open_composition()
+{
+  if (open_null.empty() || open_warned || type2z.empty()) return;
+  int ntypes = atom->ntypes;
+  std::vector<double> mine(ntypes + 1, 0.0), all(ntypes + 1, 0.0);
+  for (int i = 0; i < atom->nlocal; i++) mine[atom->type[i]] += 1.0;
+  MPI_Allreduce(mine.data(), all.data(), ntypes + 1, MPI_DOUBLE, MPI_SUM, world);
+  size_t n_elem = elements.size(), n_dirs = open_null.size() / n_elem;
+  bool open = false;
+  std::vector<std::string> held;
+  for (int t = 1; t <= ntypes; t++) {
+    size_t e = 0;
+    while (e < n_elem && atomic_number(elements[e]) != type2z[t]) e++;
+    if (e == n_elem || all[t] == 0.0) continue;
+    bool involved = false;
+    for (size_t d = 0; d < n_dirs; d++) involved = involved || std::fabs(open_null[d * n_elem + e]) > 1e-8;
+    bool listed = false;
+    for (const auto &h : held) listed = listed || h == elements[e];
+    if (involved && !listed) held.push_back(elements[e]);
+  }
+  for (size_t d = 0; d < n_dirs; d++) {
+    double proj = 0.0;
+    for (int t = 1; t <= ntypes; t++)
+      for (size_t e = 0; e < n_elem; e++)
+        if (atomic_number(elements[e]) == type2z[t]) proj += all[t] * open_null[d * n_elem + e];
+    open = open || std::fabs(proj) > 1e-6;
+  }
+  if (!open) return;
+  open_warned = true;
+  if (comm->me == 0)
+    error->warning(FLERR,
+                   "pair_style multifi: the system holds {} in proportions no {} training label had (the labels fix "
+                   "only a sum of their reference energies): its {} reference energy was estimated; expect larger "
+                   "{} energy errors",
+                   utils::join_words(held, ", "), fidelity, fidelity, fidelity);
+}
+
 void PairMultifi::check_masses()
 {
   if (masses_checked || masses.empty() || comm->me != 0) return;

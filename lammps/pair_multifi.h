@@ -33,6 +33,7 @@ class PairMultifi : public Pair {
 
  protected:
   void check_masses();
+  void check_open_composition();
   torch::jit::script::Module model;
   std::string filename;
   double cutoff = 0.0, ghost_cutoff = 0.0;
@@ -40,7 +41,8 @@ class PairMultifi : public Pair {
   std::vector<std::string> elements;  // the model's elements
   std::vector<double> masses;         // their standard atomic masses (u); empty for files without them
   std::vector<std::string> estimated; // elements whose reference energy at this fidelity was estimated
-  bool masses_checked = false;
+  std::vector<double> open_null;     // [directions x elements] compositions the fidelity's labels leave open
+  bool masses_checked = false, open_warned = false;
   std::vector<int64_t> type2z;        // LAMMPS type (1-based) -> atomic number
   void allocate();
 };

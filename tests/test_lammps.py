@@ -82,6 +82,27 @@ def test_an_element_with_an_estimated_reference_is_warned_about(tmp_path):
     assert "reference energy of C" not in out["log"] and "reference energy of H" not in out["log"]
 
 
+@pytest.mark.parametrize("open_pair, warned", [(("C", "O"), False), (("C", "H"), True)])
+def test_a_system_in_proportions_no_label_had_is_warned_about(tmp_path, open_pair, warned):
+    """Labels that fix only a sum of two reference energies (every 'hi' label held C and O one to one, say):
+    methanol (C:O 1:1) is determined, so no warning; with C and H tied instead (1:4 in methanol), its 'hi'
+    reference energy is estimated: LAMMPS says so once, for the whole system, as the calculator does."""
+    from ase.data import atomic_numbers
+
+    from multifi.models.elements import open_compositions
+
+    pot = tiny_painn_lo_hi()
+    null = np.zeros(119)
+    null[[atomic_numbers[e] for e in open_pair]] = [2**-0.5, -(2**-0.5)]
+    pot.head.set_open(1, null[None])
+    atoms = molecule_in_box()
+    assert open_compositions(pot, atoms.numbers, np.array([len(atoms)]), np.array([1]))[0] == warned
+    deploy(pot, "hi", tmp_path / "painn_hi.pt")
+    out = run(tmp_path / "run", atoms, tmp_path / "painn_hi.pt", ["C", "O", "H"])
+    said = f"pair_style multifi: the system holds C, {open_pair[1]} in proportions no hi training label had"
+    assert out["log"].count(said) == int(warned), out["log"][-2000:]
+
+
 def initial_velocities(atoms, seed: int = 0, temperature_K: float = 600.0) -> np.ndarray:
     """Maxwell–Boltzmann velocities without net momentum, in Å/ps."""
     rng = np.random.default_rng(seed)

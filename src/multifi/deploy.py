@@ -207,6 +207,7 @@ def metadata(potential, fidelity: str, dtype: torch.dtype) -> dict:
         "masses": [round(float(atomic_masses[z]), 4) for z in potential.elements],  # u, beside each element
         "estimated_elements": [chemical_symbols[z] for z in estimated_elements(potential, fidelity)],
         "open_elements": [chemical_symbols[z] for z in open_elements(potential, fidelity)],
+        "open_compositions": open_compositions(potential, fidelity),
         "dtype": str(dtype).replace("torch.", ""),
     }
 
@@ -222,6 +223,16 @@ def open_elements(potential, fidelity: str) -> list[int]:
     """Atomic numbers the labels of `fidelity` contain only in fixed proportions (their split is estimated)."""
     k = 0 if potential.head.shared_baseline else potential.fidelity_index(fidelity)
     return potential.head.open_elements(k)
+
+
+def open_compositions(potential, fidelity: str) -> list[float]:
+    """The compositions the labels of `fidelity` leave open, [directions × elements] flattened row by row over
+    the model's elements (`elements` of multifi.json): a system with element counts c whose c · row ≠ 0 for
+    some row has an estimated reference energy (EnergyHead.open_structures); [] when none."""
+    k = 0 if potential.head.shared_baseline else potential.fidelity_index(fidelity)
+    null = potential.head.null[:, k].detach().cpu().numpy()  # [119, NULL_DIRS]
+    rows = [d for d in range(null.shape[1]) if np.abs(null[:, d]).max() > 1e-8]
+    return [float(null[int(z), d]) for d in rows for z in potential.elements]
 
 
 def _report_open_elements(potential, fidelity: str, where: str, strict: bool) -> None:
