@@ -262,7 +262,7 @@ def test_merge_same_key_different_geometry_is_an_error():
     b = FidelityDataset.from_records([record(moved, {"CC": {"energy": -1.0}}, key="k1")], source="b.xyz")
     with pytest.raises(
         MultifiError,
-        match=r"a.xyz: structure 0 .* and b.xyz: structure 0 .*: same key 'k1', different geometries \(atom 1 \(0-based\) 0.37 Å apart\)",
+        match=r"a.xyz: structure 0 .* and b.xyz: structure 0 .*: same key 'k1', different geometries \(atom 1 \(0-based\) 0.37 Å apart once shifted to put atom 0 on atom 0\)",
     ):
         FidelityDataset.merge([a, b])
     nudged = w.copy()

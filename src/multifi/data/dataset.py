@@ -596,7 +596,8 @@ def _check_same_geometry(cat, out, target, src_atoms, dst_atoms, where: _Origins
         s = int(atom_of[a])
         raise MultifiError(
             f"{where.pair(s)}: same key {str(cat.keys[s])!r}, different geometries "
-            f"(atom {a - int(cat.offsets[s])} (0-based) {gap[a]:.3g} Å apart); give them different keys"
+            f"(atom {a - int(cat.offsets[s])} (0-based) {gap[a]:.3g} Å apart once shifted to put atom 0 on atom 0); "
+            "give them different keys"
         )
 
 
