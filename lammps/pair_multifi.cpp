@@ -177,8 +177,6 @@ void PairMultifi::init_style()
   if (comm->cutghostuser < ghost_cutoff) comm->cutghostuser = ghost_cutoff;
 }
 
-// a type whose mass is far from its pair_coeff element's: the elements are most likely listed in another
-// order than the data file's types (an isotope, e.g. deuterium, is the one intended case: a warning)
 // a system holding elements in proportions no training label of the fidelity had: its reference energy is an
 // estimate (as the Calculator warns for such a structure); counted over all ranks at every run, said once
 void PairMultifi::check_open_composition()
@@ -218,6 +216,8 @@ void PairMultifi::check_open_composition()
                    utils::join_words(held, ", "), fidelity, fidelity, fidelity);
 }
 
+// a type whose mass is far from its pair_coeff element's: the elements are most likely listed in another
+// order than the data file's types (an isotope, e.g. deuterium, is the one intended case: a warning)
 void PairMultifi::check_masses()
 {
   if (masses_checked || masses.empty() || comm->me != 0) return;

@@ -393,6 +393,14 @@ def test_an_unknown_fidelity_set_on_the_command_line_names_the_override(write_co
     assert "unknown fidelity 'XX'" in line and "ok.yaml" not in line
 
 
+def test_an_override_of_another_part_of_a_key_is_not_blamed_for_the_files_error(write_config, capsys):
+    """The file names fidelity YY in train.fidelity_sampling; --set train.fidelity_sampling.lo=1 sets another
+    entry: the error names the file, not the override."""
+    path = write_config("ok.yaml", train={"epochs": 1, "fidelity_sampling": {"YY": 1}})
+    line = fails(["train", path, "--set", "train.fidelity_sampling.lo=1", "--dry-run"], capsys, f"{path}: ")
+    assert "unknown fidelity 'YY'" in line and "--set" not in line
+
+
 def test_console_script_exit_code_and_single_line(tmp_path):
     """The installed entry point, as a user runs it."""
     exe = Path(sys.executable).parent / "multifi"

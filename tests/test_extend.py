@@ -794,3 +794,26 @@ def test_new_labels_on_old_test_geometries_under_new_keys_are_warned(old_run, tm
     assert (
         "appear in two splits under different keys" in caplog.text and "test errors will be optimistic" in caplog.text
     )
+
+
+def test_errors_about_a_flags_value_name_the_flag(old_run, tmp_path, capsys):
+    """extend's flags are config overrides inside; an error about one names the flag as the user wrote it."""
+    data = new_data(tmp_path / "new.extxyz")
+    args = ["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", "CC", "--train", "all"]
+    assert main([*args, "--replay", "0.5", "--replay-fidelity", "nope", "--out", str(tmp_path / "x"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--replay-fidelity nope: extend.replay_fidelities: unknown fidelity 'nope'" in err and "--set" not in err
+    assert main([*args, "--init-like", "nope", "--out", str(tmp_path / "y"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--init-like nope: extend.init_like: unknown fidelity 'nope'" in err and "--set" not in err
+
+
+def test_a_training_run_folder_is_not_called_an_unfinished_extension(old_run, tmp_path, capsys):
+    """A training run without model.pt (running, or interrupted) is not an extension to delete."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(old_run / "config.yaml", run / "config.yaml")
+    data = new_data(tmp_path / "new.extxyz")
+    assert main(["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", "CC", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not empty" in err and "did not finish" not in err

@@ -413,18 +413,30 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 _KEY_PATH = re.compile(r"^((?:data|model|loss|train|extend)(?:\.[\w-]+)+): ")
 
 
+class Override(str):
+    """A `KEY=VALUE` override that a command-line flag gave: errors name the flag as written (`shown`)."""
+
+    shown: str
+
+    def __new__(cls, item: str, shown: str):
+        self = super().__new__(cls, item)
+        self.shown = shown
+        return self
+
+
 def blame_override(message: str, where: str, overrides) -> str:
-    """An error about a config key names where the key's value came from: the override (`--set KEY=VALUE`)
-    that set it (or a part of it), else the config file `where` (added when the message names no file)."""
+    """An error about a config key names where the key's value came from: the override (`--set KEY=VALUE`, or
+    the flag an Override records) that set it, else the config file `where` (added when the message names no
+    file). An override of a part of the key (`train.fidelity_sampling.X=1`) is named only for an error about
+    that part (one quoting 'X')."""
     body = message.removeprefix(f"{where}: ")
     match = _KEY_PATH.match(body)
     named = match.group(1) if match else None
     for item in reversed(list(overrides)):  # the last override of a key wins
         key = item.split("=", 1)[0].strip()
-        if body.startswith(f"unknown key '{key}'") or (
-            named and (key == named or key.startswith(f"{named}.") or named.startswith(f"{key}."))
-        ):
-            return f"--set {item}: {body}"
+        part = named and key.startswith(f"{named}.") and f"'{key[len(named) + 1 :]}'" in body
+        if body.startswith(f"unknown key '{key}'") or part or (named and (key == named or named.startswith(f"{key}."))):
+            return f"{getattr(item, 'shown', f'--set {item}')}: {body}"
     return f"{where}: {body}" if named else message
 
 
@@ -434,7 +446,10 @@ def blamed(where: str, overrides):
     try:
         yield
     except MultifiError as exc:
-        raise MultifiError(blame_override(str(exc), where, overrides)) from None
+        message = blame_override(str(exc), where, overrides)
+        if message == str(exc):
+            raise
+        raise MultifiError(message) from exc
 
 
 def read_yaml_mapping(path: Path, noun: str, not_mapping: str) -> dict:

@@ -58,13 +58,26 @@ def register(sub):
 
 
 def overrides_from_args(args) -> list[str]:
+    from multifi.config import Override
     from multifi.data.sources import source_from_text
 
-    out = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
+    out = [
+        Override(f"{key}={json.dumps(value)}", _as_written(flag, value))
+        for flag, key in FLAGS.items()
+        if (value := getattr(args, flag)) is not None and flag != "model"
+    ]
+    if args.model is not None:  # MODEL.pt is positional
+        out.insert(0, Override(f"extend.model={json.dumps(args.model)}", str(args.model)))
     if args.data:
         sources = [source_from_text(p, args.fidelity).model_dump(exclude_none=True) for p in args.data]
-        out.append(f"data.sources={json.dumps(sources)}")
+        out.append(Override(f"data.sources={json.dumps(sources)}", "--data " + " ".join(args.data)))
     return out + list(args.overrides)
+
+
+def _as_written(flag: str, value) -> str:
+    """A flag and its value(s) as the command line gave them (errors name them so)."""
+    values = value if isinstance(value, list) else [value]
+    return " ".join(f"--{flag.replace('_', '-')} {v}" for v in values)
 
 
 def run(args) -> int:

@@ -28,13 +28,14 @@ def register(sub):
 
 
 def run(args) -> int:
+    from multifi.config import Override
     from multifi.train.run import train_from_args
 
     overrides = list(args.overrides)
     if args.devices is not None:
-        overrides.append(f"train.devices={args.devices}")
+        overrides.append(Override(f"train.devices={args.devices}", f"--devices {args.devices}"))
     if args.num_nodes is not None:
-        overrides.append(f"train.num_nodes={args.num_nodes}")
+        overrides.append(Override(f"train.num_nodes={args.num_nodes}", f"--num-nodes {args.num_nodes}"))
     run_dir = train_from_args(args.config, overrides, args.resume, dry_run=args.dry_run)
     if args.dry_run:
         return 0

@@ -406,13 +406,24 @@ def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise MultifiError(f"{run_dir}: output directory exists and is not a folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        if (run_dir / "config.yaml").exists() and not (run_dir / "model.pt").exists():
+        if _unfinished_extension(run_dir):
             raise MultifiError(
                 f"{run_dir}: an extension that did not finish (no model.pt; extensions do not resume): remove "
                 "the folder and run the command again, or choose another output directory"
             )
         raise MultifiError(f"{run_dir}: run directory exists and is not empty; choose another output directory")
     check_creatable(run_dir)
+
+
+def _unfinished_extension(run_dir: Path) -> bool:
+    """An extension's folder (config.yaml with an `extend` section) without its model.pt."""
+    if (run_dir / "model.pt").exists() or not (run_dir / "config.yaml").is_file():
+        return False
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and raw.get("extend") is not None
 
 
 def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Path:
