@@ -48,7 +48,21 @@ class MultiFidelityLoss:
             self.w["stress"] > 0 and bool(graph.stress_mask.any()),
         )
 
-    def __call__(self, out: dict, graph: Graph) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    @staticmethod
+    def label_counts(graph: Graph) -> torch.Tensor:
+        """[3] float64: the batch's energy labels, force-labelled atoms and stress labels (each term's mean
+        divides by its count)."""
+        atoms = graph.forces_mask[graph.batch].sum()
+        counts = [graph.energy_mask.sum(), atoms, graph.stress_mask.sum()]
+        return torch.stack([c.to(torch.float64) for c in counts])
+
+    def __call__(
+        self, out: dict, graph: Graph, counts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted loss and its terms. `counts` ([3], as label_counts): the denominators of the energy, force and
+        stress means instead of this batch's own counts (in data-parallel training, all processes' counts over the
+        number of processes: the averaged gradient is then that of one batch of all processes' structures)."""
+        own = self.label_counts(graph) if counts is None else counts
         fw = (
             self.fidelity_weights.to(graph.energy.device)[graph.fidelity]
             if self.fidelity_weights is not None
@@ -59,15 +73,15 @@ class MultiFidelityLoss:
         if self.w["energy"] > 0 and m.any():
             n = graph.n_atoms[m].to(torch.float64)
             e = _err(out["energy"][m] / n, graph.energy[m] / n, self.kind, self.delta)
-            terms["energy"] = (e * fw[m]).sum().float() / m.sum()
+            terms["energy"] = ((e * fw[m]).sum() / own[0]).float()
         if "forces" in out and graph.forces_mask.any():
             am = graph.forces_mask[graph.batch]
             e = _err(out["forces"][am], graph.forces[am], self.kind, self.delta).mean(-1)
             wa = fw[graph.batch][am]
-            terms["forces"] = (e * wa).sum() / am.sum()
+            terms["forces"] = (e * wa).sum() / own[1].to(e.dtype)
         if "stress" in out and graph.stress_mask.any():
             sm = graph.stress_mask
             e = _err(out["stress"][sm], graph.stress[sm], self.kind, self.delta).mean((-1, -2))
-            terms["stress"] = (e * fw[sm]).sum() / sm.sum()
+            terms["stress"] = (e * fw[sm]).sum() / own[2].to(e.dtype)
         total = sum((self.w[k] * v for k, v in terms.items()), torch.zeros((), device=graph.energy.device))
         return total, terms

@@ -85,7 +85,7 @@ class PotentialModule(L.LightningModule):
     def training_step(self, graph, batch_idx):
         forces, stress = self.loss_fn.needs(graph)
         out = self.potential(graph, forces=forces, stress=stress, create_graph=True)
-        loss, terms = self.loss_fn(out, graph)
+        loss, terms = self.loss_fn(out, graph, self._global_counts(graph))
         if not torch.isfinite(loss):  # a diverged run must not end "successfully" with a NaN model
             raise MultifiError(
                 f"training loss became {float(loss.detach())} at step {self.global_step} (lr "
@@ -96,6 +96,17 @@ class PotentialModule(L.LightningModule):
         self.log(f"{TRAIN_LOSS}_step", loss, prog_bar=True, batch_size=B, on_step=True, on_epoch=False)
         self.epoch_sums.add({TRAIN_LOSS_EPOCH: loss, **{f"train_{k}": v for k, v in terms.items()}}, B)
         return loss
+
+    def _global_counts(self, graph) -> torch.Tensor | None:
+        """With several processes: the label counts of all their batches over the number of processes, so that
+        the gradient the processes average equals one process's over all those structures (force labels, for
+        one, fall unevenly on the processes' batches); None in a single process (the batch's own counts)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1 or not torch.distributed.is_initialized():
+            return None
+        counts = self.loss_fn.label_counts(graph)
+        torch.distributed.all_reduce(counts)
+        return counts / world
 
     def on_train_epoch_end(self):
         """The epoch's training losses (means weighted by structures), from sums that a mid-epoch checkpoint
