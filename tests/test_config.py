@@ -241,3 +241,9 @@ def test_training_settings_out_of_range_or_without_what_they_need(train, match):
 
 def test_readout_width_must_be_positive():
     one_line_error({"data": {"sources": [{"path": "x.extxyz"}]}, "model": {"readout_hidden": 0}}, "readout_hidden")
+
+
+def test_a_negative_train_limit_is_an_error(write_config):
+    """data.train_limits.X=-1 sliced the training structures from the end (dropping one), silently."""
+    with pytest.raises(MultifiError, match=r"data.train_limits.hi: Input should be greater than or equal to 0"):
+        load_config(write_config(), ["data.train_limits.hi=-1"])

@@ -680,6 +680,33 @@ def test_resume_after_a_data_file_was_edited_is_an_error(write_config, tmp_path,
     assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=4"]) == 2
 
 
+def test_resume_without_a_data_copy_after_a_data_file_was_edited_is_an_error(
+    write_config, tmp_path, tiny_extxyz, capsys
+):
+    """data.cache: false: the resume reads the data files again, so an edited label would train the rest of the run
+    on other labels (silently, before): an error naming the file; the unedited file resumes."""
+    import shutil
+
+    from multifi.cli.main import main
+
+    data = tmp_path / "data.extxyz"
+    shutil.copy(tiny_extxyz, data)
+    path = write_config(
+        data={"sources": [{"path": str(data)}], "split": {"val": 0.2, "test": 0.2, "seed": 0}, "cache": False},
+        train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0},
+    )
+    run_dir = Path(load_config(path, []).output_dir)
+    assert main(["train", str(path)]) == 0
+    assert not (run_dir / "dataset.npz").exists() and (run_dir / "sources.json").exists()
+    assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=2"]) == 0
+    text = data.read_text().replace("energy=", "energy=1", 1)  # one label changed
+    data.write_text(text)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: changed since the run started" in err and "data.cache: false" in err
+
+
 def test_a_run_stopped_early_inside_an_epoch_continues_that_epoch_on_resume(write_config, tmp_path, monkeypatch):
     """Early stopping at a validation inside an epoch (val_every_n_steps), then a resume that trains on (e.g. with
     more patience): the run continues the cut epoch where it stopped, so its weights equal an uninterrupted run's."""

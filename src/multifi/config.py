@@ -135,7 +135,9 @@ class DataConfig(Section):
     sources: list[SourceConfig]
     split: SplitConfig = SplitConfig()
     fidelities: list[str] | None = Field(None, description="use only the labels of these fidelities")
-    train_limits: dict[str, int] = Field(default_factory=dict, description="max labelled train structures per fidelity")
+    train_limits: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="max labelled train structures per fidelity (≥ 0)"
+    )
     skip_invalid: bool = False
     neighbor_lists: Literal["auto", "cache", "on_the_fly"] = Field(
         "auto", description="cache all neighbour lists in memory, or build them per batch (huge datasets)"

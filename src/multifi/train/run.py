@@ -80,10 +80,11 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
 
     dataset, sources_now = None, None
     cached = run_dir / "dataset.npz"
+    if resume:
+        sources_now = check_sources_unchanged(run_dir, cfg, copied=cached.exists())
     if resume and cached.exists():
         from multifi.data.dataset import FidelityDataset
 
-        sources_now = check_sources_unchanged(run_dir, cfg)
         dataset = FidelityDataset.load(cached)
     prep = prepare_data(cfg, dataset if dataset is not None else None, config_source)
     if resume:
@@ -158,7 +159,7 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
         prep.split.save(run_dir / "splits.json", prep.dataset)
         if cfg.data.cache and not _from_saved_dataset(cfg):
             prep.dataset.save(cached)
-            atomic_write(run_dir / SOURCES, lambda f: f.write(json.dumps(source_fingerprints(cfg)).encode()))
+        atomic_write(run_dir / SOURCES, lambda f: f.write(json.dumps(source_fingerprints(cfg)).encode()))
     _fit(trainer, module, data, ckpt, run_dir)
     best = final_checkpoint(trainer, run_dir)
 
@@ -885,9 +886,10 @@ def _fingerprint(path: Path, content: bool = True) -> dict:
     return out
 
 
-def check_sources_unchanged(run_dir: Path, cfg: RunConfig) -> list | None:
-    """A resume trains on the run's cached data (dataset.npz): a data file edited since the run started would
-    be ignored silently, so that is an error (a file moved elsewhere, same content, is fine). A file whose size,
+def check_sources_unchanged(run_dir: Path, cfg: RunConfig, copied: bool = True) -> list | None:
+    """A resume trains on the run's cached data (dataset.npz; `copied`) or reads its data files again: a data
+    file edited since the run started would be ignored silently, or change the labels mid-run, so that is an
+    error (a file moved elsewhere, same content, is fine). A file whose size,
     modification and change times and inode are as recorded is taken as unchanged without reading it
     (multi-GB data). Returns the fingerprints to record when a file was read again and found unchanged
     (touched, copied or moved: the next resume need not read it), else None."""
@@ -901,14 +903,14 @@ def check_sources_unchanged(run_dir: Path, cfg: RunConfig) -> list | None:
             continue
         recorded_files = was["qm9"] if "qm9" in was else {"path": was}
         now = {
-            role: _unchanged(files[role], before, run_dir) if role in files else before
+            role: _unchanged(files[role], before, run_dir, copied) if role in files else before
             for role, before in recorded_files.items()
         }
         updated[i] = {"qm9": now} if "qm9" in was else now["path"]
     return updated if updated != then else None
 
 
-def _unchanged(path: Path, before: dict, run_dir: Path) -> dict:
+def _unchanged(path: Path, before: dict, run_dir: Path, copied: bool = True) -> dict:
     """`path`'s fingerprint if its bytes are those recorded (`before`), read only when size or times differ;
     else the one-line error."""
     now = _fingerprint(path, content=False)
@@ -916,9 +918,13 @@ def _unchanged(path: Path, before: dict, run_dir: Path) -> dict:
         return before
     if now["size"] == before["size"] and (full := _fingerprint(path))["sha1"] == before["sha1"]:
         return full  # touched, copied or moved: same bytes
+    why = (
+        f"the run trains on its copy in {run_dir / 'dataset.npz'}, so a resume would ignore the change"
+        if copied
+        else "a resume would train on other labels than the run started with (data.cache: false)"
+    )
     raise MultifiError(
-        f"{path}: changed since the run started (the run trains on its copy in {run_dir / 'dataset.npz'}, "
-        "so a resume would ignore the change); start a new run with the changed data, or restore the file"
+        f"{path}: changed since the run started ({why}); start a new run with the changed data, or restore the file"
     )
 
 
