@@ -509,3 +509,19 @@ def test_data_info_names_references_the_labels_leave_open(tmp_path, capsys, capl
         assert run(["data", "info", tmp_path / "gaas.extxyz"], capsys)[0] == 0
     assert "R2: the labels of these files contain Ga, As only in fixed proportions" in caplog.text
     assert "PBE: the labels of these files contain" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "item, said",
+    [
+        ("data.fidelities=[]", "data.fidelities: empty, so it selects no labels"),
+        ("data.sources=[]", "data.sources: empty"),
+        ("data.split.files.train={empty}", "empty.txt holds 0 structure(s) and no label"),
+    ],
+)
+def test_an_empty_selection_is_named_not_blamed_on_the_loss_weights(write_config, tmp_path, capsys, item, said):
+    """Before: "loss.fidelity_weights: every fidelity has weight 0", or a numpy traceback for an empty split file."""
+    (tmp_path / "empty.txt").write_text("")
+    item = item.format(empty=tmp_path / "empty.txt")
+    line = fails(["train", write_config("ok.yaml"), "--set", item, "--dry-run"], capsys, f"--set {item}: ", said)
+    assert "fidelity_weights" not in line

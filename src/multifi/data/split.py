@@ -156,6 +156,8 @@ def limit_pairs(pairs: np.ndarray, limits: np.ndarray, dataset: FidelityDataset,
     keep = np.ones(len(pairs), bool)
     for k in limited.tolist():
         rows = np.flatnonzero(pairs[:, 1] == k)
+        if len(rows) == 0:
+            continue
         order = np.random.default_rng([seed, k]).permutation(len(rows))
         order = _elements_first(order, pairs[rows, 0], dataset)
         keep[rows[order[int(limits[k]) :]]] = False

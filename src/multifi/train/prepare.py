@@ -74,8 +74,12 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
     """`config_source` (the config file) prefixes errors about the config's fidelity names."""
     d = cfg.data
     ds = dataset if dataset is not None else read_sources(d.sources, d.skip_invalid)
+    if not d.sources:
+        raise MultifiError(f"{config_source or 'config'}: data.sources: empty; name the labelled data to train on")
     names = frozenset(ds.fidelities.names)
     if d.fidelities is not None:
+        if not d.fidelities:
+            raise MultifiError(f"{config_source or 'config'}: data.fidelities: empty, so it selects no labels")
         ds = ds.select_fidelities(d.fidelities, where="data.fidelities")
     settings = FidelitySettings.resolve(cfg, ds.fidelities, config_source, names - set(ds.fidelities.names))
     if d.split.files:
@@ -86,6 +90,16 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
     ds, split = _compact(ds, split, used)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
     pairs["train"] = limit_pairs(pairs["train"], settings.train_limits, ds, d.split.seed)
+    if len(pairs["train"]) == 0:
+        where = (
+            f"data.split.files.train: {d.split.files['train']}"
+            if "train" in d.split.files
+            else "data.split: the train split"
+        )
+        raise MultifiError(
+            f"{config_source or 'config'}: {where} holds {len(split.train)} structure(s) and no label at the "
+            "fidelities used: nothing to train on"
+        )
     return PreparedData(ds, split, pairs, settings)
 
 
