@@ -486,7 +486,7 @@ def read_qm9(
             )
         fidelity, idx, energy, source = table.fidelity, table.index, table.energy, str(table.path)
         n_dropped = table.n_dropped
-    keep = _select(geo, idx, indices, limit, seed)
+    keep = _select(geo, idx, indices, limit, seed, source)
     _check_selected(source, len(idx), keep, indices, limit)
     ds = _dataset(geo, idx[keep], energy[keep], fidelity, source)
     ds.n_dropped = n_dropped
@@ -507,7 +507,7 @@ def _check_selected(source: str, rows: int, keep: np.ndarray, indices, limit) ->
     raise MultifiError(f"{source}: no molecule selected ({why})")
 
 
-def _select(geo: Qm9Geometries, idx: np.ndarray, indices, limit: int | None, seed: int) -> np.ndarray:
+def _select(geo: Qm9Geometries, idx: np.ndarray, indices, limit: int | None, seed: int, source: str) -> np.ndarray:
     """Positions in `idx` (sorted QM9 indices) kept by `indices` and `limit`."""
     keep = np.arange(len(idx))
     if indices is not None:
@@ -517,6 +517,15 @@ def _select(geo: Qm9Geometries, idx: np.ndarray, indices, limit: int | None, see
         want = np.unique(want.astype(np.int64))
         geo.rows(want, where="indices")
         keep = np.flatnonzero(np.isin(idx, want))
+        missing = want[~np.isin(want, idx)]
+        if len(missing) and len(keep):  # (none found at all: an error, _check_selected)
+            log.warning(
+                "%s: %d of the %d QM9 `indices` given have no label here (e.g. %d): those molecules are left out",
+                source,
+                len(missing),
+                len(want),
+                int(missing[0]),
+            )
     if limit is not None:
         if int(limit) < 0:
             raise MultifiError(f"limit must be >= 0, got {limit}")
@@ -615,7 +624,7 @@ def read_qm9_wide(
         raise MultifiError(
             f"{path}: index {idx[np.argmax(unknown)]} is not a QM9 molecule ({int(unknown.sum())} such rows)"
         )
-    keep = _select(geo, idx, indices, limit, seed)
+    keep = _select(geo, idx, indices, limit, seed, str(path))
     _check_selected(str(path), len(idx), keep, indices, limit)
     ds = _dataset(geo, idx[keep], energy[keep, 0], names[0], str(path))
     ds.fidelities = FidelityTable(names)
