@@ -862,18 +862,30 @@ def test_a_resume_on_another_number_of_processes(write_config, tmp_path, caplog)
     assert not caplog.text
 
 
-def test_the_logged_learning_rate_is_the_last_steps(write_config, tmp_path):
+def test_the_logged_learning_rate_is_the_last_steps(write_config, tmp_path, caplog):
     """metrics.csv's lr is the rate the last optimiser step used (the scheduler has already moved on to the next
-    step's): 5 steps into a 10-step linear warm-up, lr × 5/10 — as the warm-up warning says it peaks."""
+    step's): 5 steps into a 10-step linear warm-up, lr × 5/10 — as the warm-up warning says it peaks; the log
+    line of the epoch gives the same rate (it gave the next step's)."""
     import csv
 
-    cfg = load_config(
-        write_config(train={"epochs": 1, "batch_size": 8, "warmup_steps": 10, "lr": 0.002, "schedule": "cosine"})
-    )
+    train_cfg = {"epochs": 1, "batch_size": 8, "warmup_steps": 10, "lr": 0.002, "schedule": "cosine", "progress": True}
+    cfg = load_config(write_config(train=train_cfg))
     steps = steps_per_epoch(cfg)
-    train(cfg)
+    with caplog.at_level("INFO", logger="multifi"):
+        train(cfg)
     rows = [r for r in csv.DictReader(open(Path(cfg.output_dir) / "metrics.csv")) if r.get("lr")]
     assert float(rows[-1]["lr"]) == pytest.approx(0.002 * steps / 10, rel=1e-6)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1"))
+    assert f"lr {0.002 * steps / 10:.3g}" in line, line
+    # without validation the line comes at the epoch's end, after the schedule has moved on: still the last step's
+    unvalidated = load_config(write_config(name="nv.yaml", train=train_cfg, output_dir=str(tmp_path / "nv")))
+    unvalidated.data.split.val = 0.0
+    caplog.clear()
+    with caplog.at_level("INFO", logger="multifi"):
+        train(unvalidated)
+    steps = steps_per_epoch(unvalidated)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1"))
+    assert f"lr {0.002 * steps / 10:.3g}" in line, line
 
 
 def test_a_resume_sees_edits_to_qm9_label_tables_and_indices_files(tmp_path):

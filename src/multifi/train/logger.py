@@ -158,9 +158,12 @@ class EpochLine(L.Callback):
             parts.append(f"val loss {m[VAL_LOSS]:.4g}")
         elif _finite(m.get(TRAIN_LOSS_EPOCH)):
             parts.append(f"train loss {m[TRAIN_LOSS_EPOCH]:.4g}")
+        lr = getattr(pl_module, "last_step_lr", None)  # the rate of the last step taken, as metrics.csv's lr
         opts = trainer.optimizers
-        if opts:
-            parts.append(f"lr {opts[0].param_groups[0]['lr']:.3g}")
+        if lr is None and opts:
+            lr = opts[0].param_groups[0]["lr"]
+        if lr is not None:
+            parts.append(f"lr {lr:.3g}")
         now = time.perf_counter()
         parts.append(f"{now - self._t0:.1f} s")
         self._t0 = now
