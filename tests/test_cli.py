@@ -278,6 +278,32 @@ def test_data_info_lists_per_fidelity_counts(tiny_extxyz, capsys):
     assert "structures labelled at more than one fidelity: 20" in out
 
 
+def test_data_info_and_convert_read_a_run_configs_data(write_config, tiny_extxyz, tmp_path, capsys):
+    """A config's sources, each with its own fidelity and label keys, as training reads them (the quick start's
+    files cannot be named on one command line with one --fidelity and one set of keys)."""
+    frames = ase.io.read(tiny_extxyz, ":")
+    other = []
+    for a in frames[:10]:
+        b = a.copy()
+        b.info = {"key": f"x{len(other)}"}
+        b.info["REF_energy"] = a.get_potential_energy()
+        b.arrays["REF_forces"] = a.get_forces()
+        other.append(b)
+    ase.io.write(tmp_path / "ref.extxyz", other, format="extxyz")
+    sources = [{"path": str(tiny_extxyz)}]
+    sources.append({"path": str(tmp_path / "ref.extxyz"), "fidelity": "PBE", "energy_key": "REF_energy"})
+    sources[-1]["forces_key"] = "REF_forces"
+    config = write_config(data={"sources": sources, "fidelities": ["lo", "PBE"]})
+    code, out, _ = run(["data", "info", "--config", config], capsys)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()}
+    assert code == 0 and rows["PBE"] == ["10", "10", "0"] and rows["lo"] == ["40", "40", "0"] and "hi" not in rows
+    npz = tmp_path / "both.npz"
+    code, out, _ = run(["data", "convert", "--config", config, "--out", npz], capsys)
+    assert code == 0 and "wrote 50 structures, 2 fidelities" in out and npz.exists()
+    fails(["data", "info", "--config", config, tiny_extxyz], capsys, "--config reads the config's data.sources")
+    fails(["data", "info"], capsys, "give SOURCE files")
+
+
 def test_data_convert_then_info(tiny_extxyz, tmp_path, capsys):
     npz = tmp_path / "tiny.npz"
     code, out, _ = run(["data", "convert", tiny_extxyz, "--out", npz], capsys)

@@ -1,4 +1,4 @@
-"""multifi data info SOURCE… | multifi data convert SOURCE… --out FILE.npz"""
+"""multifi data info SOURCE… | --config CONFIG.yaml; multifi data convert SOURCE… | --config CONFIG.yaml --out FILE.npz"""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ def register(sub):
 def _sources(p):
     from multifi.cli.args import add_label_keys
 
-    p.add_argument("sources", nargs="+", help="files (extxyz, db, MatPES json/jsonl, .npz) or qm9[:LABELS.csv]")
+    p.add_argument("sources", nargs="*", help="files (extxyz, db, MatPES json/jsonl, .npz) or qm9[:LABELS.csv]")
+    p.add_argument(
+        "--config",
+        help="read the data a run config's data section names, as training reads it (each source with its own "
+        "fidelity and label keys, data.fidelities applied), instead of SOURCE files",
+    )
     p.add_argument(
         "--fidelity", help="fidelity of structures that name none (a structure naming another one is an error)"
     )
@@ -29,8 +34,33 @@ def _sources(p):
 def _read(args):
     from multifi.cli.args import source_config
     from multifi.data.sources import merge_parts, read_source
+    from multifi.errors import MultifiError
 
+    if args.config is not None:
+        return _read_config(args)
+    if not args.sources:
+        raise MultifiError("multifi data: give SOURCE files (or qm9[:LABELS.csv]), or --config CONFIG.yaml")
     return merge_parts([read_source(source_config(s, args.fidelity, args), args.skip_invalid) for s in args.sources])
+
+
+def _read_config(args):
+    """The data of a run config, read as `multifi train` reads it (its own fidelities and keys per source)."""
+    from multifi.config import load_config
+    from multifi.data.sources import read_sources
+    from multifi.errors import MultifiError
+
+    flags = (("SOURCE", args.sources), ("--fidelity", args.fidelity), ("--energy-key", args.energy_key))
+    flags += (("--forces-key", args.forces_key), ("--stress-key", args.stress_key))
+    given = [flag for flag, v in flags if v]
+    if given:
+        raise MultifiError(
+            f"{args.config}: --config reads the config's data.sources; {' and '.join(given)} too is ambiguous"
+        )
+    data = load_config(args.config).data
+    ds = read_sources(data.sources, data.skip_invalid or args.skip_invalid)
+    if data.fidelities is not None:
+        ds = ds.select_fidelities(data.fidelities, where=f"{args.config}: data.fidelities")
+    return ds
 
 
 def _read_or_unlabelled(args):
