@@ -374,7 +374,7 @@ def test_random_split_is_disjoint_complete_and_seeded():
 def test_split_files_by_key_and_overlap_error(tmp_path, caplog):
     recs, _ = water_methane_si()
     ds = FidelityDataset.from_records(recs)
-    (tmp_path / "train.txt").write_text("w\nsi\n")
+    (tmp_path / "train.txt").write_text("# training structures\nw  # water\nsi\n")  # comments are skipped
     (tmp_path / "test.json").write_text(json.dumps(["m"]))
     with caplog.at_level("WARNING", logger="multifi"):
         s = split_from_files({"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.json")}, ds)
@@ -567,3 +567,18 @@ def test_split_file_integers_are_qm9_indices_for_qm9_data(tmp_path):
     (tmp_path / "bad.txt").write_text("0\n")  # no QM9 molecule 0 in the data: an error, not row 0
     with pytest.raises(MultifiError, match=r"bad.txt: QM9 index 0 is not a molecule of the data"):
         split_from_files({"train": str(tmp_path / "bad.txt")}, ds)
+
+
+def test_indices_files_take_comments_and_say_what_is_wrong(tmp_path):
+    """One QM9 index per line, # comments; an empty file or a non-integer is a one-line error (numpy's warning
+    and a row-parse message before)."""
+    from multifi.data.sources import _read_indices
+
+    (tmp_path / "i.txt").write_text("# the first molecules\n1\n2  # ethane\n\n7\n")
+    assert _read_indices(tmp_path / "i.txt").tolist() == [1, 2, 7]
+    (tmp_path / "empty.txt").write_text("# nothing yet\n")
+    with pytest.raises(MultifiError, match=r"empty.txt: no indices in the file"):
+        _read_indices(tmp_path / "empty.txt")
+    (tmp_path / "bad.txt").write_text("1\nabc\n")
+    with pytest.raises(MultifiError, match=r"bad.txt: 'abc' is not an integer index"):
+        _read_indices(tmp_path / "bad.txt")

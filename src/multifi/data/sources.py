@@ -10,6 +10,7 @@ import numpy as np
 from multifi.data.dataset import FidelityDataset
 from multifi.data.fidelity import alike_names
 from multifi.errors import MultifiError
+from multifi.files import reported
 
 log = logging.getLogger("multifi")
 
@@ -175,7 +176,12 @@ def _read_indices(path) -> np.ndarray:
     p = Path(path)
     if not p.exists():
         raise MultifiError(f"{p}: no such index file")
-    try:
-        return np.loadtxt(p, dtype=np.int64, ndmin=1)
-    except ValueError as exc:
-        raise MultifiError(f"{p}: not a list of integer indices ({exc})") from None
+    with reported(p):
+        lines = [line.split("#", 1)[0].strip() for line in p.read_text().splitlines()]
+    words = [w for line in lines for w in line.replace(",", " ").split()]
+    if not words:
+        raise MultifiError(f"{p}: no indices in the file (one QM9 index per line; # starts a comment)")
+    bad = next((w for w in words if not w.lstrip("-").isdigit()), None)
+    if bad is not None:
+        raise MultifiError(f"{p}: {bad!r} is not an integer index (one QM9 index per line; # starts a comment)")
+    return np.asarray([int(w) for w in words], dtype=np.int64)

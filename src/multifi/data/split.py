@@ -107,7 +107,10 @@ def _read_split_file(path: Path, key_to_index: dict, n: int, qm9: bool = False) 
     if not path.exists():
         raise MultifiError(f"{path}: no such split file")
     text = path.read_text().strip()
-    items = json.loads(text) if text.startswith("[") else text.split()
+    if text.startswith("["):
+        items = json.loads(text)
+    else:  # one key or index per line (or separated by spaces); # starts a comment
+        items = [w for line in text.splitlines() for w in line.split("#", 1)[0].split()]
     idx = []
     for it in items:  # a structure listed twice counts once
         s = str(it)
