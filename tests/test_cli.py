@@ -301,6 +301,11 @@ def test_data_info_and_convert_read_a_run_configs_data(write_config, tiny_extxyz
     code, out, _ = run(["data", "convert", "--config", config, "--out", npz], capsys)
     assert code == 0 and "wrote 50 structures, 2 fidelities" in out and npz.exists()
     fails(["data", "info", "--config", config, tiny_extxyz], capsys, "--config reads the config's data.sources")
+    pool = tmp_path / "pool.extxyz"  # unlabelled: the one-file fallback must not swallow the --config error
+    ase.io.write(pool, [ase.Atoms(a.numbers, a.positions) for a in frames[:3]], format="extxyz")
+    fails(["data", "info", "--config", config, pool], capsys, "--config reads the config's data.sources")
+    empty = write_config("empty.yaml", data={"sources": []})
+    fails(["data", "info", "--config", empty], capsys, "data.sources: empty")
     fails(["data", "info"], capsys, "give SOURCE files")
 
 
@@ -543,6 +548,7 @@ def test_data_info_names_references_the_labels_leave_open(tmp_path, capsys, capl
         ("data.fidelities=[]", "data.fidelities: empty, so it selects no labels"),
         ("data.sources=[]", "data.sources: empty"),
         ("data.split.files.train={empty}", "empty.txt holds 0 structure(s) and no label"),
+        ("data.train_limits={{lo: 0, hi: 0}}", "data.train_limits: the limits leave no training label"),
     ],
 )
 def test_an_empty_selection_is_named_not_blamed_on_the_loss_weights(write_config, tmp_path, capsys, item, said):

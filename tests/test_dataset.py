@@ -582,3 +582,18 @@ def test_indices_files_take_comments_and_say_what_is_wrong(tmp_path):
     (tmp_path / "bad.txt").write_text("1\nabc\n")
     with pytest.raises(MultifiError, match=r"bad.txt: 'abc' is not an integer index"):
         _read_indices(tmp_path / "bad.txt")
+
+
+def test_a_hash_inside_a_key_is_part_of_the_key(tmp_path):
+    """Only a # at a line's start or after a space starts a comment: keys such as mol#3 stay whole."""
+    recs, _ = water_methane_si()
+    for r, key in zip(recs, ["mol#1", "mol", "si"]):
+        r["key"] = key
+    ds = FidelityDataset.from_records(recs)
+    (tmp_path / "train.txt").write_text("mol#1 # the water\n#mol\nsi\n")
+    assert split_from_files({"train": str(tmp_path / "train.txt")}, ds).train.tolist() == [0, 2]
+    from multifi.data.sources import _read_indices
+
+    (tmp_path / "i.txt").write_text("+5\n--5\n")
+    with pytest.raises(MultifiError, match=r"'--5' is not an integer index"):
+        _read_indices(tmp_path / "i.txt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ase.io
 import numpy as np
 import pytest
 
@@ -148,6 +150,27 @@ def test_two_process_ddp_with_force_labels_equals_one_process(write_config, tmp_
     for r2, r1 in zip(rows2, rows1):
         for c in columns:
             assert float(r2[c]) == pytest.approx(float(r1[c]), rel=1e-4), (r1["step"], c)
+
+
+@pytest.mark.slow
+def test_two_processes_where_one_never_sees_a_force_label_finish(write_config, tmp_path):
+    """One structure of 24 has force labels: a whole epoch of one process's batches holds none, so that process
+    had no train_forces to log while the other had; syncing the epoch means name by name then waited forever."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from conftest import tiny_frames
+
+    frames = [a for a in tiny_frames() if a.info["fidelity"] == "lo"][:30]
+    for a in frames[1:]:
+        a.calc = SinglePointCalculator(a, energy=a.get_potential_energy())  # energy only
+    ase.io.write(tmp_path / "one_force.extxyz", frames, format="extxyz")
+    train = {"epochs": 3, "batch_size": 4, "progress": False, "threads": 1, "warmup_steps": 0, "accelerator": "cpu"}
+    data = {"sources": [{"path": str(tmp_path / "one_force.extxyz")}], "split": {"val": 0.1, "test": 0.1, "seed": 0}}
+    config = write_config("c.yaml", data=data, train=train, output_dir=str(tmp_path / "run"))
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "multifi.cli.main", "train", str(config), "--devices", "2"]
+    subprocess.run(cmd, check=True, env=env, timeout=240, capture_output=True, text=True)
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r.get("train_loss_epoch")]
+    assert len(rows) == 3 and all(r.get("train_forces") not in (None, "") for r in rows)
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,8 @@ def _read_config(args):
             f"{args.config}: --config reads the config's data.sources; {' and '.join(given)} too is ambiguous"
         )
     data = load_config(args.config).data
+    if not data.sources:
+        raise MultifiError(f"{args.config}: data.sources: empty; no data to read")
     ds = read_sources(data.sources, data.skip_invalid or args.skip_invalid)
     if data.fidelities is not None:
         ds = ds.select_fidelities(data.fidelities, where=f"{args.config}: data.fidelities")
@@ -72,7 +74,7 @@ def _read_or_unlabelled(args):
     try:
         return _read(args)
     except MultifiError:
-        if len(args.sources) != 1 or args.fidelity or _any_label(args.sources[0]):
+        if args.config is not None or len(args.sources) != 1 or args.fidelity or _any_label(args.sources[0]):
             raise
         try:
             return read_pool(args.sources[0])

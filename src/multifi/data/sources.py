@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -177,11 +178,11 @@ def _read_indices(path) -> np.ndarray:
     if not p.exists():
         raise MultifiError(f"{p}: no such index file")
     with reported(p):
-        lines = [line.split("#", 1)[0].strip() for line in p.read_text().splitlines()]
+        lines = [line.split("#", 1)[0] for line in p.read_text().splitlines()]
     words = [w for line in lines for w in line.replace(",", " ").split()]
     if not words:
         raise MultifiError(f"{p}: no indices in the file (one QM9 index per line; # starts a comment)")
-    bad = next((w for w in words if not w.lstrip("-").isdigit()), None)
+    bad = next((w for w in words if not re.fullmatch(r"[+-]?\d+", w)), None)
     if bad is not None:
         raise MultifiError(f"{p}: {bad!r} is not an integer index (one QM9 index per line; # starts a comment)")
     return np.asarray([int(w) for w in words], dtype=np.int64)

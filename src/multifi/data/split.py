@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,14 +104,17 @@ def split_from_files(files: dict[str, str], dataset: FidelityDataset) -> Split:
     return split
 
 
+_COMMENT = re.compile(r"(^|\s)#.*$")  # a # inside a key (mol#3) is part of the key
+
+
 def _read_split_file(path: Path, key_to_index: dict, n: int, qm9: bool = False) -> np.ndarray:
     if not path.exists():
         raise MultifiError(f"{path}: no such split file")
     text = path.read_text().strip()
     if text.startswith("["):
         items = json.loads(text)
-    else:  # one key or index per line (or separated by spaces); # starts a comment
-        items = [w for line in text.splitlines() for w in line.split("#", 1)[0].split()]
+    else:  # one key or index per line (or separated by spaces); a # at a line's start or after a space comments
+        items = [w for line in text.splitlines() for w in _COMMENT.sub("", line).split()]
     idx = []
     for it in items:  # a structure listed twice counts once
         s = str(it)

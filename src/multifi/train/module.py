@@ -111,9 +111,22 @@ class PotentialModule(L.LightningModule):
     def on_train_epoch_end(self):
         """The epoch's training losses (means weighted by structures), from sums that a mid-epoch checkpoint
         keeps, so the epoch a run was interrupted in is averaged over all its steps after a resume."""
-        for name, mean in self.epoch_sums.means().items():
+        means = self.epoch_sums.means()
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            means = self._same_names_on_every_process(means)
+        for name, mean in means.items():
             self.log(name, mean.to(self.device), sync_dist=True)
         self.epoch_sums = EpochSums()
+
+    def _same_names_on_every_process(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The epoch means each process logs, under the names any process has: a process whose batches held no
+        force label all epoch has no train_forces (its mean is 0: the sums count a missing term as 0), and
+        processes syncing different names one by one would wait for each other forever."""
+        names = [TRAIN_LOSS_EPOCH, *(f"train_{term}" for term in ("energy", "forces", "stress"))]
+        present = torch.tensor([float(n in means) for n in names], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(present)
+        zero = torch.zeros((), dtype=torch.float64)
+        return {n: means.get(n, zero) for n, p in zip(names, present.tolist()) if p > 0}
 
     def validation_step(self, graph, batch_idx):
         forces, stress = self.loss_fn.needs(graph)

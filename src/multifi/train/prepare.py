@@ -89,7 +89,12 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
     used = np.concatenate([split.train, split.val, split.test])
     ds, split = _compact(ds, split, used)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
+    unlimited = len(pairs["train"])
     pairs["train"] = limit_pairs(pairs["train"], settings.train_limits, ds, d.split.seed)
+    if len(pairs["train"]) == 0 and unlimited:
+        raise MultifiError(
+            f"{config_source or 'config'}: data.train_limits: the limits leave no training label ({unlimited} without them)"
+        )
     if len(pairs["train"]) == 0:
         where = (
             f"data.split.files.train: {d.split.files['train']}"

@@ -921,7 +921,7 @@ def _unchanged(path: Path, before: dict, run_dir: Path, copied: bool = True) -> 
     why = (
         f"the run trains on its copy in {run_dir / 'dataset.npz'}, so a resume would ignore the change"
         if copied
-        else "a resume would train on other labels than the run started with (data.cache: false)"
+        else "a resume reads the data again and would train on other labels than the run started with"
     )
     raise MultifiError(
         f"{path}: changed since the run started ({why}); start a new run with the changed data, or restore the file"
