@@ -315,6 +315,10 @@ def test_data_convert_then_info(tiny_extxyz, tmp_path, capsys):
     assert code == 0 and npz.exists() and "wrote 40 structures, 2 fidelities" in out
     code, out, _ = run(["data", "info", npz], capsys)
     assert code == 0 and "structures: 40" in out
+    before = npz.read_bytes()  # an existing output is kept unless --force
+    fails(["data", "convert", tiny_extxyz, "--out", npz], capsys, f"{npz}: exists; not replaced (--force replaces it)")
+    assert npz.read_bytes() == before
+    assert run(["data", "convert", tiny_extxyz, "--out", npz, "--force"], capsys)[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------- bad input

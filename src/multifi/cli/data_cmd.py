@@ -11,7 +11,8 @@ def register(sub):
     info.set_defaults(func=run_info)
     conv = dsub.add_parser("convert", help="read and merge sources into one multifi .npz for reuse")
     _sources(conv)
-    conv.add_argument("--out", required=True)
+    conv.add_argument("--out", required=True, help="the .npz (or dataset folder) to write (an existing one: --force)")
+    conv.add_argument("--force", action="store_true", help="replace an existing --out")
     conv.set_defaults(func=run_convert)
 
 
@@ -153,6 +154,12 @@ def _check_labels(ds) -> None:
 
 
 def run_convert(args) -> int:
+    from pathlib import Path
+
+    from multifi.errors import MultifiError
+
+    if Path(args.out).exists() and not args.force:  # checked before reading: nothing read in vain
+        raise MultifiError(f"{args.out}: exists; not replaced (--force replaces it)")
     ds = _read(args)
     path = ds.save(args.out)
     print(f"wrote {len(ds)} structures, {len(ds.fidelities)} fidelities to {path}")
