@@ -16,7 +16,8 @@ from torch import nn
 
 from multifi.config import ModelConfig
 from multifi.data.stats import N_ELEMENTS
-from multifi.nn import MLP, BesselBasis, CosineCutoff, linear
+from multifi.nn import MLP, BesselBasis, CosineCutoff, fused, linear
+from multifi.nn.fused import EdgePlan, gather_mul_scatter
 from multifi.nn.sparse import DirectionSum
 
 DEFAULT = ModelConfig()  # the constructor's defaults are the config's field defaults (one place)
@@ -31,9 +32,12 @@ class PaiNNMessage(nn.Module):
         self.phi = MLP([features, features, 3 * features])
         self.filter = nn.Linear(n_rbf, 3 * features)  # evaluated for all interactions at once by PaiNN
 
-    def forward(self, s, v, edge_index, filt, unit, direction: DirectionSum | None = None):
+    def forward(
+        self, s, v, edge_index, filt, unit, direction: DirectionSum | None = None, plan: EdgePlan | None = None
+    ):
         """s [N,F], v [N,3,F] or None (all zeros), filt: three [E,F] = filter(rbf)·envelope (scalar, v_j and
-        direction parts), unit [E,3], direction: the sparse Σ_j x_ij ⊗ û_ij when û is constant → (s, v).
+        direction parts), unit [E,3], direction: the sparse Σ_j x_ij ⊗ û_ij when û is constant, plan: the
+        edges for the fused gather-multiply-scatter kernels (nn/fused.py) when û is constant → (s, v).
 
         Every edge-sized tensor is contiguous: the three parts of phi are gathered and filtered
         separately instead of splitting one [E,3F] product (index_add from a strided view of it was
@@ -43,6 +47,14 @@ class PaiNNMessage(nn.Module):
         """
         i, j = edge_index
         parts = torch.split(self.phi(s), self.F, dim=-1)  # [N,F] each: scalar, v_j, direction
+        if plan is not None:  # û constant and the fused kernels built: no edge-sized tensor at all
+            if v is None:
+                v = s.new_zeros((s.shape[0], 3, self.F))
+            else:
+                v = gather_mul_scatter(v, parts[1].unsqueeze(1) * v, filt[1], plan)
+            v = gather_mul_scatter(v, parts[2], filt[2], plan, unit)
+            s = gather_mul_scatter(s.unsqueeze(1), parts[0].unsqueeze(1), filt[0], plan).squeeze(1)
+            return s, v
         ds, dvs = (parts[k].contiguous().index_select(0, j) * filt[k] for k in (0, 2))  # [E,F]
         if direction is not None:  # û constant: the direction term without an [E,3,F] tensor
             dir_sum = direction(dvs)  # [N,3,F]
@@ -88,10 +100,13 @@ class PaiNN(nn.Module):
 
     sparse_direction: when the edge directions need no gradient (energy-only training, inference without
     forces) and edges are sorted by centre, Σ_j x_ij ⊗ û_ij is a sparse product (nn/sparse.py).
+    fused_messages: in that case, all three messages are fused gather-multiply-scatter kernels instead
+    (nn/fused.py), where they could be built; no edge-sized tensor is formed but the filters.
     Defaults: those of ModelConfig.
     """
 
     sparse_direction = True
+    fused_messages = True
 
     def __init__(
         self,
@@ -157,12 +172,18 @@ class PaiNN(nn.Module):
         r = torch.linalg.norm(edge_vec, dim=-1)
         unit = edge_vec / r.unsqueeze(-1)
         v = None
+        constant_unit = DirectionSum.applicable(edge_index[0], unit)  # CPU, edges, no gradient for û wanted
+        plan = (
+            EdgePlan(edge_index[0], edge_index[1], s.shape[0])
+            if (constant_unit and self.fused_messages and fused.applicable(s, edge_vec))
+            else None
+        )
         direction = (
             DirectionSum(edge_index[0], unit, s.shape[0])
-            if (self.sparse_direction and DirectionSum.applicable(edge_index[0], unit))
+            if (plan is None and constant_unit and self.sparse_direction)
             else None
         )
         for message, update, filt in zip(self.messages, self.updates, self.filters(r)):
-            s, v = message(s, v, edge_index, filt, unit, direction)
+            s, v = message(s, v, edge_index, filt, unit, direction, plan)
             s, v = update(s, v)
         return s

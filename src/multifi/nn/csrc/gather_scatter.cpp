@@ -1,0 +1,154 @@
+// Fused gather-multiply-scatter for message passing on the CPU (multifi/nn/fused.py builds and wraps it).
+//
+// segment_sum: out = base + S, where, over the edges e of row d (order[ptr[d] .. ptr[d+1]), or the edges
+//   ptr[d] .. ptr[d+1] themselves when order is empty, i.e. edges already sorted by row),
+//     u empty:                       S[d, c, f] = sum_e x[src[e], c, f] * w[e, f]
+//     u [E, 3], x [N, 1, F] ("spread"):   S[d, a, f] = sum_e x[src[e], 0, f] * w[e, f] * u[e, a]
+//     u [E, 3], x [N, 3, F] ("contract"): S[d, 0, f] = sum_e w[e, f] * sum_a x[src[e], a, f] * u[e, a]
+//   One pass over the edges, no edge-sized tensor; rows are independent, so they run in parallel, and each
+//   row sums its edges in the given order (deterministic for any thread count).
+// edge_dot: out[e, f] = sum_c g[dst[e], c, f] * x[src[e], c, f], or with u [E, 3] and x [N, 1, F]
+//   sum_a g[dst[e], a, f] * u[e, a] * x[src[e], 0, f]: the gradient of segment_sum with respect to w.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace {
+
+enum Mode { PLAIN, SPREAD, CONTRACT };
+
+void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous(), name,
+              " must be a contiguous 1-d int64 tensor");
+}
+
+Mode mode_of(const at::Tensor& base, const at::Tensor& x, const at::Tensor& u) {
+  if (u.numel() == 0) {
+    TORCH_CHECK(x.size(1) == base.size(1), "segment_sum: x and base differ in channels");
+    return PLAIN;
+  }
+  TORCH_CHECK(u.dim() == 2 && u.size(1) == 3 && u.is_contiguous() && u.scalar_type() == x.scalar_type(),
+              "segment_sum: u must be a contiguous [E, 3] tensor of x's dtype");
+  if (x.size(1) == 1 && base.size(1) == 3) return SPREAD;
+  TORCH_CHECK(x.size(1) == 3 && base.size(1) == 1, "segment_sum with u: x [N,1,F] -> [D,3,F] or x [N,3,F] -> [D,1,F]");
+  return CONTRACT;
+}
+
+template <typename T, Mode M>
+void segment_rows(const T* X, const T* W, const T* U, const int64_t* S, const int64_t* P, const int64_t* O, T* Y,
+                  int64_t D, int64_t C, int64_t F) {
+  const int64_t CX = (M == PLAIN ? C : (M == SPREAD ? 1 : 3)) * F;  // row length of x
+  const int64_t CY = (M == PLAIN ? C : (M == SPREAD ? 3 : 1)) * F;  // row length of out
+  at::parallel_for(0, D, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin; d < end; ++d) {
+      T* y = Y + d * CY;
+      for (int64_t k = P[d]; k < P[d + 1]; ++k) {
+        const int64_t e = O ? O[k] : k;
+        const T* we = W + e * F;
+        const T* xe = X + S[e] * CX;
+        if (M == PLAIN) {
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t f = 0; f < F; ++f) y[c * F + f] += xe[c * F + f] * we[f];
+        } else if (M == SPREAD) {
+          const T* ue = U + 3 * e;
+          for (int64_t a = 0; a < 3; ++a) {
+            const T ua = ue[a];
+            for (int64_t f = 0; f < F; ++f) y[a * F + f] += xe[f] * we[f] * ua;
+          }
+        } else {
+          const T u0 = U[3 * e], u1 = U[3 * e + 1], u2 = U[3 * e + 2];
+          for (int64_t f = 0; f < F; ++f) y[f] += we[f] * (xe[f] * u0 + xe[F + f] * u1 + xe[2 * F + f] * u2);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor segment_sum(const at::Tensor& base, const at::Tensor& x, const at::Tensor& w, const at::Tensor& u,
+                       const at::Tensor& src, const at::Tensor& ptr, const at::Tensor& order) {
+  TORCH_CHECK(x.dim() == 3 && base.dim() == 3 && w.dim() == 2, "segment_sum: base [D,C,F], x [N,C,F], w [E,F]");
+  TORCH_CHECK(x.size(2) == base.size(2) && w.size(1) == x.size(2), "segment_sum: feature sizes differ");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && x.scalar_type() == base.scalar_type(),
+              "segment_sum: dtypes differ");
+  check_index(src, "src");
+  check_index(ptr, "ptr");
+  check_index(order, "order");
+  TORCH_CHECK(ptr.numel() == base.size(0) + 1, "segment_sum: ptr must have D + 1 entries");
+  TORCH_CHECK(src.numel() == w.size(0), "segment_sum: src and w differ in edges");
+  const Mode mode = mode_of(base, x, u);
+  TORCH_CHECK(mode == PLAIN || u.size(0) == w.size(0), "segment_sum: u and w differ in edges");
+  at::Tensor out = base.contiguous().clone();
+  at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const int64_t D = base.size(0), C = x.size(1), F = x.size(2);
+  const int64_t* S = src.data_ptr<int64_t>();
+  const int64_t* P = ptr.data_ptr<int64_t>();
+  const int64_t* O = order.numel() ? order.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "segment_sum", [&] {
+    const scalar_t* X = xc.data_ptr<scalar_t>();
+    const scalar_t* W = wc.data_ptr<scalar_t>();
+    const scalar_t* U = mode == PLAIN ? nullptr : u.data_ptr<scalar_t>();
+    scalar_t* Y = out.data_ptr<scalar_t>();
+    if (mode == PLAIN)
+      segment_rows<scalar_t, PLAIN>(X, W, U, S, P, O, Y, D, C, F);
+    else if (mode == SPREAD)
+      segment_rows<scalar_t, SPREAD>(X, W, U, S, P, O, Y, D, C, F);
+    else
+      segment_rows<scalar_t, CONTRACT>(X, W, U, S, P, O, Y, D, C, F);
+  });
+  return out;
+}
+
+at::Tensor edge_dot(const at::Tensor& g, const at::Tensor& x, const at::Tensor& u, const at::Tensor& dst,
+                    const at::Tensor& src) {
+  TORCH_CHECK(g.dim() == 3 && x.dim() == 3 && g.size(2) == x.size(2), "edge_dot: g [D,C,F], x [N,C,F]");
+  TORCH_CHECK(g.scalar_type() == x.scalar_type(), "edge_dot: dtypes differ");
+  check_index(dst, "dst");
+  check_index(src, "src");
+  const bool spread = u.numel() > 0;
+  if (spread) {
+    TORCH_CHECK(g.size(1) == 3 && x.size(1) == 1 && u.dim() == 2 && u.size(0) == dst.numel() && u.size(1) == 3 &&
+                    u.is_contiguous() && u.scalar_type() == x.scalar_type(),
+                "edge_dot with u: g [D,3,F], x [N,1,F], u [E,3]");
+  } else {
+    TORCH_CHECK(g.size(1) == x.size(1), "edge_dot: g and x differ in channels");
+  }
+  const int64_t E = dst.numel(), C = g.size(1), F = x.size(2), CG = C * F, CX = x.size(1) * F;
+  at::Tensor gc = g.contiguous(), xc = x.contiguous();
+  at::Tensor out = at::empty({E, F}, x.options());
+  const int64_t* Dd = dst.data_ptr<int64_t>();
+  const int64_t* S = src.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "edge_dot", [&] {
+    const scalar_t* G = gc.data_ptr<scalar_t>();
+    const scalar_t* X = xc.data_ptr<scalar_t>();
+    const scalar_t* U = spread ? u.data_ptr<scalar_t>() : nullptr;
+    scalar_t* Y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, E, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        const scalar_t* ge = G + Dd[e] * CG;
+        const scalar_t* xe = X + S[e] * CX;
+        scalar_t* y = Y + e * F;
+        if (spread) {
+          const scalar_t u0 = U[3 * e], u1 = U[3 * e + 1], u2 = U[3 * e + 2];
+          for (int64_t f = 0; f < F; ++f) y[f] = (ge[f] * u0 + ge[F + f] * u1 + ge[2 * F + f] * u2) * xe[f];
+        } else {
+          for (int64_t f = 0; f < F; ++f) y[f] = ge[f] * xe[f];
+          for (int64_t c = 1; c < C; ++c)
+            for (int64_t f = 0; f < F; ++f) y[f] += ge[c * F + f] * xe[c * F + f];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(multifi_fused, m) {
+  m.def("segment_sum(Tensor base, Tensor x, Tensor w, Tensor u, Tensor src, Tensor ptr, Tensor order) -> Tensor");
+  m.def("edge_dot(Tensor g, Tensor x, Tensor u, Tensor dst, Tensor src) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(multifi_fused, CPU, m) {
+  m.impl("segment_sum", &segment_sum);
+  m.impl("edge_dot", &edge_dot);
+}

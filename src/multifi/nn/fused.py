@@ -1,0 +1,178 @@
+"""Fused gather-multiply-scatter on the CPU: out = base + Σ_{e: i_e = d} x[j_e] ⊙ w_e, without [E, C, F] tensors.
+
+Eager PyTorch computes a filtered message sum as index_select, a product and index_add, three passes
+over an edge-sized [E, C, F] tensor (and as many again in the backward). The C++ kernels in
+`csrc/gather_scatter.cpp` do each in one pass over the edges (bench/RESULTS.md). They are compiled with
+torch.utils.cpp_extension on first use (a C++ compiler and ninja; ~20 s once per machine and torch
+version, cached in torch's extension folder, `TORCH_EXTENSIONS_DIR`). Without a compiler, or with
+MULTIFI_FUSED=0, `available()` is False and callers keep torch's own ops (one warning says why).
+
+The autograd function is differentiable once (its backward uses the same kernels, not differentiable
+again): callers use it only where no second derivative is taken (energy-only training, inference
+without forces). Each destination row sums its edges in edge order, as index_add does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+log = logging.getLogger("multifi")
+_SOURCE = Path(__file__).with_name("csrc") / "gather_scatter.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool once a build was attempted, "error": why not
+
+
+def _enabled_by_env() -> bool:
+    return os.environ.get("MULTIFI_FUSED", "1").lower() not in ("0", "false", "no", "")
+
+
+_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+
+
+def _build() -> None:
+    """Compile and load the kernels, then check them on a small case against torch's own operators."""
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    # the source's hash in the name: a build of other source (an older multifi) is never loaded instead
+    name = "multifi_fused_" + hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
+        log.info("compiling the fused message kernels (once per machine and torch version, ~20 s)")
+    # -ffp-contract=off: no fused multiply-adds, so sums round exactly as torch's separate product and index_add
+    load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+    _self_test()
+
+
+def _self_test() -> None:
+    """Each mode and its gradients on 7 atoms and 20 unsorted edges, against index_select, products and index_add."""
+    g = torch.Generator().manual_seed(0)
+    i, j = torch.randint(0, 7, (20,), generator=g), torch.randint(0, 7, (20,), generator=g)
+    x, w = torch.randn(7, 3, 4, generator=g, requires_grad=True), torch.randn(20, 4, generator=g, requires_grad=True)
+    unit = torch.randn(20, 3, generator=g)
+    plan = EdgePlan(i, j, 7)
+    for fused_out, ref in (
+        (gather_mul_scatter(torch.zeros(7, 3, 4), x, w, plan), torch.zeros(7, 3, 4).index_add(0, i, x[j] * w[:, None])),
+        (
+            gather_mul_scatter(torch.zeros(7, 3, 4), x[:, 0], w, plan, unit),
+            torch.zeros(7, 3, 4).index_add(0, i, (x[j, 0] * w)[:, None] * unit[:, :, None]),
+        ),
+    ):
+        got = torch.autograd.grad(fused_out.square().sum(), (x, w))
+        want = torch.autograd.grad(ref.square().sum(), (x, w))
+        for a, b in zip((fused_out, *got), (ref, *want)):
+            if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+                raise RuntimeError("the built kernels disagree with torch's operators on a test case")
+
+
+def _reason(err: Exception) -> str:
+    """The compiler's first error line if there is one, else the exception's last line."""
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    errors = [s for s in lines if "error:" in s]
+    return (errors or lines or [type(err).__name__])[0 if errors else -1]
+
+
+def available() -> bool:
+    """True when the kernels are loaded (built on the first call); False, with one warning, when they cannot be."""
+    if "ok" not in _state:
+        with _lock:
+            if "ok" not in _state:
+                if not _enabled_by_env():
+                    _state.update(ok=False, error="MULTIFI_FUSED=0")
+                else:
+                    try:
+                        _build()
+                        _state.update(ok=True)
+                    except Exception as err:  # no compiler, no ninja, read-only cache: torch's ops do the same work
+                        reason = _reason(err)
+                        _state.update(ok=False, error=reason)
+                        warnings.warn(
+                            f"multifi: the fused message kernels could not be built ({reason}); "
+                            "using torch's own operators (same results, slower). MULTIFI_FUSED=0 skips the attempt.",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+    return bool(_state["ok"])
+
+
+class Rows:
+    """Edges grouped by a destination index (a CSR layout): ptr [D+1], order [E] (empty when already sorted)."""
+
+    def __init__(self, index: torch.Tensor, n_rows: int):
+        sorted_ = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
+        self.order = torch.empty(0, dtype=torch.long) if sorted_ else torch.argsort(index, stable=True)
+        self.ptr = torch.zeros(n_rows + 1, dtype=torch.long)
+        torch.cumsum(torch.bincount(index, minlength=n_rows), 0, out=self.ptr[1:])
+        self.n = n_rows
+
+
+class EdgePlan:
+    """Everything the kernels need about one batch's edges, built once per forward and shared by all layers.
+
+    center i [E] and neighbour j [E] (int64, values < n_atoms): messages flow j → i; the backward
+    scatters into j, so edges are grouped by both.
+    """
+
+    def __init__(self, center: torch.Tensor, neighbor: torch.Tensor, n_atoms: int):
+        if center.numel() and int(torch.maximum(center.max(), neighbor.max())) >= n_atoms:
+            raise ValueError(f"edge index out of range for {n_atoms} atoms")
+        self.center, self.neighbor = center.contiguous(), neighbor.contiguous()
+        self.by_center = Rows(self.center, n_atoms)
+        self.by_neighbor = Rows(self.neighbor, n_atoms)
+
+
+_NONE = torch.empty(0)
+
+
+class _GatherMulScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base, x, w, u, plan: EdgePlan):
+        ctx.plan = plan
+        ctx.save_for_backward(x, w, u)
+        r = plan.by_center
+        return torch.ops.multifi_fused.segment_sum(base, x, w, u, plan.neighbor, r.ptr, r.order)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, w, u = ctx.saved_tensors
+        plan: EdgePlan = ctx.plan
+        g = g.contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[1]:  # Σ over the edges leaving atom n of g[i_e] ⊙ w_e (⋅ û_e): same kernel, i ↔ j
+            r = plan.by_neighbor
+            gx = torch.ops.multifi_fused.segment_sum(g.new_zeros(x.shape), g, w, u, plan.center, r.ptr, r.order)
+        if ctx.needs_input_grad[2]:
+            gw = torch.ops.multifi_fused.edge_dot(g, x, u, plan.center, plan.neighbor)
+        return g if ctx.needs_input_grad[0] else None, gx, gw, None, None
+
+
+def gather_mul_scatter(
+    base: torch.Tensor, x: torch.Tensor, w: torch.Tensor, plan: EdgePlan, unit: torch.Tensor | None = None
+) -> torch.Tensor:
+    """base + Σ_{e: i_e = n} x[j_e] ⊙ w_e, first derivatives only (none for `unit`, a constant).
+
+    Without unit: base [N, C, F], x [N, C, F], w [E, F] (broadcast over C); the values of
+    base.index_add(0, i, x.index_select(0, j) * w.unsqueeze(1)). With unit û [E, 3]: x [N, F] and the
+    sum is Σ (x[j_e] ⊙ w_e) ⊗ û_e, base and result [N, 3, F].
+    """
+    if unit is None:
+        return _GatherMulScatter.apply(base, x, w, _NONE.to(x.dtype), plan)
+    if unit.requires_grad:
+        raise ValueError("gather_mul_scatter: unit vectors must be constant (no gradient flows to them)")
+    return _GatherMulScatter.apply(base, x.unsqueeze(1), w, unit.contiguous(), plan)
+
+
+def applicable(*tensors: torch.Tensor) -> bool:
+    """CPU float32/float64 tensors outside torch.compile tracing, and the kernels available."""
+    return (
+        all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
+        and not torch.compiler.is_compiling()
+        and available()
+    )

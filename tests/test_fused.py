@@ -1,0 +1,133 @@
+"""The fused gather-multiply-scatter kernels (nn/fused.py): values, gradients, the PaiNN path, the fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multifi.models import painn
+from multifi.models.painn import PaiNN
+from multifi.nn import fused
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="no C++ compiler: torch's ops are used instead")
+
+
+def _edges(n_atoms: int, n_edges: int, sorted_centres: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, n_atoms, (n_edges,), generator=g)
+    if sorted_centres:
+        i = torch.sort(i).values
+    return i, torch.randint(0, n_atoms, (n_edges,), generator=g)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("sorted_centres", [True, False])
+def test_values_are_those_of_index_select_product_and_index_add(channels, sorted_centres):
+    i, j = _edges(40, 300, sorted_centres)
+    x, w, base = torch.randn(40, channels, 16), torch.randn(300, 16), torch.randn(40, channels, 16)
+    out = fused.gather_mul_scatter(base, x, w, fused.EdgePlan(i, j, 40))
+    ref = base.index_add(0, i, x.index_select(0, j) * w.unsqueeze(1))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_first_derivatives_match_finite_differences(channels):
+    i, j = _edges(12, 60, sorted_centres=False, seed=1)
+    plan = fused.EdgePlan(i, j, 12)
+    args = [torch.randn(12, channels, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    args.insert(2, torch.randn(60, 5, dtype=torch.float64, requires_grad=True))
+    base, x, w = args[0], args[1], args[2]
+    assert torch.autograd.gradcheck(lambda b, x, w: fused.gather_mul_scatter(b, x, w, plan), (base, x, w))
+
+
+@pytest.mark.parametrize("sorted_centres", [True, False])
+def test_direction_messages_are_those_of_the_edge_tensor_product(sorted_centres):
+    i, j = _edges(40, 300, sorted_centres, seed=2)
+    x, w, base = torch.randn(40, 16), torch.randn(300, 16), torch.randn(40, 3, 16)
+    unit = torch.nn.functional.normalize(torch.randn(300, 3), dim=-1)
+    out = fused.gather_mul_scatter(base, x, w, fused.EdgePlan(i, j, 40), unit)
+    ref = base.index_add(0, i, (x.index_select(0, j) * w).unsqueeze(1) * unit.unsqueeze(-1))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_direction_messages_first_derivatives_match_finite_differences():
+    i, j = _edges(12, 60, sorted_centres=False, seed=3)
+    plan = fused.EdgePlan(i, j, 12)
+    unit = torch.nn.functional.normalize(torch.randn(60, 3, dtype=torch.float64), dim=-1)
+    base = torch.randn(12, 3, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(60, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda b, x, w: fused.gather_mul_scatter(b, x, w, plan, unit), (base, x, w))
+    with pytest.raises(ValueError, match="unit vectors must be constant"):
+        fused.gather_mul_scatter(base, x, w, plan, unit.requires_grad_(True))
+
+
+def test_a_second_derivative_is_refused_not_silently_wrong():
+    i, j = _edges(8, 30, sorted_centres=True)
+    x = torch.randn(8, 3, 4, requires_grad=True)
+    out = fused.gather_mul_scatter(torch.zeros(8, 3, 4), x, torch.randn(30, 4), fused.EdgePlan(i, j, 8))
+    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice|differentiable"):
+        g.sum().backward()
+
+
+def test_no_edges_and_out_of_range_edges():
+    empty = torch.zeros(0, dtype=torch.long)
+    base = torch.randn(3, 1, 4)
+    out = fused.gather_mul_scatter(base, torch.randn(3, 1, 4), torch.zeros(0, 4), fused.EdgePlan(empty, empty, 3))
+    assert torch.equal(out, base)
+    with pytest.raises(ValueError, match="out of range for 3 atoms"):
+        fused.EdgePlan(torch.tensor([0, 1]), torch.tensor([1, 3]), 3)
+
+
+def _painn_energy_and_grads(model, numbers, edge_index, edge_vec):
+    model.zero_grad()
+    s = model(numbers, edge_index, edge_vec)
+    s.square().sum().backward()
+    return s.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_painn_energy_training_path_equals_torch_ops(dtype, monkeypatch):
+    calls = []
+    monkeypatch.setattr(painn, "gather_mul_scatter", lambda *a: calls.append(1) or fused.gather_mul_scatter(*a))
+    torch.manual_seed(0)
+    model = PaiNN(features=16, interactions=3, cutoff=4.0, n_rbf=8).to(dtype)
+    n = 30
+    pos = torch.randn(n, 3, dtype=dtype) * 2.0
+    numbers = torch.randint(1, 9, (n,))
+    d = (pos[None] - pos[:, None]).norm(dim=-1)
+    i, j = torch.nonzero((d < 4.0) & (d > 0), as_tuple=True)  # sorted by centre, as cached lists are
+    edge_vec = pos[j] - pos[i]
+    fast = _painn_energy_and_grads(model, numbers, torch.stack([i, j]), edge_vec)
+    assert len(calls) == 8  # scalar and direction messages of 3 interactions, v_j messages of the last 2
+    model.fused_messages = False
+    ref = _painn_energy_and_grads(model, numbers, torch.stack([i, j]), edge_vec)
+    assert len(calls) == 8
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast[0], ref[0], **tol)
+    assert len(fast[1]) == len(ref[1])
+    for a, b in zip(fast[1], ref[1]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_a_failed_build_warns_once_and_torch_ops_take_over(monkeypatch):
+    monkeypatch.setattr(fused, "_state", {})
+
+    def no_compiler():
+        raise RuntimeError("error: command 'c++' failed: No such file or directory")
+
+    monkeypatch.setattr(fused, "_build", no_compiler)
+    with pytest.warns(RuntimeWarning, match="could not be built .*No such file"):
+        assert not fused.available()
+    assert not fused.available()  # decided once, no second warning or attempt
+    x = torch.randn(5, 16)
+    assert not fused.applicable(x)
+
+
+def test_kernels_that_disagree_with_torch_are_not_used(monkeypatch):
+    fused._self_test()  # the built kernels pass
+    right = fused.gather_mul_scatter
+    monkeypatch.setattr(fused, "gather_mul_scatter", lambda *args: right(*args) * 1.001)
+    with pytest.raises(RuntimeError, match="disagree with torch"):
+        fused._self_test()
