@@ -403,6 +403,8 @@ def test_limits_curve_mae_counts_every_test_molecule_when_the_low_fidelity_label
         ("learning_curve.variants.bad={kind: joint}", "joint variant needs inject"),
         ("base.model.featurs=8", "unknown key 'model.featurs'; did you mean 'features'"),
         ("learning_curve.ns=[10, 50]", "n=50 is larger"),
+        ("learning_curve.low=B3LYP/6-31G(2df,p)", "high and low are the same fidelity"),
+        ("learning_curve.ns=[10, 20, 10]", "ns lists a size more than once: [10, 20, 10]"),
     ],
 )
 def test_spec_errors_are_one_line(shared, tmp_path, override, needle):
@@ -410,6 +412,16 @@ def test_spec_errors_are_one_line(shared, tmp_path, override, needle):
         ctx = load_context(TINY, tiny(tmp_path / "out", override))
         plan_parts(ctx)
     assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_an_output_folder_of_another_experiment_is_not_taken_over(shared, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# other_experiment: something else\n")
+    with pytest.raises(MultifiError, match="holds the results of experiment 'other_experiment'.*not 'tiny'"):
+        load_context(TINY, tiny(out))
+    (out / "README.md").write_text("# tiny: the same spec's earlier report\n")
+    load_context(TINY, tiny(out))
 
 
 def test_unknown_variant_kind_is_one_line_at_spec_load_naming_file_and_known_kinds(tmp_path, capsys):
@@ -871,11 +883,41 @@ def test_results_over_other_test_structures_than_the_reference_are_left_out_and_
 def test_factor_cells_give_the_seed_spread_and_never_average_lower_bounds():
     from multifi_experiments.readme import _seed_spread
 
-    two = {"mean": 2.35, "std": 0.02, "values": [2.37, 2.33]}
-    assert _seed_spread(two, bound=16.5) == " (2.35 ± 0.02, 2 seeds)"
-    assert _seed_spread({"mean": 3.5, "std": None, "values": [3.5]}) == ""
-    bounded = {"mean": 2.29, "std": 1.45, "values": [1.53, 1.38, 3.9565217391304346]}
-    assert _seed_spread(bounded, bound=182 / 46) == " (seeds: 1.53, 1.38, > 4.0)"
+    two = {"mean": 2.35, "std": 0.02, "values": [2.37, 2.33], "bounds": [None, None]}
+    assert _seed_spread(two) == " (2.35 ± 0.02, 2 seeds)"
+    assert _seed_spread({"mean": 3.5, "std": None, "values": [3.5], "bounds": [None]}) == ""
+    bounded = {"values": [1.53, 1.38, 3.9565217391304346, None, 0.5], "bounds": [None, None, "lower", None, "upper"]}
+    assert _seed_spread(bounded) == " (seeds: 1.53, 1.38, > 4.0, —, < 0.5)"
+
+
+def test_seed_factors_that_are_bounds_or_undefined_get_no_mean():
+    """summary.json's per-seed factors: a mean over lower bounds, or one leaving out a seed without a factor,
+    would read as a measurement."""
+    from multifi_experiments.report import _factor_spread
+
+    ns, maes = [10, 20, 40], [100.0, 70.0, 50.0]
+    ok = _factor_spread(ns, maes, 10, [70.0, 100.0])
+    assert ok["values"] == pytest.approx([2.0, 1.0]) and ok["mean"] == pytest.approx(1.5)
+    beyond = _factor_spread(ns, maes, 10, [70.0, 40.0])
+    assert "mean" not in beyond and beyond["bounds"] == [None, "lower"] and beyond["values"] == pytest.approx([2, 4])
+    worse = _factor_spread(ns, maes, 10, [150.0])
+    assert worse["bounds"] == ["upper"] and worse["values"] == pytest.approx([1.0]) and "mean" not in worse
+
+
+def test_a_variant_worse_than_the_whole_reference_curve_gets_an_upper_bound_not_a_lower_one():
+    """The reference's first segment rises (noise), and the variant is worse than every reference point: the
+    reference needs fewer molecules than its smallest n, so the factor is below n_min / n, never '> n_max / n'."""
+    from multifi_experiments.efficiency import bounded
+    from multifi_experiments.readme import _factor
+
+    ns, maes = [10, 20, 40], [800.0, 909.6, 942.8]
+    e = efficiency_factor(ns, maes, 10, 970.8).as_dict()
+    assert e["outside"] == "before" and bounded(e, ns) == (1.0, "upper")
+    assert _factor(e, ns).startswith("< 1.0")
+    better = efficiency_factor(ns, [100.0, 70.0, 50.0], 10, 40.0).as_dict()
+    assert better["outside"] == "beyond" and bounded(better, ns) == (4.0, "lower")
+    inside = efficiency_factor(ns, [100.0, 70.0, 50.0], 10, 70.0).as_dict()
+    assert inside["outside"] == "" and bounded(inside, ns) == (pytest.approx(2.0), None)
 
 
 def test_a_failed_run_writes_why_into_its_log(tmp_path):
@@ -909,3 +951,11 @@ def test_progress_line_quotes_the_errors_the_report_uses():
     # the finished run as failed
     assert _errors_text("B3LYP", {"n": 3, "mae_meV": 9.0, "fitted_only": {"n": 0}}) == "B3LYP 9.0 meV"
     assert _errors_text("B3LYP", {"n": 0}) == "B3LYP: no test error"
+
+
+def test_the_report_says_how_many_test_structures_the_errors_cover():
+    from multifi_experiments.readme import _evaluated
+
+    assert _evaluated({"test": 600, "test_evaluated": [600]}, "molecules") == ""
+    assert _evaluated({"test": 600, "test_evaluated": [595]}, "molecules").startswith(", of which 595 evaluated")
+    assert ", of which 595–600 evaluated" in _evaluated({"test": 600, "test_evaluated": [595, 600]}, "molecules")

@@ -23,6 +23,10 @@ class Efficiency:
     factor: float | None  # n_reference / n
     extrapolated: bool  # n_reference lies outside the measured reference curve
     note: str = ""
+    # where the target lies if the reference curve never reaches it between measured points: "beyond" (an error
+    # below every measured reference error: the reference needs more than its largest n) or "before" (above
+    # every one: the reference needs less than its smallest n); "" when interpolated
+    outside: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +54,11 @@ def n_for_error(ns, maes, target: float) -> tuple[float | None, bool, str]:
             return math.exp(x[i] + (t - y[i]) * (x[i + 1] - x[i]) / (y[i + 1] - y[i])), False, ""
     # outside the measured range: below the smallest error → beyond the largest n, else before the smallest n
     i, where = (len(pts) - 2, "beyond the largest") if t < min(y) else (0, "below the smallest")
+    return _extend(x, y, t, i, where)
+
+
+def _extend(x: list[float], y: list[float], t: float, i: int, where: str) -> tuple[float | None, bool, str]:
+    """The power law through points i and i + 1 of the log-log curve (x, y), solved for log-error t."""
     slope = (y[i + 1] - y[i]) / (x[i + 1] - x[i])
     if slope >= 0:
         return None, True, f"target {where} measured n, and the reference curve does not decrease there"
@@ -63,6 +72,39 @@ def efficiency_factor(ref_ns, ref_maes, n: float, target_mae: float) -> Efficien
     """n_reference(target_mae) / n: how many times more data the reference model needs."""
     n_ref, extrapolated, note = n_for_error(ref_ns, ref_maes, target_mae)
     factor = None if n_ref is None else n_ref / n
+    maes = [float(m) for m in ref_maes if m is not None and m > 0]
+    outside = ""
+    if extrapolated and maes and target_mae > 0 and len(maes) > 1:
+        outside = "beyond" if target_mae < min(maes) else "before" if target_mae > max(maes) else ""
     return Efficiency(
-        n=n, target_mae=target_mae, n_reference=n_ref, factor=factor, extrapolated=extrapolated, note=note
+        n=n,
+        target_mae=target_mae,
+        n_reference=n_ref,
+        factor=factor,
+        extrapolated=extrapolated,
+        note=note,
+        outside=outside,
     )
+
+
+def bounded(e: dict, ref_ns) -> tuple[float | None, str | None]:
+    """(factor, bound) of an efficiency (as_dict) measured against the reference sizes ref_ns.
+
+    Outside the measured reference curve only a bound is measured: an error below every reference error
+    needs more than the largest n, factor > n_max / n (bound "lower"); an error above every reference
+    error needs less than the smallest n, factor < n_min / n (bound "upper"). Power-law extensions of the
+    curve are estimates and never stand in for these bounds.
+    """
+    ns = [float(n) for n in ref_ns]
+    if e.get("outside") == "beyond" and ns:
+        return max(ns) / e["n"], "lower"
+    if e.get("outside") == "before" and ns:
+        return min(ns) / e["n"], "upper"
+    return e["factor"], None
+
+
+def non_monotone(ref_ns, ref_maes) -> list[float]:
+    """Reference sizes whose error is not below the error at the next smaller size (a noisy curve: factors then
+    use the smallest n at which the curve first reaches an error)."""
+    pts = sorted((float(n), float(m)) for n, m in zip(ref_ns, ref_maes) if m is not None)
+    return [b[0] for a, b in zip(pts, pts[1:]) if b[1] >= a[1]]

@@ -6,6 +6,7 @@ import numpy as np
 
 from multifi.units import MEV_PER_KCAL_MOL
 from multifi_experiments.context import machine
+from multifi_experiments.efficiency import bounded
 
 DASH = "—"
 
@@ -178,8 +179,9 @@ def _learning_curve(lcd: dict, eff: dict, figures: dict) -> list[str]:
         f"## Learning curve at {lcd['high']}",
         "",
         f"{lcd['low']} labels on {lcd['n_low']} training {noun}; {lcd['high']} on n of them{sizes}. Test: "
-        f"{lcd['test']} held-out {noun} at {lcd['high']} (in no training or validation set, at any fidelity); "
-        f"{lcd['val']} validation {noun} pick the checkpoint. Test errors: mean ± std (seeds).",
+        f"{lcd['test']} held-out {noun} at {lcd['high']} (in no training or validation set, at any fidelity)"
+        f"{_evaluated(lcd, noun)}; {lcd['val']} validation {noun} pick the checkpoint. Test errors: mean ± std "
+        "(seeds).",
         "",
     ]
     any_delta = any(v["needs_at_prediction"] for v in lcd["variants"].values())
@@ -219,32 +221,47 @@ def _learning_curve(lcd: dict, eff: dict, figures: dict) -> list[str]:
 
 def _beyond(e: dict, n_max: float | None) -> bool:
     """Whether the reference curve reaches this error only beyond its largest measured n (or never)."""
-    return bool(n_max and e["extrapolated"] and (e["n_reference"] is None or e["n_reference"] > n_max))
+    return bool(n_max) and bounded(e, [n_max])[1] == "lower"
 
 
-def _factor(e: dict, n_max: float | None = None, short: bool = False) -> str:
-    """A factor cell: '2.35', '0.80 (extrapolated)' below the smallest n, '> 16.5 (power law: 167)' beyond the
-    largest (a lower bound: the reference curve never reached that error within the measured n)."""
-    if _beyond(e, n_max):
-        bound = f"> {n_max / e['n']:.1f}"
-        if short:
-            return bound
-        return bound + (f" (power law: {e['factor']:.3g})" if e["factor"] is not None else "")
+def _factor(e: dict, ref_ns, short: bool = False) -> str:
+    """A factor cell: '2.35'; '> 16.5 (power law: 167)' beyond the largest reference n (a lower bound: the
+    reference never reached that error within the measured n); '< 0.5' below the smallest (an upper bound: the
+    reference was better at every measured n); '0.80 (extrapolated)' for other extensions of the curve."""
+    factor, bound = bounded(e, ref_ns)
+    if bound is not None:
+        text = f"{'>' if bound == 'lower' else '<'} {factor:.1f}"
+        if short or e["factor"] is None:
+            return text
+        return text + f" (power law: {e['factor']:.3g})"
     text = DASH if e["factor"] is None else f"{e['factor']:.2f}"
     return text + (" (extrapolated)" if e["extrapolated"] and not short else "")
 
 
-def _seed_spread(seed: dict | None, bound: float | None = None) -> str:
-    """' (2.35 ± 0.02, 2 seeds)' from per-seed factors; '' for fewer than two. A seed whose factor is a lower
-    bound (`bound` = largest reference n / n: its error is below the reference's at the largest n) makes a mean
-    meaningless: then each seed's value, bounds as '> x'."""
+def _seed_spread(seed: dict | None) -> str:
+    """' (2.35 ± 0.02, 2 seeds)' from per-seed factors; '' for fewer than two. Where a seed's factor is a bound
+    (or undefined) a mean would read as a measurement: then each seed's value, bounds as '> x' / '< x'."""
     values = (seed or {}).get("values") or []
-    if len(values) < 2 or seed.get("std") is None:
+    if len(values) < 2:
         return ""
-    if bound is not None and any(v >= bound * (1 - 1e-9) for v in values):
-        each = ", ".join(f"> {bound:.1f}" if v >= bound * (1 - 1e-9) else f"{v:.2f}" for v in values)
-        return f" (seeds: {each})"
-    return f" ({seed['mean']:.2f} ± {seed['std']:.2f}, {len(values)} seeds)"
+    if seed.get("mean") is not None and seed.get("std") is not None:
+        return f" ({seed['mean']:.2f} ± {seed['std']:.2f}, {len(values)} seeds)"
+    bounds = seed.get("bounds") or [None] * len(values)
+    signs = {"lower": "> ", "upper": "< ", None: ""}
+    each = ", ".join(DASH if v is None else f"{signs[b]}{v:.1f}" if b else f"{v:.2f}" for v, b in zip(values, bounds))
+    return f" (seeds: {each})"
+
+
+def _evaluated(lcd: dict, noun: str) -> str:
+    """', of which 595 evaluated (…)' when errors cover fewer test structures than planned."""
+    counts = lcd.get("test_evaluated") or []
+    if all(c == lcd["test"] for c in counts):
+        return ""
+    n = f"{counts[0]}" if len(counts) == 1 else f"{min(counts)}–{max(counts)}"
+    return (
+        f", of which {n} evaluated (the others hold an element without a reference energy the model can use; "
+        "the runs' logs list them)"
+    )
 
 
 def _fraction(f: float) -> str:
@@ -363,35 +380,54 @@ def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list
         "",
     ]
     rows = []
-    n_max = max(eff.get("reference_ns") or [0]) or None
+    ref_ns = eff.get("reference_ns") or []
+    n_max = max(ref_ns, default=0) or None
     seeds = eff.get("seeds") or {}
     for name, by_n in eff["by_variant"].items():
         cells = []
         for k in at:
             e = by_n.get(k)
-            bound = n_max / e["n"] if e is not None and n_max else None
-            cells.append(DASH if e is None else _factor(e, n_max) + _seed_spread((seeds.get(name) or {}).get(k), bound))
+            cells.append(DASH if e is None else _factor(e, ref_ns) + _seed_spread((seeds.get(name) or {}).get(k)))
         rows.append([name + (" **(best)**" if name == eff["best_variant"] else "")] + cells)
     out += _table(["variant"] + [f"factor at n={k[1:]}" for k in at], rows)
     if any(len((v or {}).get("values") or []) > 1 for by_n in seeds.values() for v in by_n.values()):
         out += [
             "",
             "In brackets: the factor of each seed's own run, mean ± std (seeds), or each seed's value where one is a "
-            "lower bound (\"> x\"); the cell's first number is the factor of the seeds' mean error.",
+            'bound ("> x", "< x") or undefined; the cell\'s first number is the factor of the seeds\' mean error.',
         ]
-    if n_max and any(_beyond(e, n_max) for by_n in eff["by_variant"].values() for e in by_n.values()):
+    all_e = [e for by_n in eff["by_variant"].values() for e in by_n.values()]
+    if n_max and any(_beyond(e, n_max) for e in all_e):
+        power = any(_beyond(e, n_max) and e["factor"] is not None for e in all_e)
         out += [
             "",
             f"\"> x\": the variant's error at n is below the reference's error at the largest measured n "
-            f"({n_max:g}), so the reference needs more than x = {n_max:g}/n times the data; the power-law "
-            f"extrapolation in brackets assumes the reference curve keeps its last log-log slope{_slopes(eff)}: "
-            "an estimate, not a measurement.",
+            f"({n_max:g}), so the reference needs more than x = {n_max:g}/n times the data"
+            + (
+                f"; the power-law extrapolation in brackets assumes the reference curve keeps its last log-log "
+                f"slope{_slopes(eff)}: an estimate, not a measurement."
+                if power
+                else "."
+            ),
+        ]
+    if any(bounded(e, ref_ns)[1] == "upper" for e in all_e):
+        out += [
+            "",
+            f"\"< x\": the variant's error at n is above the reference's error at every measured n, down to the "
+            f"smallest ({min(ref_ns):g}), so the reference needs less than x = {min(ref_ns):g}/n times the data.",
+        ]
+    if eff.get("reference_not_decreasing_at"):
+        at_n = ", ".join(f"{n:g}" for n in eff["reference_not_decreasing_at"])
+        out += [
+            "",
+            f"The reference curve does not decrease at n = {at_n} (noise or too short trainings): a factor uses the "
+            "smallest n at which the reference first reaches the variant's error.",
         ]
     s = eff["summary"]
     if eff["best_variant"]:
         best = eff["by_variant"][eff["best_variant"]]
         vals = ", ".join(
-            f"{_factor(best[k], n_max, short=True) if k in best else _num(s[k])}× at n={k[1:]}" for k in at
+            f"{_factor(best[k], ref_ns, short=True) if k in best else _num(s[k])}× at n={k[1:]}" for k in at
         )
         claim = eff.get("claim", "The paper's claim (b) is about 10×.")
         out += [
@@ -400,8 +436,8 @@ def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list
             f"{'validation' if s.get('chosen_on', 'validation') == 'validation' else 'test (runs without validation)'} "
             f"{unit[0]} over n ∈ {{{', '.join(k[1:] for k in at)}}}); data-efficiency factor {vals}"
             + (
-                " — '>' marks lower bounds: the reference never reached that error within the measured n."
-                if any(_beyond(e, n_max) for e in best.values())
+                " — '>' / '<' mark bounds: the reference's errors within the measured n were all above / below."
+                if any(bounded(e, ref_ns)[1] for e in best.values())
                 else " — extrapolated beyond the measured reference curve, so an estimate."
                 if s["extrapolated"]
                 else "."

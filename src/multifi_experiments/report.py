@@ -25,7 +25,7 @@ from multifi.errors import MultifiError, unknown_name
 from multifi.units import MEV_PER_KCAL_MOL
 from multifi_experiments import plots
 from multifi_experiments.context import Context, result_path
-from multifi_experiments.efficiency import efficiency_factor
+from multifi_experiments.efficiency import bounded, efficiency_factor, non_monotone
 from multifi_experiments.kinds import KINDS
 from multifi_experiments.readme import render
 from multifi_experiments.spec import METRICS
@@ -188,6 +188,9 @@ def learning_curve_details(ctx, part, results) -> dict:
         out["composition_span"] = info["span"]
     if differ:  # results from before keys.FITTED_ONLY: errors over other structures than the reference's
         out["test_count_mismatch"] = differ
+    evaluated = sorted({c for p in plans if p.id in results and (c := _mae(results[p.id], lc.high, "n")) is not None})
+    if evaluated:  # test structures an error was computed on (fewer than planned: unseen elements or references)
+        out["test_evaluated"] = evaluated
     if lc.difference:
         out["difference"] = difference_details(plans, results)
     return out
@@ -291,13 +294,13 @@ def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
     """Factors of every candidate at each n in `at`; the best candidate is chosen on validation errors
     (lowest geometric-mean validation MAE over `at`; test errors only for results without validation
     errors, and then said so). Per-seed factors give the spread; a factor whose error lies below the
-    reference's at its largest n is stored as the lower bound n_max / n (flag `bound`: "lower")."""
+    reference's at its largest n is stored as the lower bound n_max / n (flag `bound`: "lower"), one above the
+    reference's at its smallest n as the upper bound n_min / n ("upper")."""
     variants = lcd["variants"]
     candidates = e.candidates or [n for n, v in variants.items() if KINDS[v["kind"]].joint]
     ref = variants[e.reference]["curves"][metric]
     ref_ns = [float(n) for n in ref]
     ref_maes = [s["mean"] for s in ref.values()]
-    n_max = max(ref_ns, default=None)
     by_variant, seeds, val_score, test_score = {}, {}, {}, {}
     for name in candidates:
         curve = variants[name]["curves"][metric]
@@ -308,7 +311,7 @@ def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
             if str(n) in curve
         }
         seeds[name] = {
-            f"n{n}": _factor_spread(ref_ns, ref_maes, n, curve[str(n)]["values"], n_max) for n in at if str(n) in curve
+            f"n{n}": _factor_spread(ref_ns, ref_maes, n, curve[str(n)]["values"]) for n in at if str(n) in curve
         }
         if len(by_variant[name]) == len(at):  # best = lowest geometric-mean error over the `at` sizes
             test_score[name] = float(np.mean([np.log(curve[str(n)]["mean"]) for n in at]))
@@ -321,7 +324,7 @@ def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
     for n in at:
         k = f"n{n}"
         eff = by_variant[best][k] if best else None
-        factors[k], bounds[k] = _bounded(eff, n_max)
+        factors[k], bounds[k] = (None, None) if eff is None else bounded(eff, ref_ns)
         flags[k] = None if eff is None else bool(eff["extrapolated"])
     extrapolated = any(flags.values()) if best else None
     return {
@@ -334,6 +337,7 @@ def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
         "chosen_on": chosen_on,
         "reference_ns": ref_ns,
         "reference_maes": ref_maes,
+        "reference_not_decreasing_at": non_monotone(ref_ns, ref_maes),
         "summary": {
             **factors,
             "best_variant": best,
@@ -346,29 +350,21 @@ def _efficiency_for(e, lcd: dict, metric: str, at: list[int]) -> dict:
     }
 
 
-def _bounded(eff: dict | None, n_max: float | None) -> tuple[float | None, str | None]:
-    """(factor, bound): beyond the largest measured reference n the factor is the lower bound n_max / n."""
-    if eff is None:
-        return None, None
-    beyond = eff["extrapolated"] and n_max and (eff["n_reference"] is None or eff["n_reference"] > n_max)
-    if beyond:
-        return n_max / eff["n"], "lower"
-    return eff["factor"], None
-
-
-def _factor_spread(ref_ns, ref_maes, n: int, values: list[float], n_max) -> dict:
-    """Factors of each seed's error (same reference curve): mean, sample std, min, max, and the values."""
-    f = [_bounded(efficiency_factor(ref_ns, ref_maes, n, v).as_dict(), n_max)[0] for v in values]
-    f = [x for x in f if x is not None]
-    if not f:
-        return {"values": []}
-    a = np.asarray(f, float)
+def _factor_spread(ref_ns, ref_maes, n: int, values: list[float]) -> dict:
+    """Factors of each seed's error against the same reference curve: `values` with their `bounds` (None,
+    "lower", "upper"; efficiency.bounded) and mean, sample std, min, max when every seed's factor is a measured
+    value (a mean of bounds, or one leaving out seeds without a factor, would read as a measurement)."""
+    pairs = [bounded(efficiency_factor(ref_ns, ref_maes, n, v).as_dict(), ref_ns) for v in values]
+    out = {"values": [None if f is None else float(f) for f, _ in pairs], "bounds": [b for _, b in pairs]}
+    if len(pairs) == 0 or any(f is None or b is not None for f, b in pairs):
+        return out
+    a = np.asarray([f for f, _ in pairs], float)
     return {
         "mean": float(a.mean()),
         "std": float(a.std(ddof=1)) if len(a) > 1 else None,
         "min": float(a.min()),
         "max": float(a.max()),
-        "values": [float(x) for x in a],
+        **out,
     }
 
 

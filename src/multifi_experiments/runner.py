@@ -90,7 +90,24 @@ def load_context(spec_path, overrides=(), only=(), report_only=False, write_cach
         args += ["--only", o]
     if report_only:
         args.append("--report-only")
+    if write_cache:
+        _check_owner(paths.output, spec.name)
     return Context(spec, paths, make_catalog(spec, paths, write_cache), shlex.join(args))
+
+
+def _check_owner(output: Path, name: str) -> None:
+    """An output folder whose README.md names another experiment is not taken over (its results would be
+    overwritten or mixed with this spec's)."""
+    readme = output / "README.md"
+    if not readme.is_file():
+        return
+    first = readme.read_text(errors="replace").partition("\n")[0]
+    if first.startswith("# ") and first != f"# {name}" and not first.startswith(f"# {name}: "):
+        other = first[2:].split(": ")[0]
+        raise MultifiError(
+            f"{output}: holds the results of experiment {other!r} (README.md), not {name!r}; "
+            "set another `output` in the spec (or remove the folder)"
+        )
 
 
 def plan_parts(ctx: Context, write: bool = True) -> dict[str, PartPlan]:
@@ -108,7 +125,9 @@ def plan_parts(ctx: Context, write: bool = True) -> dict[str, PartPlan]:
             _write_if_changed(ctx.paths.output / "splits" / f"{name}.json", json.dumps(parts[name].splits))
     ids = [p.id for pp in parts.values() for p in pp.plans]
     if len(set(ids)) != len(ids):
-        raise MultifiError("two runs of the spec have the same id")
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        more = f" and {len(twice) - 3} more" if len(twice) > 3 else ""
+        raise MultifiError(f"two runs of the spec have the same id ({', '.join(twice[:3])}{more})")
     return parts
 
 

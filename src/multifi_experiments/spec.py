@@ -239,12 +239,17 @@ class LearningCurvePart(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.high == self.low:
+            raise ValueError(f"high and low are the same fidelity ({self.high!r}): a learning curve needs two")
         if (self.ns is None) == (self.fractions is None):
             raise ValueError("give the training-set sizes as either ns or fractions")
         if self.fractions is not None and not all(0 < f <= 1 for f in self.fractions):
             raise ValueError(f"fractions must lie in (0, 1]; got {self.fractions}")
         if self.ns is not None and min(self.ns) < 1:
             raise ValueError(f"ns must be positive; got {self.ns}")
+        given = self.ns if self.ns is not None else self.fractions
+        if len(set(given)) != len(given):
+            raise ValueError(f"{'ns' if self.ns is not None else 'fractions'} lists a size more than once: {given}")
         if self.ns is not None and self.n_low is not None and max(self.ns) > self.n_low:
             raise ValueError(
                 f"the top fidelity labels a subset of the n_low={self.n_low} low-fidelity molecules; "
