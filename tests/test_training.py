@@ -288,7 +288,7 @@ def test_resume_without_training_left_is_a_one_line_error_and_changes_nothing(wr
         again = cfg.model_copy(deep=True)
         for key, value in change.items():
             setattr(again.train, key, value)
-        with pytest.raises(MultifiError, match=r"finished \(15 steps, 3 epochs\)|fewer: a resume can only train on"):
+        with pytest.raises(MultifiError, match=r"finished \(15 steps, in epoch 3\)|fewer: a resume can only train on"):
             train(again, resume=True)
     assert before == {name: (run_dir / name).read_bytes() for name in before}
     cfg.train.epochs = 1
@@ -833,6 +833,14 @@ def test_resumes_from_an_epochs_last_step_keep_counting_epochs(write_config, tmp
     assert a["loops"]["fit_loop"]["epoch_progress"] == b["loops"]["fit_loop"]["epoch_progress"]
     for key, value in b["state_dict"].items():
         torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+    def losses(d):  # the epoch after the stop at step 10 averaged the stopped epoch's losses in as well
+        with open(tmp_path / d / "metrics.csv") as f:
+            return [(r["epoch"], float(r["train_loss_epoch"])) for r in csv.DictReader(f) if r["train_loss_epoch"]]
+
+    got, want = losses("cut"), losses("s")
+    assert [e for e, _ in got] == [e for e, _ in want] == [str(e) for e in range(6)]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)
 
 
 def test_a_resume_on_another_number_of_processes(write_config, tmp_path, caplog):

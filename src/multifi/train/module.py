@@ -255,7 +255,9 @@ class PotentialModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         if self._plateau is not None:
             checkpoint["plateau_scheduler"] = self._plateau.state_dict()
-        checkpoint["train_epoch_sums"] = self.epoch_sums.state_dict()
+        # a checkpoint after the step that ended a run already holds that epoch's sums as they stood at the step
+        # (FinalStepCheckpoint; callbacks save first): Lightning has closed and reset the epoch since
+        checkpoint.setdefault("train_epoch_sums", self.epoch_sums.state_dict())
 
     def on_load_checkpoint(self, checkpoint):
         self._check_model_state(checkpoint)

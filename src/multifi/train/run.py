@@ -437,7 +437,10 @@ class ClosedEpochResume(Callback):
     Resuming from a checkpoint written by an epoch-end hook (the epoch counted as processed, not yet as
     completed), Lightning ends that epoch once more and counts it processed twice; samplers take their epoch
     from that count, so every later epoch drew the next epoch's sample order (the run differed from an
-    uninterrupted one). The count is set back before Lightning repeats the epoch's end."""
+    uninterrupted one). The count is set back before Lightning repeats the epoch's end.
+
+    A checkpoint at an epoch's last batch also holds that epoch's training-loss sums; where Lightning closes the
+    epoch on restart without running its end, they are dropped (they were added to the next epoch's means)."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         loop = trainer.fit_loop
@@ -445,6 +448,10 @@ class ClosedEpochResume(Callback):
         closed = done.ready == done.started == done.processed == done.completed
         if getattr(loop, "restarted_mid_epoch", False) and closed:  # (restart stages: Lightning ≥ 2.5)
             loop.reset_restart_stage()
+            # Lightning closed the epoch without its epoch-end hooks: its training-loss sums (kept by a checkpoint
+            # at its last batch) must not enter the next epoch's means
+            if hasattr(pl_module, "epoch_sums"):
+                pl_module.epoch_sums = type(pl_module.epoch_sums)()
         if getattr(loop, "restarted_on_epoch_end", False) and done.processed == done.completed + 1:
             for progress in (loop.epoch_progress.total, loop.epoch_progress.current):
                 progress.processed -= 1
@@ -790,11 +797,12 @@ def check_more_to_train(run_dir: Path, ckpt: Path, cfg: RunConfig) -> bool:
         return False
     saved = load_config(run_dir / "config.yaml")
     saved.output_dir = cfg.output_dir
+    last = max(epoch, int(progress.get("started", epoch)))  # the epoch of the last step, 1-based as the log's
     if dump_config(saved) == dump_config(cfg):
-        log.info("%s: finished (%d steps, %d epochs); nothing to resume, nothing rewritten", run_dir, step, epoch)
+        log.info("%s: finished (%d steps, in epoch %d); nothing to resume, nothing rewritten", run_dir, step, last)
         return True
     raise MultifiError(
-        f"{run_dir}: finished ({step} steps, {epoch} epochs); train.epochs={t.epochs}, "
+        f"{run_dir}: finished ({step} steps, in epoch {last}); train.epochs={t.epochs}, "
         f"train.max_steps={t.max_steps} leave nothing more to train: raise one of them to train on"
     )
 
