@@ -762,3 +762,33 @@ def test_evaluate_warns_of_forces_in_mev_per_angstrom(model, tmp_path, capsys, c
     with caplog.at_level("WARNING", logger="multifi"):
         assert run(["evaluate", model, tmp_path / "mev.extxyz"], capsys)[0] == 0
     assert "mev.extxyz: forces at fidelity 'lo' look like meV/Å numbers read as eV/Å" in caplog.text
+
+
+@pytest.mark.parametrize("factor, flagged", [(1.0, False), (1000.0, True)])
+def test_mev_energies_whose_references_look_all_electron_are_warned(factor, flagged, caplog):
+    """Al, Si and P in meV lie within 0.57-0.69 of their all-electron energies, so such data was taken for
+    all-electron eV and its spread (378 'eV' per atom) never checked; all-electron eV data spreads as eV does."""
+    from ase.build import bulk
+
+    from multifi.data.checks import check_energy_units
+    from multifi.data.dataset import FidelityDataset
+    from multifi.data.stats import fit_baseline
+
+    per_atom = {"Al": -3.75, "Si": -5.42, "P": -5.41, "C": -9.22}  # eV, PBE with pseudopotentials
+    crystals = [bulk("Al", "fcc", a=4.05), bulk("Si", "diamond", a=5.43), bulk("P", "sc", a=2.3), bulk("C", a=3.57)]
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(32):
+        a = crystals[i % 4] * (1, 1, 1 + i % 3)
+        a.rattle(0.02, seed=i)
+        e = sum(per_atom[s] for s in a.get_chemical_symbols()) + len(a) * rng.normal(0, 0.15)
+        recs.append(
+            {"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array, "pbc": a.pbc,
+             "labels": {"PBE": {"energy": e * factor}}}
+        )  # fmt: skip
+    ds = FidelityDataset.from_records(recs, source="mev.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), int)], 1)
+    ref, scale = fit_baseline(ds, pairs)
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert check_energy_units(ds, pairs, ref, scale) == (["PBE"] if flagged else [])
+    assert ("look like kcal/mol, kJ/mol or meV" in caplog.text) == flagged
