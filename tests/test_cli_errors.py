@@ -792,3 +792,19 @@ def test_mev_energies_whose_references_look_all_electron_are_warned(factor, flag
     with caplog.at_level("WARNING", logger="multifi"):
         assert check_energy_units(ds, pairs, ref, scale) == (["PBE"] if flagged else [])
     assert ("look like kcal/mol, kJ/mol or meV" in caplog.text) == flagged
+
+
+def test_verbose_after_the_command_and_leftover_arguments_name_the_command(tmp_path, capsys):
+    """`multifi train c.yaml -v` was a usage error (only `multifi -v train` worked); arguments left over after a
+    command's options were reported as the top-level parser's, pointing to `multifi --help`."""
+    from multifi.cli.main import main
+    from multifi.errors import MultifiError
+
+    with pytest.raises(MultifiError, match="no such"):  # -v: the error is raised (traceback), not printed
+        main(["data", "info", str(tmp_path / "missing.extxyz"), "-v"])
+    assert main(["data", "info", str(tmp_path / "missing.extxyz")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(tmp_path), "a.extxyz", "--fidelity", "R2SCAN", "PBE", "--out", "p.extxyz"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "multifi predict: unrecognized arguments: PBE (see multifi predict --help)" in err

@@ -24,6 +24,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"multifi: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """Arguments left over are named with the command they followed (`multifi predict: …`, not `multifi`)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            prog = " ".join([self.prog, *([ns.command] if getattr(ns, "command", None) else [])])
+            self.exit(2, f"multifi: error: {prog}: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
+        return ns
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="multifi", description="One atomistic model for many levels of theory.")
@@ -36,7 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"multifi.cli.{name}_cmd").register(sub)
     for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
         plugin.load()(sub)
+    _verbose_anywhere(sub)
     return parser
+
+
+def _verbose_anywhere(sub) -> None:
+    """`-v` after the command (`multifi train c.yaml -v`) as well as before it, in every subcommand."""
+    for command in sub.choices.values():
+        if "--verbose" not in command._option_string_actions and "-v" not in command._option_string_actions:
+            command.add_argument(
+                "--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+            )
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _verbose_anywhere(action)
 
 
 def main(argv: list[str] | None = None) -> int:
