@@ -640,7 +640,7 @@ def test_cpu_budget_stops_training_and_resumes_with_the_time_spent(write_config,
     assert m["cpu_budget_reached"] and 5 < m["steps"] <= 5 + (12 - spent) + 1
 
 
-def test_resume_after_a_data_file_was_edited_is_an_error(write_config, tmp_path, tiny_extxyz):
+def test_resume_after_a_data_file_was_edited_is_an_error(write_config, tmp_path, tiny_extxyz, caplog):
     """The resume reads the run's cached data: an edited source file would be ignored silently, so it is an
     error; the same file moved elsewhere (same content) resumes."""
     import shutil
@@ -678,6 +678,10 @@ def test_resume_after_a_data_file_was_edited_is_an_error(write_config, tmp_path,
     with open(moved, "a") as f:
         f.write("\n")
     assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=4"]) == 2
+    moved.unlink()  # gone: the run's copy trains on, and the user is told so (it continued silently before)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=4"]) == 0
+    assert f"{moved}: not found; the resume trains on the run's copy of the data" in caplog.text
 
 
 def test_resume_without_a_data_copy_after_a_data_file_was_edited_is_an_error(

@@ -910,6 +910,14 @@ def check_sources_unchanged(run_dir: Path, cfg: RunConfig, copied: bool = True) 
         if was is None:  # no file then (runs of older versions recorded none for QM9 sources)
             continue
         recorded_files = was["qm9"] if "qm9" in was else {"path": was}
+        if copied:
+            for role in recorded_files.keys() - files.keys():
+                named = cfg.data.sources[i].path if role == "path" else getattr(cfg.data.sources[i].qm9, role)
+                log.warning(
+                    "%s: not found; the resume trains on the run's copy of the data made when it started (%s)",
+                    named,
+                    run_dir / "dataset.npz",
+                )
         now = {
             role: _unchanged(files[role], before, run_dir, copied) if role in files else before
             for role, before in recorded_files.items()
