@@ -18,6 +18,8 @@ import multifi.train.run as train_run
 from multifi.data.readers import qm9
 from multifi.errors import MultifiError
 from multifi_experiments import catalog as catalog_mod
+from multifi_experiments import runner as runner_mod
+from multifi_experiments.context import lock_path
 from multifi_experiments.efficiency import efficiency_factor, n_for_error
 from multifi_experiments.plan import RunPlan
 from multifi_experiments.runner import load_context, plan_parts, run_experiment, select
@@ -670,9 +672,14 @@ def test_killed_mid_run_continues_from_its_checkpoint(shared, tmp_path, monkeypa
         run_experiment(TINY, overrides=tiny(out, *args), only=only)
     run = out / "work/learning_curve/single/n20_s0/run"
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 12
-    (flying,) = experiment_status(load_context(TINY, tiny(out, *args)), only)
+    ctx = load_context(TINY, tiny(out, *args))
+    (flying,) = experiment_status(ctx, only)
     assert flying.state == "in flight" and flying.steps == 12 and 2 <= flying.best_step <= 12
     assert flying.cpu_seconds > 0 and flying.starts == 1
+    assert flying.running is False and "stopped" in status_table("tiny", [flying])  # killed: no process holds it
+    with runner_mod._lock(lock_path(ctx, only[0])):  # as while a runner trains it
+        (held,) = experiment_status(ctx, only)
+        assert held.running is True and "running" in status_table("tiny", [held])
     monkeypatch.setattr(train_run, "make_trainer", make)
     run_experiment(TINY, overrides=tiny(out, *args), only=only)
     (done,) = experiment_status(load_context(TINY, tiny(out, *args)), only)

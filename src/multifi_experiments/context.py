@@ -57,6 +57,27 @@ def work_dir(ctx: Context, run_id: str) -> Path:
     return ctx.paths.work / run_id
 
 
+def lock_path(ctx: Context, run_id: str) -> Path:
+    """<work>/<run id>.lock: held (flock) by the process training the run."""
+    return ctx.paths.work / f"{run_id}.lock"
+
+
+def is_running(ctx: Context, run_id: str) -> bool:
+    """Whether a process holds the run's lock now (a run killed mid-way holds none: it resumes when run again)."""
+    import fcntl
+
+    try:
+        with open(lock_path(ctx, run_id)) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
 def machine() -> str:
     import torch
 

@@ -35,7 +35,7 @@ from multifi.errors import MultifiError
 from multifi.logs import quiet_lightning
 from multifi_experiments import baselines, report
 from multifi_experiments.catalog import make_catalog
-from multifi_experiments.context import Context, result_path, work_dir
+from multifi_experiments.context import Context, lock_path, result_path, work_dir
 from multifi_experiments.parts import PLANNERS, PartPlan
 from multifi_experiments.plan import RunPlan, fill
 from multifi_experiments.spec import load_spec
@@ -312,7 +312,7 @@ def _errors_text(method: str, v: dict) -> str:
 def run_one(ctx: Context, plan: RunPlan) -> dict:
     """Train (or resume, or only evaluate) one planned run and write its result JSON; returns the result."""
     work = work_dir(ctx, plan.id)
-    with _lock(ctx.paths.work / f"{plan.id}.lock"), _run_logging(work / "log.txt"):
+    with _lock(lock_path(ctx, plan.id)), _run_logging(work / "log.txt"):
         signature = plan.signature()
         earlier = read_result(ctx, plan.id)
         extending = plan.result_state(earlier) == "extend"

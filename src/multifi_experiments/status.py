@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from multifi_experiments.context import Context, result_path, work_dir
+from multifi_experiments.context import Context, is_running, result_path, work_dir
 from multifi_experiments.plan import RunPlan
 
 STATES = ("done", "in flight", "to extend", "stale", "to do")
@@ -37,6 +37,7 @@ class RunStatus:
     cap_steps: int | None = None  # the plan's max_steps
     bound: bool = False  # left_cpu_seconds is an upper bound (cap × CPU per step), not a group mean
     resumable: bool = False  # to extend: its last checkpoint is still there (else it trains again from step 0)
+    running: bool | None = None  # in flight: a process trains it now (else it stopped and resumes when run again)
 
 
 def experiment_status(ctx: Context, only=()) -> list[RunStatus]:
@@ -136,6 +137,7 @@ def _status(ctx: Context, plan: RunPlan) -> RunStatus:
         cpu_seconds=float(clock.get("cpu", 0.0)),
         starts=int(clock.get("starts", 0)),
         cap_steps=cap,
+        running=is_running(ctx, plan.id),
     )
 
 
@@ -223,8 +225,9 @@ def status_table(name: str, rows: list[RunStatus]) -> str:
     lines = [f"{'run':<{width}}  {'state':<9}  {'steps':>6}  {'best':>6}  {'CPU h':>6}  {'left h':>6}"]
     for r in rows:
         left = "?" if r.left_cpu_seconds is None else f"{'≤ ' if r.bound else ''}{r.left_cpu_seconds / 3600:.2f}"
+        state = {True: "running", False: "stopped"}[r.running] if r.running is not None else r.state
         lines.append(
-            f"{r.id:<{width}}  {r.state:<9}  {_int(r.steps):>6}  {_int(r.best_step):>6}  "
+            f"{r.id:<{width}}  {state:<9}  {_int(r.steps):>6}  {_int(r.best_step):>6}  "
             f"{r.cpu_seconds / 3600:>6.2f}  {left:>6}"
         )
     count = {s: sum(r.state == s for r in rows) for s in STATES}
@@ -232,7 +235,13 @@ def status_table(name: str, rows: list[RunStatus]) -> str:
     mean = sum(r.left_cpu_seconds for r in rows if r.left_cpu_seconds is not None and not r.bound) / 3600
     bounded = [r.left_cpu_seconds for r in rows if r.bound]
     unknown = sum(r.left_cpu_seconds is None for r in rows)
-    summary = f"{name}: {len(rows)} runs — " + ", ".join(f"{count[s]} {s}" for s in STATES if count[s])
+    stopped = sum(r.running is False for r in rows)
+    summary = f"{name}: {len(rows)} runs — " + ", ".join(
+        f"{count[s]} {s}"
+        + (f" ({stopped} stopped: they resume when run again)" if s == "in flight" and stopped else "")
+        for s in STATES
+        if count[s]
+    )
     summary += (
         f"; {spent:.1f} CPU-hours spent; left ≈ {mean:.1f} CPU-hours (means of finished runs of the same variant)"
     )
