@@ -245,6 +245,25 @@ def test_predict_unknown_fidelity_lists_known_ones(cli_run, tmp_path, capsys):
     assert not (tmp_path / "o.xyz").exists()
 
 
+def test_evaluate_on_a_file_with_a_fidelity_the_model_lacks_names_the_way_to_evaluate_the_others(
+    cli_run, tmp_path, capsys
+):
+    """Labels at 'hi' and at a method the model never saw: an error that says --fidelity hi evaluates those at hi
+    (it said only 'unknown fidelity'); with it, the labels at hi are evaluated."""
+    _, run_dir = cli_run
+    frames = []
+    for i, fid in enumerate(["hi", "PBE0", "hi"]):
+        a = rattled_molecule(["H2O", "NH3", "CH4"][i], i)
+        a.info["fidelity"] = fid
+        a.calc = SinglePointCalculator(a, energy=-10.0 - i)
+        frames.append(a)
+    src = tmp_path / "two.extxyz"
+    ase.io.write(src, frames)
+    fails(["evaluate", run_dir / "model.pt", src], capsys, "holds labels at 'PBE0'", "pass --fidelity 'hi'")
+    code, out, _ = run(["evaluate", run_dir / "model.pt", src, "--fidelity", "hi"], capsys)
+    assert code == 0 and re.search(r"^hi +2 ", out, re.M), out
+
+
 def test_predict_unknown_element(cli_run, tmp_path, capsys):
     _, run_dir = cli_run
     src = tmp_path / "sulfur.xyz"

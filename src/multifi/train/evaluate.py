@@ -125,6 +125,14 @@ def model_fidelities(potential, dataset: FidelityDataset, pairs: np.ndarray) -> 
                 f"it has {alike[0]!r}, equal up to case or spaces, but a name the data gives is used as written "
                 "(two such names are two fidelities): write the model's name into the file's info['fidelity']"
             )
+    shared = [n for n in dataset.fidelities.names if n in potential.fidelities]
+    unknown = [n for n, u in zip(dataset.fidelities.names, used) if u and n not in potential.fidelities]
+    if unknown and shared:  # the data holds labels at the model's fidelities too: only those can be evaluated
+        raise MultifiError(
+            f"{dataset.source or 'data'}: holds labels at {', '.join(map(repr, unknown))}, which the model does not "
+            f"know (its fidelities: {', '.join(potential.fidelities.names)}); to evaluate only the labels at "
+            f"{shared[0]!r}, pass --fidelity {shared[0]!r}"
+        )
     return np.array(
         [potential.fidelities.index(n, where=where) if u else -1 for n, u in zip(dataset.fidelities.names, used)],
         dtype=np.int64,
