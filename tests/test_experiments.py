@@ -966,3 +966,19 @@ def test_the_report_says_how_many_test_structures_the_errors_cover():
     assert _evaluated({"test": 600, "test_evaluated": [600]}, "molecules") == ""
     assert _evaluated({"test": 600, "test_evaluated": [595]}, "molecules").startswith(", of which 595 evaluated")
     assert ", of which 595–600 evaluated" in _evaluated({"test": 600, "test_evaluated": [595, 600]}, "molecules")
+
+
+def test_a_run_another_runner_finished_meanwhile_is_kept_not_restarted(shared, fake, tmp_path):
+    """Two runners on one spec: the second planned a run the first was training and, once the lock was free,
+    trained it again from its finished folder (a new result, `starts` 2, a '2 s' progress line). Now it keeps
+    the finished result."""
+    from multifi_experiments.runner import run_one
+
+    only = ["learning_curve/single/n10_s0"]
+    run_experiment(TINY, overrides=tiny(tmp_path / "out"), only=only)
+    ctx = load_context(TINY, tiny(tmp_path / "out"))
+    (plan,) = [p for pp in plan_parts(ctx).values() for p in pp.plans if p.id == only[0]]
+    path = tmp_path / "out/runs/learning_curve/single/n10_s0.json"
+    before, calls = path.read_bytes(), len(fake)
+    again = run_one(ctx, plan)  # as the second runner does when its turn comes
+    assert again["finished_elsewhere"] and len(fake) == calls and path.read_bytes() == before

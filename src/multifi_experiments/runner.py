@@ -273,6 +273,9 @@ class _Progress:
     def report(self, plan: RunPlan, result: dict) -> None:
         self.done += 1
         elapsed = time.time() - self.t0
+        if result.get("finished_elsewhere"):
+            log.info("[%d/%d] %s: finished by another runner meanwhile; kept", self.done, self.total, plan.id)
+            return
         eta = elapsed / self.done * (self.total - self.done)
         errs = ", ".join(_errors_text(m, v) for m, v in result.get("test", {}).items())
         log.info(
@@ -312,42 +315,50 @@ def _errors_text(method: str, v: dict) -> str:
 def run_one(ctx: Context, plan: RunPlan) -> dict:
     """Train (or resume, or only evaluate) one planned run and write its result JSON; returns the result."""
     work = work_dir(ctx, plan.id)
-    with _lock(lock_path(ctx, plan.id)), _run_logging(work / "log.txt"):
-        signature = plan.signature()
+    with _lock(lock_path(ctx, plan.id)):
         earlier = read_result(ctx, plan.id)
-        extending = plan.result_state(earlier) == "extend"
-        # a run stopped at a lower cap continues from its checkpoint under the raised one
-        _reset_if_other_plan(work, {signature, earlier["signature"]} if extending else {signature})
-        inputs, run_dir = work / "inputs", work / "run"
-        _write_inputs(plan, inputs)
-        atomic_write(work / "signature", lambda f: f.write(signature.encode()))
-        for spec in plan.derived:
-            if not Path(fill(spec["path"], {"inputs": str(inputs)})).exists():
-                baselines.build_derived(spec, inputs, ctx.catalog)
-        cfg = validate_config(fill(plan.config, _placeholders(ctx, plan, inputs, run_dir)), where=f"run {plan.id}")
-        if extending:
-            log.info("%s: stopped at the cap of %d steps; continuing to %d", plan.id, earlier["cap"], plan.cap)
-            _reopen(run_dir)
-        with TrainingClock(work / "clock.json") as clock:
-            how = _train(cfg, run_dir)
-        result = {
-            "id": plan.id,
-            "part": plan.part,
-            "signature": signature,
-            "meta": plan.meta,
-            **baselines.evaluate(plan, run_dir, inputs, ctx.catalog),
-            "train_seconds": round(clock.wall, 1),
-            "cpu_seconds": round(clock.cpu, 1),
-            "starts": clock.starts,
-            "how": "extended to a raised cap" if extending and how == "resumed" else how,
-            "cap": plan.cap,
-            **_progress_of(run_dir),
-            "run_dir": _relative(run_dir, ctx.paths.output),
-            "command": ctx.command,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        atomic_write(result_path(ctx, plan.id), lambda f: f.write(json.dumps(result, indent=1).encode()))
-        return result
+        if plan.result_state(earlier) == "done" and (work / "run" / "model.pt").exists():
+            return {**earlier, "finished_elsewhere": True}  # by another runner since this one planned it
+        with _run_logging(work / "log.txt"):
+            return _train_and_record(ctx, plan, work, earlier)
+
+
+def _train_and_record(ctx: Context, plan: RunPlan, work: Path, earlier: dict | None) -> dict:
+    """run_one's work, under the run's lock."""
+    signature = plan.signature()
+    extending = plan.result_state(earlier) == "extend"
+    # a run stopped at a lower cap continues from its checkpoint under the raised one
+    _reset_if_other_plan(work, {signature, earlier["signature"]} if extending else {signature})
+    inputs, run_dir = work / "inputs", work / "run"
+    _write_inputs(plan, inputs)
+    atomic_write(work / "signature", lambda f: f.write(signature.encode()))
+    for spec in plan.derived:
+        if not Path(fill(spec["path"], {"inputs": str(inputs)})).exists():
+            baselines.build_derived(spec, inputs, ctx.catalog)
+    cfg = validate_config(fill(plan.config, _placeholders(ctx, plan, inputs, run_dir)), where=f"run {plan.id}")
+    if extending:
+        log.info("%s: stopped at the cap of %d steps; continuing to %d", plan.id, earlier["cap"], plan.cap)
+        _reopen(run_dir)
+    with TrainingClock(work / "clock.json") as clock:
+        how = _train(cfg, run_dir)
+    result = {
+        "id": plan.id,
+        "part": plan.part,
+        "signature": signature,
+        "meta": plan.meta,
+        **baselines.evaluate(plan, run_dir, inputs, ctx.catalog),
+        "train_seconds": round(clock.wall, 1),
+        "cpu_seconds": round(clock.cpu, 1),
+        "starts": clock.starts,
+        "how": "extended to a raised cap" if extending and how == "resumed" else how,
+        "cap": plan.cap,
+        **_progress_of(run_dir),
+        "run_dir": _relative(run_dir, ctx.paths.output),
+        "command": ctx.command,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    atomic_write(result_path(ctx, plan.id), lambda f: f.write(json.dumps(result, indent=1).encode()))
+    return result
 
 
 class TrainingClock:
