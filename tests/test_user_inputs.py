@@ -28,7 +28,14 @@ def test_evaluate_one_fidelity_of_a_file_that_also_names_a_fidelity_the_model_la
     assert code == 0, err
     metrics = json.loads(out.read_text())["fidelities"]
     assert set(metrics) == {"lo"} and metrics["lo"]["n"] == 3
-    fails(["evaluate", model, path], capsys, str(path), "unknown fidelity 'CCSD'", "lo, hi")
+    fails(
+        ["evaluate", model, path],
+        capsys,
+        str(path),
+        "holds labels at 'CCSD'",
+        "its fidelities: lo, hi",
+        "--fidelity 'lo'",
+    )
 
 
 def test_ensemble_member_without_the_fidelity_is_an_error_naming_it(model, tmp_path, capsys):
