@@ -920,6 +920,11 @@ def test_a_variant_worse_than_the_whole_reference_curve_gets_an_upper_bound_not_
     ns, maes = [10, 20, 40], [800.0, 909.6, 942.8]
     e = efficiency_factor(ns, maes, 10, 970.8).as_dict()
     assert e["outside"] == "before" and bounded(e, ns) == (1.0, "upper")
+    for worse in (850.0, 930.0, 942.8):  # inside the rising segment: interpolated there as 1.39, 3.07, 4.00 before
+        assert bounded(efficiency_factor(ns, maes, 10, worse).as_dict(), ns) == (1.0, "upper")
+    assert bounded(efficiency_factor(ns, maes, 10, 790.0).as_dict(), ns) == (4.0, "lower")
+    dip = efficiency_factor([10, 20, 40, 80], [100.0, 60.0, 80.0, 50.0], 10, 70.0).as_dict()  # first reached at 10-20
+    assert dip["outside"] == "" and 1.0 < dip["factor"] < 2.0
     assert _factor(e, ns).startswith("< 1.0")
     better = efficiency_factor(ns, [100.0, 70.0, 50.0], 10, 40.0).as_dict()
     assert better["outside"] == "beyond" and bounded(better, ns) == (4.0, "lower")

@@ -35,8 +35,11 @@ class Efficiency:
 def n_for_error(ns, maes, target: float) -> tuple[float | None, bool, str]:
     """Training-set size at which the reference curve (ns, maes) reaches `target` error.
 
-    Returns (n, extrapolated, note). Between measured points: log-log linear interpolation, taking the
-    smallest n at which the curve first reaches the target. Outside: the end segment extended.
+    Returns (n, extrapolated, note). The reference reaches an error at the smallest n where its curve is at or
+    below it: an error at or above the curve's at its smallest n is reached there or before (the first segment
+    extended, when it decreases); otherwise log-log linear interpolation on the segment where the curve first
+    falls to the target (a noisy, rising segment before it never counts); an error below every point is reached
+    beyond the largest n (the end segment extended).
     """
     pts = sorted((float(n), float(m)) for n, m in zip(ns, maes) if m is not None and m > 0 and n > 0)
     if len(pts) < 2:
@@ -46,15 +49,14 @@ def n_for_error(ns, maes, target: float) -> tuple[float | None, bool, str]:
     x = [math.log(n) for n, _ in pts]
     y = [math.log(m) for _, m in pts]
     t = math.log(target)
+    if t == y[0]:
+        return math.exp(x[0]), False, ""
+    if t > y[0]:  # the reference is already this good at its smallest n
+        return _extend(x, y, t, 0, "below the smallest")
     for i in range(len(pts) - 1):
-        lo, hi = sorted((y[i], y[i + 1]))
-        if lo <= t <= hi:
-            if y[i + 1] == y[i]:
-                return math.exp(x[i]), False, ""
+        if y[i + 1] <= t:  # first point at or below the target (y[i] > t)
             return math.exp(x[i] + (t - y[i]) * (x[i + 1] - x[i]) / (y[i + 1] - y[i])), False, ""
-    # outside the measured range: below the smallest error → beyond the largest n, else before the smallest n
-    i, where = (len(pts) - 2, "beyond the largest") if t < min(y) else (0, "below the smallest")
-    return _extend(x, y, t, i, where)
+    return _extend(x, y, t, len(pts) - 2, "beyond the largest")
 
 
 def _extend(x: list[float], y: list[float], t: float, i: int, where: str) -> tuple[float | None, bool, str]:
@@ -72,10 +74,10 @@ def efficiency_factor(ref_ns, ref_maes, n: float, target_mae: float) -> Efficien
     """n_reference(target_mae) / n: how many times more data the reference model needs."""
     n_ref, extrapolated, note = n_for_error(ref_ns, ref_maes, target_mae)
     factor = None if n_ref is None else n_ref / n
-    maes = [float(m) for m in ref_maes if m is not None and m > 0]
+    pts = sorted((float(m_n), float(m)) for m_n, m in zip(ref_ns, ref_maes) if m is not None and m > 0 and m_n > 0)
     outside = ""
-    if extrapolated and maes and target_mae > 0 and len(maes) > 1:
-        outside = "beyond" if target_mae < min(maes) else "before" if target_mae > max(maes) else ""
+    if len(pts) > 1 and target_mae > 0:  # as n_for_error decides
+        outside = "before" if target_mae > pts[0][1] else "beyond" if target_mae < min(m for _, m in pts) else ""
     return Efficiency(
         n=n,
         target_mae=target_mae,
@@ -105,6 +107,6 @@ def bounded(e: dict, ref_ns) -> tuple[float | None, str | None]:
 
 def non_monotone(ref_ns, ref_maes) -> list[float]:
     """Reference sizes whose error is not below the error at the next smaller size (a noisy curve: factors then
-    use the smallest n at which the curve first reaches an error)."""
+    use the smallest n at which the curve first reaches an error, n_for_error)."""
     pts = sorted((float(n), float(m)) for n, m in zip(ref_ns, ref_maes) if m is not None)
     return [b[0] for a, b in zip(pts, pts[1:]) if b[1] >= a[1]]
