@@ -58,7 +58,7 @@ def test_direction_messages_first_derivatives_match_finite_differences():
     x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(60, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda b, x, w: fused.gather_mul_scatter(b, x, w, plan, unit), (base, x, w))
-    with pytest.raises(ValueError, match="unit vectors must be constant"):
+    with pytest.raises(ValueError, match="need first_order_only"):
         fused.gather_mul_scatter(base, x, w, plan, unit.requires_grad_(True))
 
 
@@ -131,3 +131,82 @@ def test_kernels_that_disagree_with_torch_are_not_used(monkeypatch):
     monkeypatch.setattr(fused, "gather_mul_scatter", lambda *args: right(*args) * 1.001)
     with pytest.raises(RuntimeError, match="disagree with torch"):
         fused._self_test()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_painn_forces_without_second_derivative_use_the_kernels_and_equal_torch_ops(dtype, monkeypatch):
+    """Forces without create_graph (the ASE calculator, evaluation): edge vectors require grad, the kernels serve
+    them inside first_order_only(); the gradient with respect to the edge vectors equals the dense path's."""
+    calls = []
+    monkeypatch.setattr(painn, "gather_mul_scatter", lambda *a: calls.append(1) or fused.gather_mul_scatter(*a))
+    torch.manual_seed(1)
+    model = PaiNN(features=16, interactions=2, cutoff=4.0, n_rbf=8).to(dtype)
+    pos = torch.randn(20, 3, dtype=dtype) * 2.0
+    d = (pos[None] - pos[:, None]).norm(dim=-1)
+    i, j = torch.nonzero((d < 4.0) & (d > 0), as_tuple=True)
+    numbers = torch.randint(1, 9, (20,))
+
+    def grad_of_vec():
+        vec = (pos[j] - pos[i]).requires_grad_(True)
+        s = model(numbers, torch.stack([i, j]), vec)
+        (g,) = torch.autograd.grad(s.square().sum(), vec)
+        return s.detach(), g
+
+    with fused.first_order_only():
+        fast = grad_of_vec()
+    assert len(calls) == 5  # scalar and direction messages of 2 interactions, v_j of the second
+    dense = grad_of_vec()  # outside: edge vectors that require grad take the dense path
+    assert len(calls) == 5
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fast[0], dense[0], **tol)
+    torch.testing.assert_close(fast[1], dense[1], **tol)
+
+
+def test_unit_vectors_that_require_grad_need_first_order_only_and_match_finite_differences():
+    i, j = _edges(10, 50, sorted_centres=False, seed=4)
+    plan = fused.EdgePlan(i, j, 10)
+    unit = torch.nn.functional.normalize(torch.randn(50, 3, dtype=torch.float64), dim=-1).requires_grad_(True)
+    base = torch.randn(10, 3, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="first_order_only"):
+        fused.gather_mul_scatter(base, x, w, plan, unit)
+    with fused.first_order_only():
+        assert torch.autograd.gradcheck(lambda *a: fused.gather_mul_scatter(*a[:3], plan, a[3]), (base, x, w, unit))
+    assert not fused.first_order_only_active()
+
+
+def test_a_first_use_under_no_grad_or_inside_torch_func_does_not_turn_the_kernels_off(monkeypatch):
+    """The self-test ran in the caller's mode: a first forward under no_grad (LLPR features, inference) failed it
+    and the whole process fell back, with a warning that the kernels 'could not be built'."""
+    monkeypatch.setattr(fused, "_state", {})
+    with torch.inference_mode():
+        assert fused.available()
+    monkeypatch.setattr(fused, "_state", {})
+    seen = []
+    torch.func.grad(lambda x: (seen.append(fused.available()), x.sum())[1])(torch.ones(2))
+    assert seen == [False] and "ok" not in fused._state  # undecided inside the transform, decided later
+    assert fused.available()
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
+    """torch's build lock stays behind after a kill, and every later process waited for it forever."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    fused._remove_stale_lock(lock)
+    assert lock.exists()  # a build in progress elsewhere
+    old = time.time() - fused.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    fused._remove_stale_lock(lock)
+    assert not lock.exists()
+
+
+def test_inconsistent_edges_are_errors_not_memory_errors():
+    with pytest.raises(ValueError, match="two \\[E\\] tensors"):
+        fused.EdgePlan(torch.arange(6) % 3, torch.tensor([1, 2, 0]), 3)
+    plan = fused.EdgePlan(torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1]), 3)
+    with pytest.raises(RuntimeError, match="outside \\[0, 2\\)"):  # x with fewer rows than the plan's atoms
+        fused.gather_mul_scatter(torch.zeros(3, 1, 4), torch.randn(2, 1, 4), torch.randn(3, 4), plan)

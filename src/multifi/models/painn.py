@@ -173,9 +173,12 @@ class PaiNN(nn.Module):
         unit = edge_vec / r.unsqueeze(-1)
         v = None
         constant_unit = DirectionSum.applicable(edge_index[0], unit)  # CPU, edges, no gradient for û wanted
+        # forces without their own derivative (first_order_only: the calculator, evaluation) may use the
+        # once-differentiable kernels as well; force training (second derivatives) keeps the dense path
+        first_order = fused.first_order_only_active() and edge_index.shape[1] > 0
         plan = (
             EdgePlan(edge_index[0], edge_index[1], s.shape[0])
-            if (constant_unit and self.fused_messages and fused.applicable(s, edge_vec))
+            if ((constant_unit or first_order) and self.fused_messages and fused.applicable(s, edge_vec))
             else None
         )
         direction = (

@@ -14,10 +14,12 @@ without forces). Each destination row sums its edges in edge order, as index_add
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -41,13 +43,33 @@ def _build() -> None:
     """Compile and load the kernels, then check them on a small case against torch's own operators."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    # the source's hash in the name: a build of other source (an older multifi) is never loaded instead
-    name = "multifi_fused_" + hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
-    if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
+    # source, flags and torch version in the name: a build of other source (an older multifi) or for another
+    # torch (another environment sharing the cache folder) is never loaded instead
+    key = _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode()
+    name = "multifi_fused_" + hashlib.sha256(key).hexdigest()[:12]
+    folder = Path(_get_build_directory(name, False))
+    if not (folder / f"{name}.so").exists():
         log.info("compiling the fused message kernels (once per machine and torch version, ~20 s)")
+    _remove_stale_lock(folder / "lock")
     # -ffp-contract=off: no fused multiply-adds, so sums round exactly as torch's separate product and index_add
     load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
-    _self_test()
+    with torch.inference_mode(False), torch.enable_grad():  # whatever mode the first forward runs in
+        _self_test()
+
+
+#: seconds after which a build lock is taken as left by a killed build (a build takes ~20-60 s)
+STALE_LOCK_SECONDS = 600
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """torch's build lock stays behind when a build is killed, and every later process waits for it forever."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("%s: a build lock %.0f s old, left by a killed build: removed", lock, age)
+        lock.unlink(missing_ok=True)
 
 
 def _self_test() -> None:
@@ -78,8 +100,15 @@ def _reason(err: Exception) -> str:
     return (errors or lines or [type(err).__name__])[0 if errors else -1]
 
 
+def _transformed() -> bool:
+    """Inside a torch.func transform (grad, vmap, jvp), where an autograd.Function without setup_context fails."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
 def available() -> bool:
     """True when the kernels are loaded (built on the first call); False, with one warning, when they cannot be."""
+    if "ok" not in _state and _transformed():
+        return False  # inside torch.func transforms (the kernels' autograd cannot run there): decide later
     if "ok" not in _state:
         with _lock:
             if "ok" not in _state:
@@ -120,6 +149,10 @@ class EdgePlan:
     """
 
     def __init__(self, center: torch.Tensor, neighbor: torch.Tensor, n_atoms: int):
+        if center.shape != neighbor.shape or center.dim() != 1:
+            raise ValueError(f"centres {tuple(center.shape)} and neighbours {tuple(neighbor.shape)}: two [E] tensors")
+        if center.numel() and int(torch.minimum(center.min(), neighbor.min())) < 0:
+            raise ValueError("negative edge index")
         if center.numel() and int(torch.maximum(center.max(), neighbor.max())) >= n_atoms:
             raise ValueError(f"edge index out of range for {n_atoms} atoms")
         self.center, self.neighbor = center.contiguous(), neighbor.contiguous()
@@ -150,13 +183,16 @@ class _GatherMulScatter(torch.autograd.Function):
             gx = torch.ops.multifi_fused.segment_sum(g.new_zeros(x.shape), g, w, u, plan.center, r.ptr, r.order)
         if ctx.needs_input_grad[2]:
             gw = torch.ops.multifi_fused.edge_dot(g, x, u, plan.center, plan.neighbor)
-        return g if ctx.needs_input_grad[0] else None, gx, gw, None, None
+        gu = None
+        if ctx.needs_input_grad[3]:  # forces without a second derivative (first_order_only)
+            gu = torch.ops.multifi_fused.edge_dot_unit(g, x, w, plan.center, plan.neighbor)
+        return g if ctx.needs_input_grad[0] else None, gx, gw, gu, None
 
 
 def gather_mul_scatter(
     base: torch.Tensor, x: torch.Tensor, w: torch.Tensor, plan: EdgePlan, unit: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """base + Σ_{e: i_e = n} x[j_e] ⊙ w_e, first derivatives only (none for `unit`, a constant).
+    """base + Σ_{e: i_e = n} x[j_e] ⊙ w_e, first derivatives only (for `unit` only inside first_order_only()).
 
     Without unit: base [N, C, F], x [N, C, F], w [E, F] (broadcast over C); the values of
     base.index_add(0, i, x.index_select(0, j) * w.unsqueeze(1)). With unit û [E, 3]: x [N, F] and the
@@ -164,9 +200,31 @@ def gather_mul_scatter(
     """
     if unit is None:
         return _GatherMulScatter.apply(base, x, w, _NONE.to(x.dtype), plan)
-    if unit.requires_grad:
-        raise ValueError("gather_mul_scatter: unit vectors must be constant (no gradient flows to them)")
+    if unit.requires_grad and not first_order_only_active():
+        raise ValueError(
+            "gather_mul_scatter: unit vectors that require grad need first_order_only() (no second derivative)"
+        )
     return _GatherMulScatter.apply(base, x.unsqueeze(1), w, unit.contiguous(), plan)
+
+
+_first_order = threading.local()
+
+
+@contextlib.contextmanager
+def first_order_only():
+    """Within: the caller takes no derivative of the derivatives of what is computed here (forces or stress
+    without create_graph: the ASE calculator, evaluation), so the kernels may also serve inputs that require
+    grad through the edge vectors. A second derivative of such a result is refused with an error."""
+    before = getattr(_first_order, "on", False)
+    _first_order.on = True
+    try:
+        yield
+    finally:
+        _first_order.on = before
+
+
+def first_order_only_active() -> bool:
+    return getattr(_first_order, "on", False)
 
 
 def applicable(*tensors: torch.Tensor) -> bool:
@@ -174,5 +232,6 @@ def applicable(*tensors: torch.Tensor) -> bool:
     return (
         all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
         and not torch.compiler.is_compiling()
+        and not _transformed()
         and available()
     )

@@ -9,6 +9,8 @@
 //   row sums its edges in the given order (deterministic for any thread count).
 // edge_dot: out[e, f] = sum_c g[dst[e], c, f] * x[src[e], c, f], or with u [E, 3] and x [N, 1, F]
 //   sum_a g[dst[e], a, f] * u[e, a] * x[src[e], 0, f]: the gradient of segment_sum with respect to w.
+// edge_dot_unit: out[e, a] = sum_f g[dst[e], a, f] * x[src[e], 0, f] * w[e, f], the gradient of the spread
+//   mode with respect to u.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,8 +24,15 @@ void check_index(const at::Tensor& t, const char* name) {
               " must be a contiguous 1-d int64 tensor");
 }
 
+// every index in [0, n): an out-of-range index would read or write outside a tensor
+void check_range(const at::Tensor& t, int64_t n, const char* name) {
+  if (t.numel() == 0) return;
+  auto [lo, hi] = at::aminmax(t);
+  TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n, name, " holds an index outside [0, ", n, ")");
+}
+
 Mode mode_of(const at::Tensor& base, const at::Tensor& x, const at::Tensor& u) {
-  if (u.numel() == 0) {
+  if (u.dim() != 2) {  // no unit vectors: an empty 1-d tensor
     TORCH_CHECK(x.size(1) == base.size(1), "segment_sum: x and base differ in channels");
     return PLAIN;
   }
@@ -77,6 +86,13 @@ at::Tensor segment_sum(const at::Tensor& base, const at::Tensor& x, const at::Te
   TORCH_CHECK(src.numel() == w.size(0), "segment_sum: src and w differ in edges");
   const Mode mode = mode_of(base, x, u);
   TORCH_CHECK(mode == PLAIN || u.size(0) == w.size(0), "segment_sum: u and w differ in edges");
+  const int64_t n_edges = w.size(0);
+  TORCH_CHECK(order.numel() == 0 || order.numel() == n_edges, "segment_sum: order must list every edge");
+  TORCH_CHECK(ptr[0].item<int64_t>() == 0 && ptr[-1].item<int64_t>() == n_edges &&
+                  (base.size(0) == 0 || (ptr.diff() >= 0).all().item<bool>()),
+              "segment_sum: ptr must rise from 0 to the number of edges");
+  check_range(src, x.size(0), "segment_sum: src");
+  check_range(order, n_edges, "segment_sum: order");
   at::Tensor out = base.contiguous().clone();
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const int64_t D = base.size(0), C = x.size(1), F = x.size(2);
@@ -104,7 +120,7 @@ at::Tensor edge_dot(const at::Tensor& g, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(g.scalar_type() == x.scalar_type(), "edge_dot: dtypes differ");
   check_index(dst, "dst");
   check_index(src, "src");
-  const bool spread = u.numel() > 0;
+  const bool spread = u.dim() == 2;
   if (spread) {
     TORCH_CHECK(g.size(1) == 3 && x.size(1) == 1 && u.dim() == 2 && u.size(0) == dst.numel() && u.size(1) == 3 &&
                     u.is_contiguous() && u.scalar_type() == x.scalar_type(),
@@ -112,6 +128,9 @@ at::Tensor edge_dot(const at::Tensor& g, const at::Tensor& x, const at::Tensor& 
   } else {
     TORCH_CHECK(g.size(1) == x.size(1), "edge_dot: g and x differ in channels");
   }
+  TORCH_CHECK(src.numel() == dst.numel(), "edge_dot: src and dst differ in edges");
+  check_range(dst, g.size(0), "edge_dot: dst");
+  check_range(src, x.size(0), "edge_dot: src");
   const int64_t E = dst.numel(), C = g.size(1), F = x.size(2), CG = C * F, CX = x.size(1) * F;
   at::Tensor gc = g.contiguous(), xc = x.contiguous();
   at::Tensor out = at::empty({E, F}, x.options());
@@ -141,14 +160,53 @@ at::Tensor edge_dot(const at::Tensor& g, const at::Tensor& x, const at::Tensor& 
   return out;
 }
 
+at::Tensor edge_dot_unit(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& dst,
+                         const at::Tensor& src) {
+  TORCH_CHECK(g.dim() == 3 && g.size(1) == 3 && x.dim() == 3 && x.size(1) == 1 && w.dim() == 2 &&
+                  g.size(2) == x.size(2) && w.size(1) == x.size(2),
+              "edge_dot_unit: g [D,3,F], x [N,1,F], w [E,F]");
+  TORCH_CHECK(g.scalar_type() == x.scalar_type() && w.scalar_type() == x.scalar_type(), "edge_dot_unit: dtypes differ");
+  check_index(dst, "dst");
+  check_index(src, "src");
+  TORCH_CHECK(dst.numel() == w.size(0) && src.numel() == w.size(0), "edge_dot_unit: edges differ");
+  check_range(dst, g.size(0), "edge_dot_unit: dst");
+  check_range(src, x.size(0), "edge_dot_unit: src");
+  const int64_t E = dst.numel(), F = x.size(2);
+  at::Tensor gc = g.contiguous(), xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor out = at::empty({E, 3}, x.options());
+  const int64_t* Dd = dst.data_ptr<int64_t>();
+  const int64_t* S = src.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "edge_dot_unit", [&] {
+    const scalar_t* G = gc.data_ptr<scalar_t>();
+    const scalar_t* X = xc.data_ptr<scalar_t>();
+    const scalar_t* W = wc.data_ptr<scalar_t>();
+    scalar_t* Y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, E, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        const scalar_t* ge = G + Dd[e] * 3 * F;
+        const scalar_t* xe = X + S[e] * F;
+        const scalar_t* we = W + e * F;
+        for (int64_t a = 0; a < 3; ++a) {
+          scalar_t acc = 0;
+          for (int64_t f = 0; f < F; ++f) acc += ge[a * F + f] * (xe[f] * we[f]);
+          Y[3 * e + a] = acc;
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(multifi_fused, m) {
   m.def("segment_sum(Tensor base, Tensor x, Tensor w, Tensor u, Tensor src, Tensor ptr, Tensor order) -> Tensor");
   m.def("edge_dot(Tensor g, Tensor x, Tensor u, Tensor dst, Tensor src) -> Tensor");
+  m.def("edge_dot_unit(Tensor g, Tensor x, Tensor w, Tensor dst, Tensor src) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(multifi_fused, CPU, m) {
   m.impl("segment_sum", &segment_sum);
   m.impl("edge_dot", &edge_dot);
+  m.impl("edge_dot_unit", &edge_dot_unit);
 }
