@@ -63,19 +63,22 @@ def lock_path(ctx: Context, run_id: str) -> Path:
 
 
 def is_running(ctx: Context, run_id: str) -> bool:
-    """Whether a process holds the run's lock now (a run killed mid-way holds none: it resumes when run again)."""
-    import fcntl
-
+    """Whether a process trains the run now: the process id its runner wrote into the run's lock file is alive
+    (a run killed mid-way leaves a dead one: it resumes when run again). Reads only: probing the lock itself
+    would make a runner starting the run that moment take it for busy."""
     try:
-        with open(lock_path(ctx, run_id)) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return False
-    except OSError:
+        pid = int(lock_path(ctx, run_id).read_text().strip() or 0)
+    except (OSError, ValueError):
         return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def machine() -> str:

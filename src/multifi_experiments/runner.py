@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shlex
 import shutil
 import threading
@@ -495,8 +496,12 @@ def _lock(path: Path):
         except BlockingIOError:
             raise RunBusy(str(path)) from None
         try:
+            f.truncate(0)
+            f.write(str(os.getpid()))  # for `experiment status`, which must not touch the lock itself
+            f.flush()
             yield
         finally:
+            f.truncate(0)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
