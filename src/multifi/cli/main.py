@@ -28,9 +28,19 @@ class Parser(argparse.ArgumentParser):
         """Arguments left over are named with the command they followed (`multifi predict: …`, not `multifi`)."""
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
-            prog = " ".join([self.prog, *([ns.command] if getattr(ns, "command", None) else [])])
+            prog = _deepest_command(self, ns).prog
             self.exit(2, f"multifi: error: {prog}: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
         return ns
+
+
+def _deepest_command(parser: argparse.ArgumentParser, ns) -> argparse.ArgumentParser:
+    """The (sub)command parser the parsed arguments reached, e.g. that of `multifi experiment status`."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(ns, subs[0].dest, None) if subs and subs[0].dest else None
+        if name not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[name]
 
 
 def build_parser() -> argparse.ArgumentParser:
