@@ -438,6 +438,8 @@ def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list
             + (
                 " — '>' / '<' mark bounds: the reference's errors within the measured n were all above / below."
                 if any(bounded(e, ref_ns)[1] for e in best.values())
+                else " — no factor could be measured (notes below)."
+                if all(bounded(e, ref_ns)[0] is None for e in best.values())
                 else " — extrapolated beyond the measured reference curve, so an estimate."
                 if s["extrapolated"]
                 else "."
