@@ -145,3 +145,23 @@ def test_warm_start_plans_start_from_the_previous_round(shared, tmp_path):  # no
         "init_from"
         not in round_plan(cold, "joint_batch", 0, 1, np.concatenate([acquired, more]), splits, r0).config["train"]
     )
+
+
+def test_selection_factors_outside_the_reference_curve_are_bounds():
+    """An arm better than the reference at every measured n showed '–' and null (worse arms got numbers): now
+    '> n_max/n', and '< n_min/n' for an arm worse than the reference at its smallest n."""
+    from multifi_experiments.efficiency import efficiency_factor
+    from multifi_experiments.selection_report import _bounds, _factors
+
+    ns, maes = [14, 28, 56], [100.0, 70.0, 50.0]
+    eff = {
+        "reference_ns": ns,
+        "arms": {
+            "good": {"14": efficiency_factor(ns, maes, 14, 40.0).as_dict()},
+            "mid": {"14": efficiency_factor(ns, maes, 14, 70.0).as_dict()},
+            "bad": {"14": efficiency_factor(ns, maes, 14, 120.0).as_dict()},
+        },
+    }
+    f = _factors(eff)
+    assert f["good"]["14"] == 4.0 and f["mid"]["14"] == pytest.approx(2.0) and f["bad"]["14"] == 1.0
+    assert _bounds(eff) == {"good": {"14": "lower"}, "bad": {"14": "upper"}}

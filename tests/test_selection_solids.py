@@ -71,6 +71,7 @@ def test_selection_loop_on_solids(shared, tmp_path):  # noqa: F811
         "test_mae_meV_per_atom",
         "test_forces_mae_meV_per_A",
         "data_efficiency",
+        "data_efficiency_bounds",
         "data_efficiency_by_metric",
     }
     assert set(summary["data_efficiency_by_metric"]) == {"energy_per_atom", "forces"}

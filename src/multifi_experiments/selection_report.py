@@ -18,7 +18,7 @@ import json
 
 from multifi.data.dataset import atomic_write
 from multifi_experiments.context import Context, machine
-from multifi_experiments.efficiency import efficiency_factor
+from multifi_experiments.efficiency import bounded, efficiency_factor
 from multifi_experiments.report import stats
 from multifi_experiments.spec import METRICS
 
@@ -102,7 +102,7 @@ def efficiency_details(sp, curves: dict) -> dict:
     ref = curves.get(e.reference, {})
     ref_ns = [int(n) for n, s in ref.items() if s]
     ref_maes = [ref[str(n)]["mean"] for n in ref_ns]
-    out = {"reference": e.reference, "arms": {}}
+    out = {"reference": e.reference, "reference_ns": ref_ns, "arms": {}}
     for arm in e.candidates or [a for a in sp.arms if a != e.reference]:
         out["arms"][arm] = {}
         for n, s in curves.get(arm, {}).items():
@@ -125,6 +125,7 @@ def write_selection_report(ctx: Context, splits: dict) -> dict:
         for m in sp.metrics
     }
     summary["data_efficiency"] = _factors(details.get("efficiency", {}))
+    summary["data_efficiency_bounds"] = _bounds(details.get("efficiency", {}))
     if len(sp.metrics) > 1:
         summary["data_efficiency_by_metric"] = {
             m: _factors(e) for m, e in details.get("efficiency_by_metric", {}).items()
@@ -159,8 +160,17 @@ def write_selection_report(ctx: Context, splits: dict) -> dict:
 
 
 def _factors(efficiency: dict) -> dict:
-    """{arm: {n: factor}} of an efficiency_details entry."""
-    return {a: {n: e["factor"] for n, e in v.items()} for a, v in efficiency.get("arms", {}).items()}
+    """{arm: {n: factor}} of an efficiency_details entry; outside the reference curve the bound
+    (efficiency.bounded: n_max/n is a lower bound, n_min/n an upper one; which, in _bounds)."""
+    ref_ns = efficiency.get("reference_ns", [])
+    return {a: {n: bounded(e, ref_ns)[0] for n, e in v.items()} for a, v in efficiency.get("arms", {}).items()}
+
+
+def _bounds(efficiency: dict) -> dict:
+    """{arm: {n: "lower" | "upper"}} for the factors of _factors that are bounds."""
+    ref_ns = efficiency.get("reference_ns", [])
+    out = {a: {n: bounded(e, ref_ns)[1] for n, e in v.items()} for a, v in efficiency.get("arms", {}).items()}
+    return {a: {n: b for n, b in v.items() if b} for a, v in out.items() if any(v.values())}
 
 
 def _cell(s: dict | None, digits: int = 1) -> str:
@@ -240,7 +250,9 @@ def render(ctx: Context, d: dict, figure: bool, seconds: dict, commands: list[st
             "",
             (
                 f"n_reference(MAE of the arm at n) / n on the `{e['reference']}` curve (log-log interpolation; "
-                "* = extrapolated beyond the measured reference curve)."
+                "'> x': the arm's error lies below the reference's at every measured n, so the reference needs "
+                "more than x = its largest n / n; '< x': above the reference's at its smallest n, so less than "
+                "x = its smallest n / n; * = extrapolated; – = none)."
             ),
             "",
             "| arm | " + " | ".join(f"n = {n}" for n in ns) + " |",
@@ -250,8 +262,13 @@ def render(ctx: Context, d: dict, figure: bool, seconds: dict, commands: list[st
             cells = []
             for n in ns:
                 x = by_n.get(n)
+                factor, bound = bounded(x, e.get("reference_ns", [])) if x else (None, None)
                 cells.append(
-                    "–" if not x or x["factor"] is None else f"{x['factor']:.2f}{'*' if x['extrapolated'] else ''}"
+                    "–"
+                    if factor is None
+                    else f"{'>' if bound == 'lower' else '<'} {factor:.1f}"
+                    if bound
+                    else f"{factor:.2f}{'*' if x['extrapolated'] else ''}"
                 )
             lines.append(f"| {d['arms'][arm]['label']} | " + " | ".join(cells) + " |")
         lines.append("")
