@@ -810,4 +810,6 @@ def test_verbose_after_the_command_and_leftover_arguments_name_the_command(tmp_p
     assert "multifi predict: unrecognized arguments: PBE (see multifi predict --help)" in err
     with pytest.raises(SystemExit):
         main(["data", "info", "x.extxyz", "--bogus"])
-    assert "multifi data info: unrecognized arguments: --bogus (see multifi data info --help)" in capsys.readouterr().err
+    assert (
+        "multifi data info: unrecognized arguments: --bogus (see multifi data info --help)" in capsys.readouterr().err
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import ase.io
 import numpy as np
@@ -569,7 +570,7 @@ def test_split_file_integers_are_qm9_indices_for_qm9_data(tmp_path):
         split_from_files({"train": str(tmp_path / "bad.txt")}, ds)
 
 
-def test_indices_files_take_comments_and_say_what_is_wrong(tmp_path):
+def test_indices_files_take_comments_and_say_what_is_wrong(tmp_path, caplog):
     """One QM9 index per line, # comments; an empty file or a non-integer is a one-line error (numpy's warning
     and a row-parse message before)."""
     from multifi.data.sources import _read_indices
@@ -582,6 +583,13 @@ def test_indices_files_take_comments_and_say_what_is_wrong(tmp_path):
     (tmp_path / "bad.txt").write_text("1\nabc\n")
     with pytest.raises(MultifiError, match=r"bad.txt: 'abc' is not an integer index"):
         _read_indices(tmp_path / "bad.txt")
+    (tmp_path / "twice.txt").write_text("1\n2\n1\n")  # dropped silently before
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        _read_indices(tmp_path / "twice.txt")
+    assert "twice.txt: 1 index(es) listed more than once" in caplog.text
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(MultifiError, match=r"folder: cannot read \(Is a directory\)"):  # was 'cannot write'
+        _read_indices(tmp_path / "folder")
 
 
 def test_a_hash_inside_a_key_is_part_of_the_key(tmp_path):

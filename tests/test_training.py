@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -199,9 +200,15 @@ def test_max_steps_shorter_than_an_epoch(write_config):
     assert json.loads((run_dir / "metrics.json").read_text())["fidelities"].keys() == set(TINY_FIDELITIES)
 
 
-def test_train_limits_reach_the_training_samples(write_config):
+def test_train_limits_reach_the_training_samples(write_config, caplog):
     cfg = load_config(write_config(), ["data.train_limits.hi=3"])
     prep = prepare_data(cfg)
+    assert "data.train_limits" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="multifi"):  # above what the split holds: capped silently before
+        prepare_data(load_config(write_config(), ["data.train_limits.hi=5000"]))
+    assert re.search(
+        r"data.train_limits: hi limited to 5000 labels, but the training split holds (\d+) at it", caplog.text
+    )
     k = prep.dataset.fidelities.index("hi")
     assert (prep.pairs["train"][:, 1] == k).sum() == 3
     assert (prep.pairs["train"][:, 1] != k).sum() == (

@@ -53,23 +53,24 @@ def is_special(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def os_error(path, exc: BaseException) -> MultifiError:
-    """A file-system error as a one-line MultifiError `PATH: cannot write (reason)`."""
+def os_error(path, exc: BaseException, action: str = "write") -> MultifiError:
+    """A file-system error as a one-line MultifiError `PATH: cannot <action> (reason)`."""
     reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
-    return MultifiError(f"{path}: cannot write ({reason})")
+    return MultifiError(f"{path}: cannot {action} ({reason})")
 
 
 @contextlib.contextmanager
-def reported(path) -> Iterator[None]:
-    """Turn OSError (also when a library wraps it in a RuntimeError) into a one-line MultifiError for `path`."""
+def reported(path, action: str = "write") -> Iterator[None]:
+    """Turn OSError (also when a library wraps it in a RuntimeError) into a one-line MultifiError for `path`
+    ("cannot write" or, with action="read", "cannot read")."""
     try:
         yield
     except OSError as exc:
-        raise os_error(path, exc) from None
+        raise os_error(path, exc, action) from None
     except RuntimeError as exc:
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, OSError):
-            raise os_error(path, cause) from None
+            raise os_error(path, cause, action) from None
         raise
 
 

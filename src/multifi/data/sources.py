@@ -177,7 +177,7 @@ def _read_indices(path) -> np.ndarray:
     p = Path(path)
     if not p.exists():
         raise MultifiError(f"{p}: no such index file")
-    with reported(p):
+    with reported(p, "read"):
         lines = [line.split("#", 1)[0] for line in p.read_text().splitlines()]
     words = [w for line in lines for w in line.replace(",", " ").split()]
     if not words:
@@ -185,4 +185,8 @@ def _read_indices(path) -> np.ndarray:
     bad = next((w for w in words if not re.fullmatch(r"[+-]?\d+", w)), None)
     if bad is not None:
         raise MultifiError(f"{p}: {bad!r} is not an integer index (one QM9 index per line; # starts a comment)")
-    return np.asarray([int(w) for w in words], dtype=np.int64)
+    out = np.asarray([int(w) for w in words], dtype=np.int64)
+    repeated = len(out) - len(np.unique(out))
+    if repeated:
+        log.warning("%s: %d index(es) listed more than once; each molecule is used once", p, repeated)
+    return out

@@ -90,6 +90,7 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
     ds, split = _compact(ds, split, used)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
     unlimited = len(pairs["train"])
+    _warn_limits_above_labels(pairs["train"], settings.train_limits, ds, config_source)
     pairs["train"] = limit_pairs(pairs["train"], settings.train_limits, ds, d.split.seed)
     if len(pairs["train"]) == 0 and unlimited:
         raise MultifiError(
@@ -116,3 +117,18 @@ def _compact(ds: FidelityDataset, split: Split, used: np.ndarray):
     new = np.full(len(ds), -1, np.int64)
     new[order] = np.arange(len(order))
     return ds.subset(order), Split(train=new[split.train], val=new[split.val], test=new[split.test])
+
+
+def _warn_limits_above_labels(train: np.ndarray, limits: np.ndarray, ds, config_source) -> None:
+    """A limit above the training labels a fidelity has uses them all: say so (a learning-curve point at such a
+    limit would be labelled with more data than it had)."""
+    have = np.bincount(train[:, 1], minlength=len(limits))
+    for k in np.flatnonzero(~np.isnan(limits) & (limits > have)).tolist():
+        log.warning(
+            "%s: data.train_limits: %s limited to %d labels, but the training split holds %d at it: all %d are used",
+            config_source or "config",
+            ds.fidelities.names[k],
+            int(limits[k]),
+            have[k],
+            have[k],
+        )

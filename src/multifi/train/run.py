@@ -887,7 +887,7 @@ def _fingerprint(path: Path, content: bool = True) -> dict:
     out = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
     if content:
         digest = hashlib.sha1()
-        with reported(path), open(path, "rb") as f:
+        with reported(path, "read"), open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         out["sha1"] = digest.hexdigest()

@@ -27,7 +27,7 @@ import numpy as np
 from multifi.data.dataset import FidelityDataset, ranges
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
-from multifi.files import atomic_write
+from multifi.files import atomic_write, reported
 from multifi.units import HARTREE_EV
 
 log = logging.getLogger(__name__)
@@ -561,7 +561,7 @@ def _is_wide_table(path) -> bool:
     if not p.exists():
         return False
     opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt") as f:
+    with reported(p, "read"), opener(p, "rt") as f:  # a folder, a corrupt .gz: one line, not a traceback
         header = _header_fields(f.readline())
     return len(header) > 2 and header[0] == "index"
 
