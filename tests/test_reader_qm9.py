@@ -254,3 +254,16 @@ def test_wide_table_fidelity_names_with_commas_are_quoted(small_qm9, tmp_path):
     with pytest.raises(MultifiError) as e:
         qm9.read_qm9(bare)
     one_line_error(e, "b.csv: 3 columns, header names 4", 'must be quoted: "B3LYP/6-31G(2df,p)"')
+
+
+def test_a_fidelity_given_for_a_table_with_several_columns_is_an_error(tmp_path):
+    """`qm9: {labels: cycles.csv, fidelity: HF/3-21G}` on a table with an extra column was read as a wide table:
+    two fidelities named by the headers (energy_eV, scf_cycles) and the given name ignored, silently."""
+    from multifi.data.readers.qm9 import read_qm9
+
+    path = tmp_path / "cycles.csv"
+    path.write_text("index,energy_eV,scf_cycles\n1,-1100.5,12\n2,-1200.1,14\n")
+    with pytest.raises(
+        MultifiError, match=r"cycles.csv: a table with several columns after index \(energy_eV, scf_cycles\)"
+    ):
+        read_qm9(path, fidelity="HF/3-21G")

@@ -472,6 +472,12 @@ def read_qm9(
             )
         fidelity, idx, energy, source = QM9_FIDELITY, geo.index, geo.energy, "qm9pack"
     elif _is_wide_table(labels):
+        if fidelity is not None:  # its columns name the fidelities: a given one would be ignored silently
+            raise MultifiError(
+                f"{labels}: a table with several columns after index ({', '.join(_wide_columns(labels))}), each "
+                f"read as a fidelity named by its header, so fidelity {fidelity!r} cannot apply: keep only the "
+                "index and energy columns, or give no fidelity to read each column as a fidelity"
+            )
         return read_qm9_wide(
             labels, limit=limit, indices=indices, seed=seed, skip_invalid=skip_invalid, cache_dir=cache_dir
         )
@@ -564,6 +570,12 @@ def _is_wide_table(path) -> bool:
     with reported(p, "read"), opener(p, "rt") as f:  # a folder, a corrupt .gz: one line, not a traceback
         header = _header_fields(f.readline())
     return len(header) > 2 and header[0] == "index"
+
+
+def _wide_columns(path) -> list[str]:
+    p = Path(path)
+    with reported(p, "read"), (gzip.open if p.suffix == ".gz" else open)(p, "rt") as f:
+        return _header_fields(f.readline())[1:]
 
 
 def _header_fields(line: str) -> list[str]:
