@@ -120,6 +120,10 @@ def test_unknown_key_without_a_near_match_lists_valid_keys():
         (minimal(model={"features": 0}), r"model.features: .*greater than or equal to 1"),
         (minimal(train={"epochs": "many"}), r"train.epochs: .*'many'"),
         ({"data": {"sources": [{"fidelity": "x"}]}}, r"data.sources.0: .*exactly one of 'path' or 'qm9'"),
+        (
+            {"data": {"sources": [{"fidelity": "MyHF", "qm9": {"labels": "hf.csv", "fidelity": "HF/3-21G"}}]}},
+            r"data.sources.0: fidelity 'MyHF' and qm9.fidelity 'HF/3-21G' differ",  # HF/3-21G won silently
+        ),
         (minimal(model={"backbone": "schnet"}), r"model.backbone: .*'schnet'"),
     ],
 )

@@ -110,6 +110,14 @@ class SourceConfig(Section):
     def _one_kind(self):
         if (self.path is None) == (self.qm9 is None):
             raise ValueError("a source needs exactly one of 'path' or 'qm9'")
+        if (
+            self.qm9 is not None
+            and None not in (self.fidelity, self.qm9.fidelity)
+            and self.fidelity != self.qm9.fidelity
+        ):
+            raise ValueError(
+                f"fidelity {self.fidelity!r} and qm9.fidelity {self.qm9.fidelity!r} differ: name the fidelity once"
+            )
         return self
 
     @model_validator(mode="after")
