@@ -264,6 +264,18 @@ def test_evaluate_on_a_file_with_a_fidelity_the_model_lacks_names_the_way_to_eva
     assert code == 0 and re.search(r"^hi +2 ", out, re.M), out
 
 
+def test_evaluate_warns_when_the_data_holds_the_models_training_structures(cli_run, tiny_extxyz, capsys, caplog):
+    """Evaluating a model on its own training data (the whole file it trained on) reported the errors as if held
+    out: a warning counts the structures of its training split (splits.json, by key)."""
+    import logging
+
+    _, run_dir = cli_run
+    train = json.loads((run_dir / "splits.json").read_text())["train"]
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert run(["evaluate", run_dir / "model.pt", tiny_extxyz], capsys)[0] == 0
+    assert f"{len(train)} of the " in caplog.text and "are in the model's training split" in caplog.text
+
+
 def test_predict_unknown_element(cli_run, tmp_path, capsys):
     _, run_dir = cli_run
     src = tmp_path / "sulfur.xyz"

@@ -83,6 +83,7 @@ def run(args) -> int:
                 "drop --fidelity to evaluate them at theirs"
             )
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity)]
+    _warn_trained_on(args.checkpoint, ds, pairs)
     scored = check_elements(potential, ds, pairs)  # [P] False: an element the model never saw (left out)
     check_force_units(ds, pairs)  # forces in meV/Å, stress in kBar or of the other sign: errors of thousands
     check_stress_units(ds, pairs)
@@ -163,3 +164,29 @@ def check_elements(potential, dataset, pairs):
     keys = [names[s] for s in pairs[:, 0]]  # warnings name the structure, not the pair's index
     elements.check_elements(potential, numbers, n, np.asarray(to_model, dtype=np.int64)[pairs[:, 1]], where, keys=keys)
     return scored
+
+
+def _warn_trained_on(checkpoint, ds, pairs) -> None:
+    """Structures of the model's own training split (by key, from its run's splits.json) are scored as if held
+    out otherwise (e.g. the run's dataset.npz, or a whole label table): say how many."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    run = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    run = run.parent if run.name == "checkpoints" else run
+    try:
+        train = set(json.loads((run / "splits.json").read_text()).get("train", []))
+    except (OSError, ValueError, AttributeError):
+        return
+    structures = np.unique(pairs[:, 0])
+    seen = sum(str(ds.keys[s]) in train for s in structures.tolist())
+    if seen:
+        logging.getLogger("multifi").warning(
+            "%d of the %d structures evaluated are in the model's training split (%s): their errors are not "
+            "held-out errors",
+            seen,
+            len(structures),
+            run / "splits.json",
+        )
