@@ -950,3 +950,36 @@ def test_a_run_ending_at_max_steps_inside_an_epoch_validates_its_last_step(write
     rows = [r for r in csv.DictReader(open(Path(cfg.output_dir) / "metrics.csv")) if r.get("val_loss")]
     assert [int(r["step"]) for r in rows] == [5, 7]
     assert ckpt(Path(cfg.output_dir) / "checkpoints" / "last.ckpt")["global_step"] == 7
+
+
+def test_a_run_without_validation_labels_says_what_it_monitors(write_config, caplog):
+    """split.files without val (or val: 0) silently switched the checkpoint kept to the training loss."""
+    cfg = load_config(
+        write_config(
+            data={"split": {"val": 0.0, "test": 0.2, "seed": 0}},
+            train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0},
+        ),
+        [],
+    )
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        train(cfg)
+    assert "no validation labels (data.split): the checkpoint kept and early stopping follow the training loss" in (
+        caplog.text
+    )
+
+
+def test_labels_given_twice_agree_within_rounding_and_conflict_beyond():
+    """Two tables of one fidelity rounding the same energy differently (2 µeV apart) were a hard conflict."""
+    from multifi.data.dataset import FidelityDataset
+
+    def rec(e):
+        return {"numbers": np.array([1, 1]), "positions": np.array([[0, 0, 0], [0, 0, 0.74]]), "key": "h2",
+                "labels": {"DFT": {"energy": e}}}  # fmt: skip
+
+    merged = FidelityDataset.merge([FidelityDataset.from_records([rec(-31.123456)]),
+                                    FidelityDataset.from_records([rec(-31.123458)])])  # fmt: skip
+    assert len(merged) == 1
+    with pytest.raises(MultifiError, match="conflicting energy labels"):
+        FidelityDataset.merge(
+            [FidelityDataset.from_records([rec(-31.1234)]), FidelityDataset.from_records([rec(-31.1334)])]
+        )

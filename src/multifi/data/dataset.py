@@ -608,6 +608,11 @@ def _conflict(cat: FidelityDataset, s: int, name: str, what: str, where: _Origin
     )
 
 
+#: eV; labels of one structure and fidelity given twice agree within this (0.01 meV: tables that round to 5 or 6
+#: decimals, energies of 10⁴ eV in float32 text); further apart they conflict
+SAME_ENERGY_EV = 1e-5
+
+
 def _fold(out_col, col, target, mask, name, cat, where: _Origins):
     t = target[mask]
     u, c = np.unique(t, return_counts=True)
@@ -616,8 +621,9 @@ def _fold(out_col, col, target, mask, name, cat, where: _Origins):
         order = np.argsort(t, kind="stable")
         ts, vs = t[order], vals[order]
         same = ts[1:] == ts[:-1]
-        if (np.abs(vs[1:] - vs[:-1])[same] > 1e-6).any():
-            i = int(np.flatnonzero(same & (np.abs(vs[1:] - vs[:-1]) > 1e-6))[0])
+        differ = np.abs(vs[1:] - vs[:-1]) > SAME_ENERGY_EV  # (rounding of two tables' decimals agrees)
+        if (differ & same).any():
+            i = int(np.flatnonzero(same & differ)[0])
             b = int(np.flatnonzero(mask)[order[i + 1]])
             raise MultifiError(
                 f"{where.pair(b)}: conflicting energy labels at fidelity {name!r} for structure "

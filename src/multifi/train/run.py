@@ -135,6 +135,12 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     module.sync_ema()
     data.check_sampling(config_source)
     check_something_trains(cfg, data, prep.settings.loss_weights, config_source)
+    if len(prep.pairs["val"]) == 0:
+        log.warning(
+            "%s: no validation labels (data.split): the checkpoint kept and early stopping follow the training loss, "
+            "and metrics.json has no validation errors",
+            config_source or "config",
+        )
     trainer = _build_trainer(cfg, run_dir, len(prep.pairs["val"]) > 0, config_source)
     resumed = None if ckpt is None else torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
     if resumed is not None:
