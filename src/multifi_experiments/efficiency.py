@@ -32,6 +32,11 @@ class Efficiency:
         return asdict(self)
 
 
+def _points(ns, maes) -> list[tuple[float, float]]:
+    """(n, MAE) of a curve with positive values, by ascending n."""
+    return sorted((float(n), float(m)) for n, m in zip(ns, maes) if m is not None and m > 0 and n > 0)
+
+
 def n_for_error(ns, maes, target: float) -> tuple[float | None, bool, str]:
     """Training-set size at which the reference curve (ns, maes) reaches `target` error.
 
@@ -41,7 +46,7 @@ def n_for_error(ns, maes, target: float) -> tuple[float | None, bool, str]:
     falls to the target (a noisy, rising segment before it never counts); an error below every point is reached
     beyond the largest n (the end segment extended).
     """
-    pts = sorted((float(n), float(m)) for n, m in zip(ns, maes) if m is not None and m > 0 and n > 0)
+    pts = _points(ns, maes)
     if len(pts) < 2:
         return None, True, "reference curve has fewer than two points"
     if not target > 0:
@@ -74,7 +79,7 @@ def efficiency_factor(ref_ns, ref_maes, n: float, target_mae: float) -> Efficien
     """n_reference(target_mae) / n: how many times more data the reference model needs."""
     n_ref, extrapolated, note = n_for_error(ref_ns, ref_maes, target_mae)
     factor = None if n_ref is None else n_ref / n
-    pts = sorted((float(m_n), float(m)) for m_n, m in zip(ref_ns, ref_maes) if m is not None and m > 0 and m_n > 0)
+    pts = _points(ref_ns, ref_maes)
     outside = ""
     if len(pts) > 1 and target_mae > 0:  # as n_for_error decides
         outside = "before" if target_mae > pts[0][1] else "beyond" if target_mae < min(m for _, m in pts) else ""
