@@ -136,6 +136,16 @@ def test_indices_restrict(small_qm9):
     one_line_error(e, "999999")
 
 
+def test_an_unknown_index_in_an_indices_file_names_the_file(small_qm9, tmp_path):
+    """The error said 'indices: QM9 index 0 is not a QM9 molecule', not which file listed it."""
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_source
+
+    (tmp_path / "oor.txt").write_text("0\n2\n")
+    with pytest.raises(MultifiError, match=r"oor.txt: QM9 index 0 is not a QM9 molecule"):
+        read_source(SourceConfig(qm9={"indices": str(tmp_path / "oor.txt")}))
+
+
 def test_other_fidelity_needs_labels(small_qm9):
     with pytest.raises(MultifiError) as e:
         qm9.read_qm9(fidelity="GFN2-xTB")

@@ -36,6 +36,7 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
             indices=indices,
             seed=q.seed,
             skip_invalid=skip_invalid,
+            indices_source=str(q.indices) if q.indices else "indices",
         )
     path = Path(src.path)
     if not path.exists():

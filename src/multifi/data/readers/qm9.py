@@ -455,6 +455,7 @@ def read_qm9(
     seed: int = 0,
     skip_invalid: bool = False,
     cache_dir=None,
+    indices_source: str = "indices",
 ) -> FidelityDataset:
     """QM9 molecules with energies (eV) at one fidelity, as a FidelityDataset with keys "qm9:<index>".
 
@@ -479,7 +480,13 @@ def read_qm9(
                 "index and energy columns, or give no fidelity to read each column as a fidelity"
             )
         return read_qm9_wide(
-            labels, limit=limit, indices=indices, seed=seed, skip_invalid=skip_invalid, cache_dir=cache_dir
+            labels,
+            limit=limit,
+            indices=indices,
+            seed=seed,
+            skip_invalid=skip_invalid,
+            cache_dir=cache_dir,
+            indices_source=indices_source,
         )
     else:
         table = read_label_table(labels, fidelity, skip_invalid)
@@ -492,7 +499,7 @@ def read_qm9(
             )
         fidelity, idx, energy, source = table.fidelity, table.index, table.energy, str(table.path)
         n_dropped = table.n_dropped
-    keep = _select(geo, idx, indices, limit, seed, source)
+    keep = _select(geo, idx, indices, limit, seed, source, indices_source)
     _check_selected(source, len(idx), keep, indices, limit)
     ds = _dataset(geo, idx[keep], energy[keep], fidelity, source)
     ds.n_dropped = n_dropped
@@ -513,15 +520,18 @@ def _check_selected(source: str, rows: int, keep: np.ndarray, indices, limit) ->
     raise MultifiError(f"{source}: no molecule selected ({why})")
 
 
-def _select(geo: Qm9Geometries, idx: np.ndarray, indices, limit: int | None, seed: int, source: str) -> np.ndarray:
-    """Positions in `idx` (sorted QM9 indices) kept by `indices` and `limit`."""
+def _select(
+    geo: Qm9Geometries, idx: np.ndarray, indices, limit: int | None, seed: int, source: str, indices_source: str
+) -> np.ndarray:
+    """Positions in `idx` (sorted QM9 indices) kept by `indices` (read from `indices_source`, named in errors)
+    and `limit`."""
     keep = np.arange(len(idx))
     if indices is not None:
         want = np.asarray(indices)
         if want.size and not np.issubdtype(want.dtype, np.integer):
             raise MultifiError(f"indices must be integer QM9 indices, got dtype {want.dtype}")
         want = np.unique(want.astype(np.int64))
-        geo.rows(want, where="indices")
+        geo.rows(want, where=indices_source)
         keep = np.flatnonzero(np.isin(idx, want))
         missing = want[~np.isin(want, idx)]
         if len(missing) and len(keep):  # (none found at all: an error, _check_selected)
@@ -590,6 +600,7 @@ def read_qm9_wide(
     seed: int = 0,
     skip_invalid: bool = False,
     cache_dir=None,
+    indices_source: str = "indices",
 ) -> FidelityDataset:
     """QM9 molecules with energies (eV) at many fidelities from one wide table.
 
@@ -636,7 +647,7 @@ def read_qm9_wide(
         raise MultifiError(
             f"{path}: index {idx[np.argmax(unknown)]} is not a QM9 molecule ({int(unknown.sum())} such rows)"
         )
-    keep = _select(geo, idx, indices, limit, seed, str(path))
+    keep = _select(geo, idx, indices, limit, seed, str(path), indices_source)
     _check_selected(str(path), len(idx), keep, indices, limit)
     ds = _dataset(geo, idx[keep], energy[keep, 0], names[0], str(path))
     ds.fidelities = FidelityTable(names)
