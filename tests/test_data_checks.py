@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,28 @@ def test_per_atom_energies_of_the_shared_solids_are_named_as_such(caplog):
         ds.energy[:, 0] /= ds.n_atoms
         assert check_energy_units(ds, pairs, *fit_baseline(ds, pairs)) == ["PBE"]
     assert "look like energies per atom, not per structure" in caplog.text
+
+
+def test_two_sources_of_one_fidelity_that_disagree_systematically_are_warned(caplog):
+    """GFN1-xTB labels added under the name GFN2-xTB trained silently (test MAE 18.7 eV): per-element references
+    fitted to one source predict the other off by ~1 eV/atom. Two halves of one method's labels are not warned."""
+    from multifi.data.sources import warn_disagreeing_sources
+
+    rng = np.random.default_rng(0)
+    refs = {1: -13.6, 6: -1029.0, 7: -1484.0, 8: -2041.0}
+
+    def source(name, shift, seed):
+        recs = []
+        for i in range(40):
+            m = molecule(SMALL[(i + seed) % len(SMALL)])
+            e = sum(refs[z] + shift for z in m.numbers) + rng.normal(0, 0.05) * len(m)
+            recs.append({"numbers": m.numbers, "positions": m.positions, "key": f"{name}{i}",
+                         "labels": {"GFN2-xTB": {"energy": e}}})  # fmt: skip
+        return FidelityDataset.from_records(recs, source=name)
+
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        warn_disagreeing_sources([source("a.csv", 0.0, 0), source("b.csv", 0.0, 3)])
+        assert "another method's labels" not in caplog.text
+        warn_disagreeing_sources([source("a.csv", 0.0, 0), source("gfn1.csv", 1.0, 3)])
+    assert re.search(r"gfn1.csv: their 'GFN2-xTB' energies differ by [+-](0\.9\d|1\.0\d) eV/atom", caplog.text)
+    assert "another method's labels under this name?" in caplog.text

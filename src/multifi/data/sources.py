@@ -126,10 +126,55 @@ def merge_parts(parts) -> FidelityDataset:
     """The sources' datasets merged (structures with equal keys share one entry, also within one source), with
     what reading dropped and what merging counted once in the log."""
     report_dropped(parts)
+    warn_disagreeing_sources(parts)
     ds = FidelityDataset.merge(parts)
     report_repeats(parts, ds)
     warn_alike_names(ds.fidelities.names, ", ".join(sorted({p.source for p in parts if p.source})) or "data")
     return ds
+
+
+#: eV per atom; two sources of one fidelity whose energies differ on average by more than this (and than
+#: DISAGREE_SPREADS × the fit's own residual) after per-element references hold another method's labels
+DISAGREE_EV_PER_ATOM = 0.1
+DISAGREE_SPREADS = 5.0
+
+
+def warn_disagreeing_sources(parts, max_structures: int = 5000) -> None:
+    """Warn when the labels one fidelity has in two sources disagree systematically: per-element reference
+    energies fitted to one source's totals predict the other's off by a mean per-atom offset far beyond the
+    fit's residual (e.g. GFN1-xTB labels added under the name GFN2-xTB: ~1 eV/atom; halves of one method's
+    labels: a few meV/atom). At most `max_structures` structures of each source are looked at."""
+    from multifi.data.stats import composition_matrix
+
+    by_name: dict[str, list] = {}
+    for part in parts:
+        for k, name in enumerate(part.fidelities.names):
+            s = np.flatnonzero(part.energy_mask[:, k])
+            if len(s) >= 20:
+                s = s[:: max(1, len(s) // max_structures)]
+                elements, counts = composition_matrix(part.subset(s))
+                n = part.n_atoms[s].astype(np.float64)
+                by_name.setdefault(name, []).append((part.source or "data", elements, counts, part.energy[s, k], n))
+    for name, fits in by_name.items():
+        for a_src, a_el, a_counts, a_e, a_n in fits:
+            ref, *_ = np.linalg.lstsq(a_counts.astype(np.float64), a_e, rcond=None)
+            spread = float(np.sqrt(np.mean(((a_counts @ ref - a_e) / a_n) ** 2)))
+            for b_src, b_el, b_counts, b_e, b_n in fits:
+                if b_src == a_src or not np.isin(b_el, a_el).all():
+                    continue
+                cols = np.searchsorted(a_el, b_el)
+                offset = float(np.mean((b_e - b_counts @ ref[cols]) / b_n))
+                if abs(offset) > max(DISAGREE_EV_PER_ATOM, DISAGREE_SPREADS * spread):
+                    log.warning(
+                        "%s and %s: their %r energies differ by %+.2f eV/atom on average after per-element "
+                        "references (the fit's own residual: %.3f eV/atom): another method's labels under this name?",
+                        a_src,
+                        b_src,
+                        name,
+                        offset,
+                        spread,
+                    )
+                    return
 
 
 def warn_alike_names(names, where: str) -> None:
