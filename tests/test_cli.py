@@ -273,7 +273,7 @@ def test_evaluate_warns_when_the_data_holds_the_models_training_structures(cli_r
     train = json.loads((run_dir / "splits.json").read_text())["train"]
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert run(["evaluate", run_dir / "model.pt", tiny_extxyz], capsys)[0] == 0
-    assert f"{len(train)} of the " in caplog.text and "are in the model's training split" in caplog.text
+    assert f"{len(train)} of the " in caplog.text and "are among the model's training structures" in caplog.text
 
 
 def test_predict_unknown_element(cli_run, tmp_path, capsys):

@@ -167,26 +167,44 @@ def check_elements(potential, dataset, pairs):
 
 
 def _warn_trained_on(checkpoint, ds, pairs) -> None:
-    """Structures of the model's own training split (by key, from its run's splits.json) are scored as if held
-    out otherwise (e.g. the run's dataset.npz, or a whole label table): say how many."""
+    """Structures the model trained on (by key: its run's dataset.npz with its split or an extension run's
+    pairs.npz, as trained, train_limits applied; else the keys of splits.json) are scored as if held out
+    otherwise (e.g. the run's dataset.npz, or a whole label table): say how many."""
+    import numpy as np
+
+    trained = _trained_keys(checkpoint)
+    if not trained:
+        return
+    structures = np.unique(pairs[:, 0])
+    seen = sum(str(ds.keys[s]) in trained for s in structures.tolist())
+    if seen:
+        logging.getLogger("multifi").warning(
+            "%d of the %d structures evaluated are among the model's training structures: their errors are not "
+            "held-out errors",
+            seen,
+            len(structures),
+        )
+
+
+def _trained_keys(checkpoint) -> set[str]:
     import json
     from pathlib import Path
 
     import numpy as np
 
+    from multifi.errors import MultifiError
+    from multifi.train.extend import PAIRS, load_old_run
+
     run = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     run = run.parent if run.name == "checkpoints" else run
-    try:
-        train = set(json.loads((run / "splits.json").read_text()).get("train", []))
+    split_files = [run / name for name in ("splits.json", "splits.npz", PAIRS)]
+    if (run / "config.yaml").exists() and (run / "dataset.npz").exists() and any(f.exists() for f in split_files):
+        try:
+            old = load_old_run(run)
+        except MultifiError:
+            return set()
+        return {str(k) for k in old.dataset.keys[np.unique(old.train[:, 0])]}
+    try:  # no copy of the data: the split's keys (before train_limits)
+        return set(json.loads((run / "splits.json").read_text()).get("train", []))
     except (OSError, ValueError, AttributeError):
-        return
-    structures = np.unique(pairs[:, 0])
-    seen = sum(str(ds.keys[s]) in train for s in structures.tolist())
-    if seen:
-        logging.getLogger("multifi").warning(
-            "%d of the %d structures evaluated are in the model's training split (%s): their errors are not "
-            "held-out errors",
-            seen,
-            len(structures),
-            run / "splits.json",
-        )
+        return set()
