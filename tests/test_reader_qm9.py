@@ -277,3 +277,12 @@ def test_a_fidelity_given_for_a_table_with_several_columns_is_an_error(tmp_path)
         MultifiError, match=r"cycles.csv: a table with several columns after index \(energy_eV, scf_cycles\)"
     ):
         read_qm9(path, fidelity="HF/3-21G")
+
+
+def test_a_fidelity_among_a_wide_tables_columns_reads_the_table(small_qm9, tmp_path):
+    """`evaluate --fidelity hi` on a table `index,lo,hi` retries the read with that fidelity: it must read the
+    table (and surface its own errors), not claim the fidelity cannot apply."""
+    path = tmp_path / "wide.csv"
+    path.write_text("index,lo,hi\n2,-1.0,-2.0\n999999,-1.0,-2.0\n")
+    with pytest.raises(MultifiError, match="999999"):
+        small_qm9.read_qm9(path, fidelity="hi")

@@ -983,3 +983,6 @@ def test_labels_given_twice_agree_within_rounding_and_conflict_beyond():
         FidelityDataset.merge(
             [FidelityDataset.from_records([rec(-31.1234)]), FidelityDataset.from_records([rec(-31.1334)])]
         )
+    chain = [FidelityDataset.from_records([rec(-31.0 + d)]) for d in (0.0, 0.9e-5, 1.8e-5)]  # each step within
+    with pytest.raises(MultifiError, match=r"\(-31.000000 vs -30.999982 eV\)"):  # the first and last are not
+        FidelityDataset.merge(chain)

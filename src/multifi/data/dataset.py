@@ -608,8 +608,8 @@ def _conflict(cat: FidelityDataset, s: int, name: str, what: str, where: _Origin
     )
 
 
-#: eV; labels of one structure and fidelity given twice agree within this (0.01 meV: tables that round to 5 or 6
-#: decimals, energies of 10⁴ eV in float32 text); further apart they conflict
+#: eV; labels of one structure and fidelity given twice agree within this (0.01 meV: tables that round the same
+#: energy to 5 or 6 decimals); further apart they conflict
 SAME_ENERGY_EV = 1e-5
 
 
@@ -621,12 +621,13 @@ def _fold(out_col, col, target, mask, name, cat, where: _Origins):
         order = np.argsort(t, kind="stable")
         ts, vs = t[order], vals[order]
         same = ts[1:] == ts[:-1]
-        differ = np.abs(vs[1:] - vs[:-1]) > SAME_ENERGY_EV  # (rounding of two tables' decimals agrees)
+        first = vs[np.searchsorted(ts, ts)][1:]  # each copy against the first of its structure (no chaining)
+        differ = np.abs(vs[1:] - first) > SAME_ENERGY_EV
         if (differ & same).any():
             i = int(np.flatnonzero(same & differ)[0])
             b = int(np.flatnonzero(mask)[order[i + 1]])
             raise MultifiError(
                 f"{where.pair(b)}: conflicting energy labels at fidelity {name!r} for structure "
-                f"{str(cat.keys[b])!r} ({vs[i]:.6f} vs {vs[i + 1]:.6f} eV)"
+                f"{str(cat.keys[b])!r} ({first[i]:.6f} vs {vs[i + 1]:.6f} eV)"
             )
     out_col[t] = col[mask]

@@ -473,7 +473,7 @@ def read_qm9(
             )
         fidelity, idx, energy, source = QM9_FIDELITY, geo.index, geo.energy, "qm9pack"
     elif _is_wide_table(labels):
-        if fidelity is not None:  # its columns name the fidelities: a given one would be ignored silently
+        if fidelity is not None and fidelity not in _wide_columns(labels):  # it would be ignored silently
             raise MultifiError(
                 f"{labels}: a table with several columns after index ({', '.join(_wide_columns(labels))}), each "
                 f"read as a fidelity named by its header, so fidelity {fidelity!r} cannot apply: keep only the "
