@@ -189,19 +189,30 @@ def test_a_first_use_under_no_grad_or_inside_torch_func_does_not_turn_the_kernel
     assert fused.available()
 
 
-def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
-    """torch's build lock stays behind after a kill, and every later process waited for it forever."""
+def test_a_build_lock_left_by_a_killed_build_sends_the_build_elsewhere(tmp_path, monkeypatch):
+    """torch's build lock stays behind after a kill, and every later process waited for it forever; removing it
+    could delete a live build's lock, so the build goes to another folder instead."""
     import os
     import time
 
-    lock = tmp_path / "lock"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(fused, "_state", {})
+    built = []
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(ext, "load", lambda name, **kw: built.append(name))
+    monkeypatch.setattr(fused, "_self_test", lambda: None)
+    fused._build()
+    first = built[-1]
+    lock = tmp_path / "ext" / first / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
     lock.write_text("")
-    fused._remove_stale_lock(lock)
-    assert lock.exists()  # a build in progress elsewhere
+    fused._build()
+    assert built[-1] == first  # a fresh lock: a build in progress elsewhere, waited for
     old = time.time() - fused.STALE_LOCK_SECONDS - 60
     os.utime(lock, (old, old))
-    fused._remove_stale_lock(lock)
-    assert not lock.exists()
+    fused._build()
+    assert built[-1] == f"{first}_1" and lock.exists()  # another folder; the old lock is left alone
 
 
 def test_inconsistent_edges_are_errors_not_memory_errors():

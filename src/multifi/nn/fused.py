@@ -46,11 +46,14 @@ def _build() -> None:
     # source, flags and torch version in the name: a build of other source (an older multifi) or for another
     # torch (another environment sharing the cache folder) is never loaded instead
     key = _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode()
-    name = "multifi_fused_" + hashlib.sha256(key).hexdigest()[:12]
-    folder = Path(_get_build_directory(name, False))
+    base = "multifi_fused_" + hashlib.sha256(key).hexdigest()[:12]
+    for name in (base, *(f"{base}_{k}" for k in range(1, 4))):  # a folder whose build lock a killed build left
+        folder = Path(_get_build_directory(name, False))  # behind makes every later build wait forever: next one
+        if (folder / f"{name}.so").exists() or not _stale(folder / "lock"):
+            break
+        log.warning("%s: a build lock left by a killed build; building in another folder", folder / "lock")
     if not (folder / f"{name}.so").exists():
         log.info("compiling the fused message kernels (once per machine and torch version, ~20 s)")
-    _remove_stale_lock(folder / "lock")
     # -ffp-contract=off: no fused multiply-adds, so sums round exactly as torch's separate product and index_add
     load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     with torch.inference_mode(False), torch.enable_grad():  # whatever mode the first forward runs in
@@ -61,15 +64,13 @@ def _build() -> None:
 STALE_LOCK_SECONDS = 600
 
 
-def _remove_stale_lock(lock: Path) -> None:
-    """torch's build lock stays behind when a build is killed, and every later process waits for it forever."""
+def _stale(lock: Path) -> bool:
+    """torch's build lock stays behind when a build is killed. It is never removed here (a process building
+    that moment would lose its lock): an old one sends the build to another folder."""
     try:
-        age = time.time() - lock.stat().st_mtime
+        return time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS
     except OSError:
-        return
-    if age > STALE_LOCK_SECONDS:
-        log.warning("%s: a build lock %.0f s old, left by a killed build: removed", lock, age)
-        lock.unlink(missing_ok=True)
+        return False
 
 
 def _self_test() -> None:
@@ -79,15 +80,19 @@ def _self_test() -> None:
     x, w = torch.randn(7, 3, 4, generator=g, requires_grad=True), torch.randn(20, 4, generator=g, requires_grad=True)
     unit = torch.randn(20, 3, generator=g)
     plan = EdgePlan(i, j, 7)
-    for fused_out, ref in (
-        (gather_mul_scatter(torch.zeros(7, 3, 4), x, w, plan), torch.zeros(7, 3, 4).index_add(0, i, x[j] * w[:, None])),
+    unit.requires_grad_(True)  # the unit-vector gradient of force calls (first_order_only) too
+    with first_order_only():
+        spread = gather_mul_scatter(torch.zeros(7, 3, 4), x[:, 0], w, plan, unit)
+    for fused_out, ref, inputs in (
         (
-            gather_mul_scatter(torch.zeros(7, 3, 4), x[:, 0], w, plan, unit),
-            torch.zeros(7, 3, 4).index_add(0, i, (x[j, 0] * w)[:, None] * unit[:, :, None]),
+            gather_mul_scatter(torch.zeros(7, 3, 4), x, w, plan),
+            torch.zeros(7, 3, 4).index_add(0, i, x[j] * w[:, None]),
+            (x, w),
         ),
+        (spread, torch.zeros(7, 3, 4).index_add(0, i, (x[j, 0] * w)[:, None] * unit[:, :, None]), (x, w, unit)),
     ):
-        got = torch.autograd.grad(fused_out.square().sum(), (x, w))
-        want = torch.autograd.grad(ref.square().sum(), (x, w))
+        got = torch.autograd.grad(fused_out.square().sum(), inputs)
+        want = torch.autograd.grad(ref.square().sum(), inputs)
         for a, b in zip((fused_out, *got), (ref, *want)):
             if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
                 raise RuntimeError("the built kernels disagree with torch's operators on a test case")
