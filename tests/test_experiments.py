@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from multifi.data.readers import qm9
 from multifi.errors import MultifiError
 from multifi_experiments import catalog as catalog_mod
 from multifi_experiments import runner as runner_mod
-from multifi_experiments.context import lock_path
+from multifi_experiments.context import lock_path, process_identity
 from multifi_experiments.efficiency import efficiency_factor, n_for_error
 from multifi_experiments.plan import RunPlan
 from multifi_experiments.runner import load_context, plan_parts, run_experiment, select
@@ -680,6 +681,9 @@ def test_killed_mid_run_continues_from_its_checkpoint(shared, tmp_path, monkeypa
     with runner_mod._lock(lock_path(ctx, only[0])):  # as while a runner trains it
         (held,) = experiment_status(ctx, only)
         assert held.running is True and "running" in status_table("tiny", [held])
+    pid, start = process_identity(os.getpid()).split()
+    lock_path(ctx, only[0]).write_text(f"{pid} {int(start) + 1}")  # a live process id reused by another process
+    assert experiment_status(ctx, only)[0].running is False
     monkeypatch.setattr(train_run, "make_trainer", make)
     run_experiment(TINY, overrides=tiny(out, *args), only=only)
     (done,) = experiment_status(load_context(TINY, tiny(out, *args)), only)

@@ -62,12 +62,23 @@ def lock_path(ctx: Context, run_id: str) -> Path:
     return ctx.paths.work / f"{run_id}.lock"
 
 
-def is_running(ctx: Context, run_id: str) -> bool:
-    """Whether a process trains the run now: the process id its runner wrote into the run's lock file is alive
-    (a run killed mid-way leaves a dead one: it resumes when run again). Reads only: probing the lock itself
-    would make a runner starting the run that moment take it for busy."""
+def process_identity(pid: int) -> str:
+    """'PID START': the process id and, on Linux, its start time in clock ticks since boot (/proc/PID/stat), so
+    that a reused process id is not taken for the process that wrote it."""
     try:
-        pid = int(lock_path(ctx, run_id).read_text().strip() or 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return str(pid)
+
+
+def is_running(ctx: Context, run_id: str) -> bool:
+    """Whether a process trains the run now: the process its runner recorded in the run's lock file (id and
+    start time) is alive (a run killed mid-way leaves a dead one: it resumes when run again). Reads only:
+    probing the lock itself would make a runner starting the run that moment take it for busy."""
+    try:
+        recorded = lock_path(ctx, run_id).read_text().split()
+        pid = int(recorded[0]) if recorded else 0
     except (OSError, ValueError):
         return False
     if pid <= 0:
@@ -77,8 +88,8 @@ def is_running(ctx: Context, run_id: str) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
-    return True
+        pass
+    return len(recorded) < 2 or process_identity(pid) == " ".join(recorded[:2])
 
 
 def machine() -> str:

@@ -36,7 +36,7 @@ from multifi.errors import MultifiError
 from multifi.logs import quiet_lightning
 from multifi_experiments import baselines, report
 from multifi_experiments.catalog import make_catalog
-from multifi_experiments.context import Context, lock_path, result_path, work_dir
+from multifi_experiments.context import Context, lock_path, process_identity, result_path, work_dir
 from multifi_experiments.parts import PLANNERS, PartPlan
 from multifi_experiments.plan import RunPlan, fill
 from multifi_experiments.spec import load_spec
@@ -497,7 +497,7 @@ def _lock(path: Path):
             raise RunBusy(str(path)) from None
         try:
             f.truncate(0)
-            f.write(str(os.getpid()))  # for `experiment status`, which must not touch the lock itself
+            f.write(process_identity(os.getpid()))  # for `experiment status`, which must not touch the lock
             f.flush()
             yield
         finally:
