@@ -986,3 +986,26 @@ def test_labels_given_twice_agree_within_rounding_and_conflict_beyond():
     chain = [FidelityDataset.from_records([rec(-31.0 + d)]) for d in (0.0, 0.9e-5, 1.8e-5)]  # each step within
     with pytest.raises(MultifiError, match=r"\(-31.000000 vs -30.999982 eV\)"):  # the first and last are not
         FidelityDataset.merge(chain)
+
+
+def test_the_run_directory_keeps_the_log_of_every_start(write_config, tmp_path, caplog):
+    """multifi's log (warnings about the data included) reached only the terminal: a run directory now keeps it
+    in train.log (at the multifi logger's level: INFO from the CLI), appended on resume; a start that fails its
+    checks writes nothing."""
+    cfg = load_config(
+        write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0}), []
+    )
+    caplog.set_level(logging.INFO, logger="multifi")
+    run_dir = train(cfg)
+    text = (run_dir / "train.log").read_text()
+    assert "run directory:" in text and "WARNING" in text and text.count("run directory:") == 1
+    cfg.train.epochs = 2
+    train(cfg, resume=True)
+    assert (run_dir / "train.log").read_text().count("run directory:") == 2
+    bad = load_config(
+        write_config(name="bad.yaml", output_dir=str(tmp_path / "bad")),
+        ["data.train_limits.hi=0", "data.train_limits.lo=0"],
+    )
+    with pytest.raises(MultifiError):
+        train(bad)
+    assert not (tmp_path / "bad").exists()

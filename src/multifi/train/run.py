@@ -55,7 +55,45 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     Everything that can be checked (config, data, devices, the output folder) is checked before the
     run directory is written. A run directory without a checkpoint (a start that failed or was
     interrupted before its first checkpoint) is started afresh by `train` and by `train --resume`.
-    `dry_run`: check everything, log the plan, write nothing."""
+    `dry_run`: check everything, log the plan, write nothing. multifi's log of every start (warnings about
+    the data included) is appended to the run directory's train.log once the directory is written."""
+    with RunLog() as run_log:
+        return _train(cfg, resume, config_source, dry_run, run_log)
+
+
+class RunLog:
+    """multifi's log records of one start, held until the run directory may be written, then written to its
+    train.log (appended on resume) together with everything after; nothing is written if the start stops
+    before (a failed check leaves no file)."""
+
+    def __init__(self):
+        self.held: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+        self._hold = logging.Handler(logging.INFO)
+        self._hold.emit = self.held.append
+
+    def __enter__(self) -> RunLog:
+        log.addHandler(self._hold)
+        return self
+
+    def write_to(self, path: Path) -> None:
+        """From now on into `path`, starting with the records held so far."""
+        self.file = logging.FileHandler(path, encoding="utf-8")
+        self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        self.file.setLevel(logging.INFO)
+        for record in self.held:
+            self.file.handle(record)
+        log.removeHandler(self._hold)
+        log.addHandler(self.file)
+
+    def __exit__(self, *exc) -> None:
+        log.removeHandler(self._hold)
+        if self.file is not None:
+            log.removeHandler(self.file)
+            self.file.close()
+
+
+def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_log: RunLog) -> Path:
     run_dir = Path(cfg.output_dir)
     if cfg.extend is not None:
         raise MultifiError(
@@ -161,6 +199,9 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
             stale.unlink(missing_ok=True)
     if leader and not resume:
         _clear_unstarted(run_dir)
+    if leader:
+        run_log.write_to(run_dir / "train.log")
+    if leader and not resume:
         atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
         prep.split.save(run_dir / "splits.json", prep.dataset)
         if cfg.data.cache and not _from_saved_dataset(cfg):
@@ -194,7 +235,16 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
 
 #: what a run writes before its first checkpoint; a run directory holding only these was never started
 UNSTARTED_FILES = frozenset(
-    {"config.yaml", "splits.json", "dataset.npz", "sources.json", "metrics.csv", "hparams.yaml", "checkpoints"}
+    {
+        "config.yaml",
+        "splits.json",
+        "dataset.npz",
+        "sources.json",
+        "metrics.csv",
+        "hparams.yaml",
+        "checkpoints",
+        "train.log",
+    }
 )
 
 
