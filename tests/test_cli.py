@@ -592,3 +592,18 @@ def test_an_empty_selection_is_named_not_blamed_on_the_loss_weights(write_config
     item = item.format(empty=tmp_path / "empty.txt")
     line = fails(["train", write_config("ok.yaml"), "--set", item, "--dry-run"], capsys, f"--set {item}: ", said)
     assert "fidelity_weights" not in line
+
+
+def test_the_model_card_of_a_checkpoint_has_its_runs_split_counts(cli_run):
+    """`multifi info RUN/checkpoints/best.ckpt` showed train counts only (a checkpoint records none): the val and
+    test columns come from the run's metrics.json, as for model.pt from its own record."""
+    from multifi.card import model_card
+
+    _, run_dir = cli_run
+    from_model = model_card(run_dir / "model.pt")["data"]
+    from_ckpt = model_card(run_dir / "checkpoints" / "best.ckpt")["data"]
+    assert set(from_ckpt) == {"train", "val", "test"}
+    assert from_ckpt["train"] == from_model["train"]
+    for split in ("val", "test"):  # evaluated structures (those with every element seen) ≤ the split's labels
+        assert set(from_ckpt[split]) <= set(from_model[split])
+        assert all(0 < n <= from_model[split][f] for f, n in from_ckpt[split].items())

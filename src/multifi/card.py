@@ -74,14 +74,18 @@ def _similarity(pot) -> list[list[float]] | None:
 def _data_summary(pot, run: Path) -> dict | None:
     if "data" in pot.spec:
         return pot.spec["data"]
-    metrics = run / "metrics.json"
+    metrics = run / "metrics.json"  # a checkpoint (no counts of its own): its run's final record
     if metrics.exists():
         try:
-            n_train = json.loads(metrics.read_text()).get("n_train")
+            payload = json.loads(metrics.read_text())
         except ValueError:
-            n_train = None
-        if n_train:
-            return {"train": n_train}
+            return None
+        out = {"train": payload["n_train"]} if payload.get("n_train") else {}
+        for split, key in (("val", "val_fidelities"), ("test", "fidelities")):
+            counts = {n: m["n"] for n, m in (payload.get(key) or {}).items() if isinstance(m, dict) and "n" in m}
+            if counts:
+                out[split] = counts
+        return out or None
     return None
 
 
