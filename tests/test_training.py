@@ -872,6 +872,10 @@ def test_a_resume_on_another_number_of_processes(write_config, tmp_path, caplog)
         check_world(2, ckpt(1, 0), cosine, tmp_path)
     with pytest.raises(MultifiError, match=r"inside an epoch.* \(2 → 1 processes\)"):
         check_world(1, ckpt(2, 5), plateau, tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.ckpt").write_bytes(b"")  # a killed run: no model.pt to start from
+    with pytest.raises(MultifiError, match=r"train.init_from: .*checkpoints/best.ckpt\)"):
+        check_world(1, ckpt(2, 5), plateau, tmp_path)
     with caplog.at_level(logging.WARNING, logger="multifi"):
         check_world(2, ckpt(1, 0), plateau, tmp_path)
         assert "another number of processes (1 → 2 processes)" in caplog.text

@@ -189,7 +189,14 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     # all checks passed: only now does the run directory get written
     make_dir(run_dir)
     if leader and resumed is not None:
-        log.info("resuming at step %d from checkpoints/%s", resumed["global_step"], ckpt.name)
+        log.info(
+            "resuming at step %d from checkpoints/%s on %d process(es)",
+            resumed["global_step"],
+            ckpt.name,
+            trainer.world_size,
+        )
+    elif leader and trainer.world_size > 1:
+        log.info("training on %d processes", trainer.world_size)
     del resumed  # Lightning loads the checkpoint itself
     if leader and resume:
         _record_resumed_config(run_dir, cfg)
@@ -796,9 +803,18 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
         shown = ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in fixed[:3])
         raise MultifiError(
             f"{path}: a resumed run keeps the settings its checkpoint holds (model, loss, optimiser, schedule, "
-            f"batches, data); changed: {shown}. Start a new run instead (train.init_from: {run_dir}/model.pt "
+            f"batches, data); changed: {shown}. Start a new run instead (train.init_from: {_weights_of(run_dir)} "
             "starts from its weights)"
         )
+
+
+def _weights_of(run_dir: Path) -> Path:
+    """The file a new run can start from: model.pt, or for a run that never finished its best (else last)
+    checkpoint."""
+    for name in ("model.pt", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        if (run_dir / name).exists():
+            return run_dir / name
+    return run_dir / "model.pt"
 
 
 def check_world(world: int, resumed: dict, cfg: RunConfig, run_dir: Path) -> None:
@@ -812,7 +828,9 @@ def check_world(world: int, resumed: dict, cfg: RunConfig, run_dir: Path) -> Non
     if before is None or int(before) == world:
         return
     change = f"{before} → {world} processes"
-    keep = f"resume on {before} process(es), or start a new run from its weights (train.init_from: {run_dir}/model.pt)"
+    keep = (
+        f"resume on {before} process(es), or start a new run from its weights (train.init_from: {_weights_of(run_dir)})"
+    )
     if cfg.train.schedule == "cosine":
         raise MultifiError(
             f"{run_dir}: a cosine learning-rate schedule is planned over the run's steps, whose number depends on "
@@ -846,7 +864,7 @@ def check_more_to_train(run_dir: Path, ckpt: Path, cfg: RunConfig) -> bool:
         raise MultifiError(
             f"{run_dir}: its checkpoint has completed {epoch} epochs (step {step}); train.epochs={t.epochs} is fewer: "
             "a resume can only train on (set train.epochs above it, or start a new run from its weights with "
-            f"train.init_from: {run_dir}/model.pt)"
+            f"train.init_from: {_weights_of(run_dir)})"
         )
     done = epoch >= t.epochs or 0 < t.max_steps <= step
     if not (done and (run_dir / "model.pt").exists() and (run_dir / "metrics.json").exists()):
