@@ -242,3 +242,27 @@ def test_a_further_rank_of_a_launcher_that_is_pid_1_lives(tmp_path):
     if proc.returncode != 0 and "unshare" in proc.stderr:
         pytest.skip(f"no user/PID namespaces here: {proc.stderr.strip()}")
     assert proc.stdout.split() == ["0", "True"], (proc.stdout, proc.stderr)
+
+
+@pytest.mark.slow
+def test_two_processes_resumed_inside_an_epoch_log_the_epoch_means_of_a_run_that_never_stopped(write_config, tmp_path):
+    """Each process restores its own training-loss sums from a checkpoint inside an epoch: every process took
+    rank 0's before, and the interrupted epoch's train_loss_epoch differed (0.000587 against 0.000566)."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    train = {"epochs": 100, "batch_size": 4, "progress": False, "threads": 1, "warmup_steps": 0}
+    train.update(accelerator="cpu", schedule="constant", ema_decay=0)
+    runs = {"cut": 8, "straight": 18}  # 6 steps per epoch: the cut falls inside the second epoch
+    for name, steps in runs.items():
+        cfg = write_config(f"{name}.yaml", train={**train, "max_steps": steps}, output_dir=str(tmp_path / name))
+        cmd = [sys.executable, "-m", "multifi.cli.main", "train", str(cfg), "--devices", "2"]
+        subprocess.run(cmd, check=True, env=env, timeout=600, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "multifi.cli.main", "train", "--resume", str(tmp_path / "cut")]
+    subprocess.run([*cmd, "--set", "train.max_steps=18"], check=True, env=env, timeout=600, capture_output=True)
+
+    def means(name):
+        rows = csv.DictReader(open(tmp_path / name / "metrics.csv"))
+        return [(r["epoch"], float(r["train_loss_epoch"])) for r in rows if r.get("train_loss_epoch")]
+
+    got, want = means("cut"), means("straight")
+    assert [e for e, _ in got] == [e for e, _ in want] == ["0", "1", "2", "3"]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)

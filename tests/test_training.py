@@ -1003,6 +1003,11 @@ def test_the_run_directory_keeps_the_log_of_every_start(write_config, tmp_path, 
     run_dir = train(cfg)
     text = (run_dir / "train.log").read_text()
     assert "run directory:" in text and "WARNING" in text and text.count("run directory:") == 1
+    # the outcome too: the model kept and its test errors, as metrics.json has them
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert f"the model kept is the checkpoint of step {result['best_step']}" in text
+    hi = result["fidelities"]["hi"]
+    assert f"test hi ({hi['n']} structures): energy MAE {hi['energy_mae_meV']:.4g} meV" in text
     cfg.train.epochs = 2
     train(cfg, resume=True)
     assert (run_dir / "train.log").read_text().count("run directory:") == 2

@@ -257,12 +257,26 @@ class PotentialModule(L.LightningModule):
             checkpoint["plateau_scheduler"] = self._plateau.state_dict()
         # a checkpoint after the step that ended a run already holds that epoch's sums as they stood at the step
         # (FinalStepCheckpoint; callbacks save first): Lightning has closed and reset the epoch since
-        checkpoint.setdefault("train_epoch_sums", self.epoch_sums.state_dict())
+        own = checkpoint.get("train_epoch_sums") or self.epoch_sums.state_dict()
+        checkpoint["train_epoch_sums"] = self._sums_of_every_process(own)
+
+    def _sums_of_every_process(self, own: dict) -> dict:
+        """With several processes (every one saves, rank 0 writes): each process's epoch sums, so that each
+        restores its own on a resume inside the epoch (not rank 0's: its epoch means were off after a resume)."""
+        if self._trainer is None or self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return own
+        states: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(states, own)
+        return {"per_process": states}
 
     def on_load_checkpoint(self, checkpoint):
         self._check_model_state(checkpoint)
         self._check_optimizer_state(checkpoint)
-        self.epoch_sums = EpochSums.from_state(checkpoint.get("train_epoch_sums"))
+        state = checkpoint.get("train_epoch_sums")
+        if state and "per_process" in state:  # this process's own (none on a further process than the run had)
+            rank = self.global_rank if self._trainer is not None else 0
+            state = state["per_process"][rank] if rank < len(state["per_process"]) else None
+        self.epoch_sums = EpochSums.from_state(state)
         self._plateau_state = checkpoint.get("plateau_scheduler")
         if self._plateau is not None and self._plateau_state is not None:
             self._plateau.load_state_dict(self._plateau_state)

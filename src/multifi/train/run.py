@@ -237,7 +237,29 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
             **_training_progress(trainer, best),
         }
         atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
+        _log_result(payload)
     return run_dir
+
+
+def _log_result(payload: dict) -> None:
+    """The run's outcome in its train.log: the model kept and its test errors per fidelity."""
+    log.info(
+        "finished after %d steps; the model kept is the checkpoint of step %d (%s)",
+        payload["steps"],
+        payload["best_step"],
+        Path(payload["checkpoint"]).name,
+    )
+    labels = {
+        "energy_mae_meV": "energy MAE %.4g meV",
+        "energy_mae_meV_per_atom": "%.4g meV/atom",
+        "forces_mae_meV_per_A": "forces MAE %.4g meV/Å",
+        "stress_mae_GPa": "stress MAE %.4g GPa",
+    }
+    for name, m in payload["fidelities"].items():
+        errors = [text % m[key] for key, text in labels.items() if m.get(key) is not None]
+        log.info("test %s (%d structures): %s", name, m["n"], ", ".join(errors) or "no labels scored")
+    if not payload["fidelities"]:
+        log.info("no test structures: no test metrics")
 
 
 #: what a run writes before its first checkpoint; a run directory holding only these was never started
