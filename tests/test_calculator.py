@@ -162,3 +162,35 @@ def test_a_potential_given_as_module_is_left_untouched():
     assert all(p.requires_grad and p.dtype == torch.float32 for p in pot.parameters())
     assert all(torch.equal(v, before[k]) for k, v in pot.state_dict().items())
     assert next(eager.potential.parameters()).dtype == torch.float64
+
+
+def test_state_check_finds_the_changes_ase_finds():
+    """The calculator's exact comparison (cheaper than ASE's tolerance test, asked 2-3 times per MD step) reports
+    what ASE's compare_atoms reports, and a result is recomputed after each change."""
+    from ase.calculators.calculator import compare_atoms
+
+    atoms = bulk("Si", "diamond", 5.43, cubic=True)
+    calc = multifi.Calculator(CKPT, fidelity="PBE")
+    atoms.calc = calc
+    e0 = atoms.get_potential_energy()
+    assert calc.check_state(atoms) == [] and calc.get_property("energy", atoms, allow_calculation=False) == e0
+    edits = {
+        "positions": lambda a: a.positions.__setitem__((0, 0), a.positions[0, 0] + 1e-6),
+        "cell": lambda a: a.set_cell(a.cell * 1.001, scale_atoms=False),
+        "pbc": lambda a: a.set_pbc([True, True, False]),
+        "numbers": lambda a: a.numbers.__setitem__(0, 6),
+        "initial_magmoms": lambda a: a.set_initial_magnetic_moments(np.ones(len(a))),
+        "initial_charges": lambda a: a.set_initial_charges(np.zeros(len(a))),
+    }
+    for name, edit in edits.items():
+        changed = atoms.copy()
+        edit(changed)
+        assert calc.check_state(changed) == compare_atoms(calc.atoms, changed) == [name], name
+    moved = atoms.copy()
+    moved.positions[1] += 0.05
+    moved.calc = calc
+    assert moved.get_potential_energy() != pytest.approx(e0, abs=1e-9)  # recomputed
+    calc.ignored_changes = {"initial_magmoms"}
+    magnetic = moved.copy()
+    magnetic.set_initial_magnetic_moments(np.ones(len(magnetic)))
+    assert calc.check_state(magnetic) == []
