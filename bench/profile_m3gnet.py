@@ -1,9 +1,9 @@
 """Where the time of an M3GNet force+stress training step goes: forward parts (module hooks),
 force/stress autograd and the double backward, on batches of 32 PBE solids.
 
-    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/profile_m3gnet.py [--ops]
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/profile_m3gnet.py [--ops [--shapes]]
 
---ops adds a torch.profiler operator table (self CPU) of 10 whole steps with AdamW.
+--ops adds a torch.profiler operator table (self CPU) of 10 whole steps with AdamW (--shapes: by input shapes).
 """
 
 import collections
@@ -101,11 +101,12 @@ if "--ops" in sys.argv:
     from torch.profiler import ProfilerActivity, profile
 
     opt = torch.optim.AdamW(pot.parameters(), 5e-4)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    shapes = "--shapes" in sys.argv  # the table grouped by input shapes too
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
         for g in gs[:10]:
             out = pot(g, forces=True, stress=True, create_graph=True)
             loss, _ = lf(out, g)
             opt.zero_grad()
             loss.backward()
             opt.step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(prof.key_averages(group_by_input_shape=shapes).table(sort_by="self_cpu_time_total", row_limit=40))

@@ -264,7 +264,9 @@ def test_evaluate_on_a_file_with_a_fidelity_the_model_lacks_names_the_way_to_eva
     assert code == 0 and re.search(r"^hi +2 ", out, re.M), out
 
 
-def test_evaluate_warns_when_the_data_holds_the_models_training_structures(cli_run, tiny_extxyz, capsys, caplog):
+def test_evaluate_warns_when_the_data_holds_the_models_training_structures(
+    cli_run, tiny_extxyz, capsys, caplog, tmp_path
+):
     """Evaluating a model on its own training data (the whole file it trained on) reported the errors as if held
     out: a warning counts the structures of its training split (splits.json, by key)."""
     import logging
@@ -274,6 +276,13 @@ def test_evaluate_warns_when_the_data_holds_the_models_training_structures(cli_r
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert run(["evaluate", run_dir / "model.pt", tiny_extxyz], capsys)[0] == 0
     assert f"{len(train)} of the " in caplog.text and "are among the model's training structures" in caplog.text
+    # a run whose copy of the data cannot be read: the evaluation runs (the warning by the split's keys)
+    import shutil
+
+    broken = tmp_path / "broken_run"
+    shutil.copytree(run_dir, broken)
+    (broken / "dataset.npz").write_bytes(b"not an npz")
+    assert run(["evaluate", broken / "model.pt", tiny_extxyz], capsys)[0] == 0
 
 
 def test_predict_unknown_element(cli_run, tmp_path, capsys):

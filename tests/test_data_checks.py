@@ -249,3 +249,26 @@ def test_two_sources_of_one_fidelity_that_disagree_systematically_are_warned(cap
         warn_disagreeing_sources([source("a.csv", 0.0, 0), source("gfn1.csv", 1.0, 3)])
     assert re.search(r"gfn1.csv: their 'GFN2-xTB' energies differ by [+-](0\.9\d|1\.0\d) eV/atom", caplog.text)
     assert "another method's labels under this name?" in caplog.text
+
+
+def test_sources_whose_compositions_the_other_does_not_determine_are_not_compared(caplog):
+    """Per-element references fitted to one molecule's trajectory (composition matrix of rank 1) are one of
+    infinitely many fits: applied to other molecules they gave "differ by -61.89 eV/atom" for agreeing labels."""
+    from multifi.data.sources import warn_disagreeing_sources
+
+    rng = np.random.default_rng(1)
+    refs = {1: -13.6, 6: -1029.0, 8: -2041.0}
+
+    def trajectory(name, formulas):
+        recs = []
+        for i in range(30):
+            m = molecule(formulas[i % len(formulas)])
+            m.rattle(0.02, seed=i)
+            e = sum(refs[z] for z in m.numbers) + rng.normal(0, 0.05)
+            recs.append({"numbers": m.numbers, "positions": m.positions, "key": f"{name}{i}",
+                         "labels": {"PBE": {"energy": e}}})  # fmt: skip
+        return FidelityDataset.from_records(recs, source=name)
+
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        warn_disagreeing_sources([trajectory("ethanol.xyz", ["CH3CH2OH"]), trajectory("other.xyz", ["CH3OH", "H2CO"])])
+    assert "another method's labels" not in caplog.text

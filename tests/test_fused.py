@@ -213,6 +213,14 @@ def test_a_build_lock_left_by_a_killed_build_sends_the_build_elsewhere(tmp_path,
     os.utime(lock, (old, old))
     fused._build()
     assert built[-1] == f"{first}_1" and lock.exists()  # another folder; the old lock is left alone
+    for name in (f"{first}_{k}" for k in range(1, 4)):  # every folder's lock stale: no build, no endless wait
+        (tmp_path / "ext" / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ext" / name / "lock").write_text("")
+        os.utime(tmp_path / "ext" / name / "lock", (old, old))
+    n = len(built)
+    with pytest.raises(RuntimeError, match="build locks left by killed builds"):
+        fused._build()
+    assert len(built) == n
 
 
 def test_inconsistent_edges_are_errors_not_memory_errors():

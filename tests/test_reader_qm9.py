@@ -286,3 +286,14 @@ def test_a_fidelity_among_a_wide_tables_columns_reads_the_table(small_qm9, tmp_p
     path.write_text("index,lo,hi\n2,-1.0,-2.0\n999999,-1.0,-2.0\n")
     with pytest.raises(MultifiError, match="999999"):
         small_qm9.read_qm9(path, fidelity="hi")
+
+
+def test_a_fidelity_among_a_wide_tables_columns_reads_that_column_only(small_qm9, tmp_path):
+    """`qm9: {labels: wide.csv, fidelity: hi}` read every column as a fidelity and dropped the name given: a
+    per-method model trained jointly on all methods, silently. Now: that column, on the molecules it labels."""
+    path = write_labels(tmp_path / "wide.csv", ["1,-1.0,-2.0", "2,-1.5,", "3,,-3.5"], header="index,lo,hi")
+    ds = small_qm9.read_qm9(path, fidelity="hi")
+    assert list(ds.fidelities.names) == ["hi"] and ds.energy.shape == (2, 1)
+    assert list(ds.keys) == ["qm9:1", "qm9:3"] and ds.energy[:, 0].tolist() == [-2.0, -3.5]
+    assert len(small_qm9.read_qm9(path, fidelity="lo", limit=5)) == 2  # limit chooses among lo's molecules
+    assert list(small_qm9.read_qm9(path).fidelities.names) == ["lo", "hi"]  # no fidelity: every column

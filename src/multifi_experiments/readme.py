@@ -436,7 +436,8 @@ def _efficiency(eff: dict, unit=("energy MAE", "meV"), metric: str = "") -> list
             f"{'validation' if s.get('chosen_on', 'validation') == 'validation' else 'test (runs without validation)'} "
             f"{unit[0]} over n ∈ {{{', '.join(k[1:] for k in at)}}}); data-efficiency factor {vals}"
             + (
-                " — '>' / '<' mark bounds: the reference's errors within the measured n were all above / below."
+                " — '>' / '<' mark bounds: '> x', the error is below every error of the reference within the measured n"
+                " (x = its largest n / n); '< x', above the reference's error at its smallest n (x = its smallest n / n)."
                 if any(bounded(e, ref_ns)[1] for e in best.values())
                 else " — no factor could be measured (notes below)."
                 if all(bounded(e, ref_ns)[0] is None for e in best.values())

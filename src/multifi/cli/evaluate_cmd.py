@@ -198,10 +198,12 @@ def _trained_keys(checkpoint) -> set[str]:
     run = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     run = run.parent if run.name == "checkpoints" else run
     split_files = [run / name for name in ("splits.json", "splits.npz", PAIRS)]
-    if (run / "config.yaml").exists() and (run / "dataset.npz").exists() and any(f.exists() for f in split_files):
+    # the data as trained: the run's copy, or (indices in splits.npz) the saved dataset it indexes; not re-read
+    copied = (run / "dataset.npz").exists() or (run / "splits.npz").exists()
+    if (run / "config.yaml").exists() and copied and any(f.exists() for f in split_files):
         try:
             old = load_old_run(run)
-        except MultifiError:
+        except (MultifiError, OSError, ValueError, KeyError):  # unreadable: no warning rather than no evaluation
             return set()
         return {str(k) for k in old.dataset.keys[np.unique(old.train[:, 0])]}
     try:  # no copy of the data: the split's keys (before train_limits)

@@ -157,12 +157,17 @@ def warn_disagreeing_sources(parts, max_structures: int = 5000) -> None:
                 by_name.setdefault(name, []).append((part.source or "data", elements, counts, part.energy[s, k], n))
     for name, fits in by_name.items():
         for a_src, a_el, a_counts, a_e, a_n in fits:
-            ref, *_ = np.linalg.lstsq(a_counts.astype(np.float64), a_e, rcond=None)
+            a_counts = a_counts.astype(np.float64)
+            ref, _, a_rank, _ = np.linalg.lstsq(a_counts, a_e, rcond=None)
             spread = float(np.sqrt(np.mean(((a_counts @ ref - a_e) / a_n) ** 2)))
             for b_src, b_el, b_counts, b_e, b_n in fits:
                 if b_src == a_src or not np.isin(b_el, a_el).all():
                     continue
                 cols = np.searchsorted(a_el, b_el)
+                b_full = np.zeros((len(b_counts), len(a_el)))
+                b_full[:, cols] = b_counts
+                if np.linalg.matrix_rank(np.vstack([a_counts, b_full])) > a_rank:
+                    continue  # A's compositions (one molecule's trajectory: rank 1) do not fix B's references
                 offset = float(np.mean((b_e - b_counts @ ref[cols]) / b_n))
                 if abs(offset) > max(DISAGREE_EV_PER_ATOM, DISAGREE_SPREADS * spread):
                     log.warning(

@@ -52,6 +52,8 @@ def _build() -> None:
         if (folder / f"{name}.so").exists() or not _stale(folder / "lock"):
             break
         log.warning("%s: a build lock left by a killed build; building in another folder", folder / "lock")
+    else:  # every folder's lock is stale: waiting on one would never end (the caller falls back to torch's ops)
+        raise RuntimeError(f"{folder.parent}: build locks left by killed builds in {base}*; remove them to build")
     if not (folder / f"{name}.so").exists():
         log.info("compiling the fused message kernels (once per machine and torch version, ~20 s)")
     # -ffp-contract=off: no fused multiply-adds, so sums round exactly as torch's separate product and index_add

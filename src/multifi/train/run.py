@@ -86,6 +86,16 @@ class RunLog:
         log.removeHandler(self._hold)
         log.addHandler(self.file)
 
+    def to_file(self, message: str) -> None:
+        """`message` into train.log only (e.g. what the terminal shows as a table)."""
+        if self.file is not None:
+            self.file.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))
+
+    def discard(self) -> None:
+        """Hold nothing more (a further process of a multi-process run: only the leader writes train.log)."""
+        log.removeHandler(self._hold)
+        self.held.clear()
+
     def __exit__(self, *exc) -> None:
         log.removeHandler(self._hold)
         if self.file is not None:
@@ -101,6 +111,8 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
             "run it with multifi extend --config"
         )
     leader = is_leader_process()
+    if not leader:
+        run_log.discard()
     ckpt = _resume_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         check_resume_changes(run_dir, cfg)
@@ -237,12 +249,13 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
             **_training_progress(trainer, best),
         }
         atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
-        _log_result(payload)
+        _log_result(payload, run_log)
     return run_dir
 
 
-def _log_result(payload: dict) -> None:
-    """The run's outcome in its train.log: the model kept and its test errors per fidelity."""
+def _log_result(payload: dict, run_log: RunLog) -> None:
+    """The run's outcome: the model kept (logged) and its test errors per fidelity (train.log only: the command
+    line prints them as a table)."""
     log.info(
         "finished after %d steps; the model kept is the checkpoint of step %d (%s)",
         payload["steps"],
@@ -257,9 +270,9 @@ def _log_result(payload: dict) -> None:
     }
     for name, m in payload["fidelities"].items():
         errors = [text % m[key] for key, text in labels.items() if m.get(key) is not None]
-        log.info("test %s (%d structures): %s", name, m["n"], ", ".join(errors) or "no labels scored")
+        run_log.to_file(f"test {name} ({m['n']} structures): {', '.join(errors) or 'no labels scored'}")
     if not payload["fidelities"]:
-        log.info("no test structures: no test metrics")
+        run_log.to_file("no test structures: no test metrics")
 
 
 #: what a run writes before its first checkpoint; a run directory holding only these was never started

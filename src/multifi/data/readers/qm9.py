@@ -481,6 +481,7 @@ def read_qm9(
             )
         return read_qm9_wide(
             labels,
+            fidelity=fidelity,
             limit=limit,
             indices=indices,
             seed=seed,
@@ -595,6 +596,7 @@ def _header_fields(line: str) -> list[str]:
 
 def read_qm9_wide(
     path: str | os.PathLike,
+    fidelity: str | None = None,
     limit: int | None = None,
     indices=None,
     seed: int = 0,
@@ -606,6 +608,7 @@ def read_qm9_wide(
 
     Header `index,<fidelity>,<fidelity>,…`; one row per molecule; an empty field or `nan` is a missing
     label. Each molecule is stored once with a row of K labels (energy [S, K]), not once per label.
+    `fidelity`: only that column, on the molecules it labels (limit and indices choose among those).
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -630,6 +633,12 @@ def read_qm9_wide(
         raise MultifiError(f"{path}: {table.shape[1]} columns, header names {len(header)}{hint}")
     idx = table[:, 0].astype(np.int64)
     energy = table[:, 1:]
+    if fidelity is not None:
+        if fidelity not in names:
+            raise MultifiError(f"{path}: no column {fidelity!r} (columns after index: {', '.join(names)})")
+        column = names.index(fidelity)
+        labelled = ~np.isnan(energy[:, column])
+        idx, energy, names = idx[labelled], energy[labelled][:, [column]], [fidelity]
     bad = np.isinf(energy)
     if bad.any():
         if not skip_invalid:
