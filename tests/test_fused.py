@@ -62,10 +62,22 @@ def test_direction_messages_first_derivatives_match_finite_differences():
         fused.gather_mul_scatter(base, x, w, plan, unit.requires_grad_(True))
 
 
-def test_a_second_derivative_is_refused_not_silently_wrong():
+@pytest.mark.parametrize("channels", [1, 3])
+def test_second_derivatives_match_finite_differences(channels):
+    """Force training differentiates the messages twice: the sum and its derivatives are the same kernels."""
+    i, j = _edges(9, 40, sorted_centres=False, seed=5)
+    plan = fused.EdgePlan(i, j, 9)
+    base = torch.randn(9, channels, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(9, channels, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda b, x, w: fused.gather_mul_scatter(b, x, w, plan), (base, x, w))
+
+
+def test_a_second_derivative_of_the_direction_sum_is_refused_not_silently_wrong():
     i, j = _edges(8, 30, sorted_centres=True)
-    x = torch.randn(8, 3, 4, requires_grad=True)
-    out = fused.gather_mul_scatter(torch.zeros(8, 3, 4), x, torch.randn(30, 4), fused.EdgePlan(i, j, 8))
+    x = torch.randn(8, 4, requires_grad=True)
+    unit = torch.nn.functional.normalize(torch.randn(30, 3), dim=-1)
+    out = fused.gather_mul_scatter(torch.zeros(8, 3, 4), x, torch.randn(30, 4), fused.EdgePlan(i, j, 8), unit)
     (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="twice|differentiable"):
         g.sum().backward()
@@ -155,11 +167,47 @@ def test_painn_forces_without_second_derivative_use_the_kernels_and_equal_torch_
     with fused.first_order_only():
         fast = grad_of_vec()
     assert len(calls) == 5  # scalar and direction messages of 2 interactions, v_j of the second
-    dense = grad_of_vec()  # outside: edge vectors that require grad take the dense path
-    assert len(calls) == 5
+    dense = grad_of_vec()  # outside: the direction term of edge vectors that require grad takes torch's ops
+    assert len(calls) == 5 + 3  # the scalar and v_j messages stay on the kernels
+    model.fused_messages = False
+    dense = grad_of_vec()
+    assert len(calls) == 8
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fast[0], dense[0], **tol)
     torch.testing.assert_close(fast[1], dense[1], **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_painn_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatch):
+    """Force training (forces with create_graph, then the loss's gradient: second derivatives): the scalar and
+    v_j messages on the kernels give the forces and parameter gradients of torch's ops."""
+    calls = []
+    monkeypatch.setattr(painn, "gather_mul_scatter", lambda *a: calls.append(1) or fused.gather_mul_scatter(*a))
+    torch.manual_seed(2)
+    model = PaiNN(features=16, interactions=3, cutoff=4.0, n_rbf=8).to(dtype)
+    pos = torch.randn(24, 3, dtype=dtype) * 2.0
+    d = (pos[None] - pos[:, None]).norm(dim=-1)
+    i, j = torch.nonzero((d < 4.0) & (d > 0), as_tuple=True)
+    numbers = torch.randint(1, 9, (24,))
+
+    def force_step():
+        model.zero_grad()
+        p = pos.clone().requires_grad_(True)
+        energy = model(numbers, torch.stack([i, j]), p[j] - p[i]).sum()
+        (forces,) = torch.autograd.grad(-energy, p, create_graph=True)
+        (energy.square() + forces.square().sum()).backward()
+        return forces.detach(), [q.grad.clone() for q in model.parameters() if q.grad is not None]
+
+    fast = force_step()
+    assert len(calls) == 5  # scalar messages of 3 interactions, v_j of the last 2
+    model.fused_messages = False
+    ref = force_step()
+    assert len(calls) == 5
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(fast[0], ref[0], **tol)
+    assert len(fast[1]) == len(ref[1])
+    for a, b in zip(fast[1], ref[1]):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_unit_vectors_that_require_grad_need_first_order_only_and_match_finite_differences():

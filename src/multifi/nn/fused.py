@@ -7,9 +7,9 @@ torch.utils.cpp_extension on first use (a C++ compiler and ninja; ~20 s once per
 version, cached in torch's extension folder, `TORCH_EXTENSIONS_DIR`). Without a compiler, or with
 MULTIFI_FUSED=0, `available()` is False and callers keep torch's own ops (one warning says why).
 
-The autograd function is differentiable once (its backward uses the same kernels, not differentiable
-again): callers use it only where no second derivative is taken (energy-only training, inference
-without forces). Each destination row sums its edges in edge order, as index_add does.
+The sum without unit vectors is differentiable to any order (its derivatives are the same kernels, force
+training included); the direction sum with unit vectors only once (energy-only training, inference, forces
+without a second derivative). Each destination row sums its edges in edge order, as index_add does.
 """
 
 from __future__ import annotations
@@ -196,17 +196,63 @@ class _GatherMulScatter(torch.autograd.Function):
         return g if ctx.needs_input_grad[0] else None, gx, gw, gu, None
 
 
+class _Messages(torch.autograd.Function):
+    """base + Σ_{e: dst_e = d} x[src_e] ⊙ w_e, (dst, src) = (i, j), or (j, i) when `reverse`; differentiable to
+    any order: its derivatives are this sum the other way round (x) and _EdgeProducts (w), whose derivatives
+    are this sum both ways, so force training (a second derivative) runs on the same kernels."""
+
+    @staticmethod
+    def forward(ctx, base, x, w, plan: EdgePlan, reverse: bool):
+        ctx.plan, ctx.reverse = plan, reverse
+        ctx.save_for_backward(x, w)
+        rows, src = (plan.by_neighbor, plan.center) if reverse else (plan.by_center, plan.neighbor)
+        base, x, w = base.contiguous(), x.contiguous(), w.contiguous()
+        return torch.ops.multifi_fused.segment_sum(base, x, w, _NONE.to(x.dtype), src, rows.ptr, rows.order)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[1]:  # Σ over the edges leaving atom n of g[dst_e] ⊙ w_e
+            gx = _Messages.apply(torch.zeros_like(x), g, w, ctx.plan, not ctx.reverse)
+        if ctx.needs_input_grad[2]:
+            gw = _EdgeProducts.apply(g, x, ctx.plan, ctx.reverse)
+        return g if ctx.needs_input_grad[0] else None, gx, gw, None, None
+
+
+class _EdgeProducts(torch.autograd.Function):
+    """[E, F]: Σ_c g[dst_e, c] ⊙ x[src_e, c] (the weight gradient of _Messages), differentiable to any order."""
+
+    @staticmethod
+    def forward(ctx, g, x, plan: EdgePlan, reverse: bool):
+        ctx.plan, ctx.reverse = plan, reverse
+        ctx.save_for_backward(g, x)
+        dst, src = (plan.neighbor, plan.center) if reverse else (plan.center, plan.neighbor)
+        return torch.ops.multifi_fused.edge_dot(g.contiguous(), x.contiguous(), _NONE.to(x.dtype), dst, src)
+
+    @staticmethod
+    def backward(ctx, gg):
+        g, x = ctx.saved_tensors
+        dg = dx = None
+        if ctx.needs_input_grad[0]:  # Σ over the edges into row d of x[src_e] ⊙ gg_e
+            dg = _Messages.apply(torch.zeros_like(g), x, gg, ctx.plan, ctx.reverse)
+        if ctx.needs_input_grad[1]:  # Σ over the edges out of atom n of g[dst_e] ⊙ gg_e
+            dx = _Messages.apply(torch.zeros_like(x), g, gg, ctx.plan, not ctx.reverse)
+        return dg, dx, None, None
+
+
 def gather_mul_scatter(
     base: torch.Tensor, x: torch.Tensor, w: torch.Tensor, plan: EdgePlan, unit: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """base + Σ_{e: i_e = n} x[j_e] ⊙ w_e, first derivatives only (for `unit` only inside first_order_only()).
+    """base + Σ_{e: i_e = n} x[j_e] ⊙ w_e.
 
     Without unit: base [N, C, F], x [N, C, F], w [E, F] (broadcast over C); the values of
-    base.index_add(0, i, x.index_select(0, j) * w.unsqueeze(1)). With unit û [E, 3]: x [N, F] and the
-    sum is Σ (x[j_e] ⊙ w_e) ⊗ û_e, base and result [N, 3, F].
+    base.index_add(0, i, x.index_select(0, j) * w.unsqueeze(1)), differentiable to any order. With unit
+    û [E, 3]: x [N, F] and the sum is Σ (x[j_e] ⊙ w_e) ⊗ û_e, base and result [N, 3, F], first derivatives
+    only (û requiring grad only inside first_order_only()).
     """
     if unit is None:
-        return _GatherMulScatter.apply(base, x, w, _NONE.to(x.dtype), plan)
+        return _Messages.apply(base, x, w, plan, False)
     if unit.requires_grad and not first_order_only_active():
         raise ValueError(
             "gather_mul_scatter: unit vectors that require grad need first_order_only() (no second derivative)"
