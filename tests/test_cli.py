@@ -616,3 +616,22 @@ def test_the_model_card_of_a_checkpoint_has_its_runs_split_counts(cli_run):
     for split in ("val", "test"):  # evaluated structures (those with every element seen) ≤ the split's labels
         assert set(from_ckpt[split]) <= set(from_model[split])
         assert all(0 < n <= from_model[split][f] for f, n in from_ckpt[split].items())
+
+
+def test_an_implausible_error_from_estimated_references_does_not_blame_the_labels(caplog):
+    """Every structure with an element whose reference was estimated (no labels of it at that fidelity): 6616
+    meV/atom, and the hint asked whether the labels were in eV. It names the estimated references now."""
+    import logging
+
+    from multifi.cli.evaluate_cmd import _warn_implausible
+
+    estimated = {"n": 1, "energy_mae_meV_per_atom": 6616.0, "n_estimated_references": 1, "fitted_references": {"n": 0}}
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        _warn_implausible({"HF/3-21G": estimated}, "hf_F.extxyz")
+    assert "the estimated per-element references (warned above) are a likely cause" in caplog.text
+    assert "in eV" not in caplog.text
+    caplog.clear()
+    labels = {"n": 9, "energy_mae_meV_per_atom": 5000.0}
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        _warn_implausible({"HF/3-21G": labels}, "hf.extxyz")
+    assert "are these labels at HF/3-21G, in eV" in caplog.text

@@ -817,3 +817,34 @@ def test_a_training_run_folder_is_not_called_an_unfinished_extension(old_run, tm
     assert main(["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", "CC", "--out", str(run)]) == 2
     err = capsys.readouterr().err
     assert "exists and is not empty" in err and "did not finish" not in err
+
+
+def test_a_config_source_naming_no_fidelity_holds_the_new_one_and_the_run_keeps_its_log(tmp_path, caplog):
+    """`extend: {fidelity: CC}` with a source naming no fidelity was an error ("frame 0: no fidelity"), while the
+    command line's --data with --fidelity takes such structures as the new fidelity. The run directory keeps
+    multifi's log (train.log), ending with the model kept and its test errors, and metrics.json the step."""
+    _, path = saved_model(tmp_path)
+    cfg = ext_config(tmp_path, path)
+    cfg.data.sources[0].fidelity = None
+    caplog.set_level("INFO", logger="multifi")  # the command line's level
+    run_dir = extend(cfg)
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["new_fidelity"] == "CC" and result["n_train"]["CC"] > 0
+    assert result["steps"] == 3 and 0 <= result["best_step"] <= 3
+    text = (run_dir / "train.log").read_text()
+    assert f"the model kept is the checkpoint of step {result['best_step']}" in text
+    assert "extend " in text and "test CC (" in text
+
+
+def test_the_forgetting_table_shows_stress_where_it_was_measured():
+    from multifi.cli.format import forgetting_table
+
+    def errors(stress):
+        return {"n": 5, "energy_mae_meV": 1.0, "forces_mae_meV_per_A": 2.0, "stress_mae_GPa": stress}
+
+    with_stress = {"PBE": {"split": "test", "before": errors(9.27), "after": errors(9.31)}}
+    table = forgetting_table(with_stress, unchanged=False)
+    assert "S MAE GPa before" in table and "9.270" in table and "9.310" in table
+    assert "S MAE" not in forgetting_table(
+        {"PBE": {"split": "test", "before": errors(None), "after": errors(None)}}, False
+    )

@@ -311,3 +311,22 @@ def test_training_anchors_are_a_seeded_sample_beyond_the_limit(setting, monkeypa
     rows = [int(np.argmin(np.abs(everything - r).sum(1))) for r in a]  # each anchor is one pool structure's
     assert len(set(rows)) == 7
     assert select.training_anchors(pot, pool.subset(np.arange(0)), "hi").shape == (0, f.shape[1] - 1)
+
+
+def test_select_writes_the_picked_structures_of_a_pool_without_keys(cli_run, tmp_path, capsys):  # noqa: F811
+    """A pool without keys got geometry hashes as keys (sha1:…), which no other command shows: the picks could not
+    be turned into calculations. --out FILE.extxyz writes the picked structures, in pick order, with their keys."""
+    _, run_dir = cli_run
+    mols = [rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=400 + i, stdev=0.1) for i in range(8)]
+    pool = tmp_path / "nokeys.extxyz"
+    ase.io.write(pool, mols, format="extxyz")
+    base = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--n", "3", "--strategy", "random"]
+    assert run([*base, "--out", tmp_path / "k.txt"], capsys)[0] == 0
+    keys = (tmp_path / "k.txt").read_text().split()
+    for out in (tmp_path / "picks.extxyz", tmp_path / "picks.xyz.gz"):
+        assert run([*base, "--out", out], capsys)[0] == 0
+        picked = ase.io.read(out, ":")
+        assert [a.info["key"] for a in picked] == keys and all(k.startswith("sha1:") for k in keys)
+        for a in picked:  # the pool's own structures, unchanged
+            same = [m for m in mols if len(m) == len(a) and np.abs(m.positions - a.positions).max() < 1e-5]
+            assert len(same) == 1 and (same[0].numbers == a.numbers).all()

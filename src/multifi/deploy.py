@@ -264,7 +264,8 @@ def deploy(checkpoint, fidelity: str, out: str | Path, dtype: str = "float64", s
         raise MultifiError(f"dtype must be float32 or float64, not {dtype!r}")
     torch_dtype = getattr(torch, dtype)
     potential = checkpoint if isinstance(checkpoint, nn.Module) else load_potential(checkpoint, compile=False)
-    k = potential.fidelity_index(fidelity)  # unknown names: one clear error before any work
+    where = "model" if isinstance(checkpoint, nn.Module) else str(checkpoint)
+    k = potential.fidelities.index(fidelity, where=where)  # unknown names: one error naming the file, before any work
     numbers = np.asarray(potential.elements, dtype=np.int64)
     check_elements(
         potential, numbers, np.ones(len(numbers), np.int64), k, str(out), strict=strict_references, compositions=False

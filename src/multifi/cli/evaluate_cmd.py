@@ -121,11 +121,28 @@ IMPLAUSIBLE_MEV_PER_ATOM = 1000.0  # no trained potential errs by 1 eV/atom on i
 
 def _warn_implausible(metrics: dict, where: str) -> None:
     """Errors of more than 1 eV/atom mean labels of another level of theory or unit, not a model error."""
-    from multifi.keys import ENERGY_MAE_PER_ATOM
+    from multifi.keys import ENERGY_MAE_PER_ATOM, ESTIMATED, FITTED_ONLY
 
     for name, m in metrics.items():
         err = m.get(ENERGY_MAE_PER_ATOM)
-        if err is not None and err > IMPLAUSIBLE_MEV_PER_ATOM:
+        if err is None or err <= IMPLAUSIBLE_MEV_PER_ATOM:
+            continue
+        fitted = (m.get(FITTED_ONLY) or {}).get(ENERGY_MAE_PER_ATOM)
+        if m.get(ESTIMATED):  # the estimated references may be the cause, not the labels
+            log.warning(
+                "%s: %s energy MAE %.0f meV/atom over all structures, %s over the %d without an estimated "
+                "reference: the estimated per-element references (warned above) are a likely cause%s",
+                where,
+                name,
+                err,
+                "—" if fitted is None else f"{fitted:.0f} meV/atom",
+                m[FITTED_ONLY].get("n", 0) if m.get(FITTED_ONLY) else 0,
+                ""
+                if fitted is None or fitted <= IMPLAUSIBLE_MEV_PER_ATOM
+                else "; the others' errors are implausible too: "
+                f"are these labels at {name}, in eV, total energies of the same kind?",
+            )
+        else:
             log.warning(
                 "%s: %s energy MAE %.0f meV/atom: are these labels at %s, in eV, total energies of the same kind "
                 "(check the structures' fidelity, --fidelity, --energy-key)?",

@@ -43,6 +43,8 @@ def forgetting_table(forgetting: dict[str, dict], unchanged: bool) -> str:
     if not forgetting:
         return f"{head}; errors not measured (no run directory with the model's data)"
     cols = [(ENERGY_MAE, "E MAE meV", "{:.2f}"), (FORCES_MAE, "F MAE meV/Å", "{:.1f}")]
+    if any(f[w].get(STRESS_MAE) is not None for f in forgetting.values() for w in ("before", "after")):
+        cols.append((STRESS_MAE, "S MAE GPa", "{:.3f}"))
     width = max([len("fidelity")] + [len(n) for n in forgetting]) + 2
     first = next(iter(forgetting.values()))
     on = f"{first['split']} split, the same structures before and after (n per fidelity)"

@@ -35,7 +35,12 @@ def register(sub):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", help="file of structure keys already labelled (one per line)")
-    p.add_argument("--out", required=True, help="picked structure keys, one per line, in pick order")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="picked structure keys, one per line, in pick order; a .extxyz/.xyz(.gz) file gets the picked "
+        "structures themselves (keys in info['key']), e.g. for a pool without keys",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="structures per forward pass (memory, not results)")
     p.set_defaults(func=run)
 
@@ -95,7 +100,19 @@ def run(args) -> int:
         anchors=anchors,
     )
     keys = [str(k) for k in pool.keys[picks]]
-    atomic_write(Path(args.out), lambda f: f.write("".join(k + "\n" for k in keys).encode()))
+    out = Path(args.out)
+    if _is_structure_file(out):  # the picked structures themselves (keys in info['key']), ready to compute
+        import io
+
+        import ase.io
+
+        from multifi.files import encoded_for
+
+        text = io.StringIO()
+        ase.io.write(text, [pool.to_atoms(int(i)) for i in picks], format="extxyz")
+        atomic_write(out, lambda f: f.write(encoded_for(out, text.getvalue().encode())))
+    else:
+        atomic_write(out, lambda f: f.write("".join(k + "\n" for k in keys).encode()))
     eligible = int((~labelled_mask(pool, args.fidelity, exclude)).sum())
     in_run = int(in_run_mask.sum())
     print(
@@ -105,6 +122,14 @@ def run(args) -> int:
         + f") for {args.fidelity} ({args.strategy}) → {args.out}"
     )
     return 0
+
+
+def _is_structure_file(path) -> bool:
+    """--out names an extxyz file (.extxyz, .xyz, optionally .gz): the picked structures are written there."""
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return bool(suffixes) and suffixes[-1] in (".extxyz", ".xyz")
 
 
 def labelled_in_run(model: str, fidelity: str) -> tuple[list[str], np.ndarray, object]:

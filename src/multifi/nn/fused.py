@@ -281,10 +281,12 @@ def first_order_only_active() -> bool:
 
 
 def applicable(*tensors: torch.Tensor) -> bool:
-    """CPU float32/float64 tensors outside torch.compile tracing, and the kernels available."""
+    """CPU float32/float64 tensors outside torch.compile and make_fx tracing (deploy, aot: their graphs hold
+    torch's own operators), and the kernels available."""
     return (
         all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
         and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
         and not _transformed()
         and available()
     )

@@ -326,7 +326,9 @@ def read_new_data(
     """The new fidelity's labels from data.sources and their split (data.split, data.train_limits); without
     split files, structures the model's run `old` also holds keep their split there (follow_split)."""
     d = cfg.data
-    ds = read_sources(d.sources, d.skip_invalid)
+    # a source naming no fidelity holds the new fidelity's labels (as `--data` with `--fidelity`)
+    sources = [s.model_copy(update={"fidelity": name}) if _names_no_fidelity(s) else s for s in d.sources]
+    ds = read_sources(sources, d.skip_invalid)
     where = ", ".join(str(s.path or "qm9") for s in d.sources)
     if name not in ds.fidelities:
         raise MultifiError(
@@ -345,6 +347,10 @@ def read_new_data(
     limits = ds.fidelities.per_index(d.train_limits, np.nan, "data.train_limits")
     pairs["train"] = limit_pairs(pairs["train"], limits, ds, d.split.seed)
     return ds, pairs
+
+
+def _names_no_fidelity(source) -> bool:
+    return source.fidelity is None and (source.qm9 is None or source.qm9.fidelity is None)
 
 
 def follow_split(split: Split, ds: FidelityDataset, old: OldRun) -> Split:
@@ -428,13 +434,24 @@ def _unfinished_extension(run_dir: Path) -> bool:
 
 def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Path:
     """Extend cfg.extend.model by the fidelity cfg.extend.fidelity; returns the run directory
-    (model.pt, metrics.json with the new fidelity's test errors and the old fidelities' before/after).
+    (model.pt, metrics.json with the new fidelity's test errors and the old fidelities' before/after, train.log
+    with multifi's log of the extension, warnings about the data included).
     `dry_run`: check model, config and data, log the plan, write nothing."""
+    from multifi.train.run import RunLog
+
+    with RunLog() as run_log:
+        return _extend(cfg, config_source, dry_run, run_log)
+
+
+def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log) -> Path:
+    from multifi.logs import is_leader_process
     from multifi.models.registry import load_potential
     from multifi.train.datamodule import MultiFidelityData
     from multifi.train.run import (
         _configure_threads,
+        _log_result,
         _quiet_lightning,
+        _training_progress,
         check_something_trains,
         final_checkpoint,
         fit_or_interrupt,
@@ -505,6 +522,8 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
         _report_extension_plan(cfg, module, pairs, table, run_dir)
         return run_dir
     make_dir(run_dir)
+    if is_leader_process():
+        run_log.write_to(run_dir / "train.log")
     atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
     trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)
     try:
@@ -512,9 +531,11 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Pa
     except KeyboardInterrupt:  # an extension cannot be resumed: its unfinished folder goes, the command can rerun
         shutil.rmtree(run_dir, ignore_errors=True)
         raise KeyboardInterrupt(f"the extension was not finished and {run_dir} was removed; run it again") from None
-    best = load_potential(final_checkpoint(trainer, run_dir), compile=False)
+    best_path = final_checkpoint(trainer, run_dir)
+    best = load_potential(best_path, compile=False)
     best.head.record_contacts(shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0])))
-    _finish(cfg, old, best, data, pairs, table, old_run, replay)
+    progress = {"checkpoint": str(best_path), **_training_progress(trainer, best_path)}
+    _log_result(_finish(cfg, old, best, data, pairs, table, old_run, replay, progress), run_log)
     if run_data is not None:  # without the old run's data the run keeps none (a further extension cannot replay)
         save_run_data(run_dir, *run_data)
     return run_dir
@@ -608,9 +629,12 @@ def _warn_settings_not_carried(run: Path, cfg: RunConfig) -> None:
             )
 
 
-def _finish(cfg: RunConfig, old, potential, data, pairs: dict, table: FidelityTable, old_run, replay) -> None:
+def _finish(
+    cfg: RunConfig, old, potential, data, pairs: dict, table: FidelityTable, old_run, replay, progress: dict
+) -> dict:
     """Check the freeze, evaluate the new fidelity and the old ones (before/after), write model.pt and
-    metrics.json into the run directory."""
+    metrics.json (with `progress`: the checkpoint kept, its step, the steps run) into the run directory; returns
+    what metrics.json holds."""
     from multifi.models.registry import save_potential
     from multifi.train.evaluate import evaluate_pairs
 
@@ -633,8 +657,10 @@ def _finish(cfg: RunConfig, old, potential, data, pairs: dict, table: FidelityTa
         "forgetting": forgetting,
         "old_run": str(old_run.path) if old_run else None,
         "n_train": _counts(pairs["train"], table),
+        **progress,
     }
     atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
+    return payload
 
 
 def _old_run_data(run: Path | None, explicit: bool) -> OldRun | None:

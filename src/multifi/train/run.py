@@ -262,11 +262,13 @@ def _log_result(payload: dict, run_log: RunLog) -> None:
         payload["best_step"],
         Path(payload["checkpoint"]).name,
     )
+    from multifi.keys import ENERGY_MAE, ENERGY_MAE_PER_ATOM, FORCES_MAE, STRESS_MAE
+
     labels = {
-        "energy_mae_meV": "energy MAE %.4g meV",
-        "energy_mae_meV_per_atom": "%.4g meV/atom",
-        "forces_mae_meV_per_A": "forces MAE %.4g meV/Å",
-        "stress_mae_GPa": "stress MAE %.4g GPa",
+        ENERGY_MAE: "energy MAE %.4g meV",
+        ENERGY_MAE_PER_ATOM: "%.4g meV/atom",
+        FORCES_MAE: "forces MAE %.4g meV/Å",
+        STRESS_MAE: "stress MAE %.4g GPa",
     }
     for name, m in payload["fidelities"].items():
         errors = [text % m[key] for key, text in labels.items() if m.get(key) is not None]
