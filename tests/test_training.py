@@ -1018,3 +1018,31 @@ def test_the_run_directory_keeps_the_log_of_every_start(write_config, tmp_path, 
     with pytest.raises(MultifiError):
         train(bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_pooled_model_of_two_distant_methods_does_not_blame_the_labels(write_config, tmp_path, caplog):
+    """inject: single fits one reference set to all fidelities; the unit checks compared each fidelity's labels
+    with that pooled fit and warned "energies in two units ... in one fidelity?" for correct labels."""
+    import ase.io
+    from conftest import MOLECULES, emt_labelled
+
+    frames = []
+    for i in range(40):
+        a = rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=i)
+        frames += [emt_labelled(a, "lo"), emt_labelled(a, "hi", 1.0, 8.0)]  # 8 eV/atom apart
+    ase.io.write(tmp_path / "far.extxyz", frames, format="extxyz")
+    model = {**TINY_MODEL_SINGLE}
+    data = {"sources": [{"path": str(tmp_path / "far.extxyz")}]}
+    cfg = load_config(write_config(model=model, data=data, train={"max_steps": 1}), [])
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        train(cfg)
+    assert "lie far from the reference energies" not in caplog.text
+
+
+TINY_MODEL_SINGLE = {
+    "features": 8,
+    "interactions": 1,
+    "cutoff": 4.0,
+    "n_rbf": 8,
+    "fidelity_embedding": {"inject": "single"},
+}
