@@ -287,6 +287,13 @@ def test_cli_all_with_replay_reports_forgetting(old_run, tmp_path, capsys, caplo
     assert m["old_fidelities_unchanged"] is False
     saved = load_config(out / "config.yaml")
     assert saved.extend.replay == 0.5 and saved.extend.replay_fidelities == ["hi"]
+    # `info` on the extension's checkpoint tells what `info` on its model.pt tells (it showed the replay counts)
+    for path in (out, out / "checkpoints" / "best.ckpt"):
+        assert main(["info", str(path)]) == 0
+        text = capsys.readouterr().out
+        row = next(line for line in text.splitlines() if line.strip().startswith("0  lo"))
+        assert row.split()[2] == str(load_potential(old_run / "model.pt").spec["data"]["train"]["lo"])
+        assert "extensions:" in text
 
 
 def test_old_run_without_its_dataset_cache_reads_its_sources_again(old_run, tmp_path, capsys):
