@@ -31,6 +31,11 @@ def module_at(rev: str, name: str) -> types.ModuleType:
         src = subprocess.run(["git", "show", obj], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     mod = types.ModuleType(f"{name}_variant")
     exec(compile(src, f"{name}@{rev}", "exec"), mod.__dict__)
+    fused = getattr(mod, "fused", None)
+    if fused is not None and not hasattr(fused, "first_order_only_active"):
+        # revisions between 0fe91a9 and 6c6c7f2 asked whether a first-order-only context (gone since: the kernels
+        # are differentiable to any order) was active; outside one, as in every A/B script, it is not
+        mod.fused = types.SimpleNamespace(**vars(fused), first_order_only_active=lambda: False)
     return mod
 
 

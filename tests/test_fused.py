@@ -58,8 +58,6 @@ def test_direction_messages_first_derivatives_match_finite_differences():
     x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(60, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda b, x, w: fused.gather_mul_scatter(b, x, w, plan, unit), (base, x, w))
-    with pytest.raises(ValueError, match="need first_order_only"):
-        fused.gather_mul_scatter(base, x, w, plan, unit.requires_grad_(True))
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -73,14 +71,16 @@ def test_second_derivatives_match_finite_differences(channels):
     assert torch.autograd.gradgradcheck(lambda b, x, w: fused.gather_mul_scatter(b, x, w, plan), (base, x, w))
 
 
-def test_a_second_derivative_of_the_direction_sum_is_refused_not_silently_wrong():
-    i, j = _edges(8, 30, sorted_centres=True)
-    x = torch.randn(8, 4, requires_grad=True)
-    unit = torch.nn.functional.normalize(torch.randn(30, 3), dim=-1)
-    out = fused.gather_mul_scatter(torch.zeros(8, 3, 4), x, torch.randn(30, 4), fused.EdgePlan(i, j, 8), unit)
-    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="twice|differentiable"):
-        g.sum().backward()
+def test_direction_messages_second_derivatives_match_finite_differences():
+    """Force training: the unit vectors depend on the positions, and the loss differentiates the forces again."""
+    i, j = _edges(9, 40, sorted_centres=False, seed=6)
+    plan = fused.EdgePlan(i, j, 9)
+    unit = torch.nn.functional.normalize(torch.randn(40, 3, dtype=torch.float64), dim=-1).requires_grad_(True)
+    base = torch.randn(9, 3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 4, dtype=torch.float64, requires_grad=True)
+    f = lambda b, x, w, u: fused.gather_mul_scatter(b, x, w, plan, u)  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (base, x, w, unit))
 
 
 def test_no_edges_and_out_of_range_edges():
@@ -146,9 +146,9 @@ def test_kernels_that_disagree_with_torch_are_not_used(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_painn_forces_without_second_derivative_use_the_kernels_and_equal_torch_ops(dtype, monkeypatch):
-    """Forces without create_graph (the ASE calculator, evaluation): edge vectors require grad, the kernels serve
-    them inside first_order_only(); the gradient with respect to the edge vectors equals the dense path's."""
+def test_painn_forces_use_the_kernels_and_equal_torch_ops(dtype, monkeypatch):
+    """Forces (the ASE calculator, evaluation): edge vectors require grad and all three messages run on the
+    kernels; the gradient with respect to the edge vectors equals the dense path's."""
     calls = []
     monkeypatch.setattr(painn, "gather_mul_scatter", lambda *a: calls.append(1) or fused.gather_mul_scatter(*a))
     torch.manual_seed(1)
@@ -164,14 +164,11 @@ def test_painn_forces_without_second_derivative_use_the_kernels_and_equal_torch_
         (g,) = torch.autograd.grad(s.square().sum(), vec)
         return s.detach(), g
 
-    with fused.first_order_only():
-        fast = grad_of_vec()
+    fast = grad_of_vec()
     assert len(calls) == 5  # scalar and direction messages of 2 interactions, v_j of the second
-    dense = grad_of_vec()  # outside: the direction term of edge vectors that require grad takes torch's ops
-    assert len(calls) == 5 + 3  # the scalar and v_j messages stay on the kernels
     model.fused_messages = False
     dense = grad_of_vec()
-    assert len(calls) == 8
+    assert len(calls) == 5
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fast[0], dense[0], **tol)
     torch.testing.assert_close(fast[1], dense[1], **tol)
@@ -179,8 +176,8 @@ def test_painn_forces_without_second_derivative_use_the_kernels_and_equal_torch_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_painn_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatch):
-    """Force training (forces with create_graph, then the loss's gradient: second derivatives): the scalar and
-    v_j messages on the kernels give the forces and parameter gradients of torch's ops."""
+    """Force training (forces with create_graph, then the loss's gradient: second derivatives): the three
+    messages on the kernels give the forces and parameter gradients of torch's ops."""
     calls = []
     monkeypatch.setattr(painn, "gather_mul_scatter", lambda *a: calls.append(1) or fused.gather_mul_scatter(*a))
     torch.manual_seed(2)
@@ -199,10 +196,10 @@ def test_painn_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatch
         return forces.detach(), [q.grad.clone() for q in model.parameters() if q.grad is not None]
 
     fast = force_step()
-    assert len(calls) == 5  # scalar messages of 3 interactions, v_j of the last 2
+    assert len(calls) == 8  # scalar and direction messages of 3 interactions, v_j of the last 2
     model.fused_messages = False
     ref = force_step()
-    assert len(calls) == 5
+    assert len(calls) == 8
     tol = dict(rtol=2e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(fast[0], ref[0], **tol)
     assert len(fast[1]) == len(ref[1])
@@ -210,18 +207,14 @@ def test_painn_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatch
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_unit_vectors_that_require_grad_need_first_order_only_and_match_finite_differences():
+def test_unit_vector_gradients_match_finite_differences():
     i, j = _edges(10, 50, sorted_centres=False, seed=4)
     plan = fused.EdgePlan(i, j, 10)
     unit = torch.nn.functional.normalize(torch.randn(50, 3, dtype=torch.float64), dim=-1).requires_grad_(True)
     base = torch.randn(10, 3, 6, dtype=torch.float64, requires_grad=True)
     x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(ValueError, match="first_order_only"):
-        fused.gather_mul_scatter(base, x, w, plan, unit)
-    with fused.first_order_only():
-        assert torch.autograd.gradcheck(lambda *a: fused.gather_mul_scatter(*a[:3], plan, a[3]), (base, x, w, unit))
-    assert not fused.first_order_only_active()
+    assert torch.autograd.gradcheck(lambda *a: fused.gather_mul_scatter(*a[:3], plan, a[3]), (base, x, w, unit))
 
 
 def test_a_first_use_under_no_grad_or_inside_torch_func_does_not_turn_the_kernels_off(monkeypatch):

@@ -41,12 +41,10 @@ class PaiNNMessage(nn.Module):
         unit,
         direction: DirectionSum | None = None,
         plan: EdgePlan | None = None,
-        fused_unit: bool = True,
     ):
         """s [N,F], v [N,3,F] or None (all zeros), filt: three [E,F] = filter(rbf)·envelope (scalar, v_j and
         direction parts), unit [E,3], direction: the sparse Σ_j x_ij ⊗ û_ij when û is constant, plan: the
-        edges for the fused gather-multiply-scatter kernels (nn/fused.py), fused_unit: the direction term
-        by them too (not when û needs a second derivative) → (s, v).
+        edges for the fused gather-multiply-scatter kernels (nn/fused.py) → (s, v).
 
         Every edge-sized tensor is contiguous: the three parts of phi are gathered and filtered
         separately instead of splitting one [E,3F] product (index_add from a strided view of it was
@@ -56,16 +54,12 @@ class PaiNNMessage(nn.Module):
         """
         i, j = edge_index
         parts = torch.split(self.phi(s), self.F, dim=-1)  # [N,F] each: scalar, v_j, direction
-        if plan is not None:  # the fused kernels built: no edge-sized tensor but the direction term's with forces
+        if plan is not None:  # the fused kernels built: no edge-sized message tensor
             if v is None:
                 v = s.new_zeros((s.shape[0], 3, self.F))
             else:
                 v = gather_mul_scatter(v, parts[1].unsqueeze(1) * v, filt[1], plan)
-            if fused_unit:  # û constant, or forces without their own derivative
-                v = gather_mul_scatter(v, parts[2], filt[2], plan, unit)
-            else:  # force training: û's second derivative, through torch's ops
-                dvs = parts[2].contiguous().index_select(0, j) * filt[2]
-                v = v.index_add(0, i, dvs.unsqueeze(1) * unit.unsqueeze(-1))
+            v = gather_mul_scatter(v, parts[2], filt[2], plan, unit)
             s = gather_mul_scatter(s.unsqueeze(1), parts[0].unsqueeze(1), filt[0], plan).squeeze(1)
             return s, v
         ds, dvs = (parts[k].contiguous().index_select(0, j) * filt[k] for k in (0, 2))  # [E,F]
@@ -113,9 +107,9 @@ class PaiNN(nn.Module):
 
     sparse_direction: when the edge directions need no gradient (energy-only training, inference without
     forces) and edges are sorted by centre, Σ_j x_ij ⊗ û_ij is a sparse product (nn/sparse.py).
-    fused_messages: the messages are fused gather-multiply-scatter kernels (nn/fused.py) where they could be
-    built: all three when the edge directions need no second derivative (no edge-sized tensor is formed but
-    the filters), the scalar and v_j messages in force training (differentiable to any order).
+    fused_messages: the three messages are fused gather-multiply-scatter kernels (nn/fused.py, differentiable
+    to any order: energy and force training, inference) where they could be built; no edge-sized tensor is
+    formed but the filters.
     Defaults: those of ModelConfig.
     """
 
@@ -187,10 +181,6 @@ class PaiNN(nn.Module):
         unit = edge_vec / r.unsqueeze(-1)
         v = None
         constant_unit = DirectionSum.applicable(edge_index[0], unit)  # CPU, edges, no gradient for û wanted
-        # forces without their own derivative (first_order_only: the calculator, evaluation) use the
-        # once-differentiable direction kernel as well; force training (second derivatives) takes the direction
-        # term through torch's ops and the two other messages through the kernels (differentiable to any order)
-        fused_unit = constant_unit or (fused.first_order_only_active() and edge_index.shape[1] > 0)
         plan = (
             EdgePlan(edge_index[0], edge_index[1], s.shape[0])
             if self.fused_messages and edge_index.shape[1] > 0 and fused.applicable(s, edge_vec)
@@ -202,6 +192,6 @@ class PaiNN(nn.Module):
             else None
         )
         for message, update, filt in zip(self.messages, self.updates, self.filters(r)):
-            s, v = message(s, v, edge_index, filt, unit, direction, plan, fused_unit)
+            s, v = message(s, v, edge_index, filt, unit, direction, plan)
             s, v = update(s, v)
         return s

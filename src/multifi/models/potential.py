@@ -21,7 +21,6 @@ from multifi.models.head import EnergyHead
 from multifi.models.response import forces_from_edge_gradient, stress_from_edge_gradient
 from multifi.nn import scatter_sum
 from multifi.nn.fidelity import FidelityConditioning
-from multifi.nn.fused import first_order_only
 
 
 def compile_requested(flag: bool | None = None) -> bool:
@@ -113,10 +112,8 @@ def _atom_energies(pot: Potential, edge_vec, *args) -> torch.Tensor:
 
 
 def _energy_and_grad(pot: Potential, vec, *args, create_graph: bool):
-    """Eager: atom energies [N] and ∂(Σ E)/∂vec [E,3] by autograd (vec requires grad). Without create_graph no
-    derivative of the result is taken: once-differentiable kernels may serve it (nn/fused.py)."""
-    with contextlib.nullcontext() if create_graph else first_order_only():
-        atom_energy = pot.atom_energies(vec, *args)
+    """Eager: atom energies [N] and ∂(Σ E)/∂vec [E,3] by autograd (vec requires grad)."""
+    atom_energy = pot.atom_energies(vec, *args)
     (g,) = torch.autograd.grad(atom_energy.sum(), vec, create_graph=create_graph, allow_unused=True)
     return atom_energy, (torch.zeros_like(vec) if g is None else g)
 

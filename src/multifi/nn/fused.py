@@ -14,7 +14,6 @@ without a second derivative). Each destination row sums its edges in edge order,
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -24,7 +23,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
 
 log = logging.getLogger("multifi")
 _SOURCE = Path(__file__).with_name("csrc") / "gather_scatter.cpp"
@@ -82,9 +80,8 @@ def _self_test() -> None:
     x, w = torch.randn(7, 3, 4, generator=g, requires_grad=True), torch.randn(20, 4, generator=g, requires_grad=True)
     unit = torch.randn(20, 3, generator=g)
     plan = EdgePlan(i, j, 7)
-    unit.requires_grad_(True)  # the unit-vector gradient of force calls (first_order_only) too
-    with first_order_only():
-        spread = gather_mul_scatter(torch.zeros(7, 3, 4), x[:, 0], w, plan, unit)
+    unit.requires_grad_(True)  # the unit-vector gradient of force calls too
+    spread = gather_mul_scatter(torch.zeros(7, 3, 4), x[:, 0], w, plan, unit)
     for fused_out, ref, inputs in (
         (
             gather_mul_scatter(torch.zeros(7, 3, 4), x, w, plan),
@@ -170,30 +167,54 @@ class EdgePlan:
 _NONE = torch.empty(0)
 
 
-class _GatherMulScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, base, x, w, u, plan: EdgePlan):
-        ctx.plan = plan
-        ctx.save_for_backward(x, w, u)
-        r = plan.by_center
-        return torch.ops.multifi_fused.segment_sum(base, x, w, u, plan.neighbor, r.ptr, r.order)
+class _Directions(torch.autograd.Function):
+    """A partial derivative of the trilinear form T = Σ_e Σ_{a,f} A[i_e,a,f] B[j_e,f] C[e,f] U[e,a] (A [N,3,F],
+    B [N,F], C [E,F], U [E,3]) with respect to one of its four inputs, `slot` 0-3; that input is not used
+    (None). Slot 0 is PaiNN's direction message base + Σ_{e: i_e = n} (B[j_e] ⊙ C_e) ⊗ U_e. Every derivative
+    of a partial of T is another partial of T (the incoming gradient in the place of the slot derived), so
+    this is differentiable to any order (force training) on the four modes of the kernels."""
 
     @staticmethod
-    @once_differentiable
+    def forward(ctx, slot: int, plan: EdgePlan, base, A, B, C, U):
+        ctx.slot, ctx.plan = slot, plan
+        ctx.save_for_backward(A, B, C, U)
+        return _partial(slot, plan, base, A, B, C, U)
+
+    @staticmethod
     def backward(ctx, g):
-        x, w, u = ctx.saved_tensors
-        plan: EdgePlan = ctx.plan
-        g = g.contiguous()
-        gx = gw = None
-        if ctx.needs_input_grad[1]:  # Σ over the edges leaving atom n of g[i_e] ⊙ w_e (⋅ û_e): same kernel, i ↔ j
-            r = plan.by_neighbor
-            gx = torch.ops.multifi_fused.segment_sum(g.new_zeros(x.shape), g, w, u, plan.center, r.ptr, r.order)
-        if ctx.needs_input_grad[2]:
-            gw = torch.ops.multifi_fused.edge_dot(g, x, u, plan.center, plan.neighbor)
-        gu = None
-        if ctx.needs_input_grad[3]:  # forces without a second derivative (first_order_only)
-            gu = torch.ops.multifi_fused.edge_dot_unit(g, x, w, plan.center, plan.neighbor)
-        return g if ctx.needs_input_grad[0] else None, gx, gw, gu, None
+        inputs = list(ctx.saved_tensors)
+        slot = ctx.slot
+        grads = [None, None, g if ctx.needs_input_grad[2] else None]
+        for m in range(4):
+            if m == slot or not ctx.needs_input_grad[3 + m]:
+                grads.append(None)
+                continue
+            args = list(inputs)
+            args[slot], args[m] = g, None
+            grads.append(_Directions.apply(m, ctx.plan, None, *args))
+        return tuple(grads)
+
+
+def _partial(slot: int, plan: EdgePlan, base, A, B, C, U) -> torch.Tensor:
+    """∂T/∂(input `slot`) of _Directions (plus `base` for slot 0), by the kernels' spread, contract, edge_dot
+    (with u) and edge_dot_unit modes."""
+    ops = torch.ops.multifi_fused
+    n, center, neighbor = plan.by_center.n, plan.center, plan.neighbor
+    known = next(t for t in (A, B, C, U) if t is not None)
+    F = (C if C is not None else B if B is not None else A).shape[-1]
+    if slot == 0:
+        r = plan.by_center
+        base = known.new_zeros((n, 3, F)) if base is None else base.contiguous()
+        return ops.segment_sum(
+            base, B.unsqueeze(1).contiguous(), C.contiguous(), U.contiguous(), neighbor, r.ptr, r.order
+        )
+    if slot == 1:
+        r = plan.by_neighbor
+        zero = known.new_zeros((n, 1, F))
+        return ops.segment_sum(zero, A.contiguous(), C.contiguous(), U.contiguous(), center, r.ptr, r.order).squeeze(1)
+    if slot == 2:
+        return ops.edge_dot(A.contiguous(), B.unsqueeze(1).contiguous(), U.contiguous(), center, neighbor)
+    return ops.edge_dot_unit(A.contiguous(), B.unsqueeze(1).contiguous(), C.contiguous(), center, neighbor)
 
 
 class _Messages(torch.autograd.Function):
@@ -244,40 +265,15 @@ class _EdgeProducts(torch.autograd.Function):
 def gather_mul_scatter(
     base: torch.Tensor, x: torch.Tensor, w: torch.Tensor, plan: EdgePlan, unit: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """base + Σ_{e: i_e = n} x[j_e] ⊙ w_e.
+    """base + Σ_{e: i_e = n} x[j_e] ⊙ w_e, differentiable to any order.
 
     Without unit: base [N, C, F], x [N, C, F], w [E, F] (broadcast over C); the values of
-    base.index_add(0, i, x.index_select(0, j) * w.unsqueeze(1)), differentiable to any order. With unit
-    û [E, 3]: x [N, F] and the sum is Σ (x[j_e] ⊙ w_e) ⊗ û_e, base and result [N, 3, F], first derivatives
-    only (û requiring grad only inside first_order_only()).
+    base.index_add(0, i, x.index_select(0, j) * w.unsqueeze(1)). With unit û [E, 3]: x [N, F] and the
+    sum is Σ (x[j_e] ⊙ w_e) ⊗ û_e, base and result [N, 3, F].
     """
     if unit is None:
         return _Messages.apply(base, x, w, plan, False)
-    if unit.requires_grad and not first_order_only_active():
-        raise ValueError(
-            "gather_mul_scatter: unit vectors that require grad need first_order_only() (no second derivative)"
-        )
-    return _GatherMulScatter.apply(base, x.unsqueeze(1), w, unit.contiguous(), plan)
-
-
-_first_order = threading.local()
-
-
-@contextlib.contextmanager
-def first_order_only():
-    """Within: the caller takes no derivative of the derivatives of what is computed here (forces or stress
-    without create_graph: the ASE calculator, evaluation), so the kernels may also serve inputs that require
-    grad through the edge vectors. A second derivative of such a result is refused with an error."""
-    before = getattr(_first_order, "on", False)
-    _first_order.on = True
-    try:
-        yield
-    finally:
-        _first_order.on = before
-
-
-def first_order_only_active() -> bool:
-    return getattr(_first_order, "on", False)
+    return _Directions.apply(0, plan, base, None, x, w, unit)
 
 
 def applicable(*tensors: torch.Tensor) -> bool:
