@@ -7,9 +7,9 @@ torch.utils.cpp_extension on first use (a C++ compiler and ninja; ~20 s once per
 version, cached in torch's extension folder, `TORCH_EXTENSIONS_DIR`). Without a compiler, or with
 MULTIFI_FUSED=0, `available()` is False and callers keep torch's own ops (one warning says why).
 
-The sum without unit vectors is differentiable to any order (its derivatives are the same kernels, force
-training included); the direction sum with unit vectors only once (energy-only training, inference, forces
-without a second derivative). Each destination row sums its edges in edge order, as index_add does.
+Both sums (without and with unit vectors) are differentiable to any order: their derivatives are the same
+kernels, so energy training, inference, forces and force training (a second derivative) all run on them.
+Each destination row sums its edges in edge order, as index_add does.
 """
 
 from __future__ import annotations
