@@ -440,3 +440,70 @@ def test_charged_or_open_shell_frames_are_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="multifi"):
         read_ase(tmp_path / "n.extxyz")
     assert "net charge" not in caplog.text
+
+
+def test_a_predict_output_read_by_its_inputs_label_keys_keeps_their_fidelity(tmp_path):
+    """A file with MACE's REF_* labels at LOW, predicted at DFT: predict keeps REF_energy/REF_forces and marks the
+    frames fidelity=DFT, ref_fidelity=LOW. Read back by REF_energy, those labels were filed under DFT (the
+    prediction's fidelity) and scored as DFT labels; they are LOW's."""
+    frames = []
+    for i in range(3):
+        a = molecule("H2O")
+        a.rattle(0.05, seed=i)
+        a.info.update(REF_energy=-3.0 - i, fidelity="LOW")
+        a.arrays["REF_forces"] = np.full((3, 3), 0.1 * i)
+        frames.append(a)
+    ase.io.write(tmp_path / "low.extxyz", frames, format="extxyz")
+    from multifi.data.readers.ase_files import PREDICTION_MARK
+    from multifi.predict import predict_atoms  # noqa: F401  (the mark predict writes)
+
+    out = ase.io.read(tmp_path / "low.extxyz", ":")
+    for a in out:  # what predict writes: its energy as the calculator's, the input's fidelity moved aside
+        a.info["ref_fidelity"] = a.info.pop("fidelity")
+        a.info.update(fidelity="DFT", **{PREDICTION_MARK: "model.pt"})
+        a.calc = SinglePointCalculator(a, energy=-1.0, forces=np.zeros((3, 3)))
+    ase.io.write(tmp_path / "pred.extxyz", out, format="extxyz")
+    ds = read_ase(tmp_path / "pred.extxyz", keys={"energy": "REF_energy", "forces": "REF_forces"})
+    assert list(ds.fidelities.names) == ["LOW"] and ds.energy[:, 0].tolist() == [-3.0, -4.0, -5.0]
+    predictions = read_ase(tmp_path / "pred.extxyz", keys={"energy": "energy"})  # the predictions: at DFT
+    assert list(predictions.fidelities.names) == ["DFT"] and predictions.energy[:, 0].tolist() == [-1.0] * 3
+
+
+def test_frames_naming_several_mace_heads_and_no_fidelity_are_an_error(tmp_path):
+    """MACE multi-head files name each frame's level of theory in info['head']: read as one fidelity, two
+    methods' labels were merged silently."""
+    frames = [water(energy=-3.0 - 0.1 * i, head="pbe" if i % 2 else "r2scan") for i in range(4)]
+    ase.io.write(tmp_path / "heads.extxyz", frames, format="extxyz")
+    with pytest.raises(
+        MultifiError, match=r"heads.extxyz: frame 1 .*several MACE heads in info\['head'\] \(r2scan, pbe\)"
+    ):
+        read_ase(tmp_path / "heads.extxyz", fidelity="PBE")
+    one = [water(head="pbe") for _ in range(2)]
+    ase.io.write(tmp_path / "one.extxyz", one, format="extxyz")
+    assert list(read_ase(tmp_path / "one.extxyz", fidelity="PBE").fidelities.names) == ["PBE"]
+
+
+def test_per_atom_energies_without_a_total_are_warned(tmp_path, caplog):
+    import logging
+
+    frames = []
+    for _ in range(2):
+        a = water()
+        a.arrays["energies"] = np.full(3, -1.0)
+        a.calc = SinglePointCalculator(a, forces=np.zeros((3, 3)))
+        frames.append(a)
+    ase.io.write(tmp_path / "pa.extxyz", frames, format="extxyz")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        read_ase(tmp_path / "pa.extxyz", fidelity="PBE")
+    assert "2 frame(s) have per-atom energies (arrays['energies']) and no total energy" in caplog.text
+
+
+def test_an_ase_database_saved_as_json_is_read_as_one(tmp_path):
+    """A .json file went to the MatPES reader ("line 1: invalid JSON") although ASE wrote it as a database."""
+    from multifi.data.sources import read_labelled
+
+    with ase.db.connect(tmp_path / "db.json") as db:
+        for i in range(2):
+            db.write(water(energy=-3.0 - i), fidelity="EMT", key=f"w{i}")
+    ds = read_labelled(str(tmp_path / "db.json"))
+    assert list(ds.fidelities.names) == ["EMT"] and sorted(ds.energy[:, 0].tolist()) == [-4.0, -3.0]

@@ -1046,3 +1046,23 @@ TINY_MODEL_SINGLE = {
     "n_rbf": 8,
     "fidelity_embedding": {"inject": "single"},
 }
+
+
+def test_training_structures_without_any_edge_are_warned(write_config, tmp_path, caplog):
+    """Positions in Bohr (or a cutoff shorter than every bond): no two atoms within the cutoff, so the model gives
+    zero forces and reference energies whatever the labels; it trained without a word."""
+    import ase.io
+    from conftest import MOLECULES, emt_labelled
+
+    frames = []
+    for i in range(30):
+        a = rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=i)
+        a.positions *= 4.0  # every bond ≥ 3.8 Å, beyond the 3.0 Å cutoff
+        frames.append(emt_labelled(a, "lo"))
+    ase.io.write(tmp_path / "far.extxyz", frames, format="extxyz")
+    data = {"sources": [{"path": str(tmp_path / "far.extxyz")}]}
+    model = {"features": 8, "interactions": 1, "cutoff": 3.0, "n_rbf": 8}
+    cfg = load_config(write_config(model=model, data=data, train={"max_steps": 1}), [])
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        train(cfg, dry_run=True)
+    assert re.search(r"far.extxyz: \d+ of \d+ training structures of more than one atom have no two atoms", caplog.text)

@@ -28,6 +28,27 @@ def check_overlaps(dataset: FidelityDataset, neighbors) -> None:
         )
 
 
+def warn_structures_without_edges(dataset: FidelityDataset, neighbors, structures: np.ndarray) -> None:
+    """Warn when training structures of several atoms have no pair within the cutoff (from the cached neighbour
+    lists): the model gives them the sum of per-element references and zero forces, whatever their labels
+    (positions in Bohr, or a cutoff shorter than every bond)."""
+    if not hasattr(neighbors, "edge_offsets") or not len(structures):
+        return
+    several = structures[dataset.n_atoms[structures] > 1]
+    empty = several[neighbors.n_edges[several] == 0]
+    if len(empty):
+        log.warning(
+            "%s: %d of %d training structures of more than one atom have no two atoms within the cutoff (%.2f Å), "
+            "e.g. %s: the model predicts zero forces and reference energies for them; positions in Bohr, or a "
+            "cutoff too short?",
+            dataset.source or "data",
+            len(empty),
+            len(several),
+            neighbors.cutoff,
+            dataset.structure_name(int(empty[0])),
+        )
+
+
 def geometry_fingerprints(dataset: FidelityDataset, chunk: int = 1 << 20) -> np.ndarray:
     """[S] int64 fingerprints of (numbers, positions on a 1e-4 Å grid, cell), vectorised, in chunks of atoms.
 

@@ -73,8 +73,21 @@ def guess_format(path: Path) -> str:
     if name.endswith(".npz") or (path / "multifi_dataset.json").exists():
         return "npz"
     if name.endswith(MATPES_SUFFIXES):
-        return "matpes"
+        return "ase" if _is_ase_json_db(path) else "matpes"
     return "ase"
+
+
+def _is_ase_json_db(path: Path) -> bool:
+    """An ASE database written as .json (`{"1": {"cell": …`, rows keyed by id), not MatPES records."""
+    import gzip
+    import re
+
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rt") as f:
+            head = f.read(64)
+    except (OSError, EOFError, UnicodeDecodeError):
+        return False
+    return re.match(r'\s*\{\s*"\d+"\s*:\s*\{', head) is not None
 
 
 def is_qm9_text(text: str) -> bool:

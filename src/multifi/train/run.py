@@ -25,6 +25,7 @@ from multifi.data.checks import (
     check_repeated_geometries,
     check_split_duplicates,
     check_stress_units,
+    warn_structures_without_edges,
 )
 from multifi.data.dataset import ranges
 from multifi.data.split import changed_split
@@ -184,6 +185,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     )
     check_overlaps(prep.dataset, data.neighbors)
     train_structures = np.unique(prep.pairs["train"][:, 0])
+    warn_structures_without_edges(prep.dataset, data.neighbors, train_structures)
     module.potential.head.record_contacts(shortest_contacts(prep.dataset, data.neighbors, train_structures))
     module.sync_ema()
     data.check_sampling(config_source)

@@ -54,6 +54,8 @@ def read_ase(
     unlabelled: list[str] = []  # errors of frames without the renamed labels (skipped)
     unread: dict[str, None] = {}  # label-like keys of the file that no label was read from
     parsed: dict[str, None] = {}  # fidelity names ASE turned into numbers or booleans
+    heads: dict[str, None] = {}  # MACE's info['head'] of frames naming no fidelity
+    per_atom_only = 0  # frames with per-atom energies (arrays['energies']) and no total energy read
     charged = {"charge": 0, "spin": 0}  # frames with a net charge / a spin state the model cannot see
     for i, atoms in enumerate(_frames(path, index)):
         for kind, flagged in _charge_and_spin(atoms.info).items():
@@ -62,6 +64,14 @@ def read_ase(
         unread.update(dict.fromkeys(_label_like(atoms, keys)))
         if not isinstance(atoms.info.get("fidelity", ""), str):
             parsed.setdefault(str(atoms.info["fidelity"]), None)
+        if "head" in atoms.info and "fidelity" not in atoms.info:
+            heads.setdefault(str(atoms.info["head"]), None)
+            if len(heads) > 1:  # one fidelity would hold several levels of theory
+                raise MultifiError(
+                    f"{src}: {tag}: its frames name several MACE heads in info['head'] ({', '.join(heads)}) and no "
+                    "fidelity: multifi reads info['fidelity'] (set it per frame, e.g. to the head's name) or one "
+                    "source per level of theory"
+                )
         if PREDICTION_MARK in atoms.info and not named:
             raise MultifiError(
                 f"{src}: {tag} holds predictions of `multifi predict` ({atoms.info[PREDICTION_MARK]}), not labels; "
@@ -76,9 +86,18 @@ def read_ase(
             unlabelled.append(str(exc))
             continue
         rec["name"] = i
+        per_atom = "energies" in atoms.arrays or "energies" in (getattr(atoms.calc, "results", None) or {})
+        per_atom_only += per_atom and not any("energy" in lab for lab in rec["labels"].values())
         if invalid.keep(rec, tag):
             records.append(rec)
     _warn_unread(src, keys, unread, records)
+    if per_atom_only:
+        log.warning(
+            "%s: %d frame(s) have per-atom energies (arrays['energies']) and no total energy: per-atom energies are "
+            "not read; give each frame's total (their sum) as info['energy'] to train on energies",
+            src,
+            per_atom_only,
+        )
     if parsed:
         log.warning(
             "%s: info['fidelity'] read as %s, not text (extxyz reads unquoted 1, 01, T, 1e3 as numbers or booleans, "
@@ -306,6 +325,12 @@ def _other_labels(atoms, keys: dict[str, str]) -> str:
     return "; it has " + ", ".join(f"{k} (set {which[_kind(k)]}: {k})" for k in found[:3])
 
 
+def _predicted_key(key: str) -> bool:
+    """A key `multifi predict` writes its predictions under (energy, forces, stress, energy_<fidelity>, …); the
+    other keys of its output frames are the input's, labels at info['ref_fidelity']."""
+    return key in DEFAULT_KEYS.values() or key.startswith(("energy_", "forces_", "stress_"))
+
+
 def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None = None) -> dict:
     """One from_records record: geometry, key and {fidelity: labels} (eV, eV/Å, GPa)."""
     from ase.units import GPa
@@ -313,8 +338,8 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
     keys = label_keys(keys)
     n = len(atoms)
     field = "info['fidelity']"
-    if PREDICTION_MARK in atoms.info and any(v.startswith("ref_") for v in keys.values()):
-        field = "info['ref_fidelity']"  # a predict output read for its input's labels: their fidelity
+    if PREDICTION_MARK in atoms.info and any(not _predicted_key(v) for v in keys.values()):
+        field = "info['ref_fidelity']"  # a predict output read for its input's labels (ref_*, REF_*…): theirs
     fid = source_fidelity(atoms.info.get(field[6:-2]), fidelity, where, field)
     results = getattr(atoms.calc, "results", None) or {}
     lab = {}
