@@ -17,11 +17,15 @@ def positive_int(text: str) -> int:
 
 
 def add_label_keys(p) -> None:
-    """--energy-key/--forces-key/--stress-key: label names in ASE-readable files (e.g. MACE's REF_energy)."""
-    p.add_argument("--energy-key", help="energy label key in info/calculator (default: energy)")
-    p.add_argument("--forces-key", help="force label key in arrays/calculator (default: forces)")
+    """--energy-key/--forces-key/--stress-key: label names in ASE-readable files (e.g. MACE's REF_energy). Once one
+    is named, only the named labels are read (a file's default keys may hold another level of theory)."""
+    only = "; once one key is named, only the named labels are read"
+    p.add_argument("--energy-key", help=f"energy label key in info/calculator (default: energy{only})")
+    p.add_argument("--forces-key", help=f"force label key in arrays/calculator (default: forces{only})")
     p.add_argument(
-        "--stress-key", help="stress label key in info/calculator (default: stress; a virial key is converted)"
+        "--stress-key",
+        help=f"stress label key in info/calculator (default: stress; a virial key is converted{only}, e.g. "
+        "--energy-key energy --forces-key forces --stress-key virial)",
     )
 
 
