@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import ase.io
@@ -116,6 +117,9 @@ def test_sign_flipped_stress_is_flagged(sign, write_config, tmp_path, capsys, ca
         assert not flagged, flagged
     else:
         assert len(flagged) == 1 and str(path) in flagged[0] and "in 3 of 3 compositions" in flagged[0]
+        # the modulus the flipped stresses imply, so that a unit error behind the flip shows (EMT: 40-200 GPa)
+        modulus = float(re.search(r"median bulk modulus of ([\d.e+]+) GPa", flagged[0]).group(1))
+        assert 20 < modulus < 300, flagged[0]
     too_small = [r.getMessage() for r in caplog.records if "look too small" in r.getMessage()]
     assert not too_small, too_small
 
