@@ -11,7 +11,13 @@ import pytest
 from ase.build import molecule
 
 from multifi.config import validate_config
-from multifi.data.checks import check_energy_units, check_overlaps, check_repeated_geometries, check_split_duplicates
+from multifi.data.checks import (
+    check_energy_units,
+    check_overlaps,
+    check_repeated_geometries,
+    check_split_duplicates,
+    geometry_fingerprints,
+)
 from multifi.data.dataset import FidelityDataset
 from multifi.data.neighbors import NeighborCache
 from multifi.data.split import Split
@@ -272,3 +278,25 @@ def test_sources_whose_compositions_the_other_does_not_determine_are_not_compare
     with caplog.at_level(logging.WARNING, logger="multifi"):
         warn_disagreeing_sources([trajectory("ethanol.xyz", ["CH3CH2OH"]), trajectory("other.xyz", ["CH3OH", "H2CO"])])
     assert "another method's labels" not in caplog.text
+
+
+def test_a_periodic_structure_with_an_atom_unwrapped_is_the_same_geometry(caplog):
+    """One atom written a cell vector away (unwrapped) is the same crystal: it went unnoticed in two splits."""
+    from ase.build import bulk
+
+    cells = []
+    for i in range(4):
+        a = bulk("Cu", "fcc", 3.6, cubic=True)
+        a.rattle(0.05, seed=i)
+        cells.append({"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array, "pbc": [True] * 3,
+                      "key": f"c{i}", "labels": {"DFT": {"energy": -10.0 - i}}})  # fmt: skip
+    moved = np.array(cells[2]["positions"])
+    moved[1] += cells[2]["cell"][0] - cells[2]["cell"][2]  # one atom a lattice vector away
+    slab = dict(cells[1], key="slab", pbc=[True, True, False])  # not periodic along c: not the same as c1 shifted
+    ds = FidelityDataset.from_records([*cells, dict(cells[2], key="unwrapped", positions=moved), slab])
+    fp = geometry_fingerprints(ds)
+    assert fp[4] == fp[2] and len(set(fp[:4].tolist())) == 4 and fp[5] != fp[1]
+    split = Split(train=np.arange(0, 4), val=np.array([5]), test=np.array([4]))
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_split_duplicates(ds, split) == 1
+    assert "unwrapped (test) duplicates a train structure" in caplog.text

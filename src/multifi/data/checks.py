@@ -50,15 +50,29 @@ def warn_structures_without_edges(dataset: FidelityDataset, neighbors, structure
 
 
 def geometry_fingerprints(dataset: FidelityDataset, chunk: int = 1 << 20) -> np.ndarray:
-    """[S] int64 fingerprints of (numbers, positions on a 1e-4 Å grid, cell), vectorised, in chunks of atoms.
+    """[S] int64 fingerprints of (numbers, positions on a 1e-4 Å grid, cell), vectorised, in chunks of atoms;
+    positions of periodic structures as fractional coordinates on a 1e-6 grid, wrapped into the cell along its
+    periodic directions (an atom written unwrapped, one cell vector away, is the same structure).
 
     Equal structures get equal fingerprints; different ones collide with negligible probability."""
     rng = np.random.default_rng(12345)
     w = rng.integers(1, 2**31 - 1, size=4, dtype=np.int64)
     S, A = len(dataset), len(dataset.numbers)
     atom = np.empty(A, np.int64)
+    owner = np.repeat(np.arange(S), dataset.n_atoms)  # structure of each atom
+    periodic = np.asarray(dataset.pbc).any(1)
+    inverse = np.zeros((S, 3, 3))
+    if periodic.any():
+        inverse[periodic] = np.linalg.inv(np.asarray(dataset.cells[periodic], dtype=np.float64))
     for a in range(0, A, chunk):
-        q = (np.asarray(dataset.positions[a : a + chunk]) * 1e4).astype(np.int64)
+        pos = np.asarray(dataset.positions[a : a + chunk], dtype=np.float64)
+        s = owner[a : a + chunk]
+        q = (pos * 1e4).astype(np.int64)
+        wrap = periodic[s]
+        if wrap.any():
+            frac = np.rint(np.einsum("ai,aij->aj", pos[wrap], inverse[s[wrap]]) * 1e6).astype(np.int64)
+            along = np.asarray(dataset.pbc)[s[wrap]]
+            q[wrap] = np.where(along, np.mod(frac, 1_000_000), frac)
         z = np.asarray(dataset.numbers[a : a + chunk], np.int64)
         atom[a : a + chunk] = ((q[:, 0] * w[0] + q[:, 1] * w[1] + q[:, 2] * w[2]) ^ (z * w[3])) * np.int64(0x9E3779B1)
     fp = np.zeros(S, np.int64)
