@@ -296,6 +296,8 @@ def test_a_periodic_structure_with_an_atom_unwrapped_is_the_same_geometry(caplog
     ds = FidelityDataset.from_records([*cells, dict(cells[2], key="unwrapped", positions=moved), slab])
     fp = geometry_fingerprints(ds)
     assert fp[4] == fp[2] and len(set(fp[:4].tolist())) == 4 and fp[5] != fp[1]
+    flat = dict(cells[0], key="flat", cell=np.diag([3.6, 3.6, 0.0]), pbc=[True, True, False])  # a pool lets it in
+    assert len(geometry_fingerprints(FidelityDataset.from_records([flat]))) == 1
     split = Split(train=np.arange(0, 4), val=np.array([5]), test=np.array([4]))
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert check_split_duplicates(ds, split) == 1

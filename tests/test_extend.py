@@ -855,3 +855,26 @@ def test_the_forgetting_table_shows_stress_where_it_was_measured():
     assert "S MAE" not in forgetting_table(
         {"PBE": {"split": "test", "before": errors(None), "after": errors(None)}}, False
     )
+
+
+def test_a_config_source_naming_several_fidelities_or_a_saved_dataset_still_reads(tmp_path):
+    """The new fidelity as default must not break sources that name their own fidelities: a file with frames at an
+    old and at the new fidelity (narrowed to the new one) and a saved dataset (.npz) of it."""
+    from multifi.data.readers.ase_files import read_ase
+
+    _, path = saved_model(tmp_path)
+    frames = ase.io.read(new_data(tmp_path / "new.extxyz"), ":")
+    for i, a in enumerate(frames):
+        a.info["fidelity"] = "CC"
+        if i < 3:  # some structures at an old fidelity too
+            b = a.copy()
+            b.calc = a.calc
+            b.info["fidelity"] = "lo"
+            frames.append(b)
+    ase.io.write(tmp_path / "mixed.extxyz", frames, format="extxyz")
+    read_ase(tmp_path / "mixed.extxyz").save(tmp_path / "mixed.npz")
+    for source in ("mixed.extxyz", "mixed.npz"):
+        cfg = ext_config(tmp_path, path, out=f"ext_{source.replace('.', '_')}")
+        cfg.data.sources[0].path, cfg.data.sources[0].fidelity = str(tmp_path / source), None
+        result = json.loads((extend(cfg) / "metrics.json").read_text())
+        assert result["new_fidelity"] == "CC" and result["n_train"]["CC"] > 0, source

@@ -475,9 +475,13 @@ def test_frames_naming_several_mace_heads_and_no_fidelity_are_an_error(tmp_path)
     frames = [water(energy=-3.0 - 0.1 * i, head="pbe" if i % 2 else "r2scan") for i in range(4)]
     ase.io.write(tmp_path / "heads.extxyz", frames, format="extxyz")
     with pytest.raises(
-        MultifiError, match=r"heads.extxyz: frame 1 .*several MACE heads in info\['head'\] \(r2scan, pbe\)"
+        MultifiError, match=r"heads.extxyz: frame 1 .*several MACE heads in info\['head'\] \(r2scan, pbe\) and no info"
     ):
         read_ase(tmp_path / "heads.extxyz", fidelity="PBE")
+    for a in frames:  # label keys of one level of theory: the user chose which labels to read
+        a.info["REF_energy_pbe"] = -1.0
+    ase.io.write(tmp_path / "heads_keys.extxyz", frames, format="extxyz")
+    assert len(read_ase(tmp_path / "heads_keys.extxyz", fidelity="PBE", keys={"energy": "REF_energy_pbe"})) == 4
     one = [water(head="pbe") for _ in range(2)]
     ase.io.write(tmp_path / "one.extxyz", one, format="extxyz")
     assert list(read_ase(tmp_path / "one.extxyz", fidelity="PBE").fidelities.names) == ["PBE"]
@@ -507,3 +511,25 @@ def test_an_ase_database_saved_as_json_is_read_as_one(tmp_path):
             db.write(water(energy=-3.0 - i), fidelity="EMT", key=f"w{i}")
     ds = read_labelled(str(tmp_path / "db.json"))
     assert list(ds.fidelities.names) == ["EMT"] and sorted(ds.energy[:, 0].tolist()) == [-4.0, -3.0]
+
+
+def test_per_fidelity_columns_of_a_predict_output_take_the_sources_fidelity(tmp_path):
+    """predict keeps a structure's labels at other fidelities as ref_energy_<fidelity>; read by that key they were
+    filed under info['ref_fidelity'] (the first fidelity's), silently. The suffix is a tag, so the source names it."""
+    from multifi.data.readers.ase_files import PREDICTION_MARK
+
+    frames = []
+    for i in range(2):
+        a = molecule("H2O")
+        a.rattle(0.05, seed=i)
+        a.info.update({"ref_energy": -3.0, "ref_energy_B": -7.0 - i, "ref_fidelity": "A", "fidelity": "A",
+                       PREDICTION_MARK: "model.pt"})  # fmt: skip
+        a.calc = SinglePointCalculator(a, energy=-1.0)
+        frames.append(a)
+    ase.io.write(tmp_path / "pred.extxyz", frames, format="extxyz")
+    with pytest.raises(MultifiError, match="belong to the fidelity their key's suffix names: give it as the source"):
+        read_ase(tmp_path / "pred.extxyz", keys={"energy": "ref_energy_B"})
+    ds = read_ase(tmp_path / "pred.extxyz", fidelity="B", keys={"energy": "ref_energy_B"})
+    assert list(ds.fidelities.names) == ["B"] and ds.energy[:, 0].tolist() == [-7.0, -8.0]
+    ds = read_ase(tmp_path / "pred.extxyz", keys={"energy": "ref_energy"})
+    assert list(ds.fidelities.names) == ["A"] and ds.energy[:, 0].tolist() == [-3.0, -3.0]

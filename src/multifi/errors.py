@@ -10,6 +10,10 @@ class MultifiError(ValueError):
     """Bad input or a bad request; the message is one line and says where and what."""
 
 
+class NoFidelityError(MultifiError):
+    """A structure names no fidelity and its source gives none (a caller with a default may supply one)."""
+
+
 def unknown_name(kind: str, name: str, known: Iterable[str], where: str = "") -> MultifiError:
     """An error for an unknown name that lists the known ones and suggests the nearest."""
     known = list(known)

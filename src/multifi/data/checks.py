@@ -60,10 +60,12 @@ def geometry_fingerprints(dataset: FidelityDataset, chunk: int = 1 << 20) -> np.
     S, A = len(dataset), len(dataset.numbers)
     atom = np.empty(A, np.int64)
     owner = np.repeat(np.arange(S), dataset.n_atoms)  # structure of each atom
-    periodic = np.asarray(dataset.pbc).any(1)
+    cells = np.asarray(dataset.cells, dtype=np.float64)
+    # (a cell without volume, which only a selection pool lets through, keeps Cartesian positions)
+    periodic = np.asarray(dataset.pbc).any(1) & (np.abs(np.linalg.det(cells)) > 1e-6)
     inverse = np.zeros((S, 3, 3))
     if periodic.any():
-        inverse[periodic] = np.linalg.inv(np.asarray(dataset.cells[periodic], dtype=np.float64))
+        inverse[periodic] = np.linalg.inv(cells[periodic])
     for a in range(0, A, chunk):
         pos = np.asarray(dataset.positions[a : a + chunk], dtype=np.float64)
         s = owner[a : a + chunk]

@@ -29,7 +29,7 @@ from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources, warn_alike_names
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
 from multifi.data.stats import MIN_SCALE_DOF, fit_new_fidelity, shared_estimates, shortest_contacts
-from multifi.errors import MultifiError, unknown_name
+from multifi.errors import MultifiError, NoFidelityError, unknown_name
 from multifi.files import make_dir
 from multifi.keys import COUNT
 from multifi.train.init import FIDELITY_AXIS
@@ -326,9 +326,11 @@ def read_new_data(
     """The new fidelity's labels from data.sources and their split (data.split, data.train_limits); without
     split files, structures the model's run `old` also holds keep their split there (follow_split)."""
     d = cfg.data
-    # a source naming no fidelity holds the new fidelity's labels (as `--data` with `--fidelity`)
-    sources = [s.model_copy(update={"fidelity": name}) if _names_no_fidelity(s) else s for s in d.sources]
-    ds = read_sources(sources, d.skip_invalid)
+    try:
+        ds = read_sources(d.sources, d.skip_invalid)
+    except NoFidelityError:  # structures naming none in a source naming none: the new fidelity's (as --data does)
+        sources = [s.model_copy(update={"fidelity": name}) if _names_no_fidelity(s) else s for s in d.sources]
+        ds = read_sources(sources, d.skip_invalid)
     where = ", ".join(str(s.path or "qm9") for s in d.sources)
     if name not in ds.fidelities:
         raise MultifiError(

@@ -13,7 +13,7 @@ import numpy as np
 from multifi.config import name_problem
 from multifi.data.dataset import FidelityDataset, voigt_or_matrix
 from multifi.data.neighbors import check_cell
-from multifi.errors import MultifiError
+from multifi.errors import MultifiError, NoFidelityError
 
 log = logging.getLogger("multifi")
 
@@ -64,13 +64,13 @@ def read_ase(
         unread.update(dict.fromkeys(_label_like(atoms, keys)))
         if not isinstance(atoms.info.get("fidelity", ""), str):
             parsed.setdefault(str(atoms.info["fidelity"]), None)
-        if "head" in atoms.info and "fidelity" not in atoms.info:
+        if "head" in atoms.info and "fidelity" not in atoms.info and not renamed:
             heads.setdefault(str(atoms.info["head"]), None)
-            if len(heads) > 1:  # one fidelity would hold several levels of theory
+            if len(heads) > 1:  # one fidelity would hold several levels of theory under the same label keys
                 raise MultifiError(
                     f"{src}: {tag}: its frames name several MACE heads in info['head'] ({', '.join(heads)}) and no "
-                    "fidelity: multifi reads info['fidelity'] (set it per frame, e.g. to the head's name) or one "
-                    "source per level of theory"
+                    "info['fidelity']: multifi reads info['fidelity'] (set it per frame, e.g. to the head's name), "
+                    "or one source per level of theory, or label keys of one level (energy_key: REF_energy_<head>)"
                 )
         if PREDICTION_MARK in atoms.info and not named:
             raise MultifiError(
@@ -292,7 +292,7 @@ def source_fidelity(named, fidelity: str | None, where: str, field: str) -> str:
     if named is not None and (problem := name_problem(named)):
         raise MultifiError(f"{where}: {problem} ({field}); two names that print alike would be two fidelities")
     if not fid:
-        raise MultifiError(
+        raise NoFidelityError(
             f"{where}: no fidelity: set {field}, or give the source one ('fidelity:' in the config, "
             "--fidelity on the command line)"
         )
@@ -325,10 +325,16 @@ def _other_labels(atoms, keys: dict[str, str]) -> str:
     return "; it has " + ", ".join(f"{k} (set {which[_kind(k)]}: {k})" for k in found[:3])
 
 
-def _predicted_key(key: str) -> bool:
-    """A key `multifi predict` writes its predictions under (energy, forces, stress, energy_<fidelity>, …); the
-    other keys of its output frames are the input's, labels at info['ref_fidelity']."""
-    return key in DEFAULT_KEYS.values() or key.startswith(("energy_", "forces_", "stress_"))
+def _fidelity_field(info: dict, keys: dict[str, str]) -> str | None:
+    """Where a frame's labels name their fidelity: info['fidelity'], or in a `multifi predict` output (its
+    energy/forces/stress are predictions at info['fidelity']) info['ref_fidelity'] for the input's labels
+    (ref_energy, …, and keys predict does not write, e.g. REF_energy), and None (the source's fidelity) for
+    per-fidelity columns, ref_energy_<fidelity> or energy_<fidelity>, whose suffix is a fidelity's tag."""
+    if PREDICTION_MARK not in info or all(v in DEFAULT_KEYS.values() for v in keys.values()):
+        return "info['fidelity']"
+    if any(re.fullmatch(r"(ref_)?(energy|forces|stress)_.+", v) for v in keys.values()):
+        return None
+    return "info['ref_fidelity']"
 
 
 def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None = None) -> dict:
@@ -337,10 +343,14 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
 
     keys = label_keys(keys)
     n = len(atoms)
-    field = "info['fidelity']"
-    if PREDICTION_MARK in atoms.info and any(not _predicted_key(v) for v in keys.values()):
-        field = "info['ref_fidelity']"  # a predict output read for its input's labels (ref_*, REF_*…): theirs
-    fid = source_fidelity(atoms.info.get(field[6:-2]), fidelity, where, field)
+    field = _fidelity_field(atoms.info, keys)
+    named = atoms.info.get(field[6:-2]) if field else None
+    if field is None and fidelity is None:
+        raise NoFidelityError(
+            f"{where}: the labels {'/'.join(keys.values())} of this `multifi predict` output belong to the fidelity "
+            "their key's suffix names: give it as the source's fidelity ('fidelity:', --fidelity)"
+        )
+    fid = source_fidelity(named, fidelity, where, field or "the source")
     results = getattr(atoms.calc, "results", None) or {}
     lab = {}
     energy = _get(atoms.info, results, keys.get("energy"))
