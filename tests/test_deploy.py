@@ -172,6 +172,15 @@ def test_cli_deploy_requires_fidelity_and_records_it(tmp_path):
     torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
     meta = json.loads(extra["multifi.json"])
     assert meta["fidelity"] == "R2SCAN" and meta["cutoff"] == 5.0 and meta["ghost_cutoff"] == 10.0
+    # an existing file (another fidelity's deployed model, say) is replaced only with --force
+    before = (tmp_path / "m.pt").read_bytes()
+    r = subprocess.run(cmd + ["--fidelity", "PBE"], capture_output=True, text=True)
+    assert r.returncode == 2 and "m.pt: exists; --force replaces it" in r.stderr
+    assert (tmp_path / "m.pt").read_bytes() == before
+    r = subprocess.run(cmd + ["--fidelity", "PBE", "--force"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
+    assert json.loads(extra["multifi.json"])["fidelity"] == "PBE"
 
 
 def test_deployed_file_refuses_elements_it_was_not_trained_on(deployed_m3gnet):

@@ -7,7 +7,12 @@ def register(sub):
     p = sub.add_parser("deploy", help="write a Python-free TorchScript model at one fidelity for LAMMPS")
     p.add_argument("checkpoint", help="model.pt, a training checkpoint (.ckpt) or a run directory (its model.pt)")
     p.add_argument("--fidelity", required=True, help="fidelity (level of theory) baked into the file, by name")
-    p.add_argument("--out", required=True, help="output file (TorchScript; load with `pair_style multifi FILE`)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output file (TorchScript; load with `pair_style multifi FILE`; an existing one: --force)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument(
         "--strict-references",
@@ -18,7 +23,13 @@ def register(sub):
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from multifi.deploy import deploy
+    from multifi.errors import MultifiError
+
+    if Path(args.out).exists() and not args.force:  # another fidelity's or model's deployed file, say
+        raise MultifiError(f"{args.out}: exists; --force replaces it")
 
     meta = deploy(args.checkpoint, args.fidelity, args.out, args.dtype, args.strict_references)
     print(
