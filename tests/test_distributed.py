@@ -168,7 +168,8 @@ def test_two_processes_where_one_never_sees_a_force_label_finish(write_config, t
     config = write_config("c.yaml", data=data, train=train, output_dir=str(tmp_path / "run"))
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "multifi.cli.main", "train", str(config), "--devices", "2"]
-    subprocess.run(cmd, check=True, env=env, timeout=240, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=True, env=env, timeout=240, capture_output=True, text=True)
+    assert "Grad strides do not match" not in proc.stderr  # torch's layout quirk of a one-output layer, harmless
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r.get("train_loss_epoch")]
     assert len(rows) == 3 and all(r.get("train_forces") not in (None, "") for r in rows)
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -460,6 +461,10 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
         else {}
     )
     logger = RunCSVLogger(run_dir)
+    # torch's linear backward gives the [1, H] weight of a one-output layer (the readout's last) the strides
+    # (1, 1) instead of (H, 1): as contiguous, but DDP's bucket copy reports it as a mismatch on every process
+    # (a copy of H numbers per step; nothing else differs)
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     trainer = L.Trainer(
         **every,
         default_root_dir=run_dir,
