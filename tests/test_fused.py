@@ -71,8 +71,8 @@ def test_second_derivatives_match_finite_differences(channels):
     assert torch.autograd.gradgradcheck(lambda b, x, w: fused.gather_mul_scatter(b, x, w, plan), (base, x, w))
 
 
-def test_direction_messages_second_derivatives_match_finite_differences():
-    """Force training: the unit vectors depend on the positions, and the loss differentiates the forces again."""
+def test_direction_messages_with_unit_gradients_match_finite_differences_to_second_order():
+    """Forces: the unit vectors depend on the positions; force training: the loss differentiates the forces again."""
     i, j = _edges(9, 40, sorted_centres=False, seed=6)
     plan = fused.EdgePlan(i, j, 9)
     unit = torch.nn.functional.normalize(torch.randn(40, 3, dtype=torch.float64), dim=-1).requires_grad_(True)
@@ -80,6 +80,7 @@ def test_direction_messages_second_derivatives_match_finite_differences():
     x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(40, 4, dtype=torch.float64, requires_grad=True)
     f = lambda b, x, w, u: fused.gather_mul_scatter(b, x, w, plan, u)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (base, x, w, unit))
     assert torch.autograd.gradgradcheck(f, (base, x, w, unit))
 
 
@@ -145,18 +146,28 @@ def test_kernels_that_disagree_with_torch_are_not_used(monkeypatch):
         fused._self_test()
 
 
+def _count_kernel_calls(monkeypatch) -> list:
+    calls: list = []
+    monkeypatch.setattr(painn, "gather_mul_scatter", lambda *a: calls.append(1) or fused.gather_mul_scatter(*a))
+    return calls
+
+
+def _painn_case(dtype, seed: int, atoms: int, interactions: int):
+    """A PaiNN 16×`interactions` and `atoms` random atoms with their edges within 4 Å (sorted by centre)."""
+    torch.manual_seed(seed)
+    model = PaiNN(features=16, interactions=interactions, cutoff=4.0, n_rbf=8).to(dtype)
+    pos = torch.randn(atoms, 3, dtype=dtype) * 2.0
+    d = (pos[None] - pos[:, None]).norm(dim=-1)
+    i, j = torch.nonzero((d < 4.0) & (d > 0), as_tuple=True)
+    return model, torch.randint(1, 9, (atoms,)), pos, i, j
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_painn_forces_use_the_kernels_and_equal_torch_ops(dtype, monkeypatch):
     """Forces (the ASE calculator, evaluation): edge vectors require grad and all three messages run on the
     kernels; the gradient with respect to the edge vectors equals the dense path's."""
-    calls = []
-    monkeypatch.setattr(painn, "gather_mul_scatter", lambda *a: calls.append(1) or fused.gather_mul_scatter(*a))
-    torch.manual_seed(1)
-    model = PaiNN(features=16, interactions=2, cutoff=4.0, n_rbf=8).to(dtype)
-    pos = torch.randn(20, 3, dtype=dtype) * 2.0
-    d = (pos[None] - pos[:, None]).norm(dim=-1)
-    i, j = torch.nonzero((d < 4.0) & (d > 0), as_tuple=True)
-    numbers = torch.randint(1, 9, (20,))
+    calls = _count_kernel_calls(monkeypatch)
+    model, numbers, pos, i, j = _painn_case(dtype, seed=1, atoms=20, interactions=2)
 
     def grad_of_vec():
         vec = (pos[j] - pos[i]).requires_grad_(True)
@@ -178,14 +189,8 @@ def test_painn_forces_use_the_kernels_and_equal_torch_ops(dtype, monkeypatch):
 def test_painn_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatch):
     """Force training (forces with create_graph, then the loss's gradient: second derivatives): the three
     messages on the kernels give the forces and parameter gradients of torch's ops."""
-    calls = []
-    monkeypatch.setattr(painn, "gather_mul_scatter", lambda *a: calls.append(1) or fused.gather_mul_scatter(*a))
-    torch.manual_seed(2)
-    model = PaiNN(features=16, interactions=3, cutoff=4.0, n_rbf=8).to(dtype)
-    pos = torch.randn(24, 3, dtype=dtype) * 2.0
-    d = (pos[None] - pos[:, None]).norm(dim=-1)
-    i, j = torch.nonzero((d < 4.0) & (d > 0), as_tuple=True)
-    numbers = torch.randint(1, 9, (24,))
+    calls = _count_kernel_calls(monkeypatch)
+    model, numbers, pos, i, j = _painn_case(dtype, seed=2, atoms=24, interactions=3)
 
     def force_step():
         model.zero_grad()
@@ -205,16 +210,6 @@ def test_painn_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatch
     assert len(fast[1]) == len(ref[1])
     for a, b in zip(fast[1], ref[1]):
         torch.testing.assert_close(a, b, **tol)
-
-
-def test_unit_vector_gradients_match_finite_differences():
-    i, j = _edges(10, 50, sorted_centres=False, seed=4)
-    plan = fused.EdgePlan(i, j, 10)
-    unit = torch.nn.functional.normalize(torch.randn(50, 3, dtype=torch.float64), dim=-1).requires_grad_(True)
-    base = torch.randn(10, 3, 6, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: fused.gather_mul_scatter(*a[:3], plan, a[3]), (base, x, w, unit))
 
 
 def test_a_first_use_under_no_grad_or_inside_torch_func_does_not_turn_the_kernels_off(monkeypatch):
