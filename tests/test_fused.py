@@ -112,12 +112,20 @@ def test_painn_energy_training_path_equals_torch_ops(dtype, monkeypatch):
     d = (pos[None] - pos[:, None]).norm(dim=-1)
     i, j = torch.nonzero((d < 4.0) & (d > 0), as_tuple=True)  # sorted by centre, as cached lists are
     edge_vec = pos[j] - pos[i]
-    fast = _painn_energy_and_grads(model, numbers, torch.stack([i, j]), edge_vec)
-    assert len(calls) == 8  # scalar and direction messages of 3 interactions, v_j messages of the last 2
-    model.fused_messages = False
-    ref = _painn_energy_and_grads(model, numbers, torch.stack([i, j]), edge_vec)
-    assert len(calls) == 8
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    # scalar and direction messages of 3 interactions, v_j messages of the last 2
+    _same_with_torch_ops(
+        model, calls, 8, lambda: _painn_energy_and_grads(model, numbers, torch.stack([i, j]), edge_vec), tol
+    )
+
+
+def _same_with_torch_ops(model, calls: list, n_calls: int, run, tol: dict) -> None:
+    """run() → (values, [gradients]) on the kernels (n_calls of them) equals run() with torch's ops."""
+    fast = run()
+    assert len(calls) == n_calls
+    model.fused_messages = False
+    ref = run()
+    assert len(calls) == n_calls
     torch.testing.assert_close(fast[0], ref[0], **tol)
     assert len(fast[1]) == len(ref[1])
     for a, b in zip(fast[1], ref[1]):
@@ -200,16 +208,8 @@ def test_painn_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatch
         (energy.square() + forces.square().sum()).backward()
         return forces.detach(), [q.grad.clone() for q in model.parameters() if q.grad is not None]
 
-    fast = force_step()
-    assert len(calls) == 8  # scalar and direction messages of 3 interactions, v_j of the last 2
-    model.fused_messages = False
-    ref = force_step()
-    assert len(calls) == 8
     tol = dict(rtol=2e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(fast[0], ref[0], **tol)
-    assert len(fast[1]) == len(ref[1])
-    for a, b in zip(fast[1], ref[1]):
-        torch.testing.assert_close(a, b, **tol)
+    _same_with_torch_ops(model, calls, 8, force_step, tol)  # scalar and direction messages of 3, v_j of the last 2
 
 
 def test_a_first_use_under_no_grad_or_inside_torch_func_does_not_turn_the_kernels_off(monkeypatch):
