@@ -91,6 +91,30 @@ def export_qm9(n: int) -> tuple[Path, Path]:
     return xyz, md
 
 
+def export_qm9_forces(n: int) -> Path:
+    """The benchmark molecules without F (EMT has no fluorine) labelled by ASE's EMT: energy_eV and forces_eVA,
+    for PaiNN force training on both sides (throughput only: EMT is a stand-in for real force labels)."""
+    xyz = SCRATCH / f"qm9_emt_forces_n{n}.extxyz"
+    if xyz.exists():
+        return xyz
+    import ase.io
+    from ase.calculators.emt import EMT
+
+    frames = []
+    for a in ase.io.read(export_qm9(n)[0], ":"):
+        if 9 in a.numbers:
+            continue
+        a.calc = EMT()
+        energy, forces = a.get_potential_energy(), a.get_forces()
+        a.calc = None
+        a.info["energy_eV"] = float(energy)
+        a.arrays["forces_eVA"] = forces
+        frames.append(a)
+    ase.io.write(str(xyz) + ".tmp", frames, format="extxyz")
+    os.replace(str(xyz) + ".tmp", xyz)
+    return xyz
+
+
 def export_solids() -> tuple[Path, Path]:
     """The PBE solids (MatPES schema) as extxyz with energy_eV, stress_GPa (ASE sign) and forces_label,
     read by multifi's read_matpes, and a rattled 64-atom diamond Si cell for MD."""
@@ -177,6 +201,11 @@ def commands(peer: str, task: str, threads: int, args) -> tuple[list[str], list[
             "--nl",
             args.spk_nl,
         ]
+        if args.painn_forces:  # energies and forces (EMT) of the same molecules, F-free: force training
+            forces = str(export_qm9_forces(args.n))
+            ours += ["--forces-xyz", forces]
+            theirs[theirs.index("--extxyz") + 1] = forces
+            theirs.append("--forces")
     elif peer == "matgl":
         xyz, md = export_solids()
         common += ["--steps", str(args.steps_m3gnet), "--md-steps", str(args.md_steps_m3gnet), "--md-xyz", str(md)]
@@ -285,6 +314,11 @@ def main() -> None:
     )
     ap.add_argument("--tag", default="", help="suffix of the comparison names, e.g. _compiled")
     ap.add_argument(
+        "--painn-forces",
+        action="store_true",
+        help="PaiNN trained on energies and forces (EMT labels of the F-free molecules) on both sides; names get _forces",
+    )
+    ap.add_argument(
         "--ours-rev",
         default=None,
         help="run our side from this git revision's src/ (e.g. the unoptimised baseline) instead of the work tree",
@@ -310,6 +344,8 @@ def main() -> None:
     if args.painn_features:
         both_env["BENCH_PAINN_FEATURES"] = str(args.painn_features)
         args.tag = f"_f{args.painn_features}{args.tag}"
+    if args.painn_forces:
+        args.tag = f"_forces{args.tag}"
     command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/harness.py " + shlex.join(sys.argv[1:])
     entries, raw = [], []
     tasks = args.tasks.split(",")

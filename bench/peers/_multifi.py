@@ -40,10 +40,12 @@ def build(ds, model: dict):
     return module
 
 
-def task_train(args, ds, model: dict, forces: bool, model_batches: int, neighbor_time: bool = False) -> dict:
+def task_train(
+    args, ds, model: dict, forces: bool, model_batches: int, neighbor_time: bool = False, stress: bool = True
+) -> dict:
     """Training, model-only and inference structures/s.
 
-    forces: train on energies, forces and stress (create_graph, double backward) and infer all three (a
+    forces: train on energies, forces and (stress: periodic data) stress (create_graph, double backward) and infer them (a
     compiled potential compiles its inference graph before the timed pass); else energy only, inference
     under no_grad. model_batches: pre-collated batches of the model-only loop. neighbor_time: also report
     the seconds spent building the neighbour-list cache (neighbor_cache_s)."""
@@ -79,7 +81,7 @@ def task_train(args, ds, model: dict, forces: bool, model_batches: int, neighbor
         out["neighbor_cache_s"] = nl_seconds
 
     pot, loss_fn = module.potential.train(), module.loss_fn
-    outputs = {"forces": True, "stress": True} if forces else {}
+    outputs = {"forces": True, "stress": stress} if forces else {}
     batches = [g for g, _ in zip(data.train_dataloader(), range(model_batches))]
     out["model_only_structures_per_s"] = C.model_only_rate(
         pot.parameters(), batches, lambda g: loss_fn(pot(g, **outputs, create_graph=True), g)[0]

@@ -20,6 +20,10 @@ import _multifi  # noqa: E402
 
 
 def load(args):
+    if args.forces_xyz:  # energies and forces (harness --painn-forces)
+        from multifi.data.readers.ase_files import read_ase
+
+        return read_ase(args.forces_xyz, fidelity="EMT", keys={"energy": "energy_eV", "forces": "forces_eVA"})
     from multifi.data.readers.qm9 import read_qm9
 
     return read_qm9(labels=args.labels, limit=args.n, seed=0)
@@ -34,7 +38,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--labels", required=True)
     ap.add_argument("--workers", type=int, default=0)
-    _multifi.run(ap.parse_args(), load, model, forces=False, model_batches=20, neighbor_time=True)
+    ap.add_argument("--forces-xyz", help="extxyz with energy_eV and forces_eVA: train on energies and forces")
+    args = ap.parse_args()
+    forces = bool(args.forces_xyz)
+    _multifi.run(args, load, model, forces=forces, stress=False, model_batches=20, neighbor_time=True)
 
 
 if __name__ == "__main__":

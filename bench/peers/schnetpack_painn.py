@@ -1,7 +1,7 @@
 """schnetpack side of the PaiNN A/B benchmark (runs in bench/.venv-peers-schnetpack). Started by bench/harness.py.
 
     python bench/peers/schnetpack_painn.py --task train|md --threads T --extxyz qm9.extxyz --scratch DIR
-                                           [--nl matscipy|ase] [--md-xyz molecule.xyz]
+                                           [--nl matscipy|ase] [--md-xyz molecule.xyz] [--forces]
 
 train: schnetpack's normal training path as its own `spktrain experiment=qm9_atomwise` config builds
        it — ASEAtomsData (ASE db) → AtomsDataModule with per-sample transforms SubtractCenterOfMass,
@@ -13,6 +13,8 @@ train: schnetpack's normal training path as its own `spktrain experiment=qm9_ato
        loss, metrics, backward, optimizer, EMA, Lightning hooks.
        Then model-only steps (pre-collated batches, manual AdamW loop) and inference: one pass over all
        N molecules through AtomsLoader (transforms incl. neighbour lists) + model.eval() under no_grad.
+       --forces: energies and forces_eVA of the extxyz, a Forces output module and an MSE loss on each (weight 1),
+       inference with forces (autograd).
 md:    schnetpack.interfaces.SpkCalculator (model with a Forces output module, neighbour list
        transform as above), VelocityVerlet 0.5 fs.
 """
@@ -42,8 +44,9 @@ def nl_transform(spk, kind: str):
     return {"matscipy": spk.transform.MatScipyNeighborList, "ase": spk.transform.ASENeighborList}[kind](cutoff=C.CUTOFF)
 
 
-def database(spk, extxyz: str, scratch: str) -> str:
-    """The exported molecules as a schnetpack ASE db (created once, cached in scratch)."""
+def database(spk, extxyz: str, scratch: str, forces: bool = False) -> str:
+    """The exported molecules as a schnetpack ASE db (created once, cached in scratch); with `forces`, their
+    forces_eVA too."""
     import ase.io
     import numpy as np
 
@@ -53,11 +56,13 @@ def database(spk, extxyz: str, scratch: str) -> str:
         tmp = path[:-3] + ".tmp.db"
         if os.path.exists(tmp):
             os.remove(tmp)
-        db = spk.data.ASEAtomsData.create(tmp, distance_unit="Ang", property_unit_dict={"energy": "eV"})
-        db.add_systems(
-            [{"energy": np.array([a.info["energy_eV"]])} for a in frames],
-            [ase.Atoms(a.numbers, a.positions) for a in frames],
-        )
+        units = {"energy": "eV", **({"forces": "eV/Ang"} if forces else {})}
+        db = spk.data.ASEAtomsData.create(tmp, distance_unit="Ang", property_unit_dict=units)
+        labels = [
+            {"energy": np.array([a.info["energy_eV"]]), **({"forces": a.arrays["forces_eVA"]} if forces else {})}
+            for a in frames
+        ]
+        db.add_systems(labels, [ase.Atoms(a.numbers, a.positions) for a in frames])
         os.replace(tmp, path)
     return path
 
@@ -91,7 +96,8 @@ def task_train(args) -> dict:
     spk = import_spk()
     import schnetpack.transform as trn
 
-    db = database(spk, args.extxyz, args.scratch)
+    db = database(spk, args.extxyz, args.scratch, args.forces)
+    props = ["energy", "forces"] if args.forces else ["energy"]
     n = len(spk.data.ASEAtomsData(db))
     split = os.path.join(args.scratch, f"spk_split_{n}_{os.getpid()}.npz")
     transforms = [
@@ -109,24 +115,25 @@ def task_train(args) -> dict:
         transforms=transforms,
         num_workers=args.workers,
         split_file=split,
-        load_properties=["energy"],
-        property_units={"energy": "eV"},
+        load_properties=props,
+        property_units={"energy": "eV", **({"forces": "eV/Ang"} if args.forces else {})},
         distance_unit="Ang",
     )
     dm.prepare_data()
     dm.setup()
-    model = painn_model(spk, forces=False, offsets=True)
+    model = painn_model(spk, forces=args.forces, offsets=True)
     task = spk.task.AtomisticTask(
         model=model,
         optimizer_cls=torch.optim.AdamW,
         optimizer_args={"lr": C.LR},
         outputs=[
             spk.task.ModelOutput(
-                name="energy",
+                name=name,
                 loss_fn=torch.nn.MSELoss(),
                 loss_weight=1.0,
                 metrics={"MAE": torchmetrics.regression.MeanAbsoluteError()},
             )
+            for name in props
         ],
     )
     timer = C.step_timer()
@@ -140,20 +147,23 @@ def task_train(args) -> dict:
     model.train()
     batches = [b for b, _ in zip(dm.train_dataloader(), range(20))]
     mse = torch.nn.MSELoss()
-    out["model_only_structures_per_s"] = C.model_only_rate(
-        model.parameters(), batches, lambda b: mse(model(dict(b))["energy"], b["energy"])
-    )
+
+    def loss(b):
+        pred = model(dict(b))
+        return sum(mse(pred[name], b[name]) for name in props)
+
+    out["model_only_structures_per_s"] = C.model_only_rate(model.parameters(), batches, loss)
 
     # inference: one pass over all molecules, neighbour lists by the per-sample transform
     model.eval()
     data = spk.data.ASEAtomsData(
         db,
-        load_properties=["energy"],
+        load_properties=props,
         transforms=[trn.SubtractCenterOfMass(), nl_transform(spk, args.nl), trn.CastTo32()],
     )
     loader = spk.data.AtomsLoader(data, batch_size=C.BATCH, shuffle=False, num_workers=0)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.enable_grad() if args.forces else torch.no_grad():  # forces by autograd: inference with forces
         for b in loader:
             model(b)
     out["infer_structures_per_s"] = n / (time.perf_counter() - t0)
@@ -189,6 +199,7 @@ def main() -> None:
     ap.add_argument("--scratch", required=True)
     ap.add_argument("--nl", choices=["matscipy", "ase"], default="matscipy")
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--forces", action="store_true", help="train on energies and forces_eVA (the extxyz has them)")
     args = ap.parse_args()
     C.run(
         args,
