@@ -635,3 +635,20 @@ def test_an_implausible_error_from_estimated_references_does_not_blame_the_label
     with caplog.at_level(logging.WARNING, logger="multifi"):
         _warn_implausible({"HF/3-21G": labels}, "hf.extxyz")
     assert "are these labels at HF/3-21G, in eV" in caplog.text
+
+
+def test_test_errors_of_labels_in_a_doubtful_unit_carry_a_reminder(write_config, tmp_path, capsys):
+    """Hartree labels trained after one warning at the start, and the test table then showed mHa as meV: the run
+    records which labels the unit checks doubted, and the table is followed by a reminder."""
+    from conftest import tiny_frames
+
+    frames = tiny_frames()
+    for a in frames:
+        a.calc.results["energy"] /= 27.211386  # Hartree
+    ase.io.write(tmp_path / "ha.extxyz", frames, format="extxyz")
+    config = write_config(data={"sources": [{"path": str(tmp_path / "ha.extxyz")}]}, train={"max_steps": 2})
+    code, out, _ = run(["train", config], capsys)
+    assert code == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["doubtful_units"]["energy"] == ["lo"]  # (hi: too few training labels to judge)
+    assert "note: these labels looked like another unit when read (energy at lo;" in out

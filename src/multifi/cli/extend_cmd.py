@@ -81,7 +81,7 @@ def _as_written(flag: str, value) -> str:
 
 
 def run(args) -> int:
-    from multifi.cli.format import forgetting_table, metrics_table
+    from multifi.cli.format import doubtful_units_note, forgetting_table, metrics_table
     from multifi.errors import MultifiError
     from multifi.train.extend import extend_from_args
 
@@ -109,5 +109,8 @@ def run(args) -> int:
     else:
         print(f"{name}: no test structures, no test metrics ({run_dir})")
     print(forgetting_table(payload["forgetting"], payload["old_fidelities_unchanged"]))
+    note = doubtful_units_note(payload)
+    if note:
+        print(note)
     print(f"wrote {run_dir / 'model.pt'}")
     return 0

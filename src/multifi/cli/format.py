@@ -64,3 +64,16 @@ def forgetting_table(forgetting: dict[str, dict], unchanged: bool) -> str:
         ]
         lines.append(name.ljust(width) + str(f["before"].get(COUNT, "-")).rjust(8) + "".join(cells))
     return "\n".join(lines)
+
+
+def doubtful_units_note(payload: dict) -> str | None:
+    """A reminder beside the test errors when the unit checks doubted some labels (metrics.json doubtful_units):
+    their errors are in the labels' units, whatever those are."""
+    doubtful = payload.get("doubtful_units") or {}
+    if not doubtful:
+        return None
+    which = "; ".join(f"{label} at {', '.join(names)}" for label, names in doubtful.items())
+    return (
+        f"note: these labels looked like another unit when read ({which}; the warnings are in train.log): "
+        "their errors above are in the labels' own units; fix the data and train again if the warning was right"
+    )

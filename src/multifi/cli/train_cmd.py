@@ -45,11 +45,15 @@ def run(args) -> int:
     if metrics.exists() and is_leader_process():  # once, not once per rank
         import json
 
-        from multifi.cli.format import metrics_table
+        from multifi.cli.format import doubtful_units_note, metrics_table
 
-        test = json.loads(metrics.read_text())["fidelities"]
+        payload = json.loads(metrics.read_text())
+        test = payload["fidelities"]
         if test:
             print(metrics_table(test, title=f"test metrics ({run_dir})"))
+            note = doubtful_units_note(payload)
+            if note:
+                print(note)
         else:
             print(f"no test structures (data.split.test: 0 or no test file): no test metrics ({run_dir})")
     return 0

@@ -411,6 +411,17 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
 IMPLAUSIBLE_STRESS = 300.0
 
 
+def doubtful_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndarray, scale: np.ndarray) -> dict:
+    """The energy, force and stress unit checks (each warns); {label: [fidelities]} of those whose labels looked
+    like another unit (empty lists dropped), for the run's record and the reminder beside its test errors."""
+    found = {
+        "energy": check_energy_units(dataset, pairs, ref, scale),
+        "stress": check_stress_units(dataset, pairs),
+        "forces": check_force_units(dataset, pairs),
+    }
+    return {label: names for label, names in found.items() if names}
+
+
 def check_stress_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5) -> list[str]:
     """Warn for fidelities whose stress labels (stored in GPa) have a median largest |component| above
     IMPLAUSIBLE_STRESS over at least `min_count` of `pairs`' structures: readers take eV/Å³ (ASE units), so

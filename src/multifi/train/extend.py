@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from multifi.config import RunConfig, blamed, dump_config, load_config, with_backbone_defaults
-from multifi.data.checks import check_energy_units, check_force_units, check_stress_units
+from multifi.data.checks import doubtful_units
 from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources, warn_alike_names
@@ -485,7 +485,7 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log) -> Path:
         len(old.fidelities),
     )
     grow_weights(module.potential, old, like)
-    _fit_new_baseline(module.potential, ds, pairs["train"], len(old.fidelities), old.config.energy_scale)
+    doubtful = _fit_new_baseline(module.potential, ds, pairs["train"], len(old.fidelities), old.config.energy_scale)
     trained = module.freeze()
     module.sync_ema()
     problem = unmeasured_monitor(cfg, ds, pairs["val"], module.potential.head)
@@ -536,7 +536,7 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log) -> Path:
     best_path = final_checkpoint(trainer, run_dir)
     best = load_potential(best_path, compile=False)
     best.head.record_contacts(shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0])))
-    progress = {"checkpoint": str(best_path), **_training_progress(trainer, best_path)}
+    progress = {"checkpoint": str(best_path), **_training_progress(trainer, best_path), "doubtful_units": doubtful}
     _log_result(_finish(cfg, old, best, data, pairs, table, old_run, replay, progress), run_log)
     if run_data is not None:  # without the old run's data the run keeps none (a further extension cannot replay)
         save_run_data(run_dir, *run_data)
@@ -698,11 +698,11 @@ def _replay(x, old, old_run: OldRun | None, seed: int, where: str) -> dict[str, 
     }
 
 
-def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k: int, energy_scale) -> None:
+def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k: int, energy_scale) -> dict:
     """Reference energies [119] and scale of the new fidelity k by least squares on its training labels,
     next to the model's known references (elements its labels lack get the shared estimate, flagged in
     head.fitted); the old columns are not touched. With energy_scale: shared, the new fidelity takes the
-    shared scale."""
+    shared scale. Returns the unit checks' findings on its labels (data.checks.doubtful_units)."""
     head = potential.head
     known_ref = head.ref[:, :k].detach().double().cpu().numpy()
     known_fitted = head.fitted[:, :k].cpu().numpy()
@@ -725,9 +725,7 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
             new.scale[0],
         )
     scale[k] = new.scale[0]
-    check_energy_units(ds, train_pairs[train_pairs[:, 1] == k], ref, scale)
-    check_stress_units(ds, train_pairs[train_pairs[:, 1] == k])
-    check_force_units(ds, train_pairs[train_pairs[:, 1] == k])
+    doubtful = doubtful_units(ds, train_pairs[train_pairs[:, 1] == k], ref, scale)
     with torch.no_grad():
         head.ref[:, k] = torch.as_tensor(new.ref[:, 0], dtype=head.ref.dtype)
         head.fitted[:, k] = torch.as_tensor(new.fitted[:, 0])
@@ -738,6 +736,7 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
             all_ref = np.concatenate([np.where(known_fitted, known_ref, 0.0), new.ref], axis=1)
             prior = shared_estimates(all_ref, np.concatenate([known_fitted, new.fitted], axis=1))
             head.ref[new_elements, :k] = torch.as_tensor(prior[new_elements, :k], dtype=head.ref.dtype)
+    return doubtful
 
 
 def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, dict]:

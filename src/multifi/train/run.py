@@ -20,12 +20,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from multifi.config import RunConfig, blamed, dump_config, load_config
 from multifi.data.checks import (
-    check_energy_units,
-    check_force_units,
     check_overlaps,
     check_repeated_geometries,
     check_split_duplicates,
-    check_stress_units,
+    doubtful_units,
     warn_structures_without_edges,
 )
 from multifi.data.dataset import ranges
@@ -164,9 +162,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     # units are the labels' own: checked against each fidelity's own fit (a pooled fit of several methods lies
     # far from every one of them, which blamed the data for the pooling)
     own = fit_references(prep.dataset, prep.pairs["train"]) if module.potential.head.shared_baseline else refs
-    check_energy_units(prep.dataset, prep.pairs["train"], own.ref, own.scale)
-    check_stress_units(prep.dataset, prep.pairs["train"])
-    check_force_units(prep.dataset, prep.pairs["train"])
+    doubtful = doubtful_units(prep.dataset, prep.pairs["train"], own.ref, own.scale)
     report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
     module.sync_ema()
@@ -253,6 +249,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
             "checkpoint": str(best),
             "n_train": _counts(prep, "train"),
             **_training_progress(trainer, best),
+            "doubtful_units": doubtful,
         }
         atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
         _log_result(payload, run_log)
