@@ -652,3 +652,37 @@ def test_test_errors_of_labels_in_a_doubtful_unit_carry_a_reminder(write_config,
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["doubtful_units"]["energy"] == ["lo"]  # (hi: too few training labels to judge)
     assert "note: these labels looked like another unit when read (energy at lo;" in out
+
+
+def test_outputs_are_not_replaced_without_force(cli_run, tiny_extxyz, tmp_path, capsys):
+    """predict/evaluate/select keep an existing output unless --force; the check comes before any work. Streams
+    are always written to."""
+    _, run_dir = cli_run
+    model = run_dir / "model.pt"
+    src = tmp_path / "in.extxyz"
+    ase.io.write(src, ase.io.read(tiny_extxyz, ":4"), format="extxyz")
+    earlier = tmp_path / "earlier.extxyz"  # another run's predictions
+    earlier.write_text("kept\n")
+    predict = ["predict", model, src, "--fidelity", "hi", "--out"]
+    fails([*predict, earlier], capsys, f"{earlier}: exists; not replaced (--force replaces it)")
+    report = tmp_path / "m.json"
+    report.write_text("{}")
+    fails(["evaluate", model, src, "--out", report], capsys, f"{report}: exists; not replaced")
+    plot = tmp_path / "parity.png"
+    plot.write_bytes(b"x")
+    fails(["evaluate", model, src, "--plot", plot], capsys, f"{plot}: exists; not replaced")
+    picks = tmp_path / "picks.txt"
+    picks.write_text("a\n")
+    select = ["select", model, src, "--fidelity", "hi", "--n", "1", "--strategy", "random", "--out", picks]
+    fails(select, capsys, f"{picks}: exists; not replaced")
+    assert earlier.read_text() == "kept\n" and report.read_text() == "{}" and plot.read_bytes() == b"x"
+    assert picks.read_text() == "a\n"
+    assert run([*predict, earlier, "--force"], capsys)[0] == 0 and len(ase.io.read(earlier, ":")) == 4
+    assert run(["evaluate", model, src, "--out", report, "--force"], capsys)[0] == 0
+    assert "fidelities" in report.read_text()
+    assert run([*select, "--force"], capsys)[0] == 0 and picks.read_text() != "a\n"
+    from multifi.cli.args import refuse_existing
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    refuse_existing("/dev/stdout", fifo, force=False)  # streams: written to, never refused

@@ -175,7 +175,7 @@ def test_cli_deploy_requires_fidelity_and_records_it(tmp_path):
     # an existing file (another fidelity's deployed model, say) is replaced only with --force
     before = (tmp_path / "m.pt").read_bytes()
     r = subprocess.run(cmd + ["--fidelity", "PBE"], capture_output=True, text=True)
-    assert r.returncode == 2 and "m.pt: exists; --force replaces it" in r.stderr
+    assert r.returncode == 2 and "m.pt: exists; not replaced (--force replaces it)" in r.stderr
     assert (tmp_path / "m.pt").read_bytes() == before
     r = subprocess.run(cmd + ["--fidelity", "PBE", "--force"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -124,17 +124,17 @@ def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
     assert not out.exists()
     assert run(["calibrate", run_dir], capsys)[0] == 0
     for strategy in STRATEGIES:
-        code, stdout, _ = run([*args, "--strategy", strategy, "--seed", "2", "--out", out], capsys)
+        code, stdout, _ = run([*args, "--strategy", strategy, "--seed", "2", "--out", out, "--force"], capsys)
         assert code == 0 and "picked 4 of 10 eligible structures (12 in the pool" in stdout
         keys = out.read_text().split()
         assert len(set(keys)) == 4 and not {"c0", "c5"} & set(keys) and set(keys) <= {f"c{i}" for i in range(12)}
     with caplog.at_level("WARNING", logger="multifi"):
-        code, stdout, _ = run([*args, "--strategy", "random", "--n", "11", "--out", out], capsys)
+        code, stdout, _ = run([*args, "--strategy", "random", "--n", "11", "--out", out, "--force"], capsys)
     assert code == 0 and "picked 10 of 10 eligible" in stdout and "only 10 unlabelled ones remain" in caplog.text
     assert len(out.read_text().split()) == 10
     (tmp_path / "done.txt").write_text("c0\npool.extxyz:5\n")  # a key of another naming excludes nothing: said
     with caplog.at_level("WARNING", logger="multifi"):
-        assert run([*args, "--strategy", "random", "--out", out], capsys)[0] == 0
+        assert run([*args, "--strategy", "random", "--out", out, "--force"], capsys)[0] == 0
     assert "done.txt: 1 of 2 keys are no structure of" in caplog.text and "pool.extxyz:5" in caplog.text
     assert "no dataset.npz beside the model" not in caplog.text
     import shutil
@@ -143,12 +143,12 @@ def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
     shutil.copy(run_dir / "model.pt", alone)
     shutil.copy(run_dir / "model.llpr.npz", tmp_path / "alone.llpr.npz")
     with caplog.at_level("WARNING", logger="multifi"):
-        assert run(["select", alone, *args[2:], "--strategy", "random", "--out", out], capsys)[0] == 0
+        assert run(["select", alone, *args[2:], "--strategy", "random", "--out", out, "--force"], capsys)[0] == 0
     assert f"{alone}: no dataset.npz beside the model" in caplog.text
-    fails([*args, "--fidelity", "HI", "--out", out], capsys, "unknown fidelity 'HI'", "did you mean 'hi'")
+    fails([*args, "--fidelity", "HI", "--out", out, "--force"], capsys, "unknown fidelity 'HI'", "did you mean 'hi'")
     (tmp_path / "empty.extxyz").write_text("")
     fails(
-        ["select", run_dir / "model.pt", tmp_path / "empty.extxyz", *args[3:], "--out", out],
+        ["select", run_dir / "model.pt", tmp_path / "empty.extxyz", *args[3:], "--out", out, "--force"],
         capsys,
         "empty.extxyz: empty file",
     )
@@ -167,7 +167,7 @@ def test_select_never_picks_a_structure_labelled_in_a_later_frame(cli_run, tmp_p
     pool = tmp_path / "pool.extxyz"
     ase.io.write(pool, lo + hi, format="extxyz")
     out = tmp_path / "picks.txt"
-    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out]
+    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out, "--force"]
     code, stdout, _ = run([*args, "--n", "2"], capsys)
     assert code == 0 and "picked 2 of 2 eligible structures (6 in the pool" in stdout
     assert sorted(out.read_text().split()) == ["p4", "p5"]
@@ -186,7 +186,7 @@ def test_select_skips_labelled_frames_of_a_pool_mixing_labelled_and_unlabelled(c
     pool = tmp_path / "pool.extxyz"
     ase.io.write(pool, labelled + mols[5:], format="extxyz")
     out = tmp_path / "picks.txt"
-    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out]
+    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out, "--force"]
     code, stdout, _ = run([*args, "--n", "3"], capsys)
     assert code == 0 and "picked 3 of 3 eligible structures (8 in the pool" in stdout
     assert sorted(out.read_text().split()) == ["q5", "q6", "q7"]
@@ -229,7 +229,8 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
     ase.io.write(pool, bare, format="extxyz")
     out = tmp_path / "picks.txt"
     code, stdout, _ = run(
-        ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out], capsys
+        ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out, "--force"],
+        capsys,
     )
     assert code == 0 and "picked 5 of 20 eligible structures (40 in the pool" in stdout
     assert "20 labelled at hi in the model's run data" in stdout
@@ -237,7 +238,8 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
         b.info["key"] = f"renamed{i}"
     ase.io.write(pool, bare, format="extxyz")
     code, stdout, _ = run(
-        ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out], capsys
+        ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out, "--force"],
+        capsys,
     )
     assert code == 0 and "picked 5 of 20 eligible structures (40 in the pool" in stdout
     assert all(int(k.removeprefix("renamed")) >= 20 for k in out.read_text().split())  # lo-only ones
@@ -256,7 +258,7 @@ def test_select_counts_a_geometry_once_whatever_its_keys(cli_run, tmp_path, caps
     pool = tmp_path / "pool.extxyz"
     ase.io.write(pool, frames, format="extxyz")
     out = tmp_path / "picks.txt"
-    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out]
+    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out, "--force"]
     code, stdout, _ = run([*args, "--n", "3"], capsys)
     assert code == 0 and "picked 3 of 3 eligible structures (6 in the pool" in stdout
     assert sorted(out.read_text().split()) == ["g0", "g2", "g3"]

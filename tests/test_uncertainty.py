@@ -201,6 +201,7 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
             tmp_path / "other.pt",
             "--out",
             metrics,
+            "--force",
         ],
         capsys,
     )

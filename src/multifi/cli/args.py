@@ -55,3 +55,25 @@ def device_arg(text: str) -> str:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{text}: no MPS device on this machine")
     return text
+
+
+def add_force(p) -> None:
+    """--force: replace existing output files (every command that writes a named file asks for it)."""
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+
+
+def refuse_existing(*paths, force: bool) -> None:
+    """A one-line error for the first output path that already exists as a regular file or folder, unless force;
+    checked before any work, so nothing is computed in vain. Streams and devices (/dev/stdout, a named pipe)
+    are always written to."""
+    from pathlib import Path
+
+    from multifi.errors import MultifiError
+    from multifi.files import is_special
+
+    for path in paths:
+        if path is None or force:
+            continue
+        path = Path(path)
+        if (path.exists() or path.is_symlink()) and not is_special(path) and not str(path).startswith("/dev/"):
+            raise MultifiError(f"{path}: exists; not replaced (--force replaces it)")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from multifi.cli.args import add_force
+
 
 def register(sub):
     p = sub.add_parser("config", help="print a commented example configuration (every key, default, meaning)")
     p.add_argument("--example", action="store_true", help="print the example configuration (the default action)")
     p.add_argument("--out", help="write it to this file instead of printing it (an existing file: --force)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    add_force(p)
     p.set_defaults(func=run)
 
 
@@ -16,13 +18,10 @@ def run(args) -> int:
 
     text = example_yaml()
     if args.out:
-        from pathlib import Path
-
-        from multifi.errors import MultifiError
+        from multifi.cli.args import refuse_existing
         from multifi.files import write_text
 
-        if Path(args.out).exists() and not args.force:
-            raise MultifiError(f"{args.out}: exists; not replaced (--force replaces it)")
+        refuse_existing(args.out, force=args.force)
         write_text(args.out, text)
         print(f"wrote {args.out}")
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from multifi.cli.args import add_force
+
 
 def register(sub):
     p = sub.add_parser("data", help="inspect or convert datasets")
@@ -12,7 +14,7 @@ def register(sub):
     conv = dsub.add_parser("convert", help="read and merge sources into one multifi .npz for reuse")
     _sources(conv)
     conv.add_argument("--out", required=True, help="the .npz (or dataset folder) to write (an existing one: --force)")
-    conv.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_force(conv)
     conv.set_defaults(func=run_convert)
 
 
@@ -154,12 +156,9 @@ def _check_labels(ds) -> None:
 
 
 def run_convert(args) -> int:
-    from pathlib import Path
+    from multifi.cli.args import refuse_existing
 
-    from multifi.errors import MultifiError
-
-    if Path(args.out).exists() and not args.force:  # checked before reading: nothing read in vain
-        raise MultifiError(f"{args.out}: exists; not replaced (--force replaces it)")
+    refuse_existing(args.out, force=args.force)  # checked before reading: nothing read in vain
     ds = _read(args)
     path = ds.save(args.out)
     print(f"wrote {len(ds)} structures, {len(ds.fidelities)} fidelities to {path}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from multifi.cli.args import add_force
+
 
 def register(sub):
     p = sub.add_parser("deploy", help="write a Python-free TorchScript model at one fidelity for LAMMPS")
@@ -12,7 +14,7 @@ def register(sub):
         required=True,
         help="output file (TorchScript; load with `pair_style multifi FILE`; an existing one: --force)",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_force(p)
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument(
         "--strict-references",
@@ -23,13 +25,10 @@ def register(sub):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
+    from multifi.cli.args import refuse_existing
     from multifi.deploy import deploy
-    from multifi.errors import MultifiError
 
-    if Path(args.out).exists() and not args.force:  # another fidelity's or model's deployed file, say
-        raise MultifiError(f"{args.out}: exists; --force replaces it")
+    refuse_existing(args.out, force=args.force)  # another fidelity's or model's deployed file, say
 
     meta = deploy(args.checkpoint, args.fidelity, args.out, args.dtype, args.strict_references)
     print(

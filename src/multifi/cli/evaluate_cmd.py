@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from multifi.cli.args import add_label_keys, device_arg, positive_int
+from multifi.cli.args import add_force, add_label_keys, device_arg, positive_int
 
 log = logging.getLogger("multifi")
 
@@ -24,7 +24,7 @@ def register(sub):
         "with it, only labels of this fidelity are evaluated",
     )
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--out", help="write the metrics as JSON to this file")
+    p.add_argument("--out", help="write the metrics as JSON to this file (an existing one: --force)")
     p.add_argument(
         "--plot", metavar="FILE.png", help="parity plot (predicted vs reference energy per atom) per fidelity"
     )
@@ -37,6 +37,7 @@ def register(sub):
         "area): LLPR σ (needs `multifi calibrate`), or the ensemble's spread with --ensemble",
     )
     p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL", help="further models of a deep ensemble")
+    add_force(p)
     p.set_defaults(func=run)
 
 
@@ -46,7 +47,7 @@ def run(args) -> int:
 
     import numpy as np
 
-    from multifi.cli.args import label_keys
+    from multifi.cli.args import label_keys, refuse_existing
     from multifi.cli.format import metrics_table
     from multifi.data.checks import check_force_units, check_stress_units
     from multifi.data.dataset import FidelityDataset
@@ -57,6 +58,7 @@ def run(args) -> int:
     from multifi.models.registry import load_potential
     from multifi.train.evaluate import evaluate_pairs
 
+    refuse_existing(args.out, args.plot, force=args.force)
     if args.plot:  # a format matplotlib lacks fails before anything is computed or written
         from multifi.plots import image_format
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from multifi.cli.args import device_arg, positive_int
+from multifi.cli.args import add_force, device_arg, positive_int
 
 
 def register(sub):
@@ -20,8 +20,10 @@ def register(sub):
     p.add_argument(
         "--out",
         required=True,
-        help="output extxyz (.extxyz or .xyz; .gz compresses) with energy/forces/stress per structure",
+        help="output extxyz (.extxyz or .xyz; .gz compresses) with energy/forces/stress per structure (an existing "
+        "one: --force)",
     )
+    add_force(p)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
     p.add_argument(
@@ -43,8 +45,10 @@ def register(sub):
 def run(args) -> int:
     from pathlib import Path
 
+    from multifi.cli.args import refuse_existing
     from multifi.predict import predict_file
 
+    refuse_existing(args.out, force=args.force)
     n = predict_file(
         args.checkpoint,
         args.structures,

@@ -6,6 +6,8 @@ import logging
 
 import numpy as np
 
+from multifi.cli.args import add_force
+
 log = logging.getLogger("multifi")
 
 
@@ -39,8 +41,9 @@ def register(sub):
         "--out",
         required=True,
         help="picked structure keys, one per line, in pick order; a .extxyz/.xyz(.gz) file gets the picked "
-        "structures themselves (keys in info['key']), e.g. for a pool without keys",
+        "structures themselves (keys in info['key']), e.g. for a pool without keys (an existing one: --force)",
     )
+    add_force(p)
     p.add_argument("--batch-size", type=int, default=64, help="structures per forward pass (memory, not results)")
     p.set_defaults(func=run)
 
@@ -50,6 +53,7 @@ def run(args) -> int:
 
     import numpy as np
 
+    from multifi.cli.args import refuse_existing
     from multifi.data.checks import geometry_fingerprints
     from multifi.data.dataset import atomic_write
     from multifi.errors import MultifiError
@@ -57,6 +61,7 @@ def run(args) -> int:
     from multifi.select import labelled_mask, read_pool, select_structures, training_anchors
     from multifi.uncertainty import LLPR, llpr_path
 
+    refuse_existing(args.out, force=args.force)
     potential = load_potential(args.model)
     potential.fidelities.index(args.fidelity, where=args.model)
     pool = read_pool(args.pool)
