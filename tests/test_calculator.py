@@ -130,6 +130,20 @@ def test_molecule_has_no_stress():
         atoms.get_potential_energy()  # H was never given a reference energy: unknown element
 
 
+def test_stress_of_a_non_periodic_structure_is_not_implemented_as_ase_says():
+    """ASE code catches PropertyNotImplementedError for a property a calculator cannot give here; the CLI a
+    MultifiError: the error is both."""
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    atoms = bulk("Si", "diamond", 5.43, cubic=True)
+    atoms.pbc = False
+    atoms.calc = multifi.Calculator(CKPT, fidelity="PBE")
+    assert np.isfinite(atoms.get_potential_energy())
+    for kind in (PropertyNotImplementedError, MultifiError):
+        with pytest.raises(kind, match="stress needs a periodic cell"):
+            atoms.get_stress()
+
+
 def test_calculator_keeps_the_model_precision_unless_told():
     """A float64 model computes in float64 by default (as multifi predict does), a float32 one in float32;
     an explicit dtype wins; an unknown one is a one-line error."""

@@ -813,3 +813,21 @@ def test_verbose_after_the_command_and_leftover_arguments_name_the_command(tmp_p
     assert (
         "multifi data info: unrecognized arguments: --bogus (see multifi data info --help)" in capsys.readouterr().err
     )
+
+
+def test_evaluate_names_its_own_option_for_nan_labels(model, tmp_path, capsys, caplog):
+    """A NaN energy label: evaluate's error names the option evaluate has (--skip-invalid), which leaves that label
+    out of the errors and says so; the other structures' errors are those of the clean file."""
+    good = [emt_labelled(rattled_molecule("H2O", seed), "lo") for seed in range(3)]
+    broken = emt_labelled(rattled_molecule("H2O", 9), "lo")
+    broken.calc.results["energy"] = float("nan")
+    src, clean = tmp_path / "nan.extxyz", tmp_path / "clean.extxyz"
+    ase.io.write(src, [*good, broken])
+    ase.io.write(clean, good)
+    fails(["evaluate", model, src], capsys, str(src), "--skip-invalid for multifi data and multifi evaluate")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, out, _ = run(["evaluate", model, src, "--skip-invalid", "--out", tmp_path / "a.json"], capsys)
+    assert code == 0 and "skipped 1 non-finite" in caplog.text
+    assert run(["evaluate", model, clean, "--out", tmp_path / "b.json"], capsys)[0] == 0
+    a, b = (json.loads((tmp_path / f).read_text())["fidelities"]["lo"] for f in ("a.json", "b.json"))
+    assert a["energy_mae_meV_per_atom"] == pytest.approx(b["energy_mae_meV_per_atom"], rel=1e-6)

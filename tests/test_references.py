@@ -456,7 +456,11 @@ def test_structures_with_open_proportions_are_flagged_at_prediction(tmp_path, ca
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="multifi"):
         check_elements(pot, np.array([31, 31, 14]), np.array([3]), 1, keys=["ga2si"])  # names what it holds
-    assert "1 structure(s) (ga2si) hold Ga in proportions" in caplog.text
+    assert "structure ga2si holds Ga in proportions" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):  # a calculator's one structure has no key
+        check_elements(pot, np.array([31, 31, 14]), np.array([3]), 1)
+    assert "this structure holds Ga in proportions" in caplog.text and "(0)" not in caplog.text
     with pytest.raises(MultifiError, match="ga2as"):
         check_elements(pot, numbers, n_atoms, 1, keys=["gaas", "ga2as", "gasi"], strict=True)
     recs = [

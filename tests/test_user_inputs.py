@@ -55,10 +55,10 @@ def test_ensemble_member_without_the_fidelity_is_an_error_naming_it(model, tmp_p
     fails(["evaluate", model, labelled, "--ensemble", member], capsys, str(member), "unknown fidelity 'hi'")
 
 
-def _strained_copper(n: int = 12, stress_unit: float = 1.0, elements=("Cu",)) -> list:
-    """n strained, rattled fcc cells (cycling through `elements`) with EMT energy, forces and stress; the stress
-    written in units of `stress_unit` eV/Å³ (1: ASE units, as documented; ase.units.GPa: GPa numbers given as
-    eV/Å³; -1: VASP's sign)."""
+def _strained_copper(n: int = 12, stress_unit: float = 1.0, elements=("Cu",), strain: float = 0.05) -> list:
+    """n strained (components up to ±strain), rattled fcc cells (cycling through `elements`) with EMT energy,
+    forces and stress; the stress written in units of `stress_unit` eV/Å³ (1: ASE units, as documented;
+    ase.units.GPa: GPa numbers given as eV/Å³; -1: VASP's sign)."""
     from ase.build import bulk
     from ase.calculators.emt import EMT
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -68,7 +68,7 @@ def _strained_copper(n: int = 12, stress_unit: float = 1.0, elements=("Cu",)) ->
     for i in range(n):
         element = elements[i % len(elements)]
         a = bulk(element, "fcc", {"Cu": 3.6, "Al": 4.05, "Ni": 3.52}[element], cubic=True)
-        eps = rng.uniform(-0.05, 0.05, (3, 3))
+        eps = rng.uniform(-strain, strain, (3, 3))
         a.set_cell(a.cell.array @ (np.eye(3) + (eps + eps.T) / 2), scale_atoms=True)
         a.rattle(0.05, seed=i)
         a.calc = EMT()
@@ -120,6 +120,7 @@ def test_sign_flipped_stress_is_flagged(sign, write_config, tmp_path, capsys, ca
         # the modulus the flipped stresses imply, so that a unit error behind the flip shows (EMT: 40-200 GPa)
         modulus = float(re.search(r"median bulk modulus of ([\d.e+]+) GPa", flagged[0]).group(1))
         assert 20 < modulus < 300, flagged[0]
+        assert "unit is off" not in flagged[0]  # a plausible modulus blames the sign alone
     too_small = [r.getMessage() for r in caplog.records if "look too small" in r.getMessage()]
     assert not too_small, too_small
 
@@ -139,6 +140,40 @@ def test_stress_too_small_by_a_unit_is_flagged(write_config, tmp_path, capsys, c
     assert code == 0, err
     flagged = [r.getMessage() for r in caplog.records if "look too small" in r.getMessage()]
     assert len(flagged) == 1 and "over 3 compositions" in flagged[0] and "'EMT'" in flagged[0]
+
+
+@pytest.mark.parametrize(
+    ("unit", "strain", "said"),
+    [
+        ("GPa read as eV/Å³, near equilibrium", 0.008, "look too large"),  # too small a stress for the size check
+        ("GPa read as kBar (MatPES)", 0.05, "look small"),  # 10× small: 4-20 GPa, what molecular crystals have
+        ("right", 0.008, None),
+    ],
+)
+def test_stress_off_by_a_unit_is_flagged_by_the_modulus_it_implies(
+    unit, strain, said, write_config, tmp_path, capsys, caplog
+):
+    """Near-equilibrium stresses in GPa read as eV/Å³ stay below the magnitude check (hundreds of GPa) but imply
+    a bulk modulus above any solid's; GPa where kBar is read implies one 10× small, which only molecular crystals
+    and alkali metals have: both said before training starts, right units not."""
+    import logging
+
+    from ase.units import GPa
+
+    factor = {"right": 1.0, "GPa read as kBar (MatPES)": 10.0}.get(unit, GPa)
+    path = tmp_path / "fcc.extxyz"
+    ase.io.write(path, _strained_copper(n=30, stress_unit=factor, elements=("Cu", "Al", "Ni"), strain=strain))
+    config = write_config(data={"sources": [{"path": str(path)}], "split": {"val": 0.1, "test": 0.1, "seed": 0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    messages = [r.getMessage() for r in caplog.records if "stress" in r.getMessage()]
+    if said is None:
+        assert not messages, messages
+        return
+    flagged = [m for m in messages if said in m]
+    assert len(flagged) == 1 and "'EMT'" in flagged[0] and str(path) in flagged[0], messages
+    assert not [m for m in messages if "look like GPa or kBar" in m], messages  # not the magnitude check's
 
 
 def test_fidelity_without_training_labels_is_warned_about(write_config, capsys, caplog):

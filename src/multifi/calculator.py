@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator as AseCalculator
-from ase.calculators.calculator import all_changes
+from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 from ase.units import GPa
 
 from multifi.aot import AotModel
@@ -28,6 +28,11 @@ ARGUMENTS = (
     "atoms",
     "directory",
 )
+
+
+class NoStressError(MultifiError, PropertyNotImplementedError):
+    """Stress asked of a structure without a periodic direction: ASE's "property not available here" (code that
+    catches PropertyNotImplementedError carries on) and a MultifiError (one line on the command line)."""
 
 
 class Calculator(AseCalculator):
@@ -168,7 +173,7 @@ class Calculator(AseCalculator):
             s = out["stress"][0].detach().cpu().numpy().astype(np.float64) * GPa  # GPa → eV/Å³
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
         elif "stress" in properties:
-            raise MultifiError("stress needs a periodic cell (atoms.pbc is all False)")
+            raise NoStressError("stress needs a periodic cell (atoms.pbc is all False)")
 
     def _aot_outputs(self, graph, want_stress: bool) -> dict[str, torch.Tensor]:
         """Energy, forces and stress [1,3,3] (GPa, as Potential gives it) from the ahead-of-time compiled model."""

@@ -22,3 +22,10 @@ def unknown_name(kind: str, name: str, known: Iterable[str], where: str = "") ->
     hint = f"; did you mean {by_lower[close[0]]!r}?" if close else ""
     prefix = f"{where}: " if where else ""
     return MultifiError(f"{prefix}unknown {kind} {name!r}{hint} (known: {', '.join(map(str, known))})")
+
+
+#: how to drop non-finite labels, for the errors that find them (training config, `multifi data`, `multifi evaluate`)
+SKIP_INVALID_HINT = (
+    "drop them with data.skip_invalid: true (--set data.skip_invalid=true; --skip-invalid for multifi data and "
+    "multifi evaluate)"
+)

@@ -37,6 +37,9 @@ def register(sub):
         "area): LLPR σ (needs `multifi calibrate`), or the ensemble's spread with --ensemble",
     )
     p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL", help="further models of a deep ensemble")
+    p.add_argument(
+        "--skip-invalid", action="store_true", help="leave NaN/inf labels out of the errors instead of failing"
+    )
     add_force(p)
     p.set_defaults(func=run)
 
@@ -51,7 +54,7 @@ def run(args) -> int:
     from multifi.cli.format import metrics_table
     from multifi.data.checks import check_force_units, check_stress_units
     from multifi.data.dataset import FidelityDataset
-    from multifi.data.sources import read_labelled
+    from multifi.data.sources import read_labelled, report_dropped
     from multifi.data.split import labelled_pairs
     from multifi.errors import MultifiError
     from multifi.files import atomic_write, encoded_for
@@ -66,7 +69,8 @@ def run(args) -> int:
     from multifi.data.fidelity import alike_names
 
     potential = load_potential(args.checkpoint).to(args.device)
-    parts = [read_labelled(path, args.fidelity, **label_keys(args)) for path in args.data]
+    parts = [read_labelled(path, args.fidelity, args.skip_invalid, **label_keys(args)) for path in args.data]
+    report_dropped(parts)
     ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     if args.fidelity:

@@ -449,13 +449,16 @@ def check_stress_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: i
 
 
 def check_stress_sign(dataset: FidelityDataset, pairs: np.ndarray, min_groups: int = 3) -> list[str]:
-    """Warn for fidelities whose stresses look sign-flipped: among structures of one composition (same atoms)
-    at different volumes, the pressure −tr(σ)/3 falls as the volume grows (compressed cells push outwards);
-    labels in which it rises in most compositions (median correlation above +0.5 over at least `min_groups`
-    compositions of ≥ 5 structures whose volumes differ by ≥ 0.5 %) carry VASP's sign, not ASE's.
-    ../shared/data/solids (PBE): -0.93 over 33 compositions. Sign-right stresses that imply a median bulk
-    modulus −dP/dlnV below SOFTEST_MEDIAN_MODULUS look too small (eV/Å³ or GPa given where kBar, MatPES, or
-    eV/Å³, ASE, is read): warned too. Returns the suspicious names."""
+    """Warn for fidelities whose stresses look sign-flipped or off by a unit, from how the pressure −tr(σ)/3
+    follows the volume among structures of one composition (same atoms) at different volumes (at least
+    `min_groups` compositions of ≥ 5 structures whose volumes differ by ≥ 0.5 %):
+    - it rises with the volume in most compositions (median correlation above +0.5): VASP's sign, not ASE's
+      (real data: about −0.9; the MatPES-schema PBE solids of ../shared/data: −0.93 over 33 compositions);
+    - the median bulk modulus −dP/dlnV it implies is far from any solid's: below SOFTEST_MEDIAN_MODULUS
+      (eV/Å³ or GPa given where kBar, MatPES, or eV/Å³, ASE, is read), above HARDEST_MEDIAN_MODULUS (GPa or
+      kBar read as eV/Å³), or below TYPICAL_MEDIAN_MODULUS (a question: molecular crystals and alkali metals
+      are that soft, inorganic solids rarely; GPa where kBar is read gives 10× small numbers).
+    Returns the suspicious names (not those of the last, milder case)."""
     if dataset.stress is None:
         return []
     suspicious = []
@@ -463,41 +466,70 @@ def check_stress_sign(dataset: FidelityDataset, pairs: np.ndarray, min_groups: i
         groups = _volume_pressure_groups(dataset, pairs, k)
         corr = [float(np.corrcoef(v, p)[0, 1]) for v, p in groups if p.std() > 0]
         moduli = [-np.polyfit(np.log(v), p, 1)[0] for v, p in groups]
+        where = f"{dataset.source or 'data'}: stresses at fidelity {name!r}"
         if len(corr) >= min_groups and np.median(corr) > 0.5:
             suspicious.append(name)
             log.warning(
-                "%s: stresses at fidelity %r look sign-flipped: the pressure rises with the volume in %d of %d "
-                "compositions (median correlation %+.2f; real data: about -0.9); labels are read with ASE's "
-                "sign (positive = tensile), VASP's stress has the opposite one: multiply them by -1 (flipped, they "
-                "imply a median bulk modulus of %.3g GPa; real solids: 10-300, ../shared/data/solids: 73; far below, "
-                "the unit is off too, e.g. GPa where kBar is read)",
-                dataset.source or "data",
-                name,
+                "%s look sign-flipped: the pressure rises with the volume in %d of %d compositions (median "
+                "correlation %+.2f; real data: about -0.9); labels are read with ASE's sign (positive = tensile), "
+                "VASP's stress has the opposite one: multiply them by -1 (flipped, they imply a median bulk "
+                "modulus of %.3g GPa; real solids: 1-450)%s",
+                where,
                 sum(c > 0 for c in corr),
                 len(corr),
                 float(np.median(corr)),
                 float(-np.median(moduli)),
+                _unit_hint(float(-np.median(moduli))),
             )
             continue
         # only where the pressure clearly follows the volume (relaxed cells all at P ≈ 0 have no slope)
-        following = len(corr) >= min_groups and np.median(corr) < -0.5
-        if following and len(moduli) >= min_groups and np.median(moduli) < SOFTEST_MEDIAN_MODULUS:
+        if not (len(corr) >= min_groups and np.median(corr) < -0.5 and len(moduli) >= min_groups):
+            continue
+        modulus = float(np.median(moduli))
+        implied = f"how the pressure follows the volume implies a median bulk modulus of {modulus:.3g} GPa over "
+        implied += f"{len(moduli)} compositions"
+        if modulus < SOFTEST_MEDIAN_MODULUS or modulus > HARDEST_MEDIAN_MODULUS:
             suspicious.append(name)
             log.warning(
-                "%s: stresses at fidelity %r look too small: how the pressure follows the volume implies a median "
-                "bulk modulus of %.3g GPa over %d compositions (real solids: 10-300; ../shared/data/solids: 73); "
-                "stresses in eV/Å³ or GPa given where kBar (MatPES) is read, or in eV/Å³ read as GPa?",
-                dataset.source or "data",
-                name,
-                float(np.median(moduli)),
-                len(moduli),
+                "%s look too %s: %s (real solids: 1-450)%s",
+                where,
+                "small" if modulus < SOFTEST_MEDIAN_MODULUS else "large",
+                implied,
+                _unit_hint(modulus),
+            )
+        elif modulus < TYPICAL_MEDIAN_MODULUS:
+            log.warning(
+                "%s look small: %s; molecular crystals and alkali metals are that soft, most inorganic solids are "
+                "not (30-300 GPa): if these are, the stresses may be GPa numbers where kBar (MatPES) is read, 10× "
+                "too small",
+                where,
+                implied,
             )
     return suspicious
+
+
+def _unit_hint(modulus: float) -> str:
+    """What a median bulk modulus (GPa) far from any solid's says about the stress unit ('' when plausible)."""
+    if modulus < SOFTEST_MEDIAN_MODULUS:
+        return (
+            "; that far below, the unit is off too: eV/Å³ or GPa given where kBar (MatPES) is read, or eV/Å³ read "
+            "as GPa?"
+        )
+    if modulus > HARDEST_MEDIAN_MODULUS:
+        return (
+            "; that far above, the unit is off too: GPa or kBar numbers read as eV/Å³ (ASE units; multiply GPa "
+            "by ase.units.GPa, kBar by 0.1·ase.units.GPa)?"
+        )
+    return ""
 
 
 #: GPa: a median bulk modulus over compositions below this looks like stresses 10-1000× too small (the softest
 #: solids, alkali metals and rare-gas crystals, reach 1-3 GPa; MatPES-like data sets have medians of ~70)
 SOFTEST_MEDIAN_MODULUS = 3.0
+#: GPa: above this, 160× or 1602× too large (diamond, the stiffest, has 443 GPa)
+HARDEST_MEDIAN_MODULUS = 1000.0
+#: GPa: below this, a question (molecular crystals, alkali metals: 2-15 GPa; GPa read where kBar is: 10× small)
+TYPICAL_MEDIAN_MODULUS = 15.0
 
 
 def _volume_pressure_groups(dataset: FidelityDataset, pairs: np.ndarray, k: int) -> list[tuple]:

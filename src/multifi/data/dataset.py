@@ -26,7 +26,7 @@ import numpy as np
 
 from multifi.data.fidelity import FidelityTable
 from multifi.data.stats import MAX_Z
-from multifi.errors import MultifiError
+from multifi.errors import SKIP_INVALID_HINT, MultifiError
 from multifi.files import atomic_write, make_dir, new_dir_mode, reported  # noqa: F401 (atomic_write re-exported)
 
 
@@ -290,7 +290,7 @@ class FidelityDataset:
                 s, k = np.argwhere(bad_e | bad_f | bad_s)[0]
                 raise MultifiError(
                     f"{src}: {n_bad} non-finite (NaN/inf) labels, first in structure {s} at fidelity "
-                    f"{self.fidelities.names[k]!r}; fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)"
+                    f"{self.fidelities.names[k]!r}; fix the data or {SKIP_INVALID_HINT}"
                 )
             self.energy[bad_e] = np.nan
             if self.forces is not None:

@@ -69,7 +69,7 @@ def check_elements(
     for k in np.unique(fid[open_]):
         structures = np.flatnonzero(open_ & (fid == k))
         present = np.unique(numbers[np.isin(np.repeat(np.arange(len(n_atoms)), n_atoms), structures)])
-        _report_open(potential, int(k), keys, structures, present, prefix, strict, seen)
+        _report_open(potential, int(k), keys, structures, present, prefix, strict, seen, alone=len(n_atoms) == 1)
 
 
 def open_compositions(potential, numbers: np.ndarray, n_atoms: np.ndarray, column: np.ndarray) -> np.ndarray:
@@ -86,10 +86,19 @@ def open_compositions(potential, numbers: np.ndarray, n_atoms: np.ndarray, colum
 
 
 def _report_open(
-    potential, k: int, keys, structures: np.ndarray, present: np.ndarray, prefix: str, strict: bool, seen
+    potential,
+    k: int,
+    keys,
+    structures: np.ndarray,
+    present: np.ndarray,
+    prefix: str,
+    strict: bool,
+    seen,
+    alone: bool = False,
 ) -> None:
     """One warning (or error when strict) per fidelity for structures with an open composition; present: the
-    atomic numbers these structures hold (the message names the open elements among them)."""
+    atomic numbers these structures hold (the message names the open elements among them); alone: the only
+    structure checked (a calculator's), named "this structure"."""
     if seen is not None and (k, "open") in seen:
         return
     from ase.data import chemical_symbols
@@ -98,8 +107,12 @@ def _report_open(
     col = 0 if potential.head.shared_baseline else k
     symbols = ", ".join(chemical_symbols[z] for z in potential.head.open_elements(col) if z in set(present.tolist()))
     which = ", ".join(str(keys[s] if keys is not None else s) for s in structures[:3])
+    if alone:  # the one structure checked (a calculator's): no index to name
+        subject = f"structure {keys[int(structures[0])]} holds" if keys is not None else "this structure holds"
+    else:
+        subject = f"{len(structures)} structure(s) ({which}{', …' if len(structures) > 3 else ''}) hold"
     msg = (
-        f"{prefix}{len(structures)} structure(s) ({which}{', …' if len(structures) > 3 else ''}) hold {symbols} in "
+        f"{prefix}{subject} {symbols} in "
         f"proportions no {name} training label had (the labels fix only a sum of their reference energies, "
         f"e.g. of Ga and As when every label holds them as GaAs): their {name} reference energy was estimated; "
         f"expect larger {name} energy errors"

@@ -13,7 +13,7 @@ import numpy as np
 from multifi.config import name_problem
 from multifi.data.dataset import FidelityDataset, voigt_or_matrix
 from multifi.data.neighbors import check_cell
-from multifi.errors import MultifiError, NoFidelityError
+from multifi.errors import SKIP_INVALID_HINT, MultifiError, NoFidelityError
 
 log = logging.getLogger("multifi")
 
@@ -213,7 +213,7 @@ class InvalidLabels:
         if self.count and not skip_invalid:
             raise MultifiError(
                 f"{self.src}: {self.count} non-finite (NaN/inf) labels, first in {self.first}; "
-                "fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)"
+                f"fix the data or {SKIP_INVALID_HINT}"
             )
 
 

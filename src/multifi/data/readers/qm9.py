@@ -26,7 +26,7 @@ import numpy as np
 
 from multifi.data.dataset import FidelityDataset, ranges
 from multifi.data.fidelity import FidelityTable
-from multifi.errors import MultifiError
+from multifi.errors import SKIP_INVALID_HINT, MultifiError
 from multifi.files import atomic_write, reported
 from multifi.units import HARTREE_EV
 
@@ -350,7 +350,7 @@ def read_label_table(path: str | os.PathLike, fidelity: str | None = None, skip_
         first = int(line[bad].min())
         raise MultifiError(
             f"{path}: {int(bad.sum())} non-finite (NaN/inf) energies, first at line {first}; "
-            "fix the file or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)"
+            f"fix the file or {SKIP_INVALID_HINT}"
         )
     if bad.any():
         log.warning("%s: dropped %d rows with non-finite energies", path, int(bad.sum()))
@@ -642,9 +642,7 @@ def read_qm9_wide(
     bad = np.isinf(energy)
     if bad.any():
         if not skip_invalid:
-            raise MultifiError(
-                f"{path}: {int(bad.sum())} infinite energies; fix the data or drop them with data.skip_invalid: true (--set data.skip_invalid=true, or --skip-invalid for multifi data)"
-            )
+            raise MultifiError(f"{path}: {int(bad.sum())} infinite energies; fix the data or {SKIP_INVALID_HINT}")
         energy[bad] = np.nan
     if len(np.unique(idx)) != len(idx):
         raise MultifiError(f"{path}: duplicate QM9 indices")
