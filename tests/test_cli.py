@@ -669,13 +669,11 @@ def test_outputs_are_not_replaced_without_force(cli_run, tiny_extxyz, tmp_path, 
     report.write_text("{}")
     fails(["evaluate", model, src, "--out", report], capsys, f"{report}: exists; not replaced")
     plot = tmp_path / "parity.png"
-    plot.write_bytes(b"x")
-    fails(["evaluate", model, src, "--plot", plot], capsys, f"{plot}: exists; not replaced")
     picks = tmp_path / "picks.txt"
     picks.write_text("a\n")
     select = ["select", model, src, "--fidelity", "hi", "--n", "1", "--strategy", "random", "--out", picks]
     fails(select, capsys, f"{picks}: exists; not replaced")
-    assert earlier.read_text() == "kept\n" and report.read_text() == "{}" and plot.read_bytes() == b"x"
+    assert earlier.read_text() == "kept\n" and report.read_text() == "{}"
     assert picks.read_text() == "a\n"
     assert run([*predict, earlier, "--force"], capsys)[0] == 0 and len(ase.io.read(earlier, ":")) == 4
     assert run(["evaluate", model, src, "--out", report, "--force"], capsys)[0] == 0
@@ -685,4 +683,9 @@ def test_outputs_are_not_replaced_without_force(cli_run, tiny_extxyz, tmp_path, 
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    refuse_existing("/dev/stdout", fifo, force=False)  # streams: written to, never refused
+    refuse_existing("/dev/stdout", fifo, "", None, force=False)  # streams: written to; unset: nothing to check
+    folder = tmp_path / "out.extxyz"
+    folder.mkdir()
+    fails([*predict, folder, "--force"], capsys, f"{folder}: is a folder, expected a file name")
+    plot.write_bytes(b"x")  # plots are images of results kept elsewhere: replaced
+    assert run(["evaluate", model, src, "--plot", plot], capsys)[0] == 0 and plot.read_bytes() != b"x"

@@ -31,7 +31,7 @@ def umask() -> int:
     return mask
 
 
-def _links_to_a_stream(path: Path) -> bool:
+def links_to_a_stream(path: Path) -> bool:
     """A symlink chain through /proc or /dev (/dev/stdout → /proc/self/fd/1): a process's stream, whatever
     file it ends at."""
     hop = path
@@ -89,7 +89,7 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
     path = Path(path)
     if path.is_symlink():
         target = Path(os.path.realpath(path))
-        if _links_to_a_stream(path):
+        if links_to_a_stream(path):
             with reported(path), open(path, "ab") as f:  # /dev/stdout and alike: the stream, appended to
                 write(f)
                 f.flush()

@@ -226,7 +226,7 @@ def read_pool(path: str):
     if p.is_file() and p.stat().st_size == 0:
         raise MultifiError(f"{p}: empty file")
     try:
-        return read_sources([SourceConfig(path=str(p))])
+        return read_sources([SourceConfig(path=str(p))], skip_invalid=True)  # a NaN label: not labelled (warned)
     except MultifiError:
         if guess_format(p) != "ase":
             raise

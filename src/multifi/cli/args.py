@@ -58,22 +58,29 @@ def device_arg(text: str) -> str:
 
 
 def add_force(p) -> None:
-    """--force: replace existing output files (every command that writes a named file asks for it)."""
+    """--force: replace existing output files (every command writing results to a file the user names asks for it;
+    plots are images of results kept elsewhere and are replaced)."""
     p.add_argument("--force", action="store_true", help="replace existing output files")
 
 
-def refuse_existing(*paths, force: bool) -> None:
-    """A one-line error for the first output path that already exists as a regular file or folder, unless force;
-    checked before any work, so nothing is computed in vain. Streams and devices (/dev/stdout, a named pipe)
-    are always written to."""
+def refuse_existing(*paths, force: bool, folder_ok: bool = False) -> None:
+    """Before any work: a one-line error for the first output path that exists as a regular file (or a symlink to
+    one) unless force, or as a folder where a file is written (folder_ok: a folder is a valid output, e.g. a saved
+    dataset, and needs force too). Streams and devices (/dev/stdout, a named pipe, a link to a process's stream)
+    are written to; unset or empty paths are skipped."""
     from pathlib import Path
 
     from multifi.errors import MultifiError
-    from multifi.files import is_special
+    from multifi.files import is_special, links_to_a_stream
 
     for path in paths:
-        if path is None or force:
+        if not path:
             continue
         path = Path(path)
-        if (path.exists() or path.is_symlink()) and not is_special(path) and not str(path).startswith("/dev/"):
+        stream = path.is_symlink() and links_to_a_stream(path)  # as files.atomic_write tells a stream
+        if stream or is_special(path) or not (path.exists() or path.is_symlink()):
+            continue
+        if path.is_dir() and not folder_ok:
+            raise MultifiError(f"{path}: is a folder, expected a file name")
+        if not force:
             raise MultifiError(f"{path}: exists; not replaced (--force replaces it)")

@@ -158,7 +158,7 @@ def _check_labels(ds) -> None:
 def run_convert(args) -> int:
     from multifi.cli.args import refuse_existing
 
-    refuse_existing(args.out, force=args.force)  # checked before reading: nothing read in vain
+    refuse_existing(args.out, force=args.force, folder_ok=True)  # checked before reading: nothing read in vain
     ds = _read(args)
     path = ds.save(args.out)
     print(f"wrote {len(ds)} structures, {len(ds.fidelities)} fidelities to {path}")

@@ -445,77 +445,85 @@ def check_stress_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: i
                 name,
                 median,
             )
-    return suspicious + [name for name in check_stress_sign(dataset, pairs) if name not in suspicious]
+    return suspicious + check_stress_sign(dataset, pairs, skip=set(suspicious))  # one warning per fidelity
 
 
-def check_stress_sign(dataset: FidelityDataset, pairs: np.ndarray, min_groups: int = 3) -> list[str]:
+def check_stress_sign(
+    dataset: FidelityDataset, pairs: np.ndarray, min_groups: int = 3, skip: set[str] = frozenset()
+) -> list[str]:
     """Warn for fidelities whose stresses look sign-flipped or off by a unit, from how the pressure −tr(σ)/3
     follows the volume among structures of one composition (same atoms) at different volumes (at least
     `min_groups` compositions of ≥ 5 structures whose volumes differ by ≥ 0.5 %):
     - it rises with the volume in most compositions (median correlation above +0.5): VASP's sign, not ASE's
       (real data: about −0.9; the MatPES-schema PBE solids of ../shared/data: −0.93 over 33 compositions);
-    - the median bulk modulus −dP/dlnV it implies is far from any solid's: below SOFTEST_MEDIAN_MODULUS
-      (eV/Å³ or GPa given where kBar, MatPES, or eV/Å³, ASE, is read), above HARDEST_MEDIAN_MODULUS (GPa or
-      kBar read as eV/Å³), or below TYPICAL_MEDIAN_MODULUS (a question: molecular crystals and alkali metals
-      are that soft, inorganic solids rarely; GPa where kBar is read gives 10× small numbers).
-    Returns the suspicious names (not those of the last, milder case)."""
+    - the median bulk modulus −dP/dlnV it implies (over compositions whose own pressure-volume correlation is
+      below −0.4: a composition holding polymorphs at volumes apart has little correlation and a slope biased low) is far from
+      any solid's: below SOFTEST_MEDIAN_MODULUS (eV/Å³ or GPa given where kBar, MatPES, or eV/Å³, ASE, is
+      read), above HARDEST_MEDIAN_MODULUS + 6 × the median pressure (GPa or kBar read as eV/Å³; compression
+      stiffens a solid by 4-6× its pressure), or below TYPICAL_MEDIAN_MODULUS (a question: molecular crystals
+      and alkali metals are that soft, inorganic solids rarely; GPa where kBar is read gives 10× small numbers).
+    Fidelities in `skip` (warned about already) are not checked. Returns the suspicious names (not those of
+    the last, milder case)."""
     if dataset.stress is None:
         return []
     suspicious = []
     for k, name in enumerate(dataset.fidelities.names):
-        groups = _volume_pressure_groups(dataset, pairs, k)
-        corr = [float(np.corrcoef(v, p)[0, 1]) for v, p in groups if p.std() > 0]
-        moduli = [-np.polyfit(np.log(v), p, 1)[0] for v, p in groups]
+        if name in skip:
+            continue
+        groups = [(v, p) for v, p in _volume_pressure_groups(dataset, pairs, k) if p.std() > 0]
+        corr = [float(np.corrcoef(v, p)[0, 1]) for v, p in groups]
+        moduli = [float(-np.polyfit(np.log(v), p, 1)[0]) for v, p in groups]
         where = f"{dataset.source or 'data'}: stresses at fidelity {name!r}"
         if len(corr) >= min_groups and np.median(corr) > 0.5:
             suspicious.append(name)
+            flipped = -float(np.median(moduli))
             log.warning(
                 "%s look sign-flipped: the pressure rises with the volume in %d of %d compositions (median "
                 "correlation %+.2f; real data: about -0.9); labels are read with ASE's sign (positive = tensile), "
                 "VASP's stress has the opposite one: multiply them by -1 (flipped, they imply a median bulk "
-                "modulus of %.3g GPa; real solids: 1-450)%s",
+                "modulus of %.3g GPa; real solids: about 1-450, most 30-300)%s",
                 where,
                 sum(c > 0 for c in corr),
                 len(corr),
                 float(np.median(corr)),
-                float(-np.median(moduli)),
-                _unit_hint(float(-np.median(moduli))),
+                flipped,
+                _unit_hint(flipped) or _softness_question(flipped),
             )
             continue
         # only where the pressure clearly follows the volume (relaxed cells all at P ≈ 0 have no slope)
-        if not (len(corr) >= min_groups and np.median(corr) < -0.5 and len(moduli) >= min_groups):
+        clear = [(m, float(np.abs(p).mean())) for (_, p), c, m in zip(groups, corr, moduli) if c < -0.4]
+        if not (len(corr) >= min_groups and np.median(corr) < -0.5 and len(clear) >= min_groups):
             continue
-        modulus = float(np.median(moduli))
-        implied = f"how the pressure follows the volume implies a median bulk modulus of {modulus:.3g} GPa over "
-        implied += f"{len(moduli)} compositions"
-        if modulus < SOFTEST_MEDIAN_MODULUS or modulus > HARDEST_MEDIAN_MODULUS:
+        modulus = float(np.median([m for m, _ in clear]))
+        pressure = float(np.median([p for _, p in clear]))
+        implied = (
+            f"how the pressure follows the volume implies a median bulk modulus of {modulus:.3g} GPa over "
+            f"{len(clear)} compositions (median |pressure| {pressure:.3g} GPa)"
+        )
+        hint = _unit_hint(modulus, pressure)
+        if hint:
             suspicious.append(name)
             log.warning(
-                "%s look too %s: %s (real solids: 1-450)%s",
+                "%s look too %s: %s (real solids: about 1-450 GPa, most 30-300, more under pressure)%s",
                 where,
                 "small" if modulus < SOFTEST_MEDIAN_MODULUS else "large",
                 implied,
-                _unit_hint(modulus),
+                hint,
             )
-        elif modulus < TYPICAL_MEDIAN_MODULUS:
-            log.warning(
-                "%s look small: %s; molecular crystals and alkali metals are that soft, most inorganic solids are "
-                "not (30-300 GPa): if these are, the stresses may be GPa numbers where kBar (MatPES) is read, 10× "
-                "too small",
-                where,
-                implied,
-            )
+        elif _softness_question(modulus):
+            log.warning("%s look small: %s%s", where, implied, _softness_question(modulus))
     return suspicious
 
 
-def _unit_hint(modulus: float) -> str:
-    """What a median bulk modulus (GPa) far from any solid's says about the stress unit ('' when plausible)."""
+def _unit_hint(modulus: float, pressure: float = 0.0) -> str:
+    """What a median bulk modulus (GPa) far from any solid's at that median pressure (GPa) says about the stress
+    unit ('' when plausible)."""
     if modulus < SOFTEST_MEDIAN_MODULUS:
         return (
             "; that far below, the unit is off too: eV/Å³ or GPa given where kBar (MatPES) is read, or eV/Å³ read "
             "as GPa?"
         )
-    if modulus > HARDEST_MEDIAN_MODULUS:
+    if modulus > HARDEST_MEDIAN_MODULUS + 6 * pressure:
         return (
             "; that far above, the unit is off too: GPa or kBar numbers read as eV/Å³ (ASE units; multiply GPa "
             "by ase.units.GPa, kBar by 0.1·ase.units.GPa)?"
@@ -523,10 +531,21 @@ def _unit_hint(modulus: float) -> str:
     return ""
 
 
+def _softness_question(modulus: float) -> str:
+    """The 10× question of a median bulk modulus (GPa) that only soft solids have ('' above TYPICAL_MEDIAN_MODULUS)."""
+    if SOFTEST_MEDIAN_MODULUS <= modulus < TYPICAL_MEDIAN_MODULUS:
+        return (
+            "; molecular crystals and alkali metals are that soft, most inorganic solids are not (30-300 GPa): if "
+            "these are, the stresses may be GPa numbers where kBar (MatPES) is read, 10× too small"
+        )
+    return ""
+
+
 #: GPa: a median bulk modulus over compositions below this looks like stresses 10-1000× too small (the softest
 #: solids, alkali metals and rare-gas crystals, reach 1-3 GPa; MatPES-like data sets have medians of ~70)
 SOFTEST_MEDIAN_MODULUS = 3.0
-#: GPa: above this, 160× or 1602× too large (diamond, the stiffest, has 443 GPa)
+#: GPa: above this plus 6× the median pressure (compression stiffens), 160× or 1602× too large (diamond, the
+#: stiffest at ambient pressure, has 443 GPa)
 HARDEST_MEDIAN_MODULUS = 1000.0
 #: GPa: below this, a question (molecular crystals, alkali metals: 2-15 GPa; GPa read where kBar is: 10× small)
 TYPICAL_MEDIAN_MODULUS = 15.0
