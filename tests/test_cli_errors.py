@@ -831,3 +831,18 @@ def test_evaluate_names_its_own_option_for_nan_labels(model, tmp_path, capsys, c
     assert run(["evaluate", model, clean, "--out", tmp_path / "b.json"], capsys)[0] == 0
     a, b = (json.loads((tmp_path / f).read_text())["fidelities"]["lo"] for f in ("a.json", "b.json"))
     assert a["energy_mae_meV_per_atom"] == pytest.approx(b["energy_mae_meV_per_atom"], rel=1e-6)
+
+
+def test_a_structure_without_atoms_is_an_error_at_prediction(model, tmp_path, capsys):
+    """As in training: no energy 0.0 for an empty structure, from predict or the calculator."""
+    import multifi
+
+    src = tmp_path / "with_empty.extxyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0), Atoms()])
+    out = tmp_path / "pred.extxyz"
+    fails(["predict", model, src, "--fidelity", "lo", "--out", out], capsys, str(src), "structure 1: no atoms")
+    assert not out.exists()
+    empty = Atoms()
+    empty.calc = multifi.Calculator(model, fidelity="lo")
+    with pytest.raises(MultifiError, match="no atoms"):
+        empty.get_potential_energy()

@@ -6,6 +6,7 @@ import logging
 import re
 from pathlib import Path
 
+import ase
 import numpy as np
 import pytest
 from ase.build import molecule
@@ -302,3 +303,39 @@ def test_a_periodic_structure_with_an_atom_unwrapped_is_the_same_geometry(caplog
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert check_split_duplicates(ds, split) == 1
     assert "unwrapped (test) duplicates a train structure" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("factor", "said"), [(-1.0, "point the other way"), (1 / 51.42, "differ in size"), (1.1, None)]
+)
+def test_forces_that_disagree_with_another_fidelity_on_the_same_structures_are_named(factor, said, caplog):
+    """Forces of a second fidelity on the same structures as gradients (−F) or in Ha/Bohr (÷51.4) are said,
+    naming both fidelities; a 10 % difference (another level of theory) is not."""
+    import logging
+
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from multifi.data.checks import check_force_units
+    from multifi.data.dataset import FidelityDataset
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(8):
+        atoms = ase.Atoms("CH4", positions=rng.normal(size=(5, 3)) * 1.2)
+        f = rng.normal(size=(5, 3))
+        for name, scale in (("PBE", 1.0), ("R2SCAN", factor)):
+            a = atoms.copy()
+            a.calc = SinglePointCalculator(a, energy=-20.0, forces=f * scale)
+            a.info.update(fidelity=name, key=f"m{i}")
+            frames.append(a)
+    from multifi.data.readers.ase_files import _record
+
+    ds = FidelityDataset.merge([FidelityDataset.from_records([_record(a, None, "x") for a in frames])])
+    pairs = np.argwhere(ds.forces_mask)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        found = check_force_units(ds, pairs)
+    if said is None:
+        assert found == [] and "forces at fidelity" not in caplog.text
+    else:
+        assert found == ["R2SCAN"] and said in caplog.text and "'PBE'" in caplog.text
+        assert caplog.text.count("forces at fidelity") == 1

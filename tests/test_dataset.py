@@ -240,6 +240,22 @@ def test_merge_conflicting_forces_is_an_error():
         FidelityDataset.merge([a, c])
 
 
+def test_a_conflict_names_the_files_with_labels_at_that_fidelity():
+    """Four sources share a structure: PBE in one, r2SCAN in three of which the last disagrees. The error names
+    the r2SCAN files (the first and the disagreeing one), not the PBE one."""
+    mol = rattled_molecule("H2O", 0)
+    f = np.full((3, 3), 0.1)
+    parts = [
+        FidelityDataset.from_records([record(mol, {"PBE": {"energy": -1.0, "forces": f}})], source="pbe.xyz"),
+        FidelityDataset.from_records([record(mol, {"R2SCAN": {"energy": -2.0, "forces": f}})], source="r2a.xyz"),
+        FidelityDataset.from_records([record(mol, {"R2SCAN": {"energy": -2.0, "forces": f}})], source="r2b.xyz"),
+        FidelityDataset.from_records([record(mol, {"R2SCAN": {"energy": -2.0, "forces": -f}})], source="neg.xyz"),
+    ]
+    with pytest.raises(MultifiError, match="conflicting forces labels at fidelity 'R2SCAN'") as err:
+        FidelityDataset.merge(parts)
+    assert "pbe.xyz" not in str(err.value) and "neg.xyz" in str(err.value) and "r2a.xyz" in str(err.value)
+
+
 def test_merge_same_key_different_structure_is_an_error():
     w, nh3 = rattled_molecule("H2O", 0), rattled_molecule("NH3", 0)
     a = FidelityDataset.from_records([record(w, {"PBE": {"energy": -1.0}}, key="k1")], source="a.xyz")

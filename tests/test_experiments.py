@@ -991,3 +991,19 @@ def test_a_run_another_runner_finished_meanwhile_is_kept_not_restarted(shared, f
     before, calls = path.read_bytes(), len(fake)
     again = run_one(ctx, plan)  # as the second runner does when its turn comes
     assert again["finished_elsewhere"] and len(fake) == calls and path.read_bytes() == before
+
+
+def test_epochs_of_a_run_count_the_epochs_trained(tmp_path):
+    """A run that ended on an epoch's last step: Lightning's `epoch` field is already the next one; the epochs
+    trained come from the loop's progress (8 epochs of 2 steps, not 9); a run stopped inside its 56th epoch: 56."""
+    import torch
+
+    from multifi_experiments.runner import _progress_of
+
+    (tmp_path / "checkpoints").mkdir()
+    for epoch, started, expected in ((8, 8, 8), (55, 56, 56)):
+        progress = {"total": {"ready": started, "started": started, "processed": epoch, "completed": epoch}}
+        torch.save(
+            {"epoch": epoch, "loops": {"fit_loop": {"epoch_progress": progress}}}, tmp_path / "checkpoints/last.ckpt"
+        )
+        assert _progress_of(tmp_path) == {"epochs": expected}

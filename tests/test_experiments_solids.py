@@ -292,7 +292,7 @@ def test_composition_span_counts_undetermined_test_structures(shared, tmp_path):
         ("learning_curve.variants.d={kind: delta}", "delta variants are implemented for the QM9 label tables only"),
         ("learning_curve.metrics=[forces, forcez]", "learning_curve.metrics.1"),
         ("learning_curve.high=R2SCANN", "R2SCAN"),
-        ("learning_curve.test=19", "needs 21 molecules but only 20 are labelled"),
+        ("learning_curve.test=19", "needs 21 structures but only 20 are labelled"),
         ("data.sources.0.path=nowhere.jsonl.gz", "nowhere.jsonl.gz: no such file"),
     ],
 )

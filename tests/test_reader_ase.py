@@ -533,3 +533,28 @@ def test_per_fidelity_columns_of_a_predict_output_take_the_sources_fidelity(tmp_
     assert list(ds.fidelities.names) == ["B"] and ds.energy[:, 0].tolist() == [-7.0, -8.0]
     ds = read_ase(tmp_path / "pred.extxyz", keys={"energy": "ref_energy"})
     assert list(ds.fidelities.names) == ["A"] and ds.energy[:, 0].tolist() == [-3.0, -3.0]
+
+
+def test_naming_a_default_key_reads_only_the_named_labels(tmp_path, caplog):
+    """A file with PBE labels under the default keys and r2SCAN ones under REF_*: naming `forces` (a default
+    name) reads those forces and no energy, as naming any key does; the unread energies are named."""
+    import logging
+
+    frames = []
+    for seed in range(3):
+        a = molecule("H2O")
+        a.rattle(0.05, seed=seed)
+        a.calc = SinglePointCalculator(a, energy=-10.0 - seed, forces=np.full((3, 3), 0.1))
+        a.info["REF_energy"] = -20.0 - seed
+        a.arrays["REF_forces"] = np.full((3, 3), 0.2)
+        frames.append(a)
+    path = tmp_path / "mixed.extxyz"
+    ase.io.write(path, frames)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        ds = read_ase(path, fidelity="R2SCAN", keys={"forces": "forces"})
+    assert not ds.energy_mask.any() and ds.has_forces().all()
+    assert "not read" in caplog.text and "REF_energy" in caplog.text
+    ds = read_ase(path, fidelity="R2SCAN", keys={"energy": "energy"})
+    assert ds.energy_mask.all() and not ds.has_forces().any()
+    ds = read_ase(path, fidelity="PBE")  # nothing named: the default keys, all of them
+    assert ds.energy_mask.all() and ds.has_forces().all()

@@ -48,7 +48,7 @@ def _both_labelled(ctx, methods: list[str], where: str) -> np.ndarray:
 
 def _need(available: int, wanted: int, where: str) -> None:
     if wanted > available:
-        raise MultifiError(f"{where}: needs {wanted} molecules but only {available} are labelled")
+        raise MultifiError(f"{where}: needs {wanted} structures but only {available} are labelled")
 
 
 # ---------------------------------------------------------------------------------------------- transfer

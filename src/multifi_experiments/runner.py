@@ -472,7 +472,9 @@ def _write_inputs(plan: RunPlan, inputs: Path) -> None:
 
 
 def _progress_of(run_dir: Path) -> dict:
-    """Epochs done (from the last checkpoint), if there is one (steps come from metrics.json)."""
+    """Epochs trained, the last one possibly in part (from the last checkpoint's loop progress: Lightning's
+    `epoch` field counts one more once training ended on an epoch's last step), if there is a checkpoint
+    (steps come from metrics.json)."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.exists():
         return {}
@@ -480,6 +482,9 @@ def _progress_of(run_dir: Path) -> dict:
 
     try:
         state = torch.load(last, map_location="cpu", weights_only=False)
+        progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("total", {})
+        if "started" in progress:
+            return {"epochs": int(progress["started"])}
         return {"epochs": int(state.get("epoch", -1)) + 1}
     except Exception:  # progress is informative only
         return {}

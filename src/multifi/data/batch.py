@@ -133,14 +133,16 @@ def graph_from_atoms(
 ) -> Graph:
     """A label-free Graph from ase.Atoms objects (for prediction and the calculator).
 
-    Atoms closer than MIN_DISTANCE Å are an error naming `where`, structure `first + n` and the atoms,
-    as in training (the model's energy there is NaN or meaningless)."""
+    Atoms closer than MIN_DISTANCE Å and structures without atoms are errors naming `where`, structure
+    `first + n` (and the atoms), as in training (the model's energy there is NaN, meaningless or a plain 0)."""
     numbers, positions, cells, n_atoms, ei, shifts = [], [], [], [], [], []
     start = 0
     for n, a in enumerate(atoms_list):
         pbc = a.pbc
         cell = a.cell.array if pbc.any() else np.zeros((3, 3))
         prefix = f"{where}: " if where else ""
+        if len(a) == 0:  # its energy would be a plain 0.0, as training refuses such structures
+            raise MultifiError(f"{prefix}structure {first + n}: no atoms")
         i, j, s, d = neighbor_list(
             a.positions, cell, pbc, cutoff, distances=True, where=f"{prefix}structure {first + n}"
         )

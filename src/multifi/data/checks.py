@@ -402,6 +402,53 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
                 name,
                 median,
             )
+    return suspicious + [name for name in check_force_agreement(dataset, pairs) if name not in suspicious]
+
+
+def check_force_agreement(dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5) -> list[str]:
+    """Warn for fidelities whose forces, on structures also force-labelled at another fidelity (at least
+    `min_count` of `pairs`' structures, at most 5 000 looked at), point the other way (gradients given as
+    forces) or differ in size by more than 5× (Ha/Bohr read as eV/Å: 51.4× too small): levels of theory differ
+    by far less (a least-squares slope of 0.8-1.2 is usual). Each fidelity is compared with the first earlier one
+    sharing structures with it; the warning names both. Returns the suspicious names."""
+    if dataset.forces is None or len(dataset.fidelities) < 2:
+        return []
+    labelled = np.zeros(dataset.forces_mask.shape, bool)
+    labelled[pairs[:, 0], pairs[:, 1]] = dataset.forces_mask[pairs[:, 0], pairs[:, 1]]
+    suspicious = []
+    names = dataset.fidelities.names
+    for k, name in enumerate(names):
+        for ref in range(k):  # the first earlier fidelity sharing structures: one warning per pair at most
+            s = np.flatnonzero(labelled[:, k] & labelled[:, ref])
+            if len(s) < min_count:
+                continue
+            s = s[:: max(1, len(s) // 5000)]
+            atoms = ranges(np.asarray(dataset.offsets)[s], dataset.n_atoms[s])
+            fk, fr = dataset.forces[atoms, k].ravel(), dataset.forces[atoms, ref].ravel()
+            norm = float(fr @ fr)
+            if norm == 0 or float(fk @ fk) == 0:
+                break
+            slope = float(fk @ fr) / norm  # fk ≈ slope · fr
+            if slope < 0 or not 0.2 < slope < 5:
+                suspicious.append(name)
+                why = (
+                    "point the other way (gradients, −F, given as forces?)"
+                    if slope < 0
+                    else "differ in size by far more than levels of theory do (a unit? Ha/Bohr is 51.4 eV/Å)"
+                )
+                log.warning(
+                    "%s: forces at fidelity %r %s: on the %d structures labelled at both, they are %.3g × those at "
+                    "%r (least squares; levels of theory: about 0.8-1.2); if %r's are the right ones, fix %r's",
+                    dataset.source or "data",
+                    name,
+                    why,
+                    len(s),
+                    slope,
+                    names[ref],
+                    names[ref],
+                    name,
+                )
+            break
     return suspicious
 
 

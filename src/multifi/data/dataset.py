@@ -407,14 +407,16 @@ class FidelityDataset:
                 out.forces_mask[target[m], k] = True
                 bad = np.abs(out.forces[dst, k] - src).max(-1, initial=0) > 1e-5
                 if bad.any():
-                    _conflict(cat, np.repeat(np.flatnonzero(m), cat.n_atoms[m])[np.argmax(bad)], name, "forces", where)
+                    _conflict(
+                        cat, np.repeat(np.flatnonzero(m), cat.n_atoms[m])[np.argmax(bad)], name, "forces", where, m
+                    )
             if cat.stress is not None:
                 m = cat.stress_mask[:, k]
                 out.stress[target[m], k] = cat.stress[m, k]
                 out.stress_mask[target[m], k] = True
                 bad = np.abs(out.stress[target[m], k] - cat.stress[m, k]).max((-1, -2), initial=0) > 1e-6
                 if bad.any():
-                    _conflict(cat, np.flatnonzero(m)[np.argmax(bad)], name, "stress", where)
+                    _conflict(cat, np.flatnonzero(m)[np.argmax(bad)], name, "stress", where, m)
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -554,10 +556,13 @@ class _Origins:
         p = int(np.searchsorted(self.starts, s, side="right")) - 1
         return f"{self.parts[p].source or 'input'}: structure {s - int(self.starts[p])} (0-based)"
 
-    def pair(self, s: int) -> str:
-        """The input structures merged with s (its key's first ones, s among them)."""
-        group = [int(x) for x in np.flatnonzero(self.target == self.target[s])]
-        shown = sorted(set(group[:2] + [s]))
+    def pair(self, s: int, among: np.ndarray | None = None) -> str:
+        """The input structures merged with s (its key's first ones, s among them); among [rows] bool: only
+        those rows (e.g. the ones labelled at the fidelity whose labels conflict), and the last of them, whose
+        labels were kept, first after s."""
+        same = self.target == self.target[s]
+        group = [int(x) for x in np.flatnonzero(same if among is None else same & among)]
+        shown = sorted(set(group[:1] + group[-1:] + [s]) if among is not None else set(group[:2] + [s]))
         more = f" (and {len(group) - len(shown)} more)" if len(group) > len(shown) else ""
         return " and ".join(self(x) for x in shown) + more
 
@@ -601,9 +606,9 @@ def _check_same_geometry(cat, out, target, src_atoms, dst_atoms, where: _Origins
         )
 
 
-def _conflict(cat: FidelityDataset, s: int, name: str, what: str, where: _Origins):
+def _conflict(cat: FidelityDataset, s: int, name: str, what: str, where: _Origins, among: np.ndarray):
     raise MultifiError(
-        f"{where.pair(s)}: conflicting {what} labels at fidelity {name!r} for structure "
+        f"{where.pair(s, among)}: conflicting {what} labels at fidelity {name!r} for structure "
         f"{str(cat.keys[s])!r} (given twice with different values)"
     )
 
@@ -627,7 +632,7 @@ def _fold(out_col, col, target, mask, name, cat, where: _Origins):
             i = int(np.flatnonzero(same & differ)[0])
             b = int(np.flatnonzero(mask)[order[i + 1]])
             raise MultifiError(
-                f"{where.pair(b)}: conflicting energy labels at fidelity {name!r} for structure "
+                f"{where.pair(b, mask)}: conflicting energy labels at fidelity {name!r} for structure "
                 f"{str(cat.keys[b])!r} ({first[i]:.6f} vs {vs[i + 1]:.6f} eV)"
             )
     out_col[t] = col[mask]

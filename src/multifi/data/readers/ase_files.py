@@ -43,6 +43,8 @@ def read_ase(
     """
     path = Path(path)
     src = str(path)
+    if path.is_dir():
+        raise MultifiError(f"{src}: is a folder, expected a structure file or a saved dataset (multifi data convert)")
     if not path.is_file():
         raise MultifiError(f"{src}: no such file")
     if path.stat().st_size == 0:
@@ -153,12 +155,10 @@ PREDICTION_MARK = "predicted_by"
 
 
 def label_keys(keys: dict[str, str] | None) -> dict[str, str]:
-    """The labels to read, kind → key. No keys, or only default ones: all three under their default names.
-    Once one is renamed, only those given (a default name given explicitly counts as given)."""
+    """The labels to read, kind → key. No keys: all three under their default names. Once one is named (a
+    default name given explicitly too), only those named: a file's other labels may be another level of theory."""
     keys = dict(keys or {})
-    if all(keys.get(k, k) == k for k in DEFAULT_KEYS):
-        return {**DEFAULT_KEYS, **keys}
-    return keys
+    return keys if keys else dict(DEFAULT_KEYS)
 
 
 def _kind(key: str) -> str | None:
