@@ -251,3 +251,14 @@ def test_a_negative_train_limit_is_an_error(write_config):
     """data.train_limits.X=-1 sliced the training structures from the end (dropping one), silently."""
     with pytest.raises(MultifiError, match=r"data.train_limits.hi: Input should be greater than or equal to 0"):
         load_config(write_config(), ["data.train_limits.hi=-1"])
+
+
+def test_one_key_named_by_its_default_name_stays_named():
+    """energy_key: energy alone reads only energies (a file's default forces may be another level of theory);
+    all three keys at their default names mean no keys (configs written before the keys were optional)."""
+    from multifi.config import SourceConfig
+
+    one = SourceConfig(path="a.extxyz", energy_key="energy")
+    assert (one.energy_key, one.forces_key, one.stress_key) == ("energy", None, None)
+    every = SourceConfig(path="a.extxyz", energy_key="energy", forces_key="forces", stress_key="stress")
+    assert (every.energy_key, every.forces_key, every.stress_key) == (None, None, None)

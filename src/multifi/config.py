@@ -122,9 +122,10 @@ class SourceConfig(Section):
 
     @model_validator(mode="after")
     def _default_keys_unnamed(self):
-        """Keys all at their default names mean what no keys mean (configs written before keys were optional)."""
+        """All three keys at their default names mean what no keys mean (configs written before keys were
+        optional); one or two named, even by a default name, read only those labels."""
         keys = {"energy_key": "energy", "forces_key": "forces", "stress_key": "stress"}
-        if all(getattr(self, k) in (None, v) for k, v in keys.items()):
+        if all(getattr(self, k) == v for k, v in keys.items()):
             for k in keys:
                 object.__setattr__(self, k, None)
         return self
