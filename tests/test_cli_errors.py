@@ -846,3 +846,30 @@ def test_a_structure_without_atoms_is_an_error_at_prediction(model, tmp_path, ca
     empty.calc = multifi.Calculator(model, fidelity="lo")
     with pytest.raises(MultifiError, match="no atoms"):
         empty.get_potential_energy()
+
+
+@pytest.mark.parametrize(("values", "at_least"), [((164.0, 130.0, 105.0, 92.0), 3), ((900.0, 120.0, 30.0), 2)])
+def test_learning_curve_axis_has_readable_ticks(values, at_least, tmp_path, monkeypatch):
+    """A validation curve spanning less than 3× (164 → 92 meV) gets a linear axis with several labelled ticks, not a
+    log axis labelled only at 90 and 100; one spanning decades stays logarithmic."""
+    import multifi.plots as plots
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = ["step,val/PBE/energy_mae_meV"] + [f"{100 * (i + 1)},{v}" for i, v in enumerate(values)]
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    seen = {}
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        lo, hi = ax.get_ylim()
+        labels = [t for t in ax.yaxis.get_majorticklabels() + ax.yaxis.get_minorticklabels() if t.get_text()]
+        seen["scale"] = ax.get_yscale()
+        seen["labelled"] = [t for t in labels if lo <= t.get_position()[1] <= hi]
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.learning_curve_plot(run_dir, tmp_path / "curve.png")
+    assert seen["scale"] == ("linear" if max(values) < 3 * min(values) else "log")
+    assert len(seen["labelled"]) >= at_least

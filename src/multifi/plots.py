@@ -116,16 +116,20 @@ def learning_curve_plot(run_dir: Path, path: Path, key: str = ENERGY_MAE) -> Pat
         )
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    values = []
     for col in columns:
         pts = [(int(float(r["step"])), float(r[col])) for r in rows if r.get(col)]
         if pts:
             x, y = zip(*pts)
+            values += y
             ax.plot(x, y, marker="o", ms=3, label=val_key_fidelity(col))
     ax.set_xlabel("training step")
     ax.set_ylabel("validation " + METRIC_LABELS.get(key, key))
-    ax.set_yscale("log")
-    for axis_set in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 60, 80, not 6×10¹
-        axis_set(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.6)))
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) > 3 * min(positive):  # a log axis has enough ticks to read from 3× on
+        ax.set_yscale("log")
+        for axis_set in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 60, 80, not 6×10¹
+            axis_set(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.6)))
     ax.grid(alpha=0.3)
     ax.legend(title="fidelity", fontsize=8)
     if missing:
