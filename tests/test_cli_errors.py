@@ -873,3 +873,12 @@ def test_learning_curve_axis_has_readable_ticks(values, at_least, tmp_path, monk
     plots.learning_curve_plot(run_dir, tmp_path / "curve.png")
     assert seen["scale"] == ("linear" if max(values) < 3 * min(values) else "log")
     assert len(seen["labelled"]) >= at_least
+
+
+def test_predict_names_the_frame_of_a_truncated_file(model, tmp_path, capsys):
+    """predict reads structure files as training does: a truncated file is one line naming the frame."""
+    src = tmp_path / "trunc.extxyz"
+    ase.io.write(src, [rattled_molecule("H2O", s) for s in range(3)])
+    lines = src.read_text().splitlines()
+    src.write_text("\n".join(lines[:-2]) + "\n")  # the last frame lacks two atoms
+    fails(["predict", model, src, "--fidelity", "lo", "--out", tmp_path / "p.extxyz"], capsys, str(src), "frame 2")

@@ -170,17 +170,17 @@ def read_structures(text: str, fidelity: str | None = None) -> list:
     dataset or QM9 (`qm9`, `qm9:LABELS.csv`), the latter read as training reads them, non-finite labels dropped:
     a structure carries its label at `fidelity`, else its only one, kept by predict as ref_* beside it, and its
     labels at other fidelities as ref_energy_<name> etc."""
-    import ase.io
-
     from multifi.data.sources import guess_format, read_labelled
 
     path = Path(text)
     if not is_qm9_text(text) and guess_format(path) == "ase":
-        try:
-            return ase.io.read(path, index=":")
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise MultifiError(f"{path}: unreadable structure file ({type(exc).__name__}: {first})") from None
+        from multifi.data.readers.ase_files import read_frames
+
+        if not path.is_file():
+            raise MultifiError(
+                f"{path}: {'is a folder, expected a structure file' if path.is_dir() else 'no such file'}"
+            )
+        return list(read_frames(path, ":"))  # a bad file: one line naming the frame, as training says it
     # labels here are only references (non-finite ones dropped); a QM9 label table naming no fidelity (no
     # manifest.json beside it) is taken as labels at `fidelity`, as evaluate --fidelity takes it
     ds = read_labelled(text, fidelity, skip_invalid=True)

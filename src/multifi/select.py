@@ -230,10 +230,10 @@ def read_pool(path: str):
     except MultifiError:
         if guess_format(p) != "ase":
             raise
-    from multifi.data.readers.ase_files import _frames
+    from multifi.data.readers.ase_files import read_frames
 
     records, n_labelled = [], 0
-    for i, atoms in enumerate(_frames(p, ":")):
+    for i, atoms in enumerate(read_frames(p, ":")):
         rec = _pool_record(atoms, f"{p}: frame {i} (0-based)")
         n_labelled += bool(rec["labels"])
         records.append(rec)

@@ -95,9 +95,9 @@ def _any_label(path: str) -> bool:
     from pathlib import Path
 
     try:
-        from multifi.data.readers.ase_files import _frames
+        from multifi.data.readers.ase_files import read_frames
 
-        for atoms in _frames(Path(path), ":"):
+        for atoms in read_frames(Path(path), ":"):
             if atoms.calc is not None and getattr(atoms.calc, "results", None):
                 return True
             keys = [*atoms.info, *atoms.arrays]

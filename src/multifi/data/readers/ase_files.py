@@ -59,7 +59,7 @@ def read_ase(
     heads: dict[str, None] = {}  # MACE's info['head'] of frames naming no fidelity
     per_atom_only = 0  # frames with per-atom energies (arrays['energies']) and no total energy read
     charged = {"charge": 0, "spin": 0}  # frames with a net charge / a spin state the model cannot see
-    for i, atoms in enumerate(_frames(path, index)):
+    for i, atoms in enumerate(read_frames(path, index)):
         for kind, flagged in _charge_and_spin(atoms.info).items():
             charged[kind] += flagged
         tag = f"frame {i} (0-based)" if index == ":" else f"frame {i} (0-based, of index {index!r})"
@@ -217,7 +217,7 @@ class InvalidLabels:
             )
 
 
-def _frames(path: Path, index: str) -> Iterator:
+def read_frames(path: Path, index: str) -> Iterator:
     """Atoms from the file, turning any reader failure into a one-line MultifiError."""
     from ase.io.formats import UnknownFileTypeError, filetype
 
