@@ -262,3 +262,13 @@ def test_one_key_named_by_its_default_name_stays_named():
     assert (one.energy_key, one.forces_key, one.stress_key) == ("energy", None, None)
     every = SourceConfig(path="a.extxyz", energy_key="energy", forces_key="forces", stress_key="stress")
     assert (every.energy_key, every.forces_key, every.stress_key) == (None, None, None)
+
+
+def test_a_source_index_is_checked_as_ase_reads_it():
+    """index: 3 (YAML's integer) is frame 3; a word is a config error naming the key, not a broken file."""
+    from multifi.config import SourceConfig
+
+    assert SourceConfig(path="a.extxyz", index=3).index == "3"
+    assert SourceConfig(path="a.extxyz", index="10:20").index == "10:20"
+    with pytest.raises(ValueError, match="'abc' is not a frame index ASE reads"):
+        SourceConfig(path="a.extxyz", index="abc")

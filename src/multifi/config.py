@@ -90,8 +90,19 @@ class SourceConfig(Section):
     path: str | None = None
     fidelity: FidelityName | None = None
     format: Literal["auto", "ase", "matpes", "npz"] = "auto"
-    index: str = ":"
+    index: str = Field(":", description="frames to read, as ASE's index: ':', '3', '-1', '10:20', '::2'")
     qm9: Qm9Source | None = None
+
+    @field_validator("index", mode="before")
+    @classmethod
+    def _ase_index(cls, v):
+        """index: 3 in YAML is the integer 3, the frame the user means."""
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str) or not re.fullmatch(r"\s*-?\d+\s*|\s*-?\d*\s*(:\s*-?\d*\s*){1,2}", v):
+            raise ValueError(f"{v!r} is not a frame index ASE reads: an integer or a slice such as ':', '10:20', '::2'")
+        return v
+
     # ASE-readable files. None: the default name (energy, forces, stress) while no key is named; once one is
     # named, only the named labels are read (a renamed energy never takes the file's default forces)
     energy_key: str | None = Field(
