@@ -347,6 +347,9 @@ def test_load_errors(tmp_path):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(MultifiError, match="other.npz: not a multifi dataset file"):
         FidelityDataset.load(tmp_path / "other.npz")
+    (tmp_path / "text.npz").write_text("3\nProperties=species:S:1:pos:R:3\n")  # an extxyz named .npz
+    with pytest.raises(MultifiError, match=r"text.npz: not a multifi dataset file \(not an .npz archive\)$"):
+        FidelityDataset.load(tmp_path / "text.npz")
 
 
 def test_subset_keeps_structures_in_the_given_order():

@@ -498,7 +498,10 @@ class FidelityDataset:
                 source=str(path),
             )
         except (KeyError, ValueError, OSError) as exc:
-            raise MultifiError(f"{path}: not a multifi dataset file ({type(exc).__name__}: {exc})") from None
+            if "allow_pickle" in str(exc):  # numpy's reading of a text file: its pickle advice does not apply
+                raise MultifiError(f"{path}: not a multifi dataset file (not an .npz archive)") from None
+            first = (str(exc).splitlines() or [""])[0]
+            raise MultifiError(f"{path}: not a multifi dataset file ({type(exc).__name__}: {first})") from None
 
 
 def voigt_or_matrix(stress, where: str = "") -> np.ndarray:
