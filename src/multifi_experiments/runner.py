@@ -369,7 +369,7 @@ class TrainingClock:
     loses at most that much; `starts` counts how often the run was (re)started.
     """
 
-    def __init__(self, path: Path, every: float = 30.0):
+    def __init__(self, path: Path, every: float = 10.0):
         self.path, self.every = path, every
         saved = json.loads(path.read_text()) if path.exists() else {}
         self._wall0, self._cpu0 = float(saved.get("wall", 0.0)), float(saved.get("cpu", 0.0))
