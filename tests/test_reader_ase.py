@@ -398,6 +398,11 @@ def test_repeated_frames_are_one_structure_and_said_so(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="multifi"):
         read_sources([SourceConfig(path=str(tmp_path / "keyed.extxyz"), index="0:3")])
     assert "repeated" not in caplog.text
+    caplog.clear()  # one file listed twice beside another: the warning names the file repeated, not the other
+    with caplog.at_level("WARNING", logger="multifi"):
+        keyed_once = SourceConfig(path=str(tmp_path / "keyed.extxyz"), index="0:3")  # no repeat inside
+        read_sources([keyed_once] + [SourceConfig(path=str(tmp_path / "bare.extxyz"))] * 2)
+    assert "bare.extxyz: 4 repeated labels" in caplog.text and "keyed.extxyz" not in caplog.text
 
 
 def test_fidelity_names_with_spaces_are_errors_and_names_alike_are_warned_about(tmp_path, caplog):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 from pathlib import Path
@@ -210,11 +211,22 @@ def report_repeats(parts, merged) -> None:
         log.warning(
             "%s: %d repeated labels (the same structure at the same fidelity, by key or, where frames have no key, "
             "by geometry, with the same value): each counted once (%d structures from %d frames)",
-            ", ".join(sorted({p.source for p in parts if p.source})) or "data",
+            ", ".join(_sources_repeating(parts)) or "data",
             repeated,
             len(merged),
             sum(len(p) for p in parts),
         )
+
+
+def _sources_repeating(parts) -> list[str]:
+    """The sources holding a (structure key, fidelity) label that some source, this one or another, holds again."""
+    labelled = []
+    for part in parts:
+        has = part.energy_mask | part.has_forces()
+        labelled.append([(str(part.keys[s]), part.fidelities.names[k]) for s, k in np.argwhere(has)])
+    count = collections.Counter(label for labels in labelled for label in labels)
+    names = [p.source for p, labels in zip(parts, labelled) if p.source and any(count[x] > 1 for x in labels)]
+    return sorted(set(names))
 
 
 def report_dropped(parts) -> None:
