@@ -882,3 +882,29 @@ def test_predict_names_the_frame_of_a_truncated_file(model, tmp_path, capsys):
     lines = src.read_text().splitlines()
     src.write_text("\n".join(lines[:-2]) + "\n")  # the last frame lacks two atoms
     fails(["predict", model, src, "--fidelity", "lo", "--out", tmp_path / "p.extxyz"], capsys, str(src), "frame 2")
+
+
+def test_evaluate_reports_the_force_slope_and_warns_of_reversed_labels(model, tiny_extxyz, tmp_path, capsys, caplog):
+    """metrics.json holds the least-squares slope of the force labels on the predictions; negated labels (gradients
+    given as forces) give exactly its negative, and a slope below −0.3 is said."""
+    from multifi.cli.evaluate_cmd import _warn_implausible
+    from multifi.keys import FORCES_SLOPE
+
+    frames = ase.io.read(tiny_extxyz, ":")
+    flipped = []
+    for a in frames:
+        b = a.copy()
+        b.calc = SinglePointCalculator(b, energy=a.get_potential_energy(), forces=-a.get_forces())
+        b.info["fidelity"] = a.info["fidelity"]
+        flipped.append(b)
+    src = tmp_path / "flipped.extxyz"
+    ase.io.write(src, flipped)
+    slopes = []
+    for name, path in (("same", tiny_extxyz), ("flipped", src)):
+        assert run(["evaluate", model, path, "--out", tmp_path / f"{name}.json"], capsys)[0] == 0
+        slopes.append(json.loads((tmp_path / f"{name}.json").read_text())["fidelities"]["lo"][FORCES_SLOPE])
+    assert slopes[1] == pytest.approx(-slopes[0], rel=1e-9)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        _warn_implausible({"lo": {FORCES_SLOPE: -0.95}}, "f.extxyz")
+        _warn_implausible({"lo": {FORCES_SLOPE: 0.9}}, "g.extxyz")
+    assert "f.extxyz: lo force labels point against the model's forces" in caplog.text and "g.extxyz" not in caplog.text

@@ -13,6 +13,9 @@ ENERGY_MAE_PER_ATOM = "energy_mae_meV_per_atom"  # mean |ΔE| / atoms, meV/atom
 FORCES_MAE = "forces_mae_meV_per_A"  # mean |ΔF| per Cartesian component, meV/Å
 STRESS_MAE = "stress_mae_GPa"  # mean |Δσ| over the 9 components of the 3×3 tensor, GPa
 METRIC_KEYS = (ENERGY_MAE, ENERGY_RMSE, ENERGY_MAE_PER_ATOM, FORCES_MAE, STRESS_MAE)
+#: least-squares slope of the force labels on the predicted forces, Σ F_label·F_pred / Σ F_pred² (about 1 for a
+#: model that learned them; negative: labels pointing against the model's forces, e.g. gradients given as forces)
+FORCES_SLOPE = "forces_label_slope"
 #: structures of the evaluated samples left out of a fidelity's errors: they contain an element no training
 #: label of any fidelity contained (no reference energy, no learned interactions; present only when > 0)
 UNSEEN = "n_unseen_elements"

@@ -125,11 +125,25 @@ def run(args) -> int:
 IMPLAUSIBLE_MEV_PER_ATOM = 1000.0  # no trained potential errs by 1 eV/atom on its own level of theory
 
 
+#: a slope of the force labels on the predictions below this: labels of the opposite sign
+REVERSED_FORCES_SLOPE = -0.3
+
+
 def _warn_implausible(metrics: dict, where: str) -> None:
-    """Errors of more than 1 eV/atom mean labels of another level of theory or unit, not a model error."""
-    from multifi.keys import ENERGY_MAE_PER_ATOM, ESTIMATED, FITTED_ONLY
+    """Errors of more than 1 eV/atom mean labels of another level of theory or unit, not a model error; force
+    labels pointing against the model's forces (a negative least-squares slope) mean gradients given as forces."""
+    from multifi.keys import ENERGY_MAE_PER_ATOM, ESTIMATED, FITTED_ONLY, FORCES_SLOPE
 
     for name, m in metrics.items():
+        slope = m.get(FORCES_SLOPE)
+        if slope is not None and slope < REVERSED_FORCES_SLOPE:
+            log.warning(
+                "%s: %s force labels point against the model's forces (least-squares slope %.2f of the labels on the "
+                "predictions; about +1 for labels the model learned): gradients (dE/dx) given as forces (−dE/dx)?",
+                where,
+                name,
+                slope,
+            )
         err = m.get(ENERGY_MAE_PER_ATOM)
         if err is None or err <= IMPLAUSIBLE_MEV_PER_ATOM:
             continue

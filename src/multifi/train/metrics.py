@@ -7,10 +7,10 @@ import math
 import torch
 
 from multifi.data.batch import Graph
-from multifi.keys import COUNT, ENERGY_MAE, ENERGY_MAE_PER_ATOM, ENERGY_RMSE, FORCES_MAE, STRESS_MAE
+from multifi.keys import COUNT, ENERGY_MAE, ENERGY_MAE_PER_ATOM, ENERGY_RMSE, FORCES_MAE, FORCES_SLOPE, STRESS_MAE
 
 # columns of the accumulator
-N_E, AE, SE, AE_ATOM, N_F, AE_F, N_S, AE_S = range(8)
+N_E, AE, SE, AE_ATOM, N_F, AE_F, N_S, AE_S, F_LP, F_PP = range(10)
 
 
 class FidelityMetrics:
@@ -21,7 +21,7 @@ class FidelityMetrics:
         self.reset()
 
     def reset(self):
-        self.acc = torch.zeros(len(self.names), 8, dtype=torch.float64)
+        self.acc = torch.zeros(len(self.names), 10, dtype=torch.float64)
 
     def update(self, out: dict, graph: Graph) -> None:
         acc = torch.zeros_like(self.acc)
@@ -37,10 +37,12 @@ class FidelityMetrics:
             acc[:, AE_ATOM].index_add_(0, f, err.abs() / n)
         if "forces" in out and graph.forces_mask.any():
             am = graph.forces_mask[graph.batch].cpu()
-            ferr = (out["forces"].detach().cpu().double() - graph.forces.cpu().double())[am].abs()  # [n,3]
+            pred, label = out["forces"].detach().cpu().double()[am], graph.forces.cpu().double()[am]  # [n,3]
             fa = fid[graph.batch.cpu()][am]
             acc[:, N_F].index_add_(0, fa, torch.full((len(fa),), 3.0, dtype=torch.float64))
-            acc[:, AE_F].index_add_(0, fa, ferr.sum(-1))
+            acc[:, AE_F].index_add_(0, fa, (pred - label).abs().sum(-1))
+            acc[:, F_LP].index_add_(0, fa, (label * pred).sum(-1))
+            acc[:, F_PP].index_add_(0, fa, (pred * pred).sum(-1))
         if "stress" in out and graph.stress_mask.any():
             sm = graph.stress_mask.cpu()
             serr = (out["stress"].detach().cpu().double() - graph.stress.cpu().double())[sm].abs()
@@ -64,4 +66,6 @@ class FidelityMetrics:
                 FORCES_MAE: 1000 * a[AE_F] / a[N_F] if a[N_F] else None,
                 STRESS_MAE: a[AE_S] / a[N_S] if a[N_S] else None,
             }
+            if a[N_F] and a[F_PP] > 0:
+                out[name][FORCES_SLOPE] = a[F_LP] / a[F_PP]
         return out
