@@ -119,6 +119,7 @@ METRIC_KEYS = {
     "energy_mae_meV_per_atom",
     "forces_mae_meV_per_A",
     "stress_mae_GPa",
+    "forces_label_slope",  # present where there are force labels (all data of these tests)
 }
 N_SMALL = 199  # molecules in the small QM9 CSV (fixture small_csv)
 

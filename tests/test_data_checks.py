@@ -306,11 +306,13 @@ def test_a_periodic_structure_with_an_atom_unwrapped_is_the_same_geometry(caplog
 
 
 @pytest.mark.parametrize(
-    ("factor", "said"), [(-1.0, "point the other way"), (1 / 51.42, "differ in size"), (1.1, None)]
+    ("factor", "noise", "said"),
+    [(-1.0, 0.0, "point the other way"), (1 / 51.42, 0.0, "× the size"), (1.1, 0.0, None), (0.04, 0.1, None)],
 )
-def test_forces_that_disagree_with_another_fidelity_on_the_same_structures_are_named(factor, said, caplog):
+def test_forces_that_disagree_with_another_fidelity_on_the_same_structures_are_named(factor, noise, said, caplog):
     """Forces of a second fidelity on the same structures as gradients (−F) or in Ha/Bohr (÷51.4) are said,
-    naming both fidelities; a 10 % difference (another level of theory) is not."""
+    naming both fidelities; a 10 % difference (another level of theory) is not, nor small forces hardly
+    correlated with the other level's (structures near a minimum of the second level)."""
     import logging
 
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -325,7 +327,8 @@ def test_forces_that_disagree_with_another_fidelity_on_the_same_structures_are_n
         f = rng.normal(size=(5, 3))
         for name, scale in (("PBE", 1.0), ("R2SCAN", factor)):
             a = atoms.copy()
-            a.calc = SinglePointCalculator(a, energy=-20.0, forces=f * scale)
+            extra = noise * rng.normal(size=(5, 3)) if name == "R2SCAN" else 0.0
+            a.calc = SinglePointCalculator(a, energy=-20.0, forces=f * scale + extra)
             a.info.update(fidelity=name, key=f"m{i}")
             frames.append(a)
     from multifi.data.readers.ase_files import _record

@@ -563,3 +563,18 @@ def test_naming_a_default_key_reads_only_the_named_labels(tmp_path, caplog):
     assert ds.energy_mask.all() and not ds.has_forces().any()
     ds = read_ase(path, fidelity="PBE")  # nothing named: the default keys, all of them
     assert ds.energy_mask.all() and ds.has_forces().all()
+
+
+def test_frames_without_a_label_named_by_its_default_name_are_skipped(tmp_path):
+    """--forces-key forces on a file where one frame has no forces: that frame is skipped, as for any named key."""
+    frames = []
+    for seed in range(3):
+        a = molecule("H2O")
+        a.rattle(0.05, seed=seed)
+        forces = None if seed == 1 else np.full((3, 3), 0.1)
+        a.calc = SinglePointCalculator(a, energy=-10.0 - seed, forces=forces)
+        frames.append(a)
+    path = tmp_path / "partly.extxyz"
+    ase.io.write(path, frames)
+    ds = read_ase(path, fidelity="PBE", keys={"forces": "forces"})
+    assert len(ds) == 2 and ds.has_forces().all() and not ds.energy_mask.any()

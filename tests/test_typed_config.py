@@ -164,7 +164,7 @@ def test_metric_keys_have_one_home():
     )
     metrics = FidelityMetrics(["lo"])
     metrics.acc[0, 0] = 1.0
-    assert set(metrics.compute()["lo"]) == {keys.COUNT, *keys.METRIC_KEYS}
+    assert set(metrics.compute()["lo"]) == {keys.COUNT, *keys.METRIC_KEYS}  # no force labels: no force slope
     spelled = re.compile("|".join(rf"\b{k}\b" for k in keys.METRIC_KEYS))  # in strings, f-strings, comments
     library = [p for p in SRC.rglob("*.py") if p.name != "keys.py"]
     elsewhere = [str(p.relative_to(SRC)) for p in library if spelled.search(p.read_text())]

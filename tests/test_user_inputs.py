@@ -412,17 +412,23 @@ def test_compressed_solids_are_not_taken_for_a_unit_error(tmp_path, caplog):
     from multifi.data.checks import check_stress_units
     from multifi.data.readers.ase_files import read_ase
 
+    b0, b1 = 165.0, 5.3
+
     def birch_murnaghan(x):  # pressure (GPa) at V/V0 = x
-        b0, b1 = 165.0, 5.3
         return 1.5 * b0 * (x ** (-7 / 3) - x ** (-5 / 3)) * (1 + 0.75 * (b1 - 4) * (x ** (-2 / 3) - 1))
+
+    def bm_energy(x, v0):  # energy (eV) at V/V0 = x of a cell of volume v0 (Å³) at zero pressure
+        eta = x ** (-2 / 3) - 1
+        return 9 * v0 * b0 * GPa / 16 * (eta**3 * b1 + eta**2 * (6 - 4 * x ** (-2 / 3)))
 
     frames = []
     for element, a0 in (("Fe", 3.45), ("Ni", 3.52), ("Co", 3.55)):
         for x in np.linspace(0.62, 0.70, 8):
             atoms = bulk(element, "fcc", a0 * x ** (1 / 3), cubic=True)
             pressure = birch_murnaghan(x)
+            energy = -4.0 * len(atoms) + bm_energy(x, a0**3)  # consistent with the stresses: P = −dE/dV
             atoms.calc = SinglePointCalculator(
-                atoms, energy=-4.0 * len(atoms), forces=np.zeros((len(atoms), 3)), stress=-pressure * GPa * np.eye(3)
+                atoms, energy=energy, forces=np.zeros((len(atoms), 3)), stress=-pressure * GPa * np.eye(3)
             )
             atoms.info["fidelity"] = "PBE"
             frames.append(atoms)
@@ -433,6 +439,12 @@ def test_compressed_solids_are_not_taken_for_a_unit_error(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert check_stress_units(ds, pairs) == []
     assert "stresses at fidelity" not in caplog.text
+    shifted = read_ase(path)  # a Pulay-like offset: the labels' pressure 100 GPa below what the energies say
+    shifted.stress = shifted.stress + 100.0 * np.eye(3)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        check_stress_units(shifted, pairs)
+    assert caplog.text.count("carry pressures their energies do not have in 3 composition(s)") == 1
+    caplog.clear()
     ds.stress = ds.stress * 160.2  # the same numbers in GPa read as eV/Å³: flagged (by size or by the modulus)
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert check_stress_units(ds, pairs) == ["PBE"]

@@ -99,7 +99,7 @@ class SourceConfig(Section):
         """index: 3 in YAML is the integer 3, the frame the user means."""
         if isinstance(v, int) and not isinstance(v, bool):
             v = str(v)
-        if not isinstance(v, str) or not re.fullmatch(r"\s*-?\d+\s*|\s*-?\d*\s*(:\s*-?\d*\s*){1,2}", v):
+        if not isinstance(v, str) or not re.fullmatch(r"-?\d+|-?\d*(:-?\d*){1,2}", v):
             raise ValueError(f"{v!r} is not a frame index ASE reads: an integer or a slice such as ':', '10:20', '::2'")
         return v
 

@@ -406,11 +406,12 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
 
 
 def check_force_agreement(dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5) -> list[str]:
-    """Warn for fidelities whose forces, on structures also force-labelled at another fidelity (at least
-    `min_count` of `pairs`' structures, at most 5 000 looked at), point the other way (gradients given as
-    forces) or differ in size by more than 5× (Ha/Bohr read as eV/Å: 51.4× too small): levels of theory differ
-    by far less (a least-squares slope of 0.8-1.2 is usual). Each fidelity is compared with the first earlier one
-    sharing structures with it; the warning names both. Returns the suspicious names."""
+    """Warn for fidelities whose forces, on structures also force-labelled at an earlier fidelity (at least
+    `min_count` of `pairs`' structures, at most 5 000 looked at), point the other way (correlation below −0.5:
+    gradients given as forces) or follow the same pattern (correlation above 0.5) at a size more than 5× apart
+    (RMS ratio; Ha/Bohr read as eV/Å is 51.4× too small). Levels of theory differ by far less; near a minimum of
+    one level its forces are small and hardly correlated with another's, and nothing is said. Returns the
+    suspicious names."""
     if dataset.forces is None or len(dataset.fidelities) < 2:
         return []
     labelled = np.zeros(dataset.forces_mask.shape, bool)
@@ -425,29 +426,28 @@ def check_force_agreement(dataset: FidelityDataset, pairs: np.ndarray, min_count
             s = s[:: max(1, len(s) // 5000)]
             atoms = ranges(np.asarray(dataset.offsets)[s], dataset.n_atoms[s])
             fk, fr = dataset.forces[atoms, k].ravel(), dataset.forces[atoms, ref].ravel()
-            norm = float(fr @ fr)
-            if norm == 0 or float(fk @ fk) == 0:
+            nk, nr = float(np.linalg.norm(fk)), float(np.linalg.norm(fr))
+            if nk == 0 or nr == 0:
                 break
-            slope = float(fk @ fr) / norm  # fk ≈ slope · fr
-            if slope < 0 or not 0.2 < slope < 5:
-                suspicious.append(name)
-                why = (
-                    "point the other way (gradients, −F, given as forces?)"
-                    if slope < 0
-                    else "differ in size by far more than levels of theory do (a unit? Ha/Bohr is 51.4 eV/Å)"
-                )
-                log.warning(
-                    "%s: forces at fidelity %r %s: on the %d structures labelled at both, they are %.3g × those at "
-                    "%r (least squares; levels of theory: about 0.8-1.2); if %r's are the right ones, fix %r's",
-                    dataset.source or "data",
-                    name,
-                    why,
-                    len(s),
-                    slope,
-                    names[ref],
-                    names[ref],
-                    name,
-                )
+            corr, ratio = float(fk @ fr) / (nk * nr), nk / nr
+            if corr < -0.5:
+                why = f"point the other way (correlation {corr:+.2f}): gradients, −F, given as forces?"
+            elif corr > 0.5 and not 0.2 < ratio < 5:
+                why = f"are {ratio:.3g}× the size (correlation {corr:+.2f}): a unit? (Ha/Bohr is 51.4 eV/Å)"
+            else:
+                break
+            suspicious.append(name)
+            log.warning(
+                "%s: forces at fidelity %r, on the %d structures labelled at %r too, %s; levels of theory differ by "
+                "far less: if %r's are right, fix %r's",
+                dataset.source or "data",
+                name,
+                len(s),
+                names[ref],
+                why,
+                names[ref],
+                name,
+            )
             break
     return suspicious
 
@@ -492,7 +492,54 @@ def check_stress_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: i
                 name,
                 median,
             )
-    return suspicious + check_stress_sign(dataset, pairs, skip=set(suspicious))  # one warning per fidelity
+    suspicious += check_stress_sign(dataset, pairs, skip=set(suspicious))  # one warning per fidelity
+    check_pressure_against_energies(dataset, pairs, skip=set(suspicious))
+    return suspicious
+
+
+def check_pressure_against_energies(dataset: FidelityDataset, pairs: np.ndarray, skip: set[str] = frozenset()) -> list:
+    """Warn for fidelities whose stress labels carry a pressure their energies do not: per composition (same
+    atoms, ≥ 5 structures at volumes ≥ 0.5 % apart) the median pressure −tr(σ)/3 of the labels against
+    −dE/dV of a least-squares line through the composition's energies, apart by more than PRESSURE_GAP GPa and
+    4 standard errors of that slope (thermal displacements scatter the energies). A Pulay stress (a plane-wave
+    cutoff too low for hard pseudopotentials: F, O, N) does this; trained on, it teaches pressures the energies
+    contradict. Returns [(fidelity, composition, label pressure, energy pressure)] of the compositions found."""
+    from ase import Atoms
+    from ase.units import GPa as ev_per_a3_per_gpa
+
+    if dataset.stress is None:
+        return []
+    found = []
+    for k, name in enumerate(dataset.fidelities.names):
+        if name in skip:
+            continue
+        for members, volume, pressure in _volume_pressure_groups(dataset, pairs, k, members=True):
+            energy = dataset.energy[members, k]
+            keep = ~np.isnan(energy)
+            if keep.sum() < 5:
+                continue
+            (slope, _), cov = np.polyfit(volume[keep], energy[keep], 1, cov=True)  # eV/Å³
+            from_energy = -slope / ev_per_a3_per_gpa
+            gap = abs(float(np.median(pressure)) - from_energy)
+            if gap > PRESSURE_GAP and gap > 4 * np.sqrt(cov[0, 0]) / ev_per_a3_per_gpa:
+                formula = Atoms(dataset.numbers[dataset.offsets[members[0]] : dataset.offsets[members[0] + 1]])
+                found.append((name, formula.get_chemical_formula(), float(np.median(pressure)), float(from_energy)))
+    for name in dict.fromkeys(f[0] for f in found):
+        mine = [f for f in found if f[0] == name]
+        log.warning(
+            "%s: stresses at fidelity %r carry pressures their energies do not have in %d composition(s): %s "
+            "(labels vs −dE/dV of the energies, GPa); a Pulay stress (plane-wave cutoff too low for hard "
+            "pseudopotentials such as F, O, N)? Trained on, they teach those pressures; loss.stress weighs them",
+            dataset.source or "data",
+            name,
+            len(mine),
+            ", ".join(f"{c} {p:.0f} vs {e:.0f}" for _, c, p, e in mine[:5]) + (" …" if len(mine) > 5 else ""),
+        )
+    return found
+
+
+#: GPa: a composition's label pressure further than this from the pressure its energies imply is suspicious
+PRESSURE_GAP = 50.0
 
 
 def check_stress_sign(
@@ -598,19 +645,21 @@ HARDEST_MEDIAN_MODULUS = 1000.0
 TYPICAL_MEDIAN_MODULUS = 15.0
 
 
-def _volume_pressure_groups(dataset: FidelityDataset, pairs: np.ndarray, k: int) -> list[tuple]:
+def _volume_pressure_groups(dataset: FidelityDataset, pairs: np.ndarray, k: int, members: bool = False) -> list[tuple]:
     """(volumes [M] Å³, pressures −tr(σ)/3 [M] GPa) of each composition with ≥ 5 periodic structures stressed
-    at fidelity k among `pairs`, whose volumes differ by ≥ 0.5 % (relative std)."""
+    at fidelity k among `pairs`, whose volumes differ by ≥ 0.5 % (relative std); members: (structure indices
+    [M], volumes, pressures)."""
     offsets = np.asarray(dataset.offsets)
     volume = np.abs(np.linalg.det(dataset.cells))
     s = pairs[pairs[:, 1] == k, 0]
     s = s[dataset.stress_mask[s, k] & dataset.pbc[s].all(1)]
-    members: dict[bytes, list[int]] = {}
+    groups: dict[bytes, list[int]] = {}
     for i in s.tolist():
-        members.setdefault(np.sort(dataset.numbers[offsets[i] : offsets[i + 1]]).tobytes(), []).append(i)
+        groups.setdefault(np.sort(dataset.numbers[offsets[i] : offsets[i + 1]]).tobytes(), []).append(i)
     out = []
-    for m in members.values():
+    for m in groups.values():
         v = volume[m]
         if len(m) >= 5 and v.std() >= 0.005 * v.mean():
-            out.append((v, -np.trace(dataset.stress[m, k], axis1=1, axis2=2) / 3))
+            p = -np.trace(dataset.stress[m, k], axis1=1, axis2=2) / 3
+            out.append((np.asarray(m), v, p) if members else (v, p))
     return out

@@ -33,12 +33,12 @@ def read_ase(
     only for structures that name none (a different name is an error, see `source_fidelity`). Key: info['key'], else a geometry hash. `index` selects frames as in
     ase.io.read. Non-finite labels raise unless `skip_invalid`, which drops them (count in ds.n_dropped).
     `keys` names the labels looked up: {"energy": "REF_energy", "forces": "REF_forces", "stress": …}. Once a
-    key is renamed, only the labels named in `keys` are read (a renamed energy never picks up the file's
-    default `forces`/`stress`, which may belong to another level of theory); label-like keys left unread are
-    named in one warning. With renamed keys, frames carrying none of them are skipped (a file with one label
-    set per level of theory, e.g. REF_energy_PBE on every frame and REF_energy_R2SCAN on some, read once per
-    fidelity) and counted in the log; with the default keys, or when no frame has them, a frame without
-    labels is an error. A stress key naming a virial (`virial`, `REF_virials`: eV, W = −σ·V) is converted
+    key is named (a default name too), only the labels named in `keys` are read (a named energy never picks up
+    the file's default `forces`/`stress`, which may belong to another level of theory); label-like keys left
+    unread are named in one warning. With named keys, frames carrying none of them are skipped (a file with one
+    label set per level of theory, e.g. REF_energy_PBE on every frame and REF_energy_R2SCAN on some, read once
+    per fidelity) and counted in the log; with no keys, or when no frame has them, a frame without labels is an
+    error. A stress key naming a virial (`virial`, `REF_virials`: eV, W = −σ·V) is converted
     to stress, σ = −W / V.
     """
     path = Path(path)
@@ -50,10 +50,9 @@ def read_ase(
     if path.stat().st_size == 0:
         raise MultifiError(f"{src}: empty file")
     records, invalid = [], InvalidLabels(src)
-    named = bool(keys)
+    named = bool(keys)  # labels chosen by name (default names too): frames without them are skipped
     keys = label_keys(keys)
-    renamed = any(v != k for k, v in keys.items())
-    unlabelled: list[str] = []  # errors of frames without the renamed labels (skipped)
+    unlabelled: list[str] = []  # errors of frames without the named labels (skipped)
     unread: dict[str, None] = {}  # label-like keys of the file that no label was read from
     parsed: dict[str, None] = {}  # fidelity names ASE turned into numbers or booleans
     heads: dict[str, None] = {}  # MACE's info['head'] of frames naming no fidelity
@@ -66,7 +65,7 @@ def read_ase(
         unread.update(dict.fromkeys(_label_like(atoms, keys)))
         if not isinstance(atoms.info.get("fidelity", ""), str):
             parsed.setdefault(str(atoms.info["fidelity"]), None)
-        if "head" in atoms.info and "fidelity" not in atoms.info and not renamed:
+        if "head" in atoms.info and "fidelity" not in atoms.info and not named:
             heads.setdefault(str(atoms.info["head"]), None)
             if len(heads) > 1:  # one fidelity would hold several levels of theory under the same label keys
                 raise MultifiError(
@@ -78,12 +77,12 @@ def read_ase(
             raise MultifiError(
                 f"{src}: {tag} holds predictions of `multifi predict` ({atoms.info[PREDICTION_MARK]}), not labels; "
                 "its input's labels are ref_energy / ref_forces / ref_stress: read them with energy_key: ref_energy "
-                "(forces_key: ref_forces, …), or name energy_key: energy to take the predictions as labels"
+                "(forces_key: ref_forces, …), or name energy_key: energy (forces_key: forces) to take the predictions as labels"
             )
         try:
             rec = _record(atoms, fidelity, f"{src}: {tag}", keys)
         except _NoLabel as exc:
-            if not renamed:
+            if not named:
                 raise MultifiError(str(exc)) from None
             unlabelled.append(str(exc))
             continue
@@ -319,7 +318,7 @@ def _other_labels(atoms, keys: dict[str, str]) -> str:
     found = [k for k in [*atoms.info, *atoms.arrays] if _kind(k) and k not in keys.values()]
     if not found:
         return ""
-    if any(v != k for k, v in keys.items()):  # keys already chosen: another key may be another level of theory
+    if keys != DEFAULT_KEYS:  # keys already chosen: another key may be another level of theory
         return f"; it has {', '.join(found[:3])} (labels of another level of theory belong to a source of their own)"
     which = {"energy": "energy_key", "force": "forces_key", "stress": "stress_key"}
     return "; it has " + ", ".join(f"{k} (set {which[_kind(k)]}: {k})" for k in found[:3])
