@@ -624,3 +624,21 @@ def test_a_hash_inside_a_key_is_part_of_the_key(tmp_path):
     (tmp_path / "i.txt").write_text("+5\n--5\n")
     with pytest.raises(MultifiError, match=r"'--5' is not an integer index"):
         _read_indices(tmp_path / "i.txt")
+
+
+def test_a_merged_structure_is_named_by_its_own_file_and_number():
+    """Errors about a structure of merged sources name the file it came from and its number there (not its
+    position in the merged data); subsets keep that."""
+    mols = [rattled_molecule("H2O", s) for s in range(5)]
+    a = FidelityDataset.from_records(
+        [record(m, {"PBE": {"energy": -1.0 - i}}) for i, m in enumerate(mols[:3])], source="a.xyz"
+    )
+    b = FidelityDataset.from_records(
+        [record(m, {"HF": {"energy": -2.0 - i}}) for i, m in enumerate(mols[2:])], source="b.xyz"
+    )
+    merged = FidelityDataset.merge([a, b])  # mols[2] is in both: one structure, first named by a.xyz
+    assert len(merged) == 5
+    assert merged.structure_name(4).startswith("structure 2 of b.xyz (0-based")
+    assert merged.structure_name(2).startswith("structure 2 of a.xyz (0-based")
+    assert merged.subset(np.array([4])).structure_name(0).startswith("structure 2 of b.xyz")
+    assert a.structure_name(1).startswith("structure 1 (0-based")

@@ -65,6 +65,9 @@ class FidelityDataset:
     stress: np.ndarray | None = None
     stress_mask: np.ndarray | None = None
     source: str = field(default="", compare=False)
+    #: where each structure of a concatenation of several sources was read: (source names, [S] their index,
+    #: [S] the structure's number in it); None for one source (its order is the order read)
+    origins: tuple | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ basic views
     def __len__(self) -> int:
@@ -112,9 +115,14 @@ class FidelityDataset:
         }
 
     def structure_name(self, s: int) -> str:
-        """Structure s as a user finds it: its number in the order read, and its key unless made from the geometry."""
+        """Structure s as a user finds it: its number in the order read (of several sources: in its own file,
+        named), and its key unless made from the geometry."""
         key = str(self.keys[s])
-        return f"structure {s} (0-based)" if key.startswith("sha1:") else f"structure {s} (0-based, key {key})"
+        number = f"structure {s}"
+        if self.origins is not None:
+            names, part, index = self.origins
+            number = f"structure {int(index[s])} of {names[int(part[s])]}"
+        return f"{number} (0-based)" if key.startswith("sha1:") else f"{number} (0-based, key {key})"
 
     def atoms_slice(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
@@ -321,6 +329,7 @@ class FidelityDataset:
             forces_mask=opt(self.forces_mask, idx),
             stress=opt(self.stress, idx),
             stress_mask=opt(self.stress_mask, idx),
+            origins=None if self.origins is None else (self.origins[0], self.origins[1][idx], self.origins[2][idx]),
         )
 
     def with_fidelities(self, table: FidelityTable) -> FidelityDataset:
@@ -545,7 +554,20 @@ def _concatenate(parts: list[FidelityDataset], table: FidelityTable) -> Fidelity
         stress=cat_opt("stress", lambda p: (len(p), K, 3, 3), np.float64),
         stress_mask=cat_opt("stress_mask", lambda p: (len(p), K), bool),
         source=" + ".join(p.source for p in parts if p.source),
+        origins=_concatenated_origins(parts) if len(parts) > 1 else parts[0].origins,
     )
+
+
+def _concatenated_origins(parts: list[FidelityDataset]) -> tuple:
+    """FidelityDataset.origins of the parts' concatenation (a part that is itself a concatenation keeps its own)."""
+    names: list[str] = []
+    part_of, index = [], []
+    for p in parts:
+        own = p.origins or ((p.source or "input",), np.zeros(len(p), np.int64), np.arange(len(p)))
+        part_of.append(np.asarray(own[1]) + len(names))
+        index.append(np.asarray(own[2]))
+        names += list(own[0])
+    return tuple(names), np.concatenate(part_of), np.concatenate(index)
 
 
 class _Origins:
