@@ -399,7 +399,7 @@ def test_data_info_describes_a_file_without_labels(tmp_path, capsys):
 def test_a_warmup_as_long_as_the_run_is_warned(write_config, capsys, caplog):
     with caplog.at_level("WARNING", logger="multifi"):
         assert run(["train", write_config(), "--dry-run", "--set", "train.warmup_steps=100"], capsys)[0] == 0
-    assert re.search(r"train.warmup_steps=100 is not shorter than the run \(10 steps\)", caplog.text)
+    assert re.search(r"train.warmup_steps=100 is longer than the run \(10 steps\)", caplog.text)
     caplog.clear()
     with caplog.at_level("WARNING", logger="multifi"):
         assert run(["train", write_config(), "--dry-run", "--set", "train.warmup_steps=5"], capsys)[0] == 0

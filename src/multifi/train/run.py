@@ -1114,11 +1114,11 @@ def _total_steps(cfg: RunConfig, prep) -> int:
 
 
 def _check_warmup(cfg: RunConfig, prep) -> None:
-    """A warm-up as long as the run keeps the learning rate below train.lr throughout: warn."""
+    """A warm-up longer than the run keeps the learning rate below train.lr throughout: warn."""
     total, warm = _total_steps(cfg, prep), cfg.train.warmup_steps
-    if warm and total <= warm:
+    if warm and total < warm:  # the last warm-up step (warm − 1, 0-based) is at train.lr
         log.warning(
-            "train.warmup_steps=%d is not shorter than the run (%d steps): the learning rate never reaches "
+            "train.warmup_steps=%d is longer than the run (%d steps): the learning rate never reaches "
             "train.lr=%g (it peaks at %.2g); lower warmup_steps or train longer",
             warm,
             total,
