@@ -299,6 +299,7 @@ def train(args) -> None:
             adapter_command=shlex.join(cmd).replace(str(ROOT) + "/", ""),
             finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             loadavg_after=os.getloadavg()[0],
+            machine=harness.machine(),  # the CPU the budget was spent on (a CPU-second buys other work elsewhere)
         )
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(".tmp")
