@@ -35,3 +35,44 @@ def test_no_budget_without_the_option():
     assert C.budget_limit(Args()) == float("inf")
     Args.budget_cpu_s = 100.0
     assert C.budget_limit(Args(), 0.5, spent_before=7.0) == pytest.approx(57.0)
+
+
+def _write(path: Path, data: dict) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_accuracy_entries_average_seeds_and_pair_them(tmp_path):
+    """bench/results.json accuracy rows: per (metric, n, peer) the seed means, ratio ours/peer, the median of
+    same-seed ratios, every run's CPU; an n that only one side has is left out; merging keeps other rows."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import harness
+    import run as peers_run
+
+    ours, peers = tmp_path / "ours", tmp_path / "peers"
+    for seed, (e, f) in enumerate([(40.0, 100.0), (20.0, 140.0)]):
+        test = {"R2SCAN": {"mae_meV_per_atom": e, "forces_mae_meV_per_A": f}}
+        _write(ours / f"n11_s{seed}.json", {"meta": {"n": 11, "seed": seed}, "test": test, "cpu_seconds": 1800.0})
+    _write(ours / "n46_s0.json", {"meta": {"n": 46, "seed": 0}, "test": test, "cpu_seconds": 1800.0, "cpus": ["X"]})
+    for seed, e in enumerate([60.0, 120.0]):
+        run = {"n": 11, "seed": seed, "peer": "mace", "variant": "multihead", "params": 9, "budget_cpu_s": 1800.0}
+        run["test"] = {"energy_mae_meV_per_atom": e, "forces_mae_meV_per_A": 50.0}
+        run.update(cpu_s=1801.0, machine={"cpu": "Y"} if seed else None)
+        _write(peers / "mace_multihead" / f"n11_s{seed}.json", run)
+    entries = peers_run.accuracy_entries(peers, ours)
+    assert [e["name"] for e in entries] == [
+        "mf_solids_r2scan_energy_mae_n11_mace_multihead",
+        "mf_solids_r2scan_forces_mae_n11_mace_multihead",
+    ]
+    energy, forces = entries
+    assert (energy["ours"], energy["peer"], energy["ratio"]) == (30.0, 90.0, pytest.approx(1 / 3, abs=1e-3))
+    assert energy["ratio_median_of_pairs"] == pytest.approx((40 / 60 + 20 / 120) / 2, abs=1e-3)
+    assert energy["run_cpus"] == {"ours": ["unrecorded", "unrecorded"], "peer": ["unrecorded", "Y"]}
+    assert forces["ours"] == 120.0 and forces["ratio"] == pytest.approx(2.4) and not forces["higher_is_better"]
+    into = tmp_path / "results.json"
+    _write(into, [{"name": "mf_solids_train_mace_1thread", "machine": {"cpu": "Y"}}, {**energy, "ours": 1.0}])
+    merged = harness.merge_results(into, entries)
+    assert [e["name"] for e in merged][0] == "mf_solids_train_mace_1thread" and len(merged) == 3
+    assert [e["ours"] for e in merged if e["name"] == energy["name"]] == [30.0]  # replaced, not duplicated

@@ -685,11 +685,13 @@ def test_killed_mid_run_continues_from_its_checkpoint(shared, tmp_path, monkeypa
     lock_path(ctx, only[0]).write_text(f"{pid} {int(start) + 1}")  # a live process id reused by another process
     assert experiment_status(ctx, only)[0].running is False
     monkeypatch.setattr(train_run, "make_trainer", make)
+    monkeypatch.setattr(runner_mod, "cpu_model", lambda: "Other CPU")  # resumed on another machine
     run_experiment(TINY, overrides=tiny(out, *args), only=only)
     (done,) = experiment_status(load_context(TINY, tiny(out, *args)), only)
     assert (done.state, done.steps, done.starts, done.left_cpu_seconds) == ("done", 30, 2, 0.0)
     cut = json.loads((out / "runs/learning_curve/single/n20_s0.json").read_text())
     assert cut["how"] == "resumed" and cut["starts"] == 2 and cut["steps"] == 30
+    assert cut["cpus"] == [*whole["cpus"], "Other CPU"] and whole["cpus"][0] not in ("", "unknown")
     assert cut["cpu_seconds"] > 0 and cut["train_seconds"] >= cut["cpu_seconds"] * 0.2
     import csv
 

@@ -453,6 +453,95 @@ def record(measured: Path, into: Path) -> None:
     print(f"[peers_mf] {len(entries)} entries merged into {into}; copy in {copy}")
 
 
+# ------------------------------------------------------------------------------------------ accuracy
+OURS_RUNS = ROOT / "results" / "solids_budget" / "runs" / "learning_curve" / "joint_readout"
+OURS_NAME = "multifi M3GNet, readout embedding"
+METRICS = {
+    "energy": ("energy_mae_meV_per_atom", "mae_meV_per_atom", "meV/atom"),
+    "forces": ("forces_mae_meV_per_A",) * 2 + ("meV/Å",),
+}
+
+
+def _run_cpu(r: dict) -> str:
+    """The CPU a run's budget was spent on, as recorded (runs before 2026-12-05 09:05 UTC did not record it)."""
+    cpus = r.get("cpus") or ([r["machine"]["cpu"]] if r.get("machine") else [])
+    return " + ".join(cpus) or "unrecorded"
+
+
+def accuracy_entries(peers_dir: Path = RESULTS, ours_dir: Path = OURS_RUNS) -> list[dict]:
+    """One bench/results.json entry per (metric, n, peer variant): r2SCAN test MAE of multifi's readout variant
+    (ours) and of the peer, each the mean over its seeds, ratio ours/peer (lower is better), the same-seed
+    ratios' median; every run listed with its seed, CPU-seconds and CPU. Only n where both have runs."""
+    ours = {}
+    for f in sorted(ours_dir.glob("n*_s*.json")):
+        r = json.loads(f.read_text())
+        ours.setdefault(r["meta"]["n"], {})[r["meta"]["seed"]] = r
+    entries = []
+    for pdir in sorted(d for d in peers_dir.iterdir() if d.is_dir()):
+        peer_runs = {}
+        for f in sorted(pdir.glob("n*_s*.json")):
+            r = json.loads(f.read_text())
+            peer_runs.setdefault(r["n"], {})[r["seed"]] = r
+        for n in sorted(set(peer_runs) & set(ours)):
+            mine, theirs = ours[n], peer_runs[n]
+            first = next(iter(theirs.values()))
+            for metric, (peer_key, our_key, unit) in METRICS.items():
+                o = {s: r["test"]["R2SCAN"][our_key] for s, r in mine.items()}
+                p = {s: r["test"][peer_key] for s, r in theirs.items()}
+                same = [o[s] / p[s] for s in sorted(set(o) & set(p))]
+                mo, mp = statistics.mean(o.values()), statistics.mean(p.values())
+                entries.append(
+                    {
+                        "name": f"mf_solids_r2scan_{metric}_mae_n{n}_{pdir.name}",
+                        "ours": round(mo, 2),
+                        "peer": round(mp, 2),
+                        "unit": unit,
+                        "higher_is_better": False,
+                        "ratio": round(mo / mp, 3),
+                        "ratio_median_of_pairs": round(statistics.median(same), 3) if same else None,
+                        "ours_runs": [round(o[s], 2) for s in sorted(o)],
+                        "peer_runs": [round(p[s], 2) for s in sorted(p)],
+                        "seeds": {"ours": sorted(o), "peer": sorted(p)},
+                        "pairs": len(same),
+                        "n_r2scan_train": n,
+                        "ours_name": OURS_NAME,
+                        "peer_name": f"{first['peer']} {first['variant']} ({first.get('framework', first['peer'])})",
+                        "params": {"ours": None, "peer": first.get("params")},
+                        "budget_cpu_s": first["budget_cpu_s"],
+                        "cpu_s": {
+                            "ours": [r["cpu_seconds"] for _, r in sorted(mine.items())],
+                            "peer": [r["cpu_s"] for _, r in sorted(theirs.items())],
+                        },
+                        "run_cpus": {
+                            "ours": [_run_cpu(r) for _, r in sorted(mine.items())],
+                            "peer": [_run_cpu(r) for _, r in sorted(theirs.items())],
+                        },
+                        "test": "r2SCAN test structures of results/solids (50)",
+                        "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/peers_mf/run.py train --keep-going "
+                        "(peers); multifi experiment run experiments/solids_budget.yaml (multifi); "
+                        ".venv/bin/python bench/peers_mf/run.py accuracy --merge-into bench/results.json",
+                        # accuracy under a CPU-time budget: the runs' CPUs are in run_cpus, not one machine
+                        "machine": {"cpu": "budgeted runs (see run_cpus)"},
+                    }
+                )
+    return entries
+
+
+def accuracy(args) -> None:
+    entries = accuracy_entries()
+    params = multifi_params()["readout"]
+    for e in entries:
+        e["params"]["ours"] = params
+        print(
+            f"{e['name']:52s} ours {e['ours']:8.1f}  peer {e['peer']:8.1f} {e['unit']:9s} ratio {e['ratio']:.2f}"
+            f"  seeds {len(e['ours_runs'])}/{len(e['peer_runs'])}"
+        )
+    if args.merge_into:
+        into = Path(args.merge_into)
+        into.write_text(json.dumps(harness.merge_results(into, entries), indent=1) + "\n")
+        print(f"[peers_mf] {len(entries)} accuracy entries merged into {into}")
+
+
 # ------------------------------------------------------------------------------------------ report
 def multifi_params() -> dict[str, int]:
     """Parameters of multifi's M3GNet of results/solids (experiments/solids_small.yaml), per injection."""
@@ -527,7 +616,9 @@ def report(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["setup", "calibrate", "train", "params", "throughput", "record", "report"])
+    ap.add_argument(
+        "action", choices=["setup", "calibrate", "train", "params", "throughput", "record", "accuracy", "report"]
+    )
     ap.add_argument("--peers", default="mace,sevenn")
     ap.add_argument("--variants", default=None, help="comma list (default: every variant of each peer)")
     ap.add_argument("--ns", default=None, help="r2SCAN training sizes (default 11,23,46,91,182)")
@@ -565,6 +656,8 @@ def main() -> None:
         throughput(args)
     elif args.action == "record":  # a measured throughput JSON into bench/results.json
         record(Path(args.json_out), Path(args.merge_into or ROOT / "bench" / "results.json"))
+    elif args.action == "accuracy":  # r2SCAN test MAE of every peer vs multifi into bench/results.json
+        accuracy(args)
     elif args.action == "report":
         report(args)
 

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import shlex
 import shutil
 import threading
@@ -351,6 +352,7 @@ def _train_and_record(ctx: Context, plan: RunPlan, work: Path, earlier: dict | N
         "train_seconds": round(clock.wall, 1),
         "cpu_seconds": round(clock.cpu, 1),
         "starts": clock.starts,
+        "cpus": clock.cpus,
         "how": "extended to a raised cap" if extending and how == "resumed" else how,
         "cap": plan.cap,
         **_progress_of(run_dir),
@@ -366,7 +368,8 @@ class TrainingClock:
     """Wall and CPU seconds of one run summed over all its starts (a killed run resumes its clock).
 
     The sums are saved to `path` every `every` seconds from a background thread and on exit, so a kill
-    loses at most that much; `starts` counts how often the run was (re)started.
+    loses at most that much; `starts` counts how often the run was (re)started and `cpus` names the CPU
+    models its starts ran on (a CPU-second buys different work on another CPU).
     """
 
     def __init__(self, path: Path, every: float = 10.0):
@@ -374,6 +377,7 @@ class TrainingClock:
         saved = json.loads(path.read_text()) if path.exists() else {}
         self._wall0, self._cpu0 = float(saved.get("wall", 0.0)), float(saved.get("cpu", 0.0))
         self.starts = int(saved.get("starts", 0)) + 1
+        self.cpus = list(dict.fromkeys([*saved.get("cpus", []), cpu_model()]))
         self._stop = threading.Event()
 
     @property
@@ -385,7 +389,7 @@ class TrainingClock:
         return self._cpu0 + time.process_time() - self._c
 
     def save(self) -> None:
-        state = {"wall": self.wall, "cpu": self.cpu, "starts": self.starts}
+        state = {"wall": self.wall, "cpu": self.cpu, "starts": self.starts, "cpus": self.cpus}
         atomic_write(self.path, lambda f: f.write(json.dumps(state).encode()))
 
     def __enter__(self):
@@ -406,6 +410,15 @@ class TrainingClock:
         self._t, self._c = time.time(), time.process_time()
         self.save()
         return False
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; platform's processor string elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def _train(cfg, run_dir: Path) -> str:
