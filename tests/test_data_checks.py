@@ -342,3 +342,47 @@ def test_forces_that_disagree_with_another_fidelity_on_the_same_structures_are_n
     else:
         assert found == ["R2SCAN"] and said in caplog.text and "'PBE'" in caplog.text
         assert caplog.text.count("forces at fidelity") == 1
+
+
+@pytest.mark.parametrize(
+    ("force_factor", "said"),
+    [(1.0, None), (1 / 51.42, r"(4[6-9]|5[0-6])\.\d× what the forces imply"), (-1.0, "gradients"), (1.05, None)],
+)
+@pytest.mark.parametrize("periodic", [False, True])
+def test_forces_that_disagree_with_their_own_energies_on_a_trajectory_are_named(force_factor, said, periodic, caplog):
+    """A single-fidelity trajectory (small steps of a Lennard-Jones system): forces in Ha/Bohr read as eV/Å
+    (÷51.4) or given as gradients (−F) contradict the energy changes between neighbouring frames and are said;
+    consistent forces are not, nor within a few per cent, with atoms wrapped back into the cell in between."""
+    from ase.build import bulk
+    from ase.calculators.lj import LennardJones
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from multifi.data.checks import check_force_units
+    from multifi.data.readers.ase_files import _record
+
+    rng = np.random.default_rng(1)
+    if periodic:
+        atoms = bulk("Ar", "fcc", 5.26, cubic=True).repeat(2)
+        atoms.positions[0] = [0.01, 0.01, 0.01]  # crosses the cell's boundary during the walk
+    else:
+        atoms = bulk("Ar", "fcc", 5.26, cubic=True)
+        atoms.pbc, atoms.cell = False, np.zeros((3, 3))
+    frames = []
+    for i in range(24):
+        atoms.positions += rng.normal(scale=0.03, size=atoms.positions.shape)
+        calc = LennardJones(sigma=3.4, epsilon=0.0104, rc=8.0)
+        atoms.calc = calc
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        frame = atoms.copy()
+        if periodic:
+            frame.wrap()
+        frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces * force_factor)
+        frame.info.update(fidelity="DFT", key=f"f{i}")
+        frames.append(frame)
+    ds = FidelityDataset.from_records([_record(a, None, "traj.xyz") for a in frames])
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        found = check_force_units(ds, np.argwhere(ds.forces_mask))
+    if said is None:
+        assert found == [] and "neighbouring frames" not in caplog.text
+    else:
+        assert found == ["DFT"] and re.search(said, caplog.text) and "23 neighbouring frames" in caplog.text

@@ -402,7 +402,8 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
                 name,
                 median,
             )
-    return suspicious + [name for name in check_force_agreement(dataset, pairs) if name not in suspicious]
+    suspicious += [name for name in check_force_agreement(dataset, pairs) if name not in suspicious]
+    return suspicious + [name for name in check_forces_against_energies(dataset, pairs) if name not in suspicious]
 
 
 def check_force_agreement(dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5) -> list[str]:
@@ -449,6 +450,82 @@ def check_force_agreement(dataset: FidelityDataset, pairs: np.ndarray, min_count
                 name,
             )
             break
+    return suspicious
+
+
+#: Å: neighbouring frames (consecutive structures of the same atoms and cell) whose atoms moved at most this far
+#: are compared by the trapezoid rule (exact for a harmonic energy; MD and relaxation steps move ≤ 0.1 Å)
+FRAME_STEP = 0.3
+
+
+def frame_energy_changes(dataset: FidelityDataset, pairs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Energy changes ΔE [P] eV between neighbouring frames labelled with energy and forces at fidelity k among
+    `pairs` (consecutive such structures with the same atoms in the same order, the same cell and periodicity,
+    every atom moved < FRAME_STEP Å by the minimum image, some atom moved), and what the forces imply,
+    −½ Σ (F_a + F_b)·Δx [P] eV (the trapezoid rule); at most 5 000 frame pairs."""
+    s = pairs[pairs[:, 1] == k, 0]
+    s = np.unique(s[dataset.forces_mask[s, k] & dataset.energy_mask[s, k]])
+    a, b = s[:-1], s[1:]
+    n = dataset.n_atoms
+    same = (n[a] == n[b]) & (n[a] > 0) & (dataset.pbc[a] == dataset.pbc[b]).all(1)
+    same &= np.abs(dataset.cells[a] - dataset.cells[b]).max(axis=(1, 2)) < 1e-6
+    a, b = a[same], b[same]
+    a, b = a[:: max(1, len(a) // 5000)], b[:: max(1, len(b) // 5000)]
+    if len(a) == 0:
+        return np.zeros(0), np.zeros(0)
+    offsets = np.asarray(dataset.offsets)
+    ia, ib = ranges(offsets[a], n[a]), ranges(offsets[b], n[b])
+    pair_of_atom = np.repeat(np.arange(len(a)), n[a])
+    step = dataset.positions[ib] - dataset.positions[ia]  # [A, 3]
+    cell = dataset.cells[a][pair_of_atom]  # [A, 3, 3] rows: lattice vectors
+    periodic = dataset.pbc[a][pair_of_atom]
+    wrap = periodic.any(1) & (np.abs(np.linalg.det(cell)) > 1e-6)  # a cell with volume: minimum image
+    if wrap.any():  # along periodic directions (an atom wrapped into the cell moved little)
+        frac = np.einsum("ai,aij->aj", step[wrap], np.linalg.inv(cell[wrap]))
+        frac -= np.where(periodic[wrap], np.round(frac), 0.0)
+        step[wrap] = np.einsum("ai,aij->aj", frac, cell[wrap])
+    start = np.concatenate([[0], np.cumsum(n[a])[:-1]])
+    moved = np.maximum.reduceat(np.abs(step).max(1), start)
+    same_atoms = np.minimum.reduceat(dataset.numbers[ia] == dataset.numbers[ib], start)
+    work = np.add.reduceat(((dataset.forces[ia, k] + dataset.forces[ib, k]) * step).sum(1), start)
+    keep = same_atoms & (moved < FRAME_STEP) & (moved > 1e-4)
+    return (dataset.energy[b, k] - dataset.energy[a, k])[keep], -0.5 * work[keep]
+
+
+def check_forces_against_energies(dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 10) -> list[str]:
+    """Warn for fidelities whose forces disagree with their own energies on neighbouring frames (trajectories:
+    MD, relaxations; at least `min_count` frame pairs, frame_energy_changes): where the energy changes follow the
+    forces' prediction closely (|correlation| > 0.9) but with a slope outside 0.7-1.4, forces and energies are in
+    different units (Ha/Bohr forces give 51.4, Hartree energies 1/27.2) or the forces are gradients (−1).
+    Returns the suspicious names."""
+    if dataset.forces is None:
+        return []
+    suspicious = []
+    for k, name in enumerate(dataset.fidelities.names):
+        de, implied = frame_energy_changes(dataset, pairs, k)
+        if len(de) < min_count or not implied.any() or not de.any():
+            continue
+        corr = float(np.corrcoef(de, implied)[0, 1])
+        slope = float(de @ implied / (implied @ implied))
+        if abs(corr) < 0.9 or 0.7 < slope < 1.4:
+            continue
+        suspicious.append(name)
+        why = (
+            "the forces point uphill: gradients (−F) given as forces?"
+            if slope < 0
+            else "forces and energies in different units? (forces in Ha/Bohr: 51.4; energies in Hartree: 1/27.2; "
+            "kcal/mol: 23.1 or 1/23.1)"
+        )
+        log.warning(
+            "%s: at fidelity %r the energy changes between %d neighbouring frames are %.3g× what the forces imply "
+            "(trapezoid rule, correlation %+.2f); %s",
+            dataset.source or "data",
+            name,
+            len(de),
+            slope,
+            corr,
+            why,
+        )
     return suspicious
 
 
