@@ -29,6 +29,7 @@ LABELS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "qm9mf
 
 def main() -> None:
     torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same untrained weights in every process (some collapse the molecule)
     ds = read_qm9(labels=LABELS, limit=200, seed=0)
     module = _multifi.build(ds, {"features": 128, "interactions": 3, "cutoff": 5.0, "n_rbf": 20})
     atoms = molecule("CH3CH2OCH3")

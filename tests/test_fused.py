@@ -265,3 +265,13 @@ def test_inconsistent_edges_are_errors_not_memory_errors():
     plan = fused.EdgePlan(torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1]), 3)
     with pytest.raises(RuntimeError, match="outside \\[0, 2\\)"):  # x with fewer rows than the plan's atoms
         fused.gather_mul_scatter(torch.zeros(3, 1, 4), torch.randn(2, 1, 4), torch.randn(3, 4), plan)
+    ops = torch.ops.multifi_fused
+    x, w, src, none = torch.randn(3, 1, 4), torch.randn(3, 4), torch.tensor([2, 0, 1]), torch.zeros(0)
+    order = torch.zeros(0, dtype=torch.long)
+    for ptr in ([0, 2, 1, 3], [1, 1, 2, 3], [0, 1, 2, 2], [0, 1, 2, 4]):  # falling, not from 0, not to E
+        with pytest.raises(RuntimeError, match="ptr must rise from 0 to the number of edges"):
+            ops.segment_sum(torch.zeros(3, 1, 4), x, w, none, src, torch.tensor(ptr), order)
+    with pytest.raises(RuntimeError, match="order holds an index outside \\[0, 3\\)"):
+        ops.segment_sum(torch.zeros(3, 1, 4), x, w, none, src, torch.tensor([0, 1, 2, 3]), torch.tensor([0, 3, 1]))
+    with pytest.raises(RuntimeError, match="src holds an index outside \\[0, 3\\)"):
+        ops.segment_sum(torch.zeros(3, 1, 4), x, w, none, torch.tensor([0, -1, 1]), torch.tensor([0, 1, 2, 3]), order)
