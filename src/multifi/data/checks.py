@@ -590,7 +590,7 @@ def check_pressure_against_energies(dataset: FidelityDataset, pairs: np.ndarray,
     for k, name in enumerate(dataset.fidelities.names):
         if name in skip:
             continue
-        for members, volume, pressure in _volume_pressure_groups(dataset, pairs, k, members=True):
+        for members, volume, pressure in _volume_pressure_groups(dataset, pairs, k):
             energy = dataset.energy[members, k]
             keep = ~np.isnan(energy)
             if keep.sum() < 5:
@@ -641,7 +641,7 @@ def check_stress_sign(
     for k, name in enumerate(dataset.fidelities.names):
         if name in skip:
             continue
-        groups = [(v, p) for v, p in _volume_pressure_groups(dataset, pairs, k) if p.std() > 0]
+        groups = [(v, p) for _, v, p in _volume_pressure_groups(dataset, pairs, k) if p.std() > 0]
         corr = [float(np.corrcoef(v, p)[0, 1]) for v, p in groups]
         moduli = [float(-np.polyfit(np.log(v), p, 1)[0]) for v, p in groups]
         where = f"{dataset.source or 'data'}: stresses at fidelity {name!r}"
@@ -722,10 +722,9 @@ HARDEST_MEDIAN_MODULUS = 1000.0
 TYPICAL_MEDIAN_MODULUS = 15.0
 
 
-def _volume_pressure_groups(dataset: FidelityDataset, pairs: np.ndarray, k: int, members: bool = False) -> list[tuple]:
-    """(volumes [M] Å³, pressures −tr(σ)/3 [M] GPa) of each composition with ≥ 5 periodic structures stressed
-    at fidelity k among `pairs`, whose volumes differ by ≥ 0.5 % (relative std); members: (structure indices
-    [M], volumes, pressures)."""
+def _volume_pressure_groups(dataset: FidelityDataset, pairs: np.ndarray, k: int) -> list[tuple]:
+    """(structure indices [M], volumes [M] Å³, pressures −tr(σ)/3 [M] GPa) of each composition with ≥ 5
+    periodic structures stressed at fidelity k among `pairs`, whose volumes differ by ≥ 0.5 % (relative std)."""
     offsets = np.asarray(dataset.offsets)
     volume = np.abs(np.linalg.det(dataset.cells))
     s = pairs[pairs[:, 1] == k, 0]
@@ -738,5 +737,5 @@ def _volume_pressure_groups(dataset: FidelityDataset, pairs: np.ndarray, k: int,
         v = volume[m]
         if len(m) >= 5 and v.std() >= 0.005 * v.mean():
             p = -np.trace(dataset.stress[m, k], axis1=1, axis2=2) / 3
-            out.append((np.asarray(m), v, p) if members else (v, p))
+            out.append((np.asarray(m), v, p))
     return out
