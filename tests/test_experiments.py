@@ -793,7 +793,7 @@ def test_step_matched_controls_train_equal_steps_and_report_apart(shared, fake, 
     run_experiment(TINY, overrides=args, only=["ten_methods", "transfer"])
     details = json.loads((out / "details.json").read_text())
     assert set(details["ten_methods_steps"]) == {"6 steps"} and set(details["transfer_steps"]) == {"5 steps"}
-    assert set(details["ten_methods_steps"]["6 steps"]) == set(details["ten_methods"]["methods"])
+    assert list(details["ten_methods_steps"]["6 steps"]) == list(details["ten_methods"]["methods"])  # same order
     assert details["embedding_map"]["run"] == "ten_methods/s0/joint"
     for row in details["ten_methods"]["methods"].values():  # main table: one value per seed, not two
         assert row["joint"]["seeds"] == row["separate"]["seeds"] == 2

@@ -382,7 +382,7 @@ def _control_details(plans, results, by_n: bool = False) -> dict:
         key = (lambda p, m: (p.meta["n"], m, p.meta["role"])) if by_n else (lambda p, m: (m, p.meta["role"]))
         values = _collect(chosen, results, key, lambda p: p.meta["methods"])
         table: dict = {}
-        for k in {k[:-1] for k in values}:
+        for k in dict.fromkeys(k[:-1] for k in values):  # in the order of the plans (a set: another order per run)
             row = {role: stats(values.get((*k, role), [])) for role in ("joint", "separate")}
             row["ratio"] = _ratio(row["joint"], row["separate"])
             node = table.setdefault(str(k[0]), {}) if by_n else table
