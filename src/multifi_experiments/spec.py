@@ -43,7 +43,7 @@ Size = int | float  # a training-set size n, or a fraction of the available stru
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ConfigPatch(Section):

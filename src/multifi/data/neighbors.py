@@ -41,14 +41,15 @@ def neighbor_list(
     positions = np.ascontiguousarray(positions, dtype=np.float64)
     if not np.isfinite(positions).all():
         atom = int(np.flatnonzero(~np.isfinite(positions).all(1))[0])
-        raise MultifiError(f"{where or 'structure'}: atom {atom} (0-based) has a non-finite (NaN/inf) position")
+        raise MultifiError(f"{where + ': ' if where else ''}atom {atom} (0-based) has a non-finite (NaN/inf) position")
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
     periodic = bool(pbc.any())
     if periodic:
         if not np.isfinite(np.asarray(cell, dtype=np.float64)).all():
-            raise MultifiError(f"{where or 'structure'}: the cell has non-finite (NaN/inf) entries")
+            raise MultifiError(f"{where + ': ' if where else ''}the cell has non-finite (NaN/inf) entries")
         check_cell(cell, pbc, where)
         box = np.asarray(cell, dtype=np.float64)
+        check_periodic_neighbours(box, pbc, len(positions), cutoff, where)
     else:
         box = np.zeros((3, 3))
     nl = calculator or NeighborList(cutoff=float(cutoff), full_list=True)
@@ -60,6 +61,52 @@ def neighbor_list(
     )
     i, j, s = out[0].astype(np.int64), out[1].astype(np.int64), out[2].astype(np.int64)
     return (i, j, s, out[3]) if distances else (i, j, s)
+
+
+#: neighbours per atom beyond which a cutoff is a slip (models here use 4-6 Å: tens of neighbours; 12 Å in a
+#: dense metal gives ~600); the neighbour list alone would take minutes and gigabytes, or never end
+MAX_NEIGHBOURS_PER_ATOM = 3000
+
+
+def check_periodic_neighbours(cell: np.ndarray, pbc: np.ndarray, n_atoms: int, cutoff: float, where: str = "") -> None:
+    """An error when `cutoff` would give more than MAX_NEIGHBOURS_PER_ATOM neighbours per atom in a periodic
+    cell: n_atoms × (the cutoff ball's measure in the periodic directions: 2r, πr², 4/3πr³) / (the cell's length,
+    area or volume in them), counted before the neighbour list is built."""
+    lattice = cell[np.asarray(pbc, dtype=bool)]
+    measure = float(np.sqrt(abs(np.linalg.det(lattice @ lattice.T))))
+    ball = {1: 2 * cutoff, 2: np.pi * cutoff**2, 3: 4 / 3 * np.pi * cutoff**3}[len(lattice)]
+    expected = n_atoms * ball / measure
+    if expected > MAX_NEIGHBOURS_PER_ATOM:
+        raise MultifiError(_too_many(where, cutoff, expected, n_atoms))
+
+
+def _too_many(where: str, cutoff: float, expected: float, n_atoms: int) -> str:
+    return (
+        f"{where + ': ' if where else ''}a cutoff of {cutoff:g} Å gives about {expected:,.0f} neighbours per atom "
+        f"in this periodic cell ({n_atoms} atoms; more than {MAX_NEIGHBOURS_PER_ATOM}); is model.cutoff a slip "
+        "(these models use 4-6 Å)?"
+    )
+
+
+def check_cutoff(dataset, cutoff: float) -> None:
+    """check_periodic_neighbours for every periodic structure of `dataset` (vectorised for fully periodic ones),
+    before any neighbour list is built; the error names the source and the structure."""
+    full = dataset.pbc.all(1)
+    volume = np.abs(np.linalg.det(dataset.cells[full]))
+    expected = np.where(
+        volume > 1e-6, dataset.n_atoms[full] * (4 / 3 * np.pi * cutoff**3) / np.maximum(volume, 1e-6), 0
+    )
+    partial = np.flatnonzero(dataset.pbc.any(1) & ~full)
+    bad = np.flatnonzero(full)[expected > MAX_NEIGHBOURS_PER_ATOM]
+    name = lambda s: f"{dataset.source or 'data'}: {dataset.structure_name(s)}"  # noqa: E731
+    if len(bad):
+        s = int(bad[0])
+        raise MultifiError(
+            _too_many(name(s), cutoff, float(expected[np.flatnonzero(full) == s][0]), int(dataset.n_atoms[s]))
+        )
+    for s in partial.tolist():
+        if abs(np.linalg.det(dataset.cells[s])) > 1e-6:  # zero volume: check_cell's error, with the neighbour list
+            check_periodic_neighbours(dataset.cells[s], dataset.pbc[s], int(dataset.n_atoms[s]), cutoff, name(s))
 
 
 class NeighborCache:
@@ -88,7 +135,7 @@ class NeighborCache:
             try:
                 i, j, sh, d = neighbor_list(positions[offsets[s] : offsets[s + 1]], cells[s], pbc[s], cutoff, nl, True)
             except MultifiError as exc:  # name the structure only when needed (no string per structure)
-                raise MultifiError(f"{dataset.source or 'data'}: structure {dataset.keys[s]}: {exc}") from None
+                raise MultifiError(f"{dataset.source or 'data'}: {dataset.structure_name(s)}: {exc}") from None
             counts[s] = len(i)
             if len(d):
                 self.min_distance[s] = d.min()
@@ -128,7 +175,10 @@ class OnTheFlyNeighbors:
         for n, s in enumerate(np.asarray(structures).tolist()):
             sl = ds.atoms_slice(s)
             pos = np.asarray(ds.positions[sl])
-            i, j, sh = neighbor_list(pos, ds.cells[s], ds.pbc[s], self.cutoff)
+            try:
+                i, j, sh = neighbor_list(pos, ds.cells[s], ds.pbc[s], self.cutoff)
+            except MultifiError as exc:
+                raise MultifiError(f"{ds.source or 'data'}: {ds.structure_name(s)}: {exc}") from None
             if len(i):
                 d = np.linalg.norm(pos[j] - pos[i] + sh @ ds.cells[s], axis=1)
                 if d.min() < self.min_distance:
@@ -148,10 +198,14 @@ def estimate_edges(dataset, cutoff: float, sample: int = 200, seed: int = 0) -> 
     if S == 0:
         return 0.0
     pick = np.random.default_rng(seed).choice(S, min(sample, S), replace=False)
-    edges = sum(
-        len(neighbor_list(dataset.positions[dataset.atoms_slice(s)], dataset.cells[s], dataset.pbc[s], cutoff)[0])
-        for s in pick.tolist()
-    )
+    edges = 0
+    for s in pick.tolist():
+        where = f"{dataset.source or 'data'}: {dataset.structure_name(s)}"
+        edges += len(
+            neighbor_list(
+                dataset.positions[dataset.atoms_slice(s)], dataset.cells[s], dataset.pbc[s], cutoff, where=where
+            )[0]
+        )
     atoms = dataset.n_atoms[pick].sum()
     return float(edges / max(atoms, 1) * dataset.n_atoms.sum())
 
@@ -161,6 +215,7 @@ def make_neighbors(dataset, cutoff: float, mode: str = "auto", budget_bytes: flo
 
     mode: "cache", "on_the_fly" or "auto".
     """
+    check_cutoff(dataset, cutoff)
     if mode == "auto":
         mode = "cache" if estimate_edges(dataset, cutoff) * 20 <= budget_bytes else "on_the_fly"
     if mode == "cache":
