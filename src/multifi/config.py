@@ -60,7 +60,9 @@ FidelityName = Annotated[str, AfterValidator(_fidelity_name)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)  # inf: a slip, never a setting
+    model_config = ConfigDict(
+        extra="forbid", protected_namespaces=(), allow_inf_nan=False
+    )  # inf: a slip, never a setting
 
     @field_validator("*", mode="before")
     @classmethod
