@@ -386,3 +386,41 @@ def test_forces_that_disagree_with_their_own_energies_on_a_trajectory_are_named(
         assert found == [] and "neighbouring frames" not in caplog.text
     else:
         assert found == ["DFT"] and re.search(said, caplog.text) and "23 neighbouring frames" in caplog.text
+
+
+def test_isolated_atoms_that_inflate_the_energy_scale_are_said(caplog):
+    """Isolated atoms (MACE's E0 convention) among EMT crystals are trained as ordinary structures; their
+    cohesive-energy gap raised the fitted scale ~9× silently: a warning with both scales; none without them."""
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from multifi.data.checks import warn_isolated_atoms
+    from multifi.data.readers.ase_files import _record
+    from multifi.data.stats import fit_references
+
+    frames = []
+    for k in range(40):
+        a = bulk("Cu", "fcc", 3.6).repeat(2)
+        a.numbers[: k % 4] = 28  # Cu–Ni alloys
+        a.rattle(0.05, seed=k)
+        frames.append(a)
+    isolated = [Atoms(z, positions=[[0, 0, 0]]) for z in ("Cu", "Ni", "Cu")]
+    for a in frames + isolated:
+        a.calc = SinglePointCalculator(a, energy=EMT().get_potential_energy(a))
+        a.info.update(fidelity="EMT")
+    for atoms, said in ((frames + isolated, True), (frames, False)):
+        ds = FidelityDataset.from_records([_record(a, None, "emt.xyz") for a in atoms])
+        pairs = np.argwhere(ds.energy_mask)
+        scale = fit_references(ds, pairs).scale
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            assert warn_isolated_atoms(ds, pairs, scale) == (["EMT"] if said else [])
+        if said:
+            scales = [
+                float(x) for x in re.findall(r"scale is ([\d.e-]+) eV, without them ([\d.e-]+) eV", caplog.text)[0]
+            ]
+            assert "3 isolated atoms" in caplog.text and scales[0] > 3 * scales[1]
+        else:
+            assert caplog.text == ""

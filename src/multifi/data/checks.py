@@ -49,6 +49,43 @@ def warn_structures_without_edges(dataset: FidelityDataset, neighbors, structure
         )
 
 
+#: an energy scale this many times larger with isolated atoms than without them is worth a warning
+ISOLATED_SCALE_RATIO = 1.5
+
+
+def warn_isolated_atoms(dataset: FidelityDataset, pairs: np.ndarray, scale: np.ndarray) -> list[str]:
+    """Warn for fidelities whose training `pairs` hold isolated atoms (one atom, not periodic) that raise the
+    fitted energy scale (`scale` [K] eV, fit_references on `pairs`) more than ISOLATED_SCALE_RATIO× over the fit
+    without them: they are trained as ordinary structures (the reference energies are a least-squares fit over
+    every structure, not the isolated atoms' energies as MACE's E0s), and the cohesive-energy gap between them
+    and the rest inflates the scale the model's outputs are multiplied by. Returns the names warned about."""
+    from multifi.data.stats import fit_references
+
+    isolated = (dataset.n_atoms == 1) & ~dataset.pbc.any(1)
+    if not isolated[pairs[:, 0]].any():
+        return []
+    rest = pairs[~isolated[pairs[:, 0]]]
+    without = fit_references(dataset, rest).scale
+    warned = []
+    for k, name in enumerate(dataset.fidelities.names):
+        count = int((isolated[pairs[:, 0]] & (pairs[:, 1] == k)).sum())
+        if count == 0 or not (rest[:, 1] == k).any() or not scale[k] > ISOLATED_SCALE_RATIO * without[k]:
+            continue
+        warned.append(name)
+        log.warning(
+            "%s: %d isolated atoms (one-atom, non-periodic structures) among the training structures of fidelity %r "
+            "are trained as ordinary structures: reference energies are fitted over every structure, isolated atoms "
+            "are not taken as fixed reference energies (MACE's E0s). With them the fidelity's energy scale is %.3g eV, "
+            "without them %.3g eV; leave them out unless the model should learn the dissociation limit",
+            dataset.source or "data",
+            count,
+            name,
+            scale[k],
+            without[k],
+        )
+    return warned
+
+
 def geometry_fingerprints(dataset: FidelityDataset, chunk: int = 1 << 20) -> np.ndarray:
     """[S] int64 fingerprints of (numbers, positions on a 1e-4 Å grid, cell), vectorised, in chunks of atoms;
     positions of periodic structures as fractional coordinates on a 1e-6 grid, wrapped into the cell along its
