@@ -547,6 +547,13 @@ def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog
     assert all(m.startswith("structure 1: atoms ") for m in messages), messages
     assert "any H–H pair" in messages[0] + messages[1] and "any H–O pair" in messages[0] + messages[1]
     assert any(re.match(r"structure 1: atoms [12] \(H\) and [12] \(H\)", m) for m in messages), messages
+    # an atom close to its own periodic image read "atoms 0 (H) and 0 (H)": the image is named
+    caplog.clear()
+    lone = ase.Atoms("H", positions=[[0, 0, 0]], cell=np.diag([0.6, 8.0, 8.0]), pbc=True)
+    with caplog.at_level("WARNING", logger="multifi"):
+        predict_atoms(pot, [lone], "hi")
+    (message,) = [r.getMessage() for r in caplog.records if "far closer" in r.getMessage()]
+    assert message.startswith("atoms 0 (H) and a periodic image of 0 (H) (0-based) 0.60 Å apart"), message
 
 
 def test_first_of_each_and_the_shortest_contact_is_named(cli_run, caplog):

@@ -567,7 +567,7 @@ def test_output_names_compression_key_collisions_and_structure_names(model, tmp_
     import multifi.plots
 
     drawn = []
-    monkeypatch.setattr(multifi.plots, "parity_plot", lambda path, names, ref, pred, title: drawn.append(len(pred)))
+    monkeypatch.setattr(multifi.plots, "parity_plot", lambda path, names, ref, pred, *a: drawn.append(len(pred)))
     assert run(["evaluate", model, tmp_path / "cu.extxyz", "--plot", tmp_path / "p.png"], capsys)[0] == 0
     assert drawn == [1]  # the parity plot leaves it out too
     ase.io.write(tmp_path / "cu_only.extxyz", [emt_labelled(cu, "lo")])
@@ -908,3 +908,18 @@ def test_evaluate_reports_the_force_slope_and_warns_of_reversed_labels(model, ti
         _warn_implausible({"lo": {FORCES_SLOPE: -0.95}}, "f.extxyz")
         _warn_implausible({"lo": {FORCES_SLOPE: 0.9}}, "g.extxyz")
     assert "f.extxyz: lo force labels point against the model's forces" in caplog.text and "g.extxyz" not in caplog.text
+
+
+def test_parity_plot_keeps_estimated_references_out_of_the_panel_mae(tmp_path, monkeypatch):
+    """Structures with estimated references entered the panel's MAE (800 meV/atom beside 64 in the table):
+    drawn apart, their MAE beside the fitted ones'."""
+    import multifi.plots as plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    names = np.array(["EMT", "EMT", "EMT", "B"], dtype=object)
+    ref, pred = np.array([1.0, 2.0, 3.0, 0.0]), np.array([1.01, 2.01, 3.8, 0.002])
+    plots.parity_plot(tmp_path / "p.png", names, ref, pred, "t", np.array([False, False, True, False]))
+    titles = [ax.get_title() for ax in figures[0].axes if ax.get_visible()]
+    assert titles[0] == "EMT  (n = 2, MAE 10.0 meV/atom)\nestimated references: n = 1, MAE 800.0 meV/atom"
+    assert titles[1] == "B  (n = 1, MAE 2.0 meV/atom)"

@@ -53,11 +53,18 @@ def _save(fig, path: Path) -> Path:
 
 
 def parity_plot(
-    path: Path, fidelity: np.ndarray, reference: np.ndarray, predicted: np.ndarray, title: str = ""
+    path: Path,
+    fidelity: np.ndarray,
+    reference: np.ndarray,
+    predicted: np.ndarray,
+    title: str = "",
+    estimated: np.ndarray | None = None,
 ) -> Path:
     """One panel per fidelity: predicted against reference energy per atom (eV/atom), with MAE in meV/atom.
 
-    fidelity [P] names, reference [P] and predicted [P] eV/atom of the same samples."""
+    fidelity [P] names, reference [P] and predicted [P] eV/atom of the same samples; estimated [P] bool: samples
+    with an element whose reference at that fidelity was estimated from other fidelities, drawn apart and left
+    out of the panel's MAE (as evaluate's table does), their own MAE beside it."""
     image_format(path)
     plt = pyplot()
     names = list(dict.fromkeys(fidelity.tolist()))
@@ -67,13 +74,18 @@ def parity_plot(
     for ax, name in zip(axes.flat, names):
         sel = fidelity == name
         ref, pred = reference[sel], predicted[sel]
+        apart = np.zeros(len(ref), bool) if estimated is None else np.asarray(estimated, bool)[sel]
         lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
         pad = 0.05 * (hi - lo or 1.0)
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", lw=1)
-        ax.scatter(ref, pred, s=6, alpha=0.6)
+        ax.scatter(ref[~apart], pred[~apart], s=6, alpha=0.6)
         ax.set_xlim(lo - pad, hi + pad), ax.set_ylim(lo - pad, hi + pad)
-        mae = 1000 * float(np.abs(pred - ref).mean())
-        ax.set_title(f"{name}  (n = {int(sel.sum())}, MAE {mae:.1f} meV/atom)", fontsize=9)
+        head = f"{name}  (n = {int((~apart).sum())}, MAE {_mae_mev(ref, pred, ~apart):.1f} meV/atom)"
+        if apart.any():
+            ax.scatter(ref[apart], pred[apart], s=10, marker="x", color="tab:red", label="estimated references")
+            ax.legend(fontsize=7, loc="upper left")
+            head += f"\nestimated references: n = {int(apart.sum())}, MAE {_mae_mev(ref, pred, apart):.1f} meV/atom"
+        ax.set_title(head, fontsize=9)
         ax.set_xlabel("reference energy (eV/atom)")
         ax.set_ylabel("predicted energy (eV/atom)")
     for ax in list(axes.flat)[len(names) :]:
@@ -82,6 +94,11 @@ def parity_plot(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _mae_mev(reference: np.ndarray, predicted: np.ndarray, where: np.ndarray) -> float:
+    """MAE (meV) of the samples `where` (eV inputs); NaN for none."""
+    return 1000 * float(np.abs(predicted[where] - reference[where]).mean()) if where.any() else float("nan")
 
 
 def read_metrics_csv(run_dir: Path) -> list[dict]:

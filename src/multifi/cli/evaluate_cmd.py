@@ -112,12 +112,14 @@ def run(args) -> int:
         atomic_write(Path(args.out), lambda f: f.write(encoded_for(Path(args.out), text)))
     if args.plot:
         from multifi.plots import parity_plot
+        from multifi.train.evaluate import pairs_with_estimated_references
 
         shown = pairs[scored]
         n_atoms = ds.n_atoms[shown[:, 0]]
         reference = ds.energy[shown[:, 0], shown[:, 1]] / n_atoms
         names = np.array(ds.fidelities.names, dtype=object)[shown[:, 1]]
-        parity_plot(Path(args.plot), names, reference, predicted[scored] / n_atoms, title=str(args.checkpoint))
+        estimated = pairs_with_estimated_references(potential, ds, shown)
+        parity_plot(Path(args.plot), names, reference, predicted[scored] / n_atoms, str(args.checkpoint), estimated)
         print(f"wrote {args.plot}")
     return 0
 

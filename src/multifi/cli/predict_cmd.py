@@ -59,5 +59,5 @@ def run(args) -> int:
         uncertainty=args.uncertainty,
         ensemble=args.ensemble,
     )
-    print(f"wrote {n} structures predicted at {', '.join(args.fidelity)} to {args.out}")
+    print(f"wrote {n} structures predicted at {', '.join(dict.fromkeys(args.fidelity))} to {args.out}")
     return 0

@@ -190,13 +190,15 @@ def check_contacts(
         start = int((graph.batch < s).sum())  # the structure's first atom: indices within the structure
         ai, aj = int(i[e]) - start, int(j[e]) - start
         named = f"structure {s + first}: " if (graph.num_graphs > 1 if several is None else several) else ""
+        image = bool(graph.shifts[e].abs().sum() > 0)  # the neighbour lies in another cell
         log.warning(
-            "%s%satoms %d (%s) and %d (%s) (0-based) %.2f Å apart, far closer than any %s–%s pair in training "
+            "%s%satoms %d (%s) and %s%d (%s) (0-based) %.2f Å apart, far closer than any %s–%s pair in training "
             "(%.2f Å): the model extrapolates there; its energies and forces are unreliable",
             f"{where}: " if where else "",
             named,
             ai,
             chemical_symbols[int(graph.numbers[i[e]])],
+            "a periodic image of " if image else "",
             aj,
             chemical_symbols[int(graph.numbers[j[e]])],
             float(d[e]),
