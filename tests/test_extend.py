@@ -182,6 +182,7 @@ def test_onehot_model_extends_with_head_training(tmp_path):
     "inject, mode, keys, fragment",
     [
         ("both", "embedding", {"fidelity": "hi"}, "fidelity 'hi' exists already"),
+        ("both", "embedding", {"fidelity": "H I"}, "fidelity 'H I' differs from the model's 'hi' only in case"),
         ("onehot", "embedding", {}, "inject: onehot has no trainable fidelity vector"),
         ("single", "all", {}, "inject: single has no fidelity information"),
         ("heads", "embedding", {}, "use train: head"),
@@ -878,3 +879,31 @@ def test_a_config_source_naming_several_fidelities_or_a_saved_dataset_still_read
         cfg.data.sources[0].path, cfg.data.sources[0].fidelity = str(tmp_path / source), None
         result = json.loads((extend(cfg) / "metrics.json").read_text())
         assert result["new_fidelity"] == "CC" and result["n_train"]["CC"] > 0, source
+
+
+def test_the_old_run_must_be_the_models_and_a_checkpoint_finds_its_run(old_run, tmp_path, capsys):
+    """--old-run of another model (another split) ran silently with that run's split, test errors and replay
+    data: an error; a copy of the model elsewhere (same weights) and a checkpoint inside the run are its run's."""
+    import shutil
+
+    data = new_data(tmp_path / "new.extxyz")
+    common = ["--data", str(data), "--fidelity", "CC", "--max-steps", "2", "--set", "train.progress=false"]
+    other = tmp_path / "other"
+    shutil.copytree(old_run, other)
+    pot = load_potential(other / "model.pt")
+    with torch.no_grad():
+        next(pot.parameters()).add_(0.01)
+    torch.save(
+        {**torch.load(other / "model.pt", weights_only=False), "state_dict": pot.state_dict()}, other / "model.pt"
+    )
+    assert not torch.equal(next(load_potential(other / "model.pt").parameters()), next(pot.parameters()) - 0.01)
+    code = main(["extend", str(old_run / "model.pt"), *common, "--old-run", str(other), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{other}: not the run of" in err[0] and not (tmp_path / "x").exists()
+    copy = tmp_path / "copy.pt"
+    shutil.copy(old_run / "model.pt", copy)
+    assert main(["extend", str(copy), *common, "--old-run", str(old_run), "--out", str(tmp_path / "y")]) == 0
+    ckpt = next((old_run / "checkpoints").glob("*.ckpt"))
+    assert main(["extend", str(ckpt), *common, "--out", str(tmp_path / "z")]) == 0
+    assert "not measured" not in capsys.readouterr().out  # the run two folders up was found: errors measured
+    assert json.loads((tmp_path / "z" / "metrics.json").read_text())["forgetting"]

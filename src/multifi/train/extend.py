@@ -50,6 +50,12 @@ def check_request(old, x, where: str) -> int:
         raise MultifiError(
             f"{where}: fidelity {x.fidelity!r} exists already (fidelities: {', '.join(names)}); extend with a new name"
         )
+    alike = [n for n in names if n.replace(" ", "").casefold() == x.fidelity.replace(" ", "").casefold()]
+    if alike:  # predict --fidelity would then take a typo of the old name for the new fidelity
+        raise MultifiError(
+            f"{where}: fidelity {x.fidelity!r} differs from the model's {alike[0]!r} only in case or spaces; "
+            "extend with a name of its own"
+        )
     if inject == "single":
         raise MultifiError(
             f"{where}: inject: single has no fidelity information, so a new fidelity cannot be told "
@@ -198,7 +204,32 @@ def find_old_run(x) -> Path | None:
     from multifi.models.registry import model_file
 
     run = model_file(x.model).parent  # a run directory stands for its model.pt
+    if run.name == "checkpoints" and (run.parent / "config.yaml").exists():  # a checkpoint of a run: that run
+        run = run.parent
     return run if (run / "config.yaml").exists() and _has_split(run) else None
+
+
+def check_run_of_model(run: Path, x, old) -> None:
+    """An error when extend.old_run names another model's run: the model file lies outside it, no extension in
+    the model's history started from it, and its model.pt holds other weights (its split, test errors and replay
+    data would be another model's)."""
+    from multifi.models.registry import load_potential, model_file
+
+    model = model_file(x.model).resolve()
+    if run.resolve() in model.parents or not (run / "model.pt").is_file():
+        return
+    for event in old.spec.get("history", []):  # an ancestor: the run an earlier extension started from
+        start = Path(event["from"])
+        start = start if start.is_dir() else start.parent
+        if start.exists() and run.resolve() in (start.resolve(), *start.resolve().parents[:1]):
+            return
+    theirs = load_potential(run / "model.pt", compile=False).state_dict()
+    ours = old.state_dict()
+    if theirs.keys() != ours.keys() or not all(torch.equal(theirs[k], ours[k]) for k in ours):
+        raise MultifiError(
+            f"{run}: not the run of {x.model} (its model.pt holds other weights); extend.old_run (--old-run) must "
+            "name the run that trained the model, whose split and data the extension keeps"
+        )
 
 
 def _has_split(run: Path) -> bool:
@@ -591,7 +622,10 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
     config's per-fidelity settings resolved against `table`, and the data the run keeps (merged_run_data;
     None without the old run's data)."""
     x = cfg.extend
-    old_run = _old_run_data(find_old_run(x), explicit=x.old_run is not None or x.replay > 0)
+    run = find_old_run(x)
+    if run is not None and x.old_run is not None:
+        check_run_of_model(run, x, old)
+    old_run = _old_run_data(run, explicit=x.old_run is not None or x.replay > 0)
     new_ds, new_pairs = read_new_data(cfg, x.fidelity, old_run)
     if len(new_pairs["train"]) == 0:
         raise MultifiError(f"{where}: no training structures at {x.fidelity!r} after the split")
