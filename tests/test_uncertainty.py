@@ -274,6 +274,18 @@ def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, 
             ["calibrate", model, "--train", tmp_path / "train_lo.extxyz", "--val", tmp_path / "val_two.extxyz"], capsys
         )
     assert code == 0 and "lo: alpha is calibrated on 2 validation structure(s): a rough estimate" in caplog.text
+    # validation labels of another method (or unit) calibrated α to thousands and replaced the good calibration:
+    # an error, the calibration kept
+    other = [emt_labelled(a, "lo", per_atom=5.0) for a in mols[30:]]  # 5 eV/atom off: another method's totals
+    ase.io.write(tmp_path / "val_ha.extxyz", other, format="extxyz")
+    kept = (tmp_path / "model.llpr.npz").read_bytes()
+    fails(
+        ["calibrate", model, "--train", tmp_path / "train_lo.extxyz", "--val", tmp_path / "val_ha.extxyz"],
+        capsys,
+        "val_ha.extxyz: the model's energies miss the validation labels at 'lo' by",
+        "no calibration written",
+    )
+    assert (tmp_path / "model.llpr.npz").read_bytes() == kept
 
 
 def test_ensemble_of_identical_models_is_no_uncertainty(cli_run, tmp_path, capsys):  # noqa: F811

@@ -400,10 +400,27 @@ def calibrate_files(
             shared,
             len(in_val),
         )
+    _check_plausible_labels(potential, ds, pairs[~is_train], batch_size, where)
     llpr = fit_llpr(
         potential, ds, pairs[is_train], pairs[~is_train], batch_size, fidelities=[fidelity] if fidelity else None
     )
     return llpr, save_calibration(llpr, llpr_path(model))
+
+
+def _check_plausible_labels(potential, ds, pairs: np.ndarray, batch_size: int, where: str) -> None:
+    """An error before anything is written when the model's energies miss the validation labels of a fidelity by
+    more than IMPLAUSIBLE_MEV_PER_ATOM (MAE, structures with estimated references aside): labels in another unit or
+    of another method would calibrate α to nonsense and replace a good calibration."""
+    from multifi.keys import ENERGY_MAE_PER_ATOM, FITTED_ONLY
+    from multifi.train.evaluate import IMPLAUSIBLE_MEV_PER_ATOM, evaluate_pairs
+
+    for name, m in evaluate_pairs(potential, ds, None, pairs, batch_size).items():
+        err = (m.get(FITTED_ONLY) or m).get(ENERGY_MAE_PER_ATOM)
+        if err is not None and err > IMPLAUSIBLE_MEV_PER_ATOM:
+            raise MultifiError(
+                f"{where}: the model's energies miss the validation labels at {name!r} by {err:.0f} meV/atom (MAE): "
+                "labels in another unit (Hartree? kcal/mol?) or of another method; no calibration written"
+            )
 
 
 def _labels(ds) -> set[tuple[str, str]]:

@@ -124,9 +124,6 @@ def run(args) -> int:
     return 0
 
 
-IMPLAUSIBLE_MEV_PER_ATOM = 1000.0  # no trained potential errs by 1 eV/atom on its own level of theory
-
-
 #: a slope of the force labels on the predictions below this: labels of the opposite sign
 REVERSED_FORCES_SLOPE = -0.3
 
@@ -135,6 +132,7 @@ def _warn_implausible(metrics: dict, where: str) -> None:
     """Errors of more than 1 eV/atom mean labels of another level of theory or unit, not a model error; force
     labels pointing against the model's forces (a negative least-squares slope) mean gradients given as forces."""
     from multifi.keys import ENERGY_MAE_PER_ATOM, ESTIMATED, FITTED_ONLY, FORCES_SLOPE
+    from multifi.train.evaluate import IMPLAUSIBLE_MEV_PER_ATOM
 
     for name, m in metrics.items():
         slope = m.get(FORCES_SLOPE)

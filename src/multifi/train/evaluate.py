@@ -20,6 +20,10 @@ from multifi.train.metrics import FidelityMetrics
 log = logging.getLogger("multifi")
 
 
+#: meV/atom: no trained potential errs by 1 eV/atom on its own level of theory (another unit or method's labels)
+IMPLAUSIBLE_MEV_PER_ATOM = 1000.0
+
+
 def evaluate_pairs(
     potential,
     dataset: FidelityDataset,
