@@ -718,6 +718,12 @@ def test_evaluate_takes_the_qm9_source_form(model, tmp_path, capsys, monkeypatch
     assert [a.info["key"] for a in got] == ["qm9:1", "qm9:2", "qm9:3"] and got[2].info["ref_energy"] == -12.0
     held_out = tmp_path / "held.csv"
     held_out.write_text("index,energy_eV\n4,-13.0\n5,-14.0\n")
+    # labels the model's energies come near (calibrate refuses labels it misses by > 1 eV/atom)
+    assert (
+        run(["predict", model, f"qm9:{held_out}", "--fidelity", "lo", "--out", tmp_path / "h.extxyz"], capsys)[0] == 0
+    )
+    near = [a.get_potential_energy() + 0.05 for a in ase.io.read(tmp_path / "h.extxyz", ":")]
+    held_out.write_text(f"index,energy_eV\n4,{near[0]}\n5,{near[1]}\n")
     argv = ["calibrate", model, "--train", f"qm9:{labels}", "--val", f"qm9:{held_out}", "--fidelity", "lo"]
     code, _, stderr = run(argv, capsys)
     assert code == 0, stderr

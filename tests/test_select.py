@@ -243,6 +243,19 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
     )
     assert code == 0 and "picked 5 of 20 eligible structures (40 in the pool" in stdout
     assert all(int(k.removeprefix("renamed")) >= 20 for k in out.read_text().split())  # lo-only ones
+    # re-exported: coordinates rounded to 1e-5 Å, shifted by 10 Å and atoms reordered (37 of 40 were picked again)
+    for b in bare:
+        b.positions = np.round(b.positions, 5) + [10.0, 0.0, 0.0]
+    moved = [b[::-1] for b in bare]
+    for i, b in enumerate(moved):
+        b.info["key"] = f"moved{i}"
+    ase.io.write(pool, moved, format="extxyz")
+    code, stdout, _ = run(
+        ["select", run_dir, pool, "--fidelity", "hi", "--n", "40", "--strategy", "random", "--out", out, "--force"],
+        capsys,
+    )
+    assert code == 0 and "picked 20 of 20 eligible structures (40 in the pool" in stdout
+    assert sorted(int(k.removeprefix("moved")) for k in out.read_text().split()) == list(range(20, 40))
 
 
 def test_select_counts_a_geometry_once_whatever_its_keys(cli_run, tmp_path, capsys):  # noqa: F811

@@ -114,6 +114,43 @@ def mean_hidden(features: np.ndarray) -> np.ndarray:
     return features[:, :-1] / np.maximum(features[:, -1:], 1.0)
 
 
+#: Å: molecules whose atoms lie this close to another's, after translation (and rotation or reordering), are one
+#: structure for selection (coordinates rounded to 1e-4 Å or finer, or shifted, are still the run's molecules;
+#: displacements of 1e-3 Å make another structure)
+SAME_GEOMETRY_TOL = 1e-4
+
+
+def same_molecules(pool, known, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
+    """[len(pool)] bool: the non-periodic structures of `pool` that are a structure of `known` up to translation,
+    rotation and atom order: the same elements with distances to their centroid, sorted by element and distance,
+    within `tol` Å (periodic structures: False; the exact geometry fingerprint covers them)."""
+    out = np.zeros(len(pool), bool)
+    table: dict[bytes, tuple[list, list]] = {}
+    for s in np.flatnonzero(~known.pbc.any(1)).tolist():
+        key, profile = _centroid_profile(known, s)
+        rgs, profiles = table.setdefault(key, ([], []))
+        rgs.append(float(np.sqrt(np.mean(profile**2)))), profiles.append(profile)
+    table = {k: (np.asarray(r), np.stack(p)) for k, (r, p) in table.items()}
+    for s in np.flatnonzero(~pool.pbc.any(1)).tolist():
+        key, profile = _centroid_profile(pool, s)
+        if key not in table:
+            continue
+        rgs, profiles = table[key]
+        near = np.abs(rgs - np.sqrt(np.mean(profile**2))) < tol
+        out[s] = bool(near.any() and (np.abs(profiles[near] - profile).max(1) < tol).any())
+    return out
+
+
+def _centroid_profile(ds, s: int) -> tuple[bytes, np.ndarray]:
+    """(sorted atomic numbers as bytes, [N] distances Å of the atoms to their centroid, sorted by element, then
+    distance) of structure s: invariant to translation, rotation and atom order."""
+    sl = ds.atoms_slice(s)
+    z, pos = np.asarray(ds.numbers[sl]), np.asarray(ds.positions[sl], dtype=np.float64)
+    r = np.linalg.norm(pos - pos.mean(0), axis=1)
+    order = np.lexsort((r, z))
+    return z[order].astype(np.int64).tobytes(), r[order]
+
+
 def labelled_mask(pool, fidelity: str, exclude=()) -> np.ndarray:
     """[S] True for pool structures not to pick: with an energy at `fidelity`, a key in `exclude`, the same
     geometry as such a structure (under another key), or a later copy of a geometry earlier in the pool."""

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from multifi.cli.args import add_force
+from multifi.cli.args import add_force, positive_int
 
 log = logging.getLogger("multifi")
 
@@ -24,7 +24,7 @@ def register(sub):
     p.add_argument("--fidelity", required=True, help="fidelity at which the picks will be computed")
     p.add_argument(
         "--n",
-        type=int,
+        type=positive_int,
         required=True,
         help="number of structures to pick (all eligible ones, with a warning, when fewer remain)",
     )
@@ -58,7 +58,7 @@ def run(args) -> int:
     from multifi.data.dataset import atomic_write
     from multifi.errors import MultifiError
     from multifi.models.registry import load_potential
-    from multifi.select import labelled_mask, read_pool, select_structures, training_anchors
+    from multifi.select import labelled_mask, read_pool, same_molecules, select_structures, training_anchors
     from multifi.uncertainty import LLPR, llpr_path
 
     refuse_existing(args.out, force=args.force)
@@ -85,6 +85,8 @@ def run(args) -> int:
     # the run's structures under another key (or none: a geometry hash) are the same structures
     pool_geometries = geometry_fingerprints(pool)
     in_run_mask = np.isin(pool.keys.astype(str), known) | np.isin(pool_geometries, known_geometries)
+    if run_set is not None:  # rounded or shifted coordinates of the run's molecules: the same molecules
+        in_run_mask |= same_molecules(pool, run_set)
     exclude += known + [str(k) for k in pool.keys[in_run_mask]]
     llpr = LLPR.load(llpr_path(args.model), potential) if args.strategy in ("uncertainty", "batch") else None
     anchors = None
