@@ -547,6 +547,21 @@ def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog
     assert all(m.startswith("structure 1: atoms ") for m in messages), messages
     assert "any H–H pair" in messages[0] + messages[1] and "any H–O pair" in messages[0] + messages[1]
     assert any(re.match(r"structure 1: atoms [12] \(H\) and [12] \(H\)", m) for m in messages), messages
+    # stretched bonds (×2) and an atom pulled out of reach: no warning before (σ even fell), now one per element
+    reach = pot.head.reach.numpy()
+    assert 0.9 < reach[1] < 1.6 and reach[6] > 0 and reach[29] == 0
+    caplog.clear()
+    stretched = water.copy()
+    stretched.positions *= 2.0
+    alone = water.copy()
+    alone.positions[2] += [20.0, 0.0, 0.0]
+    with caplog.at_level("WARNING", logger="multifi"):
+        predict_atoms(pot, [water], "hi")
+        assert not caplog.records
+        predict_atoms(pot, [water, stretched, alone], "hi")
+    far = [r.getMessage() for r in caplog.records if "farther than any" in r.getMessage()]
+    assert len(far) == 2 and any(m.startswith("structure 1: atom ") and "(O)" in m for m in far), far
+    assert any(m.startswith("structure 2: atom 2 (H) (0-based) has no neighbour within the cutoff") for m in far), far
     # an atom close to its own periodic image read "atoms 0 (H) and 0 (H)": the image is named
     caplog.clear()
     lone = ase.Atoms("H", positions=[[0, 0, 0]], cell=np.diag([0.6, 8.0, 8.0]), pbc=True)

@@ -367,25 +367,34 @@ def _null_space(G: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- contacts
-def shortest_contacts(dataset, neighbors, structures: np.ndarray, chunk: int = 20000) -> np.ndarray:
-    """[N_ELEMENTS, N_ELEMENTS] Å: the shortest distance of each element pair within the neighbour lists
-    (cached ones, data.neighbors.NeighborCache) of `structures`; 0 where a pair never occurs. Symmetric."""
+def shortest_contacts(dataset, neighbors, structures: np.ndarray, chunk: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    """(contact [N_ELEMENTS, N_ELEMENTS] Å: the shortest distance of each element pair within the neighbour lists
+    (cached ones, data.neighbors.NeighborCache) of `structures`, 0 where a pair never occurs, symmetric;
+    reach [N_ELEMENTS] Å: the farthest any atom of each element lies from its nearest neighbour, inf when one has
+    none within the cutoff, 0 for elements absent)."""
+    from multifi.data.dataset import ranges  # (dataset imports this module)
+
     out = np.full((N_ELEMENTS, N_ELEMENTS), np.inf)
+    reach = np.zeros(N_ELEMENTS)
     if not hasattr(neighbors, "edges") or not hasattr(neighbors, "edge_offsets"):
-        return np.zeros((N_ELEMENTS, N_ELEMENTS))  # on-the-fly lists: not computed (large data)
+        return np.zeros((N_ELEMENTS, N_ELEMENTS)), reach  # on-the-fly lists: not computed (large data)
     structures = np.asarray(structures, dtype=np.int64)
     offsets, numbers = np.asarray(dataset.offsets), np.asarray(dataset.numbers, dtype=np.int64)
     pos, cells = np.asarray(dataset.positions), np.asarray(dataset.cells)
     for a in range(0, len(structures), chunk):
         s = structures[a : a + chunk]
+        n = np.diff(offsets)[s]
+        atoms = ranges(offsets[s], n)  # every atom of the chunk, with edges or without
+        nearest = np.full(len(atoms), np.inf)
         i, j, shifts, counts = neighbors.edges(s)
-        if not len(i):
-            continue
-        owner = np.repeat(s, counts)
-        gi, gj = offsets[owner] + i, offsets[owner] + j
-        vec = pos[gj] - pos[gi] + np.einsum("ea,eab->eb", shifts.astype(np.float64), cells[owner])
-        d = np.linalg.norm(vec, axis=1)
-        np.minimum.at(out, (numbers[gi], numbers[gj]), d)
+        if len(i):
+            owner = np.repeat(s, counts)
+            gi, gj = offsets[owner] + i, offsets[owner] + j
+            vec = pos[gj] - pos[gi] + np.einsum("ea,eab->eb", shifts.astype(np.float64), cells[owner])
+            d = np.linalg.norm(vec, axis=1)
+            np.minimum.at(out, (numbers[gi], numbers[gj]), d)
+            np.minimum.at(nearest, np.repeat(np.cumsum(n) - n, counts) + i, d)  # per atom of the chunk
+        np.maximum.at(reach, numbers[atoms], nearest)
     out = np.minimum(out, out.T)
     out[~np.isfinite(out)] = 0.0
-    return out
+    return out, reach

@@ -161,11 +161,12 @@ def check_contacts(
     names the pair's closest atoms. `first`: index of graph's first structure in the caller's list; `several`:
     whether that list holds more than one structure (messages then name the structure; default: graph's)."""
     contact = potential.head.contact
-    if not bool(contact.any()) or graph.edge_index.shape[1] == 0:
-        return
     i, j = graph.edge_index
     shift = torch.einsum("ea,eab->eb", graph.shifts.to(graph.cell.dtype), graph.cell[graph.batch[i]])
     d = (graph.positions[j] - graph.positions[i] + shift).norm(dim=1).to(contact.device, torch.float64)
+    _check_reach(potential, graph, d, where, first, seen, several)
+    if not bool(contact.any()) or graph.edge_index.shape[1] == 0:
+        return
     zi, zj = graph.numbers[i].to(contact.device), graph.numbers[j].to(contact.device)
     limit = contact[zi, zj]
     close = (limit > 0) & (d < CONTACT_FRACTION * limit)
@@ -208,6 +209,53 @@ def check_contacts(
         )
         if seen is not None:
             seen.add(("contact", pair))
+
+
+#: an atom farther than this multiple of its element's farthest nearest-neighbour distance in training from its
+#: own nearest neighbour is in a stretched or dissociating structure (bonds 1.5× long: 1.3-1.4× the reach)
+REACH_FACTOR = 1.25
+
+
+def _check_reach(potential, graph, d: torch.Tensor, where: str, first: int, seen: set | None, several) -> None:
+    """Warn (once per element, and per `seen` set) when an atom of `graph` lies farther from its nearest neighbour
+    (d [E] Å: the edge lengths; no neighbour within the cutoff: infinitely far) than REACH_FACTOR × the farthest
+    any atom of its element did in training (EnergyHead.reach): stretched bonds or a dissociating structure,
+    where the model extrapolates (and its uncertainty need not say so)."""
+    from ase.data import chemical_symbols
+
+    reach = potential.head.reach
+    if not bool(reach.any()):
+        return
+    numbers = graph.numbers.to(reach.device)
+    nearest = torch.full((len(numbers),), float("inf"), dtype=torch.float64, device=reach.device)
+    if len(d):
+        nearest.scatter_reduce_(0, graph.edge_index[0].to(reach.device), d, reduce="amin")
+    limit = reach[numbers]
+    far = (limit > 0) & torch.isfinite(limit) & (nearest > REACH_FACTOR * limit)
+    warned = {x[1] for x in seen or () if isinstance(x, tuple) and x[0] == "reach"}
+    for z in sorted(set(numbers[far].tolist()) - warned):
+        mine = torch.nonzero(far & (numbers == z)).flatten()
+        atom = int(mine[torch.argmax(nearest[mine])])
+        s = int(graph.batch[atom])
+        start = int((graph.batch < s).sum())
+        named = f"structure {s + first}: " if (graph.num_graphs > 1 if several is None else several) else ""
+        gap = float(nearest[atom])
+        log.warning(
+            "%s%satom %d (%s) (0-based) %s, farther than any %s atom in training was from its nearest (%.2f Å): "
+            "stretched bonds or a dissociating structure, where the model extrapolates; its energies and forces "
+            "are unreliable",
+            f"{where}: " if where else "",
+            named,
+            atom - start,
+            chemical_symbols[z],
+            f"is {gap:.2f} Å from its nearest neighbour"
+            if gap < float("inf")
+            else "has no neighbour within the cutoff",
+            chemical_symbols[z],
+            float(reach[z]),
+        )
+        if seen is not None:
+            seen.add(("reach", z))
 
 
 def _first_of_each(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

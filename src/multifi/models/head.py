@@ -22,7 +22,8 @@ class EnergyHead(nn.Module):
     float64: per fidelity the compositions its labels leave open (data.stats.References.null, zero-padded):
     a structure with counts c has an estimated reference sum where c·null[:, k] ≠ 0 (open_structures).
     contact [119, 119] Å: the shortest distance of each element pair in the training structures (0: unknown),
-    to warn when a prediction's atoms are far closer than anything the model was trained on.
+    reach [119] Å: the farthest any training atom of each element lay from its nearest neighbour (0: unknown),
+    to warn when a prediction's atoms are far closer to, or farther from, their neighbours than in training.
     With `shared_baseline` (fidelity-blind models, mode `single`) every fidelity uses column 0 of
     ref and scale, fitted on all fidelities pooled (fit_baseline(..., pooled=True)).
     """
@@ -47,6 +48,7 @@ class EnergyHead(nn.Module):
         self.register_buffer("fitted", torch.zeros(N_ELEMENTS, n_fidelities, dtype=torch.bool))
         self.register_buffer("null", torch.zeros(N_ELEMENTS, n_fidelities, NULL_DIRS, dtype=torch.float64))
         self.register_buffer("contact", torch.zeros(N_ELEMENTS, N_ELEMENTS, dtype=torch.float64))
+        self.register_buffer("reach", torch.zeros(N_ELEMENTS, dtype=torch.float64))
 
     def forward(
         self, s: torch.Tensor, cond: torch.Tensor | None, numbers: torch.Tensor, fid_atom: torch.Tensor
@@ -65,7 +67,7 @@ class EnergyHead(nn.Module):
     def _apply(self, fn, recurse=True):
         """Module casts (.float(), .to(dtype)) move ref/scale between devices but keep them float64:
         total energies of hundreds of eV need double precision for meV accuracy."""
-        keep = {"ref": self.ref, "scale": self.scale, "null": self.null, "contact": self.contact}
+        keep = {"ref": self.ref, "scale": self.scale, "null": self.null, "contact": self.contact, "reach": self.reach}
         super()._apply(fn, recurse)
         for name, before in keep.items():
             setattr(self, name, before.to(device=getattr(self, name).device, dtype=torch.float64))
@@ -74,13 +76,14 @@ class EnergyHead(nn.Module):
     @staticmethod
     def upgrade_state(state_dict: dict, prefix: str) -> None:
         """Fill in place the buffers a head saved by an earlier multifi version lacks (keys under `prefix`):
-        `fitted` (every nonzero reference was fitted), `null` (none recorded), `contact` (unknown)."""
+        `fitted` (every nonzero reference was fitted), `null` (none recorded), `contact` and `reach` (unknown)."""
         if prefix + "ref" not in state_dict:
             return
         ref = state_dict[prefix + "ref"]
         state_dict.setdefault(prefix + "fitted", ref != 0)
         state_dict.setdefault(prefix + "null", torch.zeros(*ref.shape, NULL_DIRS, dtype=torch.float64))
         state_dict.setdefault(prefix + "contact", torch.zeros(N_ELEMENTS, N_ELEMENTS, dtype=torch.float64))
+        state_dict.setdefault(prefix + "reach", torch.zeros(N_ELEMENTS, dtype=torch.float64))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.upgrade_state(state_dict, prefix)
@@ -113,11 +116,17 @@ class EnergyHead(nn.Module):
         self.null[:, k, : len(null)] = null.T
 
     @torch.no_grad()
-    def record_contacts(self, contact: np.ndarray) -> None:
-        """Merge shortest training distances [119, 119] Å (0: pair absent) into `contact` (the smaller wins)."""
+    def record_contacts(self, contact: np.ndarray, reach: np.ndarray | None = None) -> None:
+        """Merge shortest training distances [119, 119] Å (0: pair absent) into `contact` (the smaller wins) and
+        each element's farthest nearest-neighbour distance [119] Å (0: absent, inf: an atom without neighbours)
+        into `reach` (the larger wins)."""
         new = torch.as_tensor(contact, dtype=torch.float64, device=self.contact.device)
         both = (self.contact > 0) & (new > 0)
         self.contact.copy_(torch.where(both, torch.minimum(self.contact, new), torch.maximum(self.contact, new)))
+        if reach is not None:
+            self.reach.copy_(
+                torch.maximum(self.reach, torch.as_tensor(reach, dtype=torch.float64, device=self.reach.device))
+            )
 
     def known(self) -> torch.Tensor:
         """[119] bool: elements seen in training (a reference at some fidelity, fitted or estimated)."""

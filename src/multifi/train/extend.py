@@ -117,7 +117,9 @@ def unchanged_fidelities(old, new) -> bool:
     src, K = old.state_dict(), len(old.fidelities)
     for key, value in new.state_dict().items():
         m = _HEAD.match(key)
-        if key in ("conditioning.onehot", "head.contact") or (m and new.head.heads and int(m.group(1)) == K):
+        if key in ("conditioning.onehot", "head.contact", "head.reach") or (
+            m and new.head.heads and int(m.group(1)) == K
+        ):
             continue  # the new fidelity's own input column / head; training distances (no prediction uses them)
         if key in FIDELITY_AXIS:
             value = value.narrow(FIDELITY_AXIS[key], 0, K)
@@ -566,7 +568,7 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log) -> Path:
         raise KeyboardInterrupt(f"the extension was not finished and {run_dir} was removed; run it again") from None
     best_path = final_checkpoint(trainer, run_dir)
     best = load_potential(best_path, compile=False)
-    best.head.record_contacts(shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0])))
+    best.head.record_contacts(*shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0])))
     progress = {"checkpoint": str(best_path), **_training_progress(trainer, best_path), "doubtful_units": doubtful}
     _log_result(_finish(cfg, old, best, data, pairs, table, old_run, replay, progress), run_log)
     if run_data is not None:  # without the old run's data the run keeps none (a further extension cannot replay)

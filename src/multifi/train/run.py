@@ -185,7 +185,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     check_overlaps(prep.dataset, data.neighbors)
     train_structures = np.unique(prep.pairs["train"][:, 0])
     warn_structures_without_edges(prep.dataset, data.neighbors, train_structures)
-    module.potential.head.record_contacts(shortest_contacts(prep.dataset, data.neighbors, train_structures))
+    module.potential.head.record_contacts(*shortest_contacts(prep.dataset, data.neighbors, train_structures))
     module.sync_ema()
     data.check_sampling(config_source)
     check_something_trains(cfg, data, prep.settings.loss_weights, config_source)
