@@ -305,7 +305,7 @@ def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):
     with caplog.at_level("INFO", logger="multifi"):
         train(load_config(write_config(train={"progress": True, "epochs": 2, "batch_size": 8, "threads": 1})))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
-    assert len(lines) == 2 and lines[0].startswith("epoch 1/2  step 5  val E MAE meV: hi ")
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2  step 5/10  val E MAE meV: hi ")
     assert " lr " in lines[0] and lines[0].endswith(" s")
     caplog.clear()  # a step limit is shown next to the step: it, not the epochs, ends the run
     with caplog.at_level("INFO", logger="multifi"):
@@ -313,15 +313,21 @@ def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):
         train(load_config(write_config(name="limit.yaml", train=cfg, output_dir=str(tmp_path / "limit"))))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert lines[0].startswith("epoch 1/100  step 5/7  ")
+    caplog.clear()  # the epochs end it before max_steps: "step 10/30" read as 30 steps to come; the real end shown
+    with caplog.at_level("INFO", logger="multifi"):
+        cfg = {"progress": True, "epochs": 2, "max_steps": 30, "batch_size": 8, "threads": 1}
+        train(load_config(write_config(name="cap.yaml", train=cfg, output_dir=str(tmp_path / "cap"))))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert lines[-1].startswith("epoch 2/2  step 10/10  ")
     # validation every 3 steps, epochs of 5: an epoch end without a validation shows no (old) validation numbers
     caplog.clear()
     cfg = {"progress": True, "epochs": 2, "batch_size": 8, "threads": 1, "val_every_n_steps": 3}
     with caplog.at_level("INFO", logger="multifi"):
         train(load_config(write_config(train=cfg, output_dir=str(tmp_path / "steps"))))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
-    at_end = [line for line in lines if "step 5 " in line]
+    at_end = [line for line in lines if "step 5/10 " in line]
     assert at_end and all("val" not in line and "train loss" in line for line in at_end), lines
-    assert any("step 3 " in line and "val E MAE" in line for line in lines)
+    assert any("step 3/10 " in line and "val E MAE" in line for line in lines)
 
 
 def test_monitoring_a_metric_without_validation_labels_is_an_error_before_training(write_config, tmp_path, capsys):

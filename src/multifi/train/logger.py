@@ -150,7 +150,7 @@ class EpochLine(L.Callback):
         if sums is not None and TRAIN_LOSS_EPOCH in sums.means():
             m[TRAIN_LOSS_EPOCH] = float(sums.means()[TRAIN_LOSS_EPOCH])
         maes = [f"{val_key_fidelity(k)} {m[k]:.1f}" for k in sorted(m) if is_val_key(k, ENERGY_MAE) and _finite(m[k])]
-        steps = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""  # the limit that ends it
+        steps = _step_limit(trainer)
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}{steps}"]
         if maes:
             parts.append("val E MAE meV: " + ", ".join(maes))
@@ -177,3 +177,14 @@ def _finite(v) -> bool:
 def progress_bar_wanted(progress: bool) -> bool:
     """A live progress bar only on a terminal; logs get EpochLine instead."""
     return bool(progress) and sys.stderr.isatty()
+
+
+def _step_limit(trainer) -> str:
+    """ "/N": the step the run ends at, whichever of max_steps and the epochs comes first ("" when unknown)."""
+    import math
+
+    per_epoch = trainer.num_training_batches
+    limits = [trainer.max_steps] if trainer.max_steps and trainer.max_steps > 0 else []
+    if trainer.max_epochs and trainer.max_epochs > 0 and isinstance(per_epoch, int) and not math.isinf(per_epoch):
+        limits.append(trainer.max_epochs * per_epoch)
+    return f"/{min(limits)}" if limits else ""
