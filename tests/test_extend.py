@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 
 import ase
@@ -422,6 +423,14 @@ def test_an_element_new_with_the_new_fidelity_gets_estimated_old_references(tmp_
     with caplog.at_level("WARNING", logger="multifi"):
         extend(cfg)
     assert "elements Cu appear only in the CC data" in caplog.text and "estimated from the CC ones" in caplog.text
+    # how far off: 32 eV per F atom in a trial was said only as "expect larger errors"
+    for name in ("lo", "hi"):
+        found = re.search(
+            rf"{name}: its reference energies of Cu are estimated from the CC ones \(leave-one-out "
+            r"error of that estimate over the elements labelled at both: ([\d.]+) eV per atom\)",
+            caplog.text,
+        )
+        assert found and float(found.group(1)) >= 0, caplog.text
     head = load_potential(tmp_path / "ext" / "model.pt").head
     ref, fitted = head.ref.detach().numpy(), head.fitted.numpy()
     assert fitted[29].tolist() == [False, False, True]

@@ -220,7 +220,14 @@ def least_squares_references(elements: np.ndarray, counts: np.ndarray, rows: np.
 def shared_estimates(ref: np.ndarray, fitted: np.ndarray) -> np.ndarray:
     """[N_ELEMENTS, K] eV: the shift model a[Z] + φ(Z)·β[f] (module docstring) fitted to the references ref
     [N_ELEMENTS, K] marked in fitted; its value where fitted is False is the estimate fit_references uses."""
-    return _shift_model(ref, fitted, fitted)[0]
+    return shared_estimates_with_error(ref, fitted)[0]
+
+
+def shared_estimates_with_error(ref: np.ndarray, fitted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """shared_estimates and the leave-one-out RMS error [K] eV/atom of an estimate at each fidelity (over the
+    elements fitted there and at another fidelity; NaN where nothing is left out)."""
+    prior, loo, _ = _shift_model(ref, fitted, fitted)
+    return prior, loo
 
 
 def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> list[np.ndarray]:

@@ -28,7 +28,7 @@ from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources, warn_alike_names
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
-from multifi.data.stats import MIN_SCALE_DOF, fit_new_fidelity, shared_estimates, shortest_contacts
+from multifi.data.stats import MIN_SCALE_DOF, fit_new_fidelity, shared_estimates_with_error, shortest_contacts
 from multifi.errors import MultifiError, NoFidelityError, unknown_name
 from multifi.files import make_dir
 from multifi.keys import COUNT
@@ -770,9 +770,31 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
         new_elements = new.fitted[:, 0] & ~known_fitted.any(1)
         if new_elements.any():  # elements only the new fidelity has: the old fidelities' references estimated
             all_ref = np.concatenate([np.where(known_fitted, known_ref, 0.0), new.ref], axis=1)
-            prior = shared_estimates(all_ref, np.concatenate([known_fitted, new.fitted], axis=1))
+            prior, loo = shared_estimates_with_error(all_ref, np.concatenate([known_fitted, new.fitted], axis=1))
             head.ref[new_elements, :k] = torch.as_tensor(prior[new_elements, :k], dtype=head.ref.dtype)
+            _report_estimates(potential.fidelities.names, k, new_elements, loo)
     return doubtful
+
+
+def _report_estimates(names, k: int, elements: np.ndarray, loo: np.ndarray) -> None:
+    """Say how far off the old fidelities' estimated references of the new elements (bool [119]) may be: the
+    leave-one-out error of the estimate at each (elements labelled at it and at the new fidelity k)."""
+    from ase.data import chemical_symbols
+
+    symbols = ", ".join(chemical_symbols[z] for z in np.flatnonzero(elements))
+    for f, name in enumerate(names[:k]):
+        error = "unknown: no element to leave out" if np.isnan(loo[f]) else f"{loo[f]:.2f} eV per atom"
+        log.warning(
+            "%s: its reference energies of %s are estimated from the %s ones (leave-one-out error of that estimate "
+            "over the elements labelled at both: %s); %s energies of structures with %s may be off by that much "
+            "per atom of them",
+            name,
+            symbols,
+            names[k],
+            error,
+            name,
+            symbols,
+        )
 
 
 def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, dict]:
