@@ -182,6 +182,10 @@ def test_load_potential_errors(tmp_path):
     torch.save({"weights": 1}, other)
     with pytest.raises(MultifiError, match="other.pt: not a multifi checkpoint"):
         load_potential(other)
+    for name, kind in (("model.llpr.npz", "an uncertainty calibration"), ("pairs.npz", "an extension run's split")):
+        np.savez(tmp_path / name, x=np.zeros(2))  # a run's side files were "not a readable checkpoint"
+        with pytest.raises(MultifiError, match=f"{name}: {kind}.*, not a model; give the model.pt"):
+            load_potential(tmp_path / name)
 
 
 def test_predict_atoms_rejects_unseen_elements(molecules):

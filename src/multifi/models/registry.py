@@ -75,6 +75,14 @@ def model_file(path: str | Path) -> Path:
     return path / "model.pt"
 
 
+def _npz_kind(name: str) -> str:
+    if name.endswith(".llpr.npz"):
+        return "an uncertainty calibration (multifi calibrate)"
+    return {"dataset.npz": "a run's saved dataset", "pairs.npz": "an extension run's split pairs"}.get(
+        name, "a NumPy archive"
+    )
+
+
 def load_potential(path: str | Path, map_location="cpu", compile: bool | None = None) -> Potential:
     """Rebuild a Potential from a saved potential (.pt), a training checkpoint (.ckpt, EMA weights) or a run
     directory (its model.pt). compile: override the saved model.compile (None: keep it, or MULTIFI_COMPILE
@@ -82,6 +90,10 @@ def load_potential(path: str | Path, map_location="cpu", compile: bool | None = 
     path = model_file(path)
     if not path.exists():
         raise MultifiError(f"{path}: no such checkpoint")
+    if path.suffix == ".npz":  # a run's side file: say which, not "not a readable checkpoint"
+        raise MultifiError(
+            f"{path}: {_npz_kind(path.name)}, not a model; give the model.pt beside it or its run directory"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's note that it loads a TorchScript file
