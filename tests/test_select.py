@@ -125,7 +125,7 @@ def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
     assert run(["calibrate", run_dir], capsys)[0] == 0
     for strategy in STRATEGIES:
         code, stdout, _ = run([*args, "--strategy", strategy, "--seed", "2", "--out", out, "--force"], capsys)
-        assert code == 0 and "picked 4 of 10 eligible structures (12 in the pool" in stdout
+        assert code == 0 and "picked 4 of 10 eligible structures (12 distinct structures in the pool" in stdout
         keys = out.read_text().split()
         assert len(set(keys)) == 4 and not {"c0", "c5"} & set(keys) and set(keys) <= {f"c{i}" for i in range(12)}
     with caplog.at_level("WARNING", logger="multifi"):
@@ -169,7 +169,7 @@ def test_select_never_picks_a_structure_labelled_in_a_later_frame(cli_run, tmp_p
     out = tmp_path / "picks.txt"
     args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out, "--force"]
     code, stdout, _ = run([*args, "--n", "2"], capsys)
-    assert code == 0 and "picked 2 of 2 eligible structures (6 in the pool" in stdout
+    assert code == 0 and "picked 2 of 2 eligible structures (6 distinct structures in the pool" in stdout
     assert sorted(out.read_text().split()) == ["p4", "p5"]
     code, stdout, _ = run([*args, "--n", "3"], capsys)
     assert code == 0 and "picked 2 of 2 eligible" in stdout and sorted(out.read_text().split()) == ["p4", "p5"]
@@ -188,7 +188,7 @@ def test_select_skips_labelled_frames_of_a_pool_mixing_labelled_and_unlabelled(c
     out = tmp_path / "picks.txt"
     args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out, "--force"]
     code, stdout, _ = run([*args, "--n", "3"], capsys)
-    assert code == 0 and "picked 3 of 3 eligible structures (8 in the pool" in stdout
+    assert code == 0 and "picked 3 of 3 eligible structures (8 distinct structures in the pool" in stdout
     assert sorted(out.read_text().split()) == ["q5", "q6", "q7"]
     code, stdout, _ = run([*args, "--n", "4"], capsys)
     assert code == 0 and "picked 3 of 3 eligible" in stdout
@@ -232,7 +232,7 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
         ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out, "--force"],
         capsys,
     )
-    assert code == 0 and "picked 5 of 20 eligible structures (40 in the pool" in stdout
+    assert code == 0 and "picked 5 of 20 eligible structures (40 distinct structures in the pool" in stdout
     assert "20 labelled at hi in the model's run data" in stdout
     for i, b in enumerate(bare):  # the same geometries under keys the run never used: the same structures
         b.info["key"] = f"renamed{i}"
@@ -241,7 +241,7 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
         ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out, "--force"],
         capsys,
     )
-    assert code == 0 and "picked 5 of 20 eligible structures (40 in the pool" in stdout
+    assert code == 0 and "picked 5 of 20 eligible structures (40 distinct structures in the pool" in stdout
     assert all(int(k.removeprefix("renamed")) >= 20 for k in out.read_text().split())  # lo-only ones
     # re-exported: coordinates rounded to 1e-5 Å, shifted by 10 Å and atoms reordered (37 of 40 were picked again)
     for b in bare:
@@ -254,7 +254,7 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
         ["select", run_dir, pool, "--fidelity", "hi", "--n", "40", "--strategy", "random", "--out", out, "--force"],
         capsys,
     )
-    assert code == 0 and "picked 20 of 20 eligible structures (40 in the pool" in stdout
+    assert code == 0 and "picked 20 of 20 eligible structures (40 distinct structures in the pool" in stdout
     assert sorted(int(k.removeprefix("moved")) for k in out.read_text().split()) == list(range(20, 40))
 
 
@@ -273,7 +273,7 @@ def test_select_counts_a_geometry_once_whatever_its_keys(cli_run, tmp_path, caps
     out = tmp_path / "picks.txt"
     args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out, "--force"]
     code, stdout, _ = run([*args, "--n", "3"], capsys)
-    assert code == 0 and "picked 3 of 3 eligible structures (6 in the pool" in stdout
+    assert code == 0 and "picked 3 of 3 eligible structures (6 distinct structures in the pool" in stdout
     assert sorted(out.read_text().split()) == ["g0", "g2", "g3"]
 
 

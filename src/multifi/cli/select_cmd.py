@@ -123,7 +123,7 @@ def run(args) -> int:
     eligible = int((~labelled_mask(pool, args.fidelity, exclude)).sum())
     in_run = int(in_run_mask.sum())
     print(
-        f"picked {len(keys)} of {eligible} eligible structures ({len(pool)} in the pool, the others labelled "
+        f"picked {len(keys)} of {eligible} eligible structures ({len(pool)} distinct structures in the pool, the others labelled "
         f"at {args.fidelity}, excluded or repeated geometries"
         + (f"; {in_run} labelled at {args.fidelity} in the model's run data" if in_run else "")
         + f") for {args.fidelity} ({args.strategy}) → {args.out}"
