@@ -3,6 +3,8 @@ its closed form; farthest-point order; `multifi select` end to end."""
 
 from __future__ import annotations
 
+import re
+
 import ase.io
 import numpy as np
 import pytest
@@ -124,10 +126,31 @@ def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
     assert not out.exists()
     assert run(["calibrate", run_dir], capsys)[0] == 0
     for strategy in STRATEGIES:
-        code, stdout, _ = run([*args, "--strategy", strategy, "--seed", "2", "--out", out, "--force"], capsys)
+        with caplog.at_level("WARNING", logger="multifi"):
+            code, stdout, _ = run([*args, "--strategy", strategy, "--seed", "2", "--out", out, "--force"], capsys)
         assert code == 0 and "picked 4 of 10 eligible structures (12 distinct structures in the pool" in stdout
         keys = out.read_text().split()
         assert len(set(keys)) == 4 and not {"c0", "c5"} & set(keys) and set(keys) <= {f"c{i}" for i in range(12)}
+    from multifi.models.registry import load_potential
+    from multifi.select import outside_training_geometry, read_pool
+
+    before = outside_training_geometry(load_potential(run_dir / "model.pt"), read_pool(pool))
+    # stretched copies (bonds ×2): σ need not rank them high; the count outside the training geometries is said
+    stretched = []
+    for i, a in enumerate(mols[:3]):
+        b = a.copy()
+        b.positions *= 2.0
+        b.info["key"] = f"s{i}"
+        stretched.append(b)
+    ase.io.write(pool, mols + stretched, format="extxyz")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run([*args, "--strategy", "uncertainty", "--out", out, "--force"], capsys)[0] == 0
+    flagged = outside_training_geometry(load_potential(run_dir / "model.pt"), read_pool(pool))
+    assert flagged[12:].all() and (flagged[:12] == before).all()  # the stretched copies, and nothing else new
+    eligible = int(flagged.sum() - flagged[[0, 5]].sum())
+    assert re.search(rf"pool.extxyz: {eligible} eligible structures lie outside the training geometries", caplog.text)
+    ase.io.write(pool, mols, format="extxyz")
     with caplog.at_level("WARNING", logger="multifi"):
         code, stdout, _ = run([*args, "--strategy", "random", "--n", "11", "--out", out, "--force"], capsys)
     assert code == 0 and "picked 10 of 10 eligible" in stdout and "only 10 unlabelled ones remain" in caplog.text

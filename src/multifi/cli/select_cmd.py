@@ -107,6 +107,8 @@ def run(args) -> int:
         anchors=anchors,
     )
     keys = [str(k) for k in pool.keys[picks]]
+    if args.strategy in ("uncertainty", "batch"):
+        _warn_outside_geometry(potential, pool, picks, ~labelled_mask(pool, args.fidelity, exclude), args.strategy)
     out = Path(args.out)
     if _is_structure_file(out):  # the picked structures themselves (keys in info['key']), ready to compute
         import io
@@ -160,3 +162,26 @@ def labelled_in_run(model: str, fidelity: str) -> tuple[list[str], np.ndarray, o
         return [], np.zeros(0, np.int64), None
     run_set = ds.subset(np.flatnonzero(ds.energy_mask[:, ds.fidelities.index(fidelity)]))
     return [str(k) for k in run_set.keys], geometry_fingerprints(run_set), run_set
+
+
+def _warn_outside_geometry(potential, pool, picks, eligible, strategy: str) -> None:
+    """Say how many eligible structures lie outside the training geometries (select.outside_training_geometry)
+    and how many of them were picked: the LLPR σ need not rank stretched or crushed structures high."""
+    import numpy as np
+
+    from multifi.select import outside_training_geometry
+
+    outside = outside_training_geometry(potential, pool) & eligible
+    if not outside.any():
+        return
+    picked = int(outside[picks].sum())
+    log.warning(
+        "%s: %d eligible structures lie outside the training geometries (atoms far closer, or bonds far longer, "
+        "than in training; e.g. %s), where the model extrapolates and the LLPR σ need not be high; %s picked %d "
+        "of them: inspect them, or use --strategy diversity",
+        pool.source or "pool",
+        int(outside.sum()),
+        ", ".join(str(k) for k in pool.keys[np.flatnonzero(outside)[:3]]),
+        strategy,
+        picked,
+    )
