@@ -650,3 +650,21 @@ def test_an_element_the_few_labels_lack_is_estimated_whatever_the_order_of_fidel
     k, g = names.index(few), names.index("gfn2")
     assert not refs.fitted[16, k] and not refs.fitted[16, g]
     assert abs(refs.ref[16, k] - refs.ref[16, g]) < 30.0  # next to gfn2's estimate (eV), not at 0 or at DFT's
+
+
+def test_the_leave_one_out_error_of_an_estimate_is_reported_for_every_fidelity():
+    """The error extend reports for an old fidelity's estimated reference of a new element: the gauge fidelity
+    (most references: usually the old one) got NaN, said as 'unknown' although six elements were shared."""
+    from multifi.data.stats import N_ELEMENTS, shared_estimates_with_error
+
+    rng = np.random.default_rng(0)
+    ref, fitted = np.zeros((N_ELEMENTS, 2)), np.zeros((N_ELEMENTS, 2), bool)
+    old = [1, 6, 7, 8, 9, 15, 16, 17, 35, 53]
+    ref[old, 0] = -13.6 * np.asarray(old, float) ** 1.3 + rng.normal(0, 0.3, len(old))
+    fitted[old, 0] = True
+    shared = old[:6]
+    ref[shared + [34], 1] = -13.6 * np.asarray(shared + [34], float) ** 1.3 + 2.0 + rng.normal(0, 0.3, 7)
+    fitted[shared + [34], 1] = True
+    prior, loo = shared_estimates_with_error(ref, fitted)
+    assert np.isfinite(loo).all() and (loo > 0).all() and (loo < 5).all(), loo
+    assert prior[34, 0] != 0

@@ -368,3 +368,27 @@ def test_select_writes_the_picked_structures_of_a_pool_without_keys(cli_run, tmp
         for a in picked:  # the pool's own structures, unchanged
             same = [m for m in mols if len(m) == len(a) and np.abs(m.positions - a.positions).max() < 1e-5]
             assert len(same) == 1 and (same[0].numbers == a.numbers).all()
+
+
+def test_same_molecules_tells_conformers_apart_but_not_moved_copies():
+    """Staggered and eclipsed ethane share their centroid distances (a turn about the C–C axis): different
+    structures; a copy shifted, rotated, reordered and rounded to 1e-5 Å is the same one."""
+    from ase.build import molecule
+
+    from multifi.select import _pool_record, same_molecules
+
+    staggered = molecule("C2H6")
+    eclipsed = staggered.copy()
+    top = [i for i in range(len(eclipsed)) if eclipsed.numbers[i] == 1 and eclipsed.positions[i, 2] > 0]
+    eclipsed.rotate(60, "z", center=(0, 0, 0))  # turn everything, then the lower methyl back: eclipsed
+    bottom = [i for i in range(len(eclipsed)) if i not in top and eclipsed.numbers[i] == 1]
+    eclipsed.positions[bottom] = staggered.positions[bottom]
+    moved = staggered.copy()
+    moved.rotate(37, "x")
+    moved.positions = np.round(moved.positions + [3.0, -1.0, 2.0], 5)
+    moved = moved[::-1]
+
+    def ds(atoms_list):
+        return FidelityDataset.from_records([_pool_record(a, "x.xyz") for a in atoms_list])
+
+    assert same_molecules(ds([eclipsed, moved]), ds([staggered])).tolist() == [False, True]

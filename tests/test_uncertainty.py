@@ -286,6 +286,13 @@ def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, 
         "no calibration written",
     )
     assert (tmp_path / "model.llpr.npz").read_bytes() == kept
+    # labels at a fidelity the model does not know (fit_llpr skips them) do not stop the check, nor with --fidelity
+    extra = [emt_labelled(a, "xx", per_atom=5.0) for a in mols[30:]]
+    ase.io.write(tmp_path / "val_xx.extxyz", lo[30:] + extra, format="extxyz")
+    for more in ([], ["--fidelity", "lo"]):
+        argv = ["calibrate", model, "--train", tmp_path / "train_lo.extxyz", "--val", tmp_path / "val_xx.extxyz"]
+        code, out, err = run([*argv, *more], capsys)
+        assert code == 0 and "lo: alpha" in out, err
 
 
 def test_ensemble_of_identical_models_is_no_uncertainty(cli_run, tmp_path, capsys):  # noqa: F811

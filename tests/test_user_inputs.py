@@ -475,7 +475,7 @@ def test_a_cutoff_with_thousands_of_neighbours_per_atom_is_an_error_before_the_n
     for atoms, name in ((cu, "bulk"), (slab, "slab"), (wire, "wire")):
         start = time.perf_counter()
         with pytest.raises(
-            multifi.MultifiError, match=f"{name}: a cutoff of 1e\\+06 Å gives about .* neighbours per atom"
+            multifi.MultifiError, match=f"{name}: a cutoff of 1e\\+06 Å gives (about|up to) .* neighbours per atom"
         ):
             neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, 1e6, where=name)
         assert time.perf_counter() - start < 1.0

@@ -155,23 +155,38 @@ SAME_GEOMETRY_TOL = 1e-4
 
 def same_molecules(pool, known, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
     """[len(pool)] bool: the non-periodic structures of `pool` that are a structure of `known` up to translation,
-    rotation and atom order: the same elements with distances to their centroid, sorted by element and distance,
-    within `tol` Å (periodic structures: False; the exact geometry fingerprint covers them)."""
+    rotation, reflection and atom order: the same elements, distances to the centroid (sorted by element and
+    distance) within `tol` Å, then all interatomic distances (sorted) within `tol` (conformers that turn about
+    an axis keep their centroid distances). Periodic structures: False (the exact geometry fingerprint covers
+    them)."""
     out = np.zeros(len(pool), bool)
-    table: dict[bytes, tuple[list, list]] = {}
+    groups: dict[bytes, list] = {}
     for s in np.flatnonzero(~known.pbc.any(1)).tolist():
         key, profile = _centroid_profile(known, s)
-        rgs, profiles = table.setdefault(key, ([], []))
-        rgs.append(float(np.sqrt(np.mean(profile**2)))), profiles.append(profile)
-    table = {k: (np.asarray(r), np.stack(p)) for k, (r, p) in table.items()}
+        groups.setdefault(key, []).append((float(np.sqrt(np.mean(profile**2))), profile, s))
+    table = {}
+    for key, rows in groups.items():
+        rows.sort(key=lambda r: r[0])
+        table[key] = (np.array([r[0] for r in rows]), np.stack([r[1] for r in rows]), [r[2] for r in rows])
     for s in np.flatnonzero(~pool.pbc.any(1)).tolist():
         key, profile = _centroid_profile(pool, s)
         if key not in table:
             continue
-        rgs, profiles = table[key]
-        near = np.abs(rgs - np.sqrt(np.mean(profile**2))) < tol
-        out[s] = bool(near.any() and (np.abs(profiles[near] - profile).max(1) < tol).any())
+        rgs, profiles, members = table[key]
+        rg = float(np.sqrt(np.mean(profile**2)))
+        lo, hi = np.searchsorted(rgs, [rg - tol, rg + tol])  # the window of radii of gyration within tol
+        close = lo + np.flatnonzero(np.abs(profiles[lo:hi] - profile).max(1) < tol)
+        if len(close):
+            mine = _pair_distances(pool, s)
+            out[s] = any(np.abs(_pair_distances(known, members[c]) - mine).max(initial=0.0) < tol for c in close)
     return out
+
+
+def _pair_distances(ds, s: int) -> np.ndarray:
+    """Sorted interatomic distances [N(N-1)/2] Å of structure s."""
+    pos = np.asarray(ds.positions[ds.atoms_slice(s)], dtype=np.float64)
+    i, j = np.triu_indices(len(pos), 1)
+    return np.sort(np.linalg.norm(pos[i] - pos[j], axis=1))
 
 
 def _centroid_profile(ds, s: int) -> tuple[bytes, np.ndarray]:

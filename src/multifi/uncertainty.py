@@ -400,7 +400,11 @@ def calibrate_files(
             shared,
             len(in_val),
         )
-    _check_plausible_labels(potential, ds, pairs[~is_train], batch_size, where)
+    known = np.isin(
+        np.asarray(ds.fidelities.names, dtype=object)[pairs[:, 1]],
+        [fidelity] if fidelity else list(potential.fidelities.names),
+    )
+    _check_plausible_labels(potential, ds, pairs[~is_train & known], batch_size, where)  # the pairs fit_llpr uses
     llpr = fit_llpr(
         potential, ds, pairs[is_train], pairs[~is_train], batch_size, fidelities=[fidelity] if fidelity else None
     )

@@ -77,12 +77,13 @@ def check_periodic_neighbours(cell: np.ndarray, pbc: np.ndarray, n_atoms: int, c
     ball = {1: 2 * cutoff, 2: np.pi * cutoff**2, 3: 4 / 3 * np.pi * cutoff**3}[len(lattice)]
     expected = n_atoms * ball / measure
     if expected > MAX_NEIGHBOURS_PER_ATOM:
-        raise MultifiError(_too_many(where, cutoff, expected, n_atoms))
+        raise MultifiError(_too_many(where, cutoff, expected, n_atoms, "about" if len(lattice) == 3 else "up to"))
 
 
-def _too_many(where: str, cutoff: float, expected: float, n_atoms: int) -> str:
+def _too_many(where: str, cutoff: float, expected: float, n_atoms: int, how: str = "about") -> str:
+    """how: "about" (3-D periodic: the density times the ball), "up to" (slab, wire: every atom of the cross-section)."""
     return (
-        f"{where + ': ' if where else ''}a cutoff of {cutoff:g} Å gives about {expected:,.0f} neighbours per atom "
+        f"{where + ': ' if where else ''}a cutoff of {cutoff:g} Å gives {how} {expected:,.0f} neighbours per atom "
         f"in this periodic cell ({n_atoms} atoms; more than {MAX_NEIGHBOURS_PER_ATOM}); is model.cutoff a slip "
         "(these models use 4-6 Å)?"
     )

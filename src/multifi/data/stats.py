@@ -226,7 +226,7 @@ def shared_estimates(ref: np.ndarray, fitted: np.ndarray) -> np.ndarray:
 def shared_estimates_with_error(ref: np.ndarray, fitted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """shared_estimates and the leave-one-out RMS error [K] eV/atom of an estimate at each fidelity (over the
     elements fitted there and at another fidelity; NaN where nothing is left out)."""
-    prior, loo, _ = _shift_model(ref, fitted, fitted)
+    prior, loo, _ = _shift_model(ref, fitted, fitted, with_base=True)
     return prior, loo
 
 
@@ -301,7 +301,7 @@ def _features(z: np.ndarray, p: int) -> np.ndarray:
     return np.stack([np.ones_like(x), x, x ** (7 / 3)], axis=1)[:, :p]
 
 
-def _shift_model(ref, fitted, identified) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _shift_model(ref, fitted, identified, with_base: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prior references [N_ELEMENTS, K] of the model a[Z] + φ(Z)·β[f] fitted to the known references,
     the leave-one-out RMS error [K] (eV/atom; NaN where nothing to leave out) of the chosen φ, and [K] bool:
     whether f's prior is at f's own scale (β[f] fitted to its references, or f the gauge fidelity).
@@ -341,7 +341,7 @@ def _shift_model(ref, fitted, identified) -> tuple[np.ndarray, np.ndarray, np.nd
     loo = np.full(K, np.nan)
     for f in range(K):
         e = errors[(cells[:, 1] == f) & informative]
-        if len(e) and f != base:
+        if len(e) and (f != base or with_base):  # with_base: the gauge fidelity's too (for reports)
             loo[f] = float(np.sqrt(np.mean(e**2)))
     return prior, loo, (terms > 0) | (np.arange(K) == base)
 

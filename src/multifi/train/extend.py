@@ -568,7 +568,10 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log) -> Path:
         raise KeyboardInterrupt(f"the extension was not finished and {run_dir} was removed; run it again") from None
     best_path = final_checkpoint(trainer, run_dir)
     best = load_potential(best_path, compile=False)
-    best.head.record_contacts(*shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0])))
+    contact, reach = shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0]))
+    # a model saved before reaches were recorded: its old fidelities' reach is unknown, the new data's alone
+    # would call their ordinary geometries stretched
+    best.head.record_contacts(contact, reach if bool(best.head.reach.any()) else None)
     progress = {"checkpoint": str(best_path), **_training_progress(trainer, best_path), "doubtful_units": doubtful}
     _log_result(_finish(cfg, old, best, data, pairs, table, old_run, replay, progress), run_log)
     if run_data is not None:  # without the old run's data the run keeps none (a further extension cannot replay)

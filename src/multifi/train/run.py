@@ -164,7 +164,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     # far from every one of them, which blamed the data for the pooling)
     own = fit_references(prep.dataset, prep.pairs["train"]) if module.potential.head.shared_baseline else refs
     doubtful = doubtful_units(prep.dataset, prep.pairs["train"], own.ref, own.scale)
-    warn_isolated_atoms(prep.dataset, prep.pairs["train"], own.scale)
+    warn_isolated_atoms(prep.dataset, prep.pairs["train"])
     report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
     module.sync_ema()
