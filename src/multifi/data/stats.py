@@ -379,8 +379,6 @@ def shortest_contacts(dataset, neighbors, structures: np.ndarray, chunk: int = 2
     (cached ones, data.neighbors.NeighborCache) of `structures`, 0 where a pair never occurs, symmetric;
     reach [N_ELEMENTS] Å: the farthest any atom of each element lies from its nearest neighbour, inf when one has
     none within the cutoff, 0 for elements absent)."""
-    from multifi.data.dataset import ranges  # (dataset imports this module)
-
     out = np.full((N_ELEMENTS, N_ELEMENTS), np.inf)
     reach = np.zeros(N_ELEMENTS)
     if not hasattr(neighbors, "edges") or not hasattr(neighbors, "edge_offsets"):
@@ -391,7 +389,7 @@ def shortest_contacts(dataset, neighbors, structures: np.ndarray, chunk: int = 2
     for a in range(0, len(structures), chunk):
         s = structures[a : a + chunk]
         n = np.diff(offsets)[s]
-        atoms = ranges(offsets[s], n)  # every atom of the chunk, with edges or without
+        atoms = np.repeat(offsets[s] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))  # the chunk's atoms
         nearest = np.full(len(atoms), np.inf)
         i, j, shifts, counts = neighbors.edges(s)
         if len(i):

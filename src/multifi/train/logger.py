@@ -183,7 +183,7 @@ def _step_limit(trainer) -> str:
     """ "/N": the step the run ends at, whichever of max_steps and the epochs comes first ("" when unknown)."""
     import math
 
-    per_epoch = trainer.num_training_batches
+    per_epoch = getattr(trainer, "num_training_batches", None)
     limits = [trainer.max_steps] if trainer.max_steps and trainer.max_steps > 0 else []
     if trainer.max_epochs and trainer.max_epochs > 0 and isinstance(per_epoch, int) and not math.isinf(per_epoch):
         limits.append(trainer.max_epochs * per_epoch)
