@@ -257,14 +257,17 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
     )
     assert code == 0 and "picked 5 of 20 eligible structures (40 distinct structures in the pool" in stdout
     assert "20 labelled at hi in the model's run data" in stdout
+
+    def pick(frames, n: int) -> str:
+        ase.io.write(pool, frames, format="extxyz")
+        argv = ["select", run_dir, pool, "--fidelity", "hi", "--n", str(n), "--strategy", "random", "--out", out]
+        code, stdout, _ = run([*argv, "--force"], capsys)
+        assert code == 0
+        return stdout
+
     for i, b in enumerate(bare):  # the same geometries under keys the run never used: the same structures
         b.info["key"] = f"renamed{i}"
-    ase.io.write(pool, bare, format="extxyz")
-    code, stdout, _ = run(
-        ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out, "--force"],
-        capsys,
-    )
-    assert code == 0 and "picked 5 of 20 eligible structures (40 distinct structures in the pool" in stdout
+    assert "picked 5 of 20 eligible structures (40 distinct structures in the pool" in pick(bare, 5)
     assert all(int(k.removeprefix("renamed")) >= 20 for k in out.read_text().split())  # lo-only ones
     # re-exported: coordinates rounded to 1e-5 Å, shifted by 10 Å and atoms reordered (37 of 40 were picked again)
     for b in bare:
@@ -272,12 +275,7 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
     moved = [b[::-1] for b in bare]
     for i, b in enumerate(moved):
         b.info["key"] = f"moved{i}"
-    ase.io.write(pool, moved, format="extxyz")
-    code, stdout, _ = run(
-        ["select", run_dir, pool, "--fidelity", "hi", "--n", "40", "--strategy", "random", "--out", out, "--force"],
-        capsys,
-    )
-    assert code == 0 and "picked 20 of 20 eligible structures (40 distinct structures in the pool" in stdout
+    assert "picked 20 of 20 eligible structures (40 distinct structures in the pool" in pick(moved, 40)
     assert sorted(int(k.removeprefix("moved")) for k in out.read_text().split()) == list(range(20, 40))
 
 
