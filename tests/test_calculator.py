@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from ase import units
 from ase.build import bulk, molecule
 from ase.filters import FrechetCellFilter
@@ -120,6 +121,15 @@ def test_non_finite_positions_are_a_one_line_error():
     atoms.calc = multifi.Calculator(CKPT, fidelity="PBE")
     with pytest.raises(MultifiError, match=r"atom 3 \(0-based\) has a non-finite \(NaN/inf\) position"):
         atoms.get_potential_energy()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_device_this_machine_lacks_is_a_one_line_error():
+    """device="cuda" without CUDA was torch's AssertionError; the CLI's --device already said it in one line."""
+    with pytest.raises(MultifiError, match="cuda: no CUDA device on this machine"):
+        multifi.Calculator(CKPT, fidelity="PBE", device="cuda")
+    with pytest.raises(MultifiError, match="not a device: 'gpu'"):
+        multifi.Calculator(CKPT, fidelity="PBE", device="gpu")
 
 
 def test_molecule_has_no_stress():

@@ -379,6 +379,18 @@ def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys
     assert "train: lo=" in caplog.text and "parameters" in caplog.text and "5 steps per epoch" in caplog.text
     assert re.search(r"sampling per epoch: every training sample once \(lo \d+\.\d %, hi \d+\.\d %\)", caplog.text)
     fails(["train", write_config(), "--dry-run", "--set", "data.sources.0.fidelity=LJ"], capsys, "names fidelity 'lo'")
+    # over a finished run's folder the dry run still checks config and data (it stopped at the folder before),
+    # then says the run could not start there
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_text("")
+    fails(["train", write_config(), "--dry-run", "--set", "model.n_rbf=-1"], capsys, "model.n_rbf")
+    fails(["train", write_config(), "--dry-run", "--set", "data.sources.0.fidelity=LJ"], capsys, "names fidelity 'lo'")
+    fails(
+        ["train", write_config(), "--dry-run"],
+        capsys,
+        "run directory exists and is not empty",
+        "(config and data are valid)",
+    )
 
 
 def test_a_run_without_test_structures_says_so_instead_of_an_empty_table(write_config, tmp_path, capsys):

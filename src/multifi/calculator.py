@@ -12,6 +12,7 @@ from ase.units import GPa
 
 from multifi.aot import AotModel
 from multifi.data.batch import graph_from_atoms
+from multifi.devices import existing_device
 from multifi.errors import MultifiError, unknown_name
 from multifi.models.elements import check_contacts, check_elements
 
@@ -80,7 +81,7 @@ class Calculator(AseCalculator):
         if dtype is not None and dtype not in dtypes:
             raise MultifiError(f"Calculator: dtype {dtype!r}: use 'float32', 'float64' or None (the model's own)")
         self.dtype = next(potential.parameters()).dtype if dtype is None else dtypes[dtype]
-        self.device = torch.device(device)
+        self.device = existing_device(device)
         self.potential = potential.to(device=self.device, dtype=self.dtype).eval()
         for p in self.potential.parameters():
             p.requires_grad_(False)

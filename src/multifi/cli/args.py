@@ -43,17 +43,14 @@ def label_keys(args) -> dict:
 
 
 def device_arg(text: str) -> str:
-    """argparse type: a torch device that exists here (cpu, cuda, cuda:1, mps)."""
-    import torch
+    """argparse type: a torch device that exists here (cpu, cuda, cuda:1, mps; devices.existing_device)."""
+    from multifi.devices import existing_device
+    from multifi.errors import MultifiError
 
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no MPS device on this machine")
+        existing_device(text)
+    except MultifiError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

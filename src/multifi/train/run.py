@@ -119,11 +119,17 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
         check_resume_changes(run_dir, cfg)
         if check_more_to_train(run_dir, ckpt, cfg):
             return run_dir
+    blocked = None  # a dry run checks everything else first, then says why the run itself could not start
     if resume and ckpt is None:  # asked to continue this run: start it again (its unreadable checkpoints get replaced)
         log.warning("%s: no checkpoint to resume from; starting the run from the beginning", run_dir)
         resume = False
     elif leader and not resume:
-        _check_fresh_run_dir(run_dir)
+        try:
+            _check_fresh_run_dir(run_dir)
+        except MultifiError as exc:
+            if not dry_run:
+                raise
+            blocked = exc
     log.info("run directory: %s", run_dir.resolve())
     _configure_threads(cfg)
     _quiet_lightning()
@@ -201,6 +207,8 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
         check_world(trainer.world_size, resumed, cfg, run_dir)
     if dry_run:
         _report_plan(cfg, prep, module, run_dir, ckpt)
+        if blocked is not None:
+            raise MultifiError(f"{blocked} (config and data are valid)")
         return run_dir
     # all checks passed: only now does the run directory get written
     make_dir(run_dir)
