@@ -16,6 +16,7 @@ LAYERS = [
         "multifi.files",
         "multifi.logs",
         "multifi.ranks",
+        "multifi.devices",
         "multifi.keys",
         "multifi",
     },
