@@ -218,3 +218,18 @@ def test_state_check_finds_the_changes_ase_finds():
     magnetic = moved.copy()
     magnetic.set_initial_magnetic_moments(np.ones(len(magnetic)))
     assert calc.check_state(magnetic) == []
+
+
+def test_stress_at_a_fidelity_trained_without_stress_labels_is_said_once(caplog):
+    """r2SCAN in the shared solids has no stress labels: a cell relaxation at it ran without a hint."""
+    pot = m3gnet_potential()
+    pot.spec["stress_labels"] = {"PBE": 40, pot.fidelities.names[1]: 0}
+    atoms = bulk("Si", "diamond", 5.43, cubic=True)
+    for name, said in (("PBE", False), (pot.fidelities.names[1], True)):
+        atoms.calc = multifi.Calculator(pot, fidelity=name)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="multifi"):
+            atoms.get_stress()
+            atoms.positions[0] += 0.01
+            atoms.get_stress()
+        assert caplog.text.count("no training structure had a stress label") == int(said), caplog.text

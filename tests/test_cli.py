@@ -522,6 +522,7 @@ def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog
     contact = pot.head.contact.numpy()
     assert 0.8 < contact[1, 6] < 1.2 and contact[1, 6] == contact[6, 1] and contact[6, 6] > contact[1, 6]
     assert contact[1, 29] == 0  # Cu: never in training
+    assert pot.spec["stress_labels"] == {"lo": 0, "hi": 0}  # molecules: no stress labels at either fidelity
     water = rattled_molecule("H2O", 3)
     squeezed = water.copy()
     squeezed.positions[1] = squeezed.positions[0] + 0.4 * (squeezed.positions[1] - squeezed.positions[0])

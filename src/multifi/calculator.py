@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import torch
@@ -15,6 +16,8 @@ from multifi.data.batch import graph_from_atoms
 from multifi.devices import existing_device
 from multifi.errors import MultifiError, unknown_name
 from multifi.models.elements import check_contacts, check_elements
+
+log = logging.getLogger("multifi")
 
 #: the constructor's arguments (ASE's label, atoms and directory included): other keywords are errors
 ARGUMENTS = (
@@ -160,6 +163,8 @@ class Calculator(AseCalculator):
         check_contacts(self.potential, graph, seen=self._warned)  # once per element pair and calculator
         periodic = bool(self.atoms.pbc.any())
         want_stress = periodic and "stress" in properties
+        if want_stress:
+            self._say_if_stress_untrained()
         if self.aot and self.device.type == "cpu" and AotModel.fits(len(self.atoms), graph.edge_index.shape[1]):
             out = self._aot_outputs(graph, want_stress)
         else:
@@ -175,6 +180,19 @@ class Calculator(AseCalculator):
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
         elif "stress" in properties:
             raise NoStressError("stress needs a periodic cell (atoms.pbc is all False)")
+
+    def _say_if_stress_untrained(self) -> None:
+        """Warn once per fidelity when no training structure of it had a stress label (the model card's count):
+        its stress is the strain derivative of its energy, never fitted to stress labels."""
+        name = self.potential.fidelities.names[self._index]
+        if self.potential.spec.get("stress_labels", {}).get(name) != 0 or ("stress", name) in self._warned:
+            return
+        self._warned.add(("stress", name))
+        log.warning(
+            "%s: no training structure had a stress label at this fidelity; its stress (cell relaxations, NPT) is "
+            "the strain derivative of its energy, never fitted to stress labels",
+            name,
+        )
 
     def _aot_outputs(self, graph, want_stress: bool) -> dict[str, torch.Tensor]:
         """Energy, forces and stress [1,3,3] (GPa, as Potential gives it) from the ahead-of-time compiled model."""

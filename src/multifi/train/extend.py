@@ -879,7 +879,10 @@ def _card_data(old, x, pairs: dict, table: FidelityTable, replay: dict, old_run)
         "replay": x.replay,
         "replayed": _counts(replay["train"], old_run.dataset.fidelities) if replay else {},
     }
-    return {"data": data, "history": [*old.spec.get("history", []), event]}
+    out = {"data": data, "history": [*old.spec.get("history", []), event]}
+    if "stress_labels" in old.spec:  # the old fidelities' counts kept; the new one's not counted (None: unknown)
+        out["stress_labels"] = {**old.spec["stress_labels"], x.fidelity: None}
+    return out
 
 
 def _check_elements(old, new_ds: FidelityDataset, name: str, trainable: str, where: str) -> None:

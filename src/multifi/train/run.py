@@ -246,6 +246,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
 
         potential = load_potential(best)
         potential.spec["data"] = {split: _counts(prep, split) for split in ("train", "val", "test")}  # model card
+        potential.spec["stress_labels"] = _stress_counts(prep)
         save_potential(potential, run_dir / "model.pt")
         metrics = evaluate_pairs(potential, prep.dataset, data.neighbors, prep.pairs["test"], cfg.train.batch_size)
         val = (
@@ -809,6 +810,13 @@ def _best_checkpoint(trainer, last: Path) -> Path:
             if here.exists():
                 return here
     return last
+
+
+def _stress_counts(prep) -> dict[str, int]:
+    """Training structures with a stress label, per fidelity (the calculator says when a fidelity had none)."""
+    pairs, ds = prep.pairs["train"], prep.dataset
+    stressed = np.zeros(len(pairs), bool) if ds.stress_mask is None else ds.stress_mask[pairs[:, 0], pairs[:, 1]]
+    return {n: int(stressed[pairs[:, 1] == k].sum()) for k, n in enumerate(ds.fidelities.names)}
 
 
 def _counts(prep, split: str) -> dict[str, int]:
