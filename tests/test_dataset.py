@@ -90,6 +90,12 @@ def test_from_records_columnar_layout():
         "PBE": {"energy": 2, "forces": 2, "stress": 1},
         "CC": {"energy": 2, "forces": 0, "stress": 0},
     }
+    pairs = np.array([[2, 0], [1, 1], [0, 1]])  # e.g. a training split: Si at PBE, methane and water at CC
+    assert ds.label_counts(pairs) == {
+        "PBE": {"energy": 1, "forces": 1, "stress": 1},
+        "CC": {"energy": 2, "forces": 0, "stress": 0},
+    }
+    assert ds.label_counts(pairs[:1])["CC"] == {"energy": 0, "forces": 0, "stress": 0}
     assert ds.elements == [1, 6, 8, 11, 17]
     back = ds.to_atoms(2)
     np.testing.assert_allclose(back.positions, si.positions)

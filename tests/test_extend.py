@@ -574,6 +574,14 @@ def test_an_extension_can_be_extended_again_with_replay_of_every_fidelity(old_ru
     assert before["n"] == m1["fidelities"]["CC"]["n"]
     assert before["energy_mae_meV"] == pytest.approx(m1["fidelities"]["CC"]["energy_mae_meV"], rel=1e-6)
     assert list(load_old_run(second).dataset.fidelities.names) == [*OLD, "CC", "DD"]
+    # molecules: no stress labels at any fidelity, the new ones counted in their training data too
+    assert load_potential(second / "model.pt").spec["stress_labels"] == {**dict.fromkeys(OLD, 0), "CC": 0, "DD": 0}
+    capsys.readouterr()
+    assert main(["info", str(second / "model.pt")]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.strip().startswith("3  DD"))
+    assert row.split()[2] == str(m2["n_train"]["DD"]) and row.split()[5] == "0"  # train, val, test, stress
+    assert "(stress: training structures with a stress label)" in out
     (second / "dataset.npz").unlink()
     with pytest.raises(MultifiError, match="pairs.npz without the dataset.npz"):
         load_old_run(second)

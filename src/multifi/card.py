@@ -29,7 +29,7 @@ def model_card(path: str | Path) -> dict:
         run = run.parent
         if (run / "model.pt").exists():  # the run's record (data, extensions): what its model.pt's card says
             kept = load_potential(run / "model.pt", compile=False).spec
-            pot.spec.update({k: kept[k] for k in ("data", "history") if k in kept})
+            pot.spec.update({k: kept[k] for k in ("data", "history", "stress_labels") if k in kept})
     emb = pot.config.fidelity_embedding
     names = list(pot.fidelities.names)
     fitted = pot.head.fitted.detach().cpu()  # [119, K]: reference from the fidelity's own labels
@@ -50,6 +50,7 @@ def model_card(path: str | Path) -> dict:
                 "elements": [chemical_symbols[z] for z in torch.nonzero(fitted[:, k]).flatten().tolist()],
                 "estimated": [chemical_symbols[z] for z in torch.nonzero(known & ~fitted[:, k]).flatten().tolist()],
                 "open": [chemical_symbols[z] for z in pot.head.open_elements(k)],
+                "stress_labels": pot.spec.get("stress_labels", {}).get(n),  # training structures; None: not recorded
             }
             for k, n in enumerate(names)
         ],
@@ -114,10 +115,13 @@ def format_card(card: dict) -> str:
     data = card["data"] or {}
     splits = [s for s in ("train", "val", "test") if s in data]
     width = max(len("fidelity"), *(len(f["name"]) for f in card["fidelities"])) + 2
-    header = "  #  " + "fidelity".ljust(width) + "".join(s.rjust(8) for s in splits) + "  scale eV  elements"
-    lines.append(header)
+    stress = any(f.get("stress_labels") is not None for f in card["fidelities"])
+    header = "  #  " + "fidelity".ljust(width) + "".join(s.rjust(8) for s in splits)
+    lines.append(header + ("  stress" if stress else "") + "  scale eV  elements")
     for f in card["fidelities"]:
         counts = "".join(str(data[s].get(f["name"], "-")).rjust(8) for s in splits)
+        if stress:  # training structures with a stress label
+            counts += str("-" if f.get("stress_labels") is None else f["stress_labels"]).rjust(8)
         lines.append(
             f"  {f['index']:<2} "
             + f["name"].ljust(width)
@@ -129,6 +133,8 @@ def format_card(card: dict) -> str:
         )
     if not splits:
         lines.append("  (structures per fidelity not recorded with this model)")
+    if stress:
+        lines.append("  (stress: training structures with a stress label)")
     if card["history"]:
         lines += ["", "extensions:"]
         for h in card["history"]:

@@ -106,9 +106,16 @@ class FidelityDataset:
             return np.zeros(self.energy.shape, dtype=bool)
         return self.stress_mask
 
-    def label_counts(self) -> dict[str, dict[str, int]]:
-        """Per fidelity: number of structures with energy, forces and stress labels."""
-        e, f, s = self.energy_mask.sum(0), self.has_forces().sum(0), self.has_stress().sum(0)
+    def label_counts(self, pairs: np.ndarray | None = None) -> dict[str, dict[str, int]]:
+        """Per fidelity: number of structures with energy, forces and stress labels; among the (structure,
+        fidelity) rows of `pairs` [P, 2] when given (e.g. a training split), else in the whole dataset."""
+        masks = (self.energy_mask, self.has_forces(), self.has_stress())
+        if pairs is None:
+            e, f, s = (m.sum(0) for m in masks)
+        else:
+            pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+            K = len(self.fidelities)
+            e, f, s = (np.bincount(pairs[:, 1], weights=m[pairs[:, 0], pairs[:, 1]], minlength=K) for m in masks)
         return {
             name: {"energy": int(e[k]), "forces": int(f[k]), "stress": int(s[k])}
             for k, name in enumerate(self.fidelities.names)

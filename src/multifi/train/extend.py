@@ -688,6 +688,9 @@ def _finish(
     )
     forgetting = _forgetting(old, potential, old_run, cfg.train.batch_size)
     potential.spec.update(_card_data(old, x, pairs, table, replay, old_run))
+    if "stress_labels" in old.spec:  # the old fidelities' counts kept, the new one's counted in its training data
+        trained = data.dataset.label_counts(pairs["train"][pairs["train"][:, 1] == K])
+        potential.spec["stress_labels"] = {**old.spec["stress_labels"], x.fidelity: trained[x.fidelity]["stress"]}
     save_potential(potential, run_dir / "model.pt")
     payload = {
         "fidelities": {**{n: f["after"] for n, f in forgetting.items()}, **new_metrics},
@@ -879,10 +882,7 @@ def _card_data(old, x, pairs: dict, table: FidelityTable, replay: dict, old_run)
         "replay": x.replay,
         "replayed": _counts(replay["train"], old_run.dataset.fidelities) if replay else {},
     }
-    out = {"data": data, "history": [*old.spec.get("history", []), event]}
-    if "stress_labels" in old.spec:  # the old fidelities' counts kept; the new one's not counted (None: unknown)
-        out["stress_labels"] = {**old.spec["stress_labels"], x.fidelity: None}
-    return out
+    return {"data": data, "history": [*old.spec.get("history", []), event]}
 
 
 def _check_elements(old, new_ds: FidelityDataset, name: str, trainable: str, where: str) -> None:

@@ -814,9 +814,7 @@ def _best_checkpoint(trainer, last: Path) -> Path:
 
 def _stress_counts(prep) -> dict[str, int]:
     """Training structures with a stress label, per fidelity (the calculator says when a fidelity had none)."""
-    pairs, ds = prep.pairs["train"], prep.dataset
-    stressed = np.zeros(len(pairs), bool) if ds.stress_mask is None else ds.stress_mask[pairs[:, 0], pairs[:, 1]]
-    return {n: int(stressed[pairs[:, 1] == k].sum()) for k, n in enumerate(ds.fidelities.names)}
+    return {n: c["stress"] for n, c in prep.dataset.label_counts(prep.pairs["train"]).items()}
 
 
 def _counts(prep, split: str) -> dict[str, int]:
