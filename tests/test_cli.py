@@ -510,7 +510,7 @@ def test_data_info_runs_the_unit_checks(tmp_path, capsys, caplog):
     assert "energies at fidelity 'lo' look like Hartree" in caplog.text
 
 
-def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog):
+def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog, tmp_path):
     """The run records the shortest distance of each element pair in its training structures; the calculator
     and predict warn (once per pair) when atoms come far closer than that, and stay silent otherwise."""
     from multifi.calculator import Calculator
@@ -570,6 +570,12 @@ def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog
         predict_atoms(pot, [lone], "hi")
     (message,) = [r.getMessage() for r in caplog.records if "far closer" in r.getMessage()]
     assert message.startswith("atoms 0 (H) and a periodic image of 0 (H) (0-based) 0.60 Å apart"), message
+    # select flags by the same rule: exactly the structures predict warned about
+    from multifi.select import outside_training_geometry, read_pool
+
+    ase.io.write(tmp_path / "pool.extxyz", [water, crushed, stretched, alone, lone], format="extxyz")
+    flags = outside_training_geometry(pot, read_pool(str(tmp_path / "pool.extxyz")))
+    assert flags.tolist() == [False, True, True, True, True]
 
 
 def test_first_of_each_and_the_shortest_contact_is_named(cli_run, caplog):

@@ -115,35 +115,32 @@ def mean_hidden(features: np.ndarray) -> np.ndarray:
 
 
 def outside_training_geometry(potential, pool) -> np.ndarray:
-    """[len(pool)] bool: structures where the model extrapolates in geometry, as `predict` warns
-    (models.elements.check_contacts): atoms closer than CONTACT_FRACTION of their pair's shortest training distance,
-    or farther from their nearest neighbour than REACH_FACTOR × their element's farthest in training (stretched
-    bonds, an atom without neighbours). False everywhere for a model that recorded neither."""
-    from multifi.data.neighbors import NeighborCache
-    from multifi.models.elements import CONTACT_FRACTION, REACH_FACTOR
+    """[len(pool)] bool: structures where the model extrapolates in geometry by the rule `predict` warns with
+    (models.elements.outside_geometry: atoms far closer than their pair ever was in training, or farther from
+    their nearest neighbour than their element ever was). False everywhere for a model that recorded neither."""
+    import torch
 
-    contact = potential.head.contact.detach().cpu().numpy()
-    reach = potential.head.reach.detach().cpu().numpy()
-    if not (contact.any() or reach.any()) or len(pool) == 0:
+    from multifi.data.neighbors import NeighborCache
+    from multifi.models.elements import outside_geometry
+
+    if not (potential.head.contact.any() or potential.head.reach.any()) or len(pool) == 0:
         return np.zeros(len(pool), bool)
     nl = NeighborCache(pool, potential.cutoff, progress=False)
     structures = np.arange(len(pool))
     i, j, shifts, counts = nl.edges(structures)
-    offsets, numbers = np.asarray(pool.offsets), np.asarray(pool.numbers, dtype=np.int64)
+    offsets = np.asarray(pool.offsets)
     owner = np.repeat(structures, counts)
     gi, gj = offsets[owner] + i, offsets[owner] + j
     vec = (
         pool.positions[gj] - pool.positions[gi] + np.einsum("ea,eab->eb", shifts.astype(np.float64), pool.cells[owner])
     )
-    d = np.linalg.norm(vec, axis=1)
-    limit = contact[numbers[gi], numbers[gj]]
+    numbers = torch.as_tensor(np.asarray(pool.numbers, dtype=np.int64))
+    close, far, _ = outside_geometry(
+        potential, numbers, torch.as_tensor(gi), torch.as_tensor(gj), torch.as_tensor(np.linalg.norm(vec, axis=1))
+    )
     out = np.zeros(len(pool), bool)
-    out[owner[(limit > 0) & (d < CONTACT_FRACTION * limit)]] = True
-    nearest = np.full(len(numbers), np.inf)
-    np.minimum.at(nearest, gi, d)
-    far_limit = reach[numbers]
-    far = (far_limit > 0) & np.isfinite(far_limit) & (nearest > REACH_FACTOR * far_limit)
-    out[np.repeat(structures, pool.n_atoms)[far]] = True
+    out[owner[close.cpu().numpy()]] = True
+    out[np.repeat(structures, pool.n_atoms)[far.cpu().numpy()]] = True
     return out
 
 

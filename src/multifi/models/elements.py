@@ -150,6 +150,29 @@ def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: s
 
 #: a pair closer than this fraction of its shortest distance in training is an extrapolation worth a warning
 CONTACT_FRACTION = 0.75
+#: an atom farther than this multiple of its element's farthest nearest-neighbour distance in training from its
+#: own nearest neighbour is in a stretched or dissociating structure (bonds 1.5× long: 1.3-1.4× the reach)
+REACH_FACTOR = 1.25
+
+
+def outside_geometry(
+    potential, numbers: torch.Tensor, i: torch.Tensor, j: torch.Tensor, d: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rule by which the model extrapolates in geometry, for atoms `numbers` [N] and edges i → j [E] of
+    length d [E] Å (all within the cutoff): (close [E] bool: shorter than CONTACT_FRACTION of the shortest
+    distance of their element pair in training, EnergyHead.contact; far [N] bool: the atom's nearest neighbour
+    farther than REACH_FACTOR × the farthest any atom of its element had in training, EnergyHead.reach, or none
+    within the cutoff; nearest [N] Å, inf without a neighbour). All False for a model that recorded neither."""
+    contact, reach = potential.head.contact, potential.head.reach
+    numbers, i, j, d = (x.to(contact.device) for x in (numbers, i, j, d.double()))
+    limit = contact[numbers[i], numbers[j]]
+    close = (limit > 0) & (d < CONTACT_FRACTION * limit)
+    nearest = torch.full((len(numbers),), float("inf"), dtype=torch.float64, device=contact.device)
+    if len(d):
+        nearest.scatter_reduce_(0, i, d, reduce="amin")
+    far_limit = reach[numbers]
+    far = (far_limit > 0) & torch.isfinite(far_limit) & (nearest > REACH_FACTOR * far_limit)
+    return close, far, nearest
 
 
 def check_contacts(
@@ -164,16 +187,14 @@ def check_contacts(
     i, j = graph.edge_index
     shift = torch.einsum("ea,eab->eb", graph.shifts.to(graph.cell.dtype), graph.cell[graph.batch[i]])
     d = (graph.positions[j] - graph.positions[i] + shift).norm(dim=1).to(contact.device, torch.float64)
-    _check_reach(potential, graph, d, where, first, seen, several)
-    if not bool(contact.any()) or graph.edge_index.shape[1] == 0:
-        return
-    zi, zj = graph.numbers[i].to(contact.device), graph.numbers[j].to(contact.device)
-    limit = contact[zi, zj]
-    close = (limit > 0) & (d < CONTACT_FRACTION * limit)
+    close, far, nearest = outside_geometry(potential, graph.numbers, i, j, d)
+    _warn_far(potential, graph, far, nearest, where, first, seen, several)
     if not bool(close.any()):
         return
     from ase.data import chemical_symbols
 
+    zi, zj = graph.numbers[i].to(contact.device), graph.numbers[j].to(contact.device)
+    limit = contact[zi, zj]
     edges = torch.nonzero(close).flatten()
     key = torch.minimum(zi[edges], zj[edges]) * 256 + torch.maximum(zi[edges], zj[edges])
     if seen:  # pairs warned about before: not again (and no work for them on every MD step)
@@ -211,27 +232,16 @@ def check_contacts(
             seen.add(("contact", pair))
 
 
-#: an atom farther than this multiple of its element's farthest nearest-neighbour distance in training from its
-#: own nearest neighbour is in a stretched or dissociating structure (bonds 1.5× long: 1.3-1.4× the reach)
-REACH_FACTOR = 1.25
-
-
-def _check_reach(potential, graph, d: torch.Tensor, where: str, first: int, seen: set | None, several) -> None:
-    """Warn (once per element, and per `seen` set) when an atom of `graph` lies farther from its nearest neighbour
-    (d [E] Å: the edge lengths; no neighbour within the cutoff: infinitely far) than REACH_FACTOR × the farthest
-    any atom of its element did in training (EnergyHead.reach): stretched bonds or a dissociating structure,
-    where the model extrapolates (and its uncertainty need not say so)."""
+def _warn_far(
+    potential, graph, far: torch.Tensor, nearest: torch.Tensor, where: str, first: int, seen: set | None, several
+) -> None:
+    """Warn (once per element, and per `seen` set) about the atoms flagged `far` [N] by outside_geometry (nearest
+    [N] Å: distance to their nearest neighbour): stretched bonds or a dissociating structure, where the model
+    extrapolates (and its uncertainty need not say so)."""
     from ase.data import chemical_symbols
 
     reach = potential.head.reach
-    if not bool(reach.any()):
-        return
     numbers = graph.numbers.to(reach.device)
-    nearest = torch.full((len(numbers),), float("inf"), dtype=torch.float64, device=reach.device)
-    if len(d):
-        nearest.scatter_reduce_(0, graph.edge_index[0].to(reach.device), d, reduce="amin")
-    limit = reach[numbers]
-    far = (limit > 0) & torch.isfinite(limit) & (nearest > REACH_FACTOR * limit)
     warned = {x[1] for x in seen or () if isinstance(x, tuple) and x[0] == "reach"}
     for z in sorted(set(numbers[far].tolist()) - warned):
         mine = torch.nonzero(far & (numbers == z)).flatten()
