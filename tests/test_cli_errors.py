@@ -292,7 +292,7 @@ def test_metrics_csv_one_training_mean_per_epoch_after_a_max_steps_run_is_contin
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     means = [(r["epoch"], r["step"]) for r in rows if r["train_loss_epoch"]]
-    assert means == [("0", "5"), ("1", "10")], rows
+    assert means == [("1", "5"), ("2", "10")], rows
     assert [r["step"] for r in rows] == ["5", "7", "10"]  # the stop at 7 was validated; no partial-epoch mean
     assert all(r["val_loss"] for r in rows) and all(r["train_energy"] for r in rows if r["step"] != "7")
 

@@ -265,5 +265,5 @@ def test_two_processes_resumed_inside_an_epoch_log_the_epoch_means_of_a_run_that
         return [(r["epoch"], float(r["train_loss_epoch"])) for r in rows if r.get("train_loss_epoch")]
 
     got, want = means("cut"), means("straight")
-    assert [e for e, _ in got] == [e for e, _ in want] == ["0", "1", "2", "3"]
+    assert [e for e, _ in got] == [e for e, _ in want] == ["1", "2", "3", "4"]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)

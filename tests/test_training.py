@@ -117,7 +117,7 @@ def test_metrics_csv_has_per_fidelity_validation_columns(trained_run):
             assert f"val/{name}/{key}" in columns, (name, key)
     assert "val_loss" in columns
     epochs_with_val = {r["epoch"] for r in rows if r.get("val/hi/energy_mae_meV")}
-    assert epochs_with_val == {"0", "1"}
+    assert epochs_with_val == {"1", "2"}  # counted from 1, as the log lines
 
 
 def test_metrics_json_schema_and_test_counts(trained_run):
@@ -819,7 +819,7 @@ def test_a_resume_from_an_epoch_end_checkpoint_trains_like_a_run_that_never_stop
         with open(d / "metrics.csv") as f:
             return [(r["epoch"], r["step"]) for r in csv.DictReader(f)]
 
-    assert steps(cut) == steps(tmp_path / "s") == [(str(e), str(5 * e + 5)) for e in range(6)]
+    assert steps(cut) == steps(tmp_path / "s") == [(str(e + 1), str(5 * e + 5)) for e in range(6)]
 
 
 def test_resumes_from_an_epochs_last_step_keep_counting_epochs(write_config, tmp_path):
@@ -851,7 +851,7 @@ def test_resumes_from_an_epochs_last_step_keep_counting_epochs(write_config, tmp
             return [(r["epoch"], float(r["train_loss_epoch"])) for r in csv.DictReader(f) if r["train_loss_epoch"]]
 
     got, want = losses("cut"), losses("s")
-    assert [e for e, _ in got] == [e for e, _ in want] == [str(e) for e in range(6)]
+    assert [e for e, _ in got] == [e for e, _ in want] == [str(e) for e in range(1, 7)]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)
 
 

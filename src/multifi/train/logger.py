@@ -24,6 +24,7 @@ log = logging.getLogger("multifi")
 class RunCSVLogger(Logger):
     """run_dir/metrics.csv: one row per step at which something was logged (in practice one per validation:
     epoch, step, lr, validation loss and per-fidelity metrics, and at epoch ends the epoch's training losses).
+    Epochs count from 1, as the log lines do (the epoch a row was logged in).
 
     `step` counts the optimiser steps done when the row was logged, as a checkpoint's `global_step`, the
     training log and metrics.json's `best_step` do: `steps_done()` (the trainer's global_step) when set, else
@@ -67,6 +68,8 @@ class RunCSVLogger(Logger):
         row = {k: _number(v) for k, v in metrics.items() if not k.endswith("_step")}
         if not set(row) - {"epoch"}:
             return
+        if row.get("epoch") not in (None, ""):  # counted from 1, as the log's "epoch N/M" lines (Lightning: from 0)
+            row["epoch"] = int(row["epoch"]) + 1
         rows = self._load()
         step = self.steps_done() if self.steps_done else int(step or 0) + 1
         if self._n_old:  # first row after a resume: forget what the interrupted start logged from here on
