@@ -154,6 +154,47 @@ def test_stress_of_a_non_periodic_structure_is_not_implemented_as_ase_says():
             atoms.get_stress()
 
 
+def test_a_slab_without_vacuum_predicts_as_with_vacuum_and_has_no_stress(tmp_path):
+    """ASE's surface builders leave the non-periodic cell vector zero (fcc111, diamond100 without vacuum): that
+    was an error. Energy and forces equal those of the same slab given vacuum; stress (per volume) is an error
+    in the calculator, absent in predict, and a stress label on such a cell is an error naming the structure;
+    a periodic direction without its vector is still an error."""
+    import ase.io
+    from ase.build import diamond100
+
+    from multifi.data.readers.ase_files import read_ase
+    from multifi.predict import predict_atoms
+
+    slab = diamond100("Si", size=(2, 2, 4))
+    slab.rattle(0.05, seed=1)
+    assert slab.cell.array[2].tolist() == [0, 0, 0] and slab.pbc.tolist() == [True, True, False]
+    padded = slab.copy()
+    padded.center(vacuum=8.0, axis=2)
+    results = []
+    for atoms in (slab, padded):
+        atoms.calc = multifi.Calculator(CKPT, fidelity="PBE", dtype="float64")
+        results.append((atoms.get_potential_energy(), atoms.get_forces()))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-8)
+    np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-8)
+    assert np.abs(results[0][1]).max() > 1e-2
+    with pytest.raises(MultifiError, match="stress needs a cell with a volume.*atoms.center"):
+        slab.get_stress()
+    assert np.abs(padded.get_stress()).max() > 0
+    pot = multifi.Calculator(CKPT, fidelity="PBE").potential
+    _, _, stresses = predict_atoms(pot, [slab, padded], "PBE")
+    assert stresses[0] is None and stresses[1] is not None
+    labelled = slab.copy()
+    labelled.info.update(energy=-80.0, stress=np.zeros(6), fidelity="PBE")
+    ase.io.write(tmp_path / "slab.extxyz", labelled)
+    with pytest.raises(MultifiError, match=r"slab.extxyz.*structure 0: a stress label on a cell without volume"):
+        read_ase(tmp_path / "slab.extxyz")
+    no_area = slab.copy()
+    no_area.cell[1] = 0
+    no_area.calc = multifi.Calculator(CKPT, fidelity="PBE")
+    with pytest.raises(MultifiError, match=r"pbc TTF.*zero area"):
+        no_area.get_potential_energy()
+
+
 def test_calculator_keeps_the_model_precision_unless_told():
     """A float64 model computes in float64 by default (as multifi predict does), a float32 one in float32;
     an explicit dtype wins; an unknown one is a one-line error."""

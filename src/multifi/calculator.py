@@ -13,6 +13,7 @@ from ase.units import GPa
 
 from multifi.aot import AotModel
 from multifi.data.batch import graph_from_atoms
+from multifi.data.neighbors import has_volume
 from multifi.devices import existing_device
 from multifi.errors import MultifiError, unknown_name
 from multifi.models.elements import check_contacts, check_elements
@@ -162,6 +163,11 @@ class Calculator(AseCalculator):
         graph = graph_from_atoms([self.atoms], self.potential.cutoff, self._index, dtype=self.dtype).to(self.device)
         check_contacts(self.potential, graph, seen=self._warned)  # once per element pair and calculator
         periodic = bool(self.atoms.pbc.any())
+        if periodic and "stress" in properties and not has_volume(self.atoms.cell.array):
+            raise NoStressError(
+                "stress needs a cell with a volume: this one has a zero cell vector along a non-periodic direction "
+                "(a slab or wire built without vacuum); give it a length, e.g. atoms.center(vacuum=10, axis=2)"
+            )
         want_stress = periodic and "stress" in properties
         if want_stress:
             self._say_if_stress_untrained()

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.fidelity import FidelityTable
+from multifi.data.neighbors import MIN_MEASURE
 from multifi.data.stats import MAX_Z
 from multifi.errors import SKIP_INVALID_HINT, MultifiError
 from multifi.files import atomic_write, make_dir, new_dir_mode, reported  # noqa: F401 (atomic_write re-exported)
@@ -280,6 +281,15 @@ class FidelityDataset:
         if self.stress_mask is not None and (self.stress_mask.any(1) & ~self.pbc.any(1)).any():
             s = int(np.argmax(self.stress_mask.any(1) & ~self.pbc.any(1)))
             raise MultifiError(f"{src}: structure {s}: a stress label on a non-periodic structure (pbc all False)")
+        if self.stress_mask is not None and self.stress_mask.any():
+            flat = np.flatnonzero(self.stress_mask.any(1))
+            no_volume = np.abs(np.linalg.det(np.asarray(self.cells[flat], dtype=np.float64))) <= MIN_MEASURE
+            if no_volume.any():
+                raise MultifiError(
+                    f"{src}: structure {int(flat[np.argmax(no_volume)])}: a stress label on a cell without volume (a "
+                    "zero cell vector along a non-periodic direction): stress is per volume; give that direction the "
+                    "length the reference calculation used"
+                )
         self.numbers = self.numbers.astype(np.uint8, copy=False)
         if not np.isfinite(self.positions).all():
             s = int(np.searchsorted(self.offsets, np.argwhere(~np.isfinite(self.positions))[0, 0], "right") - 1)

@@ -8,15 +8,34 @@ from tqdm.auto import tqdm
 from multifi.errors import MultifiError
 
 
-def check_cell(cell: np.ndarray, pbc: np.ndarray, where: str = "") -> None:
-    """A structure periodic in some direction needs three cell vectors spanning a volume (Å³ > 1e-6);
-    otherwise an error naming `where` (file and structure)."""
+#: Å, Å², Å³: the length, area or volume below which periodic cell vectors span nothing
+MIN_MEASURE = 1e-6
+
+
+def periodic_measure(cell: np.ndarray, pbc: np.ndarray) -> float:
+    """Length, area or volume (Å, Å², Å³) spanned by the cell vectors of the periodic directions (0 without any)."""
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
-    if pbc.any() and abs(np.linalg.det(np.asarray(cell, dtype=np.float64))) < 1e-6:
+    lattice = np.asarray(cell, dtype=np.float64)[pbc]
+    return float(np.sqrt(abs(np.linalg.det(lattice @ lattice.T)))) if len(lattice) else 0.0
+
+
+def has_volume(cell: np.ndarray) -> bool:
+    """Whether the three cell vectors span a volume (> MIN_MEASURE Å³): what a stress (per volume) needs. A slab
+    or wire whose non-periodic cell vectors are zero (ASE's surface builders without vacuum) has none."""
+    return abs(float(np.linalg.det(np.asarray(cell, dtype=np.float64)))) > MIN_MEASURE
+
+
+def check_cell(cell: np.ndarray, pbc: np.ndarray, where: str = "") -> None:
+    """A structure periodic in some directions needs cell vectors along them that span a length, area or
+    volume (> MIN_MEASURE); the other vectors may be zero (a slab from ase.build.fcc111 without vacuum).
+    Otherwise an error naming `where` (file and structure)."""
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
+    if pbc.any() and periodic_measure(cell, pbc) < MIN_MEASURE:
         prefix = f"{where}: " if where else ""
+        what = {1: "length", 2: "area", 3: "volume"}[int(pbc.sum())]
         raise MultifiError(
-            f"{prefix}periodic (pbc {''.join('T' if p else 'F' for p in pbc)}) but its cell has zero volume: give "
-            "every cell vector a length (a non-periodic direction too, e.g. atoms.center(vacuum=10)) or set pbc False"
+            f"{prefix}periodic (pbc {''.join('T' if p else 'F' for p in pbc)}) but the cell vectors of its periodic "
+            f"directions have zero {what}: give each periodic direction its cell vector, or set pbc False there"
         )
 
 
@@ -72,12 +91,11 @@ def check_periodic_neighbours(cell: np.ndarray, pbc: np.ndarray, n_atoms: int, c
     """An error when `cutoff` would give more than MAX_NEIGHBOURS_PER_ATOM neighbours per atom in a periodic
     cell: n_atoms × (the cutoff ball's measure in the periodic directions: 2r, πr², 4/3πr³) / (the cell's length,
     area or volume in them), counted before the neighbour list is built."""
-    lattice = cell[np.asarray(pbc, dtype=bool)]
-    measure = float(np.sqrt(abs(np.linalg.det(lattice @ lattice.T))))
-    ball = {1: 2 * cutoff, 2: np.pi * cutoff**2, 3: 4 / 3 * np.pi * cutoff**3}[len(lattice)]
-    expected = n_atoms * ball / measure
+    dims = int(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).sum())
+    ball = {1: 2 * cutoff, 2: np.pi * cutoff**2, 3: 4 / 3 * np.pi * cutoff**3}[dims]
+    expected = n_atoms * ball / periodic_measure(cell, pbc)
     if expected > MAX_NEIGHBOURS_PER_ATOM:
-        raise MultifiError(_too_many(where, cutoff, expected, n_atoms, "about" if len(lattice) == 3 else "up to"))
+        raise MultifiError(_too_many(where, cutoff, expected, n_atoms, "about" if dims == 3 else "up to"))
 
 
 def _too_many(where: str, cutoff: float, expected: float, n_atoms: int, how: str = "about") -> str:
@@ -106,7 +124,7 @@ def check_cutoff(dataset, cutoff: float) -> None:
             _too_many(name(s), cutoff, float(expected[np.flatnonzero(full) == s][0]), int(dataset.n_atoms[s]))
         )
     for s in partial.tolist():
-        if abs(np.linalg.det(dataset.cells[s])) > 1e-6:  # zero volume: check_cell's error, with the neighbour list
+        if periodic_measure(dataset.cells[s], dataset.pbc[s]) > MIN_MEASURE:  # else check_cell's error, later
             check_periodic_neighbours(dataset.cells[s], dataset.pbc[s], int(dataset.n_atoms[s]), cutoff, name(s))
 
 
