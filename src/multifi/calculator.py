@@ -13,7 +13,7 @@ from ase.units import GPa
 
 from multifi.aot import AotModel
 from multifi.data.batch import graph_from_atoms
-from multifi.data.neighbors import has_volume
+from multifi.data.cells import has_volume
 from multifi.devices import existing_device
 from multifi.errors import MultifiError, unknown_name
 from multifi.models.elements import check_contacts, check_elements

@@ -29,7 +29,7 @@ def predict_atoms(
     if batch_size < 1:
         raise MultifiError(f"batch size must be a positive number of structures (got {batch_size})")
     from multifi.data.batch import graph_from_atoms
-    from multifi.data.neighbors import has_volume
+    from multifi.data.cells import has_volume
 
     k = potential.fidelity_index(fidelity)
     check_atoms_elements(potential, atoms_list, where, fidelity=k, strict=strict_references)

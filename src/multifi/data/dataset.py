@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from multifi.data.cells import MIN_MEASURE
 from multifi.data.fidelity import FidelityTable
-from multifi.data.neighbors import MIN_MEASURE
 from multifi.data.stats import MAX_Z
 from multifi.errors import SKIP_INVALID_HINT, MultifiError
 from multifi.files import atomic_write, make_dir, new_dir_mode, reported  # noqa: F401 (atomic_write re-exported)

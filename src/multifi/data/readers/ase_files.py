@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from multifi.config import name_problem
+from multifi.data.cells import check_cell
 from multifi.data.dataset import FidelityDataset, voigt_or_matrix
-from multifi.data.neighbors import check_cell
 from multifi.errors import SKIP_INVALID_HINT, MultifiError, NoFidelityError
 
 log = logging.getLogger("multifi")

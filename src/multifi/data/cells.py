@@ -1,0 +1,37 @@
+"""What a cell spans: the length, area or volume of its periodic directions, and whether it has a volume."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from multifi.errors import MultifiError
+
+#: Å, Å², Å³: the length, area or volume below which periodic cell vectors span nothing
+MIN_MEASURE = 1e-6
+
+
+def periodic_measure(cell: np.ndarray, pbc: np.ndarray) -> float:
+    """Length, area or volume (Å, Å², Å³) spanned by the cell vectors of the periodic directions (0 without any)."""
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
+    lattice = np.asarray(cell, dtype=np.float64)[pbc]
+    return float(np.sqrt(abs(np.linalg.det(lattice @ lattice.T)))) if len(lattice) else 0.0
+
+
+def has_volume(cell: np.ndarray) -> bool:
+    """Whether the three cell vectors span a volume (> MIN_MEASURE Å³): what a stress (per volume) needs. A slab
+    or wire whose non-periodic cell vectors are zero (ASE's surface builders without vacuum) has none."""
+    return abs(float(np.linalg.det(np.asarray(cell, dtype=np.float64)))) > MIN_MEASURE
+
+
+def check_cell(cell: np.ndarray, pbc: np.ndarray, where: str = "") -> None:
+    """A structure periodic in some directions needs cell vectors along them that span a length, area or
+    volume (> MIN_MEASURE); the other vectors may be zero (a slab from ase.build.fcc111 without vacuum).
+    Otherwise an error naming `where` (file and structure)."""
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
+    if pbc.any() and periodic_measure(cell, pbc) < MIN_MEASURE:
+        prefix = f"{where}: " if where else ""
+        what = {1: "length", 2: "area", 3: "volume"}[int(pbc.sum())]
+        raise MultifiError(
+            f"{prefix}periodic (pbc {''.join('T' if p else 'F' for p in pbc)}) but the cell vectors of its periodic "
+            f"directions have zero {what}: give each periodic direction its cell vector, or set pbc False there"
+        )
