@@ -297,8 +297,19 @@ def test_a_periodic_structure_with_an_atom_unwrapped_is_the_same_geometry(caplog
     ds = FidelityDataset.from_records([*cells, dict(cells[2], key="unwrapped", positions=moved), slab])
     fp = geometry_fingerprints(ds)
     assert fp[4] == fp[2] and len(set(fp[:4].tolist())) == 4 and fp[5] != fp[1]
-    flat = dict(cells[0], key="flat", cell=np.diag([3.6, 3.6, 0.0]), pbc=[True, True, False])  # a pool lets it in
-    assert len(geometry_fingerprints(FidelityDataset.from_records([flat]))) == 1
+    # a slab without vacuum (zero third vector): an atom a lattice vector away is the same slab, one moved
+    # across it is not
+    flat = dict(cells[0], key="flat", cell=np.diag([3.6, 3.6, 0.0]), pbc=[True, True, False])
+    shifted, lifted = np.array(flat["positions"]), np.array(flat["positions"])
+    shifted[1] += [3.6, -3.6, 0.0]
+    lifted[1] += [0.0, 0.0, 0.7]
+    fp = geometry_fingerprints(
+        FidelityDataset.from_records(
+            [flat, dict(flat, key="f2", positions=shifted), dict(flat, key="f3", positions=lifted)]
+        )
+    )
+    assert fp[1] == fp[0] and fp[2] != fp[0]
+    fp = geometry_fingerprints(ds)
     split = Split(train=np.arange(0, 4), val=np.array([5]), test=np.array([4]))
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert check_split_duplicates(ds, split) == 1

@@ -318,6 +318,18 @@ def test_merge_same_key_periodic_compares_modulo_the_lattice_and_the_cell():
     c = FidelityDataset.from_records([rec(strained, "R2SCAN")], source="r2.xyz")
     with pytest.raises(MultifiError, match=r"same key 'mp-149', different cells \(by up to 0.109 Å\)"):
         FidelityDataset.merge([a, c])
+    # a slab without vacuum (zero third vector): compared modulo its two lattice vectors, not across the slab
+    from ase.build import diamond100
+
+    slab = diamond100("Si", size=(2, 2, 2))
+    across, along = slab.copy(), slab.copy()
+    across.positions[3] += [0.0, 0.0, 0.7]
+    along.positions[3] += slab.cell[0]
+    a = FidelityDataset.from_records([rec(slab, "PBE")], source="pbe.xyz")
+    with pytest.raises(MultifiError, match=r"same key 'mp-149', different geometries \(atom 3 \(0-based\) 0.7 Å"):
+        FidelityDataset.merge([a, FidelityDataset.from_records([rec(across, "R2SCAN")], source="r2.xyz")])
+    merged = FidelityDataset.merge([a, FidelityDataset.from_records([rec(along, "R2SCAN")], source="r2.xyz")])
+    assert len(merged) == 1 and merged.energy_mask.all()
 
 
 def test_read_sources_merges_files_and_repeated_structures(tmp_path):

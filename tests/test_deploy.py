@@ -198,3 +198,19 @@ def test_deployed_file_refuses_elements_it_was_not_trained_on(deployed_m3gnet):
         species[5] = z
         with pytest.raises(torch.jit.Error, match="element was not in the model.s training data"):
             module(species, *args)
+
+
+def test_ghost_atoms_of_a_slab_without_vacuum_are_those_with_vacuum():
+    """A zero cell vector across a slab (ase.build without vacuum) gave NaN image ranges: the ghosts are those of
+    the same slab with vacuum, locals first."""
+    from ase.build import diamond100
+
+    from multifi.deploy import ghost_atoms
+
+    slab = diamond100("Si", size=(2, 2, 2))
+    padded = slab.copy()
+    padded.cell[2] = [0.0, 0.0, 20.0]
+    (p0, o0), (p1, o1) = ghost_atoms(slab, 6.0), ghost_atoms(padded, 6.0)
+    assert len(p0) == len(p1) > 3 * len(slab) and (o0 == o1).all()
+    np.testing.assert_allclose(p0, p1, atol=1e-9)
+    np.testing.assert_allclose(p0[: len(slab)], slab.positions, atol=1e-9)

@@ -1067,3 +1067,17 @@ def test_training_structures_without_any_edge_are_warned(write_config, tmp_path,
     with caplog.at_level(logging.WARNING, logger="multifi"):
         train(cfg, dry_run=True)
     assert re.search(r"far.extxyz: \d+ of \d+ training structures of more than one atom have no two atoms", caplog.text)
+
+
+def test_a_metrics_csv_written_with_epochs_from_0_continues_counting_from_1(tmp_path):
+    """A run written before metrics.csv counted epochs from 1, resumed after: its rows are renumbered, and the
+    interrupted epoch's partial training mean still goes (it was kept as an extra epoch)."""
+    from multifi.train.logger import RunCSVLogger
+
+    (tmp_path / "metrics.csv").write_text("epoch,step,train_loss_epoch,val_loss\n0,5,1.0,0.9\n1,7,0.8,0.7\n")
+    logger = RunCSVLogger(tmp_path)
+    logger.steps_done = lambda: 10
+    logger.log_metrics({"epoch": 1, "train_loss_epoch": 0.75, "val_loss": 0.6})
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [(r["epoch"], r["step"], r["train_loss_epoch"], r["val_loss"]) for r in csv.DictReader(f)]
+    assert rows == [("1", "5", "1.0", "0.9"), ("2", "7", "", "0.7"), ("2", "10", "0.75", "0.6")]

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from multifi.data.cells import complete_cells
 from multifi.errors import MultifiError
 from multifi.models.m3gnet import triplet_index
 from multifi.models.response import EnergyForcesVirial
@@ -327,8 +328,8 @@ def ghost_atoms(atoms, ghost_cutoff: float) -> tuple[np.ndarray, np.ndarray]:
     pbc = np.asarray(atoms.pbc, bool)
     if not pbc.any():
         return atoms.positions.copy(), np.arange(n)
-    cell = atoms.cell.array
-    frac = atoms.cell.scaled_positions(atoms.positions)
+    cell = complete_cells(atoms.cell.array, pbc)  # a slab without vacuum: unit vectors across it
+    frac = atoms.positions @ np.linalg.inv(cell)
     frac[:, pbc] %= 1.0
     spacing = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
     ext = np.where(pbc, ghost_cutoff / spacing, 0.0)
@@ -337,7 +338,7 @@ def ghost_atoms(atoms, ghost_cutoff: float) -> tuple[np.ndarray, np.ndarray]:
     images = images[np.argsort(np.abs(images).sum(1), kind="stable")]  # (0, 0, 0) first: locals first
     f = (frac[None] + images[:, None]).reshape(-1, 3)
     owner = np.tile(np.arange(n), len(images))
-    keep = np.all((f >= -ext - 1e-12) & (f < 1 + ext), axis=1)
+    keep = np.all(~pbc | ((f >= -ext - 1e-12) & (f < 1 + ext)), axis=1)  # no bound across non-periodic axes
     return f[keep] @ cell, owner[keep]
 
 

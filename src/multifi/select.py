@@ -116,8 +116,9 @@ def mean_hidden(features: np.ndarray) -> np.ndarray:
 
 def outside_training_geometry(potential, pool) -> np.ndarray:
     """[len(pool)] bool: structures where the model extrapolates in geometry by the rule `predict` warns with
-    (models.elements.outside_geometry: atoms far closer than their pair ever was in training, or farther from
-    their nearest neighbour than their element ever was). False everywhere for a model that recorded neither."""
+    (models.elements.outside_geometry: atoms closer than CONTACT_FRACTION of their pair's shortest distance in
+    training, or farther from their nearest neighbour than REACH_FACTOR × their element's farthest in training).
+    False everywhere for a model that recorded neither."""
     import torch
 
     from multifi.data.neighbors import NeighborCache

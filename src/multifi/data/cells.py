@@ -35,3 +35,19 @@ def check_cell(cell: np.ndarray, pbc: np.ndarray, where: str = "") -> None:
             f"{prefix}periodic (pbc {''.join('T' if p else 'F' for p in pbc)}) but the cell vectors of its periodic "
             f"directions have zero {what}: give each periodic direction its cell vector, or set pbc False there"
         )
+
+
+def complete_cells(cells: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """cells [S, 3, 3] (or one [3, 3]) with a volume, for fractional coordinates: a cell with volume as it is; one
+    without (a zero or in-plane vector along a non-periodic direction) gets unit vectors orthogonal to its periodic
+    vectors (and to each other) in its non-periodic directions. Wrapping along the periodic directions in these
+    cells is wrapping in the original lattice; the non-periodic coordinates are then Cartesian ones."""
+    cells = np.array(cells, dtype=np.float64)
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), cells.shape[:-1])
+    flat, flat_pbc = cells.reshape(-1, 3, 3), pbc.reshape(-1, 3)
+    for s in np.flatnonzero(np.abs(np.linalg.det(flat)) <= MIN_MEASURE).tolist():
+        periodic = flat[s][flat_pbc[s]]
+        # rows of vt beyond the periodic vectors' rank span their orthogonal complement
+        complement = np.linalg.svd(periodic)[2][len(periodic) :] if len(periodic) else np.eye(3)
+        flat[s][~flat_pbc[s]] = complement
+    return flat.reshape(cells.shape)

@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 
+from multifi.data.cells import MIN_MEASURE, complete_cells
 from multifi.data.dataset import FidelityDataset, ranges
 from multifi.errors import MultifiError
 
@@ -99,12 +100,13 @@ def geometry_fingerprints(dataset: FidelityDataset, chunk: int = 1 << 20) -> np.
     S, A = len(dataset), len(dataset.numbers)
     atom = np.empty(A, np.int64)
     owner = np.repeat(np.arange(S), dataset.n_atoms)  # structure of each atom
-    cells = np.asarray(dataset.cells, dtype=np.float64)
-    # (a cell without volume, which only a selection pool lets through, keeps Cartesian positions)
-    periodic = np.asarray(dataset.pbc).any(1) & (np.abs(np.linalg.det(cells)) > 1e-6)
+    periodic = np.asarray(dataset.pbc).any(1)
     inverse = np.zeros((S, 3, 3))
-    if periodic.any():
-        inverse[periodic] = np.linalg.inv(cells[periodic])
+    if periodic.any():  # a slab without vacuum: fractional along its periodic vectors, Cartesian across
+        cells = complete_cells(np.asarray(dataset.cells)[periodic], np.asarray(dataset.pbc)[periodic])
+        invertible = np.abs(np.linalg.det(cells)) > MIN_MEASURE  # else check_cell's error, elsewhere
+        periodic[np.flatnonzero(periodic)[~invertible]] = False
+        inverse[periodic] = np.linalg.inv(cells[invertible])
     for a in range(0, A, chunk):
         pos = np.asarray(dataset.positions[a : a + chunk], dtype=np.float64)
         s = owner[a : a + chunk]
@@ -518,9 +520,9 @@ def frame_energy_changes(dataset: FidelityDataset, pairs: np.ndarray, k: int) ->
     ia, ib = ranges(offsets[a], n[a]), ranges(offsets[b], n[b])
     pair_of_atom = np.repeat(np.arange(len(a)), n[a])
     step = dataset.positions[ib] - dataset.positions[ia]  # [A, 3]
-    cell = dataset.cells[a][pair_of_atom]  # [A, 3, 3] rows: lattice vectors
     periodic = dataset.pbc[a][pair_of_atom]
-    wrap = periodic.any(1) & (np.abs(np.linalg.det(cell)) > 1e-6)  # a cell with volume: minimum image
+    cell = complete_cells(dataset.cells[a], dataset.pbc[a])[pair_of_atom]  # [A, 3, 3] rows: lattice vectors
+    wrap = periodic.any(1) & (np.abs(np.linalg.det(cell)) > MIN_MEASURE)  # minimum image along periodic axes
     if wrap.any():  # along periodic directions (an atom wrapped into the cell moved little)
         frac = np.einsum("ai,aij->aj", step[wrap], np.linalg.inv(cell[wrap]))
         frac -= np.where(periodic[wrap], np.round(frac), 0.0)

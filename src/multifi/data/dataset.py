@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from multifi.data.cells import MIN_MEASURE
+from multifi.data.cells import MIN_MEASURE, complete_cells
 from multifi.data.fidelity import FidelityTable
 from multifi.data.stats import MAX_Z
 from multifi.errors import SKIP_INVALID_HINT, MultifiError
@@ -630,13 +630,15 @@ def _check_same_geometry(cat, out, target, src_atoms, dst_atoms, where: _Origins
     d -= d[cat.offsets[:-1]][atom_of]
     periodic = cat.pbc.any(1)
     if periodic.any():
-        inv = np.zeros_like(cat.cells)
-        inv[periodic] = np.linalg.pinv(cat.cells[periodic])
+        cells = complete_cells(cat.cells[periodic], cat.pbc[periodic])  # slabs without vacuum: z stays Cartesian
+        inv = np.zeros_like(cat.cells, dtype=np.float64)
+        inv[periodic], full = np.linalg.pinv(cells), np.zeros_like(inv)
+        full[periodic] = cells
         wrap = periodic[atom_of]
         s_of = atom_of[wrap]
         frac = np.einsum("ai,aij->aj", d[wrap], inv[s_of])
         frac -= np.round(frac) * cat.pbc[s_of]
-        d[wrap] = np.einsum("aj,aji->ai", frac, cat.cells[s_of])
+        d[wrap] = np.einsum("aj,aji->ai", frac, full[s_of])
     gap = np.linalg.norm(d, axis=-1)
     if (gap > GEOMETRY_TOLERANCE).any():
         a = int(np.argmax(gap))

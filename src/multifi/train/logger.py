@@ -89,6 +89,10 @@ class RunCSVLogger(Logger):
             if self.path.is_file():
                 with open(self.path, newline="") as f:
                     self._rows = [dict(r) for r in csv.DictReader(f)]
+                if any(r.get("epoch") == "0" for r in self._rows):  # written before epochs counted from 1
+                    for r in self._rows:
+                        if r.get("epoch") not in (None, ""):
+                            r["epoch"] = str(int(float(r["epoch"])) + 1)
             self._n_old = len(self._rows)
         return self._rows
 
