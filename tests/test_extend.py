@@ -134,6 +134,37 @@ def test_new_reference_energies_are_a_least_squares_fit(tmp_path):
     assert not torch.equal(new.head.ref[:, 2], new.head.ref[:, 0])
 
 
+def test_the_new_fidelitys_stress_labelled_training_structures_are_counted(tmp_path, capsys):
+    """The model card records how many training structures of the new fidelity had a stress label (the
+    calculator warns about stress at a fidelity with none), also when the old model recorded no counts."""
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for i in range(12):  # molecules in periodic boxes, EMT labels; stress on the even ones
+        a = rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=200 + i)
+        a.center(vacuum=3.0)
+        a.pbc = True
+        a.calc = EMT()
+        labels = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
+        if i % 2 == 0:
+            labels["stress"] = a.get_stress()
+        a.calc = SinglePointCalculator(a, **labels)
+        frames.append(a)
+    ase.io.write(tmp_path / "boxes.extxyz", frames, format="extxyz")
+    _, path = saved_model(tmp_path)
+    cfg = ext_config(tmp_path, path)
+    cfg.data.sources[0].path = str(tmp_path / "boxes.extxyz")
+    cfg.data.split.val = cfg.data.split.test = 0.0  # all 12 in training: 6 with a stress label
+    run_dir = extend(cfg)
+    assert json.loads((run_dir / "metrics.json").read_text())["n_train"]["CC"] == 12
+    assert load_potential(run_dir / "model.pt").spec["stress_labels"] == {"CC": 6}  # the old model recorded none
+    assert main(["info", str(run_dir / "model.pt")]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:3] in ("0  ", "1  ", "2  ")]
+    assert [(r[1], r[5]) for r in rows[:3]] == [("lo", "-"), ("hi", "-"), ("CC", "6")], out  # #, name, 3 splits, stress
+
+
 def test_heads_model_gets_a_head_and_keeps_the_others(tmp_path):
     old, path = saved_model(tmp_path, "heads")
     run = extend(ext_config(tmp_path, path, mode="head"))

@@ -688,9 +688,10 @@ def _finish(
     )
     forgetting = _forgetting(old, potential, old_run, cfg.train.batch_size)
     potential.spec.update(_card_data(old, x, pairs, table, replay, old_run))
-    if "stress_labels" in old.spec:  # the old fidelities' counts kept, the new one's counted in its training data
-        trained = data.dataset.label_counts(pairs["train"][pairs["train"][:, 1] == K])
-        potential.spec["stress_labels"] = {**old.spec["stress_labels"], x.fidelity: trained[x.fidelity]["stress"]}
+    # stress-labelled training structures: the old fidelities' as the old model recorded them (if it did), the new
+    # one's counted in its training data
+    trained = data.dataset.label_counts(pairs["train"][pairs["train"][:, 1] == K])[x.fidelity]["stress"]
+    potential.spec["stress_labels"] = {**old.spec.get("stress_labels", {}), x.fidelity: trained}
     save_potential(potential, run_dir / "model.pt")
     payload = {
         "fidelities": {**{n: f["after"] for n, f in forgetting.items()}, **new_metrics},
