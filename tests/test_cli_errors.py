@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 
 import ase.io
@@ -241,6 +242,55 @@ def test_ctrl_c_in_epoch_0_exits_130_and_the_run_restarts(write_config, tmp_path
     assert (run_dir / "metrics.json").exists()
 
 
+def test_sigterm_exits_143_with_the_resume_hint_and_the_run_continues(write_config, tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler's time limit, kill) stops a run as Ctrl-C does, but exits 143, not 130."""
+    import signal
+
+    from multifi.train.module import PotentialModule
+
+    real = PotentialModule.training_step
+
+    def terminated(self, batch, batch_idx):
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(PotentialModule, "training_step", terminated)
+    code, _, err = run(["train", write_config()], capsys)
+    assert code == 143 and err.strip().splitlines()[-1].startswith(
+        "multifi: terminated; continue with: multifi train --resume"
+    )
+    monkeypatch.setattr(PotentialModule, "training_step", real)
+    assert run(["train", "--resume", tmp_path / "run"], capsys)[0] == 0
+
+
+def test_a_lost_training_process_is_one_line_with_the_resume_hint(tmp_path):
+    """gloo's error when another rank dies (a traceback of 100 lines before) becomes one line; in a single-process
+    run a RuntimeError stays what it is."""
+    from multifi.train.run import fit_or_interrupt
+
+    class Trainer:
+        interrupted = received_sigterm = False
+
+        def __init__(self, world_size):
+            self.world_size = world_size
+
+        def fit(self, *args, **kwargs):
+            raise RuntimeError(
+                "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                "[127.0.0.1]:22232: Connection reset by peer. This is typically caused by a remote worker hanging"
+            )
+
+    hint = "continue with: multifi train --resume run"
+    with pytest.raises(MultifiError) as info:
+        fit_or_interrupt(Trainer(2), None, None, None, tmp_path, hint)
+    assert str(info.value) == (
+        f"{tmp_path}: another training process stopped (Read error [127.0.0.1]:22232: Connection reset by peer); {hint}"
+    )
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        fit_or_interrupt(Trainer(1), None, None, None, tmp_path, hint)
+
+
 def test_resume_with_truncated_last_checkpoint_falls_back_to_best(write_config, tmp_path, capsys, caplog):
     run_dir = tmp_path / "run"
     assert run(["train", write_config()], capsys)[0] == 0
@@ -251,9 +301,20 @@ def test_resume_with_truncated_last_checkpoint_falls_back_to_best(write_config, 
     assert "last.ckpt: unreadable" in caplog.text and "resuming from checkpoints/best.ckpt" in caplog.text
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 2
     assert json.loads((run_dir / "metrics.json").read_text())["fidelities"]
-    # no readable checkpoint at all: --resume starts the run again rather than leaving a dead end
+    # no readable checkpoint at all: a finished run is not started again over its model (nor is one whose
+    # checkpoints were deleted); an unfinished one is, rather than leaving a dead end
     for p in (run_dir / "checkpoints").glob("*.ckpt"):
         p.write_bytes(b"PK\x03\x04 truncated")
+    model = (run_dir / "model.pt").read_bytes()
+    fails(["train", "--resume", run_dir], capsys, "a finished run (model.pt, metrics.json) without checkpoints")
+    assert (run_dir / "model.pt").read_bytes() == model
+    gone = tmp_path / "gone"
+    shutil.copytree(run_dir, gone)
+    shutil.rmtree(gone / "checkpoints")
+    fails(["train", "--resume", gone], capsys, "without checkpoints: nothing to resume")
+    fails(["train", write_config(), "--set", f"output_dir={gone}"], capsys, "train into another output_dir")
+    (run_dir / "model.pt").unlink()
+    (run_dir / "metrics.json").unlink()
     caplog.clear()
     with caplog.at_level("WARNING", logger="multifi"):
         assert run(["train", "--resume", run_dir, "--set", "train.epochs=1"], capsys)[0] == 0

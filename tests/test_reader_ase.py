@@ -505,6 +505,29 @@ def test_per_atom_energies_without_a_total_are_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="multifi"):
         read_ase(tmp_path / "pa.extxyz", fidelity="PBE")
     assert "2 frame(s) have per-atom energies (arrays['energies']) and no total energy" in caplog.text
+    assert "but no energy label" not in caplog.text  # said once, by the per-atom message
+
+
+def test_frames_with_forces_but_no_energy_are_counted_in_a_warning(tmp_path, caplog):
+    """A file where part of the frames lost their energy trained them on forces alone without a word."""
+    import logging
+
+    frames = []
+    for i in range(5):
+        a = water()
+        labels = {"forces": np.zeros((3, 3))} if i % 2 else {"energy": -10.0 - i, "forces": np.zeros((3, 3))}
+        a.calc = SinglePointCalculator(a, **labels)
+        frames.append(a)
+    ase.io.write(tmp_path / "part.extxyz", frames, format="extxyz")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        ds = read_ase(tmp_path / "part.extxyz", fidelity="PBE")
+    assert ds.label_counts()["PBE"] == {"energy": 3, "forces": 5, "stress": 0}
+    assert "part.extxyz: 2 of 5 frames have forces or stress but no energy label" in caplog.text
+    caplog.clear()
+    ase.io.write(tmp_path / "all.extxyz", [f for i, f in enumerate(frames) if i % 2 == 0], format="extxyz")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        read_ase(tmp_path / "all.extxyz", fidelity="PBE")
+    assert "no energy label" not in caplog.text
 
 
 def test_an_ase_database_saved_as_json_is_read_as_one(tmp_path):

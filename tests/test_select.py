@@ -175,6 +175,14 @@ def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
         capsys,
         "empty.extxyz: empty file",
     )
+    (tmp_path / "blank.extxyz").write_text("\n\n")  # blank lines: no frames for ASE (a traceback in data info, predict)
+    for command in (
+        ["select", run_dir / "model.pt", tmp_path / "blank.extxyz", *args[3:], "--out", out, "--force"],
+        ["data", "info", tmp_path / "blank.extxyz"],
+        ["predict", run_dir, tmp_path / "blank.extxyz", "--fidelity", "hi", "--out", tmp_path / "p.extxyz"],
+    ):
+        fails(command, capsys, "blank.extxyz: no structures (index ':')")
+    assert not (tmp_path / "p.extxyz").exists()
 
 
 def test_select_never_picks_a_structure_labelled_in_a_later_frame(cli_run, tmp_path, capsys):  # noqa: F811

@@ -10,6 +10,10 @@ class MultifiError(ValueError):
     """Bad input or a bad request; the message is one line and says where and what."""
 
 
+class Terminated(KeyboardInterrupt):
+    """A run stopped by SIGTERM (a scheduler's time limit, `kill`): handled as Ctrl-C, exit code 143 instead of 130."""
+
+
 class NoFidelityError(MultifiError):
     """A structure names no fidelity and its source gives none (a caller with a default may supply one)."""
 

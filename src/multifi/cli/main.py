@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from multifi.errors import MultifiError
+from multifi.errors import MultifiError, Terminated
 from multifi.logs import is_leader_process, quiet_lightning
 from multifi.ranks import end_with_parent
 
@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except KeyboardInterrupt as exc:
         hint = f"; {exc}" if str(exc) else ""
-        print(f"multifi: interrupted{hint}", file=sys.stderr)
-        return 130
+        terminated = isinstance(exc, Terminated)
+        print(f"multifi: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 #: options that name files a command writes

@@ -30,7 +30,7 @@ from multifi.data.checks import (
 from multifi.data.dataset import ranges
 from multifi.data.split import changed_split
 from multifi.data.stats import MIN_SCALE_DOF, fit_references, shortest_contacts
-from multifi.errors import MultifiError
+from multifi.errors import MultifiError, Terminated
 from multifi.files import atomic_write, make_dir, reported
 from multifi.keys import FORCES_MAE, STRESS_MAE, TRAIN_LOSS_EPOCH
 from multifi.logs import is_leader_process, quiet_lightning
@@ -121,6 +121,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
             return run_dir
     blocked = None  # a dry run checks everything else first, then says why the run itself could not start
     if resume and ckpt is None:  # asked to continue this run: start it again (its unreadable checkpoints get replaced)
+        _refuse_restarting_a_finished_run(run_dir)
         log.warning("%s: no checkpoint to resume from; starting the run from the beginning", run_dir)
         resume = False
     elif leader and not resume:
@@ -311,12 +312,29 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "model.pt").exists() or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
 
 
+#: what a finished run leaves besides its checkpoints: a restart from the beginning would replace them
+FINISHED_FILES = ("model.pt", "metrics.json")
+
+
+def _refuse_restarting_a_finished_run(run_dir: Path) -> None:
+    """--resume of a run without checkpoints starts it again, but not over a finished run's model (whose
+    checkpoints were deleted, say to save space): an error instead of replacing it."""
+    finished = [name for name in FINISHED_FILES if (run_dir / name).exists()]
+    if finished:
+        raise MultifiError(
+            f"{run_dir}: a finished run ({', '.join(finished)}) without checkpoints: nothing to resume, and starting "
+            "again would replace its model; train into another output_dir"
+        )
+
+
 def _check_fresh_run_dir(run_dir: Path) -> None:
     """The output folder must be new, empty, or a run directory whose start wrote no checkpoint; and writable."""
     if run_dir.exists() and not run_dir.is_dir():
         raise MultifiError(f"{run_dir}: output_dir exists and is not a folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         names = {p.name for p in run_dir.iterdir()}
+        if not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("*.ckpt")):
+            _refuse_restarting_a_finished_run(run_dir)  # --resume would not help it
         if _has_checkpoint(run_dir) or not names <= UNSTARTED_FILES:
             raise MultifiError(
                 f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} or another output_dir"
@@ -394,7 +412,9 @@ def _fit(trainer: L.Trainer, module, data, ckpt: Path | None, run_dir: Path) -> 
 
 
 def fit_or_interrupt(trainer: L.Trainer, module, data, ckpt: Path | None, run_dir: Path, hint: str) -> None:
-    """trainer.fit; Ctrl-C raises KeyboardInterrupt(hint) instead of Lightning's silent exit code 1."""
+    """trainer.fit; Ctrl-C raises KeyboardInterrupt(hint) and SIGTERM Terminated(hint) instead of Lightning's
+    silent exit code 1; another process of a multi-process run dying (gloo/NCCL lose their peer) is a one-line
+    error with the hint instead of a traceback."""
     import signal
 
     try:
@@ -404,9 +424,29 @@ def fit_or_interrupt(trainer: L.Trainer, module, data, ckpt: Path | None, run_di
         if not trainer.interrupted:
             raise
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
-        raise KeyboardInterrupt(hint) from None
+        raise (Terminated if trainer.received_sigterm else KeyboardInterrupt)(hint) from None
+    except RuntimeError as exc:
+        if trainer.world_size > 1 and _lost_a_peer(exc):
+            raise MultifiError(f"{run_dir}: another training process stopped ({_first_line(exc)}); {hint}") from None
+        raise
     if trainer.interrupted:
-        raise KeyboardInterrupt(hint)
+        raise (Terminated if trainer.received_sigterm else KeyboardInterrupt)(hint)
+
+
+def _lost_a_peer(exc: BaseException) -> bool:
+    """Whether a collective failed because another process of the run went away (killed, out of memory)."""
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    lost = ("connection reset by peer", "connection closed by peer", "broken pipe", "socket closed", "timed out")
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(words in text for words in lost)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of a backend's message: its first sentence, without the source position gloo prefixes."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.split("] ", 1)[-1] if text.startswith("[") else text
+    return text.split(". ")[0]
 
 
 class RunCheckpoint(ModelCheckpoint):

@@ -57,6 +57,7 @@ def read_ase(
     parsed: dict[str, None] = {}  # fidelity names ASE turned into numbers or booleans
     heads: dict[str, None] = {}  # MACE's info['head'] of frames naming no fidelity
     per_atom_only = 0  # frames with per-atom energies (arrays['energies']) and no total energy read
+    no_energy = 0  # other frames with forces or stress but no energy: trained on those alone
     charged = {"charge": 0, "spin": 0}  # frames with a net charge / a spin state the model cannot see
     for i, atoms in enumerate(read_frames(path, index)):
         for kind, flagged in _charge_and_spin(atoms.info).items():
@@ -88,10 +89,21 @@ def read_ase(
             continue
         rec["name"] = i
         per_atom = "energies" in atoms.arrays or "energies" in (getattr(atoms.calc, "results", None) or {})
-        per_atom_only += per_atom and not any("energy" in lab for lab in rec["labels"].values())
+        has_energy = any("energy" in lab for lab in rec["labels"].values())
+        per_atom_only += per_atom and not has_energy
         if invalid.keep(rec, tag):
             records.append(rec)
+            no_energy += not per_atom and not has_energy
     _warn_unread(src, keys, unread, records)
+    if no_energy:
+        log.warning(
+            "%s: %d of %d frames have forces or stress but no %s label: they train forces and stress only, and "
+            "count in no energy error (an energy lost on the way? an extxyz written without it?)",
+            src,
+            no_energy,
+            len(records),
+            keys.get("energy") or "energy",
+        )
     if per_atom_only:
         log.warning(
             "%s: %d frame(s) have per-atom energies (arrays['energies']) and no total energy: per-atom energies are "
@@ -236,6 +248,8 @@ def read_frames(path: Path, index: str) -> Iterator:
         raise MultifiError(f"{path}: not a file format ASE can read ({_gist(exc)})") from None
     except Exception as exc:  # ASE raises many types (XYZError, ValueError, KeyError, …) on bad files
         raise MultifiError(f"{path}: unreadable or truncated at frame {n} (0-based) ({_gist(exc)})") from None
+    if n == 0:  # e.g. a file of blank lines, which ASE reads as no frames
+        raise MultifiError(f"{path}: no structures (index {index!r})")
 
 
 def _text_frames(path: Path, fmt: str, index: str) -> Iterator:
