@@ -324,7 +324,17 @@ def test_evaluate_separates_structures_with_estimated_references(run_without_n, 
     want = 1000 * np.mean(np.abs(e - np.array([a.get_potential_energy() for a in water_methane])))
     assert m["fitted_references"]["energy_mae_meV"] == pytest.approx(want, rel=1e-6)
     table = capsys.readouterr().out
-    assert "  without 2 estimated" in table
+    row = next(line for line in table.splitlines() if line.startswith("  without 2 estimated"))
+    assert len(row.split()) == 3 + 4  # its label, then the energy columns only: forces do not depend on references
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    # NH3 without an energy label: a structure whose errors hold no energy is not counted as estimated
+    frames[0].calc = SinglePointCalculator(frames[0], forces=frames[0].get_forces())
+    ase.io.write(path, frames)
+    out = tmp_path / "m2.json"
+    assert main(["evaluate", str(run_dir / "model.pt"), str(path), "--out", str(out)]) == 0
+    m = json.loads(out.read_text())["fidelities"]["hi"]
+    assert m["n"] == 3 and m["n_estimated_references"] == 1 and m["fitted_references"]["n"] == 2
 
 
 def test_evaluate_warns_when_errors_mean_labels_of_another_method(run_without_n, tmp_path, caplog):

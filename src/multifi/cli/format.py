@@ -32,8 +32,14 @@ def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
     lines = [title] if title else []
     lines.append("fidelity".ljust(width) + "".join(h.rjust(16) for _, h, _ in cols))
     for name, m in rows:
-        cells = [("-" if m.get(k) is None else fmt.format(m[k])).rjust(16) for k, _, fmt in cols]
-        lines.append(name.ljust(width) + "".join(cells))
+        subset = name.startswith("  without ")  # the estimate moves energies only: forces and stress as above
+        cells = [
+            ("" if subset and k in (FORCES_MAE, STRESS_MAE) else "-" if m.get(k) is None else fmt.format(m[k])).rjust(
+                16
+            )
+            for k, _, fmt in cols
+        ]
+        lines.append(name.ljust(width) + "".join(cells).rstrip())
     return "\n".join(lines)
 
 

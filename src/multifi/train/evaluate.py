@@ -85,13 +85,16 @@ def pairs_with_estimated_references(potential, dataset: FidelityDataset, pairs: 
 
 
 def _add_fitted_only(potential, dataset, pairs: np.ndarray, result: dict, fitted) -> None:
-    """keys.ESTIMATED counts and keys.FITTED_ONLY metrics per fidelity that had estimated references."""
+    """keys.ESTIMATED counts (structures with an energy label: the estimate moves energies only) and
+    keys.FITTED_ONLY metrics per fidelity that had estimated references."""
     only = fitted.compute() if fitted is not None else {}
     names = model_fidelities(potential, dataset, pairs)
+    labelled = dataset.energy_mask[pairs[:, 0], pairs[:, 1]]
     for k in np.unique(pairs[:, 1]):
         name = potential.fidelities.names[int(names[int(k)])]
-        if name in result:
-            result[name][ESTIMATED] = int((pairs[:, 1] == k).sum())
+        n = int((labelled & (pairs[:, 1] == k)).sum())
+        if name in result and n:
+            result[name][ESTIMATED] = n
             result[name][FITTED_ONLY] = only.get(name, {COUNT: 0})
 
 
