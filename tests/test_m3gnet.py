@@ -90,6 +90,37 @@ def test_bessel_roots_and_orthonormal_radial_bases():
     torch.testing.assert_close(gram, torch.eye(8, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
+def test_three_body_radial_basis_has_exact_first_and_second_derivatives():
+    """The basis is evaluated without autograd and carries closed-form derivatives (f + δf′ + δ²f″/2): its
+    first and second derivatives in r equal those of autograd through the Bessel functions themselves (the
+    previous form), from small arguments (series) to large ones (recurrence), and finite differences."""
+    radial = SphericalBesselRadial(4.0, max_n=3, max_l=4)
+    r = torch.cat([torch.tensor([0.05, 0.3, 0.9]), torch.linspace(1.0, 3.99, 60)]).double().requires_grad_(True)
+    w = torch.randn(60 + 3, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def direct(r):  # autograd through the recurrences and series
+        x = r.unsqueeze(-1) / radial.cutoff
+        return torch.stack([spherical_jn(x * radial.roots[l], l) * radial.norm[l] for l in range(4)], dim=1)
+
+    for basis in (radial, direct):
+        out = basis(r)
+        (g,) = torch.autograd.grad((out * w).sum(), r, create_graph=True)
+        (gg,) = torch.autograd.grad((g * torch.linspace(1, 2, len(r), dtype=torch.float64)).sum(), r)
+        if basis is radial:
+            got = (out.detach(), g.detach(), gg)
+        else:
+            want = (out.detach(), g.detach(), gg)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    f, df, ddf = radial.values_and_derivatives(r.detach())
+    h = 1e-5
+    fp, dfp, _ = radial.values_and_derivatives(r.detach() + h)
+    fm, dfm, _ = radial.values_and_derivatives(r.detach() - h)
+    torch.testing.assert_close(df, (fp - fm) / (2 * h), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ddf, (dfp - dfm) / (2 * h), rtol=1e-6, atol=1e-6)
+    assert radial(r.float()).dtype == torch.float32
+
+
 def test_smooth_bessel_vanishes_with_two_derivatives_at_cutoff():
     basis = SmoothBesselBasis(5.0, 12).double()
     r = torch.tensor([5.0 - 1e-3], dtype=torch.float64, requires_grad=True)

@@ -134,10 +134,29 @@ class SphericalBesselRadial(nn.Module):
         self.register_buffer("norm", math.sqrt(2.0 / cutoff**3) / norm, persistent=False)
 
     def forward(self, r: Tensor) -> Tensor:
-        x = r.double().unsqueeze(-1) / self.cutoff  # [E, 1]
-        roots, norm = self.roots.double(), self.norm.double()
-        j = [spherical_jn(x * roots[l], l) * norm[l] for l in range(self.max_l)]  # [E, Nn] each
-        return torch.stack(j, dim=1).to(r.dtype)
+        """Values with exact first and second derivatives in r (what forces and their training need): the
+        functions and their two derivatives are evaluated in closed form without autograd, then joined as
+        f + δ f′ + δ²/2 f″ with δ = r − r.detach() (zero in value), so no backward pass runs through the
+        Bessel recurrences and series (~9 % of an M3GNet force+stress training step when it did)."""
+        f, df, ddf = self.values_and_derivatives(r.detach())  # [E, L, Nn] each
+        d = (r - r.detach()).view(-1, 1, 1)
+        return f.to(r.dtype) + d * (df.to(r.dtype) + 0.5 * d * ddf.to(r.dtype))
+
+    def values_and_derivatives(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The functions and their first and second derivatives in r (Å⁻¹, Å⁻²), float64 [E, L, Nn] each:
+        j_l′ = j_{l−1} − (l+1)/x j_l (j_0′ = −j_1), and j_l″ from Bessel's equation,
+        j_l″ = −(2/x) j_l′ − (1 − l(l+1)/x²) j_l, at x = z_ln r / r_c."""
+        with torch.no_grad():
+            roots, norm = self.roots.double(), self.norm.double()
+            k = roots / self.cutoff  # [L, Nn] Å⁻¹: dx/dr
+            out = []
+            for l in range(self.max_l):
+                x = r.double().unsqueeze(-1) * k[l]  # [E, Nn]
+                j = spherical_jn(x, l)
+                dj = -spherical_jn(x, 1) if l == 0 else spherical_jn(x, l - 1) - (l + 1) / x * j
+                ddj = -2 / x * dj - (1 - l * (l + 1) / x**2) * j
+                out.append((j * norm[l], dj * k[l] * norm[l], ddj * k[l] ** 2 * norm[l]))
+            return tuple(torch.stack(part, dim=1) for part in zip(*out))
 
 
 # ---------------------------------------------------------------------------------------------- layers
