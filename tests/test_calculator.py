@@ -177,9 +177,16 @@ def test_a_slab_without_vacuum_predicts_as_with_vacuum_and_has_no_stress(tmp_pat
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-8)
     np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-8)
     assert np.abs(results[0][1]).max() > 1e-2
-    with pytest.raises(MultifiError, match="stress needs a cell with a volume.*atoms.center"):
+    with pytest.raises(MultifiError, match="stress needs a cell whose volume holds the structure.*atoms.center"):
         slab.get_stress()
     assert np.abs(padded.get_stress()).max() > 0
+    for height in (1e-6, 0.5):  # a vector shorter than the slab is no vacuum: its stress scaled with 1/height
+        short = slab.copy()
+        short.cell[2] = [0.0, 0.0, height]
+        short.calc = multifi.Calculator(CKPT, fidelity="PBE", dtype="float64")
+        assert short.get_potential_energy() == pytest.approx(results[0][0], abs=1e-8)
+        with pytest.raises(MultifiError, match="shorter than the structure along a non-periodic direction"):
+            short.get_stress()
     pot = multifi.Calculator(CKPT, fidelity="PBE").potential
     _, _, stresses = predict_atoms(pot, [slab, padded], "PBE")
     assert stresses[0] is None and stresses[1] is not None
@@ -274,3 +281,11 @@ def test_stress_at_a_fidelity_trained_without_stress_labels_is_said_once(caplog)
             atoms.positions[0] += 0.01
             atoms.get_stress()
         assert caplog.text.count("no training structure had a stress label") == int(said), caplog.text
+    # predict too (its stresses feed screenings), once per call, naming the file
+    from multifi.predict import predict_atoms
+
+    for name, said in (("PBE", False), (pot.fidelities.names[1], True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="multifi"):
+            predict_atoms(pot, [atoms, atoms.copy()], name, batch_size=1, where="cells.extxyz")
+        assert caplog.text.count("cells.extxyz: R2SCAN: no training structure had a stress label") == int(said)

@@ -471,6 +471,15 @@ def test_structures_with_open_proportions_are_flagged_at_prediction(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="multifi"):  # a calculator's one structure has no key
         check_elements(pot, np.array([31, 31, 14]), np.array([3]), 1)
     assert "this structure holds Ga in proportions" in caplog.text and "(0)" not in caplog.text
+    # a calculator checks structure after structure with one `seen` set: each open element is said once (As after
+    # Ga was silent: the set held the fidelity, not the element)
+    seen: set = set()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        for z in ([31, 31, 31], [33, 33, 33], [31, 31, 31], [31, 33, 33]):
+            check_elements(pot, np.array(z), np.array([3]), 1, seen=seen)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "holds Ga in" in said[0] and "holds As in" in said[1], said
     with pytest.raises(MultifiError, match="ga2as"):
         check_elements(pot, numbers, n_atoms, 1, keys=["gaas", "ga2as", "gasi"], strict=True)
     recs = [

@@ -13,10 +13,10 @@ from ase.units import GPa
 
 from multifi.aot import AotModel
 from multifi.data.batch import graph_from_atoms
-from multifi.data.cells import has_volume
+from multifi.data.cells import stress_volume_problem
 from multifi.devices import existing_device
 from multifi.errors import MultifiError, unknown_name
-from multifi.models.elements import check_contacts, check_elements
+from multifi.models.elements import check_contacts, check_elements, check_stress_trained
 
 log = logging.getLogger("multifi")
 
@@ -163,10 +163,15 @@ class Calculator(AseCalculator):
         graph = graph_from_atoms([self.atoms], self.potential.cutoff, self._index, dtype=self.dtype).to(self.device)
         check_contacts(self.potential, graph, seen=self._warned)  # once per element pair and calculator
         periodic = bool(self.atoms.pbc.any())
-        if periodic and "stress" in properties and not has_volume(self.atoms.cell.array):
+        problem = (
+            stress_volume_problem(self.atoms.cell.array, self.atoms.pbc, self.atoms.positions)
+            if periodic and "stress" in properties
+            else None
+        )
+        if problem:
             raise NoStressError(
-                "stress needs a cell with a volume: this one has a zero cell vector along a non-periodic direction "
-                "(a slab or wire built without vacuum); give it a length, e.g. atoms.center(vacuum=10, axis=2)"
+                f"stress needs a cell whose volume holds the structure: {problem}; give the non-periodic "
+                "directions their vacuum, e.g. atoms.center(vacuum=10, axis=2)"
             )
         want_stress = periodic and "stress" in properties
         if want_stress:
@@ -188,17 +193,8 @@ class Calculator(AseCalculator):
             raise NoStressError("stress needs a periodic cell (atoms.pbc is all False)")
 
     def _say_if_stress_untrained(self) -> None:
-        """Warn once per fidelity when no training structure of it had a stress label (the model card's count):
-        its stress is the strain derivative of its energy, never fitted to stress labels."""
-        name = self.potential.fidelities.names[self._index]
-        if self.potential.spec.get("stress_labels", {}).get(name) != 0 or ("stress", name) in self._warned:
-            return
-        self._warned.add(("stress", name))
-        log.warning(
-            "%s: no training structure had a stress label at this fidelity; its stress (cell relaxations, NPT) is "
-            "the strain derivative of its energy, never fitted to stress labels",
-            name,
-        )
+        """Warn once per fidelity when no training structure of it had a stress label (check_stress_trained)."""
+        check_stress_trained(self.potential, self._index, seen=self._warned)
 
     def _aot_outputs(self, graph, want_stress: bool) -> dict[str, torch.Tensor]:
         """Energy, forces and stress [1,3,3] (GPa, as Potential gives it) from the ahead-of-time compiled model."""

@@ -20,8 +20,8 @@ def predict_atoms(
     where: str = "",
     strict_references: bool = False,
 ):
-    """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules and for cells without
-    a volume).
+    """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules and for cells whose
+    volume does not hold the structure: data.cells.stress_volume_problem).
 
     `where` (the file) prefixes errors about a structure, e.g. atoms closer than 0.1 Å. An element unknown
     to the model is an error; an element whose reference energy at `fidelity` was estimated from other
@@ -29,11 +29,11 @@ def predict_atoms(
     if batch_size < 1:
         raise MultifiError(f"batch size must be a positive number of structures (got {batch_size})")
     from multifi.data.batch import graph_from_atoms
-    from multifi.data.cells import has_volume
+    from multifi.data.cells import stress_volume_problem
 
     k = potential.fidelity_index(fidelity)
     check_atoms_elements(potential, atoms_list, where, fidelity=k, strict=strict_references)
-    from multifi.models.elements import check_contacts
+    from multifi.models.elements import check_contacts, check_stress_trained
 
     param = next(potential.parameters())
     energies, forces_out, stresses = [], [], []
@@ -50,9 +50,13 @@ def predict_atoms(
             f = out["forces"].numpy()
             splits = np.cumsum(g.n_atoms.numpy())[:-1]
             forces_out.extend(np.split(f, splits))
+        if "stress" in out:
+            check_stress_trained(potential, k, where, seen=warned)
         st = out.get("stress")  # molecules and cells without volume (slabs without vacuum) get none, not a zero one
         stresses.extend(
-            st[i].numpy() if st is not None and a.pbc.any() and has_volume(a.cell.array) else None
+            st[i].numpy()
+            if st is not None and a.pbc.any() and not stress_volume_problem(a.cell.array, a.pbc, a.positions)
+            else None
             for i, a in enumerate(chunk)
         )
     return np.concatenate(energies) if energies else np.zeros(0), forces_out, stresses

@@ -51,3 +51,19 @@ def complete_cells(cells: np.ndarray, pbc: np.ndarray) -> np.ndarray:
         complement = np.linalg.svd(periodic)[2][len(periodic) :] if len(periodic) else np.eye(3)
         flat[s][~flat_pbc[s]] = complement
     return flat.reshape(cells.shape)
+
+
+def stress_volume_problem(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray) -> str | None:
+    """Why a stress (per volume) of this periodic structure would mean nothing, or None: a cell without volume,
+    or one shorter than the structure along a non-periodic direction (a vector of 1e-6 Å or 0.5 Å across a
+    4 Å slab: its volume is no vacuum-padded cell's, and the stress scales with its inverse)."""
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
+    if not has_volume(cell):
+        return "this cell has a zero cell vector along a non-periodic direction (a slab or wire built without vacuum)"
+    if pbc.all():
+        return None
+    frac = np.asarray(positions, dtype=np.float64) @ np.linalg.inv(np.asarray(cell, dtype=np.float64))
+    span = np.ptp(frac[:, ~pbc], axis=0) if len(frac) else np.zeros(int((~pbc).sum()))
+    if (span > 1 + 1e-9).any():
+        return "this cell is shorter than the structure along a non-periodic direction (its volume is no vacuum)"
+    return None

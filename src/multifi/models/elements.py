@@ -96,16 +96,18 @@ def _report_open(
     seen,
     alone: bool = False,
 ) -> None:
-    """One warning (or error when strict) per fidelity for structures with an open composition; present: the
-    atomic numbers these structures hold (the message names the open elements among them); alone: the only
-    structure checked (a calculator's), named "this structure"."""
-    if seen is not None and (k, "open") in seen:
-        return
+    """One warning (or error when strict) per fidelity and open element for structures with an open composition;
+    present: the atomic numbers these structures hold (the message names the open elements among them not
+    reported before, per `seen`); alone: the only structure checked (a calculator's), named "this structure"."""
     from ase.data import chemical_symbols
 
     name = potential.fidelities.names[k]
     col = 0 if potential.head.shared_baseline else k
-    symbols = ", ".join(chemical_symbols[z] for z in potential.head.open_elements(col) if z in set(present.tolist()))
+    here = set(present.tolist())
+    new = [z for z in potential.head.open_elements(col) if z in here and (seen is None or (k, "open", z) not in seen)]
+    if not new:
+        return
+    symbols = ", ".join(chemical_symbols[z] for z in new)
     which = ", ".join(str(keys[s] if keys is not None else s) for s in structures[:3])
     if alone:  # the one structure checked (a calculator's): no index to name
         subject = f"structure {keys[int(structures[0])]} holds" if keys is not None else "this structure holds"
@@ -119,7 +121,24 @@ def _report_open(
     )
     _refuse_or_warn(msg, strict)
     if seen is not None:
-        seen.add((k, "open"))
+        seen.update((k, "open", z) for z in new)
+
+
+def check_stress_trained(potential, k: int, where: str = "", seen: set | None = None) -> None:
+    """Warn (once per fidelity and `seen` set) when no training structure of fidelity k had a stress label (the
+    count models record, spec["stress_labels"]; unknown for older models: silent): its stress is the strain
+    derivative of its energy, never fitted to stress labels."""
+    name = potential.fidelities.names[k]
+    if potential.spec.get("stress_labels", {}).get(name) != 0 or (seen is not None and ("stress", name) in seen):
+        return
+    if seen is not None:
+        seen.add(("stress", name))
+    log.warning(
+        "%s%s: no training structure had a stress label at this fidelity; its stress (cell relaxations, NPT, "
+        "screening) is the strain derivative of its energy, never fitted to stress labels",
+        f"{where}: " if where else "",
+        name,
+    )
 
 
 def _refuse_or_warn(msg: str, strict: bool) -> None:
