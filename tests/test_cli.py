@@ -268,14 +268,29 @@ def test_evaluate_warns_when_the_data_holds_the_models_training_structures(
     cli_run, tiny_extxyz, capsys, caplog, tmp_path
 ):
     """Evaluating a model on its own training data (the whole file it trained on) reported the errors as if held
-    out: a warning counts the structures of its training split (splits.json, by key)."""
+    out: a warning counts the (structure, fidelity) pairs it trained on; structures trained on at another fidelity
+    only are said apart (their labels are held out: they counted as trained on before)."""
     import logging
 
+    from multifi.train.extend import load_old_run
+
     _, run_dir = cli_run
-    train = json.loads((run_dir / "splits.json").read_text())["train"]
-    with caplog.at_level(logging.WARNING, logger="multifi"):
+    old = load_old_run(run_dir)
+    with caplog.at_level(logging.INFO, logger="multifi"):
         assert run(["evaluate", run_dir / "model.pt", tiny_extxyz], capsys)[0] == 0
-    assert f"{len(train)} of the " in caplog.text and "are among the model's training structures" in caplog.text
+    assert f"{len(old.train)} of the " in caplog.text and "pairs evaluated were trained on" in caplog.text
+    lo, hi = old.dataset.fidelities.index("lo"), old.dataset.fidelities.index("hi")
+    only_lo = [s for s, k in old.train.tolist() if k == lo and not old.dataset.energy_mask[s, hi]][:3]
+    frames = [old.dataset.to_atoms(s) for s in only_lo]
+    for a in frames:
+        a.info["fidelity"] = "hi"
+        a.calc = SinglePointCalculator(a, energy=-10.0)
+    ase.io.write(tmp_path / "hi_of_lo.extxyz", frames)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="multifi"):
+        assert run(["evaluate", run_dir / "model.pt", tmp_path / "hi_of_lo.extxyz"], capsys)[0] == 0
+    assert "pairs evaluated were trained on" not in caplog.text
+    assert f"{len(only_lo)} structure(s) evaluated were trained on at other fidelities only" in caplog.text
     # a run whose copy of the data cannot be read: the evaluation runs (the warning by the split's keys)
     import shutil
 

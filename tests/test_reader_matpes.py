@@ -247,3 +247,16 @@ def test_missing_empty_and_corrupt_files(tmp_path):
     check_error(tmp_path / "cut.jsonl.gz", "unreadable or truncated gzip")
     (tmp_path / "scalar.jsonl").write_text("[1, 2]")
     check_error(tmp_path / "scalar.jsonl", r"record 0: expected a JSON object, got int")
+
+
+def test_a_functional_spelt_otherwise_than_the_models_fidelity_names_the_records_field(tmp_path, capsys):
+    """MatPES spells it r2SCAN; a model trained on R2SCAN: the error told to write into info['fidelity'], which
+    a MatPES record does not have."""
+    from multifi.cli.main import main
+
+    path = write_jsonl(tmp_path / "r2.jsonl", [record(functional="r2SCAN")])
+    model = Path(__file__).parent / "data" / "solids_painn.pt"
+    for extra in ([], ["--fidelity", "R2SCAN"]):
+        assert main(["evaluate", str(model), str(path), "--out", str(tmp_path / "m.json"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "write" in err and "into each record's 'functional'" in err and "info['fidelity']" not in err, err

@@ -54,7 +54,7 @@ def run(args) -> int:
     from multifi.cli.format import metrics_table
     from multifi.data.checks import check_force_units, check_stress_units
     from multifi.data.dataset import FidelityDataset
-    from multifi.data.sources import read_labelled, report_dropped
+    from multifi.data.sources import fidelity_field, read_labelled, report_dropped
     from multifi.data.split import labelled_pairs
     from multifi.errors import MultifiError
     from multifi.files import atomic_write, encoded_for
@@ -80,7 +80,7 @@ def run(args) -> int:
             raise MultifiError(
                 f"{', '.join(args.data)}: its structures name fidelity {alike[0]!r}, equal up to case or spaces to "
                 f"--fidelity {args.fidelity!r}, but a name the data gives is used as written (--fidelity applies only "
-                f"to structures that name none): write {args.fidelity!r} into the file's info['fidelity']"
+                f"to structures that name none): write {args.fidelity!r} into {fidelity_field(args.data[0])}"
             )
         if args.fidelity not in ds.fidelities.names:
             raise MultifiError(
@@ -204,30 +204,37 @@ def check_elements(potential, dataset, pairs):
 
 
 def _warn_trained_on(checkpoint, ds, pairs) -> None:
-    """Structures the model trained on (by key: its run's dataset.npz with its split or an extension run's
-    pairs.npz, as trained, train_limits applied; else the keys of splits.json) are scored as if held out
-    otherwise (e.g. the run's dataset.npz, or a whole label table): say how many."""
-    import numpy as np
-
+    """(Structure, fidelity) pairs the model trained on (by key and fidelity name: its run's dataset.npz with its
+    split or an extension run's pairs.npz, as trained, train_limits applied; by key alone from splits.json) are
+    scored as if held out otherwise (e.g. the run's dataset.npz, or a whole label table): say how many; and how
+    many structures it trained on at other fidelities only (held-out labels on seen geometries)."""
     trained = _trained_keys(checkpoint)
     if not trained:
         return
-    structures = np.unique(pairs[:, 0])
-    seen = sum(str(ds.keys[s]) in trained for s in structures.tolist())
-    if seen:
-        logging.getLogger("multifi").warning(
-            "%d of the %d structures evaluated are among the model's training structures: their errors are not "
-            "held-out errors",
-            seen,
-            len(structures),
+    names = ds.fidelities.names
+    evaluated = {(str(ds.keys[s]), names[k]) for s, k in pairs.tolist()}
+    same = {p for p in evaluated if p in trained or (p[0], None) in trained}
+    keys_trained = {key for key, _ in trained}
+    elsewhere = {key for key, _ in evaluated - same if key in keys_trained}
+    say = logging.getLogger("multifi")
+    if same:
+        say.warning(
+            "%d of the %d (structure, fidelity) pairs evaluated were trained on: their errors are not held-out errors",
+            len(same),
+            len(evaluated),
+        )
+    if elsewhere:
+        say.info(
+            "%d structure(s) evaluated were trained on at other fidelities only: their labels here are held out, "
+            "their geometries are not",
+            len(elsewhere),
         )
 
 
-def _trained_keys(checkpoint) -> set[str]:
+def _trained_keys(checkpoint) -> set[tuple[str, str | None]]:
+    """(key, fidelity name) of every training pair; (key, None) where only the split's keys are known."""
     import json
     from pathlib import Path
-
-    import numpy as np
 
     from multifi.errors import MultifiError
     from multifi.train.extend import PAIRS, load_old_run
@@ -242,8 +249,9 @@ def _trained_keys(checkpoint) -> set[str]:
             old = load_old_run(run)
         except (MultifiError, OSError, ValueError, KeyError):  # unreadable: no warning rather than no evaluation
             return set()
-        return {str(k) for k in old.dataset.keys[np.unique(old.train[:, 0])]}
+        names = old.dataset.fidelities.names
+        return {(str(old.dataset.keys[s]), names[k]) for s, k in old.train.tolist()}
     try:  # no copy of the data: the split's keys (before train_limits)
-        return set(json.loads((run / "splits.json").read_text()).get("train", []))
+        return {(str(k), None) for k in json.loads((run / "splits.json").read_text()).get("train", [])}
     except (OSError, ValueError, AttributeError):
         return set()

@@ -77,6 +77,14 @@ def guess_format(path: Path) -> str:
     return "ase"
 
 
+def fidelity_field(source: str | Path | None) -> str:
+    """Where a data file names each structure's fidelity, for messages: a MatPES record's 'functional', else an
+    ASE frame's info['fidelity']."""
+    if source and guess_format(Path(str(source).split(", ")[0])) == "matpes":
+        return "each record's 'functional'"
+    return "the file's info['fidelity']"
+
+
 def _is_ase_json_db(path: Path) -> bool:
     """An ASE database written as .json (`{"1": {"cell": …`, rows keyed by id), not MatPES records."""
     import gzip

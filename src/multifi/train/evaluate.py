@@ -12,6 +12,7 @@ from multifi.data.checks import check_overlaps
 from multifi.data.dataset import FidelityDataset, ranges
 from multifi.data.fidelity import alike_names
 from multifi.data.neighbors import NeighborCache, make_neighbors
+from multifi.data.sources import fidelity_field
 from multifi.errors import MultifiError
 from multifi.keys import COUNT, ESTIMATED, FITTED_ONLY, UNSEEN
 from multifi.models.elements import open_compositions
@@ -130,7 +131,7 @@ def model_fidelities(potential, dataset: FidelityDataset, pairs: np.ndarray) -> 
             raise MultifiError(
                 f"{dataset.source or 'data'}: its structures name fidelity {name!r}, which the model does not know; "
                 f"it has {alike[0]!r}, equal up to case or spaces, but a name the data gives is used as written "
-                "(two such names are two fidelities): write the model's name into the file's info['fidelity']"
+                "(two such names are two fidelities): write the model's name into " + fidelity_field(dataset.source)
             )
     shared = [n for n in dataset.fidelities.names if n in potential.fidelities]
     unknown = [n for n, u in zip(dataset.fidelities.names, used) if u and n not in potential.fidelities]
