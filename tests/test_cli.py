@@ -312,6 +312,14 @@ def test_predict_unknown_element(cli_run, tmp_path, capsys):
         "element S was not seen in training",
         "H, C, N, O",
     )
+    # every unseen element and how many structures hold them, not only the first (fixed one frame at a time)
+    gaas = Atoms("GaAs", positions=[[0, 0, 0], [2.4, 0, 0]])
+    ase.io.write(src, [rattled_molecule("H2O", 0), Atoms("SH2", positions=[[0, 0, 0], [1.3, 0, 0], [0, 1.3, 0]]), gaas])
+    fails(
+        ["predict", run_dir / "model.pt", src, "--fidelity", "lo", "--out", tmp_path / "o.xyz"],
+        capsys,
+        "structure 1: element S was not seen in training (unseen: S, Ga, As in 2 structure(s))",
+    )
 
 
 def test_evaluate_unknown_element(cli_run, tmp_path, capsys):

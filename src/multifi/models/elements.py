@@ -46,11 +46,18 @@ def check_elements(
     if unknown.any():
         from ase.data import chemical_symbols
 
-        atom = int(np.argmax(unknown))
-        s = int(np.searchsorted(np.cumsum(n_atoms), atom, side="right"))
+        owner = np.searchsorted(np.cumsum(n_atoms), np.flatnonzero(unknown), side="right")  # structure of each
+        symbol = lambda z: chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"  # noqa: E731
+        first, s = int(numbers[unknown][0]), int(owner[0])
         name = "" if len(n_atoms) == 1 else f"structure {keys[s] if keys is not None else s}: "
+        elements, held = sorted(set(numbers[unknown].tolist())), len(np.unique(owner))
+        every = (
+            f" (unseen: {', '.join(map(symbol, elements))} in {held} structure(s))"
+            if len(elements) > 1 or held > 1
+            else ""
+        )
         raise MultifiError(
-            f"{prefix}{name}element {chemical_symbols[numbers[atom]]} was not seen in training "
+            f"{prefix}{name}element {symbol(first)} was not seen in training{every} "
             f"(model knows {', '.join(chemical_symbols[z] for z in np.flatnonzero(known))})"
         )
     if fidelity is None or len(numbers) == 0:
