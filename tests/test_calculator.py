@@ -289,3 +289,24 @@ def test_stress_at_a_fidelity_trained_without_stress_labels_is_said_once(caplog)
         with caplog.at_level("WARNING", logger="multifi"):
             predict_atoms(pot, [atoms, atoms.copy()], name, batch_size=1, where="cells.extxyz")
         assert caplog.text.count("cells.extxyz: R2SCAN: no training structure had a stress label") == int(said)
+
+
+def test_a_trajectory_of_the_calculator_is_no_label_file_but_a_selection_pool(tmp_path, capsys):
+    """A relaxation's .traj keeps the calculator's results: `evaluate` scored the model against itself (0.000
+    everywhere); now an error. As a selection pool its frames are candidates without labels."""
+    import ase.io
+    from ase.optimize import FIRE
+
+    from multifi.cli.main import main
+    from multifi.select import read_pool
+
+    atoms = bulk("Si", "diamond", 5.43, cubic=True)
+    atoms.rattle(0.05, seed=0)
+    atoms.info["fidelity"] = "PBE"  # even when the frames name a fidelity
+    atoms.calc = multifi.Calculator(CKPT, fidelity="PBE")
+    FIRE(atoms, trajectory=str(tmp_path / "relax.traj"), logfile=None).run(steps=2)
+    assert ase.io.read(tmp_path / "relax.traj", 0).calc.name == "multifi"
+    assert main(["evaluate", str(CKPT), str(tmp_path / "relax.traj"), "--fidelity", "PBE"]) == 2
+    assert "holds results of multifi's calculator" in capsys.readouterr().err
+    pool = read_pool(str(tmp_path / "relax.traj"))
+    assert len(pool) >= 2 and not pool.energy_mask.any()

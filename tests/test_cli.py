@@ -339,6 +339,16 @@ def test_data_info_lists_per_fidelity_counts(tiny_extxyz, capsys):
     assert rows["lo"] == ["40", "40", "0"] and rows["hi"] == ["20", "20", "0"]
     assert "structures: 40" in out and "elements: H C N O" in out
     assert "structures labelled at more than one fidelity: 20" in out
+    assert "periodic: 0" in out
+
+
+def test_data_info_tells_slabs_and_wires_from_crystals():
+    import numpy as np
+
+    from multifi.cli.data_cmd import _periodicity
+
+    pbc = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0]], bool)
+    assert _periodicity(pbc) == "4 (3-D 1, slabs 2, wires 1)" and _periodicity(pbc[[0, 4]]) == "1"
 
 
 def test_data_info_and_convert_read_a_run_configs_data(write_config, tiny_extxyz, tmp_path, capsys):

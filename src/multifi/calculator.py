@@ -14,6 +14,7 @@ from ase.units import GPa
 from multifi.aot import AotModel
 from multifi.data.batch import graph_from_atoms
 from multifi.data.cells import stress_volume_problem
+from multifi.data.readers.ase_files import CALCULATOR_NAME
 from multifi.devices import existing_device
 from multifi.errors import MultifiError, unknown_name
 from multifi.models.elements import check_contacts, check_elements, check_stress_trained
@@ -59,6 +60,10 @@ class Calculator(AseCalculator):
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def _get_name(self) -> str:
+        """The name ASE stores with results in trajectories and databases: how readers tell them from labels."""
+        return CALCULATOR_NAME
 
     def __init__(
         self,

@@ -108,6 +108,16 @@ def _any_label(path: str) -> bool:
     return False
 
 
+def _periodicity(pbc) -> str:
+    """'N' periodic structures, with how many are slabs or wires when some are: 'N (3-D a, slabs b, wires c)'."""
+    dims = pbc.sum(1)
+    n = int((dims > 0).sum())
+    parts = [
+        f"{what} {int((dims == d).sum())}" for d, what in ((3, "3-D"), (2, "slabs"), (1, "wires")) if (dims == d).any()
+    ]
+    return f"{n} ({', '.join(parts)})" if (dims == 1).any() or (dims == 2).any() else str(n)
+
+
 def run_info(args) -> int:
     from ase.data import chemical_symbols
 
@@ -115,7 +125,7 @@ def run_info(args) -> int:
     n_atoms = ds.n_atoms
     print(
         f"structures: {len(ds)}   atoms: {int(n_atoms.sum())} (per structure {n_atoms.min()}–{n_atoms.max()}, "
-        f"mean {n_atoms.mean():.1f})   periodic: {int(ds.pbc.any(1).sum())}"
+        f"mean {n_atoms.mean():.1f})   periodic: {_periodicity(ds.pbc)}"
     )
     print("elements:", " ".join(chemical_symbols[z] for z in ds.elements))
     counts = ds.label_counts()

@@ -74,6 +74,12 @@ def read_ase(
                     "info['fidelity']: multifi reads info['fidelity'] (set it per frame, e.g. to the head's name), "
                     "or one source per level of theory, or label keys of one level (energy_key: REF_energy_<head>)"
                 )
+        if getattr(atoms.calc, "name", None) == CALCULATOR_NAME and not named:
+            raise MultifiError(
+                f"{src}: {tag} holds results of multifi's calculator (a trajectory of an MD run or relaxation with "
+                "a multifi model), not reference labels; to score the model on these geometries, label them with "
+                "the reference method, or name energy_key/forces_key to take the results as labels on purpose"
+            )
         if PREDICTION_MARK in atoms.info and not named:
             raise MultifiError(
                 f"{src}: {tag} holds predictions of `multifi predict` ({atoms.info[PREDICTION_MARK]}), not labels; "
@@ -163,6 +169,8 @@ DEFAULT_KEYS = {"energy": "energy", "forces": "forces", "stress": "stress"}
 #: info key `multifi predict` marks its output frames with: their energy/forces/stress are predictions, the
 #: input's labels are under ref_energy / ref_forces / ref_stress at info['ref_fidelity']
 PREDICTION_MARK = "predicted_by"
+#: the name multifi's ASE calculator gives itself: trajectories (.traj) and databases keep it with the results
+CALCULATOR_NAME = "multifi"
 
 
 def label_keys(keys: dict[str, str] | None) -> dict[str, str]:
