@@ -449,8 +449,8 @@ def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys
     fails(
         ["train", write_config(), "--dry-run"],
         capsys,
-        "run directory exists and is not empty",
-        "(config and data are valid)",
+        "a finished run (model.pt) without checkpoints",
+        "train into another output_dir (config and data are valid)",
     )
 
 
