@@ -27,6 +27,7 @@ from multifi.config import ModelConfig
 from multifi.data.stats import N_ELEMENTS
 from multifi.errors import MultifiError
 from multifi.nn import PolynomialCutoff, scatter_sum
+from multifi.nn.radial import second_order
 
 Tensor = torch.Tensor
 DEFAULT = ModelConfig()  # the constructor's defaults are the config's field defaults (one place)
@@ -138,9 +139,7 @@ class SphericalBesselRadial(nn.Module):
         functions and their two derivatives are evaluated in closed form without autograd, then joined as
         f + δ f′ + δ²/2 f″ with δ = r − r.detach() (zero in value), so no backward pass runs through the
         Bessel recurrences and series (~9 % of an M3GNet force+stress training step when it did)."""
-        f, df, ddf = self.values_and_derivatives(r.detach())  # [E, L, Nn] each
-        d = (r - r.detach()).view(-1, 1, 1)
-        return f.to(r.dtype) + d * (df.to(r.dtype) + 0.5 * d * ddf.to(r.dtype))
+        return second_order(r, *self.values_and_derivatives(r.detach()))  # [E, L, Nn]
 
     def values_and_derivatives(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The functions and their first and second derivatives in r (Å⁻¹, Å⁻²), float64 [E, L, Nn] each:

@@ -44,3 +44,11 @@ class PolynomialCutoff(nn.Module):
         x = r / self.cutoff
         f = 1 - 6 * x**5 + 15 * x**4 - 10 * x**3
         return f * (x < 1).to(r.dtype)
+
+
+def second_order(r: torch.Tensor, f: torch.Tensor, df: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """A function of the distances r [E] given by its values f and derivatives df, ddf [E, ...] (evaluated without
+    autograd): f + δ df + δ²/2 ddf with δ = r − r.detach(), zero in value, so autograd sees exact first and second
+    derivatives in r (forces, and their training's double backward) without differentiating how f was computed."""
+    d = (r - r.detach()).view(-1, *([1] * (f.dim() - 1)))
+    return f.to(r.dtype) + d * (df.to(r.dtype) + 0.5 * d * ddf.to(r.dtype))
