@@ -342,6 +342,19 @@ def test_data_info_lists_per_fidelity_counts(tiny_extxyz, capsys):
     assert "periodic: 0" in out
 
 
+def test_evaluate_and_predict_read_the_frames_of_index(cli_run, tiny_extxyz, tmp_path, capsys):
+    """--index picks frames of a file ASE reads (the last frame of a trajectory: -1); other sources refuse it."""
+    _, run_dir = cli_run
+    for index, frames in (("0:6", 6), ("-1", 1), ("::10", 6)):
+        out = tmp_path / f"m{frames}_{index.replace(':', '_')}.json"
+        assert run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--index", index, "--out", out], capsys)[0] == 0
+        n = sum(m["n"] for m in json.loads(out.read_text())["fidelities"].values())
+        assert n == frames, (index, n)
+    fails(
+        ["evaluate", run_dir / "model.pt", run_dir / "dataset.npz", "--index", "-1"], capsys, "--index -1 picks frames"
+    )
+
+
 def test_data_info_tells_slabs_and_wires_from_crystals():
     import numpy as np
 

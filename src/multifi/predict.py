@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from multifi.data.readers.ase_files import PREDICTION_MARK
+from multifi.data.readers.ase_files import CALCULATOR_NAME, PREDICTION_MARK
 from multifi.data.sources import is_qm9_text
 from multifi.errors import MultifiError
 
@@ -82,8 +82,10 @@ def predict_file(
     device: str = "cpu",
     uncertainty: bool = False,
     ensemble: list = (),
+    index: str = ":",
 ) -> int:
-    """Read structures, predict at `fidelity` (or several), write extxyz (energy, forces, stress in ASE units).
+    """Read structures (frames `index` of a file ASE reads), predict at `fidelity` (or several), write extxyz
+    (energy, forces, stress in ASE units).
 
     The first fidelity's predictions are the calculator results (energy, forces, stress); with several
     fidelities, each one's also go to info/arrays as energy_<name>, forces_<name>, stress_<name> (name
@@ -114,7 +116,7 @@ def predict_file(
     path = Path(structures)
     if not path.exists() and not is_qm9_text(str(structures)):
         raise MultifiError(f"{path}: no such file")
-    atoms_list = read_structures(str(structures), fidelities[0])
+    atoms_list = read_structures(str(structures), fidelities[0], index)
     check_atoms_elements(potential, atoms_list, str(path))
     predictions, sigmas, method = {}, {}, None
     for name in fidelities:
@@ -174,12 +176,12 @@ def _check_output_keys(fidelities: list[str], sigma: bool) -> None:
             seen[key] = name
 
 
-def read_structures(text: str, fidelity: str | None = None) -> list:
-    """The structures of a source as ASE Atoms: any file ase.io reads, a MatPES JSON/JSONL, a saved multifi
-    dataset or QM9 (`qm9`, `qm9:LABELS.csv`), the latter read as training reads them, non-finite labels dropped:
-    a structure carries its label at `fidelity`, else its only one, kept by predict as ref_* beside it, and its
-    labels at other fidelities as ref_energy_<name> etc."""
-    from multifi.data.sources import guess_format, read_labelled
+def read_structures(text: str, fidelity: str | None = None, index: str = ":") -> list:
+    """The structures of a source as ASE Atoms: any file ase.io reads (frames `index`, ASE's index), a MatPES
+    JSON/JSONL, a saved multifi dataset or QM9 (`qm9`, `qm9:LABELS.csv`), the latter read as training reads them,
+    non-finite labels dropped: a structure carries its label at `fidelity`, else its only one, kept by predict as
+    ref_* beside it, and its labels at other fidelities as ref_energy_<name> etc."""
+    from multifi.data.sources import guess_format, read_labelled, source_from_text
 
     path = Path(text)
     if not is_qm9_text(text) and guess_format(path) == "ase":
@@ -189,10 +191,11 @@ def read_structures(text: str, fidelity: str | None = None) -> list:
             raise MultifiError(
                 f"{path}: {'is a folder, expected a structure file' if path.is_dir() else 'no such file'}"
             )
-        return list(read_frames(path, ":"))  # a bad file: one line naming the frame, as training says it
+        index = source_from_text(text, index=index).index  # an index ASE cannot read: one line
+        return list(read_frames(path, index))  # a bad file: one line naming the frame, as training says it
     # labels here are only references (non-finite ones dropped); a QM9 label table naming no fidelity (no
     # manifest.json beside it) is taken as labels at `fidelity`, as evaluate --fidelity takes it
-    ds = read_labelled(text, fidelity, skip_invalid=True)
+    ds = read_labelled(text, fidelity, skip_invalid=True, index=index)
     return [_labelled_atoms(ds, i, fidelity) for i in range(len(ds))]
 
 
@@ -242,10 +245,12 @@ def _keep_reference_labels(atoms, where: str) -> None:
     """The input's own labels (calculator results or info/arrays) as ref_energy / ref_forces / ref_stress.
 
     An input that is itself a predict output keeps its ref_* labels (its energy, forces and stress are
-    predictions: dropped); any other input already holding a ref_* label next to the label it would
+    predictions: dropped; so are the results a multifi calculator left in a trajectory); any other input already holding a ref_* label next to the label it would
     replace is an error (one of the two would be lost)."""
     results = dict(getattr(atoms.calc, "results", None) or {})
     predicted = atoms.info.pop(PREDICTION_MARK, None) is not None
+    if getattr(atoms.calc, "name", None) == CALCULATOR_NAME:  # a multifi trajectory's results: no labels either
+        results = {key: None for key in results}
     for key, store in (("energy", atoms.info), ("forces", atoms.arrays), ("stress", atoms.info)):
         value = results.get(key, atoms.info.get(key) if store is atoms.info else atoms.arrays.get(key))
         store.pop(key, None)

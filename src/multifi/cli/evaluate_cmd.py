@@ -24,6 +24,7 @@ def register(sub):
         "with it, only labels of this fidelity are evaluated",
     )
     p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--index", default=":", help="frames of each file ASE reads, as ASE's index: -1, 10:20, ::5")
     p.add_argument("--out", help="write the metrics as JSON to this file (an existing one: --force)")
     p.add_argument(
         "--plot", metavar="FILE.png", help="parity plot (predicted vs reference energy per atom) per fidelity"
@@ -69,7 +70,9 @@ def run(args) -> int:
     from multifi.data.fidelity import alike_names
 
     potential = load_potential(args.checkpoint).to(args.device)
-    parts = [read_labelled(path, args.fidelity, args.skip_invalid, **label_keys(args)) for path in args.data]
+    parts = [
+        read_labelled(path, args.fidelity, args.skip_invalid, args.index, **label_keys(args)) for path in args.data
+    ]
     report_dropped(parts)
     ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
     pairs = labelled_pairs(ds, np.arange(len(ds)))

@@ -25,6 +25,9 @@ def register(sub):
     )
     add_force(p)
     p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument(
+        "--index", default=":", help="frames of a file ASE reads, as ASE's index: -1, 10:20, ::5 (default :)"
+    )
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
     p.add_argument(
         "--uncertainty",
@@ -58,6 +61,7 @@ def run(args) -> int:
         args.device,
         uncertainty=args.uncertainty,
         ensemble=args.ensemble,
+        index=args.index,
     )
     print(f"wrote {n} structures predicted at {', '.join(dict.fromkeys(args.fidelity))} to {args.out}")
     return 0

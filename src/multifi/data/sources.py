@@ -103,35 +103,40 @@ def is_qm9_text(text: str) -> bool:
     return text == "qm9" or text.startswith("qm9:")
 
 
-def source_from_text(text: str, fidelity: str | None = None, **keys):
+def source_from_text(text: str, fidelity: str | None = None, index: str = ":", **keys):
     """A SourceConfig from a source named on the command line: a file, `qm9` (QM9's own B3LYP energies) or
-    `qm9:LABELS.csv`, as in a config's data.sources; `keys`: energy_key / forces_key / stress_key of a file."""
+    `qm9:LABELS.csv`, as in a config's data.sources; `keys`: energy_key / forces_key / stress_key of a file;
+    `index`: its frames, as ASE's index (files ASE reads only)."""
     from multifi.config import SourceConfig
     from multifi.validation import validate
 
+    if index != ":" and (is_qm9_text(text) or guess_format(Path(text)) != "ase"):
+        raise MultifiError(f"{text}: --index {index} picks frames of files ASE reads, not of this source")
     if is_qm9_text(text):
         raw = {"qm9": {"labels": text[4:] or None, "fidelity": fidelity}}
     else:
-        raw = {"path": text, "fidelity": fidelity, **{k: v for k, v in keys.items() if v}}
-    return validate(SourceConfig, raw, text)  # a bad fidelity name is a one-line error
+        raw = {"path": text, "fidelity": fidelity, "index": index, **{k: v for k, v in keys.items() if v}}
+    return validate(SourceConfig, raw, text)  # a bad fidelity name or index is a one-line error
 
 
-def read_labelled(text: str, fidelity: str | None = None, skip_invalid: bool = False, **keys) -> FidelityDataset:
+def read_labelled(
+    text: str, fidelity: str | None = None, skip_invalid: bool = False, index: str = ":", **keys
+) -> FidelityDataset:
     """Labelled data named on the command line, with the fidelities it names per structure; `fidelity` only
-    for structures naming none (and for a QM9 label table without a manifest)."""
+    for structures naming none (and for a QM9 label table without a manifest); `index`: ASE's frame index."""
     if is_qm9_text(text):
         try:
-            return read_source(source_from_text(text), skip_invalid)
+            return read_source(source_from_text(text, index=index), skip_invalid)
         except MultifiError:
             if fidelity is None:
                 raise
-            return read_source(source_from_text(text, fidelity), skip_invalid)
+            return read_source(source_from_text(text, fidelity, index=index), skip_invalid)
     try:
-        return read_source(source_from_text(text, None, **keys), skip_invalid)
+        return read_source(source_from_text(text, None, index, **keys), skip_invalid)
     except MultifiError:
         if fidelity is None or guess_format(Path(text)) == "npz":
             raise
-        return read_source(source_from_text(text, fidelity, **keys), skip_invalid)  # fails again unless it was missing
+        return read_source(source_from_text(text, fidelity, index, **keys), skip_invalid)  # fails again unless missing
 
 
 def read_sources(sources, skip_invalid: bool = False) -> FidelityDataset:
