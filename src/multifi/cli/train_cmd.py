@@ -29,6 +29,11 @@ def register(sub):
 
 def run(args) -> int:
     from multifi.config import Override
+
+    if args.resume:  # before torch and Lightning load (seconds): a mistyped folder is said at once
+        from multifi.train.resume_args import check_resume_args
+
+        check_resume_args(args.config, args.overrides, args.resume)
     from multifi.train.run import train_from_args
 
     overrides = list(args.overrides)

@@ -39,6 +39,7 @@ from multifi.train.evaluate import evaluate_pairs
 from multifi.train.logger import RunCSVLogger, progress_bar_wanted
 from multifi.train.module import PotentialModule
 from multifi.train.prepare import prepare_data
+from multifi.train.resume_args import check_resume_args
 
 log = logging.getLogger("multifi")
 
@@ -1294,23 +1295,7 @@ def _configure_threads(cfg: RunConfig) -> None:
 
 def train_from_args(config: str | None, overrides: list[str], resume_dir: str | None, dry_run: bool = False) -> Path:
     if resume_dir:
-        if config is not None:
-            raise MultifiError(
-                f"{config}: a resumed run trains with its own config.yaml ({resume_dir}); give either CONFIG.yaml "
-                "or --resume RUN_DIR (change what a resume may change with --set)"
-            )
-        moved = [o for o in overrides if o.split("=", 1)[0].strip() == "output_dir"]
-        if moved:
-            raise MultifiError(f"--set {moved[0]}: a resumed run stays in its directory ({resume_dir})")
-        source = Path(resume_dir) / "config.yaml"
-        if not Path(resume_dir).is_dir():
-            raise MultifiError(
-                f"{resume_dir}: no such run directory (a run stopped before it started has nothing to resume)"
-            )
-        if not source.exists():
-            raise MultifiError(
-                f"{resume_dir}: not a run directory (no config.yaml; a run stopped while starting: train it anew)"
-            )
+        source = check_resume_args(config, overrides, resume_dir)
         cfg = load_config(source, overrides)
         cfg.output_dir = str(resume_dir)
         with blamed(str(source), overrides):
