@@ -310,6 +310,8 @@ def test_a_trajectory_of_the_calculator_is_no_label_file_but_a_selection_pool(tm
     assert "holds results of multifi's calculator" in capsys.readouterr().err
     pool = read_pool(str(tmp_path / "relax.traj"))
     assert len(pool) >= 2 and not pool.energy_mask.any()
+    assert main(["data", "info", str(tmp_path / "relax.traj")]) == 0  # its frames, as unlabelled structures
+    assert f"structures: {len(pool)}" in capsys.readouterr().out
     # predict its last frame (--index): the calculator's results are not kept as reference labels
     out = tmp_path / "last.extxyz"
     assert (

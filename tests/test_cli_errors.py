@@ -290,6 +290,13 @@ def test_a_lost_training_process_is_one_line_with_the_resume_hint(tmp_path):
     with pytest.raises(RuntimeError, match="Connection reset by peer"):
         fit_or_interrupt(Trainer(1), None, None, None, tmp_path, hint)
 
+    class Slow(Trainer):  # a slow peer or this process's own fault is no lost process: its traceback stays
+        def fit(self, *args, **kwargs):
+            raise RuntimeError("[gloo] Timed out waiting 1800000ms for recv operation to complete")
+
+    with pytest.raises(RuntimeError, match="Timed out waiting"):
+        fit_or_interrupt(Slow(2), None, None, None, tmp_path, hint)
+
 
 def test_resume_with_truncated_last_checkpoint_falls_back_to_best(write_config, tmp_path, capsys, caplog):
     run_dir = tmp_path / "run"
@@ -313,6 +320,10 @@ def test_resume_with_truncated_last_checkpoint_falls_back_to_best(write_config, 
     shutil.rmtree(gone / "checkpoints")
     fails(["train", "--resume", gone], capsys, "without checkpoints: nothing to resume")
     fails(["train", write_config(), "--set", f"output_dir={gone}"], capsys, "train into another output_dir")
+    other = tmp_path / "evaluated"  # a folder holding an `evaluate --out metrics.json`: no run of its own
+    other.mkdir()
+    (other / "metrics.json").write_text("{}")
+    fails(["train", write_config(), "--set", f"output_dir={other}"], capsys, "run directory exists and is not empty")
     (run_dir / "model.pt").unlink()
     (run_dir / "metrics.json").unlink()
     caplog.clear()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
+import signal
 
 import ase
 import ase.io
@@ -697,6 +699,15 @@ def test_ctrl_c_during_an_extension_exits_130_and_the_same_command_runs_again(ol
     monkeypatch.setattr(PotentialModule, "training_step", interrupted)
     assert main(args) == 130
     assert "the extension was not finished" in capsys.readouterr().err and not out.exists()
+
+    def terminated(self, batch, batch_idx):  # SIGTERM (a scheduler's limit): the same, exit 143 (it was 130)
+        if self.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(PotentialModule, "training_step", terminated)
+    assert main(args) == 143
+    assert "multifi: terminated; the extension was not finished" in capsys.readouterr().err and not out.exists()
     monkeypatch.setattr(PotentialModule, "training_step", real)
     assert main(args) == 0 and (out / "model.pt").exists()
 

@@ -528,6 +528,12 @@ def test_frames_with_forces_but_no_energy_are_counted_in_a_warning(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="multifi"):
         read_ase(tmp_path / "all.extxyz", fidelity="PBE")
     assert "no energy label" not in caplog.text
+    ase.io.write(tmp_path / "none.extxyz", [f for i, f in enumerate(frames) if i % 2], format="extxyz")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="multifi"):  # a forces-only file: said, not warned on every read
+        read_ase(tmp_path / "none.extxyz", fidelity="PBE")
+    (record,) = [r for r in caplog.records if "no energy label" in r.getMessage()]
+    assert record.levelname == "INFO" and "2 of 2 frames" in record.getMessage()
 
 
 def test_an_ase_database_saved_as_json_is_read_as_one(tmp_path):

@@ -50,15 +50,16 @@ def predict_atoms(
             f = out["forces"].numpy()
             splits = np.cumsum(g.n_atoms.numpy())[:-1]
             forces_out.extend(np.split(f, splits))
-        if "stress" in out:
-            check_stress_trained(potential, k, where, seen=warned)
         st = out.get("stress")  # molecules and cells without volume (slabs without vacuum) get none, not a zero one
-        stresses.extend(
+        kept = [
             st[i].numpy()
             if st is not None and a.pbc.any() and not stress_volume_problem(a.cell.array, a.pbc, a.positions)
             else None
             for i, a in enumerate(chunk)
-        )
+        ]
+        if any(x is not None for x in kept):
+            check_stress_trained(potential, k, where, seen=warned)
+        stresses.extend(kept)
     return np.concatenate(energies) if energies else np.zeros(0), forces_out, stresses
 
 

@@ -561,11 +561,12 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log) -> Path:
         run_log.write_to(run_dir / "train.log")
     atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
     trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)
+    gone = f"the extension was not finished and {run_dir} was removed; run it again"
     try:
-        fit_or_interrupt(trainer, module, data, None, run_dir, "")
-    except KeyboardInterrupt:  # an extension cannot be resumed: its unfinished folder goes, the command can rerun
+        fit_or_interrupt(trainer, module, data, None, run_dir, gone)
+    except (KeyboardInterrupt, MultifiError) as exc:  # an extension cannot be resumed: its unfinished folder goes
         shutil.rmtree(run_dir, ignore_errors=True)
-        raise KeyboardInterrupt(f"the extension was not finished and {run_dir} was removed; run it again") from None
+        raise type(exc)(gone if isinstance(exc, KeyboardInterrupt) else str(exc)) from None  # SIGTERM stays 143
     best_path = final_checkpoint(trainer, run_dir)
     best = load_potential(best_path, compile=False)
     contact, reach = shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0]))

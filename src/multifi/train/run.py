@@ -334,8 +334,9 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
         raise MultifiError(f"{run_dir}: output_dir exists and is not a folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         names = {p.name for p in run_dir.iterdir()}
-        if not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("*.ckpt")):
-            _refuse_restarting_a_finished_run(run_dir)  # --resume would not help it
+        no_checkpoint = not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("*.ckpt"))
+        if no_checkpoint and (run_dir / "config.yaml").exists():  # a run's folder: --resume would not help it
+            _refuse_restarting_a_finished_run(run_dir)
         if _has_checkpoint(run_dir) or not names <= UNSTARTED_FILES:
             raise MultifiError(
                 f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} or another output_dir"
@@ -428,19 +429,22 @@ def fit_or_interrupt(trainer: L.Trainer, module, data, ckpt: Path | None, run_di
         raise (Terminated if trainer.received_sigterm else KeyboardInterrupt)(hint) from None
     except RuntimeError as exc:
         if trainer.world_size > 1 and _lost_a_peer(exc):
+            log.debug("the collective's error in full", exc_info=exc)  # -v shows it
             raise MultifiError(f"{run_dir}: another training process stopped ({_first_line(exc)}); {hint}") from None
         raise
     if trainer.interrupted:
         raise (Terminated if trainer.received_sigterm else KeyboardInterrupt)(hint)
 
 
-def _lost_a_peer(exc: BaseException) -> bool:
-    """Whether a collective failed because another process of the run went away (killed, out of memory)."""
-    import torch.distributed as dist
+#: what gloo and NCCL say when the other end of a collective went away (killed, out of memory elsewhere); a slow
+#: peer ("timed out") or this process's own failure (CUDA out of memory) is not it and keeps its traceback
+LOST_PEER = ("connection reset by peer", "connection closed by peer", "broken pipe", "remote process exited")
 
+
+def _lost_a_peer(exc: BaseException) -> bool:
+    """Whether a collective failed because another process of the run went away."""
     text = str(exc).lower()
-    lost = ("connection reset by peer", "connection closed by peer", "broken pipe", "socket closed", "timed out")
-    return isinstance(exc, getattr(dist, "DistError", ())) or any(words in text for words in lost)
+    return any(words in text for words in LOST_PEER)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -102,7 +102,7 @@ def read_ase(
             no_energy += not per_atom and not has_energy
     _warn_unread(src, keys, unread, records)
     if no_energy:
-        log.warning(
+        (log.warning if no_energy < len(records) else log.info)(  # a forces-only file: said, not warned
             "%s: %d of %d frames have forces or stress but no %s label: they train forces and stress only, and "
             "count in no energy error (an energy lost on the way? an extxyz written without it?)",
             src,
