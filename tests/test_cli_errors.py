@@ -323,7 +323,7 @@ def test_resume_with_truncated_last_checkpoint_falls_back_to_best(write_config, 
     other = tmp_path / "evaluated"  # a folder holding an `evaluate --out metrics.json`: no run of its own
     other.mkdir()
     (other / "metrics.json").write_text("{}")
-    fails(["train", write_config(), "--set", f"output_dir={other}"], capsys, "run directory exists and is not empty")
+    fails(["train", write_config(), "--set", f"output_dir={other}"], capsys, "not empty; use another output_dir")
     (run_dir / "model.pt").unlink()
     (run_dir / "metrics.json").unlink()
     caplog.clear()
@@ -460,8 +460,7 @@ def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys
     fails(
         ["train", write_config(), "--dry-run"],
         capsys,
-        "a finished run (model.pt) without checkpoints",
-        "train into another output_dir (config and data are valid)",
+        "run directory exists and is not empty; use another output_dir (config and data are valid)",
     )
 
 

@@ -338,8 +338,10 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
         if no_checkpoint and (run_dir / "config.yaml").exists():  # a run's folder: --resume would not help it
             _refuse_restarting_a_finished_run(run_dir)
         if _has_checkpoint(run_dir) or not names <= UNSTARTED_FILES:
+            resumable = not no_checkpoint and (run_dir / "config.yaml").exists()
             raise MultifiError(
-                f"{run_dir}: run directory exists and is not empty; use --resume {run_dir} or another output_dir"
+                f"{run_dir}: run directory exists and is not empty; use "
+                + (f"--resume {run_dir} or another output_dir" if resumable else "another output_dir")
             )
         log.info("%s: the previous start wrote no checkpoint; starting afresh", run_dir)
     check_creatable(run_dir)
