@@ -314,39 +314,10 @@ def test_a_trajectory_of_the_calculator_is_no_label_file_but_a_selection_pool(tm
     assert f"structures: {len(pool)}" in capsys.readouterr().out
     # predict its last frame (--index): the calculator's results are not kept as reference labels
     out = tmp_path / "last.extxyz"
-    assert (
-        main(
-            [
-                "predict",
-                str(CKPT),
-                str(tmp_path / "relax.traj"),
-                "--fidelity",
-                "PBE",
-                "--index",
-                "-1",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    predict = ["predict", str(CKPT), str(tmp_path / "relax.traj"), "--fidelity", "PBE", "--out"]
+    assert main([*predict, str(out), "--index", "-1"]) == 0
     (last,) = ase.io.read(out, ":")
     assert "ref_energy" not in last.info and "ref_forces" not in last.arrays
     np.testing.assert_allclose(last.positions, ase.io.read(tmp_path / "relax.traj", -1).positions, atol=1e-6)
-    assert (
-        main(
-            [
-                "predict",
-                str(CKPT),
-                str(tmp_path / "relax.traj"),
-                "--fidelity",
-                "PBE",
-                "--index",
-                "x",
-                "--out",
-                str(tmp_path / "x.extxyz"),
-            ]
-        )
-        == 2
-    )
+    assert main([*predict, str(tmp_path / "x.extxyz"), "--index", "x"]) == 2
     assert "'x' is not a frame index ASE reads" in capsys.readouterr().err
