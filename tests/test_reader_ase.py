@@ -607,3 +607,12 @@ def test_frames_without_a_label_named_by_its_default_name_are_skipped(tmp_path):
     ase.io.write(path, frames)
     ds = read_ase(path, fidelity="PBE", keys={"forces": "forces"})
     assert len(ds) == 2 and ds.has_forces().all() and not ds.energy_mask.any()
+
+
+def test_a_file_without_labels_says_so_before_asking_for_a_fidelity(tmp_path):
+    """A CIF of structures only: "no fidelity" came first, although no fidelity would have helped."""
+    from ase.build import bulk
+
+    ase.io.write(tmp_path / "si.cif", bulk("Si", "diamond", 5.43))
+    with pytest.raises(MultifiError, match=r"si.cif: frame 0 \(0-based\) has no energy/forces/stress label$"):
+        read_ase(tmp_path / "si.cif")

@@ -371,7 +371,6 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
             f"{where}: the labels {'/'.join(keys.values())} of this `multifi predict` output belong to the fidelity "
             "their key's suffix names: give it as the source's fidelity ('fidelity:', --fidelity)"
         )
-    fid = source_fidelity(named, fidelity, where, field or "the source")
     results = getattr(atoms.calc, "results", None) or {}
     lab = {}
     energy = _get(atoms.info, results, keys.get("energy"))
@@ -392,8 +391,9 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
             sigma = _stress_from_virial(sigma, atoms, where, keys["stress"])
         lab["stress"] = sigma / GPa
     if not lab:
-        named = "/".join(keys.values())
-        raise _NoLabel(f"{where} has no {named} label" + _other_labels(atoms, keys))
+        wanted = "/".join(keys.values())
+        raise _NoLabel(f"{where} has no {wanted} label" + _other_labels(atoms, keys))
+    fid = source_fidelity(named, fidelity, where, field or "the source")  # after the labels: a file of none says so
     periodic = bool(atoms.pbc.any())
     if periodic:
         check_cell(atoms.cell.array, atoms.pbc, where)
