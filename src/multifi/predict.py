@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from multifi.data.readers.ase_files import CALCULATOR_NAME, PREDICTION_MARK
+from multifi.data.readers.ase_files import PREDICTION_MARK, from_multifi_calculator
 from multifi.data.sources import is_qm9_text
 from multifi.errors import MultifiError
 
@@ -250,7 +250,7 @@ def _keep_reference_labels(atoms, where: str) -> None:
     replace is an error (one of the two would be lost)."""
     results = dict(getattr(atoms.calc, "results", None) or {})
     predicted = atoms.info.pop(PREDICTION_MARK, None) is not None
-    if getattr(atoms.calc, "name", None) == CALCULATOR_NAME:  # a multifi trajectory's results: no labels either
+    if from_multifi_calculator(atoms):  # a multifi trajectory's results: no labels either
         results = {key: None for key in results}
     for key, store in (("energy", atoms.info), ("forces", atoms.arrays), ("stress", atoms.info)):
         value = results.get(key, atoms.info.get(key) if store is atoms.info else atoms.arrays.get(key))

@@ -328,13 +328,13 @@ def read_pool(path: str):
 def _pool_record(atoms, where: str) -> dict:
     """A from_records record of one pool frame: its labels when it names a fidelity and carries one (so a
     structure labelled at the target fidelity is never picked), else none."""
-    from multifi.data.readers.ase_files import CALCULATOR_NAME, PREDICTION_MARK, _record
+    from multifi.data.readers.ase_files import PREDICTION_MARK, _record, from_multifi_calculator
 
     keys = None  # a `multifi predict` output: its input's labels, not its predictions
     if PREDICTION_MARK in atoms.info:
         keys = {"energy": "ref_energy", "forces": "ref_forces", "stress": "ref_stress"}
     try:
-        if getattr(atoms.calc, "name", None) != CALCULATOR_NAME:  # a multifi MD trajectory's results: no labels
+        if not from_multifi_calculator(atoms):  # a multifi MD trajectory's results are no labels
             return _record(atoms, None, where, keys)
     except MultifiError:  # no fidelity or no label: a candidate without labels
         pass

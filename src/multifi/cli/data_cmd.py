@@ -95,10 +95,10 @@ def _any_label(path: str) -> bool:
     from pathlib import Path
 
     try:
-        from multifi.data.readers.ase_files import CALCULATOR_NAME, read_frames
+        from multifi.data.readers.ase_files import from_multifi_calculator, read_frames
 
         for atoms in read_frames(Path(path), ":"):
-            if atoms.calc is not None and getattr(atoms.calc, "name", None) == CALCULATOR_NAME:
+            if from_multifi_calculator(atoms):
                 continue  # a multifi trajectory: its results are no labels, its frames are structures
             if atoms.calc is not None and getattr(atoms.calc, "results", None):
                 return True

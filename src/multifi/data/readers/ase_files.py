@@ -74,7 +74,7 @@ def read_ase(
                     "info['fidelity']: multifi reads info['fidelity'] (set it per frame, e.g. to the head's name), "
                     "or one source per level of theory, or label keys of one level (energy_key: REF_energy_<head>)"
                 )
-        if getattr(atoms.calc, "name", None) == CALCULATOR_NAME and not named:
+        if from_multifi_calculator(atoms) and not named:
             raise MultifiError(
                 f"{src}: {tag} holds results of multifi's calculator (a trajectory of an MD run or relaxation with "
                 "a multifi model), not reference labels; to score the model on these geometries, label them with "
@@ -171,6 +171,12 @@ DEFAULT_KEYS = {"energy": "energy", "forces": "forces", "stress": "stress"}
 PREDICTION_MARK = "predicted_by"
 #: the name multifi's ASE calculator gives itself: trajectories (.traj) and databases keep it with the results
 CALCULATOR_NAME = "multifi"
+
+
+def from_multifi_calculator(atoms) -> bool:
+    """Whether a frame's results were left by multifi's calculator (a trajectory or database of an MD run or a
+    relaxation): predictions, not reference labels."""
+    return getattr(atoms.calc, "name", None) == CALCULATOR_NAME
 
 
 def label_keys(keys: dict[str, str] | None) -> dict[str, str]:
