@@ -13,7 +13,7 @@ import torch
 from multifi.config import LossConfig, TrainConfig
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
-from multifi.keys import METRIC_KEYS, TRAIN_LOSS, TRAIN_LOSS_EPOCH, VAL_LOSS, val_key
+from multifi.keys import METRIC_KEYS, TRAIN_LOSS, TRAIN_LOSS_EPOCH, TRAIN_STRUCTURES, VAL_LOSS, val_key
 from multifi.models.head import EnergyHead
 from multifi.models.registry import build_potential, model_config
 from multifi.train.loss import MultiFidelityLoss
@@ -109,13 +109,17 @@ class PotentialModule(L.LightningModule):
         return counts / world
 
     def on_train_epoch_end(self):
-        """The epoch's training losses (means weighted by structures), from sums that a mid-epoch checkpoint
-        keeps, so the epoch a run was interrupted in is averaged over all its steps after a resume."""
+        """The epoch's training losses (means weighted by structures) and the structures they cover, from sums that a
+        mid-epoch checkpoint keeps, so the epoch a run was interrupted in is averaged over all its steps after a
+        resume."""
         means = self.epoch_sums.means()
         if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
             means = self._same_names_on_every_process(means)
         for name, mean in means.items():
             self.log(name, mean.to(self.device), sync_dist=True)
+        if means:  # fewer than the epoch's structures when the run stopped inside it (early stopping, max_steps)
+            count = torch.tensor(float(self.epoch_sums.count), dtype=torch.float64, device=self.device)
+            self.log(TRAIN_STRUCTURES, count, sync_dist=True, reduce_fx="sum")
         self.epoch_sums = EpochSums()
 
     def _same_names_on_every_process(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
