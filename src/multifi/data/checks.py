@@ -9,6 +9,7 @@ import numpy as np
 
 from multifi.data.cells import MIN_MEASURE, complete_cells
 from multifi.data.dataset import FidelityDataset, ranges
+from multifi.data.same_geometry import DUPLICATE_TOLERANCE, first_of_same_geometry
 from multifi.errors import MultifiError
 
 log = logging.getLogger("multifi")
@@ -94,7 +95,8 @@ def geometry_fingerprints(dataset: FidelityDataset, chunk: int = 1 << 20) -> np.
     positions of periodic structures as fractional coordinates on a 1e-6 grid, wrapped into the cell along its
     periodic directions (an atom written unwrapped, one cell vector away, is the same structure).
 
-    Equal structures get equal fingerprints; different ones collide with negligible probability."""
+    Structures whose geometries agree within DUPLICATE_TOLERANCE get the fingerprint of the first of them (their
+    grid values can differ: a coordinate next to a grid line); different ones collide with negligible probability."""
     rng = np.random.default_rng(12345)
     w = rng.integers(1, 2**31 - 1, size=4, dtype=np.int64)
     S, A = len(dataset), len(dataset.numbers)
@@ -126,7 +128,11 @@ def geometry_fingerprints(dataset: FidelityDataset, chunk: int = 1 << 20) -> np.
     for a in range(0, S, chunk):
         cell = (np.asarray(dataset.cells[a : a + chunk]).reshape(-1, 9) * 1e4).astype(np.int64)
         fp[a : a + chunk] += (cell * wc).sum(1)
-    return fp + dataset.n_atoms * w[0]
+    fp += dataset.n_atoms * w[0]
+    first = first_of_same_geometry(
+        dataset.numbers, dataset.positions, dataset.offsets, dataset.cells, dataset.pbc, DUPLICATE_TOLERANCE, chunk
+    )
+    return fp[first]
 
 
 def _member(x: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:

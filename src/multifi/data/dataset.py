@@ -26,6 +26,7 @@ import numpy as np
 
 from multifi.data.cells import MIN_MEASURE, complete_cells
 from multifi.data.fidelity import FidelityTable
+from multifi.data.same_geometry import MERGE_TOLERANCE, first_of_same_geometry
 from multifi.data.stats import MAX_Z
 from multifi.errors import SKIP_INVALID_HINT, MultifiError
 from multifi.files import atomic_write, make_dir, new_dir_mode, reported  # noqa: F401 (atomic_write re-exported)
@@ -43,12 +44,17 @@ def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def geometry_key(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray | None = None) -> str:
-    """A content hash of a structure (positions rounded to 1e-5 Å), used to merge sources."""
+    """A content hash of a structure (positions rounded to 1e-5 Å): the key of a structure read without one.
+    Copies whose coordinates round differently still merge (FidelityDataset.merge compares them)."""
     h = hashlib.sha1(np.asarray(numbers, dtype=np.int64).tobytes())
     h.update(np.round(np.asarray(positions, dtype=np.float64), 5).tobytes())
     if cell is not None:
         h.update(np.round(np.asarray(cell, dtype=np.float64), 5).tobytes())
-    return "sha1:" + h.hexdigest()[:20]
+    return GEOMETRY_KEY_PREFIX + h.hexdigest()[:20]
+
+
+#: the start of a key made from the geometry (a structure read without one)
+GEOMETRY_KEY_PREFIX = "sha1:"
 
 
 @dataclass
@@ -130,7 +136,7 @@ class FidelityDataset:
         if self.origins is not None:
             names, part, index = self.origins
             number = f"structure {int(index[s])} of {names[int(part[s])]}"
-        return f"{number} (0-based)" if key.startswith("sha1:") else f"{number} (0-based, key {key})"
+        return f"{number} (0-based)" if key.startswith(GEOMETRY_KEY_PREFIX) else f"{number} (0-based, key {key})"
 
     def atoms_slice(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
@@ -392,7 +398,8 @@ class FidelityDataset:
 
     @staticmethod
     def merge(datasets: list[FidelityDataset]) -> FidelityDataset:
-        """Concatenate datasets; structures with equal keys become one structure with all labels.
+        """Concatenate datasets; structures with equal keys become one structure with all labels, and so do
+        structures without a key (a geometry hash instead) whose geometries agree within MERGE_TOLERANCE.
 
         The same (structure, fidelity) label given twice with different values is an error.
         """
@@ -404,6 +411,7 @@ class FidelityDataset:
             table = table.union(d.fidelities)
         parts = [d.with_fidelities(table) for d in datasets]
         cat = _concatenate(parts, table)
+        _same_keys_for_copies(cat)
         uniq, first, inverse = np.unique(cat.keys, return_index=True, return_inverse=True)
         if len(uniq) == len(cat):
             return cat
@@ -610,6 +618,20 @@ class _Origins:
 
 
 GEOMETRY_TOLERANCE = 1e-3  # Å: structures merged by key must agree this well (positions modulo the lattice, cell)
+
+
+def _same_keys_for_copies(cat: FidelityDataset) -> None:
+    """Structures read without a key whose geometries agree within MERGE_TOLERANCE (coordinates printed to
+    another precision) take the key of the first of them, so that they merge (their hashed keys can differ)."""
+    hashed = np.flatnonzero(np.char.startswith(cat.keys.astype(str), GEOMETRY_KEY_PREFIX))
+    if len(hashed) < 2:
+        return
+    sub = cat.subset(hashed)
+    first = first_of_same_geometry(sub.numbers, sub.positions, sub.offsets, sub.cells, sub.pbc, MERGE_TOLERANCE)
+    if (first != np.arange(len(hashed))).any():
+        keys = cat.keys.astype(object)
+        keys[hashed] = keys[hashed[first]]
+        cat.keys = np.array(keys.tolist(), dtype=str)
 
 
 def _check_same_geometry(cat, out, target, src_atoms, dst_atoms, where: _Origins) -> None:
