@@ -1081,3 +1081,27 @@ def test_a_metrics_csv_written_with_epochs_from_0_continues_counting_from_1(tmp_
     with open(tmp_path / "metrics.csv") as f:
         rows = [(r["epoch"], r["step"], r["train_loss_epoch"], r["val_loss"]) for r in csv.DictReader(f)]
     assert rows == [("1", "5", "1.0", "0.9"), ("2", "7", "", "0.7"), ("2", "10", "0.75", "0.6")]
+
+
+def test_training_from_python_without_logging_configured_shows_what_the_command_line_shows(write_config, tmp_path):
+    """A script calling train() without configuring logging saw nothing, not even the data's warnings (they went
+    to train.log only, and its INFO lines were missing): INFO and above go to stderr and train.log, as from the
+    command line; with logging configured, the caller's handlers decide (no second copy of each line)."""
+    import subprocess
+    import sys
+
+    script = "from multifi.config import load_config; from multifi.train.run import train; train(load_config({!r}))"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    config = write_config()
+    proc = subprocess.run([sys.executable, "-c", script.format(str(config))], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "run directory:" in proc.stderr
+    run_log = (tmp_path / "run" / "train.log").read_text()
+    assert "INFO run directory:" in run_log
+    warned = [line.split(" WARNING ", 1)[1] for line in run_log.splitlines() if " WARNING " in line]
+    assert warned and all(w in proc.stderr for w in warned)
+    configured = "import logging; logging.basicConfig(level=logging.WARNING); " + script.format(str(config))
+    shutil.rmtree(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-c", configured], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "run directory:" not in proc.stderr
+    assert all(proc.stderr.count(w) == 1 for w in warned)

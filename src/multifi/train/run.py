@@ -66,15 +66,28 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
 class RunLog:
     """multifi's log records of one start, held until the run directory may be written, then written to its
     train.log (appended on resume) together with everything after; nothing is written if the start stops
-    before (a failed check leaves no file)."""
+    before (a failed check leaves no file).
+
+    Called from Python with logging left as it comes (no handler anywhere, multifi's level not set), the start
+    shows what the command line shows: INFO and above on stderr and in train.log, for the start's duration;
+    with logging configured, the caller's handlers and levels decide."""
 
     def __init__(self):
         self.held: list[logging.LogRecord] = []
         self.file: logging.FileHandler | None = None
         self._hold = logging.Handler(logging.INFO)
         self._hold.emit = self.held.append
+        self._console: logging.Handler | None = None
+        self._level_set = False
 
     def __enter__(self) -> RunLog:
+        if not log.hasHandlers():  # nothing would show the warnings (Python's last resort skips a logger with one)
+            self._console = logging.StreamHandler()
+            self._console.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(self._console)
+            if log.level == logging.NOTSET and log.getEffectiveLevel() > logging.INFO:
+                log.setLevel(logging.INFO)  # the plan (run directory, splits, sampling) too, and in train.log
+                self._level_set = True
         log.addHandler(self._hold)
         return self
 
@@ -103,6 +116,10 @@ class RunLog:
         if self.file is not None:
             log.removeHandler(self.file)
             self.file.close()
+        if self._console is not None:
+            log.removeHandler(self._console)
+        if self._level_set:
+            log.setLevel(logging.NOTSET)
 
 
 def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_log: RunLog) -> Path:
