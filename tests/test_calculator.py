@@ -321,3 +321,59 @@ def test_a_trajectory_of_the_calculator_is_no_label_file_but_a_selection_pool(tm
     np.testing.assert_allclose(last.positions, ase.io.read(tmp_path / "relax.traj", -1).positions, atol=1e-6)
     assert main([*predict, str(tmp_path / "x.extxyz"), "--index", "x"]) == 2
     assert "'x' is not a frame index ASE reads" in capsys.readouterr().err
+
+
+def test_a_fidelity_blind_model_says_that_the_fidelity_selects_nothing(caplog):
+    """inject: single pools the labels of all fidelities: asking it for one of them gives the pool's answer,
+    the same for each; said once per model (not at every switch), and not by a model with one fidelity."""
+    import logging
+
+    pot = tiny_m3gnet(inject="single")
+    si = si64()[:8]
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        calc = multifi.Calculator(pot, fidelity="PBE")
+        si.calc = calc
+        e_pbe = si.get_potential_energy()
+        calc.fidelity = "R2SCAN"
+        assert si.get_potential_energy() == pytest.approx(e_pbe, abs=1e-9)
+    assert caplog.text.count("fidelity-blind (fidelity_embedding.inject: single)") == 1
+    assert "'PBE', 'R2SCAN'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        multifi.Calculator(tiny_m3gnet(inject="both"), fidelity="PBE")
+    assert "fidelity-blind" not in caplog.text
+
+
+def test_the_fidelity_edited_in_calc_parameters_is_the_one_computed():
+    """ASE keeps a calculator's settings in calc.parameters (what todict() reports): editing the fidelity there,
+    with or without calc.reset(), computes that fidelity, never the previous one's cached or recomputed result."""
+    si = si64()[:8]
+    ref = {}
+    for name in ("PBE", "R2SCAN"):
+        si.calc = multifi.Calculator(tiny_m3gnet(), fidelity=name)
+        ref[name] = si.get_potential_energy()
+    assert abs(ref["PBE"] - ref["R2SCAN"]) > 1e-3
+    calc = multifi.Calculator(tiny_m3gnet(), fidelity="PBE")
+    si.calc = calc
+    assert si.get_potential_energy() == pytest.approx(ref["PBE"], abs=1e-6)
+    calc.parameters["fidelity"] = "R2SCAN"
+    assert si.get_potential_energy() == pytest.approx(ref["R2SCAN"], abs=1e-6)  # no reset: not the cached PBE
+    assert calc.fidelity == "R2SCAN" and calc.todict()["fidelity"] == "R2SCAN"
+    calc.parameters["fidelity"] = "PBE"
+    calc.reset()
+    assert si.get_potential_energy() == pytest.approx(ref["PBE"], abs=1e-6)
+    calc.parameters["fidelity"] = "pbe"
+    with pytest.raises(MultifiError, match="fidelity 'pbe'"):
+        si.get_potential_energy()
+
+
+def test_predict_atoms_takes_one_atoms_as_a_list_of_one_and_names_other_objects():
+    from multifi.predict import predict_atoms
+
+    pot, si = tiny_m3gnet(), si64()[:8]
+    energies, forces, _ = predict_atoms(pot, si, "PBE")
+    ref_e, ref_f, _ = predict_atoms(pot, [si], "PBE")
+    assert len(energies) == 1 and energies[0] == pytest.approx(ref_e[0], abs=1e-9)
+    np.testing.assert_allclose(forces[0], ref_f[0], atol=1e-9)
+    with pytest.raises(MultifiError, match="predict_atoms: expected ase.Atoms objects, got Atom"):
+        predict_atoms(pot, list(si), "PBE")

@@ -488,5 +488,22 @@ def test_a_cutoff_with_thousands_of_neighbours_per_atom_is_an_error_before_the_n
     ase.io.write(path, [emt_labelled(a, "lo") for a in cells])
     config = write_config(data={"sources": [{"path": str(path)}], "split": {"val": 0.2, "test": 0.2, "seed": 0}})
     start = time.perf_counter()
-    fails(["train", config, "--dry-run", "--set", "model.cutoff=1e6"], capsys, str(path), "neighbours per atom")
+    fails(["train", config, "--dry-run", "--set", "model.cutoff=1e6"], capsys, str(path), "model.cutoff a slip")
     assert time.perf_counter() - start < 30
+
+
+def test_a_cell_vector_near_zero_is_blamed_not_the_usual_cutoff():
+    """A periodic cell flattened to 1e-4 Å along one vector gives the same flood of neighbours as a huge cutoff:
+    with a usual cutoff the error names the cell's volume per atom, not 'is model.cutoff a slip?'."""
+    from ase.build import bulk
+
+    import multifi
+    from multifi.data.neighbors import neighbor_list
+
+    cu = bulk("Cu", "fcc", 3.6, cubic=True)
+    cu.cell[2] = [0, 0, 1e-4]
+    with pytest.raises(
+        multifi.MultifiError, match=r"flat: .* its periodic volume is 0.0013 Å³, 0.000324 Å³ per atom"
+    ) as e:
+        neighbor_list(cu.positions, cu.cell.array, cu.pbc, 5.0, where="flat")
+    assert "slip" not in str(e.value) and "cell vector near zero" in str(e.value)

@@ -134,6 +134,8 @@ class Calculator(AseCalculator):
         """What changed since the last calculation (ASE's `compare_atoms`), by exact comparison: an MD step asks
         two to three times per step and ASE's tolerance test costs ~0.3 ms each for a small molecule. A change
         below `tol` counts as a change (recomputed, never stale)."""
+        if self.parameters.get("fidelity", self._fidelity) != self._fidelity:  # calc.parameters edited by hand
+            self.fidelity = self.parameters["fidelity"]  # checked and applied; the results were another fidelity's
         old = self.atoms
         if old is None:
             return super().check_state(atoms, tol)
@@ -153,6 +155,8 @@ class Calculator(AseCalculator):
         return changes
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        if self.parameters.get("fidelity", self._fidelity) != self._fidelity:  # calc.parameters edited by hand
+            self.fidelity = self.parameters["fidelity"]
         super().calculate(atoms, properties, system_changes)
         checked = (self._index, self.atoms.numbers.tobytes())
         if checked != self._checked:  # an MD step or relaxation keeps the elements: check them once

@@ -21,13 +21,22 @@ def predict_atoms(
     strict_references: bool = False,
 ):
     """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules and for cells whose
-    volume does not hold the structure: data.cells.stress_volume_problem).
+    volume does not hold the structure: data.cells.stress_volume_problem). atoms_list: ase.Atoms objects (one
+    Atoms counts as a list of one).
 
     `where` (the file) prefixes errors about a structure, e.g. atoms closer than 0.1 Å. An element unknown
     to the model is an error; an element whose reference energy at `fidelity` was estimated from other
     fidelities is a warning (an error with strict_references, see models.elements)."""
     if batch_size < 1:
         raise MultifiError(f"batch size must be a positive number of structures (got {batch_size})")
+    import ase
+
+    if isinstance(atoms_list, ase.Atoms):
+        atoms_list = [atoms_list]
+    atoms_list = list(atoms_list)
+    if not all(isinstance(a, ase.Atoms) for a in atoms_list):
+        bad = next(a for a in atoms_list if not isinstance(a, ase.Atoms))
+        raise MultifiError(f"{where or 'predict_atoms'}: expected ase.Atoms objects, got {type(bad).__name__}")
     from multifi.data.batch import graph_from_atoms
     from multifi.data.cells import stress_volume_problem
 

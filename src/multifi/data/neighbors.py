@@ -63,17 +63,32 @@ def check_periodic_neighbours(cell: np.ndarray, pbc: np.ndarray, n_atoms: int, c
     area or volume in them), counted before the neighbour list is built."""
     dims = int(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).sum())
     ball = {1: 2 * cutoff, 2: np.pi * cutoff**2, 3: 4 / 3 * np.pi * cutoff**3}[dims]
-    expected = n_atoms * ball / periodic_measure(cell, pbc)
+    measure = periodic_measure(cell, pbc)
+    expected = n_atoms * ball / measure
     if expected > MAX_NEIGHBOURS_PER_ATOM:
-        raise MultifiError(_too_many(where, cutoff, expected, n_atoms, "about" if dims == 3 else "up to"))
+        raise MultifiError(_too_many(where, cutoff, expected, n_atoms, measure, dims))
 
 
-def _too_many(where: str, cutoff: float, expected: float, n_atoms: int, how: str = "about") -> str:
-    """how: "about" (3-D periodic: the density times the ball), "up to" (slab, wire: every atom of the cross-section)."""
-    return (
+#: Å: cutoffs up to this are usual for these models; a neighbour count beyond MAX_NEIGHBOURS_PER_ATOM with one
+#: is the cell's doing (a vector near zero, cell and positions in different units), not the cutoff's
+USUAL_CUTOFF = 8.0
+
+
+def _too_many(where: str, cutoff: float, expected: float, n_atoms: int, measure: float, dims: int) -> str:
+    """The error for `expected` neighbours per atom: blames the cell when the cutoff is usual, else the cutoff.
+    measure: the cell's length, area or volume along its `dims` periodic directions (Å, Å², Å³)."""
+    how = "about" if dims == 3 else "up to"  # 3-D: the density times the ball; slab, wire: the cross-section's atoms
+    head = (
         f"{where + ': ' if where else ''}a cutoff of {cutoff:g} Å gives {how} {expected:,.0f} neighbours per atom "
-        f"in this periodic cell ({n_atoms} atoms; more than {MAX_NEIGHBOURS_PER_ATOM}); is model.cutoff a slip "
-        "(these models use 4-6 Å)?"
+        f"in this periodic cell ({n_atoms} atoms; more than {MAX_NEIGHBOURS_PER_ATOM})"
+    )
+    if cutoff > USUAL_CUTOFF:
+        return head + "; is model.cutoff a slip (these models use 4-6 Å)?"
+    what, unit = {1: ("length", "Å"), 2: ("area", "Å²"), 3: ("volume", "Å³")}[dims]
+    return (
+        f"{head}: its periodic {what} is {measure:.3g} {unit}, {measure / n_atoms:.3g} {unit} per atom (solids: "
+        f"{ {1: '1-4', 2: '3-15', 3: '5-50'}[dims] }); is a cell vector near zero, or are the cell and the "
+        "positions in different units?"
     )
 
 
@@ -91,7 +106,14 @@ def check_cutoff(dataset, cutoff: float) -> None:
     if len(bad):
         s = int(bad[0])
         raise MultifiError(
-            _too_many(name(s), cutoff, float(expected[np.flatnonzero(full) == s][0]), int(dataset.n_atoms[s]))
+            _too_many(
+                name(s),
+                cutoff,
+                float(expected[np.flatnonzero(full) == s][0]),
+                int(dataset.n_atoms[s]),
+                float(volume[np.flatnonzero(full) == s][0]),
+                3,
+            )
         )
     for s in partial.tolist():
         if periodic_measure(dataset.cells[s], dataset.pbc[s]) > MIN_MEASURE:  # else check_cell's error, later

@@ -9,6 +9,7 @@ the compiled graph's own backward instead of a double backward through hundreds 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -21,6 +22,8 @@ from multifi.models.head import EnergyHead
 from multifi.models.response import forces_from_edge_gradient, stress_from_edge_gradient
 from multifi.nn import scatter_sum
 from multifi.nn.fidelity import FidelityConditioning
+
+log = logging.getLogger("multifi")
 
 
 def compile_requested(flag: bool | None = None) -> bool:
@@ -103,7 +106,19 @@ class Potential(nn.Module):
         return out
 
     def fidelity_index(self, name: str) -> int:
-        return self.fidelities.index(name, where="model")
+        """The index of fidelity `name` (an unknown name is an error listing the known ones). A fidelity-blind
+        model (inject `single`) trained on several fidelities' pooled labels predicts the same for each: said
+        once per model, since the name then selects nothing."""
+        k = self.fidelities.index(name, where="model")
+        if self.head.shared_baseline and len(self.fidelities) > 1 and not getattr(self, "_said_blind", False):
+            self._said_blind = True
+            log.warning(
+                "model: fidelity-blind (fidelity_embedding.inject: single), trained on the pooled labels of %s: "
+                "%r gets the same prediction as every other fidelity",
+                ", ".join(map(repr, self.fidelities.names)),
+                name,
+            )
+        return k
 
 
 # ---------------------------------------------------------------------------------------------- energy (+ gradient)
