@@ -377,3 +377,20 @@ def test_predict_atoms_takes_one_atoms_as_a_list_of_one_and_names_other_objects(
     np.testing.assert_allclose(forces[0], ref_f[0], atol=1e-9)
     with pytest.raises(MultifiError, match="predict_atoms: expected ase.Atoms objects, got Atom"):
         predict_atoms(pot, list(si), "PBE")
+
+
+def test_per_atom_energies_sum_to_the_energy_and_follow_the_fidelity():
+    """atoms.get_potential_energies(): one energy per atom summing to the structure's energy, at the chosen
+    fidelity, in the same call that gives forces (results cached together)."""
+    si = si64()[:8]
+    si.rattle(0.05, seed=1)
+    si.calc = calc = multifi.Calculator(tiny_m3gnet(), fidelity="PBE", dtype="float64")
+    per_atom = si.get_potential_energies()
+    assert per_atom.shape == (8,) and per_atom.std() > 0
+    assert per_atom.sum() == pytest.approx(si.get_potential_energy(), abs=1e-9)
+    forces = si.get_forces()
+    np.testing.assert_allclose(forces, calc.results["forces"])
+    calc.fidelity = "R2SCAN"
+    other = si.get_potential_energies()
+    assert other.sum() == pytest.approx(si.get_potential_energy(), abs=1e-9)
+    assert abs(other.sum() - per_atom.sum()) > 1e-3

@@ -54,12 +54,14 @@ class Calculator(AseCalculator):
     aot: compile energy, forces and virial ahead of time (multifi.aot: torch.export + AOTInductor, a C++
     compiler and minutes once per model and dtype, then cached on disk): the fastest MD of small
     systems, with no Python between operators. Structures below 2 atoms or 2 edges, and devices other
-    than the CPU, run eagerly.
+    than the CPU, run eagerly, and so do calls for per-atom energies.
+    Per-atom energies (`atoms.get_potential_energies()`, eV): the model's partition of the energy (they sum to
+    it); no observable, but what LAMMPS' pe/atom shows.
     An element the model never saw is an error; an element whose reference energy at the fidelity was
     estimated from other fidelities is a warning, once per calculator (strict_references: an error).
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def _get_name(self) -> str:
         """The name ASE stores with results in trajectories and databases: how readers tell them from labels."""
@@ -185,16 +187,20 @@ class Calculator(AseCalculator):
         want_stress = periodic and "stress" in properties
         if want_stress:
             self._say_if_stress_untrained()
-        if self.aot and self.device.type == "cpu" and AotModel.fits(len(self.atoms), graph.edge_index.shape[1]):
+        per_atom = "energies" in properties  # atoms.get_potential_energies(): the eager model gives them
+        aot = self.aot and not per_atom and self.device.type == "cpu"
+        if aot and AotModel.fits(len(self.atoms), graph.edge_index.shape[1]):
             out = self._aot_outputs(graph, want_stress)
         else:
-            out = self.potential(graph, forces=True, stress=want_stress)
+            out = self.potential(graph, forces=True, stress=want_stress, atom_energies=per_atom)
         energy = float(out["energy"].item())
         self.results = {
             "energy": energy,
             "free_energy": energy,
             "forces": out["forces"].detach().cpu().numpy().astype(np.float64),
         }
+        if per_atom:
+            self.results["energies"] = out["atom_energy"].detach().cpu().numpy().astype(np.float64)
         if "stress" in out:
             s = out["stress"][0].detach().cpu().numpy().astype(np.float64) * GPa  # GPa → eV/Å³
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

@@ -75,8 +75,16 @@ class Potential(nn.Module):
         return self.head(s, self.conditioning.readout_condition(fid_atom), numbers, fid_atom)
 
     def forward(
-        self, graph: Graph, forces: bool = False, stress: bool = False, create_graph: bool = False
+        self,
+        graph: Graph,
+        forces: bool = False,
+        stress: bool = False,
+        create_graph: bool = False,
+        atom_energies: bool = False,
     ) -> dict[str, torch.Tensor]:
+        """energy [B] eV (float64); forces [N, 3] eV/Å, stress [B, 3, 3] GPa when asked (stress of periodic
+        structures, zero for the others); with `atom_energies` also atom_energy [N] eV, the atoms' shares of the
+        energy (a partition the model makes, not an observable: it sums to the energy)."""
         B = graph.num_graphs
         stress = stress and bool((graph.cell.abs().sum((1, 2)) > 0).any())
         need_grad = forces or stress
@@ -87,7 +95,8 @@ class Potential(nn.Module):
         args = (graph.numbers, graph.edge_index, geometry, graph.fidelity[graph.batch])
         if not need_grad:
             atom_energy = (_compiled(_atom_energies) if self.use_compile else _atom_energies)(self, edge_vec, *args)
-            return {"energy": scatter_sum(atom_energy, graph.batch, B)}
+            out = {"energy": scatter_sum(atom_energy, graph.batch, B)}
+            return {**out, "atom_energy": atom_energy} if atom_energies else out
         vec = edge_vec.detach()
         # eager autograd needs grad mode on; the compiled torch.func.grad differentiates in any mode, and
         # with grad mode off it builds no backward graph (validation, the ASE calculator)
@@ -97,6 +106,8 @@ class Potential(nn.Module):
             else:
                 atom_energy, g = _energy_and_grad(self, vec.requires_grad_(True), *args, create_graph=create_graph)
             out = {"energy": scatter_sum(atom_energy, graph.batch, B)}
+            if atom_energies:
+                out["atom_energy"] = atom_energy
             if forces:
                 out["forces"] = forces_from_edge_gradient(g, graph.edge_index, graph.positions.shape[0])
             if stress:
