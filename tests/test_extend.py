@@ -966,3 +966,33 @@ def test_the_old_run_must_be_the_models_and_a_checkpoint_finds_its_run(old_run, 
     assert main(["extend", str(ckpt), *common, "--out", str(tmp_path / "z")]) == 0
     assert "not measured" not in capsys.readouterr().out  # the run two folders up was found: errors measured
     assert json.loads((tmp_path / "z" / "metrics.json").read_text())["forgetting"]
+
+
+def test_a_checkpoint_carries_its_runs_records_and_one_unlike_model_pt_is_named(old_run, tmp_path, caplog):
+    """Extending a run's last.ckpt gave another model than its model.pt without a word, and lost the run's records
+    (structure counts, stress-labelled counts, extension history): a checkpoint now loads with its run's records,
+    and one whose weights are not model.pt's is said to be extended in model.pt's place."""
+    import logging
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(old_run, run)
+    kept = load_potential(run / "model.pt")
+    best = run / "checkpoints" / "best.ckpt"
+    assert best.is_file()
+    for name in ("data", "stress_labels"):
+        assert load_potential(best).spec[name] == kept.spec[name]
+    state = torch.load(best, weights_only=False)
+    key = next(k for k in state["state_dict"] if k.startswith("ema.") and state["state_dict"][k].is_floating_point())
+    state["state_dict"][key] = state["state_dict"][key] + 0.01
+    torch.save(state, run / "checkpoints" / "other.ckpt")
+    data = new_data(tmp_path / "new.extxyz")
+    common = ["--data", str(data), "--fidelity", "CC", "--max-steps", "2", "--set", "train.progress=false"]
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(["extend", str(best), *common, "--out", str(tmp_path / "from_best")]) == 0
+        assert "a training checkpoint, not" not in caplog.text  # the same weights as model.pt
+        assert main(["extend", str(run / "checkpoints" / "other.ckpt"), *common, "--out", str(tmp_path / "x")]) == 0
+    assert f"other.ckpt: a training checkpoint, not {run / 'model.pt'}" in caplog.text
+    extended = load_potential(tmp_path / "x")
+    assert extended.spec["stress_labels"].keys() == {*kept.spec["stress_labels"], "CC"}
+    assert extended.spec["data"]["train"].keys() >= set(kept.fidelities.names)

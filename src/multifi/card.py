@@ -23,13 +23,10 @@ def model_card(path: str | Path) -> dict:
     from multifi.models.registry import load_potential, model_file
 
     path = model_file(path)  # a run directory: its model.pt
-    pot = load_potential(path, compile=False)
+    pot = load_potential(path, compile=False)  # a training checkpoint gets its run's records (data, extensions)
     run = Path(path).parent
     if run.name == "checkpoints":  # a training checkpoint: the run directory is one level up
         run = run.parent
-        if (run / "model.pt").exists():  # the run's record (data, extensions): what its model.pt's card says
-            kept = load_potential(run / "model.pt", compile=False).spec
-            pot.spec.update({k: kept[k] for k in ("data", "history", "stress_labels") if k in kept})
     emb = pot.config.fidelity_embedding
     names = list(pot.fidelities.names)
     fitted = pot.head.fitted.detach().cpu()  # [119, K]: reference from the fidelity's own labels

@@ -75,6 +75,32 @@ def model_file(path: str | Path) -> Path:
     return path / "model.pt"
 
 
+#: what a run records about its data in its model.pt (model card, stress warnings, extension history), not
+#: about the weights: a training checkpoint of the same run shares them
+RUN_RECORDS = ("data", "history", "stress_labels")
+
+
+def checkpoint_run(path: str | Path) -> Path | None:
+    """The run directory of a training checkpoint <run>/checkpoints/*.ckpt whose run has a model.pt, else None."""
+    path = Path(path)
+    run = path.parent.parent
+    if path.suffix == ".ckpt" and path.parent.name == "checkpoints" and (run / "model.pt").is_file():
+        return run
+    return None
+
+
+def run_records(path: str | Path) -> dict:
+    """RUN_RECORDS of the run a training checkpoint belongs to, from its model.pt ({} without one)."""
+    run = checkpoint_run(path)
+    if run is None:
+        return {}
+    try:
+        kept = torch.load(run / "model.pt", map_location="cpu", weights_only=False).get("spec", {})
+    except Exception:  # an unreadable model.pt: the checkpoint still loads, without the run's records
+        return {}
+    return {k: kept[k] for k in RUN_RECORDS if k in kept}
+
+
 def _npz_kind(name: str) -> str:
     if name.endswith(".llpr.npz"):
         return "an uncertainty calibration (multifi calibrate)"
@@ -117,6 +143,8 @@ def load_potential(path: str | Path, map_location="cpu", compile: bool | None = 
         raise MultifiError(f"{path}: not a multifi checkpoint")
     potential = build_potential(model_config(spec["model"], f"{path}: model"), spec["fidelities"])
     potential.spec.update({k: v for k, v in spec.items() if k not in potential.spec})  # e.g. the data summary
+    if "multifi_potential" not in state:
+        potential.spec.update(run_records(path))
     name, _ = next(iter(potential.named_parameters()))
     if weights[name].dtype == torch.float64:  # trained in float64 (train.precision: 64): keep it
         potential.double()

@@ -211,6 +211,27 @@ def find_old_run(x) -> Path | None:
     return run if (run / "config.yaml").exists() and _has_split(run) else None
 
 
+def _say_if_checkpoint(model, old) -> None:
+    """Extending a training checkpoint of a finished run whose weights are not the run's model.pt (last.ckpt;
+    model.pt holds the best validation's EMA weights): the old fidelities then keep the checkpoint's predictions,
+    not model.pt's. Said, since the extension's "unchanged" report compares with the checkpoint."""
+    from multifi.models.registry import checkpoint_run, load_potential
+
+    run = checkpoint_run(model)
+    if run is None:
+        return
+    kept, ours = load_potential(run / "model.pt", compile=False).state_dict(), old.state_dict()
+    if kept.keys() != ours.keys() or not all(torch.equal(kept[k], ours[k]) for k in ours):
+        log.warning(
+            "%s: a training checkpoint, not %s (the model the run kept): the extension starts from the checkpoint's "
+            "weights, and its old fidelities keep the checkpoint's predictions, which differ from model.pt's; give "
+            "%s to extend the run's model",
+            model,
+            run / "model.pt",
+            run,
+        )
+
+
 def check_run_of_model(run: Path, x, old) -> None:
     """An error when extend.old_run names another model's run: the model file lies outside it, no extension in
     the model's history started from it, and its model.pt holds other weights (its split, test errors and replay
@@ -499,6 +520,7 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log) -> Path:
     run_dir = Path(cfg.output_dir)
     _check_new_run_dir(run_dir)
     old = load_potential(x.model, compile=False)
+    _say_if_checkpoint(x.model, old)
     like = check_request(old, x, where)
     cfg = _with_model_precision(with_backbone_defaults(cfg, old.config.backbone), old, where)
     _configure_threads(cfg)
