@@ -682,14 +682,15 @@ def test_calibrate_an_extension_run_uses_the_pairs_it_trained_on(old_run, tmp_pa
 
 
 def test_ctrl_c_during_an_extension_exits_130_and_the_same_command_runs_again(old_run, tmp_path, capsys, monkeypatch):
-    """An extension cannot be resumed: Ctrl-C exits 130 saying so (not Lightning's silent exit 1) and removes
-    the unfinished folder, so the same command starts again instead of finding a directory in the way."""
+    """Ctrl-C before an extension's first checkpoint exits 130 saying so (not Lightning's silent exit 1) and
+    removes the unfinished folder (nothing to continue from), so the same command starts again instead of finding
+    a directory in the way."""
     from multifi.train.module import PotentialModule
 
     real = PotentialModule.training_step
 
     def interrupted(self, batch, batch_idx):
-        if self.global_step == 1:
+        if self.global_step == 0:
             raise KeyboardInterrupt
         return real(self, batch, batch_idx)
 
@@ -698,18 +699,61 @@ def test_ctrl_c_during_an_extension_exits_130_and_the_same_command_runs_again(ol
     args += ["--out", str(out), "--max-steps", "3", "--set", "train.progress=false", "--set", "train.threads=1"]
     monkeypatch.setattr(PotentialModule, "training_step", interrupted)
     assert main(args) == 130
-    assert "the extension was not finished" in capsys.readouterr().err and not out.exists()
+    assert "the extension stopped before its first checkpoint" in capsys.readouterr().err and not out.exists()
 
-    def terminated(self, batch, batch_idx):  # SIGTERM (a scheduler's limit): the same, exit 143 (it was 130)
-        if self.global_step == 1:
+    def terminated(self, batch, batch_idx):  # SIGTERM (a scheduler's limit): exit 143 (it was 130)
+        if self.global_step == 0:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, batch, batch_idx)
 
     monkeypatch.setattr(PotentialModule, "training_step", terminated)
-    assert main(args) == 143
-    assert "multifi: terminated; the extension was not finished" in capsys.readouterr().err and not out.exists()
+    assert main(args) == 143  # Lightning ends the step and validates it: a checkpoint to continue from
+    assert f"multifi: terminated; continue with: multifi extend --resume {out}" in capsys.readouterr().err
     monkeypatch.setattr(PotentialModule, "training_step", real)
-    assert main(args) == 0 and (out / "model.pt").exists()
+    assert main(["extend", "--resume", str(out)]) == 0 and (out / "model.pt").exists()
+
+
+def test_an_interrupted_extension_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
+    old_run, tmp_path, capsys, monkeypatch
+):
+    """A cluster's time limit (SIGTERM) or Ctrl-C after a checkpoint deleted the whole extension: the folder now
+    stays, the message says how to continue, `extend --resume` continues from the checkpoint's step and ends
+    where an uninterrupted extension ends (same data order, optimiser, EMA)."""
+    from multifi.train.module import PotentialModule
+
+    real = PotentialModule.training_step
+    seen: list[int] = []
+
+    def terminated(self, batch, batch_idx):
+        seen.append(int(self.global_step))
+        if self.global_step == 5 and not (out / "model.pt").exists() and len(seen) < 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batch, batch_idx)
+
+    data = str(new_data(tmp_path / "new.extxyz", n=24))
+    common = ["--fidelity", "CC", "--max-steps", "9", "--train", "all", "--set", "train.progress=false"]
+    common += ["--set", "train.threads=1", "--set", "train.checkpoint_every_n_steps=2", "--set", "train.batch_size=2"]
+    out = tmp_path / "ext"
+    args = ["extend", str(old_run / "model.pt"), "--data", data, "--out", str(out), *common]
+    monkeypatch.setattr(PotentialModule, "training_step", terminated)
+    assert main(args) == 143
+    err = capsys.readouterr().err
+    assert f"multifi: terminated; continue with: multifi extend --resume {out}" in err
+    assert (out / "checkpoints" / "last.ckpt").exists() and not (out / "model.pt").exists()
+    assert main(args) == 2 and f"continue it with multifi extend --resume {out}" in capsys.readouterr().err
+    assert main(["extend", "--resume", str(out), "--max-steps", "20"]) == 2
+    assert "continues with the run's own settings (its config.yaml); drop --max-steps" in capsys.readouterr().err
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    seen.clear()
+    assert main(["extend", "--resume", str(out)]) == 0
+    assert seen[0] == saved and seen == list(range(saved, 9))
+    assert main(["extend", "--resume", str(out)]) == 2 and "the extension finished" in capsys.readouterr().err
+    monkeypatch.setattr(PotentialModule, "training_step", real)
+    straight = tmp_path / "straight"
+    assert main(["extend", str(old_run / "model.pt"), "--data", data, "--out", str(straight), *common]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())["fidelities"]["CC"]
+    uninterrupted = json.loads((straight / "metrics.json").read_text())["fidelities"]["CC"]
+    assert resumed["energy_mae_meV"] == pytest.approx(uninterrupted["energy_mae_meV"], rel=1e-4, abs=1e-3)
 
 
 def test_few_new_labels_that_determine_no_validation_reference_still_select_a_checkpoint(tmp_path, caplog):

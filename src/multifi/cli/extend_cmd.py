@@ -39,6 +39,11 @@ def register(sub):
     p.add_argument("--replay-fidelity", action="append", help="replay only this old fidelity (repeatable)")
     p.add_argument("--old-run", help="run directory of MODEL (default: its folder) for replay and forgetting")
     p.add_argument("--init-like", help="start the new fidelity from this one's vector/head (default: the first)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an unfinished extension (killed, interrupted) from its last checkpoint, with its own settings",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int)
     p.add_argument(
@@ -85,7 +90,17 @@ def run(args) -> int:
     from multifi.errors import MultifiError
     from multifi.train.extend import extend_from_args
 
-    if args.config is None:
+    if args.resume is not None:
+        given = [f"--{f.replace('_', '-')}" for f in FLAGS if f != "model" and getattr(args, f) is not None]
+        given += ["MODEL.pt"] * (args.model is not None) + ["--config"] * (args.config is not None)
+        given += ["--data"] * bool(args.data) + ["--set"] * bool(args.overrides)
+        if given:
+            raise MultifiError(
+                f"multifi extend --resume {args.resume} continues with the run's own settings (its config.yaml); "
+                f"drop {', '.join(given)}"
+            )
+        run_dir = extend_from_args(None, [], dry_run=args.dry_run, resume_dir=args.resume)
+    elif args.config is None:
         missing = [
             what
             for what, given in (
@@ -98,8 +113,8 @@ def run(args) -> int:
         ]
         if missing:
             raise MultifiError(f"multifi extend needs {', '.join(missing)} (or --config FILE with an 'extend' section)")
-
-    run_dir = extend_from_args(args.config, overrides_from_args(args), dry_run=args.dry_run)
+    if args.resume is None:
+        run_dir = extend_from_args(args.config, overrides_from_args(args), dry_run=args.dry_run)
     if args.dry_run:
         return 0
     payload = json.loads((run_dir / "metrics.json").read_text())

@@ -470,8 +470,8 @@ def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if _unfinished_extension(run_dir):
             raise MultifiError(
-                f"{run_dir}: an extension that did not finish (no model.pt; extensions do not resume): remove "
-                "the folder and run the command again, or choose another output directory"
+                f"{run_dir}: an extension that did not finish (no model.pt): continue it with multifi extend "
+                f"--resume {run_dir}, or remove the folder, or choose another output directory"
             )
         raise MultifiError(f"{run_dir}: run directory exists and is not empty; choose another output directory")
     check_creatable(run_dir)
@@ -488,22 +488,40 @@ def _unfinished_extension(run_dir: Path) -> bool:
     return isinstance(raw, dict) and raw.get("extend") is not None
 
 
-def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False) -> Path:
+def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False, resume: bool = False) -> Path:
     """Extend cfg.extend.model by the fidelity cfg.extend.fidelity; returns the run directory
     (model.pt, metrics.json with the new fidelity's test errors and the old fidelities' before/after, train.log
     with multifi's log of the extension, warnings about the data included).
-    `dry_run`: check model, config and data, log the plan, write nothing."""
+    `dry_run`: check model, config and data, log the plan, write nothing. `resume`: continue the unfinished
+    extension in cfg.output_dir from its last checkpoint (cfg: its config.yaml; its data files unchanged)."""
     from multifi.train.run import RunLog
 
     with RunLog() as run_log:
-        return _extend(cfg, config_source, dry_run, run_log)
+        return _extend(cfg, config_source, dry_run, run_log, resume)
 
 
-def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log) -> Path:
+def _resume_point(run_dir: Path, cfg: RunConfig) -> Path:
+    """The checkpoint an unfinished extension continues from; one-line errors for a finished or foreign folder
+    and for data files edited since it started."""
+    from multifi.train.run import _resume_checkpoint, check_sources_unchanged
+
+    if (run_dir / "model.pt").exists():
+        raise MultifiError(f"{run_dir}: the extension finished (model.pt is written); nothing to resume")
+    if not _unfinished_extension(run_dir):
+        raise MultifiError(f"{run_dir}: not an extension's run directory (no config.yaml with an 'extend' section)")
+    ckpt = _resume_checkpoint(run_dir)
+    if ckpt is None:
+        raise MultifiError(f"{run_dir}: the extension wrote no checkpoint before it stopped; remove it and start again")
+    check_sources_unchanged(run_dir, cfg, copied=False)
+    return ckpt
+
+
+def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: bool = False) -> Path:
     from multifi.logs import is_leader_process
     from multifi.models.registry import load_potential
     from multifi.train.datamodule import MultiFidelityData
     from multifi.train.run import (
+        SOURCES,
         _configure_threads,
         _log_result,
         _quiet_lightning,
@@ -512,13 +530,16 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log) -> Path:
         final_checkpoint,
         fit_or_interrupt,
         make_trainer,
+        source_fingerprints,
         unmeasured_monitor,
     )
 
     x = cfg.extend
     where = config_source or x.model
     run_dir = Path(cfg.output_dir)
-    _check_new_run_dir(run_dir)
+    ckpt = _resume_point(run_dir, cfg) if resume else None
+    if not resume:
+        _check_new_run_dir(run_dir)
     old = load_potential(x.model, compile=False)
     _say_if_checkpoint(x.model, old)
     like = check_request(old, x, where)
@@ -581,14 +602,21 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log) -> Path:
     make_dir(run_dir)
     if is_leader_process():
         run_log.write_to(run_dir / "train.log")
-    atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+    if ckpt is None:
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+        atomic_write(run_dir / SOURCES, lambda f: f.write(json.dumps(source_fingerprints(cfg)).encode()))
+    else:
+        log.info("%s: resuming the extension from %s", run_dir, ckpt.relative_to(run_dir))
     trainer = make_trainer(cfg, run_dir, has_val=len(pairs["val"]) > 0)
-    gone = f"the extension was not finished and {run_dir} was removed; run it again"
+    hint = f"continue with: multifi extend --resume {run_dir}"
     try:
-        fit_or_interrupt(trainer, module, data, None, run_dir, gone)
-    except (KeyboardInterrupt, MultifiError) as exc:  # an extension cannot be resumed: its unfinished folder goes
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise type(exc)(gone if isinstance(exc, KeyboardInterrupt) else str(exc)) from None  # SIGTERM stays 143
+        fit_or_interrupt(trainer, module, data, ckpt, run_dir, hint)
+    except (KeyboardInterrupt, MultifiError) as exc:
+        if not any((run_dir / "checkpoints").glob("*.ckpt")):  # nothing to continue from: the folder goes
+            shutil.rmtree(run_dir, ignore_errors=True)
+            gone = f"the extension stopped before its first checkpoint and {run_dir} was removed; run it again"
+            raise type(exc)(gone if isinstance(exc, KeyboardInterrupt) else str(exc)) from None  # SIGTERM: 143
+        raise
     best_path = final_checkpoint(trainer, run_dir)
     best = load_potential(best_path, compile=False)
     contact, reach = shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0]))
@@ -945,8 +973,21 @@ def _check_elements(old, new_ds: FidelityDataset, name: str, trainable: str, whe
         )
 
 
-def extend_from_args(config: str | None, overrides: list[str], dry_run: bool = False) -> Path:
-    """Config file (optional) + `key=value` overrides (the command-line flags) → extend."""
+def extend_from_args(
+    config: str | None, overrides: list[str], dry_run: bool = False, resume_dir: str | None = None
+) -> Path:
+    """Config file (optional) + `key=value` overrides (the command-line flags) → extend; or `resume_dir`: the
+    unfinished extension there, with its own config.yaml."""
+    if resume_dir is not None:
+        if config is not None or overrides:
+            raise MultifiError("multifi extend --resume RUN_DIR takes the run's own settings (its config.yaml) only")
+        path = Path(resume_dir) / "config.yaml"
+        if not path.is_file():
+            raise MultifiError(f"{resume_dir}: nothing to resume (no config.yaml: not a multifi run directory)")
+        cfg = load_config(path)
+        cfg.output_dir = str(resume_dir)
+        with blamed(str(path), []):
+            return extend(cfg, config_source=str(path), dry_run=dry_run, resume=True)
     cfg = load_config(config, overrides)
     if cfg.extend is None:
         raise MultifiError(f"{config or 'multifi extend'}: nothing to extend (give MODEL.pt or an 'extend' section)")
