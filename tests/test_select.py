@@ -170,11 +170,12 @@ def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
     assert f"{alone}: no dataset.npz beside the model" in caplog.text
     fails([*args, "--fidelity", "HI", "--out", out, "--force"], capsys, "unknown fidelity 'HI'", "did you mean 'hi'")
     (tmp_path / "empty.extxyz").write_text("")
-    fails(
+    for command in (  # every command says it alike (predict said "not a file format ASE can read")
         ["select", run_dir / "model.pt", tmp_path / "empty.extxyz", *args[3:], "--out", out, "--force"],
-        capsys,
-        "empty.extxyz: empty file",
-    )
+        ["predict", run_dir, tmp_path / "empty.extxyz", "--fidelity", "hi", "--out", tmp_path / "p.extxyz"],
+        ["evaluate", run_dir, tmp_path / "empty.extxyz"],
+    ):
+        fails(command, capsys, "empty.extxyz: empty file")
     (tmp_path / "blank.extxyz").write_text("\n\n")  # blank lines: no frames for ASE (a traceback in data info, predict)
     for command in (
         ["select", run_dir / "model.pt", tmp_path / "blank.extxyz", *args[3:], "--out", out, "--force"],

@@ -246,6 +246,8 @@ def read_frames(path: Path, index: str) -> Iterator:
     """Atoms from the file, turning any reader failure into a one-line MultifiError."""
     from ase.io.formats import UnknownFileTypeError, filetype
 
+    if path.is_file() and path.stat().st_size == 0:  # as read_ase says it (ASE: "not a format it can read")
+        raise MultifiError(f"{path}: empty file")
     try:
         fmt = filetype(str(path))
     except Exception as exc:  # UnknownFileTypeError, or whatever a format sniffer trips over
