@@ -119,6 +119,11 @@ void PairMultifi::settings(int narg, char **arg)
   if (elements.empty() || open_null.size() % elements.size() != 0) open_null.clear();
   if (masses.size() != elements.size()) masses.clear();    // written before masses were recorded
   if (narg == 2) {
+    if (!utils::is_double(arg[1]))  // e.g. a fidelity name: the deployed file fixes the fidelity
+      error->all(FLERR,
+                 "pair_style multifi: '{}' is no cutoff; the fidelity is fixed when the model is deployed ({} is at "
+                 "{}): multifi deploy MODEL.pt --fidelity NAME --out FILE for another",
+                 arg[1], filename, fidelity);
     double requested = utils::numeric(FLERR, arg[1], false, lmp);
     if (std::fabs(requested - cutoff) > 1e-9)
       error->all(FLERR, "pair_style multifi: cutoff {} requested, the model {} was trained with {}", requested,

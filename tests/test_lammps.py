@@ -55,6 +55,9 @@ def test_unknown_element_and_wrong_cutoff_are_errors(m3gnet_files, tmp_path):
         run(tmp_path / "a", atoms2, m3gnet_files / "m3gnet_PBE.pt", ["Si", "O"])
     with pytest.raises(RuntimeError, match="cutoff 5 requested, the model .* was trained with 4.5"):
         run(tmp_path / "b", atoms, f"{m3gnet_files / 'm3gnet_PBE.pt'} 5.0", ["Si"])
+    # a fidelity where the cutoff goes: LAMMPS said "Expected floating point parameter instead of 'R2SCAN'"
+    with pytest.raises(RuntimeError, match="'R2SCAN' is no cutoff; the fidelity is fixed when the model is deployed"):
+        run(tmp_path / "c", atoms, f"{m3gnet_files / 'm3gnet_PBE.pt'} R2SCAN", ["Si"])
 
 
 def test_pair_coeff_in_another_order_than_the_types_is_warned(tmp_path):
