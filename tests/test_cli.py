@@ -764,3 +764,36 @@ def test_outputs_are_not_replaced_without_force(cli_run, tiny_extxyz, tmp_path, 
     fails([*predict, folder, "--force"], capsys, f"{folder}: is a folder, expected a file name")
     plot.write_bytes(b"x")  # plots are images of results kept elsewhere: replaced
     assert run(["evaluate", model, src, "--plot", plot], capsys)[0] == 0 and plot.read_bytes() != b"x"
+
+
+def test_errors_that_are_one_energy_per_element_are_said_to_be_another_convention(caplog, tmp_path):
+    """Labels of another method or reference convention under the model's fidelity name (an extension's new
+    method read as an old one, atomization energies for total ones) gave a large MAE without a hint: errors that
+    an energy per element explains are warned about; a model's ordinary errors, or too few structures to tell,
+    are not."""
+    import logging
+
+    from conftest import tiny_frames
+
+    from multifi.cli.evaluate_cmd import warn_per_element_errors
+    from multifi.data.readers.ase_files import read_ase
+    from multifi.data.split import labelled_pairs
+
+    ase.io.write(tmp_path / "tiny.extxyz", tiny_frames(80))
+    ds = read_ase(tmp_path / "tiny.extxyz")
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    pairs = pairs[pairs[:, 1] == ds.fidelities.index("lo")]
+    labels = ds.energy[pairs[:, 0], pairs[:, 1]]
+    n = ds.n_atoms[pairs[:, 0]]
+    rng = np.random.default_rng(0)
+    model_error = rng.normal(0, 0.04, len(pairs)) * n  # 40 meV/atom, no pattern
+    shift = {1: 0.3, 6: -0.8, 7: 0.5, 8: 0.2}
+    per_element = np.array(
+        [sum(shift[int(z)] for z in ds.numbers[ds.offsets[s] : ds.offsets[s + 1]]) for s in pairs[:, 0]]
+    )
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert warn_per_element_errors(ds, pairs, labels + model_error, "a.extxyz") == []
+        assert warn_per_element_errors(ds, pairs, labels + model_error + per_element, "b.extxyz") == ["lo"]
+        assert warn_per_element_errors(ds, pairs[:20], labels[:20] + per_element[:20], "c.extxyz") == []
+    assert "b.extxyz: lo energy errors are mostly one energy per element" in caplog.text
+    assert "a.extxyz" not in caplog.text and "c.extxyz" not in caplog.text

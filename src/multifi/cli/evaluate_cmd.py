@@ -102,6 +102,10 @@ def run(args) -> int:
         title += f" (this model alone; the mean of the ensemble of {len(args.ensemble) + 1}: below)"
     print(metrics_table(metrics, title=title))
     _warn_implausible(metrics, ", ".join(args.data))
+    from multifi.train.evaluate import pairs_with_estimated_references
+
+    fitted = scored & ~pairs_with_estimated_references(potential, ds, pairs)  # estimated references: warned above
+    warn_per_element_errors(ds, pairs[fitted], predicted[fitted], ", ".join(args.data))
     payload = {"fidelities": metrics}
     if args.uncertainty or args.ensemble:
         from multifi.uncertainty import uncertainty_report, uncertainty_table
@@ -174,6 +178,51 @@ def _warn_implausible(metrics: dict, where: str) -> None:
                 err,
                 name,
             )
+
+
+#: meV/atom: energy errors below this are not looked into (a model's own errors)
+OFFSET_CHECK_MEV_PER_ATOM = 20.0
+#: errors this many times smaller once one energy per element is fitted to them: the labels' convention differs
+OFFSET_SHRINK = 3.0
+
+
+def warn_per_element_errors(dataset, pairs, predicted, where: str) -> list[str]:
+    """Warn for fidelities whose energy errors are mostly one constant energy per element: labels of another method
+    or reference convention (atomization vs total energies, another code's pseudopotentials) than the model's
+    fidelity of that name. Such errors shrink `OFFSET_SHRINK`-fold once an energy per element is fitted to them
+    (least squares over the structures; only with at least 5 structures per element and 10 more, so that the fit
+    cannot absorb a model's ordinary errors). Returns the names warned about."""
+    import numpy as np
+
+    from multifi.data.stats import composition_matrix
+
+    warned = []
+    for k, name in enumerate(dataset.fidelities.names):
+        mine = pairs[:, 1] == k
+        s = pairs[mine, 0]
+        if not len(s):
+            continue
+        elements, counts = composition_matrix(dataset.subset(s))
+        if len(s) < 5 * len(elements) + 10:
+            continue
+        n = dataset.n_atoms[s].astype(np.float64)
+        error = predicted[mine] - dataset.energy[s, k]  # eV
+        offsets = np.linalg.lstsq(counts.astype(np.float64), error, rcond=None)[0]
+        before = 1000 * np.mean(np.abs(error) / n)
+        after = 1000 * np.mean(np.abs(error - counts @ offsets) / n)
+        if before > OFFSET_CHECK_MEV_PER_ATOM and after * OFFSET_SHRINK < before:
+            warned.append(name)
+            log.warning(
+                "%s: %s energy errors are mostly one energy per element (MAE %.0f → %.0f meV/atom once an offset per "
+                "element is fitted to them): are these labels of the method the model knows as %s, with the same "
+                "kind of energies (total, not atomization or formation energies)?",
+                where,
+                name,
+                before,
+                after,
+                name,
+            )
+    return warned
 
 
 def check_elements(potential, dataset, pairs):
