@@ -146,6 +146,10 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
         "model.llpr.npz",
         "multifi calibrate",
     )
+    import multifi
+
+    with pytest.raises(multifi.MultifiError, match="model.llpr.npz: no LLPR calibration next to the model"):
+        multifi.Calculator(run_dir / "model.pt", fidelity="hi", uncertainty=True)
     code, out, _ = run(["calibrate", run_dir], capsys)
     assert code == 0 and "hi: alpha" in out and "lo: alpha" in out and (run_dir / "model.llpr.npz").exists()
     pred = tmp_path / "pred.extxyz"
@@ -153,6 +157,20 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     assert code == 0
     frames = ase.io.read(pred, ":")
     assert all(a.info["uncertainty"] == "llpr" and a.info["energy_sigma"] > 0 for a in frames)
+    # the calculator's σ (MD with an uncertainty watch) is predict's, at the fidelity it is set to
+    calc = multifi.Calculator(run_dir / "model.pt", fidelity="hi", uncertainty=True)
+    for atoms, written in zip(mols, frames):
+        atoms = atoms.copy()
+        atoms.calc = calc
+        assert calc.get_property("energy_sigma", atoms) == pytest.approx(written.info["energy_sigma"], rel=1e-5)
+        assert atoms.get_potential_energy() == pytest.approx(written.get_potential_energy(), abs=1e-5)
+    calc.fidelity = "lo"
+    assert calc.get_property("energy_sigma", atoms) != pytest.approx(written.info["energy_sigma"], rel=1e-3)
+    with pytest.raises(multifi.MultifiError, match="uncertainty needs the model file"):
+        multifi.Calculator(load_potential(run_dir / "model.pt"), fidelity="hi", uncertainty=True)
+    plain = multifi.Calculator(run_dir / "model.pt", fidelity="hi")
+    with pytest.raises(multifi.MultifiError, match="energy_sigma needs Calculator"):
+        plain.get_property("energy_sigma", atoms)
     metrics = tmp_path / "m.json"
     code, out, _ = run(["evaluate", run_dir / "model.pt", tiny_extxyz, "--uncertainty", "--out", metrics], capsys)
     assert code == 0 and "Spearman" in out

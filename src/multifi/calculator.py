@@ -30,6 +30,7 @@ ARGUMENTS = (
     "compile",
     "strict_references",
     "aot",
+    "uncertainty",
     "label",
     "atoms",
     "directory",
@@ -59,9 +60,13 @@ class Calculator(AseCalculator):
     it); no observable, but what LAMMPS' pe/atom shows.
     An element the model never saw is an error; an element whose reference energy at the fidelity was
     estimated from other fidelities is a warning, once per calculator (strict_references: an error).
+    uncertainty: also `calc.results["energy_sigma"]` (eV), the LLPR σ of the energy at the fidelity from the
+    calibration beside the model file (`multifi calibrate`; <model>.llpr.npz), e.g. to stop an MD run that leaves
+    the training data; costs one more forward pass per call. As for `predict --uncertainty`, σ ranks structures
+    near the training data, not stretched or crushed ones (see the geometry warnings).
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "energy_sigma"]
 
     def _get_name(self) -> str:
         """The name ASE stores with results in trajectories and databases: how readers tell them from labels."""
@@ -76,15 +81,26 @@ class Calculator(AseCalculator):
         compile: bool | None = None,
         strict_references: bool = False,
         aot: bool = False,
+        uncertainty: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         from multifi.models.registry import load_potential
 
         if isinstance(checkpoint, torch.nn.Module):  # a copy: the caller's module keeps its dtype, mode and grads
+            if uncertainty:
+                raise MultifiError(
+                    "Calculator: uncertainty needs the model file (its calibration <model>.llpr.npz lies beside it), "
+                    "not a Potential object"
+                )
             potential = copy.deepcopy(checkpoint)
         else:
             potential = load_potential(checkpoint)
+        self.llpr = None
+        if uncertainty:
+            from multifi.uncertainty import LLPR, llpr_path
+
+            self.llpr = LLPR.load(llpr_path(checkpoint), potential)  # checked against these weights
         if compile is not None:
             potential.use_compile = compile
         dtypes = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32}
@@ -110,6 +126,8 @@ class Calculator(AseCalculator):
     @fidelity.setter
     def fidelity(self, name: str) -> None:
         self._index = self.potential.fidelity_index(name)  # unknown names list the known ones
+        if self.llpr is not None:
+            self.llpr.of(name, "Calculator(uncertainty=True)")  # calibrated at this fidelity, or an error now
         self._fidelity = name
         self.parameters["fidelity"] = name
         self.reset()
@@ -187,6 +205,10 @@ class Calculator(AseCalculator):
         want_stress = periodic and "stress" in properties
         if want_stress:
             self._say_if_stress_untrained()
+        if "energy_sigma" in properties and self.llpr is None:
+            raise MultifiError(
+                "Calculator: energy_sigma needs Calculator(..., uncertainty=True) and a calibrated model"
+            )
         per_atom = "energies" in properties  # atoms.get_potential_energies(): the eager model gives them
         aot = self.aot and not per_atom and self.device.type == "cpu"
         if aot and AotModel.fits(len(self.atoms), graph.edge_index.shape[1]):
@@ -201,6 +223,12 @@ class Calculator(AseCalculator):
         }
         if per_atom:
             self.results["energies"] = out["atom_energy"].detach().cpu().numpy().astype(np.float64)
+        if self.llpr is not None:
+            from multifi.uncertainty import readout_features
+
+            features, _ = readout_features(self.potential, graph)
+            sigma = self.llpr.of(self.fidelity).sigma(features.cpu().numpy())
+            self.results["energy_sigma"] = float(sigma[0])
         if "stress" in out:
             s = out["stress"][0].detach().cpu().numpy().astype(np.float64) * GPa  # GPa → eV/Å³
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
