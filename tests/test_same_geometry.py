@@ -108,3 +108,25 @@ def test_repeats_are_counted_within_the_duplicate_tolerance(caplog):
     assert len(np.unique(fp)) == 12
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert check_repeated_geometries(ds) == 12
+
+
+def test_close_frames_of_a_trajectory_stay_apart_and_their_copies_are_found():
+    """Frames of an MD run differ by far less than an atom's spacing from each other (hundreds of them within a
+    projection's window): none is taken for another, and copies printed to 1e-6 Å are found, quickly."""
+    import time
+
+    rng = np.random.default_rng(1)
+    frames, n = 5000, 21
+    base = rng.normal(size=(n, 3)) * 1.5
+    trajectory = base + 0.1 * np.cumsum(rng.normal(size=(frames, n, 3)) * 0.01, axis=0)
+    copies = np.round(trajectory[::250], 6)
+    positions = np.concatenate([trajectory, copies]).reshape(-1, 3)
+    S = frames + len(copies)
+    numbers = np.tile(rng.choice([1, 6, 8], n), S)
+    start = time.perf_counter()
+    first = first_of_same_geometry(
+        numbers, positions, np.arange(S + 1) * n, np.zeros((S, 3, 3)), np.zeros((S, 3), bool), 1e-4
+    )
+    assert time.perf_counter() - start < 30  # a window over all pairs of frames took minutes and gigabytes
+    np.testing.assert_array_equal(first[:frames], np.arange(frames))
+    np.testing.assert_array_equal(first[frames:], np.arange(0, frames, 250))

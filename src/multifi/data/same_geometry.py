@@ -27,19 +27,17 @@ def first_of_same_geometry(numbers, positions, offsets, cells, pbc, tol: float, 
     S = len(offsets) - 1
     if S < 2:
         return np.arange(S, dtype=np.int64)
-    n = np.diff(offsets)
     cells = np.asarray(cells, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool)
     inverse = _inverse_cells(cells, pbc)
-    exact, projection = _sort_keys(numbers, positions, offsets, cells, pbc, inverse, chunk)
-    a, b = _candidate_pairs(exact, projection, n * tol * _PROJECTION_BOUND)
+    exact, projections, reach = _sort_keys(numbers, positions, offsets, cells, pbc, inverse, chunk)
+    a, b = _candidate_pairs(exact, projections, tol * reach)
     same = _same(a, b, numbers, positions, offsets, cells, pbc, inverse, tol, chunk)
     return _first_of_groups(S, a[same], b[same])
 
 
-#: a bound on |Δ projection| per atom and Å of displacement (weights ≤ 1 over 3 axes, 2π from the periodic
-#: coordinates' cosines, a generous factor for skewed cells whose fractional coordinates move more)
-_PROJECTION_BOUND = 3 * 2 * np.pi * 10
+#: random projections of the positions compared before atoms are (frames of an MD run differ in some of them)
+N_PROJECTIONS = 4
 
 
 def _inverse_cells(cells: np.ndarray, pbc: np.ndarray) -> np.ndarray:
@@ -54,17 +52,19 @@ def _inverse_cells(cells: np.ndarray, pbc: np.ndarray) -> np.ndarray:
     return inverse
 
 
-def _sort_keys(numbers, positions, offsets, cells, pbc, inverse, chunk) -> tuple[np.ndarray, np.ndarray]:
-    """[S] int64 exact hash of (atom count, elements in order, periodicity) and [S] float64 projection of the
-    positions that moves continuously with them (cos / sin of the fractional coordinates along periodic axes, so
-    an atom wrapped across the cell projects alike) and with the cell."""
+def _sort_keys(numbers, positions, offsets, cells, pbc, inverse, chunk):
+    """exact [S] int64: a hash of (atom count, elements in order, periodicity); projections [S, P] float64: sums
+    over atoms of random projections of the positions that move continuously with them (cos / sin of the
+    fractional coordinates along periodic axes, so an atom wrapped across the cell projects alike) and with the
+    cell; reach [S]: how far a projection can move per Å of tolerance (positions and cell entries within tol)."""
     rng = np.random.default_rng(20261205)
     n = np.diff(offsets)
     S = len(n)
     weight_of_place = rng.integers(1, 2**61, size=int(n.max()), dtype=np.int64)
-    u = rng.uniform(0.5, 1.0, size=(3, 3))  # Cartesian, cos, sin weights per axis
+    w = rng.uniform(-1.0, 1.0, size=(3, 3, N_PROJECTIONS))  # (Cartesian, cos, sin) × axis × projection
     exact = n * np.int64(0x9E3779B97F4A7C1) + (pbc.astype(np.int64) * [3, 5, 7]).sum(1)
-    projection = (cells.reshape(S, 9) * rng.uniform(0.5, 1.0, size=9)).sum(1)
+    projections = cells.reshape(S, 9) @ rng.uniform(-1.0, 1.0, size=(9, N_PROJECTIONS))
+    farthest = np.zeros(S)  # largest |x| of an atom of a periodic structure (Å): a cell change moves it most
     first = offsets[:-1]
     with np.errstate(over="ignore"):
         for lo in range(0, int(offsets[-1]), chunk):
@@ -73,25 +73,41 @@ def _sort_keys(numbers, positions, offsets, cells, pbc, inverse, chunk) -> tuple
             z = np.asarray(numbers[lo:hi], dtype=np.int64)
             np.add.at(exact, owner, z * weight_of_place[np.arange(lo, hi) - first[owner]])
             pos = np.asarray(positions[lo:hi], dtype=np.float64)
-            along = pbc[owner]
-            frac = np.einsum("ai,aij->aj", pos, inverse[owner])
-            angle = 2 * np.pi * frac
-            term = np.where(along, u[1] * np.cos(angle) + u[2] * np.sin(angle), u[0] * pos)
-            projection += np.bincount(owner, weights=term.sum(1), minlength=S)
-    return exact, projection
+            along = pbc[owner]  # [a, 3]
+            term = np.where(along, 0.0, pos) @ w[0]  # [a, P]: Cartesian along non-periodic axes
+            wrapped = np.flatnonzero(along.any(1))
+            if len(wrapped):
+                s = owner[wrapped]
+                np.maximum.at(farthest, s, np.linalg.norm(pos[wrapped], axis=1))
+                angle = 2 * np.pi * np.einsum("ai,aij->aj", pos[wrapped], inverse[s])
+                m = along[wrapped]
+                term[wrapped] += np.where(m, np.cos(angle), 0.0) @ w[1] + np.where(m, np.sin(angle), 0.0) @ w[2]
+            for k in range(N_PROJECTIONS):
+                projections[:, k] += np.bincount(owner, weights=term[:, k], minlength=S)
+    # per atom: √3 (Cartesian, weights ≤ 1); along periodic axes √2·2π·|Δf| per axis, Δf from the position
+    # (‖inv‖) and from the cell (|x|·‖inv‖²·3); the cell's 9 entries: 9
+    inv = np.linalg.norm(inverse.reshape(S, 9), axis=1)
+    periodic = 3 * np.sqrt(2) * 2 * np.pi * (inv + 3 * farthest * inv**2)
+    reach = 1.01 * (n * (np.sqrt(3) + periodic) + 9) + 1e-9
+    return exact, projections, reach
 
 
-def _candidate_pairs(exact: np.ndarray, projection: np.ndarray, window: np.ndarray):
-    """Pairs (a, b), a < b in the sorted order, of equal exact hash whose projections differ by ≤ window[a]."""
-    order = np.lexsort((projection, exact))
-    ea, pa = exact[order], projection[order]
+def _candidate_pairs(exact: np.ndarray, projections: np.ndarray, window: np.ndarray):
+    """Pairs (a, b) of equal exact hash whose projections all differ by at most the larger of their windows,
+    found along the order of the first projection (only neighbours there within the window are looked at)."""
+    order = np.lexsort((projections[:, 0], exact))
+    e, p, win = exact[order], projections[order], window[order]
     pairs_a, pairs_b = [], []
     for d in range(1, len(order)):
-        close = (ea[d:] == ea[:-d]) & (pa[d:] - pa[:-d] <= window[order[:-d]])
-        if not close.any():  # sorted: no pair further apart is closer
+        near = (e[d:] == e[:-d]) & (p[d:, 0] - p[:-d, 0] <= win[:-d])
+        if not near.any():  # sorted: no pair further apart is nearer
             break
-        pairs_a.append(order[:-d][close])
-        pairs_b.append(order[d:][close])
+        i = np.flatnonzero(near)
+        j = i + d
+        limit = np.maximum(win[i], win[j])[:, None]
+        keep = (np.abs(p[j] - p[i]) <= limit).all(1)
+        pairs_a.append(order[i[keep]])
+        pairs_b.append(order[j[keep]])
     if not pairs_a:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(pairs_a), np.concatenate(pairs_b)
