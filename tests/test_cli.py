@@ -797,3 +797,30 @@ def test_errors_that_are_one_energy_per_element_are_said_to_be_another_conventio
         assert warn_per_element_errors(ds, pairs[:20], labels[:20] + per_element[:20], "c.extxyz") == []
     assert "b.extxyz: lo energy errors are mostly one energy per element" in caplog.text
     assert "a.extxyz" not in caplog.text and "c.extxyz" not in caplog.text
+
+
+def test_evaluating_a_file_of_the_models_own_results_is_said_to_measure_nothing(cli_run, tmp_path, capsys, caplog):
+    """An MD trajectory written as extxyz with multifi.Calculator keeps no calculator name: read as labels, evaluate
+    scored the model against itself (0.000) without a word."""
+    import logging
+
+    import multifi
+
+    _, run_dir = cli_run
+    calc = multifi.Calculator(run_dir / "model.pt", fidelity="hi")
+    for seed in range(4):  # each frame written once computed, as an MD run's writer does
+        atoms = rattled_molecule("CH3OH", seed)
+        atoms.calc = calc
+        atoms.get_forces()
+        atoms.info["fidelity"] = "hi"
+        ase.io.write(tmp_path / "md.extxyz", atoms, append=True)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, _ = run(["evaluate", run_dir, tmp_path / "md.extxyz"], capsys)
+    assert code == 0 and "every hi energy label equals this model's prediction" in caplog.text
+    frames = ase.io.read(tmp_path / "md.extxyz", ":")
+    frames[0].calc.results["energy"] += 0.01  # one reference label among them: they are labels
+    ase.io.write(tmp_path / "mixed.extxyz", frames)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, _ = run(["evaluate", run_dir, tmp_path / "mixed.extxyz"], capsys)
+    assert code == 0 and "equals this model's prediction" not in caplog.text

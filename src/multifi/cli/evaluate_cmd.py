@@ -106,6 +106,7 @@ def run(args) -> int:
 
     fitted = scored & ~pairs_with_estimated_references(potential, ds, pairs)  # estimated references: warned above
     warn_per_element_errors(ds, pairs[fitted], predicted[fitted], ", ".join(args.data))
+    warn_own_predictions(ds, pairs[scored], predicted[scored], ", ".join(args.data))
     payload = {"fidelities": metrics}
     if args.uncertainty or args.ensemble:
         from multifi.uncertainty import uncertainty_report, uncertainty_table
@@ -220,6 +221,28 @@ def warn_per_element_errors(dataset, pairs, predicted, where: str) -> list[str]:
                 name,
                 before,
                 after,
+                name,
+            )
+    return warned
+
+
+def warn_own_predictions(dataset, pairs, predicted, where: str) -> list[str]:
+    """Warn for fidelities whose every energy label equals the model's prediction (to float32 rounding): a file of
+    the model's own results (an MD trajectory written as extxyz with multifi.Calculator keeps no calculator name),
+    whose errors of zero say nothing. Returns the names warned about."""
+    import numpy as np
+
+    warned = []
+    for k, name in enumerate(dataset.fidelities.names):
+        mine = pairs[:, 1] == k
+        labels = dataset.energy[pairs[mine, 0], k]
+        if mine.any() and (np.abs(predicted[mine] - labels) <= 1e-5 + 1e-6 * np.abs(labels)).all():
+            warned.append(name)
+            log.warning(
+                "%s: every %s energy label equals this model's prediction: the file holds the model's own results "
+                "(e.g. a trajectory written with multifi.Calculator), not reference labels; its errors of zero say "
+                "nothing",
+                where,
                 name,
             )
     return warned
