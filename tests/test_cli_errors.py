@@ -361,7 +361,7 @@ def test_metrics_csv_one_training_mean_per_epoch_after_a_max_steps_run_is_contin
     run_dir = tmp_path / "run"
     assert run(["train", write_config(), "--set", "train.max_steps=7"], capsys)[0] == 0
     with open(run_dir / "metrics.csv", newline="") as f:  # the stopped epoch's means say how much they cover
-        covered = {r["step"]: float(r["train_structures"]) for r in csv.DictReader(f) if r["train_loss_epoch"]}
+        covered = {r["step"]: float(r["train_samples"]) for r in csv.DictReader(f) if r["train_loss_epoch"]}
     assert list(covered) == ["5", "7"] and 0 < covered["7"] < covered["5"], covered
     assert run(["train", "--resume", run_dir, "--set", "train.max_steps=-1"], capsys)[0] == 0
     with open(run_dir / "metrics.csv", newline="") as f:
@@ -370,7 +370,7 @@ def test_metrics_csv_one_training_mean_per_epoch_after_a_max_steps_run_is_contin
     assert means == [("1", "5"), ("2", "10")], rows
     assert [r["step"] for r in rows] == ["5", "7", "10"]  # the stop at 7 was validated; no partial-epoch mean
     assert all(r["val_loss"] for r in rows) and all(r["train_energy"] for r in rows if r["step"] != "7")
-    assert [float(r["train_structures"]) for r in rows if r["train_loss_epoch"]] == [covered["5"]] * 2
+    assert [float(r["train_samples"]) for r in rows if r["train_loss_epoch"]] == [covered["5"]] * 2
 
 
 def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):

@@ -172,7 +172,7 @@ def test_two_processes_where_one_never_sees_a_force_label_finish(write_config, t
     assert "Grad strides do not match" not in proc.stderr  # torch's layout quirk of a one-output layer, harmless
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r.get("train_loss_epoch")]
     assert len(rows) == 3 and all(r.get("train_forces") not in (None, "") for r in rows)
-    assert {float(r["train_structures"]) for r in rows} == {24.0}  # 30 − 3 validation − 3 test, both processes
+    assert {float(r["train_samples"]) for r in rows} == {24.0}  # 30 − 3 validation − 3 test, both processes
 
 
 @pytest.mark.parametrize(

@@ -1040,3 +1040,42 @@ def test_a_checkpoint_carries_its_runs_records_and_one_unlike_model_pt_is_named(
     extended = load_potential(tmp_path / "x")
     assert extended.spec["stress_labels"].keys() == {*kept.spec["stress_labels"], "CC"}
     assert extended.spec["data"]["train"].keys() >= set(kept.fidelities.names)
+
+
+def test_new_labels_on_keyless_copies_of_the_old_runs_structures_join_them_and_keep_their_split(old_run, tmp_path):
+    """New-fidelity labels on the old run's structures, written without keys and to 1e-6 Å: each copy is the old
+    structure (one structure with the old and the new labels, in its old split). Before, the copies' keys were
+    looked up after merging gave them the first copy's key: a bare KeyError."""
+    from multifi.train.extend import load_old_run
+    from multifi.uncertainty import _run_data
+
+    old = load_old_run(old_run)
+    copies = []
+    for i in range(12):
+        atoms = old.dataset.to_atoms(i)
+        atoms.info.pop("key")
+        atoms.positions = np.round(atoms.positions, 6)
+        copies.append(emt_labelled(atoms, "CC", 0.9, -0.2))
+    ase.io.write(tmp_path / "copies.extxyz", copies)
+    out = tmp_path / "ext"
+    args = ["extend", str(old_run / "model.pt"), "--data", str(tmp_path / "copies.extxyz"), "--fidelity", "CC"]
+    args += [
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--train",
+        "all",
+        "--replay",
+        "0.5",
+        "--set",
+        "train.progress=false",
+    ]
+    assert main(args) == 0
+    ds, pairs = _run_data(out)
+    assert len(ds) == len(old.dataset)  # no structure twice
+    k = ds.fidelities.index("CC")
+    assert int(ds.energy_mask[:, k].sum()) == 12 and ds.energy_mask[:12, k].all()
+    old_split = {name: set(np.unique(getattr(old, name)[:, 0]).tolist()) for name in ("train", "val", "test")}
+    for name, p in pairs.items():
+        assert set(p[p[:, 1] == k, 0].tolist()) <= old_split[name], name

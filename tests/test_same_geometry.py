@@ -130,3 +130,55 @@ def test_close_frames_of_a_trajectory_stay_apart_and_their_copies_are_found():
     assert time.perf_counter() - start < 30  # a window over all pairs of frames took minutes and gigabytes
     np.testing.assert_array_equal(first[:frames], np.arange(frames))
     np.testing.assert_array_equal(first[frames:], np.arange(0, frames, 250))
+
+
+def test_wrapped_copies_of_slabs_and_wires_with_tilted_lattice_vectors_are_found():
+    """A lattice vector with a component along a non-periodic axis (a slab's a = (5, 0, 1), a wire along (3, 3, 0)):
+    an atom wrapped by it moved the Cartesian coordinate the sort features read there, and the copy was missed."""
+    rng = np.random.default_rng(1)
+    cases = [
+        (np.array([[5.0, 0, 1], [0, 5, 0], [0, 0, 0]]), [True, True, False]),
+        (np.array([[3.0, 3, 0], [0, 0, 0], [0, 0, 0]]), [True, False, False]),
+        (np.array([[0.0, 0, 0], [5, 0, 0], [0, 5, 0]]), [False, True, True]),
+    ]
+    for cell, pbc in cases:
+        pos = rng.uniform(0, 3, (5, 3))
+        moved = pos.copy()
+        periodic_vector = cell[int(np.argmax(pbc))]
+        moved[2] += periodic_vector  # the same structure, one atom in the next cell
+        other = pos.copy()
+        other[1, 2] += 0.3
+        data = (
+            np.tile([1, 6, 8, 1, 1], 3),
+            np.concatenate([pos, moved, other]),
+            np.arange(4) * 5,
+            np.stack([cell] * 3),
+            np.array([pbc] * 3),
+        )
+        np.testing.assert_array_equal(first_of_same_geometry(*data, tol=1e-5), [0, 0, 2], err_msg=str(pbc))
+
+
+def test_periodic_structures_whose_cell_spans_nothing_match_nothing():
+    """Periodic with a zero cell (check_cell's error where it is read): with no inverse every displacement looked
+    like zero and different structures matched."""
+    rng = np.random.default_rng(0)
+    pos = rng.uniform(0, 3, (6, 3))
+    first = first_of_same_geometry(
+        np.ones(6, int), pos, [0, 3, 6], np.zeros((2, 3, 3)), np.ones((2, 3), bool), tol=1e-4
+    )
+    np.testing.assert_array_equal(first, [0, 1])
+
+
+def test_many_identical_copies_pair_with_the_first_only():
+    """Thousands of identical structures (isolated atoms): one pair per copy, not one per pair of copies."""
+    import time
+
+    S = 20000
+    numbers = np.where(np.arange(S) % 4 == 0, 1, 6)
+    positions = np.zeros((S, 3))
+    start = time.perf_counter()
+    first = first_of_same_geometry(
+        numbers, positions, np.arange(S + 1), np.zeros((S, 3, 3)), np.zeros((S, 3), bool), 1e-4
+    )
+    assert time.perf_counter() - start < 20
+    np.testing.assert_array_equal(first, np.where(numbers == 1, 0, 1))

@@ -40,7 +40,7 @@ MonitorMetric = Literal[ENERGY_MAE, ENERGY_MAE_PER_ATOM, FORCES_MAE, STRESS_MAE]
 VAL_LOSS = "val_loss"
 TRAIN_LOSS = "train_loss"
 TRAIN_LOSS_EPOCH = f"{TRAIN_LOSS}_epoch"  # Lightning's name of its mean over an epoch
-TRAIN_STRUCTURES = "train_structures"  # structures an epoch's training means cover (fewer when it was cut short)
+TRAIN_SAMPLES = "train_samples"  # (structure, fidelity) samples an epoch's training means cover (fewer when cut short)
 _VAL = "val/"
 
 

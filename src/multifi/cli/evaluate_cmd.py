@@ -191,20 +191,26 @@ def warn_per_element_errors(dataset, pairs, predicted, where: str) -> list[str]:
     """Warn for fidelities whose energy errors are mostly one constant energy per element: labels of another method
     or reference convention (atomization vs total energies, another code's pseudopotentials) than the model's
     fidelity of that name. Such errors shrink `OFFSET_SHRINK`-fold once an energy per element is fitted to them
-    (least squares over the structures; only with at least 5 structures per element and 10 more, so that the fit
-    cannot absorb a model's ordinary errors). Returns the names warned about."""
+    (least squares over the structures; only with at least 5 structures per element and 10 more, and compositions
+    that fix each element's energy, so that the fit cannot absorb a model's ordinary errors or a mean offset).
+    Returns the names warned about."""
     import numpy as np
 
     from multifi.data.stats import composition_matrix
 
     warned = []
     for k, name in enumerate(dataset.fidelities.names):
-        mine = pairs[:, 1] == k
+        mine = (pairs[:, 1] == k) & ~np.isnan(dataset.energy[pairs[:, 0], k])  # energy labels (not forces only)
         s = pairs[mine, 0]
         if not len(s):
             continue
         elements, counts = composition_matrix(dataset.subset(s))
-        if len(s) < 5 * len(elements) + 10:
+        distinct = len(np.unique(counts, axis=0))
+        if (
+            len(s) < 5 * len(elements) + 10
+            or distinct < len(elements) + 2
+            or np.linalg.matrix_rank(counts) < len(elements)
+        ):  # one composition (an MD run): a mean offset would pass for a per-element one
             continue
         n = dataset.n_atoms[s].astype(np.float64)
         error = predicted[mine] - dataset.energy[s, k]  # eV

@@ -403,18 +403,25 @@ class FidelityDataset:
 
         The same (structure, fidelity) label given twice with different values is an error.
         """
+        return FidelityDataset.merge_with_index(datasets)[0]
+
+    @staticmethod
+    def merge_with_index(datasets: list[FidelityDataset]) -> tuple[FidelityDataset, list[np.ndarray]]:
+        """merge, and for each dataset given [S_i] the index of each of its structures in the merged one (a copy
+        merged by geometry keeps the first copy's key, so its own key need not be in the merged dataset)."""
         datasets = [d for d in datasets if d is not None]
         if not datasets:
-            return FidelityDataset.empty()
+            return FidelityDataset.empty(), []
         table = datasets[0].fidelities
         for d in datasets[1:]:
             table = table.union(d.fidelities)
         parts = [d.with_fidelities(table) for d in datasets]
         cat = _concatenate(parts, table)
         _same_keys_for_copies(cat)
+        bounds = np.cumsum([len(d) for d in parts])[:-1]
         uniq, first, inverse = np.unique(cat.keys, return_index=True, return_inverse=True)
         if len(uniq) == len(cat):
-            return cat
+            return cat, np.split(np.arange(len(cat), dtype=np.int64), bounds)
         order = np.sort(first)  # keep first-appearance order
         rank_of_unique = np.empty(len(uniq), np.int64)
         rank_of_unique[np.argsort(first)] = np.arange(len(uniq))
@@ -451,7 +458,7 @@ class FidelityDataset:
                 bad = np.abs(out.stress[target[m], k] - cat.stress[m, k]).max((-1, -2), initial=0) > 1e-6
                 if bad.any():
                     _conflict(cat, np.flatnonzero(m)[np.argmax(bad)], name, "stress", where, m)
-        return out
+        return out, np.split(target.astype(np.int64), bounds)
 
     # ------------------------------------------------------------------ persistence
     def _arrays(self) -> dict[str, np.ndarray]:

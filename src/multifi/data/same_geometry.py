@@ -3,9 +3,13 @@ periodicity, cells and positions within `tol` Å (positions modulo the lattice a
 
 Rounding coordinates to a grid and hashing them splits copies whose coordinates straddle a grid line (copies
 printed to 1e-6 Å differ from the originals by up to 5e-7 Å: with 1e-5 Å rounding about one coordinate in ten
-lands in another cell), so the copies are found by sorting instead: structures are ordered by an exact hash of
-their elements and a continuous projection of their positions, and only neighbours in that order whose
-projections differ by less than copies can are compared atom by atom."""
+lands in another cell), so copies are found by sorting instead: structures are ordered by an exact hash of their
+elements and by features that move continuously with the positions (random projections of a few atoms'
+positions, through the cosine and sine of their fractional coordinates along periodic directions, so that an atom
+wrapped across the cell gives the same ones); only neighbours in that order whose features all differ by less
+than copies' can are compared atom by atom. Features of single atoms, not sums over atoms, keep that window as
+narrow as the tolerance for any size: frames of an MD run, far closer to each other than distinct molecules, still
+differ in them by far more."""
 
 from __future__ import annotations
 
@@ -17,113 +21,131 @@ from multifi.data.cells import MIN_MEASURE, complete_cells
 MERGE_TOLERANCE = 1e-5
 #: Å: copies that the duplicate checks (repeated geometries, a geometry in two splits, select) count as one
 DUPLICATE_TOLERANCE = 1e-4
+#: atoms of each structure whose positions give the sort features (spread over the structure)
+N_FEATURES = 4
 
 
 def first_of_same_geometry(numbers, positions, offsets, cells, pbc, tol: float, chunk: int = 1 << 20) -> np.ndarray:
     """[S] int64: for each structure the index of the first structure (lowest index) of the same geometry
     within `tol` Å, itself when none comes earlier. numbers [A], positions [A, 3] Å, offsets [S+1], cells
-    [S, 3, 3] Å, pbc [S, 3]; per-atom arrays are read in chunks of `chunk` atoms (memory-mapped datasets)."""
+    [S, 3, 3] Å, pbc [S, 3]; per-atom arrays are read in chunks of `chunk` atoms (memory-mapped datasets).
+    A periodic structure whose cell spans no volume once completed (check_cell's error elsewhere) matches none."""
     offsets = np.asarray(offsets, dtype=np.int64)
     S = len(offsets) - 1
     if S < 2:
         return np.arange(S, dtype=np.int64)
     cells = np.asarray(cells, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool)
-    inverse = _inverse_cells(cells, pbc)
-    exact, projections, reach = _sort_keys(numbers, positions, offsets, cells, pbc, inverse, chunk)
-    a, b = _candidate_pairs(exact, projections, tol * reach)
-    same = _same(a, b, numbers, positions, offsets, cells, pbc, inverse, tol, chunk)
+    inverse, full, usable = _cells(cells, pbc)
+    exact = _element_hash(numbers, offsets, pbc, chunk)
+    features, reach = _features(positions, offsets, pbc, inverse, full)
+    a, b = _candidate_pairs(exact, features, tol * reach, np.flatnonzero(usable))
+    same = _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chunk)
     return _first_of_groups(S, a[same], b[same])
 
 
-#: random projections of the positions compared before atoms are (frames of an MD run differ in some of them)
-N_PROJECTIONS = 4
+def _cells(cells: np.ndarray, pbc: np.ndarray):
+    """inverse [S, 3, 3] and completed cells [S, 3, 3] of periodic structures (zeros for the others), and [S]
+    whether a structure can be compared (not periodic, or a completed cell with a volume)."""
+    inverse, full = np.zeros_like(cells), np.zeros_like(cells)
+    usable = np.ones(len(cells), bool)
+    periodic = np.flatnonzero(pbc.any(1))
+    if len(periodic):
+        done = complete_cells(cells[periodic], pbc[periodic])
+        ok = np.abs(np.linalg.det(done)) > MIN_MEASURE
+        usable[periodic[~ok]] = False
+        full[periodic[ok]] = done[ok]
+        inverse[periodic[ok]] = np.linalg.inv(done[ok])
+    return inverse, full, usable
 
 
-def _inverse_cells(cells: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """[S, 3, 3] inverses of the completed cells of periodic structures (zeros for the others)."""
-    inverse = np.zeros_like(cells)
-    periodic = pbc.any(1)
-    if periodic.any():
-        full = complete_cells(cells[periodic], pbc[periodic])
-        ok = np.abs(np.linalg.det(full)) > MIN_MEASURE  # else check_cell's error, elsewhere
-        idx = np.flatnonzero(periodic)[ok]
-        inverse[idx] = np.linalg.inv(full[ok])
-    return inverse
-
-
-def _sort_keys(numbers, positions, offsets, cells, pbc, inverse, chunk):
-    """exact [S] int64: a hash of (atom count, elements in order, periodicity); projections [S, P] float64: sums
-    over atoms of random projections of the positions that move continuously with them (cos / sin of the
-    fractional coordinates along periodic axes, so an atom wrapped across the cell projects alike) and with the
-    cell; reach [S]: how far a projection can move per Å of tolerance (positions and cell entries within tol)."""
+def _element_hash(numbers, offsets, pbc, chunk) -> np.ndarray:
+    """[S] int64 hash of (atom count, elements in order, periodicity); int64 sums wrap around, on purpose."""
     rng = np.random.default_rng(20261205)
     n = np.diff(offsets)
-    S = len(n)
     weight_of_place = rng.integers(1, 2**61, size=int(n.max()), dtype=np.int64)
-    w = rng.uniform(-1.0, 1.0, size=(3, 3, N_PROJECTIONS))  # (Cartesian, cos, sin) × axis × projection
     exact = n * np.int64(0x9E3779B97F4A7C1) + (pbc.astype(np.int64) * [3, 5, 7]).sum(1)
-    projections = cells.reshape(S, 9) @ rng.uniform(-1.0, 1.0, size=(9, N_PROJECTIONS))
-    farthest = np.zeros(S)  # largest |x| of an atom of a periodic structure (Å): a cell change moves it most
     first = offsets[:-1]
-    with np.errstate(over="ignore"):
-        for lo in range(0, int(offsets[-1]), chunk):
-            hi = min(lo + chunk, int(offsets[-1]))
-            owner = np.searchsorted(offsets, np.arange(lo, hi), "right") - 1
-            z = np.asarray(numbers[lo:hi], dtype=np.int64)
-            np.add.at(exact, owner, z * weight_of_place[np.arange(lo, hi) - first[owner]])
-            pos = np.asarray(positions[lo:hi], dtype=np.float64)
-            along = pbc[owner]  # [a, 3]
-            term = np.where(along, 0.0, pos) @ w[0]  # [a, P]: Cartesian along non-periodic axes
-            wrapped = np.flatnonzero(along.any(1))
-            if len(wrapped):
-                s = owner[wrapped]
-                np.maximum.at(farthest, s, np.linalg.norm(pos[wrapped], axis=1))
-                angle = 2 * np.pi * np.einsum("ai,aij->aj", pos[wrapped], inverse[s])
-                m = along[wrapped]
-                term[wrapped] += np.where(m, np.cos(angle), 0.0) @ w[1] + np.where(m, np.sin(angle), 0.0) @ w[2]
-            for k in range(N_PROJECTIONS):
-                projections[:, k] += np.bincount(owner, weights=term[:, k], minlength=S)
-    # per atom: √3 (Cartesian, weights ≤ 1); along periodic axes √2·2π·|Δf| per axis, Δf from the position
-    # (‖inv‖) and from the cell (|x|·‖inv‖²·3); the cell's 9 entries: 9
-    inv = np.linalg.norm(inverse.reshape(S, 9), axis=1)
-    periodic = 3 * np.sqrt(2) * 2 * np.pi * (inv + 3 * farthest * inv**2)
-    reach = 1.01 * (n * (np.sqrt(3) + periodic) + 9) + 1e-9
-    return exact, projections, reach
+    for lo in range(0, int(offsets[-1]), chunk):
+        hi = min(lo + chunk, int(offsets[-1]))
+        owner = np.searchsorted(offsets, np.arange(lo, hi), "right") - 1
+        z = np.asarray(numbers[lo:hi], dtype=np.int64)
+        np.add.at(exact, owner, z * weight_of_place[np.arange(lo, hi) - first[owner]])
+    return exact
 
 
-def _candidate_pairs(exact: np.ndarray, projections: np.ndarray, window: np.ndarray):
-    """Pairs (a, b) of equal exact hash whose projections all differ by at most the larger of their windows,
-    found along the order of the first projection (only neighbours there within the window are looked at)."""
-    order = np.lexsort((projections[:, 0], exact))
-    e, p, win = exact[order], projections[order], window[order]
-    pairs_a, pairs_b = [], []
-    for d in range(1, len(order)):
-        near = (e[d:] == e[:-d]) & (p[d:, 0] - p[:-d, 0] <= win[:-d])
-        if not near.any():  # sorted: no pair further apart is nearer
-            break
-        i = np.flatnonzero(near)
+def _features(positions, offsets, pbc, inverse, full) -> tuple[np.ndarray, np.ndarray]:
+    """features [S, N_FEATURES] (Å-like) of N_FEATURES atoms spread over each structure, and reach [S, N_FEATURES]:
+    the most a feature moves per Å of tolerance on the positions and on the cell's entries.
+
+    A feature is a random projection of its atom's position: Cartesian for a structure without periodicity;
+    else in fractional coordinates f of the completed cell, L/2π·(cos 2πf, sin 2πf) along periodic directions
+    (L the cell vector's length) and L·f along the others, so a lattice vector added moves nothing."""
+    rng = np.random.default_rng(20261206)
+    n = np.diff(offsets)
+    S = len(n)
+    place = np.minimum((np.arange(N_FEATURES)[None, :] * n[:, None]) // N_FEATURES, n[:, None] - 1)
+    atom = offsets[:-1, None] + place  # [S, F] rows of the chosen atoms
+    x = np.asarray(positions[atom.ravel()], dtype=np.float64).reshape(S, N_FEATURES, 3)
+    w = rng.uniform(-1.0, 1.0, size=(3, N_FEATURES, 3))  # (Cartesian / L·f, cos, sin) × feature × axis
+    features = np.einsum("sfa,fa->sf", x, w[0])
+    reach = np.full((S, N_FEATURES), np.sqrt(3.0))  # |w| ≤ 1 on three axes
+    periodic = np.flatnonzero(pbc.any(1) & (np.abs(full).sum((1, 2)) > 0))
+    if len(periodic):
+        length = np.linalg.norm(full[periodic], axis=2)  # [P, 3]
+        frac = np.einsum("pfi,pij->pfj", x[periodic], inverse[periodic])  # [P, F, 3]
+        along = pbc[periodic][:, None, :]
+        angle = 2 * np.pi * frac
+        scale = length[:, None, :]
+        term = np.where(
+            along,
+            scale / (2 * np.pi) * (w[1] * np.cos(angle) + w[2] * np.sin(angle)),
+            scale * frac * w[0],
+        )
+        features[periodic] = term.sum(2)
+        # per axis |Δ feature| ≤ √2·L·|Δf| (and L·|Δf| across), Δf = Δx·inv + x·Δinv with Δinv = −inv·Δcell·inv:
+        # |Δf_a| ≤ ‖inv[:, a]‖·tol·(1 + 3‖f‖) (‖Δcell‖ ≤ 3·tol for entries within tol)
+        column = np.linalg.norm(inverse[periodic], axis=1)  # [P, 3] ‖inv[:, a]‖
+        size = np.linalg.norm(frac, axis=2)  # [P, F]
+        reach[periodic] = np.sqrt(2) * (length * column).sum(1)[:, None] * (1 + 3 * size)
+    return features, 1.01 * reach + 1e-9
+
+
+def _candidate_pairs(exact: np.ndarray, features: np.ndarray, window: np.ndarray, usable: np.ndarray):
+    """Pairs (a, b) among the `usable` structures, of equal exact hash and every feature within the larger of their
+    windows. Structures with equal hash and features are paired with the first of them only (a thousand copies:
+    a thousand pairs, not half a million); the others are looked for along the order of the first feature."""
+    order = usable[np.lexsort((*features[usable].T[::-1], exact[usable]))]
+    e, f = exact[order], features[order]
+    repeat = np.zeros(len(order), bool)
+    repeat[1:] = (e[1:] == e[:-1]) & (f[1:] == f[:-1]).all(1)
+    head = np.maximum.accumulate(np.where(~repeat, np.arange(len(order)), 0))  # the first of each run of repeats
+    pairs_a, pairs_b = [order[head[repeat]]], [order[repeat]]
+    order = order[~repeat]
+    e, f, win = exact[order], features[order], window[order].max(1)
+    i = np.arange(len(order) - 1)  # structures that may still have a partner d places on
+    d = 0
+    while len(i):
+        d += 1
+        i = i[i + d < len(order)]
         j = i + d
-        limit = np.maximum(win[i], win[j])[:, None]
-        keep = (np.abs(p[j] - p[i]) <= limit).all(1)
+        near = (e[j] == e[i]) & (f[j, 0] - f[i, 0] <= win[i])
+        i, j = i[near], j[near]  # sorted by the first feature within a hash: the others have no partner further on
+        keep = (np.abs(f[j] - f[i]) <= np.maximum(win[i], win[j])[:, None]).all(1)
         pairs_a.append(order[i[keep]])
         pairs_b.append(order[j[keep]])
-    if not pairs_a:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(pairs_a), np.concatenate(pairs_b)
 
 
-def _same(a, b, numbers, positions, offsets, cells, pbc, inverse, tol, chunk) -> np.ndarray:
+def _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chunk) -> np.ndarray:
     """[P] whether the structures a[p] and b[p] (equal atom counts by their hash) are one geometry within tol."""
     n = np.diff(offsets)
     same = (n[a] == n[b]) & (pbc[a] == pbc[b]).all(1) & (np.abs(cells[a] - cells[b]).max((1, 2)) <= tol)
-    full = np.zeros_like(cells)
-    periodic = pbc.any(1)
-    if periodic.any():
-        full[periodic] = complete_cells(cells[periodic], pbc[periodic])
+    ends = np.cumsum(n[a])
     start = 0
     while start < len(a):  # pairs in groups of about `chunk` atoms
-        stop = start + max(1, int(np.searchsorted(np.cumsum(n[a[start:]]), chunk)))
+        done = ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, done + chunk, "right")))
         p = np.arange(start, min(stop, len(a)))
         p = p[same[p]]
         if len(p):
@@ -131,8 +153,8 @@ def _same(a, b, numbers, positions, offsets, cells, pbc, inverse, tol, chunk) ->
             pair = np.repeat(np.arange(len(p)), count)
             local = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
             ia, ib = offsets[a[p]][pair] + local, offsets[b[p]][pair] + local
-            z_ok = np.asarray(numbers)[ia] == np.asarray(numbers)[ib]
-            d = np.asarray(positions)[ib].astype(np.float64) - np.asarray(positions)[ia]
+            z_ok = np.asarray(numbers[ia]) == np.asarray(numbers[ib])
+            d = np.asarray(positions[ib], dtype=np.float64) - np.asarray(positions[ia], dtype=np.float64)
             s = a[p][pair]
             wrap = pbc[s]
             if wrap.any():  # the nearest image along periodic axes

@@ -309,10 +309,12 @@ def merged_run_data(
     with replay of, and forgetting measured on, every fidelity it knows. Built before training (a key
     clash between the two is an error then, not after the model is written)."""
     named = new if new.source else replace(new, source=where)
-    merged = FidelityDataset.merge([old.dataset, named])  # its errors name both files and structures
+    merged, (old_at, new_at) = FidelityDataset.merge_with_index([old.dataset, named])  # errors name both files
     ds = merged.with_fidelities(table)
     pairs = {
-        name: np.concatenate([_reindex(ds, table, old.dataset, getattr(old, name)), _reindex(ds, table, new, p)])
+        name: np.concatenate(
+            [_reindex(old_at, table, old.dataset, getattr(old, name)), _reindex(new_at, table, new, p)]
+        )
         for name, p in new_pairs.items()
     }
     return ds, pairs
@@ -324,10 +326,10 @@ def save_run_data(run_dir: Path, ds: FidelityDataset, pairs: dict[str, np.ndarra
     atomic_write(run_dir / PAIRS, lambda f: np.savez(f, **pairs))
 
 
-def _reindex(ds: FidelityDataset, table: FidelityTable, src: FidelityDataset, pairs: np.ndarray) -> np.ndarray:
-    """(structure, fidelity) pairs of `src` as pairs of `ds` (which holds src's structures by key) in `table`."""
-    index = {k: i for i, k in enumerate(ds.keys.tolist())}
-    s = np.asarray([index[k] for k in src.keys[pairs[:, 0]].tolist()], dtype=np.int64)
+def _reindex(at: np.ndarray, table: FidelityTable, src: FidelityDataset, pairs: np.ndarray) -> np.ndarray:
+    """(structure, fidelity) pairs of `src` as pairs of the merged dataset in which src's structure i is at[i]
+    (FidelityDataset.merge_with_index), with fidelities laid out as `table`."""
+    s = np.asarray(at, dtype=np.int64)[pairs[:, 0]]
     k = np.asarray(table.indices(src.fidelities.names), dtype=np.int64)[pairs[:, 1]]
     return np.stack([s, k], 1).reshape(-1, 2)
 
@@ -424,13 +426,16 @@ def follow_split(split: Split, ds: FidelityDataset, old: OldRun) -> Split:
 
 
 def _old_split_of(ds: FidelityDataset, old: OldRun) -> np.ndarray:
-    """[len(ds)] str: the split ("train", "val", "test") of each structure of `ds` in the old run (same key), ""
-    for structures the old run does not hold."""
-    where: dict[str, str] = {}
+    """[len(ds)] str: the split ("train", "val", "test") of each structure of `ds` in the old run (the same key, or
+    without keys the same geometry: one structure once merged), "" for structures the old run does not hold."""
+    _, (old_at, new_at) = FidelityDataset.merge_with_index([old.dataset, ds])
+    split_of_old = np.full(len(old.dataset), "", dtype=object)
     for name in ("train", "val", "test"):
-        for key in old.dataset.keys[np.unique(getattr(old, name)[:, 0])].tolist():
-            where[str(key)] = name
-    return np.array([where.get(str(k), "") for k in ds.keys.tolist()])
+        split_of_old[np.unique(getattr(old, name)[:, 0])] = name
+    old_of_merged = np.full(len(old.dataset) + len(ds), -1, np.int64)
+    old_of_merged[old_at] = np.arange(len(old.dataset))
+    j = old_of_merged[new_at]
+    return np.where(j >= 0, split_of_old[np.maximum(j, 0)], "").astype(str)
 
 
 def _log_followed_split(ds: FidelityDataset, old: OldRun) -> None:
@@ -449,14 +454,19 @@ def combine(
 ) -> tuple[FidelityDataset, dict[str, np.ndarray]]:
     """One dataset laid out as the model's fidelity table: the new data plus the replayed old structures;
     pairs re-indexed into it (replayed training samples join train, replayed validation samples join val)."""
-    parts = [new]
+    used = np.zeros(0, np.int64)
     if old is not None and any(len(p) for p in replay.values()):
         used = np.unique(np.concatenate([p[:, 0] for p in replay.values()]))
-        parts.insert(0, old.dataset.subset(used))
-    ds = FidelityDataset.merge(parts).with_fidelities(table)
-    out = {s: _reindex(ds, table, new, p) for s, p in new_pairs.items()}
-    for s, p in replay.items():
-        out[s] = np.concatenate([out[s], _reindex(ds, table, old.dataset, p)])
+        merged, (old_at, new_at) = FidelityDataset.merge_with_index([old.dataset.subset(used), new])
+    else:
+        merged, (new_at,) = FidelityDataset.merge_with_index([new])
+    ds = merged.with_fidelities(table)
+    out = {s: _reindex(new_at, table, new, p) for s, p in new_pairs.items()}
+    if len(used):
+        at = np.full(len(old.dataset), -1, np.int64)
+        at[used] = old_at  # replayed structures of the old dataset → their place in the merged one
+        for s, p in replay.items():
+            out[s] = np.concatenate([out[s], _reindex(at, table, old.dataset, p)])
     return ds, out
 
 

@@ -13,7 +13,7 @@ import torch
 from multifi.config import LossConfig, TrainConfig
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
-from multifi.keys import METRIC_KEYS, TRAIN_LOSS, TRAIN_LOSS_EPOCH, TRAIN_STRUCTURES, VAL_LOSS, val_key
+from multifi.keys import METRIC_KEYS, TRAIN_LOSS, TRAIN_LOSS_EPOCH, TRAIN_SAMPLES, VAL_LOSS, val_key
 from multifi.models.head import EnergyHead
 from multifi.models.registry import build_potential, model_config
 from multifi.train.loss import MultiFidelityLoss
@@ -119,7 +119,7 @@ class PotentialModule(L.LightningModule):
             self.log(name, mean.to(self.device), sync_dist=True)
         if means:  # fewer than the epoch's structures when the run stopped inside it (early stopping, max_steps)
             count = torch.tensor(float(self.epoch_sums.count), dtype=torch.float64, device=self.device)
-            self.log(TRAIN_STRUCTURES, count, sync_dist=True, reduce_fx="sum")
+            self.log(TRAIN_SAMPLES, count, sync_dist=True, reduce_fx="sum")
         self.epoch_sums = EpochSums()
 
     def _same_names_on_every_process(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
