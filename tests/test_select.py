@@ -399,3 +399,59 @@ def test_same_molecules_tells_conformers_apart_but_not_moved_copies():
         return FidelityDataset.from_records([_pool_record(a, "x.xyz") for a in atoms_list])
 
     assert same_molecules(ds([eclipsed, moved]), ds([staggered])).tolist() == [False, True]
+
+
+def test_moved_copies_in_the_pool_are_picked_once_and_rounded_run_structures_not_at_all(cli_run, tmp_path, capsys):  # noqa: F811
+    """A translated or rotated copy of a pool molecule was a structure of its own (both picked: one calculation
+    bought twice), and the run's molecules written to 1e-4 Å escaped the exclusion (distances move by up to
+    1.7e-4 Å, more than the 1e-4 tolerance)."""
+    from scipy.spatial.transform import Rotation
+
+    from multifi.uncertainty import _run_data
+
+    _, run_dir = cli_run
+    ds, pairs = _run_data(run_dir)
+    hi = ds.fidelities.index("hi")
+    trained = np.unique(pairs["train"][pairs["train"][:, 1] == hi, 0])[:5]
+    frames = []
+    for i, s in enumerate(trained):  # the run's structures, rounded, under new keys
+        a = ds.to_atoms(int(s))
+        a.positions = np.round(a.positions, 4)
+        a.info = {"key": f"run{i}"}
+        frames.append(a)
+    for i in range(4):  # new molecules, each with a moved copy
+        a = rattled_molecule(MOLECULES[i % len(MOLECULES)], seed=500 + i, stdev=0.1)
+        b = a.copy()
+        b.positions = Rotation.from_euler("xyz", [10 * i, 20, 30], degrees=True).apply(b.positions) + [2.0, -1, 0.5]
+        a.info, b.info = {"key": f"new{i}"}, {"key": f"copy{i}"}
+        frames += [a, b]
+    pool = tmp_path / "pool.extxyz"
+    ase.io.write(pool, frames, format="extxyz")
+    out = tmp_path / "picks.txt"
+    args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out]
+    code, stdout, _ = run([*args, "--n", "20"], capsys)
+    assert code == 0 and "picked 4 of 4 eligible structures" in stdout, stdout
+    picks = out.read_text().split()
+    assert len(picks) == 4 and len({p[-1] for p in picks}) == 4 and not any(p.startswith("run") for p in picks)
+
+
+def test_translated_crystals_are_one_structure_for_selection():
+    """Periodic copies shifted rigidly (another code's origin) or by a lattice vector: one structure."""
+    from conftest import periodic_cell
+
+    from multifi.select import copies_of, first_copies
+
+    cells = [periodic_cell() for _ in range(3)]
+    for k, c in enumerate(cells):
+        c.rattle(0.05, seed=k)
+    moved = cells[1].copy()
+    moved.positions += [0.37, -0.2, 0.11]
+    moved.positions[0] += moved.cell[2]
+    records = [
+        {"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array, "pbc": True, "key": f"c{i}"}
+        for i, a in enumerate([*cells, moved])
+    ]
+    pool = FidelityDataset.from_records(records)
+    np.testing.assert_array_equal(first_copies(pool), [0, 1, 2, 1])
+    known = FidelityDataset.from_records(records[1:2])
+    np.testing.assert_array_equal(copies_of(known, pool), [False, True, False, True])

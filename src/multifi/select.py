@@ -38,6 +38,7 @@ def select_structures(
     batch_size: int = 64,
     features: np.ndarray | None = None,
     anchors: np.ndarray | None = None,
+    copies: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices into `pool` (a FidelityDataset) of the n structures to label at `fidelity`, in pick order.
 
@@ -45,14 +46,15 @@ def select_structures(
     llpr: an uncertainty.LLPR (needed by uncertainty and batch). features: precomputed readout features
     of every pool structure at `fidelity` [S, H+1] (else computed here). anchors: per-atom mean features
     [m, H] of labelled structures outside the pool (the model's training structures; see
-    `mean_hidden`), which diversity keeps its picks away from like the pool's labelled ones."""
+    `mean_hidden`), which diversity keeps its picks away from like the pool's labelled ones. copies: first_copies
+    of the pool (else computed here)."""
     from multifi.uncertainty import dataset_features
 
     if strategy not in STRATEGIES:
         raise MultifiError(f"unknown selection strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
     if n < 0:
         raise MultifiError(f"number of structures to select must be ≥ 0, got {n}")
-    labelled = labelled_mask(pool, fidelity, exclude)
+    labelled = labelled_mask(pool, fidelity, exclude, copies)
     candidates = np.flatnonzero(~labelled)
     if n > len(candidates):
         why = (
@@ -145,19 +147,28 @@ def outside_training_geometry(potential, pool) -> np.ndarray:
     return out
 
 
-#: Å: molecules whose atoms lie this close to another's, after translation (and rotation or reordering), are one
-#: structure for selection (coordinates rounded to 1e-4 Å or finer, or shifted, are still the run's molecules;
-#: displacements of 1e-3 Å make another structure)
-SAME_GEOMETRY_TOL = 1e-4
+#: Å: structures whose atoms lie this close to another's, after translation (and for molecules rotation or
+#: reordering), are one structure for selection: coordinates rounded to 1e-4 Å move an atom by up to 0.87e-4 Å
+#: and a distance by up to 1.7e-4 Å, and are still the run's structures; displacements of 1e-3 Å make another one
+SAME_GEOMETRY_TOL = 3e-4
 
 
 def same_molecules(pool, known, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
     """[len(pool)] bool: the non-periodic structures of `pool` that are a structure of `known` up to translation,
-    rotation, reflection and atom order: the same elements, distances to the centroid (sorted by element and
-    distance) within `tol` Å, then all interatomic distances (sorted) within `tol` (conformers that turn about
-    an axis keep their centroid distances). Periodic structures: False (the exact geometry fingerprint covers
-    them)."""
+    rotation, reflection and atom order (molecule_matches). Periodic structures: False (first_copies and the
+    geometry fingerprints cover them)."""
     out = np.zeros(len(pool), bool)
+    for i, _ in molecule_matches(pool, known, tol):
+        out[i] = True
+    return out
+
+
+def molecule_matches(pool, known, tol: float = SAME_GEOMETRY_TOL) -> list[tuple[int, int]]:
+    """(i, j) for each non-periodic structure i of `pool` and the structures j of `known` it equals up to
+    translation, rotation, reflection and atom order: the same elements, distances to the centroid (sorted by
+    element and distance) within `tol` Å, then all interatomic distances (sorted) within `tol` (conformers that
+    turn about an axis keep their centroid distances)."""
+    out = []
     groups: dict[bytes, list] = {}
     for s in np.flatnonzero(~known.pbc.any(1)).tolist():
         key, profile = _centroid_profile(known, s)
@@ -176,7 +187,11 @@ def same_molecules(pool, known, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
         close = lo + np.flatnonzero(np.abs(profiles[lo:hi] - profile).max(1) < tol)
         if len(close):
             mine = _pair_distances(pool, s)
-            out[s] = any(np.abs(_pair_distances(known, members[c]) - mine).max(initial=0.0) < tol for c in close)
+            out += [
+                (s, members[c])
+                for c in close
+                if np.abs(_pair_distances(known, members[c]) - mine).max(initial=0.0) < tol
+            ]
     return out
 
 
@@ -197,11 +212,10 @@ def _centroid_profile(ds, s: int) -> tuple[bytes, np.ndarray]:
     return z[order].astype(np.int64).tobytes(), r[order]
 
 
-def labelled_mask(pool, fidelity: str, exclude=()) -> np.ndarray:
+def labelled_mask(pool, fidelity: str, exclude=(), first: np.ndarray | None = None) -> np.ndarray:
     """[S] True for pool structures not to pick: with an energy at `fidelity`, a key in `exclude`, the same
-    geometry as such a structure (under another key), or a later copy of a geometry earlier in the pool."""
-    from multifi.data.checks import geometry_fingerprints
-
+    structure as such a one (under another key), or a later copy of a structure earlier in the pool (copies:
+    `first_copies`, computed here unless given)."""
     mask = (
         np.isin(pool.keys.astype(str), np.asarray(list(exclude), dtype=str))
         if len(exclude)
@@ -211,10 +225,50 @@ def labelled_mask(pool, fidelity: str, exclude=()) -> np.ndarray:
         mask |= ~np.isnan(pool.energy[:, pool.fidelities.index(fidelity)])
     if len(pool) < 2:
         return mask
-    _, first, group = np.unique(geometry_fingerprints(pool), return_index=True, return_inverse=True)
-    done = np.zeros(len(first), bool)
-    np.logical_or.at(done, group, mask)  # a geometry labelled under any of its keys
-    return mask | done[group] | (np.arange(len(pool)) != first[group])
+    first = first_copies(pool) if first is None else first
+    done = np.zeros(len(pool), bool)
+    np.logical_or.at(done, first, mask)  # a structure labelled under any of its copies' keys
+    return mask | done[first] | (np.arange(len(pool)) != first)
+
+
+def copies_of(known, pool, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
+    """[len(pool)] bool: pool structures that are a structure of `known` (first_copies' sense: within `tol` Å up to
+    a translation, molecules also up to rotation, reflection and atom order)."""
+    from multifi.data.same_geometry import first_of_same_geometry
+
+    first = first_of_same_geometry(
+        np.concatenate([np.asarray(known.numbers), np.asarray(pool.numbers)]),
+        np.concatenate([np.asarray(known.positions), np.asarray(pool.positions)]),
+        np.concatenate([known.offsets, np.asarray(pool.offsets[1:]) + known.offsets[-1]]),
+        np.concatenate([np.asarray(known.cells), np.asarray(pool.cells)]),
+        np.concatenate([np.asarray(known.pbc), np.asarray(pool.pbc)]),
+        tol,
+        shift=True,
+    )
+    return (first[len(known) :] < len(known)) | same_molecules(pool, known, tol)
+
+
+def first_copies(pool, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
+    """[S] for each pool structure the first one (lowest index) that is the same structure: the same geometry
+    within `tol` Å up to a translation (any structure, periodic ones modulo their lattice), or for molecules up to
+    rotation, reflection and atom order as well (same_molecules). Picking both of two such copies would buy one
+    calculation twice."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from multifi.data.same_geometry import first_of_same_geometry
+
+    S = len(pool)
+    first = first_of_same_geometry(pool.numbers, pool.positions, pool.offsets, pool.cells, pool.pbc, tol, shift=True)
+    a, b = first.tolist(), list(range(S))
+    for i, j in molecule_matches(pool, pool, tol):
+        if i != j:
+            a.append(i)
+            b.append(j)
+    _, label = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(S, S)), directed=False)
+    lowest = np.full(label.max() + 1, S, dtype=np.int64)
+    np.minimum.at(lowest, label, np.arange(S))
+    return lowest[label]
 
 
 def greedy_variance(f: np.ndarray, cov: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

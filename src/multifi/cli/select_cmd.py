@@ -58,7 +58,7 @@ def run(args) -> int:
     from multifi.data.dataset import atomic_write
     from multifi.errors import MultifiError
     from multifi.models.registry import load_potential
-    from multifi.select import labelled_mask, read_pool, same_molecules, select_structures, training_anchors
+    from multifi.select import copies_of, first_copies, labelled_mask, read_pool, select_structures, training_anchors
     from multifi.uncertainty import LLPR, llpr_path
 
     refuse_existing(args.out, force=args.force)
@@ -85,12 +85,13 @@ def run(args) -> int:
     # the run's structures under another key (or none: a geometry hash) are the same structures
     pool_geometries = geometry_fingerprints(pool)
     in_run_mask = np.isin(pool.keys.astype(str), known) | np.isin(pool_geometries, known_geometries)
-    if run_set is not None:  # rounded or shifted coordinates of the run's molecules: the same molecules
-        in_run_mask |= same_molecules(pool, run_set)
+    if run_set is not None:  # rounded, shifted (molecules also rotated) coordinates of the run's structures
+        in_run_mask |= copies_of(run_set, pool)
     exclude += known + [str(k) for k in pool.keys[in_run_mask]]
+    copies = first_copies(pool)
     llpr = LLPR.load(llpr_path(args.model), potential) if args.strategy in ("uncertainty", "batch") else None
     anchors = None
-    wanted = args.n > 0 and bool((~labelled_mask(pool, args.fidelity, exclude)).any())
+    wanted = args.n > 0 and bool((~labelled_mask(pool, args.fidelity, exclude, copies)).any())
     if args.strategy == "diversity" and run_set is not None and wanted:  # (uncertainty, batch: LLPR has the run's data)
         outside = np.flatnonzero(~np.isin(known_geometries, pool_geometries))  # the others are pool rows
         anchors = training_anchors(potential, run_set.subset(outside), args.fidelity, args.batch_size, args.seed)
@@ -105,10 +106,13 @@ def run(args) -> int:
         llpr,
         args.batch_size,
         anchors=anchors,
+        copies=copies,
     )
     keys = [str(k) for k in pool.keys[picks]]
     if args.strategy in ("uncertainty", "batch"):
-        _warn_outside_geometry(potential, pool, picks, ~labelled_mask(pool, args.fidelity, exclude), args.strategy)
+        _warn_outside_geometry(
+            potential, pool, picks, ~labelled_mask(pool, args.fidelity, exclude, copies), args.strategy
+        )
     out = Path(args.out)
     if _is_structure_file(out):  # the picked structures themselves (keys in info['key']), ready to compute
         import io
@@ -122,7 +126,7 @@ def run(args) -> int:
         atomic_write(out, lambda f: f.write(encoded_for(out, text.getvalue().encode())))
     else:
         atomic_write(out, lambda f: f.write("".join(k + "\n" for k in keys).encode()))
-    eligible = int((~labelled_mask(pool, args.fidelity, exclude)).sum())
+    eligible = int((~labelled_mask(pool, args.fidelity, exclude, copies)).sum())
     in_run = int(in_run_mask.sum())
     print(
         f"picked {len(keys)} of {eligible} eligible structures ({len(pool)} distinct structures in the pool, the others labelled "

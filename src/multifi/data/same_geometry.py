@@ -25,10 +25,13 @@ DUPLICATE_TOLERANCE = 1e-4
 N_FEATURES = 4
 
 
-def first_of_same_geometry(numbers, positions, offsets, cells, pbc, tol: float, chunk: int = 1 << 20) -> np.ndarray:
+def first_of_same_geometry(
+    numbers, positions, offsets, cells, pbc, tol: float, chunk: int = 1 << 20, shift: bool = False
+) -> np.ndarray:
     """[S] int64: for each structure the index of the first structure (lowest index) of the same geometry
     within `tol` Å, itself when none comes earlier. numbers [A], positions [A, 3] Å, offsets [S+1], cells
     [S, 3, 3] Å, pbc [S, 3]; per-atom arrays are read in chunks of `chunk` atoms (memory-mapped datasets).
+    `shift`: also up to a rigid translation (positions compared relative to each structure's first atom).
     A periodic structure whose cell spans no volume once completed (check_cell's error elsewhere) matches none."""
     offsets = np.asarray(offsets, dtype=np.int64)
     S = len(offsets) - 1
@@ -38,9 +41,9 @@ def first_of_same_geometry(numbers, positions, offsets, cells, pbc, tol: float, 
     pbc = np.asarray(pbc, dtype=bool)
     inverse, full, usable = _cells(cells, pbc)
     exact = _element_hash(numbers, offsets, pbc, chunk)
-    features, reach = _features(positions, offsets, pbc, inverse, full)
+    features, reach = _features(positions, offsets, pbc, inverse, full, shift)
     a, b = _candidate_pairs(exact, features, tol * reach, np.flatnonzero(usable))
-    same = _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chunk)
+    same = _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chunk, shift)
     return _first_of_groups(S, a[same], b[same])
 
 
@@ -74,19 +77,24 @@ def _element_hash(numbers, offsets, pbc, chunk) -> np.ndarray:
     return exact
 
 
-def _features(positions, offsets, pbc, inverse, full) -> tuple[np.ndarray, np.ndarray]:
+def _features(positions, offsets, pbc, inverse, full, shift: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """features [S, N_FEATURES] (Å-like) of N_FEATURES atoms spread over each structure, and reach [S, N_FEATURES]:
     the most a feature moves per Å of tolerance on the positions and on the cell's entries.
 
     A feature is a random projection of its atom's position: Cartesian for a structure without periodicity;
     else in fractional coordinates f of the completed cell, L/2π·(cos 2πf, sin 2πf) along periodic directions
-    (L the cell vector's length) and L·f along the others, so a lattice vector added moves nothing."""
+    (L the cell vector's length) and L·f along the others, so a lattice vector added moves nothing. With `shift`,
+    of its position relative to the structure's first atom (the others' atoms then: a translation moves nothing)."""
     rng = np.random.default_rng(20261206)
     n = np.diff(offsets)
     S = len(n)
-    place = np.minimum((np.arange(N_FEATURES)[None, :] * n[:, None]) // N_FEATURES, n[:, None] - 1)
+    first = int(shift)  # with shift, atom 0 is the origin: the features come from the others (if any)
+    spread = np.maximum(n - first, 1)[:, None]
+    place = np.minimum(first + (np.arange(N_FEATURES)[None, :] * spread) // N_FEATURES, n[:, None] - 1)
     atom = offsets[:-1, None] + place  # [S, F] rows of the chosen atoms
     x = np.asarray(positions[atom.ravel()], dtype=np.float64).reshape(S, N_FEATURES, 3)
+    if shift:
+        x -= np.asarray(positions[offsets[:-1]], dtype=np.float64)[:, None, :]
     w = rng.uniform(-1.0, 1.0, size=(3, N_FEATURES, 3))  # (Cartesian / L·f, cos, sin) × feature × axis
     features = np.einsum("sfa,fa->sf", x, w[0])
     reach = np.full((S, N_FEATURES), np.sqrt(3.0))  # |w| ≤ 1 on three axes
@@ -108,7 +116,7 @@ def _features(positions, offsets, pbc, inverse, full) -> tuple[np.ndarray, np.nd
         column = np.linalg.norm(inverse[periodic], axis=1)  # [P, 3] ‖inv[:, a]‖
         size = np.linalg.norm(frac, axis=2)  # [P, F]
         reach[periodic] = np.sqrt(2) * (length * column).sum(1)[:, None] * (1 + 3 * size)
-    return features, 1.01 * reach + 1e-9
+    return features, (2.02 if shift else 1.01) * reach + 1e-9  # relative positions: both atoms move
 
 
 def _candidate_pairs(exact: np.ndarray, features: np.ndarray, window: np.ndarray, usable: np.ndarray):
@@ -137,8 +145,9 @@ def _candidate_pairs(exact: np.ndarray, features: np.ndarray, window: np.ndarray
     return np.concatenate(pairs_a), np.concatenate(pairs_b)
 
 
-def _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chunk) -> np.ndarray:
-    """[P] whether the structures a[p] and b[p] (equal atom counts by their hash) are one geometry within tol."""
+def _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chunk, shift=False) -> np.ndarray:
+    """[P] whether the structures a[p] and b[p] (equal atom counts by their hash) are one geometry within tol
+    (with `shift`, once b is translated to put its first atom on a's)."""
     n = np.diff(offsets)
     same = (n[a] == n[b]) & (pbc[a] == pbc[b]).all(1) & (np.abs(cells[a] - cells[b]).max((1, 2)) <= tol)
     ends = np.cumsum(n[a])
@@ -155,6 +164,8 @@ def _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chu
             ia, ib = offsets[a[p]][pair] + local, offsets[b[p]][pair] + local
             z_ok = np.asarray(numbers[ia]) == np.asarray(numbers[ib])
             d = np.asarray(positions[ib], dtype=np.float64) - np.asarray(positions[ia], dtype=np.float64)
+            if shift:
+                d -= d[np.cumsum(count) - count][pair]  # relative to the pair's first atoms
             s = a[p][pair]
             wrap = pbc[s]
             if wrap.any():  # the nearest image along periodic axes
