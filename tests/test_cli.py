@@ -824,3 +824,36 @@ def test_evaluating_a_file_of_the_models_own_results_is_said_to_measure_nothing(
     with caplog.at_level(logging.WARNING, logger="multifi"):
         code, _, _ = run(["evaluate", run_dir, tmp_path / "mixed.extxyz"], capsys)
     assert code == 0 and "equals this model's prediction" not in caplog.text
+
+
+@pytest.mark.parametrize("name", ["back.extxyz", "back.xyz.gz"])
+def test_data_convert_to_extxyz_round_trips_every_label(tmp_path, capsys, name):
+    """`data convert --out back.extxyz` wrote a folder of .npy files under that name: it writes extxyz now, one
+    frame per (structure, fidelity) label, which reads back as the same structures and labels (stress included)."""
+    from ase.build import bulk
+    from conftest import emt_labelled
+
+    from multifi.data.sources import read_sources
+
+    frames = []
+    for i in range(6):
+        a = bulk("Cu", "fcc", 3.6, cubic=True)
+        a.rattle(0.05, seed=i)
+        frames.append(emt_labelled(a, "lo"))
+        b = emt_labelled(a, "hi", 1.1, 0.2)
+        b.calc.results["stress"] = np.array([0.01, 0.02, 0.03, 0.0, 0.001, -0.002]) * (1 + i)
+        frames.append(b)
+    src = tmp_path / "src.extxyz"
+    ase.io.write(src, frames)
+    npz = tmp_path / "src.npz"
+    assert run(["data", "convert", src, "--out", npz], capsys)[0] == 0
+    out = tmp_path / name
+    code, stdout, _ = run(["data", "convert", npz, "--out", out], capsys)
+    assert code == 0 and out.is_file() and "as 12 frames" in stdout
+    a, b = read_sources([str(npz)]), read_sources([str(out)])
+    assert a.keys.tolist() == b.keys.tolist() and a.fidelities.names == b.fidelities.names
+    np.testing.assert_array_equal(a.energy, b.energy)
+    np.testing.assert_array_equal(a.forces, b.forces)
+    np.testing.assert_allclose(b.stress, a.stress, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(a.stress_mask, b.stress_mask)
+    np.testing.assert_array_equal(a.positions, b.positions)

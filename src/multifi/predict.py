@@ -221,7 +221,7 @@ def _labelled_atoms(ds, i: int, fidelity: str | None = None):
     if primary not in labelled:
         primary = labelled[0] if len(labelled) == 1 else None
     for k in labelled:
-        results = _label_at(ds, i, k)
+        results = label_results(ds, i, k)
         if k == primary:
             atoms.calc = SinglePointCalculator(atoms, **results)
             atoms.info["fidelity"] = ds.fidelities.names[k]
@@ -238,7 +238,7 @@ def _labelled_atoms(ds, i: int, fidelity: str | None = None):
     return atoms
 
 
-def _label_at(ds, i: int, k: int) -> dict:
+def label_results(ds, i: int, k: int) -> dict:
     """Energy (eV), forces (eV/Å) and stress (Voigt, eV/Å³, ASE's sign) of structure i at fidelity index k."""
     from ase.stress import full_3x3_to_voigt_6_stress
     from ase.units import GPa

@@ -81,3 +81,13 @@ def refuse_existing(*paths, force: bool, folder_ok: bool = False) -> None:
             raise MultifiError(f"{path}: is a folder, expected a file name")
         if not force:
             raise MultifiError(f"{path}: exists; not replaced (--force replaces it)")
+
+
+def is_extxyz_path(path) -> bool:
+    """A path naming an extxyz file (.extxyz, .xyz, optionally .gz): commands write structures there as extxyz."""
+    from pathlib import Path
+
+    suffixes = [x.lower() for x in Path(path).suffixes[-2:]]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return bool(suffixes) and suffixes[-1] in (".extxyz", ".xyz")

@@ -13,7 +13,12 @@ def register(sub):
     info.set_defaults(func=run_info)
     conv = dsub.add_parser("convert", help="read and merge sources into one multifi .npz for reuse")
     _sources(conv)
-    conv.add_argument("--out", required=True, help="the .npz (or dataset folder) to write (an existing one: --force)")
+    conv.add_argument(
+        "--out",
+        required=True,
+        help="the .npz (or dataset folder) to write, or an .extxyz/.xyz(.gz): one frame per structure and fidelity "
+        "label, info['key'] and info['fidelity'] (an existing one: --force)",
+    )
     add_force(conv)
     conv.set_defaults(func=run_convert)
 
@@ -168,10 +173,46 @@ def _check_labels(ds) -> None:
 
 
 def run_convert(args) -> int:
-    from multifi.cli.args import refuse_existing
+    from pathlib import Path
 
-    refuse_existing(args.out, force=args.force, folder_ok=True)  # checked before reading: nothing read in vain
+    from multifi.cli.args import is_extxyz_path, refuse_existing
+
+    refuse_existing(args.out, force=args.force, folder_ok=not is_extxyz_path(args.out))  # before reading
     ds = _read(args)
+    if is_extxyz_path(args.out):
+        frames = write_labelled_extxyz(ds, Path(args.out))
+        print(f"wrote {len(ds)} structures, {len(ds.fidelities)} fidelities as {frames} frames to {args.out}")
+        return 0
     path = ds.save(args.out)
     print(f"wrote {len(ds)} structures, {len(ds.fidelities)} fidelities to {path}")
     return 0
+
+
+def write_labelled_extxyz(ds, path) -> int:
+    """The dataset as extxyz: one frame per (structure, fidelity) label (energy eV, forces eV/Å, stress eV/Å³ in
+    ASE's sign, as a SinglePointCalculator) with info['key'] and info['fidelity'], which multifi reads back as the
+    same structures and labels; a structure without labels as one bare frame. Returns the frames written."""
+    import io
+
+    import ase.io
+    import numpy as np
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from multifi.files import atomic_write, encoded_for
+    from multifi.predict import label_results
+
+    text, frames = io.StringIO(), 0
+    labels = ds.energy_mask | ds.has_forces() | ds.has_stress()
+    for i in range(len(ds)):
+        for k in np.flatnonzero(labels[i]).tolist() or [None]:
+            atoms = ds.to_atoms(i)
+            if k is not None:
+                results = label_results(ds, i, k)
+                if np.isnan(results["energy"]):  # forces (or stress) without an energy
+                    del results["energy"]
+                atoms.calc = SinglePointCalculator(atoms, **results)
+                atoms.info["fidelity"] = ds.fidelities.names[k]
+            ase.io.write(text, atoms, format="extxyz")
+            frames += 1
+    atomic_write(path, lambda f: f.write(encoded_for(path, text.getvalue().encode())))
+    return frames

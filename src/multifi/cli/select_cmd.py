@@ -53,7 +53,7 @@ def run(args) -> int:
 
     import numpy as np
 
-    from multifi.cli.args import refuse_existing
+    from multifi.cli.args import is_extxyz_path, refuse_existing
     from multifi.data.checks import geometry_fingerprints
     from multifi.data.dataset import atomic_write
     from multifi.errors import MultifiError
@@ -114,7 +114,7 @@ def run(args) -> int:
             potential, pool, picks, ~labelled_mask(pool, args.fidelity, exclude, copies), args.strategy
         )
     out = Path(args.out)
-    if _is_structure_file(out):  # the picked structures themselves (keys in info['key']), ready to compute
+    if is_extxyz_path(out):  # the picked structures themselves (keys in info['key']), ready to compute
         import io
 
         import ase.io
@@ -135,14 +135,6 @@ def run(args) -> int:
         + f") for {args.fidelity} ({args.strategy}) → {args.out}"
     )
     return 0
-
-
-def _is_structure_file(path) -> bool:
-    """--out names an extxyz file (.extxyz, .xyz, optionally .gz): the picked structures are written there."""
-    suffixes = [x.lower() for x in path.suffixes[-2:]]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return bool(suffixes) and suffixes[-1] in (".extxyz", ".xyz")
 
 
 def labelled_in_run(model: str, fidelity: str) -> tuple[list[str], np.ndarray, object]:
