@@ -762,8 +762,10 @@ def test_outputs_are_not_replaced_without_force(cli_run, tiny_extxyz, tmp_path, 
     folder = tmp_path / "out.extxyz"
     folder.mkdir()
     fails([*predict, folder, "--force"], capsys, f"{folder}: is a folder, expected a file name")
-    plot.write_bytes(b"x")  # plots are images of results kept elsewhere: replaced
-    assert run(["evaluate", model, src, "--plot", plot], capsys)[0] == 0 and plot.read_bytes() != b"x"
+    plot.write_bytes(b"x")  # a plot replaces an existing file only with --force, as every output (another image)
+    fails(["evaluate", model, src, "--plot", plot], capsys, f"{plot}: exists; not replaced (--force replaces it)")
+    assert plot.read_bytes() == b"x"
+    assert run(["evaluate", model, src, "--plot", plot, "--force"], capsys)[0] == 0 and plot.read_bytes() != b"x"
 
 
 def test_errors_that_are_one_energy_per_element_are_said_to_be_another_convention(caplog, tmp_path):

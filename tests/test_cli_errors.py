@@ -680,6 +680,9 @@ def test_evaluate_parity_plot_and_learning_curve(write_config, tmp_path, capsys,
     assert not (tmp_path / "curve.txt").exists() and not (tmp_path / "p.txt").exists()
     code, _, _ = run(["plot", run_dir, "--out", tmp_path / "curve.pdf"], capsys)
     assert code == 0 and (tmp_path / "curve.pdf").read_bytes()[:4] == b"%PDF"
+    fails(["plot", run_dir, "--out", tmp_path / "parity.png"], capsys, "parity.png: exists; not replaced (--force")
+    assert run(["plot", run_dir, "--out", tmp_path / "parity.png", "--force"], capsys)[0] == 0
+    assert run(["plot", run_dir], capsys)[0] == 0  # the run's own learning_curve.png is redrawn
     fails(["plot", run_dir, "--metric", "stress_mae_GPa"], capsys, "no validation stress_mae_GPa (its validation")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["n_train"]["xx"] = 5  # a trained fidelity without a validation curve is named, not dropped silently

@@ -55,8 +55,8 @@ def device_arg(text: str) -> str:
 
 
 def add_force(p) -> None:
-    """--force: replace existing output files (every command writing results to a file the user names asks for it;
-    plots are images of results kept elsewhere and are replaced)."""
+    """--force: replace existing output files (every command writing to a file the user names asks for it, plots
+    included; a run's own learning_curve.png is redrawn)."""
     p.add_argument("--force", action="store_true", help="replace existing output files")
 
 

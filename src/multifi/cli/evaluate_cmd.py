@@ -62,7 +62,7 @@ def run(args) -> int:
     from multifi.models.registry import load_potential
     from multifi.train.evaluate import evaluate_pairs
 
-    refuse_existing(args.out, force=args.force)
+    refuse_existing(args.out, args.plot, force=args.force)
     if args.plot:  # a format matplotlib lacks fails before anything is computed or written
         from multifi.plots import image_format
 
