@@ -24,9 +24,8 @@ def register(sub):
 def run(args) -> int:
     from pathlib import Path
 
-    from multifi.plots import learning_curve_plot
-
     from multifi.cli.args import refuse_existing
+    from multifi.plots import learning_curve_plot
 
     refuse_existing(args.out, force=args.force)  # the run's own learning_curve.png is redrawn
     out = Path(args.out) if args.out else Path(args.run_dir) / "learning_curve.png"
