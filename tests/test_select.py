@@ -160,6 +160,9 @@ def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
         assert run([*args, "--strategy", "random", "--out", out, "--force"], capsys)[0] == 0
     assert "done.txt: 1 of 2 keys are no structure of" in caplog.text and "pool.extxyz:5" in caplog.text
     assert "no dataset.npz beside the model" not in caplog.text
+    (tmp_path / "done.txt").write_text("0\n5\n")  # none a key of the pool: nothing would be excluded, an error
+    fails([*args, "--strategy", "random", "--out", out, "--force"], capsys, "done.txt: none of its 2 keys", "c0, c1")
+    (tmp_path / "done.txt").write_text("c0\nc5\n")
     import shutil
 
     alone = tmp_path / "alone.pt"  # the model away from its run: what it trained on cannot be excluded, said so

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from ase.build import molecule
-from conftest import MOLECULES, TINY_MODEL, rattled_molecule
+from conftest import MOLECULES, TINY_MODEL, emt_labelled, rattled_molecule
 from test_cli import cli_run, fails, run  # noqa: F401  (module fixture: one tiny trained run)
 
 from multifi.data.batch import graph_from_atoms
@@ -354,3 +354,22 @@ def test_calibration_leaves_out_validation_structures_with_estimated_references(
     assert "hi: 4 of 8 validation structures contain elements whose reference energy was estimated" in caplog.text
     alone = fit_llpr(pot, ds, train, pairs(ch4[8:]))  # the same fit as on the 4 CH4 alone
     assert llpr.fidelities["hi"].alpha == pytest.approx(alone.fidelities["hi"].alpha)
+
+
+def test_uncertainty_of_one_structure_is_valid_json_and_said_to_mean_little(cli_run, tmp_path, capsys, caplog):  # noqa: F811
+    """evaluate --uncertainty on one structure wrote "spearman": NaN (no JSON: strict parsers reject the file), and
+    on two a Spearman of 1.000 without a word."""
+    import logging
+
+    _, run_dir = cli_run
+    if not (run_dir / "model.llpr.npz").exists():
+        assert run(["calibrate", run_dir], capsys)[0] == 0
+    one = tmp_path / "one.extxyz"
+    ase.io.write(one, [emt_labelled(rattled_molecule("CH3OH", 7), "hi")])
+    out = tmp_path / "m.json"
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, _ = run(["evaluate", run_dir, one, "--uncertainty", "--out", out], capsys)
+    assert code == 0 and "NaN" not in out.read_text()
+    report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert report["uncertainty"]["fidelities"]["hi"]["spearman"] is None
+    assert "the uncertainty statistics of hi come from 1 structure(s): they mean little" in caplog.text

@@ -135,6 +135,24 @@ def _interrupted(exc: BaseException) -> bool:
     return False
 
 
+def json_text(payload) -> str:
+    """JSON of `payload` (indented) with every non-finite float as null: json.dumps writes NaN and Infinity, which
+    are no JSON (strict parsers, jq, JavaScript reject the file)."""
+    import json
+    import math
+
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(payload), indent=2, allow_nan=False)
+
+
 def write_text(path, text: str) -> Path:
     """atomic_write of UTF-8 text."""
     return atomic_write(path, lambda f: f.write(text.encode()))

@@ -46,7 +46,6 @@ def register(sub):
 
 
 def run(args) -> int:
-    import json
     from pathlib import Path
 
     import numpy as np
@@ -58,7 +57,7 @@ def run(args) -> int:
     from multifi.data.sources import fidelity_field, read_labelled, report_dropped
     from multifi.data.split import labelled_pairs
     from multifi.errors import MultifiError
-    from multifi.files import atomic_write, encoded_for
+    from multifi.files import atomic_write, encoded_for, json_text
     from multifi.models.registry import load_potential
     from multifi.train.evaluate import evaluate_pairs
 
@@ -115,8 +114,18 @@ def run(args) -> int:
             args.checkpoint, potential, args.ensemble, ds, pairs[scored], args.batch_size
         )
         print(uncertainty_table(payload["uncertainty"]))
+        for name, m in payload["uncertainty"]["fidelities"].items():
+            if m["n"] < MIN_UNCERTAINTY_N:  # a rank correlation of 2 structures is ±1 whatever σ means
+                log.warning(
+                    "%s: the uncertainty statistics of %s come from %d structure(s): they mean little (Spearman of "
+                    "2 structures is ±1); evaluate on at least %d",
+                    ", ".join(args.data),
+                    name,
+                    m["n"],
+                    MIN_UNCERTAINTY_N,
+                )
     if args.out:
-        text = json.dumps(payload, indent=2).encode()
+        text = json_text(payload).encode()
         atomic_write(Path(args.out), lambda f: f.write(encoded_for(Path(args.out), text)))
     if args.plot:
         from multifi.plots import parity_plot
@@ -132,6 +141,8 @@ def run(args) -> int:
     return 0
 
 
+#: structures below which uncertainty statistics (Spearman, miscalibration area) are said to mean little
+MIN_UNCERTAINTY_N = 20
 #: a slope of the force labels on the predictions below this: labels of the opposite sign
 REVERSED_FORCES_SLOPE = -0.3
 

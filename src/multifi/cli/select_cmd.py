@@ -72,6 +72,11 @@ def run(args) -> int:
             raise MultifiError(f"{path}: no such file")
         exclude = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         unknown = sorted(set(exclude) - {str(k) for k in pool.keys})
+        if exclude and len(unknown) == len(set(exclude)):  # another naming (535 for qm9:535): nothing would be left out
+            raise MultifiError(
+                f"{path}: none of its {len(unknown)} keys is a structure of {args.pool} (e.g. {', '.join(unknown[:3])}); "
+                f"the pool's keys look like {', '.join(str(k) for k in pool.keys[:2])}"
+            )
         if unknown:  # a key of another naming (file:index vs id) excludes nothing: say so, not pick them again
             log.warning(
                 "%s: %d of %d keys are no structure of %s (e.g. %s): they exclude nothing",

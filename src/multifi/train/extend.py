@@ -30,7 +30,7 @@ from multifi.data.sources import read_sources, warn_alike_names
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
 from multifi.data.stats import MIN_SCALE_DOF, fit_new_fidelity, shared_estimates_with_error, shortest_contacts
 from multifi.errors import MultifiError, NoFidelityError, unknown_name
-from multifi.files import make_dir
+from multifi.files import json_text, make_dir
 from multifi.keys import COUNT
 from multifi.train.init import FIDELITY_AXIS
 from multifi.train.module import PotentialModule
@@ -765,7 +765,7 @@ def _finish(
         "n_train": _counts(pairs["train"], table),
         **progress,
     }
-    atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
+    atomic_write(run_dir / "metrics.json", lambda f: f.write(json_text(payload).encode()))
     return payload
 
 

@@ -31,7 +31,7 @@ from multifi.data.dataset import ranges
 from multifi.data.split import changed_split
 from multifi.data.stats import MIN_SCALE_DOF, fit_references, shortest_contacts
 from multifi.errors import MultifiError, Terminated
-from multifi.files import atomic_write, make_dir, reported
+from multifi.files import atomic_write, json_text, make_dir, reported
 from multifi.keys import FORCES_MAE, STRESS_MAE, TRAIN_LOSS_EPOCH
 from multifi.logs import is_leader_process, quiet_lightning
 from multifi.train.datamodule import MultiFidelityData
@@ -281,7 +281,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
             **_training_progress(trainer, best),
             "doubtful_units": doubtful,
         }
-        atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
+        atomic_write(run_dir / "metrics.json", lambda f: f.write(json_text(payload).encode()))
         _log_result(payload, run_log)
     return run_dir
 
