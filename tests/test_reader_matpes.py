@@ -217,6 +217,10 @@ def _structure(mutate):
         ),
         (_structure(lambda s: s.pop("lattice")), r"structure lacks a valid lattice or sites"),
         (_structure(lambda s: s["sites"][0].pop("species")), r"site 0: no species/element"),
+        (  # a half-occupied site was read as a whole atom: another structure than the labels'
+            _structure(lambda s: s["sites"][1]["species"][0].update(occu=0.5)),
+            r"record 1 \(matpes_id mfsolid-3\): site 1: partial occupancy 0.5 of Cl is not supported",
+        ),
     ],
 )
 def test_bad_record(tmp_path, bad, match):

@@ -133,6 +133,16 @@ def structure_arrays(st, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
             ) from None
         if len(species) != 1:
             raise MultifiError(f"{where}: site {j}: disordered site ({len(species)} species) is not supported")
+        occupancy = species[0].get("occu", 1.0) if isinstance(species[0], dict) else 1.0
+        try:
+            partial = abs(float(occupancy) - 1.0) > 1e-6
+        except (TypeError, ValueError):
+            partial = True
+        if partial:  # read as a whole atom it would be another structure than the labels'
+            raise MultifiError(
+                f"{where}: site {j}: partial occupancy {occupancy!r} of {element} is not supported (an atomistic "
+                "model needs whole atoms)"
+            )
         if element not in atomic_numbers or atomic_numbers[element] == 0:
             raise MultifiError(f"{where}: site {j}: unknown element {element!r}")
         numbers[j] = atomic_numbers[element]
