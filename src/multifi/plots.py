@@ -59,8 +59,10 @@ def parity_plot(
     predicted: np.ndarray,
     title: str = "",
     estimated: np.ndarray | None = None,
+    relative: bool = False,
 ) -> Path:
-    """One panel per fidelity: predicted against reference energy per atom (eV/atom), with MAE in meV/atom.
+    """One panel per fidelity: predicted against reference energy per atom (eV/atom), with MAE in meV/atom;
+    `relative`: energies given relative to the model's per-element reference energies (axes say so).
 
     fidelity [P] names, reference [P] and predicted [P] eV/atom of the same samples; estimated [P] bool: samples
     with an element whose reference at that fidelity was estimated from other fidelities, drawn apart and left
@@ -86,8 +88,9 @@ def parity_plot(
             ax.legend(fontsize=7, loc="upper left")
             head += f"\nestimated references: n = {int(apart.sum())}, MAE {_mae_mev(ref, pred, apart):.1f} meV/atom"
         ax.set_title(head, fontsize=9)
-        ax.set_xlabel("reference energy (eV/atom)")
-        ax.set_ylabel("predicted energy (eV/atom)")
+        what = "energy − per-element references" if relative else "energy"
+        ax.set_xlabel(f"reference {what} (eV/atom)")
+        ax.set_ylabel(f"predicted {what} (eV/atom)")
     for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     if title:

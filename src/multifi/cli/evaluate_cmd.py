@@ -133,12 +133,39 @@ def run(args) -> int:
 
         shown = pairs[scored]
         n_atoms = ds.n_atoms[shown[:, 0]]
-        reference = ds.energy[shown[:, 0], shown[:, 1]] / n_atoms
+        base = reference_energies(potential, ds, shown)  # total energies span eV/atom: show what the model learns
+        reference = (ds.energy[shown[:, 0], shown[:, 1]] - base) / n_atoms
         names = np.array(ds.fidelities.names, dtype=object)[shown[:, 1]]
         estimated = pairs_with_estimated_references(potential, ds, shown)
-        parity_plot(Path(args.plot), names, reference, predicted[scored] / n_atoms, str(args.checkpoint), estimated)
+        parity_plot(
+            Path(args.plot),
+            names,
+            reference,
+            (predicted[scored] - base) / n_atoms,
+            str(args.checkpoint),
+            estimated,
+            relative=True,
+        )
         print(f"wrote {args.plot}")
     return 0
+
+
+def reference_energies(potential, dataset, pairs):
+    """[P] eV: Σ over each pair's atoms of the model's per-element reference energy at the pair's fidelity (by
+    name; a fidelity-blind model's shared one)."""
+    import numpy as np
+
+    from multifi.data.dataset import ranges
+    from multifi.train.evaluate import model_fidelities
+
+    ref = potential.head.ref.detach().cpu().double().numpy()  # [119, K]
+    column = np.zeros(len(pairs), np.int64)
+    if not potential.head.shared_baseline:
+        column = model_fidelities(potential, dataset, pairs)[pairs[:, 1]]
+    n = dataset.n_atoms[pairs[:, 0]]
+    atoms = ranges(dataset.offsets[pairs[:, 0]], n)
+    per_atom = ref[np.asarray(dataset.numbers)[atoms], np.repeat(column, n)]
+    return np.add.reduceat(per_atom, np.concatenate([[0], np.cumsum(n)[:-1]])) if len(n) else np.zeros(0)
 
 
 #: structures below which uncertainty statistics (Spearman, miscalibration area) are said to mean little
