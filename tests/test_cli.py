@@ -861,22 +861,60 @@ def test_data_convert_to_extxyz_round_trips_every_label(tmp_path, capsys, name):
     np.testing.assert_array_equal(a.positions, b.positions)
 
 
-def test_parity_plot_energies_are_relative_to_the_models_element_references(cli_run, tiny_extxyz):
+def test_parity_plot_energies_are_relative_to_the_models_element_references(
+    cli_run, tiny_extxyz, tmp_path, monkeypatch
+):
     """The parity plot showed total energies per atom (hundreds of eV/atom for DFT data: a perfect line whatever
-    the error); it shows them less the model's per-element references, as the model learns them."""
-    from multifi.cli.evaluate_cmd import reference_energies
+    the error); evaluate --plot now draws them less the model's per-element reference energies."""
+    import multifi.plots
     from multifi.data.readers.ase_files import read_ase
-    from multifi.data.split import labelled_pairs
     from multifi.models.registry import load_potential
+    from multifi.predict import predict_atoms
 
     _, run_dir = cli_run
+    drawn = {}
+    monkeypatch.setattr(
+        multifi.plots,
+        "parity_plot",
+        lambda path, names, ref, pred, *a, **k: drawn.update(names=names, ref=ref, pred=pred, **k),
+    )
+    assert (
+        main(["evaluate", str(run_dir), str(tiny_extxyz), "--fidelity", "hi", "--plot", str(tmp_path / "p.png")]) == 0
+    )
+    assert drawn["relative"] is True
     pot = load_potential(run_dir / "model.pt")
     ds = read_ase(tiny_extxyz)
-    pairs = labelled_pairs(ds, np.arange(len(ds)))
-    base = reference_energies(pot, ds, pairs)
-    ref = pot.head.ref.double().numpy()
-    for (s, k), b in zip(pairs[:7], base[:7]):
-        col = pot.fidelities.index(ds.fidelities.names[k])
-        assert b == pytest.approx(ref[ds.numbers[ds.offsets[s] : ds.offsets[s + 1]], col].sum(), abs=1e-9)
-    relative = (ds.energy[pairs[:, 0], pairs[:, 1]] - base) / ds.n_atoms[pairs[:, 0]]
-    assert np.abs(relative).mean() < np.abs(ds.energy[pairs[:, 0], pairs[:, 1]] / ds.n_atoms[pairs[:, 0]]).mean()
+    k = ds.fidelities.index("hi")
+    s = np.flatnonzero(ds.energy_mask[:, k])
+    col = pot.fidelities.index("hi")
+    ref = pot.head.ref.double().numpy()[:, col]
+    base = np.array([ref[ds.numbers[ds.offsets[i] : ds.offsets[i + 1]]].sum() for i in s])
+    n = ds.n_atoms[s]
+    np.testing.assert_allclose(drawn["ref"], (ds.energy[s, k] - base) / n, atol=1e-9)
+    predicted, _, _ = predict_atoms(pot, [ds.to_atoms(int(i)) for i in s], "hi")
+    np.testing.assert_allclose(drawn["pred"], (np.asarray(predicted) - base) / n, atol=1e-5)
+
+
+def test_data_convert_to_extxyz_refuses_keys_ase_reads_as_numbers(tmp_path, capsys):
+    """Keys 000123 or T came back from extxyz as 123 and True (two keys 1 and 01 became one structure with
+    conflicting labels): an error naming the key, before anything is written."""
+    from ase.build import molecule
+    from conftest import emt_labelled
+
+    from multifi.data.dataset import FidelityDataset
+
+    frames = []
+    for key in ("a1", "000123"):
+        m = emt_labelled(molecule("H2O"), "lo")
+        m.info["key"] = key
+        frames.append(m)
+    npz = tmp_path / "d.npz"
+    FidelityDataset.from_records(
+        [
+            {"numbers": a.numbers, "positions": a.positions, "key": a.info["key"], "labels": {"lo": {"energy": 1.0}}}
+            for a in frames
+        ]
+    ).save(npz)
+    out = tmp_path / "d.extxyz"
+    fails(["data", "convert", npz, "--out", out], capsys, "key '000123' would be read back from extxyz as 123")
+    assert not out.exists()

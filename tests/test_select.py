@@ -160,8 +160,18 @@ def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
         assert run([*args, "--strategy", "random", "--out", out, "--force"], capsys)[0] == 0
     assert "done.txt: 1 of 2 keys are no structure of" in caplog.text and "pool.extxyz:5" in caplog.text
     assert "no dataset.npz beside the model" not in caplog.text
-    (tmp_path / "done.txt").write_text("0\n5\n")  # none a key of the pool: nothing would be excluded, an error
-    fails([*args, "--strategy", "random", "--out", out, "--force"], capsys, "done.txt: none of its 2 keys", "c0, c1")
+    (tmp_path / "done.txt").write_text("x0\nx5\n")  # a list of other rounds' keys: nothing excluded, said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run([*args, "--strategy", "random", "--out", out, "--force"], capsys)[0] == 0
+    assert "done.txt: 2 of 2 keys are no structure of" in caplog.text
+    mols2 = [a.copy() for a in mols]
+    for i, a in enumerate(mols2):
+        a.info["key"] = f"pool:{i}"
+    ase.io.write(tmp_path / "pool2.extxyz", mols2, format="extxyz")
+    (tmp_path / "done.txt").write_text("0\n5\n")  # the ends of the pool's keys (535 for qm9:535): an error
+    args2 = [*args[:2], tmp_path / "pool2.extxyz", *args[3:]]
+    fails([*args2, "--strategy", "random", "--out", out, "--force"], capsys, "done.txt: none of its 2 keys", "pool:0")
     (tmp_path / "done.txt").write_text("c0\nc5\n")
     import shutil
 
@@ -458,3 +468,30 @@ def test_translated_crystals_are_one_structure_for_selection():
     np.testing.assert_array_equal(first_copies(pool), [0, 1, 2, 1])
     known = FidelityDataset.from_records(records[1:2])
     np.testing.assert_array_equal(copies_of(known, pool), [False, True, False, True])
+
+
+def test_orderings_on_one_template_are_different_structures_and_near_copies_do_not_chain():
+    """Sorted distances without elements took ortho- for para-difluorobenzene (same benzene template, F–F 2.5 vs
+    5.0 Å) as one structure; and near-copies each within the tolerance of the next (H2 frames 3e-5 Å apart) made a
+    whole trajectory one structure. Each structure is now a copy only of a first it matches itself."""
+    from ase.build import molecule
+
+    from multifi.select import first_copies
+
+    benzene = molecule("C6H6")
+    hydrogens = [i for i, z in enumerate(benzene.numbers) if z == 1]
+    ortho, para = benzene.copy(), benzene.copy()
+    ortho.numbers[hydrogens[0]] = ortho.numbers[hydrogens[1]] = 9
+    para.numbers[hydrogens[0]] = para.numbers[hydrogens[3]] = 9
+    rotated = para.copy()
+    rotated.rotate(40, "z")
+    frames = [ortho, para, rotated]
+    bonds = 0.70 + 3e-5 * np.arange(300)  # H2 from 0.70 to 0.709 Å
+    frames += [ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, b]]) for b in bonds]
+    records = [{"numbers": a.numbers, "positions": a.positions, "key": f"s{i}"} for i, a in enumerate(frames)]
+    first = first_copies(FidelityDataset.from_records(records))
+    assert first[:3].tolist() == [0, 1, 1]
+    h2 = first[3:] - 3
+    firsts = np.flatnonzero(h2 == np.arange(len(bonds)))
+    assert 20 < len(firsts) < 60  # about one first per 3e-4 Å of bond length, not one for all
+    assert (np.abs(bonds - bonds[h2]) < 3e-4).all()  # every copy within the tolerance of its own first

@@ -155,51 +155,72 @@ SAME_GEOMETRY_TOL = 3e-4
 
 def same_molecules(pool, known, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
     """[len(pool)] bool: the non-periodic structures of `pool` that are a structure of `known` up to translation,
-    rotation, reflection and atom order (molecule_matches). Periodic structures: False (first_copies and the
-    geometry fingerprints cover them)."""
-    out = np.zeros(len(pool), bool)
-    for i, _ in molecule_matches(pool, known, tol):
-        out[i] = True
-    return out
-
-
-def molecule_matches(pool, known, tol: float = SAME_GEOMETRY_TOL) -> list[tuple[int, int]]:
-    """(i, j) for each non-periodic structure i of `pool` and the structures j of `known` it equals up to
-    translation, rotation, reflection and atom order: the same elements, distances to the centroid (sorted by
-    element and distance) within `tol` Å, then all interatomic distances (sorted) within `tol` (conformers that
-    turn about an axis keep their centroid distances)."""
-    out = []
-    groups: dict[bytes, list] = {}
+    rotation, reflection and atom order (MoleculeTable). Periodic structures: False (copies_of covers them)."""
+    table = MoleculeTable(known, tol)
     for s in np.flatnonzero(~known.pbc.any(1)).tolist():
-        key, profile = _centroid_profile(known, s)
-        groups.setdefault(key, []).append((float(np.sqrt(np.mean(profile**2))), profile, s))
-    table = {}
-    for key, rows in groups.items():
-        rows.sort(key=lambda r: r[0])
-        table[key] = (np.array([r[0] for r in rows]), np.stack([r[1] for r in rows]), [r[2] for r in rows])
+        table.add(s)
+    out = np.zeros(len(pool), bool)
     for s in np.flatnonzero(~pool.pbc.any(1)).tolist():
-        key, profile = _centroid_profile(pool, s)
-        if key not in table:
-            continue
-        rgs, profiles, members = table[key]
-        rg = float(np.sqrt(np.mean(profile**2)))
-        lo, hi = np.searchsorted(rgs, [rg - tol, rg + tol])  # the window of radii of gyration within tol
-        close = lo + np.flatnonzero(np.abs(profiles[lo:hi] - profile).max(1) < tol)
-        if len(close):
-            mine = _pair_distances(pool, s)
-            out += [
-                (s, members[c])
-                for c in close
-                if np.abs(_pair_distances(known, members[c]) - mine).max(initial=0.0) < tol
-            ]
+        out[s] = table.find(pool, s) is not None
     return out
+
+
+class MoleculeTable:
+    """Molecules of a dataset to find copies of, up to translation, rotation, reflection and atom order: the same
+    elements, distances to the centroid (sorted by element and distance) within `tol` Å, then the interatomic
+    distances of each pair of elements (sorted) within `tol` (conformers that turn about an axis keep their
+    centroid distances; orderings of the same elements on one template keep the distances without elements)."""
+
+    def __init__(self, ds, tol: float):
+        self.ds, self.tol = ds, tol
+        self.groups: dict[bytes, tuple[list, list, list]] = {}  # composition → (radii of gyration, profiles, ids)
+        self._distances: dict[int, np.ndarray] = {}
+
+    def add(self, s: int) -> None:
+        import bisect
+
+        key, profile = _centroid_profile(self.ds, s)
+        rgs, profiles, ids = self.groups.setdefault(key, ([], [], []))
+        at = bisect.bisect(rgs, _radius(profile))
+        rgs.insert(at, _radius(profile))
+        profiles.insert(at, profile)
+        ids.insert(at, s)
+
+    def find(self, other, s: int) -> int | None:
+        """The first (lowest id) molecule of the table that structure s of `other` is a copy of, or None."""
+        import bisect
+
+        key, profile = _centroid_profile(other, s)
+        if key not in self.groups:
+            return None
+        rgs, profiles, ids = self.groups[key]
+        rg = _radius(profile)
+        lo, hi = bisect.bisect_left(rgs, rg - self.tol), bisect.bisect_right(rgs, rg + self.tol)
+        close = sorted(ids[c] for c in range(lo, hi) if np.abs(profiles[c] - profile).max() < self.tol)
+        if not close:
+            return None
+        mine = _pair_distances(other, s)
+        for t in close:
+            if t not in self._distances:
+                self._distances[t] = _pair_distances(self.ds, t)
+            if np.abs(self._distances[t] - mine).max(initial=0.0) < self.tol:
+                return t
+        return None
+
+
+def _radius(profile: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(profile**2)))
 
 
 def _pair_distances(ds, s: int) -> np.ndarray:
-    """Sorted interatomic distances [N(N-1)/2] Å of structure s."""
-    pos = np.asarray(ds.positions[ds.atoms_slice(s)], dtype=np.float64)
+    """Interatomic distances [N(N-1)/2] Å of structure s, grouped by the pair of elements, sorted within each."""
+    sl = ds.atoms_slice(s)
+    pos = np.asarray(ds.positions[sl], dtype=np.float64)
+    z = np.asarray(ds.numbers[sl], dtype=np.int64)
     i, j = np.triu_indices(len(pos), 1)
-    return np.sort(np.linalg.norm(pos[i] - pos[j], axis=1))
+    d = np.linalg.norm(pos[i] - pos[j], axis=1)
+    pair = np.minimum(z[i], z[j]) * 256 + np.maximum(z[i], z[j])
+    return d[np.lexsort((d, pair))]
 
 
 def _centroid_profile(ds, s: int) -> tuple[bytes, np.ndarray]:
@@ -232,43 +253,56 @@ def labelled_mask(pool, fidelity: str, exclude=(), first: np.ndarray | None = No
 
 
 def copies_of(known, pool, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
-    """[len(pool)] bool: pool structures that are a structure of `known` (first_copies' sense: within `tol` Å up to
-    a translation, molecules also up to rotation, reflection and atom order)."""
-    from multifi.data.same_geometry import first_of_same_geometry
+    """[len(pool)] bool: pool structures that are a structure of `known` themselves (within `tol` Å up to a
+    translation, periodic ones modulo their lattice; molecules also up to rotation, reflection and atom order)."""
+    from multifi.data.same_geometry import same_geometry_pairs
 
-    first = first_of_same_geometry(
-        np.concatenate([np.asarray(known.numbers), np.asarray(pool.numbers)]),
-        np.concatenate([np.asarray(known.positions), np.asarray(pool.positions)]),
-        np.concatenate([known.offsets, np.asarray(pool.offsets[1:]) + known.offsets[-1]]),
-        np.concatenate([np.asarray(known.cells), np.asarray(pool.cells)]),
-        np.concatenate([np.asarray(known.pbc), np.asarray(pool.pbc)]),
-        tol,
-        shift=True,
+    periodic_known = np.flatnonzero(known.pbc.any(1))
+    periodic_pool = np.flatnonzero(pool.pbc.any(1))
+    out = same_molecules(pool, known, tol)
+    if len(periodic_known) and len(periodic_pool):
+        both = _joined(known.subset(periodic_known), pool.subset(periodic_pool))
+        a, b = same_geometry_pairs(*both, tol, shift=True)
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        cross = (lo < len(periodic_known)) & (hi >= len(periodic_known))  # a known structure and a pool one
+        out[periodic_pool[hi[cross] - len(periodic_known)]] = True
+    return out
+
+
+def _joined(a, b) -> tuple:
+    """numbers, positions, offsets, cells, pbc of two datasets one after the other."""
+    return (
+        np.concatenate([np.asarray(a.numbers), np.asarray(b.numbers)]),
+        np.concatenate([np.asarray(a.positions), np.asarray(b.positions)]),
+        np.concatenate([a.offsets, np.asarray(b.offsets[1:]) + a.offsets[-1]]),
+        np.concatenate([np.asarray(a.cells), np.asarray(b.cells)]),
+        np.concatenate([np.asarray(a.pbc), np.asarray(b.pbc)]),
     )
-    return (first[len(known) :] < len(known)) | same_molecules(pool, known, tol)
 
 
 def first_copies(pool, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
-    """[S] for each pool structure the first one (lowest index) that is the same structure: the same geometry
-    within `tol` Å up to a translation (any structure, periodic ones modulo their lattice), or for molecules up to
-    rotation, reflection and atom order as well (same_molecules). Picking both of two such copies would buy one
-    calculation twice."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
+    """[S] for each pool structure the first one (lowest index, itself a first) that it is a copy of: the same
+    geometry within `tol` Å up to a translation (periodic structures, modulo their lattice), molecules also up to
+    rotation, reflection and atom order (MoleculeTable); itself when none. Picking two copies buys one calculation
+    twice. No chains: near-copies each within `tol` of the next stay apart beyond it."""
     from multifi.data.same_geometry import first_of_same_geometry
 
-    S = len(pool)
-    first = first_of_same_geometry(pool.numbers, pool.positions, pool.offsets, pool.cells, pool.pbc, tol, shift=True)
-    a, b = first.tolist(), list(range(S))
-    for i, j in molecule_matches(pool, pool, tol):
-        if i != j:
-            a.append(i)
-            b.append(j)
-    _, label = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(S, S)), directed=False)
-    lowest = np.full(label.max() + 1, S, dtype=np.int64)
-    np.minimum.at(lowest, label, np.arange(S))
-    return lowest[label]
+    first = np.arange(len(pool), dtype=np.int64)
+    periodic = np.flatnonzero(pool.pbc.any(1))
+    if len(periodic) > 1:
+        crystals = pool.subset(periodic)
+        got = first_of_same_geometry(
+            crystals.numbers, crystals.positions, crystals.offsets, crystals.cells, crystals.pbc, tol, shift=True
+        )
+        first[periodic] = periodic[got]
+    table = MoleculeTable(pool, tol)
+    for s in np.flatnonzero(~pool.pbc.any(1)).tolist():  # in order: a copy of an earlier first, or a first
+        t = table.find(pool, s)
+        if t is None:
+            table.add(s)
+        else:
+            first[s] = t
+    return first
 
 
 def greedy_variance(f: np.ndarray, cov: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -189,30 +189,53 @@ def run_convert(args) -> int:
 
 
 def write_labelled_extxyz(ds, path) -> int:
-    """The dataset as extxyz: one frame per (structure, fidelity) label (energy eV, forces eV/Å, stress eV/Å³ in
-    ASE's sign, as a SinglePointCalculator) with info['key'] and info['fidelity'], which multifi reads back as the
-    same structures and labels; a structure without labels as one bare frame. Returns the frames written."""
+    """The dataset as extxyz, written as it goes (gzip-compressed for .gz): one frame per (structure, fidelity)
+    label (energy eV, forces eV/Å, stress eV/Å³ in ASE's sign, as a SinglePointCalculator) with info['key'] and
+    info['fidelity'], which multifi reads back as the same structures and labels; a structure without labels as
+    one bare frame (a pool's structure: select and predict read it, training refuses unlabelled frames). A key
+    that ASE would read back as another value (000123 → 123, T → True) is an error before anything is written.
+    Returns the frames written."""
+    import gzip
     import io
 
     import ase.io
     import numpy as np
     from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io.extxyz import key_val_str_to_dict
 
-    from multifi.files import atomic_write, encoded_for
+    from multifi.errors import MultifiError
+    from multifi.files import atomic_write
     from multifi.predict import label_results
 
-    text, frames = io.StringIO(), 0
+    for key in ds.keys.tolist():
+        back = key_val_str_to_dict(f"key={key}" if " " not in key else f'key="{key}"').get("key")
+        if str(back) != key:
+            raise MultifiError(
+                f"{path}: key {key!r} would be read back from extxyz as {back} (ASE reads numbers and T/F as "
+                "values): write a saved dataset (.npz) instead, or give such structures keys with letters"
+            )
     labels = ds.energy_mask | ds.has_forces() | ds.has_stress()
-    for i in range(len(ds)):
-        for k in np.flatnonzero(labels[i]).tolist() or [None]:
-            atoms = ds.to_atoms(i)
-            if k is not None:
-                results = label_results(ds, i, k)
-                if np.isnan(results["energy"]):  # forces (or stress) without an energy
-                    del results["energy"]
-                atoms.calc = SinglePointCalculator(atoms, **results)
-                atoms.info["fidelity"] = ds.fidelities.names[k]
-            ase.io.write(text, atoms, format="extxyz")
-            frames += 1
-    atomic_write(path, lambda f: f.write(encoded_for(path, text.getvalue().encode())))
+    frames = 0
+
+    def write(f) -> None:
+        nonlocal frames
+        stream = gzip.GzipFile(fileobj=f, mode="wb", mtime=0) if path.name.lower().endswith(".gz") else f
+        text = io.TextIOWrapper(stream, encoding="utf-8")
+        for i in range(len(ds)):
+            for k in np.flatnonzero(labels[i]).tolist() or [None]:
+                atoms = ds.to_atoms(i)
+                if k is not None:
+                    results = label_results(ds, i, k)
+                    if np.isnan(results["energy"]):  # forces (or stress) without an energy
+                        del results["energy"]
+                    atoms.calc = SinglePointCalculator(atoms, **results)
+                    atoms.info["fidelity"] = ds.fidelities.names[k]
+                ase.io.write(text, atoms, format="extxyz")
+                frames += 1
+        text.flush()
+        text.detach()
+        if stream is not f:
+            stream.close()
+
+    atomic_write(path, write)
     return frames

@@ -72,10 +72,11 @@ def run(args) -> int:
             raise MultifiError(f"{path}: no such file")
         exclude = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         unknown = sorted(set(exclude) - {str(k) for k in pool.keys})
-        if exclude and len(unknown) == len(set(exclude)):  # another naming (535 for qm9:535): nothing would be left out
+        named = {str(k).rsplit(":", 1)[-1] for k in pool.keys.tolist()}  # qm9:535 → 535
+        if exclude and len(unknown) == len(set(exclude)) and set(unknown) <= named:  # 535 for qm9:535
             raise MultifiError(
-                f"{path}: none of its {len(unknown)} keys is a structure of {args.pool} (e.g. {', '.join(unknown[:3])}); "
-                f"the pool's keys look like {', '.join(str(k) for k in pool.keys[:2])}"
+                f"{path}: none of its {len(unknown)} keys is a structure of {args.pool} (e.g. {', '.join(unknown[:3])}), "
+                f"but they are the ends of the pool's keys, which look like {', '.join(str(k) for k in pool.keys[:2])}"
             )
         if unknown:  # a key of another naming (file:index vs id) excludes nothing: say so, not pick them again
             log.warning(

@@ -29,14 +29,23 @@ def first_of_same_geometry(
     numbers, positions, offsets, cells, pbc, tol: float, chunk: int = 1 << 20, shift: bool = False
 ) -> np.ndarray:
     """[S] int64: for each structure the index of the first structure (lowest index) of the same geometry
-    within `tol` Å, itself when none comes earlier. numbers [A], positions [A, 3] Å, offsets [S+1], cells
-    [S, 3, 3] Å, pbc [S, 3]; per-atom arrays are read in chunks of `chunk` atoms (memory-mapped datasets).
-    `shift`: also up to a rigid translation (positions compared relative to each structure's first atom).
-    A periodic structure whose cell spans no volume once completed (check_cell's error elsewhere) matches none."""
+    within `tol` Å that is no copy itself, itself when none comes earlier (first_of_pairs: no chains).
+    numbers [A], positions [A, 3] Å, offsets [S+1], cells [S, 3, 3] Å, pbc [S, 3]; per-atom arrays are read in
+    chunks of `chunk` atoms (memory-mapped datasets). `shift`: also up to a rigid translation (positions
+    compared relative to each structure's first atom). A periodic structure whose cell spans no volume once
+    completed (check_cell's error elsewhere) matches none."""
+    a, b = same_geometry_pairs(numbers, positions, offsets, cells, pbc, tol, chunk, shift)
+    return first_of_pairs(len(offsets) - 1, a, b)
+
+
+def same_geometry_pairs(
+    numbers, positions, offsets, cells, pbc, tol: float, chunk: int = 1 << 20, shift: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (a, b) of structures that are one geometry within `tol` Å (as first_of_same_geometry says)."""
     offsets = np.asarray(offsets, dtype=np.int64)
     S = len(offsets) - 1
     if S < 2:
-        return np.arange(S, dtype=np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     cells = np.asarray(cells, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool)
     inverse, full, usable = _cells(cells, pbc)
@@ -44,7 +53,7 @@ def first_of_same_geometry(
     features, reach = _features(positions, offsets, pbc, inverse, full, shift)
     a, b = _candidate_pairs(exact, features, tol * reach, np.flatnonzero(usable))
     same = _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chunk, shift)
-    return _first_of_groups(S, a[same], b[same])
+    return a[same], b[same]
 
 
 def _cells(cells: np.ndarray, pbc: np.ndarray):
@@ -179,15 +188,19 @@ def _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chu
     return same
 
 
-def _first_of_groups(S: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[S] the lowest index of each connected group of the pairs (a, b)."""
+def first_of_pairs(S: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[S]: each structure's copy of, from pairs (a, b) of structures found alike: in index order, a structure
+    alike an earlier one that is no copy itself is a copy of the first such; else it is its own. No chains: a
+    run of near-copies each within the tolerance of the next (frames 3e-5 Å apart) does not become one structure,
+    every structure is within the tolerance of the one it is a copy of."""
+    first = np.arange(S, dtype=np.int64)
     if not len(a):
-        return np.arange(S, dtype=np.int64)
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(S, S))
-    _, label = connected_components(graph, directed=False)
-    first = np.full(label.max() + 1, S, dtype=np.int64)
-    np.minimum.at(first, label, np.arange(S))
-    return first[label]
+        return first
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    keep = lo != hi
+    lo, hi = lo[keep], hi[keep]
+    order = np.lexsort((lo, hi))  # by the later structure, then the earlier: its first candidate comes first
+    for i, j in zip(lo[order].tolist(), hi[order].tolist()):
+        if first[j] == j and first[i] == i:  # j not yet a copy, i no copy itself (final: all i's pairs came earlier)
+            first[j] = i
+    return first
