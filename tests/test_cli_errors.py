@@ -660,7 +660,7 @@ def test_output_names_compression_key_collisions_and_structure_names(model, tmp_
     import multifi.plots
 
     drawn = []
-    monkeypatch.setattr(multifi.plots, "parity_plot", lambda path, names, ref, pred, *a: drawn.append(len(pred)))
+    monkeypatch.setattr(multifi.plots, "parity_plot", lambda path, names, ref, pred, *a, **k: drawn.append(len(pred)))
     assert run(["evaluate", model, tmp_path / "cu.extxyz", "--plot", tmp_path / "p.png"], capsys)[0] == 0
     assert drawn == [1]  # the parity plot leaves it out too
     ase.io.write(tmp_path / "cu_only.extxyz", [emt_labelled(cu, "lo")])
