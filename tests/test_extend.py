@@ -748,6 +748,8 @@ def test_an_interrupted_extension_resumes_from_its_checkpoint_and_ends_as_an_uni
     assert main(["extend", "--resume", str(out)]) == 0
     assert seen[0] == saved and seen == list(range(saved, 9))
     assert main(["extend", "--resume", str(out)]) == 2 and "the extension finished" in capsys.readouterr().err
+    assert main(["extend", "--resume", str(old_run)]) == 2  # a finished training run is no extension at all
+    assert f"{old_run}: not an extension's run directory" in capsys.readouterr().err
     monkeypatch.setattr(PotentialModule, "training_step", real)
     straight = tmp_path / "straight"
     assert main(["extend", str(old_run / "model.pt"), "--data", data, "--out", str(straight), *common]) == 0

@@ -443,7 +443,7 @@ def test_moved_copies_in_the_pool_are_picked_once_and_rounded_run_structures_not
     out = tmp_path / "picks.txt"
     args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out]
     code, stdout, _ = run([*args, "--n", "20"], capsys)
-    assert code == 0 and "picked 4 of 4 eligible structures" in stdout, stdout
+    assert code == 0 and "picked 4 of 4 eligible structures (9 distinct structures in the pool" in stdout, stdout
     picks = out.read_text().split()
     assert len(picks) == 4 and len({p[-1] for p in picks}) == 4 and not any(p.startswith("run") for p in picks)
 

@@ -133,9 +133,10 @@ def run(args) -> int:
     else:
         atomic_write(out, lambda f: f.write("".join(k + "\n" for k in keys).encode()))
     eligible = int((~labelled_mask(pool, args.fidelity, exclude, copies)).sum())
+    distinct = int((copies == np.arange(len(pool))).sum())  # copies up to translation (or rotation) count once
     in_run = int(in_run_mask.sum())
     print(
-        f"picked {len(keys)} of {eligible} eligible structures ({len(pool)} distinct structures in the pool, the others labelled "
+        f"picked {len(keys)} of {eligible} eligible structures ({distinct} distinct structures in the pool, the others labelled "
         f"at {args.fidelity}, excluded or repeated geometries"
         + (f"; {in_run} labelled at {args.fidelity} in the model's run data" if in_run else "")
         + f") for {args.fidelity} ({args.strategy}) → {args.out}"

@@ -489,7 +489,12 @@ def _check_new_run_dir(run_dir: Path) -> None:
 
 def _unfinished_extension(run_dir: Path) -> bool:
     """An extension's folder (config.yaml with an `extend` section) without its model.pt."""
-    if (run_dir / "model.pt").exists() or not (run_dir / "config.yaml").is_file():
+    return not (run_dir / "model.pt").exists() and _is_extension(run_dir)
+
+
+def _is_extension(run_dir: Path) -> bool:
+    """A run directory whose config.yaml has an `extend` section."""
+    if not (run_dir / "config.yaml").is_file():
         return False
     try:
         raw = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -515,10 +520,10 @@ def _resume_point(run_dir: Path, cfg: RunConfig) -> Path:
     and for data files edited since it started."""
     from multifi.train.run import _resume_checkpoint, check_sources_unchanged
 
+    if not _is_extension(run_dir):
+        raise MultifiError(f"{run_dir}: not an extension's run directory (no config.yaml with an 'extend' section)")
     if (run_dir / "model.pt").exists():
         raise MultifiError(f"{run_dir}: the extension finished (model.pt is written); nothing to resume")
-    if not _unfinished_extension(run_dir):
-        raise MultifiError(f"{run_dir}: not an extension's run directory (no config.yaml with an 'extend' section)")
     ckpt = _resume_checkpoint(run_dir)
     if ckpt is None:
         raise MultifiError(f"{run_dir}: the extension wrote no checkpoint before it stopped; remove it and start again")
