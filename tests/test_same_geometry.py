@@ -87,9 +87,10 @@ def test_files_without_keys_merge_copies_printed_to_another_precision(tmp_path, 
         hi.append(emt_labelled(b, "HI", 1.1))
     ase.io.write(tmp_path / "lo.extxyz", lo)
     ase.io.write(tmp_path / "hi.extxyz", hi)
-    with caplog.at_level(logging.WARNING, logger="multifi"):
+    with caplog.at_level(logging.INFO, logger="multifi"):
         ds = read_sources([str(tmp_path / "lo.extxyz"), str(tmp_path / "hi.extxyz")])
     assert len(ds) == 20 and ds.energy_mask.all(), ds.label_counts()
+    assert "40 frames are 20 structures" in caplog.text  # said, not only counted
     np.testing.assert_allclose(ds.energy[:, 1], 1.1 * ds.energy[:, 0], atol=1e-5)  # EMT at the rounded positions
     assert "repeat the geometry" not in caplog.text
 

@@ -389,7 +389,7 @@ def read_pool(path: str):
 
     from multifi.config import SourceConfig
     from multifi.data.dataset import FidelityDataset
-    from multifi.data.sources import guess_format, read_sources
+    from multifi.data.sources import guess_format, merge_parts, read_sources
 
     p = Path(path)
     if not p.exists():
@@ -410,7 +410,7 @@ def read_pool(path: str):
         records.append(rec)
     if n_labelled:
         log.info("%s: %d of %d frames labelled (they are not picked at their fidelity)", p, n_labelled, len(records))
-    return FidelityDataset.merge([FidelityDataset.from_records(records, source=str(p))])
+    return merge_parts([FidelityDataset.from_records(records, source=str(p))])  # says how many frames merged
 
 
 def _pool_record(atoms, where: str) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 
 from multifi.data.dataset import FidelityDataset
 from multifi.data.fidelity import alike_names
+from multifi.data.same_geometry import MERGE_TOLERANCE
 from multifi.errors import MultifiError
 from multifi.files import reported
 
@@ -219,6 +220,15 @@ def report_repeats(parts, merged) -> None:
     frames have no key) with the same value: merged counts it once (a different value is merge's error)."""
     given = sum(int((p.energy_mask | p.has_forces()).sum()) for p in parts)
     repeated = given - int((merged.energy_mask | merged.has_forces()).sum())
+    frames = sum(len(p) for p in parts)
+    if frames > len(merged) and not repeated:  # labels at several fidelities of one structure, or bare copies
+        log.info(
+            "%d frames are %d structures (frames of one key, or without keys of one geometry within %g Å, are one "
+            "structure with all their labels)",
+            frames,
+            len(merged),
+            MERGE_TOLERANCE,
+        )
     if repeated:
         log.warning(
             "%s: %d repeated labels (the same structure at the same fidelity, by key or, where frames have no key, "
