@@ -243,6 +243,12 @@ def test_only_pulls_in_pretraining_and_report_only_trains_nothing(shared, fake, 
     fake.clear()
     run_experiment(TINY, overrides=tiny(out), report_only=True)
     assert fake == [] and "not run yet" in (out / "README.md").read_text()
+    # a rebuild with settings no finished run had would publish an empty report and another split: refused
+    splits = (out / "splits" / "learning_curve.json").read_text()
+    readme = (out / "README.md").read_text()
+    with pytest.raises(MultifiError, match="was run with these settings .* the rebuilt report would be empty"):
+        run_experiment(TINY, overrides=tiny(out, "split_seed=9"), only=["learning_curve/finetune"], report_only=True)
+    assert (out / "splits" / "learning_curve.json").read_text() == splits and (out / "README.md").read_text() == readme
     parts = r"parts: transfer, learning_curve, ten_methods, embedding_map; or a run id prefix"
     with pytest.raises(MultifiError, match=f"matches no run \\({parts}"):
         run_experiment(TINY, overrides=tiny(out), only=["learning_curves"])
@@ -1009,3 +1015,20 @@ def test_epochs_of_a_run_count_the_epochs_trained(tmp_path):
             {"epoch": epoch, "loops": {"fit_loop": {"epoch_progress": progress}}}, tmp_path / "checkpoints/last.ckpt"
         )
         assert _progress_of(tmp_path) == {"epochs": expected}
+
+
+def test_a_run_stopped_by_sigterm_says_to_rerun_the_spec_not_multifi_train(shared, tmp_path, monkeypatch):
+    """The training's own hint (multifi train --resume RUN) finished a run outside the runner, which then never
+    wrote its clock and result: the runner's hint is its own command."""
+    import multifi.train.run as train_run
+    from multifi.errors import Terminated
+
+    def stopped(cfg, resume=False, **kw):
+        raise Terminated(f"continue with: multifi train --resume {cfg.output_dir}")
+
+    monkeypatch.setattr(train_run, "train", stopped)
+    out = tmp_path / "out"
+    with pytest.raises(
+        Terminated, match=r"learning_curve/single/n10_s0 stopped; continue with: multifi experiment run"
+    ):
+        run_experiment(TINY, overrides=tiny(out), only=["learning_curve/single/n10_s0"])

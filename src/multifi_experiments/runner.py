@@ -63,11 +63,13 @@ def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), r
             f"{spec_path}: a few-shot spec; run it with multifi_experiments.fewshot.run_spec "
             "(`multifi experiment run` does)"
         )
-    parts = plan_parts(ctx)
+    parts = plan_parts(ctx, write=not report_only)  # a report-only rebuild writes no splits of other settings
     plans = [p for pp in parts.values() for p in pp.plans]
     failed: list[str] = []
     if not report_only:
         failed = execute(ctx, select(plans, only))
+    else:
+        _check_report_matches(ctx, parts)
     report.write_report(ctx, parts)
     log.info("report: %s", ctx.paths.output / "README.md")
     if failed:
@@ -76,6 +78,17 @@ def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), r
             f"see {ctx.paths.work}/<run id>/log.txt"
         )
     return ctx.paths.output
+
+
+def _check_report_matches(ctx: Context, parts: dict) -> None:
+    """--report-only whose settings (--set) match none of the finished runs would replace the published report and
+    splits with an empty one: an error instead."""
+    results, stale, _, _ = report.load_results(ctx, parts)
+    if stale and not results:
+        raise MultifiError(
+            f"{ctx.paths.output}: none of the {len(stale)} finished run(s) was run with these settings (e.g. "
+            f"{stale[0]}): the rebuilt report would be empty; drop the --set that differs from the runs"
+        )
 
 
 def load_context(spec_path, overrides=(), only=(), report_only=False, write_cache=True) -> Context:
@@ -342,7 +355,10 @@ def _train_and_record(ctx: Context, plan: RunPlan, work: Path, earlier: dict | N
         log.info("%s: stopped at the cap of %d steps; continuing to %d", plan.id, earlier["cap"], plan.cap)
         _reopen(run_dir)
     with TrainingClock(work / "clock.json") as clock:
-        how = _train(cfg, run_dir)
+        try:
+            how = _train(cfg, run_dir)
+        except KeyboardInterrupt as exc:  # its hint names multifi train; the runner resumes it (clock, result)
+            raise type(exc)(f"{plan.id} stopped; continue with: {_rerun(ctx)}") from None
     result = {
         "id": plan.id,
         "part": plan.part,
@@ -419,6 +435,11 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def _rerun(ctx: Context) -> str:
+    """The command that continues the spec's runs where they stopped (the one given, without --report-only)."""
+    return ctx.command.replace(" --report-only", "")
 
 
 def _train(cfg, run_dir: Path) -> str:
