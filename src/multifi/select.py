@@ -157,8 +157,6 @@ def same_molecules(pool, known, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
     """[len(pool)] bool: the non-periodic structures of `pool` that are a structure of `known` up to translation,
     rotation, reflection and atom order (MoleculeTable). Periodic structures: False (copies_of covers them)."""
     table = MoleculeTable(known, tol)
-    for s in np.flatnonzero(~known.pbc.any(1)).tolist():
-        table.add(s)
     out = np.zeros(len(pool), bool)
     for s in np.flatnonzero(~pool.pbc.any(1)).tolist():
         out[s] = table.find(pool, s) is not None
@@ -166,37 +164,40 @@ def same_molecules(pool, known, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
 
 
 class MoleculeTable:
-    """Molecules of a dataset to find copies of, up to translation, rotation, reflection and atom order: the same
-    elements, distances to the centroid (sorted by element and distance) within `tol` Å, then the interatomic
-    distances of each pair of elements (sorted) within `tol` (conformers that turn about an axis keep their
-    centroid distances; orderings of the same elements on one template keep the distances without elements)."""
+    """The molecules of a dataset, to find copies of up to translation, rotation, reflection and atom order: the
+    same elements, distances to the centroid (sorted by element and distance) within `tol` Å, then the
+    interatomic distances of each pair of elements (sorted) within `tol` (conformers that turn about an axis keep
+    their centroid distances; orderings of the same elements on one template keep the distances without elements).
+    Indexed once by composition and radius of gyration: a query looks at the molecules within `tol` of its radius."""
 
     def __init__(self, ds, tol: float):
         self.ds, self.tol = ds, tol
-        self.groups: dict[bytes, tuple[list, list, list]] = {}  # composition → (radii of gyration, profiles, ids)
+        rows: dict[bytes, list] = {}
+        for s in np.flatnonzero(~np.asarray(ds.pbc).any(1)).tolist():
+            key, profile = _centroid_profile(ds, s)
+            rows.setdefault(key, []).append((_radius(profile), s, profile))
+        self.groups = {}
+        for key, group in rows.items():
+            group.sort(key=lambda r: r[0])
+            profiles = np.stack([r[2] for r in group])
+            self.groups[key] = (np.array([r[0] for r in group]), np.array([r[1] for r in group]), profiles)
         self._distances: dict[int, np.ndarray] = {}
 
-    def add(self, s: int) -> None:
-        import bisect
-
-        key, profile = _centroid_profile(self.ds, s)
-        rgs, profiles, ids = self.groups.setdefault(key, ([], [], []))
-        at = bisect.bisect(rgs, _radius(profile))
-        rgs.insert(at, _radius(profile))
-        profiles.insert(at, profile)
-        ids.insert(at, s)
-
-    def find(self, other, s: int) -> int | None:
-        """The first (lowest id) molecule of the table that structure s of `other` is a copy of, or None."""
-        import bisect
-
+    def find(self, other, s: int, allowed: np.ndarray | None = None, below: int | None = None) -> int | None:
+        """The lowest id of the table's molecules that structure s of `other` is a copy of, among those with
+        allowed[id] (all when None) and id < below (any when None), or None."""
         key, profile = _centroid_profile(other, s)
         if key not in self.groups:
             return None
-        rgs, profiles, ids = self.groups[key]
+        rgs, ids, profiles = self.groups[key]
         rg = _radius(profile)
-        lo, hi = bisect.bisect_left(rgs, rg - self.tol), bisect.bisect_right(rgs, rg + self.tol)
-        close = sorted(ids[c] for c in range(lo, hi) if np.abs(profiles[c] - profile).max() < self.tol)
+        lo, hi = int(np.searchsorted(rgs, rg - self.tol)), int(np.searchsorted(rgs, rg + self.tol, side="right"))
+        near = np.abs(profiles[lo:hi] - profile).max(1) < self.tol
+        if allowed is not None:
+            near &= allowed[ids[lo:hi]]
+        if below is not None:
+            near &= ids[lo:hi] < below
+        close = np.sort(ids[lo:hi][near]).tolist()
         if not close:
             return None
         mine = _pair_distances(other, s)
@@ -296,12 +297,11 @@ def first_copies(pool, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
         )
         first[periodic] = periodic[got]
     table = MoleculeTable(pool, tol)
+    is_first = np.ones(len(pool), bool)
     for s in np.flatnonzero(~pool.pbc.any(1)).tolist():  # in order: a copy of an earlier first, or a first
-        t = table.find(pool, s)
-        if t is None:
-            table.add(s)
-        else:
-            first[s] = t
+        t = table.find(pool, s, allowed=is_first, below=s)
+        if t is not None:
+            first[s], is_first[s] = t, False
     return first
 
 
