@@ -183,3 +183,26 @@ def test_many_identical_copies_pair_with_the_first_only():
     )
     assert time.perf_counter() - start < 20
     np.testing.assert_array_equal(first, np.where(numbers == 1, 0, 1))
+
+
+def test_structures_differing_only_in_atoms_the_single_atom_features_skip_are_compared_with_each_other():
+    """Adsorbate frames on one frozen slab (every feature atom identical): the frames were paired only with the
+    first of them, so copies of the others were never found; and an exact copy of a copy followed nobody."""
+    from ase.build import add_adsorbate, fcc111
+
+    frames, copies = [], []
+    for i in range(3):
+        slab = fcc111("Cu", (2, 2, 3), vacuum=6.0)
+        add_adsorbate(slab, "Cu", 2.0, "fcc")
+        slab.positions[-1] += [0.3 * i, 0.1 * i, 0.05 * i]
+        copy = slab.copy()
+        copy.positions[-1] += 2e-6
+        frames.append(slab)
+        copies.append(copy)
+    first = first_of_same_geometry(*arrays(frames + copies), tol=MERGE_TOLERANCE)
+    np.testing.assert_array_equal(first, [0, 1, 2, 0, 1, 2])
+    crystal_ = crystal(0)
+    rounded = crystal_.copy()
+    rounded.positions = np.round(rounded.positions, 4)
+    first = first_of_same_geometry(*arrays([crystal_, rounded, rounded.copy()]), tol=3e-4)
+    np.testing.assert_array_equal(first, [0, 0, 0])  # the exact copy of the copy is a copy of the first too

@@ -263,10 +263,16 @@ def copies_of(known, pool, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
     out = same_molecules(pool, known, tol)
     if len(periodic_known) and len(periodic_pool):
         both = _joined(known.subset(periodic_known), pool.subset(periodic_pool))
-        a, b = same_geometry_pairs(*both, tol, shift=True)
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
-        cross = (lo < len(periodic_known)) & (hi >= len(periodic_known))  # a known structure and a pool one
-        out[periodic_pool[hi[cross] - len(periodic_known)]] = True
+        a, b, alias = same_geometry_pairs(*both, tol, shift=True)
+        k = len(periodic_known)
+        known_like = np.zeros(k + len(periodic_pool), bool)
+        known_like[:k] = True
+        for x, y in ((a, b), (b, a)):  # a pool structure paired with a known one is one of them
+            direct = ~alias & (x < k)
+            known_like[y[direct]] = True
+        known_like[b[alias]] |= known_like[a[alias]]  # identical to one that is (alias: b is whatever a is)
+        known_like[a[alias]] |= known_like[b[alias]] & (b[alias] < k)
+        out[periodic_pool[known_like[k:]]] = True
     return out
 
 

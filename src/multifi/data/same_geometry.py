@@ -34,26 +34,28 @@ def first_of_same_geometry(
     chunks of `chunk` atoms (memory-mapped datasets). `shift`: also up to a rigid translation (positions
     compared relative to each structure's first atom). A periodic structure whose cell spans no volume once
     completed (check_cell's error elsewhere) matches none."""
-    a, b = same_geometry_pairs(numbers, positions, offsets, cells, pbc, tol, chunk, shift)
-    return first_of_pairs(len(offsets) - 1, a, b)
+    a, b, alias = same_geometry_pairs(numbers, positions, offsets, cells, pbc, tol, chunk, shift)
+    return first_of_pairs(len(offsets) - 1, a, b, alias)
 
 
 def same_geometry_pairs(
     numbers, positions, offsets, cells, pbc, tol: float, chunk: int = 1 << 20, shift: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs (a, b) of structures that are one geometry within `tol` Å (as first_of_same_geometry says)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs (a, b) of structures that are one geometry within `tol` Å (as first_of_same_geometry says), and
+    alias [P]: b is identical to a in every sort feature (a run of identical structures: each paired with the run's
+    first only), so b is whatever a is."""
     offsets = np.asarray(offsets, dtype=np.int64)
     S = len(offsets) - 1
     if S < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
     cells = np.asarray(cells, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool)
     inverse, full, usable = _cells(cells, pbc)
     exact = _element_hash(numbers, offsets, pbc, chunk)
-    features, reach = _features(positions, offsets, pbc, inverse, full, shift)
-    a, b = _candidate_pairs(exact, features, tol * reach, np.flatnonzero(usable))
+    features, reach = _features(positions, offsets, pbc, inverse, full, shift, chunk)
+    a, b, alias = _candidate_pairs(exact, features, tol * reach, np.flatnonzero(usable))
     same = _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chunk, shift)
-    return a[same], b[same]
+    return a[same], b[same], alias[same]
 
 
 def _cells(cells: np.ndarray, pbc: np.ndarray):
@@ -86,9 +88,10 @@ def _element_hash(numbers, offsets, pbc, chunk) -> np.ndarray:
     return exact
 
 
-def _features(positions, offsets, pbc, inverse, full, shift: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """features [S, N_FEATURES] (Å-like) of N_FEATURES atoms spread over each structure, and reach [S, N_FEATURES]:
-    the most a feature moves per Å of tolerance on the positions and on the cell's entries.
+def _features(positions, offsets, pbc, inverse, full, shift: bool = False, chunk: int = 1 << 20):
+    """features [S, 1 + N_FEATURES] (Å-like): the sum over all atoms (_sum_feature), then those of
+    N_FEATURES atoms spread over each structure; reach [S, 1 + N_FEATURES]: the most a feature moves per Å of
+    tolerance on the positions and on the cell's entries.
 
     A feature is a random projection of its atom's position: Cartesian for a structure without periodicity;
     else in fractional coordinates f of the completed cell, L/2π·(cos 2πf, sin 2πf) along periodic directions
@@ -125,33 +128,79 @@ def _features(positions, offsets, pbc, inverse, full, shift: bool = False) -> tu
         column = np.linalg.norm(inverse[periodic], axis=1)  # [P, 3] ‖inv[:, a]‖
         size = np.linalg.norm(frac, axis=2)  # [P, F]
         reach[periodic] = np.sqrt(2) * (length * column).sum(1)[:, None] * (1 + 3 * size)
+    total, total_reach = _sum_feature(positions, offsets, pbc, inverse, full, shift, chunk, w[:, 0])
+    features = np.concatenate([total[:, None], features], axis=1)
+    reach = np.concatenate([total_reach[:, None], reach], axis=1)
     return features, (2.02 if shift else 1.01) * reach + 1e-9  # relative positions: both atoms move
+
+
+def _sum_feature(positions, offsets, pbc, inverse, full, shift, chunk, w) -> tuple[np.ndarray, np.ndarray]:
+    """[S] the feature of every atom (as _features: w [3 kinds, 3 axes]) summed over each structure, and [S] its
+    reach: structures that differ only in atoms the single-atom features skip (adsorbates on one slab) differ here."""
+    n = np.diff(offsets)
+    S = len(n)
+    total, reach = np.zeros(S), np.zeros(S)
+    length = np.linalg.norm(full, axis=2)  # [S, 3]
+    column = np.linalg.norm(inverse, axis=1)  # [S, 3]
+    periodic = pbc.any(1) & (np.abs(full).sum((1, 2)) > 0)
+    first = np.asarray(positions[offsets[:-1]], dtype=np.float64)
+    for lo in range(0, int(offsets[-1]), chunk):
+        hi = min(lo + chunk, int(offsets[-1]))
+        owner = np.searchsorted(offsets, np.arange(lo, hi), "right") - 1
+        x = np.asarray(positions[lo:hi], dtype=np.float64)
+        if shift:
+            x = x - first[owner]
+        term = x @ w[0]
+        atom_reach = np.full(len(x), np.sqrt(3.0))
+        wrapped = np.flatnonzero(periodic[owner])
+        if len(wrapped):
+            o = owner[wrapped]
+            frac = np.einsum("ai,aij->aj", x[wrapped], inverse[o])
+            angle = 2 * np.pi * frac
+            along = pbc[o]
+            scale = length[o]
+            term[wrapped] = np.where(
+                along, scale / (2 * np.pi) * (w[1] * np.cos(angle) + w[2] * np.sin(angle)), scale * frac * w[0]
+            ).sum(1)
+            size = np.linalg.norm(frac, axis=1)
+            atom_reach[wrapped] = np.sqrt(2) * (length[o] * column[o]).sum(1) * (1 + 3 * size)
+        total += np.bincount(owner, weights=term, minlength=S)
+        reach += np.bincount(owner, weights=atom_reach, minlength=S)
+    return total, reach
 
 
 def _candidate_pairs(exact: np.ndarray, features: np.ndarray, window: np.ndarray, usable: np.ndarray):
     """Pairs (a, b) among the `usable` structures, of equal exact hash and every feature within the larger of their
-    windows. Structures with equal hash and features are paired with the first of them only (a thousand copies:
-    a thousand pairs, not half a million); the others are looked for along the order of the first feature."""
-    order = usable[np.lexsort((*features[usable].T[::-1], exact[usable]))]
+    windows. Structures with equal hash and features (the sum over all atoms included: structures differing only
+    in atoms the single-atom features skip differ there) are paired with the first of them only (a thousand copies:
+    a thousand pairs, not half a million; `alias` [P] marks those pairs); the others are looked for along the order
+    of the first single-atom feature, whose window is of the tolerance's scale. Returns (a, b, alias)."""
+    drive = 1 if features.shape[1] > 1 else 0  # a single atom's feature: its window is the tolerance's scale
+    keys = features[usable][:, [*range(drive, features.shape[1]), *range(drive)]]  # driving feature first
+    order = usable[np.lexsort((*keys.T[::-1], exact[usable]))]
     e, f = exact[order], features[order]
     repeat = np.zeros(len(order), bool)
     repeat[1:] = (e[1:] == e[:-1]) & (f[1:] == f[:-1]).all(1)
     head = np.maximum.accumulate(np.where(~repeat, np.arange(len(order)), 0))  # the first of each run of repeats
     pairs_a, pairs_b = [order[head[repeat]]], [order[repeat]]
+    n_alias = int(repeat.sum())
     order = order[~repeat]
-    e, f, win = exact[order], features[order], window[order].max(1)
+    e, f, win = exact[order], features[order], window[order]  # [*, C]: each feature its own window
     i = np.arange(len(order) - 1)  # structures that may still have a partner d places on
     d = 0
     while len(i):
         d += 1
         i = i[i + d < len(order)]
         j = i + d
-        near = (e[j] == e[i]) & (f[j, 0] - f[i, 0] <= win[i])
+        near = (e[j] == e[i]) & (f[j, drive] - f[i, drive] <= win[i, drive])
         i, j = i[near], j[near]  # sorted by the first feature within a hash: the others have no partner further on
-        keep = (np.abs(f[j] - f[i]) <= np.maximum(win[i], win[j])[:, None]).all(1)
+        keep = (np.abs(f[j] - f[i]) <= np.maximum(win[i], win[j])).all(1)
         pairs_a.append(order[i[keep]])
         pairs_b.append(order[j[keep]])
-    return np.concatenate(pairs_a), np.concatenate(pairs_b)
+    a, b = np.concatenate(pairs_a), np.concatenate(pairs_b)
+    alias = np.zeros(len(a), bool)
+    alias[:n_alias] = True
+    return a, b, alias
 
 
 def _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chunk, shift=False) -> np.ndarray:
@@ -188,14 +237,18 @@ def _same(a, b, numbers, positions, offsets, cells, pbc, inverse, full, tol, chu
     return same
 
 
-def first_of_pairs(S: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def first_of_pairs(S: int, a: np.ndarray, b: np.ndarray, alias: np.ndarray | None = None) -> np.ndarray:
     """[S]: each structure's copy of, from pairs (a, b) of structures found alike: in index order, a structure
     alike an earlier one that is no copy itself is a copy of the first such; else it is its own. No chains: a
     run of near-copies each within the tolerance of the next (frames 3e-5 Å apart) does not become one structure,
-    every structure is within the tolerance of the one it is a copy of."""
+    every structure is within the tolerance of the one it is a copy of. `alias` pairs (identical structures: b the
+    same as a) give b a's first."""
     first = np.arange(S, dtype=np.int64)
     if not len(a):
         return first
+    alias = np.zeros(len(a), bool) if alias is None else np.asarray(alias, bool)
+    heads, members = a[alias], b[alias]  # identical to their head: whatever it is, they are
+    a, b = a[~alias], b[~alias]
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     keep = lo != hi
     lo, hi = lo[keep], hi[keep]
@@ -203,4 +256,5 @@ def first_of_pairs(S: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     for i, j in zip(lo[order].tolist(), hi[order].tolist()):
         if first[j] == j and first[i] == i:  # j not yet a copy, i no copy itself (final: all i's pairs came earlier)
             first[j] = i
+    first[members] = first[heads]
     return first
