@@ -170,8 +170,8 @@ class MoleculeTable:
     their centroid distances; orderings of the same elements on one template keep the distances without elements).
     Indexed once by composition and radius of gyration: a query looks at the molecules within `tol` of its radius."""
 
-    def __init__(self, ds, tol: float):
-        self.ds, self.tol = ds, tol
+    def __init__(self, ds, tol: float, cache: bool = False):
+        self.ds, self.tol, self.cache = ds, tol, cache  # cache: keep matched molecules' distances (queried again)
         rows: dict[bytes, list] = {}
         for s in np.flatnonzero(~np.asarray(ds.pbc).any(1)).tolist():
             key, profile = _centroid_profile(ds, s)
@@ -202,9 +202,12 @@ class MoleculeTable:
             return None
         mine = _pair_distances(other, s)
         for t in close:
-            if t not in self._distances:
-                self._distances[t] = _pair_distances(self.ds, t)
-            if np.abs(self._distances[t] - mine).max(initial=0.0) < self.tol:
+            theirs = self._distances.get(t)
+            if theirs is None:
+                theirs = _pair_distances(self.ds, t)
+                if self.cache:
+                    self._distances[t] = theirs
+            if np.abs(theirs - mine).max(initial=0.0) < self.tol:
                 return t
         return None
 
@@ -302,7 +305,7 @@ def first_copies(pool, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
             crystals.numbers, crystals.positions, crystals.offsets, crystals.cells, crystals.pbc, tol, shift=True
         )
         first[periodic] = periodic[got]
-    table = MoleculeTable(pool, tol)
+    table = MoleculeTable(pool, tol, cache=True)  # a first is compared with each of its copies
     is_first = np.ones(len(pool), bool)
     for s in np.flatnonzero(~pool.pbc.any(1)).tolist():  # in order: a copy of an earlier first, or a first
         t = table.find(pool, s, allowed=is_first, below=s)
