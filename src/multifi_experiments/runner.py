@@ -69,7 +69,7 @@ def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), r
     if not report_only:
         failed = execute(ctx, select(plans, only))
     else:
-        _check_report_matches(ctx, parts)
+        check_report_matches(ctx, plans)
     report.write_report(ctx, parts)
     log.info("report: %s", ctx.paths.output / "README.md")
     if failed:
@@ -80,14 +80,21 @@ def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), r
     return ctx.paths.output
 
 
-def _check_report_matches(ctx: Context, parts: dict) -> None:
-    """--report-only whose settings (--set) match none of the finished runs would replace the published report and
-    splits with an empty one: an error instead."""
-    results, stale, _, _ = report.load_results(ctx, parts)
-    if stale and not results:
+def check_report_matches(ctx: Context, plans: list[RunPlan]) -> None:
+    """--report-only whose settings match none of the finished runs (a --set, or a spec edited since) would replace
+    the published report with an empty one: an error instead."""
+    stale = matching = 0
+    for plan in plans:
+        path = result_path(ctx, plan.id)
+        if path.exists():
+            if plan.result_state(json.loads(path.read_text())) == "other":
+                stale += 1
+            else:
+                matching += 1
+    if stale and not matching:
         raise MultifiError(
-            f"{ctx.paths.output}: none of the {len(stale)} finished run(s) was run with these settings (e.g. "
-            f"{stale[0]}): the rebuilt report would be empty; drop the --set that differs from the runs"
+            f"{ctx.paths.output}: none of the {stale} finished run(s) was run with these settings (a --set, or the "
+            "spec edited since): the rebuilt report would be empty; rebuild it with the runs' settings"
         )
 
 

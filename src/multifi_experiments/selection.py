@@ -140,7 +140,8 @@ def run_selection(ctx: Context, only=(), report_only: bool = False) -> Path:
     splits = plan_splits(ctx)
     out = ctx.paths.output
     record = {k: ctx.catalog.split_keys(v) for k, v in splits.items()}  # QM9 indices, or structure keys
-    runner._write_if_changed(out / "splits" / f"{PART}.json", json.dumps(record))
+    if not report_only:  # a report-only rebuild writes no splits of other settings
+        runner._write_if_changed(out / "splits" / f"{PART}.json", json.dumps(record))
     if not report_only:
         runner._ignore_work_dir(ctx)
         data = _Data(ctx, splits)  # pool, validation and test structures with neighbour lists, read when first needed
