@@ -35,6 +35,19 @@ col = GraphCollator(ds, NeighborCache(ds, 5.0, progress=False))
 lf = MultiFidelityLoss()
 rng = np.random.default_rng(0)
 gs = [col(pairs[rng.choice(len(pairs), 32, replace=False)]) for _ in range(13)]
+
+
+def training_step_seconds(g) -> float:
+    """Thread CPU time of one training step on batch g (energy, forces and stress with create_graph, loss,
+    backward): what the probes that run this file (probe_detached_basis.py, denormals.py) compare."""
+    t = time.thread_time()
+    out = pot(g, forces=True, stress=True, create_graph=True)
+    loss, _ = lf(out, g)
+    pot.zero_grad()
+    loss.backward()
+    return time.thread_time() - t
+
+
 acc = collections.defaultdict(float)
 start = {}
 rep = pot.representation
