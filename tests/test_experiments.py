@@ -1032,3 +1032,93 @@ def test_a_run_stopped_by_sigterm_says_to_rerun_the_spec_not_multifi_train(share
         Terminated, match=r"learning_curve/single/n10_s0 stopped; continue with: multifi experiment run"
     ):
         run_experiment(TINY, overrides=tiny(out), only=["learning_curve/single/n10_s0"])
+
+
+def _gone(pid: int) -> bool:
+    """Whether a process has ended (a zombie that no one reaps counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_workers_of_a_killed_runner_stop_instead_of_training_on_orphaned(tmp_path):
+    """SIGKILL of the runner (an out-of-memory kill, a lost session) stops its workers' runs as a time limit
+    would (SIGTERM, which a training handles by stopping at the end of a step), and the workers then exit: an
+    orphaned worker would train for hours holding the run's lock, or wait for work forever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "graceful.py").write_text(
+        "import signal, time\n"
+        "def run():\n"  # a training: SIGTERM ends it at the next step, and it returns
+        "    stop = []\n"
+        "    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))\n"
+        "    while not stop:\n"
+        "        time.sleep(0.05)\n"
+        "    return 'stopped'\n"
+    )
+    script = (
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import graceful\n"
+        "from multifi_experiments.runner import _executor\n"
+        "pool = _executor(2, 2)\n"
+        "pids = {pool.submit(os.getpid).result() for _ in range(4)}\n"  # workers started and initialised
+        "pool.submit(graceful.run)\n"
+        "pool.submit(time.sleep, 300)\n"
+        "time.sleep(3)\n"
+        "print(' '.join(map(str, pool._processes)), flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert len(workers) == 2 and not any(_gone(p) for p in workers)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+        deadline = time.time() + 30
+        while time.time() < deadline and not all(_gone(p) for p in workers):
+            time.sleep(0.2)
+        assert all(_gone(p) for p in workers), f"workers {workers} outlived the killed runner"
+    finally:
+        parent.kill()
+
+
+def test_ctrl_c_stops_the_workers_and_names_the_stopped_runs_and_the_command(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGINT to the runner alone) while runs train in workers: the workers get SIGTERM (their runs
+    stop with the checkpoint kept) and the message names the stopped runs and the command that continues."""
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import Executor, Future
+    from types import SimpleNamespace
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+
+    class Pool(Executor):
+        _processes = {sleeper.pid: None}
+
+        def submit(self, fn, /, *args, **kwargs):
+            return Future()  # never finishes: the runs are training
+
+    def interrupted(futures, return_when):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_mod, "_executor", lambda parallel, runs: Pool())
+    monkeypatch.setattr(runner_mod, "wait", interrupted)
+    plans = [SimpleNamespace(id=f"part/run{k}", needs=[]) for k in range(3)]
+    ctx = SimpleNamespace(spec=SimpleNamespace(parallel=2), command="multifi experiment run spec.yaml --only part")
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            runner_mod._execute(ctx, plans)
+        assert (
+            str(caught.value)
+            == "part/run0, part/run1 stopped; continue with: multifi experiment run spec.yaml --only part"
+        )
+        assert sleeper.wait(30) == -signal.SIGTERM
+    finally:
+        sleeper.kill()

@@ -15,17 +15,19 @@ import sys
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def end_with_parent() -> bool:
-    """Ask the kernel to SIGKILL this process when its parent exits (Linux; a no-op elsewhere, False). A parent
-        that died while the request was made (this process re-parented meanwhile) ends this one now; a parent that is
-    PID 1 (a container's entry point) is a parent like any other. Rank 0 owns the run directory and the
-        checkpoints, so a further rank has nothing to save."""
+def end_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> bool:
+    """Ask the kernel to send `sig` to this process when its parent exits (Linux; a no-op elsewhere, False).
+    A parent that died before the request took effect (this process re-parented meanwhile; `parent`, its PID,
+    when the caller knows it from before this process started working) ends this one now; a parent that is
+    PID 1 (a container's entry point) is a parent like any other. SIGKILL suits a further rank of a training
+    (rank 0 owns the run directory and checkpoints, so it has nothing to save); SIGTERM lets a worker that owns
+    a run stop it as a scheduler's time limit would (checkpoint kept, resumable)."""
     if not sys.platform.startswith("linux"):
         return False
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
             return False
     except (OSError, AttributeError):
         return False

@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import threading
 import time
 import warnings
@@ -35,6 +36,7 @@ from multifi.config import validate_config
 from multifi.data.dataset import atomic_write
 from multifi.errors import MultifiError
 from multifi.logs import quiet_lightning
+from multifi.ranks import end_with_parent
 from multifi_experiments import baselines, report
 from multifi_experiments.catalog import make_catalog
 from multifi_experiments.context import Context, lock_path, process_identity, result_path, work_dir
@@ -237,7 +239,31 @@ class _InProcess(Executor):
 def _executor(parallel: int, runs: int) -> Executor:
     if parallel == 1 or runs <= 1:
         return _InProcess()
-    return ProcessPoolExecutor(parallel, mp_context=get_context("spawn"))
+    # one run per worker: a worker whose runner died stops its run (below), then exits instead of waiting for
+    # work from a queue that a dead runner's other workers keep open
+    return ProcessPoolExecutor(
+        parallel,
+        mp_context=get_context("spawn"),
+        initializer=_worker_started,
+        initargs=(os.getpid(),),
+        max_tasks_per_child=1,
+    )
+
+
+def _worker_started(runner: int) -> None:
+    """A worker stops its run (checkpoint kept) when the runner dies, even by SIGKILL: else it would train on
+    for hours, orphaned, holding the run's lock, and the next runner would skip the run as busy. Workers ignore
+    a Ctrl-C at the terminal; the runner stops them (_stop_workers): one way to stop, and no worker's traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_with_parent(signal.SIGTERM, parent=runner)  # a runner that died while this worker started ends it now
+
+
+def _stop_workers(pool: Executor) -> None:
+    """Ask the workers of a stopped runner to stop their runs as a time limit would (SIGTERM: Lightning ends
+    the step, the checkpoint stays, the next `experiment run` resumes)."""
+    for pid in list(getattr(pool, "_processes", None) or {}):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def _execute(ctx: Context, todo: list[RunPlan]) -> list[str]:
@@ -248,7 +274,9 @@ def _execute(ctx: Context, todo: list[RunPlan]) -> list[str]:
     waiting_for = {p.id for p in todo}
     clock = _Progress(len(todo), ctx.spec.parallel)
     running: dict = {}
-    with _executor(ctx.spec.parallel, len(todo)) as pool:
+    in_flight: set[str] = set()  # ids submitted and not yet reported
+    pool = _executor(ctx.spec.parallel, len(todo))
+    try:
         while pending or running:
             for plan in list(pending):
                 if len(running) >= ctx.spec.parallel:
@@ -257,6 +285,7 @@ def _execute(ctx: Context, todo: list[RunPlan]) -> list[str]:
                     pending.remove(plan)
                 elif not any(d in waiting_for for d in plan.needs):
                     running[pool.submit(run_one, ctx, plan)] = plan
+                    in_flight.add(plan.id)
                     pending.remove(plan)
             if not running:
                 break
@@ -272,6 +301,15 @@ def _execute(ctx: Context, todo: list[RunPlan]) -> list[str]:
                 except Exception as exc:  # one failed run must not stop the others
                     log.error("%s: failed (%s: %s)", plan.id, type(exc).__name__, exc)
                     failed.append(plan.id)
+                in_flight.discard(plan.id)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a run's worker stopped by SIGTERM
+        if isinstance(pool, _InProcess):
+            raise  # the run in this process says which run stopped and how to continue
+        _stop_workers(pool)
+        pool.shutdown(wait=True, cancel_futures=True)
+        stopped = f"{', '.join(sorted(in_flight))} stopped; " if in_flight else ""
+        raise type(exc)(f"{stopped}continue with: {_rerun(ctx)}") from None
+    pool.shutdown(wait=True)
     return failed
 
 
