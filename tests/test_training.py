@@ -307,6 +307,41 @@ def test_resume_without_training_left_is_a_one_line_error_and_changes_nothing(wr
     assert ckpt(train(cfg, resume=True) / "checkpoints/last.ckpt")["global_step"] == 20
 
 
+def test_resume_of_an_early_stopped_run_uses_the_raised_patience_or_says_to_raise_it(write_config, caplog):
+    """A run that stopped early is finished: --resume with more epochs but the same patience is a one-line error
+    naming the patience (it trained an epoch and stopped again before); with a raised patience it trains on with
+    that patience (Lightning restored the checkpoint's, so config.yaml said one patience and the run used another)."""
+    cfg = load_config(
+        write_config(
+            train={"epochs": 3, "batch_size": 8, "progress": False, "threads": 1, "early_stopping_patience": 2}
+        ),
+        [],
+    )
+    run_dir = train(cfg)
+    last = run_dir / "checkpoints/last.ckpt"
+    state = ckpt(last)
+    per_epoch = state["global_step"] // 3
+    key = next(k for k in state["callbacks"] if k.startswith("EarlyStopping"))
+    state["callbacks"][key]["wait_count"] = 2  # as if the last two validations had not improved: stopped early
+    torch.save(state, last)
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "model.pt", "metrics.json")}
+    with caplog.at_level(logging.INFO, logger="multifi"):
+        assert train(cfg.model_copy(deep=True), resume=True) == run_dir
+    assert "stopped early: no improvement in 2 validations" in caplog.text
+    more = cfg.model_copy(deep=True)
+    more.train.epochs = 6
+    with pytest.raises(MultifiError, match=r"stopped early.*raise train.early_stopping_patience") as exc:
+        train(more, resume=True)
+    assert "\n" not in str(exc.value)
+    assert before == {name: (run_dir / name).read_bytes() for name in before}
+    more.train.early_stopping_patience = 10
+    train(more, resume=True)
+    state = ckpt(last)
+    assert state["callbacks"][key]["patience"] == 10
+    assert state["global_step"] == 6 * per_epoch  # the restored patience (2) would have stopped it in epoch 4
+    assert json.loads((run_dir / "metrics.json").read_text())["patience_validations"] == 10
+
+
 def test_train_kill_resume(write_config, tmp_path, monkeypatch, caplog):
     """SIGKILL a training subprocess after its first checkpoint; --resume continues from the saved step."""
     path = write_config(train={"epochs": 6, "batch_size": 2, "progress": False, "threads": 1, "warmup_steps": 0})
@@ -722,11 +757,9 @@ def test_resume_without_a_data_copy_after_a_data_file_was_edited_is_an_error(
 def test_a_run_stopped_early_inside_an_epoch_continues_that_epoch_on_resume(write_config, tmp_path, monkeypatch):
     """Early stopping at a validation inside an epoch (val_every_n_steps), then a resume that trains on (e.g. with
     more patience): the run continues the cut epoch where it stopped, so its weights equal an uninterrupted run's."""
-    from lightning.pytorch.callbacks import EarlyStopping
-
     import multifi.train.run as run_module
 
-    class StopAtStep7(EarlyStopping):  # early stopping whose decision is known: at the validation of step 7
+    class StopAtStep7(run_module.RunEarlyStopping):  # early stopping whose decision is known: at step 7's validation
         def _run_early_stopping_check(self, trainer):
             trainer.should_stop = trainer.should_stop or trainer.global_step == 7
 
@@ -735,11 +768,11 @@ def test_a_run_stopped_early_inside_an_epoch_continues_that_epoch_on_resume(writ
     cut = load_config(
         write_config(name="cut.yaml", train={**train_cfg, "max_steps": 21}, output_dir=str(tmp_path / "cut"))
     )
-    monkeypatch.setattr(run_module, "EarlyStopping", StopAtStep7)
+    monkeypatch.setattr(run_module, "RunEarlyStopping", StopAtStep7)
     train(cut)
     first = ckpt(tmp_path / "cut" / "checkpoints" / "last.ckpt")
     assert first["global_step"] == 7 and first["MultiFidelityData"]["batches_done"] == 2  # 5 steps per epoch
-    monkeypatch.setattr(run_module, "EarlyStopping", EarlyStopping)
+    monkeypatch.undo()
     train(cut, resume=True)
     straight = load_config(
         write_config(name="s.yaml", train={**train_cfg, "max_steps": 21}, output_dir=str(tmp_path / "s"))

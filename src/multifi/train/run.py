@@ -287,10 +287,16 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
 
 
 def _log_result(payload: dict, run_log: RunLog) -> None:
-    """The run's outcome: the model kept (logged) and its test errors per fidelity (train.log only: the command
-    line prints them as a table)."""
+    """The run's outcome: why it ended, the model kept (logged) and its test errors per fidelity (train.log only:
+    the command line prints them as a table)."""
+    why = (
+        f"stopped early ({payload['monitor']} did not improve in {payload['patience_validations']} validations)"
+        if payload["stopped_early"]
+        else "finished"
+    )
     log.info(
-        "finished after %d steps; the model kept is the checkpoint of step %d (%s)",
+        "%s after %d steps; the model kept is the checkpoint of step %d (%s)",
+        why,
         payload["steps"],
         payload["best_step"],
         Path(payload["checkpoint"]).name,
@@ -473,6 +479,21 @@ def _first_line(exc: BaseException) -> str:
     return text.split(". ")[0]
 
 
+class RunEarlyStopping(EarlyStopping):
+    """EarlyStopping whose patience is the configuration's, also on resume (Lightning restores the checkpoint's,
+    so a resume with a raised train.early_stopping_patience stopped at the old one while config.yaml said the new)."""
+
+    @property
+    def state_key(self) -> str:
+        """EarlyStopping's key, so checkpoints written before this class resume with their state."""
+        return "EarlyStopping" + super().state_key.removeprefix(type(self).__qualname__)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
+
+
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that keeps its state when the run directory moved (Lightning drops the best score then,
     so the first validation after the resume would replace best.ckpt whatever its error): paths of the old
@@ -520,7 +541,9 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Train
     if t.patience_validations and has_val:
         # checked after each validation (not at epoch end: a run may stop mid-epoch at max_steps, unvalidated)
         callbacks.append(
-            EarlyStopping(monitor=monitor, patience=t.patience_validations, mode="min", check_on_train_epoch_end=False)
+            RunEarlyStopping(
+                monitor=monitor, patience=t.patience_validations, mode="min", check_on_train_epoch_end=False
+            )
         )
     if t.max_cpu_seconds is not None:
         callbacks.append(CpuBudget(t.max_cpu_seconds))
@@ -694,6 +717,7 @@ def _training_progress(trainer, best: Path) -> dict:
         "steps": int(trainer.global_step),
         "best_step": best_step,
         "stopped_early": bool(stopper is not None and stopper.wait_count >= stopper.patience),
+        "patience_validations": None if stopper is None else int(stopper.patience),
         "monitor": monitor,
         "best_monitored": None if score is None else float(score),
         **({} if budget is None else {"cpu_budget_s": budget.seconds, "cpu_budget_reached": budget.reached}),
@@ -990,19 +1014,35 @@ def check_more_to_train(run_dir: Path, ckpt: Path, cfg: RunConfig) -> bool:
             "a resume can only train on (set train.epochs above it, or start a new run from its weights with "
             f"train.init_from: {_weights_of(run_dir)})"
         )
-    done = epoch >= t.epochs or 0 < t.max_steps <= step
+    waited = _validations_without_improvement(state)
+    stopped_early = waited is not None and t.patience_validations is not None and waited >= t.patience_validations
+    done = epoch >= t.epochs or 0 < t.max_steps <= step or stopped_early
     if not (done and (run_dir / "model.pt").exists() and (run_dir / "metrics.json").exists()):
         return False
     saved = load_config(run_dir / "config.yaml")
     saved.output_dir = cfg.output_dir
     last = max(epoch, int(progress.get("started", epoch)))  # the epoch of the last step, 1-based as the log's
+    how = f"stopped early: no improvement in {waited} validations" if stopped_early else "finished"
     if dump_config(saved) == dump_config(cfg):
-        log.info("%s: finished (%d steps, in epoch %d); nothing to resume, nothing rewritten", run_dir, step, last)
+        log.info("%s: %s (%d steps, in epoch %d); nothing to resume, nothing rewritten", run_dir, how, step, last)
         return True
-    raise MultifiError(
-        f"{run_dir}: finished ({step} steps, in epoch {last}); train.epochs={t.epochs}, "
-        f"train.max_steps={t.max_steps} leave nothing more to train: raise one of them to train on"
+    raise_one = (
+        "raise train.early_stopping_patience (or train.early_stopping_steps) above it"
+        if stopped_early
+        else "raise one of them"
     )
+    raise MultifiError(
+        f"{run_dir}: {how} ({step} steps, in epoch {last}); train.epochs={t.epochs}, train.max_steps={t.max_steps}, "
+        f"patience {t.patience_validations} validations leave nothing more to train: {raise_one} to train on"
+    )
+
+
+def _validations_without_improvement(state: dict) -> int | None:
+    """The early-stopping counter a checkpoint holds (validations since the best one), None without one."""
+    for key, value in (state.get("callbacks") or {}).items():
+        if key.startswith("EarlyStopping") and isinstance(value, dict) and "wait_count" in value:
+            return int(value["wait_count"])
+    return None
 
 
 def _resume_view(cfg: RunConfig) -> dict:
