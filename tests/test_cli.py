@@ -622,6 +622,15 @@ def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog
     ase.io.write(tmp_path / "pool.extxyz", [water, crushed, stretched, alone, lone], format="extxyz")
     flags = outside_training_geometry(pot, read_pool(str(tmp_path / "pool.extxyz")))
     assert flags.tolist() == [False, True, True, True, True]
+    # a pair of known elements that never came within the cutoff in training (Si–Cu in a model of silicon and
+    # of copper): its interaction is not learned at any distance; warned about and flagged, not silent
+    caplog.clear()
+    pot.head.contact[1, 8] = pot.head.contact[8, 1] = 0.0
+    with caplog.at_level("WARNING", logger="multifi"):
+        predict_atoms(pot, [water], "hi")
+    (message,) = [r.getMessage() for r in caplog.records if "came within the cutoff" in r.getMessage()]
+    assert re.search(r"Å apart, and no [HO]–[HO] pair came within the cutoff \(\d", message), message
+    assert outside_training_geometry(pot, read_pool(str(tmp_path / "pool.extxyz")))[0]
 
 
 def test_first_of_each_and_the_shortest_contact_is_named(cli_run, caplog):

@@ -186,13 +186,16 @@ def outside_geometry(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rule by which the model extrapolates in geometry, for atoms `numbers` [N] and edges i → j [E] of
     length d [E] Å (all within the cutoff): (close [E] bool: shorter than CONTACT_FRACTION of the shortest
-    distance of their element pair in training, EnergyHead.contact; far [N] bool: the atom's nearest neighbour
+    distance of their element pair in training, EnergyHead.contact, or of a pair that never came within the
+    cutoff in training (its interaction is not learned at any distance); far [N] bool: the atom's nearest neighbour
     farther than REACH_FACTOR × the farthest any atom of its element had in training, EnergyHead.reach, or none
     within the cutoff; nearest [N] Å, inf without a neighbour). All False for a model that recorded neither."""
     contact, reach = potential.head.contact, potential.head.reach
     numbers, i, j, d = (x.to(contact.device) for x in (numbers, i, j, d.double()))
     limit = contact[numbers[i], numbers[j]]
     close = (limit > 0) & (d < CONTACT_FRACTION * limit)
+    if bool(contact.any()):  # a model that recorded its training contacts: 0 is a pair it never saw
+        close |= limit == 0
     nearest = torch.full((len(numbers),), float("inf"), dtype=torch.float64, device=contact.device)
     if len(d):
         nearest.scatter_reduce_(0, i, d, reduce="amin")
@@ -239,9 +242,14 @@ def check_contacts(
         ai, aj = int(i[e]) - start, int(j[e]) - start
         named = f"structure {s + first}: " if (graph.num_graphs > 1 if several is None else several) else ""
         image = bool(graph.shifts[e].abs().sum() > 0)  # the neighbour lies in another cell
+        why = (
+            f"far closer than any {a}–{b} pair in training ({float(limit[e]):.2f} Å)"
+            if float(limit[e]) > 0
+            else f"and no {a}–{b} pair came within the cutoff ({potential.cutoff:g} Å) in training"
+        )
         log.warning(
-            "%s%satoms %d (%s) and %s%d (%s) (0-based) %.2f Å apart, far closer than any %s–%s pair in training "
-            "(%.2f Å): the model extrapolates there; its energies and forces are unreliable",
+            "%s%satoms %d (%s) and %s%d (%s) (0-based) %.2f Å apart, %s: the model extrapolates there; its energies "
+            "and forces are unreliable",
             f"{where}: " if where else "",
             named,
             ai,
@@ -250,9 +258,7 @@ def check_contacts(
             aj,
             chemical_symbols[int(graph.numbers[j[e]])],
             float(d[e]),
-            a,
-            b,
-            float(limit[e]),
+            why,
         )
         if seen is not None:
             seen.add(("contact", pair))
