@@ -112,6 +112,27 @@ def test_hartree_energies_are_flagged(unit, expect, caplog):
     assert ("look like Hartree" in caplog.text) == bool(expect)
 
 
+@pytest.mark.parametrize("n", [8, 12, 19])
+@pytest.mark.parametrize("unit, expect", [(1.0, []), (HARTREE, ["DFT"])])
+def test_hartree_energies_of_a_few_structures_are_flagged(n, unit, expect, caplog):
+    """A fidelity added from a few labels (multifi extend) is where Hartree labels are most likely: fewer than 20
+    structures are judged too once there are a few more than elements."""
+    ds = FidelityDataset.from_records(_records(n, unit=unit), source="few.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+    ref, scale = fit_baseline(ds, pairs)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_energy_units(ds, pairs, ref, scale) == expect
+    assert ("look like Hartree" in caplog.text) == bool(expect)
+    assert (f"from {n} structures" in caplog.text) == bool(expect)
+
+
+def test_too_few_structures_for_their_elements_are_not_judged(caplog):
+    ds = FidelityDataset.from_records(_records(5, unit=HARTREE), source="few.extxyz")  # 4 elements, 5 structures
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+    ref, scale = fit_baseline(ds, pairs)
+    assert check_energy_units(ds, pairs, ref, scale) == []
+
+
 @pytest.mark.parametrize(
     "units, message",
     [

@@ -198,7 +198,9 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
     for k, name in enumerate(dataset.fidelities.names):
         s = pairs[pairs[:, 1] == k, 0]
         s = s[~np.isnan(dataset.energy[s, k])]
-        if len(s) < 20:
+        if len(s) < 20:  # a few labels (a fidelity added by `multifi extend`): the Hartree test where the fit holds
+            if len(s) >= len(np.unique(dataset.numbers[_atoms_of_structures(dataset, s)])) + SMALL_SET_MARGIN:
+                _warn_small_set_in_hartree(dataset, s, k, name, ref, scale, suspicious)
             continue
         if _looks_per_atom(dataset, s, k):
             suspicious.append(name)
@@ -271,6 +273,40 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
                     scale[k],
                 )
     return suspicious
+
+
+#: structures beyond one per element a small set needs before its fitted references and spread are judged
+SMALL_SET_MARGIN = 3
+#: eV per atom; below this spread of per-atom energies around the references, a small set with a tiny hydrogen
+#: reference is taken for Hartree
+SMALL_SET_SPREAD = 5e-3
+
+
+def _atoms_of_structures(dataset: FidelityDataset, s: np.ndarray) -> np.ndarray:
+    """Indices of the atoms of structures `s`."""
+    starts, counts = dataset.offsets[s], dataset.n_atoms[s]
+    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+
+
+def _warn_small_set_in_hartree(
+    dataset: FidelityDataset, s: np.ndarray, k: int, name: str, ref: np.ndarray, scale: np.ndarray, out: list
+) -> None:
+    """The Hartree test for fewer than 20 structures (a few more than elements): a hydrogen reference below 0.7
+    (eV labels give 1-16, Hartree 0.4-0.6) together with a per-atom spread below SMALL_SET_SPREAD (eV labels of
+    distinct structures spread by ≥ 10 meV, Hartree 27× less), since a fit of a few structures can put one
+    reference anywhere."""
+    has_h = bool(_atoms_of(dataset, s, 1).any())
+    if has_h and 0 < abs(ref[1, k]) < 0.7 and scale[k] < SMALL_SET_SPREAD:
+        out.append(name)
+        log.warning(
+            "%s: energies at fidelity %r look like Hartree, not eV (hydrogen reference %.3f, per-atom spread "
+            "%.2f meV, from %d structures); multiply by 27.211386 if so",
+            dataset.source or "data",
+            name,
+            ref[1, k],
+            1000 * scale[k],
+            len(s),
+        )
 
 
 #: eV per atom; the spread of per-atom energies around their element references above which eV is implausible
