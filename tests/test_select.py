@@ -86,6 +86,31 @@ def test_uncertainty_picks_largest_sigma_first(setting):
     np.testing.assert_array_equal(picks, np.argsort(-sigma, kind="stable")[:5])
 
 
+@pytest.mark.parametrize("strategy", ["uncertainty", "batch"])
+def test_a_structure_with_an_estimated_reference_is_picked_first_whatever_its_sigma(setting, strategy, caplog):
+    """An element whose reference at the fidelity is estimated (no training label held it) makes predictions off
+    by up to eV, which the LLPR σ does not see; one label fixes it: the best such structure per element comes first."""
+    import copy
+
+    pot, pool, llpr, f = setting
+    pot = copy.deepcopy(pot)
+    pot.head.fitted[7, pot.fidelity_index("hi")] = False  # N: estimated at hi
+    with_n = np.array(
+        [7 in pool.numbers[pool.offsets[s] : pool.offsets[s] + pool.n_atoms[s]] for s in range(len(pool))]
+    )
+    sigma = llpr.of("hi").sigma(f)
+    sigma[:10] = -1  # labelled at hi
+    assert with_n[10:].sum() >= 2 and not with_n[np.argsort(-sigma, kind="stable")[0]]  # σ alone would start elsewhere
+    with caplog.at_level("INFO", logger="multifi"):
+        picks = select_structures(pot, pool, "hi", 5, strategy, llpr=llpr)
+    candidates_n = np.flatnonzero(with_n & (sigma > -1))
+    assert picks[0] == candidates_n[np.argmax(sigma[candidates_n])]
+    assert with_n[picks].sum() == 1 or strategy == "batch"  # then by σ, which ranks no other N structure this high
+    assert len(set(picks.tolist())) == 5 and "1 structure(s) picked first: they hold N" in caplog.text
+    unchanged = select_structures(setting[0], pool, "hi", 5, strategy, llpr=llpr)  # every reference fitted
+    assert unchanged[0] != picks[0]
+
+
 def test_batch_rule_matches_the_posterior_and_skips_duplicates():
     """Each greedy pick maximises fᵀ(Σ⁻¹ + Σ_picked f fᵀ)⁻¹f; an exact copy of a pick keeps a variance below 1
     (u/(1 + u)), so it is not picked next while other structures are more uncertain than that."""

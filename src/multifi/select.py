@@ -80,12 +80,16 @@ def select_structures(
         raise MultifiError(f"strategy {strategy} needs the model's LLPR calibration (run `multifi calibrate`)")
     if features is None:
         features, _ = dataset_features(potential, pool, np.arange(len(pool)), fidelity, batch_size)
-    if strategy == "uncertainty":
+    if strategy in ("uncertainty", "batch"):
         sigma = llpr.of(fidelity, "select").sigma(features[candidates])
-        order = np.lexsort((rng.permutation(len(candidates)), -sigma))  # ties: seeded order
-        return candidates[order[:n]]
-    if strategy == "batch":
-        return candidates[greedy_variance(features[candidates], llpr.of(fidelity, "select").cov, n, rng)]
+        first = candidates[undetermined_first(potential, pool, fidelity, candidates, sigma)][:n]
+        rest = candidates[~np.isin(candidates, first)]
+        if strategy == "uncertainty":
+            sigma = sigma[~np.isin(candidates, first)]
+            order = np.lexsort((rng.permutation(len(rest)), -sigma))  # ties: seeded order
+            return np.concatenate([first, rest[order[: n - len(first)]]])
+        cov = llpr.of(fidelity, "select").cov
+        return np.concatenate([first, rest[greedy_variance(features[rest], cov, n - len(first), rng)]])
     return farthest_points(mean_hidden(features), candidates, np.flatnonzero(labelled), n, rng, anchors)
 
 
@@ -334,6 +338,48 @@ def greedy_variance(f: np.ndarray, cov: np.ndarray, n: int, rng: np.random.Gener
         var = var - proj**2 / (1.0 + g @ g)
         # Σ' = L (I − g gᵀ / (1 + gᵀg)) Lᵀ: whitened features follow through the square root of that factor
         fs = fs - np.outer(proj, g) * (1.0 - 1.0 / np.sqrt(1.0 + g @ g)) / max(g @ g, 1e-300)
+    return np.asarray(picks, dtype=np.int64)
+
+
+def undetermined_first(potential, pool, fidelity: str, candidates: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Positions in `candidates` to pick before all others, best `score` first: for every element whose reference
+    energy at `fidelity` the training labels leave undetermined (estimated from the other fidelities, or split
+    within a composition seen only in fixed proportions), the highest-scoring candidate that holds it, until each
+    such element is covered. Their energies can be off by eV through the estimate, which the LLPR σ does not
+    see, and one label of each fixes it."""
+    import torch
+
+    k = potential.fidelity_index(fidelity)
+    head = potential.head
+    structure = np.repeat(np.arange(len(pool)), pool.n_atoms)
+    numbers = torch.as_tensor(np.asarray(pool.numbers, dtype=np.int64))
+    column = torch.full((len(pool),), k, dtype=torch.long)
+    determined = head.determined_structures(numbers, torch.as_tensor(structure), column, len(pool)).cpu().numpy()
+    open_z = set(head.open_elements(0 if head.shared_baseline else k))
+    fitted = head.fitted[:, 0 if head.shared_baseline else k].cpu().numpy()
+    todo = np.flatnonzero(~determined[candidates])
+    if not len(todo):
+        return todo
+    order = todo[np.argsort(-score[todo], kind="stable")]
+    covered: set[int] = set()
+    picks = []
+    for c in order.tolist():
+        atoms = slice(pool.offsets[candidates[c]], pool.offsets[candidates[c]] + pool.n_atoms[candidates[c]])
+        elements = {z for z in np.unique(pool.numbers[atoms]).tolist() if not fitted[z] or z in open_z}
+        if elements - covered:
+            picks.append(c)
+            covered |= elements
+    from ase.data import chemical_symbols
+
+    log.info(
+        "%s: %d structure(s) picked first: they hold %s, whose %s reference energies the training labels leave "
+        "undetermined (their predictions can be off by eV, which the LLPR σ does not see; one label of each "
+        "fixes it)",
+        pool.source or "pool",
+        len(picks),
+        ", ".join(chemical_symbols[z] for z in sorted(covered)),
+        fidelity,
+    )
     return np.asarray(picks, dtype=np.int64)
 
 
