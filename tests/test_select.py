@@ -520,3 +520,29 @@ def test_orderings_on_one_template_are_different_structures_and_near_copies_do_n
     firsts = np.flatnonzero(h2 == np.arange(len(bonds)))
     assert 20 < len(firsts) < 60  # about one first per 3e-4 Å of bond length, not one for all
     assert (np.abs(bonds - bonds[h2]) < 3e-4).all()  # every copy within the tolerance of its own first
+
+
+def test_an_md_trajectory_that_keeps_its_starts_key_is_read_as_its_frames(tmp_path, caplog):
+    """ASE's MD copies the start's info['key'] into every frame: unlabelled frames of other geometries under one key
+    are other structures ('<key>#<frame>'), not an error; a frame repeating the start stays the start."""
+    from ase.build import molecule
+    from ase.io import Trajectory
+
+    from multifi.select import read_pool
+
+    start = molecule("CH4")
+    start.info["key"] = "qm9:1"
+    rng = np.random.default_rng(0)
+    with Trajectory(str(tmp_path / "md.traj"), "w") as traj:
+        for i in range(4):
+            frame = start.copy()
+            frame.positions += rng.normal(0, 0.05, frame.positions.shape) if i else 0.0
+            traj.write(frame)
+        traj.write(start)
+    with caplog.at_level("INFO", logger="multifi"):
+        pool = read_pool(str(tmp_path / "md.traj"))
+    assert sorted(pool.keys.tolist()) == ["qm9:1", "qm9:1#1", "qm9:1#2", "qm9:1#3"]
+    assert "3 unlabelled frames repeat another frame's key with another geometry" in caplog.text
+    np.testing.assert_allclose(
+        pool.positions[pool.offsets[1] : pool.offsets[2]], Trajectory(str(tmp_path / "md.traj"))[1].positions
+    )

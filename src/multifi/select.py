@@ -465,7 +465,40 @@ def read_pool(path: str):
         records.append(rec)
     if n_labelled:
         log.info("%s: %d of %d frames labelled (they are not picked at their fidelity)", p, n_labelled, len(records))
+    _key_moved_frames(records, p)
     return merge_parts([FidelityDataset.from_records(records, source=str(p))])  # says how many frames merged
+
+
+def _key_moved_frames(records: list[dict], path) -> None:
+    """Unlabelled frames that repeat another frame's key with another geometry (an MD trajectory started from a
+    dataset structure copies its info['key'] into every frame) are other structures: keyed '<key>#<frame>'.
+    Frames of the same geometry under one key stay one structure (merged), labelled ones keep their key."""
+    from multifi.data.dataset import GEOMETRY_TOLERANCE, FidelityDataset
+    from multifi.data.same_geometry import first_of_same_geometry
+
+    by_key: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        if rec["key"] is not None and not rec["labels"]:
+            by_key.setdefault(rec["key"], []).append(i)
+    moved = 0
+    for key, frames in by_key.items():
+        if len(frames) < 2:
+            continue
+        sub = FidelityDataset.from_records([dict(records[i], key=f"{i}") for i in frames])
+        first = first_of_same_geometry(  # the rule by which frames under one key merge (a rigid shift allowed)
+            sub.numbers, sub.positions, sub.offsets, sub.cells, sub.pbc, GEOMETRY_TOLERANCE, shift=True
+        )
+        for i, f in zip(frames, first.tolist()):
+            if frames[f] != frames[0]:  # another geometry than the key's first frame
+                records[i]["key"] = f"{key}#{frames[f]}"
+                moved += 1
+    if moved:
+        log.info(
+            "%s: %d unlabelled frames repeat another frame's key with another geometry (e.g. an MD trajectory "
+            "keeps its start's info['key']): read as other structures, keyed '<key>#<frame>' (0-based)",
+            path,
+            moved,
+        )
 
 
 def _pool_record(atoms, where: str) -> dict:
