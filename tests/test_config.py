@@ -191,6 +191,10 @@ def test_overrides(tmp_path):
         MultifiError, match=r"^--set train.epohcs=3: unknown key 'train.epohcs'; did you mean 'epochs'\?"
     ):
         load_config(path, ["train.epohcs=3"])
+    with pytest.raises(  # a misspelt section on the way to the key: the override's typo, not the file's
+        MultifiError, match=r"^--set model.fidelty_embedding.inject=input: unknown key 'model.fidelty_embedding'"
+    ):
+        load_config(path, ["model.fidelty_embedding.inject=input"])
     with pytest.raises(MultifiError, match=r"override 'train.epochs' is not of the form key=value"):
         load_config(path, ["train.epochs"])
     with pytest.raises(MultifiError, match=r"train.epochs: "):

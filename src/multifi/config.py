@@ -435,6 +435,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 
 
 _KEY_PATH = re.compile(r"^((?:data|model|loss|train|extend)(?:\.[\w-]+)+): ")
+_UNKNOWN_KEY = re.compile(r"^unknown key '([^']+)'")
 
 
 class Override(str):
@@ -456,10 +457,13 @@ def blame_override(message: str, where: str, overrides) -> str:
     body = message.removeprefix(f"{where}: ")
     match = _KEY_PATH.match(body)
     named = match.group(1) if match else None
+    unknown = _UNKNOWN_KEY.match(body)
     for item in reversed(list(overrides)):  # the last override of a key wins
         key = item.split("=", 1)[0].strip()
         part = named and key.startswith(f"{named}.") and f"'{key[len(named) + 1 :]}'" in body
-        if body.startswith(f"unknown key '{key}'") or part or (named and (key == named or named.startswith(f"{key}."))):
+        # an unknown section on the way to the key (--set model.fidelty_embedding.inject=…) is the override's too
+        typo = unknown is not None and (key == unknown.group(1) or key.startswith(f"{unknown.group(1)}."))
+        if typo or part or (named and (key == named or named.startswith(f"{key}."))):
             return f"{getattr(item, 'shown', f'--set {item}')}: {body}"
     return f"{where}: {body}" if named else message
 
