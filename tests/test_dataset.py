@@ -234,6 +234,29 @@ def test_merge_conflicting_energy_is_an_error():
         FidelityDataset.merge([a, c])
 
 
+def test_coordinates_rounded_to_three_decimals_are_the_same_structure_under_one_key():
+    """A file printing coordinates to 3 decimals and another to full precision give one structure (up to 1.7e-3 Å
+    relative to atom 0); 0.01 Å apart under one key is another structure: an error saying so."""
+    rng = np.random.default_rng(1)
+    pos = rng.uniform(0, 3, (6, 3))
+    pos[0] = [0.0004, 0.0004, 0.0004]  # atom 0 rounds one way, others the other: the worst case relative to it
+    numbers = np.array([6, 1, 1, 1, 8, 1])
+    full = {"numbers": numbers, "positions": pos, "key": "m", "labels": {"A": {"energy": -1.0}}}
+    rounded = {"numbers": numbers, "positions": np.round(pos, 3), "key": "m", "labels": {"B": {"energy": -2.0}}}
+    merged = FidelityDataset.merge(
+        [FidelityDataset.from_records([full], source="a.xyz"), FidelityDataset.from_records([rounded], source="b.xyz")]
+    )
+    assert len(merged) == 1 and not np.isnan(merged.energy[0]).any()
+    moved = dict(rounded, positions=pos + np.r_[[0.0], [0.01] * 5][:, None] * [1, 0, 0])
+    with pytest.raises(MultifiError, match=r"same key 'm', different geometries .* 0.01 Å apart .* other structures"):
+        FidelityDataset.merge(
+            [
+                FidelityDataset.from_records([full], source="a.xyz"),
+                FidelityDataset.from_records([moved], source="b.xyz"),
+            ]
+        )
+
+
 def test_merge_conflicting_forces_is_an_error():
     mols, a, _ = two_sources_sharing_structures()
     c = FidelityDataset.from_records(

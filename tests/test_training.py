@@ -1017,12 +1017,15 @@ def test_labels_given_twice_agree_within_rounding_and_conflict_beyond():
     merged = FidelityDataset.merge([FidelityDataset.from_records([rec(-31.123456)]),
                                     FidelityDataset.from_records([rec(-31.123458)])])  # fmt: skip
     assert len(merged) == 1
+    rounded = FidelityDataset.merge([FidelityDataset.from_records([rec(-31.123456)]),
+                                     FidelityDataset.from_records([rec(-31.123)])])  # fmt: skip
+    assert len(rounded) == 1 and rounded.energy[0, 0] == -31.123  # three decimals: the same label, the last kept
     with pytest.raises(MultifiError, match="conflicting energy labels"):
         FidelityDataset.merge(
             [FidelityDataset.from_records([rec(-31.1234)]), FidelityDataset.from_records([rec(-31.1334)])]
         )
-    chain = [FidelityDataset.from_records([rec(-31.0 + d)]) for d in (0.0, 0.9e-5, 1.8e-5)]  # each step within
-    with pytest.raises(MultifiError, match=r"\(-31.000000 vs -30.999982 eV\)"):  # the first and last are not
+    chain = [FidelityDataset.from_records([rec(-31.0 + d)]) for d in (0.0, 0.9e-3, 1.8e-3)]  # each step within
+    with pytest.raises(MultifiError, match=r"\(-31.000000 vs -30.998200 eV\)"):  # the first and last are not
         FidelityDataset.merge(chain)
 
 

@@ -624,7 +624,9 @@ class _Origins:
         return " and ".join(self(x) for x in shown) + more
 
 
-GEOMETRY_TOLERANCE = 1e-3  # Å: structures merged by key must agree this well (positions modulo the lattice, cell)
+#: Å: structures merged by key must agree this well (positions modulo the lattice, cell); coordinates printed to
+#: 3 decimals move an atom by up to 0.87e-3 Å and, relative to atom 0, by up to 1.7e-3 Å
+GEOMETRY_TOLERANCE = 2e-3
 
 
 def _same_keys_for_copies(cat: FidelityDataset) -> None:
@@ -675,7 +677,8 @@ def _check_same_geometry(cat, out, target, src_atoms, dst_atoms, where: _Origins
         raise MultifiError(
             f"{where.pair(s)}: same key {str(cat.keys[s])!r}, different geometries "
             f"(atom {a - int(cat.offsets[s])} (0-based) {gap[a]:.3g} Å apart once shifted to put atom 0 on atom 0); "
-            "give them different keys"
+            f"more than the {GEOMETRY_TOLERANCE:g} Å that coordinates rounded to 3 decimals stay within: other "
+            "structures (give them different keys)"
         )
 
 
@@ -686,9 +689,9 @@ def _conflict(cat: FidelityDataset, s: int, name: str, what: str, where: _Origin
     )
 
 
-#: eV; labels of one structure and fidelity given twice agree within this (0.01 meV: tables that round the same
-#: energy to 5 or 6 decimals); further apart they conflict
-SAME_ENERGY_EV = 1e-5
+#: eV; labels of one structure and fidelity given twice agree within this (1 meV: tables that round the same
+#: energy to 3 or more decimals); further apart they conflict (the last one given is kept)
+SAME_ENERGY_EV = 1e-3
 
 
 def _fold(out_col, col, target, mask, name, cat, where: _Origins):
