@@ -687,3 +687,37 @@ def test_the_leave_one_out_error_of_an_estimate_is_reported_for_every_fidelity()
     prior, loo = shared_estimates_with_error(ref, fitted)
     assert np.isfinite(loo).all() and (loo > 0).all() and (loo < 5).all(), loo
     assert prior[34, 0] != 0
+
+
+def test_a_fidelity_whose_validation_energies_are_all_left_out_is_warned_about(caplog):
+    """Every validation structure of a fidelity holds an element its training labels lack: its validation energy
+    error is never measured (no curve), said once before training, not only by `multifi plot` afterwards."""
+    from multifi.train.module import PotentialModule
+    from multifi.train.run import warn_unmeasured_energies
+
+    module = PotentialModule({"model": TINY_MODEL, "fidelities": ["lo", "hi"]}, {}, {"ema_decay": 0.0})
+    ref = np.zeros((119, 2))
+    ref[[1, 7, 8], 0] = -1.0
+    ref[[1, 8], 1] = -1.1  # hi has no N reference of its own
+    module.potential.head.set_baseline(ref, np.ones(2), ref != 0)
+    mols = [rattled_molecule("NH3", 0), rattled_molecule("NH3", 1), rattled_molecule("H2O", 2)]
+    recs = [
+        {
+            "numbers": m.numbers,
+            "positions": m.positions,
+            "key": f"m{i}",
+            "labels": {"lo": {"energy": -5.0}, "hi": {"energy": -5.5}},
+        }
+        for i, m in enumerate(mols)
+    ]
+    ds = FidelityDataset.from_records(recs)
+    val = np.array([[0, 0], [0, 1], [1, 1]])  # hi: NH3 only
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        warn_unmeasured_energies(ds, val, module.potential.head)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("hi: none of the 2 validation structures at 'hi' has a reference energy the training")
+    assert "no hi training label contains N" in message and "never measured" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        warn_unmeasured_energies(ds, np.array([[0, 1], [2, 1]]), module.potential.head)  # water at hi: measured
+    assert not caplog.records

@@ -816,6 +816,7 @@ def _check_monitored_energies(cfg: RunConfig, prep, head, config_source: str = "
             f"measured; monitor {FORCES_MAE} or another fidelity, or add "
             f"{cfg.train.monitor} training labels with these elements"
         )
+    warn_unmeasured_energies(prep.dataset, prep.pairs["val"], head, skip=cfg.train.monitor)
 
 
 def unscored_monitored_labels(cfg: RunConfig, ds, val: np.ndarray, head) -> str | None:
@@ -845,7 +846,27 @@ def unmeasured_monitor(cfg: RunConfig, ds, val: np.ndarray, head) -> str | None:
     name, metric = cfg.train.monitor, cfg.train.monitor_metric
     if name is None or metric in (FORCES_MAE, STRESS_MAE):
         return None
-    k = ds.fidelities.index(name, where="train.monitor")
+    return unmeasured_energies(ds, val, head, ds.fidelities.index(name, where="train.monitor"))
+
+
+def warn_unmeasured_energies(ds, val: np.ndarray, head, skip: str | None = None) -> None:
+    """A warning for each fidelity (but `skip`) whose validation energy error is never measured (validation
+    leaves out structures whose reference energy the training labels do not determine, and that is all of them)."""
+    for k, name in enumerate(ds.fidelities.names):
+        if name != skip and (why := unmeasured_energies(ds, val, head, k)):
+            log.warning(
+                "%s: %s: its validation energy error is never measured (no validation energy curve; forces and "
+                "stress are measured)",
+                name,
+                why,
+            )
+
+
+def unmeasured_energies(ds, val: np.ndarray, head, k: int) -> str | None:
+    """Why fidelity k's validation energy error would never be measured (None: it will be, or there is no
+    validation energy label at k): none of the validation structures [P, 2] (structure, fidelity) with an energy
+    at k has a reference energy that the training labels determine (head.determined_structures)."""
+    name = ds.fidelities.names[k]
     rows = val[(val[:, 1] == k) & ~np.isnan(ds.energy[val[:, 0], k]), 0]
     counts = ds.n_atoms[rows]
     atoms = ranges(ds.offsets[rows], counts)
