@@ -452,6 +452,10 @@ def test_split_files_by_key_and_overlap_error(tmp_path, caplog):
         split_from_files({"train": str(tmp_path / "bad.txt")}, ds)
     with pytest.raises(MultifiError, match="missing.txt: no such split file"):
         split_from_files({"train": str(tmp_path / "missing.txt")}, ds)
+    keyed = FidelityDataset.from_records([dict(r, key=f"matpes:{r['key']}") for r in recs])
+    (tmp_path / "bare.txt").write_text("si\n")  # a MatPES id without the prefix its key carries
+    with pytest.raises(MultifiError, match=r"bare.txt: 'si' is neither .*; did you mean 'matpes:si'\?"):
+        split_from_files({"train": str(tmp_path / "bare.txt")}, keyed)
     # saved splits list keys
     s.save(tmp_path / "splits.json", ds)
     assert json.loads((tmp_path / "splits.json").read_text()) == {"train": ["w", "si"], "val": [], "test": ["m"]}

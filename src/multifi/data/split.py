@@ -129,8 +129,16 @@ def _read_split_file(path: Path, key_to_index: dict, n: int, qm9: bool = False) 
         elif s.lstrip("-").isdigit() and 0 <= int(s) < n:
             idx.append(int(s))
         else:
-            raise MultifiError(f"{path}: {s!r} is neither a structure key nor an index below {n}")
+            raise MultifiError(
+                f"{path}: {s!r} is neither a structure key nor an index below {n}{_key_hint(s, key_to_index)}"
+            )
     return np.asarray(sorted(set(idx)), dtype=np.int64)
+
+
+def _key_hint(item: str, key_to_index: dict) -> str:
+    """'; did you mean …' when the item is a key without its prefix (a bare MatPES id for 'matpes:<id>')."""
+    prefixed = [k for k in (f"{prefix}:{item}" for prefix in ("matpes", "qm9")) if k in key_to_index]
+    return f"; did you mean {prefixed[0]!r}? (keys carry their source's prefix)" if prefixed else ""
 
 
 def check_disjoint(split: Split, dataset: FidelityDataset) -> None:
