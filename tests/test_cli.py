@@ -135,6 +135,12 @@ def test_predict_writes_extxyz_with_energies(cli_run, tmp_path, capsys):
     out = tmp_path / "pred.extxyz"
     code, stdout, _ = run(["predict", run_dir / "model.pt", src, "--fidelity", "hi", "--out", out], capsys)
     assert code == 0 and "wrote 2 structures" in stdout
+    twice = tmp_path / "twice.extxyz"  # a fidelity given twice: predicted once, as if given once
+    code, stdout, _ = run(
+        ["predict", run_dir / "model.pt", src, "--fidelity", "hi", "--fidelity", "hi", "--out", twice], capsys
+    )
+    assert code == 0 and stdout.strip().endswith(f"predicted at hi to {twice}")
+    assert twice.read_bytes() == out.read_bytes()
     frames = ase.io.read(out, ":")
     pot = load_potential(run_dir / "model.pt")
     e, f, _ = predict_atoms(pot, mols, "hi")
@@ -385,7 +391,7 @@ def test_data_info_and_convert_read_a_run_configs_data(write_config, tiny_extxyz
     assert code == 0 and rows["PBE"] == ["10", "10", "0"] and rows["lo"] == ["40", "40", "0"] and "hi" not in rows
     npz = tmp_path / "both.npz"
     code, out, _ = run(["data", "convert", "--config", config, "--out", npz], capsys)
-    assert code == 0 and "wrote 50 structures, 2 fidelities" in out and npz.exists()
+    assert code == 0 and "wrote 50 structures, 2 fidelities (" in out and npz.exists()
     fails(["data", "info", "--config", config, tiny_extxyz], capsys, "--config reads the config's data.sources")
     pool = tmp_path / "pool.extxyz"  # unlabelled: the one-file fallback must not swallow the --config error
     ase.io.write(pool, [ase.Atoms(a.numbers, a.positions) for a in frames[:3]], format="extxyz")

@@ -88,9 +88,9 @@ def parity_plot(
             ax.legend(fontsize=7, loc="upper left")
             head += f"\nestimated references: n = {int(apart.sum())}, MAE {_mae_mev(ref, pred, apart):.1f} meV/atom"
         ax.set_title(head, fontsize=9)
-        what = "energy − per-element references" if relative else "energy"
-        ax.set_xlabel(f"reference {what} (eV/atom)")
-        ax.set_ylabel(f"predicted {what} (eV/atom)")
+        what = "energy − per-element\nreferences" if relative else "energy"  # two lines: panels stay apart
+        ax.set_xlabel(f"reference {what} (eV/atom)", fontsize=9)
+        ax.set_ylabel(f"predicted {what} (eV/atom)", fontsize=9)
     for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     if title:

@@ -181,10 +181,16 @@ def run_convert(args) -> int:
     ds = _read(args)
     if is_extxyz_path(args.out):
         frames = write_labelled_extxyz(ds, Path(args.out))
-        print(f"wrote {len(ds)} structures, {len(ds.fidelities)} fidelities as {frames} frames to {args.out}")
+        print(f"wrote {len(ds)} structures, {_fidelities(ds)} as {frames} frames to {args.out}")
         return 0
     path = ds.save(args.out)
-    print(f"wrote {len(ds)} structures, {len(ds.fidelities)} fidelities to {path}")
+    print(f"wrote {len(ds)} structures, {_fidelities(ds)} to {path}")
+
+
+def _fidelities(ds) -> str:
+    """'1 fidelity (PBE)', '2 fidelities (PBE, R2SCAN)'."""
+    names = ds.fidelities.names
+    return f"{len(names)} {'fidelity' if len(names) == 1 else 'fidelities'} ({', '.join(names)})"
     return 0
 
 

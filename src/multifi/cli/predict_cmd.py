@@ -52,10 +52,11 @@ def run(args) -> int:
     from multifi.predict import predict_file
 
     refuse_existing(args.out, force=args.force)
+    fidelities = list(dict.fromkeys(args.fidelity))  # a fidelity given twice is predicted (and warned about) once
     n = predict_file(
         args.checkpoint,
         args.structures,
-        args.fidelity,
+        fidelities,
         Path(args.out),
         args.batch_size,
         args.device,
@@ -63,5 +64,5 @@ def run(args) -> int:
         ensemble=args.ensemble,
         index=args.index,
     )
-    print(f"wrote {n} structures predicted at {', '.join(dict.fromkeys(args.fidelity))} to {args.out}")
+    print(f"wrote {n} structures predicted at {', '.join(fidelities)} to {args.out}")
     return 0
