@@ -1081,3 +1081,33 @@ def test_new_labels_on_keyless_copies_of_the_old_runs_structures_join_them_and_k
     old_split = {name: set(np.unique(getattr(old, name)[:, 0]).tolist()) for name in ("train", "val", "test")}
     for name, p in pairs.items():
         assert set(p[p[:, 1] == k, 0].tolist()) <= old_split[name], name
+
+
+def test_flags_name_files_from_the_working_directory_also_with_a_config_elsewhere(tmp_path, monkeypatch):
+    """`multifi extend --config sub/extend.yaml --old-run runs/a --data new.extxyz MODEL`: the flags' paths are the
+    shell's (relative to the working directory); only the config file's own paths are relative to its folder."""
+    import argparse
+
+    from multifi.cli.extend_cmd import register
+    from multifi.config import load_config
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "extend.yaml").write_text(
+        yaml.safe_dump({"extend": {"fidelity": "new", "replay": 0.1}, "data": {"sources": [{"path": "own.extxyz"}]}})
+    )
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(
+        ["extend", "runs/a/model.pt", "--config", "sub/extend.yaml", "--old-run", "runs/a", "--out", "x"]
+    )
+    monkeypatch.chdir(tmp_path)
+    from multifi.cli.extend_cmd import overrides_from_args
+
+    cfg = load_config(tmp_path / "sub" / "extend.yaml", overrides_from_args(args))
+    assert cfg.extend.model == str(tmp_path / "runs/a/model.pt") and cfg.extend.old_run == str(tmp_path / "runs/a")
+    assert cfg.data.sources[0].path == str(tmp_path / "sub" / "own.extxyz")  # the config file's own path
+    args = parser.parse_args(
+        ["extend", "m.pt", "--config", "sub/extend.yaml", "--data", "new.extxyz", "--fidelity", "new"]
+    )
+    cfg = load_config(tmp_path / "sub" / "extend.yaml", overrides_from_args(args))
+    assert cfg.data.sources[0].path == str(tmp_path / "new.extxyz")

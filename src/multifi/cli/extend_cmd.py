@@ -66,17 +66,34 @@ def overrides_from_args(args) -> list[str]:
     from multifi.config import Override
     from multifi.data.sources import source_from_text
 
+    here = _from_working_directory
     out = [
-        Override(f"{key}={json.dumps(value)}", _as_written(flag, value))
+        Override(f"{key}={json.dumps(here(value) if flag in PATH_FLAGS else value)}", _as_written(flag, value))
         for flag, key in FLAGS.items()
         if (value := getattr(args, flag)) is not None and flag != "model"
     ]
     if args.model is not None:  # MODEL.pt is positional
-        out.insert(0, Override(f"extend.model={json.dumps(args.model)}", str(args.model)))
+        out.insert(0, Override(f"extend.model={json.dumps(here(args.model))}", str(args.model)))
     if args.data:
         sources = [source_from_text(p, args.fidelity).model_dump(exclude_none=True) for p in args.data]
+        for src in sources:
+            if "path" in src:
+                src["path"] = here(src["path"])
+            if (src.get("qm9") or {}).get("labels"):
+                src["qm9"]["labels"] = here(src["qm9"]["labels"])
         out.append(Override(f"data.sources={json.dumps(sources)}", "--data " + " ".join(args.data)))
     return out + list(args.overrides)
+
+
+#: flags naming files: relative to the working directory, as a shell user means them (a config file's own paths
+#: and --set values are relative to the config file's folder)
+PATH_FLAGS = {"model", "old_run"}
+
+
+def _from_working_directory(path: str) -> str:
+    from pathlib import Path
+
+    return path if Path(path).is_absolute() else str(Path.cwd() / path)
 
 
 def _as_written(flag: str, value) -> str:
