@@ -216,7 +216,7 @@ def test_predict_reads_matpes_json_lines_like_training(tmp_path, capsys):
     )
 
 
-def test_predict_marks_structures_whose_reference_was_estimated(tmp_path, capsys):
+def test_predict_marks_structures_whose_reference_was_estimated(tmp_path, capsys, caplog):
     """N never labelled at 'hi' (its reference estimated from 'lo'): NH3 predicted at hi carries
     reference_estimated (its energy may be off by eV), H2O does not, and at lo neither."""
     torch.manual_seed(0)
@@ -234,6 +234,16 @@ def test_predict_marks_structures_whose_reference_was_estimated(tmp_path, capsys
     got = ase.io.read(out, ":")
     assert got[0].info.get("reference_estimated") is True and "reference_estimated" not in got[1].info
     assert not any(k.startswith("reference_estimated_") for a in got for k in a.info)
+    # with a σ (here an ensemble's): said that σ leaves the estimate's error out
+    torch.manual_seed(1)
+    other = build_potential(TINY_MODEL, ["lo", "hi"])
+    other.head.set_baseline(ref, np.ones(2), fitted)
+    member = save_potential(other, tmp_path / "member.pt")
+    out = tmp_path / "e.extxyz"
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert run(["predict", model, src, "--fidelity", "hi", "--ensemble", member, "--out", out], capsys)[0] == 0
+    assert "1 structure(s) have an estimated hi reference energy" in caplog.text and "does not include" in caplog.text
+    assert "energy_sigma" in ase.io.read(out, "0").info
 
 
 def test_predict_unknown_fidelity_lists_known_ones(cli_run, tmp_path, capsys):

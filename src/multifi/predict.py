@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,8 @@ import numpy as np
 from multifi.data.readers.ase_files import PREDICTION_MARK, from_multifi_calculator
 from multifi.data.sources import is_qm9_text
 from multifi.errors import MultifiError
+
+log = logging.getLogger("multifi")
 
 
 def predict_atoms(
@@ -142,6 +145,15 @@ def predict_file(
             )
         predictions[name] = (energies, forces, stresses)
     estimated = {name: estimated_references(potential, atoms_list, name) for name in fidelities}
+    for name in sigmas:
+        if estimated[name].any():
+            log.warning(
+                "%s: %d structure(s) have an estimated %s reference energy (info['reference_estimated']): their "
+                "energy_sigma does not include that estimate's error, which can reach eV",
+                path,
+                int(estimated[name].sum()),
+                name,
+            )
     for i, a in enumerate(atoms_list):
         _keep_reference_labels(a, f"{path}: structure {i}")
         a.info[PREDICTION_MARK] = f"multifi {multifi.__version__}: {Path(checkpoint).name}"
