@@ -490,6 +490,10 @@ def test_frames_naming_several_mace_heads_and_no_fidelity_are_an_error(tmp_path)
     one = [water(head="pbe") for _ in range(2)]
     ase.io.write(tmp_path / "one.extxyz", one, format="extxyz")
     assert list(read_ase(tmp_path / "one.extxyz", fidelity="PBE").fidelities.names) == ["PBE"]
+    with pytest.raises(
+        MultifiError, match=r"no fidelity: .*; it has info\['head'\] = 'pbe': read each head as a source"
+    ):
+        read_ase(tmp_path / "one.extxyz")  # no fidelity anywhere: the hint names MACE's key
 
 
 def test_per_atom_energies_without_a_total_are_warned(tmp_path, caplog):

@@ -401,7 +401,16 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
     if not lab:
         wanted = "/".join(keys.values())
         raise _NoLabel(f"{where} has no {wanted} label" + _other_labels(atoms, keys))
-    fid = source_fidelity(named, fidelity, where, field or "the source")  # after the labels: a file of none says so
+    try:  # after the labels: a file of none says so
+        fid = source_fidelity(named, fidelity, where, field or "the source")
+    except NoFidelityError as exc:
+        head = next((k for k in ("head", "config_type") if atoms.info.get(k) not in (None, "")), None)
+        if head is None:
+            raise
+        raise NoFidelityError(  # MACE's multi-head files name the level of theory in info['head']
+            f"{exc}; it has info[{head!r}] = {str(atoms.info[head])!r}: read each {head} as a source of its own "
+            f"with 'fidelity:', or rename that key to 'fidelity'"
+        ) from None
     periodic = bool(atoms.pbc.any())
     if periodic:
         check_cell(atoms.cell.array, atoms.pbc, where)
