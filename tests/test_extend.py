@@ -747,7 +747,9 @@ def test_an_interrupted_extension_resumes_from_its_checkpoint_and_ends_as_an_uni
     seen.clear()
     assert main(["extend", "--resume", str(out)]) == 0
     assert seen[0] == saved and seen == list(range(saved, 9))
-    assert main(["extend", "--resume", str(out)]) == 2 and "the extension finished" in capsys.readouterr().err
+    kept = {name: (out / name).read_bytes() for name in ("model.pt", "metrics.json", "train.log")}
+    assert main(["extend", "--resume", str(out)]) == 0  # finished: nothing to resume, as train --resume
+    assert kept == {name: (out / name).read_bytes() for name in kept}
     assert main(["extend", "--resume", str(old_run)]) == 2  # a finished training run is no extension at all
     assert f"{old_run}: not an extension's run directory" in capsys.readouterr().err
     monkeypatch.setattr(PotentialModule, "training_step", real)

@@ -511,6 +511,10 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False, resum
     extension in cfg.output_dir from its last checkpoint (cfg: its config.yaml; its data files unchanged)."""
     from multifi.train.run import RunLog
 
+    out = Path(cfg.output_dir)
+    if resume and _is_extension(out) and (out / "model.pt").exists() and (out / "metrics.json").exists():
+        log.info("%s: the extension finished (model.pt is written); nothing to resume, nothing rewritten", out)
+        return out  # as `multifi train --resume` of a finished run
     with RunLog() as run_log:
         return _extend(cfg, config_source, dry_run, run_log, resume)
 
