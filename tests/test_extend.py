@@ -1113,3 +1113,20 @@ def test_flags_name_files_from_the_working_directory_also_with_a_config_elsewher
     )
     cfg = load_config(tmp_path / "sub" / "extend.yaml", overrides_from_args(args))
     assert cfg.data.sources[0].path == str(tmp_path / "new.extxyz")
+
+
+def test_old_elements_without_new_labels_are_named_with_the_estimates_error(tmp_path, caplog):
+    """N in the model, no N in the new fidelity's data: its CC reference is estimated; the warning says how far off
+    that estimate may be (its leave-one-out error), as `multifi data info` does."""
+    _, path = saved_model(tmp_path)
+    frames = [emt_labelled(rattled_molecule(("H2O", "CH4")[i % 2], seed=i), "x", 0.9, -0.2) for i in range(12)]
+    for a in frames:
+        a.info.pop("fidelity")
+    ase.io.write(tmp_path / "no_n.extxyz", frames, format="extxyz")
+    cfg = ext_config(tmp_path, path)
+    cfg.data.sources[0].path = str(tmp_path / "no_n.extxyz")
+    with caplog.at_level("WARNING", logger="multifi"):
+        extend(cfg, dry_run=True)
+    (message,) = [r.getMessage() for r in caplog.records if "have no labels at CC" in r.getMessage()]
+    assert message.startswith("elements N have no labels at CC") and "leave-one-out error of that estimate" in message
+    assert re.search(r"estimate over the elements labelled at both: (\d+\.\d\d eV per atom|unknown)", message)

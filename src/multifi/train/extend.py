@@ -845,12 +845,32 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
         head.set_open(k, new.null[0])
         head.scale[k] = head.scale[0] if energy_scale == "shared" else float(new.scale[0])
         new_elements = new.fitted[:, 0] & ~known_fitted.any(1)
+        all_ref = np.concatenate([np.where(known_fitted, known_ref, 0.0), new.ref], axis=1)
+        prior, loo = shared_estimates_with_error(all_ref, np.concatenate([known_fitted, new.fitted], axis=1))
         if new_elements.any():  # elements only the new fidelity has: the old fidelities' references estimated
-            all_ref = np.concatenate([np.where(known_fitted, known_ref, 0.0), new.ref], axis=1)
-            prior, loo = shared_estimates_with_error(all_ref, np.concatenate([known_fitted, new.fitted], axis=1))
             head.ref[new_elements, :k] = torch.as_tensor(prior[new_elements, :k], dtype=head.ref.dtype)
             _report_estimates(potential.fidelities.names, k, new_elements, loo)
+    _report_unlabelled(potential.fidelities.names[k], known_fitted.any(1) & ~new.fitted[:, 0], loo[k])
     return doubtful
+
+
+def _report_unlabelled(name: str, elements: np.ndarray, loo: float) -> None:
+    """Old elements (bool [119]) that no label of the new fidelity holds: its references for them are estimated
+    from the other fidelities, off by about the estimate's leave-one-out error per atom of them."""
+    from ase.data import chemical_symbols
+
+    if not elements.any():
+        return
+    error = "unknown: no element to leave out" if np.isnan(loo) else f"{loo:.2f} eV per atom"
+    log.warning(
+        "elements %s have no labels at %s: its reference energies for them are estimated from the other fidelities "
+        "(leave-one-out error of that estimate over the elements labelled at both: %s); %s energies of structures "
+        "containing them may be off by that much per atom of them",
+        ", ".join(chemical_symbols[z] for z in np.flatnonzero(elements)),
+        name,
+        error,
+        name,
+    )
 
 
 def _report_estimates(names, k: int, elements: np.ndarray, loo: np.ndarray) -> None:
@@ -982,14 +1002,8 @@ def _check_elements(old, new_ds: FidelityDataset, name: str, trainable: str, whe
             name,
             ", ".join(old.fidelities.names),
         )
-    if known - seen:
-        log.warning(
-            "elements %s have no labels at %s: its reference energies for them are estimated from the other "
-            "fidelities; expect larger %s energy errors for structures containing them",
-            ", ".join(chemical_symbols[z] for z in sorted(known - seen)),
-            name,
-            name,
-        )
+    # old elements absent from the new data: said where the new fidelity's references are fitted, with the
+    # estimate's leave-one-out error (_report_unlabelled)
 
 
 def extend_from_args(
