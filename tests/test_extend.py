@@ -1130,3 +1130,35 @@ def test_old_elements_without_new_labels_are_named_with_the_estimates_error(tmp_
     (message,) = [r.getMessage() for r in caplog.records if "have no labels at CC" in r.getMessage()]
     assert message.startswith("elements N have no labels at CC") and "leave-one-out error of that estimate" in message
     assert re.search(r"estimate over the elements labelled at both: (\d+\.\d\d eV per atom|unknown)", message)
+
+
+def test_rotated_and_reordered_copies_of_the_old_runs_molecules_keep_their_split(old_run, tmp_path, caplog):
+    """New labels on the old run's molecules written by another program (rotated, atoms reordered, no keys) are the
+    same geometries: they keep the old run's split, or the new fidelity would be tested on molecules the model
+    trained on."""
+    from conftest import tiny_frames
+    from scipy.spatial.transform import Rotation
+
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_sources
+    from multifi.select import MoleculeTable
+    from multifi.train.extend import _log_followed_split, _old_split_of, load_old_run
+
+    old = load_old_run(old_run)
+    frames = []
+    for i, a in enumerate(a for a in tiny_frames() if a.info["fidelity"] == "lo"):
+        b = a[::-1]  # atoms reordered
+        b.positions = Rotation.random(random_state=i).apply(b.positions) + [1.0, -2.0, 0.5]
+        b.calc = None
+        b.info = {"fidelity": "CC", "energy": -1.0 - 0.01 * i}
+        frames.append(b)
+    ase.io.write(tmp_path / "rotated.extxyz", frames, format="extxyz")
+    ds = read_sources([SourceConfig(path=str(tmp_path / "rotated.extxyz"))])
+    with caplog.at_level("INFO", logger="multifi"):
+        _log_followed_split(ds, old)
+    assert f"{len(ds)} of the {len(ds)} new structures are in the model's run" in caplog.text
+    table = MoleculeTable(old.dataset, 3e-4)
+    assigned = _old_split_of(ds, old)
+    for s in range(len(ds)):
+        t = table.find(ds, s)
+        assert t is not None and any(t in getattr(old, n)[:, 0] for n in (assigned[s],))

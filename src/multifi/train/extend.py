@@ -24,7 +24,7 @@ import yaml
 
 from multifi.config import RunConfig, blamed, dump_config, load_config, with_backbone_defaults
 from multifi.data.checks import doubtful_units
-from multifi.data.dataset import FidelityDataset, atomic_write
+from multifi.data.dataset import GEOMETRY_KEY_PREFIX, FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources, warn_alike_names
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
@@ -427,7 +427,8 @@ def follow_split(split: Split, ds: FidelityDataset, old: OldRun) -> Split:
 
 def _old_split_of(ds: FidelityDataset, old: OldRun) -> np.ndarray:
     """[len(ds)] str: the split ("train", "val", "test") of each structure of `ds` in the old run (the same key, or
-    without keys the same geometry: one structure once merged), "" for structures the old run does not hold."""
+    without keys the same geometry: one structure once merged; a molecule without a key also when it is one of
+    the old run's up to translation, rotation and atom order), "" for structures the old run does not hold."""
     _, (old_at, new_at) = FidelityDataset.merge_with_index([old.dataset, ds])
     split_of_old = np.full(len(old.dataset), "", dtype=object)
     for name in ("train", "val", "test"):
@@ -435,6 +436,14 @@ def _old_split_of(ds: FidelityDataset, old: OldRun) -> np.ndarray:
     old_of_merged = np.full(len(old.dataset) + len(ds), -1, np.int64)
     old_of_merged[old_at] = np.arange(len(old.dataset))
     j = old_of_merged[new_at]
+    unkeyed = (j < 0) & ~ds.pbc.any(1) & np.char.startswith(ds.keys.astype(str), GEOMETRY_KEY_PREFIX)
+    if unkeyed.any() and (~old.dataset.pbc.any(1)).any():  # a keyed run's molecules moved or reordered
+        from multifi.select import SAME_GEOMETRY_TOL, MoleculeTable
+
+        table = MoleculeTable(old.dataset, SAME_GEOMETRY_TOL)
+        for s in np.flatnonzero(unkeyed).tolist():
+            found = table.find(ds, s)
+            j[s] = -1 if found is None else found
     return np.where(j >= 0, split_of_old[np.maximum(j, 0)], "").astype(str)
 
 
@@ -442,7 +451,7 @@ def _log_followed_split(ds: FidelityDataset, old: OldRun) -> None:
     assigned = _old_split_of(ds, old)
     if (assigned != "").any():
         log.info(
-            "%d of the %d new structures are in the model's run: they keep its split (%s)",
+            "%d of the %d new structures are in the model's run (same key, or same geometry): they keep its split (%s)",
             int((assigned != "").sum()),
             len(ds),
             ", ".join(f"{n} {int((assigned == n).sum())}" for n in ("train", "val", "test")),
