@@ -816,7 +816,8 @@ def _check_monitored_energies(cfg: RunConfig, prep, head, config_source: str = "
             f"measured; monitor {FORCES_MAE} or another fidelity, or add "
             f"{cfg.train.monitor} training labels with these elements"
         )
-    warn_unmeasured_energies(prep.dataset, prep.pairs["val"], head, skip=cfg.train.monitor)
+    # the monitored fidelity's case is the error above; a fidelity without training labels is warned about already
+    warn_unmeasured_energies(prep.dataset, prep.pairs["val"], head, skip={cfg.train.monitor, *_untrained(prep)})
 
 
 def unscored_monitored_labels(cfg: RunConfig, ds, val: np.ndarray, head) -> str | None:
@@ -849,11 +850,12 @@ def unmeasured_monitor(cfg: RunConfig, ds, val: np.ndarray, head) -> str | None:
     return unmeasured_energies(ds, val, head, ds.fidelities.index(name, where="train.monitor"))
 
 
-def warn_unmeasured_energies(ds, val: np.ndarray, head, skip: str | None = None) -> None:
-    """A warning for each fidelity (but `skip`) whose validation energy error is never measured (validation
-    leaves out structures whose reference energy the training labels do not determine, and that is all of them)."""
+def warn_unmeasured_energies(ds, val: np.ndarray, head, skip=()) -> None:
+    """A warning for each fidelity (but those in `skip`) whose validation energy error is never measured
+    (validation leaves out structures whose reference energy the training labels do not determine, and that is
+    all of them)."""
     for k, name in enumerate(ds.fidelities.names):
-        if name != skip and (why := unmeasured_energies(ds, val, head, k)):
+        if name not in skip and (why := unmeasured_energies(ds, val, head, k)):
             log.warning(
                 "%s: %s: its validation energy error is never measured (no validation energy curve; forces and "
                 "stress are measured)",
