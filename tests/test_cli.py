@@ -943,3 +943,30 @@ def test_data_convert_to_extxyz_refuses_keys_ase_reads_as_numbers(tmp_path, caps
     out = tmp_path / "d.extxyz"
     fails(["data", "convert", npz, "--out", out], capsys, "key '000123' would be read back from extxyz as 123")
     assert not out.exists()
+
+
+def test_a_partly_recorded_contact_table_flags_no_pair_of_an_element_without_neighbours(cli_run):
+    """0 in the contact table is 'unknown' for an element whose neighbours were never recorded (a model from
+    before contacts were recorded, extended on data without it): its pairs are not 'never seen in training'."""
+    from multifi.models.elements import outside_geometry
+    from multifi.models.registry import load_potential
+
+    _, run_dir = cli_run
+    pot = load_potential(run_dir / "model.pt")
+    pot.head.contact.zero_()
+    pot.head.contact[1, 1] = 0.7  # only H–H recorded
+    water = rattled_molecule("H2O", 3)
+    i, j = np.nonzero(~np.eye(3, dtype=bool))
+    d = np.linalg.norm(water.positions[j] - water.positions[i], axis=1)
+    close, _, _ = outside_geometry(
+        pot, torch.as_tensor(water.numbers), torch.as_tensor(i), torch.as_tensor(j), torch.as_tensor(d)
+    )
+    assert not close.any()
+    pot.head.contact[8, 6] = pot.head.contact[6, 8] = 1.2  # O has neighbours in training, never H: O–H never seen
+    close, _, _ = outside_geometry(
+        pot, torch.as_tensor(water.numbers), torch.as_tensor(i), torch.as_tensor(j), torch.as_tensor(d)
+    )
+    pairs = {
+        tuple(sorted((int(water.numbers[a]), int(water.numbers[b])))) for a, b, c in zip(i, j, close.tolist()) if c
+    }
+    assert pairs == {(1, 8)}

@@ -126,13 +126,6 @@ def test_hartree_energies_of_a_few_structures_are_flagged(n, unit, expect, caplo
     assert (f"from {n} structures" in caplog.text) == bool(expect)
 
 
-def test_too_few_structures_for_their_elements_are_not_judged(caplog):
-    ds = FidelityDataset.from_records(_records(5, unit=HARTREE), source="few.extxyz")  # 4 elements, 5 structures
-    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
-    ref, scale = fit_baseline(ds, pairs)
-    assert check_energy_units(ds, pairs, ref, scale) == []
-
-
 @pytest.mark.parametrize(
     "units, message",
     [

@@ -546,3 +546,42 @@ def test_an_md_trajectory_that_keeps_its_starts_key_is_read_as_its_frames(tmp_pa
     np.testing.assert_allclose(
         pool.positions[pool.offsets[1] : pool.offsets[2]], Trajectory(str(tmp_path / "md.traj"))[1].positions
     )
+
+
+def test_forced_first_picks_condition_the_batch_like_any_pick():
+    """greedy_variance(first=…): those positions come first and lower the variance of their near-copies, which
+    the batch then skips (an exact copy of a forced pick is not the next pick)."""
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(12, 4))
+    f[2] *= 3.0
+    f[5] = f[2] + 1e-6  # a near-copy of position 2: both have the largest variance
+    cov = np.eye(4)
+    picks = greedy_variance(f, cov, 4, np.random.default_rng(1), first=np.array([2]))
+    assert picks[0] == 2 and 5 not in picks.tolist()
+    unforced = greedy_variance(f, cov, 4, np.random.default_rng(1), first=np.array([7]))
+    assert unforced[0] == 7 and unforced[1] in (2, 5) and not {2, 5} <= set(unforced.tolist())
+
+
+def test_md_frames_after_a_labelled_start_under_its_key_are_other_structures(tmp_path):
+    """A labelled start frame and unlabelled MD frames under its key: the start keeps the key (and its label),
+    each moved frame becomes '<key>#<frame>' (the first moved frame was merged with the start: an error)."""
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from multifi.select import read_pool
+
+    start = molecule("CH4")
+    start.info.update(key="qm9:1", fidelity="PBE")
+    start.calc = SinglePointCalculator(start, energy=-24.0)
+    rng = np.random.default_rng(0)
+    frames = [start]
+    for _ in range(3):
+        moved = molecule("CH4")
+        moved.positions += rng.normal(0, 0.05, moved.positions.shape)
+        moved.info["key"] = "qm9:1"
+        frames.append(moved)
+    ase.io.write(tmp_path / "md.extxyz", frames, format="extxyz")
+    pool = read_pool(str(tmp_path / "md.extxyz"))
+    assert sorted(pool.keys.tolist()) == ["qm9:1", "qm9:1#1", "qm9:1#2", "qm9:1#3"]
+    k = pool.fidelities.index("PBE")
+    assert pool.energy[pool.keys.tolist().index("qm9:1"), k] == -24.0

@@ -82,14 +82,13 @@ def select_structures(
         features, _ = dataset_features(potential, pool, np.arange(len(pool)), fidelity, batch_size)
     if strategy in ("uncertainty", "batch"):
         sigma = llpr.of(fidelity, "select").sigma(features[candidates])
-        first = candidates[undetermined_first(potential, pool, fidelity, candidates, sigma)][:n]
-        rest = candidates[~np.isin(candidates, first)]
+        first = undetermined_first(potential, pool, fidelity, candidates, sigma, n)  # positions in candidates
         if strategy == "uncertainty":
-            sigma = sigma[~np.isin(candidates, first)]
-            order = np.lexsort((rng.permutation(len(rest)), -sigma))  # ties: seeded order
-            return np.concatenate([first, rest[order[: n - len(first)]]])
-        cov = llpr.of(fidelity, "select").cov
-        return np.concatenate([first, rest[greedy_variance(features[rest], cov, n - len(first), rng)]])
+            rest = np.flatnonzero(~np.isin(np.arange(len(candidates)), first))
+            order = rest[np.lexsort((rng.permutation(len(rest)), -sigma[rest]))]  # ties: seeded order
+            return candidates[np.concatenate([first, order[: n - len(first)]])]
+        cov = llpr.of(fidelity, "select").cov  # the forced picks condition the later ones, as any pick does
+        return candidates[greedy_variance(features[candidates], cov, n, rng, first=first)]
     return farthest_points(mean_hidden(features), candidates, np.flatnonzero(labelled), n, rng, anchors)
 
 
@@ -318,19 +317,23 @@ def first_copies(pool, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
     return first
 
 
-def greedy_variance(f: np.ndarray, cov: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+def greedy_variance(
+    f: np.ndarray, cov: np.ndarray, n: int, rng: np.random.Generator, first: np.ndarray | None = None
+) -> np.ndarray:
     """Greedy batch by LLPR posterior variance: positions into f [m, H+1] in pick order.
 
     Each pick has the largest variance fᵀΣf under the current Σ; Σ is then updated by the rank-one
-    formula as if the pick were a training structure, which lowers the variance of similar ones."""
+    formula as if the pick were a training structure, which lowers the variance of similar ones. `first`:
+    positions picked before all others whatever their variance (n includes them)."""
     fs = f @ np.linalg.cholesky(_psd(cov))  # fᵀΣf = |fs|²; rank-one updates act on the whitened features
     var = (fs**2).sum(1)
     taken = np.zeros(len(f), bool)
     tie = rng.permutation(len(f))
+    forced = [] if first is None else [int(x) for x in first][:n]
     picks = []
-    for _ in range(n):
+    for step in range(n):
         v = np.where(taken, -np.inf, var)
-        best = int(np.lexsort((tie, -v))[0])
+        best = forced[step] if step < len(forced) else int(np.lexsort((tie, -v))[0])
         picks.append(best)
         taken[best] = True
         g = fs[best]
@@ -341,12 +344,14 @@ def greedy_variance(f: np.ndarray, cov: np.ndarray, n: int, rng: np.random.Gener
     return np.asarray(picks, dtype=np.int64)
 
 
-def undetermined_first(potential, pool, fidelity: str, candidates: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """Positions in `candidates` to pick before all others, best `score` first: for every element whose reference
-    energy at `fidelity` the training labels leave undetermined (estimated from the other fidelities, or split
-    within a composition seen only in fixed proportions), the highest-scoring candidate that holds it, until each
-    such element is covered. Their energies can be off by eV through the estimate, which the LLPR σ does not
-    see, and one label of each fixes it."""
+def undetermined_first(
+    potential, pool, fidelity: str, candidates: np.ndarray, score: np.ndarray, n: int | None = None
+) -> np.ndarray:
+    """Positions in `candidates` to pick before all others (at most n), best `score` first: for every element
+    whose reference energy at `fidelity` the training labels leave undetermined (estimated from the other
+    fidelities, or split within a composition seen only in fixed proportions), the highest-scoring candidate
+    that holds it, until each such element is covered. Their energies can be off by eV through the estimate,
+    which the LLPR σ does not see, and one label of each fixes it."""
     import torch
 
     k = potential.fidelity_index(fidelity)
@@ -364,11 +369,15 @@ def undetermined_first(potential, pool, fidelity: str, candidates: np.ndarray, s
     covered: set[int] = set()
     picks = []
     for c in order.tolist():
+        if n is not None and len(picks) >= n:
+            break
         atoms = slice(pool.offsets[candidates[c]], pool.offsets[candidates[c]] + pool.n_atoms[candidates[c]])
         elements = {z for z in np.unique(pool.numbers[atoms]).tolist() if not fitted[z] or z in open_z}
         if elements - covered:
             picks.append(c)
             covered |= elements
+    if not picks:
+        return np.zeros(0, np.int64)
     from ase.data import chemical_symbols
 
     log.info(
@@ -470,26 +479,27 @@ def read_pool(path: str):
 
 
 def _key_moved_frames(records: list[dict], path) -> None:
-    """Unlabelled frames that repeat another frame's key with another geometry (an MD trajectory started from a
-    dataset structure copies its info['key'] into every frame) are other structures: keyed '<key>#<frame>'.
-    Frames of the same geometry under one key stay one structure (merged), labelled ones keep their key."""
+    """Unlabelled frames that repeat a key with another geometry than the key's first frame (an MD trajectory
+    started from a dataset structure copies its info['key'] into every frame) are other structures: keyed
+    '<key>#<frame>'. Frames of one geometry under one key stay one structure (merged); labelled frames keep their
+    key (another geometry under it is the merge's error)."""
     from multifi.data.dataset import GEOMETRY_TOLERANCE, FidelityDataset
     from multifi.data.same_geometry import first_of_same_geometry
 
     by_key: dict[str, list[int]] = {}
     for i, rec in enumerate(records):
-        if rec["key"] is not None and not rec["labels"]:
+        if rec["key"] is not None:
             by_key.setdefault(rec["key"], []).append(i)
     moved = 0
     for key, frames in by_key.items():
-        if len(frames) < 2:
+        if len(frames) < 2 or all(records[i]["labels"] for i in frames):
             continue
-        sub = FidelityDataset.from_records([dict(records[i], key=f"{i}") for i in frames])
+        sub = FidelityDataset.from_records([{**records[i], "key": f"{i}", "labels": {}} for i in frames])
         first = first_of_same_geometry(  # the rule by which frames under one key merge (a rigid shift allowed)
             sub.numbers, sub.positions, sub.offsets, sub.cells, sub.pbc, GEOMETRY_TOLERANCE, shift=True
         )
         for i, f in zip(frames, first.tolist()):
-            if frames[f] != frames[0]:  # another geometry than the key's first frame
+            if f != 0 and not records[i]["labels"]:  # another geometry than the key's first frame
                 records[i]["key"] = f"{key}#{frames[f]}"
                 moved += 1
     if moved:

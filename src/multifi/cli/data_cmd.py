@@ -185,13 +185,13 @@ def run_convert(args) -> int:
         return 0
     path = ds.save(args.out)
     print(f"wrote {len(ds)} structures, {_fidelities(ds)} to {path}")
+    return 0
 
 
 def _fidelities(ds) -> str:
     """'1 fidelity (PBE)', '2 fidelities (PBE, R2SCAN)'."""
     names = ds.fidelities.names
     return f"{len(names)} {'fidelity' if len(names) == 1 else 'fidelities'} ({', '.join(names)})"
-    return 0
 
 
 def write_labelled_extxyz(ds, path) -> int:

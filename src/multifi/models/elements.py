@@ -186,16 +186,19 @@ def outside_geometry(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rule by which the model extrapolates in geometry, for atoms `numbers` [N] and edges i → j [E] of
     length d [E] Å (all within the cutoff): (close [E] bool: shorter than CONTACT_FRACTION of the shortest
-    distance of their element pair in training, EnergyHead.contact, or of a pair that never came within the
-    cutoff in training (its interaction is not learned at any distance); far [N] bool: the atom's nearest neighbour
+    distance of their element pair in training, EnergyHead.contact, or of a pair of two elements that had
+    neighbours in training but never each other within the cutoff (its interaction is not learned at any
+    distance); far [N] bool: the atom's nearest neighbour
     farther than REACH_FACTOR × the farthest any atom of its element had in training, EnergyHead.reach, or none
     within the cutoff; nearest [N] Å, inf without a neighbour). All False for a model that recorded neither."""
     contact, reach = potential.head.contact, potential.head.reach
     numbers, i, j, d = (x.to(contact.device) for x in (numbers, i, j, d.double()))
     limit = contact[numbers[i], numbers[j]]
     close = (limit > 0) & (d < CONTACT_FRACTION * limit)
-    if bool(contact.any()):  # a model that recorded its training contacts: 0 is a pair it never saw
-        close |= limit == 0
+    # a pair never within the cutoff in training (0) of two elements that each had neighbours there: 0 is
+    # "unknown" for a model that recorded nothing, and for an element whose neighbours were never recorded
+    with_neighbours = (contact > 0).any(1)
+    close |= (limit == 0) & with_neighbours[numbers[i]] & with_neighbours[numbers[j]]
     nearest = torch.full((len(numbers),), float("inf"), dtype=torch.float64, device=contact.device)
     if len(d):
         nearest.scatter_reduce_(0, i, d, reduce="amin")

@@ -24,7 +24,7 @@ import yaml
 
 from multifi.config import RunConfig, blamed, dump_config, load_config, with_backbone_defaults
 from multifi.data.checks import doubtful_units
-from multifi.data.dataset import GEOMETRY_KEY_PREFIX, FidelityDataset, atomic_write
+from multifi.data.dataset import GEOMETRY_KEY_PREFIX, GEOMETRY_TOLERANCE, FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources, warn_alike_names
 from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
@@ -438,9 +438,9 @@ def _old_split_of(ds: FidelityDataset, old: OldRun) -> np.ndarray:
     j = old_of_merged[new_at]
     unkeyed = (j < 0) & ~ds.pbc.any(1) & np.char.startswith(ds.keys.astype(str), GEOMETRY_KEY_PREFIX)
     if unkeyed.any() and (~old.dataset.pbc.any(1)).any():  # a keyed run's molecules moved or reordered
-        from multifi.select import SAME_GEOMETRY_TOL, MoleculeTable
+        from multifi.select import MoleculeTable
 
-        table = MoleculeTable(old.dataset, SAME_GEOMETRY_TOL)
+        table = MoleculeTable(old.dataset, GEOMETRY_TOLERANCE)  # the merge's: coordinates printed to 3 decimals
         for s in np.flatnonzero(unkeyed).tolist():
             found = table.find(ds, s)
             j[s] = -1 if found is None else found
@@ -648,8 +648,10 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
     best_path = final_checkpoint(trainer, run_dir)
     best = load_potential(best_path, compile=False)
     contact, reach = shortest_contacts(data.dataset, data.neighbors, np.unique(pairs["train"][:, 0]))
-    # a model saved before reaches were recorded: its old fidelities' reach is unknown, the new data's alone
-    # would call their ordinary geometries stretched
+    # a model saved before contacts and reaches were recorded: its old fidelities' are unknown, the new data's
+    # alone would call their ordinary geometries crushed, stretched or never seen
+    if not bool(best.head.contact.any()):
+        contact = np.zeros_like(contact)
     best.head.record_contacts(contact, reach if bool(best.head.reach.any()) else None)
     progress = {"checkpoint": str(best_path), **_training_progress(trainer, best_path), "doubtful_units": doubtful}
     _log_result(_finish(cfg, old, best, data, pairs, table, old_run, replay, progress), run_log)

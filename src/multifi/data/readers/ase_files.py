@@ -404,12 +404,11 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
     try:  # after the labels: a file of none says so
         fid = source_fidelity(named, fidelity, where, field or "the source")
     except NoFidelityError as exc:
-        head = next((k for k in ("head", "config_type") if atoms.info.get(k) not in (None, "")), None)
-        if head is None:
+        if atoms.info.get("head") in (None, ""):  # (config_type is a kind of structure, not a method)
             raise
         raise NoFidelityError(  # MACE's multi-head files name the level of theory in info['head']
-            f"{exc}; it has info[{head!r}] = {str(atoms.info[head])!r}: read each {head} as a source of its own "
-            f"with 'fidelity:', or rename that key to 'fidelity'"
+            f"{exc}; it has info['head'] = {str(atoms.info['head'])!r}: read each head as a source of its own "
+            "with 'fidelity:', or rename that key to 'fidelity'"
         ) from None
     periodic = bool(atoms.pbc.any())
     if periodic:
