@@ -560,6 +560,8 @@ def test_label_keys_per_source(write_config, tmp_path, capsys):
     np.testing.assert_allclose(ds.forces[:, 0], np.concatenate([f.arrays["REF_forces"] for f in frames]), atol=1e-6)
     with pytest.raises(MultifiError, match="energy_key applies to files ASE reads"):
         read_source(SourceConfig(path=str(path), format="matpes", energy_key="REF_energy"))
+    with pytest.raises(MultifiError, match=r"index ':2' picks frames of files ASE reads, not of matpes files"):
+        read_source(SourceConfig(path=str(path), format="matpes", index=":2"))  # was ignored: every structure read
 
 
 def test_predict_several_fidelities_keeps_reference_labels(model, tmp_path, capsys):

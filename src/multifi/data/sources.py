@@ -53,6 +53,8 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
     custom = [f"{k}_key" for k, v in keys.items() if v != k]
     if custom and fmt != "ase":
         raise MultifiError(f"{path}: {', '.join(custom)} applies to files ASE reads, not to {fmt} files")
+    if src.index != ":" and fmt != "ase":  # else every structure would be read, silently
+        raise MultifiError(f"{path}: index {src.index!r} picks frames of files ASE reads, not of {fmt} files")
     if fmt == "npz":
         ds = FidelityDataset.load(path)
         if src.fidelity is not None:
