@@ -274,10 +274,15 @@ def _count_mismatch(lcd: dict) -> list[str]:
     if not differ:
         return []
     where = "; ".join(f"{k} ({', '.join(v)})" for k, v in differ.items())
+    noun = lcd.get("noun", "molecules")
     return [
-        f"**Not compared on the same test {lcd.get('noun', 'molecules')}** (test counts, variant vs reference, same "
-        f"seed): {where}. These results predate the per-run errors without structures whose reference "
-        "energies were estimated; they are left out of the tables and factors until the runs are trained again.",
+        f"**Not compared on the same test {noun}** (test {noun} each error covers, variant vs reference, same "
+        f"seed): {where}. A model's test error leaves out the {noun} with an element its training labels never "
+        f"held, and a joint model's also those whose reference energy at {lcd.get('high', 'the target')} was "
+        "estimated from the other fidelity; where these differ between the two models, their errors are over "
+        f"different {noun}, so these runs are left out of the tables and factors (more training {noun}, or "
+        "`cover_compositions: true`, let both models predict every test structure; results written before errors "
+        "left out estimated references also differ so, until trained again).",
         "",
     ]
 
