@@ -787,6 +787,9 @@ def test_outputs_are_not_replaced_without_force(cli_run, tiny_extxyz, tmp_path, 
     folder = tmp_path / "out.extxyz"
     folder.mkdir()
     fails([*predict, folder, "--force"], capsys, f"{folder}: is a folder, expected a file name")
+    slash = f"{tmp_path / 'ev_dir'}/"  # not there yet: it was written as a file named ev_dir
+    fails(["evaluate", model, src, "--out", slash], capsys, f"{slash}: names a folder (trailing '/')")
+    assert not (tmp_path / "ev_dir").exists()
     plot.write_bytes(b"x")  # a plot replaces an existing file only with --force, as every output (another image)
     fails(["evaluate", model, src, "--plot", plot], capsys, f"{plot}: exists; not replaced (--force replaces it)")
     assert plot.read_bytes() == b"x"

@@ -65,6 +65,7 @@ def refuse_existing(*paths, force: bool, folder_ok: bool = False) -> None:
     one) unless force, or as a folder where a file is written (folder_ok: a folder is a valid output, e.g. a saved
     dataset, and needs force too). Streams and devices (/dev/stdout, a named pipe, a link to a process's stream)
     are written to; unset or empty paths are skipped."""
+    import os
     from pathlib import Path
 
     from multifi.errors import MultifiError
@@ -73,6 +74,8 @@ def refuse_existing(*paths, force: bool, folder_ok: bool = False) -> None:
     for path in paths:
         if not path:
             continue
+        if str(path).endswith(("/", os.sep)) and not folder_ok:  # Path() drops the slash: a file of that name
+            raise MultifiError(f"{path}: names a folder (trailing '/'), expected a file name")
         path = Path(path)
         stream = path.is_symlink() and links_to_a_stream(path)  # as files.atomic_write tells a stream
         if stream or is_special(path) or not (path.exists() or path.is_symlink()):
