@@ -573,6 +573,9 @@ def test_shared_data_path_env_overrides_spec(tmp_path, monkeypatch):
     assert load_context(TINY).paths.shared == (ROOT.parent / "shared" / "data").resolve()
     monkeypatch.setenv("MULTIFI_SHARED_DATA", str(tmp_path))
     assert load_context(TINY, ["shared_data=/somewhere/else"]).paths.shared == tmp_path
+    monkeypatch.delenv("MULTIFI_SHARED_DATA")  # a folder that is not there: one error naming it, not "unknown method"
+    with pytest.raises(MultifiError, match=r"^/somewhere/else: no such shared data folder"):
+        plan_parts(load_context(TINY, ["shared_data=/somewhere/else", f"output={tmp_path / 'out'}"]), write=False)
 
 
 # ---------------------------------------------------------------------------------------------- data efficiency

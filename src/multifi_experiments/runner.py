@@ -136,6 +136,11 @@ def _check_owner(output: Path, name: str) -> None:
 
 def plan_parts(ctx: Context, write: bool = True) -> dict[str, PartPlan]:
     """Plans of every part in the spec; writes each part's splits to <output>/splits/<part>.json (`write`)."""
+    if ctx.spec.data is None and not ctx.paths.shared.is_dir():  # else every method would be "unknown"
+        raise MultifiError(
+            f"{ctx.paths.shared}: no such shared data folder (set shared_data in the spec, --set shared_data=…, "
+            "or MULTIFI_SHARED_DATA)"
+        )
     if ctx.spec.data is None and not (ctx.paths.shared / "qm9mf").is_dir():
         log.warning(
             "shared data not found at %s (set shared_data in the spec or MULTIFI_SHARED_DATA)", ctx.paths.shared
