@@ -461,11 +461,14 @@ def test_dry_run_checks_and_plans_without_writing(write_config, tmp_path, capsys
     (tmp_path / "run" / "model.pt").write_text("")
     fails(["train", write_config(), "--dry-run", "--set", "model.n_rbf=-1"], capsys, "model.n_rbf")
     fails(["train", write_config(), "--dry-run", "--set", "data.sources.0.fidelity=LJ"], capsys, "names fidelity 'lo'")
-    fails(
-        ["train", write_config(), "--dry-run"],
-        capsys,
-        "run directory exists and is not empty; use another output_dir (config and data are valid)",
-    )
+    caplog.clear()
+    with caplog.at_level("INFO", logger="multifi"):
+        fails(
+            ["train", write_config(), "--dry-run"],
+            capsys,
+            "run directory exists and is not empty; use another output_dir (config and data are valid)",
+        )
+    assert "nothing written (the run would go to" not in caplog.text  # not said before the error that it can't
 
 
 def test_a_run_without_test_structures_says_so_instead_of_an_empty_table(write_config, tmp_path, capsys):

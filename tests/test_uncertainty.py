@@ -252,6 +252,7 @@ def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, 
     for name, frames in files.items():
         ase.io.write(tmp_path / f"{name}.extxyz", frames, format="extxyz")
     args = ["calibrate", model, "--train", tmp_path / "train.extxyz", "--val"]
+    fails(["calibrate", tmp_path / "runs" / "gone"], capsys, "gone: no such model file or run directory")
     fails([*args, tmp_path / "train.extxyz"], capsys, "every validation label is also in --train")
     assert not (tmp_path / "model.llpr.npz").exists()
     with caplog.at_level("INFO", logger="multifi"):

@@ -26,6 +26,8 @@ def run(args) -> int:
     from multifi.errors import MultifiError
     from multifi.uncertainty import calibrate_files, calibrate_run
 
+    if not Path(args.model).exists():
+        raise MultifiError(f"{args.model}: no such model file or run directory")
     if Path(args.model).is_dir():
         if args.train or args.val:
             raise MultifiError(

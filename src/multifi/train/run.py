@@ -225,7 +225,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     if resumed is not None:
         check_world(trainer.world_size, resumed, cfg, run_dir)
     if dry_run:
-        _report_plan(cfg, prep, module, run_dir, ckpt)
+        _report_plan(cfg, prep, module, run_dir, ckpt, blocked is None)
         if blocked is not None:
             raise MultifiError(f"{blocked} (config and data are valid)")
         return run_dir
@@ -1270,8 +1270,9 @@ def _check_warmup(cfg: RunConfig, prep) -> None:
         )
 
 
-def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None) -> None:
-    """What a run would do (train --dry-run)."""
+def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None, can_start: bool = True) -> None:
+    """What a run would do (train --dry-run); `can_start`: False when the run directory blocks it (the error
+    that follows says why; no "valid" line before it)."""
     import math
 
     t = cfg.train
@@ -1296,7 +1297,8 @@ def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None)
         total,
         f"; resuming from {ckpt}" if ckpt else "",
     )
-    log.info("dry run: config and data are valid; nothing written (the run would go to %s)", run_dir.resolve())
+    if can_start:
+        log.info("dry run: config and data are valid; nothing written (the run would go to %s)", run_dir.resolve())
 
 
 def warn_open_references(name: str, elements: list[int], labels: str = "training labels") -> None:
