@@ -1140,3 +1140,20 @@ def test_runs_scored_on_other_test_structures_get_the_true_reason_not_an_age():
     assert "Not compared on the same test structures" in text and "joint n=10 (seed 0: 7 vs 9)" in text
     assert "reference energy at R2SCAN was estimated" in text and "cover_compositions: true" in text
     assert not _count_mismatch({"noun": "structures"})
+
+
+def test_a_metric_no_run_measured_gets_a_labelled_empty_panel_without_warnings(tmp_path):
+    """Stress asked of a fidelity without stress labels: its panel says nothing was measured (matplotlib warned
+    'No artists with labels found' on every report)."""
+    import warnings
+
+    from multifi_experiments.plots import learning_curves
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = learning_curves(
+            tmp_path / "lc.png",
+            [({"single": {"10": {"mean": 5.0, "std": None, "seeds": 1}}}, "energy"), ({"single": {}}, "stress")],
+            "title",
+        )
+    assert path.stat().st_size > 0

@@ -64,6 +64,11 @@ def learning_curves(
                 ls="--" if name in dashed else "-",
                 color=colours(k % colours.N),
             )
+        if not any(curves.values()):  # a metric no run measured (e.g. stress at a fidelity without stress labels)
+            ax.text(0.5, 0.5, "no run measured this", ha="center", va="center", transform=ax.transAxes)
+            ax.set_ylabel(ylabel)
+            ax.set_xticks([]), ax.set_yticks([])
+            continue
         ax.set_xscale("log")
         ax.set_yscale("log")
         all_ns = sorted({float(n) for c in curves.values() for n in c})
