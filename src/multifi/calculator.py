@@ -117,6 +117,7 @@ class Calculator(AseCalculator):
         self._aot_model = None  # AotModel, built when first used
         self._warned: set = set()
         self._checked: tuple | None = None  # (fidelity index, atomic numbers) last checked
+        self._where = "Calculator" if isinstance(checkpoint, torch.nn.Module) else str(checkpoint)  # errors name it
         self.fidelity = fidelity
 
     @property
@@ -125,7 +126,10 @@ class Calculator(AseCalculator):
 
     @fidelity.setter
     def fidelity(self, name: str) -> None:
-        self._index = self.potential.fidelity_index(name)  # unknown names list the known ones
+        try:
+            self._index = self.potential.fidelity_index(name)  # unknown names list the known ones
+        except MultifiError as exc:
+            raise MultifiError(f"{getattr(self, '_where', 'Calculator')}: {str(exc).removeprefix('model: ')}") from None
         if self.llpr is not None:
             self.llpr.of(name, "Calculator(uncertainty=True)")  # calibrated at this fidelity, or an error now
         self._fidelity = name
