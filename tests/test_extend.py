@@ -1140,8 +1140,8 @@ def test_rotated_and_reordered_copies_of_the_old_runs_molecules_keep_their_split
     from scipy.spatial.transform import Rotation
 
     from multifi.config import SourceConfig
+    from multifi.data.same_geometry import MoleculeTable
     from multifi.data.sources import read_sources
-    from multifi.select import MoleculeTable
     from multifi.train.extend import _log_followed_split, _old_split_of, load_old_run
 
     old = load_old_run(old_run)

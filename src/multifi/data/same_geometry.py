@@ -9,7 +9,10 @@ positions, through the cosine and sine of their fractional coordinates along per
 wrapped across the cell gives the same ones); only neighbours in that order whose features all differ by less
 than copies' can are compared atom by atom. Features of single atoms, not sums over atoms, keep that window as
 narrow as the tolerance for any size: frames of an MD run, far closer to each other than distinct molecules, still
-differ in them by far more."""
+differ in them by far more.
+
+MoleculeTable finds copies of molecules up to translation, rotation, reflection and atom order as well (selection,
+and an extension's split of its new molecules)."""
 
 from __future__ import annotations
 
@@ -258,3 +261,77 @@ def first_of_pairs(S: int, a: np.ndarray, b: np.ndarray, alias: np.ndarray | Non
             first[j] = i
     first[members] = first[heads]
     return first
+
+
+class MoleculeTable:
+    """The molecules of a dataset, to find copies of up to translation, rotation, reflection and atom order: the
+    same elements, distances to the centroid (sorted by element and distance) within `tol` Å, then the
+    interatomic distances of each pair of elements (sorted) within `tol` (conformers that turn about an axis keep
+    their centroid distances; orderings of the same elements on one template keep the distances without elements).
+    Indexed once by composition and radius of gyration: a query looks at the molecules within `tol` of its radius."""
+
+    def __init__(self, ds, tol: float, cache: bool = False):
+        self.ds, self.tol, self.cache = ds, tol, cache  # cache: keep matched molecules' distances (queried again)
+        rows: dict[bytes, list] = {}
+        for s in np.flatnonzero(~np.asarray(ds.pbc).any(1)).tolist():
+            key, profile = _centroid_profile(ds, s)
+            rows.setdefault(key, []).append((_radius(profile), s, profile))
+        self.groups = {}
+        for key, group in rows.items():
+            group.sort(key=lambda r: r[0])
+            profiles = np.stack([r[2] for r in group])
+            self.groups[key] = (np.array([r[0] for r in group]), np.array([r[1] for r in group]), profiles)
+        self._distances: dict[int, np.ndarray] = {}
+
+    def find(self, other, s: int, allowed: np.ndarray | None = None, below: int | None = None) -> int | None:
+        """The lowest id of the table's molecules that structure s of `other` is a copy of, among those with
+        allowed[id] (all when None) and id < below (any when None), or None."""
+        key, profile = _centroid_profile(other, s)
+        if key not in self.groups:
+            return None
+        rgs, ids, profiles = self.groups[key]
+        rg = _radius(profile)
+        lo, hi = int(np.searchsorted(rgs, rg - self.tol)), int(np.searchsorted(rgs, rg + self.tol, side="right"))
+        near = np.abs(profiles[lo:hi] - profile).max(1) < self.tol
+        if allowed is not None:
+            near &= allowed[ids[lo:hi]]
+        if below is not None:
+            near &= ids[lo:hi] < below
+        close = np.sort(ids[lo:hi][near]).tolist()
+        if not close:
+            return None
+        mine = _pair_distances(other, s)
+        for t in close:
+            theirs = self._distances.get(t)
+            if theirs is None:
+                theirs = _pair_distances(self.ds, t)
+                if self.cache:
+                    self._distances[t] = theirs
+            if np.abs(theirs - mine).max(initial=0.0) < self.tol:
+                return t
+        return None
+
+
+def _radius(profile: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(profile**2)))
+
+
+def _pair_distances(ds, s: int) -> np.ndarray:
+    """Interatomic distances [N(N-1)/2] Å of structure s, grouped by the pair of elements, sorted within each."""
+    sl = ds.atoms_slice(s)
+    pos = np.asarray(ds.positions[sl], dtype=np.float64)
+    z = np.asarray(ds.numbers[sl], dtype=np.int64)
+    i, j = np.triu_indices(len(pos), 1)
+    d = np.linalg.norm(pos[i] - pos[j], axis=1)
+    pair = np.minimum(z[i], z[j]) * 256 + np.maximum(z[i], z[j])
+    return d[np.lexsort((d, pair))]
+
+
+def _centroid_profile(ds, s: int) -> tuple[bytes, np.ndarray]:
+    """(sorted atomic numbers as bytes, [N] distances Å of the atoms to their centroid, sorted by element, then
+    distance) of structure s: invariant to translation, rotation and atom order."""
+    sl = ds.atoms_slice(s)
+    z, pos = np.asarray(ds.numbers[sl]), np.asarray(ds.positions[sl], dtype=np.float64)
+    r = np.linalg.norm(pos - pos.mean(0), axis=1)
+    order = np.lexsort((r, z))
+    return z[order].astype(np.int64).tobytes(), r[order]

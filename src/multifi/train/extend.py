@@ -438,7 +438,7 @@ def _old_split_of(ds: FidelityDataset, old: OldRun) -> np.ndarray:
     j = old_of_merged[new_at]
     unkeyed = (j < 0) & ~ds.pbc.any(1) & np.char.startswith(ds.keys.astype(str), GEOMETRY_KEY_PREFIX)
     if unkeyed.any() and (~old.dataset.pbc.any(1)).any():  # a keyed run's molecules moved or reordered
-        from multifi.select import MoleculeTable
+        from multifi.data.same_geometry import MoleculeTable
 
         table = MoleculeTable(old.dataset, GEOMETRY_TOLERANCE)  # the merge's: coordinates printed to 3 decimals
         for s in np.flatnonzero(unkeyed).tolist():
