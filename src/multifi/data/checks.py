@@ -199,7 +199,10 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
         s = pairs[pairs[:, 1] == k, 0]
         s = s[~np.isnan(dataset.energy[s, k])]
         if len(s) < 20:  # a few labels (a fidelity added by `multifi extend`): the Hartree test where the fit holds
-            if len(s) >= len(np.unique(dataset.numbers[_atoms_of_structures(dataset, s)])) + SMALL_SET_MARGIN:
+            if (
+                len(s)
+                >= len(np.unique(dataset.numbers[ranges(dataset.offsets[s], dataset.n_atoms[s])])) + SMALL_SET_MARGIN
+            ):
                 _warn_small_set_in_hartree(dataset, s, k, name, ref, scale, suspicious)
             continue
         if _looks_per_atom(dataset, s, k):
@@ -280,12 +283,6 @@ SMALL_SET_MARGIN = 3
 #: eV per atom; below this spread of per-atom energies around the references, a small set with a tiny hydrogen
 #: reference is taken for Hartree
 SMALL_SET_SPREAD = 5e-3
-
-
-def _atoms_of_structures(dataset: FidelityDataset, s: np.ndarray) -> np.ndarray:
-    """Indices of the atoms of structures `s`."""
-    starts, counts = dataset.offsets[s], dataset.n_atoms[s]
-    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
 
 
 def _warn_small_set_in_hartree(
