@@ -1094,17 +1094,16 @@ def test_workers_of_a_killed_runner_stop_instead_of_training_on_orphaned(tmp_pat
 def test_ctrl_c_stops_the_workers_and_names_the_stopped_runs_and_the_command(tmp_path, monkeypatch):
     """Ctrl-C (or SIGINT to the runner alone) while runs train in workers: the workers get SIGTERM (their runs
     stop with the checkpoint kept) and the message names the stopped runs and the command that continues."""
+    import multiprocessing
     import signal
-    import subprocess
-    import sys
+    import time
     from concurrent.futures import Executor, Future
     from types import SimpleNamespace
 
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    sleeper = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(300,))  # a worker's stand-in
+    sleeper.start()
 
     class Pool(Executor):
-        _processes = {sleeper.pid: None}
-
         def submit(self, fn, /, *args, **kwargs):
             return Future()  # never finishes: the runs are training
 
@@ -1122,7 +1121,8 @@ def test_ctrl_c_stops_the_workers_and_names_the_stopped_runs_and_the_command(tmp
             str(caught.value)
             == "part/run0, part/run1 stopped; continue with: multifi experiment run spec.yaml --only part"
         )
-        assert sleeper.wait(30) == -signal.SIGTERM
+        sleeper.join(30)
+        assert sleeper.exitcode == -signal.SIGTERM
     finally:
         sleeper.kill()
 

@@ -507,3 +507,27 @@ def test_a_cell_vector_near_zero_is_blamed_not_the_usual_cutoff():
     ) as e:
         neighbor_list(cu.positions, cu.cell.array, cu.pbc, 5.0, where="flat")
     assert "slip" not in str(e.value) and "cell vector near zero" in str(e.value)
+
+
+def test_warnings_of_an_ensemble_member_name_its_model_file(model, tmp_path, caplog):
+    """predict --ensemble: a member's own warnings (here an element pair it never saw within the cutoff) name
+    the member's file, not an anonymous 'predict_atoms' (the main model's warnings name the input file)."""
+    from multifi.models.registry import load_potential
+    from multifi.predict import predict_file
+
+    pot = load_potential(model)
+    contact = pot.head.contact
+    contact[1, 6] = contact[6, 1] = 1.1  # H and O had neighbours (C) in training, never each other
+    contact[8, 6] = contact[6, 8] = 1.2
+    main = save_potential(pot, tmp_path / "main.pt")
+    with torch.no_grad():
+        next(pot.parameters()).add_(0.01)  # members must differ
+    member = save_potential(pot, tmp_path / "member.pt")
+    src = tmp_path / "water.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0)])
+    with caplog.at_level(logging.WARNING):
+        predict_file(main, src, "hi", tmp_path / "pred.extxyz", ensemble=[member])
+    pair = [r.getMessage() for r in caplog.records if "no H–O pair came within" in r.getMessage()]
+    assert len(pair) == 2, [r.getMessage() for r in caplog.records]
+    assert pair[0].startswith(f"{src}:") and f"ensemble member {member}" in pair[1]
+    assert not any(r.getMessage().startswith("predict_atoms") for r in caplog.records)

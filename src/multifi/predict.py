@@ -141,7 +141,14 @@ def predict_file(
             )
         if uncertainty or members:
             energies, forces, stresses, sigmas[name], method = predict_sigma(
-                checkpoint, potential, members, atoms_list, name, (energies, forces, stresses), batch_size
+                checkpoint,
+                potential,
+                members,
+                atoms_list,
+                name,
+                (energies, forces, stresses),
+                batch_size,
+                where=[f"{path} (ensemble member {m})" for m in ensemble],
             )
         predictions[name] = (energies, forces, stresses)
     estimated = {name: estimated_references(potential, atoms_list, name) for name in fidelities}
@@ -335,16 +342,26 @@ def _attach(atoms, name: str, energy, forces, stress, first: bool, several: bool
 
 
 def predict_sigma(
-    checkpoint, potential, ensemble: list, atoms_list, fidelity: str, predicted: tuple, batch_size: int = 32
+    checkpoint,
+    potential,
+    ensemble: list,
+    atoms_list,
+    fidelity: str,
+    predicted: tuple,
+    batch_size: int = 32,
+    where: list[str] = (),
 ):
     """σ (eV) for predict_file: LLPR of `potential` (no ensemble), else the spread of potential + ensemble
-    (further loaded models, see uncertainty.load_ensemble), whose means replace the predictions.
-    Returns (energies, forces, stresses, sigma [n], method name)."""
+    (further loaded models, see uncertainty.load_ensemble), whose means replace the predictions; `where`
+    names each member in its warnings (e.g. an element it has no labels for). Returns (energies, forces, stresses, sigma [n], method name)."""
     from multifi.data.dataset import FidelityDataset
     from multifi.uncertainty import LLPR, check_members_differ, dataset_features, llpr_path
 
     if ensemble:
-        members = [predicted] + [predict_atoms(m, atoms_list, fidelity, batch_size) for m in ensemble]
+        names = list(where) or [f"ensemble member {n + 1}" for n in range(len(ensemble))]
+        members = [predicted] + [
+            predict_atoms(m, atoms_list, fidelity, batch_size, where=w) for m, w in zip(ensemble, names, strict=True)
+        ]
         e = np.stack([m[0] for m in members])
         check_members_differ(e, fidelity)
         forces = [np.mean(fs, axis=0) for fs in zip(*(m[1] for m in members))]

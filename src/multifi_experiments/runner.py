@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import shlex
@@ -263,12 +264,12 @@ def _worker_started(runner: int) -> None:
     end_with_parent(signal.SIGTERM, parent=runner)  # a runner that died while this worker started ends it now
 
 
-def _stop_workers(pool: Executor) -> None:
-    """Ask the workers of a stopped runner to stop their runs as a time limit would (SIGTERM: Lightning ends
-    the step, the checkpoint stays, the next `experiment run` resumes)."""
-    for pid in list(getattr(pool, "_processes", None) or {}):
+def _stop_workers() -> None:
+    """Ask the workers of a stopped runner (its only child processes) to stop their runs as a time limit would
+    (SIGTERM: Lightning ends the step, the checkpoint stays, the next `experiment run` resumes)."""
+    for worker in multiprocessing.active_children():
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(worker.pid, signal.SIGTERM)
 
 
 def _execute(ctx: Context, todo: list[RunPlan]) -> list[str]:
@@ -310,7 +311,7 @@ def _execute(ctx: Context, todo: list[RunPlan]) -> list[str]:
     except KeyboardInterrupt as exc:  # Ctrl-C, or a run's worker stopped by SIGTERM
         if isinstance(pool, _InProcess):
             raise  # the run in this process says which run stopped and how to continue
-        _stop_workers(pool)
+        _stop_workers()
         pool.shutdown(wait=True, cancel_futures=True)
         stopped = f"{', '.join(sorted(in_flight))} stopped; " if in_flight else ""
         raise type(exc)(f"{stopped}continue with: {_rerun(ctx)}") from None
