@@ -421,7 +421,8 @@ def test_fidelity_names_with_spaces_are_errors_and_names_alike_are_warned_about(
     with caplog.at_level("WARNING", logger="multifi"):
         ds = read_sources([SourceConfig(path=str(tmp_path / "cases.extxyz"))])
     assert list(ds.fidelities.names) == ["HI", "hi"]
-    assert "fidelities 'HI' and 'hi' differ only in case or spaces" in caplog.text
+    where = tmp_path / "cases.extxyz"
+    assert f"fidelities 'HI' ({where}) and 'hi' ({where}) differ only in case or spaces" in caplog.text
     assert alike_names(["B3LYP", "PBE", "b3 lyp"]) == [("B3LYP", "b3 lyp")] and not alike_names(["PBE", "PBE0"])
 
 
@@ -620,3 +621,23 @@ def test_a_file_without_labels_says_so_before_asking_for_a_fidelity(tmp_path):
     ase.io.write(tmp_path / "si.cif", bulk("Si", "diamond", 5.43))
     with pytest.raises(MultifiError, match=r"si.cif: frame 0 \(0-based\) has no energy/forces/stress label$"):
         read_ase(tmp_path / "si.cif")
+
+
+def test_fidelity_names_one_letter_apart_are_warned_about_naming_their_files(tmp_path, caplog):
+    """A typo of a fidelity name inside a data file ('R2SCN' beside 'R2SCAN') became a fidelity of its own without a
+    word (its labels then train nothing the user asked for): a warning naming each name's file; different
+    methods whose names differ in a digit or a last letter (GFN1/GFN2-xTB, TPSS/TPSSh) are not warned about."""
+    from multifi.config import SourceConfig
+    from multifi.data.fidelity import one_letter_apart
+    from multifi.data.sources import read_sources
+
+    ase.io.write(tmp_path / "good.extxyz", [water(fidelity="R2SCAN"), water(-3.5, fidelity="GFN1-xTB")])
+    ase.io.write(tmp_path / "typo.extxyz", [water(-3.2, fidelity="R2SCN"), water(-3.4, fidelity="GFN2-xTB")])
+    with caplog.at_level("WARNING", logger="multifi"):
+        read_sources([SourceConfig(path=str(tmp_path / name)) for name in ("good.extxyz", "typo.extxyz")])
+    typo = [r.getMessage() for r in caplog.records if "one letter apart" in r.getMessage()]
+    assert len(typo) == 1, caplog.text
+    assert f"'R2SCAN' ({tmp_path / 'good.extxyz'}) and 'R2SCN' ({tmp_path / 'typo.extxyz'})" in typo[0]
+    assert one_letter_apart(["B3LYP", "B3LIP", "TPSS", "TPSSh", "wB97X", "wB97XD", "PBE", "PBE0"]) == [
+        ("B3LYP", "B3LIP")
+    ]

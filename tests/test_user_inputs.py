@@ -386,8 +386,31 @@ def test_forces_in_mev_per_angstrom_are_flagged(factor, write_config, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="multifi"):
         code, _, err = run(["train", config, "--dry-run"], capsys)
     assert code == 0, err
-    flagged = [r.getMessage() for r in caplog.records if "look like meV/Å" in r.getMessage()]
+    flagged = [r.getMessage() for r in caplog.records if "look like numbers in another unit" in r.getMessage()]
     assert len(flagged) == (factor > 1) and all(str(path) in m and "'EMT'" in m for m in flagged)
+    assert all("kJ/mol/Å by 96.49" in m for m in flagged)  # kJ/mol/Å is as likely as meV/Å
+
+
+def test_forces_off_by_a_unit_at_one_fidelity_do_not_blame_the_other(write_config, tmp_path, capsys, caplog):
+    """PBE forces in meV/Å beside right r2SCAN forces on the same structures: one warning, about PBE; the
+    comparison of the two fidelities' forces (which blamed r2SCAN as '0.001× the size' of PBE's) is not made."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for fidelity, factor in (("PBE", 1000.0), ("R2SCAN", 1.0)):
+        for a in _strained_copper(n=12):
+            r = a.calc.results
+            a.calc = SinglePointCalculator(a, energy=r["energy"], forces=r["forces"] * factor, stress=r["stress"])
+            a.info["fidelity"] = fidelity
+            frames.append(a)
+    path = tmp_path / "cu.extxyz"
+    ase.io.write(path, frames)
+    config = write_config(data={"sources": [{"path": str(path)}], "split": {"val": 0.25, "test": 0.25, "seed": 0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    about_forces = [r.getMessage() for r in caplog.records if "forces at fidelity" in r.getMessage()]
+    assert len(about_forces) == 1 and "'PBE'" in about_forces[0], about_forces
 
 
 def test_settings_of_a_fidelity_left_out_by_data_fidelities_are_ignored(write_config, capsys, caplog):
@@ -531,3 +554,37 @@ def test_warnings_of_an_ensemble_member_name_its_model_file(model, tmp_path, cap
     assert len(pair) == 2, [r.getMessage() for r in caplog.records]
     assert pair[0].startswith(f"{src}:") and f"ensemble member {member}" in pair[1]
     assert not any(r.getMessage().startswith("predict_atoms") for r in caplog.records)
+
+
+def test_soft_solids_beside_a_stiff_one_raise_no_unit_question(write_config, tmp_path, capsys, caplog):
+    """Two soft compositions (alkali-metal-like moduli) and one stiff one, stresses in the right unit: the median
+    modulus is soft, but a 10× unit error would soften the stiff one too, so no 'GPa where kBar is read' question
+    (it was asked of correct Li, Na and diamond stresses)."""
+    import logging
+
+    soft = _strained_copper(n=20, stress_unit=10.0, elements=("Cu", "Al"), equilibrium=True)
+    stiff = _strained_copper(n=10, elements=("Ni",), equilibrium=True)
+    path = tmp_path / "mixed.extxyz"
+    ase.io.write(path, soft + stiff)
+    config = write_config(data={"sources": [{"path": str(path)}], "split": {"val": 0.1, "test": 0.1, "seed": 0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    messages = [r.getMessage() for r in caplog.records if "stresses at fidelity" in r.getMessage()]
+    assert not messages, messages
+
+
+def test_unit_checks_of_train_see_every_split_as_data_info_does(write_config, tmp_path, capsys, caplog):
+    """Sign-flipped stresses of compositions with 6 structures each, 40 % of them held out for validation and
+    test: fewer than the check's 5 per composition stay in training, which skipped it silently while `data info`
+    warned on the same file; train checks every labelled split's units now."""
+    import logging
+
+    path = tmp_path / "fcc.extxyz"
+    ase.io.write(path, _strained_copper(n=18, stress_unit=-1.0, elements=("Cu", "Al", "Ni")))
+    config = write_config(data={"sources": [{"path": str(path)}], "split": {"val": 0.2, "test": 0.2, "seed": 0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    flagged = [r.getMessage() for r in caplog.records if "sign-flipped" in r.getMessage()]
+    assert len(flagged) == 1 and "in 3 of 3 compositions" in flagged[0], flagged

@@ -476,23 +476,27 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
         if median > IMPLAUSIBLE_FORCE:
             suspicious.append(name)
             log.warning(
-                "%s: forces at fidelity %r look like meV/Å numbers read as eV/Å (median |component| %.0f eV/Å; "
-                "real data: 0.1-5); force labels are read in eV/Å: divide meV/Å by 1000",
+                "%s: forces at fidelity %r look like numbers in another unit read as eV/Å (median |component| %.0f "
+                "eV/Å; real data: 0.1-5); force labels are read in eV/Å: divide meV/Å by 1000, kJ/mol/Å by 96.49, "
+                "kcal/mol/Å by 23.06",
                 dataset.source or "data",
                 name,
                 median,
             )
-    suspicious += [name for name in check_force_agreement(dataset, pairs) if name not in suspicious]
+    # fidelities found off already are no yardstick for the others (they would be blamed for the bad one's unit)
+    suspicious += check_force_agreement(dataset, pairs, skip=set(suspicious))
     return suspicious + [name for name in check_forces_against_energies(dataset, pairs) if name not in suspicious]
 
 
-def check_force_agreement(dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5) -> list[str]:
+def check_force_agreement(
+    dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5, skip: set[str] = frozenset()
+) -> list[str]:
     """Warn for fidelities whose forces, on structures also force-labelled at an earlier fidelity (at least
     `min_count` of `pairs`' structures, at most 5 000 looked at), point the other way (correlation below −0.5:
     gradients given as forces) or follow the same pattern (correlation above 0.5) at a size more than 5× apart
     (RMS ratio; Ha/Bohr read as eV/Å is 51.4× too small). Levels of theory differ by far less; near a minimum of
-    one level its forces are small and hardly correlated with another's, and nothing is said. Returns the
-    suspicious names."""
+    one level its forces are small and hardly correlated with another's, and nothing is said. Fidelities in
+    `skip` (warned about already) are compared with none. Returns the suspicious names."""
     if dataset.forces is None or len(dataset.fidelities) < 2:
         return []
     labelled = np.zeros(dataset.forces_mask.shape, bool)
@@ -501,6 +505,8 @@ def check_force_agreement(dataset: FidelityDataset, pairs: np.ndarray, min_count
     names = dataset.fidelities.names
     for k, name in enumerate(names):
         for ref in range(k):  # the first earlier fidelity sharing structures: one warning per pair at most
+            if name in skip or names[ref] in skip:
+                continue
             s = np.flatnonzero(labelled[:, k] & labelled[:, ref])
             if len(s) < min_count:
                 continue
@@ -520,7 +526,7 @@ def check_force_agreement(dataset: FidelityDataset, pairs: np.ndarray, min_count
             suspicious.append(name)
             log.warning(
                 "%s: forces at fidelity %r, on the %d structures labelled at %r too, %s; levels of theory differ by "
-                "far less: if %r's are right, fix %r's",
+                "far less: if the forces at %r are right, fix those at %r",
                 dataset.source or "data",
                 name,
                 len(s),
@@ -763,7 +769,8 @@ def check_stress_sign(
                 implied,
                 hint,
             )
-        elif _softness_question(modulus):
+        elif _softness_question(modulus) and max(m for m, _ in clear) < 3 * TYPICAL_MEDIAN_MODULUS:
+            # a 10× unit error shrinks every composition: one as stiff as most inorganic solids answers the question
             log.warning("%s look small: %s%s", where, implied, _softness_question(modulus))
     return suspicious
 

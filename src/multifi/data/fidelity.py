@@ -67,3 +67,30 @@ def alike_names(names: Iterable[str]) -> list[tuple[str, str]]:
             pairs.append((seen[norm], name))
         seen.setdefault(norm, name)
     return pairs
+
+
+def one_letter_apart(names: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs of names (≥ 4 characters) one letter apart inside the name — a letter dropped, added or replaced
+    ('R2SCAN' and 'R2SCN'): a typo more often than two methods. Digits and first or last characters are left
+    out: 'GFN1-xTB' / 'GFN2-xTB', 'wB97X' / 'wB97XD', 'TPSS' / 'TPSSh' are different methods."""
+    names = [str(n) for n in names]
+    return [
+        (a, b)
+        for n, a in enumerate(names)
+        for b in names[n + 1 :]
+        if min(len(a), len(b)) >= 4 and _one_inner_letter(a, b)
+    ]
+
+
+def _one_inner_letter(a: str, b: str) -> bool:
+    """Whether b is a with one letter, not its first or last character, dropped, added or replaced."""
+    if len(a) > len(b):
+        a, b = b, a
+    if len(b) - len(a) > 1:
+        return False
+    start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    if len(a) == len(b):  # replaced
+        differ = start < len(a) and a[start + 1 :] == b[start + 1 :]
+        return differ and 0 < start < len(a) - 1 and a[start].isalpha() and b[start].isalpha()
+    # b has one more character: its character at `start` (where the names first differ) is the added one
+    return a[start:] == b[start + 1 :] and 0 < start < len(b) - 1 and b[start].isalpha()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from multifi.data.dataset import FidelityDataset
-from multifi.data.fidelity import alike_names
+from multifi.data.fidelity import alike_names, one_letter_apart
 from multifi.data.same_geometry import MERGE_TOLERANCE
 from multifi.errors import MultifiError
 from multifi.files import reported
@@ -158,7 +158,12 @@ def merge_parts(parts) -> FidelityDataset:
     warn_disagreeing_sources(parts)
     ds = FidelityDataset.merge(parts)
     report_repeats(parts, ds)
-    warn_alike_names(ds.fidelities.names, ", ".join(sorted({p.source for p in parts if p.source})) or "data")
+    holders = {
+        name: ", ".join(dict.fromkeys(p.source for p in parts if p.source and name in p.fidelities.names))
+        for name in ds.fidelities.names
+    }
+    files = ", ".join(sorted({p.source for p in parts if p.source})) or "data"
+    warn_alike_names(ds.fidelities.names, files, {name: text for name, text in holders.items() if text})
     return ds
 
 
@@ -211,10 +216,22 @@ def warn_disagreeing_sources(parts, max_structures: int = 5000) -> None:
                     return
 
 
-def warn_alike_names(names, where: str) -> None:
-    """Warn about fidelity names equal up to case and spaces: kept as separate fidelities, as written."""
+def warn_alike_names(names, where: str, sources: dict[str, str] | None = None) -> None:
+    """Warn about fidelity names equal up to case and spaces, or one letter apart (a typo?): kept as separate
+    fidelities, as written. `sources`: the files holding each name, named instead of `where` when given."""
+    said = lambda name: f"{name!r}" + (f" ({sources[name]})" if sources and name in sources else "")  # noqa: E731
     for a, b in alike_names(names):
-        log.warning("%s: fidelities %r and %r differ only in case or spaces: they are two fidelities", where, a, b)
+        log.warning(
+            "%s: fidelities %s and %s differ only in case or spaces: they are two fidelities", where, said(a), said(b)
+        )
+    for a, b in one_letter_apart(names):
+        log.warning(
+            "%s: fidelities %s and %s are one letter apart: a typo? They are two fidelities, and labels under the "
+            "misspelt name do not train the other",
+            where,
+            said(a),
+            said(b),
+        )
 
 
 def report_repeats(parts, merged) -> None:

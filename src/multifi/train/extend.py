@@ -589,7 +589,14 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
         len(old.fidelities),
     )
     grow_weights(module.potential, old, like)
-    doubtful = _fit_new_baseline(module.potential, ds, pairs["train"], len(old.fidelities), old.config.energy_scale)
+    doubtful = _fit_new_baseline(
+        module.potential,
+        ds,
+        pairs["train"],
+        len(old.fidelities),
+        old.config.energy_scale,
+        np.concatenate(list(pairs.values())),
+    )
     trained = module.freeze()
     module.sync_ema()
     problem = unmeasured_monitor(cfg, ds, pairs["val"], module.potential.head)
@@ -822,11 +829,13 @@ def _replay(x, old, old_run: OldRun | None, seed: int, where: str) -> dict[str, 
     }
 
 
-def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k: int, energy_scale) -> dict:
+def _fit_new_baseline(
+    potential, ds: FidelityDataset, train_pairs: np.ndarray, k: int, energy_scale, labelled: np.ndarray
+) -> dict:
     """Reference energies [119] and scale of the new fidelity k by least squares on its training labels,
     next to the model's known references (elements its labels lack get the shared estimate, flagged in
     head.fitted); the old columns are not touched. With energy_scale: shared, the new fidelity takes the
-    shared scale. Returns the unit checks' findings on its labels (data.checks.doubtful_units)."""
+    shared scale. Returns the unit checks' findings on its `labelled` pairs, every split (data.checks.doubtful_units)."""
     head = potential.head
     known_ref = head.ref[:, :k].detach().double().cpu().numpy()
     known_fitted = head.fitted[:, :k].cpu().numpy()
@@ -849,7 +858,7 @@ def _fit_new_baseline(potential, ds: FidelityDataset, train_pairs: np.ndarray, k
             new.scale[0],
         )
     scale[k] = new.scale[0]
-    doubtful = doubtful_units(ds, train_pairs[train_pairs[:, 1] == k], ref, scale)
+    doubtful = doubtful_units(ds, labelled[labelled[:, 1] == k], ref, scale)  # units: every split's labels
     with torch.no_grad():
         head.ref[:, k] = torch.as_tensor(new.ref[:, 0], dtype=head.ref.dtype)
         head.fitted[:, k] = torch.as_tensor(new.fitted[:, 0])

@@ -188,7 +188,9 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     # units are the labels' own: checked against each fidelity's own fit (a pooled fit of several methods lies
     # far from every one of them, which blamed the data for the pooling)
     own = fit_references(prep.dataset, prep.pairs["train"]) if module.potential.head.shared_baseline else refs
-    doubtful = doubtful_units(prep.dataset, prep.pairs["train"], own.ref, own.scale)
+    # units over every labelled split, as `data info` checks them: the training split alone can leave a composition
+    # below a check's minimum count and skip it silently
+    doubtful = doubtful_units(prep.dataset, np.concatenate(list(prep.pairs.values())), own.ref, own.scale)
     warn_isolated_atoms(prep.dataset, prep.pairs["train"])
     report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
