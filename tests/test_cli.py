@@ -794,6 +794,10 @@ def test_outputs_are_not_replaced_without_force(cli_run, tiny_extxyz, tmp_path, 
     fails(["evaluate", model, src, "--plot", plot], capsys, f"{plot}: exists; not replaced (--force replaces it)")
     assert plot.read_bytes() == b"x"
     assert run(["evaluate", model, src, "--plot", plot, "--force"], capsys)[0] == 0 and plot.read_bytes() != b"x"
+    inside = src / "parity.png"  # a plot inside the data file: refused before the metrics are written
+    metrics = tmp_path / "fresh.json"
+    fails(["evaluate", model, src, "--out", metrics, "--plot", inside], capsys, f"{src} exists and is not a folder")
+    assert not metrics.exists()
 
 
 def test_errors_that_are_one_energy_per_element_are_said_to_be_another_convention(caplog, tmp_path):

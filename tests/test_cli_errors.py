@@ -920,6 +920,9 @@ def test_verbose_after_the_command_and_leftover_arguments_name_the_command(tmp_p
     assert (
         "multifi data info: unrecognized arguments: --bogus (see multifi data info --help)" in capsys.readouterr().err
     )
+    with pytest.raises(SystemExit):
+        main(["inspect"])  # the top-level parser's own error: 'multifi' once (was 'multifi: error: multifi: …')
+    assert capsys.readouterr().err.startswith("multifi: error: argument command: invalid choice: 'inspect'")
 
 
 def test_evaluate_names_its_own_option_for_nan_labels(model, tmp_path, capsys, caplog):

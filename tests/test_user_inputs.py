@@ -392,25 +392,29 @@ def test_forces_in_mev_per_angstrom_are_flagged(factor, write_config, tmp_path, 
 
 
 def test_forces_off_by_a_unit_at_one_fidelity_do_not_blame_the_other(write_config, tmp_path, capsys, caplog):
-    """PBE forces in meV/Å beside right r2SCAN forces on the same structures: one warning, about PBE; the
-    comparison of the two fidelities' forces (which blamed r2SCAN as '0.001× the size' of PBE's) is not made."""
+    """PBE forces in meV/Å beside right r2SCAN forces on the same structures, one file each: one warning, about
+    PBE, naming PBE's file only (it named every source); the comparison of the two fidelities' forces (which blamed
+    r2SCAN as '0.001× the size' of PBE's) is not made."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    frames = []
+    paths = {}
     for fidelity, factor in (("PBE", 1000.0), ("R2SCAN", 1.0)):
-        for a in _strained_copper(n=12):
+        frames = []
+        for n, a in enumerate(_strained_copper(n=12)):
             r = a.calc.results
             a.calc = SinglePointCalculator(a, energy=r["energy"], forces=r["forces"] * factor, stress=r["stress"])
-            a.info["fidelity"] = fidelity
+            a.info.update(fidelity=fidelity, key=f"cu{n}")
             frames.append(a)
-    path = tmp_path / "cu.extxyz"
-    ase.io.write(path, frames)
-    config = write_config(data={"sources": [{"path": str(path)}], "split": {"val": 0.25, "test": 0.25, "seed": 0}})
+        paths[fidelity] = tmp_path / f"{fidelity}.extxyz"
+        ase.io.write(paths[fidelity], frames)
+    sources = [{"path": str(p)} for p in paths.values()]
+    config = write_config(data={"sources": sources, "split": {"val": 0.25, "test": 0.25, "seed": 0}})
     with caplog.at_level(logging.WARNING, logger="multifi"):
         code, _, err = run(["train", config, "--dry-run"], capsys)
     assert code == 0, err
     about_forces = [r.getMessage() for r in caplog.records if "forces at fidelity" in r.getMessage()]
     assert len(about_forces) == 1 and "'PBE'" in about_forces[0], about_forces
+    assert about_forces[0].startswith(f"{paths['PBE']}: ") and str(paths["R2SCAN"]) not in about_forces[0]
 
 
 def test_settings_of_a_fidelity_left_out_by_data_fidelities_are_ignored(write_config, capsys, caplog):

@@ -64,7 +64,8 @@ def refuse_existing(*paths, force: bool, folder_ok: bool = False) -> None:
     """Before any work: a one-line error for the first output path that exists as a regular file (or a symlink to
     one) unless force, or as a folder where a file is written (folder_ok: a folder is a valid output, e.g. a saved
     dataset, and needs force too). Streams and devices (/dev/stdout, a named pipe, a link to a process's stream)
-    are written to; unset or empty paths are skipped."""
+    are written to; unset or empty paths are skipped. A path inside a regular file (data.extxyz/plot.png) is an
+    error too."""
     import os
     from pathlib import Path
 
@@ -77,6 +78,9 @@ def refuse_existing(*paths, force: bool, folder_ok: bool = False) -> None:
         if str(path).endswith(("/", os.sep)) and not folder_ok:  # Path() drops the slash: a file of that name
             raise MultifiError(f"{path}: names a folder (trailing '/'), expected a file name")
         path = Path(path)
+        ancestor = next((a for a in path.parents if a.exists()), None)  # where the missing folders would be made
+        if ancestor is not None and not ancestor.is_dir():
+            raise MultifiError(f"{path}: {ancestor} exists and is not a folder")
         stream = path.is_symlink() and links_to_a_stream(path)  # as files.atomic_write tells a stream
         if stream or is_special(path) or not (path.exists() or path.is_symlink()):
             continue

@@ -22,15 +22,20 @@ class Parser(argparse.ArgumentParser):
     """argparse with usage errors as one line, like every other multifi error (subcommands inherit it)."""
 
     def error(self, message: str):
-        self.exit(2, f"multifi: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{_prefix(self.prog)}{message} (see {self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
         """Arguments left over are named with the command they followed (`multifi predict: …`, not `multifi`)."""
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
             prog = _deepest_command(self, ns).prog
-            self.exit(2, f"multifi: error: {prog}: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
+            self.exit(2, f"{_prefix(prog)}unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
         return ns
+
+
+def _prefix(prog: str) -> str:
+    """'multifi: error: ' and the subcommand, if any ('multifi: error: multifi train: '), before a usage error."""
+    return "multifi: error: " + ("" if prog == "multifi" else f"{prog}: ")
 
 
 def _deepest_command(parser: argparse.ArgumentParser, ns) -> argparse.ArgumentParser:

@@ -81,7 +81,7 @@ def warn_isolated_atoms(dataset: FidelityDataset, pairs: np.ndarray) -> list[str
             "are trained as ordinary structures: reference energies are fitted over every structure, isolated atoms "
             "are not taken as fixed reference energies (MACE's E0s). With them the fidelity's energy scale is %.3g eV, "
             "without them %.3g eV; leave them out unless the model should learn the dissociation limit",
-            dataset.source or "data",
+            dataset.source_of(name),
             count,
             name,
             scale[k],
@@ -211,7 +211,7 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
                 "%s: energies at fidelity %r look like energies per atom, not per structure (they do not grow with "
                 "the number of atoms, which varies %.0f-%.0f); labels are total energies in eV: multiply by the "
                 "number of atoms if so",
-                dataset.source or "data",
+                dataset.source_of(name),
                 name,
                 dataset.n_atoms[s].min(),
                 dataset.n_atoms[s].max(),
@@ -236,7 +236,7 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
             )
             log.warning(
                 "%s: energies at fidelity %r look like Hartree, not eV (%s); multiply by 27.211386 if so",
-                dataset.source or "data",
+                dataset.source_of(name),
                 name,
                 why,
             )
@@ -247,7 +247,7 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
             log.warning(
                 "%s: energies at fidelity %r look like kcal/mol, kJ/mol or meV, not eV (hydrogen reference "
                 "%.1f; every method gives 1-16 eV)",
-                dataset.source or "data",
+                dataset.source_of(name),
                 name,
                 ref[1, k],
             )
@@ -259,7 +259,7 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
                     "%s: energies at fidelity %r look like kcal/mol, kJ/mol or meV, not eV (median |reference "
                     "energy| per element %.0f, spread of per-atom energies around them %.1f, where eV data of "
                     "real structures spreads by well under %g)",
-                    dataset.source or "data",
+                    dataset.source_of(name),
                     name,
                     large,
                     scale[k],
@@ -270,7 +270,7 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
                     "%s: energies at fidelity %r: median |reference energy| per element %.0f (absolute "
                     "pseudopotential energies as Quantum ESPRESSO or CP2K give; kcal/mol or meV would also "
                     "look like this, with a spread of per-atom energies far above the %.2f here)",
-                    dataset.source or "data",
+                    dataset.source_of(name),
                     name,
                     large,
                     scale[k],
@@ -298,7 +298,7 @@ def _warn_small_set_in_hartree(
         log.warning(
             "%s: energies at fidelity %r look like Hartree, not eV (hydrogen reference %.3f, per-atom spread "
             "%.2f meV, from %d structures); multiply by 27.211386 if so",
-            dataset.source or "data",
+            dataset.source_of(name),
             name,
             ref[1, k],
             1000 * scale[k],
@@ -388,7 +388,7 @@ def _report_far_from_references(dataset: FidelityDataset, s: np.ndarray, k: int,
         "%s: %d of %d energies at fidelity %r lie far from the reference energies that fit %s (e.g. structure "
         "%s: %.2f eV/atom against %.2f expected): energies in two units (eV and Hartree, kcal/mol, meV), or "
         "labels of another method, in one fidelity?",
-        dataset.source or "data",
+        dataset.source_of(dataset.fidelities.names[k]),
         int(far.sum()),
         len(s),
         dataset.fidelities.names[k],
@@ -479,7 +479,7 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
                 "%s: forces at fidelity %r look like numbers in another unit read as eV/Å (median |component| %.0f "
                 "eV/Å; real data: 0.1-5); force labels are read in eV/Å: divide meV/Å by 1000, kJ/mol/Å by 96.49, "
                 "kcal/mol/Å by 23.06",
-                dataset.source or "data",
+                dataset.source_of(name),
                 name,
                 median,
             )
@@ -527,7 +527,7 @@ def check_force_agreement(
             log.warning(
                 "%s: forces at fidelity %r, on the %d structures labelled at %r too, %s; levels of theory differ by "
                 "far less: if the forces at %r are right, fix those at %r",
-                dataset.source or "data",
+                dataset.source_of(name),
                 name,
                 len(s),
                 names[ref],
@@ -607,7 +607,7 @@ def check_forces_against_energies(dataset: FidelityDataset, pairs: np.ndarray, m
         log.warning(
             "%s: at fidelity %r the energy changes between %d neighbouring frames are %.3g× what the forces imply "
             "(trapezoid rule, correlation %+.2f); %s",
-            dataset.source or "data",
+            dataset.source_of(name),
             name,
             len(de),
             slope,
@@ -653,7 +653,7 @@ def check_stress_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: i
                 "%s: stresses at fidelity %r look like GPa or kBar numbers read as eV/Å³ (median largest "
                 "component %.0f GPa after conversion; real data: 1-10); stress labels are read in eV/Å³ "
                 "(ASE units): multiply GPa by ase.units.GPa (1/160.2), kBar by 0.1·ase.units.GPa",
-                dataset.source or "data",
+                dataset.source_of(name),
                 name,
                 median,
             )
@@ -695,7 +695,7 @@ def check_pressure_against_energies(dataset: FidelityDataset, pairs: np.ndarray,
             "%s: stresses at fidelity %r carry pressures their energies do not have in %d composition(s): %s "
             "(labels vs −dE/dV of the energies, GPa); a Pulay stress (plane-wave cutoff too low for hard "
             "pseudopotentials such as F, O, N)? Trained on, they teach those pressures; loss.stress weighs them",
-            dataset.source or "data",
+            dataset.source_of(name),
             name,
             len(mine),
             ", ".join(f"{c} {p:.0f} vs {e:.0f}" for _, c, p, e in mine[:5]) + (" …" if len(mine) > 5 else ""),
@@ -732,7 +732,7 @@ def check_stress_sign(
         groups = [(v, p) for _, v, p in _volume_pressure_groups(dataset, pairs, k) if p.std() > 0]
         corr = [float(np.corrcoef(v, p)[0, 1]) for v, p in groups]
         moduli = [float(-np.polyfit(np.log(v), p, 1)[0]) for v, p in groups]
-        where = f"{dataset.source or 'data'}: stresses at fidelity {name!r}"
+        where = f"{dataset.source_of(name)}: stresses at fidelity {name!r}"
         if len(corr) >= min_groups and np.median(corr) > 0.5:
             suspicious.append(name)
             flipped = -float(np.median(moduli))

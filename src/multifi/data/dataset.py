@@ -75,6 +75,8 @@ class FidelityDataset:
     #: where each structure of a concatenation of several sources was read: (source names, [S] their index,
     #: [S] the structure's number in it); None for one source (its order is the order read)
     origins: tuple | None = field(default=None, compare=False, repr=False)
+    #: {fidelity name: the sources holding its labels} of a merge of several sources (see source_of)
+    label_sources: dict | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ basic views
     def __len__(self) -> int:
@@ -127,6 +129,10 @@ class FidelityDataset:
             name: {"energy": int(e[k]), "forces": int(f[k]), "stress": int(s[k])}
             for k, name in enumerate(self.fidelities.names)
         }
+
+    def source_of(self, fidelity: str) -> str:
+        """The source(s) holding labels at `fidelity`, for messages about them: of a merge, only those files."""
+        return (self.label_sources or {}).get(fidelity) or self.source or "data"
 
     def structure_name(self, s: int) -> str:
         """Structure s as a user finds it: its number in the order read (of several sources: in its own file,

@@ -163,7 +163,8 @@ def merge_parts(parts) -> FidelityDataset:
         for name in ds.fidelities.names
     }
     files = ", ".join(sorted({p.source for p in parts if p.source})) or "data"
-    warn_alike_names(ds.fidelities.names, files, {name: text for name, text in holders.items() if text})
+    ds.label_sources = {name: text for name, text in holders.items() if text}
+    warn_alike_names(ds.fidelities.names, files, ds.label_sources)
     return ds
 
 
