@@ -796,7 +796,7 @@ def test_outputs_are_not_replaced_without_force(cli_run, tiny_extxyz, tmp_path, 
     assert run(["evaluate", model, src, "--plot", plot, "--force"], capsys)[0] == 0 and plot.read_bytes() != b"x"
     inside = src / "parity.png"  # a plot inside the data file: refused before the metrics are written
     metrics = tmp_path / "fresh.json"
-    fails(["evaluate", model, src, "--out", metrics, "--plot", inside], capsys, f"{src} exists and is not a folder")
+    fails(["evaluate", model, src, "--out", metrics, "--plot", inside], capsys, f"{src}: exists and is not a folder")
     assert not metrics.exists()
 
 

@@ -592,3 +592,34 @@ def test_unit_checks_of_train_see_every_split_as_data_info_does(write_config, tm
     assert code == 0, err
     flagged = [r.getMessage() for r in caplog.records if "sign-flipped" in r.getMessage()]
     assert len(flagged) == 1 and "in 3 of 3 compositions" in flagged[0], flagged
+
+
+@pytest.mark.parametrize("energy_scale", ["per_fidelity", "shared"])
+def test_a_few_labels_with_a_far_smaller_scale_are_warned_about(energy_scale, write_config, tmp_path, capsys, caplog):
+    """A fidelity of 12 labels whose residual spread is 5× smaller than the well-labelled one's: with per-fidelity
+    scales its outputs (and forces) start 5× small and few labels undo that poorly: a warning naming both scales
+    and model.energy_scale: shared; none with a shared scale."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for fidelity, n, factor in (("lo", 36, 1.0), ("hi", 12, 0.2)):
+        for a in _strained_copper(n=n, elements=("Cu", "Al", "Ni")):
+            r = a.calc.results
+            energy = factor * r["energy"] + 0.1 * len(a)
+            a.calc = SinglePointCalculator(a, energy=energy, forces=factor * r["forces"])
+            a.info["fidelity"] = fidelity
+            frames.append(a)
+    path = tmp_path / "two.extxyz"
+    ase.io.write(path, frames)
+    split = {"val": 0.1, "test": 0.1, "seed": 0}
+    config = write_config(data={"sources": [{"path": str(path)}], "split": split}, model={"energy_scale": energy_scale})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    gap = [r.getMessage() for r in caplog.records if "its energy scale from" in r.getMessage()]
+    if energy_scale == "shared":
+        assert not gap, gap
+    else:
+        assert len(gap) == 1 and gap[0].startswith("hi: its energy scale from 9 training labels"), gap
+        assert re.search(r"is 0\.2\d?× that of lo", gap[0]), gap
+        assert "model.energy_scale: shared" in gap[0]

@@ -80,7 +80,7 @@ def refuse_existing(*paths, force: bool, folder_ok: bool = False) -> None:
         path = Path(path)
         ancestor = next((a for a in path.parents if a.exists()), None)  # where the missing folders would be made
         if ancestor is not None and not ancestor.is_dir():
-            raise MultifiError(f"{path}: {ancestor} exists and is not a folder")
+            raise MultifiError(f"{ancestor}: exists and is not a folder ({path} cannot be written inside it)")
         stream = path.is_symlink() and links_to_a_stream(path)  # as files.atomic_write tells a stream
         if stream or is_special(path) or not (path.exists() or path.is_symlink()):
             continue

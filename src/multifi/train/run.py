@@ -193,6 +193,8 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     doubtful = doubtful_units(prep.dataset, np.concatenate(list(prep.pairs.values())), own.ref, own.scale)
     warn_isolated_atoms(prep.dataset, prep.pairs["train"])
     report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
+    if cfg.model.energy_scale == "per_fidelity" and not module.potential.head.shared_baseline:
+        warn_scale_gaps(refs, prep.dataset, prep.pairs["train"])
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
     module.sync_ema()
     _warn_unseen_in_evaluation(prep, module.potential)
@@ -1320,6 +1322,44 @@ def warn_open_references(name: str, elements: list[int], labels: str = "training
         symbols,
         name,
     )
+
+
+#: a fidelity with fewer training energy labels than this whose own energy scale is more than SCALE_GAP× apart
+#: from that of the fidelity with the most labels gets a warning (per-fidelity scales)
+SCALE_GAP_LABELS = 200
+SCALE_GAP = 2.5
+
+
+def warn_scale_gaps(refs, dataset, pairs: np.ndarray) -> None:
+    """Warn for fidelities with few training labels whose own output scale lies far from the best-labelled
+    fidelity's: the head multiplies each fidelity's output (energies and forces) by its scale, so the shared
+    layers must learn outputs that many times larger or smaller there, which few labels do poorly."""
+    names = dataset.fidelities.names
+    energy = ~np.isnan(dataset.energy[pairs[:, 0], pairs[:, 1]])
+    counts = np.bincount(pairs[energy, 1], minlength=len(names))
+    base = int(np.argmax(counts))
+    for k, name in enumerate(names):
+        if k == base or refs.borrowed_scale[k] or not 0 < counts[k] < SCALE_GAP_LABELS:
+            continue
+        ratio = float(refs.scale[k] / refs.scale[base])
+        if 1 / SCALE_GAP <= ratio <= SCALE_GAP:
+            continue
+        log.warning(
+            "%s: its energy scale from %d training labels, %.3g eV, is %.2g× that of %s (%.3g eV, %d labels); the "
+            "head multiplies %s's output, energies and forces, by it, so the shared layers must learn %.2g× "
+            "%s outputs there, which few labels do poorly; model.energy_scale: shared fits one scale for all "
+            "fidelities",
+            name,
+            counts[k],
+            refs.scale[k],
+            ratio,
+            names[base],
+            refs.scale[base],
+            counts[base],
+            name,
+            max(ratio, 1 / ratio),
+            "larger" if ratio < 1 else "smaller",
+        )
 
 
 def report_references(refs, names, skip=(), labels: str = "training labels") -> None:
