@@ -35,6 +35,7 @@ from multifi.keys import COUNT
 from multifi.train.init import FIDELITY_AXIS
 from multifi.train.module import PotentialModule
 from multifi.train.prepare import FidelitySettings
+from multifi.train.run import SCALE_GAP_LABELS, warn_scale_gap
 
 log = logging.getLogger("multifi")
 
@@ -856,6 +857,11 @@ def _fit_new_baseline(
             int((train_pairs[:, 1] == k).sum()),
             MIN_SCALE_DOF,
             new.scale[0],
+        )
+    elif energy_scale != "shared" and (n := int((train_pairs[:, 1] == k).sum())) < SCALE_GAP_LABELS:
+        old_scale = float(np.median(scale[:k]))
+        warn_scale_gap(
+            potential.fidelities.names[k], n, float(new.scale[0]), "the model's fidelities (median)", old_scale
         )
     scale[k] = new.scale[0]
     doubtful = doubtful_units(ds, labelled[labelled[:, 1] == k], ref, scale)  # units: every split's labels

@@ -1341,25 +1341,30 @@ def warn_scale_gaps(refs, dataset, pairs: np.ndarray) -> None:
     for k, name in enumerate(names):
         if k == base or refs.borrowed_scale[k] or not 0 < counts[k] < SCALE_GAP_LABELS:
             continue
-        ratio = float(refs.scale[k] / refs.scale[base])
-        if 1 / SCALE_GAP <= ratio <= SCALE_GAP:
-            continue
-        log.warning(
-            "%s: its energy scale from %d training labels, %.3g eV, is %.2g× that of %s (%.3g eV, %d labels); the "
-            "head multiplies %s's output, energies and forces, by it, so the shared layers must learn %.2g× "
-            "%s outputs there, which few labels do poorly; model.energy_scale: shared fits one scale for all "
-            "fidelities",
-            name,
-            counts[k],
-            refs.scale[k],
-            ratio,
-            names[base],
-            refs.scale[base],
-            counts[base],
-            name,
-            max(ratio, 1 / ratio),
-            "larger" if ratio < 1 else "smaller",
-        )
+        warn_scale_gap(name, int(counts[k]), float(refs.scale[k]), names[base], float(refs.scale[base]), counts[base])
+
+
+def warn_scale_gap(name: str, n: int, scale: float, other: str, other_scale: float, other_n: int | None = None) -> None:
+    """The warning of warn_scale_gaps for fidelity `name` (n training labels, scale eV) against `other` (nothing
+    when the scales are within SCALE_GAP× of each other)."""
+    ratio = scale / other_scale
+    if 1 / SCALE_GAP <= ratio <= SCALE_GAP:
+        return
+    log.warning(
+        "%s: its energy scale from %d training labels, %.3g eV, is %.2g× that of %s (%.3g eV%s); the head multiplies "
+        "%s's output, energies and forces, by it, so the shared layers must learn %s× %s outputs there, which few "
+        "labels do poorly; model.energy_scale: shared fits one scale for all fidelities",
+        name,
+        n,
+        scale,
+        ratio,
+        other,
+        other_scale,
+        "" if other_n is None else f", {other_n} labels",
+        name,
+        f"{max(ratio, 1 / ratio):.2g}" if max(ratio, 1 / ratio) < 10 else f"{max(ratio, 1 / ratio):.0f}",
+        "larger" if ratio < 1 else "smaller",
+    )
 
 
 def report_references(refs, names, skip=(), labels: str = "training labels") -> None:
