@@ -70,27 +70,42 @@ def alike_names(names: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def one_letter_apart(names: Iterable[str]) -> list[tuple[str, str]]:
-    """Pairs of names (≥ 4 characters) one letter apart inside the name — a letter dropped, added or replaced
-    ('R2SCAN' and 'R2SCN'): a typo more often than two methods. Digits and first or last characters are left
-    out: 'GFN1-xTB' / 'GFN2-xTB', 'wB97X' / 'wB97XD', 'TPSS' / 'TPSSh' are different methods."""
+    """Pairs of names (≥ 4 characters) one letter apart inside the name — a letter dropped or added, or two
+    neighbouring letters swapped ('R2SCAN' and 'R2SCN', 'B3LYP' and 'B3LPY'): a typo more often than two methods.
+    Replaced letters, digits and first or last characters are left out, as method and basis names differ so:
+    'cc-pVDZ' / 'cc-pVTZ', 'wB97X-V' / 'wB97M-V', 'GFN1-xTB' / 'GFN2-xTB', 'TPSS' / 'TPSSh', 'SCAN' / 'rSCAN'."""
     names = [str(n) for n in names]
     return [
         (a, b)
         for n, a in enumerate(names)
         for b in names[n + 1 :]
-        if min(len(a), len(b)) >= 4 and _one_inner_letter(a, b)
+        if min(len(a), len(b)) >= 4 and (_one_inner_letter(a, b) or _inner_swap(a, b))
     ]
 
 
 def _one_inner_letter(a: str, b: str) -> bool:
-    """Whether b is a with one letter, not its first or last character, dropped, added or replaced."""
+    """Whether one of a, b is the other with one letter, not its first or last character, added."""
     if len(a) > len(b):
         a, b = b, a
-    if len(b) - len(a) > 1:
+    if len(b) - len(a) != 1:
         return False
     start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-    if len(a) == len(b):  # replaced
-        differ = start < len(a) and a[start + 1 :] == b[start + 1 :]
-        return differ and 0 < start < len(a) - 1 and a[start].isalpha() and b[start].isalpha()
-    # b has one more character: its character at `start` (where the names first differ) is the added one
+    # b's character at `start`, where the names first differ, is the added one
     return a[start:] == b[start + 1 :] and 0 < start < len(b) - 1 and b[start].isalpha()
+
+
+def _inner_swap(a: str, b: str) -> bool:
+    """Whether b is a with two neighbouring letters, not its first or last character, swapped."""
+    if len(a) != len(b) or a == b:
+        return False
+    diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    return (
+        len(diff) == 2
+        and diff[1] == diff[0] + 1
+        and 0 < diff[0]
+        and diff[1] < len(a) - 1
+        and a[diff[0]] == b[diff[1]]
+        and a[diff[1]] == b[diff[0]]
+        and a[diff[0]].isalpha()
+        and a[diff[1]].isalpha()
+    )
