@@ -638,6 +638,5 @@ def test_fidelity_names_one_letter_apart_are_warned_about_naming_their_files(tmp
     typo = [r.getMessage() for r in caplog.records if "one letter apart" in r.getMessage()]
     assert len(typo) == 1, caplog.text
     assert f"'R2SCAN' ({tmp_path / 'good.extxyz'}) and 'R2SCN' ({tmp_path / 'typo.extxyz'})" in typo[0]
-    assert one_letter_apart(["B3LYP", "B3LIP", "TPSS", "TPSSh", "wB97X", "wB97XD", "PBE", "PBE0"]) == [
-        ("B3LYP", "B3LIP")
-    ]
+    names = ["B3LYP", "B3YLP", "TPSS", "TPSSh", "wB97X-V", "wB97M-V", "HF/cc-pVDZ", "HF/cc-pVTZ", "PBE", "PBE0", "SCAN"]
+    assert one_letter_apart([*names, "rSCAN"]) == [("B3LYP", "B3YLP")]  # swapped; replaced letters name methods
