@@ -1162,21 +1162,3 @@ def test_rotated_and_reordered_copies_of_the_old_runs_molecules_keep_their_split
     for s in range(len(ds)):
         t = table.find(ds, s)
         assert t is not None and any(t in getattr(old, n)[:, 0] for n in (assigned[s],))
-
-
-def test_a_new_fidelity_with_a_scale_far_from_the_models_is_warned_about(tmp_path, caplog):
-    """Few labels of the new level whose own energy scale lies far from the model's (per-fidelity scales): the
-    warning of `train` names both scales; with energy_scale: shared the new fidelity takes the model's, no word."""
-    import logging
-
-    old, path = saved_model(tmp_path)
-    with torch.no_grad():
-        old.head.scale.fill_(5.0)  # far above what 12 molecules of 0.9·EMT spread
-    path = save_potential(old, tmp_path / "m" / "wide.pt")
-    with caplog.at_level(logging.WARNING, logger="multifi"):
-        extend(ext_config(tmp_path, path))
-    gap = [r.getMessage() for r in caplog.records if "its energy scale from" in r.getMessage()]
-    assert len(gap) == 1 and gap[0].startswith("CC: its energy scale from 8 training labels"), gap
-    assert "that of the model's fidelities (median) (5 eV)" in gap[0] and re.search(
-        r"1[34]\d× larger outputs", gap[0]
-    ), gap

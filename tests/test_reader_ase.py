@@ -421,8 +421,7 @@ def test_fidelity_names_with_spaces_are_errors_and_names_alike_are_warned_about(
     with caplog.at_level("WARNING", logger="multifi"):
         ds = read_sources([SourceConfig(path=str(tmp_path / "cases.extxyz"))])
     assert list(ds.fidelities.names) == ["HI", "hi"]
-    where = tmp_path / "cases.extxyz"
-    assert f"fidelities 'HI' ({where}) and 'hi' ({where}) differ only in case or spaces" in caplog.text
+    assert f"{tmp_path / 'cases.extxyz'}: fidelities 'HI' and 'hi' differ only in case or spaces" in caplog.text
     assert alike_names(["B3LYP", "PBE", "b3 lyp"]) == [("B3LYP", "b3 lyp")] and not alike_names(["PBE", "PBE0"])
 
 
@@ -637,6 +636,21 @@ def test_fidelity_names_one_letter_apart_are_warned_about_naming_their_files(tmp
         read_sources([SourceConfig(path=str(tmp_path / name)) for name in ("good.extxyz", "typo.extxyz")])
     typo = [r.getMessage() for r in caplog.records if "one letter apart" in r.getMessage()]
     assert len(typo) == 1, caplog.text
-    assert f"'R2SCAN' ({tmp_path / 'good.extxyz'}) and 'R2SCN' ({tmp_path / 'typo.extxyz'})" in typo[0]
+    assert typo[0].startswith(
+        f"fidelities 'R2SCAN' ({tmp_path / 'good.extxyz'}) and 'R2SCN' ({tmp_path / 'typo.extxyz'})"
+    )
     names = ["B3LYP", "B3YLP", "TPSS", "TPSSh", "wB97X-V", "wB97M-V", "HF/cc-pVDZ", "HF/cc-pVTZ", "PBE", "PBE0", "SCAN"]
     assert one_letter_apart([*names, "rSCAN"]) == [("B3LYP", "B3YLP")]  # swapped; replaced letters name methods
+    parts = [
+        "TPSS-D3",
+        "TPSSh-D3",
+        "M06/def2-SVP",
+        "M06L/def2-SVP",
+        "B97-D3",
+        "B97M-D3",
+        "MP2/def2-SVP",
+        "MP2/def2-SVPD",
+    ]
+    assert one_letter_apart([*parts, "PBE/R2SCAN", "PBE/R2SCN", "B3LYP", "B3LyP"]) == [
+        ("PBE/R2SCAN", "PBE/R2SCN")
+    ]  # per part

@@ -594,21 +594,32 @@ def test_unit_checks_of_train_see_every_split_as_data_info_does(write_config, tm
     assert len(flagged) == 1 and "in 3 of 3 compositions" in flagged[0], flagged
 
 
-@pytest.mark.parametrize("energy_scale", ["per_fidelity", "shared"])
-def test_a_few_labels_with_a_far_smaller_scale_are_warned_about(energy_scale, write_config, tmp_path, capsys, caplog):
-    """A fidelity of 12 labels whose residual spread is 5× smaller than the well-labelled one's: with per-fidelity
-    scales its outputs (and forces) start 5× small and few labels undo that poorly: a warning naming both scales
-    and model.energy_scale: shared; none with a shared scale."""
+@pytest.mark.parametrize(
+    ("energy_scale", "force_factor"), [("per_fidelity", 1.0), ("shared", 1.0), ("per_fidelity", 0.2)]
+)
+def test_a_few_labels_with_a_far_smaller_scale_are_warned_about(
+    energy_scale, force_factor, write_config, tmp_path, capsys, caplog
+):
+    """12 of 36 structures labelled at hi too, hi's energies spreading 5× less than lo's on its structures while its
+    forces are as large: with per-fidelity scales the shared layers must learn 5× larger gradients at hi from few
+    labels, a warning naming both scales and model.energy_scale: shared; none with a shared scale, and none when
+    hi's forces are 5× smaller too (then the per-fidelity scale is right)."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     frames = []
-    for fidelity, n, factor in (("lo", 36, 1.0), ("hi", 12, 0.2)):
-        for a in _strained_copper(n=n, elements=("Cu", "Al", "Ni")):
+    structures = _strained_copper(n=36, elements=("Cu", "Al", "Ni"))
+    for fidelity, chosen, e_factor, f_factor in (
+        ("lo", structures, 1.0, 1.0),
+        ("hi", structures[:12], 0.2, force_factor),
+    ):
+        for n, a in enumerate(chosen):
             r = a.calc.results
-            energy = factor * r["energy"] + 0.1 * len(a)
-            a.calc = SinglePointCalculator(a, energy=energy, forces=factor * r["forces"])
-            a.info["fidelity"] = fidelity
-            frames.append(a)
+            b = a.copy()
+            b.calc = SinglePointCalculator(
+                b, energy=e_factor * r["energy"] - 3.0 * len(a), forces=f_factor * r["forces"]
+            )
+            b.info.update(fidelity=fidelity, key=f"s{n}")
+            frames.append(b)
     path = tmp_path / "two.extxyz"
     ase.io.write(path, frames)
     split = {"val": 0.1, "test": 0.1, "seed": 0}
@@ -617,9 +628,10 @@ def test_a_few_labels_with_a_far_smaller_scale_are_warned_about(energy_scale, wr
         code, _, err = run(["train", config, "--dry-run"], capsys)
     assert code == 0, err
     gap = [r.getMessage() for r in caplog.records if "its energy scale from" in r.getMessage()]
-    if energy_scale == "shared":
+    if energy_scale == "shared" or force_factor != 1.0:
         assert not gap, gap
     else:
-        assert len(gap) == 1 and gap[0].startswith("hi: its energy scale from 9 training labels"), gap
-        assert re.search(r"is 0\.2\d?× that of lo", gap[0]), gap
+        assert len(gap) == 1 and gap[0].startswith("hi: its energy scale from"), gap
+        assert re.search(r"is 0\.2\d?× that of lo .* its forces 1× as large \(RMS, on the \d+ structures", gap[0]), gap
+        assert re.search(r"must learn [45](\.\d)?× larger gradients at hi", gap[0]), gap
         assert "model.energy_scale: shared" in gap[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -349,7 +350,7 @@ def predict_sigma(
     fidelity: str,
     predicted: tuple,
     batch_size: int = 32,
-    where: list[str] = (),
+    where: Sequence[str] = (),
 ):
     """σ (eV) for predict_file: LLPR of `potential` (no ensemble), else the spread of potential + ensemble
     (further loaded models, see uncertainty.load_ensemble), whose means replace the predictions; `where`

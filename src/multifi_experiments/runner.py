@@ -264,12 +264,14 @@ def _worker_started(runner: int) -> None:
     end_with_parent(signal.SIGTERM, parent=runner)  # a runner that died while this worker started ends it now
 
 
-def _stop_workers() -> None:
-    """Ask the workers of a stopped runner (its only child processes) to stop their runs as a time limit would
-    (SIGTERM: Lightning ends the step, the checkpoint stays, the next `experiment run` resumes)."""
-    for worker in multiprocessing.active_children():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(worker.pid, signal.SIGTERM)
+def _stop_workers(spared: set[int]) -> None:
+    """Ask the workers of a stopped runner (its child processes but those in `spared`, which it had before its
+    pool, e.g. a caller's Manager) to stop their runs as a time limit would (SIGTERM: Lightning ends the step, the
+    checkpoint stays, the next `experiment run` resumes)."""
+    for child in multiprocessing.active_children():
+        if child.pid not in spared:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child.pid, signal.SIGTERM)
 
 
 def _execute(ctx: Context, todo: list[RunPlan]) -> list[str]:
@@ -281,6 +283,7 @@ def _execute(ctx: Context, todo: list[RunPlan]) -> list[str]:
     clock = _Progress(len(todo), ctx.spec.parallel)
     running: dict = {}
     in_flight: set[str] = set()  # ids submitted and not yet reported
+    spared = {child.pid for child in multiprocessing.active_children()}  # not the pool's: never stopped here
     pool = _executor(ctx.spec.parallel, len(todo))
     try:
         while pending or running:
@@ -311,7 +314,7 @@ def _execute(ctx: Context, todo: list[RunPlan]) -> list[str]:
     except KeyboardInterrupt as exc:  # Ctrl-C, or a run's worker stopped by SIGTERM
         if isinstance(pool, _InProcess):
             raise  # the run in this process says which run stopped and how to continue
-        _stop_workers()
+        _stop_workers(spared)
         pool.shutdown(wait=True, cancel_futures=True)
         stopped = f"{', '.join(sorted(in_flight))} stopped; " if in_flight else ""
         raise type(exc)(f"{stopped}continue with: {_rerun(ctx)}") from None

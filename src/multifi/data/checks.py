@@ -720,7 +720,8 @@ def check_stress_sign(
       any solid's: below SOFTEST_MEDIAN_MODULUS (eV/Å³ or GPa given where kBar, MatPES, or eV/Å³, ASE, is
       read), above HARDEST_MEDIAN_MODULUS + 6 × the median pressure (GPa or kBar read as eV/Å³; compression
       stiffens a solid by 4-6× its pressure), or below TYPICAL_MEDIAN_MODULUS (a question: molecular crystals
-      and alkali metals are that soft, inorganic solids rarely; GPa where kBar is read gives 10× small numbers).
+      and alkali metals are that soft, inorganic solids rarely; GPa where kBar is read gives 10× small numbers;
+      not asked when one composition is stiffer than 3 × TYPICAL_MEDIAN_MODULUS, as a 10× error softens all).
     Fidelities in `skip` (warned about already) are not checked. Returns the suspicious names (not those of
     the last, milder case)."""
     if dataset.stress is None:

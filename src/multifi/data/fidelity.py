@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -75,12 +76,22 @@ def one_letter_apart(names: Iterable[str]) -> list[tuple[str, str]]:
     Replaced letters, digits and first or last characters are left out, as method and basis names differ so:
     'cc-pVDZ' / 'cc-pVTZ', 'wB97X-V' / 'wB97M-V', 'GFN1-xTB' / 'GFN2-xTB', 'TPSS' / 'TPSSh', 'SCAN' / 'rSCAN'."""
     names = [str(n) for n in names]
-    return [
-        (a, b)
-        for n, a in enumerate(names)
-        for b in names[n + 1 :]
-        if min(len(a), len(b)) >= 4 and (_one_inner_letter(a, b) or _inner_swap(a, b))
-    ]
+    return [(a, b) for n, a in enumerate(names) for b in names[n + 1 :] if _typo_pair(a, b)]
+
+
+def _typo_pair(a: str, b: str) -> bool:
+    """Whether a and b differ in one part only (parts: the pieces between / - _ + ( ) , . : and spaces), there by one
+    letter inside it added, dropped or swapped with its neighbour ('TPSS-D3' / 'TPSSh-D3': the letter ends a part)."""
+    if min(len(a), len(b)) < 4 or a.casefold() == b.casefold():  # equal up to case: alike_names's
+        return False
+    pa, pb = _PARTS.split(a), _PARTS.split(b)
+    if len(pa) != len(pb) or _PARTS.findall(a) != _PARTS.findall(b):
+        return False
+    differ = [(x, y) for x, y in zip(pa, pb) if x != y]
+    return len(differ) == 1 and (_one_inner_letter(*differ[0]) or _inner_swap(*differ[0]))
+
+
+_PARTS = re.compile(r"[/\-_+(),.:\s]")
 
 
 def _one_inner_letter(a: str, b: str) -> bool:

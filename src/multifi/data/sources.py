@@ -220,19 +220,23 @@ def warn_disagreeing_sources(parts, max_structures: int = 5000) -> None:
 def warn_alike_names(names, where: str, sources: dict[str, str] | None = None) -> None:
     """Warn about fidelity names equal up to case and spaces, or one letter apart (a typo?): kept as separate
     fidelities, as written. `sources`: the files holding each name, named instead of `where` when given."""
-    said = lambda name: f"{name!r}" + (f" ({sources[name]})" if sources and name in sources else "")  # noqa: E731
-    for a, b in alike_names(names):
-        log.warning(
-            "%s: fidelities %s and %s differ only in case or spaces: they are two fidelities", where, said(a), said(b)
-        )
-    for a, b in one_letter_apart(names):
-        log.warning(
-            "%s: fidelities %s and %s are one letter apart: a typo? They are two fidelities, and labels under the "
-            "misspelt name do not train the other",
-            where,
-            said(a),
-            said(b),
-        )
+    for pairs, why in (
+        (alike_names(names), "differ only in case or spaces: they are two fidelities"),
+        (
+            one_letter_apart(names),
+            "are one letter apart: a typo? They are two fidelities, and labels under the misspelt name do not "
+            "train the other",
+        ),
+    ):
+        for a, b in pairs:
+            log.warning("%s%s", _naming(a, b, where, sources or {}), why)
+
+
+def _naming(a: str, b: str, where: str, sources: dict[str, str]) -> str:
+    """'file: fidelities 'a' and 'b' ' where one file (or `where`) holds both, else each name with its files."""
+    if sources.get(a, where) == sources.get(b, where):
+        return f"{sources.get(a, where)}: fidelities {a!r} and {b!r} "
+    return f"fidelities {a!r} ({sources.get(a, where)}) and {b!r} ({sources.get(b, where)}) "
 
 
 def report_repeats(parts, merged) -> None:

@@ -35,7 +35,6 @@ from multifi.keys import COUNT
 from multifi.train.init import FIDELITY_AXIS
 from multifi.train.module import PotentialModule
 from multifi.train.prepare import FidelitySettings
-from multifi.train.run import SCALE_GAP_LABELS, warn_scale_gap
 
 log = logging.getLogger("multifi")
 
@@ -830,6 +829,16 @@ def _replay(x, old, old_run: OldRun | None, seed: int, where: str) -> dict[str, 
     }
 
 
+def _check_new_units(ds, pairs: np.ndarray, k: int, ref, scale, known_ref, known_fitted) -> dict:
+    """The unit checks (data.checks.doubtful_units) of the new fidelity's labelled `pairs` of every split, against
+    its own fit of those labels (a fit of the training split has no reference for an element only tested)."""
+    own = fit_new_fidelity(ds, pairs, k, known_ref, known_fitted)
+    ref, scale = ref.copy(), scale.copy()
+    ref[:, k] = own.ref[:, 0]
+    scale[k] = scale[k] if np.isnan(own.scale[0]) else own.scale[0]
+    return doubtful_units(ds, pairs, ref, scale)
+
+
 def _fit_new_baseline(
     potential, ds: FidelityDataset, train_pairs: np.ndarray, k: int, energy_scale, labelled: np.ndarray
 ) -> dict:
@@ -858,13 +867,8 @@ def _fit_new_baseline(
             MIN_SCALE_DOF,
             new.scale[0],
         )
-    elif energy_scale != "shared" and (n := int((train_pairs[:, 1] == k).sum())) < SCALE_GAP_LABELS:
-        old_scale = float(np.median(scale[:k]))
-        warn_scale_gap(
-            potential.fidelities.names[k], n, float(new.scale[0]), "the model's fidelities (median)", old_scale
-        )
     scale[k] = new.scale[0]
-    doubtful = doubtful_units(ds, labelled[labelled[:, 1] == k], ref, scale)  # units: every split's labels
+    doubtful = _check_new_units(ds, labelled[labelled[:, 1] == k], k, ref, scale, known_ref, known_fitted)
     with torch.no_grad():
         head.ref[:, k] = torch.as_tensor(new.ref[:, 0], dtype=head.ref.dtype)
         head.fitted[:, k] = torch.as_tensor(new.fitted[:, 0])

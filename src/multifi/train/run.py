@@ -29,7 +29,7 @@ from multifi.data.checks import (
 )
 from multifi.data.dataset import ranges
 from multifi.data.split import changed_split
-from multifi.data.stats import MIN_SCALE_DOF, fit_references, shortest_contacts
+from multifi.data.stats import MIN_SCALE_DOF, fit_references, force_rms, shortest_contacts
 from multifi.errors import MultifiError, Terminated
 from multifi.files import atomic_write, json_text, make_dir, reported
 from multifi.keys import FORCES_MAE, STRESS_MAE, TRAIN_LOSS_EPOCH
@@ -185,16 +185,17 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
         pooled=module.potential.head.shared_baseline,
         shared_scale=cfg.model.energy_scale == "shared",
     )
-    # units are the labels' own: checked against each fidelity's own fit (a pooled fit of several methods lies
-    # far from every one of them, which blamed the data for the pooling)
-    own = fit_references(prep.dataset, prep.pairs["train"]) if module.potential.head.shared_baseline else refs
-    # units over every labelled split, as `data info` checks them: the training split alone can leave a composition
-    # below a check's minimum count and skip it silently
-    doubtful = doubtful_units(prep.dataset, np.concatenate(list(prep.pairs.values())), own.ref, own.scale)
+    # units are the labels' own: checked over every labelled split, as `data info` checks them (the training split
+    # alone can leave a composition below a check's minimum count and skip it silently), against each fidelity's
+    # own fit of those labels (a pooled fit of several methods lies far from every one of them, which blamed the
+    # data for the pooling; a fit of the training split alone has no reference for an element only tested)
+    labelled = np.concatenate(list(prep.pairs.values()))
+    own = fit_references(prep.dataset, labelled)
+    doubtful = doubtful_units(prep.dataset, labelled, own.ref, own.scale)
     warn_isolated_atoms(prep.dataset, prep.pairs["train"])
     report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
     if cfg.model.energy_scale == "per_fidelity" and not module.potential.head.shared_baseline:
-        warn_scale_gaps(refs, prep.dataset, prep.pairs["train"])
+        warn_scale_gaps(refs, prep.dataset, prep.pairs["train"], skip={n for names in doubtful.values() for n in names})
     module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
     module.sync_ema()
     _warn_unseen_in_evaluation(prep, module.potential)
@@ -1324,47 +1325,71 @@ def warn_open_references(name: str, elements: list[int], labels: str = "training
     )
 
 
-#: a fidelity with fewer training energy labels than this whose own energy scale is more than SCALE_GAP× apart
-#: from that of the fidelity with the most labels gets a warning (per-fidelity scales)
+#: a fidelity with fewer training energy labels than this (and than half the best-labelled fidelity's) whose
+#: scale-to-forces ratio lies more than SCALE_GAP× from the best-labelled fidelity's gets a warning
 SCALE_GAP_LABELS = 200
 SCALE_GAP = 2.5
 
 
-def warn_scale_gaps(refs, dataset, pairs: np.ndarray) -> None:
-    """Warn for fidelities with few training labels whose own output scale lies far from the best-labelled
-    fidelity's: the head multiplies each fidelity's output (energies and forces) by its scale, so the shared
-    layers must learn outputs that many times larger or smaller there, which few labels do poorly."""
+def warn_scale_gaps(refs, dataset, pairs: np.ndarray, skip: set[str] = frozenset()) -> None:
+    """Warn for fidelities with few training labels whose own output scale (per-fidelity scales) is far from the
+    best-labelled fidelity's while their forces are not: the head multiplies each fidelity's output by its scale,
+    so there the shared layers must learn gradients that many times larger or smaller, which few labels do
+    poorly. Fidelities in `skip` (labels in a doubtful unit) and any without force labels are left out."""
     names = dataset.fidelities.names
-    energy = ~np.isnan(dataset.energy[pairs[:, 0], pairs[:, 1]])
-    counts = np.bincount(pairs[energy, 1], minlength=len(names))
-    base = int(np.argmax(counts))
-    for k, name in enumerate(names):
-        if k == base or refs.borrowed_scale[k] or not 0 < counts[k] < SCALE_GAP_LABELS:
-            continue
-        warn_scale_gap(name, int(counts[k]), float(refs.scale[k]), names[base], float(refs.scale[base]), counts[base])
-
-
-def warn_scale_gap(name: str, n: int, scale: float, other: str, other_scale: float, other_n: int | None = None) -> None:
-    """The warning of warn_scale_gaps for fidelity `name` (n training labels, scale eV) against `other` (nothing
-    when the scales are within SCALE_GAP× of each other)."""
-    ratio = scale / other_scale
-    if 1 / SCALE_GAP <= ratio <= SCALE_GAP:
+    if dataset.forces is None:
         return
-    log.warning(
-        "%s: its energy scale from %d training labels, %.3g eV, is %.2g× that of %s (%.3g eV%s); the head multiplies "
-        "%s's output, energies and forces, by it, so the shared layers must learn %s× %s outputs there, which few "
-        "labels do poorly; model.energy_scale: shared fits one scale for all fidelities",
-        name,
-        n,
-        scale,
-        ratio,
-        other,
-        other_scale,
-        "" if other_n is None else f", {other_n} labels",
-        name,
-        f"{max(ratio, 1 / ratio):.2g}" if max(ratio, 1 / ratio) < 10 else f"{max(ratio, 1 / ratio):.0f}",
-        "larger" if ratio < 1 else "smaller",
-    )
+    has_energy = ~np.isnan(dataset.energy[pairs[:, 0], pairs[:, 1]])
+    counts = np.bincount(pairs[has_energy, 1], minlength=len(names))
+    forces = np.bincount(pairs[dataset.forces_mask[pairs[:, 0], pairs[:, 1]], 1], minlength=len(names))
+    base = int(np.argmax(counts))
+    if names[base] in skip or not forces[base] or not refs.scale[base] > 0:
+        return
+    with_forces = pairs[dataset.forces_mask[pairs[:, 0], pairs[:, 1]]]
+    for k, name in enumerate(names):
+        few = 0 < counts[k] < min(SCALE_GAP_LABELS, counts[base] / 2)
+        if k == base or name in skip or refs.borrowed_scale[k] or not few or not forces[k] or not refs.scale[k] > 0:
+            continue
+        scale_ratio = float(refs.scale[k] / refs.scale[base])
+        force_ratio, compared = _force_ratio(dataset, with_forces, k, base)
+        gap = force_ratio / scale_ratio  # how much larger the gradients of k's raw output must be
+        if 1 / SCALE_GAP <= gap <= SCALE_GAP:
+            continue
+        log.warning(
+            "%s: its energy scale from %d training labels, %.3g eV, is %s× that of %s (%.3g eV, %d labels), its "
+            "forces %s× as large (RMS, %s); the head multiplies each fidelity's output by its scale, so the shared "
+            "layers must learn %s× %s gradients at %s, which few labels do poorly; model.energy_scale: shared fits "
+            "one scale for all fidelities",
+            name,
+            counts[k],
+            refs.scale[k],
+            _times(scale_ratio),
+            names[base],
+            refs.scale[base],
+            counts[base],
+            _times(force_ratio),
+            compared,
+            _times(max(gap, 1 / gap)),
+            "larger" if gap > 1 else "smaller",
+            name,
+        )
+
+
+def _force_ratio(dataset, with_forces: np.ndarray, k: int, base: int, min_common: int = 5) -> tuple[float, str]:
+    """RMS of fidelity k's force labels over the base fidelity's, on the structures force-labelled at both when
+    there are at least `min_common` (else over each one's own structures), and which of the two it is.
+    with_forces: [P, 2] force-labelled pairs."""
+    mine, theirs = with_forces[with_forces[:, 1] == k], with_forces[with_forces[:, 1] == base]
+    common = np.intersect1d(mine[:, 0], theirs[:, 0])
+    if len(common) >= min_common:
+        mine, theirs = mine[np.isin(mine[:, 0], common)], theirs[np.isin(theirs[:, 0], common)]
+    where = f"on the {len(common)} structures labelled at both" if len(common) >= min_common else "each on its own"
+    return force_rms(dataset, mine, [k]) / force_rms(dataset, theirs, [base]), where
+
+
+def _times(x: float) -> str:
+    """A ratio for a message: two significant digits, whole numbers from 10 on (137, not 1.4e+02)."""
+    return f"{x:.2g}" if x < 10 else f"{x:.0f}"
 
 
 def report_references(refs, names, skip=(), labels: str = "training labels") -> None:
