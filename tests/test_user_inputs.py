@@ -11,6 +11,7 @@ import ase.io
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import TINY_MODEL, emt_labelled, rattled_molecule
 from test_cli import fails, run
 
@@ -635,3 +636,42 @@ def test_a_few_labels_with_a_far_smaller_scale_are_warned_about(
         assert re.search(r"is 0\.2\d?× that of lo .* its forces 1× as large \(RMS, on the \d+ structures", gap[0]), gap
         assert re.search(r"must learn [45](\.\d)?× larger gradients at hi", gap[0]), gap
         assert "model.energy_scale: shared" in gap[0]
+
+
+def test_an_element_only_in_the_test_split_is_not_read_as_a_second_unit(tmp_path, capsys, caplog):
+    """Unit checks run over every split: the references they compare with are fitted on those same labels, so a
+    test-only element (N₂ here) is not 'far from the reference energies' (a fit of the training split has none)."""
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(0)
+    per_element = {1: -3.4, 6: -9.2, 7: -8.3, 8: -7.5}
+    names = [*(("H2O", "CH4", "CH3OH", "C2H4", "CO2", "H2CO", "C2H2", "C2H6")[i % 8] for i in range(40)), "N2"]
+    frames = []
+    for i, name in enumerate(names):
+        a = rattled_molecule(name, seed=i) if name != "N2" else molecule("N2")
+        energy = sum(per_element[z] for z in a.numbers) + rng.normal(0, 0.05) * len(a)
+        a.calc = SinglePointCalculator(a, energy=energy)
+        a.info.update(fidelity="PBE", key=f"m{i}")
+        frames.append(a)
+    ase.io.write(tmp_path / "mols.extxyz", frames)
+    split = {}
+    for part, keys in (("train", range(0, 34)), ("val", range(34, 37)), ("test", range(37, 41))):
+        (tmp_path / f"{part}.txt").write_text("".join(f"m{i}\n" for i in keys))
+        split[part] = str(tmp_path / f"{part}.txt")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"sources": [{"path": str(tmp_path / "mols.extxyz")}], "split": {"files": split}},
+                "model": TINY_MODEL,
+                "loss": {"forces": 0.0},
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    assert "test structures (e.g. m40) contain N" in caplog.text  # said as what it is
+    assert "lie far from the reference energies" not in caplog.text and "two units" not in caplog.text
