@@ -307,6 +307,20 @@ def test_evaluate_warns_when_the_data_holds_the_models_training_structures(
         assert run(["evaluate", run_dir / "model.pt", tmp_path / "hi_of_lo.extxyz"], capsys)[0] == 0
     assert "pairs evaluated were trained on" not in caplog.text
     assert f"{len(only_lo)} structure(s) evaluated were trained on at other fidelities only" in caplog.text
+    # the same training structures without keys, written to 3 decimals and turned: found by their geometry
+    from scipy.spatial.transform import Rotation
+
+    trained_hi = np.unique(old.train[old.train[:, 1] == hi, 0])[:4]
+    frames = [old.dataset.to_atoms(int(s)) for s in trained_hi]
+    for i, a in enumerate(frames):
+        a.positions = np.round(Rotation.from_euler("z", 30 * i, degrees=True).apply(a.positions), 3)
+        a.info = {"fidelity": "hi"}
+        a.calc = SinglePointCalculator(a, energy=-10.0)
+    ase.io.write(tmp_path / "keyless.extxyz", frames)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="multifi"):
+        assert run(["evaluate", run_dir / "model.pt", tmp_path / "keyless.extxyz"], capsys)[0] == 0
+    assert "4 of the 4 (structure, fidelity) pairs evaluated were trained on" in caplog.text
     # a run whose copy of the data cannot be read: the evaluation runs (the warning by the split's keys)
     import shutil
 

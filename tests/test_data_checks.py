@@ -98,8 +98,10 @@ def test_a_geometry_repeated_under_another_key_is_reported_wherever_it_lands(cap
     assert "dups: 1 structure(s) repeat the geometry of another under a different key" in caplog.text
     assert f"(e.g. {recs[3]['key']} and copy-of-m3)" in caplog.text and "'matpes:<matpes_id>'" in caplog.text
     assert check_repeated_geometries(FidelityDataset.from_records(recs)) == 0
-    shifted = dict(recs[3], key="moved", positions=np.asarray(recs[3]["positions"]) + [0.0, 0.0, 1e-3])
+    shifted = dict(recs[3], key="moved", positions=np.asarray(recs[3]["positions"]) + [0.0, 0.0, 1e-2])
     assert check_repeated_geometries(FidelityDataset.from_records(recs + [shifted])) == 0  # another geometry
+    printed = dict(recs[3], key="printed", positions=np.round(np.asarray(recs[3]["positions"]), 3))  # 3 decimals
+    assert check_repeated_geometries(FidelityDataset.from_records(recs + [printed])) == 1
 
 
 @pytest.mark.parametrize("unit, expect", [(1.0, []), (HARTREE, ["DFT"])])

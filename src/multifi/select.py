@@ -19,7 +19,7 @@ import logging
 
 import numpy as np
 
-from multifi.data.same_geometry import MoleculeTable
+from multifi.data.same_geometry import DUPLICATE_TOLERANCE, MoleculeTable
 from multifi.errors import MultifiError
 
 log = logging.getLogger("multifi")
@@ -152,9 +152,9 @@ def outside_training_geometry(potential, pool) -> np.ndarray:
 
 
 #: Å: structures whose atoms lie this close to another's, after translation (and for molecules rotation or
-#: reordering), are one structure for selection: coordinates rounded to 1e-4 Å move an atom by up to 0.87e-4 Å
-#: and a distance by up to 1.7e-4 Å, and are still the run's structures; displacements of 1e-3 Å make another one
-SAME_GEOMETRY_TOL = 3e-4
+#: reordering), are one structure for selection (the duplicate checks' tolerance: coordinates printed to 3 decimals
+#: are still the run's structures, and MD frames this close would cost two calculations for one label's worth)
+SAME_GEOMETRY_TOL = DUPLICATE_TOLERANCE
 
 
 def same_molecules(pool, known, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:

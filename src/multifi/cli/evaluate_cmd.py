@@ -327,12 +327,14 @@ def _warn_trained_on(checkpoint, ds, pairs) -> None:
     split or an extension run's pairs.npz, as trained, train_limits applied; by key alone from splits.json) are
     scored as if held out otherwise (e.g. the run's dataset.npz, or a whole label table): say how many; and how
     many structures it trained on at other fidelities only (held-out labels on seen geometries)."""
-    trained = _trained_keys(checkpoint)
+    trained, old = _trained_keys(checkpoint)
     if not trained:
         return
     names = ds.fidelities.names
     evaluated = {(str(ds.keys[s]), names[k]) for s, k in pairs.tolist()}
     same = {p for p in evaluated if p in trained or (p[0], None) in trained}
+    if old is not None:
+        same |= _trained_by_geometry(old, ds, pairs, same)
     keys_trained = {key for key, _ in trained}
     elsewhere = {key for key, _ in evaluated - same if key in keys_trained}
     say = logging.getLogger("multifi")
@@ -350,8 +352,36 @@ def _warn_trained_on(checkpoint, ds, pairs) -> None:
         )
 
 
-def _trained_keys(checkpoint) -> set[tuple[str, str | None]]:
-    """(key, fidelity name) of every training pair; (key, None) where only the split's keys are known."""
+def _trained_by_geometry(old, ds, pairs, known: set) -> set[tuple[str, str]]:
+    """(key, fidelity name) of the evaluated pairs, not in `known`, whose structure is a training structure of the
+    run `old` at that fidelity by geometry (select.copies_of: within the duplicate tolerance, up to translation;
+    molecules also rotation and atom order). Looked for only where keys cannot tell: a key made from the geometry
+    on either side (a file without keys, or a run trained without them)."""
+    import numpy as np
+
+    from multifi.data.dataset import GEOMETRY_KEY_PREFIX
+    from multifi.select import copies_of
+
+    names, old_names = ds.fidelities.names, old.dataset.fidelities.names
+    hashed = np.char.startswith(np.asarray(ds.keys, dtype=str), GEOMETRY_KEY_PREFIX)
+    run_hashed = np.char.startswith(np.asarray(old.dataset.keys, dtype=str), GEOMETRY_KEY_PREFIX)
+    out = set()
+    for k, name in enumerate(names):
+        if name not in old_names:
+            continue
+        mine = pairs[(pairs[:, 1] == k)][:, 0]
+        mine = np.array([s for s in mine.tolist() if (str(ds.keys[s]), name) not in known], dtype=np.int64)
+        theirs = np.unique(old.train[old.train[:, 1] == old_names.index(name), 0])
+        if not len(mine) or not len(theirs) or not (hashed[mine].any() or run_hashed[theirs].any()):
+            continue
+        copies = copies_of(old.dataset.subset(theirs), ds.subset(mine))
+        out |= {(str(ds.keys[s]), name) for s in mine[copies].tolist()}
+    return out
+
+
+def _trained_keys(checkpoint) -> tuple[set[tuple[str, str | None]], object]:
+    """(key, fidelity name) of every training pair; (key, None) where only the split's keys are known; and the run
+    as load_old_run reads it (None without a copy of its data)."""
     import json
     from pathlib import Path
 
@@ -367,10 +397,10 @@ def _trained_keys(checkpoint) -> set[tuple[str, str | None]]:
         try:
             old = load_old_run(run)
         except (MultifiError, OSError, ValueError, KeyError):  # unreadable: no warning rather than no evaluation
-            return set()
+            return set(), None
         names = old.dataset.fidelities.names
-        return {(str(old.dataset.keys[s]), names[k]) for s, k in old.train.tolist()}
+        return {(str(old.dataset.keys[s]), names[k]) for s, k in old.train.tolist()}, old
     try:  # no copy of the data: the split's keys (before train_limits)
-        return {(str(k), None) for k in json.loads((run / "splits.json").read_text()).get("train", [])}
+        return {(str(k), None) for k in json.loads((run / "splits.json").read_text()).get("train", [])}, None
     except (OSError, ValueError, AttributeError):
-        return set()
+        return set(), None
