@@ -248,10 +248,18 @@ def test_resume_with_another_model_config_is_a_one_line_error(write_config):
         train(wider, resume=True)
     assert "\n" not in str(exc.value) and "train.epochs" not in str(exc.value)  # epochs may change
     (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace("features: 16", "features: 12"))
-    with pytest.raises(MultifiError, match=r"has shape \[119, 16\] there, \[119, 12\] in this model") as exc:
-        train(wider, resume=True)  # a config.yaml edited by hand: the checkpoint's shapes still decide
-    assert "\n" not in str(exc.value)
+    with pytest.raises(
+        MultifiError, match=r"differs from the settings its checkpoint trained with \(model.features: 16 in"
+    ):
+        train(wider, resume=True)  # a config.yaml edited by hand: the checkpoint's settings decide, and say so
     (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace("features: 12", "features: 16"))
+    # an edited learning rate: the checkpoint's optimiser state would keep the old one while config.yaml said new
+    text = (run_dir / "config.yaml").read_text()
+    assert "  lr: 0.0005\n" in text
+    (run_dir / "config.yaml").write_text(text.replace("  lr: 0.0005\n", "  lr: 0.01\n"))
+    with pytest.raises(MultifiError, match=r"config.yaml: differs .* \(train.lr: 0.0005 in the checkpoint, 0.01 now\)"):
+        train(load_config(run_dir / "config.yaml", ["train.epochs=2"]), resume=True)
+    (run_dir / "config.yaml").write_text(text)
     last = run_dir / "checkpoints/last.ckpt"
     state = ckpt(last)
     group = state["optimizer_states"][0]["param_groups"][0]

@@ -135,6 +135,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     ckpt = _resume_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         check_resume_changes(run_dir, cfg)
+        check_checkpoint_settings(run_dir / "config.yaml", ckpt, cfg)
         if check_more_to_train(run_dir, ckpt, cfg):
             return run_dir
     blocked = None  # a dry run checks everything else first, then says why the run itself could not start
@@ -981,6 +982,29 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
             f"{path}: a resumed run keeps the settings its checkpoint holds (model, loss, optimiser, schedule, "
             f"batches, data); changed: {shown}. Start a new run instead (train.init_from: {_weights_of(run_dir)} "
             "starts from its weights)"
+        )
+
+
+def check_checkpoint_settings(config: Path, ckpt: Path, cfg: RunConfig) -> None:
+    """Error (before anything is written) when the settings to resume with differ from those the checkpoint was
+    trained with (its hyper-parameters) in a setting a resume cannot change: an edited config.yaml (the check
+    above compares config.yaml with itself) would be recorded while the checkpoint's optimiser state, e.g. its
+    learning rate, decides. Settings the checkpoint does not hold (older versions) are not compared."""
+    import json
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # hyper-parameters only
+    hp = state.get("hyper_parameters") or {}
+    held = {"model": (hp.get("model_spec") or {}).get("model"), "loss": hp.get("loss"), "train": hp.get("train")}
+    before = _flat(json.loads(json.dumps({k: v for k, v in held.items() if v is not None}, default=str)))
+    now = cfg.model_dump(mode="json")
+    after = _flat({k: now[k] for k in ("model", "loss", "train")})
+    changed = sorted(k for k in before if k in after and before[k] != after[k] and k not in RESUMABLE)
+    if changed:
+        shown = ", ".join(f"{k}: {before[k]!r} in the checkpoint, {after[k]!r} now" for k in changed[:3])
+        raise MultifiError(
+            f"{config}: differs from the settings its checkpoint trained with ({shown}); a resumed run keeps the "
+            "checkpoint's model, loss, optimiser and schedule: undo the edit, or start a new run (train.init_from: "
+            f"{_weights_of(config.parent)} starts from its weights)"
         )
 
 
