@@ -743,6 +743,12 @@ def test_an_interrupted_extension_resumes_from_its_checkpoint_and_ends_as_an_uni
     assert main(args) == 2 and f"continue it with multifi extend --resume {out}" in capsys.readouterr().err
     assert main(["extend", "--resume", str(out), "--max-steps", "20"]) == 2
     assert "continues with the run's own settings (its config.yaml); drop --max-steps" in capsys.readouterr().err
+    text = (out / "config.yaml").read_text()  # a learning rate edited by hand: the checkpoint's would decide
+    lr = re.search(r"^  lr: (.+)$", text, re.M).group(1)
+    (out / "config.yaml").write_text(text.replace(f"  lr: {lr}\n", "  lr: 0.123\n"))
+    assert main(["extend", "--resume", str(out)]) == 2
+    assert f"(train.lr: {float(lr)!r} in the checkpoint, 0.123 now)" in capsys.readouterr().err
+    (out / "config.yaml").write_text(text)
     saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     seen.clear()
     assert main(["extend", "--resume", str(out)]) == 0

@@ -531,7 +531,7 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False, resum
 def _resume_point(run_dir: Path, cfg: RunConfig) -> Path:
     """The checkpoint an unfinished extension continues from; one-line errors for a finished or foreign folder
     and for data files edited since it started."""
-    from multifi.train.run import _resume_checkpoint, check_sources_unchanged
+    from multifi.train.run import _resume_checkpoint, check_checkpoint_settings, check_sources_unchanged
 
     if not _is_extension(run_dir):
         raise MultifiError(f"{run_dir}: not an extension's run directory (no config.yaml with an 'extend' section)")
@@ -541,6 +541,7 @@ def _resume_point(run_dir: Path, cfg: RunConfig) -> Path:
     if ckpt is None:
         raise MultifiError(f"{run_dir}: the extension wrote no checkpoint before it stopped; remove it and start again")
     check_sources_unchanged(run_dir, cfg, copied=False)
+    check_checkpoint_settings(run_dir / "config.yaml", ckpt, cfg, sections=("loss", "train"))
     return ckpt
 
 

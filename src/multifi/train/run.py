@@ -985,19 +985,21 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
         )
 
 
-def check_checkpoint_settings(config: Path, ckpt: Path, cfg: RunConfig) -> None:
+def check_checkpoint_settings(config: Path, ckpt: Path, cfg: RunConfig, sections=("model", "loss", "train")) -> None:
     """Error (before anything is written) when the settings to resume with differ from those the checkpoint was
     trained with (its hyper-parameters) in a setting a resume cannot change: an edited config.yaml (the check
     above compares config.yaml with itself) would be recorded while the checkpoint's optimiser state, e.g. its
-    learning rate, decides. Settings the checkpoint does not hold (older versions) are not compared."""
+    learning rate, decides. Settings the checkpoint does not hold (older versions) are not compared; `sections`:
+    those of the config compared (an extension's model comes with the model it extends)."""
     import json
 
     state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # hyper-parameters only
     hp = state.get("hyper_parameters") or {}
     held = {"model": (hp.get("model_spec") or {}).get("model"), "loss": hp.get("loss"), "train": hp.get("train")}
-    before = _flat(json.loads(json.dumps({k: v for k, v in held.items() if v is not None}, default=str)))
+    held = {k: v for k, v in held.items() if v is not None and k in sections}
+    before = _flat(json.loads(json.dumps(held, default=str)))
     now = cfg.model_dump(mode="json")
-    after = _flat({k: now[k] for k in ("model", "loss", "train")})
+    after = _flat({k: now[k] for k in sections})
     changed = sorted(k for k in before if k in after and before[k] != after[k] and k not in RESUMABLE)
     if changed:
         shown = ", ".join(f"{k}: {before[k]!r} in the checkpoint, {after[k]!r} now" for k in changed[:3])
