@@ -163,7 +163,32 @@ def check_repeated_geometries(dataset: FidelityDataset) -> int:
             dataset.keys[first[group[s]]],
             dataset.keys[s],
         )
+        _warn_contradicting_copies(dataset, repeats, first[group[repeats]])
     return len(repeats)
+
+
+def _warn_contradicting_copies(dataset: FidelityDataset, copies: np.ndarray, originals: np.ndarray) -> None:
+    """Warn per fidelity where copies of one geometry carry energies more than SAME_ENERGY_EV apart: one method
+    gives one energy per geometry, so one of the labels is wrong (another method, unit or structure)."""
+    from multifi.data.dataset import SAME_ENERGY_EV
+
+    for k, name in enumerate(dataset.fidelities.names):
+        a, b = dataset.energy[copies, k], dataset.energy[originals, k]
+        gap = np.where(np.isnan(a) | np.isnan(b), 0.0, np.abs(a - b))
+        bad = np.flatnonzero(gap > SAME_ENERGY_EV)
+        if len(bad):
+            i = int(bad[np.argmax(gap[bad])])
+            log.warning(
+                "%s: %d copies of a geometry carry %r energies that differ (up to %.3g eV, e.g. %s and %s): one "
+                "method gives one energy per geometry, so one of each pair is wrong (another method, unit or "
+                "structure under that key?)",
+                dataset.source_of(name),
+                len(bad),
+                name,
+                float(gap[i]),
+                dataset.keys[originals[i]],
+                dataset.keys[copies[i]],
+            )
 
 
 def check_split_duplicates(dataset: FidelityDataset, split) -> int:
