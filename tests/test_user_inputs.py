@@ -225,6 +225,7 @@ def test_a_run_directory_stands_for_its_model(model, tmp_path, capsys):
     ase.io.write(src, [rattled_molecule("H2O", 0)])
     out = tmp_path / "pred.extxyz"
     assert run(["predict", run_dir, src, "--fidelity", "lo", "--out", out], capsys)[0] == 0
+    assert ase.io.read(out).info["predicted_by"].endswith(f": {run_dir.name}/model.pt")  # a folder: named ('.' too)
     atoms = rattled_molecule("H2O", 0)
     atoms.calc = multifi.Calculator(run_dir, fidelity="lo")
     assert ase.io.read(out).get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-4)
@@ -675,3 +676,13 @@ def test_an_element_only_in_the_test_split_is_not_read_as_a_second_unit(tmp_path
     assert code == 0, err
     assert "test structures (e.g. m40) contain N" in caplog.text  # said as what it is
     assert "lie far from the reference energies" not in caplog.text and "two units" not in caplog.text
+
+
+def test_a_negative_index_slice_is_read_as_the_frames_to_take(model, tmp_path, capsys):
+    """`--index -2:` (ASE's last two frames) was taken for an option: '--index: expected one argument'."""
+    src = tmp_path / "three.xyz"
+    ase.io.write(src, [rattled_molecule(m, i) for i, m in enumerate(("H2O", "NH3", "CH4"))])
+    out = tmp_path / "last_two.extxyz"
+    code, _, err = run(["predict", model, src, "--fidelity", "lo", "--index", "-2:", "--out", out], capsys)
+    assert code == 0, err
+    assert [a.get_chemical_formula() for a in ase.io.read(out, ":")] == ["H3N", "CH4"]

@@ -164,7 +164,7 @@ def predict_file(
             )
     for i, a in enumerate(atoms_list):
         _keep_reference_labels(a, f"{path}: structure {i}")
-        a.info[PREDICTION_MARK] = f"multifi {multifi.__version__}: {Path(checkpoint).name}"
+        a.info[PREDICTION_MARK] = f"multifi {multifi.__version__}: {_model_name(checkpoint)}"
         for n, name in enumerate(fidelities):
             _attach(a, name, *(p[i] for p in predictions[name]), first=n == 0, several=len(fidelities) > 1)
             if estimated[name][i]:  # its energy's reference was estimated: may be off by eV (warned once above)
@@ -176,6 +176,13 @@ def predict_file(
     ase.io.write(buf, atoms_list, format="extxyz")
     atomic_write(Path(out), lambda fh: fh.write(encoded_for(Path(out), buf.getvalue().encode())))
     return len(atoms_list)
+
+
+def _model_name(checkpoint) -> str:
+    """The model file's name for the prediction mark: 'model.pt', or '<run>/model.pt' for a run directory ('.'
+    gave an empty name)."""
+    path = Path(checkpoint).resolve()
+    return f"{path.name}/model.pt" if path.is_dir() else path.name
 
 
 def _check_extxyz_output(out: Path) -> None:

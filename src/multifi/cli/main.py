@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -26,11 +27,25 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         """Arguments left over are named with the command they followed (`multifi predict: …`, not `multifi`)."""
-        ns, extras = self.parse_known_args(args, namespace)
+        if args is None:
+            args = sys.argv[1:]
+        ns, extras = self.parse_known_args(_joined_negative_index(list(args)), namespace)
         if extras:
             prog = _deepest_command(self, ns).prog
             self.exit(2, f"{_prefix(prog)}unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
         return ns
+
+
+def _joined_negative_index(args: list) -> list:
+    """`--index -3:` as `--index=-3:`: argparse takes a value starting with '-' (other than a plain negative
+    number) for an option and said '--index: expected one argument'."""
+    out = []
+    for arg in args:
+        if out and out[-1] == "--index" and re.match(r"-\d", str(arg)):
+            out[-1] = f"--index={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _prefix(prog: str) -> str:
