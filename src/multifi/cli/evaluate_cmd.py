@@ -53,8 +53,7 @@ def run(args) -> int:
     from multifi.cli.args import label_keys, refuse_existing
     from multifi.cli.format import metrics_table
     from multifi.data.checks import check_force_units, check_stress_units
-    from multifi.data.dataset import FidelityDataset
-    from multifi.data.sources import fidelity_field, read_labelled, report_dropped
+    from multifi.data.sources import fidelity_field, merge_parts, read_labelled
     from multifi.data.split import labelled_pairs
     from multifi.errors import MultifiError
     from multifi.files import atomic_write, encoded_for, json_text
@@ -72,8 +71,7 @@ def run(args) -> int:
     parts = [
         read_labelled(path, args.fidelity, args.skip_invalid, args.index, **label_keys(args)) for path in args.data
     ]
-    report_dropped(parts)
-    ds = FidelityDataset.merge(parts)  # also joins structures repeated within one source (same key)
+    ds = merge_parts(parts)  # joins structures repeated within one source (same key); says what it dropped
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     if args.fidelity:
         potential.fidelities.index(args.fidelity, where=args.checkpoint)
