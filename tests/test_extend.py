@@ -754,8 +754,11 @@ def test_an_interrupted_extension_resumes_from_its_checkpoint_and_ends_as_an_uni
     assert main(["extend", "--resume", str(out)]) == 0
     assert seen[0] == saved and seen == list(range(saved, 9))
     kept = {name: (out / name).read_bytes() for name in ("model.pt", "metrics.json", "train.log")}
+    capsys.readouterr()
     assert main(["extend", "--resume", str(out)]) == 0  # finished: nothing to resume, as train --resume
     assert kept == {name: (out / name).read_bytes() for name in kept}
+    said = capsys.readouterr().out
+    assert f"model (unchanged): {out / 'model.pt'}" in said and "wrote" not in said
     assert main(["extend", "--resume", str(old_run)]) == 2  # a finished training run is no extension at all
     assert f"{old_run}: not an extension's run directory" in capsys.readouterr().err
     monkeypatch.setattr(PotentialModule, "training_step", real)

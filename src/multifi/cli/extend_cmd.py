@@ -116,6 +116,9 @@ def run(args) -> int:
                 f"multifi extend --resume {args.resume} continues with the run's own settings (its config.yaml); "
                 f"drop {', '.join(given)}"
             )
+        from pathlib import Path
+
+        finished = (Path(args.resume) / "model.pt").exists()  # then nothing is written: none said to be
         run_dir = extend_from_args(None, [], dry_run=args.dry_run, resume_dir=args.resume)
     elif args.config is None:
         missing = [
@@ -144,5 +147,6 @@ def run(args) -> int:
     note = doubtful_units_note(payload)
     if note:
         print(note)
-    print(f"wrote {run_dir / 'model.pt'}")
+    written = args.resume is None or not finished
+    print(f"{'wrote' if written else 'model (unchanged):'} {run_dir / 'model.pt'}")
     return 0
