@@ -259,6 +259,10 @@ def test_resume_with_another_model_config_is_a_one_line_error(write_config):
     (run_dir / "config.yaml").write_text(text.replace("  lr: 0.0005\n", "  lr: 0.01\n"))
     with pytest.raises(MultifiError, match=r"config.yaml: differs .* \(train.lr: 0.0005 in the checkpoint, 0.01 now\)"):
         train(load_config(run_dir / "config.yaml", ["train.epochs=2"]), resume=True)
+    assert "  fidelity_weights: {}\n" in text  # a dict-valued setting filled in: flattened, it had no key before
+    (run_dir / "config.yaml").write_text(text.replace("  fidelity_weights: {}\n", "  fidelity_weights: {lo: 0.01}\n"))
+    with pytest.raises(MultifiError, match=r"\(loss.fidelity_weights: \{\} in the checkpoint, \{'lo': 0.01\} now\)"):
+        train(load_config(run_dir / "config.yaml", ["train.epochs=2"]), resume=True)
     (run_dir / "config.yaml").write_text(text)
     last = run_dir / "checkpoints/last.ckpt"
     state = ckpt(last)

@@ -19,7 +19,8 @@ import logging
 
 import numpy as np
 
-from multifi.data.same_geometry import DUPLICATE_TOLERANCE, MoleculeTable
+from multifi.data.dataset import GEOMETRY_TOLERANCE
+from multifi.data.same_geometry import MoleculeTable
 from multifi.errors import MultifiError
 
 log = logging.getLogger("multifi")
@@ -151,13 +152,16 @@ def outside_training_geometry(potential, pool) -> np.ndarray:
     return out
 
 
-#: Å: structures whose atoms lie this close to another's, after translation (and for molecules rotation or
-#: reordering), are one structure for selection (the duplicate checks' tolerance: coordinates printed to 3 decimals
-#: are still the run's structures, and MD frames this close would cost two calculations for one label's worth)
-SAME_GEOMETRY_TOL = DUPLICATE_TOLERANCE
+#: Å: structures whose atoms lie this close to another's, after translation, are one structure for selection:
+#: coordinates rounded to 1e-4 Å move an atom by up to 0.87e-4 Å and a distance by up to 1.7e-4 Å
+SAME_GEOMETRY_TOL = 3e-4
+#: Å: a molecule is one of the known (e.g. the run's) molecules when its sorted distances agree this well (up to
+#: rotation and atom order; an index by composition and size keeps this fast): coordinates printed to 3 decimals
+#: move a distance by up to 1.7e-3 Å (dataset.GEOMETRY_TOLERANCE, which structures merged by key must meet)
+MOLECULE_COPY_TOL = GEOMETRY_TOLERANCE
 
 
-def same_molecules(pool, known, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
+def same_molecules(pool, known, tol: float = MOLECULE_COPY_TOL) -> np.ndarray:
     """[len(pool)] bool: the non-periodic structures of `pool` that are a structure of `known` up to translation,
     rotation, reflection and atom order (MoleculeTable). Periodic structures: False (copies_of covers them)."""
     table = MoleculeTable(known, tol)
@@ -193,7 +197,7 @@ def copies_of(known, pool, tol: float = SAME_GEOMETRY_TOL) -> np.ndarray:
 
     periodic_known = np.flatnonzero(known.pbc.any(1))
     periodic_pool = np.flatnonzero(pool.pbc.any(1))
-    out = same_molecules(pool, known, tol)
+    out = same_molecules(pool, known, max(tol, MOLECULE_COPY_TOL))
     if len(periodic_known) and len(periodic_pool):
         both = _joined(known.subset(periodic_known), pool.subset(periodic_pool))
         a, b, alias = same_geometry_pairs(*both, tol, shift=True)

@@ -351,14 +351,15 @@ def _warn_trained_on(checkpoint, ds, pairs) -> None:
 
 
 def _trained_by_geometry(old, ds, pairs, known: set) -> set[tuple[str, str]]:
-    """(key, fidelity name) of the evaluated pairs, not in `known`, whose structure is a training structure of the
-    run `old` at that fidelity by geometry (select.copies_of: within the duplicate tolerance, up to translation;
-    molecules also rotation and atom order). Looked for only where keys cannot tell: a key made from the geometry
-    on either side (a file without keys, or a run trained without them)."""
+    """(key, fidelity name) of the evaluated pairs, not in `known`, whose molecule is a training molecule of the run
+    `old` at that fidelity by geometry (select.same_molecules: distances within 2e-3 Å, coordinates printed to 3
+    decimals; up to rotation and atom order). Looked for only where keys cannot tell: a key made from the geometry
+    on either side (a file without keys, or a run trained without them). Crystals are not searched (a pairwise
+    search over near-identical cells grows with the square of the training set)."""
     import numpy as np
 
     from multifi.data.dataset import GEOMETRY_KEY_PREFIX
-    from multifi.select import copies_of
+    from multifi.select import same_molecules
 
     names, old_names = ds.fidelities.names, old.dataset.fidelities.names
     hashed = np.char.startswith(np.asarray(ds.keys, dtype=str), GEOMETRY_KEY_PREFIX)
@@ -372,7 +373,7 @@ def _trained_by_geometry(old, ds, pairs, known: set) -> set[tuple[str, str]]:
         theirs = np.unique(old.train[old.train[:, 1] == old_names.index(name), 0])
         if not len(mine) or not len(theirs) or not (hashed[mine].any() or run_hashed[theirs].any()):
             continue
-        copies = copies_of(old.dataset.subset(theirs), ds.subset(mine))
+        copies = same_molecules(ds.subset(mine), old.dataset.subset(theirs))
         out |= {(str(ds.keys[s]), name) for s in mine[copies].tolist()}
     return out
 

@@ -167,15 +167,19 @@ def check_repeated_geometries(dataset: FidelityDataset) -> int:
     return len(repeats)
 
 
-def _warn_contradicting_copies(dataset: FidelityDataset, copies: np.ndarray, originals: np.ndarray) -> None:
-    """Warn per fidelity where copies of one geometry carry energies more than SAME_ENERGY_EV apart: one method
-    gives one energy per geometry, so one of the labels is wrong (another method, unit or structure)."""
-    from multifi.data.dataset import SAME_ENERGY_EV
+#: eV per atom: copies of a geometry whose energies differ by more are contradicting labels (atoms up to
+#: DUPLICATE_TOLERANCE = 1e-4 Å apart under forces up to 10 eV/Å change the energy by at most 1e-3 eV per atom)
+CONTRADICTING_EV_PER_ATOM = 5e-3
 
+
+def _warn_contradicting_copies(dataset: FidelityDataset, copies: np.ndarray, originals: np.ndarray) -> None:
+    """Warn per fidelity where copies of one geometry (within DUPLICATE_TOLERANCE) carry energies more than
+    CONTRADICTING_EV_PER_ATOM apart per atom: one method gives one energy per geometry, so one of the labels is
+    wrong (another method, unit or structure)."""
     for k, name in enumerate(dataset.fidelities.names):
         a, b = dataset.energy[copies, k], dataset.energy[originals, k]
         gap = np.where(np.isnan(a) | np.isnan(b), 0.0, np.abs(a - b))
-        bad = np.flatnonzero(gap > SAME_ENERGY_EV)
+        bad = np.flatnonzero(gap > CONTRADICTING_EV_PER_ATOM * dataset.n_atoms[copies])
         if len(bad):
             i = int(bad[np.argmax(gap[bad])])
             log.warning(

@@ -22,10 +22,10 @@ from multifi.data.cells import MIN_MEASURE, complete_cells
 
 #: Å: copies without keys that merge into one structure (readers, FidelityDataset.merge)
 MERGE_TOLERANCE = 1e-5
-#: Å: copies that the duplicate checks (repeated geometries, a geometry in two splits, select) count as one:
-#: coordinates printed to 3 decimals move an atom by up to 0.87e-3 Å and, relative to atom 0, by up to 1.7e-3 Å
-#: (as dataset.GEOMETRY_TOLERANCE, which structures merged by key must meet)
-DUPLICATE_TOLERANCE = 2e-3
+#: Å: copies that the duplicate checks (repeated geometries, a geometry in two splits) count as one. Kept tight:
+#: the search window grows with it, and near-identical crystals (frames rattled by 0.01 Å) then pair with almost
+#: every other (2e-3 took minutes and GBs for 10 000 frames); finite-displacement sets (1e-3 Å) stay apart
+DUPLICATE_TOLERANCE = 1e-4
 #: atoms of each structure whose positions give the sort features (spread over the structure)
 N_FEATURES = 4
 

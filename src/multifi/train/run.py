@@ -975,7 +975,7 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
     if not path.exists():
         return
     before, after = _resume_view(load_config(path)), _resume_view(cfg)
-    fixed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in RESUMABLE)
+    fixed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and not _resumable(k))
     if fixed:
         shown = ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in fixed[:3])
         raise MultifiError(
@@ -983,6 +983,11 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
             f"batches, data); changed: {shown}. Start a new run instead (train.init_from: {_weights_of(run_dir)} "
             "starts from its weights)"
         )
+
+
+def _resumable(key: str) -> bool:
+    """A flat setting key a resume may change: one of RESUMABLE or an entry of one (train.init_fidelities.lo)."""
+    return any(key == r or key.startswith(r + ".") for r in RESUMABLE)
 
 
 def check_checkpoint_settings(config: Path, ckpt: Path, cfg: RunConfig, sections=("model", "loss", "train")) -> None:
@@ -996,17 +1001,23 @@ def check_checkpoint_settings(config: Path, ckpt: Path, cfg: RunConfig, sections
     state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # hyper-parameters only
     hp = state.get("hyper_parameters") or {}
     held = {"model": (hp.get("model_spec") or {}).get("model"), "loss": hp.get("loss"), "train": hp.get("train")}
-    held = {k: v for k, v in held.items() if v is not None and k in sections}
-    before = _flat(json.loads(json.dumps(held, default=str)))
+    held = json.loads(json.dumps({k: v for k, v in held.items() if v is not None and k in sections}, default=str))
     now = cfg.model_dump(mode="json")
-    after = _flat({k: now[k] for k in sections})
+    # field by field, a dict-valued field (loss.fidelity_weights, train.fidelity_sampling) compared whole: flattened,
+    # an entry added to an empty dict has no key on the other side
+    before = {f"{sec}.{field}": value for sec, fields in held.items() for field, value in fields.items()}
+    after = {f"{sec}.{field}": value for sec in held for field, value in now[sec].items()}
     changed = sorted(k for k in before if k in after and before[k] != after[k] and k not in RESUMABLE)
     if changed:
         shown = ", ".join(f"{k}: {before[k]!r} in the checkpoint, {after[k]!r} now" for k in changed[:3])
+        new_run = (
+            f"start a new run (train.init_from: {_weights_of(config.parent)} starts from its weights)"
+            if "model" in sections
+            else "start a new extension"
+        )
         raise MultifiError(
             f"{config}: differs from the settings its checkpoint trained with ({shown}); a resumed run keeps the "
-            "checkpoint's model, loss, optimiser and schedule: undo the edit, or start a new run (train.init_from: "
-            f"{_weights_of(config.parent)} starts from its weights)"
+            f"checkpoint's model, loss, optimiser and schedule: undo the edit, or {new_run}"
         )
 
 
