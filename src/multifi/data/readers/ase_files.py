@@ -119,8 +119,9 @@ def read_ase(
         )
     if parsed:
         log.warning(
-            "%s: info['fidelity'] read as %s, not text (extxyz reads unquoted 1, 01, T, 1e3 as numbers or booleans, "
-            "so '01' and '1' become one name); quote the names in the file: fidelity=\"01\"",
+            "%s: info['fidelity'] read as %s, not text (ASE's extxyz reader makes 1, 01, T, True, 1e3 numbers or "
+            "booleans, quoted or not, so '01' and '1' become one name); give each fidelity a name with a letter "
+            "in it (fidelity=DFT01)",
             src,
             ", ".join(list(parsed)[:4]),
         )
