@@ -1007,7 +1007,7 @@ def check_checkpoint_settings(config: Path, ckpt: Path, cfg: RunConfig, sections
     # an entry added to an empty dict has no key on the other side
     before = {f"{sec}.{field}": value for sec, fields in held.items() for field, value in fields.items()}
     after = {f"{sec}.{field}": value for sec in held for field, value in now[sec].items()}
-    changed = sorted(k for k in before if k in after and before[k] != after[k] and k not in RESUMABLE)
+    changed = sorted(k for k in before if k in after and before[k] != after[k] and not _resumable(k))
     if changed:
         shown = ", ".join(f"{k}: {before[k]!r} in the checkpoint, {after[k]!r} now" for k in changed[:3])
         new_run = (
