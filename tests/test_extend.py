@@ -499,6 +499,37 @@ def test_forgetting_is_measured_on_the_same_structures_before_and_after(tmp_path
     assert f["lo"]["after"]["energy_mae_meV"] == pytest.approx(f["lo"]["before"]["energy_mae_meV"], rel=1e-12)
 
 
+def test_forgetting_compares_the_metrics_without_estimated_references_too(tmp_path):
+    """An old fidelity whose test structures include one with an estimated reference (an element its labels
+    lacked: the usual case for a fidelity with few labels) has a nested group of metrics without them; its
+    change is reported like the others' (it made extend fail after training)."""
+    from multifi.data.dataset import FidelityDataset
+    from multifi.keys import ENERGY_MAE, FITTED_ONLY
+    from multifi.train.extend import OldRun, _forgetting
+
+    old, _ = saved_model(tmp_path)
+    with torch.no_grad():
+        old.head.fitted[7, 1] = False  # N's reference at "hi" estimated from "lo"
+    new = copy.deepcopy(old)
+    with torch.no_grad():
+        new.head.scale.mul_(1.5)  # the extension changed the old fidelities' predictions
+    records = [
+        {"numbers": m.numbers, "positions": m.positions, "labels": {"hi": {"energy": -2.0 * len(m)}}} for m in probe()
+    ]
+    ds = FidelityDataset.from_records(records)
+    test = np.array([[s, 0] for s in range(len(records))])
+    f = _forgetting(old, new, OldRun(tmp_path, ds, test[:0], test[:0], test), batch_size=4)["hi"]
+    assert f["before"]["n"] == 4 and f["before"][FITTED_ONLY]["n"] == 3  # HCN has N
+    for metrics in (f["before"], f["change"]):
+        assert isinstance(metrics[FITTED_ONLY], dict)
+    change = f["change"]
+    assert change[ENERGY_MAE] == pytest.approx(f["after"][ENERGY_MAE] - f["before"][ENERGY_MAE])
+    assert change[FITTED_ONLY][ENERGY_MAE] == pytest.approx(
+        f["after"][FITTED_ONLY][ENERGY_MAE] - f["before"][FITTED_ONLY][ENERGY_MAE]
+    )
+    assert change[ENERGY_MAE] != 0 and "n" not in change
+
+
 def test_a_run_directory_stands_for_its_model_and_its_data(old_run, tmp_path, capsys):
     """`multifi extend RUN_DIR` extends RUN_DIR/model.pt and finds the run's data for the forgetting report."""
     data = new_data(tmp_path / "new.extxyz")

@@ -950,9 +950,7 @@ def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, 
             "left_out": left_out,  # structures with elements the old model was not trained on
             "before": b,
             "after": a,
-            "change": {
-                k: (a[k] - b[k] if a.get(k) is not None and b.get(k) is not None else None) for k in b if k != COUNT
-            },
+            "change": _change(b, a),
         }
     unmeasured = [n for n in old.fidelities.names if n not in out]
     if unmeasured:  # e.g. a fidelity added by an earlier extension, absent from the original run's data
@@ -962,6 +960,21 @@ def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, 
             old_run.path,
             "test" if len(old_run.test) else "validation",
         )
+    return out
+
+
+def _change(before: dict, after: dict) -> dict:
+    """after − before for every metric of `before` but the count; nested metric groups (keys.FITTED_ONLY: the
+    metrics without structures whose references were estimated) the same way; None where either lacks it."""
+    out = {}
+    for k, b in before.items():
+        a = after.get(k)
+        if k == COUNT:
+            continue
+        if isinstance(b, dict):
+            out[k] = _change(b, a) if isinstance(a, dict) else None
+        else:
+            out[k] = a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
     return out
 
 
