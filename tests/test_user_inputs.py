@@ -76,7 +76,11 @@ def _strained_copper(
     frames = []
     for i in range(n):
         element = elements[i % len(elements)]
-        lattice = {"Cu": 3.589, "Al": 3.993, "Ni": 3.488} if equilibrium else {"Cu": 3.6, "Al": 4.05, "Ni": 3.52}
+        lattice = (
+            {"Cu": 3.589, "Al": 3.993, "Ni": 3.488, "Ag": 4.065, "Pd": 3.88}
+            if equilibrium
+            else {"Cu": 3.6, "Al": 4.05, "Ni": 3.52, "Ag": 4.09, "Pd": 3.89}
+        )
         a = bulk(element, "fcc", lattice[element], cubic=True)
         eps = rng.uniform(-strain, strain, (3, 3))
         a.set_cell(a.cell.array @ (np.eye(3) + (eps + eps.T) / 2), scale_atoms=True)
@@ -578,6 +582,24 @@ def test_soft_solids_beside_a_stiff_one_raise_no_unit_question(write_config, tmp
     assert code == 0, err
     messages = [r.getMessage() for r in caplog.records if "stresses at fidelity" in r.getMessage()]
     assert not messages, messages
+
+
+def test_one_stiff_composition_among_many_soft_ones_keeps_the_unit_question(write_config, tmp_path, capsys, caplog):
+    """Stresses 10× too small (GPa numbers where kBar is read) still imply a stiff composition or two where the
+    data hold very stiff solids (compressed SiC and carbon in MatPES-like data): that alone does not silence the
+    question, as a quarter of stiff compositions does (the test above)."""
+    import logging
+
+    soft = _strained_copper(n=40, stress_unit=10.0, elements=("Cu", "Al", "Ag", "Pd"), equilibrium=True)
+    stiff = _strained_copper(n=10, elements=("Ni",), equilibrium=True)
+    path = tmp_path / "mixed.extxyz"
+    ase.io.write(path, soft + stiff)
+    config = write_config(data={"sources": [{"path": str(path)}], "split": {"val": 0.1, "test": 0.1, "seed": 0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    messages = [r.getMessage() for r in caplog.records if "stresses at fidelity" in r.getMessage()]
+    assert len(messages) == 1 and "10× too small" in messages[0] and "over 5 compositions" in messages[0], messages
 
 
 def test_unit_checks_of_train_see_every_split_as_data_info_does(write_config, tmp_path, capsys, caplog):
