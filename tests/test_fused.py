@@ -275,3 +275,84 @@ def test_inconsistent_edges_are_errors_not_memory_errors():
         ops.segment_sum(torch.zeros(3, 1, 4), x, w, none, src, torch.tensor([0, 1, 2, 3]), torch.tensor([0, 3, 1]))
     with pytest.raises(RuntimeError, match="src holds an index outside \\[0, 3\\)"):
         ops.segment_sum(torch.zeros(3, 1, 4), x, w, none, torch.tensor([0, -1, 1]), torch.tensor([0, 1, 2, 3]), order)
+
+
+def test_silu_and_its_derivatives_to_third_order_are_torchs():
+    """fused.silu inside differentiated_twice: values and first, second (one kernel pass each) and third (torch's
+    operators) derivatives equal torch's SiLU's; gradcheck and gradgradcheck in float64; no derivative asked, or
+    outside the context: torch's own SiLU."""
+    g = torch.Generator().manual_seed(3)
+    x = (4 * torch.randn(30, 7, generator=g, dtype=torch.float64)).requires_grad_(True)
+
+    def derivatives(act):
+        d1 = torch.autograd.grad(act(x).sin().sum(), x, create_graph=True)[0]
+        d2 = torch.autograd.grad(d1.cos().sum(), x, create_graph=True)[0]
+        d3 = torch.autograd.grad(d2.square().sum(), x)[0]
+        return act(x), d1, d2, d3
+
+    with fused.differentiated_twice():
+        assert torch.autograd.gradcheck(fused.silu, (x,)) and torch.autograd.gradgradcheck(fused.silu, (x,))
+        assert "_SiLU" in type(fused.silu(x).grad_fn).__name__
+        mine = derivatives(fused.silu)
+        with torch.no_grad():
+            assert fused.silu(x).grad_fn is None
+    for a, b in zip(mine, derivatives(torch.nn.functional.silu)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert type(fused.silu(x).grad_fn).__name__ == "SiluBackward0"  # outside the context
+
+
+def _m3gnet_force_training(model, graph, create_graph: bool = True):
+    from multifi.models.potential import _energy_and_grad
+
+    model.zero_grad()
+    pos = graph.positions.clone().requires_grad_(True)
+    i, j = graph.edge_index
+    vec = pos[j] - pos[i] + graph.shifts @ graph.cell[0]
+
+    class Wrapper:  # the eager derivative path of Potential, with this bare representation as the potential
+        def atom_energies(self, v):
+            return model(graph.numbers, graph.edge_index, v)
+
+    energy, g = _energy_and_grad(Wrapper(), vec, create_graph=create_graph)
+    forces = torch.zeros_like(pos).index_add(0, i, g).index_add(0, j, -g)
+    if not create_graph:
+        return forces.detach(), []
+    (energy.sum().square() + forces.square().sum()).backward()
+    return forces.detach(), [q.grad.clone() for q in model.parameters() if q.grad is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_m3gnet_force_training_with_the_silu_kernels_equals_torch_silu(dtype, monkeypatch):
+    """M3GNet forces with create_graph and the loss's parameter gradients, through Potential's derivative path:
+    SiLU's second derivatives on the kernels (counted: they ran) give what torch's SiLU gives; forces without
+    create_graph (MD) use torch's SiLU (no kernel call) and give the same forces."""
+    from ase.build import bulk
+
+    from multifi.data.batch import graph_from_atoms
+    from multifi.models.m3gnet import M3GNet
+
+    torch.manual_seed(0)
+    model = M3GNet(features=16, interactions=2, cutoff=4.0, threebody_cutoff=3.5).to(dtype)
+    atoms = bulk("Si", "diamond", 5.43, cubic=True)
+    atoms.rattle(0.1, seed=1)
+    graph = graph_from_atoms([atoms], 4.0, dtype=dtype)
+    ran = []
+    kernel = torch.ops.multifi_fused.silu_grad2
+
+    def counted(*args):
+        ran.append(1)
+        return kernel(*args)
+
+    monkeypatch.setattr(torch.ops.multifi_fused, "silu_grad2", counted)
+    fast = _m3gnet_force_training(model, graph)
+    assert len(ran) == 2 * 2 * 5 + 2 * 1 + 1  # 2 blocks × 2 gated MLPs × 5 SiLUs, 2 three-body ones, the embedding
+    md = _m3gnet_force_training(model, graph, create_graph=False)
+    monkeypatch.setattr(fused, "silu", torch.nn.functional.silu)
+    slow = _m3gnet_force_training(model, graph)
+    assert len(ran) == 23  # neither the MD call nor torch's SiLU ran the kernel
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(fast[0], slow[0], **tol)
+    torch.testing.assert_close(md[0], slow[0], **tol)
+    assert len(fast[1]) == len(slow[1]) > 0
+    for a, b in zip(fast[1], slow[1]):
+        torch.testing.assert_close(a, b, **tol)

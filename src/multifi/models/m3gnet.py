@@ -26,7 +26,7 @@ from torch import nn
 from multifi.config import ModelConfig
 from multifi.data.stats import N_ELEMENTS
 from multifi.errors import MultifiError
-from multifi.nn import PolynomialCutoff, scatter_sum
+from multifi.nn import PolynomialCutoff, fused, scatter_sum
 from multifi.nn.radial import second_order
 
 Tensor = torch.Tensor
@@ -176,8 +176,8 @@ class GatedMLP(nn.Module):
     def rest(self, a: Tensor, g: Tensor) -> Tensor:
         """Everything after the first linear layers, given their outputs a (values) and g (gates)."""
         for value, gate in zip(self.layers[1:], self.gates[1:]):
-            a, g = value(F.silu(a)), gate(F.silu(g))
-        return (F.silu(a) if self.activate_last else a) * torch.sigmoid(g)
+            a, g = value(fused.silu(a)), gate(fused.silu(g))
+        return (fused.silu(a) if self.activate_last else a) * torch.sigmoid(g)
 
     def on_edges(self, s: Tensor, e: Tensor, i: Tensor, j: Tensor) -> Tensor:
         """forward(s_i ⊕ s_j ⊕ e_ij) for every edge without building the [E, 2F+F_e] concatenation:
@@ -353,7 +353,7 @@ class M3GNet(nn.Module):
             s = s + condition
         r = torch.linalg.norm(edge_vec, dim=-1)
         rbf = self.rbf(r)  # [E, n_rbf], vanishes smoothly at the cutoff
-        e = F.silu(self.edge_embedding(rbf))
+        e = fused.silu(self.edge_embedding(rbf))
         if geometry is None:
             geometry = triplet_index(edge_index, r, s.shape[0], self.threebody_cutoff)
         t = Triplets(geometry, edge_index, edge_vec, r, self.radial3, self.envelope3)

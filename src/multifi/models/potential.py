@@ -20,7 +20,7 @@ from multifi.data.batch import Graph
 from multifi.data.fidelity import FidelityTable
 from multifi.models.head import EnergyHead
 from multifi.models.response import forces_from_edge_gradient, stress_from_edge_gradient
-from multifi.nn import scatter_sum
+from multifi.nn import fused, scatter_sum
 from multifi.nn.fidelity import FidelityConditioning
 
 log = logging.getLogger("multifi")
@@ -138,8 +138,10 @@ def _atom_energies(pot: Potential, edge_vec, *args) -> torch.Tensor:
 
 
 def _energy_and_grad(pot: Potential, vec, *args, create_graph: bool):
-    """Eager: atom energies [N] and ∂(Σ E)/∂vec [E,3] by autograd (vec requires grad)."""
-    atom_energy = pot.atom_energies(vec, *args)
+    """Eager: atom energies [N] and ∂(Σ E)/∂vec [E,3] by autograd (vec requires grad); with create_graph the
+    representation prepares for the second derivative that follows (nn.fused.differentiated_twice)."""
+    with fused.differentiated_twice(create_graph):
+        atom_energy = pot.atom_energies(vec, *args)
     (g,) = torch.autograd.grad(atom_energy.sum(), vec, create_graph=create_graph, allow_unused=True)
     return atom_energy, (torch.zeros_like(vec) if g is None else g)
 

@@ -11,6 +11,9 @@
 //   sum_a g[dst[e], a, f] * u[e, a] * x[src[e], 0, f]: the gradient of segment_sum with respect to w.
 // edge_dot_unit: out[e, a] = sum_f g[dst[e], a, f] * x[src[e], 0, f] * w[e, f], the gradient of the spread
 //   mode with respect to u.
+// silu_grad: g * silu'(x) from x and s = sigmoid(x); silu_grad2: its two partials, gg * g * silu''(x) (x) and
+//   gg * silu'(x) (g), with silu'(x) = s (1 + x (1 - s)) and silu''(x) = s (1 - s) (2 + x (1 - 2 s)): one
+//   arithmetic pass each where torch's double backward of SiLU takes about ten.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -206,16 +209,64 @@ at::Tensor edge_dot_unit(const at::Tensor& g, const at::Tensor& x, const at::Ten
   return out;
 }
 
+void check_alike(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(), name, ": tensors of one shape and dtype");
+}
+
+at::Tensor silu_grad(const at::Tensor& x, const at::Tensor& s, const at::Tensor& g) {
+  check_alike(x, s, "silu_grad");
+  check_alike(x, g, "silu_grad");
+  auto xc = x.contiguous(), sc = s.contiguous(), gc = g.contiguous();
+  auto out = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "silu_grad", [&] {
+    const scalar_t *xp = xc.data_ptr<scalar_t>(), *sp = sc.data_ptr<scalar_t>(), *gp = gc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, xc.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        op[k] = gp[k] * (sp[k] * (scalar_t(1) + xp[k] * (scalar_t(1) - sp[k])));
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_grad2(const at::Tensor& x, const at::Tensor& s, const at::Tensor& g,
+                                              const at::Tensor& gg) {
+  check_alike(x, s, "silu_grad2");
+  check_alike(x, g, "silu_grad2");
+  check_alike(x, gg, "silu_grad2");
+  auto xc = x.contiguous(), sc = s.contiguous(), gc = g.contiguous(), ggc = gg.contiguous();
+  auto dx = at::empty_like(xc), dg = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "silu_grad2", [&] {
+    const scalar_t *xp = xc.data_ptr<scalar_t>(), *sp = sc.data_ptr<scalar_t>(), *gp = gc.data_ptr<scalar_t>();
+    const scalar_t* ggp = ggc.data_ptr<scalar_t>();
+    scalar_t *dxp = dx.data_ptr<scalar_t>(), *dgp = dg.data_ptr<scalar_t>();
+    const scalar_t one(1), two(2);
+    at::parallel_for(0, xc.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const scalar_t sk = sp[k], xk = xp[k];
+        dgp[k] = ggp[k] * (sk * (one + xk * (one - sk)));
+        dxp[k] = ggp[k] * gp[k] * (sk * (one - sk) * (two + xk * (one - two * sk)));
+      }
+    });
+  });
+  return {dx, dg};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(multifi_fused, m) {
   m.def("segment_sum(Tensor base, Tensor x, Tensor w, Tensor u, Tensor src, Tensor ptr, Tensor order) -> Tensor");
   m.def("edge_dot(Tensor g, Tensor x, Tensor u, Tensor dst, Tensor src) -> Tensor");
   m.def("edge_dot_unit(Tensor g, Tensor x, Tensor w, Tensor dst, Tensor src) -> Tensor");
+  m.def("silu_grad(Tensor x, Tensor s, Tensor g) -> Tensor");
+  m.def("silu_grad2(Tensor x, Tensor s, Tensor g, Tensor gg) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(multifi_fused, CPU, m) {
   m.impl("segment_sum", &segment_sum);
   m.impl("edge_dot", &edge_dot);
   m.impl("edge_dot_unit", &edge_dot_unit);
+  m.impl("silu_grad", &silu_grad);
+  m.impl("silu_grad2", &silu_grad2);
 }
