@@ -321,11 +321,39 @@ def _m3gnet_force_training(model, graph, create_graph: bool = True):
     return forces.detach(), [q.grad.clone() for q in model.parameters() if q.grad is not None]
 
 
+def _torch_gate(a, g, f=None):
+    out = torch.nn.functional.silu(a) * torch.sigmoid(g)
+    return out if f is None else out * f
+
+
+@pytest.mark.parametrize("with_filter", [True, False])
+def test_gate_and_its_derivatives_to_third_order_are_torchs(with_filter):
+    """fused.gate = silu(a) σ(g) f: values and first, second (one kernel pass each) and third (torch's operators)
+    derivatives in a, g and f equal torch's; gradcheck and gradgradcheck in float64; without a derivative asked,
+    torch's operators."""
+    gen = torch.Generator().manual_seed(5)
+    a, g, f = ((3 * torch.randn(20, 6, generator=gen, dtype=torch.float64)).requires_grad_(True) for _ in range(3))
+    inputs = (a, g, f) if with_filter else (a, g)
+    assert torch.autograd.gradcheck(fused.gate, inputs) and torch.autograd.gradgradcheck(fused.gate, inputs)
+    assert "_Gate" in type(fused.gate(*inputs).grad_fn).__name__
+
+    def derivatives(gate):
+        d1 = torch.autograd.grad(gate(*inputs).sin().sum(), inputs, create_graph=True)
+        d2 = torch.autograd.grad(sum((d * d.cos()).sum() for d in d1), inputs, create_graph=True)
+        d3 = torch.autograd.grad(sum(d.square().sum() for d in d2), inputs)
+        return (gate(*inputs), *d1, *d2, *d3)
+
+    for mine, ref in zip(derivatives(fused.gate), derivatives(_torch_gate)):
+        torch.testing.assert_close(mine, ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        assert fused.gate(*inputs).grad_fn is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_m3gnet_force_training_with_the_silu_kernels_equals_torch_silu(dtype, monkeypatch):
+def test_m3gnet_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatch):
     """M3GNet forces with create_graph and the loss's parameter gradients, through Potential's derivative path:
-    SiLU's second derivatives on the kernels (counted: they ran) give what torch's SiLU gives; forces without
-    create_graph (MD) use torch's SiLU (no kernel call) and give the same forces."""
+    SiLU's and the gates' second derivatives on the kernels (counted: they ran) give what torch's operators give;
+    forces without create_graph (MD) use torch's SiLU (no SiLU kernel call) and give the same forces."""
     from ase.build import bulk
 
     from multifi.data.batch import graph_from_atoms
@@ -336,20 +364,23 @@ def test_m3gnet_force_training_with_the_silu_kernels_equals_torch_silu(dtype, mo
     atoms = bulk("Si", "diamond", 5.43, cubic=True)
     atoms.rattle(0.1, seed=1)
     graph = graph_from_atoms([atoms], 4.0, dtype=dtype)
-    ran = []
-    kernel = torch.ops.multifi_fused.silu_grad2
+    ran = {"silu_grad2": 0, "gate_grad2": 0}
+    for name in ran:
+        kernel = getattr(torch.ops.multifi_fused, name)
 
-    def counted(*args):
-        ran.append(1)
-        return kernel(*args)
+        def counted(*args, kernel=kernel, name=name):
+            ran[name] += 1
+            return kernel(*args)
 
-    monkeypatch.setattr(torch.ops.multifi_fused, "silu_grad2", counted)
+        monkeypatch.setattr(torch.ops.multifi_fused, name, counted)
     fast = _m3gnet_force_training(model, graph)
-    assert len(ran) == 2 * 2 * 5 + 2 * 1 + 1  # 2 blocks × 2 gated MLPs × 5 SiLUs, 2 three-body ones, the embedding
+    # SiLUs: 2 blocks × 2 gated MLPs × 4 hidden ones, the edge embedding; gates: 2 × 2 MLPs, 2 three-body updates
+    assert ran == {"silu_grad2": 2 * 2 * 4 + 1, "gate_grad2": 2 * 2 + 2}
     md = _m3gnet_force_training(model, graph, create_graph=False)
     monkeypatch.setattr(fused, "silu", torch.nn.functional.silu)
+    monkeypatch.setattr(fused, "gate", _torch_gate)
     slow = _m3gnet_force_training(model, graph)
-    assert len(ran) == 23  # neither the MD call nor torch's SiLU ran the kernel
+    assert ran == {"silu_grad2": 17, "gate_grad2": 6}  # neither the MD call nor torch's operators ran them
     tol = dict(rtol=2e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(fast[0], slow[0], **tol)
     torch.testing.assert_close(md[0], slow[0], **tol)

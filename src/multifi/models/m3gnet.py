@@ -170,17 +170,20 @@ class GatedMLP(nn.Module):
         self.gates = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in pairs)
         self.activate_last = activate_last
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.rest(self.layers[0](x), self.gates[0](x))
+    def forward(self, x: Tensor, filter: Tensor | None = None) -> Tensor:
+        """φ(x), times `filter` (same shape as the output) when given."""
+        return self.rest(self.layers[0](x), self.gates[0](x), filter)
 
-    def rest(self, a: Tensor, g: Tensor) -> Tensor:
+    def rest(self, a: Tensor, g: Tensor, filter: Tensor | None = None) -> Tensor:
         """Everything after the first linear layers, given their outputs a (values) and g (gates)."""
         for value, gate in zip(self.layers[1:], self.gates[1:]):
             a, g = value(fused.silu(a)), gate(fused.silu(g))
-        return (fused.silu(a) if self.activate_last else a) * torch.sigmoid(g)
+        if self.activate_last:
+            return fused.gate(a, g, filter)  # silu(a) ⊙ σ(g) ⊙ filter
+        return a * torch.sigmoid(g) if filter is None else a * torch.sigmoid(g) * filter
 
-    def on_edges(self, s: Tensor, e: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        """forward(s_i ⊕ s_j ⊕ e_ij) for every edge without building the [E, 2F+F_e] concatenation:
+    def on_edges(self, s: Tensor, e: Tensor, i: Tensor, j: Tensor, filter: Tensor | None = None) -> Tensor:
+        """forward(s_i ⊕ s_j ⊕ e_ij, filter) for every edge without building the [E, 2F+F_e] concatenation:
         the atom parts of the first layer are computed once per atom and gathered."""
         W = torch.cat([self.layers[0].weight, self.gates[0].weight])  # [2H, 2F + F_e]
         b = None if self.layers[0].bias is None else torch.cat([self.layers[0].bias, self.gates[0].bias])
@@ -188,7 +191,7 @@ class GatedMLP(nn.Module):
         hi, hj = F.linear(s, torch.cat([W[:, :Fs], W[:, Fs : 2 * Fs]])).split(2 * H, dim=-1)  # [N, 2H] each
         h = hi.index_select(0, i) + hj.index_select(0, j) + F.linear(e, W[:, 2 * Fs :], b)
         a, g = h.split(H, dim=-1)
-        return self.rest(a, g)
+        return self.rest(a, g, filter)
 
 
 class ThreeBodyInteraction(nn.Module):
@@ -220,8 +223,8 @@ class GraphConv(nn.Module):
         self.w_s = nn.Linear(n_rbf, features, bias=False)
 
     def forward(self, s: Tensor, e: Tensor, i: Tensor, j: Tensor, rbf: Tensor) -> tuple[Tensor, Tensor]:
-        e = e + self.phi_e.on_edges(s, e, i, j) * self.w_e(rbf)
-        m = self.phi_s.on_edges(s, e, i, j) * self.w_s(rbf)
+        e = e + self.phi_e.on_edges(s, e, i, j, filter=self.w_e(rbf))
+        m = self.phi_s.on_edges(s, e, i, j, filter=self.w_s(rbf))
         return s + scatter_sum(m, i, s.shape[0]), e
 
 

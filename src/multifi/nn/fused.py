@@ -359,3 +359,81 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     if getattr(_twice, "on", False) and x.requires_grad and torch.is_grad_enabled() and applicable(x):
         return _SiLU.apply(x)
     return torch.nn.functional.silu(x)
+
+
+_NO_FILTER = torch.empty(0)
+
+
+class _Gate(torch.autograd.Function):
+    """silu(a) ⊙ σ(g) ⊙ f (f optional) in one pass given σ(a), σ(g); its first derivatives in one pass (_GateGrad
+    when differentiated again)."""
+
+    @staticmethod
+    def forward(ctx, a, g, f):
+        sa, sg = torch.sigmoid(a), torch.sigmoid(g)
+        ff = _NO_FILTER.to(a.dtype) if f is None else f
+        ctx.save_for_backward(a, g, sa, sg, ff)
+        ctx.has_f = f is not None
+        return torch.ops.multifi_fused.gate_value(a, sa, sg, ff)
+
+    @staticmethod
+    def backward(ctx, go):
+        a, g, sa, sg, ff = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            da, dg, df = _GateGrad.apply(go, a, g, ff if ctx.has_f else None, sa, sg)
+        else:
+            da, dg, df = torch.ops.multifi_fused.gate_grad(go, a, sa, sg, ff)
+        return da, dg, (df if ctx.has_f else None)
+
+
+class _GateGrad(torch.autograd.Function):
+    """(da, dg, df) of _Gate given go; their derivatives in one pass, and with torch's operators beyond (a third
+    derivative). sa, sg: σ(a), σ(g), constants here (the formulas differentiate through them)."""
+
+    @staticmethod
+    def forward(ctx, go, a, g, f, sa, sg):
+        ff = _NO_FILTER.to(a.dtype) if f is None else f
+        ctx.save_for_backward(go, a, g, ff, sa, sg)
+        ctx.has_f = f is not None
+        da, dg, df = torch.ops.multifi_fused.gate_grad(go, a, sa, sg, ff)
+        if f is None:
+            ctx.mark_non_differentiable(df)  # empty: there is no filter
+        return da, dg, df
+
+    @staticmethod
+    def backward(ctx, Ga, Gg, Gf):
+        go, a, g, ff, sa, sg = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            out = _gate_grad2_by_torch(go, a, g, ff if ctx.has_f else None, Ga, Gg, Gf if ctx.has_f else None)
+        else:
+            Gf = Gf if ctx.has_f and Gf is not None else _NO_FILTER.to(a.dtype)
+            out = torch.ops.multifi_fused.gate_grad2(go, a, sa, sg, ff, Ga, Gg, Gf)
+        dgo, da, dg, df = out
+        return dgo, da, dg, (df if ctx.has_f else None), None, None
+
+
+def _gate_grad2_by_torch(go, a, g, f, Ga, Gg, Gf):
+    """What gate_grad2 computes, with torch's operators (differentiable to any order)."""
+    sa, sg = torch.sigmoid(a), torch.sigmoid(g)
+    A, dA, ddA = a * sa, sa * (1 + a * (1 - sa)), sa * (1 - sa) * (2 + a * (1 - 2 * sa))
+    B, dB = sg, sg * (1 - sg)
+    ddB = dB * (1 - 2 * sg)
+    fk = 1 if f is None else f
+    Gfk = 0 if Gf is None else Gf
+    dgo = (Ga * dA * B + Gg * A * dB) * fk + Gfk * A * B
+    da = go * ((Ga * ddA * B + Gg * dA * dB) * fk + Gfk * dA * B)
+    dg = go * ((Ga * dA * dB + Gg * A * ddB) * fk + Gfk * A * dB)
+    df = None if f is None else go * (Ga * dA * B + Gg * A * dB)
+    return dgo, da, dg, df
+
+
+def gate(a: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(a) ⊙ σ(g) (⊙ f): the output of M3GNet's gated MLPs, times their radial filter f. With a derivative taken
+    (forces, force training) on the kernels: one pass for the value, each first and each second derivative, where
+    torch's operators take a dozen; torch's own operators where the kernels do not apply (see `applicable`)."""
+    needs_grad = torch.is_grad_enabled() and (a.requires_grad or g.requires_grad or (f is not None and f.requires_grad))
+    tensors = (a, g) if f is None else (a, g, f)
+    if needs_grad and applicable(*tensors) and all(t.shape == a.shape for t in tensors):
+        return _Gate.apply(a, g, f)
+    out = torch.nn.functional.silu(a) * torch.sigmoid(g)
+    return out if f is None else out * f

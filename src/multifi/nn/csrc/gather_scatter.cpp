@@ -253,6 +253,146 @@ std::tuple<at::Tensor, at::Tensor> silu_grad2(const at::Tensor& x, const at::Ten
   return {dx, dg};
 }
 
+// The gate of M3GNet's gated MLPs, y = silu(a) sigmoid(g) f (f, a filter, optional: an empty tensor), from a, its
+// sigmoid sa and the sigmoid sg of g; its first derivatives given go = dL/dy, and their derivatives given Ga, Gg,
+// Gf = dL/d(da, dg, df). With A = silu(a): A' = sa (1 + a (1 - sa)), A'' = sa (1 - sa) (2 + a (1 - 2 sa));
+// B = sg: B' = sg (1 - sg), B'' = B' (1 - 2 sg).
+namespace gate {
+template <typename T>
+struct Terms {
+  T A, dA, ddA, B, dB, ddB;
+  Terms(T a, T sa, T sg) {
+    const T one(1), two(2);
+    A = a * sa;
+    dA = sa * (one + a * (one - sa));
+    ddA = sa * (one - sa) * (two + a * (one - two * sa));
+    B = sg;
+    dB = sg * (one - sg);
+    ddB = dB * (one - two * sg);
+  }
+};
+
+std::vector<at::Tensor> inputs(std::vector<at::Tensor> ts, bool has_f, const char* name) {
+  for (size_t k = 1; k < ts.size(); ++k) {
+    if (!has_f && (k == 4 || k == 7)) continue;  // f and Gf absent
+    check_alike(ts[0], ts[k], name);
+  }
+  for (auto& t : ts) t = t.contiguous();
+  return ts;
+}
+}  // namespace gate
+
+// The loops take restrict pointers and a compile-time HAS_F: with captured references, a run-time branch inside
+// or pointers that may overlap (too many pairs to check) the compiler did not vectorise them (3-7x slower)
+#define R __restrict__
+template <typename T, bool HAS_F>
+void gate_value_loop(const T* R a, const T* R sa, const T* R sg, const T* R f, T* R out, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const T y = a[k] * sa[k] * sg[k];
+    out[k] = HAS_F ? y * f[k] : y;
+  }
+}
+
+template <typename T, bool HAS_F>
+void gate_grad_loop(const T* R go, const T* R a, const T* R sa, const T* R sg, const T* R f, T* R da, T* R dg,
+                    T* R df, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const gate::Terms<T> q(a[k], sa[k], sg[k]);
+    const T fk = HAS_F ? f[k] : T(1), g = go[k];
+    da[k] = g * q.dA * q.B * fk;
+    dg[k] = g * q.A * q.dB * fk;
+    if (HAS_F) df[k] = g * q.A * q.B;
+  }
+}
+
+template <typename T, bool HAS_F>
+void gate_grad2_loop(const T* R go, const T* R a, const T* R sa, const T* R sg, const T* R f, const T* R Ga,
+                     const T* R Gg, const T* R Gf, T* R dgo, T* R da, T* R dg, T* R df, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const gate::Terms<T> q(a[k], sa[k], sg[k]);
+    const T fk = HAS_F ? f[k] : T(1), Gfk = HAS_F ? Gf[k] : T(0);
+    const T g = go[k], ga = Ga[k], gg = Gg[k];
+    dgo[k] = (ga * q.dA * q.B + gg * q.A * q.dB) * fk + Gfk * q.A * q.B;
+    da[k] = g * ((ga * q.ddA * q.B + gg * q.dA * q.dB) * fk + Gfk * q.dA * q.B);
+    dg[k] = g * ((ga * q.dA * q.dB + gg * q.A * q.ddB) * fk + Gfk * q.A * q.dB);
+    if (HAS_F) df[k] = g * (ga * q.dA * q.B + gg * q.A * q.dB);
+  }
+}
+
+#undef R
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return t.numel() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mut(at::Tensor& t) {
+  return t.numel() ? t.data_ptr<T>() : nullptr;
+}
+
+at::Tensor gate_value(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& sg, const at::Tensor& f) {
+  const bool has_f = f.numel() > 0;
+  auto t = gate::inputs({a, sa, sg, sa, has_f ? f : sa}, true, "gate_value");
+  auto out = at::empty_like(t[0]);
+  AT_DISPATCH_FLOATING_TYPES(t[0].scalar_type(), "gate_value", [&] {
+    using T = scalar_t;
+    const T *A = ptr<T>(t[0]), *SA = ptr<T>(t[1]), *SG = ptr<T>(t[2]), *Fp = ptr<T>(t[4]);
+    T* O = mut<T>(out);
+    at::parallel_for(0, t[0].numel(), 4096, [=](int64_t b, int64_t e) {
+      if (has_f) gate_value_loop<T, true>(A + b, SA + b, SG + b, Fp + b, O + b, e - b);
+      else gate_value_loop<T, false>(A + b, SA + b, SG + b, nullptr, O + b, e - b);
+    });
+  });
+  return out;
+}
+
+// (da, dg, df): df empty without f
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_grad(const at::Tensor& go, const at::Tensor& a,
+                                                        const at::Tensor& sa, const at::Tensor& sg,
+                                                        const at::Tensor& f) {
+  const bool has_f = f.numel() > 0;
+  auto t = gate::inputs({go, a, sa, sg, has_f ? f : go}, has_f, "gate_grad");
+  auto da = at::empty_like(t[0]), dg = at::empty_like(t[0]);
+  auto df = has_f ? at::empty_like(t[0]) : at::empty({0}, t[0].options());
+  AT_DISPATCH_FLOATING_TYPES(t[0].scalar_type(), "gate_grad", [&] {
+    using T = scalar_t;
+    const T *G = ptr<T>(t[0]), *A = ptr<T>(t[1]), *SA = ptr<T>(t[2]), *SG = ptr<T>(t[3]), *Fp = ptr<T>(t[4]);
+    T *DA = mut<T>(da), *DG = mut<T>(dg), *DF = mut<T>(df);
+    at::parallel_for(0, t[0].numel(), 4096, [=](int64_t b, int64_t e) {
+      if (has_f) gate_grad_loop<T, true>(G + b, A + b, SA + b, SG + b, Fp + b, DA + b, DG + b, DF + b, e - b);
+      else gate_grad_loop<T, false>(G + b, A + b, SA + b, SG + b, nullptr, DA + b, DG + b, nullptr, e - b);
+    });
+  });
+  return {da, dg, df};
+}
+
+// (dgo, da, dg, df): the derivatives of gate_grad's outputs contracted with Ga, Gg, Gf (Gf and df empty without f)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_grad2(const at::Tensor& go, const at::Tensor& a,
+                                                                      const at::Tensor& sa, const at::Tensor& sg,
+                                                                      const at::Tensor& f, const at::Tensor& Ga,
+                                                                      const at::Tensor& Gg, const at::Tensor& Gf) {
+  const bool has_f = f.numel() > 0;
+  auto t = gate::inputs({go, a, sa, sg, has_f ? f : go, Ga, Gg, has_f ? Gf : go}, has_f, "gate_grad2");
+  auto dgo = at::empty_like(t[0]), da = at::empty_like(t[0]), dg = at::empty_like(t[0]);
+  auto df = has_f ? at::empty_like(t[0]) : at::empty({0}, t[0].options());
+  AT_DISPATCH_FLOATING_TYPES(t[0].scalar_type(), "gate_grad2", [&] {
+    using T = scalar_t;
+    const T *G = ptr<T>(t[0]), *A = ptr<T>(t[1]), *SA = ptr<T>(t[2]), *SG = ptr<T>(t[3]), *Fp = ptr<T>(t[4]);
+    const T *GA = ptr<T>(t[5]), *GG = ptr<T>(t[6]), *GF = ptr<T>(t[7]);
+    T *DGO = mut<T>(dgo), *DA = mut<T>(da), *DG = mut<T>(dg), *DF = mut<T>(df);
+    at::parallel_for(0, t[0].numel(), 4096, [=](int64_t b, int64_t e) {
+      if (has_f)
+        gate_grad2_loop<T, true>(G + b, A + b, SA + b, SG + b, Fp + b, GA + b, GG + b, GF + b, DGO + b, DA + b,
+                                 DG + b, DF + b, e - b);
+      else
+        gate_grad2_loop<T, false>(G + b, A + b, SA + b, SG + b, nullptr, GA + b, GG + b, nullptr, DGO + b, DA + b,
+                                  DG + b, nullptr, e - b);
+    });
+  });
+  return {dgo, da, dg, df};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(multifi_fused, m) {
@@ -261,6 +401,11 @@ TORCH_LIBRARY(multifi_fused, m) {
   m.def("edge_dot_unit(Tensor g, Tensor x, Tensor w, Tensor dst, Tensor src) -> Tensor");
   m.def("silu_grad(Tensor x, Tensor s, Tensor g) -> Tensor");
   m.def("silu_grad2(Tensor x, Tensor s, Tensor g, Tensor gg) -> (Tensor, Tensor)");
+  m.def("gate_value(Tensor a, Tensor sa, Tensor sg, Tensor f) -> Tensor");
+  m.def("gate_grad(Tensor go, Tensor a, Tensor sa, Tensor sg, Tensor f) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gate_grad2(Tensor go, Tensor a, Tensor sa, Tensor sg, Tensor f, Tensor Ga, Tensor Gg, Tensor Gf) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(multifi_fused, CPU, m) {
@@ -269,4 +414,7 @@ TORCH_LIBRARY_IMPL(multifi_fused, CPU, m) {
   m.impl("edge_dot_unit", &edge_dot_unit);
   m.impl("silu_grad", &silu_grad);
   m.impl("silu_grad2", &silu_grad2);
+  m.impl("gate_value", &gate_value);
+  m.impl("gate_grad", &gate_grad);
+  m.impl("gate_grad2", &gate_grad2);
 }
