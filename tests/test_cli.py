@@ -134,7 +134,7 @@ def test_predict_writes_extxyz_with_energies(cli_run, tmp_path, capsys):
     ase.io.write(src, mols)
     out = tmp_path / "pred.extxyz"
     code, stdout, _ = run(["predict", run_dir / "model.pt", src, "--fidelity", "hi", "--out", out], capsys)
-    assert code == 0 and "wrote 2 structures" in stdout
+    assert code == 0 and "wrote 2 frames (one per input frame)" in stdout
     twice = tmp_path / "twice.extxyz"  # a fidelity given twice: predicted once, as if given once
     code, stdout, _ = run(
         ["predict", run_dir / "model.pt", src, "--fidelity", "hi", "--fidelity", "hi", "--out", twice], capsys

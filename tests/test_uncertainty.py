@@ -324,7 +324,7 @@ def test_ensemble_of_identical_models_is_no_uncertainty(cli_run, tmp_path, capsy
     assert not (tmp_path / "p.extxyz").exists()
 
 
-def test_calibration_leaves_out_validation_structures_with_estimated_references(caplog):
+def test_calibration_leaves_out_validation_structures_with_estimated_references(tmp_path, caplog):
     """A validation structure with an element whose reference energy at the fidelity was estimated errs by
     that reference's error, which σ cannot describe: it is left out of α and λ (said so), as in validation."""
     from conftest import emt_labelled
@@ -355,6 +355,17 @@ def test_calibration_leaves_out_validation_structures_with_estimated_references(
     assert "hi: 4 of 8 validation structures contain elements whose reference energy was estimated" in caplog.text
     alone = fit_llpr(pot, ds, train, pairs(ch4[8:]))  # the same fit as on the 4 CH4 alone
     assert llpr.fidelities["hi"].alpha == pytest.approx(alone.fidelities["hi"].alpha)
+
+    # evaluate --uncertainty's statistics leave them out too (they included them: numbers calibrate never saw)
+    from multifi.uncertainty import llpr_path, uncertainty_report
+
+    model = save_potential(pot, tmp_path / "model.pt")
+    llpr.save(llpr_path(model))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):
+        report = uncertainty_report(model, pot, [], ds, val)
+    assert report["fidelities"]["hi"]["n"] == 4
+    assert "hi: 4 of 8 structures contain elements whose reference energy was estimated: left out" in caplog.text
 
 
 def test_uncertainty_of_one_structure_is_valid_json_and_said_to_mean_little(cli_run, tmp_path, capsys, caplog):  # noqa: F811

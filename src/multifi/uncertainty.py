@@ -521,7 +521,21 @@ def load_ensemble(paths, fidelities, device="cpu") -> list:
 
 def uncertainty_report(checkpoint, potential, ensemble: list, dataset, pairs: np.ndarray, batch_size: int = 64) -> dict:
     """Calibration per fidelity (evaluate_uncertainty) of the LLPR of one model or of an ensemble:
-    {"method", "fidelities": {name: metrics}}."""
+    {"method", "fidelities": {name: metrics}}. Structures with an element whose reference energy at the pair's
+    fidelity was estimated are left out (said so), as calibration leaves them out: they err by the estimate's
+    error, which σ does not describe."""
+    from multifi.train.evaluate import pairs_with_estimated_references
+
+    estimated = pairs_with_estimated_references(potential, dataset, pairs)
+    for k in np.unique(pairs[estimated, 1]):
+        log.warning(
+            "%s: %d of %d structures contain elements whose reference energy was estimated: left out of the "
+            "uncertainty statistics, as calibration leaves them out (their errors are the estimate's)",
+            dataset.fidelities.names[int(k)],
+            int((estimated & (pairs[:, 1] == k)).sum()),
+            int((pairs[:, 1] == k).sum()),
+        )
+    pairs = pairs[~estimated]
     if ensemble:
         names = [dataset.fidelities.names[int(k)] for k in np.unique(pairs[:, 1])]
         device = next(potential.parameters()).device

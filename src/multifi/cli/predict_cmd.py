@@ -64,5 +64,5 @@ def run(args) -> int:
         ensemble=args.ensemble,
         index=args.index,
     )
-    print(f"wrote {n} structures predicted at {', '.join(fidelities)} to {args.out}")
+    print(f"wrote {n} frames (one per input frame) predicted at {', '.join(fidelities)} to {args.out}")
     return 0
