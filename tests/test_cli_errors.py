@@ -17,7 +17,7 @@ import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from conftest import drain_fifo, emt_labelled, fifo_and_target, rattled_molecule
-from test_cli import fails, run
+from test_cli import cli_run, fails, run  # noqa: F401  (module fixture: one tiny trained run)
 
 from multifi.cli.main import main
 from multifi.errors import MultifiError
@@ -1018,6 +1018,34 @@ def test_evaluate_reports_the_force_slope_and_warns_of_reversed_labels(model, ti
         _warn_implausible({"lo": {FORCES_SLOPE: -0.95}}, "f.extxyz")
         _warn_implausible({"lo": {FORCES_SLOPE: 0.9}}, "g.extxyz")
     assert "f.extxyz: lo force labels point against the model's forces" in caplog.text and "g.extxyz" not in caplog.text
+
+
+def test_evaluate_names_the_unit_of_energies_given_in_kj_per_mol(cli_run, tiny_extxyz, tmp_path, capsys, caplog):  # noqa: F811
+    """Energies in kJ/mol read as eV: evaluate said only that the error was implausible. Labels that are 96.485×
+    what the model predicts (a model that learned these structures, its predictions as the labels) get the unit
+    named; the same labels in eV get no warning at all."""
+    model = cli_run[1] / "model.pt"
+    frames = []
+    for fidelity in ("lo", "hi"):  # the model's own energies at each fidelity, as labels
+        pred = tmp_path / f"{fidelity}.extxyz"
+        assert run(["predict", model, tiny_extxyz, "--fidelity", fidelity, "--out", pred], capsys)[0] == 0
+        for a in ase.io.read(pred, ":"):
+            a.info = {"fidelity": fidelity}
+            frames.append(a)
+    exact, scaled = tmp_path / "ev.extxyz", tmp_path / "kjmol.extxyz"
+    ase.io.write(exact, frames)
+    for a in frames:
+        a.calc = SinglePointCalculator(a, energy=96.485 * a.get_potential_energy(), forces=a.get_forces())
+    ase.io.write(scaled, frames)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert run(["evaluate", model, exact], capsys)[0] == 0
+        assert "meV/atom" not in caplog.text and "read as eV" not in caplog.text
+        assert run(["evaluate", model, scaled], capsys)[0] == 0
+    said = [r.getMessage() for r in caplog.records if "read as eV" in r.getMessage()]
+    assert len(said) == 2, caplog.text
+    assert all("energies in kJ/mol read as eV? (convert them to eV: divide by 96.485)" in m for m in said)
+    assert said[0].startswith(f"{scaled}: ")
+    assert "one energy per element" not in caplog.text  # the unit, not the labels' convention
 
 
 def test_parity_plot_keeps_estimated_references_out_of_the_panel_mae(tmp_path, monkeypatch):

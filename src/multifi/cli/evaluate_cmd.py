@@ -98,11 +98,11 @@ def run(args) -> int:
     if args.ensemble:  # the headline is this one model's; the ensemble mean's errors are in the uncertainty table
         title += f" (this model alone; the mean of the ensemble of {len(args.ensemble) + 1}: below)"
     print(metrics_table(metrics, title=title))
-    _warn_implausible(metrics, ", ".join(args.data))
+    in_units = _warn_implausible(metrics, ", ".join(args.data), _label_slopes(ds, pairs[scored], predicted[scored]))
     from multifi.train.evaluate import pairs_with_estimated_references
 
     fitted = scored & ~pairs_with_estimated_references(potential, ds, pairs)  # estimated references: warned above
-    warn_per_element_errors(ds, pairs[fitted], predicted[fitted], ", ".join(args.data))
+    warn_per_element_errors(ds, pairs[fitted], predicted[fitted], ", ".join(args.data), skip=in_units)
     warn_own_predictions(ds, pairs[scored], predicted[scored], ", ".join(args.data))
     payload = {"fidelities": metrics}
     if args.uncertainty or args.ensemble:
@@ -172,9 +172,39 @@ MIN_UNCERTAINTY_N = 20
 REVERSED_FORCES_SLOPE = -0.3
 
 
-def _warn_implausible(metrics: dict, where: str) -> None:
-    """Errors of more than 1 eV/atom mean labels of another level of theory or unit, not a model error; force
-    labels pointing against the model's forces (a negative least-squares slope) mean gradients given as forces."""
+#: label units per eV that energy labels read as eV may be in (a least-squares slope of labels on predictions)
+ENERGY_UNITS = {"kJ/mol": 96.485, "kcal/mol": 23.061, "meV": 1000.0, "Hartree": 1 / 27.2114, "Rydberg": 1 / 13.6057}
+
+
+def _label_slopes(ds, pairs: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Per fidelity name: the least-squares slope (through 0) of the energy labels on the predicted energies (eV)."""
+    import numpy as np
+
+    out = {}
+    for k in np.unique(pairs[:, 1]):
+        at = pairs[:, 1] == k
+        labels, pred = ds.energy[pairs[at, 0], k], predicted[at]
+        labelled = np.isfinite(labels)
+        labels, pred = labels[labelled], pred[labelled]
+        if float(pred @ pred) > 0:
+            out[ds.fidelities.names[int(k)]] = float(labels @ pred / (pred @ pred))
+    return out
+
+
+def _unit_of(slope: float | None) -> str:
+    """The unit (ENERGY_UNITS) whose factor the slope matches within 3 %, or ''."""
+    for unit, factor in ENERGY_UNITS.items():
+        if slope is not None and abs(slope / factor - 1) < 0.03:
+            return unit
+    return ""
+
+
+def _warn_implausible(metrics: dict, where: str, slopes: dict[str, float] | None = None) -> set[str]:
+    """Errors of more than 1 eV/atom mean labels of another level of theory or unit, not a model error (the unit
+    named when the labels are a known unit's factor times the predictions: `slopes`, _label_slopes); force labels
+    pointing against the model's forces (a negative least-squares slope) mean gradients given as forces. Returns
+    the fidelities whose energy unit was named."""
+    named = set()
     from multifi.keys import ENERGY_MAE_PER_ATOM, ESTIMATED, FITTED_ONLY, FORCES_SLOPE
     from multifi.train.evaluate import IMPLAUSIBLE_MEV_PER_ATOM
 
@@ -192,7 +222,19 @@ def _warn_implausible(metrics: dict, where: str) -> None:
         if err is None or err <= IMPLAUSIBLE_MEV_PER_ATOM:
             continue
         fitted = (m.get(FITTED_ONLY) or {}).get(ENERGY_MAE_PER_ATOM)
-        if m.get(ESTIMATED):  # the estimated references may be the cause, not the labels
+        if unit := _unit_of((slopes or {}).get(name)):
+            named.add(name)
+            log.warning(
+                "%s: %s energy MAE %.0f meV/atom, and the labels are %.4g × the predictions: energies in %s read "
+                "as eV? (convert them to eV: divide by %.6g)",
+                where,
+                name,
+                err,
+                slopes[name],
+                unit,
+                ENERGY_UNITS[unit],
+            )
+        elif m.get(ESTIMATED):  # the estimated references may be the cause, not the labels
             log.warning(
                 "%s: %s energy MAE %.0f meV/atom over all structures, %s over the %d without an estimated "
                 "reference: the estimated per-element references (warned above) are a likely cause%s",
@@ -215,6 +257,7 @@ def _warn_implausible(metrics: dict, where: str) -> None:
                 err,
                 name,
             )
+    return named
 
 
 #: meV/atom: energy errors below this are not looked into (a model's own errors)
@@ -223,19 +266,21 @@ OFFSET_CHECK_MEV_PER_ATOM = 20.0
 OFFSET_SHRINK = 3.0
 
 
-def warn_per_element_errors(dataset, pairs, predicted, where: str) -> list[str]:
+def warn_per_element_errors(dataset, pairs, predicted, where: str, skip: set[str] = frozenset()) -> list[str]:
     """Warn for fidelities whose energy errors are mostly one constant energy per element: labels of another method
     or reference convention (atomization vs total energies, another code's pseudopotentials) than the model's
     fidelity of that name. Such errors shrink `OFFSET_SHRINK`-fold once an energy per element is fitted to them
     (least squares over the structures; only with at least 5 structures per element and 10 more, and compositions
     that fix each element's energy, so that the fit cannot absorb a model's ordinary errors or a mean offset).
-    Returns the names warned about."""
+    Fidelities in `skip` (their unit named already) are not looked at. Returns the names warned about."""
     import numpy as np
 
     from multifi.data.stats import composition_matrix
 
     warned = []
     for k, name in enumerate(dataset.fidelities.names):
+        if name in skip:
+            continue
         mine = (pairs[:, 1] == k) & ~np.isnan(dataset.energy[pairs[:, 0], k])  # energy labels (not forces only)
         s = pairs[mine, 0]
         if not len(s):
