@@ -176,7 +176,7 @@ REVERSED_FORCES_SLOPE = -0.3
 ENERGY_UNITS = {"kJ/mol": 96.485, "kcal/mol": 23.061, "meV": 1000.0, "Hartree": 1 / 27.2114, "Rydberg": 1 / 13.6057}
 
 
-def _label_slopes(ds, pairs: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+def _label_slopes(ds, pairs, predicted) -> dict[str, float]:
     """Per fidelity name: the least-squares slope (through 0) of the energy labels on the predicted energies (eV)."""
     import numpy as np
 
