@@ -387,3 +387,34 @@ def test_m3gnet_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatc
     assert len(fast[1]) == len(slow[1]) > 0
     for a, b in zip(fast[1], slow[1]):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_gate_of_zero_rows_or_mixed_dtypes_is_torchs():
+    """No edges (an isolated atom: a filter of shape [0, F]) or inputs of two dtypes: torch's operators, with their
+    gradients' shapes and dtype promotion (the kernels took an empty filter for none and failed in the backward)."""
+    a = torch.randn(0, 4, requires_grad=True)
+    fused.gate(a, a, a).sum().backward()
+    assert a.grad.shape == (0, 4)
+    x, f = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(fused.gate(x, x, f), _torch_gate(x, x, f))
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_m3gnet_on_isolated_atoms_has_energies_forces_and_parameter_gradients(create_graph):
+    """Structures without edges (free atoms, as in reference-energy data) through force training and MD: the same
+    energies as torch's operators give, zero forces, and a backward pass that runs."""
+    from ase import Atoms
+
+    from multifi.data.batch import graph_from_atoms
+    from multifi.models.registry import build_potential
+
+    torch.manual_seed(0)
+    pot = build_potential({"backbone": "m3gnet", "features": 16, "interactions": 1, "cutoff": 4.0}, ["lo"])
+    graph = graph_from_atoms([Atoms("C"), Atoms("O")], pot.cutoff, 0)
+    out = pot(graph, forces=True, create_graph=create_graph)
+    assert torch.all(out["forces"] == 0) and torch.isfinite(out["energy"]).all()
+    if create_graph:
+        (out["energy"].sum() + out["forces"].square().sum()).backward()
+        assert any(p.grad is not None for p in pot.parameters())
+    with torch.no_grad():
+        assert torch.equal(pot(graph)["energy"], out["energy"].detach())

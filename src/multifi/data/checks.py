@@ -808,9 +808,9 @@ def check_stress_sign(
 def _stiff_share_answers(moduli) -> bool:
     """Whether the compositions' implied moduli (GPa) answer the 10× question: a 10× unit error shrinks every
     composition, so a quarter or more of them as stiff as 3 × TYPICAL_MEDIAN_MODULUS (450 GPa and more if 10×
-    small: near diamond's) says the soft ones are soft. One or two that stiff do not: compression stiffens, and
-    MatPES-like PBE solids imply up to 475 GPa (../shared/data: 21 of 29 compositions above 45 GPa; 2 of 24 when
-    the stresses are 10× small)."""
+    small: near diamond's) says the soft ones are soft. A few that stiff among many soft ones do not: compression
+    stiffens, and MatPES-like PBE solids imply up to 475 GPa (../shared/data: 21 of 29 compositions above 45 GPa;
+    2 of 24 when the stresses are 10× small)."""
     moduli = list(moduli)
     return sum(m >= 3 * TYPICAL_MEDIAN_MODULUS for m in moduli) >= STIFF_SHARE * len(moduli)
 
