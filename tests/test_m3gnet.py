@@ -168,7 +168,13 @@ def test_triplets_match_brute_force_on_periodic_cell(periodic, molecules, shuffl
         perm = torch.randperm(ei.shape[1], generator=torch.Generator().manual_seed(0))
         ei, vec, r = ei[:, perm], vec[perm], r[perm]
     t = Triplets(
-        triplet_index(ei, r, len(g.numbers), rc3), ei, vec, r, SphericalBesselRadial(rc3, 2, 3), torch.ones_like
+        triplet_index(ei, r, len(g.numbers), rc3),
+        ei,
+        vec,
+        r,
+        SphericalBesselRadial(rc3, 2, 3),
+        torch.ones_like,
+        len(g.numbers),
     )
     found = list(zip(t.bonds[t.ij].tolist(), t.bonds[t.ik].tolist()))
     expected = brute_force_triplets(ei.numpy(), r.numpy(), rc3)

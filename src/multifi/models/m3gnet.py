@@ -205,9 +205,12 @@ class ThreeBodyInteraction(nn.Module):
 
     def forward(self, s: Tensor, e: Tensor, t: Triplets) -> Tensor:
         gate = torch.sigmoid(self.atom_gate(s))  # [N, degree]
-        m = t.basis * gate.index_select(0, t.k)  # [T, degree]
-        summed = scatter_sum(m, t.ij, t.n_bonds) * t.fc_bond.unsqueeze(-1)  # [E3, degree]
-        return e.index_add(0, t.bonds, self.update(summed))
+        if t.plan is not None and fused.applicable(gate, t.basis):  # Σ_k basis ⊙ gate[k] in one pass per bond
+            zero = gate.new_zeros(t.n_bonds, 1, gate.shape[-1])
+            summed = fused.gather_mul_scatter(zero, gate.unsqueeze(1), t.basis, t.plan).squeeze(1)
+        else:
+            summed = scatter_sum(t.basis * gate.index_select(0, t.k), t.ij, t.n_bonds)  # [E3, degree]
+        return e.index_add(0, t.bonds, self.update(summed * t.fc_bond.unsqueeze(-1)))
 
 
 class GraphConv(nn.Module):
@@ -264,6 +267,7 @@ class Triplets:
     k [T]        atom k of each triplet
     basis [T, L·Nn]  radial(r_ik) · Y_l0(θ_jik) · f_c(r_ik)
     fc_bond [E3] envelope f_c(r_ij) of each bond, applied after summing over k
+    plan         the triplets as edges k → ij (nn.fused.EdgePlan) where the fused kernels apply, else None
     """
 
     def __init__(
@@ -274,6 +278,7 @@ class Triplets:
         r: Tensor,
         radial: SphericalBesselRadial,
         envelope: nn.Module,
+        n_atoms: int,
     ):
         self.bonds, self.ij, self.ik = index
         self.n_bonds = self.bonds.shape[0]
@@ -286,6 +291,9 @@ class Triplets:
         self.fc_bond = envelope(r3)  # [E3]
         rad = radial(r3) * self.fc_bond.view(-1, 1, 1)  # [E3, L, Nn]
         self.basis = (rad[self.ik] * ylm.unsqueeze(-1)).flatten(1)  # [T, L·Nn]
+        # the triplets as edges from atom k into bond ij, for the fused sum over k (built once, used by each block)
+        usable = self.ij.numel() > 0 and fused.applicable(self.basis)
+        self.plan = fused.EdgePlan(self.ij, self.k, self.n_bonds, n_atoms) if usable else None
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -359,7 +367,7 @@ class M3GNet(nn.Module):
         e = fused.silu(self.edge_embedding(rbf))
         if geometry is None:
             geometry = triplet_index(edge_index, r, s.shape[0], self.threebody_cutoff)
-        t = Triplets(geometry, edge_index, edge_vec, r, self.radial3, self.envelope3)
+        t = Triplets(geometry, edge_index, edge_vec, r, self.radial3, self.envelope3, s.shape[0])
         i, j = edge_index[0], edge_index[1]
         for three_body, conv in zip(self.three_body, self.convs):
             e = three_body(s, e, t)
