@@ -421,16 +421,19 @@ def test_forces_that_disagree_with_their_own_energies_on_a_trajectory_are_named(
         assert found == ["DFT"] and re.search(said, caplog.text) and "23 neighbouring frames" in caplog.text
 
 
-def test_isolated_atoms_that_inflate_the_energy_scale_are_said(caplog):
+@pytest.mark.parametrize("boxes", [None, True])
+def test_isolated_atoms_that_inflate_the_energy_scale_are_said(boxes, caplog):
     """Isolated atoms (MACE's E0 convention) among EMT crystals are trained as ordinary structures; their
-    cohesive-energy gap raised the fitted scale ~9× silently: a warning with both scales; none without them."""
+    cohesive-energy gap raised the fitted scale ~9× silently: a warning with both scales; none without them. Free
+    atoms or atoms in a 20 Å periodic box (DFT's way); either is no unit mistake (they were taken for one)."""
     from ase import Atoms
     from ase.build import bulk
     from ase.calculators.emt import EMT
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    from multifi.data.checks import warn_isolated_atoms
+    from multifi.data.checks import check_energy_units, isolated_atoms, warn_isolated_atoms
     from multifi.data.readers.ase_files import _record
+    from multifi.data.stats import fit_references
 
     frames = []
     for k in range(40):
@@ -438,7 +441,8 @@ def test_isolated_atoms_that_inflate_the_energy_scale_are_said(caplog):
         a.numbers[: k % 4] = 28  # Cu–Ni alloys
         a.rattle(0.05, seed=k)
         frames.append(a)
-    isolated = [Atoms(z, positions=[[0, 0, 0]]) for z in ("Cu", "Ni", "Cu")]
+    boxed = [Atoms(z, positions=[[1, 1, 1]], cell=[20, 20, 20], pbc=boxes) for z in ("Cu", "Ni", "Cu")]
+    isolated = [Atoms(z, positions=[[0, 0, 0]]) for z in ("Cu", "Ni", "Cu")] if boxes is None else boxed
     for a in frames + isolated:
         a.calc = SinglePointCalculator(a, energy=EMT().get_potential_energy(a))
         a.info.update(fidelity="EMT")
@@ -455,3 +459,20 @@ def test_isolated_atoms_that_inflate_the_energy_scale_are_said(caplog):
             assert "3 isolated atoms" in caplog.text and scales[0] > 3 * scales[1]
         else:
             assert caplog.text == ""
+    # free atoms lie far from the crystals' reference energies by their nature, not by a unit: no unit warning
+    # (energies 4 eV/atom lower, as DFT's: EMT's near-zero crystal energies look like Hartree to another check)
+    records = [_record(a, None, "emt.xyz") for a in frames + isolated]
+    for r, a in zip(records, frames + isolated):
+        r["labels"]["EMT"]["energy"] -= 4.0 * len(a)
+    ds = FidelityDataset.from_records(records)
+    pairs = np.argwhere(ds.energy_mask)
+    fit = fit_references(ds, pairs)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_energy_units(ds, pairs, fit.ref, fit.scale) == []
+    assert "lie far" not in caplog.text
+    cu = bulk("Cu", "fcc", 3.6)
+    cu.calc = SinglePointCalculator(cu, energy=-4.0)
+    cu.info.update(fidelity="EMT")
+    assert not isolated_atoms(FidelityDataset.from_records([_record(cu, None, "cu.xyz")])).any()  # images at 2.5 Å
+    assert isolated_atoms(ds)[-3:].all() and not isolated_atoms(ds)[:-3].any()

@@ -528,6 +528,13 @@ def test_forgetting_compares_the_metrics_without_estimated_references_too(tmp_pa
         f["after"][FITTED_ONLY][ENERGY_MAE] - f["before"][FITTED_ONLY][ENERGY_MAE]
     )
     assert change[ENERGY_MAE] != 0 and "n" not in change
+    from multifi.cli.format import forgetting_table
+
+    table = forgetting_table({"hi": f}, unchanged=False).splitlines()
+    row = next(line for line in table if line.strip().startswith("without 1 estimated"))
+    before, after = f["before"][FITTED_ONLY][ENERGY_MAE], f["after"][FITTED_ONLY][ENERGY_MAE]
+    assert row.split()[3:6] == ["3", f"{before:.2f}", f"{after:.2f}"]  # its own n and errors, under the row of hi
+    assert table.index(row) == 1 + next(k for k, line in enumerate(table) if line.startswith("hi "))
 
 
 def test_a_run_directory_stands_for_its_model_and_its_data(old_run, tmp_path, capsys):
@@ -540,6 +547,20 @@ def test_a_run_directory_stands_for_its_model_and_its_data(old_run, tmp_path, ca
     assert "bit-for-bit unchanged, test split" in stdout and "not measured" not in stdout
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert set(m["forgetting"]) == set(OLD) and m["old_fidelities_unchanged"] is True
+
+
+def test_an_extension_shorter_than_its_warmup_is_warned(old_run, tmp_path, capsys, caplog):
+    """extend says, as train does, when train.warmup_steps is longer than the extension (the learning rate never
+    reaches train.lr and the cosine decay never starts); a run at least that long is not warned about."""
+    data = new_data(tmp_path / "new.extxyz")
+    args = ["extend", str(old_run), "--data", str(data), "--fidelity", "CC", "--dry-run", "--out", str(tmp_path / "x")]
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert main([*args, "--max-steps", "2", "--set", "train.warmup_steps=50"]) == 0
+    assert re.search(r"train.warmup_steps=50 is longer than the run \(2 steps\)", caplog.text)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert main([*args, "--max-steps", "2", "--set", "train.warmup_steps=2"]) == 0
+    assert "is longer than the run" not in caplog.text
 
 
 def test_new_labels_of_the_old_runs_structures_keep_their_split(old_run, tmp_path, caplog):

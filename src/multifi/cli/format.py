@@ -51,7 +51,8 @@ def forgetting_table(forgetting: dict[str, dict], unchanged: bool) -> str:
     cols = [(ENERGY_MAE, "E MAE meV", "{:.2f}"), (FORCES_MAE, "F MAE meV/Å", "{:.1f}")]
     if any(f[w].get(STRESS_MAE) is not None for f in forgetting.values() for w in ("before", "after")):
         cols.append((STRESS_MAE, "S MAE GPa", "{:.3f}"))
-    width = max([len("fidelity")] + [len(n) for n in forgetting]) + 2
+    sub = {n: _without_estimated(f) for n, f in forgetting.items()}
+    width = max([len("fidelity")] + [len(n) for n in forgetting] + [len(r[0]) for r in sub.values() if r]) + 2
     first = next(iter(forgetting.values()))
     on = f"{first['split']} split, the same structures before and after (n per fidelity)"
     left = first.get("left_out", 0)
@@ -63,13 +64,22 @@ def forgetting_table(forgetting: dict[str, dict], unchanged: bool) -> str:
         + "".join(f"{h} {w}".rjust(20) for _, h, _ in cols for w in ("before", "after")),
     ]
     for name, f in forgetting.items():
-        cells = [
-            ("-" if f[w].get(k) is None else fmt.format(f[w][k])).rjust(20)
-            for k, _, fmt in cols
-            for w in ("before", "after")
-        ]
-        lines.append(name.ljust(width) + str(f["before"].get(COUNT, "-")).rjust(8) + "".join(cells))
+        rows = [(name, f["before"], f["after"])] + ([sub[name]] if sub[name] else [])
+        for label, before, after in rows:
+            cells = [
+                ("-" if m.get(k) is None else fmt.format(m[k])).rjust(20) for k, _, fmt in cols for m in (before, after)
+            ]
+            lines.append(label.ljust(width) + str(before.get(COUNT, "-")).rjust(8) + "".join(cells))
     return "\n".join(lines)
+
+
+def _without_estimated(f: dict) -> tuple[str, dict, dict] | None:
+    """The forgetting row of a fidelity's structures without estimated references (label, before, after), when
+    some had them: a change there is the model's, not the estimates'."""
+    before, after = f["before"].get(FITTED_ONLY), f["after"].get(FITTED_ONLY)
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return None
+    return f"  without {f['before'].get(ESTIMATED, '?')} estimated", before, after
 
 
 def doubtful_units_note(payload: dict) -> str | None:

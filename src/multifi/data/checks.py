@@ -53,17 +53,37 @@ def warn_structures_without_edges(dataset: FidelityDataset, neighbors, structure
 
 #: an energy scale this many times larger with isolated atoms than without them is worth a warning
 ISOLATED_SCALE_RATIO = 1.5
+#: Å: a one-atom periodic cell whose nearest image lies at least this far is an isolated atom in a box (DFT's way
+#: of computing a free atom); one-atom crystals (fcc, bcc primitive cells) have their images at 2-5 Å
+ISOLATED_IMAGE_DISTANCE = 6.0
+
+
+def isolated_atoms(dataset: FidelityDataset) -> np.ndarray:
+    """[S] bool: one-atom structures that are free atoms: not periodic, or periodic with every image at least
+    ISOLATED_IMAGE_DISTANCE away (the shortest of the lattice translations n·cell, n ∈ {−1, 0, 1}³ along periodic
+    directions)."""
+    single = np.flatnonzero(dataset.n_atoms == 1)
+    out = np.zeros(len(dataset.n_atoms), bool)
+    if not len(single):
+        return out
+    pbc = dataset.pbc[single]
+    n = np.array([v for v in np.ndindex(3, 3, 3) if v != (1, 1, 1)], dtype=np.float64) - 1  # [26, 3]
+    shifts = np.einsum("sta,sab->stb", n[None] * pbc[:, None, :], dataset.cells[single])  # [s, 26, 3] Å
+    length = np.linalg.norm(shifts, axis=-1)
+    nearest = np.where(length > 0, length, np.inf).min(1)  # inf: no periodic direction
+    out[single] = nearest >= ISOLATED_IMAGE_DISTANCE
+    return out
 
 
 def warn_isolated_atoms(dataset: FidelityDataset, pairs: np.ndarray) -> list[str]:
-    """Warn for fidelities whose training `pairs` hold isolated atoms (one atom, not periodic) that raise the
+    """Warn for fidelities whose training `pairs` hold isolated atoms (isolated_atoms) that raise the
     fidelity's own fitted energy scale (fit_references, per fidelity) more than ISOLATED_SCALE_RATIO× over the
     same fit without them: they are trained as ordinary structures (the reference energies are a least-squares
     fit over every structure, not the isolated atoms' energies as MACE's E0s), and the cohesive-energy gap between
     them and the rest inflates the scale the model's outputs are multiplied by. Returns the names warned about."""
     from multifi.data.stats import fit_references
 
-    isolated = (dataset.n_atoms == 1) & ~dataset.pbc.any(1)
+    isolated = isolated_atoms(dataset)
     if not isolated[pairs[:, 0]].any():
         return []
     rest = pairs[~isolated[pairs[:, 0]]]
@@ -77,7 +97,7 @@ def warn_isolated_atoms(dataset: FidelityDataset, pairs: np.ndarray) -> list[str
             continue
         warned.append(name)
         log.warning(
-            "%s: %d isolated atoms (one-atom, non-periodic structures) among the training structures of fidelity %r "
+            "%s: %d isolated atoms (one-atom structures, free or in a box) among the training structures of fidelity %r "
             "are trained as ordinary structures: reference energies are fitted over every structure, isolated atoms "
             "are not taken as fixed reference energies (MACE's E0s). With them the fidelity's energy scale is %.3g eV, "
             "without them %.3g eV; leave them out unless the model should learn the dissociation limit",
@@ -269,7 +289,7 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
                 name,
                 why,
             )
-        elif _report_far_from_references(dataset, s, k, ref):
+        elif _report_far_from_references(dataset, s[~isolated_atoms(dataset)[s]], k, ref):  # free atoms: far by nature
             suspicious.append(name)
         elif has_h and abs(ref[1, k]) > 20:  # every method: 1-16 eV; kcal/mol 23×, kJ/mol 96×, meV 1000×
             suspicious.append(name)

@@ -556,6 +556,7 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
         _quiet_lightning,
         _training_progress,
         check_something_trains,
+        check_warmup,
         final_checkpoint,
         fit_or_interrupt,
         make_trainer,
@@ -631,6 +632,7 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
     )
     data.check_sampling(config_source)
     check_something_trains(cfg, data, settings.loss_weights, config_source)
+    check_warmup(cfg, len(pairs["train"]))
     _warn_unmeasured(pairs, table, len(old.fidelities))
     if dry_run:
         _report_extension_plan(cfg, module, pairs, table, run_dir)

@@ -171,7 +171,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
         check_split_duplicates(prep.dataset, prep.split)
     _report_data(prep)
     _check_monitor(cfg, prep, config_source)
-    _check_warmup(cfg, prep)
+    check_warmup(cfg, len(prep.pairs["train"]))
 
     spec = {"model": cfg.model, "fidelities": prep.dataset.fidelities.names}
     module = PotentialModule(spec, cfg.loss, cfg.train, prep.settings.loss_weights)
@@ -1289,18 +1289,20 @@ def _untrained(prep) -> list[str]:
     return [name for name, n in _counts(prep, "train").items() if n == 0]
 
 
-def _total_steps(cfg: RunConfig, prep) -> int:
-    """Optimiser steps the run is set to take (epochs × steps per epoch, or max_steps if fewer)."""
+def _total_steps(cfg: RunConfig, n_train: int) -> int:
+    """Optimiser steps the run is set to take over n_train training samples (epochs × steps per epoch, or
+    max_steps if fewer)."""
     import math
 
     t = cfg.train
-    per_epoch = math.ceil(len(prep.pairs["train"]) / t.batch_size)
+    per_epoch = math.ceil(n_train / t.batch_size)
     return t.epochs * per_epoch if t.max_steps < 0 else min(t.max_steps, t.epochs * per_epoch)
 
 
-def _check_warmup(cfg: RunConfig, prep) -> None:
-    """A warm-up longer than the run keeps the learning rate below train.lr throughout: warn."""
-    total, warm = _total_steps(cfg, prep), cfg.train.warmup_steps
+def check_warmup(cfg: RunConfig, n_train: int) -> None:
+    """A warm-up longer than the run (n_train training samples) keeps the learning rate below train.lr
+    throughout: warn (train and extend)."""
+    total, warm = _total_steps(cfg, n_train), cfg.train.warmup_steps
     if warm and total < warm:  # the last warm-up step (warm − 1, 0-based) is at train.lr
         log.warning(
             "train.warmup_steps=%d is longer than the run (%d steps): the learning rate never reaches "
@@ -1320,7 +1322,7 @@ def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None,
     t = cfg.train
     n_params = sum(p.numel() for p in module.potential.parameters())
     steps = math.ceil(len(prep.pairs["train"]) / t.batch_size)
-    total = _total_steps(cfg, prep)
+    total = _total_steps(cfg, len(prep.pairs["train"]))
     log.info(
         "model: %s, %d features, %d interactions, cutoff %g Å, fidelity embedding %s: %s parameters",
         cfg.model.backbone,
