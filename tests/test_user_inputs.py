@@ -236,6 +236,9 @@ def test_a_run_directory_stands_for_its_model(model, tmp_path, capsys):
     empty = tmp_path / "empty_run"
     empty.mkdir()
     fails(["info", empty], capsys, str(empty), "no model.pt")
+    (empty / "checkpoints").mkdir()  # an unfinished run: its checkpoint is named as what loads instead
+    (empty / "checkpoints" / "best.ckpt").write_bytes(b"")
+    fails(["info", empty], capsys, "no model.pt", f"its checkpoint {empty / 'checkpoints' / 'best.ckpt'} loads")
 
 
 def test_resume_with_changed_split_settings_is_an_error(write_config, tmp_path, capsys):

@@ -64,5 +64,6 @@ def run(args) -> int:
         ensemble=args.ensemble,
         index=args.index,
     )
-    print(f"wrote {n} frames (one per input frame) predicted at {', '.join(fidelities)} to {args.out}")
+    frames = "1 frame" if n == 1 else f"{n} frames"
+    print(f"wrote {frames} (one per input frame) predicted at {', '.join(fidelities)} to {args.out}")
     return 0

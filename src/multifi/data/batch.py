@@ -123,6 +123,21 @@ class GraphCollator:
         )
 
 
+def local_positions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """[N, 3] Å float64: the positions moved (a translation, and whole lattice vectors along periodic directions)
+    so that they lie near the origin: the first atom at 0, the others wrapped into the cell from there. Edge vectors,
+    energies, forces and stress are unchanged; a float32 model then sees the same numbers wherever the structure
+    sits (positions of 10⁴ Å in float32 keep 1e-3 Å, and an MD run's unwrapped atoms drift that far)."""
+    out = np.asarray(positions, dtype=np.float64) - np.asarray(positions[0], dtype=np.float64)
+    periodic = np.flatnonzero(pbc)
+    if len(periodic) == 0:
+        return out
+    with np.errstate(all="ignore"):
+        frac = np.linalg.lstsq(cell[periodic].T, out.T, rcond=None)[0].T  # [N, P] along the periodic vectors
+        wrapped = out - np.floor(frac) @ cell[periodic]
+    return wrapped if np.isfinite(wrapped).all() else out  # a degenerate cell: its own error comes later
+
+
 def graph_from_atoms(
     atoms_list,
     cutoff: float,
@@ -143,9 +158,8 @@ def graph_from_atoms(
         prefix = f"{where}: " if where else ""
         if len(a) == 0:  # its energy would be a plain 0.0, as training refuses such structures
             raise MultifiError(f"{prefix}structure {first + n}: no atoms")
-        i, j, s, d = neighbor_list(
-            a.positions, cell, pbc, cutoff, distances=True, where=f"{prefix}structure {first + n}"
-        )
+        local = local_positions(a.positions, cell, pbc)
+        i, j, s, d = neighbor_list(local, cell, pbc, cutoff, distances=True, where=f"{prefix}structure {first + n}")
         if len(d) and d.min() < MIN_DISTANCE:
             e = int(np.argmin(d))
             raise MultifiError(
@@ -154,7 +168,7 @@ def graph_from_atoms(
         ei.append(np.stack([i, j]) + start)
         shifts.append(s)
         numbers.append(a.numbers)
-        positions.append(a.positions)
+        positions.append(local)
         cells.append(cell)
         n_atoms.append(len(a))
         start += len(a)

@@ -239,9 +239,9 @@ def check_split_duplicates(dataset: FidelityDataset, split) -> int:
 
 
 def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndarray, scale: np.ndarray) -> list[str]:
-    """Warn for fidelities whose energies look like Hartree: a fitted hydrogen reference below 0.7 in
-    magnitude (every method gives 1–16 eV; Hartree gives 0.4–0.6) or a per-atom spread of residuals
-    below 2 meV (eV data of real structures spreads by ≥ 10 meV/atom), or crystals whose median |energy|
+    """Warn for fidelities whose energies look like Hartree: a fitted hydrogen reference between −0.7 and 0
+    (every method gives −1 to −16 eV; Hartree −0.4 to −0.6; EMT's energies relative to the bulk a small positive
+    one, in eV) or a per-atom spread of residuals below 2 meV (eV data of real structures spreads by ≥ 10 meV/atom), or crystals whose median |energy|
     per atom lies in 0.02-0.4 (eV data: 1-10 or more). Returns the suspicious names."""
     suspicious = []
     for k, name in enumerate(dataset.fidelities.names):
@@ -267,7 +267,7 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
             )
             continue
         has_h = bool(_atoms_of(dataset, s, 1).any())  # this fidelity's structures (a mixed file: crystals too)
-        tiny_h = has_h and 0 < abs(ref[1, k]) < 0.7
+        tiny_h = has_h and -0.7 < ref[1, k] < 0  # Hartree: negative (EMT's relative energies: positive, in eV)
         tiny_spread = scale[k] < 2e-3
         crystal_ha = _crystal_per_atom_magnitude(dataset, s, k)
         if tiny_h or tiny_spread or crystal_ha is not None:
@@ -337,12 +337,12 @@ SMALL_SET_SPREAD = 5e-3
 def _warn_small_set_in_hartree(
     dataset: FidelityDataset, s: np.ndarray, k: int, name: str, ref: np.ndarray, scale: np.ndarray, out: list
 ) -> None:
-    """The Hartree test for fewer than 20 structures (a few more than elements): a hydrogen reference below 0.7
-    (eV labels give 1-16, Hartree 0.4-0.6) together with a per-atom spread below SMALL_SET_SPREAD (eV labels of
+    """The Hartree test for fewer than 20 structures (a few more than elements): a hydrogen reference between −0.7
+    and 0 (eV labels give −1 to −16, Hartree −0.4 to −0.6) together with a per-atom spread below SMALL_SET_SPREAD (eV labels of
     distinct structures spread by ≥ 10 meV, Hartree 27× less), since a fit of a few structures can put one
     reference anywhere."""
     has_h = bool(_atoms_of(dataset, s, 1).any())
-    if has_h and 0 < abs(ref[1, k]) < 0.7 and scale[k] < SMALL_SET_SPREAD:
+    if has_h and -0.7 < ref[1, k] < 0 and scale[k] < SMALL_SET_SPREAD:
         out.append(name)
         log.warning(
             "%s: energies at fidelity %r look like Hartree, not eV (hydrogen reference %.3f, per-atom spread "
@@ -450,10 +450,16 @@ def _report_far_from_references(dataset: FidelityDataset, s: np.ndarray, k: int,
 
 
 def _far(dataset: FidelityDataset, s: np.ndarray, y: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """([len(s)] bool far, [len(s)] eV expected energy Σ ref[Z]) of energies y of structures s against ref [119]."""
+    """([len(s)] bool far, [len(s)] eV expected energy Σ ref[Z]) of energies y of structures s against ref [119]:
+    far by more than 1 eV/atom beyond half the expected energy per atom, and by a factor of a unit (UNIT_GAP or
+    more, or the other sign): an outlier of one method (a molecule EMT describes badly at 3× its expected energy)
+    is not another unit."""
     expected = dataset.sum_over_atoms(ref[dataset.numbers], s)
     n = dataset.n_atoms[s]
-    return np.abs(y - expected) / n > 0.5 * np.abs(expected / n) + 1.0, expected
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = y / expected
+    unit_like = ~((ratio > 1 / UNIT_GAP) & (ratio < UNIT_GAP))  # NaN (expected 0) counts as unit-like
+    return (np.abs(y - expected) / n > 0.5 * np.abs(expected / n) + 1.0) & unit_like, expected
 
 
 #: smallest factor between two groups of energies taken for two units (kcal/mol 23, Hartree 27, kJ/mol 96, meV 1000)

@@ -71,7 +71,10 @@ def model_file(path: str | Path) -> Path:
     if not path.is_dir():
         return path
     if not (path / "model.pt").is_file():
-        raise MultifiError(f"{path}: a folder with no model.pt (give a model file, or a finished run directory)")
+        ckpts = sorted((path / "checkpoints").glob("*.ckpt")) if (path / "checkpoints").is_dir() else []
+        best = next((c for c in ckpts if c.name == "best.ckpt"), ckpts[-1] if ckpts else None)
+        hint = f"; an unfinished run: its checkpoint {best} loads as a model" if best is not None else ""
+        raise MultifiError(f"{path}: a folder with no model.pt (give a model file, or a finished run directory){hint}")
     return path / "model.pt"
 
 
