@@ -579,7 +579,7 @@ def test_data_info_runs_the_unit_checks(tmp_path, capsys, caplog):
 
     frames = tiny_frames()
     for a in frames:
-        a.calc.results["energy"] /= 27.211386  # Hartree
+        a.calc.results["energy"] = (a.calc.results["energy"] - 10.0 * len(a)) / 27.211386  # Hartree (negative)
     ase.io.write(tmp_path / "ha.extxyz", frames, format="extxyz")
     with caplog.at_level("WARNING", logger="multifi"):
         assert run(["data", "info", tmp_path / "ha.extxyz"], capsys)[0] == 0
@@ -758,7 +758,7 @@ def test_test_errors_of_labels_in_a_doubtful_unit_carry_a_reminder(write_config,
 
     frames = tiny_frames()
     for a in frames:
-        a.calc.results["energy"] /= 27.211386  # Hartree
+        a.calc.results["energy"] = (a.calc.results["energy"] - 10.0 * len(a)) / 27.211386  # Hartree (negative)
     ase.io.write(tmp_path / "ha.extxyz", frames, format="extxyz")
     config = write_config(data={"sources": [{"path": str(tmp_path / "ha.extxyz")}]}, train={"max_steps": 2})
     code, out, _ = run(["train", config], capsys)
