@@ -423,3 +423,20 @@ def test_m3gnet_on_isolated_atoms_has_energies_forces_and_parameter_gradients(cr
         assert any(p.grad is not None for p in pot.parameters())
     with torch.no_grad():
         assert torch.equal(pot(graph)["energy"], out["energy"].detach())
+
+
+def test_forward_mode_derivatives_use_torchs_operators():
+    """Inside torch.autograd.forward_ad (dual tensors) the kernels' functions, which have no jvp, step aside: the
+    directional derivative of the gate and of SiLU is torch's."""
+    import torch.autograd.forward_ad as fwAD
+
+    a = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 4, dtype=torch.float64)
+    with fwAD.dual_level(), fused.differentiated_twice():
+        x = fwAD.make_dual(a, t)
+        got = [fwAD.unpack_dual(fn(x)).tangent for fn in (lambda x: fused.gate(x, x, x), fused.silu)]
+    want = [
+        torch.func.jvp(fn, (a.detach(),), (t,))[1] for fn in (lambda x: _torch_gate(x, x, x), torch.nn.functional.silu)
+    ]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -300,12 +300,14 @@ def gather_mul_scatter(
 
 def applicable(*tensors: torch.Tensor) -> bool:
     """CPU float32/float64 tensors outside torch.compile and make_fx tracing (deploy, aot: their graphs hold
-    torch's own operators), and the kernels available."""
+    torch's own operators), outside forward-mode AD (torch.autograd.forward_ad: the kernels' functions have no
+    jvp), and the kernels available."""
     return (
         all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
         and not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
         and not _transformed()
+        and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0
         and available()
     )
 
