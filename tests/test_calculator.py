@@ -150,6 +150,8 @@ def test_a_device_this_machine_lacks_is_a_one_line_error():
         multifi.Calculator(CKPT, fidelity="PBE", device="cuda")
     with pytest.raises(MultifiError, match="not a device: 'gpu'"):
         multifi.Calculator(CKPT, fidelity="PBE", device="gpu")
+    with pytest.raises(MultifiError, match="meta: not a device to run a model on"):  # was torch's NotImplementedError
+        multifi.Calculator(CKPT, fidelity="PBE", device="meta")
 
 
 def test_molecule_has_no_stress():

@@ -14,6 +14,8 @@ def existing_device(text: str | torch.device) -> torch.device:
         device = torch.device(text)
     except (RuntimeError, ValueError):
         raise MultifiError(f"not a device: {text!r} (cpu, cuda, cuda:1, mps)") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):  # meta, lazy...: devices without data to compute with
+        raise MultifiError(f"{text}: not a device to run a model on (cpu, cuda, cuda:1, mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MultifiError(f"{text}: no CUDA device on this machine")
     if device.type == "mps" and not torch.backends.mps.is_available():
