@@ -244,6 +244,7 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
     one, in eV) or a per-atom spread of residuals below 2 meV (eV data of real structures spreads by ≥ 10 meV/atom), or crystals whose median |energy|
     per atom lies in 0.02-0.4 (eV data: 1-10 or more). Returns the suspicious names."""
     suspicious = []
+    isolated = isolated_atoms(dataset)
     for k, name in enumerate(dataset.fidelities.names):
         s = pairs[pairs[:, 1] == k, 0]
         s = s[~np.isnan(dataset.energy[s, k])]
@@ -289,7 +290,7 @@ def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndar
                 name,
                 why,
             )
-        elif _report_far_from_references(dataset, s[~isolated_atoms(dataset)[s]], k, ref):  # free atoms: far by nature
+        elif _report_far_from_references(dataset, s[~isolated[s]], k, ref):  # free atoms: far by nature
             suspicious.append(name)
         elif has_h and abs(ref[1, k]) > 20:  # every method: 1-16 eV; kcal/mol 23×, kJ/mol 96×, meV 1000×
             suspicious.append(name)
