@@ -29,7 +29,7 @@ def main() -> None:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from multifi.deploy import _scriptable, _within_hops, build_deployed, lammps_style_inputs, metadata
-    from multifi.models.m3gnet import triplet_index
+    from multifi.models.m3gnet import threebody_bonds
     from multifi.models.registry import load_potential
     from multifi.models.response import EnergyForcesVirial
 
@@ -59,17 +59,17 @@ def main() -> None:
     vec = inp["positions"][ei[1]] - inp["positions"][ei[0]]
     threebody = meta["threebody_cutoff"]
     if threebody > 0:
-        geo = triplet_index(ei, torch.linalg.norm(vec, dim=-1), n, threebody)
+        bonds = threebody_bonds(torch.linalg.norm(vec, dim=-1), threebody)
         fn = core
     else:
-        geo = (torch.zeros(0, dtype=torch.long),) * 3
-        fn = lambda s, p, e, v, w, b, a, c: core(s, p, e, v, w, None, None, None)  # noqa: E731
+        bonds = torch.zeros(0, dtype=torch.long)
+        fn = lambda s, p, e, v, w, b: core(s, p, e, v, w, None)  # noqa: E731
     weight = (torch.arange(n) < inp["nlocal"]).double()
-    example = (inp["species"], inp["positions"], ei, torch.zeros_like(vec), weight, *geo)
+    example = (inp["species"], inp["positions"], ei, torch.zeros_like(vec), weight, bonds)
     gm = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
     t0 = time.perf_counter()
     N, E = torch.export.Dim("N", min=2), torch.export.Dim("E", min=2)
-    B, T = torch.export.Dim("B", min=2), torch.export.Dim("T", min=2)
+    B = torch.export.Dim("B", min=2)
     dyn = (
         {0: N},
         {0: N},
@@ -77,8 +77,6 @@ def main() -> None:
         {0: E},
         {0: N},
         {0: B} if threebody else None,
-        {0: T} if threebody else None,
-        {0: T} if threebody else None,
     )
     ep = torch.export.export(gm, example, dynamic_shapes=dyn, strict=False)
     scripted = torch.jit.script(_scriptable(gm))

@@ -121,13 +121,15 @@ def multifi_times(pot, args) -> dict:
 
 
 def _triplet_count(pot, g) -> int:
-    """Triplets (ordered bond pairs within the three-body cutoff) as the model's geometry() builds them."""
+    """Triplets: ordered pairs of distinct bonds within the three-body cutoff sharing their centre atom, Σ d(d−1)
+    over the atoms' bond counts d (the bonds as the model's geometry() selects them)."""
     import torch
 
     i, j = g.edge_index
     vec = g.positions[j] - g.positions[i] + torch.einsum("ea,eab->eb", g.shifts, g.cell[g.batch[i]])
-    _, ij, _ = pot.representation.geometry(g.edge_index, vec)
-    return int(ij.numel())
+    bonds = pot.representation.geometry(g.edge_index, vec)
+    d = torch.bincount(i[bonds], minlength=g.positions.shape[0])
+    return int((d * (d - 1)).sum())
 
 
 # ---------------------------------------------------------------------------------------------- matgl

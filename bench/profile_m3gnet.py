@@ -66,27 +66,27 @@ for m in rep.convs:
     add("graph conv (x3)", m)
 add("representation total", rep)
 add("head", pot.head)
-orig = M.Triplets.__init__
+orig = M.ThreeBodyBasis.__init__
 
 
 def timed(self, *a, **k):
     t = time.perf_counter()
     orig(self, *a, **k)
-    acc["Triplets() construction"] += time.perf_counter() - t
+    acc["ThreeBodyBasis() construction"] += time.perf_counter() - t
 
 
-M.Triplets.__init__ = timed
-orig_index = M.triplet_index
+M.ThreeBodyBasis.__init__ = timed
+orig_index = M.threebody_bonds
 
 
 def timed_index(*a, **k):
     t = time.perf_counter()
     out = orig_index(*a, **k)
-    acc["triplet index lists (geometry, no grad)"] += time.perf_counter() - t
+    acc["three-body bond ids (geometry, no grad)"] += time.perf_counter() - t
     return out
 
 
-M.triplet_index = timed_index  # called by M3GNet.geometry, which Potential.forward calls before the representation
+M.threebody_bonds = timed_index  # called by M3GNet.geometry, which Potential.forward calls before the representation
 tot = collections.defaultdict(float)
 for k, g in enumerate(gs):
     t0 = time.perf_counter()

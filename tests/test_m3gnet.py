@@ -1,10 +1,9 @@
-"""M3GNet: special functions, triplet enumeration, the physics check suite, cutoff smoothness, fidelity
+"""M3GNet: special functions, the three-body sums against triplet enumeration, the physics check suite, cutoff smoothness, fidelity
 conditioning and training."""
 
 from __future__ import annotations
 
 import copy
-import itertools
 from functools import partial
 from pathlib import Path
 
@@ -22,15 +21,14 @@ from multifi.data.split import labelled_pairs
 from multifi.data.stats import fit_baseline
 from multifi.errors import MultifiError
 from multifi.models.m3gnet import (
+    AngularMonomials,
     M3GNet,
     SmoothBesselBasis,
     SphericalBesselRadial,
-    Triplets,
-    edge_pairs,
-    legendre,
+    ThreeBodyBasis,
     spherical_jn,
     spherical_jn_roots,
-    triplet_index,
+    threebody_bonds,
 )
 from multifi.models.registry import build_potential, load_potential, save_potential
 from multifi.nn.fidelity import MODES
@@ -132,24 +130,16 @@ def test_smooth_bessel_vanishes_with_two_derivatives_at_cutoff():
     assert not basis(torch.tensor([5.0, 5.5], dtype=torch.float64)).any()
 
 
-def test_legendre_polynomials():
-    c = torch.linspace(-1, 1, 11, dtype=torch.float64)
-    p = legendre(c, 4)
-    torch.testing.assert_close(p[:, 2], 0.5 * (3 * c**2 - 1))
-    torch.testing.assert_close(p[:, 3], 0.5 * (5 * c**3 - 3 * c))
-    assert legendre(c, 1).shape == (11, 1)
-
-
-# ---------------------------------------------------------------------------------------------- triplets
-def brute_force_triplets(edge_index: np.ndarray, r: np.ndarray, cutoff: float) -> set[tuple[int, int]]:
+# ---------------------------------------------------------------------------------------------- three-body sums
+def brute_force_triplets(edge_index: np.ndarray, r: np.ndarray, cutoff: float) -> list[tuple[int, int]]:
     """Reference: every ordered pair of distinct edges (i→j, i→k) sharing the centre, both shorter than cutoff."""
-    out = set()
     E = edge_index.shape[1]
-    for a in range(E):
-        for b in range(E):
-            if a != b and edge_index[0, a] == edge_index[0, b] and r[a] < cutoff and r[b] < cutoff:
-                out.add((a, b))
-    return out
+    return [
+        (a, b)
+        for a in range(E)
+        for b in range(E)
+        if a != b and edge_index[0, a] == edge_index[0, b] and r[a] < cutoff and r[b] < cutoff
+    ]
 
 
 def graph_edges(atoms_list, cutoff):
@@ -160,43 +150,57 @@ def graph_edges(atoms_list, cutoff):
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_triplets_match_brute_force_on_periodic_cell(periodic, molecules, shuffle):
-    rc3 = 3.0
+@pytest.mark.parametrize("max_l", [1, 3, 5])
+def test_three_body_sum_equals_the_sum_over_enumerated_triplets(periodic, molecules, shuffle, max_l):
+    """ThreeBodyBasis.sum_over_k (bond-wise, by the addition of monomials) against the explicit sum over every
+    triplet (i→j, i→k) of √((2l+1)/4π) P_l(cos θ_jik) R_ln(r_ik) f_c(r_ik) x_k, periodic images included: values
+    and their gradient with respect to the edge vectors, float64."""
+    rc3, max_n = 3.0, 2
     g, vec, r = graph_edges([periodic, molecules[1]], 4.0)
     ei = g.edge_index
     if shuffle:  # no reliance on the neighbour list's edge order
         perm = torch.randperm(ei.shape[1], generator=torch.Generator().manual_seed(0))
         ei, vec, r = ei[:, perm], vec[perm], r[perm]
-    t = Triplets(
-        triplet_index(ei, r, len(g.numbers), rc3),
-        ei,
-        vec,
-        r,
-        SphericalBesselRadial(rc3, 2, 3),
-        torch.ones_like,
-        len(g.numbers),
-    )
-    found = list(zip(t.bonds[t.ij].tolist(), t.bonds[t.ik].tolist()))
-    expected = brute_force_triplets(ei.numpy(), r.numpy(), rc3)
-    assert len(found) == len(set(found)), "a triplet was enumerated twice"
-    assert set(found) == expected
-    assert len(expected) > 100  # periodic images included: a small cell has many triplets
-    # the neighbour atom k, the angle and the envelope of each triplet
-    e1, e2 = t.bonds[t.ij], t.bonds[t.ik]
-    assert torch.equal(t.k, ei[1, e2])
-    cos = (vec[e1] * vec[e2]).sum(-1) / (r[e1] * r[e2])
-    y1 = np.sqrt(3 / (4 * np.pi)) * cos  # l = 1, n = 0 column of the basis (envelope = identity here)
-    rad = SphericalBesselRadial(rc3, 2, 3)(r[e2])
-    torch.testing.assert_close(t.basis[:, 2], y1 * rad[:, 1, 0])
+    pairs = brute_force_triplets(ei.numpy(), r.numpy(), rc3)
+    assert len(pairs) > 100  # periodic images included: a small cell has many triplets
+    radial, envelope = SphericalBesselRadial(rc3, max_n, max_l), lambda d: (1 - d / rc3) ** 3
+    x = torch.randn(len(g.numbers), max_l * max_n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    vec = vec.clone().requires_grad_(True)
+    d = torch.linalg.norm(vec, dim=-1)
+    bonds = threebody_bonds(d, rc3)
+    got = ThreeBodyBasis(bonds, ei, vec, d, radial, AngularMonomials(max_l), envelope, len(g.numbers)).sum_over_k(
+        x
+    )  # [E3, L·Nn]
+
+    a, b = (torch.tensor(c) for c in zip(*pairs))
+    cos = (vec[a] * vec[b]).sum(-1) / (d[a] * d[b])
+    legendre = [torch.ones_like(cos), cos]  # Bonnet's recurrence, differentiable
+    for l in range(1, max_l - 1):
+        legendre.append(((2 * l + 1) * cos * legendre[l] - l * legendre[l - 1]) / (l + 1))
+    legendre = torch.stack(legendre[:max_l], -1)  # [T, L]
+    ylm = legendre * torch.sqrt((2 * torch.arange(max_l, dtype=torch.float64) + 1) / (4 * np.pi))
+    term = ylm.unsqueeze(-1) * radial(d[b]) * envelope(d[b]).view(-1, 1, 1) * x[ei[1, b]].view(-1, max_l, max_n)
+    row = torch.full((ei.shape[1],), -1, dtype=torch.long)
+    row[bonds] = torch.arange(len(bonds))  # edge id → row of the bond in the result
+    want = torch.zeros_like(got).index_add(0, row[a], term.flatten(1))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    w = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (g_got,) = torch.autograd.grad((got * w).sum(), vec, retain_graph=True)
+    (g_want,) = torch.autograd.grad((want * w).sum(), vec)
+    assert g_want.abs().max() > 1e-3
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-11)
 
 
-def test_edge_pairs_counts_and_empty():
-    centre = torch.tensor([2, 0, 2, 2, 1, 0])
-    a, b = edge_pairs(centre, 4)
-    assert len(a) == 3 * 2 + 2 * 1 + 0
-    assert (centre[a] == centre[b]).all() and (a != b).all()
-    a, b = edge_pairs(torch.zeros(0, dtype=torch.long), 3)
-    assert len(a) == len(b) == 0
+def test_three_body_sum_without_bonds():
+    """No bond within the three-body cutoff (or a lone bond whose only partner is itself): zero sums."""
+    ei = torch.tensor([[0, 1], [1, 0]])
+    vec = torch.tensor([[2.0, 0, 0], [-2.0, 0, 0]], dtype=torch.float64)
+    d = torch.linalg.norm(vec, dim=-1)
+    for rc3, n_bonds in ((1.5, 0), (3.0, 2)):  # no bonds; one bond per atom (no partner k ≠ j)
+        radial, angular = SphericalBesselRadial(rc3, 2, 3), AngularMonomials(3)
+        t = ThreeBodyBasis(threebody_bonds(d, rc3), ei, vec, d, radial, angular, torch.ones_like, 2)
+        out = t.sum_over_k(torch.ones(2, 6, dtype=torch.float64))
+        assert out.shape == (n_bonds, 6) and (out.numel() == 0 or out.abs().max() < 1e-14)
 
 
 def test_no_triplets_still_runs():
@@ -347,13 +351,3 @@ def test_float32_close_to_float64(molecules, periodic):
     pot64 = copy.deepcopy(pot).double()
     e64 = pot64(graph_from_atoms(atoms, pot.cutoff, 1, dtype=torch.float64))["energy"].detach().numpy()
     np.testing.assert_allclose(e32, e64, rtol=1e-5, atol=1e-5)
-
-
-def test_edge_pairs_of_every_centre_size():
-    """Centres with 0 … 5 edges, in scrambled order: exactly d(d−1) pairs per centre of degree d."""
-    degrees = [0, 1, 2, 3, 4, 5]
-    centre = torch.tensor(list(itertools.chain.from_iterable([c] * d for c, d in enumerate(degrees))))
-    centre = centre[torch.randperm(len(centre), generator=torch.Generator().manual_seed(1))]
-    a, b = edge_pairs(centre, len(degrees))
-    expected = {(p, q) for p in range(len(centre)) for q in range(len(centre)) if p != q and centre[p] == centre[q]}
-    assert set(zip(a.tolist(), b.tolist())) == expected and len(a) == sum(d * (d - 1) for d in degrees)

@@ -10,7 +10,8 @@ and CPU capability (MULTIFI_CACHE, default ~/.cache/multifi), so later calculato
 
 Interface: AotModel(potential, dtype)(numbers [N], positions [N,3] Å, edge_index [2,E], shift_vec [E,3] Å,
 fidelity index) → (atom energies [N] eV, forces [N,3] eV/Å, virial [3,3] eV, W = −Σ r_ij ⊗ ∂E/∂r_ij).
-CPU only. Structures with fewer than 2 atoms or 2 edges are outside the exported sizes (AotModel.fits).
+CPU only. Structures with fewer than 2 atoms, 2 edges or (M3GNet) 2 bonds within the three-body cutoff are outside
+the exported sizes: the call returns None and the caller runs the eager model.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from multifi.errors import MultifiError
-from multifi.models.m3gnet import triplet_index
+from multifi.models.m3gnet import threebody_bonds
 from multifi.models.response import EnergyForcesVirial
 
 MIN_SIZE = 2  # torch.export specialises sizes 0 and 1
@@ -52,26 +53,27 @@ class AotModel:
         self._run = torch._inductor.aoti_load_package(str(path))
         self.path = path
 
-    @staticmethod
-    def fits(n_atoms: int, n_edges: int) -> bool:
-        return n_atoms >= MIN_SIZE and n_edges >= MIN_SIZE
-
     def __call__(self, numbers, positions, edge_index, shift_vec, fidelity: int):
+        """(atom energies, forces, virial), or None for a structure outside the exported sizes."""
+        if numbers.shape[0] < MIN_SIZE or edge_index.shape[1] < MIN_SIZE:
+            return None
         fid = torch.full_like(numbers, fidelity)
         args = _inputs(numbers, positions.to(self.dtype), edge_index, shift_vec.to(self.dtype), fid, self.threebody)
+        if self.threebody > 0 and args[-1].shape[0] < MIN_SIZE:
+            return None
         atom_energy, forces, virial = self._run(*args)
         return atom_energy, forces, virial
 
 
 def _inputs(numbers, positions, edge_index, shift_vec, fid, threebody: float) -> tuple:
     """The exported function's arguments: (species, positions, edges, shift vectors, atom weights, atom
-    fidelities[, triplets: bonds, ij, ik])."""
+    fidelities[, ids of the bonds within the three-body cutoff])."""
     weight = torch.ones(positions.shape[0], dtype=positions.dtype)
     args = (numbers, positions, edge_index, shift_vec, weight, fid)
     if threebody > 0:
         vec = positions.index_select(0, edge_index[1]) - positions.index_select(0, edge_index[0]) + shift_vec
         r = torch.linalg.norm(vec, dim=-1)
-        args = args + tuple(triplet_index(edge_index, r, positions.shape[0], threebody))
+        args = args + (threebody_bonds(r, threebody),)
     return args
 
 
@@ -97,19 +99,18 @@ def _build(core: EnergyForcesVirial, threebody: float, dtype: torch.dtype, path:
 
     from multifi.data.batch import graph_from_atoms
 
-    atoms = molecule("CH3CH2OH")  # any structure with enough atoms, edges and triplets to trace with
+    atoms = molecule("CH3CH2OH")  # any structure with enough atoms, edges and three-body bonds to trace with
     g = graph_from_atoms([atoms], core.potential.cutoff, 0, dtype=dtype)
     zeros = torch.zeros(g.edge_index.shape[1], 3, dtype=dtype)
     example = _inputs(g.numbers, g.positions, g.edge_index, zeros, torch.zeros_like(g.numbers), threebody)
     if threebody > 0:
-        fn = lambda s, p, e, v, w, f, b, ij, ik: core(s, p, e, v, w, b, ij, ik, f)  # noqa: E731
+        fn = lambda s, p, e, v, w, f, b: core(s, p, e, v, w, b, f)  # noqa: E731
     else:
-        fn = lambda s, p, e, v, w, f: core(s, p, e, v, w, None, None, None, f)  # noqa: E731
+        fn = lambda s, p, e, v, w, f: core(s, p, e, v, w, None, f)  # noqa: E731
     N, E = torch.export.Dim("N", min=MIN_SIZE), torch.export.Dim("E", min=MIN_SIZE)
     dims = [{0: N}, {0: N}, {1: E}, {0: E}, {0: N}, {0: N}]
     if threebody > 0:
-        B, T = torch.export.Dim("B", min=MIN_SIZE), torch.export.Dim("T", min=MIN_SIZE)
-        dims += [{0: B}, {0: T}, {0: T}]
+        dims.append({0: torch.export.Dim("B", min=MIN_SIZE)})
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -11,7 +11,7 @@ from ase.calculators.calculator import Calculator as AseCalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 from ase.units import GPa
 
-from multifi.aot import AotModel
+from multifi.aot import MIN_SIZE, AotModel
 from multifi.data.batch import graph_from_atoms
 from multifi.data.cells import stress_volume_problem
 from multifi.data.readers.ase_files import CALCULATOR_NAME
@@ -215,9 +215,8 @@ class Calculator(AseCalculator):
             )
         per_atom = "energies" in properties  # atoms.get_potential_energies(): the eager model gives them
         aot = self.aot and not per_atom and self.device.type == "cpu"
-        if aot and AotModel.fits(len(self.atoms), graph.edge_index.shape[1]):
-            out = self._aot_outputs(graph, want_stress)
-        else:
+        out = self._aot_outputs(graph, want_stress) if aot else None
+        if out is None:  # eager, or a structure outside the compiled sizes
             out = self.potential(graph, forces=True, stress=want_stress, atom_energies=per_atom)
         energy = float(out["energy"].item())
         self.results = {
@@ -243,14 +242,18 @@ class Calculator(AseCalculator):
         """Warn once per fidelity when no training structure of it had a stress label (check_stress_trained)."""
         check_stress_trained(self.potential, self._index, seen=self._warned)
 
-    def _aot_outputs(self, graph, want_stress: bool) -> dict[str, torch.Tensor]:
-        """Energy, forces and stress [1,3,3] (GPa, as Potential gives it) from the ahead-of-time compiled model."""
+    def _aot_outputs(self, graph, want_stress: bool) -> dict[str, torch.Tensor] | None:
+        """Energy, forces and stress [1,3,3] (GPa, as Potential gives it) from the ahead-of-time compiled model;
+        None for a structure outside its sizes (a lone atom, no edges)."""
+        if graph.numbers.shape[0] < MIN_SIZE or graph.edge_index.shape[1] < MIN_SIZE:
+            return None  # not worth building the package for
         if self._aot_model is None:
             self._aot_model = AotModel(self.potential, self.dtype)
         shift_vec = graph.shifts @ graph.cell[0]
-        atom_energy, forces, virial = self._aot_model(
-            graph.numbers, graph.positions, graph.edge_index, shift_vec, self._index
-        )
+        result = self._aot_model(graph.numbers, graph.positions, graph.edge_index, shift_vec, self._index)
+        if result is None:
+            return None
+        atom_energy, forces, virial = result
         out = {"energy": atom_energy.sum(), "forces": forces}
         if want_stress:
             out["stress"] = (-virial / graph.volume()[0] / GPa).unsqueeze(0)  # W = −V σ; eV/Å³ → GPa

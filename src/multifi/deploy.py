@@ -3,8 +3,8 @@
 The energy and its derivative with respect to the edge vectors (as in Potential: forces and virial
 come from ∂E/∂r_ij, see models/response.py) are traced once into aten operations with symbolic
 sizes (make_fx), so the file holds the backward pass as plain operations and works for any number
-of atoms and pairs; the geometry-only bookkeeping (M3GNet's triplets) is the model's own
-triplet_index, compiled by TorchScript. The fidelity is baked in; the file records it with the
+of atoms and pairs; the geometry-only bookkeeping (M3GNet's bonds within the three-body cutoff) is the
+model's own threebody_bonds, compiled by TorchScript. The fidelity is baked in; the file records it with the
 cutoff, the elements and the multifi version (TorchScript extra file `multifi.json`).
 
 Interface of the deployed module (float64 unless deployed with another dtype):
@@ -31,7 +31,7 @@ from torch import nn
 
 from multifi.data.cells import complete_cells
 from multifi.errors import MultifiError
-from multifi.models.m3gnet import triplet_index
+from multifi.models.m3gnet import threebody_bonds
 from multifi.models.response import EnergyForcesVirial
 
 log = logging.getLogger("multifi")
@@ -84,11 +84,11 @@ class Deployed(nn.Module):
             keep = torch.nonzero(_within_hops(edge_index, n, nlocal, self.interactions - 1)[edge_index[0]]).squeeze(-1)
             edge_index, shift_vec, r = edge_index.index_select(1, keep), shift_vec.index_select(0, keep), r[keep]
         if self.threebody_cutoff > 0:
-            bonds, ij, ik = triplet_index(edge_index, r, n, self.threebody_cutoff)
+            bonds = threebody_bonds(r, self.threebody_cutoff)
         else:
-            bonds = ij = ik = torch.zeros(0, dtype=torch.long, device=positions.device)
+            bonds = torch.zeros(0, dtype=torch.long, device=positions.device)
         weight = (torch.arange(n, device=positions.device) < nlocal).to(self.dtype)
-        atom_energy, forces, virial = self.core(species, positions, edge_index, shift_vec, weight, bonds, ij, ik)
+        atom_energy, forces, virial = self.core(species, positions, edge_index, shift_vec, weight, bonds)
         return {
             "energy": (atom_energy * weight.to(atom_energy.dtype)).sum(),
             "atom_energies": atom_energy,
@@ -139,16 +139,12 @@ def build_deployed(potential, fidelity: str, dtype: torch.dtype = torch.float64)
     species, positions, edge_index, shift_vec = _example(potential, dtype)
     n = positions.shape[0]
     if threebody > 0:
-        bonds, ij, ik = triplet_index(
-            edge_index,
-            torch.linalg.norm(shift_vec + positions[edge_index[1]] - positions[edge_index[0]], dim=-1),
-            n,
-            threebody,
-        )
+        r = torch.linalg.norm(shift_vec + positions[edge_index[1]] - positions[edge_index[0]], dim=-1)
+        bonds = threebody_bonds(r, threebody)
         fn = core
     else:
-        bonds = ij = ik = torch.zeros(0, dtype=torch.long)
-        fn = lambda s, p, e, v, w, b, a, c: core(s, p, e, v, w, None, None, None)  # noqa: E731
+        bonds = torch.zeros(0, dtype=torch.long)
+        fn = lambda s, p, e, v, w, b: core(s, p, e, v, w, None)  # noqa: E731
     weight = torch.ones(n, dtype=dtype)
     with warnings.catch_warnings():  # TorchScript deprecation notes: it stays the format libtorch loads
         warnings.simplefilter("ignore")
@@ -157,7 +153,7 @@ def build_deployed(potential, fidelity: str, dtype: torch.dtype = torch.float64)
             potential.cutoff,
             threebody,
             dtype,
-            (species, positions, edge_index, shift_vec, weight, bonds, ij, ik),
+            (species, positions, edge_index, shift_vec, weight, bonds),
             potential.config.interactions,
             potential.head.known().detach().cpu(),
         )

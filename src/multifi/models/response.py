@@ -36,7 +36,7 @@ def stress_from_edge_gradient(
 
 class EnergyForcesVirial(nn.Module):
     """A potential at one fidelity as a function of positions: (species [N], positions [N,3] Å, edges [2,E],
-    shift vectors [E,3] Å, atom weights [N] (1 local, 0 ghost), triplets) → (atom energies [N] eV,
+    shift vectors [E,3] Å, atom weights [N] (1 local, 0 ghost), three-body bond ids [E3] or None) → (atom energies [N] eV,
     forces [N,3] eV/Å, virial [3,3] eV: W = −Σ r_ij ⊗ ∂(Σ_a w_a E_a)/∂r_ij, symmetrised). The graph that
     `multifi deploy` (TorchScript) and multifi.aot (AOTInductor) trace."""
 
@@ -44,13 +44,12 @@ class EnergyForcesVirial(nn.Module):
         super().__init__()
         self.potential, self.fidelity = potential, fidelity
 
-    def forward(self, species, positions, edge_index, shift_vec, weight, bonds, ij, ik, fid=None):
+    def forward(self, species, positions, edge_index, shift_vec, weight, bonds, fid=None):
         """fid [N]: each atom's fidelity index (default: the one given at construction, baked in)."""
         i, j = edge_index[0], edge_index[1]
         vec = (positions.index_select(0, j) - positions.index_select(0, i) + shift_vec).detach().requires_grad_(True)
-        geometry = None if bonds is None else (bonds, ij, ik)
         fid = torch.full_like(species, self.fidelity) if fid is None else fid
-        atom_energy = self.potential.atom_energies(vec, species, edge_index, geometry, fid)
+        atom_energy = self.potential.atom_energies(vec, species, edge_index, bonds, fid)
         (g,) = torch.autograd.grad((atom_energy * weight).sum(), vec)
         forces = forces_from_edge_gradient(g, edge_index, positions.shape[0])
         virial = -(vec.unsqueeze(-1) * g.unsqueeze(-2)).sum(0)

@@ -168,22 +168,19 @@ class EdgePlan:
     """Everything the kernels need about one batch's edges, built once per forward and shared by all layers.
 
     center i [E] and neighbour j [E] (int64, values < n_atoms): messages flow j → i; the backward
-    scatters into j, so edges are grouped by both. Centres and neighbours may be rows of two different sets
-    (n_neighbors rows for the neighbours, e.g. M3GNet's bonds receiving from atoms; the sums of `_Messages` only).
+    scatters into j, so edges are grouped by both.
     """
 
-    def __init__(self, center: torch.Tensor, neighbor: torch.Tensor, n_atoms: int, n_neighbors: int | None = None):
-        n_neighbors = n_atoms if n_neighbors is None else n_neighbors
+    def __init__(self, center: torch.Tensor, neighbor: torch.Tensor, n_atoms: int):
         if center.shape != neighbor.shape or center.dim() != 1:
             raise ValueError(f"centres {tuple(center.shape)} and neighbours {tuple(neighbor.shape)}: two [E] tensors")
         if center.numel() and int(torch.minimum(center.min(), neighbor.min())) < 0:
             raise ValueError("negative edge index")
-        if center.numel() and (int(center.max()) >= n_atoms or int(neighbor.max()) >= n_neighbors):
-            sizes = f"{n_atoms} atoms" if n_neighbors == n_atoms else f"{n_atoms} centres and {n_neighbors} neighbours"
-            raise ValueError(f"edge index out of range for {sizes}")
+        if center.numel() and int(torch.maximum(center.max(), neighbor.max())) >= n_atoms:
+            raise ValueError(f"edge index out of range for {n_atoms} atoms")
         self.center, self.neighbor = center.contiguous(), neighbor.contiguous()
         self.by_center = Rows(self.center, n_atoms)
-        self.by_neighbor = Rows(self.neighbor, n_neighbors)
+        self.by_neighbor = Rows(self.neighbor, n_atoms)
 
 
 _NONE = torch.empty(0)
