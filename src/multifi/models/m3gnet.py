@@ -178,13 +178,16 @@ class GatedMLP(nn.Module):
 
     def on_edges(self, s: Tensor, e: Tensor, i: Tensor, j: Tensor, filter: Tensor | None = None) -> Tensor:
         """forward(s_i ⊕ s_j ⊕ e_ij, filter) for every edge without building the [E, 2F+F_e] concatenation:
-        the atom parts of the first layer are computed once per atom and gathered."""
-        W = torch.cat([self.layers[0].weight, self.gates[0].weight])  # [2H, 2F + F_e]
-        b = None if self.layers[0].bias is None else torch.cat([self.layers[0].bias, self.gates[0].bias])
-        Fs, H = s.shape[-1], self.layers[0].out_features
-        hi, hj = F.linear(s, torch.cat([W[:, :Fs], W[:, Fs : 2 * Fs]])).split(2 * H, dim=-1)  # [N, 2H] each
-        h = hi.index_select(0, i) + hj.index_select(0, j) + F.linear(e, W[:, 2 * Fs :], b)
-        a, g = h.split(H, dim=-1)
+        the atom parts of the first layer are computed once per atom and gathered. Values and gates stay two
+        contiguous [E, H] tensors (splitting one [E, 2H] product made strided views, copied by every later
+        operation, and a concatenation of their gradients)."""
+        Fs = s.shape[-1]
+        value, gate = self.layers[0], self.gates[0]
+        Wa, Wg = value.weight, gate.weight  # [H, 2F + F_e] each
+        atom = F.linear(s, torch.cat([Wa[:, :Fs], Wa[:, Fs : 2 * Fs], Wg[:, :Fs], Wg[:, Fs : 2 * Fs]]))  # [N, 4H]
+        ai, aj, gi, gj = atom.split(value.out_features, dim=-1)
+        a = ai.index_select(0, i) + aj.index_select(0, j) + F.linear(e, Wa[:, 2 * Fs :], value.bias)
+        g = gi.index_select(0, i) + gj.index_select(0, j) + F.linear(e, Wg[:, 2 * Fs :], gate.bias)
         return self.rest(a, g, filter)
 
 
