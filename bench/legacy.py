@@ -36,7 +36,21 @@ def module_at(rev: str, name: str) -> types.ModuleType:
         # revisions between 0fe91a9 and 6c6c7f2 asked whether a first-order-only context (gone since: the kernels
         # are differentiable to any order) was active; outside one, as in every A/B script, it is not
         mod.fused = types.SimpleNamespace(**vars(fused), first_order_only_active=lambda: False)
+    if fused is not None and "EdgePlan(self.ij, self.k, self.n_bonds, n_atoms)" in src:
+        # M3GNet between 64bad94 and ba6e8fb summed over triplets on the kernels with bonds receiving from atoms
+        mod.fused = types.SimpleNamespace(**vars(mod.fused), EdgePlan=_TwoSetPlan)
     return mod
+
+
+class _TwoSetPlan:
+    """fused.EdgePlan with centres and neighbours from two sets (n_atoms centre rows, n_neighbors neighbour rows),
+    as the library had it from 64bad94 to ba6e8fb."""
+
+    def __init__(self, center, neighbor, n_atoms: int, n_neighbors: int):
+        from multifi.nn.fused import Rows
+
+        self.center, self.neighbor = center.contiguous(), neighbor.contiguous()
+        self.by_center, self.by_neighbor = Rows(self.center, n_atoms), Rows(self.neighbor, n_neighbors)
 
 
 def from_config(cls, cfg):

@@ -37,7 +37,7 @@ def _enabled_by_env() -> bool:
     return os.environ.get("MULTIFI_FUSED", "1").lower() not in ("0", "false", "no", "")
 
 
-_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
 
 
 def _build() -> None:
