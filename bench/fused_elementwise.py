@@ -1,6 +1,8 @@
-"""Time of the elementwise C++ kernels of M3GNet force training (nn/csrc/gather_scatter.cpp) against torch's own
-operators on an edge-sized [3 400, 64] float32 tensor: wall time per call, median of 300 after 20 warm-up calls,
-1 thread. Kernels that the multifi on PYTHONPATH lacks are skipped, so an older revision can be timed the same way:
+"""Time of the C++ kernels (nn/csrc/gather_scatter.cpp): the elementwise ones of M3GNet force training against
+torch's own operators on an edge-sized [3 400, 64] float32 tensor, and the gather-multiply-scatter modes of PaiNN's
+messages on its profile's batch shape (580 atoms, 9 200 edges sorted by centre, 128 features): wall time per call,
+median of 300 after 20 warm-up calls, 1 thread. Kernels that the multifi on PYTHONPATH lacks are skipped, so an older
+revision can be timed the same way:
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/fused_elementwise.py
     git worktree add /tmp/wt_old REV && PYTHONPATH=/tmp/wt_old/src OMP_NUM_THREADS=1 .venv/bin/python bench/fused_elementwise.py
@@ -49,8 +51,28 @@ def main() -> None:
         rows["gate_value"] = lambda: ops.gate_value(x, s, sg, f, *flag)
         rows["gate_grad"] = lambda: ops.gate_grad(go, x, s, sg, f, *flag)
         rows["gate_grad2"] = lambda: ops.gate_grad2(go, x, s, sg, f, ga, gg, gf, *flag)
+    rows.update(message_kernels(ops))
     for name, fn in rows.items():
         print(f"{name:40s} {median_us(fn):8.1f} µs")
+
+
+def message_kernels(ops) -> dict:
+    """segment_sum's modes and edge_dot on PaiNN's batch shape (float32)."""
+    g = torch.Generator().manual_seed(1)
+    N, E, F = 580, 9200, 128
+    i, j = torch.sort(torch.randint(0, N, (E,), generator=g)).values, torch.randint(0, N, (E,), generator=g)
+    rows = fused.EdgePlan(i, j, N).by_center
+    x1, x3 = torch.randn(N, 1, F, generator=g), torch.randn(N, 3, F, generator=g)
+    w, u, none = torch.randn(E, F, generator=g), torch.randn(E, 3, generator=g), torch.empty(0)
+    return {
+        "segment_sum plain [N,3,F]": lambda: ops.segment_sum(
+            torch.zeros(N, 3, F), x3, w, none, j, rows.ptr, rows.order
+        ),
+        "segment_sum spread": lambda: ops.segment_sum(torch.zeros(N, 3, F), x1, w, u, j, rows.ptr, rows.order),
+        "segment_sum contract": lambda: ops.segment_sum(torch.zeros(N, 1, F), x3, w, u, j, rows.ptr, rows.order),
+        "edge_dot [N,3,F]": lambda: ops.edge_dot(x3, x3, none, i, j),
+        "edge_dot spread": lambda: ops.edge_dot(x3, x1, u, i, j),
+    }
 
 
 if __name__ == "__main__":

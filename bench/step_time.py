@@ -1,0 +1,25 @@
+"""Median thread-CPU time of M3GNet's force+stress training step (64 features, batches of 32 PBE solids, the setup
+of bench/profile_m3gnet.py) with whichever multifi is imported: for changes outside models/m3gnet.py (the kernels in
+nn/), which bench/ab_m3gnet.py cannot swap in one process. Compare revisions in alternating processes:
+
+    git worktree add /tmp/wt_old REV
+    PYTHONPATH=/tmp/wt_old/src OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/step_time.py
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/step_time.py     (repeat both, in turn)
+"""
+
+import argparse
+import runpy
+import statistics
+import sys
+from pathlib import Path
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--steps", type=int, default=100)
+opts = ap.parse_args()
+sys.argv = [sys.argv[0]]  # profile_m3gnet.py reads --ops from argv
+setup = runpy.run_path(str(Path(__file__).with_name("profile_m3gnet.py")))  # model, batches, its short profile
+import multifi  # noqa: E402
+
+step, graphs = setup["training_step_seconds"], setup["gs"]
+times = [step(graphs[k % len(graphs)]) for k in range(opts.steps)]
+print(f"{multifi.__file__}: median training step {1e3 * statistics.median(times[5:]):.1f} ms (thread CPU)")
