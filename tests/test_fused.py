@@ -436,3 +436,22 @@ def test_forward_mode_derivatives_use_torchs_operators():
     ]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_every_cpu_version_of_the_kernels_gives_the_same_bits(tmp_path):
+    """The kernels' loops run in the widest vector version the CPU has (AVX-512, AVX2 or baseline, chosen at load
+    time): that version and a build of baseline x86-64 only give bit-identical outputs of every kernel, float32 and
+    float64 (bench/kernel_targets.py, one process per build: both register the same operators)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernel_targets.py"
+    env = {**os.environ, "MULTIFI_KERNEL_TARGETS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    for target in ("dispatch", "default"):
+        subprocess.run([sys.executable, str(script), target], env=env, check=True, capture_output=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(script), "--compare", "dispatch", "default"], env=env, check=True, capture_output=True
+    )
+    assert "42 of 42 outputs bit-identical" in out.stdout.decode()
