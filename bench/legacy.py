@@ -38,7 +38,7 @@ def module_at(rev: str, name: str) -> types.ModuleType:
         mod.fused = types.SimpleNamespace(**vars(fused), first_order_only_active=lambda: False)
     if fused is not None and "EdgePlan(self.ij, self.k, self.n_bonds, n_atoms)" in src:
         # M3GNet between 64bad94 and ba6e8fb summed over triplets on the kernels with bonds receiving from atoms
-        mod.fused = types.SimpleNamespace(**vars(mod.fused), EdgePlan=_TwoSetPlan)
+        mod.fused = types.SimpleNamespace(**{**vars(mod.fused), "EdgePlan": _TwoSetPlan})
     return mod
 
 

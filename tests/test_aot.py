@@ -64,3 +64,28 @@ def test_aot_calculator_matches_eager_and_is_cached(tmp_path, monkeypatch):
             multifi.Calculator(pot, fidelity="PBE", dtype="float64").get_property("energy", small),
             rtol=1e-12,
         )
+
+
+def test_aot_m3gnet_matches_eager_and_runs_structures_without_three_body_bonds_eagerly(tmp_path, monkeypatch):
+    """M3GNet's package takes the bonds within the three-body cutoff as an input of symbolic size: a periodic cell,
+    a molecule; a pair beyond the three-body cutoff (no such bond) runs eagerly."""
+    monkeypatch.setenv("MULTIFI_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    pot = build_potential(
+        {"backbone": "m3gnet", "features": 8, "interactions": 1, "cutoff": 4.0, "threebody_cutoff": 3.0, "n_rbf": 4},
+        ["PBE"],
+    )
+    with torch.no_grad():
+        pot.head.fitted.fill_(True)
+    cell = bulk("Si", "diamond", 5.43, cubic=True)
+    cell.rattle(0.05, seed=2)
+    far = Atoms("Si2", positions=[[0, 0, 0], [0, 0, 3.5]])
+    fast = multifi.Calculator(pot, fidelity="PBE", dtype="float64", aot=True)
+    eager = multifi.Calculator(pot, fidelity="PBE", dtype="float64")
+    for atoms, props in ((cell, ("energy", "forces", "stress")), (far, ("energy", "forces"))):
+        for p in props:
+            np.testing.assert_allclose(
+                fast.get_property(p, atoms), eager.get_property(p, atoms), rtol=1e-10, atol=1e-12
+            )
+    assert np.abs(eager.get_property("forces", cell)).max() > 1e-3
+    assert len(list(tmp_path.glob("aot/*.pt2"))) == 1

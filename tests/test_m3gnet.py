@@ -191,6 +191,20 @@ def test_three_body_sum_equals_the_sum_over_enumerated_triplets(periodic, molecu
     torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-11)
 
 
+def test_gated_mlp_on_edges_is_forward_of_the_concatenation():
+    """GatedMLP.on_edges (atom parts of the first layer per atom, values and gates apart) = forward(s_i ⊕ s_j ⊕ e_ij)."""
+    from multifi.models.m3gnet import GatedMLP
+
+    g = torch.Generator().manual_seed(0)
+    s, e = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
+    i, j = torch.randint(0, 5, (9,), generator=g), torch.randint(0, 5, (9,), generator=g)
+    f = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    for sizes, bias in (([12, 6, 4], True), ([12, 4], False)):
+        mlp = GatedMLP(sizes, bias=bias).double()
+        want = mlp(torch.cat([s[i], s[j], e], dim=-1), f)
+        torch.testing.assert_close(mlp.on_edges(s, e, i, j, f), want, rtol=1e-12, atol=1e-14)
+
+
 def test_three_body_sum_without_bonds():
     """No bond within the three-body cutoff (or a lone bond whose only partner is itself): zero sums."""
     ei = torch.tensor([[0, 1], [1, 0]])

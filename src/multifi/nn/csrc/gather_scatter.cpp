@@ -20,12 +20,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>  // on glibc this brings <features.h>, which defines __GLIBC__ for the test below
+
 // The loops are compiled three times, for AVX-512, AVX2 and baseline x86-64, and the CPU picks one when the library
-// loads (GCC/Clang function multiversioning): one build runs the widest vectors each CPU has (baseline alone ran
-// segment_sum 1.6-1.9x and gate_grad2 1.9x slower on an AVX-512 CPU). Other platforms: the compiler's default target.
+// loads (GCC's function multiversioning, through glibc's ifunc): one build runs the widest vectors each CPU has
+// (baseline alone ran segment_sum 1.6-1.9x and gate_grad2 1.9x slower on an AVX-512 CPU). Elsewhere (clang, which
+// does not multiversion templates; musl, which has no ifunc; other CPUs) the compiler's default target.
 // The loops are written so that results do not depend on the vector width (no reordered sums; fused.py builds them
 // with -ffp-contract=off, and with -fno-trapping-math, without which conditional selects kept loops scalar).
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
 #define MULTIFI_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
 #else
 #define MULTIFI_CLONES
