@@ -276,3 +276,10 @@ def test_a_source_index_is_checked_as_ase_reads_it():
     assert SourceConfig(path="a.extxyz", index="10:20").index == "10:20"
     with pytest.raises(ValueError, match="'abc' is not a frame index ASE reads"):
         SourceConfig(path="a.extxyz", index="abc")
+
+
+def test_m3gnet_threebody_cutoff_beyond_the_cutoff_fails_at_validation():
+    """Said when the config is read (one line, before any data is loaded); PaiNN ignores the three-body cutoff."""
+    raw = minimal(model={"backbone": "m3gnet", "cutoff": 5.0, "threebody_cutoff": 6.0})
+    one_line_error(raw, r"threebody_cutoff \(6 Å\) must be at most the cutoff \(5 Å\)")
+    assert validate_config(minimal(model={"backbone": "painn", "cutoff": 3.0})).model.cutoff == 3.0

@@ -187,7 +187,7 @@ class ModelConfig(Section):
     cutoff: float = Field(5.0, gt=0)
     n_rbf: int = Field(N_RBF, ge=1)
     readout_hidden: int | None = Field(None, ge=1)
-    threebody_cutoff: float = Field(4.0, gt=0, description="M3GNet three-body cutoff, Å")
+    threebody_cutoff: float = Field(4.0, gt=0, description="M3GNet three-body cutoff, Å (at most the cutoff)")
     max_n: int = Field(3, ge=1, description="M3GNet radial basis order for three-body terms")
     max_l: int = Field(3, ge=1, description="M3GNet spherical harmonics degree for three-body terms")
     fidelity_embedding: FidelityEmbeddingConfig = FidelityEmbeddingConfig()
@@ -203,6 +203,14 @@ class ModelConfig(Section):
         "included): faster steps after minutes of compilation; unset: MULTIFI_COMPILE=1 "
         "in the environment turns it on",
     )
+
+    @model_validator(mode="after")
+    def _threebody_within_cutoff(self) -> ModelConfig:
+        if self.backbone == "m3gnet" and self.threebody_cutoff > self.cutoff:
+            raise ValueError(
+                f"threebody_cutoff ({self.threebody_cutoff:g} Å) must be at most the cutoff ({self.cutoff:g} Å)"
+            )
+        return self
 
 
 class LossConfig(Section):

@@ -7,7 +7,7 @@ of atoms and pairs; the geometry-only bookkeeping (M3GNet's bonds within the thr
 model's own threebody_bonds, compiled by TorchScript. The fidelity is baked in; the file records it with the
 cutoff, the elements and the multifi version (TorchScript extra file `multifi.json`).
 
-Interface of the deployed module (float64 unless deployed with another dtype):
+Interface of the deployed module (energies float64; forces and virial in the dtype deployed with, float64 by default):
     forward(species [N] int64 atomic numbers, positions [N,3] Å, cell [3,3] Å,
             edge_index [2,E] int64 (centre i, neighbour j),
             shifts [E,3] cell shifts (r_ij = r_j − r_i + shifts @ cell), nlocal: int)

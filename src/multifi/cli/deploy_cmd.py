@@ -15,7 +15,12 @@ def register(sub):
         help="output file (TorchScript; load with `pair_style multifi FILE`; an existing one: --force)",
     )
     add_force(p)
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    p.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="precision of the model in the file (forces and virial come in it; energies are float64 either way)",
+    )
     p.add_argument(
         "--strict-references",
         action="store_true",
