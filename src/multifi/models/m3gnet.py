@@ -276,8 +276,8 @@ class ThreeBodyBasis:
     (û·v̂)^p = Σ_{|α|=p} (p!/α!) û^α v̂^α, so every sum over the bonds i→k of atom i factorises:
     Σ_k Y_l(û_ij·û_ik) X_ik = Σ_α c_l|α| (|α|!/α!) û_ij^α · A_i,α,l with A_i,α,l = Σ_k û_ik^α X_ik,l: one sum per
     atom and (l, α) pair. The term k = j (Y_l(1) X_ij) is subtracted. The same values as the triplet sums (to
-    rounding), at a cost in bonds × pairs (11 for l < 3) instead of triplets × basis functions (~50 triplets
-    per bond in dense solids, 9 functions).
+    rounding), at a cost in bonds × pairs (11 for l < 3) instead of triplets × basis functions (tens of
+    triplets per bond in dense solids, 9 functions).
 
     bonds [E3] edge ids within the three-body cutoff, centre / k [E3] their atoms i and k,
     radial [E3, L, Nn] radial(r_ik) f_c(r_ik), fc_bond [E3] f_c(r_ij), and per (l, α) pair P: monomial [E3, P] û^α,
@@ -296,7 +296,6 @@ class ThreeBodyBasis:
         n_atoms: int,
     ):
         self.bonds, self.n_atoms = bonds, n_atoms
-        self.n_bonds = bonds.shape[0]
         self.centre, self.k = edge_index[0, bonds], edge_index[1, bonds]
         r3 = r[bonds]
         unit = edge_vec[bonds] / r3.unsqueeze(-1)  # [E3, 3]
