@@ -194,6 +194,7 @@ def test_three_body_sum_equals_the_sum_over_enumerated_triplets(periodic, molecu
 def test_gated_mlp_on_edges_is_forward_of_the_concatenation():
     """GatedMLP.on_edges (atom parts of the first layer per atom, values and gates apart) = forward(s_i ⊕ s_j ⊕ e_ij)."""
     from multifi.models.m3gnet import GatedMLP
+    from multifi.nn.gather import EdgePairs
 
     g = torch.Generator().manual_seed(0)
     s, e = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
@@ -202,7 +203,7 @@ def test_gated_mlp_on_edges_is_forward_of_the_concatenation():
     for sizes, bias in (([12, 6, 4], True), ([12, 4], False)):
         mlp = GatedMLP(sizes, bias=bias).double()
         want = mlp(torch.cat([s[i], s[j], e], dim=-1), f)
-        torch.testing.assert_close(mlp.on_edges(s, e, i, j, f), want, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(mlp.on_edges(s, e, EdgePairs(i, j, 5), f), want, rtol=1e-12, atol=1e-14)
 
 
 def test_three_body_sum_without_bonds():

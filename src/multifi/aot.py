@@ -65,6 +65,38 @@ class AotModel:
         return atom_energy, forces, virial
 
 
+class ScriptedModel:
+    """The potential's energy, forces and virial traced once (make_fx, symbolic sizes) into TorchScript, with the
+    fused kernels (nn/fused.py) in the graph as the eager model runs them: the same operators in the same order,
+    without Python between them. Built in seconds in memory (no C++ compiler, no cache); valid in this process
+    only (the graph calls the kernels loaded here). Same interface as AotModel."""
+
+    def __init__(self, potential, dtype: torch.dtype):
+        from multifi.deploy import _scriptable
+        from multifi.nn import fused
+
+        potential = copy.deepcopy(potential).to(dtype).eval()
+        potential.use_compile = False
+        for p in potential.parameters():
+            p.requires_grad_(False)
+        self.dtype = dtype
+        self.threebody = float(getattr(potential.representation, "threebody_cutoff", 0.0) or 0.0)
+        fused.available()  # built (or found unavailable) before tracing
+        with fused.traced_kernels():
+            traced = _trace(EnergyForcesVirial(potential, 0), self.threebody, dtype)
+        self._run = torch.jit.script(_scriptable(traced))
+
+    def __call__(self, numbers, positions, edge_index, shift_vec, fidelity: int):
+        """(atom energies, forces, virial), or None for a structure outside the traced sizes."""
+        if numbers.shape[0] < MIN_SIZE or edge_index.shape[1] < MIN_SIZE:
+            return None
+        fid = torch.full_like(numbers, fidelity)
+        args = _inputs(numbers, positions.to(self.dtype), edge_index, shift_vec.to(self.dtype), fid, self.threebody)
+        if self.threebody > 0 and args[-1].shape[0] < MIN_SIZE:
+            return None
+        return tuple(self._run(*args))
+
+
 def _inputs(numbers, positions, edge_index, shift_vec, fid, threebody: float) -> tuple:
     """The exported function's arguments: (species, positions, edges, shift vectors, atom weights, atom
     fidelities[, ids of the bonds within the three-body cutoff])."""
@@ -92,29 +124,41 @@ def _key(potential, dtype: torch.dtype) -> str:
     return h.hexdigest()[:24]
 
 
-def _build(core: EnergyForcesVirial, threebody: float, dtype: torch.dtype, path: Path) -> None:
-    """Trace core at symbolic sizes, export, compile with AOTInductor, write the package atomically."""
+def _example(core: EnergyForcesVirial, threebody: float, dtype: torch.dtype) -> tuple:
+    """Inputs to trace with: a structure with enough atoms, edges and three-body bonds."""
     from ase.build import molecule
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     from multifi.data.batch import graph_from_atoms
 
-    atoms = molecule("CH3CH2OH")  # any structure with enough atoms, edges and three-body bonds to trace with
-    g = graph_from_atoms([atoms], core.potential.cutoff, 0, dtype=dtype)
+    g = graph_from_atoms([molecule("CH3CH2OH")], core.potential.cutoff, 0, dtype=dtype)
     zeros = torch.zeros(g.edge_index.shape[1], 3, dtype=dtype)
-    example = _inputs(g.numbers, g.positions, g.edge_index, zeros, torch.zeros_like(g.numbers), threebody)
+    return _inputs(g.numbers, g.positions, g.edge_index, zeros, torch.zeros_like(g.numbers), threebody)
+
+
+def _trace(core: EnergyForcesVirial, threebody: float, dtype: torch.dtype):
+    """core as an fx graph of aten operations at symbolic sizes (make_fx), arguments as `_inputs` orders them."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     if threebody > 0:
         fn = lambda s, p, e, v, w, f, b: core(s, p, e, v, w, b, f)  # noqa: E731
     else:
         fn = lambda s, p, e, v, w, f: core(s, p, e, v, w, None, f)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*_example(core, threebody, dtype))
+
+
+def _build(core: EnergyForcesVirial, threebody: float, dtype: torch.dtype, path: Path) -> None:
+    """Trace core at symbolic sizes, export, compile with AOTInductor, write the package atomically."""
+    example = _example(core, threebody, dtype)
     N, E = torch.export.Dim("N", min=MIN_SIZE), torch.export.Dim("E", min=MIN_SIZE)
     dims = [{0: N}, {0: N}, {1: E}, {0: E}, {0: N}, {0: N}]
     if threebody > 0:
         dims.append({0: torch.export.Dim("B", min=MIN_SIZE)})
     path.parent.mkdir(parents=True, exist_ok=True)
+    traced = _trace(core, threebody, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
         exported = torch.export.export(traced, example, dynamic_shapes=tuple(dims), strict=False)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             try:

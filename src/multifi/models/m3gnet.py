@@ -29,6 +29,7 @@ from multifi.config import ModelConfig
 from multifi.data.stats import N_ELEMENTS
 from multifi.errors import MultifiError
 from multifi.nn import PolynomialCutoff, fused, scatter_sum
+from multifi.nn.gather import EdgePairs, pair_sum
 from multifi.nn.radial import second_order
 
 Tensor = torch.Tensor
@@ -176,18 +177,22 @@ class GatedMLP(nn.Module):
             return fused.gate(a, g, filter)  # silu(a) ⊙ σ(g) ⊙ filter
         return a * torch.sigmoid(g) if filter is None else a * torch.sigmoid(g) * filter
 
-    def on_edges(self, s: Tensor, e: Tensor, i: Tensor, j: Tensor, filter: Tensor | None = None) -> Tensor:
-        """forward(s_i ⊕ s_j ⊕ e_ij, filter) for every edge without building the [E, 2F+F_e] concatenation:
-        the atom parts of the first layer are computed once per atom and gathered. Values and gates stay two
-        contiguous [E, H] tensors (splitting one [E, 2H] product made strided views, copied by every later
-        operation, and a concatenation of their gradients)."""
+    def on_edges(self, s: Tensor, e: Tensor, pairs: EdgePairs, filter: Tensor | None = None) -> Tensor:
+        """forward(s_i ⊕ s_j ⊕ e_ij, filter) for every edge (centre i, neighbour j: `pairs`) without building the
+        [E, 2F+F_e] concatenation: the atom parts of the first layer (and its bias) are computed once per atom,
+        their sum per edge is gathered in one pass (nn/gather.py) and the edge part's product adds to it (addmm),
+        so the first layer writes each edge-sized tensor once. Values and gates stay two contiguous [E, H]
+        tensors (splitting one [E, 2H] product made strided views, copied by every later operation, and a
+        concatenation of their gradients)."""
         Fs = s.shape[-1]
         value, gate = self.layers[0], self.gates[0]
         Wa, Wg = value.weight, gate.weight  # [H, 2F + F_e] each
         atom = F.linear(s, torch.cat([Wa[:, :Fs], Wa[:, Fs : 2 * Fs], Wg[:, :Fs], Wg[:, Fs : 2 * Fs]]))  # [N, 4H]
         ai, aj, gi, gj = atom.split(value.out_features, dim=-1)
-        a = ai.index_select(0, i) + aj.index_select(0, j) + F.linear(e, Wa[:, 2 * Fs :], value.bias)
-        g = gi.index_select(0, i) + gj.index_select(0, j) + F.linear(e, Wg[:, 2 * Fs :], gate.bias)
+        if value.bias is not None:
+            ai, gi = ai + value.bias, gi + gate.bias
+        a = torch.addmm(pair_sum(ai, aj, pairs), e, Wa[:, 2 * Fs :].t())
+        g = torch.addmm(pair_sum(gi, gj, pairs), e, Wg[:, 2 * Fs :].t())
         return self.rest(a, g, filter)
 
 
@@ -217,10 +222,11 @@ class GraphConv(nn.Module):
         self.w_e = nn.Linear(n_rbf, features, bias=False)
         self.w_s = nn.Linear(n_rbf, features, bias=False)
 
-    def forward(self, s: Tensor, e: Tensor, i: Tensor, j: Tensor, rbf: Tensor) -> tuple[Tensor, Tensor]:
-        e = e + self.phi_e.on_edges(s, e, i, j, filter=self.w_e(rbf))
-        m = self.phi_s.on_edges(s, e, i, j, filter=self.w_s(rbf))
-        return s + scatter_sum(m, i, s.shape[0]), e
+    def forward(self, s: Tensor, e: Tensor, pairs: EdgePairs, rbf: Tensor) -> tuple[Tensor, Tensor]:
+        """s [N, F], e [E, F], pairs: the edges (centre i, neighbour j), rbf [E, n_rbf] → (s, e)."""
+        e = e + self.phi_e.on_edges(s, e, pairs, filter=self.w_e(rbf))
+        m = self.phi_s.on_edges(s, e, pairs, filter=self.w_s(rbf))
+        return s + scatter_sum(m, pairs.center, s.shape[0]), e
 
 
 # ---------------------------------------------------------------------------------------------- three-body terms
@@ -386,8 +392,8 @@ class M3GNet(nn.Module):
         e = fused.silu(self.edge_embedding(rbf))
         bonds = threebody_bonds(r, self.threebody_cutoff) if geometry is None else geometry
         t = ThreeBodyBasis(bonds, edge_index, edge_vec, r, self.radial3, self.angular3, self.envelope3, s.shape[0])
-        i, j = edge_index[0], edge_index[1]
+        pairs = EdgePairs(edge_index[0], edge_index[1], s.shape[0])
         for three_body, conv in zip(self.three_body, self.convs):
             e = three_body(s, e, t)
-            s, e = conv(s, e, i, j, rbf)
+            s, e = conv(s, e, pairs, rbf)
         return s

@@ -81,17 +81,24 @@ class Potential(nn.Module):
         stress: bool = False,
         create_graph: bool = False,
         atom_energies: bool = False,
+        periodic: bool | None = None,
+        geometry=None,
     ) -> dict[str, torch.Tensor]:
         """energy [B] eV (float64); forces [N, 3] eV/Å, stress [B, 3, 3] GPa when asked (stress of periodic
         structures, zero for the others); with `atom_energies` also atom_energy [N] eV, the atoms' shares of the
-        energy (a partition the model makes, not an observable: it sums to the energy)."""
+        energy (a partition the model makes, not an observable: it sums to the energy).
+        periodic (whether any structure has a cell) and geometry (representation.geometry of the edge vectors) are
+        read from the graph when not given; given, nothing here depends on the values of the tensors (tracing:
+        multifi.scripted)."""
         B = graph.num_graphs
-        stress = stress and bool((graph.cell.abs().sum((1, 2)) > 0).any())
+        if periodic is None:
+            periodic = bool((graph.cell.abs().sum((1, 2)) > 0).any())
+        stress = stress and periodic
         need_grad = forces or stress
-        i, j = graph.edge_index
-        shift = torch.einsum("ea,eab->eb", graph.shifts, graph.cell[graph.batch[i]])
-        edge_vec = graph.positions[j] - graph.positions[i] + shift
-        geometry = self.representation.geometry(graph.edge_index, edge_vec.detach())
+        i = graph.edge_index[0]
+        edge_vec = self.edge_vectors(graph)
+        if geometry is None:
+            geometry = self.representation.geometry(graph.edge_index, edge_vec.detach())
         args = (graph.numbers, graph.edge_index, geometry, graph.fidelity[graph.batch])
         if not need_grad:
             atom_energy = (_compiled(_atom_energies) if self.use_compile else _atom_energies)(self, edge_vec, *args)
@@ -115,6 +122,13 @@ class Potential(nn.Module):
         if not create_graph:
             out = {k: v.detach() for k, v in out.items()}
         return out
+
+    @staticmethod
+    def edge_vectors(graph: Graph) -> torch.Tensor:
+        """[E, 3] Å: r_ij = r_j − r_i + shifts_ij @ cell of the edge's structure."""
+        i, j = graph.edge_index
+        shift = torch.einsum("ea,eab->eb", graph.shifts, graph.cell[graph.batch[i]])
+        return graph.positions[j] - graph.positions[i] + shift
 
     def fidelity_index(self, name: str) -> int:
         """The index of fidelity `name` (an unknown name is an error listing the known ones). A fidelity-blind

@@ -59,8 +59,61 @@ def _build() -> None:
         log.info("compiling the fused message kernels (once per machine and torch version, ~20 s)")
     # -ffp-contract=off: no fused multiply-adds, so sums round exactly as torch's separate product and index_add
     load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+    _register_fakes()
     with torch.inference_mode(False), torch.enable_grad():  # whatever mode the first forward runs in
         _self_test()
+
+
+def _register_fakes() -> None:
+    """Output shapes of the kernels for tracing (make_fx with symbolic sizes: `traced_kernels`)."""
+    lib = "multifi_fused::"
+    if getattr(torch.ops.multifi_fused.segment_sum.default, "_multifi_fakes", False):
+        return  # registered by an earlier build in this process
+    empty = lambda t: t.new_empty(0)  # noqa: E731
+
+    torch.library.register_fake(lib + "segment_sum")(lambda base, x, w, u, src, ptr, order: base.new_empty(base.shape))
+    torch.library.register_fake(lib + "edge_dot")(lambda g, x, u, dst, src: x.new_empty((dst.shape[0], x.shape[2])))
+    torch.library.register_fake(lib + "edge_dot_unit")(lambda g, x, w, dst, src: x.new_empty((dst.shape[0], 3)))
+    torch.library.register_fake(lib + "silu_grad")(lambda x, s, g: torch.empty_like(x))
+    torch.library.register_fake(lib + "silu_grad2")(lambda x, s, g, gg: (torch.empty_like(x), torch.empty_like(x)))
+    torch.library.register_fake(lib + "gate_value")(lambda a, sa, sg, f, has_f: torch.empty_like(a))
+    torch.library.register_fake(lib + "gate_grad")(
+        lambda go, a, sa, sg, f, has_f: (
+            torch.empty_like(go),
+            torch.empty_like(go),
+            torch.empty_like(go) if has_f else empty(go),
+        )
+    )
+    torch.library.register_fake(lib + "gate_grad2")(
+        lambda go, a, sa, sg, f, Ga, Gg, Gf, has_f: (
+            torch.empty_like(go),
+            torch.empty_like(go),
+            torch.empty_like(go),
+            torch.empty_like(go) if has_f else empty(go),
+        )
+    )
+    torch.ops.multifi_fused.segment_sum.default._multifi_fakes = True
+
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def traced_kernels():
+    """Inside, make_fx tracing records the kernels (torch.ops.multifi_fused.*) instead of torch's operators: for a
+    graph that runs in this process (multifi.aot.ScriptedModel), never for a file that must load without multifi
+    (deploy, AOTInductor packages). Edge plans are then built without data-dependent steps (`tracing_plans`)."""
+    before = getattr(_tracing, "on", False)
+    _tracing.on = True
+    try:
+        yield
+    finally:
+        _tracing.on = before
+
+
+def tracing_plans() -> bool:
+    """Inside `traced_kernels` with make_fx tracing active."""
+    return getattr(_tracing, "on", False) and torch._C._len_torch_dispatch_stack() > 0
 
 
 #: seconds after which a build lock is taken as left by a killed build (a build takes ~20-60 s)
@@ -157,11 +210,16 @@ class Rows:
     """Edges grouped by a destination index (a CSR layout): ptr [D+1], order [E] (empty when already sorted)."""
 
     def __init__(self, index: torch.Tensor, n_rows: int):
+        self.n = n_rows
+        if tracing_plans():  # no data-dependent step: always an order (the identity for sorted edges), counts
+            self.order = torch.argsort(index, stable=True)  # by scatter_add (bincount's length depends on the data)
+            counts = torch.zeros(n_rows, dtype=torch.long).scatter_add_(0, index, torch.ones_like(index))
+            self.ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+            return
         sorted_ = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
         self.order = torch.empty(0, dtype=torch.long) if sorted_ else torch.argsort(index, stable=True)
         self.ptr = torch.zeros(n_rows + 1, dtype=torch.long)
         torch.cumsum(torch.bincount(index, minlength=n_rows), 0, out=self.ptr[1:])
-        self.n = n_rows
 
 
 class EdgePlan:
@@ -174,10 +232,11 @@ class EdgePlan:
     def __init__(self, center: torch.Tensor, neighbor: torch.Tensor, n_atoms: int):
         if center.shape != neighbor.shape or center.dim() != 1:
             raise ValueError(f"centres {tuple(center.shape)} and neighbours {tuple(neighbor.shape)}: two [E] tensors")
-        if center.numel() and int(torch.minimum(center.min(), neighbor.min())) < 0:
-            raise ValueError("negative edge index")
-        if center.numel() and int(torch.maximum(center.max(), neighbor.max())) >= n_atoms:
-            raise ValueError(f"edge index out of range for {n_atoms} atoms")
+        if not tracing_plans():  # symbolic sizes: no checks on values (the kernels check their indices when run)
+            if center.numel() and int(torch.minimum(center.min(), neighbor.min())) < 0:
+                raise ValueError("negative edge index")
+            if center.numel() and int(torch.maximum(center.max(), neighbor.max())) >= n_atoms:
+                raise ValueError(f"edge index out of range for {n_atoms} atoms")
         self.center, self.neighbor = center.contiguous(), neighbor.contiguous()
         self.by_center = Rows(self.center, n_atoms)
         self.by_neighbor = Rows(self.neighbor, n_atoms)
@@ -302,7 +361,7 @@ def applicable(*tensors: torch.Tensor) -> bool:
     return (
         all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
         and not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
+        and (torch._C._len_torch_dispatch_stack() == 0 or getattr(_tracing, "on", False))
         and not _transformed()
         and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0
         and available()

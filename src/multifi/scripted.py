@@ -1,0 +1,103 @@
+"""The calculator's eager model as a TorchScript graph: the same operators, without Python between them.
+
+An eager call of a small system (MD, relaxations) is hundreds of small operator calls, and Python's overhead
+between them outweighs their arithmetic. Here Potential.forward with forces (and stress) is traced once
+(make_fx at symbolic sizes; the fused kernels of nn/fused.py recorded as the eager model calls them) and run
+by TorchScript's interpreter with its graph optimisations off (they reorder floating-point operations and
+specialise to the first sizes seen): the same operators on the same values in the same order as the eager
+call, so the same numbers, bit for bit. A graph is used only after it reproduced the eager result of the
+structure it was traced on exactly. Tracing takes a few seconds, in memory (no compiler, no file); the
+graph calls the kernels loaded in this process. CPU only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+
+import torch
+
+from multifi.data.batch import Graph
+from multifi.models.potential import Potential
+
+log = logging.getLogger("multifi")
+
+MIN_SIZE = 2  # tracing specialises sizes 0 and 1: atoms, edges and three-body bonds below it run eagerly
+
+
+class ScriptedPotential:
+    """Potential.forward(graph, forces=True, stress=stress) of one structure as a TorchScript graph, traced on
+    `example` (a structure within the traced sizes: see `fits`). Raises when tracing fails or the graph does
+    not reproduce the eager result on `example` exactly."""
+
+    def __init__(self, potential: Potential, example: Graph, stress: bool):
+        from multifi.deploy import _scriptable
+        from multifi.nn import fused
+
+        self.potential, self.stress = potential, stress
+        fused.available()  # built (or found unavailable) before tracing
+        inputs = self._inputs(example)
+        with (
+            fused.traced_kernels(),
+            warnings.catch_warnings(),
+            torch.fx.experimental._config.patch(use_duck_shape=False),
+        ):
+            warnings.simplefilter("ignore")
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            traced = make_fx(self._function(example), tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
+        self._run = torch.jit.script(_scriptable(traced))
+        want, got = self._eager(example), self._call(inputs)
+        if not all(torch.equal(want[k], got[k]) for k in want):
+            raise RuntimeError("the traced graph does not reproduce the eager model's result exactly")
+
+    @staticmethod
+    def fits(potential: Potential, graph: Graph) -> bool:
+        """One structure with at least MIN_SIZE atoms, edges and (three-body models) bonds."""
+        return _inputs(potential, graph) is not None
+
+    def __call__(self, graph: Graph) -> dict[str, torch.Tensor] | None:
+        """{"energy": [1], "forces": [N, 3], "stress": [1, 3, 3] when traced with stress}, as the eager model;
+        None for a structure that does not fit (the caller runs the eager model)."""
+        inputs = _inputs(self.potential, graph)
+        return None if inputs is None else self._call(inputs)
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _inputs(self, graph: Graph) -> tuple:
+        inputs = _inputs(self.potential, graph)
+        if inputs is None:
+            raise ValueError(f"a structure of at least {MIN_SIZE} atoms, edges and three-body bonds is needed to trace")
+        return inputs
+
+    def _function(self, example: Graph):
+        potential, stress = self.potential, self.stress
+        names = ("numbers", "positions", "cell", "batch", "n_atoms", "edge_index", "shifts", "fidelity")
+
+        def forward(*tensors):
+            graph = dataclasses.replace(example, **dict(zip(names, tensors)))
+            geometry = tensors[len(names)] if len(tensors) > len(names) else None
+            out = potential(graph, forces=True, stress=stress, periodic=stress, geometry=geometry)
+            return (out["energy"], out["forces"]) + ((out["stress"],) if stress else ())
+
+        return forward
+
+    def _eager(self, graph: Graph) -> dict[str, torch.Tensor]:
+        return self.potential(graph, forces=True, stress=self.stress)
+
+    def _call(self, inputs: tuple) -> dict[str, torch.Tensor]:
+        with torch.jit.optimized_execution(False), torch.no_grad():
+            out = self._run(*inputs)
+        return dict(zip(("energy", "forces", "stress"), out))
+
+
+def _inputs(potential: Potential, graph: Graph) -> tuple | None:
+    """The traced function's arguments for one structure (graph tensors, then the representation's geometry),
+    or None when it has fewer than MIN_SIZE atoms, edges or three-body bonds."""
+    g = graph
+    geometry = potential.representation.geometry(g.edge_index, Potential.edge_vectors(g).detach())
+    extra = (geometry,) if isinstance(geometry, torch.Tensor) else ()
+    sizes = [g.numbers.shape[0], g.edge_index.shape[1], *(x.shape[0] for x in extra)]
+    if g.num_graphs != 1 or min(sizes) < MIN_SIZE:
+        return None
+    return (g.numbers, g.positions, g.cell, g.batch, g.n_atoms, g.edge_index, g.shifts, g.fidelity) + extra

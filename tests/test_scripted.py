@@ -1,0 +1,140 @@
+"""The calculator's scripted model (multifi.scripted): bit for bit the eager model's energy, forces and stress, on
+the fused kernels; when it is used (script=True, automatically after SCRIPT_AFTER_SECONDS, never with script=False);
+structures outside its sizes, per-atom energies and a failed build run eagerly."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from ase import Atoms, units
+from ase.build import bulk, molecule
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
+from conftest import tiny_m3gnet, tiny_painn_lo_hi
+
+import multifi
+from multifi import calculator as calculator_module
+from multifi import scripted
+from multifi.nn import fused
+
+
+def _trajectory(calc, atoms, steps: int = 6):
+    """Energies and forces along a short NVE run (positions depend on every earlier force, bit for bit)."""
+    atoms = atoms.copy()
+    atoms.calc = calc
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    out = []
+    md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    for _ in range(steps):
+        md.run(1)
+        out.append((atoms.get_potential_energy(), atoms.get_forces().copy()))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_painn_md_is_bit_for_bit_the_eager_run(dtype):
+    pot = tiny_painn_lo_hi()
+    atoms = molecule("CH3CH2OH")
+    fast = multifi.Calculator(pot, fidelity="hi", dtype=dtype, script=True)
+    slow = multifi.Calculator(pot, fidelity="hi", dtype=dtype, script=False)
+    got, want = _trajectory(fast, atoms), _trajectory(slow, atoms)
+    assert fast._scripted.get(False) and not slow._scripted  # the scripted model ran, only where asked for
+    for (e1, f1), (e2, f2) in zip(got, want):
+        assert e1 == e2 and np.array_equal(f1, f2)
+    assert np.abs(want[-1][1]).max() > 1e-3
+    fast.fidelity = slow.fidelity = "lo"  # the fidelity is an input of the graph, not baked in
+    atoms.calc = None
+    assert fast.get_potential_energy(atoms) == slow.get_potential_energy(atoms)
+
+
+def test_graph_holds_the_fused_kernels():
+    if not fused.available():
+        pytest.skip("fused kernels not built here")
+    pot = tiny_painn_lo_hi()
+    calc = multifi.Calculator(pot, fidelity="hi", script=True)
+    calc.get_forces(molecule("CH3CH2OH"))
+    assert "multifi_fused::segment_sum" in str(calc._scripted[False]._run.graph)
+
+
+def test_m3gnet_stress_and_sizes():
+    """A strained periodic cell with stress, a larger cell (other sizes, same graph), a pair without three-body
+    bonds (eager), all equal to the eager model's results exactly."""
+    pot = tiny_m3gnet()
+    cell = bulk("Si", "diamond", 5.43, cubic=True)
+    cell.rattle(0.05, seed=2)
+    cell.set_cell(cell.cell @ (np.eye(3) + [[0.01, 0.003, 0], [0.003, -0.01, 0], [0, 0, 0.004]]), scale_atoms=True)
+    bigger = cell.repeat((1, 1, 2))
+    bigger.rattle(0.02, seed=3)
+    far = Atoms("Si2", positions=[[0, 0, 0], [0, 0, 4.0]])  # within the cutoff, beyond the three-body cutoff
+    fast = multifi.Calculator(pot, fidelity="R2SCAN", dtype="float64", script=True)
+    slow = multifi.Calculator(pot, fidelity="R2SCAN", dtype="float64", script=False)
+    for atoms, props in (
+        (cell, ("energy", "forces", "stress")),
+        (bigger, ("energy", "forces", "stress")),
+        (far, ("energy", "forces")),
+    ):
+        for p in props:
+            assert np.array_equal(fast.get_property(p, atoms), slow.get_property(p, atoms)), p
+    assert np.abs(slow.get_property("stress", cell)).max() > 1e-5
+    assert fast._scripted.get(True)  # built with stress for the cell
+    assert not scripted.ScriptedPotential.fits(fast.potential, _graph(fast, far))
+
+
+def _graph(calc, atoms):
+    from multifi.data.batch import graph_from_atoms
+
+    return graph_from_atoms([atoms], calc.potential.cutoff, 0, dtype=calc.dtype)
+
+
+def test_automatic_after_the_eager_time(monkeypatch):
+    pot = tiny_painn_lo_hi()
+    atoms = molecule("CH3CH2OH")
+    calc = multifi.Calculator(pot, fidelity="hi")
+    assert calc.script is None
+    calc.get_forces(atoms)
+    assert not calc._scripted and calc._eager_seconds > 0  # one quick call: eager
+    monkeypatch.setattr(calculator_module, "SCRIPT_AFTER_SECONDS", calc._eager_seconds)
+    atoms.rattle(0.01, seed=1)
+    calc.get_forces(atoms)
+    assert calc._scripted.get(False)
+    never = multifi.Calculator(pot, fidelity="hi", script=False)
+    monkeypatch.setattr(calculator_module, "SCRIPT_AFTER_SECONDS", 0.0)
+    never.get_forces(atoms)
+    assert not never._scripted
+
+
+def test_per_atom_energies_and_lone_atoms_run_eagerly():
+    pot = tiny_painn_lo_hi()
+    fast = multifi.Calculator(pot, fidelity="hi", script=True)
+    slow = multifi.Calculator(pot, fidelity="hi", script=False)
+    atoms = molecule("CH3CH2OH")
+    assert np.array_equal(fast.get_property("energies", atoms), slow.get_property("energies", atoms))
+    assert not fast._scripted  # per-atom energies: the eager model
+    lone = Atoms("C", positions=[[0, 0, 0]])
+    assert fast.get_property("energy", lone) == slow.get_property("energy", lone)
+    assert not fast._scripted  # nothing to trace on
+
+
+def test_a_failed_build_is_said_once_and_the_eager_model_goes_on(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("an operator TorchScript cannot take")
+
+    monkeypatch.setattr(scripted.ScriptedPotential, "__init__", broken)
+    pot = tiny_painn_lo_hi()
+    fast = multifi.Calculator(pot, fidelity="hi", script=True)
+    slow = multifi.Calculator(pot, fidelity="hi", script=False)
+    atoms = molecule("CH3CH2OH")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        for k in range(3):
+            atoms.rattle(0.01, seed=k)
+            assert np.array_equal(fast.get_forces(atoms), slow.get_forces(atoms))
+    said = [r for r in caplog.records if "scripted model could not be built" in r.getMessage()]
+    assert len(said) == 1 and "TorchScript cannot take" in said[0].getMessage()
+    assert fast._scripted[False] is False
+
+
+def test_bad_script_argument():
+    with pytest.raises(multifi.MultifiError, match="script='yes'"):
+        multifi.Calculator(tiny_painn_lo_hi(), fidelity="hi", script="yes")
