@@ -47,10 +47,14 @@ class ScriptedPotential:
             from torch.fx.experimental.proxy_tensor import make_fx
 
             traced = make_fx(self._function(example), tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
-        self._run = torch.jit.script(_scriptable(traced))
-        want, got = self._eager(example), self._call(inputs)
-        if not all(torch.equal(want[k], got[k]) for k in want):
-            raise RuntimeError("the traced graph does not reproduce the eager model's result exactly")
+            script = torch.jit.script(_scriptable(traced)).eval()
+            frozen = torch.jit.freeze(script, optimize_numerics=False)  # operations on weights done once
+        want = self._eager(example)
+        for self._run in (frozen, script):  # the frozen graph unless it changed a number
+            got = self._call(inputs)
+            if all(torch.equal(want[k], got[k]) for k in want):
+                return
+        raise RuntimeError("the traced graph does not reproduce the eager model's result exactly")
 
     @staticmethod
     def fits(potential: Potential, graph: Graph) -> bool:

@@ -192,19 +192,40 @@ def outside_geometry(
     farther than REACH_FACTOR × the farthest any atom of its element had in training, EnergyHead.reach, or none
     within the cutoff; nearest [N] Å, inf without a neighbour). All False for a model that recorded neither."""
     contact, reach = potential.head.contact, potential.head.reach
-    numbers, i, j, d = (x.to(contact.device) for x in (numbers, i, j, d.double()))
-    limit = contact[numbers[i], numbers[j]]
+    out = _outside_geometry(
+        *(x.detach().cpu().numpy() for x in (contact, reach, numbers, i, j)), d.detach().double().cpu().numpy()
+    )
+    return tuple(torch.from_numpy(x).to(contact.device) for x in out)
+
+
+def _outside_geometry(contact, reach, numbers, i, j, d):
+    """outside_geometry on numpy arrays (a microsecond per operation where torch takes several on a small
+    molecule: the calculator checks every MD step)."""
+    zi, zj = numbers[i], numbers[j]
+    limit = contact[zi, zj]
     close = (limit > 0) & (d < CONTACT_FRACTION * limit)
     # a pair never within the cutoff in training (0) of two elements that each had neighbours there: 0 is
     # "unknown" for a model that recorded nothing, and for an element whose neighbours were never recorded
     with_neighbours = (contact > 0).any(1)
-    close |= (limit == 0) & with_neighbours[numbers[i]] & with_neighbours[numbers[j]]
-    nearest = torch.full((len(numbers),), float("inf"), dtype=torch.float64, device=contact.device)
-    if len(d):
-        nearest.scatter_reduce_(0, i, d, reduce="amin")
+    close |= (limit == 0) & with_neighbours[zi] & with_neighbours[zj]
+    nearest = np.full(len(numbers), np.inf)
+    np.minimum.at(nearest, i, d)
     far_limit = reach[numbers]
-    far = (far_limit > 0) & torch.isfinite(far_limit) & (nearest > REACH_FACTOR * far_limit)
+    far = (far_limit > 0) & np.isfinite(far_limit) & (nearest > REACH_FACTOR * far_limit)
     return close, far, nearest
+
+
+def _edge_lengths(graph) -> np.ndarray:
+    """[E] float64 Å: |r_j − r_i + shifts @ cell| of every edge (numpy: cheaper than torch's operators on the
+    small graphs of a calculator's MD step)."""
+    i, j = graph.edge_index.cpu().numpy()
+    pos = graph.positions.detach().cpu().numpy().astype(np.float64)
+    vec = pos[j] - pos[i]
+    shifts = graph.shifts.detach().cpu().numpy().astype(np.float64)
+    if shifts.any():  # periodic images
+        cell = graph.cell.detach().cpu().numpy().astype(np.float64)[graph.batch.cpu().numpy()[i]]  # [E, 3, 3]
+        vec += np.matmul(shifts[:, None, :], cell)[:, 0]
+    return np.sqrt((vec * vec).sum(1))
 
 
 def check_contacts(
@@ -217,8 +238,7 @@ def check_contacts(
     whether that list holds more than one structure (messages then name the structure; default: graph's)."""
     contact = potential.head.contact
     i, j = graph.edge_index
-    shift = torch.einsum("ea,eab->eb", graph.shifts.to(graph.cell.dtype), graph.cell[graph.batch[i]])
-    d = (graph.positions[j] - graph.positions[i] + shift).norm(dim=1).to(contact.device, torch.float64)
+    d = torch.from_numpy(_edge_lengths(graph)).to(contact.device)
     close, far, nearest = outside_geometry(potential, graph.numbers, i, j, d)
     _warn_far(potential, graph, far, nearest, where, first, seen, several)
     if not bool(close.any()):
