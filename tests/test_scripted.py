@@ -1,6 +1,6 @@
 """The calculator's scripted model (multifi.scripted): bit for bit the eager model's energy, forces and stress, on
-the fused kernels; when it is used (script=True, automatically after SCRIPT_AFTER_SECONDS, never with script=False);
-structures outside its sizes, per-atom energies and a failed build run eagerly."""
+the fused kernels, at any sizes; when it is used (script=True, automatically after enough eager calls, never with
+script=False); structures outside its sizes, per-atom energies, a failed build or call run eagerly."""
 
 from __future__ import annotations
 
@@ -88,21 +88,81 @@ def _graph(calc, atoms):
     return graph_from_atoms([atoms], calc.potential.cutoff, 0, dtype=calc.dtype)
 
 
-def test_automatic_after_the_eager_time(monkeypatch):
+def test_automatic_after_enough_eager_calls(monkeypatch):
+    """script=None: eager until SCRIPT_AFTER_CALLS calls after the first took SCRIPT_AFTER_SECONDS together, then
+    built on the call that passes both (its eager result the reference); script=False: never."""
+    monkeypatch.setattr(calculator_module, "SCRIPT_AFTER_CALLS", 2)
+    monkeypatch.setattr(calculator_module, "SCRIPT_AFTER_SECONDS", 0.0)
     pot = tiny_painn_lo_hi()
     atoms = molecule("CH3CH2OH")
     calc = multifi.Calculator(pot, fidelity="hi")
-    assert calc.script is None
-    calc.get_forces(atoms)
-    assert not calc._scripted and calc._eager_seconds > 0  # one quick call: eager
-    monkeypatch.setattr(calculator_module, "SCRIPT_AFTER_SECONDS", calc._eager_seconds)
-    atoms.rattle(0.01, seed=1)
-    calc.get_forces(atoms)
-    assert calc._scripted.get(False)
     never = multifi.Calculator(pot, fidelity="hi", script=False)
-    monkeypatch.setattr(calculator_module, "SCRIPT_AFTER_SECONDS", 0.0)
-    never.get_forces(atoms)
-    assert not never._scripted
+    assert calc.script is None
+    for k in range(4):
+        atoms.rattle(0.01, seed=k)
+        assert np.array_equal(calc.get_forces(atoms), never.get_forces(atoms))
+        assert bool(calc._scripted) == (k >= 2), k  # the first call not counted, built on the third
+    assert calc._eager_calls == 2 and not never._scripted
+    monkeypatch.setattr(calculator_module, "SCRIPT_AFTER_SECONDS", 1e9)  # calls alone are not enough
+    slow = multifi.Calculator(pot, fidelity="hi")
+    for k in range(4):
+        atoms.rattle(0.01, seed=k)
+        slow.get_forces(atoms)
+    assert not slow._scripted
+
+
+def test_sizes_vary_between_calls():
+    """One graph for molecules of other atom and edge counts (traced at symbolic sizes), equal to eager."""
+    pot = tiny_painn_lo_hi()
+    fast = multifi.Calculator(pot, fidelity="lo", script=True)
+    slow = multifi.Calculator(pot, fidelity="lo", script=False)
+    for name in ("CH3CH2OH", "CH4", "C6H6", "CH3COOH", "H2O"):
+        atoms = molecule(name)
+        atoms.rattle(0.02, seed=1)
+        assert fast.get_potential_energy(atoms) == slow.get_potential_energy(atoms), name
+        assert np.array_equal(fast.get_forces(atoms), slow.get_forces(atoms)), name
+    assert fast._scripted.get(False)
+
+
+def test_m3gnet_float32():
+    pot = tiny_m3gnet()
+    cell = bulk("Si", "diamond", 5.43, cubic=True)
+    cell.rattle(0.05, seed=4)
+    fast = multifi.Calculator(pot, fidelity="PBE", dtype="float32", script=True)
+    slow = multifi.Calculator(pot, fidelity="PBE", dtype="float32", script=False)
+    for k in range(2):
+        cell.rattle(0.01, seed=k)
+        for p in ("energy", "forces", "stress"):
+            assert np.array_equal(fast.get_property(p, cell), slow.get_property(p, cell)), p
+    assert fast._scripted.get(True)
+
+
+def test_without_the_kernels(monkeypatch):
+    """Kernels unavailable (MULTIFI_FUSED=0, no compiler): eager and traced graph both on torch's operators."""
+    monkeypatch.setattr(fused, "_state", {"ok": False, "error": "MULTIFI_FUSED=0"})
+    pot = tiny_painn_lo_hi()
+    fast = multifi.Calculator(pot, fidelity="hi", script=True)
+    slow = multifi.Calculator(pot, fidelity="hi", script=False)
+    atoms = molecule("CH3CH2OH")
+    for k in range(2):
+        atoms.rattle(0.01, seed=k)
+        assert np.array_equal(fast.get_forces(atoms), slow.get_forces(atoms))
+    assert "multifi_fused" not in str(fast._scripted[False]._run.graph)
+
+
+def test_pickled_calculator_builds_again():
+    import pickle
+
+    pot = tiny_painn_lo_hi()
+    calc = multifi.Calculator(pot, fidelity="hi", script=True)
+    atoms = molecule("CH3CH2OH")
+    forces = calc.get_forces(atoms)
+    assert calc._scripted.get(False)
+    copy = pickle.loads(pickle.dumps(calc))
+    assert copy._scripted == {}
+    atoms.rattle(0.01, seed=0)
+    assert np.array_equal(copy.get_forces(atoms), calc.get_forces(atoms))
+    assert np.abs(forces).max() > 0
 
 
 def test_per_atom_energies_and_lone_atoms_run_eagerly():
@@ -117,20 +177,23 @@ def test_per_atom_energies_and_lone_atoms_run_eagerly():
     assert not fast._scripted  # nothing to trace on
 
 
-def test_a_failed_build_is_said_once_and_the_eager_model_goes_on(monkeypatch, caplog):
+@pytest.mark.parametrize("where", ["__init__", "__call__"])
+def test_a_failure_is_said_once_and_the_eager_model_goes_on(monkeypatch, caplog, where):
+    """Building or running the scripted model fails: one warning (script=True asked for it), eager results."""
+
     def broken(*args, **kwargs):
         raise RuntimeError("an operator TorchScript cannot take")
 
-    monkeypatch.setattr(scripted.ScriptedPotential, "__init__", broken)
     pot = tiny_painn_lo_hi()
     fast = multifi.Calculator(pot, fidelity="hi", script=True)
     slow = multifi.Calculator(pot, fidelity="hi", script=False)
+    monkeypatch.setattr(scripted.ScriptedPotential, where, broken)
     atoms = molecule("CH3CH2OH")
     with caplog.at_level(logging.WARNING, logger="multifi"):
         for k in range(3):
             atoms.rattle(0.01, seed=k)
             assert np.array_equal(fast.get_forces(atoms), slow.get_forces(atoms))
-    said = [r for r in caplog.records if "scripted model could not be built" in r.getMessage()]
+    said = [r for r in caplog.records if "scripted model" in r.getMessage()]
     assert len(said) == 1 and "TorchScript cannot take" in said[0].getMessage()
     assert fast._scripted[False] is False
 

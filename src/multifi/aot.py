@@ -65,38 +65,6 @@ class AotModel:
         return atom_energy, forces, virial
 
 
-class ScriptedModel:
-    """The potential's energy, forces and virial traced once (make_fx, symbolic sizes) into TorchScript, with the
-    fused kernels (nn/fused.py) in the graph as the eager model runs them: the same operators in the same order,
-    without Python between them. Built in seconds in memory (no C++ compiler, no cache); valid in this process
-    only (the graph calls the kernels loaded here). Same interface as AotModel."""
-
-    def __init__(self, potential, dtype: torch.dtype):
-        from multifi.deploy import _scriptable
-        from multifi.nn import fused
-
-        potential = copy.deepcopy(potential).to(dtype).eval()
-        potential.use_compile = False
-        for p in potential.parameters():
-            p.requires_grad_(False)
-        self.dtype = dtype
-        self.threebody = float(getattr(potential.representation, "threebody_cutoff", 0.0) or 0.0)
-        fused.available()  # built (or found unavailable) before tracing
-        with fused.traced_kernels():
-            traced = _trace(EnergyForcesVirial(potential, 0), self.threebody, dtype)
-        self._run = torch.jit.script(_scriptable(traced))
-
-    def __call__(self, numbers, positions, edge_index, shift_vec, fidelity: int):
-        """(atom energies, forces, virial), or None for a structure outside the traced sizes."""
-        if numbers.shape[0] < MIN_SIZE or edge_index.shape[1] < MIN_SIZE:
-            return None
-        fid = torch.full_like(numbers, fidelity)
-        args = _inputs(numbers, positions.to(self.dtype), edge_index, shift_vec.to(self.dtype), fid, self.threebody)
-        if self.threebody > 0 and args[-1].shape[0] < MIN_SIZE:
-            return None
-        return tuple(self._run(*args))
-
-
 def _inputs(numbers, positions, edge_index, shift_vec, fid, threebody: float) -> tuple:
     """The exported function's arguments: (species, positions, edges, shift vectors, atom weights, atom
     fidelities[, ids of the bonds within the three-body cutoff])."""

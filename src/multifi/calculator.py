@@ -39,8 +39,10 @@ ARGUMENTS = (
 )
 
 
-#: seconds of eager model calls after which a calculator with script=None builds its scripted model (building
-#: takes ~2-4 s: an MD run or a long relaxation pays it back many times, a few single points never pay it)
+#: a calculator with script=None builds its scripted model after this many eager calls (the first not counted)
+#: that took SCRIPT_AFTER_SECONDS together (building takes ~2-4 s: an MD run or a long relaxation pays it back
+#: many times, a few single points never pay it)
+SCRIPT_AFTER_CALLS = 10
 SCRIPT_AFTER_SECONDS = 3.0
 
 
@@ -64,10 +66,12 @@ class Calculator(AseCalculator):
     systems, with no Python between operators. Structures below 2 atoms or 2 edges, and devices other
     than the CPU, run eagerly, and so do calls for per-atom energies.
     script: run energy, forces and stress as a TorchScript graph of the same operators (multifi.scripted: no Python
-    between them, the same numbers bit for bit, checked when built; small systems ~1.3-2× faster). True: built at
-    the first call (a few seconds); None (default): built once this calculator's eager calls have taken
-    SCRIPT_AFTER_SECONDS, so MD and long relaxations get it and a few single points never pay for it; False: never.
-    Not with aot, compile, per-atom energies or devices other than the CPU.
+    between them, the same numbers bit for bit, checked when built; an 18-atom molecule's MD ~2× faster, larger
+    systems less). True: built at the first call (a few seconds); None (default): built once this calculator has
+    made SCRIPT_AFTER_CALLS eager calls after its first, taking SCRIPT_AFTER_SECONDS together, so MD and long
+    relaxations get it and a few single points never pay for it; False: never. Not with aot, compile, per-atom
+    energies or devices other than the CPU; a structure it cannot take (fewer than 2 atoms, edges or three-body
+    bonds) runs eagerly.
     Per-atom energies (`atoms.get_potential_energies()`, eV): the model's partition of the energy (they sum to
     it); no observable, but what LAMMPS' pe/atom shows.
     An element the model never saw is an error; an element whose reference energy at the fidelity was
@@ -131,8 +135,9 @@ class Calculator(AseCalculator):
         if script not in (None, True, False):
             raise MultifiError(f"Calculator: script={script!r}: use True, False or None (automatic)")
         self.script = script
-        self._scripted: dict = {}  # stress wanted → ScriptedPotential, or False once building it failed
-        self._eager_seconds = 0.0  # time spent in eager model calls (the automatic choice of `script`)
+        self._scripted: dict = {}  # stress wanted → ScriptedPotential, or False once building or running it failed
+        self._eager_calls, self._eager_seconds = 0, 0.0  # eager model calls after the first (automatic `script`)
+        self._first_eager_done = False  # the first call may build or load the kernels: not counted
         self._warned: set = set()
         self._checked: tuple | None = None  # (fidelity index, atomic numbers) last checked
         self._where = "Calculator" if isinstance(checkpoint, torch.nn.Module) else str(checkpoint)  # errors name it
@@ -234,12 +239,15 @@ class Calculator(AseCalculator):
         per_atom = "energies" in properties  # atoms.get_potential_energies(): the eager model gives them
         aot = self.aot and not per_atom and self.device.type == "cpu"
         out = self._aot_outputs(graph, want_stress) if aot else None
-        if out is None and not aot and not per_atom and self._script_now():
+        scriptable = not aot and not per_atom and self._scriptable()
+        if out is None and scriptable:
             out = self._scripted_outputs(graph, want_stress)
         if out is None:  # eager, or a structure outside the compiled or traced sizes
             start = time.perf_counter()
             out = self.potential(graph, forces=True, stress=want_stress, atom_energies=per_atom)
-            self._eager_seconds += time.perf_counter() - start
+            self._count_eager(time.perf_counter() - start)
+            if scriptable and want_stress not in self._scripted and self._script_due():
+                self._build_scripted(graph, want_stress, out)
         energy = float(out["energy"].item())
         self.results = {
             "energy": energy,
@@ -264,34 +272,59 @@ class Calculator(AseCalculator):
         """Warn once per fidelity when no training structure of it had a stress label (check_stress_trained)."""
         check_stress_trained(self.potential, self._index, seen=self._warned)
 
-    def _script_now(self) -> bool:
-        """Whether calls go through the scripted model (see `script`)."""
-        if self.script is False or self.device.type != "cpu" or self.potential.use_compile:
-            return False
-        return self.script is True or self._eager_seconds >= SCRIPT_AFTER_SECONDS
+    def _scriptable(self) -> bool:
+        return self.script is not False and self.device.type == "cpu" and not self.potential.use_compile
 
-    def _scripted_outputs(self, graph, want_stress: bool) -> dict[str, torch.Tensor] | None:
-        """Energy, forces (and stress) from the scripted model, built on the first structure that fits; None for a
-        structure outside its sizes, or when it could not be built (said once; the eager model goes on)."""
+    def _count_eager(self, seconds: float) -> None:
+        """Count an eager call; the first (it may build or load the kernels) is left out."""
+        if self._first_eager_done:
+            self._eager_calls += 1
+            self._eager_seconds += seconds
+        self._first_eager_done = True
+
+    def _script_due(self) -> bool:
+        """script=True, or (None) SCRIPT_AFTER_CALLS eager calls after the first taking SCRIPT_AFTER_SECONDS."""
+        if self.script is True:
+            return True
+        return self._eager_calls >= SCRIPT_AFTER_CALLS and self._eager_seconds >= SCRIPT_AFTER_SECONDS
+
+    def _build_scripted(self, graph, want_stress: bool, eager: dict) -> None:
+        """Trace the scripted model on this structure, whose eager result `eager` it must reproduce; said once
+        and never tried again for this kind of call (with or without stress) when it cannot be built."""
         from multifi.scripted import ScriptedPotential
 
+        if not ScriptedPotential.fits(self.potential, graph):
+            return  # a structure too small to trace on: the next one
+        log.info("Calculator: building the scripted model (a few seconds; the same numbers, faster calls)")
+        try:
+            self._scripted[want_stress] = ScriptedPotential(self.potential, graph, want_stress, reference=eager)
+        except Exception as exc:  # an operator TorchScript cannot take, a result not reproduced exactly …
+            self._script_failed(want_stress, "could not be built", exc)
+
+    def _scripted_outputs(self, graph, want_stress: bool) -> dict[str, torch.Tensor] | None:
+        """Energy, forces (and stress) from the scripted model; None when there is none (yet), for a structure outside
+        its sizes, and after it failed (said once; the eager model goes on)."""
         model = self._scripted.get(want_stress)
-        if model is False:
+        if not model:
             return None
-        if model is None:
-            if not ScriptedPotential.fits(self.potential, graph):
-                return None
-            try:
-                model = ScriptedPotential(self.potential, graph, want_stress)
-            except Exception as exc:  # an operator TorchScript cannot take, a result not reproduced exactly …
-                first = " ".join(str(exc).split())[:200]
-                (log.warning if self.script else log.info)(
-                    "Calculator: the scripted model could not be built (%s); the eager model goes on", first
-                )
-                self._scripted[want_stress] = False
-                return None
-            self._scripted[want_stress] = model
-        return model(graph)
+        try:
+            return model(graph)
+        except Exception as exc:
+            self._script_failed(want_stress, "failed", exc)
+            return None
+
+    def _script_failed(self, want_stress: bool, what: str, exc: Exception) -> None:
+        first = " ".join(str(exc).split())[:200]
+        (log.warning if self.script else log.info)(
+            "Calculator: the scripted model %s (%s); the eager model goes on", what, first
+        )
+        self._scripted[want_stress] = False
+
+    def __getstate__(self) -> dict:
+        """Pickled without the scripted and compiled models (built again when due)."""
+        state = self.__dict__.copy()
+        state["_scripted"], state["_aot_model"] = {}, None
+        return state
 
     def _aot_outputs(self, graph, want_stress: bool) -> dict[str, torch.Tensor] | None:
         """Energy, forces and stress [1,3,3] (GPa, as Potential gives it) from the ahead-of-time compiled model;

@@ -7,7 +7,8 @@ by TorchScript's interpreter with its graph optimisations off (they reorder floa
 specialise to the first sizes seen): the same operators on the same values in the same order as the eager
 call, so the same numbers, bit for bit. A graph is used only after it reproduced the eager result of the
 structure it was traced on exactly. Tracing takes a few seconds, in memory (no compiler, no file); the
-graph calls the kernels loaded in this process. CPU only.
+graph calls the kernels loaded in this process. CPU only. (TorchScript is in maintenance in torch 2.x; it is
+also what `multifi deploy` writes for LAMMPS.)
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class ScriptedPotential:
     `example` (a structure within the traced sizes: see `fits`). Raises when tracing fails or the graph does
     not reproduce the eager result on `example` exactly."""
 
-    def __init__(self, potential: Potential, example: Graph, stress: bool):
+    def __init__(self, potential: Potential, example: Graph, stress: bool, reference: dict | None = None):
+        """reference: the eager model's result for `example` (Potential.forward with forces and `stress`), if at
+        hand (computed here otherwise)."""
         from multifi.deploy import _scriptable
         from multifi.nn import fused
 
@@ -49,10 +52,10 @@ class ScriptedPotential:
             traced = make_fx(self._function(example), tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
             script = torch.jit.script(_scriptable(traced)).eval()
             frozen = torch.jit.freeze(script, optimize_numerics=False)  # operations on weights done once
-        want = self._eager(example)
+        want = self._eager(example) if reference is None else reference
         for self._run in (frozen, script):  # the frozen graph unless it changed a number
             got = self._call(inputs)
-            if all(torch.equal(want[k], got[k]) for k in want):
+            if all(torch.equal(want[k], got[k]) for k in got):
                 return
         raise RuntimeError("the traced graph does not reproduce the eager model's result exactly")
 

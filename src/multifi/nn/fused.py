@@ -59,7 +59,11 @@ def _build() -> None:
         log.info("compiling the fused message kernels (once per machine and torch version, ~20 s)")
     # -ffp-contract=off: no fused multiply-adds, so sums round exactly as torch's separate product and index_add
     load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
-    _register_fakes()
+    try:
+        _register_fakes()
+        _state["fakes"] = True
+    except Exception as err:  # only tracing with the kernels (multifi.scripted) is lost: eager calls keep them
+        log.info("the fused kernels cannot be traced (%s); traced graphs use torch's operators", _reason(err))
     with torch.inference_mode(False), torch.enable_grad():  # whatever mode the first forward runs in
         _self_test()
 
@@ -100,9 +104,10 @@ _tracing = threading.local()
 
 @contextlib.contextmanager
 def traced_kernels():
-    """Inside, make_fx tracing records the kernels (torch.ops.multifi_fused.*) instead of torch's operators: for a
-    graph that runs in this process (multifi.aot.ScriptedModel), never for a file that must load without multifi
-    (deploy, AOTInductor packages). Edge plans are then built without data-dependent steps (`tracing_plans`)."""
+    """Inside, make_fx tracing records the kernels (torch.ops.multifi_fused.*) as the eager model calls them: for a
+    graph that runs in this process (multifi.scripted), never for a file that must load without multifi (deploy,
+    AOTInductor packages). Edge plans are then built without data-dependent steps (`tracing_plans`). Without the
+    kernels' shape functions (`_state["fakes"]`), tracing keeps torch's own operators."""
     before = getattr(_tracing, "on", False)
     _tracing.on = True
     try:
@@ -356,12 +361,12 @@ def gather_mul_scatter(
 
 def applicable(*tensors: torch.Tensor) -> bool:
     """CPU float32/float64 tensors outside torch.compile and make_fx tracing (deploy, aot: their graphs hold
-    torch's own operators), outside forward-mode AD (torch.autograd.forward_ad: the kernels' functions have no
-    jvp), and the kernels available."""
+    torch's own operators; inside `traced_kernels` tracing records the kernels), outside forward-mode AD
+    (torch.autograd.forward_ad: the kernels' functions have no jvp), and the kernels available."""
     return (
         all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
         and not torch.compiler.is_compiling()
-        and (torch._C._len_torch_dispatch_stack() == 0 or getattr(_tracing, "on", False))
+        and (torch._C._len_torch_dispatch_stack() == 0 or (getattr(_tracing, "on", False) and "fakes" in _state))
         and not _transformed()
         and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0
         and available()
