@@ -29,6 +29,7 @@ LAYERS = [
         "multifi.predict",
         "multifi.calculator",
         "multifi.aot",
+        "multifi.scripted",
         "multifi.deploy",
         "multifi.card",
         "multifi.plots",

@@ -33,6 +33,7 @@ from multifi.data.cells import complete_cells
 from multifi.errors import MultifiError
 from multifi.models.m3gnet import threebody_bonds
 from multifi.models.response import EnergyForcesVirial
+from multifi.scripted import scriptable
 
 log = logging.getLogger("multifi")
 META_FILE = "multifi.json"
@@ -166,19 +167,8 @@ def _script(
     from torch.fx.experimental.proxy_tensor import make_fx
 
     traced = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
-    scripted_core = torch.jit.script(_scriptable(traced))
+    scripted_core = torch.jit.script(scriptable(traced))
     return torch.jit.script(Deployed(scripted_core, cutoff, threebody, dtype, interactions, known))
-
-
-def _scriptable(gm):
-    """make_fx graphs call overloads (aten.select.int) and sym_size; TorchScript wants the packets."""
-    gm.graph.eliminate_dead_code()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            sym_size = node.target is torch.ops.aten.sym_size.int
-            node.target = torch.ops.aten.size if sym_size else node.target.overloadpacket
-    gm.recompile()
-    return gm
 
 
 def metadata(potential, fidelity: str, dtype: torch.dtype) -> dict:

@@ -35,7 +35,6 @@ class ScriptedPotential:
     def __init__(self, potential: Potential, example: Graph, stress: bool, reference: dict | None = None):
         """reference: the eager model's result for `example` (Potential.forward with forces and `stress`), if at
         hand (computed here otherwise)."""
-        from multifi.deploy import _scriptable
         from multifi.nn import fused
 
         self.potential, self.stress = potential, stress
@@ -50,7 +49,7 @@ class ScriptedPotential:
             from torch.fx.experimental.proxy_tensor import make_fx
 
             traced = make_fx(self._function(example), tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
-            script = torch.jit.script(_scriptable(traced)).eval()
+            script = torch.jit.script(scriptable(traced)).eval()
             frozen = torch.jit.freeze(script, optimize_numerics=False)  # operations on weights done once
         want = self._eager(example) if reference is None else reference
         for self._run in (frozen, script):  # the frozen graph unless it changed a number
@@ -108,3 +107,14 @@ def _inputs(potential: Potential, graph: Graph) -> tuple | None:
     if g.num_graphs != 1 or min(sizes) < MIN_SIZE:
         return None
     return (g.numbers, g.positions, g.cell, g.batch, g.n_atoms, g.edge_index, g.shifts, g.fidelity) + extra
+
+
+def scriptable(gm):
+    """make_fx graphs call overloads (aten.select.int) and sym_size; TorchScript wants the packets."""
+    gm.graph.eliminate_dead_code()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            sym_size = node.target is torch.ops.aten.sym_size.int
+            node.target = torch.ops.aten.size if sym_size else node.target.overloadpacket
+    gm.recompile()
+    return gm
