@@ -7,7 +7,9 @@ and 6 copies of it 8 Å apart; M3GNet 64×3 (PBE solids) on the harness's rattle
 its 128-atom double. Per structure: Potential.forward(graph, forces=True[, stress]) eagerly and through the scripted
 graph, interleaved call by call (median ms of each), and whether every output is bit for bit the same. Then whole
 ASE calculator calls (neighbour list, checks, model) on the 18-atom molecule, script=False against script=True,
-interleaved, and the time of the calculator's geometry check (check_contacts) in such a call.
+interleaved, and the time of the calculator's geometry check (check_contacts) in such a call. Last, whole NVE runs
+of --md-steps steps (VelocityVerlet, 0.5 fs) of that molecule with the default calculator (script=None: eager, then
+the scripted model once due) and with script=False: wall time of each and the step at which the default switched.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def frozen(potential, dtype=torch.float32):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--md-steps", type=int, default=2000)
     args = ap.parse_args()
     torch.set_num_threads(1)
     import ase.io
@@ -117,6 +120,22 @@ def main() -> None:
     seen: set = set()
     check, _ = interleaved(lambda: check_contacts(painn, g, seen=seen), lambda: None, 3 * args.calls)
     print(f"check_contacts of that molecule: {1e3 * check:.0f} us")
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    for script in (None, False):
+        atoms = molecule.copy()
+        atoms.calc = calc = Calculator(painn, fidelity=fidelity, script=script)
+        MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+        md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+        switched = []
+        md.attach(lambda calc=calc, switched=switched: switched.append(bool(calc._scripted)))
+        t = time.perf_counter()
+        md.run(args.md_steps)
+        seconds = time.perf_counter() - t
+        at = switched.index(True) if True in switched else None
+        print(f"{args.md_steps} MD steps, script={script}: {seconds:.1f} s; scripted from step {at}")
 
 
 if __name__ == "__main__":
