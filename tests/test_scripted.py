@@ -198,6 +198,7 @@ def test_a_failure_is_said_once_and_the_eager_model_goes_on(monkeypatch, caplog,
     assert fast._scripted[False] is False
 
 
-def test_bad_script_argument():
-    with pytest.raises(multifi.MultifiError, match="script='yes'"):
-        multifi.Calculator(tiny_painn_lo_hi(), fidelity="hi", script="yes")
+@pytest.mark.parametrize("bad", ["yes", 0, 1, 0.0])
+def test_bad_script_argument(bad):
+    with pytest.raises(multifi.MultifiError, match=f"script={bad!r}"):
+        multifi.Calculator(tiny_painn_lo_hi(), fidelity="hi", script=bad)

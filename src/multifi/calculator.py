@@ -132,9 +132,9 @@ class Calculator(AseCalculator):
         self.strict_references = strict_references
         self.aot = aot
         self._aot_model = None  # AotModel, built when first used
-        if script not in (None, True, False):
+        if script is not None and not isinstance(script, (bool, np.bool_)):  # 0 and 1 too: not silently automatic
             raise MultifiError(f"Calculator: script={script!r}: use True, False or None (automatic)")
-        self.script = script
+        self.script = None if script is None else bool(script)
         self._scripted: dict = {}  # stress wanted → ScriptedPotential, or False once building or running it failed
         self._eager_calls, self._eager_seconds = 0, 0.0  # eager model calls after the first (automatic `script`)
         self._first_eager_done = False  # the first call may build or load the kernels: not counted
