@@ -202,3 +202,47 @@ def test_a_failure_is_said_once_and_the_eager_model_goes_on(monkeypatch, caplog,
 def test_bad_script_argument(bad):
     with pytest.raises(multifi.MultifiError, match=f"script={bad!r}"):
         multifi.Calculator(tiny_painn_lo_hi(), fidelity="hi", script=bad)
+
+
+def test_changed_weights_rebuild_the_graph():
+    """The frozen graph holds the weights as constants: after calc.potential.load_state_dict the calculator builds it
+    again (same numbers as an eager calculator with the new weights); unchanged weights keep the one graph."""
+    pot = tiny_painn_lo_hi()
+    fast = multifi.Calculator(pot, fidelity="hi", script=True)
+    slow = multifi.Calculator(pot, fidelity="hi", script=False)
+    atoms = molecule("CH3CH2OH")
+    fast.get_forces(atoms)
+    first = fast._scripted[False]
+    for k in range(3):
+        atoms.rattle(0.01, seed=k)
+        fast.get_forces(atoms)
+    assert fast._scripted[False] is first  # MD steps do not touch the weights
+    state = {k: v + 0.01 for k, v in fast.potential.state_dict().items() if v.is_floating_point()}
+    for calc in (fast, slow):
+        calc.potential.load_state_dict(state, strict=False)
+        calc.reset()
+    atoms.rattle(0.01, seed=9)
+    assert fast.get_potential_energy(atoms) == slow.get_potential_energy(atoms)
+    atoms.rattle(0.01, seed=10)
+    assert np.array_equal(fast.get_forces(atoms), slow.get_forces(atoms))
+    assert fast._scripted[False] is not first and fast._scripted[False].current()
+
+
+def test_one_build_at_a_time_in_threads():
+    """Two calculators building in two threads: both graphs built (make_fx's state is global: a lock)."""
+    import threading
+
+    pot = tiny_painn_lo_hi()
+    calcs = [multifi.Calculator(pot, fidelity="hi", script=True) for _ in range(2)]
+    results = [None, None]
+
+    def run(k):
+        results[k] = calcs[k].get_forces(molecule("CH3CH2OH"))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(c._scripted.get(False) for c in calcs)
+    assert np.array_equal(results[0], results[1])

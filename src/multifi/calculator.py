@@ -71,7 +71,9 @@ class Calculator(AseCalculator):
     made SCRIPT_AFTER_CALLS eager calls after its first, taking SCRIPT_AFTER_SECONDS together, so MD and long
     relaxations get it and a few single points never pay for it; False: never. Not with aot, compile, per-atom
     energies or devices other than the CPU; a structure it cannot take (fewer than 2 atoms, edges or three-body
-    bonds) runs eagerly.
+    bonds) runs eagerly. Calls with and without stress have a graph each; changed weights (load_state_dict on
+    calc.potential) are noticed and the graph built again; builds hold Python's interpreter lock for their
+    seconds (other threads of the process wait).
     Per-atom energies (`atoms.get_potential_energies()`, eV): the model's partition of the energy (they sum to
     it); no observable, but what LAMMPS' pe/atom shows.
     An element the model never saw is an error; an element whose reference energy at the fidelity was
@@ -135,6 +137,8 @@ class Calculator(AseCalculator):
         if script is not None and not isinstance(script, (bool, np.bool_)):  # 0 and 1 too: not silently automatic
             raise MultifiError(f"Calculator: script={script!r}: use True, False or None (automatic)")
         self.script = None if script is None else bool(script)
+        if self.script and (aot or self.potential.use_compile or self.device.type != "cpu"):
+            log.warning("Calculator: script=True has no effect with aot, compile or a device other than the CPU")
         self._scripted: dict = {}  # stress wanted → ScriptedPotential, or False once building or running it failed
         self._eager_calls, self._eager_seconds = 0, 0.0  # eager model calls after the first (automatic `script`)
         self._first_eager_done = False  # the first call may build or load the kernels: not counted
@@ -306,6 +310,10 @@ class Calculator(AseCalculator):
         its sizes, and after it failed (said once; the eager model goes on)."""
         model = self._scripted.get(want_stress)
         if not model:
+            return None
+        if not model.current():  # calc.potential's weights changed since it was built: built again when due
+            log.info("Calculator: the model's weights changed; the scripted model is built again")
+            del self._scripted[want_stress]
             return None
         try:
             return model(graph)

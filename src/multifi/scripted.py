@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import warnings
 
 import torch
@@ -25,6 +26,7 @@ from multifi.models.potential import Potential
 log = logging.getLogger("multifi")
 
 MIN_SIZE = 2  # tracing specialises sizes 0 and 1: atoms, edges and three-body bonds below it run eagerly
+_BUILDING = threading.Lock()  # make_fx's tracing state is global: one build at a time in a process
 
 
 class ScriptedPotential:
@@ -40,7 +42,9 @@ class ScriptedPotential:
         self.potential, self.stress = potential, stress
         fused.available()  # built (or found unavailable) before tracing
         inputs = self._inputs(example)
+        self._weights = weights_version(potential)
         with (
+            _BUILDING,
             fused.traced_kernels(),
             warnings.catch_warnings(),
             torch.fx.experimental._config.patch(use_duck_shape=False),
@@ -57,6 +61,11 @@ class ScriptedPotential:
             if all(torch.equal(want[k], got[k]) for k in got):
                 return
         raise RuntimeError("the traced graph does not reproduce the eager model's result exactly")
+
+    def current(self) -> bool:
+        """Whether the potential's weights and buffers are still those the graph was built with (the frozen graph
+        holds them as constants: a later load_state_dict or in-place change makes it stale)."""
+        return weights_version(self.potential) == self._weights
 
     @staticmethod
     def fits(potential: Potential, graph: Graph) -> bool:
@@ -95,6 +104,11 @@ class ScriptedPotential:
         with torch.jit.optimized_execution(False), torch.no_grad():
             out = self._run(*inputs)
         return dict(zip(("energy", "forces", "stress"), out))
+
+
+def weights_version(module: torch.nn.Module) -> tuple:
+    """Identity and in-place version of every parameter and buffer: changes when any is replaced or modified."""
+    return tuple((id(t), t._version) for t in (*module.parameters(), *module.buffers()))
 
 
 def _inputs(potential: Potential, graph: Graph) -> tuple | None:
