@@ -121,13 +121,13 @@ def main() -> None:
     check, _ = interleaved(lambda: check_contacts(painn, g, seen=seen), lambda: None, 3 * args.calls)
     print(f"check_contacts of that molecule: {1e3 * check:.0f} us")
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.velocitydistribution import thermalize_momenta
     from ase.md.verlet import VelocityVerlet
 
     for script in (None, False):
         atoms = molecule.copy()
         atoms.calc = calc = Calculator(painn, fidelity=fidelity, script=script)
-        MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+        thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
         md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
         switched = []
         md.attach(lambda calc=calc, switched=switched: switched.append(bool(calc._scripted)))

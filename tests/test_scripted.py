@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from ase import Atoms, units
 from ase.build import bulk, molecule
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 from conftest import tiny_m3gnet, tiny_painn_lo_hi
 
@@ -24,7 +24,7 @@ def _trajectory(calc, atoms, steps: int = 6):
     """Energies and forces along a short NVE run (positions depend on every earlier force, bit for bit)."""
     atoms = atoms.copy()
     atoms.calc = calc
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
     out = []
     md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
     for _ in range(steps):
