@@ -103,17 +103,22 @@ _tracing = threading.local()
 
 
 @contextlib.contextmanager
+def _thread_flag(flag: threading.local, on: bool):
+    """flag.on = on inside (this thread only), restored after."""
+    before = getattr(flag, "on", False)
+    flag.on = on
+    try:
+        yield
+    finally:
+        flag.on = before
+
+
 def traced_kernels():
     """Inside, make_fx tracing records the kernels (torch.ops.multifi_fused.*) as the eager model calls them: for a
     graph that runs in this process (multifi.scripted), never for a file that must load without multifi (deploy,
     AOTInductor packages). Edge plans are then built without data-dependent steps (`tracing_plans`). Without the
     kernels' shape functions (`_state["fakes"]`), tracing keeps torch's own operators."""
-    before = getattr(_tracing, "on", False)
-    _tracing.on = True
-    try:
-        yield
-    finally:
-        _tracing.on = before
+    return _thread_flag(_tracing, True)
 
 
 def tracing_plans() -> bool:
@@ -415,16 +420,10 @@ class _SiLUGrad(torch.autograd.Function):
 _twice = threading.local()
 
 
-@contextlib.contextmanager
 def differentiated_twice(on: bool = True):
     """Inside, `silu` prepares for a second derivative (force training: forces with create_graph, then the loss's
     gradient); outside it is torch's own SiLU, whose first derivative alone is as fast (forces for MD)."""
-    before = getattr(_twice, "on", False)
-    _twice.on = on
-    try:
-        yield
-    finally:
-        _twice.on = before
+    return _thread_flag(_twice, on)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
