@@ -223,18 +223,19 @@ class Calculator(AseCalculator):
         graph = graph_from_atoms([self.atoms], self.potential.cutoff, self._index, dtype=self.dtype).to(self.device)
         check_contacts(self.potential, graph, seen=self._warned)  # once per element pair and calculator
         periodic = bool(self.atoms.pbc.any())
+        asked = "stress" in properties
         problem = (
-            stress_volume_problem(self.atoms.cell.array, self.atoms.pbc, self.atoms.positions)
-            if periodic and "stress" in properties
-            else None
+            stress_volume_problem(self.atoms.cell.array, self.atoms.pbc, self.atoms.positions) if periodic else None
         )
-        if problem:
+        if problem and asked:
             raise NoStressError(
                 f"stress needs a cell whose volume holds the structure: {problem}; give the non-periodic "
                 "directions their vacuum, e.g. atoms.center(vacuum=10, axis=2)"
             )
-        want_stress = periodic and "stress" in properties
-        if want_stress:
+        # a periodic cell's stress comes with its forces (the same edge gradient, a few small operations): cell
+        # relaxations and NPT ask for forces, then stress, of each step, and get the second from the first call
+        want_stress = periodic and not problem
+        if want_stress and asked:
             self._say_if_stress_untrained()
         if "energy_sigma" in properties and self.llpr is None:
             raise MultifiError(
@@ -271,6 +272,13 @@ class Calculator(AseCalculator):
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
         elif "stress" in properties:
             raise NoStressError("stress needs a periodic cell (atoms.pbc is all False)")
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        """ASE's get_property; a stress the forces' call already computed (periodic cells) still gets the warning
+        about a fidelity without stress labels when it is asked for."""
+        if name == "stress" and "stress" in self.results:
+            self._say_if_stress_untrained()
+        return super().get_property(name, atoms, allow_calculation)
 
     def _say_if_stress_untrained(self) -> None:
         """Warn once per fidelity when no training structure of it had a stress label (check_stress_trained)."""
