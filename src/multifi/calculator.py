@@ -71,7 +71,7 @@ class Calculator(AseCalculator):
     made SCRIPT_AFTER_CALLS eager calls after its first, taking SCRIPT_AFTER_SECONDS together, so MD and long
     relaxations get it and a few single points never pay for it; False: never. Not with aot, compile, per-atom
     energies or devices other than the CPU; a structure it cannot take (fewer than 2 atoms, edges or three-body
-    bonds) runs eagerly. Calls with and without stress have a graph each; changed weights (load_state_dict on
+    bonds) runs eagerly. Molecules and periodic cells (with stress) have a graph each; changed weights (load_state_dict on
     calc.potential) are noticed and the graph built again; builds hold Python's interpreter lock for their
     seconds (other threads of the process wait).
     Per-atom energies (`atoms.get_potential_energies()`, eV): the model's partition of the energy (they sum to
