@@ -71,7 +71,7 @@ class Calculator(AseCalculator):
     made SCRIPT_AFTER_CALLS eager calls after its first, taking SCRIPT_AFTER_SECONDS together, so MD and long
     relaxations get it and a few single points never pay for it; False: never. Not with aot, compile, per-atom
     energies or devices other than the CPU; a structure it cannot take (fewer than 2 atoms, edges or three-body
-    bonds) runs eagerly. Molecules and periodic cells (with stress) have a graph each; changed weights (load_state_dict on
+    bonds) runs eagerly. Calls with and without stress have a graph each; changed weights (load_state_dict on
     calc.potential) are noticed and the graph built again; builds hold Python's interpreter lock for their
     seconds (other threads of the process wait).
     Per-atom energies (`atoms.get_potential_energies()`, eV): the model's partition of the energy (they sum to
@@ -142,6 +142,7 @@ class Calculator(AseCalculator):
         self._scripted: dict = {}  # stress wanted → ScriptedPotential, or False once building or running it failed
         self._eager_calls, self._eager_seconds = 0, 0.0  # eager model calls after the first (automatic `script`)
         self._first_eager_done = False  # the first call may build or load the kernels: not counted
+        self._stress_asked = False  # a stress was asked for: computed with every periodic cell's forces from then on
         self._warned: set = set()
         self._checked: tuple | None = None  # (fidelity index, atomic numbers) last checked
         self._where = "Calculator" if isinstance(checkpoint, torch.nn.Module) else str(checkpoint)  # errors name it
@@ -232,9 +233,11 @@ class Calculator(AseCalculator):
                 f"stress needs a cell whose volume holds the structure: {problem}; give the non-periodic "
                 "directions their vacuum, e.g. atoms.center(vacuum=10, axis=2)"
             )
-        # a periodic cell's stress comes with its forces (the same edge gradient, a few small operations): cell
-        # relaxations and NPT ask for forces, then stress, of each step, and get the second from the first call
-        want_stress = periodic and not problem
+        # once a stress was asked for, a periodic cell's stress comes with its forces (the same edge gradient): cell
+        # relaxations and NPT ask for forces, then stress, of each step and get the second from the first call;
+        # MD that never asks for stress does not compute it
+        self._stress_asked = self._stress_asked or asked
+        want_stress = periodic and not problem and self._stress_asked
         if want_stress and asked:
             self._say_if_stress_untrained()
         if "energy_sigma" in properties and self.llpr is None:

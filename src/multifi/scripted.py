@@ -42,7 +42,8 @@ class ScriptedPotential:
         self.potential, self.stress = potential, stress
         fused.available()  # built (or found unavailable) before tracing
         inputs = self._inputs(example)
-        self._weights = weights_version(potential)
+        self._tensors = [*potential.parameters(), *potential.buffers()]
+        self._weights = _versions(self._tensors)
         with (
             _BUILDING,
             fused.traced_kernels(),
@@ -63,9 +64,10 @@ class ScriptedPotential:
         raise RuntimeError("the traced graph does not reproduce the eager model's result exactly")
 
     def current(self) -> bool:
-        """Whether the potential's weights and buffers are still those the graph was built with (the frozen graph
-        holds them as constants: a later load_state_dict or in-place change makes it stale)."""
-        return weights_version(self.potential) == self._weights
+        """Whether the potential's weights and buffers are unchanged since the graph was built (the frozen graph holds
+        them as constants: a later load_state_dict or in-place change makes it stale; replacing a module of the
+        potential is not noticed)."""
+        return _versions(self._tensors) == self._weights
 
     @staticmethod
     def fits(potential: Potential, graph: Graph) -> bool:
@@ -106,9 +108,9 @@ class ScriptedPotential:
         return dict(zip(("energy", "forces", "stress"), out))
 
 
-def weights_version(module: torch.nn.Module) -> tuple:
-    """Identity and in-place version of every parameter and buffer: changes when any is replaced or modified."""
-    return tuple((id(t), t._version) for t in (*module.parameters(), *module.buffers()))
+def _versions(tensors: list[torch.Tensor]) -> list[int]:
+    """In-place versions of the tensors (load_state_dict and every in-place change count up)."""
+    return [t._version for t in tensors]
 
 
 def _inputs(potential: Potential, graph: Graph) -> tuple | None:
