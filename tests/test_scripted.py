@@ -8,7 +8,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 from ase import Atoms, units
 from ase.build import bulk, molecule
 from ase.md.velocitydistribution import thermalize_momenta
@@ -42,7 +41,6 @@ def test_painn_md_is_bit_for_bit_the_eager_run(dtype):
     slow = multifi.Calculator(pot, fidelity="hi", dtype=dtype, script=False)
     got, want = _trajectory(fast, atoms), _trajectory(slow, atoms)
     assert fast._scripted.get(False) and not slow._scripted  # the scripted model ran, only where asked for
-    assert fast._scripted[False].runner == "static runtime"
     for (e1, f1), (e2, f2) in zip(got, want):
         assert e1 == e2 and np.array_equal(f1, f2)
     assert np.abs(want[-1][1]).max() > 1e-3
@@ -57,7 +55,7 @@ def test_graph_holds_the_fused_kernels():
     pot = tiny_painn_lo_hi()
     calc = multifi.Calculator(pot, fidelity="hi", script=True)
     calc.get_forces(molecule("CH3CH2OH"))
-    assert "multifi_fused::segment_sum" in str(calc._scripted[False].graph)
+    assert "multifi_fused::segment_sum" in str(calc._scripted[False]._run.graph)
 
 
 def test_m3gnet_stress_and_sizes():
@@ -126,32 +124,6 @@ def test_sizes_vary_between_calls():
     assert fast._scripted.get(False)
 
 
-def test_static_runtime_keeps_earlier_results_at_every_size():
-    """The static runtime (which reuses its intermediate memory between calls) runs the graph here; a result is
-    never overwritten by a later call; sizes growing and shrinking again give the eager numbers."""
-    pot = tiny_m3gnet()
-    fast = multifi.Calculator(pot, fidelity="PBE", dtype="float64", script=True)
-    slow = multifi.Calculator(pot, fidelity="PBE", dtype="float64", script=False)
-    small = bulk("Si", "diamond", 5.43, cubic=True)
-    cells = [small, small.repeat((2, 1, 1)), small, small.repeat((1, 2, 2)), small.repeat((1, 1, 2))]
-    kept = []
-    for k, cell in enumerate(cells):
-        cell = cell.copy()
-        cell.rattle(0.03, seed=k)
-        graph = _graph(fast, cell)
-        if k == 0:
-            fast.get_forces(cell)  # builds the graph
-        model = fast._scripted[False]
-        out = model(graph)
-        kept.append((out, {key: v.clone() for key, v in out.items()}))
-        want = slow.potential(graph, forces=True)
-        for key in out:
-            assert torch.equal(out[key], want[key]), (k, key)
-    assert model.runner == "static runtime"
-    for out, copy in kept:  # the tensors handed out are the caller's
-        assert all(torch.equal(out[key], copy[key]) for key in out)
-
-
 def test_m3gnet_float32():
     pot = tiny_m3gnet()
     cell = bulk("Si", "diamond", 5.43, cubic=True)
@@ -175,7 +147,7 @@ def test_without_the_kernels(monkeypatch):
     for k in range(2):
         atoms.rattle(0.01, seed=k)
         assert np.array_equal(fast.get_forces(atoms), slow.get_forces(atoms))
-    assert "multifi_fused" not in str(fast._scripted[False].graph)
+    assert "multifi_fused" not in str(fast._scripted[False]._run.graph)
 
 
 def test_pickled_calculator_builds_again():

@@ -57,11 +57,7 @@ class ScriptedPotential:
             script = torch.jit.script(scriptable(traced)).eval()
             frozen = torch.jit.freeze(script, optimize_numerics=False)  # operations on weights done once
         want = self._eager(example) if reference is None else reference
-        self.graph = frozen.graph  # what every candidate runs (the unfrozen one with the weights as inputs)
-        runners = {"static runtime": _static_runtime(frozen), "frozen graph": frozen, "graph": script}
-        for self.runner, self._run in runners.items():  # the first that changes no number
-            if self._run is None:
-                continue
+        for self._run in (frozen, script):  # the frozen graph unless it changed a number
             got = self._call(inputs)
             if all(torch.equal(want[k], got[k]) for k in got):
                 return
@@ -110,19 +106,6 @@ class ScriptedPotential:
         with torch.jit.optimized_execution(False), torch.no_grad():
             out = self._run(*inputs)
         return dict(zip(("energy", "forces", "stress"), out))
-
-
-def _static_runtime(module):
-    """TorchScript's static runtime of the frozen `module`, or None where it cannot run the graph. It runs the same
-    operators as the interpreter, into memory it keeps from call to call: the interpreter allocates every
-    intermediate tensor afresh, and when glibc has given that memory back to the system, faulting it in again
-    costs more than the arithmetic (M3GNet MD of a 64-atom cell: ~3,000 page faults and 25-29 steps/s, against
-    ~300-900 and 32-34 with the static runtime, bench/RESULTS.md). A private torch API: without it, the interpreter."""
-    try:
-        return torch._C._jit_to_static_module(module._c)
-    except Exception as err:  # noqa: BLE001 - any failure means: run the interpreter
-        log.debug("TorchScript's static runtime cannot run the graph (%s); its interpreter runs it", err)
-        return None
 
 
 def _versions(tensors: list[torch.Tensor]) -> list[int]:
