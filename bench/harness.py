@@ -312,6 +312,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="environment for our side only, e.g. MULTIFI_COMPILE=1 (names get the suffix --tag)",
     )
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for both sides, e.g. glibc's MALLOC_TRIM_THRESHOLD_ (names get the suffix --tag)",
+    )
     ap.add_argument("--tag", default="", help="suffix of the comparison names, e.g. _compiled")
     ap.add_argument(
         "--painn-forces",
@@ -340,7 +347,7 @@ def main() -> None:
         return
     ours_env = {"PYTHONPATH": str(source_at(args.ours_rev))} if args.ours_rev else {}
     ours_env.update(kv.split("=", 1) for kv in args.ours_env)
-    both_env = {}
+    both_env = dict(kv.split("=", 1) for kv in args.env)
     if args.painn_features:
         both_env["BENCH_PAINN_FEATURES"] = str(args.painn_features)
         args.tag = f"_f{args.painn_features}{args.tag}"
@@ -403,6 +410,7 @@ def main() -> None:
                             "peer": v_peer,
                             "multifi_commit": args.ours_rev or git_commit(),
                             "ours_env": dict(kv.split("=", 1) for kv in args.ours_env),
+                            "both_env": dict(kv.split("=", 1) for kv in args.env),
                         },
                         "command": command,
                     }
