@@ -17,6 +17,7 @@ LAYERS = [
         "multifi.logs",
         "multifi.ranks",
         "multifi.devices",
+        "multifi.allocator",
         "multifi.keys",
         "multifi",
     },

@@ -12,6 +12,7 @@ from ase.calculators.calculator import Calculator as AseCalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 from ase.units import GPa
 
+from multifi.allocator import retain_freed_memory
 from multifi.aot import MIN_SIZE, AotModel
 from multifi.data.batch import graph_from_atoms
 from multifi.data.cells import stress_volume_problem
@@ -310,6 +311,7 @@ class Calculator(AseCalculator):
 
         if not ScriptedPotential.fits(self.potential, graph):
             return  # a structure too small to trace on: the next one
+        retain_freed_memory()  # a long run: its calls' memory stays in the process (multifi.allocator)
         log.info("Calculator: building the scripted model (a few seconds; the same numbers, faster calls)")
         try:
             self._scripted[want_stress] = ScriptedPotential(self.potential, graph, want_stress, reference=eager)

@@ -1,0 +1,64 @@
+"""glibc's malloc kept from handing freed memory back to the system between the calls of a long run (MD, relaxations).
+
+A force call allocates its tensors afresh and frees them at its end. glibc gives the free top of its heap back to the
+system once it exceeds M_TRIM_THRESHOLD and serves blocks above M_MMAP_THRESHOLD by mmap (unmapped when freed); both
+start low (128 kB) and rise with the largest mmap'd block the process has freed so far. So whether every call faults
+its memory in again from the system (~3,000 page faults per call of M3GNet on a 64-atom cell, up to 15 % of its time)
+depends on what the process happened to free before: MD speed that varies from process to process
+(bench/RESULTS.md). `retain_freed_memory` fixes the two thresholds at the values glibc itself rises to (blocks up to
+32 MB from the heap) and keeps up to 256 MB of free heap for reuse. Process-wide, once, on glibc only, and not when the
+environment already sets glibc's malloc (MALLOC_*_ variables, GLIBC_TUNABLES) or MULTIFI_MALLOC=0 asks to leave it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import threading
+
+log = logging.getLogger("multifi")
+
+MMAP_THRESHOLD = 32 << 20  # bytes: glibc's own upper limit for its rising threshold on 64-bit systems
+TRIM_THRESHOLD = 256 << 20  # bytes of free heap kept for reuse
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+_lock = threading.Lock()
+_state: dict[str, bool] = {}  # "set": the thresholds were set by this process
+
+
+def _left_alone() -> str | None:
+    """Why the thresholds stay as they are, or None."""
+    if os.environ.get("MULTIFI_MALLOC", "1").lower() in ("0", "false", "no", ""):
+        return "MULTIFI_MALLOC=0"
+    if any(k in os.environ for k in _ENV) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return "the environment sets glibc's malloc"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc"
+    return None
+
+
+def _mallopt(param: int, value: int) -> bool:
+    return bool(ctypes.CDLL(None).mallopt(ctypes.c_int(param), ctypes.c_int(value)))
+
+
+def retain_freed_memory() -> bool:
+    """Fix glibc's mmap and trim thresholds (MMAP_THRESHOLD, TRIM_THRESHOLD) once per process; True when they are set
+    (now or before), False when left alone (see the module's docstring) or refused."""
+    with _lock:
+        if "set" in _state:
+            return _state["set"]
+        why = _left_alone()
+        ok = why is None and _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and _mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        _state["set"] = ok
+        if ok:
+            log.info(
+                "glibc malloc: blocks up to %d MB from the heap and up to %d MB of freed memory kept for reuse "
+                "(steady speed of repeated calls; MULTIFI_MALLOC=0 leaves glibc's settings)",
+                MMAP_THRESHOLD >> 20,
+                TRIM_THRESHOLD >> 20,
+            )
+        else:
+            log.debug("glibc malloc left as it is (%s)", why or "mallopt refused")
+        return ok
