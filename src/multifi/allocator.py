@@ -1,13 +1,17 @@
-"""glibc's malloc kept from handing freed memory back to the system between the calls of a long run (MD, relaxations).
+"""glibc's malloc kept from handing freed memory back to the system between the calls of a long run (MD, relaxations,
+training).
 
-A force call allocates its tensors afresh and frees them at its end. glibc gives the free top of its heap back to the
-system once it exceeds M_TRIM_THRESHOLD and serves blocks above M_MMAP_THRESHOLD by mmap (unmapped when freed); both
-start low (128 kB) and rise with the largest mmap'd block the process has freed so far. So whether every call faults
-its memory in again from the system (~3,000 page faults per call of M3GNet on a 64-atom cell, up to 15 % of its time)
-depends on what the process happened to free before: MD speed that varies from process to process
-(bench/RESULTS.md). `retain_freed_memory` fixes the two thresholds at the values glibc itself rises to (blocks up to
-32 MB from the heap) and keeps up to 256 MB of free heap for reuse. Process-wide, once, on glibc only, and not when the
-environment already sets glibc's malloc (MALLOC_*_ variables, GLIBC_TUNABLES) or MULTIFI_MALLOC=0 asks to leave it.
+A force call (or a training step) allocates its tensors afresh and frees them at its end. glibc gives the free top of
+its heap back to the system once it exceeds M_TRIM_THRESHOLD and serves blocks at or above M_MMAP_THRESHOLD by mmap
+(unmapped when freed); both start low (128 kB) and rise with the largest mmap'd block the process has freed so far.
+So whether every call faults its memory in again from the system (thousands of page faults per call of M3GNet on a
+64- to 256-atom cell, up to ~20 % of its time) depends on what the process happened to free before: speed that varies
+from process to process (bench/RESULTS.md). `retain_freed_memory` fixes the two thresholds: blocks under 32 MB (the
+value glibc's own rising threshold stops at on 64-bit systems) come from the heap, and up to 256 MB of free heap per
+arena (the main one, and one per thread that allocates) is kept for reuse; blocks of 32 MB or more are mapped and
+unmapped as before. Process-wide, once, on glibc only. Left alone with MULTIFI_MALLOC=0, when the environment already
+sets glibc's malloc (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, MALLOC_TOP_PAD_, MALLOC_MMAP_MAX_, or a malloc
+entry in GLIBC_TUNABLES), and when LD_PRELOAD brings another allocator (jemalloc, tcmalloc, mimalloc).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ log = logging.getLogger("multifi")
 MMAP_THRESHOLD = 32 << 20  # bytes: glibc's own upper limit for its rising threshold on 64-bit systems
 TRIM_THRESHOLD = 256 << 20  # bytes of free heap kept for reuse
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 _lock = threading.Lock()
 _state: dict[str, bool] = {}  # "set": the thresholds were set by this process
 
@@ -34,6 +39,8 @@ def _left_alone() -> str | None:
         return "MULTIFI_MALLOC=0"
     if any(k in os.environ for k in _ENV) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return "the environment sets glibc's malloc"
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS):
+        return "LD_PRELOAD brings another allocator"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not glibc"
     return None
@@ -54,8 +61,8 @@ def retain_freed_memory() -> bool:
         _state["set"] = ok
         if ok:
             log.info(
-                "glibc malloc: blocks up to %d MB from the heap and up to %d MB of freed memory kept for reuse "
-                "(steady speed of repeated calls; MULTIFI_MALLOC=0 leaves glibc's settings)",
+                "glibc malloc: blocks under %d MB from the heap and up to %d MB of freed memory per arena kept for "
+                "reuse (steady speed of repeated calls; MULTIFI_MALLOC=0 leaves glibc's settings)",
                 MMAP_THRESHOLD >> 20,
                 TRIM_THRESHOLD >> 20,
             )

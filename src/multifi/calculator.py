@@ -74,8 +74,8 @@ class Calculator(AseCalculator):
     energies or devices other than the CPU; a structure it cannot take (fewer than 2 atoms, edges or three-body
     bonds) runs eagerly. Calls with and without stress have a graph each; changed weights (load_state_dict on
     calc.potential) are noticed and the graph built again; builds hold Python's interpreter lock for their
-    seconds (other threads of the process wait). The first build also keeps glibc's malloc from handing freed memory
-    back to the system between calls (multifi.allocator; process-wide, once; MULTIFI_MALLOC=0 leaves it).
+    seconds (other threads of the process wait). The first attempt to build also keeps glibc's malloc from handing freed
+    memory back to the system between calls (multifi.allocator; process-wide, once; MULTIFI_MALLOC=0 leaves it).
     Per-atom energies (`atoms.get_potential_energies()`, eV): the model's partition of the energy (they sum to
     it); no observable, but what LAMMPS' pe/atom shows.
     An element the model never saw is an error; an element whose reference energy at the fidelity was

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import lightning as L
 import torch
 
+from multifi.allocator import retain_freed_memory
 from multifi.config import LossConfig, TrainConfig
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import MultifiError
@@ -202,6 +203,12 @@ class PotentialModule(L.LightningModule):
         from multifi.train.logger import EpochLine, progress_bar_wanted
 
         return [EpochLine()] if self.train_cfg.progress and not progress_bar_wanted(True) else []
+
+    def on_fit_start(self):
+        """Training is a long run of same-sized steps: glibc's malloc keeps their freed memory for the next step
+        instead of handing it back and faulting it in again (multifi.allocator; M3GNet's step ~4-7 % faster)."""
+        if self.device.type == "cpu":
+            retain_freed_memory()
 
     # -------------------------------------------------------------- optimisation
     def configure_optimizers(self):
