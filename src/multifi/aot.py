@@ -28,6 +28,7 @@ import torch
 
 from multifi.errors import MultifiError
 from multifi.models.m3gnet import threebody_bonds
+from multifi.models.potential import WeightVersions
 from multifi.models.response import EnergyForcesVirial
 
 MIN_SIZE = 2  # torch.export specialises sizes 0 and 1
@@ -41,6 +42,7 @@ class AotModel:
     """The potential compiled ahead of time for `dtype` (loaded from the cache if built)."""
 
     def __init__(self, potential, dtype: torch.dtype):
+        self._weights = WeightVersions(potential)  # the package holds a copy of them
         potential = copy.deepcopy(potential).to(dtype).eval()
         potential.use_compile = False
         for p in potential.parameters():
@@ -52,6 +54,11 @@ class AotModel:
             _build(EnergyForcesVirial(potential, 0), self.threebody, dtype, path)
         self._run = torch._inductor.aoti_load_package(str(path))
         self.path = path
+
+    def current(self) -> bool:
+        """Whether the potential's weights and buffers are unchanged since the package was built or loaded (a later
+        load_state_dict or in-place change makes it stale; replacing a module of the potential is not noticed)."""
+        return not self._weights.changed()
 
     def __call__(self, numbers, positions, edge_index, shift_vec, fidelity: int):
         """(atom energies, forces, virial), or None for a structure outside the exported sizes."""

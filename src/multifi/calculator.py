@@ -65,7 +65,8 @@ class Calculator(AseCalculator):
     aot: compile energy, forces and virial ahead of time (multifi.aot: torch.export + AOTInductor, a C++
     compiler and minutes once per model and dtype, then cached on disk): the fastest MD of small
     systems, with no Python between operators. Structures below 2 atoms or 2 edges, and devices other
-    than the CPU, run eagerly, and so do calls for per-atom energies.
+    than the CPU, run eagerly, and so do calls for per-atom energies. Changed weights of calc.potential
+    (load_state_dict) are noticed: the package of the new weights is loaded or built.
     script: run energy, forces and stress as a TorchScript graph of the same operators (multifi.scripted: no Python
     between them, the same numbers bit for bit, checked when built; an 18-atom molecule's MD ~2× faster, larger
     systems less). True: built at the first call (a few seconds); None (default): built once this calculator has
@@ -353,6 +354,9 @@ class Calculator(AseCalculator):
         None for a structure outside its sizes (a lone atom, no edges)."""
         if graph.numbers.shape[0] < MIN_SIZE or graph.edge_index.shape[1] < MIN_SIZE:
             return None  # not worth building the package for
+        if self._aot_model is not None and not self._aot_model.current():
+            log.warning("Calculator: the model's weights changed; the compiled package is loaded or built again")
+            self._aot_model = None
         if self._aot_model is None:
             self._aot_model = AotModel(self.potential, self.dtype)
         shift_vec = graph.shifts @ graph.cell[0]

@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from multifi.data.batch import Graph
-from multifi.models.potential import Potential
+from multifi.models.potential import Potential, WeightVersions
 
 log = logging.getLogger("multifi")
 
@@ -42,8 +42,7 @@ class ScriptedPotential:
         self.potential, self.stress = potential, stress
         fused.available()  # built (or found unavailable) before tracing
         inputs = self._inputs(example)
-        self._tensors = [*potential.parameters(), *potential.buffers()]
-        self._weights = _versions(self._tensors)
+        self._weights = WeightVersions(potential)
         with (
             _BUILDING,
             fused.traced_kernels(),
@@ -67,7 +66,7 @@ class ScriptedPotential:
         """Whether the potential's weights and buffers are unchanged since the graph was built (the frozen graph holds
         them as constants: a later load_state_dict or in-place change makes it stale; replacing a module of the
         potential is not noticed)."""
-        return _versions(self._tensors) == self._weights
+        return not self._weights.changed()
 
     @staticmethod
     def fits(potential: Potential, graph: Graph) -> bool:
@@ -106,11 +105,6 @@ class ScriptedPotential:
         with torch.jit.optimized_execution(False), torch.no_grad():
             out = self._run(*inputs)
         return dict(zip(("energy", "forces", "stress"), out))
-
-
-def _versions(tensors: list[torch.Tensor]) -> list[int]:
-    """In-place versions of the tensors (load_state_dict and every in-place change count up)."""
-    return [t._version for t in tensors]
 
 
 def _inputs(potential: Potential, graph: Graph) -> tuple | None:

@@ -147,6 +147,22 @@ class Potential(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- energy (+ gradient)
+class WeightVersions:
+    """The in-place versions of a module's parameters and buffers when made: `changed()` says whether any was modified
+    since (load_state_dict and every in-place change count up; a few µs, the tensors listed once). Replacing a
+    submodule is not seen. For copies of the weights made elsewhere (a frozen graph, a compiled package)."""
+
+    def __init__(self, module: nn.Module):
+        self._tensors = [*module.parameters(), *module.buffers()]
+        self._versions = self._now()
+
+    def _now(self) -> list[int]:
+        return [t._version for t in self._tensors]
+
+    def changed(self) -> bool:
+        return self._now() != self._versions
+
+
 def _atom_energies(pot: Potential, edge_vec, *args) -> torch.Tensor:
     return pot.atom_energies(edge_vec, *args)
 
