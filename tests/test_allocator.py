@@ -24,7 +24,7 @@ def calls(monkeypatch):
     seen = []
     monkeypatch.setattr(allocator, "_mallopt", lambda p, v: seen.append((p, v)) or True)
     monkeypatch.setattr(allocator, "_state", {})
-    for k in (*allocator._ENV, "GLIBC_TUNABLES", "MULTIFI_MALLOC", "LD_PRELOAD"):
+    for k in [k for k in os.environ if k.startswith("MALLOC_")] + ["GLIBC_TUNABLES", "MULTIFI_MALLOC", "LD_PRELOAD"]:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
     monkeypatch.setattr(platform, "system", lambda: "Linux")
@@ -40,6 +40,8 @@ def test_set_once(calls):
     "env",
     [
         {"MULTIFI_MALLOC": "0"},
+        {"MULTIFI_MALLOC": "off"},
+        {"MALLOC_ARENA_MAX": "2"},
         {"MALLOC_TRIM_THRESHOLD_": "1000000"},
         {"MALLOC_MMAP_THRESHOLD_": "1000000"},
         {"MALLOC_MMAP_MAX_": "0"},
@@ -86,7 +88,11 @@ _FAULTS = textwrap.dedent(
         xs = [torch.ones(1 << 18) for _ in range(100)]  # 100 blocks of 1 MB, written
         del xs
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-    print(sum([round_() for _ in range(4)][1:]))  # the rounds after the first
+    faults = sum([round_() for _ in range(4)][1:])  # the rounds after the first
+    xs = [torch.ones(1 << 18) for _ in range(100)]
+    keep, xs = xs[-1], xs[:-1]  # a block in use above the freed ones: trimming the top cannot return them
+    del xs
+    print(faults, int(allocator.release_freed_memory()))
     """
 )
 
@@ -95,16 +101,16 @@ _FAULTS = textwrap.dedent(
 def test_freed_memory_is_reused_without_page_faults():
     """100 blocks of 1 MB allocated, written and freed four times: with glibc's defaults the second round faults in
     all its pages from the system again (glibc's thresholds rise only slowly); with the thresholds set the freed heap
-    stays and is reused."""
-    drop = (*allocator._ENV, "GLIBC_TUNABLES", "MULTIFI_MALLOC", "LD_PRELOAD")  # glibc's malloc, as it comes
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    faults = {
-        mode: int(
-            subprocess.run(
-                [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, env=env, check=True
-            ).stdout
-        )
+    stays and is reused, and release_freed_memory gives it back even below a block still in use."""
+    drop = ("GLIBC_TUNABLES", "MULTIFI_MALLOC", "LD_PRELOAD")  # glibc's malloc, as it comes
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("MALLOC_")}
+    runs = {
+        mode: subprocess.run(
+            [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, env=env, check=True
+        ).stdout.split()
         for mode in ("default", "retain")
     }
+    faults = {mode: int(out[0]) for mode, out in runs.items()}
+    assert runs["retain"][1] == "1"  # release_freed_memory gave the freed blocks below the one in use back
     assert faults["default"] > 10_000, faults  # 25,600 pages of 4 kB in the second round
     assert faults["retain"] * 5 < faults["default"], faults

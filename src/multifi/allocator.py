@@ -7,11 +7,13 @@ its heap back to the system once it exceeds M_TRIM_THRESHOLD and serves blocks a
 So whether every call faults its memory in again from the system (thousands of page faults per call of M3GNet on a
 64- to 256-atom cell, up to ~20 % of its time) depends on what the process happened to free before: speed that varies
 from process to process (bench/RESULTS.md). `retain_freed_memory` fixes the two thresholds: blocks under 32 MB (the
-value glibc's own rising threshold stops at on 64-bit systems) come from the heap, and up to 256 MB of free heap per
-arena (the main one, and one per thread that allocates) is kept for reuse; blocks of 32 MB or more are mapped and
-unmapped as before. Process-wide, once, on glibc only. Left alone with MULTIFI_MALLOC=0, when the environment already
-sets glibc's malloc (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, MALLOC_TOP_PAD_, MALLOC_MMAP_MAX_, or a malloc
-entry in GLIBC_TUNABLES), and when LD_PRELOAD brings another allocator (jemalloc, tcmalloc, mimalloc).
+value glibc's own rising threshold stops at on 64-bit systems) come from the heap, and the free top of a heap goes back
+to the system only once it exceeds 256 MB (per arena: the main one, and one per thread that allocates); blocks of
+32 MB or more are mapped and unmapped as before. This is not a bound on the freed memory a process holds: free memory
+below blocks still in use stays in the process as with glibc's defaults; `release_freed_memory` (malloc_trim) gives it
+back on demand. Process-wide, once, on glibc only. Left alone with MULTIFI_MALLOC=0 (or off/false/no), when the
+environment already sets glibc's malloc (any MALLOC_* variable, or a malloc entry in GLIBC_TUNABLES), and when
+LD_PRELOAD brings another allocator (jemalloc, tcmalloc, mimalloc).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ log = logging.getLogger("multifi")
 MMAP_THRESHOLD = 32 << 20  # bytes: glibc's own upper limit for its rising threshold on 64-bit systems
 TRIM_THRESHOLD = 256 << 20  # bytes of free heap kept for reuse
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 _lock = threading.Lock()
 _state: dict[str, bool] = {}  # "set": the thresholds were set by this process
@@ -35,9 +36,9 @@ _state: dict[str, bool] = {}  # "set": the thresholds were set by this process
 
 def _left_alone() -> str | None:
     """Why the thresholds stay as they are, or None."""
-    if os.environ.get("MULTIFI_MALLOC", "1").lower() in ("0", "false", "no", ""):
+    if os.environ.get("MULTIFI_MALLOC", "1").lower() in ("0", "false", "no", "off", ""):
         return "MULTIFI_MALLOC=0"
-    if any(k in os.environ for k in _ENV) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    if any(k.startswith("MALLOC_") for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return "the environment sets glibc's malloc"
     if any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS):
         return "LD_PRELOAD brings another allocator"
@@ -69,3 +70,11 @@ def retain_freed_memory() -> bool:
         else:
             log.debug("glibc malloc left as it is (%s)", why or "mallopt refused")
         return ok
+
+
+def release_freed_memory() -> bool:
+    """Give the process's free heap memory back to the system now (glibc's malloc_trim(0): every arena, below blocks
+    in use too), e.g. after a long run and before other work; True when some was released. False off glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0)))
