@@ -13,6 +13,7 @@ also what `multifi deploy` writes for LAMMPS.)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -53,8 +54,9 @@ class ScriptedPotential:
             from torch.fx.experimental.proxy_tensor import make_fx
 
             traced = make_fx(self._function(example), tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
-            script = torch.jit.script(scriptable(traced)).eval()
-            frozen = torch.jit.freeze(script, optimize_numerics=False)  # operations on weights done once
+            with _own_compilation_unit(type(traced)):
+                script = torch.jit.script(scriptable(traced)).eval()
+                frozen = torch.jit.freeze(script, optimize_numerics=False)  # operations on weights done once
         want = self._eager(example) if reference is None else reference
         for self._run in (frozen, script):  # the frozen graph unless it changed a number
             got = self._call(inputs)
@@ -105,6 +107,23 @@ class ScriptedPotential:
         with torch.jit.optimized_execution(False), torch.no_grad():
             out = self._run(*inputs)
         return dict(zip(("energy", "forces", "stress"), out))
+
+
+@contextlib.contextmanager
+def _own_compilation_unit(module_class: type):
+    """Script under a TorchScript compilation unit of its own: the process-wide one keeps every scripted type's code
+    for the process's life (3-9 MB per build), and so does torch's cache of module types, which holds each traced
+    graph's class (one per build). The scripted modules hold their own unit, so the code goes with them. Other
+    threads scripting meanwhile use this unit too (their modules hold it just the same)."""
+    from torch.jit._recursive import concrete_type_store
+
+    state = torch.jit._state
+    saved, state._python_cu = state._python_cu, torch._C.CompilationUnit()
+    try:
+        yield
+    finally:
+        state._python_cu = saved
+        concrete_type_store.type_store.pop(module_class, None)
 
 
 def _inputs(potential: Potential, graph: Graph) -> tuple | None:
