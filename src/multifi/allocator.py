@@ -42,9 +42,13 @@ def _left_alone() -> str | None:
         return "the environment sets glibc's malloc"
     if any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS):
         return "LD_PRELOAD brings another allocator"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return "not glibc"
     return None
+
+
+def _glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def _mallopt(param: int, value: int) -> bool:
@@ -62,8 +66,8 @@ def retain_freed_memory() -> bool:
         _state["set"] = ok
         if ok:
             log.info(
-                "glibc malloc: blocks under %d MB from the heap and up to %d MB of freed memory per arena kept for "
-                "reuse (steady speed of repeated calls; MULTIFI_MALLOC=0 leaves glibc's settings)",
+                "glibc malloc: blocks under %d MB from the heap, a heap's free top returned only beyond %d MB (freed "
+                "memory kept for the next calls; MULTIFI_MALLOC=0 leaves glibc's settings)",
                 MMAP_THRESHOLD >> 20,
                 TRIM_THRESHOLD >> 20,
             )
@@ -75,6 +79,4 @@ def retain_freed_memory() -> bool:
 def release_freed_memory() -> bool:
     """Give the process's free heap memory back to the system now (glibc's malloc_trim(0): every arena, below blocks
     in use too), e.g. after a long run and before other work; True when some was released. False off glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    return bool(ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0)))
+    return _glibc() and bool(ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0)))
