@@ -206,6 +206,29 @@ def test_gated_mlp_on_edges_is_forward_of_the_concatenation():
         torch.testing.assert_close(mlp.on_edges(s, e, EdgePairs(i, j, 5), f), want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("width", [9, 16, 20])
+def test_gated_mlp_padded_equals_forward_with_derivatives(width):
+    """GatedMLP.padded (features and first-layer weights zero-padded to 16 columns) = forward: values, input
+    gradient, its derivative (force training's double backward) and the weight gradients, same weight shapes."""
+    from multifi.models.m3gnet import GatedMLP
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, width, generator=g, dtype=torch.float64)
+    results = []
+    for padded in (False, True):
+        torch.manual_seed(0)
+        mlp = GatedMLP([width, 6, 5], bias=width != 9).double()
+        xi = x.clone().requires_grad_(True)
+        y = mlp.padded(xi) if padded else mlp(xi)
+        (dx,) = torch.autograd.grad(y.sin().sum(), xi, create_graph=True)
+        second = torch.autograd.grad(dx.square().sum(), [xi, *mlp.parameters()])
+        results.append((y, dx, *second))
+    assert results[1][0].shape == (11, 5)
+    for got, want in zip(results[1], results[0]):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
 def test_three_body_sum_without_bonds():
     """No bond within the three-body cutoff (or a lone bond whose only partner is itself): zero sums."""
     ei = torch.tensor([[0, 1], [1, 0]])
