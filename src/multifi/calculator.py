@@ -151,6 +151,17 @@ class Calculator(AseCalculator):
         self._where = "Calculator" if isinstance(checkpoint, torch.nn.Module) else str(checkpoint)  # errors name it
         self.fidelity = fidelity
 
+    def __copy__(self) -> Calculator:
+        """copy.copy(calc): a calculator of the same model (shared, not copied) with settings, results and warnings
+        of its own, so that setting the copy's fidelity leaves the original's. Python's default shallow copy shared
+        ASE's `parameters` dict, through which the original then switched to the copy's fidelity silently."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.parameters = copy.deepcopy(self.parameters)
+        new.results = dict(self.results)
+        new._warned, new._scripted = set(self._warned), dict(self._scripted)
+        return new
+
     @property
     def fidelity(self) -> str:
         return self._fidelity
