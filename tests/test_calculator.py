@@ -411,7 +411,6 @@ def test_the_fidelity_edited_in_calc_parameters_is_the_one_computed():
         si.get_potential_energy()
 
 
-
 def test_a_copied_calculator_switches_fidelity_without_switching_the_original():
     """copy.copy(calc) shares the model but not the settings: the copy's fidelity does not become the original's
     (Python's shallow copy shared ASE's parameters dict, so the original computed the copy's fidelity silently)."""
@@ -434,6 +433,7 @@ def test_a_copied_calculator_switches_fidelity_without_switching_the_original():
     fresh.calc = multifi.Calculator(tiny_m3gnet(), fidelity="PBE")
     assert si.get_potential_energy() == pytest.approx(fresh.get_potential_energy(), abs=1e-6)
     assert twin.fidelity == "R2SCAN" and twin.results is not calc.results
+
 
 def test_predict_atoms_takes_one_atoms_as_a_list_of_one_and_names_other_objects():
     from multifi.predict import predict_atoms
