@@ -237,11 +237,24 @@ METRICS = [  # (task, key in the script's result, name, unit, higher is better)
 ]
 
 
+def cpu_id(info: list[str]) -> str:
+    """'vendor family F model M stepping S' from /proc/cpuinfo lines: what tells CPU generations apart where a
+    virtual machine reports one model name for several (an "AMD EPYC" may be a Zen 4 or a Zen 5)."""
+    fields = {}
+    for ln in info:
+        key, _, value = ln.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    parts = [fields.get("vendor_id", "")]
+    parts += [f"{name} {fields[name]}" for name in ("cpu family", "model", "stepping") if fields.get(name)]
+    return " ".join(p for p in parts if p)
+
+
 def machine() -> dict:
-    cpu, flags = "", []
+    cpu, ident, flags = "", "", []
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read().splitlines()
+        ident = cpu_id(info)
         cpu = next(ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name"))
         flags = next(ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags"))
     except (OSError, StopIteration):
@@ -249,6 +262,7 @@ def machine() -> dict:
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
     return {
         "cpu": cpu,
+        "cpu_id": ident,
         "cpu_flags": isa,
         "cores": os.cpu_count(),
         "platform": platform.platform(),
@@ -259,9 +273,10 @@ def machine() -> dict:
 
 def merge_results(path: Path, entries: list[dict]) -> list[dict]:
     """Earlier entries of `path` plus `entries`; an entry replaces only an earlier one with the same name
-    on the same CPU model (results of other CPUs and other comparisons are kept as they were)."""
+    on the same CPU: model name and, where recorded, vendor, family, model and stepping (`cpu_id`), so results of
+    other CPUs (also ones behind the same model name) and other comparisons are kept as they were."""
     old = json.loads(path.read_text()) if path.exists() else []
-    key = lambda e: (e["name"], e.get("machine", {}).get("cpu", ""))  # noqa: E731
+    key = lambda e: (e["name"], (e.get("machine") or {}).get("cpu", ""), (e.get("machine") or {}).get("cpu_id", ""))  # noqa: E731
     new = {key(e) for e in entries}
     return [e for e in old if key(e) not in new] + entries
 

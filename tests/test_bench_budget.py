@@ -76,3 +76,37 @@ def test_accuracy_entries_average_seeds_and_pair_them(tmp_path):
     merged = harness.merge_results(into, entries)
     assert [e["name"] for e in merged][0] == "mf_solids_train_mace_1thread" and len(merged) == 3
     assert [e["ours"] for e in merged if e["name"] == energy["name"]] == [30.0]  # replaced, not duplicated
+
+
+def test_harness_tells_cpus_behind_one_model_name_apart(tmp_path):
+    """The harness records vendor, family, model and stepping; merging results.json replaces an entry only with one
+    of the same name on the same CPU, so a Zen 4 and a Zen 5 that both call themselves "AMD EPYC" keep their rows."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import harness
+
+    info = [
+        "processor\t: 0",
+        "vendor_id\t: AuthenticAMD",
+        "cpu family\t: 25",
+        "model\t\t: 17",
+        "model name\t: AMD EPYC",
+    ]
+    info += ["stepping\t: 1", "processor\t: 1", "cpu family\t: 99"]  # the second core's lines do not override
+    assert harness.cpu_id(info) == "AuthenticAMD cpu family 25 model 17 stepping 1"
+    assert harness.cpu_id([]) == ""
+    zen4 = {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD cpu family 25 model 17 stepping 1"}
+    zen5 = {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD cpu family 26 model 2 stepping 1"}
+    into = tmp_path / "results.json"
+    earlier = [
+        {"name": "m3gnet_solids_train_1thread", "ours": 1.0, "machine": {"cpu": "AMD EPYC"}},  # before cpu_id
+        {"name": "m3gnet_solids_train_1thread", "ours": 2.0, "machine": zen5},
+        {"name": "other", "ours": 3.0, "machine": None},
+    ]
+    into.write_text(json.dumps(earlier))
+    merged = harness.merge_results(into, [{"name": "m3gnet_solids_train_1thread", "ours": 4.0, "machine": zen4}])
+    assert sorted(e["ours"] for e in merged) == [1.0, 2.0, 3.0, 4.0]  # nothing of another CPU replaced
+    into.write_text(json.dumps(merged))
+    merged = harness.merge_results(into, [{"name": "m3gnet_solids_train_1thread", "ours": 5.0, "machine": zen4}])
+    assert sorted(e["ours"] for e in merged) == [1.0, 2.0, 3.0, 5.0]  # the same CPU's entry replaced
