@@ -89,3 +89,37 @@ def test_aot_m3gnet_matches_eager_and_runs_structures_without_three_body_bonds_e
             )
     assert np.abs(eager.get_property("forces", cell)).max() > 1e-3
     assert len(list(tmp_path.glob("aot/*.pt2"))) == 1
+
+
+def test_aot_builds_no_package_for_a_structure_the_package_would_not_take(monkeypatch):
+    """A package takes minutes to build: a first structure it could not run (a lone atom, a pair beyond the
+    three-body cutoff) runs eagerly without building one; the first structure it takes builds it."""
+    import multifi.calculator as calculator
+
+    built = []
+
+    class Recorder:  # stands in for the compiler: records builds, runs nothing (the eager model answers)
+        def __init__(self, potential, dtype):
+            built.append(dtype)
+
+        def current(self):
+            return True
+
+        def __call__(self, *args):
+            return None
+
+    monkeypatch.setattr(calculator, "AotModel", Recorder)
+    torch.manual_seed(0)
+    pot = build_potential(
+        {"backbone": "m3gnet", "features": 8, "interactions": 1, "cutoff": 4.0, "threebody_cutoff": 3.0, "n_rbf": 4},
+        ["PBE"],
+    )
+    with torch.no_grad():
+        pot.head.fitted.fill_(True)
+    calc = multifi.Calculator(pot, fidelity="PBE", dtype="float64", aot=True)
+    eager = multifi.Calculator(pot, fidelity="PBE", dtype="float64")
+    for atoms in (Atoms("Si2", positions=[[0, 0, 0], [0, 0, 3.5]]), Atoms("Si", positions=[[0, 0, 0]])):
+        assert calc.get_property("energy", atoms) == pytest.approx(eager.get_property("energy", atoms), rel=1e-12)
+    assert built == []
+    calc.get_property("energy", bulk("Si", "diamond", 5.43, cubic=True))
+    assert built == [torch.float64]

@@ -48,7 +48,7 @@ class AotModel:
         for p in potential.parameters():
             p.requires_grad_(False)
         self.dtype = dtype
-        self.threebody = float(getattr(potential.representation, "threebody_cutoff", 0.0) or 0.0)
+        self.threebody = threebody_cutoff(potential)
         path = cache_dir() / f"{_key(potential, dtype)}.pt2"
         if not path.exists():
             _build(EnergyForcesVirial(potential, 0), self.threebody, dtype, path)
@@ -70,6 +70,20 @@ class AotModel:
             return None
         atom_energy, forces, virial = self._run(*args)
         return atom_energy, forces, virial
+
+
+def threebody_cutoff(potential) -> float:
+    """The representation's three-body cutoff (Å), 0 for a backbone without three-body terms."""
+    return float(getattr(potential.representation, "threebody_cutoff", 0.0) or 0.0)
+
+
+def inside_sizes(numbers, positions, edge_index, shift_vec, threebody: float) -> bool:
+    """Whether a package takes the structure: at least MIN_SIZE atoms, edges and (threebody > 0, Å) bonds within the
+    three-body cutoff. What a caller checks before building a package for a structure it could not run."""
+    if numbers.shape[0] < MIN_SIZE or edge_index.shape[1] < MIN_SIZE:
+        return False
+    fid = torch.zeros_like(numbers)
+    return threebody <= 0 or _inputs(numbers, positions, edge_index, shift_vec, fid, threebody)[-1].shape[0] >= MIN_SIZE
 
 
 def _inputs(numbers, positions, edge_index, shift_vec, fid, threebody: float) -> tuple:

@@ -13,7 +13,7 @@ from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 from ase.units import GPa
 
 from multifi.allocator import retain_freed_memory
-from multifi.aot import MIN_SIZE, AotModel
+from multifi.aot import AotModel, inside_sizes, threebody_cutoff
 from multifi.data.batch import graph_from_atoms
 from multifi.data.cells import stress_volume_problem
 from multifi.data.readers.ase_files import CALCULATOR_NAME
@@ -362,15 +362,16 @@ class Calculator(AseCalculator):
 
     def _aot_outputs(self, graph, want_stress: bool) -> dict[str, torch.Tensor] | None:
         """Energy, forces and stress [1,3,3] (GPa, as Potential gives it) from the ahead-of-time compiled model;
-        None for a structure outside its sizes (a lone atom, no edges)."""
-        if graph.numbers.shape[0] < MIN_SIZE or graph.edge_index.shape[1] < MIN_SIZE:
-            return None  # not worth building the package for
+        None for a structure outside its sizes (a lone atom, no edges, fewer than 2 three-body bonds)."""
+        shift_vec = graph.shifts @ graph.cell[0]
         if self._aot_model is not None and not self._aot_model.current():
             log.warning("Calculator: the model's weights changed; the compiled package is loaded or built again")
             self._aot_model = None
-        if self._aot_model is None:
+        if self._aot_model is None:  # minutes to build: not for a structure the package would not take
+            sizes = (graph.numbers, graph.positions, graph.edge_index, shift_vec)
+            if not inside_sizes(*sizes, threebody_cutoff(self.potential)):
+                return None
             self._aot_model = AotModel(self.potential, self.dtype)
-        shift_vec = graph.shifts @ graph.cell[0]
         result = self._aot_model(graph.numbers, graph.positions, graph.edge_index, shift_vec, self._index)
         if result is None:
             return None
