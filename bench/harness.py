@@ -276,9 +276,15 @@ def merge_results(path: Path, entries: list[dict]) -> list[dict]:
     on the same CPU: model name and, where recorded, vendor, family, model and stepping (`cpu_id`), so results of
     other CPUs (also ones behind the same model name) and other comparisons are kept as they were."""
     old = json.loads(path.read_text()) if path.exists() else []
-    key = lambda e: (e["name"], (e.get("machine") or {}).get("cpu", ""), (e.get("machine") or {}).get("cpu_id", ""))  # noqa: E731
-    new = {key(e) for e in entries}
-    return [e for e in old if key(e) not in new] + entries
+    new = {_merge_key(e) for e in entries}
+    return [e for e in old if _merge_key(e) not in new] + entries
+
+
+def _merge_key(entry: dict) -> tuple[str, str, str]:
+    """(comparison, CPU model name, cpu_id): an entry without cpu_id (recorded before it was) is never replaced by
+    one with it, since it may have run on another CPU of the same name."""
+    cpu = entry.get("machine") or {}
+    return entry["name"], cpu.get("cpu", ""), cpu.get("cpu_id", "")
 
 
 def git_commit() -> str:

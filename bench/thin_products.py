@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time  # noqa: E402
+
 
 def median_us(fn, reps: int) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.thread_time()
-        fn()
-        times.append(time.thread_time() - t)
-    return 1e6 * statistics.median(times)
+    """Median thread-CPU microseconds of fn() over `reps` calls after 20 untimed ones."""
+    return 1e6 * median_time(fn, reps, 20, clock=time.thread_time)
 
 
 def main() -> None:

@@ -422,6 +422,8 @@ def test_a_copied_calculator_switches_fidelity_without_switching_the_original():
     pbe = si.get_potential_energy()
     twin = copy.copy(calc)
     assert twin.potential is calc.potential and twin.parameters is not calc.parameters
+    bound = [v for v in vars(twin).values() if hasattr(v, "__self__") and isinstance(v.__self__, multifi.Calculator)]
+    assert all(method.__self__ is twin for method in bound)  # no method of the copy acts on the original
     twin.fidelity = "R2SCAN"
     other = si.copy()
     other.calc = twin

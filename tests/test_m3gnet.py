@@ -206,18 +206,18 @@ def test_gated_mlp_on_edges_is_forward_of_the_concatenation():
         torch.testing.assert_close(mlp.on_edges(s, e, EdgePairs(i, j, 5), f), want, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("width", [9, 16, 20])
+@pytest.mark.parametrize("width", [9, 15])
 def test_gated_mlp_padded_equals_forward_with_derivatives(width):
-    """GatedMLP.padded (features and first-layer weights zero-padded to 16 columns) = forward: values, input
-    gradient, its derivative (force training's double backward) and the weight gradients, same weight shapes."""
+    """GatedMLP.padded (float32 features narrower than 16 and the first-layer weights zero-padded to 16 columns) =
+    forward: values, input gradient, its derivative (force training's double backward) and the weight gradients."""
     from multifi.models.m3gnet import GatedMLP
 
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(11, width, generator=g, dtype=torch.float64)
+    x = torch.randn(11, width, generator=g)
     results = []
     for padded in (False, True):
         torch.manual_seed(0)
-        mlp = GatedMLP([width, 6, 5], bias=width != 9).double()
+        mlp = GatedMLP([width, 6, 5], bias=width != 9)
         xi = x.clone().requires_grad_(True)
         y = mlp.padded(xi) if padded else mlp(xi)
         (dx,) = torch.autograd.grad(y.sin().sum(), xi, create_graph=True)
@@ -226,7 +226,26 @@ def test_gated_mlp_padded_equals_forward_with_derivatives(width):
     assert results[1][0].shape == (11, 5)
     for got, want in zip(results[1], results[0]):
         assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gated_mlp_pads_only_narrow_float32_inputs_and_the_three_body_layer_uses_it(monkeypatch, periodic):
+    """16 or more columns, float64: forward itself, bit for bit; M3GNet's three-body update goes through padded."""
+    from multifi.models.m3gnet import GatedMLP
+
+    torch.manual_seed(0)
+    for x in (torch.randn(7, 20), torch.randn(7, 9, dtype=torch.float64)):
+        mlp = GatedMLP([x.shape[1], 4]).to(x.dtype)
+        assert torch.equal(mlp.padded(x), mlp(x))
+    calls = []
+    original = GatedMLP.padded
+    monkeypatch.setattr(GatedMLP, "padded", lambda self, x, width=16: calls.append(x.shape) or original(self, x, width))
+    pot = make_m3gnet(["a"])
+    pot(graph_from_atoms([periodic], pot.cutoff, 0))
+    blocks = len(pot.representation.three_body)
+    assert len(calls) == blocks and all(
+        shape[1] == pot.representation.three_body[0].atom_gate.out_features for shape in calls
+    )
 
 
 def test_three_body_sum_without_bonds():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import types
 
 import numpy as np
 import torch
@@ -153,13 +154,18 @@ class Calculator(AseCalculator):
 
     def __copy__(self) -> Calculator:
         """copy.copy(calc): a calculator of the same model (shared, not copied) with settings, results and warnings
-        of its own, so that setting the copy's fidelity leaves the original's. Python's default shallow copy shared
-        ASE's `parameters` dict, through which the original then switched to the copy's fidelity silently."""
+        of its own, so that setting the copy's fidelity leaves the original's (Python's default shallow copy shared
+        ASE's `parameters` dict, through which the original then switched to the copy's fidelity silently). As a
+        pickled one, it builds its scripted or compiled models again when due; methods bound to the original (ASE
+        binds some in __init__) are bound to the copy."""
         new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
+        state = self.__getstate__()
+        for name, value in state.items():
+            if isinstance(value, types.MethodType) and value.__self__ is self:
+                state[name] = types.MethodType(value.__func__, new)
+        new.__dict__.update(state)
         new.parameters = copy.deepcopy(self.parameters)
-        new.results = dict(self.results)
-        new._warned, new._scripted = set(self._warned), dict(self._scripted)
+        new.results, new._warned = dict(self.results), set(self._warned)
         return new
 
     @property

@@ -169,13 +169,14 @@ class GatedMLP(nn.Module):
         """φ(x), times `filter` (same shape as the output) when given."""
         return self.rest(self.layers[0](x), self.gates[0](x), filter)
 
-    def padded(self, x: Tensor, multiple: int = 16) -> Tensor:
-        """forward(x) with x's features and the first layers' weights zero-padded to a multiple of `multiple`
-        columns: the same values (the added terms are 0 · 0), but the products whose output has x's width (the
-        input gradient [M, d] and the weight gradient [H, d]) have at least 16 columns, where MKL's float32
-        products with fewer (M3GNet's 9 three-body features) run 3-4× slower (bench/thin_products.py)."""
-        pad = -x.shape[-1] % multiple
-        if pad == 0:
+    def padded(self, x: Tensor, width: int = 16) -> Tensor:
+        """forward(x) for float32 x [M, d] on the CPU with d < `width`: x's features and the first layers' weights
+        zero-padded to `width` columns. The same values (the added terms are 0 · 0; float32 rounding may differ in the
+        last bit), but the products whose output has x's width (input gradient [M, d], weight gradient [H, d]) get
+        `width` columns: MKL's float32 products with fewer (M3GNet's 9 three-body features) ran 3-4× slower than
+        with 16, and ones wider than 16 are not helped by padding (bench/thin_products.py). forward(x) otherwise."""
+        pad = width - x.shape[-1]
+        if pad <= 0 or x.dtype != torch.float32 or x.device.type != "cpu":
             return self(x)
         x = F.pad(x, (0, pad))
         value, gate = self.layers[0], self.gates[0]
