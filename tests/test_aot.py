@@ -66,10 +66,8 @@ def test_aot_calculator_matches_eager_and_is_cached(tmp_path, monkeypatch):
         )
 
 
-def test_aot_m3gnet_matches_eager_and_runs_structures_without_three_body_bonds_eagerly(tmp_path, monkeypatch):
-    """M3GNet's package takes the bonds within the three-body cutoff as an input of symbolic size: a periodic cell,
-    a molecule; a pair beyond the three-body cutoff (no such bond) runs eagerly."""
-    monkeypatch.setenv("MULTIFI_CACHE", str(tmp_path))
+def small_m3gnet():
+    """A one-block M3GNet (cutoff 4 Å, three-body cutoff 3 Å) with its element references marked fitted."""
     torch.manual_seed(0)
     pot = build_potential(
         {"backbone": "m3gnet", "features": 8, "interactions": 1, "cutoff": 4.0, "threebody_cutoff": 3.0, "n_rbf": 4},
@@ -77,6 +75,14 @@ def test_aot_m3gnet_matches_eager_and_runs_structures_without_three_body_bonds_e
     )
     with torch.no_grad():
         pot.head.fitted.fill_(True)
+    return pot
+
+
+def test_aot_m3gnet_matches_eager_and_runs_structures_without_three_body_bonds_eagerly(tmp_path, monkeypatch):
+    """M3GNet's package takes the bonds within the three-body cutoff as an input of symbolic size: a periodic cell,
+    a molecule; a pair beyond the three-body cutoff (no such bond) runs eagerly."""
+    monkeypatch.setenv("MULTIFI_CACHE", str(tmp_path))
+    pot = small_m3gnet()
     cell = bulk("Si", "diamond", 5.43, cubic=True)
     cell.rattle(0.05, seed=2)
     far = Atoms("Si2", positions=[[0, 0, 0], [0, 0, 3.5]])
@@ -109,13 +115,7 @@ def test_aot_builds_no_package_for_a_structure_the_package_would_not_take(monkey
             return None
 
     monkeypatch.setattr(calculator, "AotModel", Recorder)
-    torch.manual_seed(0)
-    pot = build_potential(
-        {"backbone": "m3gnet", "features": 8, "interactions": 1, "cutoff": 4.0, "threebody_cutoff": 3.0, "n_rbf": 4},
-        ["PBE"],
-    )
-    with torch.no_grad():
-        pot.head.fitted.fill_(True)
+    pot = small_m3gnet()
     calc = multifi.Calculator(pot, fidelity="PBE", dtype="float64", aot=True)
     eager = multifi.Calculator(pot, fidelity="PBE", dtype="float64")
     for atoms in (Atoms("Si2", positions=[[0, 0, 0], [0, 0, 3.5]]), Atoms("Si", positions=[[0, 0, 0]])):
