@@ -699,3 +699,25 @@ def test_a_negative_index_slice_is_read_as_the_frames_to_take(model, tmp_path, c
     code, _, err = run(["predict", model, src, "--fidelity", "lo", "--index", "-2:", "--out", out], capsys)
     assert code == 0, err
     assert [a.get_chemical_formula() for a in ase.io.read(out, ":")] == ["H3N", "CH4"]
+
+
+def test_a_split_file_given_as_null_means_no_such_split(tmp_path):
+    """`data.split.files: {train: a, val: b, test: null}` (what `config --example` describes: text or null) is the
+    same as leaving `test` out; paths stay relative to the config file."""
+    from multifi.config import load_config
+
+    cfg = {
+        "data": {
+            "sources": [{"path": "x.extxyz"}],
+            "split": {"files": {"train": "tr.txt", "val": "va.txt", "test": None}},
+        }
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    files = load_config(tmp_path / "run.yaml").data.split.files
+    assert files == {"train": str(tmp_path / "tr.txt"), "val": str(tmp_path / "va.txt")}
+
+
+def test_a_split_leaving_no_training_structures_names_the_config(write_config, capsys):
+    """Fractions that leave nothing to train on: one line naming the config file and data.split."""
+    config = write_config()
+    fails(["train", config, "--dry-run", "--set", "data.split.val=0.95"], capsys, str(config), "data.split", "val=0.95")

@@ -150,7 +150,13 @@ class SplitConfig(Section):
     val: float = Field(0.1, ge=0, lt=1)
     test: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
-    files: dict[Literal["train", "val", "test"], str] | None = None
+    files: dict[Literal["train", "val", "test"], str | None] | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _no_file_is_no_split(cls, files):
+        """`test: null` (or val) means no such split, as when the key is left out."""
+        return None if files is None else {name: path for name, path in files.items() if path is not None}
 
 
 class DataConfig(Section):

@@ -68,7 +68,7 @@ def random_split(n: int, val: float, test: float, seed: int) -> Split:
     perm = np.random.default_rng(seed).permutation(n)
     n_test, n_val = int(round(test * n)), int(round(val * n))
     if n - n_test - n_val < 1:
-        raise MultifiError(f"split leaves no training structures ({n} structures, val={val}, test={test})")
+        raise MultifiError(f"data.split: val={val}, test={test} leave no training structures of the {n}")
     return Split(
         train=np.sort(perm[n_test + n_val :]), val=np.sort(perm[n_test : n_test + n_val]), test=np.sort(perm[:n_test])
     )

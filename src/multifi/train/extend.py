@@ -394,11 +394,14 @@ def read_new_data(
             "set the source's fidelity"
         )
     ds = ds.select_fidelities([name])
-    split = (
-        split_from_files(d.split.files, ds)
-        if d.split.files
-        else random_split(len(ds), d.split.val, d.split.test, d.split.seed)
-    )
+    try:
+        split = (
+            split_from_files(d.split.files, ds)
+            if d.split.files
+            else random_split(len(ds), d.split.val, d.split.test, d.split.seed)
+        )
+    except MultifiError as exc:
+        raise MultifiError(exc if d.split.files else f"{where}: {exc}") from None
     if old is not None and not d.split.files:
         split = follow_split(split, ds, old)
     pairs = {s: labelled_pairs(ds, split[s]) for s in ("train", "val", "test")}

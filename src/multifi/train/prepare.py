@@ -85,7 +85,10 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
     if d.split.files:
         split = split_from_files(d.split.files, ds)
     else:
-        split = random_split(len(ds), d.split.val, d.split.test, d.split.seed)
+        try:
+            split = random_split(len(ds), d.split.val, d.split.test, d.split.seed)
+        except MultifiError as exc:
+            raise MultifiError(f"{config_source or 'config'}: {exc}") from None
     used = np.concatenate([split.train, split.val, split.test])
     ds, split = _compact(ds, split, used)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
