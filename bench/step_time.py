@@ -15,6 +15,7 @@ from pathlib import Path
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=100)
+ap.add_argument("--chunks", type=int, default=0, help="also print the median of each run of this many steps")
 opts = ap.parse_args()
 sys.argv = [sys.argv[0]]  # profile_m3gnet.py reads --ops from argv
 setup = runpy.run_path(str(Path(__file__).with_name("profile_m3gnet.py")))  # model, batches, its short profile
@@ -23,3 +24,8 @@ import multifi  # noqa: E402
 step, graphs = setup["training_step_seconds"], setup["gs"]
 times = [step(graphs[k % len(graphs)]) for k in range(opts.steps)]
 print(f"{multifi.__file__}: median training step {1e3 * statistics.median(times[5:]):.1f} ms (thread CPU)")
+if opts.chunks:  # how the same process's step time moves over the run (the host's load)
+    runs = [times[i : i + opts.chunks] for i in range(0, len(times) - opts.chunks + 1, opts.chunks)]
+    print(
+        f"medians of {opts.chunks}-step runs: " + " / ".join(f"{1e3 * statistics.median(r):.1f}" for r in runs) + " ms"
+    )
