@@ -1,13 +1,18 @@
-"""Two M3GNet training-step ideas measured and not kept (bench/RESULTS.md, sixth sitting of 2026-12-06):
+"""M3GNet training-step ideas measured and not kept (bench/RESULTS.md, sixth and seventh sittings of 2026-12-06):
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/tried_m3gnet.py filters [--edges 3454]
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/tried_m3gnet.py silu [--steps 60]
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/tried_m3gnet.py merged [--edges 3948]
 
 filters: the six two-body filter products of a 3-block model, 6 × [E, 20] × [20, 64], against one [E, 20] × [20, 384]
 product, and their gradients (thread CPU time, median of 200 calls), plus what joining and splitting the parts costs.
 silu: in-process A/B of the force+stress training step (bench/profile_m3gnet.py's setup, alternating step by step on the
 same batches) of multifi's SiLU (torch's SiLU, σ(x) computed again for the derivatives) against a variant that computes
 σ(x) once and x ⊙ σ(x) as a product, keeping σ(x) for the derivatives.
+merged: what one SiLU costs in the loss's backward of a force-training step as autograd runs it (the kernel of its second
+derivative, torch's silu_backward for the energy path and autograd's sum of the two gradients of x) against a bound for
+one merged pass (two passes that read and write as many [E, 64] tensors as a merged kernel would), operands out of
+cache (a new set each call from a pool of 40), thread CPU time, median of 180 calls.
 """
 
 from __future__ import annotations
@@ -88,13 +93,48 @@ def silu(steps: int) -> None:
     )
 
 
+def merged(edges: int) -> None:
+    import time
+
+    import multifi.nn.fused as fused
+
+    if not fused.available():
+        raise SystemExit("the fused kernels are not available here")
+    torch.set_num_threads(1)
+    pool = []
+    for _ in range(40):  # x, σ(x), g (first-backward gradient), gg and ge (the loss's gradients) per set
+        x, g, gg, ge = (torch.randn(edges, 64) for _ in range(4))
+        pool.append((x, torch.sigmoid(x), g, gg, ge))
+    ops = torch.ops.multifi_fused
+
+    def as_now(x, s, g, gg, ge):  # _SiLUGrad's backward, _SiLU's backward (grad mode off), the engine's sum
+        dx, dg = ops.silu_grad2(x, s, g, gg)
+        return dx + torch.ops.aten.silu_backward(ge, x), dg
+
+    def merged_bound(x, s, g, gg, ge):  # dg = gg silu'(x) (4 tensors); dx from x, s, g, ge (+ gg): 6 tensors
+        return ops.silu_grad(x, s, gg), ops.silu_grad2(x, s, g, ge)
+
+    for name, fn in (("as autograd runs it", as_now), ("one merged pass (bound)", merged_bound)):
+        times = []
+        for k in range(200):
+            t = time.thread_time()
+            fn(*pool[k % len(pool)])
+            times.append(time.thread_time() - t)
+        print(f"{name}: {1e6 * statistics.median(times[20:]):.0f} µs per SiLU on [{edges}, 64]")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["filters", "silu"])
+    ap.add_argument("what", choices=["filters", "silu", "merged"])
     ap.add_argument("--edges", type=int, default=3454)
     ap.add_argument("--steps", type=int, default=60)
     opts = ap.parse_args()
-    filters(opts.edges) if opts.what == "filters" else silu(opts.steps)
+    if opts.what == "filters":
+        filters(opts.edges)
+    elif opts.what == "silu":
+        silu(opts.steps)
+    else:
+        merged(opts.edges)
 
 
 if __name__ == "__main__":
