@@ -127,7 +127,7 @@ def test_evaluate_file_without_fidelities_at_a_named_fidelity(cli_run, tmp_path,
 
 
 # ---------------------------------------------------------------------------------------------- predict
-def test_predict_writes_extxyz_with_energies(cli_run, tmp_path, capsys):
+def test_predict_writes_extxyz_with_energies(cli_run, tmp_path, capsys, caplog):
     _, run_dir = cli_run
     mols = [rattled_molecule("CH3OH", 5), rattled_molecule("H2O", 6)]
     src = tmp_path / "in.xyz"
@@ -141,6 +141,7 @@ def test_predict_writes_extxyz_with_energies(cli_run, tmp_path, capsys):
     )
     assert code == 0 and stdout.strip().endswith(f"predicted at hi to {twice}")
     assert twice.read_bytes() == out.read_bytes()
+    assert "--fidelity hi given more than once: predicted once" in caplog.text
     frames = ase.io.read(out, ":")
     pot = load_potential(run_dir / "model.pt")
     e, f, _ = predict_atoms(pot, mols, "hi")

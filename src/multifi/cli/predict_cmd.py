@@ -46,13 +46,20 @@ def register(sub):
 
 
 def run(args) -> int:
+    import logging
     from pathlib import Path
 
     from multifi.cli.args import refuse_existing
     from multifi.predict import predict_file
 
     refuse_existing(args.out, force=args.force)
-    fidelities = list(dict.fromkeys(args.fidelity))  # a fidelity given twice is predicted (and warned about) once
+    fidelities = list(dict.fromkeys(args.fidelity))  # a fidelity given twice is predicted once, and said so
+    repeated = [f for f in fidelities if args.fidelity.count(f) > 1]
+    if repeated:
+        logging.getLogger("multifi").warning(
+            "--fidelity %s given more than once: predicted once (one frame per input frame and fidelity)",
+            ", ".join(repeated),
+        )
     n = predict_file(
         args.checkpoint,
         args.structures,
