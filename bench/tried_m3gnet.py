@@ -1,4 +1,4 @@
-"""M3GNet training-step ideas measured and not kept (bench/RESULTS.md, sixth and seventh sittings of 2026-12-06):
+"""M3GNet training-step ideas measured and not kept (bench/RESULTS.md, sections "Three-body products padded" and "Every target on the Zen 4"):
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/tried_m3gnet.py filters [--edges 3454]
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/tried_m3gnet.py silu [--steps 60]
