@@ -592,6 +592,15 @@ def test_neighbor_cache_is_csr_of_per_structure_lists():
         neighbor_list(si.positions, np.zeros((3, 3)), [True] * 3, 3.0)
 
 
+def test_neighbor_cache_draws_no_progress_bar_into_a_log(capsys):
+    """Without a terminal (a log file, CI) the neighbour lists of a large dataset leave stderr clean."""
+    recs, _ = water_methane_si()
+    ds = FidelityDataset.from_records(recs[:2] * 1100)  # > 2000 structures: the size that draws a bar on a terminal
+    NeighborCache(ds, 3.0, progress=True)
+    err = capsys.readouterr().err
+    assert "neighbour lists" not in err and "\r" not in err
+
+
 def test_limits_keep_every_element_represented():
     from ase.build import molecule
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -140,7 +142,7 @@ class NeighborCache:
         nl = NeighborList(cutoff=self.cutoff, full_list=True)
         ii, jj, ss = [], [], []
         it = range(S)
-        if progress and S > 2000:
+        if progress and S > 2000 and sys.stderr.isatty():  # logs (CI, nohup, SLURM) get no bar
             it = tqdm(it, desc=f"neighbour lists ({cutoff:g} Å)", unit="struct", leave=False)
         for s in it:
             try:
