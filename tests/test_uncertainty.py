@@ -150,6 +150,10 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
 
     with pytest.raises(multifi.MultifiError, match="model.llpr.npz: no LLPR calibration next to the model"):
         multifi.Calculator(run_dir / "model.pt", fidelity="hi", uncertainty=True)
+    # evaluate refuses before it evaluates: no error table first, no metrics file
+    code, out, err = run(["evaluate", run_dir, tiny_extxyz, "--uncertainty", "--out", tmp_path / "u.json"], capsys)
+    assert code == 2 and "no LLPR calibration next to the model" in err and "MAE" not in out
+    assert not (tmp_path / "u.json").exists()
     code, out, _ = run(["calibrate", run_dir], capsys)
     assert code == 0 and "hi: alpha" in out and "lo: alpha" in out and (run_dir / "model.llpr.npz").exists()
     pred = tmp_path / "pred.extxyz"
@@ -225,7 +229,8 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     )
     uq = json.loads(metrics.read_text())["uncertainty"]
     assert code == 0 and uq["method"] == "ensemble of 2" and set(uq["fidelities"]) == {"hi"}
-    assert "(this model alone; the mean of the ensemble of 2: below)" in out  # which errors the headline shows
+    # which errors the headline shows, and what of the ensemble's mean the table below gives
+    assert "(this model alone; the energy RMSE of the mean of the ensemble of 2: below)" in out
 
 
 def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, tmp_path, capsys, caplog):  # noqa: F811
@@ -254,6 +259,12 @@ def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, 
     args = ["calibrate", model, "--train", tmp_path / "train.extxyz", "--val"]
     fails(["calibrate", tmp_path / "runs" / "gone"], capsys, "gone: no such model file or run directory")
     fails([*args, tmp_path / "train.extxyz"], capsys, "every validation label is also in --train")
+    # --fidelity of the model that no structure of the files names: the files and the reason, not "unknown fidelity"
+    lo_only = ["calibrate", model, "--train", tmp_path / "train_lo.extxyz", "--val", tmp_path / "val_lo.extxyz"]
+    fails(
+        [*lo_only, "--fidelity", "hi"], capsys, "train_lo.extxyz", "no labels at 'hi'", "name their own fidelity (lo)"
+    )
+    fails([*lo_only, "--fidelity", "mid"], capsys, "model.pt", "mid")  # one the model lacks: named by the model file
     assert not (tmp_path / "model.llpr.npz").exists()
     with caplog.at_level("INFO", logger="multifi"):
         code, out, _ = run([*args, tmp_path / "val.extxyz"], capsys)
@@ -357,13 +368,13 @@ def test_calibration_leaves_out_validation_structures_with_estimated_references(
     assert llpr.fidelities["hi"].alpha == pytest.approx(alone.fidelities["hi"].alpha)
 
     # evaluate --uncertainty's statistics leave them out too (they included them: numbers calibrate never saw)
-    from multifi.uncertainty import llpr_path, uncertainty_report
+    from multifi.uncertainty import llpr_path, uncertainty_models, uncertainty_report
 
     model = save_potential(pot, tmp_path / "model.pt")
     llpr.save(llpr_path(model))
     caplog.clear()
     with caplog.at_level("WARNING", logger="multifi"):
-        report = uncertainty_report(model, pot, [], ds, val)
+        report = uncertainty_report(uncertainty_models(model, pot, [], ["hi"]), ds, val)
     assert report["fidelities"]["hi"]["n"] == 4
     assert "hi: 4 of 8 structures contain elements whose reference energy was estimated: left out" in caplog.text
 

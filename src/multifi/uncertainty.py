@@ -372,7 +372,7 @@ def calibrate_files(
 ) -> tuple[LLPR, Path]:
     """Fit the LLPR of a model from labelled training and validation files; writes the side file."""
     from multifi.data.dataset import FidelityDataset
-    from multifi.data.sources import read_labelled
+    from multifi.data.sources import check_given_fidelity, read_labelled
     from multifi.data.split import labelled_pairs
     from multifi.models.registry import load_potential
 
@@ -380,6 +380,9 @@ def calibrate_files(
     train = FidelityDataset.merge([read_labelled(p, fidelity) for p in train_files])
     val = FidelityDataset.merge([read_labelled(p, fidelity) for p in val_files])
     ds = FidelityDataset.merge([train, val])
+    if fidelity:
+        potential.fidelities.index(fidelity, where=str(model))
+        check_given_fidelity(ds.fidelities.names, fidelity, [*train_files, *val_files], "calibrate at theirs")
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     # a label in both files (same key, same fidelity) is a training label; a structure trained at another
     # fidelity only still validates this one (its label here was never trained on)
@@ -519,14 +522,27 @@ def load_ensemble(paths, fidelities, device="cpu") -> list:
     return models
 
 
-def uncertainty_report(checkpoint, potential, ensemble: list, dataset, pairs: np.ndarray, batch_size: int = 64) -> dict:
-    """Calibration per fidelity (evaluate_uncertainty) of the LLPR of one model or of an ensemble:
+def uncertainty_models(checkpoint, potential, ensemble: list, fidelities: list[str]) -> tuple[list, LLPR | None, str]:
+    """(models, llpr, method) of an uncertainty estimate, loaded and checked before any work is done: the model and
+    its LLPR calibration (an error when it has none or one of other weights), or the model and the further members
+    of a deep ensemble (`ensemble`, model files that must know `fidelities`)."""
+    if ensemble:
+        device = next(potential.parameters()).device
+        return [potential] + load_ensemble(ensemble, fidelities, device), None, f"ensemble of {len(ensemble) + 1}"
+    return [potential], LLPR.load(llpr_path(checkpoint), potential), "llpr"
+
+
+def uncertainty_report(
+    estimate: tuple[list, LLPR | None, str], dataset, pairs: np.ndarray, batch_size: int = 64
+) -> dict:
+    """Calibration per fidelity (evaluate_uncertainty) of an estimate of uncertainty_models():
     {"method", "fidelities": {name: metrics}}. Structures with an element whose reference energy at the pair's
     fidelity was estimated are left out (said so), as calibration leaves them out: they err by the estimate's
     error, which σ does not describe."""
     from multifi.train.evaluate import pairs_with_estimated_references
 
-    estimated = pairs_with_estimated_references(potential, dataset, pairs)
+    models, llpr, method = estimate
+    estimated = pairs_with_estimated_references(models[0], dataset, pairs)
     for k in np.unique(pairs[estimated, 1]):
         log.warning(
             "%s: %d of %d structures contain elements whose reference energy was estimated: left out of the "
@@ -536,16 +552,6 @@ def uncertainty_report(checkpoint, potential, ensemble: list, dataset, pairs: np
             int((pairs[:, 1] == k).sum()),
         )
     pairs = pairs[~estimated]
-    if ensemble:
-        names = [dataset.fidelities.names[int(k)] for k in np.unique(pairs[:, 1])]
-        device = next(potential.parameters()).device
-        models, llpr, method = (
-            [potential] + load_ensemble(ensemble, names, device),
-            None,
-            f"ensemble of {len(ensemble) + 1}",
-        )
-    else:
-        models, llpr, method = [potential], LLPR.load(llpr_path(checkpoint), potential), "llpr"
     return {"method": method, "fidelities": evaluate_uncertainty(models, dataset, pairs, batch_size, llpr)}
 
 

@@ -53,9 +53,8 @@ def run(args) -> int:
     from multifi.cli.args import label_keys, refuse_existing
     from multifi.cli.format import metrics_table
     from multifi.data.checks import check_force_units, check_stress_units
-    from multifi.data.sources import fidelity_field, merge_parts, read_labelled
+    from multifi.data.sources import check_given_fidelity, merge_parts, read_labelled
     from multifi.data.split import labelled_pairs
-    from multifi.errors import MultifiError
     from multifi.files import atomic_write, encoded_for, json_text
     from multifi.models.registry import load_potential
     from multifi.train.evaluate import evaluate_pairs
@@ -65,8 +64,6 @@ def run(args) -> int:
         from multifi.plots import image_format
 
         image_format(Path(args.plot))
-    from multifi.data.fidelity import alike_names
-
     potential = load_potential(args.checkpoint).to(args.device)
     parts = [
         read_labelled(path, args.fidelity, args.skip_invalid, args.index, **label_keys(args)) for path in args.data
@@ -75,20 +72,14 @@ def run(args) -> int:
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     if args.fidelity:
         potential.fidelities.index(args.fidelity, where=args.checkpoint)
-        alike = [b for a, b in alike_names([args.fidelity, *ds.fidelities.names]) if a == args.fidelity]
-        if args.fidelity not in ds.fidelities.names and alike:
-            raise MultifiError(
-                f"{', '.join(args.data)}: its structures name fidelity {alike[0]!r}, equal up to case or spaces to "
-                f"--fidelity {args.fidelity!r}, but a name the data gives is used as written (--fidelity applies only "
-                f"to structures that name none): write {args.fidelity!r} into {fidelity_field(args.data[0])}"
-            )
-        if args.fidelity not in ds.fidelities.names:
-            raise MultifiError(
-                f"{', '.join(args.data)}: no labels at {args.fidelity!r}: its structures name their own fidelity "
-                f"({', '.join(ds.fidelities.names)}), and --fidelity applies only to structures that name none; "
-                "drop --fidelity to evaluate them at theirs"
-            )
+        check_given_fidelity(ds.fidelities.names, args.fidelity, args.data, "evaluate them at theirs")
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity)]
+    estimate = None  # the LLPR calibration or ensemble members: loaded (and refused) before the evaluation runs
+    if args.uncertainty or args.ensemble:
+        from multifi.uncertainty import uncertainty_models
+
+        names = [ds.fidelities.names[int(k)] for k in np.unique(pairs[:, 1])]
+        estimate = uncertainty_models(args.checkpoint, potential, args.ensemble, names)
     _warn_trained_on(args.checkpoint, ds, pairs)
     scored = check_elements(potential, ds, pairs)  # [P] False: an element the model never saw (left out)
     check_force_units(ds, pairs)  # forces in meV/Å, stress in kBar or of the other sign: errors of thousands
@@ -96,7 +87,7 @@ def run(args) -> int:
     metrics, predicted = evaluate_pairs(potential, ds, None, pairs, args.batch_size, return_predictions=True)
     title = f"{args.checkpoint} on {', '.join(args.data)}"
     if args.ensemble:  # the headline is this one model's; the ensemble mean's errors are in the uncertainty table
-        title += f" (this model alone; the mean of the ensemble of {len(args.ensemble) + 1}: below)"
+        title += f" (this model alone; the energy RMSE of the mean of the ensemble of {len(args.ensemble) + 1}: below)"
     print(metrics_table(metrics, title=title))
     in_units = _warn_implausible(metrics, ", ".join(args.data), _label_slopes(ds, pairs[scored], predicted[scored]))
     from multifi.train.evaluate import pairs_with_estimated_references
@@ -108,9 +99,7 @@ def run(args) -> int:
     if args.uncertainty or args.ensemble:
         from multifi.uncertainty import uncertainty_report, uncertainty_table
 
-        payload["uncertainty"] = uncertainty_report(
-            args.checkpoint, potential, args.ensemble, ds, pairs[scored], args.batch_size
-        )
+        payload["uncertainty"] = uncertainty_report(estimate, ds, pairs[scored], args.batch_size)
         print(uncertainty_table(payload["uncertainty"]))
         for name, m in payload["uncertainty"]["fidelities"].items():
             if m["n"] < MIN_UNCERTAINTY_N:  # a rank correlation of 2 structures is ±1 whatever σ means

@@ -88,6 +88,27 @@ def fidelity_field(source: str | Path | None) -> str:
     return "the file's info['fidelity']"
 
 
+def check_given_fidelity(names: list[str], fidelity: str, files: list[str], action: str) -> None:
+    """--fidelity FIDELITY for data whose structures carry the fidelities `names`: an error naming the files when
+    none is FIDELITY (--fidelity applies only to structures that name none). `action`: what dropping it does."""
+    from multifi.data.fidelity import alike_names
+
+    if fidelity in names:
+        return
+    where = ", ".join(str(f) for f in files)
+    alike = [b for a, b in alike_names([fidelity, *names]) if a == fidelity]
+    if alike:
+        raise MultifiError(
+            f"{where}: its structures name fidelity {alike[0]!r}, equal up to case or spaces to --fidelity "
+            f"{fidelity!r}, but a name the data gives is used as written (--fidelity applies only to structures that "
+            f"name none): write {fidelity!r} into {fidelity_field(files[0])}"
+        )
+    raise MultifiError(
+        f"{where}: no labels at {fidelity!r}: its structures name their own fidelity ({', '.join(names)}), and "
+        f"--fidelity applies only to structures that name none; drop --fidelity to {action}"
+    )
+
+
 def _is_ase_json_db(path: Path) -> bool:
     """An ASE database written as .json (`{"1": {"cell": …`, rows keyed by id), not MatPES records."""
     import gzip
