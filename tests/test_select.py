@@ -304,6 +304,16 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
     )
     assert code == 0 and "picked 5 of 20 eligible structures (40 distinct structures in the pool" in stdout
     assert "20 labelled at hi in the model's run data" in stdout
+    shifted = [a.copy() for a in bare[:20]]  # the run's structures again, moved by 1e-4 Å: counted once
+    for a in shifted:
+        a.positions += 1e-4
+    ase.io.write(pool, bare + shifted, format="extxyz")
+    code, stdout, _ = run(
+        ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out, "--force"],
+        capsys,
+    )
+    assert code == 0 and "picked 5 of 20 eligible structures (40 distinct structures in the pool" in stdout
+    assert "20 labelled at hi in the model's run data" in stdout
 
     def pick(frames, n: int) -> str:
         ase.io.write(pool, frames, format="extxyz")

@@ -134,7 +134,7 @@ def run(args) -> int:
         atomic_write(out, lambda f: f.write("".join(k + "\n" for k in keys).encode()))
     eligible = int((~labelled_mask(pool, args.fidelity, exclude, copies)).sum())
     distinct = int((copies == np.arange(len(pool))).sum())  # copies up to translation (or rotation) count once
-    in_run = int(in_run_mask.sum())
+    in_run = len(np.unique(copies[in_run_mask]))  # distinct structures, as `distinct` counts them
     print(
         f"picked {len(keys)} of {eligible} eligible structures ({distinct} distinct structures in the pool, the others labelled "
         f"at {args.fidelity}, excluded or repeated geometries"
