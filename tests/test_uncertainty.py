@@ -212,6 +212,7 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
         assert a.get_potential_energy() == pytest.approx((x + y) / 2, rel=1e-6)
         assert a.info["energy_sigma"] == pytest.approx(abs(x - y) / np.sqrt(2), rel=1e-5)
         assert a.info["uncertainty"] == "ensemble of 2"
+        assert a.info["predicted_by"].endswith(": the mean of model.pt + other.pt")  # every model, not the first
     code, out, _ = run(
         [
             "evaluate",

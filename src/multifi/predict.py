@@ -162,9 +162,12 @@ def predict_file(
                 int(estimated[name].sum()),
                 name,
             )
+    by = " + ".join(_model_name(m) for m in [checkpoint, *ensemble])  # with an ensemble: the mean of all of them
+    if ensemble:
+        by = f"the mean of {by}"
     for i, a in enumerate(atoms_list):
         _keep_reference_labels(a, f"{path}: structure {i}")
-        a.info[PREDICTION_MARK] = f"multifi {multifi.__version__}: {_model_name(checkpoint)}"
+        a.info[PREDICTION_MARK] = f"multifi {multifi.__version__}: {by}"
         for n, name in enumerate(fidelities):
             _attach(a, name, *(p[i] for p in predictions[name]), first=n == 0, several=len(fidelities) > 1)
             if estimated[name][i]:  # its energy's reference was estimated: may be off by eV (warned once above)
