@@ -692,12 +692,12 @@ def _report_extension_plan(cfg: RunConfig, module, pairs: dict, table: FidelityT
     steps = math.ceil(len(pairs["train"]) / cfg.train.batch_size)
     cap = f", at most {cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else ""
     log.info(
-        "training: %d samples (%s), batch %d: %d steps per epoch, %d epochs%s; %s trainable parameters",
+        "training: %d samples (%s), batch %d: %s per epoch, %s%s; %s trainable parameters",
         len(pairs["train"]),
         _count_text(pairs["train"], table),
         cfg.train.batch_size,
-        steps,
-        cfg.train.epochs,
+        f"{steps} step{'s' * (steps != 1)}",
+        f"{cfg.train.epochs} epoch{'s' * (cfg.train.epochs != 1)}",
         cap,
         f"{trainable:,}",
     )

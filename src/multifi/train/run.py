@@ -1333,11 +1333,11 @@ def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None,
         f"{n_params:,}",
     )
     log.info(
-        "training: %d samples, batch %d: %d steps per epoch, %d epochs, at most %d steps%s",
+        "training: %d samples, batch %d: %s per epoch, %s, at most %d steps%s",
         len(prep.pairs["train"]),
         t.batch_size,
-        steps,
-        t.epochs,
+        f"{steps} step{'s' * (steps != 1)}",
+        f"{t.epochs} epoch{'s' * (t.epochs != 1)}",
         total,
         f"; resuming from {ckpt}" if ckpt else "",
     )
