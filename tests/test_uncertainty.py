@@ -181,6 +181,18 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     uq = json.loads(metrics.read_text())["uncertainty"]
     assert uq["method"] == "llpr" and set(uq["fidelities"]) == {"lo", "hi"}
     assert all(-1 <= v["spearman"] <= 1 and 0 <= v["miscalibration_area"] <= 0.5 for v in uq["fidelities"].values())
+    # a calibration without the fidelity evaluated: refused before the evaluation too
+    import shutil
+
+    from multifi.uncertainty import LLPR, llpr_path
+
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(run_dir / "model.pt", part / "model.pt")
+    full = LLPR.load(llpr_path(run_dir / "model.pt"))
+    LLPR({"lo": full.of("lo")}, full.fingerprint).save(llpr_path(part / "model.pt"))
+    code, out, err = run(["evaluate", part / "model.pt", tiny_extxyz, "--fidelity", "hi", "--uncertainty"], capsys)
+    assert code == 2 and "no LLPR calibration for fidelity 'hi' (calibrated: lo)" in err and "MAE" not in out
 
     # a deep ensemble: the mean energy and the standard deviation of two models
     other = tiny_potential(seed=5)
@@ -212,7 +224,8 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
         assert a.get_potential_energy() == pytest.approx((x + y) / 2, rel=1e-6)
         assert a.info["energy_sigma"] == pytest.approx(abs(x - y) / np.sqrt(2), rel=1e-5)
         assert a.info["uncertainty"] == "ensemble of 2"
-        assert a.info["predicted_by"].endswith(": the mean of model.pt + other.pt")  # every model, not the first
+        # every model, as given (runs/s1/model.pt and runs/s2/model.pt stay apart), not the first alone
+        assert a.info["predicted_by"].endswith(f": the mean of {run_dir / 'model.pt'} + {tmp_path / 'other.pt'}")
     code, out, _ = run(
         [
             "evaluate",

@@ -162,9 +162,9 @@ def predict_file(
                 int(estimated[name].sum()),
                 name,
             )
-    by = " + ".join(_model_name(m) for m in [checkpoint, *ensemble])  # with an ensemble: the mean of all of them
+    by = _model_name(checkpoint)  # with an ensemble, the mean of its models, named as given (runs/s1/model.pt, …)
     if ensemble:
-        by = f"the mean of {by}"
+        by = "the mean of " + " + ".join(str(m) for m in [checkpoint, *ensemble])
     for i, a in enumerate(atoms_list):
         _keep_reference_labels(a, f"{path}: structure {i}")
         a.info[PREDICTION_MARK] = f"multifi {multifi.__version__}: {by}"

@@ -377,11 +377,12 @@ def calibrate_files(
     from multifi.models.registry import load_potential
 
     potential = load_potential(model)
+    if fidelity:
+        potential.fidelities.index(fidelity, where=str(model))
     train = FidelityDataset.merge([read_labelled(p, fidelity) for p in train_files])
     val = FidelityDataset.merge([read_labelled(p, fidelity) for p in val_files])
     ds = FidelityDataset.merge([train, val])
     if fidelity:
-        potential.fidelities.index(fidelity, where=str(model))
         check_given_fidelity(ds.fidelities.names, fidelity, [*train_files, *val_files], "calibrate at theirs")
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     # a label in both files (same key, same fidelity) is a training label; a structure trained at another
@@ -529,7 +530,10 @@ def uncertainty_models(checkpoint, potential, ensemble: list, fidelities: list[s
     if ensemble:
         device = next(potential.parameters()).device
         return [potential] + load_ensemble(ensemble, fidelities, device), None, f"ensemble of {len(ensemble) + 1}"
-    return [potential], LLPR.load(llpr_path(checkpoint), potential), "llpr"
+    llpr = LLPR.load(llpr_path(checkpoint), potential)
+    for name in fidelities:  # a fidelity calibrated by none: refused now, not after the evaluation
+        llpr.of(name, where=str(llpr_path(checkpoint)))
+    return [potential], llpr, "llpr"
 
 
 def uncertainty_report(

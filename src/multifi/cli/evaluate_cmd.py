@@ -74,25 +74,27 @@ def run(args) -> int:
         potential.fidelities.index(args.fidelity, where=args.checkpoint)
         check_given_fidelity(ds.fidelities.names, args.fidelity, args.data, "evaluate them at theirs")
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity)]
-    estimate = None  # the LLPR calibration or ensemble members: loaded (and refused) before the evaluation runs
-    if args.uncertainty or args.ensemble:
-        from multifi.uncertainty import uncertainty_models
-
-        names = [ds.fidelities.names[int(k)] for k in np.unique(pairs[:, 1])]
-        estimate = uncertainty_models(args.checkpoint, potential, args.ensemble, names)
     _warn_trained_on(args.checkpoint, ds, pairs)
     scored = check_elements(potential, ds, pairs)  # [P] False: an element the model never saw (left out)
     check_force_units(ds, pairs)  # forces in meV/Å, stress in kBar or of the other sign: errors of thousands
     check_stress_units(ds, pairs)
+    from multifi.train.evaluate import pairs_with_estimated_references
+
+    estimated = pairs_with_estimated_references(potential, ds, pairs)  # [P]: their errors are the estimate's
+    estimate = None  # the LLPR calibration or ensemble members: loaded (and refused) before the evaluation runs
+    if args.uncertainty or args.ensemble:
+        from multifi.uncertainty import uncertainty_models
+
+        # the fidelities the uncertainty statistics will cover (uncertainty_report leaves out the same structures)
+        names = [ds.fidelities.names[int(k)] for k in np.unique(pairs[scored & ~estimated, 1])]
+        estimate = uncertainty_models(args.checkpoint, potential, args.ensemble, names)
     metrics, predicted = evaluate_pairs(potential, ds, None, pairs, args.batch_size, return_predictions=True)
     title = f"{args.checkpoint} on {', '.join(args.data)}"
     if args.ensemble:  # the headline is this one model's; the ensemble mean's errors are in the uncertainty table
         title += f" (this model alone; the energy RMSE of the mean of the ensemble of {len(args.ensemble) + 1}: below)"
     print(metrics_table(metrics, title=title))
     in_units = _warn_implausible(metrics, ", ".join(args.data), _label_slopes(ds, pairs[scored], predicted[scored]))
-    from multifi.train.evaluate import pairs_with_estimated_references
-
-    fitted = scored & ~pairs_with_estimated_references(potential, ds, pairs)  # estimated references: warned above
+    fitted = scored & ~estimated  # estimated references: warned above
     warn_per_element_errors(ds, pairs[fitted], predicted[fitted], ", ".join(args.data), skip=in_units)
     warn_own_predictions(ds, pairs[scored], predicted[scored], ", ".join(args.data))
     payload = {"fidelities": metrics}

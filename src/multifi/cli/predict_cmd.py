@@ -57,7 +57,7 @@ def run(args) -> int:
     repeated = [f for f in fidelities if args.fidelity.count(f) > 1]
     if repeated:
         logging.getLogger("multifi").warning(
-            "--fidelity %s given more than once: predicted once (one frame per input frame and fidelity)",
+            "--fidelity %s given more than once: predicted once (each fidelity once per frame)",
             ", ".join(repeated),
         )
     n = predict_file(

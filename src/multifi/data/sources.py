@@ -91,8 +91,6 @@ def fidelity_field(source: str | Path | None) -> str:
 def check_given_fidelity(names: list[str], fidelity: str, files: list[str], action: str) -> None:
     """--fidelity FIDELITY for data whose structures carry the fidelities `names`: an error naming the files when
     none is FIDELITY (--fidelity applies only to structures that name none). `action`: what dropping it does."""
-    from multifi.data.fidelity import alike_names
-
     if fidelity in names:
         return
     where = ", ".join(str(f) for f in files)

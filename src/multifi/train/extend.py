@@ -690,7 +690,7 @@ def _report_extension_plan(cfg: RunConfig, module, pairs: dict, table: FidelityT
 
     trainable = module.trained_parameters()
     steps = math.ceil(len(pairs["train"]) / cfg.train.batch_size)
-    cap = f", at most {cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else ""
+    cap = f", at most {cfg.train.max_steps} step{'s' * (cfg.train.max_steps != 1)}" if cfg.train.max_steps > 0 else ""
     log.info(
         "training: %d samples (%s), batch %d: %s per epoch, %s%s; %s trainable parameters",
         len(pairs["train"]),

@@ -1333,12 +1333,12 @@ def _report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None,
         f"{n_params:,}",
     )
     log.info(
-        "training: %d samples, batch %d: %s per epoch, %s, at most %d steps%s",
+        "training: %d samples, batch %d: %s per epoch, %s, at most %s%s",
         len(prep.pairs["train"]),
         t.batch_size,
         f"{steps} step{'s' * (steps != 1)}",
         f"{t.epochs} epoch{'s' * (t.epochs != 1)}",
-        total,
+        f"{total} step{'s' * (total != 1)}",
         f"; resuming from {ckpt}" if ckpt else "",
     )
     if can_start:
