@@ -194,6 +194,23 @@ def test_broken_yaml_names_the_line(tmp_path, capsys):
     fails(["train", path], capsys, str(path), "not valid YAML: line ")
 
 
+def test_config_that_is_no_utf8_text_or_a_directory(write_config, tmp_path, capsys):
+    """A config saved in Latin-1, a binary file, a run directory: one line each (were a UnicodeDecodeError traceback
+    and "no such config file" for a folder that exists)."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"# cutoff in \xc5\n" + write_config().read_bytes())
+    fails(["train", latin1, "--dry-run"], capsys, str(latin1), "not a UTF-8 text file (byte 12")
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(bytes(range(128, 256)))
+    for argv in (["train", binary, "--dry-run"], ["experiment", "status", binary]):
+        fails(argv, capsys, str(binary), "not a UTF-8 text file")
+    run_dir = tmp_path / "run1"
+    run_dir.mkdir()
+    fails(["train", run_dir, "--dry-run"], capsys, f"{run_dir}: a directory, not a config file")
+    (run_dir / "config.yaml").write_text("{}")
+    fails(["train", run_dir, "--dry-run"], capsys, "a run directory? `multifi train --resume DIR` continues it")
+
+
 @pytest.mark.parametrize("kind", ["file", "under_a_file"])
 def test_output_dir_that_cannot_be_a_folder(write_config, tmp_path, capsys, kind):
     blocker = tmp_path / "blocker"

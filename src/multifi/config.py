@@ -497,12 +497,22 @@ def blamed(where: str, overrides):
 def read_yaml_mapping(path: Path, noun: str, not_mapping: str) -> dict:
     """The YAML mapping in `path`; a missing file, invalid YAML (with line and column) or another kind of
     document is a one-line error naming the file (`noun`: what the file is, e.g. "config file")."""
+    if path.is_dir():
+        hint = (
+            " (a run directory? `multifi train --resume DIR` continues it)" if (path / "config.yaml").exists() else ""
+        )
+        raise MultifiError(f"{path}: a directory, not a {noun}{hint}")
     if not path.is_file():
         raise MultifiError(f"{path}: no such {noun}")
     try:
-        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise MultifiError(f"{path}: {yaml_error(exc)}") from None
+    except UnicodeDecodeError as exc:  # a binary file (a model, a data file) or a text saved in another encoding
+        raise MultifiError(
+            f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r}); a {noun} "
+            "is YAML text in UTF-8"
+        ) from None
     if not isinstance(raw, dict):
         raise MultifiError(f"{path}: {not_mapping}")
     return raw
