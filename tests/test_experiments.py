@@ -1165,3 +1165,10 @@ def test_a_metric_no_run_measured_gets_a_labelled_empty_panel_without_warnings(t
             "title",
         )
     assert path.stat().st_size > 0
+
+
+def test_progress_lines_give_short_runs_their_seconds():
+    """A run of 0.7 s was reported as '0 s'."""
+    from multifi_experiments.runner import _seconds_text
+
+    assert _seconds_text(0.7) == "0.7 s" and _seconds_text(9.96) == "10.0 s" and _seconds_text(42.4) == "42 s"

@@ -348,15 +348,20 @@ class _Progress:
         eta = elapsed / self.done * (self.total - self.done)
         errs = ", ".join(_errors_text(m, v) for m, v in result.get("test", {}).items())
         log.info(
-            "[%d/%d] %s: %.0f s%s; elapsed %.0f min, left ≈ %.0f min",
+            "[%d/%d] %s: %s%s; elapsed %.0f min, left ≈ %.0f min",
             self.done,
             self.total,
             plan.id,
-            result.get("train_seconds", 0),
+            _seconds_text(result.get("train_seconds", 0)),
             f"; test MAE {errs}" if errs else "",
             elapsed / 60,
             eta / 60,
         )
+
+
+def _seconds_text(seconds: float) -> str:
+    """'0.7 s' below 10 s (a short run is not '0 s'), '42 s' above."""
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
 
 
 def _errors_text(method: str, v: dict) -> str:
