@@ -625,6 +625,14 @@ def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog
     assert all(m.startswith("structure 1: atoms ") for m in messages), messages
     assert "any H–H pair" in messages[0] + messages[1] and "any H–O pair" in messages[0] + messages[1]
     assert any(re.match(r"structure 1: atoms [12] \(H\) and [12] \(H\)", m) for m in messages), messages
+    # `multifi predict` at two fidelities: each geometry warning once, not once per fidelity
+    caplog.clear()
+    src, out = tmp_path / "crushed.xyz", tmp_path / "crushed_pred.extxyz"
+    ase.io.write(src, [water, crushed])
+    with caplog.at_level("WARNING", logger="multifi"):
+        assert main(["predict", str(run_dir), str(src), "--fidelity", "hi", "--fidelity", "lo", "--out", str(out)]) == 0
+    messages = [r.getMessage() for r in caplog.records if "far closer" in r.getMessage()]
+    assert len(messages) == 2, messages
     # stretched bonds (×2) and an atom pulled out of reach: no warning before (σ even fell), now one per element
     reach = pot.head.reach.numpy()
     assert 0.9 < reach[1] < 1.6 and reach[6] > 0 and reach[29] == 0

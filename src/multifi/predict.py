@@ -23,6 +23,7 @@ def predict_atoms(
     forces: bool = True,
     where: str = "",
     strict_references: bool = False,
+    seen: set | None = None,
 ):
     """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules and for cells whose
     volume does not hold the structure: data.cells.stress_volume_problem). atoms_list: ase.Atoms objects (one
@@ -30,7 +31,8 @@ def predict_atoms(
 
     `where` (the file) prefixes errors about a structure, e.g. atoms closer than 0.1 Å. An element unknown
     to the model is an error; an element whose reference energy at `fidelity` was estimated from other
-    fidelities is a warning (an error with strict_references, see models.elements)."""
+    fidelities is a warning (an error with strict_references, see models.elements). Geometry warnings (atoms too
+    close or too far apart) come once per call, or once per `seen` set shared by calls (several fidelities)."""
     if batch_size < 1:
         raise MultifiError(f"batch size must be a positive number of structures (got {batch_size})")
     import ase
@@ -50,7 +52,7 @@ def predict_atoms(
 
     param = next(potential.parameters())
     energies, forces_out, stresses = [], [], []
-    warned: set = set()
+    warned: set = set() if seen is None else seen
     for start in range(0, len(atoms_list), batch_size):
         chunk = atoms_list[start : start + batch_size]
         g = graph_from_atoms(chunk, potential.cutoff, k, dtype=param.dtype, where=where, first=start)
@@ -133,8 +135,11 @@ def predict_file(
     atoms_list = read_structures(str(structures), fidelities[0], index)
     check_atoms_elements(potential, atoms_list, str(path))
     predictions, sigmas, method = {}, {}, None
+    warned: set = set()  # a structure's geometry warnings once, not once per fidelity
     for name in fidelities:
-        energies, forces, stresses = predict_atoms(potential, atoms_list, name, batch_size, where=str(path))
+        energies, forces, stresses = predict_atoms(
+            potential, atoms_list, name, batch_size, where=str(path), seen=warned
+        )
         if not np.isfinite(energies).all():
             i = int(np.argmax(~np.isfinite(energies)))
             raise MultifiError(
