@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import stat
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -218,6 +219,18 @@ def test_output_dir_that_cannot_be_a_folder(write_config, tmp_path, capsys, kind
     out = blocker if kind == "file" else blocker / "run"
     fails(["train", write_config(), "--set", f"output_dir={out}"], capsys, str(out))
     assert blocker.read_text() == ""
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_output_dir_where_no_folder_can_be_made_fails_in_the_dry_run_too(write_config, capsys):
+    """/proc takes no new folders whatever the permissions say (root passes os.access): the dry run said 'valid' and
+    the run failed after loading the data; both fail at once now, leaving nothing behind."""
+    before = set(Path("/proc").iterdir())
+    for dry in (["--dry-run"], []):
+        fails(
+            ["train", write_config(), "--set", "output_dir=/proc/multifi_run", *dry], capsys, "cannot create output_dir"
+        )
+    assert not [p for p in set(Path("/proc").iterdir()) - before if p.name.startswith(".multifi")]
 
 
 def test_output_dir_write_error_mid_run_is_one_line(write_config, tmp_path, capsys, monkeypatch):

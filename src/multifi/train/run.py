@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -383,6 +384,11 @@ def check_creatable(run_dir: Path) -> None:
         raise MultifiError(f"{run_dir}: cannot create output_dir ({existing} is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise MultifiError(f"{run_dir}: cannot create output_dir ({existing} is not writable)")
+    try:  # permissions alone do not tell (root passes os.access; /proc, read-only mounts): make and remove a folder
+        probe = tempfile.mkdtemp(prefix=".multifi-probe-", dir=existing)
+    except OSError as exc:
+        raise MultifiError(f"{run_dir}: cannot create output_dir ({existing}: {exc.strerror})") from None
+    os.rmdir(probe)
 
 
 def _clear_unstarted(run_dir: Path) -> None:
