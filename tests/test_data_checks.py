@@ -166,6 +166,25 @@ def test_energies_in_other_or_mixed_units_are_flagged(units, message, caplog):
     assert (message is None and not caplog.records) or (message and message in caplog.text)
 
 
+def test_mixed_units_name_the_element_whose_one_structure_the_count_cannot_see(caplog):
+    """Every tenth energy in Hartree; one of them is the only structure with Cl: Cl's fitted reference absorbs its
+    label, so the count misses it (6 of the 7 counted): the warning names Cl and that structure."""
+    recs = _records(60)
+    hf = molecule("CH3Cl")
+    e = sum({1: -13.6, 6: -1029.0, 17: -12500.0}[z] for z in hf.numbers)
+    recs.append({"numbers": hf.numbers, "positions": hf.positions, "labels": {"DFT": {"energy": e}}, "key": "chloro"})
+    for i, r in enumerate(recs):
+        if i % 10 == 0:
+            r["labels"]["DFT"]["energy"] /= HARTREE
+    ds = FidelityDataset.from_records(recs, source="mixed.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+    ref, scale = fit_baseline(ds, pairs)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_energy_units(ds, pairs, ref, scale) == ["DFT"]
+    assert "6 of 61 energies at fidelity 'DFT' lie far" in caplog.text
+    assert "Elements in one structure only" in caplog.text and "Cl (structure chloro)" in caplog.text
+
+
 def test_skipped_invalid_labels_are_counted_and_reported(tmp_path, caplog):
     import ase.io
     from ase import Atoms

@@ -437,7 +437,7 @@ def _report_far_from_references(dataset: FidelityDataset, s: np.ndarray, k: int,
     log.warning(
         "%s: %d of %d energies at fidelity %r lie far from the reference energies that fit %s (e.g. structure "
         "%s: %.2f eV/atom against %.2f expected): energies in two units (eV and Hartree, kcal/mol, meV), or "
-        "labels of another method, in one fidelity?",
+        "labels of another method, in one fidelity?%s",
         dataset.source_of(dataset.fidelities.names[k]),
         int(far.sum()),
         len(s),
@@ -446,8 +446,29 @@ def _report_far_from_references(dataset: FidelityDataset, s: np.ndarray, k: int,
         dataset.keys[s[i]],
         y[i] / n[i],
         expected[i] / n[i],
+        _unseen_by_the_fit(dataset, s),
     )
     return True
+
+
+def _unseen_by_the_fit(dataset: FidelityDataset, s: np.ndarray) -> str:
+    """For the warning above: elements that occur in one of the structures `s` only. Their reference energy is
+    fitted to that one label, which it then matches exactly, so a label in another unit there cannot show in the
+    count; "" when there are none."""
+    from ase.data import chemical_symbols
+
+    from multifi.data.stats import composition_matrix
+
+    elements, counts = composition_matrix(dataset)
+    present = counts[s] > 0  # [len(s), n_el]
+    single = np.flatnonzero(present.sum(0) == 1)
+    if len(single) == 0:
+        return ""
+    parts = [f"{chemical_symbols[elements[c]]} (structure {dataset.keys[s[present[:, c]][0]]})" for c in single[:5]]
+    return (
+        f" Elements in one structure only, whose reference energy is fitted to that label alone (another unit there "
+        f"cannot show in this count): {', '.join(parts)}"
+    )
 
 
 def _far(dataset: FidelityDataset, s: np.ndarray, y: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
