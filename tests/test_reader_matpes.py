@@ -75,12 +75,21 @@ def shared_records(name):
 # ---------------------------------------------------------------------------- the shared files
 @needs_solids
 def test_shared_files_read_fast_and_merge():
-    t0 = time.perf_counter()
-    pbe = read_matpes(SOLIDS / "PBE.jsonl.gz")
-    t1 = time.perf_counter()
-    r2 = read_matpes(SOLIDS / "R2SCAN.jsonl.gz")
-    t2 = time.perf_counter()
-    assert t1 - t0 < 1.0 and t2 - t1 < 1.0
+    import gc
+
+    # the reader's own CPU time (~0.06 s each); in one full-suite run its wall time reached 1.06 s (0.06 s alone):
+    # neither a busy machine's other processes nor a collection of earlier tests' objects count here
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.process_time()
+        pbe = read_matpes(SOLIDS / "PBE.jsonl.gz")
+        t1 = time.process_time()
+        r2 = read_matpes(SOLIDS / "R2SCAN.jsonl.gz")
+        t2 = time.process_time()
+    finally:
+        gc.enable()
+    assert t1 - t0 < 1.0 and t2 - t1 < 1.0, (t1 - t0, t2 - t1)
     n_pbe, n_r2 = len(shared_records("PBE.jsonl.gz")), len(shared_records("R2SCAN.jsonl.gz"))
     assert (len(pbe), len(r2)) == (n_pbe, n_r2)
     merged = FidelityDataset.merge([pbe, r2])
