@@ -509,12 +509,12 @@ def test_a_cutoff_with_thousands_of_neighbours_per_atom_is_an_error_before_the_n
     wire = bulk("Cu", "fcc", 3.6, cubic=True)
     wire.pbc = [False, False, True]
     for atoms, name in ((cu, "bulk"), (slab, "slab"), (wire, "wire")):
-        start = time.perf_counter()
+        start = time.process_time()  # CPU time: a busy machine's other processes do not count
         with pytest.raises(
             multifi.MultifiError, match=f"{name}: a cutoff of 1e\\+06 Å gives (about|up to) .* neighbours per atom"
         ):
             neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, 1e6, where=name)
-        assert time.perf_counter() - start < 1.0
+        assert time.process_time() - start < 1.0
     i, _, _ = neighbor_list(cu.positions, cu.cell.array, cu.pbc, 12.0)
     assert 500 < len(i) < 3000  # ~600 neighbours of the one atom within 12 Å
     path = tmp_path / "cu.extxyz"
