@@ -364,7 +364,7 @@ def test_m3gnet_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatc
     atoms = bulk("Si", "diamond", 5.43, cubic=True)
     atoms.rattle(0.1, seed=1)
     graph = graph_from_atoms([atoms], 4.0, dtype=dtype)
-    ran = {"silu_grad2": 0, "gate_grad2": 0}
+    ran = {"silu_grad2": 0, "gate_grad2": 0, "silu_grad_merged": 0, "gate_grad_merged": 0}
     for name in ran:
         kernel = getattr(torch.ops.multifi_fused, name)
 
@@ -374,20 +374,128 @@ def test_m3gnet_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatc
 
         monkeypatch.setattr(torch.ops.multifi_fused, name, counted)
     fast = _m3gnet_force_training(model, graph)
-    # SiLUs: 2 blocks × 2 gated MLPs × 4 hidden ones, the edge embedding; gates: 2 × 2 MLPs, 2 three-body updates
-    assert ran == {"silu_grad2": 2 * 2 * 4 + 1, "gate_grad2": 2 * 2 + 2}
+    # SiLUs: 2 blocks × 2 gated MLPs × 4 hidden ones, the edge embedding; gates: 2 × 2 MLPs, 2 three-body updates;
+    # the loss reaches each through its energy and its forces: one merged pass for both gradients of its inputs
+    assert ran == {"silu_grad2": 0, "gate_grad2": 0, "silu_grad_merged": 2 * 2 * 4 + 1, "gate_grad_merged": 2 * 2 + 2}
     md = _m3gnet_force_training(model, graph, create_graph=False)
     monkeypatch.setattr(fused, "silu", torch.nn.functional.silu)
     monkeypatch.setattr(fused, "gate", _torch_gate)
     monkeypatch.setattr(fused, "applicable", lambda *t: False)
     slow = _m3gnet_force_training(model, graph)
-    assert ran == {"silu_grad2": 17, "gate_grad2": 6}  # neither the MD call nor torch's operators ran them
+    assert sum(ran.values()) == 17 + 6  # neither the MD call nor torch's operators ran them
     tol = dict(rtol=2e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(fast[0], slow[0], **tol)
     torch.testing.assert_close(md[0], slow[0], **tol)
     assert len(fast[1]) == len(slow[1]) > 0
     for a, b in zip(fast[1], slow[1]):
         torch.testing.assert_close(a, b, **tol)
+
+
+KERNELS = ("silu_grad2", "silu_grad_merged", "gate_grad2", "gate_grad_merged")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts of the loss-backward kernels run (separate passes or merged ones)."""
+    ran = dict.fromkeys(KERNELS, 0)
+    for name in KERNELS:
+        kernel = getattr(torch.ops.multifi_fused, name)
+
+        def counted(*args, kernel=kernel, name=name):
+            ran[name] += 1
+            return kernel(*args)
+
+        monkeypatch.setattr(torch.ops.multifi_fused, name, counted)
+    return ran
+
+
+def _activations(kind: str):
+    """(multifi's, torch's) of one input: SiLU, or the gate silu(x) σ(x/2 + 1) (x + 3) with the filter."""
+    if kind == "silu":
+        return fused.silu, torch.nn.functional.silu
+    return (lambda x: fused.gate(x, 0.5 * x + 1, x + 3)), (lambda x: _torch_gate(x, 0.5 * x + 1, x + 3))
+
+
+def _force_training_gradients(act, loss_terms, seed=0, backwards=1, derivatives=1, thread_losses=False):
+    """Gradients of p (a leaf feeding x = p², so both of an activation's input gradients meet at one node) for a loss
+    of loss_terms ⊂ {"energy", "force"} on y = act(x): energy = (y·w)², force = Σ v·∂energy'/∂x (create_graph),
+    `derivatives` times. `thread_losses`: the loss's operations recorded in another thread (low sequence numbers),
+    so that the engine runs the activation's node before its derivative's (the order the merged pass hands back)."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(40, 6, generator=gen, dtype=torch.float64).requires_grad_(True)
+    w, v = (
+        torch.randn(40, 6, generator=gen, dtype=torch.float64),
+        torch.randn(40, 6, generator=gen, dtype=torch.float64),
+    )
+    with fused.differentiated_twice():
+        x = p * p
+        y = act(x)
+        e = (y * w).sum()
+        forces = [torch.autograd.grad(e, x, create_graph=True)[0] for _ in range(derivatives)]
+    out = {}
+
+    def build():
+        terms = []
+        if "force" in loss_terms:
+            terms += [(f * v).sum() for f in forces]
+        if "energy" in loss_terms:
+            terms.append((y * w).sum().square())  # recorded after the force terms: higher sequence numbers
+        out["loss"] = sum(terms)
+
+    if thread_losses:
+        import threading
+
+        t = threading.Thread(target=build)
+        t.start()
+        t.join()
+    else:
+        build()
+    for _ in range(backwards):
+        out["loss"].backward(retain_graph=True)
+    return p.grad
+
+
+@pytest.mark.parametrize("kind", ["silu", "gate"])
+@pytest.mark.parametrize(
+    "terms, kwargs, merged",
+    [
+        (("energy", "force"), {}, 1),  # the derivative's node runs first and hands its part over
+        (("energy", "force"), {"thread_losses": True}, 0),  # the activation's node runs first: separate passes
+        (("force",), {}, 0),  # the activation's node is not reached: nothing to hand over
+        (("energy",), {}, 0),
+        (("energy", "force"), {"backwards": 2}, 2),  # one hand-over per backward of a retained graph
+        (("energy", "force"), {"derivatives": 2}, 1),  # two derivative nodes of one activation: the first hands over
+    ],
+)
+def test_merged_loss_backward_is_torchs_in_every_order(kind, terms, kwargs, merged, kernel_calls):
+    """Force training's loss reaches SiLU and the gate through their values and their derivatives' nodes; the latter
+    hands its part of the input gradient to the former, which adds it in one pass. Gradients equal torch's operators'
+    (1e-12, float64) whether the hand-over happens (counted) or not: either node first, one of them not reached, a
+    graph differentiated again, two derivative graphs of one activation."""
+    mine, ref = _activations(kind)
+    got = _force_training_gradients(mine, terms, **kwargs)
+    want = _force_training_gradients(ref, terms, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    prefix = "silu" if kind == "silu" else "gate"
+    assert kernel_calls[f"{prefix}_grad_merged"] == merged
+    n_derivatives, n_backwards = kwargs.get("derivatives", 1), kwargs.get("backwards", 1)
+    separate = (n_derivatives * n_backwards - merged) if "force" in terms else 0
+    assert kernel_calls[f"{prefix}_grad2"] == separate
+
+
+def test_merged_loss_backward_through_autograd_grad_of_some_inputs():
+    """autograd.grad of the loss for one of two leaves (the engine runs only the nodes that lead to it): the merged
+    pass runs where both nodes lead there and gives torch's gradient."""
+    gen = torch.Generator().manual_seed(2)
+    p, q = (torch.randn(30, 5, generator=gen, dtype=torch.float64).requires_grad_(True) for _ in range(2))
+
+    def gradient(act):
+        with fused.differentiated_twice():
+            y = act(p * q)
+            (f,) = torch.autograd.grad(y.sum(), p, create_graph=True)
+            return torch.autograd.grad(y.square().sum() + (f * f).sum(), q)[0]
+
+    torch.testing.assert_close(gradient(fused.silu), gradient(torch.nn.functional.silu), rtol=1e-12, atol=1e-12)
 
 
 def test_gate_of_zero_rows_or_mixed_dtypes_is_torchs():

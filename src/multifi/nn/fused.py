@@ -80,6 +80,15 @@ def _register_fakes() -> None:
     torch.library.register_fake(lib + "edge_dot_unit")(lambda g, x, w, dst, src: x.new_empty((dst.shape[0], 3)))
     torch.library.register_fake(lib + "silu_grad")(lambda x, s, g: torch.empty_like(x))
     torch.library.register_fake(lib + "silu_grad2")(lambda x, s, g, gg: (torch.empty_like(x), torch.empty_like(x)))
+    torch.library.register_fake(lib + "silu_grad_merged")(lambda x, s, ge, gg, g: torch.empty_like(x))
+    torch.library.register_fake(lib + "gate_grad2_dgo")(lambda a, sa, sg, f, Ga, Gg, Gf, has_f: torch.empty_like(a))
+    torch.library.register_fake(lib + "gate_grad_merged")(
+        lambda ge, go, a, sa, sg, f, Ga, Gg, Gf, has_f: (
+            torch.empty_like(go),
+            torch.empty_like(go),
+            torch.empty_like(go) if has_f else empty(go),
+        )
+    )
     torch.library.register_fake(lib + "gate_value")(lambda a, sa, sg, f, has_f: torch.empty_like(a))
     torch.library.register_fake(lib + "gate_grad")(
         lambda go, a, sa, sg, f, has_f: (
@@ -378,32 +387,68 @@ def applicable(*tensors: torch.Tensor) -> bool:
     )
 
 
+# Force training's loss reaches a SiLU (or gate) node A twice: through A itself (the energy term) and through the
+# node B that A's first backward made (forces with create_graph: B computes A's derivative). Both send a gradient
+# to A's input, which autograd sums: three passes (B's, A's, the sum) over an edge tensor where one would do. So B,
+# when A is still to run in the same backward, hands its part of that gradient's inputs to A (`_hand_over`) and A
+# computes the whole in one pass (`_handed`). Either may run first (the engine runs B first in M3GNet's step), a
+# loss may reach one of them only, or a graph may be differentiated twice: B hands over only when the engine will
+# run A later in this backward and nothing was handed yet, else both compute their parts as before.
+def _hand_over(owner, parts: tuple) -> bool:
+    """Leave `parts` for `owner` (node A) to use later in this backward; False (nothing left) when A has run in
+    it, will not run in it, or holds parts of another node for it (two derivative graphs made from one A)."""
+    task = torch._C._current_graph_task_id()
+    if task < 0 or task in owner.ran or task in owner.handed or not torch._C._will_engine_execute_node(owner):
+        return False
+    owner.handed[task] = parts
+    return True
+
+
+def _handed(ctx) -> tuple | None:
+    """The parts B left for this node in this backward (taken), else None, noting that this node has run in it."""
+    task = torch._C._current_graph_task_id()
+    parts = ctx.handed.pop(task, None)
+    if parts is None and task >= 0:
+        ctx.ran.add(task)
+    return parts
+
+
+def _prepare_hand_over(ctx) -> None:
+    ctx.handed, ctx.ran = {}, set()  # backward task id → parts B left; backward task ids this node has run in
+
+
 class _SiLU(torch.autograd.Function):
     """x ⊙ σ(x) as torch computes it; its derivative is torch's fused one when not differentiated again (forces
-    for MD), else _SiLUGrad (force training)."""
+    for MD), else _SiLUGrad (force training), whose x gradient this node may take over (`_hand_over`)."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
+        _prepare_hand_over(ctx)
         return torch.nn.functional.silu(x)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         if not torch.is_grad_enabled():
+            parts = _handed(ctx)
+            if parts is not None:  # (s, gg, g) from _SiLUGrad: its x gradient and this one in one pass
+                return torch.ops.multifi_fused.silu_grad_merged(x, parts[0], g, parts[1], parts[2])
             return torch.ops.aten.silu_backward(g, x)
         with torch.no_grad():
             s = torch.sigmoid(x)
-        return _SiLUGrad.apply(x, s, g)
+        return _SiLUGrad.apply(x, s, g, ctx)
 
 
 class _SiLUGrad(torch.autograd.Function):
     """g ⊙ silu′(x) from x and s = σ(x) in one pass; its derivatives, gg ⊙ g ⊙ silu″(x) for x and gg ⊙ silu′(x)
-    for g, in one pass too (force training), and with torch's operators beyond (a third derivative)."""
+    for g, in one pass too (force training), and with torch's operators beyond (a third derivative). `owner`: the
+    _SiLU node whose derivative this is."""
 
     @staticmethod
-    def forward(ctx, x, s, g):
+    def forward(ctx, x, s, g, owner):
         ctx.save_for_backward(x, s, g)
+        ctx.owner = owner
         return torch.ops.multifi_fused.silu_grad(x, s, g)
 
     @staticmethod
@@ -412,9 +457,11 @@ class _SiLUGrad(torch.autograd.Function):
         if torch.is_grad_enabled():  # differentiated again: torch's operators, differentiable to any order
             sx = torch.sigmoid(x)
             d1 = sx * (1 + x * (1 - sx))
-            return gg * g * sx * (1 - sx) * (2 + x * (1 - 2 * sx)), None, gg * d1
+            return gg * g * sx * (1 - sx) * (2 + x * (1 - 2 * sx)), None, gg * d1, None
+        if _hand_over(ctx.owner, (s, gg, g)):  # the owner adds gg ⊙ g ⊙ silu″(x) to its own x gradient
+            return None, None, torch.ops.multifi_fused.silu_grad(x, s, gg), None
         dx, dg = torch.ops.multifi_fused.silu_grad2(x, s, g, gg)
-        return dx, None, dg
+        return dx, None, dg, None
 
 
 _twice = threading.local()
@@ -448,13 +495,17 @@ class _Gate(torch.autograd.Function):
         ff = _NO_FILTER.to(a.dtype) if f is None else f
         ctx.save_for_backward(a, g, sa, sg, ff)
         ctx.has_f = f is not None
+        _prepare_hand_over(ctx)
         return torch.ops.multifi_fused.gate_value(a, sa, sg, ff, f is not None)
 
     @staticmethod
     def backward(ctx, go):
         a, g, sa, sg, ff = ctx.saved_tensors
         if torch.is_grad_enabled():
-            da, dg, df = _GateGrad.apply(go, a, g, ff if ctx.has_f else None, sa, sg)
+            da, dg, df = _GateGrad.apply(go, a, g, ff if ctx.has_f else None, sa, sg, ctx)
+        elif (parts := _handed(ctx)) is not None:  # from _GateGrad: its gradients of a, g, f added in the pass
+            go2, Ga, Gg, Gf = parts
+            da, dg, df = torch.ops.multifi_fused.gate_grad_merged(go, go2, a, sa, sg, ff, Ga, Gg, Gf, ctx.has_f)
         else:
             da, dg, df = torch.ops.multifi_fused.gate_grad(go, a, sa, sg, ff, ctx.has_f)
         return da, dg, (df if ctx.has_f else None)
@@ -465,10 +516,10 @@ class _GateGrad(torch.autograd.Function):
     derivative). sa, sg: σ(a), σ(g), constants here (the formulas differentiate through them)."""
 
     @staticmethod
-    def forward(ctx, go, a, g, f, sa, sg):
+    def forward(ctx, go, a, g, f, sa, sg, owner):
         ff = _NO_FILTER.to(a.dtype) if f is None else f
         ctx.save_for_backward(go, a, g, ff, sa, sg)
-        ctx.has_f = f is not None
+        ctx.has_f, ctx.owner = f is not None, owner
         da, dg, df = torch.ops.multifi_fused.gate_grad(go, a, sa, sg, ff, ctx.has_f)
         if f is None:
             ctx.mark_non_differentiable(df)  # empty: there is no filter
@@ -481,9 +532,12 @@ class _GateGrad(torch.autograd.Function):
             out = _gate_grad2_by_torch(go, a, g, ff if ctx.has_f else None, Ga, Gg, Gf if ctx.has_f else None)
         else:
             Gf = Gf if ctx.has_f and Gf is not None else _NO_FILTER.to(a.dtype)
+            if _hand_over(ctx.owner, (go, Ga, Gg, Gf)):  # the owner adds this gradient of a, g, f to its own
+                dgo = torch.ops.multifi_fused.gate_grad2_dgo(a, sa, sg, ff, Ga, Gg, Gf, ctx.has_f)
+                return dgo, None, None, None, None, None, None
             out = torch.ops.multifi_fused.gate_grad2(go, a, sa, sg, ff, Ga, Gg, Gf, ctx.has_f)
         dgo, da, dg, df = out
-        return dgo, da, dg, (df if ctx.has_f else None), None, None
+        return dgo, da, dg, (df if ctx.has_f else None), None, None, None
 
 
 def _gate_grad2_by_torch(go, a, g, f, Ga, Gg, Gf):

@@ -13,9 +13,12 @@
 //   mode with respect to u.
 // silu_grad: g * silu'(x) from x and s = sigmoid(x); silu_grad2: its two partials, gg * g * silu''(x) (x) and
 //   gg * silu'(x) (g), with silu'(x) = s (1 + x (1 - s)) and silu''(x) = s (1 - s) (2 + x (1 - 2 s)): one
-//   arithmetic pass each where torch's double backward of SiLU takes about ten.
+//   arithmetic pass each where torch's double backward of SiLU takes about ten. silu_grad_merged: the gradient
+//   of x from both derivatives, ge * silu'(x) + gg * g * silu''(x), one pass where silu_grad2, silu_backward and
+//   autograd's sum take three.
 // gate_value, gate_grad, gate_grad2: silu(a) sigmoid(g) f (M3GNet's gates times their radial filter), its first
-//   derivatives and their derivatives, one arithmetic pass each (see the gate namespace below).
+//   derivatives and their derivatives, one arithmetic pass each (see the gate namespace below);
+//   gate_grad2_dgo and gate_grad_merged: gate_grad2 split so that one pass also adds gate_grad's part.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -259,6 +262,17 @@ MULTIFI_CLONES void silu_grad2_loop(const T* R x, const T* R s, const T* R g, co
     dx[k] = gg[k] * g[k] * (sk * (T(1) - sk) * (T(2) + xk * (T(1) - T(2) * sk)));
   }
 }
+// silu_grad_merged: ge * silu'(x) + gg * g * silu''(x), the gradient of x from both of SiLU's derivatives
+template <typename T>
+MULTIFI_CLONES void silu_grad_merged_loop(const T* R x, const T* R s, const T* R ge, const T* R gg, const T* R g,
+                                          T* R dx, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const T sk = s[k], xk = x[k];
+    const T d1 = sk * (T(1) + xk * (T(1) - sk));
+    const T d2 = sk * (T(1) - sk) * (T(2) + xk * (T(1) - T(2) * sk));
+    dx[k] = ge[k] * d1 + gg[k] * g[k] * d2;
+  }
+}
 #undef R
 
 at::Tensor silu_grad(const at::Tensor& x, const at::Tensor& s, const at::Tensor& g) {
@@ -291,6 +305,23 @@ std::tuple<at::Tensor, at::Tensor> silu_grad2(const at::Tensor& x, const at::Ten
     });
   });
   return {dx, dg};
+}
+
+at::Tensor silu_grad_merged(const at::Tensor& x, const at::Tensor& s, const at::Tensor& ge, const at::Tensor& gg,
+                            const at::Tensor& g) {
+  for (const auto* t : {&s, &ge, &gg, &g}) check_alike(x, *t, "silu_grad_merged");
+  auto xc = x.contiguous(), sc = s.contiguous(), gec = ge.contiguous(), ggc = gg.contiguous(), gc = g.contiguous();
+  auto dx = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "silu_grad_merged", [&] {
+    using T = scalar_t;
+    const T *xp = xc.data_ptr<T>(), *sp = sc.data_ptr<T>(), *gep = gec.data_ptr<T>(), *ggp = ggc.data_ptr<T>();
+    const T* gp = gc.data_ptr<T>();
+    T* dxp = dx.data_ptr<T>();
+    at::parallel_for(0, xc.numel(), 4096, [=](int64_t b, int64_t e) {
+      silu_grad_merged_loop(xp + b, sp + b, gep + b, ggp + b, gp + b, dxp + b, e - b);
+    });
+  });
+  return dx;
 }
 
 // The gate of M3GNet's gated MLPs, y = silu(a) sigmoid(g) f (f, a filter, optional: an empty tensor), from a, its
@@ -358,6 +389,32 @@ MULTIFI_CLONES void gate_grad2_loop(const T* R go, const T* R a, const T* R sa, 
     da[k] = g * ((ga * q.ddA * q.B + gg * q.dA * q.dB) * fk + Gfk * q.dA * q.B);
     dg[k] = g * ((ga * q.dA * q.dB + gg * q.A * q.ddB) * fk + Gfk * q.A * q.dB);
     if (HAS_F) df[k] = g * (ga * q.dA * q.B + gg * q.A * q.dB);
+  }
+}
+
+// gate_grad2's dgo alone, and gate_grad's (da, dg, df) for ge plus gate_grad2's for (go, Ga, Gg, Gf) in one pass:
+// the two halves of the loss's gradient of a gate that force training reaches both ways (see nn/fused.py)
+template <typename T, bool HAS_F>
+MULTIFI_CLONES void gate_grad2_dgo_loop(const T* R a, const T* R sa, const T* R sg, const T* R f, const T* R Ga,
+                                        const T* R Gg, const T* R Gf, T* R dgo, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const gate::Terms<T> q(a[k], sa[k], sg[k]);
+    const T fk = HAS_F ? f[k] : T(1), Gfk = HAS_F ? Gf[k] : T(0);
+    dgo[k] = (Ga[k] * q.dA * q.B + Gg[k] * q.A * q.dB) * fk + Gfk * q.A * q.B;
+  }
+}
+
+template <typename T, bool HAS_F>
+MULTIFI_CLONES void gate_grad_merged_loop(const T* R ge, const T* R go, const T* R a, const T* R sa, const T* R sg,
+                                          const T* R f, const T* R Ga, const T* R Gg, const T* R Gf, T* R da,
+                                          T* R dg, T* R df, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const gate::Terms<T> q(a[k], sa[k], sg[k]);
+    const T fk = HAS_F ? f[k] : T(1), Gfk = HAS_F ? Gf[k] : T(0);
+    const T e = ge[k], g = go[k], ga = Ga[k], gg = Gg[k];
+    da[k] = e * q.dA * q.B * fk + g * ((ga * q.ddA * q.B + gg * q.dA * q.dB) * fk + Gfk * q.dA * q.B);
+    dg[k] = e * q.A * q.dB * fk + g * ((ga * q.dA * q.dB + gg * q.A * q.ddB) * fk + Gfk * q.A * q.dB);
+    if (HAS_F) df[k] = e * q.A * q.B + g * (ga * q.dA * q.B + gg * q.A * q.dB);
   }
 }
 
@@ -434,6 +491,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_grad2(const at::
   return {dgo, da, dg, df};
 }
 
+at::Tensor gate_grad2_dgo(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& sg, const at::Tensor& f,
+                          const at::Tensor& Ga, const at::Tensor& Gg, const at::Tensor& Gf, bool has_f) {
+  auto t = gate::inputs({a, a, sa, sg, has_f ? f : a, Ga, Gg, has_f ? Gf : a}, has_f, "gate_grad2_dgo");
+  auto dgo = at::empty_like(t[0]);
+  AT_DISPATCH_FLOATING_TYPES(t[0].scalar_type(), "gate_grad2_dgo", [&] {
+    using T = scalar_t;
+    const T *A = ptr<T>(t[1]), *SA = ptr<T>(t[2]), *SG = ptr<T>(t[3]), *Fp = ptr<T>(t[4]);
+    const T *GA = ptr<T>(t[5]), *GG = ptr<T>(t[6]), *GF = ptr<T>(t[7]);
+    T* DGO = mut<T>(dgo);
+    at::parallel_for(0, t[0].numel(), 4096, [=](int64_t b, int64_t e) {
+      if (has_f)
+        gate_grad2_dgo_loop<T, true>(A + b, SA + b, SG + b, Fp + b, GA + b, GG + b, GF + b, DGO + b, e - b);
+      else
+        gate_grad2_dgo_loop<T, false>(A + b, SA + b, SG + b, nullptr, GA + b, GG + b, nullptr, DGO + b, e - b);
+    });
+  });
+  return dgo;
+}
+
+// (da, dg, df) of gate_grad for ge plus those of gate_grad2 for (go, Ga, Gg, Gf); df empty without f
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_grad_merged(const at::Tensor& ge, const at::Tensor& go,
+                                                               const at::Tensor& a, const at::Tensor& sa,
+                                                               const at::Tensor& sg, const at::Tensor& f,
+                                                               const at::Tensor& Ga, const at::Tensor& Gg,
+                                                               const at::Tensor& Gf, bool has_f) {
+  auto t = gate::inputs({go, a, sa, sg, has_f ? f : go, Ga, Gg, has_f ? Gf : go, ge}, has_f, "gate_grad_merged");
+  auto da = at::empty_like(t[0]), dg = at::empty_like(t[0]);
+  auto df = has_f ? at::empty_like(t[0]) : at::empty({0}, t[0].options());
+  AT_DISPATCH_FLOATING_TYPES(t[0].scalar_type(), "gate_grad_merged", [&] {
+    using T = scalar_t;
+    const T *G = ptr<T>(t[0]), *A = ptr<T>(t[1]), *SA = ptr<T>(t[2]), *SG = ptr<T>(t[3]), *Fp = ptr<T>(t[4]);
+    const T *GA = ptr<T>(t[5]), *GG = ptr<T>(t[6]), *GF = ptr<T>(t[7]), *GE = ptr<T>(t[8]);
+    T *DA = mut<T>(da), *DG = mut<T>(dg), *DF = mut<T>(df);
+    at::parallel_for(0, t[0].numel(), 4096, [=](int64_t b, int64_t e) {
+      if (has_f)
+        gate_grad_merged_loop<T, true>(GE + b, G + b, A + b, SA + b, SG + b, Fp + b, GA + b, GG + b, GF + b, DA + b,
+                                       DG + b, DF + b, e - b);
+      else
+        gate_grad_merged_loop<T, false>(GE + b, G + b, A + b, SA + b, SG + b, nullptr, GA + b, GG + b, nullptr,
+                                        DA + b, DG + b, nullptr, e - b);
+    });
+  });
+  return {da, dg, df};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(multifi_fused, m) {
@@ -442,11 +544,18 @@ TORCH_LIBRARY(multifi_fused, m) {
   m.def("edge_dot_unit(Tensor g, Tensor x, Tensor w, Tensor dst, Tensor src) -> Tensor");
   m.def("silu_grad(Tensor x, Tensor s, Tensor g) -> Tensor");
   m.def("silu_grad2(Tensor x, Tensor s, Tensor g, Tensor gg) -> (Tensor, Tensor)");
+  m.def("silu_grad_merged(Tensor x, Tensor s, Tensor ge, Tensor gg, Tensor g) -> Tensor");
   m.def("gate_value(Tensor a, Tensor sa, Tensor sg, Tensor f, bool has_f) -> Tensor");
   m.def("gate_grad(Tensor go, Tensor a, Tensor sa, Tensor sg, Tensor f, bool has_f) -> (Tensor, Tensor, Tensor)");
   m.def(
       "gate_grad2(Tensor go, Tensor a, Tensor sa, Tensor sg, Tensor f, Tensor Ga, Tensor Gg, Tensor Gf, bool has_f) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gate_grad2_dgo(Tensor a, Tensor sa, Tensor sg, Tensor f, Tensor Ga, Tensor Gg, Tensor Gf, bool has_f) "
+      "-> Tensor");
+  m.def(
+      "gate_grad_merged(Tensor ge, Tensor go, Tensor a, Tensor sa, Tensor sg, Tensor f, Tensor Ga, Tensor Gg, "
+      "Tensor Gf, bool has_f) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(multifi_fused, CPU, m) {
@@ -455,7 +564,10 @@ TORCH_LIBRARY_IMPL(multifi_fused, CPU, m) {
   m.impl("edge_dot_unit", &edge_dot_unit);
   m.impl("silu_grad", &silu_grad);
   m.impl("silu_grad2", &silu_grad2);
+  m.impl("silu_grad_merged", &silu_grad_merged);
   m.impl("gate_value", &gate_value);
   m.impl("gate_grad", &gate_grad);
   m.impl("gate_grad2", &gate_grad2);
+  m.impl("gate_grad2_dgo", &gate_grad2_dgo);
+  m.impl("gate_grad_merged", &gate_grad_merged);
 }
