@@ -1,7 +1,7 @@
 """Where the time of an M3GNet force+stress training step goes: forward parts (module hooks),
 force/stress autograd and the double backward, on batches of 32 PBE solids.
 
-    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/profile_m3gnet.py [--ops [--shapes]]
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/profile_m3gnet.py [--ops [--shapes] [--rows N]]
 
 --ops adds a torch.profiler operator table (self CPU) of 10 whole steps with AdamW (--shapes: by input shapes).
 """
@@ -115,6 +115,7 @@ if "--ops" in sys.argv:
 
     opt = torch.optim.AdamW(pot.parameters(), 5e-4)
     shapes = "--shapes" in sys.argv  # the table grouped by input shapes too
+    rows = int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 40  # rows of the table
     with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
         for g in gs[:10]:
             out = pot(g, forces=True, stress=True, create_graph=True)
@@ -122,4 +123,4 @@ if "--ops" in sys.argv:
             opt.zero_grad()
             loss.backward()
             opt.step()
-    print(prof.key_averages(group_by_input_shape=shapes).table(sort_by="self_cpu_time_total", row_limit=40))
+    print(prof.key_averages(group_by_input_shape=shapes).table(sort_by="self_cpu_time_total", row_limit=rows))
