@@ -563,6 +563,20 @@ def test_an_extension_shorter_than_its_warmup_is_warned(old_run, tmp_path, capsy
     assert "is longer than the run" not in caplog.text
 
 
+def test_extension_plan_counts_in_the_singular(old_run, tmp_path, caplog):
+    """extend --dry-run's plan: steps and epochs counted as train counts them ("1 step per epoch, 1 epoch, at most
+    1 step"), in the plural otherwise."""
+    data = new_data(tmp_path / "new.extxyz")
+    args = ["extend", str(old_run), "--data", str(data), "--fidelity", "CC", "--dry-run", "--out", str(tmp_path / "x")]
+    with caplog.at_level("INFO", logger="multifi"):
+        assert main([*args, "--max-steps", "1", "--set", "train.batch_size=512", "--set", "train.epochs=1"]) == 0
+    assert re.search(r": 1 step per epoch, 1 epoch, at most 1 step; [\d,]+ trainable parameters", caplog.text)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="multifi"):
+        assert main([*args, "--max-steps", "3", "--set", "train.batch_size=2", "--set", "train.epochs=2"]) == 0
+    assert re.search(r": \d+ steps per epoch, 2 epochs, at most 3 steps; ", caplog.text)
+
+
 def test_new_labels_of_the_old_runs_structures_keep_their_split(old_run, tmp_path, caplog):
     """New-fidelity labels on geometries the model's run already splits: each keeps the old run's split (the
     new fidelity is never tested on a geometry the model trained on, nor trained on a forgetting-test one);

@@ -16,6 +16,7 @@ from test_cli import cli_run, fails, run  # noqa: F401  (module fixture: one tin
 
 from multifi.data.batch import graph_from_atoms
 from multifi.errors import MultifiError
+from multifi.keys import COUNT, ENERGY_MAE, ENERGY_RMSE, FORCES_MAE
 from multifi.models.registry import build_potential, load_potential, save_potential
 from multifi.uncertainty import (
     LLPR,
@@ -36,6 +37,41 @@ def tiny_potential(inject: str = "both", seed: int = 0):
     ref[[1, 6, 7, 8], :] = np.random.default_rng(seed).normal(size=(4, 2))
     pot.head.set_baseline(ref, np.array([0.7, 1.3]))
     return pot.eval()
+
+
+def test_ensemble_mean_is_the_mean_of_each_models_own_prediction():
+    """EnsembleMean on a graph of the largest cutoff: energy, forces and stress the means of each model's prediction on
+    its own cutoff's graph at the fidelity of the same name (the models list the fidelities in other orders); a
+    fidelity a model lacks is an error naming it."""
+    from ase.build import bulk
+
+    from multifi.uncertainty import EnsembleMean
+
+    torch.manual_seed(0)
+    models = []
+    for names, cutoff in ((["lo", "hi"], 4.0), (["hi", "lo"], 3.0), (["hi", "lo", "mid"], 3.5)):
+        pot = build_potential({**TINY_MODEL, "cutoff": cutoff}, names).double().eval()
+        pot.head.set_baseline(np.random.default_rng(len(models)).normal(size=(119, len(names))), np.ones(len(names)))
+        models.append(pot)
+    structures = [rattled_molecule("CH3OH", 3), bulk("Cu", "fcc", 3.6, cubic=True)]
+    structures[1].rattle(0.05, seed=1)
+
+    def predicted(pot, cutoff, name):
+        g = graph_from_atoms(structures, cutoff, pot.fidelities.index(name), dtype=torch.float64)
+        return pot(g, forces=True, stress=True)
+
+    ensemble = EnsembleMean(models)
+    assert ensemble.cutoff == 4.0
+    for name in ("lo", "hi"):
+        got = predicted(ensemble, 4.0, name)
+        own = [predicted(m, m.cutoff, name) for m in models]
+        assert set(got) == {"energy", "forces", "stress"}
+        for key in got:
+            want = torch.stack([o[key] for o in own]).mean(0)
+            torch.testing.assert_close(got[key], want, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(own[0]["energy"], own[1]["energy"])
+    with pytest.raises(MultifiError, match="ensemble member 2 has no fidelity 'mid'"):
+        EnsembleMean([models[2], models[0]])(graph_from_atoms(structures, 4.0, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("inject", ["both", "readout", "input", "heads", "onehot", "single"])
@@ -241,10 +277,25 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
         ],
         capsys,
     )
-    uq = json.loads(metrics.read_text())["uncertainty"]
+    report = json.loads(metrics.read_text())
+    uq = report["uncertainty"]
     assert code == 0 and uq["method"] == "ensemble of 2" and set(uq["fidelities"]) == {"hi"}
-    # which errors the headline shows, and what of the ensemble's mean the table below gives
-    assert "(this model alone; the energy RMSE of the mean of the ensemble of 2: below)" in out
+    # the headline is the ensemble's prediction, the mean of its models (as predict --ensemble writes it): its
+    # energy and force errors against the labels, computed here from each model's own predictions
+    assert f"the mean of {run_dir / 'model.pt'} + {tmp_path / 'other.pt'} on " in out
+    frames = [a for a in ase.io.read(tiny_extxyz, ":") if a.info["fidelity"] == "hi"]
+    (e1, f1, _), (e2, f2, _) = (predict_atoms(m, frames, "hi") for m in (ref, other))
+    energy_err = (np.asarray(e1) + np.asarray(e2)) / 2 - [a.get_potential_energy() for a in frames]
+    force_err = np.concatenate([(a + b) / 2 - t.get_forces() for a, b, t in zip(f1, f2, frames)])
+    hi = report["fidelities"]["hi"]
+    assert hi[COUNT] == len(frames)
+    assert hi[ENERGY_RMSE] == pytest.approx(1000 * np.sqrt(np.mean(energy_err**2)), rel=1e-5)
+    assert hi[ENERGY_MAE] == pytest.approx(1000 * np.mean(np.abs(energy_err)), rel=1e-5)
+    assert hi[FORCES_MAE] == pytest.approx(1000 * np.mean(np.abs(force_err)), rel=1e-5)
+    alone = run(
+        ["evaluate", run_dir / "model.pt", tiny_extxyz, "--fidelity", "hi", "--out", metrics, "--force"], capsys
+    )
+    assert alone[0] == 0 and json.loads(metrics.read_text())["fidelities"]["hi"][ENERGY_RMSE] != hi[ENERGY_RMSE]
 
 
 def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, tmp_path, capsys, caplog):  # noqa: F811

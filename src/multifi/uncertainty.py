@@ -523,6 +523,46 @@ def load_ensemble(paths, fidelities, device="cpu") -> list:
     return models
 
 
+class EnsembleMean(torch.nn.Module):
+    """A deep ensemble as one potential: energies, forces and stress the means of its members' (what `predict
+    --ensemble` writes), for evaluation. Fidelity indices, references (which elements are seen or estimated) and the
+    fidelity table are the first member's; each member gets the fidelity of the same name (its own index) and the
+    edges within its own cutoff (the graph's are those of the largest)."""
+
+    def __init__(self, members: list):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        first = members[0]
+        self.fidelities, self.head, self.cutoff = first.fidelities, first.head, max(m.cutoff for m in members)
+        names = first.fidelities.names
+        for k, m in enumerate(members):  # first member's fidelity index → this member's (-1: it has none of that name)
+            own = [m.fidelities.names.index(n) if n in m.fidelities.names else -1 for n in names]
+            self.register_buffer(f"_to_member_{k}", torch.tensor(own), False)
+
+    def forward(self, graph, forces: bool = False, stress: bool = False) -> dict[str, torch.Tensor]:
+        """The members' mean energy [B] (eV), forces [N, 3] and stress [B, 3, 3] as asked (see Potential.forward)."""
+        from dataclasses import replace
+
+        from multifi.models.potential import Potential
+
+        length = torch.linalg.norm(Potential.edge_vectors(graph), dim=-1)  # [E] Å
+        outs = []
+        for k, m in enumerate(self.members):
+            fidelity = getattr(self, f"_to_member_{k}")[graph.fidelity]
+            if bool((fidelity < 0).any()):
+                missing = sorted({self.fidelities.names[int(f)] for f in graph.fidelity[fidelity < 0]})
+                raise MultifiError(f"ensemble member {k + 1} has no fidelity {', '.join(map(repr, missing))}")
+            keep = length < m.cutoff if m.cutoff < self.cutoff else slice(None)
+            own = replace(
+                graph,
+                edge_index=graph.edge_index[:, keep],
+                shifts=graph.shifts[keep],
+                fidelity=fidelity,
+            )
+            outs.append(m(own, forces=forces, stress=stress))
+        return {key: torch.stack([o[key] for o in outs]).mean(0) for key in outs[0]}
+
+
 def uncertainty_models(checkpoint, potential, ensemble: list, fidelities: list[str]) -> tuple[list, LLPR | None, str]:
     """(models, llpr, method) of an uncertainty estimate, loaded and checked before any work is done: the model and
     its LLPR calibration (an error when it has none or one of other weights), or the model and the further members

@@ -85,13 +85,19 @@ def run(args) -> int:
     if args.uncertainty or args.ensemble:
         from multifi.uncertainty import uncertainty_models
 
-        # the fidelities the uncertainty statistics will cover (uncertainty_report leaves out the same structures)
-        names = [ds.fidelities.names[int(k)] for k in np.unique(pairs[scored & ~estimated, 1])]
+        # the fidelities the uncertainty statistics will cover (uncertainty_report leaves out the same structures);
+        # an ensemble's members predict every evaluated structure (its mean is the evaluated prediction)
+        covered = pairs[:, 1] if args.ensemble else pairs[scored & ~estimated, 1]
+        names = [ds.fidelities.names[int(k)] for k in np.unique(covered)]
         estimate = uncertainty_models(args.checkpoint, potential, args.ensemble, names)
-    metrics, predicted = evaluate_pairs(potential, ds, None, pairs, args.batch_size, return_predictions=True)
-    title = f"{args.checkpoint} on {', '.join(args.data)}"
-    if args.ensemble:  # the headline is this one model's; the ensemble mean's errors are in the uncertainty table
-        title += f" (this model alone; the energy RMSE of the mean of the ensemble of {len(args.ensemble) + 1}: below)"
+    evaluated, title = potential, f"{args.checkpoint} on {', '.join(args.data)}"
+    if args.ensemble:  # the ensemble's prediction, as predict --ensemble makes it: the mean of its members'
+        from multifi.uncertainty import EnsembleMean
+
+        evaluated = EnsembleMean(estimate[0])
+        members = " + ".join(str(m) for m in [args.checkpoint, *args.ensemble])
+        title = f"the mean of {members} on {', '.join(args.data)}"
+    metrics, predicted = evaluate_pairs(evaluated, ds, None, pairs, args.batch_size, return_predictions=True)
     print(metrics_table(metrics, title=title))
     in_units = _warn_implausible(metrics, ", ".join(args.data), _label_slopes(ds, pairs[scored], predicted[scored]))
     fitted = scored & ~estimated  # estimated references: warned above
