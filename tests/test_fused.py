@@ -350,7 +350,7 @@ def test_gate_and_its_derivatives_to_third_order_are_torchs(with_filter):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_m3gnet_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatch):
+def test_m3gnet_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatch, kernel_calls):
     """M3GNet forces with create_graph and the loss's parameter gradients, through Potential's derivative path:
     SiLU's and the gates' second derivatives on the kernels (counted: they ran) give what torch's operators give;
     forces without create_graph (MD) use torch's SiLU (no SiLU kernel call) and give the same forces."""
@@ -364,15 +364,7 @@ def test_m3gnet_force_training_on_the_kernels_equals_torch_ops(dtype, monkeypatc
     atoms = bulk("Si", "diamond", 5.43, cubic=True)
     atoms.rattle(0.1, seed=1)
     graph = graph_from_atoms([atoms], 4.0, dtype=dtype)
-    ran = {"silu_grad2": 0, "gate_grad2": 0, "silu_grad_merged": 0, "gate_grad_merged": 0}
-    for name in ran:
-        kernel = getattr(torch.ops.multifi_fused, name)
-
-        def counted(*args, kernel=kernel, name=name):
-            ran[name] += 1
-            return kernel(*args)
-
-        monkeypatch.setattr(torch.ops.multifi_fused, name, counted)
+    ran = kernel_calls
     fast = _m3gnet_force_training(model, graph)
     # SiLUs: 2 blocks × 2 gated MLPs × 4 hidden ones, the edge embedding; gates: 2 × 2 MLPs, 2 three-body updates;
     # the loss reaches each through its energy and its forces: one merged pass for both gradients of its inputs
