@@ -475,6 +475,70 @@ def test_merged_loss_backward_is_torchs_in_every_order(kind, terms, kwargs, merg
     assert kernel_calls[f"{prefix}_grad2"] == separate
 
 
+@pytest.mark.parametrize("kind", ["silu", "gate"])
+def test_parts_handed_over_but_not_used_free_the_graph(kind, kernel_calls):
+    """A loss's gradient taken for the activation's output only (the derivative's node hands its part over, the
+    activation's node is not run) or a backward that fails between the two nodes: once the tensors are dropped, the
+    graph is freed (a handed part with a history tied the node to its own graph, a cycle the collector cannot free)."""
+    import gc
+    import weakref
+
+    mine, _ = _activations(kind)
+    for fails in (False, True):
+        p = torch.randn(20, 5, dtype=torch.float64, requires_grad=True)
+        with fused.differentiated_twice():
+            x = p * p
+            y = mine(x)
+        e = (y * torch.linspace(-1, 1, 5, dtype=torch.float64)).tanh().sum()
+        (f,) = torch.autograd.grad(e, p, create_graph=True)
+        loss = e.square() + (f * f).sum()
+        if fails:
+            y.register_hook(lambda grad: (_ for _ in ()).throw(RuntimeError("stop")))
+            with pytest.raises(RuntimeError, match="stop"):
+                loss.backward()
+        else:
+            torch.autograd.grad(loss, y)
+        alive = weakref.ref(x)
+        del p, x, y, e, f, loss
+        gc.collect()
+        assert alive() is None
+    assert kernel_calls[f"{kind}_grad2"] == 0  # handed over both times
+
+
+def test_merged_loss_backward_under_compiled_autograd_is_torchs():
+    """torch's compiled autograd traces the backward's nodes in an order of its own: no hand-over there (a node
+    that handed over would leave its part to nobody), and the gradient is torch's."""
+    from torch._dynamo import compiled_autograd
+
+    def gradient(act):
+        p = torch.randn(20, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        with fused.differentiated_twice():
+            y = act(p * p)
+        energy = (y * torch.linspace(-1, 1, 5, dtype=torch.float64)).tanh().sum()
+        (forces,) = torch.autograd.grad(energy, p, create_graph=True)
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            (energy.square() + forces.square().sum()).backward()
+        return p.grad
+
+    torch.testing.assert_close(gradient(fused.silu), gradient(torch.nn.functional.silu), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["silu_grad_merged", "gate_grad_merged"])
+def test_the_build_self_test_checks_the_merged_kernels(kernel, monkeypatch):
+    """A merged kernel that computes a wrong gradient fails the check run after every build: its second derivatives'
+    loss reaches both nodes (the first derivative's input is 2·act(z)), so the merged passes run there."""
+    right = getattr(torch.ops.multifi_fused, kernel)
+
+    def wrong(*args):
+        out = right(*args)
+        return tuple(1.01 * t for t in out) if isinstance(out, tuple) else 1.01 * out
+
+    fused._self_test()
+    monkeypatch.setattr(torch.ops.multifi_fused, kernel, wrong)
+    with pytest.raises(RuntimeError, match="the built (SiLU|gate) kernels disagree with torch's"):
+        fused._self_test()
+
+
 def test_merged_loss_backward_through_autograd_grad_of_some_inputs():
     """autograd.grad of the loss for one of two leaves (the engine runs only the nodes that lead to it): the merged
     pass runs where both nodes lead there and gives torch's gradient."""

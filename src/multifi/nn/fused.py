@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -393,15 +394,27 @@ def applicable(*tensors: torch.Tensor) -> bool:
 # when A is still to run in the same backward, hands its part of that gradient's inputs to A (`_hand_over`) and A
 # computes the whole in one pass (`_handed`). Either may run first (the engine runs B first in M3GNet's step), a
 # loss may reach one of them only, or a graph may be differentiated twice: B hands over only when the engine will
-# run A later in this backward and nothing was handed yet, else both compute their parts as before.
+# run A later in this backward and nothing was handed yet, else both compute their parts as before. (A hook on A's
+# node itself, `grad_fn.register_hook`, sees the sum: what its input's gradient receives from both.)
 def _hand_over(owner, parts: tuple) -> bool:
     """Leave `parts` for `owner` (node A) to use later in this backward; False (nothing left) when A has run in
-    it, will not run in it, or holds parts of another node for it (two derivative graphs made from one A)."""
+    it, will not run in it, or holds parts of another node for it (two derivative graphs made from one A), and
+    under compiled autograd (which traces the nodes in an order of its own). The parts are kept detached: a part
+    with a history (g, made with create_graph) would tie A to its own graph, a cycle through autograd's C++ nodes
+    that Python's collector cannot free when A does not run (an error between the two nodes)."""
     task = torch._C._current_graph_task_id()
-    if task < 0 or task in owner.ran or task in owner.handed or not torch._C._will_engine_execute_node(owner):
+    if task < 0 or task in owner.ran or task in owner.handed or _compiled_autograd():
         return False
-    owner.handed[task] = parts
+    if not torch._C._will_engine_execute_node(owner):
+        return False
+    owner.handed[task] = tuple(p.detach() for p in parts)
     return True
+
+
+def _compiled_autograd() -> bool:
+    """Inside torch's compiled autograd (torch._dynamo.compiled_autograd, never imported by multifi itself)."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    return ca is not None and bool(ca.compiled_autograd_enabled or ca.in_compiled_autograd_region)
 
 
 def _handed(ctx) -> tuple | None:
