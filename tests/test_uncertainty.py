@@ -57,7 +57,7 @@ def test_ensemble_mean_is_the_mean_of_each_models_own_prediction():
     structures[1].rattle(0.05, seed=1)
 
     def predicted(pot, cutoff, name):
-        g = graph_from_atoms(structures, cutoff, pot.fidelities.index(name), dtype=torch.float64)
+        g = graph_from_atoms(structures, cutoff, pot.fidelities.index(name), dtype=next(pot.parameters()).dtype)
         return pot(g, forces=True, stress=True)
 
     ensemble = EnsembleMean(models)
@@ -72,6 +72,15 @@ def test_ensemble_mean_is_the_mean_of_each_models_own_prediction():
     assert not torch.allclose(own[0]["energy"], own[1]["energy"])
     with pytest.raises(MultifiError, match="ensemble member 2 has no fidelity 'mid'"):
         EnsembleMean([models[2], models[0]])(graph_from_atoms(structures, 4.0, 2, dtype=torch.float64))
+    # members of two precisions (a model trained in float64 stays so when loaded), either first
+    single = models[1].float()
+    for pair in ([models[0], single], [single, models[0]]):
+        got = predicted(EnsembleMean(pair), 4.0, "hi")
+        want = [predicted(m, m.cutoff, "hi") for m in pair]
+        for key in got:
+            assert got[key].dtype == torch.float64
+            mean = (want[0][key].double() + want[1][key].double()) / 2
+            torch.testing.assert_close(got[key], mean, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("inject", ["both", "readout", "input", "heads", "onehot", "single"])
@@ -233,7 +242,7 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     # a deep ensemble: the mean energy and the standard deviation of two models
     other = tiny_potential(seed=5)
     ref = load_potential(run_dir / "model.pt")
-    other.head.set_baseline(ref.head.ref.numpy(), ref.head.scale.numpy())
+    other.head.set_baseline(ref.head.ref.numpy(), ref.head.scale.numpy(), ref.head.fitted.numpy())  # same labels
     save_potential(other, tmp_path / "other.pt")
     ens = tmp_path / "ens.extxyz"
     code, _, _ = run(
@@ -296,6 +305,27 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
         ["evaluate", run_dir / "model.pt", tiny_extxyz, "--fidelity", "hi", "--out", metrics, "--force"], capsys
     )
     assert alone[0] == 0 and json.loads(metrics.read_text())["fidelities"]["hi"][ENERGY_RMSE] != hi[ENERGY_RMSE]
+    assert report["evaluated"] == f"the mean of {run_dir / 'model.pt'} + {tmp_path / 'other.pt'}"
+    # a member that never saw oxygen (or whose references at the evaluated fidelity cover other elements) would
+    # add its eV-scale guesses to the mean: refused, naming it, before anything is evaluated or written
+    for column, message in (
+        (slice(None), "O seen by one only"),
+        (1, "the reference energies of O at 'hi' fitted by one only"),
+    ):
+        refs, fitted = ref.head.ref.numpy().copy(), ref.head.fitted.numpy().copy()
+        refs[8, column], fitted[8, column] = 0.0, False
+        other.head.set_baseline(refs, ref.head.scale.numpy(), fitted)
+        save_potential(other, tmp_path / "other_o.pt")
+        argv = [
+            "evaluate",
+            run_dir / "model.pt",
+            tiny_extxyz,
+            "--fidelity",
+            "hi",
+            "--ensemble",
+            tmp_path / "other_o.pt",
+        ]
+        fails(argv, capsys, f"{tmp_path / 'other_o.pt'}: ensemble member trained on other labels than", message)
 
 
 def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, tmp_path, capsys, caplog):  # noqa: F811

@@ -545,22 +545,54 @@ class EnsembleMean(torch.nn.Module):
 
         from multifi.models.potential import Potential
 
-        length = torch.linalg.norm(Potential.edge_vectors(graph), dim=-1)  # [E] Å
+        length = torch.linalg.norm(Potential.edge_vectors(graph).double(), dim=-1)  # [E] Å
         outs = []
         for k, m in enumerate(self.members):
-            fidelity = getattr(self, f"_to_member_{k}")[graph.fidelity]
+            fidelity = getattr(self, f"_to_member_{k}").to(graph.fidelity.device)[graph.fidelity]
             if bool((fidelity < 0).any()):
                 missing = sorted({self.fidelities.names[int(f)] for f in graph.fidelity[fidelity < 0]})
                 raise MultifiError(f"ensemble member {k + 1} has no fidelity {', '.join(map(repr, missing))}")
             keep = length < m.cutoff if m.cutoff < self.cutoff else slice(None)
-            own = replace(
-                graph,
-                edge_index=graph.edge_index[:, keep],
-                shifts=graph.shifts[keep],
-                fidelity=fidelity,
-            )
-            outs.append(m(own, forces=forces, stress=stress))
+            param = next(m.parameters())  # members may differ in precision (and the graph is the first one's)
+            own = replace(graph, edge_index=graph.edge_index[:, keep], shifts=graph.shifts[keep], fidelity=fidelity)
+            out = m(own.to(param.device, param.dtype), forces=forces, stress=stress)
+            outs.append({key: v.to(graph.positions.device, torch.float64) for key, v in out.items()})
         return {key: torch.stack([o[key] for o in outs]).mean(0) for key in outs[0]}
+
+
+def check_members_alike(models: list, paths: list, fidelities: list[str]) -> None:
+    """The models of an ensemble whose mean is evaluated saw the same elements and fitted reference energies for the
+    same elements at each of `fidelities` (as members trained on one dataset do), so that the structures left out
+    (unseen elements) or set apart (estimated references) are the same for each. Otherwise an error naming the
+    member: the mean's errors would mix one member's eV-scale guesses into the table."""
+    for m, path in zip(models[1:], paths[1:]):
+        difference = _label_difference(models[0], m, fidelities)
+        if difference:
+            raise MultifiError(
+                f"{path}: ensemble member trained on other labels than {paths[0]} ({difference}); the mean of models "
+                "that know different elements is not evaluated: evaluate each model alone"
+            )
+
+
+def _label_difference(a, b, fidelities: list[str]) -> str:
+    """Where two models' references differ: the elements one saw and the other did not, or those fitted at one of
+    `fidelities` in one model only ('' when none)."""
+    seen = (a.head.known() != b.head.known()).cpu().numpy()
+    if seen.any():
+        return f"{_symbols(seen)} seen by one only"
+    for name in fidelities:
+        fitted = [m.head.fitted[:, 0 if m.head.shared_baseline else m.fidelities.index(name)] for m in (a, b)]
+        differ = (fitted[0] != fitted[1]).cpu().numpy()
+        if differ.any():
+            return f"the reference energies of {_symbols(differ)} at {name!r} fitted by one only"
+    return ""
+
+
+def _symbols(mask: np.ndarray) -> str:
+    from ase.data import chemical_symbols
+
+    z = np.flatnonzero(mask)
+    return ", ".join(chemical_symbols[k] for k in z[:6]) + (", …" if len(z) > 6 else "")
 
 
 def uncertainty_models(checkpoint, potential, ensemble: list, fidelities: list[str]) -> tuple[list, LLPR | None, str]:

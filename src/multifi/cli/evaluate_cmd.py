@@ -90,20 +90,20 @@ def run(args) -> int:
         covered = pairs[:, 1] if args.ensemble else pairs[scored & ~estimated, 1]
         names = [ds.fidelities.names[int(k)] for k in np.unique(covered)]
         estimate = uncertainty_models(args.checkpoint, potential, args.ensemble, names)
-    evaluated, title = potential, f"{args.checkpoint} on {', '.join(args.data)}"
+    evaluated, evaluated_by = potential, str(args.checkpoint)
     if args.ensemble:  # the ensemble's prediction, as predict --ensemble makes it: the mean of its members'
-        from multifi.uncertainty import EnsembleMean
+        from multifi.uncertainty import EnsembleMean, check_members_alike
 
+        check_members_alike(estimate[0], [args.checkpoint, *args.ensemble], names)
         evaluated = EnsembleMean(estimate[0])
-        members = " + ".join(str(m) for m in [args.checkpoint, *args.ensemble])
-        title = f"the mean of {members} on {', '.join(args.data)}"
+        evaluated_by = "the mean of " + " + ".join(str(m) for m in [args.checkpoint, *args.ensemble])
     metrics, predicted = evaluate_pairs(evaluated, ds, None, pairs, args.batch_size, return_predictions=True)
-    print(metrics_table(metrics, title=title))
+    print(metrics_table(metrics, title=f"{evaluated_by} on {', '.join(args.data)}"))
     in_units = _warn_implausible(metrics, ", ".join(args.data), _label_slopes(ds, pairs[scored], predicted[scored]))
     fitted = scored & ~estimated  # estimated references: warned above
     warn_per_element_errors(ds, pairs[fitted], predicted[fitted], ", ".join(args.data), skip=in_units)
     warn_own_predictions(ds, pairs[scored], predicted[scored], ", ".join(args.data))
-    payload = {"fidelities": metrics}
+    payload = {"fidelities": metrics} if not args.ensemble else {"evaluated": evaluated_by, "fidelities": metrics}
     if args.uncertainty or args.ensemble:
         from multifi.uncertainty import uncertainty_report, uncertainty_table
 
@@ -137,7 +137,7 @@ def run(args) -> int:
             names,
             reference,
             (predicted[scored] - base) / n_atoms,
-            str(args.checkpoint),
+            evaluated_by,
             estimated,
             relative=True,
         )
