@@ -1,6 +1,6 @@
 """Do the C++ kernels give the same bits whichever CPU version runs? Builds nn/csrc/gather_scatter.cpp with every loop
 compiled for one target only (`default` = baseline x86-64, `avx2`, `avx512f`; no run-time dispatch), runs every kernel
-(segment_sum's three modes, edge_dot, edge_dot_unit, SiLU's and the gates' derivatives) in float32 and float64 on
+(segment_sum's three modes, edge_dot, edge_dot_unit, SiLU's and the gates' derivatives and merged gradients) in float32 and float64 on
 fixed random inputs and saves the outputs; `--compare` checks saved outputs bit for bit. Each target in its own
 process (the builds register the same operators):
 
@@ -75,6 +75,10 @@ def outputs() -> dict:
             *ops.gate_grad(w, w, s, s, w, True),
             *ops.gate_grad2(w, w, s, s, w, w, w, w, True),
             *ops.gate_grad2(w, w, s, s, none, w, w, none, False),
+            ops.silu_grad_merged(w, s, u.sum(1).repeat_interleave(F).view(E, F), w, s),
+            ops.gate_grad2_dgo(w, s, s, w, w, s, w, True),
+            *ops.gate_grad_merged(s, w, w, s, s, w, w, s, w, True),
+            *ops.gate_grad_merged(s, w, w, s, s, none, w, s, none, False),
         ]
     return out
 
