@@ -1030,10 +1030,11 @@ def test_predict_names_the_frame_of_a_truncated_file(model, tmp_path, capsys):
 
 
 def test_evaluate_reports_the_force_slope_and_warns_of_reversed_labels(model, tiny_extxyz, tmp_path, capsys, caplog):
-    """metrics.json holds the least-squares slope of the force labels on the predictions; negated labels (gradients
-    given as forces) give exactly its negative, and a slope below −0.3 is said."""
+    """metrics.json holds the least-squares slope of the force labels on the predictions and their cosine; negated
+    labels (gradients given as forces) give exactly their negatives, and a slope below −0.3 with a cosine below −0.5
+    is said; a model whose tiny forces do not follow the labels (cosine −0.3, slope −90) is not suspected of it."""
     from multifi.cli.evaluate_cmd import _warn_implausible
-    from multifi.keys import FORCES_SLOPE
+    from multifi.keys import FORCES_COSINE, FORCES_SLOPE
 
     frames = ase.io.read(tiny_extxyz, ":")
     flipped = []
@@ -1044,15 +1045,20 @@ def test_evaluate_reports_the_force_slope_and_warns_of_reversed_labels(model, ti
         flipped.append(b)
     src = tmp_path / "flipped.extxyz"
     ase.io.write(src, flipped)
-    slopes = []
+    slopes, cosines = [], []
     for name, path in (("same", tiny_extxyz), ("flipped", src)):
         assert run(["evaluate", model, path, "--out", tmp_path / f"{name}.json"], capsys)[0] == 0
-        slopes.append(json.loads((tmp_path / f"{name}.json").read_text())["fidelities"]["lo"][FORCES_SLOPE])
-    assert slopes[1] == pytest.approx(-slopes[0], rel=1e-9)
+        lo = json.loads((tmp_path / f"{name}.json").read_text())["fidelities"]["lo"]
+        slopes.append(lo[FORCES_SLOPE])
+        cosines.append(lo[FORCES_COSINE])
+    assert slopes[1] == pytest.approx(-slopes[0], rel=1e-9) and cosines[1] == pytest.approx(-cosines[0], rel=1e-9)
+    assert -1 <= cosines[1] < 0 < cosines[0] <= 1
     with caplog.at_level(logging.WARNING, logger="multifi"):
-        _warn_implausible({"lo": {FORCES_SLOPE: -0.95}}, "f.extxyz")
-        _warn_implausible({"lo": {FORCES_SLOPE: 0.9}}, "g.extxyz")
-    assert "f.extxyz: lo force labels point against the model's forces" in caplog.text and "g.extxyz" not in caplog.text
+        _warn_implausible({"lo": {FORCES_SLOPE: -0.95, FORCES_COSINE: -0.9}}, "f.extxyz")
+        _warn_implausible({"lo": {FORCES_SLOPE: 0.9, FORCES_COSINE: 0.9}}, "g.extxyz")
+        _warn_implausible({"lo": {FORCES_SLOPE: -90.9, FORCES_COSINE: -0.3}}, "h.extxyz")
+    assert "f.extxyz: lo force labels point against the model's forces" in caplog.text
+    assert "g.extxyz" not in caplog.text and "h.extxyz" not in caplog.text
 
 
 def test_evaluate_names_the_unit_of_energies_given_in_kj_per_mol(cli_run, tiny_extxyz, tmp_path, capsys, caplog):  # noqa: F811

@@ -16,6 +16,9 @@ METRIC_KEYS = (ENERGY_MAE, ENERGY_RMSE, ENERGY_MAE_PER_ATOM, FORCES_MAE, STRESS_
 #: least-squares slope of the force labels on the predicted forces, Σ F_label·F_pred / Σ F_pred² (about 1 for a
 #: model that learned them; negative: labels pointing against the model's forces, e.g. gradients given as forces)
 FORCES_SLOPE = "forces_label_slope"
+#: their cosine, Σ F_label·F_pred / √(Σ F_label² Σ F_pred²) (about 1 for a model that learned them, about −1 for labels
+#: of the opposite sign; near 0 for a model whose forces do not yet follow the labels)
+FORCES_COSINE = "forces_label_cosine"
 #: structures of the evaluated samples left out of a fidelity's errors: they contain an element no training
 #: label of any fidelity contained (no reference energy, no learned interactions; present only when > 0)
 UNSEEN = "n_unseen_elements"

@@ -7,10 +7,19 @@ import math
 import torch
 
 from multifi.data.batch import Graph
-from multifi.keys import COUNT, ENERGY_MAE, ENERGY_MAE_PER_ATOM, ENERGY_RMSE, FORCES_MAE, FORCES_SLOPE, STRESS_MAE
+from multifi.keys import (
+    COUNT,
+    ENERGY_MAE,
+    ENERGY_MAE_PER_ATOM,
+    ENERGY_RMSE,
+    FORCES_COSINE,
+    FORCES_MAE,
+    FORCES_SLOPE,
+    STRESS_MAE,
+)
 
 # columns of the accumulator
-N_E, AE, SE, AE_ATOM, N_F, AE_F, N_S, AE_S, F_LP, F_PP = range(10)
+N_E, AE, SE, AE_ATOM, N_F, AE_F, N_S, AE_S, F_LP, F_PP, F_LL = range(11)
 
 
 class FidelityMetrics:
@@ -21,7 +30,7 @@ class FidelityMetrics:
         self.reset()
 
     def reset(self):
-        self.acc = torch.zeros(len(self.names), 10, dtype=torch.float64)
+        self.acc = torch.zeros(len(self.names), F_LL + 1, dtype=torch.float64)
 
     def update(self, out: dict, graph: Graph) -> None:
         acc = torch.zeros_like(self.acc)
@@ -43,6 +52,7 @@ class FidelityMetrics:
             acc[:, AE_F].index_add_(0, fa, (pred - label).abs().sum(-1))
             acc[:, F_LP].index_add_(0, fa, (label * pred).sum(-1))
             acc[:, F_PP].index_add_(0, fa, (pred * pred).sum(-1))
+            acc[:, F_LL].index_add_(0, fa, (label * label).sum(-1))
         if "stress" in out and graph.stress_mask.any():
             sm = graph.stress_mask.cpu()
             serr = (out["stress"].detach().cpu().double() - graph.stress.cpu().double())[sm].abs()
@@ -68,4 +78,6 @@ class FidelityMetrics:
             }
             if a[N_F] and a[F_PP] > 0:
                 out[name][FORCES_SLOPE] = a[F_LP] / a[F_PP]
+                if a[F_LL] > 0:
+                    out[name][FORCES_COSINE] = a[F_LP] / math.sqrt(a[F_LL] * a[F_PP])
         return out
