@@ -245,6 +245,17 @@ def test_predict_marks_structures_whose_reference_was_estimated(tmp_path, capsys
         assert run(["predict", model, src, "--fidelity", "hi", "--ensemble", member, "--out", out], capsys)[0] == 0
     assert "1 structure(s) have an estimated hi reference energy" in caplog.text and "does not include" in caplog.text
     assert "energy_sigma" in ase.io.read(out, "0").info
+    # a member that estimated O at hi too: H2O's mean carries that estimate, flagged whichever model comes first
+    fitted_o = fitted.copy()
+    fitted_o[8, 1] = False
+    other.head.set_baseline(ref, np.ones(2), fitted_o)
+    member_o = save_potential(other, tmp_path / "member_o.pt")
+    for first, second in ((model, member_o), (member_o, model)):
+        assert (
+            run(["predict", first, src, "--fidelity", "hi", "--ensemble", second, "--out", out, "--force"], capsys)[0]
+            == 0
+        )
+        assert all(a.info.get("reference_estimated") is True for a in ase.io.read(out, ":"))
 
 
 def test_predict_unknown_fidelity_lists_known_ones(cli_run, tmp_path, capsys):

@@ -428,6 +428,12 @@ def test_ensemble_of_identical_models_is_no_uncertainty(cli_run, tmp_path, capsy
     args = ["predict", model, src, "--fidelity", "hi", "--out", tmp_path / "p.extxyz", "--uncertainty"]
     fails([*args, "--ensemble", model], capsys, "the 2 ensemble models give identical hi energies")
     assert not (tmp_path / "p.extxyz").exists()
+    # evaluate: refused before any table is printed (a table then an error read like a result)
+    labelled = tmp_path / "l.extxyz"
+    ase.io.write(labelled, [emt_labelled(rattled_molecule("H2O", k), "hi") for k in range(3)], format="extxyz")
+    out = fails(["evaluate", model, labelled, "--ensemble", model], capsys, "identical hi energies")
+    code, stdout, _ = run(["evaluate", model, labelled, "--ensemble", model], capsys)
+    assert code == 2 and "MAE" not in stdout and out
 
 
 def test_calibration_leaves_out_validation_structures_with_estimated_references(tmp_path, caplog):
@@ -490,4 +496,4 @@ def test_uncertainty_of_one_structure_is_valid_json_and_said_to_mean_little(cli_
     assert code == 0 and "NaN" not in out.read_text()
     report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert report["uncertainty"]["fidelities"]["hi"]["spearman"] is None
-    assert "the uncertainty statistics of hi come from 1 structure(s): they mean little" in caplog.text
+    assert "the uncertainty statistics of hi come from only 1 structure(s), too few" in caplog.text

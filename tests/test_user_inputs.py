@@ -53,7 +53,12 @@ def test_ensemble_member_without_the_fidelity_is_an_error_naming_it(model, tmp_p
     assert not out.exists()
     labelled = tmp_path / "hi.extxyz"
     ase.io.write(labelled, [emt_labelled(rattled_molecule(m, i), "hi") for i, m in enumerate(("CH4", "NH3"))])
-    fails(["evaluate", model, labelled, "--ensemble", member], capsys, str(member), "unknown fidelity 'hi'")
+    fails(
+        ["evaluate", model, labelled, "--ensemble", member],
+        capsys,
+        f"{member} (ensemble member)",
+        "unknown fidelity 'hi'",
+    )
 
 
 def _strained_copper(

@@ -157,7 +157,11 @@ def predict_file(
                 where=[f"{path} (ensemble member {m})" for m in ensemble],
             )
         predictions[name] = (energies, forces, stresses)
-    estimated = {name: estimated_references(potential, atoms_list, name) for name in fidelities}
+    # a structure any model of the ensemble needs an estimated reference for (their mean carries that estimate)
+    estimated = {
+        name: np.any([estimated_references(m, atoms_list, name) for m in [potential, *members]], axis=0)
+        for name in fidelities
+    }
     for name in sigmas:
         if estimated[name].any():
             log.warning(

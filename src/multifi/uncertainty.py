@@ -518,7 +518,7 @@ def load_ensemble(paths, fidelities, device="cpu") -> list:
     for path in paths:
         member = load_potential(path)
         for name in fidelities:
-            member.fidelities.index(name, where=str(path))
+            member.fidelities.index(name, where=f"{path} (ensemble member)")
         models.append(member.to(device))
     return models
 

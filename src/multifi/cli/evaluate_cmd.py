@@ -98,22 +98,25 @@ def run(args) -> int:
         evaluated = EnsembleMean(estimate[0])
         evaluated_by = "the mean of " + " + ".join(str(m) for m in [args.checkpoint, *args.ensemble])
     metrics, predicted = evaluate_pairs(evaluated, ds, None, pairs, args.batch_size, return_predictions=True)
+    payload = {"fidelities": metrics} if not args.ensemble else {"evaluated": evaluated_by, "fidelities": metrics}
+    if args.uncertainty or args.ensemble:  # before anything is printed: it may refuse (an ensemble of copies)
+        from multifi.uncertainty import uncertainty_report
+
+        payload["uncertainty"] = uncertainty_report(estimate, ds, pairs[scored], args.batch_size)
     print(metrics_table(metrics, title=f"{evaluated_by} on {', '.join(args.data)}"))
     in_units = _warn_implausible(metrics, ", ".join(args.data), _label_slopes(ds, pairs[scored], predicted[scored]))
     fitted = scored & ~estimated  # estimated references: warned above
     warn_per_element_errors(ds, pairs[fitted], predicted[fitted], ", ".join(args.data), skip=in_units)
     warn_own_predictions(ds, pairs[scored], predicted[scored], ", ".join(args.data))
-    payload = {"fidelities": metrics} if not args.ensemble else {"evaluated": evaluated_by, "fidelities": metrics}
-    if args.uncertainty or args.ensemble:
-        from multifi.uncertainty import uncertainty_report, uncertainty_table
+    if "uncertainty" in payload:
+        from multifi.uncertainty import uncertainty_table
 
-        payload["uncertainty"] = uncertainty_report(estimate, ds, pairs[scored], args.batch_size)
         print(uncertainty_table(payload["uncertainty"]))
         for name, m in payload["uncertainty"]["fidelities"].items():
-            if m["n"] < MIN_UNCERTAINTY_N:  # a rank correlation of 2 structures is ±1 whatever σ means
+            if m["n"] < MIN_UNCERTAINTY_N:  # rank statistics of a handful of structures say little about σ
                 log.warning(
-                    "%s: the uncertainty statistics of %s come from %d structure(s): they mean little (Spearman of "
-                    "2 structures is ±1); evaluate on at least %d",
+                    "%s: the uncertainty statistics of %s come from only %d structure(s), too few for a rank "
+                    "correlation or a calibration curve to mean much; evaluate on at least %d",
                     ", ".join(args.data),
                     name,
                     m["n"],
