@@ -384,6 +384,24 @@ def test_data_info_lists_per_fidelity_counts(tiny_extxyz, capsys):
     assert "periodic: 0" in out
 
 
+def test_data_info_and_convert_refuse_overlapping_atoms(tmp_path, capsys):
+    """Atoms 0.05 Å apart (training, evaluate and predict refuse them): data info says so (exit 2, after its
+    summary), data convert writes nothing; unlabelled structures too."""
+    from conftest import emt_labelled
+
+    frames = [emt_labelled(rattled_molecule("H2O", k), "lo") for k in range(3)]
+    frames[1].positions[2] = frames[1].positions[1] + [0.05, 0, 0]
+    src = tmp_path / "overlap.extxyz"
+    ase.io.write(src, frames, format="extxyz")
+    fails(["data", "info", src], capsys, str(src), "structure 1 (0-based) has atoms 0.050 Å apart")
+    out = tmp_path / "c.npz"
+    fails(["data", "convert", src, "--out", out], capsys, "structure 1 (0-based) has atoms 0.050 Å apart")
+    assert not out.exists()
+    pool = tmp_path / "pool.xyz"
+    ase.io.write(pool, [a.copy() for a in frames])
+    fails(["data", "info", pool], capsys, "has atoms 0.050 Å apart")
+
+
 def test_evaluate_and_predict_read_the_frames_of_index(cli_run, tiny_extxyz, tmp_path, capsys):
     """--index picks frames of a file ASE reads (the last frame of a trajectory: -1); other sources refuse it."""
     _, run_dir = cli_run

@@ -137,7 +137,8 @@ def run_info(args) -> int:
     print("elements:", " ".join(chemical_symbols[z] for z in ds.elements))
     counts = ds.label_counts()
     if not counts:
-        print("labels: none (structures only: a pool for `multifi select` or `multifi predict`)")
+        print("labels: none (structures only: a pool for `multifi select` or `multifi predict`)", flush=True)
+        _check_geometry(ds)
         return 0
     width = max(len("fidelity"), *(len(n) for n in counts)) + 2
     print("fidelity".ljust(width) + "energy".rjust(10) + "forces".rjust(10) + "stress".rjust(10))
@@ -145,8 +146,17 @@ def run_info(args) -> int:
         print(name.ljust(width) + "".join(str(c[k]).rjust(10) for k in ("energy", "forces", "stress")))
     multi = int(((ds.energy_mask | ds.has_forces()).sum(1) > 1).sum())
     print(f"structures labelled at more than one fidelity: {multi}", flush=True)  # before the checks' warnings
+    _check_geometry(ds)
     _check_labels(ds)
     return 0
+
+
+def _check_geometry(ds) -> None:
+    """Atoms closer than 0.1 Å: the error training, evaluate and predict give (data.checks.check_overlaps)."""
+    from multifi.data.checks import MIN_DISTANCE, check_overlaps
+    from multifi.data.neighbors import NeighborCache
+
+    check_overlaps(ds, NeighborCache(ds, 10 * MIN_DISTANCE, progress=False))
 
 
 def _check_labels(ds) -> None:
@@ -179,6 +189,7 @@ def run_convert(args) -> int:
 
     refuse_existing(args.out, force=args.force, folder_ok=not is_extxyz_path(args.out))  # before reading
     ds = _read(args)
+    _check_geometry(ds)  # a converted file training would refuse: refused now, nothing written
     if is_extxyz_path(args.out):
         frames = write_labelled_extxyz(ds, Path(args.out))
         print(f"wrote {len(ds)} structures, {_fidelities(ds)} as {frames} frames to {args.out}")
