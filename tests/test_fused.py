@@ -602,6 +602,36 @@ def test_forward_mode_derivatives_use_torchs_operators():
         torch.testing.assert_close(g, w)
 
 
+def test_the_kernels_built_for_avx2_at_most(tmp_path):
+    """MULTIFI_KERNEL_ISA=avx2 builds the loops without their AVX-512 versions (what a CPU without AVX-512 runs, to
+    measure it on one with it): the library loaded has AVX2 and baseline clones only, in a build folder of its own;
+    an unknown value leaves the kernels unbuilt, said in the warning, and torch's operators run."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import platform
+
+    if shutil.which("nm") is None or platform.machine() != "x86_64" or sys.platform != "linux":
+        pytest.skip("CPU versions are built on x86-64 Linux only (and listed with nm)")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "MULTIFI_KERNEL_ISA": "avx2"}
+    probe = (
+        "from multifi.nn import fused; assert fused.available(); "
+        "print(next(line.split()[-1] for line in open('/proc/self/maps') if 'multifi_fused_' in line))"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    library = run.stdout.strip()
+    assert library.startswith(str(tmp_path))
+    symbols = subprocess.run(["nm", library], capture_output=True, text=True, check=True).stdout
+    assert ".avx2" in symbols and ".avx512f" not in symbols
+    env["MULTIFI_KERNEL_ISA"] = "sse"
+    probe = "from multifi.nn import fused; print(fused.available())"
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600)
+    assert run.stdout.strip() == "False" and "MULTIFI_KERNEL_ISA='sse': not one of avx2, baseline" in run.stderr
+
+
 def test_every_cpu_version_of_the_kernels_gives_the_same_bits(tmp_path):
     """The kernels' loops run in the widest vector version the CPU has (AVX-512, AVX2 or baseline, chosen at load
     time): that version and a build of baseline x86-64 only give bit-identical outputs of every kernel, float32 and

@@ -39,6 +39,16 @@ def _enabled_by_env() -> bool:
 
 
 _FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
+#: MULTIFI_KERNEL_ISA: the widest CPU version the loops are built for ("avx2", "baseline"; default every one the
+#: compiler has): to measure how a CPU without AVX-512 (or AVX2) runs them
+_ISA_FLAGS = {"": [], "avx2": ["-DMULTIFI_ISA_AVX2"], "baseline": ["-DMULTIFI_ISA_BASELINE"]}
+
+
+def _flags() -> list[str]:
+    isa = os.environ.get("MULTIFI_KERNEL_ISA", "").lower()
+    if isa not in _ISA_FLAGS:
+        raise RuntimeError(f"MULTIFI_KERNEL_ISA={isa!r}: not one of avx2, baseline (or unset)")
+    return _FLAGS + _ISA_FLAGS[isa]
 
 
 def _build() -> None:
@@ -47,7 +57,8 @@ def _build() -> None:
 
     # source, flags and torch version in the name: a build of other source (an older multifi) or for another
     # torch (another environment sharing the cache folder) is never loaded instead
-    key = _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode()
+    flags = _flags()
+    key = _SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()
     base = "multifi_fused_" + hashlib.sha256(key).hexdigest()[:12]
     for name in (base, *(f"{base}_{k}" for k in range(1, 4))):  # a folder whose build lock a killed build left
         folder = Path(_get_build_directory(name, False))  # behind makes every later build wait forever: next one
@@ -59,7 +70,7 @@ def _build() -> None:
     if not (folder / f"{name}.so").exists():
         log.info("compiling the fused message kernels (once per machine and torch version, ~20 s)")
     # -ffp-contract=off: no fused multiply-adds, so sums round exactly as torch's separate product and index_add
-    load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+    load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
     try:
         _register_fakes()
         _state["fakes"] = True

@@ -31,8 +31,17 @@
 // does not multiversion templates; musl, which has no ifunc; other CPUs) the compiler's default target.
 // The loops are written so that results do not depend on the vector width (no reordered sums; fused.py builds them
 // with -ffp-contract=off, and with -fno-trapping-math, without which conditional selects kept loops scalar).
+// MULTIFI_KERNEL_ISA=avx2 or baseline in the environment (nn/fused.py) leaves out the wider versions, e.g. to measure
+// on an AVX-512 CPU how a CPU without it runs.
+#if defined(MULTIFI_ISA_BASELINE)
+#define MULTIFI_TARGETS "default"
+#elif defined(MULTIFI_ISA_AVX2)
+#define MULTIFI_TARGETS "default", "avx2"
+#else
+#define MULTIFI_TARGETS "default", "avx2", "avx512f"
+#endif
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
-#define MULTIFI_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#define MULTIFI_CLONES __attribute__((target_clones(MULTIFI_TARGETS)))
 #else
 #define MULTIFI_CLONES
 #endif
