@@ -607,11 +607,10 @@ def test_the_kernels_built_for_avx2_at_most(tmp_path):
     measure it on one with it): the library loaded has AVX2 and baseline clones only, in a build folder of its own;
     an unknown value leaves the kernels unbuilt, said in the warning, and torch's operators run."""
     import os
+    import platform
     import shutil
     import subprocess
     import sys
-
-    import platform
 
     if shutil.which("nm") is None or platform.machine() != "x86_64" or sys.platform != "linux":
         pytest.skip("CPU versions are built on x86-64 Linux only (and listed with nm)")
