@@ -120,6 +120,7 @@ METRIC_KEYS = {
     "forces_mae_meV_per_A",
     "stress_mae_GPa",
     "forces_label_slope",  # present where there are force labels (all data of these tests)
+    "forces_label_cosine",
 }
 N_SMALL = 199  # molecules in the small QM9 CSV (fixture small_csv)
 
