@@ -271,21 +271,8 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
         assert a.info["uncertainty"] == "ensemble of 2"
         # every model, as given (runs/s1/model.pt and runs/s2/model.pt stay apart), not the first alone
         assert a.info["predicted_by"].endswith(f": the mean of {run_dir / 'model.pt'} + {tmp_path / 'other.pt'}")
-    code, out, _ = run(
-        [
-            "evaluate",
-            run_dir / "model.pt",
-            tiny_extxyz,
-            "--fidelity",
-            "hi",
-            "--ensemble",
-            tmp_path / "other.pt",
-            "--out",
-            metrics,
-            "--force",
-        ],
-        capsys,
-    )
+    at_hi = ["evaluate", run_dir / "model.pt", tiny_extxyz, "--fidelity", "hi"]
+    code, out, _ = run([*at_hi, "--ensemble", tmp_path / "other.pt", "--out", metrics, "--force"], capsys)
     report = json.loads(metrics.read_text())
     uq = report["uncertainty"]
     assert code == 0 and uq["method"] == "ensemble of 2" and set(uq["fidelities"]) == {"hi"}
@@ -301,9 +288,7 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     assert hi[ENERGY_RMSE] == pytest.approx(1000 * np.sqrt(np.mean(energy_err**2)), rel=1e-5)
     assert hi[ENERGY_MAE] == pytest.approx(1000 * np.mean(np.abs(energy_err)), rel=1e-5)
     assert hi[FORCES_MAE] == pytest.approx(1000 * np.mean(np.abs(force_err)), rel=1e-5)
-    alone = run(
-        ["evaluate", run_dir / "model.pt", tiny_extxyz, "--fidelity", "hi", "--out", metrics, "--force"], capsys
-    )
+    alone = run([*at_hi, "--out", metrics, "--force"], capsys)
     assert alone[0] == 0 and json.loads(metrics.read_text())["fidelities"]["hi"][ENERGY_RMSE] != hi[ENERGY_RMSE]
     assert report["evaluated"] == f"the mean of {run_dir / 'model.pt'} + {tmp_path / 'other.pt'}"
     # a member that never saw oxygen (or whose references at the evaluated fidelity cover other elements) would
@@ -316,16 +301,12 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
         refs[8, column], fitted[8, column] = 0.0, False
         other.head.set_baseline(refs, ref.head.scale.numpy(), fitted)
         save_potential(other, tmp_path / "other_o.pt")
-        argv = [
-            "evaluate",
-            run_dir / "model.pt",
-            tiny_extxyz,
-            "--fidelity",
-            "hi",
-            "--ensemble",
-            tmp_path / "other_o.pt",
-        ]
-        fails(argv, capsys, f"{tmp_path / 'other_o.pt'}: ensemble member trained on other labels than", message)
+        fails(
+            [*at_hi, "--ensemble", tmp_path / "other_o.pt"],
+            capsys,
+            f"{tmp_path / 'other_o.pt'}: ensemble member trained on other labels than",
+            message,
+        )
 
 
 def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, tmp_path, capsys, caplog):  # noqa: F811
