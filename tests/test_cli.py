@@ -384,9 +384,9 @@ def test_data_info_lists_per_fidelity_counts(tiny_extxyz, capsys):
     assert "periodic: 0" in out
 
 
-def test_data_info_and_convert_refuse_overlapping_atoms(tmp_path, capsys):
+def test_data_info_refuses_overlapping_atoms(tmp_path, capsys):
     """Atoms 0.05 Å apart (training, evaluate and predict refuse them): data info says so (exit 2, after its
-    summary), data convert writes nothing; unlabelled structures too."""
+    summary), for unlabelled structures too."""
     from conftest import emt_labelled
 
     frames = [emt_labelled(rattled_molecule("H2O", k), "lo") for k in range(3)]
@@ -394,9 +394,6 @@ def test_data_info_and_convert_refuse_overlapping_atoms(tmp_path, capsys):
     src = tmp_path / "overlap.extxyz"
     ase.io.write(src, frames, format="extxyz")
     fails(["data", "info", src], capsys, str(src), "structure 1 (0-based) has atoms 0.050 Å apart")
-    out = tmp_path / "c.npz"
-    fails(["data", "convert", src, "--out", out], capsys, "structure 1 (0-based) has atoms 0.050 Å apart")
-    assert not out.exists()
     pool = tmp_path / "pool.xyz"
     ase.io.write(pool, [a.copy() for a in frames])
     fails(["data", "info", pool], capsys, "has atoms 0.050 Å apart")

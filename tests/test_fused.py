@@ -605,7 +605,7 @@ def test_forward_mode_derivatives_use_torchs_operators():
 def test_the_kernels_built_for_avx2_at_most(tmp_path):
     """MULTIFI_KERNEL_ISA=avx2 builds the loops without their AVX-512 versions (what a CPU without AVX-512 runs, to
     measure it on one with it): the library loaded has AVX2 and baseline clones only, in a build folder of its own;
-    an unknown value leaves the kernels unbuilt, said in the warning, and torch's operators run."""
+    an unknown value is an error (not a quiet fallback to torch's operators)."""
     import os
     import platform
     import shutil
@@ -625,10 +625,10 @@ def test_the_kernels_built_for_avx2_at_most(tmp_path):
     assert library.startswith(str(tmp_path))
     symbols = subprocess.run(["nm", library], capture_output=True, text=True, check=True).stdout
     assert ".avx2" in symbols and ".avx512f" not in symbols
-    env["MULTIFI_KERNEL_ISA"] = "sse"
-    probe = "from multifi.nn import fused; print(fused.available())"
+    env["MULTIFI_KERNEL_ISA"] = "avx512"
+    probe = "from multifi.nn import fused; fused.available()"
     run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600)
-    assert run.stdout.strip() == "False" and "MULTIFI_KERNEL_ISA='sse': not one of avx2, baseline" in run.stderr
+    assert run.returncode != 0 and "MULTIFI_KERNEL_ISA='avx512': not one of avx2, baseline" in run.stderr
 
 
 def test_every_cpu_version_of_the_kernels_gives_the_same_bits(tmp_path):

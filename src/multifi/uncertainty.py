@@ -560,13 +560,17 @@ class EnsembleMean(torch.nn.Module):
         return {key: torch.stack([o[key] for o in outs]).mean(0) for key in outs[0]}
 
 
-def check_members_alike(models: list, paths: list, fidelities: list[str]) -> None:
-    """The models of an ensemble whose mean is evaluated saw the same elements and fitted reference energies for the
-    same elements at each of `fidelities` (as members trained on one dataset do), so that the structures left out
-    (unseen elements) or set apart (estimated references) are the same for each. Otherwise an error naming the
-    member: the mean's errors would mix one member's eV-scale guesses into the table."""
+def check_members_alike(models: list, paths: list, fidelities: list[str], elements) -> None:
+    """The models of an ensemble whose mean is evaluated are not copies of one another, saw the same of the data's
+    `elements` (atomic numbers) and fitted reference energies for the same of them at each of `fidelities` (as
+    members trained on one dataset do), so that the structures left out (unseen elements) or set apart (estimated
+    references) are the same for each. Otherwise an error naming the member, before any evaluation: the mean's errors
+    would mix one member's eV-scale guesses into the table (or its spread be no uncertainty)."""
+    z = np.asarray(elements, dtype=np.int64)
     for m, path in zip(models[1:], paths[1:]):
-        difference = _label_difference(models[0], m, fidelities)
+        if _same_weights(models[0], m):
+            raise MultifiError(f"{path}: the same weights as {paths[0]}: an ensemble of copies has no spread")
+        difference = _label_difference(models[0], m, fidelities, z)
         if difference:
             raise MultifiError(
                 f"{path}: ensemble member trained on other labels than {paths[0]} ({difference}); the mean of models "
@@ -574,15 +578,22 @@ def check_members_alike(models: list, paths: list, fidelities: list[str]) -> Non
             )
 
 
-def _label_difference(a, b, fidelities: list[str]) -> str:
-    """Where two models' references differ: the elements one saw and the other did not, or those fitted at one of
-    `fidelities` in one model only ('' when none)."""
-    seen = (a.head.known() != b.head.known()).cpu().numpy()
+def _same_weights(a, b) -> bool:
+    pa, pb = list(a.parameters()), list(b.parameters())
+    return len(pa) == len(pb) and all(x.shape == y.shape and torch.equal(x.cpu(), y.cpu()) for x, y in zip(pa, pb))
+
+
+def _label_difference(a, b, fidelities: list[str], z: np.ndarray) -> str:
+    """Where two models' references differ for the elements z: those one saw and the other did not, or those fitted
+    at one of `fidelities` in one model only ('' when none)."""
+    seen = np.zeros(len(a.head.known()), bool)
+    seen[z] = (a.head.known() != b.head.known()).cpu().numpy()[z]
     if seen.any():
         return f"{_symbols(seen)} seen by one only"
     for name in fidelities:
         fitted = [m.head.fitted[:, 0 if m.head.shared_baseline else m.fidelities.index(name)] for m in (a, b)]
-        differ = (fitted[0] != fitted[1]).cpu().numpy()
+        differ = np.zeros_like(seen)
+        differ[z] = (fitted[0] != fitted[1]).cpu().numpy()[z]
         if differ.any():
             return f"the reference energies of {_symbols(differ)} at {name!r} fitted by one only"
     return ""

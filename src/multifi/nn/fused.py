@@ -45,9 +45,13 @@ _ISA_FLAGS = {"": [], "avx2": ["-DMULTIFI_ISA_AVX2"], "baseline": ["-DMULTIFI_IS
 
 
 def _flags() -> list[str]:
+    """The compiler flags; an unknown MULTIFI_KERNEL_ISA is an error (a measurement would quietly run torch's
+    operators instead)."""
     isa = os.environ.get("MULTIFI_KERNEL_ISA", "").lower()
     if isa not in _ISA_FLAGS:
-        raise RuntimeError(f"MULTIFI_KERNEL_ISA={isa!r}: not one of avx2, baseline (or unset)")
+        from multifi.errors import MultifiError
+
+        raise MultifiError(f"MULTIFI_KERNEL_ISA={isa!r}: not one of avx2, baseline (or unset, for every version)")
     return _FLAGS + _ISA_FLAGS[isa]
 
 
@@ -222,6 +226,7 @@ def available() -> bool:
                 if not _enabled_by_env():
                     _state.update(ok=False, error="MULTIFI_FUSED=0")
                 else:
+                    _flags()  # a mistyped MULTIFI_KERNEL_ISA: an error, not a fallback
                     try:
                         _build()
                         _state.update(ok=True)
@@ -425,7 +430,8 @@ def _hand_over(owner, parts: tuple) -> bool:
 def _compiled_autograd() -> bool:
     """Inside torch's compiled autograd (torch._dynamo.compiled_autograd, never imported by multifi itself)."""
     ca = sys.modules.get("torch._dynamo.compiled_autograd")
-    return ca is not None and bool(ca.compiled_autograd_enabled or ca.in_compiled_autograd_region)
+    region = getattr(ca, "in_compiled_autograd_region", False)  # absent from older torch versions
+    return ca is not None and bool(getattr(ca, "compiled_autograd_enabled", False) or region)
 
 
 def _handed(ctx) -> tuple | None:
