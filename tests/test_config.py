@@ -125,6 +125,8 @@ def test_unknown_key_without_a_near_match_lists_valid_keys():
             r"data.sources.0: fidelity 'MyHF' and qm9.fidelity 'HF/3-21G' differ",  # HF/3-21G won silently
         ),
         (minimal(model={"backbone": "schnet"}), r"model.backbone: .*'schnet'"),
+        (minimal(model="painn"), r"model: Input should be a valid dictionary.*'painn'"),  # was an AttributeError
+        (minimal(model=["painn"]), r"model: Input should be a valid dictionary"),
     ],
 )
 def test_invalid_values_are_one_line_errors(raw, match):

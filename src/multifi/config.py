@@ -404,6 +404,8 @@ class RunConfig(Section):
         if raw.get("extend") is not None and raw.get("model") is None:
             return raw  # the backbone is the extended model's: extend() applies its defaults
         model = raw.get("model") or {}
+        if not isinstance(model, ModelConfig | dict):
+            return raw  # `model: painn`: pydantic's one-line error says the section must be a mapping
         backbone = model.backbone if isinstance(model, ModelConfig) else model.get("backbone", "painn")
         defaults = BACKBONE_DEFAULTS.get(backbone, {})
         raw = dict(raw)
