@@ -315,6 +315,30 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     assert run([*at_hi, "--ensemble", tmp_path / "other_fe.pt"], capsys)[0] == 0
 
 
+def test_damaged_files_of_a_run_are_one_line_errors(cli_run, tmp_path, capsys):  # noqa: F811
+    """A cut or empty LLPR side file (predict --uncertainty) and a cut dataset.npz (calibrate) were zipfile
+    tracebacks; now one line naming the file; calibrate replaces an unreadable side file instead of failing on it."""
+    import shutil
+
+    _, run_dir = cli_run
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    side = bad / "model.llpr.npz"
+    if not side.exists():
+        assert run(["calibrate", bad], capsys)[0] == 0
+    src = tmp_path / "in.xyz"
+    ase.io.write(src, [rattled_molecule("H2O", 0)])
+    argv = ["predict", bad, src, "--fidelity", "hi", "--uncertainty", "--out", tmp_path / "o.extxyz", "--force"]
+    for damaged in (side.read_bytes()[: side.stat().st_size // 2], b""):
+        side.write_bytes(damaged)
+        fails(argv, capsys, f"{side}: not an LLPR calibration file")
+    assert run(["calibrate", bad], capsys)[0] == 0  # replaced
+    assert run(argv, capsys)[0] == 0
+    data = bad / "dataset.npz"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    fails(["calibrate", bad], capsys, f"{data}: not a multifi dataset file")
+
+
 def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, tmp_path, capsys, caplog):  # noqa: F811
     """File mode: validation identical to training is an error, a partial overlap is named; a fidelity without
     validation labels is left uncalibrated (not α = 1); recalibrating one fidelity keeps the others'."""

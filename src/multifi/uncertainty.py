@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +193,7 @@ class LLPR:
                 alpha, ridge, n_train, n_val = z[f"meta{i}"]
                 fps[str(name)] = LLPRFidelity(z[f"cov{i}"], float(alpha), float(ridge), int(n_train), int(n_val))
             out = cls(fps, str(z["fingerprint"]))
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # also a cut file
             raise MultifiError(f"{path}: not an LLPR calibration file ({type(exc).__name__})") from None
         if potential is not None and out.fingerprint != weights_fingerprint(potential):
             raise MultifiError(

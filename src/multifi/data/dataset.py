@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
+import zlib
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -544,7 +546,7 @@ class FidelityDataset:
                 stress_mask=get("stress_mask"),
                 source=str(path),
             )
-        except (KeyError, ValueError, OSError) as exc:
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # also a cut file
             if "allow_pickle" in str(exc):  # numpy's reading of a text file: its pickle advice does not apply
                 raise MultifiError(f"{path}: not a multifi dataset file (not an .npz archive)") from None
             first = (str(exc).splitlines() or [""])[0]

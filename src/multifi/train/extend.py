@@ -353,7 +353,12 @@ def _read_splits(path: Path, ds: FidelityDataset) -> Split:
     if not path.exists() and path.with_suffix(".npz").exists():
         z = np.load(path.with_suffix(".npz"))
         return Split(train=z["train"], val=z["val"], test=z["test"])
-    keys = json.loads(path.read_text())
+    try:
+        keys = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MultifiError(f"{path}: not a readable split file ({type(exc).__name__})") from None
+    if not isinstance(keys, dict) or not all(isinstance(v, list) for v in keys.values()):
+        raise MultifiError(f"{path}: not a split file (a mapping of train, val, test to lists of structure keys)")
     index = {k: i for i, k in enumerate(ds.keys.tolist())}
     missing = [k for name in keys for k in keys[name] if k not in index]
     if missing:
