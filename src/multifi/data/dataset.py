@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
-import zlib
 import shutil
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
