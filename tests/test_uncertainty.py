@@ -333,6 +333,9 @@ def test_damaged_files_of_a_run_are_one_line_errors(cli_run, tmp_path, capsys): 
         side.write_bytes(damaged)
         fails(argv, capsys, f"{side}: not an LLPR calibration file")
     assert run(["calibrate", bad], capsys)[0] == 0  # replaced
+    # --fidelity names the fidelity of files without one: with a run directory it would be ignored (every fidelity
+    # recalibrated, even an unknown name accepted)
+    fails(["calibrate", bad, "--fidelity", "PBE"], capsys, f"{bad}: --fidelity applies to --train/--val files")
     assert run(argv, capsys)[0] == 0
     data = bad / "dataset.npz"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])

@@ -33,6 +33,11 @@ def run(args) -> int:
             raise MultifiError(
                 f"{args.model}: a run directory brings its own splits; give --train/--val with a model file"
             )
+        if args.fidelity:  # it names the fidelity of files without one; a run's data name theirs
+            raise MultifiError(
+                f"{args.model}: --fidelity applies to --train/--val files that name no fidelity; a run directory is "
+                "calibrated at every fidelity of its data"
+            )
         llpr, path = calibrate_run(args.model, batch_size=args.batch_size)
     else:
         if not (args.train and args.val):
