@@ -563,6 +563,21 @@ def test_an_extension_shorter_than_its_warmup_is_warned(old_run, tmp_path, capsy
     assert "is longer than the run" not in caplog.text
 
 
+def test_a_damaged_config_of_the_models_run_is_an_error(old_run, tmp_path, capsys):
+    """The model's run directory with an unreadable config.yaml: extend said only that the old fidelities' errors
+    were not measured and went on without forgetting check or replay data; now the file's error."""
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(old_run, run)
+    (run / "config.yaml").write_text("data: [\n")
+    data = new_data(tmp_path / "new.extxyz")
+    args = ["extend", str(run), "--data", str(data), "--fidelity", "CC", "--dry-run", "--out", str(tmp_path / "x")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'config.yaml'}: not valid YAML" in err and len(err.strip().splitlines()) == 1
+
+
 def test_extension_plan_counts_in_the_singular(old_run, tmp_path, caplog):
     """extend --dry-run's plan: steps and epochs counted as train counts them ("1 step per epoch, 1 epoch, at most
     1 step"), in the plural otherwise."""

@@ -812,6 +812,7 @@ def _old_run_data(run: Path | None, explicit: bool) -> OldRun | None:
     the extension needs it (explicit: --old-run given, or replay)."""
     if run is None:
         return None
+    load_config(run / "config.yaml")  # a damaged config of the model's own run: an error, not a lost forgetting check
     try:
         return load_old_run(run)
     except MultifiError as exc:
