@@ -852,6 +852,8 @@ def test_evaluate_takes_the_qm9_source_form(model, tmp_path, capsys, monkeypatch
     assert code == 0, stderr
     got = ase.io.read(pred, ":")
     assert [a.info["key"] for a in got] == ["qm9:1", "qm9:2", "qm9:3"] and got[2].info["ref_energy"] == -12.0
+    # the table names no fidelity: its labels stay references of none, not of the fidelity predicted at
+    assert not any("ref_fidelity" in a.info for a in got)
     held_out = tmp_path / "held.csv"
     held_out.write_text("index,energy_eV\n4,-13.0\n5,-14.0\n")
     # labels the model's energies come near (calibrate refuses labels it misses by > 1 eV/atom)

@@ -243,9 +243,17 @@ def read_structures(text: str, fidelity: str | None = None, index: str = ":") ->
         index = source_from_text(text, index=index).index  # an index ASE cannot read: one line
         return list(read_frames(path, index))  # a bad file: one line naming the frame, as training says it
     # labels here are only references (non-finite ones dropped); a QM9 label table naming no fidelity (no
-    # manifest.json beside it) is taken as labels at `fidelity`, as evaluate --fidelity takes it
-    ds = read_labelled(text, fidelity, skip_invalid=True, index=index)
+    # manifest.json beside it) keeps its labels as references of no named fidelity: `fidelity` is what is
+    # predicted, not what the table holds (writing it as their ref_fidelity relabelled them)
+    try:
+        ds = read_labelled(text, None, skip_invalid=True, index=index)
+    except MultifiError:  # a source naming no fidelity (any other error comes again below)
+        ds = read_labelled(text, UNNAMED, skip_invalid=True, index=index)
     return [_labelled_atoms(ds, i, fidelity) for i in range(len(ds))]
+
+
+#: the fidelity name given to the labels of a source that names none (predict's references only; never written)
+UNNAMED = "(fidelity not named)"
 
 
 def _labelled_atoms(ds, i: int, fidelity: str | None = None):
@@ -263,7 +271,8 @@ def _labelled_atoms(ds, i: int, fidelity: str | None = None):
         results = label_results(ds, i, k)
         if k == primary:
             atoms.calc = SinglePointCalculator(atoms, **results)
-            atoms.info["fidelity"] = ds.fidelities.names[k]
+            if ds.fidelities.names[k] != UNNAMED:
+                atoms.info["fidelity"] = ds.fidelities.names[k]
             continue
         tag = _tag(ds.fidelities.names[k])
         for key, value in results.items():
