@@ -767,6 +767,22 @@ def test_the_model_card_of_a_checkpoint_has_its_runs_split_counts(cli_run):
         assert all(0 < n <= from_model[split][f] for f, n in from_ckpt[split].items())
 
 
+def test_info_says_when_the_models_labels_looked_like_another_unit(cli_run, tmp_path, capsys):
+    """A model trained on labels the unit checks doubted (metrics.json doubtful_units; Hartree read as eV) predicts
+    in their units: `multifi info` says so, which it did not."""
+    import shutil
+
+    _, run_dir = cli_run
+    run_copy = tmp_path / "run"
+    shutil.copytree(run_dir, run_copy)
+    code, out, _ = run(["info", run_copy], capsys)
+    assert code == 0 and "looked like another unit" not in out
+    payload = json.loads((run_copy / "metrics.json").read_text())
+    (run_copy / "metrics.json").write_text(json.dumps({**payload, "doubtful_units": {"energy": ["hi"]}}))
+    code, out, _ = run(["info", run_copy], capsys)
+    assert code == 0 and "warning: its energy labels at hi looked like another unit than eV" in out
+
+
 def test_an_implausible_error_from_estimated_references_does_not_blame_the_labels(caplog):
     """Every structure with an element whose reference was estimated (no labels of it at that fidelity): 6616
     meV/atom, and the hint asked whether the labels were in eV. It names the estimated references now."""

@@ -597,3 +597,12 @@ def test_md_frames_after_a_labelled_start_under_its_key_are_other_structures(tmp
     assert sorted(pool.keys.tolist()) == ["qm9:1", "qm9:1#1", "qm9:1#2", "qm9:1#3"]
     k = pool.fidelities.index("PBE")
     assert pool.energy[pool.keys.tolist().index("qm9:1"), k] == -24.0
+
+
+def test_a_qm9_source_as_pool_is_said_to_be_one(cli_run, tmp_path, capsys):  # noqa: F811
+    """`select MODEL qm9:LABELS.csv`: a pool is a structure file; it said "qm9:…: no such file" of an existing table."""
+    _, run_dir = cli_run
+    table = tmp_path / "pool.csv"
+    table.write_text("index,energy_eV\n1,-20.0\n")
+    argv = ["select", run_dir / "model.pt", f"qm9:{table}", "--fidelity", "hi", "--n", "1", "--out", tmp_path / "s.txt"]
+    fails(argv, capsys, f"qm9:{table}: a pool is a structure file or a saved dataset, not a QM9 source")

@@ -56,6 +56,7 @@ def model_card(path: str | Path) -> dict:
         "model": pot.spec["model"],
         "config": _run_config(run),
         "similarity": _similarity(pot),
+        "doubtful_units": _doubtful_units(run),
     }
     if pot.head.shared_baseline:  # fidelity-blind: every fidelity uses the pooled reference of column 0
         for f in card["fidelities"]:
@@ -88,6 +89,17 @@ def _data_summary(pot, run: Path) -> dict | None:
                 out[split] = counts
         return out or None
     return None
+
+
+def _doubtful_units(run: Path) -> dict:
+    """The labels the unit checks doubted when the model's run read them (its metrics.json), {label: [fidelity]}:
+    a model trained on them predicts in their units, whatever those are."""
+    try:
+        payload = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    doubtful = payload.get("doubtful_units") if isinstance(payload, dict) else None
+    return doubtful if isinstance(doubtful, dict) else {}
 
 
 def _run_config(run: Path) -> dict | None:
@@ -130,6 +142,11 @@ def format_card(card: dict) -> str:
         )
     if not splits:
         lines.append("  (structures per fidelity not recorded with this model)")
+    for label, names in (card.get("doubtful_units") or {}).items():
+        lines.append(
+            f"  warning: its {label} labels at {', '.join(names)} looked like another unit than eV when it was trained "
+            "(train.log): it predicts in their units"
+        )
     if stress:
         lines.append("  (stress: training structures with a stress label)")
     if card["history"]:

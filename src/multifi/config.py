@@ -392,7 +392,10 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _extend_keeps_model(self):
         if self.extend is not None and "model" in self.model_fields_set:
-            raise ValueError("with 'extend' the model settings come from extend.model: remove the 'model' section")
+            raise ValueError(
+                "with 'extend' the model settings come from extend.model: remove the 'model' section "
+                "(or --set model.… settings)"
+            )
         return self
 
     @model_validator(mode="before")

@@ -388,6 +388,13 @@ def read_pool(path: str):
 
     p = Path(path)
     if not p.exists():
+        from multifi.data.sources import is_qm9_text
+
+        if is_qm9_text(str(path)):  # a training source's form: a pool is a structure file (or a saved dataset)
+            raise MultifiError(
+                f"{path}: a pool is a structure file or a saved dataset, not a QM9 source; convert the molecules "
+                "first (`multifi data convert … --out pool.extxyz`)"
+            )
         raise MultifiError(f"{p}: no such file")
     if p.is_file() and p.stat().st_size == 0:
         raise MultifiError(f"{p}: empty file")

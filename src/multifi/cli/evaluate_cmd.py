@@ -125,6 +125,7 @@ def run(args) -> int:
     if args.out:
         text = json_text(payload).encode()
         atomic_write(Path(args.out), lambda f: f.write(encoded_for(Path(args.out), text)))
+        print(f"wrote {args.out}")
     if args.plot:
         from multifi.plots import parity_plot
         from multifi.train.evaluate import pairs_with_estimated_references
