@@ -768,19 +768,23 @@ def test_the_model_card_of_a_checkpoint_has_its_runs_split_counts(cli_run):
 
 
 def test_info_says_when_the_models_labels_looked_like_another_unit(cli_run, tmp_path, capsys):
-    """A model trained on labels the unit checks doubted (metrics.json doubtful_units; Hartree read as eV) predicts
-    in their units: `multifi info` says so, which it did not."""
+    """A model trained on labels the unit and sign checks doubted (metrics.json doubtful_units; Hartree read as eV)
+    predicts them as given: `multifi info` says so, which it did not; a malformed record is left out."""
     import shutil
 
     _, run_dir = cli_run
     run_copy = tmp_path / "run"
     shutil.copytree(run_dir, run_copy)
     code, out, _ = run(["info", run_copy], capsys)
-    assert code == 0 and "looked like another unit" not in out
+    assert code == 0 and "failed the unit and sign checks" not in out
     payload = json.loads((run_copy / "metrics.json").read_text())
     (run_copy / "metrics.json").write_text(json.dumps({**payload, "doubtful_units": {"energy": ["hi"]}}))
     code, out, _ = run(["info", run_copy], capsys)
-    assert code == 0 and "warning: its energy labels at hi looked like another unit than eV" in out
+    assert code == 0 and "warning: its energy labels at hi failed the unit and sign checks" in out
+    for odd in ({"energy": [1]}, {"energy": None}, {"energy": "hi"}, ["energy"]):  # not as training writes it
+        (run_copy / "metrics.json").write_text(json.dumps({**payload, "doubtful_units": odd}))
+        code, out, _ = run(["info", run_copy], capsys)
+        assert code == 0 and "failed the unit" not in out
 
 
 def test_an_implausible_error_from_estimated_references_does_not_blame_the_labels(caplog):

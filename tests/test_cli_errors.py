@@ -854,6 +854,15 @@ def test_evaluate_takes_the_qm9_source_form(model, tmp_path, capsys, monkeypatch
     assert [a.info["key"] for a in got] == ["qm9:1", "qm9:2", "qm9:3"] and got[2].info["ref_energy"] == -12.0
     # the table names no fidelity: its labels stay references of none, not of the fidelity predicted at
     assert not any("ref_fidelity" in a.info for a in got)
+    # a table its manifest names, with an error of its own: that error (not a conflict with a placeholder name)
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "t.csv").write_text("index,energy_eV\n1,-20.0\n99999999,-12.0\n")
+    (named / "manifest.json").write_text(json.dumps({"files": [{"file": "t.csv", "fidelity": "lo"}]}))
+    argv = ["predict", model, f"qm9:{named / 't.csv'}", "--fidelity", "lo", "--out", tmp_path / "n.extxyz"]
+    fails(argv, capsys, "index 99999999")
+    (named / "manifest.json").write_text("{")  # a damaged manifest: said, not taken for none
+    fails(argv, capsys, "malformed manifest")
     held_out = tmp_path / "held.csv"
     held_out.write_text("index,energy_eV\n4,-13.0\n5,-14.0\n")
     # labels the model's energies come near (calibrate refuses labels it misses by > 1 eV/atom)

@@ -563,7 +563,7 @@ def test_an_extension_shorter_than_its_warmup_is_warned(old_run, tmp_path, capsy
     assert "is longer than the run" not in caplog.text
 
 
-def test_a_damaged_config_of_the_models_run_is_an_error(old_run, tmp_path, capsys):
+def test_a_damaged_config_of_the_models_run_is_an_error(old_run, tmp_path, capsys, caplog):
     """The model's run directory with an unreadable config.yaml: extend said only that the old fidelities' errors
     were not measured and went on without forgetting check or replay data; now the file's error."""
     import shutil
@@ -576,6 +576,13 @@ def test_a_damaged_config_of_the_models_run_is_an_error(old_run, tmp_path, capsy
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{run / 'config.yaml'}: not valid YAML" in err and len(err.strip().splitlines()) == 1
+    # a splits.json of other shapes (nested lists were a TypeError traceback): said, naming the file
+    shutil.copy(old_run / "config.yaml", run / "config.yaml")
+    (run / "splits.json").write_text('{"train": [["x"]], "val": [], "test": []}')
+    with caplog.at_level("WARNING", logger="multifi"):
+        main(args)
+    said = capsys.readouterr().err + caplog.text
+    assert f"{run / 'splits.json'}: not a split file" in said and "Traceback" not in said
 
 
 def test_extension_plan_counts_in_the_singular(old_run, tmp_path, caplog):

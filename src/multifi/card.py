@@ -99,7 +99,13 @@ def _doubtful_units(run: Path) -> dict:
     except (OSError, ValueError):
         return {}
     doubtful = payload.get("doubtful_units") if isinstance(payload, dict) else None
-    return doubtful if isinstance(doubtful, dict) else {}
+    if not isinstance(doubtful, dict):
+        return {}
+    return {  # as training writes it, {label: [fidelity names]}; anything else is left out
+        str(label): [str(n) for n in names]
+        for label, names in doubtful.items()
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+    }
 
 
 def _run_config(run: Path) -> dict | None:
@@ -144,8 +150,8 @@ def format_card(card: dict) -> str:
         lines.append("  (structures per fidelity not recorded with this model)")
     for label, names in (card.get("doubtful_units") or {}).items():
         lines.append(
-            f"  warning: its {label} labels at {', '.join(names)} looked like another unit than eV when it was trained "
-            "(train.log): it predicts in their units"
+            f"  warning: its {label} labels at {', '.join(names)} failed the unit and sign checks when it was trained "
+            "(train.log): it predicts them as they were given"
         )
     if stress:
         lines.append("  (stress: training structures with a stress label)")

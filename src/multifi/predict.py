@@ -10,7 +10,7 @@ import numpy as np
 
 from multifi.data.readers.ase_files import PREDICTION_MARK, from_multifi_calculator
 from multifi.data.sources import is_qm9_text
-from multifi.errors import MultifiError
+from multifi.errors import MultifiError, NoFidelityError
 
 log = logging.getLogger("multifi")
 
@@ -245,15 +245,18 @@ def read_structures(text: str, fidelity: str | None = None, index: str = ":") ->
     # labels here are only references (non-finite ones dropped); a QM9 label table naming no fidelity (no
     # manifest.json beside it) keeps its labels as references of no named fidelity: `fidelity` is what is
     # predicted, not what the table holds (writing it as their ref_fidelity relabelled them)
-    try:
-        ds = read_labelled(text, None, skip_invalid=True, index=index)
-    except MultifiError:  # a source naming no fidelity (any other error comes again below)
-        ds = read_labelled(text, UNNAMED, skip_invalid=True, index=index)
+    if is_qm9_text(text):
+        try:
+            ds = read_labelled(text, None, skip_invalid=True, index=index)
+        except NoFidelityError:  # only that: any other error of the table is its own
+            ds = read_labelled(text, UNNAMED, skip_invalid=True, index=index)
+    else:
+        ds = read_labelled(text, fidelity, skip_invalid=True, index=index)
     return [_labelled_atoms(ds, i, fidelity) for i in range(len(ds))]
 
 
 #: the fidelity name given to the labels of a source that names none (predict's references only; never written)
-UNNAMED = "(fidelity not named)"
+UNNAMED = "(QM9 table naming no fidelity)"
 
 
 def _labelled_atoms(ds, i: int, fidelity: str | None = None):

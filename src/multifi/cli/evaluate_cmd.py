@@ -445,7 +445,13 @@ def _trained_keys(checkpoint) -> tuple[set[tuple[str, str | None]], object]:
     if (run / "config.yaml").exists() and copied and any(f.exists() for f in split_files):
         try:
             old = load_old_run(run)
-        except (MultifiError, OSError, ValueError, KeyError):  # unreadable: no warning rather than no evaluation
+        except (
+            MultifiError,
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+        ):  # unreadable: no warning rather than no evaluation
             return set(), None
         names = old.dataset.fidelities.names
         return {(str(old.dataset.keys[s]), names[k]) for s, k in old.train.tolist()}, old

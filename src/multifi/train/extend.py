@@ -357,7 +357,8 @@ def _read_splits(path: Path, ds: FidelityDataset) -> Split:
         keys = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MultifiError(f"{path}: not a readable split file ({type(exc).__name__})") from None
-    if not isinstance(keys, dict) or not all(isinstance(v, list) for v in keys.values()):
+    valid = isinstance(keys, dict) and all(isinstance(v, list) for v in keys.values())
+    if not valid or not all(isinstance(k, str) for v in keys.values() for k in v):
         raise MultifiError(f"{path}: not a split file (a mapping of train, val, test to lists of structure keys)")
     index = {k: i for i, k in enumerate(ds.keys.tolist())}
     missing = [k for name in keys for k in keys[name] if k not in index]

@@ -26,7 +26,7 @@ import numpy as np
 
 from multifi.data.dataset import FidelityDataset, ranges
 from multifi.data.fidelity import FidelityTable
-from multifi.errors import SKIP_INVALID_HINT, MultifiError
+from multifi.errors import SKIP_INVALID_HINT, MultifiError, NoFidelityError
 from multifi.files import atomic_write, reported
 from multifi.units import HARTREE_EV
 
@@ -435,14 +435,14 @@ def _manifest_fidelity(path: Path) -> str:
     manifest = path.parent / "manifest.json"
     hint = "give the source a fidelity (qm9: {labels: …, fidelity: NAME}, or --fidelity) or list the file in a manifest.json next to it"
     if not manifest.is_file():
-        raise MultifiError(f"{path}: fidelity name unknown: {hint}")
+        raise NoFidelityError(f"{path}: fidelity name unknown: {hint}")
     try:
         files = json.loads(manifest.read_text())["files"]
         names = {e["file"]: e["fidelity"] for e in files}
     except (ValueError, KeyError, TypeError) as exc:
         raise MultifiError(f"{manifest}: malformed manifest ({type(exc).__name__}: {exc})") from None
     if path.name not in names:
-        raise MultifiError(f"{path}: fidelity name unknown: not listed in {manifest}; {hint}")
+        raise NoFidelityError(f"{path}: fidelity name unknown: not listed in {manifest}; {hint}")
     return str(names[path.name])
 
 
