@@ -537,9 +537,10 @@ class EnsembleMean(torch.nn.Module):
         first = members[0]
         self.fidelities, self.head, self.cutoff = first.fidelities, first.head, max(m.cutoff for m in members)
         names = first.fidelities.names
-        for k, m in enumerate(members):  # first member's fidelity index → this member's (-1: it has none of that name)
-            own = [m.fidelities.names.index(n) if n in m.fidelities.names else -1 for n in names]
-            self.register_buffer(f"_to_member_{k}", torch.tensor(own), False)
+        # per member: the first member's fidelity index → this member's (-1: it has none of that name)
+        self.to_member = [
+            torch.tensor([m.fidelities.index(n) if n in m.fidelities else -1 for n in names]) for m in members
+        ]
 
     def forward(self, graph, forces: bool = False, stress: bool = False) -> dict[str, torch.Tensor]:
         """The members' mean energy [B] (eV), forces [N, 3] and stress [B, 3, 3] as asked (see Potential.forward)."""
@@ -549,8 +550,8 @@ class EnsembleMean(torch.nn.Module):
 
         length = torch.linalg.norm(Potential.edge_vectors(graph).double(), dim=-1)  # [E] Å
         outs = []
-        for k, m in enumerate(self.members):
-            fidelity = getattr(self, f"_to_member_{k}").to(graph.fidelity.device)[graph.fidelity]
+        for k, (m, to_member) in enumerate(zip(self.members, self.to_member)):
+            fidelity = to_member.to(graph.fidelity.device)[graph.fidelity]
             if bool((fidelity < 0).any()):
                 missing = sorted({self.fidelities.names[int(f)] for f in graph.fidelity[fidelity < 0]})
                 raise MultifiError(f"ensemble member {k + 1} has no fidelity {', '.join(map(repr, missing))}")
