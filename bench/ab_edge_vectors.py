@@ -46,7 +46,7 @@ def fwd_sel(self, graph, forces=False, stress=False, create_graph=False):
     return out if create_graph else {k: v.detach() for k, v in out.items()}
 
 
-ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz")
+ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz", stress_order="vasp")
 pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
 pot = build_potential(ModelConfig(backbone="m3gnet", features=64), list(ds.fidelities.names))
 refs = fit_references(ds, pairs)  # as `multifi train` fits and sets them

@@ -48,7 +48,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz")
+    ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz", stress_order="vasp")
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
     cfg = ModelConfig(backbone="m3gnet", features=64)
     pot_a = build_potential(cfg, list(ds.fidelities.names))

@@ -149,7 +149,7 @@ def m3gnet_training(batches: int):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     shared = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-    ds = read_matpes(shared / "solids" / "PBE.jsonl.gz")
+    ds = read_matpes(shared / "solids" / "PBE.jsonl.gz", stress_order="vasp")
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
     pot = build_potential(ModelConfig(backbone="m3gnet", features=64), list(ds.fidelities.names))
     refs = fit_references(ds, pairs)

@@ -129,7 +129,7 @@ def export_solids() -> tuple[Path, Path]:
     from multifi.data.readers.matpes import read_matpes
 
     SCRATCH.mkdir(exist_ok=True)
-    ds = read_matpes(SOLIDS)
+    ds = read_matpes(SOLIDS, stress_order="vasp")
     frames = []
     for s in range(len(ds)):
         sl = ds.atoms_slice(s)

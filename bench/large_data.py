@@ -27,11 +27,14 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def build(out: Path, atoms: int, shared: Path) -> dict:
+    from multifi.config import SourceConfig
     from multifi.data.dataset import FidelityDataset, ranges
     from multifi.data.sources import read_sources
 
     t0 = time.perf_counter()
-    base = read_sources([str(shared / "solids" / "PBE.jsonl.gz"), str(shared / "solids" / "R2SCAN.jsonl.gz")])
+    base = read_sources(
+        [SourceConfig(path=str(shared / "solids" / f"{n}.jsonl.gz"), stress_order="vasp") for n in ("PBE", "R2SCAN")]
+    )
     reps = int(np.ceil(atoms / base.n_atoms.sum()))
     S = len(base)
     rng = np.random.default_rng(0)

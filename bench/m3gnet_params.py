@@ -91,7 +91,7 @@ def multifi_times(pot, args) -> dict:
     from multifi.data.stats import fit_references
     from multifi.train.loss import MultiFidelityLoss
 
-    ds = read_matpes(SOLIDS).subset(np.arange(args.batch_size))
+    ds = read_matpes(SOLIDS, stress_order="vasp").subset(np.arange(args.batch_size))
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
     refs = fit_references(ds, pairs)  # as `multifi train` fits and sets them
     pot.head.set_baseline(refs.ref, refs.scale, refs.fitted)

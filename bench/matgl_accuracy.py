@@ -86,7 +86,8 @@ def structure(rec: dict):
 
 
 def stress_gpa(voigt_kbar) -> list[list[float]]:
-    """MatPES stress (Voigt xx yy zz xy yz zx, kBar, VASP sign) → 3×3 GPa with ASE's sign (−0.1 ×)."""
+    """The shared solids' stress (xx yy zz xy yz zx, VASP's order as their README says; kBar, VASP sign) → 3×3 GPa
+    with ASE's sign (−0.1 ×)."""
     xx, yy, zz, xy, yz, zx = (-0.1 * v for v in voigt_kbar)
     return [[xx, xy, zx], [xy, yy, yz], [zx, yz, zz]]
 
@@ -135,7 +136,11 @@ def multifi_side(split: dict, epochs: int, seed: int, scratch: Path, threads: in
         shutil.rmtree(run_dir)
     cfg = validate_config(
         {
-            "data": {"sources": [{"path": str(SOLIDS)}], "split": {"files": files}, "cache": False},
+            "data": {
+                "sources": [{"path": str(SOLIDS), "stress_order": "vasp"}],
+                "split": {"files": files},
+                "cache": False,
+            },
             "model": {
                 "backbone": "m3gnet",
                 "features": s["features"],

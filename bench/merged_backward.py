@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz")
+    ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz", stress_order="vasp")
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
     pot = build_potential(ModelConfig(backbone="m3gnet", features=64).model_dump(), list(ds.fidelities.names))
     refs = fit_references(ds, pairs)

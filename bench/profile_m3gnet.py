@@ -26,7 +26,7 @@ from multifi.train.loss import MultiFidelityLoss
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"  # ../shared/data beside the repository
 
-ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz")
+ds = read_matpes(SHARED / "solids" / "PBE.jsonl.gz", stress_order="vasp")
 pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
 pot = build_potential(ModelConfig(backbone="m3gnet", features=64).model_dump(), list(ds.fidelities.names))
 refs = fit_references(ds, pairs)  # as `multifi train` fits and sets them

@@ -29,7 +29,7 @@ ap.add_argument("--runs", type=int, default=2)
 ap.add_argument("--eager", action="store_true")
 opts = ap.parse_args()
 torch.set_num_threads(1)
-solids = read_matpes(HERE.parent / ".." / "shared" / "data" / "solids" / "PBE.jsonl.gz")
+solids = read_matpes(HERE.parent / ".." / "shared" / "data" / "solids" / "PBE.jsonl.gz", stress_order="vasp")
 pot = build(solids, {"backbone": "m3gnet", "features": 64}).potential
 rates = []
 for _ in range(opts.runs):

@@ -59,7 +59,7 @@ def main() -> None:
     if opts.retain:
         print(f"glibc thresholds set: {retain_freed_memory()}")
     torch.set_num_threads(1)
-    solids = read_matpes(HERE.parent / ".." / "shared" / "data" / "solids" / "PBE.jsonl.gz")
+    solids = read_matpes(HERE.parent / ".." / "shared" / "data" / "solids" / "PBE.jsonl.gz", stress_order="vasp")
     pot = build(solids, {"backbone": "m3gnet", "features": 64}).potential.eval()
     small = ase.io.read(HERE / ".scratch" / "si64.extxyz")
     sizes = [int(n) for n in opts.sizes.split(",")]

@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "solids"
+VASP_ORDER = {"stress_order": "vasp"}  # these files store stress in VASP's order (their README)
 OUT = ROOT / "results" / "extend_solids"
 SPLITS = ROOT / "results" / "solids" / "splits" / "learning_curve.json"
 JOINT = ROOT / "results" / "solids" / "runs" / "learning_curve" / "joint_both"
@@ -135,7 +136,7 @@ def main() -> None:
     pbe_dir = work / "pbe"
     files = split_files(work, args.ns[0], args.seeds[0])
     pbe = {
-        "data": {"sources": [{"path": str(DATA / "PBE.jsonl.gz")}], "split": {"files": files["pbe"]}},
+        "data": {"sources": [{"path": str(DATA / "PBE.jsonl.gz"), **VASP_ORDER}], "split": {"files": files["pbe"]}},
         "model": MODEL,
         "loss": LOSS,
         "train": {**TRAIN, "max_steps": args.steps},
@@ -149,7 +150,10 @@ def main() -> None:
             runs = results["runs"][f"n{n}_s{seed}"] = {"n": n, "seed": seed}
             single_dir = work / f"n{n}_s{seed}" / "r2scan_only"
             single = {
-                "data": {"sources": [{"path": str(DATA / "R2SCAN.jsonl.gz")}], "split": {"files": files["r2scan"]}},
+                "data": {
+                    "sources": [{"path": str(DATA / "R2SCAN.jsonl.gz"), **VASP_ORDER}],
+                    "split": {"files": files["r2scan"]},
+                },
                 "model": {**MODEL, "fidelity_embedding": {"dim": 4, "inject": "single"}},
                 "loss": LOSS,
                 "train": {**TRAIN, "max_steps": args.steps, "seed": seed},
@@ -160,7 +164,7 @@ def main() -> None:
                 run_dir = work / f"n{n}_s{seed}" / f"extend_{name}"
                 cfg = {
                     "data": {
-                        "sources": [{"path": str(DATA / "R2SCAN.jsonl.gz"), "fidelity": "R2SCAN"}],
+                        "sources": [{"path": str(DATA / "R2SCAN.jsonl.gz"), "fidelity": "R2SCAN", **VASP_ORDER}],
                         "split": {"files": files["r2scan"]},
                     },
                     "loss": LOSS,

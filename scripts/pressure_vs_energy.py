@@ -15,7 +15,7 @@ from multifi.data.readers.matpes import read_matpes
 
 
 def main(path: str) -> None:
-    ds = read_matpes(path)
+    ds = read_matpes(path, stress_order="vasp")
     offsets, n = np.asarray(ds.offsets), ds.n_atoms
     pressure = -np.trace(ds.stress[:, 0], axis1=1, axis2=2) / 3  # GPa
     v_atom = np.abs(np.linalg.det(ds.cells)) / n

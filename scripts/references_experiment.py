@@ -90,7 +90,10 @@ def solids_case(n: int, out: Path) -> tuple[Path, str, list[int]]:
         (work / f"{name}.txt").write_text("\n".join(keys) + "\n")
     cfg = {
         "data": {
-            "sources": [{"path": _rel(SHARED / "solids/PBE.jsonl.gz", work)}, {"path": "R2SCAN_subset.jsonl.gz"}],
+            "sources": [
+                {"path": _rel(SHARED / "solids/PBE.jsonl.gz", work), "stress_order": "vasp"},
+                {"path": "R2SCAN_subset.jsonl.gz", "stress_order": "vasp"},
+            ],
             "split": {"files": {s: f"{s}.txt" for s in ("train", "val", "test")}},
         },
         **SOLIDS_MODEL,
@@ -262,7 +265,9 @@ def shifts() -> str:
     from multifi.data.split import labelled_pairs
     from multifi.data.stats import fit_references
 
-    ds = read_sources([SourceConfig(path=str(SHARED / f"solids/{n}.jsonl.gz")) for n in ("PBE", "R2SCAN")])
+    ds = read_sources(
+        [SourceConfig(path=str(SHARED / f"solids/{n}.jsonl.gz"), stress_order="vasp") for n in ("PBE", "R2SCAN")]
+    )
     refs = fit_references(ds, labelled_pairs(ds, np.arange(len(ds))))
     pbe, r2 = ds.fidelities.index("PBE"), ds.fidelities.index("R2SCAN")
     return ", ".join(f"{chemical_symbols[z]} {refs.ref[z, r2] - refs.ref[z, pbe]:.2f}" for z in refs.elements)

@@ -613,6 +613,30 @@ def test_data_info_runs_the_unit_checks(tmp_path, capsys, caplog):
     assert "energies at fidelity 'lo' look like Hartree" in caplog.text
 
 
+def test_data_units_known_skips_the_unit_guesses_for_those_fidelities(write_config, tmp_path, capsys, caplog):
+    """Energies that look like Hartree to the checks (here: made so) but are known to be eV (EMT's energies
+    relative to the bulk, formation energies): data.units_known silences the guesses for those fidelities in
+    training (and so in the run's record and model card) and in `data info --config`, not for the others; a name
+    the data lacks is an error."""
+    from conftest import tiny_frames
+
+    frames = tiny_frames()
+    for a in frames:
+        a.calc.results["energy"] = (a.calc.results["energy"] - 10.0 * len(a)) / 27.211386
+    ase.io.write(tmp_path / "ha.extxyz", frames, format="extxyz")
+    for known, said in (([], {"lo", "hi"}), (["lo"], {"hi"}), (["lo", "hi"], set())):
+        config = write_config(data={"sources": [{"path": str(tmp_path / "ha.extxyz")}], "units_known": known})
+        for argv in (["train", config, "--dry-run"], ["data", "info", "--config", config]):
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="multifi"):
+                assert run(argv, capsys)[0] == 0
+            warned = {n for n in ("lo", "hi") if f"energies at fidelity '{n}' look like Hartree" in caplog.text}
+            assert warned == said, (argv, known, caplog.text)
+    config = write_config(data={"sources": [{"path": str(tmp_path / "ha.extxyz")}], "units_known": ["HI"]})
+    fails(["train", config, "--dry-run"], capsys, "data.units_known", "'HI'")
+    fails(["data", "info", "--config", config], capsys, "data.units_known", "'HI'")
+
+
 def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog, tmp_path):
     """The run records the shortest distance of each element pair in its training structures; the calculator
     and predict warn (once per pair) when atoms come far closer than that, and stay silent otherwise."""

@@ -285,3 +285,33 @@ def test_m3gnet_threebody_cutoff_beyond_the_cutoff_fails_at_validation():
     raw = minimal(model={"backbone": "m3gnet", "cutoff": 5.0, "threebody_cutoff": 6.0})
     one_line_error(raw, r"threebody_cutoff \(6 Å\) must be at most the cutoff \(5 Å\)")
     assert validate_config(minimal(model={"backbone": "painn", "cutoff": 3.0})).model.cutoff == 3.0
+
+
+def test_a_run_config_without_later_settings_reads_as_the_run_was_made(tmp_path):
+    """A run's config.yaml written before data.split.order and a source's stress_order existed: resuming or
+    reading the run back splits by position and reads MatPES stresses in VASP's order, as the run did; settings
+    the file names are kept; a user's config without them gets today's defaults."""
+    from multifi.train.run_config import load_run_config
+
+    (tmp_path / "pbe.jsonl").write_text("")
+    (tmp_path / "x.extxyz").write_text("")
+    raw = {
+        "data": {
+            "sources": [{"path": "pbe.jsonl"}, {"path": "x.extxyz"}, {"path": "pbe.jsonl", "stress_order": "voigt"}],
+            "split": {"val": 0.1, "test": 0.1, "seed": 0},
+        },
+        "output_dir": str(tmp_path / "run"),
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    old = load_run_config(tmp_path / "config.yaml")
+    assert old.data.split.order == "position"
+    assert [s.stress_order for s in old.data.sources] == ["vasp", "voigt", "voigt"]
+    fresh = load_config(tmp_path / "config.yaml", [])
+    assert fresh.data.split.order == "key" and [s.stress_order for s in fresh.data.sources] == ["voigt"] * 3
+    raw["data"]["split"]["order"] = "key"
+    raw["data"]["sources"][0]["stress_order"] = "voigt"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    now = load_run_config(tmp_path / "config.yaml")
+    assert now.data.split.order == "key" and now.data.sources[0].stress_order == "voigt"
+    dumped = yaml.safe_load(dump_config(fresh))  # what a run writes: both settings spelled out
+    assert dumped["data"]["split"]["order"] == "key" and dumped["data"]["sources"][0]["stress_order"] == "voigt"

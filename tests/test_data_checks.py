@@ -265,7 +265,7 @@ def test_per_atom_energies_of_the_shared_solids_are_named_as_such(caplog):
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "solids" / "PBE.jsonl.gz"
     if not path.exists():
         pytest.skip("shared solids data not on this machine")
-    ds = read_matpes(path)
+    ds = read_matpes(path, stress_order="vasp")
     pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert check_energy_units(ds, pairs, *fit_baseline(ds, pairs)) == []
@@ -398,13 +398,20 @@ def test_forces_that_disagree_with_another_fidelity_on_the_same_structures_are_n
 
 @pytest.mark.parametrize(
     ("force_factor", "said"),
-    [(1.0, None), (1 / 51.42, r"(4[6-9]|5[0-6])\.\d× what the forces imply"), (-1.0, "gradients"), (1.05, None)],
+    [
+        (1.0, None),
+        (1 / 51.42, r"(4[6-9]|5[0-6])\.\d× what the forces imply"),
+        (-1.0, "gradients"),
+        (1.05, None),
+        ("per atom", r"energies per atom given as the structure's energy\? \(1/N = 1/(4|32) here\)"),
+    ],
 )
 @pytest.mark.parametrize("periodic", [False, True])
 def test_forces_that_disagree_with_their_own_energies_on_a_trajectory_are_named(force_factor, said, periodic, caplog):
     """A single-fidelity trajectory (small steps of a Lennard-Jones system): forces in Ha/Bohr read as eV/Å
     (÷51.4) or given as gradients (−F) contradict the energy changes between neighbouring frames and are said;
-    consistent forces are not, nor within a few per cent, with atoms wrapped back into the cell in between."""
+    consistent forces are not, nor within a few per cent, with atoms wrapped back into the cell in between. Energies
+    per atom written as the structure's energy are named as such."""
     from ase.build import bulk
     from ase.calculators.lj import LennardJones
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -428,7 +435,10 @@ def test_forces_that_disagree_with_their_own_energies_on_a_trajectory_are_named(
         frame = atoms.copy()
         if periodic:
             frame.wrap()
-        frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces * force_factor)
+        if force_factor == "per atom":  # a common extxyz mistake: E/N written as the energy
+            frame.calc = SinglePointCalculator(frame, energy=energy / len(frame), forces=forces)
+        else:
+            frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces * force_factor)
         frame.info.update(fidelity="DFT", key=f"f{i}")
         frames.append(frame)
     ds = FidelityDataset.from_records([_record(a, None, "traj.xyz") for a in frames])

@@ -19,6 +19,8 @@ from multifi.data.split import Split, check_disjoint, labelled_pairs, limit_pair
 from multifi.data.stats import N_ELEMENTS, fit_baseline, fit_references
 from multifi.errors import MultifiError
 
+PINNED_HASH_QM9_1_SEED_0 = 18163760704920500151  # key_hashes(['qm9:1'], 0): changing it changes every run's split
+
 
 def record(atoms, labels, key=None, **extra):
     r = {"numbers": atoms.numbers, "positions": atoms.positions, "labels": labels, **extra}
@@ -420,16 +422,125 @@ def test_with_fidelities_and_drop_unlabelled_fidelities():
 
 # ---------------------------------------------------------------------------------------------- splits and samples
 def test_random_split_is_disjoint_complete_and_seeded():
-    s = random_split(100, val=0.1, test=0.2, seed=3)
+    keys = np.array([f"s{i}" for i in range(100)])
+    s = random_split(keys, val=0.1, test=0.2, seed=3)
     parts = [set(s.train.tolist()), set(s.val.tolist()), set(s.test.tolist())]
     assert [len(p) for p in parts] == [70, 10, 20]
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
     assert set.union(*parts) == set(range(100))
-    again = random_split(100, val=0.1, test=0.2, seed=3)
+    again = random_split(keys, val=0.1, test=0.2, seed=3)
     assert all((s[n] == again[n]).all() for n in ("train", "val", "test"))
-    assert not (random_split(100, 0.1, 0.2, seed=4).test == s.test).all()
+    assert not (random_split(keys, 0.1, 0.2, seed=4).test == s.test).all()
     with pytest.raises(MultifiError, match="no training structures"):
-        random_split(3, val=0.5, test=0.5, seed=0)
+        random_split(keys[:3], val=0.5, test=0.5, seed=0)
+
+
+def test_key_hashes_depend_on_the_key_and_seed_only_and_are_pinned():
+    """A structure's place in the random order comes from its key and the seed alone: not from the width of the
+    other keys' array, nor from their order; and the values are fixed across versions and machines (a run's split
+    must come out the same wherever it is resumed or evaluated)."""
+    from multifi.data.split import key_hashes, key_order
+
+    short = key_hashes(np.array(["qm9:1"]), 0)
+    wide = key_hashes(np.array(["qm9:1", "a-much-longer-key-0123456789"]), 0)
+    assert short[0] == wide[0]
+    assert key_hashes(np.array(["qm9:1"]), 1)[0] != short[0]  # the seed matters
+    assert key_hashes(np.array(["qm9:1"]), 0, 5)[0] != short[0]  # and so does a second one
+    assert key_hashes(np.array(["qm9:1"]), -1)[0] != short[0]  # negative seeds are seeds
+    assert len(set(key_hashes(np.array(["ab", "ba", "a", "b", "", "é", "e"]), 0).tolist())) == 7
+    assert int(short[0]) == PINNED_HASH_QM9_1_SEED_0
+    keys = np.array([f"matpes:mp-{i}" for i in range(50)])
+    order = key_order(keys, 3)
+    shuffled = np.random.default_rng(0).permutation(50)
+    assert keys[shuffled][key_order(keys[shuffled], 3)].tolist() == keys[order].tolist()
+    assert key_hashes(np.zeros(0, dtype=str), 0).shape == (0,)
+
+
+def test_random_split_is_the_same_whatever_the_order_of_the_structures():
+    """Sources listed in another order (or a file's frames reordered) split into the same structures by key;
+    the older order by position is kept for runs that split by it."""
+    keys = np.array([f"k{i}" for i in range(97)])
+    perm = np.random.default_rng(1).permutation(len(keys))
+    a, b = random_split(keys, 0.1, 0.2, seed=7), random_split(keys[perm], 0.1, 0.2, seed=7)
+    for name in ("train", "val", "test"):
+        assert sorted(keys[a[name]].tolist()) == sorted(keys[perm][b[name]].tolist()), name
+    assert [len(a[n]) for n in ("train", "val", "test")] == [68, 10, 19]
+    old = random_split(keys, 0.1, 0.2, seed=7, order="position")
+    expected = np.random.default_rng(7).permutation(97)
+    assert old.test.tolist() == np.sort(expected[:19]).tolist()
+
+
+def test_train_limits_and_splits_of_swapped_sources_are_the_same(tmp_path):
+    """Two sources listed in either order: the same structures in each split and the same limited training
+    labels (by structure key and fidelity), for a run's data as `multifi train` prepares it."""
+    from multifi.config import RunConfig
+    from multifi.train.prepare import prepare_data
+
+    lo = [emt_labelled(rattled_molecule(m, seed=i), "lo") for i, m in enumerate(["H2O", "CH4", "NH3", "C2H6"] * 6)]
+    hi = [emt_labelled(rattled_molecule(m, seed=100 + i), "hi", scale=1.1) for i, m in enumerate(["H2O", "CH4"] * 8)]
+    for i, a in enumerate(lo + hi):
+        a.info["key"] = f"mol-{i}"
+    ase.io.write(tmp_path / "lo.extxyz", lo, format="extxyz")
+    ase.io.write(tmp_path / "hi.extxyz", hi, format="extxyz")
+
+    def prepared(order, by="key"):
+        raw = {
+            "data": {
+                "sources": [{"path": str(tmp_path / name)} for name in order],
+                "split": {"val": 0.2, "test": 0.2, "seed": 4, "order": by},
+                "train_limits": {"lo": 5, "hi": 3},
+            },
+            "model": {"backbone": "painn"},
+        }
+        prep = prepare_data(RunConfig.model_validate(raw))
+        keys, names = prep.dataset.keys, prep.dataset.fidelities.names
+        split = {n: sorted(keys[prep.split[n]].tolist()) for n in ("train", "val", "test")}
+        limited = sorted((str(keys[s]), names[k]) for s, k in prep.pairs["train"].tolist())
+        return split, limited
+
+    split, limited = prepared(["lo.extxyz", "hi.extxyz"])
+    assert prepared(["hi.extxyz", "lo.extxyz"]) == (split, limited)
+    assert prepared(["hi.extxyz", "lo.extxyz"], "position") != prepared(["lo.extxyz", "hi.extxyz"], "position")
+    assert sum(1 for _, f in limited if f == "lo") == 5 and sum(1 for _, f in limited if f == "hi") == 3
+
+
+def test_split_files_that_cannot_be_read_are_one_line_errors(tmp_path):
+    recs, _ = water_methane_si()
+    ds = FidelityDataset.from_records(recs)
+    (tmp_path / "bad.json").write_text('["w", "m",')
+    (tmp_path / "folder.txt").mkdir()
+    (tmp_path / "latin.txt").write_bytes(b"w\n\xff\n")
+    for name, match in [
+        ("bad.json", r"bad\.json: invalid JSON at line 1"),
+        ("folder.txt", r"folder\.txt: not a readable split file \(IsADirectoryError"),
+        ("latin.txt", r"latin\.txt: not a readable split file \(UnicodeDecodeError"),
+    ]:
+        with pytest.raises(MultifiError, match=match) as info:
+            split_from_files({"train": str(tmp_path / name)}, ds)
+        assert "\n" not in str(info.value)
+
+
+def test_numbers_in_a_split_file_of_data_keyed_by_numbers_are_keys_or_an_error():
+    """Structures keyed 1…10 and a file listing 0-based positions 0…6: '0' was read as a position and '1'…'6' as keys,
+    moving one structure into another split silently. Numbers that are all keys are keys; keys and positions mixed
+    are an error."""
+    records = [
+        {"numbers": [1, 1], "positions": [[0, 0, 0], [0, 0, 0.74 + 0.01 * i]], "labels": {"lo": {"energy": -1.0 - i}}}
+        | {"key": str(i + 1)}
+        for i in range(10)
+    ]
+    ds = FidelityDataset.from_records(records)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        positions = Path(tmp) / "train.txt"
+        positions.write_text("\n".join(str(i) for i in range(7)))
+        with pytest.raises(MultifiError, match=r"train\.txt: '1' is a structure key and '0' a position"):
+            split_from_files({"train": str(positions)}, ds)
+        keys = Path(tmp) / "val.txt"
+        keys.write_text("7\n8\n")
+        assert ds.keys[split_from_files({"val": str(keys)}, ds).val].tolist() == ["7", "8"]
 
 
 def test_split_files_by_key_and_overlap_error(tmp_path, caplog):

@@ -324,3 +324,16 @@ def test_small_spec_plan_on_the_shared_solids(tmp_path, monkeypatch):
     # from the smallest n on, the training compositions determine every test structure's reference energies
     # only where the spec's order spans them; the info says where
     assert set(lc.info["span"]) == {str(n) for n in lc.info["ns"]}
+
+
+def test_the_data_fingerprint_of_matpes_files_read_in_vasps_order_is_the_one_before_stress_order():
+    """Experiments planned before sources had a stress_order read MatPES files in VASP's order: those settings keep
+    their fingerprint (their runs and caches stay valid); MatPES's own order is other data, another fingerprint; an
+    extxyz ignores the setting."""
+    from multifi_experiments.catalog import _fingerprinted
+
+    base = {"path": "/d/PBE.jsonl.gz", "fidelity": None, "format": "auto", "index": ":"}
+    assert _fingerprinted({**base, "stress_order": "vasp"}) == {k: v for k, v in base.items() if k != "path"}
+    assert _fingerprinted({**base, "stress_order": "voigt"})["stress_order"] == "voigt"
+    xyz = {**base, "path": "/d/a.extxyz", "stress_order": "voigt"}
+    assert "stress_order" not in _fingerprinted(xyz)

@@ -622,7 +622,7 @@ def test_new_labels_of_the_old_runs_structures_keep_their_split(old_run, tmp_pat
     from multifi.data.sources import read_sources
 
     ds = read_sources([SourceConfig(path=str(path))])
-    split = random_split(len(ds), 0.2, 0.2, 1)
+    split = random_split(ds.keys, 0.2, 0.2, 1)
     moved = follow_split(split, ds, old)
     with caplog.at_level("INFO", logger="multifi"):
         _log_followed_split(ds, old)  # what extend says once the data merged

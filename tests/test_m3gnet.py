@@ -358,7 +358,12 @@ def test_few_steps_on_solids_lower_the_loss():
     """Energy + forces + stress on 24 MatPES-style solids at two fidelities (PBE, r2SCAN)."""
     from multifi.data.readers.matpes import read_matpes
 
-    ds = FidelityDataset.merge([read_matpes(SOLIDS / "PBE.jsonl.gz"), read_matpes(SOLIDS / "R2SCAN.jsonl.gz")])
+    ds = FidelityDataset.merge(
+        [
+            read_matpes(SOLIDS / "PBE.jsonl.gz", stress_order="vasp"),
+            read_matpes(SOLIDS / "R2SCAN.jsonl.gz", stress_order="vasp"),
+        ]
+    )
     ds = ds.subset(np.arange(24))
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     torch.manual_seed(0)

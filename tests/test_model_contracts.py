@@ -140,6 +140,39 @@ def test_collator_batches_match_atoms_batches(molecules, periodic):
     assert g.structure.tolist() == [3, 0, 2, 1] and g.fidelity.tolist() == [1, 0, 1, 0]
 
 
+@pytest.mark.parametrize("far", [0.0, 1e4])
+def test_a_structure_far_from_the_origin_keeps_its_geometry_in_training_graphs(molecules, periodic, far):
+    """Stored 10⁴ Å from the origin (unwrapped MD frames, a molecule in a big box), a structure's training graph has
+    the edge lengths of its geometry to float32 precision near the origin (was 7e-4 Å off: positions rounded to
+    float32 where they lie), and the training path predicts what prediction does."""
+    from multifi.data.dataset import FidelityDataset
+
+    atoms_list = [molecules[0].copy(), periodic.copy()]
+    for a in atoms_list:
+        a.positions += far
+    records = [
+        {"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array if a.pbc.any() else None, "pbc": a.pbc}
+        | {"labels": {"lo": {"energy": -1.0}}}
+        for a in atoms_list
+    ]
+    ds = FidelityDataset.from_records(records)
+    pot = physics.prepared(make_painn, ds.fidelities.names)
+    g = physics.collate(ds, np.array([[0, 0], [1, 0]]), pot.cutoff)
+    i, j = g.edge_index.numpy()
+    cell = g.cell.double().numpy()[g.batch.numpy()[i]]
+    got = (
+        g.positions.double().numpy()[j]
+        - g.positions.double().numpy()[i]
+        + np.einsum("ea,eab->eb", g.shifts.double().numpy(), cell)
+    )
+    exact = ds.positions[j] - ds.positions[i] + np.einsum("ea,eab->eb", g.shifts.double().numpy(), cell)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(exact, axis=1), atol=2e-6)
+    out = pot(g, forces=True)
+    ref = physics.predict(pot, atoms_list, [0, 0])
+    np.testing.assert_allclose(out["energy"].detach().numpy(), ref["energy"], rtol=1e-6)
+    np.testing.assert_allclose(out["forces"].detach().numpy(), ref["forces"], atol=1e-5)
+
+
 def test_graph_to_keeps_float64_energy_labels(molecules):
     g = graph_from_atoms(molecules, 4.0, 0, dtype=torch.float64)
     g32 = g.to("cpu", torch.float32)

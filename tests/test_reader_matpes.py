@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import ase.io
 import numpy as np
 import pytest
 
@@ -83,9 +84,9 @@ def test_shared_files_read_fast_and_merge():
     gc.disable()
     try:
         t0 = time.process_time()
-        pbe = read_matpes(SOLIDS / "PBE.jsonl.gz")
+        pbe = read_matpes(SOLIDS / "PBE.jsonl.gz", stress_order="vasp")
         t1 = time.process_time()
-        r2 = read_matpes(SOLIDS / "R2SCAN.jsonl.gz")
+        r2 = read_matpes(SOLIDS / "R2SCAN.jsonl.gz", stress_order="vasp")
         t2 = time.process_time()
     finally:
         gc.enable()
@@ -102,8 +103,9 @@ def test_shared_files_read_fast_and_merge():
 @needs_solids
 @pytest.mark.parametrize("name", ["PBE.jsonl.gz", "R2SCAN.jsonl.gz"])
 def test_shared_labels_equal_json(name):
+    """The shared files store stress in VASP's order (xx yy zz xy yz zx, their README): read with stress_order="vasp"."""
     raws = shared_records(name)
-    ds = read_matpes(SOLIDS / name)
+    ds = read_matpes(SOLIDS / name, stress_order="vasp")
     assert ds.keys.tolist() == [f"matpes:{r['matpes_id']}" for r in raws]
     k = 0
     for i, r in enumerate(raws):
@@ -123,10 +125,58 @@ def test_shared_labels_equal_json(name):
 
 # ---------------------------------------------------------------------------- synthetic records
 def test_stress_conversion_synthetic(tmp_path):
-    ds = read_matpes(write_jsonl(tmp_path / "one.jsonl", [record(stress=[10, 20, 30, 40, 50, 60])]))
-    expected = -np.array([[1.0, 4.0, 6.0], [4.0, 2.0, 5.0], [6.0, 5.0, 3.0]])  # GPa, ASE sign
-    np.testing.assert_allclose(ds.stress[0, 0], expected)
-    np.testing.assert_allclose(vasp_stress_to_ase(np.array([10.0, 20, 30, 40, 50, 60])), expected)
+    """MatPES's order is Voigt's (xx yy zz yz xz xy); VASP's OUTCAR order (xx yy zz xy yz zx) on request."""
+    path = write_jsonl(tmp_path / "one.jsonl", [record(stress=[10, 20, 30, 40, 50, 60])])
+    voigt = -np.array([[1.0, 6.0, 5.0], [6.0, 2.0, 4.0], [5.0, 4.0, 3.0]])  # GPa, ASE sign
+    vasp = -np.array([[1.0, 4.0, 6.0], [4.0, 2.0, 5.0], [6.0, 5.0, 3.0]])
+    np.testing.assert_allclose(read_matpes(path).stress[0, 0], voigt)
+    np.testing.assert_allclose(read_matpes(path, stress_order="vasp").stress[0, 0], vasp)
+    np.testing.assert_allclose(vasp_stress_to_ase(np.array([10.0, 20, 30, 40, 50, 60])), voigt)
+    np.testing.assert_allclose(vasp_stress_to_ase(np.array([10.0, 20, 30, 40, 50, 60]), order="vasp"), vasp)
+
+
+def test_a_sheared_cell_as_matpes_writes_it_reads_back_as_its_stress(tmp_path):
+    """A sheared, rattled Cu cell labelled by EMT and written as MatPES writes a record (emmet's MatPESTrainDoc:
+    VASP's 3×3 stress in kBar with VASP's sign, as Voigt xx yy zz yz xz xy): read back, every component is the
+    calculator's stress (GPa, ASE sign); and in VASP's own order with stress_order="vasp"."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.units import GPa
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.set_cell(atoms.cell @ np.array([[1.0, 0.03, 0.02], [0.0, 0.99, -0.04], [0.0, 0.0, 1.01]]), scale_atoms=True)
+    atoms.rattle(0.05, seed=1)
+    atoms.calc = EMT()
+    sigma = atoms.get_stress(voigt=False) / GPa  # 3×3 GPa, ASE sign
+    assert np.abs(sigma - np.diag(np.diag(sigma))).max() > 0.5  # real shear stresses, all different
+    kbar = -10.0 * sigma  # VASP's sign, kBar
+    voigt = [kbar[0, 0], kbar[1, 1], kbar[2, 2], kbar[1, 2], kbar[0, 2], kbar[0, 1]]
+    vasp = [kbar[0, 0], kbar[1, 1], kbar[2, 2], kbar[0, 1], kbar[1, 2], kbar[0, 2]]
+    sites = [{"species": [{"element": "Cu", "occu": 1}], "xyz": p.tolist()} for p in atoms.positions]
+    structure = {"lattice": {"matrix": atoms.cell.tolist(), "pbc": [True] * 3}, "sites": sites}
+    for name, order, stress in [("voigt.jsonl", "voigt", voigt), ("vasp.jsonl", "vasp", vasp)]:
+        raw = {"matpes_id": "cu", "functional": "PBE", "structure": structure, "energy": -1.0, "stress": stress}
+        ds = read_matpes(write_jsonl(tmp_path / name, [raw]), stress_order=order)
+        np.testing.assert_allclose(ds.stress[0, 0], sigma, atol=1e-10)
+    wrong = read_matpes(tmp_path / "voigt.jsonl", stress_order="vasp").stress[0, 0]
+    assert np.abs(wrong - sigma).max() > 0.5
+
+
+def test_stress_order_is_for_matpes_records_only(tmp_path):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_source
+
+    atoms = bulk("Cu", "fcc", a=3.6)
+    atoms.calc = EMT()
+    atoms.get_stress()
+    ase.io.write(tmp_path / "cu.extxyz", atoms, format="extxyz")
+    with pytest.raises(MultifiError, match=r"cu\.extxyz: stress_order applies to MatPES records, not to ase files"):
+        read_source(SourceConfig(path=str(tmp_path / "cu.extxyz"), stress_order="vasp"))
+    with pytest.raises(Exception, match="stress_order"):
+        SourceConfig(path="x.jsonl", stress_order="xy")
 
 
 def test_geometry_units_and_fractional_sites(tmp_path):
@@ -225,6 +275,7 @@ def _structure(mutate):
             r"record 1 \(matpes_id mfsolid-3\): site 1: unknown element 'Xx'",
         ),
         (_structure(lambda s: s.pop("lattice")), r"structure lacks a valid lattice or sites"),
+        (_structure(lambda s: s.update(sites=3)), r"structure lacks a valid lattice or sites \(TypeError: sites is a"),
         (_structure(lambda s: s["sites"][0].pop("species")), r"site 0: no species/element"),
         (  # a half-occupied site was read as a whole atom: another structure than the labels'
             _structure(lambda s: s["sites"][1]["species"][0].update(occu=0.5)),

@@ -297,3 +297,14 @@ def test_a_fidelity_among_a_wide_tables_columns_reads_that_column_only(small_qm9
     assert list(ds.keys) == ["qm9:1", "qm9:3"] and ds.energy[:, 0].tolist() == [-2.0, -3.5]
     assert len(small_qm9.read_qm9(path, fidelity="lo", limit=5)) == 2  # limit chooses among lo's molecules
     assert list(small_qm9.read_qm9(path).fidelities.names) == ["lo", "hi"]  # no fidelity: every column
+
+
+def test_a_cut_wide_table_is_a_one_line_error(small_qm9, tmp_path):
+    """A multi-column label table whose gzip was cut short (an interrupted copy) ended in an EOFError traceback."""
+    import gzip
+
+    whole = gzip.compress(("index,lo,hi\n" + "".join(f"{i},-1.0,-2.0\n" for i in range(1, 150))).encode())
+    path = tmp_path / "wide.csv.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(MultifiError, match=r"wide\.csv\.gz: unreadable \(EOFError"):
+        small_qm9.read_qm9(path)

@@ -303,7 +303,17 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
         capsys,
     )
     assert code == 0 and "picked 5 of 20 eligible structures (40 distinct structures in the pool" in stdout
-    assert "20 labelled at hi in the model's run data" in stdout
+    assert "20 labelled at hi in the model's run data)" in stdout  # the same geometries: the same geometry keys
+    near = bare[0].copy()  # another key, one atom moved by 1e-3 Å: within the molecules' 2e-3 Å, so "labelled"
+    near.positions[0] += [1e-3, 0.0, 0.0]
+    near.info["key"] = "new-1"
+    ase.io.write(pool, [near] + bare[20:], format="extxyz")
+    code, stdout, _ = run(
+        ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out, "--force"],
+        capsys,
+    )
+    assert code == 0 and "1 labelled at hi in the model's run data, 1 of them by geometry, not key" in stdout
+    ase.io.write(pool, bare, format="extxyz")
     shifted = [a.copy() for a in bare[:20]]  # the run's structures again, moved by 1e-4 Å: counted once
     for a in shifted:
         a.positions += 1e-4

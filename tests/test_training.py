@@ -218,6 +218,37 @@ def test_train_limits_reach_the_training_samples(write_config, caplog):
     ).sum()
 
 
+def test_a_run_split_by_position_resumes_and_is_read_back_as_it_trained(write_config):
+    """A run of a version before data.split.order (its config.yaml has no such key) split its structures and
+    limited its labels by position: resuming it, and reading its training labels back (extend's replay, the
+    uncertainty fit), use that order, not the key order of newer runs (which would move test structures into
+    training silently, or refuse the resume)."""
+    from multifi.cli.main import main
+    from multifi.train.extend import load_old_run
+
+    path = write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0})
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["split"]["order"] = "position"
+    raw["data"]["train_limits"] = {"lo": 12}
+    path.write_text(yaml.safe_dump(raw))
+    run_dir = Path(load_config(path, []).output_dir)
+    assert main(["train", str(path)]) == 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["data"]["split"].pop("order") == "position"  # as a run written before the setting
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    trained = prepare_data(load_config(path, []))
+    by_key = prepare_data(load_config(path, ["data.split.order=key"]))
+    assert set(by_key.dataset.keys[by_key.split.test]) != set(trained.dataset.keys[trained.split.test])
+    old = load_old_run(run_dir)
+    as_pairs = lambda ds, pairs: sorted((str(ds.keys[s]), ds.fidelities.names[k]) for s, k in pairs.tolist())  # noqa: E731
+    assert as_pairs(old.dataset, old.train) == as_pairs(trained.dataset, trained.pairs["train"])
+    assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=2"]) == 0
+    assert set(json.loads((run_dir / "splits.json").read_text())["test"]) == set(
+        trained.dataset.keys[trained.split.test]
+    )
+    assert load_config(run_dir / "config.yaml", []).data.split.order == "position"  # now written out
+
+
 def test_resume_with_a_foreign_optimizer_state_is_a_one_line_error(write_config, tmp_path):
     """A checkpoint whose optimizer holds other parameters (another architecture or parameter grouping) is
     refused with one line naming the mismatch, not a traceback from inside torch."""
@@ -460,7 +491,9 @@ def test_train_other_modes_and_float64(write_config, inject, precision):
         np.testing.assert_array_equal(pot.head.ref[:, 0], pot.head.ref[:, 1])
     else:
         assert abs(lo - hi).max() > 1e-3
-    check_metrics_json(run_dir / "metrics.json", {"lo": 8, "hi": 4})
+    prep = prepare_data(cfg)  # every test sample of the run's split is scored
+    test, names = prep.pairs["test"], prep.dataset.fidelities.names
+    check_metrics_json(run_dir / "metrics.json", {n: int((test[:, 1] == k).sum()) for k, n in enumerate(names)})
 
 
 # ---------------------------------------------------------------------------------------------- convergence

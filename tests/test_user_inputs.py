@@ -216,6 +216,26 @@ def test_fidelity_without_training_labels_is_warned_about(write_config, capsys, 
     assert not any(m.startswith("lo:") for m in messages), messages
 
 
+def test_a_fidelity_name_misspelt_in_the_data_is_named_as_a_likely_typo(write_config, tmp_path, capsys, caplog):
+    """One frame naming 'hii' instead of 'hi' becomes a fidelity of its own; the warning that it has no training
+    labels says its name is close to 'hi' (as a misspelt name in a config or on the command line is)."""
+    import logging
+
+    from conftest import tiny_frames
+
+    frames = tiny_frames()
+    typo = next(a for a in frames if a.info["fidelity"] == "hi")
+    typo.info["fidelity"] = "hii"
+    path = tmp_path / "typo.extxyz"
+    ase.io.write(path, frames, format="extxyz")
+    config = write_config(data={"sources": [{"path": str(path)}], "train_limits": {"hii": 0}})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config, "--dry-run"], capsys)
+    assert code == 0, err
+    about = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hii: no training labels")]
+    assert len(about) == 1 and "its name is close to 'hi', trained on" in about[0], about
+
+
 def test_a_run_directory_stands_for_its_model(model, tmp_path, capsys):
     """`info`, `predict` and the Calculator take a run directory for the model.pt inside it (was 'not a
     readable checkpoint (IsADirectoryError)'); a folder without model.pt is a one-line error saying so."""
@@ -726,3 +746,36 @@ def test_a_split_leaving_no_training_structures_names_the_config(write_config, c
     """Fractions that leave nothing to train on: one line naming the config file and data.split."""
     config = write_config()
     fails(["train", config, "--dry-run", "--set", "data.split.val=0.95"], capsys, str(config), "data.split", "val=0.95")
+
+
+@pytest.mark.parametrize("given, made_at, warned", [("lo", "hi", True), ("hi", "hi", False), ("lo", "lo", False)])
+def test_evaluate_names_labels_that_match_another_fidelity_far_better(
+    model, tmp_path, capsys, caplog, given, made_at, warned
+):
+    """Labels made at 'hi' evaluated as 'lo' (a file without info['fidelity'] and the wrong --fidelity): the table
+    reads as a poor model, so the run says the labels match the model's hi predictions far better, with both errors;
+    labels evaluated at their own fidelity get no such warning."""
+    from multifi.models.registry import load_potential
+    from multifi.predict import predict_atoms
+
+    pot = load_potential(model)
+    mols = [rattled_molecule(m, 50 + i) for i, m in enumerate(("CH4", "NH3", "H2O", "CH3OH", "C2H6") * 2)]
+    energies = predict_atoms(pot, mols, made_at, forces=False)[0]
+    noise = np.random.default_rng(0).normal(scale=0.003, size=len(mols))  # eV/atom
+    frames = []
+    for a, e, d in zip(mols, energies, noise):
+        b = a.copy()
+        b.info = {"energy": float(e + d * len(b))}
+        frames.append(b)
+    path = tmp_path / "labels.extxyz"
+    ase.io.write(path, frames)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["evaluate", model, path, "--fidelity", given], capsys)
+    assert code == 0, err
+    said = [r.getMessage() for r in caplog.records if "far better than" in r.getMessage()]
+    if not warned:
+        assert not said, said
+        return
+    assert len(said) == 1, said
+    assert f"its {given} energy labels match the model's {made_at} predictions far better" in said[0]
+    assert f"are they {made_at} labels?" in said[0] and "on 10 structures" in said[0]

@@ -33,7 +33,7 @@ M3GNET = {
 def load(args):
     from multifi.data.readers.matpes import read_matpes
 
-    return read_matpes(args.solids)
+    return read_matpes(args.solids, stress_order="vasp")
 
 
 def main() -> None:

@@ -76,7 +76,12 @@ def export(out: Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     sp = json.loads(SPLITS.read_text())
-    ds = FidelityDataset.merge([read_matpes(SHARED / "PBE.jsonl.gz"), read_matpes(SHARED / "R2SCAN.jsonl.gz")])
+    ds = FidelityDataset.merge(
+        [
+            read_matpes(SHARED / "PBE.jsonl.gz", stress_order="vasp"),
+            read_matpes(SHARED / "R2SCAN.jsonl.gz", stress_order="vasp"),
+        ]
+    )
     files = {
         "pbe_train.xyz": ("PBE", sp["low_pool"], True),
         "pbe_val.xyz": ("PBE", sp["val"], True),

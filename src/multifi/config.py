@@ -118,6 +118,12 @@ class SourceConfig(Section):
         description="key of the stress label (eV/Å³, ASE sign) in info or the calculator (default stress); a key "
         "naming a virial (eV) is converted, stress = −virial / volume",
     )
+    # MatPES records: the order of a 6-component stress (kBar, VASP's sign)
+    stress_order: Literal["voigt", "vasp"] = Field(
+        "voigt",
+        description="order of a MatPES record's 6 stress components: voigt = xx yy zz yz xz xy (MatPES's own, as "
+        "emmet's MatPESTrainDoc and ASE write it), vasp = xx yy zz xy yz zx (VASP's OUTCAR order)",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -151,6 +157,7 @@ class SplitConfig(Section):
     test: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
     files: dict[Literal["train", "val", "test"], str | None] | None = None
+    order: Literal["key", "position"] = "key"  # "position": runs of versions before this setting
 
     @field_validator("files")
     @classmethod
@@ -165,6 +172,11 @@ class DataConfig(Section):
     fidelities: list[str] | None = Field(None, description="use only the labels of these fidelities")
     train_limits: dict[str, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict, description="max labelled train structures per fidelity (≥ 0)"
+    )
+    units_known: list[FidelityName] = Field(
+        default_factory=list,
+        description="fidelities whose labels are known to be in eV, eV/Å and eV/Å³ (e.g. EMT's energies relative to "
+        "the bulk, formation energies): the unit guesses (Hartree, kcal/mol, GPa, kBar, sign) skip them",
     )
     skip_invalid: bool = False
     neighbor_lists: Literal["auto", "cache", "on_the_fly"] = Field(

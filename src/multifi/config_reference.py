@@ -34,6 +34,7 @@ HELP = {
     "data.split.val": "fraction of structures for validation",
     "data.split.test": "fraction of structures for the test metrics",
     "data.split.seed": "seed of the random split",
+    "data.split.order": "key: the random split and train_limits by structure key (the same structures whatever the order of sources and frames); position: by place in the merged data (runs of versions before this key)",
     "data.split.files": "instead of fractions: files listing structure keys (qm9:17, matpes:mp-1, info['key']) or integers per split (QM9 indices for QM9 data, else 0-based positions)",
     "data.skip_invalid": "drop NaN/inf labels (and report how many) instead of failing",
     "data.cache": "save the merged dataset in the run directory (dataset.npz) for --resume",

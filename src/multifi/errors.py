@@ -18,12 +18,18 @@ class NoFidelityError(MultifiError):
     """A structure names no fidelity and its source gives none (a caller with a default may supply one)."""
 
 
+def closest_name(name: str, known: Iterable[str]) -> str | None:
+    """The known name nearest to `name` (case ignored: b3lyp → B3LYP), if any is near."""
+    by_lower = {str(k).lower(): str(k) for k in known}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.5)
+    return by_lower[close[0]] if close else None
+
+
 def unknown_name(kind: str, name: str, known: Iterable[str], where: str = "") -> MultifiError:
     """An error for an unknown name that lists the known ones and suggests the nearest."""
     known = list(known)
-    by_lower = {str(k).lower(): str(k) for k in known}  # suggestions ignore case (b3lyp → B3LYP)
-    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.5)
-    hint = f"; did you mean {by_lower[close[0]]!r}?" if close else ""
+    close = closest_name(name, known)
+    hint = f"; did you mean {close!r}?" if close else ""
     prefix = f"{where}: " if where else ""
     return MultifiError(f"{prefix}unknown {kind} {name!r}{hint} (known: {', '.join(map(str, known))})")
 

@@ -355,15 +355,15 @@ def calibrate_run(run_dir: str | Path, model: str | Path | None = None, batch_si
 
 def _run_data(run_dir: Path):
     """A run's dataset and its training and validation pairs, as it trained (an extension run: its pairs.npz)."""
-    from multifi.config import load_config
     from multifi.data.dataset import FidelityDataset
     from multifi.train.extend import PAIRS, load_old_run
     from multifi.train.prepare import prepare_data
+    from multifi.train.run_config import load_run_config
 
     if (run_dir / PAIRS).exists():
         run = load_old_run(run_dir)
         return run.dataset, {"train": run.train, "val": run.val}
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     cached = run_dir / "dataset.npz"
     prep = prepare_data(cfg, FidelityDataset.load(cached) if cached.exists() else None, str(run_dir / "config.yaml"))
     return prep.dataset, prep.pairs

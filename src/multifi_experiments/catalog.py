@@ -207,7 +207,13 @@ class SourceCatalog:
             path = Path(fill(s.path, {"shared": str(shared)})).expanduser()
             path = path if path.is_absolute() else root / path
             self.sources.append(
-                {"path": str(path.resolve()), "fidelity": s.fidelity, "format": s.format, "index": s.index}
+                {
+                    "path": str(path.resolve()),
+                    "fidelity": s.fidelity,
+                    "format": s.format,
+                    "index": s.index,
+                    "stress_order": s.stress_order,
+                }
             )
         self.skip_invalid = data.skip_invalid
         self.work = Path(work)
@@ -230,7 +236,7 @@ class SourceCatalog:
                 path = Path(s["path"])
                 if not path.is_file():
                     raise MultifiError(f"data.sources: {path}: no such file")
-                h.update(json.dumps({k: v for k, v in s.items() if k != "path"}, sort_keys=True).encode())
+                h.update(json.dumps(_fingerprinted(s), sort_keys=True).encode())
                 with open(path, "rb") as f:
                     for block in iter(lambda: f.read(1 << 22), b""):
                         h.update(block)
@@ -365,3 +371,15 @@ def make_catalog(spec, paths, write_cache: bool = True):
     if spec.data is not None:
         return SourceCatalog(spec.data, paths.shared, paths.root, paths.work, write_cache)
     return LabelCatalog(paths.shared, spec.label_folders)
+
+
+def _fingerprinted(source: dict) -> dict:
+    """A source's settings as its data's fingerprint holds them: not its path (a moved file is the same data); the
+    stress order only for MatPES files read in MatPES's order (the way they are read since the setting exists:
+    other files ignore it, and VASP's order is how MatPES files were read before, so that experiments planned then
+    keep their fingerprint)."""
+    from multifi.data.sources import guess_format
+
+    fmt = source["format"] if source["format"] != "auto" else guess_format(Path(source["path"]))
+    kept = fmt == "matpes" and source["stress_order"] != "vasp"
+    return {k: v for k, v in source.items() if k != "path" and (k != "stress_order" or kept)}

@@ -525,6 +525,7 @@ class DataSource(Section):
     fidelity: str | None = None
     format: Literal["auto", "ase", "matpes", "npz"] = "auto"
     index: str = ":"
+    stress_order: Literal["voigt", "vasp"] = "voigt"  # a MatPES record's 6 stress components (SourceConfig)
 
 
 class DataSection(Section):

@@ -27,6 +27,12 @@ def add_label_keys(p) -> None:
         help=f"stress label key in info/calculator (default: stress; a virial key is converted{only}, e.g. "
         "--energy-key energy --forces-key forces --stress-key virial)",
     )
+    p.add_argument(
+        "--stress-order",
+        choices=["voigt", "vasp"],
+        help="order of a MatPES record's 6 stress components: voigt = xx yy zz yz xz xy (MatPES's own; default), "
+        "vasp = xx yy zz xy yz zx (VASP's OUTCAR order)",
+    )
 
 
 def source_config(text: str, fidelity: str | None, args=None):
@@ -38,8 +44,9 @@ def source_config(text: str, fidelity: str | None, args=None):
 
 
 def label_keys(args) -> dict:
-    """--energy-key / --forces-key / --stress-key given on the command line."""
-    return {k: getattr(args, k) for k in ("energy_key", "forces_key", "stress_key") if getattr(args, k, None)}
+    """--energy-key / --forces-key / --stress-key / --stress-order given on the command line."""
+    names = ("energy_key", "forces_key", "stress_key", "stress_order")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None)}
 
 
 def device_arg(text: str) -> str:

@@ -58,7 +58,11 @@ def _read_config(args):
     from multifi.errors import MultifiError
 
     flags = (("SOURCE", args.sources), ("--fidelity", args.fidelity), ("--energy-key", args.energy_key))
-    flags += (("--forces-key", args.forces_key), ("--stress-key", args.stress_key))
+    flags += (
+        ("--forces-key", args.forces_key),
+        ("--stress-key", args.stress_key),
+        ("--stress-order", args.stress_order),
+    )
     given = [flag for flag, v in flags if v]
     if given:
         raise MultifiError(
@@ -147,7 +151,13 @@ def run_info(args) -> int:
     multi = int(((ds.energy_mask | ds.has_forces()).sum(1) > 1).sum())
     print(f"structures labelled at more than one fidelity: {multi}", flush=True)  # before the checks' warnings
     _check_geometry(ds)
-    _check_labels(ds)
+    known = ()
+    if args.config is not None:
+        from multifi.config import load_config
+
+        known = load_config(args.config).data.units_known
+        ds.fidelities.per_index(dict.fromkeys(known, 1.0), 0.0, f"{args.config}: data.units_known")  # names known
+    _check_labels(ds, known)
     return 0
 
 
@@ -161,16 +171,12 @@ def _check_geometry(ds) -> None:
     check_overlaps(ds, NeighborCache(ds, 10 * MIN_DISTANCE, progress=False))
 
 
-def _check_labels(ds) -> None:
-    """The unit checks and reference-energy warnings training runs (in the log), on every label of the data."""
+def _check_labels(ds, known_units=()) -> None:
+    """The unit checks and reference-energy warnings training runs (in the log), on every label of the data (unit
+    checks not for the fidelities in `known_units`: a config's data.units_known)."""
     import numpy as np
 
-    from multifi.data.checks import (
-        check_energy_units,
-        check_force_units,
-        check_repeated_geometries,
-        check_stress_units,
-    )
+    from multifi.data.checks import check_repeated_geometries, doubtful_units
     from multifi.data.split import labelled_pairs
     from multifi.data.stats import fit_references
     from multifi.train.run import report_references
@@ -178,9 +184,7 @@ def _check_labels(ds) -> None:
     check_repeated_geometries(ds)
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     refs = fit_references(ds, pairs)
-    check_energy_units(ds, pairs, refs.ref, refs.scale)
-    check_stress_units(ds, pairs)
-    check_force_units(ds, pairs)
+    doubtful_units(ds, pairs, refs.ref, refs.scale, known_units)
     report_references(refs, ds.fidelities.names, labels="labels of these files")
 
 

@@ -108,6 +108,7 @@ def run(args) -> int:
     fitted = scored & ~estimated  # estimated references: warned above
     warn_per_element_errors(ds, pairs[fitted], predicted[fitted], ", ".join(args.data), skip=in_units)
     warn_own_predictions(ds, pairs[scored], predicted[scored], ", ".join(args.data))
+    warn_labels_of_another_fidelity(potential, ds, pairs[fitted], predicted[fitted], ", ".join(args.data))
     if "uncertainty" in payload:
         from multifi.uncertainty import uncertainty_table
 
@@ -316,6 +317,61 @@ def warn_per_element_errors(dataset, pairs, predicted, where: str, skip: set[str
                 name,
             )
     return warned
+
+
+#: a fidelity's labels are taken for another's when the model's predictions at that one match them this many times
+#: better (energy MAE per atom) than at their own, and their own MAE is above ANOTHER_FIDELITY_MIN_MEV (meV/atom)
+ANOTHER_FIDELITY_FACTOR = 3.0
+ANOTHER_FIDELITY_MIN_MEV = 10.0
+ANOTHER_FIDELITY_SAMPLE = 500  # structures compared per fidelity at most (seeded sample): a few passes without forces
+
+
+def warn_labels_of_another_fidelity(potential, dataset, pairs, predicted, where: str, batch_size: int = 64) -> dict:
+    """Warn for each evaluated fidelity whose energy labels match the model's predictions at another of its fidelities
+    far better than at their own: labels of another level of theory under this name (a --fidelity or an
+    info['fidelity'] mixed up), whose table otherwise reads as a poor model. pairs/predicted: the evaluated (structure,
+    fidelity) pairs with fitted references and their predicted energies [eV]. Returns {name: the better fidelity}."""
+    import numpy as np
+
+    from multifi.train.evaluate import energies_at
+
+    names = list(potential.fidelities.names)
+    found = {}
+    if len(names) < 2:
+        return found
+    for k, name in enumerate(dataset.fidelities.names):
+        rows = np.flatnonzero((pairs[:, 1] == k) & ~np.isnan(dataset.energy[pairs[:, 0], k]))
+        if len(rows) == 0 or name not in names:
+            continue
+        if len(rows) > ANOTHER_FIDELITY_SAMPLE:
+            rows = np.sort(np.random.default_rng(0).choice(rows, ANOTHER_FIDELITY_SAMPLE, replace=False))
+        s = pairs[rows, 0]
+        labels, n_atoms = dataset.energy[s, k], dataset.n_atoms[s]
+        own = 1e3 * float(np.mean(np.abs(predicted[rows] - labels) / n_atoms))
+        if own <= ANOTHER_FIDELITY_MIN_MEV:
+            continue
+        others = {
+            other: 1e3 * float(np.mean(np.abs(energies_at(potential, dataset, s, j, batch_size) - labels) / n_atoms))
+            for j, other in enumerate(names)
+            if other != name
+        }
+        best = min(others, key=others.get)
+        if others[best] * ANOTHER_FIDELITY_FACTOR < own:
+            found[name] = best
+            log.warning(
+                "%s: its %s energy labels match the model's %s predictions far better than its %s ones (MAE %.1f "
+                "against %.1f meV/atom on %d structures): are they %s labels? (a structure's fidelity is its "
+                "info['fidelity'] or a MatPES record's 'functional', else --fidelity)",
+                where,
+                name,
+                best,
+                name,
+                others[best],
+                own,
+                len(rows),
+                best,
+            )
+    return found
 
 
 def warn_own_predictions(dataset, pairs, predicted, where: str) -> list[str]:

@@ -135,10 +135,12 @@ def run(args) -> int:
     eligible = int((~labelled_mask(pool, args.fidelity, exclude, copies)).sum())
     distinct = int((copies == np.arange(len(pool))).sum())  # copies up to translation (or rotation) count once
     in_run = len(np.unique(copies[in_run_mask]))  # distinct structures, as `distinct` counts them
+    by_geometry = in_run - len(np.unique(copies[in_run_mask & np.isin(pool.keys.astype(str), known)]))
+    matched = f", {by_geometry} of them by geometry, not key" if by_geometry else ""
     print(
         f"picked {len(keys)} of {eligible} eligible structures ({distinct} distinct structures in the pool, the others labelled "
         f"at {args.fidelity}, excluded or repeated geometries"
-        + (f"; {in_run} labelled at {args.fidelity} in the model's run data" if in_run else "")
+        + (f"; {in_run} labelled at {args.fidelity} in the model's run data{matched}" if in_run else "")
         + f") for {args.fidelity} ({args.strategy}) → {args.out}"
     )
     return 0

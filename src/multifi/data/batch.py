@@ -73,7 +73,9 @@ class Graph:
 
 
 class GraphCollator:
-    """Turns a list of (structure, fidelity) index pairs into a Graph, from cached neighbour lists."""
+    """Turns a list of (structure, fidelity) index pairs into a Graph, from cached neighbour lists. Positions are
+    taken relative to each structure's first atom (in float64, before the float32 cast): a structure stored far from
+    the origin (10⁴ Å: 1e-3 Å apart in float32) keeps the precision of its geometry, as prediction does."""
 
     def __init__(self, dataset: FidelityDataset, neighbors):
         """neighbors: a NeighborCache or OnTheFlyNeighbors (anything with .edges(structures))."""
@@ -106,7 +108,7 @@ class GraphCollator:
         i64 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
         return Graph(
             numbers=i64(ds.numbers[atom_idx]),
-            positions=f32(ds.positions[atom_idx]),
+            positions=f32(ds.positions[atom_idx] - np.repeat(ds.positions[ds.offsets[s]], n_atoms, axis=0)),
             cell=f32(ds.cells[s]),
             batch=i64(np.repeat(np.arange(B), n_atoms)),
             n_atoms=i64(n_atoms),

@@ -4,6 +4,7 @@ energies that look like Hartree instead of eV, stresses that look like GPa or kB
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -675,11 +676,17 @@ def check_forces_against_energies(dataset: FidelityDataset, pairs: np.ndarray, m
         if not abs(corr) >= 0.9 or 0.7 < slope < 1.4:  # (a NaN correlation says nothing)
             continue
         suspicious.append(name)
+        atoms = float(np.median(dataset.n_atoms[pairs[pairs[:, 1] == k, 0]]))  # a slope of 1/N: per-atom energies
+        per_atom = (
+            f"energies per atom given as the structure's energy? (1/N = 1/{atoms:.0f} here); "
+            if atoms > 1 and 1 / 1.5 < slope * atoms < 1.5
+            else ""
+        )
         why = (
             "the forces point uphill: gradients (−F) given as forces?"
             if slope < 0
-            else "forces and energies in different units? (forces in Ha/Bohr: 51.4; energies in Hartree: 1/27.2; "
-            "kcal/mol: 23.1 or 1/23.1)"
+            else per_atom + "forces and energies in different units? (forces in Ha/Bohr: 51.4; energies in Hartree: "
+            "1/27.2; kcal/mol: 23.1 or 1/23.1)"
         )
         log.warning(
             "%s: at fidelity %r the energy changes between %d neighbouring frames are %.3g× what the forces imply "
@@ -700,9 +707,16 @@ def check_forces_against_energies(dataset: FidelityDataset, pairs: np.ndarray, m
 IMPLAUSIBLE_STRESS = 300.0
 
 
-def doubtful_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndarray, scale: np.ndarray) -> dict:
+def doubtful_units(
+    dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndarray, scale: np.ndarray, known: Iterable[str] = ()
+) -> dict:
     """The energy, force and stress unit checks (each warns); {label: [fidelities]} of those whose labels looked
-    like another unit (empty lists dropped), for the run's record and the reminder beside its test errors."""
+    like another unit (empty lists dropped), for the run's record and the reminder beside its test errors.
+    Fidelities in `known` (data.units_known: their units are known) are not checked."""
+    skipped = [k for k, name in enumerate(dataset.fidelities.names) if name in set(known)]
+    if skipped:
+        log.info("data.units_known: the unit checks skip %s", ", ".join(dataset.fidelities.names[k] for k in skipped))
+        pairs = pairs[~np.isin(pairs[:, 1], skipped)]
     found = {
         "energy": check_energy_units(dataset, pairs, ref, scale),
         "stress": check_stress_units(dataset, pairs),

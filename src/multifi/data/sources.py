@@ -53,6 +53,8 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
     custom = [f"{k}_key" for k, v in keys.items() if v != k]
     if custom and fmt != "ase":
         raise MultifiError(f"{path}: {', '.join(custom)} applies to files ASE reads, not to {fmt} files")
+    if src.stress_order != "voigt" and fmt != "matpes":  # ASE files and datasets store 3×3 or ASE's Voigt order
+        raise MultifiError(f"{path}: stress_order applies to MatPES records, not to {fmt} files")
     if src.index != ":" and fmt != "ase":  # else every structure would be read, silently
         raise MultifiError(f"{path}: index {src.index!r} picks frames of files ASE reads, not of {fmt} files")
     if fmt == "npz":
@@ -65,7 +67,7 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
     if fmt == "matpes":
         from multifi.data.readers.matpes import read_matpes
 
-        return read_matpes(path, fidelity=src.fidelity, skip_invalid=skip_invalid)
+        return read_matpes(path, fidelity=src.fidelity, skip_invalid=skip_invalid, stress_order=src.stress_order)
     from multifi.data.readers.ase_files import read_ase
 
     return read_ase(path, fidelity=src.fidelity, index=src.index, skip_invalid=skip_invalid, keys=keys)

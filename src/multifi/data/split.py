@@ -63,9 +63,48 @@ def changed_split(path: Path, split: Split, dataset: FidelityDataset) -> tuple[P
     return next(((path, name) for name in SPLITS if not same(name)), None)
 
 
-def random_split(n: int, val: float, test: float, seed: int) -> Split:
-    """Shuffle structures with `seed`; the first `test` fraction is test, the next `val` fraction val."""
-    perm = np.random.default_rng(seed).permutation(n)
+ORDER = "key"  # random_split and limit_pairs order structures by key; "position": as runs of earlier versions did
+_U64 = np.uint64
+
+
+def key_order(keys: np.ndarray, *seed: int) -> np.ndarray:
+    """Positions [S] of `keys` (unique structure keys) in a random order fixed by `seed` and by each key alone: the
+    same keys get the same relative order whatever the order or company they come in (a structure's rank among
+    others depends on their keys, not on where a source put them)."""
+    return np.argsort(key_hashes(keys, *seed), kind="stable")
+
+
+def key_hashes(keys: np.ndarray, *seed: int) -> np.ndarray:
+    """[S] uint64: a seeded hash of each key (FNV-1a over its characters, then splitmix64's finaliser); a key's
+    hash depends on the key and the seed only (not on the widths of the other keys)."""
+    text = np.ascontiguousarray(np.asarray(keys, dtype=str))
+    n = len(text)
+    width = text.dtype.itemsize // 4
+    codes = text.view(np.uint32).reshape(n, width) if width else np.zeros((n, 0), np.uint32)
+    length = np.char.str_len(text) if n else np.zeros(0, np.int64)
+    start = np.uint64(0xCBF29CE484222325)
+    for s in seed:
+        start = _mix(np.array([start ^ np.uint64(s & 0xFFFFFFFFFFFFFFFF)], dtype=_U64))[0]
+    h = np.full(n, start, dtype=_U64)
+    prime = _U64(0x100000001B3)
+    for c in range(width):
+        h = np.where(c < length, (h ^ codes[:, c].astype(_U64)) * prime, h)
+    return _mix(h)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping)."""
+    h = (h ^ (h >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return h ^ (h >> _U64(31))
+
+
+def random_split(keys: np.ndarray, val: float, test: float, seed: int, order: str = ORDER) -> Split:
+    """Structures [S] (their keys) in a seeded random order (`key_order`: independent of the sources' order); the
+    first `test` fraction is test, the next `val` fraction val, the rest train. order="position" shuffles positions
+    instead (how runs split before key order; kept for resuming those runs)."""
+    n = len(keys)
+    perm = key_order(keys, seed) if order == "key" else np.random.default_rng(seed).permutation(n)
     n_test, n_val = int(round(test * n)), int(round(val * n))
     if n - n_test - n_val < 1:
         raise MultifiError(f"data.split: val={val}, test={test} leave no training structures of the {n}")
@@ -110,16 +149,24 @@ _COMMENT = re.compile(r"(^|\s)#.*$")  # a # inside a key (mol#3) is part of the 
 def _read_split_file(path: Path, key_to_index: dict, n: int, qm9: bool = False) -> np.ndarray:
     if not path.exists():
         raise MultifiError(f"{path}: no such split file")
-    text = path.read_text().strip()
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MultifiError(f"{path}: not a readable split file ({type(exc).__name__}: {exc})") from None
     if text.startswith("["):
-        items = json.loads(text)
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MultifiError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     else:  # one key or index per line (or separated by spaces); a # at a line's start or after a space comments
         items = [w for line in text.splitlines() for w in _COMMENT.sub("", line).split()]
-    idx = []
+    idx, number_as_key, as_position = [], None, None  # the first number read as a key, and as a position
     for it in items:  # a structure listed twice counts once
         s = str(it)
         if s in key_to_index:
             idx.append(key_to_index[s])
+            if s.lstrip("-").isdigit():
+                number_as_key = number_as_key or s
         elif qm9 and s.isdigit():
             if f"qm9:{s}" not in key_to_index:
                 raise MultifiError(
@@ -128,9 +175,16 @@ def _read_split_file(path: Path, key_to_index: dict, n: int, qm9: bool = False) 
             idx.append(key_to_index[f"qm9:{s}"])
         elif s.lstrip("-").isdigit() and 0 <= int(s) < n:
             idx.append(int(s))
+            as_position = as_position or s
         else:
             raise MultifiError(
                 f"{path}: {s!r} is neither a structure key nor an index below {n}{_key_hint(s, key_to_index)}"
+            )
+        if number_as_key is not None and as_position is not None:
+            raise MultifiError(
+                f"{path}: {number_as_key!r} is a structure key and {as_position!r} a position: the structures' keys are "
+                "integers too, so a number is ambiguous; list the keys only (every item a key) or name the split "
+                "by keys that are not numbers"
             )
     return np.asarray(sorted(set(idx)), dtype=np.int64)
 
@@ -159,8 +213,11 @@ def labelled_pairs(dataset: FidelityDataset, structures: np.ndarray) -> np.ndarr
     return np.stack([structures[r], k], axis=1).astype(np.int64)
 
 
-def limit_pairs(pairs: np.ndarray, limits: np.ndarray, dataset: FidelityDataset, seed: int) -> np.ndarray:
-    """Keep at most limits[k] samples of each fidelity index k (random, seeded; nested for growing limits);
+def limit_pairs(
+    pairs: np.ndarray, limits: np.ndarray, dataset: FidelityDataset, seed: int, order: str = ORDER
+) -> np.ndarray:
+    """Keep at most limits[k] samples of each fidelity index k (random, seeded; nested for growing limits; by key
+    order, so the same structures whatever the sources' order; order="position" as random_split's);
     limits [K] as FidelityTable.per_index gives them, NaN: no limit.
 
     Within the random order, the first structure containing each element moves to the front, so that
@@ -173,9 +230,13 @@ def limit_pairs(pairs: np.ndarray, limits: np.ndarray, dataset: FidelityDataset,
         rows = np.flatnonzero(pairs[:, 1] == k)
         if len(rows) == 0:
             continue
-        order = np.random.default_rng([seed, k]).permutation(len(rows))
-        order = _elements_first(order, pairs[rows, 0], dataset)
-        keep[rows[order[int(limits[k]) :]]] = False
+        if order == "key":
+            name = int(key_hashes(np.array([dataset.fidelities.names[k]]))[0])  # not k: the table's order varies
+            ranked = key_order(dataset.keys[pairs[rows, 0]], seed, name)
+        else:
+            ranked = np.random.default_rng([seed, k]).permutation(len(rows))
+        ranked = _elements_first(ranked, pairs[rows, 0], dataset)
+        keep[rows[ranked[int(limits[k]) :]]] = False
     return pairs[keep]
 
 

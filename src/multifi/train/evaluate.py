@@ -118,6 +118,22 @@ def _predict(potential, dataset, neighbors, pairs: np.ndarray, batch_size: int, 
     return metrics
 
 
+def energies_at(potential, dataset: FidelityDataset, structures: np.ndarray, fidelity: int, batch_size: int = 64):
+    """[n] eV: the model's energies of `structures` (indices into `dataset`) at its fidelity index `fidelity`,
+    whatever fidelity their labels have (no forces)."""
+    chosen = dataset.subset(structures)
+    collate = GraphCollator(chosen, make_neighbors(chosen, potential.cutoff, progress=False))
+    sub = np.stack([np.arange(len(chosen)), np.zeros(len(chosen), np.int64)], 1)  # the label column is not used
+    param = next(potential.parameters())
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(sub), batch_size):
+            g = collate(sub[start : start + batch_size]).to("cpu", param.dtype)
+            g.fidelity = torch.full_like(g.fidelity, fidelity)
+            out.append(potential(g.to(param.device), forces=False)["energy"].detach().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
 def model_fidelities(potential, dataset: FidelityDataset, pairs: np.ndarray) -> np.ndarray:
     """[K_data] int64: the model's index of each dataset fidelity that `pairs` evaluate (by name), -1 for the
     others. A fidelity of `pairs` the model lacks is an error naming the data and the model's fidelities;

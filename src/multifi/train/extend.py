@@ -35,6 +35,7 @@ from multifi.keys import COUNT
 from multifi.train.init import FIDELITY_AXIS
 from multifi.train.module import PotentialModule
 from multifi.train.prepare import FidelitySettings
+from multifi.train.run_config import load_run_config
 
 log = logging.getLogger("multifi")
 
@@ -268,7 +269,7 @@ def load_old_run(run: Path) -> OldRun:
     run's dataset.npz and pairs.npz (every fidelity of its model, written by `save_run_data`)."""
     if (run / PAIRS).exists():
         return _load_extension_run(run)
-    cfg = load_config(run / "config.yaml")
+    cfg = load_run_config(run / "config.yaml")
     from multifi.data.sources import _is_saved_dataset
 
     if (run / "dataset.npz").exists():
@@ -282,7 +283,7 @@ def load_old_run(run: Path) -> OldRun:
     split = _read_splits(run / "splits.json", ds)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
     limits = ds.fidelities.per_index(cfg.data.train_limits, np.nan, "data.train_limits")
-    pairs["train"] = limit_pairs(pairs["train"], limits, ds, cfg.data.split.seed)
+    pairs["train"] = limit_pairs(pairs["train"], limits, ds, cfg.data.split.seed, cfg.data.split.order)
     return OldRun(run, ds, pairs["train"], pairs["val"], pairs["test"])
 
 
@@ -404,7 +405,7 @@ def read_new_data(
         split = (
             split_from_files(d.split.files, ds)
             if d.split.files
-            else random_split(len(ds), d.split.val, d.split.test, d.split.seed)
+            else random_split(ds.keys, d.split.val, d.split.test, d.split.seed, d.split.order)
         )
     except MultifiError as exc:
         raise MultifiError(exc if d.split.files else f"{where}: {exc}") from None
@@ -412,7 +413,7 @@ def read_new_data(
         split = follow_split(split, ds, old)
     pairs = {s: labelled_pairs(ds, split[s]) for s in ("train", "val", "test")}
     limits = ds.fidelities.per_index(d.train_limits, np.nan, "data.train_limits")
-    pairs["train"] = limit_pairs(pairs["train"], limits, ds, d.split.seed)
+    pairs["train"] = limit_pairs(pairs["train"], limits, ds, d.split.seed, d.split.order)
     return ds, pairs
 
 
@@ -607,6 +608,7 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
         len(old.fidelities),
         old.config.energy_scale,
         np.concatenate(list(pairs.values())),
+        settings.known_units(table),
     )
     trained = module.freeze()
     module.sync_ema()
@@ -842,18 +844,24 @@ def _replay(x, old, old_run: OldRun | None, seed: int, where: str) -> dict[str, 
     }
 
 
-def _check_new_units(ds, pairs: np.ndarray, k: int, ref, scale, known_ref, known_fitted) -> dict:
+def _check_new_units(ds, pairs: np.ndarray, k: int, ref, scale, known_ref, known_fitted, known_units=()) -> dict:
     """The unit checks (data.checks.doubtful_units) of the new fidelity's labelled `pairs` of every split, against
     its own fit of those labels (a fit of the training split has no reference for an element only tested)."""
     own = fit_new_fidelity(ds, pairs, k, known_ref, known_fitted)
     ref, scale = ref.copy(), scale.copy()
     ref[:, k] = own.ref[:, 0]
     scale[k] = scale[k] if np.isnan(own.scale[0]) else own.scale[0]
-    return doubtful_units(ds, pairs, ref, scale)
+    return doubtful_units(ds, pairs, ref, scale, known_units)
 
 
 def _fit_new_baseline(
-    potential, ds: FidelityDataset, train_pairs: np.ndarray, k: int, energy_scale, labelled: np.ndarray
+    potential,
+    ds: FidelityDataset,
+    train_pairs: np.ndarray,
+    k: int,
+    energy_scale,
+    labelled: np.ndarray,
+    known_units: list[str] = (),
 ) -> dict:
     """Reference energies [119] and scale of the new fidelity k by least squares on its training labels,
     next to the model's known references (elements its labels lack get the shared estimate, flagged in
@@ -881,7 +889,7 @@ def _fit_new_baseline(
             new.scale[0],
         )
     scale[k] = new.scale[0]
-    doubtful = _check_new_units(ds, labelled[labelled[:, 1] == k], k, ref, scale, known_ref, known_fitted)
+    doubtful = _check_new_units(ds, labelled[labelled[:, 1] == k], k, ref, scale, known_ref, known_fitted, known_units)
     with torch.no_grad():
         head.ref[:, k] = torch.as_tensor(new.ref[:, 0], dtype=head.ref.dtype)
         head.fitted[:, k] = torch.as_tensor(new.fitted[:, 0])
@@ -1073,7 +1081,7 @@ def extend_from_args(
         path = Path(resume_dir) / "config.yaml"
         if not path.is_file():
             raise MultifiError(f"{resume_dir}: nothing to resume (no config.yaml: not a multifi run directory)")
-        cfg = load_config(path)
+        cfg = load_run_config(path)
         cfg.output_dir = str(resume_dir)
         with blamed(str(path), []):
             return extend(cfg, config_source=str(path), dry_run=dry_run, resume=True)

@@ -25,6 +25,11 @@ class FidelitySettings:
     train_limits: np.ndarray  # [K] float64: at most this many training samples (data.train_limits); NaN: all
     sampling: np.ndarray  # [K] float64: relative sampling weight (train.fidelity_sampling); NaN: natural share
     loss_weights: np.ndarray  # [K] float64: loss weight (loss.fidelity_weights); 1 unless configured
+    units_known: np.ndarray  # [K] bool: labels known to be in eV, eV/Å, eV/Å³ (data.units_known): no unit guesses
+
+    def known_units(self, table: FidelityTable) -> list[str]:
+        """The names of the fidelities with units_known."""
+        return [name for name, known in zip(table.names, self.units_known) if known]
 
     @classmethod
     def resolve(
@@ -44,6 +49,7 @@ class FidelitySettings:
         limits = kept("data.train_limits", cfg.data.train_limits)
         sampling = kept("train.fidelity_sampling", cfg.train.fidelity_sampling)
         weights = kept("loss.fidelity_weights", cfg.loss.fidelity_weights)
+        known = kept("data.units_known", dict.fromkeys(cfg.data.units_known, 1.0))
         loss_weights = table.per_index(weights, 1.0, f"{prefix}loss.fidelity_weights")
         if not (loss_weights > 0).any():
             raise MultifiError(
@@ -59,6 +65,7 @@ class FidelitySettings:
             train_limits=table.per_index(limits, np.nan, f"{prefix}data.train_limits"),
             sampling=table.per_index(sampling, np.nan, f"{prefix}train.fidelity_sampling"),
             loss_weights=loss_weights,
+            units_known=table.per_index(known, 0.0, f"{prefix}data.units_known") > 0,
         )
 
 
@@ -86,7 +93,7 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
         split = split_from_files(d.split.files, ds)
     else:
         try:
-            split = random_split(len(ds), d.split.val, d.split.test, d.split.seed)
+            split = random_split(ds.keys, d.split.val, d.split.test, d.split.seed, d.split.order)
         except MultifiError as exc:
             raise MultifiError(f"{config_source or 'config'}: {exc}") from None
     used = np.concatenate([split.train, split.val, split.test])
@@ -94,7 +101,7 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
     unlimited = len(pairs["train"])
     _warn_limits_above_labels(pairs["train"], settings.train_limits, ds, config_source)
-    pairs["train"] = limit_pairs(pairs["train"], settings.train_limits, ds, d.split.seed)
+    pairs["train"] = limit_pairs(pairs["train"], settings.train_limits, ds, d.split.seed, d.split.order)
     if len(pairs["train"]) == 0 and unlimited:
         raise MultifiError(
             f"{config_source or 'config'}: data.train_limits: the limits leave no training label ({unlimited} without them)"

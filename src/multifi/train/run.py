@@ -31,7 +31,7 @@ from multifi.data.checks import (
 from multifi.data.dataset import ranges
 from multifi.data.split import changed_split
 from multifi.data.stats import MIN_SCALE_DOF, fit_references, force_rms, shortest_contacts
-from multifi.errors import MultifiError, Terminated
+from multifi.errors import MultifiError, Terminated, closest_name
 from multifi.files import atomic_write, json_text, make_dir, reported
 from multifi.keys import FORCES_MAE, STRESS_MAE, TRAIN_LOSS_EPOCH
 from multifi.logs import is_leader_process, quiet_lightning
@@ -41,6 +41,7 @@ from multifi.train.logger import RunCSVLogger, progress_bar_wanted
 from multifi.train.module import PotentialModule
 from multifi.train.prepare import prepare_data
 from multifi.train.resume_args import check_resume_args
+from multifi.train.run_config import load_run_config
 
 log = logging.getLogger("multifi")
 
@@ -193,7 +194,9 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     # data for the pooling; a fit of the training split alone has no reference for an element only tested)
     labelled = np.concatenate(list(prep.pairs.values()))
     own = fit_references(prep.dataset, labelled)
-    doubtful = doubtful_units(prep.dataset, labelled, own.ref, own.scale)
+    doubtful = doubtful_units(
+        prep.dataset, labelled, own.ref, own.scale, prep.settings.known_units(prep.dataset.fidelities)
+    )
     warn_isolated_atoms(prep.dataset, prep.pairs["train"])
     report_references(refs, prep.dataset.fidelities.names, skip=_untrained(prep))
     if cfg.model.energy_scale == "per_fidelity" and not module.potential.head.shared_baseline:
@@ -980,7 +983,7 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
     path = run_dir / "config.yaml"
     if not path.exists():
         return
-    before, after = _resume_view(load_config(path)), _resume_view(cfg)
+    before, after = _resume_view(load_run_config(path)), _resume_view(cfg)
     fixed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and not _resumable(k))
     if fixed:
         shown = ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in fixed[:3])
@@ -1090,7 +1093,7 @@ def check_more_to_train(run_dir: Path, ckpt: Path, cfg: RunConfig) -> bool:
     done = epoch >= t.epochs or 0 < t.max_steps <= step or stopped_early
     if not (done and (run_dir / "model.pt").exists() and (run_dir / "metrics.json").exists()):
         return False
-    saved = load_config(run_dir / "config.yaml")
+    saved = load_run_config(run_dir / "config.yaml")
     saved.output_dir = cfg.output_dir
     last = max(epoch, int(progress.get("started", epoch)))  # the epoch of the last step, 1-based as the log's
     how = f"stopped early: no improvement in {waited} validations" if stopped_early else "finished"
@@ -1130,7 +1133,7 @@ def _record_resumed_config(run_dir: Path, cfg: RunConfig) -> None:
     path = run_dir / "config.yaml"
     if not path.exists():
         return
-    saved = load_config(path)
+    saved = load_run_config(path)
     saved.output_dir = cfg.output_dir
     before, after = _flat(saved.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
@@ -1271,13 +1274,19 @@ def _report_data(prep) -> None:
     for split, c in counts.items():
         log.info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in c.items()))
     for name in _untrained(prep):
+        trained = [other for other, n in counts["train"].items() if n]
+        near = closest_name(name, trained)
         log.warning(
             "%s: no training labels (val: %d, test: %d samples): the model cannot learn this fidelity; its "
             "predictions and errors are those of an untrained fidelity vector with reference energies "
-            "estimated from the other fidelities",
+            "estimated from the other fidelities%s",
             name,
             counts["val"][name],
             counts["test"][name],
+            f" (its name is close to {near!r}, trained on {counts['train'][near]} samples: a typo in the data's "
+            "fidelity names?)"
+            if near
+            else "",
         )
     if any(counts["val"].values()):
         for name, n in counts["train"].items():
@@ -1501,7 +1510,7 @@ def _configure_threads(cfg: RunConfig) -> None:
 def train_from_args(config: str | None, overrides: list[str], resume_dir: str | None, dry_run: bool = False) -> Path:
     if resume_dir:
         source = check_resume_args(config, overrides, resume_dir)
-        cfg = load_config(source, overrides)
+        cfg = load_run_config(source, overrides)
         cfg.output_dir = str(resume_dir)
         with blamed(str(source), overrides):
             return train(cfg, resume=True, config_source=str(source), dry_run=dry_run)

@@ -1,7 +1,9 @@
 """Read MatPES records (JSON list or JSON lines, optionally gzipped) into a FidelityDataset.
 
-MatPES units: energy eV (total), forces eV/Å, stress Voigt xx yy zz xy yz zx in kBar with VASP's
-sign; the dataset stores stress as a 3×3 in GPa with ASE's sign: σ_ASE = −0.1 × σ_VASP.
+MatPES units: energy eV (total), forces eV/Å, stress in kBar with VASP's sign, 6 components in Voigt order
+xx yy zz yz xz xy (MatPES's own, emmet's MatPESTrainDoc) or, with stress_order="vasp", xx yy zz xy yz zx (VASP's
+OUTCAR order, as in files written that way); the dataset stores stress as a 3×3 in GPa with ASE's sign:
+σ_ASE = −0.1 × σ_VASP.
 pymatgen is not needed: the Structure dict is read directly.
 """
 
@@ -21,8 +23,11 @@ from multifi.errors import MultifiError
 MIN_VOLUME = 1e-6  # Å³
 
 
-def read_matpes(path: str | os.PathLike, fidelity: str | None = None, skip_invalid: bool = False) -> FidelityDataset:
-    """MatPES records → dataset; key "matpes:<matpes_id>" so files of other functionals merge.
+def read_matpes(
+    path: str | os.PathLike, fidelity: str | None = None, skip_invalid: bool = False, stress_order: str = "voigt"
+) -> FidelityDataset:
+    """MatPES records → dataset; key "matpes:<matpes_id>" so files of other functionals merge; `stress_order`: of
+    6-component stresses ("voigt" or "vasp", see the module).
 
     Fidelity: the record's `functional` (e.g. "PBE", "R2SCAN"); `fidelity` only for records naming none.
     Non-finite labels raise unless `skip_invalid`, which drops them (count in ds.n_dropped).
@@ -33,7 +38,7 @@ def read_matpes(path: str | os.PathLike, fidelity: str | None = None, skip_inval
     for i, raw in enumerate(load_json_records(path)):
         mid = raw.get("matpes_id") if isinstance(raw, dict) else None
         tag = f"record {i}" if mid is None else f"record {i} (matpes_id {mid})"
-        rec = matpes_record(raw, fidelity, f"{src}: {tag}")
+        rec = matpes_record(raw, fidelity, f"{src}: {tag}", stress_order)
         rec["name"] = i
         fid = next(iter(rec["labels"]))
         if mid is not None and (mid, fid) in seen:
@@ -83,7 +88,7 @@ def load_json_records(path: Path) -> list:
     return out
 
 
-def matpes_record(raw, fidelity: str | None, where: str) -> dict:
+def matpes_record(raw, fidelity: str | None, where: str, stress_order: str = "voigt") -> dict:
     """One MatPES record → a from_records record (Å, eV, eV/Å, GPa with ASE sign)."""
     if not isinstance(raw, dict):
         raise MultifiError(f"{where}: expected a JSON object, got {type(raw).__name__}")
@@ -97,7 +102,7 @@ def matpes_record(raw, fidelity: str | None, where: str) -> dict:
     if raw.get("forces") is not None:
         lab["forces"] = _numbers(raw["forces"], (n, 3), "forces", where)
     if raw.get("stress") is not None:
-        lab["stress"] = vasp_stress_to_ase(_numbers(raw["stress"], None, "stress", where), where)
+        lab["stress"] = vasp_stress_to_ase(_numbers(raw["stress"], None, "stress", where), where, stress_order)
     rec = {"numbers": numbers, "positions": positions, "cell": cell, "pbc": pbc, "labels": {str(fid): lab}}
     if raw.get("matpes_id") is not None:
         rec["key"] = f"matpes:{raw['matpes_id']}"
@@ -110,6 +115,8 @@ def structure_arrays(st, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
     try:
         lattice, sites = st["lattice"], st["sites"]
+        if not isinstance(sites, list):
+            raise TypeError(f"sites is a {type(sites).__name__}, not a list")
         matrix = lattice["matrix"]
         pbc = np.broadcast_to(np.asarray(lattice.get("pbc", True), dtype=bool), (3,)).copy()
     except (KeyError, TypeError, ValueError) as exc:
@@ -149,11 +156,16 @@ def structure_arrays(st, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return numbers, positions, cell, pbc
 
 
-def vasp_stress_to_ase(stress: np.ndarray, where: str = "") -> np.ndarray:
-    """kBar, VASP sign, Voigt xx yy zz xy yz zx (or 3×3) → 3×3 GPa with ASE sign (−0.1 ×)."""
+#: positions of xx yy zz yz xz xy in a 6-component stress of each order
+STRESS_ORDERS = {"voigt": (0, 1, 2, 3, 4, 5), "vasp": (0, 1, 2, 4, 5, 3)}
+
+
+def vasp_stress_to_ase(stress: np.ndarray, where: str = "", order: str = "voigt") -> np.ndarray:
+    """kBar, VASP sign, 6 components in `order` (STRESS_ORDERS: "voigt" xx yy zz yz xz xy, "vasp" xx yy zz xy yz
+    zx) or 3×3 → 3×3 GPa with ASE sign (−0.1 ×)."""
     if stress.shape == (6,):
-        xx, yy, zz, xy, yz, zx = stress
-        stress = np.array([[xx, xy, zx], [xy, yy, yz], [zx, yz, zz]])
+        xx, yy, zz, yz, xz, xy = stress[list(STRESS_ORDERS[order])]
+        stress = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
     elif stress.shape != (3, 3):
         raise MultifiError(f"{where}: stress has shape {stress.shape}, expected (6,) or (3, 3)")
     return -0.1 * stress

@@ -612,10 +612,13 @@ def read_qm9_wide(
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        first = f.readline()
-        header = _header_fields(first)
-        text = f.read()
+    try:
+        with opener(path, "rt") as f:
+            first = f.readline()
+            header = _header_fields(first)
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:  # a cut gzip, a folder, not text
+        raise MultifiError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
     names = header[1:]
     if len(set(names)) != len(names):
         raise MultifiError(f"{path}: duplicate fidelity names in the header")

@@ -1,0 +1,26 @@
+"""A run directory's config.yaml, read as the run was made: settings that later versions added take the value that
+reproduces what the run did before they existed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from multifi.config import RunConfig, load_config
+from multifi.data.sources import guess_format
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """load_config of a run's config.yaml (which writes out every setting), with the settings it lacks taken as
+    the version that wrote it used them: data.split.order "position" (random splits and train_limits by position,
+    before the key order) and, for MatPES sources, stress_order "vasp" (6-component stresses read in VASP's order
+    before the setting)."""
+    cfg = load_config(path, overrides)
+    if "order" not in cfg.data.split.model_fields_set:
+        cfg.data.split.order = "position"
+    for source in cfg.data.sources:
+        if "stress_order" in source.model_fields_set or source.path is None:
+            continue
+        fmt = source.format if source.format != "auto" else guess_format(Path(source.path))
+        if fmt == "matpes":
+            source.stress_order = "vasp"
+    return cfg
