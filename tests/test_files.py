@@ -124,3 +124,16 @@ def test_a_link_to_a_process_stream_is_appended_to_not_replaced(tmp_path):
         atomic_write(link, lambda f: f.write(b"picks\n"))
         assert link.is_symlink()
     assert (tmp_path / "log.txt").read_text() == "before\npicks\n"
+
+
+def test_a_file_written_into_a_missing_folder_says_it_made_the_folder(tmp_path, caplog):
+    """An output path in a folder that does not exist (a mistyped folder name) is written, and the folder's creation
+    is said, not silent; writing into an existing folder says nothing."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="multifi"):
+        atomic_write(tmp_path / "typo" / "deeper" / "x.txt", lambda f: f.write(b"1"))
+        atomic_write(tmp_path / "typo" / "deeper" / "y.txt", lambda f: f.write(b"2"))
+    made = [r.getMessage() for r in caplog.records if "created the folder" in r.getMessage()]
+    assert made == [f"{tmp_path / 'typo' / 'deeper'}: created the folder for x.txt"]
+    assert (tmp_path / "typo" / "deeper" / "x.txt").read_bytes() == b"1"

@@ -14,6 +14,7 @@ one-line `MultifiError` naming the path.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 import tempfile
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from multifi.errors import MultifiError
+
+log = logging.getLogger("multifi")
 
 
 def umask() -> int:
@@ -102,7 +105,11 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
         return path
     if path.is_dir():
         raise MultifiError(f"{path}: is a folder, expected a file name")
-    make_dir(path.parent)
+    if not path.parent.is_dir():
+        existed = path.parent.exists()
+        make_dir(path.parent)  # (a file in the way: its error)
+        if not existed:  # said: a mistyped folder name would otherwise go unnoticed
+            log.info("%s: created the folder for %s", path.parent, path.name)
     with reported(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
