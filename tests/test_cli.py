@@ -1070,3 +1070,60 @@ def test_a_partly_recorded_contact_table_flags_no_pair_of_an_element_without_nei
         tuple(sorted((int(water.numbers[a]), int(water.numbers[b])))) for a, b, c in zip(i, j, close.tolist()) if c
     }
     assert pairs == {(1, 8)}
+
+
+def test_data_with_a_runs_config_reads_matpes_stress_as_the_run_did(tmp_path, capsys):
+    """`data convert --config RUN/config.yaml` of a run made before sources had a stress_order reads MatPES stresses
+    in VASP's order, as that run trained on them; the same settings in a config of one's own read MatPES's order."""
+    from test_reader_matpes import record, write_jsonl
+
+    from multifi.data.dataset import FidelityDataset
+    from multifi.data.readers.matpes import vasp_stress_to_ase
+
+    stress = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    write_jsonl(tmp_path / "pbe.jsonl", [record(f"m{i}", stress=stress) for i in range(3)])
+    raw = {"data": {"sources": [{"path": str(tmp_path / "pbe.jsonl")}], "split": {"val": 0.0, "test": 0.0}}}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))  # no stress_order, no split order: an earlier run's
+    (run_dir / "splits.json").write_text(json.dumps({"train": ["matpes:m0", "matpes:m1", "matpes:m2"]}))
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(raw))
+    for config, order in ((run_dir / "config.yaml", "vasp"), (tmp_path / "mine.yaml", "voigt")):
+        out = tmp_path / f"{order}.npz"
+        code, _, err = run(["data", "convert", "--config", config, "--out", out], capsys)
+        assert code == 0, err
+        got = FidelityDataset.load(out).stress[0, 0]
+        np.testing.assert_allclose(got, vasp_stress_to_ase(np.array(stress), order=order))
+
+
+def test_evaluate_says_when_the_run_read_a_matpes_files_stress_in_another_order(write_config, tmp_path, capsys, caplog):
+    """A model trained on a MatPES file read with stress_order: vasp, evaluated on that file in MatPES's own order
+    (the default): the shear stresses are compared in another order than they were trained, and evaluate says so;
+    with --stress-order vasp it does not."""
+    import logging
+
+    from test_reader_matpes import record, write_jsonl
+
+    records = []
+    for i in range(12):
+        r = record(f"m{i}", stress=[10.0 + i, 20, 30, 40, 50, 60 - i], energy=-6.5 - 0.01 * i)
+        r["structure"]["lattice"]["matrix"] = (np.array(r["structure"]["lattice"]["matrix"]) * (1 + 0.01 * i)).tolist()
+        for s in r["structure"]["sites"]:
+            s["xyz"] = (np.array(s["abc"]) @ np.array(r["structure"]["lattice"]["matrix"])).tolist()
+        records.append(r)
+    data = write_jsonl(tmp_path / "pbe.jsonl", records)
+    config = write_config(
+        data={"sources": [{"path": str(data), "stress_order": "vasp"}], "split": {"val": 0.2, "test": 0.2}},
+        train={"epochs": 1, "batch_size": 4, "progress": False, "threads": 1, "warmup_steps": 0},
+    )
+    assert run(["train", config], capsys)[0] == 0
+    model = tmp_path / "run" / "model.pt"
+    for extra, warned in (([], True), (["--stress-order", "vasp"], False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            code, _, err = run(["evaluate", model, data, *extra], capsys)
+        assert code == 0, err
+        said = [r.getMessage() for r in caplog.records if "read this file's stresses in vasp order" in r.getMessage()]
+        assert len(said) == int(warned), caplog.text
+        if warned:
+            assert "give --stress-order vasp" in said[0]

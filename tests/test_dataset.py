@@ -454,6 +454,9 @@ def test_key_hashes_depend_on_the_key_and_seed_only_and_are_pinned():
     shuffled = np.random.default_rng(0).permutation(50)
     assert keys[shuffled][key_order(keys[shuffled], 3)].tolist() == keys[order].tolist()
     assert key_hashes(np.zeros(0, dtype=str), 0).shape == (0,)
+    swapped = np.array(["qm9:1", "b"], dtype=">U5")  # keys saved on a big-endian machine
+    assert key_hashes(swapped, 0).tolist() == key_hashes(np.array(["qm9:1", "b"]), 0).tolist()
+    assert key_hashes(np.array(["a"]), np.int64(-5)).tolist() == key_hashes(np.array(["a"]), -5).tolist()
 
 
 def test_random_split_is_the_same_whatever_the_order_of_the_structures():

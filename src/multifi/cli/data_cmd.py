@@ -53,9 +53,9 @@ def _read(args):
 
 def _read_config(args):
     """The data of a run config, read as `multifi train` reads it (its own fidelities and keys per source)."""
-    from multifi.config import load_config
     from multifi.data.sources import read_sources
     from multifi.errors import MultifiError
+    from multifi.train.run_config import load_any_config
 
     flags = (("SOURCE", args.sources), ("--fidelity", args.fidelity), ("--energy-key", args.energy_key))
     flags += (
@@ -68,7 +68,7 @@ def _read_config(args):
         raise MultifiError(
             f"{args.config}: --config reads the config's data.sources; {' and '.join(given)} too is ambiguous"
         )
-    data = load_config(args.config).data
+    data = load_any_config(args.config).data  # a run's config.yaml: as the run read its data
     if not data.sources:
         raise MultifiError(f"{args.config}: data.sources: empty; no data to read")
     ds = read_sources(data.sources, data.skip_invalid or args.skip_invalid)
@@ -153,9 +153,9 @@ def run_info(args) -> int:
     _check_geometry(ds)
     known = ()
     if args.config is not None:
-        from multifi.config import load_config
+        from multifi.train.run_config import load_any_config
 
-        known = load_config(args.config).data.units_known
+        known = load_any_config(args.config).data.units_known
         ds.fidelities.per_index(dict.fromkeys(known, 1.0), 0.0, f"{args.config}: data.units_known")  # names known
     _check_labels(ds, known)
     return 0

@@ -76,19 +76,26 @@ def key_order(keys: np.ndarray, *seed: int) -> np.ndarray:
 
 def key_hashes(keys: np.ndarray, *seed: int) -> np.ndarray:
     """[S] uint64: a seeded hash of each key (FNV-1a over its characters, then splitmix64's finaliser); a key's
-    hash depends on the key and the seed only (not on the widths of the other keys)."""
-    text = np.ascontiguousarray(np.asarray(keys, dtype=str))
-    n = len(text)
+    hash depends on the key and the seed only (not on the other keys, nor on the array's width or byte order).
+    Time: the keys' characters in all (each column updates only the keys that long)."""
+    text = np.asarray(keys, dtype=str)
     width = text.dtype.itemsize // 4
-    codes = text.view(np.uint32).reshape(n, width) if width else np.zeros((n, 0), np.uint32)
-    length = np.char.str_len(text) if n else np.zeros(0, np.int64)
+    text = np.ascontiguousarray(text.astype(f"<U{max(width, 1)}", copy=False))  # characters as little-endian u4
+    n = len(text)
     start = np.uint64(0xCBF29CE484222325)
     for s in seed:
-        start = _mix(np.array([start ^ np.uint64(s & 0xFFFFFFFFFFFFFFFF)], dtype=_U64))[0]
+        start = _mix(np.array([start ^ np.uint64(int(s) & 0xFFFFFFFFFFFFFFFF)], dtype=_U64))[0]
     h = np.full(n, start, dtype=_U64)
+    if n == 0 or width == 0:
+        return _mix(h)
+    codes = text.view("<u4").reshape(n, width)
+    length = np.char.str_len(text)
+    longest_first = np.argsort(-length, kind="stable")
+    count = np.searchsorted(-length[longest_first], -np.arange(width), side="left")  # [c]: keys longer than c
     prime = _U64(0x100000001B3)
-    for c in range(width):
-        h = np.where(c < length, (h ^ codes[:, c].astype(_U64)) * prime, h)
+    for c in range(int(length.max())):
+        rows = longest_first[: count[c]]
+        h[rows] = (h[rows] ^ codes[rows, c].astype(_U64)) * prime
     return _mix(h)
 
 

@@ -118,20 +118,21 @@ def _predict(potential, dataset, neighbors, pairs: np.ndarray, batch_size: int, 
     return metrics
 
 
-def energies_at(potential, dataset: FidelityDataset, structures: np.ndarray, fidelity: int, batch_size: int = 64):
-    """[n] eV: the model's energies of `structures` (indices into `dataset`) at its fidelity index `fidelity`,
-    whatever fidelity their labels have (no forces)."""
+def energies_at(potential, dataset: FidelityDataset, structures: np.ndarray, fidelities, batch_size: int = 64):
+    """[F, n] eV: the model's energies of `structures` (indices into `dataset`) at each of its fidelity indices
+    `fidelities`, whatever fidelity their labels have (no forces; neighbour lists built once)."""
     chosen = dataset.subset(structures)
     collate = GraphCollator(chosen, make_neighbors(chosen, potential.cutoff, progress=False))
     sub = np.stack([np.arange(len(chosen)), np.zeros(len(chosen), np.int64)], 1)  # the label column is not used
     param = next(potential.parameters())
-    out = []
+    out = np.zeros((len(fidelities), len(chosen)))
     with torch.no_grad():
         for start in range(0, len(sub), batch_size):
-            g = collate(sub[start : start + batch_size]).to("cpu", param.dtype)
-            g.fidelity = torch.full_like(g.fidelity, fidelity)
-            out.append(potential(g.to(param.device), forces=False)["energy"].detach().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+            g = collate(sub[start : start + batch_size]).to("cpu", param.dtype).to(param.device)
+            for row, k in enumerate(fidelities):
+                g.fidelity = torch.full_like(g.fidelity, int(k))
+                out[row, start : start + len(g.n_atoms)] = potential(g, forces=False)["energy"].cpu().numpy()
+    return out
 
 
 def model_fidelities(potential, dataset: FidelityDataset, pairs: np.ndarray) -> np.ndarray:

@@ -9,6 +9,19 @@ from multifi.config import RunConfig, load_config
 from multifi.data.sources import guess_format
 
 
+def is_run_config(path: str | Path) -> bool:
+    """Whether `path` is a run directory's config.yaml (a split or an extension's pairs beside it)."""
+    folder = Path(path).parent
+    return Path(path).name == "config.yaml" and any(
+        (folder / name).exists() for name in ("splits.json", "splits.npz", "pairs.npz")
+    )
+
+
+def load_any_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """A run's config.yaml as load_run_config reads it; any other config as load_config does."""
+    return load_run_config(path, overrides) if is_run_config(path) else load_config(path, overrides)
+
+
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """load_config of a run's config.yaml (which writes out every setting), with the settings it lacks taken as
     the version that wrote it used them: data.split.order "position" (random splits and train_limits by position,
