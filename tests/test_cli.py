@@ -635,6 +635,7 @@ def test_data_units_known_skips_the_unit_guesses_for_those_fidelities(write_conf
     config = write_config(data={"sources": [{"path": str(tmp_path / "ha.extxyz")}], "units_known": ["HI"]})
     fails(["train", config, "--dry-run"], capsys, "data.units_known", "'HI'")
     fails(["data", "info", "--config", config], capsys, "data.units_known", "'HI'")
+    assert run(["data", "info", "--config", config], capsys)[1] == ""  # the error comes before any table
 
 
 def test_training_records_shortest_contacts_and_close_atoms_warn(cli_run, caplog, tmp_path):

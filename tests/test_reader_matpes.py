@@ -264,7 +264,7 @@ def _structure(mutate):
         (broken(functional=None), r"record 1 \(matpes_id mfsolid-3\): no fidelity"),
         (broken(forces=[[0, 0, 0]]), r"record 1 \(matpes_id mfsolid-3\): forces has shape \(1, 3\), expected \(2, 3\)"),
         (broken(stress=[1, 2, 3]), r"stress has shape \(3,\)"),
-        (broken(energy="abc"), r"energy is not a number"),
+        (broken(energy="abc"), r"energy holds text \('abc'\), not numbers"),
         (
             _structure(lambda s: s["lattice"].update(matrix=[[1, 0, 0], [2, 0, 0], [0, 0, 1]])),
             r"record 1 \(matpes_id mfsolid-3\): lattice has \(near\) zero volume",
@@ -276,6 +276,18 @@ def _structure(mutate):
         ),
         (_structure(lambda s: s.pop("lattice")), r"structure lacks a valid lattice or sites"),
         (_structure(lambda s: s.update(sites=3)), r"structure lacks a valid lattice or sites \(TypeError: sites is a"),
+        (
+            _structure(lambda s: s["sites"][1].update(xyz=[9.0, 9.0, 9.0])),
+            r"record 1 \(matpes_id mfsolid-3\): site 1: its xyz and abc \(times the lattice\) disagree by 6\.2 Å",
+        ),
+        (
+            record("mfsolid-3", energy="-3.2"),
+            r"record 1 \(matpes_id mfsolid-3\): energy holds text \('-3\.2'\), not numbers",
+        ),
+        (
+            record("mfsolid-3", stress=[[1.0, 50.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]),
+            r"record 1 \(matpes_id mfsolid-3\): stress is not symmetric \(xy 50 against yx 0 kBar\)",
+        ),
         (_structure(lambda s: s["sites"][0].pop("species")), r"site 0: no species/element"),
         (  # a half-occupied site was read as a whole atom: another structure than the labels'
             _structure(lambda s: s["sites"][1]["species"][0].update(occu=0.5)),

@@ -133,6 +133,7 @@ def run_info(args) -> int:
     from ase.data import chemical_symbols
 
     ds = _read_or_unlabelled(args)
+    known = _units_known(args, ds)  # before anything is printed: a name the data lacks is an error
     n_atoms = ds.n_atoms
     print(
         f"structures: {len(ds)}   atoms: {int(n_atoms.sum())} (per structure {n_atoms.min()}–{n_atoms.max()}, "
@@ -151,12 +152,6 @@ def run_info(args) -> int:
     multi = int(((ds.energy_mask | ds.has_forces()).sum(1) > 1).sum())
     print(f"structures labelled at more than one fidelity: {multi}", flush=True)  # before the checks' warnings
     _check_geometry(ds)
-    known = ()
-    if args.config is not None:
-        from multifi.train.run_config import load_any_config
-
-        known = load_any_config(args.config).data.units_known
-        ds.fidelities.per_index(dict.fromkeys(known, 1.0), 0.0, f"{args.config}: data.units_known")  # names known
     _check_labels(ds, known)
     return 0
 
@@ -169,6 +164,17 @@ def _check_geometry(ds) -> None:
     from multifi.data.neighbors import NeighborCache
 
     check_overlaps(ds, NeighborCache(ds, 10 * MIN_DISTANCE, progress=False))
+
+
+def _units_known(args, ds) -> list[str]:
+    """data.units_known of --config (none without one), each a fidelity of the data (else an error)."""
+    if args.config is None:
+        return []
+    from multifi.train.run_config import load_any_config
+
+    known = load_any_config(args.config).data.units_known
+    ds.fidelities.per_index(dict.fromkeys(known, 1.0), 0.0, f"{args.config}: data.units_known")
+    return known
 
 
 def _check_labels(ds, known_units=()) -> None:

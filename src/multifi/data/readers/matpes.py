@@ -132,12 +132,23 @@ def structure_arrays(st, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
         try:
             species = site["species"]
             element = species[0]["element"]
-            xyz = site.get("xyz")
-            positions[j] = xyz if xyz is not None else np.asarray(site["abc"], dtype=np.float64) @ cell
+            xyz, abc = site.get("xyz"), site.get("abc")
+            positions[j] = xyz if xyz is not None else np.asarray(abc, dtype=np.float64) @ cell
+            # pymatgen builds a site from abc: both must say the same
+            apart = (
+                0.0
+                if xyz is None or abc is None
+                else float(np.abs(positions[j] - np.asarray(abc, dtype=np.float64) @ cell).max())
+            )
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise MultifiError(
                 f"{where}: site {j}: no species/element or xyz/abc ({type(exc).__name__}: {exc})"
             ) from None
+        if not apart <= SITE_AGREEMENT:
+            raise MultifiError(
+                f"{where}: site {j}: its xyz and abc (times the lattice) disagree by {apart:.3g} Å (an edited "
+                "record? pymatgen places the site by abc)"
+            )
         if len(species) != 1:
             raise MultifiError(f"{where}: site {j}: disordered site ({len(species)} species) is not supported")
         occupancy = species[0].get("occu", 1.0) if isinstance(species[0], dict) else 1.0
@@ -156,6 +167,13 @@ def structure_arrays(st, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return numbers, positions, cell, pbc
 
 
+#: Å: a site's xyz and abc × lattice agree this well in records pymatgen or emmet wrote (floating-point rounding)
+SITE_AGREEMENT = 1e-4
+
+#: kBar: a 3×3 stress whose xy and yx (and so on) differ by more than this plus 1e-6 of its largest component is
+#: not a stress (MatPES keeps a numerically non-symmetric one apart, as stress_matrix)
+STRESS_ASYMMETRY = 1e-3
+
 #: positions of xx yy zz yz xz xy in a 6-component stress of each order
 STRESS_ORDERS = {"voigt": (0, 1, 2, 3, 4, 5), "vasp": (0, 1, 2, 4, 5, 3)}
 
@@ -168,11 +186,28 @@ def vasp_stress_to_ase(stress: np.ndarray, where: str = "", order: str = "voigt"
         stress = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
     elif stress.shape != (3, 3):
         raise MultifiError(f"{where}: stress has shape {stress.shape}, expected (6,) or (3, 3)")
+    elif not np.abs(stress - stress.T).max() <= STRESS_ASYMMETRY + 1e-6 * np.abs(stress).max():
+        i, j = np.unravel_index(np.argmax(np.abs(stress - stress.T)), (3, 3))
+        raise MultifiError(
+            f"{where}: stress is not symmetric ({'xyz'[i]}{'xyz'[j]} {stress[i, j]:g} against {'xyz'[j]}{'xyz'[i]} "
+            f"{stress[j, i]:g} kBar): a stress tensor is"
+        )
     return -0.1 * stress
 
 
+def _text_first(value) -> bool:
+    """Whether a JSON value (a number or nested lists) is a string, or its first number is (cheap: records hold
+    thousands of force components; a file writing numbers as text writes them all so)."""
+    while isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return isinstance(value, str)
+
+
 def _numbers(value, shape: tuple | None, what: str, where: str):
-    """value as float64 array (a float for shape ()), checking the shape; a one-line error otherwise."""
+    """value as float64 array (a float for shape ()), checking the shape; a one-line error otherwise (also for
+    numbers written as JSON strings: "-3.2" is text, so which number was meant, and in what unit, is unsaid)."""
+    if _text_first(value):
+        raise MultifiError(f"{where}: {what} holds text ({str(value)[:40]!r}), not numbers")
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
