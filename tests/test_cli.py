@@ -923,8 +923,18 @@ def test_errors_that_are_one_energy_per_element_are_said_to_be_another_conventio
         assert warn_per_element_errors(ds, pairs, labels + model_error, "a.extxyz") == []
         assert warn_per_element_errors(ds, pairs, labels + model_error + per_element, "b.extxyz") == ["lo"]
         assert warn_per_element_errors(ds, pairs[:20], labels[:20] + per_element[:20], "c.extxyz") == []
+        before = 1000 * np.mean(np.abs(model_error + per_element) / n)  # meV/atom
+        # the model's own test error as large (an undertrained model: its errors follow the elements there too)
+        assert (
+            warn_per_element_errors(ds, pairs, labels + model_error + per_element, "d.extxyz", as_tested={"lo": before})
+            == []
+        )
+        assert warn_per_element_errors(
+            ds, pairs, labels + model_error + per_element, "e.extxyz", as_tested={"lo": 40.0}
+        ) == ["lo"]
     assert "b.extxyz: lo energy errors are mostly one energy per element" in caplog.text
-    assert "a.extxyz" not in caplog.text and "c.extxyz" not in caplog.text
+    assert "a.extxyz" not in caplog.text and "c.extxyz" not in caplog.text and "d.extxyz" not in caplog.text
+    assert "e.extxyz: lo energy errors" in caplog.text
 
 
 def test_evaluating_a_file_of_the_models_own_results_is_said_to_measure_nothing(cli_run, tmp_path, capsys, caplog):

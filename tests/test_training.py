@@ -249,6 +249,39 @@ def test_a_run_split_by_position_resumes_and_is_read_back_as_it_trained(write_co
     assert load_config(run_dir / "config.yaml", []).data.split.order == "position"  # now written out
 
 
+def test_the_labels_train_limits_kept_are_recorded_and_read_back_from_the_record(write_config):
+    """With data.train_limits the run writes which labels the limits kept (train_labels.json); extend's replay and
+    the LLPR fit read that record, not a new draw (so a later change of how limits draw cannot move them); a
+    damaged record is a one-line error."""
+    from multifi.data.split import TRAIN_LABELS
+    from multifi.train.extend import load_old_run
+    from multifi.uncertainty import _run_data
+
+    train_cfg = {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0}
+    cfg = load_config(write_config(train=train_cfg), ["data.train_limits.lo=10"])
+    run_dir = train(cfg)
+    prep = prepare_data(cfg)
+    record = json.loads((run_dir / TRAIN_LABELS).read_text())
+    assert len(record["lo"]) == 10 and len(record["hi"]) == int((prep.pairs["train"][:, 1] == 1).sum())
+    as_keys = lambda ds, pairs: sorted((str(ds.keys[s]), ds.fidelities.names[k]) for s, k in pairs.tolist())  # noqa: E731
+    expected = as_keys(prep.dataset, prep.pairs["train"])
+    assert as_keys(*(lambda r: (r.dataset, r.train))(load_old_run(run_dir))) == expected
+    dataset, pairs = _run_data(run_dir)
+    assert as_keys(dataset, pairs["train"]) == expected
+    dropped = record["lo"].pop()
+    (run_dir / TRAIN_LABELS).write_text(json.dumps(record))  # the record, not a new draw, decides
+    old = load_old_run(run_dir)
+    assert as_keys(old.dataset, old.train) == [x for x in expected if x != (dropped, "lo")]
+    dataset, pairs = _run_data(run_dir)
+    assert (dropped, "lo") not in as_keys(dataset, pairs["train"])
+    (run_dir / TRAIN_LABELS).write_text('{"lo": ["no-such-key"]}')
+    with pytest.raises(MultifiError, match=r"train_labels\.json: structure 'no-such-key' is not in the run's dataset"):
+        load_old_run(run_dir)
+    (run_dir / TRAIN_LABELS).write_text('{"lo": ')
+    with pytest.raises(MultifiError, match=r"train_labels\.json: not a readable training-labels file"):
+        load_old_run(run_dir)
+
+
 def test_resume_with_a_foreign_optimizer_state_is_a_one_line_error(write_config, tmp_path):
     """A checkpoint whose optimizer holds other parameters (another architecture or parameter grouping) is
     refused with one line naming the mismatch, not a traceback from inside torch."""

@@ -356,6 +356,7 @@ def calibrate_run(run_dir: str | Path, model: str | Path | None = None, batch_si
 def _run_data(run_dir: Path):
     """A run's dataset and its training and validation pairs, as it trained (an extension run: its pairs.npz)."""
     from multifi.data.dataset import FidelityDataset
+    from multifi.data.split import TRAIN_LABELS, read_train_labels
     from multifi.train.extend import PAIRS, load_old_run
     from multifi.train.prepare import prepare_data
     from multifi.train.run_config import load_run_config
@@ -366,6 +367,8 @@ def _run_data(run_dir: Path):
     cfg = load_run_config(run_dir / "config.yaml")
     cached = run_dir / "dataset.npz"
     prep = prepare_data(cfg, FidelityDataset.load(cached) if cached.exists() else None, str(run_dir / "config.yaml"))
+    if (run_dir / TRAIN_LABELS).exists():  # the labels data.train_limits kept, as recorded
+        prep.pairs["train"] = read_train_labels(run_dir / TRAIN_LABELS, prep.dataset)
     return prep.dataset, prep.pairs
 
 

@@ -107,7 +107,9 @@ def run(args) -> int:
     print(metrics_table(metrics, title=f"{evaluated_by} on {', '.join(args.data)}"))
     in_units = _warn_implausible(metrics, ", ".join(args.data), _label_slopes(ds, pairs[scored], predicted[scored]))
     fitted = scored & ~estimated  # estimated references: warned above
-    warn_per_element_errors(ds, pairs[fitted], predicted[fitted], ", ".join(args.data), skip=in_units)
+    warn_per_element_errors(
+        ds, pairs[fitted], predicted[fitted], ", ".join(args.data), in_units, _test_errors(args.checkpoint)
+    )
     warn_own_predictions(ds, pairs[scored], predicted[scored], ", ".join(args.data))
     warn_labels_of_another_fidelity(potential, ds, pairs[fitted], ", ".join(args.data), args.batch_size)
     if "uncertainty" in payload:
@@ -273,13 +275,17 @@ OFFSET_CHECK_MEV_PER_ATOM = 20.0
 OFFSET_SHRINK = 3.0
 
 
-def warn_per_element_errors(dataset, pairs, predicted, where: str, skip: set[str] = frozenset()) -> list[str]:
+def warn_per_element_errors(
+    dataset, pairs, predicted, where: str, skip: set[str] = frozenset(), as_tested: dict | None = None
+) -> list[str]:
     """Warn for fidelities whose energy errors are mostly one constant energy per element: labels of another method
     or reference convention (atomization vs total energies, another code's pseudopotentials) than the model's
     fidelity of that name. Such errors shrink `OFFSET_SHRINK`-fold once an energy per element is fitted to them
     (least squares over the structures; only with at least 5 structures per element and 10 more, and compositions
     that fix each element's energy, so that the fit cannot absorb a model's ordinary errors or a mean offset).
-    Fidelities in `skip` (their unit named already) are not looked at. Returns the names warned about."""
+    Fidelities in `skip` (their unit named already) are not looked at, nor those whose MAE is within AS_TESTED× of
+    the model's own test error there (`as_tested`, meV/atom, the run's metrics.json: an undertrained model's errors
+    can follow the elements on its own test labels too). Returns the names warned about."""
     import numpy as np
 
     from multifi.data.stats import composition_matrix
@@ -305,7 +311,9 @@ def warn_per_element_errors(dataset, pairs, predicted, where: str, skip: set[str
         offsets = np.linalg.lstsq(counts.astype(np.float64), error, rcond=None)[0]
         before = 1000 * np.mean(np.abs(error) / n)
         after = 1000 * np.mean(np.abs(error - counts @ offsets) / n)
-        if before > OFFSET_CHECK_MEV_PER_ATOM and after * OFFSET_SHRINK < before:
+        tested = (as_tested or {}).get(name)
+        like_its_test = tested is not None and before <= AS_TESTED * tested
+        if before > OFFSET_CHECK_MEV_PER_ATOM and after * OFFSET_SHRINK < before and not like_its_test:
             warned.append(name)
             log.warning(
                 "%s: %s energy errors are mostly one energy per element (MAE %.0f → %.0f meV/atom once an offset per "
@@ -480,6 +488,30 @@ def _trained_by_geometry(old, ds, pairs, known: set) -> set[tuple[str, str]]:
         copies = same_molecules(ds.subset(mine), old.dataset.subset(theirs))
         out |= {(str(ds.keys[s]), name) for s in mine[copies].tolist()}
     return out
+
+
+#: evaluation errors up to this many times the model's own test error (meV/atom) are the model's, not the labels'
+AS_TESTED = 2.0
+
+
+def _test_errors(checkpoint) -> dict[str, float]:
+    """{fidelity: test energy MAE meV/atom} from the metrics.json of the model's run (beside it); {} without one."""
+    import json
+    from pathlib import Path
+
+    from multifi.keys import ENERGY_MAE_PER_ATOM
+
+    run = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    run = run.parent if run.name == "checkpoints" else run
+    try:
+        fidelities = json.loads((run / "metrics.json").read_text()).get("fidelities", {})
+        return {
+            name: float(m[ENERGY_MAE_PER_ATOM])
+            for name, m in fidelities.items()
+            if isinstance(m, dict) and isinstance(m.get(ENERGY_MAE_PER_ATOM), (int, float))
+        }
+    except (OSError, ValueError, AttributeError):  # none, or not ours: nothing to compare with
+        return {}
 
 
 def _warn_other_stress_order(checkpoint, data: list[str], order: str) -> None:

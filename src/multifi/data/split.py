@@ -254,3 +254,37 @@ def _elements_first(order: np.ndarray, structures: np.ndarray, dataset: Fidelity
     front = np.zeros(len(order), bool)
     front[first] = True
     return np.concatenate([order[front], order[~front]])
+
+
+TRAIN_LABELS = "train_labels.json"  # a run's training labels once data.train_limits chose among them
+
+
+def save_train_labels(path: Path, dataset: FidelityDataset, pairs: np.ndarray) -> Path:
+    """The training labels `pairs` [P, 2] as {fidelity: [structure keys]} JSON: which labels data.train_limits kept,
+    recorded (reading a run back then does not depend on how a version draws them)."""
+    names = dataset.fidelities.names
+    data = {name: dataset.keys[pairs[pairs[:, 1] == k, 0]].tolist() for k, name in enumerate(names)}
+    return atomic_write(Path(path), lambda f: f.write(json.dumps(data).encode()))
+
+
+def read_train_labels(path: Path, dataset: FidelityDataset) -> np.ndarray:
+    """[P, 2] (structure, fidelity) training pairs of `dataset` from save_train_labels' file, in labelled_pairs'
+    order; a damaged file, or a key or fidelity the dataset lacks, is a one-line error."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MultifiError(f"{path}: not a readable training-labels file ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(isinstance(k, str) for k in v) for v in data.values()
+    ):
+        raise MultifiError(f"{path}: not a training-labels file (a mapping of fidelities to lists of structure keys)")
+    index = {k: i for i, k in enumerate(dataset.keys.tolist())}
+    out = []
+    for name, keys in data.items():
+        k = dataset.fidelities.index(name, where=str(path))
+        missing = [key for key in keys if key not in index]
+        if missing:
+            raise MultifiError(f"{path}: structure {missing[0]!r} is not in the run's dataset")
+        out += [(index[key], k) for key in keys]
+    pairs = np.asarray(sorted(out), dtype=np.int64).reshape(-1, 2)
+    return pairs

@@ -27,7 +27,15 @@ from multifi.data.checks import doubtful_units
 from multifi.data.dataset import GEOMETRY_KEY_PREFIX, GEOMETRY_TOLERANCE, FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources, warn_alike_names
-from multifi.data.split import Split, labelled_pairs, limit_pairs, random_split, split_from_files
+from multifi.data.split import (
+    TRAIN_LABELS,
+    Split,
+    labelled_pairs,
+    limit_pairs,
+    random_split,
+    read_train_labels,
+    split_from_files,
+)
 from multifi.data.stats import MIN_SCALE_DOF, fit_new_fidelity, shared_estimates_with_error, shortest_contacts
 from multifi.errors import MultifiError, NoFidelityError, unknown_name
 from multifi.files import json_text, make_dir
@@ -282,8 +290,11 @@ def load_old_run(run: Path) -> OldRun:
         ds = _read_data_again(run, cfg)
     split = _read_splits(run / "splits.json", ds)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
-    limits = ds.fidelities.per_index(cfg.data.train_limits, np.nan, "data.train_limits")
-    pairs["train"] = limit_pairs(pairs["train"], limits, ds, cfg.data.split.seed, cfg.data.split.order)
+    if (run / TRAIN_LABELS).exists():  # the labels data.train_limits kept, as recorded
+        pairs["train"] = read_train_labels(run / TRAIN_LABELS, ds)
+    else:
+        limits = ds.fidelities.per_index(cfg.data.train_limits, np.nan, "data.train_limits")
+        pairs["train"] = limit_pairs(pairs["train"], limits, ds, cfg.data.split.seed, cfg.data.split.order)
     return OldRun(run, ds, pairs["train"], pairs["val"], pairs["test"])
 
 

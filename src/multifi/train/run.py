@@ -29,7 +29,7 @@ from multifi.data.checks import (
     warn_structures_without_edges,
 )
 from multifi.data.dataset import ranges
-from multifi.data.split import changed_split
+from multifi.data.split import TRAIN_LABELS, changed_split, save_train_labels
 from multifi.data.stats import MIN_SCALE_DOF, fit_references, force_rms, shortest_contacts
 from multifi.errors import MultifiError, Terminated, closest_name
 from multifi.files import atomic_write, json_text, make_dir, reported
@@ -264,6 +264,8 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     if leader and not resume:
         atomic_write(run_dir / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
         prep.split.save(run_dir / "splits.json", prep.dataset)
+        if cfg.data.train_limits:  # which labels the limits kept
+            save_train_labels(run_dir / TRAIN_LABELS, prep.dataset, prep.pairs["train"])
         if cfg.data.cache and not _from_saved_dataset(cfg):
             prep.dataset.save(cached)
         atomic_write(run_dir / SOURCES, lambda f: f.write(json.dumps(source_fingerprints(cfg)).encode()))
@@ -331,6 +333,7 @@ UNSTARTED_FILES = frozenset(
     {
         "config.yaml",
         "splits.json",
+        TRAIN_LABELS,
         "dataset.npz",
         "sources.json",
         "metrics.csv",
