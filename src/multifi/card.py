@@ -20,13 +20,11 @@ def model_card(path: str | Path) -> dict:
     the trained fidelity vectors (None for onehot, heads and single models)."""
     from ase.data import chemical_symbols
 
-    from multifi.models.registry import load_potential, model_file
+    from multifi.models.registry import load_potential, model_file, run_dir_of
 
     path = model_file(path)  # a run directory: its model.pt
     pot = load_potential(path, compile=False)  # a training checkpoint gets its run's records (data, extensions)
-    run = Path(path).parent
-    if run.name == "checkpoints":  # a training checkpoint: the run directory is one level up
-        run = run.parent
+    run = run_dir_of(path)  # a training checkpoint: the run directory is one level up
     emb = pot.config.fidelity_embedding
     names = list(pot.fidelities.names)
     fitted = pot.head.fitted.detach().cpu()  # [119, K]: reference from the fidelity's own labels

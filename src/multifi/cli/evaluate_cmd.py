@@ -497,12 +497,11 @@ AS_TESTED = 2.0
 def _test_errors(checkpoint) -> dict[str, float]:
     """{fidelity: test energy MAE meV/atom} from the metrics.json of the model's run (beside it); {} without one."""
     import json
-    from pathlib import Path
 
     from multifi.keys import ENERGY_MAE_PER_ATOM
+    from multifi.models.registry import run_dir_of
 
-    run = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    run = run.parent if run.name == "checkpoints" else run
+    run = run_dir_of(checkpoint)
     try:
         fidelities = json.loads((run / "metrics.json").read_text()).get("fidelities", {})
         return {
@@ -521,10 +520,10 @@ def _warn_other_stress_order(checkpoint, data: list[str], order: str) -> None:
 
     from multifi.data.sources import guess_format
     from multifi.errors import MultifiError
+    from multifi.models.registry import run_dir_of
     from multifi.train.run_config import is_run_config, load_run_config
 
-    run = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    run = run.parent if run.name == "checkpoints" else run
+    run = run_dir_of(checkpoint)
     if not is_run_config(run / "config.yaml"):
         return
     try:
@@ -550,13 +549,12 @@ def _trained_keys(checkpoint) -> tuple[set[tuple[str, str | None]], object]:
     """(key, fidelity name) of every training pair; (key, None) where only the split's keys are known; and the run
     as load_old_run reads it (None without a copy of its data)."""
     import json
-    from pathlib import Path
 
     from multifi.errors import MultifiError
+    from multifi.models.registry import run_dir_of
     from multifi.train.extend import PAIRS, load_old_run
 
-    run = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    run = run.parent if run.name == "checkpoints" else run
+    run = run_dir_of(checkpoint)
     split_files = [run / name for name in ("splits.json", "splits.npz", PAIRS)]
     # the data as trained: the run's copy, or (indices in splits.npz) the saved dataset it indexes; not re-read
     copied = (run / "dataset.npz").exists() or (run / "splits.npz").exists()

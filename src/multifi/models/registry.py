@@ -78,6 +78,14 @@ def model_file(path: str | Path) -> Path:
     return path / "model.pt"
 
 
+def run_dir_of(path: str | Path) -> Path:
+    """The folder of the run a model belongs to: a run directory itself, the folder of its model.pt, or for a
+    training checkpoint (checkpoints/*.ckpt) the run directory above it. Nothing is checked to exist."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
 #: what a run records about its data in its model.pt (model card, stress warnings, extension history), not
 #: about the weights: a training checkpoint of the same run shares them
 RUN_RECORDS = ("data", "history", "stress_labels")
