@@ -272,7 +272,14 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
         # every model, as given (runs/s1/model.pt and runs/s2/model.pt stay apart), not the first alone
         assert a.info["predicted_by"].endswith(f": the mean of {run_dir / 'model.pt'} + {tmp_path / 'other.pt'}")
     at_hi = ["evaluate", run_dir / "model.pt", tiny_extxyz, "--fidelity", "hi"]
-    code, out, _ = run([*at_hi, "--ensemble", tmp_path / "other.pt", "--out", metrics, "--force"], capsys)
+    import multifi.uncertainty
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("the ensemble's members ran again for the uncertainty statistics")
+
+    with pytest.MonkeyPatch.context() as mp:  # the members' energies of the evaluation are those σ is taken from
+        mp.setattr(multifi.uncertainty, "dataset_features", second_pass)
+        code, out, _ = run([*at_hi, "--ensemble", tmp_path / "other.pt", "--out", metrics, "--force"], capsys)
     report = json.loads(metrics.read_text())
     uq = report["uncertainty"]
     assert code == 0 and uq["method"] == "ensemble of 2" and set(uq["fidelities"]) == {"hi"}
@@ -285,6 +292,11 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     force_err = np.concatenate([(a + b) / 2 - t.get_forces() for a, b, t in zip(f1, f2, frames)])
     hi = report["fidelities"]["hi"]
     assert hi[COUNT] == len(frames)
+    # σ of each structure: the spread of the two models' own energies (ddof 1)
+    sigma = np.abs(np.asarray(e1) - np.asarray(e2)) / np.sqrt(2)
+    assert uq["fidelities"]["hi"]["n"] == len(frames)
+    assert uq["fidelities"]["hi"]["mean_sigma_meV"] == pytest.approx(1000 * sigma.mean(), rel=1e-5)
+    assert uq["fidelities"]["hi"]["rmse_meV"] == pytest.approx(hi[ENERGY_RMSE], rel=1e-6)
     assert hi[ENERGY_RMSE] == pytest.approx(1000 * np.sqrt(np.mean(energy_err**2)), rel=1e-5)
     assert hi[ENERGY_MAE] == pytest.approx(1000 * np.mean(np.abs(energy_err)), rel=1e-5)
     assert hi[FORCES_MAE] == pytest.approx(1000 * np.mean(np.abs(force_err)), rel=1e-5)

@@ -270,13 +270,20 @@ def fit_llpr(
 
 # ---------------------------------------------------------------------------------------------- ensembles
 def ensemble_energies(
-    potentials: list, dataset, structures: np.ndarray, fidelity: str, batch_size: int = 64
+    potentials: list, dataset, structures: np.ndarray, fidelity: str, batch_size: int = 64, recorded=None
 ) -> np.ndarray:
-    """[M, n] energies (eV) of M models at `fidelity`; σ_ensemble = their std over models (ddof 1)."""
+    """[M, n] energies (eV) of M models at `fidelity`; σ_ensemble = their std over models (ddof 1).
+    `recorded` (EnsembleMean.recorded of these models on `dataset`): taken from there when it holds every
+    structure at this fidelity, instead of running the models again."""
     from multifi.data.neighbors import make_neighbors
 
     if not potentials:
         raise MultifiError("an ensemble needs at least one model")
+    if recorded:
+        k = potentials[0].fidelity_index(fidelity)
+        found = [recorded.get((int(s), k)) for s in structures]
+        if all(e is not None and len(e) == len(potentials) for e in found):
+            return np.stack(found, axis=1) if found else np.zeros((len(potentials), 0))
     neighbors = make_neighbors(dataset, max(p.cutoff for p in potentials), progress=False)
     return np.stack([dataset_features(p, dataset, structures, fidelity, batch_size, neighbors)[1] for p in potentials])
 
@@ -464,12 +471,18 @@ def save_calibration(llpr: LLPR, path: Path) -> Path:
 
 
 def sigma_for(
-    models: list, dataset, structures: np.ndarray, fidelity: str, batch_size: int = 64, llpr: LLPR | None = None
+    models: list,
+    dataset,
+    structures: np.ndarray,
+    fidelity: str,
+    batch_size: int = 64,
+    llpr: LLPR | None = None,
+    recorded=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Energy [n] and σ [n] (eV) at `fidelity`: with one model its LLPR σ (llpr needed), with several the
-    ensemble mean and standard deviation."""
+    ensemble mean and standard deviation (the members' energies from `recorded` where it has them)."""
     if len(models) > 1:
-        e = ensemble_energies(models, dataset, structures, fidelity, batch_size)
+        e = ensemble_energies(models, dataset, structures, fidelity, batch_size, recorded)
         check_members_differ(e, fidelity)
         return e.mean(0), e.std(0, ddof=1)
     if llpr is None:
@@ -499,9 +512,10 @@ def check_members_differ(e: np.ndarray, fidelity: str) -> None:
 
 
 def evaluate_uncertainty(
-    models: list, dataset, pairs: np.ndarray, batch_size: int = 64, llpr: LLPR | None = None
+    models: list, dataset, pairs: np.ndarray, batch_size: int = 64, llpr: LLPR | None = None, recorded=None
 ) -> dict:
-    """Calibration per fidelity on labelled (structure, dataset fidelity) pairs: calibration_metrics()."""
+    """Calibration per fidelity on labelled (structure, dataset fidelity) pairs: calibration_metrics();
+    `recorded`: see ensemble_energies."""
     out = {}
     for k in np.unique(pairs[:, 1]):
         name = dataset.fidelities.names[int(k)]
@@ -509,7 +523,7 @@ def evaluate_uncertainty(
         s = s[~np.isnan(dataset.energy[s, k])]
         if not len(s):
             continue
-        e, sigma = sigma_for(models, dataset, s, name, batch_size, llpr)
+        e, sigma = sigma_for(models, dataset, s, name, batch_size, llpr, recorded)
         out[name] = calibration_metrics(e - dataset.energy[s, k], sigma)
     return out
 
@@ -532,7 +546,8 @@ class EnsembleMean(torch.nn.Module):
     """A deep ensemble as one potential: energies, forces and stress the means of its members' (what `predict
     --ensemble` writes), for evaluation. Fidelity indices, references (which elements are seen or estimated) and the
     fidelity table are the first member's; each member gets the fidelity of the same name (its own index) and the
-    edges within its own cutoff (the graph's are those of the largest)."""
+    edges within its own cutoff (the graph's are those of the largest). With `recorded` set to a dict, each call adds
+    {(graph.structure, fidelity index): the members' energies [M] eV} to it (ensemble_energies reads them back)."""
 
     def __init__(self, members: list):
         super().__init__()
@@ -544,6 +559,7 @@ class EnsembleMean(torch.nn.Module):
         self.to_member = [
             torch.tensor([m.fidelities.index(n) if n in m.fidelities else -1 for n in names]) for m in members
         ]
+        self.recorded: dict | None = None
 
     def forward(self, graph, forces: bool = False, stress: bool = False) -> dict[str, torch.Tensor]:
         """The members' mean energy [B] (eV), forces [N, 3] and stress [B, 3, 3] as asked (see Potential.forward)."""
@@ -563,7 +579,12 @@ class EnsembleMean(torch.nn.Module):
             own = replace(graph, edge_index=graph.edge_index[:, keep], shifts=graph.shifts[keep], fidelity=fidelity)
             out = m(own.to(param.device, param.dtype), forces=forces, stress=stress)
             outs.append({key: v.to(graph.positions.device, torch.float64) for key, v in out.items()})
-        return {key: torch.stack([o[key] for o in outs]).mean(0) for key in outs[0]}
+        stacked = {key: torch.stack([o[key] for o in outs]) for key in outs[0]}
+        if self.recorded is not None:
+            energies = stacked["energy"].detach().cpu().numpy()  # [M, B]
+            for b, key in enumerate(zip(graph.structure.tolist(), graph.fidelity.tolist())):
+                self.recorded[key] = energies[:, b]
+        return {key: v.mean(0) for key, v in stacked.items()}
 
 
 def check_members_alike(models: list, paths: list, fidelities: list[str], elements) -> None:
@@ -626,10 +647,11 @@ def uncertainty_models(checkpoint, potential, ensemble: list, fidelities: list[s
 
 
 def uncertainty_report(
-    estimate: tuple[list, LLPR | None, str], dataset, pairs: np.ndarray, batch_size: int = 64
+    estimate: tuple[list, LLPR | None, str], dataset, pairs: np.ndarray, batch_size: int = 64, recorded=None
 ) -> dict:
     """Calibration per fidelity (evaluate_uncertainty) of an estimate of uncertainty_models():
-    {"method", "fidelities": {name: metrics}}. Structures with an element whose reference energy at the pair's
+    {"method", "fidelities": {name: metrics}}; an ensemble's energies from `recorded` (EnsembleMean.recorded on
+    `dataset`) where it has them. Structures with an element whose reference energy at the pair's
     fidelity was estimated are left out (said so), as calibration leaves them out: they err by the estimate's
     error, which σ does not describe."""
     from multifi.train.evaluate import pairs_with_estimated_references
@@ -645,7 +667,7 @@ def uncertainty_report(
             int((pairs[:, 1] == k).sum()),
         )
     pairs = pairs[~estimated]
-    return {"method": method, "fidelities": evaluate_uncertainty(models, dataset, pairs, batch_size, llpr)}
+    return {"method": method, "fidelities": evaluate_uncertainty(models, dataset, pairs, batch_size, llpr, recorded)}
 
 
 def uncertainty_table(report: dict) -> str:

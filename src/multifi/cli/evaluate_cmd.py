@@ -97,13 +97,15 @@ def run(args) -> int:
 
         check_members_alike(estimate[0], [args.checkpoint, *args.ensemble], names, ds.elements)
         evaluated = EnsembleMean(estimate[0])
+        evaluated.recorded = {}  # the members' energies, for the uncertainty statistics (not run twice)
         evaluated_by = "the mean of " + " + ".join(str(m) for m in [args.checkpoint, *args.ensemble])
     metrics, predicted = evaluate_pairs(evaluated, ds, None, pairs, args.batch_size, return_predictions=True)
     payload = {"fidelities": metrics} if not args.ensemble else {"evaluated": evaluated_by, "fidelities": metrics}
     if args.uncertainty or args.ensemble:  # before anything is printed: it may refuse (an ensemble of copies)
         from multifi.uncertainty import uncertainty_report
 
-        payload["uncertainty"] = uncertainty_report(estimate, ds, pairs[scored], args.batch_size)
+        recorded = evaluated.recorded if args.ensemble else None
+        payload["uncertainty"] = uncertainty_report(estimate, ds, pairs[scored], args.batch_size, recorded)
     print(metrics_table(metrics, title=f"{evaluated_by} on {', '.join(args.data)}"))
     in_units = _warn_implausible(metrics, ", ".join(args.data), _label_slopes(ds, pairs[scored], predicted[scored]))
     fitted = scored & ~estimated  # estimated references: warned above
