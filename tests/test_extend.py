@@ -549,6 +549,32 @@ def test_a_run_directory_stands_for_its_model_and_its_data(old_run, tmp_path, ca
     assert set(m["forgetting"]) == set(OLD) and m["old_fidelities_unchanged"] is True
 
 
+def test_an_extension_keeps_saying_which_old_labels_looked_like_another_unit(old_run, tmp_path, capsys):
+    """The old run's metrics.json records labels the unit checks doubted (Hartree read as eV, say); the extension
+    predicts those fidelities as they were trained, so its metrics.json and model card keep saying so (they said
+    only what the new fidelity's labels looked like), also after a further extension."""
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(old_run, copy)
+    payload = json.loads((copy / "metrics.json").read_text())
+    doubted = {"energy": ["hi"], "forces": ["not_a_fidelity_of_it"]}
+    (copy / "metrics.json").write_text(json.dumps({**payload, "doubtful_units": doubted}))
+    common = ["--max-steps", "2", "--set", "train.progress=false", "--set", "train.threads=1"]
+    for run, fidelity, out in ((copy, "CC", tmp_path / "a"), (tmp_path / "a", "DD", tmp_path / "b")):
+        data = new_data(tmp_path / f"{fidelity}.extxyz")
+        assert main(["extend", str(run), "--data", str(data), "--fidelity", fidelity, *common, "--out", str(out)]) == 0
+        assert json.loads((out / "metrics.json").read_text())["doubtful_units"] == {"energy": ["hi"]}
+        capsys.readouterr()
+        assert main(["info", str(out)]) == 0
+        assert "warning: its energy labels at hi failed the unit and sign checks" in capsys.readouterr().out
+    assert (
+        main(["extend", str(old_run), "--data", str(data), "--fidelity", "CC", *common, "--out", str(tmp_path / "c")])
+        == 0
+    )
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["doubtful_units"] == {}
+
+
 def test_an_extension_shorter_than_its_warmup_is_warned(old_run, tmp_path, capsys, caplog):
     """extend says, as train does, when train.warmup_steps is longer than the extension (the learning rate never
     reaches train.lr and the cosine decay never starts); a run at least that long is not warned about."""

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from multifi.errors import MultifiError
+from multifi.train.run_config import doubtful_units_of_run
 
 
 def model_card(path: str | Path) -> dict:
@@ -54,7 +55,7 @@ def model_card(path: str | Path) -> dict:
         "model": pot.spec["model"],
         "config": _run_config(run),
         "similarity": _similarity(pot),
-        "doubtful_units": _doubtful_units(run),
+        "doubtful_units": doubtful_units_of_run(run),
     }
     if pot.head.shared_baseline:  # fidelity-blind: every fidelity uses the pooled reference of column 0
         for f in card["fidelities"]:
@@ -87,23 +88,6 @@ def _data_summary(pot, run: Path) -> dict | None:
                 out[split] = counts
         return out or None
     return None
-
-
-def _doubtful_units(run: Path) -> dict:
-    """The labels the unit checks doubted when the model's run read them (its metrics.json), {label: [fidelity]}:
-    a model trained on them predicts in their units, whatever those are."""
-    try:
-        payload = json.loads((run / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    doubtful = payload.get("doubtful_units") if isinstance(payload, dict) else None
-    if not isinstance(doubtful, dict):
-        return {}
-    return {  # as training writes it, {label: [fidelity names]}; anything else is left out
-        str(label): [str(n) for n in names]
-        for label, names in doubtful.items()
-        if isinstance(names, list) and names and all(isinstance(n, str) for n in names)
-    }
 
 
 def _run_config(run: Path) -> dict | None:

@@ -685,11 +685,26 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
     if not bool(best.head.contact.any()):
         contact = np.zeros_like(contact)
     best.head.record_contacts(contact, reach if bool(best.head.reach.any()) else None)
+    doubtful = _with_old_doubtful_units(doubtful, find_old_run(x), old.fidelities.names)
     progress = {"checkpoint": str(best_path), **_training_progress(trainer, best_path), "doubtful_units": doubtful}
     _log_result(_finish(cfg, old, best, data, pairs, table, old_run, replay, progress), run_log)
     if run_data is not None:  # without the old run's data the run keeps none (a further extension cannot replay)
         save_run_data(run_dir, *run_data)
     return run_dir
+
+
+def _with_old_doubtful_units(new: dict, old_run: Path | None, old_names: list[str]) -> dict:
+    """{label: [fidelity]} of the unit checks on the new fidelity's labels, with those the old model's run recorded
+    for its fidelities (its metrics.json): the extension predicts the old fidelities in the units they were
+    trained in, so its model card keeps saying which were doubted."""
+    from multifi.train.run_config import doubtful_units_of_run
+
+    merged = {label: list(names) for label, names in new.items()}
+    for label, names in (doubtful_units_of_run(old_run) if old_run is not None else {}).items():
+        kept = [n for n in names if n in old_names and n not in merged.get(label, [])]
+        if kept:
+            merged[label] = kept + merged.get(label, [])
+    return merged
 
 
 def _warn_split_duplicates(ds: FidelityDataset, pairs: dict[str, np.ndarray]) -> None:

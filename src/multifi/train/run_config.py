@@ -1,8 +1,9 @@
 """A run directory's config.yaml, read as the run was made: settings that later versions added take the value that
-reproduces what the run did before they existed."""
+reproduces what the run did before they existed; and the unit doubts its metrics.json recorded."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from multifi.config import RunConfig, load_config
@@ -37,3 +38,20 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         if fmt == "matpes":
             source.stress_order = "vasp"
     return cfg
+
+
+def doubtful_units_of_run(run: Path) -> dict:
+    """The labels the unit checks doubted when the model's run read them (its metrics.json), {label: [fidelity]}:
+    a model trained on them predicts in their units, whatever those are."""
+    try:
+        payload = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    doubtful = payload.get("doubtful_units") if isinstance(payload, dict) else None
+    if not isinstance(doubtful, dict):
+        return {}
+    return {  # as training writes it, {label: [fidelity names]}; anything else is left out
+        str(label): [str(n) for n in names]
+        for label, names in doubtful.items()
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+    }
