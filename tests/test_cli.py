@@ -1138,3 +1138,35 @@ def test_evaluate_says_when_the_run_read_a_matpes_files_stress_in_another_order(
         assert len(said) == int(warned), caplog.text
         if warned:
             assert "give --stress-order vasp" in said[0]
+    # another MatPES file (a part of it, say) read in the default order, while the run read its MatPES sources in
+    # VASP's: evaluate and predict say so (predict keeps the labels as ref_stress), unless an order is given
+    import shutil
+
+    import ase.io
+
+    from multifi.data.readers.matpes import read_matpes
+    from multifi.predict import label_results
+
+    part = shutil.copy(data, tmp_path / "part.jsonl")
+    out = tmp_path / "p.extxyz"
+    for extra, warned in (([], True), (["--stress-order", "vasp"], False), (["--stress-order", "voigt"], False)):
+        for command in (
+            ["evaluate", model, part],
+            ["predict", model, part, "--fidelity", "PBE", "--out", out, "--force"],
+        ):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="multifi"):
+                code, _, err = run([*command, *extra], capsys)
+            assert code == 0, err
+            said = [r.getMessage() for r in caplog.records if "read in MatPES's own stress order" in r.getMessage()]
+            assert len(said) == int(warned), caplog.text
+            if warned:
+                assert "pbe.jsonl) in VASP's" in said[0] and "give --stress-order vasp" in said[0]
+        ds = read_matpes(part, stress_order=(extra or ["", "voigt"])[1])  # the reference stresses as read
+        written = np.array([a.info["ref_stress"] for a in ase.io.read(out, ":")])
+        assert np.allclose(written, [label_results(ds, i, 0)["stress"] for i in range(len(ds))], atol=1e-12)
+    shear = [label_results(read_matpes(part, stress_order=o), 0, 0)["stress"][3:] for o in ("voigt", "vasp")]
+    assert not np.allclose(*shear)  # the two orders differ for these records
+    argv = ["predict", model, out, "--fidelity", "PBE", "--out", tmp_path / "q.extxyz", "--stress-order", "vasp"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "p.extxyz: --stress-order applies to MatPES records, not to this file" in err

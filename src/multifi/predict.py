@@ -99,9 +99,10 @@ def predict_file(
     uncertainty: bool = False,
     ensemble: list = (),
     index: str = ":",
+    stress_order: str | None = None,
 ) -> int:
     """Read structures (frames `index` of a file ASE reads), predict at `fidelity` (or several), write extxyz
-    (energy, forces, stress in ASE units).
+    (energy, forces, stress in ASE units). stress_order: of a MatPES input's stress labels (SourceConfig).
 
     The first fidelity's predictions are the calculator results (energy, forces, stress); with several
     fidelities, each one's also go to info/arrays as energy_<name>, forces_<name>, stress_<name> (name
@@ -132,7 +133,11 @@ def predict_file(
     path = Path(structures)
     if not path.exists() and not is_qm9_text(str(structures)):
         raise MultifiError(f"{path}: no such file")
-    atoms_list = read_structures(str(structures), fidelities[0], index)
+    from multifi.models.registry import run_dir_of
+    from multifi.train.run_config import warn_other_stress_order
+
+    warn_other_stress_order(run_dir_of(checkpoint), [str(structures)], stress_order)  # ref_stress as trained
+    atoms_list = read_structures(str(structures), fidelities[0], index, stress_order)
     check_atoms_elements(potential, atoms_list, str(path))
     predictions, sigmas, method = {}, {}, None
     warned: set = set()  # a structure's geometry warnings once, not once per fidelity
@@ -225,14 +230,18 @@ def _check_output_keys(fidelities: list[str], sigma: bool) -> None:
             seen[key] = name
 
 
-def read_structures(text: str, fidelity: str | None = None, index: str = ":") -> list:
+def read_structures(text: str, fidelity: str | None = None, index: str = ":", stress_order: str | None = None) -> list:
     """The structures of a source as ASE Atoms: any file ase.io reads (frames `index`, ASE's index), a MatPES
-    JSON/JSONL, a saved multifi dataset or QM9 (`qm9`, `qm9:LABELS.csv`), the latter read as training reads them,
-    non-finite labels dropped: a structure carries its label at `fidelity`, else its only one, kept by predict as
-    ref_* beside it, and its labels at other fidelities as ref_energy_<name> etc."""
+    JSON/JSONL (its stresses in `stress_order`, SourceConfig's), a saved multifi dataset or QM9 (`qm9`,
+    `qm9:LABELS.csv`), the latter read as training reads them, non-finite labels dropped: a structure carries its
+    label at `fidelity`, else its only one, kept by predict as ref_* beside it, and its labels at other fidelities
+    as ref_energy_<name> etc."""
     from multifi.data.sources import guess_format, read_labelled, source_from_text
 
     path = Path(text)
+    order = {"stress_order": stress_order} if stress_order else {}
+    if order and (is_qm9_text(text) or guess_format(path) != "matpes"):
+        raise MultifiError(f"{path}: --stress-order applies to MatPES records, not to this file")
     if not is_qm9_text(text) and guess_format(path) == "ase":
         from multifi.data.readers.ase_files import read_frames
 
@@ -251,7 +260,7 @@ def read_structures(text: str, fidelity: str | None = None, index: str = ":") ->
         except NoFidelityError:  # only that: any other error of the table is its own
             ds = read_labelled(text, UNNAMED, skip_invalid=True, index=index)
     else:
-        ds = read_labelled(text, fidelity, skip_invalid=True, index=index)
+        ds = read_labelled(text, fidelity, skip_invalid=True, index=index, **order)
     return [_labelled_atoms(ds, i, fidelity) for i in range(len(ds))]
 
 

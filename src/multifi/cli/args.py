@@ -27,6 +27,11 @@ def add_label_keys(p) -> None:
         help=f"stress label key in info/calculator (default: stress; a virial key is converted{only}, e.g. "
         "--energy-key energy --forces-key forces --stress-key virial)",
     )
+    add_stress_order(p)
+
+
+def add_stress_order(p) -> None:
+    """--stress-order: the order of a MatPES record's 6 stress components (SourceConfig.stress_order)."""
     p.add_argument(
         "--stress-order",
         choices=["voigt", "vasp"],

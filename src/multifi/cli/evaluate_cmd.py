@@ -56,8 +56,9 @@ def run(args) -> int:
     from multifi.data.sources import check_given_fidelity, merge_parts, read_labelled
     from multifi.data.split import labelled_pairs
     from multifi.files import atomic_write, encoded_for, json_text
-    from multifi.models.registry import load_potential
+    from multifi.models.registry import load_potential, run_dir_of
     from multifi.train.evaluate import evaluate_pairs
+    from multifi.train.run_config import warn_other_stress_order
 
     refuse_existing(args.out, args.plot, force=args.force)
     if args.plot:  # a format matplotlib lacks fails before anything is computed or written
@@ -75,7 +76,7 @@ def run(args) -> int:
         check_given_fidelity(ds.fidelities.names, args.fidelity, args.data, "evaluate them at theirs")
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity)]
     _warn_trained_on(args.checkpoint, ds, pairs)
-    _warn_other_stress_order(args.checkpoint, args.data, args.stress_order or "voigt")
+    warn_other_stress_order(run_dir_of(args.checkpoint), args.data, args.stress_order)
     scored = check_elements(potential, ds, pairs)  # [P] False: an element the model never saw (left out)
     check_force_units(ds, pairs)  # forces in meV/Å, stress in kBar or of the other sign: errors of thousands
     check_stress_units(ds, pairs)
@@ -513,38 +514,6 @@ def _test_errors(checkpoint) -> dict[str, float]:
         }
     except (OSError, ValueError, AttributeError):  # none, or not ours: nothing to compare with
         return {}
-
-
-def _warn_other_stress_order(checkpoint, data: list[str], order: str) -> None:
-    """Warn when a MatPES file evaluated here is one the model's run read with another stress_order (its
-    config.yaml beside the model): its shear stresses would be compared in another order than they were trained."""
-    from pathlib import Path
-
-    from multifi.data.sources import guess_format
-    from multifi.errors import MultifiError
-    from multifi.models.registry import run_dir_of
-    from multifi.train.run_config import is_run_config, load_run_config
-
-    run = run_dir_of(checkpoint)
-    if not is_run_config(run / "config.yaml"):
-        return
-    try:
-        sources = load_run_config(run / "config.yaml").data.sources
-    except (MultifiError, OSError, ValueError):  # an unreadable config: the other checks say so where it matters
-        return
-    trained = {Path(s.path).resolve(): s.stress_order for s in sources if s.path and Path(s.path).exists()}
-    for path in data:
-        was = trained.get(Path(path).resolve()) if Path(path).exists() else None
-        if was is not None and was != order and guess_format(Path(path)) == "matpes":
-            log.warning(
-                "%s: the model's run read this file's stresses in %s order (stress_order: %s), evaluated here in %s "
-                "order: give --stress-order %s to compare them as trained",
-                path,
-                was,
-                was,
-                order,
-                was,
-            )
 
 
 def _trained_keys(checkpoint) -> tuple[set[tuple[str, str | None]], object]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from multifi.cli.args import add_force, device_arg, positive_int
+from multifi.cli.args import add_force, add_stress_order, device_arg, positive_int
 
 
 def register(sub):
@@ -29,6 +29,7 @@ def register(sub):
         "--index", default=":", help="frames of a file ASE reads, as ASE's index: -1, 10:20, ::5 (default :)"
     )
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
+    add_stress_order(p)  # the reference stresses a MatPES input carries (kept as ref_stress)
     p.add_argument(
         "--uncertainty",
         action="store_true",
@@ -70,6 +71,7 @@ def run(args) -> int:
         uncertainty=args.uncertainty,
         ensemble=args.ensemble,
         index=args.index,
+        stress_order=args.stress_order,
     )
     frames = "1 frame" if n == 1 else f"{n} frames"
     print(f"wrote {frames} (one per input frame) predicted at {', '.join(fidelities)} to {args.out}")

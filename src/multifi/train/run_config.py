@@ -1,13 +1,18 @@
 """A run directory's config.yaml, read as the run was made: settings that later versions added take the value that
-reproduces what the run did before they existed; and the unit doubts its metrics.json recorded."""
+reproduces what the run did before they existed; what it read (the stress order of its MatPES sources) and the unit
+doubts its metrics.json recorded."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from multifi.config import RunConfig, load_config
 from multifi.data.sources import guess_format
+from multifi.errors import MultifiError
+
+log = logging.getLogger("multifi")
 
 
 def is_run_config(path: str | Path) -> bool:
@@ -55,3 +60,44 @@ def doubtful_units_of_run(run: Path) -> dict:
         for label, names in doubtful.items()
         if isinstance(names, list) and names and all(isinstance(n, str) for n in names)
     }
+
+
+def warn_other_stress_order(run: Path, data: list[str], order: str | None) -> None:
+    """Warn when a MatPES file of `data` is read in another stress order than the run directory `run` read its
+    MatPES sources in (shear stresses compared or kept in another order than trained): the same file read with
+    another order, or (`order` None: the default, MatPES's own) any MatPES file while the run read every one of
+    its MatPES sources in VASP's order."""
+    if not is_run_config(run / "config.yaml"):
+        return
+    try:
+        sources = load_run_config(run / "config.yaml").data.sources
+    except (MultifiError, OSError, ValueError):  # an unreadable config: the other checks say so where it matters
+        return
+    trained = {
+        Path(s.path).resolve(): s.stress_order
+        for s in sources
+        if s.path and Path(s.path).exists() and guess_format(Path(s.path)) == "matpes"
+    }
+    orders = set(trained.values())
+    for path in data:
+        if not Path(path).is_file() or guess_format(Path(path)) != "matpes":
+            continue
+        was = trained.get(Path(path).resolve())
+        if was is not None and was != (order or "voigt"):
+            log.warning(
+                "%s: the model's run read this file's stresses in %s order (stress_order: %s), read here in %s "
+                "order: give --stress-order %s to compare them as trained",
+                path,
+                was,
+                was,
+                order or "voigt",
+                was,
+            )
+        elif was is None and order is None and orders == {"vasp"}:
+            log.warning(
+                "%s: read in MatPES's own stress order (xx yy zz yz xz xy, the default), while the model's run read "
+                "its MatPES sources (%s) in VASP's (xx yy zz xy yz zx): if this file is written like them, give "
+                "--stress-order vasp, or its shear stresses are mixed up",
+                path,
+                ", ".join(sorted(p.name for p in trained)),
+            )
