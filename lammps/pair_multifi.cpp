@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <regex>
 
 using namespace LAMMPS_NS;
@@ -94,6 +95,7 @@ void PairMultifi::settings(int narg, char **arg)
 {
   if (narg < 1 || narg > 2) error->all(FLERR, "Illegal pair_style multifi command: pair_style multifi FILE [CUTOFF]");
   filename = arg[0];
+  if (!std::ifstream(filename).good()) error->all(FLERR, "pair_style multifi: {}: no such readable file", filename);
   std::unordered_map<std::string, std::string> extra{{"multifi.json", ""}};
   try {
     model = torch::jit::load(filename, torch::kCPU, extra);
@@ -116,6 +118,7 @@ void PairMultifi::settings(int narg, char **arg)
   masses = json_numbers(json_raw(meta, "masses"));
   estimated = json_strings(json_raw(meta, "estimated_elements"));
   open_null = json_numbers(json_raw(meta, "open_compositions"));
+  stress_unfitted = json_raw(meta, "stress_labels") == "0";    // null (not recorded) or a count otherwise
   if (elements.empty() || open_null.size() % elements.size() != 0) open_null.clear();
   if (masses.size() != elements.size()) masses.clear();    // written before masses were recorded
   if (narg == 2) {
@@ -166,6 +169,11 @@ void PairMultifi::coeff(int narg, char **arg)
                    "training label contained it); expect larger {} energy errors for structures with {}",
                    fidelity, sym, fidelity, fidelity, sym);
   }
+  if (stress_unfitted && comm->me == 0)
+    error->warning(FLERR,
+                   "pair_coeff multifi: no {} training structure of {} had a stress label: its virial and pressure "
+                   "(NPT, box relaxations) are the strain derivative of its energy, never fitted to stress labels",
+                   fidelity, filename);
   for (int i = 1; i <= ntypes; i++)
     for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
 }

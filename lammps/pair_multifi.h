@@ -43,6 +43,7 @@ class PairMultifi : public Pair {
   std::vector<std::string> estimated; // elements whose reference energy at this fidelity was estimated
   std::vector<double> open_null;     // [directions x elements] compositions the fidelity's labels leave open
   bool masses_checked = false, open_warned = false;
+  bool stress_unfitted = false;       // no training structure of this fidelity had a stress label
   std::vector<int64_t> type2z;        // LAMMPS type (1-based) -> atomic number
   void allocate();
 };

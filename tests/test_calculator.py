@@ -335,6 +335,32 @@ def test_stress_at_a_fidelity_trained_without_stress_labels_is_said_once(caplog)
         assert caplog.text.count("cells.extxyz: R2SCAN: no training structure had a stress label") == int(said)
 
 
+def test_deploying_a_fidelity_trained_without_stress_labels_says_so(tmp_path, caplog, capsys):
+    """LAMMPS' pressure and NPT at a fidelity without stress labels ran without the hint the calculator gives:
+    deploy warns, the file records the count (stress_labels) for pair_coeff's warning, and `info` says it."""
+
+    from multifi.cli.main import main
+    from multifi.deploy import deploy, deployed_metadata
+
+    pot = m3gnet_potential()
+    other = pot.fidelities.names[1]
+    pot.spec["stress_labels"] = {"PBE": 40, other: 0}
+    for name, count in (("PBE", 40), (other, 0)):
+        out = tmp_path / f"{name}.pt"
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="multifi"):
+            deploy(pot, name, out)
+        said = f"{out}: {other}: no training structure had a stress label"
+        assert caplog.text.count(said) == int(count == 0), caplog.text
+        assert deployed_metadata(out)["stress_labels"] == count
+        capsys.readouterr()
+        assert main(["info", str(out)]) == 0
+        assert ("warning: no training structure had a stress label" in capsys.readouterr().out) == (count == 0)
+    del pot.spec["stress_labels"]  # a model saved before the count was recorded: unknown, nothing said
+    deploy(pot, other, tmp_path / "old.pt")
+    assert deployed_metadata(tmp_path / "old.pt")["stress_labels"] is None
+
+
 def test_a_trajectory_of_the_calculator_is_no_label_file_but_a_selection_pool(tmp_path, capsys):
     """A relaxation's .traj keeps the calculator's results: `evaluate` scored the model against itself (0.000
     everywhere); now an error. As a selection pool its frames are candidates without labels."""

@@ -85,6 +85,21 @@ def test_an_element_with_an_estimated_reference_is_warned_about(tmp_path):
     assert "reference energy of C" not in out["log"] and "reference energy of H" not in out["log"]
 
 
+def test_a_fidelity_without_stress_labels_and_a_missing_file_are_said(tmp_path):
+    """LAMMPS' pressure at a fidelity no training structure had a stress label at: pair_coeff warns once, as the
+    calculator does (not at a fidelity with stress labels); a model file that is not there is said so plainly."""
+    pot = tiny_m3gnet()
+    pot.spec["stress_labels"] = {"PBE": 10, "R2SCAN": 0}
+    for fidelity, said in (("PBE", 0), ("R2SCAN", 1)):
+        deploy(pot, fidelity, tmp_path / f"{fidelity}.pt")
+        out = run(tmp_path / fidelity, si64_lammps(), tmp_path / f"{fidelity}.pt", ["Si"])
+        assert out["log"].count("no R2SCAN training structure of") == said
+        assert out["log"].count("had a stress label") == said
+    with pytest.raises(RuntimeError, match=r"pair_style multifi: \S*gone.pt: no such readable file") as info:
+        run(tmp_path / "gone", si64_lammps(), tmp_path / "gone.pt", ["Si"])
+    assert "training model.pt" not in str(info.value)
+
+
 @pytest.mark.parametrize("open_pair, warned", [(("C", "O"), False), (("C", "H"), True)])
 def test_a_system_in_proportions_no_label_had_is_warned_about(tmp_path, open_pair, warned):
     """Labels that fix only a sum of two reference energies (every 'hi' label held C and O one to one, say):

@@ -211,6 +211,12 @@ def test_load_potential_errors(tmp_path):
     bad.write_text("not a checkpoint")
     with pytest.raises(MultifiError, match="bad.pt: not a readable checkpoint"):
         load_potential(bad)
+    whole = tmp_path / "whole.pt"  # a model file cut short (a copy that stopped): said so
+    save_potential(make_painn(["lo", "hi"]), whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(MultifiError, match=r"cut.pt: not a readable checkpoint \(cut short or damaged: \d+ bytes"):
+        load_potential(cut)
     other = tmp_path / "other.pt"
     torch.save({"weights": 1}, other)
     with pytest.raises(MultifiError, match="other.pt: not a multifi checkpoint"):

@@ -195,6 +195,8 @@ def metadata(potential, fidelity: str, dtype: torch.dtype) -> dict:
         "estimated_elements": [chemical_symbols[z] for z in estimated_elements(potential, fidelity)],
         "open_elements": [chemical_symbols[z] for z in open_elements(potential, fidelity)],
         "open_compositions": open_compositions(potential, fidelity),
+        # training structures with a stress label at this fidelity (0: its stress never fitted; null: not recorded)
+        "stress_labels": potential.spec.get("stress_labels", {}).get(fidelity),
         "dtype": str(dtype).replace("torch.", ""),
     }
 
@@ -244,7 +246,7 @@ def deploy(checkpoint, fidelity: str, out: str | Path, dtype: str = "float64", s
     reference energy at `fidelity` was estimated (no label of it contained them) get a warning, as in
     `predict` (an error with strict_references), and are listed in the metadata (`estimated_elements`)."""
     from multifi.data.dataset import atomic_write
-    from multifi.models.elements import check_elements
+    from multifi.models.elements import check_elements, check_stress_trained
     from multifi.models.registry import load_potential
 
     if dtype not in ("float32", "float64"):
@@ -258,6 +260,7 @@ def deploy(checkpoint, fidelity: str, out: str | Path, dtype: str = "float64", s
         potential, numbers, np.ones(len(numbers), np.int64), k, str(out), strict=strict_references, compositions=False
     )
     _report_open_elements(potential, fidelity, str(out), strict_references)
+    check_stress_trained(potential, k, str(out))  # LAMMPS' pressure and NPT use it (pair_coeff says so too)
     meta = metadata(potential, fidelity, torch_dtype)
     module = build_deployed(potential, fidelity, torch_dtype)
     with warnings.catch_warnings():

@@ -58,4 +58,9 @@ def _describe_deployed(args, meta: dict) -> int:
     ):
         if meta.get(key):
             print(f"{what}: {' '.join(meta[key])}")
+    if meta.get("stress_labels") == 0:
+        print(
+            f"warning: no training structure had a stress label at {meta['fidelity']}: its stress (LAMMPS' pressure, "
+            "NPT, box relaxations) is the strain derivative of its energy, never fitted to stress labels"
+        )
     return 0

@@ -120,6 +120,18 @@ def _npz_kind(name: str) -> str:
     )
 
 
+def _why_unreadable(path: Path, exc: Exception) -> str:
+    """Why torch.load failed, in words: a zip archive (torch's format) that is incomplete was cut short or damaged
+    (a copy or download that stopped); otherwise the exception's name."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if zipped and not zipfile.is_zipfile(path):
+        return f"cut short or damaged: {path.stat().st_size} bytes, its archive's directory missing"
+    return type(exc).__name__
+
+
 def load_potential(path: str | Path, map_location="cpu", compile: bool | None = None) -> Potential:
     """Rebuild a Potential from a saved potential (.pt), a training checkpoint (.ckpt, EMA weights) or a run
     directory (its model.pt). compile: override the saved model.compile (None: keep it, or MULTIFI_COMPILE
@@ -136,7 +148,7 @@ def load_potential(path: str | Path, map_location="cpu", compile: bool | None = 
             warnings.simplefilter("ignore", UserWarning)  # torch's note that it loads a TorchScript file
             state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # any unreadable file is one user error
-        raise MultifiError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+        raise MultifiError(f"{path}: not a readable checkpoint ({_why_unreadable(path, exc)})") from None
     if isinstance(state, torch.jit.ScriptModule):
         raise MultifiError(
             f"{path}: a TorchScript model (as `multifi deploy` writes for LAMMPS, one fidelity fixed); this takes "
