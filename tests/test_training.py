@@ -762,6 +762,37 @@ def test_cpu_budget_stops_training_and_resumes_with_the_time_spent(write_config,
     assert m["cpu_budget_reached"] and 5 < m["steps"] <= 5 + (12 - spent) + 1
 
 
+@pytest.mark.parametrize("stop", ["early_stopping", "cpu_budget"])
+def test_a_run_killed_after_it_stopped_resumes_to_the_same_model(write_config, tmp_path, monkeypatch, stop):
+    """A run killed after the checkpoint of the validation that stopped it early (or of the step that used up its
+    CPU budget) but before its final files: the resume trained on, so a later improvement silently gave another
+    model and other test errors. Now it stops before any step and writes the run's own model.pt and metrics."""
+    import itertools
+
+    import multifi.train.run as run_module
+
+    train_cfg = {"epochs": 1000, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0, "lr": 0.01}
+    if stop == "early_stopping":
+        train_cfg.update(max_steps=400, val_every_n_steps=2, early_stopping_steps=5, monitor="hi", ema_decay=0.0)
+    else:
+        clock = itertools.count()  # a fake CPU clock: 1 s per reading
+        monkeypatch.setattr(run_module.time, "process_time", lambda: float(next(clock)))
+        train_cfg.update(max_cpu_seconds=5, early_stopping_patience=None)
+    cfg = load_config(write_config(train=train_cfg, output_dir=str(tmp_path / "run")), [])
+    run_dir = train(cfg)
+    first = json.loads((run_dir / "metrics.json").read_text())
+    assert first["stopped_early"] if stop == "early_stopping" else first["cpu_budget_reached"]
+    model = load_potential(run_dir / "model.pt").state_dict()
+    for name in ("model.pt", "metrics.json"):  # the files a kill in that window leaves unwritten
+        (run_dir / name).unlink()
+    train(cfg, resume=True)
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert (again["steps"], again["best_step"]) == (first["steps"], first["best_step"])
+    assert again["fidelities"] == first["fidelities"]
+    for key, value in load_potential(run_dir / "model.pt").state_dict().items():
+        assert torch.equal(value, model[key]), key
+
+
 def test_resume_after_a_data_file_was_edited_is_an_error(write_config, tmp_path, tiny_extxyz, caplog):
     """The resume reads the run's cached data: an edited source file would be ignored silently, so it is an
     error; the same file moved elsewhere (same content) resumes."""

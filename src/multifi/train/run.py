@@ -511,6 +511,12 @@ class RunEarlyStopping(EarlyStopping):
         super().load_state_dict(state_dict)
         self.patience = patience
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A checkpoint written at the validation that stopped the run (the process killed before its final files):
+        the resume stops before any step, as the run did (it trained on, and a later improvement changed the model)."""
+        if self.wait_count >= self.patience:
+            trainer.should_stop = True
+
 
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that keeps its state when the run directory moved (Lightning drops the best score then,
@@ -695,6 +701,12 @@ class CpuBudget(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._since = time.process_time()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A checkpoint written when the budget was used up (the process killed before its final files): the
+        resume stops before any step, as the run did."""
+        if self.spent >= self.seconds:
+            self.reached = trainer.should_stop = True
 
     def _update(self) -> None:
         now = time.process_time()
