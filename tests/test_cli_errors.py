@@ -273,9 +273,11 @@ def test_ctrl_c_in_epoch_0_exits_130_and_the_run_restarts(write_config, tmp_path
 
 
 def test_sigterm_exits_143_with_the_resume_hint_and_the_run_continues(write_config, tmp_path, capsys, monkeypatch):
-    """SIGTERM (a scheduler's time limit, kill) stops a run as Ctrl-C does, but exits 143, not 130."""
+    """SIGTERM (a scheduler's time limit, kill) stops a run as Ctrl-C does, but exits 143, not 130, after
+    checkpointing the step it came in; the resumed run ends as one never stopped."""
     import signal
 
+    from multifi.models.registry import load_potential
     from multifi.train.module import PotentialModule
 
     real = PotentialModule.training_step
@@ -286,12 +288,25 @@ def test_sigterm_exits_143_with_the_resume_hint_and_the_run_continues(write_conf
         return real(self, batch, batch_idx)
 
     monkeypatch.setattr(PotentialModule, "training_step", terminated)
-    code, _, err = run(["train", write_config()], capsys)
+    code, _, err = run(["train", write_config(train={"batch_size": 4})], capsys)
     assert code == 143 and err.strip().splitlines()[-1].startswith(
         "multifi: terminated; continue with: multifi train --resume"
     )
+    # the step during which SIGTERM came is checkpointed (with epoch-end checkpoints only, the epoch was lost)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 2
     monkeypatch.setattr(PotentialModule, "training_step", real)
     assert run(["train", "--resume", tmp_path / "run"], capsys)[0] == 0
+    assert (
+        run(
+            ["train", write_config(name="straight.yaml", train={"batch_size": 4}, output_dir=str(tmp_path / "s"))],
+            capsys,
+        )[0]
+        == 0
+    )
+    straight = load_potential(tmp_path / "s" / "model.pt").state_dict()
+    for key, value in load_potential(tmp_path / "run" / "model.pt").state_dict().items():
+        assert torch.equal(value, straight[key]), key  # as a run that was never stopped
 
 
 def test_a_lost_training_process_is_one_line_with_the_resume_hint(tmp_path):

@@ -1087,6 +1087,40 @@ def test_a_resume_sees_edits_to_qm9_label_tables_and_indices_files(tmp_path):
     assert check_sources_unchanged(run_dir, cfg) is None
 
 
+def test_a_resume_may_move_qm9_label_tables_and_names_the_setting_it_refuses(tmp_path):
+    """A QM9 label table (or indices file) moved elsewhere, same bytes, is the same data (its fingerprint says
+    so): the resume was refused as a change of data.sources, with the whole list of sources before and after
+    (2 KB) and not the setting that differed. Now a move resumes; a change is named by its own key."""
+    from multifi.config import dump_config, validate_config
+    from multifi.train.run import check_resume_changes
+
+    def config(labels: Path, limit: int, weights: dict | None = None):
+        qm9 = {
+            "labels": str(labels),
+            "fidelity": "GFN2-xTB",
+            "indices": str(labels.with_suffix(".txt")),
+            "limit": limit,
+        }
+        return validate_config(
+            {
+                "data": {"sources": [{"path": str(tmp_path / "a.extxyz")}, {"qm9": qm9}]},
+                "loss": {"fidelity_weights": weights or {}},
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "splits.json").write_text("{}")
+    (run_dir / "config.yaml").write_text(dump_config(config(tmp_path / "gfn.csv", 800)))
+    check_resume_changes(run_dir, config(tmp_path / "moved with space" / "gfn.csv", 800))  # moved: fine
+    with pytest.raises(MultifiError, match=r"changed: data\.sources\.1\.qm9\.limit: 800 → 700\. Start") as exc:
+        check_resume_changes(run_dir, config(tmp_path / "gfn.csv", 700))
+    assert "fidelity" not in str(exc.value).split("changed:")[1]  # only the setting that differs
+    with pytest.raises(MultifiError, match=r"changed: loss\.fidelity_weights\.GFN2-xTB: None → 2\.0\. Start"):
+        check_resume_changes(run_dir, config(tmp_path / "gfn.csv", 800, {"GFN2-xTB": 2.0}))
+
+
 def test_a_run_ending_at_max_steps_inside_an_epoch_validates_its_last_step(write_config, tmp_path):
     """max_steps 7 with 5 steps per epoch: validation at step 5 (epoch end) and at step 7 (the stop), so the last
     steps take part in picking the model (they were never validated: model.pt came from step 5)."""

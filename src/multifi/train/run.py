@@ -521,7 +521,15 @@ class RunEarlyStopping(EarlyStopping):
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that keeps its state when the run directory moved (Lightning drops the best score then,
     so the first validation after the resume would replace best.ckpt whatever its error): paths of the old
-    checkpoint folder are read as the same files in this one."""
+    checkpoint folder are read as the same files in this one. The latest-state checkpoint (no monitor) is also
+    written at the end of the step during which SIGTERM came (a scheduler's time limit), in a single-process
+    run: the resume continues from there, not from the last epoch end."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        terminated = trainer.received_sigterm and trainer.world_size == 1  # several: ranks learn of it at other steps
+        if self.monitor is None and terminated and self._last_global_step_saved != trainer.global_step:
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @property
     def state_key(self) -> str:
@@ -1135,9 +1143,15 @@ def _validations_without_improvement(state: dict) -> int | None:
 
 
 def _resume_view(cfg: RunConfig) -> dict:
-    """Flat settings, sources without their paths (a moved data file is the same data: splits.json checks it)."""
+    """Flat settings, sources without the paths of their files (a file moved elsewhere is the same data: its
+    fingerprint in sources.json and splits.json check it): a source's path, a QM9 source's label table and
+    indices file."""
     tree = cfg.model_dump(mode="json")
-    tree["data"]["sources"] = [{k: v for k, v in src.items() if k != "path"} for src in tree["data"]["sources"]]
+    sources = [{k: v for k, v in src.items() if k != "path"} for src in tree["data"]["sources"]]
+    for src in sources:
+        if isinstance(src.get("qm9"), dict):
+            src["qm9"] = {k: v for k, v in src["qm9"].items() if k not in ("labels", "indices")}
+    tree["data"]["sources"] = sources
     return _flat(tree)
 
 
@@ -1173,8 +1187,11 @@ def _record_resumed_config(run_dir: Path, cfg: RunConfig) -> None:
 
 
 def _flat(tree, prefix: str = "") -> dict:
-    """{"train.epochs": 3, …} of nested dicts (lists and empty dicts stay values)."""
-    if not isinstance(tree, dict) or not tree:
+    """{"train.epochs": 3, "data.sources.0.path": …} of nested dicts and lists (entries by position), so that a
+    change is named by its own key; an empty dict or list has no entries (as an absent one)."""
+    if isinstance(tree, list):
+        tree = {str(k): v for k, v in enumerate(tree)}
+    if not isinstance(tree, dict):
         return {prefix: tree}
     out = {}
     for key, value in tree.items():
