@@ -209,6 +209,8 @@ def test_status_reads_states_and_estimates_what_is_left_without_writing(shared, 
     assert joint.left_cpu_seconds == pytest.approx(joint.cap_steps * per_step)
     text = status_table("tiny", list(rows.values()))
     assert f"{len(single)} done" in text and "1 stale" in text and "≤" in text
+    # runs of minutes: 100 s is 0.028 h, not 0.00
+    assert all(line.split()[4] in ("0.028", "0.056") for line in text.splitlines() if "/single/" in line)
     only = experiment_status(load_context(TINY, tiny(out, CONVERGE)), ["learning_curve/joint_both/n20"])
     assert [r.id for r in only] == ["learning_curve/joint_both/n20_s0"] and only[0].bound
 

@@ -224,11 +224,11 @@ def status_table(name: str, rows: list[RunStatus]) -> str:
     width = max([len(r.id) for r in rows] + [6])
     lines = [f"{'run':<{width}}  {'state':<9}  {'steps':>6}  {'best':>6}  {'CPU h':>6}  {'left h':>6}"]
     for r in rows:
-        left = "?" if r.left_cpu_seconds is None else f"{'≤ ' if r.bound else ''}{r.left_cpu_seconds / 3600:.2f}"
+        left = "?" if r.left_cpu_seconds is None else f"{'≤ ' if r.bound else ''}{_hours(r.left_cpu_seconds)}"
         state = {True: "running", False: "stopped"}[r.running] if r.running is not None else r.state
         lines.append(
             f"{r.id:<{width}}  {state:<9}  {_int(r.steps):>6}  {_int(r.best_step):>6}  "
-            f"{r.cpu_seconds / 3600:>6.2f}  {left:>6}"
+            f"{_hours(r.cpu_seconds):>6}  {left:>6}"
         )
     count = {s: sum(r.state == s for r in rows) for s in STATES}
     spent = sum(r.cpu_seconds for r in rows) / 3600
@@ -243,16 +243,23 @@ def status_table(name: str, rows: list[RunStatus]) -> str:
         if count[s]
     )
     summary += (
-        f"; {spent:.1f} CPU-hours spent; left ≈ {mean:.1f} CPU-hours (means of finished runs of the same variant)"
+        f"; {_hours(spent * 3600)} CPU-hours spent; left ≈ {_hours(mean * 3600)} CPU-hours (means of finished runs of "
+        "the same variant)"
     )
     if bounded:
         summary += (
-            f" + ≤ {sum(bounded) / 3600:.1f} for {len(bounded)} run(s) of variants with no finished run "
+            f" + ≤ {_hours(sum(bounded))} for {len(bounded)} run(s) of variants with no finished run "
             "(step cap × CPU seconds per step of the finished runs)"
         )
     if unknown:
         summary += f" + {unknown} run(s) with no estimate"
     return "\n".join([*lines, "", summary])
+
+
+def _hours(seconds: float) -> str:
+    """CPU seconds as hours, two decimals, three below 0.1 h (a run of minutes is not 0.00)."""
+    hours = seconds / 3600
+    return f"{hours:.3f}" if 0 < hours < 0.1 else f"{hours:.2f}"
 
 
 def status_json(name: str, rows: list[RunStatus]) -> str:
