@@ -272,9 +272,14 @@ def test_ctrl_c_in_epoch_0_exits_130_and_the_run_restarts(write_config, tmp_path
     assert (run_dir / "metrics.json").exists()
 
 
-def test_sigterm_exits_143_with_the_resume_hint_and_the_run_continues(write_config, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("validate_every", [None, 2])
+def test_sigterm_exits_143_with_the_resume_hint_and_the_run_continues(
+    write_config, tmp_path, capsys, monkeypatch, validate_every
+):
     """SIGTERM (a scheduler's time limit, kill) stops a run as Ctrl-C does, but exits 143, not 130, after
-    checkpointing the step it came in; the resumed run ends as one never stopped."""
+    checkpointing the step it came in, unless a validation was due at that step (Lightning runs it after the
+    step's checkpoint hooks; a checkpoint before it made the resume skip it): the resumed run ends as one never
+    stopped."""
     import signal
 
     from multifi.models.registry import load_potential
@@ -287,23 +292,23 @@ def test_sigterm_exits_143_with_the_resume_hint_and_the_run_continues(write_conf
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, batch, batch_idx)
 
+    train = {"batch_size": 4, "val_every_n_steps": validate_every}
     monkeypatch.setattr(PotentialModule, "training_step", terminated)
-    code, _, err = run(["train", write_config(train={"batch_size": 4})], capsys)
+    code, _, err = run(["train", write_config(train=train)], capsys)
     assert code == 143 and err.strip().splitlines()[-1].startswith(
         "multifi: terminated; continue with: multifi train --resume"
     )
     # the step during which SIGTERM came is checkpointed (with epoch-end checkpoints only, the epoch was lost)
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert last["global_step"] == 2
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else None
+    assert (step == 2) == (validate_every is None)  # a validation due at step 2: no checkpoint of it
     monkeypatch.setattr(PotentialModule, "training_step", real)
     assert run(["train", "--resume", tmp_path / "run"], capsys)[0] == 0
-    assert (
-        run(
-            ["train", write_config(name="straight.yaml", train={"batch_size": 4}, output_dir=str(tmp_path / "s"))],
-            capsys,
-        )[0]
-        == 0
-    )
+    straight = write_config(name="straight.yaml", train=train, output_dir=str(tmp_path / "s"))
+    assert run(["train", straight], capsys)[0] == 0
+    for name in ("metrics.json",):  # the same validations, the same model kept
+        a, b = (json.loads((tmp_path / d / name).read_text()) for d in ("run", "s"))
+        assert (a["steps"], a["best_step"], a["best_monitored"]) == (b["steps"], b["best_step"], b["best_monitored"])
     straight = load_potential(tmp_path / "s" / "model.pt").state_dict()
     for key, value in load_potential(tmp_path / "run" / "model.pt").state_dict().items():
         assert torch.equal(value, straight[key]), key  # as a run that was never stopped

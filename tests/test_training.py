@@ -1088,19 +1088,25 @@ def test_a_resume_sees_edits_to_qm9_label_tables_and_indices_files(tmp_path):
 
 
 def test_a_resume_may_move_qm9_label_tables_and_names_the_setting_it_refuses(tmp_path):
-    """A QM9 label table (or indices file) moved elsewhere, same bytes, is the same data (its fingerprint says
-    so): the resume was refused as a change of data.sources, with the whole list of sources before and after
-    (2 KB) and not the setting that differed. Now a move resumes; a change is named by its own key."""
-    from multifi.config import dump_config, validate_config
-    from multifi.train.run import check_resume_changes
+    """A QM9 label table (or indices file) moved elsewhere, same bytes, is the same data (its fingerprint in
+    sources.json checks it): the resume was refused as a change of data.sources, with the whole list of sources
+    before and after (2 KB) and not the setting that differed. Now a move resumes; a table added or dropped, or
+    moved in a run that recorded no fingerprint of it, is refused, naming its own key."""
+    import shutil
 
-    def config(labels: Path, limit: int, weights: dict | None = None):
-        qm9 = {
-            "labels": str(labels),
-            "fidelity": "GFN2-xTB",
-            "indices": str(labels.with_suffix(".txt")),
-            "limit": limit,
-        }
+    from multifi.config import dump_config, validate_config
+    from multifi.train.run import SOURCES, check_resume_changes, source_fingerprints
+
+    first, moved = tmp_path / "first", tmp_path / "moved with space"
+    for folder in (first, moved):
+        folder.mkdir()
+        (folder / "gfn.csv").write_text("index,energy_eV\n1,-834.0\n2,-900.0\n")
+        (folder / "gfn.txt").write_text("1\n2\n")
+
+    def config(folder: Path | None, limit: int = 800, weights: dict | None = None, indices: bool = True):
+        qm9 = {"fidelity": "GFN2-xTB", "limit": limit}
+        if folder is not None:
+            qm9.update(labels=str(folder / "gfn.csv"), indices=str(folder / "gfn.txt") if indices else None)
         return validate_config(
             {
                 "data": {"sources": [{"path": str(tmp_path / "a.extxyz")}, {"qm9": qm9}]},
@@ -1112,13 +1118,27 @@ def test_a_resume_may_move_qm9_label_tables_and_names_the_setting_it_refuses(tmp
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "splits.json").write_text("{}")
-    (run_dir / "config.yaml").write_text(dump_config(config(tmp_path / "gfn.csv", 800)))
-    check_resume_changes(run_dir, config(tmp_path / "moved with space" / "gfn.csv", 800))  # moved: fine
+    (run_dir / "config.yaml").write_text(dump_config(config(first)))
+    (run_dir / SOURCES).write_text(json.dumps(source_fingerprints(config(first))))
+    check_resume_changes(run_dir, config(moved))  # moved, fingerprinted: fine (check_sources_unchanged: contents)
     with pytest.raises(MultifiError, match=r"changed: data\.sources\.1\.qm9\.limit: 800 → 700\. Start") as exc:
-        check_resume_changes(run_dir, config(tmp_path / "gfn.csv", 700))
+        check_resume_changes(run_dir, config(first, 700))
     assert "fidelity" not in str(exc.value).split("changed:")[1]  # only the setting that differs
     with pytest.raises(MultifiError, match=r"changed: loss\.fidelity_weights\.GFN2-xTB: None → 2\.0\. Start"):
-        check_resume_changes(run_dir, config(tmp_path / "gfn.csv", 800, {"GFN2-xTB": 2.0}))
+        check_resume_changes(run_dir, config(first, weights={"GFN2-xTB": 2.0}))
+    with pytest.raises(MultifiError, match=r"changed: data\.sources\.1\.qm9\.indices: '\(a file"):
+        check_resume_changes(run_dir, config(first, indices=False))  # an indices file dropped
+    with pytest.raises(MultifiError, match=r"changed: data\.sources\.1\.qm9\.indices: .* → '\(a file"):
+        (run_dir / "config.yaml").write_text(dump_config(config(first, indices=False)))
+        check_resume_changes(run_dir, config(first))  # one added
+    with pytest.raises(MultifiError, match=r"data\.sources\.1\.qm9\.labels: None → '\(a file"):
+        (run_dir / "config.yaml").write_text(dump_config(config(None)))  # QM9's own energies, then a table
+        check_resume_changes(run_dir, config(first))
+    (run_dir / "config.yaml").write_text(dump_config(config(first)))
+    (run_dir / SOURCES).write_text(json.dumps([None, None]))  # recorded by an older version: no fingerprint
+    with pytest.raises(MultifiError, match=r"data\.sources\.1\.qm9\.labels: .*first/gfn\.csv' → .*moved"):
+        check_resume_changes(run_dir, config(moved))
+    shutil.rmtree(moved)
 
 
 def test_a_run_ending_at_max_steps_inside_an_epoch_validates_its_last_step(write_config, tmp_path):

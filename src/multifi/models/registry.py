@@ -125,8 +125,11 @@ def _why_unreadable(path: Path, exc: Exception) -> str:
     (a copy or download that stopped); otherwise the exception's name."""
     import zipfile
 
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+    except OSError as exc:  # not readable at all (permissions): that is the reason
+        return exc.strerror or type(exc).__name__
     if zipped and not zipfile.is_zipfile(path):
         return f"cut short or damaged: {path.stat().st_size} bytes, its archive's directory missing"
     return type(exc).__name__

@@ -529,7 +529,8 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         terminated = trainer.received_sigterm and trainer.world_size == 1  # several: ranks learn of it at other steps
         if self.monitor is None and terminated and self._last_global_step_saved != trainer.global_step:
-            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+            if _nothing_else_due(trainer):
+                self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @property
     def state_key(self) -> str:
@@ -547,6 +548,20 @@ class RunCheckpoint(ModelCheckpoint):
                 "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
             }
         super().load_state_dict(state_dict)
+
+
+def _nothing_else_due(trainer) -> bool:
+    """Whether the step that just ended is all that happens before the next one: no validation due (Lightning runs
+    it after the batch's hooks; a checkpoint before it made the resume skip it), no stop requested, not the
+    epoch's last batch (Lightning closes the epoch after it). A checkpoint here is one a resume continues from
+    exactly (ModelCheckpoint's step checkpoints are taken at the same point)."""
+    loop = trainer.fit_loop.epoch_loop
+    if trainer.should_stop or loop.batch_progress.is_last_batch or 0 < trainer.max_steps <= trainer.global_step:
+        return False
+    try:
+        return not loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+    except (AttributeError, TypeError):  # another Lightning's internals: no checkpoint rather than a wrong one
+        return False
 
 
 def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool = True) -> L.Trainer:
@@ -711,10 +726,13 @@ class CpuBudget(Callback):
         self._since = time.process_time()
 
     def on_train_start(self, trainer, pl_module) -> None:
-        """A checkpoint written when the budget was used up (the process killed before its final files): the
-        resume stops before any step, as the run did."""
-        if self.spent >= self.seconds:
-            self.reached = trainer.should_stop = True
+        """A checkpoint written at the step that used up the budget (the process killed before its final files):
+        the resume stops before any step, as the run did. Resumed with a larger budget, the run trains on (and
+        is no longer said to have reached it)."""
+        if self.reached and self.spent >= self.seconds:
+            trainer.should_stop = True
+        else:
+            self.reached = False
 
     def _update(self) -> None:
         now = time.process_time()
@@ -1006,7 +1024,8 @@ def check_resume_changes(run_dir: Path, cfg: RunConfig) -> None:
     path = run_dir / "config.yaml"
     if not path.exists():
         return
-    before, after = _resume_view(load_run_config(path)), _resume_view(cfg)
+    checked = _fingerprinted_qm9_files(run_dir)
+    before, after = _resume_view(load_run_config(path), checked), _resume_view(cfg, checked)
     fixed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and not _resumable(k))
     if fixed:
         shown = ", ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in fixed[:3])
@@ -1142,17 +1161,33 @@ def _validations_without_improvement(state: dict) -> int | None:
     return None
 
 
-def _resume_view(cfg: RunConfig) -> dict:
-    """Flat settings, sources without the paths of their files (a file moved elsewhere is the same data: its
-    fingerprint in sources.json and splits.json check it): a source's path, a QM9 source's label table and
-    indices file."""
+def _resume_view(cfg: RunConfig, checked: list[set[str]] = ()) -> dict:
+    """Flat settings, sources without the paths of their files (a file moved elsewhere is the same data): a
+    source's path (splits.json and its fingerprint check it) and a QM9 source's label table and indices file
+    where the run's sources.json holds their fingerprints (`checked`: per source, the roles it holds; a table
+    added or dropped, or moved in a run that recorded no fingerprint, stays a change of setting)."""
     tree = cfg.model_dump(mode="json")
     sources = [{k: v for k, v in src.items() if k != "path"} for src in tree["data"]["sources"]]
-    for src in sources:
+    for i, src in enumerate(sources):
+        roles = checked[i] if i < len(checked) else set()
         if isinstance(src.get("qm9"), dict):
-            src["qm9"] = {k: v for k, v in src["qm9"].items() if k not in ("labels", "indices")}
+            src["qm9"] = {
+                k: "(a file whose contents are checked)" if k in roles and v is not None else v
+                for k, v in src["qm9"].items()
+            }
     tree["data"]["sources"] = sources
     return _flat(tree)
+
+
+def _fingerprinted_qm9_files(run_dir: Path) -> list[set[str]]:
+    """Per data source of the run, the QM9 file roles (labels, indices) its sources.json holds fingerprints of."""
+    try:
+        recorded = json.loads((run_dir / SOURCES).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(recorded, list):
+        return []
+    return [set(r["qm9"]) if isinstance(r, dict) and isinstance(r.get("qm9"), dict) else set() for r in recorded]
 
 
 def _record_resumed_config(run_dir: Path, cfg: RunConfig) -> None:
