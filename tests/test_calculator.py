@@ -141,6 +141,12 @@ def test_non_finite_positions_are_a_one_line_error():
     atoms.calc = multifi.Calculator(CKPT, fidelity="PBE")
     with pytest.raises(MultifiError, match=r"atom 3 \(0-based\) has a non-finite \(NaN/inf\) position"):
         atoms.get_potential_energy()
+    for bad in (np.nan, np.inf):  # a periodic cell vector: LAPACK's least squares never returned (a hang)
+        cell = bulk("Si", "diamond", 5.43, cubic=True)
+        cell.cell[0, 0] = bad
+        cell.calc = multifi.Calculator(CKPT, fidelity="PBE")
+        with pytest.raises(MultifiError, match=r"structure 0: the cell has non-finite \(NaN/inf\) entries"):
+            cell.get_potential_energy()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
@@ -356,9 +362,16 @@ def test_deploying_a_fidelity_trained_without_stress_labels_says_so(tmp_path, ca
         capsys.readouterr()
         assert main(["info", str(out)]) == 0
         assert ("warning: no training structure had a stress label" in capsys.readouterr().out) == (count == 0)
-    del pot.spec["stress_labels"]  # a model saved before the count was recorded: unknown, nothing said
-    deploy(pot, other, tmp_path / "old.pt")
-    assert deployed_metadata(tmp_path / "old.pt")["stress_labels"] is None
+    for counts in ({"PBE": 0, other: 0}, None):  # no stress labels at all (molecules), or not recorded: silent
+        if counts is None:
+            del pot.spec["stress_labels"]
+        else:
+            pot.spec["stress_labels"] = counts
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="multifi"):
+            deploy(pot, other, tmp_path / "old.pt")
+        assert "stress label" not in caplog.text
+        assert deployed_metadata(tmp_path / "old.pt")["stress_labels"] is None
 
 
 def test_a_trajectory_of_the_calculator_is_no_label_file_but_a_selection_pool(tmp_path, capsys):

@@ -206,7 +206,7 @@ def test_bad_script_argument(bad):
 
 
 def test_changed_weights_rebuild_the_graph():
-    """The frozen graph holds the weights as constants: after calc.potential.load_state_dict the calculator builds it
+    """The graph holds the weights' storage: after calc.potential.load_state_dict the calculator builds it
     again (same numbers as an eager calculator with the new weights); unchanged weights keep the one graph."""
     pot = tiny_painn_lo_hi()
     fast = multifi.Calculator(pot, fidelity="hi", script=True)
@@ -227,6 +227,23 @@ def test_changed_weights_rebuild_the_graph():
     atoms.rattle(0.01, seed=10)
     assert np.array_equal(fast.get_forces(atoms), slow.get_forces(atoms))
     assert fast._scripted[False] is not first and fast._scripted[False].current()
+    # weights changed where no version counts up (a frozen graph held the old ones, or a mix of old and new): a new
+    # storage (vector_to_parameters, `.data =`: built again) and in place through .data (an EMA copy, a fine-tuning
+    # loop: the graph reads the weights' own storage, so the same graph gives the new numbers)
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    edits = (
+        lambda p: vector_to_parameters(parameters_to_vector(p.parameters()) * 1.05, p.parameters()),
+        lambda p: [q.data.mul_(1.02) for q in p.parameters()],
+        lambda p: setattr(next(iter(p.parameters())), "data", next(iter(p.parameters())).data * 0.9),
+    )
+    for k, edit in enumerate(edits):
+        built = fast._scripted[False]
+        for calc in {id(c.potential): c for c in (fast, slow)}.values():  # each calculator's own copy, once
+            edit(calc.potential)
+        atoms.rattle(0.01, seed=20 + k)
+        assert fast.get_potential_energy(atoms) == slow.get_potential_energy(atoms), k
+        assert (fast._scripted[False] is not built) == (k != 1), k
 
 
 def test_one_build_at_a_time_in_threads():
@@ -264,3 +281,26 @@ def test_builds_leave_nothing_in_torchscripts_process_wide_caches():
         assert calc._scripted.get(False)
     assert len(torch.jit._state._python_cu.get_functions()) == functions
     assert len(concrete_type_store.type_store) == types
+
+
+def test_weight_versions_see_what_their_holders_need():
+    """WeightVersions: in-place changes and new storages always; changes through `.data` (no version counts up) with
+    `content` (what a holder of copies, the ahead-of-time package, needs); nothing for unchanged weights."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    from multifi.models.potential import WeightVersions
+
+    pot = tiny_painn_lo_hi()
+    for content in (False, True):
+        edits = (
+            (lambda p: next(iter(p.parameters())).data.mul_(1.5), content),  # through .data: content only
+            (lambda p: vector_to_parameters(parameters_to_vector(p.parameters()), p.parameters()), True),
+            (lambda p: p.load_state_dict(p.state_dict()), True),  # copies in place: counted, same values
+            (lambda p: None, False),
+        )
+        for edit, seen in edits:
+            versions = WeightVersions(pot, content=content)
+            assert not versions.changed()
+            with torch.no_grad():
+                edit(pot)
+            assert versions.changed() == seen

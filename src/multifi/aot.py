@@ -42,7 +42,7 @@ class AotModel:
     """The potential compiled ahead of time for `dtype` (loaded from the cache if built)."""
 
     def __init__(self, potential, dtype: torch.dtype):
-        self._weights = WeightVersions(potential)  # the package holds a copy of them
+        self._weights = WeightVersions(potential, content=True)  # the package holds a copy of them
         potential = copy.deepcopy(potential).to(dtype).eval()
         potential.use_compile = False
         for p in potential.parameters():
@@ -57,7 +57,8 @@ class AotModel:
 
     def current(self) -> bool:
         """Whether the potential's weights and buffers are unchanged since the package was built or loaded (a later
-        load_state_dict or in-place change makes it stale; replacing a module of the potential is not noticed)."""
+        load_state_dict, in-place change or change through `.data` makes it stale; WeightVersions says what is
+        not noticed)."""
         return not self._weights.changed()
 
     def __call__(self, numbers, positions, edge_index, shift_vec, fidelity: int):

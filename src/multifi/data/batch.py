@@ -132,8 +132,8 @@ def local_positions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) ->
     sits (positions of 10⁴ Å in float32 keep 1e-3 Å, and an MD run's unwrapped atoms drift that far)."""
     out = np.asarray(positions, dtype=np.float64) - np.asarray(positions[0], dtype=np.float64)
     periodic = np.flatnonzero(pbc)
-    if len(periodic) == 0:
-        return out
+    if len(periodic) == 0 or not np.isfinite(cell[periodic]).all():  # NaN/inf: LAPACK's lstsq never returned
+        return out  # the cell's own error comes later
     with np.errstate(all="ignore"):
         frac = np.linalg.lstsq(cell[periodic].T, out.T, rcond=None)[0].T  # [N, P] along the periodic vectors
         wrapped = out - np.floor(frac) @ cell[periodic]

@@ -148,19 +148,27 @@ class Potential(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- energy (+ gradient)
 class WeightVersions:
-    """The in-place versions of a module's parameters and buffers when made: `changed()` says whether any was modified
-    since (load_state_dict and every in-place change count up; a few µs, the tensors listed once). Replacing a
-    submodule is not seen. For copies of the weights made elsewhere (a frozen graph, a compiled package)."""
+    """What a module's parameters and buffers were when made: `changed()` says whether any was modified since, for
+    code that holds the weights or their storage (a compiled package's copy, a TorchScript graph's references).
+    Seen, a few µs: load_state_dict and in-place changes (their version counters), a new storage (`p.data = …`,
+    vector_to_parameters). With `content`, also changes through `p.data` (no version counts up), by each
+    floating-point tensor's norm (tens to hundreds of µs per check: for holders of copies); an edit keeping every
+    norm (a permutation of entries) is not seen. A replaced submodule is not seen."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, content: bool = False):
         self._tensors = [*module.parameters(), *module.buffers()]
-        self._versions = self._now()
+        self._floats = [t.detach() for t in self._tensors if t.is_floating_point() and t.numel()] if content else []
+        self._then = self._now()
 
-    def _now(self) -> list[int]:
-        return [t._version for t in self._tensors]
+    def _now(self) -> tuple:
+        norms = torch.stack(torch._foreach_norm(self._floats)) if self._floats else None
+        return [t._version for t in self._tensors], [t.data_ptr() for t in self._tensors], norms
 
     def changed(self) -> bool:
-        return self._now() != self._versions
+        versions, pointers, norms = self._now()
+        if versions != self._then[0] or pointers != self._then[1]:
+            return True
+        return norms is not None and not torch.equal(norms, self._then[2])
 
 
 def _atom_energies(pot: Potential, edge_vec, *args) -> torch.Tensor:
