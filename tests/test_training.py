@@ -1087,6 +1087,19 @@ def test_a_resume_sees_edits_to_qm9_label_tables_and_indices_files(tmp_path):
     assert check_sources_unchanged(run_dir, cfg) is None
 
 
+def test_training_from_python_gives_back_the_callers_thread_count(write_config, tmp_path, monkeypatch):
+    """train.threads applies to the training only: a Python caller's MD afterwards ran on that many threads."""
+    import multifi.train.run as run_module
+
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    cfg = load_config(write_config(train={"threads": other, "max_steps": 2}, output_dir=str(tmp_path / "run")))
+    seen, real = [], run_module._quiet_lightning
+    monkeypatch.setattr(run_module, "_quiet_lightning", lambda: (seen.append(torch.get_num_threads()), real())[1])
+    train(cfg)
+    assert seen == [other] and torch.get_num_threads() == before
+
+
 def test_a_resume_may_move_qm9_label_tables_and_names_the_setting_it_refuses(tmp_path):
     """A QM9 label table (or indices file) moved elsewhere, same bytes, is the same data (its fingerprint in
     sources.json checks it): the resume was refused as a change of data.sources, with the whole list of sources

@@ -25,8 +25,8 @@ def predict_atoms(
     strict_references: bool = False,
     seen: set | None = None,
 ):
-    """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses [n,3,3] GPa (None for molecules and for cells whose
-    volume does not hold the structure: data.cells.stress_volume_problem). atoms_list: ase.Atoms objects (one
+    """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses list of [3,3] GPa, an entry None for a molecule and
+    for a cell whose volume does not hold the structure (data.cells.stress_volume_problem). atoms_list: ase.Atoms objects (one
     Atoms counts as a list of one).
 
     `where` (the file) prefixes errors about a structure, e.g. atoms closer than 0.1 Å. An element unknown

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -60,9 +61,22 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     run directory is written. A run directory without a checkpoint (a start that failed or was
     interrupted before its first checkpoint) is started afresh by `train` and by `train --resume`.
     `dry_run`: check everything, log the plan, write nothing. multifi's log of every start (warnings about
-    the data included) is appended to the run directory's train.log once the directory is written."""
-    with RunLog() as run_log:
+    the data included) is appended to the run directory's train.log once the directory is written. torch's thread
+    count (train.threads) is the caller's again afterwards."""
+    with RunLog() as run_log, kept_threads():
         return _train(cfg, resume, config_source, dry_run, run_log)
+
+
+@contextlib.contextmanager
+def kept_threads():
+    """torch's intra-op thread count as it was before the block (a training sets train.threads; a Python caller's MD
+    afterwards kept running on that many)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 class RunLog:
