@@ -4,6 +4,7 @@ script=False); structures outside its sizes, per-atom energies, a failed build o
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -206,8 +207,9 @@ def test_bad_script_argument(bad):
 
 
 def test_changed_weights_rebuild_the_graph():
-    """The graph holds the weights' storage: after calc.potential.load_state_dict the calculator builds it
-    again (same numbers as an eager calculator with the new weights); unchanged weights keep the one graph."""
+    """The graph reads the potential's own tensors: after calc.potential.load_state_dict (copied in place) the same
+    graph gives the new numbers (those of an eager calculator with the new weights); tensors replaced or given new
+    storage, or another potential, make the calculator build it again."""
     pot = tiny_painn_lo_hi()
     fast = multifi.Calculator(pot, fidelity="hi", script=True)
     slow = multifi.Calculator(pot, fidelity="hi", script=False)
@@ -226,7 +228,7 @@ def test_changed_weights_rebuild_the_graph():
     assert fast.get_potential_energy(atoms) == slow.get_potential_energy(atoms)
     atoms.rattle(0.01, seed=10)
     assert np.array_equal(fast.get_forces(atoms), slow.get_forces(atoms))
-    assert fast._scripted[False] is not first and fast._scripted[False].current()
+    assert fast._scripted[False] is first and first.current(fast.potential)  # no rebuild needed: it reads them
     # weights changed where no version counts up (a frozen graph held the old ones, or a mix of old and new): a new
     # storage (vector_to_parameters, `.data =`: built again) and in place through .data (an EMA copy, a fine-tuning
     # loop: the graph reads the weights' own storage, so the same graph gives the new numbers)
@@ -244,6 +246,24 @@ def test_changed_weights_rebuild_the_graph():
         atoms.rattle(0.01, seed=20 + k)
         assert fast.get_potential_energy(atoms) == slow.get_potential_energy(atoms), k
         assert (fast._scripted[False] is not built) == (k != 1), k
+    # tensors replaced by others, and another potential: the graph held the old ones (eV off)
+    other = tiny_painn_lo_hi()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.1)
+    replacements = (
+        lambda c: c.potential.load_state_dict(other.state_dict(), assign=True),
+        lambda c: setattr(c.potential.head, "ref", c.potential.head.ref + 1.0),
+        lambda c: setattr(c, "potential", copy.deepcopy(other)),
+    )
+    for k, edit in enumerate(replacements):
+        built = fast._scripted[False]
+        edit(fast)
+        eager = multifi.Calculator(fast.potential, fidelity="hi", script=False)
+        atoms.rattle(0.01, seed=30 + k)
+        assert fast.get_potential_energy(atoms) == eager.get_potential_energy(atoms), k
+        assert fast._scripted[False] is not built, k
+        fast.get_forces(atoms.copy())  # built again on the new weights (not on the first call after a change)
 
 
 def test_one_build_at_a_time_in_threads():
@@ -284,23 +304,46 @@ def test_builds_leave_nothing_in_torchscripts_process_wide_caches():
 
 
 def test_weight_versions_see_what_their_holders_need():
-    """WeightVersions: in-place changes and new storages always; changes through `.data` (no version counts up) with
-    `content` (what a holder of copies, the ahead-of-time package, needs); nothing for unchanged weights."""
+    """WeightVersions: replaced tensors and new storages always (a graph reading the tensors needs no more); with
+    `copies` (a holder of copies, the ahead-of-time package) any change of a value, bit by bit: in place, through
+    `.data` (no version counts up), one entry by 1e-6 (a norm in float32 missed 1e-4); a NaN weight unchanged is
+    unchanged; nothing for unchanged weights."""
+    import torch.nn as nn
     from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
     from multifi.models.potential import WeightVersions
 
-    pot = tiny_painn_lo_hi()
-    for content in (False, True):
+    def nudge_one(p):
+        weight = next(iter(p.parameters()))
+        weight.data.view(-1)[3] *= 1 + 1e-6
+
+    def replace_scale(p):
+        p.head.scale = p.head.scale * 2  # a buffer replaced by another tensor
+
+    def new_parameter(p):
+        layer = next(m for m in p.modules() if isinstance(m, nn.Linear))
+        layer.weight = nn.Parameter(layer.weight.detach() * 1.5)
+
+    for copies in (False, True):
+        pot = tiny_painn_lo_hi()
         edits = (
-            (lambda p: next(iter(p.parameters())).data.mul_(1.5), content),  # through .data: content only
+            (lambda p: next(iter(p.parameters())).data.mul_(1.5), copies),  # through .data: values only
+            (nudge_one, copies),
+            (lambda p: p.load_state_dict(p.state_dict()), False),  # copied in place, the same values
+            (lambda p: p.load_state_dict({k: v + 1 for k, v in p.state_dict().items()}), copies),
+            (lambda p: p.load_state_dict({k: v.clone() for k, v in p.state_dict().items()}, assign=True), True),
             (lambda p: vector_to_parameters(parameters_to_vector(p.parameters()), p.parameters()), True),
-            (lambda p: p.load_state_dict(p.state_dict()), True),  # copies in place: counted, same values
+            (replace_scale, True),
+            (new_parameter, True),
             (lambda p: None, False),
         )
-        for edit, seen in edits:
-            versions = WeightVersions(pot, content=content)
+        for k, (edit, seen) in enumerate(edits):
+            versions = WeightVersions(pot, copies=copies)
             assert not versions.changed()
             with torch.no_grad():
                 edit(pot)
-            assert versions.changed() == seen
+            assert versions.changed() == seen, (copies, k)
+        with torch.no_grad():
+            next(iter(pot.parameters())).view(-1)[0] = float("nan")
+        versions = WeightVersions(pot, copies=copies)
+        assert not versions.changed()

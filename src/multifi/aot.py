@@ -42,7 +42,8 @@ class AotModel:
     """The potential compiled ahead of time for `dtype` (loaded from the cache if built)."""
 
     def __init__(self, potential, dtype: torch.dtype):
-        self._weights = WeightVersions(potential, content=True)  # the package holds a copy of them
+        self._weights = WeightVersions(potential, copies=True)  # the package holds a copy of them
+        self._source = potential
         potential = copy.deepcopy(potential).to(dtype).eval()
         potential.use_compile = False
         for p in potential.parameters():
@@ -55,11 +56,11 @@ class AotModel:
         self._run = torch._inductor.aoti_load_package(str(path))
         self.path = path
 
-    def current(self) -> bool:
-        """Whether the potential's weights and buffers are unchanged since the package was built or loaded (a later
-        load_state_dict, in-place change or change through `.data` makes it stale; WeightVersions says what is
-        not noticed)."""
-        return not self._weights.changed()
+    def current(self, potential=None) -> bool:
+        """Whether `potential` (default: the one it was made from) is the one it was made from and its weights and
+        buffers are unchanged since (any change of a value, in place, through `.data` or by a replaced tensor,
+        makes it stale)."""
+        return (potential is None or potential is self._source) and not self._weights.changed()
 
     def __call__(self, numbers, positions, edge_index, shift_vec, fidelity: int):
         """(atom energies, forces, virial), or None for a structure outside the exported sizes."""

@@ -343,7 +343,7 @@ class Calculator(AseCalculator):
         model = self._scripted.get(want_stress)
         if not model:
             return None
-        if not model.current():  # calc.potential's weights changed since it was built: built again when due
+        if not model.current(self.potential):  # another potential, or weights replaced: built again when due
             log.info("Calculator: the model's weights changed; the scripted model is built again")
             del self._scripted[want_stress]
             return None
@@ -370,7 +370,7 @@ class Calculator(AseCalculator):
         """Energy, forces and stress [1,3,3] (GPa, as Potential gives it) from the ahead-of-time compiled model;
         None for a structure outside its sizes (a lone atom, no edges, fewer than 2 three-body bonds)."""
         shift_vec = graph.shifts @ graph.cell[0]
-        if self._aot_model is not None and not self._aot_model.current():
+        if self._aot_model is not None and not self._aot_model.current(self.potential):
             log.warning("Calculator: the model's weights changed; the compiled package is loaded or built again")
             self._aot_model = None
         if self._aot_model is None:  # minutes to build: not for a structure the package would not take

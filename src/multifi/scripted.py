@@ -64,12 +64,12 @@ class ScriptedPotential:
         if not all(torch.equal(want[k], got[k]) for k in got):
             raise RuntimeError("the traced graph does not reproduce the eager model's result exactly")
 
-    def current(self) -> bool:
-        """Whether the graph still reads the potential's weights: it holds their storage, so in-place changes (also
-        through `.data`) are seen at the next call, but a weight given a new storage (`p.data = …`,
-        vector_to_parameters) makes it stale, as (to be safe) does any load_state_dict or in-place change;
-        replacing a module of the potential is not noticed."""
-        return not self._weights.changed()
+    def current(self, potential: Potential | None = None) -> bool:
+        """Whether the graph still reads `potential`'s (default: its own) weights: it holds their tensors, so
+        in-place changes (also through `.data`, and load_state_dict's copies) reach it at the next call, but another
+        potential, a tensor replaced (load_state_dict(assign=True), a new parameter or buffer, a replaced module)
+        or given new storage (`p.data = …`, vector_to_parameters, `.double()`) makes it stale."""
+        return (potential is None or potential is self.potential) and not self._weights.changed()
 
     @staticmethod
     def fits(potential: Potential, graph: Graph) -> bool:

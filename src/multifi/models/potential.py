@@ -148,27 +148,42 @@ class Potential(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- energy (+ gradient)
 class WeightVersions:
-    """What a module's parameters and buffers were when made: `changed()` says whether any was modified since, for
-    code that holds the weights or their storage (a compiled package's copy, a TorchScript graph's references).
-    Seen, a few µs: load_state_dict and in-place changes (their version counters), a new storage (`p.data = …`,
-    vector_to_parameters). With `content`, also changes through `p.data` (no version counts up), by each
-    floating-point tensor's norm (tens to hundreds of µs per check: for holders of copies); an edit keeping every
-    norm (a permutation of entries) is not seen. A replaced submodule is not seen."""
+    """Whether a module's parameters and buffers are still those it had when this was made: `changed()`, for code
+    that holds them. Always seen (a few µs): a tensor replaced by another (`load_state_dict(assign=True)`, a new
+    nn.Parameter or buffer, a replaced submodule) or given new storage (`p.data = …`, vector_to_parameters, `.double()`).
+    Code reading the tensors themselves (a TorchScript graph) needs no more: in-place changes reach it. With
+    `copies` (code holding copies of the values, an ahead-of-time package), any change of a value too, in place or
+    through `p.data`, bit by bit against a copy taken now (the size of the weights; ~0.2 ms per check for a PaiNN 128×3)."""
 
-    def __init__(self, module: nn.Module, content: bool = False):
+    def __init__(self, module: nn.Module, copies: bool = False):
+        # every (owner's dict, name, object) of the module tree: a replaced tensor or submodule is another object
+        # there (checked by lookups: listing module.parameters() again took 0.1-0.3 ms)
+        self._slots = [
+            (table, name, obj)
+            for m in module.modules()
+            for table in (m._parameters, m._buffers, m._modules)
+            for name, obj in table.items()
+            if obj is not None
+        ]
         self._tensors = [*module.parameters(), *module.buffers()]
-        self._floats = [t.detach() for t in self._tensors if t.is_floating_point() and t.numel()] if content else []
-        self._then = self._now()
-
-    def _now(self) -> tuple:
-        norms = torch.stack(torch._foreach_norm(self._floats)) if self._floats else None
-        return [t._version for t in self._tensors], [t.data_ptr() for t in self._tensors], norms
+        self._pointers = [t.data_ptr() for t in self._tensors]
+        self._live = [_bits(t) for t in self._tensors] if copies else []
+        self._saved = [b.clone() for b in self._live]
 
     def changed(self) -> bool:
-        versions, pointers, norms = self._now()
-        if versions != self._then[0] or pointers != self._then[1]:
+        if any(table.get(name) is not obj for table, name, obj in self._slots):
             return True
-        return norms is not None and not torch.equal(norms, self._then[2])
+        if [t.data_ptr() for t in self._tensors] != self._pointers:
+            return True
+        return any(not torch.equal(a, b) for a, b in zip(self._live, self._saved))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's storage as integers of its width (floating point): compared bit for bit, a NaN equals itself."""
+    t = t.detach()
+    if not t.is_floating_point():
+        return t
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _atom_energies(pot: Potential, edge_vec, *args) -> torch.Tensor:
