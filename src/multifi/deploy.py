@@ -195,19 +195,11 @@ def metadata(potential, fidelity: str, dtype: torch.dtype) -> dict:
         "estimated_elements": [chemical_symbols[z] for z in estimated_elements(potential, fidelity)],
         "open_elements": [chemical_symbols[z] for z in open_elements(potential, fidelity)],
         "open_compositions": open_compositions(potential, fidelity),
-        # training structures with a stress label at this fidelity (0: never fitted while other fidelities' were,
-        # said by pair_coeff); null: not recorded, or no fidelity had any (molecules)
-        "stress_labels": _stress_labels(potential, fidelity),
+        # training structures with a stress label at this fidelity (0: its virial never fitted, said by pair_coeff,
+        # as the calculator says it when asked for stress); null: not recorded (older models)
+        "stress_labels": potential.spec.get("stress_labels", {}).get(fidelity),
         "dtype": str(dtype).replace("torch.", ""),
     }
-
-
-def _stress_labels(potential, fidelity: str) -> int | None:
-    """Training structures with a stress label at `fidelity` (spec["stress_labels"]); None when not recorded or
-    when no fidelity had any (a model of molecules: its stress is not used, and saying so at each deployment and
-    pair_coeff would only be noise)."""
-    counts = potential.spec.get("stress_labels", {})
-    return counts.get(fidelity) if any(counts.values()) else None
 
 
 def estimated_elements(potential, fidelity: str) -> list[int]:
@@ -269,8 +261,7 @@ def deploy(checkpoint, fidelity: str, out: str | Path, dtype: str = "float64", s
         potential, numbers, np.ones(len(numbers), np.int64), k, str(out), strict=strict_references, compositions=False
     )
     _report_open_elements(potential, fidelity, str(out), strict_references)
-    if _stress_labels(potential, fidelity) == 0:  # LAMMPS' pressure and NPT use it (pair_coeff says so too)
-        check_stress_trained(potential, k, str(out))
+    check_stress_trained(potential, k, str(out))  # LAMMPS' pressure and NPT use it (pair_coeff says so too)
     meta = metadata(potential, fidelity, torch_dtype)
     module = build_deployed(potential, fidelity, torch_dtype)
     with warnings.catch_warnings():
