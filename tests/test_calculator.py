@@ -20,6 +20,7 @@ from conftest import si64, tiny_m3gnet
 
 import multifi
 from multifi.errors import MultifiError
+from multifi.models.registry import load_potential
 
 CKPT = Path(__file__).parent / "data" / "solids_painn.pt"
 
@@ -132,6 +133,10 @@ def test_ase_set_changes_the_fidelity_and_misspelled_arguments_are_errors():
         multifi.Calculator(CKPT, fidelity="PBE", dtpye="float32")
     with pytest.raises(MultifiError, match="dtype is fixed when the calculator is made"):
         calc.set(dtype="float32")
+    own = multifi.Calculator(load_potential(CKPT), fidelity="PBE", dtype="float32")  # the model's own (no copy)
+    own.potential.double()  # after the calculator was made: a dtype mismatch deep inside the model (a traceback)
+    with pytest.raises(MultifiError, match="calc.potential is now float64, the calculator computes in float32"):
+        own.get_potential_energy(bulk("Si", "diamond", 5.43, cubic=True))
     multifi.Calculator(CKPT, fidelity="PBE", label="si", directory=".")  # ASE's own keywords stay allowed
 
 

@@ -241,6 +241,13 @@ class Calculator(AseCalculator):
                 seen=self._warned,
             )
             self._checked = checked
+        held = next(self.potential.parameters()).dtype
+        if held != self.dtype:  # calc.potential.double() after the calculator was made: a dtype mismatch deep inside
+            raise MultifiError(
+                f"calc.potential is now {str(held).replace('torch.', '')}, the calculator computes in "
+                f"{str(self.dtype).replace('torch.', '')} (dtype is fixed when the calculator is made): make a new "
+                "Calculator(potential, dtype=...)"
+            )
         graph = graph_from_atoms([self.atoms], self.potential.cutoff, self._index, dtype=self.dtype).to(self.device)
         check_contacts(self.potential, graph, seen=self._warned)  # once per element pair and calculator
         periodic = bool(self.atoms.pbc.any())
