@@ -4,6 +4,7 @@ larger σ far from the training structures, calibration metrics, the side file, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import ase.io
@@ -180,6 +181,25 @@ def test_side_file_round_trip_and_stale_model(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+@contextlib.contextmanager
+def caplog_at_warning():
+    """multifi's warnings (messages) while the block runs."""
+    import logging
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler, logger = Keep(level=logging.WARNING), logging.getLogger("multifi")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, tmp_path, capsys):  # noqa: F811
     _, run_dir = cli_run
     mols = [rattled_molecule("CH3OH", 5), rattled_molecule("H2O", 6)]
@@ -303,6 +323,23 @@ def test_calibrate_predict_and_evaluate_with_uncertainty(cli_run, tiny_extxyz, t
     alone = run([*at_hi, "--out", metrics, "--force"], capsys)
     assert alone[0] == 0 and json.loads(metrics.read_text())["fidelities"]["hi"][ENERGY_RMSE] != hi[ENERGY_RMSE]
     assert report["evaluated"] == f"the mean of {run_dir / 'model.pt'} + {tmp_path / 'other.pt'}"
+    # labels that are one member's own predictions (its predict output): they differ from the mean, and were not
+    # said to be a model's own results; now each member's predictions are compared too
+
+    own = tmp_path / "own.extxyz"
+    assert run(["predict", run_dir / "model.pt", tiny_extxyz, "--fidelity", "hi", "--out", own], capsys)[0] == 0
+    frames = ase.io.read(own, ":")
+    for a in frames:
+        a.info["fidelity"] = "hi"
+    ase.io.write(own, frames, format="extxyz")
+    with caplog_at_warning() as records:
+        as_labels = ["--energy-key", "energy", "--forces-key", "forces"]  # predictions taken as labels, on purpose
+        code, _, err = run(
+            ["evaluate", run_dir / "model.pt", own, *as_labels, "--ensemble", tmp_path / "other.pt"], capsys
+        )
+    assert code == 0, err
+    said = [m for m in records if "equals this model's prediction" in m]
+    assert len(said) == 1 and f"(against ensemble member 1, {run_dir / 'model.pt'})" in said[0], records
     # a member that never saw oxygen (or whose references at the evaluated fidelity cover other elements) would
     # add its eV-scale guesses to the mean: refused, naming it, before anything is evaluated or written
     for column, message in (

@@ -114,6 +114,9 @@ def run(args) -> int:
         ds, pairs[fitted], predicted[fitted], ", ".join(args.data), in_units, _test_errors(args.checkpoint)
     )
     warn_own_predictions(ds, pairs[scored], predicted[scored], ", ".join(args.data))
+    if args.ensemble:  # labels that are one member's own predictions differ from the mean: each member's too
+        members = [args.checkpoint, *args.ensemble]
+        _warn_members_own_predictions(evaluated.recorded, members, potential, ds, pairs[scored], ", ".join(args.data))
     warn_labels_of_another_fidelity(potential, ds, pairs[fitted], ", ".join(args.data), args.batch_size)
     if "uncertainty" in payload:
         from multifi.uncertainty import uncertainty_table
@@ -381,6 +384,19 @@ def warn_labels_of_another_fidelity(potential, dataset, pairs, where: str, batch
                 names[best],
             )
     return found
+
+
+def _warn_members_own_predictions(recorded: dict, members: list, potential, dataset, pairs, where: str) -> None:
+    """warn_own_predictions for each member of an ensemble, from its energies of the evaluation (EnsembleMean.recorded,
+    keyed by structure and the first member's fidelity index)."""
+    import numpy as np
+
+    from multifi.train.evaluate import model_fidelities
+
+    to_model = model_fidelities(potential, dataset, pairs)
+    for m, path in enumerate(members):
+        energies = np.array([recorded[(int(s), int(to_model[k]))][m] for s, k in pairs])
+        warn_own_predictions(dataset, pairs, energies, f"{where} (against ensemble member {m + 1}, {path})")
 
 
 def warn_own_predictions(dataset, pairs, predicted, where: str) -> list[str]:
