@@ -235,18 +235,18 @@ def test_output_dir_where_no_folder_can_be_made_fails_in_the_dry_run_too(write_c
 
 def test_output_dir_write_error_mid_run_is_one_line(write_config, tmp_path, capsys, monkeypatch):
     """A full disk while the run writes (here the first checkpoint): one line, and the directory restarts."""
-    import multifi.train.run as run_mod
+    import multifi.train.callbacks as callbacks_mod
 
-    real = run_mod.atomic_write
+    real = callbacks_mod.atomic_write
 
     def full(path, write):
         if str(path).endswith(".ckpt"):
             raise MultifiError(f"{path}: cannot write ({os.strerror(errno.ENOSPC)})")
         return real(path, write)
 
-    monkeypatch.setattr(run_mod, "atomic_write", full)
+    monkeypatch.setattr(callbacks_mod, "atomic_write", full)
     fails(["train", write_config()], capsys, ".ckpt: cannot write (No space left on device)")
-    monkeypatch.setattr(run_mod, "atomic_write", real)
+    monkeypatch.setattr(callbacks_mod, "atomic_write", real)
     assert run(["train", write_config()], capsys)[0] == 0  # the same command again: no rm -rf needed
     assert (tmp_path / "run" / "model.pt").exists()
 
@@ -317,7 +317,7 @@ def test_sigterm_exits_143_with_the_resume_hint_and_the_run_continues(
 def test_a_lost_training_process_is_one_line_with_the_resume_hint(tmp_path):
     """gloo's error when another rank dies (a traceback of 100 lines before) becomes one line; in a single-process
     run a RuntimeError stays what it is."""
-    from multifi.train.run import fit_or_interrupt
+    from multifi.train.trainer import fit_or_interrupt
 
     class Trainer:
         interrupted = received_sigterm = False

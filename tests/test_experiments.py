@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import multifi.train.run as train_run
+import multifi.train.trainer as trainer_mod
 from multifi.data.readers import qm9
 from multifi.errors import MultifiError
 from multifi_experiments import catalog as catalog_mod
@@ -677,8 +677,8 @@ def test_killed_mid_run_continues_from_its_checkpoint(shared, tmp_path, monkeypa
             if trainer.global_step == 13:
                 raise _Crash("killed")
 
-    make = train_run.make_trainer
-    monkeypatch.setattr(train_run, "make_trainer", lambda *a, **k: _with_callback(make(*a, **k), Bomb()))
+    make = trainer_mod.make_trainer
+    monkeypatch.setattr(trainer_mod, "make_trainer", lambda *a, **k: _with_callback(make(*a, **k), Bomb()))
     out = tmp_path / "cut"
     with pytest.raises(MultifiError, match="1 run"):
         run_experiment(TINY, overrides=tiny(out, *args), only=only)
@@ -695,7 +695,7 @@ def test_killed_mid_run_continues_from_its_checkpoint(shared, tmp_path, monkeypa
     pid, start = process_identity(os.getpid()).split()
     lock_path(ctx, only[0]).write_text(f"{pid} {int(start) + 1}")  # a live process id reused by another process
     assert experiment_status(ctx, only)[0].running is False
-    monkeypatch.setattr(train_run, "make_trainer", make)
+    monkeypatch.setattr(trainer_mod, "make_trainer", make)
     monkeypatch.setattr(runner_mod, "cpu_model", lambda: "Other CPU")  # resumed on another machine
     run_experiment(TINY, overrides=tiny(out, *args), only=only)
     (done,) = experiment_status(load_context(TINY, tiny(out, *args)), only)

@@ -415,7 +415,7 @@ def test_elements_only_in_fixed_proportions_are_reported(caplog):
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     new = fit_new_fidelity(ds, pairs, hi, refs.ref[:, [lo]], refs.fitted[:, [lo]])
     assert new.open(0) == [31, 33]
-    from multifi.train.run import report_references
+    from multifi.train.preflight import report_references
 
     with caplog.at_level(logging.WARNING, logger="multifi"):
         report_references(refs, ["lo", "hi"])
@@ -517,7 +517,7 @@ def test_more_open_compositions_than_recorded_mark_their_elements_estimated():
 def test_the_estimate_error_names_how_many_elements_it_comes_from(caplog):
     """An element missing at 'hi' is estimated; the leave-one-out error quoted beside it says over how many
     elements (labelled at 'hi' and elsewhere) it was measured, and that two are a rough guide."""
-    from multifi.train.run import report_references
+    from multifi.train.preflight import report_references
 
     rng = np.random.default_rng(3)
     lo_ref, hi_ref = {29: -3.5, 13: -3.0, 47: -2.8}, {29: -4.2, 13: -3.6}
@@ -695,7 +695,7 @@ def test_a_fidelity_whose_validation_energies_are_all_left_out_is_warned_about(c
     """Every validation structure of a fidelity holds an element its training labels lack: its validation energy
     error is never measured (no curve), said once before training, not only by `multifi plot` afterwards."""
     from multifi.train.module import PotentialModule
-    from multifi.train.run import warn_unmeasured_energies
+    from multifi.train.preflight import warn_unmeasured_energies
 
     module = PotentialModule({"model": TINY_MODEL, "fidelities": ["lo", "hi"]}, {}, {"ema_decay": 0.0})
     ref = np.zeros((119, 2))

@@ -26,7 +26,8 @@ from multifi.errors import MultifiError
 from multifi.models.registry import load_potential
 from multifi.predict import predict_atoms
 from multifi.train.prepare import prepare_data
-from multifi.train.run import make_trainer, train
+from multifi.train.run import train
+from multifi.train.trainer import make_trainer
 
 
 def steps_per_epoch(cfg) -> int:
@@ -644,7 +645,7 @@ def test_best_checkpoint_found_after_the_run_directory_moved(tmp_path):
     run's own checkpoints is still the one evaluated (not last.ckpt)."""
     from types import SimpleNamespace
 
-    from multifi.train.run import _best_checkpoint
+    from multifi.train.trainer import best_checkpoint
 
     ckpts = tmp_path / "moved" / "checkpoints"
     ckpts.mkdir(parents=True)
@@ -654,9 +655,9 @@ def test_best_checkpoint_found_after_the_run_directory_moved(tmp_path):
     trainer = SimpleNamespace(
         checkpoint_callbacks=[SimpleNamespace(filename="last", dirpath=str(ckpts), best_model_path=""), cb]
     )
-    assert _best_checkpoint(trainer, ckpts / "last.ckpt") == ckpts / "best.ckpt"
+    assert best_checkpoint(trainer, ckpts / "last.ckpt") == ckpts / "best.ckpt"
     cb.best_model_path = ""  # no validation yet: the last checkpoint
-    assert _best_checkpoint(trainer, ckpts / "last.ckpt") == ckpts / "last.ckpt"
+    assert best_checkpoint(trainer, ckpts / "last.ckpt") == ckpts / "last.ckpt"
 
 
 def test_a_moved_run_keeps_its_best_score_on_resume(write_config, tmp_path):
@@ -742,11 +743,11 @@ def test_cpu_budget_stops_training_and_resumes_with_the_time_spent(write_config,
     trains only the difference, and metrics.json says the budget ended the run."""
     import itertools
 
-    import multifi.train.run as run_module
+    import multifi.train.callbacks as callbacks_module
     from multifi.cli.main import main
 
     clock = itertools.count()
-    monkeypatch.setattr(run_module.time, "process_time", lambda: float(next(clock)))
+    monkeypatch.setattr(callbacks_module.time, "process_time", lambda: float(next(clock)))
     path = write_config(
         train={"epochs": 100, "batch_size": 2, "progress": False, "threads": 1, "warmup_steps": 0, "max_cpu_seconds": 5}
     )
@@ -769,14 +770,14 @@ def test_a_run_killed_after_it_stopped_resumes_to_the_same_model(write_config, t
     model and other test errors. Now it stops before any step and writes the run's own model.pt and metrics."""
     import itertools
 
-    import multifi.train.run as run_module
+    import multifi.train.callbacks as callbacks_module
 
     train_cfg = {"epochs": 1000, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0, "lr": 0.01}
     if stop == "early_stopping":
         train_cfg.update(max_steps=400, val_every_n_steps=2, early_stopping_steps=5, monitor="hi", ema_decay=0.0)
     else:
         clock = itertools.count()  # a fake CPU clock: 1 s per reading
-        monkeypatch.setattr(run_module.time, "process_time", lambda: float(next(clock)))
+        monkeypatch.setattr(callbacks_module.time, "process_time", lambda: float(next(clock)))
         train_cfg.update(max_cpu_seconds=5, early_stopping_patience=None)
     cfg = load_config(write_config(train=train_cfg, output_dir=str(tmp_path / "run")), [])
     run_dir = train(cfg)
@@ -867,9 +868,10 @@ def test_resume_without_a_data_copy_after_a_data_file_was_edited_is_an_error(
 def test_a_run_stopped_early_inside_an_epoch_continues_that_epoch_on_resume(write_config, tmp_path, monkeypatch):
     """Early stopping at a validation inside an epoch (val_every_n_steps), then a resume that trains on (e.g. with
     more patience): the run continues the cut epoch where it stopped, so its weights equal an uninterrupted run's."""
-    import multifi.train.run as run_module
+    import multifi.train.trainer as trainer_module
 
-    class StopAtStep7(run_module.RunEarlyStopping):  # early stopping whose decision is known: at step 7's validation
+    # early stopping whose decision is known: at step 7's validation
+    class StopAtStep7(trainer_module.RunEarlyStopping):
         def _run_early_stopping_check(self, trainer):
             trainer.should_stop = trainer.should_stop or trainer.global_step == 7
 
@@ -878,7 +880,7 @@ def test_a_run_stopped_early_inside_an_epoch_continues_that_epoch_on_resume(writ
     cut = load_config(
         write_config(name="cut.yaml", train={**train_cfg, "max_steps": 21}, output_dir=str(tmp_path / "cut"))
     )
-    monkeypatch.setattr(run_module, "RunEarlyStopping", StopAtStep7)
+    monkeypatch.setattr(trainer_module, "RunEarlyStopping", StopAtStep7)
     train(cut)
     first = ckpt(tmp_path / "cut" / "checkpoints" / "last.ckpt")
     assert first["global_step"] == 7 and first["MultiFidelityData"]["batches_done"] == 2  # 5 steps per epoch
@@ -937,16 +939,16 @@ def test_a_resume_from_an_epoch_end_checkpoint_trains_like_a_run_that_never_stop
             if trainer.global_step == 11 and not cut.exists():
                 shutil.copytree(tmp_path / "s", cut)
 
-    build = run_module._build_trainer
+    build = run_module.build_trainer
 
     def with_copy(*args, **kwargs):
         trainer = build(*args, **kwargs)
         trainer.callbacks.append(CopyAtStep11())
         return trainer
 
-    monkeypatch.setattr(run_module, "_build_trainer", with_copy)
+    monkeypatch.setattr(run_module, "build_trainer", with_copy)
     train(straight)
-    monkeypatch.setattr(run_module, "_build_trainer", build)
+    monkeypatch.setattr(run_module, "build_trainer", build)
     saved = ckpt(cut / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 10 and saved["MultiFidelityData"]["batches_done"] == 5  # the epoch-end save
     resumed = load_config(cut / "config.yaml")
@@ -1004,7 +1006,7 @@ def test_a_resume_on_another_number_of_processes(write_config, tmp_path, caplog)
     or retrain samples) is a one-line error; at an epoch's end with a plateau schedule, a warning. Checkpoints
     without the record are not checked."""
     from multifi.config import load_config
-    from multifi.train.run import check_world
+    from multifi.train.resume import check_world
 
     def ckpt(world, batches_done):
         state = {"epoch": 3, "batches_done": batches_done}
@@ -1059,7 +1061,7 @@ def test_a_resume_sees_edits_to_qm9_label_tables_and_indices_files(tmp_path):
     """QM9 sources were recorded as no file, so an edited label table or indices file resumed silently on the old
     cached data; now both are fingerprinted like any data file (runs recorded before keep resuming)."""
     from multifi.config import validate_config
-    from multifi.train.run import SOURCES, check_sources_unchanged, source_fingerprints
+    from multifi.train.resume import SOURCES, check_sources_unchanged, source_fingerprints
 
     labels, indices = tmp_path / "gfn.csv", tmp_path / "idx.txt"
     labels.write_text("index,energy_eV\n1,-834.0\n2,-900.0\n")
@@ -1094,8 +1096,8 @@ def test_training_from_python_gives_back_the_callers_thread_count(write_config, 
     before = torch.get_num_threads()
     other = 1 if before != 1 else 2
     cfg = load_config(write_config(train={"threads": other, "max_steps": 2}, output_dir=str(tmp_path / "run")))
-    seen, real = [], run_module._quiet_lightning
-    monkeypatch.setattr(run_module, "_quiet_lightning", lambda: (seen.append(torch.get_num_threads()), real())[1])
+    seen, real = [], run_module.hush_lightning
+    monkeypatch.setattr(run_module, "hush_lightning", lambda: (seen.append(torch.get_num_threads()), real())[1])
     train(cfg)
     assert seen == [other] and torch.get_num_threads() == before
 
@@ -1108,7 +1110,7 @@ def test_a_resume_may_move_qm9_label_tables_and_names_the_setting_it_refuses(tmp
     import shutil
 
     from multifi.config import dump_config, validate_config
-    from multifi.train.run import SOURCES, check_resume_changes, source_fingerprints
+    from multifi.train.resume import SOURCES, check_resume_changes, source_fingerprints
 
     first, moved = tmp_path / "first", tmp_path / "moved with space"
     for folder in (first, moved):

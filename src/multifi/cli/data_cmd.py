@@ -185,7 +185,7 @@ def _check_labels(ds, known_units=()) -> None:
     from multifi.data.checks import check_repeated_geometries, doubtful_units
     from multifi.data.split import labelled_pairs
     from multifi.data.stats import fit_references
-    from multifi.train.run import report_references
+    from multifi.train.preflight import report_references
 
     check_repeated_geometries(ds)
     pairs = labelled_pairs(ds, np.arange(len(ds)))

@@ -552,13 +552,13 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False, resum
 def _resume_point(run_dir: Path, cfg: RunConfig) -> Path:
     """The checkpoint an unfinished extension continues from; one-line errors for a finished or foreign folder
     and for data files edited since it started."""
-    from multifi.train.run import _resume_checkpoint, check_checkpoint_settings, check_sources_unchanged
+    from multifi.train.resume import check_checkpoint_settings, check_sources_unchanged, resume_checkpoint
 
     if not _is_extension(run_dir):
         raise MultifiError(f"{run_dir}: not an extension's run directory (no config.yaml with an 'extend' section)")
     if (run_dir / "model.pt").exists():
         raise MultifiError(f"{run_dir}: the extension finished (model.pt is written); nothing to resume")
-    ckpt = _resume_checkpoint(run_dir)
+    ckpt = resume_checkpoint(run_dir)
     if ckpt is None:
         raise MultifiError(f"{run_dir}: the extension wrote no checkpoint before it stopped; remove it and start again")
     check_sources_unchanged(run_dir, cfg, copied=False)
@@ -570,20 +570,10 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
     from multifi.logs import is_leader_process
     from multifi.models.registry import load_potential
     from multifi.train.datamodule import MultiFidelityData
-    from multifi.train.run import (
-        SOURCES,
-        _configure_threads,
-        _log_result,
-        _quiet_lightning,
-        _training_progress,
-        check_something_trains,
-        check_warmup,
-        final_checkpoint,
-        fit_or_interrupt,
-        make_trainer,
-        source_fingerprints,
-        unmeasured_monitor,
-    )
+    from multifi.train.preflight import check_something_trains, check_warmup, unmeasured_monitor
+    from multifi.train.resume import SOURCES, source_fingerprints
+    from multifi.train.run import configure_threads, hush_lightning, log_result
+    from multifi.train.trainer import final_checkpoint, fit_or_interrupt, make_trainer, training_progress
 
     x = cfg.extend
     where = config_source or x.model
@@ -595,8 +585,8 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
     _say_if_checkpoint(x.model, old)
     like = check_request(old, x, where)
     cfg = _with_model_precision(with_backbone_defaults(cfg, old.config.backbone), old, where)
-    _configure_threads(cfg)
-    _quiet_lightning()
+    configure_threads(cfg)
+    hush_lightning()
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     table = FidelityTable([*old.fidelities.names, x.fidelity])
@@ -686,8 +676,8 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
         contact = np.zeros_like(contact)
     best.head.record_contacts(contact, reach if bool(best.head.reach.any()) else None)
     doubtful = _with_old_doubtful_units(doubtful, find_old_run(x), old.fidelities.names)
-    progress = {"checkpoint": str(best_path), **_training_progress(trainer, best_path), "doubtful_units": doubtful}
-    _log_result(_finish(cfg, old, best, data, pairs, table, old_run, replay, progress), run_log)
+    progress = {"checkpoint": str(best_path), **training_progress(trainer, best_path), "doubtful_units": doubtful}
+    log_result(_finish(cfg, old, best, data, pairs, table, old_run, replay, progress), run_log)
     if run_data is not None:  # without the old run's data the run keeps none (a further extension cannot replay)
         save_run_data(run_dir, *run_data)
     return run_dir
@@ -898,7 +888,7 @@ def _fit_new_baseline(
     known_fitted = head.fitted[:, :k].cpu().numpy()
     new = fit_new_fidelity(ds, train_pairs, k, known_ref, known_fitted)
     if new.open(0):
-        from multifi.train.run import warn_open_references
+        from multifi.train.preflight import warn_open_references
 
         warn_open_references(potential.fidelities.names[k], new.open(0))
     ref = head.ref.detach().double().cpu().numpy().copy()
