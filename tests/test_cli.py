@@ -300,7 +300,7 @@ def test_evaluate_warns_when_the_data_holds_the_models_training_structures(
     only are said apart (their labels are held out: they counted as trained on before)."""
     import logging
 
-    from multifi.train.extend import load_old_run
+    from multifi.train.extension_data import load_old_run
 
     _, run_dir = cli_run
     old = load_old_run(run_dir)

@@ -336,7 +336,7 @@ def test_old_run_without_its_dataset_cache_reads_its_sources_again(old_run, tmp_
     read the run's data sources again and give the same numbers; unreadable sources are a one-line error."""
     import shutil
 
-    from multifi.train.extend import load_old_run
+    from multifi.train.extension_data import load_old_run
 
     copy = tmp_path / "copy"
     shutil.copytree(old_run, copy)
@@ -477,7 +477,8 @@ def test_forgetting_is_measured_on_the_same_structures_before_and_after(tmp_path
     """A test structure with an element the old model never trained on is left out of both sides (the old model
     cannot predict it, an extended model that learned the element can): before and after count the same."""
     from multifi.data.dataset import FidelityDataset
-    from multifi.train.extend import OldRun, _forgetting
+    from multifi.train.extend import _forgetting
+    from multifi.train.extension_data import OldRun
 
     old, _ = saved_model(tmp_path)
     new = copy.deepcopy(old)
@@ -505,7 +506,8 @@ def test_forgetting_compares_the_metrics_without_estimated_references_too(tmp_pa
     change is reported like the others' (it made extend fail after training)."""
     from multifi.data.dataset import FidelityDataset
     from multifi.keys import ENERGY_MAE, FITTED_ONLY
-    from multifi.train.extend import OldRun, _forgetting
+    from multifi.train.extend import _forgetting
+    from multifi.train.extension_data import OldRun
 
     old, _ = saved_model(tmp_path)
     with torch.no_grad():
@@ -632,7 +634,7 @@ def test_new_labels_of_the_old_runs_structures_keep_their_split(old_run, tmp_pat
     from conftest import tiny_frames
 
     from multifi.data.split import random_split
-    from multifi.train.extend import _log_followed_split, follow_split, load_old_run
+    from multifi.train.extension_data import follow_split, load_old_run, log_followed_split
 
     old = load_old_run(old_run)
     seen = [a for a in tiny_frames() if a.info["fidelity"] == "lo"]  # the 40 geometries of the old run
@@ -651,7 +653,7 @@ def test_new_labels_of_the_old_runs_structures_keep_their_split(old_run, tmp_pat
     split = random_split(ds.keys, 0.2, 0.2, 1)
     moved = follow_split(split, ds, old)
     with caplog.at_level("INFO", logger="multifi"):
-        _log_followed_split(ds, old)  # what extend says once the data merged
+        log_followed_split(ds, old)  # what extend says once the data merged
     assert "40 of the 50 new structures are in the model's run" in caplog.text
     old_split = {
         name: set(old.dataset.keys[np.unique(getattr(old, name)[:, 0])].tolist()) for name in ("train", "val", "test")
@@ -698,7 +700,7 @@ def test_an_extension_can_be_extended_again_with_replay_of_every_fidelity(old_ru
     """An extension run keeps the data of every fidelity its model knows (dataset.npz, pairs.npz): a second
     extension replays the first one's fidelity and measures forgetting on all of them, the first extension's
     new fidelity on the same test structures (and with the same errors) as that extension reported."""
-    from multifi.train.extend import load_old_run
+    from multifi.train.extension_data import load_old_run
 
     common = ["--max-steps", "2", "--set", "train.progress=false", "--set", "train.threads=1", "--train", "all"]
     first = tmp_path / "ext"
@@ -763,7 +765,7 @@ def test_extension_run_data_without_an_old_run_and_with_a_key_clash(old_run, tmp
     assert main([*args, "--out", str(tmp_path / "x"), "--replay", "0.5", *common]) == 2
     assert "extend.replay needs the model's run directory" in capsys.readouterr().err
     # a key clash with the old run's structures
-    from multifi.train.extend import load_old_run
+    from multifi.train.extension_data import load_old_run
 
     key = str(load_old_run(old_run).dataset.keys[0])
     frames = ase.io.read(data, ":")
@@ -781,7 +783,7 @@ def test_extension_run_data_without_an_old_run_and_with_a_key_clash(old_run, tmp
 
 
 def test_calibrate_an_extension_run_uses_the_pairs_it_trained_on(old_run, tmp_path):
-    from multifi.train.extend import load_old_run
+    from multifi.train.extension_data import load_old_run
     from multifi.uncertainty import _run_data
 
     common = ["--max-steps", "2", "--set", "train.progress=false", "--set", "train.threads=1", "--train", "all"]
@@ -1014,7 +1016,7 @@ def test_new_labels_on_old_test_geometries_under_new_keys_are_warned(old_run, tm
     ones in its training set make test errors and the forgetting report optimistic, warned as `train` warns."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    from multifi.train.extend import load_old_run
+    from multifi.train.extension_data import load_old_run
 
     run = load_old_run(old_run)
     tests = np.unique(run.test[:, 0]).tolist()
@@ -1173,7 +1175,7 @@ def test_new_labels_on_keyless_copies_of_the_old_runs_structures_join_them_and_k
     """New-fidelity labels on the old run's structures, written without keys and to 1e-6 Å: each copy is the old
     structure (one structure with the old and the new labels, in its old split). Before, the copies' keys were
     looked up after merging gave them the first copy's key: a bare KeyError."""
-    from multifi.train.extend import load_old_run
+    from multifi.train.extension_data import load_old_run
     from multifi.uncertainty import _run_data
 
     old = load_old_run(old_run)
@@ -1265,7 +1267,7 @@ def test_rotated_and_reordered_copies_of_the_old_runs_molecules_keep_their_split
     from multifi.config import SourceConfig
     from multifi.data.same_geometry import MoleculeTable
     from multifi.data.sources import read_sources
-    from multifi.train.extend import _log_followed_split, _old_split_of, load_old_run
+    from multifi.train.extension_data import load_old_run, log_followed_split, old_split_of
 
     old = load_old_run(old_run)
     frames = []
@@ -1278,10 +1280,10 @@ def test_rotated_and_reordered_copies_of_the_old_runs_molecules_keep_their_split
     ase.io.write(tmp_path / "rotated.extxyz", frames, format="extxyz")
     ds = read_sources([SourceConfig(path=str(tmp_path / "rotated.extxyz"))])
     with caplog.at_level("INFO", logger="multifi"):
-        _log_followed_split(ds, old)
+        log_followed_split(ds, old)
     assert f"{len(ds)} of the {len(ds)} new structures are in the model's run" in caplog.text
     table = MoleculeTable(old.dataset, 3e-4)
-    assigned = _old_split_of(ds, old)
+    assigned = old_split_of(ds, old)
     for s in range(len(ds)):
         t = table.find(ds, s)
         assert t is not None and any(t in getattr(old, n)[:, 0] for n in (assigned[s],))

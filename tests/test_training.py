@@ -225,7 +225,7 @@ def test_a_run_split_by_position_resumes_and_is_read_back_as_it_trained(write_co
     uncertainty fit), use that order, not the key order of newer runs (which would move test structures into
     training silently, or refuse the resume)."""
     from multifi.cli.main import main
-    from multifi.train.extend import load_old_run
+    from multifi.train.extension_data import load_old_run
 
     path = write_config(train={"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0})
     raw = yaml.safe_load(path.read_text())
@@ -255,7 +255,7 @@ def test_the_labels_train_limits_kept_are_recorded_and_read_back_from_the_record
     the LLPR fit read that record, not a new draw (so a later change of how limits draw cannot move them); a
     damaged record is a one-line error."""
     from multifi.data.split import TRAIN_LABELS
-    from multifi.train.extend import load_old_run
+    from multifi.train.extension_data import load_old_run
     from multifi.uncertainty import _run_data
 
     train_cfg = {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0}

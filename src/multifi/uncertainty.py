@@ -364,7 +364,7 @@ def _run_data(run_dir: Path):
     """A run's dataset and its training and validation pairs, as it trained (an extension run: its pairs.npz)."""
     from multifi.data.dataset import FidelityDataset
     from multifi.data.split import TRAIN_LABELS, read_train_labels
-    from multifi.train.extend import PAIRS, load_old_run
+    from multifi.train.extension_data import PAIRS, load_old_run
     from multifi.train.prepare import prepare_data
     from multifi.train.run_config import load_run_config
 

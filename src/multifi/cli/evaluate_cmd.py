@@ -539,7 +539,7 @@ def _trained_keys(checkpoint) -> tuple[set[tuple[str, str | None]], object]:
 
     from multifi.errors import MultifiError
     from multifi.models.registry import run_dir_of
-    from multifi.train.extend import PAIRS, load_old_run
+    from multifi.train.extension_data import PAIRS, load_old_run
 
     run = run_dir_of(checkpoint)
     split_files = [run / name for name in ("splits.json", "splits.npz", PAIRS)]
