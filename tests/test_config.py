@@ -315,3 +315,31 @@ def test_a_run_config_without_later_settings_reads_as_the_run_was_made(tmp_path)
     assert now.data.split.order == "key" and now.data.sources[0].stress_order == "voigt"
     dumped = yaml.safe_load(dump_config(fresh))  # what a run writes: both settings spelled out
     assert dumped["data"]["split"]["order"] == "key" and dumped["data"]["sources"][0]["stress_order"] == "voigt"
+
+
+@pytest.mark.parametrize("val, test, ok", [(0.5, 0.5, False), (0.6, 0.5, False), (0.45, 0.5, True), (0.0, 0.0, True)])
+def test_split_fractions_must_leave_a_share_for_training(val, test, ok):
+    """val 0.5 + test 0.5 passed and, rounded, left one training structure of 81; any val + test ≥ 1 is an error."""
+    raw = minimal(data={"sources": [{"path": "x.xyz"}], "split": {"val": val, "test": test}})
+    if ok:
+        validate_config(raw, "run.yaml")
+    else:
+        one_line_error(raw, r"data.split: val=.* and test=.* leave no share of the structures for training", "run.yaml")
+
+
+def test_an_override_that_replaces_a_whole_section_says_what_falls_back(tmp_path, caplog):
+    """`--set model={backbone: painn}` replaces the model section: the config's features and interactions fell back to
+    their defaults without a word (features 16 → 128). Now a warning names them; setting one key says nothing."""
+    import logging
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal(model={"backbone": "painn", "features": 16, "interactions": 1})))
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        cfg = load_config(path, ["model.cutoff=4.0", "train.fidelity_sampling={a: 1}"])
+    assert cfg.model.features == 16 and not caplog.records
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        cfg = load_config(path, ["model={backbone: painn}"])
+    assert cfg.model.features == 128
+    assert (
+        "--set model={backbone: painn} replaces the whole model section: features: 16, interactions: 1" in caplog.text
+    )

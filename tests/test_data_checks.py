@@ -505,3 +505,51 @@ def test_isolated_atoms_that_inflate_the_energy_scale_are_said(boxes, caplog):
     cu.info.update(fidelity="EMT")
     assert not isolated_atoms(FidelityDataset.from_records([_record(cu, None, "cu.xyz")])).any()  # images at 2.5 Å
     assert isolated_atoms(ds)[-3:].all() and not isolated_atoms(ds)[:-3].any()
+
+
+DEMO = Path(__file__).resolve().parents[1] / "src" / "multifi" / "demo_data" / "qm9_demo.extxyz.gz"
+
+
+@pytest.mark.parametrize("roll, said", [(0, None), (-1, "next"), (1, "previous"), ("swapped", "")])
+def test_energies_attached_to_the_wrong_structures_are_warned(roll, said, caplog):
+    """QM9 energies given to the neighbouring molecule (an index column off by one: test MAE 17 eV instead of 0.6 eV,
+    silently) lie eV/atom from what per-element references give; the check says so, and which way the labels moved.
+    A tenth of the labels swapped in pairs is said too; the labels as they are, not."""
+    from multifi.data.checks import check_energies_follow_compositions
+    from multifi.data.readers.ase_files import read_ase
+
+    ds = read_ase(DEMO)
+    k = ds.fidelities.index("GFN2-xTB")
+    s = np.flatnonzero(~np.isnan(ds.energy[:, k]))
+    if roll == "swapped":
+        pick = np.random.default_rng(0).choice(len(s), size=len(s) // 10, replace=False)
+        a, b = s[pick[::2]], s[pick[1::2]]
+        ds.energy[a, k], ds.energy[b, k] = ds.energy[b, k], ds.energy[a, k].copy()
+    elif roll:
+        ds.energy[s, k] = np.roll(ds.energy[s, k], roll)  # roll −1: each label is the next molecule's energy
+    pairs = np.stack([s, np.full(len(s), k)], 1)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        warned = check_energies_follow_compositions(ds, pairs)
+    assert warned == ([] if said is None else ["GFN2-xTB"])
+    assert ("energies attached to the wrong structures" in caplog.text) == (said is not None)
+    if said:
+        assert f"Each label fits the {said} structure in the data's order far better" in caplog.text
+    elif said == "":
+        assert "Each label fits" not in caplog.text
+
+
+def test_real_high_energy_crystals_are_not_taken_for_misplaced_energies(caplog):
+    """The shared solids (PBE and r2SCAN, high-energy structures up to 2.2 eV/atom from the composition fit, 0.4 % of
+    them beyond 1 eV/atom) pass the check."""
+    from multifi.data.checks import check_energies_follow_compositions
+    from multifi.data.readers.matpes import read_matpes
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "solids"
+    if not root.exists():
+        pytest.skip("shared solids data not on this machine")
+    for name in ("PBE", "R2SCAN"):
+        ds = read_matpes(root / f"{name}.jsonl.gz", stress_order="vasp")
+        pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            assert check_energies_follow_compositions(ds, pairs) == []
+    assert "wrong structures" not in caplog.text

@@ -214,3 +214,13 @@ def test_ghost_atoms_of_a_slab_without_vacuum_are_those_with_vacuum():
     assert len(p0) == len(p1) > 3 * len(slab) and (o0 == o1).all()
     np.testing.assert_allclose(p0, p1, atol=1e-9)
     np.testing.assert_allclose(p0[: len(slab)], slab.positions, atol=1e-9)
+
+
+def test_deploy_refuses_an_output_named_as_a_data_file(tmp_path, capsys):
+    """`--out model.extxyz` wrote a TorchScript file under a structure file's name (later readers take it for data):
+    a one-line error, nothing written."""
+    from test_cli import fails
+
+    for name in ("d.extxyz", "d.json", "d.csv"):
+        fails(["deploy", CKPT, "--fidelity", "R2SCAN", "--out", tmp_path / name], capsys, name, "name it *.pt")
+    assert not list(tmp_path.iterdir())

@@ -657,3 +657,54 @@ def test_fidelity_names_one_letter_apart_are_warned_about_naming_their_files(tmp
     assert one_letter_apart([*parts, "PBE/R2SCAN", "PBE/R2SCN", "B3LYP", "B3LyP"]) == [
         ("PBE/R2SCAN", "PBE/R2SCN")
     ]  # per part
+
+
+def test_an_extxyz_stress_that_is_not_symmetric_is_an_error(tmp_path):
+    """ASE turns an extxyz `stress="…"` into Voigt form from its upper triangle alone: a non-symmetric one (xy ≠ yx)
+    was read without a word. Now a one-line error naming the file and line; a symmetric one (9 values) reads."""
+    atoms = labelled(si(), fidelity="PBE")
+    path = tmp_path / "sym.extxyz"
+    ase.io.write(path, [atoms])
+    ok = read_ase(path)
+    expected = atoms.get_stress(voigt=False) / GPa
+    np.testing.assert_allclose(ok.stress[0, 0], expected, atol=1e-9)
+    text = path.read_text()
+    values = re.search(r'stress="([^"]*)"', text).group(1).split()
+    values[1] = str(float(values[1]) + 0.5)  # xy only
+    bad = tmp_path / "asym.extxyz"
+    bad.write_text(text.replace(re.search(r'stress="([^"]*)"', text).group(1), " ".join(values)))
+    with pytest.raises(MultifiError, match=r"asym\.extxyz: line 2: stress is not symmetric \(xy .* against yx"):
+        read_ase(bad)
+    six = tmp_path / "six.extxyz"
+    six.write_text(text.replace(re.search(r'stress="([^"]*)"', text).group(1), " ".join(["0.01"] * 6)))
+    with pytest.raises(MultifiError, match=r"six\.extxyz: line 2: stress has 6 values.*9 values row by row"):
+        read_ase(six)
+
+
+@pytest.mark.parametrize("cut", [0, 6])
+def test_an_extxyz_cut_mid_number_is_said(tmp_path, cut, caplog):
+    """A file cut short (an interrupted copy) mid-number reads, ASE taking the partial number as it stands: a
+    warning names the file. A complete file (ending in a newline) gets none; gzip-compressed the same."""
+    import gzip
+    import logging
+
+    path = tmp_path / "frames.extxyz"
+    ase.io.write(path, [labelled(molecule("H2O"), fidelity="PBE", stress=False, seed=i) for i in range(2)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - cut])
+    (tmp_path / "frames.extxyz.gz").write_bytes(gzip.compress(data[: len(data) - cut]))
+    for name in ("frames.extxyz", "frames.extxyz.gz"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            assert len(read_ase(tmp_path / name)) == 2
+        assert (f"{name}: does not end with a newline" in caplog.text) == bool(cut)
+
+
+def test_a_capitalised_fidelity_key_is_named_in_the_error(tmp_path):
+    """info['Fidelity'] is not info['fidelity']: the error for a frame without a fidelity says which key it has."""
+    atoms = labelled(molecule("H2O"), stress=False)
+    atoms.info["Fidelity"] = "PBE"
+    path = tmp_path / "cap.extxyz"
+    ase.io.write(path, [atoms])
+    with pytest.raises(MultifiError, match=r"it has info\['Fidelity'\] = 'PBE': the key read is 'fidelity'"):
+        read_ase(path)

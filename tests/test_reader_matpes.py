@@ -4,6 +4,7 @@ import copy
 import gzip
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -336,3 +337,22 @@ def test_a_functional_spelt_otherwise_than_the_models_fidelity_names_the_records
         assert main(["evaluate", str(model), str(path), "--out", str(tmp_path / "m.json"), *extra]) == 2
         err = capsys.readouterr().err
         assert "write" in err and "into each record's 'functional'" in err and "info['fidelity']" not in err, err
+
+
+@pytest.mark.parametrize(
+    "field, value, said",
+    [
+        ("nsites", 99, "nsites is 99 but its structure has 2 sites"),
+        ("nelements", 3, "nelements is 3 but its structure has 2"),
+        ("elements", ["Na", "K"], "elements is ['K', 'Na'] but its structure has ['Cl', 'Na']"),
+    ],
+)
+def test_a_record_whose_summary_disagrees_with_its_sites_is_an_error(tmp_path, field, value, said):
+    """A record whose structure was cut or swapped (its own nsites, nelements or elements say otherwise) is an error
+    naming the record, not a structure read with another's labels; the summary agreeing, or absent, reads."""
+    good = record("a", nsites=2, nelements=2, elements=["Cl", "Na"])
+    assert len(read_matpes(write_jsonl(tmp_path / "good.jsonl", [good, record("b")]))) == 2
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, record("c", **{field: value})])
+    with pytest.raises(MultifiError, match=re.escape(said)) as e:
+        read_matpes(path)
+    assert "bad.jsonl" in str(e.value) and "matpes_id c" in str(e.value) and "\n" not in str(e.value)

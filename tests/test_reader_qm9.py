@@ -308,3 +308,17 @@ def test_a_cut_wide_table_is_a_one_line_error(small_qm9, tmp_path):
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(MultifiError, match=r"wide\.csv\.gz: unreadable \(EOFError"):
         small_qm9.read_qm9(path)
+
+
+@pytest.mark.parametrize("end", ["\n", ""])
+def test_a_label_table_cut_mid_number_is_said(small_qm9, tmp_path, end, caplog):
+    """A table cut short by an interrupted copy ends without a newline, its last number read as it stands (-2.12 of
+    -2.123456): a warning names the file; a complete one (ending in a newline) gets none."""
+    import logging
+
+    path = tmp_path / "cut.csv"
+    path.write_text("index,energy_eV\n1,-1.0\n2,-2.12" + end)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        ds = qm9.read_qm9(path, fidelity="X")
+    assert ds.energy[-1, 0] == pytest.approx(-2.12)
+    assert ("cut.csv: does not end with a newline" in caplog.text) == (end == "")

@@ -784,3 +784,23 @@ def test_evaluate_names_labels_that_match_another_fidelity_far_better(
     assert len(said) == 1, said
     assert f"its {given} energy labels match the model's {made_at} predictions far better" in said[0]
     assert f"are they {made_at} labels?" in said[0] and "on 10 structures" in said[0]
+
+
+def test_training_on_data_without_a_single_energy_is_an_error(tmp_path, capsys):
+    """Energies under `Energy=` (not read) left forces only: training exited 0 with a model that knows no element
+    (every prediction an error). Now a one-line error before anything is written, naming energy_key."""
+    frames = [emt_labelled(rattled_molecule(m, i), "lo") for i, m in enumerate(("CH4", "NH3", "H2O") * 4)]
+    for a in frames:
+        a.calc.results.pop("energy")
+    path = tmp_path / "forces_only.extxyz"
+    ase.io.write(path, frames)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {"data": {"sources": [{"path": str(path)}]}, "model": TINY_MODEL, "output_dir": str(tmp_path / "run")}
+        )
+    )
+    code, _, err = run(["train", cfg], capsys)
+    assert code == 2 and not (tmp_path / "run").exists()
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("multifi: error: ") and "none of the" in last and "energy_key" in last

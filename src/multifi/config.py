@@ -159,6 +159,16 @@ class SplitConfig(Section):
     files: dict[Literal["train", "val", "test"], str | None] | None = None
     order: Literal["key", "position"] = "key"  # "position": runs of versions before this setting
 
+    @model_validator(mode="after")
+    def _some_left_to_train(self):
+        """A random split needs a share of the structures for training (val + test below 1; split files: any)."""
+        if not self.files and self.val + self.test >= 1:
+            raise ValueError(
+                f"val={self.val} and test={self.test} leave no share of the structures for training (val + test must "
+                "be below 1)"
+            )
+        return self
+
     @field_validator("files")
     @classmethod
     def _no_file_is_no_split(cls, files):
@@ -593,9 +603,34 @@ def apply_override(raw: dict, item: str, where: str = "config") -> None:
     if isinstance(node, list):
         node[_list_index(node, last, parts, item, where)] = parsed
     elif isinstance(node, dict):
+        _warn_section_replaced(node.get(last), parsed, ".".join(parts), item, where)
         node[last] = parsed
     else:
         raise MultifiError(f"{where}: --set {item}: {'.'.join(parts[:-1])} is a value ({node!r}), not a section")
+
+
+#: config sections (mappings of settings, not of names) that an override replaces whole
+SECTIONS = ("data", "model", "loss", "train", "extend", "data.split", "model.fidelity_embedding")
+
+
+def _warn_section_replaced(before, after, key: str, item: str, where: str) -> None:
+    """`--set model={backbone: painn}` replaces the whole section: the settings the config gave and the new mapping
+    leaves out fall back to their defaults. Said, with the way to set one setting."""
+    if key not in SECTIONS or not isinstance(before, dict) or not isinstance(after, dict):
+        return
+    dropped = [k for k in before if k not in after]
+    if dropped:
+        import logging
+
+        logging.getLogger("multifi").warning(
+            "%s: --set %s replaces the whole %s section: %s from the config fall back to their defaults (set one "
+            "setting with --set %s.KEY=VALUE)",
+            where,
+            item,
+            key,
+            ", ".join(f"{k}: {before[k]!r}" for k in dropped[:6]) + (" …" if len(dropped) > 6 else ""),
+            key,
+        )
 
 
 def _step(node, p: str, path: list[str], item: str, where: str):

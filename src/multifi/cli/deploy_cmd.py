@@ -33,6 +33,7 @@ def run(args) -> int:
     from multifi.cli.args import refuse_existing
     from multifi.deploy import deploy
 
+    _check_out_name(args.out)
     refuse_existing(args.out, force=args.force)  # another fidelity's or model's deployed file, say
 
     meta = deploy(args.checkpoint, args.fidelity, args.out, args.dtype, args.strict_references)
@@ -42,3 +43,33 @@ def run(args) -> int:
         + (f"; estimated references: {' '.join(meta['estimated_elements'])}" if meta["estimated_elements"] else "")
     )
     return 0
+
+
+#: suffixes of data, structure and text files: a deployed model written under one would be taken for such a file
+NOT_A_MODEL = (
+    ".extxyz",
+    ".xyz",
+    ".gz",
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".yaml",
+    ".yml",
+    ".txt",
+    ".db",
+    ".traj",
+    ".npz",
+    ".log",
+)
+
+
+def _check_out_name(out: str) -> None:
+    """--out must not name a data or text file (a TorchScript model written as out.extxyz misleads every later
+    reader); .pt is the convention."""
+    from pathlib import Path
+
+    from multifi.errors import MultifiError
+
+    suffix = Path(out).suffix.lower()
+    if suffix in NOT_A_MODEL:
+        raise MultifiError(f"{out}: --out names a {suffix} file; a deployed model is a TorchScript file: name it *.pt")

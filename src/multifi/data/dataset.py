@@ -553,6 +553,11 @@ class FidelityDataset:
             raise MultifiError(f"{path}: not a multifi dataset file ({type(exc).__name__}: {first})") from None
 
 
+#: a 3×3 stress whose xy and yx (and so on) differ by more than this times (1 + its largest |component|) is not a
+#: stress (rounding of written numbers stays far below; MatPES records: readers/matpes.STRESS_ASYMMETRY)
+STRESS_ASYMMETRY = 1e-5
+
+
 def voigt_or_matrix(stress, where: str = "") -> np.ndarray:
     """A 3×3 stress from a 3×3 matrix, its 9 values row by row (extxyz `REF_stress="…"`, as MACE writes them) or a
     6-vector Voigt (xx yy zz yz xz xy, ASE order)."""
@@ -560,6 +565,13 @@ def voigt_or_matrix(stress, where: str = "") -> np.ndarray:
     if s.shape == (9,):
         s = s.reshape(3, 3)
     if s.shape == (3, 3):
+        gap = np.abs(s - s.T)
+        if not gap.max() <= STRESS_ASYMMETRY * (1 + np.abs(s).max()):  # NaN passes: the label checks name it
+            i, j = np.unravel_index(np.argmax(gap), (3, 3))
+            raise MultifiError(
+                f"{where}: stress is not symmetric ({'xyz'[i]}{'xyz'[j]} {s[i, j]:g} against {'xyz'[j]}{'xyz'[i]} "
+                f"{s[j, i]:g}): a stress tensor is"
+            )
         return s
     if s.shape == (6,):
         xx, yy, zz, yz, xz, xy = s

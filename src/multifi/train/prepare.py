@@ -116,7 +116,19 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
             f"{config_source or 'config'}: {where} holds {len(split.train)} structure(s) and no label at the "
             "fidelities used: nothing to train on"
         )
+    _check_energies_to_train_on(ds, pairs["train"], config_source)
     return PreparedData(ds, split, pairs, settings)
+
+
+def _check_energies_to_train_on(ds: FidelityDataset, train: np.ndarray, config_source: str) -> None:
+    """At least one training label with an energy: the per-element reference energies are fitted to energies and
+    tell which elements the model knows, so forces alone would train a model that predicts for no element."""
+    if np.isnan(ds.energy[train[:, 0], train[:, 1]]).all():
+        raise MultifiError(
+            f"{config_source or 'config'}: none of the {len(train)} training labels has an energy (forces or stress "
+            "only): multifi fits per-element reference energies to energies and learns forces as their gradient, "
+            "so it needs energy labels; if the data names them otherwise, give the source's energy_key"
+        )
 
 
 def _compact(ds: FidelityDataset, split: Split, used: np.ndarray):

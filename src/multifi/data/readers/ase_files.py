@@ -14,6 +14,7 @@ from multifi.config import name_problem
 from multifi.data.cells import check_cell
 from multifi.data.dataset import FidelityDataset, voigt_or_matrix
 from multifi.errors import SKIP_INVALID_HINT, MultifiError, NoFidelityError
+from multifi.files import warn_if_cut_short
 
 log = logging.getLogger("multifi")
 
@@ -278,13 +279,60 @@ def _text_frames(path: Path, fmt: str, index: str) -> Iterator:
 
     opener = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}.get(path.suffix.lower())
     if opener is None:
+        if fmt == "extxyz":
+            import mmap
+
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
+                check_stress_symmetry(text, path)
         yield from ase.io.iread(str(path), index=index)
+        if fmt in TEXT_FORMATS:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                warn_if_cut_short(path, f.read(1).decode("latin-1"))
         return
     import importlib
 
     with importlib.import_module(opener).open(path, "rt") as f:
         text = io.StringIO(f.read())
+    if fmt == "extxyz":
+        check_stress_symmetry(text.getvalue().encode(), path)
     yield from ase.io.iread(text, index=index, format=fmt)
+    if fmt in TEXT_FORMATS:
+        warn_if_cut_short(path, text.getvalue()[-1:])
+
+
+_STRESS_3X3 = re.compile(rb'(?:^|[ \t])stress="([^"]*)"', re.MULTILINE)
+
+
+def check_stress_symmetry(text, path: Path) -> None:
+    """Every `stress="…"` of an extxyz file is a symmetric 3×3 (one-line errors naming the line otherwise): ASE turns
+    it into Voigt form from its upper triangle alone, so a non-symmetric one would be read without a word, and it
+    fails on 6 values with a message about a "special 3x3 matrix". `text`: the
+    file's bytes (or a memory map of them)."""
+    for match in _STRESS_3X3.finditer(text):
+        values = match.group(1).split()
+        if len(values) == 6:
+            line = bytes(text[: match.start()]).count(b"\n") + 1
+            raise MultifiError(
+                f"{path}: line {line}: stress has 6 values; ASE reads the extxyz key stress as a 3×3 matrix only: "
+                "write its 9 values row by row, or keep the 6 (xx yy zz yz xz xy) under another key and name it "
+                "(stress_key)"
+            )
+        if len(values) != 9:
+            continue  # a malformed list: ASE's reader says what is wrong
+        try:
+            s = np.array(values, dtype=np.float64).reshape(3, 3)
+        except ValueError:
+            continue
+        try:
+            voigt_or_matrix(s, "")
+        except MultifiError as exc:
+            line = bytes(text[: match.start()]).count(b"\n") + 1
+            raise MultifiError(f"{path}: line {line}{exc}") from None
+
+
+#: ASE formats of text files whose last line a cut could shorten unnoticed (warn_if_cut_short)
+TEXT_FORMATS = ("extxyz", "xyz")
 
 
 def _gist(exc: Exception) -> str:
@@ -405,6 +453,12 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
     try:  # after the labels: a file of none says so
         fid = source_fidelity(named, fidelity, where, field or "the source")
     except NoFidelityError as exc:
+        alike = [k for k in atoms.info if k != "fidelity" and k.strip().lower() == "fidelity"]
+        if alike:  # Fidelity=, FIDELITY=: the key read is 'fidelity'
+            raise NoFidelityError(
+                f"{exc}; it has info[{alike[0]!r}] = {str(atoms.info[alike[0]])!r}: the key read is 'fidelity' "
+                "(lower case)"
+            ) from None
         if atoms.info.get("head") in (None, ""):  # (config_type is a kind of structure, not a method)
             raise
         raise NoFidelityError(  # MACE's multi-head files name the level of theory in info['head']

@@ -98,6 +98,7 @@ def matpes_record(raw, fidelity: str | None, where: str, stress_order: str = "vo
     fid = source_fidelity(raw.get("functional"), fidelity, where, "the record's 'functional'")
     numbers, positions, cell, pbc = structure_arrays(raw["structure"], where)
     n = len(numbers)
+    _check_summary(raw, numbers, where)
     lab = {"energy": _numbers(raw["energy"], (), "energy", where)}
     if raw.get("forces") is not None:
         lab["forces"] = _numbers(raw["forces"], (n, 3), "forces", where)
@@ -107,6 +108,27 @@ def matpes_record(raw, fidelity: str | None, where: str, stress_order: str = "vo
     if raw.get("matpes_id") is not None:
         rec["key"] = f"matpes:{raw['matpes_id']}"
     return rec
+
+
+def _check_summary(raw: dict, numbers: np.ndarray, where: str) -> None:
+    """The record's own summary of its structure (nsites, nelements, elements as symbols), where given, agrees with
+    its sites: a record whose structure was cut or swapped is an error, not a structure read with another's labels.
+    Fields of another form (pymatgen Element objects, text) are not compared."""
+    from ase.data import chemical_symbols
+
+    symbols = sorted({chemical_symbols[z] for z in numbers})
+    found = {"nsites": len(numbers), "nelements": len(symbols), "elements": symbols}
+    for field, have in found.items():
+        value = raw.get(field)
+        if field == "elements":
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                continue
+            value = sorted(value)
+        elif not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if value != have:
+            unit = " sites" if field == "nsites" else ""
+            raise MultifiError(f"{where}: {field} is {value!r} but its structure has {have!r}{unit}")
 
 
 def structure_arrays(st, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 from multifi.data.dataset import FidelityDataset, ranges
 from multifi.data.fidelity import FidelityTable
 from multifi.errors import SKIP_INVALID_HINT, MultifiError, NoFidelityError
-from multifi.files import atomic_write, reported
+from multifi.files import atomic_write, reported, warn_if_cut_short
 from multifi.units import HARTREE_EV
 
 log = logging.getLogger(__name__)
@@ -374,6 +374,7 @@ def _read_label_text(path: Path) -> bytes:
     except (OSError, EOFError) as exc:
         raise MultifiError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
     raw = raw.replace(b"\r", b"").removeprefix(b"\xef\xbb\xbf")
+    warn_if_cut_short(path, raw[-1:].decode("latin-1"))
     header, _, body = raw.partition(b"\n")
     if header.strip().decode(errors="replace") != LABEL_HEADER:
         raise MultifiError(f"{path}: wrong header {header[:60].decode(errors='replace')!r}, expected {LABEL_HEADER!r}")
