@@ -553,3 +553,60 @@ def test_real_high_energy_crystals_are_not_taken_for_misplaced_energies(caplog):
         with caplog.at_level(logging.WARNING, logger="multifi"):
             assert check_energies_follow_compositions(ds, pairs) == []
     assert "wrong structures" not in caplog.text
+
+
+def test_far_from_equilibrium_data_of_few_compositions_is_not_taken_for_misplaced_energies(caplog):
+    """Dissociation curves of five diatomics and one element's clusters (EMT) lie eV/atom from a composition fit by
+    design; with so few compositions the fit says nothing about misplaced labels, and the check stays silent."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.cluster import Icosahedron
+
+    from multifi.data.checks import check_energies_follow_compositions
+
+    def labelled(atoms):
+        atoms.calc = EMT()
+        return {
+            "numbers": atoms.numbers,
+            "positions": atoms.positions,
+            "cell": atoms.cell.array,
+            "pbc": atoms.pbc,
+            "labels": {"EMT": {"energy": atoms.get_potential_energy()}},
+        }
+
+    curves = [
+        labelled(ase.Atoms(m, [[0, 0, 0], [0, 0, d]]))
+        for m in ("H2", "N2", "O2", "CO", "NO")
+        for d in np.linspace(0.6, 4.0, 30)
+    ]
+    cu = [labelled(bulk("Cu", cubic=True, a=a)) for a in np.linspace(3.3, 3.9, 25)]
+    cu += [labelled(ase.Atoms("Cu2", [[0, 0, 0], [0, 0, d]])) for d in np.linspace(1.8, 5.0, 30)]
+    cu += [labelled(Icosahedron("Cu", shells)) for shells in (2, 3)]
+    for records in (curves, cu):
+        ds = FidelityDataset.from_records(records, source="far.extxyz")
+        pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            assert check_energies_follow_compositions(ds, pairs) == []
+    assert not caplog.records
+
+
+def test_training_checks_energies_against_compositions_also_for_units_known(caplog):
+    """doubtful_units runs the composition check on every fidelity, data.units_known ones too (known units do not
+    place labels on the right structures), and not on one whose units it already doubts."""
+    from multifi.data.checks import doubtful_units
+    from multifi.data.readers.ase_files import read_ase
+
+    ds = read_ase(DEMO)
+    k = ds.fidelities.index("GFN2-xTB")
+    s = np.flatnonzero(~np.isnan(ds.energy[:, k]))
+    ds.energy[s, k] = np.roll(ds.energy[s, k], 1)
+    pairs = np.stack([s, np.full(len(s), k)], 1)
+    ref, scale = fit_baseline(ds, pairs)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        doubtful_units(ds, pairs, ref, scale, known=["GFN2-xTB"])
+    assert "energies attached to the wrong structures" in caplog.text
+    caplog.clear()
+    ds.energy[s, k] /= HARTREE  # now a unit doubt: that warning, not this one
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert doubtful_units(ds, pairs, *fit_baseline(ds, pairs)) == {"energy": ["GFN2-xTB"]}
+    assert "look like Hartree" in caplog.text and "wrong structures" not in caplog.text

@@ -708,3 +708,31 @@ def test_a_capitalised_fidelity_key_is_named_in_the_error(tmp_path):
     ase.io.write(path, [atoms])
     with pytest.raises(MultifiError, match=r"it has info\['Fidelity'\] = 'PBE': the key read is 'fidelity'"):
         read_ase(path)
+
+
+def test_stress_symmetry_is_checked_in_the_files_units_and_only_for_the_stress_read(tmp_path):
+    """A 9-value REF_stress (MACE's convention) with the rounding of written numbers (5e-7 eV/Å³ between xy and yx)
+    reads, symmetrised; one asymmetric beyond rounding is an error naming the frame. An asymmetric `stress="…"` of
+    another level of theory that the source does not read (keys named REF_*) does not stop the file."""
+    atoms = labelled(si(), fidelity="PBE", stress=False)
+    s = np.array([[0.01, 0.2, 0.003], [0.2, 0.02, 0.004], [0.003, 0.004, 0.03]])
+    atoms.info["REF_stress"] = (s + np.array([[0, 5e-7, 0], [0, 0, 0], [0, 0, 0]])).reshape(9)
+    atoms.info["REF_energy"] = -10.0
+    path = tmp_path / "ref.extxyz"
+    ase.io.write(path, [atoms])
+    text = path.read_text()
+    ok = read_ase(path, keys={"energy": "REF_energy", "stress": "REF_stress"})
+    np.testing.assert_allclose(ok.stress[0, 0] * GPa, s, atol=1e-6)
+    assert np.array_equal(ok.stress[0, 0], ok.stress[0, 0].T)
+    bad = tmp_path / "ref_bad.extxyz"
+    atoms.info["REF_stress"] = (s + np.array([[0, 0.05, 0], [0, 0, 0], [0, 0, 0]])).reshape(9)
+    ase.io.write(bad, [atoms])
+    with pytest.raises(MultifiError, match=r"ref_bad\.extxyz: frame 0.*stress is not symmetric"):
+        read_ase(bad, keys={"energy": "REF_energy", "stress": "REF_stress"})
+    unused = tmp_path / "unused.extxyz"
+    asym = " ".join(str(v) for v in (s + np.array([[0, 0.5, 0], [0, 0, 0], [0, 0, 0]])).reshape(9))
+    unused.write_text(text.replace(" REF_energy=", f' stress="{asym}" REF_energy=', 1))
+    assert 'stress="' in unused.read_text()
+    assert len(read_ase(unused, keys={"energy": "REF_energy", "stress": "REF_stress"})) == 1
+    with pytest.raises(MultifiError, match="stress is not symmetric"):
+        read_ase(unused)  # the default keys read that stress

@@ -610,7 +610,7 @@ def apply_override(raw: dict, item: str, where: str = "config") -> None:
 
 
 #: config sections (mappings of settings, not of names) that an override replaces whole
-SECTIONS = ("data", "model", "loss", "train", "extend", "data.split", "model.fidelity_embedding")
+SECTIONS = ("data", "model", "loss", "train", "extend", "model.fidelity_embedding")
 
 
 def _warn_section_replaced(before, after, key: str, item: str, where: str) -> None:

@@ -738,8 +738,9 @@ MISMATCH_SHARE = 0.05
 
 
 def check_energies_follow_compositions(dataset: FidelityDataset, pairs: np.ndarray, skip=frozenset()) -> list[str]:
-    """Warn for fidelities (at least 20 energy labels, more than elements + SMALL_SET_MARGIN) whose energies do not
-    follow their structures' compositions: more than MISMATCH_SHARE of them lie beyond MISMATCH_EV_PER_ATOM of
+    """Warn for fidelities (at least 20 energy labels, more distinct compositions than elements + SMALL_SET_MARGIN:
+    with fewer, the fit is an energy per atom that says nothing) whose energies do not follow their structures'
+    compositions: more than MISMATCH_SHARE of them lie beyond MISMATCH_EV_PER_ATOM of
     what per-element reference energies fitted to them give, as labels attached to the wrong structures do (an
     index column off by one, frames reordered after their energies were written). Said too when each label fits
     its neighbour in the data's order far better (an offset of one). Fidelities in `skip` (another unit suspected:
@@ -751,20 +752,25 @@ def check_energies_follow_compositions(dataset: FidelityDataset, pairs: np.ndarr
     for k, name in enumerate(dataset.fidelities.names):
         s = np.unique(pairs[pairs[:, 1] == k, 0])
         s = s[~np.isnan(dataset.energy[s, k])]
-        present = int((counts[s].sum(0) > 0).sum()) if len(s) else 0
-        if name in skip or len(s) < 20 or len(s) <= present + SMALL_SET_MARGIN:
+        if name in skip or len(s) < 20:
             continue
+        present = int((counts[s].sum(0) > 0).sum())
+        if len(np.unique(counts[s], axis=0)) <= present + SMALL_SET_MARGIN:
+            continue  # few compositions (one element's clusters, a few dissociation curves): the fit says nothing
         y = dataset.energy[s, k]
         off = _residual_per_atom(dataset, elements, counts, s, y)
-        far = np.abs(off - np.median(off)) > MISMATCH_EV_PER_ATOM
+        off -= np.median(off)
+        far = np.abs(off) > MISMATCH_EV_PER_ATOM
         if far.mean() <= MISMATCH_SHARE:
             continue
         warned.append(name)
         i = int(np.argmax(np.abs(off)))
         log.warning(
             "%s: %d of %d energies at fidelity %r lie more than %g eV/atom from what per-element reference energies "
-            "fitted to them give (e.g. structure %s: %+.2f eV/atom; real data: under 0.5 %% of labels so far off): "
-            "energies attached to the wrong structures (an index off by one, frames reordered)?%s",
+            "fitted to them give (e.g. structure %s: %+.2f eV/atom; the shared QM9 and MatPES-style data: under "
+            "0.5 %% of labels so far off): energies attached to the wrong structures (an index off by one, frames "
+            "reordered)? Data far from equilibrium by design (dissociation, high-energy configurations) can lie so "
+            "far too: then ignore this.%s",
             dataset.source_of(name),
             int(far.sum()),
             len(s),
@@ -788,7 +794,7 @@ def _residual_per_atom(dataset, elements, counts, s: np.ndarray, y: np.ndarray) 
 def _neighbour_fits_better(dataset, elements, counts, s, y, off) -> str:
     """For the warning above: " Each label fits the next structure …" when the labels moved by one place in the
     data's order fit their new structures with a 5× smaller RMS residual; "" otherwise."""
-    rms = float(np.sqrt(np.mean(off**2)))
+    rms = float(np.sqrt(np.mean(off**2)))  # (off: centred on its median; the moved labels' fit is not, a stricter test)
     for step, which in ((1, "next"), (-1, "previous")):
         moved = _residual_per_atom(
             dataset, elements, counts, s[step:] if step > 0 else s[:step], y[:-step] if step > 0 else y[-step:]
@@ -797,7 +803,7 @@ def _neighbour_fits_better(dataset, elements, counts, s, y, off) -> str:
         if better * 5 < rms:
             return (
                 f" Each label fits the {which} structure in the data's order far better (RMS {better:.3f} against "
-                f"{rms:.3f} eV/atom): an offset of one between labels and structures"
+                f"{rms:.3f} eV/atom): an offset of one between labels and structures."
             )
     return ""
 

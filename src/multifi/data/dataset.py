@@ -553,9 +553,24 @@ class FidelityDataset:
             raise MultifiError(f"{path}: not a multifi dataset file ({type(exc).__name__}: {first})") from None
 
 
-#: a 3×3 stress whose xy and yx (and so on) differ by more than this times (1 + its largest |component|) is not a
-#: stress (rounding of written numbers stays far below; MatPES records: readers/matpes.STRESS_ASYMMETRY)
+#: a 3×3 stress (or virial) in a file's own units whose xy and yx (and so on) differ by more than this times
+#: (1 + its largest |component|) is not a stress: rounding of written numbers stays far below (float32: ~1e-7 of
+#: the largest); MatPES records: readers/matpes.STRESS_ASYMMETRY
 STRESS_ASYMMETRY = 1e-5
+
+
+def symmetric_stress(s: np.ndarray, where: str) -> np.ndarray:
+    """A 3×3 stress (or virial) in a file's own units, symmetrised ((s + sᵀ)/2: the rounding of written numbers);
+    one asymmetric beyond STRESS_ASYMMETRY is a one-line error naming `where` (NaN passes: the label checks name it)."""
+    gap = np.abs(s - s.T)
+    bad = gap > STRESS_ASYMMETRY * (1 + np.abs(s[np.isfinite(s)]).max(initial=0.0))  # NaN compares False
+    if bad.any():
+        i, j = np.unravel_index(np.argmax(np.where(bad, gap, -1.0)), (3, 3))
+        raise MultifiError(
+            f"{where}: stress is not symmetric ({'xyz'[i]}{'xyz'[j]} {s[i, j]:g} against {'xyz'[j]}{'xyz'[i]} "
+            f"{s[j, i]:g}): a stress tensor is"
+        )
+    return 0.5 * (s + s.T)
 
 
 def voigt_or_matrix(stress, where: str = "") -> np.ndarray:
@@ -565,13 +580,6 @@ def voigt_or_matrix(stress, where: str = "") -> np.ndarray:
     if s.shape == (9,):
         s = s.reshape(3, 3)
     if s.shape == (3, 3):
-        gap = np.abs(s - s.T)
-        if not gap.max() <= STRESS_ASYMMETRY * (1 + np.abs(s).max()):  # NaN passes: the label checks name it
-            i, j = np.unravel_index(np.argmax(gap), (3, 3))
-            raise MultifiError(
-                f"{where}: stress is not symmetric ({'xyz'[i]}{'xyz'[j]} {s[i, j]:g} against {'xyz'[j]}{'xyz'[i]} "
-                f"{s[j, i]:g}): a stress tensor is"
-            )
         return s
     if s.shape == (6,):
         xx, yy, zz, yz, xz, xy = s

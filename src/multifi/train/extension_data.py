@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,8 +29,6 @@ from multifi.errors import MultifiError, NoFidelityError
 from multifi.train.run_config import load_run_config
 
 log = logging.getLogger("multifi")
-
-_HEAD = re.compile(r"^head\.mlps\.(\d+)\.(.+)$")
 
 
 @dataclass

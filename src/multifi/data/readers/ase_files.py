@@ -12,7 +12,7 @@ import numpy as np
 
 from multifi.config import name_problem
 from multifi.data.cells import check_cell
-from multifi.data.dataset import FidelityDataset, voigt_or_matrix
+from multifi.data.dataset import FidelityDataset, symmetric_stress, voigt_or_matrix
 from multifi.errors import SKIP_INVALID_HINT, MultifiError, NoFidelityError
 from multifi.files import warn_if_cut_short
 
@@ -60,7 +60,7 @@ def read_ase(
     per_atom_only = 0  # frames with per-atom energies (arrays['energies']) and no total energy read
     no_energy = 0  # other frames with forces or stress but no energy: trained on those alone
     charged = {"charge": 0, "spin": 0}  # frames with a net charge / a spin state the model cannot see
-    for i, atoms in enumerate(read_frames(path, index)):
+    for i, atoms in enumerate(read_frames(path, index, stress_key=keys.get("stress"))):
         for kind, flagged in _charge_and_spin(atoms.info).items():
             charged[kind] += flagged
         tag = f"frame {i} (0-based)" if index == ":" else f"frame {i} (0-based, of index {index!r})"
@@ -244,8 +244,9 @@ class InvalidLabels:
             )
 
 
-def read_frames(path: Path, index: str) -> Iterator:
-    """Atoms from the file, turning any reader failure into a one-line MultifiError."""
+def read_frames(path: Path, index: str, stress_key: str | None = None) -> Iterator:
+    """Atoms from the file, turning any reader failure into a one-line MultifiError. `stress_key`: the stress label
+    read (extxyz `stress="…"` is checked for symmetry when it is "stress", see check_stress_values)."""
     from ase.io.formats import UnknownFileTypeError, filetype
 
     if path.is_file() and path.stat().st_size == 0:  # as read_ase says it (ASE: "not a format it can read")
@@ -256,7 +257,9 @@ def read_frames(path: Path, index: str) -> Iterator:
         raise MultifiError(f"{path}: not a file format ASE can read ({_gist(exc)})") from None
     n = 0  # frames delivered so far = number of the frame that fails
     try:
-        frames = _db_frames(path, index) if fmt in ("db", "json") else _text_frames(path, fmt, index)
+        frames = (
+            _db_frames(path, index) if fmt in ("db", "json") else _text_frames(path, fmt, index, stress_key == "stress")
+        )
         for atoms in frames:
             yield atoms
             n += 1
@@ -270,9 +273,11 @@ def read_frames(path: Path, index: str) -> Iterator:
         raise MultifiError(f"{path}: no structures (index {index!r})")
 
 
-def _text_frames(path: Path, fmt: str, index: str) -> Iterator:
+def _text_frames(path: Path, fmt: str, index: str, stress_read: bool = False) -> Iterator:
     """ase.io.iread, but a compressed file is decompressed into memory first (ASE's extxyz reader seeks,
-    which on a gzip stream re-decompresses from the start: quadratic time)."""
+    which on a gzip stream re-decompresses from the start: quadratic time). An extxyz file's `stress="…"` values
+    are checked first (check_stress_values; for symmetry when `stress_read`), and a text file that does not end
+    with a newline is said to (warn_if_cut_short)."""
     import io
 
     import ase.io
@@ -282,8 +287,8 @@ def _text_frames(path: Path, fmt: str, index: str) -> Iterator:
         if fmt == "extxyz":
             import mmap
 
-            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
-                check_stress_symmetry(text, path)
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
+                check_stress_values(raw, path, stress_read)
         yield from ase.io.iread(str(path), index=index)
         if fmt in TEXT_FORMATS:
             with open(path, "rb") as f:
@@ -292,43 +297,49 @@ def _text_frames(path: Path, fmt: str, index: str) -> Iterator:
         return
     import importlib
 
-    with importlib.import_module(opener).open(path, "rt") as f:
-        text = io.StringIO(f.read())
+    with importlib.import_module(opener).open(path, "rb") as f:
+        raw = f.read()
     if fmt == "extxyz":
-        check_stress_symmetry(text.getvalue().encode(), path)
+        check_stress_values(raw, path, stress_read)
+    last = raw[-1:].decode("latin-1")
+    text = io.StringIO(raw.decode("utf-8", errors="replace"))
+    del raw
     yield from ase.io.iread(text, index=index, format=fmt)
     if fmt in TEXT_FORMATS:
-        warn_if_cut_short(path, text.getvalue()[-1:])
+        warn_if_cut_short(path, last)
 
 
-_STRESS_3X3 = re.compile(rb'(?:^|[ \t])stress="([^"]*)"', re.MULTILINE)
+_STRESS_3X3 = re.compile(rb'stress="([^"]*)"')
 
 
-def check_stress_symmetry(text, path: Path) -> None:
-    """Every `stress="…"` of an extxyz file is a symmetric 3×3 (one-line errors naming the line otherwise): ASE turns
-    it into Voigt form from its upper triangle alone, so a non-symmetric one would be read without a word, and it
-    fails on 6 values with a message about a "special 3x3 matrix". `text`: the
-    file's bytes (or a memory map of them)."""
-    for match in _STRESS_3X3.finditer(text):
+def check_stress_values(raw, path: Path, symmetric: bool = True) -> None:
+    """An extxyz file's `stress="…"` values, ahead of ASE (one-line errors naming the line): 6 values, on which ASE
+    fails with a message about a "special 3x3 matrix", and (`symmetric`: the key stress is read) a 3×3 that is not
+    symmetric, which ASE turns into Voigt form from its upper triangle alone, without a word. `raw`: the file's
+    bytes (or a memory map of them)."""
+    for match in _STRESS_3X3.finditer(raw):
+        start = match.start()
+        if start and raw[start - 1 : start] not in (b" ", b"\t", b"\n"):  # REF_stress=, my_stress=: another key
+            continue
         values = match.group(1).split()
         if len(values) == 6:
-            line = bytes(text[: match.start()]).count(b"\n") + 1
             raise MultifiError(
-                f"{path}: line {line}: stress has 6 values; ASE reads the extxyz key stress as a 3×3 matrix only: "
-                "write its 9 values row by row, or keep the 6 (xx yy zz yz xz xy) under another key and name it "
-                "(stress_key)"
+                f"{path}: line {_line_of(raw, start)}: stress has 6 values; ASE reads the extxyz key stress as a 3×3 "
+                "matrix only: write its 9 values row by row, or keep the 6 (xx yy zz yz xz xy) under another key and "
+                "name it (stress_key)"
             )
-        if len(values) != 9:
+        if not symmetric or len(values) != 9:
             continue  # a malformed list: ASE's reader says what is wrong
         try:
             s = np.array(values, dtype=np.float64).reshape(3, 3)
         except ValueError:
             continue
-        try:
-            voigt_or_matrix(s, "")
-        except MultifiError as exc:
-            line = bytes(text[: match.start()]).count(b"\n") + 1
-            raise MultifiError(f"{path}: line {line}{exc}") from None
+        symmetric_stress(s, f"{path}: line {_line_of(raw, start)}")
+
+
+def _line_of(raw, offset: int) -> int:
+    """1-based line number of byte `offset`."""
+    return bytes(raw[:offset]).count(b"\n") + 1
 
 
 #: ASE formats of text files whose last line a cut could shorten unnoticed (warn_if_cut_short)
@@ -443,7 +454,7 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
             raise MultifiError(f"{where}: forces have shape {lab['forces'].shape}, expected ({n}, 3)")
     stress = _get(atoms.info, results, keys.get("stress"))
     if stress is not None:
-        sigma = voigt_or_matrix(stress, where)  # eV/Å³ (eV for a virial)
+        sigma = symmetric_stress(voigt_or_matrix(stress, where), where)  # eV/Å³ (eV for a virial)
         if "virial" in keys["stress"].lower():
             sigma = _stress_from_virial(sigma, atoms, where, keys["stress"])
         lab["stress"] = sigma / GPa
@@ -453,10 +464,11 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
     try:  # after the labels: a file of none says so
         fid = source_fidelity(named, fidelity, where, field or "the source")
     except NoFidelityError as exc:
-        alike = [k for k in atoms.info if k != "fidelity" and k.strip().lower() == "fidelity"]
-        if alike:  # Fidelity=, FIDELITY=: the key read is 'fidelity'
+        read = field[6:-2] if field else None  # the key a fidelity is read from
+        alike = [k for k in atoms.info if read and k != read and str(k).strip().lower() == read]
+        if alike:  # Fidelity=, FIDELITY= where 'fidelity' is read
             raise NoFidelityError(
-                f"{exc}; it has info[{alike[0]!r}] = {str(atoms.info[alike[0]])!r}: the key read is 'fidelity' "
+                f"{exc}; it has info[{alike[0]!r}] = {str(atoms.info[alike[0]])!r}: the key read is {read!r} "
                 "(lower case)"
             ) from None
         if atoms.info.get("head") in (None, ""):  # (config_type is a kind of structure, not a method)
