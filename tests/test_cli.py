@@ -1167,6 +1167,17 @@ def test_evaluate_says_when_the_run_read_a_matpes_files_stress_in_another_order(
         assert np.allclose(written, [label_results(ds, i, 0)["stress"] for i in range(len(ds))], atol=1e-12)
     shear = [label_results(read_matpes(part, stress_order=o), 0, 0)["stress"][3:] for o in ("voigt", "vasp")]
     assert not np.allclose(*shear)  # the two orders differ for these records
+    # a MatPES file without stress labels has no order to mix up: nothing said
+    unstressed = write_jsonl(tmp_path / "no_stress.jsonl", [dict(r, stress=None) for r in records[:4]])
+    for command in (
+        ["evaluate", model, unstressed],
+        ["predict", model, unstressed, "--fidelity", "PBE", "--out", out, "--force"],
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            code, _, err = run(command, capsys)
+        assert code == 0, err
+        assert "stress order" not in caplog.text, caplog.text
     argv = ["predict", model, out, "--fidelity", "PBE", "--out", tmp_path / "q.extxyz", "--stress-order", "vasp"]
     code, _, err = run(argv, capsys)
     assert code == 2 and "p.extxyz: --stress-order applies to MatPES records, not to this file" in err

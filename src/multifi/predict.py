@@ -136,8 +136,11 @@ def predict_file(
     from multifi.models.registry import run_dir_of
     from multifi.train.run_config import warn_other_stress_order
 
-    warn_other_stress_order(run_dir_of(checkpoint), [str(structures)], stress_order)  # ref_stress as trained
     atoms_list = read_structures(str(structures), fidelities[0], index, stress_order)
+    has_stress = any(_holds_stress(a) for a in atoms_list)
+    warn_other_stress_order(
+        run_dir_of(checkpoint), [str(structures)], stress_order, has_stress
+    )  # ref_stress as trained
     check_atoms_elements(potential, atoms_list, str(path))
     predictions, sigmas, method = {}, {}, None
     warned: set = set()  # a structure's geometry warnings once, not once per fidelity
@@ -228,6 +231,12 @@ def _check_output_keys(fidelities: list[str], sigma: bool) -> None:
                     "(characters other than letters, digits and _ become _); predict them in separate runs"
                 )
             seen[key] = name
+
+
+def _holds_stress(atoms) -> bool:
+    """Whether a structure read by read_structures carries a stress label (its calculator's, or ref_stress_<name>)."""
+    results = getattr(atoms.calc, "results", None) or {}
+    return results.get("stress") is not None or any(str(k).startswith("ref_stress") for k in atoms.info)
 
 
 def read_structures(text: str, fidelity: str | None = None, index: str = ":", stress_order: str | None = None) -> list:

@@ -76,7 +76,8 @@ def run(args) -> int:
         check_given_fidelity(ds.fidelities.names, args.fidelity, args.data, "evaluate them at theirs")
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity)]
     _warn_trained_on(args.checkpoint, ds, pairs)
-    warn_other_stress_order(run_dir_of(args.checkpoint), args.data, args.stress_order)
+    has_stress = ds.stress_mask is not None and bool(ds.stress_mask.any())
+    warn_other_stress_order(run_dir_of(args.checkpoint), args.data, args.stress_order, has_stress)
     scored = check_elements(potential, ds, pairs)  # [P] False: an element the model never saw (left out)
     check_force_units(ds, pairs)  # forces in meV/Å, stress in kBar or of the other sign: errors of thousands
     check_stress_units(ds, pairs)

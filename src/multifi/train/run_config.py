@@ -62,12 +62,12 @@ def doubtful_units_of_run(run: Path) -> dict:
     }
 
 
-def warn_other_stress_order(run: Path, data: list[str], order: str | None) -> None:
+def warn_other_stress_order(run: Path, data: list[str], order: str | None, has_stress: bool = True) -> None:
     """Warn when a MatPES file of `data` is read in another stress order than the run directory `run` read its
     MatPES sources in (shear stresses compared or kept in another order than trained): the same file read with
     another order, or (`order` None: the default, MatPES's own) any MatPES file while the run read every one of
-    its MatPES sources in VASP's order."""
-    if not is_run_config(run / "config.yaml"):
+    its MatPES sources in VASP's order. Nothing to say when the data holds no stress label (`has_stress`)."""
+    if not has_stress or not is_run_config(run / "config.yaml"):
         return
     try:
         sources = load_run_config(run / "config.yaml").data.sources
