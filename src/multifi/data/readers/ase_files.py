@@ -12,7 +12,7 @@ import numpy as np
 
 from multifi.config import name_problem
 from multifi.data.cells import check_cell
-from multifi.data.dataset import FidelityDataset, symmetric_stress, voigt_or_matrix
+from multifi.data.dataset import STRESS_ASYMMETRY, FidelityDataset, symmetric_stress, voigt_or_matrix
 from multifi.errors import SKIP_INVALID_HINT, MultifiError, NoFidelityError
 from multifi.files import warn_if_cut_short
 
@@ -316,25 +316,34 @@ def check_stress_values(raw, path: Path, symmetric: bool = True) -> None:
     """An extxyz file's `stress="…"` values, ahead of ASE (one-line errors naming the line): 6 values, on which ASE
     fails with a message about a "special 3x3 matrix", and (`symmetric`: the key stress is read) a 3×3 that is not
     symmetric, which ASE turns into Voigt form from its upper triangle alone, without a word. `raw`: the file's
-    bytes (or a memory map of them)."""
+    bytes (or a memory map of them); the 3×3 values are parsed and compared all at once."""
+    starts, texts = [], []
     for match in _STRESS_3X3.finditer(raw):
         start = match.start()
         if start and raw[start - 1 : start] not in (b" ", b"\t", b"\n"):  # REF_stress=, my_stress=: another key
             continue
-        values = match.group(1).split()
-        if len(values) == 6:
+        values = match.group(1)
+        count = len(values.split())
+        if count == 6:
             raise MultifiError(
                 f"{path}: line {_line_of(raw, start)}: stress has 6 values; ASE reads the extxyz key stress as a 3×3 "
                 "matrix only: write its 9 values row by row, or keep the 6 (xx yy zz yz xz xy) under another key and "
                 "name it (stress_key)"
             )
-        if not symmetric or len(values) != 9:
-            continue  # a malformed list: ASE's reader says what is wrong
-        try:
-            s = np.array(values, dtype=np.float64).reshape(3, 3)
-        except ValueError:
-            continue
-        symmetric_stress(s, f"{path}: line {_line_of(raw, start)}")
+        if symmetric and count == 9:  # (a malformed list: ASE's reader says what is wrong)
+            starts.append(start)
+            texts.append(values)
+    if not texts:
+        return
+    try:
+        s = np.array(b" ".join(texts).split(), dtype=np.float64).reshape(-1, 3, 3)
+    except ValueError:  # a value that is no number: ASE's reader says so
+        return
+    gap = np.abs(s - s.transpose(0, 2, 1)).max(axis=(1, 2))
+    size = np.abs(np.where(np.isfinite(s), s, 0.0)).max(axis=(1, 2))
+    bad = np.flatnonzero(gap > STRESS_ASYMMETRY * (1 + size))  # NaN compares False: the label checks name it
+    if len(bad):
+        symmetric_stress(s[bad[0]], f"{path}: line {_line_of(raw, starts[bad[0]])}")
 
 
 def _line_of(raw, offset: int) -> int:
