@@ -343,3 +343,13 @@ def test_an_override_that_replaces_a_whole_section_says_what_falls_back(tmp_path
     assert (
         "--set model={backbone: painn} replaces the whole model section: features: 16, interactions: 1" in caplog.text
     )
+    caplog.clear()
+    path.write_text(
+        yaml.safe_dump(minimal(data={"sources": [{"path": "a.extxyz"}], "split": {"test": 0.2, "seed": 3}}))
+    )
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        load_config(path, ["data.split={files: {train: t.txt}}"])  # files: fractions and seed no longer apply
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert load_config(path, ["data.split={val: 0.2}"]).data.split.seed == 0
+    assert "replaces the whole data.split section: seed: 3, test: 0.2" in caplog.text

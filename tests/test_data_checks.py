@@ -556,8 +556,9 @@ def test_real_high_energy_crystals_are_not_taken_for_misplaced_energies(caplog):
 
 
 def test_far_from_equilibrium_data_of_few_compositions_is_not_taken_for_misplaced_energies(caplog):
-    """Dissociation curves of five diatomics and one element's clusters (EMT) lie eV/atom from a composition fit by
-    design; with so few compositions the fit says nothing about misplaced labels, and the check stays silent."""
+    """Dissociation curves of five diatomics and one element's clusters and cells of eight sizes (EMT) lie eV/atom
+    from a composition fit by design; with so few stoichiometric ratios the fit says nothing about misplaced labels,
+    and the check stays silent."""
     from ase.build import bulk
     from ase.calculators.emt import EMT
     from ase.cluster import Icosahedron
@@ -582,6 +583,7 @@ def test_far_from_equilibrium_data_of_few_compositions_is_not_taken_for_misplace
     cu = [labelled(bulk("Cu", cubic=True, a=a)) for a in np.linspace(3.3, 3.9, 25)]
     cu += [labelled(ase.Atoms("Cu2", [[0, 0, 0], [0, 0, d]])) for d in np.linspace(1.8, 5.0, 30)]
     cu += [labelled(Icosahedron("Cu", shells)) for shells in (2, 3)]
+    cu += [labelled(bulk("Cu", "fcc", a=3.6).repeat(r)) for r in ((1, 1, 2), (1, 2, 2), (2, 2, 2), (2, 2, 3))]
     for records in (curves, cu):
         ds = FidelityDataset.from_records(records, source="far.extxyz")
         pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
@@ -610,3 +612,28 @@ def test_training_checks_energies_against_compositions_also_for_units_known(capl
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert doubtful_units(ds, pairs, *fit_baseline(ds, pairs)) == {"energy": ["GFN2-xTB"]}
     assert "look like Hartree" in caplog.text and "wrong structures" not in caplog.text
+
+
+def test_an_offset_of_one_in_few_molecules_trajectories_is_found(caplog):
+    """Five molecules' MD frames, interleaved, their energies moved by one place: too few compositions for the
+    composition test alone, but each label fits the next frame's molecule: said."""
+    from ase.calculators.emt import EMT
+
+    from multifi.data.checks import check_energies_follow_compositions
+
+    rng = np.random.default_rng(0)
+    records = []
+    for _ in range(10):
+        for name in ("CH4", "H2O", "CO2", "C2H6", "CH3OH"):
+            m = molecule(name)
+            m.positions += rng.normal(0, 0.05, m.positions.shape)
+            m.calc = EMT()
+            e = m.get_potential_energy() + sum({1: -13.6, 6: -1029.0, 8: -2041.0}[z] for z in m.numbers)
+            records.append({"numbers": m.numbers, "positions": m.positions, "labels": {"DFT": {"energy": e}}})
+    ds = FidelityDataset.from_records(records, source="md.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_energies_follow_compositions(ds, pairs) == []
+        ds.energy[:, 0] = np.roll(ds.energy[:, 0], -1)
+        assert check_energies_follow_compositions(ds, pairs) == ["DFT"]
+    assert "Each label fits the next structure in the data's order far better" in caplog.text

@@ -736,3 +736,55 @@ def test_stress_symmetry_is_checked_in_the_files_units_and_only_for_the_stress_r
     assert len(read_ase(unused, keys={"energy": "REF_energy", "stress": "REF_stress"})) == 1
     with pytest.raises(MultifiError, match="stress is not symmetric"):
         read_ase(unused)  # the default keys read that stress
+
+
+def test_the_stress_scan_reads_values_as_ase_does_and_leaves_non_finite_ones_to_the_label_checks(tmp_path):
+    """Commas between values (ASE reads them) on one frame did not switch off the symmetry check of the next; an
+    infinite shear component is a non-finite label (dropped with skip_invalid), not an asymmetric stress."""
+    frames = [labelled(si(seed=i), fidelity="PBE", stress=False) for i in range(2)]
+    path = tmp_path / "two.extxyz"
+    ase.io.write(path, frames)
+    lines = path.read_text().split("\n")
+    heads = [i for i, line in enumerate(lines) if "Lattice=" in line]
+    sym = "0.01, 0.002, 0.003, 0.002, 0.02, 0.004, 0.003, 0.004, 0.03"
+    asym = "0.01 0.5 0.003 0.002 0.02 0.004 0.003 0.004 0.03"
+    for head, stress in zip(heads, (sym, asym)):
+        lines[head] += f' stress="{stress}"'
+    path.write_text("\n".join(lines))
+    with pytest.raises(MultifiError, match=rf"two\.extxyz: line {heads[1] + 1}: stress is not symmetric"):
+        read_ase(path)
+    inf = "0.01 0.002 0.003 inf 0.02 0.004 0.003 0.004 0.03"  # yx: the triangle ASE keeps
+    lines[heads[1]] = lines[heads[1]].replace(asym, inf)
+    path.write_text("\n".join(lines))
+    with pytest.raises(MultifiError, match="non-finite"):
+        read_ase(path)
+    ds = read_ase(path, skip_invalid=True)
+    assert ds.stress_mask[:, 0].tolist() == [True, False]
+
+
+def test_predict_and_select_read_stresses_through_the_same_symmetry_check(tmp_path):
+    """predict's reference stresses (and select's pool labels) come through the same check as training's."""
+    from multifi.predict import read_structures
+
+    atoms = labelled(si(), fidelity="PBE", stress=False)
+    path = tmp_path / "asym.extxyz"
+    ase.io.write(path, [atoms])
+    lines = path.read_text().split("\n")
+    lines[1] += ' stress="0.01 0.5 0.003 0.002 0.02 0.004 0.003 0.004 0.03"'
+    path.write_text("\n".join(lines))
+    with pytest.raises(MultifiError, match=r"asym\.extxyz: line 2: stress is not symmetric"):
+        read_structures(str(path))
+
+
+def test_a_compressed_file_is_decoded_strictly(tmp_path):
+    """Two fidelity names differing in one non-UTF-8 byte were decoded to one name in a .gz file (replacement
+    characters) and read as one fidelity; now a one-line error, as for the plain file."""
+    import gzip
+
+    frames = [labelled(molecule("H2O"), fidelity="PBE", stress=False, seed=i) for i in range(2)]
+    path = tmp_path / "latin.extxyz"
+    ase.io.write(path, frames)
+    raw = path.read_bytes().replace(b"fidelity=PBE", b"fidelity=PBE-\xe9", 1)
+    (tmp_path / "latin.extxyz.gz").write_bytes(gzip.compress(raw))
+    with pytest.raises(MultifiError, match=r"latin\.extxyz\.gz: unreadable.*UnicodeDecodeError"):
+        read_ase(tmp_path / "latin.extxyz.gz")

@@ -610,13 +610,15 @@ def apply_override(raw: dict, item: str, where: str = "config") -> None:
 
 
 #: config sections (mappings of settings, not of names) that an override replaces whole
-SECTIONS = ("data", "model", "loss", "train", "extend", "model.fidelity_embedding")
+SECTIONS = ("data", "model", "loss", "train", "extend", "data.split", "model.fidelity_embedding")
 
 
 def _warn_section_replaced(before, after, key: str, item: str, where: str) -> None:
     """`--set model={backbone: painn}` replaces the whole section: the settings the config gave and the new mapping
     leaves out fall back to their defaults. Said, with the way to set one setting."""
     if key not in SECTIONS or not isinstance(before, dict) or not isinstance(after, dict):
+        return
+    if key == "data.split" and after.get("files"):  # split files: the fractions and seed no longer apply
         return
     dropped = [k for k in before if k not in after]
     if dropped:

@@ -259,7 +259,7 @@ def read_structures(text: str, fidelity: str | None = None, index: str = ":", st
                 f"{path}: {'is a folder, expected a structure file' if path.is_dir() else 'no such file'}"
             )
         index = source_from_text(text, index=index).index  # an index ASE cannot read: one line
-        return list(read_frames(path, index))  # a bad file: one line naming the frame, as training says it
+        return list(read_frames(path, index, stress_key="stress"))  # a bad file: one line naming the frame
     # labels here are only references (non-finite ones dropped); a QM9 label table naming no fidelity (no
     # manifest.json beside it) keeps its labels as references of no named fidelity: `fidelity` is what is
     # predicted, not what the table holds (writing it as their ref_fidelity relabelled them)

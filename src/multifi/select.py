@@ -406,7 +406,7 @@ def read_pool(path: str):
     from multifi.data.readers.ase_files import read_frames
 
     records, n_labelled = [], 0
-    for i, atoms in enumerate(read_frames(p, ":")):
+    for i, atoms in enumerate(read_frames(p, ":", stress_key="stress")):
         rec = _pool_record(atoms, f"{p}: frame {i} (0-based)")
         n_labelled += bool(rec["labels"])
         records.append(rec)

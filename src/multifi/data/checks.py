@@ -738,13 +738,14 @@ MISMATCH_SHARE = 0.05
 
 
 def check_energies_follow_compositions(dataset: FidelityDataset, pairs: np.ndarray, skip=frozenset()) -> list[str]:
-    """Warn for fidelities (at least 20 energy labels, more distinct compositions than elements + SMALL_SET_MARGIN:
-    with fewer, the fit is an energy per atom that says nothing) whose energies do not follow their structures'
-    compositions: more than MISMATCH_SHARE of them lie beyond MISMATCH_EV_PER_ATOM of
-    what per-element reference energies fitted to them give, as labels attached to the wrong structures do (an
-    index column off by one, frames reordered after their energies were written). Said too when each label fits
-    its neighbour in the data's order far better (an offset of one). Fidelities in `skip` (another unit suspected:
-    that warning explains them) are not checked. Returns the names warned about."""
+    """Warn for fidelities (at least 20 energy labels) whose energies do not follow their structures' compositions:
+    more than MISMATCH_SHARE of them lie beyond MISMATCH_EV_PER_ATOM of what per-element reference energies fitted to
+    them give, as labels attached to the wrong structures do (an index column off by one, frames reordered after
+    their energies were written); said too when each label fits its neighbour in the data's order far better (an
+    offset of one). With few distinct compositions (stoichiometric ratios; at most elements + SMALL_SET_MARGIN: one
+    element's clusters of any size, a few dissociation curves or molecules' trajectories) the fit is little more than an energy per atom, which data
+    far from equilibrium leaves by eV: warned there only when the neighbour test finds the offset. Fidelities in
+    `skip` (another unit suspected: that warning explains them) are not checked. Returns the names warned about."""
     from multifi.data.stats import composition_matrix
 
     elements, counts = composition_matrix(dataset)
@@ -755,13 +756,16 @@ def check_energies_follow_compositions(dataset: FidelityDataset, pairs: np.ndarr
         if name in skip or len(s) < 20:
             continue
         present = int((counts[s].sum(0) > 0).sum())
-        if len(np.unique(counts[s], axis=0)) <= present + SMALL_SET_MARGIN:
-            continue  # few compositions (one element's clusters, a few dissociation curves): the fit says nothing
+        ratios = np.round(counts[s] / dataset.n_atoms[s, None], 6)  # Cu2 and Cu55 are one: the fit sees ratios
+        few = len(np.unique(ratios, axis=0)) <= present + SMALL_SET_MARGIN
         y = dataset.energy[s, k]
         off = _residual_per_atom(dataset, elements, counts, s, y)
         off -= np.median(off)
         far = np.abs(off) > MISMATCH_EV_PER_ATOM
         if far.mean() <= MISMATCH_SHARE:
+            continue
+        offset = _neighbour_fits_better(dataset, elements, counts, s, y, off)
+        if few and not offset:
             continue
         warned.append(name)
         i = int(np.argmax(np.abs(off)))
@@ -769,8 +773,7 @@ def check_energies_follow_compositions(dataset: FidelityDataset, pairs: np.ndarr
             "%s: %d of %d energies at fidelity %r lie more than %g eV/atom from what per-element reference energies "
             "fitted to them give (e.g. structure %s: %+.2f eV/atom; the shared QM9 and MatPES-style data: under "
             "0.5 %% of labels so far off): energies attached to the wrong structures (an index off by one, frames "
-            "reordered)? Data far from equilibrium by design (dissociation, high-energy configurations) can lie so "
-            "far too: then ignore this.%s",
+            "reordered)?%s",
             dataset.source_of(name),
             int(far.sum()),
             len(s),
@@ -778,7 +781,9 @@ def check_energies_follow_compositions(dataset: FidelityDataset, pairs: np.ndarr
             MISMATCH_EV_PER_ATOM,
             dataset.keys[s[i]],
             off[i],
-            _neighbour_fits_better(dataset, elements, counts, s, y, off),
+            offset
+            or " Data far from equilibrium by design (dissociation, clusters, high-energy configurations) can lie so "
+            "far too: then ignore this.",
         )
     return warned
 

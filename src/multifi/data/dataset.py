@@ -561,9 +561,10 @@ STRESS_ASYMMETRY = 1e-5
 
 def symmetric_stress(s: np.ndarray, where: str) -> np.ndarray:
     """A 3×3 stress (or virial) in a file's own units, symmetrised ((s + sᵀ)/2: the rounding of written numbers);
-    one asymmetric beyond STRESS_ASYMMETRY is a one-line error naming `where` (NaN passes: the label checks name it)."""
-    gap = np.abs(s - s.T)
-    bad = gap > STRESS_ASYMMETRY * (1 + np.abs(s[np.isfinite(s)]).max(initial=0.0))  # NaN compares False
+    one asymmetric beyond STRESS_ASYMMETRY is a one-line error naming `where`."""
+    finite = np.isfinite(s) & np.isfinite(s.T)  # a NaN or inf component: the label checks name it (--skip-invalid)
+    gap = np.where(finite, np.abs(s - s.T), 0.0)
+    bad = gap > STRESS_ASYMMETRY * (1 + np.abs(s[np.isfinite(s)]).max(initial=0.0))
     if bad.any():
         i, j = np.unravel_index(np.argmax(np.where(bad, gap, -1.0)), (3, 3))
         raise MultifiError(

@@ -302,7 +302,7 @@ def _text_frames(path: Path, fmt: str, index: str, stress_read: bool = False) ->
     if fmt == "extxyz":
         check_stress_values(raw, path, stress_read)
     last = raw[-1:].decode("latin-1")
-    text = io.StringIO(raw.decode("utf-8", errors="replace"))
+    text = io.StringIO(raw.decode("utf-8"))  # strictly, as a plain file is read (a UnicodeDecodeError: one line)
     del raw
     yield from ase.io.iread(text, index=index, format=fmt)
     if fmt in TEXT_FORMATS:
@@ -312,36 +312,54 @@ def _text_frames(path: Path, fmt: str, index: str, stress_read: bool = False) ->
 _STRESS_3X3 = re.compile(rb'stress="([^"]*)"')
 
 
-def check_stress_values(raw, path: Path, symmetric: bool = True) -> None:
+def check_stress_values(raw, path: Path, symmetric: bool = True, chunk: int = 65536) -> None:
     """An extxyz file's `stress="…"` values, ahead of ASE (one-line errors naming the line): 6 values, on which ASE
     fails with a message about a "special 3x3 matrix", and (`symmetric`: the key stress is read) a 3×3 that is not
-    symmetric, which ASE turns into Voigt form from its upper triangle alone, without a word. `raw`: the file's
-    bytes (or a memory map of them); the 3×3 values are parsed and compared all at once."""
+    symmetric, which ASE turns into Voigt form from one triangle alone, without a word. `raw`: the file's bytes (or
+    a memory map of them); the 3×3 values are parsed and compared `chunk` stresses at a time."""
     starts, texts = [], []
     for match in _STRESS_3X3.finditer(raw):
         start = match.start()
         if start and raw[start - 1 : start] not in (b" ", b"\t", b"\n"):  # REF_stress=, my_stress=: another key
             continue
-        values = match.group(1)
-        count = len(values.split())
-        if count == 6:
+        values = _VALUE.findall(match.group(1))  # separated by spaces or commas, as ASE reads them
+        if len(values) == 6:
             raise MultifiError(
                 f"{path}: line {_line_of(raw, start)}: stress has 6 values; ASE reads the extxyz key stress as a 3×3 "
                 "matrix only: write its 9 values row by row, or keep the 6 (xx yy zz yz xz xy) under another key and "
                 "name it (stress_key)"
             )
-        if symmetric and count == 9:  # (a malformed list: ASE's reader says what is wrong)
+        if symmetric and len(values) == 9:  # (a malformed list: ASE's reader says what is wrong)
             starts.append(start)
-            texts.append(values)
+            texts.append(b" ".join(values))
+            if len(texts) == chunk:
+                _check_symmetric(raw, path, starts, texts)
+                starts, texts = [], []
+    _check_symmetric(raw, path, starts, texts)
+
+
+_VALUE = re.compile(rb"[^\s,]+")
+
+
+def _check_symmetric(raw, path: Path, starts: list[int], texts: list[bytes]) -> None:
+    """The stresses `texts` (9 values each, at byte offsets `starts` of `raw`) are symmetric (symmetric_stress's
+    one-line error for the first that is not). A text that is no number list is left to ASE's reader."""
     if not texts:
         return
     try:
         s = np.array(b" ".join(texts).split(), dtype=np.float64).reshape(-1, 3, 3)
-    except ValueError:  # a value that is no number: ASE's reader says so
+    except ValueError:  # some value is no number: one by one, skipping those
+        for start, text in zip(starts, texts):
+            try:
+                one = np.array(text.split(), dtype=np.float64).reshape(3, 3)
+            except ValueError:
+                continue
+            symmetric_stress(one, f"{path}: line {_line_of(raw, start)}")
         return
-    gap = np.abs(s - s.transpose(0, 2, 1)).max(axis=(1, 2))
+    finite = np.isfinite(s) & np.isfinite(s.transpose(0, 2, 1))
+    gap = np.where(finite, np.abs(s - s.transpose(0, 2, 1)), 0.0).max(axis=(1, 2))
     size = np.abs(np.where(np.isfinite(s), s, 0.0)).max(axis=(1, 2))
-    bad = np.flatnonzero(gap > STRESS_ASYMMETRY * (1 + size))  # NaN compares False: the label checks name it
+    bad = np.flatnonzero(gap > STRESS_ASYMMETRY * (1 + size))
     if len(bad):
         symmetric_stress(s[bad[0]], f"{path}: line {_line_of(raw, starts[bad[0]])}")
 
