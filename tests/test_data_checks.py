@@ -637,3 +637,33 @@ def test_an_offset_of_one_in_few_molecules_trajectories_is_found(caplog):
         ds.energy[:, 0] = np.roll(ds.energy[:, 0], -1)
         assert check_energies_follow_compositions(ds, pairs) == ["DFT"]
     assert "Each label fits the next structure in the data's order far better" in caplog.text
+
+
+def test_isolated_atoms_are_not_taken_for_misplaced_energies(caplog):
+    """MACE's E0 frames (one free atom each) lie eV/atom from a composition fit by nature: left out of the check."""
+    from ase.collections import g2
+
+    from multifi.data.checks import check_energies_follow_compositions
+
+    refs = {1: -13.6, 6: -1029.0, 7: -1484.0, 8: -2041.0}
+    rng = np.random.default_rng(0)
+    names = [n for n in g2.names if set(g2[n].numbers) <= set(refs) and len(g2[n]) > 1]
+    records = [
+        {
+            "numbers": g2[n].numbers,
+            "positions": g2[n].positions,
+            "labels": {"DFT": {"energy": sum(refs[z] for z in g2[n].numbers) + rng.normal(0, 0.2)}},
+        }
+        for n in names
+    ]
+    records += [
+        {"numbers": [z], "positions": [[0.0, 0.0, 0.0]], "labels": {"DFT": {"energy": refs[z] + 4.0 + 0.1 * i}}}
+        for i in range(3)
+        for z in refs
+    ]
+    ds = FidelityDataset.from_records(records, source="e0.extxyz")
+    pairs = np.stack([np.arange(len(ds)), np.zeros(len(ds), np.int64)], 1)
+    assert ds.n_atoms.tolist().count(1) / len(ds) > 0.1  # beyond the share the check allows
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_energies_follow_compositions(ds, pairs) == []
+    assert "wrong structures" not in caplog.text

@@ -788,3 +788,76 @@ def test_a_compressed_file_is_decoded_strictly(tmp_path):
     (tmp_path / "latin.extxyz.gz").write_bytes(gzip.compress(raw))
     with pytest.raises(MultifiError, match=r"latin\.extxyz\.gz: unreadable.*UnicodeDecodeError"):
         read_ase(tmp_path / "latin.extxyz.gz")
+
+
+def _mace_frames(head=None, **info):
+    """Water frames labelled MACE's way: REF_energy / REF_forces, a head and other info keys."""
+    out = []
+    for i in range(4):
+        a = molecule("H2O")
+        a.rattle(0.05, seed=i)
+        a.info.update(REF_energy=-14.0 - 0.1 * i, **info)
+        a.arrays["REF_forces"] = np.random.default_rng(i).normal(size=(3, 3))
+        if head is not None:
+            a.info["head"] = head[i] if isinstance(head, list) else head
+        out.append(a)
+    return out
+
+
+MACE_KEYS = {"energy": "REF_energy", "forces": "REF_forces"}
+
+
+def test_mace_heads_are_checked_with_named_label_keys_too(tmp_path, caplog):
+    """A MACE file always names REF_* keys: its frames of two heads in one source were merged into one fidelity
+    silently (the check ran with default keys only). A single head read under another fidelity name is said;
+    MACE's unnamed 'Default' head is not."""
+    import logging
+
+    path = tmp_path / "two_heads.extxyz"
+    ase.io.write(path, _mace_frames(head=["pbe", "pbe", "r2scan", "r2scan"]))
+    with pytest.raises(MultifiError, match=r"several MACE heads in info\['head'\] \(pbe, r2scan\)"):
+        read_ase(path, fidelity="pbe", keys=MACE_KEYS)
+    for head, said in (("r2scan", True), ("pbe", False), ("Default", False)):
+        ase.io.write(path, _mace_frames(head=head))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            assert read_ase(path, fidelity="pbe", keys=MACE_KEYS).fidelities.names == ("pbe",)
+        assert ("name the MACE head 'r2scan' (info['head']) and are read as fidelity 'pbe'" in caplog.text) == said
+
+
+def test_mace_per_frame_weights(tmp_path, caplog):
+    """energy_weight=0 (config_weight=0: every label) keeps a label out of MACE's loss: it was trained here as any
+    other. Now such labels are left out, counted in a warning; weights other than 0 and 1 are said not to apply."""
+    import logging
+
+    frames = _mace_frames()
+    frames[0].info["energy_weight"] = 0.0
+    frames[1].info["config_weight"] = 0
+    frames[2].info["forces_weight"] = 2.5
+    path = tmp_path / "weights.extxyz"
+    ase.io.write(path, frames)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        ds = read_ase(path, fidelity="pbe", keys=MACE_KEYS)
+    assert len(ds) == 3  # frame 1 has no label left
+    assert np.isnan(ds.energy[0, 0]) and ds.forces_mask[0, 0] and not np.isnan(ds.energy[1:, 0]).any()
+    assert "left out: 2 energy, 1 forces; 1 frame(s) without any label left skipped" in caplog.text
+    assert "weights other than 0 and 1 (forces_weight) are not applied" in caplog.text
+    assert "energy_weight" not in caplog.text.split("not read:")[-1] if "not read:" in caplog.text else True
+
+
+def test_mace_reference_keys_beside_default_labels_are_named(tmp_path, caplog):
+    """A file with a calculator's energy and forces and MACE's REF_energy / REF_forces, read with the default keys:
+    the calculator's labels are read, and the REF_* keys are named (a MACE user's labels are those)."""
+    import logging
+
+    frames = [labelled(a, stress=False) for a in _mace_frames()]
+    path = tmp_path / "both.extxyz"
+    ase.io.write(path, frames)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        ds = read_ase(path, fidelity="pbe")
+    assert ds.energy[0, 0] == pytest.approx(-1.5)  # the calculator's
+    assert "the file also holds REF_energy" in caplog.text and "energy_key: REF_energy" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        read_ase(path, fidelity="pbe", keys=MACE_KEYS)
+    assert "the file also holds" not in caplog.text

@@ -744,15 +744,17 @@ def check_energies_follow_compositions(dataset: FidelityDataset, pairs: np.ndarr
     their energies were written); said too when each label fits its neighbour in the data's order far better (an
     offset of one). With few distinct compositions (stoichiometric ratios; at most elements + SMALL_SET_MARGIN: one
     element's clusters of any size, a few dissociation curves or molecules' trajectories) the fit is little more than an energy per atom, which data
-    far from equilibrium leaves by eV: warned there only when the neighbour test finds the offset. Fidelities in
+    far from equilibrium leaves by eV: warned there only when the neighbour test finds the offset. Isolated atoms are
+    left out. Fidelities in
     `skip` (another unit suspected: that warning explains them) are not checked. Returns the names warned about."""
     from multifi.data.stats import composition_matrix
 
     elements, counts = composition_matrix(dataset)
+    isolated = isolated_atoms(dataset)  # free atoms (MACE's E0 frames) lie eV/atom from any fit by nature
     warned = []
     for k, name in enumerate(dataset.fidelities.names):
         s = np.unique(pairs[pairs[:, 1] == k, 0])
-        s = s[~np.isnan(dataset.energy[s, k])]
+        s = s[~np.isnan(dataset.energy[s, k]) & ~isolated[s]]
         if name in skip or len(s) < 20:
             continue
         present = int((counts[s].sum(0) > 0).sum())

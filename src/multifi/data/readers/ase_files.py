@@ -60,6 +60,7 @@ def read_ase(
     per_atom_only = 0  # frames with per-atom energies (arrays['energies']) and no total energy read
     no_energy = 0  # other frames with forces or stress but no energy: trained on those alone
     charged = {"charge": 0, "spin": 0}  # frames with a net charge / a spin state the model cannot see
+    weights = MaceWeights(src)  # MACE's per-frame weights: 0 drops a label, others are said not to apply
     for i, atoms in enumerate(read_frames(path, index, stress_key=keys.get("stress"))):
         for kind, flagged in _charge_and_spin(atoms.info).items():
             charged[kind] += flagged
@@ -67,14 +68,6 @@ def read_ase(
         unread.update(dict.fromkeys(_label_like(atoms, keys)))
         if not isinstance(atoms.info.get("fidelity", ""), str):
             parsed.setdefault(str(atoms.info["fidelity"]), None)
-        if "head" in atoms.info and "fidelity" not in atoms.info and not named:
-            heads.setdefault(str(atoms.info["head"]), None)
-            if len(heads) > 1:  # one fidelity would hold several levels of theory under the same label keys
-                raise MultifiError(
-                    f"{src}: {tag}: its frames name several MACE heads in info['head'] ({', '.join(heads)}) and no "
-                    "info['fidelity']: multifi reads info['fidelity'] (set it per frame, e.g. to the head's name), "
-                    "or one source per level of theory, or label keys of one level (energy_key: REF_energy_<head>)"
-                )
         if from_multifi_calculator(atoms) and not named:
             raise MultifiError(
                 f"{src}: {tag} holds results of multifi's calculator (a trajectory of an MD run or relaxation with "
@@ -94,14 +87,27 @@ def read_ase(
                 raise MultifiError(str(exc)) from None
             unlabelled.append(str(exc))
             continue
+        if "head" in atoms.info and "fidelity" not in atoms.info and PREDICTION_MARK not in atoms.info:
+            heads.setdefault(str(atoms.info["head"]), None)  # of frames whose labels were read
+            if len(heads) > 1 and not _keys_name_a_head(keys, heads):  # several levels under the same label keys
+                raise MultifiError(
+                    f"{src}: {tag}: its frames name several MACE heads in info['head'] ({', '.join(heads)}) and no "
+                    "info['fidelity']: multifi reads info['fidelity'] (set it per frame, e.g. to the head's name), "
+                    "or one source per level of theory, or label keys of one level (energy_key: REF_energy_<head>)"
+                )
+        has_energy = any("energy" in lab for lab in rec["labels"].values())  # in the file (weights aside)
+        if not weights.apply(atoms.info, rec):
+            continue  # every label weighted 0
         rec["name"] = i
         per_atom = "energies" in atoms.arrays or "energies" in (getattr(atoms.calc, "results", None) or {})
-        has_energy = any("energy" in lab for lab in rec["labels"].values())
         per_atom_only += per_atom and not has_energy
         if invalid.keep(rec, tag):
             records.append(rec)
             no_energy += not per_atom and not has_energy
-    _warn_unread(src, keys, unread, records)
+    _warn_unread(src, keys, unread, records, named)
+    weights.report()
+    if not _keys_name_a_head(keys, heads):
+        _warn_head_renamed(src, heads, fidelity)
     if no_energy:
         (log.warning if no_energy < len(records) else log.info)(  # a forces-only file: said, not warned
             "%s: %d of %d frames have forces or stress but no %s label: they train forces and stress only, and "
@@ -190,6 +196,8 @@ def label_keys(keys: dict[str, str] | None) -> dict[str, str]:
 
 def _kind(key: str) -> str | None:
     low = key.lower()
+    if "weight" in low:  # MACE's energy_weight, config_forces_weight: weights, not labels (MaceWeights)
+        return None
     if "virial" in low or "stress" in low:
         return "stress"
     return next((k for k in ("energy", "force") if k in low), None)
@@ -202,10 +210,21 @@ def _label_like(atoms, keys: dict[str, str]) -> list[str]:
     return [k for k in [*atoms.info, *atoms.arrays, *results] if k not in read and _kind(k)]
 
 
-def _warn_unread(src: str, keys: dict[str, str], unread: dict, records: list[dict]) -> None:
+def _warn_unread(src: str, keys: dict[str, str], unread: dict, records: list[dict], named: bool = True) -> None:
     """One warning naming label-like keys nothing was read from, when their kind was not read at all (a
-    renamed energy without forces_key; REF_forces beside default keys that found no forces; a virial)."""
+    renamed energy without forces_key; REF_forces beside default keys that found no forces; a virial); with the
+    default keys (not `named`), also MACE's REF_* keys beside default labels that were read (a calculator's results
+    read where the file's reference labels are REF_*)."""
     got = {kind for rec in records for lab in rec["labels"].values() for kind in lab}
+    if not named and (mace := [k for k in unread if str(k).upper().startswith("REF_")]) and records:
+        log.warning(
+            "%s: read the default labels (%s: info, arrays or a calculator's results); the file also holds %s, "
+            "MACE's keys for reference labels: if those are this source's labels, name them (energy_key: REF_energy, "
+            "forces_key: REF_forces, stress_key: REF_stress)",
+            src,
+            "/".join(sorted(got)),
+            ", ".join(mace[:6]),
+        )
     missing = [k for k in unread if {"force": "forces"}.get(_kind(k), _kind(k)) not in got]
     if not missing or not records:
         return
@@ -217,6 +236,86 @@ def _warn_unread(src: str, keys: dict[str, str], unread: dict, records: list[dic
         named,
         ", ".join(missing[:6]) + (" …" if len(missing) > 6 else ""),
     )
+
+
+#: MACE's per-frame weight keys, by the labels they weigh ("all": every label of the frame)
+MACE_WEIGHTS = {
+    "all": ("weight", "config_weight"),
+    "energy": ("energy_weight", "config_energy_weight"),
+    "forces": ("forces_weight", "config_forces_weight"),
+    "stress": ("stress_weight", "config_stress_weight", "virials_weight", "config_virials_weight"),
+}
+
+
+class MaceWeights:
+    """MACE's per-frame weights in info (energy_weight=0 keeps a label out of MACE's loss): a weight 0 drops that
+    label here too (a frame whose labels are all dropped is skipped), counted in one warning; other weights are not
+    applied (multifi weighs fidelities, loss.fidelity_weights, not frames), said in one warning."""
+
+    def __init__(self, src: str):
+        self.src = src
+        self.dropped = {"energy": 0, "forces": 0, "stress": 0}
+        self.frames_dropped = 0
+        self.other: dict[str, None] = {}
+
+    def apply(self, info: dict, rec: dict) -> bool:
+        """Drop rec's labels weighted 0 in place; False when no label is left."""
+        for kind, names in MACE_WEIGHTS.items():
+            for name in names:
+                if name not in info:
+                    continue
+                try:
+                    w = float(info[name])
+                except (TypeError, ValueError):
+                    continue
+                if w == 0:
+                    for lab in rec["labels"].values():
+                        for k in [k for k in lab if kind in ("all", k)]:
+                            del lab[k]
+                            self.dropped[k] += 1
+                elif w != 1:
+                    self.other.setdefault(name, None)
+        rec["labels"] = {fid: lab for fid, lab in rec["labels"].items() if lab}
+        if not rec["labels"]:
+            self.frames_dropped += 1
+            return False
+        return True
+
+    def report(self) -> None:
+        if any(self.dropped.values()):
+            log.warning(
+                "%s: labels weighted 0 by MACE's per-frame weights (energy_weight, config_weight, …) left out: %s%s",
+                self.src,
+                ", ".join(f"{n} {kind}" for kind, n in self.dropped.items() if n),
+                f"; {self.frames_dropped} frame(s) without any label left skipped" if self.frames_dropped else "",
+            )
+        if self.other:
+            log.warning(
+                "%s: MACE's per-frame weights other than 0 and 1 (%s) are not applied: multifi weighs the loss per "
+                "fidelity (loss.fidelity_weights) and per label kind (loss.energy, loss.forces, loss.stress), not "
+                "per frame",
+                self.src,
+                ", ".join(self.other),
+            )
+
+
+def _keys_name_a_head(keys: dict[str, str], heads: dict) -> bool:
+    """Whether a label key names one of the heads (REF_energy_pbe): the key, not info['head'], picks the level."""
+    return any(str(h).lower() in v.lower() for h in heads for v in keys.values() if str(h))
+
+
+def _warn_head_renamed(src: str, heads: dict, fidelity: str | None) -> None:
+    """Frames naming one MACE head (info['head']) read as a fidelity of another name (the source's): said once,
+    unless the head is MACE's unnamed 'Default'."""
+    head = next(iter(heads), None)
+    if head is not None and fidelity is not None and head != str(fidelity) and head.lower() != "default":
+        log.warning(
+            "%s: its frames name the MACE head %r (info['head']) and are read as fidelity %r (the source's); if "
+            "they are that head's level of theory under another name, nothing to do",
+            src,
+            head,
+            fidelity,
+        )
 
 
 class InvalidLabels:
