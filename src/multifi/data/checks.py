@@ -111,6 +111,24 @@ def warn_isolated_atoms(dataset: FidelityDataset, pairs: np.ndarray) -> list[str
     return warned
 
 
+def warn_isolated_atoms_held_out(dataset: FidelityDataset, pairs: dict[str, np.ndarray]) -> int:
+    """Warn when isolated atoms (MACE's E0 frames, say) fall into the validation or test split: a random split
+    treats them as any structure, and their errors (a free atom, eV/atom from the references the rest fits) then
+    enter the errors that pick the checkpoint and are reported. Returns their number."""
+    isolated = isolated_atoms(dataset)
+    held = {part: np.unique(pairs[part][:, 0]) for part in ("val", "test") if part in pairs}
+    counts = {part: int(isolated[rows].sum()) for part, rows in held.items()}
+    if not any(counts.values()):
+        return 0
+    log.warning(
+        "isolated atoms (one-atom structures) fell into the held-out splits (%s): their errors enter the validation "
+        "and test errors (a free atom's energy lies eV from what the rest fits); keep them in training with split "
+        "files (data.split.files), or leave them out",
+        ", ".join(f"{'validation' if part == 'val' else part} {n}" for part, n in counts.items() if n),
+    )
+    return sum(counts.values())
+
+
 def geometry_fingerprints(dataset: FidelityDataset, chunk: int = 1 << 20) -> np.ndarray:
     """[S] int64 fingerprints of (numbers, positions on a 1e-4 Å grid, cell), vectorised, in chunks of atoms;
     positions of periodic structures as fractional coordinates on a 1e-6 grid, wrapped into the cell along its

@@ -23,6 +23,7 @@ from multifi.data.checks import (
     check_split_duplicates,
     doubtful_units,
     warn_isolated_atoms,
+    warn_isolated_atoms_held_out,
     warn_structures_without_edges,
 )
 from multifi.data.split import TRAIN_LABELS, save_train_labels
@@ -268,6 +269,7 @@ def _module_with_references(cfg: RunConfig, prep, resume: bool):
         prep.dataset, labelled, own.ref, own.scale, prep.settings.known_units(prep.dataset.fidelities)
     )
     warn_isolated_atoms(prep.dataset, prep.pairs["train"])
+    warn_isolated_atoms_held_out(prep.dataset, prep.pairs)
     report_references(refs, prep.dataset.fidelities.names, skip=untrained(prep))
     if cfg.model.energy_scale == "per_fidelity" and not module.potential.head.shared_baseline:
         warn_scale_gaps(refs, prep.dataset, prep.pairs["train"], skip={n for names in doubtful.values() for n in names})
