@@ -814,15 +814,25 @@ def test_mace_heads_are_checked_with_named_label_keys_too(tmp_path, caplog):
     import logging
 
     path = tmp_path / "two_heads.extxyz"
-    ase.io.write(path, _mace_frames(head=["pbe", "pbe", "r2scan", "r2scan"]))
-    with pytest.raises(MultifiError, match=r"several MACE heads in info\['head'\] \(pbe, r2scan\)"):
-        read_ase(path, fidelity="pbe", keys=MACE_KEYS)
-    for head, said in (("r2scan", True), ("pbe", False), ("Default", False)):
+    for heads in (["pbe", "pbe", "r2scan", "r2scan"], ["e", "e", "pbe", "pbe"]):  # "e": no part of REF_energy's name
+        ase.io.write(path, _mace_frames(head=heads))
+        with pytest.raises(MultifiError, match=r"several MACE heads in info\['head'\]"):
+            read_ase(path, fidelity="pbe", keys=MACE_KEYS)
+    for head, said in (("r2scan", True), ("pbe", False), ("PBE", False), ("Default", False)):
         ase.io.write(path, _mace_frames(head=head))
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="multifi"):
             assert read_ase(path, fidelity="pbe", keys=MACE_KEYS).fidelities.names == ("pbe",)
         assert ("name the MACE head 'r2scan' (info['head']) and are read as fidelity 'pbe'" in caplog.text) == said
+    # `head` of another meaning (lipid head groups) with keys that are not MACE's: a warning, not an error
+    frames = _mace_frames(head=["PC", "PC", "PE", "PE"])
+    for a in frames:
+        a.info["dft_energy"] = a.info.pop("REF_energy")
+    ase.io.write(path, frames)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert len(read_ase(path, fidelity="pbe", keys={"energy": "dft_energy"})) == 4
+    assert "name several heads in info['head'] (PC, PE), read as one fidelity" in caplog.text
 
 
 def test_mace_per_frame_weights(tmp_path, caplog):
@@ -831,18 +841,30 @@ def test_mace_per_frame_weights(tmp_path, caplog):
     import logging
 
     frames = _mace_frames()
-    frames[0].info["energy_weight"] = 0.0
+    frames[0].info["config_energy_weight"] = 0.0
     frames[1].info["config_weight"] = 0
-    frames[2].info["forces_weight"] = 2.5
+    frames[2].info["config_forces_weight"] = 2.5
+    frames[3].info.update(weight=18.015, config_virials_weight=0.0)  # a molecular weight; no virial read
     path = tmp_path / "weights.extxyz"
     ase.io.write(path, frames)
     with caplog.at_level(logging.WARNING, logger="multifi"):
         ds = read_ase(path, fidelity="pbe", keys=MACE_KEYS)
     assert len(ds) == 3  # frame 1 has no label left
     assert np.isnan(ds.energy[0, 0]) and ds.forces_mask[0, 0] and not np.isnan(ds.energy[1:, 0]).any()
+    assert ds.forces_mask[:, 0].all()
     assert "left out: 2 energy, 1 forces; 1 frame(s) without any label left skipped" in caplog.text
-    assert "weights other than 0 and 1 (forces_weight) are not applied" in caplog.text
-    assert "energy_weight" not in caplog.text.split("not read:")[-1] if "not read:" in caplog.text else True
+    assert "weights other than 0 and 1 (config_forces_weight) are not applied" in caplog.text
+    assert "not read:" not in caplog.text and "weight=" not in caplog.text  # weights are no unread labels
+    # the same frames read back as predictions (MACE's eval keys): the training weights do not apply
+    for a in frames:
+        a.info["MACE_energy"] = a.info["REF_energy"]
+    ase.io.write(path, frames)
+    assert not np.isnan(read_ase(path, fidelity="pbe", keys={"energy": "MACE_energy"}).energy).any()
+    for a in frames:
+        a.info["config_weight"] = 0
+    ase.io.write(path, frames)
+    with pytest.raises(MultifiError, match=r"weights\.extxyz: every frame's labels are weighted 0"):
+        read_ase(path, fidelity="pbe", keys=MACE_KEYS)
 
 
 def test_mace_reference_keys_beside_default_labels_are_named(tmp_path, caplog):
@@ -856,7 +878,8 @@ def test_mace_reference_keys_beside_default_labels_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="multifi"):
         ds = read_ase(path, fidelity="pbe")
     assert ds.energy[0, 0] == pytest.approx(-1.5)  # the calculator's
-    assert "the file also holds REF_energy" in caplog.text and "energy_key: REF_energy" in caplog.text
+    assert "the file also holds REF_energy, REF_forces" in caplog.text
+    assert "(energy_key: REF_energy, forces_key: REF_forces)" in caplog.text and "not read:" not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="multifi"):
         read_ase(path, fidelity="pbe", keys=MACE_KEYS)

@@ -269,7 +269,8 @@ def _module_with_references(cfg: RunConfig, prep, resume: bool):
         prep.dataset, labelled, own.ref, own.scale, prep.settings.known_units(prep.dataset.fidelities)
     )
     warn_isolated_atoms(prep.dataset, prep.pairs["train"])
-    warn_isolated_atoms_held_out(prep.dataset, prep.pairs)
+    if not cfg.data.split.files:  # split files place them on purpose
+        warn_isolated_atoms_held_out(prep.dataset, prep.pairs)
     report_references(refs, prep.dataset.fidelities.names, skip=untrained(prep))
     if cfg.model.energy_scale == "per_fidelity" and not module.potential.head.shared_baseline:
         warn_scale_gaps(refs, prep.dataset, prep.pairs["train"], skip={n for names in doubtful.values() for n in names})

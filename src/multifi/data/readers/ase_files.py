@@ -61,6 +61,7 @@ def read_ase(
     no_energy = 0  # other frames with forces or stress but no energy: trained on those alone
     charged = {"charge": 0, "spin": 0}  # frames with a net charge / a spin state the model cannot see
     weights = MaceWeights(src)  # MACE's per-frame weights: 0 drops a label, others are said not to apply
+    kinds_read: set[str] = set()  # label kinds the file gave (before weights dropped any)
     for i, atoms in enumerate(read_frames(path, index, stress_key=keys.get("stress"))):
         for kind, flagged in _charge_and_spin(atoms.info).items():
             charged[kind] += flagged
@@ -89,14 +90,15 @@ def read_ase(
             continue
         if "head" in atoms.info and "fidelity" not in atoms.info and PREDICTION_MARK not in atoms.info:
             heads.setdefault(str(atoms.info["head"]), None)  # of frames whose labels were read
-            if len(heads) > 1 and not _keys_name_a_head(keys, heads):  # several levels under the same label keys
-                raise MultifiError(
+            if len(heads) > 1 and not _keys_name_a_head(keys, heads) and _mace_keys(keys, named):
+                raise MultifiError(  # several levels of theory under the same label keys
                     f"{src}: {tag}: its frames name several MACE heads in info['head'] ({', '.join(heads)}) and no "
                     "info['fidelity']: multifi reads info['fidelity'] (set it per frame, e.g. to the head's name), "
                     "or one source per level of theory, or label keys of one level (energy_key: REF_energy_<head>)"
                 )
         has_energy = any("energy" in lab for lab in rec["labels"].values())  # in the file (weights aside)
-        if not weights.apply(atoms.info, rec):
+        kinds_read.update(kind for lab in rec["labels"].values() for kind in lab)
+        if _mace_keys(keys, named) and PREDICTION_MARK not in atoms.info and not weights.apply(atoms.info, rec, keys):
             continue  # every label weighted 0
         rec["name"] = i
         per_atom = "energies" in atoms.arrays or "energies" in (getattr(atoms.calc, "results", None) or {})
@@ -104,9 +106,17 @@ def read_ase(
         if invalid.keep(rec, tag):
             records.append(rec)
             no_energy += not per_atom and not has_energy
-    _warn_unread(src, keys, unread, records, named)
+    _warn_unread(src, keys, unread, kinds_read if records else set(), named)
     weights.report()
-    if not _keys_name_a_head(keys, heads):
+    if not records and weights.frames_dropped:
+        raise MultifiError(
+            f"{src}: every frame's labels are weighted 0 (MACE's config_weight, config_energy_weight, …)"
+        )
+    if len(heads) > 1 and not _keys_name_a_head(keys, heads):  # (not MACE's keys: a warning, not the error above)
+        log.warning(
+            "%s: its frames name several heads in info['head'] (%s), read as one fidelity", src, ", ".join(heads)
+        )
+    elif not _keys_name_a_head(keys, heads):
         _warn_head_renamed(src, heads, fidelity)
     if no_energy:
         (log.warning if no_energy < len(records) else log.info)(  # a forces-only file: said, not warned
@@ -210,23 +220,31 @@ def _label_like(atoms, keys: dict[str, str]) -> list[str]:
     return [k for k in [*atoms.info, *atoms.arrays, *results] if k not in read and _kind(k)]
 
 
-def _warn_unread(src: str, keys: dict[str, str], unread: dict, records: list[dict], named: bool = True) -> None:
+def _warn_unread(src: str, keys: dict[str, str], unread: dict, got: set[str], named: bool = True) -> None:
     """One warning naming label-like keys nothing was read from, when their kind was not read at all (a
     renamed energy without forces_key; REF_forces beside default keys that found no forces; a virial); with the
-    default keys (not `named`), also MACE's REF_* keys beside default labels that were read (a calculator's results
-    read where the file's reference labels are REF_*)."""
-    got = {kind for rec in records for lab in rec["labels"].values() for kind in lab}
-    if not named and (mace := [k for k in unread if str(k).upper().startswith("REF_")]) and records:
+    default keys (not `named`), MACE's REF_* keys beside default labels that were read are named in a warning of
+    their own (a calculator's results read where the file's reference labels are REF_*). `got`: the label kinds read
+    (empty: nothing read)."""
+    if not got:
+        return
+    mace = [k for k in unread if str(k).upper().startswith("REF_")] if not named else []
+    if mace:
+        kinds = {{"force": "forces"}.get(_kind(k), _kind(k)) for k in mace}
         log.warning(
             "%s: read the default labels (%s: info, arrays or a calculator's results); the file also holds %s, "
-            "MACE's keys for reference labels: if those are this source's labels, name them (energy_key: REF_energy, "
-            "forces_key: REF_forces, stress_key: REF_stress)",
+            "MACE's keys for reference labels: if those are this source's labels, name them (%s)",
             src,
             "/".join(sorted(got)),
             ", ".join(mace[:6]),
+            ", ".join(
+                f"{kind}_key: {next(k for k in mace if {'force': 'forces'}.get(_kind(k), _kind(k)) == kind)}"
+                for kind in ("energy", "forces", "stress")
+                if kind in kinds
+            ),
         )
-    missing = [k for k in unread if {"force": "forces"}.get(_kind(k), _kind(k)) not in got]
-    if not missing or not records:
+    missing = [k for k in unread if k not in mace and {"force": "forces"}.get(_kind(k), _kind(k)) not in got]
+    if not missing:
         return
     named = ", ".join(f"{k}: {v}" for k, v in keys.items())
     log.warning(
@@ -238,17 +256,25 @@ def _warn_unread(src: str, keys: dict[str, str], unread: dict, records: list[dic
     )
 
 
-#: MACE's per-frame weight keys, by the labels they weigh ("all": every label of the frame)
+#: MACE's per-frame weight keys (mace.data.utils.config_from_atoms), by the labels they weigh ("all": every label of
+#: the frame); config_stress_weight weighs a stress read, config_virials_weight a virial read (MACE weighs both apart)
 MACE_WEIGHTS = {
-    "all": ("weight", "config_weight"),
-    "energy": ("energy_weight", "config_energy_weight"),
-    "forces": ("forces_weight", "config_forces_weight"),
-    "stress": ("stress_weight", "config_stress_weight", "virials_weight", "config_virials_weight"),
+    "all": "config_weight",
+    "energy": "config_energy_weight",
+    "forces": "config_forces_weight",
+    "stress": "config_stress_weight",
+    "virials": "config_virials_weight",
 }
 
 
+def _mace_keys(keys: dict[str, str], named: bool) -> bool:
+    """Whether labels are read the way MACE's training files hold them: default keys, or REF_* keys (MACE's); not
+    predictions read back (MACE_energy of MACE's eval script, a renamed prediction) or other named keys."""
+    return not named or any(str(v).upper().startswith("REF_") for v in keys.values())
+
+
 class MaceWeights:
-    """MACE's per-frame weights in info (energy_weight=0 keeps a label out of MACE's loss): a weight 0 drops that
+    """MACE's per-frame weights in info (config_energy_weight=0 keeps a label out of MACE's loss): a weight 0 drops that
     label here too (a frame whose labels are all dropped is skipped), counted in one warning; other weights are not
     applied (multifi weighs fidelities, loss.fidelity_weights, not frames), said in one warning."""
 
@@ -258,23 +284,25 @@ class MaceWeights:
         self.frames_dropped = 0
         self.other: dict[str, None] = {}
 
-    def apply(self, info: dict, rec: dict) -> bool:
-        """Drop rec's labels weighted 0 in place; False when no label is left."""
-        for kind, names in MACE_WEIGHTS.items():
-            for name in names:
-                if name not in info:
-                    continue
-                try:
-                    w = float(info[name])
-                except (TypeError, ValueError):
-                    continue
-                if w == 0:
-                    for lab in rec["labels"].values():
-                        for k in [k for k in lab if kind in ("all", k)]:
-                            del lab[k]
-                            self.dropped[k] += 1
-                elif w != 1:
-                    self.other.setdefault(name, None)
+    def apply(self, info: dict, rec: dict, keys: dict[str, str]) -> bool:
+        """Drop rec's labels weighted 0 in place; False when no label is left. `keys`: the label keys read (a stress
+        read from a virial key answers to config_virials_weight, else to config_stress_weight)."""
+        virial = "virial" in str(keys.get("stress", "")).lower()
+        for kind, name in MACE_WEIGHTS.items():
+            if name not in info or (kind == "stress" and virial) or (kind == "virials" and not virial):
+                continue
+            try:
+                w = float(info[name])
+            except (TypeError, ValueError):
+                continue
+            label = "stress" if kind == "virials" else kind
+            if w == 0:
+                for lab in rec["labels"].values():
+                    for k in [k for k in lab if label in ("all", k)]:
+                        del lab[k]
+                        self.dropped[k] += 1
+            elif w != 1:
+                self.other.setdefault(name, None)
         rec["labels"] = {fid: lab for fid, lab in rec["labels"].items() if lab}
         if not rec["labels"]:
             self.frames_dropped += 1
@@ -284,7 +312,7 @@ class MaceWeights:
     def report(self) -> None:
         if any(self.dropped.values()):
             log.warning(
-                "%s: labels weighted 0 by MACE's per-frame weights (energy_weight, config_weight, …) left out: %s%s",
+                "%s: labels weighted 0 by MACE's per-frame weights (config_weight, config_energy_weight, …) left out: %s%s",
                 self.src,
                 ", ".join(f"{n} {kind}" for kind, n in self.dropped.items() if n),
                 f"; {self.frames_dropped} frame(s) without any label left skipped" if self.frames_dropped else "",
@@ -301,14 +329,19 @@ class MaceWeights:
 
 def _keys_name_a_head(keys: dict[str, str], heads: dict) -> bool:
     """Whether a label key names one of the heads (REF_energy_pbe): the key, not info['head'], picks the level."""
-    return any(str(h).lower() in v.lower() for h in heads for v in keys.values() if str(h))
+    return any(
+        re.search(rf"(?<![A-Za-z0-9]){re.escape(str(h))}(?![A-Za-z0-9])", str(v), re.IGNORECASE)
+        for h in heads
+        for v in keys.values()
+        if str(h)
+    )
 
 
 def _warn_head_renamed(src: str, heads: dict, fidelity: str | None) -> None:
     """Frames naming one MACE head (info['head']) read as a fidelity of another name (the source's): said once,
     unless the head is MACE's unnamed 'Default'."""
     head = next(iter(heads), None)
-    if head is not None and fidelity is not None and head != str(fidelity) and head.lower() != "default":
+    if head is not None and fidelity is not None and head.lower() not in (str(fidelity).lower(), "default"):
         log.warning(
             "%s: its frames name the MACE head %r (info['head']) and are read as fidelity %r (the source's); if "
             "they are that head's level of theory under another name, nothing to do",
