@@ -206,7 +206,7 @@ def label_keys(keys: dict[str, str] | None) -> dict[str, str]:
 
 def _kind(key: str) -> str | None:
     low = key.lower()
-    if "weight" in low:  # MACE's energy_weight, config_forces_weight: weights, not labels (MaceWeights)
+    if "weight" in low:  # MACE's config_energy_weight, config_forces_weight: weights, not labels (MaceWeights)
         return None
     if "virial" in low or "stress" in low:
         return "stress"
@@ -246,12 +246,12 @@ def _warn_unread(src: str, keys: dict[str, str], unread: dict, got: set[str], na
     missing = [k for k in unread if k not in mace and {"force": "forces"}.get(_kind(k), _kind(k)) not in got]
     if not missing:
         return
-    named = ", ".join(f"{k}: {v}" for k, v in keys.items())
+    shown = ", ".join(f"{k}: {v}" for k, v in keys.items())
     log.warning(
         "%s: read only the labels named (%s); not read: %s. Name a key if it holds labels of this source's level "
         "of theory (energy_key / forces_key / stress_key; a virial is converted to stress)",
         src,
-        named,
+        shown,
         ", ".join(missing[:6]) + (" …" if len(missing) > 6 else ""),
     )
 
