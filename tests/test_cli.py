@@ -412,6 +412,83 @@ def test_evaluate_and_predict_read_the_frames_of_index(cli_run, tiny_extxyz, tmp
     )
 
 
+def _with_config_types(frames: list, types=("bulk", "surface", None)) -> list:
+    """The frames with info['config_type'] per molecule (its lo and hi frames alike): types[i % len(types)] for the
+    i-th molecule, none where that is None."""
+    i = -1
+    for a in frames:
+        i += a.info["fidelity"] == "lo"  # each molecule's lo frame comes first
+        if types[i % len(types)] is not None:
+            a.info["config_type"] = types[i % len(types)]
+    return frames
+
+
+def test_evaluate_group_by_gives_each_groups_errors_as_a_file_of_that_group_alone(cli_run, tmp_path, capsys):
+    """--group-by config_type: per group, the metrics an evaluation of that group's frames alone gives; groups in the
+    order they occur, frames without the key last; counts add up to the whole file's."""
+    from conftest import tiny_frames
+
+    _, run_dir = cli_run
+    frames = _with_config_types(tiny_frames())
+    ase.io.write(tmp_path / "typed.extxyz", frames, format="extxyz")
+    out = tmp_path / "groups.json"
+    code, stdout, _ = run(
+        ["evaluate", run_dir / "model.pt", tmp_path / "typed.extxyz", "--group-by", "config_type", "--out", out],
+        capsys,
+    )
+    assert code == 0
+    assert "config_type = bulk (14 structures)" in stdout and "no config_type (13 structures)" in stdout
+    payload = json.loads(out.read_text())
+    groups = payload["groups"]
+    assert groups["by"] == "config_type" and [g["value"] for g in groups["values"]] == ["bulk", "surface", None]
+    for name in ("lo", "hi"):
+        assert sum(g["fidelities"][name]["n"] for g in groups["values"]) == payload["fidelities"][name]["n"]
+    for g in groups["values"]:
+        alone = [a for a in frames if a.info.get("config_type") == g["value"]]
+        ase.io.write(tmp_path / "alone.extxyz", alone, format="extxyz")
+        separate = tmp_path / f"alone_{g['value']}.json"
+        assert run(["evaluate", run_dir / "model.pt", tmp_path / "alone.extxyz", "--out", separate], capsys)[0] == 0
+        expected = json.loads(separate.read_text())["fidelities"]
+        assert g["structures"] == expected["lo"]["n"] and set(g["fidelities"]) == set(expected)
+        for name, m in expected.items():
+            for key, value in m.items():
+                got = g["fidelities"][name][key]
+                assert got == (value if value is None or key == "n" else pytest.approx(value, rel=1e-6)), key
+
+
+def test_evaluate_group_by_refuses_sources_without_info_and_says_repeated_structures_of_two_groups(
+    cli_run, tmp_path, capsys, caplog
+):
+    from conftest import tiny_frames
+
+    _, run_dir = cli_run
+    fails(
+        ["evaluate", run_dir / "model.pt", run_dir / "dataset.npz", "--group-by", "config_type"],
+        capsys,
+        "dataset.npz: --group-by config_type reads info['config_type'] of files ASE reads",
+    )
+    frames = tiny_frames(4)
+    frames[1].info["config_type"] = "other"  # the hi frame of molecule 0 (its lo frame has none)
+    ase.io.write(tmp_path / "mixed.extxyz", frames, format="extxyz")
+    out = tmp_path / "mixed.json"
+    args = ["evaluate", run_dir / "model.pt", tmp_path / "mixed.extxyz", "--group-by", "config_type", "--out", out]
+    assert run(args, capsys)[0] == 0
+    assert "1 frame(s) repeat a structure (the same key) with another config_type" in caplog.text
+    assert [g["value"] for g in json.loads(out.read_text())["groups"]["values"]] == [None]
+
+
+def test_frame_key_is_the_key_reading_gives(tiny_extxyz):
+    from multifi.data.readers.ase_files import frame_key
+    from multifi.data.sources import read_labelled
+
+    ds = read_labelled(str(tiny_extxyz))
+    keys = {frame_key(a) for a in ase.io.read(tiny_extxyz, ":")}
+    assert keys == set(ds.keys.tolist()) and len(keys) == 40
+    periodic = periodic_cell()
+    periodic.info["key"] = 7
+    assert frame_key(periodic) == "7"
+
+
 def test_data_info_tells_slabs_and_wires_from_crystals():
     import numpy as np
 

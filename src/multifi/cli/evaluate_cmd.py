@@ -41,6 +41,12 @@ def register(sub):
     p.add_argument(
         "--skip-invalid", action="store_true", help="leave NaN/inf labels out of the errors instead of failing"
     )
+    p.add_argument(
+        "--group-by",
+        metavar="KEY",
+        help="also report the errors per value of this per-frame info key of the files (ASE-readable ones), e.g. "
+        "config_type (MACE's), in the table and --out",
+    )
     add_force(p)
     p.set_defaults(func=run)
 
@@ -75,6 +81,11 @@ def run(args) -> int:
         potential.fidelities.index(args.fidelity, where=args.checkpoint)
         check_given_fidelity(ds.fidelities.names, args.fidelity, args.data, "evaluate them at theirs")
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(args.fidelity)]
+    groups = None  # [S] each structure's value of the --group-by key: read (and refused) before any work
+    if args.group_by:
+        from multifi.data.groups import structure_groups
+
+        groups = structure_groups(ds, args.data, args.index, args.group_by)
     _warn_trained_on(args.checkpoint, ds, pairs)
     has_stress = ds.stress_mask is not None and bool(ds.stress_mask.any())
     warn_other_stress_order(run_dir_of(args.checkpoint), args.data, args.stress_order, has_stress)
@@ -101,14 +112,26 @@ def run(args) -> int:
         evaluated = EnsembleMean(estimate[0])
         evaluated.recorded = {}  # the members' energies, for the uncertainty statistics (not run twice)
         evaluated_by = "the mean of " + " + ".join(str(m) for m in [args.checkpoint, *args.ensemble])
-    metrics, predicted = evaluate_pairs(evaluated, ds, None, pairs, args.batch_size, return_predictions=True)
+    neighbors = None  # built once for the groups' evaluations too (else by evaluate_pairs, checked there)
+    if groups is not None:
+        from multifi.data.checks import check_overlaps
+        from multifi.data.neighbors import make_neighbors
+
+        neighbors = make_neighbors(ds, evaluated.cutoff, progress=False)
+        check_overlaps(ds, neighbors)
+    metrics, predicted = evaluate_pairs(evaluated, ds, neighbors, pairs, args.batch_size, return_predictions=True)
     payload = {"fidelities": metrics} if not args.ensemble else {"evaluated": evaluated_by, "fidelities": metrics}
+    if groups is not None:
+        payload["groups"] = group_metrics(evaluated, ds, neighbors, pairs, groups, args.group_by, args.batch_size)
     if args.uncertainty or args.ensemble:  # before anything is printed: it may refuse (an ensemble of copies)
         from multifi.uncertainty import uncertainty_report
 
         recorded = evaluated.recorded if args.ensemble else None
         payload["uncertainty"] = uncertainty_report(estimate, ds, pairs[scored], args.batch_size, recorded)
     print(metrics_table(metrics, title=f"{evaluated_by} on {', '.join(args.data)}"))
+    for group in payload.get("groups", {}).get("values", []):
+        print()
+        print(metrics_table(group["fidelities"], title=group_title(args.group_by, group)))
     in_units = _warn_implausible(metrics, ", ".join(args.data), _label_slopes(ds, pairs[scored], predicted[scored]))
     fitted = scored & ~estimated  # estimated references: warned above
     warn_per_element_errors(
@@ -158,6 +181,37 @@ def run(args) -> int:
         )
         print(f"wrote {args.plot}")
     return 0
+
+
+def group_metrics(potential, dataset, neighbors, pairs, groups, name: str, batch_size: int) -> dict:
+    """{"by": name, "values": [{"value": v (None: no such key), "structures": n, "fidelities": metrics}]}: the
+    evaluation of `pairs` [P, 2] split by their structure's value in `groups` [S] (structure_groups), in the order
+    the values first occur. The warnings the evaluation of all pairs gave are not repeated per group."""
+    import numpy as np
+
+    from multifi.data.groups import group_order
+    from multifi.train.evaluate import evaluate_pairs
+
+    of_pair = groups[pairs[:, 0]]
+    values = []
+    multifi_log = logging.getLogger("multifi")
+    level = multifi_log.level
+    multifi_log.setLevel(logging.ERROR)
+    try:
+        for value in group_order(of_pair):
+            at = np.array([g == value for g in of_pair], dtype=bool)
+            metrics = evaluate_pairs(potential, dataset, neighbors, pairs[at], batch_size)
+            values.append({"value": value, "structures": len(np.unique(pairs[at, 0])), "fidelities": metrics})
+    finally:
+        multifi_log.setLevel(level)
+    return {"by": name, "values": values}
+
+
+def group_title(name: str, group: dict) -> str:
+    """The heading of a group's table: `config_type = bulk (12 structures)`."""
+    n = group["structures"]
+    shown = f"{name} = {group['value']}" if group["value"] is not None else f"no {name}"
+    return f"{shown} ({n} structure{'s' if n != 1 else ''})"
 
 
 def reference_energies(potential, dataset, pairs):

@@ -12,7 +12,13 @@ import numpy as np
 
 from multifi.config import name_problem
 from multifi.data.cells import check_cell
-from multifi.data.dataset import STRESS_ASYMMETRY, FidelityDataset, symmetric_stress, voigt_or_matrix
+from multifi.data.dataset import (
+    STRESS_ASYMMETRY,
+    FidelityDataset,
+    geometry_key,
+    symmetric_stress,
+    voigt_or_matrix,
+)
 from multifi.errors import SKIP_INVALID_HINT, MultifiError, NoFidelityError
 from multifi.files import warn_if_cut_short
 
@@ -374,6 +380,14 @@ class InvalidLabels:
                 f"{self.src}: {self.count} non-finite (NaN/inf) labels, first in {self.first}; "
                 f"fix the data or {SKIP_INVALID_HINT}"
             )
+
+
+def frame_key(atoms) -> str:
+    """The key read_ase gives the structure of a frame: info['key'], else its geometry hash (geometry_key)."""
+    if atoms.info.get("key") is not None:
+        return str(atoms.info["key"])
+    cell = atoms.cell.array if atoms.pbc.any() else None
+    return geometry_key(np.asarray(atoms.numbers, np.int64), np.asarray(atoms.positions, np.float64), cell)
 
 
 def read_frames(path: Path, index: str, stress_key: str | None = None) -> Iterator:

@@ -1,0 +1,60 @@
+"""Structures grouped by a per-frame value of ASE-readable files (MACE's `config_type`, a `system` tag…): the
+groups `multifi evaluate --group-by` reports errors for."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from multifi.data.dataset import FidelityDataset
+from multifi.data.readers.ase_files import frame_key, read_frames
+from multifi.data.sources import guess_format, is_qm9_text
+from multifi.errors import MultifiError
+
+log = logging.getLogger("multifi")
+
+
+def structure_groups(dataset: FidelityDataset, paths: list[str], index: str, name: str) -> np.ndarray:
+    """[S] object: info[name] of each structure of `dataset` (read from the ASE-readable files `paths` with frame
+    index `index`, structures merged by key) as text, None where its frame has no such key. Frames that are one
+    structure (the same key) with different values count under the first one's, and a warning says so. A source
+    that is not a file ASE reads (MatPES records, a saved dataset, QM9) is an error: it has no info to group by."""
+    values: dict[str, str | None] = {}
+    for path in paths:
+        if is_qm9_text(path) or guess_format(Path(path)) != "ase":
+            kind = "QM9" if is_qm9_text(path) else f"a {guess_format(Path(path))} file"
+            raise MultifiError(
+                f"{path}: --group-by {name} reads info[{name!r}] of files ASE reads (extxyz, ASE db, …); this is {kind}"
+            )
+        differing: list[str] = []
+        for i, atoms in enumerate(read_frames(Path(path), index)):
+            key, value = frame_key(atoms), _as_text(atoms.info.get(name))
+            if key in values and values[key] != value:
+                differing.append(f"frame {i} ({value} vs {values[key]})")
+            values.setdefault(key, value)
+        if differing:
+            log.warning(
+                "%s: %d frame(s) repeat a structure (the same key) with another %s, counted under the first one's: %s",
+                path,
+                len(differing),
+                name,
+                ", ".join(differing[:3]) + (", …" if len(differing) > 3 else ""),
+            )
+    return np.array([values.get(str(k)) for k in dataset.keys], dtype=object)
+
+
+def _as_text(value) -> str | None:
+    """An info value as the group's name (ASE reads `config_type=1` as an integer): None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):
+        return " ".join(map(str, value.ravel()))
+    return str(value)
+
+
+def group_order(groups: np.ndarray) -> list[str | None]:
+    """The distinct values of `groups` [S] in the order they first occur, None (no value) last."""
+    seen = dict.fromkeys(groups.tolist())
+    return [g for g in seen if g is not None] + ([None] if None in seen else [])
