@@ -37,6 +37,7 @@ LAYERS = [
         "multifi.config_reference",
         "multifi.uncertainty",
         "multifi.select",
+        "multifi.trained_on",
     },
     {"multifi.cli", "multifi.demo"},
     {"multifi_experiments"},

@@ -210,6 +210,63 @@ def test_prediction_warns_naming_element_and_fidelity(run_without_n, caplog):
     ]
 
 
+def test_uncertainty_includes_the_error_of_an_estimated_reference(run_without_n, tmp_path, caplog):
+    """σ of a structure with N at hi (its reference estimated) adds the estimate's leave-one-out error per N atom,
+    spread·n_N, to the LLPR σ (N2H4: twice NH3's); structures without an estimate keep the LLPR σ; predict and the
+    calculator agree; a model without a recorded error writes NaN for them and says so, its calibration still valid."""
+    from multifi.predict import predict_file
+    from multifi.uncertainty import LLPR, _run_data, calibrate_run, dataset_features, llpr_path
+
+    run_dir, _, _ = run_without_n
+    pot = load_potential(run_dir / "model.pt")
+    dataset, pairs = _run_data(run_dir)
+    spread = float(pot.head.spread[1])
+    assert spread == pytest.approx(fit_references(dataset, pairs["train"]).spread[1]) and spread > 0.01
+    calibrate_run(run_dir)
+    llpr = LLPR.load(llpr_path(run_dir / "model.pt"), pot)
+    mols = [rattled_molecule(m, 3) for m in ("NH3", "N2H4", "H2O")]
+    ase.io.write(tmp_path / "in.extxyz", mols, format="extxyz")
+    out = tmp_path / "out.extxyz"
+    predict_file(run_dir / "model.pt", tmp_path / "in.extxyz", ["hi", "lo"], out, uncertainty=True)
+    got = ase.io.read(out, ":")
+    ds = FidelityDataset.from_records([{"numbers": a.numbers, "positions": a.positions} for a in mols])
+    for name, key, n_estimated in (("hi", "energy_sigma", [1, 2, 0]), ("lo", "energy_sigma_lo", [0, 0, 0])):
+        features, _ = dataset_features(pot, ds, np.arange(3), name)
+        own = llpr.of(name).sigma(features)
+        sigma = np.array([a.info[key] for a in got])
+        np.testing.assert_allclose(sigma**2 - own**2, (spread * np.array(n_estimated)) ** 2 * (name == "hi"), atol=1e-9)
+    ammonia = mols[0].copy()
+    ammonia.calc = Calculator(run_dir / "model.pt", fidelity="hi", uncertainty=True)
+    ammonia.get_potential_energy()
+    assert ammonia.calc.results["energy_sigma"] == pytest.approx(got[0].info["energy_sigma"], rel=1e-5)
+
+    pot.head.spread.fill_(-1.0)  # as a model saved before the error was recorded loads
+    old = save_potential(pot, tmp_path / "old.pt")
+    LLPR.load(llpr_path(run_dir / "model.pt"), pot).save(llpr_path(old))
+    LLPR.load(llpr_path(old), pot)  # the same weights: the calibration holds
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        predict_file(old, tmp_path / "in.extxyz", "hi", tmp_path / "old.extxyz", uncertainty=True)
+    sigma = [a.info["energy_sigma"] for a in ase.io.read(tmp_path / "old.extxyz", ":")]
+    assert np.isnan(sigma[:2]).all() and np.isfinite(sigma[2])
+    assert "energy_sigma is NaN for 2 of them: the model records no error for its estimate" in caplog.text
+
+
+def test_reference_error_counts_atoms_of_one_element_together_and_elements_apart():
+    pot = build_potential(TINY_MODEL, ["lo", "hi"])
+    ref = np.zeros((N_ELEMENTS, 2))
+    ref[[1, 6, 7, 8]] = -1.0
+    fitted = ref != 0
+    fitted[[7, 8], 1] = False  # N and O estimated at hi
+    pot.head.set_baseline(ref, np.ones(2), fitted, spread=np.array([np.nan, 0.5]))
+    assert pot.head.spread.tolist() == [-1.0, 0.5]
+    numbers = torch.tensor([7, 7, 1, 8, 1, 6, 7, 8, 8, 8])  # N2H O | H C | N O3
+    structure = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    hi = pot.head.reference_error(numbers, structure, torch.ones(3, dtype=torch.long), 3)
+    np.testing.assert_allclose(hi.numpy(), 0.5 * np.sqrt([4 + 1, 0, 1 + 9]))
+    lo = pot.head.reference_error(numbers, structure, torch.zeros(3, dtype=torch.long), 3)
+    assert lo.tolist() == [0.0, 0.0, 0.0]  # nothing estimated at lo (its unknown error never enters)
+
+
 def test_deploy_warns_about_estimated_references_and_records_them(run_without_n, tmp_path, caplog):
     """A file for LAMMPS at a fidelity with an estimated reference: the same warning as predict, the elements in
     its metadata; strict_references refuses it and writes nothing; another fidelity is silent."""

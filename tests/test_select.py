@@ -153,7 +153,9 @@ def test_select_cli(cli_run, tmp_path, capsys, caplog):  # noqa: F811
     for strategy in STRATEGIES:
         with caplog.at_level("WARNING", logger="multifi"):
             code, stdout, _ = run([*args, "--strategy", strategy, "--seed", "2", "--out", out, "--force"], capsys)
-        assert code == 0 and "picked 4 of 10 eligible structures (12 distinct structures in the pool" in stdout
+        assert code == 0 and re.search(
+            r"picked 4 of 10 eligible structures \(of \d+ in the pool, 12 distinct by geometry", stdout
+        )
         keys = out.read_text().split()
         assert len(set(keys)) == 4 and not {"c0", "c5"} & set(keys) and set(keys) <= {f"c{i}" for i in range(12)}
     from multifi.models.registry import load_potential
@@ -239,7 +241,9 @@ def test_select_never_picks_a_structure_labelled_in_a_later_frame(cli_run, tmp_p
     out = tmp_path / "picks.txt"
     args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out, "--force"]
     code, stdout, _ = run([*args, "--n", "2"], capsys)
-    assert code == 0 and "picked 2 of 2 eligible structures (6 distinct structures in the pool" in stdout
+    assert code == 0 and re.search(
+        r"picked 2 of 2 eligible structures \(of \d+ in the pool, 6 distinct by geometry", stdout
+    )
     assert sorted(out.read_text().split()) == ["p4", "p5"]
     code, stdout, _ = run([*args, "--n", "3"], capsys)
     assert code == 0 and "picked 2 of 2 eligible" in stdout and sorted(out.read_text().split()) == ["p4", "p5"]
@@ -258,7 +262,9 @@ def test_select_skips_labelled_frames_of_a_pool_mixing_labelled_and_unlabelled(c
     out = tmp_path / "picks.txt"
     args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out, "--force"]
     code, stdout, _ = run([*args, "--n", "3"], capsys)
-    assert code == 0 and "picked 3 of 3 eligible structures (8 distinct structures in the pool" in stdout
+    assert code == 0 and re.search(
+        r"picked 3 of 3 eligible structures \(of \d+ in the pool, 8 distinct by geometry", stdout
+    )
     assert sorted(out.read_text().split()) == ["q5", "q6", "q7"]
     code, stdout, _ = run([*args, "--n", "4"], capsys)
     assert code == 0 and "picked 3 of 3 eligible" in stdout
@@ -302,7 +308,9 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
         ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out, "--force"],
         capsys,
     )
-    assert code == 0 and "picked 5 of 20 eligible structures (40 distinct structures in the pool" in stdout
+    assert code == 0 and re.search(
+        r"picked 5 of 20 eligible structures \(of \d+ in the pool, 40 distinct by geometry", stdout
+    )
     assert "20 labelled at hi in the model's run data)" in stdout  # the same geometries: the same geometry keys
     near = bare[0].copy()  # another key, one atom moved by 1e-3 Å: within the molecules' 2e-3 Å, so "labelled"
     near.positions[0] += [1e-3, 0.0, 0.0]
@@ -322,7 +330,9 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
         ["select", run_dir, pool, "--fidelity", "hi", "--n", "5", "--strategy", "random", "--out", out, "--force"],
         capsys,
     )
-    assert code == 0 and "picked 5 of 20 eligible structures (40 distinct structures in the pool" in stdout
+    assert code == 0 and re.search(
+        r"picked 5 of 20 eligible structures \(of \d+ in the pool, 40 distinct by geometry", stdout
+    )
     assert "20 labelled at hi in the model's run data" in stdout
 
     def pick(frames, n: int) -> str:
@@ -334,7 +344,7 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
 
     for i, b in enumerate(bare):  # the same geometries under keys the run never used: the same structures
         b.info["key"] = f"renamed{i}"
-    assert "picked 5 of 20 eligible structures (40 distinct structures in the pool" in pick(bare, 5)
+    assert re.search(r"picked 5 of 20 eligible structures \(of \d+ in the pool, 40 distinct by geometry", pick(bare, 5))
     assert all(int(k.removeprefix("renamed")) >= 20 for k in out.read_text().split())  # lo-only ones
     # re-exported: coordinates rounded to 1e-5 Å, shifted by 10 Å and atoms reordered (37 of 40 were picked again)
     for b in bare:
@@ -342,7 +352,9 @@ def test_select_never_picks_what_the_models_run_already_labels(cli_run, tmp_path
     moved = [b[::-1] for b in bare]
     for i, b in enumerate(moved):
         b.info["key"] = f"moved{i}"
-    assert "picked 20 of 20 eligible structures (40 distinct structures in the pool" in pick(moved, 40)
+    assert re.search(
+        r"picked 20 of 20 eligible structures \(of \d+ in the pool, 40 distinct by geometry", pick(moved, 40)
+    )
     assert sorted(int(k.removeprefix("moved")) for k in out.read_text().split()) == list(range(20, 40))
 
 
@@ -361,7 +373,9 @@ def test_select_counts_a_geometry_once_whatever_its_keys(cli_run, tmp_path, caps
     out = tmp_path / "picks.txt"
     args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out, "--force"]
     code, stdout, _ = run([*args, "--n", "3"], capsys)
-    assert code == 0 and "picked 3 of 3 eligible structures (4 distinct structures in the pool" in stdout
+    assert code == 0 and re.search(
+        r"picked 3 of 3 eligible structures \(of \d+ in the pool, 4 distinct by geometry", stdout
+    )
     assert sorted(out.read_text().split()) == ["g0", "g2", "g3"]
 
 
@@ -440,7 +454,8 @@ def test_same_molecules_tells_conformers_apart_but_not_moved_copies():
     structures; a copy shifted, rotated, reordered and rounded to 1e-5 Å is the same one."""
     from ase.build import molecule
 
-    from multifi.select import _pool_record, same_molecules
+    from multifi.data.same_geometry import same_molecules
+    from multifi.select import MOLECULE_COPY_TOL, _pool_record
 
     staggered = molecule("C2H6")
     eclipsed = staggered.copy()
@@ -456,7 +471,7 @@ def test_same_molecules_tells_conformers_apart_but_not_moved_copies():
     def ds(atoms_list):
         return FidelityDataset.from_records([_pool_record(a, "x.xyz") for a in atoms_list])
 
-    assert same_molecules(ds([eclipsed, moved]), ds([staggered])).tolist() == [False, True]
+    assert same_molecules(ds([eclipsed, moved]), ds([staggered]), MOLECULE_COPY_TOL).tolist() == [False, True]
 
 
 def test_moved_copies_in_the_pool_are_picked_once_and_rounded_run_structures_not_at_all(cli_run, tmp_path, capsys):  # noqa: F811
@@ -488,7 +503,9 @@ def test_moved_copies_in_the_pool_are_picked_once_and_rounded_run_structures_not
     out = tmp_path / "picks.txt"
     args = ["select", run_dir / "model.pt", pool, "--fidelity", "hi", "--strategy", "random", "--out", out]
     code, stdout, _ = run([*args, "--n", "20"], capsys)
-    assert code == 0 and "picked 4 of 4 eligible structures (9 distinct structures in the pool" in stdout, stdout
+    assert code == 0 and re.search(
+        r"picked 4 of 4 eligible structures \(of \d+ in the pool, 9 distinct by geometry", stdout
+    ), stdout
     picks = out.read_text().split()
     assert len(picks) == 4 and len({p[-1] for p in picks}) == 4 and not any(p.startswith("run") for p in picks)
 

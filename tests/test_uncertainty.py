@@ -133,6 +133,24 @@ def test_llpr_matches_direct_inverse_and_maximises_likelihood():
     assert np.mean(np.log(s**2) + err**2 / s**2) <= nll(p.alpha) + 1e-9
 
 
+def test_ridge_goes_beyond_the_grid_while_the_likelihood_improves():
+    """Validation errors proportional to the features' norm are likeliest as λ → ∞ (σ ∝ |f|): the search goes on past
+    the grid's top to RIDGE_LIMIT and says it stopped there; errors that need no such ridge stay inside the grid."""
+    from multifi.uncertainty import RIDGE_GRID, RIDGE_LIMIT
+
+    rng = np.random.default_rng(5)
+    F = rng.normal(size=(60, 4)) * [1.0, 1.0, 1.0, 0.01]  # training features leave the last direction out
+    fv = rng.normal(size=(30, 4))
+    scale = np.trace(F.T @ F) / 4
+    norm_only = fit_llpr_fidelity(F, fv, 0.2 * np.linalg.norm(fv, axis=1) * rng.choice([-1, 1], 30))
+    assert norm_only.ridge_at_limit and norm_only.ridge == pytest.approx(RIDGE_LIMIT * scale)
+    top = fit_llpr_fidelity(F, fv, 0.2 * np.linalg.norm(fv, axis=1), ridge=RIDGE_GRID[-1] * scale)
+    nll = lambda p: np.mean(np.log(p.sigma(fv) ** 2) + (0.2 * np.linalg.norm(fv, axis=1)) ** 2 / p.sigma(fv) ** 2)  # noqa: E731
+    assert nll(norm_only) < nll(top)
+    covered = fit_llpr_fidelity(F, fv, 0.3 * fv[:, 3])  # errors along the direction training left out
+    assert not covered.ridge_at_limit and covered.ridge <= RIDGE_GRID[-1] * scale
+
+
 def test_sigma_larger_far_from_the_training_structures():
     """LLPR on rattled H2O/CH4/NH3: compressed molecules and unseen ones get larger σ than any training one."""
     pot = tiny_potential()
@@ -481,6 +499,40 @@ def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, 
         argv = ["calibrate", model, "--train", tmp_path / "train_lo.extxyz", "--val", tmp_path / "val_xx.extxyz"]
         code, out, err = run([*argv, *more], capsys)
         assert code == 0 and "lo: alpha" in out, err
+
+
+def test_calibrate_leaves_out_validation_labels_the_model_trained_on(cli_run, tmp_path, capsys, caplog):  # noqa: F811
+    """--val labels that the model's run trained on (by its record beside the model, whatever --train holds) would
+    calibrate α too small: left out and said; all of them: a one-line error, nothing written."""
+    import shutil
+
+    from conftest import tiny_frames
+
+    from multifi.data.readers.ase_files import frame_key
+
+    _, run_dir = cli_run
+    model = tmp_path / "run" / "model.pt"  # a copy of the run: its own calibration stays as it is
+    shutil.copytree(run_dir, model.parent, ignore=shutil.ignore_patterns("*.llpr.npz"))
+    splits = json.loads((run_dir / "splits.json").read_text())
+    frames = tiny_frames()
+    keyed = [(frame_key(a), a) for a in frames]
+    trained = [a for k, a in keyed if k in set(splits["train"])]
+    held = [a for k, a in keyed if k in set(splits["val"])]
+    assert len(trained) > 10 and len(held) >= 5
+    ase.io.write(tmp_path / "train.extxyz", trained[5:], format="extxyz")
+    ase.io.write(tmp_path / "val.extxyz", held + trained[:5], format="extxyz")
+    with caplog.at_level("WARNING", logger="multifi"):
+        args = ["calibrate", model, "--train", tmp_path / "train.extxyz", "--val", tmp_path / "val.extxyz"]
+        assert run(args, capsys)[0] == 0
+    assert f"5 of {len(held) + 5} validation labels are ones the model trained on" in caplog.text
+    ase.io.write(tmp_path / "seen.extxyz", trained[:5], format="extxyz")
+    (model.parent / "model.llpr.npz").unlink()
+    fails(
+        ["calibrate", model, "--train", tmp_path / "train.extxyz", "--val", tmp_path / "seen.extxyz"],
+        capsys,
+        "every validation label is one the model trained on",
+    )
+    assert not (model.parent / "model.llpr.npz").exists()
 
 
 def test_ensemble_of_identical_models_is_no_uncertainty(cli_run, tmp_path, capsys):  # noqa: F811

@@ -296,7 +296,9 @@ class Calculator(AseCalculator):
 
             features, _ = readout_features(self.potential, graph)
             sigma = self.llpr.of(self.fidelity).sigma(features.cpu().numpy())
-            self.results["energy_sigma"] = float(sigma[0])
+            with torch.no_grad():  # an estimated reference energy's expected error (uncertainty.reference_sigma)
+                reference = self.potential.head.reference_error(graph.numbers, graph.batch, graph.fidelity, 1)
+            self.results["energy_sigma"] = float(np.hypot(sigma[0], float(reference[0])))
         if "stress" in out:
             s = out["stress"][0].detach().cpu().numpy().astype(np.float64) * GPa  # GPa → eV/Å³
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

@@ -172,12 +172,17 @@ def predict_file(
     }
     for name in sigmas:
         if estimated[name].any():
+            unknown = int(np.isnan(sigmas[name][estimated[name]]).sum())
             log.warning(
                 "%s: %d structure(s) have an estimated %s reference energy (info['reference_estimated']): their "
-                "energy_sigma does not include that estimate's error, which can reach eV",
+                "energy may be off by eV; %s",
                 path,
                 int(estimated[name].sum()),
                 name,
+                "their energy_sigma includes that estimate's expected error (the leave-one-out error of the estimate)"
+                if not unknown
+                else f"energy_sigma is NaN for {unknown} of them: the model records no error for its estimate (saved "
+                "by an earlier multifi version, or too few elements labelled at two fidelities to measure it)",
             )
     by = _model_name(checkpoint)  # with an ensemble, the mean of its models, named as given (runs/s1/model.pt, …)
     if ensemble:
@@ -405,19 +410,15 @@ def predict_sigma(
     (further loaded models, see uncertainty.load_ensemble), whose means replace the predictions; `where`
     names each member in its warnings (e.g. an element it has no labels for). Returns (energies, forces, stresses, sigma [n], method name)."""
     from multifi.data.dataset import FidelityDataset
-    from multifi.uncertainty import LLPR, check_members_differ, dataset_features, llpr_path
+    from multifi.uncertainty import (
+        LLPR,
+        check_members_differ,
+        dataset_features,
+        llpr_path,
+        reference_sigma,
+        with_reference_sigma,
+    )
 
-    if ensemble:
-        names = list(where) or [f"ensemble member {n + 1}" for n in range(len(ensemble))]
-        members = [predicted] + [
-            predict_atoms(m, atoms_list, fidelity, batch_size, where=w) for m, w in zip(ensemble, names, strict=True)
-        ]
-        e = np.stack([m[0] for m in members])
-        check_members_differ(e, fidelity)
-        forces = [np.mean(fs, axis=0) for fs in zip(*(m[1] for m in members))]
-        stresses = [None if s[0] is None else np.mean(s, axis=0) for s in zip(*(m[2] for m in members))]
-        return e.mean(0), forces, stresses, e.std(0, ddof=1), f"ensemble of {len(members)}"
-    llpr = LLPR.load(llpr_path(checkpoint), potential)
     records = [
         {
             "numbers": a.numbers,
@@ -430,5 +431,19 @@ def predict_sigma(
         for i, a in enumerate(atoms_list)
     ]
     ds = FidelityDataset.from_records(records)
+    # the expected error of estimated reference energies (the largest of the models'): no σ of features knows it
+    reference = np.fmax.reduce([reference_sigma(m, ds, np.arange(len(ds)), fidelity) for m in [potential, *ensemble]])
+    if ensemble:
+        names = list(where) or [f"ensemble member {n + 1}" for n in range(len(ensemble))]
+        members = [predicted] + [
+            predict_atoms(m, atoms_list, fidelity, batch_size, where=w) for m, w in zip(ensemble, names, strict=True)
+        ]
+        e = np.stack([m[0] for m in members])
+        check_members_differ(e, fidelity)
+        forces = [np.mean(fs, axis=0) for fs in zip(*(m[1] for m in members))]
+        stresses = [None if s[0] is None else np.mean(s, axis=0) for s in zip(*(m[2] for m in members))]
+        sigma = with_reference_sigma(e.std(0, ddof=1), reference)
+        return e.mean(0), forces, stresses, sigma, f"ensemble of {len(members)}"
+    llpr = LLPR.load(llpr_path(checkpoint), potential)
     f, _ = dataset_features(potential, ds, np.arange(len(ds)), fidelity, batch_size)
-    return (*predicted, llpr.of(fidelity, str(checkpoint)).sigma(f), "llpr")
+    return (*predicted, with_reference_sigma(llpr.of(fidelity, str(checkpoint)).sigma(f), reference), "llpr")

@@ -20,7 +20,7 @@ import logging
 import numpy as np
 
 from multifi.data.dataset import GEOMETRY_TOLERANCE
-from multifi.data.same_geometry import MoleculeTable
+from multifi.data.same_geometry import MoleculeTable, same_molecules
 from multifi.errors import MultifiError
 
 log = logging.getLogger("multifi")
@@ -60,7 +60,7 @@ def select_structures(
     candidates = np.flatnonzero(~labelled)
     if n > len(candidates):
         why = (
-            f"unlabelled ones remain (of {len(pool)}; the others are labelled at {fidelity} in the pool, listed in "
+            f"unlabelled ones remain (of {len(pool)} in the pool; the others are labelled at {fidelity} there, listed in "
             "--exclude, in the model's training data or repeat a geometry)"
         )
         if not len(candidates):
@@ -159,16 +159,6 @@ SAME_GEOMETRY_TOL = 3e-4
 #: rotation and atom order; an index by composition and size keeps this fast): coordinates printed to 3 decimals
 #: move a distance by up to 1.7e-3 Å (dataset.GEOMETRY_TOLERANCE, which structures merged by key must meet)
 MOLECULE_COPY_TOL = GEOMETRY_TOLERANCE
-
-
-def same_molecules(pool, known, tol: float = MOLECULE_COPY_TOL) -> np.ndarray:
-    """[len(pool)] bool: the non-periodic structures of `pool` that are a structure of `known` up to translation,
-    rotation, reflection and atom order (MoleculeTable). Periodic structures: False (copies_of covers them)."""
-    table = MoleculeTable(known, tol)
-    out = np.zeros(len(pool), bool)
-    for s in np.flatnonzero(~pool.pbc.any(1)).tolist():
-        out[s] = table.find(pool, s) is not None
-    return out
 
 
 def labelled_mask(pool, fidelity: str, exclude=(), first: np.ndarray | None = None) -> np.ndarray:

@@ -36,8 +36,10 @@ from multifi.errors import MultifiError
 
 log = logging.getLogger("multifi")
 
-#: ridge strengths λ tried, relative to the mean diagonal of Σ_train f fᵀ
+#: ridge strengths λ tried, relative to the mean diagonal of Σ_train f fᵀ; beyond the largest, further decades up to
+#: RIDGE_LIMIT while the validation likelihood still improves (as λ grows, σ tends to α·|f| / √λ: features' norm alone)
 RIDGE_GRID = tuple(10.0**e for e in range(-8, 2))
+RIDGE_LIMIT = 1e8
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -118,6 +120,7 @@ class LLPRFidelity:
     ridge: float
     n_train: int
     n_val: int
+    ridge_at_limit: bool = False  # λ at RIDGE_LIMIT, the likelihood still improving (the fit's, not saved)
 
     def sigma(self, f: np.ndarray) -> np.ndarray:
         """f [n, H+1] → σ [n] eV."""
@@ -139,18 +142,29 @@ def fit_llpr_fidelity(
     scale = max(float(np.trace(A)) / len(A), 1e-12)
     grid = [ridge] if ridge is not None else [r * scale for r in RIDGE_GRID]
     proj = (f_val @ V) ** 2  # [m, H+1]
-    best = None
-    for lam in grid:
+
+    def likelihood(lam: float) -> tuple[float, float, float]:
+        """(mean negative log-likelihood of the validation errors, λ, α²) at λ, with α² at its optimum."""
         u2 = np.maximum(proj @ (1.0 / (d + lam)), 1e-300)
-        alpha2 = float(np.mean(err_val**2 / u2)) if len(err_val) else 1.0
-        alpha2 = max(alpha2, 1e-300)
+        alpha2 = max(float(np.mean(err_val**2 / u2)) if len(err_val) else 1.0, 1e-300)
         nll = float(np.mean(np.log(alpha2 * u2) + err_val**2 / (alpha2 * u2))) if len(err_val) else 0.0
-        if best is None or nll < best[0]:
-            best = (nll, lam, alpha2)
+        return nll, lam, alpha2
+
+    best = min((likelihood(lam) for lam in grid), key=lambda t: t[0])
+    decade = round(np.log10(RIDGE_GRID[-1]))
+    while ridge is None and best[1] == grid[-1] and 10.0**decade < RIDGE_LIMIT:  # the grid's top: go on
+        decade += 1
+        grid.append(10.0**decade * scale)
+        best = min(best, likelihood(grid[-1]), key=lambda t: t[0])
     _, lam, alpha2 = best
     cov = (V / (d + lam)) @ V.T
     return LLPRFidelity(
-        cov=cov, alpha=float(np.sqrt(alpha2)), ridge=float(lam), n_train=len(f_train), n_val=len(err_val)
+        cov=cov,
+        alpha=float(np.sqrt(alpha2)),
+        ridge=float(lam),
+        n_train=len(f_train),
+        n_val=len(err_val),
+        ridge_at_limit=ridge is None and lam == RIDGE_LIMIT * scale,
     )
 
 
@@ -211,9 +225,12 @@ def llpr_path(model_path: str | Path) -> Path:
 
 
 def weights_fingerprint(potential) -> str:
-    """A hash of the potential's weights and buffers (which calibration file belongs to which model)."""
+    """A hash of the potential's weights and buffers (which calibration file belongs to which model); not of
+    head.spread (the error of estimated references, recorded since a later version: older calibrations stay valid)."""
     h = hashlib.sha1()
     for name, t in sorted(potential.state_dict().items()):
+        if name == "head.spread":
+            continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:20]
@@ -416,15 +433,44 @@ def calibrate_files(
             shared,
             len(in_val),
         )
+    validation = ~is_train & ~_fitted_by_the_model(model, ds, pairs, ~is_train, where)
     known = np.isin(
         np.asarray(ds.fidelities.names, dtype=object)[pairs[:, 1]],
         [fidelity] if fidelity else list(potential.fidelities.names),
     )
-    _check_plausible_labels(potential, ds, pairs[~is_train & known], batch_size, where)  # the pairs fit_llpr uses
+    _check_plausible_labels(potential, ds, pairs[validation & known], batch_size, where)  # the pairs fit_llpr uses
     llpr = fit_llpr(
-        potential, ds, pairs[is_train], pairs[~is_train], batch_size, fidelities=[fidelity] if fidelity else None
+        potential, ds, pairs[is_train], pairs[validation], batch_size, fidelities=[fidelity] if fidelity else None
     )
     return llpr, save_calibration(llpr, llpr_path(model))
+
+
+def _fitted_by_the_model(model, ds, pairs: np.ndarray, validation: np.ndarray, where: str) -> np.ndarray:
+    """[P] bool: the `validation` pairs (mask [P]) whose labels the model trained on, as its run beside it records
+    (trained_on.trained_pairs: by key and fidelity, or by geometry): left out, said; all of them: an error (α
+    calibrated on labels the model fitted comes out too small, and σ with it)."""
+    from multifi.trained_on import trained_pairs
+
+    out = np.zeros(len(pairs), bool)
+    same = trained_pairs(model, ds, pairs[validation])[0] if validation.any() else set()
+    if not same:
+        return out
+    names = ds.fidelities.names
+    out[validation] = [(str(ds.keys[s]), names[k]) in same for s, k in pairs[validation].tolist()]
+    n, total = int(out.sum()), int(validation.sum())
+    if n == total:
+        raise MultifiError(
+            f"{where}: every validation label is one the model trained on (its run's training split): σ calibrated "
+            "on them comes out too small; calibrate on held-out labels"
+        )
+    log.warning(
+        "%s: %d of %d validation labels are ones the model trained on (its run's training split): left out (σ "
+        "calibrated on them comes out too small)",
+        where,
+        n,
+        total,
+    )
+    return out
 
 
 def _check_plausible_labels(potential, ds, pairs: np.ndarray, batch_size: int, where: str) -> None:
@@ -470,6 +516,32 @@ def save_calibration(llpr: LLPR, path: Path) -> Path:
     return llpr.save(path)
 
 
+def reference_sigma(potential, dataset, structures: np.ndarray, fidelity: str) -> np.ndarray:
+    """[n] eV: the expected error of each structure's reference energy sum at `fidelity` (head.reference_error): 0
+    where the model's training labels at that fidelity determine it, NaN where the estimate's error is unknown (a
+    model saved before multifi recorded it). A structure with an estimated reference errs by it whatever its
+    geometry, which no σ from the model's features can know."""
+    structures = np.asarray(structures, dtype=np.int64)
+    if not len(structures):
+        return np.zeros(0)
+    head = potential.head
+    offsets = np.asarray(dataset.offsets)
+    n_atoms = offsets[structures + 1] - offsets[structures]
+    atoms = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in structures])
+    device = head.ref.device
+    numbers = torch.as_tensor(np.asarray(dataset.numbers)[atoms].astype(np.int64), device=device)
+    structure = torch.as_tensor(np.repeat(np.arange(len(structures)), n_atoms), device=device)
+    k = potential.fidelities.index(fidelity)
+    fid = torch.full((len(structures),), k, dtype=torch.long, device=device)
+    with torch.no_grad():
+        return head.reference_error(numbers, structure, fid, len(structures)).cpu().numpy()
+
+
+def with_reference_sigma(sigma: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """σ [n] and the references' expected error [n] (eV, reference_sigma) combined as independent errors."""
+    return np.sqrt(np.square(sigma) + np.square(reference))
+
+
 def sigma_for(
     models: list,
     dataset,
@@ -480,15 +552,17 @@ def sigma_for(
     recorded=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Energy [n] and σ [n] (eV) at `fidelity`: with one model its LLPR σ (llpr needed), with several the
-    ensemble mean and standard deviation (the members' energies from `recorded` where it has them)."""
+    ensemble mean and standard deviation (the members' energies from `recorded` where it has them); σ includes the
+    expected error of estimated reference energies (reference_sigma, the largest of the members')."""
+    reference = np.fmax.reduce([reference_sigma(m, dataset, structures, fidelity) for m in models])
     if len(models) > 1:
         e = ensemble_energies(models, dataset, structures, fidelity, batch_size, recorded)
         check_members_differ(e, fidelity)
-        return e.mean(0), e.std(0, ddof=1)
+        return e.mean(0), with_reference_sigma(e.std(0, ddof=1), reference)
     if llpr is None:
         raise MultifiError("σ from one model needs its LLPR calibration (run `multifi calibrate`)")
     f, e = dataset_features(models[0], dataset, structures, fidelity, batch_size)
-    return e, llpr.of(fidelity, "model").sigma(f)
+    return e, with_reference_sigma(llpr.of(fidelity, "model").sigma(f), reference)
 
 
 def check_members_differ(e: np.ndarray, fidelity: str) -> None:

@@ -47,6 +47,13 @@ def run(args) -> int:
         print(
             f"{name}: alpha {p.alpha:.4g}, ridge {p.ridge:.3g}, {p.n_train} training / {p.n_val} validation structures"
         )
+        if p.ridge_at_limit:
+            log.warning(
+                "%s: the validation errors are likeliest with the largest ridge tried (λ → ∞): σ is then about "
+                "proportional to the norm of a structure's readout features, and the training features tell no "
+                "direction of them apart; its ranking of structures means little",
+                name,
+            )
         if p.n_val < FEW_VALIDATION:
             log.warning(
                 "%s: alpha is calibrated on %d validation structure(s): a rough estimate (its spread over %d "

@@ -507,26 +507,18 @@ def check_elements(potential, dataset, pairs):
 
 
 def _warn_trained_on(checkpoint, ds, pairs) -> None:
-    """(Structure, fidelity) pairs the model trained on (by key and fidelity name: its run's dataset.npz with its
-    split or an extension run's pairs.npz, as trained, train_limits applied; by key alone from splits.json) are
-    scored as if held out otherwise (e.g. the run's dataset.npz, or a whole label table): say how many; and how
-    many structures it trained on at other fidelities only (held-out labels on seen geometries)."""
-    trained, old = _trained_keys(checkpoint)
-    if not trained:
-        return
-    names = ds.fidelities.names
-    evaluated = {(str(ds.keys[s]), names[k]) for s, k in pairs.tolist()}
-    same = {p for p in evaluated if p in trained or (p[0], None) in trained}
-    if old is not None:
-        same |= _trained_by_geometry(old, ds, pairs, same)
-    keys_trained = {key for key, _ in trained}
-    elsewhere = {key for key, _ in evaluated - same if key in keys_trained}
+    """Say how many (structure, fidelity) pairs evaluated the model trained on (trained_on.trained_pairs): they are
+    scored as if held out otherwise (e.g. the run's dataset.npz, or a whole label table); and how many structures it
+    trained on at other fidelities only (held-out labels on seen geometries)."""
+    from multifi.trained_on import trained_pairs
+
+    same, elsewhere, evaluated = trained_pairs(checkpoint, ds, pairs)
     say = logging.getLogger("multifi")
     if same:
         say.warning(
             "%d of the %d (structure, fidelity) pairs evaluated were trained on: their errors are not held-out errors",
             len(same),
-            len(evaluated),
+            evaluated,
         )
     if elsewhere:
         say.info(
@@ -534,34 +526,6 @@ def _warn_trained_on(checkpoint, ds, pairs) -> None:
             "their geometries are not",
             len(elsewhere),
         )
-
-
-def _trained_by_geometry(old, ds, pairs, known: set) -> set[tuple[str, str]]:
-    """(key, fidelity name) of the evaluated pairs, not in `known`, whose molecule is a training molecule of the run
-    `old` at that fidelity by geometry (select.same_molecules: distances within 2e-3 Å, coordinates printed to 3
-    decimals; up to rotation and atom order). Looked for only where keys cannot tell: a key made from the geometry
-    on either side (a file without keys, or a run trained without them). Crystals are not searched (a pairwise
-    search over near-identical cells grows with the square of the training set)."""
-    import numpy as np
-
-    from multifi.data.dataset import GEOMETRY_KEY_PREFIX
-    from multifi.select import same_molecules
-
-    names, old_names = ds.fidelities.names, old.dataset.fidelities.names
-    hashed = np.char.startswith(np.asarray(ds.keys, dtype=str), GEOMETRY_KEY_PREFIX)
-    run_hashed = np.char.startswith(np.asarray(old.dataset.keys, dtype=str), GEOMETRY_KEY_PREFIX)
-    out = set()
-    for k, name in enumerate(names):
-        if name not in old_names:
-            continue
-        mine = pairs[(pairs[:, 1] == k)][:, 0]
-        mine = np.array([s for s in mine.tolist() if (str(ds.keys[s]), name) not in known], dtype=np.int64)
-        theirs = np.unique(old.train[old.train[:, 1] == old_names.index(name), 0])
-        if not len(mine) or not len(theirs) or not (hashed[mine].any() or run_hashed[theirs].any()):
-            continue
-        copies = same_molecules(ds.subset(mine), old.dataset.subset(theirs))
-        out |= {(str(ds.keys[s]), name) for s in mine[copies].tolist()}
-    return out
 
 
 #: evaluation errors up to this many times the model's own test error (meV/atom) are the model's, not the labels'
@@ -585,35 +549,3 @@ def _test_errors(checkpoint) -> dict[str, float]:
         }
     except (OSError, ValueError, AttributeError):  # none, or not ours: nothing to compare with
         return {}
-
-
-def _trained_keys(checkpoint) -> tuple[set[tuple[str, str | None]], object]:
-    """(key, fidelity name) of every training pair; (key, None) where only the split's keys are known; and the run
-    as load_old_run reads it (None without a copy of its data)."""
-    import json
-
-    from multifi.errors import MultifiError
-    from multifi.models.registry import run_dir_of
-    from multifi.train.extension_data import PAIRS, load_old_run
-
-    run = run_dir_of(checkpoint)
-    split_files = [run / name for name in ("splits.json", "splits.npz", PAIRS)]
-    # the data as trained: the run's copy, or (indices in splits.npz) the saved dataset it indexes; not re-read
-    copied = (run / "dataset.npz").exists() or (run / "splits.npz").exists()
-    if (run / "config.yaml").exists() and copied and any(f.exists() for f in split_files):
-        try:
-            old = load_old_run(run)
-        except (
-            MultifiError,
-            OSError,
-            ValueError,
-            KeyError,
-            TypeError,
-        ):  # unreadable: no warning rather than no evaluation
-            return set(), None
-        names = old.dataset.fidelities.names
-        return {(str(old.dataset.keys[s]), names[k]) for s, k in old.train.tolist()}, old
-    try:  # no copy of the data: the split's keys (before train_limits)
-        return {(str(k), None) for k in json.loads((run / "splits.json").read_text()).get("train", [])}, None
-    except (OSError, ValueError, AttributeError):
-        return set(), None

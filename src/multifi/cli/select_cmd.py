@@ -138,8 +138,8 @@ def run(args) -> int:
     by_geometry = in_run - len(np.unique(copies[in_run_mask & np.isin(pool.keys.astype(str), known)]))
     matched = f", {by_geometry} of them by geometry, not key" if by_geometry else ""
     print(
-        f"picked {len(keys)} of {eligible} eligible structures ({distinct} distinct structures in the pool, the others labelled "
-        f"at {args.fidelity}, excluded or repeated geometries"
+        f"picked {len(keys)} of {eligible} eligible structures (of {len(pool)} in the pool, {distinct} distinct by "
+        f"geometry; the others labelled at {args.fidelity}, excluded or repeated geometries"
         + (f"; {in_run} labelled at {args.fidelity} in the model's run data{matched}" if in_run else "")
         + f") for {args.fidelity} ({args.strategy}) → {args.out}"
     )

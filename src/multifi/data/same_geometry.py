@@ -337,3 +337,14 @@ def _centroid_profile(ds, s: int) -> tuple[bytes, np.ndarray]:
     r = np.linalg.norm(pos - pos.mean(0), axis=1)
     order = np.lexsort((r, z))
     return z[order].astype(np.int64).tobytes(), r[order]
+
+
+def same_molecules(pool, known, tol: float) -> np.ndarray:
+    """[len(pool)] bool: the non-periodic structures of `pool` that are a structure of `known` (FidelityDatasets)
+    up to translation, rotation, reflection and atom order, sorted distances within `tol` Å (MoleculeTable).
+    Periodic structures: False."""
+    table = MoleculeTable(known, tol)
+    out = np.zeros(len(pool), bool)
+    for s in np.flatnonzero(~pool.pbc.any(1)).tolist():
+        out[s] = table.find(pool, s) is not None
+    return out

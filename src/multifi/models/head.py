@@ -10,6 +10,7 @@ from multifi.data.stats import N_ELEMENTS, composition_matrix, fit_baseline  # n
 from multifi.nn import MLP
 
 NULL_DIRS = 4  # open compositions kept per fidelity; beyond that, their elements count as estimated
+UNKNOWN_SPREAD = -1.0  # head.spread of a fidelity whose estimated references have no known error
 
 
 class EnergyHead(nn.Module):
@@ -24,6 +25,10 @@ class EnergyHead(nn.Module):
     contact [119, 119] Å: the shortest distance of each element pair in the training structures (0: unknown),
     reach [119] Å: the farthest any training atom of each element lay from its nearest neighbour (0: unknown),
     to warn when a prediction's atoms are far closer to, or farther from, their neighbours than in training.
+    spread [K] eV/atom: the expected error of an estimated reference at each fidelity (References.spread, the
+    leave-one-out error of the shared shift model; UNKNOWN_SPREAD, −1: unknown; not NaN, which no state-dict
+    comparison would find equal to itself), for the uncertainty of structures containing one
+    (reference_error).
     With `shared_baseline` (fidelity-blind models, mode `single`) every fidelity uses column 0 of
     ref and scale, fitted on all fidelities pooled (fit_baseline(..., pooled=True)).
     """
@@ -49,6 +54,7 @@ class EnergyHead(nn.Module):
         self.register_buffer("null", torch.zeros(N_ELEMENTS, n_fidelities, NULL_DIRS, dtype=torch.float64))
         self.register_buffer("contact", torch.zeros(N_ELEMENTS, N_ELEMENTS, dtype=torch.float64))
         self.register_buffer("reach", torch.zeros(N_ELEMENTS, dtype=torch.float64))
+        self.register_buffer("spread", torch.full((n_fidelities,), UNKNOWN_SPREAD, dtype=torch.float64))
 
     def forward(
         self, s: torch.Tensor, cond: torch.Tensor | None, numbers: torch.Tensor, fid_atom: torch.Tensor
@@ -68,6 +74,7 @@ class EnergyHead(nn.Module):
         """Module casts (.float(), .to(dtype)) move ref/scale between devices but keep them float64:
         total energies of hundreds of eV need double precision for meV accuracy."""
         keep = {"ref": self.ref, "scale": self.scale, "null": self.null, "contact": self.contact, "reach": self.reach}
+        keep["spread"] = self.spread
         super()._apply(fn, recurse)
         for name, before in keep.items():
             setattr(self, name, before.to(device=getattr(self, name).device, dtype=torch.float64))
@@ -76,7 +83,8 @@ class EnergyHead(nn.Module):
     @staticmethod
     def upgrade_state(state_dict: dict, prefix: str) -> None:
         """Fill in place the buffers a head saved by an earlier multifi version lacks (keys under `prefix`):
-        `fitted` (every nonzero reference was fitted), `null` (none recorded), `contact` and `reach` (unknown)."""
+        `fitted` (every nonzero reference was fitted), `null` (none recorded), `contact`, `reach` and `spread`
+        (unknown)."""
         if prefix + "ref" not in state_dict:
             return
         ref = state_dict[prefix + "ref"]
@@ -84,6 +92,7 @@ class EnergyHead(nn.Module):
         state_dict.setdefault(prefix + "null", torch.zeros(*ref.shape, NULL_DIRS, dtype=torch.float64))
         state_dict.setdefault(prefix + "contact", torch.zeros(N_ELEMENTS, N_ELEMENTS, dtype=torch.float64))
         state_dict.setdefault(prefix + "reach", torch.zeros(N_ELEMENTS, dtype=torch.float64))
+        state_dict.setdefault(prefix + "spread", torch.full((ref.shape[1],), UNKNOWN_SPREAD, dtype=torch.float64))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.upgrade_state(state_dict, prefix)
@@ -91,16 +100,31 @@ class EnergyHead(nn.Module):
 
     @torch.no_grad()
     def set_baseline(
-        self, ref: np.ndarray, scale: np.ndarray, fitted: np.ndarray | None = None, null: list | None = None
+        self,
+        ref: np.ndarray,
+        scale: np.ndarray,
+        fitted: np.ndarray | None = None,
+        null: list | None = None,
+        spread: np.ndarray | None = None,
     ) -> None:
         """ref [119, K] eV, scale [K] eV, fitted [119, K] bool (default: where ref is nonzero), null: per
-        fidelity its open compositions [d, 119] (References.null; default none)."""
+        fidelity its open compositions [d, 119] (References.null; default none), spread [K] eV/atom: the expected
+        error of an estimated reference (References.spread; NaN or default: unknown)."""
         ref = torch.as_tensor(ref, dtype=torch.float64)
+        self.spread.fill_(UNKNOWN_SPREAD)
+        if spread is not None:
+            self.set_spread(torch.arange(len(self.spread)), spread)
         self.ref.copy_(ref)
         self.scale.copy_(torch.as_tensor(scale, dtype=torch.float64))
         self.fitted.copy_(ref != 0 if fitted is None else torch.as_tensor(fitted, dtype=torch.bool))
         for k in range(self.null.shape[1]):
             self.set_open(k, None if null is None else null[k])
+
+    @torch.no_grad()
+    def set_spread(self, columns, spread) -> None:
+        """spread[columns] ← `spread` (eV/atom; NaN: unknown)."""
+        value = torch.as_tensor(np.asarray(spread, dtype=np.float64))
+        self.spread[columns] = torch.where(torch.isnan(value), UNKNOWN_SPREAD, value).to(self.spread.device)
 
     @torch.no_grad()
     def set_open(self, k: int, null: np.ndarray | None) -> None:
@@ -143,6 +167,25 @@ class EnergyHead(nn.Module):
         estimated = (~self.fitted[numbers, column[structure]]).to(torch.float64)
         per_structure = torch.zeros(n, dtype=torch.float64, device=numbers.device).index_add_(0, structure, estimated)
         return (per_structure == 0) & ~self.open_structures(numbers, structure, column, n)
+
+    def reference_error(self, numbers: torch.Tensor, structure: torch.Tensor, fidelity: torch.Tensor, n: int):
+        """[n] eV: the expected error of each structure's reference energy sum at its fidelity, 0 where its
+        training labels determine it. An estimated reference errs by about spread[k] per atom, alike for the atoms
+        of one element and independently between elements: spread[k]·sqrt(Σ_Z n_Z²) over the estimated elements,
+        plus spread[k]·|c·null| for an open composition c; NaN where that error is unknown (UNKNOWN_SPREAD).
+        numbers, structure [N] (atom → structure), fidelity [n]."""
+        column = torch.zeros_like(fidelity) if self.shared_baseline else fidelity
+        estimated = (~self.fitted[numbers, column[structure]]).to(torch.float64)
+        counts = torch.zeros(n * N_ELEMENTS, dtype=torch.float64, device=numbers.device)
+        counts.index_add_(0, structure * N_ELEMENTS + numbers.long(), estimated)  # estimated atoms per (structure, Z)
+        variance = counts.view(n, N_ELEMENTS).square().sum(1)
+        if bool(self.null.any()):
+            proj = torch.zeros(n, NULL_DIRS, dtype=torch.float64, device=numbers.device)
+            proj.index_add_(0, structure, self.null[numbers, column[structure]])
+            variance = variance + proj.square().sum(1) * (proj.abs() > 1e-6).any(1)
+        spread = self.spread[column]
+        spread = torch.where(spread < 0, float("nan"), spread)
+        return torch.where(variance > 0, spread * variance.sqrt(), torch.zeros_like(variance))
 
     def open_structures(self, numbers: torch.Tensor, structure: torch.Tensor, column: torch.Tensor, n: int):
         """[n] bool: structures whose composition is open at their fidelity column (a reference sum the labels

@@ -133,10 +133,11 @@ def unchanged_fidelities(old, new) -> bool:
     src, K = old.state_dict(), len(old.fidelities)
     for key, value in new.state_dict().items():
         m = _HEAD.match(key)
-        if key in ("conditioning.onehot", "head.contact", "head.reach") or (
+        if key in ("conditioning.onehot", "head.contact", "head.reach", "head.spread") or (
             m and new.head.heads and int(m.group(1)) == K
         ):
-            continue  # the new fidelity's own input column / head; training distances (no prediction uses them)
+            continue  # the new fidelity's own input column / head; training distances and the estimates' error
+            # (no prediction uses them)
         if key in FIDELITY_AXIS:
             value = value.narrow(FIDELITY_AXIS[key], 0, K)
         if key not in src or value.shape != src[key].shape or not torch.equal(value, src[key].to(value.dtype)):
@@ -630,6 +631,9 @@ def _fit_new_baseline(
         new_elements = new.fitted[:, 0] & ~known_fitted.any(1)
         all_ref = np.concatenate([np.where(known_fitted, known_ref, 0.0), new.ref], axis=1)
         prior, loo = shared_estimates_with_error(all_ref, np.concatenate([known_fitted, new.fitted], axis=1))
+        head.set_spread([k], loo[[k]])
+        unknown = (head.spread[:k] < 0).cpu().numpy()  # old fidelities keep a known error of their estimates
+        head.set_spread(np.flatnonzero(unknown), loo[:k][unknown])
         if new_elements.any():  # elements only the new fidelity has: the old fidelities' references estimated
             head.ref[new_elements, :k] = torch.as_tensor(prior[new_elements, :k], dtype=head.ref.dtype)
             _report_estimates(potential.fidelities.names, k, new_elements, loo)

@@ -21,7 +21,14 @@ from multifi.errors import MultifiError
 log = logging.getLogger("multifi")
 
 # parameter/buffer name → axis indexed by fidelity
-FIDELITY_AXIS = {"conditioning.table.weight": 0, "head.ref": 1, "head.scale": 0, "head.fitted": 1, "head.null": 1}
+FIDELITY_AXIS = {
+    "conditioning.table.weight": 0,
+    "head.ref": 1,
+    "head.scale": 0,
+    "head.fitted": 1,
+    "head.null": 1,
+    "head.spread": 0,
+}
 FIXED = {"conditioning.onehot"}  # depends only on the number of fidelities; never copied
 _HEAD = re.compile(r"^head\.mlps\.(\d+)\.(.+)$")
 

@@ -274,7 +274,7 @@ def _module_with_references(cfg: RunConfig, prep, resume: bool):
     report_references(refs, prep.dataset.fidelities.names, skip=untrained(prep))
     if cfg.model.energy_scale == "per_fidelity" and not module.potential.head.shared_baseline:
         warn_scale_gaps(refs, prep.dataset, prep.pairs["train"], skip={n for names in doubtful.values() for n in names})
-    module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null)
+    module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null, refs.spread)
     module.sync_ema()
     return module, doubtful
 

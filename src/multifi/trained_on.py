@@ -1,0 +1,82 @@
+"""Which (structure, fidelity) pairs of some data a saved model trained on, from its run directory: by key and
+fidelity name (the run's copy of its data with its split, train_limits applied), by key alone (splits.json), and by
+geometry where keys cannot tell. For `evaluate` (held-out errors) and `calibrate` (held-out validation labels)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def trained_pairs(checkpoint, ds, pairs: np.ndarray) -> tuple[set[tuple[str, str]], set[str], int]:
+    """(same, elsewhere, n): the (key, fidelity name) of `pairs` [P, 2] of `ds` that the model of `checkpoint`
+    trained on; the keys of structures among the rest that it trained on at other fidelities only; and the number
+    of distinct pairs looked at. Empty sets when the model's run (beside it) tells nothing."""
+    names = ds.fidelities.names
+    evaluated = {(str(ds.keys[s]), names[k]) for s, k in np.asarray(pairs).tolist()}
+    trained, old = trained_keys(checkpoint)
+    if not trained:
+        return set(), set(), len(evaluated)
+    same = {p for p in evaluated if p in trained or (p[0], None) in trained}
+    if old is not None:
+        same |= _trained_by_geometry(old, ds, pairs, same)
+    keys_trained = {key for key, _ in trained}
+    elsewhere = {key for key, _ in evaluated - same if key in keys_trained}
+    return same, elsewhere, len(evaluated)
+
+
+def trained_keys(checkpoint) -> tuple[set[tuple[str, str | None]], object]:
+    """(key, fidelity name) of every training pair; (key, None) where only the split's keys are known; and the run
+    as load_old_run reads it (None without a copy of its data)."""
+    import json
+
+    from multifi.errors import MultifiError
+    from multifi.models.registry import run_dir_of
+    from multifi.train.extension_data import PAIRS, load_old_run
+
+    run = run_dir_of(checkpoint)
+    split_files = [run / name for name in ("splits.json", "splits.npz", PAIRS)]
+    # the data as trained: the run's copy, or (indices in splits.npz) the saved dataset it indexes; not re-read
+    copied = (run / "dataset.npz").exists() or (run / "splits.npz").exists()
+    if (run / "config.yaml").exists() and copied and any(f.exists() for f in split_files):
+        try:
+            old = load_old_run(run)
+        except (
+            MultifiError,
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+        ):  # unreadable: no warning rather than no evaluation
+            return set(), None
+        names = old.dataset.fidelities.names
+        return {(str(old.dataset.keys[s]), names[k]) for s, k in old.train.tolist()}, old
+    try:  # no copy of the data: the split's keys (before train_limits)
+        return {(str(k), None) for k in json.loads((run / "splits.json").read_text()).get("train", [])}, None
+    except (OSError, ValueError, AttributeError):
+        return set(), None
+
+
+def _trained_by_geometry(old, ds, pairs, known: set) -> set[tuple[str, str]]:
+    """(key, fidelity name) of the evaluated pairs, not in `known`, whose molecule is a training molecule of the run
+    `old` at that fidelity by geometry (same_molecules: distances within 2e-3 Å, coordinates printed to 3
+    decimals; up to rotation and atom order). Looked for only where keys cannot tell: a key made from the geometry
+    on either side (a file without keys, or a run trained without them). Crystals are not searched (a pairwise
+    search over near-identical cells grows with the square of the training set)."""
+    from multifi.data.dataset import GEOMETRY_KEY_PREFIX, GEOMETRY_TOLERANCE
+    from multifi.data.same_geometry import same_molecules
+
+    names, old_names = ds.fidelities.names, old.dataset.fidelities.names
+    hashed = np.char.startswith(np.asarray(ds.keys, dtype=str), GEOMETRY_KEY_PREFIX)
+    run_hashed = np.char.startswith(np.asarray(old.dataset.keys, dtype=str), GEOMETRY_KEY_PREFIX)
+    out = set()
+    for k, name in enumerate(names):
+        if name not in old_names:
+            continue
+        mine = pairs[(pairs[:, 1] == k)][:, 0]
+        mine = np.array([s for s in mine.tolist() if (str(ds.keys[s]), name) not in known], dtype=np.int64)
+        theirs = np.unique(old.train[old.train[:, 1] == old_names.index(name), 0])
+        if not len(mine) or not len(theirs) or not (hashed[mine].any() or run_hashed[theirs].any()):
+            continue
+        copies = same_molecules(ds.subset(mine), old.dataset.subset(theirs), GEOMETRY_TOLERANCE)
+        out |= {(str(ds.keys[s]), name) for s in mine[copies].tolist()}
+    return out
