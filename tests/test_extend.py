@@ -457,6 +457,7 @@ def test_an_element_new_with_the_new_fidelity_gets_estimated_old_references(tmp_
         extend(cfg)
     assert "elements Cu appear only in the CC data" in caplog.text and "estimated from the CC ones" in caplog.text
     # how far off: 32 eV per F atom in a trial was said only as "expect larger errors"
+    said = {}
     for name in ("lo", "hi"):
         found = re.search(
             rf"{name}: its reference energies of Cu are estimated from the CC ones \(leave-one-out "
@@ -464,9 +465,12 @@ def test_an_element_new_with_the_new_fidelity_gets_estimated_old_references(tmp_
             caplog.text,
         )
         assert found and float(found.group(1)) >= 0, caplog.text
+        said[name] = float(found.group(1))
     head = load_potential(tmp_path / "ext" / "model.pt").head
     ref, fitted = head.ref.detach().numpy(), head.fitted.numpy()
     assert fitted[29].tolist() == [False, False, True]
+    # the error σ adds for Cu at lo and hi (unknown in the old model: the estimate's error, as said)
+    assert head.spread[:2].tolist() == pytest.approx([said["lo"], said["hi"]], abs=0.006)
     from multifi.data.stats import shared_estimates
 
     expect = shared_estimates(np.where(fitted, ref, 0.0), fitted)[29, :2]
