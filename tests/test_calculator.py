@@ -212,6 +212,11 @@ def test_a_slab_without_vacuum_predicts_as_with_vacuum_and_has_no_stress(tmp_pat
     assert np.abs(results[0][1]).max() > 1e-2
     with pytest.raises(MultifiError, match="stress needs a cell whose volume holds the structure.*atoms.center"):
         slab.get_stress()
+    in_plane = slab.copy()  # a third vector in the plane of the periodic ones: no volume either, and said so
+    in_plane.cell[2] = in_plane.cell[0]
+    in_plane.calc = multifi.Calculator(CKPT, fidelity="PBE", dtype="float64")
+    with pytest.raises(MultifiError, match="no volume: a zero cell vector, or one in the plane"):
+        in_plane.get_stress()
     assert np.abs(padded.get_stress()).max() > 0
     for height in (1e-6, 0.5):  # a vector shorter than the slab is no vacuum: its stress scaled with 1/height
         short = slab.copy()

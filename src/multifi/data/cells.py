@@ -59,7 +59,10 @@ def stress_volume_problem(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarr
     4 Å slab: its volume is no vacuum-padded cell's, and the stress scales with its inverse)."""
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
     if not has_volume(cell):
-        return "this cell has a zero cell vector along a non-periodic direction (a slab or wire built without vacuum)"
+        return (
+            "this cell has no volume: a zero cell vector, or one in the plane (line) of the periodic ones, along a "
+            "non-periodic direction (a slab or wire built without vacuum)"
+        )
     if pbc.all():
         return None
     frac = np.asarray(positions, dtype=np.float64) @ np.linalg.inv(np.asarray(cell, dtype=np.float64))

@@ -301,7 +301,7 @@ class FidelityDataset:
             if no_volume.any():
                 raise MultifiError(
                     f"{src}: structure {int(flat[np.argmax(no_volume)])}: a stress label on a cell without volume (a "
-                    "zero cell vector along a non-periodic direction): stress is per volume; give that direction the "
+                    "zero or in-plane cell vector along a non-periodic direction): stress is per volume; give that direction the "
                     "length the reference calculation used"
                 )
         self.numbers = self.numbers.astype(np.uint8, copy=False)
