@@ -235,7 +235,7 @@ def test_predict_marks_structures_whose_reference_was_estimated(tmp_path, capsys
     got = ase.io.read(out, ":")
     assert got[0].info.get("reference_estimated") is True and "reference_estimated" not in got[1].info
     assert not any(k.startswith("reference_estimated_") for a in got for k in a.info)
-    # with a σ (here an ensemble's): said that σ leaves the estimate's error out
+    # with a σ (here an ensemble's): the estimate's error is in it; unknown (no error recorded): NaN, said so
     torch.manual_seed(1)
     other = build_potential(TINY_MODEL, ["lo", "hi"])
     other.head.set_baseline(ref, np.ones(2), fitted)
@@ -243,8 +243,21 @@ def test_predict_marks_structures_whose_reference_was_estimated(tmp_path, capsys
     out = tmp_path / "e.extxyz"
     with caplog.at_level("WARNING", logger="multifi"):
         assert run(["predict", model, src, "--fidelity", "hi", "--ensemble", member, "--out", out], capsys)[0] == 0
-    assert "1 structure(s) have an estimated hi reference energy" in caplog.text and "does not include" in caplog.text
-    assert "energy_sigma" in ase.io.read(out, "0").info
+    assert "1 structure(s) have an estimated hi reference energy" in caplog.text
+    assert "energy_sigma is NaN for 1 of them" in caplog.text
+    before = [a.info["energy_sigma"] for a in ase.io.read(out, ":")]
+    assert np.isnan(before[0]) and np.isfinite(before[1])
+    spread = np.array([np.nan, 0.7])  # eV/atom: the estimate's error at hi
+    for path, p in ((model, pot), (member, other)):
+        p.head.set_baseline(ref, np.ones(2), fitted, spread=spread)
+        save_potential(p, path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):
+        argv = ["predict", model, src, "--fidelity", "hi", "--ensemble", member, "--out", out, "--force"]
+        assert run(argv, capsys)[0] == 0
+    assert "their energy_sigma includes that estimate's expected error" in caplog.text
+    sigma = [a.info["energy_sigma"] for a in ase.io.read(out, ":")]
+    assert sigma[0] >= 0.7 and sigma[1] == pytest.approx(before[1])  # one N atom: ≥ 0.7 eV; H2O: the spread alone
     # a member that estimated O at hi too: H2O's mean carries that estimate, flagged whichever model comes first
     fitted_o = fitted.copy()
     fitted_o[8, 1] = False
@@ -894,17 +907,17 @@ def test_an_implausible_error_from_estimated_references_does_not_blame_the_label
     meV/atom, and the hint asked whether the labels were in eV. It names the estimated references now."""
     import logging
 
-    from multifi.cli.evaluate_cmd import _warn_implausible
+    from multifi.evaluation import warn_implausible_errors
 
     estimated = {"n": 1, "energy_mae_meV_per_atom": 6616.0, "n_estimated_references": 1, "fitted_references": {"n": 0}}
     with caplog.at_level(logging.WARNING, logger="multifi"):
-        _warn_implausible({"HF/3-21G": estimated}, "hf_F.extxyz")
+        warn_implausible_errors({"HF/3-21G": estimated}, "hf_F.extxyz")
     assert "the estimated per-element references (warned above) are a likely cause" in caplog.text
     assert "in eV" not in caplog.text
     caplog.clear()
     labels = {"n": 9, "energy_mae_meV_per_atom": 5000.0}
     with caplog.at_level(logging.WARNING, logger="multifi"):
-        _warn_implausible({"HF/3-21G": labels}, "hf.extxyz")
+        warn_implausible_errors({"HF/3-21G": labels}, "hf.extxyz")
     assert "are these labels at HF/3-21G, in eV" in caplog.text
 
 
@@ -980,9 +993,9 @@ def test_errors_that_are_one_energy_per_element_are_said_to_be_another_conventio
 
     from conftest import tiny_frames
 
-    from multifi.cli.evaluate_cmd import warn_per_element_errors
     from multifi.data.readers.ase_files import read_ase
     from multifi.data.split import labelled_pairs
+    from multifi.evaluation import warn_per_element_errors
 
     ase.io.write(tmp_path / "tiny.extxyz", tiny_frames(80))
     ds = read_ase(tmp_path / "tiny.extxyz")

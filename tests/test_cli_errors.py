@@ -1064,7 +1064,7 @@ def test_evaluate_reports_the_force_slope_and_warns_of_reversed_labels(model, ti
     """metrics.json holds the least-squares slope of the force labels on the predictions and their cosine; negated
     labels (gradients given as forces) give exactly their negatives, and a cosine below −0.8 is said (in any unit);
     models whose forces do not follow the labels yet (cosine −0.3 or −0.7, slopes −90 or −267) are not suspected."""
-    from multifi.cli.evaluate_cmd import _warn_implausible
+    from multifi.evaluation import warn_implausible_errors
     from multifi.keys import FORCES_COSINE, FORCES_SLOPE
 
     frames = ase.io.read(tiny_extxyz, ":")
@@ -1085,11 +1085,13 @@ def test_evaluate_reports_the_force_slope_and_warns_of_reversed_labels(model, ti
     assert slopes[1] == pytest.approx(-slopes[0], rel=1e-9) and cosines[1] == pytest.approx(-cosines[0], rel=1e-9)
     assert -1 <= cosines[1] < 0 < cosines[0] <= 1
     with caplog.at_level(logging.WARNING, logger="multifi"):
-        _warn_implausible({"lo": {FORCES_SLOPE: -0.95, FORCES_COSINE: -0.9}}, "f.extxyz")
-        _warn_implausible({"lo": {FORCES_SLOPE: 0.9, FORCES_COSINE: 0.9}}, "g.extxyz")
-        _warn_implausible({"lo": {FORCES_SLOPE: -90.9, FORCES_COSINE: -0.3}}, "h.extxyz")
-        _warn_implausible({"lo": {FORCES_SLOPE: -267.3, FORCES_COSINE: -0.71}}, "i.extxyz")  # untrained models' mean
-        _warn_implausible({"lo": {FORCES_SLOPE: -0.019, FORCES_COSINE: -1.0}}, "j.extxyz")  # gradients in Ha/Bohr
+        warn_implausible_errors({"lo": {FORCES_SLOPE: -0.95, FORCES_COSINE: -0.9}}, "f.extxyz")
+        warn_implausible_errors({"lo": {FORCES_SLOPE: 0.9, FORCES_COSINE: 0.9}}, "g.extxyz")
+        warn_implausible_errors({"lo": {FORCES_SLOPE: -90.9, FORCES_COSINE: -0.3}}, "h.extxyz")
+        warn_implausible_errors(
+            {"lo": {FORCES_SLOPE: -267.3, FORCES_COSINE: -0.71}}, "i.extxyz"
+        )  # untrained models' mean
+        warn_implausible_errors({"lo": {FORCES_SLOPE: -0.019, FORCES_COSINE: -1.0}}, "j.extxyz")  # gradients in Ha/Bohr
     assert "f.extxyz: lo force labels point against the model's forces" in caplog.text and "j.extxyz" in caplog.text
     assert not any(name in caplog.text for name in ("g.extxyz", "h.extxyz", "i.extxyz"))
 

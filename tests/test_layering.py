@@ -38,6 +38,7 @@ LAYERS = [
         "multifi.uncertainty",
         "multifi.select",
         "multifi.trained_on",
+        "multifi.evaluation",
     },
     {"multifi.cli", "multifi.demo"},
     {"multifi_experiments"},

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -35,3 +36,12 @@ def test_readme_python_block_trains_and_predicts(tmp_path, monkeypatch, caplog):
     predicted = np.asarray(energies)
     # frames[::2] are the "low" copies; predicted at "high" they land nearer the high labels than the low ones
     assert np.abs(predicted - high).mean() < np.abs(predicted - low).mean()
+    # evaluate_files: the errors `multifi evaluate` reports, here of the run's own training frames (warned about)
+    result = namespace["result"]
+    assert set(result.metrics) == {"low", "high"} and result.metrics["high"]["n"] == 81
+    k = result.dataset.fidelities.index("high")
+    at = result.pairs[:, 1] == k
+    labels = result.dataset.energy[result.pairs[at, 0], k]
+    mae = 1000 * np.abs(result.predicted[at] - labels).mean()  # meV per structure, recomputed
+    assert result.metrics["high"]["energy_mae_meV"] == pytest.approx(mae, rel=1e-6)
+    assert "were trained on: their errors are not held-out errors" in caplog.text
