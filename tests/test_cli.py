@@ -500,6 +500,24 @@ def test_frame_key_is_the_key_reading_gives(tiny_extxyz):
     periodic = periodic_cell()
     periodic.info["key"] = 7
     assert frame_key(periodic) == "7"
+    periodic.info["key"] = ""  # an empty key: the geometry's, as reading gives it
+    assert frame_key(periodic).startswith("sha1:")
+
+
+def test_group_by_refuses_a_value_per_frame(tmp_path):
+    from conftest import tiny_frames
+
+    from multifi.data.groups import MAX_GROUPS, structure_groups
+    from multifi.data.sources import read_labelled
+    from multifi.errors import MultifiError
+
+    frames = tiny_frames(MAX_GROUPS + 10)
+    for i, a in enumerate(frames):
+        a.info["config_type"] = f"frame{i}"
+    ase.io.write(tmp_path / "each.extxyz", frames, format="extxyz")
+    ds = read_labelled(str(tmp_path / "each.extxyz"))
+    with pytest.raises(MultifiError, match=rf"takes {MAX_GROUPS + 10} distinct values \(at most {MAX_GROUPS}\)"):
+        structure_groups(ds, [str(tmp_path / "each.extxyz")], ":", "config_type")
 
 
 def test_data_info_tells_slabs_and_wires_from_crystals():

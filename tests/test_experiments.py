@@ -141,6 +141,9 @@ def test_tiny_spec_artefacts_and_resume(shared, fake, tmp_path):
     # Δ evaluation adds the GFN2-xTB label back: the same error as on the Δ labels themselves
     (d,) = delta["test_delta_labels"].values()
     assert delta["test"]["B3LYP/6-31G(2df,p)"]["mae_meV"] == pytest.approx(d["mae_meV"], rel=1e-5)
+    # over the same molecules: those with an element no Δ training label held left out alike (they erred by eV)
+    assert delta["test"]["B3LYP/6-31G(2df,p)"]["n"] == d["n"]
+    assert delta["test"]["B3LYP/6-31G(2df,p)"].get("unseen") == d.get("unseen")
 
     # a second invocation trains nothing and rewrites no result
     before = result_files(out)
@@ -158,7 +161,7 @@ def test_tiny_spec_artefacts_and_resume(shared, fake, tmp_path):
     # a changed variant redoes that variant only
     n_single = sum(p.meta.get("variant") == "single" and p.part == "learning_curve" for p in plans)
     fake.clear()
-    run_experiment(TINY, overrides=tiny(out, "learning_curve.variants.single.config.train.lr=0.001"))
+    run_experiment(TINY, overrides=tiny(out, "learning_curve.variants.single.config.train.lr=0.001"), redo_stale=True)
     assert len(fake) == n_single and all("/single/" in str(c[0]) for c in fake)
 
 
@@ -259,6 +262,24 @@ def test_only_pulls_in_pretraining_and_report_only_trains_nothing(shared, fake, 
         select(few_shot, ["few_shot/nothing"])
 
 
+def test_a_set_that_changes_finished_runs_deletes_nothing_without_redo_stale(shared, fake, tmp_path):
+    """`--set` for one invocation that gives finished runs other settings would delete their results and train them
+    again (a user's hours): refused, naming them, nothing touched; --redo-stale does it."""
+    out = tmp_path / "out"
+    only = ["learning_curve/single/n10_s0"]
+    run_experiment(TINY, overrides=tiny(out), only=only)
+    before = result_files(out)
+    fake.clear()
+    changed = tiny(out, "learning_curve.variants.single.config.train={lr: 0.002}")
+    with pytest.raises(
+        MultifiError, match=r"gives 1 finished run\(s\) other settings \(learning_curve/single/n10_s0\)"
+    ):
+        run_experiment(TINY, overrides=changed, only=only)
+    assert fake == [] and result_files(out) == before
+    run_experiment(TINY, overrides=changed, only=only, redo_stale=True)
+    assert len(fake) == 1 and result_files(out) != before
+
+
 def test_splits_keep_test_molecules_out_of_training_and_selection(shared, tmp_path):
     ctx = load_context(TINY, tiny(tmp_path / "out"))
     parts = plan_parts(ctx)
@@ -305,6 +326,13 @@ def test_real_training_finetune_and_delta(shared, tmp_path):
         assert r["how"] == "trained" and r["steps"] > 0
     log = (out / "work/learning_curve/finetune/n10_s0/log.txt").read_text()
     assert "initialised" in log and "B3LYP/6-31G(2df,p) ← GFN2-xTB" in log
+    # Δ: the error of E_high over the molecules the Δ labels' own errors cover (an element no Δ training label
+    # held: left out and counted alike, not tens of eV in the mean)
+    delta = json.loads((out / "runs/learning_curve/delta/n10_s0.json").read_text())
+    (d,) = delta["test_delta_labels"].values()
+    high = delta["test"]["B3LYP/6-31G(2df,p)"]
+    assert (high["n"], high.get("unseen")) == (d["n"], d.get("unseen"))
+    assert high["mae_meV"] == pytest.approx(d["mae_meV"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -353,7 +381,7 @@ def test_limits_measure_only_runs_of_the_current_plan_and_cache_by_plan(shared, 
     assert [r["test_molecules"] for r in limits.run_limits(ctx, plan_parts(ctx))["runs"]] == [test_sum]
     other = load_context(TINY, tiny(out, "split_seed=8"))
     assert limits.run_limits(other, plan_parts(other))["runs"] == []  # the model of split_seed 7 is not this plan's
-    run_experiment(TINY, overrides=tiny(out, "split_seed=8"), only=[rid])
+    run_experiment(TINY, overrides=tiny(out, "split_seed=8"), only=[rid], redo_stale=True)
     rows = limits.run_limits(other, plan_parts(other))["runs"]
     other_sum = sum(plan_parts(other)["learning_curve"].splits["test"])
     assert other_sum != test_sum and [r["test_molecules"] for r in rows] == [other_sum]

@@ -213,7 +213,8 @@ def test_prediction_warns_naming_element_and_fidelity(run_without_n, caplog):
 def test_uncertainty_includes_the_error_of_an_estimated_reference(run_without_n, tmp_path, caplog):
     """σ of a structure with N at hi (its reference estimated) adds the estimate's leave-one-out error per N atom,
     spread·n_N, to the LLPR σ (N2H4: twice NH3's); structures without an estimate keep the LLPR σ; predict and the
-    calculator agree; a model without a recorded error writes NaN for them and says so, its calibration still valid."""
+    calculator agree; a model saved before the error was recorded gets it from its references; one whose error is
+    unknown writes NaN for them and says so, its calibration still valid."""
     from multifi.predict import predict_file
     from multifi.uncertainty import LLPR, _run_data, calibrate_run, dataset_features, llpr_path
 
@@ -240,7 +241,11 @@ def test_uncertainty_includes_the_error_of_an_estimated_reference(run_without_n,
     ammonia.get_potential_energy()
     assert ammonia.calc.results["energy_sigma"] == pytest.approx(got[0].info["energy_sigma"], rel=1e-5)
 
-    pot.head.spread.fill_(-1.0)  # as a model saved before the error was recorded loads
+    state = {k: v for k, v in pot.state_dict().items() if k != "head.spread"}  # as a model saved before the record
+    before = build_potential(TINY_MODEL, ["lo", "hi"])
+    before.load_state_dict(state)  # the error follows from the references it recorded
+    assert before.head.spread.tolist() == pytest.approx(pot.head.spread.tolist())
+    pot.head.spread.fill_(-1.0)  # an error nothing measured (too few elements labelled at two fidelities)
     old = save_potential(pot, tmp_path / "old.pt")
     LLPR.load(llpr_path(run_dir / "model.pt"), pot).save(llpr_path(old))
     LLPR.load(llpr_path(old), pot)  # the same weights: the calibration holds
@@ -248,7 +253,38 @@ def test_uncertainty_includes_the_error_of_an_estimated_reference(run_without_n,
         predict_file(old, tmp_path / "in.extxyz", "hi", tmp_path / "old.extxyz", uncertainty=True)
     sigma = [a.info["energy_sigma"] for a in ase.io.read(tmp_path / "old.extxyz", ":")]
     assert np.isnan(sigma[:2]).all() and np.isfinite(sigma[2])
-    assert "energy_sigma is NaN for 2 of them: the model records no error for its estimate" in caplog.text
+    assert "energy_sigma is NaN for 2 of them: the model has no error for its estimate" in caplog.text
+    caplog.clear()
+    ammonia.calc = Calculator(old, fidelity="hi", uncertainty=True)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        for _ in range(2):
+            ammonia.rattle(0.01)
+            ammonia.get_potential_energy()
+            assert np.isnan(ammonia.calc.results["energy_sigma"])
+    assert caplog.text.count("energy_sigma is NaN at hi") == 1  # once per fidelity and calculator
+
+
+def test_the_estimate_error_is_known_at_the_gauge_fidelity_too():
+    """The fidelity the shift model takes as its gauge (most references) had no leave-one-out error: σ of its
+    structures with an estimated element was NaN in a freshly trained model."""
+    rng = np.random.default_rng(4)
+    base = {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0, 9: -2710.0}
+    recs = []
+    for fid, elements, shift in (("A", (1, 6, 8, 9), 0.0), ("B", (1, 6, 7, 8), 0.4)):
+        for _ in range(40):
+            numbers = rng.choice(elements, size=rng.integers(3, 9))
+            energy = sum(base[int(z)] + shift * int(z) / 10 for z in numbers) + rng.normal(0, 0.05)
+            pos = rng.normal(size=(len(numbers), 3)) * 3
+            recs.append({"numbers": numbers, "positions": pos, "labels": {fid: {"energy": float(energy)}}})
+    ds = FidelityDataset.from_records(recs)
+    refs = fit_references(ds, labelled_pairs(ds, np.arange(len(ds))))
+    a, b = ds.fidelities.index("A"), ds.fidelities.index("B")
+    assert not refs.fitted[7, a] and not refs.fitted[9, b]  # each fidelity estimates one element
+    assert np.isfinite(refs.spread[[a, b]]).all()
+    from multifi.data.stats import estimate_errors
+
+    null = np.zeros((N_ELEMENTS, 2, 4))
+    np.testing.assert_allclose(estimate_errors(refs.ref, refs.fitted, null), refs.spread)
 
 
 def test_reference_error_counts_atoms_of_one_element_together_and_elements_apart():

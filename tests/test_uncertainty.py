@@ -533,6 +533,25 @@ def test_calibrate_leaves_out_validation_labels_the_model_trained_on(cli_run, tm
         "every validation label is one the model trained on",
     )
     assert not (model.parent / "model.llpr.npz").exists()
+    # a run without a copy of its data knows its split's keys only: labels at a fidelity its structures may never
+    # have trained at (new hi labels of molecules trained at lo alone) stay validation, said
+    from conftest import emt_labelled
+
+    (model.parent / "dataset.npz").unlink()
+    only_lo = [
+        a
+        for a in trained
+        if a.info["fidelity"] == "lo"
+        and not any(b.info["fidelity"] == "hi" and frame_key(b) == frame_key(a) for b in trained)
+    ]
+    new_hi = [emt_labelled(a.copy(), "hi", scale=1.1, per_atom=0.3) for a in only_lo[:6]]
+    ase.io.write(tmp_path / "new_hi.extxyz", new_hi, format="extxyz")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):
+        args = ["calibrate", model, "--train", tmp_path / "train.extxyz", "--val", tmp_path / "new_hi.extxyz"]
+        code, out, _ = run(args, capsys)
+    assert code == 0 and "6 validation label(s) belong to structures in the model's training split" in caplog.text
+    assert "hi: alpha" in out and "every validation label" not in caplog.text
 
 
 def test_ensemble_of_identical_models_is_no_uncertainty(cli_run, tmp_path, capsys):  # noqa: F811

@@ -297,8 +297,15 @@ class Calculator(AseCalculator):
             features, _ = readout_features(self.potential, graph)
             sigma = self.llpr.of(self.fidelity).sigma(features.cpu().numpy())
             with torch.no_grad():  # an estimated reference energy's expected error (uncertainty.reference_sigma)
-                reference = self.potential.head.reference_error(graph.numbers, graph.batch, graph.fidelity, 1)
-            self.results["energy_sigma"] = float(np.hypot(sigma[0], float(reference[0])))
+                reference = float(self.potential.head.reference_error(graph.numbers, graph.batch, graph.fidelity, 1)[0])
+            if np.isnan(reference) and ("sigma", self.fidelity) not in self._warned:
+                self._warned.add(("sigma", self.fidelity))  # once per fidelity and calculator
+                log.warning(
+                    "Calculator: energy_sigma is NaN at %s: a reference energy of this structure's elements was "
+                    "estimated and the model has no error for that estimate",
+                    self.fidelity,
+                )
+            self.results["energy_sigma"] = float(np.hypot(sigma[0], reference))
         if "stress" in out:
             s = out["stress"][0].detach().cpu().numpy().astype(np.float64) * GPa  # GPa → eV/Å³
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

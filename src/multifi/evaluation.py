@@ -45,7 +45,7 @@ class Evaluation:
         in_units = warn_implausible_errors(self.metrics, self.where, label_slopes(ds, pairs[scored], predicted[scored]))
         fitted = scored & ~pairs_with_estimated_references(self.potential, ds, pairs)  # estimated: warned before
         warn_per_element_errors(
-            ds, pairs[fitted], predicted[fitted], self.where, in_units, test_errors(self.checkpoint)
+            ds, pairs[fitted], predicted[fitted], self.where, in_units, run_test_errors(self.checkpoint)
         )
         warn_own_predictions(ds, pairs[scored], predicted[scored], self.where)
         if self.recorded is not None:  # labels that are one member's own predictions differ from the mean
@@ -108,6 +108,10 @@ def evaluate_files(
     from multifi.train.run_config import warn_other_stress_order
 
     data, ensemble, where = [str(d) for d in data], [str(m) for m in ensemble], ", ".join(str(d) for d in data)
+    if group_by:
+        from multifi.data.groups import check_groupable
+
+        check_groupable(data, group_by)
     potential = load_potential(checkpoint).to(device)
     parts = [read_labelled(path, fidelity, skip_invalid, index, **(keys or {})) for path in data]
     ds = merge_parts(parts)  # joins structures repeated within one source (same key); says what it dropped
@@ -188,12 +192,15 @@ def group_metrics(potential, dataset, neighbors, pairs, groups, name: str, batch
     from multifi.train.evaluate import evaluate_pairs
 
     of_pair = groups[pairs[:, 0]]
+    order = group_order(of_pair)
+    code = {value: i for i, value in enumerate(order)}
+    codes = np.array([code[g] for g in of_pair.tolist()], dtype=np.int64)  # [P] each pair's group
     values = []
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        for value in group_order(of_pair):
-            at = np.array([g == value for g in of_pair], dtype=bool)
+        for i, value in enumerate(order):
+            at = codes == i
             metrics = evaluate_pairs(potential, dataset, neighbors, pairs[at], batch_size)
             values.append({"value": value, "structures": len(np.unique(pairs[at, 0])), "fidelities": metrics})
     finally:
@@ -504,7 +511,7 @@ def warn_trained_on(checkpoint, ds, pairs) -> None:
 AS_TESTED = 2.0
 
 
-def test_errors(checkpoint) -> dict[str, float]:
+def run_test_errors(checkpoint) -> dict[str, float]:
     """{fidelity: test energy MAE meV/atom} from the metrics.json of the model's run (beside it); {} without one."""
     import json
 

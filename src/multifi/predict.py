@@ -181,8 +181,8 @@ def predict_file(
                 name,
                 "their energy_sigma includes that estimate's expected error (the leave-one-out error of the estimate)"
                 if not unknown
-                else f"energy_sigma is NaN for {unknown} of them: the model records no error for its estimate (saved "
-                "by an earlier multifi version, or too few elements labelled at two fidelities to measure it)",
+                else f"energy_sigma is NaN for {unknown} of them: the model has no error for its estimate (too few "
+                "elements labelled at two fidelities to measure it)",
             )
     by = _model_name(checkpoint)  # with an ensemble, the mean of its models, named as given (runs/s1/model.pt, …)
     if ensemble:

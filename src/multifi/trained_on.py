@@ -4,19 +4,23 @@ geometry where keys cannot tell. For `evaluate` (held-out errors) and `calibrate
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
-def trained_pairs(checkpoint, ds, pairs: np.ndarray) -> tuple[set[tuple[str, str]], set[str], int]:
+def trained_pairs(checkpoint, ds, pairs: np.ndarray, exact: bool = False) -> tuple[set[tuple[str, str]], set[str], int]:
     """(same, elsewhere, n): the (key, fidelity name) of `pairs` [P, 2] of `ds` that the model of `checkpoint`
     trained on; the keys of structures among the rest that it trained on at other fidelities only; and the number
-    of distinct pairs looked at. Empty sets when the model's run (beside it) tells nothing."""
+    of distinct pairs looked at. Empty sets when the model's run (beside it) tells nothing. A run without a copy of
+    its data records only its training split's keys: every label of such a structure counts as trained, unless
+    `exact` (then only labels known to be trained at their fidelity count)."""
     names = ds.fidelities.names
     evaluated = {(str(ds.keys[s]), names[k]) for s, k in np.asarray(pairs).tolist()}
     trained, old = trained_keys(checkpoint)
     if not trained:
         return set(), set(), len(evaluated)
-    same = {p for p in evaluated if p in trained or (p[0], None) in trained}
+    same = {p for p in evaluated if p in trained or (not exact and (p[0], None) in trained)}
     if old is not None:
         same |= _trained_by_geometry(old, ds, pairs, same)
     keys_trained = {key for key, _ in trained}
@@ -34,6 +38,8 @@ def trained_keys(checkpoint) -> tuple[set[tuple[str, str | None]], object]:
     from multifi.train.extension_data import PAIRS, load_old_run
 
     run = run_dir_of(checkpoint)
+    if Path(checkpoint).is_file() and Path(checkpoint).name != "model.pt" and Path(checkpoint).suffix != ".ckpt":
+        return set(), None  # another model file in a run's folder (a copy, a fine-tuned model): not that run's
     split_files = [run / name for name in ("splits.json", "splits.npz", PAIRS)]
     # the data as trained: the run's copy, or (indices in splits.npz) the saved dataset it indexes; not re-read
     copied = (run / "dataset.npz").exists() or (run / "splits.npz").exists()

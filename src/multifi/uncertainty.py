@@ -448,11 +448,22 @@ def calibrate_files(
 def _fitted_by_the_model(model, ds, pairs: np.ndarray, validation: np.ndarray, where: str) -> np.ndarray:
     """[P] bool: the `validation` pairs (mask [P]) whose labels the model trained on, as its run beside it records
     (trained_on.trained_pairs: by key and fidelity, or by geometry): left out, said; all of them: an error (α
-    calibrated on labels the model fitted comes out too small, and σ with it)."""
+    calibrated on labels the model fitted comes out too small, and σ with it). A run that kept only its split's
+    keys cannot tell at which fidelity a structure trained: its structures' labels stay, said."""
     from multifi.trained_on import trained_pairs
 
     out = np.zeros(len(pairs), bool)
-    same = trained_pairs(model, ds, pairs[validation])[0] if validation.any() else set()
+    if not validation.any():
+        return out
+    same = trained_pairs(model, ds, pairs[validation], exact=True)[0]
+    unsure = trained_pairs(model, ds, pairs[validation])[0] - same
+    if unsure:
+        log.warning(
+            "%s: %d validation label(s) belong to structures in the model's training split, at fidelities its run "
+            "does not record (no copy of its data): kept, though any the model trained on make σ too small",
+            where,
+            len(unsure),
+        )
     if not same:
         return out
     names = ds.fidelities.names

@@ -11,9 +11,22 @@ def register(sub):
     esub = p.add_subparsers(dest="experiment_command", required=True)
     r = esub.add_parser("run", help="run (resumably) all runs of a spec, then write summary, plots and report")
     r.add_argument("spec", help="experiment spec (YAML)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    r.add_argument("--only", action="append", default=[], help="run only these parts of the spec")
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting of the spec for this invocation (e.g. parallel=1); one that changes finished runs' "
+        "settings is refused unless --redo-stale",
+    )
+    r.add_argument("--only", action="append", default=[], help="run only these parts of the spec, or run-id prefixes")
     r.add_argument("--report-only", action="store_true", help="only rebuild summary/plots/report from finished runs")
+    r.add_argument(
+        "--redo-stale",
+        action="store_true",
+        help="with --set: redo the finished runs it gives other settings (their results are deleted)",
+    )
     r.set_defaults(func=run)
     m = esub.add_parser(
         "limits",
@@ -47,7 +60,13 @@ def run(args) -> int:
     elif ctx.spec.few_shot is not None:  # a held-out method added to a joint model: a report of its own
         run_few_shot(ctx, args.only, args.report_only)
     else:
-        run_experiment(args.spec, overrides=args.overrides, only=args.only, report_only=args.report_only)
+        run_experiment(
+            args.spec,
+            overrides=args.overrides,
+            only=args.only,
+            report_only=args.report_only,
+            redo_stale=args.redo_stale,
+        )
     return 0
 
 

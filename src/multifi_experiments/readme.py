@@ -45,7 +45,11 @@ def render(ctx, parts, details, figures, runs) -> str:
     lines += [
         f"- Runs finished: {runs['done']} of {runs['total']}"
         + (f" ({len(runs['missing'])} not run yet)" if runs["missing"] else "")
-        + (f"; {len(runs['stale'])} results from an older version of the spec ignored" if runs["stale"] else ""),
+        + (
+            f"; {len(runs['stale'])} results of other settings ignored (an earlier version of the spec, or a --set)"
+            if runs["stale"]
+            else ""
+        ),
     ]
     if runs.get("capped"):
         lines.append(

@@ -53,8 +53,12 @@ class RunBusy(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), report_only: bool = False) -> Path:
-    """Run (resumably) the runs of a spec selected by `only`, then write summary, plots and README."""
+def run_experiment(
+    spec_path, overrides: list[str] = (), only: list[str] = (), report_only: bool = False, redo_stale: bool = False
+) -> Path:
+    """Run (resumably) the runs of a spec selected by `only`, then write summary, plots and README. Finished runs
+    that `overrides` give other settings are redone only with `redo_stale` (else an error: a --set for one
+    invocation would delete them)."""
     ctx = load_context(spec_path, overrides, only, report_only)
     if ctx.spec.selection is not None:
         raise MultifiError(
@@ -70,6 +74,8 @@ def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), r
     plans = [p for pp in parts.values() for p in pp.plans]
     failed: list[str] = []
     if not report_only:
+        if overrides and not redo_stale:
+            check_no_results_discarded(ctx, select(plans, only), overrides)
         failed = execute(ctx, select(plans, only))
     else:
         check_report_matches(ctx, plans)
@@ -81,6 +87,23 @@ def run_experiment(spec_path, overrides: list[str] = (), only: list[str] = (), r
             f"see {ctx.paths.work}/<run id>/log.txt"
         )
     return ctx.paths.output
+
+
+def check_no_results_discarded(ctx: Context, plans: list[RunPlan], overrides: list[str]) -> None:
+    """A --set that gives finished runs other settings would delete their results and train them again: an error
+    naming them, before anything is touched (--redo-stale to do it)."""
+    stale = [
+        plan.id
+        for plan in plans
+        if result_path(ctx, plan.id).exists()
+        and plan.result_state(json.loads(result_path(ctx, plan.id).read_text())) == "other"
+    ]
+    if stale:
+        raise MultifiError(
+            f"{ctx.paths.output}: --set {' --set '.join(overrides)} gives {len(stale)} finished run(s) "
+            f"other settings ({', '.join(stale[:3])}{', …' if len(stale) > 3 else ''}): running would delete their "
+            "results and train them again; add --redo-stale to do that, or leave out the --set"
+        )
 
 
 def check_report_matches(ctx: Context, plans: list[RunPlan]) -> None:

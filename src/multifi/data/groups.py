@@ -16,20 +16,32 @@ from multifi.errors import MultifiError
 log = logging.getLogger("multifi")
 
 
-def structure_groups(dataset: FidelityDataset, paths: list[str], index: str, name: str) -> np.ndarray:
-    """[S] object: info[name] of each structure of `dataset` (read from the ASE-readable files `paths` with frame
-    index `index`, structures merged by key) as text, None where its frame has no such key. Frames that are one
-    structure (the same key) with different values count under the first one's, and a warning says so. A source
-    that is not a file ASE reads (MatPES records, a saved dataset, QM9) is an error: it has no info to group by."""
-    values: dict[str, str | None] = {}
+#: distinct values a grouping may have: a key naming kinds of structures (bulk, surface, …), not each frame
+MAX_GROUPS = 100
+
+
+def check_groupable(paths: list[str], name: str) -> None:
+    """A source that is not a file ASE reads (MatPES records, a saved dataset, QM9) has no info to group by: an
+    error before anything is read."""
     for path in paths:
         if is_qm9_text(path) or guess_format(Path(path)) != "ase":
             kind = "QM9" if is_qm9_text(path) else f"a {guess_format(Path(path))} file"
             raise MultifiError(
                 f"{path}: --group-by {name} reads info[{name!r}] of files ASE reads (extxyz, ASE db, …); this is {kind}"
             )
+
+
+def structure_groups(dataset: FidelityDataset, paths: list[str], index: str, name: str) -> np.ndarray:
+    """[S] object: info[name] of each structure of `dataset` (read from the ASE-readable files `paths` with frame
+    index `index`, structures merged by key) as text, None where its frame has no such key. Frames that are one
+    structure (the same key) with different values count under the first one's, and a warning says so; more than
+    MAX_GROUPS values are an error (one evaluation per value). The files were read for `dataset` already: what
+    reading them warns about is not said again."""
+    check_groupable(paths, name)
+    values: dict[str, str | None] = {}
+    for path in paths:
         differing: list[str] = []
-        for i, atoms in enumerate(read_frames(Path(path), index)):
+        for i, atoms in enumerate(_quietly(read_frames(Path(path), index))):
             key, value = frame_key(atoms), _as_text(atoms.info.get(name))
             if key in values and values[key] != value:
                 differing.append(f"frame {i} ({value} vs {values[key]})")
@@ -42,7 +54,25 @@ def structure_groups(dataset: FidelityDataset, paths: list[str], index: str, nam
                 name,
                 ", ".join(differing[:3]) + (", …" if len(differing) > 3 else ""),
             )
-    return np.array([values.get(str(k)) for k in dataset.keys], dtype=object)
+    groups = np.array([values.get(str(k)) for k in dataset.keys], dtype=object)
+    distinct = {g for g in groups.tolist() if g is not None}
+    if len(distinct) > MAX_GROUPS:
+        raise MultifiError(
+            f"{', '.join(paths)}: info[{name!r}] takes {len(distinct)} distinct values (at most {MAX_GROUPS}): "
+            "--group-by is for kinds of structures (bulk, surface, …), not a value per frame"
+        )
+    return groups
+
+
+def _quietly(frames):
+    """The frames, with multifi's warnings about the file held back while each is read (said when it was read)."""
+    log_ = logging.getLogger("multifi")
+    level = log_.level
+    log_.setLevel(logging.ERROR)
+    try:
+        yield from frames
+    finally:
+        log_.setLevel(level)
 
 
 def _as_text(value) -> str | None:

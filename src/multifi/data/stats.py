@@ -254,7 +254,7 @@ def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> 
             open_[f][:, entry[0]] = entry[1].T
     if not fitted.any():
         return open_
-    prior, loo, own_shift = _shift_model(ref, fitted, identified)
+    prior, loo, own_shift = _shift_model(ref, fitted, identified, with_base=True)  # loo of every fidelity
     for f in range(K) if only is None else [only]:
         estimate = prior[:, f]
         if nulls[f] is not None:
@@ -270,6 +270,17 @@ def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> 
         ref[missing, f] = estimate[missing]
         spread[f] = loo[f]
     return open_
+
+
+def estimate_errors(ref: np.ndarray, fitted: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """[K] eV/atom: the leave-one-out error of an estimated reference at each fidelity (References.spread; NaN where
+    nothing is left out), from a model's recorded references ref [N_ELEMENTS, K], fitted [N_ELEMENTS, K] and open
+    compositions null [N_ELEMENTS, K, d] (EnergyHead's buffers): for models saved before the spread was recorded."""
+    ref, fitted = np.asarray(ref, dtype=np.float64), np.asarray(fitted, dtype=bool)
+    if not fitted.any():
+        return np.full(ref.shape[1], np.nan)
+    identified = fitted & ~(np.abs(np.asarray(null)) > 1e-8).any(-1)
+    return _shift_model(np.where(fitted, ref, 0.0), fitted, identified, with_base=True)[1]
 
 
 def _shift_to_fit(priors: list, ref: np.ndarray, cols: np.ndarray, null: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from multifi.data.stats import N_ELEMENTS, composition_matrix, fit_baseline  # noqa: F401 - re-exported
+from multifi.data.stats import N_ELEMENTS, composition_matrix, estimate_errors, fit_baseline  # noqa: F401 - re-exported
 from multifi.nn import MLP
 
 NULL_DIRS = 4  # open compositions kept per fidelity; beyond that, their elements count as estimated
@@ -73,8 +73,7 @@ class EnergyHead(nn.Module):
     def _apply(self, fn, recurse=True):
         """Module casts (.float(), .to(dtype)) move ref/scale between devices but keep them float64:
         total energies of hundreds of eV need double precision for meV accuracy."""
-        keep = {"ref": self.ref, "scale": self.scale, "null": self.null, "contact": self.contact, "reach": self.reach}
-        keep["spread"] = self.spread
+        keep = {name: getattr(self, name) for name in ("ref", "scale", "null", "contact", "reach", "spread")}
         super()._apply(fn, recurse)
         for name, before in keep.items():
             setattr(self, name, before.to(device=getattr(self, name).device, dtype=torch.float64))
@@ -83,8 +82,8 @@ class EnergyHead(nn.Module):
     @staticmethod
     def upgrade_state(state_dict: dict, prefix: str) -> None:
         """Fill in place the buffers a head saved by an earlier multifi version lacks (keys under `prefix`):
-        `fitted` (every nonzero reference was fitted), `null` (none recorded), `contact`, `reach` and `spread`
-        (unknown)."""
+        `fitted` (every nonzero reference was fitted), `null` (none recorded), `contact` and `reach` (unknown), and
+        `spread` (from the recorded references, stats.estimate_errors)."""
         if prefix + "ref" not in state_dict:
             return
         ref = state_dict[prefix + "ref"]
@@ -92,7 +91,13 @@ class EnergyHead(nn.Module):
         state_dict.setdefault(prefix + "null", torch.zeros(*ref.shape, NULL_DIRS, dtype=torch.float64))
         state_dict.setdefault(prefix + "contact", torch.zeros(N_ELEMENTS, N_ELEMENTS, dtype=torch.float64))
         state_dict.setdefault(prefix + "reach", torch.zeros(N_ELEMENTS, dtype=torch.float64))
-        state_dict.setdefault(prefix + "spread", torch.full((ref.shape[1],), UNKNOWN_SPREAD, dtype=torch.float64))
+        if prefix + "spread" not in state_dict:  # from the references it recorded (stats.estimate_errors)
+            spread = estimate_errors(
+                ref.cpu().numpy(),
+                state_dict[prefix + "fitted"].cpu().numpy(),
+                state_dict[prefix + "null"].cpu().numpy(),
+            )
+            state_dict[prefix + "spread"] = torch.as_tensor(np.where(np.isnan(spread), UNKNOWN_SPREAD, spread))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.upgrade_state(state_dict, prefix)
@@ -122,7 +127,7 @@ class EnergyHead(nn.Module):
 
     @torch.no_grad()
     def set_spread(self, columns, spread) -> None:
-        """spread[columns] ← `spread` (eV/atom; NaN: unknown)."""
+        """spread[columns] ← `spread` [len(columns)] (eV/atom; NaN: unknown); columns: fidelity indices."""
         value = torch.as_tensor(np.asarray(spread, dtype=np.float64))
         self.spread[columns] = torch.where(torch.isnan(value), UNKNOWN_SPREAD, value).to(self.spread.device)
 
@@ -171,8 +176,9 @@ class EnergyHead(nn.Module):
     def reference_error(self, numbers: torch.Tensor, structure: torch.Tensor, fidelity: torch.Tensor, n: int):
         """[n] eV: the expected error of each structure's reference energy sum at its fidelity, 0 where its
         training labels determine it. An estimated reference errs by about spread[k] per atom, alike for the atoms
-        of one element and independently between elements: spread[k]·sqrt(Σ_Z n_Z²) over the estimated elements,
-        plus spread[k]·|c·null| for an open composition c; NaN where that error is unknown (UNKNOWN_SPREAD).
+        of one element and independently between elements: spread[k]·sqrt(Σ_Z n_Z² + |c·null|²), the sum over the
+        estimated elements, c·null the projection of an open composition c; NaN where that error is unknown
+        (UNKNOWN_SPREAD).
         numbers, structure [N] (atom → structure), fidelity [n]."""
         column = torch.zeros_like(fidelity) if self.shared_baseline else fidelity
         estimated = (~self.fitted[numbers, column[structure]]).to(torch.float64)

@@ -632,9 +632,9 @@ def _fit_new_baseline(
         all_ref = np.concatenate([np.where(known_fitted, known_ref, 0.0), new.ref], axis=1)
         prior, loo = shared_estimates_with_error(all_ref, np.concatenate([known_fitted, new.fitted], axis=1))
         head.set_spread([k], loo[[k]])
-        unknown = (head.spread[:k] < 0).cpu().numpy()  # old fidelities keep a known error of their estimates
-        head.set_spread(np.flatnonzero(unknown), loo[:k][unknown])
         if new_elements.any():  # elements only the new fidelity has: the old fidelities' references estimated
+            known = np.flatnonzero(np.isfinite(loo[:k]))  # their estimates' error, as _report_estimates says it
+            head.set_spread(known, loo[known])
             head.ref[new_elements, :k] = torch.as_tensor(prior[new_elements, :k], dtype=head.ref.dtype)
             _report_estimates(potential.fidelities.names, k, new_elements, loo)
     _report_unlabelled(potential.fidelities.names[k], known_fitted.any(1) & ~new.fitted[:, 0], loo[k])

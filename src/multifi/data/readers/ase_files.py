@@ -383,8 +383,9 @@ class InvalidLabels:
 
 
 def frame_key(atoms) -> str:
-    """The key read_ase gives the structure of a frame: info['key'], else its geometry hash (geometry_key)."""
-    if atoms.info.get("key") is not None:
+    """The key read_ase gives the structure of a frame: info['key'], else (none, or empty) its geometry hash
+    (geometry_key)."""
+    if atoms.info.get("key") is not None and str(atoms.info["key"]):
         return str(atoms.info["key"])
     cell = atoms.cell.array if atoms.pbc.any() else None
     return geometry_key(np.asarray(atoms.numbers, np.int64), np.asarray(atoms.positions, np.float64), cell)
