@@ -262,6 +262,40 @@ def test_only_pulls_in_pretraining_and_report_only_trains_nothing(shared, fake, 
         select(few_shot, ["few_shot/nothing"])
 
 
+def test_runs_on_labels_changed_since_are_stale_and_other_labels_change_nothing(shared, fake, tmp_path):
+    """A result records a hash of the labels its run read: the same table with other values for its molecules
+    makes it stale (it was kept, and averaged with runs on the new labels); labels it did not read change nothing."""
+    from multifi_experiments.context import _qm9_indices_of, run_state
+    from multifi_experiments.runner import load_context
+
+    out = tmp_path / "out"
+    only = ["learning_curve/joint_both/n10_s0"]
+    run_experiment(TINY, overrides=tiny(out), only=only)
+    result = json.loads((out / f"runs/{only[0]}.json").read_text())
+    assert len(result["labels"]) == 16
+
+    def state() -> str:
+        catalog_mod._read_table.cache_clear()
+        catalog_mod._merged_tables.cache_clear()
+        ctx = load_context(TINY, tiny(out))
+        (plan,) = [p for pp in plan_parts(ctx).values() for p in pp.plans if p.id == only[0]]
+        used.update(_qm9_indices_of(plan).tolist())
+        return run_state(ctx, plan, result)
+
+    used: set[int] = set()
+    other = shared / "qm9mf" / "GFN1-xTB.csv.gz"  # a method this run does not read
+    idx, energy = catalog_mod._read_table(str(other), "GFN1-xTB")
+    _labels(other, idx, energy + 0.5)
+    assert state() == "done"
+    table = shared / "qm9mf" / "GFN2-xTB.csv.gz"
+    original = table.read_bytes()
+    idx, energy = catalog_mod._read_table(str(table), "GFN2-xTB")
+    _labels(table, idx, energy + 0.5 * np.isin(idx, list(used)))  # the labels of the molecules it read
+    assert state() == "other"
+    table.write_bytes(original)
+    assert state() == "done"
+
+
 def test_a_set_that_changes_finished_runs_deletes_nothing_without_redo_stale(shared, fake, tmp_path):
     """`--set` for one invocation that gives finished runs other settings would delete their results and train them
     again (a user's hours): refused, naming them, nothing touched; --redo-stale does it."""

@@ -126,6 +126,17 @@ class LabelCatalog:
         ds = read_qm9(labels=labels, fidelity=method, indices=ids)
         return _in_order(ds, [f"qm9:{int(i)}" for i in ids], f"labels of {method}")
 
+    def labels_digest(self, methods: list[str], indices: np.ndarray) -> str:
+        """A hash of the labels of QM9 `indices` at `methods` (their values, NaN where unlabelled): what a run read,
+        whatever else its tables hold (a release that adds molecules to a table keeps the hash of those it had)."""
+        h = hashlib.sha1()
+        indices = np.unique(np.asarray(indices, dtype=np.int64))
+        for method in sorted(set(methods)):
+            h.update(method.encode() + b"\0")
+            h.update(np.ascontiguousarray(self.energies(method, indices), dtype=np.float64).tobytes())
+        h.update(indices.tobytes())
+        return h.hexdigest()[:16]
+
     def energies(self, method: str, indices: np.ndarray) -> np.ndarray:
         """[n] eV at `method` for QM9 `indices` (NaN where unlabelled)."""
         idx, energy = self._table(method)

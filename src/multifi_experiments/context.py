@@ -99,3 +99,52 @@ def machine() -> str:
         f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
         f"torch {torch.__version__}; report written {time.strftime('%Y-%m-%d %H:%M')}"
     )
+
+
+def labels_digest(ctx: Context, plan) -> str | None:
+    """The hash of the labels a QM9 run reads (catalog.LabelCatalog.labels_digest: the values at the methods its
+    sources, Δ labels and evaluation name, of the molecules its index files list); None for a spec's own data
+    files, whose contents the plan's signature covers."""
+    digest = getattr(ctx.catalog, "labels_digest", None)
+    if digest is None:
+        return None
+    known = ctx.catalog.__dict__.setdefault("_labels_digests", {})  # plan signature → digest, per catalog read
+    key = plan.signature()
+    if key not in known:
+        methods = [m for m in _methods_of(plan) if ctx.catalog.has(m)]
+        known[key] = digest(methods, _qm9_indices_of(plan))
+    return known[key]
+
+
+def _methods_of(plan) -> list[str]:
+    """The methods whose labels a plan reads: its QM9 sources' fidelities, its Δ labels' and evaluation's."""
+    methods = set()
+    for source in (plan.config.get("data") or {}).get("sources") or []:
+        qm9 = source.get("qm9") or {}
+        if qm9.get("fidelity") or source.get("fidelity"):
+            methods.add(str(qm9.get("fidelity") or source.get("fidelity")))
+    for entry in [*plan.derived, plan.evaluate, plan.evaluate.get("difference") or {}]:
+        methods.update(str(entry[k]) for k in ("high", "low") if entry.get(k))
+    return sorted(methods)
+
+
+def _qm9_indices_of(plan) -> np.ndarray:
+    """Every QM9 index the plan's files list (integer ids, or keys written qm9:<index>)."""
+    out: list[int] = []
+    for values in plan.files.values():
+        for v in values:
+            if isinstance(v, str):
+                if v.startswith("qm9:"):
+                    out.append(int(v[4:]))
+            else:
+                out.append(int(v))
+    return np.asarray(out, dtype=np.int64)
+
+
+def run_state(ctx: Context, plan, result: dict | None) -> str:
+    """plan.result_state, and "other" for a result made from other labels than the data holds now (a result
+    recording its labels' hash, labels_digest: runs finished before it was recorded are taken as they are)."""
+    state = plan.result_state(result)
+    if state != "other" and result.get("labels") and result["labels"] != labels_digest(ctx, plan):
+        return "other"
+    return state

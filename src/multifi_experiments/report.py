@@ -24,7 +24,7 @@ from multifi.data.dataset import atomic_write
 from multifi.errors import MultifiError, unknown_name
 from multifi.units import MEV_PER_KCAL_MOL
 from multifi_experiments import plots
-from multifi_experiments.context import Context, result_path
+from multifi_experiments.context import Context, result_path, run_state
 from multifi_experiments.efficiency import bounded, efficiency_factor, non_monotone
 from multifi_experiments.kinds import KINDS
 from multifi_experiments.readme import render
@@ -82,7 +82,7 @@ def load_results(ctx: Context, parts) -> tuple[dict, list, list, list]:
                 missing.append(plan.id)
                 continue
             r = json.loads(path.read_text())
-            state = plan.result_state(r)
+            state = run_state(ctx, plan, r)
             if state == "other":
                 stale.append(plan.id)
                 continue

@@ -40,7 +40,15 @@ from multifi.logs import quiet_lightning
 from multifi.ranks import end_with_parent
 from multifi_experiments import baselines, report
 from multifi_experiments.catalog import make_catalog
-from multifi_experiments.context import Context, lock_path, process_identity, result_path, work_dir
+from multifi_experiments.context import (
+    Context,
+    labels_digest,
+    lock_path,
+    process_identity,
+    result_path,
+    run_state,
+    work_dir,
+)
 from multifi_experiments.parts import PLANNERS, PartPlan
 from multifi_experiments.plan import RunPlan, fill
 from multifi_experiments.spec import load_spec
@@ -96,7 +104,7 @@ def check_no_results_discarded(ctx: Context, plans: list[RunPlan], overrides: li
         plan.id
         for plan in plans
         if result_path(ctx, plan.id).exists()
-        and plan.result_state(json.loads(result_path(ctx, plan.id).read_text())) == "other"
+        and run_state(ctx, plan, json.loads(result_path(ctx, plan.id).read_text())) == "other"
     ]
     if stale:
         raise MultifiError(
@@ -113,7 +121,7 @@ def check_report_matches(ctx: Context, plans: list[RunPlan]) -> None:
     for plan in plans:
         path = result_path(ctx, plan.id)
         if path.exists():
-            if plan.result_state(json.loads(path.read_text())) == "other":
+            if run_state(ctx, plan, json.loads(path.read_text())) == "other":
                 stale += 1
             else:
                 matching += 1
@@ -231,7 +239,7 @@ def read_result(ctx: Context, run_id: str) -> dict | None:
 
 
 def is_done(ctx: Context, plan: RunPlan) -> bool:
-    return plan.result_state(read_result(ctx, plan.id)) == "done"
+    return run_state(ctx, plan, read_result(ctx, plan.id)) == "done"
 
 
 def execute(ctx: Context, plans: list[RunPlan]) -> list[str]:
@@ -414,7 +422,7 @@ def run_one(ctx: Context, plan: RunPlan) -> dict:
     work = work_dir(ctx, plan.id)
     with _lock(lock_path(ctx, plan.id)):
         earlier = read_result(ctx, plan.id)
-        if plan.result_state(earlier) == "done" and (work / "run" / "model.pt").exists():
+        if run_state(ctx, plan, earlier) == "done" and (work / "run" / "model.pt").exists():
             return {**earlier, "finished_elsewhere": True}  # by another runner since this one planned it
         with _run_logging(work / "log.txt"):
             return _train_and_record(ctx, plan, work, earlier)
@@ -423,7 +431,7 @@ def run_one(ctx: Context, plan: RunPlan) -> dict:
 def _train_and_record(ctx: Context, plan: RunPlan, work: Path, earlier: dict | None) -> dict:
     """run_one's work, under the run's lock."""
     signature = plan.signature()
-    extending = plan.result_state(earlier) == "extend"
+    extending = run_state(ctx, plan, earlier) == "extend"
     # a run stopped at a lower cap continues from its checkpoint under the raised one
     _reset_if_other_plan(work, {signature, earlier["signature"]} if extending else {signature})
     inputs, run_dir = work / "inputs", work / "run"
@@ -445,6 +453,7 @@ def _train_and_record(ctx: Context, plan: RunPlan, work: Path, earlier: dict | N
         "id": plan.id,
         "part": plan.part,
         "signature": signature,
+        "labels": labels_digest(ctx, plan),  # the labels it read (run_state: a later edit of them makes it stale)
         "meta": plan.meta,
         **baselines.evaluate(plan, run_dir, inputs, ctx.catalog),
         "train_seconds": round(clock.wall, 1),

@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from multifi_experiments.context import Context, is_running, result_path, work_dir
+from multifi_experiments.context import Context, is_running, result_path, run_state, work_dir
 from multifi_experiments.plan import RunPlan
 
 STATES = ("done", "in flight", "to extend", "stale", "to do")
@@ -96,7 +96,7 @@ def _status(ctx: Context, plan: RunPlan) -> RunStatus:
     cap = (plan.config.get("train") or {}).get("max_steps")
     result = _read_json(result_path(ctx, plan.id))
     signature = plan.signature()
-    state = plan.result_state(result)
+    state = run_state(ctx, plan, result)
     if state == "done":
         return RunStatus(
             plan.id,
