@@ -691,6 +691,11 @@ def test_efficiency_without_a_decreasing_end_is_undefined_but_flagged():
     # an almost flat end segment extrapolates beyond any data set (was an OverflowError): undefined, flagged
     e = efficiency_factor([4, 7, 10], [158.03, 158.02, 158.01], 7, 150.0)
     assert e.factor is None and e.extrapolated and "almost flat" in e.note
+    # a nearly flat end reaching the target 9 decades on (1127.2 → 1127.0 meV, "power law: 4.5e+09"): undefined
+    e = efficiency_factor([50, 100, 200], [1200.0, 1127.2, 1127.0], 50, 1100.0)
+    assert e.factor is None and "more than 100× beyond the measured n" in e.note
+    e = efficiency_factor([50, 100, 200], [1200.0, 1000.0, 800.0], 50, 700.0)  # 1.9× beyond: reported
+    assert e.extrapolated and e.factor == pytest.approx(200 * (700 / 800) ** (math.log(2) / math.log(800 / 1000)) / 50)
 
 
 # ---------------------------------------------------------------------------------------------- convergence

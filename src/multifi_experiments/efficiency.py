@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-#: log of the largest reference size an extrapolation reports (beyond it: undefined, as for a flat curve)
-MAX_LOG_N = math.log(1e12)
+#: how far beyond the measured sizes an extrapolation reports (a factor in n; beyond it: undefined, as for a flat
+#: curve): a power law through two points says little two decades away (a flat end segment gave 4.5e9)
+MAX_EXTRAPOLATION = 100.0
 
 
 @dataclass
@@ -70,8 +71,11 @@ def _extend(x: list[float], y: list[float], t: float, i: int, where: str) -> tup
     if slope >= 0:
         return None, True, f"target {where} measured n, and the reference curve does not decrease there"
     log_n = x[i] + (t - y[i]) / slope
-    if log_n > MAX_LOG_N:  # an almost flat end segment: the power law reaches the target nowhere in reach
-        return None, True, f"target {where} measured n, and the reference curve's end segment is almost flat"
+    if not x[0] - math.log(MAX_EXTRAPOLATION) <= log_n <= x[-1] + math.log(MAX_EXTRAPOLATION):
+        return None, True, (
+            f"target {where} measured n, and the reference curve's end segment is almost flat (its power law "
+            f"reaches the target only more than {MAX_EXTRAPOLATION:g}× beyond the measured n)"
+        )
     return math.exp(log_n), True, f"extrapolated {where} measured n (power law of the end segment)"
 
 
