@@ -885,6 +885,21 @@ def test_an_empty_selection_is_named_not_blamed_on_the_loss_weights(write_config
     assert "fidelity_weights" not in line
 
 
+def test_the_model_card_shows_the_settings_its_backbone_reads(cli_run, tmp_path, capsys):
+    from multifi.card import model_card
+
+    _, run_dir = cli_run
+    painn = model_card(run_dir / "model.pt")["model"]
+    assert (
+        painn["backbone"] == "painn" and "cutoff" in painn and not {"max_l", "max_n", "threebody_cutoff"} & set(painn)
+    )
+    code, out, _ = run(["info", run_dir / "model.pt"], capsys)
+    assert code == 0 and "max_l" not in out and "features:" in out
+    m3gnet = build_potential({**TINY_MODEL, "backbone": "m3gnet"}, ["PBE"])
+    solids = model_card(save_potential(m3gnet, tmp_path / "m3gnet.pt"))["model"]
+    assert {"max_l", "max_n", "threebody_cutoff"} <= set(solids)
+
+
 def test_the_model_card_of_a_checkpoint_has_its_runs_split_counts(cli_run):
     """`multifi info RUN/checkpoints/best.ckpt` showed train counts only (a checkpoint records none): the val and
     test columns come from the run's metrics.json, as for model.pt from its own record."""

@@ -52,7 +52,7 @@ def model_card(path: str | Path) -> dict:
         ],
         "data": _data_summary(pot, run),
         "history": pot.spec.get("history", []),
-        "model": pot.spec["model"],
+        "model": _own_settings(pot.spec["model"]),
         "config": _run_config(run),
         "similarity": _similarity(pot),
         "doubtful_units": doubtful_units_of_run(run),
@@ -62,6 +62,16 @@ def model_card(path: str | Path) -> dict:
             first = card["fidelities"][0]
             f["elements"], f["estimated"], f["open"] = first["elements"], first["estimated"], first["open"]
     return card
+
+
+#: model settings that only one backbone reads (the saved spec keeps every key of ModelConfig)
+BACKBONE_ONLY = {"m3gnet": ("threebody_cutoff", "max_n", "max_l")}
+
+
+def _own_settings(model: dict) -> dict:
+    """The saved model settings without those only another backbone reads (a PaiNN card showed max_l)."""
+    other = {k for backbone, keys in BACKBONE_ONLY.items() if backbone != model.get("backbone") for k in keys}
+    return {k: v for k, v in model.items() if k not in other}
 
 
 def _similarity(pot) -> list[list[float]] | None:
