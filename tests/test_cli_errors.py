@@ -1051,6 +1051,23 @@ def test_learning_curve_axis_has_readable_ticks(values, at_least, tmp_path, monk
     assert len(seen["labelled"]) >= at_least
 
 
+def test_learning_curve_marks_the_step_the_run_kept(tmp_path, monkeypatch):
+    from multifi import plots
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = ["step,val/PBE/energy_mae_meV"] + [f"{100 * (i + 1)},{v}" for i, v in enumerate([9.0, 5.0, 6.0])]
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    seen = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.update(lines=fig.axes[0].get_lines()) or path)
+    plots.learning_curve_plot(run_dir, tmp_path / "curve.png")
+    assert [line.get_label() for line in seen["lines"]] == ["PBE"]  # unfinished: no best step yet
+    (run_dir / "metrics.json").write_text(json.dumps({"best_step": 200}))
+    plots.learning_curve_plot(run_dir, tmp_path / "curve.png")
+    best = [line for line in seen["lines"] if line.get_label() == "best (step 200)"]
+    assert len(best) == 1 and list(best[0].get_xdata()) == [200, 200]
+
+
 def test_predict_names_the_frame_of_a_truncated_file(model, tmp_path, capsys):
     """predict reads structure files as training does: a truncated file is one line naming the frame."""
     src = tmp_path / "trunc.extxyz"

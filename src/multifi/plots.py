@@ -143,6 +143,9 @@ def learning_curve_plot(run_dir: Path, path: Path, key: str = ENERGY_MAE) -> Pat
             x, y = zip(*pts)
             values += y
             ax.plot(x, y, marker="o", ms=3, label=val_key_fidelity(col))
+    best = _best_step(run_dir)
+    if best is not None:  # the checkpoint the run kept (model.pt)
+        ax.axvline(best, color="0.5", ls="--", lw=1, label=f"best (step {best})")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation " + METRIC_LABELS.get(key, key))
     positive = [v for v in values if v > 0]
@@ -157,6 +160,15 @@ def learning_curve_plot(run_dir: Path, path: Path, key: str = ENERGY_MAE) -> Pat
     ax.set_title(str(run_dir), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _best_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint a finished run kept (metrics.json `best_step`); None before it finished."""
+    try:
+        step = json.loads((Path(run_dir) / "metrics.json").read_text()).get("best_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(step) if isinstance(step, (int, float)) and step >= 0 else None
 
 
 def _trained_fidelities(run_dir: Path) -> list[str]:
