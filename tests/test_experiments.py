@@ -497,6 +497,12 @@ def test_an_output_folder_of_another_experiment_is_not_taken_over(shared, tmp_pa
     load_context(TINY, tiny(out))
 
 
+def test_a_method_listed_without_its_table_is_named_as_such(shared, tmp_path):
+    """PBE/3-21G is in the manifest, its labels are not computed yet: said so, not "did you mean HF/3-21G"."""
+    with pytest.raises(MultifiError, match=r"method 'PBE/3-21G' is listed in the manifest but its label table is not"):
+        run_experiment(TINY, overrides=tiny(tmp_path / "out", "learning_curve.low=PBE/3-21G"), report_only=True)
+
+
 def test_unknown_variant_kind_is_one_line_at_spec_load_naming_file_and_known_kinds(tmp_path, capsys):
     """Before any planning or data access: the spec file, the key, a suggestion and every registered kind."""
     from test_cli import fails

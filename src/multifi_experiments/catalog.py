@@ -63,6 +63,12 @@ class LabelCatalog:
         return method in self.methods()
 
     def check(self, method: str, where: str) -> None:
+        if not self.has(method) and method in self.files:  # listed in a manifest, its table not in this copy
+            missing = ", ".join(str(self.shared / f) for f in self.files[method])
+            raise MultifiError(
+                f"{where}: method {method!r} is listed in the manifest but its label table is not there ({missing}): "
+                "a later release of the shared data, or an incomplete copy"
+            )
         if not self.has(method):
             folders = ", ".join(sorted({str(self.shared / f.parent) for fs in self.files.values() for f in fs}))
             raise unknown_name("method", method, self.methods(), f"{where} (labels in {folders or self.folder})")
