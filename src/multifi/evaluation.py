@@ -37,8 +37,13 @@ class Evaluation:
         return self.payload["fidelities"]
 
     def diagnose(self) -> None:
+        """warn_about_labels, then warn_about_uncertainty."""
+        self.warn_about_labels()
+        self.warn_about_uncertainty()
+
+    def warn_about_labels(self) -> None:
         """The warnings about labels that errors of this size mean: another unit (named), one energy per element
-        off, the model's own results, another fidelity's labels; uncertainty statistics over too few structures."""
+        off, the model's own results, another fidelity's labels."""
         from multifi.train.evaluate import pairs_with_estimated_references
 
         ds, pairs, predicted, scored = self.dataset, self.pairs, self.predicted, self.scored
@@ -51,6 +56,9 @@ class Evaluation:
         if self.recorded is not None:  # labels that are one member's own predictions differ from the mean
             _warn_members_own_predictions(self.recorded, self.members, self.potential, ds, pairs[scored], self.where)
         warn_labels_of_another_fidelity(self.potential, ds, pairs[fitted], self.where, self.batch_size)
+
+    def warn_about_uncertainty(self) -> None:
+        """Uncertainty statistics over too few structures to mean much."""
         for name, m in self.payload.get("uncertainty", {}).get("fidelities", {}).items():
             if m["n"] < MIN_UNCERTAINTY_N:  # rank statistics of a handful of structures say little about σ
                 log.warning(

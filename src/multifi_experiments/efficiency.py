@@ -72,9 +72,13 @@ def _extend(x: list[float], y: list[float], t: float, i: int, where: str) -> tup
         return None, True, f"target {where} measured n, and the reference curve does not decrease there"
     log_n = x[i] + (t - y[i]) / slope
     if not x[0] - math.log(MAX_EXTRAPOLATION) <= log_n <= x[-1] + math.log(MAX_EXTRAPOLATION):
-        return None, True, (
-            f"target {where} measured n, and the reference curve's end segment is almost flat (its power law "
-            f"reaches the target only more than {MAX_EXTRAPOLATION:g}× beyond the measured n)"
+        return (
+            None,
+            True,
+            (
+                f"target {where} measured n, and the reference curve's end segment is almost flat (its power law "
+                f"reaches the target only more than {MAX_EXTRAPOLATION:g}× beyond the measured n)"
+            ),
         )
     return math.exp(log_n), True, f"extrapolated {where} measured n (power law of the end segment)"
 

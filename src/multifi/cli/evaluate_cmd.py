@@ -80,11 +80,12 @@ def run(args) -> int:
     for group in payload.get("groups", {}).get("values", []):
         print()
         print(metrics_table(group["fidelities"], title=group_title(args.group_by, group)))
-    result.diagnose()
+    result.warn_about_labels()
     if "uncertainty" in payload:
         from multifi.uncertainty import uncertainty_table
 
         print(uncertainty_table(payload["uncertainty"]))
+        result.warn_about_uncertainty()
     if args.out:
         text = json_text(payload).encode()
         atomic_write(Path(args.out), lambda f: f.write(encoded_for(Path(args.out), text)))
