@@ -296,7 +296,7 @@ def test_runs_on_labels_changed_since_are_stale_and_other_labels_change_nothing(
     assert state() == "done"
 
 
-def test_a_set_that_changes_finished_runs_deletes_nothing_without_redo_stale(shared, fake, tmp_path):
+def test_a_set_that_changes_finished_runs_deletes_nothing_without_redo_stale(shared, fake, tmp_path, caplog):
     """`--set` for one invocation that gives finished runs other settings would delete their results and train them
     again (a user's hours): refused, naming them, nothing touched; --redo-stale does it."""
     out = tmp_path / "out"
@@ -310,8 +310,10 @@ def test_a_set_that_changes_finished_runs_deletes_nothing_without_redo_stale(sha
     ):
         run_experiment(TINY, overrides=changed, only=only)
     assert fake == [] and result_files(out) == before
-    run_experiment(TINY, overrides=changed, only=only, redo_stale=True)
+    with caplog.at_level("INFO", logger="multifi"):
+        run_experiment(TINY, overrides=changed, only=only, redo_stale=True)
     assert len(fake) == 1 and result_files(out) != before
+    assert "1 to do, 1 of them finished with other settings or labels (trained afresh)" in caplog.text
 
 
 def test_splits_keep_test_molecules_out_of_training_and_selection(shared, tmp_path):

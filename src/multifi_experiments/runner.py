@@ -250,12 +250,16 @@ def execute(ctx: Context, plans: list[RunPlan]) -> list[str]:
     # a finished run must run again when a pending run starts from its model and that file is gone
     redo = {d for d in needed & done if not (work_dir(ctx, d) / "run" / "model.pt").exists()}
     todo = [p for p in plans if p.id not in done or p.id in redo]
+    stale = sum(  # finished with other settings or labels: trained afresh (not continued to a raised cap)
+        (r := read_result(ctx, p.id)) is not None and run_state(ctx, p, r) == "other" for p in todo
+    )
     log.info(
-        "%s: %d runs, %d finished, %d to do (parallel %d)",
+        "%s: %d runs, %d finished, %d to do%s (parallel %d)",
         ctx.spec.name,
         len(plans),
         len(plans) - len(todo),
         len(todo),
+        f", {stale} of them finished with other settings or labels (trained afresh)" if stale else "",
         ctx.spec.parallel,
     )
     return _execute(ctx, todo)
