@@ -30,9 +30,7 @@ def use_fast_exp() -> None:
 
     os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
     cpp.CppVecOverrides.exp = staticmethod(lambda x: f"{x}.exp_u20()")
-    cpp.CppVecOverrides.sigmoid = staticmethod(
-        lambda x: f"decltype({x})(1)/(decltype({x})(1) + {x}.neg().exp_u20())"
-    )
+    cpp.CppVecOverrides.sigmoid = staticmethod(lambda x: f"decltype({x})(1)/(decltype({x})(1) + {x}.neg().exp_u20())")
 
 
 def main() -> None:
