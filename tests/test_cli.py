@@ -255,7 +255,7 @@ def test_predict_marks_structures_whose_reference_was_estimated(tmp_path, capsys
     with caplog.at_level("WARNING", logger="multifi"):
         argv = ["predict", model, src, "--fidelity", "hi", "--ensemble", member, "--out", out, "--force"]
         assert run(argv, capsys)[0] == 0
-    assert "their energy_sigma includes that estimate's expected error" in caplog.text
+    assert "their energy_sigma includes that estimate's expected error (its leave-one-out error, 0.7 eV" in caplog.text
     sigma = [a.info["energy_sigma"] for a in ase.io.read(out, ":")]
     assert sigma[0] >= 0.7 and sigma[1] == pytest.approx(before[1])  # one N atom: ≥ 0.7 eV; H2O: the spread alone
     # a member that estimated O at hi too: H2O's mean carries that estimate, flagged whichever model comes first
@@ -478,16 +478,21 @@ def test_evaluate_group_by_refuses_sources_without_info_and_says_repeated_struct
     fails(
         ["evaluate", run_dir / "model.pt", run_dir / "dataset.npz", "--group-by", "config_type"],
         capsys,
-        "dataset.npz: --group-by config_type reads info['config_type'] of files ASE reads",
+        "dataset.npz: grouping by config_type (--group-by) reads info['config_type'] of files ASE reads",
     )
-    frames = tiny_frames(4)
-    frames[1].info["config_type"] = "other"  # the hi frame of molecule 0 (its lo frame has none)
+    frames = tiny_frames(4)  # lo0 hi0 lo1 lo2 hi2 lo3
+    frames[1].info["config_type"] = "other"  # the hi frame of molecule 0: its lo frame, first, has none
+    frames[3].info["config_type"], frames[4].info["config_type"] = "a", "b"  # molecule 2 tagged twice
     ase.io.write(tmp_path / "mixed.extxyz", frames, format="extxyz")
     out = tmp_path / "mixed.json"
     args = ["evaluate", run_dir / "model.pt", tmp_path / "mixed.extxyz", "--group-by", "config_type", "--out", out]
     assert run(args, capsys)[0] == 0
-    assert "1 frame(s) repeat a structure (the same key) with another config_type" in caplog.text
-    assert [g["value"] for g in json.loads(out.read_text())["groups"]["values"]] == [None]
+    assert "1 frame(s) repeat a structure with another config_type, counted under the first one's" in caplog.text
+    groups = json.loads(out.read_text())["groups"]["values"]
+    assert [(g["value"], g["structures"]) for g in groups] == [("other", 1), ("a", 1), (None, 2)]
+    caplog.clear()
+    args = ["evaluate", run_dir / "model.pt", tmp_path / "mixed.extxyz", "--group-by", "config_typ"]
+    assert run(args, capsys)[0] == 0 and "no frame has info['config_typ']" in caplog.text
 
 
 def test_frame_key_is_the_key_reading_gives(tiny_extxyz):

@@ -45,3 +45,7 @@ def test_readme_python_block_trains_and_predicts(tmp_path, monkeypatch, caplog):
     mae = 1000 * np.abs(result.predicted[at] - labels).mean()  # meV per structure, recomputed
     assert result.metrics["high"]["energy_mae_meV"] == pytest.approx(mae, rel=1e-6)
     assert "were trained on: their errors are not held-out errors" in caplog.text
+    from multifi.evaluation import evaluate_files
+
+    one = evaluate_files(run_dir, str(tmp_path / "frames.extxyz"), diagnose=False)  # one file, not a list
+    assert one.payload == result.payload

@@ -446,6 +446,23 @@ def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, 
         code, out, _ = run([*args, tmp_path / "val.extxyz"], capsys)
     assert code == 0 and "10 of 30 validation labels are also in --train" in caplog.text
     assert "hi: alpha" in out and "30 training / 10 validation" in out
+    # --train with keys, --val without: its copies of training molecules are found by geometry (rotated too)
+    keyed = [a.copy() for a in lo[:30]]
+    for i, a in enumerate(keyed):
+        a.calc = lo[i].calc
+        a.info = {**lo[i].info, "key": f"t{i}"}
+    rotated = [a.copy() for a in lo[:5]]
+    for a, b in zip(rotated, lo[:5]):
+        a.rotate(30, "z")
+        a.calc = b.calc
+    ase.io.write(tmp_path / "train_keyed.extxyz", keyed, format="extxyz")
+    ase.io.write(tmp_path / "val_nokey.extxyz", lo[30:] + rotated, format="extxyz")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):
+        argv = ["calibrate", model, "--train", tmp_path / "train_keyed.extxyz", "--val", tmp_path / "val_nokey.extxyz"]
+        code, out, _ = run([*argv, "--fidelity", "lo"], capsys)
+    assert code == 0 and "5 of 15 validation labels are also in --train" in caplog.text
+    assert "30 training / 10 validation" in out
     first = LLPR.load(tmp_path / "model.llpr.npz")
     caplog.clear()
     with caplog.at_level("INFO", logger="multifi"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -87,7 +88,7 @@ class Evaluation:
 
 def evaluate_files(
     checkpoint,
-    data: list[str],
+    data: str | Path | list,
     fidelity: str | None = None,
     *,
     batch_size: int = 64,
@@ -115,6 +116,8 @@ def evaluate_files(
     from multifi.train.evaluate import evaluate_pairs, pairs_with_estimated_references
     from multifi.train.run_config import warn_other_stress_order
 
+    data = [data] if isinstance(data, (str, Path)) else data  # one file
+    ensemble = [ensemble] if isinstance(ensemble, (str, Path)) else ensemble
     data, ensemble, where = [str(d) for d in data], [str(m) for m in ensemble], ", ".join(str(d) for d in data)
     if group_by:
         from multifi.data.groups import check_groupable

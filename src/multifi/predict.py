@@ -179,7 +179,9 @@ def predict_file(
                 path,
                 int(estimated[name].sum()),
                 name,
-                "their energy_sigma includes that estimate's expected error (the leave-one-out error of the estimate)"
+                "their energy_sigma includes that estimate's expected error (its leave-one-out error, "
+                f"{float(potential.head.spread[potential.fidelities.index(name)]):.3g} eV per atom of such an element: "
+                "a guide, not a bound; the actual error can be larger)"
                 if not unknown
                 else f"energy_sigma is NaN for {unknown} of them: the model has no error for its estimate (too few "
                 "elements labelled at two fidelities to measure it)",

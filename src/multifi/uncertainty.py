@@ -418,8 +418,9 @@ def calibrate_files(
     # fidelity only still validates this one (its label here was never trained on)
     trained = _labels(train)
     is_train = np.array([(str(ds.keys[s]), ds.fidelities.names[k]) in trained for s, k in pairs], bool)
+    copies = _copies_of_training_molecules(ds, pairs, ~is_train, train)  # the same molecule under another key
     in_val = _labels(val)
-    shared = len(in_val & trained)
+    shared = len(in_val & trained) + int(copies.sum())
     where = ", ".join(str(p) for p in val_files)
     if shared == len(in_val):
         raise MultifiError(
@@ -428,12 +429,14 @@ def calibrate_files(
         )
     if shared:
         log.warning(
-            "%s: %d of %d validation labels are also in --train (same structure, same fidelity): used as training only",
+            "%s: %d of %d validation labels are also in --train (same structure, same fidelity; by key, or as a "
+            "molecule by geometry): used as training only",
             where,
             shared,
             len(in_val),
         )
-    validation = ~is_train & ~_fitted_by_the_model(model, ds, pairs, ~is_train, where)
+    validation = ~is_train & ~copies
+    validation &= ~_fitted_by_the_model(model, ds, pairs, validation, where)
     known = np.isin(
         np.asarray(ds.fidelities.names, dtype=object)[pairs[:, 1]],
         [fidelity] if fidelity else list(potential.fidelities.names),
@@ -443,6 +446,25 @@ def calibrate_files(
         potential, ds, pairs[is_train], pairs[validation], batch_size, fidelities=[fidelity] if fidelity else None
     )
     return llpr, save_calibration(llpr, llpr_path(model))
+
+
+def _copies_of_training_molecules(ds, pairs: np.ndarray, candidates: np.ndarray, train) -> np.ndarray:
+    """[P] bool: the `candidates` (mask [P]) that are, at their fidelity, a molecule of `train` labelled there under
+    another key (a file written without keys pairs structures by geometry only: same_molecules, within the
+    tolerance of coordinates printed to 3 decimals, up to rotation and atom order). Crystals: by key only."""
+    from multifi.data.dataset import GEOMETRY_TOLERANCE
+    from multifi.data.same_geometry import same_molecules
+
+    out = np.zeros(len(pairs), bool)
+    for k, name in enumerate(ds.fidelities.names):
+        rows = np.flatnonzero(candidates & (pairs[:, 1] == k))
+        if not len(rows) or name not in train.fidelities.names:
+            continue
+        kt = train.fidelities.index(name)
+        theirs = np.flatnonzero(~np.isnan(train.energy[:, kt]))
+        if len(theirs):
+            out[rows] = same_molecules(ds.subset(pairs[rows, 0]), train.subset(theirs), GEOMETRY_TOLERANCE)
+    return out
 
 
 def _fitted_by_the_model(model, ds, pairs: np.ndarray, validation: np.ndarray, where: str) -> np.ndarray:

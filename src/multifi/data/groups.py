@@ -27,7 +27,8 @@ def check_groupable(paths: list[str], name: str) -> None:
         if is_qm9_text(path) or guess_format(Path(path)) != "ase":
             kind = "QM9" if is_qm9_text(path) else f"a {guess_format(Path(path))} file"
             raise MultifiError(
-                f"{path}: --group-by {name} reads info[{name!r}] of files ASE reads (extxyz, ASE db, …); this is {kind}"
+                f"{path}: grouping by {name} (--group-by) reads info[{name!r}] of files ASE reads (extxyz, ASE db, …); "
+                f"this is {kind}"
             )
 
 
@@ -37,18 +38,19 @@ def structure_groups(dataset: FidelityDataset, paths: list[str], index: str, nam
     structure (the same key) with different values count under the first one's, and a warning says so; more than
     MAX_GROUPS values are an error (one evaluation per value). The files were read for `dataset` already: what
     reading them warns about is not said again."""
-    check_groupable(paths, name)
+    check_groupable(paths, name)  # (already checked by evaluate_files, before anything was read)
     values: dict[str, str | None] = {}
     for path in paths:
         differing: list[str] = []
         for i, atoms in enumerate(_quietly(read_frames(Path(path), index))):
             key, value = frame_key(atoms), _as_text(atoms.info.get(name))
-            if key in values and values[key] != value:
+            if values.get(key) is None:  # a frame of the structure without the key does not decide its group
+                values[key] = value
+            elif value is not None and values[key] != value:
                 differing.append(f"frame {i} ({value} vs {values[key]})")
-            values.setdefault(key, value)
         if differing:
             log.warning(
-                "%s: %d frame(s) repeat a structure (the same key) with another %s, counted under the first one's: %s",
+                "%s: %d frame(s) repeat a structure with another %s, counted under the first one's: %s",
                 path,
                 len(differing),
                 name,
@@ -56,10 +58,12 @@ def structure_groups(dataset: FidelityDataset, paths: list[str], index: str, nam
             )
     groups = np.array([values.get(str(k)) for k in dataset.keys], dtype=object)
     distinct = {g for g in groups.tolist() if g is not None}
+    if not distinct:
+        log.warning("%s: no frame has info[%r]: one group, every structure without it", ", ".join(paths), name)
     if len(distinct) > MAX_GROUPS:
         raise MultifiError(
             f"{', '.join(paths)}: info[{name!r}] takes {len(distinct)} distinct values (at most {MAX_GROUPS}): "
-            "--group-by is for kinds of structures (bulk, surface, …), not a value per frame"
+            "grouping (--group-by) is for kinds of structures (bulk, surface, …), not a value per frame"
         )
     return groups
 
