@@ -383,8 +383,12 @@ def test_model_card_shows_which_references_are_estimated(tmp_path):
     by_name = {f["name"]: f for f in card["fidelities"]}
     assert by_name["PBE"]["elements"] == ["O", "Si", "P"] and by_name["PBE"]["estimated"] == []
     assert by_name["R2SCAN"]["elements"] == ["Si"] and by_name["R2SCAN"]["estimated"] == ["O", "P"]
-    assert "(estimated, no labels: O P)" in format_card(card)
+    assert "(estimated, no labels: O P)" in format_card(card)  # no error known (spread unset)
     assert torch.equal(pot.head.fitted, torch.as_tensor(fitted))
+    pot.head.set_baseline(ref, np.ones(2), fitted, spread=np.array([np.nan, 0.8125]))
+    card = model_card(save_potential(pot, tmp_path / "m2.pt"))
+    assert [f["estimate_error_eV"] for f in card["fidelities"]] == [None, 0.8125]
+    assert "(estimated, no labels: O P; ± 0.812 eV per atom)" in format_card(card)
 
 
 def test_model_card_similarity_table_is_aligned_with_long_fidelity_names(tmp_path):

@@ -516,6 +516,11 @@ def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, 
         argv = ["calibrate", model, "--train", tmp_path / "train_lo.extxyz", "--val", tmp_path / "val_xx.extxyz"]
         code, out, err = run([*argv, *more], capsys)
         assert code == 0 and "lo: alpha" in out, err
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multifi"):  # hi validation labels, no hi training structures: said
+        argv = ["calibrate", model, "--train", tmp_path / "train_lo.extxyz", "--val", tmp_path / "val.extxyz"]
+        code, out, _ = run(argv, capsys)
+    assert code == 0 and "hi: 15 validation labels but no training structures: not calibrated" in caplog.text
 
 
 def test_calibrate_leaves_out_validation_labels_the_model_trained_on(cli_run, tmp_path, capsys, caplog):  # noqa: F811

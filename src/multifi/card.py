@@ -47,6 +47,8 @@ def model_card(path: str | Path) -> dict:
                 "estimated": [chemical_symbols[z] for z in torch.nonzero(known & ~fitted[:, k]).flatten().tolist()],
                 "open": [chemical_symbols[z] for z in pot.head.open_elements(k)],
                 "stress_labels": pot.spec.get("stress_labels", {}).get(n),  # training structures; None: not recorded
+                # eV/atom: the expected error of its estimated references (head.spread; None: unknown)
+                "estimate_error_eV": float(pot.head.spread[k]) if float(pot.head.spread[k]) >= 0 else None,
             }
             for k, n in enumerate(names)
         ],
@@ -110,6 +112,12 @@ def _run_config(run: Path) -> dict | None:
         return None
 
 
+def _estimate_error(f: dict) -> str:
+    """'; ± 18.1 eV/atom' (the estimate's leave-one-out error), or '' where unknown."""
+    error = f.get("estimate_error_eV")
+    return f"; ± {error:.3g} eV per atom" if error is not None else ""
+
+
 def format_card(card: dict) -> str:
     """The card as terminal text."""
     lines = [
@@ -135,7 +143,11 @@ def format_card(card: dict) -> str:
             + counts
             + f"  {f['scale_eV']:8.4f}  "
             + " ".join(f["elements"])
-            + (f"  (estimated, no labels: {' '.join(f['estimated'])})" if f.get("estimated") else "")
+            + (
+                f"  (estimated, no labels: {' '.join(f['estimated'])}{_estimate_error(f)})"
+                if f.get("estimated")
+                else ""
+            )
             + (f"  (only in fixed proportions: {' '.join(f['open'])})" if f.get("open") else "")
         )
     if not splits:

@@ -258,6 +258,8 @@ def fit_llpr(
         va = val_pairs[val_pairs[:, 1] == k, 0]
         va = va[~np.isnan(dataset.energy[va, k])]
         if len(tr) == 0:
+            if len(va):  # its validation labels calibrate nothing without training structures (Σ)
+                log.warning("%s: %d validation labels but no training structures: not calibrated", name, len(va))
             continue
         # an element without labels at this fidelity (estimated reference energy) errs by the reference's error,
         # which the features cannot know: such structures would inflate α for every structure (as validation

@@ -33,7 +33,13 @@ def register(sub):
         help="also measure the calibration of σ per fidelity (Spearman |error| vs σ, miscalibration "
         "area): LLPR σ (needs `multifi calibrate`), or the ensemble's spread with --ensemble",
     )
-    p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL", help="further models of a deep ensemble")
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=[],
+        metavar="MODEL",
+        help="further models of a deep ensemble: the errors of their mean, and the calibration of their spread",
+    )
     p.add_argument(
         "--skip-invalid", action="store_true", help="leave NaN/inf labels out of the errors instead of failing"
     )
