@@ -9,23 +9,38 @@ from pathlib import Path
 import numpy as np
 
 
-def trained_pairs(checkpoint, ds, pairs: np.ndarray, exact: bool = False) -> tuple[set[tuple[str, str]], set[str], int]:
+def trained_pairs(checkpoint, ds, pairs: np.ndarray) -> tuple[set[tuple[str, str]], set[str], int]:
     """(same, elsewhere, n): the (key, fidelity name) of `pairs` [P, 2] of `ds` that the model of `checkpoint`
-    trained on; the keys of structures among the rest that it trained on at other fidelities only; and the number
-    of distinct pairs looked at. Empty sets when the model's run (beside it) tells nothing. A run without a copy of
-    its data records only its training split's keys: every label of such a structure counts as trained, unless
-    `exact` (then only labels known to be trained at their fidelity count)."""
+    trained on (trained_labels, both kinds); the keys of structures among the rest that it trained on at other
+    fidelities only; and the number of distinct pairs looked at. Empty sets when its run tells nothing."""
+    names = ds.fidelities.names
+    evaluated = {(str(ds.keys[s]), names[k]) for s, k in np.asarray(pairs).tolist()}
+    known, by_key_only, keys_trained = _trained(checkpoint, ds, pairs)
+    same = known | by_key_only
+    return same, {key for key, _ in evaluated - same if key in keys_trained}, len(evaluated)
+
+
+def trained_labels(checkpoint, ds, pairs: np.ndarray) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """(known, by_key_only): the (key, fidelity name) of `pairs` that the model of `checkpoint` trained on at that
+    fidelity (its run's copy of its data and split: by key and fidelity, or by geometry), and those of structures
+    in its training split whose fidelity the run does not record (no copy of its data: splits.json's keys only)."""
+    known, by_key_only, _ = _trained(checkpoint, ds, pairs)
+    return known, by_key_only
+
+
+def _trained(checkpoint, ds, pairs: np.ndarray):
+    """(known, by_key_only, keys trained): trained_labels and the keys of every training structure; the run read
+    once."""
     names = ds.fidelities.names
     evaluated = {(str(ds.keys[s]), names[k]) for s, k in np.asarray(pairs).tolist()}
     trained, old = trained_keys(checkpoint)
     if not trained:
-        return set(), set(), len(evaluated)
-    same = {p for p in evaluated if p in trained or (not exact and (p[0], None) in trained)}
+        return set(), set(), set()
+    known = {p for p in evaluated if p in trained}
     if old is not None:
-        same |= _trained_by_geometry(old, ds, pairs, same)
-    keys_trained = {key for key, _ in trained}
-    elsewhere = {key for key, _ in evaluated - same if key in keys_trained}
-    return same, elsewhere, len(evaluated)
+        known |= _trained_by_geometry(old, ds, pairs, known)
+    by_key_only = {p for p in evaluated - known if (p[0], None) in trained}
+    return known, by_key_only, {key for key, _ in trained}
 
 
 def trained_keys(checkpoint) -> tuple[set[tuple[str, str | None]], object]:

@@ -471,16 +471,15 @@ def _copies_of_training_molecules(ds, pairs: np.ndarray, candidates: np.ndarray,
 
 def _fitted_by_the_model(model, ds, pairs: np.ndarray, validation: np.ndarray, where: str) -> np.ndarray:
     """[P] bool: the `validation` pairs (mask [P]) whose labels the model trained on, as its run beside it records
-    (trained_on.trained_pairs: by key and fidelity, or by geometry): left out, said; all of them: an error (α
+    (trained_on.trained_labels: by key and fidelity, or by geometry): left out, said; all of them: an error (α
     calibrated on labels the model fitted comes out too small, and σ with it). A run that kept only its split's
     keys cannot tell at which fidelity a structure trained: its structures' labels stay, said."""
-    from multifi.trained_on import trained_pairs
+    from multifi.trained_on import trained_labels
 
     out = np.zeros(len(pairs), bool)
     if not validation.any():
         return out
-    same = trained_pairs(model, ds, pairs[validation], exact=True)[0]
-    unsure = trained_pairs(model, ds, pairs[validation])[0] - same
+    same, unsure = trained_labels(model, ds, pairs[validation])
     if unsure:
         log.warning(
             "%s: %d validation label(s) belong to structures in the model's training split, at fidelities its run "
