@@ -49,6 +49,9 @@ def model_card(path: str | Path) -> dict:
                 "stress_labels": pot.spec.get("stress_labels", {}).get(n),  # training structures; None: not recorded
                 # eV/atom: the expected error of its estimated references (head.spread; None: unknown)
                 "estimate_error_eV": float(pot.head.spread[k]) if float(pot.head.spread[k]) >= 0 else None,
+                # references = atomic energies + this shift, eV/atom (None: least-squares references)
+                "atomic_shift_eV": float(pot.head.atomic_shift[k]) if bool(pot.head.atomic[k]) else None,
+                "given": [chemical_symbols[z] for z in torch.nonzero(pot.head.given[:, k]).flatten().tolist()],
             }
             for k, n in enumerate(names)
         ],
@@ -64,6 +67,14 @@ def model_card(path: str | Path) -> dict:
             first = card["fidelities"][0]
             f["elements"], f["estimated"], f["open"] = first["elements"], first["estimated"], first["open"]
     return card
+
+
+def _atomic(f: dict) -> str:
+    """The card's note on a fidelity whose references are atomic energies (data.atomic_energies)."""
+    if f.get("atomic_shift_eV") is None:
+        return ""
+    given = f"; given, no labels: {' '.join(f['given'])}" if f.get("given") else ""
+    return f"  (references: atomic energies {f['atomic_shift_eV']:+.4f} eV/atom{given})"
 
 
 #: model settings that only one backbone reads (the saved spec keeps every key of ModelConfig)
@@ -149,6 +160,7 @@ def format_card(card: dict) -> str:
                 else ""
             )
             + (f"  (only in fixed proportions: {' '.join(f['open'])})" if f.get("open") else "")
+            + _atomic(f)
         )
     if not splits:
         lines.append("  (structures per fidelity not recorded with this model)")

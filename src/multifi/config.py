@@ -188,6 +188,12 @@ class DataConfig(Section):
         description="fidelities whose labels are known to be in eV, eV/Å and eV/Å³ (e.g. EMT's energies relative to "
         "the bulk, formation energies): the unit guesses (Hartree, kcal/mol, GPa, kBar, sign) skip them",
     )
+    atomic_energies: Literal["isolated"] | dict[FidelityName, dict[str, float]] | None = Field(
+        None,
+        description="reference energies from free atoms (MACE's E0s), per fidelity: `isolated` (the data's one-atom "
+        "frames, then not trained) or {fidelity: {element: eV}}; each fidelity's references are these plus its "
+        "mean binding energy per atom; unset: per-element least-squares fits to the labels",
+    )
     skip_invalid: bool = False
     neighbor_lists: Literal["auto", "cache", "on_the_fly"] = Field(
         "auto", description="cache all neighbour lists in memory, or build them per batch (huge datasets)"

@@ -226,10 +226,11 @@ def llpr_path(model_path: str | Path) -> Path:
 
 def weights_fingerprint(potential) -> str:
     """A hash of the potential's weights and buffers (which calibration file belongs to which model); not of
-    head.spread (the error of estimated references, recorded since a later version: older calibrations stay valid)."""
+    head.spread (the error of estimated references) nor of the atomic-energy records (head.atomic, atomic_shift, given:
+    how the references were made, which head.ref holds), recorded since later versions: older calibrations stay valid."""
     h = hashlib.sha1()
     for name, t in sorted(potential.state_dict().items()):
-        if name == "head.spread":
+        if name in ("head.spread", "head.atomic", "head.atomic_shift", "head.given"):
             continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())

@@ -45,6 +45,10 @@ class References:
     spread: np.ndarray
     null: list[np.ndarray] = field(default_factory=list)
     borrowed_scale: np.ndarray | None = None  # [K] bool: scale taken from the other fidelities (own undetermined)
+    # atomic energies (data/atomic_energies.py): [K] eV/atom, the shift added to them (NaN: a least-squares fit);
+    # [N_ELEMENTS, K] bool: references given as an atomic energy to elements without labels at that fidelity
+    atomic_shift: np.ndarray | None = None
+    given: np.ndarray | None = None
 
     def open(self, k: int) -> list[int]:
         """Elements fidelity k's labels contain only in fixed proportions (their split is estimated)."""
@@ -92,7 +96,12 @@ def force_rms(dataset, pairs: np.ndarray, ks) -> float:
 
 # ---------------------------------------------------------------------------------------------- references
 def fit_references(
-    dataset, pairs: np.ndarray, ridge: float = 1e-8, pooled: bool = False, shared_scale: bool = False
+    dataset,
+    pairs: np.ndarray,
+    ridge: float = 1e-8,
+    pooled: bool = False,
+    shared_scale: bool = False,
+    atomic: np.ndarray | None = None,
 ) -> References:
     """Per-fidelity reference energies (joint fit, see the module docstring) and residual scales.
 
@@ -102,14 +111,21 @@ def fit_references(
     whose fit determines one (borrowed_scale), else the RMS of the force labels, then 1 eV. `pooled`: the labels of all fidelities fitted as one (every
     column holds that fit; for fidelity-blind models). `shared_scale`: one scale for every fidelity,
     from the residuals of all fidelities together. `ridge` (relative) regularises each least-squares fit.
+    `atomic` [N_ELEMENTS, K] eV (NaN: not given): atomic energies (data/atomic_energies.py); a fidelity with
+    them takes them plus its fitted shift per atom (_atomic_fit) for every element given, labelled or not.
     """
     K = len(dataset.fidelities)
     elements, counts = composition_matrix(dataset)  # [n_el], [S, n_el]
     ref, scale = np.zeros((N_ELEMENTS, K)), np.ones(K)
     fitted, spread = np.zeros((N_ELEMENTS, K), bool), np.full(K, np.nan)
+    shift, given = np.full(K, np.nan), np.zeros((N_ELEMENTS, K), bool)
     systems, residuals = [], []
     for ks in [list(range(K))] if pooled else [[k] for k in range(K)]:
-        own = _own_fit(dataset, pairs, ks, elements, counts, ridge)
+        if atomic is not None and not pooled and not np.isnan(atomic[:, ks[0]]).all():
+            own, shift[ks[0]] = _atomic_fit(dataset, pairs, ks[0], elements, counts, atomic[:, ks[0]])
+            given[:, ks[0]] = own.fitted & ~_labelled_elements(elements, counts, dataset, pairs, ks[0])
+        else:
+            own = _own_fit(dataset, pairs, ks, elements, counts, ridge)
         ref[:, ks], fitted[:, ks], scale[ks] = own.ref[:, None], own.fitted[:, None], own.scale
         systems.append(own.system)
         if own.resid is not None:
@@ -125,7 +141,7 @@ def fit_references(
     null = [np.zeros((0, N_ELEMENTS)) for _ in range(K)]
     if not pooled:
         null = _fill_from_shared(ref, fitted, spread, systems)
-    return References(ref, scale, fitted, spread, null, borrowed)
+    return References(ref, scale, fitted, spread, null, borrowed, shift, given)
 
 
 def fit_baseline(
@@ -137,7 +153,13 @@ def fit_baseline(
 
 
 def fit_new_fidelity(
-    dataset, pairs: np.ndarray, k: int, ref: np.ndarray, fitted: np.ndarray, ridge: float = 1e-8
+    dataset,
+    pairs: np.ndarray,
+    k: int,
+    ref: np.ndarray,
+    fitted: np.ndarray,
+    ridge: float = 1e-8,
+    atomic: np.ndarray | None = None,
 ) -> References:
     """References of fidelity k of `dataset` (its labelled pairs in `pairs`) next to known fidelities'.
 
@@ -145,15 +167,23 @@ def fit_new_fidelity(
     fitted one counts as one observation of a[Z] + φ(Z)·β[g] + η[Z, g].
     Fidelity k gets its own least-squares fit where its labels determine it, the shared estimate
     elsewhere. Returns References of one column (ref [N_ELEMENTS, 1], scale [1] (NaN when its labels do not
-    determine one: MIN_SCALE_DOF), fitted, spread)."""
+    determine one: MIN_SCALE_DOF), fitted, spread, atomic_shift, given). `atomic` [N_ELEMENTS] eV (NaN: not given):
+    fidelity k's atomic energies, its references then those plus its fitted shift (_atomic_fit)."""
     K0 = ref.shape[1]
     elements, counts = composition_matrix(dataset)
-    own = _own_fit(dataset, pairs, [k], elements, counts, ridge)
+    shift, given = np.full(1, np.nan), np.zeros((N_ELEMENTS, 1), bool)
+    if atomic is not None:
+        own, shift[0] = _atomic_fit(dataset, pairs, k, elements, counts, atomic)
+        given[:, 0] = own.fitted & ~_labelled_elements(elements, counts, dataset, pairs, k)
+    else:
+        own = _own_fit(dataset, pairs, [k], elements, counts, ridge)
     all_ref = np.concatenate([np.where(fitted, ref, 0.0), own.ref[:, None]], axis=1)
     all_fitted = np.concatenate([fitted, own.fitted[:, None]], axis=1)
     spread = np.full(K0 + 1, np.nan)
     null = _fill_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], only=K0)
-    return References(all_ref[:, [K0]], np.array([own.scale]), all_fitted[:, [K0]], spread[[K0]], [null[K0]])
+    return References(
+        all_ref[:, [K0]], np.array([own.scale]), all_fitted[:, [K0]], spread[[K0]], [null[K0]], None, shift, given
+    )
 
 
 @dataclass
@@ -186,6 +216,36 @@ def _own_fit(dataset, pairs, ks, elements, counts, ridge) -> _OwnFit:
     G, h = np.zeros((N_ELEMENTS, N_ELEMENTS)), np.zeros(N_ELEMENTS)
     G[np.ix_(elements, elements)], h[elements] = ata, aty
     return _OwnFit(ref, fitted, scale, resid, (G, h, len(s)))
+
+
+def _atomic_fit(dataset, pairs, k, elements, counts, atomic) -> tuple[_OwnFit, float]:
+    """(fit, μ eV/atom): fidelity k's references from atomic energies atomic [N_ELEMENTS] (NaN: not given), every
+    element of its labels given: atomic + μ, with μ the one energy per atom that fits by least squares what its
+    energy labels hold beyond their atomic energies (the mean binding energy per atom, MACE's shift); every given
+    element's reference is known (fitted), labelled at k or not. μ NaN without labels (references 0: estimated)."""
+    sel = pairs[pairs[:, 1] == k]
+    s = sel[~np.isnan(dataset.energy[sel[:, 0], k]), 0]
+    ref, fitted = np.zeros(N_ELEMENTS), np.zeros(N_ELEMENTS, bool)
+    if len(s) == 0:
+        return _OwnFit(ref, fitted, np.nan, None, None), np.nan
+    X = counts[s].astype(np.float64)  # [n, n_el]
+    n = X.sum(1)
+    beyond = np.asarray(dataset.energy)[s, k] - X @ np.nan_to_num(atomic[elements])  # eV
+    mu = float(n @ beyond / (n @ n))
+    resid = (beyond - n * mu) / n
+    given = ~np.isnan(atomic)
+    ref[given], fitted[given] = atomic[given] + mu, True
+    determined = len(s) - 1 >= MIN_SCALE_DOF and resid.std() > 1e-4
+    return _OwnFit(ref, fitted, float(resid.std()) if determined else np.nan, resid, None), mu
+
+
+def _labelled_elements(elements, counts, dataset, pairs, k) -> np.ndarray:
+    """[N_ELEMENTS] bool: elements of the structures with an energy label at fidelity k in `pairs`."""
+    sel = pairs[pairs[:, 1] == k]
+    s = sel[~np.isnan(dataset.energy[sel[:, 0], k]), 0]
+    out = np.zeros(N_ELEMENTS, bool)
+    out[elements[counts[s].sum(0) > 0]] = True
+    return out
 
 
 def _least_squares(counts: np.ndarray, rows: np.ndarray, y: np.ndarray, ridge: float, chunk: int = 262144):

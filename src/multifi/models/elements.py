@@ -68,6 +68,9 @@ def check_elements(
     estimated = ~fitted[numbers, column]
     if estimated.any():
         _report_estimated(potential, numbers[estimated], fid_atom[estimated], prefix, strict, seen)
+    given = potential.head.given.detach().cpu().numpy()[numbers, column]
+    if given.any():
+        _report_given(potential, numbers[given], fid_atom[given], prefix, seen)
     if not compositions:
         return
     open_ = open_compositions(
@@ -172,6 +175,29 @@ def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: s
         _refuse_or_warn(msg, strict)
         if seen is not None:
             seen.update((int(k), z) for z in new)
+
+
+def _report_given(potential, numbers: np.ndarray, fid: np.ndarray, prefix: str, seen) -> None:
+    """One warning per fidelity for elements whose reference there is a given atomic energy without labels."""
+    from ase.data import chemical_symbols
+
+    for k in np.unique(fid):
+        new = [int(z) for z in np.unique(numbers[fid == k]) if seen is None or (int(k), "given", int(z)) not in seen]
+        if not new:
+            continue
+        name, symbols = potential.fidelities.names[int(k)], ", ".join(chemical_symbols[z] for z in new)
+        log.warning(
+            "%sno %s training label contained %s: %s reference energy is its given atomic energy, but its "
+            "bonding was learnt at the other fidelities only; expect larger %s energy errors for structures with %s",
+            prefix,
+            name,
+            symbols,
+            "its" if len(new) == 1 else "their",
+            name,
+            symbols,
+        )
+        if seen is not None:
+            seen.update((int(k), "given", z) for z in new)
 
 
 #: a pair closer than this fraction of its shortest distance in training is an extrapolation worth a warning

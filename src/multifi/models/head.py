@@ -29,6 +29,10 @@ class EnergyHead(nn.Module):
     leave-one-out error of the shared shift model; UNKNOWN_SPREAD, −1: unknown; not NaN, which no state-dict
     comparison would find equal to itself), for the uncertainty of structures containing one
     (reference_error).
+    atomic [K] bool: fidelities whose references are given atomic energies plus atomic_shift [K] eV/atom (their
+    labels' mean binding energy per atom; 0 elsewhere; data/atomic_energies.py); given [119, K] bool: references
+    given as an atomic energy to an element without labels at that fidelity (known, but its environments were
+    learnt at the other fidelities only).
     With `shared_baseline` (fidelity-blind models, mode `single`) every fidelity uses column 0 of
     ref and scale, fitted on all fidelities pooled (fit_baseline(..., pooled=True)).
     """
@@ -55,6 +59,9 @@ class EnergyHead(nn.Module):
         self.register_buffer("contact", torch.zeros(N_ELEMENTS, N_ELEMENTS, dtype=torch.float64))
         self.register_buffer("reach", torch.zeros(N_ELEMENTS, dtype=torch.float64))
         self.register_buffer("spread", torch.full((n_fidelities,), UNKNOWN_SPREAD, dtype=torch.float64))
+        self.register_buffer("atomic", torch.zeros(n_fidelities, dtype=torch.bool))
+        self.register_buffer("atomic_shift", torch.zeros(n_fidelities, dtype=torch.float64))
+        self.register_buffer("given", torch.zeros(N_ELEMENTS, n_fidelities, dtype=torch.bool))
 
     def forward(
         self, s: torch.Tensor, cond: torch.Tensor | None, numbers: torch.Tensor, fid_atom: torch.Tensor
@@ -73,7 +80,9 @@ class EnergyHead(nn.Module):
     def _apply(self, fn, recurse=True):
         """Module casts (.float(), .to(dtype)) move ref/scale between devices but keep them float64:
         total energies of hundreds of eV need double precision for meV accuracy."""
-        keep = {name: getattr(self, name) for name in ("ref", "scale", "null", "contact", "reach", "spread")}
+        keep = {
+            name: getattr(self, name) for name in ("ref", "scale", "null", "contact", "reach", "spread", "atomic_shift")
+        }
         super()._apply(fn, recurse)
         for name, before in keep.items():
             setattr(self, name, before.to(device=getattr(self, name).device, dtype=torch.float64))
@@ -83,10 +92,14 @@ class EnergyHead(nn.Module):
     def upgrade_state(state_dict: dict, prefix: str) -> None:
         """Fill in place the buffers a head saved by an earlier multifi version lacks (keys under `prefix`):
         `fitted` (every nonzero reference was fitted), `null` (none recorded), `contact` and `reach` (unknown), and
-        `spread` (from the recorded references, stats.estimate_errors)."""
+        `spread` (from the recorded references, stats.estimate_errors), `atomic`, `atomic_shift`, `given` (least-squares
+        references, none given)."""
         if prefix + "ref" not in state_dict:
             return
         ref = state_dict[prefix + "ref"]
+        state_dict.setdefault(prefix + "atomic", torch.zeros(ref.shape[1], dtype=torch.bool))
+        state_dict.setdefault(prefix + "atomic_shift", torch.zeros(ref.shape[1], dtype=torch.float64))
+        state_dict.setdefault(prefix + "given", torch.zeros(ref.shape, dtype=torch.bool))
         state_dict.setdefault(prefix + "fitted", ref != 0)
         state_dict.setdefault(prefix + "null", torch.zeros(*ref.shape, NULL_DIRS, dtype=torch.float64))
         state_dict.setdefault(prefix + "contact", torch.zeros(N_ELEMENTS, N_ELEMENTS, dtype=torch.float64))
@@ -111,11 +124,15 @@ class EnergyHead(nn.Module):
         fitted: np.ndarray | None = None,
         null: list | None = None,
         spread: np.ndarray | None = None,
+        atomic_shift: np.ndarray | None = None,
+        given: np.ndarray | None = None,
     ) -> None:
         """ref [119, K] eV, scale [K] eV, fitted [119, K] bool (default: where ref is nonzero), null: per
         fidelity its open compositions [d, 119] (References.null; default none), spread [K] eV/atom: the expected
-        error of an estimated reference (References.spread; NaN or default: unknown)."""
+        error of an estimated reference (References.spread; NaN or default: unknown); atomic_shift [K] eV/atom
+        (NaN: least-squares references) and given [119, K] bool of atomic energies (References; default: none)."""
         ref = torch.as_tensor(ref, dtype=torch.float64)
+        self.set_atomic(torch.arange(len(self.atomic)), atomic_shift, given)
         self.spread.fill_(UNKNOWN_SPREAD)
         if spread is not None:
             self.set_spread(torch.arange(len(self.spread)), spread)
@@ -124,6 +141,20 @@ class EnergyHead(nn.Module):
         self.fitted.copy_(ref != 0 if fitted is None else torch.as_tensor(fitted, dtype=torch.bool))
         for k in range(self.null.shape[1]):
             self.set_open(k, None if null is None else null[k])
+
+    @torch.no_grad()
+    def set_atomic(self, columns, shift: np.ndarray | None, given: np.ndarray | None) -> None:
+        """atomic, atomic_shift, given [:, columns] ← shift [len(columns)] eV/atom (NaN or None: least-squares
+        references) and given [119, len(columns)] bool (None: none)."""
+        columns = torch.as_tensor(columns)
+        value = torch.full((len(columns),), float("nan"), dtype=torch.float64)
+        if shift is not None:
+            value = torch.as_tensor(np.asarray(shift, dtype=np.float64))
+        self.atomic[columns] = ~torch.isnan(value).to(self.atomic.device)
+        self.atomic_shift[columns] = torch.nan_to_num(value, nan=0.0).to(self.atomic_shift.device)
+        self.given[:, columns] = False
+        if given is not None:
+            self.given[:, columns] = torch.as_tensor(np.asarray(given, dtype=bool)).to(self.given.device)
 
     @torch.no_grad()
     def set_spread(self, columns, spread) -> None:

@@ -309,6 +309,7 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
     table = FidelityTable([*old.fidelities.names, x.fidelity])
     warn_alike_names(table.names, where)
     ds, pairs, old_run, replay, settings, run_data = _extension_data(cfg, old, table, where, config_source)
+    atomic, pairs = _new_atomic_energies(cfg, old, ds, pairs, where)
     _warn_split_duplicates(*(run_data or (ds, pairs)))
     module = ExtendModule(
         {"model": old.config, "fidelities": table.names},
@@ -327,6 +328,7 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
         old.config.energy_scale,
         np.concatenate(list(pairs.values())),
         settings.known_units(table),
+        atomic,
     )
     trained = module.freeze()
     module.sync_ema()
@@ -482,6 +484,34 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
     return ds, pairs, old_run, replay, settings, run_data
 
 
+def _new_atomic_energies(cfg: RunConfig, old, ds, pairs: dict, where: str) -> tuple[np.ndarray | None, dict]:
+    """(the new fidelity's atomic energies [119] eV or None, the pairs without the one-atom frames read for them):
+    a model whose references are atomic energies needs the new fidelity's (data.atomic_energies), one with
+    least-squares references cannot take them (the two kinds differ by each element's bonding)."""
+    from multifi.data.atomic_energies import check_atomic_coverage, resolve_atomic_energies, without_frames
+
+    x, k = cfg.extend, len(old.fidelities)
+    model_atomic = bool(old.head.atomic.any())
+    if not model_atomic and cfg.data.atomic_energies is None:
+        return None, pairs
+    if not model_atomic:
+        raise MultifiError(
+            f"{where}: data.atomic_energies: {x.model}'s references are least-squares fits to its labels, not atomic "
+            f"energies; {x.fidelity}'s atomic energies could not be compared with them (leave data.atomic_energies "
+            "out)"
+        )
+    if cfg.data.atomic_energies is None:
+        raise MultifiError(
+            f"{where}: {x.model}'s reference energies are atomic energies (data.atomic_energies); give "
+            f"{x.fidelity}'s: data.atomic_energies: {{{x.fidelity}: {{element: eV, …}}}} or isolated (one-atom "
+            "frames in the data)"
+        )
+    atomic = resolve_atomic_energies(cfg.data.atomic_energies, ds, where, frozenset(old.fidelities.names))
+    pairs = without_frames(pairs, atomic)
+    check_atomic_coverage(atomic, ds, pairs["train"][pairs["train"][:, 1] == k], where)
+    return atomic.values[:, k], pairs
+
+
 def _warn_settings_not_carried(run: Path, cfg: RunConfig) -> None:
     """The old run's per-fidelity training settings (loss weights, sampling) are not carried over to the
     replayed fidelities: an extension trains with its own config's. Said when they differ."""
@@ -595,15 +625,17 @@ def _fit_new_baseline(
     energy_scale,
     labelled: np.ndarray,
     known_units: list[str] = (),
+    atomic: np.ndarray | None = None,
 ) -> dict:
     """Reference energies [119] and scale of the new fidelity k by least squares on its training labels,
     next to the model's known references (elements its labels lack get the shared estimate, flagged in
     head.fitted); the old columns are not touched. With energy_scale: shared, the new fidelity takes the
-    shared scale. Returns the unit checks' findings on its `labelled` pairs, every split (data.checks.doubtful_units)."""
+    shared scale. Returns the unit checks' findings on its `labelled` pairs, every split (data.checks.doubtful_units).
+    `atomic` [119] eV (NaN: not given): its atomic energies, for a model whose references are atomic energies."""
     head = potential.head
     known_ref = head.ref[:, :k].detach().double().cpu().numpy()
     known_fitted = head.fitted[:, :k].cpu().numpy()
-    new = fit_new_fidelity(ds, train_pairs, k, known_ref, known_fitted)
+    new = fit_new_fidelity(ds, train_pairs, k, known_ref, known_fitted, atomic=atomic)
     if new.open(0):
         from multifi.train.preflight import warn_open_references
 
@@ -627,6 +659,7 @@ def _fit_new_baseline(
         head.ref[:, k] = torch.as_tensor(new.ref[:, 0], dtype=head.ref.dtype)
         head.fitted[:, k] = torch.as_tensor(new.fitted[:, 0])
         head.set_open(k, new.null[0])
+        head.set_atomic([k], new.atomic_shift, new.given)
         head.scale[k] = head.scale[0] if energy_scale == "shared" else float(new.scale[0])
         new_elements = new.fitted[:, 0] & ~known_fitted.any(1)
         all_ref = np.concatenate([np.where(known_fitted, known_ref, 0.0), new.ref], axis=1)

@@ -28,6 +28,9 @@ FIDELITY_AXIS = {
     "head.fitted": 1,
     "head.null": 1,
     "head.spread": 0,
+    "head.atomic": 0,
+    "head.atomic_shift": 0,
+    "head.given": 1,
 }
 FIXED = {"conditioning.onehot"}  # depends only on the number of fidelities; never copied
 _HEAD = re.compile(r"^head\.mlps\.(\d+)\.(.+)$")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from multifi.config import RunConfig
+from multifi.data.atomic_energies import AtomicEnergies, check_atomic_coverage, resolve_atomic_energies, without_frames
 from multifi.data.dataset import FidelityDataset
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources
@@ -75,6 +76,7 @@ class PreparedData:
     split: Split  # structure indices into `dataset`
     pairs: dict[str, np.ndarray]  # split name → [P, 2] (structure, fidelity)
     settings: FidelitySettings  # per-fidelity settings indexed like dataset.fidelities
+    atomic: AtomicEnergies | None = None  # data.atomic_energies resolved on `dataset`
 
 
 def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_source: str = "") -> PreparedData:
@@ -84,6 +86,11 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
     if not d.sources:
         raise MultifiError(f"{config_source or 'config'}: data.sources: empty; name the labelled data to train on")
     names = frozenset(ds.fidelities.names)
+    if d.atomic_energies is not None and cfg.model.fidelity_embedding.inject == "single":
+        raise MultifiError(
+            f"{config_source or 'config'}: data.atomic_energies are per fidelity, and model.fidelity_embedding.inject: "
+            "single fits one reference energy per element to all fidelities pooled; leave one of them out"
+        )
     if d.fidelities is not None:
         if not d.fidelities:
             raise MultifiError(f"{config_source or 'config'}: data.fidelities: empty, so it selects no labels")
@@ -99,6 +106,8 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
     used = np.concatenate([split.train, split.val, split.test])
     ds, split = _compact(ds, split, used)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
+    atomic = resolve_atomic_energies(d.atomic_energies, ds, config_source or "config", names - set(ds.fidelities.names))
+    pairs = without_frames(pairs, atomic)
     unlimited = len(pairs["train"])
     _warn_limits_above_labels(pairs["train"], settings.train_limits, ds, config_source)
     pairs["train"] = limit_pairs(pairs["train"], settings.train_limits, ds, d.split.seed, d.split.order)
@@ -117,7 +126,9 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
             "fidelities used: nothing to train on"
         )
     _check_energies_to_train_on(ds, pairs["train"], config_source)
-    return PreparedData(ds, split, pairs, settings)
+    if atomic is not None:
+        check_atomic_coverage(atomic, ds, pairs["train"], config_source or "config")
+    return PreparedData(ds, split, pairs, settings, atomic)
 
 
 def _check_energies_to_train_on(ds: FidelityDataset, train: np.ndarray, config_source: str) -> None:

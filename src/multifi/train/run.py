@@ -258,6 +258,7 @@ def _module_with_references(cfg: RunConfig, prep, resume: bool):
         prep.pairs["train"],
         pooled=module.potential.head.shared_baseline,
         shared_scale=cfg.model.energy_scale == "shared",
+        atomic=None if prep.atomic is None else prep.atomic.values,
     )
     # units are the labels' own: checked over every labelled split, as `data info` checks them (the training split
     # alone can leave a composition below a check's minimum count and skip it silently), against each fidelity's
@@ -274,7 +275,9 @@ def _module_with_references(cfg: RunConfig, prep, resume: bool):
     report_references(refs, prep.dataset.fidelities.names, skip=untrained(prep))
     if cfg.model.energy_scale == "per_fidelity" and not module.potential.head.shared_baseline:
         warn_scale_gaps(refs, prep.dataset, prep.pairs["train"], skip={n for names in doubtful.values() for n in names})
-    module.potential.head.set_baseline(refs.ref, refs.scale, refs.fitted, refs.null, refs.spread)
+    module.potential.head.set_baseline(
+        refs.ref, refs.scale, refs.fitted, refs.null, refs.spread, refs.atomic_shift, refs.given
+    )
     module.sync_ema()
     return module, doubtful
 

@@ -1,0 +1,122 @@
+"""Atomic energies as reference energies (MACE's E0s): the energy of each free atom, per fidelity.
+
+By default a fidelity's reference energies are fitted by least squares to its labels (a per-element energy that
+absorbs the average bonding). Given atomic energies instead (`data.atomic_energies`: a table per fidelity, or
+`isolated`: the one-atom frames of the data, MACE's `IsolatedAtom` frames), a fidelity's references are those
+energies plus one shift per atom fitted to its labels (their mean binding energy per atom, MACE's shift), and the
+model learns binding energies, which differ between levels of theory far less than total energies. An element
+with an atomic energy at a fidelity but no labels there then has a reference that is known, not estimated.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from multifi.data.checks import isolated_atoms
+from multifi.data.stats import N_ELEMENTS, composition_matrix
+from multifi.errors import MultifiError
+
+log = logging.getLogger("multifi")
+
+#: `data.atomic_energies: isolated`: take them from the data's one-atom frames
+ISOLATED = "isolated"
+#: eV: one-atom frames of one element and fidelity that differ by more than this are refused (spin states?)
+AGREE_EV = 1e-3
+
+
+@dataclass
+class AtomicEnergies:
+    """values [N_ELEMENTS, K] eV (NaN: not given) per fidelity of a dataset; frames [n]: the one-atom structures they
+    were read from (`isolated`; they are references, not training data), empty for a table."""
+
+    values: np.ndarray
+    frames: np.ndarray
+
+    def given(self, k: int) -> np.ndarray:
+        """[N_ELEMENTS] bool: elements with an atomic energy at fidelity k."""
+        return ~np.isnan(self.values[:, k])
+
+
+def _symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
+
+
+def resolve_atomic_energies(setting, dataset, where: str = "config", left_out=frozenset()) -> AtomicEnergies | None:
+    """The atomic energies a `data.atomic_energies` setting gives for `dataset` (FidelityDataset): None (not set),
+    ISOLATED (its one-atom frames' energy labels, which must agree per element and fidelity), or
+    {fidelity: {element symbol: eV}} (fidelities named as in the data; those in `left_out`, fidelities of the
+    sources that data.fidelities leaves out, are passed over)."""
+    if setting is None:
+        return None
+    names, K = list(dataset.fidelities.names), len(dataset.fidelities)
+    values = np.full((N_ELEMENTS, K), np.nan)
+    prefix = f"{where}: data.atomic_energies"
+    if setting == ISOLATED:
+        frames = np.flatnonzero(isolated_atoms(dataset))
+        z = np.asarray(dataset.numbers)[np.asarray(dataset.offsets)[frames]]
+        for k in range(K):
+            e = np.asarray(dataset.energy)[frames, k]
+            for element in np.unique(z[~np.isnan(e)]).tolist():
+                found = e[(z == element) & ~np.isnan(e)]
+                if found.max() - found.min() > AGREE_EV:
+                    raise MultifiError(
+                        f"{prefix}: isolated: {len(found)} one-atom frames of {_symbol(element)} at {names[k]} "
+                        f"disagree ({found.min():.4f} to {found.max():.4f} eV); keep one (spin state?) or give a table"
+                    )
+                values[element, k] = float(found.mean())
+        return AtomicEnergies(values, frames)
+    from ase.data import atomic_numbers
+
+    for name, table in setting.items():
+        if name in left_out:
+            continue
+        if name not in dataset.fidelities:
+            raise MultifiError(f"{prefix}: no fidelity {name!r} in the data (fidelities: {', '.join(names)})")
+        for symbol, energy in table.items():
+            element = atomic_numbers.get(str(symbol).strip())
+            if not element:
+                raise MultifiError(f"{prefix}: {name}: {symbol!r} is no element symbol")
+            if not np.isfinite(energy):
+                raise MultifiError(f"{prefix}: {name}: {symbol}: {energy} is no energy")
+            values[element, names.index(name)] = float(energy)
+    return AtomicEnergies(values, np.zeros(0, np.int64))
+
+
+def check_atomic_coverage(atomic: AtomicEnergies, dataset, train: np.ndarray, where: str = "config") -> None:
+    """Every fidelity with training energy labels has an atomic energy for each element in them: references of
+    both kinds (atomic energies plus a shift, least-squares fits) differ by each element's bonding and cannot be
+    compared or estimated from each other. train [P, 2] (structure, fidelity) pairs."""
+    names, energy = dataset.fidelities.names, np.asarray(dataset.energy)
+    elements, counts = composition_matrix(dataset)  # [n_el], [S, n_el]
+    how = "no one-atom frame labelled there" if len(atomic.frames) else "none in the table"
+    for k, name in enumerate(names):
+        rows = train[(train[:, 1] == k) & ~np.isnan(energy[train[:, 0], k])][:, 0]
+        present = elements[counts[rows].sum(0) > 0]
+        missing = [int(z) for z in present if np.isnan(atomic.values[z, k])]
+        if missing:
+            raise MultifiError(
+                f"{where}: data.atomic_energies: {name}'s training labels contain "
+                f"{', '.join(map(_symbol, missing))} without an atomic energy ({how}); every element of every "
+                "trained fidelity needs one (references of both kinds cannot be compared)"
+            )
+
+
+def without_frames(pairs: dict[str, np.ndarray], atomic: AtomicEnergies | None) -> dict[str, np.ndarray]:
+    """The split pairs without the one-atom frames the atomic energies were read from (references, not data);
+    logs how many were taken out."""
+    if atomic is None or not len(atomic.frames):
+        return pairs
+    out = {part: p[~np.isin(p[:, 0], atomic.frames)] for part, p in pairs.items()}
+    taken = {part: len(pairs[part]) - len(out[part]) for part in pairs}
+    log.info(
+        "data.atomic_energies: isolated: %d one-atom frame label(s) taken as atomic energies, not trained or "
+        "evaluated (%s)",
+        sum(taken.values()),
+        ", ".join(f"{part} {n}" for part, n in taken.items()),
+    )
+    return out

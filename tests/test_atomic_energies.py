@@ -1,0 +1,227 @@
+"""Atomic energies as reference energies (data.atomic_energies, MACE's E0s): references = atomic energy + the
+fidelity's mean binding energy per atom; an element given an atomic energy without labels at a fidelity is known
+there, not estimated; one-atom frames as the source; clear errors for what cannot work."""
+
+from __future__ import annotations
+
+import logging
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from conftest import emt_labelled, tiny_frames
+
+from multifi.card import format_card, model_card
+from multifi.cli.main import main
+from multifi.data.dataset import FidelityDataset
+from multifi.data.split import labelled_pairs
+from multifi.data.stats import N_ELEMENTS, fit_references
+from multifi.models.registry import build_potential, load_potential
+from multifi.predict import predict_atoms
+from multifi.uncertainty import weights_fingerprint
+
+E0 = {  # eV per free atom: two methods that differ in their atoms far more than in their bonds
+    "lo": {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0, 9: -2700.0},
+    "hi": {1: -13.0, 6: -1025.0, 7: -1470.0, 8: -2050.0, 9: -2690.0},
+}
+BIND = {1: -1.0, 6: -4.0, 7: -3.0, 8: -2.5, 9: -1.5}  # eV per atom of each element in a bond, shared by both
+
+
+def molecules_without_f_at_hi(n: int = 120) -> FidelityDataset:
+    """Random H/C/N/O/F compositions: E = Σ E0[f] + binding (binding at 'hi' 1.05× that at 'lo'); 'hi' labels only
+    on every second structure without F."""
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(n):
+        numbers = rng.choice(sorted(BIND), size=rng.integers(3, 10))
+        bind = sum(BIND[int(z)] for z in numbers) + 0.05 * len(numbers) * rng.normal()
+        labels = {"lo": {"energy": sum(E0["lo"][int(z)] for z in numbers) + bind}}
+        if 9 not in numbers and i % 2 == 0:
+            labels["hi"] = {"energy": sum(E0["hi"][int(z)] for z in numbers) + 1.05 * bind}
+        recs.append({"numbers": numbers, "positions": rng.normal(size=(len(numbers), 3)) * 3, "labels": labels})
+    return FidelityDataset.from_records(recs)
+
+
+def table(ds: FidelityDataset) -> np.ndarray:
+    out = np.full((N_ELEMENTS, len(ds.fidelities)), np.nan)
+    for name, energies in E0.items():
+        for z, e in energies.items():
+            out[z, ds.fidelities.index(name)] = e
+    return out
+
+
+def test_references_are_atomic_energies_plus_the_least_squares_binding_shift():
+    ds = molecules_without_f_at_hi()
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    refs = fit_references(ds, pairs, atomic=table(ds))
+    for name in ("lo", "hi"):
+        k = ds.fidelities.index(name)
+        rows = pairs[(pairs[:, 1] == k), 0]
+        n = ds.n_atoms[rows].astype(float)
+        beyond = ds.energy[rows, k] - np.array(
+            [sum(E0[name][int(z)] for z in ds.numbers[ds.atoms_slice(s)]) for s in rows]
+        )
+        mu = n @ beyond / (n @ n)  # one energy per atom, least squares on the totals
+        assert refs.atomic_shift[k] == pytest.approx(mu, rel=1e-10)
+        np.testing.assert_allclose(refs.ref[sorted(BIND), k], [E0[name][z] + mu for z in sorted(BIND)], rtol=1e-12)
+        assert refs.fitted[sorted(BIND), k].all()
+        resid = (beyond - n * mu) / n
+        assert refs.scale[k] == pytest.approx(resid.std(), rel=1e-10)
+    hi = ds.fidelities.index("hi")
+    assert np.flatnonzero(refs.given[:, hi]).tolist() == [9] and not refs.given[:, ds.fidelities.index("lo")].any()
+    assert refs.estimated(hi) == []  # F at 'hi' is known, not estimated
+    # without atomic energies, F's 'hi' reference is an estimate off by the element's own bonding
+    plain = fit_references(ds, pairs)
+    assert not plain.fitted[9, hi] and plain.estimated(hi) == [9]
+
+
+def test_an_element_without_an_atomic_energy_is_estimated_from_the_other_fidelities():
+    ds = molecules_without_f_at_hi()
+    atomic = table(ds)
+    hi = ds.fidelities.index("hi")
+    atomic[9, hi] = np.nan
+    refs = fit_references(ds, labelled_pairs(ds, np.arange(len(ds))), atomic=atomic)
+    assert refs.estimated(hi) == [9] and not refs.given[:, hi].any()
+    assert np.isfinite(refs.ref[9, hi])
+
+
+# ---------------------------------------------------------------------------------------------- training
+def with_free_atoms(path, frames=None, elements=("H", "C", "N", "O"), fidelities=("lo", "hi")):
+    """tiny_frames plus one free atom of each element per fidelity (EMT at 'lo', 1.1·EMT + 0.3 eV at 'hi')."""
+    frames = list(tiny_frames() if frames is None else frames)
+    for symbol in elements:
+        atom = Atoms(symbol, positions=[[0.0, 0.0, 0.0]])
+        for name in fidelities:
+            frames.append(emt_labelled(atom, name, *((1.1, 0.3) if name == "hi" else ())))
+    ase.io.write(path, frames, format="extxyz")
+    return frames[-len(elements) * len(fidelities) :]
+
+
+def test_training_takes_the_one_atom_frames_as_atomic_energies(tmp_path, write_config, caplog):
+    data = tmp_path / "with_atoms.extxyz"
+    free = with_free_atoms(data)
+    cfg = write_config(data={"sources": [{"path": str(data)}], "atomic_energies": "isolated"})
+    with caplog.at_level(logging.INFO, logger="multifi"):
+        assert main(["train", str(cfg)]) == 0
+    assert "one-atom frame label(s) taken as atomic energies" in caplog.text
+    pot = load_potential(tmp_path / "run")
+    head = pot.head
+    assert head.atomic.all()
+    for a in free:
+        k, z = pot.fidelities.index(a.info["fidelity"]), int(a.numbers[0])
+        assert float(head.ref[z, k] - head.atomic_shift[k]) == pytest.approx(a.get_potential_energy(), abs=1e-9)
+    # N: no 'hi' training molecule holds it (tiny_frames' 'hi' molecules are the even ones), its free atom does
+    hi = pot.fidelities.index("hi")
+    assert torch.nonzero(head.given[:, hi]).flatten().tolist() == [7]
+    card = format_card(model_card(tmp_path / "run"))
+    assert "references: atomic energies" in card and "given, no labels: N" in card
+    caplog.clear()
+    nh3 = tiny_frames()[2]  # NH3
+    predict_atoms(pot, [nh3], fidelity="hi")
+    assert "given atomic energy" in caplog.text and "learnt at the other fidelities only" in caplog.text
+    # the frames are references: not in any split's structure counts
+    counts = {
+        s: sum(v.values()) for s, v in model_card(tmp_path / "run")["data"].items() if s in ("train", "val", "test")
+    }
+    assert sum(counts.values()) == len(tiny_frames())
+
+
+def test_atomic_energies_from_a_table_match_the_same_frames(tmp_path, write_config, tiny_extxyz):
+    data = tmp_path / "with_atoms.extxyz"
+    free = with_free_atoms(data)
+    energies = {}
+    for a in free:
+        energies.setdefault(a.info["fidelity"], {})[a.get_chemical_symbols()[0]] = float(a.get_potential_energy())
+    cfg = write_config(data={"sources": [{"path": str(tiny_extxyz)}], "atomic_energies": energies})
+    assert main(["train", str(cfg)]) == 0
+    head = load_potential(tmp_path / "run").head
+    assert head.atomic.all() and head.given.any()
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"lo": {"H": -1.0, "C": -2.0, "O": -3.0}}, "lo's training labels contain N without an atomic energy"),
+        ({"LO": {"H": -1.0}}, "no fidelity 'LO' in the data"),
+        ({"lo": {"Xx": -1.0}}, "'Xx' is no element symbol"),
+    ],
+)
+def test_tables_that_cannot_work_are_refused(write_config, capsys, setting, message):
+    assert main(["train", str(write_config(data={"atomic_energies": setting}))]) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_a_trained_fidelity_without_atomic_energies_is_refused(tmp_path, write_config, capsys):
+    data = tmp_path / "with_atoms.extxyz"
+    with_free_atoms(data, fidelities=("lo",))
+    assert main(["train", str(write_config(data={"sources": [{"path": str(data)}], "atomic_energies": "isolated"}))])
+    err = capsys.readouterr().err
+    assert "hi's training labels contain" in err and "no one-atom frame labelled there" in err
+
+
+def test_disagreeing_one_atom_frames_are_refused(tmp_path, write_config, capsys):
+    data = tmp_path / "with_atoms.extxyz"
+    frames = tiny_frames()
+    h, moved = Atoms("H", positions=[[0.0, 0.0, 0.0]]), Atoms("H", positions=[[1.0, 0.0, 0.0]])  # two structures
+    frames += [emt_labelled(h, "lo"), emt_labelled(moved, "lo", per_atom=0.5)]
+    with_free_atoms(data, frames)
+    assert main(["train", str(write_config(data={"sources": [{"path": str(data)}], "atomic_energies": "isolated"}))])
+    assert "one-atom frames of H at lo disagree" in capsys.readouterr().err
+
+
+def test_a_fidelity_blind_model_refuses_atomic_energies(write_config, capsys):
+    cfg = write_config(
+        data={"atomic_energies": {"lo": {"H": -1.0}}},
+        model={"backbone": "painn", "features": 16, "interactions": 1, "fidelity_embedding": {"inject": "single"}},
+    )
+    assert main(["train", str(cfg)]) != 0
+    assert "atomic_energies are per fidelity" in capsys.readouterr().err
+
+
+def test_models_saved_before_load_with_least_squares_records_and_keep_their_fingerprint():
+    pot = build_potential({"backbone": "painn", "features": 8, "interactions": 1}, ["a", "b"])
+    state = pot.state_dict()
+    before = weights_fingerprint(pot)
+    old = {k: v for k, v in state.items() if k not in ("head.atomic", "head.atomic_shift", "head.given")}
+    fresh = build_potential({"backbone": "painn", "features": 8, "interactions": 1}, ["a", "b"])
+    fresh.load_state_dict(old)
+    assert not fresh.head.atomic.any() and not fresh.head.given.any() and weights_fingerprint(fresh) == before
+
+
+# ---------------------------------------------------------------------------------------------- extend
+def test_extending_a_model_on_atomic_energies_needs_and_takes_the_new_fidelitys(tmp_path, write_config, capsys):
+    molecules = [a for a in tiny_frames() if a.info["fidelity"] == "lo"]
+    old_data, new_data = tmp_path / "lo.extxyz", tmp_path / "hi.extxyz"
+    with_free_atoms(old_data, molecules, fidelities=("lo",))
+    hi = [emt_labelled(a, "hi", 1.1, 0.3) for a in molecules if 7 not in a.numbers]  # no N at 'hi'
+    free = with_free_atoms(new_data, hi, fidelities=("hi",))
+    cfg = write_config(data={"sources": [{"path": str(old_data)}], "atomic_energies": "isolated"})
+    assert main(["train", str(cfg)]) == 0
+    model = tmp_path / "run" / "model.pt"
+    common = ["extend", str(model), "--data", str(new_data), "--fidelity", "hi", "--max-steps", "3"]
+    common += ["--set", "train.progress=false", "--set", "train.threads=1"]
+    assert main([*common, "--out", str(tmp_path / "no")]) != 0
+    assert "give hi's: data.atomic_energies" in capsys.readouterr().err
+    out = tmp_path / "ext"
+    assert main([*common, "--out", str(out), "--set", "data.atomic_energies=isolated"]) == 0
+    new, old = load_potential(out / "model.pt"), load_potential(model)
+    k = new.fidelities.index("hi")
+    assert bool(new.head.atomic[k]) and torch.nonzero(new.head.given[:, k]).flatten().tolist() == [7]
+    for a in free:
+        z = int(a.numbers[0])
+        assert float(new.head.ref[z, k] - new.head.atomic_shift[k]) == pytest.approx(a.get_potential_energy(), abs=1e-9)
+    assert torch.equal(new.head.ref[:, :k], old.head.ref) and torch.equal(
+        new.head.atomic_shift[:k], old.head.atomic_shift
+    )
+
+
+def test_a_least_squares_model_refuses_atomic_energies_for_a_new_fidelity(tmp_path, write_config, capsys):
+    assert main(["train", str(write_config())]) == 0
+    data = tmp_path / "new.extxyz"
+    with_free_atoms(data, [emt_labelled(a, "new") for a in tiny_frames()[:10]], fidelities=("new",))
+    args = ["extend", str(tmp_path / "run" / "model.pt"), "--data", str(data), "--fidelity", "new"]
+    args += ["--out", str(tmp_path / "ext"), "--set", "data.atomic_energies=isolated", "--set", "train.threads=1"]
+    assert main(args) != 0
+    assert "references are least-squares fits" in capsys.readouterr().err
