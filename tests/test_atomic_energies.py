@@ -15,11 +15,13 @@ from conftest import emt_labelled, tiny_frames
 
 from multifi.card import format_card, model_card
 from multifi.cli.main import main
+from multifi.data.checks import isolated_atoms
 from multifi.data.dataset import FidelityDataset
 from multifi.data.split import labelled_pairs
 from multifi.data.stats import N_ELEMENTS, fit_references
 from multifi.models.registry import build_potential, load_potential
 from multifi.predict import predict_atoms
+from multifi.train.extension_data import load_old_run
 from multifi.uncertainty import weights_fingerprint
 
 E0 = {  # eV per free atom: two methods that differ in their atoms far more than in their bonds
@@ -200,6 +202,9 @@ def test_extending_a_model_on_atomic_energies_needs_and_takes_the_new_fidelitys(
     cfg = write_config(data={"sources": [{"path": str(old_data)}], "atomic_energies": "isolated"})
     assert main(["train", str(cfg)]) == 0
     model = tmp_path / "run" / "model.pt"
+    old_run = load_old_run(tmp_path / "run")  # replay and forgetting never see the frames as data
+    frames = np.flatnonzero(isolated_atoms(old_run.dataset))
+    assert len(frames) and not any(np.isin(p[:, 0], frames).any() for p in (old_run.train, old_run.val, old_run.test))
     common = ["extend", str(model), "--data", str(new_data), "--fidelity", "hi", "--max-steps", "3"]
     common += ["--set", "train.progress=false", "--set", "train.threads=1"]
     assert main([*common, "--out", str(tmp_path / "no")]) != 0

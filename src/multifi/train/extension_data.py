@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from multifi.config import RunConfig
+from multifi.data.atomic_energies import ISOLATED
+from multifi.data.checks import isolated_atoms
 from multifi.data.dataset import GEOMETRY_KEY_PREFIX, GEOMETRY_TOLERANCE, FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources
@@ -111,6 +113,8 @@ def load_old_run(run: Path) -> OldRun:
         ds = read_data_again(run, cfg)
     split = _read_splits(run / "splits.json", ds)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
+    if cfg.data.atomic_energies == ISOLATED:  # its one-atom frames were references, not data, in every split
+        pairs = {name: p[~np.isin(p[:, 0], np.flatnonzero(isolated_atoms(ds)))] for name, p in pairs.items()}
     if (run / TRAIN_LABELS).exists():  # the labels data.train_limits kept, as recorded
         pairs["train"] = read_train_labels(run / TRAIN_LABELS, ds)
     else:
