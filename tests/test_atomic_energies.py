@@ -4,6 +4,7 @@ there, not estimated; one-atom frames as the source; clear errors for what canno
 
 from __future__ import annotations
 
+import json
 import logging
 
 import ase.io
@@ -230,3 +231,21 @@ def test_a_least_squares_model_refuses_atomic_energies_for_a_new_fidelity(tmp_pa
     args += ["--out", str(tmp_path / "ext"), "--set", "data.atomic_energies=isolated", "--set", "train.threads=1"]
     assert main(args) != 0
     assert "references are least-squares fits" in capsys.readouterr().err
+
+
+def test_a_table_file_beside_the_config(tmp_path, write_config, capsys):
+    data = tmp_path / "with_atoms.extxyz"
+    free = with_free_atoms(data)
+    energies = {}
+    for a in free:
+        energies.setdefault(a.info["fidelity"], {})[a.get_chemical_symbols()[0]] = float(a.get_potential_energy())
+    (tmp_path / "e0s.json").write_text(json.dumps(energies))
+    (tmp_path / "bad.yaml").write_text("lo: [1, 2]\n")
+    assert main(["train", str(write_config(data={"atomic_energies": "bad.yaml"}))]) != 0
+    assert "bad.yaml: expected {fidelity: {element: eV" in capsys.readouterr().err
+    assert main(["train", str(write_config(data={"atomic_energies": "missing.yaml"}))]) != 0
+    assert "missing.yaml: no such file" in capsys.readouterr().err
+    assert main(["train", str(write_config(data={"atomic_energies": "e0s.json"}))]) == 0  # relative to the config
+    head = load_potential(tmp_path / "run").head
+    k = load_potential(tmp_path / "run").fidelities.index("hi")
+    assert float(head.ref[1, k] - head.atomic_shift[k]) == pytest.approx(energies["hi"]["H"], abs=1e-9)

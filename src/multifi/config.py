@@ -188,11 +188,12 @@ class DataConfig(Section):
         description="fidelities whose labels are known to be in eV, eV/Å and eV/Å³ (e.g. EMT's energies relative to "
         "the bulk, formation energies): the unit guesses (Hartree, kcal/mol, GPa, kBar, sign) skip them",
     )
-    atomic_energies: Literal["isolated"] | dict[FidelityName, dict[str, float]] | None = Field(
+    atomic_energies: Literal["isolated"] | dict[FidelityName, dict[str, float]] | str | None = Field(
         None,
         description="reference energies from free atoms (MACE's E0s), per fidelity: `isolated` (the data's one-atom "
-        "frames, then not trained) or {fidelity: {element: eV}}; each fidelity's references are these plus its "
-        "mean binding energy per atom; unset: per-element least-squares fits to the labels",
+        "frames, then not trained), {fidelity: {element: eV}}, or a YAML/JSON file holding that table; each "
+        "fidelity's references are these plus its mean binding energy per atom; unset: per-element least-squares "
+        "fits to the labels",
     )
     skip_invalid: bool = False
     neighbor_lists: Literal["auto", "cache", "on_the_fly"] = Field(
@@ -673,6 +674,8 @@ def _resolve_paths(cfg: RunConfig, root: Path) -> None:
     if cfg.data.split.files:
         cfg.data.split.files = {k: fix(v) for k, v in cfg.data.split.files.items()}
     cfg.train.init_from = fix(cfg.train.init_from)
+    if isinstance(cfg.data.atomic_energies, str) and cfg.data.atomic_energies != "isolated":  # a table's file
+        cfg.data.atomic_energies = fix(cfg.data.atomic_energies)
     if cfg.extend is not None:
         cfg.extend.model = fix(cfg.extend.model)
         cfg.extend.old_run = fix(cfg.extend.old_run)

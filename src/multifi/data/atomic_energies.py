@@ -50,9 +50,11 @@ def resolve_atomic_energies(setting, dataset, where: str = "config", left_out=fr
     """The atomic energies a `data.atomic_energies` setting gives for `dataset` (FidelityDataset): None (not set),
     ISOLATED (its one-atom frames' energy labels, which must agree per element and fidelity), or
     {fidelity: {element symbol: eV}} (fidelities named as in the data; those in `left_out`, fidelities of the
-    sources that data.fidelities leaves out, are passed over)."""
+    sources that data.fidelities leaves out, are passed over), or the path of a YAML/JSON file holding that table."""
     if setting is None:
         return None
+    if isinstance(setting, str) and setting != ISOLATED:
+        setting = read_table(setting)
     names, K = list(dataset.fidelities.names), len(dataset.fidelities)
     values = np.full((N_ELEMENTS, K), np.nan)
     prefix = f"{where}: data.atomic_energies"
@@ -85,6 +87,27 @@ def resolve_atomic_energies(setting, dataset, where: str = "config", left_out=fr
                 raise MultifiError(f"{prefix}: {name}: {symbol}: {energy} is no energy")
             values[element, names.index(name)] = float(energy)
     return AtomicEnergies(values, np.zeros(0, np.int64))
+
+
+def read_table(path: str) -> dict:
+    """{fidelity: {element: eV}} from a YAML or JSON file; a one-line error naming the file otherwise."""
+    import yaml
+
+    try:
+        table = yaml.safe_load(open(path, encoding="utf-8"))
+    except FileNotFoundError:
+        raise MultifiError(
+            f"{path}: no such file (data.atomic_energies: isolated, a table, or a table's file)"
+        ) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise MultifiError(f"{path}: not a YAML or JSON table of atomic energies ({type(exc).__name__})") from None
+    well_formed = isinstance(table, dict) and all(
+        isinstance(row, dict) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in row.values())
+        for row in table.values()
+    )
+    if not well_formed or not table:
+        raise MultifiError(f"{path}: expected {{fidelity: {{element: eV, …}}, …}} (data.atomic_energies)")
+    return {str(name): {str(z): float(e) for z, e in row.items()} for name, row in table.items()}
 
 
 def check_atomic_coverage(atomic: AtomicEnergies, dataset, train: np.ndarray, where: str = "config") -> None:
