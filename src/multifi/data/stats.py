@@ -229,6 +229,8 @@ def _atomic_fit(dataset, pairs, k, elements, counts, atomic) -> tuple[_OwnFit, f
     if len(s) == 0:
         return _OwnFit(ref, fitted, np.nan, None, None), np.nan
     X = counts[s].astype(np.float64)  # [n, n_el]
+    if np.isnan(atomic[elements[X.sum(0) > 0]]).any():  # checked before (atomic_energies.check_atomic_coverage)
+        raise ValueError(f"fidelity {k}: labelled elements without an atomic energy")
     n = X.sum(1)
     beyond = np.asarray(dataset.energy)[s, k] - X @ np.nan_to_num(atomic[elements])  # eV
     mu = float(n @ beyond / (n @ n))
