@@ -109,6 +109,9 @@ def test_training_takes_the_one_atom_frames_as_atomic_energies(tmp_path, write_c
     with caplog.at_level(logging.INFO, logger="multifi"):
         assert main(["train", str(cfg)]) == 0
     assert "one-atom frame label(s) taken as atomic energies" in caplog.text
+    assert (
+        "hi: no energy labels with N in the training labels; their hi references are their given atomic" in caplog.text
+    )
     pot = load_potential(tmp_path / "run")
     head = pot.head
     assert head.atomic.all()

@@ -390,6 +390,15 @@ def report_references(refs, names, skip=(), labels: str = "training labels") -> 
             )
         if refs.open(k) and name not in skip:
             warn_open_references(name, refs.open(k), labels)
+        if refs.given is not None and refs.given[:, k].any() and name not in skip:
+            log.warning(
+                "%s: no energy labels with %s in the %s; their %s references are their given atomic energies "
+                "(data.atomic_energies) plus its shift, and their bonding is learnt at the other fidelities only",
+                name,
+                ", ".join(chemical_symbols[z] for z in np.flatnonzero(refs.given[:, k])),
+                labels,
+                name,
+            )
         missing = refs.estimated(k)
         if not missing or name in skip:
             continue
