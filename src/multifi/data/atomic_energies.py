@@ -129,6 +129,23 @@ def check_atomic_coverage(atomic: AtomicEnergies, dataset, train: np.ndarray, wh
             )
 
 
+def check_complete_table(atomic: AtomicEnergies, dataset, pairs: np.ndarray, where: str = "config") -> None:
+    """`atomic_energies_use: estimates`: every element of the labelled `pairs` [P, 2] (any fidelity) has an atomic
+    energy at every fidelity of `dataset` (the shift model compares binding energies of every element and
+    fidelity)."""
+    energy = np.asarray(dataset.energy)
+    elements, counts = composition_matrix(dataset)
+    rows = pairs[~np.isnan(energy[pairs[:, 0], pairs[:, 1]]), 0]
+    present = elements[counts[rows].sum(0) > 0]
+    for k, name in enumerate(dataset.fidelities.names):
+        missing = [int(z) for z in present if np.isnan(atomic.values[z, k])]
+        if missing:
+            raise MultifiError(
+                f"{where}: data.atomic_energies: no atomic energy of {', '.join(map(_symbol, missing))} at {name}; "
+                "atomic_energies_use: estimates needs one for every element of the labels at every fidelity"
+            )
+
+
 def without_frames(pairs: dict[str, np.ndarray], atomic: AtomicEnergies | None) -> dict[str, np.ndarray]:
     """The split pairs without the one-atom frames the atomic energies were read from (references, not data);
     logs how many were taken out."""

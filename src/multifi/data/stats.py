@@ -49,6 +49,7 @@ class References:
     # [N_ELEMENTS, K] bool: references given as an atomic energy to elements without labels at that fidelity
     atomic_shift: np.ndarray | None = None
     given: np.ndarray | None = None
+    binding: bool = False  # estimates made from binding energies (atomic_for="estimates")
 
     def open(self, k: int) -> list[int]:
         """Elements fidelity k's labels contain only in fixed proportions (their split is estimated)."""
@@ -102,6 +103,7 @@ def fit_references(
     pooled: bool = False,
     shared_scale: bool = False,
     atomic: np.ndarray | None = None,
+    atomic_for: str = "references",
 ) -> References:
     """Per-fidelity reference energies (joint fit, see the module docstring) and residual scales.
 
@@ -112,7 +114,9 @@ def fit_references(
     column holds that fit; for fidelity-blind models). `shared_scale`: one scale for every fidelity,
     from the residuals of all fidelities together. `ridge` (relative) regularises each least-squares fit.
     `atomic` [N_ELEMENTS, K] eV (NaN: not given): atomic energies (data/atomic_energies.py); a fidelity with
-    them takes them plus its fitted shift per atom (_atomic_fit) for every element given, labelled or not.
+    them takes them plus its fitted shift per atom (_atomic_fit) for every element given, labelled or not;
+    with `atomic_for="estimates"` every fidelity keeps its least-squares references and the atomic energies only
+    improve the estimates of those its labels leave open (_fill_binding_from_shared).
     """
     K = len(dataset.fidelities)
     elements, counts = composition_matrix(dataset)  # [n_el], [S, n_el]
@@ -121,7 +125,7 @@ def fit_references(
     shift, given = np.full(K, np.nan), np.zeros((N_ELEMENTS, K), bool)
     systems, residuals = [], []
     for ks in [list(range(K))] if pooled else [[k] for k in range(K)]:
-        if atomic is not None and not pooled and not np.isnan(atomic[:, ks[0]]).all():
+        if atomic is not None and atomic_for == "references" and not pooled and not np.isnan(atomic[:, ks[0]]).all():
             own, shift[ks[0]] = _atomic_fit(dataset, pairs, ks[0], elements, counts, atomic[:, ks[0]])
             given[:, ks[0]] = own.fitted & ~_labelled_elements(elements, counts, dataset, pairs, ks[0])
         else:
@@ -139,9 +143,12 @@ def fit_references(
     elif borrowed.any():
         scale[borrowed] = float(np.median(scale[~borrowed]))
     null = [np.zeros((0, N_ELEMENTS)) for _ in range(K)]
-    if not pooled:
+    binding = not pooled and atomic is not None and atomic_for == "estimates"
+    if binding:
+        null = _fill_binding_from_shared(ref, fitted, spread, systems, atomic)
+    elif not pooled:
         null = _fill_from_shared(ref, fitted, spread, systems)
-    return References(ref, scale, fitted, spread, null, borrowed, shift, given)
+    return References(ref, scale, fitted, spread, null, borrowed, shift, given, binding)
 
 
 def fit_baseline(
@@ -160,6 +167,7 @@ def fit_new_fidelity(
     fitted: np.ndarray,
     ridge: float = 1e-8,
     atomic: np.ndarray | None = None,
+    atomic_for: str = "references",
 ) -> References:
     """References of fidelity k of `dataset` (its labelled pairs in `pairs`) next to known fidelities'.
 
@@ -168,11 +176,14 @@ def fit_new_fidelity(
     Fidelity k gets its own least-squares fit where its labels determine it, the shared estimate
     elsewhere. Returns References of one column (ref [N_ELEMENTS, 1], scale [1] (NaN when its labels do not
     determine one: MIN_SCALE_DOF), fitted, spread, atomic_shift, given). `atomic` [N_ELEMENTS] eV (NaN: not given):
-    fidelity k's atomic energies, its references then those plus its fitted shift (_atomic_fit)."""
+    fidelity k's atomic energies, its references then those plus its fitted shift (_atomic_fit); with
+    `atomic_for="estimates"`, [N_ELEMENTS, K0 + 1]: every fidelity's (the known ones, then k's), estimating what
+    k's labels leave open from binding energies (_fill_binding_from_shared)."""
     K0 = ref.shape[1]
     elements, counts = composition_matrix(dataset)
     shift, given = np.full(1, np.nan), np.zeros((N_ELEMENTS, 1), bool)
-    if atomic is not None:
+    estimates = atomic is not None and atomic_for == "estimates"
+    if atomic is not None and not estimates:
         own, shift[0] = _atomic_fit(dataset, pairs, k, elements, counts, atomic)
         given[:, 0] = own.fitted & ~_labelled_elements(elements, counts, dataset, pairs, k)
     else:
@@ -180,9 +191,20 @@ def fit_new_fidelity(
     all_ref = np.concatenate([np.where(fitted, ref, 0.0), own.ref[:, None]], axis=1)
     all_fitted = np.concatenate([fitted, own.fitted[:, None]], axis=1)
     spread = np.full(K0 + 1, np.nan)
-    null = _fill_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], only=K0)
+    if estimates:
+        null = _fill_binding_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], atomic, only=K0)
+    else:
+        null = _fill_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], only=K0)
     return References(
-        all_ref[:, [K0]], np.array([own.scale]), all_fitted[:, [K0]], spread[[K0]], [null[K0]], None, shift, given
+        all_ref[:, [K0]],
+        np.array([own.scale]),
+        all_fitted[:, [K0]],
+        spread[[K0]],
+        [null[K0]],
+        None,
+        shift,
+        given,
+        estimates,
     )
 
 
@@ -332,6 +354,27 @@ def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> 
         ref[missing, f] = estimate[missing]
         spread[f] = loo[f]
     return open_
+
+
+def _fill_binding_from_shared(ref, fitted, spread, systems, atomic, only: int | None = None) -> list[np.ndarray]:
+    """_fill_from_shared on binding energies: the shift model fitted to ref − atomic (what each element's fitted
+    reference holds beyond its free atom), its estimates plus the atomic energy where the labels leave a reference
+    open; references the labels identify stay as fitted. Binding energies differ between levels of theory far less
+    than total energies, so the estimates (and their leave-one-out error, `spread`) are much closer. atomic
+    [N_ELEMENTS, K] eV: given for every element with a reference at every fidelity (atomic_energies checks it).
+    `only`: change only this fidelity's column."""
+    known = fitted.any(1)
+    if np.isnan(atomic[known]).any():
+        raise ValueError("atomic energies missing for elements with references")
+    before = ref.copy()
+    binding = np.where(fitted, ref - np.nan_to_num(atomic), 0.0)
+    null = _fill_from_shared(binding, fitted, spread, systems, only)
+    after = np.where(known[:, None], binding + np.nan_to_num(atomic), 0.0)
+    keep = fitted & ~np.array([np.abs(n).max(0, initial=0.0) > 1e-8 for n in null]).T  # identified: as fitted
+    if only is not None:
+        keep[:, [f for f in range(ref.shape[1]) if f != only]] = True
+    ref[:] = np.where(keep, before, after)
+    return null
 
 
 def estimate_errors(ref: np.ndarray, fitted: np.ndarray, null: np.ndarray) -> np.ndarray:

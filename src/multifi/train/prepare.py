@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from multifi.config import RunConfig
-from multifi.data.atomic_energies import AtomicEnergies, check_atomic_coverage, resolve_atomic_energies, without_frames
+from multifi.data.atomic_energies import (
+    AtomicEnergies,
+    check_atomic_coverage,
+    check_complete_table,
+    resolve_atomic_energies,
+    without_frames,
+)
 from multifi.data.dataset import FidelityDataset
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources
@@ -126,8 +132,10 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
             "fidelities used: nothing to train on"
         )
     _check_energies_to_train_on(ds, pairs["train"], config_source)
-    if atomic is not None:
+    if atomic is not None and d.atomic_energies_use == "references":
         check_atomic_coverage(atomic, ds, pairs["train"], config_source or "config")
+    elif atomic is not None:
+        check_complete_table(atomic, ds, pairs["train"], config_source or "config")
     return PreparedData(ds, split, pairs, settings, atomic)
 
 

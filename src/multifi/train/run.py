@@ -259,6 +259,7 @@ def _module_with_references(cfg: RunConfig, prep, resume: bool):
         pooled=module.potential.head.shared_baseline,
         shared_scale=cfg.model.energy_scale == "shared",
         atomic=None if prep.atomic is None else prep.atomic.values,
+        atomic_for=cfg.data.atomic_energies_use,
     )
     # units are the labels' own: checked over every labelled split, as `data info` checks them (the training split
     # alone can leave a composition below a check's minimum count and skip it silently), against each fidelity's
