@@ -349,3 +349,63 @@ def test_extending_with_atomic_energies_for_estimates(tmp_path, write_config):
     )
     assert float(est.spread[k]) >= 0 and float(est.spread[k]) != float(plain.spread[k])  # the binding model's error
     assert torch.isfinite(est.ref[:, k]).all()
+
+
+# ---------------------------------------------------------------------------------------------- free atoms as labels
+def test_an_element_labelled_only_as_a_free_atom_is_estimated_not_fitted_to_it(caplog):
+    """'hi' holds F only as a free atom: least squares would fit F's 'hi' reference to that atom's energy exactly,
+    and every bonded F structure at 'hi' would be off by F's binding energy (a trial: 5.3 eV/atom for Ni), silently.
+    F's 'hi' reference is estimated instead, like an element without labels, and training says why."""
+    from multifi.train.preflight import report_references
+
+    base = molecules_without_f_at_hi()
+    free_f = FidelityDataset.from_records(
+        [
+            {
+                "numbers": [9],
+                "positions": [[0.0, 0.0, 0.0]],
+                "labels": {"hi": {"energy": E0["hi"][9]}, "lo": {"energy": E0["lo"][9]}},
+            }
+        ]
+    )
+    ds = FidelityDataset.merge([base, free_f])
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    refs = fit_references(ds, pairs)
+    hi, lo = ds.fidelities.index("hi"), ds.fidelities.index("lo")
+    assert not refs.fitted[9, hi] and refs.free_only[9, hi] and refs.fitted[9, lo] and not refs.free_only[9, lo]
+    assert abs(refs.ref[9, hi] - E0["hi"][9]) > 0.5  # not the free atom's energy
+    np.testing.assert_allclose(
+        refs.ref[9, hi], fit_references(base, labelled_pairs(base, np.arange(len(base)))).ref[9, hi], atol=0.3
+    )
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        report_references(refs, ds.fidelities.names)
+    assert "hi: its only energy labels with F are free atoms" in caplog.text
+    assert "hi: no energy labels with F" not in caplog.text
+    # as atomic energies (references), the free atom is what the reference is made of: no estimate
+    atomic = fit_references(ds, pairs, atomic=table(ds))
+    assert atomic.fitted[9, hi] and not atomic.free_only[9, hi]
+
+
+@pytest.mark.parametrize("use", ["references", "estimates"])
+def test_atomic_energies_in_hartree_are_refused(tmp_path, write_config, capsys, use):
+    data = tmp_path / "with_atoms.extxyz"
+    free = with_free_atoms(data)
+    hartree = {}
+    for a in free:
+        hartree.setdefault(a.info["fidelity"], {})[a.get_chemical_symbols()[0]] = (
+            float(a.get_potential_energy()) / 27.211386 - 40.0
+        )
+    cfg = write_config(data={"atomic_energies": hartree, "atomic_energies_use": use})
+    assert main(["train", str(cfg)]) != 0
+    err = capsys.readouterr().err
+    assert "atomic energy, where binding energies are a few eV per atom" in err and "Hartree" in err
+
+
+def test_an_element_only_in_the_table_stays_unknown(tmp_path, write_config, capsys):
+    energies = {"lo": {s: -1.0 for s in ("H", "C", "N", "O", "F")}, "hi": {s: -1.0 for s in ("H", "C", "N", "O", "F")}}
+    assert main(["train", str(write_config(data={"atomic_energies": energies}))]) == 0
+    pot = load_potential(tmp_path / "run")
+    assert not bool(pot.head.known()[9]) and not pot.head.given[9].any()
+    hf = Atoms("HF", positions=[[0, 0, 0], [0, 0, 0.92]])
+    with pytest.raises(Exception, match="element F was not seen in training"):
+        predict_atoms(pot, [hf], fidelity="lo")

@@ -25,6 +25,9 @@ log = logging.getLogger("multifi")
 ISOLATED = "isolated"
 #: eV: one-atom frames of one element and fidelity that differ by more than this are refused (spin states?)
 AGREE_EV = 1e-3
+#: eV per atom: binding energies beyond this (cohesive and atomization energies stay below ~10) mean atomic energies
+#: in another unit than the labels (Hartree, kcal/mol) or of another method
+MAX_BINDING_EV = 25.0
 
 
 @dataclass
@@ -144,6 +147,32 @@ def check_complete_table(atomic: AtomicEnergies, dataset, pairs: np.ndarray, whe
                 f"{where}: data.atomic_energies: no atomic energy of {', '.join(map(_symbol, missing))} at {name}; "
                 "atomic_energies_use: estimates needs one for every element of the labels at every fidelity"
             )
+
+
+def check_binding(refs, atomic: np.ndarray, names, where: str = "config") -> None:
+    """The labels' energies beyond the atomic energies are binding energies of a few eV per atom: a one-line error
+    for a fidelity where they are not (MAX_BINDING_EV), per atom on average (refs.atomic_shift, references from
+    atomic energies) or per element (a least-squares reference minus its atomic energy, atomic_energies_use:
+    estimates). refs: data.stats.References; atomic [N_ELEMENTS, K] eV (NaN: not given), columns as names."""
+    for k, name in enumerate(names):
+        shift = np.nan if refs.atomic_shift is None else refs.atomic_shift[k]
+        if np.isnan(shift):
+            own = refs.fitted[:, k] & ~np.isnan(atomic[:, k])
+            if refs.free_only is not None:
+                own &= ~refs.free_only[:, k]
+            binding = refs.ref[own, k] - atomic[own, k]
+            if not len(binding) or np.abs(binding).max() <= MAX_BINDING_EV:
+                continue
+            z = int(np.flatnonzero(own)[np.argmax(np.abs(binding))])
+            found = f"{_symbol(z)}'s fitted reference lies {binding.flat[np.argmax(np.abs(binding))]:+.1f} eV from its"
+        elif abs(shift) <= MAX_BINDING_EV:
+            continue
+        else:
+            found = f"the labels hold {shift:+.1f} eV per atom beyond their"
+        raise MultifiError(
+            f"{where}: data.atomic_energies: at {name}, {found} atomic energy, where binding energies are a few eV per "
+            "atom: atomic energies in another unit than the labels (Hartree: ×27.211386 to eV) or of another method?"
+        )
 
 
 def without_frames(pairs: dict[str, np.ndarray], atomic: AtomicEnergies | None) -> dict[str, np.ndarray]:

@@ -50,6 +50,8 @@ class References:
     atomic_shift: np.ndarray | None = None
     given: np.ndarray | None = None
     binding: bool = False  # estimates made from binding energies (atomic_for="estimates")
+    # [N_ELEMENTS, K] bool: elements whose only labels at a fidelity are free atoms, estimated there (_free_atoms_only)
+    free_only: np.ndarray | None = None
 
     def open(self, k: int) -> list[int]:
         """Elements fidelity k's labels contain only in fixed proportions (their split is estimated)."""
@@ -143,12 +145,21 @@ def fit_references(
     elif borrowed.any():
         scale[borrowed] = float(np.median(scale[~borrowed]))
     null = [np.zeros((0, N_ELEMENTS)) for _ in range(K)]
+    if atomic is not None and atomic_for == "references" and not pooled:  # an element no label holds stays unknown
+        unlabelled = ~np.any([_labelled_elements(elements, counts, dataset, pairs, k) for k in range(K)], axis=0)
+        ref[unlabelled], fitted[unlabelled], given[unlabelled] = 0.0, False, False
+    free_only = np.zeros((N_ELEMENTS, K), bool)
+    as_references = atomic is not None and atomic_for == "references"
+    if not pooled and not as_references:  # a free atom's energy fits its reference and says nothing of its bonding
+        only_free, bonded = _free_atoms_only(dataset, pairs, elements, counts, range(K))
+        free_only = only_free & bonded[:, None] & fitted
+        fitted &= ~free_only
     binding = not pooled and atomic is not None and atomic_for == "estimates"
     if binding:
         null = _fill_binding_from_shared(ref, fitted, spread, systems, atomic)
     elif not pooled:
         null = _fill_from_shared(ref, fitted, spread, systems)
-    return References(ref, scale, fitted, spread, null, borrowed, shift, given, binding)
+    return References(ref, scale, fitted, spread, null, borrowed, shift, given, binding, free_only)
 
 
 def fit_baseline(
@@ -185,11 +196,18 @@ def fit_new_fidelity(
     estimates = atomic is not None and atomic_for == "estimates"
     if atomic is not None and not estimates:
         own, shift[0] = _atomic_fit(dataset, pairs, k, elements, counts, atomic)
-        given[:, 0] = own.fitted & ~_labelled_elements(elements, counts, dataset, pairs, k)
+        labelled = _labelled_elements(elements, counts, dataset, pairs, k)
+        unknown = ~labelled & ~fitted.any(1)  # in no label of k and unknown to the model: stays unknown
+        own.ref[unknown], own.fitted[unknown] = 0.0, False
+        given[:, 0] = own.fitted & ~labelled
     else:
         own = _own_fit(dataset, pairs, [k], elements, counts, ridge)
+    only_free, bonded = _free_atoms_only(dataset, pairs, elements, counts, [k])
+    free_only = only_free[:, 0] & (bonded | fitted.any(1)) & own.fitted  # bonded here or known from the others
+    if atomic is not None and not estimates:  # references from atomic energies: a free atom's is its own
+        free_only[:] = False
     all_ref = np.concatenate([np.where(fitted, ref, 0.0), own.ref[:, None]], axis=1)
-    all_fitted = np.concatenate([fitted, own.fitted[:, None]], axis=1)
+    all_fitted = np.concatenate([fitted, (own.fitted & ~free_only)[:, None]], axis=1)
     spread = np.full(K0 + 1, np.nan)
     if estimates:
         null = _fill_binding_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], atomic, only=K0)
@@ -205,6 +223,7 @@ def fit_new_fidelity(
         shift,
         given,
         estimates,
+        free_only[:, None],
     )
 
 
@@ -261,6 +280,23 @@ def _atomic_fit(dataset, pairs, k, elements, counts, atomic) -> tuple[_OwnFit, f
     ref[given], fitted[given] = atomic[given] + mu, True
     determined = len(s) - 1 >= MIN_SCALE_DOF and resid.std() > 1e-4
     return _OwnFit(ref, fitted, float(resid.std()) if determined else np.nan, resid, None), mu
+
+
+def _free_atoms_only(dataset, pairs, elements, counts, ks) -> tuple[np.ndarray, np.ndarray]:
+    """(only_free [N_ELEMENTS, len(ks)] bool: elements whose every energy label at fidelity ks[i] in `pairs` is of a
+    free atom (a one-atom structure, data.checks.isolated_atoms); bonded [N_ELEMENTS] bool: elements in a labelled
+    structure that is no free atom at one of ks)."""
+    from multifi.data.checks import isolated_atoms
+
+    free = isolated_atoms(dataset)
+    energy = np.asarray(dataset.energy)
+    sel = pairs[~np.isnan(energy[pairs[:, 0], pairs[:, 1]])]
+    present, in_bonded = np.zeros((N_ELEMENTS, len(ks)), bool), np.zeros((N_ELEMENTS, len(ks)), bool)
+    for i, k in enumerate(ks):
+        s = sel[sel[:, 1] == k, 0]
+        present[elements[counts[s].sum(0) > 0], i] = True
+        in_bonded[elements[counts[s[~free[s]]].sum(0) > 0], i] = True
+    return present & ~in_bonded, in_bonded.any(1)
 
 
 def _labelled_elements(elements, counts, dataset, pairs, k) -> np.ndarray:

@@ -677,6 +677,10 @@ def _fit_new_baseline(
         atomic=atomic,
         atomic_for="estimates" if estimates else "references",
     )
+    if atomic is not None:
+        from multifi.data.atomic_energies import check_binding
+
+        check_binding(new, atomic[:, [k]] if estimates else atomic[:, None], [potential.fidelities.names[k]], "extend")
     if new.open(0):
         from multifi.train.preflight import warn_open_references
 

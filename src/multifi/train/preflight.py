@@ -400,6 +400,18 @@ def report_references(refs, names, skip=(), labels: str = "training labels") -> 
                 name,
             )
         missing = refs.estimated(k)
+        free = [] if refs.free_only is None else [z for z in missing if refs.free_only[z, k]]
+        if free and name not in skip:
+            log.warning(
+                "%s: its only energy labels with %s are free atoms (one-atom structures): a free atom's energy fits "
+                "its reference but says nothing of its bonding, so the %s reference energies of %s are estimated as "
+                "for an element without labels (data.atomic_energies: isolated takes free atoms as atomic energies)",
+                name,
+                ", ".join(chemical_symbols[z] for z in free),
+                name,
+                ", ".join(chemical_symbols[z] for z in free),
+            )
+        missing = [z for z in missing if z not in free]
         if not missing or name in skip:
             continue
         symbols = ", ".join(chemical_symbols[z] for z in missing)

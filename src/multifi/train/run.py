@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from multifi.config import RunConfig, blamed, dump_config, load_config
+from multifi.data.atomic_energies import check_binding
 from multifi.data.checks import (
     check_overlaps,
     check_repeated_geometries,
@@ -174,7 +175,7 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     prep, sources_now = _prepared_data(cfg, run_dir, resume, leader, config_source)
-    module, doubtful = _module_with_references(cfg, prep, resume)
+    module, doubtful = _module_with_references(cfg, prep, resume, config_source)
     warn_unseen_in_evaluation(prep, module.potential)
     check_monitored_energies(cfg, prep, module.potential.head, config_source)
     data = _data_module(cfg, prep, module, config_source)
@@ -243,7 +244,7 @@ def _prepared_data(cfg: RunConfig, run_dir: Path, resume: bool, leader: bool, co
     return prep, sources_now
 
 
-def _module_with_references(cfg: RunConfig, prep, resume: bool):
+def _module_with_references(cfg: RunConfig, prep, resume: bool, config_source: str = ""):
     """(module, doubtful): the Lightning module (initialised from train.init_from on a fresh start) with the
     reference energies and scales fitted on this run's training labels; doubtful: the unit checks' findings."""
     spec = {"model": cfg.model, "fidelities": prep.dataset.fidelities.names}
@@ -261,6 +262,8 @@ def _module_with_references(cfg: RunConfig, prep, resume: bool):
         atomic=None if prep.atomic is None else prep.atomic.values,
         atomic_for=cfg.data.atomic_energies_use,
     )
+    if prep.atomic is not None:
+        check_binding(refs, prep.atomic.values, prep.dataset.fidelities.names, config_source or "config")
     # units are the labels' own: checked over every labelled split, as `data info` checks them (the training split
     # alone can leave a composition below a check's minimum count and skip it silently), against each fidelity's
     # own fit of those labels (a pooled fit of several methods lies far from every one of them, which blamed the
