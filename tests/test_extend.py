@@ -1291,3 +1291,21 @@ def test_rotated_and_reordered_copies_of_the_old_runs_molecules_keep_their_split
     for s in range(len(ds)):
         t = table.find(ds, s)
         assert t is not None and any(t in getattr(old, n)[:, 0] for n in (assigned[s],))
+
+
+def test_a_new_scale_far_from_the_frozen_networks_is_warned(caplog):
+    """train: embedding reuses the network of the fidelity it starts like: its outputs, times a scale 1.8× apart
+    (isolated atoms had raised the old one), gave a trial 33× the error of a like extension."""
+    from multifi.models.registry import build_potential
+    from multifi.train.extend import _warn_scale_apart
+
+    pot = build_potential(TINY_MODEL, ["low", "high", "top"])
+    with caplog.at_level("WARNING", logger="multifi"):
+        pot.head.scale.copy_(torch.tensor([0.292, 0.377, 0.399], dtype=torch.float64))
+        _warn_scale_apart(pot, 0, 2)  # 1.37×: ordinary fidelities
+        assert caplog.text == ""
+        pot.head.scale.copy_(torch.tensor([0.729, 0.931, 0.399], dtype=torch.float64))
+        _warn_scale_apart(pot, 0, 2)
+    assert (
+        "top: its energy scale (0.399 eV, from its labels) is 1.8× smaller than that of low (0.729 eV)" in caplog.text
+    )

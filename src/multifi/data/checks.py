@@ -99,9 +99,9 @@ def warn_isolated_atoms(dataset: FidelityDataset, pairs: np.ndarray) -> list[str
         warned.append(name)
         log.warning(
             "%s: %d isolated atoms (one-atom structures, free or in a box) among the training structures of fidelity %r "
-            "are trained as ordinary structures: reference energies are fitted over every structure, isolated atoms "
-            "are not taken as fixed reference energies (MACE's E0s). With them the fidelity's energy scale is %.3g eV, "
-            "without them %.3g eV; leave them out unless the model should learn the dissociation limit",
+            "are trained as ordinary structures: reference energies are fitted over every structure. With them the "
+            "fidelity's energy scale is %.3g eV, without them %.3g eV; take them as atomic energies (MACE's E0s, "
+            "data.atomic_energies: isolated), or leave them out unless the model should learn the dissociation limit",
             dataset.source_of(name),
             count,
             name,

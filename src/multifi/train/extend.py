@@ -330,6 +330,8 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
         settings.known_units(table),
         atomic,
     )
+    if x.train == "embedding":
+        _warn_scale_apart(module.potential, like, len(old.fidelities))
     trained = module.freeze()
     module.sync_ema()
     problem = unmeasured_monitor(cfg, ds, pairs["val"], module.potential.head)
@@ -723,6 +725,33 @@ def _fit_new_baseline(
             _report_estimates(potential.fidelities.names, k, new_elements, loo)
     _report_unlabelled(potential.fidelities.names[k], known_fitted.any(1) & ~new.fitted[:, 0], loo[k])
     return doubtful
+
+
+#: new/old energy scale ratios beyond this (either way) make a frozen network a poor start (a trial: 1.8×, 33× the
+#: error; 1.4× between ordinary fidelities)
+SCALE_APART = 1.5
+
+
+def _warn_scale_apart(potential, like: int, k: int) -> None:
+    """train: embedding keeps the network that fidelity `like` was trained through, whose outputs the new fidelity
+    k multiplies by its own energy scale: warn when the two scales lie more than SCALE_APART apart."""
+    names, scale = potential.fidelities.names, potential.head.scale
+    ratio = float(scale[k] / scale[like])
+    if 1 / SCALE_APART <= ratio <= SCALE_APART:
+        return
+    log.warning(
+        "%s: its energy scale (%.3g eV, from its labels) is %.1f× %s than that of %s (%.3g eV), whose network it "
+        "reuses frozen (train: embedding): the network's outputs keep %s's proportions; if %s's scale was raised by "
+        "isolated atoms or outliers (its training said so), extend with train: head or all, or retrain without them",
+        names[k],
+        float(scale[k]),
+        max(ratio, 1 / ratio),
+        "larger" if ratio > 1 else "smaller",
+        names[like],
+        float(scale[like]),
+        names[like],
+        names[like],
+    )
 
 
 def _report_unlabelled(name: str, elements: np.ndarray, loo: float) -> None:
