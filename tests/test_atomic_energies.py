@@ -11,7 +11,6 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-import yaml
 from ase import Atoms
 from conftest import emt_labelled, tiny_frames
 
@@ -255,102 +254,6 @@ def test_a_table_file_beside_the_config(tmp_path, write_config, capsys):
     assert float(head.ref[1, k] - head.atomic_shift[k]) == pytest.approx(energies["hi"]["H"], abs=1e-9)
 
 
-# ---------------------------------------------------------------------------------------------- estimates only
-def test_estimates_from_binding_energies_keep_fitted_references_bit_for_bit():
-    """atomic_for='estimates': F's 'hi' reference (no 'hi' label holds F) is its atomic energy plus a binding energy
-    estimated from the other fidelity's, within ~0.2 eV of E0 + 1.05 × binding, where the total-energy estimate is
-    off by eV; every reference the labels identify is the least-squares fit, unchanged."""
-    ds = molecules_without_f_at_hi()
-    pairs = labelled_pairs(ds, np.arange(len(ds)))
-    plain = fit_references(ds, pairs)
-    est = fit_references(ds, pairs, atomic=table(ds), atomic_for="estimates")
-    hi, lo = ds.fidelities.index("hi"), ds.fidelities.index("lo")
-    assert np.array_equal(est.ref[[1, 6, 7, 8]], plain.ref[[1, 6, 7, 8]]) and est.ref[9, lo] == plain.ref[9, lo]
-    assert est.estimated(hi) == [9] and not est.given.any() and np.isnan(est.atomic_shift).all()
-    truth = E0["hi"][9] + 1.05 * BIND[9]  # F's binding at 'hi' as the data make it
-    assert abs(est.ref[9, hi] - truth) < 0.3 < 3 < abs(plain.ref[9, hi] - truth)
-    assert est.spread[hi] < 0.3 < 3 < plain.spread[hi]  # the estimate's expected error says so
-
-
-def test_training_with_atomic_energies_for_estimates_only(tmp_path, write_config, capsys, caplog):
-    data = tmp_path / "with_atoms.extxyz"
-    with_free_atoms(data)
-    assert (
-        main(["train", str(write_config(data={"sources": [{"path": str(data)}]}, output_dir=str(tmp_path / "ls")))])
-        == 0
-    )
-    cfg = write_config(
-        data={"sources": [{"path": str(data)}], "atomic_energies": "isolated", "atomic_energies_use": "estimates"}
-    )
-    with caplog.at_level(logging.WARNING, logger="multifi"):
-        assert main(["train", str(cfg)]) == 0
-    ls, est = load_potential(tmp_path / "ls").head, load_potential(tmp_path / "run").head
-    hi = load_potential(tmp_path / "run").fidelities.index("hi")
-    assert not est.atomic.any() and not est.given.any()
-    assert not bool(est.fitted[7, hi]) and bool(est.fitted[[1, 6, 8], hi].all())  # N at 'hi': still an estimate
-    assert 0 <= float(est.spread[hi]) < float(ls.spread[hi])  # from binding energies: a smaller expected error
-    assert "their atomic energies plus a binding energy estimated from" in caplog.text
-    partial = write_config(
-        data={
-            "atomic_energies": {"lo": {"H": -1.0, "C": -2.0, "N": -3.0, "O": -4.0}, "hi": {"H": -1.0}},
-            "atomic_energies_use": "estimates",
-        },
-        output_dir=str(tmp_path / "partial"),
-    )
-    assert main(["train", str(partial)]) != 0
-    assert "no atomic energy of C, N, O at hi; atomic_energies_use: estimates needs one" in capsys.readouterr().err
-
-
-def test_extending_with_atomic_energies_for_estimates(tmp_path, write_config):
-    assert main(["train", str(write_config())]) == 0
-    data = tmp_path / "new.extxyz"
-    new = [
-        emt_labelled(a, "new", 1.2, -0.2) for a in tiny_frames() if a.info["fidelity"] == "lo" and 7 not in a.numbers
-    ]
-    ase.io.write(data, new, format="extxyz")
-    energies = {}
-    for name, scale, shift in (("lo", 1.0, 0.0), ("hi", 1.1, 0.3), ("new", 1.2, -0.2)):
-        for symbol in "HCNO":
-            energies.setdefault(name, {})[symbol] = float(
-                emt_labelled(Atoms(symbol, positions=[[0.0, 0.0, 0.0]]), name, scale, shift).get_potential_energy()
-            )
-    (tmp_path / "e0s.yaml").write_text(yaml.safe_dump(energies))
-    common = [
-        "extend",
-        str(tmp_path / "run" / "model.pt"),
-        "--data",
-        str(data),
-        "--fidelity",
-        "new",
-        "--max-steps",
-        "2",
-    ]
-    common += ["--set", "train.progress=false", "--set", "train.threads=1"]
-    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
-    assert (
-        main(
-            [
-                *common,
-                "--out",
-                str(tmp_path / "est"),
-                "--set",
-                f"data.atomic_energies={tmp_path / 'e0s.yaml'}",
-                "--set",
-                "data.atomic_energies_use=estimates",
-            ]
-        )
-        == 0
-    )
-    plain, est = load_potential(tmp_path / "plain").head, load_potential(tmp_path / "est").head
-    k = 2
-    assert not bool(est.fitted[7, k]) and not est.atomic.any()
-    assert torch.equal(est.ref[[1, 6, 8], k], plain.ref[[1, 6, 8], k]) and not torch.equal(
-        est.ref[7, k], plain.ref[7, k]
-    )
-    assert float(est.spread[k]) >= 0 and float(est.spread[k]) != float(plain.spread[k])  # the binding model's error
-    assert torch.isfinite(est.ref[:, k]).all()
-
-
 # ---------------------------------------------------------------------------------------------- free atoms as labels
 def test_an_element_labelled_only_as_a_free_atom_is_estimated_not_fitted_to_it(caplog):
     """'hi' holds F only as a free atom: least squares would fit F's 'hi' reference to that atom's energy exactly,
@@ -386,8 +289,7 @@ def test_an_element_labelled_only_as_a_free_atom_is_estimated_not_fitted_to_it(c
     assert atomic.fitted[9, hi] and not atomic.free_only[9, hi]
 
 
-@pytest.mark.parametrize("use", ["references", "estimates"])
-def test_atomic_energies_in_hartree_are_refused(tmp_path, write_config, capsys, use):
+def test_atomic_energies_in_hartree_are_refused(tmp_path, write_config, capsys):
     data = tmp_path / "with_atoms.extxyz"
     free = with_free_atoms(data)
     hartree = {}
@@ -395,10 +297,10 @@ def test_atomic_energies_in_hartree_are_refused(tmp_path, write_config, capsys, 
         hartree.setdefault(a.info["fidelity"], {})[a.get_chemical_symbols()[0]] = (
             float(a.get_potential_energy()) / 27.211386 - 40.0
         )
-    cfg = write_config(data={"atomic_energies": hartree, "atomic_energies_use": use})
+    cfg = write_config(data={"atomic_energies": hartree})
     assert main(["train", str(cfg)]) != 0
     err = capsys.readouterr().err
-    assert "atomic energy, where binding energies are a few eV per atom" in err and "Hartree" in err
+    assert "beyond their atomic energies, where binding energies are a few eV per atom" in err and "Hartree" in err
 
 
 def test_an_element_only_in_the_table_stays_unknown(tmp_path, write_config, capsys):

@@ -34,7 +34,7 @@ HARTREE_EV = 27.211386245988
 #: QM9's atomref (figshare 1057643): U0 of the free atoms at B3LYP/6-31G(2df,p), Hartree
 QM9_ATOMREF = {"H": -0.500273, "C": -37.846772, "N": -54.583861, "O": -75.064579, "F": -99.718730}
 N_TOP, VAL, TEST_F, TEST_PLAIN = 1000, 500, 400, 1000
-VARIANTS = ("least_squares", "atomic", "atomic_estimates")
+VARIANTS = ("least_squares", "atomic")
 
 
 def choose(seed: int = 2026) -> dict:
@@ -103,10 +103,8 @@ def config(work: Path, variant: str, seed: int, steps: int) -> Path:
         "sources": [{"qm9": {"labels": str(p)}} for p in low_tables()] + [{"qm9": {"indices": str(work / "top.txt")}}],
         "split": {"files": {"train": str(work / "train.txt"), "val": str(work / "val.txt")}},
     }
-    if variant.startswith("atomic"):
+    if variant == "atomic":
         data["atomic_energies"] = atomic_energies()
-    if variant == "atomic_estimates":
-        data["atomic_energies_use"] = "estimates"
     raw = {
         "data": data,
         "model": {"backbone": "painn", "features": 64, "interactions": 3, "cutoff": 5.0},
@@ -160,6 +158,87 @@ def test_errors(run: Path, work: Path) -> dict:
     return out
 
 
+def reference_estimates(roles: dict) -> dict:
+    """F's B3LYP reference (eV per atom) as the runs' training labels estimate it, against the least-squares fit of
+    B3LYP labels that do hold F: fluorinated QM9 molecules in no test, validation or low-fidelity set, with the
+    training molecules. Two estimates from the shift model (data.stats): of total references (multifi's default)
+    and of binding energies (reference minus atomic energy, then plus F's B3LYP atomic energy)."""
+    from ase.data import atomic_numbers
+
+    from multifi.data.dataset import FidelityDataset
+    from multifi.data.readers.qm9 import load_qm9_geometries, read_label_table
+    from multifi.data.split import labelled_pairs
+    from multifi.data.stats import N_ELEMENTS, fit_references, shared_estimates_with_error
+
+    g = load_qm9_geometries()
+    index, offsets, numbers = np.asarray(g.index), np.asarray(g.offsets), np.asarray(g.numbers)
+    row = {int(i): r for r, i in enumerate(index)}
+    has_f = np.add.reduceat((numbers == 9).astype(np.int64), offsets[:-1]) > 0
+    held = set(roles["test_f"]) | set(roles["test_plain"]) | set(roles["val"]) | set(roles["low"])
+    other_f = [int(i) for i in index[has_f] if int(i) not in held]
+
+    def record(i, labels):
+        r = row[i]
+        return {"numbers": numbers[offsets[r] : offsets[r + 1]], "positions": g.positions[offsets[r] : offsets[r + 1]],
+                "labels": labels, "key": f"qm9:{i}"}  # fmt: skip
+
+    low = {}
+    for path in low_tables():
+        t = read_label_table(path)
+        low.update(zip(t.index.tolist(), t.energy.tolist()))
+    top = lambda i: {TOP: {"energy": float(g.energy[row[i]])}}  # noqa: E731
+    ds = FidelityDataset.from_records([record(i, {LOW: {"energy": e}}) for i, e in low.items()]
+                                      + [record(i, top(i)) for i in roles["top_train"]])  # fmt: skip
+    refs = fit_references(ds, labelled_pairs(ds, np.arange(len(ds))))
+    truth_ds = FidelityDataset.from_records([record(i, top(i)) for i in roles["top_train"] + other_f])
+    truth = fit_references(truth_ds, labelled_pairs(truth_ds, np.arange(len(truth_ds)))).ref[9, 0]
+    atomic = np.full((N_ELEMENTS, len(ds.fidelities)), np.nan)
+    for name, table in atomic_energies().items():
+        for symbol, e in table.items():
+            atomic[atomic_numbers[symbol], ds.fidelities.index(name)] = e
+    k = ds.fidelities.index(TOP)
+    binding = np.where(refs.fitted, refs.ref - np.nan_to_num(atomic), 0.0)
+    prior, loo = shared_estimates_with_error(binding, refs.fitted)
+    return {
+        "fluorinated_molecules_fitted": len(other_f),
+        "F_B3LYP_reference_fitted_eV": float(truth),
+        "total_estimate_error_eV": float(refs.ref[9, k] - truth),
+        "total_estimate_loo_eV": float(refs.spread[k]),
+        "binding_estimate_error_eV": float(prior[9, k] + atomic[9, k] - truth),
+        "binding_estimate_loo_eV": float(loo[k]),
+    }
+
+
+def _estimates_text(r: dict | None) -> str:
+    if not r:
+        return ""
+    return f"""
+**F's B3LYP reference as estimated** (no run label holds F at B3LYP): against the least-squares reference of the
+B3LYP labels of {r["fluorinated_molecules_fitted"]} fluorinated QM9 molecules in no test, validation or HF/3-21G set
+({r["F_B3LYP_reference_fitted_eV"]:.2f} eV), multifi's estimate from the total references is off by
+{r["total_estimate_error_eV"]:+.2f} eV (its leave-one-out error {r["total_estimate_loo_eV"]:.2f} eV); the same shift
+model on binding energies (reference minus atomic energy) is off by {r["binding_estimate_error_eV"]:+.2f} eV while its
+leave-one-out error claims {r["binding_estimate_loo_eV"]:.2f} eV: binding energies of HF/3-21G and B3LYP differ by
+element in no smooth way (HF lacks correlation), so estimating references from them is no better here, and
+overconfident.
+"""
+
+
+def _tried_text(results: dict) -> str:
+    runs = [results[k] for k in sorted(results) if k.startswith("atomic_estimates_s")]
+    if not runs:
+        return ""
+    mean = lambda key: np.mean([r[key] for r in runs])  # noqa: E731
+    return f"""
+**Tried, not kept** (`data.atomic_energies_use: estimates` at commit 037ef74: least-squares references kept, F's
+B3LYP reference its atomic energy plus a binding energy estimated by the shift model; the same command, {len(runs)}
+seeds, kept in `summary.json` as `atomic_estimates_s*`): fluorinated MAE {mean("test_f_mae_meV"):.0f} meV
+({mean("test_f_mae_meV_per_F"):.0f} per F atom), F-free {mean("test_plain_mae_meV"):.0f} meV (the least-squares
+model's, bit for bit: the same references wherever labels hold them): worse than least squares on the fluorinated
+molecules, as the reference estimate above says; the setting was removed.
+"""
+
+
 def report(out: Path, results: dict, steps: int, seeds: list[int]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -188,14 +267,11 @@ checkpoint chosen on {VAL} F-free B3LYP validation molecules. Test: B3LYP energi
   HF/3-21G one by the shared shift model);
 - **atomic**: `data.atomic_energies` with the free-atom energies of H, C, N, O, F at both levels, as references
   (each fidelity's references: its atomic energies plus its mean binding energy per atom);
-- **atomic estimates**: the same energies with `data.atomic_energies_use: estimates`: least-squares references
-  where the labels determine them, F's B3LYP reference its atomic energy plus a binding energy estimated from the
-  HF/3-21G one.
 
 | references | seeds | fluorinated MAE meV | mean error meV | MAE per F atom meV | F-free MAE meV |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
-"""
+{_estimates_text(results.get("reference_estimates"))}{_tried_text(results)}"""
     (out / "README.md").write_text(text)
 
 
@@ -210,6 +286,8 @@ def main() -> None:
     write_inputs(opts.work, roles)
     summary = opts.out / "summary.json"
     results = json.loads(summary.read_text()) if summary.exists() else {}
+    if "reference_estimates" not in results:
+        results["reference_estimates"] = reference_estimates(roles)
     for seed in opts.seeds:
         for variant in VARIANTS:
             name = f"{variant}_s{seed}"

@@ -195,13 +195,6 @@ class DataConfig(Section):
         "fidelity's references are these plus its mean binding energy per atom; unset: per-element least-squares "
         "fits to the labels",
     )
-    atomic_energies_use: Literal["references", "estimates"] = Field(
-        "references",
-        description="references: each fidelity's references are its atomic energies plus a shift (MACE's E0s); "
-        "estimates: references stay least-squares fits, the atomic energies (of every element at every fidelity) "
-        "only make the estimates of references the labels leave open (an element without labels at a fidelity) "
-        "from binding energies instead of total energies",
-    )
     skip_invalid: bool = False
     neighbor_lists: Literal["auto", "cache", "on_the_fly"] = Field(
         "auto", description="cache all neighbour lists in memory, or build them per batch (huge datasets)"

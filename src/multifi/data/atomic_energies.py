@@ -4,7 +4,7 @@ By default a fidelity's reference energies are fitted by least squares to its la
 absorbs the average bonding). Given atomic energies instead (`data.atomic_energies`: a table per fidelity, or
 `isolated`: the one-atom frames of the data, MACE's `IsolatedAtom` frames), a fidelity's references are those
 energies plus one shift per atom fitted to its labels (their mean binding energy per atom, MACE's shift), and the
-model learns binding energies, which differ between levels of theory far less than total energies. An element
+model learns binding energies, which differ between levels of theory less than total energies. An element
 with an atomic energy at a fidelity but no labels there then has a reference that is known, not estimated.
 """
 
@@ -132,46 +132,18 @@ def check_atomic_coverage(atomic: AtomicEnergies, dataset, train: np.ndarray, wh
             )
 
 
-def check_complete_table(atomic: AtomicEnergies, dataset, pairs: np.ndarray, where: str = "config") -> None:
-    """`atomic_energies_use: estimates`: every element of the labelled `pairs` [P, 2] (any fidelity) has an atomic
-    energy at every fidelity of `dataset` (the shift model compares binding energies of every element and
-    fidelity)."""
-    energy = np.asarray(dataset.energy)
-    elements, counts = composition_matrix(dataset)
-    rows = pairs[~np.isnan(energy[pairs[:, 0], pairs[:, 1]]), 0]
-    present = elements[counts[rows].sum(0) > 0]
-    for k, name in enumerate(dataset.fidelities.names):
-        missing = [int(z) for z in present if np.isnan(atomic.values[z, k])]
-        if missing:
-            raise MultifiError(
-                f"{where}: data.atomic_energies: no atomic energy of {', '.join(map(_symbol, missing))} at {name}; "
-                "atomic_energies_use: estimates needs one for every element of the labels at every fidelity"
-            )
-
-
-def check_binding(refs, atomic: np.ndarray, names, where: str = "config") -> None:
+def check_binding(refs, names, where: str = "config") -> None:
     """The labels' energies beyond the atomic energies are binding energies of a few eV per atom: a one-line error
-    for a fidelity where they are not (MAX_BINDING_EV), per atom on average (refs.atomic_shift, references from
-    atomic energies) or per element (a least-squares reference minus its atomic energy, atomic_energies_use:
-    estimates). refs: data.stats.References; atomic [N_ELEMENTS, K] eV (NaN: not given), columns as names."""
+    for a fidelity where they are not (refs.atomic_shift, their mean per atom, beyond MAX_BINDING_EV).
+    refs: data.stats.References of atomic energies; names: the fidelities, as refs' columns."""
     for k, name in enumerate(names):
         shift = np.nan if refs.atomic_shift is None else refs.atomic_shift[k]
-        if np.isnan(shift):
-            own = refs.fitted[:, k] & ~np.isnan(atomic[:, k])
-            if refs.free_only is not None:
-                own &= ~refs.free_only[:, k]
-            binding = refs.ref[own, k] - atomic[own, k]
-            if not len(binding) or np.abs(binding).max() <= MAX_BINDING_EV:
-                continue
-            z = int(np.flatnonzero(own)[np.argmax(np.abs(binding))])
-            found = f"{_symbol(z)}'s fitted reference lies {binding.flat[np.argmax(np.abs(binding))]:+.1f} eV from its"
-        elif abs(shift) <= MAX_BINDING_EV:
+        if np.isnan(shift) or abs(shift) <= MAX_BINDING_EV:
             continue
-        else:
-            found = f"the labels hold {shift:+.1f} eV per atom beyond their"
         raise MultifiError(
-            f"{where}: data.atomic_energies: at {name}, {found} atomic energy, where binding energies are a few eV per "
-            "atom: atomic energies in another unit than the labels (Hartree: ×27.211386 to eV) or of another method?"
+            f"{where}: data.atomic_energies: at {name}, the labels hold {shift:+.1f} eV per atom beyond their atomic "
+            "energies, where binding energies are a few eV per atom: atomic energies in another unit than the labels "
+            "(Hartree: ×27.211386 to eV) or of another method?"
         )
 
 

@@ -49,7 +49,6 @@ class References:
     # [N_ELEMENTS, K] bool: references given as an atomic energy to elements without labels at that fidelity
     atomic_shift: np.ndarray | None = None
     given: np.ndarray | None = None
-    binding: bool = False  # estimates made from binding energies (atomic_for="estimates")
     # [N_ELEMENTS, K] bool: elements whose only labels at a fidelity are free atoms, estimated there (_free_atoms_only)
     free_only: np.ndarray | None = None
 
@@ -105,7 +104,6 @@ def fit_references(
     pooled: bool = False,
     shared_scale: bool = False,
     atomic: np.ndarray | None = None,
-    atomic_for: str = "references",
 ) -> References:
     """Per-fidelity reference energies (joint fit, see the module docstring) and residual scales.
 
@@ -116,9 +114,7 @@ def fit_references(
     column holds that fit; for fidelity-blind models). `shared_scale`: one scale for every fidelity,
     from the residuals of all fidelities together. `ridge` (relative) regularises each least-squares fit.
     `atomic` [N_ELEMENTS, K] eV (NaN: not given): atomic energies (data/atomic_energies.py); a fidelity with
-    them takes them plus its fitted shift per atom (_atomic_fit) for every element given, labelled or not;
-    with `atomic_for="estimates"` every fidelity keeps its least-squares references and the atomic energies only
-    improve the estimates of those its labels leave open (_fill_binding_from_shared).
+    them takes them plus its fitted shift per atom (_atomic_fit) for every element given, labelled or not.
     """
     K = len(dataset.fidelities)
     elements, counts = composition_matrix(dataset)  # [n_el], [S, n_el]
@@ -127,7 +123,7 @@ def fit_references(
     shift, given = np.full(K, np.nan), np.zeros((N_ELEMENTS, K), bool)
     systems, residuals = [], []
     for ks in [list(range(K))] if pooled else [[k] for k in range(K)]:
-        if atomic is not None and atomic_for == "references" and not pooled and not np.isnan(atomic[:, ks[0]]).all():
+        if atomic is not None and not pooled and not np.isnan(atomic[:, ks[0]]).all():
             own, shift[ks[0]] = _atomic_fit(dataset, pairs, ks[0], elements, counts, atomic[:, ks[0]])
             given[:, ks[0]] = own.fitted & ~_labelled_elements(elements, counts, dataset, pairs, ks[0])
         else:
@@ -145,21 +141,17 @@ def fit_references(
     elif borrowed.any():
         scale[borrowed] = float(np.median(scale[~borrowed]))
     null = [np.zeros((0, N_ELEMENTS)) for _ in range(K)]
-    if atomic is not None and atomic_for == "references" and not pooled:  # an element no label holds stays unknown
+    if atomic is not None and not pooled:  # an element no label holds stays unknown
         unlabelled = ~np.any([_labelled_elements(elements, counts, dataset, pairs, k) for k in range(K)], axis=0)
         ref[unlabelled], fitted[unlabelled], given[unlabelled] = 0.0, False, False
     free_only = np.zeros((N_ELEMENTS, K), bool)
-    as_references = atomic is not None and atomic_for == "references"
-    if not pooled and not as_references:  # a free atom's energy fits its reference and says nothing of its bonding
+    if not pooled and atomic is None:  # a free atom's energy fits its reference and says nothing of its bonding
         only_free, bonded = _free_atoms_only(dataset, pairs, elements, counts, range(K))
         free_only = only_free & bonded[:, None] & fitted
         fitted &= ~free_only
-    binding = not pooled and atomic is not None and atomic_for == "estimates"
-    if binding:
-        null = _fill_binding_from_shared(ref, fitted, spread, systems, atomic)
-    elif not pooled:
+    if not pooled:
         null = _fill_from_shared(ref, fitted, spread, systems)
-    return References(ref, scale, fitted, spread, null, borrowed, shift, given, binding, free_only)
+    return References(ref, scale, fitted, spread, null, borrowed, shift, given, free_only)
 
 
 def fit_baseline(
@@ -178,7 +170,6 @@ def fit_new_fidelity(
     fitted: np.ndarray,
     ridge: float = 1e-8,
     atomic: np.ndarray | None = None,
-    atomic_for: str = "references",
 ) -> References:
     """References of fidelity k of `dataset` (its labelled pairs in `pairs`) next to known fidelities'.
 
@@ -187,14 +178,11 @@ def fit_new_fidelity(
     Fidelity k gets its own least-squares fit where its labels determine it, the shared estimate
     elsewhere. Returns References of one column (ref [N_ELEMENTS, 1], scale [1] (NaN when its labels do not
     determine one: MIN_SCALE_DOF), fitted, spread, atomic_shift, given). `atomic` [N_ELEMENTS] eV (NaN: not given):
-    fidelity k's atomic energies, its references then those plus its fitted shift (_atomic_fit); with
-    `atomic_for="estimates"`, [N_ELEMENTS, K0 + 1]: every fidelity's (the known ones, then k's), estimating what
-    k's labels leave open from binding energies (_fill_binding_from_shared)."""
+    fidelity k's atomic energies, its references then those plus its fitted shift (_atomic_fit)."""
     K0 = ref.shape[1]
     elements, counts = composition_matrix(dataset)
     shift, given = np.full(1, np.nan), np.zeros((N_ELEMENTS, 1), bool)
-    estimates = atomic is not None and atomic_for == "estimates"
-    if atomic is not None and not estimates:
+    if atomic is not None:
         own, shift[0] = _atomic_fit(dataset, pairs, k, elements, counts, atomic)
         labelled = _labelled_elements(elements, counts, dataset, pairs, k)
         unknown = ~labelled & ~fitted.any(1)  # in no label of k and unknown to the model: stays unknown
@@ -204,15 +192,12 @@ def fit_new_fidelity(
         own = _own_fit(dataset, pairs, [k], elements, counts, ridge)
     only_free, bonded = _free_atoms_only(dataset, pairs, elements, counts, [k])
     free_only = only_free[:, 0] & (bonded | fitted.any(1)) & own.fitted  # bonded here or known from the others
-    if atomic is not None and not estimates:  # references from atomic energies: a free atom's is its own
+    if atomic is not None:  # references from atomic energies: a free atom's is its own
         free_only[:] = False
     all_ref = np.concatenate([np.where(fitted, ref, 0.0), own.ref[:, None]], axis=1)
     all_fitted = np.concatenate([fitted, (own.fitted & ~free_only)[:, None]], axis=1)
     spread = np.full(K0 + 1, np.nan)
-    if estimates:
-        null = _fill_binding_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], atomic, only=K0)
-    else:
-        null = _fill_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], only=K0)
+    null = _fill_from_shared(all_ref, all_fitted, spread, [None] * K0 + [own.system], only=K0)
     return References(
         all_ref[:, [K0]],
         np.array([own.scale]),
@@ -222,7 +207,6 @@ def fit_new_fidelity(
         None,
         shift,
         given,
-        estimates,
         free_only[:, None],
     )
 
@@ -390,27 +374,6 @@ def _fill_from_shared(ref, fitted, spread, systems, only: int | None = None) -> 
         ref[missing, f] = estimate[missing]
         spread[f] = loo[f]
     return open_
-
-
-def _fill_binding_from_shared(ref, fitted, spread, systems, atomic, only: int | None = None) -> list[np.ndarray]:
-    """_fill_from_shared on binding energies: the shift model fitted to ref − atomic (what each element's fitted
-    reference holds beyond its free atom), its estimates plus the atomic energy where the labels leave a reference
-    open; references the labels identify stay as fitted. Binding energies differ between levels of theory far less
-    than total energies, so the estimates (and their leave-one-out error, `spread`) are much closer. atomic
-    [N_ELEMENTS, K] eV: given for every element with a reference at every fidelity (atomic_energies checks it).
-    `only`: change only this fidelity's column."""
-    known = fitted.any(1)
-    if np.isnan(atomic[known]).any():
-        raise ValueError("atomic energies missing for elements with references")
-    before = ref.copy()
-    binding = np.where(fitted, ref - np.nan_to_num(atomic), 0.0)
-    null = _fill_from_shared(binding, fitted, spread, systems, only)
-    after = np.where(known[:, None], binding + np.nan_to_num(atomic), 0.0)
-    keep = fitted & ~np.array([np.abs(n).max(0, initial=0.0) > 1e-8 for n in null]).T  # identified: as fitted
-    if only is not None:
-        keep[:, [f for f in range(ref.shape[1]) if f != only]] = True
-    ref[:] = np.where(keep, before, after)
-    return null
 
 
 def estimate_errors(ref: np.ndarray, fitted: np.ndarray, null: np.ndarray) -> np.ndarray:

@@ -489,44 +489,13 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
 def _new_atomic_energies(cfg: RunConfig, old, ds, pairs: dict, where: str) -> tuple[np.ndarray | None, dict]:
     """(the new fidelity's atomic energies [119] eV or None, the pairs without the one-atom frames read for them):
     a model whose references are atomic energies needs the new fidelity's (data.atomic_energies), one with
-    least-squares references cannot take them as references (the two kinds differ by each element's bonding), only
-    to estimate the new fidelity's open references (atomic_energies_use: estimates; then [119, K + 1], every
-    fidelity's)."""
-    from multifi.data.atomic_energies import (
-        check_atomic_coverage,
-        check_complete_table,
-        resolve_atomic_energies,
-        without_frames,
-    )
+    least-squares references cannot take them (the two kinds differ by each element's bonding)."""
+    from multifi.data.atomic_energies import check_atomic_coverage, resolve_atomic_energies, without_frames
 
     x, k = cfg.extend, len(old.fidelities)
     model_atomic = bool(old.head.atomic.any())
     if not model_atomic and cfg.data.atomic_energies is None:
         return None, pairs
-    if cfg.data.atomic_energies is not None and cfg.data.atomic_energies_use == "estimates":
-        if model_atomic:
-            raise MultifiError(
-                f"{where}: data.atomic_energies_use: estimates: {x.model}'s references are atomic energies; "
-                "leave atomic_energies_use at references"
-            )
-        atomic = resolve_atomic_energies(cfg.data.atomic_energies, ds, where)
-        pairs = without_frames(pairs, atomic)
-        check_complete_table(atomic, ds, np.concatenate(list(pairs.values())), where)
-        known = old.head.known().cpu().numpy()
-        missing = {
-            n: [z for z in np.flatnonzero(known) if np.isnan(atomic.values[z, f])]
-            for f, n in enumerate(ds.fidelities.names)
-        }
-        missing = {n: zs for n, zs in missing.items() if zs}
-        if missing:
-            from ase.data import chemical_symbols
-
-            name, zs = next(iter(missing.items()))
-            raise MultifiError(
-                f"{where}: data.atomic_energies: no atomic energy of {', '.join(chemical_symbols[z] for z in zs)} "
-                f"at {name}; atomic_energies_use: estimates needs one for every element of the model at every fidelity"
-            )
-        return atomic.values, pairs
     if not model_atomic:
         raise MultifiError(
             f"{where}: data.atomic_energies: {x.model}'s references are least-squares fits to its labels, not atomic "
@@ -664,12 +633,10 @@ def _fit_new_baseline(
     next to the model's known references (elements its labels lack get the shared estimate, flagged in
     head.fitted); the old columns are not touched. With energy_scale: shared, the new fidelity takes the
     shared scale. Returns the unit checks' findings on its `labelled` pairs, every split (data.checks.doubtful_units).
-    `atomic` [119] eV (NaN: not given): its atomic energies, for a model whose references are atomic energies;
-    [119, K + 1]: every fidelity's, which only estimate what its labels leave open (atomic_energies_use: estimates)."""
+    `atomic` [119] eV (NaN: not given): its atomic energies, for a model whose references are atomic energies."""
     head = potential.head
     known_ref = head.ref[:, :k].detach().double().cpu().numpy()
     known_fitted = head.fitted[:, :k].cpu().numpy()
-    estimates = atomic is not None and atomic.ndim == 2  # every fidelity's atomic energies: estimates only
     new = fit_new_fidelity(
         ds,
         train_pairs,
@@ -677,12 +644,11 @@ def _fit_new_baseline(
         known_ref,
         known_fitted,
         atomic=atomic,
-        atomic_for="estimates" if estimates else "references",
     )
     if atomic is not None:
         from multifi.data.atomic_energies import check_binding
 
-        check_binding(new, atomic[:, [k]] if estimates else atomic[:, None], [potential.fidelities.names[k]], "extend")
+        check_binding(new, [potential.fidelities.names[k]], "extend")
     if new.open(0):
         from multifi.train.preflight import warn_open_references
 
@@ -711,12 +677,7 @@ def _fit_new_baseline(
         new_elements = new.fitted[:, 0] & ~known_fitted.any(1)
         all_ref = np.concatenate([np.where(known_fitted, known_ref, 0.0), new.ref], axis=1)
         all_fitted = np.concatenate([known_fitted, new.fitted], axis=1)
-        if estimates:  # on binding energies, as fit_new_fidelity estimated
-            e0 = np.nan_to_num(atomic)
-            prior, loo = shared_estimates_with_error(np.where(all_fitted, all_ref - e0, 0.0), all_fitted)
-            prior = prior + e0
-        else:
-            prior, loo = shared_estimates_with_error(all_ref, all_fitted)
+        prior, loo = shared_estimates_with_error(all_ref, all_fitted)
         head.set_spread([k], loo[[k]])
         if new_elements.any():  # elements only the new fidelity has: the old fidelities' references estimated
             known = np.flatnonzero(np.isfinite(loo[:k]))  # their estimates' error, as _report_estimates says it

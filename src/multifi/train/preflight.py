@@ -424,12 +424,7 @@ def report_references(refs, names, skip=(), labels: str = "training labels") -> 
             + ("; from so few elements a rough guide only" if shared < 4 else "")
             + ")"
         )
-        how = (
-            f"their atomic energies plus a binding energy estimated from the other fidelities' (a shared per-element "
-            f"binding energy plus a {name} shift smooth in Z)"
-            if refs.binding
-            else f"the other fidelities' references as a shared per-element reference plus a {name} shift smooth in Z"
-        )
+        how = f"the other fidelities' references as a shared per-element reference plus a {name} shift smooth in Z"
         log.warning(
             "%s: no energy labels with %s in the %s; their %s reference energies are estimated from %s%s",
             name,

@@ -11,7 +11,6 @@ from multifi.config import RunConfig
 from multifi.data.atomic_energies import (
     AtomicEnergies,
     check_atomic_coverage,
-    check_complete_table,
     resolve_atomic_energies,
     without_frames,
 )
@@ -132,10 +131,8 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
             "fidelities used: nothing to train on"
         )
     _check_energies_to_train_on(ds, pairs["train"], config_source)
-    if atomic is not None and d.atomic_energies_use == "references":
+    if atomic is not None:
         check_atomic_coverage(atomic, ds, pairs["train"], config_source or "config")
-    elif atomic is not None:
-        check_complete_table(atomic, ds, pairs["train"], config_source or "config")
     return PreparedData(ds, split, pairs, settings, atomic)
 
 

@@ -260,10 +260,9 @@ def _module_with_references(cfg: RunConfig, prep, resume: bool, config_source: s
         pooled=module.potential.head.shared_baseline,
         shared_scale=cfg.model.energy_scale == "shared",
         atomic=None if prep.atomic is None else prep.atomic.values,
-        atomic_for=cfg.data.atomic_energies_use,
     )
     if prep.atomic is not None:
-        check_binding(refs, prep.atomic.values, prep.dataset.fidelities.names, config_source or "config")
+        check_binding(refs, prep.dataset.fidelities.names, config_source or "config")
     # units are the labels' own: checked over every labelled split, as `data info` checks them (the training split
     # alone can leave a composition below a check's minimum count and skip it silently), against each fidelity's
     # own fit of those labels (a pooled fit of several methods lies far from every one of them, which blamed the
