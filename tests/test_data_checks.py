@@ -394,6 +394,17 @@ def test_forces_that_disagree_with_another_fidelity_on_the_same_structures_are_n
     else:
         assert found == ["R2SCAN"] and said in caplog.text and "'PBE'" in caplog.text
         assert caplog.text.count("forces at fidelity") == 1
+    # units known at one fidelity: it is the yardstick, the other is still checked against it (a trial declared the
+    # good fidelity's units known, and the flipped forces of the other went unsaid)
+    for known, blamed in (({"R2SCAN"}, "PBE"), ({"PBE"}, "R2SCAN")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            found = check_force_units(ds, pairs, known=known)
+        if said is None:
+            assert found == []
+        else:
+            assert found == [blamed] and said in caplog.text and f"fix those at '{blamed}'" in caplog.text
+    assert check_force_units(ds, pairs, known={"PBE", "R2SCAN"}) == []
 
 
 @pytest.mark.parametrize(

@@ -554,14 +554,18 @@ def _crystal_per_atom_magnitude(dataset: FidelityDataset, s: np.ndarray, k: int)
 IMPLAUSIBLE_FORCE = 20.0
 
 
-def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5) -> list[str]:
+def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5, known=frozenset()) -> list[str]:
     """Warn for fidelities whose force labels have a median |component| above IMPLAUSIBLE_FORCE over at least
     `min_count` of `pairs`' structures (at most 5 000 of them looked at): meV/Å read as eV/Å comes out 1000×
-    too large. Returns the suspicious names."""
+    too large; then check_force_agreement and check_forces_against_energies. Fidelities in `known` (units known) are
+    not checked themselves, but are a yardstick for the others (a sign flip at another fidelity shows against
+    them). Returns the suspicious names."""
     if dataset.forces is None:
         return []
     suspicious = []
     for k, name in enumerate(dataset.fidelities.names):
+        if name in known:
+            continue
         s = pairs[pairs[:, 1] == k, 0]
         s = s[dataset.forces_mask[s, k]]
         if len(s) < min_count:
@@ -580,19 +584,21 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
                 median,
             )
     # fidelities found off already are no yardstick for the others (they would be blamed for the bad one's unit)
-    suspicious += check_force_agreement(dataset, pairs, skip=set(suspicious))
-    return suspicious + [name for name in check_forces_against_energies(dataset, pairs) if name not in suspicious]
+    suspicious += check_force_agreement(dataset, pairs, skip=set(suspicious), known=known)
+    own = pairs[~np.isin(pairs[:, 1], [dataset.fidelities.index(n) for n in known if n in dataset.fidelities])]
+    return suspicious + [name for name in check_forces_against_energies(dataset, own) if name not in suspicious]
 
 
 def check_force_agreement(
-    dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5, skip: set[str] = frozenset()
+    dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5, skip: set[str] = frozenset(), known=frozenset()
 ) -> list[str]:
     """Warn for fidelities whose forces, on structures also force-labelled at an earlier fidelity (at least
     `min_count` of `pairs`' structures, at most 5 000 looked at), point the other way (correlation below −0.5:
     gradients given as forces) or follow the same pattern (correlation above 0.5) at a size more than 5× apart
     (RMS ratio; Ha/Bohr read as eV/Å is 51.4× too small). Levels of theory differ by far less; near a minimum of
     one level its forces are small and hardly correlated with another's, and nothing is said. Fidelities in
-    `skip` (warned about already) are compared with none. Returns the suspicious names."""
+    `skip` (warned about already) are compared with none; of two compared, one in `known` (units known) is taken as
+    right and the other blamed, both in it are not compared. Returns the suspicious names."""
     if dataset.forces is None or len(dataset.fidelities) < 2:
         return []
     labelled = np.zeros(dataset.forces_mask.shape, bool)
@@ -601,7 +607,7 @@ def check_force_agreement(
     names = dataset.fidelities.names
     for k, name in enumerate(names):
         for ref in range(k):  # the first earlier fidelity sharing structures: one warning per pair at most
-            if name in skip or names[ref] in skip:
+            if name in skip or names[ref] in skip or (name in known and names[ref] in known):
                 continue
             s = np.flatnonzero(labelled[:, k] & labelled[:, ref])
             if len(s) < min_count:
@@ -619,17 +625,21 @@ def check_force_agreement(
                 why = f"are {ratio:.3g}× the size (correlation {corr:+.2f}): a unit? (Ha/Bohr is 51.4 eV/Å)"
             else:
                 break
-            suspicious.append(name)
+            bad, good = (names[ref], name) if name in known else (name, names[ref])
+            if name in known:  # the other way round: the known fidelity is the yardstick
+                why = why.replace(f"{ratio:.3g}× the size", f"{1 / ratio:.3g}× the size")
+            suspicious.append(bad)
             log.warning(
                 "%s: forces at fidelity %r, on the %d structures labelled at %r too, %s; levels of theory differ by "
-                "far less: if the forces at %r are right, fix those at %r",
-                dataset.source_of(name),
-                name,
+                "far less: %s",
+                dataset.source_of(bad),
+                bad,
                 len(s),
-                names[ref],
+                good,
                 why,
-                names[ref],
-                name,
+                f"{good}'s units are known (data.units_known): fix those at {bad!r}"
+                if good in known
+                else f"if the forces at {good!r} are right, fix those at {bad!r}",
             )
             break
     return suspicious
@@ -740,7 +750,7 @@ def doubtful_units(
     found = {
         "energy": check_energy_units(dataset, pairs, ref, scale),
         "stress": check_stress_units(dataset, pairs),
-        "forces": check_force_units(dataset, pairs),
+        "forces": check_force_units(dataset, every, known=set(known)),  # a known fidelity is a yardstick for others
     }
     check_energies_follow_compositions(dataset, every, skip=set(found["energy"]))
     return {label: names for label, names in found.items() if names}
