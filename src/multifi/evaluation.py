@@ -56,7 +56,9 @@ class Evaluation:
         warn_own_predictions(ds, pairs[scored], predicted[scored], self.where)
         if self.recorded is not None:  # labels that are one member's own predictions differ from the mean
             _warn_members_own_predictions(self.recorded, self.members, self.potential, ds, pairs[scored], self.where)
-        warn_labels_of_another_fidelity(self.potential, ds, pairs[fitted], self.where, self.batch_size)
+        names = np.asarray(ds.fidelities.names, dtype=object)
+        other = fitted & ~np.isin(names[pairs[:, 1]], list(in_units))  # a unit named explains the labels already
+        warn_labels_of_another_fidelity(self.potential, ds, pairs[other], self.where, self.batch_size)
 
     def warn_about_uncertainty(self) -> None:
         """Uncertainty statistics over too few structures to mean much."""
@@ -245,6 +247,16 @@ REVERSED_FORCES_COSINE = -0.8
 
 #: label units per eV that energy labels read as eV may be in (a least-squares slope of labels on predictions)
 ENERGY_UNITS = {"kJ/mol": 96.485, "kcal/mol": 23.061, "meV": 1000.0, "Hartree": 1 / 27.2114, "Rydberg": 1 / 13.6057}
+#: label units per eV/Å that force labels read as eV/Å may be in (the least-squares slope of labels on predictions)
+FORCE_UNITS = {
+    "kJ/mol/Å": 96.485,
+    "kcal/mol/Å": 23.061,
+    "meV/Å": 1000.0,
+    "Hartree/Bohr": 1 / 51.4221,
+    "Rydberg/Bohr": 1 / 25.7110,
+}
+#: force labels this aligned with the predictions (cosine) whose size matches a unit's factor within 5 % are named
+ALIGNED_FORCES_COSINE = 0.9
 
 
 def label_slopes(ds, pairs, predicted) -> dict[str, float]:
@@ -260,12 +272,18 @@ def label_slopes(ds, pairs, predicted) -> dict[str, float]:
     return out
 
 
-def _unit_of(slope: float | None) -> str:
-    """The unit (ENERGY_UNITS) whose factor the slope matches within 3 %, or ''."""
-    for unit, factor in ENERGY_UNITS.items():
-        if slope is not None and abs(slope / factor - 1) < 0.03:
+def _unit_of(slope: float | None, units: dict = ENERGY_UNITS, within: float = 0.03) -> str:
+    """The unit (of `units`) whose factor the slope matches within `within` (relative), or ''."""
+    for unit, factor in units.items():
+        if slope is not None and abs(slope / factor - 1) < within:
             return unit
     return ""
+
+
+def _conversion(factor: float) -> str:
+    """How to bring numbers in a unit `factor` per eV (or eV/Å) to eV: 'multiply by 27.2114' rather than 'divide by
+    0.0367'."""
+    return f"multiply by {1 / factor:.6g}" if factor < 1 else f"divide by {factor:.6g}"
 
 
 def warn_implausible_errors(metrics: dict, where: str, slopes: dict[str, float] | None = None) -> set[str]:
@@ -289,6 +307,17 @@ def warn_implausible_errors(metrics: dict, where: str, slopes: dict[str, float] 
                 slope,
                 cosine,
             )
+        elif cosine is not None and cosine > ALIGNED_FORCES_COSINE and (unit := _unit_of(slope, FORCE_UNITS, 0.05)):
+            log.warning(
+                "%s: %s force labels are %.4g × the model's forces (cosine %.2f): forces in %s read as eV/Å? "
+                "(convert them to eV/Å: %s)",
+                where,
+                name,
+                slope,
+                cosine,
+                unit,
+                _conversion(FORCE_UNITS[unit]),
+            )
         err = m.get(ENERGY_MAE_PER_ATOM)
         if err is None or err <= IMPLAUSIBLE_MEV_PER_ATOM:
             continue
@@ -297,13 +326,13 @@ def warn_implausible_errors(metrics: dict, where: str, slopes: dict[str, float] 
             named.add(name)
             log.warning(
                 "%s: %s energy MAE %.0f meV/atom, and the labels are %.4g × the predictions: energies in %s read "
-                "as eV? (convert them to eV: divide by %.6g)",
+                "as eV? (convert them to eV: %s)",
                 where,
                 name,
                 err,
                 slopes[name],
                 unit,
-                ENERGY_UNITS[unit],
+                _conversion(ENERGY_UNITS[unit]),
             )
         elif m.get(ESTIMATED):  # the estimated references may be the cause, not the labels
             log.warning(
