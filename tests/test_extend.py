@@ -1309,3 +1309,23 @@ def test_a_new_scale_far_from_the_frozen_networks_is_warned(caplog):
     assert (
         "top: its energy scale (0.399 eV, from its labels) is 1.8× smaller than that of low (0.729 eV)" in caplog.text
     )
+
+
+def test_cli_reads_mace_label_keys_of_the_new_data(old_run, tmp_path, capsys):
+    """MACE files keep labels under REF_energy / REF_forces: extend reads them with --energy-key/--forces-key (its
+    hint named these settings, which only a config could give); keys without --data are an error."""
+    frames = ase.io.read(new_data(tmp_path / "plain.extxyz"), ":")
+    for a in frames:
+        a.info["REF_energy"], a.arrays["REF_forces"] = a.get_potential_energy(), a.get_forces()
+        a.calc = None
+    ase.io.write(tmp_path / "mace.extxyz", frames, format="extxyz")
+    common = ["extend", str(old_run / "model.pt"), "--fidelity", "CC", "--max-steps", "2", "--set", "train.threads=1"]
+    keys = ["--energy-key", "REF_energy", "--forces-key", "REF_forces"]
+    assert main([*common, "--data", str(tmp_path / "mace.extxyz"), *keys, "--out", str(tmp_path / "x")]) == 0
+    payload = json.loads((tmp_path / "x" / "metrics.json").read_text())
+    assert payload["new_fidelity"] == "CC"
+    cfg = tmp_path / "ext.yaml"  # the config's own sources: the flags would apply to nothing
+    cfg.write_text(yaml.safe_dump({"extend": {"model": str(old_run / "model.pt"), "fidelity": "CC"},
+                                   "data": {"sources": [{"path": str(tmp_path / "mace.extxyz")}]}}))  # fmt: skip
+    assert main(["extend", "--config", str(cfg), *keys, "--out", str(tmp_path / "y")]) != 0
+    assert "--energy-key, --forces-key name labels of the --data files" in capsys.readouterr().err

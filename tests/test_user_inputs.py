@@ -804,3 +804,17 @@ def test_training_on_data_without_a_single_energy_is_an_error(tmp_path, capsys):
     assert code == 2 and not (tmp_path / "run").exists()
     last = err.strip().splitlines()[-1]
     assert last.startswith("multifi: error: ") and "none of the" in last and "energy_key" in last
+
+
+def test_fidelity_name_suggestions_follow_the_method_not_another_basis():
+    """'B3LYP' (QM9's level without its basis) gets 'B3LYP/6-31G(2df,p)' suggested; HF/3-21G labels never get
+    'HF/STO-3G' (another level of theory: a suggestion would steer toward relabelling them), a typo in a basis does."""
+    from multifi.errors import closest_name
+
+    known = ["GFN2-xTB", "B3LYP/6-31G(2df,p)", "HF/STO-3G"]
+    assert closest_name("B3LYP", known) == "B3LYP/6-31G(2df,p)" and closest_name("gfn2", known) == "GFN2-xTB"
+    assert closest_name("HF/3-21G", known) is None and closest_name("PBE", known) is None
+    assert (
+        closest_name("B3LYP/6-31G(2df,p", known) == "B3LYP/6-31G(2df,p)"
+        and closest_name("HF/STO3G", known) == "HF/STO-3G"
+    )

@@ -18,11 +18,25 @@ class NoFidelityError(MultifiError):
     """A structure names no fidelity and its source gives none (a caller with a default may supply one)."""
 
 
+#: similarity (difflib's ratio) two method/basis names with different basis sets need to be suggested for each other:
+#: a typo (6-31G(2df,p vs 6-31G(2df,p)), not another basis (HF/3-21G vs HF/STO-3G: 0.71, another level of theory)
+OTHER_BASIS_CUTOFF = 0.85
+
+
 def closest_name(name: str, known: Iterable[str]) -> str | None:
-    """The known name nearest to `name` (case ignored: b3lyp → B3LYP), if any is near."""
+    """The known name nearest to `name` (case ignored: b3lyp → B3LYP), if any is near: the one known name that `name`
+    begins (B3LYP → B3LYP/6-31G(2df,p)), else the nearest by difflib; a name of another basis set than `name`'s
+    (HF/3-21G, HF/STO-3G) only when nearly the same text (OTHER_BASIS_CUTOFF)."""
     by_lower = {str(k).lower(): str(k) for k in known}
-    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.5)
-    return by_lower[close[0]] if close else None
+    low = str(name).lower().strip()
+    starting = [k for k in by_lower if low and k.startswith(low) and k != low]
+    if len(starting) == 1:
+        return by_lower[starting[0]]
+    for close in difflib.get_close_matches(low, list(by_lower), n=3, cutoff=0.5):
+        other_basis = "/" in low and "/" in close and low.split("/", 1)[1] != close.split("/", 1)[1]
+        if not other_basis or difflib.SequenceMatcher(None, low, close).ratio() >= OTHER_BASIS_CUTOFF:
+            return by_lower[close]
+    return None
 
 
 def unknown_name(kind: str, name: str, known: Iterable[str], where: str = "") -> MultifiError:

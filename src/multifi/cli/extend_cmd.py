@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from multifi.cli.args import add_label_keys, label_keys
+
 #: flag → config key (every flag is an override of the `extend`, `data` or `train` section)
 FLAGS = {
     "model": "extend.model",
@@ -29,6 +31,7 @@ def register(sub):
         help="labelled data of the new fidelity (structures naming none are taken as --fidelity; naming another is an error)",
     )
     p.add_argument("--fidelity", help="name of the new fidelity")
+    add_label_keys(p)  # of the --data files
     p.add_argument("--out", help="new run directory (model.pt, metrics.json with the forgetting report)")
     p.add_argument(
         "--train",
@@ -74,8 +77,15 @@ def overrides_from_args(args) -> list[str]:
     ]
     if args.model is not None:  # MODEL.pt is positional
         out.insert(0, Override(f"extend.model={json.dumps(here(args.model))}", str(args.model)))
+    keys = label_keys(args)
+    if keys and not args.data:
+        from multifi.errors import MultifiError
+
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in keys)
+        raise MultifiError(f"multifi extend: {flags} name labels of the --data files; give --data (a config's sources "
+                           "take them as energy_key, forces_key, stress_key, stress_order)")  # fmt: skip
     if args.data:
-        sources = [source_from_text(p, args.fidelity).model_dump(exclude_none=True) for p in args.data]
+        sources = [source_from_text(p, args.fidelity, **keys).model_dump(exclude_none=True) for p in args.data]
         for src in sources:
             if "path" in src:
                 src["path"] = here(src["path"])
@@ -111,6 +121,7 @@ def run(args) -> int:
         given = [f"--{f.replace('_', '-')}" for f in FLAGS if f != "model" and getattr(args, f) is not None]
         given += ["MODEL.pt"] * (args.model is not None) + ["--config"] * (args.config is not None)
         given += ["--data"] * bool(args.data) + ["--set"] * bool(args.overrides)
+        given += [f"--{k.replace('_', '-')}" for k in label_keys(args)]
         if given:
             raise MultifiError(
                 f"multifi extend --resume {args.resume} continues with the run's own settings (its config.yaml); "
