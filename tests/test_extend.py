@@ -1329,3 +1329,17 @@ def test_cli_reads_mace_label_keys_of_the_new_data(old_run, tmp_path, capsys):
                                    "data": {"sources": [{"path": str(tmp_path / "mace.extxyz")}]}}))  # fmt: skip
     assert main(["extend", "--config", str(cfg), *keys, "--out", str(tmp_path / "y")]) != 0
     assert "--energy-key, --forces-key name labels of the --data files" in capsys.readouterr().err
+
+
+def test_replay_from_an_ancestor_run_names_what_it_lacks(old_run, tmp_path, capsys):
+    """--old-run naming the run an extended model started from: replay of every fidelity asks that run for the
+    extension's fidelity it never held; the error says so and what it holds (it suggested another method's name)."""
+    data = new_data(tmp_path / "new.extxyz")
+    base = ["--max-steps", "2", "--set", "train.threads=1", "--set", "train.progress=false"]
+    assert main(["extend", str(old_run / "model.pt"), "--data", str(data), "--fidelity", "CC", "--out",
+                 str(tmp_path / "e1"), *base]) == 0  # fmt: skip
+    args = ["extend", str(tmp_path / "e1" / "model.pt"), "--data", str(data), "--fidelity", "DD", "--out",
+            str(tmp_path / "e2"), "--old-run", str(old_run), "--train", "all", "--replay", "0.5", *base]  # fmt: skip
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert f"replay: {old_run} holds no data of CC" in err and "(lo, hi: --replay-fidelity)" in err

@@ -599,7 +599,15 @@ def _replay(x, old, old_run: OldRun | None, seed: int, where: str) -> dict[str, 
             "set extend.old_run (--old-run)"
         )
     names = x.replay_fidelities or list(old.fidelities.names)
-    ks = [old_run.dataset.fidelities.index(n, where=f"{old_run.path}: replay fidelities") for n in names]
+    absent = [n for n in names if n not in old_run.dataset.fidelities]
+    if absent:  # an earlier run of the model's history (extended since), or another model's
+        held = [n for n in names if n in old_run.dataset.fidelities]
+        raise MultifiError(
+            f"{where}: replay: {old_run.path} holds no data of {', '.join(absent)} (the model's fidelities since "
+            f"extensions, or not its run); name the run that trained {x.model} (--old-run), or replay only what "
+            f"{old_run.path} holds ({', '.join(held) or 'nothing of the model'}: --replay-fidelity)"
+        )
+    ks = [old_run.dataset.fidelities.index(n) for n in names]
     empty = [n for n, k in zip(names, ks) if not (old_run.train[:, 1] == k).any()]
     if empty and x.replay_fidelities:
         raise MultifiError(f"{where}: replay of {', '.join(empty)}: {old_run.path} holds no training structures there")
