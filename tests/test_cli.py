@@ -243,7 +243,7 @@ def test_predict_marks_structures_whose_reference_was_estimated(tmp_path, capsys
     out = tmp_path / "e.extxyz"
     with caplog.at_level("WARNING", logger="multifi"):
         assert run(["predict", model, src, "--fidelity", "hi", "--ensemble", member, "--out", out], capsys)[0] == 0
-    assert "1 structure(s) have an estimated hi reference energy" in caplog.text
+    assert "1 frame(s) have an estimated hi reference energy" in caplog.text
     assert "energy_sigma is NaN for 1 of them" in caplog.text
     before = [a.info["energy_sigma"] for a in ase.io.read(out, ":")]
     assert np.isnan(before[0]) and np.isfinite(before[1])

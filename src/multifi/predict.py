@@ -174,7 +174,7 @@ def predict_file(
         if estimated[name].any():
             unknown = int(np.isnan(sigmas[name][estimated[name]]).sum())
             log.warning(
-                "%s: %d structure(s) have an estimated %s reference energy (info['reference_estimated']): their "
+                "%s: %d frame(s) have an estimated %s reference energy (info['reference_estimated']): their "
                 "energy may be off by eV; %s",
                 path,
                 int(estimated[name].sum()),
