@@ -117,7 +117,9 @@ METRIC_KEYS = {
     "energy_mae_meV",
     "energy_rmse_meV",
     "energy_mae_meV_per_atom",
+    "energy_rmse_meV_per_atom",
     "forces_mae_meV_per_A",
+    "forces_rmse_meV_per_A",
     "stress_mae_GPa",
     "forces_label_slope",  # present where there are force labels (all data of these tests)
     "forces_label_cosine",

@@ -261,6 +261,20 @@ def test_metrics_per_fidelity_exact_values(molecules):
     assert a["forces_mae_meV_per_A"] == pytest.approx(2.0) and b["forces_mae_meV_per_A"] is None
     assert b["energy_mae_meV"] == pytest.approx(1000.0) and b["energy_mae_meV_per_atom"] == pytest.approx(1000.0 / 6)
     assert a["stress_mae_GPa"] is None
+    # RMSEs (MACE's RMSE_E_per_atom, RMSE_F): per-atom energy errors 0.1 eV (a), 1/6 eV (b); force errors of
+    # 2 meV/Å on every component of one structure, 0.002 + 0 ... on the other: a's forces err by 2 meV/Å everywhere
+    assert a["energy_rmse_meV_per_atom"] == pytest.approx(100.0) and b["energy_rmse_meV_per_atom"] == pytest.approx(
+        1000 / 6
+    )
+    assert a["forces_rmse_meV_per_A"] == pytest.approx(2.0) and b["forces_rmse_meV_per_A"] is None
+    out["forces"] = torch.zeros_like(g.positions)
+    out["forces"][0] = torch.tensor([0.003, -0.004, 0.0], dtype=torch.float64)  # one atom of structure 0 (3 atoms)
+    m = FidelityMetrics(["a", "b", "unused"])
+    m.update(out, g)
+    a = m.compute()["a"]  # structures 0 and 2 (3 + 4 atoms, 21 components): √(25e-6 / 21) eV/Å, MAE 7e-3 / 21
+    assert a["forces_rmse_meV_per_A"] == pytest.approx(1000 * np.sqrt(25e-6 / 21)) and a[
+        "forces_mae_meV_per_A"
+    ] == pytest.approx(7 / 21)
 
 
 def test_loss_fidelity_weights(molecules):

@@ -884,3 +884,33 @@ def test_mace_reference_keys_beside_default_labels_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="multifi"):
         read_ase(path, fidelity="pbe", keys=MACE_KEYS)
     assert "the file also holds" not in caplog.text
+
+
+def test_fidelity_key_reads_mace_heads_as_fidelities(tmp_path):
+    """MACE's multi-head files name each frame's level in info['head']: `fidelity_key: head` reads them as
+    fidelities in one source (one source per head before); a frame naming another info['fidelity'] is an error."""
+    from ase.calculators.emt import EMT
+
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_source
+    from multifi.errors import MultifiError
+
+    frames = []
+    for i, head in enumerate(["pbe", "r2scan", "pbe"]):
+        a = ase.Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.3 + 0.1 * i]])
+        a.calc = EMT()
+        a.info.update(REF_energy=a.get_potential_energy() * (1.1 if head == "r2scan" else 1.0), head=head)
+        a.calc = None
+        frames.append(a)
+    path = tmp_path / "multihead.extxyz"
+    ase.io.write(path, frames, format="extxyz")
+    ds = read_source(SourceConfig(path=str(path), energy_key="REF_energy", fidelity_key="head"))
+    assert list(ds.fidelities.names) == ["pbe", "r2scan"] and int(ds.energy_mask.sum()) == 3
+    k = ds.fidelities.index("r2scan")
+    assert np.flatnonzero(ds.energy_mask[:, k]).tolist() == [1]
+    frames[1].info["fidelity"] = "PBE"
+    ase.io.write(path, frames, format="extxyz")
+    with pytest.raises(
+        MultifiError, match=r"frame 1 \(0-based\): info\['head'\] names 'r2scan' and info\['fidelity'\] 'PBE'"
+    ):
+        read_source(SourceConfig(path=str(path), energy_key="REF_energy", fidelity_key="head"))

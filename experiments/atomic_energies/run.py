@@ -299,6 +299,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", type=Path, default=OUT, help="report folder; runs and inputs in its work/ (not committed)")
     opts = ap.parse_args()
+    opts.out = opts.out.resolve()  # the configs name files by absolute path (a config's own are relative to it)
     opts.work = opts.out / "work"
     roles = choose()
     write_inputs(opts.work, roles)

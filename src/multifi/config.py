@@ -118,6 +118,11 @@ class SourceConfig(Section):
         description="key of the stress label (eV/Å³, ASE sign) in info or the calculator (default stress); a key "
         "naming a virial (eV) is converted, stress = −virial / volume",
     )
+    fidelity_key: str | None = Field(
+        None,
+        description="info key naming each frame's fidelity in files ASE reads (default fidelity; MACE's multi-head "
+        "files: head)",
+    )
     # MatPES records: the order of a 6-component stress (kBar, VASP's sign)
     stress_order: Literal["voigt", "vasp"] = Field(
         "voigt",

@@ -10,9 +10,11 @@ COUNT = "n"  # structures with an energy label
 ENERGY_MAE = "energy_mae_meV"  # mean |ΔE| per structure, meV
 ENERGY_RMSE = "energy_rmse_meV"  # root mean square ΔE per structure, meV
 ENERGY_MAE_PER_ATOM = "energy_mae_meV_per_atom"  # mean |ΔE| / atoms, meV/atom
+ENERGY_RMSE_PER_ATOM = "energy_rmse_meV_per_atom"  # root mean square ΔE / atoms, meV/atom (MACE's RMSE_E_per_atom)
 FORCES_MAE = "forces_mae_meV_per_A"  # mean |ΔF| per Cartesian component, meV/Å
+FORCES_RMSE = "forces_rmse_meV_per_A"  # root mean square ΔF per Cartesian component, meV/Å (MACE's RMSE_F)
 STRESS_MAE = "stress_mae_GPa"  # mean |Δσ| over the 9 components of the 3×3 tensor, GPa
-METRIC_KEYS = (ENERGY_MAE, ENERGY_RMSE, ENERGY_MAE_PER_ATOM, FORCES_MAE, STRESS_MAE)
+METRIC_KEYS = (ENERGY_MAE, ENERGY_RMSE, ENERGY_MAE_PER_ATOM, ENERGY_RMSE_PER_ATOM, FORCES_MAE, FORCES_RMSE, STRESS_MAE)
 #: least-squares slope of the force labels on the predicted forces, Σ F_label·F_pred / Σ F_pred² (about 1 for a
 #: model that learned them; negative: labels pointing against the model's forces, e.g. gradients given as forces)
 FORCES_SLOPE = "forces_label_slope"
@@ -32,7 +34,9 @@ METRIC_LABELS = {
     ENERGY_MAE: "energy MAE (meV)",
     ENERGY_RMSE: "energy RMSE (meV)",
     ENERGY_MAE_PER_ATOM: "energy MAE (meV/atom)",
+    ENERGY_RMSE_PER_ATOM: "energy RMSE (meV/atom)",
     FORCES_MAE: "force MAE (meV/Å)",
+    FORCES_RMSE: "force RMSE (meV/Å)",
     STRESS_MAE: "stress MAE (GPa)",
 }
 

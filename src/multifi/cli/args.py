@@ -27,6 +27,10 @@ def add_label_keys(p) -> None:
         help=f"stress label key in info/calculator (default: stress; a virial key is converted{only}, e.g. "
         "--energy-key energy --forces-key forces --stress-key virial)",
     )
+    p.add_argument(
+        "--fidelity-key",
+        help="info key naming each frame's fidelity (default: fidelity; MACE's multi-head files: head)",
+    )
     add_stress_order(p)
 
 
@@ -50,7 +54,7 @@ def source_config(text: str, fidelity: str | None, args=None):
 
 def label_keys(args) -> dict:
     """--energy-key / --forces-key / --stress-key / --stress-order given on the command line."""
-    names = ("energy_key", "forces_key", "stress_key", "stress_order")
+    names = ("energy_key", "forces_key", "stress_key", "fidelity_key", "stress_order")
     return {k: getattr(args, k) for k in names if getattr(args, k, None)}
 
 

@@ -10,6 +10,7 @@ from multifi.keys import (
     ESTIMATED,
     FITTED_ONLY,
     FORCES_MAE,
+    FORCES_RMSE,
     STRESS_MAE,
 )
 
@@ -21,6 +22,7 @@ def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
         (ENERGY_RMSE, "E RMSE meV", "{:.2f}"),
         (ENERGY_MAE_PER_ATOM, "E MAE meV/atom", "{:.3f}"),
         (FORCES_MAE, "F MAE meV/Å", "{:.1f}"),
+        (FORCES_RMSE, "F RMSE meV/Å", "{:.1f}"),
         (STRESS_MAE, "S MAE GPa", "{:.3f}"),
     ]
     rows = []
@@ -34,9 +36,13 @@ def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
     for name, m in rows:
         subset = name.startswith("  without ")  # the estimate moves energies only: forces and stress as above
         cells = [
-            ("" if subset and k in (FORCES_MAE, STRESS_MAE) else "-" if m.get(k) is None else fmt.format(m[k])).rjust(
-                16
-            )
+            (
+                ""
+                if subset and k in (FORCES_MAE, FORCES_RMSE, STRESS_MAE)
+                else "-"
+                if m.get(k) is None
+                else fmt.format(m[k])
+            ).rjust(16)
             for k, _, fmt in cols
         ]
         lines.append(name.ljust(width) + "".join(cells).rstrip())

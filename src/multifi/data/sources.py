@@ -55,6 +55,8 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
         raise MultifiError(f"{path}: {', '.join(custom)} applies to files ASE reads, not to {fmt} files")
     if src.stress_order != "voigt" and fmt != "matpes":  # ASE files and datasets store 3×3 or ASE's Voigt order
         raise MultifiError(f"{path}: stress_order applies to MatPES records, not to {fmt} files")
+    if src.fidelity_key not in (None, "fidelity") and fmt != "ase":
+        raise MultifiError(f"{path}: fidelity_key applies to files ASE reads, not to {fmt} files")
     if src.index != ":" and fmt != "ase":  # else every structure would be read, silently
         raise MultifiError(f"{path}: index {src.index!r} picks frames of files ASE reads, not of {fmt} files")
     if fmt == "npz":
@@ -70,7 +72,14 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
         return read_matpes(path, fidelity=src.fidelity, skip_invalid=skip_invalid, stress_order=src.stress_order)
     from multifi.data.readers.ase_files import read_ase
 
-    return read_ase(path, fidelity=src.fidelity, index=src.index, skip_invalid=skip_invalid, keys=keys)
+    return read_ase(
+        path,
+        fidelity=src.fidelity,
+        index=src.index,
+        skip_invalid=skip_invalid,
+        keys=keys,
+        fidelity_key=src.fidelity_key,
+    )
 
 
 def guess_format(path: Path) -> str:

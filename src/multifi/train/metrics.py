@@ -1,4 +1,4 @@
-"""Per-fidelity error accumulators: energy MAE/RMSE (meV, meV/atom), force MAE (meV/Å), stress MAE (GPa)."""
+"""Per-fidelity error accumulators: energy MAE/RMSE (meV, meV/atom), force MAE/RMSE (meV/Å), stress MAE (GPa)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ from multifi.keys import (
     ENERGY_MAE,
     ENERGY_MAE_PER_ATOM,
     ENERGY_RMSE,
+    ENERGY_RMSE_PER_ATOM,
     FORCES_COSINE,
     FORCES_MAE,
+    FORCES_RMSE,
     FORCES_SLOPE,
     STRESS_MAE,
 )
 
 # columns of the accumulator
-N_E, AE, SE, AE_ATOM, N_F, AE_F, N_S, AE_S, F_LP, F_PP, F_LL = range(11)
+N_E, AE, SE, AE_ATOM, N_F, AE_F, N_S, AE_S, F_LP, F_PP, F_LL, SE_ATOM, SE_F = range(13)
 
 
 class FidelityMetrics:
@@ -30,7 +32,7 @@ class FidelityMetrics:
         self.reset()
 
     def reset(self):
-        self.acc = torch.zeros(len(self.names), F_LL + 1, dtype=torch.float64)
+        self.acc = torch.zeros(len(self.names), SE_F + 1, dtype=torch.float64)
 
     def update(self, out: dict, graph: Graph) -> None:
         acc = torch.zeros_like(self.acc)
@@ -44,12 +46,14 @@ class FidelityMetrics:
             acc[:, AE].index_add_(0, f, err.abs())
             acc[:, SE].index_add_(0, f, err**2)
             acc[:, AE_ATOM].index_add_(0, f, err.abs() / n)
+            acc[:, SE_ATOM].index_add_(0, f, (err / n) ** 2)
         if "forces" in out and graph.forces_mask.any():
             am = graph.forces_mask[graph.batch].cpu()
             pred, label = out["forces"].detach().cpu().double()[am], graph.forces.cpu().double()[am]  # [n,3]
             fa = fid[graph.batch.cpu()][am]
             acc[:, N_F].index_add_(0, fa, torch.full((len(fa),), 3.0, dtype=torch.float64))
             acc[:, AE_F].index_add_(0, fa, (pred - label).abs().sum(-1))
+            acc[:, SE_F].index_add_(0, fa, ((pred - label) ** 2).sum(-1))
             acc[:, F_LP].index_add_(0, fa, (label * pred).sum(-1))
             acc[:, F_PP].index_add_(0, fa, (pred * pred).sum(-1))
             acc[:, F_LL].index_add_(0, fa, (label * label).sum(-1))
@@ -73,7 +77,9 @@ class FidelityMetrics:
                 ENERGY_MAE: 1000 * a[AE] / ne if ne else None,
                 ENERGY_RMSE: 1000 * math.sqrt(a[SE] / ne) if ne else None,
                 ENERGY_MAE_PER_ATOM: 1000 * a[AE_ATOM] / ne if ne else None,
+                ENERGY_RMSE_PER_ATOM: 1000 * math.sqrt(a[SE_ATOM] / ne) if ne else None,
                 FORCES_MAE: 1000 * a[AE_F] / a[N_F] if a[N_F] else None,
+                FORCES_RMSE: 1000 * math.sqrt(a[SE_F] / a[N_F]) if a[N_F] else None,
                 STRESS_MAE: a[AE_S] / a[N_S] if a[N_S] else None,
             }
             if a[N_F] and a[F_PP] > 0:

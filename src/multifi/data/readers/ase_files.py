@@ -31,6 +31,7 @@ def read_ase(
     index: str = ":",
     skip_invalid: bool = False,
     keys: dict[str, str] | None = None,
+    fidelity_key: str | None = None,
 ) -> FidelityDataset:
     """Structures and labels from an ASE-readable file.
 
@@ -46,7 +47,8 @@ def read_ase(
     label set per level of theory, e.g. REF_energy_PBE on every frame and REF_energy_R2SCAN on some, read once
     per fidelity) and counted in the log; with no keys, or when no frame has them, a frame without labels is an
     error. A stress key naming a virial (`virial`, `REF_virials`: eV, W = −σ·V) is converted
-    to stress, σ = −W / V.
+    to stress, σ = −W / V. `fidelity_key` (e.g. MACE's head): the info key naming each frame's fidelity instead of
+    info['fidelity'] (a frame naming both differently is an error).
     """
     path = Path(path)
     src = str(path)
@@ -72,6 +74,8 @@ def read_ase(
         for kind, flagged in _charge_and_spin(atoms.info).items():
             charged[kind] += flagged
         tag = f"frame {i} (0-based)" if index == ":" else f"frame {i} (0-based, of index {index!r})"
+        if fidelity_key not in (None, "fidelity") and fidelity_key in atoms.info:
+            _fidelity_from(atoms, fidelity_key, f"{src}: {tag}")
         unread.update(dict.fromkeys(_label_like(atoms, keys)))
         if not isinstance(atoms.info.get("fidelity", ""), str):
             parsed.setdefault(str(atoms.info["fidelity"]), None)
@@ -331,6 +335,16 @@ class MaceWeights:
                 self.src,
                 ", ".join(self.other),
             )
+
+
+def _fidelity_from(atoms, key: str, where: str) -> None:
+    """info['fidelity'] ← info[key] (a source's fidelity_key, e.g. MACE's head); one naming another is an error."""
+    value, own = str(atoms.info[key]).strip(), atoms.info.get("fidelity")
+    if own is not None and str(own) != value:
+        raise MultifiError(f"{where}: info[{key!r}] names {value!r} and info['fidelity'] {str(own)!r}: which one?")
+    if not value:
+        raise MultifiError(f"{where}: info[{key!r}] is empty (fidelity_key: {key})")
+    atoms.info["fidelity"] = value
 
 
 def _keys_name_a_head(keys: dict[str, str], heads: dict) -> bool:
