@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from multifi.data.checks import isolated_atoms
+from multifi.data.isolated import isolated_atoms
 from multifi.data.stats import N_ELEMENTS, composition_matrix
 from multifi.errors import MultifiError
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from multifi.data.cells import MIN_MEASURE, complete_cells
 from multifi.data.dataset import FidelityDataset, ranges
+from multifi.data.isolated import ISOLATED_IMAGE_DISTANCE, isolated_atoms  # noqa: F401 - re-exported
 from multifi.data.same_geometry import DUPLICATE_TOLERANCE, first_of_same_geometry
 from multifi.errors import MultifiError
 
@@ -54,26 +55,6 @@ def warn_structures_without_edges(dataset: FidelityDataset, neighbors, structure
 
 #: an energy scale this many times larger with isolated atoms than without them is worth a warning
 ISOLATED_SCALE_RATIO = 1.5
-#: Å: a one-atom periodic cell whose nearest image lies at least this far is an isolated atom in a box (DFT's way
-#: of computing a free atom); one-atom crystals (fcc, bcc primitive cells) have their images at 2-5 Å
-ISOLATED_IMAGE_DISTANCE = 6.0
-
-
-def isolated_atoms(dataset: FidelityDataset) -> np.ndarray:
-    """[S] bool: one-atom structures that are free atoms: not periodic, or periodic with every image at least
-    ISOLATED_IMAGE_DISTANCE away (the shortest of the lattice translations n·cell, n ∈ {−1, 0, 1}³ along periodic
-    directions)."""
-    single = np.flatnonzero(dataset.n_atoms == 1)
-    out = np.zeros(len(dataset.n_atoms), bool)
-    if not len(single):
-        return out
-    pbc = dataset.pbc[single]
-    n = np.array([v for v in np.ndindex(3, 3, 3) if v != (1, 1, 1)], dtype=np.float64) - 1  # [26, 3]
-    shifts = np.einsum("sta,sab->stb", n[None] * pbc[:, None, :], dataset.cells[single])  # [s, 26, 3] Å
-    length = np.linalg.norm(shifts, axis=-1)
-    nearest = np.where(length > 0, length, np.inf).min(1)  # inf: no periodic direction
-    out[single] = nearest >= ISOLATED_IMAGE_DISTANCE
-    return out
 
 
 def warn_isolated_atoms(dataset: FidelityDataset, pairs: np.ndarray) -> list[str]:

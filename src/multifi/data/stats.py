@@ -270,7 +270,7 @@ def _free_atoms_only(dataset, pairs, elements, counts, ks) -> tuple[np.ndarray, 
     """(only_free [N_ELEMENTS, len(ks)] bool: elements whose every energy label at fidelity ks[i] in `pairs` is of a
     free atom (a one-atom structure, data.checks.isolated_atoms); bonded [N_ELEMENTS] bool: elements in a labelled
     structure that is no free atom at one of ks)."""
-    from multifi.data.checks import isolated_atoms
+    from multifi.data.isolated import isolated_atoms
 
     free = isolated_atoms(dataset)
     energy = np.asarray(dataset.energy)

@@ -14,9 +14,9 @@ import torch
 
 from multifi.config import RunConfig
 from multifi.data.atomic_energies import ISOLATED
-from multifi.data.checks import isolated_atoms
 from multifi.data.dataset import GEOMETRY_KEY_PREFIX, GEOMETRY_TOLERANCE, FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
+from multifi.data.isolated import isolated_atoms
 from multifi.data.sources import read_sources
 from multifi.data.split import (
     TRAIN_LABELS,

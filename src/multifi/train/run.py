@@ -452,7 +452,11 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
             resumable = not no_checkpoint and (run_dir / "config.yaml").exists()
             raise MultifiError(
                 f"{run_dir}: run directory exists and is not empty; use "
-                + (f"--resume {run_dir} or another output_dir" if resumable else "another output_dir")
+                + (
+                    f"--resume {run_dir} (train(cfg, resume=True) from Python) or another output_dir"
+                    if resumable
+                    else "another output_dir"
+                )
             )
         log.info("%s: the previous start wrote no checkpoint; starting afresh", run_dir)
     check_creatable(run_dir)
