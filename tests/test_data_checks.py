@@ -407,6 +407,35 @@ def test_forces_that_disagree_with_another_fidelity_on_the_same_structures_are_n
     assert check_force_units(ds, pairs, known={"PBE", "R2SCAN"}) == []
 
 
+def test_the_force_yardstick_is_a_known_fidelity_and_never_one_found_off(caplog):
+    """A holds gradients (−F), B and C the forces; C's units known: A alone is named, once (B was blamed for
+    disagreeing with A, and A named twice, when each fidelity met the first earlier one)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from multifi.data.checks import check_force_units
+    from multifi.data.readers.ase_files import _record
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(8):
+        atoms = ase.Atoms("CH4", positions=rng.normal(size=(5, 3)) * 1.2)
+        f = rng.normal(size=(5, 3))
+        for name, sign in (("A", -1.0), ("B", 1.0), ("C", 1.0), ("D", 1.05)):
+            a = atoms.copy()
+            a.calc = SinglePointCalculator(a, energy=-20.0, forces=sign * f)
+            a.info.update(fidelity=name, key=f"m{i}")
+            frames.append(a)
+    ds = FidelityDataset.merge([FidelityDataset.from_records([_record(a, None, "x") for a in frames])])  # by key
+    pairs = np.argwhere(ds.forces_mask)
+    for known in ({"C"}, {"B", "C"}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            assert check_force_units(ds, pairs, known=known) == ["A"]
+        assert caplog.text.count("forces at fidelity") == 1 and "fix those at 'A'" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="multifi"):  # nothing known: B, C, D each against A, the first
+        assert check_force_units(ds, pairs) == ["B", "C", "D"]
+
+
 @pytest.mark.parametrize(
     ("force_factor", "said"),
     [

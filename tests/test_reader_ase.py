@@ -494,7 +494,8 @@ def test_frames_naming_several_mace_heads_and_no_fidelity_are_an_error(tmp_path)
     ase.io.write(tmp_path / "one.extxyz", one, format="extxyz")
     assert list(read_ase(tmp_path / "one.extxyz", fidelity="PBE").fidelities.names) == ["PBE"]
     with pytest.raises(
-        MultifiError, match=r"no fidelity: .*; it has info\['head'\] = 'pbe': read each head as a source"
+        MultifiError,
+        match=r"no fidelity: .*; it has info\['head'\] = 'pbe': read the heads as fidelities with fidelity_key: head",
     ):
         read_ase(tmp_path / "one.extxyz")  # no fidelity anywhere: the hint names MACE's key
 

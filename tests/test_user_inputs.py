@@ -814,6 +814,9 @@ def test_fidelity_name_suggestions_follow_the_method_not_another_basis():
     known = ["GFN2-xTB", "B3LYP/6-31G(2df,p)", "HF/STO-3G"]
     assert closest_name("B3LYP", known) == "B3LYP/6-31G(2df,p)" and closest_name("gfn2", known) == "GFN2-xTB"
     assert closest_name("HF/3-21G", known) is None and closest_name("PBE", known) is None
+    assert closest_name("HF/3-21G", ["HF/STO-3G", "B3LYP/3-21G"]) is None  # another method of the same basis
+    assert closest_name("B3LYP/6-31G", known) is None  # another basis, though a prefix
+    assert closest_name("PBE/def2-TZVP", ["PBE/def2-SVP"]) is None
     assert (
         closest_name("B3LYP/6-31G(2df,p", known) == "B3LYP/6-31G(2df,p)"
         and closest_name("HF/STO3G", known) == "HF/STO-3G"

@@ -18,25 +18,28 @@ class NoFidelityError(MultifiError):
     """A structure names no fidelity and its source gives none (a caller with a default may supply one)."""
 
 
-#: similarity (difflib's ratio) two method/basis names with different basis sets need to be suggested for each other:
-#: a typo (6-31G(2df,p vs 6-31G(2df,p)), not another basis (HF/3-21G vs HF/STO-3G: 0.71, another level of theory)
-OTHER_BASIS_CUTOFF = 0.85
+#: similarity (difflib's ratio) a method/basis name needs to be suggested for another one: a typo (6-31G(2df,p vs
+#: 6-31G(2df,p): 0.97), not another basis (HF/3-21G vs HF/STO-3G: 0.71; def2-TZVP vs def2-SVP: 0.88) or another
+#: method of one basis (HF/3-21G vs B3LYP/3-21G: 0.74), another level of theory each
+OTHER_BASIS_CUTOFF = 0.9
 
 
 def closest_name(name: str, known: Iterable[str]) -> str | None:
-    """The known name nearest to `name` (case ignored: b3lyp → B3LYP), if any is near: the one known name that `name`
-    begins (B3LYP → B3LYP/6-31G(2df,p)), else the nearest by difflib; a name of another basis set than `name`'s
-    (HF/3-21G, HF/STO-3G) only when nearly the same text (OTHER_BASIS_CUTOFF)."""
+    """The known name nearest to `name` (case ignored: b3lyp → B3LYP), if any is near: for a name without a basis
+    (no '/'), the one known name it begins (B3LYP → B3LYP/6-31G(2df,p)), else the nearest by difflib; between two
+    method/basis names only a near-typo (OTHER_BASIS_CUTOFF), never another basis or method (HF/3-21G: not
+    HF/STO-3G, not B3LYP/3-21G)."""
     by_lower = {str(k).lower(): str(k) for k in known}
     low = str(name).lower().strip()
-    starting = [k for k in by_lower if low and k.startswith(low) and k != low]
+    starting = [k for k in by_lower if low and "/" not in low and k.startswith(low) and k != low]
     if len(starting) == 1:
         return by_lower[starting[0]]
-    for close in difflib.get_close_matches(low, list(by_lower), n=3, cutoff=0.5):
-        other_basis = "/" in low and "/" in close and low.split("/", 1)[1] != close.split("/", 1)[1]
-        if not other_basis or difflib.SequenceMatcher(None, low, close).ratio() >= OTHER_BASIS_CUTOFF:
-            return by_lower[close]
-    return None
+    close = difflib.get_close_matches(low, list(by_lower), n=1, cutoff=0.5)
+    if not close:
+        return None
+    if "/" in low and "/" in close[0] and difflib.SequenceMatcher(None, low, close[0]).ratio() < OTHER_BASIS_CUTOFF:
+        return None
+    return by_lower[close[0]]
 
 
 def unknown_name(kind: str, name: str, known: Iterable[str], where: str = "") -> MultifiError:

@@ -53,7 +53,7 @@ def source_config(text: str, fidelity: str | None, args=None):
 
 
 def label_keys(args) -> dict:
-    """--energy-key / --forces-key / --stress-key / --stress-order given on the command line."""
+    """--energy-key / --forces-key / --stress-key / --fidelity-key / --stress-order given on the command line."""
     names = ("energy_key", "forces_key", "stress_key", "fidelity_key", "stress_order")
     return {k: getattr(args, k) for k in names if getattr(args, k, None)}
 

@@ -61,6 +61,7 @@ def _read_config(args):
     flags += (
         ("--forces-key", args.forces_key),
         ("--stress-key", args.stress_key),
+        ("--fidelity-key", args.fidelity_key),
         ("--stress-order", args.stress_order),
     )
     given = [flag for flag, v in flags if v]

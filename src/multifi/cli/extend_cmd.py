@@ -83,7 +83,7 @@ def overrides_from_args(args) -> list[str]:
 
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in keys)
         raise MultifiError(f"multifi extend: {flags} name labels of the --data files; give --data (a config's sources "
-                           "take them as energy_key, forces_key, stress_key, stress_order)")  # fmt: skip
+                           "take them as energy_key, forces_key, stress_key, fidelity_key, stress_order)")  # fmt: skip
     if args.data:
         sources = [source_from_text(p, args.fidelity, **keys).model_dump(exclude_none=True) for p in args.data]
         for src in sources:

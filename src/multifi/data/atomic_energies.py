@@ -37,6 +37,7 @@ class AtomicEnergies:
 
     values: np.ndarray
     frames: np.ndarray
+    isolated: bool = False  # read from the data's one-atom frames (ISOLATED), not a table
 
     def given(self, k: int) -> np.ndarray:
         """[N_ELEMENTS] bool: elements with an atomic energy at fidelity k."""
@@ -74,7 +75,7 @@ def resolve_atomic_energies(setting, dataset, where: str = "config", left_out=fr
                         f"disagree ({found.min():.4f} to {found.max():.4f} eV); keep one (spin state?) or give a table"
                     )
                 values[element, k] = float(found.mean())
-        return AtomicEnergies(values, frames)
+        return AtomicEnergies(values, frames, isolated=True)
     from ase.data import atomic_numbers
 
     for name, table in setting.items():
@@ -119,7 +120,7 @@ def check_atomic_coverage(atomic: AtomicEnergies, dataset, train: np.ndarray, wh
     compared or estimated from each other. train [P, 2] (structure, fidelity) pairs."""
     names, energy = dataset.fidelities.names, np.asarray(dataset.energy)
     elements, counts = composition_matrix(dataset)  # [n_el], [S, n_el]
-    how = "no one-atom frame labelled there" if len(atomic.frames) else "none in the table"
+    how = "no one-atom frame labelled there" if atomic.isolated else "none in the table"
     for k, name in enumerate(names):
         rows = train[(train[:, 1] == k) & ~np.isnan(energy[train[:, 0], k])][:, 0]
         present = elements[counts[rows].sum(0) > 0]

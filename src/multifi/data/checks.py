@@ -573,57 +573,65 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
 def check_force_agreement(
     dataset: FidelityDataset, pairs: np.ndarray, min_count: int = 5, skip: set[str] = frozenset(), known=frozenset()
 ) -> list[str]:
-    """Warn for fidelities whose forces, on structures also force-labelled at an earlier fidelity (at least
-    `min_count` of `pairs`' structures, at most 5 000 looked at), point the other way (correlation below −0.5:
-    gradients given as forces) or follow the same pattern (correlation above 0.5) at a size more than 5× apart
-    (RMS ratio; Ha/Bohr read as eV/Å is 51.4× too small). Levels of theory differ by far less; near a minimum of
-    one level its forces are small and hardly correlated with another's, and nothing is said. Fidelities in
-    `skip` (warned about already) are compared with none; of two compared, one in `known` (units known) is taken as
-    right and the other blamed, both in it are not compared. Returns the suspicious names."""
+    """Warn for fidelities whose forces, on structures also force-labelled at another fidelity (at least `min_count`
+    of `pairs`' structures, at most 5 000 looked at), point the other way (correlation below −0.5: gradients given
+    as forces) or follow the same pattern (correlation above 0.5) at a size more than 5× apart (RMS ratio; Ha/Bohr
+    read as eV/Å is 51.4× too small). Levels of theory differ by far less; near a minimum of one level its forces
+    are small and hardly correlated with another's, and nothing is said. Each fidelity is compared with one
+    yardstick: a fidelity in `known` (units known, data.units_known) if one shares its structures, else the first
+    earlier fidelity not found off; fidelities in `known` or `skip` (warned about already) are not checked
+    themselves, and `skip`'s are no yardstick. Returns the suspicious names, each once."""
     if dataset.forces is None or len(dataset.fidelities) < 2:
         return []
     labelled = np.zeros(dataset.forces_mask.shape, bool)
     labelled[pairs[:, 0], pairs[:, 1]] = dataset.forces_mask[pairs[:, 0], pairs[:, 1]]
-    suspicious = []
+    suspicious: list[str] = []
     names = dataset.fidelities.names
+    yardsticks = [k for k, n in enumerate(names) if n in known] + [k for k, n in enumerate(names) if n not in known]
     for k, name in enumerate(names):
-        for ref in range(k):  # the first earlier fidelity sharing structures: one warning per pair at most
-            if name in skip or names[ref] in skip or (name in known and names[ref] in known):
+        if name in known or name in skip:
+            continue
+        for ref in yardsticks:
+            if ref == k or names[ref] in skip or names[ref] in suspicious or (names[ref] not in known and ref > k):
                 continue
             s = np.flatnonzero(labelled[:, k] & labelled[:, ref])
             if len(s) < min_count:
                 continue
-            s = s[:: max(1, len(s) // 5000)]
-            atoms = ranges(np.asarray(dataset.offsets)[s], dataset.n_atoms[s])
-            fk, fr = dataset.forces[atoms, k].ravel(), dataset.forces[atoms, ref].ravel()
-            nk, nr = float(np.linalg.norm(fk)), float(np.linalg.norm(fr))
-            if nk == 0 or nr == 0:
-                break
-            corr, ratio = float(fk @ fr) / (nk * nr), nk / nr
-            if corr < -0.5:
-                why = f"point the other way (correlation {corr:+.2f}): gradients, −F, given as forces?"
-            elif corr > 0.5 and not 0.2 < ratio < 5:
-                why = f"are {ratio:.3g}× the size (correlation {corr:+.2f}): a unit? (Ha/Bohr is 51.4 eV/Å)"
-            else:
-                break
-            bad, good = (names[ref], name) if name in known else (name, names[ref])
-            if name in known:  # the other way round: the known fidelity is the yardstick
-                why = why.replace(f"{ratio:.3g}× the size", f"{1 / ratio:.3g}× the size")
-            suspicious.append(bad)
-            log.warning(
-                "%s: forces at fidelity %r, on the %d structures labelled at %r too, %s; levels of theory differ by "
-                "far less: %s",
-                dataset.source_of(bad),
-                bad,
-                len(s),
-                good,
-                why,
-                f"{good}'s units are known (data.units_known): fix those at {bad!r}"
-                if good in known
-                else f"if the forces at {good!r} are right, fix those at {bad!r}",
-            )
+            why = _forces_apart(dataset, s, k, ref)
+            if why:
+                suspicious.append(name)
+                good = names[ref]
+                log.warning(
+                    "%s: forces at fidelity %r, on the %d structures labelled at %r too, %s; levels of theory differ "
+                    "by far less: %s",
+                    dataset.source_of(name),
+                    name,
+                    len(s),
+                    good,
+                    why,
+                    f"{good}'s units are known (data.units_known): fix those at {name!r}"
+                    if good in known
+                    else f"if the forces at {good!r} are right, fix those at {name!r}",
+                )
             break
     return suspicious
+
+
+def _forces_apart(dataset: FidelityDataset, s: np.ndarray, k: int, ref: int) -> str:
+    """How the forces of structures `s` at fidelity k differ from those at `ref` beyond levels of theory ('' if
+    they do not): of the opposite sign, or of one pattern at a size more than 5× apart."""
+    s = s[:: max(1, len(s) // 5000)]
+    atoms = ranges(np.asarray(dataset.offsets)[s], dataset.n_atoms[s])
+    fk, fr = dataset.forces[atoms, k].ravel(), dataset.forces[atoms, ref].ravel()
+    nk, nr = float(np.linalg.norm(fk)), float(np.linalg.norm(fr))
+    if nk == 0 or nr == 0:
+        return ""
+    corr, ratio = float(fk @ fr) / (nk * nr), nk / nr
+    if corr < -0.5:
+        return f"point the other way (correlation {corr:+.2f}): gradients, −F, given as forces?"
+    if corr > 0.5 and not 0.2 < ratio < 5:
+        return f"are {ratio:.3g}× the size (correlation {corr:+.2f}): a unit? (Ha/Bohr is 51.4 eV/Å)"
+    return ""
 
 
 #: Å: neighbouring frames (consecutive structures of the same atoms and cell) whose atoms moved at most this far

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from multifi.config import RunConfig, blamed, dump_config, load_config, with_backbone_defaults
+from multifi.data.atomic_energies import ISOLATED
 from multifi.data.checks import doubtful_units
 from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
@@ -471,6 +472,10 @@ def _extension_data(cfg: RunConfig, old, table: FidelityTable, where: str, confi
         check_run_of_model(run, x, old)
     old_run = _old_run_data(run, explicit=x.old_run is not None or x.replay > 0)
     new_ds, new_pairs = read_new_data(cfg, x.fidelity, old_run)
+    if cfg.data.atomic_energies == ISOLATED:  # references, not data: out of every split the run keeps
+        from multifi.data.atomic_energies import resolve_atomic_energies, without_frames
+
+        new_pairs = without_frames(new_pairs, resolve_atomic_energies(ISOLATED, new_ds, where))
     if len(new_pairs["train"]) == 0:
         raise MultifiError(f"{where}: no training structures at {x.fidelity!r} after the split")
     replay = _replay(x, old, old_run, cfg.train.seed, where)
@@ -490,7 +495,7 @@ def _new_atomic_energies(cfg: RunConfig, old, ds, pairs: dict, where: str) -> tu
     """(the new fidelity's atomic energies [119] eV or None, the pairs without the one-atom frames read for them):
     a model whose references are atomic energies needs the new fidelity's (data.atomic_energies), one with
     least-squares references cannot take them (the two kinds differ by each element's bonding)."""
-    from multifi.data.atomic_energies import check_atomic_coverage, resolve_atomic_energies, without_frames
+    from multifi.data.atomic_energies import check_atomic_coverage, resolve_atomic_energies
 
     x, k = cfg.extend, len(old.fidelities)
     model_atomic = bool(old.head.atomic.any())
@@ -509,7 +514,6 @@ def _new_atomic_energies(cfg: RunConfig, old, ds, pairs: dict, where: str) -> tu
             "frames in the data)"
         )
     atomic = resolve_atomic_energies(cfg.data.atomic_energies, ds, where, frozenset(old.fidelities.names))
-    pairs = without_frames(pairs, atomic)
     check_atomic_coverage(atomic, ds, pairs["train"][pairs["train"][:, 1] == k], where)
     return atomic.values[:, k], pairs
 
@@ -692,7 +696,18 @@ def _fit_new_baseline(
             head.set_spread(known, loo[known])
             head.ref[new_elements, :k] = torch.as_tensor(prior[new_elements, :k], dtype=head.ref.dtype)
             _report_estimates(potential.fidelities.names, k, new_elements, loo)
-    _report_unlabelled(potential.fidelities.names[k], known_fitted.any(1) & ~new.fitted[:, 0], loo[k])
+    free = np.zeros(len(new.fitted), bool) if new.free_only is None else new.free_only[:, 0]
+    if free.any():
+        from ase.data import chemical_symbols
+
+        log.warning(
+            "%s: its only energy labels with %s are free atoms (one-atom structures): a free atom's energy fits its "
+            "reference but says nothing of its bonding, so its references of them are estimated as for an element "
+            "without labels (data.atomic_energies takes free atoms as atomic energies)",
+            potential.fidelities.names[k],
+            ", ".join(chemical_symbols[z] for z in np.flatnonzero(free)),
+        )
+    _report_unlabelled(potential.fidelities.names[k], known_fitted.any(1) & ~new.fitted[:, 0] & ~free, loo[k])
     return doubtful
 
 

@@ -388,12 +388,14 @@ def log_result(payload: dict, run_log: RunLog) -> None:
         payload["best_step"],
         Path(payload["checkpoint"]).name,
     )
-    from multifi.keys import ENERGY_MAE, ENERGY_MAE_PER_ATOM, FORCES_MAE, STRESS_MAE
+    from multifi.keys import ENERGY_MAE, ENERGY_MAE_PER_ATOM, ENERGY_RMSE_PER_ATOM, FORCES_MAE, FORCES_RMSE, STRESS_MAE
 
     labels = {
         ENERGY_MAE: "energy MAE %.4g meV",
         ENERGY_MAE_PER_ATOM: "%.4g meV/atom",
+        ENERGY_RMSE_PER_ATOM: "RMSE %.4g meV/atom",
         FORCES_MAE: "forces MAE %.4g meV/Å",
+        FORCES_RMSE: "RMSE %.4g meV/Å",
         STRESS_MAE: "stress MAE %.4g GPa",
     }
     for name, m in payload["fidelities"].items():

@@ -103,8 +103,8 @@ def read_ase(
             if len(heads) > 1 and not _keys_name_a_head(keys, heads) and _mace_keys(keys, named):
                 raise MultifiError(  # several levels of theory under the same label keys
                     f"{src}: {tag}: its frames name several MACE heads in info['head'] ({', '.join(heads)}) and no "
-                    "info['fidelity']: multifi reads info['fidelity'] (set it per frame, e.g. to the head's name), "
-                    "or one source per level of theory, or label keys of one level (energy_key: REF_energy_<head>)"
+                    "info['fidelity']: read the heads as fidelities with fidelity_key: head (--fidelity-key head), or "
+                    "one source per level of theory, or label keys of one level (energy_key: REF_energy_<head>)"
                 )
         has_energy = any("energy" in lab for lab in rec["labels"].values())  # in the file (weights aside)
         kinds_read.update(kind for lab in rec["labels"].values() for kind in lab)
@@ -662,8 +662,8 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
         if atoms.info.get("head") in (None, ""):  # (config_type is a kind of structure, not a method)
             raise
         raise NoFidelityError(  # MACE's multi-head files name the level of theory in info['head']
-            f"{exc}; it has info['head'] = {str(atoms.info['head'])!r}: read each head as a source of its own "
-            "with 'fidelity:', or rename that key to 'fidelity'"
+            f"{exc}; it has info['head'] = {str(atoms.info['head'])!r}: read the heads as fidelities with "
+            "fidelity_key: head (--fidelity-key head), or each head as a source of its own with 'fidelity:'"
         ) from None
     periodic = bool(atoms.pbc.any())
     if periodic:
