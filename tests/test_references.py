@@ -424,7 +424,7 @@ def test_evaluate_separates_structures_with_estimated_references(run_without_n, 
     assert m["fitted_references"]["energy_mae_meV"] == pytest.approx(want, rel=1e-6)
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if line.startswith("  without 2 estimated"))
-    assert len(row.split()) == 3 + 4  # its label, then the energy columns only: forces do not depend on references
+    assert len(row.split()) == 3 + 5  # its label, then the energy columns only: forces do not depend on references
     from ase.calculators.singlepoint import SinglePointCalculator
 
     # NH3 without an energy label: a structure whose errors hold no energy is not counted as estimated
