@@ -432,8 +432,10 @@ def test_the_force_yardstick_is_a_known_fidelity_and_never_one_found_off(caplog)
         with caplog.at_level(logging.WARNING, logger="multifi"):
             assert check_force_units(ds, pairs, known=known) == ["A"]
         assert caplog.text.count("forces at fidelity") == 1 and "fix those at 'A'" in caplog.text
-    with caplog.at_level(logging.WARNING, logger="multifi"):  # nothing known: B, C, D each against A, the first
-        assert check_force_units(ds, pairs) == ["B", "C", "D"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):  # nothing known: A is apart from all three others
+        assert check_force_units(ds, pairs) == ["A"]
+    assert "they disagree with 3 of the 3 fidelities sharing its structures: fix those at 'A'" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -577,43 +577,52 @@ def check_force_agreement(
     of `pairs`' structures, at most 5 000 looked at), point the other way (correlation below −0.5: gradients given
     as forces) or follow the same pattern (correlation above 0.5) at a size more than 5× apart (RMS ratio; Ha/Bohr
     read as eV/Å is 51.4× too small). Levels of theory differ by far less; near a minimum of one level its forces
-    are small and hardly correlated with another's, and nothing is said. Each fidelity is compared with one
-    yardstick: a fidelity in `known` (units known, data.units_known) if one shares its structures, else the first
-    earlier fidelity not found off; fidelities in `known` or `skip` (warned about already) are not checked
-    themselves, and `skip`'s are no yardstick. Returns the suspicious names, each once."""
+    are small and hardly correlated with another's, and nothing is said. Who is off: a fidelity apart from one in
+    `known` (units known, data.units_known; never blamed themselves); else one apart from most of the others it
+    shares structures with (with two or more); else, of a lone pair, the later one (said conditionally). Fidelities
+    in `skip` (warned about already) are compared with none. Returns the suspicious names, each once."""
     if dataset.forces is None or len(dataset.fidelities) < 2:
         return []
     labelled = np.zeros(dataset.forces_mask.shape, bool)
     labelled[pairs[:, 0], pairs[:, 1]] = dataset.forces_mask[pairs[:, 0], pairs[:, 1]]
-    suspicious: list[str] = []
     names = dataset.fidelities.names
-    yardsticks = [k for k, n in enumerate(names) if n in known] + [k for k, n in enumerate(names) if n not in known]
-    for k, name in enumerate(names):
-        if name in known or name in skip:
-            continue
-        for ref in yardsticks:
-            if ref == k or names[ref] in skip or names[ref] in suspicious or (names[ref] not in known and ref > k):
-                continue
+    ks = [k for k, n in enumerate(names) if n not in skip]
+    compared: dict[int, list[tuple[int, int, str]]] = {k: [] for k in ks}  # k → (other, shared structures, why)
+    for i, k in enumerate(ks):
+        for ref in ks[:i]:
             s = np.flatnonzero(labelled[:, k] & labelled[:, ref])
-            if len(s) < min_count:
-                continue
-            why = _forces_apart(dataset, s, k, ref)
-            if why:
-                suspicious.append(name)
-                good = names[ref]
-                log.warning(
-                    "%s: forces at fidelity %r, on the %d structures labelled at %r too, %s; levels of theory differ "
-                    "by far less: %s",
-                    dataset.source_of(name),
-                    name,
-                    len(s),
-                    good,
-                    why,
-                    f"{good}'s units are known (data.units_known): fix those at {name!r}"
-                    if good in known
-                    else f"if the forces at {good!r} are right, fix those at {name!r}",
-                )
-            break
+            if len(s) >= min_count:
+                why = _forces_apart(dataset, s, k, ref)
+                compared[k].append((ref, len(s), why))
+                compared[ref].append((k, len(s), _forces_apart(dataset, s, ref, k) if why else ""))
+    suspicious: list[str] = []
+    for k in ks:
+        if names[k] in known or not compared[k]:
+            continue
+        apart = [(o, n, why) for o, n, why in compared[k] if why]
+        by_known = [x for x in apart if names[x[0]] in known]
+        most = len(compared[k]) >= 2 and len(apart) > len(compared[k]) / 2
+        lone = len(compared[k]) == 1 and apart and apart[0][0] < k and names[apart[0][0]] not in suspicious
+        if not (by_known or most or lone):
+            continue
+        other, n, why = (by_known or apart)[0]
+        if by_known:
+            verdict = f"{names[other]}'s units are known (data.units_known): fix those at {names[k]!r}"
+        elif most:
+            verdict = f"they disagree with {len(apart)} of the {len(compared[k])} fidelities sharing its structures: fix those at {names[k]!r}"
+        else:
+            verdict = f"if the forces at {names[other]!r} are right, fix those at {names[k]!r}"
+        suspicious.append(names[k])
+        log.warning(
+            "%s: forces at fidelity %r, on the %d structures labelled at %r too, %s; levels of theory differ by far "
+            "less: %s",
+            dataset.source_of(names[k]),
+            names[k],
+            n,
+            names[other],
+            why,
+            verdict,
+        )
     return suspicious
 
 
