@@ -102,6 +102,14 @@ def with_free_atoms(path, frames=None, elements=("H", "C", "N", "O"), fidelities
     return frames[-len(elements) * len(fidelities) :]
 
 
+def as_table(free) -> dict:
+    """{fidelity: {symbol: eV}} of one-atom frames."""
+    energies: dict = {}
+    for a in free:
+        energies.setdefault(a.info["fidelity"], {})[a.get_chemical_symbols()[0]] = float(a.get_potential_energy())
+    return energies
+
+
 def test_training_takes_the_one_atom_frames_as_atomic_energies(tmp_path, write_config, caplog):
     data = tmp_path / "with_atoms.extxyz"
     free = with_free_atoms(data)
@@ -136,10 +144,7 @@ def test_training_takes_the_one_atom_frames_as_atomic_energies(tmp_path, write_c
 
 def test_atomic_energies_from_a_table_match_the_same_frames(tmp_path, write_config, tiny_extxyz):
     data = tmp_path / "with_atoms.extxyz"
-    free = with_free_atoms(data)
-    energies = {}
-    for a in free:
-        energies.setdefault(a.info["fidelity"], {})[a.get_chemical_symbols()[0]] = float(a.get_potential_energy())
+    energies = as_table(with_free_atoms(data))
     cfg = write_config(data={"sources": [{"path": str(tiny_extxyz)}], "atomic_energies": energies})
     assert main(["train", str(cfg)]) == 0
     head = load_potential(tmp_path / "run").head
@@ -251,10 +256,7 @@ def test_a_least_squares_model_refuses_atomic_energies_for_a_new_fidelity(tmp_pa
 
 def test_a_table_file_beside_the_config(tmp_path, write_config, capsys):
     data = tmp_path / "with_atoms.extxyz"
-    free = with_free_atoms(data)
-    energies = {}
-    for a in free:
-        energies.setdefault(a.info["fidelity"], {})[a.get_chemical_symbols()[0]] = float(a.get_potential_energy())
+    energies = as_table(with_free_atoms(data))
     (tmp_path / "e0s.json").write_text(json.dumps(energies))
     (tmp_path / "bad.yaml").write_text("lo: [1, 2]\n")
     assert main(["train", str(write_config(data={"atomic_energies": "bad.yaml"}))]) != 0
