@@ -156,7 +156,9 @@ def test_atomic_energies_from_a_table_match_the_same_frames(tmp_path, write_conf
     [
         ({"lo": {"H": -1.0, "C": -2.0, "O": -3.0}}, "lo's training labels contain N without an atomic energy"),
         ({"LO": {"H": -1.0}}, "no fidelity 'LO' in the data"),
-        ({"lo": {"Xx": -1.0}}, "'Xx' is no element symbol"),
+        ({"lo": {"Xx": -1.0}}, "'Xx' is no element (a symbol, or an atomic number"),
+        ({"lo": {"H": "3.21 eV"}}, "lo: H: '3.21 eV' is no energy in eV"),
+        ({"lo": [1, 2]}, "lo: expected {element: eV, …}"),
     ],
 )
 def test_tables_that_cannot_work_are_refused(write_config, capsys, setting, message):
@@ -326,3 +328,32 @@ def test_an_element_only_in_the_table_stays_unknown(tmp_path, write_config, caps
     hf = Atoms("HF", positions=[[0, 0, 0], [0, 0, 0.92]])
     with pytest.raises(Exception, match="element F was not seen in training"):
         predict_atoms(pot, [hf], fidelity="lo")
+
+
+def test_mace_tables_by_atomic_number_and_tables_checked_against_the_data_frames(tmp_path, write_config, caplog):
+    """MACE writes E0s as {1: -13.6, 8: -2041.9}: read as such; a table entry far from the data's own one-atom frame
+    of that element and fidelity (a unit, a typo) is said with both numbers (a trial's O off by 5 eV trained silently,
+    its error 2.8× higher)."""
+    from ase.data import atomic_numbers
+
+    data = tmp_path / "with_atoms.extxyz"
+    energies = as_table(with_free_atoms(data))
+    by_number = {f: {atomic_numbers[s]: e for s, e in row.items()} for f, row in energies.items()}
+    energies["hi"]["O"] += 5.0
+    cfg = write_config(data={"sources": [{"path": str(data)}], "atomic_energies": energies})
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(["train", "--dry-run", str(cfg)]) == 0
+    assert (
+        "data.atomic_energies: hi: O" in caplog.text and "but the data's one-atom frame of O at hi has" in caplog.text
+    )
+    caplog.clear()
+    cfg = write_config(
+        data={"sources": [{"path": str(data)}], "atomic_energies": by_number}, output_dir=str(tmp_path / "n")
+    )
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(["train", str(cfg)]) == 0
+    assert "one-atom frame" not in caplog.text or "but the data's" not in caplog.text
+    head = load_potential(tmp_path / "n").head
+    assert head.atomic.all() and float(head.ref[8, 1] - head.atomic_shift[1]) == pytest.approx(
+        by_number["hi"][8], abs=1e-9
+    )

@@ -181,6 +181,24 @@ class SplitConfig(Section):
         return None if files is None else {name: path for name, path in files.items() if path is not None}
 
 
+def _atomic_energies_setting(v):
+    """data.atomic_energies: None, 'isolated', a table's file (text) or {fidelity: {element: eV}} with elements as
+    symbols or atomic numbers (MACE's E0s); the values are checked where the table is read (data/atomic_energies.py)."""
+    if v is None or isinstance(v, str):
+        return v
+    if not isinstance(v, dict):
+        raise ValueError(f"expected isolated, a file or {{fidelity: {{element: eV, …}}}}, got {v!r}")
+    for name, row in v.items():
+        if problem := name_problem(str(name)):
+            raise ValueError(problem)
+        if not isinstance(row, dict):
+            raise ValueError(f"{name}: expected {{element: eV, …}}, got {row!r}")
+    return {str(name): dict(row) for name, row in v.items()}
+
+
+AtomicEnergiesSetting = Annotated[Any, BeforeValidator(_atomic_energies_setting)]
+
+
 class DataConfig(Section):
     sources: list[SourceConfig]
     split: SplitConfig = SplitConfig()
@@ -193,10 +211,11 @@ class DataConfig(Section):
         description="fidelities whose labels are known to be in eV, eV/Å and eV/Å³ (e.g. EMT's energies relative to "
         "the bulk, formation energies): the unit guesses (Hartree, kcal/mol, GPa, kBar, sign) skip them",
     )
-    atomic_energies: Literal["isolated"] | dict[FidelityName, dict[str, float]] | str | None = Field(
+    atomic_energies: AtomicEnergiesSetting = Field(
         None,
         description="reference energies from free atoms (MACE's E0s), per fidelity: `isolated` (the data's one-atom "
-        "frames, then not trained), {fidelity: {element: eV}}, or a YAML/JSON file holding that table; each "
+        "frames, then not trained), {fidelity: {element: eV}} (element: symbol or atomic number), or a YAML/JSON "
+        "file holding that table; each "
         "fidelity's references are these plus its mean binding energy per atom; unset: per-element least-squares "
         "fits to the labels",
     )

@@ -228,4 +228,6 @@ def _type_name(a: Any) -> str:
         return f"list of {_type_name(typing.get_args(a)[0])}"
     if _is_union(a):
         return " or ".join(_type_name(x) for x in typing.get_args(a))
+    if a is Any:  # a setting of several forms, each described in its help
+        return ""
     return {str: "text", int: "integer", float: "number", bool: "true/false"}.get(a, getattr(a, "__name__", str(a)))

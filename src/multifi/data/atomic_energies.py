@@ -25,6 +25,9 @@ log = logging.getLogger("multifi")
 ISOLATED = "isolated"
 #: eV: one-atom frames of one element and fidelity that differ by more than this are refused (spin states?)
 AGREE_EV = 1e-3
+#: eV: a table's atomic energy farther than this from a one-atom frame of the same element and fidelity in the data
+#: is said (a unit, a typo, another spin state?)
+TABLE_FRAME_EV = 0.05
 #: eV per atom: binding energies beyond this (cohesive and atomization energies stay below ~10) mean atomic energies
 #: in another unit than the labels (Hartree, kcal/mol) or of another method
 MAX_BINDING_EV = 25.0
@@ -62,35 +65,73 @@ def resolve_atomic_energies(setting, dataset, where: str = "config", left_out=fr
     names, K = list(dataset.fidelities.names), len(dataset.fidelities)
     values = np.full((N_ELEMENTS, K), np.nan)
     prefix = f"{where}: data.atomic_energies"
+    frames = np.flatnonzero(isolated_atoms(dataset))
+    free = _free_atom_energies(dataset, frames, f"{prefix}: isolated")
     if setting == ISOLATED:
-        frames = np.flatnonzero(isolated_atoms(dataset))
-        z = np.asarray(dataset.numbers)[np.asarray(dataset.offsets)[frames]]
-        for k in range(K):
-            e = np.asarray(dataset.energy)[frames, k]
-            for element in np.unique(z[~np.isnan(e)]).tolist():
-                found = e[(z == element) & ~np.isnan(e)]
-                if found.max() - found.min() > AGREE_EV:
-                    raise MultifiError(
-                        f"{prefix}: isolated: {len(found)} one-atom frames of {_symbol(element)} at {names[k]} "
-                        f"disagree ({found.min():.4f} to {found.max():.4f} eV); keep one (spin state?) or give a table"
-                    )
-                values[element, k] = float(found.mean())
-        return AtomicEnergies(values, frames, isolated=True)
-    from ase.data import atomic_numbers
-
+        return AtomicEnergies(free, frames, isolated=True)
     for name, table in setting.items():
         if name in left_out:
             continue
         if name not in dataset.fidelities:
             raise MultifiError(f"{prefix}: no fidelity {name!r} in the data (fidelities: {', '.join(names)})")
-        for symbol, energy in table.items():
-            element = atomic_numbers.get(str(symbol).strip())
+        for key, energy in table.items():
+            element = _element(key)
             if not element:
-                raise MultifiError(f"{prefix}: {name}: {symbol!r} is no element symbol")
-            if not np.isfinite(energy):
-                raise MultifiError(f"{prefix}: {name}: {symbol}: {energy} is no energy")
+                raise MultifiError(f"{prefix}: {name}: {key!r} is no element (a symbol, or an atomic number as MACE's)")
+            if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not np.isfinite(energy):
+                raise MultifiError(f"{prefix}: {name}: {key}: {energy!r} is no energy in eV")
             values[element, names.index(name)] = float(energy)
+    _compare_with_frames(values, free, names, prefix)
     return AtomicEnergies(values, np.zeros(0, np.int64))
+
+
+def _element(key) -> int:
+    """The atomic number of a table's key: a symbol (H) or an atomic number (1, '1'; MACE's E0s); 0 if neither."""
+    from ase.data import atomic_numbers
+
+    text = str(key).strip()
+    if text.isdigit():
+        return int(text) if 0 < int(text) < N_ELEMENTS else 0
+    return atomic_numbers.get(text, 0)
+
+
+def _free_atom_energies(dataset, frames: np.ndarray, prefix: str) -> np.ndarray:
+    """[N_ELEMENTS, K] eV (NaN: none): the energy labels of the one-atom frames `frames` per element and fidelity,
+    which must agree within AGREE_EV."""
+    names = dataset.fidelities.names
+    out = np.full((N_ELEMENTS, len(names)), np.nan)
+    z = np.asarray(dataset.numbers)[np.asarray(dataset.offsets)[frames]]
+    for k in range(len(names)):
+        e = np.asarray(dataset.energy)[frames, k]
+        for element in np.unique(z[~np.isnan(e)]).tolist():
+            found = e[(z == element) & ~np.isnan(e)]
+            if found.max() - found.min() > AGREE_EV:
+                raise MultifiError(
+                    f"{prefix}: {len(found)} one-atom frames of {_symbol(element)} at {names[k]} disagree "
+                    f"({found.min():.4f} to {found.max():.4f} eV); keep one (spin state?) or give a table"
+                )
+            out[element, k] = float(found.mean())
+    return out
+
+
+def _compare_with_frames(table: np.ndarray, free: np.ndarray, names, prefix: str) -> None:
+    """Warn where a table's atomic energy lies more than TABLE_FRAME_EV from a one-atom frame of the data at the same
+    element and fidelity (a unit, a typo, another spin state)."""
+    both = ~np.isnan(table) & ~np.isnan(free)
+    for z, k in np.argwhere(both & (np.abs(np.nan_to_num(table - free)) > TABLE_FRAME_EV)).tolist():
+        ratio = free[z, k] / table[z, k] if table[z, k] else np.inf
+        log.warning(
+            "%s: %s: %s %.6g eV, but the data's one-atom frame of %s at %s has %.6g eV (%.4g×): a unit (Hartree is "
+            "27.21 eV), a typo or another spin state? (isolated takes the frames)",
+            prefix,
+            names[k],
+            _symbol(z),
+            table[z, k],
+            _symbol(z),
+            names[k],
+            free[z, k],
+            ratio,
+        )
 
 
 def read_table(path: str) -> dict:
