@@ -214,7 +214,7 @@ def test_models_saved_before_load_with_least_squares_records_and_keep_their_fing
 
 
 # ---------------------------------------------------------------------------------------------- extend
-def test_extending_a_model_on_atomic_energies_needs_and_takes_the_new_fidelitys(tmp_path, write_config, capsys):
+def test_extending_a_model_on_atomic_energies_needs_and_takes_the_new_fidelitys(tmp_path, write_config, capsys, caplog):
     molecules = [a for a in tiny_frames() if a.info["fidelity"] == "lo"]
     old_data, new_data = tmp_path / "lo.extxyz", tmp_path / "hi.extxyz"
     with_free_atoms(old_data, molecules, fidelities=("lo",))
@@ -231,7 +231,9 @@ def test_extending_a_model_on_atomic_energies_needs_and_takes_the_new_fidelitys(
     assert main([*common, "--out", str(tmp_path / "no")]) != 0
     assert "give hi's: data.atomic_energies" in capsys.readouterr().err
     out = tmp_path / "ext"
-    assert main([*common, "--out", str(out), "--set", "data.atomic_energies=isolated"]) == 0
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main([*common, "--out", str(out), "--set", "data.atomic_energies=isolated"]) == 0
+    assert "hi: no energy labels with N in the training labels; their references are their given atomic" in caplog.text
     new, old = load_potential(out / "model.pt"), load_potential(model)
     k = new.fidelities.index("hi")
     assert bool(new.head.atomic[k]) and torch.nonzero(new.head.given[:, k]).flatten().tolist() == [7]

@@ -25,7 +25,7 @@ import yaml
 
 from multifi.config import RunConfig, blamed, dump_config, load_config, with_backbone_defaults
 from multifi.data.atomic_energies import ISOLATED
-from multifi.data.checks import doubtful_units
+from multifi.data.checks import doubtful_units, warn_isolated_atoms, warn_isolated_atoms_held_out
 from multifi.data.dataset import FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import warn_alike_names
@@ -311,6 +311,9 @@ def _extend(cfg: RunConfig, config_source: str, dry_run: bool, run_log, resume: 
     warn_alike_names(table.names, where)
     ds, pairs, old_run, replay, settings, run_data = _extension_data(cfg, old, table, where, config_source)
     atomic, pairs = _new_atomic_energies(cfg, old, ds, pairs, where)
+    warn_isolated_atoms(ds, pairs["train"])  # free atoms trained as ordinary structures raise the scale
+    if not cfg.data.split.files:
+        warn_isolated_atoms_held_out(ds, pairs)
     _warn_split_duplicates(*(run_data or (ds, pairs)))
     module = ExtendModule(
         {"model": old.config, "fidelities": table.names},
@@ -696,6 +699,15 @@ def _fit_new_baseline(
             head.set_spread(known, loo[known])
             head.ref[new_elements, :k] = torch.as_tensor(prior[new_elements, :k], dtype=head.ref.dtype)
             _report_estimates(potential.fidelities.names, k, new_elements, loo)
+    if new.given[:, 0].any():
+        from ase.data import chemical_symbols
+
+        log.warning(
+            "%s: no energy labels with %s in the training labels; their references are their given atomic energies "
+            "plus its shift, and their bonding is learnt at the other fidelities only",
+            potential.fidelities.names[k],
+            ", ".join(chemical_symbols[z] for z in np.flatnonzero(new.given[:, 0])),
+        )
     free = np.zeros(len(new.fitted), bool) if new.free_only is None else new.free_only[:, 0]
     if free.any():
         from ase.data import chemical_symbols
