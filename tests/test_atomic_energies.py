@@ -130,7 +130,10 @@ def test_training_takes_the_one_atom_frames_as_atomic_energies(tmp_path, write_c
     hi = pot.fidelities.index("hi")
     assert torch.nonzero(head.given[:, hi]).flatten().tolist() == [7]
     card = format_card(model_card(tmp_path / "run"))
-    assert "references: atomic energies" in card and "given, no labels: N" in card
+    assert "references: atomic energy + shift" in card and "given, no labels: N" in card
+    for a in free:  # the atomic energies themselves, as given
+        e = a.get_potential_energy()
+        assert f"{a.get_chemical_symbols()[0]} {e:.4f}" in card.split(f"    {a.info['fidelity']}: ")[1].split("\n")[0]
     caplog.clear()
     nh3 = tiny_frames()[2]  # NH3
     predict_atoms(pot, [nh3], fidelity="hi")
@@ -359,3 +362,32 @@ def test_mace_tables_by_atomic_number_and_tables_checked_against_the_data_frames
     assert head.atomic.all() and float(head.ref[8, 1] - head.atomic_shift[1]) == pytest.approx(
         by_number["hi"][8], abs=1e-9
     )
+
+
+def test_a_one_atom_frame_in_a_small_box_is_said_to_be_no_free_atom(tmp_path, write_config, capsys):
+    data = tmp_path / "boxed.extxyz"
+    frames = list(tiny_frames())
+    for symbol in "HCNO":
+        for name in ("lo", "hi"):
+            atom = Atoms(symbol, positions=[[0.0, 0.0, 0.0]], cell=[5.0 if symbol == "O" else 12.0] * 3, pbc=True)
+            frames.append(emt_labelled(atom, name, *((1.1, 0.3) if name == "hi" else ())))
+    ase.io.write(data, frames, format="extxyz")
+    assert main(
+        [
+            "train",
+            "--dry-run",
+            str(write_config(data={"sources": [{"path": str(data)}], "atomic_energies": "isolated"})),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert (
+        "contain O without an atomic energy" in err
+        and "one-atom frames of O lie in cells whose periodic images are closer than 6 Å" in err
+    )
+
+
+def test_an_element_only_in_the_table_is_said(write_config, caplog):
+    energies = {f: {s: -1.0 for s in ("H", "C", "N", "O", "Pt")} for f in ("lo", "hi")}
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert main(["train", "--dry-run", str(write_config(data={"atomic_energies": energies}))]) == 0
+    assert "data.atomic_energies: Pt: no training label holds it: the model does not learn it" in caplog.text

@@ -51,6 +51,12 @@ def model_card(path: str | Path) -> dict:
                 "estimate_error_eV": float(pot.head.spread[k]) if float(pot.head.spread[k]) >= 0 else None,
                 # references = atomic energies + this shift, eV/atom (None: least-squares references)
                 "atomic_shift_eV": float(pot.head.atomic_shift[k]) if bool(pot.head.atomic[k]) else None,
+                "atomic_energies_eV": {
+                    chemical_symbols[z]: float(pot.head.ref[z, k] - pot.head.atomic_shift[k])
+                    for z in torch.nonzero(fitted[:, k]).flatten().tolist()
+                }
+                if bool(pot.head.atomic[k])
+                else None,
                 "given": [chemical_symbols[z] for z in torch.nonzero(pot.head.given[:, k]).flatten().tolist()],
             }
             for k, n in enumerate(names)
@@ -74,7 +80,7 @@ def _atomic(f: dict) -> str:
     if f.get("atomic_shift_eV") is None:
         return ""
     given = f"; given, no labels: {' '.join(f['given'])}" if f.get("given") else ""
-    return f"  (references: atomic energies {f['atomic_shift_eV']:+.4f} eV/atom{given})"
+    return f"  (references: atomic energy + shift {f['atomic_shift_eV']:+.4f} eV/atom{given})"
 
 
 #: model settings that only one backbone reads (the saved spec keeps every key of ModelConfig)
@@ -164,6 +170,13 @@ def format_card(card: dict) -> str:
         )
     if not splits:
         lines.append("  (structures per fidelity not recorded with this model)")
+    atomic = [f for f in card["fidelities"] if f.get("atomic_energies_eV")]
+    if atomic:
+        lines.append("  atomic energies (eV; each fidelity's references are these plus its shift):")
+        lines += [
+            f"    {f['name']}: " + ", ".join(f"{el} {e:.4f}" for el, e in f["atomic_energies_eV"].items())
+            for f in atomic
+        ]
     for label, names in (card.get("doubtful_units") or {}).items():
         lines.append(
             f"  warning: its {label} labels at {', '.join(names)} failed the unit and sign checks when it was trained "

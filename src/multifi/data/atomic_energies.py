@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from multifi.data.isolated import isolated_atoms
+from multifi.data.isolated import ISOLATED_IMAGE_DISTANCE, isolated_atoms
 from multifi.data.stats import N_ELEMENTS, composition_matrix
 from multifi.errors import MultifiError
 
@@ -161,17 +161,45 @@ def check_atomic_coverage(atomic: AtomicEnergies, dataset, train: np.ndarray, wh
     compared or estimated from each other. train [P, 2] (structure, fidelity) pairs."""
     names, energy = dataset.fidelities.names, np.asarray(dataset.energy)
     elements, counts = composition_matrix(dataset)  # [n_el], [S, n_el]
+    rows = train[~np.isnan(energy[train[:, 0], train[:, 1]]), 0]
+    unlabelled = [
+        z for z in np.flatnonzero(~np.isnan(atomic.values).all(1)) if z not in elements[counts[rows].sum(0) > 0]
+    ]
+    if unlabelled:
+        log.warning(
+            "%s: data.atomic_energies: %s: no training label holds %s: the model does not learn %s (an atomic "
+            "energy alone teaches nothing of its bonding)",
+            where,
+            ", ".join(map(_symbol, unlabelled)),
+            "it" if len(unlabelled) == 1 else "them",
+            "it" if len(unlabelled) == 1 else "them",
+        )
     how = "no one-atom frame labelled there" if atomic.isolated else "none in the table"
     for k, name in enumerate(names):
         rows = train[(train[:, 1] == k) & ~np.isnan(energy[train[:, 0], k])][:, 0]
         present = elements[counts[rows].sum(0) > 0]
         missing = [int(z) for z in present if np.isnan(atomic.values[z, k])]
         if missing:
+            boxed = _boxed_atoms(dataset, k, missing) if atomic.isolated else []
+            why = (
+                f"{how}; its one-atom frames of {', '.join(map(_symbol, boxed))} lie in cells whose periodic images "
+                f"are closer than {ISOLATED_IMAGE_DISTANCE:g} Å: no free atoms"
+                if boxed
+                else how
+            )
             raise MultifiError(
                 f"{where}: data.atomic_energies: {name}'s training labels contain "
-                f"{', '.join(map(_symbol, missing))} without an atomic energy ({how}); every element of every "
+                f"{', '.join(map(_symbol, missing))} without an atomic energy ({why}); every element of every "
                 "trained fidelity needs one (references of both kinds cannot be compared)"
             )
+
+
+def _boxed_atoms(dataset, k: int, elements: list[int]) -> list[int]:
+    """Of `elements`, those with a one-atom structure labelled at fidelity k that is no free atom (a small box)."""
+    one = np.flatnonzero((np.asarray(dataset.n_atoms) == 1) & ~np.isnan(np.asarray(dataset.energy)[:, k]))
+    one = one[~isolated_atoms(dataset)[one]]
+    z = np.asarray(dataset.numbers)[np.asarray(dataset.offsets)[one]]
+    return [e for e in elements if (z == e).any()]
 
 
 def check_binding(refs, names, where: str = "config") -> None:
