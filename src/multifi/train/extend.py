@@ -506,17 +506,28 @@ def _new_atomic_energies(cfg: RunConfig, old, ds, pairs: dict, where: str) -> tu
         return None, pairs
     if not model_atomic:
         raise MultifiError(
-            f"{where}: data.atomic_energies: {x.model}'s references are least-squares fits to its labels, not atomic "
+            f"{where}: data.atomic_energies: the model's references are least-squares fits to its labels, not atomic "
             f"energies; {x.fidelity}'s atomic energies could not be compared with them (leave data.atomic_energies "
             "out)"
         )
     if cfg.data.atomic_energies is None:
         raise MultifiError(
-            f"{where}: {x.model}'s reference energies are atomic energies (data.atomic_energies); give "
+            f"{where}: the model's reference energies are atomic energies (data.atomic_energies); give "
             f"{x.fidelity}'s: data.atomic_energies: {{{x.fidelity}: {{element: eV, …}}}} or isolated (one-atom "
             "frames in the data)"
         )
-    atomic = resolve_atomic_energies(cfg.data.atomic_energies, ds, where, frozenset(old.fidelities.names))
+    setting = cfg.data.atomic_energies
+    if setting != ISOLATED:
+        from multifi.data.atomic_energies import read_table
+
+        given_old = [n for n in (read_table(setting) if isinstance(setting, str) else setting) if n in old.fidelities]
+        if given_old:
+            log.warning(
+                "%s: data.atomic_energies of %s not used: the model's references at its fidelities stay as trained",
+                where,
+                ", ".join(given_old),
+            )
+    atomic = resolve_atomic_energies(setting, ds, where, frozenset(old.fidelities.names))
     check_atomic_coverage(atomic, ds, pairs["train"][pairs["train"][:, 1] == k], where)
     return atomic.values[:, k], pairs
 
