@@ -138,6 +138,10 @@ def test_training_takes_the_one_atom_frames_as_atomic_energies(tmp_path, write_c
     nh3 = tiny_frames()[2]  # NH3
     predict_atoms(pot, [nh3], fidelity="hi")
     assert "given atomic energy" in caplog.text and "learnt at the other fidelities only" in caplog.text
+    from multifi.deploy import deploy
+
+    meta = deploy(tmp_path / "run" / "model.pt", "hi", tmp_path / "hi.pt")  # LAMMPS' file records them too
+    assert meta["given_elements"] == ["N"] and meta["estimated_elements"] == []
     # the frames are references: not in any split's structure counts
     counts = {
         s: sum(v.values()) for s, v in model_card(tmp_path / "run")["data"].items() if s in ("train", "val", "test")

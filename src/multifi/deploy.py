@@ -194,6 +194,16 @@ def metadata(potential, fidelity: str, dtype: torch.dtype) -> dict:
         "masses": [round(float(atomic_masses[z]), 4) for z in potential.elements],  # u, beside each element
         "estimated_elements": [chemical_symbols[z] for z in estimated_elements(potential, fidelity)],
         "open_elements": [chemical_symbols[z] for z in open_elements(potential, fidelity)],
+        # a given atomic energy as reference, no labels at this fidelity (data.atomic_energies): bonding learnt elsewhere
+        "given_elements": [
+            chemical_symbols[z]
+            for z in potential.elements
+            if bool(
+                potential.head.given[
+                    int(z), 0 if potential.head.shared_baseline else potential.fidelity_index(fidelity)
+                ]
+            )
+        ],
         "open_compositions": open_compositions(potential, fidelity),
         # training structures with a stress label at this fidelity (0: its virial never fitted, said by pair_coeff,
         # as the calculator says it when asked for stress); null: not recorded (older models)

@@ -55,6 +55,7 @@ def _describe_deployed(args, meta: dict) -> int:
     for key, what in (
         ("estimated_elements", "reference energy estimated from other fidelities (no labels)"),
         ("open_elements", "reference energy split estimated (fixed proportions only)"),
+        ("given_elements", "atomic energy as reference, no labels at this fidelity (bonding learnt at others)"),
     ):
         if meta.get(key):
             print(f"{what}: {' '.join(meta[key])}")
