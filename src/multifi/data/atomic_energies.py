@@ -213,7 +213,7 @@ def check_binding(refs, names, where: str = "config") -> None:
         raise MultifiError(
             f"{where}: data.atomic_energies: at {name}, the labels hold {shift:+.1f} eV per atom beyond their atomic "
             "energies, where binding energies are a few eV per atom: atomic energies in another unit than the labels "
-            "(Hartree: ×27.211386 to eV) or of another method?"
+            "(Hartree: ×27.211386 to eV; kcal/mol: ÷23.061) or of another method?"
         )
 
 
