@@ -395,3 +395,22 @@ def test_an_element_only_in_the_table_is_said(write_config, caplog):
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert main(["train", "--dry-run", str(write_config(data={"atomic_energies": energies}))]) == 0
     assert "data.atomic_energies: Pt: no training label holds it: the model does not learn it" in caplog.text
+
+
+def test_a_resume_refuses_a_table_edited_since_the_run_started(tmp_path, write_config, capsys):
+    """The checkpoint's references are made of the table the run started with: a resume after the table file was
+    edited is a one-line error (it went on silently with the old references), and goes on once it is restored."""
+    energies = as_table(with_free_atoms(tmp_path / "atoms.extxyz"))
+    table = tmp_path / "e0s.json"
+    table.write_text(json.dumps(energies))
+    cfg = write_config(data={"atomic_energies": "e0s.json"})
+    assert main(["train", str(cfg)]) == 0
+    for name in ("model.pt", "metrics.json"):  # as a kill before the end leaves it
+        (tmp_path / "run" / name).unlink()
+    edited = json.loads(table.read_text())
+    edited["hi"]["O"] += 1.0
+    table.write_text(json.dumps(edited))
+    assert main(["train", "--resume", str(tmp_path / "run")]) != 0
+    assert "data.atomic_energies changed since the run started (hi O:" in capsys.readouterr().err
+    table.write_text(json.dumps(energies))
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0

@@ -134,6 +134,29 @@ def _compare_with_frames(table: np.ndarray, free: np.ndarray, names, prefix: str
         )
 
 
+def as_table(atomic: AtomicEnergies, names) -> dict[str, dict[str, float]]:
+    """{fidelity: {element symbol: eV}} of the atomic energies given (a run's record of them)."""
+    return {
+        name: {_symbol(int(z)): float(atomic.values[z, k]) for z in np.flatnonzero(~np.isnan(atomic.values[:, k]))}
+        for k, name in enumerate(names)
+        if not np.isnan(atomic.values[:, k]).all()
+    }
+
+
+def check_unchanged(recorded: dict, now: dict, where: str) -> None:
+    """A resume's atomic energies are those its run started with (its checkpoint's references are made of them): a
+    one-line error naming the first that changed (a table file edited since)."""
+    for name in sorted(set(recorded) | set(now)):
+        before, after = recorded.get(name, {}), now.get(name, {})
+        for element in sorted(set(before) | set(after)):
+            if before.get(element) != after.get(element):
+                raise MultifiError(
+                    f"{where}: data.atomic_energies changed since the run started ({name} {element}: "
+                    f"{before.get(element, 'none')} → {after.get(element, 'none')} eV); the run's references are made "
+                    "of the old ones: restore them, or start a new run"
+                )
+
+
 def read_table(path: str) -> dict:
     """{fidelity: {element: eV}} from a YAML or JSON file; a one-line error naming the file otherwise."""
     import yaml

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from multifi.config import RunConfig, blamed, dump_config, load_config
-from multifi.data.atomic_energies import check_binding
+from multifi.data.atomic_energies import as_table, check_binding, check_unchanged
 from multifi.data.checks import (
     check_overlaps,
     check_repeated_geometries,
@@ -66,6 +66,8 @@ from multifi.train.run_config import load_run_config
 from multifi.train.trainer import build_trainer, final_checkpoint, fit_or_interrupt, training_progress
 
 log = logging.getLogger("multifi")
+#: a run's record of the atomic energies its references are made of (data.atomic_energies), for its resumes
+ATOMIC_ENERGIES = "atomic_energies.json"
 
 
 def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run: bool = False) -> Path:
@@ -235,6 +237,9 @@ def _prepared_data(cfg: RunConfig, run_dir: Path, resume: bool, leader: bool, co
     prep = prepare_data(cfg, dataset, config_source)
     if resume:
         check_resumed_split(run_dir, prep)
+        if prep.atomic is not None and (run_dir / ATOMIC_ENERGIES).exists():
+            now = as_table(prep.atomic, prep.dataset.fidelities.names)
+            check_unchanged(json.loads((run_dir / ATOMIC_ENERGIES).read_text()), now, config_source or str(run_dir))
     if leader and not resume:
         check_repeated_geometries(prep.dataset)
         check_split_duplicates(prep.dataset, prep.split)
@@ -344,6 +349,9 @@ def _write_start_files(cfg: RunConfig, run_dir: Path, prep, resume: bool, source
     if cfg.data.cache and not _from_saved_dataset(cfg):
         prep.dataset.save(run_dir / "dataset.npz")
     atomic_write(run_dir / SOURCES, lambda f: f.write(json.dumps(source_fingerprints(cfg)).encode()))
+    if prep.atomic is not None:  # what the references are made of: a resume checks its table against it
+        table = as_table(prep.atomic, prep.dataset.fidelities.names)
+        atomic_write(run_dir / ATOMIC_ENERGIES, lambda f: f.write(json.dumps(table, indent=1).encode()))
 
 
 def _write_model_and_metrics(cfg: RunConfig, run_dir: Path, prep, data, trainer, best: Path, doubtful, run_log) -> None:
