@@ -240,7 +240,9 @@ def test_extending_a_model_on_atomic_energies_needs_and_takes_the_new_fidelitys(
     out = tmp_path / "ext"
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert main([*common, "--out", str(out), "--set", "data.atomic_energies=isolated"]) == 0
-    assert "hi: no energy labels with N in the training labels; their references are their given atomic" in caplog.text
+    assert (
+        "hi: no energy labels with N in the training labels; their hi references are their given atomic" in caplog.text
+    )
     new, old = load_potential(out / "model.pt"), load_potential(model)
     k = new.fidelities.index("hi")
     assert bool(new.head.atomic[k]) and torch.nonzero(new.head.given[:, k]).flatten().tolist() == [7]

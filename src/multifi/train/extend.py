@@ -710,26 +710,11 @@ def _fit_new_baseline(
             head.set_spread(known, loo[known])
             head.ref[new_elements, :k] = torch.as_tensor(prior[new_elements, :k], dtype=head.ref.dtype)
             _report_estimates(potential.fidelities.names, k, new_elements, loo)
-    if new.given[:, 0].any():
-        from ase.data import chemical_symbols
+    from multifi.train.preflight import warn_free_atoms_only, warn_given_references
 
-        log.warning(
-            "%s: no energy labels with %s in the training labels; their references are their given atomic energies "
-            "plus its shift, and their bonding is learnt at the other fidelities only",
-            potential.fidelities.names[k],
-            ", ".join(chemical_symbols[z] for z in np.flatnonzero(new.given[:, 0])),
-        )
+    warn_given_references(potential.fidelities.names[k], np.flatnonzero(new.given[:, 0]).tolist())
     free = np.zeros(len(new.fitted), bool) if new.free_only is None else new.free_only[:, 0]
-    if free.any():
-        from ase.data import chemical_symbols
-
-        log.warning(
-            "%s: its only energy labels with %s are free atoms (one-atom structures): a free atom's energy fits its "
-            "reference but says nothing of its bonding, so its references of them are estimated as for an element "
-            "without labels (data.atomic_energies takes free atoms as atomic energies)",
-            potential.fidelities.names[k],
-            ", ".join(chemical_symbols[z] for z in np.flatnonzero(free)),
-        )
+    warn_free_atoms_only(potential.fidelities.names[k], np.flatnonzero(free).tolist())
     _report_unlabelled(potential.fidelities.names[k], known_fitted.any(1) & ~new.fitted[:, 0] & ~free, loo[k])
     return doubtful
 

@@ -372,6 +372,38 @@ def _times(x: float) -> str:
     return f"{x:.2g}" if x < 10 else f"{x:.0f}"
 
 
+def warn_given_references(name: str, elements: list[int], labels: str = "training labels") -> None:
+    """Fidelity `name` takes given atomic energies as references of `elements` (atomic numbers) without labels."""
+    from ase.data import chemical_symbols
+
+    if elements:
+        log.warning(
+            "%s: no energy labels with %s in the %s; their %s references are their given atomic energies "
+            "(data.atomic_energies) plus its shift, and their bonding is learnt at the other fidelities only",
+            name,
+            ", ".join(chemical_symbols[z] for z in elements),
+            labels,
+            name,
+        )
+
+
+def warn_free_atoms_only(name: str, elements: list[int]) -> None:
+    """Fidelity `name` holds `elements` (atomic numbers) only as free atoms: their references are estimated."""
+    from ase.data import chemical_symbols
+
+    if elements:
+        symbols = ", ".join(chemical_symbols[z] for z in elements)
+        log.warning(
+            "%s: its only energy labels with %s are free atoms (one-atom structures): a free atom's energy fits "
+            "its reference but says nothing of its bonding, so the %s reference energies of %s are estimated as "
+            "for an element without labels (data.atomic_energies: isolated takes free atoms as atomic energies)",
+            name,
+            symbols,
+            name,
+            symbols,
+        )
+
+
 def report_references(refs, names, skip=(), labels: str = "training labels") -> None:
     """One warning per fidelity whose training labels lack elements that other fidelities have (except
     `skip`: fidelities without training labels, warned about as such); `labels` names what was fitted
@@ -390,27 +422,12 @@ def report_references(refs, names, skip=(), labels: str = "training labels") -> 
             )
         if refs.open(k) and name not in skip:
             warn_open_references(name, refs.open(k), labels)
-        if refs.given is not None and refs.given[:, k].any() and name not in skip:
-            log.warning(
-                "%s: no energy labels with %s in the %s; their %s references are their given atomic energies "
-                "(data.atomic_energies) plus its shift, and their bonding is learnt at the other fidelities only",
-                name,
-                ", ".join(chemical_symbols[z] for z in np.flatnonzero(refs.given[:, k])),
-                labels,
-                name,
-            )
+        if refs.given is not None and name not in skip:
+            warn_given_references(name, np.flatnonzero(refs.given[:, k]).tolist(), labels)
         missing = refs.estimated(k)
         free = [] if refs.free_only is None else [z for z in missing if refs.free_only[z, k]]
-        if free and name not in skip:
-            log.warning(
-                "%s: its only energy labels with %s are free atoms (one-atom structures): a free atom's energy fits "
-                "its reference but says nothing of its bonding, so the %s reference energies of %s are estimated as "
-                "for an element without labels (data.atomic_energies: isolated takes free atoms as atomic energies)",
-                name,
-                ", ".join(chemical_symbols[z] for z in free),
-                name,
-                ", ".join(chemical_symbols[z] for z in free),
-            )
+        if name not in skip:
+            warn_free_atoms_only(name, free)
         missing = [z for z in missing if z not in free]
         if not missing or name in skip:
             continue
