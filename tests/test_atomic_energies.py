@@ -416,3 +416,36 @@ def test_a_resume_refuses_a_table_edited_since_the_run_started(tmp_path, write_c
     assert "data.atomic_energies changed since the run started (hi O:" in capsys.readouterr().err
     table.write_text(json.dumps(energies))
     assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+
+
+def test_maces_e0_frames_weighted_0_are_read_as_atomic_energies(tmp_path, write_config, caplog):
+    """MACE's training files weigh their IsolatedAtom frames 0 (config_weight) and take them as E0s: with `isolated`
+    their energies are the atomic energies; without, they stay out (weight 0) and the warning names `isolated`. A
+    one-atom crystal weighted 0 stays out either way."""
+    from multifi.config import load_config
+    from multifi.train.prepare import prepare_data
+
+    frames = [a for a in tiny_frames() if a.info["fidelity"] == "lo"]
+    free = [emt_labelled(Atoms(s, positions=[[0.0, 0.0, 0.0]]), "lo") for s in ("H", "C", "N", "O")]
+    crystal = emt_labelled(Atoms("Cu", cell=np.eye(3) * 2.5, pbc=True), "lo")
+    for a in [*free, crystal]:
+        a.info.update(config_type="IsolatedAtom", config_weight=0.0)
+    data = tmp_path / "mace.extxyz"
+    ase.io.write(data, frames + free + [crystal], format="extxyz")
+    cfg = write_config(data={"sources": [{"path": str(data)}], "atomic_energies": "isolated"})
+    with caplog.at_level(logging.INFO, logger="multifi"):
+        prepared = prepare_data(load_config(cfg))
+    assert "4 free-atom energies weighted 0 (MACE's E0 frames) read" in caplog.text
+    assert "1 frame(s) without any label left skipped" in caplog.text  # the crystal
+    k = prepared.dataset.fidelities.index("lo")
+    for a in free:
+        got = prepared.atomic.values[int(a.numbers[0]), k]
+        assert got == pytest.approx(a.get_potential_energy(), abs=1e-9)
+    assert np.isnan(prepared.atomic.values[29, k])
+    caplog.clear()
+    cfg = write_config(data={"sources": [{"path": str(data)}]})
+    with caplog.at_level(logging.INFO, logger="multifi"):
+        prepared = prepare_data(load_config(cfg))
+    assert prepared.dataset.n_atoms.min() > 1  # no free atom trained
+    assert "5 frame(s) without any label left skipped (4 of them free atoms" in caplog.text
+    assert "data.atomic_energies: isolated takes them" in caplog.text

@@ -72,7 +72,9 @@ def _read_config(args):
     data = load_any_config(args.config).data  # a run's config.yaml: as the run read its data
     if not data.sources:
         raise MultifiError(f"{args.config}: data.sources: empty; no data to read")
-    ds = read_sources(data.sources, data.skip_invalid or args.skip_invalid)
+    from multifi.data.atomic_energies import ISOLATED
+
+    ds = read_sources(data.sources, data.skip_invalid or args.skip_invalid, data.atomic_energies == ISOLATED)
     if data.fidelities is not None:
         ds = ds.select_fidelities(data.fidelities, where=f"{args.config}: data.fidelities")
     return ds

@@ -16,12 +16,23 @@ def isolated_atoms(dataset) -> np.ndarray:
     directions)."""
     single = np.flatnonzero(dataset.n_atoms == 1)
     out = np.zeros(len(dataset.n_atoms), bool)
-    if not len(single):
-        return out
-    pbc = dataset.pbc[single]
-    n = np.array([v for v in np.ndindex(3, 3, 3) if v != (1, 1, 1)], dtype=np.float64) - 1  # [26, 3]
-    shifts = np.einsum("sta,sab->stb", n[None] * pbc[:, None, :], dataset.cells[single])  # [s, 26, 3] Å
-    length = np.linalg.norm(shifts, axis=-1)
-    nearest = np.where(length > 0, length, np.inf).min(1)  # inf: no periodic direction
-    out[single] = nearest >= ISOLATED_IMAGE_DISTANCE
+    if len(single):
+        out[single] = nearest_image(dataset.pbc[single], dataset.cells[single]) >= ISOLATED_IMAGE_DISTANCE
     return out
+
+
+def is_free_atom(atoms) -> bool:
+    """Whether an ase.Atoms is a free atom in the sense of isolated_atoms."""
+    if len(atoms) != 1:
+        return False
+    pbc = np.asarray(atoms.pbc, bool)[None]
+    return bool(nearest_image(pbc, np.asarray(atoms.cell[:], np.float64)[None])[0] >= ISOLATED_IMAGE_DISTANCE)
+
+
+def nearest_image(pbc: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """[s] Å: the shortest lattice translation n·cell, n ∈ {−1, 0, 1}³ along periodic directions, of each of s cells
+    (pbc [s, 3] bool, cells [s, 3, 3] Å); inf without a periodic direction."""
+    n = np.array([v for v in np.ndindex(3, 3, 3) if v != (1, 1, 1)], dtype=np.float64) - 1  # [26, 3]
+    shifts = np.einsum("sta,sab->stb", n[None] * pbc[:, None, :], cells)  # [s, 26, 3] Å
+    length = np.linalg.norm(shifts, axis=-1)
+    return np.where(length > 0, length, np.inf).min(1)

@@ -19,8 +19,9 @@ log = logging.getLogger("multifi")
 MATPES_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 
 
-def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
-    """One SourceConfig (or a plain path string) → FidelityDataset."""
+def read_source(src, skip_invalid: bool = False, free_atoms: bool = False) -> FidelityDataset:
+    """One SourceConfig (or a plain path string) → FidelityDataset. `free_atoms`: keep free atoms' energies that
+    MACE's per-frame weights set to 0 (its E0 frames), for data.atomic_energies: isolated."""
     if isinstance(src, (str, Path)):
         from multifi.config import SourceConfig
 
@@ -79,6 +80,7 @@ def read_source(src, skip_invalid: bool = False) -> FidelityDataset:
         skip_invalid=skip_invalid,
         keys=keys,
         fidelity_key=src.fidelity_key,
+        free_atoms=free_atoms,
     )
 
 
@@ -172,9 +174,9 @@ def read_labelled(
         return read_source(source_from_text(text, fidelity, index, **keys), skip_invalid)  # fails again unless missing
 
 
-def read_sources(sources, skip_invalid: bool = False) -> FidelityDataset:
-    """All sources merged (structures with equal keys share one entry)."""
-    parts = [read_source(s, skip_invalid) for s in sources]
+def read_sources(sources, skip_invalid: bool = False, free_atoms: bool = False) -> FidelityDataset:
+    """All sources merged (structures with equal keys share one entry); `free_atoms` as read_source."""
+    parts = [read_source(s, skip_invalid, free_atoms) for s in sources]
     if len(parts) == 1 and _is_saved_dataset(sources[0]):
         report_dropped(parts)
         return parts[0].drop_fidelities_without_labels()  # already merged when saved; keeps memory maps

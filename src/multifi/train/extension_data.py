@@ -225,11 +225,12 @@ def read_new_data(
     """The new fidelity's labels from data.sources and their split (data.split, data.train_limits); without
     split files, structures the model's run `old` also holds keep their split there (follow_split)."""
     d = cfg.data
+    free_atoms = d.atomic_energies == ISOLATED  # MACE's E0 frames, weighted 0, are read
     try:
-        ds = read_sources(d.sources, d.skip_invalid)
+        ds = read_sources(d.sources, d.skip_invalid, free_atoms)
     except NoFidelityError:  # structures naming none in a source naming none: the new fidelity's (as --data does)
         sources = [s.model_copy(update={"fidelity": name}) if _names_no_fidelity(s) else s for s in d.sources]
-        ds = read_sources(sources, d.skip_invalid)
+        ds = read_sources(sources, d.skip_invalid, free_atoms)
     where = ", ".join(str(s.path or "qm9") for s in d.sources)
     if name not in ds.fidelities:
         raise MultifiError(

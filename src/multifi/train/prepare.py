@@ -9,6 +9,7 @@ import numpy as np
 
 from multifi.config import RunConfig
 from multifi.data.atomic_energies import (
+    ISOLATED,
     AtomicEnergies,
     check_atomic_coverage,
     resolve_atomic_energies,
@@ -87,7 +88,8 @@ class PreparedData:
 def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_source: str = "") -> PreparedData:
     """`config_source` (the config file) prefixes errors about the config's fidelity names."""
     d = cfg.data
-    ds = dataset if dataset is not None else read_sources(d.sources, d.skip_invalid)
+    free_atoms = d.atomic_energies == ISOLATED  # MACE's E0 frames, weighted 0, are read
+    ds = dataset if dataset is not None else read_sources(d.sources, d.skip_invalid, free_atoms)
     if not d.sources:
         raise MultifiError(f"{config_source or 'config'}: data.sources: empty; name the labelled data to train on")
     names = frozenset(ds.fidelities.names)

@@ -19,6 +19,7 @@ from multifi.data.dataset import (
     symmetric_stress,
     voigt_or_matrix,
 )
+from multifi.data.isolated import is_free_atom
 from multifi.errors import SKIP_INVALID_HINT, MultifiError, NoFidelityError
 from multifi.files import warn_if_cut_short
 
@@ -32,6 +33,7 @@ def read_ase(
     skip_invalid: bool = False,
     keys: dict[str, str] | None = None,
     fidelity_key: str | None = None,
+    free_atoms: bool = False,
 ) -> FidelityDataset:
     """Structures and labels from an ASE-readable file.
 
@@ -48,7 +50,8 @@ def read_ase(
     per fidelity) and counted in the log; with no keys, or when no frame has them, a frame without labels is an
     error. A stress key naming a virial (`virial`, `REF_virials`: eV, W = −σ·V) is converted
     to stress, σ = −W / V. `fidelity_key` (e.g. MACE's head): the info key naming each frame's fidelity instead of
-    info['fidelity'] (a frame naming both differently is an error).
+    info['fidelity'] (a frame naming both differently is an error). MACE's per-frame weights 0 drop labels
+    (MaceWeights); `free_atoms` keeps free atoms' energies whatever their weight (data.atomic_energies: isolated).
     """
     path = Path(path)
     src = str(path)
@@ -68,7 +71,7 @@ def read_ase(
     per_atom_only = 0  # frames with per-atom energies (arrays['energies']) and no total energy read
     no_energy = 0  # other frames with forces or stress but no energy: trained on those alone
     charged = {"charge": 0, "spin": 0}  # frames with a net charge / a spin state the model cannot see
-    weights = MaceWeights(src)  # MACE's per-frame weights: 0 drops a label, others are said not to apply
+    weights = MaceWeights(src, free_atoms)  # MACE's per-frame weights: 0 drops a label, others are said not to apply
     kinds_read: set[str] = set()  # label kinds the file gave (before weights dropped any)
     for i, atoms in enumerate(read_frames(path, index, stress_key=keys.get("stress"))):
         for kind, flagged in _charge_and_spin(atoms.info).items():
@@ -108,7 +111,8 @@ def read_ase(
                 )
         has_energy = any("energy" in lab for lab in rec["labels"].values())  # in the file (weights aside)
         kinds_read.update(kind for lab in rec["labels"].values() for kind in lab)
-        if _mace_keys(keys, named) and PREDICTION_MARK not in atoms.info and not weights.apply(atoms.info, rec, keys):
+        mace = _mace_keys(keys, named) and PREDICTION_MARK not in atoms.info
+        if mace and not weights.apply(atoms.info, rec, keys, is_free_atom(atoms)):
             continue  # every label weighted 0
         rec["name"] = i
         per_atom = "energies" in atoms.arrays or "energies" in (getattr(atoms.calc, "results", None) or {})
@@ -286,18 +290,25 @@ def _mace_keys(keys: dict[str, str], named: bool) -> bool:
 class MaceWeights:
     """MACE's per-frame weights in info (config_energy_weight=0 keeps a label out of MACE's loss): a weight 0 drops that
     label here too (a frame whose labels are all dropped is skipped), counted in one warning; other weights are not
-    applied (multifi weighs fidelities, loss.fidelity_weights, not frames), said in one warning."""
+    applied (multifi weighs fidelities, loss.fidelity_weights, not frames), said in one warning. `free_atoms`: keep
+    the energy of free atoms (one-atom frames, isolated_atoms' sense) whatever their weight: MACE's E0 frames, weighted
+    0 and read as atomic energies (data.atomic_energies: isolated)."""
 
-    def __init__(self, src: str):
+    def __init__(self, src: str, free_atoms: bool = False):
         self.src = src
+        self.free_atoms = free_atoms
         self.dropped = {"energy": 0, "forces": 0, "stress": 0}
         self.frames_dropped = 0
+        self.free_dropped = 0  # free atoms among the frames dropped
+        self.free_kept = 0  # free atoms weighted 0 whose energy was kept (free_atoms)
         self.other: dict[str, None] = {}
 
-    def apply(self, info: dict, rec: dict, keys: dict[str, str]) -> bool:
+    def apply(self, info: dict, rec: dict, keys: dict[str, str], free_atom: bool = False) -> bool:
         """Drop rec's labels weighted 0 in place; False when no label is left. `keys`: the label keys read (a stress
-        read from a virial key answers to config_virials_weight, else to config_stress_weight)."""
+        read from a virial key answers to config_virials_weight, else to config_stress_weight); `free_atom`: the
+        frame is a free atom (its energy kept when free_atoms)."""
         virial = "virial" in str(keys.get("stress", "")).lower()
+        keep_energy = free_atom and self.free_atoms
         for kind, name in MACE_WEIGHTS.items():
             if name not in info or (kind == "stress" and virial) or (kind == "virials" and not virial):
                 continue
@@ -309,6 +320,9 @@ class MaceWeights:
             if w == 0:
                 for lab in rec["labels"].values():
                     for k in [k for k in lab if label in ("all", k)]:
+                        if keep_energy and k == "energy":
+                            self.free_kept += 1
+                            continue
                         del lab[k]
                         self.dropped[k] += 1
             elif w != 1:
@@ -316,16 +330,29 @@ class MaceWeights:
         rec["labels"] = {fid: lab for fid, lab in rec["labels"].items() if lab}
         if not rec["labels"]:
             self.frames_dropped += 1
+            self.free_dropped += free_atom
             return False
         return True
 
     def report(self) -> None:
         if any(self.dropped.values()):
+            free = (
+                f" ({self.free_dropped} of them free atoms, MACE's E0 frames: data.atomic_energies: isolated takes "
+                "them as atomic energies)"
+                if self.free_dropped
+                else ""
+            )
             log.warning(
                 "%s: labels weighted 0 by MACE's per-frame weights (config_weight, config_energy_weight, …) left out: %s%s",
                 self.src,
                 ", ".join(f"{n} {kind}" for kind, n in self.dropped.items() if n),
-                f"; {self.frames_dropped} frame(s) without any label left skipped" if self.frames_dropped else "",
+                f"; {self.frames_dropped} frame(s) without any label left skipped{free}" if self.frames_dropped else "",
+            )
+        if self.free_kept:
+            log.info(
+                "%s: %d free-atom energies weighted 0 (MACE's E0 frames) read for data.atomic_energies: isolated",
+                self.src,
+                self.free_kept,
             )
         if self.other:
             log.warning(
