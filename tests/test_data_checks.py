@@ -735,3 +735,41 @@ def test_isolated_atoms_in_the_held_out_splits_are_said(caplog):
         held = {"train": pair(atoms[:1]), "val": pair(atoms[1:2]), "test": pair(atoms[2:])}
         assert warn_isolated_atoms_held_out(ds, held) == 3
     assert "fell into the held-out splits (validation 1, test 2)" in caplog.text
+
+
+def test_forces_of_exactly_zero_are_said_where_no_calculation_gives_them(caplog):
+    """Placeholder forces (zeros written for forces not computed) train toward zero forces: said for molecules and
+    for structures with forces at another fidelity; relaxed crystals' zeros (symmetry) only when most are zero."""
+    from ase.build import bulk
+
+    from multifi.data.checks import check_zero_forces
+    from multifi.data.split import labelled_pairs
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(6):  # molecules: 'hi' forces zero on 0, 2, 4
+        a = molecule("H2O")
+        f = rng.normal(size=(3, 3))
+        labels = {"lo": {"energy": -10.0 + i, "forces": f}, "hi": {"energy": -11.0 + i, "forces": f * (i % 2)}}
+        recs.append({"numbers": a.numbers, "positions": a.positions + 0.01 * i, "labels": labels})
+    for i in range(5):  # crystals at 'hi' only: two relaxed (zero), three strained
+        c = bulk("NaCl", "rocksalt", a=5.6 + 0.05 * i)
+        f = np.zeros((2, 3)) if i < 2 else rng.normal(size=(2, 3))
+        recs.append(
+            {
+                "numbers": c.numbers,
+                "positions": c.positions,
+                "cell": c.cell.array,
+                "pbc": c.pbc,
+                "labels": {"hi": {"energy": -7.0 + i, "forces": f}},
+            }
+        )
+    ds = FidelityDataset.from_records(recs)
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert check_zero_forces(ds, pairs) == {"hi": 3}
+    assert "3 of 11 structures with forces at fidelity 'hi' have forces of exactly 0 on every atom" in caplog.text
+    assert "(3 of them molecules, 3 with forces at another fidelity)" in caplog.text
+    crystals = pairs[ds.pbc[pairs[:, 0]].any(1)]
+    assert check_zero_forces(ds, crystals) == {}  # two relaxed crystals of five: nothing
+    assert check_zero_forces(ds, crystals[:3]) == {"hi": 2}  # two of three: most of them

@@ -915,3 +915,35 @@ def test_fidelity_key_reads_mace_heads_as_fidelities(tmp_path):
         MultifiError, match=r"frame 1 \(0-based\): info\['head'\] names 'r2scan' and info\['fidelity'\] 'PBE'"
     ):
         read_source(SourceConfig(path=str(path), energy_key="REF_energy", fidelity_key="head"))
+
+
+def test_a_label_held_twice_with_different_values_is_said(tmp_path, caplog):
+    """An ASE trajectory keeps info['energy'] and the calculator's energy apart: when they differ (another method's
+    energy in info), the one read (info) is named with both values; equal ones are no news."""
+    import logging
+
+    from ase.io.trajectory import Trajectory
+
+    frames = []
+    for i, shift in enumerate((5.0, 0.0, 5.0)):
+        a = molecule("H2O")
+        a.rattle(0.05, seed=i)
+        a.info.update(fidelity="dft", energy=-10.0 - i + shift)
+        a.calc = SinglePointCalculator(a, energy=-10.0 - i, forces=np.zeros((3, 3)) + i)
+        frames.append(a)
+    path = tmp_path / "both.traj"
+    with Trajectory(path, "w") as t:
+        for a in frames:
+            t.write(a)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        ds = read_ase(path)
+    assert ds.energy[:, 0].tolist() == [-5.0, -11.0, -7.0]  # info's, as said
+    assert "2 of 3 frames hold info['energy'] and different values in their calculator's results" in caplog.text
+    assert "(frame 0 (0-based): -5 and -10 eV): info['energy'] read" in caplog.text
+    caplog.clear()
+    path = tmp_path / "same.traj"
+    with Trajectory(path, "w") as t:
+        t.write(frames[1])
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        read_ase(path)
+    assert "different values" not in caplog.text

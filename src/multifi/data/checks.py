@@ -543,6 +543,7 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
     them). Returns the suspicious names."""
     if dataset.forces is None:
         return []
+    check_zero_forces(dataset, pairs)
     suspicious = []
     for k, name in enumerate(dataset.fidelities.names):
         if name in known:
@@ -568,6 +569,56 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
     suspicious += check_force_agreement(dataset, pairs, skip=set(suspicious), known=known)
     own = pairs[~np.isin(pairs[:, 1], [dataset.fidelities.index(n) for n in known if n in dataset.fidelities])]
     return suspicious + [name for name in check_forces_against_energies(dataset, own) if name not in suspicious]
+
+
+#: eV/Å: forces at another fidelity of a structure beyond which its forces of exactly 0 are no minimum there
+MOVED_FORCE = 0.05
+
+
+def check_zero_forces(dataset: FidelityDataset, pairs: np.ndarray) -> dict[str, int]:
+    """Warn per fidelity about structures of ≥ 2 atoms among `pairs` whose forces are exactly 0 on every atom where
+    no calculation gives that: molecules (a geometry optimised to a tolerance keeps small forces), or structures with
+    forces above MOVED_FORCE at another fidelity (placeholders for missing forces, which train the model toward zero
+    forces); zero forces of crystals without such a partner (symmetry fixes them in relaxed high-symmetry cells) are
+    said only when they are at least half of the fidelity's. Returns {fidelity: such structures} of those warned."""
+    if dataset.forces is None or not len(pairs):
+        return {}
+    labelled = np.zeros(dataset.forces_mask.shape, bool)
+    labelled[pairs[:, 0], pairs[:, 1]] = dataset.forces_mask[pairs[:, 0], pairs[:, 1]]
+    labelled[dataset.n_atoms < 2] = False
+    s, k = np.nonzero(labelled)
+    atoms = ranges(np.asarray(dataset.offsets)[s], dataset.n_atoms[s])
+    owner = np.repeat(np.arange(len(s)), dataset.n_atoms[s])
+    largest = np.zeros(len(s))
+    np.maximum.at(largest, owner, np.abs(dataset.forces[atoms, np.repeat(k, dataset.n_atoms[s])]).max(1))
+    zero = largest == 0
+    if not zero.any():
+        return {}
+    elsewhere = np.zeros(len(dataset), bool)  # structures with forces above MOVED_FORCE at some fidelity
+    elsewhere[s[largest > MOVED_FORCE]] = True
+    molecule = ~dataset.pbc[s].any(1)
+    warned = {}
+    for j, name in enumerate(dataset.fidelities.names):
+        at = zero & (k == j)
+        odd = at & (molecule | elsewhere[s])
+        crystals = int((at & ~odd).sum())
+        periodic = int(((k == j) & ~molecule).sum())
+        n = int(odd.sum()) + (crystals if crystals >= max(2, periodic / 2) else 0)
+        if not n:
+            continue
+        warned[name] = n
+        log.warning(
+            "%s: %d of %d structures with forces at fidelity %r have forces of exactly 0 on every atom (%d of "
+            "them molecules, %d with forces at another fidelity): placeholders for forces not computed? They "
+            "train the model toward zero forces there; write those structures without forces",
+            dataset.source_of(name),
+            n,
+            int((k == j).sum()),
+            name,
+            int((at & molecule).sum()),
+            int((at & elsewhere[s]).sum()),
+        )
+    return warned
 
 
 def check_force_agreement(

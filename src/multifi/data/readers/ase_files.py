@@ -73,6 +73,7 @@ def read_ase(
     charged = {"charge": 0, "spin": 0}  # frames with a net charge / a spin state the model cannot see
     weights = MaceWeights(src, free_atoms)  # MACE's per-frame weights: 0 drops a label, others are said not to apply
     kinds_read: set[str] = set()  # label kinds the file gave (before weights dropped any)
+    conflicts: list[tuple] = []  # (frame, {kind: (info value, calculator value)}) where the two differ
     for i, atoms in enumerate(read_frames(path, index, stress_key=keys.get("stress"))):
         for kind, flagged in _charge_and_spin(atoms.info).items():
             charged[kind] += flagged
@@ -115,12 +116,15 @@ def read_ase(
         if mace and not weights.apply(atoms.info, rec, keys, is_free_atom(atoms)):
             continue  # every label weighted 0
         rec["name"] = i
+        if "conflicts" in rec:
+            conflicts.append((tag, rec.pop("conflicts")))
         per_atom = "energies" in atoms.arrays or "energies" in (getattr(atoms.calc, "results", None) or {})
         per_atom_only += per_atom and not has_energy
         if invalid.keep(rec, tag):
             records.append(rec)
             no_energy += not per_atom and not has_energy
     _warn_unread(src, keys, unread, kinds_read if records else set(), named)
+    _warn_two_values(src, conflicts, len(records), keys)
     weights.report()
     if not records and weights.frames_dropped:
         raise MultifiError(
@@ -607,11 +611,46 @@ def _get(first: dict, then: dict, key: str | None):
     return None if key is None else first.get(key, then.get(key))
 
 
+def _two_values(first: dict, then: dict, key: str | None) -> tuple | None:
+    """(first's, then's) value of `key` where both hold one and they differ (an info/arrays entry and the
+    attached calculator's result: _get reads the first), else None."""
+    if key is None or key not in first or key not in then:
+        return None
+    try:
+        a, b = np.asarray(first[key], dtype=np.float64), np.asarray(then[key], dtype=np.float64)
+        same = a.shape == b.shape and np.allclose(a, b, rtol=1e-6, atol=1e-6)
+    except (TypeError, ValueError):
+        same = False
+    return None if same else (first[key], then[key])
+
+
 def _stress_from_virial(virial: np.ndarray, atoms, where: str, key: str) -> np.ndarray:
     """σ = −W / V (eV/Å³) from a virial W (eV), as extxyz files for GAP, ACE, NequIP and MACE carry it."""
     if not atoms.pbc.all():
         raise MultifiError(f"{where}: {key} is a virial, which needs a cell periodic in 3 dimensions (a volume)")
     return -virial / abs(atoms.cell.volume)
+
+
+def _warn_two_values(src: str, conflicts: list[tuple], n: int, keys: dict[str, str]) -> None:
+    """One warning for frames holding a label twice with different values, info/arrays and the calculator's."""
+    if not conflicts:
+        return
+    tag, first = conflicts[0]
+    kind, (a, b) = next(iter(first.items()))
+    where = {k: f"{'arrays' if k == 'forces' else 'info'}[{keys[k]!r}]" for k in ("energy", "forces", "stress")}
+    kinds = sorted({k for _, c in conflicts for k in c})
+    shown = f": {float(a):.6g} and {float(b):.6g} eV" if kind == "energy" else ""
+    log.warning(
+        "%s: %d of %d frames hold %s and different values in their calculator's results (%s%s): %s read; keep "
+        "one of the two in the file",
+        src,
+        len(conflicts),
+        n,
+        " and ".join(where[k] for k in kinds),
+        tag,
+        shown,
+        " and ".join(where[k] for k in kinds),
+    )
 
 
 class _NoLabel(MultifiError):
@@ -656,6 +695,11 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
         )
     results = getattr(atoms.calc, "results", None) or {}
     lab = {}
+    conflicts = {  # label kind → (info/arrays value, calculator value) where they differ
+        kind: pair
+        for kind, where_first in (("energy", atoms.info), ("forces", atoms.arrays), ("stress", atoms.info))
+        if (pair := _two_values(where_first, results, keys.get(kind))) is not None
+    }
     energy = _get(atoms.info, results, keys.get("energy"))
     if energy is not None:
         try:
@@ -704,4 +748,6 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
     }
     if atoms.info.get("key") is not None:
         rec["key"] = str(atoms.info["key"])
+    if conflicts:
+        rec["conflicts"] = conflicts  # read_ase says them (and drops this entry)
     return rec
