@@ -947,3 +947,23 @@ def test_a_label_held_twice_with_different_values_is_said(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="multifi"):
         read_ase(path)
     assert "different values" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"forces": "REF_energy"}, "forces_key 'REF_energy' names a value per frame (info), not forces per atom"),
+        ({"forces": "positions"}, "forces_key 'positions' names the atoms' positions, not forces labels"),
+        ({"energy": "REF_forces"}, "energy_key 'REF_forces' names an array per atom, not energy per frame"),
+    ],
+)
+def test_a_label_key_naming_the_wrong_kind_of_entry_is_refused(tmp_path, keys, message):
+    """A forces key naming a per-frame value read no forces (silently), one naming the positions trained them."""
+    a = molecule("H2O")
+    a.info.update(fidelity="dft", REF_energy=-3.0)
+    a.arrays["REF_forces"] = np.ones((3, 3))
+    path = tmp_path / "ref.extxyz"
+    ase.io.write(path, [a])
+    with pytest.raises(MultifiError, match=re.escape(f"{path}: frame 0 (0-based): {message}")):
+        read_ase(path, keys={"energy": "REF_energy", "forces": "REF_forces", **keys})
+    assert read_ase(path, keys={"energy": "REF_energy", "forces": "REF_forces"}).forces is not None

@@ -611,6 +611,24 @@ def _get(first: dict, then: dict, key: str | None):
     return None if key is None else first.get(key, then.get(key))
 
 
+#: per-atom arrays of ase.Atoms that are no labels
+ATOMS_ARRAYS = ("positions", "numbers", "momenta", "masses", "tags", "initial_magmoms", "initial_charges")
+
+
+def _check_key_kinds(atoms, results: dict, keys: dict[str, str], where: str) -> None:
+    """A label key naming the wrong kind of entry is an error: forces or stress keys naming the atoms' own arrays
+    (positions, …), a forces key naming a per-frame value (info), an energy or stress key naming a per-atom array."""
+    for kind, key in keys.items():
+        if key in results:
+            continue
+        if key in ATOMS_ARRAYS:
+            raise MultifiError(f"{where}: {kind}_key {key!r} names the atoms' {key}, not {kind} labels")
+        if kind == "forces" and key in atoms.info:
+            raise MultifiError(f"{where}: forces_key {key!r} names a value per frame (info), not forces per atom")
+        if kind != "forces" and key in atoms.arrays and key not in atoms.info:
+            raise MultifiError(f"{where}: {kind}_key {key!r} names an array per atom, not {kind} per frame")
+
+
 def _two_values(first: dict, then: dict, key: str | None) -> tuple | None:
     """(first's, then's) value of `key` where both hold one and they differ (an info/arrays entry and the
     attached calculator's result: _get reads the first), else None."""
@@ -694,6 +712,7 @@ def _record(atoms, fidelity: str | None, where: str, keys: dict[str, str] | None
             "their key's suffix names: give it as the source's fidelity ('fidelity:', --fidelity)"
         )
     results = getattr(atoms.calc, "results", None) or {}
+    _check_key_kinds(atoms, results, keys, where)
     lab = {}
     conflicts = {  # label kind → (info/arrays value, calculator value) where they differ
         kind: pair
