@@ -1109,20 +1109,32 @@ def test_evaluate_reports_the_force_slope_and_warns_of_reversed_labels(model, ti
             {"lo": {FORCES_SLOPE: -267.3, FORCES_COSINE: -0.71}}, "i.extxyz"
         )  # untrained models' mean
         warn_implausible_errors({"lo": {FORCES_SLOPE: -0.019, FORCES_COSINE: -1.0}}, "j.extxyz")  # gradients in Ha/Bohr
-    assert "f.extxyz: lo force labels point against the model's forces" in caplog.text and "j.extxyz" in caplog.text
-    assert not any(name in caplog.text for name in ("g.extxyz", "h.extxyz", "i.extxyz"))
+        # a small model's moderate cosine where the slope is −1 or −(a unit's factor) within 3 %: a trial's gradients
+        warn_implausible_errors({"lo": {FORCES_SLOPE: -0.98, FORCES_COSINE: -0.73}}, "o.extxyz")
+        warn_implausible_errors({"lo": {FORCES_SLOPE: -0.0192, FORCES_COSINE: -0.6}}, "p.extxyz")
+        warn_implausible_errors({"lo": {FORCES_SLOPE: -0.9, FORCES_COSINE: -0.73}}, "q.extxyz")  # 10 % off: no
+        warn_implausible_errors({"lo": {FORCES_SLOPE: -1.0, FORCES_COSINE: -0.45}}, "r.extxyz")  # cosine too weak
+    for name in ("f", "j", "o", "p"):
+        assert f"{name}.extxyz: lo force labels point against the model's forces" in caplog.text
+    assert not any(f"{name}.extxyz" in caplog.text for name in ("g", "h", "i", "q", "r"))
     caplog.clear()  # labels a unit's factor times the model's forces, aligned with them: the unit is named
     with caplog.at_level(logging.WARNING, logger="multifi"):
         warn_implausible_errors({"lo": {FORCES_SLOPE: 0.0195, FORCES_COSINE: 1.0}}, "k.extxyz")  # Ha/Bohr
         warn_implausible_errors({"lo": {FORCES_SLOPE: 23.2, FORCES_COSINE: 0.97}}, "l.extxyz")  # kcal/mol/Å
         warn_implausible_errors({"lo": {FORCES_SLOPE: 0.0195, FORCES_COSINE: 0.5}}, "m.extxyz")  # not aligned
         warn_implausible_errors({"lo": {FORCES_SLOPE: 1.1, FORCES_COSINE: 0.99}}, "n.extxyz")  # eV/Å
+        warn_implausible_errors({"lo": {FORCES_SLOPE: 0.01914, FORCES_COSINE: 0.73}}, "s.extxyz")  # within 3 %
+        warn_implausible_errors({"lo": {FORCES_SLOPE: 0.0185, FORCES_COSINE: 0.73}}, "t.extxyz")  # 5 % off: no
     assert (
         "k.extxyz: lo force labels are 0.0195 × the model's forces (cosine 1.00): forces in Hartree/Bohr read as "
         "eV/Å? (convert them to eV/Å: multiply by 51.4221)" in caplog.text
     )
     assert "l.extxyz: lo force labels are 23.2 × the model's forces (cosine 0.97): forces in kcal/mol/Å" in caplog.text
-    assert "m.extxyz" not in caplog.text and "n.extxyz" not in caplog.text
+    assert (
+        "s.extxyz: lo force labels are 0.01914 × the model's forces (cosine 0.73): forces in Hartree/Bohr"
+        in caplog.text
+    )
+    assert not any(f"{name}.extxyz" in caplog.text for name in ("m", "n", "t"))
 
 
 def test_evaluate_names_the_unit_of_energies_given_in_kj_per_mol(cli_run, tiny_extxyz, tmp_path, capsys, caplog):  # noqa: F811

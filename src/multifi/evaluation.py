@@ -259,6 +259,26 @@ FORCE_UNITS = {
 ALIGNED_FORCES_COSINE = 0.9
 
 
+#: a cosine this far from 0 suffices where the slope itself says what the labels are: −1 (gradients as forces, the
+#: model's size) or a unit's factor, each within 3 % (an untrained model's tiny forces give slopes in the hundreds)
+WEAK_FORCES_COSINE = 0.5
+
+
+def _reversed_forces(slope: float, cosine: float) -> bool:
+    """Force labels pointing against the model's forces: a cosine near −1, or below −WEAK_FORCES_COSINE with
+    a slope of −1 or of minus a unit's factor."""
+    if cosine < REVERSED_FORCES_COSINE:
+        return True
+    return cosine < -WEAK_FORCES_COSINE and (abs(slope + 1) < 0.03 or bool(_unit_of(-slope, FORCE_UNITS)))
+
+
+def _force_unit(slope: float | None, cosine: float) -> str:
+    """The unit force labels aligned with the model's forces are in (see WEAK_FORCES_COSINE), or ''."""
+    if cosine > ALIGNED_FORCES_COSINE:
+        return _unit_of(slope, FORCE_UNITS, 0.05)
+    return _unit_of(slope, FORCE_UNITS) if cosine > WEAK_FORCES_COSINE else ""
+
+
 def label_slopes(ds, pairs, predicted) -> dict[str, float]:
     """Per fidelity name: the least-squares slope (through 0) of the energy labels on the predicted energies (eV)."""
     out = {}
@@ -297,7 +317,7 @@ def warn_implausible_errors(metrics: dict, where: str, slopes: dict[str, float] 
 
     for name, m in metrics.items():
         slope, cosine = m.get(FORCES_SLOPE), m.get(FORCES_COSINE)
-        if slope is not None and cosine is not None and cosine < REVERSED_FORCES_COSINE:
+        if slope is not None and cosine is not None and _reversed_forces(slope, cosine):
             log.warning(
                 "%s: %s force labels point against the model's forces (least-squares slope %.2f of the labels on the "
                 "predictions, cosine %.2f; about +1 both for labels the model learned): gradients (dE/dx) given as "
@@ -307,7 +327,7 @@ def warn_implausible_errors(metrics: dict, where: str, slopes: dict[str, float] 
                 slope,
                 cosine,
             )
-        elif cosine is not None and cosine > ALIGNED_FORCES_COSINE and (unit := _unit_of(slope, FORCE_UNITS, 0.05)):
+        elif cosine is not None and (unit := _force_unit(slope, cosine)):
             log.warning(
                 "%s: %s force labels are %.4g × the model's forces (cosine %.2f): forces in %s read as eV/Å? "
                 "(convert them to eV/Å: %s)",
