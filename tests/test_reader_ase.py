@@ -967,3 +967,20 @@ def test_a_label_key_naming_the_wrong_kind_of_entry_is_refused(tmp_path, keys, m
     with pytest.raises(MultifiError, match=re.escape(f"{path}: frame 0 (0-based): {message}")):
         read_ase(path, keys={"energy": "REF_energy", "forces": "REF_forces", **keys})
     assert read_ase(path, keys={"energy": "REF_energy", "forces": "REF_forces"}).forces is not None
+
+
+@pytest.mark.parametrize(
+    "i, index, tag",
+    [
+        (2, ":", "frame 2 (0-based)"),
+        (2, "3:", "frame 5 (0-based)"),
+        (2, "1::10", "frame 21 (0-based)"),
+        (0, "7", "frame 7 (0-based)"),
+        (2, "-5:", "frame 2 (0-based, of index '-5:')"),
+        (2, "::-1", "frame 2 (0-based, of index '::-1')"),
+    ],
+)
+def test_errors_name_the_files_frame_where_the_index_says_it(i, index, tag):
+    from multifi.data.readers.ase_files import frame_tag
+
+    assert frame_tag(i, index) == tag

@@ -77,7 +77,7 @@ def read_ase(
     for i, atoms in enumerate(read_frames(path, index, stress_key=keys.get("stress"))):
         for kind, flagged in _charge_and_spin(atoms.info).items():
             charged[kind] += flagged
-        tag = f"frame {i} (0-based)" if index == ":" else f"frame {i} (0-based, of index {index!r})"
+        tag = frame_tag(i, index)
         if fidelity_key not in (None, "fidelity") and fidelity_key in atoms.info:
             _fidelity_from(atoms, fidelity_key, f"{src}: {tag}")
         unread.update(dict.fromkeys(_label_like(atoms, keys)))
@@ -605,6 +605,23 @@ def source_fidelity(named, fidelity: str | None, where: str, field: str) -> str:
             "--fidelity on the command line)"
         )
     return fid
+
+
+def frame_tag(i: int, index: str = ":") -> str:
+    """'frame N (0-based)': the file's frame number of the i-th frame ASE's `index` selects where the index says it
+    without counting the file (an integer or a slice from a non-negative start, forward), else the i-th of the
+    selection, named so."""
+    try:
+        parts = [int(p) if p.strip() else None for p in index.split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1 and parts[0] is not None and parts[0] >= 0:
+        return f"frame {parts[0]} (0-based)"
+    if 2 <= len(parts) <= 3:
+        start, step = parts[0] or 0, (parts[2] if len(parts) == 3 else None) or 1
+        if start >= 0 and step > 0:
+            return f"frame {start + i * step} (0-based)"
+    return f"frame {i} (0-based, of index {index!r})"
 
 
 def _get(first: dict, then: dict, key: str | None):
