@@ -712,6 +712,10 @@ def test_metrics_table_counts_energy_labels_by_name():
     header, row = table.splitlines()
     assert "n energies" in header and "F MAE meV/Å" in header
     assert row.split()[:2] == ["F-only", "0"] and "12.3" in row
+    assert "n forces" not in header  # no count of forces: nothing to tell apart from the energies
+    both = {"n": 8, "n_forces": 4, "energy_mae_meV": 1.0, "forces_mae_meV_per_A": 2.0}
+    header, row = metrics_table({"lo": both, "hi": {**both, "n_forces": 8}}).splitlines()[:2]
+    assert "n forces" in header and row.split()[:2] == ["lo", "8"] and row.split()[6] == "4"  # forces on 4 of 8
 
 
 def test_data_info_runs_the_unit_checks(tmp_path, capsys, caplog):

@@ -259,6 +259,7 @@ def test_metrics_per_fidelity_exact_values(molecules):
     assert a["energy_mae_meV"] == pytest.approx(300.0) and a["energy_rmse_meV"] == pytest.approx(300.0)
     assert a["energy_mae_meV_per_atom"] == pytest.approx(100.0)
     assert a["forces_mae_meV_per_A"] == pytest.approx(2.0) and b["forces_mae_meV_per_A"] is None
+    assert a["n_forces"] == 4 and "n_forces" not in b  # a: structures 0 and 2 twice; b: no force label
     assert b["energy_mae_meV"] == pytest.approx(1000.0) and b["energy_mae_meV_per_atom"] == pytest.approx(1000.0 / 6)
     assert a["stress_mae_GPa"] is None
     # RMSEs (MACE's RMSE_E_per_atom, RMSE_F): per-atom energy errors 0.1 eV (a), 1/6 eV (b); force errors of

@@ -7,6 +7,7 @@ from typing import Literal
 
 #: per-fidelity errors (FidelityMetrics.compute; metrics.json "fidelities" and "val_fidelities" entries)
 COUNT = "n"  # structures with an energy label
+FORCES_COUNT = "n_forces"  # structures with force labels (present when forces were evaluated)
 ENERGY_MAE = "energy_mae_meV"  # mean |ΔE| per structure, meV
 ENERGY_RMSE = "energy_rmse_meV"  # root mean square ΔE per structure, meV
 ENERGY_MAE_PER_ATOM = "energy_mae_meV_per_atom"  # mean |ΔE| / atoms, meV/atom

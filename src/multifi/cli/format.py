@@ -10,6 +10,7 @@ from multifi.keys import (
     ENERGY_RMSE_PER_ATOM,
     ESTIMATED,
     FITTED_ONLY,
+    FORCES_COUNT,
     FORCES_MAE,
     FORCES_RMSE,
     STRESS_MAE,
@@ -27,6 +28,8 @@ def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
         (FORCES_RMSE, "F RMSE meV/Å", "{:.1f}"),
         (STRESS_MAE, "S MAE GPa", "{:.3f}"),
     ]
+    if any(m.get(FORCES_COUNT, m.get(COUNT)) != m.get(COUNT) for m in fidelities.values()):
+        cols.insert(5, (FORCES_COUNT, "n forces", "{:d}"))  # forces on other structures than the energies
     rows = []
     for name, m in fidelities.items():
         rows.append((name, m))
@@ -40,7 +43,7 @@ def metrics_table(fidelities: dict[str, dict], title: str = "") -> str:
         cells = [
             (
                 ""
-                if subset and k in (FORCES_MAE, FORCES_RMSE, STRESS_MAE)
+                if subset and k in (FORCES_COUNT, FORCES_MAE, FORCES_RMSE, STRESS_MAE)
                 else "-"
                 if m.get(k) is None
                 else fmt.format(m[k])

@@ -14,6 +14,7 @@ from multifi.keys import (
     ENERGY_RMSE,
     ENERGY_RMSE_PER_ATOM,
     FORCES_COSINE,
+    FORCES_COUNT,
     FORCES_MAE,
     FORCES_RMSE,
     FORCES_SLOPE,
@@ -21,7 +22,7 @@ from multifi.keys import (
 )
 
 # columns of the accumulator
-N_E, AE, SE, AE_ATOM, N_F, AE_F, N_S, AE_S, F_LP, F_PP, F_LL, SE_ATOM, SE_F = range(13)
+N_E, AE, SE, AE_ATOM, N_F, AE_F, N_S, AE_S, F_LP, F_PP, F_LL, SE_ATOM, SE_F, N_FS = range(14)
 
 
 class FidelityMetrics:
@@ -32,7 +33,7 @@ class FidelityMetrics:
         self.reset()
 
     def reset(self):
-        self.acc = torch.zeros(len(self.names), SE_F + 1, dtype=torch.float64)
+        self.acc = torch.zeros(len(self.names), N_FS + 1, dtype=torch.float64)
 
     def update(self, out: dict, graph: Graph) -> None:
         acc = torch.zeros_like(self.acc)
@@ -57,6 +58,8 @@ class FidelityMetrics:
             acc[:, F_LP].index_add_(0, fa, (label * pred).sum(-1))
             acc[:, F_PP].index_add_(0, fa, (pred * pred).sum(-1))
             acc[:, F_LL].index_add_(0, fa, (label * label).sum(-1))
+            fs = fid[graph.forces_mask.cpu()]
+            acc[:, N_FS].index_add_(0, fs, torch.ones(len(fs), dtype=torch.float64))
         if "stress" in out and graph.stress_mask.any():
             sm = graph.stress_mask.cpu()
             serr = (out["stress"].detach().cpu().double() - graph.stress.cpu().double())[sm].abs()
@@ -82,6 +85,8 @@ class FidelityMetrics:
                 FORCES_RMSE: 1000 * math.sqrt(a[SE_F] / a[N_F]) if a[N_F] else None,
                 STRESS_MAE: a[AE_S] / a[N_S] if a[N_S] else None,
             }
+            if a[N_F]:
+                out[name][FORCES_COUNT] = int(a[N_FS])
             if a[N_F] and a[F_PP] > 0:
                 out[name][FORCES_SLOPE] = a[F_LP] / a[F_PP]
                 if a[F_LL] > 0:
