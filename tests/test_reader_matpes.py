@@ -356,3 +356,24 @@ def test_a_record_whose_summary_disagrees_with_its_sites_is_an_error(tmp_path, f
     with pytest.raises(MultifiError, match=re.escape(said)) as e:
         read_matpes(path)
     assert "bad.jsonl" in str(e.value) and "matpes_id c" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_default_stress_order_is_said_where_it_decides_the_shear(tmp_path, caplog):
+    """Files in VASP's order read in the default (MatPES's) order got their shear components permuted silently: a
+    source naming no order says which one it read 6-component stresses with shear in; a named order, or stresses
+    without shear, are no news."""
+    import logging
+
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_source
+
+    path = write_jsonl(tmp_path / "s.jsonl", [record(), record("mfsolid-1", stress=[1.0, 2.0, 3.0, 0.0, 0.0, 0.0])])
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        read_source(SourceConfig(path=str(path)))
+    assert f"{path}: 1 records' 6-component stresses read in MatPES's order xx yy zz yz xz xy" in caplog.text
+    assert "they need stress_order: vasp (--stress-order vasp)" in caplog.text
+    for order in ("voigt", "vasp"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            read_source(SourceConfig(path=str(path), stress_order=order))
+        assert "MatPES's order" not in caplog.text

@@ -70,7 +70,13 @@ def read_source(src, skip_invalid: bool = False, free_atoms: bool = False) -> Fi
     if fmt == "matpes":
         from multifi.data.readers.matpes import read_matpes
 
-        return read_matpes(path, fidelity=src.fidelity, skip_invalid=skip_invalid, stress_order=src.stress_order)
+        return read_matpes(
+            path,
+            fidelity=src.fidelity,
+            skip_invalid=skip_invalid,
+            stress_order=src.stress_order,
+            order_chosen="stress_order" in src.model_fields_set,
+        )
     from multifi.data.readers.ase_files import read_ase
 
     return read_ase(

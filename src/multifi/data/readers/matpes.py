@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -22,20 +23,28 @@ from multifi.errors import MultifiError
 
 MIN_VOLUME = 1e-6  # Å³
 
+log = logging.getLogger("multifi")
+
 
 def read_matpes(
-    path: str | os.PathLike, fidelity: str | None = None, skip_invalid: bool = False, stress_order: str = "voigt"
+    path: str | os.PathLike,
+    fidelity: str | None = None,
+    skip_invalid: bool = False,
+    stress_order: str = "voigt",
+    order_chosen: bool = True,
 ) -> FidelityDataset:
     """MatPES records → dataset; key "matpes:<matpes_id>" so files of other functionals merge; `stress_order`: of
-    6-component stresses ("voigt" or "vasp", see the module).
+    6-component stresses ("voigt" or "vasp", see the module); `order_chosen` False (the default order, not named):
+    6-component stresses with shear say which order they were read in (the two differ in their shear only).
 
     Fidelity: the record's `functional` (e.g. "PBE", "R2SCAN"); `fidelity` only for records naming none.
     Non-finite labels raise unless `skip_invalid`, which drops them (count in ds.n_dropped).
     """
     path = Path(path)
     src = str(path)
-    records, invalid, seen = [], InvalidLabels(src), {}
+    records, invalid, seen, sheared = [], InvalidLabels(src), {}, 0
     for i, raw in enumerate(load_json_records(path)):
+        sheared += not order_chosen and _six_with_shear(raw)
         mid = raw.get("matpes_id") if isinstance(raw, dict) else None
         tag = f"record {i}" if mid is None else f"record {i} (matpes_id {mid})"
         rec = matpes_record(raw, fidelity, f"{src}: {tag}", stress_order)
@@ -47,11 +56,30 @@ def read_matpes(
         if invalid.keep(rec, tag):
             records.append(rec)
     invalid.check(skip_invalid)
+    if sheared:
+        log.warning(
+            "%s: %d records' 6-component stresses read in MatPES's order xx yy zz yz xz xy (stress_order: voigt, "
+            "the default); in VASP's order xx yy zz xy yz zx (OUTCAR's, the shared solids') they need "
+            "stress_order: vasp (--stress-order vasp): the two orders differ in the shear components. Naming the "
+            "order silences this",
+            src,
+            sheared,
+        )
     ds = FidelityDataset.from_records(records, source=src)
     if len(np.unique(ds.keys)) < len(ds):  # one file holding several functionals of a structure
         ds = FidelityDataset.merge([ds])
     ds.n_dropped = invalid.count
     return ds
+
+
+def _six_with_shear(raw) -> bool:
+    """Whether a record holds a 6-component stress with a non-zero shear component."""
+    stress = raw.get("stress") if isinstance(raw, dict) else None
+    try:
+        values = np.asarray(stress, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return values.shape == (6,) and bool(np.any(values[3:] != 0))
 
 
 def load_json_records(path: Path) -> list:
