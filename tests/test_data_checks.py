@@ -738,8 +738,9 @@ def test_isolated_atoms_in_the_held_out_splits_are_said(caplog):
 
 
 def test_forces_of_exactly_zero_are_said_where_no_calculation_gives_them(caplog):
-    """Placeholder forces (zeros written for forces not computed) train toward zero forces: said for molecules and
-    for structures with forces at another fidelity; relaxed crystals' zeros (symmetry) only when most are zero."""
+    """Placeholder forces (zeros written for forces not computed) train toward zero forces: said for molecules,
+    crystals with atoms off ideal sites and structures with forces at another fidelity; zeros of crystals on ideal
+    sites (symmetry) only when most are zero."""
     from ase.build import bulk
 
     from multifi.data.checks import check_zero_forces
@@ -752,9 +753,11 @@ def test_forces_of_exactly_zero_are_said_where_no_calculation_gives_them(caplog)
         f = rng.normal(size=(3, 3))
         labels = {"lo": {"energy": -10.0 + i, "forces": f}, "hi": {"energy": -11.0 + i, "forces": f * (i % 2)}}
         recs.append({"numbers": a.numbers, "positions": a.positions + 0.01 * i, "labels": labels})
-    for i in range(5):  # crystals at 'hi' only: two relaxed (zero), three strained
+    for i in range(6):  # crystals at 'hi' only: two on ideal sites (zero), three strained, one rattled (zero)
         c = bulk("NaCl", "rocksalt", a=5.6 + 0.05 * i)
-        f = np.zeros((2, 3)) if i < 2 else rng.normal(size=(2, 3))
+        if i == 5:
+            c.rattle(0.05, seed=1)
+        f = np.zeros((2, 3)) if i < 2 or i == 5 else rng.normal(size=(2, 3))
         recs.append(
             {
                 "numbers": c.numbers,
@@ -767,9 +770,10 @@ def test_forces_of_exactly_zero_are_said_where_no_calculation_gives_them(caplog)
     ds = FidelityDataset.from_records(recs)
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     with caplog.at_level(logging.WARNING, logger="multifi"):
-        assert check_zero_forces(ds, pairs) == {"hi": 3}
-    assert "3 of 11 structures with forces at fidelity 'hi' have forces of exactly 0 on every atom" in caplog.text
-    assert "(3 of them molecules, 3 with forces at another fidelity)" in caplog.text
+        assert check_zero_forces(ds, pairs) == {"hi": 4}
+    assert "4 of 12 structures with forces at fidelity 'hi' have forces of exactly 0 on every atom" in caplog.text
+    assert "(molecules 3, crystals with atoms off ideal sites 1, with forces at another fidelity 3)" in caplog.text
     crystals = pairs[ds.pbc[pairs[:, 0]].any(1)]
-    assert check_zero_forces(ds, crystals) == {}  # two relaxed crystals of five: nothing
+    assert check_zero_forces(ds, crystals[:5]) == {}  # two crystals on ideal sites of five: nothing
     assert check_zero_forces(ds, crystals[:3]) == {"hi": 2}  # two of three: most of them
+    assert check_zero_forces(ds, crystals[[2, 5]]) == {"hi": 1}  # a rattled crystal: always

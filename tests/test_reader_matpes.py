@@ -377,3 +377,27 @@ def test_the_default_stress_order_is_said_where_it_decides_the_shear(tmp_path, c
         with caplog.at_level(logging.WARNING, logger="multifi"):
             read_source(SourceConfig(path=str(path), stress_order=order))
         assert "MatPES's order" not in caplog.text
+
+
+def test_placeholder_stresses_and_matpes_stresses_in_bar_are_said(tmp_path, caplog):
+    """Stresses of exactly 0 (placeholders) trained silently; MatPES stresses 1000× too large were told to convert
+    from eV/Å³, which MatPES records are not read in."""
+    import logging
+
+    from multifi.data.checks import check_stress_units
+    from multifi.data.split import labelled_pairs
+
+    recs = [record(f"mfsolid-{i}", stress=[1.0 + i, 2.0, 3.0, 0.1, 0.2, 0.3]) for i in range(6)]
+    recs[2]["stress"] = [0.0] * 6
+    ds = read_matpes(write_jsonl(tmp_path / "zero.jsonl", recs), stress_order="vasp")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        check_stress_units(ds, labelled_pairs(ds, np.arange(len(ds))))
+    assert "1 of 6 structures with stress labels at fidelity 'PBE' have a stress of exactly 0" in caplog.text
+    caplog.clear()
+    bar = [record(f"mfsolid-{i}", stress=[1e4 * (i + 1), 2e4, 3e4, 0.0, 0.0, 0.0]) for i in range(6)]
+    ds = read_matpes(write_jsonl(tmp_path / "bar.jsonl", bar), stress_order="vasp")
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        check_stress_units(ds, labelled_pairs(ds, np.arange(len(ds))))
+    assert "look like numbers in another unit" in caplog.text
+    assert "MatPES records' stresses are read in kBar (VASP's): a file in bar is 1000× too large" in caplog.text
+    assert "eV/Å³" not in caplog.text and "exactly 0" not in caplog.text

@@ -573,14 +573,32 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
 
 #: eV/Å: forces at another fidelity of a structure beyond which its forces of exactly 0 are no minimum there
 MOVED_FORCE = 0.05
+#: fractions of a cell vector on which the sites of ideal high-symmetry crystals (and their supercells up to 8×) lie
+SITE_GRID = 840
+
+
+def on_symmetric_sites(dataset: FidelityDataset, s: np.ndarray) -> np.ndarray:
+    """[len(s)] bool: periodic structures s whose atoms all lie, relative to their first atom, on SITE_GRID
+    fractions of the cell vectors (within 1e-6): ideal sites, where symmetry may make every force exactly 0; a
+    displaced (rattled, strained-and-relaxed with free parameters) structure's atoms do not."""
+    out = np.zeros(len(s), bool)
+    for i, t in enumerate(s.tolist()):
+        atoms = slice(dataset.offsets[t], dataset.offsets[t + 1])
+        try:
+            frac = np.linalg.solve(dataset.cells[t].T, (dataset.positions[atoms] - dataset.positions[atoms][:1]).T).T
+        except np.linalg.LinAlgError:
+            continue
+        grid = frac * SITE_GRID
+        out[i] = bool(np.all(np.abs(grid - np.round(grid)) < 1e-6 * SITE_GRID))
+    return out
 
 
 def check_zero_forces(dataset: FidelityDataset, pairs: np.ndarray) -> dict[str, int]:
     """Warn per fidelity about structures of ≥ 2 atoms among `pairs` whose forces are exactly 0 on every atom where
-    no calculation gives that: molecules (a geometry optimised to a tolerance keeps small forces), or structures with
-    forces above MOVED_FORCE at another fidelity (placeholders for missing forces, which train the model toward zero
-    forces); zero forces of crystals without such a partner (symmetry fixes them in relaxed high-symmetry cells) are
-    said only when they are at least half of the fidelity's. Returns {fidelity: such structures} of those warned."""
+    no calculation gives that: molecules (a geometry optimised to a tolerance keeps small forces), crystals with atoms
+    off ideal sites (on_symmetric_sites), structures with forces above MOVED_FORCE at another fidelity: placeholders
+    for missing forces, which train the model toward zero forces. Crystals on ideal sites (symmetry zeroes their
+    forces) are said only when they are at least half of the fidelity's. Returns {fidelity: structures} warned of."""
     if dataset.forces is None or not len(pairs):
         return {}
     labelled = np.zeros(dataset.forces_mask.shape, bool)
@@ -597,25 +615,28 @@ def check_zero_forces(dataset: FidelityDataset, pairs: np.ndarray) -> dict[str, 
     elsewhere = np.zeros(len(dataset), bool)  # structures with forces above MOVED_FORCE at some fidelity
     elsewhere[s[largest > MOVED_FORCE]] = True
     molecule = ~dataset.pbc[s].any(1)
+    displaced = np.zeros(len(s), bool)
+    crystal = np.flatnonzero(zero & ~molecule)
+    displaced[crystal] = ~on_symmetric_sites(dataset, s[crystal])
+    odd = zero & (molecule | displaced | elsewhere[s])
     warned = {}
     for j, name in enumerate(dataset.fidelities.names):
-        at = zero & (k == j)
-        odd = at & (molecule | elsewhere[s])
-        crystals = int((at & ~odd).sum())
-        periodic = int(((k == j) & ~molecule).sum())
-        n = int(odd.sum()) + (crystals if crystals >= max(2, periodic / 2) else 0)
+        ideal = int((zero & ~odd & (k == j)).sum())  # crystals on ideal sites
+        n = int((odd & (k == j)).sum()) + (ideal if ideal >= max(2, ((k == j) & ~molecule).sum() / 2) else 0)
         if not n:
             continue
         warned[name] = n
+        at = zero & (k == j)
         log.warning(
-            "%s: %d of %d structures with forces at fidelity %r have forces of exactly 0 on every atom (%d of "
-            "them molecules, %d with forces at another fidelity): placeholders for forces not computed? They "
-            "train the model toward zero forces there; write those structures without forces",
+            "%s: %d of %d structures with forces at fidelity %r have forces of exactly 0 on every atom (molecules "
+            "%d, crystals with atoms off ideal sites %d, with forces at another fidelity %d): placeholders for forces "
+            "not computed? They train the model toward zero forces there; write those structures without forces",
             dataset.source_of(name),
             n,
             int((k == j).sum()),
             name,
             int((at & molecule).sum()),
+            int((at & displaced).sum()),
             int((at & elsewhere[s]).sum()),
         )
     return warned
@@ -899,6 +920,7 @@ def check_stress_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: i
     GPa or kBar numbers come out 160× or 1602× too large. Returns the suspicious names."""
     if dataset.stress is None:
         return []
+    check_zero_stress(dataset, pairs)
     suspicious = []
     for k, name in enumerate(dataset.fidelities.names):
         s = pairs[pairs[:, 1] == k, 0]
@@ -909,16 +931,56 @@ def check_stress_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: i
         if median > IMPLAUSIBLE_STRESS:
             suspicious.append(name)
             log.warning(
-                "%s: stresses at fidelity %r look like GPa or kBar numbers read as eV/Å³ (median largest "
-                "component %.0f GPa after conversion; real data: 1-10); stress labels are read in eV/Å³ "
-                "(ASE units): multiply GPa by ase.units.GPa (1/160.2), kBar by 0.1·ase.units.GPa",
+                "%s: stresses at fidelity %r look like numbers in another unit (median largest component %.0f GPa "
+                "after conversion; real data: 1-10); %s",
                 dataset.source_of(name),
                 name,
                 median,
+                _stress_unit_advice(dataset.source_of(name)),
             )
     suspicious += check_stress_sign(dataset, pairs, skip=set(suspicious))  # one warning per fidelity
     check_pressure_against_energies(dataset, pairs, skip=set(suspicious))
     return suspicious
+
+
+def _stress_unit_advice(source: str) -> str:
+    """How the stress labels of `source` (a file name, or several) are read, and how to convert them."""
+    if source.lower().endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")) and "," not in source:
+        return (
+            "MatPES records' stresses are read in kBar (VASP's): a file in bar is 1000× too large (divide by 1000), "
+            "in MPa 100× (divide by 100)"
+        )
+    return (
+        "stress labels in files ASE reads are read in eV/Å³ (ASE units): multiply GPa by ase.units.GPa "
+        "(1/160.2), kBar by 0.1·ase.units.GPa"
+    )
+
+
+def check_zero_stress(dataset: FidelityDataset, pairs: np.ndarray) -> dict[str, int]:
+    """Warn per fidelity about structures among `pairs` whose stress labels are exactly 0 in every component, which
+    no calculation gives (a cell relaxed to zero pressure keeps residual stresses): placeholders for stresses not
+    computed, which train the model toward zero stress. Returns {fidelity: such structures} of those warned."""
+    if dataset.stress is None or not len(pairs):
+        return {}
+    labelled = dataset.stress_mask[pairs[:, 0], pairs[:, 1]]
+    s, k = pairs[labelled, 0], pairs[labelled, 1]
+    zero = ~np.any(dataset.stress[s, k] != 0, axis=(1, 2))
+    warned = {}
+    for j, name in enumerate(dataset.fidelities.names):
+        n = int((zero & (k == j)).sum())
+        if not n:
+            continue
+        warned[name] = n
+        log.warning(
+            "%s: %d of %d structures with stress labels at fidelity %r have a stress of exactly 0 in every "
+            "component, which no calculation gives: placeholders for stresses not computed? They train the model "
+            "toward zero stress there; write those structures without stress",
+            dataset.source_of(name),
+            n,
+            int((k == j).sum()),
+            name,
+        )
+    return warned
 
 
 def check_pressure_against_energies(dataset: FidelityDataset, pairs: np.ndarray, skip: set[str] = frozenset()) -> list:
