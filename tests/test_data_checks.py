@@ -777,3 +777,66 @@ def test_forces_of_exactly_zero_are_said_where_no_calculation_gives_them(caplog)
     assert check_zero_forces(ds, crystals[:5]) == {}  # two crystals on ideal sites of five: nothing
     assert check_zero_forces(ds, crystals[:3]) == {"hi": 2}  # two of three: most of them
     assert check_zero_forces(ds, crystals[[2, 5]]) == {"hi": 1}  # a rattled crystal: always
+
+
+def _harmonic_solids(pulay: float = 150.0, n: int = 7) -> list:
+    """fcc Cu and Al cells at n volumes ±3 % around V0 with a harmonic E(V) (B = 100 GPa), stresses −P·I plus a
+    0.5 GPa shear (ASE's sign, eV/Å³), Cu's with a Pulay-like offset: its labels' pressure `pulay` GPa below −dE/dV."""
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.units import GPa
+
+    frames = []
+    for element, a0, offset in (("Cu", 3.6, pulay), ("Al", 4.05, 0.0)):
+        v0 = a0**3
+        for x in np.linspace(0.97, 1.03, n):
+            atoms = bulk(element, "fcc", a0 * x ** (1 / 3), cubic=True)
+            v = atoms.get_volume()
+            pressure = -100.0 * (v - v0) / v0  # GPa, −dE/dV
+            energy = -4.0 * len(atoms) + 100.0 * GPa / (2 * v0) * (v - v0) ** 2
+            sigma = (-pressure + offset) * np.eye(3) + 0.5 * (np.ones((3, 3)) - np.eye(3))
+            atoms.calc = SinglePointCalculator(atoms, energy=energy, stress=sigma * GPa)
+            atoms.info["fidelity"] = "PBE"
+            frames.append(atoms)
+    return frames
+
+
+def test_pulay_offsets_are_corrected_or_dropped_in_the_composition_they_were_found_in(tmp_path, write_config, caplog):
+    """data.pulay_stress: correct gives the labels the pressure of their energies (shear unchanged, other
+    compositions unchanged, the input dataset unchanged); drop leaves that composition's stresses out; keep (the
+    default) only warns, naming both settings."""
+    from multifi.config import load_config
+    from multifi.data.checks import pressure_offsets, remove_pressure_offsets
+    from multifi.data.readers.ase_files import read_ase
+    from multifi.data.split import labelled_pairs
+    from multifi.train.prepare import prepare_data
+
+    ase.io.write(tmp_path / "clean.extxyz", _harmonic_solids(pulay=0.0))
+    ase.io.write(tmp_path / "pulay.extxyz", _harmonic_solids())
+    clean, ds = read_ase(tmp_path / "clean.extxyz"), read_ase(tmp_path / "pulay.extxyz")
+    pairs = labelled_pairs(ds, np.arange(len(ds)))
+    assert pressure_offsets(clean, pairs) == []
+    (found,) = pressure_offsets(ds, pairs)
+    assert found.formula == "Cu4" and found.energy - found.label == pytest.approx(150.0, abs=1e-6)
+    before = ds.stress.copy()
+    corrected = remove_pressure_offsets(ds, [found], "correct")
+    np.testing.assert_allclose(corrected.stress, clean.stress, atol=1e-6)  # Cu's offset gone, shear and Al as they were
+    np.testing.assert_array_equal(ds.stress, before)
+    dropped = remove_pressure_offsets(ds, [found], "drop")
+    cu = ds.numbers[ds.offsets[:-1]] == 29
+    assert not dropped.stress_mask[cu, 0].any() and dropped.stress_mask[~cu, 0].all()
+    for setting, said in (
+        ("keep", "data.pulay_stress: correct removes each such composition's pressure offset, drop leaves"),
+        ("correct", "data.pulay_stress: pressure offsets removed: PBE Cu4 (7 structures: pressure -150 → 0 GPa)"),
+        ("drop", "data.pulay_stress: stresses left out: PBE Cu4 (7 structures)"),
+    ):
+        source = {"path": str(tmp_path / "pulay.extxyz")}
+        cfg = write_config(data={"sources": [source], "split": {"val": 0.0, "test": 0.0}, "pulay_stress": setting})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            prepared = prepare_data(load_config(cfg))
+            if setting == "keep":
+                from multifi.data.checks import check_stress_units
+
+                check_stress_units(prepared.dataset, prepared.pairs["train"])
+        assert said in caplog.text, caplog.text

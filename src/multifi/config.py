@@ -219,6 +219,13 @@ class DataConfig(Section):
         "fidelity's references are these plus its mean binding energy per atom; unset: per-element least-squares "
         "fits to the labels",
     )
+    pulay_stress: Literal["keep", "correct", "drop"] = Field(
+        "keep",
+        description="stress labels whose pressure disagrees with their energies' −dE/dV in a composition (a Pulay "
+        "stress; training warns of them, found on the training labels): keep them, correct (add the offset to "
+        "the diagonal of every stress of that composition and fidelity, in every split, so that their pressure is "
+        "the energies') or drop (leave those stresses out)",
+    )
     skip_invalid: bool = False
     neighbor_lists: Literal["auto", "cache", "on_the_fly"] = Field(
         "auto", description="cache all neighbour lists in memory, or build them per batch (huge datasets)"

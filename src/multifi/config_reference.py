@@ -53,7 +53,7 @@ HELP = {
     "loss": "terms of the training loss, each masked to the labels a sample has",
     "loss.energy": "weight of the per-atom energy term (eV²/atom²)",
     "loss.forces": "weight of the force term (eV²/Å²)",
-    "loss.stress": "weight of the stress term (GPa²); M3GNet's 0.01 hardly trains stresses (validation stress error as predicting zero) and 0.1-1 learns them at a cost in energies and forces (results/defaults/README.md): raise it for cell relaxations and NPT",
+    "loss.stress": "weight of the stress term (GPa²); M3GNet's 0.01 hardly trains stresses (validation stress error as predicting zero) and 0.1-1 learns them at a cost in energies and forces (results/defaults/README.md): raise it for cell relaxations and NPT, with stress labels their energies agree with (a Pulay stress, which training warns of, is then learnt: cells too small; data.pulay_stress)",
     "loss.kind": "squared error or Huber",
     "loss.huber_delta": "Huber threshold (loss.kind: huber)",
     "loss.fidelity_weights": "per-fidelity loss weight, e.g. {PBE: 1.0, R2SCAN: 2.0}",

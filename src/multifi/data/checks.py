@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -984,21 +985,51 @@ def check_zero_stress(dataset: FidelityDataset, pairs: np.ndarray) -> dict[str, 
 
 
 def check_pressure_against_energies(dataset: FidelityDataset, pairs: np.ndarray, skip: set[str] = frozenset()) -> list:
-    """Warn for fidelities whose stress labels carry a pressure their energies do not: per composition (same
-    atoms, ≥ 5 structures at volumes ≥ 0.5 % apart) the median pressure −tr(σ)/3 of the labels against
-    −dE/dV of a least-squares line through the composition's energies, apart by more than PRESSURE_GAP GPa and
-    4 standard errors of that slope (thermal displacements scatter the energies). A Pulay stress (a plane-wave
-    cutoff too low for hard pseudopotentials: F, O, N) does this; trained on, it teaches pressures the energies
-    contradict. Returns [(fidelity, composition, label pressure, energy pressure)] of the compositions found."""
+    """Warn for fidelities whose stress labels carry a pressure their energies do not (pressure_offsets): a Pulay
+    stress (a plane-wave cutoff too low for hard pseudopotentials: F, O, N) does this; trained on, it teaches
+    pressures the energies contradict. Returns the PressureOffset of each composition found."""
+    found = [f for f in pressure_offsets(dataset, pairs) if dataset.fidelities.names[f.k] not in skip]
+    for k in dict.fromkeys(f.k for f in found):
+        mine = [f for f in found if f.k == k]
+        name = dataset.fidelities.names[k]
+        log.warning(
+            "%s: stresses at fidelity %r carry pressures their energies do not have in %d composition(s): %s "
+            "(labels vs −dE/dV of the energies, GPa); a Pulay stress (plane-wave cutoff too low for hard "
+            "pseudopotentials such as F, O, N)? Trained on, they teach those pressures (cells relaxed by the model "
+            "too small where the labels' pressure is higher), the more the larger loss.stress; "
+            "data.pulay_stress: correct removes each such composition's pressure offset, drop leaves its stresses out",
+            dataset.source_of(name),
+            name,
+            len(mine),
+            ", ".join(f"{f.formula} {f.label:.0f} vs {f.energy:.0f}" for f in mine[:5])
+            + (" …" if len(mine) > 5 else ""),
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class PressureOffset:
+    """A composition whose stress labels at fidelity k carry a pressure its energies do not: `atoms` (its sorted
+    atomic numbers, as bytes), `formula`, the median label pressure −tr(σ)/3 and −dE/dV of its energies (GPa)."""
+
+    k: int
+    atoms: bytes
+    formula: str
+    label: float
+    energy: float
+
+
+def pressure_offsets(dataset: FidelityDataset, pairs: np.ndarray) -> list[PressureOffset]:
+    """Per fidelity and composition (same atoms, ≥ 5 structures among `pairs` at volumes ≥ 0.5 % apart): the median
+    label pressure against −dE/dV of a least-squares line through the composition's energies, where they lie more
+    than PRESSURE_GAP GPa and 4 standard errors of that slope apart (thermal displacements scatter the energies)."""
     from ase import Atoms
     from ase.units import GPa as ev_per_a3_per_gpa
 
     if dataset.stress is None:
         return []
     found = []
-    for k, name in enumerate(dataset.fidelities.names):
-        if name in skip:
-            continue
+    for k in range(len(dataset.fidelities)):
         for members, volume, pressure in _volume_pressure_groups(dataset, pairs, k):
             energy = dataset.energy[members, k]
             keep = ~np.isnan(energy)
@@ -1008,20 +1039,45 @@ def check_pressure_against_energies(dataset: FidelityDataset, pairs: np.ndarray,
             from_energy = -slope / ev_per_a3_per_gpa
             gap = abs(float(np.median(pressure)) - from_energy)
             if gap > PRESSURE_GAP and gap > 4 * np.sqrt(cov[0, 0]) / ev_per_a3_per_gpa:
-                formula = Atoms(dataset.numbers[dataset.offsets[members[0]] : dataset.offsets[members[0] + 1]])
-                found.append((name, formula.get_chemical_formula(), float(np.median(pressure)), float(from_energy)))
-    for name in dict.fromkeys(f[0] for f in found):
-        mine = [f for f in found if f[0] == name]
-        log.warning(
-            "%s: stresses at fidelity %r carry pressures their energies do not have in %d composition(s): %s "
-            "(labels vs −dE/dV of the energies, GPa); a Pulay stress (plane-wave cutoff too low for hard "
-            "pseudopotentials such as F, O, N)? Trained on, they teach those pressures; loss.stress weighs them",
-            dataset.source_of(name),
-            name,
-            len(mine),
-            ", ".join(f"{c} {p:.0f} vs {e:.0f}" for _, c, p, e in mine[:5]) + (" …" if len(mine) > 5 else ""),
-        )
+                numbers = dataset.numbers[dataset.offsets[members[0]] : dataset.offsets[members[0] + 1]]
+                found.append(
+                    PressureOffset(
+                        k,
+                        np.sort(numbers).tobytes(),
+                        Atoms(numbers).get_chemical_formula(),
+                        float(np.median(pressure)),
+                        float(from_energy),
+                    )
+                )
     return found
+
+
+def remove_pressure_offsets(dataset: FidelityDataset, offsets: list[PressureOffset], how: str) -> FidelityDataset:
+    """`dataset` with the stress labels of every structure of each offset's composition and fidelity (any split)
+    corrected (`how` = "correct": label pressure − energy pressure added to the diagonal, so that their pressure is
+    the energies') or left out ("drop"); a copy, the input unchanged. Says what it changed."""
+    if not offsets or dataset.stress is None:
+        return dataset
+    stress, mask = dataset.stress.copy(), dataset.stress_mask.copy()
+    offsets_ = np.asarray(dataset.offsets)
+    atoms = [np.sort(dataset.numbers[offsets_[i] : offsets_[i + 1]]).tobytes() for i in range(len(dataset))]
+    changed = []
+    for f in offsets:
+        members = np.array([i for i, a in enumerate(atoms) if a == f.atoms and mask[i, f.k]], dtype=np.int64)
+        what = f"{dataset.fidelities.names[f.k]} {f.formula} ({len(members)} structures"
+        if how == "drop":
+            mask[members, f.k] = False
+            stress[members, f.k] = 0.0
+            changed.append(what + ")")
+        else:
+            stress[members, f.k] += (f.label - f.energy) * np.eye(3)  # pressure −tr(σ)/3: label → energy's
+            changed.append(f"{what}: pressure {round(f.label):d} → {round(f.energy):d} GPa)")
+    log.warning(
+        "data.pulay_stress: %s: %s",
+        "stresses left out" if how == "drop" else "pressure offsets removed",
+        ", ".join(changed),
+    )
+    return replace(dataset, stress=stress, stress_mask=mask)
 
 
 #: GPa: a composition's label pressure further than this from the pressure its energies imply is suspicious

@@ -15,6 +15,7 @@ from multifi.data.atomic_energies import (
     resolve_atomic_energies,
     without_frames,
 )
+from multifi.data.checks import pressure_offsets, remove_pressure_offsets
 from multifi.data.dataset import FidelityDataset
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources
@@ -133,6 +134,8 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
             "fidelities used: nothing to train on"
         )
     _check_energies_to_train_on(ds, pairs["train"], config_source)
+    if d.pulay_stress != "keep":  # offsets found on the training labels, removed from every split's
+        ds = remove_pressure_offsets(ds, pressure_offsets(ds, pairs["train"]), d.pulay_stress)
     if atomic is not None:
         check_atomic_coverage(atomic, ds, pairs["train"], config_source or "config")
     return PreparedData(ds, split, pairs, settings, atomic)
