@@ -123,6 +123,7 @@ METRIC_KEYS = {
     "stress_mae_GPa",
     "forces_label_slope",  # present where there are force labels (all data of these tests)
     "forces_label_cosine",
+    "n_forces",  # structures with force labels (all of these tests')
 }
 N_SMALL = 199  # molecules in the small QM9 CSV (fixture small_csv)
 

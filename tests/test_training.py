@@ -47,7 +47,8 @@ def check_metrics_json(path: Path, expected_n: dict[str, int]) -> dict:
         assert m["n"] == expected_n[name] and isinstance(m["n"], int)
         assert np.isfinite(m["forces_label_slope"])  # any sign for a few steps of training
         assert -1 <= m["forces_label_cosine"] <= 1
-        for key in METRIC_KEYS - {"n", "stress_mae_GPa", "forces_label_slope", "forces_label_cosine"}:
+        assert m["n_forces"] == expected_n[name]  # every structure of these tests has forces
+        for key in METRIC_KEYS - {"n", "n_forces", "stress_mae_GPa", "forces_label_slope", "forces_label_cosine"}:
             assert isinstance(m[key], float) and np.isfinite(m[key]) and m[key] > 0, (name, key)
         assert m["stress_mae_GPa"] is None  # molecules: no stress labels
         assert m["energy_rmse_meV"] >= m["energy_mae_meV"] >= m["energy_mae_meV_per_atom"]
