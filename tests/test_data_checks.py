@@ -826,7 +826,7 @@ def test_pulay_offsets_are_corrected_or_dropped_in_the_composition_they_were_fou
     cu = ds.numbers[ds.offsets[:-1]] == 29
     assert not dropped.stress_mask[cu, 0].any() and dropped.stress_mask[~cu, 0].all()
     for setting, said in (
-        ("keep", "data.pulay_stress: correct removes each such composition's pressure offset, drop leaves"),
+        ("keep", "data.pulay_stress: drop leaves those compositions' stresses out, correct shifts their pressure"),
         ("correct", "data.pulay_stress: pressure offsets removed: PBE Cu4 (7 structures: pressure -150 → 0 GPa)"),
         ("drop", "data.pulay_stress: stresses left out: PBE Cu4 (7 structures)"),
     ):

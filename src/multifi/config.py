@@ -222,9 +222,9 @@ class DataConfig(Section):
     pulay_stress: Literal["keep", "correct", "drop"] = Field(
         "keep",
         description="stress labels whose pressure disagrees with their energies' −dE/dV in a composition (a Pulay "
-        "stress; training warns of them, found on the training labels): keep them, correct (add the offset to "
-        "the diagonal of every stress of that composition and fidelity, in every split, so that their pressure is "
-        "the energies') or drop (leave those stresses out)",
+        "stress; training warns of them, found on the training labels): keep them, drop (leave the stresses of "
+        "that composition and fidelity out, in every split) or correct (add the offset to their diagonal, so that "
+        "their pressure is −dE/dV of the energies: for energies of a volume scan; results/pulay_stress)",
     )
     skip_invalid: bool = False
     neighbor_lists: Literal["auto", "cache", "on_the_fly"] = Field(

@@ -997,7 +997,8 @@ def check_pressure_against_energies(dataset: FidelityDataset, pairs: np.ndarray,
             "(labels vs −dE/dV of the energies, GPa); a Pulay stress (plane-wave cutoff too low for hard "
             "pseudopotentials such as F, O, N)? Trained on, they teach those pressures (cells relaxed by the model "
             "too small where the labels' pressure is higher), the more the larger loss.stress; "
-            "data.pulay_stress: correct removes each such composition's pressure offset, drop leaves its stresses out",
+            "data.pulay_stress: drop leaves those compositions' stresses out, correct shifts their pressure to −dE/dV of "
+            "their energies (which needs energies of a volume scan: through rattled snapshots it was 10-16 GPa off)",
             dataset.source_of(name),
             name,
             len(mine),
