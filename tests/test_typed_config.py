@@ -183,6 +183,8 @@ def test_epoch_line_names_fidelities_with_slashes_in_full(caplog):
     metrics = {
         keys.val_key("B3LYP/6-31G(2df,p)", keys.ENERGY_MAE): 12.34,
         keys.val_key("GFN2-xTB", keys.ENERGY_MAE): 5.0,
+        keys.val_key("GFN2-xTB", keys.ENERGY_MAE_PER_ATOM): 0.25,
+        keys.val_key("GFN2-xTB", keys.FORCES_MAE): 31.0,
     }
     trainer = SimpleNamespace(
         callback_metrics=metrics,
@@ -195,7 +197,9 @@ def test_epoch_line_names_fidelities_with_slashes_in_full(caplog):
     )
     with caplog.at_level(logging.INFO):
         line._line(trainer, SimpleNamespace())
-    assert "val E MAE meV: B3LYP/6-31G(2df,p) 12.3, GFN2-xTB 5.0" in caplog.text
+    assert "val E MAE meV: B3LYP/6-31G(2df,p) 12.3, GFN2-xTB 5.0  meV/atom: GFN2-xTB 0.2  F meV/Å: GFN2-xTB 31.0" in (
+        caplog.text
+    )  # per atom (solids' usual measure) and forces where there are such metrics
 
 
 @pytest.mark.parametrize("key, value", [("max_steps", True), ("ema_decay", False), ("lr", True)])

@@ -16,7 +16,15 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from multifi.files import write_text
-from multifi.keys import ENERGY_MAE, TRAIN_LOSS_EPOCH, VAL_LOSS, is_val_key, val_key_fidelity
+from multifi.keys import (
+    ENERGY_MAE,
+    ENERGY_MAE_PER_ATOM,
+    FORCES_MAE,
+    TRAIN_LOSS_EPOCH,
+    VAL_LOSS,
+    is_val_key,
+    val_key_fidelity,
+)
 
 log = logging.getLogger("multifi")
 
@@ -130,7 +138,8 @@ def _number(v):
 
 class EpochLine(L.Callback):
     """One log line per validation, for logs without a terminal (CI, nohup, SLURM), where a progress bar
-    would write one endless line: epoch, step, validation energy MAE per fidelity in meV, val loss, lr, time."""
+    would write one endless line: epoch, step, validation energy MAE per fidelity in meV and meV/atom, force MAE in
+    meV/Å, val loss, lr, time."""
 
     def __init__(self):
         self._t0 = time.perf_counter()
@@ -156,11 +165,12 @@ class EpochLine(L.Callback):
         sums = getattr(pl_module, "epoch_sums", None)  # this epoch's, not yet logged when callbacks run
         if sums is not None and TRAIN_LOSS_EPOCH in sums.means():
             m[TRAIN_LOSS_EPOCH] = float(sums.means()[TRAIN_LOSS_EPOCH])
-        maes = [f"{val_key_fidelity(k)} {m[k]:.1f}" for k in sorted(m) if is_val_key(k, ENERGY_MAE) and _finite(m[k])]
         steps = _step_limit(trainer)
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}{steps}"]
-        if maes:
-            parts.append("val E MAE meV: " + ", ".join(maes))
+        for key, what in ((ENERGY_MAE, "val E MAE meV"), (ENERGY_MAE_PER_ATOM, "meV/atom"), (FORCES_MAE, "F meV/Å")):
+            maes = [f"{val_key_fidelity(k)} {m[k]:.1f}" for k in sorted(m) if is_val_key(k, key) and _finite(m[k])]
+            if maes:
+                parts.append(f"{what}: " + ", ".join(maes))
         if _finite(m.get(VAL_LOSS)):
             parts.append(f"val loss {m[VAL_LOSS]:.4g}")
         elif _finite(m.get(TRAIN_LOSS_EPOCH)):
