@@ -429,7 +429,7 @@ def test_maces_e0_frames_weighted_0_are_read_as_atomic_energies(tmp_path, write_
     free = [emt_labelled(Atoms(s, positions=[[0.0, 0.0, 0.0]]), "lo") for s in ("H", "C", "N", "O")]
     crystal = emt_labelled(Atoms("Cu", cell=np.eye(3) * 2.5, pbc=True), "lo")
     for a in [*free, crystal]:
-        a.info.update(config_type="IsolatedAtom", config_weight=0.0)
+        a.info.update(config_type="IsolatedAtom", config_weight=0.0, config_energy_weight=0.0)  # counted once
     data = tmp_path / "mace.extxyz"
     ase.io.write(data, frames + free + [crystal], format="extxyz")
     cfg = write_config(data={"sources": [{"path": str(data)}], "atomic_energies": "isolated"})

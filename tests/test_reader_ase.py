@@ -941,6 +941,10 @@ def test_a_label_held_twice_with_different_values_is_said(tmp_path, caplog):
     assert "2 of 3 frames hold info['energy'] and different values in their calculator's results" in caplog.text
     assert "(frame 0 (0-based): -5 and -10 eV): info['energy'] read" in caplog.text
     caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):  # only the energy named: no other kind looked up
+        read_ase(path, keys={"energy": "energy"})
+    assert "2 of 3 frames hold info['energy'] and different values" in caplog.text
+    caplog.clear()
     path = tmp_path / "same.traj"
     with Trajectory(path, "w") as t:
         t.write(frames[1])

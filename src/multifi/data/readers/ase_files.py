@@ -312,7 +312,7 @@ class MaceWeights:
         read from a virial key answers to config_virials_weight, else to config_stress_weight); `free_atom`: the
         frame is a free atom (its energy kept when free_atoms)."""
         virial = "virial" in str(keys.get("stress", "")).lower()
-        keep_energy = free_atom and self.free_atoms
+        keep_energy, kept = free_atom and self.free_atoms, False
         for kind, name in MACE_WEIGHTS.items():
             if name not in info or (kind == "stress" and virial) or (kind == "virials" and not virial):
                 continue
@@ -325,12 +325,13 @@ class MaceWeights:
                 for lab in rec["labels"].values():
                     for k in [k for k in lab if label in ("all", k)]:
                         if keep_energy and k == "energy":
-                            self.free_kept += 1
+                            kept = True
                             continue
                         del lab[k]
                         self.dropped[k] += 1
             elif w != 1:
                 self.other.setdefault(name, None)
+        self.free_kept += kept
         rec["labels"] = {fid: lab for fid, lab in rec["labels"].items() if lab}
         if not rec["labels"]:
             self.frames_dropped += 1
@@ -672,8 +673,8 @@ def _warn_two_values(src: str, conflicts: list[tuple], n: int, keys: dict[str, s
         return
     tag, first = conflicts[0]
     kind, (a, b) = next(iter(first.items()))
-    where = {k: f"{'arrays' if k == 'forces' else 'info'}[{keys[k]!r}]" for k in ("energy", "forces", "stress")}
-    kinds = sorted({k for _, c in conflicts for k in c})
+    kinds = sorted({k for _, c in conflicts for k in c})  # kinds read (keys names them)
+    where = {k: f"{'arrays' if k == 'forces' else 'info'}[{keys[k]!r}]" for k in kinds}
     shown = f": {float(a):.6g} and {float(b):.6g} eV" if kind == "energy" else ""
     log.warning(
         "%s: %d of %d frames hold %s and different values in their calculator's results (%s%s): %s read; keep "
