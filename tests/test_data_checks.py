@@ -739,11 +739,11 @@ def test_isolated_atoms_in_the_held_out_splits_are_said(caplog):
 
 def test_forces_of_exactly_zero_are_said_where_no_calculation_gives_them(caplog):
     """Placeholder forces (zeros written for forces not computed) train toward zero forces: said for molecules,
-    crystals with atoms off ideal sites and structures with forces at another fidelity; zeros of crystals on ideal
-    sites (symmetry) only when most are zero."""
-    from ase.build import bulk
+    crystals with atoms off ideal sites and structures with forces at another fidelity; crystals on ideal sites
+    (symmetry zeroes their forces: also slabs without a vacuum vector, 5-decimal CIF sites) are no news."""
+    from ase.build import bulk, graphene
 
-    from multifi.data.checks import check_zero_forces
+    from multifi.data.checks import check_zero_forces, largest_forces
     from multifi.data.split import labelled_pairs
 
     rng = np.random.default_rng(0)
@@ -753,11 +753,13 @@ def test_forces_of_exactly_zero_are_said_where_no_calculation_gives_them(caplog)
         f = rng.normal(size=(3, 3))
         labels = {"lo": {"energy": -10.0 + i, "forces": f}, "hi": {"energy": -11.0 + i, "forces": f * (i % 2)}}
         recs.append({"numbers": a.numbers, "positions": a.positions + 0.01 * i, "labels": labels})
-    for i in range(6):  # crystals at 'hi' only: two on ideal sites (zero), three strained, one rattled (zero)
-        c = bulk("NaCl", "rocksalt", a=5.6 + 0.05 * i)
-        if i == 5:
-            c.rattle(0.05, seed=1)
-        f = np.zeros((2, 3)) if i < 2 or i == 5 else rng.normal(size=(2, 3))
+    crystals = [bulk("NaCl", "rocksalt", a=5.6 + 0.05 * i) for i in range(6)]
+    crystals[5].rattle(0.05, seed=1)
+    sheet = graphene(vacuum=None)  # pbc T T F, zero third cell vector
+    mg = bulk("Mg", "hcp", a=3.21, c=5.21)
+    mg.set_scaled_positions(np.round(mg.get_scaled_positions(), 5))  # 0.33333, 0.66667
+    for i, c in enumerate([*crystals, sheet, mg]):  # at 'hi' only: zero forces but on crystals 2-4
+        f = rng.normal(size=(len(c), 3)) if i in (2, 3, 4) else np.zeros((len(c), 3))
         recs.append(
             {
                 "numbers": c.numbers,
@@ -771,12 +773,13 @@ def test_forces_of_exactly_zero_are_said_where_no_calculation_gives_them(caplog)
     pairs = labelled_pairs(ds, np.arange(len(ds)))
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert check_zero_forces(ds, pairs) == {"hi": 4}
-    assert "4 of 12 structures with forces at fidelity 'hi' have forces of exactly 0 on every atom" in caplog.text
+    assert "4 of 14 structures with forces at fidelity 'hi' have forces of exactly 0 on every atom" in caplog.text
     assert "(molecules 3, crystals with atoms off ideal sites 1, with forces at another fidelity 3)" in caplog.text
-    crystals = pairs[ds.pbc[pairs[:, 0]].any(1)]
-    assert check_zero_forces(ds, crystals[:5]) == {}  # two crystals on ideal sites of five: nothing
-    assert check_zero_forces(ds, crystals[:3]) == {"hi": 2}  # two of three: most of them
-    assert check_zero_forces(ds, crystals[[2, 5]]) == {"hi": 1}  # a rattled crystal: always
+    periodic = pairs[ds.pbc[pairs[:, 0]].any(1)]
+    assert check_zero_forces(ds, periodic[[0, 1, 6, 7]]) == {}  # on ideal sites: NaCl, graphene, hcp Mg
+    assert check_zero_forces(ds, periodic[[2, 5]]) == {"hi": 1}  # a rattled crystal's zeros
+    s, k = pairs[:, 0], pairs[:, 1]  # in chunks of a few atoms as in one pass
+    np.testing.assert_array_equal(largest_forces(ds, s, k, chunk=5), largest_forces(ds, s, k))
 
 
 def _harmonic_solids(pulay: float = 150.0, n: int = 7) -> list:

@@ -111,7 +111,7 @@ def evaluate_files(
     whose mean is evaluated; `group_by`: an info key of the frames, the errors per value too. The errors leave out
     structures with an element the model never saw (counted); `diagnose` warns about labels the errors suggest are
     another unit, method or the model's own (Evaluation.diagnose; `multifi evaluate` calls it after its table)."""
-    from multifi.data.checks import check_force_units, check_stress_units
+    from multifi.data.checks import check_force_units, check_placeholders, check_stress_units
     from multifi.data.sources import check_given_fidelity, merge_parts, read_labelled
     from multifi.data.split import labelled_pairs
     from multifi.models.registry import load_potential, run_dir_of
@@ -142,6 +142,7 @@ def evaluate_files(
     has_stress = ds.stress_mask is not None and bool(ds.stress_mask.any())
     warn_other_stress_order(run_dir_of(checkpoint), data, stress_order, has_stress)
     scored = check_elements(potential, ds, pairs)  # [P] False: an element the model never saw (left out)
+    check_placeholders(ds, pairs)  # forces or stresses of exactly 0 where no calculation gives them
     check_force_units(ds, pairs)  # forces in meV/Å, stress in kBar or of the other sign: errors of thousands
     check_stress_units(ds, pairs)
     estimated = pairs_with_estimated_references(potential, ds, pairs)  # [P]: their errors are the estimate's

@@ -544,7 +544,6 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
     them). Returns the suspicious names."""
     if dataset.forces is None:
         return []
-    check_zero_forces(dataset, pairs)
     suspicious = []
     for k, name in enumerate(dataset.fidelities.names):
         if name in known:
@@ -576,40 +575,62 @@ def check_force_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: in
 MOVED_FORCE = 0.05
 #: fractions of a cell vector on which the sites of ideal high-symmetry crystals (and their supercells up to 8×) lie
 SITE_GRID = 840
+#: tolerance of a site on SITE_GRID, in fractions of a cell vector (5-decimal CIF coordinates: 0.33333 for 1/3)
+SITE_TOLERANCE = 1e-4
+
+
+def check_placeholders(dataset: FidelityDataset, pairs: np.ndarray) -> None:
+    """Forces and stresses of exactly 0 where no calculation gives them (check_zero_forces, check_zero_stress)."""
+    check_zero_forces(dataset, pairs)
+    check_zero_stress(dataset, pairs)
 
 
 def on_symmetric_sites(dataset: FidelityDataset, s: np.ndarray) -> np.ndarray:
     """[len(s)] bool: periodic structures s whose atoms all lie, relative to their first atom, on SITE_GRID
-    fractions of the cell vectors (within 1e-6): ideal sites, where symmetry may make every force exactly 0; a
-    displaced (rattled, strained-and-relaxed with free parameters) structure's atoms do not."""
+    fractions of the cell vectors (within SITE_TOLERANCE; a slab's or wire's non-periodic directions completed by
+    complete_cells): ideal sites, where symmetry may make every force exactly 0; a displaced (rattled, or relaxed
+    with free parameters) structure's atoms do not lie there."""
+    cells = complete_cells(dataset.cells[s], dataset.pbc[s])
     out = np.zeros(len(s), bool)
     for i, t in enumerate(s.tolist()):
         atoms = slice(dataset.offsets[t], dataset.offsets[t + 1])
-        try:
-            frac = np.linalg.solve(dataset.cells[t].T, (dataset.positions[atoms] - dataset.positions[atoms][:1]).T).T
-        except np.linalg.LinAlgError:
-            continue
-        grid = frac * SITE_GRID
-        out[i] = bool(np.all(np.abs(grid - np.round(grid)) < 1e-6 * SITE_GRID))
+        frac = np.linalg.solve(cells[i].T, (dataset.positions[atoms] - dataset.positions[atoms][:1]).T).T
+        periodic = frac[:, dataset.pbc[t]] * SITE_GRID
+        out[i] = bool(np.all(np.abs(periodic - np.round(periodic)) < SITE_TOLERANCE * SITE_GRID))
+    return out
+
+
+def largest_forces(dataset: FidelityDataset, s: np.ndarray, k: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """[len(s)] eV/Å: the largest |component| of the forces of structure s[i] at fidelity k[i] (chunks of ~`chunk`
+    atoms: bounded memory on large, memory-mapped data)."""
+    out = np.zeros(len(s))
+    n = dataset.n_atoms[s]
+    ends = np.cumsum(n)
+    start = 0
+    while start < len(s):
+        done = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, done + chunk, side="right")))
+        part = slice(start, stop)
+        atoms = ranges(np.asarray(dataset.offsets)[s[part]], n[part])
+        per_atom = np.abs(dataset.forces[atoms, np.repeat(k[part], n[part])]).max(1)
+        out[part] = np.maximum.reduceat(per_atom, np.concatenate([[0], np.cumsum(n[part])[:-1]]))
+        start = stop
     return out
 
 
 def check_zero_forces(dataset: FidelityDataset, pairs: np.ndarray) -> dict[str, int]:
     """Warn per fidelity about structures of ≥ 2 atoms among `pairs` whose forces are exactly 0 on every atom where
     no calculation gives that: molecules (a geometry optimised to a tolerance keeps small forces), crystals with atoms
-    off ideal sites (on_symmetric_sites), structures with forces above MOVED_FORCE at another fidelity: placeholders
-    for missing forces, which train the model toward zero forces. Crystals on ideal sites (symmetry zeroes their
-    forces) are said only when they are at least half of the fidelity's. Returns {fidelity: structures} warned of."""
+    off ideal sites (on_symmetric_sites; on them symmetry can zero every force), structures with forces above
+    MOVED_FORCE at another fidelity: placeholders for missing forces, which train the model toward zero forces.
+    Returns {fidelity: such structures} of those warned about."""
     if dataset.forces is None or not len(pairs):
         return {}
     labelled = np.zeros(dataset.forces_mask.shape, bool)
     labelled[pairs[:, 0], pairs[:, 1]] = dataset.forces_mask[pairs[:, 0], pairs[:, 1]]
     labelled[dataset.n_atoms < 2] = False
     s, k = np.nonzero(labelled)
-    atoms = ranges(np.asarray(dataset.offsets)[s], dataset.n_atoms[s])
-    owner = np.repeat(np.arange(len(s)), dataset.n_atoms[s])
-    largest = np.zeros(len(s))
-    np.maximum.at(largest, owner, np.abs(dataset.forces[atoms, np.repeat(k, dataset.n_atoms[s])]).max(1))
+    largest = largest_forces(dataset, s, k)
     zero = largest == 0
     if not zero.any():
         return {}
@@ -622,18 +643,17 @@ def check_zero_forces(dataset: FidelityDataset, pairs: np.ndarray) -> dict[str, 
     odd = zero & (molecule | displaced | elsewhere[s])
     warned = {}
     for j, name in enumerate(dataset.fidelities.names):
-        ideal = int((zero & ~odd & (k == j)).sum())  # crystals on ideal sites
-        n = int((odd & (k == j)).sum()) + (ideal if ideal >= max(2, ((k == j) & ~molecule).sum() / 2) else 0)
-        if not n:
+        at = odd & (k == j)
+        if not at.any():
             continue
-        warned[name] = n
-        at = zero & (k == j)
+        warned[name] = int(at.sum())
         log.warning(
-            "%s: %d of %d structures with forces at fidelity %r have forces of exactly 0 on every atom (molecules "
-            "%d, crystals with atoms off ideal sites %d, with forces at another fidelity %d): placeholders for forces "
-            "not computed? They train the model toward zero forces there; write those structures without forces",
+            "%s: %d of %d structures with forces at fidelity %r have forces of exactly 0 on every atom where no "
+            "calculation gives them (molecules %d, crystals with atoms off ideal sites %d, with forces at another "
+            "fidelity %d): placeholders for forces not computed? They train the model toward zero forces there; "
+            "write those structures without forces",
             dataset.source_of(name),
-            n,
+            warned[name],
             int((k == j).sum()),
             name,
             int((at & molecule).sum()),
@@ -818,6 +838,7 @@ def doubtful_units(
     if skipped:
         log.info("data.units_known: the unit checks skip %s", ", ".join(dataset.fidelities.names[k] for k in skipped))
         pairs = pairs[~np.isin(pairs[:, 1], skipped)]
+    check_placeholders(dataset, every)  # no unit question: every fidelity
     found = {
         "energy": check_energy_units(dataset, pairs, ref, scale),
         "stress": check_stress_units(dataset, pairs),
@@ -921,7 +942,6 @@ def check_stress_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: i
     GPa or kBar numbers come out 160× or 1602× too large. Returns the suspicious names."""
     if dataset.stress is None:
         return []
-    check_zero_stress(dataset, pairs)
     suspicious = []
     for k, name in enumerate(dataset.fidelities.names):
         s = pairs[pairs[:, 1] == k, 0]
