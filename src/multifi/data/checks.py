@@ -1016,7 +1016,7 @@ def check_pressure_against_energies(dataset: FidelityDataset, pairs: np.ndarray,
             "%s: stresses at fidelity %r carry pressures their energies do not have in %d composition(s): %s "
             "(labels vs −dE/dV of the energies, GPa); a Pulay stress (plane-wave cutoff too low for hard "
             "pseudopotentials such as F, O, N)? Trained on, they teach those pressures (cells relaxed by the model "
-            "too small where the labels' pressure is higher), the more the larger loss.stress; "
+            "too small where the labels' pressure is lower, too large where higher), the more the larger loss.stress; "
             "data.pulay_stress: drop leaves those compositions' stresses out, correct shifts their pressure to −dE/dV of "
             "their energies (which needs energies of a volume scan: through rattled snapshots it was 10-16 GPa off)",
             dataset.source_of(name),
@@ -1030,8 +1030,9 @@ def check_pressure_against_energies(dataset: FidelityDataset, pairs: np.ndarray,
 
 @dataclass(frozen=True)
 class PressureOffset:
-    """A composition whose stress labels at fidelity k carry a pressure its energies do not: `atoms` (its sorted
-    atomic numbers, as bytes), `formula`, the median label pressure −tr(σ)/3 and −dE/dV of its energies (GPa)."""
+    """A composition whose stress labels at fidelity k carry a pressure its energies do not: `atoms` (the sorted
+    atomic numbers of one formula unit, int64 bytes: reduced_compositions), `formula`, the median label pressure
+    −tr(σ)/3 and −dE/dV of its energies (GPa)."""
 
     k: int
     atoms: bytes
@@ -1041,36 +1042,64 @@ class PressureOffset:
 
 
 def pressure_offsets(dataset: FidelityDataset, pairs: np.ndarray) -> list[PressureOffset]:
-    """Per fidelity and composition (same atoms, ≥ 5 structures among `pairs` at volumes ≥ 0.5 % apart): the median
-    label pressure against −dE/dV of a least-squares line through the composition's energies, where they lie more
-    than PRESSURE_GAP GPa and 4 standard errors of that slope apart (thermal displacements scatter the energies)."""
+    """Per fidelity and reduced composition (MgO: every cell of Mg and O 1:1; ≥ 5 periodic structures among `pairs`
+    with energies and stresses there, volumes per formula unit ≥ 0.5 % apart): the median label pressure against
+    −dE/dV of a least-squares line through the energies per formula unit against the volume per formula unit, where
+    they lie more than PRESSURE_GAP GPa and 4 standard errors of that slope apart (thermal displacements scatter the
+    energies)."""
     from ase import Atoms
     from ase.units import GPa as ev_per_a3_per_gpa
 
     if dataset.stress is None:
         return []
+    reduced, units = reduced_compositions(dataset)
+    volume = np.abs(np.linalg.det(dataset.cells)) / units
     found = []
     for k in range(len(dataset.fidelities)):
-        for members, volume, pressure in _volume_pressure_groups(dataset, pairs, k):
-            energy = dataset.energy[members, k]
-            keep = ~np.isnan(energy)
-            if keep.sum() < 5:
+        s = pairs[pairs[:, 1] == k, 0]
+        s = s[dataset.stress_mask[s, k] & dataset.pbc[s].all(1) & ~np.isnan(dataset.energy[s, k])]
+        groups: dict[bytes, list[int]] = {}
+        for i in s.tolist():
+            groups.setdefault(reduced[i], []).append(i)
+        for key, m in groups.items():
+            v = volume[m]
+            if len(m) < 5 or v.std() < 0.005 * v.mean():
                 continue
-            (slope, _), cov = np.polyfit(volume[keep], energy[keep], 1, cov=True)  # eV/Å³
+            pressure = -np.trace(dataset.stress[m, k], axis1=1, axis2=2) / 3  # GPa
+            (slope, _), cov = np.polyfit(v, dataset.energy[m, k] / units[m], 1, cov=True)  # eV/Å³
             from_energy = -slope / ev_per_a3_per_gpa
             gap = abs(float(np.median(pressure)) - from_energy)
             if gap > PRESSURE_GAP and gap > 4 * np.sqrt(cov[0, 0]) / ev_per_a3_per_gpa:
-                numbers = dataset.numbers[dataset.offsets[members[0]] : dataset.offsets[members[0] + 1]]
-                found.append(
-                    PressureOffset(
-                        k,
-                        np.sort(numbers).tobytes(),
-                        Atoms(numbers).get_chemical_formula(),
-                        float(np.median(pressure)),
-                        float(from_energy),
-                    )
-                )
+                formula = Atoms(np.frombuffer(key, dtype=np.int64)).get_chemical_formula()
+                found.append(PressureOffset(k, key, formula, float(np.median(pressure)), float(from_energy)))
     return found
+
+
+def reduced_compositions(dataset: FidelityDataset) -> tuple[list[bytes], np.ndarray]:
+    """Per structure: its reduced composition (sorted atomic numbers of one formula unit, int64 bytes) and [S] how
+    many formula units it holds."""
+    from math import gcd
+
+    keys, units = [], np.ones(len(dataset))
+    for i in range(len(dataset)):
+        z, n = np.unique(dataset.numbers[dataset.offsets[i] : dataset.offsets[i + 1]], return_counts=True)
+        g = 0
+        for c in n.tolist():
+            g = gcd(g, c)
+        keys.append(np.repeat(z.astype(np.int64), n // max(g, 1)).tobytes())
+        units[i] = max(g, 1)
+    return keys, units
+
+
+def without_pulay_stress(dataset: FidelityDataset, setting: str) -> FidelityDataset:
+    """`dataset` with data.pulay_stress `setting` (keep, correct, drop) applied to every structure's stresses: the
+    offsets found on all of them (the labels' own consistency, as check_pressure_against_energies looks at it)."""
+    from multifi.data.split import labelled_pairs
+
+    if setting == "keep" or dataset.stress is None:
+        return dataset
+    every = labelled_pairs(dataset, np.arange(len(dataset)))
+    return remove_pressure_offsets(dataset, pressure_offsets(dataset, every), setting)
 
 
 def remove_pressure_offsets(dataset: FidelityDataset, offsets: list[PressureOffset], how: str) -> FidelityDataset:
@@ -1080,11 +1109,10 @@ def remove_pressure_offsets(dataset: FidelityDataset, offsets: list[PressureOffs
     if not offsets or dataset.stress is None:
         return dataset
     stress, mask = dataset.stress.copy(), dataset.stress_mask.copy()
-    offsets_ = np.asarray(dataset.offsets)
-    atoms = [np.sort(dataset.numbers[offsets_[i] : offsets_[i + 1]]).tobytes() for i in range(len(dataset))]
+    reduced, _ = reduced_compositions(dataset)
     changed = []
     for f in offsets:
-        members = np.array([i for i, a in enumerate(atoms) if a == f.atoms and mask[i, f.k]], dtype=np.int64)
+        members = np.array([i for i, a in enumerate(reduced) if a == f.atoms and mask[i, f.k]], dtype=np.int64)
         what = f"{dataset.fidelities.names[f.k]} {f.formula} ({len(members)} structures"
         if how == "drop":
             mask[members, f.k] = False

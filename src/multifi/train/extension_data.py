@@ -14,6 +14,7 @@ import torch
 
 from multifi.config import RunConfig
 from multifi.data.atomic_energies import ISOLATED
+from multifi.data.checks import without_pulay_stress
 from multifi.data.dataset import GEOMETRY_KEY_PREFIX, GEOMETRY_TOLERANCE, FidelityDataset, atomic_write
 from multifi.data.fidelity import FidelityTable
 from multifi.data.isolated import isolated_atoms
@@ -111,6 +112,8 @@ def load_old_run(run: Path) -> OldRun:
             ds = ds.select_fidelities(cfg.data.fidelities, where=f"{run}/config.yaml: data.fidelities")
     else:
         ds = read_data_again(run, cfg)
+    if not (run / "dataset.npz").exists():  # the labels as the run trained on them (dataset.npz holds them so)
+        ds = without_pulay_stress(ds, cfg.data.pulay_stress)
     split = _read_splits(run / "splits.json", ds)
     pairs = {name: labelled_pairs(ds, split[name]) for name in ("train", "val", "test")}
     if cfg.data.atomic_energies == ISOLATED:  # its one-atom frames were references, not data, in every split
@@ -231,6 +234,7 @@ def read_new_data(
     except NoFidelityError:  # structures naming none in a source naming none: the new fidelity's (as --data does)
         sources = [s.model_copy(update={"fidelity": name}) if _names_no_fidelity(s) else s for s in d.sources]
         ds = read_sources(sources, d.skip_invalid, free_atoms)
+    ds = without_pulay_stress(ds, d.pulay_stress)
     where = ", ".join(str(s.path or "qm9") for s in d.sources)
     if name not in ds.fidelities:
         raise MultifiError(

@@ -15,7 +15,7 @@ from multifi.data.atomic_energies import (
     resolve_atomic_energies,
     without_frames,
 )
-from multifi.data.checks import pressure_offsets, remove_pressure_offsets
+from multifi.data.checks import without_pulay_stress
 from multifi.data.dataset import FidelityDataset
 from multifi.data.fidelity import FidelityTable
 from multifi.data.sources import read_sources
@@ -134,8 +134,7 @@ def prepare_data(cfg: RunConfig, dataset: FidelityDataset | None = None, config_
             "fidelities used: nothing to train on"
         )
     _check_energies_to_train_on(ds, pairs["train"], config_source)
-    if d.pulay_stress != "keep":  # offsets found on the training labels, removed from every split's
-        ds = remove_pressure_offsets(ds, pressure_offsets(ds, pairs["train"]), d.pulay_stress)
+    ds = without_pulay_stress(ds, d.pulay_stress)  # the labels' own consistency, as the warning checks it
     if atomic is not None:
         check_atomic_coverage(atomic, ds, pairs["train"], config_source or "config")
     return PreparedData(ds, split, pairs, settings, atomic)
