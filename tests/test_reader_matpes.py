@@ -384,14 +384,14 @@ def test_placeholder_stresses_and_matpes_stresses_in_bar_are_said(tmp_path, capl
     from eV/Å³, which MatPES records are not read in."""
     import logging
 
-    from multifi.data.checks import check_stress_units
+    from multifi.data.checks import check_placeholders, check_stress_units
     from multifi.data.split import labelled_pairs
 
     recs = [record(f"mfsolid-{i}", stress=[1.0 + i, 2.0, 3.0, 0.1, 0.2, 0.3]) for i in range(6)]
     recs[2]["stress"] = [0.0] * 6
     ds = read_matpes(write_jsonl(tmp_path / "zero.jsonl", recs), stress_order="vasp")
     with caplog.at_level(logging.WARNING, logger="multifi"):
-        check_stress_units(ds, labelled_pairs(ds, np.arange(len(ds))))
+        check_placeholders(ds, labelled_pairs(ds, np.arange(len(ds))))
     assert "1 of 6 structures with stress labels at fidelity 'PBE' have a stress of exactly 0" in caplog.text
     caplog.clear()
     bar = [record(f"mfsolid-{i}", stress=[1e4 * (i + 1), 2e4, 3e4, 0.0, 0.0, 0.0]) for i in range(6)]
@@ -401,3 +401,22 @@ def test_placeholder_stresses_and_matpes_stresses_in_bar_are_said(tmp_path, capl
     assert "look like numbers in another unit" in caplog.text
     assert "MatPES records' stresses are read in kBar (VASP's): a file in bar is 1000× too large" in caplog.text
     assert "eV/Å³" not in caplog.text and "exactly 0" not in caplog.text
+
+
+def test_stress_unit_advice_follows_how_each_file_is_read(tmp_path):
+    """The advice went by the file's suffix: an ASE database written as .json got MatPES's kBar advice, two MatPES
+    files holding one fidelity the eV/Å³ one."""
+    from ase.build import bulk
+    from ase.db import connect
+
+    from multifi.data.checks import _stress_unit_advice
+
+    matpes = write_jsonl(tmp_path / "a.jsonl", [record()])
+    other = write_jsonl(tmp_path / "b.jsonl", [record("mfsolid-1")])
+    db = tmp_path / "cu.json"
+    with connect(db) as c:
+        c.write(bulk("Cu"))
+    assert _stress_unit_advice(str(db)).startswith("stress labels in files ASE reads are read in eV/Å³")
+    assert _stress_unit_advice(f"{matpes}, {other}").startswith("MatPES records' stresses are read in kBar")
+    both = _stress_unit_advice(f"{matpes}, {db}")
+    assert "kBar (VASP's)" in both and "eV/Å³ (ASE units)" in both

@@ -965,16 +965,31 @@ def check_stress_units(dataset: FidelityDataset, pairs: np.ndarray, min_count: i
 
 
 def _stress_unit_advice(source: str) -> str:
-    """How the stress labels of `source` (a file name, or several) are read, and how to convert them."""
-    if source.lower().endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")) and "," not in source:
-        return (
+    """How the stress labels of `source` (a file name, or several joined by ", ") are read, and how to convert them:
+    MatPES records in kBar, files ASE reads in eV/Å³ (both said for a mix)."""
+    from pathlib import Path
+
+    from multifi.data.sources import guess_format
+
+    def kind(name: str) -> str:
+        try:
+            return guess_format(Path(name))
+        except Exception:  # noqa: BLE001 - a name that is no file (e.g. "data"): ASE's reading is the default
+            return "ase"
+
+    kinds = {kind(name) for name in source.split(", ")}
+    advice = []
+    if "matpes" in kinds:
+        advice.append(
             "MatPES records' stresses are read in kBar (VASP's): a file in bar is 1000× too large (divide by 1000), "
             "in MPa 100× (divide by 100)"
         )
-    return (
-        "stress labels in files ASE reads are read in eV/Å³ (ASE units): multiply GPa by ase.units.GPa "
-        "(1/160.2), kBar by 0.1·ase.units.GPa"
-    )
+    if kinds - {"matpes"}:
+        advice.append(
+            "stress labels in files ASE reads are read in eV/Å³ (ASE units): multiply GPa by ase.units.GPa "
+            "(1/160.2), kBar by 0.1·ase.units.GPa"
+        )
+    return "; ".join(advice)
 
 
 def check_zero_stress(dataset: FidelityDataset, pairs: np.ndarray) -> dict[str, int]:
