@@ -1343,3 +1343,13 @@ def test_replay_from_an_ancestor_run_names_what_it_lacks(old_run, tmp_path, caps
     assert main(args) != 0
     err = capsys.readouterr().err
     assert f"replay: {old_run} holds no data of CC" in err and "(lo, hi: --replay-fidelity)" in err
+
+
+def test_forgetting_changes_leave_the_counts_out():
+    """The change of an old fidelity's errors: metrics differ, counts (energies, structures with forces) are no
+    change to report (n_forces gave a meaningless 0)."""
+    from multifi.train.extend import _change
+
+    before = {"n": 8, "n_forces": 4, "energy_mae_meV": 10.0, "fitted_references": {"n": 3, "energy_mae_meV": 5.0}}
+    after = {"n": 8, "n_forces": 4, "energy_mae_meV": 12.5, "fitted_references": {"n": 3, "energy_mae_meV": 4.0}}
+    assert _change(before, after) == {"energy_mae_meV": 2.5, "fitted_references": {"energy_mae_meV": -1.0}}

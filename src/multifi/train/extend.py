@@ -35,7 +35,7 @@ from multifi.data.split import (
 from multifi.data.stats import MIN_SCALE_DOF, fit_new_fidelity, shared_estimates_with_error, shortest_contacts
 from multifi.errors import MultifiError, unknown_name
 from multifi.files import json_text, make_dir
-from multifi.keys import COUNT
+from multifi.keys import COUNT, FORCES_COUNT
 from multifi.train.extension_data import (
     OldRun,
     check_run_of_model,
@@ -825,12 +825,12 @@ def _forgetting(old, new, old_run: OldRun | None, batch_size: int) -> dict[str, 
 
 
 def _change(before: dict, after: dict) -> dict:
-    """after − before for every metric of `before` but the count; nested metric groups (keys.FITTED_ONLY: the
+    """after − before for every metric of `before` but the counts; nested metric groups (keys.FITTED_ONLY: the
     metrics without structures whose references were estimated) the same way; None where either lacks it."""
     out = {}
     for k, b in before.items():
         a = after.get(k)
-        if k == COUNT:
+        if k in (COUNT, FORCES_COUNT):
             continue
         if isinstance(b, dict):
             out[k] = _change(b, a) if isinstance(a, dict) else None
