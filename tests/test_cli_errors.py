@@ -1116,6 +1116,7 @@ def test_evaluate_reports_the_force_slope_and_warns_of_reversed_labels(model, ti
         warn_implausible_errors({"lo": {FORCES_SLOPE: -1.0, FORCES_COSINE: -0.45}}, "r.extxyz")  # cosine too weak
     for name in ("f", "j", "o", "p"):
         assert f"{name}.extxyz: lo force labels point against the model's forces" in caplog.text
+    assert "(−dE/dx)? In Hartree/Bohr, too (negate and convert them: multiply by 51.4221)" in caplog.text  # j, p
     assert not any(f"{name}.extxyz" in caplog.text for name in ("g", "h", "i", "q", "r"))
     caplog.clear()  # labels a unit's factor times the model's forces, aligned with them: the unit is named
     with caplog.at_level(logging.WARNING, logger="multifi"):

@@ -319,14 +319,16 @@ def warn_implausible_errors(metrics: dict, where: str, slopes: dict[str, float] 
     for name, m in metrics.items():
         slope, cosine = m.get(FORCES_SLOPE), m.get(FORCES_COSINE)
         if slope is not None and cosine is not None and _reversed_forces(slope, cosine):
+            unit = _unit_of(-slope, FORCE_UNITS, 0.05)
             log.warning(
-                "%s: %s force labels point against the model's forces (least-squares slope %.2f of the labels on the "
+                "%s: %s force labels point against the model's forces (least-squares slope %.4g of the labels on the "
                 "predictions, cosine %.2f; about +1 both for labels the model learned): gradients (dE/dx) given as "
-                "forces (−dE/dx)?",
+                "forces (−dE/dx)?%s",
                 where,
                 name,
                 slope,
                 cosine,
+                f" In {unit}, too (negate and convert them: {_conversion(FORCE_UNITS[unit])})" if unit else "",
             )
         elif cosine is not None and (unit := _force_unit(slope, cosine)):
             log.warning(
