@@ -1085,7 +1085,7 @@ def pressure_offsets(dataset: FidelityDataset, pairs: np.ndarray) -> list[Pressu
             from_energy = -slope / ev_per_a3_per_gpa
             gap = abs(float(np.median(pressure)) - from_energy)
             if gap > PRESSURE_GAP and gap > 4 * np.sqrt(cov[0, 0]) / ev_per_a3_per_gpa:
-                formula = Atoms(np.frombuffer(key, dtype=np.int64)).get_chemical_formula()
+                formula = Atoms(np.frombuffer(key, dtype=np.int64)).get_chemical_formula("metal")
                 found.append(PressureOffset(k, key, formula, float(np.median(pressure)), float(from_energy)))
     return found
 
