@@ -851,3 +851,10 @@ def test_pulay_offsets_are_corrected_or_dropped_in_the_composition_they_were_fou
 
                 check_stress_units(prepared.dataset, prepared.pairs["train"])
         assert said in caplog.text, caplog.text
+    from multifi.train.extension_data import read_new_data  # extend reads its new fidelity's data the same way
+
+    source = {"path": str(tmp_path / "pulay.extxyz")}
+    cfg = write_config(name="extend.yaml", data={"sources": [source], "pulay_stress": "drop"})
+    new, _ = read_new_data(load_config(cfg), "PBE")
+    cu = new.numbers[new.offsets[:-1]] == 29
+    assert not new.stress_mask[cu, 0].any() and new.stress_mask[~cu, 0].all()
