@@ -1313,3 +1313,21 @@ def test_evaluate_says_when_the_run_read_a_matpes_files_stress_in_another_order(
     argv = ["predict", model, out, "--fidelity", "PBE", "--out", tmp_path / "q.extxyz", "--stress-order", "vasp"]
     code, _, err = run(argv, capsys)
     assert code == 2 and "p.extxyz: --stress-order applies to MatPES records, not to this file" in err
+
+
+def test_the_dry_run_plans_the_steps_of_several_processes(write_config, caplog):
+    """With train.devices 2 each process takes half the samples in batches of train.batch_size: the plan and the
+    warm-up warning counted as for one process (twice the steps the run took)."""
+    import logging
+    import math
+
+    config = write_config(train={"epochs": 2, "batch_size": 8, "devices": 2, "warmup_steps": 100, "threads": 1})
+    with caplog.at_level(logging.INFO, logger="multifi"):
+        assert main(["train", str(config), "--dry-run"]) == 0
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("training: "))
+    n = int(line.split()[1])
+    per_epoch = math.ceil(math.ceil(n / 2) / 8)  # each process: its half, in batches of 8
+    assert (
+        f"batch 8 in each of 2 processes: {per_epoch} steps per epoch, 2 epochs, at most {2 * per_epoch} steps" in line
+    )
+    assert f"longer than the run ({2 * per_epoch} steps)" in caplog.text

@@ -435,10 +435,10 @@ def _warn_split_duplicates(ds: FidelityDataset, pairs: dict[str, np.ndarray]) ->
 
 def _report_extension_plan(cfg: RunConfig, module, pairs: dict, table: FidelityTable, run_dir: Path) -> None:
     """What an extension would do (extend --dry-run)."""
-    import math
+    from multifi.train.preflight import steps_per_epoch
 
     trainable = module.trained_parameters()
-    steps = math.ceil(len(pairs["train"]) / cfg.train.batch_size)
+    steps = steps_per_epoch(cfg, len(pairs["train"]))
     cap = f", at most {cfg.train.max_steps} step{'s' * (cfg.train.max_steps != 1)}" if cfg.train.max_steps > 0 else ""
     log.info(
         "training: %d samples (%s), batch %d: %s per epoch, %s%s; %s trainable parameters",

@@ -228,13 +228,33 @@ def untrained(prep) -> list[str]:
     return [name for name, n in split_counts(prep, "train").items() if n == 0]
 
 
+def processes(cfg: RunConfig) -> int:
+    """Training processes train.devices starts: a number, or one per listed device id; 'auto' all GPUs (one
+    process on CPU, as Lightning's)."""
+    import torch
+
+    devices, accelerator = cfg.train.devices, cfg.train.accelerator
+    if isinstance(devices, int):
+        return devices
+    if devices == "auto":
+        gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return torch.cuda.device_count() if gpu else 1
+    return len([d for d in str(devices).split(",") if d.strip()])
+
+
+def steps_per_epoch(cfg: RunConfig, n_train: int) -> int:
+    """Optimiser steps of one epoch over n_train training samples: each of the processes takes its share of them
+    (padded to equal shares) in batches of train.batch_size."""
+    import math
+
+    return math.ceil(math.ceil(n_train / processes(cfg)) / cfg.train.batch_size)
+
+
 def _total_steps(cfg: RunConfig, n_train: int) -> int:
     """Optimiser steps the run is set to take over n_train training samples (epochs × steps per epoch, or
     max_steps if fewer)."""
-    import math
-
     t = cfg.train
-    per_epoch = math.ceil(n_train / t.batch_size)
+    per_epoch = steps_per_epoch(cfg, n_train)
     return t.epochs * per_epoch if t.max_steps < 0 else min(t.max_steps, t.epochs * per_epoch)
 
 
@@ -256,12 +276,12 @@ def check_warmup(cfg: RunConfig, n_train: int) -> None:
 def report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None, can_start: bool = True) -> None:
     """What a run would do (train --dry-run); `can_start`: False when the run directory blocks it (the error
     that follows says why; no "valid" line before it)."""
-    import math
 
     t = cfg.train
     n_params = sum(p.numel() for p in module.potential.parameters())
-    steps = math.ceil(len(prep.pairs["train"]) / t.batch_size)
+    steps = steps_per_epoch(cfg, len(prep.pairs["train"]))
     total = _total_steps(cfg, len(prep.pairs["train"]))
+    world = processes(cfg)
     log.info(
         "model: %s, %d features, %d interactions, cutoff %g Å, fidelity embedding %s: %s parameters",
         cfg.model.backbone,
@@ -272,9 +292,10 @@ def report_plan(cfg: RunConfig, prep, module, run_dir: Path, ckpt: Path | None, 
         f"{n_params:,}",
     )
     log.info(
-        "training: %d samples, batch %d: %s per epoch, %s, at most %s%s",
+        "training: %d samples, batch %d%s: %s per epoch, %s, at most %s%s",
         len(prep.pairs["train"]),
         t.batch_size,
+        f" in each of {world} processes" if world > 1 else "",
         f"{steps} step{'s' * (steps != 1)}",
         f"{t.epochs} epoch{'s' * (t.epochs != 1)}",
         f"{total} step{'s' * (total != 1)}",
