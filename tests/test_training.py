@@ -382,6 +382,11 @@ def test_resume_without_training_left_is_a_one_line_error_and_changes_nothing(wr
     with pytest.raises(MultifiError, match=r"completed 3 epochs \(step 15\); train.epochs=1 is fewer") as exc:
         train(cfg, resume=True)
     assert "\n" not in str(exc.value)
+    cfg.train.epochs, cfg.train.max_steps = 4, 10  # a step limit below the checkpoint's step (was a traceback)
+    with pytest.raises(MultifiError, match=r"checkpoint is at step 15; train.max_steps=10 is fewer"):
+        train(cfg, resume=True)
+    assert before["config.yaml"] == (run_dir / "config.yaml").read_bytes()
+    cfg.train.max_steps = -1
     cfg.train.epochs = 4  # more to train: resumes
     assert ckpt(train(cfg, resume=True) / "checkpoints/last.ckpt")["global_step"] == 20
 

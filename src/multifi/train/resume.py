@@ -173,8 +173,8 @@ def check_world(world: int, resumed: dict, cfg: RunConfig, run_dir: Path) -> Non
 
 
 def check_more_to_train(run_dir: Path, ckpt: Path, cfg: RunConfig) -> bool:
-    """A resume must have training left: fewer epochs than the checkpoint has done cannot resume (Lightning
-    fails after config.yaml was rewritten), and a finished run (model.pt, metrics.json) resumed with other
+    """A resume must have training left: fewer epochs than the checkpoint has done, or a step limit below its step,
+    cannot resume (Lightning fails after config.yaml was rewritten; a step limit below ended in a traceback), and a finished run (model.pt, metrics.json) resumed with other
     settings that leave nothing more to train would rewrite its record with nothing gained: one-line errors,
     before anything is written. True: finished, resumed with its own settings (nothing to do). A run killed
     after its last step but before its final files were written resumes to write them."""
@@ -187,6 +187,12 @@ def check_more_to_train(run_dir: Path, ckpt: Path, cfg: RunConfig) -> bool:
         raise MultifiError(
             f"{run_dir}: its checkpoint has completed {epoch} epochs (step {step}); train.epochs={t.epochs} is fewer: "
             "a resume can only train on (set train.epochs above it, or start a new run from its weights with "
+            f"train.init_from: {weights_of(run_dir)})"
+        )
+    if 0 < t.max_steps < step:
+        raise MultifiError(
+            f"{run_dir}: its checkpoint is at step {step}; train.max_steps={t.max_steps} is fewer: a resume can only "
+            "train on (set train.max_steps above it, or start a new run from its weights with "
             f"train.init_from: {weights_of(run_dir)})"
         )
     waited = _validations_without_improvement(state)

@@ -180,7 +180,10 @@ def final_checkpoint(trainer, run_dir: Path) -> Path:
     resumed after its directory moved still names the old absolute path in its checkpoint state), else the
     final state, with a warning when validation was expected but never ran."""
     last = run_dir / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else None
+    try:
+        saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else None
+    except Exception:  # noqa: BLE001 - an unreadable last.ckpt (the resume fell back to best.ckpt): rewritten
+        saved = None
     if saved != trainer.global_step:
         trainer.save_checkpoint(last)
     best = best_checkpoint(trainer, last)
