@@ -1179,3 +1179,19 @@ def test_parity_plot_keeps_estimated_references_out_of_the_panel_mae(tmp_path, m
     titles = [ax.get_title() for ax in figures[0].axes if ax.get_visible()]
     assert titles[0] == "EMT  (n = 2, MAE 10.0 meV/atom)\nestimated references: n = 1, MAE 800.0 meV/atom"
     assert titles[1] == "B  (n = 1, MAE 2.0 meV/atom)"
+
+
+def test_errors_about_frames_of_an_index_say_which_frames_they_count(model, tmp_path, capsys):
+    """A bad frame 5 read with --index 3: was 'structure 2' (of the selection, unsaid) in predict and the file's
+    frame numbers elsewhere: predict names the selection (the readers name the file's frame: frame_tag's test)."""
+    frames = [rattled_molecule("H2O", seed=i) for i in range(8)]
+    frames[5] = Atoms("H2O", positions=[[0, 0, 0], [0.02, 0, 0], [0, 0.9, 0]])  # atoms 0.02 Å apart
+    for a in frames:
+        a.info["fidelity"] = "lo"
+    src = tmp_path / "bad5.extxyz"
+    ase.io.write(src, frames)
+    fails(
+        ["predict", model, src, "--index", "3:", "--fidelity", "lo", "--out", tmp_path / "p.xyz"],
+        capsys,
+        f"{src} (frames '3:'): structure 2",
+    )

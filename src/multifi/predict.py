@@ -137,6 +137,8 @@ def predict_file(
     from multifi.train.run_config import warn_other_stress_order
 
     atoms_list = read_structures(str(structures), fidelities[0], index, stress_order)
+    if index != ":":  # "structure N" in messages: the N-th (0-based) of the frames selected
+        path = f"{path} (frames {index!r})"
     has_stress = any(_holds_stress(a) for a in atoms_list)
     warn_other_stress_order(
         run_dir_of(checkpoint), [str(structures)], stress_order, has_stress

@@ -115,7 +115,7 @@ def read_ase(
         mace = _mace_keys(keys, named) and PREDICTION_MARK not in atoms.info
         if mace and not weights.apply(atoms.info, rec, keys, is_free_atom(atoms)):
             continue  # every label weighted 0
-        rec["name"] = i
+        rec["name"] = frame_number(i, index)  # errors of from_records name the file's frame (or the selection's)
         if "conflicts" in rec:
             conflicts.append((tag, rec.pop("conflicts")))
         per_atom = "energies" in atoms.arrays or "energies" in (getattr(atoms.calc, "results", None) or {})
@@ -610,19 +610,25 @@ def source_fidelity(named, fidelity: str | None, where: str, field: str) -> str:
 
 def frame_tag(i: int, index: str = ":") -> str:
     """'frame N (0-based)': the file's frame number of the i-th frame ASE's `index` selects where the index says it
-    without counting the file (an integer or a slice from a non-negative start, forward), else the i-th of the
-    selection, named so."""
+    (frame_number), else the i-th of the selection, named so."""
+    n = frame_number(i, index)
+    return f"frame {n} (0-based)" if isinstance(n, int) else f"frame {i} (0-based, of index {index!r})"
+
+
+def frame_number(i: int, index: str = ":") -> int | str:
+    """The file's frame number of the i-th frame ASE's `index` selects, where the index says it without counting
+    the file (an integer or a slice from a non-negative start, forward); else 'i of index …' (text)."""
     try:
         parts = [int(p) if p.strip() else None for p in index.split(":")]
     except ValueError:
         parts = []
     if len(parts) == 1 and parts[0] is not None and parts[0] >= 0:
-        return f"frame {parts[0]} (0-based)"
+        return parts[0]
     if 2 <= len(parts) <= 3:
         start, step = parts[0] or 0, (parts[2] if len(parts) == 3 else None) or 1
         if start >= 0 and step > 0:
-            return f"frame {start + i * step} (0-based)"
-    return f"frame {i} (0-based, of index {index!r})"
+            return start + i * step
+    return f"{i} of index {index!r}"
 
 
 def _get(first: dict, then: dict, key: str | None):
