@@ -147,6 +147,14 @@ def test_training_takes_the_one_atom_frames_as_atomic_energies(tmp_path, write_c
         s: sum(v.values()) for s, v in model_card(tmp_path / "run")["data"].items() if s in ("train", "val", "test")
     }
     assert sum(counts.values()) == len(tiny_frames())
+    caplog.clear()  # evaluated, the free atoms are left out (they are the references), as MACE's evaluation does
+    from multifi.evaluation import evaluate_files
+
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        result = evaluate_files(tmp_path / "run" / "model.pt", [data], diagnose=False)
+    assert "8 free atom(s) (one-atom frames) at fidelities whose references are atomic energies left out" in caplog.text
+    fids = result.payload["fidelities"]
+    assert {k: v["n"] for k, v in fids.items()} == {"lo": 40, "hi": 20}
 
 
 def test_atomic_energies_from_a_table_match_the_same_frames(tmp_path, write_config, tiny_extxyz):

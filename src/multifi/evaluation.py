@@ -133,6 +133,7 @@ def evaluate_files(
         potential.fidelities.index(fidelity, where=str(checkpoint))
         check_given_fidelity(ds.fidelities.names, fidelity, data, "evaluate them at theirs")
         pairs = pairs[pairs[:, 1] == ds.fidelities.index(fidelity)]
+    pairs = _without_reference_atoms(potential, ds, pairs, where)
     groups = None  # [S] each structure's value of the group_by key: read (and refused) before any work
     if group_by:
         from multifi.data.groups import structure_groups
@@ -196,6 +197,28 @@ def evaluate_files(
     if diagnose:
         result.diagnose()
     return result
+
+
+def _without_reference_atoms(potential, ds, pairs: np.ndarray, where: str) -> np.ndarray:
+    """`pairs` without free atoms (one-atom frames, data.isolated) at fidelities whose references are atomic
+    energies (head.atomic): those energies are the references, never trained on (MACE's E0 frames, which MACE's
+    evaluation leaves out too); said with their count."""
+    from multifi.data.isolated import isolated_atoms
+    from multifi.train.evaluate import model_fidelities
+
+    atomic = potential.head.atomic.detach().cpu().numpy()
+    if not atomic.any() or not len(pairs):
+        return pairs
+    k = model_fidelities(potential, ds, pairs)[pairs[:, 1]]
+    free = isolated_atoms(ds)[pairs[:, 0]] & atomic[k]
+    if free.any():
+        log.warning(
+            "%s: %d free atom(s) (one-atom frames) at fidelities whose references are atomic energies left out of "
+            "the errors: those energies are the model's references (data.atomic_energies), not trained on",
+            where,
+            int(free.sum()),
+        )
+    return pairs[~free]
 
 
 def group_metrics(potential, dataset, neighbors, pairs, groups, name: str, batch_size: int) -> dict:
