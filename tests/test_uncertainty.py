@@ -582,8 +582,14 @@ def test_ensemble_of_identical_models_is_no_uncertainty(cli_run, tmp_path, capsy
     ase.io.write(src, [rattled_molecule("CH3OH", 5), rattled_molecule("H2O", 6)])
     model = run_dir / "model.pt"
     args = ["predict", model, src, "--fidelity", "hi", "--out", tmp_path / "p.extxyz", "--uncertainty"]
-    fails([*args, "--ensemble", model], capsys, "the 2 ensemble models give identical hi energies")
+    fails([*args, "--ensemble", model], capsys, f"{model}: the same weights as {model}")
     assert not (tmp_path / "p.extxyz").exists()
+    # a copy among three members: an error in predict as in evaluate (predict only warned)
+    other = load_potential(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    save_potential(other, tmp_path / "other.pt")
+    fails([*args, "--ensemble", tmp_path / "other.pt", model], capsys, f"{model}: the same weights as {model}")
     # evaluate: refused before any table is printed (a table then an error read like a result)
     labelled = tmp_path / "l.extxyz"
     ase.io.write(labelled, [emt_labelled(rattled_molecule("H2O", k), "hi") for k in range(3)], format="extxyz")

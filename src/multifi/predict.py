@@ -120,7 +120,7 @@ def predict_file(
     import multifi
     from multifi.files import atomic_write, encoded_for
     from multifi.models.registry import load_potential
-    from multifi.uncertainty import load_ensemble
+    from multifi.uncertainty import check_no_copies, load_ensemble
 
     fidelities = [fidelity] if isinstance(fidelity, str) else list(fidelity)
     _check_output_keys(fidelities, uncertainty or bool(ensemble))
@@ -130,6 +130,7 @@ def predict_file(
         potential.fidelities.index(name, where=str(checkpoint))
     potential = potential.to(device)
     members = load_ensemble(ensemble, fidelities, device)
+    check_no_copies([potential, *members], [str(checkpoint), *map(str, ensemble)])
     path = Path(structures)
     if not path.exists() and not is_qm9_text(str(structures)):
         raise MultifiError(f"{path}: no such file")

@@ -23,6 +23,7 @@ of its members' energies (uncalibrated).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import zipfile
 import zlib
@@ -696,6 +697,14 @@ class EnsembleMean(torch.nn.Module):
         return {key: v.mean(0) for key, v in stacked.items()}
 
 
+def check_no_copies(models: list, paths: list) -> None:
+    """No two members of an ensemble have the same weights (a copied file): a copy counts one model twice in the
+    mean and its spread is no uncertainty; an error naming both."""
+    for i, j in itertools.combinations(range(len(models)), 2):
+        if _same_weights(models[i], models[j]):
+            raise MultifiError(f"{paths[j]}: the same weights as {paths[i]}: an ensemble of copies has no spread")
+
+
 def check_members_alike(models: list, paths: list, fidelities: list[str], elements) -> None:
     """The models of an ensemble whose mean is evaluated are not copies of one another, saw the same of the data's
     `elements` (atomic numbers) and fitted reference energies for the same of them at each of `fidelities` (as
@@ -748,7 +757,9 @@ def uncertainty_models(checkpoint, potential, ensemble: list, fidelities: list[s
     of a deep ensemble (`ensemble`, model files that must know `fidelities`)."""
     if ensemble:
         device = next(potential.parameters()).device
-        return [potential] + load_ensemble(ensemble, fidelities, device), None, f"ensemble of {len(ensemble) + 1}"
+        models = [potential] + load_ensemble(ensemble, fidelities, device)
+        check_no_copies(models, [str(checkpoint), *map(str, ensemble)])
+        return models, None, f"ensemble of {len(ensemble) + 1}"
     llpr = LLPR.load(llpr_path(checkpoint), potential)
     for name in fidelities:  # a fidelity calibrated by none: refused now, not after the evaluation
         llpr.of(name, where=str(llpr_path(checkpoint)))
