@@ -445,6 +445,7 @@ def test_calibrate_files_hold_out_validation_and_keep_other_fidelities(cli_run, 
     with caplog.at_level("INFO", logger="multifi"):
         code, out, _ = run([*args, tmp_path / "val.extxyz"], capsys)
     assert code == 0 and "10 of 30 validation labels are also in --train" in caplog.text
+    assert "model.pt has no run beside it recording what it trained on" in caplog.text  # a copied model file
     assert "hi: alpha" in out and "30 training / 10 validation" in out
     # --train with keys, --val without: its copies of training molecules are found by geometry (rotated too)
     keyed = [a.copy() for a in lo[:30]]
@@ -573,6 +574,7 @@ def test_calibrate_leaves_out_validation_labels_the_model_trained_on(cli_run, tm
         args = ["calibrate", model, "--train", tmp_path / "train.extxyz", "--val", tmp_path / "new_hi.extxyz"]
         code, out, _ = run(args, capsys)
     assert code == 0 and "6 validation label(s) belong to structures in the model's training split" in caplog.text
+    assert "has no run beside it" not in caplog.text  # its run records its split
     assert "hi: alpha" in out and "every validation label" not in caplog.text
 
 

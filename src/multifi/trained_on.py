@@ -43,6 +43,18 @@ def _trained(checkpoint, ds, pairs: np.ndarray):
     return known, by_key_only, {key for key, _ in trained}
 
 
+def records_training(checkpoint) -> bool:
+    """Whether the model of `checkpoint` has its run beside it with a record of what it trained on (splits.json,
+    splits.npz or an extension's pairs file): else no training label can be recognised as such."""
+    from multifi.models.registry import run_dir_of
+    from multifi.train.extension_data import PAIRS
+
+    path, run = Path(checkpoint), run_dir_of(checkpoint)
+    if path.is_file() and path.name != "model.pt" and path.suffix != ".ckpt":
+        return False  # another model file in a run's folder: not that run's (trained_keys)
+    return any((run / name).exists() for name in ("splits.json", "splits.npz", PAIRS))
+
+
 def trained_keys(checkpoint) -> tuple[set[tuple[str, str | None]], object]:
     """(key, fidelity name) of every training pair; (key, None) where only the split's keys are known; and the run
     as load_old_run reads it (None without a copy of its data)."""

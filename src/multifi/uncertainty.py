@@ -476,11 +476,18 @@ def _fitted_by_the_model(model, ds, pairs: np.ndarray, validation: np.ndarray, w
     (trained_on.trained_labels: by key and fidelity, or by geometry): left out, said; all of them: an error (α
     calibrated on labels the model fitted comes out too small, and σ with it). A run that kept only its split's
     keys cannot tell at which fidelity a structure trained: its structures' labels stay, said."""
-    from multifi.trained_on import trained_labels
+    from multifi.trained_on import records_training, trained_labels
 
     out = np.zeros(len(pairs), bool)
     if not validation.any():
         return out
+    if not records_training(model):
+        log.warning(
+            "%s: %s has no run beside it recording what it trained on: validation labels it trained on cannot be "
+            "recognised (they make σ too small); calibrate on labels held out from its training",
+            where,
+            model,
+        )
     same, unsure = trained_labels(model, ds, pairs[validation])
     if unsure:
         log.warning(
