@@ -1353,3 +1353,21 @@ def test_forgetting_changes_leave_the_counts_out():
     before = {"n": 8, "n_forces": 4, "energy_mae_meV": 10.0, "fitted_references": {"n": 3, "energy_mae_meV": 5.0}}
     after = {"n": 8, "n_forces": 4, "energy_mae_meV": 12.5, "fitted_references": {"n": 3, "energy_mae_meV": 4.0}}
     assert _change(before, after) == {"energy_mae_meV": 2.5, "fitted_references": {"energy_mae_meV": -1.0}}
+
+
+def test_a_best_checkpoint_early_in_a_run_picked_on_every_fidelitys_loss_is_said(caplog):
+    """An extension with replay kept step 9 of 300 (the old fidelities' losses rose as the new one trained): the
+    new fidelity had barely trained, unsaid; a late best, one fidelity, or a monitored fidelity are no news."""
+    import logging
+
+    from multifi.train.run import _warn_early_best
+
+    payload = {"steps": 300, "best_step": 9, "monitor": "val_loss", "fidelities": {"lo": {}, "new": {}}}
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        _warn_early_best(payload)
+    assert "the model kept is the checkpoint of step 9 of 300" in caplog.text and "train.monitor" in caplog.text
+    for change in ({"best_step": 60}, {"fidelities": {"new": {}}}, {"monitor": "val/new/energy_mae_meV"}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multifi"):
+            _warn_early_best({**payload, **change})
+        assert "the model kept" not in caplog.text, change

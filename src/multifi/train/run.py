@@ -381,6 +381,32 @@ def _write_model_and_metrics(cfg: RunConfig, run_dir: Path, prep, data, trainer,
     log_result(payload, run_log)
 
 
+#: a best checkpoint within this share of a run's first steps, picked on the loss of every fidelity, is said
+EARLY_BEST = 0.1
+
+
+def _warn_early_best(payload: dict) -> None:
+    """The model kept is a checkpoint of the run's first EARLY_BEST of steps, picked on the validation loss of every
+    fidelity (val_loss): with several fidelities (an extension's replay) the others' losses can keep it there while
+    one fidelity has barely trained; say so and name train.monitor."""
+    from multifi.keys import VAL_LOSS
+
+    steps, best = payload.get("steps") or 0, payload.get("best_step")
+    fidelities = payload.get("fidelities") or {}
+    if payload.get("monitor") != VAL_LOSS or best is None or steps < 50 or best >= EARLY_BEST * steps:
+        return
+    if len(fidelities) < 2:
+        return
+    log.warning(
+        "the model kept is the checkpoint of step %d of %d, where the validation loss over every fidelity was lowest "
+        "(%s): a fidelity still far from trained there does not show in it when the others' losses rise; "
+        "train.monitor: NAME (--set train.monitor=NAME) keeps the checkpoint best at one fidelity",
+        best,
+        steps,
+        ", ".join(fidelities),
+    )
+
+
 def log_result(payload: dict, run_log: RunLog) -> None:
     """The run's outcome: why it ended, the model kept (logged) and its test errors per fidelity (train.log only:
     the command line prints them as a table)."""
@@ -396,6 +422,7 @@ def log_result(payload: dict, run_log: RunLog) -> None:
         payload["best_step"],
         Path(payload["checkpoint"]).name,
     )
+    _warn_early_best(payload)
     from multifi.keys import ENERGY_MAE, ENERGY_MAE_PER_ATOM, ENERGY_RMSE_PER_ATOM, FORCES_MAE, FORCES_RMSE, STRESS_MAE
 
     labels = {
