@@ -1067,21 +1067,21 @@ def pressure_offsets(dataset: FidelityDataset, pairs: np.ndarray) -> list[Pressu
 
     if dataset.stress is None:
         return []
-    reduced, units = reduced_compositions(dataset)
-    volume = np.abs(np.linalg.det(dataset.cells)) / units
     found = []
     for k in range(len(dataset.fidelities)):
         s = pairs[pairs[:, 1] == k, 0]
         s = s[dataset.stress_mask[s, k] & dataset.pbc[s].all(1) & ~np.isnan(dataset.energy[s, k])]
+        reduced, units = reduced_compositions(dataset, s)
+        volume = np.abs(np.linalg.det(dataset.cells[s])) / units  # Å³ per formula unit
         groups: dict[bytes, list[int]] = {}
-        for i in s.tolist():
-            groups.setdefault(reduced[i], []).append(i)
-        for key, m in groups.items():
-            v = volume[m]
+        for i, key in enumerate(reduced):
+            groups.setdefault(key, []).append(i)
+        for key, rows in groups.items():
+            m, v = s[rows], volume[rows]
             if len(m) < 5 or v.std() < 0.005 * v.mean():
                 continue
             pressure = -np.trace(dataset.stress[m, k], axis1=1, axis2=2) / 3  # GPa
-            (slope, _), cov = np.polyfit(v, dataset.energy[m, k] / units[m], 1, cov=True)  # eV/Å³
+            (slope, _), cov = np.polyfit(v, dataset.energy[m, k] / units[rows], 1, cov=True)  # eV/Å³
             from_energy = -slope / ev_per_a3_per_gpa
             gap = abs(float(np.median(pressure)) - from_energy)
             if gap > PRESSURE_GAP and gap > 4 * np.sqrt(cov[0, 0]) / ev_per_a3_per_gpa:
@@ -1090,14 +1090,14 @@ def pressure_offsets(dataset: FidelityDataset, pairs: np.ndarray) -> list[Pressu
     return found
 
 
-def reduced_compositions(dataset: FidelityDataset) -> tuple[list[bytes], np.ndarray]:
-    """Per structure: its reduced composition (sorted atomic numbers of one formula unit, int64 bytes) and [S] how
-    many formula units it holds."""
+def reduced_compositions(dataset: FidelityDataset, structures: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """Per structure of `structures`: its reduced composition (sorted atomic numbers of one formula unit, int64
+    bytes) and [len(structures)] how many formula units it holds."""
     from math import gcd
 
-    keys, units = [], np.ones(len(dataset))
-    for i in range(len(dataset)):
-        z, n = np.unique(dataset.numbers[dataset.offsets[i] : dataset.offsets[i + 1]], return_counts=True)
+    keys, units = [], np.ones(len(structures))
+    for i, t in enumerate(np.asarray(structures).tolist()):
+        z, n = np.unique(dataset.numbers[dataset.offsets[t] : dataset.offsets[t + 1]], return_counts=True)
         g = 0
         for c in n.tolist():
             g = gcd(g, c)
@@ -1124,10 +1124,12 @@ def remove_pressure_offsets(dataset: FidelityDataset, offsets: list[PressureOffs
     if not offsets or dataset.stress is None:
         return dataset
     stress, mask = dataset.stress.copy(), dataset.stress_mask.copy()
-    reduced, _ = reduced_compositions(dataset)
+    stressed = np.flatnonzero(mask.any(1))
+    reduced, _ = reduced_compositions(dataset, stressed)
     changed = []
     for f in offsets:
-        members = np.array([i for i, a in enumerate(reduced) if a == f.atoms and mask[i, f.k]], dtype=np.int64)
+        members = stressed[[a == f.atoms for a in reduced]]
+        members = members[mask[members, f.k]]
         what = f"{dataset.fidelities.names[f.k]} {f.formula} ({len(members)} structures"
         if how == "drop":
             mask[members, f.k] = False
