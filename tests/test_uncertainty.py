@@ -151,6 +151,32 @@ def test_ridge_goes_beyond_the_grid_while_the_likelihood_improves():
     assert not covered.ridge_at_limit and covered.ridge <= RIDGE_GRID[-1] * scale
 
 
+def test_a_ridge_at_the_limit_is_saved_and_said_where_sigma_is_used(tmp_path, caplog):
+    """The calibration file keeps that a fidelity's ridge ended at the limit (only calibrate said it): σ's users
+    (predict, evaluate, the calculator through LLPR.of) say it once; files without the flag read as before."""
+    import logging
+
+    from multifi.uncertainty import LLPR
+
+    rng = np.random.default_rng(5)
+    F = rng.normal(size=(60, 4)) * [1.0, 1.0, 1.0, 0.01]
+    fv = rng.normal(size=(30, 4))
+    at_limit = fit_llpr_fidelity(F, fv, 0.2 * np.linalg.norm(fv, axis=1) * rng.choice([-1, 1], 30))
+    inside = fit_llpr_fidelity(F, fv, 0.3 * fv[:, 3])
+    LLPR({"lo": at_limit, "hi": inside}, "fp").save(tmp_path / "m.llpr.npz")
+    back = LLPR.load(tmp_path / "m.llpr.npz")
+    assert back.fidelities["lo"].ridge_at_limit and not back.fidelities["hi"].ridge_at_limit
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        back.of("hi")
+        back.of("lo")
+        back.of("lo")
+    assert caplog.text.count("lo: σ calibrated at the largest ridge") == 1 and "hi: σ" not in caplog.text
+    with np.load(tmp_path / "m.llpr.npz") as z:  # a file of the earlier layout: four numbers per fidelity
+        old = {k: z[k][:4] if k.startswith("meta") else z[k] for k in z.files}
+    np.savez(tmp_path / "old.llpr.npz", **old)
+    assert not LLPR.load(tmp_path / "old.llpr.npz").fidelities["lo"].ridge_at_limit
+
+
 def test_sigma_larger_far_from_the_training_structures():
     """LLPR on rattled H2O/CH4/NH3: compressed molecules and unseen ones get larger σ than any training one."""
     pot = tiny_potential()

@@ -27,7 +27,7 @@ import itertools
 import logging
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +121,7 @@ class LLPRFidelity:
     ridge: float
     n_train: int
     n_val: int
-    ridge_at_limit: bool = False  # λ at RIDGE_LIMIT, the likelihood still improving (the fit's, not saved)
+    ridge_at_limit: bool = False  # λ at RIDGE_LIMIT, the likelihood still improving (saved: σ's users say it)
 
     def sigma(self, f: np.ndarray) -> np.ndarray:
         """f [n, H+1] → σ [n] eV."""
@@ -175,15 +175,25 @@ class LLPR:
 
     fidelities: dict[str, LLPRFidelity]
     fingerprint: str
+    said: set = field(default_factory=set, compare=False, repr=False)  # fidelities whose ridge at the limit was said
 
     def of(self, fidelity: str, where: str = "") -> LLPRFidelity:
+        """The calibration of `fidelity`; one calibrated at the largest ridge is said once (its σ ranks little)."""
         if fidelity not in self.fidelities:
             known = ", ".join(self.fidelities) or "none"
             raise MultifiError(
                 f"{where}: no LLPR calibration for fidelity {fidelity!r} (calibrated: {known}); "
                 f"run `multifi calibrate` with labels of that fidelity"
             )
-        return self.fidelities[fidelity]
+        p = self.fidelities[fidelity]
+        if p.ridge_at_limit and fidelity not in self.said:
+            self.said.add(fidelity)
+            log.warning(
+                "%s: σ calibrated at the largest ridge (λ → ∞; `multifi calibrate` said so): about proportional to "
+                "the norm of a structure's readout features, its ranking of structures means little",
+                fidelity,
+            )
+        return p
 
     def save(self, path: Path) -> Path:
         from multifi.data.dataset import atomic_write
@@ -191,7 +201,7 @@ class LLPR:
         arrays = {"fingerprint": np.array(self.fingerprint), "names": np.array(list(self.fidelities))}
         for i, p in enumerate(self.fidelities.values()):
             arrays[f"cov{i}"] = p.cov
-            arrays[f"meta{i}"] = np.array([p.alpha, p.ridge, p.n_train, p.n_val], np.float64)
+            arrays[f"meta{i}"] = np.array([p.alpha, p.ridge, p.n_train, p.n_val, p.ridge_at_limit], np.float64)
         atomic_write(Path(path), lambda fh: np.savez(fh, **arrays))
         return Path(path)
 
@@ -205,8 +215,12 @@ class LLPR:
             z = np.load(path, allow_pickle=False)
             fps = {}
             for i, name in enumerate(z["names"].tolist()):
-                alpha, ridge, n_train, n_val = z[f"meta{i}"]
-                fps[str(name)] = LLPRFidelity(z[f"cov{i}"], float(alpha), float(ridge), int(n_train), int(n_val))
+                meta = z[f"meta{i}"]  # files written before the ridge flag was saved: four numbers
+                alpha, ridge, n_train, n_val = meta[:4]
+                at_limit = bool(meta[4]) if len(meta) > 4 else False
+                fps[str(name)] = LLPRFidelity(
+                    z[f"cov{i}"], float(alpha), float(ridge), int(n_train), int(n_val), at_limit
+                )
             out = cls(fps, str(z["fingerprint"]))
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # also a cut file
             raise MultifiError(f"{path}: not an LLPR calibration file ({type(exc).__name__})") from None
