@@ -103,8 +103,8 @@ void PairMultifi::settings(int narg, char **arg)
     std::string why = e.what();
     why = why.substr(0, why.find('\n'));  // torch's messages run on with a C++ stack trace
     error->all(FLERR,
-               "pair_style multifi: cannot load {}: {} (LAMMPS reads a deployed model: multifi deploy MODEL.pt "
-               "--fidelity NAME --out FILE; a training model.pt or checkpoint is not one)",
+               "pair_style multifi: cannot load {}: LAMMPS reads a deployed model (multifi deploy MODEL.pt "
+               "--fidelity NAME --out FILE); a training model.pt or checkpoint is not one ({})",
                filename, why);
   }
   model.eval();
@@ -186,8 +186,10 @@ void PairMultifi::init_style()
   check_masses();
   check_open_composition();
   neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
-  // ghosts out to the receptive field: every local atom energy is then that of the periodic system
-  if (comm->cutghostuser < ghost_cutoff) comm->cutghostuser = ghost_cutoff;
+  // ghosts out to the receptive field plus the neighbour skin: every local atom energy is then that of the
+  // periodic system, also when atoms move into reach between two rebuilds of the lists (ghosts are chosen at them)
+  double reach = ghost_cutoff + neighbor->skin;
+  if (comm->cutghostuser < reach) comm->cutghostuser = reach;
 }
 
 // a system holding elements in proportions no training label of the fidelity had: its reference energy is an

@@ -513,3 +513,33 @@ def test_per_atom_energies_sum_to_the_energy_and_follow_the_fidelity():
     other = si.get_potential_energies()
     assert other.sum() == pytest.approx(si.get_potential_energy(), abs=1e-9)
     assert abs(other.sum() - per_atom.sum()) > 1e-3
+
+
+def test_predictions_under_a_callers_inference_mode_and_from_a_model_path(model):
+    """torch.inference_mode() around a pipeline broke forces ('element 0 of tensors does not require grad'):
+    predict_atoms, the calculator and the potential now compute them as outside it. predict_atoms takes a model
+    path as the calculator does; a calculator asked for results with no structure (after a fidelity switch
+    reset it) says so; a batch size that is no positive integer is a one-line error."""
+    from multifi.data.batch import graph_from_atoms
+    from multifi.predict import predict_atoms
+
+    h2o = molecule("H2O")
+    pot = load_potential(model)
+    energy, forces, _ = predict_atoms(pot, [h2o], "lo")
+    with torch.inference_mode():
+        e_inf, f_inf, _ = predict_atoms(model, [h2o], "lo")  # a path, as the calculator takes
+        out = pot(graph_from_atoms([h2o], pot.cutoff, 0), forces=True)
+        calc = multifi.Calculator(model, fidelity="lo")
+        h2o.calc = calc
+        f_calc = h2o.get_forces()
+    np.testing.assert_array_equal(e_inf, energy)
+    np.testing.assert_array_equal(f_inf[0], forces[0])
+    np.testing.assert_allclose(out["forces"].numpy(), forces[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(f_calc, forces[0], rtol=0, atol=1e-6)
+    calc.fidelity = "hi"
+    with pytest.raises(MultifiError, match="no structure to compute"):
+        calc.get_potential_energy()
+    assert np.isfinite(h2o.get_potential_energy())  # with its atoms, as ever
+    for bad in (2.5, "2", 0, True):
+        with pytest.raises(MultifiError, match="batch size must be a positive number of structures"):
+            predict_atoms(pot, [h2o], "lo", batch_size=bad)

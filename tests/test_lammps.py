@@ -168,3 +168,30 @@ def test_nve_two_ranks_reproduce_one_and_match_ase(tmp_path):
     spread_lammps = np.ptp(one["toteng"]) / n
     spread_ase = np.ptp(etot) / n
     assert spread_lammps < 2 * spread_ase + 1e-7, (spread_lammps, spread_ase)
+
+
+def test_ghosts_reach_the_receptive_field_plus_the_skin(tmp_path):
+    """Ghosts reached to interactions × cutoff without the neighbour skin: an atom (or its periodic image) that came
+    within reach between two rebuilds of the lists was left out, and energies and forces were wrong until the
+    next rebuild, silently (a trial: up to 3e-4 eV and 2e-3 eV/Å on 2 ranks, and on 1 rank through the periodic
+    boundary). The ghost cutoff LAMMPS reports is now the receptive field plus the skin (2 Å, metal's default);
+    a chain across the boundary whose third atom moves into the two-hop reach of the first between rebuilds
+    follows ASE's VelocityVerlet with the calculator at every step."""
+    from ase import Atoms
+
+    atoms = Atoms("Si3", positions=[[0.05, 20, 20], [35.6, 20, 20], [30.95, 20, 20]], cell=np.eye(3) * 40, pbc=True)
+    v = np.zeros((3, 3))
+    v[2, 0] = 14.0  # Å/ps: within atom 2's cutoff after ~10 steps, the lists rebuilt after ~70
+    model = tmp_path / "m3gnet.pt"
+    deploy(tiny_m3gnet(scale=(1.0, 3.0)), "R2SCAN", model)  # cutoff 4.5 Å, 2 interactions: a 9 Å reach
+    lmp = run(tmp_path / "np1", atoms, model, ["Si"], steps=65, velocities=v)
+    assert "ghost cutoff 9 A" in lmp["log"] and "ghost atom cutoff = 11" in lmp["log"]
+    md = atoms.copy()
+    md.calc = multifi.Calculator(tiny_m3gnet(scale=(1.0, 3.0)), fidelity="R2SCAN", dtype="float64")
+    md.set_velocities(v / 1000.0 / units.fs)
+    epot = []
+    dyn = VelocityVerlet(md, timestep=1.0 * units.fs)
+    dyn.attach(lambda: epot.append(md.get_potential_energy()), interval=1)
+    dyn.run(65)
+    assert md.get_distance(1, 2, mic=True) < 4.0  # atom 3 well inside atom 2's cutoff
+    np.testing.assert_allclose(lmp["poteng"], np.array(epot), rtol=0, atol=1e-11)

@@ -1108,6 +1108,36 @@ def test_training_from_python_gives_back_the_callers_thread_count(write_config, 
     assert seen == [other] and torch.get_num_threads() == before
 
 
+def test_training_from_python_leaves_the_callers_process_state(write_config, tmp_path):
+    """An integrator's process after train(): its random generators (Lightning reseeded random, numpy and torch),
+    Lightning's seed variables, the warning filters and Lightning's logger levels as they were; a mapping of the
+    sections trains as its RunConfig would, anything else is a one-line error."""
+    import logging
+    import random
+    import warnings
+
+    import yaml
+
+    cfg_path = write_config(train={"max_steps": 2, "seed": 3}, output_dir=str(tmp_path / "run"))
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    expected = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    filters = list(warnings.filters)
+    levels = {n: logging.getLogger(n).level for n in ("lightning", "lightning.pytorch")}
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    train(yaml.safe_load(cfg_path.read_text()))  # the sections as a mapping
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert "PL_GLOBAL_SEED" not in os.environ and warnings.filters == filters
+    assert {n: logging.getLogger(n).level for n in levels} == levels
+    assert (tmp_path / "run" / "model.pt").exists()
+    with pytest.raises(MultifiError, match="train takes a RunConfig"):
+        train(str(cfg_path))
+
+
 def test_a_resume_may_move_qm9_label_tables_and_names_the_setting_it_refuses(tmp_path):
     """A QM9 label table (or indices file) moved elsewhere, same bytes, is the same data (its fingerprint in
     sources.json checks it): the resume was refused as a change of data.sources, with the whole list of sources

@@ -227,8 +227,16 @@ class Calculator(AseCalculator):
         return changes
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        if torch.is_inference_mode_enabled():  # a caller's torch.inference_mode(): forces need autograd's tensors
+            with torch.inference_mode(False):
+                return self.calculate(atoms, properties, system_changes)
         if self.parameters.get("fidelity", self._fidelity) != self._fidelity:  # calc.parameters edited by hand
             self.fidelity = self.parameters["fidelity"]
+        if atoms is None and self.atoms is None:  # calc.get_potential_energy() after a reset (a fidelity switch)
+            raise MultifiError(
+                f"{getattr(self, '_where', 'Calculator')}: no structure to compute (its results were reset, e.g. by a "
+                "fidelity switch): call atoms.get_potential_energy(), or pass the atoms"
+            )
         super().calculate(atoms, properties, system_changes)
         checked = (self._index, self.atoms.numbers.tobytes())
         if checked != self._checked:  # an MD step or relaxation keeps the elements: check them once

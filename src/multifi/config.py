@@ -496,8 +496,11 @@ def with_backbone_defaults(cfg: RunConfig, backbone: str) -> RunConfig:
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
-    """Read YAML, apply `a.b=value` overrides, validate; relative paths resolve against the file's folder
-    (without a file, against the working directory: a run directory's config.yaml works from anywhere)."""
+    """Read YAML (or take the mapping `base` instead of a file), apply `a.b=value` overrides, validate; relative
+    paths resolve against the file's folder (without a file, against the working directory: a run directory's
+    config.yaml works from anywhere)."""
+    if path is not None and base:
+        raise MultifiError(f"{path}: load_config takes a config file or a mapping (base), not both")
     raw: dict = copy.deepcopy(base) if base else {}
     where = str(path) if path else "config"
     if path is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,15 +27,19 @@ def predict_atoms(
     seen: set | None = None,
 ):
     """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses list of [3,3] GPa, an entry None for a molecule and
-    for a cell whose volume does not hold the structure (data.cells.stress_volume_problem). atoms_list: ase.Atoms objects (one
-    Atoms counts as a list of one).
+    for a cell whose volume does not hold the structure (data.cells.stress_volume_problem). potential: a Potential,
+    or a model file or run directory; atoms_list: ase.Atoms objects (one Atoms counts as a list of one).
 
     `where` (the file) prefixes errors about a structure, e.g. atoms closer than 0.1 Å. An element unknown
     to the model is an error; an element whose reference energy at `fidelity` was estimated from other
     fidelities is a warning (an error with strict_references, see models.elements). Geometry warnings (atoms too
     close or too far apart) come once per call, or once per `seen` set shared by calls (several fidelities)."""
-    if batch_size < 1:
-        raise MultifiError(f"batch size must be a positive number of structures (got {batch_size})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise MultifiError(f"batch size must be a positive number of structures (got {batch_size!r})")
+    if isinstance(potential, (str, os.PathLike)):  # a model file or run directory, as the Calculator takes
+        from multifi.models.registry import load_potential
+
+        potential = load_potential(potential)
     import ase
 
     if isinstance(atoms_list, ase.Atoms):

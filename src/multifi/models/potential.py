@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import fields
 
 import torch
 from torch import nn
@@ -90,6 +91,10 @@ class Potential(nn.Module):
         periodic (whether any structure has a cell) and geometry (representation.geometry of the edge vectors) are
         read from the graph when not given; given, nothing here depends on the values of the tensors (tracing:
         multifi.scripted)."""
+        if (forces or stress) and torch.is_inference_mode_enabled():  # a caller's torch.inference_mode()
+            with torch.inference_mode(False):  # autograd needs tensors made outside it: the graph copied
+                graph = Graph(**{f.name: getattr(graph, f.name).clone() for f in fields(graph)})
+                return self.forward(graph, forces, stress, create_graph, atom_energies, periodic)
         B = graph.num_graphs
         if periodic is None:
             periodic = bool((graph.cell.abs().sum((1, 2)) > 0).any())

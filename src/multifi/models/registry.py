@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -67,6 +68,8 @@ def save_potential(potential: Potential, path: str | Path) -> Path:
 
 def model_file(path: str | Path) -> Path:
     """The model file `path` names: the path itself, or for a run directory the model.pt inside it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise MultifiError(f"a model is named by a file or run directory path, not {type(path).__name__}")
     path = Path(path)
     if not path.is_dir():
         return path
@@ -167,14 +170,18 @@ def load_potential(path: str | Path, map_location="cpu", compile: bool | None = 
         weights = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
     else:
         raise MultifiError(f"{path}: not a multifi checkpoint")
-    potential = build_potential(model_config(spec["model"], f"{path}: model"), spec["fidelities"])
+    # the weights are loaded over the initial ones: the caller's RNG untouched; normal tensors under a caller's
+    # torch.inference_mode() (weights made in it cannot take part in the autograd that forces need)
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
+        potential = build_potential(model_config(spec["model"], f"{path}: model"), spec["fidelities"])
     potential.spec.update({k: v for k, v in spec.items() if k not in potential.spec})  # e.g. the data summary
     if "multifi_potential" not in state:
         potential.spec.update(run_records(path))
     name, _ = next(iter(potential.named_parameters()))
-    if weights[name].dtype == torch.float64:  # trained in float64 (train.precision: 64): keep it
-        potential.double()
-    potential.load_state_dict(weights)
+    with torch.inference_mode(False):
+        if weights[name].dtype == torch.float64:  # trained in float64 (train.precision: 64): keep it
+            potential.double()
+        potential.load_state_dict(weights)
     if compile is not None:
         potential.use_compile = compile
     return potential.eval()

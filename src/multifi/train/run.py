@@ -77,22 +77,54 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     run directory is written. A run directory without a checkpoint (a start that failed or was
     interrupted before its first checkpoint) is started afresh by `train` and by `train --resume`.
     `dry_run`: check everything, log the plan, write nothing. multifi's log of every start (warnings about
-    the data included) is appended to the run directory's train.log once the directory is written. torch's thread
-    count (train.threads) is the caller's again afterwards."""
+    the data included) is appended to the run directory's train.log once the directory is written. The caller's
+    process state is its own again afterwards (kept_threads). `cfg` may be a mapping of the config's sections."""
+    if isinstance(cfg, dict):  # the sections as a mapping, as load_config(None, base=…) takes them
+        cfg = load_config(None, base=cfg)
+    if not isinstance(cfg, RunConfig):
+        raise MultifiError(
+            f"train takes a RunConfig (load_config) or a mapping of its sections, not {type(cfg).__name__}"
+        )
     with RunLog() as run_log, kept_threads():
         return _train(cfg, resume, config_source, dry_run, run_log)
 
 
+#: environment variables Lightning's seed_everything sets (its workers read them)
+LIGHTNING_SEED_VARIABLES = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
 @contextlib.contextmanager
 def kept_threads():
-    """torch's intra-op thread count as it was before the block (a training sets train.threads; a Python caller's MD
-    afterwards kept running on that many)."""
+    """The caller's process state as it was before the block: torch's intra-op thread count (a training sets
+    train.threads; a Python caller's MD afterwards kept running on that many), the global random generators
+    (random, numpy, torch; Lightning's seed_everything reseeds them), Lightning's seed variables in os.environ,
+    the warning filters and Lightning's logger levels (quieted for the run)."""
+    import random
+    import warnings
+
     threads = torch.get_num_threads()
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    env = {name: os.environ.get(name) for name in LIGHTNING_SEED_VARIABLES}
+    loggers = {name: logging.getLogger(name).level for name in ("lightning", "lightning.pytorch", "lightning.fabric")}
     try:
-        yield
+        with warnings.catch_warnings():
+            yield
     finally:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for name, level in loggers.items():
+            logging.getLogger(name).setLevel(level)
 
 
 class RunLog:
