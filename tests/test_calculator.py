@@ -543,3 +543,21 @@ def test_predictions_under_a_callers_inference_mode_and_from_a_model_path(model)
     for bad in (2.5, "2", 0, True):
         with pytest.raises(MultifiError, match="batch size must be a positive number of structures"):
             predict_atoms(pot, [h2o], "lo", batch_size=bad)
+
+
+def test_atoms_absurdly_far_apart_are_an_error_not_a_crash(model):
+    """An atom 1e9 Å away made vesin's cell list divide by zero: the process died (SIGFPE), or predictions came
+    back NaN with warnings only. Structures spanning more than 1e6 Å are a one-line error; 1e4 Å still predicts."""
+    from ase import Atoms
+
+    from multifi.predict import predict_atoms
+
+    pot = load_potential(model)
+    far = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [1e9, 0, 0]])
+    with pytest.raises(MultifiError, match=r"atoms 1e\+09 Å apart: no structure spans that"):
+        predict_atoms(pot, [far], "lo")
+    far.calc = multifi.Calculator(model, fidelity="lo")
+    with pytest.raises(MultifiError, match="no structure spans that"):
+        far.get_potential_energy()
+    apart = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [1e4, 0, 0]])
+    assert np.isfinite(predict_atoms(pot, [apart], "lo")[0]).all()

@@ -292,6 +292,11 @@ class Calculator(AseCalculator):
             if scriptable and want_stress not in self._scripted and self._script_due():
                 self._build_scripted(graph, want_stress, out)
         energy = float(out["energy"].item())
+        if not np.isfinite(energy):  # an MD run or relaxation would go on with NaN positions
+            raise MultifiError(
+                f"{getattr(self, '_where', 'Calculator')}: the model predicts a non-finite energy at "
+                f"{self.fidelity!r} for this structure (atoms far apart in float32? dtype='float64' keeps them)"
+            )
         self.results = {
             "energy": energy,
             "free_energy": energy,

@@ -65,6 +65,12 @@ def predict_atoms(
         periodic = bool(g.cell.abs().sum() > 0)
         out = potential(g.to(param.device), forces=forces, stress=periodic)
         out = {key: v.detach().cpu() for key, v in out.items()}
+        if not np.isfinite(out["energy"].numpy()).all():
+            i = start + int(np.argmax(~np.isfinite(out["energy"].numpy())))
+            raise MultifiError(
+                f"{where or 'predict_atoms'}: structure {i}: the model predicts a non-finite energy at {fidelity!r} "
+                "(atoms far apart in float32? a float64 model keeps them)"
+            )
         energies.append(out["energy"].numpy())
         if forces:
             f = out["forces"].numpy()

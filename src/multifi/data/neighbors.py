@@ -35,6 +35,12 @@ def neighbor_list(
         raise MultifiError(f"{where + ': ' if where else ''}atom {atom} (0-based) has a non-finite (NaN/inf) position")
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
     periodic = bool(pbc.any())
+    span = float(np.ptp(positions, axis=0).max()) if len(positions) else 0.0
+    if span > MAX_SPAN:  # vesin's cell list divides by zero (the process dies, SIGFPE) from about 1e8 Å
+        raise MultifiError(
+            f"{where + ': ' if where else ''}atoms {span:.3g} Å apart: no structure spans that (positions in another "
+            "unit, or an atom misplaced?)"
+        )
     if periodic:
         if not np.isfinite(np.asarray(cell, dtype=np.float64)).all():
             raise MultifiError(f"{where + ': ' if where else ''}the cell has non-finite (NaN/inf) entries")
@@ -53,6 +59,10 @@ def neighbor_list(
     i, j, s = out[0].astype(np.int64), out[1].astype(np.int64), out[2].astype(np.int64)
     return (i, j, s, out[3]) if distances else (i, j, s)
 
+
+#: Å: atoms further apart than this are no structure (a unit or a misplaced atom); vesin's cell list crashes the
+#: process from about 1e8 Å
+MAX_SPAN = 1e6
 
 #: neighbours per atom beyond which a cutoff is a slip (models here use 4-6 Å: tens of neighbours; 12 Å in a
 #: dense metal gives ~600); the neighbour list alone would take minutes and gigabytes, or never end
