@@ -469,7 +469,7 @@ def test_validation_energy_errors_leave_out_estimated_references():
     g = graph_from_atoms(mols, 3.0, [1, 1, 0])
     g.energy_mask = torch.ones(3, dtype=torch.bool)
     g.forces_mask = torch.ones(3, dtype=torch.bool)
-    g.energy = torch.full((3,), -8.0, dtype=g.energy.dtype)
+    g.energy = torch.tensor([-80.0, -8.0, -8.0], dtype=g.energy.dtype)  # NH3 at hi far off: its term shows
     kept = module._without_estimated_energies(g)
     assert kept.energy_mask.tolist() == [False, True, True]  # NH3 at hi out; NH3 at lo (fitted) and water in
     assert kept.forces_mask.tolist() == [True, True, True]
