@@ -1109,7 +1109,7 @@ def test_evaluate_reports_the_force_slope_and_warns_of_reversed_labels(model, ti
             {"lo": {FORCES_SLOPE: -267.3, FORCES_COSINE: -0.71}}, "i.extxyz"
         )  # untrained models' mean
         warn_implausible_errors({"lo": {FORCES_SLOPE: -0.019, FORCES_COSINE: -1.0}}, "j.extxyz")  # gradients in Ha/Bohr
-        # a small model's moderate cosine where the slope is −1 or −(a unit's factor) within 3 %: a trial's gradients
+        # a small model's moderate cosine where the slope is −1 or −(a unit's factor) within 3 %: gradients of a small model
         warn_implausible_errors({"lo": {FORCES_SLOPE: -0.98, FORCES_COSINE: -0.73}}, "o.extxyz")
         warn_implausible_errors({"lo": {FORCES_SLOPE: -0.0192, FORCES_COSINE: -0.6}}, "p.extxyz")
         warn_implausible_errors({"lo": {FORCES_SLOPE: -0.9, FORCES_COSINE: -0.73}}, "q.extxyz")  # 10 % off: no

@@ -173,7 +173,7 @@ def test_nve_two_ranks_reproduce_one_and_match_ase(tmp_path):
 def test_ghosts_reach_the_receptive_field_plus_the_skin(tmp_path):
     """Ghosts reached to interactions × cutoff without the neighbour skin: an atom (or its periodic image) that came
     within reach between two rebuilds of the lists was left out, and energies and forces were wrong until the
-    next rebuild, silently (a trial: up to 3e-4 eV and 2e-3 eV/Å on 2 ranks, and on 1 rank through the periodic
+    next rebuild, silently (up to 3e-4 eV and 2e-3 eV/Å in a Si chain on 2 ranks, and on 1 rank through the periodic
     boundary). The ghost cutoff LAMMPS reports is now the receptive field plus the skin (2 Å, metal's default);
     a chain across the boundary whose third atom moves into the two-hop reach of the first between rebuilds
     follows ASE's VelocityVerlet with the calculator at every step."""
