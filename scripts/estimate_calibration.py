@@ -142,6 +142,17 @@ def table() -> str:
                 f"| {name} | {label} | {s['cases']} | {s['within_1']:.0%} | {s['within_2']:.0%} | "
                 f"{s['median_abs_z']:.2f} | {s['rms_z']:.2f} |"
             )
+    lines += ["", "| data | element | cases | |z| ≤ 1 | |z| ≤ 2 | largest |z| |", "|---|---|---|---|---|---|"]
+    for name in ("qm9", "solids"):
+        path = OUT / f"{name}.json"
+        if not path.exists():
+            continue
+        rows = json.loads(path.read_text())["cases"]
+        for element in sorted({r["element"] for r in rows}):
+            z = np.abs([r["z"] for r in rows if r["element"] == element])
+            lines.append(
+                f"| {name} | {element} | {len(z)} | {(z <= 1).mean():.0%} | {(z <= 2).mean():.0%} | {z.max():.1f} |"
+            )
     return "\n".join(lines)
 
 

@@ -1033,7 +1033,7 @@ def check_pressure_against_energies(dataset: FidelityDataset, pairs: np.ndarray,
             "pseudopotentials such as F, O, N)? Trained on, they teach those pressures (cells relaxed by the model "
             "too small where the labels' pressure is lower, too large where higher), the more the larger loss.stress; "
             "data.pulay_stress: drop leaves those compositions' stresses out, correct shifts their pressure to −dE/dV of "
-            "their energies (which needs energies of a volume scan: through rattled snapshots it was 10-16 GPa off)",
+            "their energies (which needs energies of a volume scan: through rattled snapshots it was 11-16 GPa off)",
             dataset.source_of(name),
             name,
             len(mine),

@@ -257,13 +257,13 @@ def extend(cfg: RunConfig, config_source: str = "", dry_run: bool = False, resum
     with multifi's log of the extension, warnings about the data included).
     `dry_run`: check model, config and data, log the plan, write nothing. `resume`: continue the unfinished
     extension in cfg.output_dir from its last checkpoint (cfg: its config.yaml; its data files unchanged)."""
-    from multifi.train.run import RunLog, kept_threads
+    from multifi.train.run import RunLog, kept_process_state
 
     out = Path(cfg.output_dir)
     if resume and _is_extension(out) and (out / "model.pt").exists() and (out / "metrics.json").exists():
         log.info("%s: the extension finished (model.pt is written); nothing to resume, nothing rewritten", out)
         return out  # as `multifi train --resume` of a finished run
-    with RunLog() as run_log, kept_threads():
+    with RunLog() as run_log, kept_process_state():
         return _extend(cfg, config_source, dry_run, run_log, resume)
 
 

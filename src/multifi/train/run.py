@@ -78,14 +78,14 @@ def train(cfg: RunConfig, resume: bool = False, config_source: str = "", dry_run
     interrupted before its first checkpoint) is started afresh by `train` and by `train --resume`.
     `dry_run`: check everything, log the plan, write nothing. multifi's log of every start (warnings about
     the data included) is appended to the run directory's train.log once the directory is written. The caller's
-    process state is its own again afterwards (kept_threads). `cfg` may be a mapping of the config's sections."""
+    process state is its own again afterwards (kept_process_state). `cfg` may be a mapping of the config's sections."""
     if isinstance(cfg, dict):  # the sections as a mapping, as load_config(None, base=…) takes them
         cfg = load_config(None, base=cfg)
     if not isinstance(cfg, RunConfig):
         raise MultifiError(
             f"train takes a RunConfig (load_config) or a mapping of its sections, not {type(cfg).__name__}"
         )
-    with RunLog() as run_log, kept_threads():
+    with RunLog() as run_log, kept_process_state():
         return _train(cfg, resume, config_source, dry_run, run_log)
 
 
@@ -94,7 +94,7 @@ LIGHTNING_SEED_VARIABLES = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 
 
 @contextlib.contextmanager
-def kept_threads():
+def kept_process_state():
     """The caller's process state as it was before the block: torch's intra-op thread count (a training sets
     train.threads; a Python caller's MD afterwards kept running on that many), the global random generators
     (random, numpy, torch; Lightning's seed_everything reseeds them), Lightning's seed variables in os.environ,
