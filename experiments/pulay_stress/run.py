@@ -104,24 +104,32 @@ def relaxed(run: Path) -> dict[str, float]:
     return out
 
 
-def data_lattice_constants() -> dict[str, float]:
+def data_lattice_constants() -> tuple[dict[str, float], dict[str, dict]]:
     """LiF and MgO: the conventional lattice constant (Å) of the mean volume of the data's 2-atom primitive cells
-    (rocksalt: 4 formula units per conventional cell). MatPES-style structures scatter around the functional's
-    relaxed structure (their label pressures hardly follow their volumes; a quadratic E(V) through their energies
-    has, for MgO, negative curvature), so their mean volume stands for the PBE equilibrium here."""
+    (rocksalt: 4 formula units per conventional cell), and why that mean stands for the PBE equilibrium here rather
+    than the labels or the energies: per material the slope dP/d ln V of the label pressures (GPa; about −B for
+    labels that follow the volume) and the curvature of a quadratic E(V) through the energies (eV/Å⁶; negative:
+    no minimum). MatPES-style structures scatter around the functional's relaxed structure."""
     from multifi.config import SourceConfig
     from multifi.data.sources import read_sources
 
     ds = read_sources([SourceConfig(path=str(SOLIDS / "PBE.jsonl.gz"), stress_order="vasp")])
-    out = {}
+    out, why = {}, {}
     for name, pair in (("LiF", (3, 9)), ("MgO", (8, 12))):
         s = [
             i
             for i in range(len(ds))
             if ds.n_atoms[i] == 2 and sorted(ds.numbers[ds.offsets[i] : ds.offsets[i + 1]].tolist()) == list(pair)
         ]
-        out[name] = float(np.cbrt(4 * np.abs(np.linalg.det(ds.cells[s])).mean()))
-    return out
+        volume = np.abs(np.linalg.det(ds.cells[s]))
+        pressure = -np.trace(ds.stress[s, 0], axis1=1, axis2=2) / 3  # GPa
+        out[name] = float(np.cbrt(4 * volume.mean()))
+        why[name] = {
+            "cells": len(s),
+            "label_dP_dlnV_GPa": float(np.polyfit(np.log(volume), pressure, 1)[0]),
+            "energy_curvature_eV_per_A6": float(np.polyfit(volume, ds.energy[s, 0], 2)[0]),
+        }
+    return out, why
 
 
 def val_metrics(run: Path) -> dict:
@@ -129,9 +137,9 @@ def val_metrics(run: Path) -> dict:
     return {k: m[k] for k in ("energy_mae_meV_per_atom", "forces_mae_meV_per_A", "stress_mae_GPa")}
 
 
-def report(out: Path, rows: list[dict], yardstick: dict, command: str) -> None:
+def report(out: Path, rows: list[dict], yardstick: dict, why: dict, command: str) -> None:
     (out / "summary.json").write_text(
-        json.dumps({"command": command, "data_lattice": yardstick, "runs": rows}, indent=1)
+        json.dumps({"command": command, "data_lattice": yardstick, "data_cells": why, "runs": rows}, indent=1)
     )
     lines = [
         "| variant | seed | LiF Å | MgO Å | Si Å | Cu Å | val PBE E MAE meV/atom | F MAE meV/Å | S MAE GPa |",
@@ -159,13 +167,13 @@ def main(argv=None) -> int:
     command = "python experiments/pulay_stress/run.py " + " ".join(
         [f"--steps {args.steps}", "--seeds " + " ".join(map(str, args.seeds))]
     )
-    yardstick = data_lattice_constants()
+    yardstick, why = data_lattice_constants()
     rows = []
     for seed in args.seeds:
         for variant, pulay, stress in VARIANTS:
             run = train(config(variant, pulay, stress, seed, args.steps, out / "work"), out)
             rows.append({"variant": variant, "seed": seed, "relaxed": relaxed(run), "val": val_metrics(run)})
-            report(out, rows, yardstick, command)
+            report(out, rows, yardstick, why, command)
     return 0
 
 
