@@ -54,6 +54,35 @@ def test_structures_with_an_element_no_label_contained_are_left_out_counted_and_
     assert only_unseen["A"] == {COUNT: 0, UNSEEN: 1}
 
 
+def test_grouped_evaluation_predicts_once_and_gives_each_groups_metrics_as_alone(tmp_path, caplog):
+    """evaluate_pairs(groups=…): per group the metrics an evaluation of that group alone gives (its unseen structure
+    counted in its group), the whole's as without groups, from one prediction per structure; the warning about the
+    unseen element said once."""
+    ds = _dataset(tmp_path)
+    potential = build_potential({**TINY_MODEL, "fidelity_embedding": {"inject": "single"}}, ["A"])
+    ref = np.zeros((119, 1))
+    ref[[1, 6, 8]] = -10.0
+    potential.head.set_baseline(ref, np.ones(1))
+    pairs = np.stack([np.arange(5), np.zeros(5, np.int64)], 1)
+    codes = np.array([1, 0, 1, 1, 0])  # NH3 (structure 2, unseen) in group 1
+    calls = []
+    potential.register_forward_hook(lambda module, args, out: calls.append(args[0].n_atoms.numel()))
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        whole, energy, by_group = evaluate_pairs(potential, ds, None, pairs, 2, return_predictions=True, groups=codes)
+    assert sum(calls) == 5 and caplog.text.count("which no training label contained") == 1
+    assert whole == evaluate_pairs(potential, ds, None, pairs, batch_size=2)
+    assert by_group[1]["A"][COUNT] == 2 and by_group[1]["A"][UNSEEN] == 1 and by_group[0]["A"][COUNT] == 2
+    for g in (0, 1):
+        alone = evaluate_pairs(potential, ds, None, pairs[codes == g], batch_size=2)
+        assert by_group[g].keys() == alone.keys()
+        for key, value in alone["A"].items():
+            assert by_group[g]["A"][key] == (value if value is None else pytest.approx(value, rel=1e-6)), (
+                key
+            )  # batches differ: float32
+    metrics, by_group = evaluate_pairs(potential, ds, None, pairs, 2, groups=np.zeros(5, np.int64))
+    assert by_group == [metrics]
+
+
 def test_validation_and_test_structures_with_an_unseen_element_are_warned_before_training(tmp_path, caplog):
     """NH3 only in the validation and test splits: warned at the start (not only by the test report at the end),
     and validation leaves it out entirely (energy, forces), as the test report does."""

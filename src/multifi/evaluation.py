@@ -171,10 +171,20 @@ def evaluate_files(
 
         neighbors = make_neighbors(ds, evaluated.cutoff, progress=False)
         check_overlaps(ds, neighbors)
-    metrics, predicted = evaluate_pairs(evaluated, ds, neighbors, pairs, batch_size, return_predictions=True)
+    if groups is None:
+        metrics, predicted = evaluate_pairs(evaluated, ds, neighbors, pairs, batch_size, return_predictions=True)
+    else:
+        from multifi.data.groups import group_codes
+
+        codes, order = group_codes(groups[pairs[:, 0]])
+        metrics, predicted, by_group = evaluate_pairs(evaluated, ds, neighbors, pairs, batch_size, True, codes)
     payload = {"fidelities": metrics} if not ensemble else {"evaluated": evaluated_by, "fidelities": metrics}
     if groups is not None:
-        payload["groups"] = group_metrics(evaluated, ds, neighbors, pairs, groups, group_by, batch_size)
+        values = [
+            {"value": value, "structures": len(np.unique(pairs[codes == i, 0])), "fidelities": by_group[i]}
+            for i, value in enumerate(order)
+        ]
+        payload["groups"] = {"by": group_by, "values": values}
     if uncertainty or ensemble:  # it may refuse (an ensemble of copies)
         from multifi.uncertainty import uncertainty_report
 
@@ -219,30 +229,6 @@ def _without_reference_atoms(potential, ds, pairs: np.ndarray, where: str) -> np
             int(free.sum()),
         )
     return pairs[~free]
-
-
-def group_metrics(potential, dataset, neighbors, pairs, groups, name: str, batch_size: int) -> dict:
-    """{"by": name, "values": [{"value": v (None: no such key), "structures": n, "fidelities": metrics}]}: the
-    evaluation of `pairs` [P, 2] split by their structure's value in `groups` [S] (structure_groups), in the order
-    the values first occur. The warnings the evaluation of all pairs gave are not repeated per group."""
-    from multifi.data.groups import group_order
-    from multifi.train.evaluate import evaluate_pairs
-
-    of_pair = groups[pairs[:, 0]]
-    order = group_order(of_pair)
-    code = {value: i for i, value in enumerate(order)}
-    codes = np.array([code[g] for g in of_pair.tolist()], dtype=np.int64)  # [P] each pair's group
-    values = []
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        for i, value in enumerate(order):
-            at = codes == i
-            metrics = evaluate_pairs(potential, dataset, neighbors, pairs[at], batch_size)
-            values.append({"value": value, "structures": len(np.unique(pairs[at, 0])), "fidelities": metrics})
-    finally:
-        log.setLevel(level)
-    return {"by": name, "values": values}
 
 
 def reference_energies(potential, dataset, pairs):

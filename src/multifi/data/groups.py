@@ -92,3 +92,10 @@ def group_order(groups: np.ndarray) -> list[str | None]:
     """The distinct values of `groups` [S] in the order they first occur, None (no value) last."""
     seen = dict.fromkeys(groups.tolist())
     return [g for g in seen if g is not None] + ([None] if None in seen else [])
+
+
+def group_codes(groups: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+    """([n] int each entry's group number, the values in that numbering: group_order) of `groups` [n] object."""
+    order = group_order(groups)
+    number = {value: i for i, value in enumerate(order)}
+    return np.array([number[g] for g in groups.tolist()], dtype=np.int64), order

@@ -32,6 +32,7 @@ def evaluate_pairs(
     pairs: np.ndarray,
     batch_size: int = 64,
     return_predictions: bool = False,
+    groups: np.ndarray | None = None,
 ):
     """Per-fidelity metrics of `potential` on `pairs` (fidelity indices of `dataset`, mapped to the model's by name).
 
@@ -40,30 +41,48 @@ def evaluate_pairs(
     and warned about; its prediction (return_predictions: [P] eV, in the order of `pairs`) is still made.
     Structures with an element whose reference at the evaluated fidelity was estimated from other fidelities
     stay in the metrics; their count (keys.ESTIMATED) and the metrics without them (keys.FITTED_ONLY, the
-    structures a model trained on that fidelity alone could predict) are added when there are any."""
+    structures a model trained on that fidelity alone could predict) are added when there are any.
+
+    `groups` [P] int 0…G−1: the metrics of each group of pairs too, from the same predictions, returned last as a
+    list of G (the warnings about unseen elements said once, for all pairs)."""
     potential.eval()
     model_fidelities(potential, dataset, pairs)  # a fidelity the model lacks: an error before any work
     if neighbors is None:  # new data: the overlap check training did on its own
         neighbors = make_neighbors(dataset, potential.cutoff, progress=False)
         check_overlaps(dataset, neighbors)
+    codes = np.zeros(len(pairs), np.int64) if groups is None else np.asarray(groups, np.int64)
+    n_groups = int(codes.max()) + 1 if len(codes) else 1
     unseen = structures_with_unseen_elements(potential, dataset, pairs[:, 0])
     estimated = ~unseen & pairs_with_estimated_references(potential, dataset, pairs)
-    groups = {"fitted": ~unseen & ~estimated, "estimated": estimated, "unseen": unseen}
+    kinds = {"fitted": ~unseen & ~estimated, "estimated": estimated, "unseen": unseen}
     metrics, energy = {}, np.empty(len(pairs))
-    for name, mask in groups.items():
+    for name, mask in kinds.items():
         if mask.any() and (name != "unseen" or return_predictions):
-            metrics[name] = _predict(potential, dataset, neighbors, pairs[mask], batch_size, preds := [])
+            preds = []
+            metrics[name] = _predict(
+                potential, dataset, neighbors, pairs[mask], batch_size, preds, codes[mask], n_groups
+            )
             energy[mask] = np.concatenate(preds)
-    total = FidelityMetrics(list(potential.fidelities.names))
-    for name in ("fitted", "estimated"):
-        if name in metrics:
-            total.acc += metrics[name].acc
-    result = total.compute()
-    if estimated.any():
-        _add_fitted_only(potential, dataset, pairs[estimated], result, metrics.get("fitted"))
-    if unseen.any():
-        _report_unseen(potential, dataset, pairs[unseen], result)
-    return (result, energy) if return_predictions else result
+
+    def result_of(at: np.ndarray, group: int | None, warn: bool) -> dict:
+        """The metrics of the pairs `at` [P] bool, from the accumulators of `group` (None: all)."""
+        part = {n: m[group] if group is not None else sum(m[1:], m[0]) for n, m in metrics.items()}
+        total = FidelityMetrics(list(potential.fidelities.names))
+        for name in ("fitted", "estimated"):
+            if name in part:
+                total.acc += part[name].acc
+        result = total.compute()
+        if (estimated & at).any():
+            _add_fitted_only(potential, dataset, pairs[estimated & at], result, part.get("fitted"))
+        if (unseen & at).any():
+            _report_unseen(potential, dataset, pairs[unseen & at], result, warn)
+        return result
+
+    result = result_of(np.ones(len(pairs), bool), None, warn=True)
+    if groups is None:
+        return (result, energy) if return_predictions else result
+    by_group = [result_of(codes == g, g, warn=False) for g in range(n_groups)]
+    return (result, energy, by_group) if return_predictions else (result, by_group)
 
 
 def pairs_with_estimated_references(potential, dataset: FidelityDataset, pairs: np.ndarray) -> np.ndarray:
@@ -99,11 +118,15 @@ def _add_fitted_only(potential, dataset, pairs: np.ndarray, result: dict, fitted
             result[name][FITTED_ONLY] = only.get(name, {COUNT: 0})
 
 
-def _predict(potential, dataset, neighbors, pairs: np.ndarray, batch_size: int, preds: list) -> FidelityMetrics:
-    """Metrics accumulated over `pairs`; the predicted energies [eV] appended to `preds` batch by batch."""
+def _predict(
+    potential, dataset, neighbors, pairs: np.ndarray, batch_size: int, preds: list, codes: np.ndarray, n_groups: int
+) -> list[FidelityMetrics]:
+    """Metrics accumulated over `pairs`, one accumulator per group (`codes` [P] 0…n_groups−1); the predicted
+    energies [eV] appended to `preds` batch by batch."""
     collate = GraphCollator(dataset, neighbors)
     to_model = model_fidelities(potential, dataset, pairs)
-    metrics = FidelityMetrics(list(potential.fidelities.names))
+    names = list(potential.fidelities.names)
+    metrics = FidelityMetrics.in_groups(names, n_groups)
     forces_on = dataset.forces is not None
     stress_on = dataset.stress is not None
     param = next(potential.parameters())
@@ -113,9 +136,10 @@ def _predict(potential, dataset, neighbors, pairs: np.ndarray, batch_size: int, 
         want_f = forces_on and bool(g.forces_mask.any())
         out = potential(g.to(param.device), forces=want_f, stress=stress_on and bool(g.stress_mask.any()))
         out = {k: v.detach().cpu() for k, v in out.items()}
-        metrics.update(out, g)
+        slots = torch.as_tensor(codes[start : start + batch_size]) * len(names) + g.fidelity
+        metrics.update(out, g, slots)
         preds.append(out["energy"].numpy())
-    return metrics
+    return metrics.split(n_groups)
 
 
 def energies_at(potential, dataset: FidelityDataset, structures: np.ndarray, fidelities, batch_size: int = 64):
@@ -183,13 +207,15 @@ def unknown_symbols(known: np.ndarray, dataset: FidelityDataset, structures: np.
     return ", ".join(chemical_symbols[z] for z in np.unique(atoms) if z >= len(known) or not known[z])
 
 
-def _report_unseen(potential, dataset: FidelityDataset, pairs: np.ndarray, result: dict) -> None:
+def _report_unseen(potential, dataset: FidelityDataset, pairs: np.ndarray, result: dict, warn: bool = True) -> None:
     known = potential.head.known().detach().cpu().numpy()
     for k in np.unique(pairs[:, 1]):
         rows = pairs[pairs[:, 1] == k, 0]
         elements = unknown_symbols(known, dataset, rows)
         name = dataset.fidelities.names[int(k)]
         result.setdefault(name, {COUNT: 0})[UNSEEN] = int(len(rows))
+        if not warn:
+            continue
         log.warning(
             "%s: %d evaluated structure(s) contain %s, which no training label contained: left out of the "
             "errors (the model cannot predict them)",

@@ -35,9 +35,31 @@ class FidelityMetrics:
     def reset(self):
         self.acc = torch.zeros(len(self.names), N_FS + 1, dtype=torch.float64)
 
-    def update(self, out: dict, graph: Graph) -> None:
+    @classmethod
+    def in_groups(cls, fidelity_names: list[str], n_groups: int) -> FidelityMetrics:
+        """One accumulator for `n_groups` groups of samples: updated with slots group · K + fidelity (K names), then
+        `split` into one per group."""
+        return cls(list(fidelity_names) * n_groups)
+
+    def split(self, n_groups: int) -> list[FidelityMetrics]:
+        """The accumulators of `in_groups`, one per group."""
+        k = len(self.names) // n_groups
+        parts = [FidelityMetrics(self.names[:k]) for _ in range(n_groups)]
+        for g, part in enumerate(parts):
+            part.acc = self.acc[g * k : (g + 1) * k].clone()
+        return parts
+
+    def __add__(self, other: FidelityMetrics) -> FidelityMetrics:
+        """The accumulator of both sets of samples (the same fidelity names)."""
+        total = FidelityMetrics(self.names)
+        total.acc = self.acc + other.acc
+        return total
+
+    def update(self, out: dict, graph: Graph, slots: torch.Tensor | None = None) -> None:
+        """Add the errors of `out` against `graph`'s labels; `slots` [B]: the row each structure adds to (its
+        fidelity when not given)."""
         acc = torch.zeros_like(self.acc)
-        fid = graph.fidelity.cpu()
+        fid = (graph.fidelity if slots is None else slots).cpu()
         m = graph.energy_mask.cpu()
         if m.any():
             err = (out["energy"].detach().cpu().double() - graph.energy.cpu().double())[m]
