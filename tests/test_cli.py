@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -575,6 +576,29 @@ def test_data_convert_then_info(tiny_extxyz, tmp_path, capsys):
     fails(["data", "convert", tiny_extxyz, "--out", npz], capsys, f"{npz}: exists; not replaced (--force replaces it)")
     assert npz.read_bytes() == before
     assert run(["data", "convert", tiny_extxyz, "--out", npz, "--force"], capsys)[0] == 0
+
+
+def test_data_convert_says_which_per_frame_info_the_dataset_does_not_keep(tmp_path, capsys, caplog):
+    """config_type (and any info key the readers do not take in) is named with its count; the keys they read (fidelity,
+    key, MACE's head and weights, the charge) are not."""
+    from conftest import tiny_frames
+
+    frames = _with_config_types(tiny_frames())
+    for a in frames:
+        a.info.update(config_weight=1.0, charge=0)
+    ase.io.write(tmp_path / "typed.extxyz", frames, format="extxyz")
+    typed = sum("config_type" in a.info for a in frames)
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, _ = run(["data", "convert", tmp_path / "typed.extxyz", "--out", tmp_path / "t.npz"], capsys)
+    assert code == 0 and 0 < typed < len(frames)
+    said = caplog.text
+    assert f"typed.extxyz: info 'config_type' (in {typed} of {len(frames)} frames read) of its frames not kept" in said
+    assert "evaluate --group-by config_type reads the original file" in said
+    assert "'fidelity'" not in said and "config_weight" not in said and "'charge'" not in said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert run(["data", "convert", tmp_path / "t.npz", "--out", tmp_path / "t.extxyz"], capsys)[0] == 0
+    assert "not kept" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -40,15 +40,21 @@ def _sources(p):
 
 
 def _read(args):
-    from multifi.cli.args import source_config
     from multifi.data.sources import merge_parts, read_source
-    from multifi.errors import MultifiError
 
     if args.config is not None:
         return _read_config(args)
+    return merge_parts([read_source(source, args.skip_invalid) for source in _source_configs(args)])
+
+
+def _source_configs(args) -> list:
+    """The SourceConfigs of the SOURCE arguments (an error without any)."""
+    from multifi.cli.args import source_config
+    from multifi.errors import MultifiError
+
     if not args.sources:
         raise MultifiError("multifi data: give SOURCE files (or qm9[:LABELS.csv]), or --config CONFIG.yaml")
-    return merge_parts([read_source(source_config(s, args.fidelity, args), args.skip_invalid) for s in args.sources])
+    return [source_config(s, args.fidelity, args) for s in args.sources]
 
 
 def _read_config(args):
@@ -201,9 +207,12 @@ def run_convert(args) -> int:
     from pathlib import Path
 
     from multifi.cli.args import is_extxyz_path, refuse_existing
+    from multifi.train.run_config import load_any_config
 
     refuse_existing(args.out, force=args.force, folder_ok=not is_extxyz_path(args.out))  # before reading
     ds = _read(args)
+    sources = load_any_config(args.config).data.sources if args.config is not None else _source_configs(args)
+    warn_info_not_kept(sources, args.out)
     if is_extxyz_path(args.out):
         frames = write_labelled_extxyz(ds, Path(args.out))
         print(f"wrote {len(ds)} structures, {_fidelities(ds)} as {frames} frames to {args.out}")
@@ -211,6 +220,47 @@ def run_convert(args) -> int:
     path = ds.save(args.out)
     print(f"wrote {len(ds)} structures, {_fidelities(ds)} to {path}")
     return 0
+
+
+#: frames of each file looked at for per-frame values a converted dataset does not keep
+INFO_FRAMES = 1000
+#: info keys the readers take in (fidelity, key, labels, MACE's head and weights) or check (charge, spin state)
+READ_INFO = {"fidelity", "key", "head", "energy", "free_energy", "stress", "virial", "virials", "ref_fidelity"}
+READ_INFO |= {"charge", "total_charge", "spin", "total_spin", "multiplicity", "spin_multiplicity", "predicted_by"}
+
+
+def warn_info_not_kept(sources, out) -> None:
+    """Warn of the per-frame info keys (MACE's config_type, a system name…) of the ASE-readable `sources`
+    (SourceConfigs; each file's first INFO_FRAMES frames looked at) that the converted dataset `out` does not keep:
+    it holds structures, their keys, fidelities and labels."""
+    import itertools
+    import logging
+    from pathlib import Path
+
+    from multifi.data.readers.ase_files import MACE_WEIGHTS, read_frames
+    from multifi.data.sources import guess_format
+
+    for src in sources:
+        if src.path is None or src.format not in ("auto", "ase") or guess_format(Path(src.path)) != "ase":
+            continue
+        read = READ_INFO | set(MACE_WEIGHTS.values())
+        read |= {k for k in (src.energy_key, src.forces_key, src.stress_key, src.fidelity_key) if k}
+        frames: dict[str, int] = {}
+        looked = 0
+        for atoms in itertools.islice(read_frames(Path(src.path), src.index), INFO_FRAMES):
+            looked += 1
+            for key in atoms.info:
+                if key not in read:
+                    frames[key] = frames.get(key, 0) + 1
+        if frames:
+            logging.getLogger("multifi").warning(
+                "%s: info %s of its frames not kept in %s, which holds the structures, their keys, fidelities and "
+                "labels (evaluate --group-by %s reads the original file)",
+                src.path,
+                ", ".join(f"{k!r} (in {n} of {looked} frames read)" for k, n in frames.items()),
+                out,
+                next(iter(frames)),
+            )
 
 
 def _fidelities(ds) -> str:
