@@ -347,6 +347,13 @@ def test_evaluate_warns_when_the_data_holds_the_models_training_structures(
     with caplog.at_level(logging.INFO, logger="multifi"):
         assert run(["evaluate", run_dir / "model.pt", tmp_path / "keyless.extxyz"], capsys)[0] == 0
     assert "4 of the 4 (structure, fidelity) pairs evaluated were trained on" in caplog.text
+    for i, a in enumerate(frames):  # and under keys of their own
+        a.info["key"] = f"renamed{i}"
+    ase.io.write(tmp_path / "renamed.extxyz", frames)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="multifi"):
+        assert run(["evaluate", run_dir / "model.pt", tmp_path / "renamed.extxyz"], capsys)[0] == 0
+    assert "4 of the 4 (structure, fidelity) pairs evaluated were trained on" in caplog.text
     # a run whose copy of the data cannot be read: the evaluation runs (the warning by the split's keys)
     import shutil
 

@@ -98,8 +98,21 @@ def test_a_geometry_repeated_under_another_key_is_reported_wherever_it_lands(cap
     assert "dups: 1 structure(s) repeat the geometry of another under a different key" in caplog.text
     assert f"(e.g. {recs[3]['key']} and copy-of-m3)" in caplog.text and "'matpes:<matpes_id>'" in caplog.text
     assert check_repeated_geometries(FidelityDataset.from_records(recs)) == 0
-    shifted = dict(recs[3], key="moved", positions=np.asarray(recs[3]["positions"]) + [0.0, 0.0, 1e-2])
-    assert check_repeated_geometries(FidelityDataset.from_records(recs + [shifted])) == 0  # another geometry
+    bent = np.array(recs[3]["positions"], dtype=float)
+    bent[1] += [0.0, 0.0, 1e-2]  # one atom moved: another geometry
+    assert (
+        check_repeated_geometries(FidelityDataset.from_records(recs + [dict(recs[3], key="bent", positions=bent)])) == 0
+    )
+    # the molecule moved, turned, mirrored and renumbered, coordinates printed to 3 decimals: a copy
+    theta = 0.7
+    turn = np.array([[np.cos(theta), -np.sin(theta), 0.0], [np.sin(theta), np.cos(theta), 0.0], [0.0, 0.0, -1.0]])
+    order = np.arange(len(recs[3]["numbers"]))[::-1]
+    moved = np.round((np.asarray(recs[3]["positions"]) @ turn.T + [3.0, -1.0, 0.5])[order], 3)
+    copy = dict(recs[3], key="moved", positions=moved, numbers=np.asarray(recs[3]["numbers"])[order])
+    with_copy = FidelityDataset.from_records(recs + [copy])
+    assert check_repeated_geometries(with_copy) == 1
+    split = Split(train=np.arange(0, 8), val=np.arange(8, 12), test=np.array([12]))
+    assert check_split_duplicates(with_copy, split) == 1  # a test structure moved from the training split
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="multifi"):
         check_repeated_geometries(ds)

@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from multifi.data.cells import MIN_MEASURE, complete_cells
-from multifi.data.dataset import FidelityDataset, ranges
+from multifi.data.dataset import GEOMETRY_TOLERANCE, FidelityDataset, ranges
 from multifi.data.isolated import ISOLATED_IMAGE_DISTANCE, isolated_atoms  # noqa: F401 - re-exported
-from multifi.data.same_geometry import DUPLICATE_TOLERANCE, first_of_same_geometry
+from multifi.data.same_geometry import DUPLICATE_TOLERANCE, MoleculeTable, first_of_same_geometry
 from multifi.errors import MultifiError
 
 log = logging.getLogger("multifi")
@@ -164,27 +164,56 @@ def _member(x: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
     return sorted_pool[pos] == x
 
 
-def check_repeated_geometries(dataset: FidelityDataset) -> int:
-    """Warn (and return how many) when structures repeat another's geometry under a different key (structures
-    with one key are merged by the readers, so these did not merge): each copy trains as a structure of its
-    own, its labels counted again, and labels of other fidelities on a copy are not paired with the original."""
-    if len(dataset) < 2:
-        return 0
+def geometry_groups(dataset: FidelityDataset) -> np.ndarray:
+    """[S] int64: for each structure the lowest index of the structures of its geometry: within DUPLICATE_TOLERANCE
+    (geometry_fingerprints), and for molecules also up to translation, rotation, reflection and atom order within
+    GEOMETRY_TOLERANCE (MoleculeTable: a copy moved, turned, renumbered or printed to 3 decimals; a mirror image,
+    whose energies every method gives alike)."""
     fp = geometry_fingerprints(dataset)
     _, first, group = np.unique(fp, return_index=True, return_inverse=True)
-    repeats = np.flatnonzero(np.arange(len(dataset)) != first[group])
+    root = first[group].astype(np.int64)  # [S] each structure's first of its fingerprint (a root: root[r] == r)
+    molecules = np.flatnonzero(~np.asarray(dataset.pbc).any(1))
+    if len(molecules) > 1:
+        table = MoleculeTable(dataset, GEOMETRY_TOLERANCE)
+        for s in molecules.tolist():
+            t = table.find(dataset, s, below=s)
+            if t is not None:  # join the two groups under the lower root
+                a, b = _root(root, s), _root(root, t)
+                root[max(a, b)] = min(a, b)
+    for s in range(len(root)):  # every structure to its group's root (roots come before their members)
+        root[s] = root[root[s]]
+    return root
+
+
+def _root(root: np.ndarray, s: int) -> int:
+    while root[s] != s:
+        s = int(root[s])
+    return s
+
+
+def check_repeated_geometries(dataset: FidelityDataset, groups: np.ndarray | None = None) -> int:
+    """Warn (and return how many) when structures repeat another's geometry under a different key (structures
+    with one key are merged by the readers, so these did not merge): each copy trains as a structure of its
+    own, its labels counted again, and labels of other fidelities on a copy are not paired with the original.
+    `groups`: geometry_groups(dataset), when already made."""
+    if len(dataset) < 2:
+        return 0
+    groups = geometry_groups(dataset) if groups is None else groups
+    repeats = np.flatnonzero(groups != np.arange(len(dataset)))
     if len(repeats):
         s = int(repeats[0])
         log.warning(
             "%s: %d structure(s) repeat the geometry of another under a different key (e.g. %s and %s): they stay "
             "separate structures and their labels count again; to merge copies into one structure with labels at "
-            "several fidelities give them the same key (info['key']; a MatPES record's key is 'matpes:<matpes_id>')",
+            "several fidelities give them the same key (info['key']; a MatPES record's key is 'matpes:<matpes_id>') "
+            "(copies: within %g Å, molecules also moved, turned, mirrored or renumbered)",
             dataset.source or "data",
             len(repeats),
-            dataset.keys[first[group[s]]],
+            dataset.keys[groups[s]],
             dataset.keys[s],
+            GEOMETRY_TOLERANCE,
         )
-        _warn_contradicting_copies(dataset, repeats, first[group[repeats]])
+        _warn_contradicting_copies(dataset, repeats, groups[repeats])
     return len(repeats)
 
 
@@ -216,18 +245,19 @@ def _warn_contradicting_copies(dataset: FidelityDataset, copies: np.ndarray, ori
             )
 
 
-def check_split_duplicates(dataset: FidelityDataset, split) -> int:
-    """Warn (and return how many) when one geometry occurs in two different splits under different keys."""
-    fp = geometry_fingerprints(dataset)
+def check_split_duplicates(dataset: FidelityDataset, split, groups: np.ndarray | None = None) -> int:
+    """Warn (and return how many) when one geometry (geometry_groups, or `groups` when already made) occurs in two
+    different splits under different keys."""
+    groups = geometry_groups(dataset) if groups is None else groups
     clashes, example = 0, ""
     for name, before in (("val", ["train"]), ("test", ["train", "val"])):
         idx = split[name]
-        seen = np.sort(np.concatenate([fp[split[b]] for b in before]))
-        hit = _member(fp[idx], seen)
+        seen = np.sort(np.concatenate([groups[split[b]] for b in before]))
+        hit = _member(groups[idx], seen)
         clashes += int(hit.sum())
         if hit.any() and not example:
             s = int(idx[np.argmax(hit)])
-            where = next(b for b in before if (fp[split[b]] == fp[s]).any())
+            where = next(b for b in before if (groups[split[b]] == groups[s]).any())
             example = f"{dataset.keys[s]} ({name}) duplicates a {where} structure"
     if clashes:
         log.warning(

@@ -23,6 +23,7 @@ from multifi.data.checks import (
     check_repeated_geometries,
     check_split_duplicates,
     doubtful_units,
+    geometry_groups,
     warn_isolated_atoms,
     warn_isolated_atoms_held_out,
     warn_structures_without_edges,
@@ -273,8 +274,9 @@ def _prepared_data(cfg: RunConfig, run_dir: Path, resume: bool, leader: bool, co
             now = as_table(prep.atomic, prep.dataset.fidelities.names)
             check_unchanged(json.loads((run_dir / ATOMIC_ENERGIES).read_text()), now, config_source or str(run_dir))
     if leader and not resume:
-        check_repeated_geometries(prep.dataset)
-        check_split_duplicates(prep.dataset, prep.split)
+        groups = geometry_groups(prep.dataset)
+        check_repeated_geometries(prep.dataset, groups)
+        check_split_duplicates(prep.dataset, prep.split, groups)
     report_data(prep)
     check_monitor(cfg, prep, config_source)
     check_warmup(cfg, len(prep.pairs["train"]))
