@@ -404,6 +404,72 @@ def test_sampling_and_loss_weights_that_leave_nothing_to_train(write_config, cap
     assert "train.monitor: lo does not train" in caplog.text and "(trained: hi)" in caplog.text
 
 
+def test_labels_whose_loss_weights_are_all_zero(write_config, tmp_path, capsys, caplog):
+    """loss.energy and loss.forces 0 for data of energies and forces: a one-line error before anything is written
+    (it trained into a traceback: a loss without gradient); loss.energy 0 for data where some structures hold
+    energies only: their count warned, and a batch of them alone is a step of zero gradient, not a traceback."""
+    from conftest import emt_labelled, tiny_frames
+
+    config = write_config()
+    code, _, err = run(["train", config, "--set", "loss.energy=0", "--set", "loss.forces=0"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert (
+        "loss.energy: 0 and loss.forces: 0: the training labels (energy of" in err and "nothing would be trained" in err
+    )
+    assert not (tmp_path / "run").exists()
+    frames = tiny_frames(16)
+    for i in range(16):  # energies only: molecules of another fidelity
+        a = emt_labelled(rattled_molecule("CH4", seed=100 + i), "e")
+        a.calc.results.pop("forces")
+        frames.append(a)
+    ase.io.write(tmp_path / "mixed.extxyz", frames)
+    config = write_config(
+        "mixed.yaml",
+        data={"sources": [{"path": str(tmp_path / "mixed.extxyz")}], "split": {"val": 0.2, "test": 0.2, "seed": 0}},
+        loss={"energy": 0.0},
+        train={
+            "epochs": 2,
+            "batch_size": 2,
+            "progress": False,
+            "threads": 1,
+            "warmup_steps": 0,
+            "fidelity_sampling": {"e": 0.5},
+        },
+    )
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        code, _, err = run(["train", config], capsys)
+    assert code == 0, err
+    assert re.search(r"\d+ of \d+ training samples hold only labels weighted 0 \(loss.energy: 0\)", caplog.text)
+
+
+def test_a_batch_of_labels_weighted_zero_gives_a_zero_gradient():
+    """The loss of a batch with labels only of weight 0 is 0 and differentiable: every parameter's gradient 0."""
+    from conftest import emt_labelled
+
+    from multifi.data.batch import GraphCollator
+    from multifi.data.dataset import FidelityDataset
+    from multifi.data.neighbors import make_neighbors
+    from multifi.train.loss import MultiFidelityLoss
+
+    frames = [emt_labelled(rattled_molecule("H2O", seed=i), "lo") for i in range(3)]
+    records = [
+        {
+            "numbers": a.numbers,
+            "positions": a.positions,
+            "labels": {"lo": {"energy": a.get_potential_energy()}},
+            "key": f"m{i}",
+        }
+        for i, a in enumerate(frames)
+    ]
+    ds = FidelityDataset.from_records(records)
+    potential = build_potential(TINY_MODEL, ["lo"])
+    graph = GraphCollator(ds, make_neighbors(ds, potential.cutoff, progress=False))(np.array([[0, 0], [1, 0], [2, 0]]))
+    loss, terms = MultiFidelityLoss(energy=0.0)(potential(graph), graph)
+    assert terms == {} and float(loss) == 0.0 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in potential.parameters())
+
+
 @pytest.mark.parametrize("factor", [1.0, 1000.0])
 def test_forces_in_mev_per_angstrom_are_flagged(factor, write_config, tmp_path, capsys, caplog):
     """Forces written in meV/Å where eV/Å is read: 1000× too large, which training says before it starts."""

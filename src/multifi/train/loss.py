@@ -83,5 +83,6 @@ class MultiFidelityLoss:
             sm = graph.stress_mask
             e = _err(out["stress"][sm], graph.stress[sm], self.kind, self.delta).mean((-1, -2))
             terms["stress"] = (e * fw[sm]).sum() / own[2].to(e.dtype)
-        total = sum((self.w[k] * v for k, v in terms.items()), torch.zeros((), device=graph.energy.device))
-        return total, terms
+        if not terms:  # only labels weighted 0 (preflight warns): a zero gradient, every process's backward run
+            return 0.0 * out["energy"].sum(), terms
+        return sum(self.w[k] * v for k, v in terms.items()), terms

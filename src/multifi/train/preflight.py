@@ -61,6 +61,7 @@ def check_something_trains(cfg: RunConfig, data, loss_weights: np.ndarray, confi
             f"{prefix}no fidelity is both sampled (train.fidelity_sampling > 0) and weighted "
             "(loss.fidelity_weights > 0): nothing would be trained"
         )
+    check_labels_weighted(cfg, data, trained, config_source)
     name = cfg.train.monitor
     if name is not None and not trained[data.dataset.fidelities.index(name, where="train.monitor")]:
         log.warning(
@@ -69,6 +70,39 @@ def check_something_trains(cfg: RunConfig, data, loss_weights: np.ndarray, confi
             name,
             ", ".join(n for n, t in zip(names, trained) if t),
         )
+
+
+def check_labels_weighted(cfg: RunConfig, data, trained: np.ndarray, config_source: str = "") -> None:
+    """Training samples of the `trained` fidelities [K] whose every label has loss weight 0 (loss.energy,
+    loss.forces, loss.stress): a one-line error when that is all of them (nothing would be trained), a warning with
+    their count otherwise (they add nothing to the gradient, a batch of them alone a step of zero gradient)."""
+    ds, pairs = data.dataset, data.pairs["train"]
+    s, k = pairs[trained[pairs[:, 1]]].T
+    held = {
+        "energy": ~np.isnan(ds.energy[s, k]),
+        "forces": ds.forces_mask[s, k] if ds.forces_mask is not None else np.zeros(len(s), bool),
+        "stress": ds.stress_mask[s, k] if ds.stress_mask is not None else np.zeros(len(s), bool),
+    }
+    weights = {kind: getattr(cfg.loss, kind) for kind in held}
+    weighted = np.zeros(len(s), bool)
+    for kind, has in held.items():
+        weighted |= has & (weights[kind] > 0)
+    if weighted.all():
+        return
+    zero = [kind for kind, has in held.items() if has[~weighted].any()]
+    held_text = ", ".join(f"{kind} of {int(held[kind].sum())}" for kind in held if held[kind].any())
+    settings = " and ".join(f"loss.{kind}: 0" for kind in zero)
+    if not weighted.any():
+        prefix = f"{config_source}: " if config_source else ""
+        raise MultifiError(
+            f"{prefix}{settings}: the training labels ({held_text} samples) have no weight, so nothing would be trained"
+        )
+    log.warning(
+        "%d of %d training samples hold only labels weighted 0 (%s): they add nothing to the gradient",
+        int((~weighted).sum()),
+        len(s),
+        settings,
+    )
 
 
 def warn_unseen_in_evaluation(prep, potential) -> None:
