@@ -4,6 +4,7 @@ fidelity switching by name, clear errors. Uses a small PaiNN trained on the shar
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def test_stress_of_a_non_periodic_structure_is_not_implemented_as_ase_says():
             atoms.get_stress()
 
 
-def test_a_slab_without_vacuum_predicts_as_with_vacuum_and_has_no_stress(tmp_path):
+def test_a_slab_without_vacuum_predicts_as_with_vacuum_and_has_no_stress(tmp_path, caplog):
     """ASE's surface builders leave the non-periodic cell vector zero (fcc111, diamond100 without vacuum): that
     was an error. Energy and forces equal those of the same slab given vacuum; stress (per volume) is an error
     in the calculator, absent in predict, and a stress label on such a cell is an error naming the structure;
@@ -226,8 +227,11 @@ def test_a_slab_without_vacuum_predicts_as_with_vacuum_and_has_no_stress(tmp_pat
         with pytest.raises(MultifiError, match="shorter than the structure along a non-periodic direction"):
             short.get_stress()
     pot = multifi.Calculator(CKPT, fidelity="PBE").potential
-    _, _, stresses = predict_atoms(pot, [slab, padded], "PBE")
-    assert stresses[0] is None and stresses[1] is not None
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        _, _, stresses = predict_atoms(pot, [padded, slab, short], "PBE")
+    assert stresses[0] is not None and stresses[1] is None and stresses[2] is None
+    assert "1 periodic structure(s) get no stress (e.g. structure 1): this cell has no volume" in caplog.text
+    assert "1 periodic structure(s) get no stress (e.g. structure 2): this cell is shorter than" in caplog.text
     labelled = slab.copy()
     labelled.info.update(energy=-80.0, stress=np.zeros(6), fidelity="PBE")
     ase.io.write(tmp_path / "slab.extxyz", labelled)

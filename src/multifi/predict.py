@@ -27,7 +27,7 @@ def predict_atoms(
     seen: set | None = None,
 ):
     """Energies [n] eV, forces list of [n_i,3] eV/Å, stresses list of [3,3] GPa, an entry None for a molecule and
-    for a cell whose volume does not hold the structure (data.cells.stress_volume_problem). potential: a Potential,
+    for a cell whose volume does not hold the structure (data.cells.stress_volume_problem; said in a warning). potential: a Potential,
     or a model file or run directory; atoms_list: ase.Atoms objects (one Atoms counts as a list of one).
 
     `where` (the file) prefixes errors about a structure, e.g. atoms closer than 0.1 Å. An element unknown
@@ -57,6 +57,7 @@ def predict_atoms(
 
     param = next(potential.parameters())
     energies, forces_out, stresses = [], [], []
+    no_stress: dict[str, list[int]] = {}  # why a periodic structure gets no stress: its structures
     warned: set = set() if seen is None else seen
     for start in range(0, len(atoms_list), batch_size):
         chunk = atoms_list[start : start + batch_size]
@@ -77,15 +78,27 @@ def predict_atoms(
             splits = np.cumsum(g.n_atoms.numpy())[:-1]
             forces_out.extend(np.split(f, splits))
         st = out.get("stress")  # molecules and cells without volume (slabs without vacuum) get none, not a zero one
+        problems = [stress_volume_problem(a.cell.array, a.pbc, a.positions) if a.pbc.any() else None for a in chunk]
         kept = [
-            st[i].numpy()
-            if st is not None and a.pbc.any() and not stress_volume_problem(a.cell.array, a.pbc, a.positions)
-            else None
-            for i, a in enumerate(chunk)
+            st[i].numpy() if st is not None and a.pbc.any() and not problems[i] else None for i, a in enumerate(chunk)
         ]
         if any(x is not None for x in kept):
             check_stress_trained(potential, k, where, seen=warned)
+        for i, problem in enumerate(problems):
+            if problem:
+                no_stress.setdefault(problem, []).append(start + i)
         stresses.extend(kept)
+    for problem, structures in no_stress.items():  # as the calculator's NoStressError says it, once per reason
+        if ("no stress", problem) in warned:
+            continue
+        warned.add(("no stress", problem))
+        log.warning(
+            "%s: %d periodic structure(s) get no stress (e.g. structure %d): %s",
+            where or "predict_atoms",
+            len(structures),
+            structures[0],
+            problem,
+        )
     return np.concatenate(energies) if energies else np.zeros(0), forces_out, stresses
 
 
