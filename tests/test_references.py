@@ -210,6 +210,21 @@ def test_prediction_warns_naming_element_and_fidelity(run_without_n, caplog):
     ]
 
 
+def test_prediction_at_a_fidelity_without_any_training_label_says_its_embedding_never_trained(run_without_n, caplog):
+    """A fidelity that had no training label at all (train_limits 0): not only its references are estimated, its
+    embedding never trained; said instead of the per-element estimate."""
+    run_dir, _, _ = run_without_n
+    pot = load_potential(run_dir / "model.pt")
+    with torch.no_grad():
+        pot.head.fitted[:, pot.fidelities.index("hi")] = False
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        predict_atoms(pot, [rattled_molecule("H2O", 0)], "hi")
+        predict_atoms(pot, [rattled_molecule("H2O", 0)], "lo")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("the model had no hi training labels: its hi embedding was never")
+    assert "reference energies of H, O were estimated" in said[0]
+
+
 def test_uncertainty_includes_the_error_of_an_estimated_reference(run_without_n, tmp_path, caplog):
     """σ of a structure with N at hi (its reference estimated) adds the estimate's leave-one-out error per N atom,
     spread·n_N, to the LLPR σ (N2H4: twice NH3's); structures without an estimate keep the LLPR σ; predict and the

@@ -172,6 +172,14 @@ def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: s
             f"estimated from the other fidelities (no {name} training label contained {'it' if one else 'them'}); "
             f"expect larger {name} energy errors for structures with {symbols}"
         )
+        if (
+            not potential.head.shared_baseline and not potential.head.fitted[:, int(k)].any()
+        ):  # no label at all: the fidelity's conditioning never trained
+            msg = (
+                f"{prefix}the model had no {name} training labels: its {name} embedding was never trained and the "
+                f"{name} reference energies of {symbols} were estimated from the other fidelities; its {name} "
+                "predictions follow no label of that method"
+            )
         _refuse_or_warn(msg, strict)
         if seen is not None:
             seen.update((int(k), z) for z in new)
