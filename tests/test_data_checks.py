@@ -14,6 +14,7 @@ from ase.build import molecule
 from multifi.config import validate_config
 from multifi.data.checks import (
     check_energy_units,
+    check_length_unit,
     check_overlaps,
     check_repeated_geometries,
     check_split_duplicates,
@@ -121,6 +122,62 @@ def test_a_geometry_repeated_under_another_key_is_reported_wherever_it_lands(cap
     with caplog.at_level(logging.WARNING, logger="multifi"):
         check_repeated_geometries(FidelityDataset.from_records(recs + [other]))
     assert "1 copies of a geometry carry 'DFT' energies that differ (up to 0.5 eV" in caplog.text
+
+
+def _crystals() -> list[dict]:
+    """Relaxed crystals of several bondings (metals, ionic, covalent), rattled, with argon among them."""
+    from ase.build import bulk
+
+    rng = np.random.default_rng(1)
+    out = []
+    for i, (formula, kind, a) in enumerate(
+        [
+            ("Cu", "fcc", 3.61),
+            ("Al", "fcc", 4.05),
+            ("Fe", "bcc", 2.87),
+            ("NaCl", "rocksalt", 5.64),
+            ("MgO", "rocksalt", 4.21),
+            ("LiF", "rocksalt", 4.03),
+            ("Si", "diamond", 5.43),
+            ("C", "diamond", 3.57),
+            ("Ar", "fcc", 5.26),
+        ]
+    ):
+        atoms = bulk(formula, kind, a=a).repeat(2)
+        atoms.positions += rng.normal(0, 0.03, atoms.positions.shape)
+        out.append(
+            {
+                "numbers": atoms.numbers,
+                "positions": atoms.positions,
+                "cell": atoms.cell.array,
+                "pbc": atoms.pbc,
+                "labels": {"DFT": {"energy": -3.0 * len(atoms)}},
+                "key": f"c{i}",
+            }
+        )
+    return out
+
+
+@pytest.mark.parametrize("scale, expect", [(1.0, None), (1 / 0.529177, "in Bohr ~1.9"), (0.1, "in nm ~0.1")])
+def test_positions_in_another_length_unit_are_flagged(scale, expect, caplog):
+    """Molecules and crystals in Å lie ~1× the sum of covalent radii from their nearest neighbours (QM9 1.01, the shared
+    PBE and r2SCAN solids 0.99); one fidelity's positions in Bohr (×1.89) or nm (×0.1) are named, the other's not;
+    argon (van der Waals contacts) is left out."""
+    molecules = _records(40)
+    scaled = [
+        dict(r, positions=np.asarray(r["positions"]) * scale, key=f"b{i}", labels={"HF": {"energy": -1.0}})
+        for i, r in enumerate(_records(40, seed=1))
+    ]
+    ds = FidelityDataset.from_records(molecules + _crystals() + scaled)
+    pairs = np.array([[s, k] for s in range(len(ds)) for k in range(2) if ds.energy_mask[s, k]])
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        doubted = check_length_unit(ds, NeighborCache(ds, 5.0, progress=False), pairs)
+    assert doubted == ([] if expect is None else ["HF"])
+    if expect:
+        assert re.search(r"the atoms of fidelity 'HF' lie [\d.]+× the sum of their covalent radii", caplog.text)
+        assert expect in caplog.text and "'DFT'" not in caplog.text
+    argon = FidelityDataset.from_records(_crystals()[-1:])
+    assert check_length_unit(argon, NeighborCache(argon, 5.0, progress=False), np.array([[0, 0]])) == []
 
 
 @pytest.mark.parametrize("unit, expect", [(1.0, []), (HARTREE, ["DFT"])])

@@ -269,6 +269,60 @@ def check_split_duplicates(dataset: FidelityDataset, split, groups: np.ndarray |
     return clashes
 
 
+#: the median over a fidelity's atoms of (nearest neighbour's distance / the two atoms' covalent radii summed) lies
+#: at 0.95-1.2 for molecules and crystals with positions in Å (C–H 1.02, Cu 0.97, NaCl 1.05, H2 1.19); positions in
+#: Bohr give ~1.9, in nm ~0.1: outside this range the length unit is doubted
+BOND_RATIO_RANGE = (0.6, 1.5)
+#: structures per fidelity the length check looks at (a random choice, seeded)
+BOND_RATIO_STRUCTURES = 2000
+#: noble gases, whose nearest neighbours lie at van der Waals distances (left out of the length check)
+NOBLE_GASES = (2, 10, 18, 36, 54, 86)
+
+
+def check_length_unit(dataset: FidelityDataset, neighbors, pairs: np.ndarray) -> list[str]:
+    """Warn for fidelities whose atoms lie, in the median, farther from or closer to their nearest neighbour than
+    BOND_RATIO_RANGE × the sum of the two covalent radii (positions in Bohr, ×1.89, or in nm); atoms without a
+    neighbour within the cutoff and noble gases left out. Returns the names warned about."""
+    from ase.data import covalent_radii
+
+    from multifi.data.stats import edge_lengths
+
+    if not hasattr(neighbors, "edges") or not hasattr(neighbors, "edge_offsets"):
+        return []  # on-the-fly lists (large data): not looked at
+    numbers = np.asarray(dataset.numbers, dtype=np.int64)
+    radius = np.asarray(covalent_radii)[np.clip(numbers, 0, len(covalent_radii) - 1)]
+    rng = np.random.default_rng(0)
+    doubted = []
+    for k, name in enumerate(dataset.fidelities.names):
+        structures = np.unique(pairs[pairs[:, 1] == k, 0])
+        if len(structures) > BOND_RATIO_STRUCTURES:
+            structures = np.sort(rng.choice(structures, BOND_RATIO_STRUCTURES, replace=False))
+        ratios = []
+        for atoms, gi, gj, d, centre in edge_lengths(dataset, neighbors, structures):
+            gas = np.isin(numbers[gi], NOBLE_GASES) | np.isin(numbers[gj], NOBLE_GASES)
+            nearest = np.full(len(atoms), np.inf)
+            np.minimum.at(nearest, centre[~gas], (d / (radius[gi] + radius[gj]))[~gas])
+            ratios.append(nearest[np.isfinite(nearest)])
+        ratios = np.concatenate(ratios) if ratios else np.zeros(0)
+        if len(ratios) < 10:
+            continue
+        median = float(np.median(ratios))
+        if BOND_RATIO_RANGE[0] <= median <= BOND_RATIO_RANGE[1]:
+            continue
+        doubted.append(name)
+        log.warning(
+            "%s: the atoms of fidelity %r lie %.2f× the sum of their covalent radii from their nearest neighbour "
+            "(median of %d atoms; positions in Å give 0.95-1.2%s): are these positions in another unit? "
+            "(multifi reads Å)",
+            dataset.source_of(name),
+            name,
+            median,
+            len(ratios),
+            ", in Bohr ~1.9" if median > 1 else ", in nm ~0.1",
+        )
+    return doubted
+
+
 def check_energy_units(dataset: FidelityDataset, pairs: np.ndarray, ref: np.ndarray, scale: np.ndarray) -> list[str]:
     """Warn for fidelities whose energies look like Hartree: a fitted hydrogen reference between −0.7 and 0
     (every method gives −1 to −16 eV; Hartree −0.4 to −0.6; EMT's energies relative to the bulk a small positive

@@ -489,6 +489,24 @@ def _null_space(G: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- contacts
+def edge_lengths(dataset, neighbors, structures: np.ndarray, chunk: int = 20000):
+    """Per chunk of `structures`: (atoms [n] their atoms' indices in `dataset`, gi [E], gj [E] each edge's atoms
+    (indices in `dataset`), d [E] its length Å, centre [E] its first atom's position in `atoms`), from the cached
+    neighbour lists (data.neighbors.NeighborCache)."""
+    structures = np.asarray(structures, dtype=np.int64)
+    offsets = np.asarray(dataset.offsets)
+    pos, cells = np.asarray(dataset.positions), np.asarray(dataset.cells)
+    for a in range(0, len(structures), chunk):
+        s = structures[a : a + chunk]
+        n = np.diff(offsets)[s]
+        atoms = np.repeat(offsets[s] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))  # the chunk's atoms
+        i, j, shifts, counts = neighbors.edges(s)
+        owner = np.repeat(s, counts)
+        gi, gj = offsets[owner] + i, offsets[owner] + j
+        vec = pos[gj] - pos[gi] + np.einsum("ea,eab->eb", shifts.astype(np.float64), cells[owner])
+        yield atoms, gi, gj, np.linalg.norm(vec, axis=1), np.repeat(np.cumsum(n) - n, counts) + i
+
+
 def shortest_contacts(dataset, neighbors, structures: np.ndarray, chunk: int = 20000) -> tuple[np.ndarray, np.ndarray]:
     """(contact [N_ELEMENTS, N_ELEMENTS] Å: the shortest distance of each element pair within the neighbour lists
     (cached ones, data.neighbors.NeighborCache) of `structures`, 0 where a pair never occurs, symmetric;
@@ -498,22 +516,11 @@ def shortest_contacts(dataset, neighbors, structures: np.ndarray, chunk: int = 2
     reach = np.zeros(N_ELEMENTS)
     if not hasattr(neighbors, "edges") or not hasattr(neighbors, "edge_offsets"):
         return np.zeros((N_ELEMENTS, N_ELEMENTS)), reach  # on-the-fly lists: not computed (large data)
-    structures = np.asarray(structures, dtype=np.int64)
-    offsets, numbers = np.asarray(dataset.offsets), np.asarray(dataset.numbers, dtype=np.int64)
-    pos, cells = np.asarray(dataset.positions), np.asarray(dataset.cells)
-    for a in range(0, len(structures), chunk):
-        s = structures[a : a + chunk]
-        n = np.diff(offsets)[s]
-        atoms = np.repeat(offsets[s] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))  # the chunk's atoms
+    numbers = np.asarray(dataset.numbers, dtype=np.int64)
+    for atoms, gi, gj, d, centre in edge_lengths(dataset, neighbors, structures, chunk):
         nearest = np.full(len(atoms), np.inf)
-        i, j, shifts, counts = neighbors.edges(s)
-        if len(i):
-            owner = np.repeat(s, counts)
-            gi, gj = offsets[owner] + i, offsets[owner] + j
-            vec = pos[gj] - pos[gi] + np.einsum("ea,eab->eb", shifts.astype(np.float64), cells[owner])
-            d = np.linalg.norm(vec, axis=1)
-            np.minimum.at(out, (numbers[gi], numbers[gj]), d)
-            np.minimum.at(nearest, np.repeat(np.cumsum(n) - n, counts) + i, d)  # per atom of the chunk
+        np.minimum.at(out, (numbers[gi], numbers[gj]), d)
+        np.minimum.at(nearest, centre, d)
         np.maximum.at(reach, numbers[atoms], nearest)
     out = np.minimum(out, out.T)
     out[~np.isfinite(out)] = 0.0

@@ -19,6 +19,7 @@ import torch
 from multifi.config import RunConfig, blamed, dump_config, load_config
 from multifi.data.atomic_energies import as_table, check_binding, check_unchanged
 from multifi.data.checks import (
+    check_length_unit,
     check_overlaps,
     check_repeated_geometries,
     check_split_duplicates,
@@ -339,6 +340,7 @@ def _data_module(cfg: RunConfig, prep, module, config_source: str) -> MultiFidel
         neighbor_lists=cfg.data.neighbor_lists,
     )
     check_overlaps(prep.dataset, data.neighbors)
+    check_length_unit(prep.dataset, data.neighbors, prep.pairs["train"])
     train_structures = np.unique(prep.pairs["train"][:, 0])
     warn_structures_without_edges(prep.dataset, data.neighbors, train_structures)
     module.potential.head.record_contacts(*shortest_contacts(prep.dataset, data.neighbors, train_structures))
