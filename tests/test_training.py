@@ -973,6 +973,67 @@ def test_a_resume_from_an_epoch_end_checkpoint_trains_like_a_run_that_never_stop
     assert steps(cut) == steps(tmp_path / "s") == [(str(e + 1), str(5 * e + 5)) for e in range(6)]
 
 
+@pytest.mark.parametrize("where", ["inside an epoch", "at an epoch's end", "at the run's end"])
+def test_a_step_checkpoint_at_a_validation_step_holds_that_validation(write_config, tmp_path, monkeypatch, where):
+    """A step checkpoint due at a step that a validation follows (checkpoint_every_n_steps = val_every_n_steps, or
+    the steps of an epoch) was written before that validation: a run killed after it at its last step resumed
+    without that validation (its plateau step, early-stopping count, best score), so best.ckpt, model.pt and the
+    test errors changed. Now it is written after the validation: a run killed as the validation starts (a copy of
+    the run then) resumes from the checkpoint before, to the weights, metrics rows and best step of a run that never
+    stopped (5 steps per epoch here)."""
+    from lightning.pytorch.callbacks import Callback
+
+    import multifi.train.run as run_module
+
+    train_cfg = {"epochs": 100, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0, "lr": 0.02}
+    train_cfg.update(schedule="plateau", plateau_patience=1, plateau_factor=0.5, ema_decay=0.0)
+    every, copy_at = {"inside an epoch": (4, 8), "at an epoch's end": (5, 10), "at the run's end": (5, 20)}[where]
+    train_cfg.update(checkpoint_every_n_steps=every, **({"max_steps": 30} if copy_at < 20 else {"epochs": 4}))
+    if every == 4:
+        train_cfg.update(val_every_n_steps=4, early_stopping_steps=8)
+    else:
+        train_cfg.update(early_stopping_patience=2)
+    straight = load_config(write_config(name="s.yaml", train=train_cfg, output_dir=str(tmp_path / "s")))
+    cut = tmp_path / "cut"
+
+    class CopyAtValidation(Callback):  # what a kill as that step's validation starts leaves behind
+        def on_validation_start(self, trainer, *args):
+            if trainer.global_step == copy_at and not cut.exists():
+                shutil.copytree(tmp_path / "s", cut)
+
+    build = run_module.build_trainer
+
+    def with_copy(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.append(CopyAtValidation())
+        return trainer
+
+    monkeypatch.setattr(run_module, "build_trainer", with_copy)
+    train(straight)
+    monkeypatch.setattr(run_module, "build_trainer", build)
+    assert ckpt(cut / "checkpoints" / "last.ckpt")["global_step"] <= copy_at
+    resumed = load_config(cut / "config.yaml")
+    resumed.output_dir = str(cut)
+    train(resumed, resume=True)
+    a, b = (ckpt(d / "checkpoints" / "last.ckpt") for d in (cut, tmp_path / "s"))
+    assert a["global_step"] == b["global_step"]
+    for key, value in b["state_dict"].items():
+        assert torch.equal(a["state_dict"][key], value), key
+
+    def rows(d):
+        with open(d / "metrics.csv") as f:
+            return list(csv.DictReader(f))
+
+    assert rows(cut) == rows(tmp_path / "s") and sum(bool(r["val_loss"]) for r in rows(cut)) >= 4
+    first, again = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "s", cut))
+    assert (again["steps"], again["best_step"], again["best_monitored"]) == (
+        first["steps"],
+        first["best_step"],
+        first["best_monitored"],
+    )
+    assert again["fidelities"] == first["fidelities"]
+
+
 def test_resumes_from_an_epochs_last_step_keep_counting_epochs(write_config, tmp_path):
     """A checkpoint written after an epoch's last step but before the epoch closed (here the stop at max_steps =
     10, 5 steps per epoch; likewise a step checkpoint or Ctrl-C there): Lightning's restart from it left every

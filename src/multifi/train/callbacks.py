@@ -52,12 +52,35 @@ class RunCheckpoint(ModelCheckpoint):
     written at the end of the step during which SIGTERM came (a scheduler's time limit), in a single-process
     run: the resume continues from there, not from the last epoch end."""
 
+    _at_epoch_end: int | None = None  # the step whose checkpoint waits for the epoch's end
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """A step checkpoint due at a step that a validation follows is written once that validation and what
+        follows it at that step are done: at the validation's end (Lightning's deferred save) inside an epoch, at
+        the epoch's end after its last step (where the best checkpoint saves). Written before the validation, it
+        held none of its early-stopping count, schedule step and best score, and a run killed in between resumed
+        without them (at its last step, without that validation)."""
+        every = self._every_n_train_steps
+        due = self.monitor is None and every >= 1 and trainer.global_step % every == 0
+        if due and hasattr(self, "_defer_save_until_validation") and not self._should_skip_saving_checkpoint(trainer):
+            if _validation_due(trainer):
+                if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                    self._at_epoch_end = trainer.global_step
+                else:
+                    self._defer_save_until_validation = True
+                return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         terminated = trainer.received_sigterm and trainer.world_size == 1  # several: ranks learn of it at other steps
         if self.monitor is None and terminated and self._last_global_step_saved != trainer.global_step:
             if _nothing_else_due(trainer):
                 self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._at_epoch_end is not None and self._at_epoch_end == trainer.global_step:
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._at_epoch_end = None
 
     @property
     def state_key(self) -> str:
@@ -85,10 +108,16 @@ def _nothing_else_due(trainer) -> bool:
     loop = trainer.fit_loop.epoch_loop
     if trainer.should_stop or loop.batch_progress.is_last_batch or 0 < trainer.max_steps <= trainer.global_step:
         return False
+    return _validation_due(trainer) is False  # unknown (None): no checkpoint rather than a wrong one
+
+
+def _validation_due(trainer) -> bool | None:
+    """Whether Lightning validates after the step that just ended (it does so after the batch's hooks); None where
+    another Lightning's internals do not tell."""
     try:
-        return not loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
-    except (AttributeError, TypeError):  # another Lightning's internals: no checkpoint rather than a wrong one
-        return False
+        return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except (AttributeError, TypeError):
+        return None
 
 
 class FinalStepCheckpoint(Callback):

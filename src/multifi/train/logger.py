@@ -80,8 +80,8 @@ class RunCSVLogger(Logger):
             row["epoch"] = int(row["epoch"]) + 1
         rows = self._load()
         step = self.steps_done() if self.steps_done else int(step or 0) + 1
-        if self._n_old:  # first row after a resume: forget what the interrupted start logged from here on
-            rows[:] = [r for r in rows if int(float(r.get("step") or 0)) < step]
+        if self._n_old:  # first row after a resume: forget what the interrupted start logged after this step
+            rows[:] = [r for r in rows if int(float(r.get("step") or 0)) <= step]  # this step's: merged below
             self._n_old = 0
         if any(_is_epoch_training_value(k) for k in row):
             _drop_partial_epoch(rows, row.get("epoch"), step)
