@@ -177,6 +177,64 @@ def test_resume_without_checkpoint_starts_afresh(write_config, tmp_path, caplog)
     assert "1.0" not in (run_dir / "metrics.csv").read_text().split("\n")[1]
 
 
+def test_one_training_at_a_time_writes_a_run_directory(write_config, tmp_path):
+    """A second training (or resume) of a run directory another one holds is a one-line error before it writes
+    anything (both ran and mixed their files: one's config.yaml, the other's model.pt); one that wrote the folder
+    between this start's checks and its lock is refused too; the lock goes with its process."""
+    from multifi.files import held_lock
+    from multifi.train.run import RUN_LOCK, _check_unchanged_since_start, _checkpoint_stamp
+
+    train_cfg = {"epochs": 1, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0}
+    cfg = load_config(write_config(train=train_cfg, output_dir=str(tmp_path / "run")), [])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with held_lock(run_dir / RUN_LOCK, "this run directory"):
+        with pytest.raises(MultifiError, match=rf"run: this run directory is in use by process {os.getpid()}"):
+            train(cfg)
+        assert {p.name for p in run_dir.iterdir()} == {RUN_LOCK}
+    train(cfg)  # released: the same start runs
+    cfg.train.epochs = 2
+    with held_lock(run_dir / RUN_LOCK, "this run directory"):
+        with pytest.raises(MultifiError, match="in use by process"):
+            train(cfg, resume=True)
+    stamp = _checkpoint_stamp(run_dir)
+    _check_unchanged_since_start(run_dir, stamp)
+    os.utime(run_dir / "checkpoints" / "last.ckpt", ns=(1, 1))  # rewritten by another training meanwhile
+    with pytest.raises(MultifiError, match="another training wrote this run directory while this one started"):
+        _check_unchanged_since_start(run_dir, stamp)
+
+
+def test_a_folder_with_the_users_own_config_or_log_is_not_taken_for_a_run(write_config, tmp_path, capsys):
+    """output_dir holding the config being trained (its config.yaml) or files of the user's named like a run's
+    (train.log): refused, not taken for an unstarted run and overwritten; console output redirected into a run's
+    own train.log: refused."""
+    from test_cli import fails
+
+    own = tmp_path / "exp1"
+    own.mkdir()
+    config = write_config(output_dir=str(own))
+    (own / "config.yaml").write_text("# my notes\n" + config.read_text())
+    fails(["train", own / "config.yaml"], capsys, "exp1/config.yaml: the config lies in its own output_dir")
+    assert (own / "config.yaml").read_text().startswith("# my notes")
+    mine = tmp_path / "exp2"
+    mine.mkdir()
+    (mine / "train.log").write_text("my notes\n")
+    fails(["train", config, "--set", f"output_dir={mine}"], capsys, "run directory exists and is not empty")
+    assert (mine / "train.log").read_text() == "my notes\n"
+    run_dir = tmp_path / "run"
+    assert train(load_config(write_config(output_dir=str(run_dir)), ["train.epochs=1"])) == run_dir
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    with open(run_dir / "train.log", "a") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "multifi.cli.main", "train", "--resume", str(run_dir), "--set", "train.epochs=2"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+    assert done.returncode == 2 and "the console output is redirected into the run's own log" in done.stderr
+
+
 def test_config_error_leaves_run_dir_reusable(write_config, tmp_path):
     """A run that fails on a config/data mismatch must not block the corrected run."""
     path = write_config(train={"fidelity_sampling": {"nope": 1.0}})

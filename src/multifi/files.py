@@ -142,6 +142,30 @@ def _interrupted(exc: BaseException) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def held_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created, holding this process's id) for the block: a second
+    holder (another process) gets a one-line error naming `what` it protects; the kernel releases it when the
+    process ends, killed or not. Where the platform has no flock: no lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            raise MultifiError(f"{path.parent}: {what} is in use by process {holder} ({path.name})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
 def json_text(payload) -> str:
     """JSON of `payload` (indented) with every non-finite float as null: json.dumps writes NaN and Infinity, which
     are no JSON (strict parsers, jq, JavaScript reject the file)."""

@@ -32,7 +32,7 @@ from multifi.data.checks import (
 from multifi.data.split import TRAIN_LABELS, save_train_labels
 from multifi.data.stats import fit_references, shortest_contacts
 from multifi.errors import MultifiError
-from multifi.files import atomic_write, json_text, make_dir
+from multifi.files import atomic_write, held_lock, json_text, make_dir
 from multifi.logs import is_leader_process, quiet_lightning
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
@@ -204,7 +204,8 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
         check_checkpoint_settings(run_dir / "config.yaml", ckpt, cfg)
         if check_more_to_train(run_dir, ckpt, cfg):
             return run_dir
-    resume, blocked = _start_or_restart(run_dir, resume, ckpt is not None, leader, dry_run)
+    resume, blocked = _start_or_restart(run_dir, resume, ckpt is not None, leader, dry_run, config_source)
+    stamp = _checkpoint_stamp(run_dir)  # the state checked; looked at again once the run directory is locked
     log.info("run directory: %s", run_dir.resolve())
     configure_threads(cfg)
     hush_lightning()
@@ -224,36 +225,92 @@ def _train(cfg: RunConfig, resume: bool, config_source: str, dry_run: bool, run_
         if blocked is not None:
             raise MultifiError(f"{blocked} (config and data are valid)")
         return run_dir
-    # all checks passed: only now does the run directory get written
+    # all checks passed: only now does the run directory get written, by one training at a time
     make_dir(run_dir)
-    if leader:
-        _log_start(resumed, ckpt, trainer.world_size)
-    del resumed  # Lightning loads the checkpoint itself
-    if leader:
-        _write_start_files(cfg, run_dir, prep, resume, sources_now, run_log)
-    _fit(trainer, module, data, ckpt, run_dir)
-    best = final_checkpoint(trainer, run_dir)
-    if trainer.global_rank == 0:
-        _write_model_and_metrics(cfg, run_dir, prep, data, trainer, best, doubtful, run_log)
+    with held_lock(run_dir / RUN_LOCK, "this run directory") if leader else contextlib.nullcontext():
+        if leader:
+            _check_unchanged_since_start(run_dir, stamp)
+            _log_start(resumed, ckpt, trainer.world_size)
+        del resumed  # Lightning loads the checkpoint itself
+        if leader:
+            _write_start_files(cfg, run_dir, prep, resume, sources_now, run_log)
+        _fit(trainer, module, data, ckpt, run_dir)
+        best = final_checkpoint(trainer, run_dir)
+        if trainer.global_rank == 0:
+            _write_model_and_metrics(cfg, run_dir, prep, data, trainer, best, doubtful, run_log)
     return run_dir
 
 
-def _start_or_restart(run_dir: Path, resume: bool, has_ckpt: bool, leader: bool, dry_run: bool):
+def _start_or_restart(
+    run_dir: Path, resume: bool, has_ckpt: bool, leader: bool, dry_run: bool, config_source: str = ""
+):
     """(resume, blocked): a resume without a usable checkpoint starts the run again (not over a finished run's
     model); a new run needs a fresh folder. `blocked`: why a dry run's folder would stop the run itself (a dry
     run checks everything else first, then says so); None."""
+    if leader:
+        _check_output_not_redirected(run_dir)
     if resume and not has_ckpt:  # asked to continue this run: start it again (its unreadable checkpoints get replaced)
         _refuse_restarting_a_finished_run(run_dir)
         log.warning("%s: no checkpoint to resume from; starting the run from the beginning", run_dir)
         return False, None
     if leader and not resume:
         try:
-            _check_fresh_run_dir(run_dir)
+            _check_fresh_run_dir(run_dir, config_source)
         except MultifiError as exc:
             if not dry_run:
                 raise
             return resume, exc
     return resume, None
+
+
+#: the file a training holds locked while it writes its run directory (and the mark that a start wrote there)
+RUN_LOCK = ".multifi-run.lock"
+
+
+def _checkpoint_stamp(run_dir: Path) -> tuple:
+    """((name, size, modification time) of each checkpoint and of model.pt): what another training writing the
+    run directory changes."""
+    files = [*sorted((run_dir / "checkpoints").glob("*.ckpt")), run_dir / "model.pt"]
+    return tuple((p.name, info.st_size, info.st_mtime_ns) for p in files if (info := _stat(p)) is not None)
+
+
+def _stat(path: Path):
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def _check_unchanged_since_start(run_dir: Path, stamp: tuple) -> None:
+    """Once the run directory is locked: its checkpoints and model are those this start checked (another training
+    may have written them meanwhile, between the checks and the lock)."""
+    if _checkpoint_stamp(run_dir) != stamp:
+        raise MultifiError(
+            f"{run_dir}: another training wrote this run directory while this one started; look at what it holds "
+            f"(multifi train --resume {run_dir} continues it) or train into another output_dir"
+        )
+
+
+def _check_output_not_redirected(run_dir: Path) -> None:
+    """The console output is not sent into the run's own train.log (`… > RUN/train.log`): the run writes that
+    file itself, and the two would overwrite each other."""
+    import sys
+
+    log_file = run_dir / "train.log"
+    try:
+        target = log_file.stat()
+    except OSError:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            info = os.fstat(stream.fileno())
+        except (OSError, ValueError, AttributeError):  # no file behind it (captured, closed)
+            continue
+        if (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
+            raise MultifiError(
+                f"{log_file}: the console output is redirected into the run's own log, which the run writes itself; "
+                "redirect it to a file outside the run directory"
+            )
 
 
 def _prepared_data(cfg: RunConfig, run_dir: Path, resume: bool, leader: bool, config_source: str):
@@ -488,6 +545,7 @@ UNSTARTED_FILES = frozenset(
         "hparams.yaml",
         "checkpoints",
         "train.log",
+        ".multifi-run.lock",
     }
 )
 
@@ -512,16 +570,23 @@ def _refuse_restarting_a_finished_run(run_dir: Path) -> None:
         )
 
 
-def _check_fresh_run_dir(run_dir: Path) -> None:
-    """The output folder must be new, empty, or a run directory whose start wrote no checkpoint; and writable."""
+def _check_fresh_run_dir(run_dir: Path, config_source: str = "") -> None:
+    """The output folder must be new, empty, or a run directory whose start (marked by RUN_LOCK) wrote no
+    checkpoint; and writable. A folder holding the config being trained as its config.yaml is not a run's."""
     if run_dir.exists() and not run_dir.is_dir():
         raise MultifiError(f"{run_dir}: output_dir exists and is not a folder")
+    if config_source and Path(config_source).resolve() == (run_dir / "config.yaml").resolve():
+        raise MultifiError(
+            f"{config_source}: the config lies in its own output_dir as config.yaml, which the run writes itself; "
+            "keep it outside the run directory (or set another output_dir)"
+        )
     if run_dir.is_dir() and any(run_dir.iterdir()):
         names = {p.name for p in run_dir.iterdir()}
         no_checkpoint = not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("*.ckpt"))
         if no_checkpoint and (run_dir / "config.yaml").exists():  # a run's folder: --resume would not help it
             _refuse_restarting_a_finished_run(run_dir)
-        if _has_checkpoint(run_dir) or not names <= UNSTARTED_FILES:
+        started = RUN_LOCK in names  # files of a start of multifi's, not a user's config.yaml or train.log
+        if _has_checkpoint(run_dir) or not names <= UNSTARTED_FILES or not started:
             resumable = not no_checkpoint and (run_dir / "config.yaml").exists()
             raise MultifiError(
                 f"{run_dir}: run directory exists and is not empty; use "
