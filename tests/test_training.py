@@ -235,6 +235,23 @@ def test_a_folder_with_the_users_own_config_or_log_is_not_taken_for_a_run(write_
     assert done.returncode == 2 and "the console output is redirected into the run's own log" in done.stderr
 
 
+def test_a_resume_refuses_settings_of_a_new_runs_start(write_config, tmp_path):
+    """--resume with --set train.init_from / init_fidelities or output_dir: one-line errors (init_from was accepted,
+    did nothing, and config.yaml recorded it, resolved against the run directory)."""
+    from multifi.train.run import train_from_args
+
+    run_dir = train(load_config(write_config(output_dir=str(tmp_path / "run")), ["train.epochs=1"]))
+    before = (run_dir / "config.yaml").read_text()
+    for override, said in (
+        ("train.init_from=other/model.pt", "--set train.init_from=other/model.pt: a resumed run continues from"),
+        ("train.init_fidelities.lo=hi", "train.init_fidelities act on a new run's first step only"),
+        (f"output_dir={tmp_path / 'elsewhere'}", "a resumed run stays in its directory"),
+    ):
+        with pytest.raises(MultifiError, match=re.escape(said)):
+            train_from_args(None, [override, "train.epochs=2"], str(run_dir))
+    assert (run_dir / "config.yaml").read_text() == before
+
+
 def test_config_error_leaves_run_dir_reusable(write_config, tmp_path):
     """A run that fails on a config/data mismatch must not block the corrected run."""
     path = write_config(train={"fidelity_sampling": {"nope": 1.0}})
