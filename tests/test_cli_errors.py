@@ -423,6 +423,27 @@ def test_metrics_csv_one_training_mean_per_epoch_after_a_max_steps_run_is_contin
     assert [float(r["train_samples"]) for r in rows if r["train_loss_epoch"]] == [covered["5"]] * 2
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_train_log_has_a_line_per_validation_whatever_the_console(
+    write_config, tmp_path, caplog, monkeypatch, terminal
+):
+    """train.log held no validation lines when the run started on a terminal (a progress bar instead) or with
+    train.progress off; now it always does, and they stay off the console there (the console handlers' filter)."""
+    import multifi.train.logger as logger_module
+    from multifi.config import load_config
+    from multifi.logs import not_file_only
+    from multifi.train.run import train
+
+    monkeypatch.setattr(logger_module, "progress_bar_wanted", lambda progress: bool(progress) and terminal)
+    train_cfg = {"progress": terminal, "epochs": 2, "batch_size": 8, "threads": 1}
+    with caplog.at_level("INFO", logger="multifi"):
+        run_dir = train(load_config(write_config(train=train_cfg, output_dir=str(tmp_path / "run"))))
+    records = [r for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(records) == 2 and not any(not_file_only(r) for r in records)
+    logged = [line for line in (run_dir / "train.log").read_text().splitlines() if " INFO epoch " in line]
+    assert len(logged) == 2 and "epoch 1/2  step 5/10  val E MAE meV: hi " in logged[0]
+
+
 def test_epoch_line_without_a_terminal(write_config, tmp_path, caplog):
     """progress: true without a TTY (pytest captures stderr): one line per epoch, no progress bar."""
     from multifi.config import load_config

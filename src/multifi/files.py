@@ -146,7 +146,8 @@ def _interrupted(exc: BaseException) -> bool:
 def held_lock(path: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created, holding this process's id) for the block: a second
     holder (another process) gets a one-line error naming `what` it protects; the kernel releases it when the
-    process ends, killed or not. Where the platform has no flock: no lock."""
+    process ends, killed or not. The file is removed when the block ends without an error (left otherwise: a mark
+    of the start). Where the platform has no flock: no lock."""
     try:
         import fcntl
     except ImportError:  # not POSIX
@@ -162,6 +163,7 @@ def held_lock(path: Path, what: str) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
+        path.unlink(missing_ok=True)
     finally:
         os.close(fd)
 

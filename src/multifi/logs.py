@@ -21,6 +21,15 @@ LIGHTNING_WARNINGS = (
 )
 
 
+#: `extra` of a log record meant for train.log only (the per-validation lines while a progress bar shows them)
+FILE_ONLY = {"file_only": True}
+
+
+def not_file_only(record: logging.LogRecord) -> bool:
+    """A console handler's filter: records logged with FILE_ONLY stay out of it."""
+    return not getattr(record, "file_only", False)
+
+
 def quiet_lightning(verbose: bool = False) -> None:
     """Lightning's loggers at WARNING (INFO when `verbose`), its tips and known harmless warnings filtered."""
     for name in LIGHTNING_LOGGERS:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from multifi.errors import MultifiError, Terminated
-from multifi.logs import is_leader_process, quiet_lightning
+from multifi.logs import is_leader_process, not_file_only, quiet_lightning
 from multifi.ranks import end_with_parent
 
 COMMANDS = ("train", "extend", "evaluate", "predict", "info", "data", "config", "plot", "deploy", "calibrate", "select")
@@ -93,7 +93,11 @@ def _verbose_anywhere(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    before = list(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # third-party debug logs stay off with -v
+    for handler in logging.getLogger().handlers:  # the console it made: train.log's own lines stay out of it
+        if handler not in before:
+            handler.addFilter(not_file_only)
     logging.getLogger("multifi").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not is_leader_process():  # further ranks of a multi-process training: their log would repeat rank 0's
         logging.getLogger("multifi").setLevel(logging.ERROR)

@@ -1,4 +1,5 @@
-"""What a run reports: metrics.csv (one dense row per validation) and, without a terminal, one log line per epoch."""
+"""What a run reports: metrics.csv (one dense row per validation) and one log line per validation (train.log; the
+console without a terminal)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from multifi.keys import (
     is_val_key,
     val_key_fidelity,
 )
+from multifi.logs import FILE_ONLY
 
 log = logging.getLogger("multifi")
 
@@ -137,12 +139,14 @@ def _number(v):
 
 
 class EpochLine(L.Callback):
-    """One log line per validation, for logs without a terminal (CI, nohup, SLURM), where a progress bar
-    would write one endless line: epoch, step, validation energy MAE per fidelity in meV and meV/atom, force MAE in
-    meV/Å, val loss, lr, time."""
+    """One log line per validation (in logs without a terminal, CI, nohup, SLURM, where a progress bar would write one
+    endless line): epoch, step, validation energy MAE per fidelity in meV and meV/atom, force MAE in meV/Å, val loss,
+    lr, time since the last line. `file_only`: into train.log, not onto the console (a progress bar shows there, or
+    train.progress is off)."""
 
-    def __init__(self):
+    def __init__(self, file_only: bool = False):
         self._t0 = time.perf_counter()
+        self.file_only = file_only
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
@@ -184,7 +188,7 @@ class EpochLine(L.Callback):
         now = time.perf_counter()
         parts.append(f"{now - self._t0:.1f} s")
         self._t0 = now
-        log.info("  ".join(parts))
+        log.info("  ".join(parts), extra=FILE_ONLY if self.file_only else None)
 
 
 def _finite(v) -> bool:

@@ -199,10 +199,11 @@ class PotentialModule(L.LightningModule):
             self.log("lr", float(lr), sync_dist=False, rank_zero_only=True)
 
     def configure_callbacks(self):
-        """Without a terminal, one log line per validation instead of a progress bar."""
+        """One log line per validation: in train.log always, on the console where no progress bar shows
+        (train.progress on, no terminal)."""
         from multifi.train.logger import EpochLine, progress_bar_wanted
 
-        return [EpochLine()] if self.train_cfg.progress and not progress_bar_wanted(True) else []
+        return [EpochLine(file_only=not self.train_cfg.progress or progress_bar_wanted(True))]
 
     def on_fit_start(self):
         """Training is a long run of same-sized steps: glibc's malloc keeps their freed memory for the next step

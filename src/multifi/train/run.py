@@ -33,7 +33,7 @@ from multifi.data.split import TRAIN_LABELS, save_train_labels
 from multifi.data.stats import fit_references, shortest_contacts
 from multifi.errors import MultifiError
 from multifi.files import atomic_write, held_lock, json_text, make_dir
-from multifi.logs import is_leader_process, quiet_lightning
+from multifi.logs import is_leader_process, not_file_only, quiet_lightning
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
 from multifi.train.module import PotentialModule
@@ -150,6 +150,7 @@ class RunLog:
         if not log.hasHandlers():  # nothing would show the warnings (Python's last resort skips a logger with one)
             self._console = logging.StreamHandler()
             self._console.setFormatter(logging.Formatter("%(message)s"))
+            self._console.addFilter(not_file_only)
             log.addHandler(self._console)
             if log.level == logging.NOTSET and log.getEffectiveLevel() > logging.INFO:
                 log.setLevel(logging.INFO)  # the plan (run directory, splits, sampling) too, and in train.log
@@ -545,7 +546,7 @@ UNSTARTED_FILES = frozenset(
         "hparams.yaml",
         "checkpoints",
         "train.log",
-        ".multifi-run.lock",
+        RUN_LOCK,
     }
 )
 
