@@ -268,3 +268,41 @@ def test_two_processes_resumed_inside_an_epoch_log_the_epoch_means_of_a_run_that
     got, want = means("cut"), means("straight")
     assert [e for e, _ in got] == [e for e, _ in want] == ["1", "2", "3", "4"]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)
+
+
+def _epoch_loss_of_rank(rank: int, port: int, losses: list, out: str) -> None:
+    """One process of test_the_log_lines_train_loss_is_every_processs: its _epoch_train_loss."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from multifi.keys import TRAIN_LOSS_EPOCH
+    from multifi.train.logger import _epoch_train_loss
+    from multifi.train.module import EpochSums
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        sums = EpochSums()
+        for value, n in losses[rank]:
+            sums.add({TRAIN_LOSS_EPOCH: torch.tensor(value)}, n)
+        module = SimpleNamespace(epoch_sums=sums, device=torch.device("cpu"))
+        loss = _epoch_train_loss(SimpleNamespace(world_size=2), module)
+        Path(out, f"rank{rank}").write_text(repr(loss))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_log_lines_train_loss_is_every_processs(tmp_path):
+    """The per-validation log line's training loss with 2 processes: the mean of their means, as metrics.csv's
+    train_loss_epoch (it showed process 0's alone)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    losses = [[(1.0, 4), (3.0, 4)], [(10.0, 8)]]  # process means 2.0 and 10.0
+    mp.spawn(_epoch_loss_of_rank, args=(port, losses, str(tmp_path)), nprocs=2)
+    assert [float((tmp_path / f"rank{r}").read_text()) for r in (0, 1)] == [6.0, 6.0]

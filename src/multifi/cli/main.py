@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         hint = f"; {exc}" if str(exc) else ""
         terminated = isinstance(exc, Terminated)
-        print(f"multifi: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+        if is_leader_process():  # the further ranks of a multi-process training would repeat it
+            print(f"multifi: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
         return 143 if terminated else 130
 
 

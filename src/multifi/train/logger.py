@@ -162,13 +162,13 @@ class EpochLine(L.Callback):
 
     def _line(self, trainer, pl_module, validated: bool = True) -> None:
         self._last_step = trainer.global_step
+        train_loss = _epoch_train_loss(trainer, pl_module)  # on every process: a collective with several
         if trainer.global_rank != 0:
             return
         m = {k: _number(v) for k, v in trainer.callback_metrics.items() if validated or not k.startswith("val")}
         # without a validation at this step, the last one's numbers would read as this step's: left out
-        sums = getattr(pl_module, "epoch_sums", None)  # this epoch's, not yet logged when callbacks run
-        if sums is not None and TRAIN_LOSS_EPOCH in sums.means():
-            m[TRAIN_LOSS_EPOCH] = float(sums.means()[TRAIN_LOSS_EPOCH])
+        if train_loss is not None:
+            m[TRAIN_LOSS_EPOCH] = train_loss
         steps = _step_limit(trainer)
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}{steps}"]
         for key, what in ((ENERGY_MAE, "val E MAE meV"), (ENERGY_MAE_PER_ATOM, "meV/atom"), (FORCES_MAE, "F meV/Å")):
@@ -189,6 +189,22 @@ class EpochLine(L.Callback):
         parts.append(f"{now - self._t0:.1f} s")
         self._t0 = now
         log.info("  ".join(parts), extra=FILE_ONLY if self.file_only else None)
+
+
+def _epoch_train_loss(trainer, pl_module) -> float | None:
+    """This epoch's training loss so far (not yet logged when callbacks run), averaged over the processes as
+    metrics.csv's train_loss_epoch is (each process's mean, then their mean); None before any step."""
+    import torch
+
+    sums = getattr(pl_module, "epoch_sums", None)
+    mean = sums.means().get(TRAIN_LOSS_EPOCH) if sums is not None else None
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        both = torch.tensor(
+            [float(mean) if mean is not None else 0.0, float(mean is not None)], device=pl_module.device
+        )
+        torch.distributed.all_reduce(both)
+        return float(both[0] / both[1]) if both[1] > 0 else None
+    return None if mean is None else float(mean)
 
 
 def _finite(v) -> bool:
