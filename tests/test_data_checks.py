@@ -19,6 +19,7 @@ from multifi.data.checks import (
     check_repeated_geometries,
     check_split_duplicates,
     geometry_fingerprints,
+    geometry_groups,
 )
 from multifi.data.dataset import FidelityDataset
 from multifi.data.neighbors import NeighborCache
@@ -104,16 +105,24 @@ def test_a_geometry_repeated_under_another_key_is_reported_wherever_it_lands(cap
     assert (
         check_repeated_geometries(FidelityDataset.from_records(recs + [dict(recs[3], key="bent", positions=bent)])) == 0
     )
-    # the molecule moved, turned, mirrored and renumbered, coordinates printed to 3 decimals: a copy
+    # the molecule moved, turned, mirrored and renumbered, coordinates printed to 4 decimals: a copy
     theta = 0.7
     turn = np.array([[np.cos(theta), -np.sin(theta), 0.0], [np.sin(theta), np.cos(theta), 0.0], [0.0, 0.0, -1.0]])
     order = np.arange(len(recs[3]["numbers"]))[::-1]
-    moved = np.round((np.asarray(recs[3]["positions"]) @ turn.T + [3.0, -1.0, 0.5])[order], 3)
+    moved = np.round((np.asarray(recs[3]["positions"]) @ turn.T + [3.0, -1.0, 0.5])[order], 4)
     copy = dict(recs[3], key="moved", positions=moved, numbers=np.asarray(recs[3]["numbers"])[order])
     with_copy = FidelityDataset.from_records(recs + [copy])
     assert check_repeated_geometries(with_copy) == 1
     split = Split(train=np.arange(0, 8), val=np.arange(8, 12), test=np.array([12]))
     assert check_split_duplicates(with_copy, split) == 1  # a test structure moved from the training split
+    # finite-difference displacements (1e-3 Å) are other geometries; a scan in steps below the tolerance is
+    # compared with its first frame, not chained: frames 0 and 1 one geometry, 2 (3e-4 Å from 0) another
+    scan = []
+    for i, shift in enumerate((0.0, 1.5e-4, 3e-4, 1e-3)):
+        pos = np.array(recs[3]["positions"], dtype=float)
+        pos[1] += [0.0, 0.0, shift]
+        scan.append(dict(recs[3], key=f"scan{i}", positions=pos))
+    assert geometry_groups(FidelityDataset.from_records(scan)).tolist() == [0, 0, 2, 3]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="multifi"):
         check_repeated_geometries(ds)

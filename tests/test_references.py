@@ -215,8 +215,14 @@ def test_prediction_at_a_fidelity_without_any_training_label_says_its_embedding_
     embedding never trained; said instead of the per-element estimate."""
     run_dir, _, _ = run_without_n
     pot = load_potential(run_dir / "model.pt")
-    with torch.no_grad():
+    assert pot.spec["data"]["train"]["hi"] > 0
+    with torch.no_grad():  # as a run with train_limits {hi: 0} has it: no reference fitted, no label counted
         pot.head.fitted[:, pot.fidelities.index("hi")] = False
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        predict_atoms(pot, [rattled_molecule("H2O", 0)], "hi")  # hi labels recorded: its references estimated
+    assert "of H, O were estimated" in caplog.text and "never trained" not in caplog.text
+    caplog.clear()
+    pot.spec["data"]["train"]["hi"] = 0
     with caplog.at_level(logging.WARNING, logger="multifi"):
         predict_atoms(pot, [rattled_molecule("H2O", 0)], "hi")
         predict_atoms(pot, [rattled_molecule("H2O", 0)], "lo")

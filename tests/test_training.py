@@ -1048,21 +1048,26 @@ def test_a_resume_from_an_epoch_end_checkpoint_trains_like_a_run_that_never_stop
     assert steps(cut) == steps(tmp_path / "s") == [(str(e + 1), str(5 * e + 5)) for e in range(6)]
 
 
-@pytest.mark.parametrize("where", ["inside an epoch", "at an epoch's end", "at the run's end"])
+@pytest.mark.parametrize(
+    "where", ["inside an epoch", "after it inside an epoch", "at an epoch's end", "at the run's end"]
+)
 def test_a_step_checkpoint_at_a_validation_step_holds_that_validation(write_config, tmp_path, monkeypatch, where):
     """A step checkpoint due at a step that a validation follows (checkpoint_every_n_steps = val_every_n_steps, or
     the steps of an epoch) was written before that validation: a run killed after it at its last step resumed
     without that validation (its plateau step, early-stopping count, best score), so best.ckpt, model.pt and the
-    test errors changed. Now it is written after the validation: a run killed as the validation starts (a copy of
-    the run then) resumes from the checkpoint before, to the weights, metrics rows and best step of a run that never
-    stopped (5 steps per epoch here)."""
+    test errors changed. Now it is written after the validation and the plateau schedule's step at it (which ran
+    after the checkpoint callbacks, so a checkpoint at a validation's end lacked it): a run killed as the validation
+    starts (a copy of the run then), or once the checkpoint is written, resumes to the weights, metrics rows and
+    best step of a run that never stopped (5 steps per epoch here)."""
     from lightning.pytorch.callbacks import Callback
 
     import multifi.train.run as run_module
 
-    train_cfg = {"epochs": 100, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0, "lr": 0.02}
-    train_cfg.update(schedule="plateau", plateau_patience=1, plateau_factor=0.5, ema_decay=0.0)
-    every, copy_at = {"inside an epoch": (4, 8), "at an epoch's end": (5, 10), "at the run's end": (5, 20)}[where]
+    train_cfg = {"epochs": 100, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0, "lr": 1e-6}
+    train_cfg.update(schedule="plateau", plateau_patience=0, plateau_factor=0.5, ema_decay=0.0)
+    # lr 1e-6: no validation improves by the schedule's threshold, so each one (patience 0) halves the rate
+    every, copy_at = {"at an epoch's end": (5, 10), "at the run's end": (5, 20)}.get(where, (4, 8))
+    after = where.startswith("after")  # a kill once the step's checkpoint is written: the next step's start
     train_cfg.update(checkpoint_every_n_steps=every, **({"max_steps": 30} if copy_at < 20 else {"epochs": 4}))
     if every == 4:
         train_cfg.update(val_every_n_steps=4, early_stopping_steps=8)
@@ -1071,9 +1076,13 @@ def test_a_step_checkpoint_at_a_validation_step_holds_that_validation(write_conf
     straight = load_config(write_config(name="s.yaml", train=train_cfg, output_dir=str(tmp_path / "s")))
     cut = tmp_path / "cut"
 
-    class CopyAtValidation(Callback):  # what a kill as that step's validation starts leaves behind
+    class CopyAtValidation(Callback):  # what a kill as that step's validation starts (or after it) leaves behind
         def on_validation_start(self, trainer, *args):
-            if trainer.global_step == copy_at and not cut.exists():
+            if trainer.global_step == copy_at and not cut.exists() and not after:
+                shutil.copytree(tmp_path / "s", cut)
+
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == copy_at + 1 and not cut.exists() and after:
                 shutil.copytree(tmp_path / "s", cut)
 
     build = run_module.build_trainer
@@ -1086,7 +1095,7 @@ def test_a_step_checkpoint_at_a_validation_step_holds_that_validation(write_conf
     monkeypatch.setattr(run_module, "build_trainer", with_copy)
     train(straight)
     monkeypatch.setattr(run_module, "build_trainer", build)
-    assert ckpt(cut / "checkpoints" / "last.ckpt")["global_step"] <= copy_at
+    assert ckpt(cut / "checkpoints" / "last.ckpt")["global_step"] == (copy_at if after else copy_at - every)
     resumed = load_config(cut / "config.yaml")
     resumed.output_dir = str(cut)
     train(resumed, resume=True)

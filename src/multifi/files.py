@@ -160,6 +160,8 @@ def held_lock(path: Path, what: str) -> Iterator[None]:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             raise MultifiError(f"{path.parent}: {what} is in use by process {holder} ({path.name})") from None
+        except OSError as exc:  # a file system without locks (NFS without lockd, Lustre mounted noflock)
+            log.warning("%s: no lock on this file system (%s): nothing keeps a second process from it", path, exc)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield

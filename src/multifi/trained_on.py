@@ -92,13 +92,17 @@ def trained_keys(checkpoint) -> tuple[set[tuple[str, str | None]], object]:
 def _trained_by_geometry(old, ds, pairs, known: set) -> set[tuple[str, str]]:
     """(key, fidelity name) of the evaluated pairs, not in `known`, whose molecule is a training molecule of the run
     `old` at that fidelity by geometry (same_molecules: distances within 2e-3 Å, coordinates printed to 3
-    decimals; up to rotation and atom order), whatever their keys (a training molecule under another key is one
-    too). Crystals are not searched (a pairwise search over near-identical cells grows with the square of the
-    training set)."""
-    from multifi.data.dataset import GEOMETRY_TOLERANCE
+    decimals; up to rotation and atom order): where a key was made from the geometry on either side (a file
+    without keys, or a run trained without them), and whatever the keys (a training molecule under another key)
+    up to MOLECULE_SEARCH_LIMIT molecules on both sides together. Crystals are not searched (a pairwise search over
+    near-identical cells grows with the square of the training set)."""
+    from multifi.data.checks import MOLECULE_SEARCH_LIMIT
+    from multifi.data.dataset import GEOMETRY_KEY_PREFIX, GEOMETRY_TOLERANCE
     from multifi.data.same_geometry import same_molecules
 
     names, old_names = ds.fidelities.names, old.dataset.fidelities.names
+    hashed = np.char.startswith(np.asarray(ds.keys, dtype=str), GEOMETRY_KEY_PREFIX)
+    run_hashed = np.char.startswith(np.asarray(old.dataset.keys, dtype=str), GEOMETRY_KEY_PREFIX)
     out = set()
     for k, name in enumerate(names):
         if name not in old_names:
@@ -106,7 +110,8 @@ def _trained_by_geometry(old, ds, pairs, known: set) -> set[tuple[str, str]]:
         mine = pairs[(pairs[:, 1] == k)][:, 0]
         mine = np.array([s for s in mine.tolist() if (str(ds.keys[s]), name) not in known], dtype=np.int64)
         theirs = np.unique(old.train[old.train[:, 1] == old_names.index(name), 0])
-        if not len(mine) or not len(theirs):
+        small = len(mine) + len(theirs) <= MOLECULE_SEARCH_LIMIT
+        if not len(mine) or not len(theirs) or not (small or hashed[mine].any() or run_hashed[theirs].any()):
             continue
         copies = same_molecules(ds.subset(mine), old.dataset.subset(theirs), GEOMETRY_TOLERANCE)
         out |= {(str(ds.keys[s]), name) for s in mine[copies].tolist()}

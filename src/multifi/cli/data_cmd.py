@@ -231,32 +231,39 @@ READ_INFO |= {"charge", "total_charge", "spin", "total_spin", "multiplicity", "s
 
 def warn_info_not_kept(sources, out) -> None:
     """Warn of the per-frame info keys (MACE's config_type, a system name…) of the ASE-readable `sources`
-    (SourceConfigs; each file's first INFO_FRAMES frames looked at) that the converted dataset `out` does not keep:
-    it holds structures, their keys, fidelities and labels."""
+    (SourceConfigs; each file's first INFO_FRAMES frames looked at, read lazily) that the converted dataset `out`
+    does not keep: it holds structures, their keys, fidelities and labels (those any source reads from the file)."""
     import itertools
     import logging
     from pathlib import Path
 
-    from multifi.data.readers.ase_files import MACE_WEIGHTS, read_frames
+    import ase.io
+
+    from multifi.data.readers.ase_files import MACE_WEIGHTS
     from multifi.data.sources import guess_format
 
+    read: dict[str, set] = {}  # file → the info keys some source reads from it
     for src in sources:
         if src.path is None or src.format not in ("auto", "ase") or guess_format(Path(src.path)) != "ase":
             continue
-        read = READ_INFO | set(MACE_WEIGHTS.values())
-        read |= {k for k in (src.energy_key, src.forces_key, src.stress_key, src.fidelity_key) if k}
+        keys = {k for k in (src.energy_key, src.forces_key, src.stress_key, src.fidelity_key) if k}
+        read.setdefault(src.path, READ_INFO | set(MACE_WEIGHTS.values())).update(keys)
+    for path, kept in read.items():
         frames: dict[str, int] = {}
         looked = 0
-        for atoms in itertools.islice(read_frames(Path(src.path), src.index), INFO_FRAMES):
-            looked += 1
-            for key in atoms.info:
-                if key not in read:
-                    frames[key] = frames.get(key, 0) + 1
+        try:  # the file was read already: a second look that fails says nothing new
+            for atoms in itertools.islice(ase.io.iread(path, index=":"), INFO_FRAMES):
+                looked += 1
+                for key in atoms.info:
+                    if key not in kept:
+                        frames[key] = frames.get(key, 0) + 1
+        except Exception:  # noqa: BLE001 - ASE raises many kinds
+            continue
         if frames:
             logging.getLogger("multifi").warning(
                 "%s: info %s of its frames not kept in %s, which holds the structures, their keys, fidelities and "
                 "labels (evaluate --group-by %s reads the original file)",
-                src.path,
+                path,
                 ", ".join(f"{k!r} (in {n} of {looked} frames read)" for k, n in frames.items()),
                 out,
                 next(iter(frames)),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from multifi.data.cells import MIN_MEASURE, complete_cells
-from multifi.data.dataset import GEOMETRY_TOLERANCE, FidelityDataset, ranges
+from multifi.data.dataset import FidelityDataset, ranges
 from multifi.data.isolated import ISOLATED_IMAGE_DISTANCE, isolated_atoms  # noqa: F401 - re-exported
 from multifi.data.same_geometry import DUPLICATE_TOLERANCE, MoleculeTable, first_of_same_geometry
 from multifi.errors import MultifiError
@@ -164,31 +164,40 @@ def _member(x: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
     return sorted_pool[pos] == x
 
 
+#: Å: molecules moved, turned, mirrored or renumbered whose sorted distances agree this well count as copies in the
+#: repeat and split checks: copies printed to 4 decimals (errors up to 1.7e-4 Å relative to another atom) do;
+#: finite-difference displacements (1e-3 Å and more) stay apart (2e-3, evaluate's tolerance for training
+#: molecules, joined a finite-difference set's frames and, by chains of them, a scan of 1.5e-3 Å steps)
+MOLECULE_COPY_TOLERANCE = 2e-4
+#: molecules beyond which the repeat checks compare coordinates only (the search by distances looks at every
+#: molecule of a similar size: minutes for a million frames of one molecule's dynamics)
+MOLECULE_SEARCH_LIMIT = 200_000
+
+
 def geometry_groups(dataset: FidelityDataset) -> np.ndarray:
-    """[S] int64: for each structure the lowest index of the structures of its geometry: within DUPLICATE_TOLERANCE
-    (geometry_fingerprints), and for molecules also up to translation, rotation, reflection and atom order within
-    GEOMETRY_TOLERANCE (MoleculeTable: a copy moved, turned, renumbered or printed to 3 decimals; a mirror image,
-    whose energies every method gives alike)."""
+    """[S] int64: for each structure the first structure of its geometry that is no copy itself (itself when
+    none): within DUPLICATE_TOLERANCE (geometry_fingerprints), and for molecules also up to translation, rotation,
+    reflection and atom order within MOLECULE_COPY_TOLERANCE (MoleculeTable; up to MOLECULE_SEARCH_LIMIT molecules).
+    No chains: a copy of a copy is compared with the first, not joined through the second."""
     fp = geometry_fingerprints(dataset)
     _, first, group = np.unique(fp, return_index=True, return_inverse=True)
-    root = first[group].astype(np.int64)  # [S] each structure's first of its fingerprint (a root: root[r] == r)
+    groups = first[group].astype(np.int64)
     molecules = np.flatnonzero(~np.asarray(dataset.pbc).any(1))
-    if len(molecules) > 1:
-        table = MoleculeTable(dataset, GEOMETRY_TOLERANCE)
-        for s in molecules.tolist():
-            t = table.find(dataset, s, below=s)
-            if t is not None:  # join the two groups under the lower root
-                a, b = _root(root, s), _root(root, t)
-                root[max(a, b)] = min(a, b)
-    for s in range(len(root)):  # every structure to its group's root (roots come before their members)
-        root[s] = root[root[s]]
-    return root
-
-
-def _root(root: np.ndarray, s: int) -> int:
-    while root[s] != s:
-        s = int(root[s])
-    return s
+    if len(molecules) > MOLECULE_SEARCH_LIMIT:
+        log.info(
+            "%d molecules: copies moved, turned or renumbered under another key are not looked for (beyond %d)",
+            len(molecules),
+            MOLECULE_SEARCH_LIMIT,
+        )
+    elif len(molecules) > 1:
+        table = MoleculeTable(dataset, MOLECULE_COPY_TOLERANCE)
+        own = groups == np.arange(len(groups))  # structures that are no copy (of coordinates) themselves
+        for s in molecules[own[molecules]].tolist():
+            t = table.find(dataset, s, allowed=own, below=s)
+            if t is not None:
+                groups[groups == s] = t  # s and its coordinate copies
+                own[s] = False
+    return groups
 
 
 def check_repeated_geometries(dataset: FidelityDataset, groups: np.ndarray | None = None) -> int:
@@ -206,12 +215,13 @@ def check_repeated_geometries(dataset: FidelityDataset, groups: np.ndarray | Non
             "%s: %d structure(s) repeat the geometry of another under a different key (e.g. %s and %s): they stay "
             "separate structures and their labels count again; to merge copies into one structure with labels at "
             "several fidelities give them the same key (info['key']; a MatPES record's key is 'matpes:<matpes_id>') "
-            "(copies: within %g Å, molecules also moved, turned, mirrored or renumbered)",
+            "(copies: within %g Å, molecules also moved, turned, mirrored or renumbered within %g Å)",
             dataset.source or "data",
             len(repeats),
             dataset.keys[groups[s]],
             dataset.keys[s],
-            GEOMETRY_TOLERANCE,
+            DUPLICATE_TOLERANCE,
+            MOLECULE_COPY_TOLERANCE,
         )
         _warn_contradicting_copies(dataset, repeats, groups[repeats])
     return len(repeats)

@@ -172,9 +172,7 @@ def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: s
             f"estimated from the other fidelities (no {name} training label contained {'it' if one else 'them'}); "
             f"expect larger {name} energy errors for structures with {symbols}"
         )
-        if (
-            not potential.head.shared_baseline and not potential.head.fitted[:, int(k)].any()
-        ):  # no label at all: the fidelity's conditioning never trained
+        if _had_no_training_labels(potential, name):  # its conditioning never trained either
             msg = (
                 f"{prefix}the model had no {name} training labels: its {name} embedding was never trained and the "
                 f"{name} reference energies of {symbols} were estimated from the other fidelities; its {name} "
@@ -183,6 +181,13 @@ def _report_estimated(potential, numbers: np.ndarray, fid: np.ndarray, prefix: s
         _refuse_or_warn(msg, strict)
         if seen is not None:
             seen.update((int(k), z) for z in new)
+
+
+def _had_no_training_labels(potential, name: str) -> bool:
+    """Whether the model's run had no training label at fidelity `name` (the model card's counts, spec["data"]);
+    False where they are not recorded (a training checkpoint)."""
+    counts = (getattr(potential, "spec", None) or {}).get("data", {}).get("train")
+    return isinstance(counts, dict) and bool(counts) and not counts.get(name)
 
 
 def _report_given(potential, numbers: np.ndarray, fid: np.ndarray, prefix: str, seen) -> None:

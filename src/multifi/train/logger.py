@@ -198,7 +198,11 @@ def _epoch_train_loss(trainer, pl_module) -> float | None:
 
     sums = getattr(pl_module, "epoch_sums", None)
     mean = sums.means().get(TRAIN_LOSS_EPOCH) if sums is not None else None
-    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if (
+        getattr(trainer, "world_size", 1) > 1
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
         both = torch.tensor(
             [float(mean) if mean is not None else 0.0, float(mean is not None)], device=pl_module.device
         )

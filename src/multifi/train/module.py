@@ -203,7 +203,7 @@ class PotentialModule(L.LightningModule):
         (train.progress on, no terminal)."""
         from multifi.train.logger import EpochLine, progress_bar_wanted
 
-        return [EpochLine(file_only=not self.train_cfg.progress or progress_bar_wanted(True))]
+        return [EpochLine(file_only=not self.train_cfg.progress or progress_bar_wanted(True)), PlateauStep()]
 
     def on_fit_start(self):
         """Training is a long run of same-sized steps: glibc's malloc keeps their freed memory for the next step
@@ -256,8 +256,9 @@ class PotentialModule(L.LightningModule):
     _plateau = None
     _plateau_state = None
 
-    def on_validation_end(self):
-        """Reduce the learning rate when the monitored validation error stopped improving (plateau schedule)."""
+    def step_plateau(self):
+        """Reduce the learning rate when the monitored validation error stopped improving (plateau schedule); called
+        by PlateauStep at each validation's end."""
         if self._plateau is None or self.trainer.sanity_checking:
             return
         value = self.trainer.callback_metrics.get(self.train_cfg.monitor_key)
@@ -341,6 +342,15 @@ class PotentialModule(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.ema is not None:  # here, not in on_train_batch_end: checkpoint callbacks run before that hook
             self._update_ema()
+
+
+class PlateauStep(L.Callback):
+    """The plateau schedule's step at each validation's end, as a callback: Lightning runs callbacks' hooks before
+    the module's and the checkpoint callbacks' last, so a checkpoint written at that validation's end holds the
+    step (the module's own hook ran after it, and a resume from it lost the step)."""
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pl_module.step_plateau()
 
 
 class EpochSums:

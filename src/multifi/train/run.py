@@ -572,8 +572,8 @@ def _refuse_restarting_a_finished_run(run_dir: Path) -> None:
 
 
 def _check_fresh_run_dir(run_dir: Path, config_source: str = "") -> None:
-    """The output folder must be new, empty, or a run directory whose start (marked by RUN_LOCK) wrote no
-    checkpoint; and writable. A folder holding the config being trained as its config.yaml is not a run's."""
+    """The output folder must be new, empty, or a run directory whose start (its lock file, or its config.yaml
+    beside its split or data files) wrote no checkpoint; and writable. A folder holding the config being trained as its config.yaml is not a run's."""
     if run_dir.exists() and not run_dir.is_dir():
         raise MultifiError(f"{run_dir}: output_dir exists and is not a folder")
     if config_source and Path(config_source).resolve() == (run_dir / "config.yaml").resolve():
@@ -586,7 +586,11 @@ def _check_fresh_run_dir(run_dir: Path, config_source: str = "") -> None:
         no_checkpoint = not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("*.ckpt"))
         if no_checkpoint and (run_dir / "config.yaml").exists():  # a run's folder: --resume would not help it
             _refuse_restarting_a_finished_run(run_dir)
-        started = RUN_LOCK in names  # files of a start of multifi's, not a user's config.yaml or train.log
+        # files of a start of multifi's (its lock file; before it, config.yaml with the split or data files beside),
+        # not a user's own config.yaml or train.log
+        started = RUN_LOCK in names or (
+            "config.yaml" in names and bool(names & {"splits.json", SOURCES, "dataset.npz"})
+        )
         if _has_checkpoint(run_dir) or not names <= UNSTARTED_FILES or not started:
             resumable = not no_checkpoint and (run_dir / "config.yaml").exists()
             raise MultifiError(
