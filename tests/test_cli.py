@@ -606,6 +606,19 @@ def test_data_convert_says_which_per_frame_info_the_dataset_does_not_keep(tmp_pa
     with caplog.at_level(logging.WARNING, logger="multifi"):
         assert run(["data", "convert", tmp_path / "t.npz", "--out", tmp_path / "t.extxyz"], capsys)[0] == 0
     assert "not kept" not in caplog.text
+    for a in frames:  # one file read as two sources, each with its own energy key: both keys are kept
+        a.calc = None
+        a.info = {"REF_energy_a": -10.0 * len(a), "REF_energy_b": -11.0 * len(a)}
+    ase.io.write(tmp_path / "two.extxyz", frames, format="extxyz")
+    config = tmp_path / "two.yaml"
+    sources = [
+        {"path": str(tmp_path / "two.extxyz"), "fidelity": n, "energy_key": f"REF_energy_{n}"} for n in ("a", "b")
+    ]
+    config.write_text(yaml.safe_dump({"data": {"sources": sources}}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="multifi"):
+        assert run(["data", "convert", "--config", config, "--out", tmp_path / "two.npz"], capsys)[0] == 0
+    assert "not kept" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -177,7 +177,7 @@ def test_resume_without_checkpoint_starts_afresh(write_config, tmp_path, caplog)
     assert "1.0" not in (run_dir / "metrics.csv").read_text().split("\n")[1]
 
 
-def test_one_training_at_a_time_writes_a_run_directory(write_config, tmp_path):
+def test_one_training_at_a_time_writes_a_run_directory(write_config, tmp_path, monkeypatch, caplog):
     """A second training (or resume) of a run directory another one holds is a one-line error before it writes
     anything (both ran and mixed their files: one's config.yaml, the other's model.pt); one that wrote the folder
     between this start's checks and its lock is refused too; the lock goes with its process."""
@@ -197,6 +197,17 @@ def test_one_training_at_a_time_writes_a_run_directory(write_config, tmp_path):
     with held_lock(run_dir / RUN_LOCK, "this run directory"):
         with pytest.raises(MultifiError, match="in use by process"):
             train(cfg, resume=True)
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # NFS without lockd: trains, and says it is unguarded
+    with caplog.at_level(logging.WARNING, logger="multifi"), held_lock(run_dir / RUN_LOCK, "this run directory"):
+        pass
+    assert "no lock on this file system (" in caplog.text and not (run_dir / RUN_LOCK).exists()
+    monkeypatch.undo()
     stamp = _checkpoint_stamp(run_dir)
     _check_unchanged_since_start(run_dir, stamp)
     os.utime(run_dir / "checkpoints" / "last.ckpt", ns=(1, 1))  # rewritten by another training meanwhile
@@ -208,7 +219,7 @@ def test_a_folder_with_the_users_own_config_or_log_is_not_taken_for_a_run(write_
     """output_dir holding the config being trained (its config.yaml) or files of the user's named like a run's
     (train.log): refused, not taken for an unstarted run and overwritten; console output redirected into a run's
     own train.log: refused."""
-    from test_cli import fails
+    from test_cli import fails, run
 
     own = tmp_path / "exp1"
     own.mkdir()
@@ -221,6 +232,11 @@ def test_a_folder_with_the_users_own_config_or_log_is_not_taken_for_a_run(write_
     (mine / "train.log").write_text("my notes\n")
     fails(["train", config, "--set", f"output_dir={mine}"], capsys, "run directory exists and is not empty")
     assert (mine / "train.log").read_text() == "my notes\n"
+    earlier = tmp_path / "earlier"  # a start of an earlier version, killed before its first checkpoint: no lock file
+    earlier.mkdir()
+    for name, text in (("config.yaml", config.read_text()), ("splits.json", "{}"), ("train.log", "")):
+        (earlier / name).write_text(text)
+    assert run(["train", config, "--set", f"output_dir={earlier}", "--set", "train.epochs=1"], capsys)[0] == 0
     run_dir = tmp_path / "run"
     assert train(load_config(write_config(output_dir=str(run_dir)), ["train.epochs=1"])) == run_dir
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
