@@ -189,6 +189,26 @@ def test_positions_in_another_length_unit_are_flagged(scale, expect, caplog):
     assert check_length_unit(argon, NeighborCache(argon, 5.0, progress=False), np.array([[0, 0]])) == []
 
 
+def test_centrosymmetric_molecules_of_other_atoms_are_other_geometries(tmp_path):
+    """QM9's C4H2 and C4N2 (qm9:23, qm9:486), linear on one axis: their fingerprints collided (the atoms at ±x
+    cancelled in a hash linear in the coordinates) and training on QM9 warned of a repeat whose energies differ by
+    131 eV. Their QM9 geometries (qm9pack) are two fingerprints now, and a rattled centrosymmetric pair too."""
+    from multifi.config import SourceConfig
+    from multifi.data.sources import read_sources
+
+    (tmp_path / "two.txt").write_text("23\n486\n")
+    ds = read_sources([SourceConfig(qm9={"indices": str(tmp_path / "two.txt")})])
+    assert sorted(map(str, ds.keys)) == ["qm9:23", "qm9:486"]
+    assert len(set(geometry_fingerprints(ds).tolist())) == 2 and check_repeated_geometries(ds) == 0
+    rng = np.random.default_rng(0)
+    records = []
+    for name, numbers in (("A", [6, 6, 8, 8]), ("B", [6, 6, 7, 7])):
+        half = rng.normal(0, 1, (2, 3))
+        pos = np.concatenate([half, -half])[[0, 2, 1, 3]]
+        records.append({"numbers": np.array(numbers), "positions": pos, "labels": {"A": {"energy": -1.0}}, "key": name})
+    assert len(set(geometry_fingerprints(FidelityDataset.from_records(records)).tolist())) == 2
+
+
 @pytest.mark.parametrize("unit, expect", [(1.0, []), (HARTREE, ["DFT"])])
 def test_hartree_energies_are_flagged(unit, expect, caplog):
     ds = FidelityDataset.from_records(_records(60, unit=unit), source="energies.extxyz")
