@@ -1015,6 +1015,24 @@ def test_a_run_continued_past_its_max_steps_trains_like_one_that_never_stopped(w
         torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
+def _train_with_callback(monkeypatch, cfg, callback) -> None:
+    """train(cfg) with `callback` added to its Trainer (one that copies the run directory at a chosen point)."""
+    import multifi.train.run as run_module
+
+    build = run_module.build_trainer
+
+    def with_callback(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.append(callback)
+        return trainer
+
+    monkeypatch.setattr(run_module, "build_trainer", with_callback)
+    try:
+        train(cfg)
+    finally:
+        monkeypatch.setattr(run_module, "build_trainer", build)
+
+
 def test_a_resume_from_an_epoch_end_checkpoint_trains_like_a_run_that_never_stopped(
     write_config, tmp_path, monkeypatch
 ):
@@ -1023,8 +1041,6 @@ def test_a_resume_from_an_epoch_end_checkpoint_trains_like_a_run_that_never_stop
     every later epoch drew the next epoch's sample order, and metrics.csv's steps were one too high. Now the
     same weights (bit for bit) and the same metrics.csv steps as a run that never stopped."""
     from lightning.pytorch.callbacks import Callback
-
-    import multifi.train.run as run_module
 
     train_cfg = {"epochs": 100, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0}
     train_cfg.update(schedule="constant", max_steps=30)
@@ -1036,16 +1052,7 @@ def test_a_resume_from_an_epoch_end_checkpoint_trains_like_a_run_that_never_stop
             if trainer.global_step == 11 and not cut.exists():
                 shutil.copytree(tmp_path / "s", cut)
 
-    build = run_module.build_trainer
-
-    def with_copy(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.callbacks.append(CopyAtStep11())
-        return trainer
-
-    monkeypatch.setattr(run_module, "build_trainer", with_copy)
-    train(straight)
-    monkeypatch.setattr(run_module, "build_trainer", build)
+    _train_with_callback(monkeypatch, straight, CopyAtStep11())
     saved = ckpt(cut / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 10 and saved["MultiFidelityData"]["batches_done"] == 5  # the epoch-end save
     resumed = load_config(cut / "config.yaml")
@@ -1077,8 +1084,6 @@ def test_a_step_checkpoint_at_a_validation_step_holds_that_validation(write_conf
     best step of a run that never stopped (5 steps per epoch here)."""
     from lightning.pytorch.callbacks import Callback
 
-    import multifi.train.run as run_module
-
     train_cfg = {"epochs": 100, "batch_size": 8, "progress": False, "threads": 1, "warmup_steps": 0, "lr": 1e-6}
     train_cfg.update(schedule="plateau", plateau_patience=0, plateau_factor=0.5, ema_decay=0.0)
     # lr 1e-6: no validation improves by the schedule's threshold, so each one (patience 0) halves the rate
@@ -1101,16 +1106,7 @@ def test_a_step_checkpoint_at_a_validation_step_holds_that_validation(write_conf
             if trainer.global_step == copy_at + 1 and not cut.exists() and after:
                 shutil.copytree(tmp_path / "s", cut)
 
-    build = run_module.build_trainer
-
-    def with_copy(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.callbacks.append(CopyAtValidation())
-        return trainer
-
-    monkeypatch.setattr(run_module, "build_trainer", with_copy)
-    train(straight)
-    monkeypatch.setattr(run_module, "build_trainer", build)
+    _train_with_callback(monkeypatch, straight, CopyAtValidation())
     assert ckpt(cut / "checkpoints" / "last.ckpt")["global_step"] == (copy_at if after else copy_at - every)
     resumed = load_config(cut / "config.yaml")
     resumed.output_dir = str(cut)
