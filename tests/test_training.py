@@ -189,9 +189,11 @@ def test_one_training_at_a_time_writes_a_run_directory(write_config, tmp_path, m
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with held_lock(run_dir / RUN_LOCK, "this run directory"):
-        with pytest.raises(MultifiError, match=rf"run: this run directory is in use by process {os.getpid()}"):
-            train(cfg)
+        with caplog.at_level(logging.INFO, logger="multifi"):
+            with pytest.raises(MultifiError, match=rf"run: this run directory is in use by process {os.getpid()}"):
+                train(cfg)
         assert {p.name for p in run_dir.iterdir()} == {RUN_LOCK}
+        assert "run directory:" not in caplog.text  # refused before reading any data
     train(cfg)  # released: the same start runs
     cfg.train.epochs = 2
     with held_lock(run_dir / RUN_LOCK, "this run directory"):

@@ -170,6 +170,27 @@ def held_lock(path: Path, what: str) -> Iterator[None]:
         os.close(fd)
 
 
+def check_not_held(path: Path, what: str) -> None:
+    """The one-line error held_lock would give, now: `path` exists and another process holds its lock (nothing is
+    created; where locks are not available, nothing is said)."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):  # no such file, or not POSIX: nothing holds it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        raise MultifiError(f"{path.parent}: {what} is in use by process {holder} ({path.name})") from None
+    except OSError:  # a file system without locks
+        pass
+    finally:
+        os.close(fd)
+
+
 def json_text(payload) -> str:
     """JSON of `payload` (indented) with every non-finite float as null: json.dumps writes NaN and Infinity, which
     are no JSON (strict parsers, jq, JavaScript reject the file)."""

@@ -32,7 +32,7 @@ from multifi.data.checks import (
 from multifi.data.split import TRAIN_LABELS, save_train_labels
 from multifi.data.stats import fit_references, shortest_contacts
 from multifi.errors import MultifiError
-from multifi.files import atomic_write, held_lock, json_text, make_dir
+from multifi.files import atomic_write, check_not_held, held_lock, json_text, make_dir
 from multifi.logs import is_leader_process, not_file_only, quiet_lightning
 from multifi.train.datamodule import MultiFidelityData
 from multifi.train.evaluate import evaluate_pairs
@@ -249,6 +249,7 @@ def _start_or_restart(
     model); a new run needs a fresh folder. `blocked`: why a dry run's folder would stop the run itself (a dry
     run checks everything else first, then says so); None."""
     if leader:
+        check_not_held(run_dir / RUN_LOCK, "this run directory")  # before any work (held_lock says it again)
         _check_output_not_redirected(run_dir)
     if resume and not has_ckpt:  # asked to continue this run: start it again (its unreadable checkpoints get replaced)
         _refuse_restarting_a_finished_run(run_dir)
