@@ -203,11 +203,13 @@ def geometry_groups(dataset: FidelityDataset) -> np.ndarray:
     elif len(molecules) > 1:
         table = MoleculeTable(dataset, MOLECULE_COPY_TOLERANCE)
         own = groups == np.arange(len(groups))  # structures that are no copy (of coordinates) themselves
+        target = np.arange(len(groups))  # each first-of-coordinates structure's first of its molecule
         for s in molecules[own[molecules]].tolist():
             t = table.find(dataset, s, allowed=own, below=s)
-            if t is not None:
-                groups[groups == s] = t  # s and its coordinate copies
+            if t is not None:  # t is no copy itself: one level, no chains
+                target[s] = t
                 own[s] = False
+        groups = target[groups]  # s and its coordinate copies together
     return groups
 
 
